@@ -1,0 +1,1 @@
+"""nbqueue: a job runner for Jupyter notebooks, local-first (placeholder while the core is built)."""

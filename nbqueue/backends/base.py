@@ -1,0 +1,194 @@
+"""The ResultBackend protocol: task records, group bookkeeping and waiting.
+
+A record is a dict with the fields in ``FIELDS``; ``args``, ``kwargs``, ``result``
+and ``meta`` hold JSON text (type-tagged, see serialization.py). The public methods
+are written once here where they can be; stores implement the ``_``-prefixed parts.
+
+Fencing: ``begin(id)`` moves a record to STARTED and returns a new token (the number
+of attempts begun); ``store_result(..., token=t)`` and fenced ``set_state`` succeed
+only while the record's token is still ``t`` and the record is not final, so a stale
+attempt can never overwrite a newer one, and a final result is written exactly once.
+"""
+from __future__ import annotations
+
+import time
+from typing import Iterable, Sequence
+
+from .. import states
+from ..brokers.base import WAKEUPS
+
+FIELDS = (
+    "id", "name", "state", "args", "kwargs", "result", "error", "exc_type", "traceback",
+    "retries", "queue", "worker", "token", "group_id", "parent_id", "created_at",
+    "started_at", "finished_at", "expires_at", "output", "meta",
+)
+
+COUNT_KEYS = ("pending", "running", "retrying", "succeeded", "failed", "revoked")
+_STATE_TO_COUNT = {
+    states.PENDING: "pending", states.RECEIVED: "running", states.STARTED: "running",
+    states.RETRY: "retrying", states.SUCCESS: "succeeded", states.FAILURE: "failed",
+    states.REVOKED: "revoked",
+}
+
+
+def counts_from_states(pairs: Iterable[tuple[str | None, int]], total: int) -> dict:
+    """Turn (state, count) pairs into the progress dict; missing records count as pending."""
+    counts = dict.fromkeys(COUNT_KEYS, 0)
+    seen = 0
+    for state, n in pairs:
+        if state is None:
+            continue
+        counts[_STATE_TO_COUNT.get(state, "pending")] += n
+        seen += n
+    counts["pending"] += max(0, total - seen)
+    counts["total"] = total
+    counts["done"] = counts["succeeded"] + counts["failed"] + counts["revoked"]
+    return counts
+
+
+class ResultBackend:
+    scheme = ""
+
+    def __init__(self, url: str, *, clock=None, options: dict | None = None):
+        from ..clock import SYSTEM
+
+        self.url = url
+        self.clock = clock or SYSTEM
+        self.options = dict(options or {})
+        expire = self.options.get("results_expire_in")
+        self.results_expire_in: float | None = float(expire) if expire else None
+
+    # -- records -----------------------------------------------------------------
+    def create(self, records: Sequence[dict]) -> None:
+        """Record sent tasks as PENDING; an existing record is left as it is."""
+        raise NotImplementedError
+
+    def begin(self, task_id: str, *, worker: str = "", fields: dict | None = None) -> int | None:
+        """Mark STARTED and return the new fencing token, or None if the record is final."""
+        raise NotImplementedError
+
+    def set_state(self, task_id: str, state: str, *, token: int | None = None, **fields) -> bool:
+        """Change a non-final record's state and fields (fenced when token is given)."""
+        raise NotImplementedError
+
+    def store_result(self, task_id: str, state: str, *, token: int | None = None, **fields) -> bool:
+        """Write a final state once: SUCCESS with ``result``, FAILURE with ``error``/``exc_type``/``traceback``."""
+        assert state in states.READY_STATES, state
+        fields.setdefault("finished_at", self.clock.time())
+        if self.results_expire_in:
+            fields["expires_at"] = fields["finished_at"] + self.results_expire_in
+        done = self._store_final(task_id, state, token, fields)
+        if done:
+            self._notify([task_id])
+        return done
+
+    def _store_final(self, task_id: str, state: str, token: int | None, fields: dict) -> bool:
+        raise NotImplementedError
+
+    def update(self, task_id: str, **fields) -> None:
+        """Set fields without touching the state (task output, progress meta)."""
+        raise NotImplementedError
+
+    def get(self, task_id: str) -> dict | None:
+        return self.get_many([task_id])[0]
+
+    def get_many(self, ids: Sequence[str]) -> list[dict | None]:
+        raise NotImplementedError
+
+    def states_of(self, ids: Sequence[str]) -> dict[str, str]:
+        """id -> state for the ids that have a record."""
+        return {r["id"]: r["state"] for r in self.get_many(ids) if r is not None}
+
+    # -- waiting -----------------------------------------------------------------
+    def wait(self, ids: Sequence[str], timeout: float | None = None) -> bool:
+        """Block until every id is final (True) or the timeout passes (False).
+
+        Waits on a per-process wake-up and polls the store with back-off; stores with
+        a push channel override ``_block``.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pending = list(ids)
+        interval = 0.001
+        while True:
+            version = WAKEUPS.version(self._wake_key)
+            found = self.states_of(pending)
+            pending = [i for i in pending if found.get(i) not in states.READY_STATES]
+            if not pending:
+                return True
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            step = interval if remaining is None else min(interval, remaining)
+            self._block(pending, version, step)
+            interval = min(interval * 2, float(self.options.get("poll_interval", 0.1)))
+
+    @property
+    def _wake_key(self):
+        return ("backend", self.url)
+
+    def _block(self, pending: Sequence[str], version: int, timeout: float) -> None:
+        WAKEUPS.wait(self._wake_key, version, timeout)
+
+    def _notify(self, ids: Sequence[str]) -> None:
+        WAKEUPS.notify(self._wake_key)
+
+    # -- groups ------------------------------------------------------------------
+    def init_group(self, group_id: str, member_ids: Sequence[str], meta: dict | None = None) -> None:
+        """Register a group and its members (idempotent)."""
+        raise NotImplementedError
+
+    def member_done(self, group_id: str, member_id: str) -> tuple[int, int]:
+        """Count a member as finished, once however often it is called; returns (done, total)."""
+        raise NotImplementedError
+
+    def claim_chord(self, group_id: str) -> bool:
+        """True exactly once per group."""
+        raise NotImplementedError
+
+    def group_info(self, group_id: str) -> dict | None:
+        """``{"group_id", "total", "done", "members": [ids in order], "meta": {...}}``."""
+        raise NotImplementedError
+
+    def progress(self, ids: Sequence[str] = (), *, group_id: str | None = None) -> dict:
+        """Counts by state for the ids (or a group's members) from one query."""
+        raise NotImplementedError
+
+    # -- listing and upkeep --------------------------------------------------------
+    def list(self, *, state: str | None = None, name: str | None = None, limit: int | None = None, ids: Sequence[str] | None = None) -> list[dict]:
+        """Records, newest first."""
+        raise NotImplementedError
+
+    def forget(self, ids: Sequence[str]) -> int:
+        raise NotImplementedError
+
+    def expire(self, now: float | None = None) -> int:
+        """Delete records whose ``expires_at`` has passed."""
+        raise NotImplementedError
+
+    # -- workers and one-time claims -------------------------------------------------
+    def heartbeat(self, worker_id: str, info: dict, ttl: float) -> None:
+        raise NotImplementedError
+
+    def worker_gone(self, worker_id: str) -> None:
+        raise NotImplementedError
+
+    def workers(self) -> list[dict]:
+        """Live workers: worker_id, last_seen and the info they sent."""
+        raise NotImplementedError
+
+    def claim_once(self, key: str, ttl: float) -> bool:
+        """True for the first caller of ``key``; False for everyone else until ``ttl`` passes."""
+        raise NotImplementedError
+
+    def kv_get(self, key: str) -> str | None:
+        raise NotImplementedError
+
+    def kv_set(self, key: str, value: str | None) -> None:
+        """Small persistent values (schedules); ``None`` deletes."""
+        raise NotImplementedError
+
+    def kv_items(self, prefix: str) -> dict[str, str]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,173 @@
+"""The Broker protocol: what every broker implements, and the Delivery it hands out.
+
+A broker stores encoded messages (text) per queue, hands them out with a lease and
+takes back acknowledgements on *deliveries*, never on bare messages. Contract (tested
+for every implementation by nbqueue.testing.contracts):
+
+- ``publish(out)`` stores a message; ``eta`` in the future keeps it back until then.
+  Publishing an id that is already waiting or in flight is a no-op (idempotent fan-in).
+- ``reserve(queues, timeout=, lease=, limit=)`` returns up to ``limit`` deliveries,
+  highest priority first, then oldest due; waits up to ``timeout`` seconds for one.
+  A delivery not acked before its lease runs out is handed out again.
+- ``ack``/``retry``/``extend``/``reject``/``release`` act on a delivery. They return
+  False when the delivery is stale (its lease ran out and the message was reserved
+  again), so a stale worker cannot act for a newer attempt.
+- ``stats()`` gives ready / delayed / in_flight / dead per queue.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import Any, Iterable, Sequence
+
+
+@dataclasses.dataclass
+class Outgoing:
+    """A message ready to publish: its id, encoded body and routing."""
+
+    id: str
+    body: str
+    queue: str
+    eta: float | None = None
+    priority: int = 0
+
+
+@dataclasses.dataclass
+class Delivery:
+    """One reservation of one message; acknowledge this, not the message."""
+
+    message_id: str
+    queue: str
+    body: str
+    attempt: int                 # how many times this message has been reserved (1 = first)
+    lease_until: float
+    tag: Any = None              # broker-specific handle (row token, list entry, AMQP delivery tag)
+    priority: int = 0
+
+    @property
+    def redelivered(self) -> bool:
+        return self.attempt > 1
+
+
+class Broker:
+    """Base class; subclasses implement the abstract methods and set the capability flags."""
+
+    scheme: str = ""
+    supports_priority = True
+    #: True when reserve() is woken at once by a publish from this process
+    wakes_in_process = False
+
+    def __init__(self, url: str, *, clock=None, options: dict | None = None):
+        from ..clock import SYSTEM
+
+        self.url = url
+        self.clock = clock or SYSTEM
+        self.options = dict(options or {})
+
+    # publishing
+    def publish(self, out: Outgoing) -> None:
+        self.publish_many([out])
+
+    def publish_many(self, outs: Sequence[Outgoing]) -> None:
+        raise NotImplementedError
+
+    # consuming
+    def reserve(self, queues: Sequence[str], *, timeout: float = 0.0, lease: float = 30.0, limit: int = 1) -> list[Delivery]:
+        raise NotImplementedError
+
+    def ack(self, delivery: Delivery) -> bool:
+        raise NotImplementedError
+
+    def retry(self, delivery: Delivery, *, body: str | None = None, eta: float | None = None) -> bool:
+        """Put the message back (same id), with a new body and due time if given."""
+        raise NotImplementedError
+
+    def release(self, delivery: Delivery) -> bool:
+        """Hand a reserved but unstarted message back at once."""
+        return self.retry(delivery)
+
+    def extend(self, delivery: Delivery, lease: float) -> bool:
+        raise NotImplementedError
+
+    def reject(self, delivery: Delivery, reason: str) -> bool:
+        """Move the message aside as a dead letter with a reason."""
+        raise NotImplementedError
+
+    # inspection and upkeep
+    def purge(self, queue: str) -> int:
+        raise NotImplementedError
+
+    def stats(self) -> list[dict]:
+        """One dict per queue: queue, ready, delayed, in_flight, dead."""
+        raise NotImplementedError
+
+    def dead_letters(self, queue: str | None = None, limit: int = 100) -> list[dict]:
+        """Dead-lettered messages: id, queue, reason, body."""
+        return []
+
+    def wake(self) -> None:
+        """Wake reservers of this process waiting in reserve() (used on shutdown)."""
+
+    def close(self) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {redact(self.url)}>"
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced by ***."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+class LocalWakeups:
+    """Per-process wake-ups keyed by a store's identity (a file path, a server).
+
+    Lets a producer in the same process wake a sleeping reserver or waiter at once,
+    instead of the reserver polling. Other processes still poll with back-off.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._conds: dict[Any, threading.Condition] = {}
+        self._versions: dict[Any, int] = {}
+
+    def condition(self, key: Any) -> threading.Condition:
+        with self._lock:
+            cond = self._conds.get(key)
+            if cond is None:
+                cond = self._conds[key] = threading.Condition()
+                self._versions[key] = 0
+            return cond
+
+    def version(self, key: Any) -> int:
+        return self._versions.get(key, 0)
+
+    def notify(self, key: Any) -> None:
+        cond = self.condition(key)
+        with cond:
+            self._versions[key] = self._versions.get(key, 0) + 1
+            cond.notify_all()
+
+    def wait(self, key: Any, seen_version: int, timeout: float) -> int:
+        """Wait until notified after ``seen_version`` or timeout; returns the version now."""
+        cond = self.condition(key)
+        with cond:
+            if self._versions.get(key, 0) == seen_version and timeout > 0:
+                cond.wait(timeout)
+            return self._versions.get(key, 0)
+
+
+WAKEUPS = LocalWakeups()
+
+
+def queue_list(queues: str | Iterable[str]) -> list[str]:
+    if isinstance(queues, str):
+        return [q.strip() for q in queues.split(",") if q.strip()]
+    return list(queues)

@@ -1,0 +1,161 @@
+"""SQLite broker: the embedded default (``sqlite:///path.db``; no URL means ./.nbqueue/nbqueue.db).
+
+Supports: priorities 0-9, delayed messages (eta), leases with redelivery, fenced
+acks, dead letters with a reason, idempotent publish by message id, batch reserve.
+Many threads and processes on one machine may share the file. A publish from the
+same process wakes a waiting reserve() at once; other processes poll with back-off
+(``poll_interval``, default 0.1 s at the idle end).
+
+One table holds every message. ``due`` is when the row may be reserved: the eta for a
+waiting message, the lease deadline for a reserved one, so an expired lease makes the
+row reservable again with no reaper. ``attempt`` counts reservations and is the
+fencing token of a delivery.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from ..sqlitedb import SQLiteStore, path_from_url, placeholders
+from .base import WAKEUPS, Broker, Delivery, Outgoing
+
+WAITING, RESERVED, DEAD = 0, 1, 2
+
+
+def _schema(db) -> None:
+    db["nbq_messages"].create(
+        {"seq": int, "id": str, "queue": str, "priority": int, "due": float, "state": int, "attempt": int, "body": str, "reason": str, "created": float},
+        pk="seq", if_not_exists=True,
+    )
+    db.execute("CREATE UNIQUE INDEX IF NOT EXISTS nbq_messages_id ON nbq_messages(id)")
+    db.execute("CREATE INDEX IF NOT EXISTS nbq_messages_claim ON nbq_messages(queue, priority DESC, due) WHERE state < 2")
+
+
+class SQLiteBroker(Broker):
+    scheme = "sqlite"
+    wakes_in_process = True
+
+    def __init__(self, url: str = "", *, clock=None, options: dict | None = None):
+        super().__init__(url, clock=clock, options=options)
+        self.path = path_from_url(url)
+        self.store = SQLiteStore(self.path)
+        self.store.ensure_schema("broker", _schema)
+        self.poll_interval = float(self.options.get("poll_interval", 0.1))
+        self._wake_key = ("sqlite-broker", self.path)
+
+    # -- publishing --------------------------------------------------------------
+    def publish_many(self, outs: Sequence[Outgoing]) -> None:
+        if not outs:
+            return
+        now = self.clock.time()
+        rows = [(o.id, o.queue, int(o.priority), o.eta if o.eta is not None else now, o.body, now) for o in outs]
+        with self.store.write() as conn:
+            conn.executemany(
+                "INSERT OR IGNORE INTO nbq_messages(id, queue, priority, due, state, attempt, body, created) VALUES (?, ?, ?, ?, 0, 0, ?, ?)",
+                rows,
+            )
+        WAKEUPS.notify(self._wake_key)
+
+    # -- consuming ---------------------------------------------------------------
+    def _claim(self, queues: Sequence[str], now: float, lease: float, limit: int) -> list[Delivery]:
+        qs = placeholders(len(queues))
+        # a cheap read first, so idle pollers never take the write lock
+        if not self.store.read(f"SELECT 1 FROM nbq_messages WHERE queue IN ({qs}) AND state < 2 AND due <= ? LIMIT 1", (*queues, now)):
+            return []
+        with self.store.write() as conn:
+            rows = conn.execute(
+                f"""UPDATE nbq_messages SET state = 1, due = ?, attempt = attempt + 1
+                    WHERE seq IN (SELECT seq FROM nbq_messages WHERE queue IN ({qs}) AND state < 2 AND due <= ?
+                                  ORDER BY priority DESC, due, seq LIMIT ?)
+                    RETURNING seq, id, queue, body, attempt, priority""",
+                (now + lease, *queues, now, limit),
+            ).fetchall()
+        rows.sort(key=lambda r: (-r[5], r[0]))
+        return [Delivery(message_id=r[1], queue=r[2], body=r[3], attempt=r[4], lease_until=now + lease, tag=(r[0], r[4]), priority=r[5]) for r in rows]
+
+    def next_due(self, queues: Sequence[str]) -> float | None:
+        row = self.store.read(f"SELECT MIN(due) FROM nbq_messages WHERE queue IN ({placeholders(len(queues))}) AND state < 2", tuple(queues))
+        return row[0][0] if row else None
+
+    def reserve(self, queues: Sequence[str], *, timeout: float = 0.0, lease: float = 30.0, limit: int = 1) -> list[Delivery]:
+        import time as _time
+
+        deadline = _time.monotonic() + max(0.0, timeout)
+        interval = 0.001
+        while True:
+            version = WAKEUPS.version(self._wake_key)
+            got = self._claim(queues, self.clock.time(), lease, limit)
+            if got:
+                return got
+            remaining = deadline - _time.monotonic()
+            if remaining <= 0:
+                return []
+            wait = min(remaining, interval)
+            due = self.next_due(queues)
+            if due is not None:
+                wait = min(wait, max(0.0, due - self.clock.time()) + 0.0005)
+            WAKEUPS.wait(self._wake_key, version, wait)
+            interval = min(interval * 2, self.poll_interval)
+
+    def _fenced(self, sql: str, params: tuple, delivery: Delivery) -> bool:
+        seq, attempt = delivery.tag
+        with self.store.write() as conn:
+            changed = conn.execute(sql + " WHERE seq = ? AND attempt = ? AND state = 1", (*params, seq, attempt)).rowcount
+        return changed == 1
+
+    def ack(self, delivery: Delivery) -> bool:
+        seq, attempt = delivery.tag
+        with self.store.write() as conn:
+            return conn.execute("DELETE FROM nbq_messages WHERE seq = ? AND attempt = ? AND state = 1", (seq, attempt)).rowcount == 1
+
+    def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        with self.store.write() as conn:
+            conn.executemany("DELETE FROM nbq_messages WHERE seq = ? AND attempt = ? AND state = 1", [d.tag for d in deliveries])
+
+    def retry(self, delivery: Delivery, *, body: str | None = None, eta: float | None = None) -> bool:
+        due = eta if eta is not None else self.clock.time()
+        if body is None:
+            ok = self._fenced("UPDATE nbq_messages SET state = 0, due = ?", (due,), delivery)
+        else:
+            ok = self._fenced("UPDATE nbq_messages SET state = 0, due = ?, body = ?", (due, body), delivery)
+        WAKEUPS.notify(self._wake_key)
+        return ok
+
+    def extend(self, delivery: Delivery, lease: float) -> bool:
+        until = self.clock.time() + lease
+        ok = self._fenced("UPDATE nbq_messages SET due = ?", (until,), delivery)
+        if ok:
+            delivery.lease_until = until
+        return ok
+
+    def reject(self, delivery: Delivery, reason: str) -> bool:
+        return self._fenced("UPDATE nbq_messages SET state = 2, reason = ?", (reason,), delivery)
+
+    # -- inspection --------------------------------------------------------------
+    def purge(self, queue: str) -> int:
+        with self.store.write() as conn:
+            return conn.execute("DELETE FROM nbq_messages WHERE queue = ?", (queue,)).rowcount
+
+    def stats(self) -> list[dict]:
+        now = self.clock.time()
+        rows = self.store.read(
+            """SELECT queue,
+                      SUM(state = 0 AND due <= ?), SUM(state = 0 AND due > ?), SUM(state = 1), SUM(state = 2)
+               FROM nbq_messages GROUP BY queue ORDER BY queue""",
+            (now, now),
+        )
+        return [{"queue": q, "ready": r or 0, "delayed": d or 0, "in_flight": f or 0, "dead": x or 0} for q, r, d, f, x in rows]
+
+    def dead_letters(self, queue: str | None = None, limit: int = 100) -> list[dict]:
+        sql = "SELECT id, queue, reason, body FROM nbq_messages WHERE state = 2"
+        params: tuple = ()
+        if queue is not None:
+            sql += " AND queue = ?"
+            params = (queue,)
+        rows = self.store.read(sql + " ORDER BY seq LIMIT ?", (*params, limit))
+        return [{"id": i, "queue": q, "reason": r, "body": b} for i, q, r, b in rows]
+
+    def wake(self) -> None:
+        WAKEUPS.notify(self._wake_key)
+
+    def close(self) -> None:
+        self.store.close()

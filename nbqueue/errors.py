@@ -1,0 +1,70 @@
+"""One exception tree for nbqueue: everything a user catches derives from NbqueueError."""
+from __future__ import annotations
+
+
+class NbqueueError(Exception):
+    """Base of every error nbqueue raises on purpose."""
+
+
+class ConfigurationError(NbqueueError):
+    """A URL, option or config file nbqueue cannot use; the message says what to change."""
+
+
+class SerializationError(NbqueueError, TypeError):
+    """A value cannot be encoded (at send time) or decoded (on a worker)."""
+
+
+class BrokerError(NbqueueError):
+    """The broker refused or failed an operation."""
+
+
+class ConnectionLost(BrokerError, ConnectionError):
+    """The connection to a broker or backend dropped; workers reconnect with back-off."""
+
+
+class PublishRefused(BrokerError):
+    """The broker did not confirm a publish (AMQP publisher confirms)."""
+
+
+class MessageError(NbqueueError):
+    """A message that cannot be decoded or lacks required fields; it is dead-lettered."""
+
+
+class NotRegistered(NbqueueError, KeyError):
+    """A worker received a task name it does not know."""
+
+    def __str__(self) -> str:  # KeyError's repr-quoting makes messages unreadable
+        return str(self.args[0]) if self.args else ""
+
+
+class TaskFailed(NbqueueError):
+    """A task failed for good; carries the remote exception's type, message and traceback text."""
+
+    def __init__(self, task_id: str, exc_type: str | None, message: str | None, traceback: str | None = None, name: str | None = None):
+        self.task_id = task_id
+        self.exc_type = exc_type or "Error"
+        self.message = message or ""
+        self.traceback = traceback
+        self.name = name
+        label = f"task {name!r} ({task_id})" if name else f"task {task_id}"
+        super().__init__(f"{label} failed: {self.exc_type}: {self.message}")
+
+
+class TaskRevoked(TaskFailed):
+    """The task was cancelled, or never ran because an earlier workflow step failed."""
+
+
+class Retry(NbqueueError):
+    """Raise inside a task to run it again later without using up its retry_count.
+
+    machinery's "retry later" error: ``raise nbqueue.Retry(countdown=30, reason="rate limited")``.
+    """
+
+    def __init__(self, countdown: float = 1.0, reason: str = ""):
+        self.countdown = float(countdown)
+        self.reason = reason
+        super().__init__(f"retry in {self.countdown:g}s" + (f": {reason}" if reason else ""))
+
+
+class SignatureError(NbqueueError):
+    """A cell message failed HMAC verification or lacks a required signature."""

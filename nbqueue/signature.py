@@ -1,0 +1,246 @@
+"""Signature (what to run) and the message envelope that carries it to a worker.
+
+The envelope is machinery's field set in Python spelling: ``id, name, args, kwargs,
+queue, eta, priority, headers, retry_count, retry_timeout, immutable, on_success,
+on_error, chord_callback, group_id, group_task_count, attempt, created_at`` plus
+``retries`` (retries used so far), ``retry_backoff`` and ``workflow`` (the data that
+lets workflow.py advance chains and chords). Callbacks are nested envelopes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import inspect
+import time
+import uuid
+from typing import Any, Callable, Iterable
+
+from . import serialization
+from .errors import MessageError, SerializationError
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def _to_timestamp(eta: Any) -> float | None:
+    if eta is None:
+        return None
+    if isinstance(eta, (int, float)):
+        return float(eta)
+    if isinstance(eta, _dt.datetime):
+        return eta.timestamp()  # naive datetimes are local time, as datetime.timestamp() says
+    raise TypeError(f"eta must be a datetime or a Unix timestamp, not {type(eta).__name__}")
+
+
+@dataclasses.dataclass
+class Signature:
+    """A task name with its arguments and options: what a worker should run."""
+
+    name: str
+    args: Any = ()
+    kwargs: dict | None = None
+    id: str | None = None
+    queue: str | None = None
+    eta: Any = None
+    countdown: float | None = None
+    priority: int = 0
+    headers: dict | None = None
+    retry_count: int = 0
+    retry_timeout: float = 0
+    immutable: bool = False
+    on_success: list | None = None
+    on_error: list | None = None
+    ignore_when_not_registered: bool = False
+    retry_backoff: Any = None
+    time_limit: float | None = None
+    # filled in by workflows and by the worker; users rarely set these
+    retries: int = 0
+    group_id: str | None = None
+    group_task_count: int = 0
+    workflow: dict | None = None
+    app: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise TypeError("a Signature needs a task name (a non-empty string)")
+        self.args = list(self.args) if self.args is not None else []
+        self.kwargs = dict(self.kwargs or {})
+        if not 0 <= int(self.priority) <= 9:
+            raise ValueError(f"priority must be between 0 and 9, not {self.priority}")
+        self.on_success = list(self.on_success or [])
+        self.on_error = list(self.on_error or [])
+
+    # -- building -------------------------------------------------------------
+    def replace(self, **changes: Any) -> "Signature":
+        """A copy with some fields changed (lists and dicts copied, not shared)."""
+        clone = dataclasses.replace(self, **changes)
+        clone.args = list(clone.args)
+        clone.kwargs = dict(clone.kwargs)
+        clone.headers = dict(clone.headers) if clone.headers else None
+        clone.on_success = [s.replace() for s in clone.on_success]
+        clone.on_error = [s.replace() for s in clone.on_error]
+        return clone
+
+    def set(self, **options: Any) -> "Signature":
+        """Change options in place and return self: ``add.s(1, 2).set(queue="fast")``."""
+        for key, value in options.items():
+            if not hasattr(self, key) or key == "app":
+                raise TypeError(f"unknown signature option {key!r}")
+            setattr(self, key, value)
+        return self
+
+    def link(self, callback: "Signature") -> "Signature":
+        self.on_success.append(callback)
+        return self
+
+    def link_error(self, callback: "Signature") -> "Signature":
+        self.on_error.append(callback)
+        return self
+
+    def eta_timestamp(self, now: float | None = None) -> float | None:
+        if self.countdown is not None:
+            return (time.time() if now is None else now) + float(self.countdown)
+        return _to_timestamp(self.eta)
+
+    def delay_send(self) -> Any:
+        """Send through the App this signature's task is registered on."""
+        if self.app is None:
+            raise RuntimeError(f"signature {self.name!r} is not bound to an App; use app.send_task(sig)")
+        return self.app.send(self)
+
+    apply_async = delay_send
+
+    def __or__(self, other: Any) -> Any:
+        from .workflow import chain
+
+        return chain(self, other)
+
+    # -- the envelope ---------------------------------------------------------
+    def to_message(self, serializer: serialization.Serializer, *, default_queue: str, fn: Callable | None = None, now: float | None = None) -> dict:
+        """The JSON-ready envelope; raises SerializationError naming the bad argument."""
+        now = time.time() if now is None else now
+        if self.id is None:
+            self.id = new_id()
+        names = _parameter_names(fn)
+        args = [serializer.encode(value, _arg_label(self.name, i, names)) for i, value in enumerate(self.args)]
+        kwargs = {key: serializer.encode(value, f"keyword argument {key!r} of task {self.name!r}") for key, value in self.kwargs.items()}
+        message = {
+            "id": self.id,
+            "name": self.name,
+            "args": args,
+            "kwargs": kwargs,
+            "queue": self.queue or default_queue,
+            "eta": self.eta_timestamp(now),
+            "priority": int(self.priority),
+            "headers": serializer.encode(self.headers or {}, f"headers of task {self.name!r}"),
+            "retry_count": int(self.retry_count),
+            "retry_timeout": self.retry_timeout,
+            "retry_backoff": self.retry_backoff if self.retry_backoff is None or isinstance(self.retry_backoff, dict) else self.retry_backoff.to_dict(),
+            "retries": int(self.retries),
+            "immutable": bool(self.immutable),
+            "on_success": [s.to_message(serializer, default_queue=default_queue, fn=_task_fn(s), now=now) for s in self.on_success],
+            "on_error": [s.to_message(serializer, default_queue=default_queue, fn=_task_fn(s), now=now) for s in self.on_error],
+            "ignore_when_not_registered": bool(self.ignore_when_not_registered),
+            "time_limit": self.time_limit,
+            "group_id": self.group_id,
+            "group_task_count": self.group_task_count,
+            "workflow": self.workflow,
+            "created_at": now,
+            "serializer": "pickle" if serializer.pickle else "json",
+        }
+        return message
+
+
+REQUIRED_FIELDS = ("id", "name", "args", "kwargs")
+
+
+def validate_message(message: Any) -> dict:
+    """Check the envelope's shape; raises MessageError with the reason."""
+    if not isinstance(message, dict):
+        raise MessageError(f"message is a {type(message).__name__}, not a JSON object")
+    missing = [f for f in REQUIRED_FIELDS if f not in message]
+    if missing:
+        raise MessageError(f"message lacks required field(s): {', '.join(missing)}")
+    if not isinstance(message["id"], str) or not message["id"]:
+        raise MessageError("message id must be a non-empty string")
+    if not isinstance(message["name"], str) or not message["name"]:
+        raise MessageError("message name must be a non-empty string")
+    if not isinstance(message["args"], list):
+        raise MessageError("message args must be a list")
+    if not isinstance(message["kwargs"], dict):
+        raise MessageError("message kwargs must be an object")
+    return message
+
+
+def decode_body(body: str | bytes) -> dict:
+    try:
+        message = serialization.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MessageError(f"message body is not valid JSON: {exc}") from None
+    return validate_message(message)
+
+
+def encode_body(message: dict) -> str:
+    return serialization.dumps(message)
+
+
+def signature_from_message(message: dict, serializer: serialization.Serializer) -> Signature:
+    """Rebuild a Signature (arguments decoded) from an envelope."""
+    return Signature(
+        message["name"],
+        args=[serializer.decode(a) for a in message["args"]],
+        kwargs={k: serializer.decode(v) for k, v in message["kwargs"].items()},
+        id=message["id"],
+        queue=message.get("queue"),
+        priority=message.get("priority", 0),
+        headers=serializer.decode(message.get("headers") or {}),
+        retry_count=message.get("retry_count", 0),
+        retry_timeout=message.get("retry_timeout", 0),
+        retry_backoff=message.get("retry_backoff"),
+        retries=message.get("retries", 0),
+        immutable=message.get("immutable", False),
+        on_success=[signature_from_message(m, serializer) for m in message.get("on_success") or []],
+        on_error=[signature_from_message(m, serializer) for m in message.get("on_error") or []],
+        ignore_when_not_registered=message.get("ignore_when_not_registered", False),
+        time_limit=message.get("time_limit"),
+        group_id=message.get("group_id"),
+        group_task_count=message.get("group_task_count", 0),
+        workflow=message.get("workflow"),
+    )
+
+
+def _task_fn(sig: Signature) -> Callable | None:
+    app = sig.app
+    if app is None:
+        return None
+    task = app.registry.get(sig.name)
+    return task.fn if task is not None else None
+
+
+def _parameter_names(fn: Callable | None) -> list[str]:
+    if fn is None:
+        return []
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def _arg_label(task: str, index: int, names: list[str]) -> str:
+    if index < len(names):
+        return f"argument {index + 1} ({names[index]!r}) of task {task!r}"
+    return f"argument {index + 1} of task {task!r}"
+
+
+def as_signatures(items: Iterable[Any]) -> list[Signature]:
+    out = []
+    for item in items:
+        if not isinstance(item, Signature):
+            raise TypeError(f"expected a Signature, got {type(item).__name__}")
+        out.append(item)
+    return out
+
+
+__all__ = ["Signature", "new_id", "validate_message", "decode_body", "encode_body", "signature_from_message", "SerializationError"]

@@ -1,0 +1,1 @@
+"""Test support shipped with nbqueue: the broker and backend contract suites."""

@@ -1,0 +1,129 @@
+"""Fixtures: every broker and backend the project has, over real servers.
+
+Redis (127.0.0.1:6379, DB 13 of the tests' own, flushed per test) and RabbitMQ
+(127.0.0.1:5672, guest/guest, queue names of each test's own, deleted afterwards) are
+real servers. Locally a missing server skips its tests; under CI=true it fails them.
+``memory://`` is fakeredis inside this process: a product feature, tested as such.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+
+import pytest
+
+REDIS_URL = os.environ.get("NBQUEUE_TEST_REDIS", "redis://127.0.0.1:6379/13")
+AMQP_URL = os.environ.get("NBQUEUE_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/%2F")
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+BROKER_KINDS = ["sqlite", "memory", "redis", "amqp"]
+BACKEND_KINDS = ["sqlite", "memory", "redis"]
+
+
+def _listening(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def require_server(name: str, host: str, port: int) -> None:
+    if _listening(host, port):
+        return
+    message = f"{name} is not reachable on {host}:{port}"
+    if IN_CI:
+        pytest.fail(message + " (CI=true: a missing server is a failure, not a skip)")
+    pytest.skip(message)
+
+
+@pytest.fixture
+def qname():
+    """Unique queue names for this test."""
+    made: list[str] = []
+    token = uuid.uuid4().hex[:8]
+
+    def make(label: str = "q") -> str:
+        name = f"t{token}-{label}"
+        made.append(name)
+        return name
+
+    make.made = made
+    return make
+
+
+def _flush_redis() -> None:
+    import redis
+
+    redis.Redis.from_url(REDIS_URL).flushdb()
+
+
+def store_url(kind: str, tmp_path) -> str:
+    """A fresh store of this kind for one test."""
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path}/nbqueue.db"
+    if kind == "memory":
+        return f"memory://test-{uuid.uuid4().hex[:12]}"
+    if kind == "redis":
+        require_server("Redis", "127.0.0.1", 6379)
+        _flush_redis()
+        return REDIS_URL
+    if kind == "amqp":
+        require_server("RabbitMQ", "127.0.0.1", 5672)
+        return AMQP_URL
+    raise ValueError(kind)
+
+
+@pytest.fixture(params=BROKER_KINDS)
+def broker_kind(request):
+    return request.param
+
+
+@pytest.fixture(params=BACKEND_KINDS)
+def backend_kind(request):
+    return request.param
+
+
+@pytest.fixture
+def broker_factory(broker_kind, tmp_path, qname):
+    from nbqueue.brokers import broker_from_url
+
+    url = store_url(broker_kind, tmp_path)
+    made = []
+
+    def make():
+        broker = broker_from_url(url)
+        made.append(broker)
+        return broker
+
+    yield make
+    if broker_kind == "amqp" and qname.made:
+        cleaner = broker_from_url(url)
+        cleaner.delete_queues(qname.made)
+        cleaner.close()
+    for broker in made:
+        try:
+            broker.close()
+        except Exception:
+            pass
+
+
+@pytest.fixture
+def backend_factory(backend_kind, tmp_path):
+    from nbqueue.backends import backend_from_url
+
+    url = store_url(backend_kind, tmp_path)
+    made = []
+
+    def make():
+        backend = backend_from_url(url)
+        made.append(backend)
+        return backend
+
+    yield make
+    for backend in made:
+        try:
+            backend.close()
+        except Exception:
+            pass
