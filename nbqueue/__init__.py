@@ -1,1 +1,37 @@
-"""nbqueue: a job runner for Jupyter notebooks, local-first (placeholder while the core is built)."""
+"""nbqueue: a job runner that feels at home in a Jupyter notebook.
+
+Send task signatures to a broker, run them on workers (threads of this kernel or
+``nbqueue worker`` processes), read states and results from a result backend, and
+build group/chain/chord workflows. The default needs no server: an SQLite file.
+"""
+from . import states
+from .app import App
+from .errors import (BrokerError, ConfigurationError, ConnectionLost, MessageError, NbqueueError, NotRegistered,
+                     PublishRefused, Retry, SerializationError, SignatureError, TaskFailed, TaskRevoked)
+from .result import AsyncResult, ChainResult, ChordResult, GroupResult
+from .retry import Backoff
+from .signature import Signature
+from .workflow import chain, chord, current_task, group
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "App", "Signature", "group", "chain", "chord", "Retry", "Backoff", "states", "current_task",
+    "AsyncResult", "GroupResult", "ChainResult", "ChordResult",
+    "NbqueueError", "BrokerError", "ConnectionLost", "PublishRefused", "ConfigurationError", "SerializationError",
+    "MessageError", "NotRegistered", "TaskFailed", "TaskRevoked", "SignatureError", "progress",
+]
+
+
+def progress(result):
+    """Show a live progress view of any result in a notebook (text in a terminal)."""
+    from .notebook.widgets import progress as _progress
+
+    return _progress(result)
+
+
+def load_ipython_extension(ipython):
+    """``%load_ext nbqueue``: registers %%task and %nbqueue."""
+    from .notebook.magics import load_ipython_extension as _load
+
+    _load(ipython)

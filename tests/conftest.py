@@ -127,3 +127,54 @@ def backend_factory(backend_kind, tmp_path):
             backend.close()
         except Exception:
             pass
+
+
+APP_KINDS = ["sqlite", "memory", "redis", "amqp"]
+
+
+def app_urls(kind: str, tmp_path) -> tuple[str, str | None]:
+    """(broker, backend) URLs for an App of this kind; AMQP keeps results in SQLite."""
+    if kind == "amqp":
+        return store_url("amqp", tmp_path), f"sqlite:///{tmp_path}/results.db"
+    url = store_url(kind, tmp_path)
+    return url, url
+
+
+@pytest.fixture(params=APP_KINDS)
+def app_kind(request):
+    return request.param
+
+
+@pytest.fixture
+def app_factory(app_kind, tmp_path, qname):
+    """``app_factory(**options)``: Apps on one fresh store of this kind; workers stopped after the test."""
+    import nbqueue
+
+    broker, backend = app_urls(app_kind, tmp_path)
+    queue = qname("default")
+    made = []
+
+    def make(**options):
+        options.setdefault("default_queue", queue)
+        app = nbqueue.App(broker, backend, **options)
+        made.append(app)
+        return app
+
+    make.kind = app_kind
+    make.broker_url, make.backend_url = broker, backend
+    yield make
+    for app in made:
+        for worker in list(app.workers):
+            worker.stop(wait=True, timeout=10)
+    if app_kind == "amqp" and made:
+        made[0].broker.delete_queues(qname.made)
+    for app in made:
+        try:
+            app.close()
+        except Exception:
+            pass
+
+
+@pytest.fixture
+def app(app_factory):
+    return app_factory()

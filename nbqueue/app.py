@@ -1,0 +1,221 @@
+"""App: configuration, the task registry, sending, and the worker factory.
+
+The only object a user must hold::
+
+    app = nbqueue.App()                          # ./.nbqueue/nbqueue.db, nothing to start
+    app = nbqueue.App("redis://localhost:6379/0")
+
+    @app.task
+    def add(x, y):
+        return x + y
+
+    app.start_worker()
+    add.delay(1, 2).get(timeout=10)
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Callable, Iterable, Mapping
+
+from . import config as _config
+from . import serialization, states
+from .backends import backend_from_url
+from .brokers import broker_from_url
+from .brokers.base import Outgoing
+from .clock import SYSTEM
+from .errors import ConfigurationError
+from .result import AsyncResult
+from .signature import Signature, encode_body
+from .task import Task, task_name
+
+log = logging.getLogger(__name__)
+
+
+def _default_backend(broker_url: str | None) -> str | None:
+    """Results live beside the broker when it can hold them; AMQP falls back to the SQLite file."""
+    if broker_url is None:
+        return None
+    scheme = broker_url.split(":", 1)[0].lower()
+    if scheme in ("sqlite", "memory", "redis", "rediss"):
+        return broker_url
+    log.warning("broker %s keeps no results; recording them in the embedded SQLite file (pass backend= for shared results)", scheme)
+    return None
+
+
+class App:
+    def __init__(self, broker: str | None = None, backend: str | None = None, *, default_queue: str = "nbqueue", **options: Any):
+        _config.check_options(options)
+        self.config = _config.Config(broker=broker, backend=backend, default_queue=default_queue, options=options)
+        self.default_queue = default_queue
+        self.clock = options.get("clock") or SYSTEM
+        self.serializer = serialization.Serializer(pickle=self.config.option("serializer") == "pickle")
+        self.visibility_timeout = float(self.config.option("visibility_timeout"))
+        self.registry: dict[str, Task] = {}
+        self.broker_url = broker or "sqlite://"
+        self.backend_url = backend or _default_backend(broker) or "sqlite://"
+        store_options = {k: v for k, v in options.items() if k != "clock"}
+        self.broker = broker_from_url(self.broker_url, clock=self.clock, options=store_options)
+        self.backend = backend_from_url(self.backend_url, clock=self.clock, options=store_options)
+        self._workers: list = []
+        self._schedules = None
+        self._lock = threading.Lock()
+
+    # -- construction from files and the environment ----------------------------------
+    @classmethod
+    def from_config(cls, cfg: _config.Config) -> "App":
+        return cls(cfg.broker, cfg.backend, default_queue=cfg.default_queue, **cfg.options)
+
+    @classmethod
+    def from_yaml(cls, path: str) -> "App":
+        """A machinery-style config.yml: broker, default_queue, result_backend, results_expire_in, ..."""
+        return cls.from_config(_config.from_yaml(path))
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "App":
+        """NBQUEUE_BROKER, NBQUEUE_BACKEND, NBQUEUE_DEFAULT_QUEUE (and NBQUEUE_RESULTS_EXPIRE_IN, NBQUEUE_SECRET)."""
+        return cls.from_config(_config.from_env(environ))
+
+    # -- registration -------------------------------------------------------------------
+    def task(self, fn: Callable | None = None, *, name: str | None = None, **options: Any):
+        """``@app.task`` or ``@app.task(name=..., retry_count=..., retry_timeout=..., queue=...)``."""
+
+        def register(f: Callable) -> Task:
+            return self.register_task(name or task_name(f), f, **options)
+
+        return register(fn) if fn is not None else register
+
+    def register_task(self, name: str, fn: Callable, **options: Any) -> Task:
+        """Register (or replace: re-running a notebook cell just works) a task under ``name``."""
+        if not callable(fn):
+            raise TypeError(f"task {name!r} must be callable, not {type(fn).__name__}")
+        if isinstance(fn, Task):
+            fn = fn.fn
+        task = Task(self, name, fn, **options)
+        self.registry[name] = task
+        return task
+
+    def register_tasks(self, tasks: Mapping[str, Callable]) -> dict[str, Task]:
+        return {name: self.register_task(name, fn) for name, fn in tasks.items()}
+
+    def signature(self, name: str, args=(), kwargs=None, **options) -> Signature:
+        task = self.registry.get(name)
+        merged = {**(task.options if task else {}), **options}
+        return Signature(name, args=args, kwargs=kwargs, app=self, **merged)
+
+    # -- sending ------------------------------------------------------------------------
+    def prepare(self, sig: Signature, *, group_id: str | None = None, parent_id: str | None = None, meta: dict | None = None) -> tuple[dict, dict, Outgoing]:
+        """Encode a signature: (message, PENDING record, Outgoing). Raises SerializationError."""
+        task = self.registry.get(sig.name)
+        now = self.clock.time()
+        message = sig.to_message(self.serializer, default_queue=self.default_queue, fn=task.fn if task else None, now=now)
+        if group_id is not None:
+            message["group_id"] = group_id
+        record = {
+            "id": message["id"], "name": message["name"], "state": states.PENDING,
+            "args": serialization.dumps(message["args"]), "kwargs": serialization.dumps(message["kwargs"]),
+            "queue": message["queue"], "group_id": message.get("group_id"), "parent_id": parent_id, "created_at": now,
+            "meta": serialization.dumps(meta) if meta else None,
+        }
+        return message, record, self.outgoing(message)
+
+    @staticmethod
+    def outgoing(message: dict) -> Outgoing:
+        return Outgoing(id=message["id"], body=encode_body(message), queue=message["queue"], eta=message.get("eta"), priority=message.get("priority", 0))
+
+    def publish(self, records: list[dict], outs: list[Outgoing]) -> None:
+        """Record as PENDING first, then publish, so a fast worker's result is never overwritten."""
+        self.backend.create(records)
+        self.broker.publish_many(outs)
+
+    def send_task(self, sig: Signature) -> AsyncResult:
+        """Send one signature; returns its AsyncResult at once."""
+        if not isinstance(sig, Signature):
+            raise TypeError(f"send_task takes a Signature, not {type(sig).__name__}; use app.send() for workflows")
+        _, record, out = self.prepare(sig)
+        self.publish([record], [out])
+        return AsyncResult(out.id, self, name=sig.name)
+
+    def send(self, item: Any):
+        """Send a Signature, group, chain or chord; returns the matching result object."""
+        from . import workflow
+
+        if isinstance(item, Signature):
+            return self.send_task(item)
+        return workflow.send(self, item)
+
+    def send_group(self, group, concurrency: int = 0):
+        from . import workflow
+
+        return workflow.send_group(self, group, concurrency=concurrency)
+
+    def send_chain(self, chain):
+        from . import workflow
+
+        return workflow.send(self, chain)
+
+    def send_chord(self, chord, concurrency: int = 0):
+        from . import workflow
+
+        return workflow.send_chord(self, chord, concurrency=concurrency)
+
+    # -- results ------------------------------------------------------------------------
+    def result(self, task_id: str) -> AsyncResult:
+        """The AsyncResult of any task id, also one sent before a kernel restart."""
+        return AsyncResult(task_id, self)
+
+    def tasks(self, state: str | None = None, name: str | None = None, limit: int | None = None):
+        """Every recorded task as a pandas DataFrame, newest first (``runtime`` in seconds)."""
+        from .frames import records_frame
+
+        records = self.backend.list(state=state, name=name, limit=None if limit is None else limit + 64)
+        records = [r for r in records if r.get("name") != "nbqueue.group" or name == "nbqueue.group"]
+        return records_frame(self, records[:limit] if limit is not None else records)
+
+    def revoke(self, task_id: str, reason: str = "revoked") -> bool:
+        """Cancel a task that has not finished: it will not run (or its result is discarded)."""
+        return self.backend.store_result(task_id, states.REVOKED, error=reason, exc_type="TaskRevoked")
+
+    # -- workers --------------------------------------------------------------------------
+    def worker(self, concurrency: int = 1, queues: str | Iterable[str] | None = None, **options: Any):
+        from .worker import Worker
+
+        return Worker(self, concurrency=concurrency, queues=queues, **options)
+
+    def start_worker(self, concurrency: int = 1, queues: str | Iterable[str] | None = None, **options: Any):
+        """Start a worker in daemon threads of this process; returns it at once."""
+        worker = self.worker(concurrency=concurrency, queues=queues, **options)
+        worker.start()
+        return worker
+
+    def _worker_started(self, worker) -> None:
+        with self._lock:
+            self._workers.append(worker)
+
+    def _worker_stopped(self, worker) -> None:
+        with self._lock:
+            if worker in self._workers:
+                self._workers.remove(worker)
+
+    @property
+    def workers(self) -> list:
+        """Workers started from this App in this process."""
+        return list(self._workers)
+
+    def status(self) -> dict:
+        """Queue depths per queue and the live workers (from their heartbeats)."""
+        return {"queues": self.broker.stats(), "workers": self.backend.workers()}
+
+    def purge(self, queue: str | None = None) -> int:
+        return self.broker.purge(queue or self.default_queue)
+
+    def close(self) -> None:
+        for worker in list(self._workers):
+            worker.stop(wait=True, timeout=5)
+        self.broker.close()
+        self.backend.close()
+
+    def __repr__(self) -> str:
+        from .brokers.base import redact
+
+        return f"<nbqueue.App broker={redact(self.broker_url)} backend={redact(self.backend_url)} tasks={len(self.registry)}>"

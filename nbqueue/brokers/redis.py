@@ -1,0 +1,450 @@
+"""Redis broker: ``redis://[:password@]host[:port][/db]``, ``rediss://`` (TLS), and
+``memory://[NAME]`` (fakeredis inside this process; no socket).
+
+Supports: priorities 0-9, delayed messages (eta) moved to ready in batches, leases
+with redelivery (no reaper process: every reserve requeues expired leases), fenced
+acks (attempt = fencing token), dead letters with a reason, idempotent publish by
+message id, batch reserve, blocking reserve woken by publishes from any process,
+retry with exponential back-off on connection errors (``ConnectionLost`` when it
+finally fails). Not for Redis Cluster: scripts build key names from the prefix.
+
+``memory://NAME`` is the same code over a fakeredis ``FakeServer`` shared by name
+within the process (default name ``default``); it needs ``fakeredis[lua]``.
+
+Options: ``key_prefix`` (default ``nbq:``), ``max_block`` (longest single blocking
+wait in reserve, default 1.0 s), ``batch`` (due messages moved per queue and call,
+default 1000), ``retries`` / ``retry_base`` / ``retry_cap`` (connection retry with
+exponential back-off, default 10 / 0.05 s / 5 s), ``socket_timeout`` (default 30 s),
+``socket_connect_timeout`` (default 5 s), ``health_check_interval`` (default 15 s).
+
+Keys (``P`` is the prefix)::
+
+    P queues                 set    known queue names
+    P seq                    string counter ordering ready and dead messages
+    P msg:<id>               hash   queue, body, priority, attempt, reason
+    P q:<queue>:ready        zset   id -> (9 - priority) * 1e12 + seq (lowest first)
+    P q:<queue>:delayed      zset   id -> eta
+    P q:<queue>:inflight     zset   id -> lease deadline
+    P q:<queue>:dead         zset   id -> seq
+    P q:<queue>:signal       list   wake-up tokens pushed by publish/retry (BLPOP)
+    P wake:<broker instance> list   wake-up tokens for this instance's reservers
+"""
+from __future__ import annotations
+
+import functools
+import ipaddress
+import logging
+import threading
+import time
+import uuid
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, TypeVar
+from urllib.parse import urlsplit
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from ..errors import ConnectionLost
+from .base import Broker, Delivery, Outgoing, queue_list, redact
+
+if TYPE_CHECKING:
+    import fakeredis
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PREFIX = "nbq:"
+SIGNAL_TOKENS = 64          # at most this many wake-up tokens wait in a signal list
+SIGNAL_TTL_MS = 5000        # a token older than this wakes nobody who would not wake anyway
+MIN_BLOCK = 0.01            # a blocking pop timeout of 0 would mean "forever"
+PUBLISH_CHUNK = 500
+
+# -- connections, shared with nbqueue.backends.redis ----------------------------------------
+
+_FAKE_SERVERS: dict[str, "fakeredis.FakeServer"] = {}
+_FAKE_LOCK = threading.Lock()
+
+
+def fake_server(name: str) -> "fakeredis.FakeServer":
+    """The in-process fakeredis server called ``name``, created on first use."""
+    import fakeredis
+
+    with _FAKE_LOCK:
+        server = _FAKE_SERVERS.get(name)
+        if server is None:
+            server = _FAKE_SERVERS[name] = fakeredis.FakeServer()
+        return server
+
+
+def connect(url: str, options: Mapping[str, Any]) -> redis.Redis:
+    """A client for a redis://, rediss:// or memory:// URL, retrying on connection errors."""
+    parts = urlsplit(url)
+    kwargs: dict[str, Any] = {
+        "decode_responses": True,
+        "retry": Retry(
+            ExponentialBackoff(cap=float(options.get("retry_cap", 5.0)), base=float(options.get("retry_base", 0.05))),
+            int(options.get("retries", 10)),
+        ),
+        "socket_timeout": float(options.get("socket_timeout", 30.0)),
+        "socket_connect_timeout": float(options.get("socket_connect_timeout", 5.0)),
+        "health_check_interval": float(options.get("health_check_interval", 15.0)),
+    }
+    if parts.scheme == "memory":
+        import fakeredis
+
+        return fakeredis.FakeRedis(server=fake_server(parts.netloc or parts.path.strip("/") or "default"), **kwargs)
+    warn_if_exposed(url, options)
+    return redis.Redis.from_url(url, **kwargs)
+
+
+def warn_if_exposed(url: str, options: Mapping[str, Any]) -> None:
+    """Log a warning for a non-loopback Redis reached without a password."""
+    parts = urlsplit(url)
+    if parts.password or options.get("password"):
+        return
+    host = parts.hostname or "localhost"
+    if _is_loopback(host):
+        return
+    log.warning("connecting to Redis at %s without a password: anyone who can reach it can read and "
+                "inject tasks; set one (redis://:PASSWORD@host/db) or use a private network", redact(url))
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def guarded(method: F) -> F:
+    """Turn redis connection errors that survived the client's retries into ConnectionLost."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise ConnectionLost(f"{self!r}: {exc}") from exc
+
+    return wrapper  # type: ignore[return-value]
+
+
+# -- Lua ----------------------------------------------------------------------------------
+
+_LUA_COMMON = f"local TOKENS, SIGNAL_TTL = {SIGNAL_TOKENS}, {SIGNAL_TTL_MS}\n" + """
+local P = ARGV[1]
+local function qkey(q, kind) return P .. 'q:' .. q .. ':' .. kind end
+local function mkey(id) return P .. 'msg:' .. id end
+local function make_ready(q, id)
+  local prio = tonumber(redis.call('HGET', mkey(id), 'priority')) or 0
+  local seq = redis.call('INCR', P .. 'seq')
+  redis.call('ZADD', qkey(q, 'ready'), string.format('%d', (9 - prio) * 1e12 + seq), id)
+end
+local function signal(q, count)
+  local key = qkey(q, 'signal')
+  for _ = 1, math.min(count, TOKENS) do redis.call('LPUSH', key, '1') end
+  redis.call('LTRIM', key, 0, TOKENS - 1)
+  redis.call('PEXPIRE', key, SIGNAL_TTL)
+end
+"""
+
+# ARGV: prefix, now, then (id, queue, priority, eta or '', body) per message.
+# Stores the messages whose id is not known yet; returns how many.
+_PUBLISH = _LUA_COMMON + """
+local now = tonumber(ARGV[2])
+local added, n = {}, 0
+for i = 3, #ARGV, 5 do
+  local id, q, prio, eta, body = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  if redis.call('EXISTS', mkey(id)) == 0 then
+    redis.call('HSET', mkey(id), 'queue', q, 'body', body, 'priority', prio, 'attempt', 0)
+    redis.call('SADD', P .. 'queues', q)
+    if eta ~= '' and tonumber(eta) > now then
+      redis.call('ZADD', qkey(q, 'delayed'), eta, id)
+    else
+      make_ready(q, id)
+    end
+    added[q] = (added[q] or 0) + 1
+    n = n + 1
+  end
+end
+for q, count in pairs(added) do signal(q, count) end
+return n
+"""
+
+# ARGV: prefix, now, lease deadline, limit, batch, queues...
+# Requeues expired leases and moves due delayed messages to ready (up to `batch` each
+# per queue), then claims up to `limit` messages, best score across the queues first.
+# Returns {next due time or '', then (id, queue, body, attempt, priority) per claim}.
+_RESERVE = _LUA_COMMON + """
+local now, deadline, limit, batch = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+local queues = {}
+for i = 6, #ARGV do queues[#queues + 1] = ARGV[i] end
+
+for _, q in ipairs(queues) do
+  for _, kind in ipairs({'inflight', 'delayed'}) do
+    local key = qkey(q, kind)
+    for _, id in ipairs(redis.call('ZRANGEBYSCORE', key, '-inf', now, 'LIMIT', 0, batch)) do
+      redis.call('ZREM', key, id)
+      make_ready(q, id)
+    end
+  end
+end
+
+local out = {''}
+local claimed = 0
+while claimed < limit do
+  local best_q, best_id, best_score
+  for _, q in ipairs(queues) do
+    local head = redis.call('ZRANGE', qkey(q, 'ready'), 0, 0, 'WITHSCORES')
+    if head[1] and (best_score == nil or tonumber(head[2]) < best_score) then
+      best_q, best_id, best_score = q, head[1], tonumber(head[2])
+    end
+  end
+  if best_q == nil then break end
+  redis.call('ZREM', qkey(best_q, 'ready'), best_id)
+  local fields = redis.call('HMGET', mkey(best_id), 'body', 'priority')
+  if fields[1] then
+    local attempt = redis.call('HINCRBY', mkey(best_id), 'attempt', 1)
+    redis.call('ZADD', qkey(best_q, 'inflight'), deadline, best_id)
+    for _, v in ipairs({best_id, best_q, fields[1], attempt, fields[2]}) do out[#out + 1] = v end
+    claimed = claimed + 1
+  end
+end
+
+if claimed == 0 then
+  local next_due
+  for _, q in ipairs(queues) do
+    for _, kind in ipairs({'inflight', 'delayed'}) do
+      local head = redis.call('ZRANGE', qkey(q, kind), 0, 0, 'WITHSCORES')
+      if head[2] and (next_due == nil or tonumber(head[2]) < tonumber(next_due)) then next_due = head[2] end
+    end
+  end
+  out[1] = next_due or ''
+end
+return out
+"""
+
+# ARGV: prefix, id, attempt, op, now, then per op: extend (deadline), retry (eta or '',
+# has_body, body), reject (reason). Acts only while that attempt holds the lease; 1/0.
+_SETTLE = _LUA_COMMON + """
+local id, attempt, op, now = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local current = redis.call('HMGET', mkey(id), 'attempt', 'queue')
+if current[1] ~= attempt then return 0 end
+local q = current[2]
+local inflight = qkey(q, 'inflight')
+if not redis.call('ZSCORE', inflight, id) then return 0 end
+if op == 'ack' then
+  redis.call('ZREM', inflight, id)
+  redis.call('DEL', mkey(id))
+elseif op == 'extend' then
+  redis.call('ZADD', inflight, ARGV[6], id)
+elseif op == 'retry' then
+  redis.call('ZREM', inflight, id)
+  if ARGV[7] == '1' then redis.call('HSET', mkey(id), 'body', ARGV[8]) end
+  if ARGV[6] ~= '' and tonumber(ARGV[6]) > now then
+    redis.call('ZADD', qkey(q, 'delayed'), ARGV[6], id)
+  else
+    make_ready(q, id)
+  end
+  signal(q, 1)
+elseif op == 'reject' then
+  redis.call('ZREM', inflight, id)
+  redis.call('HSET', mkey(id), 'reason', ARGV[6])
+  redis.call('ZADD', qkey(q, 'dead'), redis.call('INCR', P .. 'seq'), id)
+else
+  return redis.error_reply('unknown op ' .. op)
+end
+return 1
+"""
+
+# ARGV: prefix, queue, batch. Deletes up to `batch` messages of the queue (any state);
+# forgets the queue once it is empty. Returns how many were deleted.
+_PURGE = _LUA_COMMON + """
+local q, batch = ARGV[2], tonumber(ARGV[3])
+local n = 0
+for _, kind in ipairs({'ready', 'delayed', 'inflight', 'dead'}) do
+  local key = qkey(q, kind)
+  local ids = redis.call('ZRANGE', key, 0, batch - n - 1)
+  for _, id in ipairs(ids) do
+    redis.call('ZREM', key, id)
+    redis.call('DEL', mkey(id))
+  end
+  n = n + #ids
+  if n >= batch then return n end
+end
+redis.call('DEL', qkey(q, 'signal'))
+redis.call('SREM', P .. 'queues', q)
+return n
+"""
+
+
+class RedisBroker(Broker):
+    scheme = "redis"
+    supports_priority = True
+    wakes_in_process = True
+    leases_expire = True
+
+    def __init__(self, url: str = "memory://", *, clock=None, options: dict | None = None):
+        super().__init__(url, clock=clock, options=options)
+        self.prefix = str(self.options.get("key_prefix", DEFAULT_PREFIX))
+        self.max_block = float(self.options.get("max_block", 1.0))
+        self.batch = int(self.options.get("batch", 1000))
+        self.client = connect(url, self.options)
+        self._publish = self.client.register_script(_PUBLISH)
+        self._reserve = self.client.register_script(_RESERVE)
+        self._settle = self.client.register_script(_SETTLE)
+        self._purge = self.client.register_script(_PURGE)
+        self._wake_key = f"{self.prefix}wake:{uuid.uuid4().hex}"
+        self._waiting = 0
+        self._lock = threading.Lock()
+
+    def _key(self, queue: str, kind: str) -> str:
+        return f"{self.prefix}q:{queue}:{kind}"
+
+    # -- publishing --------------------------------------------------------------
+    @guarded
+    def publish_many(self, outs: Sequence[Outgoing]) -> None:
+        for start in range(0, len(outs), PUBLISH_CHUNK):
+            args: list[Any] = [self.prefix, repr(self.clock.time())]
+            for o in outs[start:start + PUBLISH_CHUNK]:
+                priority = min(9, max(0, int(o.priority)))
+                args += [o.id, o.queue, priority, "" if o.eta is None else repr(float(o.eta)), o.body]
+            self._publish(args=args)
+
+    # -- consuming ---------------------------------------------------------------
+    @guarded
+    def reserve(self, queues: Sequence[str], *, timeout: float = 0.0, lease: float = 30.0, limit: int = 1) -> list[Delivery]:
+        queues = queue_list(queues)
+        deadline = time.monotonic() + max(0.0, timeout)
+        while True:
+            now = self.clock.time()
+            deliveries, next_due = self._claim(queues, now, lease, limit)
+            if deliveries:
+                return deliveries
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return []
+            wait = min(remaining, self.max_block)
+            if next_due is not None:
+                wait = min(wait, max(0.0, next_due - now) + 0.001)
+            if self._sleep(queues, wait):
+                return []
+
+    def _claim(self, queues: list[str], now: float, lease: float, limit: int) -> tuple[list[Delivery], float | None]:
+        """Run the reserve script once: the deliveries claimed and, if none, the next due time."""
+        lease_until = now + lease
+        reply = self._reserve(args=[self.prefix, repr(now), repr(lease_until), max(1, int(limit)), self.batch, *queues])
+        next_due = float(reply[0]) if reply[0] != "" else None
+        deliveries = [
+            Delivery(message_id=mid, queue=q, body=body, attempt=int(attempt), lease_until=lease_until, tag=int(attempt), priority=int(prio or 0))
+            for mid, q, body, attempt, prio in zip(*[iter(reply[1:])] * 5)
+        ]
+        return deliveries, next_due
+
+    def _sleep(self, queues: list[str], wait: float) -> bool:
+        """Block until a publish signal, a wake() or ``wait`` seconds; True when woken by wake()."""
+        with self._lock:
+            self._waiting += 1
+        try:
+            keys = [self._wake_key] + [self._key(q, "signal") for q in queues]
+            popped = self.client.blpop(keys, timeout=max(MIN_BLOCK, wait))
+        finally:
+            with self._lock:
+                self._waiting -= 1
+        return bool(popped) and popped[0] == self._wake_key
+
+    def _settle_op(self, delivery: Delivery, op: str, *extra: Any) -> bool:
+        args = [self.prefix, delivery.message_id, str(delivery.tag), op, repr(self.clock.time()), *extra]
+        return self._settle(args=args) == 1
+
+    @guarded
+    def ack(self, delivery: Delivery) -> bool:
+        return self._settle_op(delivery, "ack")
+
+    @guarded
+    def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        for delivery in deliveries:
+            self._settle_op(delivery, "ack")
+
+    @guarded
+    def retry(self, delivery: Delivery, *, body: str | None = None, eta: float | None = None) -> bool:
+        due = "" if eta is None else repr(float(eta))
+        return self._settle_op(delivery, "retry", due, "0" if body is None else "1", body or "")
+
+    @guarded
+    def extend(self, delivery: Delivery, lease: float) -> bool:
+        until = self.clock.time() + lease
+        ok = self._settle_op(delivery, "extend", repr(until))
+        if ok:
+            delivery.lease_until = until
+        return ok
+
+    @guarded
+    def reject(self, delivery: Delivery, reason: str) -> bool:
+        return self._settle_op(delivery, "reject", reason)
+
+    # -- inspection --------------------------------------------------------------
+    def _queues(self) -> list[str]:
+        return sorted(self.client.smembers(f"{self.prefix}queues"))
+
+    @guarded
+    def purge(self, queue: str) -> int:
+        total = 0
+        while True:
+            n = self._purge(args=[self.prefix, queue, self.batch])
+            total += n
+            if n < self.batch:
+                return total
+
+    @guarded
+    def stats(self) -> list[dict]:
+        queues = self._queues()
+        now = repr(self.clock.time())
+        pipe = self.client.pipeline(transaction=False)
+        for q in queues:
+            pipe.zcard(self._key(q, "ready"))
+            pipe.zcount(self._key(q, "delayed"), "-inf", now)
+            pipe.zcount(self._key(q, "delayed"), f"({now}", "+inf")
+            pipe.zcard(self._key(q, "inflight"))
+            pipe.zcard(self._key(q, "dead"))
+        counts = pipe.execute()
+        rows = []
+        for i, q in enumerate(queues):
+            ready, due, delayed, in_flight, dead = counts[5 * i:5 * i + 5]
+            rows.append({"queue": q, "ready": ready + due, "delayed": delayed, "in_flight": in_flight, "dead": dead})
+        return rows
+
+    @guarded
+    def dead_letters(self, queue: str | None = None, limit: int = 100) -> list[dict]:
+        out: list[dict] = []
+        for q in [queue] if queue is not None else self._queues():
+            ids = self.client.zrange(self._key(q, "dead"), 0, limit - len(out) - 1)
+            pipe = self.client.pipeline(transaction=False)
+            for mid in ids:
+                pipe.hmget(f"{self.prefix}msg:{mid}", "reason", "body")
+            for mid, (reason, body) in zip(ids, pipe.execute()):
+                out.append({"id": mid, "queue": q, "reason": reason, "body": body})
+            if len(out) >= limit:
+                break
+        return out
+
+    def wake(self) -> None:
+        """Make this broker's reserve() calls that are blocked now return at once."""
+        with self._lock:
+            waiting = self._waiting
+        if not waiting:
+            return
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.lpush(self._wake_key, *["1"] * waiting)
+            pipe.pexpire(self._wake_key, SIGNAL_TTL_MS)
+            pipe.execute()
+        except redis.RedisError:
+            log.debug("could not wake reservers", exc_info=True)
+
+    def close(self) -> None:
+        self.client.close()

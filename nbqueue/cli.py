@@ -1,0 +1,143 @@
+"""The ``nbqueue`` command: worker | beat | status | purge. The only place with signal handlers."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import signal
+import sys
+import threading
+
+from .errors import ConfigurationError
+
+log = logging.getLogger("nbqueue.cli")
+
+
+def load_app(spec: str | None):
+    """``module:attribute`` (default attribute ``app``); without --app, App.from_env()."""
+    from .app import App
+
+    if not spec:
+        return App.from_env()
+    module_name, _, attr = spec.partition(":")
+    sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError(f"cannot import {module_name!r} for --app {spec!r}: {exc}") from exc
+    try:
+        app = getattr(module, attr or "app")
+    except AttributeError:
+        raise ConfigurationError(f"module {module_name!r} has no attribute {attr or 'app'!r} (--app {spec!r})") from None
+    if not isinstance(app, App):
+        raise ConfigurationError(f"--app {spec!r} is a {type(app).__name__}, not an nbqueue.App")
+    return app
+
+
+def _install_stop_handlers(stop, abort) -> None:
+    """First SIGINT/SIGTERM: graceful stop. Second: exit at once."""
+    state = {"signals": 0}
+
+    def handler(signum, frame):
+        state["signals"] += 1
+        if state["signals"] == 1:
+            log.warning("received %s: finishing running tasks (send again to exit at once)", signal.Signals(signum).name)
+            threading.Thread(target=stop, daemon=True).start()
+        else:
+            abort()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def cmd_worker(args) -> int:
+    app = load_app(args.app)
+    worker = app.worker(concurrency=args.concurrency, queues=args.queues, allow_cells=args.allow_cells, echo_output=True,
+                        prefetch=args.prefetch)
+    beat = None
+    if args.beat:
+        beat = app.scheduler()
+        beat.start()
+    _install_stop_handlers(lambda: (beat.stop() if beat else None, worker.stop(wait=False)), lambda: os._exit(1))
+    print(f"nbqueue worker {worker.name}: {args.concurrency} thread(s), queues {','.join(worker.queues)}, broker {app.broker!r}", flush=True)
+    worker.run()
+    print(f"nbqueue worker {worker.name}: stopped after {worker.processed} task(s)", flush=True)
+    return 0
+
+
+def cmd_beat(args) -> int:
+    app = load_app(args.app)
+    beat = app.scheduler()
+    done = threading.Event()
+    _install_stop_handlers(lambda: (beat.stop(), done.set()), lambda: os._exit(1))
+    beat.start()
+    print(f"nbqueue beat: {len(app.schedules())} schedule(s)", flush=True)
+    while not done.wait(0.5):
+        pass
+    return 0
+
+
+def cmd_status(args) -> int:
+    import pandas as pd
+
+    app = load_app(args.app)
+    status = app.status()
+    queues = pd.DataFrame(status["queues"], columns=["queue", "ready", "delayed", "in_flight", "dead"])
+    workers = pd.DataFrame(status["workers"])
+    print("queues:")
+    print(queues.to_string(index=False) if len(queues) else "  (none)")
+    print("workers alive:")
+    if len(workers):
+        cols = [c for c in ("worker_id", "host", "pid", "concurrency", "running", "processed") if c in workers]
+        print(workers[cols].to_string(index=False))
+    else:
+        print("  (none)")
+    return 0
+
+
+def cmd_purge(args) -> int:
+    app = load_app(args.app)
+    n = app.purge(args.queue)
+    print(f"purged {n} message(s) from {args.queue or app.default_queue}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nbqueue", description="nbqueue: a job runner for notebooks")
+    parser.add_argument("--log-level", default=os.environ.get("NBQUEUE_LOG_LEVEL", "INFO"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    w = sub.add_parser("worker", help="run a worker process in the foreground")
+    w.add_argument("--app", help="module:attribute of the App (default: App.from_env())")
+    w.add_argument("-c", "--concurrency", type=int, default=os.cpu_count() or 1)
+    w.add_argument("-Q", "--queues", default=None, help="comma-separated queue names (default: the App's default queue)")
+    w.add_argument("--prefetch", type=int, default=None, help="messages each thread reserves at once")
+    w.add_argument("--allow-cells", action="store_true", help="run %%%%task notebook cells shipped by producers (runs their code)")
+    w.add_argument("--beat", action="store_true", help="also run the periodic-task scheduler")
+    w.set_defaults(fn=cmd_worker)
+
+    b = sub.add_parser("beat", help="run the periodic-task scheduler")
+    b.add_argument("--app")
+    b.set_defaults(fn=cmd_beat)
+
+    s = sub.add_parser("status", help="queue depths and live workers")
+    s.add_argument("--app")
+    s.set_defaults(fn=cmd_status)
+
+    p = sub.add_parser("purge", help="delete every waiting message of a queue")
+    p.add_argument("queue", nargs="?")
+    p.add_argument("--app")
+    p.set_defaults(fn=cmd_purge)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.fn(args)
+    except ConfigurationError as exc:
+        print(f"nbqueue: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Configuration: URLs, machinery-style YAML files and environment variables -> Config."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from .errors import ConfigurationError
+
+#: options App accepts besides broker/backend/default_queue, with their defaults
+DEFAULTS: dict[str, Any] = {
+    "visibility_timeout": 30.0,     # seconds a reservation lasts before redelivery, extended by heartbeats
+    "results_expire_in": None,      # seconds to keep finished results; None keeps them
+    "serializer": "json",           # or "pickle", an explicit opt-in
+    "timezone": "UTC",              # for periodic schedules
+    "poll_interval": 0.1,           # idle poll ceiling for stores without a push channel
+    "prefetch": 4,                  # messages a worker thread reserves at once
+    "secret": None,                 # HMAC key for cell messages (NBQUEUE_SECRET)
+    "clock": None,
+    "key_prefix": "nbq",
+}
+
+
+@dataclasses.dataclass
+class Config:
+    broker: str | None = None
+    backend: str | None = None
+    default_queue: str = "nbqueue"
+    options: dict = dataclasses.field(default_factory=dict)
+
+    def option(self, key: str) -> Any:
+        return self.options.get(key, DEFAULTS.get(key))
+
+
+def check_options(options: dict) -> None:
+    unknown = sorted(set(options) - set(DEFAULTS))
+    if unknown:
+        raise ConfigurationError(f"unknown App option(s): {', '.join(unknown)} (known: {', '.join(sorted(DEFAULTS))})")
+    if options.get("serializer", "json") not in ("json", "pickle"):
+        raise ConfigurationError(f"serializer must be 'json' or 'pickle', not {options['serializer']!r}")
+
+
+def from_yaml(path: str) -> Config:
+    """Read a machinery-style config.yml.
+
+    Keys: ``broker``, ``default_queue``, ``result_backend``, ``results_expire_in``, and
+    per-broker sections (``redis:``, ``amqp:``, ``sqlite:``) whose keys become options.
+    """
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+    except FileNotFoundError:
+        raise ConfigurationError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigurationError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigurationError(f"config file {path} must hold a mapping at the top level")
+    options: dict[str, Any] = {}
+    known_top = {"broker", "default_queue", "result_backend", "results_expire_in", "redis", "amqp", "sqlite"}
+    for key, value in data.items():
+        if key in ("redis", "amqp", "sqlite"):
+            if not isinstance(value, dict):
+                raise ConfigurationError(f"section {key!r} in {path} must be a mapping")
+            options.update({k: v for k, v in value.items() if k in DEFAULTS})
+        elif key in DEFAULTS:
+            options[key] = value
+        elif key not in known_top:
+            raise ConfigurationError(f"unknown key {key!r} in {path} (known: {', '.join(sorted(known_top | set(DEFAULTS)))})")
+    if data.get("results_expire_in") is not None:
+        options["results_expire_in"] = float(data["results_expire_in"])
+    return Config(broker=data.get("broker"), backend=data.get("result_backend"), default_queue=data.get("default_queue") or "nbqueue", options=options)
+
+
+def from_env(environ: dict | None = None) -> Config:
+    """NBQUEUE_BROKER, NBQUEUE_BACKEND, NBQUEUE_DEFAULT_QUEUE, NBQUEUE_RESULTS_EXPIRE_IN, NBQUEUE_SECRET."""
+    env = os.environ if environ is None else environ
+    options: dict[str, Any] = {}
+    if env.get("NBQUEUE_RESULTS_EXPIRE_IN"):
+        options["results_expire_in"] = float(env["NBQUEUE_RESULTS_EXPIRE_IN"])
+    if env.get("NBQUEUE_VISIBILITY_TIMEOUT"):
+        options["visibility_timeout"] = float(env["NBQUEUE_VISIBILITY_TIMEOUT"])
+    if env.get("NBQUEUE_SECRET"):
+        options["secret"] = env["NBQUEUE_SECRET"]
+    return Config(
+        broker=env.get("NBQUEUE_BROKER") or None,
+        backend=env.get("NBQUEUE_BACKEND") or None,
+        default_queue=env.get("NBQUEUE_DEFAULT_QUEUE") or "nbqueue",
+        options=options,
+    )

@@ -1,0 +1,54 @@
+"""Task: a registered function with its default options, and the registry of names."""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+from .signature import Signature
+
+TASK_OPTIONS = ("retry_count", "retry_timeout", "retry_backoff", "queue", "priority", "time_limit", "ignore_when_not_registered")
+
+
+class Task:
+    """Calling it runs the function here; ``.delay()``/``.s()`` send it to a worker."""
+
+    def __init__(self, app, name: str, fn: Callable, **options: Any):
+        unknown = set(options) - set(TASK_OPTIONS)
+        if unknown:
+            raise TypeError(f"unknown task option(s): {', '.join(sorted(unknown))} (known: {', '.join(TASK_OPTIONS)})")
+        self.app = app
+        self.name = name
+        self.fn = fn
+        self.options = options
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def s(self, *args, **kwargs) -> Signature:
+        """A signature; chains append the previous result to its args."""
+        return Signature(self.name, args=args, kwargs=kwargs, app=self.app, **self.options)
+
+    def si(self, *args, **kwargs) -> Signature:
+        """An immutable signature: workflows do not append results to its args."""
+        return Signature(self.name, args=args, kwargs=kwargs, immutable=True, app=self.app, **self.options)
+
+    def signature(self, args=(), kwargs=None, **options) -> Signature:
+        return Signature(self.name, args=args, kwargs=kwargs, app=self.app, **{**self.options, **options})
+
+    def delay(self, *args, **kwargs):
+        return self.app.send_task(self.s(*args, **kwargs))
+
+    def apply_async(self, args=(), kwargs=None, **options):
+        return self.app.send_task(self.signature(args, kwargs, **options))
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name}>"
+
+
+def task_name(fn: Callable) -> str:
+    """Default name: the function's qualified name; notebook functions keep their plain name."""
+    module = getattr(fn, "__module__", None) or ""
+    if module in ("__main__", "builtins") or module.startswith("__"):
+        return fn.__qualname__
+    return f"{module}.{fn.__qualname__}"

@@ -1,0 +1,299 @@
+"""Worker: reserve -> execute -> record -> advance workflows -> ack.
+
+``step()`` runs one pass in the calling thread, so tests drive it without sleeping;
+``start()`` runs ``concurrency`` executor threads plus one heartbeat thread (daemon
+threads: fine inside a notebook kernel) and returns at once; ``run()`` blocks.
+A worker installs no signal handlers: the CLI owns those.
+
+Delivery is at least once and recording exactly once: the backend hands out a fencing
+token when a task begins and refuses a final result from a stale attempt, and a
+redelivered message whose task is already final is not run again, only acknowledged
+(after re-running the idempotent workflow step, in case the earlier attempt died
+before it).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import traceback as _tb
+import uuid
+from typing import Any, Iterable
+
+from . import capture, serialization, states, workflow
+from .brokers.base import Delivery, queue_list
+from .errors import MessageError, NotRegistered, Retry, SerializationError
+from .retry import next_delay
+from .signature import decode_body, encode_body
+
+log = logging.getLogger(__name__)
+
+
+class Worker:
+    def __init__(self, app, concurrency: int = 1, queues: str | Iterable[str] | None = None, *, name: str | None = None,
+                 prefetch: int | None = None, allow_cells: bool = False, echo_output: bool = False, heartbeat_interval: float | None = None):
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.app = app
+        self.concurrency = int(concurrency)
+        self.queues = queue_list(queues) if queues else [app.default_queue]
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.prefetch = max(1, int(prefetch if prefetch is not None else app.config.option("prefetch")))
+        self.allow_cells = allow_cells
+        self.echo_output = echo_output
+        self.lease = app.visibility_timeout
+        self.heartbeat_interval = heartbeat_interval or max(0.05, min(self.lease / 3.0, 5.0))
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._held: dict[int, Delivery] = {}          # reserved and not yet finished, for lease extension
+        self._running: dict[str, dict] = {}            # task id -> {"started": t, "time_limit": s, "token": n}
+        self._held_lock = threading.Lock()
+        self.processed = 0
+        self.failed = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> "Worker":
+        if self._threads:
+            return self
+        capture.install(echo=self.echo_output)
+        self._stopping.clear()
+        for i in range(self.concurrency):
+            t = threading.Thread(target=self._executor_loop, name=f"nbqueue-worker-{i}", daemon=True)
+            self._threads.append(t)
+        hb = threading.Thread(target=self._heartbeat_loop, name="nbqueue-heartbeat", daemon=True)
+        self._threads.append(hb)
+        for t in self._threads:
+            t.start()
+        self.app._worker_started(self)
+        log.info("worker %s started: %d thread(s), queues %s", self.name, self.concurrency, ",".join(self.queues))
+        return self
+
+    def run(self) -> None:
+        """Start and block until stop() is called (from another thread or a signal handler)."""
+        self.start()
+        while not self._stopping.is_set():
+            self._stopping.wait(0.5)
+        self.join()
+
+    def stop(self, wait: bool = True, timeout: float | None = None) -> None:
+        """Stop taking tasks; running ones finish; reserved but unstarted ones go back at once."""
+        self._stopping.set()
+        self.app.broker.wake()
+        if wait:
+            self.join(timeout)
+
+    def join(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for t in self._threads:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            t.join(remaining)
+        alive = any(t.is_alive() for t in self._threads)
+        if not alive and self._threads:
+            self._threads = []
+            self.app._worker_stopped(self)
+            try:
+                self.app.backend.worker_gone(self.name)
+            except Exception:
+                log.debug("could not remove worker heartbeat", exc_info=True)
+        return not alive
+
+    @property
+    def running(self) -> bool:
+        return any(t.is_alive() for t in self._threads)
+
+    # -- the steppable core ---------------------------------------------------------------------
+    def step(self, now: float | None = None, limit: int | None = None) -> int:
+        """Reserve what is due and process it in this thread; returns how many were processed."""
+        deliveries = self.app.broker.reserve(self.queues, timeout=0, lease=self.lease, limit=limit or self.concurrency)
+        for d in deliveries:
+            self.process(d)
+        return len(deliveries)
+
+    def drain(self, timeout: float = 10.0) -> int:
+        """Process until the queues stay empty (for tests and scripts)."""
+        total, deadline = 0, time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            n = self.step()
+            total += n
+            if n == 0:
+                more = self.app.broker.reserve(self.queues, timeout=0.05, lease=self.lease, limit=self.concurrency)
+                if not more:
+                    break
+                for d in more:
+                    self.process(d)
+                total += len(more)
+        return total
+
+    def _executor_loop(self) -> None:
+        backoff = 0.1
+        while not self._stopping.is_set():
+            try:
+                deliveries = self.app.broker.reserve(self.queues, timeout=1.0, lease=self.lease, limit=self.prefetch)
+                backoff = 0.1
+            except Exception as exc:
+                log.warning("worker %s: reserve failed (%s); retrying in %.1fs", self.name, exc, backoff)
+                self._stopping.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+                continue
+            self._hold(deliveries)
+            for i, d in enumerate(deliveries):
+                if self._stopping.is_set():
+                    self._hand_back(deliveries[i:])
+                    break
+                self.process(d)
+
+    def _hold(self, deliveries: list[Delivery]) -> None:
+        with self._held_lock:
+            for d in deliveries:
+                self._held[id(d)] = d
+
+    def _unhold(self, d: Delivery) -> None:
+        with self._held_lock:
+            self._held.pop(id(d), None)
+
+    def _hand_back(self, deliveries: list[Delivery]) -> None:
+        for d in deliveries:
+            try:
+                self.app.broker.release(d)
+            except Exception:
+                log.warning("could not hand back %s; it returns when its lease runs out", d.message_id, exc_info=True)
+            self._unhold(d)
+
+    def _heartbeat_loop(self) -> None:
+        info = {"host": socket.gethostname(), "pid": os.getpid(), "concurrency": self.concurrency, "queues": self.queues}
+        while True:
+            try:
+                with self._held_lock:
+                    held = list(self._held.values())
+                    running = dict(self._running)
+                for d in held:
+                    self.app.broker.extend(d, self.lease)
+                for task_id, run in running.items():
+                    text = capture.peek(task_id)
+                    if text and text != run.get("flushed"):
+                        self.app.backend.update(task_id, output=text)
+                        run["flushed"] = text
+                    self._enforce_time_limit(task_id, run)
+                self.app.backend.heartbeat(self.name, {**info, "running": len(running), "processed": self.processed}, ttl=max(3 * self.heartbeat_interval, 2.0))
+            except Exception:
+                log.warning("worker %s: heartbeat failed", self.name, exc_info=True)
+            if self._stopping.is_set() and not any(t.is_alive() for t in self._threads if t is not threading.current_thread()):
+                return
+            self._stopping.wait(self.heartbeat_interval) if not self._stopping.is_set() else time.sleep(0.05)
+
+    def _enforce_time_limit(self, task_id: str, run: dict) -> None:
+        limit = run.get("time_limit")
+        if not limit or time.monotonic() - run["started"] <= limit:
+            return
+        # A thread cannot be killed: the task is failed now, its late result is fenced out.
+        if self.app.backend.store_result(task_id, states.FAILURE, token=run["token"], exc_type="TimeLimitExceeded",
+                                         error=f"task ran longer than its time limit of {limit:g}s", output=capture.peek(task_id)):
+            workflow.on_failure(self.app, run["message"], "TimeLimitExceeded", f"time limit of {limit:g}s exceeded")
+
+    # -- one delivery -----------------------------------------------------------------------------
+    def process(self, delivery: Delivery) -> None:
+        """Run one delivery to completion; never raises (a bad message cannot stop a worker)."""
+        try:
+            self._process(delivery)
+        except Exception:
+            log.exception("worker %s: unexpected error processing %s; it will be redelivered", self.name, delivery.message_id)
+        finally:
+            self._unhold(delivery)
+
+    def _process(self, delivery: Delivery) -> None:
+        app = self.app
+        try:
+            message = decode_body(delivery.body)
+        except MessageError as exc:
+            log.error("dead-lettering malformed message %s: %s", delivery.message_id, exc)
+            app.broker.reject(delivery, str(exc))
+            return
+        task_id, name = message["id"], message["name"]
+        task = app.registry.get(name)
+        if task is None and message.get("ignore_when_not_registered"):
+            log.warning("dropping task %s (%s): not registered on this worker and ignore_when_not_registered is set", name, task_id)
+            app.broker.ack(delivery)
+            return
+        token = app.backend.begin(task_id, worker=self.name, fields={"retries": message.get("retries", 0), "name": name, "queue": delivery.queue})
+        if token is None:
+            # already final: an earlier attempt stored it (or it was revoked); finish its follow-ups
+            record = app.backend.get(task_id) or {}
+            workflow.after_final(app, message, record)
+            app.broker.ack(delivery)
+            return
+        if task is None:
+            known = ", ".join(sorted(n for n in app.registry if not n.startswith("nbqueue."))) or "none"
+            self._fail(delivery, message, token, NotRegistered(f"task {name!r} is not registered on this worker (registered: {known})"), tb=None)
+            return
+        try:
+            args = [app.serializer.decode(a) for a in message["args"]]
+            kwargs = {k: app.serializer.decode(v) for k, v in message["kwargs"].items()}
+        except Exception as exc:
+            self._fail(delivery, message, token, SerializationError(f"cannot decode arguments of task {name!r}: {exc}"), tb=None)
+            return
+
+        run = {"started": time.monotonic(), "time_limit": message.get("time_limit"), "token": token, "message": message}
+        with self._held_lock:
+            self._running[task_id] = run
+        capture.begin(task_id)
+        try:
+            with workflow.task_context(app, message, token, self):
+                value = task.fn(*args, **kwargs)
+        except Retry as exc:
+            output = capture.end()
+            self._retry(delivery, message, token, exc.countdown, "Retry", exc.reason or "retry requested", output, counts=False)
+            return
+        except Exception as exc:  # the task's own failure
+            output = capture.end()
+            tb = _tb.format_exc()
+            remaining = int(message.get("retry_count") or 0)
+            if remaining > 0:
+                delay, timeout = next_delay(int(message.get("retries") or 0), float(message.get("retry_timeout") or 0), message.get("retry_backoff"))
+                message["retry_timeout"] = timeout
+                self._retry(delivery, message, token, delay, type(exc).__name__, str(exc), output, counts=True, tb=_tb.format_exc())
+            else:
+                self._fail(delivery, message, token, exc, tb=tb, output=output)
+            return
+        finally:
+            with self._held_lock:
+                self._running.pop(task_id, None)
+        output = capture.end()
+        try:
+            result_text = serialization.dumps(app.serializer.encode(value, f"result of task {name!r}"))
+        except SerializationError as exc:
+            self._fail(delivery, message, token, exc, tb=None, output=output)
+            return
+        if app.backend.store_result(task_id, states.SUCCESS, token=token, result=result_text, output=output or None,
+                                    error=None, exc_type=None, traceback=None):
+            self.processed += 1
+            workflow.on_success(app, message, result_text)
+        app.broker.ack(delivery)
+
+    def _retry(self, delivery: Delivery, message: dict, token: int, delay: float, exc_type: str, reason: str, output: str, *,
+               counts: bool, tb: str | None = None) -> None:
+        app = self.app
+        if counts:
+            message["retry_count"] = int(message.get("retry_count") or 0) - 1
+            message["retries"] = int(message.get("retries") or 0) + 1
+        eta = app.clock.time() + delay
+        if app.backend.set_state(message["id"], states.RETRY, token=token, retries=message.get("retries", 0), exc_type=exc_type,
+                                 error=reason, traceback=tb, output=output or None):
+            app.broker.retry(delivery, body=encode_body(message), eta=eta)
+            log.info("task %s (%s) will retry in %.1fs: %s", message["name"], message["id"], delay, reason)
+        else:  # revoked or taken over meanwhile
+            app.broker.ack(delivery)
+
+    def _fail(self, delivery: Delivery, message: dict, token: int, exc: BaseException, *, tb: str | None, output: str | None = None) -> None:
+        app = self.app
+        exc_type, error = type(exc).__name__, str(exc)
+        if app.backend.store_result(message["id"], states.FAILURE, token=token, exc_type=exc_type, error=error,
+                                    traceback=tb, output=output or None, retries=message.get("retries", 0)):
+            self.failed += 1
+            workflow.on_failure(app, message, exc_type, error)
+        app.broker.ack(delivery)
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<Worker {self.name} {state} concurrency={self.concurrency} queues={','.join(self.queues)}>"
