@@ -61,18 +61,17 @@ def main() -> None:
     #    after the final failure the error message is the error callback's first argument
     ok = app.signature("divide", args=[10, 4])
     ok.on_success = [app.signature("report", kwargs={"label": "10 / 4"})]
-    app.send_task(ok).get(timeout=10)
+    res = app.send_task(ok)
+    print("divide(10, 4) =", res.get(timeout=10), "| success callback:", res.callbacks[0].get(timeout=10))
 
     bad = app.signature("divide", args=[1, 0])
     bad.on_error = [app.signature("report", kwargs={"label": "error callback"})]
+    res = app.send_task(bad)
     try:
-        app.send_task(bad).get(timeout=10)
+        res.get(timeout=10)
     except nbqueue.TaskFailed as exc:
         print("divide(1, 0) failed as expected:", exc.exc_type, exc.message)
-
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and len(app.tasks(name="report", state="SUCCESS", limit=2)) < 2:
-        time.sleep(0.05)
+    print("error callback:", res.callbacks[0].get(timeout=10))
 
     worker.stop()
     frame = app.tasks(limit=8)

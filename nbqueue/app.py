@@ -125,16 +125,30 @@ class App:
 
     def publish(self, records: list[dict], outs: list[Outgoing]) -> None:
         """Record as PENDING first, then publish, so a fast worker's result is never overwritten."""
-        self.backend.create(records)
-        self.broker.publish_many(outs)
+        with self.transaction():
+            self.backend.create(records)
+            self.broker.publish_many(outs)
+
+    def transaction(self):
+        """One transaction over broker and backend where they share a store (the SQLite file)."""
+        return self.broker.transaction_with(self.backend)
 
     def send_task(self, sig: Signature) -> AsyncResult:
         """Send one signature; returns its AsyncResult at once."""
         if not isinstance(sig, Signature):
             raise TypeError(f"send_task takes a Signature, not {type(sig).__name__}; use app.send() for workflows")
-        _, record, out = self.prepare(sig)
+        message, record, out = self.prepare(sig.replace())
         self.publish([record], [out])
-        return AsyncResult(out.id, self, name=sig.name)
+        result = AsyncResult(out.id, self, name=sig.name)
+        result.callbacks = [AsyncResult(m["id"], self, name=m["name"]) for m in message["on_success"] + message["on_error"]]
+        return result
+
+    def send_many(self, signatures: Iterable[Signature]) -> list[AsyncResult]:
+        """Send many independent tasks in one write (faster than a loop of send_task)."""
+        sigs = list(signatures)
+        prepared = [self.prepare(s.replace()) for s in sigs]
+        self.publish([p[1] for p in prepared], [p[2] for p in prepared])
+        return [AsyncResult(p[2].id, self, name=s.name) for s, p in zip(sigs, prepared)]
 
     def send(self, item: Any):
         """Send a Signature, group, chain or chord; returns the matching result object."""
@@ -214,6 +228,45 @@ class App:
             worker.stop(wait=True, timeout=5)
         self.broker.close()
         self.backend.close()
+
+    # -- periodic tasks (issue 7): registrations here, the logic in schedule.py -------------
+    def periodic(self, spec: str, target: Any, name: str | None = None, *, catch_up: bool = False, timezone: Any = None):
+        """Fire ``target`` (a signature, task, group, chain or chord; a fresh copy each time) on ``spec``.
+
+        ``spec``: a 5-field cron expression, ``@hourly``/``@daily``/``@weekly``/``@monthly``/``@yearly``
+        or ``@every 30s`` (units s, m, h, d: ``@every 1h30m``). Cron specs are read in ``timezone``
+        (default: the App's ``timezone`` option, UTC). Runs missed while no scheduler was running are
+        counted, not replayed; ``catch_up=True`` runs one late firing for them. Returns the Schedule.
+        """
+        from . import schedule
+
+        return schedule.register(self, spec, target, name=name, catch_up=catch_up, timezone=timezone)
+
+    def periodic_task(self, spec: str, name: str | None = None, *, catch_up: bool = False, timezone: Any = None,
+                      args: Any = (), kwargs: dict | None = None, **task_options: Any):
+        """``@app.periodic_task("0 9 * * *")``: register the function as a task and schedule it."""
+        from . import schedule
+
+        return schedule.periodic_task(self, spec, name=name, catch_up=catch_up, timezone=timezone, args=args, kwargs=kwargs, **task_options)
+
+    def unschedule(self, name: str) -> bool:
+        """Remove a schedule (and its saved state); True if there was one."""
+        from . import schedule
+
+        return schedule.unschedule(self, name)
+
+    def schedules(self):
+        """The schedules as a DataFrame: name, spec, timezone, next_run, last_run, last_state, missed, catch_up."""
+        from . import schedule
+
+        return schedule.schedules_frame(self)
+
+    def scheduler(self):
+        """This App's scheduler: ``.tick(now)`` fires what is due; ``.start()``/``.stop()`` run it in a thread."""
+        from . import schedule
+
+        return schedule.scheduler(self)
+    # -- end of periodic tasks ------------------------------------------------------------------
 
     def __repr__(self) -> str:
         from .brokers.base import redact

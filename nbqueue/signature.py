@@ -8,6 +8,7 @@ lets workflow.py advance chains and chords). Callbacks are nested envelopes.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime as _dt
 import inspect
@@ -74,7 +75,9 @@ class Signature:
     # -- building -------------------------------------------------------------
     def replace(self, **changes: Any) -> "Signature":
         """A copy with some fields changed (lists and dicts copied, not shared)."""
-        clone = dataclasses.replace(self, **changes)
+        clone = copy.copy(self)
+        for key, value in changes.items():
+            setattr(clone, key, value)
         clone.args = list(clone.args)
         clone.kwargs = dict(clone.kwargs)
         clone.headers = dict(clone.headers) if clone.headers else None
@@ -218,14 +221,24 @@ def _task_fn(sig: Signature) -> Callable | None:
     return task.fn if task is not None else None
 
 
+_param_cache: dict = {}
+
+
 def _parameter_names(fn: Callable | None) -> list[str]:
+    """Positional parameter names, to name a bad argument in errors (cached per function)."""
     if fn is None:
         return []
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return []
-    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names = _param_cache.get(fn)
+    if names is None:
+        try:
+            params = inspect.signature(fn).parameters.values()
+            names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        except (TypeError, ValueError):
+            names = []
+        if len(_param_cache) > 4096:
+            _param_cache.clear()
+        _param_cache[fn] = names
+    return names
 
 
 def _arg_label(task: str, index: int, names: list[str]) -> str:

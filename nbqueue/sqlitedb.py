@@ -44,10 +44,24 @@ def path_from_url(url: str | None) -> str:
 
 
 class SQLiteStore:
-    """Per-thread connections to one database file, plus a write helper."""
+    """Per-thread connections to one database file, plus a write helper.
+
+    One store per file and process (``SQLiteStore.shared(path)``), so the broker and
+    the backend on the same file share connections and can write in one transaction:
+    ``write()`` inside ``write()`` joins the outer transaction.
+    """
 
     _schemas_done: set = set()
     _schema_lock = threading.Lock()
+    _shared: dict = {}
+
+    @classmethod
+    def shared(cls, path: str) -> "SQLiteStore":
+        with cls._schema_lock:
+            store = cls._shared.get(path)
+            if store is None:
+                store = cls._shared[path] = cls(path)
+            return store
 
     def __init__(self, path: str, busy_timeout: float = 30.0):
         self.path = path
@@ -56,6 +70,9 @@ class SQLiteStore:
         if directory:
             os.makedirs(directory, exist_ok=True)
         self._local = threading.local()
+        # threads of this process queue here for the write lock instead of sleeping in
+        # SQLite's busy handler; other processes still meet the busy timeout
+        self._write_lock = threading.RLock()
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
 
@@ -100,16 +117,43 @@ class SQLiteStore:
 
     @contextlib.contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
-        """``with store.write() as conn:`` — one BEGIN IMMEDIATE transaction, retried while busy."""
+        """``with store.write() as conn:`` — one BEGIN IMMEDIATE transaction, retried while busy.
+
+        Nested calls in the same thread join the outer transaction.
+        """
         conn = self.conn
-        self._retry_locked(lambda: conn.execute("BEGIN IMMEDIATE"))
-        try:
+        if conn.in_transaction:
             yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+            return
+        with self._write_lock:
+            self._retry_locked(lambda: conn.execute("BEGIN IMMEDIATE"))
+            self._local.after_commit = []
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                self._local.after_commit = []
+                raise
+            else:
+                self._retry_locked(lambda: conn.execute("COMMIT"))
+        callbacks, self._local.after_commit = self._local.after_commit, []
+        for fn in callbacks:
+            fn()
+
+    def execute(self, sql: str, params=()) -> sqlite3.Cursor:
+        """One writing statement; atomic on its own (autocommit) unless inside write()."""
+        conn = self.conn
+        if conn.in_transaction:
+            return Done(conn.execute(sql, params))
+        with self._write_lock:
+            return self._retry_locked(lambda: Done(conn.execute(sql, params)))
+
+    def on_commit(self, fn) -> None:
+        """Run fn after the current transaction commits (at once outside one)."""
+        if self.conn.in_transaction:
+            self._local.after_commit.append(fn)
         else:
-            self._retry_locked(lambda: conn.execute("COMMIT"))
+            fn()
 
     def read(self, sql: str, params=()) -> list[tuple]:
         return self._retry_locked(lambda: self.conn.execute(sql, params).fetchall())
@@ -121,6 +165,22 @@ class SQLiteStore:
             with contextlib.suppress(Exception):
                 conn.close()
         self._local = threading.local()
+
+
+class Done:
+    """A statement run to completion (rows fetched), so no lock outlives the call."""
+
+    __slots__ = ("rows", "rowcount")
+
+    def __init__(self, cursor: sqlite3.Cursor):
+        self.rows = cursor.fetchall()
+        self.rowcount = cursor.rowcount
+
+    def fetchone(self):
+        return self.rows[0] if self.rows else None
+
+    def fetchall(self):
+        return self.rows
 
 
 def placeholders(n: int) -> str:

@@ -13,6 +13,7 @@ before it).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -31,9 +32,52 @@ from .signature import decode_body, encode_body
 log = logging.getLogger(__name__)
 
 
+_MISSING = object()
+GROUP_COMMIT = 0.01  # seconds a finished task may wait to be committed with the next ones
+STARTED_AFTER = 0.1  # a task running this long is recorded as STARTED (shorter ones go RECEIVED -> result)
+
+
+class _Batch:
+    """Finish steps of one batch, committed together when broker and backend share a store."""
+
+    def __init__(self, worker: "Worker"):
+        self.app = worker.app
+        self.grouped = worker.group_commit
+        self.ops: list = []
+        self.first = 0.0
+
+    def add(self, op) -> None:
+        if not self.grouped:
+            self._run([op])
+            return
+        if not self.ops:
+            self.first = time.monotonic()
+        self.ops.append(op)
+
+    def maybe_flush(self) -> None:
+        if self.ops and time.monotonic() - self.first >= GROUP_COMMIT:
+            self.flush()
+
+    def flush(self) -> None:
+        ops, self.ops = self.ops, []
+        if ops:
+            with self.app.transaction():
+                self._run(ops)
+
+    def _run(self, ops: list) -> None:
+        for op in ops:
+            try:
+                op()
+            except Exception:
+                if self.grouped:
+                    raise  # the whole group rolls back and is redelivered
+                log.exception("worker: finishing a task failed; its message will be redelivered")
+
+
 class Worker:
     def __init__(self, app, concurrency: int = 1, queues: str | Iterable[str] | None = None, *, name: str | None = None,
-                 prefetch: int | None = None, allow_cells: bool = False, echo_output: bool = False, heartbeat_interval: float | None = None):
+                 prefetch: int | None = None, allow_cells: bool = False, echo_output: bool = False, heartbeat_interval: float | None = None,
+                 beat: bool = False):
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self.app = app
@@ -43,6 +87,7 @@ class Worker:
         self.prefetch = max(1, int(prefetch if prefetch is not None else app.config.option("prefetch")))
         self.allow_cells = allow_cells
         self.echo_output = echo_output
+        self.beat = beat                               # also run the App's periodic-task scheduler (schedule.py)
         self.lease = app.visibility_timeout
         self.heartbeat_interval = heartbeat_interval or max(0.05, min(self.lease / 3.0, 5.0))
         self._stopping = threading.Event()
@@ -52,6 +97,7 @@ class Worker:
         self._held_lock = threading.Lock()
         self.processed = 0
         self.failed = 0
+        self.group_commit = not isinstance(app.broker.transaction_with(app.backend), contextlib.nullcontext)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> "Worker":
@@ -67,6 +113,8 @@ class Worker:
         for t in self._threads:
             t.start()
         self.app._worker_started(self)
+        if self.beat:
+            self.app.scheduler().start()
         log.info("worker %s started: %d thread(s), queues %s", self.name, self.concurrency, ",".join(self.queues))
         return self
 
@@ -80,6 +128,8 @@ class Worker:
     def stop(self, wait: bool = True, timeout: float | None = None) -> None:
         """Stop taking tasks; running ones finish; reserved but unstarted ones go back at once."""
         self._stopping.set()
+        if self.beat:
+            self.app.scheduler().stop(wait=wait, timeout=timeout)
         self.app.broker.wake()
         if wait:
             self.join(timeout)
@@ -107,8 +157,8 @@ class Worker:
     def step(self, now: float | None = None, limit: int | None = None) -> int:
         """Reserve what is due and process it in this thread; returns how many were processed."""
         deliveries = self.app.broker.reserve(self.queues, timeout=0, lease=self.lease, limit=limit or self.concurrency)
-        for d in deliveries:
-            self.process(d)
+        if deliveries:
+            self.process_batch(deliveries)
         return len(deliveries)
 
     def drain(self, timeout: float = 10.0) -> int:
@@ -121,8 +171,7 @@ class Worker:
                 more = self.app.broker.reserve(self.queues, timeout=0.05, lease=self.lease, limit=self.concurrency)
                 if not more:
                     break
-                for d in more:
-                    self.process(d)
+                self.process_batch(more)
                 total += len(more)
         return total
 
@@ -137,12 +186,9 @@ class Worker:
                 self._stopping.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
                 continue
-            self._hold(deliveries)
-            for i, d in enumerate(deliveries):
-                if self._stopping.is_set():
-                    self._hand_back(deliveries[i:])
-                    break
-                self.process(d)
+            if deliveries:
+                self._hold(deliveries)
+                self.process_batch(deliveries)
 
     def _hold(self, deliveries: list[Delivery]) -> None:
         with self._held_lock:
@@ -162,26 +208,43 @@ class Worker:
             self._unhold(d)
 
     def _heartbeat_loop(self) -> None:
+        """Every 0.1 s while tasks run: STARTED states, live output, time limits.
+        Every ``heartbeat_interval``: lease extensions and the worker's heartbeat record."""
         info = {"host": socket.gethostname(), "pid": os.getpid(), "concurrency": self.concurrency, "queues": self.queues}
+        next_beat = 0.0
         while True:
             try:
                 with self._held_lock:
-                    held = list(self._held.values())
                     running = dict(self._running)
-                for d in held:
-                    self.app.broker.extend(d, self.lease)
                 for task_id, run in running.items():
-                    text = capture.peek(task_id)
-                    if text and text != run.get("flushed"):
-                        self.app.backend.update(task_id, output=text)
-                        run["flushed"] = text
-                    self._enforce_time_limit(task_id, run)
-                self.app.backend.heartbeat(self.name, {**info, "running": len(running), "processed": self.processed}, ttl=max(3 * self.heartbeat_interval, 2.0))
+                    self._watch_running(task_id, run)
+                if time.monotonic() >= next_beat:
+                    next_beat = time.monotonic() + self.heartbeat_interval
+                    with self._held_lock:
+                        held = list(self._held.values())
+                    for d in held:
+                        self.app.broker.extend(d, self.lease)
+                    self.app.backend.heartbeat(self.name, {**info, "running": len(running), "processed": self.processed},
+                                               ttl=max(3 * self.heartbeat_interval, 2.0))
             except Exception:
                 log.warning("worker %s: heartbeat failed", self.name, exc_info=True)
             if self._stopping.is_set() and not any(t.is_alive() for t in self._threads if t is not threading.current_thread()):
                 return
-            self._stopping.wait(self.heartbeat_interval) if not self._stopping.is_set() else time.sleep(0.05)
+            self._stopping.wait(min(STARTED_AFTER, self.heartbeat_interval)) if not self._stopping.is_set() else time.sleep(0.05)
+
+    def _watch_running(self, task_id: str, run: dict) -> None:
+        if time.monotonic() - run["started"] < STARTED_AFTER:
+            return
+        fields = {}
+        if not run.get("marked"):
+            run["marked"] = True
+            self.app.backend.set_state(task_id, states.STARTED, token=run["token"], started_at=run["started_at"])
+        text = capture.peek(task_id)
+        if text and text != run.get("flushed"):
+            fields["output"] = run["flushed"] = text
+        if fields:
+            self.app.backend.update(task_id, **fields)
+        self._enforce_time_limit(task_id, run)
 
     def _enforce_time_limit(self, task_id: str, run: dict) -> None:
         limit = run.get("time_limit")
@@ -192,49 +255,90 @@ class Worker:
                                          error=f"task ran longer than its time limit of {limit:g}s", output=capture.peek(task_id)):
             workflow.on_failure(self.app, run["message"], "TimeLimitExceeded", f"time limit of {limit:g}s exceeded")
 
-    # -- one delivery -----------------------------------------------------------------------------
+    # -- deliveries -------------------------------------------------------------------------------
     def process(self, delivery: Delivery) -> None:
         """Run one delivery to completion; never raises (a bad message cannot stop a worker)."""
-        try:
-            self._process(delivery)
-        except Exception:
-            log.exception("worker %s: unexpected error processing %s; it will be redelivered", self.name, delivery.message_id)
-        finally:
-            self._unhold(delivery)
+        self.process_batch([delivery])
 
-    def _process(self, delivery: Delivery) -> None:
-        app = self.app
+    def process_batch(self, deliveries: list[Delivery]) -> None:
+        """Run reserved deliveries in order in this thread; never raises.
+
+        One write marks the batch RECEIVED (and hands out fencing tokens); each task's
+        finish (result, follow-ups, ack) is queued and committed together with the
+        others of the batch where broker and backend share a store, at the latest
+        ``GROUP_COMMIT`` seconds after the first one finished.
+        """
+        batch = _Batch(self)
         try:
-            message = decode_body(delivery.body)
+            prepared = [p for p in (self._decode(d, batch) for d in deliveries) if p is not None]
+            tokens = self._begin_many(prepared)
+            for i, (delivery, message) in enumerate(prepared):
+                if self._stopping.is_set() and threading.current_thread() in self._threads:
+                    self._hand_back([d for d, _ in prepared[i:]])
+                    break
+                try:
+                    self._execute(delivery, message, tokens.get(message["id"], _MISSING), batch)
+                except Exception:
+                    log.exception("worker %s: unexpected error processing %s; it will be redelivered", self.name, delivery.message_id)
+                batch.maybe_flush()
+        except Exception:
+            log.exception("worker %s: unexpected error in a batch of %d; its messages will be redelivered", self.name, len(deliveries))
+        finally:
+            batch.flush()
+            for d in deliveries:
+                self._unhold(d)
+
+    def _decode(self, delivery: Delivery, batch: "_Batch") -> tuple[Delivery, dict] | None:
+        try:
+            return delivery, decode_body(delivery.body)
         except MessageError as exc:
-            log.error("dead-lettering malformed message %s: %s", delivery.message_id, exc)
-            app.broker.reject(delivery, str(exc))
-            return
+            reason = str(exc)  # ``exc`` is unbound once the except block ends
+            log.error("dead-lettering malformed message %s: %s", delivery.message_id, reason)
+            batch.add(lambda: self.app.broker.reject(delivery, reason))
+            return None
+
+    def _begin_many(self, prepared: list[tuple[Delivery, dict]]) -> dict:
+        wanted = [(d, m) for d, m in prepared if m["name"] in self.app.registry or not m.get("ignore_when_not_registered")]
+        if not wanted:
+            return {}
+        fields = {m["id"]: {"retries": m.get("retries", 0), "name": m["name"], "queue": d.queue} for d, m in wanted}
+        return self.app.backend.begin_many(list(fields), worker=self.name, fields=fields)
+
+    def _execute(self, delivery: Delivery, message: dict, token: Any, batch: "_Batch") -> None:
+        app = self.app
         task_id, name = message["id"], message["name"]
         task = app.registry.get(name)
         if task is None and message.get("ignore_when_not_registered"):
             log.warning("dropping task %s (%s): not registered on this worker and ignore_when_not_registered is set", name, task_id)
-            app.broker.ack(delivery)
+            batch.add(lambda: app.broker.ack(delivery))
             return
-        token = app.backend.begin(task_id, worker=self.name, fields={"retries": message.get("retries", 0), "name": name, "queue": delivery.queue})
+        if token is _MISSING:
+            token = app.backend.begin(task_id, worker=self.name, fields={"retries": message.get("retries", 0), "name": name, "queue": delivery.queue})
         if token is None:
-            # already final: an earlier attempt stored it (or it was revoked); finish its follow-ups
-            record = app.backend.get(task_id) or {}
-            workflow.after_final(app, message, record)
-            app.broker.ack(delivery)
+            # already final: an earlier attempt stored it (or it was revoked); repeat its follow-ups
+            def settle() -> None:
+                workflow.after_final(app, message, app.backend.get(task_id) or {})
+                app.broker.ack(delivery)
+
+            batch.add(settle)
             return
         if task is None:
             known = ", ".join(sorted(n for n in app.registry if not n.startswith("nbqueue."))) or "none"
-            self._fail(delivery, message, token, NotRegistered(f"task {name!r} is not registered on this worker (registered: {known})"), tb=None)
+            self._fail(delivery, message, token, NotRegistered(f"task {name!r} is not registered on this worker (registered: {known})"), batch)
+            return
+        refusal = self._refusal(task, message)
+        if refusal is not None:
+            self._fail(delivery, message, token, refusal, batch)
             return
         try:
             args = [app.serializer.decode(a) for a in message["args"]]
             kwargs = {k: app.serializer.decode(v) for k, v in message["kwargs"].items()}
         except Exception as exc:
-            self._fail(delivery, message, token, SerializationError(f"cannot decode arguments of task {name!r}: {exc}"), tb=None)
+            self._fail(delivery, message, token, SerializationError(f"cannot decode arguments of task {name!r}: {exc}"), batch)
             return
 
-        run = {"started": time.monotonic(), "time_limit": message.get("time_limit"), "token": token, "message": message}
+        started_at = app.clock.time()
+        run = {"started": time.monotonic(), "started_at": started_at, "time_limit": message.get("time_limit"), "token": token, "message": message}
         with self._held_lock:
             self._running[task_id] = run
         capture.begin(task_id)
@@ -243,18 +347,17 @@ class Worker:
                 value = task.fn(*args, **kwargs)
         except Retry as exc:
             output = capture.end()
-            self._retry(delivery, message, token, exc.countdown, "Retry", exc.reason or "retry requested", output, counts=False)
+            self._retry(delivery, message, token, exc.countdown, "Retry", exc.reason or "retry requested", output, batch, counts=False)
             return
         except Exception as exc:  # the task's own failure
             output = capture.end()
             tb = _tb.format_exc()
-            remaining = int(message.get("retry_count") or 0)
-            if remaining > 0:
+            if int(message.get("retry_count") or 0) > 0:
                 delay, timeout = next_delay(int(message.get("retries") or 0), float(message.get("retry_timeout") or 0), message.get("retry_backoff"))
                 message["retry_timeout"] = timeout
-                self._retry(delivery, message, token, delay, type(exc).__name__, str(exc), output, counts=True, tb=_tb.format_exc())
+                self._retry(delivery, message, token, delay, type(exc).__name__, str(exc), output, batch, counts=True, tb=tb)
             else:
-                self._fail(delivery, message, token, exc, tb=tb, output=output)
+                self._fail(delivery, message, token, exc, batch, tb=tb, output=output, started_at=started_at)
             return
         finally:
             with self._held_lock:
@@ -263,36 +366,55 @@ class Worker:
         try:
             result_text = serialization.dumps(app.serializer.encode(value, f"result of task {name!r}"))
         except SerializationError as exc:
-            self._fail(delivery, message, token, exc, tb=None, output=output)
+            self._fail(delivery, message, token, exc, batch, output=output, started_at=started_at)
             return
-        if app.backend.store_result(task_id, states.SUCCESS, token=token, result=result_text, output=output or None,
-                                    error=None, exc_type=None, traceback=None):
-            self.processed += 1
-            workflow.on_success(app, message, result_text)
-        app.broker.ack(delivery)
 
-    def _retry(self, delivery: Delivery, message: dict, token: int, delay: float, exc_type: str, reason: str, output: str, *,
-               counts: bool, tb: str | None = None) -> None:
+        def finish() -> None:
+            if app.backend.store_result(task_id, states.SUCCESS, token=token, result=result_text, output=output or None,
+                                        error=None, exc_type=None, traceback=None, started_at=started_at):
+                self.processed += 1
+                workflow.on_success(app, message, result_text)
+            app.broker.ack(delivery)
+
+        batch.add(finish)
+
+    def _refusal(self, task, message: dict) -> BaseException | None:
+        """A reason not to run this task on this worker (cells need --allow-cells), or None."""
+        check = getattr(task.fn, "nbqueue_check", None)
+        return check(self, message) if check is not None else None
+
+    def _retry(self, delivery: Delivery, message: dict, token: int, delay: float, exc_type: str, reason: str, output: str,
+               batch: "_Batch", *, counts: bool, tb: str | None = None) -> None:
         app = self.app
         if counts:
             message["retry_count"] = int(message.get("retry_count") or 0) - 1
             message["retries"] = int(message.get("retries") or 0) + 1
         eta = app.clock.time() + delay
-        if app.backend.set_state(message["id"], states.RETRY, token=token, retries=message.get("retries", 0), exc_type=exc_type,
-                                 error=reason, traceback=tb, output=output or None):
-            app.broker.retry(delivery, body=encode_body(message), eta=eta)
-            log.info("task %s (%s) will retry in %.1fs: %s", message["name"], message["id"], delay, reason)
-        else:  # revoked or taken over meanwhile
-            app.broker.ack(delivery)
 
-    def _fail(self, delivery: Delivery, message: dict, token: int, exc: BaseException, *, tb: str | None, output: str | None = None) -> None:
+        def finish() -> None:
+            if app.backend.set_state(message["id"], states.RETRY, token=token, retries=message.get("retries", 0), exc_type=exc_type,
+                                     error=reason, traceback=tb, output=output or None):
+                app.broker.retry(delivery, body=encode_body(message), eta=eta)
+                log.info("task %s (%s) will retry in %.1fs: %s", message["name"], message["id"], delay, reason)
+            else:  # revoked or taken over meanwhile
+                app.broker.ack(delivery)
+
+        batch.add(finish)
+
+    def _fail(self, delivery: Delivery, message: dict, token: int, exc: BaseException, batch: "_Batch", *, tb: str | None = None,
+              output: str | None = None, started_at: float | None = None) -> None:
         app = self.app
         exc_type, error = type(exc).__name__, str(exc)
-        if app.backend.store_result(message["id"], states.FAILURE, token=token, exc_type=exc_type, error=error,
-                                    traceback=tb, output=output or None, retries=message.get("retries", 0)):
-            self.failed += 1
-            workflow.on_failure(app, message, exc_type, error)
-        app.broker.ack(delivery)
+        extra = {"started_at": started_at} if started_at is not None else {}
+
+        def finish() -> None:
+            if app.backend.store_result(message["id"], states.FAILURE, token=token, exc_type=exc_type, error=error,
+                                        traceback=tb, output=output or None, retries=message.get("retries", 0), **extra):
+                self.failed += 1
+                workflow.on_failure(app, message, exc_type, error)
+            app.broker.ack(delivery)
+
+        batch.add(finish)
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"

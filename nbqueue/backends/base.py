@@ -67,6 +67,12 @@ class ResultBackend:
         """Mark STARTED and return the new fencing token, or None if the record is final."""
         raise NotImplementedError
 
+    def begin_many(self, ids: Sequence[str], *, worker: str = "", fields: dict | None = None) -> dict[str, int | None]:
+        """``begin`` for a reserved batch: id -> token (None where final). Stores may do it in one write
+        and record RECEIVED; the worker records STARTED for tasks that run long enough to be watched."""
+        fields = fields or {}
+        return {i: self.begin(i, worker=worker, fields=fields.get(i)) for i in ids}
+
     def set_state(self, task_id: str, state: str, *, token: int | None = None, **fields) -> bool:
         """Change a non-final record's state and fields (fenced when token is given)."""
         raise NotImplementedError
@@ -104,15 +110,22 @@ class ResultBackend:
         """Block until every id is final (True) or the timeout passes (False).
 
         Waits on a per-process wake-up and polls the store with back-off; stores with
-        a push channel override ``_block``.
+        a push channel override ``_block``. Many ids are checked in order a slice at a
+        time, so a wake-up costs one small query, not one over every id.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         pending = list(ids)
         interval = 0.001
+        ceiling = float(self.options.get("poll_interval", 0.1))
         while True:
             version = WAKEUPS.version(self._wake_key)
-            found = self.states_of(pending)
-            pending = [i for i in pending if found.get(i) not in states.READY_STATES]
+            while pending:
+                head = pending[:256]
+                found = self.states_of(head)
+                still = [i for i in head if found.get(i) not in states.READY_STATES]
+                pending = still + pending[len(head):]
+                if still:
+                    break
             if not pending:
                 return True
             remaining = None if deadline is None else deadline - time.monotonic()
@@ -120,7 +133,9 @@ class ResultBackend:
                 return False
             step = interval if remaining is None else min(interval, remaining)
             self._block(pending, version, step)
-            interval = min(interval * 2, float(self.options.get("poll_interval", 0.1)))
+            if len(pending) > 1:
+                time.sleep(min(0.002 * len(pending) / 256, 0.02))  # many waits: check a little less eagerly
+            interval = min(interval * 2, ceiling)
 
     @property
     def _wake_key(self):

@@ -38,7 +38,7 @@ class SQLiteBackend(ResultBackend):
     def __init__(self, url: str = "", *, clock=None, options: dict | None = None):
         super().__init__(url, clock=clock, options=options)
         self.path = path_from_url(url)
-        self.store = SQLiteStore(self.path)
+        self.store = SQLiteStore.shared(self.path)
         self.store.ensure_schema("backend", _schema)
 
     @property
@@ -62,21 +62,54 @@ class SQLiteBackend(ResultBackend):
     def begin(self, task_id: str, *, worker: str = "", fields: dict | None = None) -> int | None:
         now = self.clock.time()
         fields = dict(fields or {})
+        row = self.store.execute(
+            f"UPDATE nbq_results SET state = ?, token = token + 1, worker = ?, started_at = ?, retries = COALESCE(?, retries) "
+            f"WHERE id = ? AND {_NOT_FINAL_SQL} RETURNING token",
+            (states.STARTED, worker, now, fields.get("retries"), task_id),
+        ).fetchone()
+        if row is not None:
+            self._notify([task_id])
+            return row[0]
         with self.store.write() as conn:
             row = conn.execute(
-                f"UPDATE nbq_results SET state = ?, token = token + 1, worker = ?, started_at = ?, retries = COALESCE(?, retries) "
-                f"WHERE id = ? AND {_NOT_FINAL_SQL} RETURNING token",
-                (states.STARTED, worker, now, fields.get("retries"), task_id),
+                f"UPDATE nbq_results SET state = ?, token = token + 1, worker = ?, started_at = ? WHERE id = ? AND {_NOT_FINAL_SQL} RETURNING token",
+                (states.STARTED, worker, now, task_id),
             ).fetchone()
             if row is not None:
                 return row[0]
-            exists = conn.execute("SELECT 1 FROM nbq_results WHERE id = ?", (task_id,)).fetchone()
-            if exists:
+            if conn.execute("SELECT 1 FROM nbq_results WHERE id = ?", (task_id,)).fetchone():
                 return None
             cols = {"id": task_id, "state": states.STARTED, "token": 1, "worker": worker, "started_at": now, "created_at": now}
             cols.update({k: v for k, v in fields.items() if k in FIELDS and k not in cols})
             conn.execute(f"INSERT INTO nbq_results({','.join(cols)}) VALUES ({placeholders(len(cols))})", tuple(cols.values()))
             return 1
+
+    def begin_many(self, ids: Sequence[str], *, worker: str = "", fields: dict | None = None) -> dict[str, int | None]:
+        ids = list(ids)
+        fields = fields or {}
+        now = self.clock.time()
+        out: dict[str, int | None] = {}
+        with self.store.write() as conn:
+            for start in range(0, len(ids), 900):
+                chunk = ids[start:start + 900]
+                out.update(conn.execute(
+                    f"UPDATE nbq_results SET state = ?, token = token + 1, worker = ?, started_at = ? "
+                    f"WHERE id IN ({placeholders(len(chunk))}) AND {_NOT_FINAL_SQL} RETURNING id, token",
+                    (states.RECEIVED, worker, now, *chunk),
+                ).fetchall())
+            missing = [i for i in ids if i not in out]
+            if missing:
+                existing = {i for (i,) in conn.execute(f"SELECT id FROM nbq_results WHERE id IN ({placeholders(len(missing))})", missing)}
+                for task_id in missing:
+                    if task_id in existing:
+                        out[task_id] = None
+                        continue
+                    extra = fields.get(task_id) or {}
+                    cols = {"id": task_id, "state": states.RECEIVED, "token": 1, "worker": worker, "started_at": now, "created_at": now}
+                    cols.update({k: v for k, v in extra.items() if k in FIELDS and k not in cols})
+                    conn.execute(f"INSERT INTO nbq_results({','.join(cols)}) VALUES ({placeholders(len(cols))})", tuple(cols.values()))
+                    out[task_id] = 1
+        return out
 
     def set_state(self, task_id: str, state: str, *, token: int | None = None, **fields) -> bool:
         fields = {k: v for k, v in fields.items() if k in FIELDS}
@@ -243,5 +276,8 @@ class SQLiteBackend(ResultBackend):
         rows = self.store.read("SELECT key, value FROM nbq_kv WHERE key >= ? AND key < ? AND (expires IS NULL OR expires > ?)", (prefix, prefix + "\uffff", self.clock.time()))
         return dict(rows)
 
+    def _notify(self, ids) -> None:
+        self.store.on_commit(lambda: super(SQLiteBackend, self)._notify(ids))
+
     def close(self) -> None:
-        self.store.close()
+        pass  # the store is shared by every broker and backend on this file in this process

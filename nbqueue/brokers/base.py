@@ -16,6 +16,7 @@ for every implementation by nbqueue.testing.contracts):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 from typing import Any, Iterable, Sequence
@@ -56,6 +57,8 @@ class Broker:
     supports_priority = True
     #: True when reserve() is woken at once by a publish from this process
     wakes_in_process = False
+    #: True when publishing an id already waiting or in flight is a no-op (AMQP cannot)
+    dedupes_publish = True
 
     def __init__(self, url: str, *, clock=None, options: dict | None = None):
         from ..clock import SYSTEM
@@ -107,6 +110,10 @@ class Broker:
 
     def wake(self) -> None:
         """Wake reservers of this process waiting in reserve() (used on shutdown)."""
+
+    def transaction_with(self, backend) -> "contextlib.AbstractContextManager":
+        """One transaction spanning this broker and ``backend`` when they share a store."""
+        return contextlib.nullcontext()
 
     def close(self) -> None:
         pass

@@ -37,7 +37,7 @@ class SQLiteBroker(Broker):
     def __init__(self, url: str = "", *, clock=None, options: dict | None = None):
         super().__init__(url, clock=clock, options=options)
         self.path = path_from_url(url)
-        self.store = SQLiteStore(self.path)
+        self.store = SQLiteStore.shared(self.path)
         self.store.ensure_schema("broker", _schema)
         self.poll_interval = float(self.options.get("poll_interval", 0.1))
         self._wake_key = ("sqlite-broker", self.path)
@@ -53,7 +53,7 @@ class SQLiteBroker(Broker):
                 "INSERT OR IGNORE INTO nbq_messages(id, queue, priority, due, state, attempt, body, created) VALUES (?, ?, ?, ?, 0, 0, ?, ?)",
                 rows,
             )
-        WAKEUPS.notify(self._wake_key)
+            self.store.on_commit(self.wake)
 
     # -- consuming ---------------------------------------------------------------
     def _claim(self, queues: Sequence[str], now: float, lease: float, limit: int) -> list[Delivery]:
@@ -98,18 +98,10 @@ class SQLiteBroker(Broker):
 
     def _fenced(self, sql: str, params: tuple, delivery: Delivery) -> bool:
         seq, attempt = delivery.tag
-        with self.store.write() as conn:
-            changed = conn.execute(sql + " WHERE seq = ? AND attempt = ? AND state = 1", (*params, seq, attempt)).rowcount
-        return changed == 1
+        return self.store.execute(sql + " WHERE seq = ? AND attempt = ? AND state = 1", (*params, seq, attempt)).rowcount == 1
 
     def ack(self, delivery: Delivery) -> bool:
-        seq, attempt = delivery.tag
-        with self.store.write() as conn:
-            return conn.execute("DELETE FROM nbq_messages WHERE seq = ? AND attempt = ? AND state = 1", (seq, attempt)).rowcount == 1
-
-    def ack_many(self, deliveries: Sequence[Delivery]) -> None:
-        with self.store.write() as conn:
-            conn.executemany("DELETE FROM nbq_messages WHERE seq = ? AND attempt = ? AND state = 1", [d.tag for d in deliveries])
+        return self._fenced("DELETE FROM nbq_messages", (), delivery)
 
     def retry(self, delivery: Delivery, *, body: str | None = None, eta: float | None = None) -> bool:
         due = eta if eta is not None else self.clock.time()
@@ -117,7 +109,7 @@ class SQLiteBroker(Broker):
             ok = self._fenced("UPDATE nbq_messages SET state = 0, due = ?", (due,), delivery)
         else:
             ok = self._fenced("UPDATE nbq_messages SET state = 0, due = ?, body = ?", (due, body), delivery)
-        WAKEUPS.notify(self._wake_key)
+        self.store.on_commit(self.wake)
         return ok
 
     def extend(self, delivery: Delivery, lease: float) -> bool:
@@ -132,8 +124,7 @@ class SQLiteBroker(Broker):
 
     # -- inspection --------------------------------------------------------------
     def purge(self, queue: str) -> int:
-        with self.store.write() as conn:
-            return conn.execute("DELETE FROM nbq_messages WHERE queue = ?", (queue,)).rowcount
+        return self.store.execute("DELETE FROM nbq_messages WHERE queue = ?", (queue,)).rowcount
 
     def stats(self) -> list[dict]:
         now = self.clock.time()
@@ -157,5 +148,10 @@ class SQLiteBroker(Broker):
     def wake(self) -> None:
         WAKEUPS.notify(self._wake_key)
 
+    def transaction_with(self, backend):
+        if getattr(backend, "store", None) is self.store:
+            return self.store.write()
+        return super().transaction_with(backend)
+
     def close(self) -> None:
-        self.store.close()
+        pass  # the store is shared by every broker and backend on this file in this process

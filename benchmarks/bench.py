@@ -1,0 +1,328 @@
+"""nbqueue benchmarks: figures printed beside floors measured in the same run.
+
+The machine is shared and noisy, so every figure is quoted as a ratio against a floor
+(a plain queue on the same store, written here) measured in the same process run.
+
+    .venv/bin/python benchmarks/bench.py                  # everything available
+    .venv/bin/python benchmarks/bench.py sqlite memory    # some stores only
+    N=2000 .venv/bin/python benchmarks/bench.py sqlite    # fewer tasks
+
+Workloads: end-to-end throughput of N no-op tasks (worker in this process with 1 and
+4 threads, and a separate worker process), sequential round-trip latency (p50, p99),
+a chord of 1,000 members with a summing callback, a chain of 100 steps.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+import nbqueue  # noqa: E402
+
+N = int(os.environ.get("N", "5000"))
+LAT_N = int(os.environ.get("LAT_N", "300"))
+REDIS_URL = os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379/14")
+AMQP_URL = os.environ.get("BENCH_AMQP", "amqp://guest:guest@127.0.0.1:5672/%2F")
+
+
+def listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def pct(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def row(label, value, unit, floor=None, higher_is_better=True):
+    ratio = ""
+    if floor:
+        r = value / floor if higher_is_better else value / floor
+        ratio = f"  ({r:.2f}x floor)"
+    print(f"  {label:<44} {value:>10.1f} {unit}{ratio}", flush=True)
+
+
+# -- floors: plain queues written here ----------------------------------------------------------
+
+def sqlite_floor(path: str, n: int) -> tuple[float, list[float]]:
+    """A plain sqlite3 queue: WAL, synchronous=NORMAL, one UPDATE ... RETURNING claim per task,
+    the result written to a table and the message deleted. Returns (tasks/s, latencies)."""
+    import threading
+
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("CREATE TABLE IF NOT EXISTS q (id INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT, state INT DEFAULT 0)")
+    conn.execute("CREATE TABLE IF NOT EXISTS r (id INTEGER PRIMARY KEY, result TEXT)")
+
+    def consume(count):
+        c = sqlite3.connect(path, isolation_level=None)
+        c.execute("PRAGMA synchronous=NORMAL")
+        done = 0
+        while done < count:
+            row_ = c.execute("UPDATE q SET state = 1 WHERE id = (SELECT id FROM q WHERE state = 0 ORDER BY id LIMIT 1) RETURNING id, body").fetchone()
+            if row_ is None:
+                continue
+            c.execute("BEGIN IMMEDIATE")
+            c.execute("INSERT INTO r(id, result) VALUES (?, ?)", (row_[0], row_[1]))
+            c.execute("DELETE FROM q WHERE id = ?", (row_[0],))
+            c.execute("COMMIT")
+            done += 1
+        c.close()
+
+    started = time.perf_counter()
+    conn.execute("BEGIN")
+    conn.executemany("INSERT INTO q(body) VALUES (?)", [(f'{{"i": {i}}}',) for i in range(n)])
+    conn.execute("COMMIT")
+    consume(n)
+    throughput = n / (time.perf_counter() - started)
+
+    # round trip: publish one, a consumer thread claims and answers, the producer polls the result
+    lat = []
+    stop = threading.Event()
+
+    def server():
+        c = sqlite3.connect(path, isolation_level=None)
+        c.execute("PRAGMA synchronous=NORMAL")
+        while not stop.is_set():
+            row_ = c.execute("UPDATE q SET state = 1 WHERE id = (SELECT id FROM q WHERE state = 0 ORDER BY id LIMIT 1) RETURNING id, body").fetchone()
+            if row_ is None:
+                time.sleep(0.0002)
+                continue
+            c.execute("BEGIN IMMEDIATE")
+            c.execute("INSERT INTO r(id, result) VALUES (?, ?)", (row_[0], row_[1]))
+            c.execute("DELETE FROM q WHERE id = ?", (row_[0],))
+            c.execute("COMMIT")
+
+    t = threading.Thread(target=server, daemon=True)
+    t.start()
+    for i in range(LAT_N):
+        t0 = time.perf_counter()
+        cur = conn.execute("INSERT INTO q(body) VALUES ('x') RETURNING id")
+        rid = cur.fetchone()[0]
+        while conn.execute("SELECT 1 FROM r WHERE id = ?", (rid,)).fetchone() is None:
+            time.sleep(0.0002)
+        lat.append(time.perf_counter() - t0)
+    stop.set()
+    t.join()
+    conn.close()
+    return throughput, lat
+
+
+def redis_floor(url: str, n: int) -> tuple[float, list[float]]:
+    """A plain redis-py queue: LPUSH/BRPOP, results returned through a per-task list."""
+    import threading
+
+    import redis
+
+    r = redis.Redis.from_url(url)
+    r.flushdb()
+
+    def consume(count):
+        c = redis.Redis.from_url(url)
+        for _ in range(count):
+            _, body = c.brpop("floor:q")
+            c.lpush(b"floor:r:" + body, body)
+
+    started = time.perf_counter()
+    pipe = r.pipeline(transaction=False)
+    for i in range(n):
+        pipe.lpush("floor:q", str(i))
+    pipe.execute()
+    consume(n)
+    throughput = n / (time.perf_counter() - started)
+
+    stop = threading.Event()
+
+    def server():
+        c = redis.Redis.from_url(url)
+        while not stop.is_set():
+            got = c.brpop("floor:q", timeout=0.2)
+            if got:
+                c.lpush(b"floor:r:" + got[1], got[1])
+
+    t = threading.Thread(target=server, daemon=True)
+    t.start()
+    lat = []
+    for i in range(LAT_N):
+        key = f"lat{i}"
+        t0 = time.perf_counter()
+        r.lpush("floor:q", key)
+        r.brpop(f"floor:r:{key}", timeout=5)
+        lat.append(time.perf_counter() - t0)
+    stop.set()
+    t.join()
+    r.flushdb()
+    return throughput, lat
+
+
+# -- nbqueue ------------------------------------------------------------------------------------------
+
+def run_in_process(app, n: int, threads: int) -> float:
+    sigs = [app.signature("noop", args=[i]) for i in range(n)]
+    started = time.perf_counter()
+    results = app.send_many(sigs)
+    worker = app.start_worker(concurrency=threads, prefetch=16)
+    app.backend.wait([r.id for r in results], timeout=600)
+    elapsed = time.perf_counter() - started
+    worker.stop()
+    return n / elapsed
+
+
+def run_process_worker(app, broker, backend, queue, n: int, threads: int) -> float:
+    env = dict(os.environ, NBQUEUE_BROKER=broker, NBQUEUE_BACKEND=backend or "", NBQUEUE_DEFAULT_QUEUE=queue,
+               PYTHONPATH=os.pathsep.join([HERE, ROOT]))
+    proc = subprocess.Popen([sys.executable, "-m", "nbqueue", "--log-level", "WARNING", "worker", "--app", "bench_tasks:app",
+                             "-c", str(threads), "--prefetch", "16"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        # wait until the worker has registered its heartbeat
+        deadline = time.time() + 30
+        while time.time() < deadline and not app.backend.workers():
+            time.sleep(0.05)
+        sigs = [app.signature("noop", args=[i]) for i in range(n)]
+        started = time.perf_counter()
+        results = app.send_many(sigs)
+        app.backend.wait([r.id for r in results], timeout=600)
+        return n / (time.perf_counter() - started)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def latency(app, n: int) -> list[float]:
+    worker = app.start_worker(concurrency=1, prefetch=1)
+    lat = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        app.send_task(app.signature("noop", args=[i])).get(timeout=10)
+        lat.append(time.perf_counter() - t0)
+    worker.stop()
+    return lat
+
+
+def chord_time(app, members: int = 1000) -> float:
+    worker = app.start_worker(concurrency=1, prefetch=64)
+    started = time.perf_counter()
+    res = app.send_chord(nbqueue.chord(nbqueue.group(*[app.signature("add", args=[i, i]) for i in range(members)]), app.signature("total")))
+    value = res.get(timeout=600)
+    elapsed = time.perf_counter() - started
+    worker.stop()
+    assert value == sum(2 * i for i in range(members)), value
+    return elapsed
+
+
+def chain_time(app, steps: int = 100) -> float:
+    worker = app.start_worker(concurrency=1, prefetch=1)
+    started = time.perf_counter()
+    res = app.send_chain(nbqueue.chain(app.signature("add", args=[0, 1]), *[app.signature("add", args=[1]) for _ in range(steps - 1)]))
+    value = res.get(timeout=600)
+    elapsed = time.perf_counter() - started
+    worker.stop()
+    assert value == steps, value
+    return elapsed
+
+
+def fresh_app(broker, backend, queue):
+    from bench_tasks import add, noop, total
+
+    app = nbqueue.App(broker, backend, default_queue=queue)
+    app.register_tasks({"noop": noop.fn, "add": add.fn, "total": total.fn})
+    return app
+
+
+def bench_store(kind: str, tmp: str) -> None:
+    queue = f"bench-{uuid.uuid4().hex[:6]}"
+    if kind == "sqlite":
+        def urls():
+            path = os.path.join(tmp, f"{uuid.uuid4().hex[:6]}.db")
+            return f"sqlite:///{path}", None
+        floor_tp, floor_lat = sqlite_floor(os.path.join(tmp, "floor.db"), N)
+        floor_name = "plain sqlite3 (UPDATE ... RETURNING)"
+    elif kind == "memory":
+        def urls():
+            return f"memory://bench-{uuid.uuid4().hex[:6]}", None
+        floor_tp = floor_lat = None
+        floor_name = None
+    elif kind == "redis":
+        def urls():
+            import redis
+
+            redis.Redis.from_url(REDIS_URL).flushdb()
+            return REDIS_URL, None
+        floor_tp, floor_lat = redis_floor(REDIS_URL, N)
+        floor_name = "plain redis-py (LPUSH/BRPOP)"
+    elif kind == "amqp":
+        from bench_amqp import amqp_floor
+
+        def urls():
+            return AMQP_URL, f"sqlite:///{os.path.join(tmp, uuid.uuid4().hex[:6] + '.db')}"
+        floor_tp, floor_lat = amqp_floor(AMQP_URL, N), None
+        floor_name = "plain pika (confirms + acks)"
+    else:
+        raise SystemExit(f"unknown store {kind}")
+
+    print(f"\n== {kind}: N={N} no-op tasks", flush=True)
+    if floor_tp:
+        row(f"floor: {floor_name}", floor_tp, "tasks/s")
+    for threads in (1, 4):
+        broker, backend = urls()
+        app = fresh_app(broker, backend, queue)
+        row(f"nbqueue, worker in process, {threads} thread(s)", run_in_process(app, N, threads), "tasks/s", floor_tp)
+        app.close()
+    if kind != "memory":
+        broker, backend = urls()
+        app = fresh_app(broker, backend, queue)
+        row("nbqueue, worker process, 4 threads", run_process_worker(app, broker, backend, queue, N, 4), "tasks/s", floor_tp)
+        if kind == "amqp":
+            app.broker.delete_queues([queue])
+        app.close()
+    broker, backend = urls()
+    app = fresh_app(broker, backend, queue)
+    lat = latency(app, LAT_N)
+    if floor_lat:
+        row("floor round trip p50", pct(floor_lat, 0.5) * 1e3, "ms")
+        row("floor round trip p99", pct(floor_lat, 0.99) * 1e3, "ms")
+    row("nbqueue round trip p50 (in-process worker)", pct(lat, 0.5) * 1e3, "ms", pct(floor_lat, 0.5) * 1e3 if floor_lat else None)
+    row("nbqueue round trip p99 (in-process worker)", pct(lat, 0.99) * 1e3, "ms", pct(floor_lat, 0.99) * 1e3 if floor_lat else None)
+    row("chord of 1,000 members + summing callback", chord_time(app) * 1e3, "ms")
+    row("chain of 100 steps", chain_time(app) * 1e3, "ms")
+    if kind == "amqp":
+        app.broker.delete_queues([queue])
+    app.close()
+
+
+def main(argv: list[str]) -> None:
+    kinds = argv or ["sqlite", "memory", "redis", "amqp"]
+    tmp = tempfile.mkdtemp(prefix="nbqueue-bench-")
+    print(f"nbqueue benchmarks on {os.cpu_count()} cores, Python {sys.version.split()[0]}")
+    try:
+        for kind in kinds:
+            if kind == "redis" and not listening(6379):
+                print("\n== redis: not reachable on 127.0.0.1:6379, skipped")
+                continue
+            if kind == "amqp" and not listening(5672):
+                print("\n== amqp: not reachable on 127.0.0.1:5672, skipped")
+                continue
+            bench_store(kind, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
