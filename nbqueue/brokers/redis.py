@@ -4,18 +4,23 @@
 Supports: priorities 0-9, delayed messages (eta) moved to ready in batches, leases
 with redelivery (no reaper process: every reserve requeues expired leases), fenced
 acks (attempt = fencing token), dead letters with a reason, idempotent publish by
-message id, batch reserve, blocking reserve woken by publishes from any process,
-retry with exponential back-off on connection errors (``ConnectionLost`` when it
-finally fails). Not for Redis Cluster: scripts build key names from the prefix.
+message id (an id still stored, whether waiting, in flight or dead, is not published
+again), batch reserve, blocking reserve woken by publishes from any process (and
+returned early by ``wake()``), retry with exponential back-off on connection errors
+(``ConnectionLost`` when it finally fails). Not for Redis Cluster: the scripts build
+key names from the prefix.
 
 ``memory://NAME`` is the same code over a fakeredis ``FakeServer`` shared by name
 within the process (default name ``default``); it needs ``fakeredis[lua]``.
 
-Options: ``key_prefix`` (default ``nbq:``), ``max_block`` (longest single blocking
-wait in reserve, default 1.0 s), ``batch`` (due messages moved per queue and call,
-default 1000), ``retries`` / ``retry_base`` / ``retry_cap`` (connection retry with
-exponential back-off, default 10 / 0.05 s / 5 s), ``socket_timeout`` (default 30 s),
-``socket_connect_timeout`` (default 5 s), ``health_check_interval`` (default 15 s).
+Options: ``key_prefix`` (default ``nbq:``; a missing final colon is added),
+``max_block`` (longest single blocking wait in reserve, default 1.0 s), ``batch`` (due
+messages moved per queue and call, default 1000), ``retries`` / ``retry_base`` /
+``retry_cap`` (connection retry with exponential back-off, default 10 / 0.05 s / 5 s:
+waits of 0.1 s doubling up to 5 s, so a worker rides out a Redis restart of about
+25 s), ``socket_timeout`` (default 30 s), ``socket_connect_timeout`` (default 5 s),
+``health_check_interval`` (default 15 s), ``client_name`` (shown by CLIENT LIST,
+default ``nbqueue``).
 
 Keys (``P`` is the prefix)::
 
@@ -80,20 +85,24 @@ def connect(url: str, options: Mapping[str, Any]) -> redis.Redis:
     parts = urlsplit(url)
     kwargs: dict[str, Any] = {
         "decode_responses": True,
-        "retry": Retry(
-            ExponentialBackoff(cap=float(options.get("retry_cap", 5.0)), base=float(options.get("retry_base", 0.05))),
-            int(options.get("retries", 10)),
-        ),
         "socket_timeout": float(options.get("socket_timeout", 30.0)),
         "socket_connect_timeout": float(options.get("socket_connect_timeout", 5.0)),
         "health_check_interval": float(options.get("health_check_interval", 15.0)),
+        "client_name": str(options.get("client_name", "nbqueue")),
     }
     if parts.scheme == "memory":
         import fakeredis
 
-        return fakeredis.FakeRedis(server=fake_server(parts.netloc or parts.path.strip("/") or "default"), **kwargs)
-    warn_if_exposed(url, options)
-    return redis.Redis.from_url(url, **kwargs)
+        client = fakeredis.FakeRedis(server=fake_server(parts.netloc or parts.path.strip("/") or "default"), **kwargs)
+    else:
+        warn_if_exposed(url, options)
+        client = redis.Redis.from_url(url, **kwargs)
+    # set on the pool, so fakeredis (which drops a retry= argument) retries like redis does
+    client.set_retry(Retry(
+        ExponentialBackoff(cap=float(options.get("retry_cap", 5.0)), base=float(options.get("retry_base", 0.05))),
+        int(options.get("retries", 10)),
+    ))
+    return client
 
 
 def warn_if_exposed(url: str, options: Mapping[str, Any]) -> None:
@@ -115,6 +124,12 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def key_prefix(options: Mapping[str, Any]) -> str:
+    """The ``key_prefix`` option ending in ``:`` (``nbq`` and ``nbq:`` are the same prefix)."""
+    prefix = str(options.get("key_prefix") or DEFAULT_PREFIX)
+    return prefix if prefix.endswith(":") else prefix + ":"
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -290,8 +305,9 @@ class RedisBroker(Broker):
 
     def __init__(self, url: str = "memory://", *, clock=None, options: dict | None = None):
         super().__init__(url, clock=clock, options=options)
-        self.prefix = str(self.options.get("key_prefix", DEFAULT_PREFIX))
-        self.max_block = float(self.options.get("max_block", 1.0))
+        self.prefix = key_prefix(self.options)
+        # a blocking pop must return well before the socket timeout would break it
+        self.max_block = min(float(self.options.get("max_block", 1.0)), float(self.options.get("socket_timeout", 30.0)) / 2)
         self.batch = int(self.options.get("batch", 1000))
         self.client = connect(url, self.options)
         self._publish = self.client.register_script(_PUBLISH)
@@ -366,11 +382,6 @@ class RedisBroker(Broker):
         return self._settle_op(delivery, "ack")
 
     @guarded
-    def ack_many(self, deliveries: Sequence[Delivery]) -> None:
-        for delivery in deliveries:
-            self._settle_op(delivery, "ack")
-
-    @guarded
     def retry(self, delivery: Delivery, *, body: str | None = None, eta: float | None = None) -> bool:
         due = "" if eta is None else repr(float(eta))
         return self._settle_op(delivery, "retry", due, "0" if body is None else "1", body or "")
@@ -421,7 +432,7 @@ class RedisBroker(Broker):
     @guarded
     def dead_letters(self, queue: str | None = None, limit: int = 100) -> list[dict]:
         out: list[dict] = []
-        for q in [queue] if queue is not None else self._queues():
+        for q in ([queue] if queue is not None else self._queues()) if limit > 0 else []:
             ids = self.client.zrange(self._key(q, "dead"), 0, limit - len(out) - 1)
             pipe = self.client.pipeline(transaction=False)
             for mid in ids:

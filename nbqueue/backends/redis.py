@@ -1,0 +1,519 @@
+"""Redis result backend: ``redis://``, ``rediss://`` and ``memory://[NAME]`` (fakeredis).
+
+Supports: fenced begin/set_state/store_result in Lua (a stale token or a final record
+is never overwritten), atomic idempotent group counting, chords claimed exactly once,
+progress of any number of tasks in one round trip, newest-first listing, expiry by
+Redis TTL (``results_expire_in``), worker heartbeats with TTL, one-time claims
+(SET NX PX) and a small key-value store. ``wait()`` blocks on per-task notification
+lists (BLPOP), so waiters in any process wake when a result is stored.
+
+Options as for nbqueue.brokers.redis (``key_prefix``, retries, timeouts), plus
+``results_expire_in`` (seconds) and ``poll_interval`` (longest single blocking wait
+in ``wait()``, default 1.0 s).
+
+Keys (``P`` is the prefix)::
+
+    P r:<task id>            hash    the record (FIELDS; an absent field is None)
+    P results                zset    task id -> created_at (listing, newest first)
+    P expiring               zset    task id -> expires_at (records with a TTL)
+    P done:<task id>         list    a token pushed when the record becomes final
+    P g:<group id>           hash    total, meta, created_at, chord (claimed flag)
+    P g:<group id>:members   hash    member id -> position
+    P g:<group id>:done      set     members counted as finished
+    P w:<worker id>          string  heartbeat info (JSON), with a TTL
+    P workers                zset    worker id -> expiry time
+    P kv:<key>               string  kv_set values and claim_once markers
+    P kv                     zset    kv_set keys (score 0, range by prefix)
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+
+from .. import serialization, states
+from ..brokers.base import redact
+from ..brokers.redis import MIN_BLOCK, connect, guarded, key_prefix
+from .base import FIELDS, ResultBackend, counts_from_states
+
+_INT_FIELDS = frozenset({"retries", "token"})
+_FLOAT_FIELDS = frozenset({"created_at", "started_at", "finished_at", "expires_at"})
+_BEGIN_OWNS = frozenset({"id", "state", "token", "worker", "started_at", "created_at", "retries"})
+_CREATE_FIELDS = ("id", "name", "state", "args", "kwargs", "queue", "group_id", "parent_id", "created_at", "meta")
+DONE_TTL_MS = 60_000        # a done token only bridges the gap between a waiter's check and its block
+WAIT_KEYS = 64              # a waiter blocks on at most this many pending tasks at a time
+CHUNK = 500                 # records per script call
+
+# -- Lua ----------------------------------------------------------------------------------
+
+_LUA_COMMON = "local FINAL = {" + ", ".join(f"{s} = true" for s in sorted(states.READY_STATES)) + "}\n" + """
+-- fields from ARGV[start]: a count n, n name/value pairs to set, then names to delete
+local function apply(key, start)
+  local i = start + 1
+  for _ = 1, tonumber(ARGV[start]) do
+    redis.call('HSET', key, ARGV[i], ARGV[i + 1])
+    i = i + 2
+  end
+  for j = i, #ARGV do redis.call('HDEL', key, ARGV[j]) end
+end
+"""
+
+# KEYS: index, record...; ARGV: per record a count n, then n name/value pairs
+# (id and created_at among them). Existing records are left alone.
+_CREATE = _LUA_COMMON + """
+local i = 1
+for k = 2, #KEYS do
+  local n = tonumber(ARGV[i])
+  if redis.call('EXISTS', KEYS[k]) == 0 then
+    local id, created
+    for j = i + 1, i + 2 * n, 2 do
+      redis.call('HSET', KEYS[k], ARGV[j], ARGV[j + 1])
+      if ARGV[j] == 'id' then id = ARGV[j + 1] elseif ARGV[j] == 'created_at' then created = ARGV[j + 1] end
+    end
+    redis.call('ZADD', KEYS[1], created, id)
+  end
+  i = i + 1 + 2 * n
+end
+return 1
+"""
+
+# KEYS: index, record...; ARGV: now, worker, state (STARTED or RECEIVED), then per
+# record: id, retries or '', a count n and n name/value pairs for a new record.
+# Returns one token per record, 0 where the record is final.
+_BEGIN = _LUA_COMMON + """
+local now, worker, new_state = ARGV[1], ARGV[2], ARGV[3]
+local tokens = {}
+local i = 4
+for k = 2, #KEYS do
+  local rec, id, retries, n = KEYS[k], ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  local state = redis.call('HGET', rec, 'state')
+  if state and FINAL[state] then
+    tokens[#tokens + 1] = 0
+  elseif state then
+    tokens[#tokens + 1] = redis.call('HINCRBY', rec, 'token', 1)
+    redis.call('HSET', rec, 'state', new_state, 'worker', worker, 'started_at', now)
+    if retries ~= '' then redis.call('HSET', rec, 'retries', retries) end
+  else
+    for j = i + 3, i + 2 + 2 * n, 2 do redis.call('HSET', rec, ARGV[j], ARGV[j + 1]) end
+    redis.call('HSET', rec, 'id', id, 'state', new_state, 'token', 1, 'worker', worker, 'started_at', now, 'created_at', now)
+    if retries ~= '' then redis.call('HSET', rec, 'retries', retries) end
+    redis.call('ZADD', KEYS[1], now, id)
+    tokens[#tokens + 1] = 1
+  end
+  i = i + 3 + 2 * n
+end
+return tokens
+"""
+
+# KEYS: record, index, expiring; ARGV: id, state, token or '', created_at for a new
+# record, ttl ms or '', expires_at or '', then fields. 1 when written, else 0.
+_SET_STATE = _LUA_COMMON + """
+local current = redis.call('HMGET', KEYS[1], 'state', 'token')
+if current[1] then
+  if FINAL[current[1]] then return 0 end
+  if ARGV[3] ~= '' and (current[2] or '0') ~= ARGV[3] then return 0 end
+else
+  if ARGV[3] ~= '' then return 0 end
+  redis.call('HSET', KEYS[1], 'id', ARGV[1], 'created_at', ARGV[4])
+  redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+end
+redis.call('HSET', KEYS[1], 'state', ARGV[2])
+apply(KEYS[1], 7)
+if ARGV[5] ~= '' then
+  redis.call('PEXPIRE', KEYS[1], ARGV[5])
+  redis.call('ZADD', KEYS[3], ARGV[6], ARGV[1])
+end
+return 1
+"""
+
+# KEYS: record; ARGV: fields. Changes an existing record only.
+_UPDATE = _LUA_COMMON + """
+if redis.call('EXISTS', KEYS[1]) == 1 then apply(KEYS[1], 1) end
+return 1
+"""
+
+# KEYS: group, members; ARGV: total, meta, created_at, member ids. Idempotent.
+_INIT_GROUP = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'total', ARGV[1], 'meta', ARGV[2], 'created_at', ARGV[3])
+for i = 4, #ARGV do redis.call('HSETNX', KEYS[2], ARGV[i], i - 4) end
+return 1
+"""
+
+# KEYS: group, members, done; ARGV: member id, ttl ms or ''. Returns {done, total} or nil.
+# The group's keys get the results' TTL once every member is done.
+_MEMBER_DONE = """
+local total = redis.call('HGET', KEYS[1], 'total')
+if not total then return false end
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then redis.call('SADD', KEYS[3], ARGV[1]) end
+local done = redis.call('SCARD', KEYS[3])
+if ARGV[2] ~= '' and done >= tonumber(total) then
+  for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, ARGV[2]) end
+end
+return {done, tonumber(total)}
+"""
+
+# KEYS: group. 1 for the first caller on an existing group, else 0.
+_CLAIM_CHORD = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+return redis.call('HSETNX', KEYS[1], 'chord', '1')
+"""
+
+# KEYS: group, members; ARGV: record key prefix. Returns {total, state, count, ...}.
+_GROUP_PROGRESS = """
+local total = redis.call('HGET', KEYS[1], 'total')
+local members = redis.call('HKEYS', KEYS[2])
+local counts = {}
+for _, id in ipairs(members) do
+  local state = redis.call('HGET', ARGV[1] .. id, 'state')
+  if state then counts[state] = (counts[state] or 0) + 1 end
+end
+local out = {tonumber(total) or #members}
+for state, n in pairs(counts) do
+  out[#out + 1] = state
+  out[#out + 1] = n
+end
+return out
+"""
+
+
+def _encode(value: Any) -> str:
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, bool):
+        return str(int(value))
+    return str(value)
+
+
+def _field_args(fields: dict) -> list[str]:
+    """ARGV tail for the Lua ``apply``: count, name/value pairs, then names to delete."""
+    sets = [(k, v) for k, v in fields.items() if v is not None]
+    deletes = [k for k, v in fields.items() if v is None]
+    return [str(len(sets)), *(x for k, v in sets for x in (k, _encode(v))), *deletes]
+
+
+def _record(raw: dict) -> dict | None:
+    if not raw:
+        return None
+    rec: dict[str, Any] = dict.fromkeys(FIELDS)
+    rec["retries"] = rec["token"] = 0
+    for name, value in raw.items():
+        if name in _INT_FIELDS:
+            rec[name] = int(value)
+        elif name in _FLOAT_FIELDS:
+            rec[name] = float(value)
+        elif name in rec:
+            rec[name] = value
+    return rec
+
+
+class RedisBackend(ResultBackend):
+    scheme = "redis"
+
+    def __init__(self, url: str = "memory://", *, clock=None, options: dict | None = None):
+        super().__init__(url, clock=clock, options=options)
+        self.options.setdefault("poll_interval", 1.0)
+        self.prefix = key_prefix(self.options)
+        self.client = connect(url, self.options)
+        register = self.client.register_script
+        self._create = register(_CREATE)
+        self._begin = register(_BEGIN)
+        self._set_state = register(_SET_STATE)
+        self._update = register(_UPDATE)
+        self._init_group = register(_INIT_GROUP)
+        self._member_done = register(_MEMBER_DONE)
+        self._claim_chord = register(_CLAIM_CHORD)
+        self._group_progress = register(_GROUP_PROGRESS)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {redact(self.url)}>"
+
+    # -- key names -----------------------------------------------------------------
+    def _rec(self, task_id: str) -> str:
+        return f"{self.prefix}r:{task_id}"
+
+    def _group_keys(self, group_id: str) -> list[str]:
+        base = f"{self.prefix}g:{group_id}"
+        return [base, f"{base}:members", f"{base}:done"]
+
+    @property
+    def _index(self) -> str:
+        return f"{self.prefix}results"
+
+    @property
+    def _expiring(self) -> str:
+        return f"{self.prefix}expiring"
+
+    def _done_key(self, task_id: str) -> str:
+        return f"{self.prefix}done:{task_id}"
+
+    # -- records -----------------------------------------------------------------
+    @guarded
+    def create(self, records: Sequence[dict]) -> None:
+        now = self.clock.time()
+        for start in range(0, len(records), CHUNK):
+            keys, args = [self._index], []
+            for r in records[start:start + CHUNK]:
+                fields = {k: r.get(k) for k in _CREATE_FIELDS}
+                fields["state"] = fields["state"] or states.PENDING
+                fields["created_at"] = fields["created_at"] if fields["created_at"] is not None else now
+                pairs = [(k, _encode(v)) for k, v in fields.items() if v is not None]
+                keys.append(self._rec(r["id"]))
+                args += [str(len(pairs)), *(x for pair in pairs for x in pair)]
+            self._create(keys=keys, args=args)
+
+    @guarded
+    def begin(self, task_id: str, *, worker: str = "", fields: dict | None = None) -> int | None:
+        return self._begin_records([task_id], worker, {task_id: fields or {}}, states.STARTED)[task_id]
+
+    @guarded
+    def begin_many(self, ids: Sequence[str], *, worker: str = "", fields: dict | None = None) -> dict[str, int | None]:
+        """``begin`` for a reserved batch in one script call; records go RECEIVED."""
+        return self._begin_records(list(ids), worker, fields or {}, states.RECEIVED)
+
+    def _begin_records(self, ids: list[str], worker: str, fields: dict, state: str) -> dict[str, int | None]:
+        out: dict[str, int | None] = {}
+        for start in range(0, len(ids), CHUNK):
+            chunk = ids[start:start + CHUNK]
+            args: list[Any] = [repr(self.clock.time()), worker, state]
+            for task_id in chunk:
+                extra = dict(fields.get(task_id) or {})
+                retries = extra.pop("retries", None)
+                pairs = [(k, _encode(v)) for k, v in extra.items() if k in FIELDS and k not in _BEGIN_OWNS and v is not None]
+                args += [task_id, "" if retries is None else str(int(retries)), len(pairs), *(x for pair in pairs for x in pair)]
+            tokens = self._begin(keys=[self._index, *map(self._rec, chunk)], args=args)
+            out.update((task_id, int(token) or None) for task_id, token in zip(chunk, tokens))
+        return out
+
+    @guarded
+    def set_state(self, task_id: str, state: str, *, token: int | None = None, **fields) -> bool:
+        done = self._write_state(task_id, state, token, fields, ttl=None)
+        if done and state in states.READY_STATES:
+            self._notify([task_id])
+        return done
+
+    def _store_final(self, task_id: str, state: str, token: int | None, fields: dict) -> bool:
+        return self._write_state(task_id, state, token, fields, ttl=self.results_expire_in)
+
+    @guarded
+    def _write_state(self, task_id: str, state: str, token: int | None, fields: dict, ttl: float | None) -> bool:
+        fields = {k: v for k, v in fields.items() if k in FIELDS and k not in ("id", "state", "token")}
+        now = self.clock.time()
+        created = fields.get("created_at", now)
+        ttl_ms, expires_at = "", ""
+        if ttl:
+            ttl_ms = str(max(1, math.ceil(ttl * 1000)))
+            expires_at = _encode(fields.get("expires_at") or now + ttl)
+        args = [task_id, state, "" if token is None else str(int(token)), _encode(created), ttl_ms, expires_at, *_field_args(fields)]
+        return self._set_state(keys=[self._rec(task_id), self._index, self._expiring], args=args) == 1
+
+    @guarded
+    def update(self, task_id: str, **fields) -> None:
+        fields = {k: v for k, v in fields.items() if k in FIELDS and k not in ("id", "state")}
+        if fields:
+            self._update(keys=[self._rec(task_id)], args=_field_args(fields))
+
+    @guarded
+    def get_many(self, ids: Sequence[str]) -> list[dict | None]:
+        pipe = self.client.pipeline(transaction=False)
+        for task_id in ids:
+            pipe.hgetall(self._rec(task_id))
+        now = self.clock.time()
+        out: list[dict | None] = []
+        for raw in pipe.execute():
+            rec = _record(raw)
+            if rec is not None and rec["expires_at"] is not None and rec["expires_at"] <= now:
+                rec = None
+            out.append(rec)
+        return out
+
+    @guarded
+    def states_of(self, ids: Sequence[str]) -> dict[str, str]:
+        pipe = self.client.pipeline(transaction=False)
+        for task_id in ids:
+            pipe.hget(self._rec(task_id), "state")
+        return {task_id: state for task_id, state in zip(ids, pipe.execute()) if state is not None}
+
+    # -- waiting -----------------------------------------------------------------
+    @guarded
+    def _notify(self, ids: Sequence[str]) -> None:
+        """Push a token to each task's done list; waiters blocked on it wake at once."""
+        pipe = self.client.pipeline(transaction=False)
+        for task_id in ids:
+            pipe.rpush(self._done_key(task_id), "1")
+            pipe.pexpire(self._done_key(task_id), DONE_TTL_MS)
+        pipe.execute()
+
+    @guarded
+    def _block(self, pending: Sequence[str], version: int, timeout: float) -> None:
+        """Block until one of the first pending tasks is stored as final, or ``timeout``.
+
+        The token is handed back after a pop, so every waiter of the task wakes; a token
+        found while its task is not final (forgotten, expired) is dropped instead.
+        """
+        popped = self.client.blpop([self._done_key(t) for t in pending[:WAIT_KEYS]], timeout=max(MIN_BLOCK, timeout))
+        if not popped:
+            return
+        key, token = popped
+        task_id = key[len(self._done_key("")):]
+        if self.client.hget(self._rec(task_id), "state") in states.READY_STATES:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.rpush(key, token)
+            pipe.pexpire(key, DONE_TTL_MS)
+            pipe.execute()
+
+    # -- groups ------------------------------------------------------------------
+    @guarded
+    def init_group(self, group_id: str, member_ids: Sequence[str], meta: dict | None = None) -> None:
+        args = [len(member_ids), serialization.dumps(meta or {}), repr(self.clock.time()), *member_ids]
+        self._init_group(keys=self._group_keys(group_id)[:2], args=args)
+
+    @guarded
+    def member_done(self, group_id: str, member_id: str) -> tuple[int, int]:
+        ttl = "" if not self.results_expire_in else str(max(1, math.ceil(self.results_expire_in * 1000)))
+        reply = self._member_done(keys=self._group_keys(group_id), args=[member_id, ttl])
+        if reply is None:
+            raise KeyError(f"unknown group {group_id!r}")
+        return int(reply[0]), int(reply[1])
+
+    @guarded
+    def claim_chord(self, group_id: str) -> bool:
+        return self._claim_chord(keys=self._group_keys(group_id)[:1]) == 1
+
+    @guarded
+    def group_info(self, group_id: str) -> dict | None:
+        group, members, done = self._group_keys(group_id)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hmget(group, "total", "meta")
+        pipe.hgetall(members)
+        pipe.scard(done)
+        (total, meta), positions, n_done = pipe.execute()
+        if total is None:
+            return None
+        ordered = sorted(positions, key=lambda m: int(positions[m]))
+        return {"group_id": group_id, "total": int(total), "done": n_done, "members": ordered, "meta": serialization.loads(meta or "{}")}
+
+    @guarded
+    def progress(self, ids: Sequence[str] = (), *, group_id: str | None = None) -> dict:
+        if group_id is not None:
+            reply = self._group_progress(keys=self._group_keys(group_id)[:2], args=[self._rec("")])
+            total, flat = int(reply[0]), reply[1:]
+            return counts_from_states([(flat[i], int(flat[i + 1])) for i in range(0, len(flat), 2)], total)
+        found = self.states_of(ids)
+        pairs: dict[str, int] = {}
+        for state in found.values():
+            pairs[state] = pairs.get(state, 0) + 1
+        return counts_from_states(pairs.items(), len(ids))
+
+    # -- listing and upkeep --------------------------------------------------------
+    @guarded
+    def list(self, *, state=None, name=None, limit=None, ids=None) -> list[dict]:
+        def wanted(rec: dict | None) -> bool:
+            return rec is not None and (state is None or rec["state"] == state) and (name is None or rec["name"] == name)
+
+        if ids is not None:
+            rows = [r for r in self.get_many(list(ids)) if wanted(r)]
+            rows.sort(key=lambda r: r["created_at"] or 0.0, reverse=True)
+            return rows if limit is None else rows[:int(limit)]
+        rows: list[dict] = []
+        page = 500 if limit is None else max(50, 2 * int(limit))
+        start = 0
+        while limit is None or len(rows) < int(limit):
+            chunk = self.client.zrevrange(self._index, start, start + page - 1)
+            if not chunk:
+                break
+            records = self.get_many(chunk)
+            gone = [task_id for task_id, rec in zip(chunk, records) if rec is None]
+            rows += [r for r in records if wanted(r)]
+            if gone:  # expired by TTL: drop from the index as we pass
+                self.client.zrem(self._index, *gone)
+                start -= len(gone)
+            start += page
+        return rows if limit is None else rows[:int(limit)]
+
+    @guarded
+    def forget(self, ids: Sequence[str]) -> int:
+        ids = list(ids)
+        if not ids:
+            return 0
+        pipe = self.client.pipeline(transaction=False)
+        pipe.delete(*[self._rec(i) for i in ids])
+        pipe.zrem(self._index, *ids)
+        pipe.zrem(self._expiring, *ids)
+        pipe.delete(*[self._done_key(i) for i in ids])
+        return pipe.execute()[0]
+
+    @guarded
+    def expire(self, now: float | None = None) -> int:
+        """Remove records past ``expires_at`` (Redis usually dropped them already) and stale index entries."""
+        now = self.clock.time() if now is None else now
+        ids = self.client.zrangebyscore(self._expiring, "-inf", repr(now))
+        pipe = self.client.pipeline(transaction=False)
+        if ids:
+            pipe.delete(*[self._rec(i) for i in ids])
+            pipe.zrem(self._index, *ids)
+            pipe.zrem(self._expiring, *ids)
+        pipe.zremrangebyscore(f"{self.prefix}workers", "-inf", repr(now))
+        pipe.execute()
+        return len(ids)
+
+    # -- workers and claims --------------------------------------------------------
+    @guarded
+    def heartbeat(self, worker_id: str, info: dict, ttl: float) -> None:
+        now = self.clock.time()
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(f"{self.prefix}w:{worker_id}", serialization.dumps({**info, "last_seen": now}), px=max(1, math.ceil(ttl * 1000)))
+        pipe.zadd(f"{self.prefix}workers", {worker_id: now + ttl})
+        pipe.execute()
+
+    @guarded
+    def worker_gone(self, worker_id: str) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.delete(f"{self.prefix}w:{worker_id}")
+        pipe.zrem(f"{self.prefix}workers", worker_id)
+        pipe.execute()
+
+    @guarded
+    def workers(self) -> list[dict]:
+        index = f"{self.prefix}workers"
+        now = self.clock.time()
+        ids = sorted(self.client.zrangebyscore(index, f"({now!r}", "+inf"))
+        infos = self.client.mget([f"{self.prefix}w:{w}" for w in ids]) if ids else []
+        live = []
+        for worker_id, text in zip(ids, infos):
+            if text is None:
+                continue
+            info = serialization.loads(text)
+            live.append({"worker_id": worker_id, "last_seen": info.pop("last_seen", None), **info})
+        return live
+
+    @guarded
+    def claim_once(self, key: str, ttl: float) -> bool:
+        return bool(self.client.set(f"{self.prefix}kv:{key}", "1", nx=True, px=max(1, math.ceil(ttl * 1000))))
+
+    @guarded
+    def kv_get(self, key: str) -> str | None:
+        return self.client.get(f"{self.prefix}kv:{key}")
+
+    @guarded
+    def kv_set(self, key: str, value: str | None) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        if value is None:
+            pipe.delete(f"{self.prefix}kv:{key}")
+            pipe.zrem(f"{self.prefix}kv", key)
+        else:
+            pipe.set(f"{self.prefix}kv:{key}", value)
+            pipe.zadd(f"{self.prefix}kv", {key: 0})
+        pipe.execute()
+
+    @guarded
+    def kv_items(self, prefix: str) -> dict[str, str]:
+        raw = prefix.encode()
+        keys = self.client.zrangebylex(f"{self.prefix}kv", b"[" + raw, b"[" + raw + b"\xff")
+        if not keys:
+            return {}
+        values = self.client.mget([f"{self.prefix}kv:{k}" for k in keys])
+        return {k: v for k, v in zip(keys, values) if v is not None}
+
+    def close(self) -> None:
+        self.client.close()

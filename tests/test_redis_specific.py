@@ -1,0 +1,286 @@
+"""What the Redis broker and backend promise beyond the contracts: memory:// is
+in-process, due messages move in batches, blocking is push-driven, and connections
+survive a drop. Real-Redis tests use the tests' Redis DB (conftest.REDIS_URL) under a
+key prefix of their own, so they neither flush nor see other tests' keys."""
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+import uuid
+
+import pytest
+
+from nbqueue import states
+from nbqueue.backends.redis import RedisBackend
+from nbqueue.brokers.base import Outgoing
+from nbqueue.brokers.redis import RedisBroker, fake_server
+from nbqueue.clock import ManualClock
+from nbqueue.errors import ConnectionLost
+
+from conftest import REDIS_URL, require_server
+
+
+def _memory_url() -> str:
+    return f"memory://spec-{uuid.uuid4().hex[:10]}"
+
+
+def _out(queue, id, *, eta=None, priority=0, body="{}"):
+    return Outgoing(id=id, body=body, queue=queue, eta=eta, priority=priority)
+
+
+@pytest.fixture
+def real_redis():
+    """Options for a real Redis under a key prefix of this test's own; its keys are deleted afterwards."""
+    import redis
+
+    require_server("Redis", "127.0.0.1", 6379)
+    prefix = f"nbqtest-{uuid.uuid4().hex[:8]}:"
+    name = f"nbq-{uuid.uuid4().hex[:8]}"
+    yield {"key_prefix": prefix, "client_name": name}
+    admin = redis.Redis.from_url(REDIS_URL)
+    keys = list(admin.scan_iter(match=f"{prefix}*"))
+    if keys:
+        admin.delete(*keys)
+    admin.close()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store(request):
+    """(url, options) of a fresh memory:// server, or of real Redis under a prefix of its own."""
+    if request.param == "memory":
+        return _memory_url(), {}
+    return REDIS_URL, request.getfixturevalue("real_redis")
+
+
+# -- memory:// --------------------------------------------------------------------------
+
+def test_memory_url_shares_one_in_process_server_by_name_and_opens_no_socket(monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("memory:// must not open a socket")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    url = _memory_url()
+    producer, consumer, elsewhere = RedisBroker(url), RedisBroker(url), RedisBroker(_memory_url())
+
+    producer.publish(_out("q", "shared"))
+
+    assert elsewhere.reserve(["q"], timeout=0) == []
+    [d] = consumer.reserve(["q"], timeout=1)
+    assert d.message_id == "shared" and consumer.ack(d)
+    backend_a, backend_b = RedisBackend(url), RedisBackend(url)
+    backend_a.store_result("t", states.SUCCESS, token=backend_a.begin("t"), result="1")
+    assert backend_b.get("t")["state"] == states.SUCCESS
+
+
+def test_memory_url_without_a_name_is_the_default_server():
+    assert RedisBroker("memory://").client.connection_pool.connection_kwargs["server"] is fake_server("default")
+
+
+# -- the reserve script ---------------------------------------------------------------------
+
+def test_one_reserve_moves_every_due_delayed_message_to_ready():
+    # Given 300 messages delayed until t0 + 10 on a stopped clock
+    clock = ManualClock(1_000.0)
+    broker = RedisBroker(_memory_url(), clock=clock)
+    broker.publish_many([_out("q", f"d{i}", eta=1_010.0) for i in range(300)])
+    assert _stat(broker, "q")["delayed"] == 300
+    # When the time has come and one reserve claims one message
+    clock.advance(20)
+    [d] = broker.reserve(["q"], timeout=0, limit=1)
+    # Then that single script call moved all the others to ready
+    assert broker.client.zcard(broker._key("q", "delayed")) == 0
+    assert broker.client.zcard(broker._key("q", "ready")) == 299
+    assert d.message_id.startswith("d")
+
+
+def test_reserve_moves_due_messages_in_batches_of_the_configured_size():
+    clock = ManualClock(1_000.0)
+    broker = RedisBroker(_memory_url(), clock=clock, options={"batch": 100})
+    broker.publish_many([_out("q", f"d{i}", eta=1_001.0) for i in range(250)])
+    clock.advance(5)
+    assert len(broker.reserve(["q"], timeout=0, limit=500)) == 100
+    assert len(broker.reserve(["q"], timeout=0, limit=500)) == 100
+    assert len(broker.reserve(["q"], timeout=0, limit=500)) == 50
+
+
+def test_reserve_requeues_an_expired_lease_without_a_reaper():
+    clock = ManualClock(1_000.0)
+    broker = RedisBroker(_memory_url(), clock=clock)
+    broker.publish(_out("q", "m", priority=3))
+    [first] = broker.reserve(["q"], timeout=0, lease=10)
+    assert broker.reserve(["q"], timeout=0, lease=10) == []
+    clock.advance(11)
+    [second] = broker.reserve(["q"], timeout=0, lease=10)
+    assert (second.message_id, second.attempt, second.priority) == ("m", 2, 3)
+    assert not broker.retry(first) and not broker.reject(first, "stale")
+    assert broker.ack(second)
+    assert broker.stats() == [{"queue": "q", "ready": 0, "delayed": 0, "in_flight": 0, "dead": 0}]
+
+
+def test_priority_order_holds_across_queues_and_dead_letters_keep_the_reason():
+    broker = RedisBroker(_memory_url())
+    broker.publish_many([_out("a", "a-low", priority=1), _out("b", "b-high", priority=8), _out("a", "a-mid", priority=5)])
+    got = broker.reserve(["a", "b"], timeout=0, limit=3)
+    assert [d.message_id for d in got] == ["b-high", "a-mid", "a-low"]
+    assert broker.reject(got[0], "cannot decode")
+    assert broker.dead_letters() == [{"id": "b-high", "queue": "b", "reason": "cannot decode", "body": "{}"}]
+    assert broker.purge("a") == 2 and broker.purge("b") == 1
+    assert broker.stats() == []
+
+
+def test_purge_touches_only_keys_under_its_own_prefix():
+    url = _memory_url()
+    mine, theirs = RedisBroker(url, options={"key_prefix": "app"}), RedisBroker(url)
+    assert (mine.prefix, theirs.prefix) == ("app:", "nbq:")
+    mine.client.set("q:foreign", "kept")
+    mine.publish_many([_out("q", "a1"), _out("q", "a2", eta=time.time() + 60)])
+    theirs.publish(_out("q", "b1"))
+    assert mine.purge("q") == 2
+    assert mine.client.get("q:foreign") == "kept"
+    assert [d.message_id for d in theirs.reserve(["q"], timeout=0)] == ["b1"]
+    assert not [k for k in mine.client.scan_iter("app:*") if not k.startswith("app:seq")]
+
+
+# -- blocking without polling -----------------------------------------------------------------
+
+def test_blocked_reserve_wakes_on_a_publish_from_another_client(store):
+    url, options = store
+    # max_block 10 s: only the signal can wake the reserver in time
+    consumer = RedisBroker(url, options={**options, "max_block": 10})
+    producer = RedisBroker(url, options=options)
+    got = []
+    reserver = threading.Thread(target=lambda: got.extend(consumer.reserve(["q"], timeout=10)))
+    reserver.start()
+    time.sleep(0.1)
+    published = time.monotonic()
+    producer.publish(_out("q", "ping"))
+    reserver.join(5)
+    assert [d.message_id for d in got] == ["ping"]
+    assert time.monotonic() - published < 1.0
+    consumer.close()
+    producer.close()
+
+
+def test_wake_makes_a_blocked_reserve_return_at_once():
+    broker = RedisBroker(_memory_url(), options={"max_block": 10})
+    got = []
+    reserver = threading.Thread(target=lambda: got.append(broker.reserve(["q"], timeout=10)))
+    reserver.start()
+    time.sleep(0.1)
+    woken = time.monotonic()
+    broker.wake()
+    reserver.join(5)
+    assert got == [[]] and time.monotonic() - woken < 1.0
+
+
+def test_waiter_blocks_on_the_done_notification(store):
+    url, options = store
+    waiter, worker = RedisBackend(url, options=options), RedisBackend(url, options=options)
+    waiter.create([{"id": "t", "name": "n"}])
+    returned = []
+    blocker = threading.Thread(target=lambda: (waiter._block(["t"], 0, 10.0), returned.append(time.monotonic())))
+    blocker.start()
+    time.sleep(0.1)
+    stored = time.monotonic()
+    worker.store_result("t", states.SUCCESS, token=worker.begin("t"), result="1")
+    blocker.join(5)
+    assert returned and returned[0] - stored < 1.0
+    assert waiter.wait(["t"], timeout=1)
+
+
+def test_begin_many_hands_out_tokens_in_one_call_and_skips_final_records():
+    backend = RedisBackend(_memory_url())
+    backend.create([{"id": "old", "name": "n"}, {"id": "done", "name": "n"}])
+    backend.store_result("done", states.SUCCESS, token=backend.begin("done"), result="1")
+    calls = []
+    script = backend._begin
+    backend._begin = lambda **kw: calls.append(kw) or script(**kw)
+    tokens = backend.begin_many(["old", "new", "done"], worker="w1", fields={"new": {"name": "add", "queue": "q", "retries": 2}})
+    assert tokens == {"old": 1, "new": 1, "done": None} and len(calls) == 1
+    new = backend.get("new")
+    assert (new["state"], new["name"], new["queue"], new["retries"], new["worker"]) == (states.RECEIVED, "add", "q", 2, "w1")
+    assert backend.get("old")["state"] == states.RECEIVED and backend.begin("old") == 2
+
+
+# -- connections ---------------------------------------------------------------------------
+
+def test_remote_redis_without_password_logs_a_warning(caplog):
+    caplog.set_level(logging.WARNING, logger="nbqueue.brokers.redis")
+    RedisBroker("redis://10.11.12.13:6379/0")            # clients connect lazily: nothing is sent
+    RedisBackend("redis://redis.example.com/2")
+    assert len([r for r in caplog.records if "without a password" in r.getMessage()]) == 2
+    caplog.clear()
+    RedisBroker("redis://:s3cret@10.11.12.13:6379/0")
+    RedisBroker("redis://127.0.0.1:6379/13")
+    RedisBroker("redis://localhost/13")
+    RedisBroker("redis://[::1]:6379/13")
+    RedisBroker(_memory_url())
+    assert not [r for r in caplog.records if "without a password" in r.getMessage()]
+    assert "s3cret" not in repr(RedisBroker("redis://:s3cret@127.0.0.1/13"))
+
+
+def test_connection_killed_mid_command_is_reopened_and_work_goes_on(real_redis):
+    import redis
+
+    admin = redis.Redis.from_url(REDIS_URL)
+    consumer = RedisBroker(REDIS_URL, options={**real_redis, "max_block": 5})
+    producer = RedisBroker(REDIS_URL, options={**real_redis, "client_name": "nbq-producer"})
+    backend = RedisBackend(REDIS_URL, options=real_redis)
+    backend.create([{"id": "t", "name": "n"}])
+    got = []
+    reserver = threading.Thread(target=lambda: got.extend(consumer.reserve(["q"], timeout=5)))
+    reserver.start()
+    blocked = _wait_for(lambda: [c for c in admin.client_list() if c["name"] == real_redis["client_name"] and c["cmd"] == "blpop"])
+    assert blocked, "the reserver never blocked"
+    # When Redis drops every connection of ours, including the one blocked in BLPOP
+    for client in admin.client_list():
+        if client["name"] == real_redis["client_name"]:
+            admin.client_kill_filter(_id=client["id"])
+    # Then the blocked reserve reconnects and still receives the next publish
+    producer.publish(_out("q", "after"))
+    reserver.join(5)
+    assert [d.message_id for d in got] == ["after"]
+    assert consumer.ack(got[0])
+    assert backend.begin("t") == 1
+    admin.close()
+
+
+def test_redis_down_for_a_moment_is_survived_and_for_good_raises_connection_lost():
+    url = _memory_url()
+    server = fake_server(url[len("memory://"):])
+    broker = RedisBroker(url, options={"retries": 2, "retry_base": 0.05, "retry_cap": 0.2})
+    broker.publish(_out("q", "m"))
+    # a short outage: the client's retries bridge it
+    server.connected = False
+    threading.Timer(0.15, lambda: setattr(server, "connected", True)).start()
+    [d] = broker.reserve(["q"], timeout=1)
+    assert broker.ack(d)
+    # an outage that outlasts the retries surfaces as ConnectionLost
+    impatient = RedisBroker(url, options={"retries": 1, "retry_base": 0.01})
+    impatient.stats()
+    server.connected = False
+    with pytest.raises(ConnectionLost):
+        impatient.publish(_out("q", "lost"))
+    with pytest.raises(ConnectionLost):
+        RedisBackend(url, options={"retries": 1, "retry_base": 0.01}).get("t")
+    server.connected = True
+
+
+def test_unreachable_redis_raises_connection_lost():
+    broker = RedisBroker("redis://127.0.0.1:1/0", options={"retries": 1, "retry_base": 0.01, "socket_connect_timeout": 1})
+    with pytest.raises(ConnectionLost):
+        broker.publish(_out("q", "m"))
+
+
+def _wait_for(fn, timeout=3.0):
+    deadline = time.monotonic() + timeout
+    while not (value := fn()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return value
+
+
+def _stat(broker, queue):
+    return next(row for row in broker.stats() if row["queue"] == queue)
