@@ -60,6 +60,11 @@ class App:
         self._workers: list = []
         self._schedules = None
         self._lock = threading.Lock()
+        # -- built-in tasks (issue 5): "nbqueue.cell" runs %%task cells, only on allow_cells workers --
+        from . import builtin
+
+        builtin.register(self)
+        # -- end of built-in tasks --------------------------------------------------------------------
 
     # -- construction from files and the environment ----------------------------------
     @classmethod
