@@ -26,6 +26,8 @@ class AsyncResult:
         self.app = app
         self._name = name
         self._final: dict | None = None
+        #: results of the on_success/on_error callbacks sent with this task (the one that runs finishes)
+        self.callbacks: list[AsyncResult] = []
 
     # -- reading the record ---------------------------------------------------------------
     def info(self) -> dict:
@@ -118,6 +120,12 @@ class AsyncResult:
 
         return async_result_html(self)
 
+    def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
+        """In a notebook: a live view (ipywidgets, or a text line without a widget frontend)."""
+        from .notebook.display import mimebundle
+
+        return mimebundle(self, include, exclude)
+
     def __eq__(self, other) -> bool:
         return isinstance(other, AsyncResult) and other.id == self.id
 
@@ -209,6 +217,12 @@ class _WorkflowResult:
 
         return workflow_html(self)
 
+    def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
+        """In a notebook: a live view (ipywidgets, or a text line without a widget frontend)."""
+        from .notebook.display import mimebundle
+
+        return mimebundle(self, include, exclude)
+
 
 class GroupResult(_WorkflowResult):
     """Members' results in group order."""
@@ -235,9 +249,24 @@ class GroupResult(_WorkflowResult):
     def __getitem__(self, i):
         return self.results[i]
 
+    def member_ids(self) -> list[str]:
+        """The id holding each member's result (a chain's last step, a nested group's own id)."""
+        return [r.id if isinstance(r, AsyncResult) else r.terminal_id for r in self.results]
+
     def completed_count(self) -> int:
-        """How many members succeeded."""
-        return self.progress()["succeeded"]
+        """How many members succeeded (a member that is a chain counts once, when its last step did)."""
+        found = self.app.backend.states_of(self.member_ids())
+        return sum(1 for state in found.values() if state == states.SUCCESS)
+
+    def ready(self) -> bool:
+        """True once every member has finished (succeeded, failed, or was not run).
+
+        A failed member makes the group's record FAILURE at once, and ``get()`` raises
+        then; the group is ready only when the other members are done too.
+        """
+        ids = [self.id] + self.member_ids()
+        found = self.app.backend.states_of(ids)
+        return all(found.get(i) in states.READY_STATES for i in ids)
 
     def progress(self) -> dict:
         if all(isinstance(r, AsyncResult) for r in self.results):

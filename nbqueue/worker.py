@@ -284,7 +284,10 @@ class Worker:
         except Exception:
             log.exception("worker %s: unexpected error in a batch of %d; its messages will be redelivered", self.name, len(deliveries))
         finally:
-            batch.flush()
+            try:
+                batch.flush()
+            except Exception:
+                log.exception("worker %s: finishing a batch failed; its messages will be redelivered", self.name)
             for d in deliveries:
                 self._unhold(d)
 

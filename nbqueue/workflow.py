@@ -11,15 +11,23 @@ tasks and attaches *continuations* to the messages that finish it:
 
 - ``{"k": "chain", "rest": [node, ...], "then": [cont, ...]}``: start the next step
   with this result;
-- ``{"k": "member", "group": group_id, "index": i}``: count a group member done; the
+- ``{"k": "member", "group": group_id, "index": i, "member": id, "limited": bool}``: count a
+  group member done (and, in a group with a concurrency limit, release the next); the
   member that completes the group stores the group's record (the list of member
   results, in order) and applies the continuations kept with the group.
 
 Because every id is fixed up front, each of these steps may be repeated (a message
-redelivered after a crash) without effect: a repeat publish is dropped by the broker
-or, if the task already finished, by the worker's fencing. So a chord callback runs
-exactly once, even when members finish together, run twice, or a worker dies between
-"last member done" and "callback published".
+redelivered after a crash) without effect: ``member_done`` counts a member once, so
+of members finishing together exactly one completes the group; a repeat advance
+publishes only tasks whose records are still PENDING (a copy still waiting is dropped
+by a broker that dedupes by id, and a task already final is not run again by the
+worker's fencing); and a step's own "done" record (the group's SUCCESS or FAILURE, a
+concurrency-held member's spec) is written only *after* what follows it is published,
+so a worker that dies in between leaves the step to be redone by the redelivery, and
+one that did not leaves nothing to redo. On AMQP, which cannot drop a repeat publish,
+a task's advance is also marked once published. So a chord callback runs exactly
+once, even when members finish together, run twice, or a worker dies between "last
+member done" and "callback published".
 """
 from __future__ import annotations
 
@@ -38,12 +46,18 @@ _current: contextvars.ContextVar = contextvars.ContextVar("nbqueue_current_task"
 
 # -- user-facing constructors ----------------------------------------------------------------
 
+def _spread(items: tuple) -> tuple:
+    """``f(a, b)``, ``f([a, b])`` and ``f(x for x in ...)`` all mean the items a, b."""
+    if len(items) == 1 and not isinstance(items[0], (Signature, group, chain, chord, str, bytes, dict)) and hasattr(items[0], "__iter__"):
+        return tuple(items[0])
+    return items
+
+
 class group:
-    """Tasks (or chains) that run in parallel: ``group(add.s(1, 1), add.s(2, 2))``."""
+    """Tasks (or chains) that run in parallel: ``group(add.s(1, 1), add.s(2, 2))`` or ``group(add.s(i, i) for i in range(9))``."""
 
     def __init__(self, *items: Any):
-        if len(items) == 1 and isinstance(items[0], (list, tuple)):
-            items = tuple(items[0])
+        items = _spread(items)
         self.items = [_check_item(i) for i in items]
         self.id: str | None = None
 
@@ -64,8 +78,7 @@ class chain:
     """Steps that run one after another; each result is appended to the next step's args."""
 
     def __init__(self, *items: Any):
-        if len(items) == 1 and isinstance(items[0], (list, tuple)):
-            items = tuple(items[0])
+        items = _spread(items)
         steps: list = []
         for item in items:
             item = _check_item(item)
@@ -129,12 +142,11 @@ class _Build:
             return self.node(chain(item.header, item.callback), group_id=group_id, parent_id=parent_id)
         if isinstance(item, group):
             gid = item.id or new_id()
+            concurrency, self.concurrency = int(self.concurrency), 0    # the limit applies to the outermost group only
             members = [self.node(m, group_id=gid, parent_id=gid) for m in item.items]
             self.records.append({"id": gid, "name": "nbqueue.group", "state": states.PENDING, "group_id": group_id,
                                  "parent_id": parent_id, "created_at": self.app.clock.time(), "meta": serialization.dumps({"size": len(members)})})
-            node = {"t": "group", "id": gid, "members": members, "concurrency": int(self.concurrency)}
-            self.concurrency = 0          # the limit applies to the outermost group only
-            return node
+            return {"t": "group", "id": gid, "members": members, "concurrency": concurrency}
         raise TypeError(type(item).__name__)
 
 
@@ -159,19 +171,40 @@ def task_ids(node: dict) -> list[str]:
 # -- starting nodes -----------------------------------------------------------------------------
 
 class _Publisher:
-    """Batches the publishes one advance makes into one broker call."""
+    """Batches the publishes one advance makes into one broker call.
 
-    def __init__(self, app):
+    ``repeat``: this advance repeats one an earlier attempt may have made (a redelivered
+    message whose task is already final). ``careful``: publish only the tasks whose
+    records are still PENDING, since a task that already started, finished or was
+    marked not run must not be queued again (a broker cannot drop a copy of a message
+    it has already acknowledged, and two copies of a waiting message could run at once
+    on a broker that cannot drop a repeat publish, such as AMQP). Repeats and failure
+    propagation (two members of a group may both fail) are careful. ``after`` actions
+    run once the publish succeeded; ``published`` counts the messages sent.
+    """
+
+    def __init__(self, app, *, repeat: bool = False, careful: bool | None = None):
         self.app = app
+        self.repeat = repeat
+        self.careful = repeat if careful is None else careful
         self.outs: list = []
+        self.after: list = []
+        self.published = 0
 
     def task(self, message: dict) -> None:
         self.outs.append(self.app.outgoing(message))
 
     def flush(self) -> None:
-        if self.outs:
-            self.app.broker.publish_many(self.outs)
-            self.outs = []
+        outs, self.outs = self.outs, []
+        if outs and self.careful:
+            found = self.app.backend.states_of([o.id for o in outs])
+            outs = [o for o in outs if found.get(o.id, states.PENDING) == states.PENDING]
+        if outs:
+            self.app.broker.publish_many(outs)
+            self.published += len(outs)
+        after, self.after = self.after, []
+        for action in after:
+            action()
 
 
 def _with_input(message: dict, input_json: Any, has_input: bool) -> dict:
@@ -198,53 +231,89 @@ def start(app, node: dict, conts: list, pub: _Publisher, *, input_json: Any = No
 
 def _start_group(app, node: dict, conts: list, pub: _Publisher, input_json: Any, has_input: bool) -> None:
     gid, members = node["id"], node["members"]
+    limit = node.get("concurrency") or len(members)
+    if limit < len(members) and not (pub.repeat and app.backend.group_info(gid) is not None):
+        # held members and the limit are stored before the group exists, so a group that
+        # exists has them all (a repeat start must not hold again members already released)
+        for i in range(limit, len(members)):
+            spec = {"node": members[i], "index": i, "input": input_json, "has_input": has_input, "limited": True}
+            app.backend.kv_set(f"nbq:held:{gid}:{i}", serialization.dumps(spec))
+        app.backend.kv_set(f"nbq:limit:{gid}", str(limit))
     app.backend.init_group(gid, [terminal_id(m) for m in members], meta={"then": conts})
     if not members:
         _group_complete(app, gid, pub)
         return
-    limit = node.get("concurrency") or len(members)
-    for i, member in enumerate(members):
-        spec = {"node": member, "index": i, "input": input_json, "has_input": has_input}
-        if i < limit:
-            _start_member(app, gid, spec, pub)
-        else:
-            app.backend.kv_set(f"nbq:held:{gid}:{i}", serialization.dumps(spec))
-    if limit < len(members):
-        app.backend.kv_set(f"nbq:limit:{gid}", str(limit))
+    for i, member in enumerate(members[:limit]):
+        spec = {"node": member, "index": i, "input": input_json, "has_input": has_input, "limited": limit < len(members)}
+        _start_member(app, gid, spec, pub)
 
 
 def _start_member(app, gid: str, spec: dict, pub: _Publisher) -> None:
-    cont = [{"k": "member", "group": gid, "index": spec["index"], "member": terminal_id(spec["node"])}]
+    cont = [{"k": "member", "group": gid, "index": spec["index"], "member": terminal_id(spec["node"]), "limited": spec.get("limited", True)}]
     start(app, spec["node"], cont, pub, input_json=spec["input"], has_input=spec["has_input"])
 
 
 # -- advancing when a task finishes ---------------------------------------------------------------
 
-def on_success(app, message: dict, result_json_text: str) -> None:
+def on_success(app, message: dict, result_json_text: str, *, repeat: bool = False) -> None:
     """After a task's SUCCESS is stored: callbacks, the next chain step, group fan-in."""
-    pub = _Publisher(app)
+    if not message.get("on_success") and not message.get("workflow"):
+        return
+    if repeat and _advanced(app, message["id"]):
+        return
+    pub = _Publisher(app, repeat=repeat)
     value = serialization.loads(result_json_text)
     callbacks = [_with_input(cb, value, True) for cb in message.get("on_success") or []]
     _publish_callbacks(app, callbacks, message["id"], pub)
     _apply(app, (message.get("workflow") or {}).get("then") or [], value, pub)
     pub.flush()
+    _mark_advanced(app, message["id"], pub)
 
 
-def on_failure(app, message: dict, exc_type: str, error: str) -> None:
-    """After a task's final FAILURE is stored: error callbacks and failure propagation."""
-    pub = _Publisher(app)
+def on_failure(app, message: dict, exc_type: str, error: str, *, repeat: bool = False) -> None:
+    """After a task's final FAILURE is stored: error callbacks and failure propagation.
+
+    Always careful: two members of one group may both fail and both propagate the
+    group's failure to the same continuation.
+    """
+    if repeat and _advanced(app, message["id"]):
+        return
+    pub = _Publisher(app, repeat=repeat, careful=True)
     _fire_error_callbacks(app, message, error, pub)
     _fail(app, (message.get("workflow") or {}).get("then") or [], message["id"], exc_type, error, pub)
     pub.flush()
+    _mark_advanced(app, message["id"], pub)
+
+
+#: how long a "this task's advance was published" mark is kept (a redelivery comes sooner)
+ADVANCED_TTL = 7 * 24 * 3600.0
+
+
+def _advanced(app, task_id: str) -> bool:
+    """Whether an earlier attempt published this task's advance (only tracked for brokers that do not dedupe)."""
+    return not app.broker.dedupes_publish and app.backend.kv_get(f"nbq:advanced:{task_id}") is not None
+
+
+def _mark_advanced(app, task_id: str, pub: _Publisher) -> None:
+    """After publishing an advance on a broker that cannot drop a repeat publish, remember it.
+
+    A broker that dedupes by message id (SQLite, Redis) drops a repeat of a message
+    still waiting and the careful filter skips the rest, so nothing is needed there.
+    On AMQP a repeat would be a second message: a redelivered task whose advance is
+    marked does not publish it again. Only a crash between the publish and this mark
+    leaves a window for a duplicate message (its execution is still fenced once final).
+    """
+    if pub.published and not app.broker.dedupes_publish:
+        app.backend.claim_once(f"nbq:advanced:{task_id}", ADVANCED_TTL)
 
 
 def after_final(app, message: dict, record: dict) -> None:
     """A redelivered message whose task is already final: repeat the (idempotent) advance."""
     state = record.get("state")
     if state == states.SUCCESS and record.get("result") is not None:
-        on_success(app, message, record["result"])
+        on_success(app, message, record["result"], repeat=True)
     elif state in (states.FAILURE, states.REVOKED):
-        on_failure(app, message, record.get("exc_type") or "Error", record.get("error") or "")
+        on_failure(app, message, record.get("exc_type") or "Error", record.get("error") or "", repeat=True)
 
 
 def _publish_callbacks(app, messages: list[dict], parent_id: str, pub: _Publisher) -> None:
@@ -280,34 +349,59 @@ def _apply(app, conts: list, value: Any, pub: _Publisher) -> None:
 def _member_finished(app, cont: dict, pub: _Publisher) -> None:
     gid = cont["group"]
     done, total = app.backend.member_done(gid, cont["member"])
-    _release_next(app, gid, done, total, pub)
+    if cont.get("limited", True):
+        _release_next(app, gid, done, total, pub)
     if done >= total:
         _group_complete(app, gid, pub)
 
 
 def _release_next(app, gid: str, done: int, total: int, pub: _Publisher) -> None:
+    """In a group with a concurrency limit, start the member that the ``done``-th finish frees.
+
+    ``limit`` members start at once; the ``d``-th member to finish releases member
+    ``limit + d - 1``, so at most ``limit`` are ever queued or running. A repeat advance
+    releases every member due by now that is still held: the attempt it repeats may
+    have died after counting its member and before publishing the release (another
+    member's finish meanwhile released only *its* index). A held spec is deleted once
+    its member is published.
+    """
     limit = app.backend.kv_get(f"nbq:limit:{gid}")
     if limit is None:
         return
-    index = int(limit) + done - 1
-    if index >= total:
-        return
-    text = app.backend.kv_get(f"nbq:held:{gid}:{index}")
-    if text is not None:
+    due = int(limit) + done          # members 0 .. due-1 may have started by now
+    if pub.repeat:
+        prefix = f"nbq:held:{gid}:"
+        held = {int(key[len(prefix):]): text for key, text in app.backend.kv_items(prefix).items()}
+        release = sorted((i, text) for i, text in held.items() if i < due)
+    else:
+        text = app.backend.kv_get(f"nbq:held:{gid}:{due - 1}") if due - 1 < total else None
+        release = [] if text is None else [(due - 1, text)]
+    for index, text in release:
         _start_member(app, gid, serialization.loads(text), pub)
+        pub.after.append(lambda key=f"nbq:held:{gid}:{index}": app.backend.kv_set(key, None))
+    if done >= total:
+        pub.after.append(lambda: app.backend.kv_set(f"nbq:limit:{gid}", None))
 
 
 def _group_complete(app, gid: str, pub: _Publisher) -> None:
+    """Every member is done: store the group's values and start what follows it (a chord's callback).
+
+    The group's SUCCESS is stored *after* its continuation is published, so it marks
+    "published": a repeat that finds it stored publishes nothing, and one that does not
+    (the earlier attempt died in between) publishes again, which is idempotent.
+    """
+    if app.backend.states_of([gid]).get(gid) in states.READY_STATES:
+        return
     info = app.backend.group_info(gid)
     records = app.backend.get_many(info["members"])
     failed = next((r for r in records if r is None or r["state"] != states.SUCCESS), None)
-    conts = info["meta"].get("then") or []
     if failed is not None:
         # a member failed for good: the group failed when it did (see _fail); nothing to run
         return
     values = [serialization.loads(r["result"]) for r in records]
-    app.backend.store_result(gid, states.SUCCESS, result=serialization.dumps(values))
-    _apply(app, conts, values, pub)
+    _apply(app, info["meta"].get("then") or [], values, pub)
+    text = serialization.dumps(values)
+    pub.after.append(lambda: app.backend.store_result(gid, states.SUCCESS, result=text))
 
 
 def _fail(app, conts: list, origin_id: str, exc_type: str, error: str, pub: _Publisher) -> None:
@@ -318,12 +412,17 @@ def _fail(app, conts: list, origin_id: str, exc_type: str, error: str, pub: _Pub
             _fail(app, cont["then"], origin_id, exc_type, error, pub)
         elif cont["k"] == "member":
             gid = cont["group"]
-            info = app.backend.group_info(gid)
-            app.backend.store_result(gid, states.FAILURE, exc_type=exc_type, error=error, traceback=f"not complete: member {origin_id} failed")
-            _fail(app, info["meta"].get("then") or [], origin_id, exc_type, error, pub)
+            if app.backend.states_of([gid]).get(gid) not in states.READY_STATES:
+                # the first member to fail fails the group and what follows it; the group's
+                # FAILURE is stored after that is published, so it marks it done
+                info = app.backend.group_info(gid)
+                _fail(app, info["meta"].get("then") or [], origin_id, exc_type, error, pub)
+                pub.after.append(lambda gid=gid: app.backend.store_result(
+                    gid, states.FAILURE, exc_type=exc_type, error=error, traceback=f"not complete: member {origin_id} failed"))
             # the failed member still frees a slot in a concurrency-limited group
             done, total = app.backend.member_done(gid, cont["member"])
-            _release_next(app, gid, done, total, pub)
+            if cont.get("limited", True):
+                _release_next(app, gid, done, total, pub)
 
 
 def _mark_not_run(app, node: dict, origin_id: str, exc_type: str, error: str, pub: _Publisher) -> None:
