@@ -37,14 +37,26 @@ GROUP_COMMIT = 0.01  # seconds a finished task may wait to be committed with the
 STARTED_AFTER = 0.1  # a task running this long is recorded as STARTED (shorter ones go RECEIVED -> result)
 
 
+class _Prepared:
+    """A reserved batch, decoded and begun: (delivery, message) pairs, tokens, malformed ones."""
+
+    __slots__ = ("messages", "malformed", "tokens")
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[Delivery, dict]] = []
+        self.malformed: list[tuple[Delivery, str]] = []
+        self.tokens: dict = {}
+
+
 class _Batch:
     """Finish steps of one batch, committed together when broker and backend share a store."""
 
-    def __init__(self, worker: "Worker"):
+    def __init__(self, worker: "Worker", local: list):
         self.app = worker.app
         self.grouped = worker.group_commit
         self.ops: list = []
         self.first = 0.0
+        self.taker = (lambda outs: worker._take_local(outs, local)) if self.grouped else None
 
     def add(self, op) -> None:
         if not self.grouped:
@@ -61,8 +73,12 @@ class _Batch:
     def flush(self) -> None:
         ops, self.ops = self.ops, []
         if ops:
-            with self.app.transaction():
-                self._run(ops)
+            reset = workflow._local_taker.set(self.taker)
+            try:
+                with self.app.transaction():
+                    self._run(ops)
+            finally:
+                workflow._local_taker.reset(reset)
 
     def _run(self, ops: list) -> None:
         for op in ops:
@@ -77,6 +93,7 @@ class _Batch:
 class Worker:
     def __init__(self, app, concurrency: int = 1, queues: str | Iterable[str] | None = None, *, name: str | None = None,
                  prefetch: int | None = None, allow_cells: bool = False, echo_output: bool = False, heartbeat_interval: float | None = None,
+                 local_follow_ups: bool = True,
                  beat: bool = False):
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -98,6 +115,9 @@ class Worker:
         self.processed = 0
         self.failed = 0
         self.group_commit = not isinstance(app.broker.transaction_with(app.backend), contextlib.nullcontext)
+        # run our own follow-ups next (chain steps, chord callbacks) where the broker can
+        # publish a message already reserved in the finishing transaction
+        self.local_follow_ups = local_follow_ups and self.group_commit and hasattr(app.broker, "publish_reserved")
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> "Worker":
@@ -156,9 +176,9 @@ class Worker:
     # -- the steppable core ---------------------------------------------------------------------
     def step(self, now: float | None = None, limit: int | None = None) -> int:
         """Reserve what is due and process it in this thread; returns how many were processed."""
-        deliveries = self.app.broker.reserve(self.queues, timeout=0, lease=self.lease, limit=limit or self.concurrency)
+        deliveries, prep = self.reserve(0, limit or self.concurrency)
         if deliveries:
-            self.process_batch(deliveries)
+            self.process_batch(deliveries, prep)
         return len(deliveries)
 
     def drain(self, timeout: float = 10.0) -> int:
@@ -168,10 +188,10 @@ class Worker:
             n = self.step()
             total += n
             if n == 0:
-                more = self.app.broker.reserve(self.queues, timeout=0.05, lease=self.lease, limit=self.concurrency)
+                more, prep = self.reserve(0.05, self.concurrency)
                 if not more:
                     break
-                self.process_batch(more)
+                self.process_batch(more, prep)
                 total += len(more)
         return total
 
@@ -179,7 +199,7 @@ class Worker:
         backoff = 0.1
         while not self._stopping.is_set():
             try:
-                deliveries = self.app.broker.reserve(self.queues, timeout=1.0, lease=self.lease, limit=self.prefetch)
+                deliveries, prep = self.reserve(1.0, self.prefetch)
                 backoff = 0.1
             except Exception as exc:
                 log.warning("worker %s: reserve failed (%s); retrying in %.1fs", self.name, exc, backoff)
@@ -188,7 +208,7 @@ class Worker:
                 continue
             if deliveries:
                 self._hold(deliveries)
-                self.process_batch(deliveries)
+                self.process_batch(deliveries, prep)
 
     def _hold(self, deliveries: list[Delivery]) -> None:
         with self._held_lock:
@@ -260,24 +280,36 @@ class Worker:
         """Run one delivery to completion; never raises (a bad message cannot stop a worker)."""
         self.process_batch([delivery])
 
-    def process_batch(self, deliveries: list[Delivery]) -> None:
+    def process_batch(self, deliveries: list[Delivery], prep: "_Prepared | None" = None) -> None:
         """Run reserved deliveries in order in this thread; never raises.
 
-        One write marks the batch RECEIVED (and hands out fencing tokens); each task's
-        finish (result, follow-ups, ack) is queued and committed together with the
-        others of the batch where broker and backend share a store, at the latest
-        ``GROUP_COMMIT`` seconds after the first one finished.
+        One write marks the batch RECEIVED and hands out fencing tokens (on SQLite in the
+        claim's own transaction, see ``reserve``); each task's finish (result, follow-ups,
+        ack) is queued and committed together with the others of the batch where broker
+        and backend share a store, at the latest ``GROUP_COMMIT`` seconds after the first
+        one finished.
         """
-        batch = _Batch(self)
+        while deliveries:
+            local: list = []
+            self._run_batch(deliveries, prep, local)
+            # follow-ups this worker published to itself (the next chain step, a chord's
+            # callback) run next, without another claim
+            deliveries, prep = (local[0] if local else ([], None))
+
+    def _run_batch(self, deliveries: list[Delivery], prep: "_Prepared | None", local: list) -> None:
+        batch = _Batch(self, local)
         try:
-            prepared = [p for p in (self._decode(d, batch) for d in deliveries) if p is not None]
-            tokens = self._begin_many(prepared)
-            for i, (delivery, message) in enumerate(prepared):
+            if prep is None:
+                prep = self._prepare(deliveries)
+            for delivery, reason in prep.malformed:
+                log.error("dead-lettering malformed message %s: %s", delivery.message_id, reason)
+                batch.add(lambda d=delivery, r=reason: self.app.broker.reject(d, r))
+            for i, (delivery, message) in enumerate(prep.messages):
                 if self._stopping.is_set() and threading.current_thread() in self._threads:
-                    self._hand_back([d for d, _ in prepared[i:]])
+                    self._hand_back([d for d, _ in prep.messages[i:]])
                     break
                 try:
-                    self._execute(delivery, message, tokens.get(message["id"], _MISSING), batch)
+                    self._execute(delivery, message, prep.tokens.get(message["id"], _MISSING), batch)
                 except Exception:
                     log.exception("worker %s: unexpected error processing %s; it will be redelivered", self.name, delivery.message_id)
                 batch.maybe_flush()
@@ -288,17 +320,54 @@ class Worker:
                 batch.flush()
             except Exception:
                 log.exception("worker %s: finishing a batch failed; its messages will be redelivered", self.name)
+                local.clear()
             for d in deliveries:
                 self._unhold(d)
 
-    def _decode(self, delivery: Delivery, batch: "_Batch") -> tuple[Delivery, dict] | None:
-        try:
-            return delivery, decode_body(delivery.body)
-        except MessageError as exc:
-            reason = str(exc)  # ``exc`` is unbound once the except block ends
-            log.error("dead-lettering malformed message %s: %s", delivery.message_id, reason)
-            batch.add(lambda: self.app.broker.reject(delivery, reason))
-            return None
+    def _take_local(self, outs: list, local: list) -> list:
+        """Publish to this worker the follow-ups it can run next; return the others."""
+        if local or not self.local_follow_ups or self._stopping.is_set():
+            return outs
+        now = self.app.clock.time()
+        mine = [o for o in outs if o.queue in self.queues and (o.eta is None or o.eta <= now)][: self.prefetch]
+        if not mine:
+            return outs
+        deliveries = self.app.broker.publish_reserved(mine, lease=self.lease)
+        if deliveries:
+            self._hold(deliveries)
+            local.append((deliveries, self._prepare(deliveries)))
+        taken = {o.id for o in mine}
+        return [o for o in outs if o.id not in taken]
+
+    def reserve(self, timeout: float, limit: int) -> tuple[list[Delivery], "_Prepared | None"]:
+        """Reserve a batch and begin it: decoded messages and fencing tokens.
+
+        Where the broker allows (``claims_in_transaction``), the tokens are written in the
+        claim's own transaction: one write per batch.
+        """
+        prepared: list = []
+
+        def on_claim(deliveries: list[Delivery]) -> None:
+            prepared.append(self._prepare(deliveries))
+
+        broker = self.app.broker
+        if broker.claims_in_transaction:
+            deliveries = broker.reserve(self.queues, timeout=timeout, lease=self.lease, limit=limit, on_claim=on_claim)
+        else:
+            deliveries = broker.reserve(self.queues, timeout=timeout, lease=self.lease, limit=limit)
+        if not deliveries:
+            return [], None
+        return deliveries, (prepared[-1] if prepared else None)
+
+    def _prepare(self, deliveries: list[Delivery]) -> "_Prepared":
+        prep = _Prepared()
+        for delivery in deliveries:
+            try:
+                prep.messages.append((delivery, decode_body(delivery.body)))
+            except MessageError as exc:
+                prep.malformed.append((delivery, str(exc)))
+        prep.tokens = self._begin_many(prep.messages)
+        return prep
 
     def _begin_many(self, prepared: list[tuple[Delivery, dict]]) -> dict:
         wanted = [(d, m) for d, m in prepared if m["name"] in self.app.registry or not m.get("ignore_when_not_registered")]

@@ -9,8 +9,9 @@ At send time a workflow becomes a tree of *nodes* with every task id assigned:
 A chord is a chain of a group and its callback. Starting a node publishes its first
 tasks and attaches *continuations* to the messages that finish it:
 
-- ``{"k": "chain", "rest": [node, ...], "then": [cont, ...]}``: start the next step
-  with this result;
+- ``{"k": "chain", "key": k, "pos": i, "n": n, "then": [cont, ...]}``: start step
+  ``i`` (stored under ``k:i`` in the backend's key-value store at send time, so a
+  message carries one step, not the rest of the chain) with this result;
 - ``{"k": "member", "group": group_id, "index": i, "member": id, "limited": bool}``: count a
   group member done (and, in a group with a concurrency limit, release the next); the
   member that completes the group stores the group's record (the list of member
@@ -42,6 +43,9 @@ from .signature import Signature, new_id
 log = logging.getLogger(__name__)
 
 _current: contextvars.ContextVar = contextvars.ContextVar("nbqueue_current_task", default=None)
+#: set by a worker while it finishes tasks: takes follow-up messages it will run next
+#: (published already reserved by it) and returns the ones to publish as usual
+_local_taker: contextvars.ContextVar = contextvars.ContextVar("nbqueue_local_taker", default=None)
 
 
 # -- user-facing constructors ----------------------------------------------------------------
@@ -200,7 +204,11 @@ class _Publisher:
             found = self.app.backend.states_of([o.id for o in outs])
             outs = [o for o in outs if found.get(o.id, states.PENDING) == states.PENDING]
         if outs:
-            self.app.broker.publish_many(outs)
+            taker = _local_taker.get()
+            if taker is not None:
+                outs = taker(outs)
+            if outs:
+                self.app.broker.publish_many(outs)
             self.published += len(outs)
         after, self.after = self.after, []
         for action in after:
@@ -223,7 +231,13 @@ def start(app, node: dict, conts: list, pub: _Publisher, *, input_json: Any = No
         pub.task(message)
     elif kind == "chain":
         steps = node["steps"]
-        inner = [{"k": "chain", "rest": steps[1:], "then": conts}] if len(steps) > 1 else conts
+        inner = conts
+        if len(steps) > 1:
+            # the later steps are stored once, one key each, and the continuation refers to
+            # them: a message carries one step, not the whole rest of the chain
+            key = f"nbq:chain:{terminal_id(node)}"
+            app.backend.kv_set_many({f"{key}:{i}": serialization.dumps(step) for i, step in enumerate(steps) if i > 0})
+            inner = [{"k": "chain", "key": key, "pos": 1, "n": len(steps), "then": conts}]
         start(app, steps[0], inner, pub, input_json=input_json, has_input=has_input)
     else:
         _start_group(app, node, conts, pub, input_json, has_input)
@@ -339,11 +353,31 @@ def _fire_error_callbacks(app, message: dict, error: str, pub: _Publisher) -> No
 def _apply(app, conts: list, value: Any, pub: _Publisher) -> None:
     for cont in conts:
         if cont["k"] == "chain":
-            rest = cont["rest"]
-            inner = [{"k": "chain", "rest": rest[1:], "then": cont["then"]}] if len(rest) > 1 else cont["then"]
-            start(app, rest[0], inner, pub, input_json=value, has_input=True)
+            _next_step(app, cont, value, pub)
         elif cont["k"] == "member":
             _member_finished(app, cont, pub)
+
+
+def _next_step(app, cont: dict, value: Any, pub: _Publisher) -> None:
+    """Start the chain's step ``pos`` with the previous step's value.
+
+    A step's stored node is deleted once the step is published; a repeat advance that
+    finds it gone knows the step was started already.
+    """
+    step_key = f"{cont['key']}:{cont['pos']}"
+    text = app.backend.kv_get(step_key)
+    if text is None:
+        return
+    pos, n = cont["pos"], cont["n"]
+    inner = [{**cont, "pos": pos + 1}] if pos + 1 < n else cont["then"]
+    start(app, serialization.loads(text), inner, pub, input_json=value, has_input=True)
+    pub.after.append(lambda: app.backend.kv_set(step_key, None))
+
+
+def _chain_rest(app, cont: dict) -> list[dict]:
+    """The stored steps of a chain from ``pos`` on (those not started yet)."""
+    texts = [app.backend.kv_get(f"{cont['key']}:{i}") for i in range(cont["pos"], cont["n"])]
+    return [serialization.loads(t) for t in texts if t is not None]
 
 
 def _member_finished(app, cont: dict, pub: _Publisher) -> None:
@@ -407,7 +441,7 @@ def _group_complete(app, gid: str, pub: _Publisher) -> None:
 def _fail(app, conts: list, origin_id: str, exc_type: str, error: str, pub: _Publisher) -> None:
     for cont in conts:
         if cont["k"] == "chain":
-            for node in cont["rest"]:
+            for node in _chain_rest(app, cont):
                 _mark_not_run(app, node, origin_id, exc_type, error, pub)
             _fail(app, cont["then"], origin_id, exc_type, error, pub)
         elif cont["k"] == "member":
@@ -464,10 +498,11 @@ def send(app, item: Any, *, concurrency: int = 0):
         raise TypeError(f"cannot send a {type(item).__name__}: expected a Signature, group, chain or chord")
     build = _Build(app, concurrency=concurrency)
     node = build.node(item)
-    app.backend.create(build.records)
-    pub = _Publisher(app)
-    start(app, node, [], pub)
-    pub.flush()
+    with app.transaction():
+        app.backend.create(build.records)
+        pub = _Publisher(app)
+        start(app, node, [], pub)
+        pub.flush()
     return result_for(app, item, node)
 
 

@@ -172,8 +172,8 @@ def test_send_dispatches_on_type_and_returns_the_matching_result(app):
 def test_group_results_and_values_are_in_group_order_not_finishing_order(app):
     t = make_tasks(app)
     worker = app.worker()
-    # member 0 is a three-step chain, so member 1 finishes first
-    res = app.send(group(chain(t.ident.si("a"), t.ident.si("b"), t.ident.si("first")), t.ident.si("second"), t.add.s(1, 2)))
+    # member 1 has the higher priority, so it is reserved and finishes before member 0 (a three-step chain)
+    res = app.send(group(chain(t.ident.si("a"), t.ident.si("b"), t.ident.si("first")), t.ident.si("second").set(priority=9), t.add.s(1, 2)))
     assert [type(r) for r in res.results] == [ChainResult, AsyncResult, AsyncResult]
     assert not res.ready() and res.completed_count() == 0
     run_until(worker, res)
@@ -308,7 +308,7 @@ def test_steps_not_run_fire_their_error_callbacks(app):
 def test_chain_step_delivered_twice_starts_the_next_step_once(app, monkeypatch):
     t = make_tasks(app)
     res = app.send(chain(t.add.s(1, 1), t.add.s(10), t.mul.s(3)))
-    worker = app.worker()
+    worker = app.worker(local_follow_ups=False)
     (first,) = reserve(app, 1)
     real_ack, skipped = app.broker.ack, []
     monkeypatch.setattr(app.broker, "ack", lambda d: skipped.append(d) if not skipped else real_ack(d))
@@ -377,7 +377,7 @@ def test_chord_callback_runs_once_when_members_finish_at_the_same_moment(app):
 def test_chord_callback_runs_once_when_a_member_is_delivered_twice(app, monkeypatch, callback_first):
     t = make_tasks(app)
     res = app.send(chord([t.add.s(1, 1), t.add.s(2, 2), t.add.s(3, 3)], t.total.s()))
-    worker = app.worker()
+    worker = app.worker(local_follow_ups=False)
     deliveries = reserve(app, 3)
     for d in deliveries[:2]:
         worker.process(d)
@@ -404,7 +404,7 @@ def test_chord_callback_runs_once_when_a_worker_dies_before_publishing_it(app, m
     t = make_tasks(app)
     res = app.send(chord([t.add.s(1, 1), t.add.s(2, 2)], t.total.s()))
     callback_id = res.callback.id
-    worker = app.worker()
+    worker = app.worker(local_follow_ups=False)
     first, last = reserve(app, 2)
     worker.process(first)
     real_publish, failed = app.broker.publish_many, []
@@ -477,6 +477,16 @@ class LiveMembers:
             return real(outs)
 
         monkeypatch.setattr(app.broker, "publish_many", publish_many)
+        if hasattr(app.broker, "publish_reserved"):      # a worker's own follow-ups, reserved as published
+            reserved = app.broker.publish_reserved
+
+            def publish_reserved(outs, **kwargs):
+                with self.lock:
+                    self.published |= {o.id for o in outs if decode_body(o.body)["name"] == name}
+                    self.high = max(self.high, self.live())
+                return reserved(outs, **kwargs)
+
+            monkeypatch.setattr(app.broker, "publish_reserved", publish_reserved)
 
     def live(self) -> int:
         return len(self.published - self.done)
@@ -559,7 +569,7 @@ def test_group_concurrency_releases_a_member_whose_release_was_lost_in_a_crash(a
     res = app.send_group(group(t.add.s(i, 0) for i in range(6)), concurrency=2)
     m0, m1 = sorted(reserve(app, 2), key=lambda d: d.message_id != res.results[0].id)
     assert (m0.message_id, m1.message_id) == (res.results[0].id, res.results[1].id)
-    worker = app.worker()
+    worker = app.worker(local_follow_ups=False)
     real_publish, failed = app.broker.publish_many, []
 
     def publish_many(outs):
@@ -697,3 +707,39 @@ def test_workflows_example_prints_the_group_chord_and_chain_values(tmp_path):
     assert "chord: 48" in lines
     assert "chain: 22" in lines
     assert (tmp_path / ".nbqueue" / "nbqueue.db").exists()    # the embedded default, in the working directory
+
+
+def test_follow_up_reserved_by_a_worker_that_dies_runs_once_on_another(tmp_path):
+    """Given a worker that published the next chain step already reserved to itself (the
+    SQLite fast path) and died before running it, when its lease runs out, another
+    worker runs the step, once, and the chain completes."""
+    app = nbqueue.App(f"sqlite:///{tmp_path}/local.db", visibility_timeout=0.5)
+    ran = []
+
+    @app.task(name="step")
+    def step(label, previous=None):
+        ran.append(label)
+        return f"{previous}>{label}" if previous else label
+
+    res = app.send_chain(chain(step.s("a"), step.s("b")))
+    dying = app.worker()
+    assert dying.local_follow_ups
+    real_run_batch, calls = dying._run_batch, []
+
+    def run_first_batch_only(deliveries, prep, local):
+        calls.append([d.message_id for d in deliveries])
+        if len(calls) == 1:
+            real_run_batch(deliveries, prep, local)      # runs "a", reserves "b" for itself
+        # the second batch (its own follow-up "b") is lost with the worker
+
+    dying._run_batch = run_first_batch_only
+    assert dying.step() == 1
+    assert ran == ["a"] and len(calls) == 2              # "b" was taken locally, then the worker "died"
+    assert app.broker.stats()[0]["in_flight"] == 1
+    survivor = app.worker()
+    deadline = time.monotonic() + 10
+    while not res.ready() and time.monotonic() < deadline:
+        survivor.step()
+        time.sleep(0.05)
+    assert res.get(timeout=1) == "a>b"
+    assert ran == ["a", "b"]

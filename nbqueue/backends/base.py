@@ -202,6 +202,10 @@ class ResultBackend:
         """Small persistent values (schedules); ``None`` deletes."""
         raise NotImplementedError
 
+    def kv_set_many(self, items: dict[str, str]) -> None:
+        for key, value in items.items():
+            self.kv_set(key, value)
+
     def kv_items(self, prefix: str) -> dict[str, str]:
         raise NotImplementedError
 

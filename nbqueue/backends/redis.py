@@ -496,6 +496,15 @@ class RedisBackend(ResultBackend):
         return self.client.get(f"{self.prefix}kv:{key}")
 
     @guarded
+    def kv_set_many(self, items: dict[str, str]) -> None:
+        if not items:
+            return
+        pipe = self.client.pipeline(transaction=True)
+        pipe.mset({f"{self.prefix}kv:{k}": v for k, v in items.items()})
+        pipe.zadd(f"{self.prefix}kv", dict.fromkeys(items, 0))
+        pipe.execute()
+
+    @guarded
     def kv_set(self, key: str, value: str | None) -> None:
         pipe = self.client.pipeline(transaction=True)
         if value is None:

@@ -272,6 +272,11 @@ class SQLiteBackend(ResultBackend):
             else:
                 conn.execute("INSERT INTO nbq_kv(key, value, expires) VALUES (?, ?, NULL) ON CONFLICT(key) DO UPDATE SET value = excluded.value, expires = NULL", (key, value))
 
+    def kv_set_many(self, items: dict[str, str]) -> None:
+        with self.store.write() as conn:
+            conn.executemany("INSERT INTO nbq_kv(key, value, expires) VALUES (?, ?, NULL) "
+                             "ON CONFLICT(key) DO UPDATE SET value = excluded.value, expires = NULL", list(items.items()))
+
     def kv_items(self, prefix: str) -> dict[str, str]:
         rows = self.store.read("SELECT key, value FROM nbq_kv WHERE key >= ? AND key < ? AND (expires IS NULL OR expires > ?)", (prefix, prefix + "\uffff", self.clock.time()))
         return dict(rows)

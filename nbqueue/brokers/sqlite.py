@@ -33,6 +33,7 @@ def _schema(db) -> None:
 class SQLiteBroker(Broker):
     scheme = "sqlite"
     wakes_in_process = True
+    claims_in_transaction = True
 
     def __init__(self, url: str = "", *, clock=None, options: dict | None = None):
         super().__init__(url, clock=clock, options=options)
@@ -55,8 +56,28 @@ class SQLiteBroker(Broker):
             )
             self.store.on_commit(self.wake)
 
+    def publish_reserved(self, outs: Sequence[Outgoing], *, lease: float) -> list[Delivery]:
+        """Publish messages already reserved by the caller (a worker's own follow-ups).
+
+        They are ordinary messages with a lease: if the caller dies they are delivered
+        again. Ids already present are left alone and not returned.
+        """
+        now = self.clock.time()
+        deliveries = []
+        with self.store.write() as conn:
+            for o in outs:
+                row = conn.execute(
+                    "INSERT OR IGNORE INTO nbq_messages(id, queue, priority, due, state, attempt, body, created) "
+                    "VALUES (?, ?, ?, ?, 1, 1, ?, ?) RETURNING seq",
+                    (o.id, o.queue, int(o.priority), now + lease, o.body, now),
+                ).fetchone()
+                if row is not None:
+                    deliveries.append(Delivery(message_id=o.id, queue=o.queue, body=o.body, attempt=1, lease_until=now + lease,
+                                               tag=(row[0], 1), priority=o.priority))
+        return deliveries
+
     # -- consuming ---------------------------------------------------------------
-    def _claim(self, queues: Sequence[str], now: float, lease: float, limit: int) -> list[Delivery]:
+    def _claim(self, queues: Sequence[str], now: float, lease: float, limit: int, on_claim=None) -> list[Delivery]:
         qs = placeholders(len(queues))
         # a cheap read first, so idle pollers never take the write lock
         if not self.store.read(f"SELECT 1 FROM nbq_messages WHERE queue IN ({qs}) AND state < 2 AND due <= ? LIMIT 1", (*queues, now)):
@@ -69,21 +90,25 @@ class SQLiteBroker(Broker):
                     RETURNING seq, id, queue, body, attempt, priority""",
                 (now + lease, *queues, now, limit),
             ).fetchall()
-        rows.sort(key=lambda r: (-r[5], r[0]))
-        return [Delivery(message_id=r[1], queue=r[2], body=r[3], attempt=r[4], lease_until=now + lease, tag=(r[0], r[4]), priority=r[5]) for r in rows]
+            rows.sort(key=lambda r: (-r[5], r[0]))
+            deliveries = [Delivery(message_id=r[1], queue=r[2], body=r[3], attempt=r[4], lease_until=now + lease, tag=(r[0], r[4]), priority=r[5])
+                          for r in rows]
+            if deliveries and on_claim is not None:
+                on_claim(deliveries)
+        return deliveries
 
     def next_due(self, queues: Sequence[str]) -> float | None:
         row = self.store.read(f"SELECT MIN(due) FROM nbq_messages WHERE queue IN ({placeholders(len(queues))}) AND state < 2", tuple(queues))
         return row[0][0] if row else None
 
-    def reserve(self, queues: Sequence[str], *, timeout: float = 0.0, lease: float = 30.0, limit: int = 1) -> list[Delivery]:
+    def reserve(self, queues: Sequence[str], *, timeout: float = 0.0, lease: float = 30.0, limit: int = 1, on_claim=None) -> list[Delivery]:
         import time as _time
 
         deadline = _time.monotonic() + max(0.0, timeout)
         interval = 0.001
         while True:
             version = WAKEUPS.version(self._wake_key)
-            got = self._claim(queues, self.clock.time(), lease, limit)
+            got = self._claim(queues, self.clock.time(), lease, limit, on_claim)
             if got:
                 return got
             remaining = deadline - _time.monotonic()
