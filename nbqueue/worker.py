@@ -199,7 +199,7 @@ class Worker:
         backoff = 0.1
         while not self._stopping.is_set():
             try:
-                deliveries, prep = self.reserve(1.0, self.prefetch)
+                deliveries, prep = self.reserve(0.25, self.prefetch)  # short, so stop() is prompt
                 backoff = 0.1
             except Exception as exc:
                 log.warning("worker %s: reserve failed (%s); retrying in %.1fs", self.name, exc, backoff)
