@@ -131,8 +131,7 @@ class App:
     def publish(self, records: list[dict], outs: list[Outgoing]) -> None:
         """Record as PENDING first, then publish, so a fast worker's result is never overwritten."""
         with self.transaction():
-            self.backend.create(records)
-            self.broker.publish_many(outs)
+            self.broker.publish_recorded(self.backend, records, outs)
 
     def transaction(self):
         """One transaction over broker and backend where they share a store (the SQLite file)."""

@@ -53,8 +53,10 @@ class _Batch:
 
     def __init__(self, worker: "Worker", local: list):
         self.app = worker.app
+        self.worker = worker
         self.grouped = worker.group_commit
         self.ops: list = []
+        self.plain: list = []       # successes nothing follows: (delivery, id, token, fields)
         self.first = 0.0
         self.taker = (lambda outs: worker._take_local(outs, local)) if self.grouped else None
 
@@ -66,19 +68,33 @@ class _Batch:
             self.first = time.monotonic()
         self.ops.append(op)
 
+    def add_plain(self, delivery: Delivery, task_id: str, token: int, fields: dict) -> None:
+        if not self.ops and not self.plain:
+            self.first = time.monotonic()
+        self.plain.append((delivery, task_id, token, fields))
+
     def maybe_flush(self) -> None:
-        if self.ops and time.monotonic() - self.first >= GROUP_COMMIT:
+        if (self.ops or self.plain) and time.monotonic() - self.first >= GROUP_COMMIT:
             self.flush()
 
     def flush(self) -> None:
         ops, self.ops = self.ops, []
-        if ops:
+        plain, self.plain = self.plain, []
+        if ops or plain:
             reset = workflow._local_taker.set(self.taker)
             try:
                 with self.app.transaction():
                     self._run(ops)
+                    if plain:
+                        self._finish_plain(plain)
             finally:
                 workflow._local_taker.reset(reset)
+
+    def _finish_plain(self, plain: list) -> None:
+        """Store the results, then acknowledge: two round trips for the lot."""
+        stored = self.app.backend.store_results([(task_id, states.SUCCESS, token, fields) for _, task_id, token, fields in plain])
+        self.worker.processed += sum(stored)
+        self.app.broker.ack_many([d for d, _, _, _ in plain])
 
     def _run(self, ops: list) -> None:
         for op in ops:
@@ -441,9 +457,13 @@ class Worker:
             self._fail(delivery, message, token, exc, batch, output=output, started_at=started_at)
             return
 
+        fields = {"result": result_text, "output": output or None, "error": None, "exc_type": None, "traceback": None, "started_at": started_at}
+        if not message.get("on_success") and not message.get("workflow"):
+            batch.add_plain(delivery, task_id, token, fields)      # nothing follows: finished with others in one go
+            return
+
         def finish() -> None:
-            if app.backend.store_result(task_id, states.SUCCESS, token=token, result=result_text, output=output or None,
-                                        error=None, exc_type=None, traceback=None, started_at=started_at):
+            if app.backend.store_result(task_id, states.SUCCESS, token=token, **fields):
                 self.processed += 1
                 workflow.on_success(app, message, result_text)
             app.broker.ack(delivery)

@@ -20,7 +20,7 @@ import pytest
 
 import nbqueue
 from nbqueue import Backoff, Signature, states
-from nbqueue.brokers.base import Outgoing
+from nbqueue.brokers.base import Outgoing, Broker
 from nbqueue.clock import ManualClock
 from nbqueue.retry import fibonacci_next, next_delay
 
@@ -750,6 +750,14 @@ def test_result_is_stored_before_the_ack_and_a_finished_task_delivered_again_is_
         return real_ack(delivery)
 
     monkeypatch.setattr(app.broker, "ack", watching_ack)
+    real_ack_many = app.broker.ack_many
+
+    def watching_ack_many(deliveries):
+        state_at_ack.extend(app.backend.get(d.message_id)["state"] for d in deliveries)
+        return real_ack_many(deliveries)
+
+    if type(app.broker).ack_many is not Broker.ack_many:      # a broker that acks a batch at once
+        monkeypatch.setattr(app.broker, "ack_many", watching_ack_many)
     message, record, out = app.prepare(Signature("once"))
     app.publish([record], [out])
     worker = app.worker()

@@ -91,6 +91,10 @@ class ResultBackend:
     def _store_final(self, task_id: str, state: str, token: int | None, fields: dict) -> bool:
         raise NotImplementedError
 
+    def store_results(self, items: Sequence[tuple[str, str, int | None, dict]]) -> list[bool]:
+        """``store_result`` for many ``(id, state, token, fields)``; stores may do it in one round trip."""
+        return [self.store_result(task_id, state, token=token, **fields) for task_id, state, token, fields in items]
+
     def update(self, task_id: str, **fields) -> None:
         """Set fields without touching the state (task output, progress meta)."""
         raise NotImplementedError

@@ -107,7 +107,7 @@ return tokens
 
 # KEYS: record, index, expiring; ARGV: id, state, token or '', created_at for a new
 # record, ttl ms or '', expires_at or '', then fields. 1 when written, else 0.
-_SET_STATE = _LUA_COMMON + """
+_SET_STATE = _LUA_COMMON + f"local DONE_TTL_MS = {DONE_TTL_MS}\n" + """
 local current = redis.call('HMGET', KEYS[1], 'state', 'token')
 if current[1] then
   if FINAL[current[1]] then return 0 end
@@ -122,6 +122,11 @@ apply(KEYS[1], 7)
 if ARGV[5] ~= '' then
   redis.call('PEXPIRE', KEYS[1], ARGV[5])
   redis.call('ZADD', KEYS[3], ARGV[6], ARGV[1])
+end
+if FINAL[ARGV[2]] then
+  -- wake the task's waiters (blocked in BLPOP on its done list) in the same call
+  redis.call('RPUSH', KEYS[4], '1')
+  redis.call('PEXPIRE', KEYS[4], DONE_TTL_MS)
 end
 return 1
 """
@@ -249,7 +254,7 @@ class RedisBackend(ResultBackend):
 
     # -- records -----------------------------------------------------------------
     @guarded
-    def create(self, records: Sequence[dict]) -> None:
+    def create(self, records: Sequence[dict], client=None) -> None:
         now = self.clock.time()
         for start in range(0, len(records), CHUNK):
             keys, args = [self._index], []
@@ -260,7 +265,7 @@ class RedisBackend(ResultBackend):
                 pairs = [(k, _encode(v)) for k, v in fields.items() if v is not None]
                 keys.append(self._rec(r["id"]))
                 args += [str(len(pairs)), *(x for pair in pairs for x in pair)]
-            self._create(keys=keys, args=args)
+            self._create(keys=keys, args=args, client=client)
 
     @guarded
     def begin(self, task_id: str, *, worker: str = "", fields: dict | None = None) -> int | None:
@@ -287,16 +292,23 @@ class RedisBackend(ResultBackend):
 
     @guarded
     def set_state(self, task_id: str, state: str, *, token: int | None = None, **fields) -> bool:
-        done = self._write_state(task_id, state, token, fields, ttl=None)
-        if done and state in states.READY_STATES:
-            self._notify([task_id])
-        return done
+        return self._write_state(task_id, state, token, fields, ttl=None)  # the script wakes waiters of a final state
 
     def _store_final(self, task_id: str, state: str, token: int | None, fields: dict) -> bool:
         return self._write_state(task_id, state, token, fields, ttl=self.results_expire_in)
 
     @guarded
-    def _write_state(self, task_id: str, state: str, token: int | None, fields: dict, ttl: float | None) -> bool:
+    def store_results(self, items: Sequence[tuple[str, str, int | None, dict]]) -> list[bool]:
+        """Final states of many tasks in one round trip (a pipeline of the set-state script)."""
+        pipe = self.client.pipeline(transaction=False)
+        for task_id, state, token, fields in items:
+            fields = dict(fields)
+            fields.setdefault("finished_at", self.clock.time())
+            self._write_state(task_id, state, token, fields, ttl=self.results_expire_in, client=pipe)
+        return [reply == 1 for reply in pipe.execute()]
+
+    @guarded
+    def _write_state(self, task_id: str, state: str, token: int | None, fields: dict, ttl: float | None, client=None) -> bool:
         fields = {k: v for k, v in fields.items() if k in FIELDS and k not in ("id", "state", "token")}
         now = self.clock.time()
         created = fields.get("created_at", now)
@@ -305,7 +317,8 @@ class RedisBackend(ResultBackend):
             ttl_ms = str(max(1, math.ceil(ttl * 1000)))
             expires_at = _encode(fields.get("expires_at") or now + ttl)
         args = [task_id, state, "" if token is None else str(int(token)), _encode(created), ttl_ms, expires_at, *_field_args(fields)]
-        return self._set_state(keys=[self._rec(task_id), self._index, self._expiring], args=args) == 1
+        reply = self._set_state(keys=[self._rec(task_id), self._index, self._expiring, self._done_key(task_id)], args=args, client=client)
+        return reply == 1
 
     @guarded
     def update(self, task_id: str, **fields) -> None:
@@ -337,12 +350,8 @@ class RedisBackend(ResultBackend):
     # -- waiting -----------------------------------------------------------------
     @guarded
     def _notify(self, ids: Sequence[str]) -> None:
-        """Push a token to each task's done list; waiters blocked on it wake at once."""
-        pipe = self.client.pipeline(transaction=False)
-        for task_id in ids:
-            pipe.rpush(self._done_key(task_id), "1")
-            pipe.pexpire(self._done_key(task_id), DONE_TTL_MS)
-        pipe.execute()
+        """Nothing to do: the set-state script pushes a token to a final task's done list,
+        and waiters blocked on it wake at once."""
 
     @guarded
     def _block(self, pending: Sequence[str], version: int, timeout: float) -> None:

@@ -76,12 +76,20 @@ class Broker:
     def publish_many(self, outs: Sequence[Outgoing]) -> None:
         raise NotImplementedError
 
+    def publish_recorded(self, backend, records: Sequence[dict], outs: Sequence[Outgoing]) -> None:
+        """Record tasks as PENDING in ``backend``, then publish them (one round trip where the store allows)."""
+        backend.create(records)
+        self.publish_many(outs)
+
     # consuming
     def reserve(self, queues: Sequence[str], *, timeout: float = 0.0, lease: float = 30.0, limit: int = 1) -> list[Delivery]:
         raise NotImplementedError
 
     def ack(self, delivery: Delivery) -> bool:
         raise NotImplementedError
+
+    def ack_many(self, deliveries: Sequence[Delivery]) -> list[bool]:
+        return [self.ack(d) for d in deliveries]
 
     def retry(self, delivery: Delivery, *, body: str | None = None, eta: float | None = None) -> bool:
         """Put the message back (same id), with a new body and due time if given."""

@@ -323,13 +323,33 @@ class RedisBroker(Broker):
 
     # -- publishing --------------------------------------------------------------
     @guarded
-    def publish_many(self, outs: Sequence[Outgoing]) -> None:
+    def publish_many(self, outs: Sequence[Outgoing], client=None) -> None:
         for start in range(0, len(outs), PUBLISH_CHUNK):
             args: list[Any] = [self.prefix, repr(self.clock.time())]
             for o in outs[start:start + PUBLISH_CHUNK]:
                 priority = min(9, max(0, int(o.priority)))
                 args += [o.id, o.queue, priority, "" if o.eta is None else repr(float(o.eta)), o.body]
-            self._publish(args=args)
+            self._publish(args=args, client=client)
+
+    @guarded
+    def publish_recorded(self, backend, records: Sequence[dict], outs: Sequence[Outgoing]) -> None:
+        """Records and messages in one round trip when the backend is on this Redis."""
+        from ..backends.redis import RedisBackend
+
+        if not (isinstance(backend, RedisBackend) and backend.url == self.url and backend.prefix == self.prefix):
+            super().publish_recorded(backend, records, outs)
+            return
+        pipe = self.client.pipeline(transaction=False)
+        backend.create(records, client=pipe)      # records first: a fast worker's result is never overwritten
+        self.publish_many(outs, client=pipe)
+        pipe.execute()
+
+    @guarded
+    def ack_many(self, deliveries: Sequence[Delivery]) -> list[bool]:
+        pipe = self.client.pipeline(transaction=False)
+        for d in deliveries:
+            self._settle(args=[self.prefix, d.message_id, str(d.tag), "ack", repr(self.clock.time())], client=pipe)
+        return [reply == 1 for reply in pipe.execute()]
 
     # -- consuming ---------------------------------------------------------------
     @guarded
