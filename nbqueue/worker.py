@@ -92,9 +92,9 @@ class _Batch:
 
     def _finish_plain(self, plain: list) -> None:
         """Store the results, then acknowledge: two round trips for the lot."""
-        stored = self.app.backend.store_results([(task_id, states.SUCCESS, token, fields) for _, task_id, token, fields in plain])
+        items = [(task_id, states.SUCCESS, token, fields) for _, task_id, token, fields in plain]
+        stored = self.app.broker.store_and_ack(self.app.backend, items, [d for d, _, _, _ in plain])
         self.worker.processed += sum(stored)
-        self.app.broker.ack_many([d for d, _, _, _ in plain])
 
     def _run(self, ops: list) -> None:
         for op in ops:

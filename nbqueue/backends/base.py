@@ -124,6 +124,9 @@ class ResultBackend:
         while True:
             version = WAKEUPS.version(self._wake_key)
             while pending:
+                # the oldest pending id first: while it is not done, one tiny query per wake-up
+                if len(pending) > 1 and self.states_of(pending[:1]).get(pending[0]) not in states.READY_STATES:
+                    break
                 head = pending[:256]
                 found = self.states_of(head)
                 still = [i for i in head if found.get(i) not in states.READY_STATES]

@@ -298,14 +298,15 @@ class RedisBackend(ResultBackend):
         return self._write_state(task_id, state, token, fields, ttl=self.results_expire_in)
 
     @guarded
-    def store_results(self, items: Sequence[tuple[str, str, int | None, dict]]) -> list[bool]:
-        """Final states of many tasks in one round trip (a pipeline of the set-state script)."""
-        pipe = self.client.pipeline(transaction=False)
+    def store_results(self, items: Sequence[tuple[str, str, int | None, dict]], client=None) -> list[bool]:
+        """Final states of many tasks in one round trip (a pipeline of the set-state script);
+        with ``client`` (a pipeline) the commands are only queued there."""
+        pipe = client or self.client.pipeline(transaction=False)
         for task_id, state, token, fields in items:
             fields = dict(fields)
             fields.setdefault("finished_at", self.clock.time())
             self._write_state(task_id, state, token, fields, ttl=self.results_expire_in, client=pipe)
-        return [reply == 1 for reply in pipe.execute()]
+        return [] if client is not None else [reply == 1 for reply in pipe.execute()]
 
     @guarded
     def _write_state(self, task_id: str, state: str, token: int | None, fields: dict, ttl: float | None, client=None) -> bool:
@@ -357,19 +358,18 @@ class RedisBackend(ResultBackend):
     def _block(self, pending: Sequence[str], version: int, timeout: float) -> None:
         """Block until one of the first pending tasks is stored as final, or ``timeout``.
 
-        The token is handed back after a pop, so every waiter of the task wakes; a token
-        found while its task is not final (forgotten, expired) is dropped instead.
+        The token is handed back after a pop, so every waiter of the task wakes; tokens
+        are only pushed for final states, expire on their own, and ``forget`` deletes them.
         """
         popped = self.client.blpop([self._done_key(t) for t in pending[:WAIT_KEYS]], timeout=max(MIN_BLOCK, timeout))
         if not popped:
             return
         key, token = popped
-        task_id = key[len(self._done_key("")):]
-        if self.client.hget(self._rec(task_id), "state") in states.READY_STATES:
-            pipe = self.client.pipeline(transaction=False)
-            pipe.rpush(key, token)
-            pipe.pexpire(key, DONE_TTL_MS)
-            pipe.execute()
+        # hand the token back for the task's other waiters; it expires on its own
+        pipe = self.client.pipeline(transaction=False)
+        pipe.rpush(key, token)
+        pipe.pexpire(key, DONE_TTL_MS)
+        pipe.execute()
 
     # -- groups ------------------------------------------------------------------
     @guarded

@@ -332,8 +332,7 @@ class _Consumer(threading.Thread):
             demands = list(broker._demands)
             if demands:
                 wanted: set[str] = set().union(*(d.queues for d in demands))
-                held = len(session.outstanding)
-                prefetch: int | None = max(1, held + sum(d.limit for d in demands))
+                prefetch: int | None = broker._window(session)
             else:                        # nobody waiting: keep consuming what was asked for last
                 wanted, prefetch = set(session.consumers), None
             cancel = [q for q in session.consumers if q not in wanted]
@@ -746,8 +745,13 @@ class AMQPBroker(Broker):
             wakes = self._wakes
             setting_up = not self._consuming(wanted)
             self._demands.append(demand)
-            self._dirty = True
-        consumer.poke()
+            session = self._session
+            # wake the I/O thread only if consumers or the prefetch window must change
+            change = (setting_up or session is None or session.prefetch != self._window(session)
+                      or not set(session.consumers) <= set().union(*(d.queues for d in self._demands)))
+            self._dirty = self._dirty or change
+        if change:
+            consumer.poke()
         try:
             while True:
                 with self._cond:
@@ -772,7 +776,11 @@ class AMQPBroker(Broker):
         finally:
             with self._cond:
                 self._demands.remove(demand)
-                self._dirty = True
+                self._dirty = self._dirty or bool(self._demands)   # the others' window, at the next turn
+
+    def _window(self, session: _Session) -> int:
+        """Under the lock: the prefetch the waiting reservers need (held + asked for)."""
+        return max(1, len(session.outstanding) + sum(d.limit for d in self._demands))
 
     def _consuming(self, queues: frozenset) -> bool:
         """Under the lock: is the current session consuming all of ``queues``?"""
@@ -862,7 +870,7 @@ class AMQPBroker(Broker):
         except Exception:
             return False
         with self._cond:
-            self._dirty = True     # the prefetch window follows what we hold
+            self._dirty = self._dirty or bool(self._demands)   # the window follows what we hold
         return True
 
     def _settle(self, delivery: Delivery, action: str) -> bool:

@@ -91,6 +91,13 @@ class Broker:
     def ack_many(self, deliveries: Sequence[Delivery]) -> list[bool]:
         return [self.ack(d) for d in deliveries]
 
+    def store_and_ack(self, backend, items: Sequence[tuple], deliveries: Sequence[Delivery]) -> list[bool]:
+        """Store final results in ``backend``, then acknowledge their deliveries (one round trip
+        where the store allows); returns which results were stored."""
+        stored = backend.store_results(items)
+        self.ack_many(deliveries)
+        return stored
+
     def retry(self, delivery: Delivery, *, body: str | None = None, eta: float | None = None) -> bool:
         """Put the message back (same id), with a new body and due time if given."""
         raise NotImplementedError

@@ -334,9 +334,7 @@ class RedisBroker(Broker):
     @guarded
     def publish_recorded(self, backend, records: Sequence[dict], outs: Sequence[Outgoing]) -> None:
         """Records and messages in one round trip when the backend is on this Redis."""
-        from ..backends.redis import RedisBackend
-
-        if not (isinstance(backend, RedisBackend) and backend.url == self.url and backend.prefix == self.prefix):
+        if not self._shares_server(backend):
             super().publish_recorded(backend, records, outs)
             return
         pipe = self.client.pipeline(transaction=False)
@@ -345,11 +343,27 @@ class RedisBroker(Broker):
         pipe.execute()
 
     @guarded
-    def ack_many(self, deliveries: Sequence[Delivery]) -> list[bool]:
-        pipe = self.client.pipeline(transaction=False)
+    def ack_many(self, deliveries: Sequence[Delivery], client=None) -> list[bool]:
+        pipe = client or self.client.pipeline(transaction=False)
         for d in deliveries:
             self._settle(args=[self.prefix, d.message_id, str(d.tag), "ack", repr(self.clock.time())], client=pipe)
-        return [reply == 1 for reply in pipe.execute()]
+        return [] if client is not None else [reply == 1 for reply in pipe.execute()]
+
+    def _shares_server(self, backend) -> bool:
+        from ..backends.redis import RedisBackend
+
+        return isinstance(backend, RedisBackend) and backend.url == self.url and backend.prefix == self.prefix
+
+    @guarded
+    def store_and_ack(self, backend, items: Sequence[tuple], deliveries: Sequence[Delivery]) -> list[bool]:
+        """One pipeline: the results first, then the acks (Redis runs them in that order)."""
+        if not self._shares_server(backend):
+            return super().store_and_ack(backend, items, deliveries)
+        pipe = self.client.pipeline(transaction=False)
+        backend.store_results(items, client=pipe)
+        self.ack_many(deliveries, client=pipe)
+        replies = pipe.execute()
+        return [reply == 1 for reply in replies[:len(items)]]
 
     # -- consuming ---------------------------------------------------------------
     @guarded
