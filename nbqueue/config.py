@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Any
 
 from .errors import ConfigurationError
+
+log = logging.getLogger(__name__)
 
 #: options App accepts besides broker/backend/default_queue, with their defaults
 DEFAULTS: dict[str, Any] = {
@@ -18,6 +21,15 @@ DEFAULTS: dict[str, Any] = {
     "secret": None,                 # HMAC key for cell messages (NBQUEUE_SECRET)
     "clock": None,
     "key_prefix": "nbq",
+}
+
+#: options a broker or backend reads (redis.py, amqp.py); passed through as given
+STORE_OPTIONS = {
+    # Redis
+    "max_block", "batch", "retries", "retry_base", "retry_cap", "socket_timeout", "socket_connect_timeout",
+    "health_check_interval", "client_name", "password",
+    # AMQP
+    "reconnect_timeout", "confirm_timeout", "publish_batch", "eta_tolerance",
 }
 
 
@@ -33,9 +45,9 @@ class Config:
 
 
 def check_options(options: dict) -> None:
-    unknown = sorted(set(options) - set(DEFAULTS))
+    unknown = sorted(set(options) - set(DEFAULTS) - STORE_OPTIONS)
     if unknown:
-        raise ConfigurationError(f"unknown App option(s): {', '.join(unknown)} (known: {', '.join(sorted(DEFAULTS))})")
+        raise ConfigurationError(f"unknown App option(s): {', '.join(unknown)} (known: {', '.join(sorted(set(DEFAULTS) | STORE_OPTIONS))})")
     if options.get("serializer", "json") not in ("json", "pickle"):
         raise ConfigurationError(f"serializer must be 'json' or 'pickle', not {options['serializer']!r}")
 
@@ -63,7 +75,10 @@ def from_yaml(path: str) -> Config:
         if key in ("redis", "amqp", "sqlite"):
             if not isinstance(value, dict):
                 raise ConfigurationError(f"section {key!r} in {path} must be a mapping")
-            options.update({k: v for k, v in value.items() if k in DEFAULTS})
+            ignored = sorted(set(value) - set(DEFAULTS) - STORE_OPTIONS)
+            if ignored:  # machinery's own settings (exchange, binding_key, max_idle, ...) mean nothing here
+                log.warning("ignoring key(s) %s in section %r of %s", ", ".join(ignored), key, path)
+            options.update({k: v for k, v in value.items() if k not in ignored})
         elif key in DEFAULTS:
             options[key] = value
         elif key not in known_top:
