@@ -1,0 +1,153 @@
+"""HTML and text renderings of results, shared by the static reprs and the live views.
+
+``AsyncResult._repr_html_`` and the workflow results' ``_repr_html_`` call
+:func:`async_result_html` and :func:`workflow_html` (a snapshot: what nbconvert and
+GitHub show); their ``_repr_mimebundle_`` calls :func:`mimebundle`, which adds the live
+view of widgets.py when a widget frontend is there.
+"""
+from __future__ import annotations
+
+import html
+import time
+from typing import Any
+
+from .. import states
+
+STATE_COLORS = {
+    states.PENDING: "#6c757d", states.RECEIVED: "#0d6efd", states.STARTED: "#0d6efd", states.RETRY: "#fd7e14",
+    states.SUCCESS: "#198754", states.FAILURE: "#dc3545", states.REVOKED: "#6f42c1",
+}
+
+
+def short(value: Any, limit: int = 160) -> str:
+    """A one-line repr, cut to ``limit`` characters (DataFrames by their shape)."""
+    kind = type(value)
+    if kind.__module__.startswith("pandas") and hasattr(value, "shape"):
+        text = f"<{kind.__name__} {' x '.join(map(str, value.shape))}>"
+    else:
+        try:
+            text = repr(value)
+        except Exception as exc:  # a repr that fails must not break a view
+            text = f"<{kind.__name__}: repr failed: {exc}>"
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def clip(text: str, limit: int = 160) -> str:
+    """Text on one line, cut to ``limit`` characters."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def seconds(value: float | None) -> str:
+    if value is None:
+        return ""
+    if value < 1:
+        return f"{value * 1000:.0f}ms"
+    if value < 10:
+        return f"{value:.2f}s"
+    if value < 600:
+        return f"{value:.1f}s"
+    minutes, secs = divmod(int(value), 60)
+    return f"{minutes}m{secs:02d}s"
+
+
+def elapsed(record: dict, now: float | None = None) -> float | None:
+    """Seconds from creation to finish (or to now while not finished)."""
+    start = record.get("created_at")
+    if start is None:
+        return None
+    end = record.get("finished_at")
+    if end is None:
+        end = time.time() if now is None else now
+    return max(0.0, end - start)
+
+
+def badge(state: str | None) -> str:
+    state = state or states.PENDING
+    color = STATE_COLORS.get(state, "#6c757d")
+    return (f'<span class="nbqueue-state" style="background:{color};color:white;border-radius:3px;'
+            f'padding:0 5px;font-size:90%">{html.escape(state)}</span>')
+
+
+def record_value(app, record: dict) -> Any:
+    from ..result import value_from_record
+
+    return value_from_record(app, record)
+
+
+def label_of(result) -> str:
+    label = getattr(result, "label", None)
+    if label:
+        return str(label)
+    return str(getattr(result, "_name", None) or result.info().get("name") or "task")
+
+
+def async_result_html(result) -> str:
+    """A small table: name, id, state, times, result or error, output."""
+    record = result.info()
+    state = record.get("state") or states.PENDING
+    rows = [
+        ("task", html.escape(label_of(result))),
+        ("id", f"<code>{html.escape(result.id)}</code>"),
+        ("state", badge(state) + (f" after {record.get('retries')} retries" if record.get("retries") else "")),
+    ]
+    took = elapsed(record) if state in states.READY_STATES else None
+    if took is not None:
+        rows.append(("time", seconds(took)))
+    if record.get("worker"):
+        rows.append(("worker", html.escape(str(record["worker"]))))
+    if state == states.SUCCESS:
+        try:
+            rows.append(("result", f"<code>{html.escape(short(record_value(result.app, record), 400))}</code>"))
+        except Exception as exc:
+            rows.append(("result", html.escape(f"(cannot decode: {exc})")))
+    if record.get("error"):
+        rows.append(("error", html.escape(f"{record.get('exc_type') or 'Error'}: {record['error']}")))
+    body = "".join(f'<tr><th style="text-align:left;padding-right:1em">{k}</th><td style="text-align:left">{v}</td></tr>' for k, v in rows)
+    out = f'<table class="nbqueue-result">{body}</table>'
+    if record.get("output"):
+        out += f'<pre class="nbqueue-output" style="max-height:12em;overflow:auto">{html.escape(record["output"])}</pre>'
+    if record.get("traceback") and state in (states.FAILURE, states.RETRY):
+        out += f'<details><summary>traceback</summary><pre>{html.escape(record["traceback"])}</pre></details>'
+    return out
+
+
+def counts_line(counts: dict) -> str:
+    parts = [f"{counts['succeeded']} succeeded"]
+    if counts.get("failed"):
+        parts.append(f"{counts['failed']} failed")
+    if counts.get("revoked"):
+        parts.append(f"{counts['revoked']} not run")
+    if counts.get("running"):
+        parts.append(f"{counts['running']} running")
+    if counts.get("retrying"):
+        parts.append(f"{counts['retrying']} retrying")
+    if counts.get("pending"):
+        parts.append(f"{counts['pending']} pending")
+    return f"{counts['done']}/{counts['total']} done: " + ", ".join(parts)
+
+
+def kind_of(result) -> str:
+    return type(result).__name__.replace("Result", "").lower()
+
+
+def workflow_html(result, max_rows: int = 20) -> str:
+    """Counts by state and the first rows of ``to_frame()``."""
+    counts = result.progress()
+    head = f"<b>{kind_of(result)}</b> {badge(result.state)} {html.escape(counts_line(counts))}"
+    try:
+        frame = result.to_frame()
+        cols = [c for c in ("name", "state", "args", "result", "error", "runtime") if c in frame.columns]
+        table = frame[cols].head(max_rows).to_html(index=False, escape=True, max_colwidth=60)
+        more = f"<div>… {len(frame) - max_rows} more rows: .to_frame()</div>" if len(frame) > max_rows else ""
+    except Exception as exc:  # a view must not raise
+        table, more = html.escape(f"(no table: {exc})"), ""
+    return f'<div class="nbqueue-workflow">{head}{table}{more}</div>'
+
+
+def mimebundle(result, include=None, exclude=None) -> dict:
+    """The display data of a result: a live widget view where widgets render, text otherwise."""
+    from . import widgets
+
+    return widgets.mimebundle(result, include=include, exclude=exclude)

@@ -1,0 +1,465 @@
+"""``%load_ext nbqueue``: the ``%%task`` cell magic and the ``%nbqueue`` line magic.
+
+Loading the extension uses the notebook's App (the ``app`` variable, if it holds an
+``nbqueue.App``; otherwise it creates ``App()`` on the embedded SQLite default and binds
+it to ``app``) and starts a worker in threads of this kernel, with ``allow_cells=True``
+(it is the user's own kernel), listening on the App's default queue and on a queue of
+this kernel's own.
+
+``%%task [NAME] [-o VAR] [--queue Q] [--retry-count N] [--after NAME_OR_VAR ...]``
+runs the cell body as a task and returns at once with a live view of it.
+
+- The variables the cell reads are captured when it is submitted (see cellvars.py):
+  values are encoded with the App's serializer, modules and importable functions
+  become imports, and anything else (functions defined in the notebook, objects the
+  serializer cannot encode) is passed live, deep-copied when possible, to this
+  kernel's worker. Changing a variable afterwards does not change the submitted cell.
+- Where it runs: without ``--queue``, on this kernel's worker (its own queue) while
+  that worker runs; with ``--queue Q``, or after ``%nbqueue worker stop``, on whichever
+  worker serves the queue (``nbqueue worker --allow-cells``). A cell that must leave
+  the kernel and reads something that cannot is refused at once, naming the variable.
+- The value of the cell's last expression is the task's result; ``-o VAR`` binds it
+  to VAR in the notebook once the task succeeds.
+- ``--after A B`` sends the cell only when the cell tasks (or results held in
+  variables) A and B have succeeded; if one fails the cell is recorded REVOKED and
+  never runs. A variable the cell reads that is the ``-o`` output of one of them gets
+  that task's result, not the value it had when the cell was submitted.
+- Re-running a cell (same NAME, else same ``-o`` VAR, else the same notebook cell)
+  replaces its earlier task, revoking it if it has not finished.
+
+Thread safety of ``-o``: VAR is assigned exactly once per run, by whichever comes
+first: the view-updater thread when it sees SUCCESS (a plain dict assignment into
+the user namespace), or the kernel's main thread just before the next cell executes
+(IPython's ``pre_run_cell`` event) or in ``%nbqueue wait``. A cell that is running
+at that instant may see the old or the new value; a cell started after the task
+finished always sees the new one. A failed or replaced run binds nothing. When the
+cell ran in this kernel, VAR is the very object the cell computed; from another
+process it is the decoded result.
+
+``%nbqueue status | tasks [--state S] [--name N] [--limit L] | worker start [-c N] |
+worker stop | wait [NAME ...] [--timeout T]``.
+
+After a kernel restart, earlier results are still in the store and a task that was
+running in the dead kernel is delivered again once its lease runs out; define (or
+import) your tasks before ``%load_ext nbqueue``, since a worker fails a task name it
+does not know. ``%%task`` cells that had not run yet were on the dead kernel's own
+queue and stay PENDING (their kernel-only objects are gone): run the cell again.
+"""
+from __future__ import annotations
+
+import builtins
+import dataclasses
+import hashlib
+import os
+import threading
+import uuid
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+
+from .. import builtin, serialization, states
+from ..errors import SerializationError
+from ..result import AsyncResult
+from ..signature import Signature, new_id
+from . import cellvars, widgets
+
+DEFAULT_CONCURRENCY = 4
+
+
+@dataclasses.dataclass
+class CellRun:
+    key: str
+    label: str
+    task_id: str
+    var: str | None
+    queue: str
+    deps: list[str]                     # task ids this run waits for
+    dep_labels: list[str]
+    deferred: dict[str, str]            # name the cell reads -> task id whose result it gets
+    result: "CellTask | None" = None
+    waiting: bool = False               # not sent yet: its dependencies are not done
+    cancelled: bool = False
+    bound: bool = False
+    watches: list = dataclasses.field(default_factory=list)
+
+
+class CellTask(AsyncResult):
+    """The AsyncResult of a ``%%task`` cell; its view shows the cell's name and what it waits for."""
+
+    def __init__(self, task_id: str, app, run: CellRun):
+        super().__init__(task_id, app, name=builtin.CELL_TASK)
+        self.run = run
+
+    @property
+    def label(self) -> str:
+        return self.run.label
+
+    def view_note(self, state: str) -> str:
+        run = self.run
+        if run.waiting and state == states.PENDING:
+            return "waiting for " + ", ".join(run.dep_labels)
+        if run.var and state == states.SUCCESS:
+            return f"→ {run.var}"
+        return ""
+
+    def __repr__(self) -> str:
+        return f"<CellTask {self.label} {self.id} {self.state}>"
+
+
+@magics_class
+class NbqueueMagics(Magics):
+    def __init__(self, shell, app, *, concurrency: int = DEFAULT_CONCURRENCY, start_worker: bool = True):
+        super().__init__(shell)
+        self.app = app
+        self.kernel_queue = f"{app.default_queue}.kernel-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.kernel_worker = None
+        self.runs: dict[str, CellRun] = {}
+        self._lock = threading.RLock()
+        self._closed = False
+        if start_worker:
+            self.start_worker(concurrency)
+
+    # -- the kernel's worker ------------------------------------------------------------------------
+    @property
+    def worker_running(self) -> bool:
+        return self.kernel_worker is not None and self.kernel_worker.running
+
+    def start_worker(self, concurrency: int | None = None):
+        if self.worker_running:
+            if concurrency is None or concurrency == self.kernel_worker.concurrency:
+                return self.kernel_worker
+            self.stop_worker()
+        self.kernel_worker = self.app.start_worker(
+            concurrency=concurrency or DEFAULT_CONCURRENCY, queues=[self.app.default_queue, self.kernel_queue],
+            allow_cells=True, prefetch=1, heartbeat_interval=0.5)
+        return self.kernel_worker
+
+    def stop_worker(self, wait: bool = False) -> None:
+        worker, self.kernel_worker = self.kernel_worker, None
+        if worker is None:
+            return
+        worker.stop(wait=wait, timeout=10 if wait else None)
+        if not wait:  # joining removes its heartbeat record; do it off the kernel's thread
+            threading.Thread(target=worker.join, name="nbqueue-worker-join", daemon=True).start()
+
+    def close(self) -> None:
+        """Stop the kernel's worker and forget pending work (``%unload_ext``, tests)."""
+        self._closed = True
+        with self._lock:
+            runs = list(self.runs.values())
+        for run in runs:
+            for w in run.watches:
+                w.cancelled = True
+        self.stop_worker(wait=True)
+
+    # -- %%task ----------------------------------------------------------------------------------------
+    @magic_arguments()
+    @argument("name", nargs="?", default=None, help="a name for the cell's task (re-running replaces it; --after refers to it)")
+    @argument("-o", "--output", dest="var", default=None, help="bind the cell's value to this variable when it succeeds")
+    @argument("--queue", default=None, help="send to this queue (a worker started with --allow-cells must serve it)")
+    @argument("--retry-count", type=int, default=0, help="retry a failing cell up to N times")
+    @argument("--after", nargs="+", default=[], metavar="NAME_OR_VAR", help="run only after these cell tasks (or results) succeed")
+    @cell_magic
+    def task(self, line: str, cell: str):
+        """Run the cell as a task; returns at once with a live view of it."""
+        args = parse_argstring(self.task, line)
+        return self.submit(cell, name=args.name, var=args.var, queue=args.queue, retry_count=args.retry_count, after=args.after)
+
+    def submit(self, cell: str, *, name: str | None = None, var: str | None = None, queue: str | None = None,
+               retry_count: int = 0, after: list[str] | tuple = ()) -> CellTask:
+        if var is not None and not var.isidentifier():
+            raise UsageError(f"-o {var!r}: not a valid variable name")
+        source = self.shell.transform_cell(cell) if self.shell is not None else cell
+        reads = cellvars.free_names(source)      # a SyntaxError shows as in any cell
+        key = name or var or self._cell_id() or "src:" + hashlib.sha1(source.encode()).hexdigest()[:12]
+        label = name or var or "cell"
+        deps, dep_labels, dep_runs = self._resolve_after(after)
+        deferred = {n: r.task_id for r in dep_runs if r.var for n in [r.var] if n in reads}
+        local_ok = queue is None and self.worker_running
+        target_queue = queue or (self.kernel_queue if local_ok else self.app.default_queue)
+        # IPython puts its own versions of some builtins (open, exit, quit) in the namespace: the worker has the real ones
+        hidden = getattr(self.shell, "user_ns_hidden", {}) or {}
+        ipython_builtins = {n for n in reads if n in vars(builtins) and n in hidden and hidden[n] is self.shell.user_ns.get(n)}
+        try:
+            captured = cellvars.capture(reads, self.shell.user_ns, self.app.serializer, allow_local=local_ok,
+                                        skip=set(deferred) | ipython_builtins)
+        except SerializationError as exc:
+            where = f"queue {queue!r}" if queue else "the App's workers (this kernel's worker is stopped)"
+            raise UsageError(f"%%task {label}: {exc} [the cell goes to {where}]") from None
+        self._warn_stale_reads(reads, deps, deferred)
+
+        task_id = new_id()
+        run = CellRun(key=key, label=label, task_id=task_id, var=var, queue=target_queue, deps=deps,
+                      dep_labels=dep_labels, deferred=deferred)
+        result = CellTask(task_id, self.app, run)
+        run.result = result
+        with builtin._live_lock:
+            builtin.LIVE[task_id] = captured.local      # also marks the cell as ours, for -o's live value
+        self._replace(key, run)
+
+        def send(inputs: dict) -> None:
+            kwargs = builtin.cell_kwargs(self.app, source=source, inputs=inputs, imports=captured.imports,
+                                         local=list(captured.local), label=label)
+            sig = Signature(builtin.CELL_TASK, kwargs=kwargs, id=task_id, queue=target_queue, retry_count=retry_count,
+                            app=self.app)
+            self.app.send_task(sig)
+
+        if deps:
+            run.waiting = True
+            # record it now (PENDING), so views and app.tasks() show it while it waits
+            placeholder = Signature(builtin.CELL_TASK, kwargs={"label": label, "source": source, "after": dep_labels},
+                                    id=task_id, queue=target_queue)
+            _, record, _ = self.app.prepare(placeholder)
+            self.app.backend.create([record])
+            run.watches.append(widgets.UPDATER.watch(self.app, deps, lambda found: self._dependencies_done(run, captured.inputs, send, found)))
+        else:
+            send(dict(captured.inputs))
+        if var:
+            run.watches.append(widgets.UPDATER.watch(self.app, [task_id], lambda found: self._finished(run, found)))
+        else:
+            run.watches.append(widgets.UPDATER.watch(self.app, [task_id], lambda found: builtin.forget_live(task_id)))
+        return result
+
+    def _cell_id(self) -> str | None:
+        kernel = getattr(self.shell, "kernel", None)
+        if kernel is None:
+            return None
+        try:
+            cell_id = ((kernel.get_parent() or {}).get("metadata") or {}).get("cellId")
+        except Exception:
+            return None
+        return f"cell:{cell_id}" if cell_id else None
+
+    def _resolve_after(self, after) -> tuple[list[str], list[str], list[CellRun]]:
+        deps, labels, runs = [], [], []
+        for ref in after:
+            with self._lock:
+                run = self.runs.get(ref) or next((r for r in self.runs.values() if r.var == ref or r.label == ref), None)
+            if run is not None:
+                deps.append(run.task_id)
+                labels.append(run.label)
+                runs.append(run)
+                continue
+            value = self.shell.user_ns.get(ref)
+            terminal = getattr(value, "terminal_id", None) or (value.id if isinstance(value, AsyncResult) else None)
+            if terminal is None:
+                raise UsageError(f"--after {ref}: no %%task named {ref!r} in this kernel, and no variable {ref!r} holding a result")
+            deps.append(terminal)
+            labels.append(ref)
+        return deps, labels, runs
+
+    def _warn_stale_reads(self, reads: list[str], deps: list[str], deferred: dict) -> None:
+        with self._lock:
+            pending = [r for r in self.runs.values() if r.var in reads and r.var not in deferred and not r.cancelled
+                       and not r.bound and r.task_id not in deps]
+        for r in pending:
+            if not r.result.ready():
+                print(f"nbqueue: this cell reads {r.var!r}, the output of cell task {r.label!r}, which has not finished; "
+                      f"it gets the current value of {r.var!r}. Add --after {r.label} to wait for it.")
+
+    def _replace(self, key: str, run: CellRun) -> None:
+        with self._lock:
+            old = self.runs.get(key)
+            self.runs[key] = run
+        if old is None:
+            return
+        old.cancelled = True
+        for w in old.watches:
+            w.cancelled = True
+        if not old.result.ready():
+            self.app.revoke(old.task_id, reason=f"replaced: the cell {old.label!r} was run again")
+        builtin.forget_live(old.task_id)
+
+    def _dependencies_done(self, run: CellRun, inputs: dict, send, found: dict) -> None:
+        """Updater thread: every dependency is final; send the cell or record why it never runs."""
+        if run.cancelled or self._closed:
+            return
+        failed = [(label, found[i]) for i, label in zip(run.deps, run.dep_labels) if found.get(i) != states.SUCCESS]
+        if failed:
+            what = ", ".join(f"{label} {state}" for label, state in failed)
+            self.app.backend.store_result(run.task_id, states.REVOKED, exc_type="DependencyFailed",
+                                          error=f"not run: --after {what}", traceback=None)
+            run.waiting = False
+            builtin.forget_live(run.task_id)
+            return
+        inputs = dict(inputs)
+        if run.deferred:
+            records = dict(zip(run.deferred.values(), self.app.backend.get_many(list(run.deferred.values()))))
+            for name, dep_id in run.deferred.items():
+                text = (records.get(dep_id) or {}).get("result")
+                inputs[name] = serialization.loads(text) if text is not None else None
+        try:
+            send(inputs)
+        except Exception as exc:  # e.g. the store went away: record it where the user looks
+            self.app.backend.store_result(run.task_id, states.FAILURE, exc_type=type(exc).__name__, error=f"could not send the cell: {exc}")
+        run.waiting = False
+
+    def _finished(self, run: CellRun, found: dict) -> None:
+        """Updater thread: the run is final; bind -o on success."""
+        if found.get(run.task_id) == states.SUCCESS:
+            self._bind(run)
+        builtin.forget_live(run.task_id)
+
+    def _bind(self, run: CellRun) -> bool:
+        with self._lock:
+            if run.bound or run.cancelled or self._closed or not run.var or self.runs.get(run.key) is not run:
+                return False
+            with builtin._live_lock:
+                has_live = run.task_id in builtin.LIVE_RESULTS
+                value = builtin.LIVE_RESULTS.get(run.task_id)
+            if not has_live:
+                value = run.result.get(timeout=5)
+            self.shell.user_ns[run.var] = value
+            run.bound = True
+            return True
+
+    def bind_finished(self, *_args) -> None:
+        """pre_run_cell: bind the -o outputs of runs that finished since the last cell."""
+        with self._lock:
+            todo = [r for r in self.runs.values() if r.var and not r.bound and not r.cancelled and not r.waiting]
+        if not todo:
+            return
+        try:
+            found = self.app.backend.states_of([r.task_id for r in todo])
+        except Exception:
+            return
+        for run in todo:
+            if found.get(run.task_id) == states.SUCCESS:
+                try:
+                    self._bind(run)
+                except Exception:
+                    pass
+
+    # -- %nbqueue ----------------------------------------------------------------------------------
+    @line_magic
+    def nbqueue(self, line: str):
+        """%nbqueue status | tasks [--state S] [--name N] [--limit L] | worker start [-c N] | worker stop | wait [NAME ...] [--timeout T]"""
+        import argparse
+        import shlex
+
+        parser = argparse.ArgumentParser(prog="%nbqueue", add_help=False, exit_on_error=False)
+        sub = parser.add_subparsers(dest="command")
+        sub.add_parser("status", add_help=False, exit_on_error=False)
+        t = sub.add_parser("tasks", add_help=False, exit_on_error=False)
+        t.add_argument("--state", default=None)
+        t.add_argument("--name", default=None)
+        t.add_argument("--limit", type=int, default=None)
+        w = sub.add_parser("worker", add_help=False, exit_on_error=False)
+        w.add_argument("action", choices=["start", "stop"])
+        w.add_argument("-c", "--concurrency", type=int, default=None)
+        wt = sub.add_parser("wait", add_help=False, exit_on_error=False)
+        wt.add_argument("names", nargs="*")
+        wt.add_argument("--timeout", type=float, default=None)
+        try:
+            args = parser.parse_args(shlex.split(line))
+        except (argparse.ArgumentError, SystemExit) as exc:
+            raise UsageError(f"%nbqueue {line}: {exc}\n{self.nbqueue.__doc__}") from None
+        if args.command == "status":
+            return self.status()
+        if args.command == "tasks":
+            state = args.state.upper() if args.state else None
+            return self.app.tasks(state=state, name=args.name, limit=args.limit)
+        if args.command == "worker":
+            if args.action == "start":
+                worker = self.start_worker(args.concurrency)
+                print(f"nbqueue: worker {worker.name} running in this kernel: {worker.concurrency} thread(s), queues {', '.join(worker.queues)}")
+            else:
+                running = self.worker_running
+                self.stop_worker(wait=False)
+                print("nbqueue: this kernel's worker is stopping (running tasks finish first); %%task cells now go to "
+                      f"queue {self.app.default_queue!r}" if running else "nbqueue: no worker was running in this kernel")
+            return None
+        if args.command == "wait":
+            self.wait(args.names, timeout=args.timeout)
+            return None
+        raise UsageError(self.nbqueue.__doc__)
+
+    def status(self):
+        """Queue depths (with how many live workers serve each queue); live workers are displayed above."""
+        import pandas as pd
+        from IPython.display import display
+
+        status = self.app.status()
+        workers = pd.DataFrame(status["workers"])
+        cols = [c for c in ("worker_id", "host", "pid", "concurrency", "queues", "running", "processed", "last_seen") if c in workers.columns]
+        workers = workers[cols] if len(workers) else pd.DataFrame(columns=["worker_id", "host", "pid", "concurrency", "queues", "running", "processed"])
+        if "last_seen" in workers.columns:
+            workers["last_seen"] = pd.to_datetime(workers["last_seen"], unit="s", utc=True)
+        queues = pd.DataFrame(status["queues"], columns=["queue", "ready", "delayed", "in_flight", "dead"])
+        serving = {}
+        for info in status["workers"]:
+            for q in info.get("queues") or []:
+                serving[q] = serving.get(q, 0) + 1
+        extra = sorted(set(serving) - set(queues["queue"]))
+        if extra:
+            queues = pd.concat([queues, pd.DataFrame({"queue": extra, "ready": 0, "delayed": 0, "in_flight": 0, "dead": 0})], ignore_index=True)
+        queues["workers"] = queues["queue"].map(lambda q: serving.get(q, 0)).astype("int64")
+        display(workers)
+        return queues
+
+    def wait(self, names: list[str] | tuple = (), timeout: float | None = None) -> None:
+        """Block (Ctrl-C interrupts) until the named cell tasks, or all of this kernel's, are done; bind their -o."""
+        with self._lock:
+            if names:
+                missing = [n for n in names if n not in self.runs and not any(r.var == n or r.label == n for r in self.runs.values())]
+                if missing:
+                    raise UsageError(f"%nbqueue wait: no %%task named {', '.join(missing)} in this kernel")
+                runs = [self.runs.get(n) or next(r for r in self.runs.values() if r.var == n or r.label == n) for n in names]
+            else:
+                runs = [r for r in self.runs.values() if not r.cancelled]
+        for run in runs:
+            run.result.get(timeout=timeout)     # raises TaskFailed / TimeoutError like any result
+            self._bind(run)
+
+
+# -- loading -----------------------------------------------------------------------------------------
+
+_loaded: dict[int, NbqueueMagics] = {}
+
+
+def _app_for(shell):
+    from ..app import App
+
+    app = shell.user_ns.get("app")
+    if isinstance(app, App):
+        return app
+    app = App()
+    shell.user_ns["app"] = app
+    return app
+
+
+def load_ipython_extension(shell, *, concurrency: int = DEFAULT_CONCURRENCY, start_worker: bool = True) -> NbqueueMagics:
+    """Register %%task and %nbqueue on ``shell``; uses (or creates) ``app`` and starts the kernel's worker."""
+    previous = _loaded.pop(id(shell), None)
+    if previous is not None:
+        unload_ipython_extension(shell, previous)
+    magics = NbqueueMagics(shell, _app_for(shell), concurrency=concurrency, start_worker=start_worker)
+    shell.register_magics(magics)
+    shell.events.register("pre_run_cell", magics.bind_finished)
+    widgets.install_hooks(shell)
+    _loaded[id(shell)] = magics
+    where = (f"a worker runs in this kernel ({magics.kernel_worker.concurrency} threads)" if magics.worker_running
+             else "no worker runs in this kernel")
+    print(f"nbqueue: {magics.app!r}; {where}. %%task runs a cell as a task; %nbqueue status|tasks|worker|wait.")
+    return magics
+
+
+def unload_ipython_extension(shell, magics: NbqueueMagics | None = None) -> None:
+    magics = magics or _loaded.pop(id(shell), None)
+    if magics is None:
+        return
+    try:
+        shell.events.unregister("pre_run_cell", magics.bind_finished)
+    except ValueError:
+        pass
+    magics.close()
+
+
+def magics_of(shell=None) -> NbqueueMagics | None:
+    """The loaded extension's state (tests and advanced use)."""
+    if shell is None:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+    return _loaded.get(id(shell))
