@@ -23,20 +23,9 @@ from nbqueue import Backoff, Signature, states
 from nbqueue.brokers.base import Outgoing, Broker
 from nbqueue.clock import ManualClock
 from nbqueue.retry import fibonacci_next, next_delay
+from nbqueue.testing import wait_for
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-def wait_for(condition, timeout: float = 15.0, interval: float = 0.02):
-    """Poll ``condition`` until it returns something truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(interval)
 
 
 def pump(worker, until, timeout: float = 15.0) -> None:

@@ -19,20 +19,10 @@ import pytest
 
 import nbqueue
 from nbqueue import Signature, states
+from nbqueue.testing import wait_for
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO = TESTS_DIR.parent
-
-
-def wait_for(condition, timeout: float = 30.0, interval: float = 0.05, message: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{message} not met within {timeout}s")
-        time.sleep(interval)
 
 
 def side_rows(path: Path, sql: str, params=()) -> list[tuple]:

@@ -20,6 +20,7 @@ from nbqueue.clock import ManualClock
 from nbqueue.errors import ConnectionLost
 
 from conftest import REDIS_URL, require_server
+from nbqueue.testing import wait_for
 
 
 def _memory_url() -> str:
@@ -233,7 +234,7 @@ def test_connection_killed_mid_command_is_reopened_and_work_goes_on(real_redis):
     got = []
     reserver = threading.Thread(target=lambda: got.extend(consumer.reserve(["q"], timeout=5)))
     reserver.start()
-    blocked = _wait_for(lambda: [c for c in admin.client_list() if c["name"] == real_redis["client_name"] and c["cmd"] == "blpop"])
+    blocked = wait_for(lambda: [c for c in admin.client_list() if c["name"] == real_redis["client_name"] and c["cmd"] == "blpop"])
     assert blocked, "the reserver never blocked"
     # When Redis drops every connection of ours, including the one blocked in BLPOP
     for client in admin.client_list():
@@ -273,13 +274,6 @@ def test_unreachable_redis_raises_connection_lost():
     broker = RedisBroker("redis://127.0.0.1:1/0", options={"retries": 1, "retry_base": 0.01, "socket_connect_timeout": 1})
     with pytest.raises(ConnectionLost):
         broker.publish(_out("q", "m"))
-
-
-def _wait_for(fn, timeout=3.0):
-    deadline = time.monotonic() + timeout
-    while not (value := fn()) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return value
 
 
 def _stat(broker, queue):

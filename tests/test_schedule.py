@@ -25,6 +25,7 @@ import nbqueue
 from nbqueue import chain, chord, group, states
 from nbqueue.clock import ManualClock
 from nbqueue.schedule import STATE_PREFIX, InvalidSchedule, parse_spec, zone
+from nbqueue.testing import wait_for
 
 UTC = dt.timezone.utc
 PARIS = zone("Europe/Paris")
@@ -510,16 +511,6 @@ def test_schedulers_ticking_at_the_same_instant_fire_once(app_factory):
 
 # -- the scheduler thread, in a notebook worker and in the CLI ----------------------------------------------------
 
-def _wait_for(predicate, timeout=15.0):
-    """Poll until predicate() is true; returns its last value (the caller asserts on it)."""
-    deadline = time.monotonic() + timeout
-    value = predicate()
-    while not value and time.monotonic() < deadline:
-        time.sleep(0.02)
-        value = predicate()
-    return value
-
-
 def test_scheduler_thread_fires_when_due_and_stops(make_app, clock):
     app = make_app()
     add, _, _ = register_math(app)
@@ -528,7 +519,7 @@ def test_scheduler_thread_fires_when_due_and_stops(make_app, clock):
     beat.interval = 0.02
     assert beat.start() is beat and beat.running
     clock.set(ts(2024, 1, 15, 9, 0))
-    assert _wait_for(lambda: len(sent(app, "add")) == 1)
+    assert wait_for(lambda: len(sent(app, "add")) == 1)
     assert beat.stop(timeout=5) and not beat.running
     clock.set(ts(2024, 1, 15, 10, 0))
     assert beat.tick() and len(sent(app, "add")) == 2       # a stopped scheduler can still be stepped
@@ -542,7 +533,7 @@ def test_in_notebook_worker_with_beat_runs_the_scheduler_and_the_tasks(make_app,
     worker = app.start_worker(beat=True)
     assert app.scheduler().running
     clock.set(ts(2024, 1, 15, 9, 0))
-    done = _wait_for(lambda: [r for r in sent(app, "add") if r["state"] == states.SUCCESS])
+    done = wait_for(lambda: [r for r in sent(app, "add") if r["state"] == states.SUCCESS])
     assert [json.loads(r["result"]) for r in done] == [42]
     worker.stop(timeout=10)
     assert not app.scheduler().running
@@ -582,7 +573,7 @@ def test_nbqueue_beat_process_fires_an_every_second_schedule(tmp_path):
     proc = _run_cli(project, "beat")
     try:
         observer = nbqueue.App(f"sqlite:///{tmp_path}/beat.db")
-        pings = _wait_for(lambda: len(observer.backend.list(name="ping")) >= 2)
+        pings = wait_for(lambda: len(observer.backend.list(name="ping")) >= 2)
         observer.close()
     finally:
         code, out = _stop(proc)
@@ -596,7 +587,7 @@ def test_nbqueue_worker_with_beat_fires_and_runs_the_schedule(tmp_path):
     proc = _run_cli(project, "worker", "--beat", "-c", "1")
     try:
         observer = nbqueue.App(f"sqlite:///{tmp_path}/beat.db")
-        done = _wait_for(lambda: observer.backend.list(name="ping", state=states.SUCCESS))
+        done = wait_for(lambda: observer.backend.list(name="ping", state=states.SUCCESS))
         observer.close()
     finally:
         code, out = _stop(proc)

@@ -20,6 +20,7 @@ import pytest
 
 from nbqueue import states
 from nbqueue.brokers.base import Outgoing
+from . import wait_for
 
 
 def _out(queue, body="{}", *, id=None, eta=None, priority=0):
@@ -160,9 +161,9 @@ def test_broker_reject_dead_letters_with_reason(broker_factory, qname):
     [d] = _reserve_all(broker, [q], 1)
     assert broker.reject(d, "body is not JSON")
     assert broker.reserve([q], timeout=0.3, lease=5) == []
-    dead = _wait_for(lambda: [x for x in broker.dead_letters(q) if x["id"] == "bad"])
+    dead = wait_for(lambda: [x for x in broker.dead_letters(q) if x["id"] == "bad"])
     assert "not JSON" in dead[0]["reason"]
-    assert _wait_for(lambda: _stat(broker, q)["dead"] == 1)
+    assert wait_for(lambda: _stat(broker, q)["dead"] == 1)
 
 
 def test_broker_expired_lease_redelivers_and_fences_stale_ack(broker_factory, qname):
@@ -232,7 +233,7 @@ def test_broker_stats_count_ready_delayed_in_flight(broker_factory, qname):
     broker, q = broker_factory(), qname("stats")
     broker.publish_many([_out(q, id="r1"), _out(q, id="r2"), _out(q, id="later", eta=time.time() + 60)])
     [d] = _reserve_all(broker, [q], 1)
-    s = _wait_for(lambda: _stat(broker, q) if _stat(broker, q)["in_flight"] == 1 else None)
+    s = wait_for(lambda: _stat(broker, q) if _stat(broker, q)["in_flight"] == 1 else None)
     assert (s["ready"], s["delayed"], s["in_flight"]) == (1, 1, 1)
     broker.ack(d)
 
@@ -250,15 +251,6 @@ def _stat(broker, q):
         if row["queue"] == q:
             return row
     return {"queue": q, "ready": 0, "delayed": 0, "in_flight": 0, "dead": 0}
-
-
-def _wait_for(fn, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.05)
 
 
 # -- result backend contract -------------------------------------------------------------
