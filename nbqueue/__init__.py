@@ -35,3 +35,10 @@ def load_ipython_extension(ipython):
     from .notebook.magics import load_ipython_extension as _load
 
     _load(ipython)
+
+
+def unload_ipython_extension(ipython):
+    """``%unload_ext nbqueue``."""
+    from .notebook.magics import unload_ipython_extension as _unload
+
+    _unload(ipython)
