@@ -54,7 +54,7 @@ def row(label, value, unit, floor=None, higher_is_better=True):
     ratio = ""
     if floor:
         r = value / floor if higher_is_better else value / floor
-        ratio = f"  ({r:.2f}x floor)"
+        ratio = f"  ({r:.2f}x floor)"  # throughput: higher is better; times: lower is better
     print(f"  {label:<44} {value:>10.1f} {unit}{ratio}", flush=True)
 
 
@@ -170,6 +170,108 @@ def redis_floor(url: str, n: int) -> tuple[float, list[float]]:
     t.join()
     r.flushdb()
     return throughput, lat
+
+
+def sqlite_fanin_floors(path: str, members: int = 1000, steps: int = 100) -> tuple[float, float]:
+    """Plain sqlite3 versions of the chord and chain workloads: (chord s, chain s).
+
+    Chord: the members are queued in one transaction; each is claimed with UPDATE ...
+    RETURNING, its result written and a counter bumped in one transaction; the member
+    that completes the count queues the callback, which sums the results. Chain: each
+    step is claimed, its result written and the next step queued in one transaction."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("CREATE TABLE q (id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT, arg INT, state INT DEFAULT 0)")
+    conn.execute("CREATE TABLE r (id INTEGER PRIMARY KEY, value INT)")
+    conn.execute("CREATE TABLE g (id INTEGER PRIMARY KEY, done INT, total INT)")
+
+    def claim():
+        return conn.execute("UPDATE q SET state = 1 WHERE id = (SELECT id FROM q WHERE state = 0 ORDER BY id LIMIT 1) RETURNING id, kind, arg").fetchone()
+
+    started = time.perf_counter()
+    conn.execute("BEGIN")
+    conn.execute("INSERT INTO g VALUES (1, 0, ?)", (members,))
+    conn.executemany("INSERT INTO q(kind, arg) VALUES ('member', ?)", [(i,) for i in range(members)])
+    conn.execute("COMMIT")
+    total = None
+    while total is None:
+        msg = claim()
+        if msg is None:
+            continue
+        mid, kind, arg = msg
+        conn.execute("BEGIN IMMEDIATE")
+        if kind == "member":
+            conn.execute("INSERT INTO r VALUES (?, ?)", (mid, arg + arg))
+            done, want = conn.execute("UPDATE g SET done = done + 1 WHERE id = 1 RETURNING done, total").fetchone()
+            if done == want:
+                conn.execute("INSERT INTO q(kind, arg) VALUES ('callback', 0)")
+        else:
+            total = conn.execute("SELECT SUM(value) FROM r").fetchone()[0]
+        conn.execute("DELETE FROM q WHERE id = ?", (mid,))
+        conn.execute("COMMIT")
+    chord = time.perf_counter() - started
+    assert total == sum(2 * i for i in range(members)), total
+
+    started = time.perf_counter()
+    conn.execute("INSERT INTO q(kind, arg) VALUES ('step', 1)")
+    value = 0
+    for _ in range(steps):
+        mid, kind, arg = claim()
+        value = arg
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("INSERT OR REPLACE INTO r VALUES (?, ?)", (mid, arg))
+        conn.execute("INSERT INTO q(kind, arg) VALUES ('step', ?)", (arg + 1,))
+        conn.execute("DELETE FROM q WHERE id = ?", (mid,))
+        conn.execute("COMMIT")
+    chain = time.perf_counter() - started
+    assert value == steps, value
+    conn.close()
+    return chord, chain
+
+
+def redis_fanin_floors(url: str, members: int = 1000, steps: int = 100) -> tuple[float, float]:
+    """Plain redis-py versions of the chord and chain workloads: LPUSH/BRPOP messages,
+    results in a hash, an INCR counter whose last member pushes the callback."""
+    import redis
+
+    r = redis.Redis.from_url(url)
+    r.flushdb()
+    started = time.perf_counter()
+    pipe = r.pipeline(transaction=False)
+    for i in range(members):
+        pipe.lpush("floor:q", f"member:{i}")
+    pipe.execute()
+    total = None
+    while total is None:
+        _, body = r.brpop("floor:q")
+        kind, arg = body.decode().split(":")
+        if kind == "member":
+            pipe = r.pipeline(transaction=False)
+            pipe.hset("floor:r", arg, int(arg) * 2)
+            pipe.incr("floor:done")
+            done = pipe.execute()[1]
+            if done == members:
+                r.lpush("floor:q", "callback:0")
+        else:
+            total = sum(int(v) for v in r.hvals("floor:r"))
+    chord = time.perf_counter() - started
+    assert total == sum(2 * i for i in range(members)), total
+
+    started = time.perf_counter()
+    r.lpush("floor:q", "step:1")
+    value = 0
+    for _ in range(steps):
+        _, body = r.brpop("floor:q")
+        value = int(body.decode().split(":")[1])
+        pipe = r.pipeline(transaction=False)
+        pipe.hset("floor:chain", value, value)
+        pipe.lpush("floor:q", f"step:{value + 1}")
+        pipe.execute()
+    chain = time.perf_counter() - started
+    assert value == steps, value
+    r.flushdb()
+    return chord, chain
 
 
 # -- nbqueue ------------------------------------------------------------------------------------------
@@ -300,8 +402,16 @@ def bench_store(kind: str, tmp: str) -> None:
         row("floor round trip p99", pct(floor_lat, 0.99) * 1e3, "ms")
     row("nbqueue round trip p50 (in-process worker)", pct(lat, 0.5) * 1e3, "ms", pct(floor_lat, 0.5) * 1e3 if floor_lat else None)
     row("nbqueue round trip p99 (in-process worker)", pct(lat, 0.99) * 1e3, "ms", pct(floor_lat, 0.99) * 1e3 if floor_lat else None)
-    row("chord of 1,000 members + summing callback", chord_time(app) * 1e3, "ms")
-    row("chain of 100 steps", chain_time(app) * 1e3, "ms")
+    fanin = None
+    if kind == "sqlite":
+        fanin = sqlite_fanin_floors(os.path.join(tmp, "fanin-floor.db"))
+    elif kind == "redis":
+        fanin = redis_fanin_floors(REDIS_URL)
+    if fanin:
+        row("floor: chord of 1,000 members", fanin[0] * 1e3, "ms")
+        row("floor: chain of 100 steps", fanin[1] * 1e3, "ms")
+    row("chord of 1,000 members + summing callback", chord_time(app) * 1e3, "ms", fanin[0] * 1e3 if fanin else None)
+    row("chain of 100 steps", chain_time(app) * 1e3, "ms", fanin[1] * 1e3 if fanin else None)
     if kind == "amqp":
         app.broker.delete_queues([queue])
     app.close()

@@ -141,7 +141,7 @@ class App:
         """Send one signature; returns its AsyncResult at once."""
         if not isinstance(sig, Signature):
             raise TypeError(f"send_task takes a Signature, not {type(sig).__name__}; use app.send() for workflows")
-        message, record, out = self.prepare(sig.replace())
+        message, record, out = self.prepare(sig)
         self.publish([record], [out])
         result = AsyncResult(out.id, self, name=sig.name)
         result.callbacks = [AsyncResult(m["id"], self, name=m["name"]) for m in message["on_success"] + message["on_error"]]
@@ -150,7 +150,7 @@ class App:
     def send_many(self, signatures: Iterable[Signature]) -> list[AsyncResult]:
         """Send many independent tasks in one write (faster than a loop of send_task)."""
         sigs = list(signatures)
-        prepared = [self.prepare(s.replace()) for s in sigs]
+        prepared = [self.prepare(s) for s in sigs]
         self.publish([p[1] for p in prepared], [p[2] for p in prepared])
         return [AsyncResult(p[2].id, self, name=s.name) for s, p in zip(sigs, prepared)]
 

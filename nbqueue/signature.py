@@ -121,15 +121,14 @@ class Signature:
 
     # -- the envelope ---------------------------------------------------------
     def to_message(self, serializer: serialization.Serializer, *, default_queue: str, fn: Callable | None = None, now: float | None = None) -> dict:
-        """The JSON-ready envelope; raises SerializationError naming the bad argument."""
+        """The JSON-ready envelope (a new id unless the signature has one; the signature
+        itself is not changed); raises SerializationError naming the bad argument."""
         now = time.time() if now is None else now
-        if self.id is None:
-            self.id = new_id()
         names = _parameter_names(fn)
         args = [serializer.encode(value, _arg_label(self.name, i, names)) for i, value in enumerate(self.args)]
         kwargs = {key: serializer.encode(value, f"keyword argument {key!r} of task {self.name!r}") for key, value in self.kwargs.items()}
         message = {
-            "id": self.id,
+            "id": self.id or new_id(),
             "name": self.name,
             "args": args,
             "kwargs": kwargs,

@@ -133,7 +133,7 @@ class _Build:
 
     def node(self, item: Any, *, group_id: str | None = None, parent_id: str | None = None) -> dict:
         if isinstance(item, Signature):
-            message, record, _ = self.app.prepare(item.replace(), group_id=group_id, parent_id=parent_id)
+            message, record, _ = self.app.prepare(item, group_id=group_id, parent_id=parent_id)
             self.records.append(record)
             return {"t": "task", "msg": message}
         if isinstance(item, chain):
