@@ -129,6 +129,27 @@ class SQLiteBackend(ResultBackend):
             self._notify([task_id])
         return bool(changed)
 
+    def store_results(self, items) -> list[bool]:
+        """Many final results with one statement where they share their fields (a worker's batch)."""
+        items = list(items)
+        keys = {tuple(sorted(f)) for _, _, _, f in items}
+        if len(keys) != 1 or any(token is None for _, _, token, _ in items):
+            return super().store_results(items)
+        now = self.clock.time()
+        names = [k for k in keys.pop() if k in FIELDS and k not in ("id", "state", "token")] + ["finished_at"]
+        expires = now + self.results_expire_in if self.results_expire_in else None
+        sql = (f"UPDATE nbq_results SET state = ?, {', '.join(f'{k} = ?' for k in names)}, expires_at = ? "
+               f"WHERE id = ? AND {_NOT_FINAL_SQL} AND token = ?")
+        rows = [(state, *[f.get(k, now) if k == "finished_at" else f.get(k) for k in names], expires, task_id, token)
+                for task_id, state, token, f in items]
+        with self.store.write() as conn:
+            changed = conn.executemany(sql, rows).rowcount
+        self._notify([i[0] for i in items])
+        if changed == len(items):
+            return [True] * len(items)
+        found = self.states_of([i[0] for i in items])       # some were fenced out: say which ones stuck
+        return [found.get(i[0]) == i[1] for i in items]
+
     def _store_final(self, task_id: str, state: str, token: int | None, fields: dict) -> bool:
         return self.set_state(task_id, state, token=token, **fields)
 

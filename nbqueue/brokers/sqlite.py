@@ -128,6 +128,17 @@ class SQLiteBroker(Broker):
     def ack(self, delivery: Delivery) -> bool:
         return self._fenced("DELETE FROM nbq_messages", (), delivery)
 
+    def ack_many(self, deliveries: Sequence[Delivery]) -> list[bool]:
+        acked: set = set()
+        with self.store.write() as conn:
+            for start in range(0, len(deliveries), 400):
+                chunk = deliveries[start:start + 400]
+                pairs = ", ".join(["(?, ?)"] * len(chunk))
+                params = [x for d in chunk for x in d.tag]
+                acked.update(seq for (seq,) in conn.execute(
+                    f"DELETE FROM nbq_messages WHERE state = 1 AND (seq, attempt) IN (VALUES {pairs}) RETURNING seq", params))
+        return [d.tag[0] in acked for d in deliveries]
+
     def retry(self, delivery: Delivery, *, body: str | None = None, eta: float | None = None) -> bool:
         due = eta if eta is not None else self.clock.time()
         if body is None:

@@ -426,3 +426,14 @@ def test_backend_claim_once_and_kv(backend_factory):
     assert be.kv_items("sched:") == {"sched:a": "1", "sched:b": "2"}
     be.kv_set("sched:a", None)
     assert be.kv_get("sched:a") is None
+
+
+
+def test_broker_ack_many_acks_current_deliveries_and_refuses_stale_ones(broker_factory, qname):
+    broker, q = broker_factory(), qname("ackmany")
+    broker.publish_many([_out(q, id=f"a{i}") for i in range(3)])
+    got = sorted(_reserve_all(broker, [q], 3), key=lambda d: d.message_id)
+    assert broker.ack_many(got[:2]) == [True, True]
+    assert broker.ack_many(got[:2]) == [False, False]     # acknowledged already: stale
+    assert broker.ack_many([got[2]]) == [True]
+    assert broker.reserve([q], timeout=0.3, lease=5) == []
