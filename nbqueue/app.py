@@ -144,7 +144,7 @@ class App:
         message, record, out = self.prepare(sig)
         self.publish([record], [out])
         result = AsyncResult(out.id, self, name=sig.name)
-        result.callbacks = [AsyncResult(m["id"], self, name=m["name"]) for m in message["on_success"] + message["on_error"]]
+        result.callbacks = [AsyncResult(m["id"], self, name=m["name"]) for m in message.get("on_success", []) + message.get("on_error", [])]
         return result
 
     def send_many(self, signatures: Iterable[Signature]) -> list[AsyncResult]:

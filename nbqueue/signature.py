@@ -1,6 +1,7 @@
 """Signature (what to run) and the message envelope that carries it to a worker.
 
-The envelope is machinery's field set in Python spelling: ``id, name, args, kwargs,
+The envelope is machinery's field set in Python spelling (fields at their default
+values are left out of the encoded message): ``id, name, args, kwargs,
 queue, eta, priority, headers, retry_count, retry_timeout, immutable, on_success,
 on_error, chord_callback, group_id, group_task_count, attempt, created_at`` plus
 ``retries`` (retries used so far), ``retry_backoff`` and ``workflow`` (the data that
@@ -151,10 +152,21 @@ class Signature:
             "created_at": now,
             "serializer": "pickle" if serializer.pickle else "json",
         }
+        # fields at their defaults are left out: smaller bodies, less to encode (readers use .get)
+        for key, default in ENVELOPE_DEFAULTS.items():
+            if message[key] == default:
+                del message[key]
         return message
 
 
 REQUIRED_FIELDS = ("id", "name", "args", "kwargs")
+
+#: envelope fields left out of a message when they have these values
+ENVELOPE_DEFAULTS = {
+    "eta": None, "priority": 0, "headers": {}, "retry_count": 0, "retry_timeout": 0, "retry_backoff": None,
+    "retries": 0, "immutable": False, "on_success": [], "on_error": [], "ignore_when_not_registered": False,
+    "time_limit": None, "group_id": None, "group_task_count": 0, "workflow": None, "serializer": "json",
+}
 
 
 def validate_message(message: Any) -> dict:
