@@ -94,12 +94,25 @@ class AsyncResult:
 
         Ctrl-C interrupts the wait: the task itself goes on.
         """
-        if not self.wait(timeout, interval):
+        record = self._final or self._wait_record(timeout)
+        if record is None:
             raise TimeoutError(f"task {self.name or ''} {self.id} not ready after {timeout}s (state {self.state})")
-        record = self.info()
         if record["state"] == states.SUCCESS:
             return value_from_record(self.app, record)
         raise failure_from_record(record)
+
+    def _wait_record(self, timeout: float | None) -> dict | None:
+        """The final record, waited for in slices so Ctrl-C is honoured promptly."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            slice_ = 1.0 if remaining is None else min(1.0, remaining)
+            record = self.app.backend.wait_record(self.id, timeout=slice_)
+            if record is not None:
+                self._final = record
+                return record
+            if remaining is not None and remaining <= slice_:
+                return None
 
     def revoke(self, reason: str = "revoked by user") -> bool:
         return self.app.revoke(self.id, reason)

@@ -144,6 +144,23 @@ class ResultBackend:
                 time.sleep(min(0.002 * len(pending) / 256, 0.02))  # many waits: check a little less eagerly
             interval = min(interval * 2, ceiling)
 
+    def wait_record(self, task_id: str, timeout: float | None = None) -> dict | None:
+        """Block until one task is final and return its record (None on timeout): one read
+        per wake-up, the record itself, rather than a state check and then a read."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        interval = 0.001
+        ceiling = float(self.options.get("poll_interval", 0.1))
+        while True:
+            version = WAKEUPS.version(self._wake_key)
+            record = self.get(task_id)
+            if record is not None and record["state"] in states.READY_STATES:
+                return record
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return None
+            self._block([task_id], version, interval if remaining is None else min(interval, remaining))
+            interval = min(interval * 2, ceiling)
+
     @property
     def _wake_key(self):
         return ("backend", self.url)
