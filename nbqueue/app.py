@@ -228,8 +228,11 @@ class App:
         return self.broker.purge(queue or self.default_queue)
 
     def close(self) -> None:
+        """Stop this App's workers and scheduler, and close its connections."""
         for worker in list(self._workers):
             worker.stop(wait=True, timeout=5)
+        if self._schedules is not None and self._schedules.scheduler is not None:
+            self._schedules.scheduler.stop()
         self.broker.close()
         self.backend.close()
 
