@@ -134,6 +134,8 @@ class Worker:
         # run our own follow-ups next (chain steps, chord callbacks) where the broker can
         # publish a message already reserved in the finishing transaction
         self.local_follow_ups = local_follow_ups and self.group_commit and hasattr(app.broker, "publish_reserved")
+        # Redis with results on the same server: the claim script also begins the records
+        self.begins_on_claim = app.broker.begins_on_claim(app.backend)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> "Worker":
@@ -369,20 +371,28 @@ class Worker:
         broker = self.app.broker
         if broker.claims_in_transaction:
             deliveries = broker.reserve(self.queues, timeout=timeout, lease=self.lease, limit=limit, on_claim=on_claim)
+        elif self.begins_on_claim:
+            deliveries = broker.reserve(self.queues, timeout=timeout, lease=self.lease, limit=limit, begin_for=(self.app.backend, self.name))
+            if deliveries:
+                prepared.append(self._prepare(deliveries, begun=True))
         else:
             deliveries = broker.reserve(self.queues, timeout=timeout, lease=self.lease, limit=limit)
         if not deliveries:
             return [], None
         return deliveries, (prepared[-1] if prepared else None)
 
-    def _prepare(self, deliveries: list[Delivery]) -> "_Prepared":
+    def _prepare(self, deliveries: list[Delivery], begun: bool = False) -> "_Prepared":
+        """Decode a reserved batch and begin its tasks (``begun``: the claim did, tokens are on the deliveries)."""
         prep = _Prepared()
         for delivery in deliveries:
             try:
                 prep.messages.append((delivery, decode_body(delivery.body)))
             except MessageError as exc:
                 prep.malformed.append((delivery, str(exc)))
-        prep.tokens = self._begin_many(prep.messages)
+        if begun:
+            prep.tokens = {m["id"]: d.token for d, m in prep.messages}
+        else:
+            prep.tokens = self._begin_many(prep.messages)
         return prep
 
     def _begin_many(self, prepared: list[tuple[Delivery, dict]]) -> dict:

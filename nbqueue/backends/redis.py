@@ -358,10 +358,17 @@ class RedisBackend(ResultBackend):
     def _block(self, pending: Sequence[str], version: int, timeout: float) -> None:
         """Block until one of the first pending tasks is stored as final, or ``timeout``.
 
-        The token is handed back after a pop, so every waiter of the task wakes; tokens
-        are only pushed for final states, expire on their own, and ``forget`` deletes them.
+        Every waiter of a task wakes: a single task's list is rotated in place, and with
+        several the popped token is handed back. Tokens are only pushed for final states,
+        expire on their own, and ``forget`` deletes them.
         """
-        popped = self.client.blpop([self._done_key(t) for t in pending[:WAIT_KEYS]], timeout=max(MIN_BLOCK, timeout))
+        keys = [self._done_key(t) for t in pending[:WAIT_KEYS]]
+        if len(keys) == 1:
+            # one task: rotate its list onto itself, which blocks while it is empty and
+            # leaves the token in place for the task's other waiters (one round trip)
+            self.client.brpoplpush(keys[0], keys[0], timeout=max(MIN_BLOCK, timeout))
+            return
+        popped = self.client.blpop(keys, timeout=max(MIN_BLOCK, timeout))
         if not popped:
             return
         key, token = popped

@@ -44,6 +44,7 @@ class Delivery:
     lease_until: float
     tag: Any = None              # broker-specific handle (row token, list entry, AMQP delivery tag)
     priority: int = 0
+    token: int | None = None     # the backend's fencing token, where the claim also began the task
 
     @property
     def redelivered(self) -> bool:
@@ -75,6 +76,11 @@ class Broker:
 
     def publish_many(self, outs: Sequence[Outgoing]) -> None:
         raise NotImplementedError
+
+    def begins_on_claim(self, backend) -> bool:
+        """True when ``reserve(..., begin_for=(backend, worker))`` also begins the tasks'
+        records in ``backend`` (one round trip instead of two)."""
+        return False
 
     def publish_recorded(self, backend, records: Sequence[dict], outs: Sequence[Outgoing]) -> None:
         """Record tasks as PENDING in ``backend``, then publish them (one round trip where the store allows)."""

@@ -190,14 +190,32 @@ for q, count in pairs(added) do signal(q, count) end
 return n
 """
 
-# ARGV: prefix, now, lease deadline, limit, batch, queues...
-# Requeues expired leases and moves due delayed messages to ready (up to `batch` each
-# per queue), then claims up to `limit` messages, best score across the queues first.
-# Returns {next due time or '', then (id, queue, body, attempt, priority) per claim}.
+# ARGV: prefix, now, lease deadline, limit, batch, record key prefix or '', results index,
+# worker, queues... Requeues expired leases and moves due delayed messages to ready (up
+# to `batch` each per queue), then claims up to `limit` messages, best score across the
+# queues first. With a record key prefix (the result backend on this server) each
+# claimed task's record is also begun: marked RECEIVED with a new fencing token (0 when
+# the record is final), as the backend's begin_many would, in the same call.
+# Returns {next due time or '', then (id, queue, body, attempt, priority, token) per claim}.
 _RESERVE = _LUA_COMMON + """
 local now, deadline, limit, batch = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+local rec_prefix, index, worker = ARGV[6], ARGV[7], ARGV[8]
+local FINAL = {SUCCESS = true, FAILURE = true, REVOKED = true}
+local function begin(id, q)
+  if rec_prefix == '' then return '' end
+  local rec = rec_prefix .. id
+  local state = redis.call('HGET', rec, 'state')
+  if state and FINAL[state] then return 0 end
+  if state then
+    redis.call('HSET', rec, 'state', 'RECEIVED', 'worker', worker, 'started_at', now)
+    return redis.call('HINCRBY', rec, 'token', 1)
+  end
+  redis.call('HSET', rec, 'id', id, 'state', 'RECEIVED', 'token', 1, 'worker', worker, 'started_at', now, 'created_at', now, 'queue', q)
+  redis.call('ZADD', index, now, id)
+  return 1
+end
 local queues = {}
-for i = 6, #ARGV do queues[#queues + 1] = ARGV[i] end
+for i = 9, #ARGV do queues[#queues + 1] = ARGV[i] end
 
 for _, q in ipairs(queues) do
   for _, kind in ipairs({'inflight', 'delayed'}) do
@@ -225,7 +243,7 @@ while claimed < limit do
   if fields[1] then
     local attempt = redis.call('HINCRBY', mkey(best_id), 'attempt', 1)
     redis.call('ZADD', qkey(best_q, 'inflight'), deadline, best_id)
-    for _, v in ipairs({best_id, best_q, fields[1], attempt, fields[2]}) do out[#out + 1] = v end
+    for _, v in ipairs({best_id, best_q, fields[1], attempt, fields[2], begin(best_id, best_q)}) do out[#out + 1] = v end
     claimed = claimed + 1
   end
 end
@@ -366,13 +384,20 @@ class RedisBroker(Broker):
         return [reply == 1 for reply in replies[:len(items)]]
 
     # -- consuming ---------------------------------------------------------------
+    def begins_on_claim(self, backend) -> bool:
+        """True when reserve(begin_for=...) can begin the tasks' records in the claim itself."""
+        return self._shares_server(backend)
+
     @guarded
-    def reserve(self, queues: Sequence[str], *, timeout: float = 0.0, lease: float = 30.0, limit: int = 1) -> list[Delivery]:
+    def reserve(self, queues: Sequence[str], *, timeout: float = 0.0, lease: float = 30.0, limit: int = 1,
+                begin_for: tuple | None = None) -> list[Delivery]:
+        """``begin_for=(backend, worker)``: also begin the records (see ``begins_on_claim``);
+        each delivery's ``token`` is then its fencing token (None where the record is final)."""
         queues = queue_list(queues)
         deadline = time.monotonic() + max(0.0, timeout)
         while True:
             now = self.clock.time()
-            deliveries, next_due = self._claim(queues, now, lease, limit)
+            deliveries, next_due = self._claim(queues, now, lease, limit, begin_for)
             if deliveries:
                 return deliveries
             remaining = deadline - time.monotonic()
@@ -384,14 +409,19 @@ class RedisBroker(Broker):
             if self._sleep(queues, wait):
                 return []
 
-    def _claim(self, queues: list[str], now: float, lease: float, limit: int) -> tuple[list[Delivery], float | None]:
+    def _claim(self, queues: list[str], now: float, lease: float, limit: int, begin_for: tuple | None = None) -> tuple[list[Delivery], float | None]:
         """Run the reserve script once: the deliveries claimed and, if none, the next due time."""
         lease_until = now + lease
-        reply = self._reserve(args=[self.prefix, repr(now), repr(lease_until), max(1, int(limit)), self.batch, *queues])
+        rec_prefix = index = worker = ""
+        if begin_for is not None:
+            backend, worker = begin_for
+            rec_prefix, index = backend._rec(""), backend._index
+        reply = self._reserve(args=[self.prefix, repr(now), repr(lease_until), max(1, int(limit)), self.batch, rec_prefix, index, worker, *queues])
         next_due = float(reply[0]) if reply[0] != "" else None
         deliveries = [
-            Delivery(message_id=mid, queue=q, body=body, attempt=int(attempt), lease_until=lease_until, tag=int(attempt), priority=int(prio or 0))
-            for mid, q, body, attempt, prio in zip(*[iter(reply[1:])] * 5)
+            Delivery(message_id=mid, queue=q, body=body, attempt=int(attempt), lease_until=lease_until, tag=int(attempt), priority=int(prio or 0),
+                     token=(int(token) or None) if token != "" else None)
+            for mid, q, body, attempt, prio, token in zip(*[iter(reply[1:])] * 6)
         ]
         return deliveries, next_due
 

@@ -327,8 +327,10 @@ def test_backend_wait_returns_when_final_and_times_out_otherwise(backend_factory
         time.sleep(0.2)
         other.store_result("w", states.SUCCESS, token=other.begin("w"), result="1")
 
-    threading.Thread(target=finish).start()
+    finisher = threading.Thread(target=finish)
+    finisher.start()
     assert be.wait(["w"], timeout=10) is True
+    finisher.join(10)
 
 
 def test_backend_member_done_counts_each_member_once(backend_factory):
