@@ -84,6 +84,9 @@ class SQLiteStore:
             conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
             self._retry_locked(lambda: conn.execute("PRAGMA journal_mode=WAL"))
             conn.execute("PRAGMA synchronous=NORMAL")
+            # a checkpoint syncs the file: keep it off the committing thread's path (workers
+            # run passive checkpoints from their heartbeat); this bounds the WAL regardless
+            conn.execute("PRAGMA wal_autocheckpoint=10000")
             self._local.conn = conn
             with self._all_lock:
                 self._all.append(conn)
@@ -154,6 +157,10 @@ class SQLiteStore:
             self._local.after_commit.append(fn)
         else:
             fn()
+
+    def checkpoint(self) -> None:
+        """Copy the WAL back into the database without blocking readers or writers."""
+        self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def read(self, sql: str, params=()) -> list[tuple]:
         return self._retry_locked(lambda: self.conn.execute(sql, params).fetchall())

@@ -109,7 +109,7 @@ class _Batch:
 class Worker:
     def __init__(self, app, concurrency: int = 1, queues: str | Iterable[str] | None = None, *, name: str | None = None,
                  prefetch: int | None = None, allow_cells: bool = False, echo_output: bool = False, heartbeat_interval: float | None = None,
-                 local_follow_ups: bool = True,
+                 local_follow_ups: bool = True, unknown_grace: float = 0.0,
                  beat: bool = False):
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -134,6 +134,10 @@ class Worker:
         # run our own follow-ups next (chain steps, chord callbacks) where the broker can
         # publish a message already reserved in the finishing transaction
         self.local_follow_ups = local_follow_ups and self.group_commit and hasattr(app.broker, "publish_reserved")
+        # a notebook kernel defines its tasks in cells that may run after the worker starts
+        # (a restarted kernel): for this long, a task it does not know yet is handed back
+        self.unknown_grace = float(unknown_grace)
+        self._born = app.clock.time()
         # Redis with results on the same server: the claim script also begins the records
         self.begins_on_claim = app.broker.begins_on_claim(app.backend)
 
@@ -249,7 +253,7 @@ class Worker:
         """Every 0.1 s while tasks run: STARTED states, live output, time limits.
         Every ``heartbeat_interval``: lease extensions and the worker's heartbeat record."""
         info = {"host": socket.gethostname(), "pid": os.getpid(), "concurrency": self.concurrency, "queues": self.queues}
-        next_beat = 0.0
+        next_beat = next_upkeep = 0.0
         while True:
             try:
                 with self._held_lock:
@@ -266,6 +270,12 @@ class Worker:
                                                ttl=max(3 * self.heartbeat_interval, 2.0))
             except Exception:
                 log.warning("worker %s: heartbeat failed", self.name, exc_info=True)
+            if time.monotonic() >= next_upkeep:
+                next_upkeep = time.monotonic() + 0.5
+                try:
+                    self.app.broker.upkeep()
+                except Exception:
+                    log.debug("worker %s: broker upkeep failed", self.name, exc_info=True)
             if self._stopping.is_set() and not any(t.is_alive() for t in self._threads if t is not threading.current_thread()):
                 return
             self._stopping.wait(min(STARTED_AFTER, self.heartbeat_interval)) if not self._stopping.is_set() else time.sleep(0.05)
@@ -419,6 +429,18 @@ class Worker:
                 app.broker.ack(delivery)
 
             batch.add(settle)
+            return
+        if task is None and app.clock.time() - self._born < self.unknown_grace:
+            log.info("task %s (%s) is not registered yet; handing it back for %.0fs more", name, task_id,
+                     self.unknown_grace - (app.clock.time() - self._born))
+
+            def hand_back() -> None:
+                if app.backend.set_state(task_id, states.PENDING, token=token):
+                    app.broker.retry(delivery, eta=app.clock.time() + 1.0)
+                else:
+                    app.broker.ack(delivery)
+
+            batch.add(hand_back)
             return
         if task is None:
             known = ", ".join(sorted(n for n in app.registry if not n.startswith("nbqueue."))) or "none"

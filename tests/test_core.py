@@ -849,3 +849,25 @@ def test_task_running_longer_than_its_lease_is_not_redelivered(app_factory):
     assert r.get(timeout=20) == "done"
     assert runs == [1]
     wait_for(lambda: queue_is_empty(app))
+
+
+@clocked
+def test_kernel_worker_hands_back_a_task_it_does_not_know_yet_then_runs_it(app_factory):
+    """Given a worker with a grace period (a notebook kernel's: the cells defining tasks may
+    run after it starts), a task it does not know is handed back, not failed; once the task
+    is registered it runs; after the grace period an unknown task fails as usual."""
+    clock = ManualClock()
+    app = app_factory(clock=clock)
+    worker = app.worker(unknown_grace=60)
+    res = app.send_task(Signature("defined_later", args=[2]))
+    assert worker.step() == 1
+    assert res.state == states.PENDING                      # handed back, not failed
+    app.register_task("defined_later", lambda x: x * 10)
+    clock.advance(2)
+    pump(worker, res.ready)
+    assert res.get(timeout=5) == 20
+    clock.advance(120)                                       # past the grace period
+    late = app.send_task(Signature("never_defined"))
+    pump(worker, late.ready)
+    with pytest.raises(nbqueue.TaskFailed, match="not registered"):
+        late.get(timeout=5)

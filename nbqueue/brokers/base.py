@@ -131,6 +131,9 @@ class Broker:
         """Dead-lettered messages: id, queue, reason, body."""
         return []
 
+    def upkeep(self) -> None:
+        """Housekeeping a worker's heartbeat thread runs now and then (SQLite: WAL checkpoints)."""
+
     def wake(self) -> None:
         """Wake reservers of this process waiting in reserve() (used on shutdown)."""
 

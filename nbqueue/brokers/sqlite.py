@@ -181,6 +181,9 @@ class SQLiteBroker(Broker):
         rows = self.store.read(sql + " ORDER BY seq LIMIT ?", (*params, limit))
         return [{"id": i, "queue": q, "reason": r, "body": b} for i, q, r, b in rows]
 
+    def upkeep(self) -> None:
+        self.store.checkpoint()
+
     def wake(self) -> None:
         WAKEUPS.notify(self._wake_key)
 

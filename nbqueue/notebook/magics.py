@@ -132,7 +132,7 @@ class NbqueueMagics(Magics):
             self.stop_worker()
         self.kernel_worker = self.app.start_worker(
             concurrency=concurrency or DEFAULT_CONCURRENCY, queues=[self.app.default_queue, self.kernel_queue],
-            allow_cells=True, prefetch=1, heartbeat_interval=0.5)
+            allow_cells=True, prefetch=1, heartbeat_interval=0.5, unknown_grace=KERNEL_UNKNOWN_GRACE)
         return self.kernel_worker
 
     def stop_worker(self, wait: bool = False) -> None:
@@ -427,6 +427,11 @@ def _app_for(shell):
     app = App()
     shell.user_ns["app"] = app
     return app
+
+
+#: seconds a kernel's worker hands back tasks it does not know yet: after a restart, the
+#: cells that define them may run after %load_ext nbqueue
+KERNEL_UNKNOWN_GRACE = 120.0
 
 
 def load_ipython_extension(shell, *, concurrency: int = DEFAULT_CONCURRENCY, start_worker: bool = True) -> NbqueueMagics:
