@@ -184,7 +184,22 @@ def validate_message(message: Any) -> dict:
         raise MessageError("message args must be a list")
     if not isinstance(message["kwargs"], dict):
         raise MessageError("message kwargs must be an object")
+    for key, kinds in _FIELD_TYPES.items():
+        value = message.get(key)
+        if value is not None and (not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds):
+            raise MessageError(f"message field {key!r} has the wrong type ({type(value).__name__})")
+    for key in ("on_success", "on_error"):
+        for callback in message.get(key) or []:
+            validate_message(callback)
     return message
+
+
+_FIELD_TYPES: dict[str, tuple] = {
+    "queue": (str,), "eta": (int, float), "priority": (int,), "headers": (dict,), "retry_count": (int,),
+    "retry_timeout": (int, float), "retry_backoff": (dict,), "retries": (int,), "immutable": (bool,),
+    "on_success": (list,), "on_error": (list,), "ignore_when_not_registered": (bool,), "time_limit": (int, float),
+    "group_id": (str,), "group_task_count": (int,), "workflow": (dict,), "created_at": (int, float), "serializer": (str,),
+}
 
 
 def decode_body(body: str | bytes) -> dict:

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import socket
+import sqlite3
 import threading
 import time
 import traceback as _tb
@@ -33,7 +34,6 @@ log = logging.getLogger(__name__)
 
 
 _MISSING = object()
-GROUP_COMMIT = 0.01  # seconds a finished task may wait to be committed with the next ones
 STARTED_AFTER = 0.1  # a task running this long is recorded as STARTED (shorter ones go RECEIVED -> result)
 
 
@@ -49,61 +49,92 @@ class _Prepared:
 
 
 class _Batch:
-    """Finish steps of one batch, committed together when broker and backend share a store."""
+    """Finish steps of one batch, committed together when broker and backend share a store.
+
+    A step that fails inside the shared transaction rolls it back; the steps are then
+    run again one transaction each, and a delivery whose own step still fails is
+    dead-lettered with the reason (unless the store itself is unreachable: then its
+    lease brings it back), so one bad message never holds back the others.
+    """
 
     def __init__(self, worker: "Worker", local: list):
         self.app = worker.app
         self.worker = worker
         self.grouped = worker.group_commit
-        self.ops: list = []
+        self.local = local
+        self.ops: list = []         # (step, delivery)
         self.plain: list = []       # successes nothing follows: (delivery, id, token, fields)
-        self.first = 0.0
         self.taker = (lambda outs: worker._take_local(outs, local)) if self.grouped else None
 
-    def add(self, op) -> None:
+    def add(self, op, delivery: Delivery) -> None:
         if not self.grouped:
-            self._run([op])
+            self._run_alone(op, delivery)
             return
-        if not self.ops:
-            self.first = time.monotonic()
-        self.ops.append(op)
+        self.ops.append((op, delivery))
 
     def add_plain(self, delivery: Delivery, task_id: str, token: int, fields: dict) -> None:
-        if not self.ops and not self.plain:
-            self.first = time.monotonic()
         self.plain.append((delivery, task_id, token, fields))
 
-    def maybe_flush(self) -> None:
-        if (self.ops or self.plain) and time.monotonic() - self.first >= GROUP_COMMIT:
-            self.flush()
+    @property
+    def pending(self) -> bool:
+        return bool(self.ops or self.plain)
 
     def flush(self) -> None:
         ops, self.ops = self.ops, []
         plain, self.plain = self.plain, []
-        if ops or plain:
-            reset = workflow._local_taker.set(self.taker)
+        if not ops and not plain:
+            return
+        reset = workflow._local_taker.set(self.taker)
+        try:
             try:
                 with self.app.transaction():
-                    self._run(ops)
+                    for op, _ in ops:
+                        op()
                     if plain:
                         self._finish_plain(plain)
-            finally:
-                workflow._local_taker.reset(reset)
+                return
+            except Exception:
+                log.warning("worker %s: finishing %d task(s) together failed; finishing them one by one",
+                            self.worker.name, len(ops) + len(plain), exc_info=True)
+                self._forget_local()
+            for op, delivery in ops:
+                self._run_alone(op, delivery)
+            if plain:
+                try:
+                    with self.app.transaction():
+                        self._finish_plain(plain)
+                except Exception:
+                    log.exception("worker %s: storing %d result(s) failed; their messages will be redelivered", self.worker.name, len(plain))
+        finally:
+            workflow._local_taker.reset(reset)
+
+    def _forget_local(self) -> None:
+        """Follow-ups reserved in a transaction that rolled back were never stored."""
+        for deliveries, _ in self.local:
+            for d in deliveries:
+                self.worker._unhold(d)
+        self.local.clear()
+
+    def _run_alone(self, op, delivery: Delivery) -> None:
+        try:
+            with self.app.transaction():
+                op()
+        except (ConnectionError, TimeoutError, sqlite3.OperationalError):  # the store, not the message: redeliver
+            self._forget_local()
+            log.exception("worker %s: finishing %s failed; its message will be redelivered", self.worker.name, delivery.message_id)
+        except Exception as exc:
+            self._forget_local()
+            log.exception("worker %s: finishing %s failed; dead-lettering it", self.worker.name, delivery.message_id)
+            try:
+                self.app.broker.reject(delivery, f"finishing the task failed: {type(exc).__name__}: {exc}")
+            except Exception:
+                log.exception("worker %s: could not dead-letter %s; its lease will bring it back", self.worker.name, delivery.message_id)
 
     def _finish_plain(self, plain: list) -> None:
         """Store the results, then acknowledge: two round trips for the lot."""
         items = [(task_id, states.SUCCESS, token, fields) for _, task_id, token, fields in plain]
         stored = self.app.broker.store_and_ack(self.app.backend, items, [d for d, _, _, _ in plain])
         self.worker.processed += sum(stored)
-
-    def _run(self, ops: list) -> None:
-        for op in ops:
-            try:
-                op()
-            except Exception:
-                if self.grouped:
-                    raise  # the whole group rolls back and is redelivered
-                log.exception("worker: finishing a task failed; its message will be redelivered")
 
 
 class Worker:
@@ -312,10 +343,9 @@ class Worker:
         """Run reserved deliveries in order in this thread; never raises.
 
         One write marks the batch RECEIVED and hands out fencing tokens (on SQLite in the
-        claim's own transaction, see ``reserve``); each task's finish (result, follow-ups,
-        ack) is queued and committed together with the others of the batch where broker
-        and backend share a store, at the latest ``GROUP_COMMIT`` seconds after the first
-        one finished.
+        claim's own transaction, on Redis in the claim script, see ``reserve``). A task's
+        finish (result, follow-ups, ack) is committed before the next task of the batch
+        starts, so a result never waits for a slow batch-mate.
         """
         while deliveries:
             local: list = []
@@ -331,16 +361,17 @@ class Worker:
                 prep = self._prepare(deliveries)
             for delivery, reason in prep.malformed:
                 log.error("dead-lettering malformed message %s: %s", delivery.message_id, reason)
-                batch.add(lambda d=delivery, r=reason: self.app.broker.reject(d, r))
+                batch.add(lambda d=delivery, r=reason: self.app.broker.reject(d, r), delivery)
             for i, (delivery, message) in enumerate(prep.messages):
                 if self._stopping.is_set() and threading.current_thread() in self._threads:
                     self._hand_back([d for d, _ in prep.messages[i:]])
                     break
+                if batch.pending and i > 0:
+                    batch.flush()   # what finished is committed before the next task starts, however long it runs
                 try:
                     self._execute(delivery, message, prep.tokens.get(message["id"], _MISSING), batch)
                 except Exception:
                     log.exception("worker %s: unexpected error processing %s; it will be redelivered", self.name, delivery.message_id)
-                batch.maybe_flush()
         except Exception:
             log.exception("worker %s: unexpected error in a batch of %d; its messages will be redelivered", self.name, len(deliveries))
         finally:
@@ -348,7 +379,7 @@ class Worker:
                 batch.flush()
             except Exception:
                 log.exception("worker %s: finishing a batch failed; its messages will be redelivered", self.name)
-                local.clear()
+                batch._forget_local()
             for d in deliveries:
                 self._unhold(d)
 
@@ -418,7 +449,7 @@ class Worker:
         task = app.registry.get(name)
         if task is None and message.get("ignore_when_not_registered"):
             log.warning("dropping task %s (%s): not registered on this worker and ignore_when_not_registered is set", name, task_id)
-            batch.add(lambda: app.broker.ack(delivery))
+            batch.add(lambda: app.broker.ack(delivery), delivery)
             return
         if token is _MISSING:
             token = app.backend.begin(task_id, worker=self.name, fields={"retries": message.get("retries", 0), "name": name, "queue": delivery.queue})
@@ -428,7 +459,7 @@ class Worker:
                 workflow.after_final(app, message, app.backend.get(task_id) or {})
                 app.broker.ack(delivery)
 
-            batch.add(settle)
+            batch.add(settle, delivery)
             return
         if task is None and app.clock.time() - self._born < self.unknown_grace:
             log.info("task %s (%s) is not registered yet; handing it back for %.0fs more", name, task_id,
@@ -440,7 +471,7 @@ class Worker:
                 else:
                     app.broker.ack(delivery)
 
-            batch.add(hand_back)
+            batch.add(hand_back, delivery)
             return
         if task is None:
             known = ", ".join(sorted(n for n in app.registry if not n.startswith("nbqueue."))) or "none"
@@ -469,7 +500,7 @@ class Worker:
             output = capture.end()
             self._retry(delivery, message, token, exc.countdown, "Retry", exc.reason or "retry requested", output, batch, counts=False)
             return
-        except Exception as exc:  # the task's own failure
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:  # the task's own failure; exit() in a task must not end the worker
             output = capture.end()
             tb = _tb.format_exc()
             if int(message.get("retry_count") or 0) > 0:
@@ -500,7 +531,7 @@ class Worker:
                 workflow.on_success(app, message, result_text)
             app.broker.ack(delivery)
 
-        batch.add(finish)
+        batch.add(finish, delivery)
 
     def _refusal(self, task, message: dict) -> BaseException | None:
         """A reason not to run this task on this worker (cells need --allow-cells), or None."""
@@ -523,7 +554,7 @@ class Worker:
             else:  # revoked or taken over meanwhile
                 app.broker.ack(delivery)
 
-        batch.add(finish)
+        batch.add(finish, delivery)
 
     def _fail(self, delivery: Delivery, message: dict, token: int, exc: BaseException, batch: "_Batch", *, tb: str | None = None,
               output: str | None = None, started_at: float | None = None) -> None:
@@ -538,7 +569,7 @@ class Worker:
                 workflow.on_failure(app, message, exc_type, error)
             app.broker.ack(delivery)
 
-        batch.add(finish)
+        batch.add(finish, delivery)
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"

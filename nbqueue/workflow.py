@@ -428,8 +428,14 @@ def _group_complete(app, gid: str, pub: _Publisher) -> None:
         return
     info = app.backend.group_info(gid)
     records = app.backend.get_many(info["members"])
-    failed = next((r for r in records if r is None or r["state"] != states.SUCCESS), None)
-    if failed is not None:
+    missing = [m for m, r in zip(info["members"], records) if r is None]
+    if missing:
+        # a member's result expired (results_expire_in) before the group finished
+        error = f"the result of member {missing[0]} expired before the group finished"
+        _fail(app, info["meta"].get("then") or [], missing[0], "ResultExpired", error, pub)
+        pub.after.append(lambda: app.backend.store_result(gid, states.FAILURE, exc_type="ResultExpired", error=error))
+        return
+    if any(r["state"] != states.SUCCESS for r in records):
         # a member failed for good: the group failed when it did (see _fail); nothing to run
         return
     values = [serialization.loads(r["result"]) for r in records]

@@ -871,3 +871,28 @@ def test_kernel_worker_hands_back_a_task_it_does_not_know_yet_then_runs_it(app_f
     pump(worker, late.ready)
     with pytest.raises(nbqueue.TaskFailed, match="not registered"):
         late.get(timeout=5)
+
+
+def test_a_finish_that_fails_is_dead_lettered_and_its_batch_mates_are_recorded(app, monkeypatch):
+    """Given two tasks reserved in one batch, when finishing one of them raises (here its
+    follow-up step breaks), then that message is dead-lettered with the reason and the
+    other task's result is recorded: one bad message never holds back the batch."""
+    app.register_task("fine", lambda: "fine")
+    app.register_task("cursed", lambda: "cursed")
+    real_on_success = nbqueue.workflow.on_success
+
+    def breaking_on_success(app_, message, result_text, **kwargs):
+        if message["name"] == "cursed":
+            raise RuntimeError("follow-up step broke")
+        return real_on_success(app_, message, result_text, **kwargs)
+
+    monkeypatch.setattr(nbqueue.workflow, "on_success", breaking_on_success)
+    cursed = app.signature("cursed")
+    cursed.on_success = [app.signature("fine")]          # not a plain finish: goes through on_success
+    bad = app.send_task(cursed)
+    good = app.send_task(app.signature("fine"))
+    worker = app.worker(concurrency=2)
+    pump(worker, lambda: good.ready() and any(d["id"] == bad.id for d in app.broker.dead_letters(app.default_queue)))
+    assert good.get(timeout=5) == "fine"
+    [dead] = [d for d in app.broker.dead_letters(app.default_queue) if d["id"] == bad.id]
+    assert "follow-up step broke" in dead["reason"]
