@@ -364,6 +364,10 @@ class Worker:
                 batch.add(lambda d=delivery, r=reason: self.app.broker.reject(d, r), delivery)
             for i, (delivery, message) in enumerate(prep.messages):
                 if self._stopping.is_set() and threading.current_thread() in self._threads:
+                    for _, unstarted in prep.messages[i:]:   # not started: PENDING again, not "received"
+                        token = prep.tokens.get(unstarted["id"])
+                        if token:
+                            self.app.backend.set_state(unstarted["id"], states.PENDING, token=token)
                     self._hand_back([d for d, _ in prep.messages[i:]])
                     break
                 if batch.pending and i > 0:
