@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 _MISSING = object()
 STARTED_AFTER = 0.1  # a task running this long is recorded as STARTED (shorter ones go RECEIVED -> result)
+GROUP_COMMIT = 0.01  # finished tasks of a batch are committed together once the oldest has waited this long
+STALE_FLUSH = 0.05   # ... or by the heartbeat thread, when the executor is busy with a long task
 
 
 class _Prepared:
@@ -64,24 +66,42 @@ class _Batch:
         self.local = local
         self.ops: list = []         # (step, delivery)
         self.plain: list = []       # successes nothing follows: (delivery, id, token, fields)
+        self.first = 0.0            # when the oldest pending step was added
+        self.lock = threading.Lock()
+        # one flush at a time: the executor's last flush must see follow-ups a heartbeat
+        # flush reserved (lock order: this, then the store's write lock)
+        self.flushing = threading.Lock()
         self.taker = (lambda outs: worker._take_local(outs, local)) if self.grouped else None
 
     def add(self, op, delivery: Delivery) -> None:
         if not self.grouped:
             self._run_alone(op, delivery)
             return
-        self.ops.append((op, delivery))
+        with self.lock:
+            if not self.ops and not self.plain:
+                self.first = time.monotonic()
+            self.ops.append((op, delivery))
 
     def add_plain(self, delivery: Delivery, task_id: str, token: int, fields: dict) -> None:
-        self.plain.append((delivery, task_id, token, fields))
+        with self.lock:
+            if not self.ops and not self.plain:
+                self.first = time.monotonic()
+            self.plain.append((delivery, task_id, token, fields))
 
-    @property
-    def pending(self) -> bool:
-        return bool(self.ops or self.plain)
+    def waiting(self) -> float:
+        """Seconds the oldest pending step has waited (0 when none)."""
+        with self.lock:
+            return time.monotonic() - self.first if (self.ops or self.plain) else 0.0
 
     def flush(self) -> None:
-        ops, self.ops = self.ops, []
-        plain, self.plain = self.plain, []
+        """Commit what is pending; safe from the executor and the heartbeat thread alike."""
+        with self.flushing:
+            self._flush()
+
+    def _flush(self) -> None:
+        with self.lock:
+            ops, self.ops = self.ops, []
+            plain, self.plain = self.plain, []
         if not ops and not plain:
             return
         reset = workflow._local_taker.set(self.taker)
@@ -159,6 +179,7 @@ class Worker:
         self._held: dict[int, Delivery] = {}          # reserved and not yet finished, for lease extension
         self._running: dict[str, dict] = {}            # task id -> {"started": t, "time_limit": s, "token": n}
         self._held_lock = threading.Lock()
+        self._batches: set = set()                     # batches being run, for the heartbeat's stale flush
         self.processed = 0
         self.failed = 0
         self.group_commit = not isinstance(app.broker.transaction_with(app.backend), contextlib.nullcontext)
@@ -291,6 +312,7 @@ class Worker:
                     running = dict(self._running)
                 for task_id, run in running.items():
                     self._watch_running(task_id, run)
+                self._flush_stale()
                 if time.monotonic() >= next_beat:
                     next_beat = time.monotonic() + self.heartbeat_interval
                     with self._held_lock:
@@ -310,6 +332,15 @@ class Worker:
             if self._stopping.is_set() and not any(t.is_alive() for t in self._threads if t is not threading.current_thread()):
                 return
             self._stopping.wait(min(STARTED_AFTER, self.heartbeat_interval)) if not self._stopping.is_set() else time.sleep(0.05)
+
+    def _flush_stale(self) -> None:
+        """Commit finished tasks that wait in a batch whose executor is busy with a long task,
+        so a result never waits for a slow batch-mate longer than a heartbeat tick."""
+        with self._held_lock:
+            batches = list(self._batches)
+        for batch in batches:
+            if batch.waiting() >= STALE_FLUSH:
+                batch.flush()
 
     def _watch_running(self, task_id: str, run: dict) -> None:
         if time.monotonic() - run["started"] < STARTED_AFTER:
@@ -343,19 +374,24 @@ class Worker:
         """Run reserved deliveries in order in this thread; never raises.
 
         One write marks the batch RECEIVED and hands out fencing tokens (on SQLite in the
-        claim's own transaction, on Redis in the claim script, see ``reserve``). A task's
-        finish (result, follow-ups, ack) is committed before the next task of the batch
-        starts, so a result never waits for a slow batch-mate.
+        claim's own transaction, on Redis in the claim script, see ``reserve``). Finished
+        tasks (result, follow-ups, ack) are committed together once the oldest has waited
+        ``GROUP_COMMIT``, and by the heartbeat thread when the executor is busy with a long
+        task, so a result waits for a slow batch-mate at most a heartbeat tick.
         """
-        while deliveries:
+        queue = [(deliveries, prep)]
+        while queue:
+            deliveries, prep = queue.pop(0)
             local: list = []
             self._run_batch(deliveries, prep, local)
             # follow-ups this worker published to itself (the next chain step, a chord's
             # callback) run next, without another claim
-            deliveries, prep = (local[0] if local else ([], None))
+            queue.extend(local)
 
     def _run_batch(self, deliveries: list[Delivery], prep: "_Prepared | None", local: list) -> None:
         batch = _Batch(self, local)
+        with self._held_lock:
+            self._batches.add(batch)
         try:
             if prep is None:
                 prep = self._prepare(deliveries)
@@ -370,8 +406,8 @@ class Worker:
                             self.app.backend.set_state(unstarted["id"], states.PENDING, token=token)
                     self._hand_back([d for d, _ in prep.messages[i:]])
                     break
-                if batch.pending and i > 0:
-                    batch.flush()   # what finished is committed before the next task starts, however long it runs
+                if batch.waiting() >= GROUP_COMMIT:
+                    batch.flush()   # finished tasks wait at most GROUP_COMMIT (or the heartbeat's flush, see _flush_stale)
                 try:
                     self._execute(delivery, message, prep.tokens.get(message["id"], _MISSING), batch)
                 except Exception:
@@ -384,6 +420,8 @@ class Worker:
             except Exception:
                 log.exception("worker %s: finishing a batch failed; its messages will be redelivered", self.name)
                 batch._forget_local()
+            with self._held_lock:
+                self._batches.discard(batch)
             for d in deliveries:
                 self._unhold(d)
 

@@ -896,3 +896,22 @@ def test_a_finish_that_fails_is_dead_lettered_and_its_batch_mates_are_recorded(a
     assert good.get(timeout=5) == "fine"
     [dead] = [d for d in app.broker.dead_letters(app.default_queue) if d["id"] == bad.id]
     assert "follow-up step broke" in dead["reason"]
+
+
+def test_a_finished_task_result_does_not_wait_for_a_slow_batch_mate(app):
+    """Given a worker thread that reserved a fast task and a slow one together (prefetch),
+    the fast task's result is readable while the slow one still runs: the slow one is only
+    released once the fast result has been read, so waiting for it would deadlock."""
+    release = threading.Event()
+    app.register_task("fast", lambda: "fast")
+    app.register_task("slow", lambda: release.wait(30) and "slow")
+    fast = app.send_task(app.signature("fast"))
+    slow = app.send_task(app.signature("slow"))
+    worker = app.start_worker(concurrency=1, prefetch=4)
+    try:
+        assert fast.get(timeout=15) == "fast"
+        assert not slow.ready()
+    finally:
+        release.set()
+    assert slow.get(timeout=15) == "slow"
+    worker.stop()
