@@ -17,7 +17,6 @@ import os
 import shutil
 import socket
 import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,11 +49,11 @@ def pct(values, q):
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
-def row(label, value, unit, floor=None, higher_is_better=True):
+def row(label, value, unit, floor=None):
+    """A figure, and its ratio to the floor (throughput: higher is better; times: lower)."""
     ratio = ""
     if floor:
-        r = value / floor if higher_is_better else value / floor
-        ratio = f"  ({r:.2f}x floor)"  # throughput: higher is better; times: lower is better
+        ratio = f"  ({value / floor:.2f}x floor)"
     print(f"  {label:<44} {value:>10.1f} {unit}{ratio}", flush=True)
 
 

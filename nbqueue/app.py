@@ -24,7 +24,6 @@ from .backends import backend_from_url
 from .brokers import broker_from_url
 from .brokers.base import Outgoing
 from .clock import SYSTEM
-from .errors import ConfigurationError
 from .result import AsyncResult
 from .signature import Signature, encode_body
 from .task import Task, task_name

@@ -75,6 +75,3 @@ def peek(task_id: str) -> str | None:
     buf = _buffers.get(task_id)
     return None if buf is None else buf.getvalue()
 
-
-def current_task_id() -> str | None:
-    return getattr(_local, "task_id", None) if getattr(_local, "buffer", None) is not None else None

@@ -102,17 +102,10 @@ class AsyncResult:
         raise failure_from_record(record)
 
     def _wait_record(self, timeout: float | None) -> dict | None:
-        """The final record, waited for in slices so Ctrl-C is honoured promptly."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            slice_ = 1.0 if remaining is None else min(1.0, remaining)
-            record = self.app.backend.wait_record(self.id, timeout=slice_)
-            if record is not None:
-                self._final = record
-                return record
-            if remaining is not None and remaining <= slice_:
-                return None
+        record = _in_slices(lambda t: self.app.backend.wait_record(self.id, timeout=t), timeout)
+        if record is not None:
+            self._final = record
+        return record
 
     def revoke(self, reason: str = "revoked by user") -> bool:
         return self.app.revoke(self.id, reason)
@@ -146,17 +139,22 @@ class AsyncResult:
         return hash(self.id)
 
 
-def _wait_ids(app, ids: list[str], timeout: float | None) -> bool:
-    """Wait in slices so Ctrl-C is honoured promptly even on stores that block."""
+def _in_slices(wait, timeout: float | None):
+    """Call ``wait(seconds)`` in slices of at most 1 s until it returns something or the
+    timeout passes (then None), so Ctrl-C is honoured promptly even on stores that block."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         slice_ = 1.0 if remaining is None else min(1.0, remaining)
-        if app.backend.wait(ids, timeout=slice_):
-            return True
+        got = wait(slice_)
+        if got:
+            return got
         if remaining is not None and remaining <= slice_:
-            return False
+            return None
 
+
+def _wait_ids(app, ids: list[str], timeout: float | None) -> bool:
+    return bool(_in_slices(lambda t: app.backend.wait(ids, timeout=t), timeout))
 
 def _leaves(result) -> list[AsyncResult]:
     """The task results inside a (possibly nested) result, in order."""
@@ -217,13 +215,15 @@ class _WorkflowResult:
         terminal = self.app.backend.get(self.terminal_id)
         raise failure_from_record(terminal or {"id": self.terminal_id, "state": states.FAILURE, "error": "unknown failure"})
 
-    def _get_terminal(self, timeout: float | None) -> dict:
-        if not self.wait(timeout):
+    def get(self, timeout: float | None = None, interval: float | None = None) -> Any:
+        """The workflow's value (a group's member values in order, a chain's last step's, a
+        chord's callback's); raises the first task failure, or TimeoutError."""
+        record = _in_slices(lambda t: self.app.backend.wait_record(self.terminal_id, timeout=t), timeout)
+        if record is None:
             raise TimeoutError(f"{type(self).__name__} {self.terminal_id} not ready after {timeout}s")
-        record = self.app.backend.get(self.terminal_id)
-        if record is None or record["state"] != states.SUCCESS:
+        if record["state"] != states.SUCCESS:
             self._raise_failure()
-        return record
+        return self.app.serializer.decode(serialization.loads(record["result"]))
 
     def _repr_html_(self) -> str:
         from .notebook.display import workflow_html
@@ -286,11 +286,6 @@ class GroupResult(_WorkflowResult):
             return self.app.backend.progress(group_id=self.id)
         return self.app.backend.progress([r.id for r in self.leaves()])
 
-    def get(self, timeout: float | None = None, interval: float | None = None) -> list:
-        """The list of member values in group order; raises the first member failure."""
-        record = self._get_terminal(timeout)
-        return self.app.serializer.decode(serialization.loads(record["result"]))
-
     def __repr__(self) -> str:
         return f"<GroupResult {self.id} {len(self.results)} members {self.state}>"
 
@@ -314,10 +309,6 @@ class ChainResult(_WorkflowResult):
     def terminal_id(self) -> str:
         last = self.results[-1]
         return last.id if isinstance(last, AsyncResult) else last.terminal_id
-
-    def get(self, timeout: float | None = None, interval: float | None = None) -> Any:
-        record = self._get_terminal(timeout)
-        return self.app.serializer.decode(serialization.loads(record["result"]))
 
     def __repr__(self) -> str:
         return f"<ChainResult {len(self.results)} steps {self.state}>"
@@ -346,10 +337,6 @@ class ChordResult(_WorkflowResult):
     @property
     def terminal_id(self) -> str:
         return self.callback.id if isinstance(self.callback, AsyncResult) else self.callback.terminal_id
-
-    def get(self, timeout: float | None = None, interval: float | None = None) -> Any:
-        record = self._get_terminal(timeout)
-        return self.app.serializer.decode(serialization.loads(record["result"]))
 
     def __repr__(self) -> str:
         return f"<ChordResult {len(self.header)} members {self.state}>"

@@ -229,10 +229,3 @@ def loads(text: str | bytes) -> Any:
             pass  # let the standard library decide (and word the error)
     return json.loads(text)
 
-
-def encode_value(obj: Any, where: str = "value") -> str:
-    return dumps(to_jsonable(obj, where))
-
-
-def decode_value(text: str | None) -> Any:
-    return None if text is None else from_jsonable(json.loads(text))

@@ -15,10 +15,10 @@ import datetime as _dt
 import inspect
 import time
 import uuid
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from . import serialization
-from .errors import MessageError, SerializationError
+from .errors import MessageError
 
 
 def new_id() -> str:
@@ -273,13 +273,4 @@ def _arg_label(task: str, index: int, names: list[str]) -> str:
     return f"argument {index + 1} of task {task!r}"
 
 
-def as_signatures(items: Iterable[Any]) -> list[Signature]:
-    out = []
-    for item in items:
-        if not isinstance(item, Signature):
-            raise TypeError(f"expected a Signature, got {type(item).__name__}")
-        out.append(item)
-    return out
-
-
-__all__ = ["Signature", "new_id", "validate_message", "decode_body", "encode_body", "signature_from_message", "SerializationError"]
+__all__ = ["Signature", "new_id", "validate_message", "decode_body", "encode_body", "signature_from_message"]

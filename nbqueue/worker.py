@@ -259,14 +259,11 @@ class Worker:
         """Process until the queues stay empty (for tests and scripts)."""
         total, deadline = 0, time.monotonic() + timeout
         while time.monotonic() < deadline:
-            n = self.step()
-            total += n
-            if n == 0:
-                more, prep = self.reserve(0.05, self.concurrency)
-                if not more:
-                    break
-                self.process_batch(more, prep)
-                total += len(more)
+            deliveries, prep = self.reserve(0.05, self.concurrency)
+            if not deliveries:
+                break
+            self.process_batch(deliveries, prep)
+            total += len(deliveries)
         return total
 
     def _executor_loop(self) -> None:

@@ -35,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 from . import serialization, states
 from .signature import Signature, new_id

@@ -6,7 +6,6 @@ the restart does not disturb the shared server the other tests use.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess

@@ -578,7 +578,6 @@ class AMQPBroker(Broker):
     scheme = "amqp"
     supports_priority = True
     #: a publish from anywhere (this process included) is pushed to a waiting reserve() at once
-    wakes_in_process = True
     #: RabbitMQ redelivers on connection death, not on a lease timer
     leases_expire = False
     #: AMQP cannot look a message up by id, so a repeated publish is a second message

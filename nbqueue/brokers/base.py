@@ -56,8 +56,6 @@ class Broker:
 
     scheme: str = ""
     supports_priority = True
-    #: True when reserve() is woken at once by a publish from this process
-    wakes_in_process = False
     #: True when reserve() accepts ``on_claim``, called inside the claim's transaction
     claims_in_transaction = False
     #: True when publishing an id already waiting or in flight is a no-op (AMQP cannot)

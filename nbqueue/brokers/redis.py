@@ -318,7 +318,6 @@ return n
 class RedisBroker(Broker):
     scheme = "redis"
     supports_priority = True
-    wakes_in_process = True
     leases_expire = True
 
     def __init__(self, url: str = "memory://", *, clock=None, options: dict | None = None):

@@ -18,9 +18,6 @@ from typing import Sequence
 from ..sqlitedb import SQLiteStore, path_from_url, placeholders
 from .base import WAKEUPS, Broker, Delivery, Outgoing
 
-WAITING, RESERVED, DEAD = 0, 1, 2
-
-
 def _schema(db) -> None:
     db["nbq_messages"].create(
         {"seq": int, "id": str, "queue": str, "priority": int, "due": float, "state": int, "attempt": int, "body": str, "reason": str, "created": float},
@@ -32,7 +29,6 @@ def _schema(db) -> None:
 
 class SQLiteBroker(Broker):
     scheme = "sqlite"
-    wakes_in_process = True
     claims_in_transaction = True
 
     def __init__(self, url: str = "", *, clock=None, options: dict | None = None):
