@@ -141,8 +141,10 @@ class App:
         if not isinstance(sig, Signature):
             raise TypeError(f"send_task takes a Signature, not {type(sig).__name__}; use app.send() for workflows")
         message, record, out = self.prepare(sig)
+        since = self.backend.wake_version()
         self.publish([record], [out])
         result = AsyncResult(out.id, self, name=sig.name)
+        result._sent_at_version = since
         result.callbacks = [AsyncResult(m["id"], self, name=m["name"]) for m in message.get("on_success", []) + message.get("on_error", [])]
         return result
 

@@ -26,6 +26,8 @@ class AsyncResult:
         self.app = app
         self._name = name
         self._final: dict | None = None
+        # the backend's wake-up version read before this task was sent (see wait_record)
+        self._sent_at_version: int | None = None
         #: results of the on_success/on_error callbacks sent with this task (the one that runs finishes)
         self.callbacks: list[AsyncResult] = []
 
@@ -102,7 +104,8 @@ class AsyncResult:
         raise failure_from_record(record)
 
     def _wait_record(self, timeout: float | None) -> dict | None:
-        record = _in_slices(lambda t: self.app.backend.wait_record(self.id, timeout=t), timeout)
+        since, self._sent_at_version = self._sent_at_version, None
+        record = _in_slices(lambda t: self.app.backend.wait_record(self.id, timeout=t, since=since), timeout)
         if record is not None:
             self._final = record
         return record

@@ -450,7 +450,8 @@ class Worker:
 
         broker = self.app.broker
         if broker.claims_in_transaction:
-            deliveries = broker.reserve(self.queues, timeout=timeout, lease=self.lease, limit=limit, on_claim=on_claim)
+            deliveries = broker.reserve(self.queues, timeout=timeout, lease=self.lease, limit=limit, on_claim=on_claim,
+                                        handoff=self.group_commit and not self._stopping.is_set())
         elif self.begins_on_claim:
             deliveries = broker.reserve(self.queues, timeout=timeout, lease=self.lease, limit=limit, begin_for=(self.app.backend, self.name))
             if deliveries:
@@ -459,7 +460,12 @@ class Worker:
             deliveries = broker.reserve(self.queues, timeout=timeout, lease=self.lease, limit=limit)
         if not deliveries:
             return [], None
-        return deliveries, (prepared[-1] if prepared else None)
+        if len(prepared) > 1:   # claimed, and handed more by a publisher meanwhile
+            for more in prepared[1:]:
+                prepared[0].messages += more.messages
+                prepared[0].malformed += more.malformed
+                prepared[0].tokens.update(more.tokens)
+        return deliveries, (prepared[0] if prepared else None)
 
     def _prepare(self, deliveries: list[Delivery], begun: bool = False) -> "_Prepared":
         """Decode a reserved batch and begin its tasks (``begun``: the claim did, tokens are on the deliveries)."""

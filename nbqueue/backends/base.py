@@ -144,22 +144,33 @@ class ResultBackend:
                 time.sleep(min(0.002 * len(pending) / 256, 0.02))  # many waits: check a little less eagerly
             interval = min(interval * 2, ceiling)
 
-    def wait_record(self, task_id: str, timeout: float | None = None) -> dict | None:
+    def wait_record(self, task_id: str, timeout: float | None = None, since: int | None = None) -> dict | None:
         """Block until one task is final and return its record (None on timeout): one read
-        per wake-up, the record itself, rather than a state check and then a read."""
+        per wake-up, the record itself, rather than a state check and then a read.
+
+        ``since``: ``wake_version()`` read before the task was sent; the first read is
+        skipped until a wake-up newer than that (a task just sent is not final yet).
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         interval = 0.001
         ceiling = float(self.options.get("poll_interval", 0.1))
         while True:
-            version = WAKEUPS.version(self._wake_key)
-            record = self.get(task_id)
-            if record is not None and record["state"] in states.READY_STATES:
-                return record
+            if since is None:
+                version = WAKEUPS.version(self._wake_key)
+                record = self.get(task_id)
+                if record is not None and record["state"] in states.READY_STATES:
+                    return record
+            else:
+                version, since = since, None
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return None
             self._block([task_id], version, interval if remaining is None else min(interval, remaining))
             interval = min(interval * 2, ceiling)
+
+    def wake_version(self) -> int:
+        """The in-process wake-up count (see ``wait_record``'s ``since``)."""
+        return WAKEUPS.version(self._wake_key)
 
     @property
     def _wake_key(self):

@@ -24,7 +24,8 @@ def _schema(db) -> None:
         pk="id", if_not_exists=True, defaults={"retries": 0, "token": 0},
     )
     db.execute("CREATE INDEX IF NOT EXISTS nbq_results_created ON nbq_results(created_at)")
-    db.execute("CREATE INDEX IF NOT EXISTS nbq_results_group ON nbq_results(group_id)")
+    # partial: a plain task (no group) costs this index nothing
+    db.execute("CREATE INDEX IF NOT EXISTS nbq_results_group ON nbq_results(group_id) WHERE group_id IS NOT NULL")
     db.execute("CREATE INDEX IF NOT EXISTS nbq_results_expires ON nbq_results(expires_at) WHERE expires_at IS NOT NULL")
     db["nbq_groups"].create({"group_id": str, "total": int, "done": int, "chord_claimed": int, "meta": str, "created_at": float}, pk="group_id", if_not_exists=True)
     db["nbq_group_members"].create({"group_id": str, "member_id": str, "idx": int, "done": int}, pk=("group_id", "member_id"), if_not_exists=True)
@@ -166,8 +167,7 @@ class SQLiteBackend(ResultBackend):
         ids = list(ids)
         for start in range(0, len(ids), 900):
             chunk = ids[start:start + 900]
-            cur = self.store.conn.execute(f"SELECT {','.join(FIELDS)} FROM nbq_results WHERE id IN ({placeholders(len(chunk))})", chunk)
-            for row in cur.fetchall():
+            for row in self.store.read(f"SELECT {','.join(FIELDS)} FROM nbq_results WHERE id IN ({placeholders(len(chunk))})", chunk):
                 rec = dict(zip(FIELDS, row))
                 if rec["expires_at"] is not None and rec["expires_at"] <= now:
                     continue

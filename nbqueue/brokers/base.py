@@ -186,6 +186,13 @@ class LocalWakeups:
             self._versions[key] = self._versions.get(key, 0) + 1
             cond.notify_all()
 
+    def poke(self, key: Any) -> None:
+        """Wake the waiters without a new version: they look at their own state (a
+        reserver its hand-over slot) and, finding nothing else changed, wait again."""
+        cond = self.condition(key)
+        with cond:
+            cond.notify_all()
+
     def wait(self, key: Any, seen_version: int, timeout: float) -> int:
         """Wait until notified after ``seen_version`` or timeout; returns the version now."""
         cond = self.condition(key)

@@ -1,0 +1,156 @@
+"""The SQLite default's hand-over: a task sent in a process where a worker thread waits
+for work is given to that worker in the sending transaction, reserved and begun, so
+the worker runs it without a claim. It must keep every guarantee of a claim: the
+lease, redelivery, fencing, delays, and nothing handed over from a rolled-back send.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+import nbqueue
+from nbqueue import Signature, states
+from nbqueue.brokers import sqlite as sqlite_broker
+from nbqueue.brokers.base import Outgoing
+from nbqueue.clock import ManualClock
+from nbqueue.testing import wait_for
+
+
+def idle_reservers(app) -> int:
+    with sqlite_broker._IDLE_LOCK:
+        return sum(not s.taken for s in sqlite_broker._IDLE.get(app.broker.path, []))
+
+
+class Reserver(threading.Thread):
+    """A reserve() with hand-over in a thread of its own, as a worker's executor runs it."""
+
+    def __init__(self, broker, queue, timeout=5.0, lease=10.0):
+        super().__init__(daemon=True)
+        self.broker, self.queue, self.timeout, self.lease = broker, queue, timeout, lease
+        self.claimed: list = []
+        self.got = None
+
+    def run(self):
+        self.got = self.broker.reserve([self.queue], timeout=self.timeout, lease=self.lease, limit=4, handoff=True,
+                                       on_claim=lambda ds: self.claimed.extend(ds))
+
+
+@pytest.fixture
+def app(tmp_path):
+    app = nbqueue.App(f"sqlite:///{tmp_path}/nbqueue.db")
+    yield app
+    app.close()
+
+
+def test_a_task_sent_while_a_worker_of_this_process_waits_is_handed_over_and_runs_without_a_claim(app, monkeypatch):
+    app.register_task("double", lambda x: 2 * x)
+    claims = []
+    real_claim = app.broker._claim
+
+    def counting_claim(*args, **kwargs):
+        got = real_claim(*args, **kwargs)
+        claims.extend(got)
+        return got
+
+    monkeypatch.setattr(app.broker, "_claim", counting_claim)
+    worker = app.start_worker(concurrency=1)
+    try:
+        for i in range(10):
+            wait_for(lambda: idle_reservers(app) == 1)
+            r = app.send_task(Signature("double", args=[i]))
+            assert r.get(timeout=10) == 2 * i
+            assert r.info()["worker"] == worker.name
+    finally:
+        worker.stop()
+    assert claims == []                    # every one was handed over
+    assert all(row["ready"] == row["in_flight"] == 0 for row in app.broker.stats())
+
+
+def test_a_hand_over_is_recorded_as_received_in_the_sending_transaction(app):
+    q = "handoff"
+    reserver = Reserver(app.broker, q)
+    reserver.start()
+    wait_for(lambda: idle_reservers(app) == 1)
+    app.broker.publish(Outgoing(id="m1", body="{}", queue=q))
+    reserver.join(5)
+    [d] = reserver.got
+    assert d.message_id == "m1" and d.attempt == 1 and reserver.claimed == [d]   # on_claim ran for it
+    assert app.broker.stats() == [{"queue": q, "ready": 0, "delayed": 0, "in_flight": 1, "dead": 0}]
+    assert app.broker.ack(d) is True
+
+
+def test_a_rolled_back_send_hands_nothing_over(app):
+    q = "handoff"
+    reserver = Reserver(app.broker, q, timeout=1.0)
+    reserver.start()
+    wait_for(lambda: idle_reservers(app) == 1)
+    with pytest.raises(RuntimeError):
+        with app.transaction():
+            app.broker.publish(Outgoing(id="m1", body="{}", queue=q))
+            assert idle_reservers(app) == 0          # taken by this (open) transaction
+            raise RuntimeError("the send fails after the hand-over")
+    reserver.join(5)
+    assert reserver.got == []
+    assert app.broker.stats() == []                   # the message was never stored
+
+
+def test_a_handed_over_message_whose_worker_died_is_delivered_again_after_its_lease(tmp_path):
+    clock = ManualClock()
+    app = nbqueue.App(f"sqlite:///{tmp_path}/nbqueue.db", clock=clock)
+    q = "handoff"
+    reserver = Reserver(app.broker, q, lease=10)
+    reserver.start()
+    wait_for(lambda: idle_reservers(app) == 1)
+    app.broker.publish(Outgoing(id="m1", body="{}", queue=q))
+    reserver.join(5)
+    [abandoned] = reserver.got                        # ... and its worker dies here
+    assert app.broker.reserve([q], timeout=0, lease=10) == []
+    clock.advance(10.5)
+    [again] = app.broker.reserve([q], timeout=0, lease=10)
+    assert again.message_id == "m1" and again.attempt == 2
+    assert app.broker.ack(abandoned) is False         # the dead worker's delivery is stale
+    assert app.broker.ack(again) is True
+    app.close()
+
+
+def test_a_delayed_message_is_not_handed_over_before_it_is_due(tmp_path):
+    clock = ManualClock()
+    app = nbqueue.App(f"sqlite:///{tmp_path}/nbqueue.db", clock=clock)
+    q = "handoff"
+    reserver = Reserver(app.broker, q, timeout=0.5)
+    reserver.start()
+    wait_for(lambda: idle_reservers(app) == 1)
+    app.broker.publish(Outgoing(id="later", body="{}", queue=q, eta=clock.time() + 60))
+    reserver.join(5)
+    assert reserver.got == []
+    assert app.broker.stats()[0]["delayed"] == 1
+    clock.advance(61)
+    [d] = app.broker.reserve([q], timeout=0)
+    assert d.message_id == "later"
+    app.close()
+
+
+def test_a_worker_fed_by_hand_overs_still_takes_messages_from_other_processes(app, tmp_path):
+    """Between hand-overs a worker skips reading the file, but not for longer than its poll
+    interval: a message another process inserted straight into the file is still run."""
+    import sqlite3
+
+    app.register_task("double", lambda x: 2 * x)
+    worker = app.start_worker(concurrency=1)
+    try:
+        wait_for(lambda: idle_reservers(app) == 1)
+        assert app.send_task(Signature("double", args=[1])).get(timeout=10) == 2
+        # another process's send: a record and a message written by a connection of its own
+        other = nbqueue.App(f"sqlite:///{tmp_path}/nbqueue.db")
+        message, record, out = other.prepare(Signature("double", args=[21]))
+        conn = sqlite3.connect(app.broker.path, isolation_level=None)
+        conn.execute("INSERT INTO nbq_results(id, name, state, args, kwargs, queue, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                     (record["id"], record["name"], states.PENDING, record["args"], record["kwargs"], record["queue"], time.time()))
+        conn.execute("INSERT INTO nbq_messages(id, queue, priority, due, state, attempt, body, created) VALUES (?, ?, 0, ?, 0, 0, ?, ?)",
+                     (out.id, out.queue, time.time(), out.body, time.time()))
+        conn.close()
+        assert app.result(out.id).get(timeout=10) == 42
+    finally:
+        worker.stop()
