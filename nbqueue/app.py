@@ -125,7 +125,8 @@ class App:
 
     @staticmethod
     def outgoing(message: dict) -> Outgoing:
-        return Outgoing(id=message["id"], body=encode_body(message), queue=message["queue"], eta=message.get("eta"), priority=message.get("priority", 0))
+        return Outgoing(id=message["id"], body=encode_body(message), queue=message["queue"], eta=message.get("eta"), priority=message.get("priority", 0),
+                        message=message)
 
     def publish(self, records: list[dict], outs: list[Outgoing]) -> None:
         """Record as PENDING first, then publish, so a fast worker's result is never overwritten."""

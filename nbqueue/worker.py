@@ -472,7 +472,9 @@ class Worker:
         prep = _Prepared()
         for delivery in deliveries:
             try:
-                prep.messages.append((delivery, decode_body(delivery.body)))
+                # a message handed over in this process is at hand: no need to decode and check it
+                message = dict(delivery.message) if delivery.message is not None else decode_body(delivery.body)
+                prep.messages.append((delivery, message))
             except MessageError as exc:
                 prep.malformed.append((delivery, str(exc)))
         if begun:

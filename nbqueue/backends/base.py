@@ -11,6 +11,7 @@ attempt can never overwrite a newer one, and a final result is written exactly o
 """
 from __future__ import annotations
 
+import threading
 import time
 from typing import Iterable, Sequence
 
@@ -149,24 +150,29 @@ class ResultBackend:
         per wake-up, the record itself, rather than a state check and then a read.
 
         ``since``: ``wake_version()`` read before the task was sent; the first read is
-        skipped until a wake-up newer than that (a task just sent is not final yet).
+        skipped while nothing was stored since (a task just sent is not final yet).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         interval = 0.001
         ceiling = float(self.options.get("poll_interval", 0.1))
-        while True:
-            if since is None:
-                version = WAKEUPS.version(self._wake_key)
-                record = self.get(task_id)
-                if record is not None and record["state"] in states.READY_STATES:
-                    return record
-            else:
-                version, since = since, None
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                return None
-            self._block([task_id], version, interval if remaining is None else min(interval, remaining))
-            interval = min(interval * 2, ceiling)
+        with WAKEUPS.watching(self._wake_key, task_id) as woken:
+            read = since is None or WAKEUPS.version(self._wake_key) != since
+            while True:
+                if read:
+                    woken.clear()
+                    record = self.get(task_id)
+                    if record is not None and record["state"] in states.READY_STATES:
+                        return record
+                read = True
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return None
+                self._block_one(task_id, woken, interval if remaining is None else min(interval, remaining))
+                interval = min(interval * 2, ceiling)
+
+    def _block_one(self, task_id: str, woken: threading.Event, timeout: float) -> None:
+        """Wait for a notification naming ``task_id`` (stores with a push channel override)."""
+        woken.wait(timeout)
 
     def wake_version(self) -> int:
         """The in-process wake-up count (see ``wait_record``'s ``since``)."""
@@ -180,7 +186,7 @@ class ResultBackend:
         WAKEUPS.wait(self._wake_key, version, timeout)
 
     def _notify(self, ids: Sequence[str]) -> None:
-        WAKEUPS.notify(self._wake_key)
+        WAKEUPS.notify(self._wake_key, ids)
 
     # -- groups ------------------------------------------------------------------
     def init_group(self, group_id: str, member_ids: Sequence[str], meta: dict | None = None) -> None:

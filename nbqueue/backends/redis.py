@@ -354,6 +354,9 @@ class RedisBackend(ResultBackend):
         """Nothing to do: the set-state script pushes a token to a final task's done list,
         and waiters blocked on it wake at once."""
 
+    def _block_one(self, task_id: str, woken, timeout: float) -> None:
+        self._block([task_id], 0, timeout)
+
     @guarded
     def _block(self, pending: Sequence[str], version: int, timeout: float) -> None:
         """Block until one of the first pending tasks is stored as final, or ``timeout``.

@@ -31,6 +31,8 @@ class Outgoing:
     queue: str
     eta: float | None = None
     priority: int = 0
+    #: the envelope ``body`` encodes, where it is at hand (a worker handed its own message need not decode it)
+    message: dict | None = dataclasses.field(default=None, repr=False, compare=False)
 
 
 @dataclasses.dataclass
@@ -45,6 +47,8 @@ class Delivery:
     tag: Any = None              # broker-specific handle (row token, list entry, AMQP delivery tag)
     priority: int = 0
     token: int | None = None     # the backend's fencing token, where the claim also began the task
+    #: the decoded envelope, where the publisher of this process handed it over (see Outgoing.message)
+    message: dict | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def redelivered(self) -> bool:
@@ -161,30 +165,45 @@ class LocalWakeups:
     """Per-process wake-ups keyed by a store's identity (a file path, a server).
 
     Lets a producer in the same process wake a sleeping reserver or waiter at once,
-    instead of the reserver polling. Other processes still poll with back-off.
+    instead of the reserver polling. Other processes still poll with back-off. A waiter
+    for particular task ids ``watch``es them and is woken only by a notification that
+    names one of them (a chain's waiter sleeps through its hundred steps).
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._conds: dict[Any, threading.Condition] = {}
         self._versions: dict[Any, int] = {}
+        self._watches: dict[Any, dict[str, set]] = {}
 
     def condition(self, key: Any) -> threading.Condition:
-        with self._lock:
-            cond = self._conds.get(key)
-            if cond is None:
-                cond = self._conds[key] = threading.Condition()
-                self._versions[key] = 0
-            return cond
+        cond = self._conds.get(key)
+        if cond is None:
+            with self._lock:
+                cond = self._conds.get(key)
+                if cond is None:
+                    cond = self._conds[key] = threading.Condition()
+                    self._versions[key] = 0
+        return cond
 
     def version(self, key: Any) -> int:
         return self._versions.get(key, 0)
 
-    def notify(self, key: Any) -> None:
+    def notify(self, key: Any, ids: Iterable[str] | None = None) -> None:
+        """A new version for ``key``; wakes its waiters and the watchers of ``ids`` (all when None)."""
         cond = self.condition(key)
         with cond:
             self._versions[key] = self._versions.get(key, 0) + 1
             cond.notify_all()
+        watches = self._watches.get(key)
+        if watches:
+            with self._lock:
+                if ids is None:
+                    events = [ev for evs in watches.values() for ev in evs]
+                else:
+                    events = [ev for i in ids for ev in watches.get(i, ())]
+            for ev in events:
+                ev.set()
 
     def poke(self, key: Any) -> None:
         """Wake the waiters without a new version: they look at their own state (a
@@ -200,6 +219,21 @@ class LocalWakeups:
             if self._versions.get(key, 0) == seen_version and timeout > 0:
                 cond.wait(timeout)
             return self._versions.get(key, 0)
+
+    @contextlib.contextmanager
+    def watching(self, key: Any, task_id: str):
+        """``with WAKEUPS.watching(key, id) as ev:`` an Event set by each notification naming id."""
+        ev = threading.Event()
+        with self._lock:
+            self._watches.setdefault(key, {}).setdefault(task_id, set()).add(ev)
+        try:
+            yield ev
+        finally:
+            with self._lock:
+                evs = self._watches[key][task_id]
+                evs.discard(ev)
+                if not evs:
+                    del self._watches[key][task_id]
 
 
 WAKEUPS = LocalWakeups()

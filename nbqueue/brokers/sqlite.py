@@ -98,7 +98,7 @@ class SQLiteBroker(Broker):
                 ).fetchone()
                 if row is not None:
                     deliveries.append(Delivery(message_id=o.id, queue=o.queue, body=o.body, attempt=1, lease_until=now + lease,
-                                               tag=(row[0], 1), priority=o.priority))
+                                               tag=(row[0], 1), priority=o.priority, message=o.message))
         return deliveries
 
     def _hand_over(self, outs: Sequence[Outgoing], now: float) -> Sequence[Outgoing]:
