@@ -93,12 +93,16 @@ class _Batch:
         with self.lock:
             return time.monotonic() - self.first if (self.ops or self.plain) else 0.0
 
-    def flush(self) -> None:
-        """Commit what is pending; safe from the executor and the heartbeat thread alike."""
-        with self.flushing:
-            self._flush()
+    def flush(self, claim_next: bool = False) -> None:
+        """Commit what is pending; safe from the executor and the heartbeat thread alike.
 
-    def _flush(self) -> None:
+        ``claim_next`` (the executor's last flush of a batch): claim its next batch in the
+        same transaction, one commit fewer per batch; ``Worker.reserve`` returns it.
+        """
+        with self.flushing:
+            self._flush(claim_next)
+
+    def _flush(self, claim_next: bool = False) -> None:
         with self.lock:
             ops, self.ops = self.ops, []
             plain, self.plain = self.plain, []
@@ -107,11 +111,16 @@ class _Batch:
         reset = workflow._local_taker.set(self.taker)
         try:
             try:
+                claimed = None
                 with self.app.transaction():
                     for op, _ in ops:
                         op()
                     if plain:
                         self._finish_plain(plain)
+                    if claim_next and not self.local:
+                        claimed = self.worker._claim_now()
+                if claimed:
+                    self.worker._claimed.next = claimed
                 return
             except Exception:
                 log.warning("worker %s: finishing %d task(s) together failed; finishing them one by one",
@@ -180,6 +189,7 @@ class Worker:
         self._running: dict[str, dict] = {}            # task id -> {"started": t, "time_limit": s, "token": n}
         self._held_lock = threading.Lock()
         self._batches: set = set()                     # batches being run, for the heartbeat's stale flush
+        self._claimed = threading.local()              # .next: a batch claimed in the last one's commit
         self.processed = 0
         self.failed = 0
         self.group_commit = not isinstance(app.broker.transaction_with(app.backend), contextlib.nullcontext)
@@ -280,6 +290,11 @@ class Worker:
             if deliveries:
                 self._hold(deliveries)
                 self.process_batch(deliveries, prep)
+        claimed = getattr(self._claimed, "next", None)
+        if claimed is not None:   # claimed as the worker was told to stop: handed back, unstarted
+            self._claimed.next = None
+            self._hold(claimed[0])
+            self.process_batch(*claimed)
 
     def _hold(self, deliveries: list[Delivery]) -> None:
         with self._held_lock:
@@ -413,7 +428,9 @@ class Worker:
             log.exception("worker %s: unexpected error in a batch of %d; its messages will be redelivered", self.name, len(deliveries))
         finally:
             try:
-                batch.flush()
+                # an executor thread claims its next batch in this commit (where broker and
+                # backend share a transaction and nothing local runs next)
+                batch.flush(claim_next=self.group_commit and threading.current_thread() in self._threads and not self._stopping.is_set())
             except Exception:
                 log.exception("worker %s: finishing a batch failed; its messages will be redelivered", self.name)
                 batch._forget_local()
@@ -437,12 +454,22 @@ class Worker:
         taken = {o.id for o in mine}
         return [o for o in outs if o.id not in taken]
 
+    def _claim_now(self) -> "tuple[list[Delivery], _Prepared] | None":
+        """Claim a batch inside the caller's transaction (see ``_Batch.flush``), without waiting."""
+        deliveries, prep = self.reserve(0, self.prefetch)
+        return (deliveries, prep) if deliveries else None
+
     def reserve(self, timeout: float, limit: int) -> tuple[list[Delivery], "_Prepared | None"]:
         """Reserve a batch and begin it: decoded messages and fencing tokens.
 
         Where the broker allows (``claims_in_transaction``), the tokens are written in the
-        claim's own transaction: one write per batch.
+        claim's own transaction: one write per batch. A batch this thread claimed while
+        committing its last one comes first.
         """
+        claimed = getattr(self._claimed, "next", None)
+        if claimed is not None:
+            self._claimed.next = None
+            return claimed
         prepared: list = []
 
         def on_claim(deliveries: list[Delivery]) -> None:

@@ -154,3 +154,18 @@ def test_a_worker_fed_by_hand_overs_still_takes_messages_from_other_processes(ap
         assert app.result(out.id).get(timeout=10) == 42
     finally:
         worker.stop()
+
+
+def test_a_batch_claimed_in_the_last_commit_is_handed_back_when_the_worker_stops(app):
+    """An executor claims its next batch in the commit of the last one; stopping then must
+    hand that batch back unstarted (PENDING, ready at once), not leave it reserved."""
+    app.register_task("nap", lambda i: time.sleep(0.02) or i)
+    results = app.send_many([Signature("nap", args=[i]) for i in range(40)])
+    worker = app.start_worker(concurrency=1, prefetch=2)
+    wait_for(lambda: sum(r.ready() for r in results) >= 4)
+    worker.stop()
+    [row] = app.broker.stats()
+    assert row["in_flight"] == 0 and row["ready"] == 40 - sum(r.ready() for r in results)
+    assert {r.state for r in results} <= {states.SUCCESS, states.PENDING}
+    app.start_worker(concurrency=2)
+    assert [r.get(timeout=20) for r in results] == list(range(40))
