@@ -165,6 +165,31 @@ def test_blocked_reserve_wakes_on_a_publish_from_another_client(store):
     producer.close()
 
 
+def test_a_reserver_that_emptied_its_queues_still_wakes_for_new_delayed_and_expired_work(store):
+    """After a claim that left no ready message, the next reserve blocks on the signal
+    lists without claiming first; a publish from another client, a delayed message
+    falling due and another reserver's expired lease must all still reach it."""
+    url, options = store
+    consumer = RedisBroker(url, options={**options, "max_block": 10})
+    producer = RedisBroker(url, options=options)
+    producer.publish(_out("q", "first"))
+    [first] = consumer.reserve(["q"], timeout=5)        # emptied the queue: the next call skips its claim
+    assert consumer.ack(first)
+    producer.publish(_out("q", "published"))
+    assert [d.message_id for d in consumer.reserve(["q"], timeout=5)] == ["published"]
+    producer.publish(_out("q", "later", eta=time.time() + 0.5))
+    started = time.monotonic()
+    [later] = consumer.reserve(["q"], timeout=5)
+    assert later.message_id == "later" and 0.3 < time.monotonic() - started < 3.0
+    assert consumer.ack(later)
+    producer.publish(_out("q", "abandoned"))
+    [abandoned] = producer.reserve(["q"], timeout=5, lease=0.5)    # a worker that dies with it
+    again = consumer.reserve(["q"], timeout=5)
+    assert [d.message_id for d in again] == ["abandoned"] and again[0].attempt == 2
+    consumer.close()
+    producer.close()
+
+
 def test_wake_makes_a_blocked_reserve_return_at_once():
     broker = RedisBroker(_memory_url(), options={"max_block": 10})
     got = []

@@ -27,10 +27,14 @@ def _schema(db) -> None:
     # partial: a plain task (no group) costs this index nothing
     db.execute("CREATE INDEX IF NOT EXISTS nbq_results_group ON nbq_results(group_id) WHERE group_id IS NOT NULL")
     db.execute("CREATE INDEX IF NOT EXISTS nbq_results_expires ON nbq_results(expires_at) WHERE expires_at IS NOT NULL")
-    db["nbq_groups"].create({"group_id": str, "total": int, "done": int, "chord_claimed": int, "meta": str, "created_at": float}, pk="group_id", if_not_exists=True)
-    db["nbq_group_members"].create({"group_id": str, "member_id": str, "idx": int, "done": int}, pk=("group_id", "member_id"), if_not_exists=True)
+    # tables keyed by text: WITHOUT ROWID, so a row lives in one B-tree instead of a table
+    # and its primary-key index (fewer pages written per commit)
+    db.execute("CREATE TABLE IF NOT EXISTS nbq_groups (group_id TEXT PRIMARY KEY, total INTEGER, done INTEGER, chord_claimed INTEGER, "
+               "meta TEXT, created_at FLOAT) WITHOUT ROWID")
+    db.execute("CREATE TABLE IF NOT EXISTS nbq_group_members (group_id TEXT, member_id TEXT, idx INTEGER, done INTEGER, "
+               "PRIMARY KEY (group_id, member_id)) WITHOUT ROWID")
     db["nbq_workers"].create({"worker_id": str, "info": str, "last_seen": float, "expires": float}, pk="worker_id", if_not_exists=True)
-    db["nbq_kv"].create({"key": str, "value": str, "expires": float}, pk="key", if_not_exists=True)
+    db.execute("CREATE TABLE IF NOT EXISTS nbq_kv (key TEXT PRIMARY KEY, value TEXT, expires FLOAT) WITHOUT ROWID")
 
 
 class SQLiteBackend(ResultBackend):

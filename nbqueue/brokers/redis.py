@@ -196,7 +196,8 @@ return n
 # queues first. With a record key prefix (the result backend on this server) each
 # claimed task's record is also begun: marked RECEIVED with a new fencing token (0 when
 # the record is final), as the backend's begin_many would, in the same call.
-# Returns {next due time or '', then (id, queue, body, attempt, priority, token) per claim}.
+# Returns {next due time (when no ready message is left) or '', '1' if ready messages are
+# left else '0', then (id, queue, body, attempt, priority, token) per claim}.
 _RESERVE = _LUA_COMMON + """
 local now, deadline, limit, batch = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
 local rec_prefix, index, worker = ARGV[6], ARGV[7], ARGV[8]
@@ -227,7 +228,7 @@ for _, q in ipairs(queues) do
   end
 end
 
-local out = {''}
+local out = {'', '0'}
 local claimed = 0
 while claimed < limit do
   local best_q, best_id, best_score
@@ -248,7 +249,10 @@ while claimed < limit do
   end
 end
 
-if claimed == 0 then
+for _, q in ipairs(queues) do
+  if redis.call('ZCARD', qkey(q, 'ready')) > 0 then out[2] = '1' end
+end
+if out[2] == '0' then
   local next_due
   for _, q in ipairs(queues) do
     for _, kind in ipairs({'inflight', 'delayed'}) do
@@ -334,6 +338,7 @@ class RedisBroker(Broker):
         self._wake_key = f"{self.prefix}wake:{uuid.uuid4().hex}"
         self._waiting = 0
         self._lock = threading.Lock()
+        self._drained = threading.local()   # .last: (queues, next due) when this thread's last claim emptied them
 
     def _key(self, queue: str, kind: str) -> str:
         return f"{self.prefix}q:{queue}:{kind}"
@@ -394,11 +399,20 @@ class RedisBroker(Broker):
         each delivery's ``token`` is then its fencing token (None where the record is final)."""
         queues = queue_list(queues)
         deadline = time.monotonic() + max(0.0, timeout)
+        drained = self._drained.__dict__.pop("last", None)
         while True:
             now = self.clock.time()
-            deliveries, next_due = self._claim(queues, now, lease, limit, begin_for)
-            if deliveries:
-                return deliveries
+            if drained is not None and drained[0] == tuple(queues) and (drained[1] is None or drained[1] > now):
+                # this thread's last claim emptied its queues: anything published since has
+                # pushed a signal token, so block on the signal lists before claiming again
+                next_due = drained[1]
+            else:
+                deliveries, next_due, more = self._claim(queues, now, lease, limit, begin_for)
+                if deliveries:
+                    if not more:
+                        self._drained.last = (tuple(queues), next_due)
+                    return deliveries
+            drained = None
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return []
@@ -408,8 +422,9 @@ class RedisBroker(Broker):
             if self._sleep(queues, wait):
                 return []
 
-    def _claim(self, queues: list[str], now: float, lease: float, limit: int, begin_for: tuple | None = None) -> tuple[list[Delivery], float | None]:
-        """Run the reserve script once: the deliveries claimed and, if none, the next due time."""
+    def _claim(self, queues: list[str], now: float, lease: float, limit: int, begin_for: tuple | None = None) -> tuple[list[Delivery], float | None, bool]:
+        """Run the reserve script once: the deliveries claimed, the next due time when no
+        ready message is left, and whether any is."""
         lease_until = now + lease
         rec_prefix = index = worker = ""
         if begin_for is not None:
@@ -420,9 +435,9 @@ class RedisBroker(Broker):
         deliveries = [
             Delivery(message_id=mid, queue=q, body=body, attempt=int(attempt), lease_until=lease_until, tag=int(attempt), priority=int(prio or 0),
                      token=(int(token) or None) if token != "" else None)
-            for mid, q, body, attempt, prio, token in zip(*[iter(reply[1:])] * 6)
+            for mid, q, body, attempt, prio, token in zip(*[iter(reply[2:])] * 6)
         ]
-        return deliveries, next_due
+        return deliveries, next_due, reply[1] == "1"
 
     def _sleep(self, queues: list[str], wait: float) -> bool:
         """Block until a publish signal, a wake() or ``wait`` seconds; True when woken by wake()."""
