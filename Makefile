@@ -27,6 +27,7 @@ test: $(STAMP) services browser
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 bench: $(STAMP) services
+	$(PY) -m pip install --quiet -e '.[test,bench]'
 	$(PY) benchmarks/bench.py
 
 clean:

@@ -409,6 +409,16 @@ def bench_store(kind: str, tmp: str) -> None:
     if fanin:
         row("floor: chord of 1,000 members", fanin[0] * 1e3, "ms")
         row("floor: chain of 100 steps", fanin[1] * 1e3, "ms")
+    if kind == "amqp":
+        import importlib.util
+
+        from bench_dramatiq import dramatiq_throughput
+
+        if importlib.util.find_spec("dramatiq") is None:
+            print("  (Dramatiq not installed: `pip install -e '.[bench]'` to measure it beside nbqueue)")
+        else:
+            row("dramatiq, worker process, 4 threads, confirms", dramatiq_throughput(AMQP_URL, N), "tasks/s", floor_tp)
+            row("dramatiq, worker process, 4 threads, no confirms", dramatiq_throughput(AMQP_URL, N, confirm=False), "tasks/s", floor_tp)
     row("chord of 1,000 members + summing callback", chord_time(app) * 1e3, "ms", fanin[0] * 1e3 if fanin else None)
     row("chain of 100 steps", chain_time(app) * 1e3, "ms", fanin[1] * 1e3 if fanin else None)
     if kind == "amqp":

@@ -285,6 +285,20 @@ def test_deliveries_may_be_acked_from_other_threads(amqp, qname):
     assert closer.reserve([q], timeout=0.5, lease=5) == []
 
 
+def test_ack_many_reaches_rabbitmq_and_only_the_unacked_message_comes_back(amqp, qname, raw):
+    """ack_many writes its acks with one flush: they must all reach the server (closing the
+    broker then returns only what was not acknowledged)."""
+    broker, q = amqp(), qname("ackmany")
+    broker.publish_many([out(q, id=f"m{i}") for i in range(20)])
+    got = sorted(reserve_all(broker, [q], 20, timeout=20, limit=20), key=lambda d: int(d.message_id[1:]))
+    assert broker.ack_many(got[:19]) == [True] * 19
+    broker.close()                                   # the unacked one returns to the queue
+    again = amqp()
+    [back] = again.reserve([q], timeout=5, lease=5)
+    assert back.message_id == "m19" and back.redelivered
+    assert again.reserve([q], timeout=0.5, lease=5) == []
+
+
 # -- connections ----------------------------------------------------------------------------
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")

@@ -205,6 +205,17 @@ class _Session:
         except Exception:  # the channel died under us; the loop notices and reconnects
             log.debug("could not %s delivery %s", action, delivery_tag, exc_info=True)
 
+    def ack_many(self, delivery_tags: list[int]) -> None:
+        """Run on the I/O thread: ack several deliveries, written out with one flush."""
+        if not (self.alive and self.channel.is_open):
+            return
+        try:
+            for tag in delivery_tags[:-1]:
+                self.channel._impl.basic_ack(tag)     # queued on the async channel, no flush yet
+            self.channel.basic_ack(delivery_tags[-1])  # ... and flushed with the last
+        except Exception:  # the channel died under us; the loop notices and reconnects
+            log.debug("could not ack %d deliveries", len(delivery_tags), exc_info=True)
+
     def __repr__(self) -> str:
         return f"<amqp session {id(self):#x}{'' if self.alive else ' closed'}>"
 
@@ -334,7 +345,12 @@ class _Consumer(threading.Thread):
             if not session.alive:
                 return
             session.buffer.append(_Pending(next(broker._seq), queue, method.delivery_tag, bool(method.redelivered), properties, body))
-            broker._cond.notify_all()
+            # one message wants one reserver: wake one when every waiting reserver can take
+            # it (worker threads ask for the same queues), not the whole herd
+            if all(queue in d.queues for d in broker._demands):
+                broker._cond.notify()
+            else:
+                broker._cond.notify_all()
 
     def _reconcile(self, session: _Session) -> None:
         """Make consumers and prefetch match the reservers waiting now (on the I/O thread)."""
@@ -907,6 +923,24 @@ class AMQPBroker(Broker):
 
     def ack(self, delivery: Delivery) -> bool:
         return self._settle(delivery, "ack")
+
+    def ack_many(self, deliveries: Sequence[Delivery]) -> list[bool]:
+        """One hand-over to the I/O thread for the lot (a worker's batch), not one per delivery."""
+        sessions = [self._claim(d) for d in deliveries]
+        tags: dict[_Session, list[int]] = {}
+        for session, delivery in zip(sessions, deliveries):
+            if session is not None:
+                tags.setdefault(session, []).append(delivery.tag[1])
+        failed: set = set()
+        for session, session_tags in tags.items():   # one session, unless it was replaced meanwhile
+            try:
+                session.connection.add_callback_threadsafe(functools.partial(session.ack_many, session_tags))
+            except Exception:
+                failed.add(session)
+        if tags:
+            with self._cond:
+                self._dirty = self._dirty or bool(self._demands)   # the window follows what we hold
+        return [s is not None and s not in failed for s in sessions]
 
     def release(self, delivery: Delivery) -> bool:
         """Requeue at once (RabbitMQ marks it redelivered, so the next attempt counts up)."""
