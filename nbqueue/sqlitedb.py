@@ -101,9 +101,15 @@ class SQLiteStore:
                     self._conn = self._connect()
         return self._conn
 
-    def locked(self):
-        """Hold the connection (reentrant) for several statements in a row."""
-        return self._lock
+    def _after_fork(self) -> None:
+        """In a forked child: fresh locks and connections (a connection must not cross a fork;
+        the parent's are kept referenced, not closed, so the child never touches them)."""
+        _ABANDONED.extend(c for c in (self._conn, self._checkpointer) if c is not None)
+        self._lock = threading.RLock()
+        self._checkpoint_lock = threading.Lock()
+        self._depth = 0
+        self._after_commit, self._after_rollback = [], []
+        self._conn = self._checkpointer = None
 
     def ensure_schema(self, key: str, create) -> None:
         """Run ``create(sqlite_utils.Database)`` once per process and file."""
@@ -178,6 +184,18 @@ class SQLiteStore:
                     with contextlib.suppress(Exception):
                         conn.close()
             self._conn = self._checkpointer = None
+
+
+_ABANDONED: list = []
+
+
+def _reset_after_fork() -> None:
+    SQLiteStore._schema_lock = threading.Lock()
+    for store in list(SQLiteStore._shared.values()):
+        store._after_fork()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 class _Transaction:

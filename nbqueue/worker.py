@@ -317,7 +317,7 @@ class Worker:
         """Every 0.1 s while tasks run: STARTED states, live output, time limits.
         Every ``heartbeat_interval``: lease extensions and the worker's heartbeat record."""
         info = {"host": socket.gethostname(), "pid": os.getpid(), "concurrency": self.concurrency, "queues": self.queues}
-        next_beat = next_upkeep = 0.0
+        next_beat, next_upkeep = 0.0, time.monotonic() + 0.5   # no checkpoint at start: work comes first
         while True:
             try:
                 with self._held_lock:
