@@ -169,3 +169,4 @@ def test_a_batch_claimed_in_the_last_commit_is_handed_back_when_the_worker_stops
     assert {r.state for r in results} <= {states.SUCCESS, states.PENDING}
     app.start_worker(concurrency=2)
     assert [r.get(timeout=20) for r in results] == list(range(40))
+
