@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from nbqueue import states
+from nbqueue import Signature, states
 from nbqueue.backends.redis import RedisBackend
 from nbqueue.brokers.base import Outgoing
 from nbqueue.brokers.redis import RedisBroker, fake_server
@@ -303,3 +303,82 @@ def test_unreachable_redis_raises_connection_lost():
 
 def _stat(broker, queue):
     return next(row for row in broker.stats() if row["queue"] == queue)
+
+
+# -- hand-over to an idle worker of the sending process -----------------------------------------
+
+def _idle_reservers(broker) -> int:
+    from nbqueue.brokers import redis as redis_broker
+
+    with redis_broker._IDLE_LOCK:
+        return sum(not s.taken for s in redis_broker._IDLE.get(broker._idle_key, []))
+
+
+@pytest.fixture
+def redis_app(store):
+    import nbqueue
+
+    url, options = store
+    app = nbqueue.App(url, **options)
+    yield app
+    app.close()
+
+
+def test_a_task_sent_while_a_worker_of_this_process_waits_is_handed_over_without_a_claim(redis_app, monkeypatch):
+    """With results on the same server, a send finds the idle worker thread and publishes
+    the message already reserved by it and begun: the worker runs it without a claim."""
+    app = redis_app
+    app.register_task("double", lambda x: 2 * x)
+    claims = []
+    real_claim = app.broker._claim
+
+    def counting_claim(*args, **kwargs):
+        got = real_claim(*args, **kwargs)
+        claims.extend(got[0])
+        return got
+
+    monkeypatch.setattr(app.broker, "_claim", counting_claim)
+    worker = app.start_worker(concurrency=1)
+    try:
+        for i in range(10):
+            wait_for(lambda: _idle_reservers(app.broker) == 1)
+            r = app.send_task(Signature("double", args=[i]))
+            assert r.get(timeout=10) == 2 * i
+            assert r.info()["worker"] == worker.name
+    finally:
+        worker.stop()
+    assert claims == []
+    assert all(row["ready"] == row["in_flight"] == 0 for row in app.broker.stats())
+
+
+def test_a_handed_over_message_whose_worker_died_is_delivered_again_after_its_lease(redis_app):
+    app = redis_app
+    got = []
+    reserver = threading.Thread(target=lambda: got.extend(app.broker.reserve(
+        ["q"], timeout=5, lease=0.5, limit=4, begin_for=(app.backend, "dying"), handoff=True)))
+    reserver.start()
+    wait_for(lambda: _idle_reservers(app.broker) == 1)
+    message, record, out = app.prepare(Signature("double", args=[1], queue="q"))
+    app.publish([record], [out])
+    reserver.join(5)
+    [abandoned] = got                                  # handed over, begun; then its worker dies
+    assert abandoned.message_id == out.id and abandoned.token == 1
+    assert app.backend.get(out.id)["state"] == states.RECEIVED
+    [again] = wait_for(lambda: app.broker.reserve(["q"], timeout=0.5, lease=30))
+    assert again.message_id == out.id and again.attempt == 2
+    assert app.broker.ack(abandoned) is False          # the dead worker's delivery is stale
+    assert app.broker.ack(again) is True
+
+
+def test_a_delayed_message_is_not_handed_over(redis_app):
+    app = redis_app
+    got = []
+    reserver = threading.Thread(target=lambda: got.extend(app.broker.reserve(
+        ["q"], timeout=1.0, lease=30, begin_for=(app.backend, "w"), handoff=True)))
+    reserver.start()
+    wait_for(lambda: _idle_reservers(app.broker) == 1)
+    _, record, later = app.prepare(Signature("double", args=[1], queue="q", countdown=60))
+    app.publish([record], [later])
+    reserver.join(5)
+    assert got == []
+    assert app.broker.stats()[0]["delayed"] == 1

@@ -190,17 +190,10 @@ for q, count in pairs(added) do signal(q, count) end
 return n
 """
 
-# ARGV: prefix, now, lease deadline, limit, batch, record key prefix or '', results index,
-# worker, queues... Requeues expired leases and moves due delayed messages to ready (up
-# to `batch` each per queue), then claims up to `limit` messages, best score across the
-# queues first. With a record key prefix (the result backend on this server) each
-# claimed task's record is also begun: marked RECEIVED with a new fencing token (0 when
-# the record is final), as the backend's begin_many would, in the same call.
-# Returns {next due time (when no ready message is left) or '', '1' if ready messages are
-# left else '0', then (id, queue, body, attempt, priority, token) per claim}.
-_RESERVE = _LUA_COMMON + """
-local now, deadline, limit, batch = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
-local rec_prefix, index, worker = ARGV[6], ARGV[7], ARGV[8]
+# Begins a task's record (the backend's begin_many, inside a script): RECEIVED with a new
+# fencing token, 0 when the record is final, '' without a record prefix. Needs the
+# locals rec_prefix, index, worker and now.
+_LUA_BEGIN = """
 local FINAL = {SUCCESS = true, FAILURE = true, REVOKED = true}
 local function begin(id, q)
   if rec_prefix == '' then return '' end
@@ -215,6 +208,46 @@ local function begin(id, q)
   redis.call('ZADD', index, now, id)
   return 1
 end
+"""
+
+# ARGV: prefix, now, lease deadline, record key prefix, results index, worker, slot key,
+# then (id, queue, priority, body) per message. Publishes messages already reserved by an
+# idle reserver of the publishing process (attempt 1, in flight until the deadline, so a
+# dead reserver's lease brings them back), begins their records and wakes the reserver.
+# Returns one token per message ('-' for an id already known: not handed over).
+_HAND_OVER = _LUA_COMMON + """
+local now, deadline = ARGV[2], ARGV[3]
+local rec_prefix, index, worker, slot = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+""" + _LUA_BEGIN + """
+local out = {}
+for i = 8, #ARGV, 4 do
+  local id, q, prio, body = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  if redis.call('EXISTS', mkey(id)) == 0 then
+    redis.call('HSET', mkey(id), 'queue', q, 'body', body, 'priority', prio, 'attempt', 1)
+    redis.call('SADD', P .. 'queues', q)
+    redis.call('ZADD', qkey(q, 'inflight'), deadline, id)
+    out[#out + 1] = begin(id, q)
+  else
+    out[#out + 1] = '-'
+  end
+end
+redis.call('LPUSH', slot, '1')
+redis.call('PEXPIRE', slot, 60000)
+return out
+"""
+
+# ARGV: prefix, now, lease deadline, limit, batch, record key prefix or '', results index,
+# worker, queues... Requeues expired leases and moves due delayed messages to ready (up
+# to `batch` each per queue), then claims up to `limit` messages, best score across the
+# queues first. With a record key prefix (the result backend on this server) each
+# claimed task's record is also begun: marked RECEIVED with a new fencing token (0 when
+# the record is final), as the backend's begin_many would, in the same call.
+# Returns {next due time (when no ready message is left) or '', '1' if ready messages are
+# left else '0', then (id, queue, body, attempt, priority, token) per claim}.
+_RESERVE = _LUA_COMMON + """
+local now, deadline, limit, batch = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+local rec_prefix, index, worker = ARGV[6], ARGV[7], ARGV[8]
+""" + _LUA_BEGIN + """
 local queues = {}
 for i = 9, #ARGV do queues[#queues + 1] = ARGV[i] end
 
@@ -319,6 +352,29 @@ return n
 """
 
 
+class _Slot:
+    """An idle reserver of this process that a publisher may hand messages to (see
+    ``RedisBroker._hand_over``); it also blocks on its own list, which the hand-over pushes to."""
+
+    __slots__ = ("queues", "limit", "lease", "worker", "backend", "key", "taken", "deliveries", "settled")
+
+    def __init__(self, queues, limit: int, lease: float, backend, worker: str, key: str) -> None:
+        self.queues = frozenset(queues)
+        self.limit = limit
+        self.lease = lease
+        self.backend = backend
+        self.worker = worker
+        self.key = key
+        self.taken = False
+        self.deliveries: list = []
+        self.settled = threading.Event()
+
+
+# idle reservers per server and key prefix, shared by every broker of this process on them
+_IDLE: dict[tuple, list[_Slot]] = {}
+_IDLE_LOCK = threading.Lock()
+
+
 class RedisBroker(Broker):
     scheme = "redis"
     supports_priority = True
@@ -332,6 +388,8 @@ class RedisBroker(Broker):
         self.batch = int(self.options.get("batch", 1000))
         self.client = connect(url, self.options)
         self._publish = self.client.register_script(_PUBLISH)
+        self._hand_over_script = self.client.register_script(_HAND_OVER)
+        self._idle_key = (self.url, self.prefix)
         self._reserve = self.client.register_script(_RESERVE)
         self._settle = self.client.register_script(_SETTLE)
         self._purge = self.client.register_script(_PURGE)
@@ -359,10 +417,53 @@ class RedisBroker(Broker):
         if not self._shares_server(backend):
             super().publish_recorded(backend, records, outs)
             return
-        pipe = self.client.pipeline(transaction=False)
-        backend.create(records, client=pipe)      # records first: a fast worker's result is never overwritten
-        self.publish_many(outs, client=pipe)
-        pipe.execute()
+        slot, mine = self._take_slot(outs) if _IDLE.get(self._idle_key) else (None, [])
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            backend.create(records, client=pipe)      # records first: a fast worker's result is never overwritten
+            if slot is not None:
+                taken = {o.id for o in mine}
+                outs = [o for o in outs if o.id not in taken]
+                self._hand_over(slot, mine, pipe)
+            if outs:
+                self.publish_many(outs, client=pipe)
+            replies = pipe.execute()
+            if slot is not None:
+                self._handed(slot, mine, replies[-2] if outs else replies[-1])
+        finally:
+            if slot is not None:
+                slot.settled.set()
+
+    # -- hand-over to an idle reserver of this process ------------------------------
+    def _take_slot(self, outs: Sequence[Outgoing]) -> tuple[_Slot | None, list[Outgoing]]:
+        """An idle reserver that can run some of ``outs`` now, and those messages."""
+        now = self.clock.time()
+        with _IDLE_LOCK:
+            for slot in _IDLE.get(self._idle_key) or []:
+                mine = [o for o in outs if o.queue in slot.queues and (o.eta is None or o.eta <= now)][: slot.limit]
+                if mine:
+                    slot.taken = True
+                    _IDLE[self._idle_key].remove(slot)
+                    return slot, mine
+        return None, []
+
+    def _hand_over(self, slot: _Slot, outs: list[Outgoing], pipe) -> None:
+        """Queue the hand-over script: ``outs`` published reserved by ``slot``, begun, and its
+        reserver woken. A reserver in the same process as the sender saves its claim."""
+        now = self.clock.time()
+        backend = slot.backend
+        args: list[Any] = [self.prefix, repr(now), repr(now + slot.lease), backend._rec(""), backend._index, slot.worker, slot.key]
+        for o in outs:
+            args += [o.id, o.queue, min(9, max(0, int(o.priority))), o.body]
+        self._hand_over_script(args=args, client=pipe)
+
+    def _handed(self, slot: _Slot, outs: list[Outgoing], tokens: list) -> None:
+        lease_until = self.clock.time() + slot.lease
+        slot.deliveries = [
+            Delivery(message_id=o.id, queue=o.queue, body=o.body, attempt=1, lease_until=lease_until, tag=1, priority=o.priority,
+                     token=(int(token) or None), message=o.message)
+            for o, token in zip(outs, tokens) if token != "-"
+        ]
 
     @guarded
     def ack_many(self, deliveries: Sequence[Delivery], client=None) -> list[bool]:
@@ -394,32 +495,58 @@ class RedisBroker(Broker):
 
     @guarded
     def reserve(self, queues: Sequence[str], *, timeout: float = 0.0, lease: float = 30.0, limit: int = 1,
-                begin_for: tuple | None = None) -> list[Delivery]:
+                begin_for: tuple | None = None, handoff: bool = False) -> list[Delivery]:
         """``begin_for=(backend, worker)``: also begin the records (see ``begins_on_claim``);
-        each delivery's ``token`` is then its fencing token (None where the record is final)."""
+        each delivery's ``token`` is then its fencing token (None where the record is final).
+        ``handoff`` (with ``begin_for``): while this call waits, a sender of this process may
+        hand it messages directly (see ``_hand_over``)."""
         queues = queue_list(queues)
+        slot = None
+        if handoff and begin_for is not None and timeout > 0:
+            slot = _Slot(queues, max(1, int(limit)), lease, begin_for[0], begin_for[1], f"{self.prefix}slot:{uuid.uuid4().hex}")
+            with _IDLE_LOCK:
+                _IDLE.setdefault(self._idle_key, []).append(slot)
+        try:
+            got = self._reserve_loop(queues, timeout, lease, limit, begin_for, slot)
+        finally:
+            if slot is not None:
+                with _IDLE_LOCK:
+                    if not slot.taken:
+                        _IDLE[self._idle_key].remove(slot)
+                if slot.taken:
+                    slot.settled.wait()
+        return got + slot.deliveries if slot is not None else got
+
+    def _reserve_loop(self, queues: list[str], timeout: float, lease: float, limit: int, begin_for, slot) -> list[Delivery]:
         deadline = time.monotonic() + max(0.0, timeout)
-        drained = self._drained.__dict__.pop("last", None)
+        # (queues, next due) while this thread knows its queues hold nothing ready
+        empty = self._drained.__dict__.pop("last", None)
+        first = True
         while True:
             now = self.clock.time()
-            if drained is not None and drained[0] == tuple(queues) and (drained[1] is None or drained[1] > now):
+            if slot is not None and slot.taken:
+                if empty is not None:
+                    self._drained.last = empty      # a hand-over leaves the queues as they were
+                return []
+            if first and empty is not None and empty[0] == tuple(queues) and (empty[1] is None or empty[1] > now):
                 # this thread's last claim emptied its queues: anything published since has
                 # pushed a signal token, so block on the signal lists before claiming again
-                next_due = drained[1]
+                next_due = empty[1]
             else:
                 deliveries, next_due, more = self._claim(queues, now, lease, limit, begin_for)
                 if deliveries:
                     if not more:
                         self._drained.last = (tuple(queues), next_due)
                     return deliveries
-            drained = None
+                empty = (tuple(queues), next_due)
+            first = False
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return []
             wait = min(remaining, self.max_block)
             if next_due is not None:
                 wait = min(wait, max(0.0, next_due - now) + 0.001)
-            if self._sleep(queues, wait):
+            if self._sleep(queues, wait, slot.key if slot is not None else None):
                 return []
 
     def _claim(self, queues: list[str], now: float, lease: float, limit: int, begin_for: tuple | None = None) -> tuple[list[Delivery], float | None, bool]:
@@ -439,12 +566,12 @@ class RedisBroker(Broker):
         ]
         return deliveries, next_due, reply[1] == "1"
 
-    def _sleep(self, queues: list[str], wait: float) -> bool:
-        """Block until a publish signal, a wake() or ``wait`` seconds; True when woken by wake()."""
+    def _sleep(self, queues: list[str], wait: float, slot_key: str | None = None) -> bool:
+        """Block until a publish signal, a wake(), a hand-over or ``wait`` seconds; True when woken by wake()."""
         with self._lock:
             self._waiting += 1
         try:
-            keys = [self._wake_key] + [self._key(q, "signal") for q in queues]
+            keys = [self._wake_key] + [self._key(q, "signal") for q in queues] + ([slot_key] if slot_key else [])
             popped = self.client.blpop(keys, timeout=max(MIN_BLOCK, wait))
         finally:
             with self._lock:
