@@ -71,7 +71,7 @@ class _Batch:
         # one flush at a time: the executor's last flush must see follow-ups a heartbeat
         # flush reserved (lock order: this, then the store's write lock)
         self.flushing = threading.Lock()
-        self.taker = (lambda outs: worker._take_local(outs, local)) if self.grouped else None
+        self.taker = (lambda outs: worker._take_local(outs, local)) if worker.local_follow_ups else None
 
     def add(self, op, delivery: Delivery) -> None:
         if not self.grouped:
@@ -145,6 +145,7 @@ class _Batch:
         self.local.clear()
 
     def _run_alone(self, op, delivery: Delivery) -> None:
+        reset = workflow._local_taker.set(self.taker)
         try:
             with self.app.transaction():
                 op()
@@ -158,6 +159,8 @@ class _Batch:
                 self.app.broker.reject(delivery, f"finishing the task failed: {type(exc).__name__}: {exc}")
             except Exception:
                 log.exception("worker %s: could not dead-letter %s; its lease will bring it back", self.worker.name, delivery.message_id)
+        finally:
+            workflow._local_taker.reset(reset)
 
     def _finish_plain(self, plain: list) -> None:
         """Store the results, then acknowledge: two round trips for the lot."""
@@ -193,15 +196,17 @@ class Worker:
         self.processed = 0
         self.failed = 0
         self.group_commit = not isinstance(app.broker.transaction_with(app.backend), contextlib.nullcontext)
+        # Redis with results on the same server: the claim script also begins the records
+        self.begins_on_claim = app.broker.begins_on_claim(app.backend)
         # run our own follow-ups next (chain steps, chord callbacks) where the broker can
-        # publish a message already reserved in the finishing transaction
-        self.local_follow_ups = local_follow_ups and self.group_commit and hasattr(app.broker, "publish_reserved")
+        # publish a message already reserved by us (SQLite: in the finishing transaction;
+        # Redis with results on the same server: reserved and begun in one call, their
+        # lease covering a crash before they run)
+        self.local_follow_ups = local_follow_ups and (self.group_commit or self.begins_on_claim) and hasattr(app.broker, "publish_reserved")
         # a notebook kernel defines its tasks in cells that may run after the worker starts
         # (a restarted kernel): for this long, a task it does not know yet is handed back
         self.unknown_grace = float(unknown_grace)
         self._born = app.clock.time()
-        # Redis with results on the same server: the claim script also begins the records
-        self.begins_on_claim = app.broker.begins_on_claim(app.backend)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> "Worker":
@@ -447,10 +452,13 @@ class Worker:
         mine = [o for o in outs if o.queue in self.queues and (o.eta is None or o.eta <= now)][: self.prefetch]
         if not mine:
             return outs
-        deliveries = self.app.broker.publish_reserved(mine, lease=self.lease)
+        if self.begins_on_claim:
+            deliveries = self.app.broker.publish_reserved(mine, lease=self.lease, begin_for=(self.app.backend, self.name))
+        else:
+            deliveries = self.app.broker.publish_reserved(mine, lease=self.lease)
         if deliveries:
             self._hold(deliveries)
-            local.append((deliveries, self._prepare(deliveries)))
+            local.append((deliveries, self._prepare(deliveries, begun=self.begins_on_claim)))
         taken = {o.id for o in mine}
         return [o for o in outs if o.id not in taken]
 

@@ -25,6 +25,8 @@ from nbqueue import Backoff, ChainResult, ChordResult, GroupResult, Retry, TaskF
 from nbqueue.result import AsyncResult
 from nbqueue.signature import decode_body
 
+from conftest import store_url
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -711,11 +713,13 @@ def test_workflows_example_prints_the_group_chord_and_chain_values(tmp_path):
     assert (tmp_path / ".nbqueue" / "nbqueue.db").exists()    # the embedded default, in the working directory
 
 
-def test_follow_up_reserved_by_a_worker_that_dies_runs_once_on_another(tmp_path):
+@pytest.mark.parametrize("kind", ["sqlite", "memory", "redis"])
+def test_follow_up_reserved_by_a_worker_that_dies_runs_once_on_another(kind, tmp_path):
     """Given a worker that published the next chain step already reserved to itself (the
-    SQLite fast path) and died before running it, when its lease runs out, another
-    worker runs the step, once, and the chain completes."""
-    app = nbqueue.App(f"sqlite:///{tmp_path}/local.db", visibility_timeout=0.5)
+    fast path of SQLite, and of Redis with results on the same server) and died before
+    running it, when its lease runs out, another worker runs the step, once, and the
+    chain completes."""
+    app = nbqueue.App(store_url(kind, tmp_path), visibility_timeout=0.5)
     ran = []
 
     @app.task(name="step")

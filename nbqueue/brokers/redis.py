@@ -210,9 +210,9 @@ local function begin(id, q)
 end
 """
 
-# ARGV: prefix, now, lease deadline, record key prefix, results index, worker, slot key,
-# then (id, queue, priority, body) per message. Publishes messages already reserved by an
-# idle reserver of the publishing process (attempt 1, in flight until the deadline, so a
+# ARGV: prefix, now, lease deadline, record key prefix or '', results index, worker, slot key
+# or '', then (id, queue, priority, body) per message. Publishes messages already reserved by
+# an idle reserver of the publishing process (or by the worker publishing its own follow-ups) (attempt 1, in flight until the deadline, so a
 # dead reserver's lease brings them back), begins their records and wakes the reserver.
 # Returns one token per message ('-' for an id already known: not handed over).
 _HAND_OVER = _LUA_COMMON + """
@@ -231,8 +231,10 @@ for i = 8, #ARGV, 4 do
     out[#out + 1] = '-'
   end
 end
-redis.call('LPUSH', slot, '1')
-redis.call('PEXPIRE', slot, 60000)
+if slot ~= '' then
+  redis.call('LPUSH', slot, '1')
+  redis.call('PEXPIRE', slot, 60000)
+end
 return out
 """
 
@@ -450,20 +452,37 @@ class RedisBroker(Broker):
     def _hand_over(self, slot: _Slot, outs: list[Outgoing], pipe) -> None:
         """Queue the hand-over script: ``outs`` published reserved by ``slot``, begun, and its
         reserver woken. A reserver in the same process as the sender saves its claim."""
+        self._run_hand_over(outs, slot.lease, (slot.backend, slot.worker), slot.key, pipe)
+
+    def _run_hand_over(self, outs: Sequence[Outgoing], lease: float, begin_for: tuple | None, slot_key: str, client=None):
         now = self.clock.time()
-        backend = slot.backend
-        args: list[Any] = [self.prefix, repr(now), repr(now + slot.lease), backend._rec(""), backend._index, slot.worker, slot.key]
+        rec_prefix = index = worker = ""
+        if begin_for is not None:
+            backend, worker = begin_for
+            rec_prefix, index = backend._rec(""), backend._index
+        args: list[Any] = [self.prefix, repr(now), repr(now + lease), rec_prefix, index, worker, slot_key]
         for o in outs:
             args += [o.id, o.queue, min(9, max(0, int(o.priority))), o.body]
-        self._hand_over_script(args=args, client=pipe)
+        return self._hand_over_script(args=args, client=client)
 
-    def _handed(self, slot: _Slot, outs: list[Outgoing], tokens: list) -> None:
-        lease_until = self.clock.time() + slot.lease
-        slot.deliveries = [
+    def _reserved(self, outs: Sequence[Outgoing], tokens: list, lease: float) -> list[Delivery]:
+        lease_until = self.clock.time() + lease
+        return [
             Delivery(message_id=o.id, queue=o.queue, body=o.body, attempt=1, lease_until=lease_until, tag=1, priority=o.priority,
-                     token=(int(token) or None), message=o.message)
+                     token=(int(token) or None) if token != "" else None, message=o.message)
             for o, token in zip(outs, tokens) if token != "-"
         ]
+
+    def _handed(self, slot: _Slot, outs: list[Outgoing], tokens: list) -> None:
+        slot.deliveries = self._reserved(outs, tokens, slot.lease)
+
+    @guarded
+    def publish_reserved(self, outs: Sequence[Outgoing], *, lease: float, begin_for: tuple | None = None) -> list[Delivery]:
+        """Publish messages already reserved by the caller (a worker's own follow-ups, such as
+        the next step of a chain), begun in ``begin_for``'s records in the same call. They
+        are ordinary messages with a lease: if the caller dies they are delivered again.
+        Ids already present are left alone and not returned."""
+        return self._reserved(outs, self._run_hand_over(outs, lease, begin_for, ""), lease)
 
     @guarded
     def ack_many(self, deliveries: Sequence[Delivery], client=None) -> list[bool]:
