@@ -129,9 +129,9 @@ class App:
                         message=message)
 
     def publish(self, records: list[dict], outs: list[Outgoing]) -> None:
-        """Record as PENDING first, then publish, so a fast worker's result is never overwritten."""
-        with self.transaction():
-            self.broker.publish_recorded(self.backend, records, outs)
+        """Record as PENDING first, then publish, so a fast worker's result is never overwritten
+        (in one transaction where broker and backend share a store)."""
+        self.broker.publish_recorded(self.backend, records, outs)
 
     def transaction(self):
         """One transaction over broker and backend where they share a store (the SQLite file)."""

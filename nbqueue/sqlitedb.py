@@ -153,6 +153,10 @@ class SQLiteStore:
                 return Done(conn.execute(sql, params))
             return self._retry_locked(lambda: Done(conn.execute(sql, params)))
 
+    def in_transaction(self) -> bool:
+        """True when this thread is inside ``write()``."""
+        return bool(self._depth) and self._lock._is_owned()
+
     def on_commit(self, fn) -> None:
         """Run fn after the current transaction commits (at once outside one)."""
         if self._depth and self._lock._is_owned():
@@ -246,8 +250,7 @@ class _Transaction:
             if not store._depth:
                 store._after_commit, store._after_rollback = [], []
             store._lock.release()
-        for fn in callbacks:
-            fn()
+        _run_all(callbacks)
         return False
 
     def _roll_back(self, conn) -> None:
@@ -256,8 +259,16 @@ class _Transaction:
             conn.execute("ROLLBACK")
         undo, store._after_rollback = store._after_rollback, []
         store._after_commit = []
-        for fn in undo:
+        _run_all(undo)
+
+
+def _run_all(callbacks: list) -> None:
+    """Run every callback, even when one raises (each may be what another thread waits for)."""
+    for fn in callbacks:
+        try:
             fn()
+        except Exception:
+            log.exception("a transaction callback failed")
 
 
 class Done:

@@ -138,9 +138,15 @@ class _Batch:
             workflow._local_taker.reset(reset)
 
     def _forget_local(self) -> None:
-        """Follow-ups reserved in a transaction that rolled back were never stored."""
+        """Follow-ups reserved in a transaction that rolled back were never stored. Where no
+        transaction spans the finish (Redis) they were: hand them back to the queue at once."""
         for deliveries, _ in self.local:
             for d in deliveries:
+                if not self.grouped:
+                    try:
+                        self.app.broker.release(d)
+                    except Exception:
+                        log.warning("could not hand back %s; it returns when its lease runs out", d.message_id, exc_info=True)
                 self.worker._unhold(d)
         self.local.clear()
 
@@ -497,10 +503,15 @@ class Worker:
         if not deliveries:
             return [], None
         if len(prepared) > 1:   # claimed, and handed more by a publisher meanwhile
-            for more in prepared[1:]:
-                prepared[0].messages += more.messages
-                prepared[0].malformed += more.malformed
-                prepared[0].tokens.update(more.tokens)
+            # (only what was returned: a hand-over whose sending transaction rolled back
+            # was begun in it, and is gone with it)
+            returned = {id(d) for d in deliveries}
+            merged = _Prepared()
+            for prep in prepared:
+                merged.messages += [(d, m) for d, m in prep.messages if id(d) in returned]
+                merged.malformed += [(d, r) for d, r in prep.malformed if id(d) in returned]
+                merged.tokens.update({m["id"]: prep.tokens.get(m["id"]) for d, m in prep.messages if id(d) in returned and m["id"] in prep.tokens})
+            return deliveries, merged
         return deliveries, (prepared[0] if prepared else None)
 
     def _prepare(self, deliveries: list[Delivery], begun: bool = False) -> "_Prepared":

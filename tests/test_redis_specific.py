@@ -382,3 +382,17 @@ def test_a_delayed_message_is_not_handed_over(redis_app):
     reserver.join(5)
     assert got == []
     assert app.broker.stats()[0]["delayed"] == 1
+
+
+def test_a_large_send_hands_some_over_and_publishes_the_rest_in_chunks(redis_app):
+    """More messages than one publish script takes (they go in chunks) beside a hand-over:
+    the send succeeds and every task runs."""
+    app = redis_app
+    app.register_task("double", lambda x: 2 * x)
+    worker = app.start_worker(concurrency=1, prefetch=4)
+    try:
+        wait_for(lambda: _idle_reservers(app.broker) == 1)
+        results = app.send_many([Signature("double", args=[i]) for i in range(1200)])
+        assert [r.get(timeout=60) for r in results] == [2 * i for i in range(1200)]
+    finally:
+        worker.stop()

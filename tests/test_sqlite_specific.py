@@ -37,6 +37,16 @@ class Reserver(threading.Thread):
                                        on_claim=lambda ds: self.claimed.extend(ds))
 
 
+def publish_to_idle_reserver(app, out: Outgoing, **reserver_options) -> Reserver:
+    """Start a reserver, wait until it idles, publish ``out``, and return it once it returned."""
+    reserver = Reserver(app.broker, out.queue, **reserver_options)
+    reserver.start()
+    wait_for(lambda: idle_reservers(app) == 1)
+    app.broker.publish(out)
+    reserver.join(5)
+    return reserver
+
+
 @pytest.fixture
 def app(tmp_path):
     app = nbqueue.App(f"sqlite:///{tmp_path}/nbqueue.db")
@@ -70,11 +80,7 @@ def test_a_task_sent_while_a_worker_of_this_process_waits_is_handed_over_and_run
 
 def test_a_hand_over_is_recorded_as_received_in_the_sending_transaction(app):
     q = "handoff"
-    reserver = Reserver(app.broker, q)
-    reserver.start()
-    wait_for(lambda: idle_reservers(app) == 1)
-    app.broker.publish(Outgoing(id="m1", body="{}", queue=q))
-    reserver.join(5)
+    reserver = publish_to_idle_reserver(app, Outgoing(id="m1", body="{}", queue=q))
     [d] = reserver.got
     assert d.message_id == "m1" and d.attempt == 1 and reserver.claimed == [d]   # on_claim ran for it
     assert app.broker.stats() == [{"queue": q, "ready": 0, "delayed": 0, "in_flight": 1, "dead": 0}]
@@ -82,30 +88,48 @@ def test_a_hand_over_is_recorded_as_received_in_the_sending_transaction(app):
 
 
 def test_a_rolled_back_send_hands_nothing_over(app):
+    """The hand-over is part of the sending transaction: when that fails after the
+    hand-over (here the reserver's own begin raises in it), nothing was stored and the
+    reserver gets nothing."""
     q = "handoff"
-    reserver = Reserver(app.broker, q, timeout=1.0)
+
+    def failing_begin(deliveries):
+        raise RuntimeError("the send fails after the hand-over")
+
+    got = []
+    reserver = threading.Thread(target=lambda: got.extend(app.broker.reserve([q], timeout=1.0, handoff=True, on_claim=failing_begin)))
     reserver.start()
     wait_for(lambda: idle_reservers(app) == 1)
+    message, record, out = app.prepare(Signature("double", args=[1], queue=q))
     with pytest.raises(RuntimeError):
-        with app.transaction():
-            app.broker.publish(Outgoing(id="m1", body="{}", queue=q))
-            assert idle_reservers(app) == 0          # taken by this (open) transaction
-            raise RuntimeError("the send fails after the hand-over")
+        app.publish([record], [out])
     reserver.join(5)
-    assert reserver.got == []
-    assert app.broker.stats() == []                   # the message was never stored
+    assert got == []
+    assert app.broker.stats() == [] and app.backend.get(out.id) is None     # neither message nor record stored
+
+
+def test_a_send_inside_a_transaction_of_the_caller_is_not_handed_over(app):
+    """A caller's transaction may run long: its messages go to the queue, not to a worker
+    thread that would wait for the commit."""
+    q = "handoff"
+    reserver = Reserver(app.broker, q, timeout=0.5)
+    reserver.start()
+    wait_for(lambda: idle_reservers(app) == 1)
+    with app.transaction():
+        message, record, out = app.prepare(Signature("double", args=[1], queue=q))
+        app.publish([record], [out])
+        assert idle_reservers(app) == 1
+    reserver.join(5)
+    [d] = reserver.got + app.broker.reserve([q], timeout=1)     # claimed after the commit, by either
+    assert d.message_id == out.id and reserver.claimed in ([], [d])
 
 
 def test_a_handed_over_message_whose_worker_died_is_delivered_again_after_its_lease(tmp_path):
     clock = ManualClock()
     app = nbqueue.App(f"sqlite:///{tmp_path}/nbqueue.db", clock=clock)
     q = "handoff"
-    reserver = Reserver(app.broker, q, lease=10)
-    reserver.start()
-    wait_for(lambda: idle_reservers(app) == 1)
-    app.broker.publish(Outgoing(id="m1", body="{}", queue=q))
-    reserver.join(5)
-    [abandoned] = reserver.got                        # ... and its worker dies here
+    # handed over, then its worker dies
+    [abandoned] = publish_to_idle_reserver(app, Outgoing(id="m1", body="{}", queue=q), lease=10).got
     assert app.broker.reserve([q], timeout=0, lease=10) == []
     clock.advance(10.5)
     [again] = app.broker.reserve([q], timeout=0, lease=10)
@@ -119,11 +143,7 @@ def test_a_delayed_message_is_not_handed_over_before_it_is_due(tmp_path):
     clock = ManualClock()
     app = nbqueue.App(f"sqlite:///{tmp_path}/nbqueue.db", clock=clock)
     q = "handoff"
-    reserver = Reserver(app.broker, q, timeout=0.5)
-    reserver.start()
-    wait_for(lambda: idle_reservers(app) == 1)
-    app.broker.publish(Outgoing(id="later", body="{}", queue=q, eta=clock.time() + 60))
-    reserver.join(5)
+    reserver = publish_to_idle_reserver(app, Outgoing(id="later", body="{}", queue=q, eta=clock.time() + 60), timeout=0.5)
     assert reserver.got == []
     assert app.broker.stats()[0]["delayed"] == 1
     clock.advance(61)

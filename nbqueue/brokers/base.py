@@ -85,9 +85,11 @@ class Broker:
         return False
 
     def publish_recorded(self, backend, records: Sequence[dict], outs: Sequence[Outgoing]) -> None:
-        """Record tasks as PENDING in ``backend``, then publish them (one round trip where the store allows)."""
-        backend.create(records)
-        self.publish_many(outs)
+        """Record tasks as PENDING in ``backend``, then publish them (one round trip where the
+        store allows, one transaction where broker and backend share it)."""
+        with self.transaction_with(backend):
+            backend.create(records)
+            self.publish_many(outs)
 
     # consuming
     def reserve(self, queues: Sequence[str], *, timeout: float = 0.0, lease: float = 30.0, limit: int = 1) -> list[Delivery]:

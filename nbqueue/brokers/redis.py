@@ -39,6 +39,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import logging
+import os
 import threading
 import time
 import uuid
@@ -377,6 +378,16 @@ _IDLE: dict[tuple, list[_Slot]] = {}
 _IDLE_LOCK = threading.Lock()
 
 
+def _forget_idle_after_fork() -> None:
+    """A forked child has none of its parent's reserver threads."""
+    global _IDLE_LOCK
+    _IDLE.clear()
+    _IDLE_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_idle_after_fork)
+
+
 class RedisBroker(Broker):
     scheme = "redis"
     supports_priority = True
@@ -426,12 +437,13 @@ class RedisBroker(Broker):
             if slot is not None:
                 taken = {o.id for o in mine}
                 outs = [o for o in outs if o.id not in taken]
+                at = len(pipe.command_stack)
                 self._hand_over(slot, mine, pipe)
             if outs:
                 self.publish_many(outs, client=pipe)
             replies = pipe.execute()
             if slot is not None:
-                self._handed(slot, mine, replies[-2] if outs else replies[-1])
+                self._handed(slot, mine, replies[at])
         finally:
             if slot is not None:
                 slot.settled.set()
@@ -527,14 +539,25 @@ class RedisBroker(Broker):
                 _IDLE.setdefault(self._idle_key, []).append(slot)
         try:
             got = self._reserve_loop(queues, timeout, lease, limit, begin_for, slot)
-        finally:
-            if slot is not None:
-                with _IDLE_LOCK:
-                    if not slot.taken:
-                        _IDLE[self._idle_key].remove(slot)
-                if slot.taken:
-                    slot.settled.wait()
-        return got + slot.deliveries if slot is not None else got
+        except BaseException:
+            for d in self._close_slot(slot):      # handed over as this call failed: back at once
+                try:
+                    self.release(d)
+                except Exception:
+                    pass                          # its lease brings it back
+            raise
+        return got + self._close_slot(slot)
+
+    def _close_slot(self, slot: _Slot | None) -> list[Delivery]:
+        """Withdraw an idle reserver; what a sender handed it (waiting at most a lease for
+        the sender's call to finish: after that the messages are delivered again anyway)."""
+        if slot is None:
+            return []
+        with _IDLE_LOCK:
+            if not slot.taken:
+                _IDLE[self._idle_key].remove(slot)
+                return []
+        return slot.deliveries if slot.settled.wait(slot.lease) else []
 
     def _reserve_loop(self, queues: list[str], timeout: float, lease: float, limit: int, begin_for, slot) -> list[Delivery]:
         deadline = time.monotonic() + max(0.0, timeout)

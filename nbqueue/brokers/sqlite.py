@@ -13,6 +13,7 @@ fencing token of a delivery.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import Sequence
@@ -50,6 +51,16 @@ _IDLE: dict[str, list[_Slot]] = {}
 _IDLE_LOCK = threading.Lock()
 
 
+def _forget_idle_after_fork() -> None:
+    """A forked child has none of its parent's reserver threads."""
+    global _IDLE_LOCK
+    _IDLE.clear()
+    _IDLE_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_idle_after_fork)
+
+
 class SQLiteBroker(Broker):
     scheme = "sqlite"
     claims_in_transaction = True
@@ -64,12 +75,22 @@ class SQLiteBroker(Broker):
         self._quiet: dict[int, tuple] = {}  # thread -> (wake-up version, next due) when it last found nothing
 
     # -- publishing --------------------------------------------------------------
-    def publish_many(self, outs: Sequence[Outgoing]) -> None:
+    def publish_recorded(self, backend, records: Sequence[dict], outs: Sequence[Outgoing]) -> None:
+        """Records and messages in one transaction; a send that is not inside a transaction of
+        the caller's may hand its messages to idle workers of this process (see ``_hand_over``)."""
+        outermost = not self.store.in_transaction()
+        with self.transaction_with(backend):
+            backend.create(records)
+            self.publish_many(outs, handoff=outermost)
+
+    def publish_many(self, outs: Sequence[Outgoing], handoff: bool = False) -> None:
+        """``handoff``: the caller's transaction is this send's own (short), so its messages may
+        go to idle reservers of this process; a long transaction must not hold them."""
         if not outs:
             return
         now = self.clock.time()
         with self.store.write() as conn:
-            if _IDLE.get(self.path):
+            if handoff and _IDLE.get(self.path):
                 outs = self._hand_over(outs, now)
             rows = [(o.id, o.queue, int(o.priority), o.eta if o.eta is not None else now, o.body, now) for o in outs]
             if rows:
@@ -117,11 +138,12 @@ class SQLiteBroker(Broker):
                     return outs
                 slot.taken = True
                 idle.remove(slot)
+                # settled whatever happens next: the reserver waits for it
+                self.store.on_commit(slot.settled.set)
+                self.store.on_rollback(lambda slot=slot: (slot.deliveries.clear(), slot.settled.set()))
             mine = [o for o in outs if o.queue in slot.queues and (o.eta is None or o.eta <= now)][: slot.limit]
             taken = {o.id for o in mine}
             outs = [o for o in outs if o.id not in taken]
-            self.store.on_commit(slot.settled.set)
-            self.store.on_rollback(lambda slot=slot: (slot.deliveries.clear(), slot.settled.set()))
             slot.deliveries = self.publish_reserved(mine, lease=slot.lease)
             if slot.deliveries and slot.on_claim is not None:
                 slot.on_claim(slot.deliveries)
@@ -134,12 +156,14 @@ class SQLiteBroker(Broker):
         return slot
 
     def _close_slot(self, slot: _Slot) -> list[Delivery]:
-        """Withdraw an idle reserver; what a publisher handed it, once that publisher committed."""
+        """Withdraw an idle reserver; what a publisher handed it, once that publisher committed
+        (waiting at most a lease: after that the messages are delivered again anyway)."""
         with _IDLE_LOCK:
             if not slot.taken:
                 _IDLE[self.path].remove(slot)
                 return []
-        slot.settled.wait()
+        if not slot.settled.wait(slot.lease):
+            return []
         return slot.deliveries
 
     # -- consuming ---------------------------------------------------------------
@@ -209,6 +233,15 @@ class SQLiteBroker(Broker):
                     continue        # poked for a hand-over (ours, or another reserver's): nothing new to read
                 self._quiet.pop(threading.get_ident(), None)
                 interval = min(interval * 2, self.poll_interval)
+        except BaseException:
+            if slot is not None:
+                for d in self._close_slot(slot):     # handed over as this call failed: back at once
+                    try:
+                        self.release(d)
+                    except Exception:
+                        pass                          # its lease brings it back
+                slot = None
+            raise
         finally:
             if slot is not None:
                 handed = self._close_slot(slot)
