@@ -308,10 +308,9 @@ def _stat(broker, queue):
 # -- hand-over to an idle worker of the sending process -----------------------------------------
 
 def _idle_reservers(broker) -> int:
-    from nbqueue.brokers import redis as redis_broker
+    from nbqueue.brokers.base import IDLE
 
-    with redis_broker._IDLE_LOCK:
-        return sum(not s.taken for s in redis_broker._IDLE.get(broker._idle_key, []))
+    return IDLE.idle(broker._idle_key)
 
 
 @pytest.fixture

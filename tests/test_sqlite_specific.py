@@ -12,15 +12,13 @@ import pytest
 
 import nbqueue
 from nbqueue import Signature, states
-from nbqueue.brokers import sqlite as sqlite_broker
-from nbqueue.brokers.base import Outgoing
+from nbqueue.brokers.base import IDLE, Outgoing
 from nbqueue.clock import ManualClock
 from nbqueue.testing import wait_for
 
 
 def idle_reservers(app) -> int:
-    with sqlite_broker._IDLE_LOCK:
-        return sum(not s.taken for s in sqlite_broker._IDLE.get(app.broker.path, []))
+    return IDLE.idle(app.broker.path)
 
 
 class Reserver(threading.Thread):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import threading
 from typing import Any, Iterable, Sequence
 
@@ -239,6 +240,60 @@ class LocalWakeups:
 
 
 WAKEUPS = LocalWakeups()
+
+
+class IdleReservers:
+    """Reservers of this process waiting for work, per store (a file, a server and key
+    prefix), that a sender of this process may hand messages to directly. A slot is any
+    object with a ``queues`` set, a ``limit`` and a ``taken`` flag."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._slots: dict[Any, list] = {}
+
+    def any(self, store: Any) -> bool:
+        return bool(self._slots.get(store))
+
+    def idle(self, store: Any) -> int:
+        """How many reservers of ``store`` wait untaken (for tests and status)."""
+        with self._lock:
+            return sum(not slot.taken for slot in self._slots.get(store, ()))
+
+    def add(self, store: Any, slot: Any) -> None:
+        with self._lock:
+            self._slots.setdefault(store, []).append(slot)
+
+    def take(self, store: Any, outs: Sequence[Outgoing], now: float, on_take=None) -> tuple[Any, list]:
+        """The first idle reserver that can run some of ``outs`` now (due, on its queues) and
+        those messages, up to its limit; it is marked taken and ``on_take(slot)`` runs under
+        the lock. ``(None, [])`` when there is none."""
+        with self._lock:
+            for slot in self._slots.get(store) or ():
+                mine = [o for o in outs if o.queue in slot.queues and (o.eta is None or o.eta <= now)][: slot.limit]
+                if mine:
+                    slot.taken = True
+                    self._slots[store].remove(slot)
+                    if on_take is not None:
+                        on_take(slot)
+                    return slot, mine
+        return None, []
+
+    def withdraw(self, store: Any, slot: Any) -> bool:
+        """Remove a reserver that stops waiting; False when a sender took it meanwhile."""
+        with self._lock:
+            if slot.taken:
+                return False
+            self._slots[store].remove(slot)
+            return True
+
+    def _after_fork(self) -> None:
+        """A forked child has none of its parent's reserver threads."""
+        self._lock = threading.Lock()
+        self._slots = {}
+
+
+IDLE = IdleReservers()
+os.register_at_fork(after_in_child=IDLE._after_fork)
 
 
 def queue_list(queues: str | Iterable[str]) -> list[str]:

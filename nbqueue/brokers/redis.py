@@ -39,7 +39,6 @@ from __future__ import annotations
 import functools
 import ipaddress
 import logging
-import os
 import threading
 import time
 import uuid
@@ -51,7 +50,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from ..errors import ConnectionLost
-from .base import Broker, Delivery, Outgoing, queue_list, redact
+from .base import IDLE, Broker, Delivery, Outgoing, queue_list, redact
 
 if TYPE_CHECKING:
     import fakeredis
@@ -373,21 +372,6 @@ class _Slot:
         self.settled = threading.Event()
 
 
-# idle reservers per server and key prefix, shared by every broker of this process on them
-_IDLE: dict[tuple, list[_Slot]] = {}
-_IDLE_LOCK = threading.Lock()
-
-
-def _forget_idle_after_fork() -> None:
-    """A forked child has none of its parent's reserver threads."""
-    global _IDLE_LOCK
-    _IDLE.clear()
-    _IDLE_LOCK = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_idle_after_fork)
-
-
 class RedisBroker(Broker):
     scheme = "redis"
     supports_priority = True
@@ -430,7 +414,7 @@ class RedisBroker(Broker):
         if not self._shares_server(backend):
             super().publish_recorded(backend, records, outs)
             return
-        slot, mine = self._take_slot(outs) if _IDLE.get(self._idle_key) else (None, [])
+        slot, mine = IDLE.take(self._idle_key, outs, self.clock.time()) if IDLE.any(self._idle_key) else (None, [])
         try:
             pipe = self.client.pipeline(transaction=False)
             backend.create(records, client=pipe)      # records first: a fast worker's result is never overwritten
@@ -449,18 +433,6 @@ class RedisBroker(Broker):
                 slot.settled.set()
 
     # -- hand-over to an idle reserver of this process ------------------------------
-    def _take_slot(self, outs: Sequence[Outgoing]) -> tuple[_Slot | None, list[Outgoing]]:
-        """An idle reserver that can run some of ``outs`` now, and those messages."""
-        now = self.clock.time()
-        with _IDLE_LOCK:
-            for slot in _IDLE.get(self._idle_key) or []:
-                mine = [o for o in outs if o.queue in slot.queues and (o.eta is None or o.eta <= now)][: slot.limit]
-                if mine:
-                    slot.taken = True
-                    _IDLE[self._idle_key].remove(slot)
-                    return slot, mine
-        return None, []
-
     def _hand_over(self, slot: _Slot, outs: list[Outgoing], pipe) -> None:
         """Queue the hand-over script: ``outs`` published reserved by ``slot``, begun, and its
         reserver woken. A reserver in the same process as the sender saves its claim."""
@@ -535,8 +507,7 @@ class RedisBroker(Broker):
         slot = None
         if handoff and begin_for is not None and timeout > 0:
             slot = _Slot(queues, max(1, int(limit)), lease, begin_for[0], begin_for[1], f"{self.prefix}slot:{uuid.uuid4().hex}")
-            with _IDLE_LOCK:
-                _IDLE.setdefault(self._idle_key, []).append(slot)
+            IDLE.add(self._idle_key, slot)
         try:
             got = self._reserve_loop(queues, timeout, lease, limit, begin_for, slot)
         except BaseException:
@@ -551,12 +522,8 @@ class RedisBroker(Broker):
     def _close_slot(self, slot: _Slot | None) -> list[Delivery]:
         """Withdraw an idle reserver; what a sender handed it (waiting at most a lease for
         the sender's call to finish: after that the messages are delivered again anyway)."""
-        if slot is None:
+        if slot is None or IDLE.withdraw(self._idle_key, slot):
             return []
-        with _IDLE_LOCK:
-            if not slot.taken:
-                _IDLE[self._idle_key].remove(slot)
-                return []
         return slot.deliveries if slot.settled.wait(slot.lease) else []
 
     def _reserve_loop(self, queues: list[str], timeout: float, lease: float, limit: int, begin_for, slot) -> list[Delivery]:

@@ -13,13 +13,12 @@ fencing token of a delivery.
 """
 from __future__ import annotations
 
-import os
 import threading
 import time
 from typing import Sequence
 
 from ..sqlitedb import SQLiteStore, path_from_url, placeholders
-from .base import WAKEUPS, Broker, Delivery, Outgoing
+from .base import IDLE, WAKEUPS, Broker, Delivery, Outgoing
 
 def _schema(db) -> None:
     db["nbq_messages"].create(
@@ -44,21 +43,6 @@ class _Slot:
         self.taken = False                  # a publisher holds it (its transaction is open)
         self.deliveries: list = []          # what was handed over, once committed
         self.settled = threading.Event()    # the publisher's transaction committed or rolled back
-
-
-# idle reservers per database file, shared by every broker of this process on that file
-_IDLE: dict[str, list[_Slot]] = {}
-_IDLE_LOCK = threading.Lock()
-
-
-def _forget_idle_after_fork() -> None:
-    """A forked child has none of its parent's reserver threads."""
-    global _IDLE_LOCK
-    _IDLE.clear()
-    _IDLE_LOCK = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_idle_after_fork)
 
 
 class SQLiteBroker(Broker):
@@ -90,7 +74,7 @@ class SQLiteBroker(Broker):
             return
         now = self.clock.time()
         with self.store.write() as conn:
-            if handoff and _IDLE.get(self.path):
+            if handoff and IDLE.any(self.path):
                 outs = self._hand_over(outs, now)
             rows = [(o.id, o.queue, int(o.priority), o.eta if o.eta is not None else now, o.body, now) for o in outs]
             if rows:
@@ -130,18 +114,14 @@ class SQLiteBroker(Broker):
         publisher's transaction; the reserver returns them once it commits. This saves a
         claim per message and a wake-up's worth of latency for a worker in the same kernel.
         """
+        def settle_with_transaction(slot: _Slot) -> None:   # whatever happens next: the reserver waits for it
+            self.store.on_commit(slot.settled.set)
+            self.store.on_rollback(lambda: (slot.deliveries.clear(), slot.settled.set()))
+
         while outs:
-            with _IDLE_LOCK:
-                idle = _IDLE.get(self.path) or []
-                slot = next((s for s in idle if any(o.queue in s.queues and (o.eta is None or o.eta <= now) for o in outs)), None)
-                if slot is None:
-                    return outs
-                slot.taken = True
-                idle.remove(slot)
-                # settled whatever happens next: the reserver waits for it
-                self.store.on_commit(slot.settled.set)
-                self.store.on_rollback(lambda slot=slot: (slot.deliveries.clear(), slot.settled.set()))
-            mine = [o for o in outs if o.queue in slot.queues and (o.eta is None or o.eta <= now)][: slot.limit]
+            slot, mine = IDLE.take(self.path, outs, now, on_take=settle_with_transaction)
+            if slot is None:
+                return outs
             taken = {o.id for o in mine}
             outs = [o for o in outs if o.id not in taken]
             slot.deliveries = self.publish_reserved(mine, lease=slot.lease)
@@ -151,17 +131,14 @@ class SQLiteBroker(Broker):
 
     def _open_slot(self, queues, limit: int, lease: float, on_claim) -> _Slot:
         slot = _Slot(queues, limit, lease, on_claim)
-        with _IDLE_LOCK:
-            _IDLE.setdefault(self.path, []).append(slot)
+        IDLE.add(self.path, slot)
         return slot
 
     def _close_slot(self, slot: _Slot) -> list[Delivery]:
         """Withdraw an idle reserver; what a publisher handed it, once that publisher committed
         (waiting at most a lease: after that the messages are delivered again anyway)."""
-        with _IDLE_LOCK:
-            if not slot.taken:
-                _IDLE[self.path].remove(slot)
-                return []
+        if IDLE.withdraw(self.path, slot):
+            return []
         if not slot.settled.wait(slot.lease):
             return []
         return slot.deliveries
