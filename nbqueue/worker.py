@@ -503,14 +503,14 @@ class Worker:
         if not deliveries:
             return [], None
         if len(prepared) > 1:   # claimed, and handed more by a publisher meanwhile
-            # (only what was returned: a hand-over whose sending transaction rolled back
-            # was begun in it, and is gone with it)
+            # only what was returned: a hand-over whose sending transaction rolled back was
+            # begun in it, and is gone with it (its message ids are not among the returned)
             returned = {id(d) for d in deliveries}
             merged = _Prepared()
             for prep in prepared:
                 merged.messages += [(d, m) for d, m in prep.messages if id(d) in returned]
                 merged.malformed += [(d, r) for d, r in prep.malformed if id(d) in returned]
-                merged.tokens.update({m["id"]: prep.tokens.get(m["id"]) for d, m in prep.messages if id(d) in returned and m["id"] in prep.tokens})
+                merged.tokens.update(prep.tokens)
             return deliveries, merged
         return deliveries, (prepared[0] if prepared else None)
 

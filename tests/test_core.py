@@ -512,13 +512,12 @@ def test_success_callback_gets_the_result_appended_unless_immutable(app):
     assert [c.get(timeout=5) for c in r.callbacks] == [["mutable", 5], ["immutable"]]
 
 
-@clocked
-def test_error_callback_runs_once_after_the_final_failure_with_the_error_first(app_factory):
-    clock = ManualClock()
-    app = app_factory(clock=clock)
-    alerts = []
+def doomed_and_alert(app, retry_count: int):
+    """A task that always fails after ``retry_count`` retries, and an error callback that
+    records the errors it is given: (doomed, alert, alerts)."""
+    alerts: list = []
 
-    @app.task(name="doomed", retry_count=2, retry_timeout=0)
+    @app.task(name="doomed", retry_count=retry_count, retry_timeout=0)
     def doomed():
         raise RuntimeError("still broken")
 
@@ -526,6 +525,15 @@ def test_error_callback_runs_once_after_the_final_failure_with_the_error_first(a
     def alert(error, label):
         alerts.append(error)
         return f"{label}: {error}"
+
+    return doomed, alert, alerts
+
+
+@clocked
+def test_error_callback_runs_once_after_the_final_failure_with_the_error_first(app_factory):
+    clock = ManualClock()
+    app = app_factory(clock=clock)
+    doomed, alert, alerts = doomed_and_alert(app, retry_count=2)
 
     @app.task(name="never")
     def never(*args):
@@ -580,17 +588,7 @@ def test_retries_and_retry_exceptions_wait_their_delays_on_rabbitmq(app):
 
 @own_timer
 def test_error_callback_runs_once_after_the_final_failure_on_rabbitmq(app):
-    alerts = []
-
-    @app.task(name="doomed", retry_count=1, retry_timeout=0)
-    def doomed():
-        raise RuntimeError("still broken")
-
-    @app.task(name="alert")
-    def alert(error, label):
-        alerts.append(error)
-        return f"{label}: {error}"
-
+    doomed, alert, alerts = doomed_and_alert(app, retry_count=1)
     r = app.send_task(doomed.s().link_error(alert.s("pager")))
     [error_cb] = r.callbacks
     worker = app.worker()

@@ -20,7 +20,7 @@ import contextlib
 import dataclasses
 import os
 import threading
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 
 @dataclasses.dataclass
@@ -139,6 +139,21 @@ class Broker:
     def upkeep(self) -> None:
         """Housekeeping a worker's heartbeat thread runs now and then (SQLite: WAL checkpoints)."""
 
+    def _reserve_with_slot(self, store: Any, slot: "Slot | None", claim: Callable[[], list]) -> list[Delivery]:
+        """Run ``claim()`` (the reserve loop) while ``slot``, if any, is open for a hand-over;
+        return what it claimed and what it was handed. If ``claim`` raises, what was handed
+        over meanwhile goes back to the queue at once."""
+        try:
+            got = claim()
+        except BaseException:
+            for d in IDLE.close(store, slot):
+                try:
+                    self.release(d)
+                except Exception:
+                    pass                    # its lease brings it back
+            raise
+        return got + IDLE.close(store, slot)
+
     def wake(self) -> None:
         """Wake reservers of this process waiting in reserve() (used on shutdown)."""
 
@@ -242,10 +257,28 @@ class LocalWakeups:
 WAKEUPS = LocalWakeups()
 
 
+class Slot:
+    """An idle reserver of this process, waiting for work: a sender of this process may
+    hand it messages directly, already reserved by it (see ``IdleReservers``). Brokers
+    subclass it with what their hand-over needs."""
+
+    def __init__(self, queues: Iterable[str], limit: int, lease: float) -> None:
+        self.queues = frozenset(queues)
+        self.limit = limit
+        self.lease = lease
+        self.taken = False                  # a sender holds it (its send has not finished)
+        self.deliveries: list = []          # what was handed over, once the send finished
+        self.settled = threading.Event()    # the send finished (or failed: then nothing was handed over)
+
+    def wait(self) -> list:
+        """What was handed over, waiting at most a lease for the send to finish (after that
+        the messages are delivered again anyway)."""
+        return self.deliveries if self.settled.wait(self.lease) else []
+
+
 class IdleReservers:
     """Reservers of this process waiting for work, per store (a file, a server and key
-    prefix), that a sender of this process may hand messages to directly. A slot is any
-    object with a ``queues`` set, a ``limit`` and a ``taken`` flag."""
+    prefix), that a sender of this process may hand messages to directly (``Slot``s)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -278,13 +311,15 @@ class IdleReservers:
                     return slot, mine
         return None, []
 
-    def withdraw(self, store: Any, slot: Any) -> bool:
-        """Remove a reserver that stops waiting; False when a sender took it meanwhile."""
+    def close(self, store: Any, slot: Slot | None) -> list:
+        """Withdraw a reserver that stops waiting; what a sender handed it meanwhile."""
+        if slot is None:
+            return []
         with self._lock:
-            if slot.taken:
-                return False
-            self._slots[store].remove(slot)
-            return True
+            if not slot.taken:
+                self._slots[store].remove(slot)
+                return []
+        return slot.wait()
 
     def _after_fork(self) -> None:
         """A forked child has none of its parent's reserver threads."""

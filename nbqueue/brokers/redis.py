@@ -50,7 +50,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from ..errors import ConnectionLost
-from .base import IDLE, Broker, Delivery, Outgoing, queue_list, redact
+from .base import IDLE, Broker, Delivery, Outgoing, Slot, queue_list, redact
 
 if TYPE_CHECKING:
     import fakeredis
@@ -354,22 +354,15 @@ return n
 """
 
 
-class _Slot:
-    """An idle reserver of this process that a publisher may hand messages to (see
-    ``RedisBroker._hand_over``); it also blocks on its own list, which the hand-over pushes to."""
-
-    __slots__ = ("queues", "limit", "lease", "worker", "backend", "key", "taken", "deliveries", "settled")
+class _Slot(Slot):
+    """An idle reserver that the hand-over script begins tasks for (in ``backend``, as
+    ``worker``) and wakes by pushing to its own list ``key``."""
 
     def __init__(self, queues, limit: int, lease: float, backend, worker: str, key: str) -> None:
-        self.queues = frozenset(queues)
-        self.limit = limit
-        self.lease = lease
+        super().__init__(queues, limit, lease)
         self.backend = backend
         self.worker = worker
         self.key = key
-        self.taken = False
-        self.deliveries: list = []
-        self.settled = threading.Event()
 
 
 class RedisBroker(Broker):
@@ -422,23 +415,20 @@ class RedisBroker(Broker):
                 taken = {o.id for o in mine}
                 outs = [o for o in outs if o.id not in taken]
                 at = len(pipe.command_stack)
-                self._hand_over(slot, mine, pipe)
+                self._hand_over(mine, slot.lease, (slot.backend, slot.worker), slot.key, pipe)
             if outs:
                 self.publish_many(outs, client=pipe)
             replies = pipe.execute()
             if slot is not None:
-                self._handed(slot, mine, replies[at])
+                slot.deliveries = self._reserved(mine, replies[at], slot.lease)
         finally:
             if slot is not None:
                 slot.settled.set()
 
     # -- hand-over to an idle reserver of this process ------------------------------
-    def _hand_over(self, slot: _Slot, outs: list[Outgoing], pipe) -> None:
-        """Queue the hand-over script: ``outs`` published reserved by ``slot``, begun, and its
-        reserver woken. A reserver in the same process as the sender saves its claim."""
-        self._run_hand_over(outs, slot.lease, (slot.backend, slot.worker), slot.key, pipe)
-
-    def _run_hand_over(self, outs: Sequence[Outgoing], lease: float, begin_for: tuple | None, slot_key: str, client=None):
+    def _hand_over(self, outs: Sequence[Outgoing], lease: float, begin_for: tuple | None, slot_key: str, client=None):
+        """Run (or queue on ``client``) the hand-over script: ``outs`` published already
+        reserved, begun in ``begin_for``'s records, and the reserver woken on ``slot_key``."""
         now = self.clock.time()
         rec_prefix = index = worker = ""
         if begin_for is not None:
@@ -457,16 +447,13 @@ class RedisBroker(Broker):
             for o, token in zip(outs, tokens) if token != "-"
         ]
 
-    def _handed(self, slot: _Slot, outs: list[Outgoing], tokens: list) -> None:
-        slot.deliveries = self._reserved(outs, tokens, slot.lease)
-
     @guarded
     def publish_reserved(self, outs: Sequence[Outgoing], *, lease: float, begin_for: tuple | None = None) -> list[Delivery]:
         """Publish messages already reserved by the caller (a worker's own follow-ups, such as
         the next step of a chain), begun in ``begin_for``'s records in the same call. They
         are ordinary messages with a lease: if the caller dies they are delivered again.
         Ids already present are left alone and not returned."""
-        return self._reserved(outs, self._run_hand_over(outs, lease, begin_for, ""), lease)
+        return self._reserved(outs, self._hand_over(outs, lease, begin_for, ""), lease)
 
     @guarded
     def ack_many(self, deliveries: Sequence[Delivery], client=None) -> list[bool]:
@@ -508,23 +495,7 @@ class RedisBroker(Broker):
         if handoff and begin_for is not None and timeout > 0:
             slot = _Slot(queues, max(1, int(limit)), lease, begin_for[0], begin_for[1], f"{self.prefix}slot:{uuid.uuid4().hex}")
             IDLE.add(self._idle_key, slot)
-        try:
-            got = self._reserve_loop(queues, timeout, lease, limit, begin_for, slot)
-        except BaseException:
-            for d in self._close_slot(slot):      # handed over as this call failed: back at once
-                try:
-                    self.release(d)
-                except Exception:
-                    pass                          # its lease brings it back
-            raise
-        return got + self._close_slot(slot)
-
-    def _close_slot(self, slot: _Slot | None) -> list[Delivery]:
-        """Withdraw an idle reserver; what a sender handed it (waiting at most a lease for
-        the sender's call to finish: after that the messages are delivered again anyway)."""
-        if slot is None or IDLE.withdraw(self._idle_key, slot):
-            return []
-        return slot.deliveries if slot.settled.wait(slot.lease) else []
+        return self._reserve_with_slot(self._idle_key, slot, lambda: self._reserve_loop(queues, timeout, lease, limit, begin_for, slot))
 
     def _reserve_loop(self, queues: list[str], timeout: float, lease: float, limit: int, begin_for, slot) -> list[Delivery]:
         deadline = time.monotonic() + max(0.0, timeout)

@@ -18,7 +18,7 @@ import time
 from typing import Sequence
 
 from ..sqlitedb import SQLiteStore, path_from_url, placeholders
-from .base import IDLE, WAKEUPS, Broker, Delivery, Outgoing
+from .base import IDLE, WAKEUPS, Broker, Delivery, Outgoing, Slot
 
 def _schema(db) -> None:
     db["nbq_messages"].create(
@@ -29,20 +29,12 @@ def _schema(db) -> None:
     db.execute("CREATE INDEX IF NOT EXISTS nbq_messages_claim ON nbq_messages(queue, priority DESC, due) WHERE state < 2")
 
 
-class _Slot:
-    """An idle reserver of this process, waiting for work: a publisher may hand it messages
-    directly, reserved and begun in the publisher's own transaction (no claim needed)."""
-
-    __slots__ = ("queues", "limit", "lease", "on_claim", "taken", "deliveries", "settled")
+class _Slot(Slot):
+    """An idle reserver whose ``on_claim`` begins what it is handed, in the sender's transaction."""
 
     def __init__(self, queues, limit: int, lease: float, on_claim) -> None:
-        self.queues = frozenset(queues)
-        self.limit = limit
-        self.lease = lease
+        super().__init__(queues, limit, lease)
         self.on_claim = on_claim
-        self.taken = False                  # a publisher holds it (its transaction is open)
-        self.deliveries: list = []          # what was handed over, once committed
-        self.settled = threading.Event()    # the publisher's transaction committed or rolled back
 
 
 class SQLiteBroker(Broker):
@@ -129,20 +121,6 @@ class SQLiteBroker(Broker):
                 slot.on_claim(slot.deliveries)
         return outs
 
-    def _open_slot(self, queues, limit: int, lease: float, on_claim) -> _Slot:
-        slot = _Slot(queues, limit, lease, on_claim)
-        IDLE.add(self.path, slot)
-        return slot
-
-    def _close_slot(self, slot: _Slot) -> list[Delivery]:
-        """Withdraw an idle reserver; what a publisher handed it, once that publisher committed
-        (waiting at most a lease: after that the messages are delivered again anyway)."""
-        if IDLE.withdraw(self.path, slot):
-            return []
-        if not slot.settled.wait(slot.lease):
-            return []
-        return slot.deliveries
-
     # -- consuming ---------------------------------------------------------------
     def _claim(self, queues: Sequence[str], now: float, lease: float, limit: int, on_claim=None) -> list[Delivery]:
         qs = placeholders(len(queues))
@@ -173,56 +151,45 @@ class SQLiteBroker(Broker):
         """``handoff``: publishers of this process may hand messages over directly while
         this call runs (see ``_hand_over``); ``on_claim`` then runs in the publisher's
         transaction, and what was handed over is returned beside anything claimed."""
+        slot = None
+        if handoff and timeout > 0:
+            slot = _Slot(queues, limit, lease, on_claim)
+            IDLE.add(self.path, slot)
+        return self._reserve_with_slot(self.path, slot, lambda: self._reserve_loop(queues, timeout, lease, limit, on_claim, slot))
+
+    def _reserve_loop(self, queues: Sequence[str], timeout: float, lease: float, limit: int, on_claim, slot) -> list[Delivery]:
         deadline = time.monotonic() + max(0.0, timeout)
         interval = 0.001
-        slot = self._open_slot(queues, limit, lease, on_claim) if handoff and timeout > 0 else None
-        got: list[Delivery] = []
-        try:
-            while True:
-                version = WAKEUPS.version(self._wake_key)
-                now = self.clock.time()
-                quiet = self._quiet.get(threading.get_ident())
-                if (slot is not None and quiet is not None and quiet[0] == version and (quiet[1] is None or quiet[1] > now)
-                        and time.monotonic() - quiet[2] < self.poll_interval):
-                    # this thread found nothing, and nothing was published in this process
-                    # since (a hand-over does not count): wait before reading again, so a
-                    # worker fed by hand-overs does not query the file between tasks (other
-                    # processes' messages are still looked for every poll_interval)
-                    due = quiet[1]
-                else:
-                    got = self._claim(queues, now, lease, limit, on_claim)
-                    if got:
-                        self._quiet.pop(threading.get_ident(), None)
-                        break
-                    due = self.next_due(queues)
-                    if slot is not None:
-                        self._quiet[threading.get_ident()] = (version, due, time.monotonic())
-                if slot is not None and slot.taken:
-                    break
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                wait = min(remaining, interval)
-                if due is not None:
-                    wait = min(wait, max(0.0, due - now) + 0.0005)
-                started = time.monotonic()
-                if WAKEUPS.wait(self._wake_key, version, wait) == version and time.monotonic() - started < 0.9 * wait:
-                    continue        # poked for a hand-over (ours, or another reserver's): nothing new to read
-                self._quiet.pop(threading.get_ident(), None)
-                interval = min(interval * 2, self.poll_interval)
-        except BaseException:
-            if slot is not None:
-                for d in self._close_slot(slot):     # handed over as this call failed: back at once
-                    try:
-                        self.release(d)
-                    except Exception:
-                        pass                          # its lease brings it back
-                slot = None
-            raise
-        finally:
-            if slot is not None:
-                handed = self._close_slot(slot)
-        return got + handed if slot is not None and handed else got
+        while True:
+            version = WAKEUPS.version(self._wake_key)
+            now = self.clock.time()
+            quiet = self._quiet.get(threading.get_ident())
+            if (slot is not None and quiet is not None and quiet[0] == version and (quiet[1] is None or quiet[1] > now)
+                    and time.monotonic() - quiet[2] < self.poll_interval):
+                # this thread found nothing, and nothing was published in this process
+                # since (a hand-over does not count): wait before reading again, so a
+                # worker fed by hand-overs does not query the file between tasks (other
+                # processes' messages are still looked for every poll_interval)
+                due = quiet[1]
+            else:
+                got = self._claim(queues, now, lease, limit, on_claim)
+                if got:
+                    self._quiet.pop(threading.get_ident(), None)
+                    return got
+                due = self.next_due(queues)
+                if slot is not None:
+                    self._quiet[threading.get_ident()] = (version, due, time.monotonic())
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or slot is not None and slot.taken:
+                return []
+            wait = min(remaining, interval)
+            if due is not None:
+                wait = min(wait, max(0.0, due - now) + 0.0005)
+            started = time.monotonic()
+            if WAKEUPS.wait(self._wake_key, version, wait) == version and time.monotonic() - started < 0.9 * wait:
+                continue        # poked for a hand-over (ours, or another reserver's): nothing new to read
+            self._quiet.pop(threading.get_ident(), None)
+            interval = min(interval * 2, self.poll_interval)
 
     def _fenced(self, sql: str, params: tuple, delivery: Delivery) -> bool:
         seq, attempt = delivery.tag
