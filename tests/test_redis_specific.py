@@ -395,3 +395,62 @@ def test_a_large_send_hands_some_over_and_publishes_the_rest_in_chunks(redis_app
         assert [r.get(timeout=60) for r in results] == [2 * i for i in range(1200)]
     finally:
         worker.stop()
+
+
+# -- round trips --------------------------------------------------------------------------------
+
+def test_a_blocked_reserve_claims_in_the_same_round_trip_as_its_wait(store):
+    """The claim is pipelined behind the blocking pop: a message published while the
+    reserver waits comes back without a claim call of its own after the wait."""
+    url, options = store
+    consumer = RedisBroker(url, options={**options, "max_block": 10})
+    producer = RedisBroker(url, options=options)
+    claims = []
+    claim = consumer._claim
+    consumer._claim = lambda *a, **kw: claims.append(a) or claim(*a, **kw)
+    got = []
+    reserver = threading.Thread(target=lambda: got.extend(consumer.reserve(["q"], timeout=10)))
+    reserver.start()
+    time.sleep(0.1)
+    producer.publish(_out("q", "ping"))
+    reserver.join(5)
+    assert [d.message_id for d in got] == ["ping"]
+    assert len(claims) == 1         # the one before it blocked, which found the queue empty
+    consumer.close()
+    producer.close()
+
+
+def test_a_waiter_reads_the_record_in_the_round_trip_that_wakes_it(store):
+    url, options = store
+    waiter, worker = RedisBackend(url, options=options), RedisBackend(url, options=options)
+    waiter.create([{"id": "t", "name": "n"}])
+    reads = []
+    get_many = waiter.get_many
+    waiter.get_many = lambda ids: reads.append(ids) or get_many(ids)
+    got = []
+    blocker = threading.Thread(target=lambda: got.append(waiter.wait_record("t", timeout=10, since=waiter.wake_version())))
+    blocker.start()
+    time.sleep(0.1)
+    worker.store_result("t", states.SUCCESS, token=worker.begin("t"), result="1")
+    blocker.join(5)
+    assert got[0]["state"] == states.SUCCESS and got[0]["result"] == "1" and reads == []
+    assert waiter.wait_record("t", timeout=0)["result"] == "1"     # an old result: read at once
+
+
+def test_scripts_the_server_lost_are_loaded_again_and_no_task_runs_twice(redis_app):
+    """After SCRIPT FLUSH (as after a restart) a pipeline's scripts fail with NOSCRIPT;
+    each such command is run again once its script is loaded, and only those."""
+    app = redis_app
+    runs = []
+    app.register_task("double", lambda x: runs.append(x) or 2 * x)
+    worker = app.start_worker(concurrency=2)
+    try:
+        assert app.send_task(Signature("double", args=[1])).get(timeout=10) == 2
+        app.broker.client.script_flush()
+        results = app.send_many([Signature("double", args=[i]) for i in range(10)])
+        assert [r.get(timeout=10) for r in results] == [2 * i for i in range(10)]
+        app.broker.client.script_flush()
+        assert app.send_task(Signature("double", args=[5])).get(timeout=10) == 10
+    finally:
+        worker.stop()
+    assert sorted(runs) == sorted([1, *range(10), 5])

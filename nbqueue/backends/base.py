@@ -156,23 +156,24 @@ class ResultBackend:
         interval = 0.001
         ceiling = float(self.options.get("poll_interval", 0.1))
         with WAKEUPS.watching(self._wake_key, task_id) as woken:
-            read = since is None or WAKEUPS.version(self._wake_key) != since
-            while True:
-                if read:
-                    woken.clear()
-                    record = self.get(task_id)
-                    if record is not None and record["state"] in states.READY_STATES:
-                        return record
-                read = True
+            record = None
+            if since is None or WAKEUPS.version(self._wake_key) != since:
+                woken.clear()
+                record = self.get(task_id)
+            while record is None or record["state"] not in states.READY_STATES:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return None
-                self._block_one(task_id, woken, interval if remaining is None else min(interval, remaining))
+                record = self._block_then_get(task_id, woken, interval if remaining is None else min(interval, remaining))
                 interval = min(interval * 2, ceiling)
+            return record
 
-    def _block_one(self, task_id: str, woken: threading.Event, timeout: float) -> None:
-        """Wait for a notification naming ``task_id`` (stores with a push channel override)."""
+    def _block_then_get(self, task_id: str, woken: threading.Event, timeout: float) -> dict | None:
+        """Wait for a notification naming ``task_id``, then read its record (stores with
+        a push channel override this, to do both in one round trip)."""
         woken.wait(timeout)
+        woken.clear()
+        return self.get(task_id)
 
     def wake_version(self) -> int:
         """The in-process wake-up count (see ``wait_record``'s ``since``)."""

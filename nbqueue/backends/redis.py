@@ -33,7 +33,7 @@ from typing import Any, Sequence
 
 from .. import serialization, states
 from ..brokers.base import redact
-from ..brokers.redis import MIN_BLOCK, connect, guarded, key_prefix
+from ..brokers.redis import MIN_BLOCK, connect, guarded, key_prefix, pipeline
 from .base import FIELDS, ResultBackend, counts_from_states
 
 _INT_FIELDS = frozenset({"retries", "token"})
@@ -301,7 +301,7 @@ class RedisBackend(ResultBackend):
     def store_results(self, items: Sequence[tuple[str, str, int | None, dict]], client=None) -> list[bool]:
         """Final states of many tasks in one round trip (a pipeline of the set-state script);
         with ``client`` (a pipeline) the commands are only queued there."""
-        pipe = client or self.client.pipeline(transaction=False)
+        pipe = client or pipeline(self.client)
         for task_id, state, token, fields in items:
             fields = dict(fields)
             fields.setdefault("finished_at", self.clock.time())
@@ -329,21 +329,21 @@ class RedisBackend(ResultBackend):
 
     @guarded
     def get_many(self, ids: Sequence[str]) -> list[dict | None]:
-        pipe = self.client.pipeline(transaction=False)
+        pipe = pipeline(self.client)
         for task_id in ids:
             pipe.hgetall(self._rec(task_id))
-        now = self.clock.time()
-        out: list[dict | None] = []
-        for raw in pipe.execute():
-            rec = _record(raw)
-            if rec is not None and rec["expires_at"] is not None and rec["expires_at"] <= now:
-                rec = None
-            out.append(rec)
-        return out
+        return [self._live(raw) for raw in pipe.execute()]
+
+    def _live(self, raw: dict) -> dict | None:
+        """The record read as ``raw``, or None when there is none or it has expired."""
+        rec = _record(raw)
+        if rec is not None and rec["expires_at"] is not None and rec["expires_at"] <= self.clock.time():
+            return None
+        return rec
 
     @guarded
     def states_of(self, ids: Sequence[str]) -> dict[str, str]:
-        pipe = self.client.pipeline(transaction=False)
+        pipe = pipeline(self.client)
         for task_id in ids:
             pipe.hget(self._rec(task_id), "state")
         return {task_id: state for task_id, state in zip(ids, pipe.execute()) if state is not None}
@@ -354,8 +354,15 @@ class RedisBackend(ResultBackend):
         """Nothing to do: the set-state script pushes a token to a final task's done list,
         and waiters blocked on it wake at once."""
 
-    def _block_one(self, task_id: str, woken, timeout: float) -> None:
-        self._block([task_id], 0, timeout)
+    @guarded
+    def _block_then_get(self, task_id: str, woken, timeout: float) -> dict | None:
+        """Block on the task's done list and read its record in one round trip: Redis
+        runs the pipelined HGETALL as soon as the blocking pop returns."""
+        key = self._done_key(task_id)
+        pipe = pipeline(self.client)
+        pipe.brpoplpush(key, key, timeout=max(MIN_BLOCK, timeout))  # rotated in place: other waiters see it too
+        pipe.hgetall(self._rec(task_id))
+        return self._live(pipe.execute()[1])
 
     @guarded
     def _block(self, pending: Sequence[str], version: int, timeout: float) -> None:
@@ -376,7 +383,7 @@ class RedisBackend(ResultBackend):
             return
         key, token = popped
         # hand the token back for the task's other waiters; it expires on its own
-        pipe = self.client.pipeline(transaction=False)
+        pipe = pipeline(self.client)
         pipe.rpush(key, token)
         pipe.pexpire(key, DONE_TTL_MS)
         pipe.execute()
@@ -402,7 +409,7 @@ class RedisBackend(ResultBackend):
     @guarded
     def group_info(self, group_id: str) -> dict | None:
         group, members, done = self._group_keys(group_id)
-        pipe = self.client.pipeline(transaction=False)
+        pipe = pipeline(self.client)
         pipe.hmget(group, "total", "meta")
         pipe.hgetall(members)
         pipe.scard(done)
@@ -455,7 +462,7 @@ class RedisBackend(ResultBackend):
         ids = list(ids)
         if not ids:
             return 0
-        pipe = self.client.pipeline(transaction=False)
+        pipe = pipeline(self.client)
         pipe.delete(*[self._rec(i) for i in ids])
         pipe.zrem(self._index, *ids)
         pipe.zrem(self._expiring, *ids)
@@ -467,7 +474,7 @@ class RedisBackend(ResultBackend):
         """Remove records past ``expires_at`` (Redis usually dropped them already) and stale index entries."""
         now = self.clock.time() if now is None else now
         ids = self.client.zrangebyscore(self._expiring, "-inf", repr(now))
-        pipe = self.client.pipeline(transaction=False)
+        pipe = pipeline(self.client)
         if ids:
             pipe.delete(*[self._rec(i) for i in ids])
             pipe.zrem(self._index, *ids)
@@ -480,14 +487,14 @@ class RedisBackend(ResultBackend):
     @guarded
     def heartbeat(self, worker_id: str, info: dict, ttl: float) -> None:
         now = self.clock.time()
-        pipe = self.client.pipeline(transaction=False)
+        pipe = pipeline(self.client)
         pipe.set(f"{self.prefix}w:{worker_id}", serialization.dumps({**info, "last_seen": now}), px=max(1, math.ceil(ttl * 1000)))
         pipe.zadd(f"{self.prefix}workers", {worker_id: now + ttl})
         pipe.execute()
 
     @guarded
     def worker_gone(self, worker_id: str) -> None:
-        pipe = self.client.pipeline(transaction=False)
+        pipe = pipeline(self.client)
         pipe.delete(f"{self.prefix}w:{worker_id}")
         pipe.zrem(f"{self.prefix}workers", worker_id)
         pipe.execute()

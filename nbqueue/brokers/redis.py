@@ -132,6 +132,35 @@ def key_prefix(options: Mapping[str, Any]) -> str:
     return prefix if prefix.endswith(":") else prefix + ":"
 
 
+class ScriptPipeline(redis.client.Pipeline):
+    """A pipeline without a transaction whose scripts go out as EVALSHA at once.
+
+    redis-py's own pipeline asks SCRIPT EXISTS in a round trip of its own before every
+    execute that runs a script. This one assumes the server knows them; a command whose
+    script it has lost (a restart, SCRIPT FLUSH) is run again on its own once the script
+    is loaded. Commands of a pipeline are independent, so running that one late is safe.
+    """
+
+    def load_scripts(self) -> None:
+        pass
+
+    def execute(self, raise_on_error: bool = True) -> list:
+        stack, scripts = list(self.command_stack), {s.sha: s for s in self.scripts}
+        replies = super().execute(raise_on_error=False)
+        for i, reply in enumerate(replies):
+            if isinstance(reply, redis.exceptions.NoScriptError) and stack[i][0][1] in scripts:
+                _, sha, nkeys, *rest = stack[i][0]
+                replies[i] = scripts[sha](keys=rest[:int(nkeys)], args=rest[int(nkeys):])
+        if raise_on_error:
+            self.raise_first_error(stack, replies)
+        return replies
+
+
+def pipeline(client: redis.Redis) -> ScriptPipeline:
+    """A ``ScriptPipeline`` on ``client`` (a Redis or FakeRedis)."""
+    return ScriptPipeline(client.connection_pool, client.response_callbacks, False, None)
+
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -409,7 +438,7 @@ class RedisBroker(Broker):
             return
         slot, mine = IDLE.take(self._idle_key, outs, self.clock.time()) if IDLE.any(self._idle_key) else (None, [])
         try:
-            pipe = self.client.pipeline(transaction=False)
+            pipe = pipeline(self.client)
             backend.create(records, client=pipe)      # records first: a fast worker's result is never overwritten
             if slot is not None:
                 taken = {o.id for o in mine}
@@ -457,7 +486,7 @@ class RedisBroker(Broker):
 
     @guarded
     def ack_many(self, deliveries: Sequence[Delivery], client=None) -> list[bool]:
-        pipe = client or self.client.pipeline(transaction=False)
+        pipe = client or pipeline(self.client)
         for d in deliveries:
             self._settle(args=[self.prefix, d.message_id, str(d.tag), "ack", repr(self.clock.time())], client=pipe)
         return [] if client is not None else [reply == 1 for reply in pipe.execute()]
@@ -472,7 +501,7 @@ class RedisBroker(Broker):
         """One pipeline: the results first, then the acks (Redis runs them in that order)."""
         if not self._shares_server(backend):
             return super().store_and_ack(backend, items, deliveries)
-        pipe = self.client.pipeline(transaction=False)
+        pipe = pipeline(self.client)
         backend.store_results(items, client=pipe)
         self.ack_many(deliveries, client=pipe)
         replies = pipe.execute()
@@ -501,6 +530,7 @@ class RedisBroker(Broker):
         deadline = time.monotonic() + max(0.0, timeout)
         # (queues, next due) while this thread knows its queues hold nothing ready
         empty = self._drained.__dict__.pop("last", None)
+        claimed = False     # the last wait claimed as soon as it woke (see _sleep_then_claim)
         first = True
         while True:
             now = self.clock.time()
@@ -508,9 +538,10 @@ class RedisBroker(Broker):
                 if empty is not None:
                     self._drained.last = empty      # a hand-over leaves the queues as they were
                 return []
-            if first and empty is not None and empty[0] == tuple(queues) and (empty[1] is None or empty[1] > now):
-                # this thread's last claim emptied its queues: anything published since has
-                # pushed a signal token, so block on the signal lists before claiming again
+            if (claimed or (first and empty is not None and empty[0] == tuple(queues))) and (empty[1] is None or empty[1] > now):
+                # this thread's last claim emptied its queues and nothing delayed is due:
+                # anything published since has pushed a signal token, so block on the
+                # signal lists before claiming again
                 next_due = empty[1]
             else:
                 deliveries, next_due, more = self._claim(queues, now, lease, limit, begin_for)
@@ -526,18 +557,23 @@ class RedisBroker(Broker):
             wait = min(remaining, self.max_block)
             if next_due is not None:
                 wait = min(wait, max(0.0, next_due - now) + 0.001)
-            if self._sleep(queues, wait, slot.key if slot is not None else None):
-                return []
+            woken, (deliveries, next_due, more) = self._sleep_then_claim(queues, wait, slot, now, lease, limit, begin_for)
+            if deliveries or woken:
+                if deliveries and not more:
+                    self._drained.last = (tuple(queues), next_due)
+                return deliveries
+            empty, claimed = (tuple(queues), next_due), True
 
-    def _claim(self, queues: list[str], now: float, lease: float, limit: int, begin_for: tuple | None = None) -> tuple[list[Delivery], float | None, bool]:
-        """Run the reserve script once: the deliveries claimed, the next due time when no
-        ready message is left, and whether any is."""
-        lease_until = now + lease
+    def _claim_args(self, queues: list[str], now: float, lease: float, limit: int, begin_for: tuple | None) -> list:
         rec_prefix = index = worker = ""
         if begin_for is not None:
             backend, worker = begin_for
             rec_prefix, index = backend._rec(""), backend._index
-        reply = self._reserve(args=[self.prefix, repr(now), repr(lease_until), max(1, int(limit)), self.batch, rec_prefix, index, worker, *queues])
+        return [self.prefix, repr(now), repr(now + lease), max(1, int(limit)), self.batch, rec_prefix, index, worker, *queues]
+
+    def _parse_claim(self, reply: list, lease_until: float) -> tuple[list[Delivery], float | None, bool]:
+        """The reserve script's reply: the deliveries claimed, the next due time when no
+        ready message is left, and whether any is."""
         next_due = float(reply[0]) if reply[0] != "" else None
         deliveries = [
             Delivery(message_id=mid, queue=q, body=body, attempt=int(attempt), lease_until=lease_until, tag=int(attempt), priority=int(prio or 0),
@@ -546,17 +582,28 @@ class RedisBroker(Broker):
         ]
         return deliveries, next_due, reply[1] == "1"
 
-    def _sleep(self, queues: list[str], wait: float, slot_key: str | None = None) -> bool:
-        """Block until a publish signal, a wake(), a hand-over or ``wait`` seconds; True when woken by wake()."""
+    def _claim(self, queues: list[str], now: float, lease: float, limit: int, begin_for: tuple | None = None) -> tuple[list[Delivery], float | None, bool]:
+        """Run the reserve script once (see ``_parse_claim``)."""
+        return self._parse_claim(self._reserve(args=self._claim_args(queues, now, lease, limit, begin_for)), now + lease)
+
+    def _sleep_then_claim(self, queues: list[str], wait: float, slot, now: float, lease: float, limit: int,
+                          begin_for: tuple | None) -> tuple[bool, tuple[list[Delivery], float | None, bool]]:
+        """Block until a publish signal, a wake(), a hand-over or ``wait`` seconds, then claim:
+        one round trip, as Redis runs the pipelined reserve script the moment the blocking
+        pop returns. The claim uses the time from before the wait, so nothing delayed is
+        moved early and the lease only gets shorter. Returns (woken by wake(), claim)."""
+        keys = [self._wake_key] + [self._key(q, "signal") for q in queues] + ([slot.key] if slot is not None else [])
+        pipe = pipeline(self.client)
+        pipe.blpop(keys, timeout=max(MIN_BLOCK, wait))
+        self._reserve(args=self._claim_args(queues, now, lease, limit, begin_for), client=pipe)
         with self._lock:
             self._waiting += 1
         try:
-            keys = [self._wake_key] + [self._key(q, "signal") for q in queues] + ([slot_key] if slot_key else [])
-            popped = self.client.blpop(keys, timeout=max(MIN_BLOCK, wait))
+            popped, reply = pipe.execute()
         finally:
             with self._lock:
                 self._waiting -= 1
-        return bool(popped) and popped[0] == self._wake_key
+        return bool(popped) and popped[0] == self._wake_key, self._parse_claim(reply, now + lease)
 
     def _settle_op(self, delivery: Delivery, op: str, *extra: Any) -> bool:
         args = [self.prefix, delivery.message_id, str(delivery.tag), op, repr(self.clock.time()), *extra]
@@ -600,7 +647,7 @@ class RedisBroker(Broker):
     def stats(self) -> list[dict]:
         queues = self._queues()
         now = repr(self.clock.time())
-        pipe = self.client.pipeline(transaction=False)
+        pipe = pipeline(self.client)
         for q in queues:
             pipe.zcard(self._key(q, "ready"))
             pipe.zcount(self._key(q, "delayed"), "-inf", now)
@@ -619,7 +666,7 @@ class RedisBroker(Broker):
         out: list[dict] = []
         for q in ([queue] if queue is not None else self._queues()) if limit > 0 else []:
             ids = self.client.zrange(self._key(q, "dead"), 0, limit - len(out) - 1)
-            pipe = self.client.pipeline(transaction=False)
+            pipe = pipeline(self.client)
             for mid in ids:
                 pipe.hmget(f"{self.prefix}msg:{mid}", "reason", "body")
             for mid, (reason, body) in zip(ids, pipe.execute()):
@@ -635,7 +682,7 @@ class RedisBroker(Broker):
         if not waiting:
             return
         try:
-            pipe = self.client.pipeline(transaction=False)
+            pipe = pipeline(self.client)
             pipe.lpush(self._wake_key, *["1"] * waiting)
             pipe.pexpire(self._wake_key, SIGNAL_TTL_MS)
             pipe.execute()
