@@ -188,3 +188,45 @@ def test_a_batch_claimed_in_the_last_commit_is_handed_back_when_the_worker_stops
     app.start_worker(concurrency=2)
     assert [r.get(timeout=20) for r in results] == list(range(40))
 
+
+
+# -- query plans -----------------------------------------------------------------------------------
+
+def test_no_statement_of_a_task_s_life_scans_a_whole_table(tmp_path):
+    """Sending, claiming, running, acknowledging and waiting, for single tasks, retries,
+    a chain and a chord: every statement finds its rows through an index, so a deep
+    queue or a long history does not slow each task down."""
+    app = nbqueue.App(f"sqlite:///{tmp_path / 'plans.db'}", default_queue="q")
+    app.register_task("add", lambda x, y: x + y)
+    app.register_task("total", lambda values: sum(values))
+    flaky_runs = []
+
+    @app.task(name="flaky")
+    def flaky():
+        flaky_runs.append(1)
+        if len(flaky_runs) < 2:
+            raise ValueError("first time")
+        return "ok"
+
+    statements: list[str] = []
+    app.broker.store.conn.set_trace_callback(statements.append)
+    worker = app.start_worker(concurrency=2)
+    try:
+        assert [r.get(timeout=10) for r in app.send_many([Signature("add", args=[i, i]) for i in range(20)])] == [2 * i for i in range(20)]
+        assert app.send_task(Signature("flaky", retry_count=1)).get(timeout=30) == "ok"
+        assert app.send_chain(nbqueue.chain(Signature("add", args=[1, 1]), Signature("add", args=[2]))).get(timeout=10) == 4
+        chord = nbqueue.chord(nbqueue.group(*[Signature("add", args=[i, 0]) for i in range(10)]), Signature("total"))
+        assert app.send_chord(chord).get(timeout=10) == 45
+    finally:
+        worker.stop()
+        app.broker.store.conn.set_trace_callback(None)
+    plans = {}
+    for sql in set(statements):
+        if sql.lstrip().split(None, 1)[0].upper() in ("SELECT", "UPDATE", "DELETE", "INSERT", "WITH"):
+            plans[sql] = [row[3] for row in app.broker.store.read("EXPLAIN QUERY PLAN " + sql)]
+    assert plans
+    scans = {sql: plan for sql, plan in plans.items()
+             if any(step.startswith("SCAN") and "CONSTANT" not in step for step in plan)}
+    # expiry sweeps of the small key-value table are the only full passes on the way
+    scans = {sql: plan for sql, plan in scans.items() if "FROM nbq_kv WHERE expires" not in sql}
+    assert scans == {}

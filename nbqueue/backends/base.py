@@ -116,10 +116,13 @@ class ResultBackend:
 
         Waits on a per-process wake-up and polls the store with back-off; stores with
         a push channel override ``_block``. Many ids are checked in order a slice at a
-        time, so a wake-up costs one small query, not one over every id.
+        time, so a wake-up costs one small query, not one over every id. While tasks keep
+        finishing (workers in other processes draining them) the back-off starts over, so
+        the last one is noticed within milliseconds, not a whole ``poll_interval``.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         pending = list(ids)
+        left = len(pending)
         interval = 0.001
         ceiling = float(self.options.get("poll_interval", 0.1))
         while True:
@@ -136,6 +139,9 @@ class ResultBackend:
                     break
             if not pending:
                 return True
+            if len(pending) < left:
+                interval = 0.001        # progress: look again soon
+            left = len(pending)
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return False

@@ -204,9 +204,11 @@ class SQLiteBroker(Broker):
             for start in range(0, len(deliveries), 400):
                 chunk = deliveries[start:start + 400]
                 pairs = ", ".join(["(?, ?)"] * len(chunk))
-                params = [x for d in chunk for x in d.tag]
+                params = [d.tag[0] for d in chunk] + [x for d in chunk for x in d.tag]
+                # ``seq IN`` finds the rows by primary key; the row values alone would scan the table
                 acked.update(seq for (seq,) in conn.execute(
-                    f"DELETE FROM nbq_messages WHERE state = 1 AND (seq, attempt) IN (VALUES {pairs}) RETURNING seq", params))
+                    f"DELETE FROM nbq_messages WHERE seq IN ({placeholders(len(chunk))}) AND state = 1 AND (seq, attempt) IN (VALUES {pairs}) RETURNING seq",
+                    params))
         return [d.tag[0] in acked for d in deliveries]
 
     def retry(self, delivery: Delivery, *, body: str | None = None, eta: float | None = None) -> bool:
