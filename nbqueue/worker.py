@@ -494,8 +494,7 @@ class Worker:
             deliveries = broker.reserve(self.queues, timeout=timeout, lease=self.lease, limit=limit, on_claim=on_claim,
                                         handoff=self.group_commit and not self._stopping.is_set())
         elif self.begins_on_claim:
-            deliveries = broker.reserve(self.queues, timeout=timeout, lease=self.lease, limit=limit, begin_for=(self.app.backend, self.name),
-                                        handoff=not self._stopping.is_set())
+            deliveries = broker.reserve(self.queues, timeout=timeout, lease=self.lease, limit=limit, begin_for=(self.app.backend, self.name))
             if deliveries:
                 prepared.append(self._prepare(deliveries, begun=True))
         else:

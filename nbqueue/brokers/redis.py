@@ -50,7 +50,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from ..errors import ConnectionLost
-from .base import IDLE, Broker, Delivery, Outgoing, Slot, queue_list, redact
+from .base import Broker, Delivery, Outgoing, queue_list, redact
 
 if TYPE_CHECKING:
     import fakeredis
@@ -239,17 +239,17 @@ local function begin(id, q)
 end
 """
 
-# ARGV: prefix, now, lease deadline, record key prefix or '', results index, worker, slot key
-# or '', then (id, queue, priority, body) per message. Publishes messages already reserved by
-# an idle reserver of the publishing process (or by the worker publishing its own follow-ups) (attempt 1, in flight until the deadline, so a
-# dead reserver's lease brings them back), begins their records and wakes the reserver.
-# Returns one token per message ('-' for an id already known: not handed over).
-_HAND_OVER = _LUA_COMMON + """
+# ARGV: prefix, now, lease deadline, record key prefix or '', results index, worker, then
+# (id, queue, priority, body) per message. Publishes messages already reserved by the
+# worker publishing its own follow-ups (attempt 1, in flight until the deadline, so a dead
+# worker's lease brings them back) and begins their records. Returns one token per
+# message ('-' for an id already known: not published).
+_PUBLISH_RESERVED = _LUA_COMMON + """
 local now, deadline = ARGV[2], ARGV[3]
-local rec_prefix, index, worker, slot = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+local rec_prefix, index, worker = ARGV[4], ARGV[5], ARGV[6]
 """ + _LUA_BEGIN + """
 local out = {}
-for i = 8, #ARGV, 4 do
+for i = 7, #ARGV, 4 do
   local id, q, prio, body = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   if redis.call('EXISTS', mkey(id)) == 0 then
     redis.call('HSET', mkey(id), 'queue', q, 'body', body, 'priority', prio, 'attempt', 1)
@@ -259,10 +259,6 @@ for i = 8, #ARGV, 4 do
   else
     out[#out + 1] = '-'
   end
-end
-if slot ~= '' then
-  redis.call('LPUSH', slot, '1')
-  redis.call('PEXPIRE', slot, 60000)
 end
 return out
 """
@@ -383,17 +379,6 @@ return n
 """
 
 
-class _Slot(Slot):
-    """An idle reserver that the hand-over script begins tasks for (in ``backend``, as
-    ``worker``) and wakes by pushing to its own list ``key``."""
-
-    def __init__(self, queues, limit: int, lease: float, backend, worker: str, key: str) -> None:
-        super().__init__(queues, limit, lease)
-        self.backend = backend
-        self.worker = worker
-        self.key = key
-
-
 class RedisBroker(Broker):
     scheme = "redis"
     supports_priority = True
@@ -407,8 +392,7 @@ class RedisBroker(Broker):
         self.batch = int(self.options.get("batch", 1000))
         self.client = connect(url, self.options)
         self._publish = self.client.register_script(_PUBLISH)
-        self._hand_over_script = self.client.register_script(_HAND_OVER)
-        self._idle_key = (self.url, self.prefix)
+        self._publish_reserved = self.client.register_script(_PUBLISH_RESERVED)
         self._reserve = self.client.register_script(_RESERVE)
         self._settle = self.client.register_script(_SETTLE)
         self._purge = self.client.register_script(_PURGE)
@@ -436,45 +420,10 @@ class RedisBroker(Broker):
         if not self._shares_server(backend):
             super().publish_recorded(backend, records, outs)
             return
-        slot, mine = IDLE.take(self._idle_key, outs, self.clock.time()) if IDLE.any(self._idle_key) else (None, [])
-        try:
-            pipe = pipeline(self.client)
-            backend.create(records, client=pipe)      # records first: a fast worker's result is never overwritten
-            if slot is not None:
-                taken = {o.id for o in mine}
-                outs = [o for o in outs if o.id not in taken]
-                at = len(pipe.command_stack)
-                self._hand_over(mine, slot.lease, (slot.backend, slot.worker), slot.key, pipe)
-            if outs:
-                self.publish_many(outs, client=pipe)
-            replies = pipe.execute()
-            if slot is not None:
-                slot.deliveries = self._reserved(mine, replies[at], slot.lease)
-        finally:
-            if slot is not None:
-                slot.settled.set()
-
-    # -- hand-over to an idle reserver of this process ------------------------------
-    def _hand_over(self, outs: Sequence[Outgoing], lease: float, begin_for: tuple | None, slot_key: str, client=None):
-        """Run (or queue on ``client``) the hand-over script: ``outs`` published already
-        reserved, begun in ``begin_for``'s records, and the reserver woken on ``slot_key``."""
-        now = self.clock.time()
-        rec_prefix = index = worker = ""
-        if begin_for is not None:
-            backend, worker = begin_for
-            rec_prefix, index = backend._rec(""), backend._index
-        args: list[Any] = [self.prefix, repr(now), repr(now + lease), rec_prefix, index, worker, slot_key]
-        for o in outs:
-            args += [o.id, o.queue, min(9, max(0, int(o.priority))), o.body]
-        return self._hand_over_script(args=args, client=client)
-
-    def _reserved(self, outs: Sequence[Outgoing], tokens: list, lease: float) -> list[Delivery]:
-        lease_until = self.clock.time() + lease
-        return [
-            Delivery(message_id=o.id, queue=o.queue, body=o.body, attempt=1, lease_until=lease_until, tag=1, priority=o.priority,
-                     token=(int(token) or None) if token != "" else None, message=o.message)
-            for o, token in zip(outs, tokens) if token != "-"
-        ]
+        pipe = pipeline(self.client)
+        backend.create(records, client=pipe)      # records first: a fast worker's result is never overwritten
+        self.publish_many(outs, client=pipe)
+        pipe.execute()
 
     @guarded
     def publish_reserved(self, outs: Sequence[Outgoing], *, lease: float, begin_for: tuple | None = None) -> list[Delivery]:
@@ -482,7 +431,20 @@ class RedisBroker(Broker):
         the next step of a chain), begun in ``begin_for``'s records in the same call. They
         are ordinary messages with a lease: if the caller dies they are delivered again.
         Ids already present are left alone and not returned."""
-        return self._reserved(outs, self._hand_over(outs, lease, begin_for, ""), lease)
+        now = self.clock.time()
+        rec_prefix = index = worker = ""
+        if begin_for is not None:
+            backend, worker = begin_for
+            rec_prefix, index = backend._rec(""), backend._index
+        args: list[Any] = [self.prefix, repr(now), repr(now + lease), rec_prefix, index, worker]
+        for o in outs:
+            args += [o.id, o.queue, min(9, max(0, int(o.priority))), o.body]
+        tokens = self._publish_reserved(args=args)
+        return [
+            Delivery(message_id=o.id, queue=o.queue, body=o.body, attempt=1, lease_until=now + lease, tag=1, priority=o.priority,
+                     token=(int(token) or None) if token != "" else None, message=o.message)
+            for o, token in zip(outs, tokens) if token != "-"
+        ]
 
     @guarded
     def ack_many(self, deliveries: Sequence[Delivery], client=None) -> list[bool]:
@@ -514,19 +476,10 @@ class RedisBroker(Broker):
 
     @guarded
     def reserve(self, queues: Sequence[str], *, timeout: float = 0.0, lease: float = 30.0, limit: int = 1,
-                begin_for: tuple | None = None, handoff: bool = False) -> list[Delivery]:
+                begin_for: tuple | None = None) -> list[Delivery]:
         """``begin_for=(backend, worker)``: also begin the records (see ``begins_on_claim``);
-        each delivery's ``token`` is then its fencing token (None where the record is final).
-        ``handoff`` (with ``begin_for``): while this call waits, a sender of this process may
-        hand it messages directly (see ``_hand_over``)."""
+        each delivery's ``token`` is then its fencing token (None where the record is final)."""
         queues = queue_list(queues)
-        slot = None
-        if handoff and begin_for is not None and timeout > 0:
-            slot = _Slot(queues, max(1, int(limit)), lease, begin_for[0], begin_for[1], f"{self.prefix}slot:{uuid.uuid4().hex}")
-            IDLE.add(self._idle_key, slot)
-        return self._reserve_with_slot(self._idle_key, slot, lambda: self._reserve_loop(queues, timeout, lease, limit, begin_for, slot))
-
-    def _reserve_loop(self, queues: list[str], timeout: float, lease: float, limit: int, begin_for, slot) -> list[Delivery]:
         deadline = time.monotonic() + max(0.0, timeout)
         # (queues, next due) while this thread knows its queues hold nothing ready
         empty = self._drained.__dict__.pop("last", None)
@@ -534,10 +487,6 @@ class RedisBroker(Broker):
         first = True
         while True:
             now = self.clock.time()
-            if slot is not None and slot.taken:
-                if empty is not None:
-                    self._drained.last = empty      # a hand-over leaves the queues as they were
-                return []
             if (claimed or (first and empty is not None and empty[0] == tuple(queues))) and (empty[1] is None or empty[1] > now):
                 # this thread's last claim emptied its queues and nothing delayed is due:
                 # anything published since has pushed a signal token, so block on the
@@ -557,7 +506,7 @@ class RedisBroker(Broker):
             wait = min(remaining, self.max_block)
             if next_due is not None:
                 wait = min(wait, max(0.0, next_due - now) + 0.001)
-            woken, (deliveries, next_due, more) = self._sleep_then_claim(queues, wait, slot, now, lease, limit, begin_for)
+            woken, (deliveries, next_due, more) = self._sleep_then_claim(queues, wait, now, lease, limit, begin_for)
             if deliveries or woken:
                 if deliveries and not more:
                     self._drained.last = (tuple(queues), next_due)
@@ -586,13 +535,13 @@ class RedisBroker(Broker):
         """Run the reserve script once (see ``_parse_claim``)."""
         return self._parse_claim(self._reserve(args=self._claim_args(queues, now, lease, limit, begin_for)), now + lease)
 
-    def _sleep_then_claim(self, queues: list[str], wait: float, slot, now: float, lease: float, limit: int,
+    def _sleep_then_claim(self, queues: list[str], wait: float, now: float, lease: float, limit: int,
                           begin_for: tuple | None) -> tuple[bool, tuple[list[Delivery], float | None, bool]]:
-        """Block until a publish signal, a wake(), a hand-over or ``wait`` seconds, then claim:
+        """Block until a publish signal, a wake() or ``wait`` seconds, then claim:
         one round trip, as Redis runs the pipelined reserve script the moment the blocking
         pop returns. The claim uses the time from before the wait, so nothing delayed is
         moved early and the lease only gets shorter. Returns (woken by wake(), claim)."""
-        keys = [self._wake_key] + [self._key(q, "signal") for q in queues] + ([slot.key] if slot is not None else [])
+        keys = [self._wake_key] + [self._key(q, "signal") for q in queues]
         pipe = pipeline(self.client)
         pipe.blpop(keys, timeout=max(MIN_BLOCK, wait))
         self._reserve(args=self._claim_args(queues, now, lease, limit, begin_for), client=pipe)
