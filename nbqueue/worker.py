@@ -66,6 +66,7 @@ class _Batch:
         self.local = local
         self.ops: list = []         # (step, delivery)
         self.plain: list = []       # successes nothing follows: (delivery, id, token, fields)
+        self.acks: list = []        # deliveries whose finish is done, acknowledged at the next flush (see ack)
         self.first = 0.0            # when the oldest pending step was added
         self.lock = threading.Lock()
         # one flush at a time: the executor's last flush must see follow-ups a heartbeat
@@ -84,14 +85,27 @@ class _Batch:
 
     def add_plain(self, delivery: Delivery, task_id: str, token: int, fields: dict) -> None:
         with self.lock:
-            if not self.ops and not self.plain:
+            if not self.ops and not self.plain and not self.acks:
                 self.first = time.monotonic()
             self.plain.append((delivery, task_id, token, fields))
+
+    def ack(self, delivery: Delivery) -> None:
+        """Acknowledge a delivery whose finish (result, follow-ups) is done. Inside a group
+        commit at once; otherwise with the batch's next flush, in the round trip that stores
+        the plain results (a worker dying first only means a redelivery, which finds the
+        task final and repeats nothing but its follow-ups, as for any redelivery)."""
+        if self.grouped:
+            self.app.broker.ack(delivery)
+            return
+        with self.lock:
+            if not self.ops and not self.plain and not self.acks:
+                self.first = time.monotonic()
+            self.acks.append(delivery)
 
     def waiting(self) -> float:
         """Seconds the oldest pending step has waited (0 when none)."""
         with self.lock:
-            return time.monotonic() - self.first if (self.ops or self.plain) else 0.0
+            return time.monotonic() - self.first if (self.ops or self.plain or self.acks) else 0.0
 
     def flush(self, claim_next: bool = False) -> None:
         """Commit what is pending; safe from the executor and the heartbeat thread alike.
@@ -106,7 +120,8 @@ class _Batch:
         with self.lock:
             ops, self.ops = self.ops, []
             plain, self.plain = self.plain, []
-        if not ops and not plain:
+            acks, self.acks = self.acks, []
+        if not ops and not plain and not acks:
             return
         reset = workflow._local_taker.set(self.taker)
         try:
@@ -115,8 +130,8 @@ class _Batch:
                 with self.app.transaction():
                     for op, _ in ops:
                         op()
-                    if plain:
-                        self._finish_plain(plain)
+                    if plain or acks:
+                        self._finish_plain(plain, acks)
                     if claim_next and not self.local:
                         claimed = self.worker._claim_now()
                 if claimed:
@@ -128,12 +143,12 @@ class _Batch:
                 self._forget_local()
             for op, delivery in ops:
                 self._run_alone(op, delivery)
-            if plain:
+            if plain or acks:
                 try:
                     with self.app.transaction():
-                        self._finish_plain(plain)
+                        self._finish_plain(plain, acks)
                 except Exception:
-                    log.exception("worker %s: storing %d result(s) failed; their messages will be redelivered", self.worker.name, len(plain))
+                    log.exception("worker %s: storing %d result(s) failed; their messages will be redelivered", self.worker.name, len(plain) + len(acks))
         finally:
             workflow._local_taker.reset(reset)
 
@@ -168,10 +183,11 @@ class _Batch:
         finally:
             workflow._local_taker.reset(reset)
 
-    def _finish_plain(self, plain: list) -> None:
-        """Store the results, then acknowledge: two round trips for the lot."""
+    def _finish_plain(self, plain: list, acks: list = ()) -> None:
+        """Store the results, then acknowledge them and ``acks`` (finished already): one
+        round trip for the lot where the store allows."""
         items = [(task_id, states.SUCCESS, token, fields) for _, task_id, token, fields in plain]
-        stored = self.app.broker.store_and_ack(self.app.backend, items, [d for d, _, _, _ in plain])
+        stored = self.app.broker.store_and_ack(self.app.backend, items, [d for d, _, _, _ in plain] + list(acks))
         self.worker.processed += sum(stored)
 
 
@@ -542,7 +558,7 @@ class Worker:
         task = app.registry.get(name)
         if task is None and message.get("ignore_when_not_registered"):
             log.warning("dropping task %s (%s): not registered on this worker and ignore_when_not_registered is set", name, task_id)
-            batch.add(lambda: app.broker.ack(delivery), delivery)
+            batch.add(lambda: batch.ack(delivery), delivery)
             return
         if token is _MISSING:
             token = app.backend.begin(task_id, worker=self.name, fields={"retries": message.get("retries", 0), "name": name, "queue": delivery.queue})
@@ -550,7 +566,7 @@ class Worker:
             # already final: an earlier attempt stored it (or it was revoked); repeat its follow-ups
             def settle() -> None:
                 workflow.after_final(app, message, app.backend.get(task_id) or {})
-                app.broker.ack(delivery)
+                batch.ack(delivery)
 
             batch.add(settle, delivery)
             return
@@ -562,7 +578,7 @@ class Worker:
                 if app.backend.set_state(task_id, states.PENDING, token=token):
                     app.broker.retry(delivery, eta=app.clock.time() + 1.0)
                 else:
-                    app.broker.ack(delivery)
+                    batch.ack(delivery)
 
             batch.add(hand_back, delivery)
             return
@@ -622,7 +638,7 @@ class Worker:
             if app.backend.store_result(task_id, states.SUCCESS, token=token, **fields):
                 self.processed += 1
                 workflow.on_success(app, message, result_text)
-            app.broker.ack(delivery)
+            batch.ack(delivery)
 
         batch.add(finish, delivery)
 
@@ -645,7 +661,7 @@ class Worker:
                 app.broker.retry(delivery, body=encode_body(message), eta=eta)
                 log.info("task %s (%s) will retry in %.1fs: %s", message["name"], message["id"], delay, reason)
             else:  # revoked or taken over meanwhile
-                app.broker.ack(delivery)
+                batch.ack(delivery)
 
         batch.add(finish, delivery)
 
@@ -660,7 +676,7 @@ class Worker:
                                         traceback=tb, output=output or None, retries=message.get("retries", 0), **extra):
                 self.failed += 1
                 workflow.on_failure(app, message, exc_type, error)
-            app.broker.ack(delivery)
+            batch.ack(delivery)
 
         batch.add(finish, delivery)
 

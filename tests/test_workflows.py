@@ -124,6 +124,29 @@ def step_one(app, worker) -> None:
     worker.process(reserve(app, 1)[0])
 
 
+def lose_first_ack(app, monkeypatch) -> list:
+    """Drop the first acknowledgement the worker sends, alone or in a batch, as if its
+    worker died right before it; returns the deliveries whose ack was lost."""
+    skipped: list = []
+    real_ack, real_ack_many = app.broker.ack, app.broker.ack_many
+
+    def ack(d):
+        if not skipped:
+            skipped.append(d)
+            return False
+        return real_ack(d)
+
+    def ack_many(deliveries, **kwargs):
+        deliveries = list(deliveries)
+        if not skipped and deliveries:
+            skipped.append(deliveries.pop(0))
+        return real_ack_many(deliveries, **kwargs)
+
+    monkeypatch.setattr(app.broker, "ack", ack)
+    monkeypatch.setattr(app.broker, "ack_many", ack_many)
+    return skipped
+
+
 def backend_calls(app, monkeypatch) -> list:
     """Record every call made on the App's result backend's public methods from outside it."""
     made: list = []
@@ -312,8 +335,7 @@ def test_chain_step_delivered_twice_starts_the_next_step_once(app, monkeypatch):
     res = app.send(chain(t.add.s(1, 1), t.add.s(10), t.mul.s(3)))
     worker = app.worker(local_follow_ups=False)
     (first,) = reserve(app, 1)
-    real_ack, skipped = app.broker.ack, []
-    monkeypatch.setattr(app.broker, "ack", lambda d: skipped.append(d) if not skipped else real_ack(d))
+    skipped = lose_first_ack(app, monkeypatch)
     worker.process(first)                                 # result stored, next step published, ack lost
     assert skipped == [first] and app.broker.release(first)
     delivered = []
@@ -384,8 +406,7 @@ def test_chord_callback_runs_once_when_a_member_is_delivered_twice(app, monkeypa
     for d in deliveries[:2]:
         worker.process(d)
     # the last member's worker stores its result and publishes the callback, then dies before its ack
-    real_ack, skipped = app.broker.ack, []
-    monkeypatch.setattr(app.broker, "ack", lambda d: skipped.append(d) if not skipped else real_ack(d))
+    skipped = lose_first_ack(app, monkeypatch)
     worker.process(deliveries[2])
     assert skipped == [deliveries[2]] and res.header.ready()
     if callback_first:
