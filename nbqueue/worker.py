@@ -67,6 +67,7 @@ class _Batch:
         self.ops: list = []         # (step, delivery)
         self.plain: list = []       # successes nothing follows: (delivery, id, token, fields)
         self.acks: list = []        # deliveries whose finish is done, acknowledged at the next flush (see ack)
+        self.members: list = []     # group members nothing else follows: (delivery, id, token, fields, message, cont)
         self.first = 0.0            # when the oldest pending step was added
         self.lock = threading.Lock()
         # one flush at a time: the executor's last flush must see follow-ups a heartbeat
@@ -83,11 +84,23 @@ class _Batch:
                 self.first = time.monotonic()
             self.ops.append((op, delivery))
 
+    def _pending(self) -> bool:
+        return bool(self.ops or self.plain or self.acks or self.members)
+
     def add_plain(self, delivery: Delivery, task_id: str, token: int, fields: dict) -> None:
         with self.lock:
-            if not self.ops and not self.plain and not self.acks:
+            if not self._pending():
                 self.first = time.monotonic()
             self.plain.append((delivery, task_id, token, fields))
+
+    def add_member(self, delivery: Delivery, task_id: str, token: int, fields: dict, message: dict, cont: dict) -> None:
+        """A successful group member nothing else follows (``workflow.lone_member``): stored
+        and counted with the plain results in one round trip, acknowledged once its advance
+        (the group's completion, for the last one) is done."""
+        with self.lock:
+            if not self._pending():
+                self.first = time.monotonic()
+            self.members.append((delivery, task_id, token, fields, message, cont))
 
     def ack(self, delivery: Delivery) -> None:
         """Acknowledge a delivery whose finish (result, follow-ups) is done. Inside a group
@@ -98,14 +111,14 @@ class _Batch:
             self.app.broker.ack(delivery)
             return
         with self.lock:
-            if not self.ops and not self.plain and not self.acks:
+            if not self._pending():
                 self.first = time.monotonic()
             self.acks.append(delivery)
 
     def waiting(self) -> float:
         """Seconds the oldest pending step has waited (0 when none)."""
         with self.lock:
-            return time.monotonic() - self.first if (self.ops or self.plain or self.acks) else 0.0
+            return time.monotonic() - self.first if self._pending() else 0.0
 
     def flush(self, claim_next: bool = False) -> None:
         """Commit what is pending; safe from the executor and the heartbeat thread alike.
@@ -121,7 +134,8 @@ class _Batch:
             ops, self.ops = self.ops, []
             plain, self.plain = self.plain, []
             acks, self.acks = self.acks, []
-        if not ops and not plain and not acks:
+            members, self.members = self.members, []
+        if not ops and not plain and not acks and not members:
             return
         reset = workflow._local_taker.set(self.taker)
         try:
@@ -130,8 +144,8 @@ class _Batch:
                 with self.app.transaction():
                     for op, _ in ops:
                         op()
-                    if plain or acks:
-                        self._finish_plain(plain, acks)
+                    if plain or acks or members:
+                        self._finish_plain(plain, acks, members)
                     if claim_next and not self.local:
                         claimed = self.worker._claim_now()
                 if claimed:
@@ -143,12 +157,13 @@ class _Batch:
                 self._forget_local()
             for op, delivery in ops:
                 self._run_alone(op, delivery)
-            if plain or acks:
+            if plain or acks or members:
                 try:
                     with self.app.transaction():
-                        self._finish_plain(plain, acks)
+                        self._finish_plain(plain, acks, members)
                 except Exception:
-                    log.exception("worker %s: storing %d result(s) failed; their messages will be redelivered", self.worker.name, len(plain) + len(acks))
+                    log.exception("worker %s: storing %d result(s) failed; their messages will be redelivered", self.worker.name,
+                                  len(plain) + len(acks) + len(members))
         finally:
             workflow._local_taker.reset(reset)
 
@@ -183,12 +198,26 @@ class _Batch:
         finally:
             workflow._local_taker.reset(reset)
 
-    def _finish_plain(self, plain: list, acks: list = ()) -> None:
+    def _finish_plain(self, plain: list, acks: list = (), members: list = ()) -> None:
         """Store the results, then acknowledge them and ``acks`` (finished already): one
-        round trip for the lot where the store allows."""
+        round trip for the lot where the store allows. ``members`` (see ``add_member``) are
+        stored and counted in that round trip; their advance follows, then their acks."""
+        app = self.app
         items = [(task_id, states.SUCCESS, token, fields) for _, task_id, token, fields in plain]
-        stored = self.app.broker.store_and_ack(self.app.backend, items, [d for d, _, _, _ in plain] + list(acks))
+        deliveries = [d for d, _, _, _ in plain] + list(acks)
+        if not members:
+            self.worker.processed += sum(app.broker.store_and_ack(app.backend, items, deliveries))
+            return
+        items += [(task_id, states.SUCCESS, token, fields) for _, task_id, token, fields, _, _ in members]
+        stored, counts = app.broker.store_count_and_ack(app.backend, items, [(cont["group"], task_id) for _, task_id, _, _, _, cont in members],
+                                                        deliveries)
         self.worker.processed += sum(stored)
+        for (_, task_id, _, _, message, cont), count in zip(members, counts):
+            if count is None:
+                log.warning("task %s finished, but its group %s is gone; nothing follows it", task_id, cont["group"])
+            else:
+                workflow.member_counted(app, message, cont, *count)
+        app.broker.ack_many([d for d, _, _, _, _, _ in members])
 
 
 class Worker:
@@ -633,6 +662,11 @@ class Worker:
         if not message.get("on_success") and not message.get("workflow"):
             batch.add_plain(delivery, task_id, token, fields)      # nothing follows: finished with others in one go
             return
+        if self.begins_on_claim and not batch.grouped:
+            member = workflow.lone_member(message)
+            if member is not None:     # a group member: stored and counted with others in one go
+                batch.add_member(delivery, task_id, token, fields, message, member)
+                return
 
         def finish() -> None:
             if app.backend.store_result(task_id, states.SUCCESS, token=token, **fields):

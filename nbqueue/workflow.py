@@ -321,6 +321,29 @@ def _mark_advanced(app, task_id: str, pub: _Publisher) -> None:
         app.backend.claim_once(f"nbq:advanced:{task_id}", ADVANCED_TTL)
 
 
+def lone_member(message: dict) -> dict | None:
+    """The group-member continuation of a task when it is all that follows its success (no
+    callbacks, no concurrency limit to release): a worker may then count the member in the
+    round trip that stores the result and finish the advance with ``member_counted``."""
+    if message.get("on_success"):
+        return None
+    conts = (message.get("workflow") or {}).get("then") or []
+    if len(conts) == 1 and conts[0]["k"] == "member" and not conts[0].get("limited", True):
+        return conts[0]
+    return None
+
+
+def member_counted(app, message: dict, cont: dict, done: int, total: int) -> None:
+    """The rest of ``on_success`` for a ``lone_member`` task, once its member was counted
+    (``done`` of ``total``): the last one completes the group."""
+    if done < total:
+        return
+    pub = _Publisher(app)
+    _group_complete(app, cont["group"], pub)
+    pub.flush()
+    _mark_advanced(app, message["id"], pub)
+
+
 def after_final(app, message: dict, record: dict) -> None:
     """A redelivered message whose task is already final: repeat the (idempotent) advance."""
     state = record.get("state")

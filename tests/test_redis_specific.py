@@ -411,3 +411,24 @@ def test_scripts_the_server_lost_are_loaded_again_and_no_task_runs_twice(redis_a
     finally:
         worker.stop()
     assert sorted(runs) == sorted([1, *range(10), 5])
+
+
+def test_a_member_counted_behind_its_result_counts_only_once_that_result_is_a_success(store):
+    """store_count_and_ack queues each member's count right behind its result: a result
+    refused as stale (a newer attempt holds the task) must leave the member uncounted."""
+    url, options = store
+    broker, backend = RedisBroker(url, options=options), RedisBackend(url, options=options)
+    backend.create([{"id": "a", "name": "n"}, {"id": "b", "name": "n"}])
+    backend.init_group("g", ["a", "b"])
+    stale, current = backend.begin("a"), backend.begin("a")     # a second attempt took "a" over
+    token_b = backend.begin("b")
+    stored, counts = broker.store_count_and_ack(
+        backend, [("a", states.SUCCESS, stale, {"result": "1"}), ("b", states.SUCCESS, token_b, {"result": "2"})],
+        [("g", "a"), ("g", "b")], [])
+    assert stored == [False, True] and counts == [(-1, 2), (1, 2)]
+    assert backend.get("a")["state"] == states.STARTED
+    stored, counts = broker.store_count_and_ack(backend, [("a", states.SUCCESS, current, {"result": "1"})], [("g", "a")], [])
+    assert stored == [True] and counts == [(2, 2)]
+    assert broker.store_count_and_ack(backend, [], [("gone", "a")], [])[1] == [None]
+    broker.close()
+    backend.close()

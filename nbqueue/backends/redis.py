@@ -145,11 +145,14 @@ for i = 4, #ARGV do redis.call('HSETNX', KEYS[2], ARGV[i], i - 4) end
 return 1
 """
 
-# KEYS: group, members, done; ARGV: member id, ttl ms or ''. Returns {done, total} or nil.
-# The group's keys get the results' TTL once every member is done.
+# KEYS: group, members, done, and optionally the member's record; ARGV: member id, ttl ms
+# or ''. Returns {done, total}, {-1, total} when a record is given and not SUCCESS (nothing
+# counted: the attempt that stores it counts it), or nil for an unknown group. The
+# group's keys get the results' TTL once every member is done.
 _MEMBER_DONE = """
 local total = redis.call('HGET', KEYS[1], 'total')
 if not total then return false end
+if KEYS[4] and redis.call('HGET', KEYS[4], 'state') ~= 'SUCCESS' then return {-1, tonumber(total)} end
 if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then redis.call('SADD', KEYS[3], ARGV[1]) end
 local done = redis.call('SCARD', KEYS[3])
 if ARGV[2] ~= '' and done >= tonumber(total) then
@@ -396,11 +399,17 @@ class RedisBackend(ResultBackend):
 
     @guarded
     def member_done(self, group_id: str, member_id: str) -> tuple[int, int]:
-        ttl = "" if not self.results_expire_in else str(max(1, math.ceil(self.results_expire_in * 1000)))
-        reply = self._member_done(keys=self._group_keys(group_id), args=[member_id, ttl])
+        reply = self._count_member(group_id, member_id)
         if reply is None:
             raise KeyError(f"unknown group {group_id!r}")
         return int(reply[0]), int(reply[1])
+
+    def _count_member(self, group_id: str, member_id: str, client=None, if_succeeded: bool = False):
+        """The member-done script, run (or queued on ``client``); ``if_succeeded``: count only
+        if the member's record is SUCCESS (queued right behind the script storing it)."""
+        ttl = "" if not self.results_expire_in else str(max(1, math.ceil(self.results_expire_in * 1000)))
+        keys = self._group_keys(group_id) + ([self._rec(member_id)] if if_succeeded else [])
+        return self._member_done(keys=keys, args=[member_id, ttl], client=client)
 
     @guarded
     def claim_chord(self, group_id: str) -> bool:

@@ -485,11 +485,23 @@ class RedisBroker(Broker):
         """One pipeline: the results first, then the acks (Redis runs them in that order)."""
         if not self._shares_server(backend):
             return super().store_and_ack(backend, items, deliveries)
+        return self.store_count_and_ack(backend, items, [], deliveries)[0]
+
+    @guarded
+    def store_count_and_ack(self, backend, items: Sequence[tuple], members: Sequence[tuple], deliveries: Sequence[Delivery]) -> tuple[list[bool], list]:
+        """``store_and_ack`` (``backend`` on this server) that also counts finished group
+        members, in the same pipeline behind the results: ``members`` holds (group id,
+        member id) pairs, each counted only if the member's record is SUCCESS by then.
+        Returns which results were stored and, per member, (done, total) (done is -1 where
+        nothing was counted) or None for an unknown group."""
         pipe = pipeline(self.client)
         backend.store_results(items, client=pipe)
+        for group_id, member_id in members:
+            backend._count_member(group_id, member_id, client=pipe, if_succeeded=True)
         self.ack_many(deliveries, client=pipe)
         replies = pipe.execute()
-        return [reply == 1 for reply in replies[:len(items)]]
+        counts = replies[len(items):len(items) + len(members)]
+        return [reply == 1 for reply in replies[:len(items)]], [None if c is None else (int(c[0]), int(c[1])) for c in counts]
 
     # -- consuming ---------------------------------------------------------------
     def begins_on_claim(self, backend) -> bool:
