@@ -80,7 +80,7 @@ class _Batch:
             self._run_alone(op, delivery)
             return
         with self.lock:
-            if not self.ops and not self.plain:
+            if not self._pending():
                 self.first = time.monotonic()
             self.ops.append((op, delivery))
 
@@ -212,11 +212,15 @@ class _Batch:
         stored, counts = app.broker.store_count_and_ack(app.backend, items, [(cont["group"], task_id) for _, task_id, _, _, _, cont in members],
                                                         deliveries)
         self.worker.processed += sum(stored)
-        for (_, task_id, _, _, message, cont), count in zip(members, counts):
+        for (_, task_id, _, _, message, cont), ok, count in zip(members, stored[len(plain):], counts):
             if count is None:
                 log.warning("task %s finished, but its group %s is gone; nothing follows it", task_id, cont["group"])
-            else:
-                workflow.member_counted(app, message, cont, *count)
+                continue
+            if ok and count[0] < 0:
+                # stored, yet not SUCCESS when counted: only if the server ran the count first
+                # (a script it had lost, run again after the rest of the pipeline)
+                count = app.backend.member_done(cont["group"], task_id)
+            workflow.member_counted(app, message, cont, *count)
         app.broker.ack_many([d for d, _, _, _, _, _ in members])
 
 

@@ -13,6 +13,7 @@ import uuid
 import pytest
 
 from nbqueue import Signature, states
+from nbqueue import chord as nbqueue_chord
 from nbqueue.backends.redis import RedisBackend
 from nbqueue.brokers.base import Outgoing
 from nbqueue.brokers.redis import RedisBroker, fake_server
@@ -328,7 +329,7 @@ def test_tasks_sent_one_by_one_to_a_waiting_worker_are_claimed_as_its_wait_ends(
     worker = app.start_worker(concurrency=1)
     try:
         for i in range(10):
-            time.sleep(0.02)            # the worker is back waiting
+            time.sleep(0.3 if i % 4 == 0 else 0.02)     # back waiting; now and then past a whole reserve() call
             r = app.send_task(Signature("double", args=[i]))
             assert r.get(timeout=10) == 2 * i
             assert r.info()["worker"] == worker.name
@@ -432,3 +433,68 @@ def test_a_member_counted_behind_its_result_counts_only_once_that_result_is_a_su
     assert broker.store_count_and_ack(backend, [], [("gone", "a")], [])[1] == [None]
     broker.close()
     backend.close()
+
+
+def _flush_scripts_keeping(client, *scripts):
+    """An emptied script cache (as after a restart) that another client has begun to
+    refill with ``scripts``."""
+    client.script_flush()
+    for script in scripts:
+        client.script_load(script.script)
+
+
+def test_a_new_connection_loads_its_scripts_before_the_commands_so_they_run_in_order(redis_app):
+    """After a restart the cache refills script by script. A pipeline on the new connection
+    sends SCRIPT LOAD first, in the same write: the member is stored before it is counted
+    and counted before it is acked, and the chord calls back."""
+    app = redis_app
+    app.register_task("add", lambda x, y: x + y)
+    app.register_task("total", lambda values: sum(values))
+    res = app.send_chord(nbqueue_chord([Signature("add", args=[1, 1]), Signature("add", args=[2, 2])], Signature("total")))
+    worker = app.worker(local_follow_ups=False)
+    [first] = app.broker.reserve([app.default_queue], timeout=5, lease=30, begin_for=(app.backend, worker.name))
+    worker.process(first)
+    [last] = app.broker.reserve([app.default_queue], timeout=5, lease=30, begin_for=(app.backend, worker.name))
+    _flush_scripts_keeping(app.broker.client, app.broker._settle, app.backend._member_done)
+    app.broker.client.connection_pool.disconnect()        # the restart: every connection is new
+    worker.process(last)
+    assert app.backend.group_info(res.header.id)["done"] == 2
+    assert worker.drain(timeout=5) >= 1 and res.get(timeout=10) == 6
+    assert all(row["in_flight"] == 0 for row in app.broker.stats())
+
+
+def test_a_script_lost_under_a_live_connection_never_acks_a_result_that_was_not_stored(redis_app):
+    """SCRIPT FLUSH by hand while the connection stays up: the store fails with NOSCRIPT
+    and runs again after the pipeline's ack. The ack checks that the result is final, so
+    it refuses; the message stays in flight (delivered again later), never acked unstored."""
+    app = redis_app
+    app.register_task("add", lambda x, y: x + y)
+    worker = app.worker()
+    first = app.send_task(Signature("add", args=[1, 1]))
+    worker.drain(timeout=5)                                # the scripts are known on this connection now
+    assert first.get(timeout=5) == 2
+    r = app.send_task(Signature("add", args=[2, 2]))
+    [d] = app.broker.reserve([app.default_queue], timeout=5, lease=30, begin_for=(app.backend, worker.name))
+    _flush_scripts_keeping(app.broker.client, app.broker._settle)
+    stored = app.broker.store_and_ack(app.backend, [(d.message_id, states.SUCCESS, d.token, {"result": "4"})], [d])
+    assert stored == [True] and r.get(timeout=5) == 4
+    assert _stat(app.broker, app.default_queue)["in_flight"] == 1      # not acked: its result was not stored yet
+    assert app.broker.ack(d)                                           # as its redelivery would
+
+
+def test_a_message_claimed_at_the_end_of_a_long_wait_gets_a_whole_lease(store):
+    """The claim riding on the wait compares due times with the time from before the wait,
+    but its lease must run from the wait's end: another reserver must not take the
+    message while the first one still holds it."""
+    url, options = store
+    first, second = RedisBroker(url, options=options), RedisBroker(url, options=options)
+    got = []
+    reserver = threading.Thread(target=lambda: got.extend(first.reserve(["q"], timeout=5, lease=0.5)))
+    reserver.start()
+    time.sleep(0.8)                     # past the lease, counted from when the wait began
+    second.publish(_out("q", "m"))
+    reserver.join(5)
+    assert [d.message_id for d in got] == ["m"] and got[0].lease_until - time.time() > 0.3
+    assert second.reserve(["q"], timeout=0, lease=30) == []
+    first.close()
+    second.close()

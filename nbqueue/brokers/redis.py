@@ -49,6 +49,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from .. import states
 from ..errors import ConnectionLost
 from .base import Broker, Delivery, Outgoing, queue_list, redact
 
@@ -133,12 +134,16 @@ def key_prefix(options: Mapping[str, Any]) -> str:
 
 
 class ScriptPipeline(redis.client.Pipeline):
-    """A pipeline without a transaction whose scripts go out as EVALSHA at once.
+    """A pipeline without a transaction whose scripts go out as EVALSHA.
 
     redis-py's own pipeline asks SCRIPT EXISTS in a round trip of its own before every
-    execute that runs a script. This one assumes the server knows them; a command whose
-    script it has lost (a restart, SCRIPT FLUSH) is run again on its own once the script
-    is loaded. Commands of a pipeline are independent, so running that one late is safe.
+    execute that runs a script. This one remembers, per connection, which scripts it
+    has loaded; on a new connection (a first use, a reconnect after a restart) it puts
+    SCRIPT LOAD for them at the front of the same write, so the server knows every
+    script before the first command runs and the commands run in their order.
+    A script lost while the connection stayed up (SCRIPT FLUSH by hand) fails with
+    NOSCRIPT: such a command is run again on its own once its script is loaded, so it
+    then runs after the pipeline's later commands.
     """
 
     def load_scripts(self) -> None:
@@ -151,11 +156,14 @@ class ScriptPipeline(redis.client.Pipeline):
             return []
         # the round trip itself, retried on connection errors as redis-py's pipeline does,
         # without what this use has no need of (transactions, WATCH, client-side caching
-        # hooks, per-call metrics): about a third of the client's time per call
+        # hooks, per-call metrics): about a third of the client's time per call (redis-py
+        # 5.3 and later take get_connection() without a command name)
         pool = self.connection_pool
         conn = pool.get_connection()
         try:
-            replies = conn.retry.call_with_retry(lambda: self._round_trip(conn, stack), lambda error: conn.disconnect())
+            replies = conn.retry.call_with_retry(lambda: self._round_trip(conn, stack, scripts), lambda error: conn.disconnect())
+            if any(isinstance(reply, redis.exceptions.NoScriptError) for reply in replies):
+                conn._nbq_scripts = None        # the server forgot them: load again next time
         finally:
             pool.release(conn)
         for i, reply in enumerate(replies):
@@ -166,9 +174,20 @@ class ScriptPipeline(redis.client.Pipeline):
             self.raise_first_error(stack, replies)
         return replies
 
-
-    def _round_trip(self, conn, stack: list) -> list:
-        conn.send_packed_command(conn.pack_commands([args for args, _ in stack]))
+    def _round_trip(self, conn, stack: list, scripts: dict) -> list:
+        conn.check_health()                 # may reconnect: before the socket is looked at
+        if getattr(conn, "_sock", None) is None:
+            conn.connect()
+        sock = conn._sock
+        known = getattr(conn, "_nbq_scripts", None)
+        if known is None or known[0] is not sock:
+            known = conn._nbq_scripts = (sock, set())
+        loads = [script for sha, script in scripts.items() if sha not in known[1]]
+        commands = [("SCRIPT", "LOAD", script.script) for script in loads] + [args for args, _ in stack]
+        conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+        for _ in loads:
+            conn.read_response()
+        known[1].update(script.sha for script in loads)
         replies = []
         for args, options in stack:
             try:
@@ -347,12 +366,15 @@ end
 return out
 """
 
-# ARGV: prefix, id, attempt, op, now, then per op: extend (deadline), retry (eta or '',
-# has_body, body), reject (reason). Acts only while that attempt holds the lease; 1/0.
-_SETTLE = _LUA_COMMON + """
+# ARGV: prefix, id, attempt, op, now, then per op: ack (a result record key or ''),
+# extend (deadline), retry (eta or '', has_body, body), reject (reason). Acts only while
+# that attempt holds the lease; 1/0. An ack given a record key acts only once that
+# record is final (its result queued ahead of it in a pipeline was really stored).
+_SETTLE = _LUA_COMMON + "local FINAL = {" + ", ".join(f"{s} = true" for s in sorted(states.READY_STATES)) + "}\n" + """
 local id, attempt, op, now = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
 local current = redis.call('HMGET', mkey(id), 'attempt', 'queue')
 if current[1] ~= attempt then return 0 end
+if op == 'ack' and ARGV[6] and ARGV[6] ~= '' and not FINAL[redis.call('HGET', ARGV[6], 'state') or ''] then return 0 end
 local q = current[2]
 local inflight = qkey(q, 'inflight')
 if not redis.call('ZSCORE', inflight, id) then return 0 end
@@ -469,10 +491,13 @@ class RedisBroker(Broker):
         ]
 
     @guarded
-    def ack_many(self, deliveries: Sequence[Delivery], client=None) -> list[bool]:
+    def ack_many(self, deliveries: Sequence[Delivery], client=None, records: dict | None = None) -> list[bool]:
+        """``records``: message id -> result record key; those acks act only once the record
+        is final (see ``store_count_and_ack``)."""
         pipe = client or pipeline(self.client)
+        now = repr(self.clock.time())
         for d in deliveries:
-            self._settle(args=[self.prefix, d.message_id, str(d.tag), "ack", repr(self.clock.time())], client=pipe)
+            self._settle(args=[self.prefix, d.message_id, str(d.tag), "ack", now, (records or {}).get(d.message_id, "")], client=pipe)
         return [] if client is not None else [reply == 1 for reply in pipe.execute()]
 
     def _shares_server(self, backend) -> bool:
@@ -493,12 +518,14 @@ class RedisBroker(Broker):
         members, in the same pipeline behind the results: ``members`` holds (group id,
         member id) pairs, each counted only if the member's record is SUCCESS by then.
         Returns which results were stored and, per member, (done, total) (done is -1 where
-        nothing was counted) or None for an unknown group."""
+        nothing was counted) or None for an unknown group. The ack of a delivery whose
+        result is in ``items`` acts only if its record is final by then: a result that was
+        not stored (however the pipeline went) never loses its message."""
         pipe = pipeline(self.client)
         backend.store_results(items, client=pipe)
         for group_id, member_id in members:
             backend._count_member(group_id, member_id, client=pipe, if_succeeded=True)
-        self.ack_many(deliveries, client=pipe)
+        self.ack_many(deliveries, client=pipe, records={item[0]: backend._rec(item[0]) for item in items})
         replies = pipe.execute()
         counts = replies[len(items):len(items) + len(members)]
         return [reply == 1 for reply in replies[:len(items)]], [None if c is None else (int(c[0]), int(c[1])) for c in counts]
@@ -536,6 +563,7 @@ class RedisBroker(Broker):
             first = False
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                self._drained.last = empty          # still known empty: the next call waits first
                 return []
             wait = min(remaining, self.max_block)
             if next_due is not None:
@@ -573,11 +601,15 @@ class RedisBroker(Broker):
                           begin_for: tuple | None) -> tuple[bool, tuple[list[Delivery], float | None, bool]]:
         """Block until a publish signal, a wake() or ``wait`` seconds, then claim:
         one round trip, as Redis runs the pipelined reserve script the moment the blocking
-        pop returns. The claim uses the time from before the wait, so nothing delayed is
-        moved early and the lease only gets shorter. Returns (woken by wake(), claim)."""
+        pop returns. The claim compares due times with the time from before the wait, so
+        nothing delayed is moved early, and its lease runs from the end of the longest
+        wait, so it is never shorter than asked (at most ``wait`` longer). Returns (woken by
+        wake(), claim)."""
         keys = [self._wake_key] + [self._key(q, "signal") for q in queues]
+        wait = max(MIN_BLOCK, wait)
+        lease += wait
         pipe = pipeline(self.client)
-        pipe.blpop(keys, timeout=max(MIN_BLOCK, wait))
+        pipe.blpop(keys, timeout=wait)
         self._reserve(args=self._claim_args(queues, now, lease, limit, begin_for), client=pipe)
         with self._lock:
             self._waiting += 1
