@@ -498,3 +498,13 @@ def test_a_message_claimed_at_the_end_of_a_long_wait_gets_a_whole_lease(store):
     assert second.reserve(["q"], timeout=0, lease=30) == []
     first.close()
     second.close()
+
+
+def test_a_reserve_that_may_not_wait_claims_even_after_one_that_emptied_the_queue(store):
+    url, options = store
+    broker = RedisBroker(url, options=options)
+    broker.publish(_out("q", "a"))
+    assert [d.message_id for d in broker.reserve(["q"], timeout=0)] == ["a"]      # emptied the queue
+    broker.publish(_out("q", "b"))
+    assert [d.message_id for d in broker.reserve(["q"], timeout=0)] == ["b"]
+    broker.close()

@@ -548,10 +548,10 @@ class RedisBroker(Broker):
         first = True
         while True:
             now = self.clock.time()
-            if (claimed or (first and empty is not None and empty[0] == tuple(queues))) and (empty[1] is None or empty[1] > now):
+            if (claimed or (first and timeout > 0 and empty is not None and empty[0] == tuple(queues))) and (empty[1] is None or empty[1] > now):
                 # this thread's last claim emptied its queues and nothing delayed is due:
                 # anything published since has pushed a signal token, so block on the
-                # signal lists before claiming again
+                # signal lists before claiming again (a call that may not wait claims)
                 next_due = empty[1]
             else:
                 deliveries, next_due, more = self._claim(queues, now, lease, limit, begin_for)
