@@ -159,6 +159,7 @@ def _in_slices(wait, timeout: float | None):
 def _wait_ids(app, ids: list[str], timeout: float | None) -> bool:
     return bool(_in_slices(lambda t: app.backend.wait(ids, timeout=t), timeout))
 
+
 def _leaves(result) -> list[AsyncResult]:
     """The task results inside a (possibly nested) result, in order."""
     if isinstance(result, AsyncResult):

@@ -94,7 +94,7 @@ class SQLiteStore:
 
     @property
     def conn(self) -> sqlite3.Connection:
-        """The process's connection; use it only inside ``write()`` or under ``locked()``."""
+        """The process's connection; use it only while holding the store's lock (inside ``write()``)."""
         if self._conn is None:
             with self._lock:
                 if self._conn is None:
@@ -234,18 +234,15 @@ class _Transaction:
             if store._depth:
                 return False
             conn = store._conn
-            if exc_type is None:
-                try:
-                    store._retry_locked(lambda: conn.execute("COMMIT"))
-                    callbacks = store._after_commit
-                except BaseException:
-                    exc_type = True
-                    raise
-                finally:
-                    if exc_type is not None:
-                        self._roll_back(conn)
-            else:
+            if exc_type is not None:
                 self._roll_back(conn)
+                return False
+            try:
+                store._retry_locked(lambda: conn.execute("COMMIT"))
+            except BaseException:
+                self._roll_back(conn)
+                raise
+            callbacks = store._after_commit
         finally:
             if not store._depth:
                 store._after_commit, store._after_rollback = [], []

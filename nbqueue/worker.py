@@ -79,28 +79,26 @@ class _Batch:
         if not self.grouped:
             self._run_alone(op, delivery)
             return
-        with self.lock:
-            if not self._pending():
-                self.first = time.monotonic()
-            self.ops.append((op, delivery))
+        self._queue(self.ops, (op, delivery))
 
     def _pending(self) -> bool:
         return bool(self.ops or self.plain or self.acks or self.members)
 
-    def add_plain(self, delivery: Delivery, task_id: str, token: int, fields: dict) -> None:
+    def _queue(self, pending: list, item) -> None:
+        """Add ``item`` to one of the pending lists, noting when the oldest pending item came."""
         with self.lock:
             if not self._pending():
                 self.first = time.monotonic()
-            self.plain.append((delivery, task_id, token, fields))
+            pending.append(item)
+
+    def add_plain(self, delivery: Delivery, task_id: str, token: int, fields: dict) -> None:
+        self._queue(self.plain, (delivery, task_id, token, fields))
 
     def add_member(self, delivery: Delivery, task_id: str, token: int, fields: dict, message: dict, cont: dict) -> None:
         """A successful group member nothing else follows (``workflow.lone_member``): stored
         and counted with the plain results in one round trip, acknowledged once its advance
         (the group's completion, for the last one) is done."""
-        with self.lock:
-            if not self._pending():
-                self.first = time.monotonic()
-            self.members.append((delivery, task_id, token, fields, message, cont))
+        self._queue(self.members, (delivery, task_id, token, fields, message, cont))
 
     def ack(self, delivery: Delivery) -> None:
         """Acknowledge a delivery whose finish (result, follow-ups) is done. Inside a group
@@ -109,11 +107,8 @@ class _Batch:
         task final and repeats nothing but its follow-ups, as for any redelivery)."""
         if self.grouped:
             self.app.broker.ack(delivery)
-            return
-        with self.lock:
-            if not self._pending():
-                self.first = time.monotonic()
-            self.acks.append(delivery)
+        else:
+            self._queue(self.acks, delivery)
 
     def waiting(self) -> float:
         """Seconds the oldest pending step has waited (0 when none)."""
@@ -666,7 +661,7 @@ class Worker:
         if not message.get("on_success") and not message.get("workflow"):
             batch.add_plain(delivery, task_id, token, fields)      # nothing follows: finished with others in one go
             return
-        if self.begins_on_claim and not batch.grouped:
+        if self.begins_on_claim:   # Redis with results on its server: see RedisBroker.store_count_and_ack
             member = workflow.lone_member(message)
             if member is not None:     # a group member: stored and counted with others in one go
                 batch.add_member(delivery, task_id, token, fields, message, member)

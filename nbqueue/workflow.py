@@ -339,7 +339,7 @@ def member_counted(app, message: dict, cont: dict, done: int, total: int) -> Non
     if done < total:
         return
     pub = _Publisher(app)
-    _group_complete(app, cont["group"], pub)
+    _member_finished(app, cont, pub, counted=(done, total))
     pub.flush()
     _mark_advanced(app, message["id"], pub)
 
@@ -403,9 +403,11 @@ def _chain_rest(app, cont: dict) -> list[dict]:
     return [serialization.loads(t) for t in texts if t is not None]
 
 
-def _member_finished(app, cont: dict, pub: _Publisher) -> None:
+def _member_finished(app, cont: dict, pub: _Publisher, counted: tuple[int, int] | None = None) -> None:
+    """Count a member as done (unless the caller did: ``counted`` is its (done, total))
+    and start what that frees: the next held member, or what follows the group."""
     gid = cont["group"]
-    done, total = app.backend.member_done(gid, cont["member"])
+    done, total = counted or app.backend.member_done(gid, cont["member"])
     if cont.get("limited", True):
         _release_next(app, gid, done, total, pub)
     if done >= total:

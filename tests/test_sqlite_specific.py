@@ -12,7 +12,8 @@ import pytest
 
 import nbqueue
 from nbqueue import Signature, states
-from nbqueue.brokers.base import IDLE, Outgoing
+from nbqueue.brokers.base import Outgoing
+from nbqueue.brokers.sqlite import IDLE
 from nbqueue.clock import ManualClock
 from nbqueue.testing import wait_for
 

@@ -33,7 +33,7 @@ from typing import Any, Sequence
 
 from .. import serialization, states
 from ..brokers.base import redact
-from ..brokers.redis import MIN_BLOCK, connect, guarded, key_prefix, pipeline
+from ..brokers.redis import LUA_FINAL, MIN_BLOCK, connect, guarded, key_prefix, pipeline
 from .base import FIELDS, ResultBackend, counts_from_states
 
 _INT_FIELDS = frozenset({"retries", "token"})
@@ -46,7 +46,7 @@ CHUNK = 500                 # records per script call
 
 # -- Lua ----------------------------------------------------------------------------------
 
-_LUA_COMMON = "local FINAL = {" + ", ".join(f"{s} = true" for s in sorted(states.READY_STATES)) + "}\n" + """
+_LUA_COMMON = LUA_FINAL + """
 -- fields from ARGV[start]: a count n, n name/value pairs to set, then names to delete
 local function apply(key, start)
   local i = start + 1

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import threading
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 
 @dataclasses.dataclass
@@ -139,21 +138,6 @@ class Broker:
     def upkeep(self) -> None:
         """Housekeeping a worker's heartbeat thread runs now and then (SQLite: WAL checkpoints)."""
 
-    def _reserve_with_slot(self, store: Any, slot: "Slot | None", claim: Callable[[], list]) -> list[Delivery]:
-        """Run ``claim()`` (the reserve loop) while ``slot``, if any, is open for a hand-over;
-        return what it claimed and what it was handed. If ``claim`` raises, what was handed
-        over meanwhile goes back to the queue at once."""
-        try:
-            got = claim()
-        except BaseException:
-            for d in IDLE.close(store, slot):
-                try:
-                    self.release(d)
-                except Exception:
-                    pass                    # its lease brings it back
-            raise
-        return got + IDLE.close(store, slot)
-
     def wake(self) -> None:
         """Wake reservers of this process waiting in reserve() (used on shutdown)."""
 
@@ -255,80 +239,6 @@ class LocalWakeups:
 
 
 WAKEUPS = LocalWakeups()
-
-
-class Slot:
-    """An idle reserver of this process, waiting for work: a sender of this process may
-    hand it messages directly, already reserved by it (see ``IdleReservers``). Brokers
-    subclass it with what their hand-over needs."""
-
-    def __init__(self, queues: Iterable[str], limit: int, lease: float) -> None:
-        self.queues = frozenset(queues)
-        self.limit = limit
-        self.lease = lease
-        self.taken = False                  # a sender holds it (its send has not finished)
-        self.deliveries: list = []          # what was handed over, once the send finished
-        self.settled = threading.Event()    # the send finished (or failed: then nothing was handed over)
-
-    def wait(self) -> list:
-        """What was handed over, waiting at most a lease for the send to finish (after that
-        the messages are delivered again anyway)."""
-        return self.deliveries if self.settled.wait(self.lease) else []
-
-
-class IdleReservers:
-    """Reservers of this process waiting for work, per store (a file, a server and key
-    prefix), that a sender of this process may hand messages to directly (``Slot``s)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._slots: dict[Any, list] = {}
-
-    def any(self, store: Any) -> bool:
-        return bool(self._slots.get(store))
-
-    def idle(self, store: Any) -> int:
-        """How many reservers of ``store`` wait untaken (for tests and status)."""
-        with self._lock:
-            return sum(not slot.taken for slot in self._slots.get(store, ()))
-
-    def add(self, store: Any, slot: Any) -> None:
-        with self._lock:
-            self._slots.setdefault(store, []).append(slot)
-
-    def take(self, store: Any, outs: Sequence[Outgoing], now: float, on_take=None) -> tuple[Any, list]:
-        """The first idle reserver that can run some of ``outs`` now (due, on its queues) and
-        those messages, up to its limit; it is marked taken and ``on_take(slot)`` runs under
-        the lock. ``(None, [])`` when there is none."""
-        with self._lock:
-            for slot in self._slots.get(store) or ():
-                mine = [o for o in outs if o.queue in slot.queues and (o.eta is None or o.eta <= now)][: slot.limit]
-                if mine:
-                    slot.taken = True
-                    self._slots[store].remove(slot)
-                    if on_take is not None:
-                        on_take(slot)
-                    return slot, mine
-        return None, []
-
-    def close(self, store: Any, slot: Slot | None) -> list:
-        """Withdraw a reserver that stops waiting; what a sender handed it meanwhile."""
-        if slot is None:
-            return []
-        with self._lock:
-            if not slot.taken:
-                self._slots[store].remove(slot)
-                return []
-        return slot.wait()
-
-    def _after_fork(self) -> None:
-        """A forked child has none of its parent's reserver threads."""
-        self._lock = threading.Lock()
-        self._slots = {}
-
-
-IDLE = IdleReservers()
-os.register_at_fork(after_in_child=IDLE._after_fork)
 
 
 def queue_list(queues: str | Iterable[str]) -> list[str]:

@@ -202,6 +202,20 @@ def pipeline(client: redis.Redis) -> ScriptPipeline:
     return ScriptPipeline(client.connection_pool, client.response_callbacks, False, None)
 
 
+def _begin_args(begin_for: tuple | None) -> list[str]:
+    """The scripts' record arguments for ``begin_for=(backend, worker)``: record key prefix,
+    results index and worker, all '' when no record is to be begun."""
+    if begin_for is None:
+        return ["", "", ""]
+    backend, worker = begin_for
+    return [backend._rec(""), backend._index, worker]
+
+
+def _token(reply: str) -> int | None:
+    """A fencing token as a script returns it: '' (nothing begun) or 0 (a final record) is None."""
+    return (int(reply) or None) if reply != "" else None
+
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -260,11 +274,13 @@ for q, count in pairs(added) do signal(q, count) end
 return n
 """
 
+# The final task states, as a Lua set (shared with nbqueue.backends.redis).
+LUA_FINAL = "local FINAL = {" + ", ".join(f"{s} = true" for s in sorted(states.READY_STATES)) + "}\n"
+
 # Begins a task's record (the backend's begin_many, inside a script): RECEIVED with a new
 # fencing token, 0 when the record is final, '' without a record prefix. Needs the
 # locals rec_prefix, index, worker and now.
-_LUA_BEGIN = """
-local FINAL = {SUCCESS = true, FAILURE = true, REVOKED = true}
+_LUA_BEGIN = LUA_FINAL + """
 local function begin(id, q)
   if rec_prefix == '' then return '' end
   local rec = rec_prefix .. id
@@ -370,7 +386,7 @@ return out
 # extend (deadline), retry (eta or '', has_body, body), reject (reason). Acts only while
 # that attempt holds the lease; 1/0. An ack given a record key acts only once that
 # record is final (its result queued ahead of it in a pipeline was really stored).
-_SETTLE = _LUA_COMMON + "local FINAL = {" + ", ".join(f"{s} = true" for s in sorted(states.READY_STATES)) + "}\n" + """
+_SETTLE = _LUA_COMMON + LUA_FINAL + """
 local id, attempt, op, now = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
 local current = redis.call('HMGET', mkey(id), 'attempt', 'queue')
 if current[1] ~= attempt then return 0 end
@@ -476,17 +492,13 @@ class RedisBroker(Broker):
         are ordinary messages with a lease: if the caller dies they are delivered again.
         Ids already present are left alone and not returned."""
         now = self.clock.time()
-        rec_prefix = index = worker = ""
-        if begin_for is not None:
-            backend, worker = begin_for
-            rec_prefix, index = backend._rec(""), backend._index
-        args: list[Any] = [self.prefix, repr(now), repr(now + lease), rec_prefix, index, worker]
+        args: list[Any] = [self.prefix, repr(now), repr(now + lease), *_begin_args(begin_for)]
         for o in outs:
             args += [o.id, o.queue, min(9, max(0, int(o.priority))), o.body]
         tokens = self._publish_reserved(args=args)
         return [
             Delivery(message_id=o.id, queue=o.queue, body=o.body, attempt=1, lease_until=now + lease, tag=1, priority=o.priority,
-                     token=(int(token) or None) if token != "" else None, message=o.message)
+                     token=_token(token), message=o.message)
             for o, token in zip(outs, tokens) if token != "-"
         ]
 
@@ -541,26 +553,26 @@ class RedisBroker(Broker):
         """``begin_for=(backend, worker)``: also begin the records (see ``begins_on_claim``);
         each delivery's ``token`` is then its fencing token (None where the record is final)."""
         queues = queue_list(queues)
+        key = tuple(queues)
         deadline = time.monotonic() + max(0.0, timeout)
-        # (queues, next due) while this thread knows its queues hold nothing ready
+        # (queues, next due) while this thread knows these queues hold nothing ready: from
+        # its last call (unless this one may not wait), then from each claim of this call
         empty = self._drained.__dict__.pop("last", None)
-        claimed = False     # the last wait claimed as soon as it woke (see _sleep_then_claim)
-        first = True
+        if timeout <= 0 or (empty is not None and empty[0] != key):
+            empty = None
         while True:
             now = self.clock.time()
-            if (claimed or (first and timeout > 0 and empty is not None and empty[0] == tuple(queues))) and (empty[1] is None or empty[1] > now):
-                # this thread's last claim emptied its queues and nothing delayed is due:
-                # anything published since has pushed a signal token, so block on the
-                # signal lists before claiming again (a call that may not wait claims)
+            if empty is not None and (empty[1] is None or empty[1] > now):
+                # nothing ready and nothing delayed due: anything published since has pushed
+                # a signal token, so block on the signal lists before claiming again
                 next_due = empty[1]
             else:
                 deliveries, next_due, more = self._claim(queues, now, lease, limit, begin_for)
                 if deliveries:
                     if not more:
-                        self._drained.last = (tuple(queues), next_due)
+                        self._drained.last = (key, next_due)
                     return deliveries
-                empty = (tuple(queues), next_due)
-            first = False
+                empty = (key, next_due)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self._drained.last = empty          # still known empty: the next call waits first
@@ -571,16 +583,12 @@ class RedisBroker(Broker):
             woken, (deliveries, next_due, more) = self._sleep_then_claim(queues, wait, now, lease, limit, begin_for)
             if deliveries or woken:
                 if deliveries and not more:
-                    self._drained.last = (tuple(queues), next_due)
+                    self._drained.last = (key, next_due)
                 return deliveries
-            empty, claimed = (tuple(queues), next_due), True
+            empty = (key, next_due)
 
     def _claim_args(self, queues: list[str], now: float, lease: float, limit: int, begin_for: tuple | None) -> list:
-        rec_prefix = index = worker = ""
-        if begin_for is not None:
-            backend, worker = begin_for
-            rec_prefix, index = backend._rec(""), backend._index
-        return [self.prefix, repr(now), repr(now + lease), max(1, int(limit)), self.batch, rec_prefix, index, worker, *queues]
+        return [self.prefix, repr(now), repr(now + lease), max(1, int(limit)), self.batch, *_begin_args(begin_for), *queues]
 
     def _parse_claim(self, reply: list, lease_until: float) -> tuple[list[Delivery], float | None, bool]:
         """The reserve script's reply: the deliveries claimed, the next due time when no
@@ -588,7 +596,7 @@ class RedisBroker(Broker):
         next_due = float(reply[0]) if reply[0] != "" else None
         deliveries = [
             Delivery(message_id=mid, queue=q, body=body, attempt=int(attempt), lease_until=lease_until, tag=int(attempt), priority=int(prio or 0),
-                     token=(int(token) or None) if token != "" else None)
+                     token=_token(token))
             for mid, q, body, attempt, prio, token in zip(*[iter(reply[2:])] * 6)
         ]
         return deliveries, next_due, reply[1] == "1"

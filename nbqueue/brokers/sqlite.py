@@ -13,12 +13,14 @@ fencing token of a delivery.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
-from typing import Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from ..sqlitedb import SQLiteStore, path_from_url, placeholders
-from .base import IDLE, WAKEUPS, Broker, Delivery, Outgoing, Slot
+from .base import WAKEUPS, Broker, Delivery, Outgoing
+
 
 def _schema(db) -> None:
     db["nbq_messages"].create(
@@ -29,12 +31,79 @@ def _schema(db) -> None:
     db.execute("CREATE INDEX IF NOT EXISTS nbq_messages_claim ON nbq_messages(queue, priority DESC, due) WHERE state < 2")
 
 
-class _Slot(Slot):
-    """An idle reserver whose ``on_claim`` begins what it is handed, in the sender's transaction."""
+class Slot:
+    """An idle reserver of this process, waiting for work: a sender of this process may
+    hand it messages directly, already reserved by it (see ``IdleReservers``); its
+    ``on_claim`` begins them, in the sender's transaction."""
 
-    def __init__(self, queues, limit: int, lease: float, on_claim) -> None:
-        super().__init__(queues, limit, lease)
+    def __init__(self, queues: Iterable[str], limit: int, lease: float, on_claim=None) -> None:
         self.on_claim = on_claim
+        self.queues = frozenset(queues)
+        self.limit = limit
+        self.lease = lease
+        self.taken = False                  # a sender holds it (its send has not finished)
+        self.deliveries: list = []          # what was handed over, once the send finished
+        self.settled = threading.Event()    # the send finished (or failed: then nothing was handed over)
+
+    def wait(self) -> list:
+        """What was handed over, waiting at most a lease for the send to finish (after that
+        the messages are delivered again anyway)."""
+        return self.deliveries if self.settled.wait(self.lease) else []
+
+
+class IdleReservers:
+    """Reservers of this process waiting for work, per database file, that a sender of
+    this process may hand messages to directly (``Slot``s)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._slots: dict[Any, list] = {}
+
+    def any(self, store: Any) -> bool:
+        return bool(self._slots.get(store))
+
+    def idle(self, store: Any) -> int:
+        """How many reservers of ``store`` wait untaken (for tests and status)."""
+        with self._lock:
+            return sum(not slot.taken for slot in self._slots.get(store, ()))
+
+    def add(self, store: Any, slot: Any) -> None:
+        with self._lock:
+            self._slots.setdefault(store, []).append(slot)
+
+    def take(self, store: Any, outs: Sequence[Outgoing], now: float, on_take=None) -> tuple[Any, list]:
+        """The first idle reserver that can run some of ``outs`` now (due, on its queues) and
+        those messages, up to its limit; it is marked taken and ``on_take(slot)`` runs under
+        the lock. ``(None, [])`` when there is none."""
+        with self._lock:
+            for slot in self._slots.get(store) or ():
+                mine = [o for o in outs if o.queue in slot.queues and (o.eta is None or o.eta <= now)][: slot.limit]
+                if mine:
+                    slot.taken = True
+                    self._slots[store].remove(slot)
+                    if on_take is not None:
+                        on_take(slot)
+                    return slot, mine
+        return None, []
+
+    def close(self, store: Any, slot: Slot | None) -> list:
+        """Withdraw a reserver that stops waiting; what a sender handed it meanwhile."""
+        if slot is None:
+            return []
+        with self._lock:
+            if not slot.taken:
+                self._slots[store].remove(slot)
+                return []
+        return slot.wait()
+
+    def _after_fork(self) -> None:
+        """A forked child has none of its parent's reserver threads."""
+        self._lock = threading.Lock()
+        self._slots = {}
+
+
+IDLE = IdleReservers()
+os.register_at_fork(after_in_child=IDLE._after_fork)
 
 
 class SQLiteBroker(Broker):
@@ -48,7 +117,7 @@ class SQLiteBroker(Broker):
         self.store.ensure_schema("broker", _schema)
         self.poll_interval = float(self.options.get("poll_interval", 0.1))
         self._wake_key = ("sqlite-broker", self.path)
-        self._quiet: dict[int, tuple] = {}  # thread -> (wake-up version, next due) when it last found nothing
+        self._quiet = threading.local()     # .last: (wake-up version, next due, when) as this thread last found nothing
 
     # -- publishing --------------------------------------------------------------
     def publish_recorded(self, backend, records: Sequence[dict], outs: Sequence[Outgoing]) -> None:
@@ -106,7 +175,7 @@ class SQLiteBroker(Broker):
         publisher's transaction; the reserver returns them once it commits. This saves a
         claim per message and a wake-up's worth of latency for a worker in the same kernel.
         """
-        def settle_with_transaction(slot: _Slot) -> None:   # whatever happens next: the reserver waits for it
+        def settle_with_transaction(slot: Slot) -> None:   # whatever happens next: the reserver waits for it
             self.store.on_commit(slot.settled.set)
             self.store.on_rollback(lambda: (slot.deliveries.clear(), slot.settled.set()))
 
@@ -153,9 +222,24 @@ class SQLiteBroker(Broker):
         transaction, and what was handed over is returned beside anything claimed."""
         slot = None
         if handoff and timeout > 0:
-            slot = _Slot(queues, limit, lease, on_claim)
+            slot = Slot(queues, limit, lease, on_claim)
             IDLE.add(self.path, slot)
-        return self._reserve_with_slot(self.path, slot, lambda: self._reserve_loop(queues, timeout, lease, limit, on_claim, slot))
+        return self._reserve_with_slot(slot, lambda: self._reserve_loop(queues, timeout, lease, limit, on_claim, slot))
+
+    def _reserve_with_slot(self, slot: Slot | None, claim: Callable[[], list]) -> list[Delivery]:
+        """Run ``claim()`` (the reserve loop) while ``slot``, if any, is open for a hand-over;
+        return what it claimed and what it was handed. If ``claim`` raises, what was handed
+        over meanwhile goes back to the queue at once."""
+        try:
+            got = claim()
+        except BaseException:
+            for d in IDLE.close(self.path, slot):
+                try:
+                    self.release(d)
+                except Exception:
+                    pass                    # its lease brings it back
+            raise
+        return got + IDLE.close(self.path, slot)
 
     def _reserve_loop(self, queues: Sequence[str], timeout: float, lease: float, limit: int, on_claim, slot) -> list[Delivery]:
         deadline = time.monotonic() + max(0.0, timeout)
@@ -163,7 +247,7 @@ class SQLiteBroker(Broker):
         while True:
             version = WAKEUPS.version(self._wake_key)
             now = self.clock.time()
-            quiet = self._quiet.get(threading.get_ident())
+            quiet = getattr(self._quiet, "last", None)
             if (slot is not None and quiet is not None and quiet[0] == version and (quiet[1] is None or quiet[1] > now)
                     and time.monotonic() - quiet[2] < self.poll_interval):
                 # this thread found nothing, and nothing was published in this process
@@ -174,11 +258,11 @@ class SQLiteBroker(Broker):
             else:
                 got = self._claim(queues, now, lease, limit, on_claim)
                 if got:
-                    self._quiet.pop(threading.get_ident(), None)
+                    self._quiet.last = None
                     return got
                 due = self.next_due(queues)
                 if slot is not None:
-                    self._quiet[threading.get_ident()] = (version, due, time.monotonic())
+                    self._quiet.last = (version, due, time.monotonic())
             remaining = deadline - time.monotonic()
             if remaining <= 0 or slot is not None and slot.taken:
                 return []
@@ -188,7 +272,7 @@ class SQLiteBroker(Broker):
             started = time.monotonic()
             if WAKEUPS.wait(self._wake_key, version, wait) == version and time.monotonic() - started < 0.9 * wait:
                 continue        # poked for a hand-over (ours, or another reserver's): nothing new to read
-            self._quiet.pop(threading.get_ident(), None)
+            self._quiet.last = None
             interval = min(interval * 2, self.poll_interval)
 
     def _fenced(self, sql: str, params: tuple, delivery: Delivery) -> bool:
