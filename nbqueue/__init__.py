@@ -6,8 +6,9 @@ build group/chain/chord workflows. The default needs no server: an SQLite file.
 """
 from . import states
 from .app import App
-from .errors import (BrokerError, ConfigurationError, ConnectionLost, MessageError, NbqueueError, NotRegistered,
-                     PublishRefused, Retry, SerializationError, SignatureError, TaskFailed, TaskRevoked)
+from .errors import (BrokerError, CodeNotAllowed, ConfigurationError, ConnectionLost, MessageError, NbqueueError, NotRegistered,
+                     PublishRefused, Retry, SerializationError, SignatureError, SoftTimeLimitExceeded, TaskFailed, TaskRevoked,
+                     TimeLimitExceeded, WorkerLostError)
 from .result import AsyncResult, ChainResult, ChordResult, GroupResult
 from .retry import Backoff
 from .signature import Signature
@@ -20,6 +21,7 @@ __all__ = [
     "AsyncResult", "GroupResult", "ChainResult", "ChordResult",
     "NbqueueError", "BrokerError", "ConnectionLost", "PublishRefused", "ConfigurationError", "SerializationError",
     "MessageError", "NotRegistered", "TaskFailed", "TaskRevoked", "SignatureError", "progress",
+    "CodeNotAllowed", "WorkerLostError", "TimeLimitExceeded", "SoftTimeLimitExceeded",
 ]
 
 

@@ -19,7 +19,7 @@ import threading
 from typing import Any, Callable, Iterable, Mapping
 
 from . import config as _config
-from . import serialization, states
+from . import serialization, shipping, states
 from .backends import backend_from_url
 from .brokers import broker_from_url
 from .brokers.base import Outgoing
@@ -97,6 +97,9 @@ class App:
             fn = fn.fn
         task = Task(self, name, fn, **options)
         self.registry[name] = task
+        if shipping.defined_in_notebook(fn):   # sent to code queues (shipping.py): this process's workers read them too
+            for worker in list(self._workers):
+                worker.serve_code_queues()
         return task
 
     def register_tasks(self, tasks: Mapping[str, Callable]) -> dict[str, Task]:
@@ -113,6 +116,7 @@ class App:
         task = self.registry.get(sig.name)
         now = self.clock.time()
         message = sig.to_message(self.serializer, default_queue=self.default_queue, fn=task.fn if task else None, now=now)
+        shipping.attach(self, message)   # a task defined in a notebook carries its code, to a code queue
         if group_id is not None:
             message["group_id"] = group_id
         record = {
@@ -203,7 +207,13 @@ class App:
         return Worker(self, concurrency=concurrency, queues=queues, **options)
 
     def start_worker(self, concurrency: int = 1, queues: str | Iterable[str] | None = None, **options: Any):
-        """Start a worker in daemon threads of this process; returns it at once."""
+        """Start a worker in daemon threads of this process; returns it at once.
+
+        ``pool="processes"``: run tasks in ``concurrency`` child processes (CPU-bound work
+        on every core; functions defined in the notebook are shipped to them by value),
+        with ``max_tasks_per_child``, ``max_memory_per_child`` (KiB) and ``shutdown_grace``
+        (s); ``allow_code=True``: also run functions shipped from other notebooks.
+        """
         worker = self.worker(concurrency=concurrency, queues=queues, **options)
         worker.start()
         return worker

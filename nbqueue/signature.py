@@ -216,6 +216,7 @@ _FIELD_TYPES: dict[str, tuple] = {
     "retry_timeout": (int, float), "retry_backoff": (dict,), "retries": (int,), "immutable": (bool,),
     "on_success": (list,), "on_error": (list,), "ignore_when_not_registered": (bool,), "time_limit": (int, float),
     "group_id": (str,), "group_task_count": (int,), "workflow": (dict,), "created_at": (int, float), "serializer": (str,),
+    "code": (dict,),
 }
 
 

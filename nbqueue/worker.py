@@ -24,9 +24,9 @@ import traceback as _tb
 import uuid
 from typing import Any, Iterable
 
-from . import capture, serialization, states, workflow
+from . import builtin, capture, serialization, shipping, states, workflow
 from .brokers.base import Delivery, queue_list
-from .errors import MessageError, NotRegistered, Retry, SerializationError
+from .errors import MessageError, NotRegistered, Retry, SerializationError, WorkerLostError
 from .retry import next_delay
 from .signature import decode_body, encode_body
 
@@ -223,9 +223,12 @@ class Worker:
     def __init__(self, app, concurrency: int = 1, queues: str | Iterable[str] | None = None, *, name: str | None = None,
                  prefetch: int | None = None, allow_cells: bool = False, echo_output: bool = False, heartbeat_interval: float | None = None,
                  local_follow_ups: bool = True, unknown_grace: float = 0.0,
-                 beat: bool = False):
+                 beat: bool = False, pool: str = "threads", allow_code: bool = False, max_tasks_per_child: int | None = None,
+                 max_memory_per_child: int | None = None, shutdown_grace: float = 30.0):
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
+        if pool not in ("threads", "processes"):
+            raise ValueError(f"pool must be 'threads' or 'processes', not {pool!r}")
         self.app = app
         self.concurrency = int(concurrency)
         self.queues = queue_list(queues) if queues else [app.default_queue]
@@ -234,6 +237,16 @@ class Worker:
         self.allow_cells = allow_cells
         self.echo_output = echo_output
         self.beat = beat                               # also run the App's periodic-task scheduler (schedule.py)
+        # -- the process pool (pool.py) and shipped notebook functions (shipping.py) --
+        self.allow_code = allow_code                   # run functions shipped from notebooks (--allow-code)
+        self.pool = None                               # pool="processes": each executor thread drives one child
+        if pool == "processes":
+            from .pool import ProcessPool
+
+            self.pool = ProcessPool(self.concurrency, max_tasks_per_child=max_tasks_per_child, max_memory_per_child=max_memory_per_child)
+        self.shutdown_grace = shutdown_grace           # seconds running children may finish once the worker stops
+        if allow_code or any(shipping.defined_in_notebook(t.fn) for t in list(app.registry.values())):
+            self.serve_code_queues()
         self.lease = app.visibility_timeout
         self.heartbeat_interval = heartbeat_interval or max(0.05, min(self.lease / 3.0, 5.0))
         self._stopping = threading.Event()
@@ -264,6 +277,8 @@ class Worker:
             return self
         capture.install(echo=self.echo_output)
         self._stopping.clear()
+        if self.pool is not None:
+            self.pool.start()
         for i in range(self.concurrency):
             t = threading.Thread(target=self._executor_loop, name=f"nbqueue-worker-{i}", daemon=True)
             self._threads.append(t)
@@ -274,7 +289,8 @@ class Worker:
         self.app._worker_started(self)
         if self.beat:
             self.app.scheduler().start()
-        log.info("worker %s started: %d thread(s), queues %s", self.name, self.concurrency, ",".join(self.queues))
+        log.info("worker %s started: %d %s, queues %s", self.name, self.concurrency, "child process(es)" if self.pool else "thread(s)",
+                 ",".join(self.queues))
         return self
 
     def run(self) -> None:
@@ -282,7 +298,8 @@ class Worker:
         self.start()
         while not self._stopping.is_set():
             self._stopping.wait(0.5)
-        self.join()
+        if not self.join(self.shutdown_grace if self.pool is not None else None):
+            self.join()
 
     def stop(self, wait: bool = True, timeout: float | None = None) -> None:
         """Stop taking tasks; running ones finish; reserved but unstarted ones go back at once."""
@@ -299,8 +316,16 @@ class Worker:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             t.join(remaining)
         alive = any(t.is_alive() for t in self._threads)
+        if alive and self.pool is not None and self._stopping.is_set() and timeout is not None:
+            # past the grace period: stop the running children; their tasks go back to the queue
+            if self.pool.stop_running("the worker stopped before the task finished"):
+                for t in self._threads:
+                    t.join(self.pool.kill_grace + 10)
+                alive = any(t.is_alive() for t in self._threads)
         if not alive and self._threads:
             self._threads = []
+            if self.pool is not None:
+                self.pool.close()
             self.app._worker_stopped(self)
             try:
                 self.app.backend.worker_gone(self.name)
@@ -371,7 +396,8 @@ class Worker:
     def _heartbeat_loop(self) -> None:
         """Every 0.1 s while tasks run: STARTED states, live output, time limits.
         Every ``heartbeat_interval``: lease extensions and the worker's heartbeat record."""
-        info = {"host": socket.gethostname(), "pid": os.getpid(), "concurrency": self.concurrency, "queues": self.queues}
+        info = {"host": socket.gethostname(), "pid": os.getpid(), "concurrency": self.concurrency, "queues": self.queues,
+                "pool": "processes" if self.pool is not None else "threads", "allow_code": self.allow_code, "origin": builtin.PROCESS_TOKEN}
         next_beat, next_upkeep = 0.0, time.monotonic() + 0.5   # no checkpoint at start: work comes first
         while True:
             try:
@@ -386,7 +412,7 @@ class Worker:
                         held = list(self._held.values())
                     for d in held:
                         self.app.broker.extend(d, self.lease)
-                    self.app.backend.heartbeat(self.name, {**info, "running": len(running), "processed": self.processed},
+                    self.app.backend.heartbeat(self.name, {**info, "queues": self.queues, "running": len(running), "processed": self.processed},
                                                ttl=max(3 * self.heartbeat_interval, 2.0))
             except Exception:
                 log.warning("worker %s: heartbeat failed", self.name, exc_info=True)
@@ -427,6 +453,8 @@ class Worker:
         limit = run.get("time_limit")
         if not limit or time.monotonic() - run["started"] <= limit:
             return
+        if self.pool is not None and not run["message"]["name"].startswith("nbqueue."):
+            return   # in a child process: the pool stops it at its limit (a hard limit)
         # A thread cannot be killed: the task is failed now, its late result is fenced out.
         if self.app.backend.store_result(task_id, states.FAILURE, token=run["token"], exc_type="TimeLimitExceeded",
                                          error=f"task ran longer than its time limit of {limit:g}s", output=capture.peek(task_id)):
@@ -598,6 +626,11 @@ class Worker:
 
             batch.add(settle, delivery)
             return
+        if "code" in message:   # a function shipped from a notebook: this process's own, or run only with allow_code
+            task = shipping.task_for(self, message, task, delivery.queue)
+            if task is None:    # another live worker runs it: hand it back
+                self._requeue(delivery, message, token, batch, delay=1.0)
+                return
         if task is None and app.clock.time() - self._born < self.unknown_grace:
             log.info("task %s (%s) is not registered yet; handing it back for %.0fs more", name, task_id,
                      self.unknown_grace - (app.clock.time() - self._born))
@@ -632,14 +665,17 @@ class Worker:
         capture.begin(task_id)
         try:
             with workflow.task_context(app, message, token, self):
-                value = task.fn(*args, **kwargs)
+                value = self._call(task, args, kwargs, message)
         except Retry as exc:
             output = capture.end()
             self._retry(delivery, message, token, exc.countdown, "Retry", exc.reason or "retry requested", output, batch, counts=False)
             return
+        except WorkerLostError as exc:   # its child process died or was stopped: not finished, not the task's failure
+            self._child_lost(delivery, message, token, exc, capture.end(), batch, started_at)
+            return
         except (Exception, SystemExit, KeyboardInterrupt) as exc:  # the task's own failure; exit() in a task must not end the worker
             output = capture.end()
-            tb = _tb.format_exc()
+            tb = getattr(exc, "child_traceback", None) or _tb.format_exc()
             if int(message.get("retry_count") or 0) > 0:
                 delay, timeout = next_delay(int(message.get("retries") or 0), float(message.get("retry_timeout") or 0), message.get("retry_backoff"))
                 message["retry_timeout"] = timeout
@@ -674,6 +710,51 @@ class Worker:
             batch.ack(delivery)
 
         batch.add(finish, delivery)
+
+    def _call(self, task, args: list, kwargs: dict, message: dict) -> Any:
+        """Run the task's function: in this thread, or with ``pool="processes"`` in a child
+        process (pool.py; built-in tasks, which use this process's objects, stay here)."""
+        if self.pool is None or task.name.startswith("nbqueue."):
+            return task.fn(*args, **kwargs)
+        return self.pool.call(task.fn, args, kwargs, task_id=message["id"], name=task.name, time_limit=message.get("time_limit"),
+                              soft_time_limit=message.get("soft_time_limit"))
+
+    def _child_lost(self, delivery: Delivery, message: dict, token: int, exc: WorkerLostError, output: str, batch: "_Batch",
+                    started_at: float) -> None:
+        """The child process running the task died (or was stopped): the task goes back to the
+        queue, unless it has now killed its child on ``max_deliveries`` deliveries (default 5):
+        then it fails with the reason, so a task that crashes every time cannot loop."""
+        if getattr(exc, "counts", True) and self.pool is not None:
+            deliveries = max(self.pool.note_death(message["id"]), delivery.attempt)
+            limit = int(self.app.config.option("max_deliveries") or 5)
+            if deliveries >= limit:
+                error = WorkerLostError(f"{exc} running this task, on {deliveries} deliveries (the limit is {limit}); not delivered again")
+                self._fail(delivery, message, token, error, batch, output=output, started_at=started_at)
+                return
+        log.warning("worker %s: %s running task %s (%s); delivering it again", self.name, exc, message["name"], message["id"])
+        self._requeue(delivery, message, token, batch, exc_type=type(exc).__name__, error=f"{exc}; delivered again", output=output or None)
+
+    def _requeue(self, delivery: Delivery, message: dict, token: int, batch: "_Batch", *, delay: float = 0.0, **fields) -> None:
+        """A begun task back to PENDING and its message back to its queue (due in ``delay`` s)."""
+        app = self.app
+
+        def requeue() -> None:
+            if app.backend.set_state(message["id"], states.PENDING, token=token, **fields):
+                if delay:
+                    app.broker.retry(delivery, eta=app.clock.time() + delay)
+                else:
+                    app.broker.release(delivery)
+            else:   # final meanwhile (revoked): nothing to run
+                batch.ack(delivery)
+
+        batch.add(requeue, delivery)
+
+    def serve_code_queues(self) -> None:
+        """Also read the code queues of this worker's queues (``shipping.code_queue``), where
+        tasks defined in a notebook are sent: called when such a task is registered."""
+        queues = shipping.with_code_queues(self.queues)
+        if queues != self.queues:
+            self.queues = queues
 
     def _refusal(self, task, message: dict) -> BaseException | None:
         """A reason not to run this task on this worker (cells need --allow-cells), or None."""
@@ -715,4 +796,5 @@ class Worker:
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
-        return f"<Worker {self.name} {state} concurrency={self.concurrency} queues={','.join(self.queues)}>"
+        pool = " pool=processes" if self.pool is not None else ""
+        return f"<Worker {self.name} {state} concurrency={self.concurrency}{pool} queues={','.join(self.queues)}>"
