@@ -391,6 +391,19 @@ class _Child:
         proc = self.proc
         return proc.pid if proc is not None else None
 
+    def replace_soon(self) -> None:
+        """Start a successor in the background (a dead or retired child), so the next task need not wait."""
+        def start() -> None:
+            try:
+                self.ensure_started()
+            except NbqueueError:
+                pass
+            except Exception:
+                log.warning("process pool: could not start child %d", self.index, exc_info=True)
+
+        if not (self.pool.closed or self.pool.draining):
+            threading.Thread(target=start, name="nbqueue-pool-replace", daemon=True).start()
+
     def ensure_started(self) -> None:
         with self.lock:
             if self.proc is not None and self.proc.exitcode is None:
@@ -400,6 +413,8 @@ class _Child:
             self._start()
 
     def _start(self) -> None:
+        if self.pool.closed or self.pool.draining:
+            raise NbqueueError("the process pool is closed")
         ctx = self.pool.context
         parent_conn, child_conn = ctx.Pipe(duplex=True)
         alive_r, alive_w = ctx.Pipe(duplex=False)
@@ -547,6 +562,7 @@ class _Child:
             log.info("process pool: recycling child %d (pid %s) after %d task(s), peak memory %d KiB", self.index, self.pid, self.tasks, rss)
             pool.recycled += 1
             self.retire()
+            self.replace_soon()
         return outcome
 
     def _died(self, task_id: str, output: list, started: float, time_limit: float | None) -> ChildOutcome:
@@ -557,6 +573,7 @@ class _Child:
         with self.lock:
             self._discard()
         self.pool.died += 1
+        self.replace_soon()
         outcome = ChildOutcome("died", output="".join(output), pid=proc.pid, seconds=time.monotonic() - started,
                                signal=-code if code is not None and code < 0 else None, exitcode=code)
         if reason == "time_limit":
@@ -618,6 +635,7 @@ class ProcessPool:
         self._lock = threading.Lock()
         self._deaths: collections.OrderedDict[str, int] = collections.OrderedDict()
         self.closed = False
+        self.draining = False          # the worker is stopping: no new children
         self.started = self.died = self.recycled = 0
         _pools.add(self)
 
@@ -689,7 +707,9 @@ class ProcessPool:
         return True
 
     def stop_running(self, reason: str, grace: float | None = None) -> int:
-        """Stop every child that is running a task; returns how many."""
+        """Stop every child that is running a task, starting no successors (the worker is
+        stopping); returns how many."""
+        self.draining = True
         stopped = 0
         for child in self.children:
             if child.task_id is not None:
