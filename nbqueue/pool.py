@@ -58,6 +58,7 @@ import multiprocessing.connection
 import os
 import pickle
 import queue as _queue
+import select
 import signal
 import sys
 import threading
@@ -406,7 +407,7 @@ class _Child:
 
     def ensure_started(self) -> None:
         with self.lock:
-            if self.proc is not None and self.proc.exitcode is None:
+            if self.proc is not None:   # one that died idle fails the next send, and is replaced then
                 return
             if self.proc is not None:
                 self._discard()
@@ -425,6 +426,7 @@ class _Child:
             child_conn.close()
             alive_r.close()
         self.proc, self.conn, self.alive_w = proc, parent_conn, alive_w
+        self.wait = _waiter(parent_conn, proc.sentinel)
         self.known, self.tasks, self.stop_reason = collections.OrderedDict(), 0, None
         self.pool.started += 1
         log.debug("process pool: child %d started (pid %d)", self.index, proc.pid)
@@ -505,12 +507,12 @@ class _Child:
         output: list[str] = []
         soft_at = started + soft_time_limit if soft_time_limit else None
         hard_at = started + time_limit if time_limit else None
-        conn, proc = self.conn, self.proc
+        conn, proc, wait = self.conn, self.proc, self.wait
         try:
             while True:
                 deadline = min((t for t in (soft_at, hard_at) if t is not None), default=None)
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-                ready = multiprocessing.connection.wait([conn, proc.sentinel], timeout)
+                ready = wait(timeout)
                 if not ready:
                     now = time.monotonic()
                     if soft_at is not None and now >= soft_at:
@@ -522,7 +524,7 @@ class _Child:
                         self.terminate("time_limit", self.pool.kill_grace)
                     continue
                 try:
-                    while conn.poll():
+                    while "message" in ready:
                         msg = conn.recv()
                         if msg[0] == "out":
                             for stream, text in msg[1]:
@@ -531,9 +533,10 @@ class _Child:
                                     on_output(stream, text)
                         elif msg[0] == "done":
                             return self._done(msg, output, started, shipped.key)
+                        ready = wait(0)
                 except (EOFError, OSError):    # its end of the pipe closed: it is gone
                     return self._died(task_id, output, started, time_limit)
-                if proc.sentinel in ready:
+                if "exited" in ready:
                     return self._died(task_id, output, started, time_limit)
         finally:
             self.task_id = None
@@ -604,6 +607,26 @@ class _Child:
         with self.lock:
             if self.proc is proc:
                 self._discard()
+
+
+def _waiter(conn, sentinel: int) -> Callable[[float | None], set]:
+    """``wait(timeout)`` -> a set of what is ready: "message" (the pipe from the child has
+    data or was closed) and/or "exited" (the child process ended). One poll object per
+    child (``multiprocessing.connection.wait`` builds a selector on each call)."""
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        fd = conn.fileno()
+        poller.register(fd, select.POLLIN)
+        poller.register(sentinel, select.POLLIN)
+
+        def wait(timeout: float | None) -> set:
+            events = poller.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999)))
+            return {"message" if got == fd else "exited" for got, _ in events}
+    else:  # pragma: no cover - Windows
+        def wait(timeout: float | None) -> set:
+            ready = multiprocessing.connection.wait([conn, sentinel], timeout)
+            return {"message" if r is conn else "exited" for r in ready}
+    return wait
 
 
 _pools: "weakref.WeakSet[ProcessPool]" = weakref.WeakSet()
