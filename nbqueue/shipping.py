@@ -11,9 +11,10 @@ importable function *by reference* (module and name). Two users of this module:
   so its new key is shipped and no child runs stale code.
 - **Messages**: a task defined in a notebook (:func:`defined_in_notebook`) is sent with
   a ``code`` field and routed to ``<queue>.code`` (:func:`code_queue`), a queue that
-  only workers able to run it read: the sending kernel's own workers (which run their
-  registered function and unpickle nothing) and workers started with ``allow_code=True``
-  (``nbqueue worker --allow-code``). The opt-in and the signing are those of ``%%task``
+  only workers able to run it read: workers of a process that registered a notebook
+  function (the sending kernel's own; they run their registered function by name, as
+  for any message, and unpickle nothing) and workers started with ``allow_code=True``
+  (``nbqueue worker --allow-code``), which run the shipped code. The opt-in and the signing are those of ``%%task``
   cells (``builtin.py``): when a secret is configured (``App(secret=...)`` or
   ``NBQUEUE_SECRET``) the sender signs the code (HMAC-SHA256 over the task name, the
   code's hash and the sending process) and a worker refuses unsigned or altered code.
@@ -364,21 +365,36 @@ def _capable_elsewhere(worker, message: dict, queue: str | None) -> bool:
     return False
 
 
-def task_for(worker, message: dict, task, queue: str | None = None):
-    """Worker side: what runs a message that carries ``code``.
+#: ``task_for``'s answer for a message another live worker should run: hand it back
+HAND_BACK = object()
 
-    Sent by this process: its registered task (nothing is unpickled). On a worker with
-    ``allow_code``: the shipped function (checked before it is unpickled). Otherwise None
-    (not runnable here) while another live worker can run it, so it is handed back; or a
-    task whose check refuses it with the reason (``CodeNotAllowed``).
+
+def task_for(worker, message: dict, task, queue: str | None = None):
+    """Worker side: what runs a message that carries ``code``, ``task`` being the worker's
+    registered task of that name (or None).
+
+    - The registered task, on a worker without ``allow_code`` (tasks go by name, as any
+      message: the sending kernel's own worker, or the same notebook after a kernel
+      restart), and for the sending process's own messages: nothing is unpickled.
+    - On a worker with ``allow_code``: the shipped function (checked before it is unpickled).
+    - Otherwise :data:`HAND_BACK` while another live worker can run it (its sender's, or
+      one with ``allow_code``, by their heartbeats); None during the worker's
+      ``unknown_grace`` (a kernel whose cells have not defined the task yet); else a task
+      that refuses to run, with ``CodeNotAllowed``.
     """
     code = message.get("code")
-    if task is not None and isinstance(code, dict) and code.get("origin") == builtin.PROCESS_TOKEN:
+    own = isinstance(code, dict) and code.get("origin") == builtin.PROCESS_TOKEN
+    allow = getattr(worker, "allow_code", False)
+    if task is not None and (own or not allow):
         return task
-    if getattr(worker, "allow_code", False) or not _capable_elsewhere(worker, message, queue):
+    if allow:
         return ShippedTask(message)
-    return None
+    if _capable_elsewhere(worker, message, queue):
+        return HAND_BACK
+    if worker.app.clock.time() - getattr(worker, "_born", 0.0) < getattr(worker, "unknown_grace", 0.0):
+        return None
+    return ShippedTask(message)
 
 
 __all__ = ["Shipped", "pack", "load", "defined_in_notebook", "code_queue", "with_code_queues", "sign", "attach", "refusal",
-           "ShippedTask", "task_for", "INLINE_LIMIT"]
+           "ShippedTask", "task_for", "HAND_BACK", "INLINE_LIMIT"]

@@ -626,9 +626,9 @@ class Worker:
 
             batch.add(settle, delivery)
             return
-        if "code" in message:   # a function shipped from a notebook: this process's own, or run only with allow_code
+        if "code" in message:   # a function shipped from a notebook: run by name, or its code only with allow_code
             task = shipping.task_for(self, message, task, delivery.queue)
-            if task is None:    # another live worker runs it: hand it back
+            if task is shipping.HAND_BACK:    # another live worker runs it
                 self._requeue(delivery, message, token, batch, delay=1.0)
                 return
         if task is None and app.clock.time() - self._born < self.unknown_grace:

@@ -485,8 +485,9 @@ def test_cli_process_worker_on_redis_runs_a_shipped_notebook_function(tmp_path, 
         descendants = {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
         assert child != proc.pid and child in descendants
         r = tasks["where"].delay(1)
-        r.get(timeout=60)
-        assert f"child {child} got 1" in app.backend.get(r.id)["output"]
+        other = r.get(timeout=60)[1]
+        output = app.backend.get(r.id)["output"]
+        assert f"child {other} got 1\n" in output and "WARNING notebook: computing 1" in output and other in descendants
         ns["factor"] = 7                                       # re-sent with the new value
         assert tasks["where"].delay(5).get(timeout=60)[0] == 35
         crashed = tasks["crash"].delay(str(tmp_path / "crashes"))
