@@ -202,6 +202,11 @@ class _ChildStream:
         return getattr(self._original, name)
 
 
+def _message(msg: tuple) -> bytes:
+    """The pipe protocol's messages are tuples of plain values (texts, numbers, bytes)."""
+    return pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+
+
 def _send_output_locked() -> None:
     if not _ChildState.pending:
         return
@@ -212,7 +217,7 @@ def _send_output_locked() -> None:
         else:
             merged.append([stream, text])
     _ChildState.pending, _ChildState.pending_size = [], 0
-    _ChildState.conn.send(("out", [tuple(m) for m in merged]))
+    _ChildState.conn.send_bytes(_message(("out", [tuple(m) for m in merged])))
 
 
 def _output_flusher() -> None:
@@ -301,7 +306,7 @@ def _child_main(conn, alive, settings: dict) -> None:
     root.setLevel(settings.get("log_level") or logging.WARNING)
     while True:
         try:
-            msg = conn.recv()
+            msg = pickle.loads(conn.recv_bytes())
         except (EOFError, OSError):
             break
         if msg[0] != "run":
@@ -339,7 +344,7 @@ def _child_main(conn, alive, settings: dict) -> None:
         with _ChildState.send_lock:
             try:
                 _send_output_locked()
-                conn.send(("done", reply, _maxrss_kib()))
+                conn.send_bytes(_message(("done", reply, _maxrss_kib())))
             except (OSError, ValueError):
                 break
     os._exit(0)
@@ -451,7 +456,7 @@ class _Child:
             if self.proc is None:
                 return
             try:
-                self.conn.send(("exit",))
+                self.conn.send_bytes(_message(("exit",)))
             except OSError:
                 pass
             self._discard()
@@ -492,7 +497,7 @@ class _Child:
         for attempt in (1, 2):
             self.ensure_started()
             try:
-                self.conn.send(("run", task_id, name, shipped.key, None if shipped.key in self.known else shipped.data, payload))
+                self.conn.send_bytes(_message(("run", task_id, name, shipped.key, None if shipped.key in self.known else shipped.data, payload)))
                 break
             except OSError as exc:     # it died while idle: the task never reached it; start another
                 with self.lock:
@@ -525,7 +530,7 @@ class _Child:
                     continue
                 try:
                     while "message" in ready:
-                        msg = conn.recv()
+                        msg = pickle.loads(conn.recv_bytes())
                         if msg[0] == "out":
                             for stream, text in msg[1]:
                                 output.append(text)
@@ -595,7 +600,7 @@ class _Child:
                 return
             if self.task_id is None:
                 try:
-                    self.conn.send(("exit",))
+                    self.conn.send_bytes(_message(("exit",)))
                 except OSError:
                     pass
         if self.task_id is not None:
