@@ -755,6 +755,8 @@ class Worker:
         queues = shipping.with_code_queues(self.queues)
         if queues != self.queues:
             self.queues = queues
+            if self._threads:
+                self.app.broker.wake()     # reservers waiting on the old list start again with the new one
 
     def _refusal(self, task, message: dict) -> BaseException | None:
         """A reason not to run this task on this worker (cells need --allow-cells), or None."""

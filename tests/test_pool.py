@@ -588,3 +588,44 @@ def test_process_pool_notebook_shows_the_speed_up(tmp_path):
     import re
 
     assert re.search(r"threads: \d+\.\d+ s, processes: \d+\.\d+ s: \d+\.\d+x as fast on \d+ cores", text), text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["shutdown", "kill"])
+def test_no_child_outlives_its_kernel(tmp_path, how):
+    """A kernel shut down (its children are stopped at exit) or killed with SIGKILL (each
+    child, here one busy with a task, sees the pipe only its parent held close, and exits)."""
+    from jupyter_client.manager import start_new_kernel
+
+    from test_notebooks import run_code
+
+    km, kc = start_new_kernel(kernel_name="python3", cwd=str(tmp_path))
+    try:
+        out = run_code(kc, textwrap.dedent("""
+            import os, time
+            import nbqueue
+            app = nbqueue.App("sqlite:///pool.db")
+            worker = app.start_worker(pool="processes", concurrency=2)
+            worker.pool.start(wait=True)
+
+            @app.task
+            def nap():
+                import time
+                time.sleep(600)
+
+            r = nap.delay()
+            while r.state != "STARTED":   # a child busy with a task: only its watch on the parent ends it
+                time.sleep(0.05)
+            print(os.getpid(), *worker.pool.pids())
+            """))
+        kernel, *pids = [int(p) for p in out.split()]
+        assert len(pids) == 2 and all(alive(p) for p in pids)
+        if how == "kill":
+            os.kill(kernel, signal.SIGKILL)      # this process only (the kernel manager would kill its process group)
+        else:
+            km.shutdown_kernel()
+        wait_for(lambda: not any(alive(p) for p in pids), timeout=30, message="children gone with their kernel")
+    finally:
+        kc.stop_channels()
+        if km.has_kernel:
+            km.shutdown_kernel(now=True)
