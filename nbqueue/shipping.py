@@ -245,6 +245,14 @@ def defined_in_notebook(fn: Any) -> bool:
     return True
 
 
+def interactive() -> bool:
+    """True in a notebook kernel or another interactive interpreter (``__main__`` is no
+    file): where notebook functions are defined, so its workers read code queues from
+    the start (elsewhere they begin to once one is registered)."""
+    main = sys.modules.get("__main__")
+    return main is not None and not getattr(main, "__file__", None)
+
+
 def code_queue(queue: str) -> str:
     """The queue that tasks defined in a notebook and sent to ``queue`` go to."""
     return queue if queue.endswith(CODE_SUFFIX) else queue + CODE_SUFFIX
@@ -396,5 +404,5 @@ def task_for(worker, message: dict, task, queue: str | None = None):
     return ShippedTask(message)
 
 
-__all__ = ["Shipped", "pack", "load", "defined_in_notebook", "code_queue", "with_code_queues", "sign", "attach", "refusal",
+__all__ = ["Shipped", "pack", "load", "defined_in_notebook", "interactive", "code_queue", "with_code_queues", "sign", "attach", "refusal",
            "ShippedTask", "task_for", "HAND_BACK", "INLINE_LIMIT"]

@@ -245,7 +245,7 @@ class Worker:
 
             self.pool = ProcessPool(self.concurrency, max_tasks_per_child=max_tasks_per_child, max_memory_per_child=max_memory_per_child)
         self.shutdown_grace = shutdown_grace           # seconds running children may finish once the worker stops
-        if allow_code or any(shipping.defined_in_notebook(t.fn) for t in list(app.registry.values())):
+        if allow_code or shipping.interactive() or any(shipping.defined_in_notebook(t.fn) for t in list(app.registry.values())):
             self.serve_code_queues()
         self.lease = app.visibility_timeout
         self.heartbeat_interval = heartbeat_interval or max(0.05, min(self.lease / 3.0, 5.0))
