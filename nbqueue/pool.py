@@ -673,7 +673,9 @@ class ProcessPool:
         return {"env": dict(os.environ), "log_level": root.getEffectiveLevel(), "log_format": fmt}
 
     def start(self, wait: bool = False) -> "ProcessPool":
-        """Start every child (in a background thread unless ``wait``), so the first tasks need not."""
+        """Start every child (in a background thread unless ``wait``), so the first tasks need
+        not; also opens a closed pool again (a worker started again after a stop)."""
+        self.closed = self.draining = False
         def warm() -> None:
             for child in self.children:
                 if self.closed:

@@ -754,9 +754,7 @@ class Worker:
         tasks defined in a notebook are sent: called when such a task is registered."""
         queues = shipping.with_code_queues(self.queues)
         if queues != self.queues:
-            self.queues = queues
-            if self._threads:
-                self.app.broker.wake()     # reservers waiting on the old list start again with the new one
+            self.queues = queues        # an executor's next reserve (within 0.25 s) reads them
 
     def _refusal(self, task, message: dict) -> BaseException | None:
         """A reason not to run this task on this worker (cells need --allow-cells), or None."""

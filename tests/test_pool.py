@@ -280,6 +280,18 @@ def test_stop_past_the_grace_period_stops_children_and_hands_their_tasks_back(ap
     assert r.get(timeout=60) == 2 and len(lines(Path(side + ".done"))) == 1
 
 
+def test_a_stopped_process_worker_starts_again_with_new_children(app_factory):
+    app = app_factory()
+    _, tasks = register(app, pid=1)
+    worker = app.start_worker(pool="processes", concurrency=1)
+    first = tasks["pid"].delay().get(timeout=60)
+    worker.stop(timeout=30)
+    assert not alive(first)
+    worker.start()
+    second = tasks["pid"].delay().get(timeout=60)
+    assert second != first and second in worker.pool.pids()
+
+
 def test_kernel_interrupt_does_not_reach_running_children(app_factory):
     """A kernel interrupt signals the kernel's whole process group: children ignore SIGINT."""
     app = app_factory()
