@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -266,6 +267,63 @@ def test_cli_check_fails_when_the_module_cannot_import(tmp_path):
     assert missing.returncode == 2 and "no notebook at 'nothing-here.ipynb'" in missing.stderr
 
 
+EDGE_CELLS = (
+    "import nbqueue\napp = nbqueue.App.from_env()\ntry:\n    import orjson as fastjson\nexcept ImportError:\n"
+    "    fastjson = None\nif True:\n    MODE = 'fast'\nelse:\n    MODE = 'slow'",
+    "CONFIG = {}\nCONFIG['k'] = 2\nLIMIT = 5; print(LIMIT)\nN = 1",
+    "N = N + 1\nfor i in range(3):\n    CONFIG['loop'] = i",
+    "@app.task(\n    retry_count=1,  # a trailing comma and a comment\n)\ndef uses_all(x):\n"
+    "    return [fastjson is None, MODE, CONFIG['k'], LIMIT, N, x]",
+    "@app.periodic_task('@daily', timezone='UTC')\n@app.task\ndef stacked():\n    return 1",
+    "square = lambda v: v * v\nimport math as m",
+    "%%task poem\ntext = '''line one\n    indented line\nend'''\nn = square(len(text.splitlines()))\nm.sqrt(n) + len(text)",
+    "def outer():\n    %time x = 1\n    return 2\n\napp.register_task('outer_task', outer)\n"
+    "app.periodic('@hourly', app.signature('outer_task'), name='hourly_outer')",
+    "@app.task\ndef shows():\n    return display(1)",
+)
+
+
+def test_blocks_partial_assignments_rebindings_and_registrations_are_followed(tmp_path, monkeypatch):
+    nb = write_notebook(tmp_path / "edge.ipynb", *EDGE_CELLS)
+    result = nbexport.export(nb, module="edge_tasks")
+    text = result.text
+    # a try/except import and an if block of assignments are exported whole; CONFIG['k'] = 2 too;
+    # N = N + 1 brings the N = 1 it reads; the print sharing LIMIT's line stays behind
+    assert "try:\n    import orjson as fastjson\nexcept ImportError:\n    fastjson = None\n" in text
+    assert "if True:\n    MODE = 'fast'\nelse:\n    MODE = 'slow'\n" in text
+    assert "CONFIG = {}\nCONFIG['k'] = 2\nLIMIT = 5\n" in text and "print" not in ast.unparse(ast.parse(text))
+    assert text.index("N = 1") < text.index("N = N + 1")
+    # name= goes after the last argument, also before a trailing comma and comment; stacked decorators both get it
+    assert '    retry_count=1, name="uses_all",  # a trailing comma and a comment\n)' in text
+    assert "@app.periodic_task('@daily', timezone='UTC', name=\"stacked\")\n@app.task(name=\"stacked\")\n" in text
+    # the %%task cell reads a lambda and a module: exported as code, not parameters; its string keeps its lines
+    assert "def poem():\n" in text and "square = lambda v: v * v\nimport math as m\n" in text
+    assert "    text = '''line one\n    indented line\nend'''\n" in text
+    # app.register_task / app.periodic are task definitions; an IPython line inside a function becomes pass
+    assert "    pass  # nbqueue export: dropped the IPython line `%time x = 1`\n    return 2\n" in text
+    assert "app.register_task('outer_task', outer)\napp.periodic(" in text
+    assert result.tasks == ["uses_all", "stacked", "poem", "outer_task", "hourly_outer", "shows"]
+    assert result.unresolved == {
+        "CONFIG": "changed by `for i in range(3):` (cell 3, line 2), which is not exported [needed by uses_all]",
+        "display": "not defined in the notebook; IPython provides it in a notebook; a module needs "
+                   "`from IPython.display import display` [needed by shows]",
+    }
+    # the module behaves as the notebook did
+    (tmp_path / "edge_tasks.py").write_text(text)
+    assert nbexport.check_module(tmp_path / "edge_tasks.py") == {
+        "tasks": ["outer_task", "poem", "shows", "stacked", "uses_all"], "schedules": ["hourly_outer", "stacked"]}
+    monkeypatch.setenv("NBQUEUE_BROKER", f"sqlite:///{tmp_path}/edge.db")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import edge_tasks
+
+    try:
+        assert edge_tasks.uses_all(7) == [False, "fast", 2, 5, 2, 7]      # orjson is a dependency of nbqueue
+        assert edge_tasks.poem() == 3.0 + len("line one\n    indented line\nend")
+    finally:
+        edge_tasks.app.close()
+        sys.modules.pop("edge_tasks", None)
+
+
 # -- the App ------------------------------------------------------------------------------------------------
 
 def test_without_an_app_in_the_notebook_the_module_takes_one_from_the_environment(tmp_path):
@@ -397,5 +455,8 @@ def test_export_notebook_runs(tmp_path):
     text = "".join(cell_text(c) for c in nb.cells if c.cell_type == "code")
     assert "registered tasks: clean_mean, normalise" in text
     assert "results from the worker process: {'clean_mean': 2.5, 'normalise': [0.0, 0.5, 1.0]}" in text
+    pid = re.search(r"worker process (\d+) is up", text).group(1)
+    assert re.search(rf"ran on: \['[^']*:{pid}:[0-9a-f]+'\] \| worker pid {pid}", text)
+    assert "def normalise(readings):" in text and "big = " not in text.split('"""Tasks exported')[1]
     assert "worker exited with 0" in text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["05-export.ipynb", "executed-05-export.ipynb"]

@@ -757,11 +757,12 @@ class _Exporter:
             call = found[2]
             if call is None:
                 edits.append((code.end(dec), code.end(dec), f"(name={_lit(stmt.name)})"))
-                continue
-            close = code.end(call) - 1
-            before = code.source[code.end(call.func):close].rstrip()
-            sep = "" if not (call.args or call.keywords) or before.endswith(",") else ", "
-            edits.append((close, close, f"{sep}name={_lit(stmt.name)}"))
+            elif call.args or call.keywords:   # after the last argument: a trailing comma or comment stays valid
+                last = max(code.end(node) for node in [*call.args, *(k.value for k in call.keywords)])
+                edits.append((last, last, f", name={_lit(stmt.name)}"))
+            else:
+                close = code.end(call) - 1
+                edits.append((close, close, f"name={_lit(stmt.name)}"))
         return edits
 
     def _span(self, unit: Unit) -> tuple[int, int, int, int]:
