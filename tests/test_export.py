@@ -304,7 +304,7 @@ def test_blocks_partial_assignments_rebindings_and_registrations_are_followed(tm
     assert "app.register_task('outer_task', outer)\napp.periodic(" in text
     assert result.tasks == ["uses_all", "stacked", "poem", "outer_task", "hourly_outer", "shows"]
     assert result.unresolved == {
-        "CONFIG": "changed by `for i in range(3):` (cell 3, line 2), which is not exported [needed by uses_all]",
+        "CONFIG": "changed by `CONFIG['loop'] = i` (cell 3, line 3), which is not exported [needed by uses_all]",
         "display": "not defined in the notebook; IPython provides it in a notebook; a module needs "
                    "`from IPython.display import display` [needed by shows]",
     }
@@ -322,6 +322,19 @@ def test_blocks_partial_assignments_rebindings_and_registrations_are_followed(tm
     finally:
         edge_tasks.app.close()
         sys.modules.pop("edge_tasks", None)
+
+
+def test_future_imports_go_first_and_postponed_annotations_are_not_read_at_import(tmp_path):
+    """With ``from __future__ import annotations`` a forward reference in an annotation is only text."""
+    nb = write_notebook(tmp_path / "future.ipynb", "from __future__ import annotations\nimport nbqueue\napp = nbqueue.App.from_env()",
+                        "@app.task\ndef make(x: Later) -> int:\n    return Later(x).x", "class Later:\n    def __init__(self, x):\n        self.x = x")
+    result = nbexport.export(nb, module="future_tasks")
+    assert not result.unresolved
+    body = ast.parse(result.text).body
+    assert isinstance(body[1], ast.ImportFrom) and body[1].module == "__future__"     # right after the docstring
+    assert "class Later:" in result.text
+    (tmp_path / "future_tasks.py").write_text(result.text)
+    assert nbexport.check_module(tmp_path / "future_tasks.py")["tasks"] == ["make"]
 
 
 # -- the App ------------------------------------------------------------------------------------------------

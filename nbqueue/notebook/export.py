@@ -338,10 +338,15 @@ def _without_magics(source: str) -> str:
     return ast.unparse(_DropMagics().visit(ast.parse(source)))
 
 
-def _scopes(stmt: ast.stmt) -> tuple[set, set, set, set]:
-    """``(binds, now, later, globals set inside functions)`` of one top-level statement."""
-    table = symtable.symtable(_without_magics(ast.unparse(stmt)) + "\n", "<cell>", "exec")
-    binds = {s.get_name() for s in table.get_symbols() if s.is_assigned() or s.is_imported()}
+def _scopes(stmt: ast.stmt, futures: tuple[str, ...] = ()) -> tuple[set, set, set, set]:
+    """``(binds, now, later, globals set inside functions)`` of one top-level statement.
+
+    ``futures``: the ``from __future__`` imports in force (IPython keeps them for later cells).
+    """
+    prefix = "".join(f"{line}\n" for line in futures)
+    table = symtable.symtable(prefix + _without_magics(ast.unparse(stmt)) + "\n", "<cell>", "exec")
+    prefixed = {a.asname or a.name for line in futures for a in ast.parse(line).body[0].names}
+    binds = {s.get_name() for s in table.get_symbols() if s.is_assigned() or s.is_imported()} - prefixed
     now = {s.get_name() for s in table.get_symbols() if s.is_referenced()}
     later: set[str] = set()
     set_in_functions: set[str] = set()
@@ -399,6 +404,7 @@ class _Exporter:
         self.app_names: list[str] = []
         self.unresolved: dict[str, dict] = {}
         self.synthesized: list[str] = []
+        self.futures: list[str] = []                         # `from __future__` imports, hoisted to the top
 
     # -- reading cells ----------------------------------------------------------------------------
     def _transform(self, source: str) -> str:
@@ -513,10 +519,14 @@ class _Exporter:
 
     def _read_code(self, code: CellCode) -> None:
         for pos, stmt in enumerate(code.tree.body):
+            if isinstance(stmt, ast.ImportFrom) and stmt.module == "__future__":
+                if ast.unparse(stmt) not in self.futures:
+                    self.futures.append(ast.unparse(stmt))
+                continue
             line = code.cell_line(min([stmt.lineno] + [d.lineno for d in getattr(stmt, "decorator_list", [])]))
             unit = self._unit(cell=code.number, pos=pos, line=line, kind="other", code=code, node=stmt)
             try:
-                unit.binds, unit.now, unit.later, set_inside = _scopes(stmt)
+                unit.binds, unit.now, unit.later, set_inside = _scopes(stmt, tuple(self.futures))
             except SyntaxError:  # e.g. a top-level await: read its names from the tree
                 unit.binds = {n.id for n in ast.walk(stmt) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
                 unit.now = {n.id for n in ast.walk(stmt) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
@@ -599,23 +609,24 @@ class _Exporter:
             unit.why = f"set by {what} ({unit.where}), which is not exported"
 
     def _record_mutations(self, unit: Unit, stmt: ast.stmt) -> None:
+        """Note the names a statement that is not exported visibly changes in place (``x.append(...)``, ``x[k] = v``)."""
         code = unit.code
         for node in _walk_code(stmt):
-            changed: str | None = None
+            changed: set[str] = set()
             if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call) and isinstance(node.value.func, ast.Attribute):
                 call = node.value
                 inplace = any(k.arg == "inplace" and isinstance(k.value, ast.Constant) and k.value.value is True
                               for k in call.keywords)
                 if call.func.attr in MUTATORS or inplace:
-                    changed = _root_name(call.func.value)
-            elif isinstance(node, (ast.Subscript, ast.Attribute)) and isinstance(node.ctx, (ast.Store, ast.Del)):
-                changed = _root_name(node.value)
-            if changed:
-                segment_node = node if isinstance(node, ast.stmt) else stmt
-                text = _short(ast.get_source_segment(code.source, segment_node) or ast.unparse(segment_node))
-                entry = (unit.order, f"`{text}` (cell {code.number}, line {code.cell_line(segment_node.lineno)})")
-                if entry not in self.mutations.setdefault(changed, []):
-                    self.mutations[changed].append(entry)
+                    changed.add(_root_name(call.func.value))
+            elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign, ast.Delete)):
+                targets = node.targets if isinstance(node, ast.Delete) else _targets(node)
+                changed |= {_root_name(t.value) for t in targets if isinstance(t, (ast.Subscript, ast.Attribute))}
+            text = _short(ast.get_source_segment(code.source, node) or ast.unparse(node)) if changed else ""
+            for name in sorted(n for n in changed if n):
+                entry = (unit.order, f"`{text}` (cell {code.number}, line {code.cell_line(node.lineno)})")
+                if entry not in self.mutations.setdefault(name, []):
+                    self.mutations[name].append(entry)
 
     # -- following names --------------------------------------------------------------------------
     def binding(self, name: str, before: int | None) -> Unit | None:
@@ -831,15 +842,11 @@ class _Exporter:
         items += [(u.order, u.cell, u.pos, u) for u in self.magic_lines if u.cell in needed_cells]
         items.sort(key=lambda item: item[0])
         body: list[str] = []
-        futures: list[str] = []
         previous: tuple[int, int, int] | None = None      # (cell, pos, last line) of the item written before
         for _, cell, pos, unit in items:
             if unit.kind == "magic":
                 self.notes.append((unit.cell, unit.line, f"dropped the IPython line `{unit.flag}`"))
                 text, first, last = f"# {MARK}: dropped the IPython line `{unit.flag}`\n", unit.line, unit.line
-            elif isinstance(unit.node, ast.ImportFrom) and unit.node.module == "__future__":
-                futures.append(self._unit_text(unit))
-                continue
             else:
                 text = self._unit_text(unit)
                 first, last = (self._span(unit)[2:] if unit.code is not None and unit.kind != "celltask"
@@ -858,7 +865,7 @@ class _Exporter:
             body.append(text)
             previous = (cell, pos, last)
         tasks = self._task_names(roots)
-        return self._assemble(tasks, futures, "".join(body)), tasks
+        return self._assemble(tasks, "".join(body)), tasks
 
     def _task_names(self, roots: list[Unit]) -> list[str]:
         names = []
@@ -872,13 +879,13 @@ class _Exporter:
     def primary_app(self, roots: list[Unit]) -> str:
         return next((u.app_name for u in roots if u.app_name), "app")
 
-    def _assemble(self, tasks: list[str], futures: list[str], body: str) -> str:
+    def _assemble(self, tasks: list[str], body: str) -> str:
         run = f"Run them with ``nbqueue worker --app {self.module}:app``."
         listed = textwrap.fill(f"Tasks: {', '.join(tasks) if tasks else '(none found)'}.", 100)
         doc = f"Tasks exported from {self.notebook_name} by ``nbqueue export``.\n\n{run}\n{listed}"
         doc_text = f'"""{doc}\n"""' if '"""' not in doc and "\\" not in doc else repr(doc)
         out = [doc_text + "\n"]
-        out += futures
+        out += [f"{line}\n" for line in self.futures]
         out.append(self._header_comments())
         for name in self.synthesized:
             out.append(f"\nimport nbqueue\n\n{name} = nbqueue.App.from_env()  # {MARK}: no App is created in the notebook\n")
@@ -943,7 +950,7 @@ def export(path: str | os.PathLike, module: str | None = None) -> Export:
         text += f"\napp = {primary}  # {MARK}: for nbqueue worker --app {module}:app\n"
     if not roots:
         exporter.notes.append((0, 0, "no task definitions found (@app.task, @app.periodic_task, %%task cells)"))
-        text = exporter._assemble([], [], "")
+        text = exporter._assemble([], "")
     try:
         compile(text, f"<{module}>", "exec")
     except SyntaxError as exc:
