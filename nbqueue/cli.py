@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("export", help="write a notebook's tasks and the code they need to an importable module")
     e.add_argument("notebook", help="the .ipynb file")
     e.add_argument("-o", "--output", help="the module file to write (default: print it)")
-    e.add_argument("--check", action="store_true", help="then import the module in a fresh interpreter and list its tasks")
+    e.add_argument("--check", action="store_true", help="then import the module in a new interpreter, list its tasks")
     e.set_defaults(fn=cmd_export)
 
     args = parser.parse_args(argv)

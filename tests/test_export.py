@@ -137,8 +137,8 @@ def notebook(tmp_path) -> Path:
 
 
 def cli(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nbqueue", *args], cwd=cwd, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **env})
+    return subprocess.run([sys.executable, "-m", "nbqueue", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **env})
 
 
 def top_level_names(text: str) -> set[str]:
@@ -210,11 +210,13 @@ def test_a_constant_computed_by_a_call_is_copied_and_flagged(notebook):
 def test_unresolved_names_are_listed_with_why_and_left_undefined(notebook):
     result = nbexport.export(notebook, module="mytasks")
     assert set(result.unresolved) == UNRESOLVED
-    assert result.unresolved["LABEL"] == "set by a `for` statement (cell 6, line 2), which is not exported [needed by labelled]"
+    assert result.unresolved["LABEL"] == ("set by a `for` statement (cell 6, line 2), which is not exported "
+                                          "[needed by labelled]")
     assert result.unresolved["files"] == "set by the IPython line `files = !ls` (cell 6, line 5) [needed by labelled]"
     for name in ("MAGIC", "sqrt"):
-        assert result.unresolved[name].startswith("not defined in the notebook; it may come from "
-                                                  "`from math import *` (cell 6, line 1), `exec(\"MAGIC = 42\")` (cell 6, line 4)")
+        assert result.unresolved[name].startswith(
+            "not defined in the notebook; it may come from `from math import *` (cell 6, line 1), "
+            "`exec(\"MAGIC = 42\")` (cell 6, line 4)")
     assert result.unresolved["OFFSETS"] == ("changed by `OFFSETS.update(c=3)` (cell 6, line 6), which is not exported "
                                             "[needed by score, total, weighted]")
     # never guessed: none of them is bound by the module (OFFSETS keeps its exported definition only)
@@ -239,7 +241,8 @@ def test_export_is_deterministic_and_compiles(notebook, tmp_path):
 
 
 def test_cli_writes_the_module_warns_and_checks_that_it_imports(notebook, tmp_path):
-    done = cli(tmp_path, "export", notebook.name, "-o", "mytasks.py", "--check", NBQUEUE_BROKER=f"sqlite:///{tmp_path}/check.db")
+    done = cli(tmp_path, "export", notebook.name, "-o", "mytasks.py", "--check",
+               NBQUEUE_BROKER=f"sqlite:///{tmp_path}/check.db")
     assert done.returncode == 0, done.stderr
     assert "wrote mytasks.py: 6 task(s) from analysis.ipynb" in done.stdout
     assert "mytasks:app imports; registered tasks: describe, heartbeat, labelled, score, total, weighted" in done.stdout
@@ -256,7 +259,8 @@ def test_cli_writes_the_module_warns_and_checks_that_it_imports(notebook, tmp_pa
 
 def test_cli_check_fails_when_the_module_cannot_import(tmp_path):
     """The App's URL comes from a loop: it is listed, not guessed, so the module cannot import."""
-    nb = write_notebook(tmp_path / "broken.ipynb", "import nbqueue\nfor url in ['sqlite://']:\n    URL = url\napp = nbqueue.App(URL)",
+    nb = write_notebook(tmp_path / "broken.ipynb",
+                        "import nbqueue\nfor url in ['sqlite://']:\n    URL = url\napp = nbqueue.App(URL)",
                         "@app.task\ndef ping():\n    return 'pong'")
     done = cli(tmp_path, "export", nb.name, "-o", "broken_tasks.py", "--check")
     assert done.returncode == 1
@@ -276,7 +280,8 @@ EDGE_CELLS = (
     "    return [fastjson is None, MODE, CONFIG['k'], LIMIT, N, x]",
     "@app.periodic_task('@daily', timezone='UTC')\n@app.task\ndef stacked():\n    return 1",
     "square = lambda v: v * v\nimport math as m",
-    "%%task poem\ntext = '''line one\n    indented line\nend'''\nn = square(len(text.splitlines()))\nm.sqrt(n) + len(text)",
+    "%%task poem\ntext = '''line one\n    indented line\nend'''\n"
+    "n = square(len(text.splitlines()))\nm.sqrt(n) + len(text)",
     "def outer():\n    %time x = 1\n    return 2\n\napp.register_task('outer_task', outer)\n"
     "app.periodic('@hourly', app.signature('outer_task'), name='hourly_outer')",
     "@app.task\ndef shows():\n    return display(1)",
@@ -326,8 +331,10 @@ def test_blocks_partial_assignments_rebindings_and_registrations_are_followed(tm
 
 def test_future_imports_go_first_and_postponed_annotations_are_not_read_at_import(tmp_path):
     """With ``from __future__ import annotations`` a forward reference in an annotation is only text."""
-    nb = write_notebook(tmp_path / "future.ipynb", "from __future__ import annotations\nimport nbqueue\napp = nbqueue.App.from_env()",
-                        "@app.task\ndef make(x: Later) -> int:\n    return Later(x).x", "class Later:\n    def __init__(self, x):\n        self.x = x")
+    nb = write_notebook(tmp_path / "future.ipynb",
+                        "from __future__ import annotations\nimport nbqueue\napp = nbqueue.App.from_env()",
+                        "@app.task\ndef make(x: Later) -> int:\n    return Later(x).x",
+                        "class Later:\n    def __init__(self, x):\n        self.x = x")
     result = nbexport.export(nb, module="future_tasks")
     assert not result.unresolved
     body = ast.parse(result.text).body
@@ -344,7 +351,8 @@ def test_without_an_app_in_the_notebook_the_module_takes_one_from_the_environmen
     nb = write_notebook(tmp_path / "cells.ipynb", "%load_ext nbqueue", "base = 10",
                         "%%task square\nbase * base", "%%task -o doubled\nbase * 2", "%%task\n41 + 1")
     result = nbexport.export(nb, module="cells_tasks")
-    assert "import nbqueue\n\napp = nbqueue.App.from_env()  # nbqueue export: no App is created in the notebook\n" in result.text
+    assert ("import nbqueue\n\napp = nbqueue.App.from_env()  # nbqueue export: no App is created in the notebook\n"
+            in result.text)
     assert result.tasks == ["square", "doubled", "cell5"]
     assert '@app.task(name="square")\ndef square(base):\n' in result.text
     assert '@app.task(name="cell5")\ndef cell5():\n' in result.text
@@ -368,7 +376,7 @@ def test_a_task_defined_twice_is_exported_once_the_last_way(tmp_path):
                         "@app.task\ndef f(x):\n    return x", "@app.task\ndef f(x):\n    return 2 * x")
     result = nbexport.export(nb)
     assert result.text.count("def f(x)") == 1 and "return 2 * x" in result.text
-    assert "cell 2, line 1: task 'f' is defined again in cell 3; only the last definition is exported" in result.notes
+    assert "cell 2, line 1: task 'f' is defined again in cell 3; only the last one is exported" in result.notes
 
 
 # -- the exported module in production ------------------------------------------------------------------------
@@ -473,3 +481,20 @@ def test_export_notebook_runs(tmp_path):
     assert "def normalise(readings):" in text and "big = " not in text.split('"""Tasks exported')[1]
     assert "worker exited with 0" in text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["05-export.ipynb", "executed-05-export.ipynb"]
+
+
+def test_a_name_read_before_the_notebook_binds_it_is_listed(tmp_path):
+    nb = write_notebook(tmp_path / "order.ipynb", "import nbqueue\napp = nbqueue.App.from_env()",
+                        "@app.task(retry_count=RETRIES)\ndef f():\n    return 1", "RETRIES = 2")
+    result = nbexport.export(nb)
+    assert result.unresolved == {"RETRIES": "read before the notebook binds it (cell 3, line 1) [needed by f]"}
+    assert "RETRIES = 2" not in result.text
+
+
+def test_a_comprehension_variable_is_not_a_notebook_name(tmp_path):
+    """Python 3.12 inlines comprehensions; their variables still belong to them, not to the notebook."""
+    nb = write_notebook(tmp_path / "comp.ipynb", "import nbqueue\napp = nbqueue.App.from_env()", "x = 99",
+                        "SQUARES = [x * x for x in range(4)]", "@app.task\ndef squares():\n    return SQUARES")
+    result = nbexport.export(nb)
+    assert "x = 99" not in result.text and "SQUARES = [x * x for x in range(4)]" in result.text
+    assert not result.unresolved

@@ -260,7 +260,8 @@ def _is_app_construction(value: ast.AST | None) -> bool:
 
 
 def _task_decorator(dec: ast.expr) -> tuple[str, str, ast.Call | None] | None:
-    """``(app variable, "task" | "periodic_task", the call or None)`` for ``@X.task``, ``@X.task(...)``, ``@X.periodic_task(...)``."""
+    """``(app variable, "task" | "periodic_task", the call or None)`` for ``@X.task``, ``@X.task(...)``,
+    ``@X.periodic_task(...)``; None for other decorators."""
     call = dec if isinstance(dec, ast.Call) else None
     target = call.func if call is not None else dec
     if (isinstance(target, ast.Attribute) and target.attr in TASK_DECORATORS and isinstance(target.value, ast.Name)
@@ -286,6 +287,11 @@ def _str_value(node: ast.AST | None) -> str | None:
     return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
 
 
+def _namespace_call(node: ast.AST, names: tuple[str, ...] = ("globals", "locals", "vars")) -> bool:
+    """``globals()``, ``exec(...)``...: code that binds names no syntax shows."""
+    return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in names
+
+
 def _definitions_only(stmts: list[ast.stmt]) -> bool:
     """Statements that only bind names (imports, defs, assignments, and if/try blocks of those)."""
     for stmt in stmts:
@@ -304,8 +310,9 @@ def _definitions_only(stmts: list[ast.stmt]) -> bool:
             continue
         if isinstance(stmt, ast.If) and _definitions_only(stmt.body) and _definitions_only(stmt.orelse):
             continue
-        if isinstance(stmt, (ast.Try, getattr(ast, "TryStar", ast.Try))) and all(
-                _definitions_only(b) for b in (stmt.body, stmt.orelse, stmt.finalbody, *[h.body for h in stmt.handlers])):
+        blocks = (stmt.body, stmt.orelse, stmt.finalbody, *[h.body for h in stmt.handlers]) \
+            if isinstance(stmt, (ast.Try, getattr(ast, "TryStar", ast.Try))) else None
+        if blocks is not None and all(_definitions_only(b) for b in blocks):
             continue
         return False
     return True
@@ -338,6 +345,37 @@ def _without_magics(source: str) -> str:
     return ast.unparse(_DropMagics().visit(ast.parse(source)))
 
 
+_COMPREHENSION_NODES = (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
+
+
+def _comprehension_variables(stmt: ast.stmt) -> set[str]:
+    """Names that are only comprehension variables in a statement's module-level code.
+
+    Python 3.12 inlines comprehensions (PEP 709), so symtable shows their variables as
+    module names; they are neither bound nor read by the statement.
+    """
+    if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return set()
+    variables: set[str] = set()
+    outside: set[str] = set()
+    stack: list[tuple[ast.AST, bool]] = [(stmt, False)]
+    while stack:
+        node, inside = stack.pop()
+        if isinstance(node, _COMPREHENSION_NODES):
+            first = node.generators[0]
+            for gen in node.generators:
+                variables |= {n.id for n in ast.walk(gen.target) if isinstance(n, ast.Name)}
+            stack.append((first.iter, inside))                 # evaluated in the enclosing scope
+            stack += [(child, True) for child in ast.iter_child_nodes(node) if child is not first]
+            stack += [(child, True) for child in ast.iter_child_nodes(first) if child is not first.iter]
+            continue
+        if isinstance(node, ast.Name) and not inside:
+            outside.add(node.id)
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            stack += [(child, inside) for child in ast.iter_child_nodes(node)]
+    return variables - outside
+
+
 def _scopes(stmt: ast.stmt, futures: tuple[str, ...] = ()) -> tuple[set, set, set, set]:
     """``(binds, now, later, globals set inside functions)`` of one top-level statement.
 
@@ -346,8 +384,10 @@ def _scopes(stmt: ast.stmt, futures: tuple[str, ...] = ()) -> tuple[set, set, se
     prefix = "".join(f"{line}\n" for line in futures)
     table = symtable.symtable(prefix + _without_magics(ast.unparse(stmt)) + "\n", "<cell>", "exec")
     prefixed = {a.asname or a.name for line in futures for a in ast.parse(line).body[0].names}
+    comprehension_only = _comprehension_variables(stmt)
     binds = {s.get_name() for s in table.get_symbols() if s.is_assigned() or s.is_imported()} - prefixed
-    now = {s.get_name() for s in table.get_symbols() if s.is_referenced()}
+    binds -= comprehension_only
+    now = {s.get_name() for s in table.get_symbols() if s.is_referenced()} - comprehension_only
     later: set[str] = set()
     set_in_functions: set[str] = set()
 
@@ -479,12 +519,13 @@ class _Exporter:
         try:
             args = parse_argstring(NbqueueMagics.task, line)
         except (UsageError, SystemExit, ValueError) as exc:
-            self.notes.append((number, skipped + 1, f"cannot read the %%task options ({exc}); the cell is not exported"))
+            self.notes.append((number, skipped + 1, f"cannot read the %%task options ({exc}); not exported"))
             return None
         try:
             code = self._parse(number, body, skipped + 1)
         except SyntaxError as exc:
-            self.notes.append((number, skipped + 1 + (exc.lineno or 1), f"the %%task body is not valid Python, not exported: {exc.msg}"))
+            line_number = skipped + 1 + (exc.lineno or 1)
+            self.notes.append((number, line_number, f"the %%task body is not valid Python, not exported: {exc.msg}"))
             return None
         label = args.name or args.var or f"cell{number}"
         spec = CellTaskSpec(header=header.strip(), label=label, var=args.var, queue=args.queue,
@@ -532,7 +573,8 @@ class _Exporter:
                 unit.now = {n.id for n in ast.walk(stmt) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
                 set_inside = set()
             for name in sorted(set_inside):
-                self.set_in_functions.setdefault(name, f"a function of cell {code.number} (line {line}) that declares it `global`")
+                self.set_in_functions.setdefault(name, f"a function of cell {code.number} (line {line}) "
+                                                       "that declares it `global`")
             self._classify(unit, stmt)
             self._bind(unit)
             if unit.kind not in EXPORTED_KINDS:
@@ -580,8 +622,7 @@ class _Exporter:
             targets = _targets(stmt)
             if isinstance(stmt, ast.AnnAssign) and stmt.value is None:
                 unit.kind, unit.why = "other", f"only annotated, never assigned ({unit.where})"
-            elif any(isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in ("globals", "locals", "vars")
-                     for t in targets for n in ast.walk(t)):
+            elif any(_namespace_call(n) for t in targets for n in ast.walk(t)):
                 unit.kind = "dynamic"
                 self.hints.append(f"`{text}` ({unit.where})")
             elif all(_simple_target(t) for t in targets):
@@ -597,9 +638,7 @@ class _Exporter:
                 unit.flag = "computed by a call"
         elif isinstance(stmt, ast.Expr):
             unit.kind = "expr"
-            if any(isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in ("exec", "eval")
-                   or isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and isinstance(n.func.value, ast.Call)
-                   and isinstance(n.func.value.func, ast.Name) and n.func.value.func.id in ("globals", "locals", "vars")
+            if any(_namespace_call(n, ("exec", "eval")) or isinstance(n, ast.Attribute) and _namespace_call(n.value)
                    for n in ast.walk(stmt)):
                 unit.kind = "dynamic"
                 self.hints.append(f"`{text}` ({unit.where})")
@@ -609,12 +648,12 @@ class _Exporter:
             unit.why = f"set by {what} ({unit.where}), which is not exported"
 
     def _record_mutations(self, unit: Unit, stmt: ast.stmt) -> None:
-        """Note the names a statement that is not exported visibly changes in place (``x.append(...)``, ``x[k] = v``)."""
+        """Note the names a statement that is not exported changes in place (``x.append(...)``, ``x[k] = v``)."""
         code = unit.code
         for node in _walk_code(stmt):
             changed: set[str] = set()
-            if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call) and isinstance(node.value.func, ast.Attribute):
-                call = node.value
+            call = node.value if isinstance(node, ast.Expr) else None
+            if isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute):
                 inplace = any(k.arg == "inplace" and isinstance(k.value, ast.Constant) and k.value.value is True
                               for k in call.keywords)
                 if call.func.attr in MUTATORS or inplace:
@@ -692,8 +731,8 @@ class _Exporter:
             if unit.task is not None and unit.kind in ("def", "celltask"):
                 previous = last.get(unit.task)
                 if previous is not None:
-                    self.notes.append((previous.cell, previous.line, f"task {unit.task!r} is defined again in cell {unit.cell}; "
-                                                                     "only the last definition is exported"))
+                    note = f"task {unit.task!r} is defined again in cell {unit.cell}; only the last one is exported"
+                    self.notes.append((previous.cell, previous.line, note))
                 last[unit.task] = unit
         return [u for u in roots if u.task is None or u.kind not in ("def", "celltask") or last[u.task] is u]
 
@@ -704,6 +743,9 @@ class _Exporter:
         entry["by"].add(needed_by)
 
     def _undefined(self, name: str) -> str:
+        if name in self.bindings:
+            first = self.bindings[name][0]
+            return f"read before the notebook binds it ({first.where})"
         if name in self.set_in_functions:
             return f"set only inside {self.set_in_functions[name]}, when that function runs"
         parts = ["not defined in the notebook"]
@@ -800,8 +842,8 @@ class _Exporter:
             edits += self._decorator_edits(code, unit.node)
         text = _apply(code.source[start:end], start, edits).rstrip() + "\n"
         if unit.flag:
-            self.notes.append((unit.cell, unit.line, f"`{_short(ast.unparse(unit.node))}` is {unit.flag}: copied as written, "
-                                                     "it runs when the module is imported"))
+            self.notes.append((unit.cell, unit.line, f"`{_short(ast.unparse(unit.node))}` is {unit.flag}: copied as "
+                                                     "written, it runs when the module is imported"))
             text = f"# {MARK}: {unit.flag}; runs when the module is imported\n" + text
         return text
 
@@ -827,9 +869,10 @@ class _Exporter:
             doc.append("Its parameters are the notebook variables the cell read.")
         if spec.after:
             doc.append(f"In the notebook it ran after {', '.join(spec.after)}.")
-        text_doc = "\n".join(f"    {line}" if line and i else line for i, line in enumerate(doc)) + ("\n    " if len(doc) > 1 else "")
-        doc_line = f'"""{text_doc}"""' if '"""' not in text_doc and "\\" not in text_doc and not text_doc.endswith('"') \
-            else repr("\n".join(doc))
+        text_doc = "\n".join(f"    {line}" if line and i else line for i, line in enumerate(doc))
+        text_doc += "\n    " if len(doc) > 1 else ""
+        plain = '"""' not in text_doc and "\\" not in text_doc and not text_doc.endswith('"')
+        doc_line = f'"""{text_doc}"""' if plain else repr("\n".join(doc))
         lines = [f"@{unit.app_name}.task({', '.join(options)})", f"def {spec.fn_name}({', '.join(spec.params)}):",
                  f"    {doc_line}"]
         if text.strip():
@@ -888,7 +931,8 @@ class _Exporter:
         out += [f"{line}\n" for line in self.futures]
         out.append(self._header_comments())
         for name in self.synthesized:
-            out.append(f"\nimport nbqueue\n\n{name} = nbqueue.App.from_env()  # {MARK}: no App is created in the notebook\n")
+            out.append(f"\nimport nbqueue\n\n{name} = nbqueue.App.from_env()  # {MARK}: "
+                       "no App is created in the notebook\n")
         out.append("\n\n" + body if body else "")
         return "".join(out).rstrip("\n") + "\n"
 
@@ -954,8 +998,10 @@ def export(path: str | os.PathLike, module: str | None = None) -> Export:
     try:
         compile(text, f"<{module}>", "exec")
     except SyntaxError as exc:
-        raise ExportError(f"the exported module does not compile ({exc}); please report this with the notebook") from exc
-    return Export(text=text, module=module, tasks=tasks, unresolved=exporter.unresolved_text(), notes=exporter.note_texts())
+        raise ExportError(f"the exported module does not compile ({exc}); please report this with the notebook") \
+            from exc
+    return Export(text=text, module=module, tasks=tasks, unresolved=exporter.unresolved_text(),
+                  notes=exporter.note_texts())
 
 
 def export_notebook(path: str | os.PathLike, out: str | os.PathLike | None = None) -> str:
@@ -1011,7 +1057,8 @@ def run_cli(args) -> int:
         return 2
     if args.output:
         Path(args.output).write_text(result.text, encoding="utf-8")
-        print(f"wrote {args.output}: {len(result.tasks)} task(s) from {args.notebook}: {', '.join(result.tasks)}")
+        listed = f": {', '.join(result.tasks)}" if result.tasks else ""
+        print(f"wrote {args.output}: {len(result.tasks)} task(s) from {args.notebook}{listed}")
     else:
         sys.stdout.write(result.text)
     for note in result.notes:
@@ -1033,7 +1080,8 @@ def run_cli(args) -> int:
 # -- in a notebook --------------------------------------------------------------------------------------
 
 def notebook_path(shell) -> str | None:
-    """This kernel's notebook file, when the front end told it (``__vsc_ipynb_file__``, ``__session__``, JPY_SESSION_NAME)."""
+    """This kernel's notebook file, when the front end told it: ``__vsc_ipynb_file__``, ``__session__``
+    (ipykernel under Jupyter) or JPY_SESSION_NAME; relative names are also looked for in the working directory."""
     namespace = getattr(shell, "user_ns", {}) or {}
     candidates = [namespace.get("__vsc_ipynb_file__"), namespace.get("__session__"), os.environ.get("JPY_SESSION_NAME")]
     for candidate in candidates:
@@ -1057,7 +1105,8 @@ def magic_export(shell, out: str | None) -> None:
     result = export(path, module=Path(out).stem if out else None)
     if out:
         Path(out).write_text(result.text, encoding="utf-8")
-        print(f"nbqueue: wrote {out} from {path} as last saved: {len(result.tasks)} task(s): {', '.join(result.tasks)}")
+        listed = f": {', '.join(result.tasks)}" if result.tasks else ""
+        print(f"nbqueue: wrote {out} from {path} as last saved: {len(result.tasks)} task(s){listed}")
     else:
         print(result.text)
     if result.unresolved:
