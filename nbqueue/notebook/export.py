@@ -27,11 +27,12 @@ names (``X = ...``, ``X[k] = ...``, ``X.attr = ...``, ``X += ...``) and ``if``/`
 blocks made only of those are exported; anything else is not, and a needed name bound
 only by it is *unresolved*.
 
-Never guessed: an unresolved name (bound by a loop, a ``with``, an IPython line or cell
-magic, ``exec``, a star-import, a ``global`` inside a function, a ``%%task``'s ``-o``; or
-not bound at all), and a needed value visibly changed by a statement that is not exported
-(``data.append(x)``, ``data[k] = v`` in a loop), is left undefined and listed, with why and
-which tasks need it, in a comment block at the top of the module and in
+Never guessed: a needed name bound only by a statement that is not exported (a loop, a
+``with``, an IPython line or cell magic, a ``%%task``'s ``-o``) or by nothing the export
+can see (``exec``, a star-import, a ``global`` inside a function) is left undefined; a
+needed value changed in place by a statement that is not exported (``data.append(x)``,
+``data[k] = v`` in a loop) keeps only its exported definition. Both are listed, with why
+and which tasks need them, in a comment block at the top of the module and in
 :attr:`Export.unresolved` (``nbqueue export`` prints them as a warning). IPython lines
 (``%magic``, ``!shell``) in exported cells are dropped with a note; constants computed by
 calls are copied as written and flagged, since they run when the module is imported.
@@ -50,6 +51,7 @@ from __future__ import annotations
 import ast
 import builtins
 import dataclasses
+import io
 import json
 import keyword
 import os
@@ -59,7 +61,6 @@ import sys
 import symtable
 import textwrap
 import tokenize
-import io
 import warnings
 from pathlib import Path
 from typing import Any
@@ -166,7 +167,8 @@ class Unit:
     now: set = dataclasses.field(default_factory=set)       # read while the statement runs
     later: set = dataclasses.field(default_factory=set)     # read inside function bodies, at call time
     why: str = ""                # for a statement that is not exported: why its names are unresolved
-    flag: str = ""
+    flag: str = ""               # why an exported assignment is flagged ("computed by a call")
+    magic: str = ""              # the IPython line, for a statement transformed from one
     task: str | None = None      # registered task name, for task definitions
     app_name: str | None = None
     celltask: CellTaskSpec | None = None
@@ -586,7 +588,7 @@ class _Exporter:
         if magic is not None:
             unit.kind = "magic"
             unit.why = f"set by the IPython line `{magic}` ({unit.where})"
-            unit.flag = magic
+            unit.magic = magic
             self.magic_lines.append(unit)
             name = magic[1:].split(" ", 1)[0] if magic.startswith("%") else ""
             if name in DEFINING_MAGICS:
@@ -692,7 +694,7 @@ class _Exporter:
                        and name in _scopes(n)[0] for n in _walk_code(node))
         return False
 
-    def _prepare_celltasks(self) -> None:
+    def prepare_celltasks(self) -> None:
         taken = set(self.bindings)
         cell_app = "app" if "app" in self.bindings or not self.app_names else self.app_names[0]
         for unit in self.units:
@@ -724,7 +726,7 @@ class _Exporter:
             spec.fn_name = fn_name
             taken.add(fn_name)
 
-    def _roots(self) -> list[Unit]:
+    def task_roots(self) -> list[Unit]:
         roots = [u for u in self.units if u.root]
         last: dict[str, Unit] = {}
         for unit in roots:
@@ -888,8 +890,8 @@ class _Exporter:
         previous: tuple[int, int, int] | None = None      # (cell, pos, last line) of the item written before
         for _, cell, pos, unit in items:
             if unit.kind == "magic":
-                self.notes.append((unit.cell, unit.line, f"dropped the IPython line `{unit.flag}`"))
-                text, first, last = f"# {MARK}: dropped the IPython line `{unit.flag}`\n", unit.line, unit.line
+                self.notes.append((unit.cell, unit.line, f"dropped the IPython line `{unit.magic}`"))
+                text, first, last = f"# {MARK}: dropped the IPython line `{unit.magic}`\n", unit.line, unit.line
             else:
                 text = self._unit_text(unit)
                 first, last = (self._span(unit)[2:] if unit.code is not None and unit.kind != "celltask"
@@ -981,20 +983,19 @@ def export(path: str | os.PathLike, module: str | None = None) -> Export:
     module = module or "mytasks"
     exporter = _Exporter(Path(path).name, module)
     exporter.read(_read_notebook(path))
-    exporter._prepare_celltasks()
-    roots = exporter._roots()
+    exporter.prepare_celltasks()
+    roots = exporter.task_roots()
     selected = exporter.follow(roots)
     primary = exporter.primary_app(roots)
     apps = list(dict.fromkeys(u.app_name for u in roots if u.app_name))
     if len(apps) > 1:
         exporter.notes.append((0, 0, f"tasks are registered on several Apps ({', '.join(apps)}); "
                                      f"the module's `app` is {'app' if 'app' in apps else primary}"))
+    if not roots:
+        exporter.notes.append((0, 0, "no task definitions found (@app.task, @app.periodic_task, %%task cells)"))
     text, tasks = exporter.write(roots, selected)
     if primary != "app" and "app" not in apps:
         text += f"\napp = {primary}  # {MARK}: for nbqueue worker --app {module}:app\n"
-    if not roots:
-        exporter.notes.append((0, 0, "no task definitions found (@app.task, @app.periodic_task, %%task cells)"))
-        text = exporter._assemble([], "")
     try:
         compile(text, f"<{module}>", "exec")
     except SyntaxError as exc:
