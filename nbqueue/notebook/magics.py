@@ -37,7 +37,7 @@ cell ran in this kernel, VAR is the very object the cell computed; from another
 process it is the decoded result.
 
 ``%nbqueue status | tasks [--state S] [--name N] [--limit L] | worker start [-c N] |
-worker stop | wait [NAME ...] [--timeout T]``.
+worker stop | wait [NAME ...] [--timeout T] | export [-o FILE]`` (export: see export.py).
 
 After a kernel restart, earlier results are still in the store and a task that was
 running in the dead kernel is delivered again once its lease runs out; define (or
@@ -334,7 +334,7 @@ class NbqueueMagics(Magics):
     # -- %nbqueue ----------------------------------------------------------------------------------
     @line_magic
     def nbqueue(self, line: str):
-        """%nbqueue status | tasks [--state S] [--name N] [--limit L] | worker start [-c N] | worker stop | wait [NAME ...] [--timeout T]"""
+        """%nbqueue status | tasks [--state S] [--name N] [--limit L] | worker start [-c N] | worker stop | wait [NAME ...] [--timeout T] | export [-o FILE]"""
         import argparse
         import shlex
 
@@ -351,6 +351,8 @@ class NbqueueMagics(Magics):
         wt = sub.add_parser("wait", add_help=False, exit_on_error=False)
         wt.add_argument("names", nargs="*")
         wt.add_argument("--timeout", type=float, default=None)
+        ex = sub.add_parser("export", add_help=False, exit_on_error=False)
+        ex.add_argument("-o", "--output", default=None)
         try:
             args = parser.parse_args(shlex.split(line))
         except (argparse.ArgumentError, SystemExit) as exc:
@@ -373,6 +375,10 @@ class NbqueueMagics(Magics):
         if args.command == "wait":
             self.wait(args.names, timeout=args.timeout)
             return None
+        if args.command == "export":
+            from .export import magic_export
+
+            return magic_export(self.shell, args.output)
         raise UsageError(self.nbqueue.__doc__)
 
     def status(self):
