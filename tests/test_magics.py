@@ -20,9 +20,9 @@ from nbqueue import builtin, capture, states
 from nbqueue.notebook import cellvars, magics as nbmagics, widgets
 from nbqueue.signature import Signature
 
-from conftest import require_server
+from conftest import REDIS_URL, private_redis_url, require_server
 
-REDIS_CELLS_URL = os.environ.get("NBQUEUE_TEST_REDIS_CELLS", "redis://127.0.0.1:6379/11")
+REDIS_CELLS_URL = os.environ.get("NBQUEUE_TEST_REDIS_CELLS", REDIS_URL)
 
 
 @pytest.fixture(scope="module")
@@ -290,12 +290,13 @@ def test_cell_runs_on_an_allow_cells_worker_process_over_redis(ipython, tmp_path
     """The remote path: Redis broker and results, an `nbqueue worker --allow-cells` process, a signed cell."""
     require_server("Redis", "127.0.0.1", 6379)
     queue = f"cells-{uuid.uuid4().hex[:8]}"
-    env = {**os.environ, "NBQUEUE_BROKER": REDIS_CELLS_URL, "NBQUEUE_DEFAULT_QUEUE": queue, "NBQUEUE_SECRET": "k3y"}
+    url = private_redis_url(REDIS_CELLS_URL)         # a key prefix of this test's own, deleted afterwards
+    env = {**os.environ, "NBQUEUE_BROKER": url, "NBQUEUE_DEFAULT_QUEUE": queue, "NBQUEUE_SECRET": "k3y"}
     env.pop("NBQUEUE_PROGRESS", None)
     proc = subprocess.Popen([sys.executable, "-m", "nbqueue", "worker", "--allow-cells", "-c", "1"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     ipython.reset(new_session=False)
-    app = nbqueue.App(REDIS_CELLS_URL, default_queue=queue, secret="k3y")
+    app = nbqueue.App(url, default_queue=queue, secret="k3y")
     ipython.user_ns["app"] = app
     state = nbmagics.load_ipython_extension(ipython, start_worker=False)
     try:

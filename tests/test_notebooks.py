@@ -20,11 +20,11 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from conftest import require_server
+from conftest import REDIS_URL, private_redis_url, require_server
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
-DEMO_REDIS = os.environ.get("NBQUEUE_TEST_DEMO_REDIS", "redis://127.0.0.1:6379/12")
+DEMO_REDIS = os.environ.get("NBQUEUE_TEST_DEMO_REDIS", REDIS_URL)
 
 pytestmark = pytest.mark.slow
 
@@ -167,10 +167,11 @@ def test_cell_tasks_notebook(tmp_path):
 
 def test_production_notebook_runs_a_worker_process_on_redis(tmp_path, monkeypatch):
     require_server("Redis", "127.0.0.1", 6379)
-    monkeypatch.setenv("NBQUEUE_DEMO_REDIS", DEMO_REDIS)
+    url = private_redis_url(DEMO_REDIS)              # a key prefix of this test's own, deleted afterwards
+    monkeypatch.setenv("NBQUEUE_DEMO_REDIS", url)
     nb = execute("04-production.ipynb", tmp_path)
     assert_no_errors(nb)
-    assert f"using Redis at {DEMO_REDIS}" in cell_text(code_cells(nb)[0])
+    assert f"using Redis at {url}" in cell_text(code_cells(nb)[0])
     pid = int(re.search(r"worker process (\d+) is up", cell_text(cell_starting(nb, 'log = open("worker.log"'))).group(1))
     ran = cell_text(cell_starting(nb, "print(squares.get"))
     assert "[1, 4, 9, 16, 25, 36, 49, 64]" in ran and re.search(rf"ran on: \['[^']*:{pid}:[0-9a-f]+'\]", ran)

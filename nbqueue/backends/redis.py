@@ -33,7 +33,7 @@ from typing import Any, Sequence
 
 from .. import serialization, states
 from ..brokers.base import redact
-from ..brokers.redis import LUA_FINAL, MIN_BLOCK, connect, guarded, key_prefix, pipeline
+from ..brokers.redis import LUA_FINAL, MIN_BLOCK, connect, guarded, key_prefix, pipeline, url_options
 from .base import FIELDS, ResultBackend, counts_from_states
 
 _INT_FIELDS = frozenset({"retries", "token"})
@@ -219,7 +219,7 @@ class RedisBackend(ResultBackend):
     scheme = "redis"
 
     def __init__(self, url: str = "memory://", *, clock=None, options: dict | None = None):
-        super().__init__(url, clock=clock, options=options)
+        super().__init__(url, clock=clock, options=url_options(url, options))
         self.options.setdefault("poll_interval", 1.0)
         self.prefix = key_prefix(self.options)
         self.client = connect(url, self.options)
