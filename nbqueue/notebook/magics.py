@@ -394,7 +394,9 @@ class NbqueueMagics(Magics):
         extra = sorted(set(serving) - set(queues["queue"]))
         if extra:
             queues = pd.concat([queues, pd.DataFrame({"queue": extra, "ready": 0, "delayed": 0, "in_flight": 0, "dead": 0})], ignore_index=True)
-        queues["workers"] = queues["queue"].map(lambda q: serving.get(q, 0)).astype("int64")
+        queues["workers"] = queues["queue"].map(lambda q: serving.get(q, 0))
+        queues = queues.astype({"queue": object, "ready": "int64", "delayed": "int64", "in_flight": "int64", "dead": "int64",
+                                "workers": "int64"})      # the same types with no queue or worker yet
         display(workers)
         return queues
 
