@@ -29,8 +29,9 @@ DEMO_REDIS = os.environ.get("NBQUEUE_TEST_DEMO_REDIS", REDIS_URL)
 pytestmark = pytest.mark.slow
 
 
-def execute(name: str, workdir: Path, km=None) -> nbformat.NotebookNode:
-    shutil.copy(NOTEBOOKS / name, workdir / name)
+def execute(name: str, workdir: Path, km=None, source_dir: Path = NOTEBOOKS) -> nbformat.NotebookNode:
+    if source_dir != workdir:
+        shutil.copy(source_dir / name, workdir / name)
     nb = nbformat.read(workdir / name, as_version=4)
     client = NotebookClient(nb, timeout=180, kernel_name="python3", km=km, resources={"metadata": {"path": str(workdir)}})
     try:
@@ -183,6 +184,72 @@ def test_production_notebook_runs_a_worker_process_on_redis(tmp_path, monkeypatc
     stopped = cell_text(cell_starting(nb, "worker.terminate()"))
     assert "worker exited with 0" in stopped and "stopped after 9 task(s)" in stopped
     assert (tmp_path / "demo_tasks.py").exists()
+
+
+# -- where text output goes under nbclient -----------------------------------------------------------------
+
+OUTPUT_ROUTING_CELLS = [
+    """import threading
+import nbqueue
+from nbqueue import capture
+from nbqueue.notebook import widgets
+from nbqueue.testing import wait_for
+app = nbqueue.App()
+%load_ext nbqueue
+gate = threading.Event()
+
+@app.task(name="chatty")
+def chatty():
+    print("hello from the task")
+    gate.wait(60)
+    print("bye from the task")
+    return 42""",
+    # the cell that sends the task: it returns at once, the task keeps running
+    """pending = chatty.delay()
+pending""",
+    # unrelated cells while it runs: its prints and progress lines must not land here
+    """wait_for(lambda: "hello" in (capture.peek(pending.id) or ""), timeout=30)
+for _ in range(3):
+    widgets.UPDATER.flush()
+print("unrelated cell 1")""",
+    """gate.set()
+print("unrelated cell 2:", pending.get(timeout=30))
+for _ in range(3):
+    widgets.UPDATER.flush()""",
+    """print("unrelated cell 3")""",
+    # a task that finishes while the cell that shows it runs: its lines are in that cell
+    """gate.clear()
+shown = chatty.delay()
+nbqueue.progress(shown)
+wait_for(lambda: "hello" in (capture.peek(shown.id) or ""), timeout=30)
+gate.set()
+print("value:", shown.get(timeout=30))""",
+    """g = app.send(nbqueue.group([chatty.s() for _ in range(2)]))
+g""",
+    """print("unrelated cell 4:", g.get(timeout=30))
+for _ in range(3):
+    widgets.UPDATER.flush()""",
+]
+
+
+def test_text_output_of_a_task_goes_to_the_cell_that_sent_it_or_nowhere(tmp_path):
+    """Under nbclient (views in ``both`` mode: widget and text lines), a pending task's
+    progress lines and its prints never show up in the unrelated cells run meanwhile."""
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    nb.cells = [nbformat.v4.new_code_cell(source) for source in OUTPUT_ROUTING_CELLS]
+    nbformat.write(nb, tmp_path / "routing.ipynb")
+    nb = execute("routing.ipynb", tmp_path, source_dir=tmp_path)
+    assert_no_errors(nb)
+    cells = code_cells(nb)
+    for index, expected in ((2, "unrelated cell 1\n"), (3, "unrelated cell 2: 42\n"), (4, "unrelated cell 3\n"),
+                            (7, "unrelated cell 4: [42, 42]\n")):
+        assert cell_text(cells[index]) == expected, (index, cell_text(cells[index]))
+    sender = cell_text(cells[1])
+    assert "[nbqueue] chatty" in sender and "bye from the task" not in sender
+    shown = cell_text(cells[5])
+    assert "hello from the task" in shown and "bye from the task" in shown and "value: 42" in shown
+    assert re.search(r"\[nbqueue\] chatty \w{8}: SUCCESS in \S+ → 42", shown)
+    assert "[nbqueue] group of 2" in cell_text(cells[6])
 
 
 # -- a kernel restart -------------------------------------------------------------------------------------
