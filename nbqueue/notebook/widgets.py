@@ -435,7 +435,8 @@ class TaskView(View):
 
     def __init__(self, result, mode):
         super().__init__(result, mode)
-        self._shown_output = ""
+        self._shown_output = ""           # task output the widget shows
+        self._printed_output = ""         # task output printed as text (text and both modes)
 
     def snapshot(self) -> dict:
         record = self.app.backend.get(self.result.id) or {}
@@ -447,8 +448,8 @@ class TaskView(View):
             if live is not None and len(live) >= len(output):
                 output = live
         delta = None
-        if output != self._shown_output:
-            delta = output[len(self._shown_output):] if output.startswith(self._shown_output) else output
+        if output != self._printed_output:
+            delta = output[len(self._printed_output):] if output.startswith(self._printed_output) else output
         note = ""
         note_fn = getattr(self.result, "view_note", None)
         if callable(note_fn):
@@ -478,14 +479,15 @@ class TaskView(View):
             else:                                  # a retry starts a new capture
                 self._output.outputs = ()
                 self._output.append_stdout(output)
+            self._shown_output = output
         value = _value_html(self.app, record) if state in states.READY_STATES or state == states.RETRY else ""
         if self._value.value != value:
             self._value.value = value
 
     def refresh(self) -> bool:
         done = super().refresh()
-        if self._snap is not None:
-            self._shown_output = self._snap["output"]
+        if self._snap is not None and self.mode in ("text", "both"):
+            self._printed_output = self._snap["output"]     # printed by refresh (output so far at the first one)
         if done and capture._routes.get(self.result.id) is self.parent:
             capture.route(self.result.id, None)
         return done
@@ -494,7 +496,6 @@ class TaskView(View):
         if self.parent is not None:
             capture.route(self.result.id, self.parent)     # echoed output of the task: this view's cell
         snap = super().start()
-        self._shown_output = snap["output"]
         if self.finished:
             capture.route(self.result.id, None)
         return snap
