@@ -146,7 +146,7 @@ def frame_table(frame, max_rows: int = 20) -> str:
     for col in cols:
         shown[col] = [_cell(col, v) for v in shown[col]]
     table = shown.to_html(index=False, escape=True, classes="nbqueue-table")
-    more = f"<div>… {len(frame) - max_rows} more rows: .to_frame()</div>" if len(frame) > max_rows else ""
+    more = f"<div>… {len(frame) - max_rows} more rows</div>" if len(frame) > max_rows else ""
     return table + more
 
 
@@ -161,11 +161,20 @@ def _cell(column: str, value: Any) -> str:
 
 
 def workflow_html(result, max_rows: int = 20) -> str:
-    """Counts by state and the first rows of ``to_frame()``."""
+    """Counts by state and the first ``max_rows`` rows of ``to_frame()`` (only those are read)."""
+    from ..frames import records_frame
+
     counts = result.progress()
-    head = f"<b>{kind_of(result)}</b> {badge(result.state)} {html.escape(counts_line(counts))}"
+    state = result.state
+    if state == states.PENDING and counts["done"] + counts["running"] + counts["retrying"] > 0:
+        state = states.STARTED                # a workflow's record is written when it finishes
+    head = f"<b>{kind_of(result)}</b> {badge(state)} {html.escape(counts_line(counts))}"
     try:
-        table = frame_table(result.to_frame(), max_rows)
+        leaves = result.leaves()
+        first = [r for r in result.app.backend.get_many([x.id for x in leaves[:max_rows]]) if r is not None]
+        table = frame_table(records_frame(result.app, first), max_rows)
+        if len(leaves) > max_rows:
+            table += f"<div>… {len(leaves) - max_rows} more rows: .to_frame()</div>"
     except Exception as exc:  # a view must not raise
         table = html.escape(f"(no table: {exc})")
     return f'<div class="nbqueue-workflow">{head}{table}</div>'

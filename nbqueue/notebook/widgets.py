@@ -361,9 +361,15 @@ class View:
         _emit(line, self.parent)
 
     def bundle(self) -> dict:
+        """The display data: the widget (widget modes), the static HTML (where widgets do not
+        render: GitHub, nbconvert) and the text line."""
         data: dict = {}
         if self.widget is not None:
             data.update(self.widget._repr_mimebundle_())
+        try:
+            data["text/html"] = self.result._repr_html_()
+        except Exception:  # a view must not raise
+            log.debug("no static HTML for %r", self.result, exc_info=True)
         data["text/plain"] = self._last_text or repr(self.result)
         return data
 
