@@ -319,7 +319,8 @@ class RedisBackend(ResultBackend):
         ttl_ms, expires_at = "", ""
         if ttl:
             ttl_ms = str(max(1, math.ceil(ttl * 1000)))
-            expires_at = _encode(fields.get("expires_at") or now + ttl)
+            fields["expires_at"] = fields.get("expires_at") or now + ttl    # in the record too: reads check it
+            expires_at = _encode(fields["expires_at"])
         args = [task_id, state, "" if token is None else str(int(token)), _encode(created), ttl_ms, expires_at, *_field_args(fields)]
         reply = self._set_state(keys=[self._rec(task_id), self._index, self._expiring, self._done_key(task_id)], args=args, client=client)
         return reply == 1
@@ -479,13 +480,17 @@ class RedisBackend(ResultBackend):
         return pipe.execute()[0]
 
     @guarded
-    def expire(self, now: float | None = None) -> int:
-        """Remove records past ``expires_at`` (Redis usually dropped them already) and stale index entries."""
+    def expire(self, now: float | None = None, limit: int | None = None) -> int:
+        """Remove records past ``expires_at`` (at most ``limit``; Redis usually dropped the
+        records already by their TTL, not their entries in the listing and expiry indexes)."""
         now = self.clock.time() if now is None else now
-        ids = self.client.zrangebyscore(self._expiring, "-inf", repr(now))
+        if limit is None:
+            ids = self.client.zrangebyscore(self._expiring, "-inf", repr(now))
+        else:
+            ids = self.client.zrangebyscore(self._expiring, "-inf", repr(now), start=0, num=int(limit))
         pipe = pipeline(self.client)
         if ids:
-            pipe.delete(*[self._rec(i) for i in ids])
+            pipe.delete(*[self._rec(i) for i in ids], *[self._done_key(i) for i in ids])
             pipe.zrem(self._index, *ids)
             pipe.zrem(self._expiring, *ids)
         pipe.zremrangebyscore(f"{self.prefix}workers", "-inf", repr(now))
