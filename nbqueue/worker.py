@@ -394,6 +394,7 @@ class Worker:
                 next_upkeep = time.monotonic() + 0.5
                 try:
                     self.app.broker.upkeep()
+                    self.app.backend.upkeep()       # expired results go without a scheduler
                 except Exception:
                     log.debug("worker %s: broker upkeep failed", self.name, exc_info=True)
             if self._stopping.is_set() and not any(t.is_alive() for t in self._threads if t is not threading.current_thread()):

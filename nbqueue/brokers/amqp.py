@@ -57,9 +57,12 @@ Capabilities:
   ``reconnect_timeout`` seconds without success, ``ConnectionLost``. A publish cut off
   before its confirm is published again (at least once: it may arrive twice). A wrong
   password or vhost on the first connection is a ``ConfigurationError`` at once.
-- stats(): per queue this broker declared or was asked about: ready (the queue's
-  message count), delayed (sum over its delay queues), in_flight (deliveries held by
-  *this process* only; AMQP does not report other consumers' unacked messages), dead.
+- stats(): AMQP cannot list queues, so per queue this broker declared or was asked
+  about (``stats(queues)``; ``App.status()`` asks about its default queue, its tasks'
+  queues and the queues live workers serve, so ``nbqueue status`` from another process
+  finds them) and that exists: ready (the queue's message count), delayed (sum over its
+  delay queues), in_flight (deliveries held by *this process* only; AMQP does not report
+  other consumers' unacked messages), dead.
 - purge(queue) empties the queue, its delay queues and its dead letters (messages held
   unacked by consumers cannot be purged). ``delete_queues(names)`` deletes all three.
 
@@ -598,6 +601,8 @@ class AMQPBroker(Broker):
     leases_expire = False
     #: AMQP cannot look a message up by id, so a repeated publish is a second message
     dedupes_publish = False
+    #: AMQP cannot list queues: stats() reports the queues it is told about (see stats)
+    lists_queues = False
 
     def __init__(self, url: str, *, clock=None, options: dict | None = None):
         super().__init__(url, clock=clock, options=options)
@@ -1008,7 +1013,7 @@ class AMQPBroker(Broker):
 
     # -- inspection and upkeep -------------------------------------------------------------
     def stats(self, queues: Sequence[str] | None = None) -> list[dict]:
-        """One dict per queue this broker declared or was asked about (plus ``queues``)."""
+        """One dict per existing queue this broker declared or was asked about (plus ``queues``)."""
         if queues:
             self._note(queue_list(queues))
         names = self._known_queues()
@@ -1016,13 +1021,11 @@ class AMQPBroker(Broker):
         def work(pub: _Publisher) -> list[dict]:
             rows = []
             for queue in names:
-                rows.append({
-                    "queue": queue,
-                    "ready": pub.count(queue) or 0,
-                    "delayed": self._delayed(pub, queue),
-                    "in_flight": self._held(queue),
-                    "dead": self._probe(pub, dead_queue_name(queue)) or 0,
-                })
+                ready, dead = self._probe(pub, queue), self._probe(pub, dead_queue_name(queue))
+                delayed, held = self._delayed(pub, queue), self._held(queue)
+                if ready is None and dead is None and not delayed and not held:
+                    continue                    # asked about, but nothing was ever sent there
+                rows.append({"queue": queue, "ready": ready or 0, "delayed": delayed, "in_flight": held, "dead": dead or 0})
             return rows
 
         return self._with_publisher(work, "read queue stats")

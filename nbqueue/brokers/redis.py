@@ -20,7 +20,10 @@ messages moved per queue and call, default 1000), ``retries`` / ``retry_base`` /
 waits of 0.1 s doubling up to 5 s, so a worker rides out a Redis restart of about
 25 s), ``socket_timeout`` (default 30 s), ``socket_connect_timeout`` (default 5 s),
 ``health_check_interval`` (default 15 s), ``client_name`` (shown by CLIENT LIST,
-default ``nbqueue``).
+default ``nbqueue``). ``key_prefix``, ``max_block``, ``batch`` and ``retries`` /
+``retry_base`` / ``retry_cap`` may also be given in the URL's query, as amqp:// URLs
+take theirs (``redis://host:6379/0?key_prefix=myapp``), so a URL alone (NBQUEUE_BROKER,
+a YAML file) can say it; an option passed explicitly wins over the URL's.
 
 Keys (``P`` is the prefix)::
 
@@ -43,7 +46,7 @@ import threading
 import time
 import uuid
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -81,6 +84,24 @@ def fake_server(name: str) -> "fakeredis.FakeServer":
         return server
 
 
+#: nbqueue's own options a Redis URL may carry in its query (taken out before redis-py reads it)
+URL_OPTIONS = frozenset({"key_prefix", "max_block", "batch", "retries", "retry_base", "retry_cap"})
+
+
+def url_options(url: str, options: Mapping[str, Any] | None) -> dict:
+    """``options`` over nbqueue's own options in ``url``'s query (explicit options win)."""
+    query = {k: v for k, v in parse_qsl(urlsplit(url).query) if k in URL_OPTIONS}
+    return {**query, **(options or {})}
+
+
+def _client_url(url: str) -> str:
+    """``url`` without nbqueue's own query options: what redis-py is given."""
+    parts = urlsplit(url)
+    if not parts.query:
+        return url
+    return urlunsplit(parts._replace(query=urlencode([(k, v) for k, v in parse_qsl(parts.query) if k not in URL_OPTIONS])))
+
+
 def connect(url: str, options: Mapping[str, Any]) -> redis.Redis:
     """A client for a redis://, rediss:// or memory:// URL, retrying on connection errors."""
     parts = urlsplit(url)
@@ -97,7 +118,7 @@ def connect(url: str, options: Mapping[str, Any]) -> redis.Redis:
         client = fakeredis.FakeRedis(server=fake_server(parts.netloc or parts.path.strip("/") or "default"), **kwargs)
     else:
         warn_if_exposed(url, options)
-        client = redis.Redis.from_url(url, **kwargs)
+        client = redis.Redis.from_url(_client_url(url), **kwargs)
     # set on the pool, so fakeredis (which drops a retry= argument) retries like redis does
     client.set_retry(Retry(
         ExponentialBackoff(cap=float(options.get("retry_cap", 5.0)), base=float(options.get("retry_base", 0.05))),
@@ -445,7 +466,7 @@ class RedisBroker(Broker):
     leases_expire = True
 
     def __init__(self, url: str = "memory://", *, clock=None, options: dict | None = None):
-        super().__init__(url, clock=clock, options=options)
+        super().__init__(url, clock=clock, options=url_options(url, options))
         self.prefix = key_prefix(self.options)
         # a blocking pop must return well before the socket timeout would break it
         self.max_block = min(float(self.options.get("max_block", 1.0)), float(self.options.get("socket_timeout", 30.0)) / 2)
