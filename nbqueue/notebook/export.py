@@ -68,6 +68,9 @@ from typing import Any
 from ..errors import NbqueueError
 from . import cellvars
 
+#: names a plain module sees without importing them (not those an IPython shell adds to builtins, such as display)
+_BUILTINS = frozenset(n for n in dir(builtins) if n not in ("display", "get_ipython", "__IPYTHON__"))
+
 TASK_DECORATORS = ("task", "periodic_task")
 REGISTRATIONS = ("register_task", "register_tasks", "periodic")
 APP_FACTORIES = ("from_env", "from_yaml", "from_config")
@@ -709,7 +712,7 @@ class _Exporter:
                     pass
             for name in spec.reads:
                 found = self.binding(name, unit.order)
-                if found is None and (name in body_binds or hasattr(builtins, name)):
+                if found is None and (name in body_binds or name in _BUILTINS):
                     continue
                 if found is None or self._is_code(name, found):
                     unit.later.add(name)
@@ -769,7 +772,7 @@ class _Exporter:
                     for name in sorted(names):
                         found = self.binding(name, unit.order if mode == "now" else None)
                         if found is None:
-                            if name in unit.binds or hasattr(builtins, name):
+                            if name in unit.binds or name in _BUILTINS:
                                 continue
                             if name in app_vars and name not in self.bindings:
                                 if name not in self.synthesized:
