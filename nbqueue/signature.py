@@ -15,6 +15,7 @@ import datetime as _dt
 import inspect
 import os
 import random
+import reprlib
 import time
 from typing import Any, Callable
 
@@ -141,7 +142,7 @@ class Signature:
         now = time.time() if now is None else now
         try:
             args = [serializer.encode(value) for value in self.args]
-            kwargs = {key: serializer.encode(value) for key, value in self.kwargs.items()}
+            kwargs = {_keyword(key, self.name): serializer.encode(value) for key, value in self.kwargs.items()}
         except serialization.SerializationError:   # again, naming the argument (only worth it on failure)
             names = _parameter_names(fn)
             args = [serializer.encode(value, _arg_label(self.name, i, names)) for i, value in enumerate(self.args)]
@@ -254,6 +255,17 @@ def signature_from_message(message: dict, serializer: serialization.Serializer) 
         group_task_count=message.get("group_task_count", 0),
         workflow=message.get("workflow"),
     )
+
+
+def _keyword(key: Any, task: str) -> str:
+    """A keyword argument's name as sent: a string (Python calls need one; JSON objects too)."""
+    if type(key) is str and key.isascii():
+        return key
+    if not isinstance(key, str):
+        raise serialization.SerializationError(
+            f"keyword argument {reprlib.repr(key)} of task {task!r} has a name of type {type(key).__name__}; keyword argument names "
+            "must be strings (pass it as a positional argument, or inside a dict argument)")
+    return serialization.to_jsonable(key, f"the name of a keyword argument of task {task!r}")
 
 
 def _task_fn(sig: Signature) -> Callable | None:
