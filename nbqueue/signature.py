@@ -146,7 +146,8 @@ class Signature:
         except serialization.SerializationError:   # again, naming the argument (only worth it on failure)
             names = _parameter_names(fn)
             args = [serializer.encode(value, _arg_label(self.name, i, names)) for i, value in enumerate(self.args)]
-            kwargs = {key: serializer.encode(value, f"keyword argument {key!r} of task {self.name!r}") for key, value in self.kwargs.items()}
+            kwargs = {_keyword(key, self.name): serializer.encode(value, f"keyword argument {key!r} of task {self.name!r}")
+                      for key, value in self.kwargs.items()}
         message = {"id": self.id or new_id(), "name": self.name, "args": args, "kwargs": kwargs, "queue": self.queue or default_queue}
         eta = self.eta_timestamp(now)
         if eta is not None:
