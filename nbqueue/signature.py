@@ -78,6 +78,9 @@ class Signature:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise TypeError("a Signature needs a task name (a non-empty string)")
+        if isinstance(self.args, (str, bytes, bytearray, dict)):   # list() of these would split or drop the values
+            raise TypeError(f"the args of task {self.name!r} must be a list or tuple of arguments, not a {type(self.args).__name__}; "
+                            f"for one argument pass ({self.args!r:.40},)")
         self.args = list(self.args) if self.args is not None else []
         self.kwargs = dict(self.kwargs or {})
         if not 0 <= int(self.priority) <= 9:

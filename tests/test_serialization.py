@@ -323,3 +323,14 @@ def test_a_json_only_worker_refuses_a_pickled_message_with_a_clear_failure(tmp_p
     finally:
         producer.close()
         json_worker_app.close()
+
+
+def test_args_given_as_a_string_or_a_dict_are_refused_not_split(app):
+    @app.task(name="shout")
+    def shout(text):
+        return text.upper()
+
+    for args in ("abc", b"abc", {"text": "abc"}):
+        with pytest.raises(TypeError, match=r"the args of task 'shout' must be a list or tuple of arguments"):
+            shout.apply_async(args)
+    assert app.tasks().empty
