@@ -24,8 +24,9 @@ import nbqueue
 from nbqueue import blobs, serialization
 from nbqueue.serialization import Serializer
 
-# NBQUEUE_HYPOTHESIS_EXAMPLES=2000 for a deeper search than the suite's
-PROPERTY = settings(max_examples=int(os.environ.get("NBQUEUE_HYPOTHESIS_EXAMPLES", "60")), deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# NBQUEUE_HYPOTHESIS_EXAMPLES=2000 for a deeper search than the suite's; no example database in the work tree
+PROPERTY = settings(max_examples=int(os.environ.get("NBQUEUE_HYPOTHESIS_EXAMPLES", "60")), deadline=None, database=None,
+                    print_blob=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
 def through(value, serializer=None):
