@@ -269,7 +269,8 @@ def _keyword(key: Any, task: str) -> str:
         raise serialization.SerializationError(
             f"keyword argument {reprlib.repr(key)} of task {task!r} has a name of type {type(key).__name__}; keyword argument names "
             "must be strings (pass it as a positional argument, or inside a dict argument)")
-    return serialization.to_jsonable(key, f"the name of a keyword argument of task {task!r}")
+    name = str.__str__(key)    # the plain string of a str subclass (an enum member, numpy.str_)
+    return serialization.to_jsonable(name, f"the name of a keyword argument of task {task!r}")
 
 
 def _task_fn(sig: Signature) -> Callable | None:
