@@ -210,6 +210,7 @@ def _index_meta(index, label: str) -> dict:
 
 def _table(frame, meta: dict, *, index_label: str = "index", series: bool = False):
     """An Arrow table of frame's values and row index (columns renamed "0", "1", ...; index levels unnamed)."""
+    import numpy as np
     import pyarrow as pa
 
     index = frame.index
@@ -222,6 +223,8 @@ def _table(frame, meta: dict, *, index_label: str = "index", series: bool = Fals
 
     fixes = {}
     for i, dtype in enumerate(frame.dtypes):
+        if isinstance(dtype, np.dtype) and dtype.kind in "biufmM":   # plain numbers and times: nothing to check or restore
+            continue
         fix = _dtype_fix(frame.iloc[:, i], dtype, label(i))
         if fix:
             fixes[names[i]] = fix
@@ -292,7 +295,7 @@ def _arrow_pack(obj: Any) -> Blob:
         meta["no_duplicate_labels"] = True
     table = _table(frame, meta, index_label="values" if meta["kind"] == "index" else "index",
                    series=meta["kind"] in ("series", "array"))
-    extra = {} if meta["kind"] == "index" else {_COLUMNS: _pack_labels(frame.columns)}
+    extra = {_COLUMNS: _pack_labels(frame.columns)} if meta["kind"] == "frame" else {}   # a Series' label is its name
     info = {"type": type(obj).__name__, "shape": list(getattr(obj, "shape", ()))}
     return Blob("arrow", _ipc(table, meta, extra), info)
 
@@ -324,10 +327,10 @@ def _arrow_unpack(data: bytes):
     kind = meta["kind"]
     if kind == "index":
         return frame.index
-    frame.columns = _arrow_unpack(metadata[_COLUMNS])
-    if "attrs" in meta:
-        frame.attrs = meta["attrs"]
     if kind == "frame":
+        frame.columns = _arrow_unpack(metadata[_COLUMNS])
+        if "attrs" in meta:
+            frame.attrs = meta["attrs"]
         return frame.set_flags(allows_duplicate_labels=False) if meta.get("no_duplicate_labels") else frame
     series = frame.iloc[:, 0]
     if kind == "array":
