@@ -16,8 +16,6 @@ import os
 import signal
 import socket
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -28,7 +26,7 @@ import nbqueue
 from nbqueue import Signature, states
 from nbqueue.brokers.base import Outgoing
 from nbqueue.errors import ConfigurationError, TaskFailed
-from nbqueue.testing import wait_for
+from nbqueue.testing import dead_worker_name, wait_for
 
 from test_processes import Workers, side_rows
 
@@ -58,13 +56,6 @@ def queue_stats(app) -> dict:
 def settled(app) -> bool:
     s = queue_stats(app)
     return s["ready"] == s["delayed"] == s["in_flight"] == 0
-
-
-def dead_pid() -> int:
-    """The pid of a process that has ended (and been reaped)."""
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
 
 
 # -- a task that kills its worker: bounded redelivery -----------------------------------------------
@@ -131,13 +122,12 @@ def test_message_delivered_max_deliveries_times_without_finishing_is_dead_letter
 
     app = with_tasks(app_factory(max_deliveries=3))
     publish_signatures(app, [app.signature("poison", id="p")] + [app.signature("mate", args=[i], id=f"m{i}") for i in range(3)])
-    gone = f"{socket.gethostname()}:{dead_pid()}:gone"
     threads = []
     try:
         for death in range(3):
             entered.clear()
             dying = with_tasks(app_factory(visibility_timeout=0.3, max_deliveries=3))
-            worker = dying.worker(name=f"{gone}{death}", prefetch=4)
+            worker = dying.worker(name=dead_worker_name(f"gone{death}"), prefetch=4)
 
             def run(worker=worker):
                 while not entered.is_set() and not release.is_set():
@@ -332,7 +322,7 @@ def test_redelivered_task_whose_worker_died_runs_at_once(app_factory):
         return x
 
     r = count.delay(8)
-    gone = app.worker(name=f"{socket.gethostname()}:{dead_pid()}:gone")
+    gone = app.worker(name=dead_worker_name())
     _reserve_some(gone)
     wait_for(lambda: app.worker().step() and runs, timeout=10, message="run again")
     assert runs == [8] and r.get(timeout=5) == 8

@@ -88,9 +88,10 @@ def fake_server(name: str) -> "fakeredis.FakeServer":
         return server
 
 
-def connect(url: str, options: Mapping[str, Any], encoding_errors: str = "strict") -> redis.Redis:
+def connect(url: str, options: Mapping[str, Any], encoding_errors: str = "strict", warn: bool = True) -> redis.Redis:
     """A client for a redis://, rediss:// or memory:// URL, retrying on connection errors.
-    ``encoding_errors``: how replies (and commands) are decoded (encoded), as for ``str.decode``."""
+    ``encoding_errors``: how replies (and commands) are decoded (encoded), as for ``str.decode``;
+    ``warn``: log a warning for a remote server reached without a password (once per store)."""
     parts = urlsplit(url)
     kwargs: dict[str, Any] = {
         "decode_responses": True,
@@ -105,7 +106,8 @@ def connect(url: str, options: Mapping[str, Any], encoding_errors: str = "strict
 
         client = fakeredis.FakeRedis(server=fake_server(parts.netloc or parts.path.strip("/") or "default"), **kwargs)
     else:
-        warn_if_exposed(url, options)
+        if warn:
+            warn_if_exposed(url, options)
         client = redis.Redis.from_url(url, **kwargs)
     # set on the pool, so fakeredis (which drops a retry= argument) retries like redis does
     client.set_retry(Retry(
@@ -473,7 +475,7 @@ class RedisBroker(Broker):
         self.client = connect(url, self.options)
         # claims and dead letters are read through this one: a body that is not UTF-8 comes back
         # as surrogateescape text (see nbqueue.brokers.base.checked_text) instead of failing the call
-        self._reader = connect(url, self.options, encoding_errors="surrogateescape")
+        self._reader = connect(url, self.options, encoding_errors="surrogateescape", warn=False)
         self._publish = self.client.register_script(_PUBLISH)
         self._publish_reserved = self.client.register_script(_PUBLISH_RESERVED)
         self._reserve = self.client.register_script(_RESERVE)
