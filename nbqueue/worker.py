@@ -706,7 +706,7 @@ class Worker:
             delay = self.lease
             log.info("task %s (%s): its attempt on worker %s is still alive; looking again in %.1fs",
                      message["name"], task_id, record.get("worker"), delay)
-            batch.add(lambda: app.broker.retry(delivery, eta=app.clock.time() + delay), delivery)
+            batch.add(lambda: app.broker.defer(delivery, eta=app.clock.time() + delay), delivery)
             return True
         token = int(record.get("token") or 0)
         if delivery.maybe_lapsed and record.get("state") in (states.RECEIVED, states.STARTED) and token > delivery.lapse_token:

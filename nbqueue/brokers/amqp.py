@@ -48,7 +48,8 @@ Capabilities:
   is published again with ``x-nbq-lapses`` one higher and that token, and the redelivered
   copy is acked. A message that was only prefetched is not counted. A message with a lapse
   (redelivered, or ``x-nbq-lapses`` above 0) is handed out alone. At ``max_deliveries``
-  lapses the worker dead-letters it.
+  lapses the worker dead-letters it. One put back while its earlier attempt is alive
+  (``defer``) carries ``x-nbq-recheck``, so it comes back ``maybe_lapsed`` as well.
 - Bodies that are not UTF-8 are handed out with ``dead_reason`` set (text holding the
   bytes as ``surrogateescape``; dead letters keep the original bytes).
 - Prefetch: ``basic.qos`` (channel-wide, ``global``) is set to the deliveries this
@@ -128,6 +129,7 @@ H_REASON = "x-nbq-reason"        # why a message was dead-lettered
 H_QUEUE = "x-nbq-queue"          # the work queue a dead letter came from
 H_LAPSES = "x-nbq-lapses"        # deliveries that ended without finishing, counted so far
 H_LAPSE_TOKEN = "x-nbq-lapse-token"  # the task record's fencing token when lapses were last counted
+H_RECHECK = "x-nbq-recheck"      # put back while an earlier attempt was alive: look again before beginning
 
 #: a reserve() on queues not consumed yet waits up to this long for the consumer to start,
 #: then FIRST_PUSH_S for the messages RabbitMQ pushes at once (so timeout=0 still finds them)
@@ -592,9 +594,15 @@ def _int_header(headers: dict, name: str) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
+def _maybe_lapsed(p: _Pending) -> bool:
+    """The delivery before this one may have ended unfinished: it went back unacked, or was
+    put back while an earlier attempt was alive (``defer``)."""
+    return p.redelivered or _int_header(p.properties.headers or {}, H_RECHECK) > 0
+
+
 def _after_lapse(p: _Pending) -> bool:
     """A pushed message an earlier delivery of which may have ended without finishing."""
-    return p.redelivered or _int_header(p.properties.headers or {}, H_LAPSES) > 0
+    return _maybe_lapsed(p) or _int_header(p.properties.headers or {}, H_LAPSES) > 0
 
 
 def _lapse_headers(delivery: Delivery) -> dict:
@@ -901,7 +909,7 @@ class AMQPBroker(Broker):
                 tag=(session, p.delivery_tag),
                 priority=p.properties.priority or 0,
                 lapsed=lapsed,
-                maybe_lapsed=p.redelivered,
+                maybe_lapsed=_maybe_lapsed(p),
                 lapse_token=_int_header(headers, H_LAPSE_TOKEN),
                 dead_reason=problem or self.limit_reason(lapsed),
             ))
@@ -985,6 +993,11 @@ class AMQPBroker(Broker):
         """Requeue at once (RabbitMQ marks it redelivered, so the next attempt counts up; it is
         not counted as a lapse unless the task's record shows an attempt that never finished)."""
         return self._settle(delivery, "nack")
+
+    def defer(self, delivery: Delivery, *, eta: float) -> bool:
+        """``retry`` at ``eta``, marked (``x-nbq-recheck``) so that its next delivery is again
+        ``maybe_lapsed``: alone, and begun only if no earlier attempt is alive."""
+        return self._republish(delivery, delivery.body, eta, {**_lapse_headers(delivery), H_RECHECK: 1})
 
     def count_lapse(self, delivery: Delivery, token: int) -> bool:
         """Publish the message again with one more lapse counted at the record's fencing token

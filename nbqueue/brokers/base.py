@@ -9,9 +9,9 @@ for every implementation by nbqueue.testing.contracts):
 - ``reserve(queues, timeout=, lease=, limit=)`` returns up to ``limit`` deliveries,
   highest priority first, then oldest due; waits up to ``timeout`` seconds for one.
   A delivery not acked before its lease runs out is handed out again.
-- ``ack``/``retry``/``extend``/``reject``/``release`` act on a delivery. They return
-  False when the delivery is stale (its lease ran out and the message was reserved
-  again), so a stale worker cannot act for a newer attempt.
+- ``ack``/``retry``/``extend``/``reject``/``release`` (and ``defer``/``count_lapse``,
+  below) act on a delivery. They return False when the delivery is stale (its lease ran
+  out and the message was reserved again), so a stale worker cannot act for a newer attempt.
 - ``stats()`` gives ready / delayed / in_flight / dead per queue.
 - Bounded redelivery: a delivery that ends without being settled (its lease lapsed: the
   worker died or stalled) is a *lapse*. ``Delivery.lapsed`` counts the message's lapses so
@@ -22,6 +22,8 @@ for every implementation by nbqueue.testing.contracts):
   record and dead-letter it. ``release`` and ``retry`` are not lapses. A broker that cannot
   tell a lapse from a message that was only prefetched (AMQP) sets ``maybe_lapsed`` and
   leaves the count to the worker, which reads the task's record (see ``count_lapse``).
+  ``defer`` puts a delivery after a lapse back until a due time, still marked so (the
+  worker's answer to an earlier attempt that is still alive, see nbqueue.worker).
 - A body that is not UTF-8 never fails a reserve: its delivery comes with ``dead_reason``
   set (the body holds the bytes as ``surrogateescape`` text, so they are kept as they were).
 """
@@ -155,6 +157,12 @@ class Broker:
     def release(self, delivery: Delivery) -> bool:
         """Hand a reserved but unstarted message back at once (not a lapse)."""
         return self.retry(delivery)
+
+    def defer(self, delivery: Delivery, *, eta: float) -> bool:
+        """Put back until ``eta`` a delivery after a lapse whose earlier attempt is still alive:
+        its next delivery is still ``after_lapse`` (where the lapse count marks it, as here,
+        a plain retry does)."""
+        return self.retry(delivery, eta=eta)
 
     def count_lapse(self, delivery: Delivery, token: int) -> bool:
         """Count a lapse the worker found for a ``maybe_lapsed`` delivery (the task's record

@@ -509,3 +509,19 @@ def test_broker_delivers_a_message_after_a_lapse_alone(broker_factory, qname):
             batches.append(sorted(x.message_id for x in got))
     assert sorted(sum(batches, [])) == ["b", "c", "suspect"]
     assert ["suspect"] in batches
+
+
+def test_broker_defer_puts_a_message_back_still_marked_after_a_lapse(broker_factory, qname):
+    """What a worker does when the earlier attempt of a redelivered task is still alive."""
+    broker, q = broker_factory(), qname("defer")
+    broker.publish(_out(q, id="slow"))
+    _reserve_all(broker, [q], 1, lease=0.2)
+    broker = _end_unfinished(broker_factory, broker, 0.2)
+    [d] = _reserve_all(broker, [q], 1, lease=30)
+    assert d.after_lapse and d.dead_reason is None
+    lapsed = d.lapsed
+    assert broker.defer(d, eta=time.time() + 0.5)
+    assert broker.reserve([q], timeout=0.2, lease=30) == []
+    [d2] = _reserve_all(broker, [q], 1, lease=30)
+    assert d2.message_id == "slow" and d2.after_lapse and d2.lapsed == lapsed
+    assert broker.ack(d2)
