@@ -36,7 +36,7 @@ from typing import Any, Iterable
 
 from . import capture, serialization, states, workflow
 from .brokers.base import Delivery, queue_list
-from .errors import MessageError, NotRegistered, Retry, SerializationError
+from .errors import DeliveryLimitExceeded, MessageError, NotRegistered, Retry, SerializationError
 from .retry import next_delay
 from .signature import decode_body, encode_body
 
@@ -712,7 +712,7 @@ class Worker:
         if delivery.maybe_lapsed and record.get("state") in (states.RECEIVED, states.STARTED) and token > delivery.lapse_token:
             reason = app.broker.limit_reason(delivery.lapsed + 1)
             if reason is not None:
-                self._dead_letter(delivery, reason, batch, message=message, exc_type="DeliveryLimitExceeded")
+                self._dead_letter(delivery, reason, batch, message=message, exc_type=DeliveryLimitExceeded.__name__)
             else:
                 batch.add(lambda: app.broker.count_lapse(delivery, token), delivery)
             return True
@@ -753,7 +753,7 @@ class Worker:
         (a sender's ``get()`` then raises with the reason instead of waiting forever)."""
         app = self.app
         limit = delivery.dead_reason is not None and delivery.dead_reason == app.broker.limit_reason(delivery.lapsed)
-        exc_type = exc_type or ("DeliveryLimitExceeded" if limit else "MessageError")
+        exc_type = exc_type or (DeliveryLimitExceeded if limit else MessageError).__name__
         if message is None and limit:
             try:
                 message = decode_body(delivery.body)
