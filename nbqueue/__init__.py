@@ -20,7 +20,7 @@ __all__ = [
     "App", "Signature", "group", "chain", "chord", "Retry", "Backoff", "states", "current_task",
     "AsyncResult", "GroupResult", "ChainResult", "ChordResult",
     "NbqueueError", "BrokerError", "ConnectionLost", "PublishRefused", "ConfigurationError", "SerializationError",
-    "MessageError", "NotRegistered", "TaskFailed", "TaskRevoked", "SignatureError", "progress",
+    "MessageError", "NotRegistered", "TaskFailed", "TaskRevoked", "SignatureError", "progress", "export_notebook",
     "CodeNotAllowed", "WorkerLostError", "TimeLimitExceeded", "SoftTimeLimitExceeded",
 ]
 
@@ -30,6 +30,16 @@ def progress(result):
     from .notebook.widgets import progress as _progress
 
     return _progress(result)
+
+
+def export_notebook(path, out=None) -> str:
+    """The notebook's tasks, with the code they need, as an importable module's text; written to ``out`` if given.
+
+    See nbqueue.notebook.export: names that cannot be resolved are listed, not guessed.
+    """
+    from .notebook.export import export_notebook as _export
+
+    return _export(path, out)
 
 
 def load_ipython_extension(ipython):

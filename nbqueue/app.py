@@ -233,8 +233,16 @@ class App:
         return list(self._workers)
 
     def status(self) -> dict:
-        """Queue depths per queue and the live workers (from their heartbeats)."""
-        return {"queues": self.broker.stats(), "workers": self.backend.workers()}
+        """Queue depths per queue and the live workers (from their heartbeats).
+
+        A broker that cannot list its queues (RabbitMQ) is asked about this App's default
+        queue, its tasks' queues and the queues live workers serve."""
+        workers = self.backend.workers()
+        if getattr(self.broker, "lists_queues", True):
+            return {"queues": self.broker.stats(), "workers": workers}
+        known = [self.default_queue, *(t.options["queue"] for t in self.registry.values() if t.options.get("queue")),
+                 *(q for w in workers for q in w.get("queues") or [])]
+        return {"queues": self.broker.stats(queues=list(dict.fromkeys(known))), "workers": workers}
 
     def purge(self, queue: str | None = None) -> int:
         return self.broker.purge(queue or self.default_queue)

@@ -4,9 +4,17 @@
 notebook) would steal each other's output. Instead sys.stdout/sys.stderr are wrapped
 once by a proxy that sends writes from a thread running a task to that task's buffer
 and everything else to the original stream.
+
+In an ipykernel (7 or later: its streams have ``set_thread_parent``), output written
+by a thread goes to the latest cell unless the thread names its cell. A task's output
+echoed to the stream (``echo``) goes to the cell that sent or shows the task, when the
+notebook layer registered it with :func:`route`, and nowhere otherwise; :func:`routed`
+and :func:`route_thread` let other threads (the live views' updater) do the same.
+Outside a kernel routing does nothing.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import sys
 import threading
@@ -14,6 +22,9 @@ import threading
 _local = threading.local()
 _install_lock = threading.Lock()
 _buffers: dict[str, io.StringIO] = {}     # task id -> buffer, for live reads by the heartbeat
+_routes: dict[str, dict] = {}             # task id -> the request (cell) its echoed output belongs to
+#: the parent header of output that belongs to no cell (ipykernel): frontends show it nowhere
+NOWHERE: dict = {}
 
 
 class _TaskStream:
@@ -27,7 +38,11 @@ class _TaskStream:
             return self._original.write(text)
         buf.write(text)
         if self._echo[0]:
-            self._original.write(text)
+            parent = _routes.get(getattr(_local, "task_id", None) or "")
+            if parent is None and hasattr(self._original, "set_thread_parent"):
+                parent = NOWHERE                  # a kernel: not the cell that happens to run now
+            with _routed_stream(self._original, parent):
+                self._original.write(text)
         return len(text)
 
     def writelines(self, lines):
@@ -75,3 +90,46 @@ def peek(task_id: str) -> str | None:
     buf = _buffers.get(task_id)
     return None if buf is None else buf.getvalue()
 
+
+
+# -- where output goes in an ipykernel --------------------------------------------------------------
+
+def route(task_id: str, parent: dict | None) -> None:
+    """Echoed output of task ``task_id`` belongs to the cell of request ``parent`` (None: forget)."""
+    if parent is None:
+        _routes.pop(task_id, None)
+    else:
+        _routes[task_id] = parent
+
+
+def _underlying(stream):
+    return stream._original if isinstance(stream, _TaskStream) else stream
+
+
+@contextlib.contextmanager
+def _routed_stream(stream, parent: dict | None):
+    setter = getattr(stream, "set_thread_parent", None) if parent is not None else None
+    token = setter(parent) if setter is not None else None
+    try:
+        yield
+    finally:
+        if token is not None:
+            stream.reset_thread_parent(token)
+
+
+@contextlib.contextmanager
+def routed(parent: dict | None):
+    """Within the block, this thread's stdout and stderr belong to the cell of request
+    ``parent`` (ipykernel); ``None`` leaves them as they are."""
+    with contextlib.ExitStack() as stack:
+        for stream in {id(s): s for s in map(_underlying, (sys.stdout, sys.stderr)) if s is not None}.values():
+            stack.enter_context(_routed_stream(stream, parent))
+        yield
+
+
+def route_thread(parent: dict) -> None:
+    """From now on this thread's stdout and stderr belong to the cell of ``parent`` (ipykernel)."""
+    for stream in (sys.stdout, sys.stderr):
+        setter = getattr(_underlying(stream), "set_thread_parent", None)
+        if setter is not None:
+            setter(parent)

@@ -1,4 +1,4 @@
-"""The ``nbqueue`` command: worker | beat | status | purge. The only place with signal handlers."""
+"""The ``nbqueue`` command: worker | beat | status | purge | export. The only place with signal handlers."""
 from __future__ import annotations
 
 import argparse
@@ -105,6 +105,12 @@ def cmd_purge(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .notebook.export import run_cli
+
+    return run_cli(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nbqueue", description="nbqueue: a job runner for notebooks")
     parser.add_argument("--log-level", default=os.environ.get("NBQUEUE_LOG_LEVEL", "INFO"))
@@ -140,6 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("queue", nargs="?")
     p.add_argument("--app")
     p.set_defaults(fn=cmd_purge)
+
+    e = sub.add_parser("export", help="write a notebook's tasks and the code they need to an importable module")
+    e.add_argument("notebook", help="the .ipynb file")
+    e.add_argument("-o", "--output", help="the module file to write (default: print it)")
+    e.add_argument("--check", action="store_true", help="then import the module in a new interpreter, list its tasks")
+    e.set_defaults(fn=cmd_export)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

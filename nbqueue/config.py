@@ -21,6 +21,7 @@ DEFAULTS: dict[str, Any] = {
     "secret": None,                 # HMAC key for cell messages (NBQUEUE_SECRET)
     "clock": None,
     "key_prefix": "nbq",
+    "max_deliveries": 5,            # deliveries that may end without finishing (worker died) before a dead letter
 }
 
 #: options a broker or backend reads (redis.py, amqp.py); passed through as given
@@ -89,7 +90,8 @@ def from_yaml(path: str) -> Config:
 
 
 def from_env(environ: dict | None = None) -> Config:
-    """NBQUEUE_BROKER, NBQUEUE_BACKEND, NBQUEUE_DEFAULT_QUEUE, NBQUEUE_RESULTS_EXPIRE_IN, NBQUEUE_SECRET."""
+    """NBQUEUE_BROKER, NBQUEUE_BACKEND, NBQUEUE_DEFAULT_QUEUE, NBQUEUE_RESULTS_EXPIRE_IN, NBQUEUE_SECRET,
+    NBQUEUE_VISIBILITY_TIMEOUT, NBQUEUE_MAX_DELIVERIES."""
     env = os.environ if environ is None else environ
     options: dict[str, Any] = {}
     if env.get("NBQUEUE_RESULTS_EXPIRE_IN"):
@@ -98,6 +100,8 @@ def from_env(environ: dict | None = None) -> Config:
         options["visibility_timeout"] = float(env["NBQUEUE_VISIBILITY_TIMEOUT"])
     if env.get("NBQUEUE_SECRET"):
         options["secret"] = env["NBQUEUE_SECRET"]
+    if env.get("NBQUEUE_MAX_DELIVERIES"):
+        options["max_deliveries"] = env["NBQUEUE_MAX_DELIVERIES"]
     return Config(
         broker=env.get("NBQUEUE_BROKER") or None,
         backend=env.get("NBQUEUE_BACKEND") or None,

@@ -30,6 +30,11 @@ class MessageError(NbqueueError):
     """A message that cannot be decoded or lacks required fields; it is dead-lettered."""
 
 
+class DeliveryLimitExceeded(MessageError):
+    """A message was delivered ``max_deliveries`` times without finishing (each time its worker
+    died or stalled past its lease: a task that crashes its process); it is dead-lettered."""
+
+
 class NotRegistered(NbqueueError, KeyError):
     """A worker received a task name it does not know."""
 

@@ -1,9 +1,18 @@
-"""Task records as pandas DataFrames."""
+"""Task records as pandas DataFrames.
+
+Column types do not depend on the rows (nor on the pandas version's string inference):
+``id``, ``name``, ``state``, ``args``, ``kwargs``, ``result``, ``error``, ``queue`` and
+``worker`` are ``object`` columns holding the values as they are (a result of 42 is the
+int 42 whatever the other rows hold) with ``None`` where there is none; ``retries`` is
+int64; ``created``, ``started`` and ``finished`` are datetime64[ns, UTC] (NaT when not
+yet); ``runtime`` is float64 seconds (NaN when not finished).
+"""
 from __future__ import annotations
 
 from . import serialization
 
 COLUMNS = ["id", "name", "state", "args", "kwargs", "result", "error", "retries", "queue", "created", "started", "finished", "runtime", "worker"]
+OBJECT_COLUMNS = ("id", "name", "state", "args", "kwargs", "result", "error", "queue", "worker")
 
 
 def _decode(app, text):
@@ -39,9 +48,21 @@ def records_frame(app, records: list[dict], extra: dict[str, list] | None = None
             "runtime": (finished - started) if started is not None and finished is not None else None,
             "worker": rec.get("worker"),
         })
-    frame = pd.DataFrame(rows, columns=COLUMNS)
-    for col in ("created", "started", "finished"):
-        frame[col] = pd.to_datetime(frame[col], unit="s", utc=True)
-    frame["runtime"] = frame["runtime"].astype("float64")  # seconds
-    frame["retries"] = frame["retries"].astype("int64")
-    return frame
+    import numpy as np
+
+    columns = {}
+    for col in COLUMNS:
+        values = [row[col] for row in rows]
+        if col in OBJECT_COLUMNS:
+            column = np.empty(len(values), dtype=object)    # element by element: a list or an array stays one value
+            for i, value in enumerate(values):
+                column[i] = value
+            columns[col] = pd.Series(column, dtype=object)
+        elif col == "retries":
+            columns[col] = pd.Series(values, dtype="int64")
+        elif col == "runtime":
+            columns[col] = pd.Series([np.nan if v is None else v for v in values], dtype="float64")  # seconds
+        else:
+            seconds = pd.Series([np.nan if v is None else v for v in values], dtype="float64")
+            columns[col] = pd.to_datetime(seconds, unit="s", utc=True).astype("datetime64[ns, UTC]")
+    return pd.DataFrame(columns, columns=COLUMNS)

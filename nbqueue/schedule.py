@@ -328,7 +328,7 @@ def periodic_task(app, spec: str, *, name: str | None = None, catch_up: bool = F
 
     def decorate(fn: Callable) -> Task:
         task = fn if isinstance(fn, Task) and fn.app is app else app.register_task(name or task_name(fn), fn, **task_options)
-        register(app, spec, task.s(*args, **(kwargs or {})), name=name or task.name, catch_up=catch_up, timezone=timezone)
+        register(app, spec, task.signature(args, kwargs), name=name or task.name, catch_up=catch_up, timezone=timezone)
         return task
 
     return decorate

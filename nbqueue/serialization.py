@@ -1,206 +1,548 @@
 """JSON with type tags; pickle only by explicit opt-in.
 
 Plain JSON values pass through untouched. Other supported types become
-``{"__nbq__": TAG, "v": ...}`` so they come back as the same type on the worker:
-tuple, set, frozenset, bytes, datetime, date, time, timedelta, Decimal, UUID,
-complex, pandas DataFrame/Series and numpy arrays and scalars. Anything else raises
-SerializationError naming where in the value it sits.
+``{"__nbq__": TAG, ...}`` so they come back as the same type, equal, on the worker and
+on the waiting side: integers beyond 64 bits, non-finite floats, tuple, set, frozenset,
+dict with non-string keys, bytes, bytearray, memoryview, datetime/date/time (with their
+``zoneinfo.ZoneInfo`` or ``datetime.timezone`` and fold), timedelta, Decimal, UUID,
+Fraction, complex, numpy scalars and arrays, pandas Timestamp, Timedelta, NaT, NA, and
+DataFrame, Series, Index and extension arrays (Arrow IPC, see blobs.py). Binary values
+ride inside the JSON as base64 (``{"__nbq__": "blob", "v": {"codec", "b64", ...}}``).
+
+Refused with a SerializationError naming where the value sits (``where`` plus the path
+inside it): any other type, a subclass of a supported type (it would arrive as its
+base class), a string with a lone surrogate (it cannot be stored as UTF-8), a container
+that contains itself, and nesting deeper than MAX_DEPTH containers (every decoder on
+every store reads that deep). Decoding runs no code but for an opted-in pickle.
 """
 from __future__ import annotations
 
 import base64
 import datetime as _dt
 import decimal
+import fractions
 import io
 import json
-import pickle
 import uuid
+import zoneinfo
 from typing import Any
 
 from .errors import SerializationError
 
 TAG = "__nbq__"
 
+#: Containers (list, dict, tuple, set, ...) may nest this many levels deep; deeper is refused
+#: at send. At this depth the JSON text of a message stays well within what the JSON
+#: decoders (orjson: 1,024 levels) and the recursive decoding below can read back.
+MAX_DEPTH = 100
 
-def _tagged(tag: str, value: Any) -> dict:
-    return {TAG: tag, "v": value}
+_INT_MIN, _INT_MAX = -(2**63), 2**63 - 1   # JSON decoders (orjson, other languages) keep 64-bit ints exact
+
+
+class _Refusal(Exception):
+    """Raised inside the encoder; to_jsonable turns it into a SerializationError with the path."""
+
+    def __init__(self, reason: str, value: Any = None, kind: str = "type"):
+        super().__init__(reason)
+        self.reason, self.child, self.kind = reason, value, kind
+        self.path: list[str] = []          # innermost first
+        self.chain: list[Any] = []         # the containers the path runs through, innermost first
+
+    def step(self, container: Any, label: str) -> None:
+        self.path.append(label)
+        self.chain.append(container)
+        self.child = container
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = repr(value)   # repr escapes lone surrogates, so the text is always storable
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _describe(exc: _Refusal, where: str) -> str:
+    path = list(reversed(exc.path))
+    if exc.kind == "depth":
+        chain = list(reversed(exc.chain))
+        seen: dict[int, int] = {}
+        for i, container in enumerate(chain):
+            first = seen.setdefault(id(container), i)
+            if first != i:
+                inner = "".join(path[first:i])
+                outer = f"its item {''.join(path[:first])}" if first else "the whole value"
+                return (f"{where} contains itself ({outer} holds itself at {inner}): a reference cycle cannot be sent "
+                        "as JSON; send a copy without the cycle, or create the App with serializer='pickle'")
+        return (f"{where} is nested more than {MAX_DEPTH} levels deep (nbqueue.serialization.MAX_DEPTH), "
+                "too deep to be decoded safely; flatten it, or create the App with serializer='pickle'")
+    if len(path) > 12:
+        path = path[:6] + ["..."] + path[-5:]
+    return f"{where}{''.join(path)} {exc.reason}"
 
 
 def to_jsonable(obj: Any, where: str = "value") -> Any:
-    """Turn obj into plain JSON types with tags; ``where`` names it in errors."""
-    if obj is None or isinstance(obj, (bool, str)):
-        return obj
-    if isinstance(obj, int):
-        return obj
-    if isinstance(obj, float):
-        if obj != obj or obj in (float("inf"), float("-inf")):
-            return _tagged("float", repr(obj))
-        return obj
-    if isinstance(obj, list):
-        return [to_jsonable(v, f"{where}[{i}]") for i, v in enumerate(obj)]
-    if isinstance(obj, dict):
-        if all(isinstance(k, str) for k in obj) and TAG not in obj:
-            return {k: to_jsonable(v, f"{where}[{k!r}]") for k, v in obj.items()}
-        return _tagged("dict", [[to_jsonable(k, f"{where} key {k!r}"), to_jsonable(v, f"{where}[{k!r}]")] for k, v in obj.items()])
-    if isinstance(obj, tuple):
-        return _tagged("tuple", [to_jsonable(v, f"{where}[{i}]") for i, v in enumerate(obj)])
-    if isinstance(obj, frozenset):
-        return _tagged("frozenset", [to_jsonable(v, f"{where} item") for v in obj])
-    if isinstance(obj, set):
-        return _tagged("set", [to_jsonable(v, f"{where} item") for v in obj])
-    if isinstance(obj, (bytes, bytearray, memoryview)):
-        return _tagged("bytes", base64.b64encode(bytes(obj)).decode("ascii"))
-    if isinstance(obj, _dt.datetime):
-        return _tagged("datetime", obj.isoformat())
-    if isinstance(obj, _dt.date):
-        return _tagged("date", obj.isoformat())
-    if isinstance(obj, _dt.time):
-        return _tagged("time", obj.isoformat())
-    if isinstance(obj, _dt.timedelta):
-        return _tagged("timedelta", obj.total_seconds())
-    if isinstance(obj, decimal.Decimal):
-        return _tagged("decimal", str(obj))
-    if isinstance(obj, uuid.UUID):
-        return _tagged("uuid", str(obj))
-    if isinstance(obj, complex):
-        return _tagged("complex", [obj.real, obj.imag])
-    mod = type(obj).__module__
-    if mod.startswith("pandas"):
-        return _pandas_to_json(obj, where)
-    if mod.startswith("numpy"):
-        return _numpy_to_json(obj, where)
-    raise SerializationError(
-        f"{where} has type {type(obj).__module__}.{type(obj).__qualname__}, which nbqueue cannot "
-        "serialize as JSON; pass plain data (numbers, strings, lists, dicts, DataFrames, arrays) "
-        "or create the App with serializer='pickle'"
-    )
+    """Turn obj into plain JSON types with tags; ``where`` names it in errors.
+
+    Raises SerializationError (a TypeError) naming ``where`` and the path inside it.
+    """
+    try:
+        return _enc(obj, 0)
+    except _Refusal as exc:
+        raise SerializationError(_describe(exc, where)) from None
+    except RecursionError:   # a caller already deep in its stack; the limits above make this rare
+        raise SerializationError(f"{where} is nested too deeply to be encoded here") from None
 
 
-def _pandas_to_json(obj: Any, where: str) -> Any:
+def _text_ok(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _surrogate(text: str) -> _Refusal:
+    index = next(i for i, c in enumerate(text) if 0xD800 <= ord(c) <= 0xDFFF)
+    return _Refusal(f"is a string with a lone surrogate ({text[index]!r} at index {index}), which cannot be stored as "
+                    "UTF-8 text; encode it (e.g. s.encode('utf-8', 'surrogatepass')) and send bytes", text)
+
+
+def _enc(obj: Any, depth: int) -> Any:
+    t = type(obj)
+    if t is str:
+        if obj.isascii() or _text_ok(obj):
+            return obj
+        raise _surrogate(obj)
+    if t is int:
+        if _INT_MIN <= obj <= _INT_MAX:
+            return obj
+        return {TAG: "int", "v": hex(obj)}   # hex: no digit limit (sys.set_int_max_str_digits) either way
+    if t is float:
+        if obj - obj == 0.0:   # finite
+            return obj
+        return {TAG: "float", "v": repr(obj)}
+    if obj is None or t is bool:
+        return obj
+    if t is list:
+        if depth >= MAX_DEPTH:
+            raise _Refusal("", obj, "depth")
+        try:
+            return [_enc(v, depth + 1) for v in obj]
+        except _Refusal as exc:
+            exc.step(obj, f"[{_position(obj, exc.child)}]")
+            raise
+    if t is dict:
+        if depth >= MAX_DEPTH:
+            raise _Refusal("", obj, "depth")
+        try:
+            if TAG not in obj and all(type(k) is str for k in obj):
+                out = {}
+                for k, v in obj.items():
+                    if not (k.isascii() or _text_ok(k)):
+                        raise _surrogate(k)
+                    out[k] = _enc(v, depth + 1)
+                return out
+            return {TAG: "dict", "v": [[_enc(k, depth + 1), _enc(v, depth + 1)] for k, v in obj.items()]}
+        except _Refusal as exc:
+            exc.step(obj, _dict_label(obj, exc.child))
+            raise
+    encode = _ENCODERS.get(t)
+    if encode is not None:
+        return encode(obj, depth)
+    module = t.__module__
+    if module.startswith("pandas"):
+        return _pandas_to_json(obj, depth)
+    if module.startswith("numpy"):
+        return _numpy_to_json(obj, depth)
+    raise _Refusal(_unsupported(obj), obj)
+
+
+def _position(container: Any, child: Any) -> Any:
+    for i, v in enumerate(container):
+        if v is child:
+            return i
+    return "?"
+
+
+def _dict_label(container: dict, child: Any) -> str:
+    for k, v in container.items():
+        if v is child:
+            return f"[{_short(k)}]"
+        if k is child:
+            return f" key {_short(k)}"
+    return "[?]"
+
+
+def _sequence(tag: str):
+    def encode(obj: Any, depth: int) -> dict:
+        if depth >= MAX_DEPTH:
+            raise _Refusal("", obj, "depth")
+        try:
+            return {TAG: tag, "v": [_enc(v, depth + 1) for v in obj]}
+        except _Refusal as exc:
+            exc.step(obj, f"[{_position(obj, exc.child)}]" if tag == "tuple" else " item")
+            raise
+    return encode
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _enc_tz(tz: Any) -> Any:
+    """A tzinfo as JSON: a zone name (ZoneInfo) or a fixed offset in microseconds (datetime.timezone)."""
+    t = type(tz)
+    if t is zoneinfo.ZoneInfo:
+        if tz.key is None:
+            raise _Refusal("has a zoneinfo.ZoneInfo made from a file (it has no key), which cannot be carried by name; "
+                           "use zoneinfo.ZoneInfo('Area/City')")
+        return tz.key
+    if t is _dt.timezone:
+        offset = tz.utcoffset(None)
+        out: dict[str, Any] = {"utc": offset // _dt.timedelta(microseconds=1)}
+        name = tz.tzname(None)
+        if name != _dt.timezone(offset).tzname(None):
+            out["name"] = _enc(name, 0)
+        return out
+    raise _Refusal(f"has time zone {t.__module__}.{t.__qualname__}, which nbqueue cannot carry exactly; use "
+                   "zoneinfo.ZoneInfo('Area/City') or datetime.timezone, or create the App with serializer='pickle'")
+
+
+def _dec_tz(v: Any):
+    if isinstance(v, str):
+        return zoneinfo.ZoneInfo(v)
+    offset = _dt.timedelta(microseconds=v["utc"])
+    return _dt.timezone(offset, v["name"]) if "name" in v else _dt.timezone(offset)
+
+
+def _enc_clock(tag: str):
+    """datetime and time: the wall-clock text, the zone apart (so a ZoneInfo comes back as itself), fold."""
+    def encode(obj: Any, depth: int) -> dict:
+        tz = obj.tzinfo
+        out = {TAG: tag, "v": (obj.replace(tzinfo=None) if tz is not None else obj).isoformat()}
+        if tz is not None:
+            try:
+                out["tz"] = _enc_tz(tz)
+            except _Refusal as exc:
+                exc.child = obj
+                raise
+        if obj.fold:
+            out["fold"] = 1
+        return out
+    return encode
+
+
+def _dec_clock(parse):
+    def decode(o: dict, p: bool):
+        value = parse(o["v"])
+        if "tz" in o:
+            value = value.replace(tzinfo=_dec_tz(o["tz"]))
+        if o.get("fold"):
+            value = value.replace(fold=1)
+        return value
+    return decode
+
+
+def _enc_memoryview(obj: memoryview, depth: int) -> dict:
+    if obj.format != "B" or obj.ndim != 1:
+        raise _Refusal(f"is a memoryview of format {obj.format!r} with {obj.ndim} dimension(s); only flat byte views "
+                       "are carried: send bytes(view) or numpy.asarray(view)", obj)
+    return {TAG: "memoryview", "v": _b64(obj.tobytes())}
+
+
+def _enc_complex(obj: complex, depth: int) -> dict:
+    return {TAG: "complex", "v": [_enc(obj.real, depth), _enc(obj.imag, depth)]}
+
+
+def _enc_fraction(obj: fractions.Fraction, depth: int) -> dict:
+    return {TAG: "fraction", "v": [_enc(obj.numerator, depth), _enc(obj.denominator, depth)]}
+
+
+_ENCODERS = {
+    tuple: _sequence("tuple"),
+    set: _sequence("set"),
+    frozenset: _sequence("frozenset"),
+    bytes: lambda obj, depth: {TAG: "bytes", "v": _b64(obj)},
+    bytearray: lambda obj, depth: {TAG: "bytearray", "v": _b64(obj)},
+    memoryview: _enc_memoryview,
+    _dt.datetime: _enc_clock("datetime"),
+    _dt.time: _enc_clock("time"),
+    _dt.date: lambda obj, depth: {TAG: "date", "v": obj.isoformat()},
+    _dt.timedelta: lambda obj, depth: {TAG: "timedelta", "v": [obj.days, obj.seconds, obj.microseconds]},
+    decimal.Decimal: lambda obj, depth: {TAG: "decimal", "v": str(obj)},
+    uuid.UUID: lambda obj, depth: {TAG: "uuid", "v": str(obj)},
+    complex: _enc_complex,
+    fractions.Fraction: _enc_fraction,
+}
+
+_BASES = (bool, int, float, str, bytes, bytearray, list, dict, tuple, frozenset, set, _dt.datetime, _dt.date, _dt.time,
+          _dt.timedelta, decimal.Decimal, uuid.UUID, complex, fractions.Fraction)
+
+
+def _unsupported(obj: Any) -> str:
+    t = type(obj)
+    name = f"{t.__module__}.{t.__qualname__}"
+    for base in _BASES:
+        if isinstance(obj, base):
+            return (f"has type {name}, a subclass of {base.__name__} that would arrive as a plain {base.__name__}; "
+                    f"pass {base.__name__}(...) of it, or create the App with serializer='pickle'")
+    return (f"has type {name}, which nbqueue cannot serialize as JSON; pass plain data (numbers, strings, lists, dicts, "
+            "DataFrames, arrays) or create the App with serializer='pickle'")
+
+
+# -- binary values: frames, arrays (blobs.py turns them into bytes and back) --------------------------
+def _blob_to_json(blob) -> dict:
+    """The JSON form of a blobs.Blob. The bytes ride inline as base64 (``b64``)."""
+    v = {"codec": blob.codec, "b64": _b64(blob.data)}
+    v.update(blob.info)
+    return {TAG: "blob", "v": v}
+
+
+def _blob_from_json(o: dict, allow_pickle: bool):
+    from . import blobs
+
+    v = o["v"]
+    if v["codec"] == "pickle" and not allow_pickle:
+        raise SerializationError(_PICKLE_REFUSED)
+    return blobs.unpack(v["codec"], base64.b64decode(v["b64"]))
+
+
+def _pack(obj: Any, depth: int) -> dict:
+    from . import blobs
+
+    try:
+        return _blob_to_json(blobs.pack(obj))
+    except blobs.Unrepresentable as exc:
+        raise _Refusal(str(exc), obj) from None
+
+
+def _pandas_to_json(obj: Any, depth: int) -> Any:
     import pandas as pd
 
-    if isinstance(obj, pd.DataFrame):
-        return _tagged("dataframe", obj.to_json(orient="table", date_format="iso", double_precision=15))
-    if isinstance(obj, pd.Series):
-        return _tagged("series", obj.to_frame(name=obj.name if obj.name is not None else "__series__").to_json(orient="table", date_format="iso", double_precision=15))
-    if isinstance(obj, pd.Timestamp):
-        return _tagged("timestamp", obj.isoformat())
-    if isinstance(obj, pd.Timedelta):
-        return _tagged("timedelta", obj.total_seconds())
-    raise SerializationError(f"{where} has type {type(obj).__qualname__}, which nbqueue cannot serialize as JSON")
+    t = type(obj)
+    if t is pd.Timestamp:
+        unit = getattr(obj, "unit", "ns")
+        out = {TAG: "timestamp", "v": int(obj.to_datetime64().astype("int64")), "unit": unit}
+        if obj.tz is not None:
+            try:
+                out["tz"] = _enc_tz(obj.tz)
+            except _Refusal as exc:
+                exc.child = obj
+                raise
+        return out
+    if t is pd.Timedelta:
+        unit = getattr(obj, "unit", "ns")
+        return {TAG: "pd-timedelta", "v": int(obj.to_timedelta64().astype("int64")), "unit": unit}
+    if obj is pd.NaT:
+        return {TAG: "nat"}
+    if obj is pd.NA:
+        return {TAG: "na"}
+    if t is pd.DataFrame or t is pd.Series or isinstance(obj, (pd.Index, pd.api.extensions.ExtensionArray)):
+        return _pack(obj, depth)
+    raise _Refusal(_unsupported(obj), obj)
 
 
-def _numpy_to_json(obj: Any, where: str) -> Any:
+def _numpy_to_json(obj: Any, depth: int) -> Any:
     import numpy as np
 
-    if isinstance(obj, np.ndarray):
-        if obj.dtype.kind in "biufcmM" and not obj.dtype.hasobject:
-            data = np.ascontiguousarray(obj)
-            return _tagged("ndarray", {"dtype": data.dtype.str, "shape": list(data.shape), "data": base64.b64encode(data.tobytes()).decode("ascii")})
-        return _tagged("ndarray-list", {"dtype": str(obj.dtype), "items": to_jsonable(obj.tolist(), where)})
+    if type(obj) is np.ndarray:
+        if obj.dtype == object:
+            if depth >= MAX_DEPTH:
+                raise _Refusal("", obj, "depth")
+            order = "F" if obj.flags.f_contiguous and not obj.flags.c_contiguous else "C"
+            flat = obj.ravel(order=order)
+            try:
+                items = [_enc(v, depth + 1) for v in flat]
+            except _Refusal as exc:
+                exc.step(obj, f".flat[{_position(flat, exc.child)}]")
+                raise
+            return {TAG: "ndarray-objects", "v": {"shape": list(obj.shape), "order": order, "items": items}}
+        return _pack(obj, depth)
     if isinstance(obj, np.generic):
-        return to_jsonable(obj.item(), where)
-    raise SerializationError(f"{where} has type {type(obj).__qualname__}, which nbqueue cannot serialize as JSON")
+        array = np.asarray(obj)
+        if array.dtype.kind not in "biufcmMSU":
+            raise _Refusal(f"is a numpy scalar of dtype {array.dtype}, which nbqueue cannot carry; "
+                           "send it inside an array, or create the App with serializer='pickle'", obj)
+        return {TAG: "npscalar", "dtype": array.dtype.str, "v": _b64(array.tobytes())}
+    if isinstance(obj, np.ndarray):
+        raise _Refusal(f"has type {type(obj).__module__}.{type(obj).__qualname__}, a subclass of numpy.ndarray that "
+                       "would arrive as a plain array; pass numpy.asarray(...) of it, or create the App with "
+                       "serializer='pickle'", obj)
+    raise _Refusal(_unsupported(obj), obj)
 
 
-def from_jsonable(obj: Any) -> Any:
-    """Inverse of to_jsonable."""
+# -- decoding ---------------------------------------------------------------------------------------
+_PICKLE_REFUSED = "message carries pickled data but this App was not created with serializer='pickle'"
+
+
+def from_jsonable(obj: Any, allow_pickle: bool = False) -> Any:
+    """Inverse of to_jsonable. Runs no code: pickled values raise SerializationError
+    unless ``allow_pickle`` (the App opted in with serializer='pickle')."""
     if isinstance(obj, list):
-        return [from_jsonable(v) for v in obj]
+        return [from_jsonable(v, allow_pickle) for v in obj]
     if isinstance(obj, dict):
         tag = obj.get(TAG)
         if tag is None:
-            return {k: from_jsonable(v) for k, v in obj.items()}
-        return _DECODERS[tag](obj["v"])
+            return {k: from_jsonable(v, allow_pickle) for k, v in obj.items()}
+        try:
+            decode = _DECODERS[tag]
+        except KeyError:
+            raise SerializationError(f"unknown type tag {tag!r} (written by a newer nbqueue?)") from None
+        return decode(obj, allow_pickle)
     return obj
 
 
-def _decode_dataframe(text: str):
+def _dec_dataframe(o: dict, p: bool):   # written by nbqueue before Arrow IPC (pandas' JSON "table")
     import pandas as pd
 
-    return pd.read_json(io.StringIO(text), orient="table")
+    return pd.read_json(io.StringIO(o["v"]), orient="table")
 
 
-def _decode_series(text: str):
-    frame = _decode_dataframe(text)
-    series = frame.iloc[:, 0]
+def _dec_series(o: dict, p: bool):
+    series = _dec_dataframe(o, p).iloc[:, 0]
     if series.name == "__series__":
         series.name = None
     return series
 
 
-def _decode_ndarray(v: dict):
+def _dec_ndarray(o: dict, p: bool):   # written by nbqueue before blobs (raw bytes in base64)
     import numpy as np
 
+    v = o["v"]
     return np.frombuffer(base64.b64decode(v["data"]), dtype=np.dtype(v["dtype"])).reshape(v["shape"]).copy()
 
 
-def _decode_ndarray_list(v: dict):
+def _dec_ndarray_list(o: dict, p: bool):
     import numpy as np
 
-    return np.array(from_jsonable(v["items"]), dtype=v["dtype"])
+    v = o["v"]
+    return np.array(from_jsonable(v["items"], p), dtype=v["dtype"])
 
 
-def _decode_timestamp(v: str):
+def _dec_ndarray_objects(o: dict, p: bool):
+    import numpy as np
+
+    v = o["v"]
+    items = v["items"]
+    flat = np.empty(len(items), dtype=object)
+    for i, item in enumerate(items):   # item by item: a list item stays a list, not a new axis
+        flat[i] = from_jsonable(item, p)
+    return flat.reshape(v["shape"], order=v["order"])
+
+
+def _dec_npscalar(o: dict, p: bool):
+    import numpy as np
+
+    return np.frombuffer(base64.b64decode(o["v"]), dtype=np.dtype(o["dtype"])).reshape(())[()]
+
+
+def _dec_timestamp(o: dict, p: bool):
+    import numpy as np
     import pandas as pd
 
-    return pd.Timestamp(v)
+    v = o["v"]
+    if isinstance(v, str):   # written by nbqueue before units and zones were kept
+        return pd.Timestamp(v)
+    unit = o["unit"]
+    ts = pd.Timestamp(np.datetime64(v, unit))
+    if hasattr(ts, "as_unit"):
+        ts = ts.as_unit(unit)
+    if "tz" in o:
+        ts = ts.tz_localize("UTC").tz_convert(_dec_tz(o["tz"]))
+    return ts
+
+
+def _dec_pd_timedelta(o: dict, p: bool):
+    import numpy as np
+    import pandas as pd
+
+    unit = o["unit"]
+    td = pd.Timedelta(np.timedelta64(o["v"], unit))
+    return td.as_unit(unit) if hasattr(td, "as_unit") else td
+
+
+def _dec_timedelta(o: dict, p: bool):
+    v = o["v"]
+    if isinstance(v, list):
+        return _dt.timedelta(days=v[0], seconds=v[1], microseconds=v[2])
+    return _dt.timedelta(seconds=v)   # written by nbqueue before days/seconds/microseconds
+
+
+def _dec_pickle(o: dict, p: bool):   # written by nbqueue before blobs
+    if not p:
+        raise SerializationError(_PICKLE_REFUSED)
+    import pickle
+
+    return pickle.loads(base64.b64decode(o["v"]))
+
+
+def _dec_nat(o: dict, p: bool):
+    import pandas as pd
+
+    return pd.NaT
+
+
+def _dec_na(o: dict, p: bool):
+    import pandas as pd
+
+    return pd.NA
+
+
+def _dec_dict(o: dict, p: bool) -> dict:
+    return {from_jsonable(k, p): from_jsonable(x, p) for k, x in o["v"]}
 
 
 _DECODERS = {
-    "float": float,
-    "dict": lambda v: {from_jsonable(k): from_jsonable(x) for k, x in v},
-    "tuple": lambda v: tuple(from_jsonable(x) for x in v),
-    "set": lambda v: {from_jsonable(x) for x in v},
-    "frozenset": lambda v: frozenset(from_jsonable(x) for x in v),
-    "bytes": lambda v: base64.b64decode(v),
-    "datetime": _dt.datetime.fromisoformat,
-    "date": _dt.date.fromisoformat,
-    "time": _dt.time.fromisoformat,
-    "timedelta": lambda v: _dt.timedelta(seconds=v),
-    "decimal": decimal.Decimal,
-    "uuid": uuid.UUID,
-    "complex": lambda v: complex(v[0], v[1]),
-    "dataframe": _decode_dataframe,
-    "series": _decode_series,
-    "ndarray": _decode_ndarray,
-    "ndarray-list": _decode_ndarray_list,
-    "timestamp": _decode_timestamp,
-    "pickle": lambda v: pickle.loads(base64.b64decode(v)),
+    "int": lambda o, p: int(o["v"], 16),
+    "float": lambda o, p: float(o["v"]),
+    "dict": _dec_dict,
+    "tuple": lambda o, p: tuple(from_jsonable(x, p) for x in o["v"]),
+    "set": lambda o, p: {from_jsonable(x, p) for x in o["v"]},
+    "frozenset": lambda o, p: frozenset(from_jsonable(x, p) for x in o["v"]),
+    "bytes": lambda o, p: base64.b64decode(o["v"]),
+    "bytearray": lambda o, p: bytearray(base64.b64decode(o["v"])),
+    "memoryview": lambda o, p: memoryview(base64.b64decode(o["v"])),
+    "datetime": _dec_clock(_dt.datetime.fromisoformat),
+    "date": lambda o, p: _dt.date.fromisoformat(o["v"]),
+    "time": _dec_clock(_dt.time.fromisoformat),
+    "timedelta": _dec_timedelta,
+    "decimal": lambda o, p: decimal.Decimal(o["v"]),
+    "uuid": lambda o, p: uuid.UUID(o["v"]),
+    "complex": lambda o, p: complex(from_jsonable(o["v"][0], p), from_jsonable(o["v"][1], p)),
+    "fraction": lambda o, p: fractions.Fraction(from_jsonable(o["v"][0], p), from_jsonable(o["v"][1], p)),
+    "blob": _blob_from_json,
+    "ndarray-objects": _dec_ndarray_objects,
+    "npscalar": _dec_npscalar,
+    "timestamp": _dec_timestamp,
+    "pd-timedelta": _dec_pd_timedelta,
+    "nat": _dec_nat,
+    "na": _dec_na,
+    # tags written by earlier versions of nbqueue, still read
+    "dataframe": _dec_dataframe,
+    "series": _dec_series,
+    "ndarray": _dec_ndarray,
+    "ndarray-list": _dec_ndarray_list,
+    "pickle": _dec_pickle,
 }
 
 
 class Serializer:
-    """Encodes task arguments and results. ``pickle=True`` is an explicit opt-in."""
+    """Encodes task arguments and results. ``pickle=True`` is an explicit opt-in: a value
+    JSON cannot carry exactly is then pickled (protocol 5), and pickles are decoded."""
 
     def __init__(self, pickle: bool = False):
         self.pickle = pickle
 
     def encode(self, obj: Any, where: str = "value") -> Any:
-        if self.pickle:
-            try:
-                return to_jsonable(obj, where)
-            except SerializationError:
-                try:
-                    return _tagged("pickle", base64.b64encode(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)).decode("ascii"))
-                except Exception as exc:  # pickling errors come in many types
-                    raise SerializationError(f"{where} cannot be pickled: {exc}") from exc
-        return to_jsonable(obj, where)
+        try:
+            return to_jsonable(obj, where)
+        except SerializationError:
+            if not self.pickle:
+                raise
+        from . import blobs
+
+        return _blob_to_json(blobs.pack_pickle(obj, where))
 
     def decode(self, obj: Any) -> Any:
-        if not self.pickle and _contains_pickle(obj):
-            raise SerializationError("message carries pickled data but this App was not created with serializer='pickle'")
-        return from_jsonable(obj)
-
-
-def _contains_pickle(obj: Any) -> bool:
-    if isinstance(obj, dict):
-        if obj.get(TAG) == "pickle":
-            return True
-        return any(_contains_pickle(v) for v in obj.values())
-    if isinstance(obj, list):
-        return any(_contains_pickle(v) for v in obj)
-    return False
+        return from_jsonable(obj, self.pickle)
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
@@ -212,13 +554,24 @@ except ImportError:  # pragma: no cover - orjson is a dependency, but keep worki
 
 
 def dumps(obj: Any) -> str:
-    """Compact JSON text of an already-jsonable structure."""
+    """Compact JSON text of an already-jsonable structure.
+
+    Raises SerializationError when the text could not be stored or read back (a lone
+    surrogate, a cycle, a value JSON has no form for).
+    """
     if _orjson is not None:
         try:
             return _orjson.dumps(obj).decode()
-        except (TypeError, _orjson.JSONEncodeError):  # integers beyond 64 bits, for one
+        except (TypeError, _orjson.JSONEncodeError):  # deeper than orjson writes (254 levels), for one
             pass
-    return _ENCODER.encode(obj)
+    try:
+        text = _ENCODER.encode(obj)
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SerializationError("text with a lone surrogate cannot be stored as UTF-8 JSON") from None
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise SerializationError(f"cannot be written as JSON: {exc}") from None
+    return text
 
 
 def loads(text: str | bytes) -> Any:
@@ -228,4 +581,3 @@ def loads(text: str | bytes) -> Any:
         except _orjson.JSONDecodeError:
             pass  # let the standard library decide (and word the error)
     return json.loads(text)
-

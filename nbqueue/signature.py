@@ -15,6 +15,7 @@ import datetime as _dt
 import inspect
 import os
 import random
+import reprlib
 import time
 from typing import Any, Callable
 
@@ -77,6 +78,9 @@ class Signature:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise TypeError("a Signature needs a task name (a non-empty string)")
+        if isinstance(self.args, (str, bytes, bytearray, dict)):   # list() of these would split or drop the values
+            raise TypeError(f"the args of task {self.name!r} must be a list or tuple of arguments, not a {type(self.args).__name__}; "
+                            f"for one argument pass ({self.args!r:.40},)")
         self.args = list(self.args) if self.args is not None else []
         self.kwargs = dict(self.kwargs or {})
         if not 0 <= int(self.priority) <= 9:
@@ -141,11 +145,12 @@ class Signature:
         now = time.time() if now is None else now
         try:
             args = [serializer.encode(value) for value in self.args]
-            kwargs = {key: serializer.encode(value) for key, value in self.kwargs.items()}
+            kwargs = {_keyword(key, self.name): serializer.encode(value) for key, value in self.kwargs.items()}
         except serialization.SerializationError:   # again, naming the argument (only worth it on failure)
             names = _parameter_names(fn)
             args = [serializer.encode(value, _arg_label(self.name, i, names)) for i, value in enumerate(self.args)]
-            kwargs = {key: serializer.encode(value, f"keyword argument {key!r} of task {self.name!r}") for key, value in self.kwargs.items()}
+            kwargs = {_keyword(key, self.name): serializer.encode(value, f"keyword argument {key!r} of task {self.name!r}")
+                      for key, value in self.kwargs.items()}
         message = {"id": self.id or new_id(), "name": self.name, "args": args, "kwargs": kwargs, "queue": self.queue or default_queue}
         eta = self.eta_timestamp(now)
         if eta is not None:
@@ -255,6 +260,18 @@ def signature_from_message(message: dict, serializer: serialization.Serializer) 
         group_task_count=message.get("group_task_count", 0),
         workflow=message.get("workflow"),
     )
+
+
+def _keyword(key: Any, task: str) -> str:
+    """A keyword argument's name as sent: a string (Python calls need one; JSON objects too)."""
+    if type(key) is str and key.isascii():
+        return key
+    if not isinstance(key, str):
+        raise serialization.SerializationError(
+            f"keyword argument {reprlib.repr(key)} of task {task!r} has a name of type {type(key).__name__}; keyword argument names "
+            "must be strings (pass it as a positional argument, or inside a dict argument)")
+    name = str.__str__(key)    # the plain string of a str subclass (an enum member, numpy.str_)
+    return serialization.to_jsonable(name, f"the name of a keyword argument of task {task!r}")
 
 
 def _task_fn(sig: Signature) -> Callable | None:

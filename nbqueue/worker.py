@@ -10,6 +10,16 @@ token when a task begins and refuses a final result from a stale attempt, and a
 redelivered message whose task is already final is not run again, only acknowledged
 (after re-running the idempotent workflow step, in case the earlier attempt died
 before it).
+
+Redelivery is bounded (see nbqueue.brokers.base): a message whose lease lapsed comes
+alone, and before its task is begun again the worker checks whether the earlier attempt
+is still alive (``_attempt_alive``). A lease also lapses while a task holds the GIL in
+one long C call (a big sort, ``sum(range(n))``): the heartbeat thread cannot run to
+extend it. Beginning the task again would fence out the running attempt, and with two
+workers each attempt would fence out the last forever; so the message is put back for a
+lease instead, the running attempt finishes and records its result, and the next
+delivery finds the task final. After ``max_deliveries`` lapses of attempts that did not
+survive, the task fails with DeliveryLimitExceeded and its message is dead-lettered.
 """
 from __future__ import annotations
 
@@ -26,7 +36,7 @@ from typing import Any, Iterable
 
 from . import builtin, capture, serialization, shipping, states, workflow
 from .brokers.base import Delivery, queue_list
-from .errors import MessageError, NotRegistered, Retry, SerializationError, WorkerLostError
+from .errors import DeliveryLimitExceeded, MessageError, NotRegistered, Retry, SerializationError, WorkerLostError
 from .retry import next_delay
 from .signature import decode_body, encode_body
 
@@ -397,7 +407,8 @@ class Worker:
         """Every 0.1 s while tasks run: STARTED states, live output, time limits.
         Every ``heartbeat_interval``: lease extensions and the worker's heartbeat record."""
         info = {"host": socket.gethostname(), "pid": os.getpid(), "concurrency": self.concurrency, "queues": self.queues,
-                "pool": "processes" if self.pool is not None else "threads", "allow_code": self.allow_code, "origin": builtin.PROCESS_TOKEN}
+                "heartbeat_interval": self.heartbeat_interval, "pool": "processes" if self.pool is not None else "threads",
+                "allow_code": self.allow_code, "origin": builtin.PROCESS_TOKEN}
         next_beat, next_upkeep = 0.0, time.monotonic() + 0.5   # no checkpoint at start: work comes first
         while True:
             try:
@@ -412,6 +423,7 @@ class Worker:
                         held = list(self._held.values())
                     for d in held:
                         self.app.broker.extend(d, self.lease)
+                    info["holding"] = sorted({d.message_id for d in held})     # see _attempt_alive
                     self.app.backend.heartbeat(self.name, {**info, "queues": self.queues, "running": len(running), "processed": self.processed},
                                                ttl=max(3 * self.heartbeat_interval, 2.0))
             except Exception:
@@ -420,6 +432,7 @@ class Worker:
                 next_upkeep = time.monotonic() + 0.5
                 try:
                     self.app.broker.upkeep()
+                    self.app.backend.upkeep()       # expired results go without a scheduler
                 except Exception:
                     log.debug("worker %s: broker upkeep failed", self.name, exc_info=True)
             if self._stopping.is_set() and not any(t.is_alive() for t in self._threads if t is not threading.current_thread()):
@@ -491,8 +504,7 @@ class Worker:
             if prep is None:
                 prep = self._prepare(deliveries)
             for delivery, reason in prep.malformed:
-                log.error("dead-lettering malformed message %s: %s", delivery.message_id, reason)
-                batch.add(lambda d=delivery, r=reason: self.app.broker.reject(d, r), delivery)
+                self._dead_letter(delivery, reason, batch)
             for i, (delivery, message) in enumerate(prep.messages):
                 if self._stopping.is_set() and threading.current_thread() in self._threads:
                     for _, unstarted in prep.messages[i:]:   # not started: PENDING again, not "received"
@@ -589,16 +601,20 @@ class Worker:
         """Decode a reserved batch and begin its tasks (``begun``: the claim did, tokens are on the deliveries)."""
         prep = _Prepared()
         for delivery in deliveries:
+            if delivery.dead_reason is not None:    # the broker says: dead-letter it (not UTF-8, too many deliveries)
+                prep.malformed.append((delivery, delivery.dead_reason))
+                continue
             try:
                 # a message handed over in this process is at hand: no need to decode and check it
                 message = dict(delivery.message) if delivery.message is not None else decode_body(delivery.body)
                 prep.messages.append((delivery, message))
             except MessageError as exc:
                 prep.malformed.append((delivery, str(exc)))
+        # a delivery after a lapse is begun by _execute, once no earlier attempt is found alive
         if begun:
-            prep.tokens = {m["id"]: d.token for d, m in prep.messages}
+            prep.tokens = {m["id"]: d.token for d, m in prep.messages if not d.after_lapse}
         else:
-            prep.tokens = self._begin_many(prep.messages)
+            prep.tokens = self._begin_many([(d, m) for d, m in prep.messages if not d.after_lapse])
         return prep
 
     def _begin_many(self, prepared: list[tuple[Delivery, dict]]) -> dict:
@@ -617,6 +633,8 @@ class Worker:
             batch.add(lambda: batch.ack(delivery), delivery)
             return
         if token is _MISSING:
+            if delivery.after_lapse and self._settled_after_lapse(delivery, message, batch):
+                return
             token = app.backend.begin(task_id, worker=self.name, fields={"retries": message.get("retries", 0), "name": name, "queue": delivery.queue})
         if token is None:
             # already final: an earlier attempt stored it (or it was revoked); repeat its follow-ups
@@ -711,6 +729,91 @@ class Worker:
 
         batch.add(finish, delivery)
 
+    def _settled_after_lapse(self, delivery: Delivery, message: dict, batch: "_Batch") -> bool:
+        """Before a delivery after a lapse begins its task again: True when it was dealt with
+        instead. While an earlier attempt is alive (``_attempt_alive``) the message is put
+        back for a lease, so that attempt is not fenced out and records its own result. A
+        ``maybe_lapsed`` delivery (a broker that cannot count lapses itself: AMQP) whose
+        record shows an attempt begun since the last count that never finished is a lapse:
+        counted (``Broker.count_lapse``), or dead-lettered at ``max_deliveries``."""
+        app = self.app
+        task_id = message["id"]
+        record = app.backend.get(task_id) or {}
+        if self._attempt_alive(task_id, record, delivery):
+            delay = self.lease
+            log.info("task %s (%s): its attempt on worker %s is still alive; looking again in %.1fs",
+                     message["name"], task_id, record.get("worker"), delay)
+            batch.add(lambda: app.broker.defer(delivery, eta=app.clock.time() + delay), delivery)
+            return True
+        token = int(record.get("token") or 0)
+        if delivery.maybe_lapsed and record.get("state") in (states.RECEIVED, states.STARTED) and token > delivery.lapse_token:
+            reason = app.broker.limit_reason(delivery.lapsed + 1)
+            if reason is not None:
+                self._dead_letter(delivery, reason, batch, message=message, exc_type=DeliveryLimitExceeded.__name__)
+            else:
+                batch.add(lambda: app.broker.count_lapse(delivery, token), delivery)
+            return True
+        return False
+
+    def _attempt_alive(self, task_id: str, record: dict, delivery: Delivery) -> bool:
+        """Is an earlier attempt of this task still alive? Its record is RECEIVED or STARTED
+        by a worker that is this one and still holds the task; or that heartbeats on time
+        and lists the task among those it holds (a worker extends the leases of what it
+        holds, so it lets one lapse only while stalled); or, its heartbeat late, that is a
+        live process of this host (a thread holding the GIL stalls the heartbeat too: the
+        process is the only sign of life); or, on another host, whose heartbeat has not
+        expired yet. Past that a stalled remote attempt is taken for dead, and a task
+        whose attempts keep dying ends at ``max_deliveries``."""
+        owner = record.get("worker") or ""
+        if record.get("state") not in (states.RECEIVED, states.STARTED) or not owner:
+            return False
+        if owner == self.name:
+            with self._held_lock:
+                return task_id in self._running or any(d.message_id == task_id and d is not delivery for d in self._held.values())
+        beat = next((w for w in self.app.backend.workers() if w.get("worker_id") == owner), None)
+        if beat is not None:
+            every = float(beat.get("heartbeat_interval") or self.heartbeat_interval)
+            if self.app.clock.time() - float(beat.get("last_seen") or 0) <= 2 * every:
+                return task_id in (beat.get("holding") or ())
+            host, pid = beat.get("host"), beat.get("pid")
+        else:
+            host, pid = _host_and_pid(owner)
+        if host == socket.gethostname() and isinstance(pid, int):
+            alive = _process_alive(pid)
+            if alive is not None:
+                return alive
+        return beat is not None
+
+    def _dead_letter(self, delivery: Delivery, reason: str, batch: "_Batch", *, message: dict | None = None,
+                     exc_type: str | None = None) -> None:
+        """Dead-letter a message with ``reason`` and fail its task's record, if one is waiting
+        (a sender's ``get()`` then raises with the reason instead of waiting forever)."""
+        app = self.app
+        limit = delivery.dead_reason is not None and delivery.dead_reason == app.broker.limit_reason(delivery.lapsed)
+        exc_type = exc_type or (DeliveryLimitExceeded if limit else MessageError).__name__
+        if message is None and limit:
+            try:
+                message = decode_body(delivery.body)
+            except MessageError:
+                pass
+        task_id = message["id"] if message is not None else delivery.message_id
+        log.error("worker %s: dead-lettering message %s: %s", self.name, delivery.message_id, reason)
+
+        def finish() -> None:
+            stored = False
+            record = app.backend.get(task_id) if task_id else None
+            if record is not None and record.get("state") not in states.READY_STATES:
+                token = app.backend.begin(task_id, worker=self.name)
+                stored = token is not None and app.backend.store_result(
+                    task_id, states.FAILURE, token=token, exc_type=exc_type, error=reason, retries=(message or {}).get("retries", 0))
+            if stored:
+                self.failed += 1
+                if message is not None:
+                    workflow.on_failure(app, message, exc_type, reason)
+            app.broker.reject(delivery, reason)
+
+        batch.add(finish, delivery)
+
     def _call(self, task, args: list, kwargs: dict, message: dict) -> Any:
         """Run the task's function: in this thread, or with ``pool="processes"`` in a child
         process (pool.py; built-in tasks, which use this process's objects, stay here)."""
@@ -722,14 +825,16 @@ class Worker:
     def _child_lost(self, delivery: Delivery, message: dict, token: int, exc: WorkerLostError, output: str, batch: "_Batch",
                     started_at: float) -> None:
         """The child process running the task died (or was stopped): the task goes back to the
-        queue, unless it has now killed its child on ``max_deliveries`` deliveries (default 5):
-        then it fails with the reason, so a task that crashes every time cannot loop."""
+        queue (a release: not a lapse), unless it has now ended ``max_deliveries`` deliveries
+        without finishing (its child deaths in this worker, or its lapses and this one): then
+        its record fails and its message is dead-lettered with the reason, so a task that
+        kills its child every time cannot loop."""
         if getattr(exc, "counts", True) and self.pool is not None:
-            deliveries = max(self.pool.note_death(message["id"]), delivery.attempt)
-            limit = int(self.app.config.option("max_deliveries") or 5)
+            deliveries = max(self.pool.note_death(message["id"]), delivery.lapsed + 1)
+            limit = self.app.broker.max_deliveries
             if deliveries >= limit:
-                error = WorkerLostError(f"{exc} running this task, on {deliveries} deliveries (the limit is {limit}); not delivered again")
-                self._fail(delivery, message, token, error, batch, output=output, started_at=started_at)
+                reason = f"{exc} running this task, on {deliveries} deliveries (max_deliveries={limit}); not delivered again"
+                self._dead_letter(delivery, reason, batch, message=message, exc_type=WorkerLostError.__name__)
                 return
         log.warning("worker %s: %s running task %s (%s); delivering it again", self.name, exc, message["name"], message["id"])
         self._requeue(delivery, message, token, batch, exc_type=type(exc).__name__, error=f"{exc}; delivered again", output=output or None)
@@ -798,3 +903,30 @@ class Worker:
         state = "running" if self.running else "stopped"
         pool = " pool=processes" if self.pool is not None else ""
         return f"<Worker {self.name} {state} concurrency={self.concurrency}{pool} queues={','.join(self.queues)}>"
+
+
+def _host_and_pid(worker_name: str) -> tuple[str | None, int | None]:
+    """(host, pid) from a worker name of the default form ``host:pid:suffix``, else (None, None)."""
+    host, _, rest = worker_name.partition(":")
+    pid = rest.partition(":")[0]
+    return (host, int(pid)) if host and pid.isdigit() else (None, None)
+
+
+def _process_alive(pid: int) -> bool | None:
+    """Whether process ``pid`` of this host is running (a zombie has ended); None where this
+    cannot be asked (not POSIX)."""
+    if pid == os.getpid():
+        return True
+    if os.name != "posix":
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True

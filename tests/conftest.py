@@ -1,21 +1,32 @@
 """Fixtures: every broker and backend the project has, over real servers.
 
-Redis (127.0.0.1:6379, DB 13 of the tests' own, flushed per test) and RabbitMQ
-(127.0.0.1:5672, guest/guest, queue names of each test's own, deleted afterwards) are
-real servers. Locally a missing server skips its tests; under CI=true it fails them.
-``memory://`` is fakeredis inside this process: a product feature, tested as such.
+Redis (127.0.0.1:6379, DB NBQUEUE_TEST_REDIS, default 13) and RabbitMQ (127.0.0.1:5672,
+guest/guest) are real servers SHARED with whoever else uses them: a test never
+flushes a database, never runs SCRIPT FLUSH and never restarts them. Each Redis store
+a test makes lives under a key prefix of its own (``nbqtest-<run>-<store>:``, given in
+the URL's query, so worker processes started from the URL use it too), and its keys are
+deleted (SCAN + DEL on that prefix) after the test. RabbitMQ queue names are unique to
+the test (``qname``) and deleted afterwards. Tests that restart a server start their
+own (tests/test_redis_restart.py, the RabbitMQ restart in tests/test_amqp_specific.py).
+Locally a missing server skips its tests; under CI=true it fails them. ``memory://`` is
+fakeredis inside this process: a product feature, tested as such.
 """
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
 import uuid
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import pytest
 
 REDIS_URL = os.environ.get("NBQUEUE_TEST_REDIS", "redis://127.0.0.1:6379/13")
 AMQP_URL = os.environ.get("NBQUEUE_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/%2F")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+#: this pytest run's token: in every Redis key prefix and queue name the tests make
+RUN_ID = uuid.uuid4().hex[:8]
 
 BROKER_KINDS = ["sqlite", "memory", "redis", "amqp"]
 BACKEND_KINDS = ["sqlite", "memory", "redis"]
@@ -38,6 +49,58 @@ def require_server(name: str, host: str, port: int) -> None:
     pytest.skip(message)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A redis-server of the test's own on a free port (append-only file in ``directory``):
+    what a test may restart or SCRIPT FLUSH without disturbing anyone."""
+
+    def __init__(self, directory: str):
+        self.dir = directory
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        from nbqueue.testing import wait_for
+
+        self.proc = subprocess.Popen(
+            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--dir", self.dir, "--save", "",
+             "--appendonly", "yes", "--appendfsync", "always"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: _listening("127.0.0.1", self.port), timeout=20, message=f"redis-server on {self.port}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()          # SIGTERM: Redis flushes its append-only file and exits
+            self.proc.wait(20)
+            self.proc = None
+
+
+def require_binary(name: str) -> None:
+    if shutil.which(name) is None:
+        if IN_CI:
+            pytest.fail(f"{name} is not installed (CI=true: a missing server is a failure)")
+        pytest.skip(f"{name} is not installed")
+
+
+@pytest.fixture(scope="session")
+def session_redis(tmp_path_factory):
+    """A redis-server of this test session's own, for tests that SCRIPT FLUSH a server."""
+    require_binary("redis-server")
+    server = RedisServer(str(tmp_path_factory.mktemp("own-redis")))
+    server.start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 def qname():
     """Unique queue names for this test."""
@@ -45,7 +108,7 @@ def qname():
     token = uuid.uuid4().hex[:8]
 
     def make(label: str = "q") -> str:
-        name = f"t{token}-{label}"
+        name = f"t{RUN_ID}{token}-{label}"
         made.append(name)
         return name
 
@@ -53,10 +116,53 @@ def qname():
     return make
 
 
-def _flush_redis() -> None:
+#: (server URL, key prefix) of every Redis store made by the running test, deleted after it
+_redis_stores: list[tuple[str, str]] = []
+
+
+def with_query(url: str, **params: str) -> str:
+    """``url`` with ``params`` added to its query."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(query=urlencode(parse_qsl(parts.query) + list(params.items()))))
+
+
+def private_redis_url(base: str = REDIS_URL) -> str:
+    """``base`` under a key prefix of its own (``?key_prefix=``), removed after the test."""
+    prefix = f"nbqtest-{RUN_ID}-{uuid.uuid4().hex[:8]}:"
+    _redis_stores.append((base, prefix))
+    return with_query(base, key_prefix=prefix)
+
+
+def delete_prefix(base: str, prefix: str) -> int:
+    """Delete the keys under ``prefix`` on the server of ``base`` (SCAN + DEL); how many."""
     import redis
 
-    redis.Redis.from_url(REDIS_URL).flushdb()
+    client = redis.Redis.from_url(base)
+    try:
+        deleted = 0
+        batch = []
+        for key in client.scan_iter(match=prefix + "*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                deleted += client.delete(*batch)
+                batch = []
+        if batch:
+            deleted += client.delete(*batch)
+        return deleted
+    finally:
+        client.close()
+
+
+@pytest.fixture(autouse=True)
+def _delete_test_redis_keys():
+    """After each test: the keys of the Redis stores it made (see private_redis_url)."""
+    yield
+    while _redis_stores:
+        base, prefix = _redis_stores.pop()
+        try:
+            delete_prefix(base, prefix)
+        except Exception:  # the server went away: nothing of ours is left on it either
+            pass
 
 
 def store_url(kind: str, tmp_path) -> str:
@@ -67,8 +173,7 @@ def store_url(kind: str, tmp_path) -> str:
         return f"memory://test-{uuid.uuid4().hex[:12]}"
     if kind == "redis":
         require_server("Redis", "127.0.0.1", 6379)
-        _flush_redis()
-        return REDIS_URL
+        return private_redis_url()
     if kind == "amqp":
         require_server("RabbitMQ", "127.0.0.1", 5672)
         return AMQP_URL

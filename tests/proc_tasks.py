@@ -75,3 +75,32 @@ def hang_first_attempt(key):
     finally:
         conn.close()
     return n
+
+
+def note_attempt(key: str) -> None:
+    conn = side_db()
+    try:
+        conn.execute("INSERT INTO attempts(key, pid) VALUES (?, ?)", (key, os.getpid()))
+    finally:
+        conn.close()
+
+
+@app.task(name="die")
+def die(key):
+    """Note the attempt, then end the whole worker process at once, as a crash in C code would."""
+    note_attempt(key)
+    os._exit(1)
+
+
+@app.task(name="note")
+def note(key):
+    """Note each execution under ``key`` and return it."""
+    note_attempt(key)
+    return key
+
+
+@app.task(name="hold_gil")
+def hold_gil(n, key):
+    """Note the attempt, then hold the GIL in one C call (``sum(range(n))``) for as long as that takes."""
+    note_attempt(key)
+    return sum(range(n))

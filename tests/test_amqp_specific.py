@@ -3,18 +3,24 @@ reason, prefetch, one broker shared by threads, reconnects, a server restart.
 
 Runs on the real RabbitMQ of conftest (skipped locally when it is not there, failed
 under CI). Queue names come from ``qname`` and are deleted afterwards, with their delay
-and dead-letter queues. Tests that change the server (a policy, a restart) use
-``rabbitmqctl`` and skip when it is not usable here.
+and dead-letter queues. The length-limit test sets a policy that matches its own queue
+only (``rabbitmqctl``, skipped when that is not usable here). The restart test restarts
+a RabbitMQ node of its own (``rabbitmq-server`` on free ports, data in the test's
+temporary directory), never the shared server.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import os
+import pwd
 import shutil
+import signal
 import subprocess
+import tempfile
 import threading
 import time
 import uuid
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pika
@@ -28,7 +34,8 @@ from nbqueue.brokers.amqp import (
 from nbqueue.brokers.base import Outgoing
 from nbqueue.errors import ConfigurationError, ConnectionLost, PublishRefused
 
-from conftest import AMQP_URL, require_server
+from conftest import AMQP_URL, IN_CI, free_port, require_server
+from nbqueue.testing import wait_for
 
 
 @pytest.fixture
@@ -68,6 +75,89 @@ def needs_rabbitmqctl() -> None:
     local = urlsplit(AMQP_URL).hostname in ("127.0.0.1", "localhost", "::1")
     if not local or shutil.which("rabbitmqctl") is None or os.geteuid() != 0:
         pytest.skip("needs rabbitmqctl, run as root, on the host of the test RabbitMQ")
+
+
+class RabbitMQNode:
+    """A RabbitMQ node of the test's own: its name, ports and data directory are the
+    test's, so stopping and starting it disturbs no one. Needs root (the server runs as
+    the ``rabbitmq`` user, which must own the directory; pytest's own temporary
+    directories are private to root, so it lives in a directory of its own)."""
+
+    def __init__(self, directory):
+        self.dir = directory
+        self.port, self.dist_port = free_port(), free_port()
+        self.name = f"nbqtest{self.port}@localhost"
+        self.proc: subprocess.Popen | None = None
+        for sub in ("mnesia", "log"):
+            (directory / sub).mkdir()
+        owner = pwd.getpwnam("rabbitmq")
+        for path in (directory, directory / "mnesia", directory / "log"):
+            os.chown(path, owner.pw_uid, owner.pw_gid)
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
+
+    def env(self) -> dict:
+        d = str(self.dir)
+        return {**os.environ, "RABBITMQ_NODENAME": self.name, "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+                "RABBITMQ_NODE_PORT": str(self.port), "RABBITMQ_DIST_PORT": str(self.dist_port),
+                "RABBITMQ_MNESIA_BASE": f"{d}/mnesia", "RABBITMQ_LOG_BASE": f"{d}/log",
+                "RABBITMQ_PID_FILE": f"{d}/node.pid", "RABBITMQ_FEATURE_FLAGS_FILE": f"{d}/feature_flags",
+                "RABBITMQ_ENABLED_PLUGINS_FILE": f"{d}/enabled_plugins", "RABBITMQ_PLUGINS_EXPAND_DIR": f"{d}/plugins",
+                "RABBITMQ_CONFIG_FILE": f"{d}/rabbitmq", "RABBITMQ_ADVANCED_CONFIG_FILE": f"{d}/advanced.config"}
+
+    def start(self) -> None:
+        with open(self.dir / "log" / "server.out", "ab") as log:
+            self.proc = subprocess.Popen(["rabbitmq-server"], env=self.env(), cwd=self.dir, stdout=log, stderr=subprocess.STDOUT)
+
+        def up() -> bool:
+            assert self.proc.poll() is None, "rabbitmq-server exited: " + (self.dir / "log" / "server.out").read_text()[-2000:]
+            try:
+                pika.BlockingConnection(pika.URLParameters(self.url + "?connection_attempts=1&socket_timeout=1")).close()
+                return True
+            except pika.exceptions.AMQPError:
+                return False
+
+        wait_for(up, timeout=120, interval=0.2, message=f"RabbitMQ node {self.name}")
+
+    def stop(self) -> None:
+        """SIGTERM to the node (a clean shutdown: durable queues and persistent messages stay)."""
+        if self.proc is None:
+            return
+        pid_file = self.dir / "node.pid"
+        if pid_file.exists():
+            try:
+                os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
+            except (ValueError, ProcessLookupError):
+                pass
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        pid_file.unlink(missing_ok=True)
+        self.proc = None
+
+
+@pytest.fixture
+def own_rabbitmq():
+    if shutil.which("rabbitmq-server") is None:
+        if IN_CI:
+            pytest.fail("rabbitmq-server is not installed (CI=true: a missing server is a failure)")
+        pytest.skip("rabbitmq-server is not installed")
+    if os.geteuid() != 0:
+        pytest.skip("starting a RabbitMQ node of the test's own needs root (the server runs as the rabbitmq user)")
+    directory = Path(tempfile.mkdtemp(prefix="nbqtest-rabbitmq-"))
+    try:
+        node = RabbitMQNode(directory)
+        node.start()
+        try:
+            yield node
+        finally:
+            node.stop()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def out(queue: str, body: str = "{}", *, id: str | None = None, eta: float | None = None, priority: int = 0) -> Outgoing:
@@ -355,35 +445,45 @@ def test_wrong_password_is_a_configuration_error_at_once():
 
 
 @pytest.mark.slow
-def test_broker_reconnects_after_rabbitmq_restart_and_tasks_published_before_complete(amqp, qname):
-    needs_rabbitmqctl()
-    broker, q = amqp(reconnect_timeout=60), qname("restart")
+def test_broker_reconnects_after_rabbitmq_restart_and_tasks_published_before_complete(own_rabbitmq):
+    node = own_rabbitmq
+    made = []
+
+    def broker(**options):
+        b = broker_from_url(node.url, options=options)
+        made.append(b)
+        return b
+
+    q = "restart"
+    b = broker(reconnect_timeout=60)
     # Given a waiting message, a delayed one and one in flight, all published before the restart
-    broker.publish_many([out(q, id="in-flight"), out(q, id="waiting"), out(q, id="delayed", eta=time.time() + 2)])
-    [held] = broker.reserve([q], timeout=5, lease=30, limit=1)
+    b.publish_many([out(q, id="in-flight"), out(q, id="waiting"), out(q, id="delayed", eta=time.time() + 2)])
+    [held] = b.reserve([q], timeout=5, lease=30, limit=1)
     assert held.message_id == "in-flight"
-    impatient, elsewhere = amqp(reconnect_timeout=1.0), qname("impatient")
-    assert impatient.reserve([elsewhere], timeout=0.2, lease=30) == []     # consuming, queue declared
+    impatient = broker(reconnect_timeout=1.0)
+    assert impatient.reserve(["impatient"], timeout=0.2, lease=30) == []     # consuming, queue declared
     try:
-        rabbitmqctl("stop_app")
+        node.stop()
         # a broker that may not wait long gives up with ConnectionLost, not an endless wait
         started = time.monotonic()
         with pytest.raises(ConnectionLost):
             while time.monotonic() - started < 10:
-                impatient.reserve([elsewhere], timeout=0.5, lease=30)
-        assert time.monotonic() - started < 5
+                impatient.reserve(["impatient"], timeout=0.5, lease=30)
     finally:
-        rabbitmqctl("start_app")
-        rabbitmqctl("await_startup")
-    # When the broker is used again (reserve and publish reconnect with back-off)
-    broker.publish(out(q, id="after"))
-    got = {}
-    deadline = time.monotonic() + 30
-    while len(got) < 4 and time.monotonic() < deadline:
-        for d in broker.reserve([q], timeout=1, lease=30, limit=4):
-            got[d.message_id] = d
-            assert broker.ack(d)
-    # Then everything published before the restart is still delivered, and the old delivery is stale
-    assert set(got) == {"in-flight", "waiting", "delayed", "after"}
-    assert got["in-flight"].redelivered
-    assert broker.ack(held) is False
+        node.start()
+    try:
+        # When the broker is used again (reserve and publish reconnect with back-off)
+        b.publish(out(q, id="after"))
+        got = {}
+        deadline = time.monotonic() + 30
+        while len(got) < 4 and time.monotonic() < deadline:
+            for d in b.reserve([q], timeout=1, lease=30, limit=4):
+                got[d.message_id] = d
+                assert b.ack(d)
+        # Then everything published before the restart is still delivered, and the old delivery is stale
+        assert set(got) == {"in-flight", "waiting", "delayed", "after"}
+        assert got["in-flight"].redelivered
+        assert b.ack(held) is False
+    finally:
+        for x in made:
+            x.close()

@@ -160,3 +160,29 @@ def test_app_option_loads_module_attribute_from_the_working_directory(tmp_path, 
     assert "has no attribute 'nothing'" in capsys.readouterr().err
     assert cli.main(["status", "--app", "cliproj_ok:not_an_app"]) == 2
     assert "is a int, not an nbqueue.App" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("app_kind", ["sqlite", "redis", "amqp"])
+def test_status_from_another_process_lists_the_queues_with_their_dead_letters(app_factory, tmp_path):
+    """10 dead letters on the App's queue; ``nbqueue status`` run by another process (which
+    has declared nothing itself) lists the queue with them, RabbitMQ included."""
+    import subprocess
+    import sys
+
+    from nbqueue.brokers.base import Outgoing
+    from nbqueue.testing import wait_for
+
+    app = app_factory()
+    queue = app.default_queue
+    for i in range(10):
+        app.broker.publish(Outgoing(id=f"bad-{i}", body="{not json", queue=queue))
+    app.worker().drain(timeout=30)
+    assert wait_for(lambda: (queue_row(app, queue) or {}).get("dead") == 10, timeout=30)
+    (tmp_path / "statusapp.py").write_text(textwrap.dedent(f"""\
+        import nbqueue
+        app = nbqueue.App({app.broker_url!r}, {app.backend_url!r}, default_queue={queue!r})
+        """))
+    done = subprocess.run([sys.executable, "-m", "nbqueue", "status", "--app", "statusapp:app"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert table_row(done.stdout, queue)[1:] == ["0", "0", "0", "10"], done.stdout    # ready delayed in_flight dead

@@ -23,7 +23,7 @@ from nbqueue import Backoff, Signature, states
 from nbqueue.brokers.base import Outgoing, Broker
 from nbqueue.clock import ManualClock
 from nbqueue.retry import fibonacci_next, next_delay
-from nbqueue.testing import wait_for
+from nbqueue.testing import dead_worker_name, wait_for
 
 # -- helpers ----------------------------------------------------------------------------------
 
@@ -796,7 +796,8 @@ def test_stale_attempt_cannot_overwrite_the_newer_result(app_factory):
     app = app_factory(clock=clock, visibility_timeout=5)
     first_running, release_first, attempts = threading.Event(), threading.Event(), []
     r = _slowpoke(app, first_running, release_first, attempts).delay()
-    stale_worker, fresh_worker = app.worker(), app.worker()
+    # named as a process that has ended: once its lease lapses its attempt is taken for dead
+    stale_worker, fresh_worker = app.worker(name=dead_worker_name()), app.worker()
     [d1] = wait_for(lambda: app.broker.reserve([app.default_queue], timeout=0.1, lease=5))
     first = threading.Thread(target=stale_worker.process, args=(d1,), daemon=True)
     first.start()  # no heartbeat thread runs for it: its lease is not extended
@@ -819,7 +820,7 @@ def test_attempt_orphaned_by_a_lost_connection_cannot_overwrite_the_newer_result
         _slowpoke(a, first_running, release_first, attempts)
     r = first_app.send_task(Signature("slowpoke"))
     [d1] = wait_for(lambda: first_app.broker.reserve([first_app.default_queue], timeout=0.1, lease=5))
-    first = threading.Thread(target=first_app.worker().process, args=(d1,), daemon=True)
+    first = threading.Thread(target=first_app.worker(name=dead_worker_name()).process, args=(d1,), daemon=True)
     first.start()
     assert first_running.wait(15)
     first_app.broker.close()  # the connection dies: RabbitMQ hands the message to another consumer

@@ -19,10 +19,11 @@ import nbqueue
 from nbqueue import builtin, capture, states
 from nbqueue.notebook import cellvars, magics as nbmagics, widgets
 from nbqueue.signature import Signature
+from nbqueue.testing import wait_for
 
-from conftest import require_server
+from conftest import REDIS_URL, private_redis_url, require_server
 
-REDIS_CELLS_URL = os.environ.get("NBQUEUE_TEST_REDIS_CELLS", "redis://127.0.0.1:6379/11")
+REDIS_CELLS_URL = os.environ.get("NBQUEUE_TEST_REDIS_CELLS", REDIS_URL)
 
 
 @pytest.fixture(scope="module")
@@ -290,12 +291,13 @@ def test_cell_runs_on_an_allow_cells_worker_process_over_redis(ipython, tmp_path
     """The remote path: Redis broker and results, an `nbqueue worker --allow-cells` process, a signed cell."""
     require_server("Redis", "127.0.0.1", 6379)
     queue = f"cells-{uuid.uuid4().hex[:8]}"
-    env = {**os.environ, "NBQUEUE_BROKER": REDIS_CELLS_URL, "NBQUEUE_DEFAULT_QUEUE": queue, "NBQUEUE_SECRET": "k3y"}
+    url = private_redis_url(REDIS_CELLS_URL)         # a key prefix of this test's own, deleted afterwards
+    env = {**os.environ, "NBQUEUE_BROKER": url, "NBQUEUE_DEFAULT_QUEUE": queue, "NBQUEUE_SECRET": "k3y"}
     env.pop("NBQUEUE_PROGRESS", None)
     proc = subprocess.Popen([sys.executable, "-m", "nbqueue", "worker", "--allow-cells", "-c", "1"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     ipython.reset(new_session=False)
-    app = nbqueue.App(REDIS_CELLS_URL, default_queue=queue, secret="k3y")
+    app = nbqueue.App(url, default_queue=queue, secret="k3y")
     ipython.user_ns["app"] = app
     state = nbmagics.load_ipython_extension(ipython, start_worker=False)
     try:
@@ -472,3 +474,71 @@ def test_async_result_html_shows_state_value_and_output(app):
     res.get(timeout=30)
     text = res._repr_html_()
     assert "SUCCESS" in text and "&#x27;HEY&#x27;" in text and "shouting" in text and res.id in text
+
+
+# -- which App the magics use ----------------------------------------------------------------------
+
+def test_an_app_created_after_load_ext_becomes_the_magics_app_and_says_so_once(ipython, tmp_path, monkeypatch, capsys):
+    """%load_ext nbqueue, then app = nbqueue.App("redis://..."): %%task, %nbqueue and the
+    kernel's worker move to the Redis App, and the cell that created it says so."""
+    require_server("Redis", "127.0.0.1", 6379)
+    monkeypatch.chdir(tmp_path)
+    ipython.reset(new_session=False)
+    state = nbmagics.load_ipython_extension(ipython, concurrency=1)    # no App yet: one on SQLite
+    first = ipython.user_ns["app"]
+    url = private_redis_url()
+    try:
+        capsys.readouterr()
+        run(ipython, f"import nbqueue\napp = nbqueue.App({url!r})")
+        said = capsys.readouterr().out
+        app = ipython.user_ns["app"]
+        assert app is not first and state.app is app
+        assert said.count("nbqueue: %%task and %nbqueue now use `app` = <nbqueue.App broker=redis://") == 1
+        assert "this kernel's worker moved to it (1 threads)" in said
+        assert state.kernel_worker.app is app and state.worker_running
+        assert wait_for(lambda: not first.workers, message="the SQLite App's worker stopped")
+        res = run(ipython, "%%task on_redis\n6 * 7")
+        assert res.app is app and res.get(timeout=30) == 42
+        assert app.backend.get(res.id)["state"] == "SUCCESS" and first.backend.get(res.id) is None
+        assert list(run(ipython, "%nbqueue tasks")["id"]) == [res.id]
+        run(ipython, "x = 1")
+        assert "nbqueue:" not in capsys.readouterr().out            # said once
+    finally:
+        nbmagics.unload_ipython_extension(ipython)
+        ipython.user_ns["app"].close()
+        first.close()
+
+
+def test_nbqueue_use_picks_an_app_and_later_apps_do_not_switch_it(shell, tmp_path, capsys):
+    first = shell.user_ns["app"]
+    run(shell, f"import nbqueue\nother = nbqueue.App('sqlite:///{tmp_path}/other.db')")
+    assert shell.nbq.app is shell.user_ns["other"]                  # the only new App: followed
+    capsys.readouterr()
+    run(shell, "%nbqueue use app")
+    assert shell.nbq.app is first and shell.nbq.pinned and shell.nbq.kernel_worker.app is first
+    assert "now use `app` = " in capsys.readouterr().out
+    run(shell, f"third = nbqueue.App('sqlite:///{tmp_path}/third.db')")
+    assert shell.nbq.app is first
+    assert "new App `third`; %%task and %nbqueue keep using" in capsys.readouterr().out
+    run(shell, "%nbqueue use")
+    assert f"use {first!r}" in capsys.readouterr().out
+    from IPython.core.error import UsageError
+
+    with pytest.raises(UsageError, match="no variable 'nothing'"):
+        run(shell, "%nbqueue use nothing")
+    with pytest.raises(UsageError, match="is a int, not an nbqueue.App"):
+        run(shell, "n = 3\n%nbqueue use n")
+    for name in ("other", "third"):
+        shell.user_ns[name].close()
+
+
+def test_load_ext_uses_the_only_app_in_the_namespace_whatever_its_name(ipython, tmp_path):
+    ipython.reset(new_session=False)
+    mine = nbqueue.App(f"sqlite:///{tmp_path}/mine.db")
+    ipython.user_ns["mine"] = mine
+    state = nbmagics.load_ipython_extension(ipython, start_worker=False)
+    try:
+        assert state.app is mine and "app" not in ipython.user_ns
+    finally:
+        nbmagics.unload_ipython_extension(ipython)
+        mine.close()

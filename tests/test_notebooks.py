@@ -20,17 +20,18 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from conftest import require_server
+from conftest import REDIS_URL, private_redis_url, require_server
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
-DEMO_REDIS = os.environ.get("NBQUEUE_TEST_DEMO_REDIS", "redis://127.0.0.1:6379/12")
+DEMO_REDIS = os.environ.get("NBQUEUE_TEST_DEMO_REDIS", REDIS_URL)
 
 pytestmark = pytest.mark.slow
 
 
-def execute(name: str, workdir: Path, km=None) -> nbformat.NotebookNode:
-    shutil.copy(NOTEBOOKS / name, workdir / name)
+def execute(name: str, workdir: Path, km=None, source_dir: Path = NOTEBOOKS) -> nbformat.NotebookNode:
+    if source_dir != workdir:
+        shutil.copy(source_dir / name, workdir / name)
     nb = nbformat.read(workdir / name, as_version=4)
     client = NotebookClient(nb, timeout=180, kernel_name="python3", km=km, resources={"metadata": {"path": str(workdir)}})
     try:
@@ -83,6 +84,13 @@ def has_widget_view(cell) -> bool:
     return any("application/vnd.jupyter.widget-view+json" in out.get("data", {}) for out in cell.get("outputs", []))
 
 
+def leftovers(workdir: Path, name: str) -> list[str]:
+    """Files a notebook run left in its directory that git would report as untracked
+    (the notebook, its executed copy and the git-ignored .nbqueue/ aside)."""
+    ignored = {name, f"executed-{name}", ".nbqueue", ".ipynb_checkpoints"}
+    return sorted(p.name for p in workdir.iterdir() if p.name not in ignored)
+
+
 def assert_no_errors(nb) -> None:
     errors = [cell_text(c) for c in code_cells(nb) if any(o.output_type == "error" for o in c.get("outputs", []))]
     assert not errors, errors
@@ -97,7 +105,8 @@ def test_notebooks_are_stored_without_outputs():
         assert all(not c.get("outputs") and c.get("execution_count") is None for c in code_cells(nb)), path.name
         assert nb.metadata.kernelspec.name == "python3"
     assert [p.name for p in sorted(NOTEBOOKS.glob("*.ipynb"))] == [
-        "01-quickstart.ipynb", "02-workflows.ipynb", "03-cell-tasks.ipynb", "04-production.ipynb", "05-process-pool.ipynb"]
+        "01-quickstart.ipynb", "02-workflows.ipynb", "03-cell-tasks.ipynb", "04-production.ipynb", "05-export.ipynb",
+        "06-process-pool.ipynb"]
 
 
 def test_kernelspec_python3_runs_this_virtual_environment():
@@ -122,6 +131,7 @@ def test_quickstart_runs_the_machinery_example(tmp_path):
     assert "failed as expected: ZeroDivisionError division by zero" in failed and "error callback: division by zero" in failed
     frame = cell_starting(nb, "app.tasks(limit=8)").outputs[0]["data"]
     assert "<table" in frame["text/html"] and "ZeroDivisionError" in frame["text/html"]
+    assert leftovers(tmp_path, "01-quickstart.ipynb") == []
 
 
 def test_workflows_show_progress_bars_that_reach_completion(tmp_path):
@@ -138,11 +148,20 @@ def test_workflows_show_progress_bars_that_reach_completion(tmp_path):
     assert len(steps) == 1 and steps[0].count("SUCCESS") == 3 and "<code>169</code>" in steps[0]
     for prefix in ("squares = app.send", "sum_of_squares = app.send", "pipeline = app.send", "more = app.send"):
         assert has_widget_view(cell_starting(nb, prefix)), prefix
-    # the text lines printed for headless runs say the same
-    text = "".join(cell_text(c) for c in code_cells(nb))
-    assert "[nbqueue] group of 20 SUCCESS 100% (20/20 done: 20 succeeded)" in text
-    assert "[nbqueue] chord of 10 SUCCESS 100%" in text and "callback SUCCESS" in text
-    assert "[nbqueue] chain of 3 steps SUCCESS 100% (3/3 steps)" in text
+    # the text lines printed for headless runs are in the cell of their view, not in the cells run meanwhile
+    for prefix, label in (("squares = app.send", "group of 20"), ("sum_of_squares = app.send", "chord of 10"),
+                          ("pipeline = app.send", "chain of 3 steps"), ("more = app.send", "group of 8")):
+        lines = [line for line in cell_text(cell_starting(nb, prefix)).splitlines() if line.startswith("[nbqueue]")]
+        assert lines and all(line.startswith(f"[nbqueue] {label} ") for line in lines), (prefix, lines)
+    for prefix in ("squares.get", "sum_of_squares.get", "pipeline.get", "more.get"):
+        assert "[nbqueue]" not in cell_text(cell_starting(nb, prefix)), prefix
+    # where widgets do not render (GitHub, nbconvert without widget state): the static table, one row per task
+    for prefix, rows, squares in (("squares = app.send", 20, 20), ("sum_of_squares = app.send", 11, 10),
+                                  ("pipeline = app.send", 3, 1), ("more = app.send", 8, 8)):
+        [static] = [o.data["text/html"] for o in cell_starting(nb, prefix).outputs if "text/html" in o.get("data", {})]
+        assert "no table" not in static and static.count("<tr") == rows + 1, prefix
+        assert "<th>name</th>" in static and static.count("<td>square</td>") == squares, prefix
+    assert leftovers(tmp_path, "02-workflows.ipynb") == []
     frame = cell_starting(nb, "squares.to_frame()").outputs[0]["data"]["text/html"]
     assert frame.count("<td>SUCCESS</td>") == 5
     chain_frame = cell_starting(nb, "pipeline.to_frame()").outputs[0]["data"]["text/plain"]
@@ -163,15 +182,20 @@ def test_cell_tasks_notebook(tmp_path):
     assert "(waiting for load)" in cell_text(cell_starting(nb, "%%task stats"))
     tasks = cell_starting(nb, "%nbqueue tasks").outputs[0]["data"]["text/plain"]
     assert tasks.count("nbqueue.cell") == 3
+    assert leftovers(tmp_path, "03-cell-tasks.ipynb") == []
 
 
 def test_production_notebook_runs_a_worker_process_on_redis(tmp_path, monkeypatch):
     require_server("Redis", "127.0.0.1", 6379)
-    monkeypatch.setenv("NBQUEUE_DEMO_REDIS", DEMO_REDIS)
+    url = private_redis_url(DEMO_REDIS)              # a key prefix of this test's own, deleted afterwards
+    monkeypatch.setenv("NBQUEUE_DEMO_REDIS", url)
+    scratch = tmp_path.parent / f"{tmp_path.name}-scratch"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))       # the kernel's temporary directories
     nb = execute("04-production.ipynb", tmp_path)
     assert_no_errors(nb)
-    assert f"using Redis at {DEMO_REDIS}" in cell_text(code_cells(nb)[0])
-    pid = int(re.search(r"worker process (\d+) is up", cell_text(cell_starting(nb, 'log = open("worker.log"'))).group(1))
+    assert f"using Redis at {url}" in cell_text(code_cells(nb)[0])
+    pid = int(re.search(r"worker process (\d+) is up", cell_text(cell_starting(nb, "log = open("))).group(1))
     ran = cell_text(cell_starting(nb, "print(squares.get"))
     assert "[1, 4, 9, 16, 25, 36, 49, 64]" in ran and re.search(rf"ran on: \['[^']*:{pid}:[0-9a-f]+'\]", ran)
     answer = cell_text(cell_starting(nb, "%nbqueue wait remote"))
@@ -181,7 +205,74 @@ def test_production_notebook_runs_a_worker_process_on_redis(tmp_path, monkeypatc
     assert [f"running in process {pid}\n"] in [["".join(o["text"] for o in m["outputs"])] for m in widget_models(nb, "OutputModel")]
     stopped = cell_text(cell_starting(nb, "worker.terminate()"))
     assert "worker exited with 0" in stopped and "stopped after 9 task(s)" in stopped
-    assert (tmp_path / "demo_tasks.py").exists()
+    assert leftovers(tmp_path, "04-production.ipynb") == []        # its scratch files were in a temporary directory ...
+    assert list(scratch.iterdir()) == []                            # ... removed at the end
+
+
+# -- where text output goes under nbclient -----------------------------------------------------------------
+
+OUTPUT_ROUTING_CELLS = [
+    """import threading
+import nbqueue
+from nbqueue import capture
+from nbqueue.notebook import widgets
+from nbqueue.testing import wait_for
+app = nbqueue.App()
+%load_ext nbqueue
+gate = threading.Event()
+
+@app.task(name="chatty")
+def chatty():
+    print("hello from the task")
+    gate.wait(60)
+    print("bye from the task")
+    return 42""",
+    # the cell that sends the task: it returns at once, the task keeps running
+    """pending = chatty.delay()
+pending""",
+    # unrelated cells while it runs: its prints and progress lines must not land here
+    """wait_for(lambda: "hello" in (capture.peek(pending.id) or ""), timeout=30)
+for _ in range(3):
+    widgets.UPDATER.flush()
+print("unrelated cell 1")""",
+    """gate.set()
+print("unrelated cell 2:", pending.get(timeout=30))
+for _ in range(3):
+    widgets.UPDATER.flush()""",
+    """print("unrelated cell 3")""",
+    # a task that finishes while the cell that shows it runs: its lines are in that cell
+    """gate.clear()
+shown = chatty.delay()
+nbqueue.progress(shown)
+wait_for(lambda: "hello" in (capture.peek(shown.id) or ""), timeout=30)
+gate.set()
+print("value:", shown.get(timeout=30))""",
+    """g = app.send(nbqueue.group([chatty.s() for _ in range(2)]))
+g""",
+    """print("unrelated cell 4:", g.get(timeout=30))
+for _ in range(3):
+    widgets.UPDATER.flush()""",
+]
+
+
+def test_text_output_of_a_task_goes_to_the_cell_that_sent_it_or_nowhere(tmp_path):
+    """Under nbclient (views in ``both`` mode: widget and text lines), a pending task's
+    progress lines and its prints never show up in the unrelated cells run meanwhile."""
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    nb.cells = [nbformat.v4.new_code_cell(source) for source in OUTPUT_ROUTING_CELLS]
+    nbformat.write(nb, tmp_path / "routing.ipynb")
+    nb = execute("routing.ipynb", tmp_path, source_dir=tmp_path)
+    assert_no_errors(nb)
+    cells = code_cells(nb)
+    for index, expected in ((2, "unrelated cell 1\n"), (3, "unrelated cell 2: 42\n"), (4, "unrelated cell 3\n"),
+                            (7, "unrelated cell 4: [42, 42]\n")):
+        assert cell_text(cells[index]) == expected, (index, cell_text(cells[index]))
+    sender = cell_text(cells[1])
+    assert "[nbqueue] chatty" in sender and "bye from the task" not in sender
+    shown = cell_text(cells[5])
+    assert "hello from the task" in shown and "bye from the task" in shown and "value: 42" in shown
+    assert re.search(r"\[nbqueue\] chatty \w{8}: SUCCESS in \S+ → 42", shown)
+    assert "[nbqueue] group of 2" in cell_text(cells[6])
 
 
 # -- a kernel restart -------------------------------------------------------------------------------------

@@ -205,7 +205,7 @@ def test_child_killed_mid_task_is_replaced_and_the_task_completes_once(app_facto
     assert not alive(first) and worker.pool.pids() == [attempts[1]]
 
 
-def test_a_task_that_kills_its_child_every_time_fails_with_the_reason_and_its_batch_mates_finish(app_factory, tmp_path):
+def test_a_task_that_kills_its_child_every_time_is_dead_lettered_with_the_reason_and_its_batch_mates_finish(app_factory, tmp_path):
     app = app_factory()
     _, tasks = register(app, crash=1, pid=1)
     side = tmp_path / "crashes"
@@ -216,8 +216,10 @@ def test_a_task_that_kills_its_child_every_time_fails_with_the_reason_and_its_ba
         crashed.get(timeout=120)
     assert failed.value.exc_type == "WorkerLostError"
     assert failed.value.message.startswith("worker child process died (signal 11)")
-    assert "5 deliveries" in failed.value.message
+    assert "on 5 deliveries (max_deliveries=5)" in failed.value.message
     assert len(lines(side)) == 5 and len(set(lines(side))) == 5   # five children, each killed by it
+    [dead] = wait_for(lambda: [d for d in app.broker.dead_letters(app.default_queue + ".code") if d["id"] == crashed.id])
+    assert dead["reason"] == failed.value.message
     for i in (0, 2, 3):
         assert res.results[i].get(timeout=60) != os.getpid() and res.results[i].state == states.SUCCESS
     wait_for(lambda: len(worker.pool.pids()) == 1, message="the dead child replaced")
@@ -594,7 +596,7 @@ def test_notebook_functions_run_in_the_kernels_child_processes(tmp_path):
 def test_process_pool_notebook_shows_the_speed_up(tmp_path):
     from test_notebooks import assert_no_errors, cell_text, execute
 
-    nb = execute("05-process-pool.ipynb", tmp_path)
+    nb = execute("06-process-pool.ipynb", tmp_path)
     assert_no_errors(nb)
     text = "".join(cell_text(c) for c in nb.cells if c.cell_type == "code")
     import re

@@ -6,9 +6,6 @@ the restart does not disturb the shared server the other tests use.
 """
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
 import threading
 import time
 
@@ -17,48 +14,12 @@ import pytest
 import nbqueue
 from nbqueue.testing import wait_for
 
-from conftest import IN_CI
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RedisServer:
-    def __init__(self, directory: str):
-        self.dir = directory
-        self.port = _free_port()
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--dir", self.dir, "--save", "",
-             "--appendonly", "yes", "--appendfsync", "always"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(self._listening, timeout=20, message=f"redis-server on {self.port}")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()          # SIGTERM: Redis flushes its append-only file and exits
-            self.proc.wait(20)
-            self.proc = None
-
-    def _listening(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                return True
-        except OSError:
-            return False
+from conftest import RedisServer, require_binary
 
 
 @pytest.fixture
 def own_redis(tmp_path):
-    if shutil.which("redis-server") is None:
-        if IN_CI:
-            pytest.fail("redis-server is not installed (CI=true: a missing server is a failure)")
-        pytest.skip("redis-server is not installed")
+    require_binary("redis-server")
     server = RedisServer(str(tmp_path))
     server.start()
     yield server

@@ -1,7 +1,9 @@
 """What the Redis broker and backend promise beyond the contracts: memory:// is
 in-process, due messages move in batches, blocking is push-driven, and connections
 survive a drop. Real-Redis tests use the tests' Redis DB (conftest.REDIS_URL) under a
-key prefix of their own, so they neither flush nor see other tests' keys."""
+key prefix of their own, so they neither flush nor see other tests' keys; the tests
+that SCRIPT FLUSH a server do it on a redis-server of this session's own
+(conftest.session_redis), never on the shared one."""
 from __future__ import annotations
 
 import logging
@@ -20,7 +22,7 @@ from nbqueue.brokers.redis import RedisBroker, fake_server
 from nbqueue.clock import ManualClock
 from nbqueue.errors import ConnectionLost
 
-from conftest import REDIS_URL, require_server
+from conftest import REDIS_URL, RUN_ID, delete_prefix, require_server
 from nbqueue.testing import wait_for
 
 
@@ -35,17 +37,11 @@ def _out(queue, id, *, eta=None, priority=0, body="{}"):
 @pytest.fixture
 def real_redis():
     """Options for a real Redis under a key prefix of this test's own; its keys are deleted afterwards."""
-    import redis
-
     require_server("Redis", "127.0.0.1", 6379)
-    prefix = f"nbqtest-{uuid.uuid4().hex[:8]}:"
+    prefix = f"nbqtest-{RUN_ID}-{uuid.uuid4().hex[:8]}:"
     name = f"nbq-{uuid.uuid4().hex[:8]}"
     yield {"key_prefix": prefix, "client_name": name}
-    admin = redis.Redis.from_url(REDIS_URL)
-    keys = list(admin.scan_iter(match=f"{prefix}*"))
-    if keys:
-        admin.delete(*keys)
-    admin.close()
+    delete_prefix(REDIS_URL, prefix)
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -54,6 +50,21 @@ def store(request):
     if request.param == "memory":
         return _memory_url(), {}
     return REDIS_URL, request.getfixturevalue("real_redis")
+
+
+@pytest.fixture(params=["memory", "own-redis"])
+def flushable_app(request):
+    """An App on a fresh memory:// server, or on a redis-server of this session's own
+    (under a prefix of its own): the test may SCRIPT FLUSH it."""
+    import nbqueue
+
+    if request.param == "memory":
+        app = nbqueue.App(_memory_url())
+    else:
+        server = request.getfixturevalue("session_redis")
+        app = nbqueue.App(server.url, key_prefix=f"nbqtest-{uuid.uuid4().hex[:8]}")
+    yield app
+    app.close()
 
 
 # -- memory:// --------------------------------------------------------------------------
@@ -395,10 +406,10 @@ def test_a_waiter_reads_the_record_in_the_round_trip_that_wakes_it(store):
     assert waiter.wait_record("t", timeout=0)["result"] == "1"     # an old result: read at once
 
 
-def test_scripts_the_server_lost_are_loaded_again_and_no_task_runs_twice(redis_app):
+def test_scripts_the_server_lost_are_loaded_again_and_no_task_runs_twice(flushable_app):
     """After SCRIPT FLUSH (as after a restart) a pipeline's scripts fail with NOSCRIPT;
     each such command is run again once its script is loaded, and only those."""
-    app = redis_app
+    app = flushable_app
     runs = []
     app.register_task("double", lambda x: runs.append(x) or 2 * x)
     worker = app.start_worker(concurrency=2)
@@ -443,11 +454,11 @@ def _flush_scripts_keeping(client, *scripts):
         client.script_load(script.script)
 
 
-def test_a_new_connection_loads_its_scripts_before_the_commands_so_they_run_in_order(redis_app):
+def test_a_new_connection_loads_its_scripts_before_the_commands_so_they_run_in_order(flushable_app):
     """After a restart the cache refills script by script. A pipeline on the new connection
     sends SCRIPT LOAD first, in the same write: the member is stored before it is counted
     and counted before it is acked, and the chord calls back."""
-    app = redis_app
+    app = flushable_app
     app.register_task("add", lambda x, y: x + y)
     app.register_task("total", lambda values: sum(values))
     res = app.send_chord(nbqueue_chord([Signature("add", args=[1, 1]), Signature("add", args=[2, 2])], Signature("total")))
@@ -463,11 +474,11 @@ def test_a_new_connection_loads_its_scripts_before_the_commands_so_they_run_in_o
     assert all(row["in_flight"] == 0 for row in app.broker.stats())
 
 
-def test_a_script_lost_under_a_live_connection_never_acks_a_result_that_was_not_stored(redis_app):
+def test_a_script_lost_under_a_live_connection_never_acks_a_result_that_was_not_stored(flushable_app):
     """SCRIPT FLUSH by hand while the connection stays up: the store fails with NOSCRIPT
     and runs again after the pipeline's ack. The ack checks that the result is final, so
     it refuses; the message stays in flight (delivered again later), never acked unstored."""
-    app = redis_app
+    app = flushable_app
     app.register_task("add", lambda x, y: x + y)
     worker = app.worker()
     first = app.send_task(Signature("add", args=[1, 1]))
@@ -508,3 +519,39 @@ def test_a_reserve_that_may_not_wait_claims_even_after_one_that_emptied_the_queu
     broker.publish(_out("q", "b"))
     assert [d.message_id for d in broker.reserve(["q"], timeout=0)] == ["b"]
     broker.close()
+
+
+# -- options in the URL ----------------------------------------------------------------------------
+
+def test_key_prefix_and_batch_in_the_url_query_are_read_and_not_passed_to_redis_py(store):
+    url, options = store
+    prefix = options.get("key_prefix") or f"nbqtest-{uuid.uuid4().hex[:8]}:"
+    from conftest import with_query
+
+    with_prefix = with_query(url, key_prefix=prefix.rstrip(":"), batch="7")
+    broker, backend = RedisBroker(with_prefix), RedisBackend(with_prefix)
+    assert (broker.prefix, backend.prefix, broker.batch) == (prefix, prefix, 7)
+    broker.publish(_out("q", "m"))
+    backend.create([{"id": "t", "name": "n"}])
+    assert broker.client.exists(f"{prefix}msg:m") and backend.client.exists(f"{prefix}r:t")
+    assert RedisBroker(with_prefix, options={"key_prefix": "mine"}).prefix == "mine:"     # explicit options win
+    broker.purge("q")
+    backend.forget(["t"])
+    broker.close()
+    backend.close()
+
+
+def test_no_test_flushes_or_restarts_a_shared_server():
+    """Redis and RabbitMQ on 127.0.0.1 are shared: tests use key prefixes and queue names of
+    their own; SCRIPT FLUSH and restarts happen only on servers a test started itself."""
+    import pathlib
+    import re
+
+    forbidden = re.compile(r"flush" + r"(db|all)|FLUSH" + r"(DB|ALL)|stop" + r"_app|rabbitmqctl\(\"stop|shutdown\(", re.I)
+    for path in sorted(pathlib.Path(__file__).parent.glob("*.py")):
+        text = path.read_text()
+        assert not forbidden.search(text), f"{path.name}: {forbidden.search(text).group(0)}"
+        for match in re.finditer(r"script_flush\(", text):
+            test = text[:match.start()].rsplit("\ndef ", 1)[-1]
+            assert "flushable_app" in test.split("\n", 1)[0] or test.startswith("_flush_scripts_keeping"), \
+                f"{path.name}: SCRIPT FLUSH outside a test of a server of its own: def {test.split(chr(10), 1)[0]}"

@@ -24,6 +24,7 @@ import nbqueue
 from nbqueue import Backoff, ChainResult, ChordResult, GroupResult, Retry, TaskFailed, chain, chord, group, states
 from nbqueue.result import AsyncResult
 from nbqueue.signature import decode_body
+from nbqueue.testing import dead_worker_name
 
 from conftest import store_url
 
@@ -749,7 +750,7 @@ def test_follow_up_reserved_by_a_worker_that_dies_runs_once_on_another(kind, tmp
         return f"{previous}>{label}" if previous else label
 
     res = app.send_chain(chain(step.s("a"), step.s("b")))
-    dying = app.worker()
+    dying = app.worker(name=dead_worker_name())   # its leases lapse and it is taken for dead
     assert dying.local_follow_ups
     real_run_batch, calls = dying._run_batch, []
 

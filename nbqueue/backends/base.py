@@ -49,6 +49,10 @@ def counts_from_states(pairs: Iterable[tuple[str | None, int]], total: int) -> d
 
 class ResultBackend:
     scheme = ""
+    #: records (and expired claim markers) one sweep of upkeep() removes at most
+    EXPIRE_BATCH = 1000
+    #: seconds between sweeps while the last one found less than a batch
+    EXPIRE_EVERY = 30.0
 
     def __init__(self, url: str, *, clock=None, options: dict | None = None):
         from ..clock import SYSTEM
@@ -58,6 +62,7 @@ class ResultBackend:
         self.options = dict(options or {})
         expire = self.options.get("results_expire_in")
         self.results_expire_in: float | None = float(expire) if expire else None
+        self._next_sweep = 0.0          # time.monotonic() of the next upkeep() sweep
 
     # -- records -----------------------------------------------------------------
     def create(self, records: Sequence[dict]) -> None:
@@ -224,9 +229,21 @@ class ResultBackend:
     def forget(self, ids: Sequence[str]) -> int:
         raise NotImplementedError
 
-    def expire(self, now: float | None = None) -> int:
-        """Delete records whose ``expires_at`` has passed."""
+    def expire(self, now: float | None = None, limit: int | None = None) -> int:
+        """Delete records whose ``expires_at`` has passed (at most ``limit`` of them, and
+        as many expired claim markers); how many were removed."""
         raise NotImplementedError
+
+    def upkeep(self) -> None:
+        """Housekeeping a worker's heartbeat thread runs now and then: expired records are
+        removed in batches of ``EXPIRE_BATCH``, one batch per call while batches come back
+        full, else one every ``EXPIRE_EVERY`` seconds. So results expire without a scheduler
+        (Celery needs its beat for ``backend_cleanup``); reads ignore expired records anyway."""
+        now = time.monotonic()
+        if now < self._next_sweep:
+            return
+        removed = self.expire(limit=self.EXPIRE_BATCH)
+        self._next_sweep = now + (0.0 if removed >= self.EXPIRE_BATCH else self.EXPIRE_EVERY)
 
     # -- workers and one-time claims -------------------------------------------------
     def heartbeat(self, worker_id: str, info: dict, ttl: float) -> None:

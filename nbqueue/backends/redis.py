@@ -33,7 +33,7 @@ from typing import Any, Sequence
 
 from .. import serialization, states
 from ..brokers.base import redact
-from ..brokers.redis import LUA_FINAL, MIN_BLOCK, connect, guarded, key_prefix, pipeline
+from ..brokers.redis import LUA_FINAL, MIN_BLOCK, connect, guarded, key_prefix, pipeline, url_options
 from .base import FIELDS, ResultBackend, counts_from_states
 
 _INT_FIELDS = frozenset({"retries", "token"})
@@ -219,7 +219,7 @@ class RedisBackend(ResultBackend):
     scheme = "redis"
 
     def __init__(self, url: str = "memory://", *, clock=None, options: dict | None = None):
-        super().__init__(url, clock=clock, options=options)
+        super().__init__(url, clock=clock, options=url_options(url, options))
         self.options.setdefault("poll_interval", 1.0)
         self.prefix = key_prefix(self.options)
         self.client = connect(url, self.options)
@@ -319,7 +319,8 @@ class RedisBackend(ResultBackend):
         ttl_ms, expires_at = "", ""
         if ttl:
             ttl_ms = str(max(1, math.ceil(ttl * 1000)))
-            expires_at = _encode(fields.get("expires_at") or now + ttl)
+            fields["expires_at"] = fields.get("expires_at") or now + ttl    # in the record too: reads check it
+            expires_at = _encode(fields["expires_at"])
         args = [task_id, state, "" if token is None else str(int(token)), _encode(created), ttl_ms, expires_at, *_field_args(fields)]
         reply = self._set_state(keys=[self._rec(task_id), self._index, self._expiring, self._done_key(task_id)], args=args, client=client)
         return reply == 1
@@ -479,13 +480,17 @@ class RedisBackend(ResultBackend):
         return pipe.execute()[0]
 
     @guarded
-    def expire(self, now: float | None = None) -> int:
-        """Remove records past ``expires_at`` (Redis usually dropped them already) and stale index entries."""
+    def expire(self, now: float | None = None, limit: int | None = None) -> int:
+        """Remove records past ``expires_at`` (at most ``limit``; Redis usually dropped the
+        records already by their TTL, not their entries in the listing and expiry indexes)."""
         now = self.clock.time() if now is None else now
-        ids = self.client.zrangebyscore(self._expiring, "-inf", repr(now))
+        if limit is None:
+            ids = self.client.zrangebyscore(self._expiring, "-inf", repr(now))
+        else:
+            ids = self.client.zrangebyscore(self._expiring, "-inf", repr(now), start=0, num=int(limit))
         pipe = pipeline(self.client)
         if ids:
-            pipe.delete(*[self._rec(i) for i in ids])
+            pipe.delete(*[self._rec(i) for i in ids], *[self._done_key(i) for i in ids])
             pipe.zrem(self._index, *ids)
             pipe.zrem(self._expiring, *ids)
         pipe.zremrangebyscore(f"{self.prefix}workers", "-inf", repr(now))

@@ -35,6 +35,7 @@ def _schema(db) -> None:
                "PRIMARY KEY (group_id, member_id)) WITHOUT ROWID")
     db["nbq_workers"].create({"worker_id": str, "info": str, "last_seen": float, "expires": float}, pk="worker_id", if_not_exists=True)
     db.execute("CREATE TABLE IF NOT EXISTS nbq_kv (key TEXT PRIMARY KEY, value TEXT, expires FLOAT) WITHOUT ROWID")
+    db.execute("CREATE INDEX IF NOT EXISTS nbq_kv_expires ON nbq_kv(expires) WHERE expires IS NOT NULL")
 
 
 class SQLiteBackend(ResultBackend):
@@ -255,12 +256,23 @@ class SQLiteBackend(ResultBackend):
         with self.store.write() as conn:
             return conn.execute(f"DELETE FROM nbq_results WHERE id IN ({placeholders(len(ids))})", ids).rowcount
 
-    def expire(self, now: float | None = None) -> int:
+    def expire(self, now: float | None = None, limit: int | None = None) -> int:
+        """Expired records (with the bookkeeping of groups whose record they are) and expired
+        claim markers; at most ``limit`` of each."""
         now = self.clock.time() if now is None else now
+        cap = -1 if limit is None else int(limit)          # LIMIT -1: no limit
         with self.store.write() as conn:
-            n = conn.execute("DELETE FROM nbq_results WHERE expires_at IS NOT NULL AND expires_at <= ?", (now,)).rowcount
-            conn.execute("DELETE FROM nbq_kv WHERE expires IS NOT NULL AND expires <= ?", (now,))
-        return n
+            ids = [i for (i,) in conn.execute("SELECT id FROM nbq_results WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT ?",
+                                              (now, cap))]
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                marks = placeholders(len(chunk))
+                conn.execute(f"DELETE FROM nbq_results WHERE id IN ({marks})", chunk)
+                conn.execute(f"DELETE FROM nbq_groups WHERE group_id IN ({marks})", chunk)
+                conn.execute(f"DELETE FROM nbq_group_members WHERE group_id IN ({marks})", chunk)
+            markers = conn.execute("DELETE FROM nbq_kv WHERE key IN (SELECT key FROM nbq_kv WHERE expires IS NOT NULL AND expires <= ? "
+                                   "LIMIT ?)", (now, cap)).rowcount
+        return len(ids) + markers
 
     # -- workers and claims --------------------------------------------------------
     def heartbeat(self, worker_id: str, info: dict, ttl: float) -> None:

@@ -38,6 +38,20 @@ Capabilities:
   is redelivered, so raise it in rabbitmq.conf for notebooks that run longer.
 - Attempts: 1, or 2 when RabbitMQ sets the redelivered flag; ``retry()`` carries the
   count in the ``x-nbq-attempts`` header, so a retried message counts on.
+- Bounded redelivery (``max_deliveries``, default 5) on classic priority queues: RabbitMQ
+  sets the redelivered flag on every message that goes back unacked, whether a worker was
+  running it when it died or it was only prefetched (and ``x-delivery-count`` exists on
+  quorum queues only), so the broker cannot count lapses by itself. A redelivered message
+  comes with ``maybe_lapsed``; the worker reads the task's record and, if an attempt was
+  begun after the last count (its fencing token is above the message's
+  ``x-nbq-lapse-token`` header) and never finished, calls ``count_lapse()``: the message
+  is published again with ``x-nbq-lapses`` one higher and that token, and the redelivered
+  copy is acked. A message that was only prefetched is not counted. A message with a lapse
+  (redelivered, or ``x-nbq-lapses`` above 0) is handed out alone. At ``max_deliveries``
+  lapses the worker dead-letters it. One put back while its earlier attempt is alive
+  (``defer``) carries ``x-nbq-recheck``, so it comes back ``maybe_lapsed`` as well.
+- Bodies that are not UTF-8 are handed out with ``dead_reason`` set (text holding the
+  bytes as ``surrogateescape``; dead letters keep the original bytes).
 - Prefetch: ``basic.qos`` (channel-wide, ``global``) is set to the deliveries this
   process holds plus the ``limit`` its waiting reservers ask for, so a worker holds no
   more than it asked for (between reserve() calls up to that many wait prefetched).
@@ -57,9 +71,12 @@ Capabilities:
   ``reconnect_timeout`` seconds without success, ``ConnectionLost``. A publish cut off
   before its confirm is published again (at least once: it may arrive twice). A wrong
   password or vhost on the first connection is a ``ConfigurationError`` at once.
-- stats(): per queue this broker declared or was asked about: ready (the queue's
-  message count), delayed (sum over its delay queues), in_flight (deliveries held by
-  *this process* only; AMQP does not report other consumers' unacked messages), dead.
+- stats(): AMQP cannot list queues, so per queue this broker declared or was asked
+  about (``stats(queues)``; ``App.status()`` asks about its default queue, its tasks'
+  queues and the queues live workers serve, so ``nbqueue status`` from another process
+  finds them) and that exists: ready (the queue's message count), delayed (sum over its
+  delay queues), in_flight (deliveries held by *this process* only; AMQP does not report
+  other consumers' unacked messages), dead.
 - purge(queue) empties the queue, its delay queues and its dead letters (messages held
   unacked by consumers cannot be purged). ``delete_queues(names)`` deletes all three.
 
@@ -92,7 +109,7 @@ import pika
 import pika.exceptions as pex
 
 from ..errors import BrokerError, ConfigurationError, ConnectionLost, PublishRefused
-from .base import Broker, Delivery, Outgoing, queue_list, redact
+from .base import Broker, Delivery, Outgoing, queue_list, redact, text_of
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +130,9 @@ H_ATTEMPTS = "x-nbq-attempts"    # reservations before this copy was published
 H_ETA = "x-nbq-eta-ms"           # due time (epoch ms) of a delayed message
 H_REASON = "x-nbq-reason"        # why a message was dead-lettered
 H_QUEUE = "x-nbq-queue"          # the work queue a dead letter came from
+H_LAPSES = "x-nbq-lapses"        # deliveries that ended without finishing, counted so far
+H_LAPSE_TOKEN = "x-nbq-lapse-token"  # the task record's fencing token when lapses were last counted
+H_RECHECK = "x-nbq-recheck"      # put back while an earlier attempt was alive: look again before beginning
 
 #: a reserve() on queues not consumed yet waits up to this long for the consumer to start,
 #: then FIRST_PUSH_S for the messages RabbitMQ pushes at once (so timeout=0 still finds them)
@@ -572,6 +592,27 @@ class _Publisher:
         return {i for i, *_ in items if i not in refused}, refused
 
 
+def _int_header(headers: dict, name: str) -> int:
+    value = headers.get(name)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _maybe_lapsed(p: _Pending) -> bool:
+    """The delivery before this one may have ended unfinished: it went back unacked, or was
+    put back while an earlier attempt was alive (``defer``)."""
+    return p.redelivered or _int_header(p.properties.headers or {}, H_RECHECK) > 0
+
+
+def _after_lapse(p: _Pending) -> bool:
+    """A pushed message an earlier delivery of which may have ended without finishing."""
+    return _maybe_lapsed(p) or _int_header(p.properties.headers or {}, H_LAPSES) > 0
+
+
+def _lapse_headers(delivery: Delivery) -> dict:
+    """The lapse count a message published again carries on."""
+    return {H_LAPSES: delivery.lapsed, H_LAPSE_TOKEN: delivery.lapse_token} if delivery.lapsed else {}
+
+
 def _close_quietly(thing: Any) -> None:
     try:
         if thing is not None and thing.is_open:
@@ -598,6 +639,8 @@ class AMQPBroker(Broker):
     leases_expire = False
     #: AMQP cannot look a message up by id, so a repeated publish is a second message
     dedupes_publish = False
+    #: AMQP cannot list queues: stats() reports the queues it is told about (see stats)
+    lists_queues = False
 
     def __init__(self, url: str, *, clock=None, options: dict | None = None):
         super().__init__(url, clock=clock, options=options)
@@ -734,7 +777,7 @@ class AMQPBroker(Broker):
             expiration=expiration,
             headers=headers or None,
         )
-        return queue, routing_key, delayed, body.encode("utf-8"), properties
+        return queue, routing_key, delayed, body.encode("utf-8", "surrogateescape"), properties
 
     def _publish_routed(self, plan: list[tuple], ids: list[str]) -> None:
         """Declare what the plan needs, publish it in confirmed batches, raise PublishRefused for refusals."""
@@ -839,7 +882,10 @@ class AMQPBroker(Broker):
         if not mine:
             return []
         mine.sort(key=lambda p: (-(p.properties.priority or 0), p.seq))
-        taken = mine[:limit]
+        if _after_lapse(mine[0]):
+            taken = mine[:1]            # alone: a message that may have killed its worker takes no batch-mates along
+        else:
+            taken = list(itertools.takewhile(lambda p: not _after_lapse(p), mine))[:limit]
         chosen = {id(p) for p in taken}
         session.buffer = [p for p in session.buffer if id(p) not in chosen]
         for p in taken:
@@ -857,14 +903,20 @@ class AMQPBroker(Broker):
                 continue
             prior = headers.get(H_ATTEMPTS)
             attempt = (prior if isinstance(prior, int) else 0) + 1 + (1 if p.redelivered else 0)
+            body, problem = text_of(p.body)
+            lapsed = _int_header(headers, H_LAPSES)
             out.append(Delivery(
                 message_id=p.properties.message_id or "",
                 queue=p.queue,
-                body=p.body.decode("utf-8", errors="replace"),
+                body=body,
                 attempt=attempt,
                 lease_until=now + lease,
                 tag=(session, p.delivery_tag),
                 priority=p.properties.priority or 0,
+                lapsed=lapsed,
+                maybe_lapsed=_maybe_lapsed(p),
+                lapse_token=_int_header(headers, H_LAPSE_TOKEN),
+                dead_reason=problem or self.limit_reason(lapsed),
             ))
         for session, p in early:
             self._redelay(session, p, now)
@@ -878,7 +930,7 @@ class AMQPBroker(Broker):
         if p.redelivered:
             headers[H_ATTEMPTS] = int(headers.get(H_ATTEMPTS) or 0) + 1
         eta = headers[H_ETA] / 1000
-        routed = self._route(p.properties.message_id or "", p.queue, p.body.decode("utf-8", errors="replace"),
+        routed = self._route(p.properties.message_id or "", p.queue, p.body.decode("utf-8", "surrogateescape"),
                              p.properties.priority or 0, eta, now, headers)
         try:
             self._publish_routed([routed], [p.properties.message_id or ""])
@@ -943,8 +995,19 @@ class AMQPBroker(Broker):
         return [s is not None and s not in failed for s in sessions]
 
     def release(self, delivery: Delivery) -> bool:
-        """Requeue at once (RabbitMQ marks it redelivered, so the next attempt counts up)."""
+        """Requeue at once (RabbitMQ marks it redelivered, so the next attempt counts up; it is
+        not counted as a lapse unless the task's record shows an attempt that never finished)."""
         return self._settle(delivery, "nack")
+
+    def defer(self, delivery: Delivery, *, eta: float) -> bool:
+        """``retry`` at ``eta``, marked (``x-nbq-recheck``) so that its next delivery is again
+        ``maybe_lapsed``: alone, and begun only if no earlier attempt is alive."""
+        return self._republish(delivery, delivery.body, eta, {**_lapse_headers(delivery), H_RECHECK: 1})
+
+    def count_lapse(self, delivery: Delivery, token: int) -> bool:
+        """Publish the message again with one more lapse counted at the record's fencing token
+        ``token`` (confirmed), then ack this delivery; see the module docstring."""
+        return self._republish(delivery, delivery.body, None, {H_LAPSES: delivery.lapsed + 1, H_LAPSE_TOKEN: token})
 
     def extend(self, delivery: Delivery, lease: float) -> bool:
         self._check_fork()
@@ -961,12 +1024,14 @@ class AMQPBroker(Broker):
 
     def retry(self, delivery: Delivery, *, body: str | None = None, eta: float | None = None) -> bool:
         """Publish the message again (new body and eta if given), confirmed, then ack this delivery."""
+        return self._republish(delivery, delivery.body if body is None else body, eta, _lapse_headers(delivery))
+
+    def _republish(self, delivery: Delivery, body: str, eta: float | None, headers: dict) -> bool:
         session = self._claim(delivery)
         if session is None:
             return False
         now = self.clock.time()
-        routed = self._route(delivery.message_id, delivery.queue, delivery.body if body is None else body,
-                             delivery.priority, eta, now, {H_ATTEMPTS: delivery.attempt})
+        routed = self._route(delivery.message_id, delivery.queue, body, delivery.priority, eta, now, {H_ATTEMPTS: delivery.attempt, **headers})
         try:
             self._publish_routed([routed], [delivery.message_id])
         except BaseException:
@@ -988,12 +1053,12 @@ class AMQPBroker(Broker):
             content_type="application/json",
             content_encoding="utf-8",
             timestamp=int(now),
-            headers={H_REASON: str(reason), H_QUEUE: delivery.queue, H_ATTEMPTS: delivery.attempt},
+            headers={H_REASON: str(reason), H_QUEUE: delivery.queue, H_ATTEMPTS: delivery.attempt, **_lapse_headers(delivery)},
         )
 
         def work(pub: _Publisher) -> None:
             pub.declare_work_queue(delivery.queue)
-            ok, bad = pub.publish([(0, dead, delivery.body.encode("utf-8"), properties)], self.confirm_timeout)
+            ok, bad = pub.publish([(0, dead, delivery.body.encode("utf-8", "surrogateescape"), properties)], self.confirm_timeout)
             if bad:
                 pub.declared.pop(dead, None)
                 raise PublishRefused(f"RabbitMQ refused the dead letter of {delivery.message_id}: {bad[0]}")
@@ -1008,7 +1073,7 @@ class AMQPBroker(Broker):
 
     # -- inspection and upkeep -------------------------------------------------------------
     def stats(self, queues: Sequence[str] | None = None) -> list[dict]:
-        """One dict per queue this broker declared or was asked about (plus ``queues``)."""
+        """One dict per existing queue this broker declared or was asked about (plus ``queues``)."""
         if queues:
             self._note(queue_list(queues))
         names = self._known_queues()
@@ -1016,13 +1081,11 @@ class AMQPBroker(Broker):
         def work(pub: _Publisher) -> list[dict]:
             rows = []
             for queue in names:
-                rows.append({
-                    "queue": queue,
-                    "ready": pub.count(queue) or 0,
-                    "delayed": self._delayed(pub, queue),
-                    "in_flight": self._held(queue),
-                    "dead": self._probe(pub, dead_queue_name(queue)) or 0,
-                })
+                ready, dead = self._probe(pub, queue), self._probe(pub, dead_queue_name(queue))
+                delayed, held = self._delayed(pub, queue), self._held(queue)
+                if ready is None and dead is None and not delayed and not held:
+                    continue                    # asked about, but nothing was ever sent there
+                rows.append({"queue": queue, "ready": ready or 0, "delayed": delayed, "in_flight": held, "dead": dead or 0})
             return rows
 
         return self._with_publisher(work, "read queue stats")

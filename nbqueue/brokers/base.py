@@ -9,10 +9,23 @@ for every implementation by nbqueue.testing.contracts):
 - ``reserve(queues, timeout=, lease=, limit=)`` returns up to ``limit`` deliveries,
   highest priority first, then oldest due; waits up to ``timeout`` seconds for one.
   A delivery not acked before its lease runs out is handed out again.
-- ``ack``/``retry``/``extend``/``reject``/``release`` act on a delivery. They return
-  False when the delivery is stale (its lease ran out and the message was reserved
-  again), so a stale worker cannot act for a newer attempt.
+- ``ack``/``retry``/``extend``/``reject``/``release`` (and ``defer``/``count_lapse``,
+  below) act on a delivery. They return False when the delivery is stale (its lease ran
+  out and the message was reserved again), so a stale worker cannot act for a newer attempt.
 - ``stats()`` gives ready / delayed / in_flight / dead per queue.
+- Bounded redelivery: a delivery that ends without being settled (its lease lapsed: the
+  worker died or stalled) is a *lapse*. ``Delivery.lapsed`` counts the message's lapses so
+  far; a message with a lapse behind it is delivered alone (never in a batch, so a message
+  that kills its worker takes no batch-mates with it), and once ``max_deliveries`` (an
+  App/broker option, default 5) deliveries have lapsed the broker hands it out with
+  ``dead_reason`` set ("delivered N times without finishing") for the worker to fail its
+  record and dead-letter it. ``release`` and ``retry`` are not lapses. A broker that cannot
+  tell a lapse from a message that was only prefetched (AMQP) sets ``maybe_lapsed`` and
+  leaves the count to the worker, which reads the task's record (see ``count_lapse``).
+  ``defer`` puts a delivery after a lapse back until a due time, still marked so (the
+  worker's answer to an earlier attempt that is still alive, see nbqueue.worker).
+- A body that is not UTF-8 never fails a reserve: its delivery comes with ``dead_reason``
+  set (the body holds the bytes as ``surrogateescape`` text, so they are kept as they were).
 """
 from __future__ import annotations
 
@@ -20,6 +33,11 @@ import contextlib
 import dataclasses
 import threading
 from typing import Any, Iterable, Sequence
+
+from ..errors import ConfigurationError
+
+#: deliveries that may end without finishing before a message is dead-lettered (option ``max_deliveries``)
+DEFAULT_MAX_DELIVERIES = 5
 
 
 @dataclasses.dataclass
@@ -49,10 +67,26 @@ class Delivery:
     token: int | None = None     # the backend's fencing token, where the claim also began the task
     #: the decoded envelope, where the publisher of this process handed it over (see Outgoing.message)
     message: dict | None = dataclasses.field(default=None, repr=False, compare=False)
+    #: earlier deliveries of this message that ended without finishing (their lease lapsed)
+    lapsed: int = 0
+    #: the delivery before this one ended unsettled, and only the task's record can tell whether it
+    #: had begun (a lapse) or was only prefetched (AMQP; see Broker.count_lapse)
+    maybe_lapsed: bool = False
+    #: the record's fencing token when ``lapsed`` was last counted (brokers that need count_lapse)
+    lapse_token: int = 0
+    #: set by the broker when this message must be dead-lettered, not run: why (a body that is not
+    #: UTF-8, ``max_deliveries`` deliveries without finishing)
+    dead_reason: str | None = None
 
     @property
     def redelivered(self) -> bool:
         return self.attempt > 1
+
+    @property
+    def after_lapse(self) -> bool:
+        """An earlier delivery of this message may have ended without finishing: it comes alone,
+        and its task is begun only once no earlier attempt of it is still alive."""
+        return self.lapsed > 0 or self.maybe_lapsed
 
 
 class Broker:
@@ -71,6 +105,14 @@ class Broker:
         self.url = url
         self.clock = clock or SYSTEM
         self.options = dict(options or {})
+        self.max_deliveries = max_deliveries_option(self.options)
+
+    def limit_reason(self, lapsed: int) -> str | None:
+        """The dead letter reason for a message whose ``lapsed`` deliveries ended without
+        finishing, or None while it may be delivered again."""
+        if lapsed >= self.max_deliveries:
+            return f"delivered {lapsed} times without finishing (max_deliveries={self.max_deliveries})"
+        return None
 
     # publishing
     def publish(self, out: Outgoing) -> None:
@@ -113,8 +155,21 @@ class Broker:
         raise NotImplementedError
 
     def release(self, delivery: Delivery) -> bool:
-        """Hand a reserved but unstarted message back at once."""
+        """Hand a reserved but unstarted message back at once (not a lapse)."""
         return self.retry(delivery)
+
+    def defer(self, delivery: Delivery, *, eta: float) -> bool:
+        """Put back until ``eta`` a delivery after a lapse whose earlier attempt is still alive:
+        its next delivery is still ``after_lapse`` (where the lapse count marks it, as here,
+        a plain retry does)."""
+        return self.retry(delivery, eta=eta)
+
+    def count_lapse(self, delivery: Delivery, token: int) -> bool:
+        """Count a lapse the worker found for a ``maybe_lapsed`` delivery (the task's record
+        shows an attempt begun since the last count, ``token``, that never finished): put the
+        message back with ``lapsed + 1``. Brokers that count lapses themselves never set
+        ``maybe_lapsed``; for them this only hands the message back."""
+        return self.release(delivery)
 
     def extend(self, delivery: Delivery, lease: float) -> bool:
         raise NotImplementedError
@@ -150,6 +205,44 @@ class Broker:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {redact(self.url)}>"
+
+
+def max_deliveries_option(options: dict) -> int:
+    """The ``max_deliveries`` option: a whole number of at least 1 (ConfigurationError otherwise;
+    a string of digits, as from an environment variable, is read as its number)."""
+    value = options.get("max_deliveries", DEFAULT_MAX_DELIVERIES)
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"max_deliveries must be a whole number of at least 1, not {value!r}")
+    return value
+
+
+def text_of(raw: bytes) -> tuple[str, str | None]:
+    """A message body read as bytes: (its text, None), or, when it is not UTF-8, (the bytes as
+    ``surrogateescape`` text, which encodes back to them unchanged, and the reason)."""
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError as exc:
+        return raw.decode("utf-8", "surrogateescape"), f"message body is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+
+
+def checked_text(text: str) -> tuple[str, str | None]:
+    """``text_of`` for a body a client decoded with ``surrogateescape``."""
+    if text.isascii():
+        return text, None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text_of(text.encode("utf-8", "surrogateescape"))
+    return text, None
+
+
+def shown(text: str | None) -> str | None:
+    """A body for display: undecodable bytes (``surrogateescape`` text) as U+FFFD."""
+    if text is None or text.isascii():
+        return text
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def redact(url: str) -> str:

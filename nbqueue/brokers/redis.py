@@ -10,6 +10,13 @@ returned early by ``wake()``), retry with exponential back-off on connection err
 (``ConnectionLost`` when it finally fails). Not for Redis Cluster: the scripts build
 key names from the prefix.
 
+Bounded redelivery: a lease that runs out adds one to the message's ``lapses`` (when a
+reserve requeues it); a message with lapses is claimed alone and its record is not begun
+in the claim (the worker first checks that no earlier attempt is alive), and after
+``max_deliveries`` lapses it is handed out with ``dead_reason`` set. Claims are read
+through a client that decodes with ``surrogateescape``, so a body that is not UTF-8
+is handed out for dead-lettering instead of failing the whole claim.
+
 ``memory://NAME`` is the same code over a fakeredis ``FakeServer`` shared by name
 within the process (default name ``default``); it needs ``fakeredis[lua]``.
 
@@ -20,13 +27,16 @@ messages moved per queue and call, default 1000), ``retries`` / ``retry_base`` /
 waits of 0.1 s doubling up to 5 s, so a worker rides out a Redis restart of about
 25 s), ``socket_timeout`` (default 30 s), ``socket_connect_timeout`` (default 5 s),
 ``health_check_interval`` (default 15 s), ``client_name`` (shown by CLIENT LIST,
-default ``nbqueue``).
+default ``nbqueue``). ``key_prefix``, ``max_block``, ``batch`` and ``retries`` /
+``retry_base`` / ``retry_cap`` may also be given in the URL's query, as amqp:// URLs
+take theirs (``redis://host:6379/0?key_prefix=myapp``), so a URL alone (NBQUEUE_BROKER,
+a YAML file) can say it; an option passed explicitly wins over the URL's.
 
 Keys (``P`` is the prefix)::
 
     P queues                 set    known queue names
     P seq                    string counter ordering ready and dead messages
-    P msg:<id>               hash   queue, body, priority, attempt, reason
+    P msg:<id>               hash   queue, body, priority, attempt, lapses, reason
     P q:<queue>:ready        zset   id -> (9 - priority) * 1e12 + seq (lowest first)
     P q:<queue>:delayed      zset   id -> eta
     P q:<queue>:inflight     zset   id -> lease deadline
@@ -43,7 +53,7 @@ import threading
 import time
 import uuid
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -51,7 +61,7 @@ from redis.retry import Retry
 
 from .. import states
 from ..errors import ConnectionLost
-from .base import Broker, Delivery, Outgoing, queue_list, redact
+from .base import Broker, Delivery, Outgoing, checked_text, queue_list, redact, shown
 
 if TYPE_CHECKING:
     import fakeredis
@@ -81,11 +91,32 @@ def fake_server(name: str) -> "fakeredis.FakeServer":
         return server
 
 
-def connect(url: str, options: Mapping[str, Any]) -> redis.Redis:
-    """A client for a redis://, rediss:// or memory:// URL, retrying on connection errors."""
+#: nbqueue's own options a Redis URL may carry in its query (taken out before redis-py reads it)
+URL_OPTIONS = frozenset({"key_prefix", "max_block", "batch", "retries", "retry_base", "retry_cap"})
+
+
+def url_options(url: str, options: Mapping[str, Any] | None) -> dict:
+    """``options`` over nbqueue's own options in ``url``'s query (explicit options win)."""
+    query = {k: v for k, v in parse_qsl(urlsplit(url).query) if k in URL_OPTIONS}
+    return {**query, **(options or {})}
+
+
+def _client_url(url: str) -> str:
+    """``url`` without nbqueue's own query options: what redis-py is given."""
+    parts = urlsplit(url)
+    if not parts.query:
+        return url
+    return urlunsplit(parts._replace(query=urlencode([(k, v) for k, v in parse_qsl(parts.query) if k not in URL_OPTIONS])))
+
+
+def connect(url: str, options: Mapping[str, Any], encoding_errors: str = "strict", warn: bool = True) -> redis.Redis:
+    """A client for a redis://, rediss:// or memory:// URL, retrying on connection errors.
+    ``encoding_errors``: how replies (and commands) are decoded (encoded), as for ``str.decode``;
+    ``warn``: log a warning for a remote server reached without a password (once per store)."""
     parts = urlsplit(url)
     kwargs: dict[str, Any] = {
         "decode_responses": True,
+        "encoding_errors": encoding_errors,
         "socket_timeout": float(options.get("socket_timeout", 30.0)),
         "socket_connect_timeout": float(options.get("socket_connect_timeout", 5.0)),
         "health_check_interval": float(options.get("health_check_interval", 15.0)),
@@ -96,8 +127,9 @@ def connect(url: str, options: Mapping[str, Any]) -> redis.Redis:
 
         client = fakeredis.FakeRedis(server=fake_server(parts.netloc or parts.path.strip("/") or "default"), **kwargs)
     else:
-        warn_if_exposed(url, options)
-        client = redis.Redis.from_url(url, **kwargs)
+        if warn:
+            warn_if_exposed(url, options)
+        client = redis.Redis.from_url(_client_url(url), **kwargs)
     # set on the pool, so fakeredis (which drops a retry= argument) retries like redis does
     client.set_retry(Retry(
         ExponentialBackoff(cap=float(options.get("retry_cap", 5.0)), base=float(options.get("retry_base", 0.05))),
@@ -326,8 +358,10 @@ return out
 # queues first. With a record key prefix (the result backend on this server) each
 # claimed task's record is also begun: marked RECEIVED with a new fencing token (0 when
 # the record is final), as the backend's begin_many would, in the same call.
-# Returns {next due time (when no ready message is left) or '', '1' if ready messages are
-# left else '0', then (id, queue, body, attempt, priority, token) per claim}.
+# A message whose lease ran out gets one more lapse as it is requeued; one with lapses is
+# claimed alone and not begun. Returns {next due time (when no ready message is left) or '',
+# '1' if ready messages are left else '0', then (id, queue, body, attempt, priority, token,
+# lapses) per claim}.
 _RESERVE = _LUA_COMMON + """
 local now, deadline, limit, batch = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
 local rec_prefix, index, worker = ARGV[6], ARGV[7], ARGV[8]
@@ -340,6 +374,9 @@ for _, q in ipairs(queues) do
     local key = qkey(q, kind)
     for _, id in ipairs(redis.call('ZRANGEBYSCORE', key, '-inf', now, 'LIMIT', 0, batch)) do
       redis.call('ZREM', key, id)
+      if kind == 'inflight' and redis.call('EXISTS', mkey(id)) == 1 then
+        redis.call('HINCRBY', mkey(id), 'lapses', 1)    -- its lease ran out: a delivery that did not finish
+      end
       make_ready(q, id)
     end
   end
@@ -356,13 +393,19 @@ while claimed < limit do
     end
   end
   if best_q == nil then break end
+  local fields = redis.call('HMGET', mkey(best_id), 'body', 'priority', 'lapses')
+  local lapses = tonumber(fields[3]) or 0
+  -- a message with a lapsed delivery comes alone: left for the next claim if this one has some
+  if fields[1] and lapses > 0 and claimed > 0 then break end
   redis.call('ZREM', qkey(best_q, 'ready'), best_id)
-  local fields = redis.call('HMGET', mkey(best_id), 'body', 'priority')
   if fields[1] then
     local attempt = redis.call('HINCRBY', mkey(best_id), 'attempt', 1)
     redis.call('ZADD', qkey(best_q, 'inflight'), deadline, best_id)
-    for _, v in ipairs({best_id, best_q, fields[1], attempt, fields[2], begin(best_id, best_q)}) do out[#out + 1] = v end
+    local token = ''
+    if lapses == 0 then token = begin(best_id, best_q) end    -- else the worker checks for a live attempt first
+    for _, v in ipairs({best_id, best_q, fields[1], attempt, fields[2], token, lapses}) do out[#out + 1] = v end
     claimed = claimed + 1
+    if lapses > 0 then break end
   end
 end
 
@@ -445,12 +488,15 @@ class RedisBroker(Broker):
     leases_expire = True
 
     def __init__(self, url: str = "memory://", *, clock=None, options: dict | None = None):
-        super().__init__(url, clock=clock, options=options)
+        super().__init__(url, clock=clock, options=url_options(url, options))
         self.prefix = key_prefix(self.options)
         # a blocking pop must return well before the socket timeout would break it
         self.max_block = min(float(self.options.get("max_block", 1.0)), float(self.options.get("socket_timeout", 30.0)) / 2)
         self.batch = int(self.options.get("batch", 1000))
         self.client = connect(url, self.options)
+        # claims and dead letters are read through this one: a body that is not UTF-8 comes back
+        # as surrogateescape text (see nbqueue.brokers.base.checked_text) instead of failing the call
+        self._reader = connect(url, self.options, encoding_errors="surrogateescape", warn=False)
         self._publish = self.client.register_script(_PUBLISH)
         self._publish_reserved = self.client.register_script(_PUBLISH_RESERVED)
         self._reserve = self.client.register_script(_RESERVE)
@@ -594,16 +640,17 @@ class RedisBroker(Broker):
         """The reserve script's reply: the deliveries claimed, the next due time when no
         ready message is left, and whether any is."""
         next_due = float(reply[0]) if reply[0] != "" else None
-        deliveries = [
-            Delivery(message_id=mid, queue=q, body=body, attempt=int(attempt), lease_until=lease_until, tag=int(attempt), priority=int(prio or 0),
-                     token=_token(token))
-            for mid, q, body, attempt, prio, token in zip(*[iter(reply[2:])] * 6)
-        ]
+        deliveries = []
+        for mid, q, body, attempt, prio, token, lapses in zip(*[iter(reply[2:])] * 7):
+            body, problem = checked_text(body)
+            deliveries.append(Delivery(message_id=mid, queue=q, body=body, attempt=int(attempt), lease_until=lease_until, tag=int(attempt),
+                                       priority=int(prio or 0), token=_token(token), lapsed=int(lapses),
+                                       dead_reason=problem or self.limit_reason(int(lapses))))
         return deliveries, next_due, reply[1] == "1"
 
     def _claim(self, queues: list[str], now: float, lease: float, limit: int, begin_for: tuple | None = None) -> tuple[list[Delivery], float | None, bool]:
         """Run the reserve script once (see ``_parse_claim``)."""
-        return self._parse_claim(self._reserve(args=self._claim_args(queues, now, lease, limit, begin_for)), now + lease)
+        return self._parse_claim(self._reserve(args=self._claim_args(queues, now, lease, limit, begin_for), client=self._reader), now + lease)
 
     def _sleep_then_claim(self, queues: list[str], wait: float, now: float, lease: float, limit: int,
                           begin_for: tuple | None) -> tuple[bool, tuple[list[Delivery], float | None, bool]]:
@@ -616,7 +663,7 @@ class RedisBroker(Broker):
         keys = [self._wake_key] + [self._key(q, "signal") for q in queues]
         wait = max(MIN_BLOCK, wait)
         lease += wait
-        pipe = pipeline(self.client)
+        pipe = pipeline(self._reader)
         pipe.blpop(keys, timeout=wait)
         self._reserve(args=self._claim_args(queues, now, lease, limit, begin_for), client=pipe)
         with self._lock:
@@ -689,11 +736,11 @@ class RedisBroker(Broker):
         out: list[dict] = []
         for q in ([queue] if queue is not None else self._queues()) if limit > 0 else []:
             ids = self.client.zrange(self._key(q, "dead"), 0, limit - len(out) - 1)
-            pipe = pipeline(self.client)
+            pipe = pipeline(self._reader)
             for mid in ids:
                 pipe.hmget(f"{self.prefix}msg:{mid}", "reason", "body")
             for mid, (reason, body) in zip(ids, pipe.execute()):
-                out.append({"id": mid, "queue": q, "reason": reason, "body": body})
+                out.append({"id": mid, "queue": q, "reason": reason, "body": shown(body)})
             if len(out) >= limit:
                 break
         return out
@@ -714,3 +761,4 @@ class RedisBroker(Broker):
 
     def close(self) -> None:
         self.client.close()
+        self._reader.close()

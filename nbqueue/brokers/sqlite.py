@@ -9,24 +9,37 @@ same process wakes a waiting reserve() at once; other processes poll with back-o
 One table holds every message. ``due`` is when the row may be reserved: the eta for a
 waiting message, the lease deadline for a reserved one, so an expired lease makes the
 row reservable again with no reaper. ``attempt`` counts reservations and is the
-fencing token of a delivery.
+fencing token of a delivery. ``lapses`` counts reservations whose lease ran out: a claim
+that finds a row still reserved (``state = 1``) past its deadline adds one. Such a row
+is claimed alone, and after ``max_deliveries`` lapses it is handed out with
+``dead_reason`` set (see nbqueue.brokers.base). Bodies are read as bytes, so a row whose
+body is not UTF-8 is handed out for dead-lettering instead of failing every claim.
 """
 from __future__ import annotations
 
+import itertools
 import os
+import sqlite3
 import threading
 import time
 from typing import Any, Callable, Iterable, Sequence
 
 from ..sqlitedb import SQLiteStore, path_from_url, placeholders
-from .base import WAKEUPS, Broker, Delivery, Outgoing
+from .base import WAKEUPS, Broker, Delivery, Outgoing, shown, text_of
 
 
 def _schema(db) -> None:
     db["nbq_messages"].create(
-        {"seq": int, "id": str, "queue": str, "priority": int, "due": float, "state": int, "attempt": int, "body": str, "reason": str, "created": float},
-        pk="seq", if_not_exists=True,
+        {"seq": int, "id": str, "queue": str, "priority": int, "due": float, "state": int, "attempt": int, "body": str, "reason": str, "created": float,
+         "lapses": int},
+        pk="seq", if_not_exists=True, not_null={"lapses"}, defaults={"lapses": 0},
     )
+    if "lapses" not in db["nbq_messages"].columns_dict:     # a file from before lapses were counted
+        try:
+            db["nbq_messages"].add_column("lapses", int, not_null_default=0)
+        except sqlite3.OperationalError as exc:            # another process added it meanwhile
+            if "duplicate column" not in str(exc):
+                raise
     db.execute("CREATE UNIQUE INDEX IF NOT EXISTS nbq_messages_id ON nbq_messages(id)")
     db.execute("CREATE INDEX IF NOT EXISTS nbq_messages_claim ON nbq_messages(queue, priority DESC, due) WHERE state < 2")
 
@@ -197,19 +210,35 @@ class SQLiteBroker(Broker):
         if not self.store.read(f"SELECT 1 FROM nbq_messages WHERE queue IN ({qs}) AND state < 2 AND due <= ? LIMIT 1", (*queues, now)):
             return []
         with self.store.write() as conn:
+            # the best due rows; one whose lease ran out (state 1) or ran out before is claimed alone
+            candidates = conn.execute(
+                f"""SELECT seq, state = 1 OR lapses > 0 FROM nbq_messages WHERE queue IN ({qs}) AND state < 2 AND due <= ?
+                    ORDER BY priority DESC, due, seq LIMIT ?""",
+                (*queues, now, limit),
+            ).fetchall()
+            if not candidates:
+                return []
+            if candidates[0][1]:
+                seqs = [candidates[0][0]]
+            else:
+                seqs = [seq for seq, _ in itertools.takewhile(lambda c: not c[1], candidates)]
             rows = conn.execute(
-                f"""UPDATE nbq_messages SET state = 1, due = ?, attempt = attempt + 1
-                    WHERE seq IN (SELECT seq FROM nbq_messages WHERE queue IN ({qs}) AND state < 2 AND due <= ?
-                                  ORDER BY priority DESC, due, seq LIMIT ?)
-                    RETURNING seq, id, queue, body, attempt, priority""",
-                (now + lease, *queues, now, limit),
+                f"""UPDATE nbq_messages SET state = 1, due = ?, attempt = attempt + 1, lapses = lapses + (state = 1)
+                    WHERE seq IN ({placeholders(len(seqs))})
+                    RETURNING seq, id, queue, CAST(body AS BLOB), attempt, priority, lapses""",
+                (now + lease, *seqs),
             ).fetchall()
             rows.sort(key=lambda r: (-r[5], r[0]))
-            deliveries = [Delivery(message_id=r[1], queue=r[2], body=r[3], attempt=r[4], lease_until=now + lease, tag=(r[0], r[4]), priority=r[5])
-                          for r in rows]
+            deliveries = [self._delivery(r, now + lease) for r in rows]
             if deliveries and on_claim is not None:
                 on_claim(deliveries)
         return deliveries
+
+    def _delivery(self, row: tuple, lease_until: float) -> Delivery:
+        seq, message_id, queue, raw, attempt, priority, lapses = row
+        body, problem = text_of(raw or b"")
+        return Delivery(message_id=message_id, queue=queue, body=body, attempt=attempt, lease_until=lease_until, tag=(seq, attempt),
+                        priority=priority, lapsed=lapses, dead_reason=problem or self.limit_reason(lapses))
 
     def next_due(self, queues: Sequence[str]) -> float | None:
         row = self.store.read(f"SELECT MIN(due) FROM nbq_messages WHERE queue IN ({placeholders(len(queues))}) AND state < 2", tuple(queues))
@@ -329,13 +358,13 @@ class SQLiteBroker(Broker):
         return [{"queue": q, "ready": r or 0, "delayed": d or 0, "in_flight": f or 0, "dead": x or 0} for q, r, d, f, x in rows]
 
     def dead_letters(self, queue: str | None = None, limit: int = 100) -> list[dict]:
-        sql = "SELECT id, queue, reason, body FROM nbq_messages WHERE state = 2"
+        sql = "SELECT id, queue, reason, CAST(body AS BLOB) FROM nbq_messages WHERE state = 2"
         params: tuple = ()
         if queue is not None:
             sql += " AND queue = ?"
             params = (queue,)
         rows = self.store.read(sql + " ORDER BY seq LIMIT ?", (*params, limit))
-        return [{"id": i, "queue": q, "reason": r, "body": b} for i, q, r, b in rows]
+        return [{"id": i, "queue": q, "reason": r, "body": shown(text_of(b or b"")[0])} for i, q, r, b in rows]
 
     def upkeep(self) -> None:
         self.store.checkpoint()

@@ -8,6 +8,7 @@ view of widgets.py when a widget frontend is there.
 from __future__ import annotations
 
 import html
+import math
 import time
 from typing import Any
 
@@ -132,18 +133,51 @@ def kind_of(result) -> str:
     return type(result).__name__.replace("Result", "").lower()
 
 
+#: columns of the static table of a workflow, and how wide a cell may be (characters)
+TABLE_COLUMNS = ("name", "state", "args", "result", "error", "runtime")
+CELL_WIDTH = 60
+
+
+def frame_table(frame, max_rows: int = 20) -> str:
+    """An HTML table of the first ``max_rows`` rows of a records frame (frames.py):
+    values as short one-line reprs, errors clipped, runtimes in readable units."""
+    cols = [c for c in TABLE_COLUMNS if c in frame.columns]
+    shown = frame[cols].head(max_rows).copy()
+    for col in cols:
+        shown[col] = [_cell(col, v) for v in shown[col]]
+    table = shown.to_html(index=False, escape=True, classes="nbqueue-table")
+    more = f"<div>… {len(frame) - max_rows} more rows</div>" if len(frame) > max_rows else ""
+    return table + more
+
+
+def _cell(column: str, value: Any) -> str:
+    if value is None or (column == "runtime" and math.isnan(value)):
+        return ""
+    if column == "runtime":
+        return seconds(value)
+    if column in ("args", "result"):
+        return short(value, CELL_WIDTH)
+    return clip(value, CELL_WIDTH)
+
+
 def workflow_html(result, max_rows: int = 20) -> str:
-    """Counts by state and the first rows of ``to_frame()``."""
+    """Counts by state and the first ``max_rows`` rows of ``to_frame()`` (only those are read)."""
+    from ..frames import records_frame
+
     counts = result.progress()
-    head = f"<b>{kind_of(result)}</b> {badge(result.state)} {html.escape(counts_line(counts))}"
+    state = result.state
+    if state == states.PENDING and counts["done"] + counts["running"] + counts["retrying"] > 0:
+        state = states.STARTED                # a workflow's record is written when it finishes
+    head = f"<b>{kind_of(result)}</b> {badge(state)} {html.escape(counts_line(counts))}"
     try:
-        frame = result.to_frame()
-        cols = [c for c in ("name", "state", "args", "result", "error", "runtime") if c in frame.columns]
-        table = frame[cols].head(max_rows).to_html(index=False, escape=True, max_colwidth=60)
-        more = f"<div>… {len(frame) - max_rows} more rows: .to_frame()</div>" if len(frame) > max_rows else ""
+        leaves = result.leaves()
+        first = [r for r in result.app.backend.get_many([x.id for x in leaves[:max_rows]]) if r is not None]
+        table = frame_table(records_frame(result.app, first), max_rows)
+        if len(leaves) > max_rows:
+            table += f"<div>… {len(leaves) - max_rows} more rows: .to_frame()</div>"
     except Exception as exc:  # a view must not raise
-        table, more = html.escape(f"(no table: {exc})"), ""
-    return f'<div class="nbqueue-workflow">{head}{table}{more}</div>'
+        table = html.escape(f"(no table: {exc})")
+    return f'<div class="nbqueue-workflow">{head}{table}</div>'
 
 
 def mimebundle(result, include=None, exclude=None) -> dict:

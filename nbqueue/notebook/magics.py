@@ -1,10 +1,19 @@
 """``%load_ext nbqueue``: the ``%%task`` cell magic and the ``%nbqueue`` line magic.
 
 Loading the extension uses the notebook's App (the ``app`` variable, if it holds an
-``nbqueue.App``; otherwise it creates ``App()`` on the embedded SQLite default and binds
-it to ``app``) and starts a worker in threads of this kernel, with ``allow_cells=True``
-(it is the user's own kernel), listening on the App's default queue and on a queue of
-this kernel's own.
+``nbqueue.App``, else the only App in the namespace; otherwise it creates ``App()`` on
+the embedded SQLite default and binds it to ``app``) and starts a worker in threads of
+this kernel, with ``allow_cells=True`` (it is the user's own kernel), listening on the
+App's default queue and on a queue of this kernel's own.
+
+Which App the magics use is always said, never silently kept: an App created by a later
+cell (``app = nbqueue.App("redis://...")`` after ``%load_ext nbqueue``, or re-running
+``app = nbqueue.App()``) becomes the one ``%%task``, ``%nbqueue`` and this kernel's
+worker use, and that cell prints so once. When one cell creates several, the one named
+``app`` wins (else the magics keep theirs and say how to choose). ``%nbqueue use NAME``
+picks the App held in variable NAME explicitly; after that, new Apps no longer switch it
+(a line says so). Switching moves the kernel's worker to the new App (it keeps running
+or stopped as it was); tasks sent before keep their own App.
 
 ``%%task [NAME] [-o VAR] [--queue Q] [--retry-count N] [--after NAME_OR_VAR ...]``
 runs the cell body as a task and returns at once with a live view of it.
@@ -37,7 +46,7 @@ cell ran in this kernel, VAR is the very object the cell computed; from another
 process it is the decoded result.
 
 ``%nbqueue status | tasks [--state S] [--name N] [--limit L] | worker start [-c N] |
-worker stop | wait [NAME ...] [--timeout T]``.
+worker stop | wait [NAME ...] [--timeout T] | use [NAME] | export [-o FILE]`` (export: see export.py).
 
 After a kernel restart, earlier results are still in the store and a task that was
 running in the dead kernel is delivered again once its lease runs out; define (or
@@ -53,6 +62,7 @@ import hashlib
 import os
 import threading
 import uuid
+import weakref
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
@@ -112,13 +122,61 @@ class NbqueueMagics(Magics):
     def __init__(self, shell, app, *, concurrency: int = DEFAULT_CONCURRENCY, start_worker: bool = True):
         super().__init__(shell)
         self.app = app
-        self.kernel_queue = f"{app.default_queue}.kernel-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.kernel_queue = _kernel_queue(app)
         self.kernel_worker = None
         self.runs: dict[str, CellRun] = {}
         self._lock = threading.RLock()
         self._closed = False
+        self.pinned = False                       # chosen with %nbqueue use: new Apps do not switch it
+        self._seen_apps: weakref.WeakSet = weakref.WeakSet(_apps_in(shell))
+        self._seen_apps.add(app)
         if start_worker:
             self.start_worker(concurrency)
+
+    # -- which App -------------------------------------------------------------------------------
+    def use(self, app, label: str | None = None, *, pinned: bool = True) -> None:
+        """Make ``app`` the App of %%task, %nbqueue and the kernel's worker; prints what changed."""
+        from ..app import App
+
+        if not isinstance(app, App):
+            raise UsageError(f"%nbqueue use: {label or app!r} is a {type(app).__name__}, not an nbqueue.App")
+        self.pinned = self.pinned or pinned
+        self._seen_apps.add(app)
+        name = f"`{label}` = " if label else ""
+        if app is self.app:
+            print(f"nbqueue: %%task, %nbqueue and this kernel's worker use {name}{app!r}")
+            return
+        old, was_running = self.app, self.worker_running
+        concurrency = self.kernel_worker.concurrency if was_running else None
+        self.stop_worker(wait=False)
+        self.app = app
+        self.kernel_queue = _kernel_queue(app)
+        where = "no worker runs in this kernel"
+        if was_running:
+            worker = self.start_worker(concurrency)
+            where = f"this kernel's worker moved to it ({worker.concurrency} threads)"
+        how = "" if pinned else "; `%nbqueue use NAME` picks another"
+        print(f"nbqueue: %%task and %nbqueue now use {name}{app!r} (was {old!r}); {where}{how}")
+
+    def follow_new_apps(self, *_args) -> None:
+        """post_run_cell: an App the cell created becomes the magics' App (see the module docstring)."""
+        if self._closed or self.shell is None:
+            return
+        new = [(n, a) for n, a in _named_apps(self.shell) if a not in self._seen_apps]
+        if not new:
+            return
+        for _, a in new:
+            self._seen_apps.add(a)
+        names = ", ".join(f"`{n}`" for n, _ in new)
+        if self.pinned:
+            print(f"nbqueue: new App {names}; %%task and %nbqueue keep using {self.app!r} "
+                  f"(chosen with %nbqueue use; `%nbqueue use NAME` switches)")
+            return
+        chosen = next(((n, a) for n, a in new if n == "app"), new[0] if len({id(a) for _, a in new}) == 1 else None)
+        if chosen is None:
+            print(f"nbqueue: new Apps {names}; %%task and %nbqueue keep using {self.app!r}: `%nbqueue use NAME` picks one")
+            return
+        self.use(chosen[1], chosen[0], pinned=False)
 
     # -- the kernel's worker ------------------------------------------------------------------------
     @property
@@ -334,7 +392,7 @@ class NbqueueMagics(Magics):
     # -- %nbqueue ----------------------------------------------------------------------------------
     @line_magic
     def nbqueue(self, line: str):
-        """%nbqueue status | tasks [--state S] [--name N] [--limit L] | worker start [-c N] | worker stop | wait [NAME ...] [--timeout T]"""
+        """%nbqueue status | tasks [--state S] [--name N] [--limit L] | worker start [-c N] | worker stop | wait [NAME ...] [--timeout T] | use [NAME] | export [-o FILE]"""
         import argparse
         import shlex
 
@@ -351,6 +409,10 @@ class NbqueueMagics(Magics):
         wt = sub.add_parser("wait", add_help=False, exit_on_error=False)
         wt.add_argument("names", nargs="*")
         wt.add_argument("--timeout", type=float, default=None)
+        ex = sub.add_parser("export", add_help=False, exit_on_error=False)
+        ex.add_argument("-o", "--output", default=None)
+        u = sub.add_parser("use", add_help=False, exit_on_error=False)
+        u.add_argument("name", nargs="?", default=None)
         try:
             args = parser.parse_args(shlex.split(line))
         except (argparse.ArgumentError, SystemExit) as exc:
@@ -373,6 +435,18 @@ class NbqueueMagics(Magics):
         if args.command == "wait":
             self.wait(args.names, timeout=args.timeout)
             return None
+        if args.command == "export":
+            from .export import magic_export
+
+            return magic_export(self.shell, args.output)
+        if args.command == "use":
+            if args.name is None:
+                print(f"nbqueue: %%task, %nbqueue and this kernel's worker use {self.app!r}")
+                return None
+            if args.name not in self.shell.user_ns:
+                raise UsageError(f"%nbqueue use {args.name}: no variable {args.name!r} in the notebook")
+            self.use(self.shell.user_ns[args.name], args.name)
+            return None
         raise UsageError(self.nbqueue.__doc__)
 
     def status(self):
@@ -394,7 +468,9 @@ class NbqueueMagics(Magics):
         extra = sorted(set(serving) - set(queues["queue"]))
         if extra:
             queues = pd.concat([queues, pd.DataFrame({"queue": extra, "ready": 0, "delayed": 0, "in_flight": 0, "dead": 0})], ignore_index=True)
-        queues["workers"] = queues["queue"].map(lambda q: serving.get(q, 0)).astype("int64")
+        queues["workers"] = queues["queue"].map(lambda q: serving.get(q, 0))
+        queues = queues.astype({"queue": object, "ready": "int64", "delayed": "int64", "in_flight": "int64", "dead": "int64",
+                                "workers": "int64"})      # the same types with no queue or worker yet
         display(workers)
         return queues
 
@@ -418,12 +494,30 @@ class NbqueueMagics(Magics):
 _loaded: dict[int, NbqueueMagics] = {}
 
 
+def _kernel_queue(app) -> str:
+    return f"{app.default_queue}.kernel-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def _named_apps(shell) -> list[tuple[str, object]]:
+    """(name, App) for the user's variables holding an App (not IPython's ``_`` outputs)."""
+    from ..app import App
+
+    return [(n, v) for n, v in list(shell.user_ns.items()) if isinstance(v, App) and not n.startswith("_")]
+
+
+def _apps_in(shell) -> list:
+    return [a for _, a in _named_apps(shell)]
+
+
 def _app_for(shell):
     from ..app import App
 
     app = shell.user_ns.get("app")
     if isinstance(app, App):
         return app
+    others = {id(a): a for a in _apps_in(shell)}
+    if len(others) == 1:
+        return next(iter(others.values()))
     app = App()
     shell.user_ns["app"] = app
     return app
@@ -442,11 +536,12 @@ def load_ipython_extension(shell, *, concurrency: int = DEFAULT_CONCURRENCY, sta
     magics = NbqueueMagics(shell, _app_for(shell), concurrency=concurrency, start_worker=start_worker)
     shell.register_magics(magics)
     shell.events.register("pre_run_cell", magics.bind_finished)
+    shell.events.register("post_run_cell", magics.follow_new_apps)
     widgets.install_hooks(shell)
     _loaded[id(shell)] = magics
     where = (f"a worker runs in this kernel ({magics.kernel_worker.concurrency} threads)" if magics.worker_running
              else "no worker runs in this kernel")
-    print(f"nbqueue: {magics.app!r}; {where}. %%task runs a cell as a task; %nbqueue status|tasks|worker|wait.")
+    print(f"nbqueue: {magics.app!r}; {where}. %%task runs a cell as a task; %nbqueue status|tasks|worker|wait|use.")
     return magics
 
 
@@ -454,10 +549,11 @@ def unload_ipython_extension(shell, magics: NbqueueMagics | None = None) -> None
     magics = magics or _loaded.pop(id(shell), None)
     if magics is None:
         return
-    try:
-        shell.events.unregister("pre_run_cell", magics.bind_finished)
-    except ValueError:
-        pass
+    for event, hook in (("pre_run_cell", magics.bind_finished), ("post_run_cell", magics.follow_new_apps)):
+        try:
+            shell.events.unregister(event, hook)
+        except ValueError:
+            pass
     magics.close()
 
 

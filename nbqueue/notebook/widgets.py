@@ -33,8 +33,18 @@ Recording the final state under nbclient: a runner only keeps messages that belo
 to the cell being executed, so after every cell (IPython's ``post_run_cell`` event)
 the kernel asks the updater for one more refresh and waits for it (at most a second
 or two). A view that finishes while a later cell runs, or during the cell that waits
-for it, is therefore stored finished. Text lines go to the cell running when they are
-printed (ipykernel sends output from other threads to the latest cell).
+for it, is therefore stored finished.
+
+Where text goes: a view's text lines (and, in text mode, the task's output) go to the
+cell that displayed the view, never to whichever cell happens to run when they are
+printed. ipykernel sends a thread's output to the latest cell unless the thread says
+otherwise, so the updater writes each view's lines under the view's own cell
+(``set_thread_parent`` of ipykernel's streams, per write), and anything else the
+updater thread writes goes nowhere. A cell that has finished keeps what arrives for it
+in JupyterLab; nbclient and papermill drop it (they only record the running cell), so
+there a line printed after its cell ended is not kept anywhere: the view's final state
+is in the widget state, and in the cell when the task finishes while its cell runs.
+The worker's capture (nbqueue.capture) routes a task's echoed output the same way.
 """
 from __future__ import annotations
 
@@ -70,6 +80,20 @@ def _shell():
 
 def _kernel():
     return getattr(_shell(), "kernel", None)
+
+
+NOWHERE = capture.NOWHERE
+
+
+def current_parent() -> dict | None:
+    """The request (cell) this thread's output belongs to in an ipykernel; None outside one."""
+    kernel = _kernel()
+    if kernel is None:
+        return None
+    try:
+        return kernel.get_parent() or None
+    except Exception:
+        return None
 
 
 def _widgets_available() -> bool:
@@ -164,6 +188,7 @@ class Updater:
             return self._cond.wait_for(lambda: self._ticks >= target, timeout)
 
     def _run(self) -> None:
+        capture.route_thread(NOWHERE)      # in a kernel: stray output of this thread is not a later cell's
         last = 0.0
         while True:
             with self._cond:
@@ -251,11 +276,12 @@ def uninstall_hooks(shell) -> None:
         pass
 
 
-def _emit(text: str) -> None:
-    stream = sys.stdout
+def _emit(text: str, parent: dict | None = None) -> None:
+    """Print a line; in an ipykernel, as output of the cell ``parent`` (see the module docstring)."""
     try:
-        stream.write(text + "\n")
-        stream.flush()
+        with capture.routed(parent):
+            sys.stdout.write(text + "\n")
+            sys.stdout.flush()
     except Exception:  # a closed stream must not kill the updater
         log.debug("could not print a progress line", exc_info=True)
 
@@ -279,6 +305,7 @@ class View:
         self._last_text_at = 0.0
         self._snap: dict | None = None
         self._displayed = False
+        self.parent = current_parent()        # the cell that displays this view: where its text goes
 
     # the three hooks of a view
     def snapshot(self) -> dict:
@@ -323,7 +350,7 @@ class View:
         if self.kind == "task":
             delta = snap.get("output_delta")
             if delta:
-                _emit(delta.rstrip("\n"))
+                _emit(delta.rstrip("\n"), self.parent)
         line = self.text(snap)
         now = time.monotonic()
         if line == self._last_text:
@@ -331,12 +358,18 @@ class View:
         if not snap["final"] and now - self._last_text_at < TEXT_INTERVAL:
             return
         self._last_text, self._last_text_at = line, now
-        _emit(line)
+        _emit(line, self.parent)
 
     def bundle(self) -> dict:
+        """The display data: the widget (widget modes), the static HTML (where widgets do not
+        render: GitHub, nbconvert) and the text line."""
         data: dict = {}
         if self.widget is not None:
             data.update(self.widget._repr_mimebundle_())
+        try:
+            data["text/html"] = self.result._repr_html_()
+        except Exception:  # a view must not raise
+            log.debug("no static HTML for %r", self.result, exc_info=True)
         data["text/plain"] = self._last_text or repr(self.result)
         return data
 
@@ -408,7 +441,8 @@ class TaskView(View):
 
     def __init__(self, result, mode):
         super().__init__(result, mode)
-        self._shown_output = ""
+        self._shown_output = ""           # task output the widget shows
+        self._printed_output = ""         # task output printed as text (text and both modes)
 
     def snapshot(self) -> dict:
         record = self.app.backend.get(self.result.id) or {}
@@ -420,8 +454,8 @@ class TaskView(View):
             if live is not None and len(live) >= len(output):
                 output = live
         delta = None
-        if output != self._shown_output:
-            delta = output[len(self._shown_output):] if output.startswith(self._shown_output) else output
+        if output != self._printed_output:
+            delta = output[len(self._printed_output):] if output.startswith(self._printed_output) else output
         note = ""
         note_fn = getattr(self.result, "view_note", None)
         if callable(note_fn):
@@ -451,19 +485,25 @@ class TaskView(View):
             else:                                  # a retry starts a new capture
                 self._output.outputs = ()
                 self._output.append_stdout(output)
+            self._shown_output = output
         value = _value_html(self.app, record) if state in states.READY_STATES or state == states.RETRY else ""
         if self._value.value != value:
             self._value.value = value
 
     def refresh(self) -> bool:
         done = super().refresh()
-        if self._snap is not None:
-            self._shown_output = self._snap["output"]
+        if self._snap is not None and self.mode in ("text", "both"):
+            self._printed_output = self._snap["output"]     # printed by refresh (output so far at the first one)
+        if done and capture._routes.get(self.result.id) is self.parent:
+            capture.route(self.result.id, None)
         return done
 
     def start(self):
+        if self.parent is not None:
+            capture.route(self.result.id, self.parent)     # echoed output of the task: this view's cell
         snap = super().start()
-        self._shown_output = snap["output"]
+        if self.finished:
+            capture.route(self.result.id, None)
         return snap
 
     def text(self, snap) -> str:
@@ -677,5 +717,5 @@ def progress(result, mode: str | None = None) -> View:
         view._ipython_display_()
     else:
         view._displayed = True
-        _emit(view._last_text or repr(result))
+        _emit(view._last_text or repr(result), view.parent)
     return view

@@ -439,3 +439,89 @@ def test_broker_ack_many_acks_current_deliveries_and_refuses_stale_ones(broker_f
     assert broker.ack_many(got[:2]) == [False, False]     # acknowledged already: stale
     assert broker.ack_many([got[2]]) == [True]
     assert broker.reserve([q], timeout=0.3, lease=5) == []
+
+
+# -- bounded redelivery ------------------------------------------------------------------
+
+def _end_unfinished(broker_factory, broker, lease: float):
+    """End the deliveries ``broker`` holds without settling them, as a worker that dies does:
+    let their lease run out, or (a broker whose deliveries last as long as the consumer's
+    connection) close it. Returns the broker to go on with."""
+    if getattr(broker, "leases_expire", True):
+        time.sleep(lease + 0.1)
+        return broker
+    broker.close()
+    return broker_factory()
+
+
+def _next_delivery(broker, q, lease: float, token: int):
+    """The next delivery of the one message on ``q``; where the broker leaves counting a lapse
+    to the worker (``maybe_lapsed``), counted as a worker would after finding an attempt
+    begun at fencing token ``token`` that never finished."""
+    [d] = _reserve_all(broker, [q], 1, lease=lease)
+    if d.maybe_lapsed:
+        assert broker.count_lapse(d, token)
+        [d] = _reserve_all(broker, [q], 1, lease=lease)
+        assert d.lapse_token == token
+    return d
+
+
+def test_broker_counts_deliveries_that_end_without_finishing_and_flags_the_last(broker_factory, qname):
+    broker, q = broker_factory(), qname("lapses")
+    broker.publish(_out(q, id="crashy"))
+    counts = []
+    for token in range(1, broker.max_deliveries + 1):
+        d = _next_delivery(broker, q, 0.2, token)
+        counts.append(d.lapsed)
+        assert d.dead_reason is None and d.after_lapse == (d.lapsed > 0)
+        broker = _end_unfinished(broker_factory, broker, 0.2)
+    d = _next_delivery(broker, q, 30, broker.max_deliveries + 1)
+    assert counts == list(range(broker.max_deliveries)) and d.lapsed == broker.max_deliveries
+    assert f"delivered {broker.max_deliveries} times without finishing" in d.dead_reason
+    assert broker.reject(d, d.dead_reason)
+    dead = wait_for(lambda: [x for x in broker.dead_letters(q) if x["id"] == "crashy"])
+    assert "without finishing" in dead[0]["reason"]
+
+
+def test_broker_release_and_retry_are_not_deliveries_that_ended_unfinished(broker_factory, qname):
+    broker, q = broker_factory(), qname("handback")
+    broker.publish(_out(q, id="back"))
+    for i in range(broker.max_deliveries + 1):
+        [d] = _reserve_all(broker, [q], 1)
+        assert d.lapsed == 0 and d.dead_reason is None
+        assert broker.release(d) if i % 2 else broker.retry(d)
+    [d] = _reserve_all(broker, [q], 1)
+    assert d.lapsed == 0 and d.dead_reason is None
+    assert broker.ack(d)
+
+
+def test_broker_delivers_a_message_after_a_lapse_alone(broker_factory, qname):
+    """So a message that kills its worker takes no batch-mates with it."""
+    broker, q = broker_factory(), qname("alone")
+    broker.publish(_out(q, id="suspect"))
+    [d] = _reserve_all(broker, [q], 1, lease=0.2)
+    broker = _end_unfinished(broker_factory, broker, 0.2)
+    broker.publish_many([_out(q, id="b"), _out(q, id="c")])
+    batches, deadline = [], time.monotonic() + 10
+    while sum(map(len, batches)) < 3 and time.monotonic() < deadline:
+        got = broker.reserve([q], timeout=0.5, lease=30, limit=3)
+        if got:
+            batches.append(sorted(x.message_id for x in got))
+    assert sorted(sum(batches, [])) == ["b", "c", "suspect"]
+    assert ["suspect"] in batches
+
+
+def test_broker_defer_puts_a_message_back_still_marked_after_a_lapse(broker_factory, qname):
+    """What a worker does when the earlier attempt of a redelivered task is still alive."""
+    broker, q = broker_factory(), qname("defer")
+    broker.publish(_out(q, id="slow"))
+    _reserve_all(broker, [q], 1, lease=0.2)
+    broker = _end_unfinished(broker_factory, broker, 0.2)
+    [d] = _reserve_all(broker, [q], 1, lease=30)
+    assert d.after_lapse and d.dead_reason is None
+    lapsed = d.lapsed
+    assert broker.defer(d, eta=time.time() + 0.5)
+    assert broker.reserve([q], timeout=0.2, lease=30) == []
+    [d2] = _reserve_all(broker, [q], 1, lease=30)
+    assert d2.message_id == "slow" and d2.after_lapse and d2.lapsed == lapsed
+    assert broker.ack(d2)

@@ -1,0 +1,425 @@
+"""Binary codecs: a frame, array or pickled object as bytes, and back.
+
+``pack(obj) -> Blob(codec, data, info)`` and ``unpack(codec, data) -> obj`` are the one
+place a value becomes bytes; serialization.py carries the bytes (base64 inside the JSON
+envelope today; a payload store can carry them out of band without changing a codec).
+
+Codecs:
+- ``arrow``: pandas DataFrame, Series, Index and extension arrays as an Apache Arrow IPC
+  stream. Exact: float bits, float32/float16, nullable integer/float/boolean/string dtypes,
+  pandas ``str``, categoricals (categories, their dtype and order), tz-aware datetimes with
+  their zone, timedeltas, periods, intervals, every datetime unit, MultiIndex rows and
+  columns, index and column labels of any type (duplicates too), index/column/Series
+  names, a DatetimeIndex's frequency, ``attrs`` and ``flags``, and in object columns
+  ``None`` vs ``NaN`` vs ``pd.NA``. An object column (or index level, or label level) may
+  hold one type out of str, bytes, bool, int (64-bit) and datetime.date, plus missing
+  values of one kind; anything else (mixed types, lists, floats in an object column),
+  complex and sparse columns, and third-party extension dtypes raise Unrepresentable
+  naming the column.
+- ``npy``: a numpy array in the .npy format read with ``allow_pickle=False``: dtype
+  (structured too), shape and C/Fortran order, raw bytes. Object arrays are not blobs
+  (serialization.py sends their items as JSON).
+- ``pickle``: protocol 5, only for an App created with ``serializer="pickle"``.
+
+Decoding an ``arrow`` or ``npy`` blob runs no code of the sender's: Arrow's pandas
+metadata names dtypes, it does not import anything.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import io
+from typing import Any
+
+from .errors import SerializationError
+
+_META = b"nbqueue"                  # schema metadata: what to restore beyond pyarrow's own pandas metadata
+_COLUMNS = b"nbqueue.columns"       # schema metadata: the column labels, an index-only Arrow IPC stream
+_INDEX_FIELD = "__index_level_{}__"  # pyarrow's name for an unnamed index level stored as a column
+
+
+@dataclasses.dataclass(frozen=True)
+class Blob:
+    codec: str              # "arrow", "npy" or "pickle"
+    data: bytes
+    info: dict = dataclasses.field(default_factory=dict)   # small and JSON-ready: type, shape (not needed to decode)
+
+
+class Unrepresentable(Exception):
+    """The value cannot be carried exactly by its codec; the text says why (the caller names the value)."""
+
+
+def pack(obj: Any) -> Blob:
+    """A DataFrame, Series, Index, pandas extension array or numpy array as a Blob.
+
+    Raises Unrepresentable (naming the column) when the value would not come back equal
+    and of the same dtypes, TypeError for other types.
+    """
+    import numpy as np
+
+    if type(obj) is np.ndarray:
+        return Blob("npy", _npy_pack(obj), {"type": "ndarray", "dtype": str(obj.dtype), "shape": list(obj.shape)})
+    return _arrow_pack(obj)
+
+
+def pack_pickle(obj: Any, where: str = "value") -> Blob:
+    """Pickle protocol 5 (the opt-in serializer); raises SerializationError naming ``where``."""
+    import pickle
+
+    try:
+        data = pickle.dumps(obj, protocol=5)
+    except Exception as exc:  # pickling errors come in many types
+        raise SerializationError(f"{where} cannot be pickled: {exc}") from exc
+    return Blob("pickle", data, {"type": f"{type(obj).__module__}.{type(obj).__qualname__}"})
+
+
+def unpack(codec: str, data: bytes) -> Any:
+    """Inverse of pack and pack_pickle (callers check that pickle was opted in)."""
+    if codec == "arrow":
+        return _arrow_unpack(data)
+    if codec == "npy":
+        return _npy_unpack(data)
+    if codec == "pickle":
+        import pickle
+
+        return pickle.loads(data)
+    raise SerializationError(f"unknown binary codec {codec!r} (written by a newer nbqueue?)")
+
+
+# -- numpy -------------------------------------------------------------------------------------------
+def _npy_pack(array) -> bytes:
+    import numpy as np
+
+    if array.dtype.hasobject:
+        raise Unrepresentable(f"is an array of dtype {array.dtype} holding Python objects in fields, which nbqueue "
+                              "cannot carry; create the App with serializer='pickle'")
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _npy_unpack(data: bytes):
+    import numpy as np
+
+    return np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+
+
+# -- pandas through Arrow IPC --------------------------------------------------------------------------
+def _short(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_OBJECT_TYPES = (str, bytes, bool, int, _dt.date)   # what an object column may hold (one of them)
+
+
+def _null_types() -> dict:
+    import pandas as pd
+
+    return {type(None): None, float: "nan", type(pd.NA): "na", type(pd.NaT): "nat"}
+
+
+def _object_fix(values, label: str) -> dict:
+    """For an object-dtype column or level: check it holds one carried type and one kind of
+    missing value; return how to restore it ({"type", "null"})."""
+    import numpy as np
+
+    array = np.asarray(values, dtype=object)
+    kinds = set(map(type, array))
+    nulls = _null_types()
+    if float in kinds and any(v == v for v in array if type(v) is float):
+        raise Unrepresentable(f"has {label} of object dtype holding float values, which Arrow would not give back "
+                              "as Python objects; convert it (.astype(float)) or create the App with serializer='pickle'")
+    missing = [t for t in kinds if t in nulls]
+    present = [t for t in kinds if t not in nulls]
+    if len(present) > 1:
+        names = " and ".join(sorted(t.__name__ for t in present))
+        raise Unrepresentable(f"has {label} of object dtype mixing {names} values, which Arrow cannot carry exactly; "
+                              "convert it to one type or create the App with serializer='pickle'")
+    if present and present[0] not in _OBJECT_TYPES:
+        raise Unrepresentable(f"has {label} of object dtype holding {present[0].__module__}.{present[0].__qualname__} "
+                              "values, which Arrow cannot carry exactly; convert it or create the App with serializer='pickle'")
+    if len(missing) > 1:
+        raise Unrepresentable(f"has {label} of object dtype with missing values of different kinds "
+                              f"({', '.join(sorted(repr(nulls[t]) for t in missing))}), which Arrow cannot tell apart; "
+                              "use one kind, or create the App with serializer='pickle'")
+    return {"type": present[0].__name__ if present else None, "null": nulls[missing[0]] if missing else None}
+
+
+def _dtype_fix(values, dtype, label: str) -> dict | None:
+    """How to restore what Arrow's own pandas metadata does not (None: nothing); raises
+    Unrepresentable for dtypes Arrow cannot carry exactly."""
+    import numpy as np
+    import pandas as pd
+
+    if isinstance(dtype, np.dtype):
+        if dtype == object:
+            return {"object": _object_fix(values, label)}
+        if dtype.kind in "biufmM":
+            return None
+    elif isinstance(dtype, pd.CategoricalDtype):
+        categories = dtype.categories
+        fix = _dtype_fix(categories, categories.dtype, f"{label} categories")
+        return {"categories": fix} if fix else None
+    elif isinstance(dtype, pd.StringDtype):
+        na_value = getattr(dtype, "na_value", pd.NA)
+        return {"string": [dtype.storage, "nan" if na_value is not pd.NA else "na"]}
+    elif type(dtype).__module__.startswith("pandas") and not isinstance(dtype, pd.SparseDtype):
+        return None     # tz-aware datetimes, nullable numbers and booleans, periods, intervals, ArrowDtype
+    raise Unrepresentable(f"has {label} of dtype {dtype}, which Arrow cannot carry exactly; convert it or create the "
+                          "App with serializer='pickle'")
+
+
+def _json(value: Any, label: str) -> Any:
+    from . import serialization
+
+    try:
+        return serialization.to_jsonable(value, label)
+    except SerializationError as exc:
+        raise Unrepresentable(f"cannot carry its {exc}") from None
+
+
+def _index_meta(index, label: str) -> dict:
+    import pandas as pd
+
+    meta: dict[str, Any] = {}
+    if any(name is not None for name in index.names):
+        meta["names"] = _json(list(index.names), f"{label} names")
+    if type(index) is pd.RangeIndex:    # also where no column gives the table its length
+        meta["range"] = [index.start, index.stop, index.step]
+        return meta
+    if isinstance(index, pd.MultiIndex):
+        fixes = {}
+        for k, level in enumerate(index.levels):
+            fix = _dtype_fix(level, level.dtype, f"{label} level {k}")
+            if fix:
+                fixes[str(k)] = fix
+    else:
+        fix = _dtype_fix(index, index.dtype, label)
+        fixes = {"0": fix} if fix else {}
+        freq = getattr(index, "freq", None) if isinstance(index, (pd.DatetimeIndex, pd.TimedeltaIndex)) else None
+        if freq is not None:
+            if pd.tseries.frequencies.to_offset(freq.freqstr) != freq:
+                raise Unrepresentable(f"has {label} with frequency {freq!r}, which cannot be carried by name; "
+                                      "drop it (index.freq = None) or create the App with serializer='pickle'")
+            meta["freq"] = freq.freqstr
+    if fixes:
+        meta["fix"] = fixes
+    return meta
+
+
+def _table(frame, meta: dict, *, index_label: str = "index", series: bool = False):
+    """An Arrow table of frame's values and row index (columns renamed "0", "1", ...; index levels unnamed)."""
+    import numpy as np
+    import pyarrow as pa
+
+    index = frame.index
+    meta["index"] = _index_meta(index, index_label)
+    columns = frame.columns
+    names = [str(i) for i in range(frame.shape[1])]
+
+    def label(i: int) -> str:
+        return "values" if series else f"column {_short(columns[i])}"
+
+    fixes = {}
+    for i, dtype in enumerate(frame.dtypes):
+        if isinstance(dtype, np.dtype) and dtype.kind in "biufmM":   # plain numbers and times: nothing to check or restore
+            continue
+        fix = _dtype_fix(frame.iloc[:, i], dtype, label(i))
+        if fix:
+            fixes[names[i]] = fix
+    if fixes:
+        meta["fix"] = fixes
+    flat = frame.set_axis(names, axis=1).set_axis(index.set_names([None] * index.nlevels), axis=0)
+    try:
+        table = pa.Table.from_pandas(flat, preserve_index=None)   # a RangeIndex becomes metadata, other indexes columns
+    except (pa.ArrowException, ValueError, TypeError, OverflowError) as exc:
+        for i in range(flat.shape[1]):
+            try:
+                pa.Array.from_pandas(flat.iloc[:, i])
+            except (pa.ArrowException, ValueError, TypeError, OverflowError) as column_exc:
+                raise Unrepresentable(f"has {label(i)} that Arrow cannot carry ({column_exc}); "
+                                      "convert it or create the App with serializer='pickle'") from None
+        raise Unrepresentable(f"cannot be carried by Arrow: {exc}; create the App with serializer='pickle'") from None
+    return table
+
+
+def _ipc(table, meta: dict, extra: dict | None = None) -> bytes:
+    import pyarrow as pa
+
+    from . import serialization
+
+    metadata = dict(table.schema.metadata or {})
+    metadata[_META] = serialization.dumps(meta).encode()
+    metadata.update(extra or {})
+    table = table.replace_schema_metadata(metadata)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        if table.num_rows or not table.num_columns:
+            writer.write_table(table)
+        else:   # an empty batch all the same: it carries the categories of an empty categorical
+            writer.write_batch(pa.record_batch([c.chunk(0) if c.num_chunks else pa.array([], c.type) for c in table.columns],
+                                               schema=table.schema))
+    return sink.getvalue().to_pybytes()
+
+
+def _pack_labels(columns) -> bytes:
+    """The column labels (an Index of any kind) as an index-only Arrow IPC stream."""
+    import pandas as pd
+
+    meta = {"kind": "index"}
+    table = _table(pd.DataFrame(index=columns), meta, index_label="column labels")
+    return _ipc(table, meta)
+
+
+def _arrow_pack(obj: Any) -> Blob:
+    import pandas as pd
+
+    meta: dict[str, Any] = {}
+    if isinstance(obj, pd.DataFrame):
+        meta["kind"], frame = "frame", obj
+    elif isinstance(obj, pd.Series):
+        meta["kind"], frame = "series", obj.to_frame()
+        if obj.name is not None:
+            meta["name"] = _json(obj.name, "Series name")
+    elif isinstance(obj, pd.Index):
+        meta["kind"], frame = "index", pd.DataFrame(index=obj)
+    elif isinstance(obj, pd.api.extensions.ExtensionArray):
+        meta["kind"], frame = "array", pd.Series(obj).to_frame()
+    else:
+        raise TypeError(f"no binary codec for {type(obj).__qualname__}")
+    if getattr(obj, "attrs", None):
+        meta["attrs"] = _json(obj.attrs, "attrs")
+    flags = getattr(obj, "flags", None)
+    if flags is not None and not flags.allows_duplicate_labels:
+        meta["no_duplicate_labels"] = True
+    table = _table(frame, meta, index_label="values" if meta["kind"] == "index" else "index",
+                   series=meta["kind"] in ("series", "array"))
+    extra = {_COLUMNS: _pack_labels(frame.columns)} if meta["kind"] == "frame" else {}   # a Series' label is its name
+    info = {"type": type(obj).__name__, "shape": list(getattr(obj, "shape", ()))}
+    return Blob("arrow", _ipc(table, meta, extra), info)
+
+
+def _read(data: bytes):
+    import pyarrow as pa
+
+    from . import serialization
+
+    table = pa.ipc.open_stream(pa.py_buffer(data)).read_all()
+    metadata = table.schema.metadata or {}
+    if _META not in metadata:
+        raise SerializationError("an Arrow payload without nbqueue's metadata")
+    return table, serialization.from_jsonable(serialization.loads(metadata[_META])), metadata
+
+
+def _arrow_unpack(data: bytes):
+    import pandas as pd
+
+    table, meta, metadata = _read(data)
+    frame = table.to_pandas()
+    for name, fix in (meta.get("fix") or {}).items():
+        position = int(name)
+        values = _fixed_values(frame.iloc[:, position], fix, table.column(name))
+        if "object" in fix:     # as a Series of dtype object: pandas would infer str from an object ndarray
+            values = pd.Series(values, dtype=object, index=frame.index)
+        frame.isetitem(position, values)
+    frame.index = _restored_index(frame.index, meta["index"], table)
+    kind = meta["kind"]
+    if kind == "index":
+        return frame.index
+    if kind == "frame":
+        frame.columns = _arrow_unpack(metadata[_COLUMNS])
+        if "attrs" in meta:
+            frame.attrs = meta["attrs"]
+        return frame.set_flags(allows_duplicate_labels=False) if meta.get("no_duplicate_labels") else frame
+    series = frame.iloc[:, 0]
+    if kind == "array":
+        return series.array
+    series.name = meta.get("name")
+    if "attrs" in meta:
+        series.attrs = meta["attrs"]
+    return series.set_flags(allows_duplicate_labels=False) if meta.get("no_duplicate_labels") else series
+
+
+def _missing(code: str | None):
+    import pandas as pd
+
+    return {None: None, "nan": float("nan"), "na": pd.NA, "nat": pd.NaT}[code]
+
+
+def _object_values(column, fix: dict):
+    """An object ndarray of an Arrow column: Python str/bytes/bool/int/date, and the column's kind of missing value."""
+    import numpy as np
+    import pyarrow as pa
+
+    t = column.type
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        values = column.to_numpy(zero_copy_only=False)     # objects already, None where missing
+    else:
+        values = np.empty(len(column), dtype=object)
+        values[:] = column.to_pylist()
+    if fix.get("null") is not None and column.null_count:
+        values[column.is_null().to_numpy(zero_copy_only=False)] = _missing(fix["null"])
+    return values
+
+
+def _string_dtype(spec: list):
+    import numpy as np
+    import pandas as pd
+
+    storage, na = spec
+    try:
+        return pd.StringDtype(storage, na_value=np.nan if na == "nan" else pd.NA)
+    except TypeError:     # pandas before 2.3: no na_value
+        return pd.StringDtype(storage)
+
+
+def _fixed_level(level, fix: dict):
+    """A level or categories Index (no missing values) with its dtype restored."""
+    import pandas as pd
+
+    if "object" in fix:
+        return pd.Index(level.astype(object), dtype=object, name=level.name)
+    if "string" in fix:
+        return level.astype(_string_dtype(fix["string"]))
+    return pd.CategoricalIndex(_fixed_categorical(level.values, fix["categories"]), name=level.name)
+
+
+def _fixed_categorical(categorical, fix: dict):
+    import pandas as pd
+
+    categories = _fixed_level(categorical.categories, fix)
+    return pd.Categorical.from_codes(categorical.codes, dtype=pd.CategoricalDtype(categories, ordered=categorical.ordered))
+
+
+def _fixed_values(values, fix: dict, column=None):
+    """A column (Series) or flat index's values with the dtype the sender had."""
+    if "object" in fix:
+        return _object_values(column, fix["object"])
+    if "string" in fix:
+        dtype = _string_dtype(fix["string"])
+        return values if values.dtype == dtype else values.astype(dtype)
+    return _fixed_categorical(values.array, fix["categories"])
+
+
+def _restored_index(index, meta: dict, table):
+    import pandas as pd
+
+    fixes = meta.get("fix") or {}
+    if "range" in meta:
+        index = pd.RangeIndex(*meta["range"])
+    elif isinstance(index, pd.MultiIndex):
+        for k, fix in fixes.items():
+            index = index.set_levels(_fixed_level(index.levels[int(k)], fix), level=int(k), verify_integrity=False)
+    elif fixes:
+        field = _INDEX_FIELD.format(0)
+        column = table.column(field) if field in table.column_names else None
+        values = _fixed_values(index, fixes["0"], column)
+        index = pd.Index(values, dtype=object) if "object" in fixes["0"] else pd.Index(values)
+    if "freq" in meta:
+        index = type(index)(index, freq=meta["freq"])
+    names = meta.get("names")
+    return index.set_names(names if names is not None else [None] * index.nlevels)
+
+
+__all__ = ["Blob", "Unrepresentable", "pack", "pack_pickle", "unpack"]
