@@ -116,7 +116,7 @@ class App:
         task = self.registry.get(sig.name)
         now = self.clock.time()
         message = sig.to_message(self.serializer, default_queue=self.default_queue, fn=task.fn if task else None, now=now)
-        shipping.attach(self, message)   # a task defined in a notebook carries its code, to a code queue
+        shipping.attach(self, sig, message)   # made from a notebook's function: carries its code, to a code queue
         if group_id is not None:
             message["group_id"] = group_id
         record = {

@@ -9,13 +9,14 @@ importable function *by reference* (module and name). Two users of this module:
   keyed by the SHA-256 of the pickle: a child unpickles a key once and keeps it; a
   re-defined function (or a global it reads bound to a new object) pickles differently,
   so its new key is shipped and no child runs stale code.
-- **Messages**: a task defined in a notebook (:func:`defined_in_notebook`) is sent with
+- **Messages**: a task defined in a notebook (:func:`defined_in_notebook`), sent from its
+  function (``fit.delay()``, ``fit.s()``; a signature by name goes by name), is sent with
   a ``code`` field and routed to ``<queue>.code`` (:func:`code_queue`), a queue that
   only workers able to run it read: workers of a process that registered a notebook
   function (the sending kernel's own; they run their registered function by name, as
   for any message, and unpickle nothing) and workers started with ``allow_code=True``
-  (``nbqueue worker --allow-code``), which run the shipped code. The opt-in and the signing are those of ``%%task``
-  cells (``builtin.py``): when a secret is configured (``App(secret=...)`` or
+  (``nbqueue worker --allow-code``), which run the shipped code. The opt-in and the
+  signing are those of ``%%task`` cells (``builtin.py``): when a secret is configured (``App(secret=...)`` or
   ``NBQUEUE_SECRET``) the sender signs the code (HMAC-SHA256 over the task name, the
   code's hash and the sending process) and a worker refuses unsigned or altered code.
   A worker checks all of this before it unpickles anything; a worker without the opt-in
@@ -274,24 +275,30 @@ def sign(secret: str, name: str, key: str, origin: str | None) -> str:
     return hmac.new(secret.encode("utf-8"), body.encode("ascii"), hashlib.sha256).hexdigest()
 
 
-def attach(app, message: dict) -> None:
-    """Sender side (``App.prepare``): give the message of a task defined in a notebook its
-    ``code`` field and route it to the code queue; the same for its callbacks."""
-    task = app.registry.get(message["name"])
-    if task is not None and defined_in_notebook(task.fn):
-        shipped = pack(task.fn)
-        if len(shipped.data) <= INLINE_LIMIT:
-            secret = builtin.secret_of(app)
-            message["code"] = {"key": shipped.key, "data": shipped.b64, "origin": builtin.PROCESS_TOKEN,
-                               "signature": sign(secret, message["name"], shipped.key, builtin.PROCESS_TOKEN) if secret else None}
-            message["queue"] = code_queue(message["queue"])
-        elif shipped.key not in _warned:
-            _warned.add(shipped.key)
-            log.warning("task %r and the globals it reads pickle to %.1f MB: it is not shipped to other workers "
-                        "(only this kernel's workers run it); pass large data as arguments or load it inside the task",
-                        message["name"], len(shipped.data) / 1e6)
-    for callback in (message.get("on_success") or []) + (message.get("on_error") or []):
-        attach(app, callback)
+def attach(app, sig, message: dict) -> None:
+    """Sender side (``App.prepare``): a signature made from a task function defined in a
+    notebook (``fit.s()``, ``fit.delay()``: ``Signature.ship_code``) gets its ``code`` field
+    (the function registered under its name now) and is routed to the code queue; the same
+    for its callbacks. A signature by name (``Signature("fit")``, ``app.signature("fit")``)
+    goes by name, as ever: to whichever worker of its queue has that task (a module
+    exported from the notebook, say)."""
+    if getattr(sig, "ship_code", False):
+        task = app.registry.get(message["name"])
+        if task is not None and defined_in_notebook(task.fn):
+            shipped = pack(task.fn)
+            if len(shipped.data) <= INLINE_LIMIT:
+                secret = builtin.secret_of(app)
+                message["code"] = {"key": shipped.key, "data": shipped.b64, "origin": builtin.PROCESS_TOKEN,
+                                   "signature": sign(secret, message["name"], shipped.key, builtin.PROCESS_TOKEN) if secret else None}
+                message["queue"] = code_queue(message["queue"])
+            elif shipped.key not in _warned:
+                _warned.add(shipped.key)
+                log.warning("task %r and the globals it reads pickle to %.1f MB: it is not shipped to other workers "
+                            "(only this kernel's workers run it); pass large data as arguments or load it inside the task",
+                            message["name"], len(shipped.data) / 1e6)
+    for key in ("on_success", "on_error"):
+        for callback, nested in zip(getattr(sig, key, None) or [], message.get(key) or []):
+            attach(app, callback, nested)
 
 
 # -- messages: receiving -----------------------------------------------------------------------------

@@ -74,6 +74,8 @@ class Signature:
     group_task_count: int = 0
     workflow: dict | None = None
     app: Any = dataclasses.field(default=None, repr=False, compare=False)
+    #: made from a task's function defined in a notebook (``fit.s()``): sent with its code (shipping.py)
+    ship_code: bool = dataclasses.field(default=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:

@@ -410,6 +410,19 @@ def sqlite_app(tmp_path, **options):
     return nbqueue.App(f"sqlite:///{tmp_path}/nbqueue.db", default_queue="ship", **options)
 
 
+def test_signatures_from_a_notebook_function_carry_its_code_and_signatures_by_name_do_not(app_factory):
+    app = app_factory(secret="s")
+    _, tasks = register(app, pid=1, where=1)
+    message, record, out = app.prepare(tasks["where"].s(1).link(tasks["pid"].s()))
+    assert out.queue == record["queue"] == message["queue"] == app.default_queue + ".code"
+    code = message["code"]
+    assert code["key"] == hashlib.sha256(base64.b64decode(code["data"])).hexdigest()
+    assert code["origin"] == builtin.PROCESS_TOKEN and code["signature"] == shipping.sign("s", "where", code["key"], code["origin"])
+    assert message["on_success"][0]["code"]["key"] != code["key"]             # the callback carries its own
+    by_name, _, _ = app.prepare(Signature("where", args=[1]))
+    assert "code" not in by_name and by_name["queue"] == app.default_queue   # by name: whoever has "where" runs it
+
+
 def test_a_worker_without_allow_code_never_takes_or_unpickles_shipped_code(tmp_path, cli):
     app = sqlite_app(tmp_path)
     try:
