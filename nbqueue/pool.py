@@ -711,7 +711,13 @@ class ProcessPool:
         if self.closed:
             raise NbqueueError("the process pool is closed")
         name = name or getattr(target, "__name__", "task")
-        shipped = target if isinstance(target, shipping.Shipped) else getattr(target, "nbqueue_shipped", None) or shipping.pack(target)
+        try:
+            shipped = target if isinstance(target, shipping.Shipped) else getattr(target, "nbqueue_shipped", None) or shipping.pack(target)
+        except Exception as exc:
+            from .errors import SerializationError
+
+            raise SerializationError(f"task {name!r} cannot be sent to a child process: it, or something it reads, cannot be pickled "
+                                     f"({type(exc).__name__}: {exc}); run it on a thread pool") from exc
         payload = _pack_arguments(name, args, kwargs or {})
         child = self._idle.get()
         try:

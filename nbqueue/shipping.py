@@ -279,13 +279,22 @@ def attach(app, sig, message: dict) -> None:
     """Sender side (``App.prepare``): a signature made from a task function defined in a
     notebook (``fit.s()``, ``fit.delay()``: ``Signature.ship_code``) gets its ``code`` field
     (the function registered under its name now) and is routed to the code queue; the same
-    for its callbacks. A signature by name (``Signature("fit")``, ``app.signature("fit")``)
+    for its callbacks. A function that cannot be pickled (it reads a lock, a connection)
+    is sent by name instead: it runs where it is registered. A signature by name (``Signature("fit")``, ``app.signature("fit")``)
     goes by name, as ever: to whichever worker of its queue has that task (a module
     exported from the notebook, say)."""
     if getattr(sig, "ship_code", False):
         task = app.registry.get(message["name"])
+        shipped = None
         if task is not None and defined_in_notebook(task.fn):
-            shipped = pack(task.fn)
+            try:
+                shipped = pack(task.fn)
+            except Exception as exc:   # it reads a lock, a connection...: it runs where it is registered only
+                if message["name"] not in _warned:
+                    _warned.add(message["name"])
+                    log.info("task %r is not shipped to other workers: it cannot be pickled (%s: %s); it goes by name",
+                             message["name"], type(exc).__name__, exc)
+        if shipped is not None:
             if len(shipped.data) <= INLINE_LIMIT:
                 secret = builtin.secret_of(app)
                 message["code"] = {"key": shipped.key, "data": shipped.b64, "origin": builtin.PROCESS_TOKEN,

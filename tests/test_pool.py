@@ -423,6 +423,29 @@ def test_signatures_from_a_notebook_function_carry_its_code_and_signatures_by_na
     assert "code" not in by_name and by_name["queue"] == app.default_queue   # by name: whoever has "where" runs it
 
 
+def test_a_notebook_function_that_cannot_be_pickled_goes_by_name_and_fails_clearly_in_a_child(app_factory):
+    app = app_factory()
+    ns = notebook_cell("""
+        import threading
+        gate = threading.Event()
+
+        def wait_for_gate():
+            return gate.wait(5)
+        """)
+    task = app.task(ns["wait_for_gate"], name="wait_for_gate")
+    message, _, _ = app.prepare(task.s())
+    assert "code" not in message and message["queue"] == app.default_queue       # sent by name
+    threads = app.start_worker()                                                  # the kernel's thread worker runs it
+    ns["gate"].set()
+    assert task.delay().get(timeout=60) is True
+    threads.stop(timeout=30)
+    app.start_worker(pool="processes", concurrency=1)
+    with pytest.raises(nbqueue.TaskFailed) as failed:
+        task.delay().get(timeout=60)
+    assert failed.value.exc_type == "SerializationError"
+    assert "cannot be sent to a child process" in failed.value.message and "_thread.lock" in failed.value.message
+
+
 def test_a_worker_without_allow_code_never_takes_or_unpickles_shipped_code(tmp_path, cli):
     app = sqlite_app(tmp_path)
     try:
