@@ -412,11 +412,8 @@ class _Child:
 
     def ensure_started(self) -> None:
         with self.lock:
-            if self.proc is not None:   # one that died idle fails the next send, and is replaced then
-                return
-            if self.proc is not None:
-                self._discard()
-            self._start()
+            if self.proc is None:       # one that died idle fails the next send, and is replaced then
+                self._start()
 
     def _start(self) -> None:
         if self.pool.closed or self.pool.draining:
