@@ -306,6 +306,7 @@ class _Batch:
                     return
                 except Exception:
                     recorded = False
+                    self._forget_local()
                     log.exception("worker %s: recording the failure of %s failed", worker.name, name)
             if recorded:
                 worker._count(failed=1)
@@ -465,7 +466,8 @@ class Worker:
     def _executor_loop(self) -> None:
         backoff = 0.1
         while not self._stopping.is_set():
-            taken = self._steal()
+            # (a batch claimed in the last commit comes first: it is not held, its lease not extended)
+            taken = self._steal() if getattr(self._claimed, "next", None) is None else None
             if taken is not None:
                 deliveries, prep = taken
             else:
@@ -649,7 +651,7 @@ class Worker:
                 log.error("dead-lettering malformed message %s: %s", delivery.message_id, reason)
                 batch.add(lambda d=delivery, r=reason: self.app.broker.reject(d, r), delivery)
             batch.tokens = prep.tokens
-            batch.todo = self._distinct(prep.messages, batch)
+            batch.todo, copies = self._distinct(prep.messages)
             while (item := batch.take_next()) is not None:
                 delivery, message = item
                 if self._stopping.is_set() and threading.current_thread() in self._threads:
@@ -666,8 +668,12 @@ class Worker:
                     self._execute(delivery, message, prep.tokens.get(message["id"], _MISSING), batch)
                 except STORE_ERRORS:
                     log.exception("worker %s: processing %s failed; it will be redelivered", self.name, delivery.message_id)
+                except KeyboardInterrupt:       # Ctrl-C in a thread that steps the worker itself (drain())
+                    raise
                 except BaseException as exc:    # the worker's own bookkeeping: this message fails, not the thread
                     batch.give_up(delivery, exc, "processing")
+            for copy in copies:     # once the first copy is settled: a no-op where a copy was the same message
+                batch.add(lambda d=copy: batch.ack(d), copy)
         except Exception:
             log.exception("worker %s: unexpected error in a batch of %d; its messages will be redelivered", self.name, len(deliveries))
         finally:
@@ -685,20 +691,21 @@ class Worker:
                 if id(d) not in batch.given:    # those are held by the executor that took them
                     self._unhold(d)
 
-    def _distinct(self, messages: list[tuple[Delivery, dict]], batch: "_Batch") -> list[tuple[Delivery, dict]]:
-        """``messages`` with one delivery per task id: a second copy in one batch (a message
-        published twice where the broker keeps both, as RabbitMQ does) is acknowledged, not
-        run again; the first copy's delivery stands for the task until it is finished."""
+    def _distinct(self, messages: list[tuple[Delivery, dict]]) -> tuple[list[tuple[Delivery, dict]], list[Delivery]]:
+        """``messages`` with one delivery per task id, and the deliveries of further copies:
+        a message published twice where the broker keeps both (RabbitMQ) runs once, and its
+        other copies are acknowledged after the batch (the first copy's delivery stands for
+        the task until it is finished)."""
         seen: set = set()
-        out = []
+        out, copies = [], []
         for delivery, message in messages:
             if message["id"] in seen:
                 log.warning("worker %s: task %s (%s) is in this batch twice; running it once", self.name, message["name"], message["id"])
-                batch.add(lambda d=delivery: batch.ack(d), delivery)
+                copies.append(delivery)
                 continue
             seen.add(message["id"])
             out.append((delivery, message))
-        return out
+        return out, copies
 
     def _take_local(self, outs: list, local: list) -> list:
         """Publish to this worker the follow-ups it can run next; return the others."""
