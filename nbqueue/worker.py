@@ -69,6 +69,10 @@ def _safe_text(text: str | None) -> str | None:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+class _ResultNotStored(Exception):
+    """Storing a task's result failed for a reason of the result's own (its ``__cause__``)."""
+
+
 class _Prepared:
     """A reserved batch, decoded and begun: (delivery, message) pairs, tokens, malformed ones."""
 
@@ -252,6 +256,9 @@ class _Batch:
         except STORE_ERRORS:  # the store, not the message: redeliver
             self._forget_local()
             log.exception("worker %s: finishing %s failed; its message will be redelivered", self.worker.name, delivery.message_id)
+        except _ResultNotStored as exc:
+            self._forget_local()
+            self.give_up(delivery, exc.__cause__ or exc, "storing the result of", dead_letter=False)
         except Exception as exc:
             self._forget_local()
             self.give_up(delivery, exc, "finishing")
@@ -891,7 +898,13 @@ class Worker:
                 return
 
         def finish() -> None:
-            if app.backend.store_result(task_id, states.SUCCESS, token=token, **fields):
+            try:
+                stored = app.backend.store_result(task_id, states.SUCCESS, token=token, **fields)
+            except STORE_ERRORS:
+                raise
+            except Exception as exc:
+                raise _ResultNotStored() from exc
+            if stored:
                 workflow.on_success(app, message, result_text)
                 self._count(processed=1)
             batch.ack(delivery)

@@ -249,6 +249,29 @@ def test_a_result_that_cannot_be_encoded_or_stored_ends_failure_naming_the_resul
     assert runs == [1]
 
 
+@pytest.mark.parametrize("shape", ["chain", "group"])
+def test_a_workflow_step_whose_result_cannot_be_stored_fails_its_workflow(app_factory, shape):
+    """The same inside a chain or a group (their results are stored on other paths than a
+    lone task's): the step ends FAILURE naming its result, and its workflow fails."""
+    app = app_factory(visibility_timeout=2)
+    runs = []
+
+    @app.task(name="surrogate")
+    def surrogate():
+        runs.append(1)
+        return "\ud800"
+
+    app.register_task("fine", lambda *args: "fine")
+    flow = app.send(nbqueue.chain(surrogate.s(), app.signature("fine")) if shape == "chain"
+                    else nbqueue.group(surrogate.s(), app.signature("fine")))
+    app.start_worker(concurrency=1)
+    with pytest.raises(nbqueue.TaskFailed) as failed:
+        flow.get(timeout=30)
+    assert "result" in failed.value.message and "surrogate" in failed.value.message
+    wait_for(lambda: settled(app), message="messages acknowledged")
+    assert runs == [1] and app.broker.dead_letters(app.default_queue) == []
+
+
 # -- 9: anything a task raises is recorded; dead executor threads are not reported alive -----------------
 
 
