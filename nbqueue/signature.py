@@ -240,11 +240,10 @@ def check_options(sig: Signature) -> None:
             raise refuse("retry_backoff", f"must be a nbqueue.Backoff or its dict, not {type(backoff).__name__}", TypeError)
     if sig.countdown is not None:
         number("countdown", sig.countdown, minimum=None)
-    if sig.eta is not None:
-        if isinstance(sig.eta, _dt.datetime):
-            pass
-        else:
-            number("eta", sig.eta, minimum=None)
+    if sig.eta is not None and not isinstance(sig.eta, _dt.datetime):
+        if isinstance(sig.eta, bool) or not isinstance(sig.eta, (int, float)):
+            raise refuse("eta", f"must be a datetime or a Unix timestamp, not {type(sig.eta).__name__} {sig.eta!r}", TypeError)
+        number("eta", sig.eta, minimum=None)
     if sig.queue is not None:
         check_queue_name(sig.queue, f"queue of task {sig.name!r}")
     if sig.headers is not None:
