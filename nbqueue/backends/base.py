@@ -49,6 +49,9 @@ def counts_from_states(pairs: Iterable[tuple[str | None, int]], total: int) -> d
 
 class ResultBackend:
     scheme = ""
+    #: what list() without ids sees: "all" live records, the "recent" ones (a bounded index),
+    #: or "none" (it raises UnsupportedOperation; list(ids=...) still works)
+    lists_tasks = "all"
 
     def __init__(self, url: str, *, clock=None, options: dict | None = None):
         from ..clock import SYSTEM
