@@ -190,6 +190,17 @@ class MemcacheBackend(KeyValueBackend):
             pause = min(pause * 2, 0.02)
 
     @_guarded
+    def _counter(self, key: str, n: int) -> int:
+        """memcached's own ``incr`` (one round trip), created with ``add`` when missing."""
+        name = self._k(key)
+        value = self.client.incr(name, n, noreply=False)
+        if value is None:
+            if self.client.add(name, str(n).encode(), noreply=False):
+                return n
+            value = self.client.incr(name, n, noreply=False)
+        return int(value)
+
+    @_guarded
     def _write(self, items: dict[str, str], ttl: float | None = None) -> None:
         if not items:
             return
