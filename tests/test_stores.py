@@ -276,23 +276,44 @@ def test_sqs_missing_credentials_name_the_settings_to_fix(monkeypatch, sqs):
         broker.close()
 
 
-def test_sqs_throttled_requests_are_retried_with_back_off(sqs, qname):
+class _RawBody:
+    def __init__(self, body: bytes):
+        self.body = body
+
+    def stream(self, **_):
+        yield self.body
+
+
+def _sqs_error(request, status: int, code: str):
     from botocore.awsrequest import AWSResponse
 
+    body = b'{"__type": "com.amazonaws.sqs#%s", "message": "refused by the test"}' % code.encode()
+    headers = {"Content-Type": "application/x-amz-json-1.0", "x-amzn-query-error": f"{code};Sender"}
+    return AWSResponse(request.url, status, headers, _RawBody(body))
+
+
+def test_sqs_refused_credentials_name_the_settings_to_fix(sqs, qname):
+    broker = sqs()
+
+    def refuse(request, **_):
+        return _sqs_error(request, 403, "InvalidClientTokenId")
+
+    broker.client.meta.events.register("before-send.sqs.GetQueueUrl", refuse)
+    try:
+        with pytest.raises(ConfigurationError, match=r"SQS refused the credentials .*InvalidClientTokenId.*AWS_ACCESS_KEY_ID"):
+            broker.publish(Outgoing(id="m", body="{}", queue=qname("creds")))
+    finally:
+        broker.client.meta.events.unregister("before-send.sqs.GetQueueUrl", refuse)
+
+
+def test_sqs_throttled_requests_are_retried_with_back_off(sqs, qname):
     broker, q = sqs(), qname("throttle")
     throttled = []
-
-    class Raw:
-        body = b'{"__type": "com.amazonaws.sqs#RequestThrottled", "message": "Rate exceeded"}'
-
-        def stream(self, **_):
-            yield self.body
 
     def throttle(request, **_):
         if len(throttled) < 2:
             throttled.append(request.url)
-            headers = {"Content-Type": "application/x-amz-json-1.0", "x-amzn-query-error": "RequestThrottled;Sender"}
-            return AWSResponse(request.url, 400, headers, Raw())
+            return _sqs_error(request, 400, "RequestThrottled")
         return None
 
     broker._url(q)                                   # the queue exists; now throttle the publish
