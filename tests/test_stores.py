@@ -203,6 +203,20 @@ def test_sqs_created_queue_has_a_redrive_policy_to_its_dead_letter_queue(sqs, qn
     assert int(policy["maxReceiveCount"]) == 4 and policy["deadLetterTargetArn"].endswith(f":{q}-dead")
 
 
+def test_sqs_queue_made_elsewhere_dead_letters_into_its_own_redrive_target(sqs, qname):
+    broker, q, target = sqs(), qname("theirs"), qname("their-dlq")
+    client = broker.client
+    target_url = client.create_queue(QueueName=target)["QueueUrl"]
+    arn = client.get_queue_attributes(QueueUrl=target_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    client.create_queue(QueueName=q, Attributes={"RedrivePolicy": json.dumps({"deadLetterTargetArn": arn, "maxReceiveCount": "9"})})
+    broker.publish(Outgoing(id="bad", body="{}", queue=q))
+    [d] = _reserve(broker, q)
+    assert broker.reject(d, "not a task")
+    assert [(x["id"], x["reason"]) for x in wait_for(lambda: broker.dead_letters(q))] == [("bad", "not a task")]
+    assert client.get_queue_attributes(QueueUrl=target_url, AttributeNames=["ApproximateNumberOfMessages"])["Attributes"] == {
+        "ApproximateNumberOfMessages": "1"}
+
+
 def test_sqs_delay_beyond_the_native_maximum_hops_and_is_never_early(sqs, qname):
     broker, q = sqs(), qname("long")
     broker.max_delay = 1                        # SQS's 15 minutes, shortened: the same code path

@@ -58,7 +58,7 @@ class ValueTooLarge(Exception):
 
 
 def dumps(value: Any) -> str:
-    return orjson.dumps(value).decode()
+    return orjson.dumps(value, default=str).decode()
 
 
 def loads(text: str | bytes | None) -> Any:

@@ -105,7 +105,8 @@ class MemcacheBackend(KeyValueBackend):
         super().__init__(url, clock=clock, options=merged)
 
         def option(name: str) -> Any:
-            return type(OPTIONS[name])(self.options.get(name) or OPTIONS[name])
+            value = self.options.get(name)
+            return type(OPTIONS[name])(OPTIONS[name] if value is None or value == "" else value)
 
         prefix = str(self.options.get("key_prefix") or OPTIONS["key_prefix"])
         self.prefix = prefix if prefix.endswith(":") else prefix + ":"

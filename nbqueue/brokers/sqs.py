@@ -22,8 +22,9 @@ Capabilities:
 - Queues: a missing queue is created on first use (standard, or FIFO for names
   ending in ``.fifo``) with a dead-letter queue ``<name>-dead`` (``<name>-dead.fifo``)
   and a redrive policy; with ``create_queues=false`` a missing queue is a
-  ConfigurationError. Names are 1-75 letters, digits, ``-`` and ``_`` (80 with the
-  ``-dead`` suffix SQS allows), plus ``.fifo``.
+  ConfigurationError. A queue made elsewhere keeps its own redrive policy's
+  dead-letter queue. Names are 1-75 letters, digits, ``-`` and ``_`` (SQS allows 80;
+  the ``-dead`` suffix needs 5), plus ``.fifo``.
 - Leases: the visibility timeout, in whole seconds (a lease is rounded up, at most 12
   hours from the receive: SQS's limit); ``extend()`` is ChangeMessageVisibility, which the
   worker's heartbeat calls. A delivery not acknowledged in time is received again.
@@ -77,6 +78,7 @@ Capabilities:
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -101,7 +103,7 @@ MAX_BATCH = 10                      # entries per SendMessageBatch / ReceiveMess
 MAX_DELAY_S = 900                   # DelaySeconds
 MAX_VISIBILITY_S = 43_200           # a message's visibility, counted from its receive
 MAX_BODY_BYTES = 1_048_576          # one message, and one batch request
-QUEUE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,75}(\.fifo)?$")
+QUEUE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,80}(\.fifo)?$")
 
 #: our message attributes
 A_ID, A_ETA, A_ATTEMPTS, A_REASON, A_QUEUE, A_PRIORITY = "nbq-id", "nbq-eta", "nbq-attempts", "nbq-reason", "nbq-queue", "nbq-priority"
@@ -179,6 +181,7 @@ class SQSBroker(Broker):
         self._client_lock = threading.Lock()
         self._urls: dict[str, str] = {}
         self._urls_lock = threading.Lock()
+        self._dead: dict[str, str] = {}            # queue -> its dead-letter queue
         self._used: dict[str, None] = {}          # queues this broker published to or reserved from, in order
         self._receipts: dict[str, str] = {}        # SQS message id -> the latest receipt handle this broker got
         self._receipts_lock = threading.Lock()
@@ -226,11 +229,12 @@ class SQSBroker(Broker):
         return exc.response.get("Error", {}).get("Code", "")
 
     # -- queues ---------------------------------------------------------------------------
-    def _url(self, queue: str) -> str:
+    def _url(self, queue: str, *, dead: bool = False) -> str:
+        """The queue's URL; a missing queue is created (a dead-letter queue ``dead`` without one of its own)."""
         url = self._urls.get(queue)
         if url is not None:
             return url
-        if not QUEUE_NAME.match(queue):
+        if not QUEUE_NAME.match(queue) or (not dead and len(queue.removesuffix(".fifo")) > 75):
             raise ConfigurationError(f"{queue!r} is not a usable SQS queue name: 1-75 letters, digits, '-' and '_', "
                                      "optionally ending in '.fifo'")
         with self._urls_lock:
@@ -241,7 +245,7 @@ class SQSBroker(Broker):
                     if not self.create_queues:
                         raise ConfigurationError(f"SQS queue {queue!r} does not exist and create_queues is off: create it, "
                                                  "or let the broker create it")
-                    url = self._create(queue)
+                    url = self._create_dead(queue) if dead else self._create(queue)
                 self._urls[queue] = url
         return url
 
@@ -256,17 +260,24 @@ class SQSBroker(Broker):
                 return None
             raise
 
+    def _create_dead(self, queue: str) -> str:
+        attributes = {"MessageRetentionPeriod": "1209600"}       # 14 days, SQS's longest
+        if queue.endswith(".fifo"):
+            attributes["FifoQueue"] = "true"
+        return self._call("create_queue", QueueName=queue, Attributes=attributes)["QueueUrl"]
+
     def _create(self, queue: str) -> str:
         """Create the queue and its dead-letter queue, with a redrive policy between them."""
         fifo = queue.endswith(".fifo")
-        base = {"FifoQueue": "true"} if fifo else {}
-        dead_url = self._call("create_queue", QueueName=dead_queue_name(queue), Attributes={**base, "MessageRetentionPeriod": "1209600"})["QueueUrl"]
+        dead = dead_queue_name(queue)
+        dead_url = self._urls[dead] = self._create_dead(dead)
         dead_arn = self._call("get_queue_attributes", QueueUrl=dead_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
         receives = self.max_deliveries + (3 if fifo else 1)
         policy = '{"deadLetterTargetArn": "%s", "maxReceiveCount": "%d"}' % (dead_arn, receives)
-        url = self._call("create_queue", QueueName=queue, Attributes={**base, "RedrivePolicy": policy})["QueueUrl"]
-        self._urls[dead_queue_name(queue)] = dead_url
-        log.info("created SQS queue %s with dead-letter queue %s", queue, dead_queue_name(queue))
+        attributes = {"RedrivePolicy": policy, **({"FifoQueue": "true"} if fifo else {})}
+        url = self._call("create_queue", QueueName=queue, Attributes=attributes)["QueueUrl"]
+        self._dead[queue] = dead
+        log.info("created SQS queue %s with dead-letter queue %s", queue, dead)
         return url
 
     def _note(self, queue: str) -> None:
@@ -531,8 +542,18 @@ class SQSBroker(Broker):
         return self._replace(delivery, delivery.body, None, delivery.attempt, to_queue=self._dead_queue(delivery.queue), extra=extra)
 
     def _dead_queue(self, queue: str) -> str:
-        self._url(queue)                 # creates the pair when missing
-        return dead_queue_name(queue)
+        """The queue's dead-letter queue: its redrive policy's target where it has one (queues
+        made elsewhere), else ``<queue>-dead``; created when missing."""
+        name = self._dead.get(queue)
+        if name is None:
+            url = self._url(queue)             # creates the pair when missing
+            name = self._dead.get(queue)
+            if name is None:
+                attrs = self._call("get_queue_attributes", QueueUrl=url, AttributeNames=["RedrivePolicy"]).get("Attributes") or {}
+                target = json.loads(attrs["RedrivePolicy"]).get("deadLetterTargetArn", "") if attrs.get("RedrivePolicy") else ""
+                name = self._dead[queue] = target.rpartition(":")[2] or dead_queue_name(queue)
+        self._url(name, dead=True)
+        return name
 
     # -- inspection and upkeep ---------------------------------------------------------------
     def _counts(self, queue: str) -> dict[str, int]:
@@ -573,7 +594,7 @@ class SQSBroker(Broker):
         queues = [queue] if queue is not None else sorted(self._used)
         out: list[dict] = []
         for q in queues:
-            url = self._url(self._dead_queue(q))
+            url = self._url(self._dead_queue(q), dead=True)
             seen: set[str] = set()
             for _ in range(max(1, limit // MAX_BATCH) + 2):
                 reply = self._call("receive_message", QueueUrl=url, MaxNumberOfMessages=MAX_BATCH, WaitTimeSeconds=0, VisibilityTimeout=0,
@@ -584,8 +605,7 @@ class SQSBroker(Broker):
                 for m in fresh:
                     seen.add(m["MessageId"])
                     attrs = {k: v.get("StringValue") for k, v in (m.get("MessageAttributes") or {}).items()}
-                    reason = attrs.get(A_REASON) or ("moved by the queue's redrive policy after "
-                                                     f"{int(attrs.get(A_ATTEMPTS) or 0) + self.max_deliveries} deliveries")
+                    reason = attrs.get(A_REASON) or "moved by the queue's redrive policy (received more often than its maxReceiveCount)"
                     out.append({"id": attrs.get(A_ID) or m["MessageId"], "queue": attrs.get(A_QUEUE) or q, "reason": reason, "body": m["Body"]})
                 if len(out) >= limit:
                     return out[:limit]
@@ -597,8 +617,8 @@ class SQSBroker(Broker):
     def delete_queues(self, names) -> None:
         """Delete queues and their dead-letter queues (tests and tidy-ups)."""
         for name in names:
-            for q in (name, dead_queue_name(name)):
-                url = self._urls.pop(q, None) or (self._lookup(q) if QUEUE_NAME.match(q.replace("-dead", "")) else None)
+            for q in (name, self._dead.pop(name, None) or dead_queue_name(name)):
+                url = self._urls.pop(q, None) or self._lookup(q)
                 if url:
                     try:
                         self._call("delete_queue", QueueUrl=url)
