@@ -475,8 +475,8 @@ def bench_memcache(tmp: str) -> None:
     row("floor: plain pymemcache (set + get per task)", floor_tp, "tasks/s")
     tp, lat = bs.memcache_backend_life(url, n)
     row("nbqueue backend: create, begin, store, get", tp, "tasks/s", floor_tp)
-    row("floor set + get p50", pct(floor_lat, 0.5) * 1e3, "ms")
-    row("nbqueue record life p50", pct(lat, 0.5) * 1e3, "ms", pct(floor_lat, 0.5) * 1e3)
+    row("floor set + get p50", pct(floor_lat, 0.5) * 1e6, "us")
+    row("nbqueue record life p50", pct(lat, 0.5) * 1e6, "us", pct(floor_lat, 0.5) * 1e6)
     queue = f"bench-{uuid.uuid4().hex[:6]}"
     app = fresh_app(f"sqlite:///{os.path.join(tmp, uuid.uuid4().hex[:6] + '.db')}", f"{url}?key_prefix=bench-{uuid.uuid4().hex[:6]}", queue)
     row("nbqueue (SQLite broker), worker in process, 4 threads", run_in_process(app, min(N, n), 4), "tasks/s")
