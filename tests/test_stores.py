@@ -307,6 +307,25 @@ def _sqs_error(request, status: int, code: str):
     return AWSResponse(request.url, status, headers, _RawBody(body))
 
 
+def test_sqs_missing_region_names_the_settings_to_fix(monkeypatch):
+    from nbqueue.brokers.sqs import SQSBroker
+
+    for name in ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/config")
+    broker = SQSBroker("sqs://")
+    with pytest.raises(ConfigurationError, match=r"no AWS region .*\?region=.*AWS_DEFAULT_REGION"):
+        broker.publish(Outgoing(id="m", body="{}", queue="noregion"))
+
+
+def test_sqs_url_keys_are_unquoted():
+    from nbqueue.brokers.sqs import SQSBroker
+
+    broker = SQSBroker("sqs://AKIDEXAMPLE:wJal%2FrXUt%2BnFEMI@127.0.0.1:4566?region=us-east-1")
+    assert broker._keys == ("AKIDEXAMPLE", "wJal/rXUt+nFEMI") and broker.endpoint_url == "http://127.0.0.1:4566"
+    assert "wJal" not in repr(broker)
+
+
 def test_sqs_refused_credentials_name_the_settings_to_fix(sqs, qname):
     broker = sqs()
 

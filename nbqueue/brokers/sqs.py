@@ -10,7 +10,8 @@ URLs:
   LocalStack); ``endpoint_url`` (option or query) for anything else.
 - Credentials: boto3's usual chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``,
   ``AWS_PROFILE``, an instance role), or in the URL: ``sqs://KEY:SECRET@host:port``
-  (the secret is redacted wherever the URL is shown).
+  (URL-quoted: ``/`` as ``%2F``, ``+`` as ``%2B``; the secret is redacted wherever the
+  URL is shown).
 
 Options (App keyword arguments or URL query): ``region``, ``endpoint_url``,
 ``max_deliveries`` (default 5), ``wait_time_seconds`` (longest long poll, default 20),
@@ -87,7 +88,7 @@ import threading
 import time
 import uuid
 from typing import Any, Sequence
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import boto3
 import botocore.config
@@ -167,7 +168,7 @@ class SQSBroker(Broker):
             raise ConfigurationError(f"not an SQS URL: {redact(url)!r} (use sqs://, sqs://host:port or https://sqs.<region>.amazonaws.com/<account>)")
         account = parts.path.strip("/")
         self.account = account or None
-        self._keys = (parts.username, parts.password) if parts.username else None
+        self._keys = (unquote(parts.username), unquote(parts.password or "")) if parts.username else None
         self.max_deliveries = max(1, option("max_deliveries"))
         self.wait_time_seconds = max(0, min(20, option("wait_time_seconds")))
         self.idle_poll = max(0.0, option("idle_poll"))
