@@ -316,8 +316,8 @@ class AMQPBackend(KeyValueBackend):
             _DECLARED.setdefault((self._server, self.prefix), set()).add(queue)
 
     def _record_ttl(self, key: str) -> float | None:
-        """Queues of task records and groups expire by disuse; the rest stay."""
-        return self.results_expire_in if key.startswith(("r:", "g:")) else None
+        """Queues of task records, groups and the worker table expire by disuse; kv values stay."""
+        return self.results_expire_in if key.startswith(("r:", "g:")) or key == "workers" else None
 
     # -- primitives ---------------------------------------------------------------------------------
     def _read(self, keys: Sequence[str]) -> dict[str, str]:
@@ -379,7 +379,7 @@ class AMQPBackend(KeyValueBackend):
     def delete_queues(self) -> int:
         """Delete every queue this process declared under this backend's prefix (tests, tidy-ups)."""
         with _DECLARED_LOCK:
-            names = sorted(_DECLARED.pop((self._server, self.prefix), set()))
+            names = sorted(_DECLARED.pop((self._server, self.prefix), set()) | {self._queue("workers")})
         s = self._session()
         for name in names:
             try:

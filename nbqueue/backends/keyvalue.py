@@ -32,7 +32,6 @@ Layout (the store's prefix before each key)::
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Sequence
 
 import orjson
@@ -468,9 +467,4 @@ def _popcount(bits: bytearray) -> int:
     return int.from_bytes(bits, "little").bit_count()
 
 
-def whole_seconds(ttl: float | None) -> int:
-    """A TTL in whole seconds, rounded up (0: none)."""
-    return 0 if not ttl else max(1, math.ceil(ttl))
-
-
-__all__ = ["KeyValueBackend", "KEEP", "ValueTooLarge", "dumps", "loads", "whole_seconds"]
+__all__ = ["KeyValueBackend", "KEEP", "ValueTooLarge", "dumps", "loads"]

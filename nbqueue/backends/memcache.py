@@ -40,7 +40,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-import threading
 import time
 from typing import Any, Callable, Sequence
 from urllib.parse import parse_qsl, urlsplit
@@ -120,7 +119,6 @@ class MemcacheBackend(KeyValueBackend):
             self.client = PooledClient(self.servers[0], **common)
         else:
             self.client = HashClient(self.servers, use_pooling=True, **common)
-        self._local = threading.local()
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {redact(self.url)}>"
