@@ -110,6 +110,16 @@ def test_chord_calls_back_once_with_results_in_order(store_app):
     assert len(calls) == 1
 
 
+def test_group_with_a_concurrency_limit_finishes_every_member(store_app):
+    """Held members wait in the backend's key-value store (kv_items by prefix) until released."""
+    app = store_app()
+    add, _ = register(app)
+    app.start_worker(concurrency=2)
+    res = app.send_group(nbqueue.group([add.s(i, 1) for i in range(7)]), concurrency=2)
+    assert res.get(timeout=60) == [1, 2, 3, 4, 5, 6, 7]
+    assert app.backend.kv_items("nbq:held:") == {}
+
+
 def test_failing_task_is_retried_after_its_delay_then_succeeds(store_app):
     app = store_app()
     attempts = []
