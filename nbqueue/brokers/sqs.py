@@ -15,8 +15,8 @@ URLs:
 
 Options (App keyword arguments or URL query): ``region``, ``endpoint_url``,
 ``max_deliveries`` (default 5), ``wait_time_seconds`` (longest long poll, default 20),
-``idle_poll`` (seconds between polls of an empty queue by a reserver whose timeout is
-under a second, default 1.0), ``create_queues`` (default true).
+``idle_poll`` (seconds after an empty poll during which a short reserve long-polls for a
+second instead, default 1.0; see Receiving), ``create_queues`` (default true).
 
 Capabilities:
 
@@ -32,9 +32,14 @@ Capabilities:
 - Receiving: batches of up to 10 (``ReceiveMessage`` returns no more); long polling of
   up to ``wait_time_seconds`` when the reserve may wait a second or more. With several
   queues each is short-polled in turn, then one is long-polled for a second (so a
-  message on another queue waits at most about a second). A reserve shorter than a
-  second polls at most every ``idle_poll`` seconds while the queues stay empty, and is
-  woken at once by a publish from this process.
+  message on another queue waits at most about a second). A reserve asked to wait less
+  than a second (a worker asks for 0.25 s, to stop promptly) short-polls once, and is
+  woken by a publish from this process; once its queues were found empty (within
+  ``idle_poll`` seconds) it long-polls for a second instead, overrunning its timeout by
+  less than a second. So an idle worker thread makes about one request a second, a
+  message sent from anywhere is received at once, and short polling's sampling (SQS
+  may answer a short poll with nothing while messages wait) does not leave a waiting
+  message unseen. ``idle_poll=0`` keeps every reserve within its timeout.
 - Delays (eta, retry with eta): up to 15 minutes natively (``DelaySeconds``, rounded up
   to whole seconds: never early). Longer delays travel in 15-minute hops: the due time
   rides in the ``nbq-eta`` attribute and a message received early is sent again with
@@ -368,24 +373,27 @@ class SQSBroker(Broker):
             version = WAKEUPS.version(self._wake_key)
             remaining = deadline - time.monotonic()
             quiet = getattr(self._quiet, "queues", None) == key and time.monotonic() - self._quiet.at < self.idle_poll
-            if not quiet or remaining >= 1:
-                got = self._poll(queues, remaining, visibility, limit)
-                if got:
-                    self._quiet.queues = None
-                    return got
-                self._quiet.queues, self._quiet.at = key, time.monotonic()
+            if remaining >= 1:
+                wait = int(min(self.wait_time_seconds, remaining))
+            else:
+                wait = 1 if quiet and timeout > 0 else 0   # found empty just now: a long poll of a second
+            got = self._poll(queues, wait, visibility, limit)
+            if got:
+                self._quiet.queues = None
+                return got
+            self._quiet.queues, self._quiet.at = key, time.monotonic()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return []
-            if remaining < 1:
-                left = self.idle_poll - (time.monotonic() - self._quiet.at)
-                if WAKEUPS.wait(self._wake_key, version, min(remaining, max(0.001, left))) != version:
-                    self._quiet.queues = None        # a publish of this process: look at once
+            if wait == 0:
+                # a short look found nothing: wait for a publish of this process, or the time left
+                if WAKEUPS.wait(self._wake_key, version, remaining) == version:
+                    return []
+                self._quiet.queues = None            # published here: look again at once
 
-    def _poll(self, queues: list[str], remaining: float, visibility: int, limit: int) -> list[Delivery]:
-        """One round: each queue short-polled (or the only one long-polled), then, with time to
-        spare, one of several long-polled for a second."""
-        wait = int(min(self.wait_time_seconds, remaining)) if remaining >= 1 else 0
+    def _poll(self, queues: list[str], wait: int, visibility: int, limit: int) -> list[Delivery]:
+        """One round: the only queue polled (long when ``wait``), or each of several short-polled,
+        then one of them long-polled for a second."""
         if len(queues) == 1:
             return self._receive(queues[0], min(limit, MAX_BATCH), wait, visibility)
         for q in queues:
