@@ -116,7 +116,7 @@ class KeyValueBackend(ResultBackend):
             return None
         return rec
 
-    def _created(self, ids: Sequence[str], expires: dict[str, float | None] | None = None) -> None:
+    def _created(self, ids: Sequence[str]) -> None:
         """Note new records: the recent-ids ring and, where the store evicts, their markers."""
         items: dict[str, str] = {}
         if self.index_size:
@@ -164,7 +164,8 @@ class KeyValueBackend(ResultBackend):
         now = self.clock.time()
         created = []
 
-        def change(old: str | None):
+        def change(old: str | None):        # may run again when another writer was first
+            created.clear()
             rec = loads(old)
             if _final(self._live(rec)):
                 return KEEP, None
@@ -206,6 +207,7 @@ class KeyValueBackend(ResultBackend):
         created = []
 
         def change(old: str | None):
+            created.clear()
             rec = self._live(loads(old))
             if rec is None:
                 if token is not None:
