@@ -63,6 +63,10 @@ Capabilities:
   queues use the task id as ``MessageDeduplicationId`` (SQS drops a repeat within 5
   minutes) and as ``MessageGroupId`` (so tasks do not wait for one another; FIFO order
   holds per task id only).
+- Delivery: at least once (``delivers_once = False``). SQS standard queues may, rarely,
+  hand one message to two consumers at the same time (AWS documents this; moto's server
+  does it under concurrent receives); the result backend's fencing tokens record the task
+  once and a final record is not run again. FIFO queues deliver exactly once.
 - Stale deliveries: SQS accepts a stale receipt handle for some calls, so this broker
   fences in process: ack/retry/extend/reject/release of a delivery whose message was
   received again by this broker object return False. Across processes the result
@@ -142,6 +146,7 @@ class SQSBroker(Broker):
     supports_priority = False
     leases_expire = True
     dedupes_publish = False
+    delivers_once = False
     #: the longest native delay; longer ones hop (an attribute, so tests can shorten it)
     max_delay = MAX_DELAY_S
 

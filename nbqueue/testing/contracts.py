@@ -8,7 +8,7 @@ Import the tests into a test module and provide fixtures:
 
 Times are short real durations, since some brokers (RabbitMQ) keep their own time.
 Capability flags on the broker class (``supports_priority``, ``leases_expire``,
-``dedupes_publish``) and the backend class (``lists_tasks``) select what a test
+``dedupes_publish``, ``delivers_once``) and the backend class (``lists_tasks``) select what a test
 checks: the behaviour, or the fallback the store declares instead (never a skip).
 """
 from __future__ import annotations
@@ -240,6 +240,11 @@ def test_broker_concurrent_reservers_never_share_a_message(broker_factory, qname
         t.start()
     for t in threads:
         t.join(60)
+    if not getattr(producer, "delivers_once", True):
+        # declared fallback (SQS standard queues: at least once): none lost, none unknown;
+        # a rare second copy is the result backend's to fence
+        assert sorted(set(seen)) == sorted(f"c{i}" for i in range(200))
+        return
     assert sorted(seen) == sorted(f"c{i}" for i in range(200))
 
 
