@@ -256,6 +256,23 @@ def test_sqs_fifo_queue_dedupes_by_task_id_and_keeps_delays(sqs, qname):
     assert broker.reserve([q], timeout=1.2, lease=5) == []
 
 
+def test_sqs_second_copy_of_a_held_message_is_not_handed_out_again(sqs, qname):
+    """SQS standard queues may return a message to a second receive while it is in flight;
+    within one broker (a worker's threads share it) the copy is swallowed and the delivery
+    acts with the newest receipt."""
+    broker, q = sqs(), qname("copies")
+    broker.publish(Outgoing(id="once", body="{}", queue=q))
+    [d] = _reserve(broker, q)
+    url = broker._url(q)
+    # what a concurrent receive on another SQS server does: the same message, a new receipt
+    again = broker.client.change_message_visibility(QueueUrl=url, ReceiptHandle=d.tag[2], VisibilityTimeout=0)
+    assert again["ResponseMetadata"]["HTTPStatusCode"] == 200
+    assert broker.reserve([q], timeout=1.5, lease=30) == []          # received again, not handed out
+    assert broker.extend(d, 30) and broker.ack(d)                     # with the newest receipt
+    assert broker.reserve([q], timeout=1.5, lease=30) == []
+    assert wait_for(lambda: [s for s in broker.stats() if s["queue"] == q and s["in_flight"] == 0 and s["ready"] == 0])
+
+
 def test_sqs_release_hands_back_without_counting_a_delivery(sqs, qname):
     broker, q = sqs(), qname("handback")
     broker.publish(Outgoing(id="h", body="{}", queue=q))

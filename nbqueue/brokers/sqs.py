@@ -69,7 +69,9 @@ Capabilities:
   once and a final record is not run again. FIFO queues deliver exactly once.
 - Stale deliveries: SQS accepts a stale receipt handle for some calls, so this broker
   fences in process: ack/retry/extend/reject/release of a delivery whose message was
-  received again by this broker object return False. Across processes the result
+  received again by this broker object after its lease ran out return False. A copy
+  received while this broker's delivery of the message still holds its lease is not
+  handed out again; its receipt (the newest, which SQS wants) is used for what follows. Across processes the result
   backend's fencing tokens keep a stale attempt from recording.
 - Dead letters: ``reject()`` sends a copy to the dead-letter queue with ``nbq-reason``
   and ``nbq-queue`` attributes, then deletes the original; ``dead_letters()`` peeks
@@ -194,7 +196,8 @@ class SQSBroker(Broker):
         self._urls_lock = threading.Lock()
         self._dead: dict[str, str] = {}            # queue -> its dead-letter queue
         self._used: dict[str, None] = {}          # queues this broker published to or reserved from, in order
-        self._receipts: dict[str, str] = {}        # SQS message id -> the latest receipt handle this broker got
+        #: SQS message id -> [the receipt its delivery holds, lease end (monotonic), the newest receipt]
+        self._receipts: dict[str, list] = {}
         self._receipts_lock = threading.Lock()
         self._quiet = threading.local()            # .queues, .at: the last poll that found nothing (per thread)
         self._rotation = 0
@@ -440,8 +443,15 @@ class SQSBroker(Broker):
         if eta is not None and eta > now:
             self._delay_again(queue, url, m, message_id, attrs, eta, now, attempt - 1)
             return None
+        receipt = m["ReceiptHandle"]
         with self._receipts_lock:
-            self._receipts[m["MessageId"]] = m["ReceiptHandle"]
+            held = self._receipts.get(m["MessageId"])
+            if held is not None and held[1] > time.monotonic() and held[0] != receipt:
+                # a second copy of a message this process holds (a concurrent receive): not handed
+                # out again; SQS wants the newest receipt for what follows
+                held[2] = receipt
+                return None
+            self._receipts[m["MessageId"]] = [receipt, time.monotonic() + visibility, receipt]
         delivery = Delivery(message_id=message_id, queue=queue, body=m["Body"], attempt=attempt, lease_until=now + visibility,
                             tag=tag, priority=int(attrs.get(A_PRIORITY) or 0))
         if attempt > self.max_deliveries:
@@ -463,17 +473,19 @@ class SQSBroker(Broker):
         self._delete(url, m["ReceiptHandle"])
 
     # -- acting on deliveries -------------------------------------------------------------------
-    def _current(self, delivery: Delivery, *, forget: bool = False) -> bool:
-        """True while ``delivery`` holds this broker's latest receipt of its message."""
+    def _receipt(self, delivery: Delivery, *, forget: bool = False) -> str | None:
+        """The receipt to act with while ``delivery`` is this broker's latest of its message
+        (the newest SQS gave for it), else None: the delivery is stale."""
         if not isinstance(delivery.tag, tuple):
-            return False
+            return None
         _, sqs_id, receipt = delivery.tag
         with self._receipts_lock:
-            if self._receipts.get(sqs_id) != receipt:
-                return False
+            held = self._receipts.get(sqs_id)
+            if held is None or held[0] != receipt:
+                return None
             if forget:
                 del self._receipts[sqs_id]
-        return True
+            return held[2]
 
     def _delete(self, url: str, receipt: str) -> bool:
         try:
@@ -491,8 +503,9 @@ class SQSBroker(Broker):
         results = [False] * len(deliveries)
         by_url: dict[str, list[tuple[int, str]]] = {}
         for i, d in enumerate(deliveries):
-            if self._current(d, forget=True):
-                by_url.setdefault(d.tag[0], []).append((i, d.tag[2]))
+            receipt = self._receipt(d, forget=True)
+            if receipt is not None:
+                by_url.setdefault(d.tag[0], []).append((i, receipt))
         for url, items in by_url.items():
             for start in range(0, len(items), MAX_BATCH):
                 chunk = items[start:start + MAX_BATCH]
@@ -503,17 +516,22 @@ class SQSBroker(Broker):
         return results
 
     def extend(self, delivery: Delivery, lease: float) -> bool:
-        if not self._current(delivery):
+        receipt = self._receipt(delivery)
+        if receipt is None:
             return False
         seconds = max(1, min(MAX_VISIBILITY_S, math.ceil(lease)))
         try:
-            self._call("change_message_visibility", QueueUrl=delivery.tag[0], ReceiptHandle=delivery.tag[2], VisibilityTimeout=seconds)
+            self._call("change_message_visibility", QueueUrl=delivery.tag[0], ReceiptHandle=receipt, VisibilityTimeout=seconds)
         except bex.ClientError as exc:
             if self._code(exc) in ("ReceiptHandleIsInvalid", "InvalidParameterValue", "MessageNotInflight",
                                    "AWS.SimpleQueueService.MessageNotInflight"):
                 return False       # gone, or past SQS's 12 hours from the receive
             raise
         delivery.lease_until = self.clock.time() + seconds
+        with self._receipts_lock:
+            held = self._receipts.get(delivery.tag[1])
+            if held is not None:
+                held[1] = time.monotonic() + seconds
         return True
 
     def retry(self, delivery: Delivery, *, body: str | None = None, eta: float | None = None) -> bool:
@@ -528,10 +546,11 @@ class SQSBroker(Broker):
         return self._replace(delivery, delivery.body, None, delivery.attempt - 1)
 
     def _show(self, delivery: Delivery) -> bool:
-        if not self._current(delivery, forget=True):
+        receipt = self._receipt(delivery, forget=True)
+        if receipt is None:
             return False
         try:
-            self._call("change_message_visibility", QueueUrl=delivery.tag[0], ReceiptHandle=delivery.tag[2], VisibilityTimeout=0)
+            self._call("change_message_visibility", QueueUrl=delivery.tag[0], ReceiptHandle=receipt, VisibilityTimeout=0)
         except bex.ClientError as exc:
             if self._code(exc) in ("ReceiptHandleIsInvalid", "InvalidParameterValue", "MessageNotInflight"):
                 return False
@@ -542,12 +561,13 @@ class SQSBroker(Broker):
     def _replace(self, delivery: Delivery, body: str, eta: float | None, attempts: int, *, to_queue: str | None = None,
                  extra: dict | None = None) -> bool:
         """Send a copy (to ``to_queue``, by default the same queue), then delete the original."""
-        if not self._current(delivery, forget=True):
+        receipt = self._receipt(delivery, forget=True)
+        if receipt is None:
             return False
         queue = to_queue or delivery.queue
         entry = self._entry(delivery.message_id, queue, body, eta, delivery.priority, max(0, attempts), self.clock.time(), extra=extra)
         self._send_batch(queue, self._url(queue), [entry])
-        self._delete(delivery.tag[0], delivery.tag[2])
+        self._delete(delivery.tag[0], receipt)
         WAKEUPS.notify(self._wake_key)
         return True
 
