@@ -1,11 +1,12 @@
 # make demo  - the machinery example on the embedded SQLite default (no server needed)
-# make test  - the whole test suite, against real Redis and RabbitMQ on 127.0.0.1
+# make test  - the whole test suite, against real Redis and RabbitMQ on 127.0.0.1; the test session
+#             starts moto's SQS server and memcached itself, each on a free 127.0.0.1 port
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test services browser bench clean
+.PHONY: demo test services browser memcached bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,10 +24,14 @@ services:
 browser:
 	test -x /usr/bin/chromium || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
 
-test: $(STAMP) services browser
+# Debian's memcached for the Memcache result backend's tests (the test session starts it on a free port)
+memcached:
+	command -v memcached >/dev/null || test -x /usr/bin/memcached || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q memcached)
+
+test: $(STAMP) services browser memcached
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
-bench: $(STAMP) services
+bench: $(STAMP) services memcached
 	$(PY) -m pip install --quiet -e '.[test,bench]'
 	$(PY) benchmarks/bench.py
 

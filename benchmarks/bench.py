@@ -6,6 +6,7 @@ The machine is shared and noisy, so every figure is quoted as a ratio against a 
     .venv/bin/python benchmarks/bench.py                  # everything available
     .venv/bin/python benchmarks/bench.py sqlite memory    # some stores only
     N=2000 .venv/bin/python benchmarks/bench.py sqlite    # fewer tasks
+    .venv/bin/python benchmarks/bench.py sqs memcache     # SQS on moto's local server, memcached (bench_stores.py)
 
 Workloads: end-to-end throughput of N no-op tasks (worker in this process with 1 and
 4 threads, and a separate worker process), sequential round-trip latency (p50, p99),
@@ -435,8 +436,57 @@ def bench_store(kind: str, tmp: str) -> None:
     app.close()
 
 
+def bench_sqs(tmp: str) -> None:
+    """The SQS broker (results in SQLite) beside plain boto3 on the same local endpoint."""
+    import bench_stores as bs
+
+    url = bs.sqs_url()
+    if url is None:
+        return
+    n, queue = bs.N_SQS, f"bench-{uuid.uuid4().hex[:6]}"
+    print(f"\n== sqs (moto's server on 127.0.0.1; results in SQLite): N={n} no-op tasks", flush=True)
+    floor_tp, floor_lat = bs.sqs_floor(url, n, bs.LAT_SQS)
+    row("floor: plain boto3 (batch send/receive/delete)", floor_tp, "tasks/s")
+    for threads in (1, 4):
+        app = fresh_app(url, f"sqlite:///{os.path.join(tmp, uuid.uuid4().hex[:6] + '.db')}", queue)
+        row(f"nbqueue, worker in process, {threads} thread(s)", run_in_process(app, n, threads), "tasks/s", floor_tp)
+        app.close()
+    app = fresh_app(url, f"sqlite:///{os.path.join(tmp, uuid.uuid4().hex[:6] + '.db')}", queue)
+    lat = latency(app, bs.LAT_SQS)
+    row("floor round trip p50 (send, receive, delete)", pct(floor_lat, 0.5) * 1e3, "ms")
+    row("floor round trip p99", pct(floor_lat, 0.99) * 1e3, "ms")
+    row("nbqueue round trip p50 (in-process worker)", pct(lat, 0.5) * 1e3, "ms", pct(floor_lat, 0.5) * 1e3)
+    row("nbqueue round trip p99 (in-process worker)", pct(lat, 0.99) * 1e3, "ms", pct(floor_lat, 0.99) * 1e3)
+    app.broker.delete_queues([queue])
+    app.close()
+
+
+def bench_memcache(tmp: str) -> None:
+    """The Memcache result backend beside plain pymemcache set/get on the same server."""
+    import bench_stores as bs
+
+    address = bs.memcache_address()
+    if address is None:
+        return
+    url = f"memcache://{address[0]}:{address[1]}"
+    n = bs.N_MEMCACHE
+    print(f"\n== memcache (memcached on 127.0.0.1): N={n} task records", flush=True)
+    floor_tp, floor_lat = bs.memcache_floor(address, n)
+    row("floor: plain pymemcache (set + get per task)", floor_tp, "tasks/s")
+    tp, lat = bs.memcache_backend_life(url, n)
+    row("nbqueue backend: create, begin, store, get", tp, "tasks/s", floor_tp)
+    row("floor set + get p50", pct(floor_lat, 0.5) * 1e6, "us")
+    row("nbqueue record life p50", pct(lat, 0.5) * 1e6, "us", pct(floor_lat, 0.5) * 1e6)
+    queue = f"bench-{uuid.uuid4().hex[:6]}"
+    app = fresh_app(f"sqlite:///{os.path.join(tmp, uuid.uuid4().hex[:6] + '.db')}", f"{url}?key_prefix=bench-{uuid.uuid4().hex[:6]}", queue)
+    row("nbqueue (SQLite broker), worker in process, 4 threads", run_in_process(app, min(N, n), 4), "tasks/s")
+    lat = latency(app, LAT_N)
+    row("nbqueue round trip p50 (SQLite broker)", pct(lat, 0.5) * 1e3, "ms")
+    app.close()
+
+
 def main(argv: list[str]) -> None:
-    kinds = argv or ["sqlite", "memory", "redis", "amqp"]
+    kinds = argv or ["sqlite", "memory", "redis", "amqp", "sqs", "memcache"]
     tmp = tempfile.mkdtemp(prefix="nbqueue-bench-")
     print(f"nbqueue benchmarks on {os.cpu_count()} cores, Python {sys.version.split()[0]}")
     try:
@@ -447,9 +497,18 @@ def main(argv: list[str]) -> None:
             if kind == "amqp" and not listening(5672):
                 print("\n== amqp: not reachable on 127.0.0.1:5672, skipped")
                 continue
-            bench_store(kind, tmp)
+            if kind == "sqs":
+                bench_sqs(tmp)
+            elif kind == "memcache":
+                bench_memcache(tmp)
+            else:
+                bench_store(kind, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if any(k in ("sqs", "memcache") for k in kinds):
+            import bench_stores
+
+            bench_stores.servers.stop_all()
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from . import states
 from .app import App
 from .errors import (BrokerError, CodeNotAllowed, ConfigurationError, ConnectionLost, MessageError, NbqueueError, NotRegistered,
                      PublishRefused, Retry, SerializationError, SignatureError, SoftTimeLimitExceeded, TaskFailed, TaskRevoked,
-                     TimeLimitExceeded, WorkerLostError)
+                     TimeLimitExceeded, UnsupportedOperation, WorkerLostError)
 from .result import AsyncResult, ChainResult, ChordResult, GroupResult
 from .retry import Backoff
 from .signature import Signature
@@ -20,7 +20,8 @@ __all__ = [
     "App", "Signature", "group", "chain", "chord", "Retry", "Backoff", "states", "current_task",
     "AsyncResult", "GroupResult", "ChainResult", "ChordResult",
     "NbqueueError", "BrokerError", "ConnectionLost", "PublishRefused", "ConfigurationError", "SerializationError",
-    "MessageError", "NotRegistered", "TaskFailed", "TaskRevoked", "SignatureError", "progress", "export_notebook",
+    "MessageError", "NotRegistered", "TaskFailed", "TaskRevoked", "SignatureError", "UnsupportedOperation", "progress",
+    "export_notebook",
     "CodeNotAllowed", "WorkerLostError", "TimeLimitExceeded", "SoftTimeLimitExceeded",
 ]
 

@@ -65,6 +65,9 @@ def cmd_worker(args) -> int:
     print(f"nbqueue worker {worker.name}: {args.concurrency} {units}, queues {','.join(worker.queues)}, broker {app.broker!r}", flush=True)
     worker.run()
     print(f"nbqueue worker {worker.name}: stopped after {worker.processed} task(s)", flush=True)
+    if worker.crashed:
+        print(f"nbqueue worker {worker.name}: its executor threads died (see the log above)", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

@@ -31,6 +31,10 @@ STORE_OPTIONS = {
     "health_check_interval", "client_name", "password",
     # AMQP
     "reconnect_timeout", "confirm_timeout", "publish_batch", "eta_tolerance",
+    # SQS (brokers/sqs.py)
+    "region", "endpoint_url", "max_deliveries", "wait_time_seconds", "idle_poll", "create_queues",
+    # Memcache and AMQP results (backends/memcache.py, backends/amqp.py)
+    "index_size", "max_item_size", "lock_timeout",
 }
 
 
@@ -57,7 +61,7 @@ def from_yaml(path: str) -> Config:
     """Read a machinery-style config.yml.
 
     Keys: ``broker``, ``default_queue``, ``result_backend``, ``results_expire_in``, and
-    per-broker sections (``redis:``, ``amqp:``, ``sqlite:``) whose keys become options.
+    per-store sections (``redis:``, ``amqp:``, ``sqlite:``, ``sqs:``, ``memcache:``) whose keys become options.
     """
     import yaml
 
@@ -71,9 +75,9 @@ def from_yaml(path: str) -> Config:
     if not isinstance(data, dict):
         raise ConfigurationError(f"config file {path} must hold a mapping at the top level")
     options: dict[str, Any] = {}
-    known_top = {"broker", "default_queue", "result_backend", "results_expire_in", "redis", "amqp", "sqlite"}
+    known_top = {"broker", "default_queue", "result_backend", "results_expire_in", "redis", "amqp", "sqlite", "sqs", "memcache"}
     for key, value in data.items():
-        if key in ("redis", "amqp", "sqlite"):
+        if key in ("redis", "amqp", "sqlite", "sqs", "memcache"):
             if not isinstance(value, dict):
                 raise ConfigurationError(f"section {key!r} in {path} must be a mapping")
             ignored = sorted(set(value) - set(DEFAULTS) - STORE_OPTIONS)

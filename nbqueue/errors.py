@@ -10,6 +10,10 @@ class ConfigurationError(NbqueueError):
     """A URL, option or config file nbqueue cannot use; the message says what to change."""
 
 
+class UnsupportedOperation(NbqueueError, NotImplementedError):
+    """The configured store cannot do this (its module docstring lists what it supports)."""
+
+
 class SerializationError(NbqueueError, TypeError):
     """A value cannot be encoded (at send time) or decoded (on a worker)."""
 

@@ -7,6 +7,7 @@ jitter; it travels inside the message as a small dict.
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 
 from .errors import Retry  # re-exported: the retry-later error lives in the one error tree
@@ -37,6 +38,14 @@ class Backoff:
     def __post_init__(self) -> None:
         if self.kind not in ("fibonacci", "exponential", "fixed"):
             raise ValueError(f"unknown back-off kind {self.kind!r}: use fibonacci, exponential or fixed")
+        for name in ("base", "factor", "max"):
+            value = getattr(self, name)
+            if value is None and name == "max":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"back-off {name} must be a finite number of at least 0, not {value!r}")
+        if not isinstance(self.jitter, bool):
+            raise ValueError(f"back-off jitter must be True or False, not {self.jitter!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -13,6 +13,8 @@ import copy
 import dataclasses
 import datetime as _dt
 import inspect
+import math
+import numbers
 import os
 import random
 import reprlib
@@ -145,6 +147,7 @@ class Signature:
         Fields at their defaults are left out: smaller bodies, less to encode (readers use .get).
         """
         now = time.time() if now is None else now
+        check_options(self)
         try:
             args = [serializer.encode(value) for value in self.args]
             kwargs = {_keyword(key, self.name): serializer.encode(value) for key, value in self.kwargs.items()}
@@ -189,6 +192,108 @@ class Signature:
         if serializer.pickle:
             message["serializer"] = "pickle"
         return message
+
+
+def check_options(sig: Signature) -> None:
+    """Refuse at send what a worker could not use: raises TypeError (a wrong type) or
+    ValueError (a wrong value) naming the option and the task. Covers retry_count,
+    retry_timeout, retry_backoff, time_limit, priority, eta, countdown, queue, headers,
+    id, immutable and ignore_when_not_registered, and the callbacks' types (each
+    callback is checked when it is encoded)."""
+    def refuse(option: str, problem: str, kind: type = ValueError):
+        return kind(f"{option} of task {sig.name!r} {problem}")
+
+    def number(option: str, value: Any, *, minimum: float | None = 0, above: bool = False, optional: bool = False) -> None:
+        if value is None and optional:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise refuse(option, f"must be a number, not {type(value).__name__} {value!r}", TypeError)
+        if not math.isfinite(value):
+            raise refuse(option, f"must be a finite number, not {value!r}")
+        if minimum is not None and (value <= minimum if above else value < minimum):
+            raise refuse(option, f"must be {'more than' if above else 'at least'} {minimum:g}, not {value!r}")
+
+    def integer(option: str, value: Any, low: int, high: int | None = None) -> None:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise refuse(option, f"must be an int, not {type(value).__name__} {value!r}", TypeError)
+        if value < low or high is not None and value > high:
+            raise refuse(option, f"must be {f'between {low} and {high}' if high is not None else f'at least {low}'}, not {value!r}")
+
+    def flag(option: str, value: Any) -> None:
+        if not isinstance(value, bool):
+            raise refuse(option, f"must be True or False, not {type(value).__name__} {value!r}", TypeError)
+
+    integer("retry_count", sig.retry_count, 0)
+    number("retry_timeout", sig.retry_timeout)
+    number("time_limit", sig.time_limit, above=True, optional=True)
+    integer("priority", sig.priority, 0, 9)
+    integer("retries", sig.retries, 0)
+    flag("immutable", sig.immutable)
+    flag("ignore_when_not_registered", sig.ignore_when_not_registered)
+    if sig.retry_backoff is not None:
+        from .retry import Backoff
+
+        backoff = sig.retry_backoff
+        if isinstance(backoff, dict):
+            unknown = set(backoff) - {f.name for f in dataclasses.fields(Backoff)}
+            if unknown:
+                raise refuse("retry_backoff", f"has unknown key(s) {', '.join(map(repr, sorted(map(str, unknown))))} "
+                                              "(known: kind, base, factor, max, jitter)")
+            try:
+                Backoff.from_dict(backoff)
+            except (TypeError, ValueError) as exc:
+                raise refuse("retry_backoff", f"is invalid: {exc}") from None
+        elif not isinstance(backoff, Backoff):
+            raise refuse("retry_backoff", f"must be a nbqueue.Backoff or its dict, not {type(backoff).__name__}", TypeError)
+    if sig.countdown is not None:
+        number("countdown", sig.countdown, minimum=None)
+    if sig.eta is not None and not isinstance(sig.eta, _dt.datetime):
+        if isinstance(sig.eta, bool) or not isinstance(sig.eta, (int, float)):
+            raise refuse("eta", f"must be a datetime or a Unix timestamp, not {type(sig.eta).__name__} {sig.eta!r}", TypeError)
+        number("eta", sig.eta, minimum=None)
+    if sig.queue is not None:
+        check_queue_name(sig.queue, f"queue of task {sig.name!r}")
+    if sig.headers is not None:
+        if not isinstance(sig.headers, dict):
+            raise refuse("headers", f"must be a dict, not {type(sig.headers).__name__}", TypeError)
+        bad = [k for k in sig.headers if not isinstance(k, str)]
+        if bad:
+            raise refuse("headers", f"must have string keys, not {bad[0]!r}", TypeError)
+    if sig.id is not None and (not isinstance(sig.id, str) or not sig.id):
+        raise refuse("id", f"must be a non-empty string, not {sig.id!r}", TypeError)
+    for option in ("on_success", "on_error"):
+        for callback in getattr(sig, option):
+            if not isinstance(callback, Signature):
+                raise refuse(option, f"must hold signatures (task.s(...)), not {type(callback).__name__}", TypeError)
+
+
+#: the longest queue name (RabbitMQ's limit, in UTF-8 bytes)
+MAX_QUEUE_NAME = 255
+
+
+def check_queue_name(queue: Any, label: str = "queue") -> None:
+    """A queue name every broker and ``nbqueue worker -Q a,b`` can use: a non-empty string
+    without commas, control characters or surrounding spaces, at most 255 UTF-8 bytes, not
+    starting with ``amq.`` (RabbitMQ keeps those). Raises TypeError or ValueError naming it."""
+    if not isinstance(queue, str):
+        raise TypeError(f"{label} must be a string, not {type(queue).__name__} {queue!r}")
+    problem = None
+    if not queue or queue.strip() != queue:
+        problem = "must be non-empty, without leading or trailing spaces"
+    elif "," in queue:
+        problem = "must not contain a comma (workers take comma-separated queue lists)"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in queue):
+        problem = "must not contain control characters"
+    elif queue.startswith("amq."):
+        problem = "must not start with 'amq.' (reserved by RabbitMQ)"
+    else:
+        try:
+            if len(queue.encode("utf-8")) > MAX_QUEUE_NAME:
+                problem = f"must be at most {MAX_QUEUE_NAME} bytes long in UTF-8"
+        except UnicodeEncodeError:
+            problem = "must be valid Unicode text (it holds a lone surrogate)"
+    if problem:
+        raise ValueError(f"{label} {problem}, not {queue!r}")
 
 
 REQUIRED_FIELDS = ("id", "name", "args", "kwargs")

@@ -5,7 +5,7 @@ import functools
 from typing import Any, Callable
 
 from . import shipping
-from .signature import Signature
+from .signature import Signature, check_options
 
 TASK_OPTIONS = ("retry_count", "retry_timeout", "retry_backoff", "queue", "priority", "time_limit", "ignore_when_not_registered")
 
@@ -17,6 +17,7 @@ class Task:
         unknown = set(options) - set(TASK_OPTIONS)
         if unknown:
             raise TypeError(f"unknown task option(s): {', '.join(sorted(unknown))} (known: {', '.join(TASK_OPTIONS)})")
+        check_options(Signature(name, **options))     # a bad default is refused here, not at each send
         self.app = app
         self.name = name
         self.fn = fn

@@ -47,6 +47,40 @@ _MISSING = object()
 STARTED_AFTER = 0.1  # a task running this long is recorded as STARTED (shorter ones go RECEIVED -> result)
 GROUP_COMMIT = 0.01  # finished tasks of a batch are committed together once the oldest has waited this long
 STALE_FLUSH = 0.05   # ... or by the heartbeat thread, when the executor is busy with a long task
+STEAL_AFTER = 0.2    # an idle executor takes the unstarted batch-mates of a task running this long
+#: errors of the store itself (unreachable, locked): a message whose finish fails with one is
+#: left to its lease and delivered again; any other error fails that message alone
+STORE_ERRORS = (ConnectionError, TimeoutError, sqlite3.OperationalError)
+
+
+def _text(exc: BaseException) -> str:
+    """``str(exc)``, storable (see ``_safe_text``) even when ``str()`` itself fails."""
+    try:
+        return _safe_text(str(exc)) or ""
+    except Exception:
+        return f"<{type(exc).__name__} whose message cannot be shown>"
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: message`` of an exception (see ``_text``)."""
+    text = _text(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _safe_text(text: str | None) -> str | None:
+    """``text`` with what UTF-8 cannot encode (lone surrogates) escaped as ``\\udxxx``, so
+    an error message, traceback or captured output can always be stored."""
+    if not text:
+        return text
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+class _ResultNotStored(Exception):
+    """Storing a task's result failed for a reason of the result's own (its ``__cause__``)."""
 
 
 class _Prepared:
@@ -79,6 +113,11 @@ class _Batch:
         self.acks: list = []        # deliveries whose finish is done, acknowledged at the next flush (see ack)
         self.members: list = []     # group members nothing else follows: (delivery, id, token, fields, message, cont)
         self.first = 0.0            # when the oldest pending step was added
+        self.todo: list = []        # (delivery, message) not started yet; see give_away
+        self.tokens: dict = {}      # task id -> fencing token, for the messages of this batch
+        self.given: set = set()     # id() of the deliveries given away to another executor
+        self.begun: dict = {}       # id(delivery) -> (message, token) once begun; see give_up
+        self.closed = False         # the batch is finishing: nothing more is given away
         self.lock = threading.Lock()
         # one flush at a time: the executor's last flush must see follow-ups a heartbeat
         # flush reserved (lock order: this, then the store's write lock)
@@ -93,6 +132,45 @@ class _Batch:
 
     def _pending(self) -> bool:
         return bool(self.ops or self.plain or self.acks or self.members)
+
+    def take_next(self) -> "tuple[Delivery, dict] | None":
+        """The next unstarted (delivery, message) of this batch, for its own executor."""
+        with self.lock:
+            return self.todo.pop(0) if self.todo else None
+
+    def give_away(self) -> "tuple[list[Delivery], _Prepared] | None":
+        """For an idle executor while this batch's thread is busy with a long task: the
+        batch's unstarted messages (with their fencing tokens), or else the first batch of
+        follow-ups this worker published to itself (unless a flush, which may still roll
+        them back, is under way); None when there is nothing to give."""
+        with self.lock:
+            if self.closed:
+                return None
+            taken, self.todo = self.todo, []
+            if taken:
+                self.given.update(id(d) for d, _ in taken)
+            elif self.local and self.flushing.acquire(blocking=False):
+                try:
+                    return self.local.pop(0) if self.local else None
+                finally:
+                    self.flushing.release()
+        if not taken:
+            return None
+        prep = _Prepared()
+        prep.messages = taken
+        prep.tokens = {m["id"]: self.tokens[m["id"]] for _, m in taken if m["id"] in self.tokens}
+        return [d for d, _ in taken], prep
+
+    def give_away_all(self) -> list:
+        """Every unstarted (delivery, message) left, for the batch's own thread (stopping)."""
+        with self.lock:
+            taken, self.todo = self.todo, []
+        return taken
+
+    def close(self) -> None:
+        """Give nothing more away: the batch's own thread finishes what is left."""
+        with self.lock:
+            self.closed = True
 
     def _queue(self, pending: list, item) -> None:
         """Add ``item`` to one of the pending lists, noting when the oldest pending item came."""
@@ -163,12 +241,7 @@ class _Batch:
             for op, delivery in ops:
                 self._run_alone(op, delivery)
             if plain or acks or members:
-                try:
-                    with self.app.transaction():
-                        self._finish_plain(plain, acks, members)
-                except Exception:
-                    log.exception("worker %s: storing %d result(s) failed; their messages will be redelivered", self.worker.name,
-                                  len(plain) + len(acks) + len(members))
+                self._finish_plain_alone(plain, acks, members)
         finally:
             workflow._local_taker.reset(reset)
 
@@ -190,18 +263,76 @@ class _Batch:
         try:
             with self.app.transaction():
                 op()
-        except (ConnectionError, TimeoutError, sqlite3.OperationalError):  # the store, not the message: redeliver
+        except STORE_ERRORS:  # the store, not the message: redeliver
             self._forget_local()
             log.exception("worker %s: finishing %s failed; its message will be redelivered", self.worker.name, delivery.message_id)
+        except _ResultNotStored as exc:
+            self._forget_local()
+            self.give_up(delivery, exc.__cause__ or exc, "storing the result of", dead_letter=False)
         except Exception as exc:
             self._forget_local()
-            log.exception("worker %s: finishing %s failed; dead-lettering it", self.worker.name, delivery.message_id)
-            try:
-                self.app.broker.reject(delivery, f"finishing the task failed: {type(exc).__name__}: {exc}")
-            except Exception:
-                log.exception("worker %s: could not dead-letter %s; its lease will bring it back", self.worker.name, delivery.message_id)
+            self.give_up(delivery, exc, "finishing")
         finally:
             workflow._local_taker.reset(reset)
+
+    def _finish_plain_alone(self, plain: list, acks: list, members: list) -> None:
+        """``_finish_plain`` one result at a time, after the batch's round trip failed: a
+        result that cannot be stored fails its own task (``give_up``), not its batch-mates."""
+        parts = [([p], [], []) for p in plain] + [([], [], [m]) for m in members] + ([([], acks, [])] if acks else [])
+        for one, ack, member in parts:
+            delivery = (one or member)[0][0] if one or member else None
+            try:
+                with self.app.transaction():
+                    self._finish_plain(one, ack, member)
+            except STORE_ERRORS:
+                self._forget_local()
+                log.exception("worker %s: storing a result failed; its message will be redelivered", self.worker.name)
+            except Exception as exc:
+                self._forget_local()
+                if delivery is None:
+                    log.exception("worker %s: acknowledging %d finished message(s) failed; they will be redelivered", self.worker.name, len(ack))
+                else:
+                    self.give_up(delivery, exc, "storing the result of", dead_letter=False)
+
+    def give_up(self, delivery: Delivery, exc: BaseException, what: str, *, dead_letter: bool = True) -> None:
+        """Settle a delivery whose own bookkeeping failed (not the store: see STORE_ERRORS),
+        so it is not run again at every lease. Its task is recorded FAILURE with the reason
+        unless its record is final already (error callbacks and workflows follow, as for any
+        failure), and the message is dead-lettered with the reason; with ``dead_letter``
+        False a recorded failure is acknowledged instead (the record tells the whole story).
+        ``what`` names the step that failed ("storing the result of"). Never raises."""
+        app, worker = self.app, self.worker
+        message, token = self.begun.get(id(delivery), (None, None))
+        name = f"task {message['name']!r} ({message['id']})" if message is not None else f"message {delivery.message_id}"
+        exc_type, reason = type(exc).__name__, f"{what} {name} failed: {_describe(exc)}"
+        log.error("worker %s: %s", worker.name, reason, exc_info=exc)
+        recorded = False
+        if message is not None and token is not None:
+            for follow in (True, False):       # with its error callbacks, else the record alone
+                try:
+                    with app.transaction():
+                        recorded = app.backend.store_result(message["id"], states.FAILURE, token=token, exc_type=exc_type, error=reason,
+                                                            retries=message.get("retries", 0))
+                        if recorded and follow:
+                            workflow.on_failure(app, message, exc_type, reason)
+                        if recorded and not dead_letter:
+                            app.broker.ack(delivery)
+                    break
+                except STORE_ERRORS:
+                    log.exception("worker %s: recording the failure of %s failed; its message will be redelivered", worker.name, name)
+                    return
+                except Exception:
+                    recorded = False
+                    self._forget_local()
+                    log.exception("worker %s: recording the failure of %s failed", worker.name, name)
+            if recorded:
+                worker._count(failed=1)
+                if not dead_letter:
+                    return
+        try:
+            app.broker.reject(delivery, reason)
+        except Exception:
+            log.exception("worker %s: could not dead-letter %s; its lease will bring it back", worker.name, delivery.message_id)
 
     def _finish_plain(self, plain: list, acks: list = (), members: list = ()) -> None:
         """Store the results, then acknowledge them and ``acks`` (finished already): one
@@ -211,12 +342,12 @@ class _Batch:
         items = [(task_id, states.SUCCESS, token, fields) for _, task_id, token, fields in plain]
         deliveries = [d for d, _, _, _ in plain] + list(acks)
         if not members:
-            self.worker.processed += sum(app.broker.store_and_ack(app.backend, items, deliveries))
+            self.worker._count(processed=sum(app.broker.store_and_ack(app.backend, items, deliveries)))
             return
         items += [(task_id, states.SUCCESS, token, fields) for _, task_id, token, fields, _, _ in members]
         stored, counts = app.broker.store_count_and_ack(app.backend, items, [(cont["group"], task_id) for _, task_id, _, _, _, cont in members],
                                                         deliveries)
-        self.worker.processed += sum(stored)
+        self.worker._count(processed=sum(stored))
         for (_, task_id, _, _, message, cont), ok, count in zip(members, stored[len(plain):], counts):
             if count is None:
                 log.warning("task %s finished, but its group %s is gone; nothing follows it", task_id, cont["group"])
@@ -266,8 +397,10 @@ class Worker:
         self._held_lock = threading.Lock()
         self._batches: set = set()                     # batches being run, for the heartbeat's stale flush
         self._claimed = threading.local()              # .next: a batch claimed in the last one's commit
-        self.processed = 0
-        self.failed = 0
+        self.processed = 0                             # tasks recorded SUCCESS (see _count)
+        self.failed = 0                                # ... and FAILURE
+        self._count_lock = threading.Lock()
+        self.crashed = False                           # every executor thread died (see _executors_died)
         self.group_commit = not isinstance(app.broker.transaction_with(app.backend), contextlib.nullcontext)
         # Redis with results on the same server: the claim script also begins the records
         self.begins_on_claim = app.broker.begins_on_claim(app.backend)
@@ -347,6 +480,12 @@ class Worker:
     def running(self) -> bool:
         return any(t.is_alive() for t in self._threads)
 
+    def _count(self, processed: int = 0, failed: int = 0) -> None:
+        """Add to the counters: executor and heartbeat threads finish tasks concurrently."""
+        with self._count_lock:
+            self.processed += processed
+            self.failed += failed
+
     # -- the steppable core ---------------------------------------------------------------------
     def step(self, now: float | None = None, limit: int | None = None) -> int:
         """Reserve what is due and process it in this thread; returns how many were processed."""
@@ -369,22 +508,62 @@ class Worker:
     def _executor_loop(self) -> None:
         backoff = 0.1
         while not self._stopping.is_set():
-            try:
-                deliveries, prep = self.reserve(0.25, self.prefetch)  # short, so stop() is prompt
-                backoff = 0.1
-            except Exception as exc:
-                log.warning("worker %s: reserve failed (%s); retrying in %.1fs", self.name, exc, backoff)
-                self._stopping.wait(backoff)
-                backoff = min(backoff * 2, 10.0)
-                continue
+            # (a batch claimed in the last commit comes first: it is not held, its lease not extended)
+            taken = self._steal() if getattr(self._claimed, "next", None) is None else None
+            if taken is not None:
+                deliveries, prep = taken
+            else:
+                try:
+                    deliveries, prep = self.reserve(0.25, self.prefetch)  # short, so stop() is prompt
+                    backoff = 0.1
+                except Exception as exc:
+                    log.warning("worker %s: reserve failed (%s); retrying in %.1fs", self.name, exc, backoff)
+                    self._stopping.wait(backoff)
+                    backoff = min(backoff * 2, 10.0)
+                    continue
             if deliveries:
                 self._hold(deliveries)
-                self.process_batch(deliveries, prep)
+                try:
+                    self.process_batch(deliveries, prep)
+                except Exception:
+                    log.exception("worker %s: unexpected error in a batch of %d; its messages will be redelivered", self.name, len(deliveries))
         claimed = getattr(self._claimed, "next", None)
         if claimed is not None:   # claimed as the worker was told to stop: handed back, unstarted
             self._claimed.next = None
             self._hold(claimed[0])
             self.process_batch(*claimed)
+
+    def _steal(self) -> "tuple[list[Delivery], _Prepared] | None":
+        """What another executor's batch has not started while its thread has been running
+        one task for ``STEAL_AFTER`` (see ``_Batch.give_away``), or None: a task reserved
+        with a long-running one does not wait for it while this thread is idle."""
+        now = time.monotonic()
+        with self._held_lock:
+            batches = [run["batch"] for run in self._running.values() if run.get("batch") is not None and now - run["started"] >= STEAL_AFTER]
+        for batch in batches:
+            taken = batch.give_away()
+            if taken is not None:
+                log.debug("worker %s: taking %d unstarted message(s) from a batch busy with a long task", self.name, len(taken[0]))
+                return taken
+        return None
+
+    def _executors_alive(self) -> int:
+        return sum(t.is_alive() for t in self._threads if t.name.startswith("nbqueue-worker-"))
+
+    def _executors_died(self) -> None:
+        """Every executor thread has died (a fault of the worker itself, logged where it
+        happened): stop reporting this worker alive, hand back what it held, and stop, so
+        ``run()`` (and ``nbqueue worker``) returns instead of holding its queues silently."""
+        log.error("worker %s: all %d executor thread(s) died; the worker stops", self.name, self.concurrency)
+        self.crashed = True
+        self._stopping.set()
+        with self._held_lock:
+            held = list(self._held.values())
+        self._hand_back(held)
+        try:
+            self.app.backend.worker_gone(self.name)
+        except Exception:
+            log.debug("could not remove worker heartbeat", exc_info=True)
 
     def _hold(self, deliveries: list[Delivery]) -> None:
         with self._held_lock:
@@ -410,12 +589,20 @@ class Worker:
                 "heartbeat_interval": self.heartbeat_interval, "pool": "processes" if self.pool is not None else "threads",
                 "allow_code": self.allow_code, "origin": builtin.PROCESS_TOKEN}
         next_beat, next_upkeep = 0.0, time.monotonic() + 0.5   # no checkpoint at start: work comes first
+        reported_alive = self.concurrency
         while True:
+            alive = self._executors_alive()
+            if not alive and not self._stopping.is_set():
+                self._executors_died()
+                return
             try:
                 with self._held_lock:
                     running = dict(self._running)
                 for task_id, run in running.items():
-                    self._watch_running(task_id, run)
+                    try:
+                        self._watch_running(task_id, run)
+                    except Exception:
+                        log.warning("worker %s: watching task %s failed", self.name, task_id, exc_info=True)
                 self._flush_stale()
                 if time.monotonic() >= next_beat:
                     next_beat = time.monotonic() + self.heartbeat_interval
@@ -424,7 +611,10 @@ class Worker:
                     for d in held:
                         self.app.broker.extend(d, self.lease)
                     info["holding"] = sorted({d.message_id for d in held})     # see _attempt_alive
-                    self.app.backend.heartbeat(self.name, {**info, "queues": self.queues, "running": len(running), "processed": self.processed},
+                    if alive < reported_alive and not self._stopping.is_set():
+                        log.error("worker %s: %d of %d executor thread(s) died", self.name, self.concurrency - alive, self.concurrency)
+                    reported_alive = alive
+                    self.app.backend.heartbeat(self.name, {**info, "queues": self.queues, "concurrency": alive, "running": len(running), "processed": self.processed},
                                                ttl=max(3 * self.heartbeat_interval, 2.0))
             except Exception:
                 log.warning("worker %s: heartbeat failed", self.name, exc_info=True)
@@ -457,7 +647,8 @@ class Worker:
             self.app.backend.set_state(task_id, states.STARTED, token=run["token"], started_at=run["started_at"])
         text = capture.peek(task_id)
         if text and text != run.get("flushed"):
-            fields["output"] = run["flushed"] = text
+            fields["output"] = _safe_text(text)
+            run["flushed"] = text
         if fields:
             self.app.backend.update(task_id, **fields)
         self._enforce_time_limit(task_id, run)
@@ -470,7 +661,8 @@ class Worker:
             return   # in a child process: the pool stops it at its limit (a hard limit)
         # A thread cannot be killed: the task is failed now, its late result is fenced out.
         if self.app.backend.store_result(task_id, states.FAILURE, token=run["token"], exc_type="TimeLimitExceeded",
-                                         error=f"task ran longer than its time limit of {limit:g}s", output=capture.peek(task_id)):
+                                         error=f"task ran longer than its time limit of {limit:g}s", output=_safe_text(capture.peek(task_id))):
+            self._count(failed=1)
             workflow.on_failure(self.app, run["message"], "TimeLimitExceeded", f"time limit of {limit:g}s exceeded")
 
     # -- deliveries -------------------------------------------------------------------------------
@@ -505,23 +697,34 @@ class Worker:
                 prep = self._prepare(deliveries)
             for delivery, reason in prep.malformed:
                 self._dead_letter(delivery, reason, batch)
-            for i, (delivery, message) in enumerate(prep.messages):
+            batch.tokens = prep.tokens
+            batch.todo, copies = self._distinct(prep.messages)
+            while (item := batch.take_next()) is not None:
+                delivery, message = item
                 if self._stopping.is_set() and threading.current_thread() in self._threads:
-                    for _, unstarted in prep.messages[i:]:   # not started: PENDING again, not "received"
-                        token = prep.tokens.get(unstarted["id"])
+                    unstarted = [item] + batch.give_away_all()
+                    for _, m in unstarted:   # not started: PENDING again, not "received"
+                        token = prep.tokens.get(m["id"])
                         if token:
-                            self.app.backend.set_state(unstarted["id"], states.PENDING, token=token)
-                    self._hand_back([d for d, _ in prep.messages[i:]])
+                            self.app.backend.set_state(m["id"], states.PENDING, token=token)
+                    self._hand_back([d for d, _ in unstarted])
                     break
                 if batch.waiting() >= GROUP_COMMIT:
                     batch.flush()   # finished tasks wait at most GROUP_COMMIT (or the heartbeat's flush, see _flush_stale)
                 try:
                     self._execute(delivery, message, prep.tokens.get(message["id"], _MISSING), batch)
-                except Exception:
-                    log.exception("worker %s: unexpected error processing %s; it will be redelivered", self.name, delivery.message_id)
+                except STORE_ERRORS:
+                    log.exception("worker %s: processing %s failed; it will be redelivered", self.name, delivery.message_id)
+                except KeyboardInterrupt:       # Ctrl-C in a thread that steps the worker itself (drain())
+                    raise
+                except BaseException as exc:    # the worker's own bookkeeping: this message fails, not the thread
+                    batch.give_up(delivery, exc, "processing")
+            for copy in copies:     # once the first copy is settled: a no-op where a copy was the same message
+                batch.add(lambda d=copy: batch.ack(d), copy)
         except Exception:
             log.exception("worker %s: unexpected error in a batch of %d; its messages will be redelivered", self.name, len(deliveries))
         finally:
+            batch.close()
             try:
                 # an executor thread claims its next batch in this commit (where broker and
                 # backend share a transaction and nothing local runs next)
@@ -532,7 +735,24 @@ class Worker:
             with self._held_lock:
                 self._batches.discard(batch)
             for d in deliveries:
-                self._unhold(d)
+                if id(d) not in batch.given:    # those are held by the executor that took them
+                    self._unhold(d)
+
+    def _distinct(self, messages: list[tuple[Delivery, dict]]) -> tuple[list[tuple[Delivery, dict]], list[Delivery]]:
+        """``messages`` with one delivery per task id, and the deliveries of further copies:
+        a message published twice where the broker keeps both (RabbitMQ) runs once, and its
+        other copies are acknowledged after the batch (the first copy's delivery stands for
+        the task until it is finished)."""
+        seen: set = set()
+        out, copies = [], []
+        for delivery, message in messages:
+            if message["id"] in seen:
+                log.warning("worker %s: task %s (%s) is in this batch twice; running it once", self.name, message["name"], message["id"])
+                copies.append(delivery)
+                continue
+            seen.add(message["id"])
+            out.append((delivery, message))
+        return out, copies
 
     def _take_local(self, outs: list, local: list) -> list:
         """Publish to this worker the follow-ups it can run next; return the others."""
@@ -636,6 +856,7 @@ class Worker:
             if delivery.after_lapse and self._settled_after_lapse(delivery, message, batch):
                 return
             token = app.backend.begin(task_id, worker=self.name, fields={"retries": message.get("retries", 0), "name": name, "queue": delivery.queue})
+        batch.begun[id(delivery)] = (message, token)
         if token is None:
             # already final: an earlier attempt stored it (or it was revoked); repeat its follow-ups
             def settle() -> None:
@@ -677,7 +898,8 @@ class Worker:
             return
 
         started_at = app.clock.time()
-        run = {"started": time.monotonic(), "started_at": started_at, "time_limit": message.get("time_limit"), "token": token, "message": message}
+        run = {"started": time.monotonic(), "started_at": started_at, "time_limit": message.get("time_limit"), "token": token, "message": message,
+               "batch": batch}
         with self._held_lock:
             self._running[task_id] = run
         capture.begin(task_id)
@@ -691,13 +913,18 @@ class Worker:
         except WorkerLostError as exc:   # its child process died or was stopped: not finished, not the task's failure
             self._child_lost(delivery, message, token, exc, capture.end(), batch, started_at)
             return
-        except (Exception, SystemExit, KeyboardInterrupt) as exc:  # the task's own failure; exit() in a task must not end the worker
+        except BaseException as exc:  # the task's own failure, whatever it raised (exit() too): recorded, the worker carries on
             output = capture.end()
             tb = getattr(exc, "child_traceback", None) or _tb.format_exc()
             if int(message.get("retry_count") or 0) > 0:
-                delay, timeout = next_delay(int(message.get("retries") or 0), float(message.get("retry_timeout") or 0), message.get("retry_backoff"))
+                try:
+                    delay, timeout = next_delay(int(message.get("retries") or 0), float(message.get("retry_timeout") or 0), message.get("retry_backoff"))
+                except Exception as err:   # options no producer of this version sends (see signature.check_options)
+                    self._fail(delivery, message, token, exc, batch, tb=tb, output=output, started_at=started_at,
+                               note=f"not retried: its retry options are invalid: {_describe(err)}")
+                    return
                 message["retry_timeout"] = timeout
-                self._retry(delivery, message, token, delay, type(exc).__name__, str(exc), output, batch, counts=True, tb=tb)
+                self._retry(delivery, message, token, delay, type(exc).__name__, _text(exc), output, batch, counts=True, tb=tb)
             else:
                 self._fail(delivery, message, token, exc, batch, tb=tb, output=output, started_at=started_at)
             return
@@ -707,11 +934,14 @@ class Worker:
         output = capture.end()
         try:
             result_text = serialization.dumps(app.serializer.encode(value, f"result of task {name!r}"))
-        except SerializationError as exc:
+        except Exception as exc:    # whatever the encoder raises (a value nested too deeply, say): the task fails
+            if not isinstance(exc, SerializationError):
+                hint = " (a value that contains itself, or is nested too deeply?)" if isinstance(exc, RecursionError) else ""
+                exc = SerializationError(f"the result of task {name!r} cannot be encoded: {_describe(exc)}{hint}")
             self._fail(delivery, message, token, exc, batch, output=output, started_at=started_at)
             return
 
-        fields = {"result": result_text, "output": output or None, "error": None, "exc_type": None, "traceback": None, "started_at": started_at}
+        fields = {"result": result_text, "output": _safe_text(output) or None, "error": None, "exc_type": None, "traceback": None, "started_at": started_at}
         if not message.get("on_success") and not message.get("workflow"):
             batch.add_plain(delivery, task_id, token, fields)      # nothing follows: finished with others in one go
             return
@@ -722,9 +952,15 @@ class Worker:
                 return
 
         def finish() -> None:
-            if app.backend.store_result(task_id, states.SUCCESS, token=token, **fields):
-                self.processed += 1
+            try:
+                stored = app.backend.store_result(task_id, states.SUCCESS, token=token, **fields)
+            except STORE_ERRORS:
+                raise
+            except Exception as exc:
+                raise _ResultNotStored() from exc
+            if stored:
                 workflow.on_success(app, message, result_text)
+                self._count(processed=1)
             batch.ack(delivery)
 
         batch.add(finish, delivery)
@@ -807,7 +1043,7 @@ class Worker:
                 stored = token is not None and app.backend.store_result(
                     task_id, states.FAILURE, token=token, exc_type=exc_type, error=reason, retries=(message or {}).get("retries", 0))
             if stored:
-                self.failed += 1
+                self._count(failed=1)
                 if message is not None:
                     workflow.on_failure(app, message, exc_type, reason)
             app.broker.reject(delivery, reason)
@@ -885,16 +1121,20 @@ class Worker:
         batch.add(finish, delivery)
 
     def _fail(self, delivery: Delivery, message: dict, token: int, exc: BaseException, batch: "_Batch", *, tb: str | None = None,
-              output: str | None = None, started_at: float | None = None) -> None:
+              output: str | None = None, started_at: float | None = None, note: str | None = None) -> None:
+        """Record the task FAILURE (``note``: said after the error) and acknowledge it."""
         app = self.app
-        exc_type, error = type(exc).__name__, str(exc)
+        exc_type, error = type(exc).__name__, _text(exc)
+        if note:
+            error = f"{error} ({note})" if error else note
+        tb, output = _safe_text(tb), _safe_text(output)
         extra = {"started_at": started_at} if started_at is not None else {}
 
         def finish() -> None:
             if app.backend.store_result(message["id"], states.FAILURE, token=token, exc_type=exc_type, error=error,
                                         traceback=tb, output=output or None, retries=message.get("retries", 0), **extra):
-                self.failed += 1
                 workflow.on_failure(app, message, exc_type, error)
+                self._count(failed=1)
             batch.ack(delivery)
 
         batch.add(finish, delivery)

@@ -27,9 +27,18 @@ AMQP_URL = os.environ.get("NBQUEUE_TEST_AMQP", "amqp://guest:guest@127.0.0.1:567
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 #: this pytest run's token: in every Redis key prefix and queue name the tests make
 RUN_ID = uuid.uuid4().hex[:8]
+# boto3 must never look for an EC2 instance role (a request to a link-local address)
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
-BROKER_KINDS = ["sqlite", "memory", "redis", "amqp"]
-BACKEND_KINDS = ["sqlite", "memory", "redis"]
+BROKER_KINDS = ["sqlite", "memory", "redis", "amqp", "sqs"]
+BACKEND_KINDS = ["sqlite", "memory", "redis", "memcache", "amqp"]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Stop the servers this session started (moto, memcached); never one it did not start."""
+    import servers
+
+    servers.stop_all()
 
 
 def _listening(host: str, port: int) -> bool:
@@ -177,7 +186,30 @@ def store_url(kind: str, tmp_path) -> str:
     if kind == "amqp":
         require_server("RabbitMQ", "127.0.0.1", 5672)
         return AMQP_URL
+    if kind in ("sqs", "memcache", "amqp-results"):
+        return session_server_url(kind)
     raise ValueError(kind)
+
+
+def session_server_url(kind: str) -> str:
+    """A URL on a server the session started (tests/servers.py), with a key prefix of its own
+    where the store has no databases: ``sqs`` (moto), ``memcache``, ``amqp-results``."""
+    import servers
+
+    token = uuid.uuid4().hex[:10]
+    if kind == "amqp-results":
+        require_server("RabbitMQ", "127.0.0.1", 5672)
+        return f"{AMQP_URL}?key_prefix=t{token}"
+    server = servers.MOTO if kind == "sqs" else servers.MEMCACHED
+    try:
+        host, port = server.get()
+    except RuntimeError as exc:
+        if IN_CI:
+            pytest.fail(f"{exc} (CI=true: a missing server is a failure, not a skip)")
+        pytest.skip(str(exc))
+    if kind == "sqs":
+        return f"sqs://testing:testing@{host}:{port}?region=us-east-1"
+    return f"memcache://{host}:{port}?key_prefix=t{token}:"
 
 
 @pytest.fixture(params=BROKER_KINDS)
@@ -203,7 +235,7 @@ def broker_factory(broker_kind, tmp_path, qname):
         return broker
 
     yield make
-    if broker_kind == "amqp" and qname.made:
+    if broker_kind in ("amqp", "sqs") and qname.made:
         cleaner = broker_from_url(url)
         cleaner.delete_queues(qname.made)
         cleaner.close()
@@ -218,7 +250,7 @@ def broker_factory(broker_kind, tmp_path, qname):
 def backend_factory(backend_kind, tmp_path):
     from nbqueue.backends import backend_from_url
 
-    url = store_url(backend_kind, tmp_path)
+    url = store_url("amqp-results" if backend_kind == "amqp" else backend_kind, tmp_path)
     made = []
 
     def make():
@@ -227,6 +259,8 @@ def backend_factory(backend_kind, tmp_path):
         return backend
 
     yield make
+    if backend_kind == "amqp" and made:
+        made[0].delete_queues()          # every queue of this test's key prefix
     for backend in made:
         try:
             backend.close()

@@ -183,7 +183,7 @@ def inject_raw(app, kind: str, message_id: str, raw: bytes) -> None:
     elif kind in ("memory", "redis"):
         import redis
 
-        from nbqueue.brokers.redis import fake_server
+        from nbqueue.brokers.redis import _client_url, fake_server
 
         app.broker.publish(Outgoing(id=message_id, body="{}", queue=queue))
         if kind == "memory":
@@ -191,7 +191,7 @@ def inject_raw(app, kind: str, message_id: str, raw: bytes) -> None:
 
             client = fakeredis.FakeRedis(server=fake_server(app.broker.url.split("://", 1)[1]))
         else:
-            client = redis.Redis.from_url(app.broker.url)
+            client = redis.Redis.from_url(_client_url(app.broker.url))
         client.hset(f"{app.broker.prefix}msg:{message_id}", "body", raw)
         client.close()
     else:

@@ -9,6 +9,9 @@ BACKENDS = {
     "memory": ("nbqueue.backends.redis", "RedisBackend", "redis"),
     "redis": ("nbqueue.backends.redis", "RedisBackend", "redis"),
     "rediss": ("nbqueue.backends.redis", "RedisBackend", "redis"),
+    "memcache": ("nbqueue.backends.memcache", "MemcacheBackend", "memcache"),
+    "amqp": ("nbqueue.backends.amqp", "AMQPBackend", "amqp"),
+    "amqps": ("nbqueue.backends.amqp", "AMQPBackend", "amqp"),
 }
 
 

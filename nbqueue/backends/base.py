@@ -53,6 +53,9 @@ class ResultBackend:
     EXPIRE_BATCH = 1000
     #: seconds between sweeps while the last one found less than a batch
     EXPIRE_EVERY = 30.0
+    #: what list() without ids sees: "all" live records, the "recent" ones (a bounded index),
+    #: or "none" (it raises UnsupportedOperation; list(ids=...) still works)
+    lists_tasks = "all"
 
     def __init__(self, url: str, *, clock=None, options: dict | None = None):
         from ..clock import SYSTEM

@@ -16,6 +16,8 @@ BROKERS = {
     "rediss": ("nbqueue.brokers.redis", "RedisBroker", "redis"),
     "amqp": ("nbqueue.brokers.amqp", "AMQPBroker", "amqp"),
     "amqps": ("nbqueue.brokers.amqp", "AMQPBroker", "amqp"),
+    "sqs": ("nbqueue.brokers.sqs", "SQSBroker", "sqs"),
+    "https": ("nbqueue.brokers.sqs", "SQSBroker", "sqs"),     # https://sqs.<region>.amazonaws.com/<account>, as machinery
 }
 
 

@@ -98,6 +98,9 @@ class Broker:
     claims_in_transaction = False
     #: True when publishing an id already waiting or in flight is a no-op (AMQP cannot)
     dedupes_publish = True
+    #: True when a message reserved by one consumer is never handed to another while its
+    #: lease holds (SQS standard queues are at-least-once: a rare second copy may go out)
+    delivers_once = True
 
     def __init__(self, url: str, *, clock=None, options: dict | None = None):
         from ..clock import SYSTEM

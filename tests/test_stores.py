@@ -1,0 +1,534 @@
+"""The SQS broker, the Memcache and AMQP result backends: whole Apps on them, and what each
+store does that the contract suites do not cover (tests/test_contracts.py runs those).
+
+Apps: SQS (moto's server, started by the session) with results in SQLite or memcached,
+and RabbitMQ with results in RabbitMQ. Each App uses queues and key prefixes of its own.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+import nbqueue
+from nbqueue import Backoff, Signature, chord, states
+from nbqueue.brokers.base import Outgoing
+from nbqueue.errors import ConfigurationError, PublishRefused, SerializationError, TaskFailed, UnsupportedOperation
+from nbqueue.testing import wait_for
+
+from conftest import AMQP_URL, require_server, session_server_url
+
+TESTS_DIR = Path(__file__).resolve().parent
+
+COMBOS = ["sqs+sqlite", "sqs+memcache", "amqp+amqp"]
+
+
+def combo_urls(combo: str, tmp_path) -> tuple[str, str]:
+    if combo == "sqs+sqlite":
+        return session_server_url("sqs"), f"sqlite:///{tmp_path}/results.db"
+    if combo == "sqs+memcache":
+        return session_server_url("sqs"), session_server_url("memcache")
+    require_server("RabbitMQ", "127.0.0.1", 5672)
+    return AMQP_URL, session_server_url("amqp-results")
+
+
+@pytest.fixture(params=COMBOS)
+def combo(request):
+    return request.param
+
+
+@pytest.fixture
+def store_app(combo, tmp_path, qname):
+    """``store_app(**options)``: Apps on one broker/backend pair of this combo; tidied after the test."""
+    broker, backend = combo_urls(combo, tmp_path)
+    queue = qname("default")
+    made = []
+
+    def make(**options):
+        options.setdefault("default_queue", queue)
+        app = nbqueue.App(broker, backend, **options)
+        made.append(app)
+        return app
+
+    make.broker_url, make.backend_url, make.combo = broker, backend, combo
+    yield make
+    for app in made:
+        for worker in list(app.workers):
+            worker.stop(wait=True, timeout=10)
+    if made:
+        made[0].broker.delete_queues(qname.made)
+        if hasattr(made[0].backend, "delete_queues"):
+            made[0].backend.delete_queues()
+    for app in made:
+        app.close()
+
+
+def register(app):
+    @app.task(name="add")
+    def add(x, y):
+        return x + y
+
+    @app.task(name="total")
+    def total(values):
+        return sum(values)
+
+    return add, total
+
+
+# -- whole Apps ----------------------------------------------------------------------------------------
+
+def test_task_round_trip(store_app):
+    app = store_app()
+    add, _ = register(app)
+    app.start_worker(concurrency=2)
+    result = add.delay(2, 3)
+    assert result.get(timeout=30) == 5
+    assert result.state == states.SUCCESS and result.get(timeout=1) == 5     # readable again
+    assert app.result(result.id).get(timeout=5) == 5                         # and through a fresh handle
+
+
+def test_chord_calls_back_once_with_results_in_order(store_app):
+    app = store_app()
+    add, total = register(app)
+    calls = []
+
+    @app.task(name="collect")
+    def collect(values):
+        calls.append(values)
+        return values
+
+    app.start_worker(concurrency=3)
+    res = app.send_chord(chord([add.s(i, i) for i in range(6)], collect.s()))
+    assert res.get(timeout=60) == [0, 2, 4, 6, 8, 10]
+    for worker in app.workers:
+        worker.stop(wait=True, timeout=30)       # whatever was still running or reserved has finished
+    assert len(calls) == 1
+
+
+def test_group_with_a_concurrency_limit_finishes_every_member(store_app):
+    """Held members wait in the backend's key-value store (kv_items by prefix) until released."""
+    app = store_app()
+    add, _ = register(app)
+    app.start_worker(concurrency=2)
+    res = app.send_group(nbqueue.group([add.s(i, 1) for i in range(7)]), concurrency=2)
+    assert res.get(timeout=60) == [1, 2, 3, 4, 5, 6, 7]
+    assert app.backend.kv_items("nbq:held:") == {}
+
+
+def test_failing_task_is_retried_after_its_delay_then_succeeds(store_app):
+    app = store_app()
+    attempts = []
+
+    @app.task(name="flaky", retry_count=2, retry_backoff=Backoff("fixed", base=1))
+    def flaky(x):
+        attempts.append(time.time())
+        if len(attempts) < 2:
+            raise ConnectionError("first attempt fails")
+        return x * 10
+
+    app.start_worker()
+    result = flaky.delay(4)
+    assert result.get(timeout=60) == 40
+    assert len(attempts) == 2 and attempts[1] - attempts[0] >= 0.9    # the retry waited its delay
+    assert result.retries == 1
+
+
+def test_worker_in_another_process_runs_tasks_and_results_read_back(store_app, tmp_path):
+    app = store_app()
+    env = {**__import__("os").environ, "NBQUEUE_BROKER": app.broker_url, "NBQUEUE_BACKEND": app.backend_url,
+           "NBQUEUE_DEFAULT_QUEUE": app.default_queue, "NBQUEUE_TEST_SIDE_DB": str(tmp_path / "side.db"),
+           "NBQUEUE_LOG_LEVEL": "WARNING", "PYTHONPATH": str(TESTS_DIR)}
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "nbqueue", "worker", "--app", "proc_tasks:app", "--concurrency", "2"],
+                                cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        results = [app.send_task(Signature("add", args=[i, 100])) for i in range(5)]
+        assert [r.get(timeout=60) for r in results] == [100, 101, 102, 103, 104]
+        # another process reads the same results again (AMQP: a state is not consumed by reading it)
+        code = ("import nbqueue, sys; app = nbqueue.App(sys.argv[1], sys.argv[2]); "
+                "print([app.result(i).get(timeout=30) for i in sys.argv[3:]]); app.close()")
+        out = subprocess.run([sys.executable, "-c", code, app.broker_url, app.backend_url, *[r.id for r in results]],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "[100, 101, 102, 103, 104]"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert proc.returncode == 0, log.read_text(errors="replace")
+
+
+# -- SQS ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def sqs(qname):
+    """``sqs(**options)``: SQS brokers on the session's moto server; their queues deleted after."""
+    from nbqueue.brokers.sqs import SQSBroker
+
+    url = session_server_url("sqs")
+    made = []
+
+    def make(**options):
+        broker = SQSBroker(url, options=options)
+        made.append(broker)
+        return broker
+
+    make.url = url
+    yield make
+    if made:
+        made[0].delete_queues(qname.made)
+    for broker in made:
+        broker.close()
+
+
+def _reserve(broker, queue, timeout=10.0, lease=30.0):
+    got = []
+    deadline = time.monotonic() + timeout
+    while not got and time.monotonic() < deadline:
+        got = broker.reserve([queue], timeout=0.5, lease=lease)
+    return got
+
+
+def test_sqs_message_delivered_more_than_max_deliveries_is_dead_lettered_with_the_reason(sqs, qname):
+    broker, q = sqs(max_deliveries=2), qname("poison")
+    broker.publish(Outgoing(id="poison", body="{}", queue=q))
+    for attempt in (1, 2):                      # the worker dies each time: the lease (1 s) runs out
+        [d] = _reserve(broker, q, lease=1)
+        assert d.attempt == attempt
+    assert broker.reserve([q], timeout=2.5, lease=1) == []     # the third receive dead-letters it
+    dead = wait_for(lambda: broker.dead_letters(q))
+    assert [(x["id"], x["reason"]) for x in dead] == [("poison", "delivered 2 times without finishing")]
+    assert wait_for(lambda: [s for s in broker.stats() if s["queue"] == q and s["dead"] == 1])
+
+
+def test_sqs_created_queue_has_a_redrive_policy_to_its_dead_letter_queue(sqs, qname):
+    broker, q = sqs(max_deliveries=3), qname("redrive")
+    broker.publish(Outgoing(id="m", body="{}", queue=q))
+    attrs = broker.client.get_queue_attributes(QueueUrl=broker._url(q), AttributeNames=["RedrivePolicy"])["Attributes"]
+    policy = json.loads(attrs["RedrivePolicy"])
+    assert int(policy["maxReceiveCount"]) == 4 and policy["deadLetterTargetArn"].endswith(f":{q}-dead")
+
+
+def test_sqs_queue_made_elsewhere_dead_letters_into_its_own_redrive_target(sqs, qname):
+    broker, q, target = sqs(), qname("theirs"), qname("their-dlq")
+    client = broker.client
+    target_url = client.create_queue(QueueName=target)["QueueUrl"]
+    arn = client.get_queue_attributes(QueueUrl=target_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    client.create_queue(QueueName=q, Attributes={"RedrivePolicy": json.dumps({"deadLetterTargetArn": arn, "maxReceiveCount": "9"})})
+    broker.publish(Outgoing(id="bad", body="{}", queue=q))
+    [d] = _reserve(broker, q)
+    assert broker.reject(d, "not a task")
+    assert [(x["id"], x["reason"]) for x in wait_for(lambda: broker.dead_letters(q))] == [("bad", "not a task")]
+    assert client.get_queue_attributes(QueueUrl=target_url, AttributeNames=["ApproximateNumberOfMessages"])["Attributes"] == {
+        "ApproximateNumberOfMessages": "1"}
+
+
+def test_sqs_delay_beyond_the_native_maximum_hops_and_is_never_early(sqs, qname):
+    broker, q = sqs(), qname("long")
+    broker.max_delay = 1                        # SQS's 15 minutes, shortened: the same code path
+    eta = time.time() + 2.5
+    broker.publish(Outgoing(id="later", body="{}", queue=q, eta=eta))
+    assert broker.reserve([q], timeout=1.8, lease=5) == []      # received after 1 s, sent on for the rest
+    [d] = _reserve(broker, q)
+    assert time.time() >= eta and d.message_id == "later"
+    assert d.attempt == 1                       # hops are not deliveries
+    assert broker.ack(d)
+
+
+def test_sqs_fifo_queue_dedupes_by_task_id_and_keeps_delays(sqs, qname):
+    broker = sqs()
+    q = qname("orders") + ".fifo"
+    qname.made.append(q)
+    broker.publish(Outgoing(id="o1", body='{"n": 1}', queue=q))
+    broker.publish(Outgoing(id="o1", body='{"n": 1}', queue=q))         # a repeat within 5 minutes: dropped
+    eta = time.time() + 1.5
+    broker.publish(Outgoing(id="o2", body='{"n": 2}', queue=q, eta=eta))
+    [d1] = _reserve(broker, q)
+    assert d1.message_id == "o1" and broker.ack(d1)
+    [d2] = _reserve(broker, q)
+    assert d2.message_id == "o2" and time.time() >= eta
+    assert broker.ack(d2)
+    assert broker.reserve([q], timeout=1.2, lease=5) == []
+
+
+def test_sqs_second_copy_of_a_held_message_is_not_handed_out_again(sqs, qname):
+    """SQS standard queues may return a message to a second receive while it is in flight;
+    within one broker (a worker's threads share it) the copy is swallowed and the delivery
+    acts with the newest receipt."""
+    broker, q = sqs(), qname("copies")
+    broker.publish(Outgoing(id="once", body="{}", queue=q))
+    [d] = _reserve(broker, q)
+    url = broker._url(q)
+    # what a concurrent receive on another SQS server does: the same message, a new receipt
+    again = broker.client.change_message_visibility(QueueUrl=url, ReceiptHandle=d.tag[2], VisibilityTimeout=0)
+    assert again["ResponseMetadata"]["HTTPStatusCode"] == 200
+    assert broker.reserve([q], timeout=1.5, lease=30) == []          # received again, not handed out
+    assert broker.extend(d, 30) and broker.ack(d)                     # with the newest receipt
+    assert broker.reserve([q], timeout=1.5, lease=30) == []
+    assert wait_for(lambda: [s for s in broker.stats() if s["queue"] == q and s["in_flight"] == 0 and s["ready"] == 0])
+
+
+def test_sqs_release_hands_back_without_counting_a_delivery(sqs, qname):
+    broker, q = sqs(), qname("handback")
+    broker.publish(Outgoing(id="h", body="{}", queue=q))
+    for _ in range(3):
+        [d] = _reserve(broker, q)
+        assert d.attempt == 1
+        assert broker.release(d)
+    [d] = _reserve(broker, q)
+    assert broker.retry(d, body='{"again": 1}')                 # a retry counts this reservation
+    [d] = _reserve(broker, q)
+    assert (d.attempt, d.body) == (2, '{"again": 1}')
+    broker.ack(d)
+
+
+def test_sqs_missing_queue_is_an_error_naming_it_when_creation_is_off(sqs, qname):
+    broker = sqs(create_queues=False)
+    with pytest.raises(ConfigurationError, match=r"SQS queue 't.*-absent' does not exist and create_queues is off"):
+        broker.publish(Outgoing(id="m", body="{}", queue=qname("absent")))
+
+
+def test_sqs_bad_queue_name_and_oversized_message_are_refused_with_reasons(sqs, qname):
+    broker = sqs()
+    with pytest.raises(ConfigurationError, match="not a usable SQS queue name"):
+        broker.publish(Outgoing(id="m", body="{}", queue="has spaces"))
+    with pytest.raises(PublishRefused, match="at most 1,048,576"):
+        broker.publish(Outgoing(id="big", body="x" * 1_100_000, queue=qname("big")))
+
+
+def test_sqs_missing_credentials_name_the_settings_to_fix(monkeypatch, sqs):
+    from nbqueue.brokers.sqs import SQSBroker
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/credentials")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/config")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    host = sqs.url.split("@", 1)[1]                         # the same server, without keys in the URL
+    broker = SQSBroker(f"sqs://{host}")
+    try:
+        with pytest.raises(ConfigurationError, match="AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"):
+            broker.publish(Outgoing(id="m", body="{}", queue="nocreds"))
+    finally:
+        broker.close()
+
+
+class _RawBody:
+    def __init__(self, body: bytes):
+        self.body = body
+
+    def stream(self, **_):
+        yield self.body
+
+
+def _sqs_error(request, status: int, code: str):
+    from botocore.awsrequest import AWSResponse
+
+    body = b'{"__type": "com.amazonaws.sqs#%s", "message": "refused by the test"}' % code.encode()
+    headers = {"Content-Type": "application/x-amz-json-1.0", "x-amzn-query-error": f"{code};Sender"}
+    return AWSResponse(request.url, status, headers, _RawBody(body))
+
+
+def test_sqs_missing_region_names_the_settings_to_fix(monkeypatch):
+    from nbqueue.brokers.sqs import SQSBroker
+
+    for name in ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/config")
+    broker = SQSBroker("sqs://")
+    with pytest.raises(ConfigurationError, match=r"no AWS region .*\?region=.*AWS_DEFAULT_REGION"):
+        broker.publish(Outgoing(id="m", body="{}", queue="noregion"))
+
+
+def test_sqs_url_keys_are_unquoted():
+    from nbqueue.brokers.sqs import SQSBroker
+
+    broker = SQSBroker("sqs://AKIDEXAMPLE:wJal%2FrXUt%2BnFEMI@127.0.0.1:4566?region=us-east-1")
+    assert broker._keys == ("AKIDEXAMPLE", "wJal/rXUt+nFEMI") and broker.endpoint_url == "http://127.0.0.1:4566"
+    assert "wJal" not in repr(broker)
+
+
+def test_sqs_refused_credentials_name_the_settings_to_fix(sqs, qname):
+    broker = sqs()
+
+    def refuse(request, **_):
+        return _sqs_error(request, 403, "InvalidClientTokenId")
+
+    broker.client.meta.events.register("before-send.sqs.GetQueueUrl", refuse)
+    try:
+        with pytest.raises(ConfigurationError, match=r"SQS refused the credentials .*InvalidClientTokenId.*AWS_ACCESS_KEY_ID"):
+            broker.publish(Outgoing(id="m", body="{}", queue=qname("creds")))
+    finally:
+        broker.client.meta.events.unregister("before-send.sqs.GetQueueUrl", refuse)
+
+
+def test_sqs_throttled_requests_are_retried_with_back_off(sqs, qname):
+    broker, q = sqs(), qname("throttle")
+    throttled = []
+
+    def throttle(request, **_):
+        if len(throttled) < 2:
+            throttled.append(request.url)
+            return _sqs_error(request, 400, "RequestThrottled")
+        return None
+
+    broker._url(q)                                   # the queue exists; now throttle the publish
+    broker.client.meta.events.register("before-send.sqs.SendMessageBatch", throttle)
+    broker.publish(Outgoing(id="t", body="{}", queue=q))
+    assert len(throttled) == 2
+    [d] = _reserve(broker, q)
+    assert d.message_id == "t"
+    broker.ack(d)
+
+
+def test_sqs_https_url_as_machinery_spells_it():
+    from nbqueue.brokers.sqs import SQSBroker
+
+    broker = SQSBroker("https://sqs.eu-west-1.amazonaws.com/123456789012")
+    assert (broker.region, broker.account, broker.endpoint_url) == ("eu-west-1", "123456789012", "https://sqs.eu-west-1.amazonaws.com")
+    with pytest.raises(ConfigurationError, match="must be an SQS endpoint"):
+        SQSBroker("https://example.com/queue")
+
+
+# -- Memcache ------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def memcache():
+    from nbqueue.backends.memcache import MemcacheBackend
+
+    url = session_server_url("memcache")
+    made = []
+
+    def make(**options):
+        backend = MemcacheBackend(url, options=options)
+        made.append(backend)
+        return backend
+
+    yield make
+    for backend in made:
+        backend.close()
+
+
+def test_memcache_evicted_result_reads_as_expired_not_pending(memcache):
+    be = memcache()
+    be.create([{"id": "e", "name": "n"}])
+    be.store_result("e", states.SUCCESS, token=be.begin("e"), result="1")
+    be.client.delete(be._k("r:e"))                  # what memcached does to an item when out of memory
+    rec = be.get("e")
+    assert (rec["state"], rec["exc_type"]) == (states.FAILURE, "ResultExpired")
+    assert "evicted" in rec["error"]
+    assert be.wait(["e"], timeout=1) is True        # a waiter ends instead of waiting for ever
+
+
+def test_memcache_evicted_result_raises_from_get(tmp_path, qname):
+    app = nbqueue.App(f"sqlite:///{tmp_path}/q.db", session_server_url("memcache"), default_queue=qname("q"))
+    try:
+        register(app)
+        result = app.send_task(Signature("add", args=[1, 2]))
+        app.backend.client.delete(app.backend._k(f"r:{result.id}"))
+        with pytest.raises(TaskFailed, match="ResultExpired"):
+            result.get(timeout=10)
+    finally:
+        app.close()
+
+
+def test_memcache_configured_expiry_reads_as_gone(memcache):
+    be = memcache()
+    be.results_expire_in = 0.2
+    be.store_result("x", states.SUCCESS, token=be.begin("x"), result="1")
+    time.sleep(0.4)
+    assert be.get("x") is None
+
+
+def test_memcache_lists_the_newest_index_size_tasks_and_finds_older_ones_by_id(memcache):
+    be = memcache(index_size=3)
+    be.create([{"id": f"t{i}", "name": "n", "created_at": 1000.0 + i} for i in range(5)])
+    assert [r["id"] for r in be.list()] == ["t4", "t3", "t2"]
+    assert be.get("t0")["state"] == states.PENDING
+    assert [r["id"] for r in be.list(ids=["t0", "t1"])] == ["t1", "t0"]
+
+
+def test_memcache_result_over_the_item_size_is_recorded_as_failure(tmp_path, qname):
+    app = nbqueue.App(f"sqlite:///{tmp_path}/q.db", session_server_url("memcache"), default_queue=qname("q"), max_item_size=8192)
+    try:
+        @app.task(name="big")
+        def big():
+            return "x" * 20_000
+
+        app.start_worker()
+        with pytest.raises(TaskFailed) as err:
+            big.delay().get(timeout=30)
+        assert err.value.exc_type == "ResultTooLarge" and "over the result store's item size" in err.value.message
+        with pytest.raises(SerializationError, match="over the result store's item size"):
+            app.send_task(Signature("big", args=["y" * 20_000]))
+    finally:
+        app.close()
+
+
+def test_memcache_app_tasks_lists_recent_tasks(tmp_path, qname):
+    app = nbqueue.App(f"sqlite:///{tmp_path}/q.db", session_server_url("memcache"), default_queue=qname("q"))
+    try:
+        add, _ = register(app)
+        app.start_worker()
+        results = [add.delay(i, 1) for i in range(3)]
+        [r.get(timeout=30) for r in results]
+        frame = app.tasks()
+        assert set(frame["id"]) == {r.id for r in results} and set(frame["state"]) == {states.SUCCESS}
+    finally:
+        app.close()
+
+
+# -- AMQP results ------------------------------------------------------------------------------------------
+
+def test_amqp_results_cannot_list_all_tasks_and_say_so(tmp_path):
+    require_server("RabbitMQ", "127.0.0.1", 5672)
+    app = nbqueue.App(f"sqlite:///{tmp_path}/q.db", session_server_url("amqp-results"))
+    try:
+        with pytest.raises(UnsupportedOperation, match="cannot list tasks"):
+            app.tasks()
+    finally:
+        app.backend.delete_queues()
+        app.close()
+
+
+def test_amqp_result_queue_is_named_by_task_id_and_expires_by_disuse(tmp_path):
+    require_server("RabbitMQ", "127.0.0.1", 5672)
+    from nbqueue.backends.amqp import AMQPBackend
+
+    be = AMQPBackend(session_server_url("amqp-results"), options={"results_expire_in": 0.5})
+    try:
+        task_id = str(uuid.uuid4())
+        be.store_result(task_id, states.SUCCESS, token=be.begin(task_id), result="1")
+        assert be.get(task_id)["result"] == "1" and be.get(task_id)["result"] == "1"    # read twice
+        queue = be._queue(f"r:{task_id}")
+        assert queue.endswith(task_id)
+        gone = lambda: not be._exists(be._session(), queue)  # noqa: E731
+        # RabbitMQ deletes the queue once unused for 0.5 s (a look renews it: look seldom)
+        assert wait_for(gone, timeout=20, interval=1.5)
+    finally:
+        be.delete_queues()
+        be.close()
+
+
+# -- registries -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("url, module, extra", [
+    ("sqs://127.0.0.1:1", "boto3", "sqs"),
+    ("memcache://127.0.0.1:1", "pymemcache", "memcache"),
+])
+def test_missing_client_library_names_the_extra_to_install(monkeypatch, url, module, extra):
+    from nbqueue.backends import backend_from_url
+    from nbqueue.brokers import broker_from_url
+
+    for name in list(sys.modules):
+        if name == module or name.startswith(module + ".") or name in ("nbqueue.brokers.sqs", "nbqueue.backends.memcache"):
+            monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, module, None)          # as if not installed
+    make = broker_from_url if url.startswith("sqs") else backend_from_url
+    with pytest.raises(ConfigurationError, match=rf"pip install 'nbqueue\[{extra}\]'"):
+        make(url)
