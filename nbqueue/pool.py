@@ -40,6 +40,11 @@ Children:
   per-task capture (``capture.py``) picks it up. Output written to file descriptors
   1 and 2 directly (C extensions, subprocesses) goes to the worker's own stdout/stderr.
 
+The pipe protocol (pickled tuples): parent -> child ``("run", task_id, name, key, code or
+None, arguments)`` or ``("exit",)``; child -> parent ``("out", [(stream, text), ...])``
+while the task runs, then ``("done", reply, peak memory KiB)``. Further kinds (a task's
+progress, say) fit beside ``"out"``; stopping needs none: it is a signal to the child.
+
 Supervision: a child that dies (a signal, ``os._exit``, the OOM killer) yields
 ``exit="died"`` with the signal or exit code, for that task only; the next task gets a
 fresh child. A child is replaced after ``max_tasks_per_child`` tasks, or once its peak
