@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 import uuid
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from nbqueue import Signature, builtin, shipping, states
 from nbqueue.pool import ProcessPool
 from nbqueue.testing import wait_for
 
-from conftest import require_server, store_url
+from conftest import store_url
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO = TESTS_DIR.parent
