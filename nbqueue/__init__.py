@@ -6,8 +6,8 @@ build group/chain/chord workflows. The default needs no server: an SQLite file.
 """
 from . import states
 from .app import App
-from .errors import (BrokerError, ConfigurationError, ConnectionLost, MessageError, NbqueueError, NotRegistered,
-                     PublishRefused, Retry, SerializationError, SignatureError, TaskFailed, TaskRevoked)
+from .errors import (BrokerError, ConfigurationError, ConnectionLost, DeadlockError, MessageError, NbqueueError, NotRegistered,
+                     PublishRefused, ResultNotFound, Retry, SerializationError, SignatureError, TaskFailed, TaskRevoked)
 from .result import AsyncResult, ChainResult, ChordResult, GroupResult
 from .retry import Backoff
 from .signature import Signature
@@ -19,7 +19,7 @@ __all__ = [
     "App", "Signature", "group", "chain", "chord", "Retry", "Backoff", "states", "current_task",
     "AsyncResult", "GroupResult", "ChainResult", "ChordResult",
     "NbqueueError", "BrokerError", "ConnectionLost", "PublishRefused", "ConfigurationError", "SerializationError",
-    "MessageError", "NotRegistered", "TaskFailed", "TaskRevoked", "SignatureError", "progress",
+    "MessageError", "NotRegistered", "TaskFailed", "TaskRevoked", "SignatureError", "ResultNotFound", "DeadlockError", "progress",
 ]
 
 
