@@ -262,9 +262,11 @@ class Worker:
         # lease covering a crash before they run)
         self.local_follow_ups = local_follow_ups and (self.group_commit or self.begins_on_claim) and hasattr(app.broker, "publish_reserved")
         # a notebook kernel defines its tasks in cells that may run after the worker starts
-        # (a restarted kernel): for this long, a task it does not know yet is handed back
+        # (a restarted kernel): for this long, a message sent before it started whose task
+        # it does not know yet is handed back (see _leave_unknown)
         self.unknown_grace = float(unknown_grace)
         self._born = app.clock.time()
+        self._pid = os.getpid()
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> "Worker":
@@ -295,6 +297,10 @@ class Worker:
 
     def stop(self, wait: bool = True, timeout: float | None = None) -> None:
         """Stop taking tasks; running ones finish; reserved but unstarted ones go back at once."""
+        if os.getpid() != self._pid:       # a forked child's copy of its parent's worker: it runs in the parent
+            self._threads = []
+            self.app._worker_stopped(self)
+            return
         self._stopping.set()
         if self.beat:
             self.app.scheduler().stop(wait=wait, timeout=timeout)
@@ -311,10 +317,11 @@ class Worker:
         if not alive and self._threads:
             self._threads = []
             self.app._worker_stopped(self)
-            try:
-                self.app.backend.worker_gone(self.name)
-            except Exception:
-                log.debug("could not remove worker heartbeat", exc_info=True)
+            if os.getpid() == self._pid:   # in a forked child, the worker is the parent's: it goes on there
+                try:
+                    self.app.backend.worker_gone(self.name)
+                except Exception:
+                    log.debug("could not remove worker heartbeat", exc_info=True)
         return not alive
 
     @property

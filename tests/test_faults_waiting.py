@@ -288,6 +288,25 @@ def test_revoking_a_running_chain_step_records_the_rest_as_not_run(app):
         slow.release.set()
 
 
+def test_revoking_a_chord_callback_while_its_members_run_fails_the_chord_and_the_callback_never_runs(app):
+    slow = slow_task(app)
+    runs, errors = [], []
+    total = app.task(name="total")(lambda values: runs.append(values) or sum(values))
+    app.task(name="on_err")(lambda error, label: errors.append(label) or label)
+    res = app.send(chord([slow.s(1), slow.s(2)], total.s().link_error(app.signature("on_err", args=["callback revoked"]))))
+    app.start_worker(concurrency=2)
+    try:
+        assert slow.started.wait(30)
+        res.callback.revoke()
+        with pytest.raises(TaskRevoked):
+            res.get(timeout=30)
+    finally:
+        slow.release.set()
+    assert res.header.get(timeout=30) == [1, 2]
+    wait_for(lambda: errors == ["callback revoked"], message="the callback's error callback ran")
+    assert runs == [] and res.callback.state == states.REVOKED
+
+
 @pytest.mark.parametrize("revoker", ["this_app", "another_app"])
 def test_a_revoked_task_prefetched_behind_a_running_one_does_not_run(app_factory, revoker):
     """Revoked from the worker's own App (the notebook's) or from another one on the store
@@ -419,6 +438,8 @@ def _forked_child(add, i: int, out) -> None:
         out.put((i, "ok", add.delay(i, 100).get(timeout=30)))
     except Exception as exc:
         out.put((i, type(exc).__name__, str(exc)))
+    finally:
+        add.app.close()           # the parent's worker goes on: the child must not unlist it
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
@@ -427,7 +448,7 @@ def test_children_forked_while_the_worker_writes_send_and_wait(app):
     is inside a write: each sends a task and gets its result, or (memory://, a store inside
     the parent) fails at once saying what to use instead. None hangs."""
     add = app.task(name="add")(lambda x, y: x + y)
-    app.start_worker(concurrency=2)
+    worker = app.start_worker(concurrency=2)
     assert add.delay(1, 1).get(timeout=30) == 2
     store = getattr(app.backend, "store", None)        # the SQLite file (also RabbitMQ's results)
     ctx = multiprocessing.get_context("fork")
@@ -472,3 +493,6 @@ def test_children_forked_while_the_worker_writes_send_and_wait(app):
         assert all("'spawn'" in value and "'forkserver'" in value for _, value in outcomes.values())
     else:
         assert outcomes == {i: ("ok", i + 100) for i in range(4)}
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    assert worker.name in {w["worker_id"] for w in app.backend.workers()}
+    assert add.delay(2, 2).get(timeout=30) == 4                # the parent carries on
