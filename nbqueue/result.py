@@ -282,18 +282,22 @@ class _Between:
         self.noticed = False
 
     def check_deadlock(self) -> None:
-        pending = [r for r in self.records() if r is not None and r.get("state") in _NOT_STARTED and r.get("name") != "nbqueue.group"]
-        for record in pending:
+        seen = set()
+        for record in self.records():
+            if record is None or record.get("state") not in _NOT_STARTED or record.get("name") == "nbqueue.group":
+                continue
             queue, name = record.get("queue"), record.get("name")
-            if free_threads(self.app, queue, name) > 0:
+            if (queue, name) in seen or free_threads(self.app, queue, name) > 0:
+                seen.add((queue, name))
                 continue
             ctx = self.ctx or {}
+            reason = (no_runner(self.app.backend.workers(), queue, name)
+                      or f"every thread of the live workers serving queue {queue!r} is held by a task waiting like this one")
             raise DeadlockError(
                 f"task {ctx.get('name')!r} ({ctx.get('id')}) waits for task {name!r} ({record['id']}), which no free worker "
-                f"thread can run: every thread of the live workers serving queue {queue!r} is running a task that waits like "
-                "this one, so the wait would never end. Do not wait for a result inside a task: send the follow-up as a "
-                "chain (first.s(...) | then.s()), collect a group's results with nbqueue.chord(group, callback.s()), "
-                "or give the workers more threads (concurrency)")
+                f"thread can run ({reason}), so the wait would hold this thread for good. Do not wait for a result inside a "
+                "task: send the follow-up as a chain (first.s(...) | then.s()), collect a group's results with "
+                "nbqueue.chord(group, callback.s()), or give the workers more threads (concurrency)")
 
     def __call__(self, waited: float) -> None:
         if self.ctx is not None:

@@ -125,10 +125,13 @@ class SQLiteStore:
         return self._conn
 
     def _file_ident(self) -> tuple | None:
+        """(st_dev, st_ino) of the file at the path; None when there is none."""
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
             return None
+        except OSError:                  # cannot tell (permissions): take it as unchanged
+            return self._ident
         return (st.st_dev, st.st_ino)
 
     def _check_file(self) -> None:

@@ -550,11 +550,11 @@ class Worker:
                     break
                 if batch.waiting() >= GROUP_COMMIT:
                     batch.flush()   # finished tasks wait at most GROUP_COMMIT (or the heartbeat's flush, see _flush_stale)
-                if self._revoked or (i and time.monotonic() - checked >= REVOKE_CHECK):
-                    query = bool(i) and time.monotonic() - checked >= REVOKE_CHECK
-                    if query:
-                        checked = time.monotonic()
-                    self._skip_revoked(prep, i, query)
+                if i and time.monotonic() - checked >= REVOKE_CHECK:
+                    checked = time.monotonic()
+                    self._skip_revoked(prep, i)
+                if self._revoked and self._revoked_here(message["id"]):
+                    prep.tokens[message["id"]] = None
                 try:
                     self._execute(delivery, message, prep.tokens.get(message["id"], _MISSING), batch)
                 except Exception:
@@ -581,19 +581,23 @@ class Worker:
                 self._revoked.clear()
             self._revoked.add(task_id)
 
-    def _skip_revoked(self, prep: "_Prepared", start: int, query: bool) -> None:
-        """Tasks of a batch not started yet may have been revoked since they were reserved
-        (noted in this process, or, with ``query``, found in the store): forget their tokens,
-        so they are settled as final (ending their workflows), not run."""
+    def _revoked_here(self, task_id: str) -> bool:
+        with self._held_lock:
+            if task_id in self._revoked:
+                self._revoked.discard(task_id)
+                return True
+        return False
+
+    def _skip_revoked(self, prep: "_Prepared", start: int) -> None:
+        """Tasks of a batch not started yet may have been revoked (in another process) since
+        they were reserved: forget their tokens, so they are settled as final (ending their
+        workflows), not run."""
         waiting = [m["id"] for _, m in prep.messages[start:] if prep.tokens.get(m["id"])]
         if not waiting:
             return
-        with self._held_lock:
-            here = self._revoked.intersection(waiting)
-            self._revoked -= here
-        found = self.app.backend.states_of(waiting) if query else {}
+        found = self.app.backend.states_of(waiting)
         for task_id in waiting:
-            if task_id in here or found.get(task_id) in states.READY_STATES:
+            if found.get(task_id) in states.READY_STATES:
                 prep.tokens[task_id] = None
 
     def _take_local(self, outs: list, local: list) -> list:
