@@ -22,7 +22,7 @@ import time
 from typing import Any, Callable, Iterator
 
 from . import serialization, states
-from .errors import DeadlockError, ResultNotFound, TaskFailed, TaskRevoked
+from .errors import DeadlockError, TaskFailed, TaskRevoked
 
 log = logging.getLogger(__name__)
 
