@@ -237,8 +237,7 @@ def test_sqs_retry_release_and_delay_hops_are_not_lapses(sqs, qname):
     assert broker.retry(d, eta=time.time() + 2.2)             # hops once on the way
     [d] = _reserve(broker, q, lease=1)
     assert (d.attempt, d.lapsed, d.dead_reason) == (3, 0, None)
-    time.sleep(1.2)                                            # a lapse
-    [d] = _reserve(broker, q, lease=30)
+    [d] = _reserve(broker, q, lease=30)                        # its lease (1 s) ran out: a lapse
     assert (d.attempt, d.lapsed, d.dead_reason) == (4, 1, None)
     assert broker.defer(d, eta=time.time() + 1)               # still after its lapse, not another
     [d] = _reserve(broker, q, lease=30)
@@ -251,7 +250,8 @@ def test_sqs_message_after_a_lapse_comes_alone_and_its_batch_mates_are_not_count
     broker.publish(Outgoing(id="suspect", body="{}", queue=q))
     _reserve(broker, q, lease=1)
     broker.publish_many([Outgoing(id=f"m{i}", body="{}", queue=q) for i in range(4)])
-    time.sleep(1.2)                             # the suspect's lease runs out while the others wait
+    # the suspect's lease runs out while the others wait: all five visible, received together
+    wait_for(lambda: [s for s in broker.stats() if s["queue"] == q and s["ready"] == 5])
     got: list = []
     deadline = time.monotonic() + 15
     while sum(map(len, got)) < 5 and time.monotonic() < deadline:
