@@ -6,9 +6,9 @@ build group/chain/chord workflows. The default needs no server: an SQLite file.
 """
 from . import states
 from .app import App
-from .errors import (BrokerError, CodeNotAllowed, ConfigurationError, ConnectionLost, MessageError, NbqueueError, NotRegistered,
-                     PublishRefused, Retry, SerializationError, SignatureError, SoftTimeLimitExceeded, TaskFailed, TaskRevoked,
-                     TimeLimitExceeded, UnsupportedOperation, WorkerLostError)
+from .errors import (BrokerError, CodeNotAllowed, ConfigurationError, ConnectionLost, DeadlockError, MessageError, NbqueueError,
+                     NotRegistered, PublishRefused, ResultNotFound, Retry, SerializationError, SignatureError, SoftTimeLimitExceeded,
+                     TaskFailed, TaskRevoked, TimeLimitExceeded, UnsupportedOperation, WorkerLostError)
 from .result import AsyncResult, ChainResult, ChordResult, GroupResult
 from .retry import Backoff
 from .signature import Signature
@@ -20,8 +20,8 @@ __all__ = [
     "App", "Signature", "group", "chain", "chord", "Retry", "Backoff", "states", "current_task",
     "AsyncResult", "GroupResult", "ChainResult", "ChordResult",
     "NbqueueError", "BrokerError", "ConnectionLost", "PublishRefused", "ConfigurationError", "SerializationError",
-    "MessageError", "NotRegistered", "TaskFailed", "TaskRevoked", "SignatureError", "UnsupportedOperation", "progress",
-    "export_notebook",
+    "MessageError", "NotRegistered", "TaskFailed", "TaskRevoked", "SignatureError", "UnsupportedOperation", "ResultNotFound",
+    "DeadlockError", "progress", "export_notebook",
     "CodeNotAllowed", "WorkerLostError", "TimeLimitExceeded", "SoftTimeLimitExceeded",
 ]
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any, Callable, Iterable, Mapping
 
 from . import config as _config
@@ -59,6 +60,7 @@ class App:
         self._workers: list = []
         self._schedules = None
         self._lock = threading.Lock()
+        self._live_workers: tuple[float, list] | None = None     # (when read, heartbeats): see live_workers()
         # -- built-in tasks (issue 5): "nbqueue.cell" runs %%task cells, only on allow_cells workers --
         from . import builtin
 
@@ -100,6 +102,10 @@ class App:
         if shipping.defined_in_notebook(fn):   # sent to code queues (shipping.py): this process's workers read them too
             for worker in list(self._workers):
                 worker.serve_code_queues()
+        # running workers of this process say at once that they know it (their heartbeats list
+        # their task names): a worker elsewhere that lacks it then leaves its messages to them
+        for worker in self.workers:
+            worker.announce()
         return task
 
     def register_tasks(self, tasks: Mapping[str, Callable]) -> dict[str, Task]:
@@ -150,7 +156,8 @@ class App:
         self.publish([record], [out])
         result = AsyncResult(out.id, self, name=sig.name)
         result._sent_at_version = since
-        result.callbacks = [AsyncResult(m["id"], self, name=m["name"]) for m in message.get("on_success", []) + message.get("on_error", [])]
+        result.callbacks = [AsyncResult(m["id"], self, name=m["name"], absent_ok=True)   # recorded when fired
+                            for m in message.get("on_success", []) + message.get("on_error", [])]
         return result
 
     def send_many(self, signatures: Iterable[Signature]) -> list[AsyncResult]:
@@ -197,8 +204,19 @@ class App:
         return records_frame(self, records[:limit] if limit is not None else records)
 
     def revoke(self, task_id: str, reason: str = "revoked") -> bool:
-        """Cancel a task that has not finished: it will not run (or its result is discarded)."""
-        return self.backend.store_result(task_id, states.REVOKED, error=reason, exc_type="TaskRevoked")
+        """Cancel a task that has not finished: it will not run (or its result is discarded).
+
+        The workflow it belongs to ends as for a failure, with ``TaskRevoked``: a chord
+        whose member is revoked fails and fires its callback's error callbacks, the rest of
+        a chain is recorded REVOKED (not run). A worker holding the task (prefetched, or
+        already running it) notices within a heartbeat and ends the workflow then; one
+        that reaches the message later does not run it.
+        """
+        revoked = self.backend.store_result(task_id, states.REVOKED, error=reason, exc_type="TaskRevoked")
+        if revoked:
+            for worker in self.workers:
+                worker.note_revoked(task_id)
+        return revoked
 
     # -- workers --------------------------------------------------------------------------
     def worker(self, concurrency: int = 1, queues: str | Iterable[str] | None = None, **options: Any):
@@ -243,6 +261,19 @@ class App:
         known = [self.default_queue, *(t.options["queue"] for t in self.registry.values() if t.options.get("queue")),
                  *(q for w in workers for q in w.get("queues") or [])]
         return {"queues": self.broker.stats(queues=list(dict.fromkeys(known))), "workers": workers}
+
+    def live_workers(self, max_age: float = 1.0) -> list[dict]:
+        """The live workers on this App's store, from their heartbeats (as in ``status()``:
+        worker_id, host, pid, concurrency, queues, tasks (the names it has registered),
+        running, waiting, processed), read at most once per ``max_age`` seconds, since
+        views and waiters ask often."""
+        now = time.monotonic()
+        cached = self._live_workers
+        if cached is not None and now - cached[0] < max_age:
+            return cached[1]
+        workers = self.backend.workers()
+        self._live_workers = (now, workers)
+        return workers
 
     def purge(self, queue: str | None = None) -> int:
         return self.broker.purge(queue or self.default_queue)

@@ -63,6 +63,32 @@ class TaskRevoked(TaskFailed):
     """The task was cancelled, or never ran because an earlier workflow step failed."""
 
 
+class ResultNotFound(NbqueueError, LookupError):
+    """No record of this task id in the result backend: it was never sent to this store,
+    its record was removed with ``forget()``, or its result expired (``results_expire_in``).
+
+    nbqueue records every task as PENDING when it is sent, so waiting on a missing record
+    could only end in a timeout; ``get()`` and ``wait()`` raise this at once instead.
+    """
+
+    def __init__(self, task_id: str, message: str | None = None):
+        self.task_id = task_id
+        super().__init__(message or (
+            f"no record of task {task_id}: the id is unknown to this result backend, or its record was "
+            "forgotten (forget()) or has expired (results_expire_in); nothing will ever finish it"))
+
+
+class DeadlockError(NbqueueError, RuntimeError):
+    """A task waits (``get()``/``wait()``) for a result that no free worker thread can produce.
+
+    Waiting inside a task holds a worker thread while it waits; when every thread that
+    could run the awaited task is held like that, the wait would never end. As in Celery
+    ("never call result.get() within a task"), build the dependency into the workflow
+    instead: a chain runs a step with the previous step's result, a chord runs its callback
+    with the results of a group.
+    """
+
+
 class Retry(NbqueueError):
     """Raise inside a task to run it again later without using up its retry_count.
 

@@ -1,11 +1,36 @@
-"""AsyncResult: the handle a send returns, readable from any process and after a restart."""
+"""AsyncResult: the handle a send returns, readable from any process and after a restart.
+
+Waiting (``get()``/``wait()``) never waits for something that cannot come:
+
+- nbqueue records every task as PENDING when it is sent, so an id with no record is
+  unknown, forgotten or expired: ``ResultNotFound`` at once;
+- a task that has not started after ``NOTICE_AFTER`` seconds is checked against the
+  live workers' heartbeats (their queues and registered task names): when none can run
+  it, a warning says why, and so does the TimeoutError (views show it too);
+- inside a task, a wait holds the worker thread: when no other free worker thread can
+  run the awaited task (every thread serving its queue is held like this one), the
+  wait raises ``DeadlockError`` at once instead of hanging (Celery forbids
+  ``result.get()`` in a task outright; here it works while a thread is free). Waiting
+  for another task is better written as a chain or a chord.
+"""
 from __future__ import annotations
 
+import contextlib
+import difflib
+import logging
 import time
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from . import serialization, states
-from .errors import TaskFailed, TaskRevoked
+from .errors import DeadlockError, TaskFailed, TaskRevoked
+
+log = logging.getLogger(__name__)
+
+#: seconds a waiter waits for a task that has not started before it checks whether any
+#: live worker can run it (and says so when none can)
+NOTICE_AFTER = 3.0
+#: states of a task that still needs a worker thread to run it
+_NOT_STARTED = (states.PENDING, states.RETRY)
 
 
 def failure_from_record(record: dict) -> TaskFailed:
@@ -21,11 +46,13 @@ def value_from_record(app, record: dict) -> Any:
 class AsyncResult:
     """The state and, once ready, the value or error of one task."""
 
-    def __init__(self, task_id: str, app, *, name: str | None = None):
+    def __init__(self, task_id: str, app, *, name: str | None = None, absent_ok: bool = False):
         self.id = task_id
         self.app = app
         self._name = name
         self._final: dict | None = None
+        # a callback's record is written only when it is fired: waiting for it is not an error
+        self._absent_ok = absent_ok
         # the backend's wake-up version read before this task was sent (see wait_record)
         self._sent_at_version: int | None = None
         #: results of the on_success/on_error callbacks sent with this task (the one that runs finishes)
@@ -88,27 +115,53 @@ class AsyncResult:
 
     # -- waiting ------------------------------------------------------------------------------
     def wait(self, timeout: float | None = None, interval: float | None = None) -> bool:
-        """Block until the task is ready; False if the timeout passed first."""
-        return _wait_ids(self.app, [self.id], timeout)
+        """Block until the task is ready; False if the timeout passed first.
+
+        Raises ResultNotFound for an id with no record, DeadlockError inside a task when
+        no free worker thread could run this one (see the module docstring).
+        """
+        if self._final is not None:
+            return True
+        with _waiting(self.app, lambda: [self.app.backend.get(self.id)]) as between:
+            return _wait_ids(self.app, [self.id], timeout, between, missing_ok=self._absent_ok)
 
     def get(self, timeout: float | None = None, interval: float | None = None) -> Any:
         """The task's value; raises TaskFailed (remote type, message, traceback) or TimeoutError.
 
-        Ctrl-C interrupts the wait: the task itself goes on.
+        Also raises ResultNotFound at once when the id has no record (unknown, forgotten
+        or expired), and DeadlockError inside a task when no free worker thread could run
+        this one. A task that has not started after a few seconds while no live worker
+        can run it (none serves its queue, or none knows its name) is reported with a
+        warning, and in the TimeoutError. Ctrl-C interrupts the wait: the task itself goes on.
         """
-        record = self._final or self._wait_record(timeout)
-        if record is None:
-            raise TimeoutError(f"task {self.name or ''} {self.id} not ready after {timeout}s (state {self.state})")
+        if self._final is not None:
+            record = self._final
+        else:
+            with _waiting(self.app, lambda: [self.app.backend.get(self.id)]) as between:
+                record = self._wait_record(timeout, between)
+            if record is None:
+                state = self.state
+                problem = between.problem or (waiting_problem(self.app, self.info()) if state in _NOT_STARTED else None)
+                raise TimeoutError(f"task {self.name or ''} {self.id} not ready after {timeout}s (state {state})"
+                                   + (f": {problem}" if problem else ""))
         if record["state"] == states.SUCCESS:
             return value_from_record(self.app, record)
         raise failure_from_record(record)
 
-    def _wait_record(self, timeout: float | None) -> dict | None:
+    def _wait_record(self, timeout: float | None, between: Callable[[float], None] | None = None) -> dict | None:
         since, self._sent_at_version = self._sent_at_version, None
-        record = _in_slices(lambda t: self.app.backend.wait_record(self.id, timeout=t, since=since), timeout)
+        missing_ok = self._absent_ok
+        record = _in_slices(lambda t: self.app.backend.wait_record(self.id, timeout=t, since=since, missing_ok=missing_ok),
+                            timeout, between)
         if record is not None:
             self._final = record
         return record
+
+    def diagnose(self) -> str | None:
+        """Why this task may never start, or None: for a task not started yet, checks the
+        live workers' heartbeats (is one running, does one serve its queue, does one know
+        its name). Views show it; ``get()`` says it after a few seconds of waiting."""
+        return waiting_problem(self.app, self.info())
 
     def revoke(self, reason: str = "revoked by user") -> bool:
         return self.app.revoke(self.id, reason)
@@ -142,10 +195,12 @@ class AsyncResult:
         return hash(self.id)
 
 
-def _in_slices(wait, timeout: float | None):
+def _in_slices(wait, timeout: float | None, between: Callable[[float], None] | None = None):
     """Call ``wait(seconds)`` in slices of at most 1 s until it returns something or the
-    timeout passes (then None), so Ctrl-C is honoured promptly even on stores that block."""
-    deadline = None if timeout is None else time.monotonic() + timeout
+    timeout passes (then None), so Ctrl-C is honoured promptly even on stores that block.
+    ``between(waited)`` runs after each slice that returned nothing (it may raise)."""
+    started = time.monotonic()
+    deadline = None if timeout is None else started + timeout
     while True:
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         slice_ = 1.0 if remaining is None else min(1.0, remaining)
@@ -154,10 +209,130 @@ def _in_slices(wait, timeout: float | None):
             return got
         if remaining is not None and remaining <= slice_:
             return None
+        if between is not None:
+            between(time.monotonic() - started)
 
 
-def _wait_ids(app, ids: list[str], timeout: float | None) -> bool:
-    return bool(_in_slices(lambda t: app.backend.wait(ids, timeout=t), timeout))
+def _wait_ids(app, ids: list[str], timeout: float | None, between: Callable[[float], None] | None = None, *,
+              missing_ok: bool = False) -> bool:
+    return bool(_in_slices(lambda t: app.backend.wait(ids, timeout=t, missing_ok=missing_ok), timeout, between))
+
+
+# -- why a wait may never end -----------------------------------------------------------------
+
+def waiting_problem(app, record: dict | None) -> str | None:
+    """Why a task that has not started may never start, from the live workers' heartbeats
+    (``App.live_workers``): no worker is running, none serves its queue, or none of those
+    has its name registered. None when some live worker can run it, or it has started."""
+    if not record or record.get("state") not in _NOT_STARTED or record.get("name") == "nbqueue.group":
+        return None
+    return no_runner(app.live_workers(), record.get("queue"), record.get("name"))
+
+
+def no_runner(workers: list[dict], queue: str | None, name: str | None) -> str | None:
+    """The reason none of ``workers`` (heartbeat infos) can run task ``name`` of ``queue``, or None."""
+    if not workers:
+        return ("no worker is running: start one with app.start_worker() in this process, or "
+                f"`nbqueue worker --app MODULE:app --queues {queue}` in a shell")
+    serving = [w for w in workers if queue in (w.get("queues") or ())]
+    if not serving:
+        served = sorted({q for w in workers for q in (w.get("queues") or ())})
+        return (f"no live worker serves queue {queue!r} (the {len(workers)} live worker(s) serve: {', '.join(served) or 'nothing'}); "
+                f"start one with --queues {queue}")
+    # heartbeats list the task names each worker has registered (older workers' do not)
+    if name and all("tasks" in w and name not in w["tasks"] for w in serving):
+        known = sorted({t for w in serving for t in w["tasks"] if not t.startswith("nbqueue.")})
+        hint = difflib.get_close_matches(name, known, n=1)
+        return (f"no live worker of queue {queue!r} has a task named {name!r}"
+                + (f" (did you mean {hint[0]!r}?)" if hint else f" (they know: {', '.join(known[:20]) or 'none'})"))
+    return None
+
+
+def free_threads(app, queue: str | None, name: str | None) -> int:
+    """Worker threads that could still run a task ``name`` of ``queue``: those of the live
+    workers serving the queue (and knowing the name) that are not held waiting inside a
+    task. Workers of this process are counted exactly, others from their heartbeats."""
+    from .workflow import current_task
+
+    ctx = current_task() or {}
+    local = {w.name: w for w in [*app.workers, ctx.get("worker")] if w is not None and w.running}
+    free = 0
+    for w in local.values():
+        if queue in w.queues and name in w.app.registry:
+            free += w.concurrency - w.waiting
+    for info in app.live_workers(max_age=0.5):
+        if info.get("worker_id") in local or queue not in (info.get("queues") or ()):
+            continue
+        if "tasks" in info and name not in info["tasks"]:
+            continue
+        free += int(info.get("concurrency") or 1) - int(info.get("waiting") or 0)
+    return free
+
+
+class _Between:
+    """What a waiter does between slices of waiting: inside a task, refuse a wait that no
+    free worker thread can end; after NOTICE_AFTER seconds, say once why a task that has
+    not started may never start (``problem`` keeps it for the TimeoutError)."""
+
+    def __init__(self, app, records: Callable[[], list], ctx: dict | None):
+        self.app = app
+        self.records = records
+        self.ctx = ctx
+        self.problem: str | None = None
+        self.noticed = False
+
+    def check_deadlock(self) -> None:
+        seen = set()
+        for record in self.records():
+            if record is None or record.get("state") not in _NOT_STARTED or record.get("name") == "nbqueue.group":
+                continue
+            queue, name = record.get("queue"), record.get("name")
+            if (queue, name) in seen or free_threads(self.app, queue, name) > 0:
+                seen.add((queue, name))
+                continue
+            ctx = self.ctx or {}
+            reason = (no_runner(self.app.backend.workers(), queue, name)
+                      or f"every thread of the live workers serving queue {queue!r} is held by a task waiting like this one")
+            raise DeadlockError(
+                f"task {ctx.get('name')!r} ({ctx.get('id')}) waits for task {name!r} ({record['id']}), which no free worker "
+                f"thread can run ({reason}), so the wait would hold this thread for good. Do not wait for a result inside a "
+                "task: send the follow-up as a chain (first.s(...) | then.s()), collect a group's results with "
+                "nbqueue.chord(group, callback.s()), or give the workers more threads (concurrency)")
+
+    def __call__(self, waited: float) -> None:
+        if self.ctx is not None:
+            self.check_deadlock()
+        if self.noticed or waited < NOTICE_AFTER:
+            return
+        self.noticed = True
+        try:
+            record = next((r for r in self.records() if r is not None and r.get("state") in _NOT_STARTED), None)
+            self.problem = waiting_problem(self.app, record)
+        except Exception:
+            log.debug("could not check the live workers", exc_info=True)
+            return
+        if self.problem:
+            log.warning("nbqueue: task %r (%s) has not started after %.0fs: %s", record.get("name"), record["id"], waited, self.problem)
+
+
+@contextlib.contextmanager
+def _waiting(app, records: Callable[[], list]) -> Iterator[_Between]:
+    """Around a wait: ``records()`` reads the tasks waited for (the leaves of a workflow).
+
+    Inside a task run by a worker of this process, the waiting thread counts as held
+    (``Worker.waiting``, also sent in its heartbeat) and the wait is refused at once with
+    DeadlockError when no free thread could run what it waits for.
+    """
+    from .workflow import current_task
+
+    ctx = current_task()
+    worker = (ctx or {}).get("worker")
+    if worker is None:
+        yield _Between(app, records, None)
+        return
+    between = _Between(app, records, ctx)
+    with worker.holding_thread(between.check_deadlock):
+        yield between
 
 
 def _leaves(result) -> list[AsyncResult]:
@@ -181,7 +356,17 @@ class _WorkflowResult:
         return self.app.backend.states_of([self.terminal_id]).get(self.terminal_id) in states.READY_STATES
 
     def wait(self, timeout: float | None = None) -> bool:
-        return _wait_ids(self.app, [self.terminal_id], timeout)
+        with _waiting(self.app, self._leaf_records) as between:
+            return _wait_ids(self.app, [self.terminal_id], timeout, between)
+
+    def _leaf_records(self, limit: int = 1000) -> list:
+        """The records of the tasks inside (at most ``limit``), for the checks a waiter makes."""
+        return self.app.backend.get_many([r.id for r in self.leaves()[:limit]])
+
+    def diagnose(self) -> str | None:
+        """Why the first task inside that has not started may never start, or None (see AsyncResult.diagnose)."""
+        record = next((r for r in self._leaf_records() if r is not None and r.get("state") in _NOT_STARTED), None)
+        return waiting_problem(self.app, record)
 
     def successful(self) -> bool:
         return self.app.backend.states_of([self.terminal_id]).get(self.terminal_id) == states.SUCCESS
@@ -211,10 +396,14 @@ class _WorkflowResult:
         return frame.sort_values("position").drop(columns="position").reset_index(drop=True)
 
     def _raise_failure(self) -> None:
-        """Raise the error of the first task that failed (not of those merely not run)."""
+        """Raise the error of the first task that failed, else of the first one revoked
+        (not of those merely not run because of it)."""
         records = [r for r in self.app.backend.get_many([x.id for x in self.leaves()]) if r is not None]
         for rec in records:
             if rec["state"] == states.FAILURE:
+                raise failure_from_record(rec)
+        for rec in records:
+            if rec["state"] == states.REVOKED and not (rec.get("traceback") or "").startswith("not run:"):
                 raise failure_from_record(rec)
         terminal = self.app.backend.get(self.terminal_id)
         raise failure_from_record(terminal or {"id": self.terminal_id, "state": states.FAILURE, "error": "unknown failure"})
@@ -222,9 +411,11 @@ class _WorkflowResult:
     def get(self, timeout: float | None = None, interval: float | None = None) -> Any:
         """The workflow's value (a group's member values in order, a chain's last step's, a
         chord's callback's); raises the first task failure, or TimeoutError."""
-        record = _in_slices(lambda t: self.app.backend.wait_record(self.terminal_id, timeout=t), timeout)
+        with _waiting(self.app, self._leaf_records) as between:
+            record = _in_slices(lambda t: self.app.backend.wait_record(self.terminal_id, timeout=t, missing_ok=False), timeout, between)
         if record is None:
-            raise TimeoutError(f"{type(self).__name__} {self.terminal_id} not ready after {timeout}s")
+            problem = between.problem or self.diagnose()
+            raise TimeoutError(f"{type(self).__name__} {self.terminal_id} not ready after {timeout}s" + (f": {problem}" if problem else ""))
         if record["state"] != states.SUCCESS:
             self._raise_failure()
         return self.app.serializer.decode(serialization.loads(record["result"]))

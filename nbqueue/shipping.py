@@ -401,10 +401,11 @@ def task_for(worker, message: dict, task, queue: str | None = None):
       message: the sending kernel's own worker, or the same notebook after a kernel
       restart), and for the sending process's own messages: nothing is unpickled.
     - On a worker with ``allow_code``: the shipped function (checked before it is unpickled).
-    - Otherwise :data:`HAND_BACK` while another live worker can run it (its sender's, or
-      one with ``allow_code``, by their heartbeats); None during the worker's
-      ``unknown_grace`` (a kernel whose cells have not defined the task yet); else a task
-      that refuses to run, with ``CodeNotAllowed``.
+    - Otherwise :data:`HAND_BACK` while a live worker with ``allow_code``, or of the sending
+      process, reads the queue (by their heartbeats); None while the worker's usual
+      handling of a task it lacks hands it back (another live worker has the name, or a
+      kernel's grace: ``Worker._leave_unknown``); else a task that refuses to run, with
+      ``CodeNotAllowed``.
     """
     code = message.get("code")
     own = isinstance(code, dict) and code.get("origin") == builtin.PROCESS_TOKEN
@@ -415,7 +416,8 @@ def task_for(worker, message: dict, task, queue: str | None = None):
         return ShippedTask(message)
     if _capable_elsewhere(worker, message, queue):
         return HAND_BACK
-    if worker.app.clock.time() - getattr(worker, "_born", 0.0) < getattr(worker, "unknown_grace", 0.0):
+    leave = getattr(worker, "_leave_unknown", None)
+    if leave is not None and queue is not None and leave(message["name"], queue, message) is not None:
         return None
     return ShippedTask(message)
 

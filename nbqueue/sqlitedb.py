@@ -4,6 +4,19 @@ WAL mode, ``synchronous=NORMAL``, a busy timeout, one connection per thread, and
 writes in ``BEGIN IMMEDIATE`` transactions retried while the file is busy, so that
 many threads and processes on one machine can share the file and no
 "database is locked" reaches a user. Schemas are created with sqlite-utils.
+
+The file at the path is the store: when it is deleted or replaced (``rm -rf .nbqueue``
+in a notebook), the next write, or a read after at most ``RECHECK`` seconds, opens the
+file now at the path (creating it and its tables), so no process keeps writing into a
+file nobody else can see.
+
+Forks: a child must not use its parent's connections, and SQLite keeps per-process
+lock bookkeeping that a fork copies, so a child made while another thread of the parent
+was inside a statement or transaction would find its own connections busy forever. A
+fork therefore waits (at most ``FORK_WAIT`` seconds) until no thread of this process is
+using a store; the child then opens connections of its own. A store that stayed busy
+past that cannot be used in the child: it raises ConfigurationError saying to use the
+'spawn' or 'forkserver' start method.
 """
 from __future__ import annotations
 
@@ -23,6 +36,8 @@ from .errors import ConfigurationError
 log = logging.getLogger(__name__)
 
 DEFAULT_PATH = os.path.join(".nbqueue", "nbqueue.db")
+RECHECK = 0.5        # seconds between checks, on reads, that the file at the path is still the one open
+FORK_WAIT = 10.0     # seconds a fork waits for this process's threads to finish their statements
 
 
 def path_from_url(url: str | None) -> str:
@@ -50,7 +65,6 @@ class SQLiteStore:
     ``write()`` inside ``write()`` joins the outer transaction.
     """
 
-    _schemas_done: set = set()
     _schema_lock = threading.Lock()
     _shared: dict = {}
 
@@ -65,9 +79,6 @@ class SQLiteStore:
     def __init__(self, path: str, busy_timeout: float = 30.0):
         self.path = path
         self.busy_timeout = busy_timeout
-        directory = os.path.dirname(path)
-        if directory:
-            os.makedirs(directory, exist_ok=True)
         # One connection per process and file, used by one thread at a time: SQLite drops
         # a connection's page cache whenever another connection has written, so with a
         # connection per thread every statement after another thread's commit re-read its
@@ -81,8 +92,18 @@ class SQLiteStore:
         self._conn: sqlite3.Connection | None = None
         self._checkpointer: sqlite3.Connection | None = None
         self._checkpoint_lock = threading.Lock()
+        self._schemas: dict = {}             # key -> create(db), run again when the file is opened afresh
+        self._ident: tuple | None = None     # (st_dev, st_ino) of the file the connection has open
+        self._checked = 0.0                  # when a read last checked that identity
+        self._unusable: str | None = None    # why this forked child cannot use the store (see _after_fork)
+        self._fork_held = (False, False)     # the locks a fork in progress holds (see _before_fork)
 
     def _connect(self) -> sqlite3.Connection:
+        if self._unusable:
+            raise ConfigurationError(self._unusable)
+        directory = os.path.dirname(self.path)
+        if directory:
+            os.makedirs(directory, exist_ok=True)
         conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False)
         conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
         self._retry_locked(lambda: conn.execute("PRAGMA journal_mode=WAL"))
@@ -98,13 +119,73 @@ class SQLiteStore:
         if self._conn is None:
             with self._lock:
                 if self._conn is None:
-                    self._conn = self._connect()
+                    conn = self._connect()
+                    self._ident = self._file_ident()
+                    self._conn = conn
         return self._conn
+
+    def _file_ident(self) -> tuple | None:
+        """(st_dev, st_ino) of the file at the path; None when there is none."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        except OSError:                  # cannot tell (permissions): take it as unchanged
+            return self._ident
+        return (st.st_dev, st.st_ino)
+
+    def _check_file(self) -> None:
+        """Holding the lock, outside a transaction: if the file at the path is no longer the
+        one the connection has open (deleted, or replaced), open the one now there."""
+        if self._conn is None:
+            return
+        ident = self._file_ident()
+        self._checked = time.monotonic()
+        if ident is not None and ident == self._ident:
+            return
+        log.warning("nbqueue: the SQLite file %s was %s; opening it afresh (what the old file held is gone)",
+                    self.path, "deleted" if ident is None else "replaced")
+        old, self._conn = self._conn, None
+        with contextlib.suppress(Exception):
+            old.close()
+        with self._checkpoint_lock:
+            if self._checkpointer is not None:
+                with contextlib.suppress(Exception):
+                    self._checkpointer.close()
+                self._checkpointer = None
+        db = sqlite_utils.Database(self.conn)
+        for create in self._schemas.values():
+            self._retry_locked(lambda: create(db))
+
+    def _before_fork(self) -> None:
+        """In the forking thread: wait until no other thread uses the store (see the module docstring)."""
+        held = self._lock.acquire(timeout=FORK_WAIT)
+        if held and self._depth:                 # the forking thread itself is inside a transaction
+            self._fork_held = (True, False)
+            return
+        self._fork_held = (held, held and self._checkpoint_lock.acquire(timeout=FORK_WAIT))
+
+    def _after_fork_in_parent(self) -> None:
+        held, checkpoint = self._fork_held
+        self._fork_held = (False, False)
+        if checkpoint:
+            self._checkpoint_lock.release()
+        if held:
+            self._lock.release()
 
     def _after_fork(self) -> None:
         """In a forked child: fresh locks and connections (a connection must not cross a fork;
-        the parent's are kept referenced, not closed, so the child never touches them)."""
+        the parent's are kept referenced, not closed, so the child never touches them). If
+        the fork could not wait for the parent's threads to leave the store, the child's
+        SQLite bookkeeping may show locks that nobody will release: refuse to use it."""
+        held, checkpoint = self._fork_held
+        self._fork_held = (False, False)
         _ABANDONED.extend(c for c in (self._conn, self._checkpointer) if c is not None)
+        if not (held and checkpoint) and (self._conn is not None or self._checkpointer is not None):
+            self._unusable = (
+                f"this process was forked while another thread of its parent was using the SQLite file {self.path}, "
+                "so SQLite cannot be used safely here: start child processes with multiprocessing's 'spawn' or "
+                "'forkserver' method (multiprocessing.get_context('spawn')), or fork while no task is being sent or run")
         self._lock = threading.RLock()
         self._checkpoint_lock = threading.Lock()
         self._depth = 0
@@ -112,17 +193,15 @@ class SQLiteStore:
         self._conn = self._checkpointer = None
 
     def ensure_schema(self, key: str, create) -> None:
-        """Run ``create(sqlite_utils.Database)`` once per process and file."""
-        marker = (self.path, key)
-        if marker in SQLiteStore._schemas_done:
-            return
-        with SQLiteStore._schema_lock:
-            if marker in SQLiteStore._schemas_done:
+        """Run ``create(sqlite_utils.Database)`` once per process and file (again whenever the
+        file is opened afresh, see ``_check_file``)."""
+        with self._lock:
+            self._check_file()
+            if key in self._schemas:
                 return
-            with self._lock:
-                db = sqlite_utils.Database(self.conn)
-                self._retry_locked(lambda: create(db))
-            SQLiteStore._schemas_done.add(marker)
+            db = sqlite_utils.Database(self.conn)
+            self._retry_locked(lambda: create(db))
+            self._schemas[key] = create
 
     def _retry_locked(self, fn):
         delay = 0.005
@@ -148,9 +227,10 @@ class SQLiteStore:
     def execute(self, sql: str, params=()) -> "Done":
         """One writing statement; atomic on its own (autocommit) unless inside write()."""
         with self._lock:
-            conn = self.conn
             if self._depth:
-                return Done(conn.execute(sql, params))
+                return Done(self.conn.execute(sql, params))
+            self._check_file()
+            conn = self.conn
             return self._retry_locked(lambda: Done(conn.execute(sql, params)))
 
     def in_transaction(self) -> bool:
@@ -179,6 +259,8 @@ class SQLiteStore:
 
     def read(self, sql: str, params=()) -> list[tuple]:
         with self._lock:
+            if not self._depth and time.monotonic() - self._checked > RECHECK:
+                self._check_file()
             return self._retry_locked(lambda: self.conn.execute(sql, params).fetchall())
 
     def close(self) -> None:
@@ -191,15 +273,35 @@ class SQLiteStore:
 
 
 _ABANDONED: list = []
+_FORKING: list = []              # the stores whose locks the fork in progress holds
+_FORK_LOCK = threading.Lock()    # one fork at a time through these hooks
+
+
+def _before_fork() -> None:
+    _FORK_LOCK.acquire()
+    with SQLiteStore._schema_lock:
+        _FORKING[:] = list(SQLiteStore._shared.values())
+    for store in _FORKING:
+        store._before_fork()
+
+
+def _after_fork_in_parent() -> None:
+    for store in reversed(_FORKING):
+        store._after_fork_in_parent()
+    _FORKING.clear()
+    _FORK_LOCK.release()
 
 
 def _reset_after_fork() -> None:
+    global _FORK_LOCK
     SQLiteStore._schema_lock = threading.Lock()
     for store in list(SQLiteStore._shared.values()):
         store._after_fork()
+    _FORKING.clear()
+    _FORK_LOCK = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_reset_after_fork)
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_reset_after_fork)
 
 
 class _Transaction:
@@ -214,10 +316,11 @@ class _Transaction:
         store = self.store
         store._lock.acquire()
         try:
-            conn = store.conn
             if store._depth:            # only the lock's holder can be in one: ours, so join it
                 store._depth += 1
-                return conn
+                return store.conn
+            store._check_file()
+            conn = store.conn
             store._retry_locked(lambda: conn.execute("BEGIN IMMEDIATE"))
         except BaseException:
             store._lock.release()

@@ -81,6 +81,7 @@ def _safe_text(text: str | None) -> str | None:
 
 class _ResultNotStored(Exception):
     """Storing a task's result failed for a reason of the result's own (its ``__cause__``)."""
+REVOKE_CHECK = 0.02  # a batch's unstarted tasks are checked in the store for revocations once earlier ones took this long
 
 
 class _Prepared:
@@ -160,6 +161,11 @@ class _Batch:
         prep.messages = taken
         prep.tokens = {m["id"]: self.tokens[m["id"]] for _, m in taken if m["id"] in self.tokens}
         return [d for d, _ in taken], prep
+
+    def pending(self) -> list:
+        """The unstarted (delivery, message) pairs left, without taking them."""
+        with self.lock:
+            return list(self.todo)
 
     def give_away_all(self) -> list:
         """Every unstarted (delivery, message) left, for the batch's own thread (stopping)."""
@@ -349,6 +355,9 @@ class _Batch:
                                                         deliveries)
         self.worker._count(processed=sum(stored))
         for (_, task_id, _, _, message, cont), ok, count in zip(members, stored[len(plain):], counts):
+            if not ok:   # revoked meanwhile (or stored by another attempt): end its workflow as the record says
+                workflow.after_final(app, message, app.backend.get(task_id) or {})
+                continue
             if count is None:
                 log.warning("task %s finished, but its group %s is gone; nothing follows it", task_id, cont["group"])
                 continue
@@ -401,6 +410,10 @@ class Worker:
         self.failed = 0                                # ... and FAILURE
         self._count_lock = threading.Lock()
         self.crashed = False                           # every executor thread died (see _executors_died)
+        self.waiting = 0                               # executor threads held by a task waiting for a result (result.py)
+        self._wait_lock = threading.Lock()             # one such wait decided at a time (see holding_thread)
+        self._revoked: set = set()                     # ids revoked by this process's App (see note_revoked)
+        self._workers_seen: tuple[float, list] = (0.0, [])   # other workers' heartbeats, read for unknown task names
         self.group_commit = not isinstance(app.broker.transaction_with(app.backend), contextlib.nullcontext)
         # Redis with results on the same server: the claim script also begins the records
         self.begins_on_claim = app.broker.begins_on_claim(app.backend)
@@ -410,9 +423,11 @@ class Worker:
         # lease covering a crash before they run)
         self.local_follow_ups = local_follow_ups and (self.group_commit or self.begins_on_claim) and hasattr(app.broker, "publish_reserved")
         # a notebook kernel defines its tasks in cells that may run after the worker starts
-        # (a restarted kernel): for this long, a task it does not know yet is handed back
+        # (a restarted kernel): for this long, a message sent before it started whose task
+        # it does not know yet is handed back (see _leave_unknown)
         self.unknown_grace = float(unknown_grace)
         self._born = app.clock.time()
+        self._pid = os.getpid()
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> "Worker":
@@ -430,6 +445,7 @@ class Worker:
         for t in self._threads:
             t.start()
         self.app._worker_started(self)
+        self.announce()
         if self.beat:
             self.app.scheduler().start()
         log.info("worker %s started: %d %s, queues %s", self.name, self.concurrency, "child process(es)" if self.pool else "thread(s)",
@@ -446,6 +462,10 @@ class Worker:
 
     def stop(self, wait: bool = True, timeout: float | None = None) -> None:
         """Stop taking tasks; running ones finish; reserved but unstarted ones go back at once."""
+        if os.getpid() != self._pid:       # a forked child's copy of its parent's worker: it runs in the parent
+            self._threads = []
+            self.app._worker_stopped(self)
+            return
         self._stopping.set()
         if self.beat:
             self.app.scheduler().stop(wait=wait, timeout=timeout)
@@ -470,10 +490,11 @@ class Worker:
             if self.pool is not None:
                 self.pool.close()
             self.app._worker_stopped(self)
-            try:
-                self.app.backend.worker_gone(self.name)
-            except Exception:
-                log.debug("could not remove worker heartbeat", exc_info=True)
+            if os.getpid() == self._pid:   # in a forked child, the worker is the parent's: it goes on there
+                try:
+                    self.app.backend.worker_gone(self.name)
+                except Exception:
+                    log.debug("could not remove worker heartbeat", exc_info=True)
         return not alive
 
     @property
@@ -585,9 +606,6 @@ class Worker:
     def _heartbeat_loop(self) -> None:
         """Every 0.1 s while tasks run: STARTED states, live output, time limits.
         Every ``heartbeat_interval``: lease extensions and the worker's heartbeat record."""
-        info = {"host": socket.gethostname(), "pid": os.getpid(), "concurrency": self.concurrency, "queues": self.queues,
-                "heartbeat_interval": self.heartbeat_interval, "pool": "processes" if self.pool is not None else "threads",
-                "allow_code": self.allow_code, "origin": builtin.PROCESS_TOKEN}
         next_beat, next_upkeep = 0.0, time.monotonic() + 0.5   # no checkpoint at start: work comes first
         reported_alive = self.concurrency
         while True:
@@ -610,12 +628,11 @@ class Worker:
                         held = list(self._held.values())
                     for d in held:
                         self.app.broker.extend(d, self.lease)
-                    info["holding"] = sorted({d.message_id for d in held})     # see _attempt_alive
                     if alive < reported_alive and not self._stopping.is_set():
                         log.error("worker %s: %d of %d executor thread(s) died", self.name, self.concurrency - alive, self.concurrency)
                     reported_alive = alive
-                    self.app.backend.heartbeat(self.name, {**info, "queues": self.queues, "concurrency": alive, "running": len(running), "processed": self.processed},
-                                               ttl=max(3 * self.heartbeat_interval, 2.0))
+                    self._beat(len(running))
+                    self._settle_revoked(running)
             except Exception:
                 log.warning("worker %s: heartbeat failed", self.name, exc_info=True)
             if time.monotonic() >= next_upkeep:
@@ -628,6 +645,70 @@ class Worker:
             if self._stopping.is_set() and not any(t.is_alive() for t in self._threads if t is not threading.current_thread()):
                 return
             self._stopping.wait(min(STARTED_AFTER, self.heartbeat_interval)) if not self._stopping.is_set() else time.sleep(0.05)
+
+    def _beat(self, running: int) -> None:
+        """Write this worker's heartbeat: who it is, its queues and threads, the task names it
+        has registered (so a worker lacking one leaves its messages to this one, and waiters
+        can tell when no live worker can run a task) and its threads held waiting in a task."""
+        with self._held_lock:
+            holding = sorted({d.message_id for d in self._held.values()})     # see _attempt_alive
+        info = {"host": socket.gethostname(), "pid": os.getpid(), "queues": self.queues,
+                "concurrency": self._executors_alive() if self._threads else self.concurrency,
+                "heartbeat_interval": self.heartbeat_interval, "holding": holding,
+                "running": running, "processed": self.processed, "waiting": self.waiting, "tasks": sorted(list(self.app.registry)),
+                "pool": "processes" if self.pool is not None else "threads", "allow_code": self.allow_code, "origin": builtin.PROCESS_TOKEN}
+        self.app.backend.heartbeat(self.name, info, ttl=max(3 * self.heartbeat_interval, 2.0))
+
+    def announce(self) -> None:
+        """Write the heartbeat now (at start, and when the App registers a task), not at the next beat."""
+        if not self.running:
+            return
+        with self._held_lock:
+            running = len(self._running)
+        try:
+            self._beat(running)
+        except Exception:
+            log.warning("worker %s: heartbeat failed", self.name, exc_info=True)
+
+    @contextlib.contextmanager
+    def holding_thread(self, check=None):
+        """Around a wait for another task's result inside a task of this worker (result.py):
+        an executor thread of this worker counts as held (``waiting``) while it waits.
+        ``check()`` (which may raise) runs once the thread counts, one thread at a time, so
+        of two threads starting to wait together the second sees the first as held."""
+        mine = threading.current_thread() in self._threads
+        with self._wait_lock:
+            if mine:
+                with self._held_lock:
+                    self.waiting += 1
+            try:
+                if check is not None:
+                    check()
+            except BaseException:
+                if mine:
+                    with self._held_lock:
+                        self.waiting -= 1
+                raise
+        try:
+            yield
+        finally:
+            if mine:
+                with self._held_lock:
+                    self.waiting -= 1
+
+    def _settle_revoked(self, running: dict) -> None:
+        """End the workflows of running tasks revoked meanwhile (``App.revoke``), at once rather
+        than when the task returns (its late result is fenced out then): the chord fails, the
+        rest of a chain is recorded as not run."""
+        started = [task_id for task_id, run in running.items() if not run.get("revoked")]
+        if not started:
+            return
+        found = self.app.backend.states_of(started)
+        for task_id in started:
+            if found.get(task_id) == states.REVOKED:
+                run = running[task_id]
+                run["revoked"] = True
+                workflow.after_final(self.app, run["message"], self.app.backend.get(task_id) or {})
 
     def _flush_stale(self) -> None:
         """Commit finished tasks that wait in a batch whose executor is busy with a long task,
@@ -695,6 +776,7 @@ class Worker:
         try:
             if prep is None:
                 prep = self._prepare(deliveries)
+            checked = time.monotonic()
             for delivery, reason in prep.malformed:
                 self._dead_letter(delivery, reason, batch)
             batch.tokens = prep.tokens
@@ -711,6 +793,11 @@ class Worker:
                     break
                 if batch.waiting() >= GROUP_COMMIT:
                     batch.flush()   # finished tasks wait at most GROUP_COMMIT (or the heartbeat's flush, see _flush_stale)
+                if time.monotonic() - checked >= REVOKE_CHECK:
+                    checked = time.monotonic()
+                    self._skip_revoked(prep, [item] + batch.pending())
+                if self._revoked and self._revoked_here(message["id"]):
+                    prep.tokens[message["id"]] = None
                 try:
                     self._execute(delivery, message, prep.tokens.get(message["id"], _MISSING), batch)
                 except STORE_ERRORS:
@@ -753,6 +840,32 @@ class Worker:
             seen.add(message["id"])
             out.append((delivery, message))
         return out, copies
+
+    def note_revoked(self, task_id: str) -> None:
+        """``App.revoke`` in this process: a batch holding the task skips it without asking the store."""
+        with self._held_lock:
+            if len(self._revoked) > 10_000:
+                self._revoked.clear()
+            self._revoked.add(task_id)
+
+    def _revoked_here(self, task_id: str) -> bool:
+        with self._held_lock:
+            if task_id in self._revoked:
+                self._revoked.discard(task_id)
+                return True
+        return False
+
+    def _skip_revoked(self, prep: "_Prepared", unstarted: list) -> None:
+        """Tasks of a batch not started yet (``unstarted``: (delivery, message) pairs) may have
+        been revoked (in another process) since they were reserved: forget their tokens, so
+        they are settled as final (ending their workflows), not run."""
+        waiting = [m["id"] for _, m in unstarted if prep.tokens.get(m["id"])]
+        if not waiting:
+            return
+        found = self.app.backend.states_of(waiting)
+        for task_id in waiting:
+            if found.get(task_id) in states.READY_STATES:
+                prep.tokens[task_id] = None
 
     def _take_local(self, outs: list, local: list) -> list:
         """Publish to this worker the follow-ups it can run next; return the others."""
@@ -870,21 +983,21 @@ class Worker:
             if task is shipping.HAND_BACK:    # another live worker runs it
                 self._requeue(delivery, message, token, batch, delay=1.0)
                 return
-        if task is None and app.clock.time() - self._born < self.unknown_grace:
-            log.info("task %s (%s) is not registered yet; handing it back for %.0fs more", name, task_id,
-                     self.unknown_grace - (app.clock.time() - self._born))
-
-            def hand_back() -> None:
-                if app.backend.set_state(task_id, states.PENDING, token=token):
-                    app.broker.retry(delivery, eta=app.clock.time() + 1.0)
-                else:
-                    batch.ack(delivery)
-
-            batch.add(hand_back, delivery)
-            return
         if task is None:
+            delay = self._leave_unknown(name, delivery.queue, message)
+            if delay is not None:
+                def hand_back() -> None:
+                    if app.backend.set_state(task_id, states.PENDING, token=token):
+                        app.broker.retry(delivery, eta=app.clock.time() + delay)
+                    else:
+                        batch.ack(delivery)
+
+                batch.add(hand_back, delivery)
+                return
             known = ", ".join(sorted(n for n in app.registry if not n.startswith("nbqueue."))) or "none"
-            self._fail(delivery, message, token, NotRegistered(f"task {name!r} is not registered on this worker (registered: {known})"), batch)
+            self._fail(delivery, message, token, NotRegistered(
+                f"task {name!r} is not registered on this worker nor on any live worker of queue {delivery.queue!r} "
+                f"(registered here: {known})"), batch)
             return
         refusal = self._refusal(task, message)
         if refusal is not None:
@@ -942,7 +1055,7 @@ class Worker:
             return
 
         fields = {"result": result_text, "output": _safe_text(output) or None, "error": None, "exc_type": None, "traceback": None, "started_at": started_at}
-        if not message.get("on_success") and not message.get("workflow"):
+        if not message.get("on_success") and not message.get("workflow") and not message.get("on_error"):
             batch.add_plain(delivery, task_id, token, fields)      # nothing follows: finished with others in one go
             return
         if self.begins_on_claim:   # Redis with results on its server: see RedisBroker.store_count_and_ack
@@ -961,6 +1074,8 @@ class Worker:
             if stored:
                 workflow.on_success(app, message, result_text)
                 self._count(processed=1)
+            else:   # revoked (or failed by its time limit) meanwhile: what follows it ends as for a failure
+                workflow.after_final(app, message, app.backend.get(task_id) or {})
             batch.ack(delivery)
 
         batch.add(finish, delivery)
@@ -1097,6 +1212,35 @@ class Worker:
         if queues != self.queues:
             self.queues = queues        # an executor's next reserve (within 0.25 s) reads them
 
+    def _leave_unknown(self, name: str, queue: str, message: dict) -> float | None:
+        """For a task name this worker has not registered: in how many seconds to hand the
+        message back instead of failing it, or None to fail it with NotRegistered.
+
+        Another live worker of the queue has it registered (its heartbeat lists it): leave it
+        to that worker, never fail it. A message sent before this worker started, within its
+        ``unknown_grace`` (a notebook kernel's worker: the cells that define tasks may run
+        after it starts): wait for it to be registered. Otherwise no live worker knows it.
+        """
+        app = self.app
+        now = app.clock.time()
+        seen_at, others = self._workers_seen
+        if time.monotonic() - seen_at > 1.0:
+            try:
+                others = [w for w in app.backend.workers() if w.get("worker_id") != self.name]
+            except Exception:
+                log.warning("worker %s: cannot read the other workers' heartbeats", self.name, exc_info=True)
+                others = []
+            self._workers_seen = (time.monotonic(), others)
+        owners = [w["worker_id"] for w in others if queue in (w.get("queues") or ()) and name in (w.get("tasks") or ())]
+        if owners:
+            log.info("task %s (%s) is not registered here; leaving it to %s", name, message["id"], ", ".join(owners[:3]))
+            return 0.5
+        if now - self._born < self.unknown_grace and (message.get("created_at") or 0.0) <= self._born:
+            log.info("task %s (%s) is not registered yet; handing it back for %.0fs more", name, message["id"],
+                     self.unknown_grace - (now - self._born))
+            return 1.0
+        return None
+
     def _refusal(self, task, message: dict) -> BaseException | None:
         """A reason not to run this task on this worker (cells need --allow-cells), or None."""
         check = getattr(task.fn, "nbqueue_check", None)
@@ -1116,6 +1260,7 @@ class Worker:
                 app.broker.retry(delivery, body=encode_body(message), eta=eta)
                 log.info("task %s (%s) will retry in %.1fs: %s", message["name"], message["id"], delay, reason)
             else:  # revoked or taken over meanwhile
+                workflow.after_final(app, message, app.backend.get(message["id"]) or {})
                 batch.ack(delivery)
 
         batch.add(finish, delivery)
@@ -1135,6 +1280,8 @@ class Worker:
                                         traceback=tb, output=output or None, retries=message.get("retries", 0), **extra):
                 workflow.on_failure(app, message, exc_type, error)
                 self._count(failed=1)
+            else:   # revoked meanwhile: what follows it ends as for a failure
+                workflow.after_final(app, message, app.backend.get(message["id"]) or {})
             batch.ack(delivery)
 
         batch.add(finish, delivery)

@@ -491,16 +491,18 @@ def _fail(app, conts: list, origin_id: str, exc_type: str, error: str, pub: _Pub
 
 
 def _mark_not_run(app, node: dict, origin_id: str, exc_type: str, error: str, pub: _Publisher) -> None:
-    """Record every task of a node that will never run; fire their error callbacks."""
+    """Record every task of a node that will never run (REVOKED, the traceback saying
+    ``not run: <id> failed`` or ``was revoked``); fire their error callbacks."""
+    why = f"not run: {origin_id} " + ("was revoked" if exc_type == "TaskRevoked" else "failed")
     if node["t"] == "task":
         message = node["msg"]
-        app.backend.store_result(message["id"], states.REVOKED, exc_type=exc_type, error=error, traceback=f"not run: {origin_id} failed")
+        app.backend.store_result(message["id"], states.REVOKED, exc_type=exc_type, error=error, traceback=why)
         _fire_error_callbacks(app, message, error, pub)
     elif node["t"] == "chain":
         for step in node["steps"]:
             _mark_not_run(app, step, origin_id, exc_type, error, pub)
     else:
-        app.backend.store_result(node["id"], states.REVOKED, exc_type=exc_type, error=error, traceback=f"not run: {origin_id} failed")
+        app.backend.store_result(node["id"], states.REVOKED, exc_type=exc_type, error=error, traceback=why)
         for member in node["members"]:
             _mark_not_run(app, member, origin_id, exc_type, error, pub)
 

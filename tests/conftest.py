@@ -272,9 +272,10 @@ APP_KINDS = ["sqlite", "memory", "redis", "amqp"]
 
 
 def app_urls(kind: str, tmp_path) -> tuple[str, str | None]:
-    """(broker, backend) URLs for an App of this kind; AMQP keeps results in SQLite."""
-    if kind == "amqp":
-        return store_url("amqp", tmp_path), f"sqlite:///{tmp_path}/results.db"
+    """(broker, backend) URLs for an App of this kind; AMQP and SQS (not in APP_KINDS: tests
+    name it where they run on it too) keep results in SQLite."""
+    if kind in ("amqp", "sqs"):
+        return store_url(kind, tmp_path), f"sqlite:///{tmp_path}/results.db"
     url = store_url(kind, tmp_path)
     return url, url
 
@@ -305,7 +306,7 @@ def app_factory(app_kind, tmp_path, qname):
     for app in made:
         for worker in list(app.workers):
             worker.stop(wait=True, timeout=10)
-    if app_kind == "amqp" and made:
+    if app_kind in ("amqp", "sqs") and made:
         made[0].broker.delete_queues(qname.made)
     for app in made:
         try:

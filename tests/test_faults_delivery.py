@@ -30,6 +30,10 @@ from nbqueue.testing import dead_worker_name, wait_for
 from test_processes import Workers, side_rows
 
 
+#: the App kinds of tests/conftest.py, and SQS (moto; results in SQLite)
+KINDS_AND_SQS = ["sqlite", "memory", "redis", "amqp", "sqs"]
+
+
 @pytest.fixture
 def workers(tmp_path):
     w = Workers(tmp_path)
@@ -60,7 +64,7 @@ def settled(app) -> bool:
 # -- a task that kills its worker: bounded redelivery -----------------------------------------------
 
 
-@pytest.mark.parametrize("app_kind", ["sqlite", "redis", "amqp"])
+@pytest.mark.parametrize("app_kind", ["sqlite", "redis", "amqp", "sqs"])
 def test_task_that_kills_its_worker_process_is_dead_lettered_after_five_deliveries_and_its_batch_mates_run(app_factory, workers):
     app = app_factory(visibility_timeout=1)
     mates = [f"mate{i}" for i in range(3)]
@@ -100,6 +104,7 @@ def test_app_option_max_deliveries_reaches_the_broker_and_is_checked(tmp_path):
     assert nbqueue.App.from_env({"NBQUEUE_BROKER": f"sqlite:///{tmp_path}/a.db", "NBQUEUE_MAX_DELIVERIES": "3"}).broker.max_deliveries == 3
 
 
+@pytest.mark.parametrize("app_kind", KINDS_AND_SQS)
 def test_message_delivered_max_deliveries_times_without_finishing_is_dead_lettered_in_process(app_factory):
     """The same with in-process workers, on every broker. A "dying" worker (an App of its own,
     named as a process that has ended, stepped in a thread) runs the poison task, which
@@ -264,7 +269,7 @@ def _timed_sum(n: int) -> float:
     return time.perf_counter() - started
 
 
-@pytest.mark.parametrize("app_kind", ["sqlite", "redis"])
+@pytest.mark.parametrize("app_kind", ["sqlite", "redis", "sqs"])
 def test_task_holding_the_gil_longer_than_its_lease_completes_once_on_two_worker_processes(app_factory, workers):
     """RabbitMQ has no lease timer (a delivery lasts as long as its connection): not affected."""
     app = app_factory(visibility_timeout=1)
@@ -282,7 +287,7 @@ def test_task_holding_the_gil_longer_than_its_lease_completes_once_on_two_worker
     assert [proc.wait(30) for proc in procs] == [0, 0]
 
 
-@pytest.mark.parametrize("app_kind", ["sqlite", "redis"])
+@pytest.mark.parametrize("app_kind", ["sqlite", "redis", "sqs"])
 def test_task_holding_the_gil_longer_than_its_lease_completes_once_between_a_kernel_worker_and_a_worker_process(app_factory, workers):
     """A notebook's own (threaded) worker and an ``nbqueue worker`` process share the queue;
     whichever takes the task stalls every thread of its process for about 4 s."""
@@ -320,6 +325,7 @@ def _stalled_delivery(app_factory, register):
     return stalled, deliveries, prep
 
 
+@pytest.mark.parametrize("app_kind", KINDS_AND_SQS)
 def test_redelivered_task_whose_attempt_is_alive_is_put_back_and_the_attempt_is_recorded(app_factory):
     runs: list = []
 
@@ -340,6 +346,7 @@ def test_redelivered_task_whose_attempt_is_alive_is_put_back_and_the_attempt_is_
     assert runs == [7]
 
 
+@pytest.mark.parametrize("app_kind", KINDS_AND_SQS)
 def test_redelivered_task_whose_worker_died_runs_at_once(app_factory):
     runs: list = []
 
@@ -361,6 +368,7 @@ def test_redelivered_task_whose_worker_died_runs_at_once(app_factory):
     assert runs == [8] and r.get(timeout=5) == 8
 
 
+@pytest.mark.parametrize("app_kind", KINDS_AND_SQS)
 def test_redelivered_task_that_a_heartbeating_worker_no_longer_holds_runs_at_once(app_factory):
     """A worker that heartbeats extends the leases of what it holds: one it let lapse is not
     its any more (unless its heartbeat lists it), so waiting for it would wait forever."""

@@ -194,16 +194,75 @@ def _reserve(broker, queue, timeout=10.0, lease=30.0):
     return got
 
 
-def test_sqs_message_delivered_more_than_max_deliveries_is_dead_lettered_with_the_reason(sqs, qname):
+def test_sqs_message_delivered_max_deliveries_times_without_finishing_comes_flagged_then_dead_letters_with_the_reason(sqs, qname):
     broker, q = sqs(max_deliveries=2), qname("poison")
     broker.publish(Outgoing(id="poison", body="{}", queue=q))
     for attempt in (1, 2):                      # the worker dies each time: the lease (1 s) runs out
         [d] = _reserve(broker, q, lease=1)
-        assert d.attempt == attempt
-    assert broker.reserve([q], timeout=2.5, lease=1) == []     # the third receive dead-letters it
+        assert (d.attempt, d.lapsed, d.dead_reason) == (attempt, attempt - 1, None)
+    [d] = _reserve(broker, q, lease=30)         # the third receive: flagged for the worker to dead-letter
+    assert (d.attempt, d.lapsed) == (3, 2)
+    assert d.dead_reason == "delivered 2 times without finishing (max_deliveries=2)"
+    assert broker.reject(d, d.dead_reason)
     dead = wait_for(lambda: broker.dead_letters(q))
-    assert [(x["id"], x["reason"]) for x in dead] == [("poison", "delivered 2 times without finishing")]
+    assert [(x["id"], x["reason"]) for x in dead] == [("poison", "delivered 2 times without finishing (max_deliveries=2)")]
     assert wait_for(lambda: [s for s in broker.stats() if s["queue"] == q and s["dead"] == 1])
+
+
+def test_sqs_redrive_policy_moves_a_message_only_when_its_flagged_delivery_lapses_too(sqs, qname):
+    """The queue's own redrive policy is a backstop: a worker that dies before dead-lettering
+    the flagged delivery leaves it to SQS, which moves it at the next receive."""
+    broker, q = sqs(max_deliveries=1), qname("backstop")
+    broker.publish(Outgoing(id="crash", body="{}", queue=q))
+    [d] = _reserve(broker, q, lease=1)
+    assert d.lapsed == 0
+    [d] = _reserve(broker, q, lease=1)
+    assert d.lapsed == 1 and d.dead_reason is not None        # the worker dies with this one too
+    assert broker.reserve([q], timeout=2.5, lease=1) == []     # SQS moved it instead of a third receive
+    dead = wait_for(lambda: broker.dead_letters(q))
+    assert [x["id"] for x in dead] == ["crash"] and "redrive policy" in dead[0]["reason"]
+
+
+def test_sqs_retry_release_and_delay_hops_are_not_lapses(sqs, qname):
+    """SQS counts every receive; a hand-back that is not a lapse sends a copy instead, so its
+    next receive does not read as one (ChangeMessageVisibility to 0 would)."""
+    broker, q = sqs(max_deliveries=2), qname("nolapse")
+    broker.max_delay = 1                        # SQS's 15 minutes, shortened: the same code path
+    broker.publish(Outgoing(id="n", body="{}", queue=q))
+    [d] = _reserve(broker, q, lease=1)
+    assert broker.retry(d)
+    [d] = _reserve(broker, q, lease=1)
+    assert broker.release(d)
+    [d] = _reserve(broker, q, lease=1)
+    assert broker.retry(d, eta=time.time() + 2.2)             # hops once on the way
+    [d] = _reserve(broker, q, lease=1)
+    assert (d.attempt, d.lapsed, d.dead_reason) == (3, 0, None)
+    [d] = _reserve(broker, q, lease=30)                        # its lease (1 s) ran out: a lapse
+    assert (d.attempt, d.lapsed, d.dead_reason) == (4, 1, None)
+    assert broker.defer(d, eta=time.time() + 1)               # still after its lapse, not another
+    [d] = _reserve(broker, q, lease=30)
+    assert (d.lapsed, d.after_lapse, d.dead_reason) == (1, True, None)
+    assert broker.ack(d)
+
+
+def test_sqs_message_after_a_lapse_comes_alone_and_its_batch_mates_are_not_counted(sqs, qname):
+    broker, q = sqs(), qname("alone")
+    broker.publish(Outgoing(id="suspect", body="{}", queue=q))
+    _reserve(broker, q, lease=1)
+    broker.publish_many([Outgoing(id=f"m{i}", body="{}", queue=q) for i in range(4)])
+    # the suspect's lease runs out while the others wait: all five visible, received together
+    wait_for(lambda: [s for s in broker.stats() if s["queue"] == q and s["ready"] == 5])
+    got: list = []
+    deadline = time.monotonic() + 15
+    while sum(map(len, got)) < 5 and time.monotonic() < deadline:
+        batch = broker.reserve([q], timeout=0.5, lease=30, limit=10)
+        if batch:
+            got.append(batch)
+    assert sorted(d.message_id for b in got for d in b) == ["m0", "m1", "m2", "m3", "suspect"]
+    assert [[d.message_id for d in b] for b in got if any(d.message_id == "suspect" for d in b)] == [["suspect"]]
+    assert {d.message_id: (d.attempt, d.lapsed) for b in got for d in b} == {
+        **{f"m{i}": (1, 0) for i in range(4)}, "suspect": (2, 1)}
+    assert all(broker.ack_many([d for b in got for d in b]))
 
 
 def test_sqs_created_queue_has_a_redrive_policy_to_its_dead_letter_queue(sqs, qname):
@@ -212,6 +271,11 @@ def test_sqs_created_queue_has_a_redrive_policy_to_its_dead_letter_queue(sqs, qn
     attrs = broker.client.get_queue_attributes(QueueUrl=broker._url(q), AttributeNames=["RedrivePolicy"])["Attributes"]
     policy = json.loads(attrs["RedrivePolicy"])
     assert int(policy["maxReceiveCount"]) == 4 and policy["deadLetterTargetArn"].endswith(f":{q}-dead")
+    fifo = qname("redrive-f") + ".fifo"
+    qname.made.append(fifo)
+    broker.publish(Outgoing(id="f", body="{}", queue=fifo))
+    attrs = broker.client.get_queue_attributes(QueueUrl=broker._url(fifo), AttributeNames=["RedrivePolicy"])["Attributes"]
+    assert int(json.loads(attrs["RedrivePolicy"])["maxReceiveCount"]) == 5      # and one early receive hiding a delay
 
 
 def test_sqs_queue_made_elsewhere_dead_letters_into_its_own_redrive_target(sqs, qname):
@@ -250,8 +314,11 @@ def test_sqs_fifo_queue_dedupes_by_task_id_and_keeps_delays(sqs, qname):
     broker.publish(Outgoing(id="o2", body='{"n": 2}', queue=q, eta=eta))
     [d1] = _reserve(broker, q)
     assert d1.message_id == "o1" and broker.ack(d1)
-    [d2] = _reserve(broker, q)
+    [d2] = _reserve(broker, q, lease=1)
     assert d2.message_id == "o2" and time.time() >= eta
+    assert (d2.attempt, d2.lapsed) == (1, 0)                         # the receive that hid it is no lapse
+    [d2] = _reserve(broker, q, lease=5)                               # its lease (1 s) ran out: one is
+    assert (d2.message_id, d2.attempt, d2.lapsed) == ("o2", 2, 1)
     assert broker.ack(d2)
     assert broker.reserve([q], timeout=1.2, lease=5) == []
 

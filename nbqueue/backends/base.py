@@ -17,6 +17,7 @@ from typing import Iterable, Sequence
 
 from .. import states
 from ..brokers.base import WAKEUPS
+from ..errors import ResultNotFound
 
 FIELDS = (
     "id", "name", "state", "args", "kwargs", "result", "error", "exc_type", "traceback",
@@ -119,8 +120,11 @@ class ResultBackend:
         return {r["id"]: r["state"] for r in self.get_many(ids) if r is not None}
 
     # -- waiting -----------------------------------------------------------------
-    def wait(self, ids: Sequence[str], timeout: float | None = None) -> bool:
+    def wait(self, ids: Sequence[str], timeout: float | None = None, *, missing_ok: bool = True) -> bool:
         """Block until every id is final (True) or the timeout passes (False).
+
+        ``missing_ok=False``: raise ResultNotFound as soon as an id has no record (every
+        task is recorded when it is sent, so it could never finish).
 
         Waits on a per-process wake-up and polls the store with back-off; stores with
         a push channel override ``_block``. Many ids are checked in order a slice at a
@@ -137,10 +141,16 @@ class ResultBackend:
             version = WAKEUPS.version(self._wake_key)
             while pending:
                 # the oldest pending id first: while it is not done, one tiny query per wake-up
-                if len(pending) > 1 and self.states_of(pending[:1]).get(pending[0]) not in states.READY_STATES:
-                    break
+                if len(pending) > 1:
+                    first = self.states_of(pending[:1]).get(pending[0])
+                    if first is None and not missing_ok:
+                        raise ResultNotFound(pending[0])
+                    if first not in states.READY_STATES:
+                        break
                 head = pending[:256]
                 found = self.states_of(head)
+                if not missing_ok and len(found) < len(head):
+                    raise ResultNotFound(next(i for i in head if i not in found))
                 still = [i for i in head if found.get(i) not in states.READY_STATES]
                 pending = still + pending[len(head):]
                 if still:
@@ -159,26 +169,31 @@ class ResultBackend:
                 time.sleep(min(0.002 * len(pending) / 256, 0.02))  # many waits: check a little less eagerly
             interval = min(interval * 2, ceiling)
 
-    def wait_record(self, task_id: str, timeout: float | None = None, since: int | None = None) -> dict | None:
+    def wait_record(self, task_id: str, timeout: float | None = None, since: int | None = None, *,
+                    missing_ok: bool = True) -> dict | None:
         """Block until one task is final and return its record (None on timeout): one read
         per wake-up, the record itself, rather than a state check and then a read.
 
         ``since``: ``wake_version()`` read before the task was sent; the first read is
         skipped while nothing was stored since (a task just sent is not final yet).
+        ``missing_ok=False``: raise ResultNotFound as soon as a read finds no record.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         interval = 0.001
         ceiling = float(self.options.get("poll_interval", 0.1))
         with WAKEUPS.watching(self._wake_key, task_id) as woken:
-            record = None
+            record, read = None, False
             if since is None or WAKEUPS.version(self._wake_key) != since:
                 woken.clear()
-                record = self.get(task_id)
+                record, read = self.get(task_id), True
             while record is None or record["state"] not in states.READY_STATES:
+                if record is None and read and not missing_ok:
+                    raise ResultNotFound(task_id)
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return None
                 record = self._block_then_get(task_id, woken, interval if remaining is None else min(interval, remaining))
+                read = True
                 interval = min(interval * 2, ceiling)
             return record
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import threading
 from typing import Any, Iterable, Sequence
 
@@ -281,7 +282,7 @@ class LocalWakeups:
                 cond = self._conds.get(key)
                 if cond is None:
                     cond = self._conds[key] = threading.Condition()
-                    self._versions[key] = 0
+                    self._versions.setdefault(key, 0)     # kept across a fork (see _after_fork)
         return cond
 
     def version(self, key: Any) -> int:
@@ -334,7 +335,16 @@ class LocalWakeups:
                     del self._watches[key][task_id]
 
 
+    def _after_fork(self) -> None:
+        """In a forked child: the parent's other threads are gone, and a lock one of them held
+        would stay held; fresh locks and conditions, no watchers (the versions are kept)."""
+        self._lock = threading.Lock()
+        self._conds = {}
+        self._watches = {}
+
+
 WAKEUPS = LocalWakeups()
+os.register_at_fork(after_in_child=WAKEUPS._after_fork)
 
 
 def queue_list(queues: str | Iterable[str]) -> list[str]:

@@ -18,7 +18,10 @@ through a client that decodes with ``surrogateescape``, so a body that is not UT
 is handed out for dead-lettering instead of failing the whole claim.
 
 ``memory://NAME`` is the same code over a fakeredis ``FakeServer`` shared by name
-within the process (default name ``default``); it needs ``fakeredis[lua]``.
+within the process (default name ``default``); it needs ``fakeredis[lua]``. A forked
+child cannot use its parent's ``memory://`` stores (it has a private copy that no
+other process reads): they raise ConfigurationError there; a ``memory://`` App made in
+the child gets a server of the child's own.
 
 Options: ``key_prefix`` (default ``nbq:``; a missing final colon is added),
 ``max_block`` (longest single blocking wait in reserve, default 1.0 s), ``batch`` (due
@@ -49,6 +52,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import logging
+import os
 import threading
 import time
 import uuid
@@ -60,7 +64,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from .. import states
-from ..errors import ConnectionLost
+from ..errors import ConfigurationError, ConnectionLost
 from .base import Broker, Delivery, Outgoing, checked_text, queue_list, redact, shown
 
 if TYPE_CHECKING:
@@ -126,6 +130,7 @@ def connect(url: str, options: Mapping[str, Any], encoding_errors: str = "strict
         import fakeredis
 
         client = fakeredis.FakeRedis(server=fake_server(parts.netloc or parts.path.strip("/") or "default"), **kwargs)
+        _bind_to_process(client, url)
     else:
         if warn:
             warn_if_exposed(url, options)
@@ -136,6 +141,35 @@ def connect(url: str, options: Mapping[str, Any], encoding_errors: str = "strict
         int(options.get("retries", 10)),
     ))
     return client
+
+
+def _bind_to_process(client: redis.Redis, url: str) -> None:
+    """A fakeredis client works in the process that made it only: in a forked child every
+    command raises ConfigurationError at once (the child's copy of the server is private)."""
+    pool = client.connection_pool
+    get_connection = pool.get_connection
+    owner = os.getpid()
+
+    def checked(*args, **kwargs):
+        if os.getpid() != owner:
+            raise ConfigurationError(
+                f"{url} is a store inside process {owner}, and this process ({os.getpid()}) was forked from it: its copy "
+                "is private and no worker of the parent will ever read it. Share tasks between processes through "
+                "sqlite:// or redis:// (forked children then work), or start the child with multiprocessing's 'spawn' or "
+                "'forkserver' method and make its App and worker in the child")
+        return get_connection(*args, **kwargs)
+
+    pool.get_connection = checked
+
+
+def _after_fork_in_child() -> None:
+    """The parent's fakeredis servers (and a lock a thread of it held) stay with the parent."""
+    global _FAKE_LOCK
+    _FAKE_LOCK = threading.Lock()
+    _FAKE_SERVERS.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def warn_if_exposed(url: str, options: Mapping[str, Any]) -> None:

@@ -46,15 +46,31 @@ Capabilities:
   the rest of its delay (and the original deleted) instead of being handed out; hops do
   not count as deliveries. FIFO queues have no per-message delays: a FIFO message
   received early is hidden for the rest of its delay (ChangeMessageVisibility, up to 12
-  hours a hop).
-- Maximum deliveries: a message received more than ``max_deliveries`` times without
-  being acknowledged is moved to the dead-letter queue with the reason "delivered N
-  times without finishing" instead of being handed out. The queues this broker creates
-  also get SQS's own redrive policy (``maxReceiveCount`` = ``max_deliveries`` + 1, + 3 on
-  FIFO) as a backstop; a message SQS moved itself shows that as its reason.
-- Attempts: ``ApproximateReceiveCount`` plus the receives of earlier copies
-  (``nbq-attempts``, carried by ``retry()`` and ``release()``; ``release()`` does not
-  count the reservation it hands back).
+  hours); received early again, it is sent again (so a copy is hidden once at most).
+- Bounded redelivery (see nbqueue.brokers.base): a lapse is a receive whose visibility
+  timeout ran out. SQS's ``ApproximateReceiveCount`` counts every receive of a message,
+  so nothing else may end a receive with the message left in place: every hand-back
+  that is not a lapse (``release``, ``retry`` (with or without a new body or eta),
+  ``defer``, a delay's hop, a batch-mate put back, ``reject``) sends a copy carrying the
+  counts so far in attributes (``nbq-attempts``, ``nbq-lapses``) and deletes the
+  original; ``ack`` deletes it. A copy's earlier receives are then its lapses:
+  ``Delivery.lapsed`` = ``nbq-lapses`` + ApproximateReceiveCount - 1 (less the one early
+  receive that hid a FIFO copy until its eta, known from
+  ``ApproximateFirstReceiveTimestamp``). ``maybe_lapsed`` is never set. A message after a
+  lapse is handed out alone (its batch-mates of the same receive are put back as
+  ``release`` does); at ``max_deliveries`` lapses it is handed out with ``dead_reason``
+  "delivered N times without finishing" for the worker to fail its record and
+  dead-letter it. ``defer`` is a retry with an eta: the copy keeps ``nbq-lapses``, so it
+  comes back ``after_lapse``. A second copy of a held message (see Stale deliveries)
+  adds a receive, so a later lapse of that delivery counts one too many (rare).
+- Redrive policy, a backstop: queues this broker creates get ``maxReceiveCount`` =
+  ``max_deliveries`` + 1 (+ 1 more on FIFO queues, for the early receive): the most
+  receives a copy has up to and including its ``dead_reason`` delivery, so SQS moves a
+  message (at its next receive) only when that delivery lapsed as well (its worker died
+  before dead-lettering it); such a dead letter shows the redrive policy as its reason.
+- Attempts: ``Delivery.attempt`` is ``nbq-attempts`` (attempts of earlier copies:
+  ``retry()`` counts its reservation, ``release()`` and a put-back batch-mate do not)
+  + this copy's lapses + 1.
 - Priority: **not supported** (``supports_priority = False``): SQS has no priorities and
   this broker does not emulate them; ``priority`` is accepted, carried on the delivery
   and otherwise ignored. Use a separate queue (and worker) for urgent work.
@@ -119,6 +135,12 @@ QUEUE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,80}(\.fifo)?$")
 
 #: our message attributes
 A_ID, A_ETA, A_ATTEMPTS, A_REASON, A_QUEUE, A_PRIORITY = "nbq-id", "nbq-eta", "nbq-attempts", "nbq-reason", "nbq-queue", "nbq-priority"
+A_LAPSES = "nbq-lapses"             # lapses counted on earlier copies of the message
+
+#: a FIFO message hidden until its eta (local clock) is taken for received early when SQS's
+#: first-receive time (SQS's clock) is before eta + this: clock skew then undercounts a lapse
+#: rather than counting one that did not happen
+CLOCK_SLACK_S = 5.0
 
 OPTIONS = {"region": "", "endpoint_url": "", "max_deliveries": 5, "wait_time_seconds": 20, "idle_poll": 1.0, "create_queues": True}
 
@@ -286,7 +308,9 @@ class SQSBroker(Broker):
         dead = dead_queue_name(queue)
         dead_url = self._urls[dead] = self._create_dead(dead)
         dead_arn = self._call("get_queue_attributes", QueueUrl=dead_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-        receives = self.max_deliveries + (3 if fifo else 1)
+        # a copy's receives are its lapses, the delivery that comes with dead_reason and, on a FIFO
+        # queue, one early receive hiding it until its eta: SQS moves it only if that delivery lapses too
+        receives = self.max_deliveries + (2 if fifo else 1)
         policy = '{"deadLetterTargetArn": "%s", "maxReceiveCount": "%d"}' % (dead_arn, receives)
         attributes = {"RedrivePolicy": policy, **({"FifoQueue": "true"} if fifo else {})}
         url = self._call("create_queue", QueueName=queue, Attributes=attributes)["QueueUrl"]
@@ -310,13 +334,16 @@ class SQSBroker(Broker):
             WAKEUPS.notify(self._wake_key)
 
     def _entry(self, message_id: str, queue: str, body: str, eta: float | None, priority: int, attempts: int, now: float,
-               *, first: bool = False, extra: dict | None = None) -> dict:
-        """A SendMessageBatch entry (without its batch Id)."""
+               *, lapses: int = 0, first: bool = False, extra: dict | None = None) -> dict:
+        """A SendMessageBatch entry (without its batch Id); ``attempts`` and ``lapses`` are those of
+        earlier copies (see _delivery)."""
         size = len(body.encode("utf-8"))
         if size > MAX_BODY_BYTES:
             raise PublishRefused(f"message {message_id} is {size:,} bytes; an SQS message holds at most {MAX_BODY_BYTES:,} "
                                  "(keep large values out of task arguments)")
         attributes = {A_ID: _attr(message_id), A_ATTEMPTS: _attr(int(attempts))}
+        if lapses:
+            attributes[A_LAPSES] = _attr(int(lapses))
         if priority:
             attributes[A_PRIORITY] = _attr(int(priority))
         entry: dict[str, Any] = {"MessageBody": body}
@@ -417,32 +444,45 @@ class SQSBroker(Broker):
         url = self._url(queue)
         reply = self._call("receive_message", QueueUrl=url, MaxNumberOfMessages=max(1, min(MAX_BATCH, limit)), WaitTimeSeconds=wait,
                            VisibilityTimeout=visibility, MessageAttributeNames=["All"],
-                           MessageSystemAttributeNames=["ApproximateReceiveCount", "SentTimestamp"])
+                           MessageSystemAttributeNames=["ApproximateReceiveCount", "ApproximateFirstReceiveTimestamp"])
         now = self.clock.time()
         out = []
         for m in reply.get("Messages") or []:
             delivery = self._delivery(queue, url, m, now, visibility)
             if delivery is not None:
                 out.append(delivery)
+        if len(out) > 1 and any(d.after_lapse for d in out):
+            # a message after a lapse comes alone (it may kill its worker): the rest go back uncounted
+            alone = next(d for d in out if d.after_lapse)
+            self._hand_back(queue, url, [d for d in out if d is not alone])
+            out = [alone]
         return out
 
     def _delivery(self, queue: str, url: str, m: dict, now: float, visibility: int) -> Delivery | None:
-        """A Delivery for a received message, or None when it was sent on (not due yet) or
-        dead-lettered (delivered too often)."""
+        """A Delivery for a received message, or None when it was put off (not due yet) or is a
+        second copy of one this broker holds.
+
+        Every hand-back that is not a lapse (ack, release, retry, defer, reject, a delay's hop,
+        a batch-mate of a message that comes alone) deletes the message, after sending a copy
+        that carries the attempts (``nbq-attempts``) and lapses (``nbq-lapses``) counted so far.
+        So a copy's earlier receives ended with its visibility timeout: lapses, but for the one
+        early receive that hid a FIFO copy until its eta."""
         attrs = {k: v.get("StringValue") for k, v in (m.get("MessageAttributes") or {}).items()}
         system = m.get("Attributes") or {}
         message_id = attrs.get(A_ID) or m["MessageId"]
-        receives = int(system.get("ApproximateReceiveCount", 1))
+        receives = max(1, int(system.get("ApproximateReceiveCount", 1)))
         eta = float(attrs[A_ETA]) if attrs.get(A_ETA) else None
-        hops = 0
-        if eta is not None and queue.endswith(".fifo"):
-            sent = int(system.get("SentTimestamp", 0)) / 1000.0
-            hops = max(0, math.ceil((eta - sent) / MAX_VISIBILITY_S)) if sent else 0
-        attempt = max(1, int(attrs.get(A_ATTEMPTS) or 0) + receives - hops)
-        tag = (url, m["MessageId"], m["ReceiptHandle"])
         if eta is not None and eta > now:
-            self._delay_again(queue, url, m, message_id, attrs, eta, now, attempt - 1)
+            self._delay_again(queue, url, m, message_id, attrs, eta, now, receives)
             return None
+        early = 0
+        if eta is not None and queue.endswith(".fifo") and receives > 1:
+            first = int(system.get("ApproximateFirstReceiveTimestamp", 0)) / 1000.0
+            early = 1 if first and first < eta + CLOCK_SLACK_S else 0
+        lapsed_here = max(0, receives - 1 - early)
+        lapsed = int(attrs.get(A_LAPSES) or 0) + lapsed_here
+        attempt = int(attrs.get(A_ATTEMPTS) or 0) + lapsed_here + 1
+        tag = (url, m["MessageId"], m["ReceiptHandle"])
         receipt = m["ReceiptHandle"]
         with self._receipts_lock:
             held = self._receipts.get(m["MessageId"])
@@ -452,25 +492,43 @@ class SQSBroker(Broker):
                 held[2] = receipt
                 return None
             self._receipts[m["MessageId"]] = [receipt, time.monotonic() + visibility, receipt]
-        delivery = Delivery(message_id=message_id, queue=queue, body=m["Body"], attempt=attempt, lease_until=now + visibility,
-                            tag=tag, priority=int(attrs.get(A_PRIORITY) or 0))
-        if attempt > self.max_deliveries:
-            self.reject(delivery, f"delivered {attempt - 1} times without finishing")
-            return None
-        return delivery
+        return Delivery(message_id=message_id, queue=queue, body=m["Body"], attempt=attempt, lease_until=now + visibility,
+                        tag=tag, priority=int(attrs.get(A_PRIORITY) or 0), lapsed=lapsed, dead_reason=self.limit_reason(lapsed))
 
-    def _delay_again(self, queue: str, url: str, m: dict, message_id: str, attrs: dict, eta: float, now: float, attempts: int) -> None:
-        """A message received before its due time: hidden (FIFO) or sent again for the rest of its delay."""
-        if queue.endswith(".fifo"):
+    def _delay_again(self, queue: str, url: str, m: dict, message_id: str, attrs: dict, eta: float, now: float, receives: int) -> None:
+        """A message received before its due time: sent again for the rest of its delay (the
+        original deleted), or, on a FIFO queue (no per-message delays), hidden until then. A FIFO
+        copy is hidden once at most: received early again (its eta more than 12 hours away, or
+        the hiding failed), it is sent again, so its receives tell its lapses (see _delivery)."""
+        if queue.endswith(".fifo") and receives < 2:
             try:
                 self._call("change_message_visibility", QueueUrl=url, ReceiptHandle=m["ReceiptHandle"],
                            VisibilityTimeout=max(1, min(MAX_VISIBILITY_S - 60, math.ceil(eta - now))))
             except bex.ClientError as exc:
                 log.warning("could not hide early message %s on %s until its eta: %s", message_id, queue, exc)
             return
-        entry = self._entry(message_id, queue, m["Body"], eta, int(attrs.get(A_PRIORITY) or 0), attempts, now)
+        entry = self._entry(message_id, queue, m["Body"], eta, int(attrs.get(A_PRIORITY) or 0), int(attrs.get(A_ATTEMPTS) or 0), now,
+                            lapses=int(attrs.get(A_LAPSES) or 0))
         self._send_batch(queue, url, [entry])
         self._delete(url, m["ReceiptHandle"])
+
+    def _hand_back(self, queue: str, url: str, deliveries: list[Delivery]) -> None:
+        """Put back received messages that are not handed out, as release() does (a copy sent,
+        the original deleted), in batches."""
+        now = self.clock.time()
+        entries, receipts = [], []
+        for d in deliveries:
+            receipt = self._receipt(d, forget=True)
+            if receipt is not None:
+                entries.append(self._entry(d.message_id, queue, d.body, None, d.priority, d.attempt - 1, now, lapses=d.lapsed))
+                receipts.append(receipt)
+        if entries:
+            self._send(queue, entries)
+        for start in range(0, len(receipts), MAX_BATCH):
+            self._call("delete_message_batch", QueueUrl=url,
+                       Entries=[{"Id": str(i), "ReceiptHandle": r} for i, r in enumerate(receipts[start:start + MAX_BATCH])])
+        if entries:
+            WAKEUPS.notify(self._wake_key)
 
     # -- acting on deliveries -------------------------------------------------------------------
     def _receipt(self, delivery: Delivery, *, forget: bool = False) -> str | None:
@@ -535,37 +593,25 @@ class SQSBroker(Broker):
         return True
 
     def retry(self, delivery: Delivery, *, body: str | None = None, eta: float | None = None) -> bool:
-        """Put the message back: visible at once when nothing changes, else a copy with the new body
-        and delay (this reservation counted) replaces it."""
-        if body is None and eta is None:
-            return self._show(delivery)
+        """Put the message back: a copy with the new body and delay (this reservation counted as an
+        attempt, not as a lapse) replaces it. Never ChangeMessageVisibility: SQS would count the
+        next receive of the same message, which reads as a lapse (see _delivery)."""
         return self._replace(delivery, body if body is not None else delivery.body, eta, delivery.attempt)
 
     def release(self, delivery: Delivery) -> bool:
         """Hand back an unstarted message at once, without counting this reservation."""
         return self._replace(delivery, delivery.body, None, delivery.attempt - 1)
 
-    def _show(self, delivery: Delivery) -> bool:
-        receipt = self._receipt(delivery, forget=True)
-        if receipt is None:
-            return False
-        try:
-            self._call("change_message_visibility", QueueUrl=delivery.tag[0], ReceiptHandle=receipt, VisibilityTimeout=0)
-        except bex.ClientError as exc:
-            if self._code(exc) in ("ReceiptHandleIsInvalid", "InvalidParameterValue", "MessageNotInflight"):
-                return False
-            raise
-        WAKEUPS.notify(self._wake_key)
-        return True
-
     def _replace(self, delivery: Delivery, body: str, eta: float | None, attempts: int, *, to_queue: str | None = None,
                  extra: dict | None = None) -> bool:
-        """Send a copy (to ``to_queue``, by default the same queue), then delete the original."""
+        """Send a copy (to ``to_queue``, by default the same queue) carrying the delivery's lapses,
+        then delete the original."""
         receipt = self._receipt(delivery, forget=True)
         if receipt is None:
             return False
         queue = to_queue or delivery.queue
-        entry = self._entry(delivery.message_id, queue, body, eta, delivery.priority, max(0, attempts), self.clock.time(), extra=extra)
+        entry = self._entry(delivery.message_id, queue, body, eta, delivery.priority, max(0, attempts), self.clock.time(),
+                            lapses=delivery.lapsed, extra=extra)
         self._send_batch(queue, self._url(queue), [entry])
         self._delete(delivery.tag[0], receipt)
         WAKEUPS.notify(self._wake_key)

@@ -58,6 +58,7 @@ from typing import Any, Callable
 
 from .. import capture, states
 from ..backends.base import counts_from_states
+from ..result import NOTICE_AFTER, waiting_problem
 from . import display as _d
 
 log = logging.getLogger(__name__)
@@ -460,6 +461,8 @@ class TaskView(View):
         note_fn = getattr(self.result, "view_note", None)
         if callable(note_fn):
             note = note_fn(state) or ""
+        if not note and state == states.PENDING and _waited(self.app, record):
+            note = waiting_problem(self.app, record) or ""      # e.g. "no live worker serves queue 'q'"
         return {"record": record, "state": state, "final": final, "output": output, "output_delta": delta, "note": note}
 
     def build(self, snap):
@@ -525,6 +528,7 @@ class WorkflowView(View):
     def __init__(self, result, mode):
         super().__init__(result, mode)
         self.kind = _d.kind_of(result)
+        self._note, self._noted_at = "", float("-inf")
 
     def _steps(self, records: dict) -> list[dict]:
         return []
@@ -572,8 +576,13 @@ class WorkflowView(View):
             self._final_at = now
         final = terminal_final and (unsettled == 0 or now - (self._final_at or now) > SETTLE)
         start = self._created_at(terminal, steps)
+        note = ""
+        if state == states.PENDING and not final and _waited(self.app, {"created_at": start}):
+            if now - self._noted_at >= 2.0:           # reads the tasks inside: not at every refresh
+                self._noted_at, self._note = now, self.result.diagnose() or ""
+            note = self._note
         return {"terminal": terminal, "state": state, "counts": counts, "steps": steps, "final": final,
-                "bar": (bar_value, max(bar_max, 1)), "callback_state": callback_state, "started_at": start}
+                "bar": (bar_value, max(bar_max, 1)), "callback_state": callback_state, "started_at": start, "note": note}
 
     def _created_at(self, terminal: dict, steps: list[dict]) -> float | None:
         times = [t for t in [terminal.get("created_at")] + [s["record"].get("created_at") for s in steps] if t is not None]
@@ -608,7 +617,7 @@ class WorkflowView(View):
     def render(self, snap):
         counts = snap["counts"]
         header = _header(self.kind, self._label(), self.result.terminal_id if self.kind != "group" else self.result.id,
-                         snap["state"], self._elapsed_of(snap))
+                         snap["state"], self._elapsed_of(snap), snap.get("note", ""))
         if self._header.value != header:
             self._header.value = header
         value, maximum = snap["bar"]
@@ -664,9 +673,18 @@ class WorkflowView(View):
         took = self._elapsed_of(snap)
         if took:
             line += (" in " if snap["final"] else " ") + took
+        if snap.get("note"):
+            line += f" ({snap['note']})"
         if snap["final"] or snap["state"] == states.FAILURE:
             line += _value_text(self.app, snap["terminal"])
         return line
+
+
+def _waited(app, record: dict) -> bool:
+    """Whether a task (or workflow) sent at ``record["created_at"]`` has waited long enough
+    to check that some live worker can run it (``result.NOTICE_AFTER``)."""
+    created = record.get("created_at")
+    return created is not None and app.clock.time() - created >= NOTICE_AFTER
 
 
 def _runtime(record: dict) -> float | None:
