@@ -6,9 +6,9 @@ build group/chain/chord workflows. The default needs no server: an SQLite file.
 """
 from . import states
 from .app import App
-from .errors import (BrokerError, ConfigurationError, ConnectionLost, DeadlockError, MessageError, NbqueueError, NotRegistered,
-                     PublishRefused, ResultNotFound, Retry, SerializationError, SignatureError, TaskFailed, TaskRevoked,
-                     UnsupportedOperation)
+from .errors import (BrokerError, CodeNotAllowed, ConfigurationError, ConnectionLost, DeadlockError, MessageError, NbqueueError,
+                     NotRegistered, PublishRefused, ResultNotFound, Retry, SerializationError, SignatureError, SoftTimeLimitExceeded,
+                     TaskFailed, TaskRevoked, TimeLimitExceeded, UnsupportedOperation, WorkerLostError)
 from .result import AsyncResult, ChainResult, ChordResult, GroupResult
 from .retry import Backoff
 from .signature import Signature
@@ -22,6 +22,7 @@ __all__ = [
     "NbqueueError", "BrokerError", "ConnectionLost", "PublishRefused", "ConfigurationError", "SerializationError",
     "MessageError", "NotRegistered", "TaskFailed", "TaskRevoked", "SignatureError", "UnsupportedOperation", "ResultNotFound",
     "DeadlockError", "progress", "export_notebook",
+    "CodeNotAllowed", "WorkerLostError", "TimeLimitExceeded", "SoftTimeLimitExceeded",
 ]
 
 

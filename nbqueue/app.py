@@ -20,7 +20,7 @@ import time
 from typing import Any, Callable, Iterable, Mapping
 
 from . import config as _config
-from . import serialization, states
+from . import serialization, shipping, states
 from .backends import backend_from_url
 from .brokers import broker_from_url
 from .brokers.base import Outgoing
@@ -99,6 +99,9 @@ class App:
             fn = fn.fn
         task = Task(self, name, fn, **options)
         self.registry[name] = task
+        if shipping.defined_in_notebook(fn):   # sent to code queues (shipping.py): this process's workers read them too
+            for worker in list(self._workers):
+                worker.serve_code_queues()
         # running workers of this process say at once that they know it (their heartbeats list
         # their task names): a worker elsewhere that lacks it then leaves its messages to them
         for worker in self.workers:
@@ -119,6 +122,7 @@ class App:
         task = self.registry.get(sig.name)
         now = self.clock.time()
         message = sig.to_message(self.serializer, default_queue=self.default_queue, fn=task.fn if task else None, now=now)
+        shipping.attach(self, sig, message)   # made from a notebook's function: carries its code, to a code queue
         if group_id is not None:
             message["group_id"] = group_id
         record = {
@@ -221,7 +225,13 @@ class App:
         return Worker(self, concurrency=concurrency, queues=queues, **options)
 
     def start_worker(self, concurrency: int = 1, queues: str | Iterable[str] | None = None, **options: Any):
-        """Start a worker in daemon threads of this process; returns it at once."""
+        """Start a worker in daemon threads of this process; returns it at once.
+
+        ``pool="processes"``: run tasks in ``concurrency`` child processes (CPU-bound work
+        on every core; functions defined in the notebook are shipped to them by value),
+        with ``max_tasks_per_child``, ``max_memory_per_child`` (KiB) and ``shutdown_grace``
+        (s); ``allow_code=True``: also run functions shipped from other notebooks.
+        """
         worker = self.worker(concurrency=concurrency, queues=queues, **options)
         worker.start()
         return worker

@@ -54,13 +54,15 @@ def _install_stop_handlers(stop, abort) -> None:
 def cmd_worker(args) -> int:
     app = load_app(args.app)
     worker = app.worker(concurrency=args.concurrency, queues=args.queues, allow_cells=args.allow_cells, echo_output=True,
-                        prefetch=args.prefetch)
+                        prefetch=args.prefetch, pool=args.pool, allow_code=args.allow_code, max_tasks_per_child=args.max_tasks_per_child,
+                        max_memory_per_child=args.max_memory_per_child, shutdown_grace=args.shutdown_grace)
     beat = None
     if args.beat:
         beat = app.scheduler()
         beat.start()
     _install_stop_handlers(lambda: (beat.stop() if beat else None, worker.stop(wait=False)), lambda: os._exit(1))
-    print(f"nbqueue worker {worker.name}: {args.concurrency} thread(s), queues {','.join(worker.queues)}, broker {app.broker!r}", flush=True)
+    units = "child process(es)" if args.pool == "processes" else "thread(s)"
+    print(f"nbqueue worker {worker.name}: {args.concurrency} {units}, queues {','.join(worker.queues)}, broker {app.broker!r}", flush=True)
     worker.run()
     print(f"nbqueue worker {worker.name}: stopped after {worker.processed} task(s)", flush=True)
     if worker.crashed:
@@ -123,6 +125,15 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("-Q", "--queues", default=None, help="comma-separated queue names (default: the App's default queue)")
     w.add_argument("--prefetch", type=int, default=None, help="messages each thread reserves at once")
     w.add_argument("--allow-cells", action="store_true", help="run %%%%task notebook cells shipped by producers (runs their code)")
+    w.add_argument("--pool", choices=("threads", "processes"), default="threads",
+                   help="run tasks in threads (default; I/O-bound work) or in child processes (CPU-bound work)")
+    w.add_argument("--allow-code", action="store_true",
+                   help="run functions shipped from notebooks (runs their code; checked with NBQUEUE_SECRET when set)")
+    w.add_argument("--max-tasks-per-child", type=int, default=None, help="--pool processes: replace a child after this many tasks")
+    w.add_argument("--max-memory-per-child", type=int, default=None,
+                   help="--pool processes: replace a child whose peak resident memory passed this many KiB")
+    w.add_argument("--shutdown-grace", type=float, default=30.0,
+                   help="--pool processes: seconds running tasks may finish after SIGTERM before their children are stopped")
     w.add_argument("--beat", action="store_true", help="also run the periodic-task scheduler")
     w.set_defaults(fn=cmd_worker)
 

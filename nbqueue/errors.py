@@ -103,3 +103,22 @@ class Retry(NbqueueError):
 
 class SignatureError(NbqueueError):
     """A cell message failed HMAC verification or lacks a required signature."""
+
+
+class CodeNotAllowed(NbqueueError):
+    """A worker started without allow_code (``--allow-code``) received a function shipped
+    from a notebook; nothing was unpickled or run."""
+
+
+class WorkerLostError(NbqueueError):
+    """The child process running a task died (or was stopped) before the task finished
+    (Celery's name). The task is delivered again, up to the delivery limit."""
+
+
+class TimeLimitExceeded(NbqueueError):
+    """The task ran longer than its ``time_limit``; in a process pool its child was stopped."""
+
+
+class SoftTimeLimitExceeded(NbqueueError):
+    """Raised inside a task running in a child process when its ``soft_time_limit`` passes
+    (delivered by a signal to the child's main thread), so the task can clean up."""

@@ -76,6 +76,8 @@ class Signature:
     group_task_count: int = 0
     workflow: dict | None = None
     app: Any = dataclasses.field(default=None, repr=False, compare=False)
+    #: made from a task's function defined in a notebook (``fit.s()``): sent with its code (shipping.py)
+    ship_code: bool = dataclasses.field(default=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -326,6 +328,7 @@ _FIELD_TYPES: dict[str, tuple] = {
     "retry_timeout": (int, float), "retry_backoff": (dict,), "retries": (int,), "immutable": (bool,),
     "on_success": (list,), "on_error": (list,), "ignore_when_not_registered": (bool,), "time_limit": (int, float),
     "group_id": (str,), "group_task_count": (int,), "workflow": (dict,), "created_at": (int, float), "serializer": (str,),
+    "code": (dict,),
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable
 
+from . import shipping
 from .signature import Signature, check_options
 
 TASK_OPTIONS = ("retry_count", "retry_timeout", "retry_backoff", "queue", "priority", "time_limit", "ignore_when_not_registered")
@@ -21,6 +22,8 @@ class Task:
         self.name = name
         self.fn = fn
         self.options = options
+        # signatures made from a function defined in a notebook carry its code (shipping.py)
+        self._ship = shipping.defined_in_notebook(fn)
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args, **kwargs):
@@ -28,14 +31,14 @@ class Task:
 
     def s(self, *args, **kwargs) -> Signature:
         """A signature; chains append the previous result to its args."""
-        return Signature(self.name, args=args, kwargs=kwargs, app=self.app, **self.options)
+        return Signature(self.name, args=args, kwargs=kwargs, app=self.app, ship_code=self._ship, **self.options)
 
     def si(self, *args, **kwargs) -> Signature:
         """An immutable signature: workflows do not append results to its args."""
-        return Signature(self.name, args=args, kwargs=kwargs, immutable=True, app=self.app, **self.options)
+        return Signature(self.name, args=args, kwargs=kwargs, immutable=True, app=self.app, ship_code=self._ship, **self.options)
 
     def signature(self, args=(), kwargs=None, **options) -> Signature:
-        return Signature(self.name, args=args, kwargs=kwargs, app=self.app, **{**self.options, **options})
+        return Signature(self.name, args=args, kwargs=kwargs, app=self.app, ship_code=self._ship, **{**self.options, **options})
 
     def delay(self, *args, **kwargs):
         return self.app.send_task(self.s(*args, **kwargs))

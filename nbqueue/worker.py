@@ -34,9 +34,9 @@ import traceback as _tb
 import uuid
 from typing import Any, Iterable
 
-from . import capture, serialization, states, workflow
+from . import builtin, capture, serialization, shipping, states, workflow
 from .brokers.base import Delivery, queue_list
-from .errors import DeliveryLimitExceeded, MessageError, NotRegistered, Retry, SerializationError
+from .errors import DeliveryLimitExceeded, MessageError, NotRegistered, Retry, SerializationError, WorkerLostError
 from .retry import next_delay
 from .signature import decode_body, encode_body
 
@@ -373,9 +373,12 @@ class Worker:
     def __init__(self, app, concurrency: int = 1, queues: str | Iterable[str] | None = None, *, name: str | None = None,
                  prefetch: int | None = None, allow_cells: bool = False, echo_output: bool = False, heartbeat_interval: float | None = None,
                  local_follow_ups: bool = True, unknown_grace: float = 0.0,
-                 beat: bool = False):
+                 beat: bool = False, pool: str = "threads", allow_code: bool = False, max_tasks_per_child: int | None = None,
+                 max_memory_per_child: int | None = None, shutdown_grace: float = 30.0):
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
+        if pool not in ("threads", "processes"):
+            raise ValueError(f"pool must be 'threads' or 'processes', not {pool!r}")
         self.app = app
         self.concurrency = int(concurrency)
         self.queues = queue_list(queues) if queues else [app.default_queue]
@@ -384,6 +387,16 @@ class Worker:
         self.allow_cells = allow_cells
         self.echo_output = echo_output
         self.beat = beat                               # also run the App's periodic-task scheduler (schedule.py)
+        # -- the process pool (pool.py) and shipped notebook functions (shipping.py) --
+        self.allow_code = allow_code                   # run functions shipped from notebooks (--allow-code)
+        self.pool = None                               # pool="processes": each executor thread drives one child
+        if pool == "processes":
+            from .pool import ProcessPool
+
+            self.pool = ProcessPool(self.concurrency, max_tasks_per_child=max_tasks_per_child, max_memory_per_child=max_memory_per_child)
+        self.shutdown_grace = shutdown_grace           # seconds running children may finish once the worker stops
+        if allow_code or shipping.interactive() or any(shipping.defined_in_notebook(t.fn) for t in list(app.registry.values())):
+            self.serve_code_queues()
         self.lease = app.visibility_timeout
         self.heartbeat_interval = heartbeat_interval or max(0.05, min(self.lease / 3.0, 5.0))
         self._stopping = threading.Event()
@@ -422,6 +435,8 @@ class Worker:
             return self
         capture.install(echo=self.echo_output)
         self._stopping.clear()
+        if self.pool is not None:
+            self.pool.start()
         for i in range(self.concurrency):
             t = threading.Thread(target=self._executor_loop, name=f"nbqueue-worker-{i}", daemon=True)
             self._threads.append(t)
@@ -433,7 +448,8 @@ class Worker:
         self.announce()
         if self.beat:
             self.app.scheduler().start()
-        log.info("worker %s started: %d thread(s), queues %s", self.name, self.concurrency, ",".join(self.queues))
+        log.info("worker %s started: %d %s, queues %s", self.name, self.concurrency, "child process(es)" if self.pool else "thread(s)",
+                 ",".join(self.queues))
         return self
 
     def run(self) -> None:
@@ -441,7 +457,8 @@ class Worker:
         self.start()
         while not self._stopping.is_set():
             self._stopping.wait(0.5)
-        self.join()
+        if not self.join(self.shutdown_grace if self.pool is not None else None):
+            self.join()
 
     def stop(self, wait: bool = True, timeout: float | None = None) -> None:
         """Stop taking tasks; running ones finish; reserved but unstarted ones go back at once."""
@@ -462,8 +479,16 @@ class Worker:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             t.join(remaining)
         alive = any(t.is_alive() for t in self._threads)
+        if alive and self.pool is not None and self._stopping.is_set() and timeout is not None:
+            # past the grace period: stop the running children; their tasks go back to the queue
+            if self.pool.stop_running("the worker stopped before the task finished"):
+                for t in self._threads:
+                    t.join(self.pool.kill_grace + 10)
+                alive = any(t.is_alive() for t in self._threads)
         if not alive and self._threads:
             self._threads = []
+            if self.pool is not None:
+                self.pool.close()
             self.app._worker_stopped(self)
             if os.getpid() == self._pid:   # in a forked child, the worker is the parent's: it goes on there
                 try:
@@ -630,7 +655,8 @@ class Worker:
         info = {"host": socket.gethostname(), "pid": os.getpid(), "queues": self.queues,
                 "concurrency": self._executors_alive() if self._threads else self.concurrency,
                 "heartbeat_interval": self.heartbeat_interval, "holding": holding,
-                "running": running, "processed": self.processed, "waiting": self.waiting, "tasks": sorted(list(self.app.registry))}
+                "running": running, "processed": self.processed, "waiting": self.waiting, "tasks": sorted(list(self.app.registry)),
+                "pool": "processes" if self.pool is not None else "threads", "allow_code": self.allow_code, "origin": builtin.PROCESS_TOKEN}
         self.app.backend.heartbeat(self.name, info, ttl=max(3 * self.heartbeat_interval, 2.0))
 
     def announce(self) -> None:
@@ -712,6 +738,8 @@ class Worker:
         limit = run.get("time_limit")
         if not limit or time.monotonic() - run["started"] <= limit:
             return
+        if self.pool is not None and not run["message"]["name"].startswith("nbqueue."):
+            return   # in a child process: the pool stops it at its limit (a hard limit)
         # A thread cannot be killed: the task is failed now, its late result is fenced out.
         if self.app.backend.store_result(task_id, states.FAILURE, token=run["token"], exc_type="TimeLimitExceeded",
                                          error=f"task ran longer than its time limit of {limit:g}s", output=_safe_text(capture.peek(task_id))):
@@ -950,6 +978,11 @@ class Worker:
 
             batch.add(settle, delivery)
             return
+        if "code" in message:   # a function shipped from a notebook: run by name, or its code only with allow_code
+            task = shipping.task_for(self, message, task, delivery.queue)
+            if task is shipping.HAND_BACK:    # another live worker runs it
+                self._requeue(delivery, message, token, batch, delay=1.0)
+                return
         if task is None:
             delay = self._leave_unknown(name, delivery.queue, message)
             if delay is not None:
@@ -985,14 +1018,17 @@ class Worker:
         capture.begin(task_id)
         try:
             with workflow.task_context(app, message, token, self):
-                value = task.fn(*args, **kwargs)
+                value = self._call(task, args, kwargs, message)
         except Retry as exc:
             output = capture.end()
             self._retry(delivery, message, token, exc.countdown, "Retry", exc.reason or "retry requested", output, batch, counts=False)
             return
+        except WorkerLostError as exc:   # its child process died or was stopped: not finished, not the task's failure
+            self._child_lost(delivery, message, token, exc, capture.end(), batch, started_at)
+            return
         except BaseException as exc:  # the task's own failure, whatever it raised (exit() too): recorded, the worker carries on
             output = capture.end()
-            tb = _tb.format_exc()
+            tb = getattr(exc, "child_traceback", None) or _tb.format_exc()
             if int(message.get("retry_count") or 0) > 0:
                 try:
                     delay, timeout = next_delay(int(message.get("retries") or 0), float(message.get("retry_timeout") or 0), message.get("retry_backoff"))
@@ -1129,6 +1165,53 @@ class Worker:
 
         batch.add(finish, delivery)
 
+    def _call(self, task, args: list, kwargs: dict, message: dict) -> Any:
+        """Run the task's function: in this thread, or with ``pool="processes"`` in a child
+        process (pool.py; built-in tasks, which use this process's objects, stay here)."""
+        if self.pool is None or task.name.startswith("nbqueue."):
+            return task.fn(*args, **kwargs)
+        return self.pool.call(task.fn, args, kwargs, task_id=message["id"], name=task.name, time_limit=message.get("time_limit"),
+                              soft_time_limit=message.get("soft_time_limit"))
+
+    def _child_lost(self, delivery: Delivery, message: dict, token: int, exc: WorkerLostError, output: str, batch: "_Batch",
+                    started_at: float) -> None:
+        """The child process running the task died (or was stopped): the task goes back to the
+        queue (a release: not a lapse), unless it has now ended ``max_deliveries`` deliveries
+        without finishing (its child deaths in this worker, or its lapses and this one): then
+        its record fails and its message is dead-lettered with the reason, so a task that
+        kills its child every time cannot loop."""
+        if getattr(exc, "counts", True) and self.pool is not None:
+            deliveries = max(self.pool.note_death(message["id"]), delivery.lapsed + 1)
+            limit = self.app.broker.max_deliveries
+            if deliveries >= limit:
+                reason = f"{exc} running this task, on {deliveries} deliveries (max_deliveries={limit}); not delivered again"
+                self._dead_letter(delivery, reason, batch, message=message, exc_type=WorkerLostError.__name__)
+                return
+        log.warning("worker %s: %s running task %s (%s); delivering it again", self.name, exc, message["name"], message["id"])
+        self._requeue(delivery, message, token, batch, exc_type=type(exc).__name__, error=f"{exc}; delivered again", output=output or None)
+
+    def _requeue(self, delivery: Delivery, message: dict, token: int, batch: "_Batch", *, delay: float = 0.0, **fields) -> None:
+        """A begun task back to PENDING and its message back to its queue (due in ``delay`` s)."""
+        app = self.app
+
+        def requeue() -> None:
+            if app.backend.set_state(message["id"], states.PENDING, token=token, **fields):
+                if delay:
+                    app.broker.retry(delivery, eta=app.clock.time() + delay)
+                else:
+                    app.broker.release(delivery)
+            else:   # final meanwhile (revoked): nothing to run
+                batch.ack(delivery)
+
+        batch.add(requeue, delivery)
+
+    def serve_code_queues(self) -> None:
+        """Also read the code queues of this worker's queues (``shipping.code_queue``), where
+        tasks defined in a notebook are sent: called when such a task is registered."""
+        queues = shipping.with_code_queues(self.queues)
+        if queues != self.queues:
+            self.queues = queues        # an executor's next reserve (within 0.25 s) reads them
+
     def _leave_unknown(self, name: str, queue: str, message: dict) -> float | None:
         """For a task name this worker has not registered: in how many seconds to hand the
         message back instead of failing it, or None to fail it with NotRegistered.
@@ -1205,7 +1288,8 @@ class Worker:
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
-        return f"<Worker {self.name} {state} concurrency={self.concurrency} queues={','.join(self.queues)}>"
+        pool = " pool=processes" if self.pool is not None else ""
+        return f"<Worker {self.name} {state} concurrency={self.concurrency}{pool} queues={','.join(self.queues)}>"
 
 
 def _host_and_pid(worker_name: str) -> tuple[str | None, int | None]:

@@ -105,7 +105,8 @@ def test_notebooks_are_stored_without_outputs():
         assert all(not c.get("outputs") and c.get("execution_count") is None for c in code_cells(nb)), path.name
         assert nb.metadata.kernelspec.name == "python3"
     assert [p.name for p in sorted(NOTEBOOKS.glob("*.ipynb"))] == [
-        "01-quickstart.ipynb", "02-workflows.ipynb", "03-cell-tasks.ipynb", "04-production.ipynb", "05-export.ipynb"]
+        "01-quickstart.ipynb", "02-workflows.ipynb", "03-cell-tasks.ipynb", "04-production.ipynb", "05-export.ipynb",
+        "06-process-pool.ipynb"]
 
 
 def test_kernelspec_python3_runs_this_virtual_environment():
