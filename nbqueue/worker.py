@@ -35,6 +35,7 @@ import uuid
 from typing import Any, Iterable
 
 from . import capture, serialization, states, workflow
+from .events import WorkerEvents
 from .brokers.base import Delivery, queue_list
 from .errors import DeliveryLimitExceeded, MessageError, NotRegistered, Retry, SerializationError
 from .retry import next_delay
@@ -400,6 +401,7 @@ class Worker:
         # (a restarted kernel): for this long, a task it does not know yet is handed back
         self.unknown_grace = float(unknown_grace)
         self._born = app.clock.time()
+        self.events = WorkerEvents()                   # hooks around each task run (metrics, tracing)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> "Worker":
@@ -561,7 +563,7 @@ class Worker:
         """Every 0.1 s while tasks run: STARTED states, live output, time limits.
         Every ``heartbeat_interval``: lease extensions and the worker's heartbeat record."""
         info = {"host": socket.gethostname(), "pid": os.getpid(), "concurrency": self.concurrency, "queues": self.queues,
-                "heartbeat_interval": self.heartbeat_interval}
+                "heartbeat_interval": self.heartbeat_interval, "pool": "threads"}
         next_beat, next_upkeep = 0.0, time.monotonic() + 0.5   # no checkpoint at start: work comes first
         reported_alive = self.concurrency
         while True:
@@ -588,6 +590,7 @@ class Worker:
                     if alive < reported_alive and not self._stopping.is_set():
                         log.error("worker %s: %d of %d executor thread(s) died", self.name, self.concurrency - alive, self.concurrency)
                     reported_alive = alive
+                    info["tasks"] = sorted(n for n in self.app.registry if not n.startswith("nbqueue."))   # registered task names
                     self.app.backend.heartbeat(self.name, {**info, "concurrency": alive, "running": len(running), "processed": self.processed},
                                                ttl=max(3 * self.heartbeat_interval, 2.0))
             except Exception:
@@ -871,7 +874,7 @@ class Worker:
             self._running[task_id] = run
         capture.begin(task_id)
         try:
-            with workflow.task_context(app, message, token, self):
+            with workflow.task_context(app, message, token, self), self.events.run(message, delivery.queue):
                 value = task.fn(*args, **kwargs)
         except Retry as exc:
             output = capture.end()
