@@ -98,6 +98,16 @@ def serve(app, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *, password: s
                 timeout_graceful_shutdown=2, lifespan="off")
 
 
+def server_proxy() -> dict:
+    """jupyter-server-proxy's description of the dashboard (entry point ``jupyter_serverproxy_servers``):
+    JupyterLab's launcher starts ``nbqueue dashboard`` on a free port with ``App.from_env()``
+    (NBQUEUE_BROKER, NBQUEUE_BACKEND) and proxies it under ``/nbqueue-dashboard/``."""
+    import sys
+
+    return {"command": [sys.executable, "-m", "nbqueue", "dashboard", "--port", "{port}"], "timeout": 30,
+            "launcher_entry": {"title": "nbqueue dashboard"}}
+
+
 def start(app, host: str = "127.0.0.1", port: int = DEFAULT_PORT, **options: Any) -> Dashboard:
     """Start a dashboard in a daemon thread; returns it (``.url``, ``.stop()``)."""
     return Dashboard(app, host, port, **options).start()

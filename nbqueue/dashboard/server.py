@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"
 ACTION_HEADER = "x-nbqueue-action"
 COOKIE = "nbqueue_dashboard_token"
-LOOPBACK = ("127.0.0.1", "::1", "localhost", "testclient")
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 def _json(obj: Any) -> str:
@@ -144,22 +144,24 @@ def create_app(app, *, password: str | None = None, token: str | None = None, in
     snapshots = Snapshots(interval)
     page_html = (STATIC / "index.html").read_text(encoding="utf-8")
 
-    def view_data(view: str, params: Any, ident: str | None) -> dict:
+    def view_data(view: str, params: Any, ident: str | None, counts: bool = True) -> dict:
+        """A view's data; ``counts`` False (the first render): the task counts come with the first live update."""
         if view == "task":
             return {"view": "task", "task": data.task_detail(app, ident)}
         filters = data.filters_from(params)
+        page = _int(params.get("page"), "page")
         if view == "queue":
             filters["queue"] = ident
             return {"view": "queue", "queue": data.queue_view(app, ident), "overview": data.overview(app),
-                    "tasks": data.task_page(app, filters, int(params.get("page") or 1))}
-        return {"view": "home", "overview": data.overview(app), "tasks": data.task_page(app, filters, int(params.get("page") or 1))}
+                    "tasks": data.task_page(app, filters, page, counts=counts)}
+        return {"view": "home", "overview": data.overview(app), "tasks": data.task_page(app, filters, page, counts=counts)}
 
     def view_key(view: str, params: Any, ident: str | None) -> str:
         return _json([view, ident, sorted((k, v) for k, v in params.items() if k != "token")])
 
     async def page(request: Request, view: str, ident: str | None = None) -> Response:
         try:
-            first = await run_in_threadpool(view_data, view, request.query_params, ident)
+            first = await run_in_threadpool(view_data, view, request.query_params, ident, False)
         except NotFound as exc:
             return HTMLResponse(_error_page(404, str(exc)), status_code=404)
         except ValueError as exc:
@@ -193,7 +195,7 @@ def create_app(app, *, password: str | None = None, token: str | None = None, in
         params = request.query_params
 
         def tasks():
-            return data.task_page(app, data.filters_from(params), int(params.get("page") or 1), int(params.get("per_page") or 50))
+            return data.task_page(app, data.filters_from(params), _int(params.get("page"), "page"), _int(params.get("per_page"), "per_page", 50))
         return await api(request, tasks)
 
     async def api_task(request: Request) -> Response:
@@ -278,12 +280,22 @@ def create_app(app, *, password: str | None = None, token: str | None = None, in
         Route("/api/queues/{queue:path}", api_queue),
         Route("/api/events", events),
         Route("/metrics", metrics),
+        Route("/favicon.ico", lambda request: Response(status_code=204)),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
     web = Starlette(routes=routes, exception_handlers={404: not_found, 500: server_error})
     web.state.nbqueue_app = app
     web.state.snapshots = snapshots
     return Access(web, password, token)
+
+
+def _int(value: str | None, name: str, default: int = 1) -> int:
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a whole number, not {value!r}") from None
 
 
 def _error_page(status: int, message: str) -> str:

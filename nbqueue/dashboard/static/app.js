@@ -66,13 +66,15 @@ function tasksTable(page) {
   const rows = page.tasks.map(t => `<tr data-id="${esc(t.id)}" data-state="${esc(t.state)}"><td>${taskLink(t.id)}</td><td>${esc(t.name)}</td>
     <td>${badge(t.state)}</td><td>${esc(t.queue)}</td><td class="call" title="${esc(t.call)}">${esc(t.call)}</td><td>${when(t.created_at)}</td>
     <td class="num">${secs(t.runtime)}</td><td class="num">${t.retries}</td><td class="err" title="${esc(t.error)}">${esc(t.error || "")}</td></tr>`).join("");
-  const pages = Math.max(1, Math.ceil(page.total / page.per_page));
+  const counted = page.total != null;
+  const pages = counted ? Math.max(1, Math.ceil(page.total / page.per_page)) : null;
+  const info = counted ? `page ${page.page} of ${pages} · ${page.total} task(s)` : `page ${page.page} · counting…`;
   return `<div class="chips">${chips || ""}</div>
     <table id="tasks"><thead><tr><th>id</th><th>name</th><th>state</th><th>queue</th><th>arguments</th><th>sent</th><th class="num">run time</th>
     <th class="num">retries</th><th>error</th></tr></thead><tbody>${rows || `<tr><td colspan="9" class="muted">no tasks match</td></tr>`}</tbody></table>
     <div class="pager"><button id="prev" ${page.page <= 1 ? "disabled" : ""}>‹ newer</button>
-    <span id="page-info">page ${page.page} of ${pages} · ${page.total} task(s)</span>
-    <button id="next" ${page.page >= pages ? "disabled" : ""}>older ›</button></div>`;
+    <span id="page-info">${info}</span>
+    <button id="next" ${page.more ? "" : "disabled"}>older ›</button></div>`;
 }
 
 function filterForm() {
@@ -95,7 +97,7 @@ function renderList(data) {
       ? `<h1>queue ${esc(data.queue.queue.queue)}</h1><div id="queue-box"></div>
          <div class="actions"><button id="redrive">re-drive dead letters</button><button id="purge" class="danger">purge queue</button></div>
          <h2>dead letters</h2><div id="dead"></div>`
-      : `<div class="cards"><section><h2>queues</h2><div id="queues-box"></div></section><section><h2>workers</h2><div id="workers-box"></div></section></div>`;
+      : `<div class="stack"><section><h2>queues</h2><div id="queues-box"></div></section><section><h2>workers</h2><div id="workers-box"></div></section></div>`;
     main.innerHTML = `${head}<h2>tasks</h2>${filterForm()}<div id="tasks-box"></div>`;
     bindList();
   }
