@@ -138,16 +138,24 @@ def filters_from(params: Any) -> dict:
     return out
 
 
-def task_page(app, filters: dict, page: int = 1, per_page: int = 50, counts: bool = True) -> dict:
+def state_counts(app, filters: dict) -> dict[str, int]:
+    """How many tasks match the filters, by state (reads every matching record)."""
+    by_state: dict[str, int] = {}
+    for (state, _), n in app.count_tasks(**filters).items():
+        by_state[state] = by_state.get(state, 0) + n
+    return by_state
+
+
+def task_page(app, filters: dict, page: int = 1, per_page: int = 50, counts: Any = True) -> dict:
     """One page of the task table (``more``: a later page exists), with the total and the
-    counts by state for these filters unless ``counts`` is False (they read every matching
-    record; the page itself reads only its rows): then ``total`` is None."""
+    counts by state for these filters (``counts``: True, or a function of the filters giving
+    them, such as a cache of ``state_counts``) unless ``counts`` is False (they read every
+    matching record; the page itself reads only its rows): then ``total`` is None."""
     page, per_page = max(1, int(page)), min(500, max(1, int(per_page)))
     records = app.find_tasks(**filters, offset=(page - 1) * per_page, limit=per_page + 1)
     by_state: dict[str, int] = {}
     if counts:
-        for (state, _), n in app.count_tasks(**filters).items():
-            by_state[state] = by_state.get(state, 0) + n
+        by_state = counts(filters) if callable(counts) else state_counts(app, filters)
     return {"tasks": [task_row(r) for r in records[:per_page]], "more": len(records) > per_page,
             "total": sum(by_state.values()) if counts else None, "by_state": by_state,
             "page": page, "per_page": per_page, "filters": {k: v for k, v in filters.items()}}

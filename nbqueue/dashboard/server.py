@@ -53,9 +53,16 @@ def _json(obj: Any) -> str:
     return json.dumps(obj, default=str, separators=(",", ":"))
 
 
+#: a live view's tick stretches to this many times its computation's cost
+SLOWDOWN = 20
+#: live task counts (they read every matching record) are read again at most this often, in seconds
+COUNT_EVERY = 5.0
+
+
 class Snapshots:
     """One computation per view and tick, shared by every page showing that view; the tick
-    stretches to ten times a computation's cost, so the dashboard never keeps a store busy."""
+    stretches to ``SLOWDOWN`` times a computation's cost, so the dashboard never keeps a store
+    (or a core) busy for more than a twentieth of the time."""
 
     def __init__(self, interval: float):
         self.interval = interval
@@ -64,7 +71,7 @@ class Snapshots:
         self.cost: dict[str, float] = {}
 
     def pause(self, key: str) -> float:
-        return max(self.interval, 10 * self.cost.get(key, 0.0))
+        return max(self.interval, SLOWDOWN * self.cost.get(key, 0.0))
 
     async def get(self, key: str, compute: Callable[[], Any]) -> str:
         lock = self._locks.setdefault(key, asyncio.Lock())
@@ -144,7 +151,22 @@ def create_app(app, *, password: str | None = None, token: str | None = None, in
     snapshots = Snapshots(interval)
     page_html = (STATIC / "index.html").read_text(encoding="utf-8")
 
-    def view_data(view: str, params: Any, ident: str | None, counts: bool = True) -> dict:
+    counted: dict[str, tuple[float, float, dict]] = {}      # filters -> (when, cost, counts by state)
+
+    def live_counts(filters: dict) -> dict:
+        """``data.state_counts`` for the live views, read again after COUNT_EVERY seconds (or SLOWDOWN times its cost)."""
+        key = _json(sorted(filters.items()))
+        hit = counted.get(key)
+        if hit is not None and time.monotonic() - hit[0] < max(COUNT_EVERY, SLOWDOWN * hit[1]):
+            return hit[2]
+        started = time.monotonic()
+        by_state = data.state_counts(app, filters)
+        counted[key] = (time.monotonic(), time.monotonic() - started, by_state)
+        if len(counted) > 256:
+            counted.clear()
+        return by_state
+
+    def view_data(view: str, params: Any, ident: str | None, counts: Any = True) -> dict:
         """A view's data; ``counts`` False (the first render): the task counts come with the first live update."""
         if view == "task":
             return {"view": "task", "task": data.task_detail(app, ident)}
@@ -218,7 +240,7 @@ def create_app(app, *, password: str | None = None, token: str | None = None, in
         rest = {k: v for k, v in params.items() if k not in ("view", "id")}
         key = view_key(view, rest, ident)
         try:                                    # the first one here: an unknown id is a 404, not a stream of errors
-            await snapshots.get(key, lambda: view_data(view, rest, ident))
+            await snapshots.get(key, lambda: view_data(view, rest, ident, live_counts))
         except NotFound as exc:
             return JSONResponse({"error": str(exc)}, status_code=404)
         except ValueError as exc:
@@ -229,7 +251,7 @@ def create_app(app, *, password: str | None = None, token: str | None = None, in
             yield "retry: 2000\n\n"
             while True:
                 try:
-                    text = await snapshots.get(key, lambda: view_data(view, rest, ident))
+                    text = await snapshots.get(key, lambda: view_data(view, rest, ident, live_counts))
                 except NotFound as exc:         # forgotten or expired meanwhile
                     yield f"event: gone\ndata: {_json({'error': str(exc)})}\n\n"
                     return
