@@ -66,6 +66,13 @@ class OpenPage:
         self.thread.start()
         while self.events == 0 and time.time() < deadline:
             time.sleep(0.02)
+        self.cpu_start = self.cpu()
+
+    def cpu(self) -> float:
+        """CPU seconds the dashboard process has used (user + system)."""
+        with open(f"/proc/{self.proc.pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def follow(self) -> None:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/api/events?view=home", timeout=60) as stream:
@@ -76,6 +83,7 @@ class OpenPage:
                     return
 
     def close(self) -> None:
+        self.cpu_used = self.cpu() - self.cpu_start
         self.stop.set()
         self.proc.terminate()
         self.proc.wait(30)
@@ -85,7 +93,7 @@ def throughput(kind: str, tmp: str) -> None:
     from bench import fresh_app
 
     print(f"\n{kind}: {N} no-op tasks through one worker process (4 threads), {ROUNDS} rounds each, alternating", flush=True)
-    without, with_page, events = [], [], []
+    without, with_page, events, shares = [], [], [], []
     for r in range(2 * ROUNDS):
         queue = f"dash-{uuid.uuid4().hex[:6]}"
         url = f"sqlite:///{tmp}/t{r}.db" if kind == "sqlite" else f"{REDIS_URL}?key_prefix=bdash-{uuid.uuid4().hex[:6]}:"
@@ -97,8 +105,10 @@ def throughput(kind: str, tmp: str) -> None:
             if page is not None:
                 events.append(page.events)
                 page.close()
+                shares.append(page.cpu_used / (N / rate))
         (with_page if page else without).append(rate)
-        print(f"  round {r + 1}: {'with an open page ' if page else 'without dashboard'} {rate:8.0f} tasks/s", flush=True)
+        extra = f"   (dashboard CPU {100 * shares[-1]:.1f}% of one core)" if page else ""
+        print(f"  round {r + 1}: {'with an open page ' if page else 'without dashboard'} {rate:8.0f} tasks/s{extra}", flush=True)
         if kind == "redis":
             import redis
 
@@ -109,7 +119,8 @@ def throughput(kind: str, tmp: str) -> None:
         app.close()
     a, b = statistics.median(without), statistics.median(with_page)
     print(f"  median without {a:8.0f} tasks/s, with one open page {b:8.0f} tasks/s: overhead {100 * (1 - b / a):+.1f}% "
-          f"(live updates received per run: {events})", flush=True)
+          f"(live updates received per run: {events}); the dashboard process used {100 * statistics.median(shares):.1f}% of one "
+          f"core while the page was open (median)", flush=True)
 
 
 def first_render(tmp: str) -> None:

@@ -214,12 +214,13 @@ class App:
         """How many task records match the filters of ``find_tasks``, by ``(state, name)``."""
         return self.backend.counts(state=state, name=name, queue=queue, since=since, until=until, text=text)
 
-    def workflow(self, task_id: str) -> dict | None:
+    def workflow(self, task_id: str, members: int | None = 200) -> dict | None:
         """The workflow a task belongs to, as a tree of nodes: ``{"kind": "task", "id", "name",
         "state"}``, ``{"kind": "chain", "steps": [...]}``, ``{"kind": "group", "id", "state",
-        "members": [...], "more": n}`` (at most 200 members listed, ``more`` the rest).
-        A chord is a chain of its group and its callback. None for a task sent on its own
-        (or before workflows recorded their shape). Raises KeyError for an unknown id."""
+        "members": [...], "more": n}`` (at most ``members`` members of a group listed, None:
+        all; ``more`` the rest). A chord is a chain of its group and its callback. None for a
+        task sent on its own (or before workflows recorded their shape). Raises KeyError for
+        an unknown id."""
         record = self.backend.get(task_id)
         if record is None:
             raise KeyError(f"no task with id {task_id!r}")
@@ -233,7 +234,7 @@ class App:
         shape = (serialization.loads(record["meta"]) if record.get("meta") else {}).get("workflow")
         if shape is None:
             return None
-        return _workflow_tree(self.backend, shape)
+        return _workflow_tree(self.backend, shape, members)
 
     def retry_task(self, task_id: str) -> AsyncResult:
         """Send a failed or revoked task again, as a new task with the same name, arguments
@@ -382,12 +383,9 @@ class App:
         return f"<nbqueue.App broker={redact(self.broker_url)} backend={redact(self.backend_url)} tasks={len(self.registry)}>"
 
 
-#: members of one group that App.workflow lists (the rest are counted)
-WORKFLOW_MEMBERS = 200
-
-
-def _workflow_tree(backend, shape) -> dict:
-    """``App.workflow``'s tree from a workflow's recorded shape (see ``workflow.graph``)."""
+def _workflow_tree(backend, shape, limit: int | None) -> dict:
+    """``App.workflow``'s tree from a workflow's recorded shape (see ``workflow.graph``),
+    listing at most ``limit`` members of each group (None: all)."""
     ids: list[str] = []
 
     def collect(node) -> None:
@@ -401,7 +399,7 @@ def _workflow_tree(backend, shape) -> dict:
             if node.get("members") is None:
                 info = backend.group_info(node["group"]) or {"members": []}
                 node["members"] = info["members"]
-            for member in node["members"][:WORKFLOW_MEMBERS]:
+            for member in node["members"][:limit]:
                 collect(member)
 
     collect(shape)
@@ -415,7 +413,8 @@ def _workflow_tree(backend, shape) -> dict:
             return {"kind": "chain", "steps": [build(step) for step in node["chain"]]}
         rec = records.get(node["group"]) or {}
         members = node["members"]
+        shown = members[:limit]
         return {"kind": "group", "id": node["group"], "state": rec.get("state"),
-                "members": [build(m) for m in members[:WORKFLOW_MEMBERS]], "more": max(0, len(members) - WORKFLOW_MEMBERS)}
+                "members": [build(m) for m in shown], "more": len(members) - len(shown)}
 
     return build(shape)

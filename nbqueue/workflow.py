@@ -156,17 +156,20 @@ class _Build:
         raise TypeError(type(item).__name__)
 
 
-def graph(node: dict) -> Any:
+def graph(node: dict, started: bool = True) -> Any:
     """A node's shape by ids, as the workflow's first record keeps it (``meta["workflow"]``):
-    a task id, ``{"chain": [steps]}`` or ``{"group": id, "members": [...]}``, the members
-    left out when each is a single task (the group's bookkeeping lists them in order)."""
+    a task id, ``{"chain": [steps]}`` or ``{"group": id, "members": [...]}``. The members of
+    a group started at send time (``started``) are left out when each is a single task: the
+    group's bookkeeping lists them in order (a later chain step's group has none yet)."""
     if node["t"] == "task":
         return node["msg"]["id"]
     if node["t"] == "chain":
-        return {"chain": [graph(step) for step in node["steps"]]}
-    if all(m["t"] == "task" for m in node["members"]):
+        return {"chain": [graph(step, started and i == 0) for i, step in enumerate(node["steps"])]}
+    members = node["members"]
+    if started and all(m["t"] == "task" for m in members):
         return {"group": node["id"]}
-    return {"group": node["id"], "members": [graph(m) for m in node["members"]]}
+    held = bool(node.get("concurrency")) and node["concurrency"] < len(members)
+    return {"group": node["id"], "members": [graph(m, started and not held) for m in members]}
 
 
 def root_id(node: dict) -> str:

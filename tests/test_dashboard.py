@@ -506,3 +506,101 @@ def test_sqlite_dashboard_reads_only_while_four_worker_processes_drain(tmp_path)
     assert len(streamed) >= 2
     writes = [s for s in statements if s.split(None, 1)[0].upper() in ("INSERT", "UPDATE", "DELETE", "REPLACE", "BEGIN", "CREATE")]
     assert statements and not writes, writes[:5]
+
+
+def test_cancel_workflow_revokes_what_has_not_run(tmp_path):
+    """Given a chain whose first step runs and a group waiting behind it, cancelling the
+    workflow revokes every task not finished; the running step's late result is fenced out."""
+    app = sqlite_app(tmp_path)
+    gate = threading.Event()
+
+    @app.task(name="slow")
+    def slow(x):
+        gate.wait(20)
+        return x
+
+    @app.task(name="add")
+    def add(x, y):
+        return x + y
+
+    worker = app.start_worker(1)
+    flow = app.send(slow.s(1) | nbqueue.group(add.s(i) for i in range(3)))
+    first = flow.results[0]
+    wait_for(lambda: first.state == states.STARTED, timeout=20)
+    out = client_for(app).post(f"/api/tasks/{first.id}/cancel-workflow", headers=ACTION).json()
+    assert out["ok"] and out["revoked"] == 5 and "5 of the workflow's 5" in out["message"]    # the step, the group, 3 members
+    gate.set()
+    wait_for(lambda: app.backend.get(first.id)["finished_at"] is not None, timeout=20)
+    worker.stop()
+    tree = app.workflow(first.id)
+    assert tree["steps"][0]["state"] == states.REVOKED
+    assert {m["state"] for m in tree["steps"][1]["members"]} == {states.REVOKED}
+
+
+def test_a_queue_is_known_from_tasks_and_workers_even_when_empty(tmp_path):
+    app = sqlite_app(tmp_path)
+
+    @app.task(name="mail", queue="emails")
+    def mail():
+        return None
+
+    client = client_for(app)
+    assert client.get("/api/queues/emails").json()["queue"] == {"queue": "emails", "ready": 0, "delayed": 0, "in_flight": 0, "dead": 0}
+    assert client.get(f"/api/queues/{app.default_queue}").status_code == 200
+    worker = app.start_worker(1, queues=["reports"])
+    wait_for(lambda: app.status()["workers"], timeout=20)
+    assert client.get("/queues/reports").status_code == 200
+    worker.stop()
+
+
+def test_a_backend_that_cannot_list_still_serves_the_page_and_task_pages(tmp_path):
+    from conftest import store_url
+
+    app = nbqueue.App(f"sqlite:///{tmp_path}/broker.db", backend=store_url("amqp-results", tmp_path))
+    try:
+        add, _ = register(app)
+        worker = app.start_worker(1)
+        r = add.delay(4, 5)
+        assert r.get(timeout=30) == 9
+        worker.stop()
+        client = client_for(app)
+        home = client.get("/api/tasks")
+        assert home.status_code == 200 and home.json()["tasks"] == [] and "a task's page is still found by its id" in home.json()["unsupported"]
+        assert client.get("/").status_code == 200
+        assert client.get(f"/api/tasks/{r.id}").json()["result"] == {"kind": "text", "text": "9"}
+        assert "nbqueue_queue_messages" in client.get("/metrics").text
+    finally:
+        app.backend.delete_queues()
+        app.close()
+
+
+def test_nbqueue_dashboard_magic_shows_an_iframe_and_stops(tmp_path):
+    pytest.importorskip("IPython")
+    from IPython.core.interactiveshell import InteractiveShell
+    from traitlets.config import Config
+
+    from conftest import free_port
+    from nbqueue.notebook import magics as nbmagics
+
+    config = Config()
+    config.HistoryManager.hist_file = ":memory:"
+    shell = InteractiveShell.instance(config=config)
+    shell.reset(new_session=False)
+    app = sqlite_app(tmp_path)
+    shell.user_ns["app"] = app
+    nbmagics.load_ipython_extension(shell, concurrency=1)
+    try:
+        port = free_port()
+        frame = shell.run_line_magic("nbqueue", f"dashboard --port {port} --height 400")
+        assert type(frame).__name__ == "IFrame" and frame.src == f"http://127.0.0.1:{port}/" and frame.height == 400
+        body = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/overview", timeout=10).read())
+        assert body["default_queue"] == app.default_queue
+        assert shell.run_line_magic("nbqueue", "dashboard").src == frame.src         # the same one again
+        shell.run_line_magic("nbqueue", "dashboard stop")
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/overview", timeout=2)
+    finally:
+        nbmagics.unload_ipython_extension(shell)
+        for worker in list(app.workers):
+            worker.stop()
+        app.close()

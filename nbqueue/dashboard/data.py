@@ -152,7 +152,11 @@ def task_page(app, filters: dict, page: int = 1, per_page: int = 50, counts: Any
     them, such as a cache of ``state_counts``) unless ``counts`` is False (they read every
     matching record; the page itself reads only its rows): then ``total`` is None."""
     page, per_page = max(1, int(page)), min(500, max(1, int(per_page)))
-    records = app.find_tasks(**filters, offset=(page - 1) * per_page, limit=per_page + 1)
+    try:
+        records = app.find_tasks(**filters, offset=(page - 1) * per_page, limit=per_page + 1)
+    except NotImplementedError as exc:      # a result backend that cannot list its records (AMQP)
+        return {"tasks": [], "more": False, "total": None, "by_state": {}, "page": page, "per_page": per_page,
+                "filters": dict(filters), "unsupported": f"{exc}; a task's page is still found by its id"}
     by_state: dict[str, int] = {}
     if counts:
         by_state = counts(filters) if callable(counts) else state_counts(app, filters)
@@ -174,18 +178,20 @@ def overview(app) -> dict:
             "last_seen": w.get("last_seen"), "age": now - float(w.get("last_seen") or now),
         })
     queues = [{k: q.get(k, 0) for k in ("queue", "ready", "delayed", "in_flight", "dead")} for q in status["queues"]]
-    return {"queues": queues, "workers": workers, "now": now, "default_queue": app.default_queue}
-
-
-def queue_names(app) -> list[str]:
-    return [q["queue"] for q in app.status()["queues"]]
+    return {"queues": queues, "workers": workers, "now": now, "default_queue": app.default_queue,
+            "lists": getattr(app.backend, "lists_tasks", "all")}
 
 
 def queue_view(app, queue: str) -> dict:
-    """A queue's counts and its first dead letters; NotFound for a queue the broker does not know."""
-    rows = {q["queue"]: q for q in app.status()["queues"]}
-    if queue not in rows and queue != app.default_queue:
-        raise NotFound(f"no queue named {queue!r} (known: {', '.join(sorted(rows)) or 'none'})")
+    """A queue's counts and its first dead letters; NotFound for a queue nobody knows: not
+    one the broker holds messages in, the App's default, a registered task's or a live
+    worker's."""
+    status = app.status()
+    rows = {q["queue"]: q for q in status["queues"]}
+    known = set(rows) | {app.default_queue} | {q for w in status["workers"] for q in w.get("queues") or []}
+    known |= {t.options["queue"] for t in app.registry.values() if t.options.get("queue")}
+    if queue not in known:
+        raise NotFound(f"no queue named {queue!r} (known: {', '.join(sorted(known))})")
     row = rows.get(queue) or {"queue": queue, "ready": 0, "delayed": 0, "in_flight": 0, "dead": 0}
     letters = []
     for letter in app.broker.dead_letters(queue, limit=50):
@@ -241,6 +247,28 @@ def act_cancel(app, task_id: str) -> dict:
     if revoked:
         return {"ok": True, "state": state, "message": f"task {task_id} revoked"}
     return {"ok": False, "state": state, "message": f"task {task_id} had already finished ({state}); nothing was cancelled"}
+
+
+def act_cancel_workflow(app, task_id: str) -> dict:
+    """``app.revoke`` for every task of the workflow ``task_id`` belongs to that has not
+    finished (its groups' records too); says how many were cancelled and how many had finished."""
+    if not app.result(task_id).info():
+        raise NotFound(f"no task with id {task_id!r}")
+    tree = app.workflow(task_id, members=None)
+    if tree is None:
+        return act_cancel(app, task_id)
+    nodes, ids = [tree], []
+    while nodes:
+        node = nodes.pop()
+        if node["kind"] == "chain":
+            nodes += node["steps"]
+        else:
+            ids.append(node["id"])
+            nodes += node.get("members") or []
+    revoked = sum(1 for i in ids if app.revoke(i, "workflow revoked from the dashboard"))
+    state = app.result(task_id).info().get("state")
+    return {"ok": revoked > 0, "state": state, "revoked": revoked,
+            "message": f"{revoked} of the workflow's {len(ids)} task(s) revoked; {len(ids) - revoked} had already finished"}
 
 
 def act_retry(app, task_id: str) -> dict:

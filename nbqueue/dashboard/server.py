@@ -10,7 +10,7 @@ view's first data embedded, so the first render is one request; the page then fo
 ``/api/events`` (one server-sent event per change, computed once per tick for all the
 pages showing the same view). JSON: ``/api/overview``, ``/api/tasks``,
 ``/api/tasks/<id>``, ``/api/queues/<name>``; actions (POST, behind a confirmation in
-the page): ``/api/tasks/<id>/cancel``, ``/api/tasks/<id>/retry``,
+the page): ``/api/tasks/<id>/cancel``, ``/api/tasks/<id>/cancel-workflow``, ``/api/tasks/<id>/retry``,
 ``/api/queues/<name>/redrive``, ``/api/queues/<name>/purge``; ``/metrics`` for
 Prometheus. Unknown ids and queues answer 404 with a message.
 
@@ -55,8 +55,10 @@ def _json(obj: Any) -> str:
 
 #: a live view's tick stretches to this many times its computation's cost
 SLOWDOWN = 20
-#: live task counts (they read every matching record) are read again at most this often, in seconds
+#: live task counts (they read every matching record) are read again at most this often, in
+#: seconds, and at most once per COUNT_SLOWDOWN times their cost
 COUNT_EVERY = 5.0
+COUNT_SLOWDOWN = 40
 
 
 class Snapshots:
@@ -154,10 +156,10 @@ def create_app(app, *, password: str | None = None, token: str | None = None, in
     counted: dict[str, tuple[float, float, dict]] = {}      # filters -> (when, cost, counts by state)
 
     def live_counts(filters: dict) -> dict:
-        """``data.state_counts`` for the live views, read again after COUNT_EVERY seconds (or SLOWDOWN times its cost)."""
+        """``data.state_counts`` for the live views, read again after COUNT_EVERY seconds (or COUNT_SLOWDOWN times its cost)."""
         key = _json(sorted(filters.items()))
         hit = counted.get(key)
-        if hit is not None and time.monotonic() - hit[0] < max(COUNT_EVERY, SLOWDOWN * hit[1]):
+        if hit is not None and time.monotonic() - hit[0] < max(COUNT_EVERY, COUNT_SLOWDOWN * hit[1]):
             return hit[2]
         started = time.monotonic()
         by_state = data.state_counts(app, filters)
@@ -228,7 +230,8 @@ def create_app(app, *, password: str | None = None, token: str | None = None, in
 
     async def action(request: Request) -> Response:
         kind, ident = request.path_params["action"], request.path_params.get("task_id") or request.path_params.get("queue")
-        actions = {"cancel": data.act_cancel, "retry": data.act_retry, "redrive": data.act_redrive, "purge": data.act_purge}
+        actions = {"cancel": data.act_cancel, "cancel-workflow": data.act_cancel_workflow, "retry": data.act_retry,
+                   "redrive": data.act_redrive, "purge": data.act_purge}
         if kind not in actions:
             return JSONResponse({"error": f"no action {kind!r}"}, status_code=404)
         log.info("dashboard action %s on %s", kind, ident)

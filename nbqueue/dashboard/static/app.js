@@ -112,7 +112,9 @@ function renderList(data) {
     document.getElementById("queues-box").innerHTML = queuesTable(data.overview.queues);
     document.getElementById("workers-box").innerHTML = workersTable(data.overview.workers);
   }
-  document.getElementById("tasks-box").innerHTML = tasksTable(data.tasks);
+  const note = data.tasks.unsupported ? `<p class="muted" id="unlisted">${esc(data.tasks.unsupported)}</p>`
+    : (data.overview && data.overview.lists === "recent" ? `<p class="muted">this result backend lists its most recent tasks</p>` : "");
+  document.getElementById("tasks-box").innerHTML = note + tasksTable(data.tasks);
   document.querySelectorAll(".chips .state").forEach(chip => chip.onclick = () => setFilters({state: chip.dataset.state, page: ""}));
   document.getElementById("prev").onclick = () => setFilters({page: String(data.tasks.page - 1)});
   document.getElementById("next").onclick = () => setFilters({page: String(data.tasks.page + 1)});
@@ -177,6 +179,7 @@ function renderTask(data) {
     <h1>${esc(t.name)} ${badge(t.state)}</h1><div class="muted" id="task-id">${esc(t.id)}</div>
     <div class="actions">
       <button id="cancel" class="danger" ${t.final ? "disabled" : ""}>cancel</button>
+      ${t.workflow ? `<button id="cancel-workflow" class="danger">cancel workflow</button>` : ""}
       <button id="retry" ${t.state === "FAILURE" || t.state === "REVOKED" ? "" : "disabled"}>retry</button>
     </div>
     ${t.workflow ? `<h2>workflow</h2><div class="graph" id="graph">${graphNode(t.workflow, t.id)}</div>` : ""}
@@ -194,6 +197,9 @@ function renderTask(data) {
     ${t.traceback ? `<h2>traceback</h2><pre class="tb" id="traceback">${esc(t.traceback)}</pre>` : ""}
     ${t.output ? `<h2>output</h2><pre id="output">${esc(t.output)}</pre>` : ""}`;
   document.getElementById("cancel").onclick = () => confirmThen(`Cancel task ${t.name} (${t.id})?`, () => act(`api/tasks/${encodeURIComponent(t.id)}/cancel`, "cancelled"));
+  const whole = document.getElementById("cancel-workflow");
+  if (whole) whole.onclick = () => confirmThen(`Cancel every unfinished task of this workflow?`,
+    () => act(`api/tasks/${encodeURIComponent(t.id)}/cancel-workflow`, "workflow cancelled"));
   document.getElementById("retry").onclick = () => confirmThen(`Send task ${t.name} again as a new task?`, () => act(`api/tasks/${encodeURIComponent(t.id)}/retry`, "sent again"));
 }
 
