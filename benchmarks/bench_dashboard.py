@@ -118,6 +118,8 @@ def throughput(kind: str, tmp: str) -> None:
                 client.delete(key)
         app.close()
     a, b = statistics.median(without), statistics.median(with_page)
+    print(f"  best without {max(without):8.0f} tasks/s, with one open page {max(with_page):8.0f} tasks/s: "
+          f"overhead {100 * (1 - max(with_page) / max(without)):+.1f}% (noise only slows a run down)", flush=True)
     print(f"  median without {a:8.0f} tasks/s, with one open page {b:8.0f} tasks/s: overhead {100 * (1 - b / a):+.1f}% "
           f"(live updates received per run: {events}); the dashboard process used {100 * statistics.median(shares):.1f}% of one "
           f"core while the page was open (median)", flush=True)

@@ -37,7 +37,9 @@ async function act(url, doneText) {
     const body = await response.json();
     if (!response.ok) { flash(body.error || `failed (${response.status})`, true); return; }
     flash(body.message || doneText, !body.ok);
-    if (body.ok && body.id) flash(body.message, false);
+    if (body.ok && body.id) {        // a task sent again: link to it
+      document.getElementById("flash").insertAdjacentHTML("beforeend", ` — <a id="new-task" href="tasks/${encodeURIComponent(body.id)}">open it</a>`);
+    }
     refresh();
   } catch (err) { flash(String(err), true); }
 }
