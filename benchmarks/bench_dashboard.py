@@ -1,7 +1,7 @@
 """The dashboard's cost: worker throughput with a live page open, and the first render's server time.
 
     .venv/bin/python benchmarks/bench_dashboard.py                 # SQLite (and Redis when listening)
-    N=20000 ROUNDS=3 .venv/bin/python benchmarks/bench_dashboard.py sqlite
+    N=20000 ROUNDS=6 .venv/bin/python benchmarks/bench_dashboard.py sqlite
 
 1. Throughput of N no-op tasks through one `nbqueue worker` process (4 threads), with and
    without a dashboard process (`nbqueue dashboard`) that has one page following its live
@@ -33,7 +33,7 @@ import nbqueue  # noqa: E402
 from bench import listening, run_process_worker  # noqa: E402
 
 N = int(os.environ.get("N", "20000"))
-ROUNDS = int(os.environ.get("ROUNDS", "3"))
+ROUNDS = int(os.environ.get("ROUNDS", "6"))
 STORED = int(os.environ.get("STORED", "100000"))
 REDIS_URL = os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379/14")
 
@@ -92,37 +92,48 @@ class OpenPage:
 def throughput(kind: str, tmp: str) -> None:
     from bench import fresh_app
 
-    print(f"\n{kind}: {N} no-op tasks through one worker process (4 threads), {ROUNDS} rounds each, alternating", flush=True)
-    without, with_page, events, shares = [], [], [], []
-    for r in range(2 * ROUNDS):
-        queue = f"dash-{uuid.uuid4().hex[:6]}"
-        url = f"sqlite:///{tmp}/t{r}.db" if kind == "sqlite" else f"{REDIS_URL}?key_prefix=bdash-{uuid.uuid4().hex[:6]}:"
-        app = fresh_app(url, url, queue)
-        page = OpenPage(url, url, queue) if r % 2 else None
-        try:
-            rate = run_process_worker(app, url, url, queue, N, 4)
-        finally:
-            if page is not None:
-                events.append(page.events)
-                page.close()
+    print(f"\n{kind}: {N} no-op tasks through one worker process (4 threads), {ROUNDS} rounds of three conditions, interleaved",
+          flush=True)
+    rates: dict[str, list[float]] = {"no dashboard": [], "dashboard, no page": [], "one open page": []}
+    shares, events = [], []
+    for r in range(ROUNDS):
+        for condition in rates:
+            queue = f"dash-{uuid.uuid4().hex[:6]}"
+            url = f"sqlite:///{tmp}/{queue}.db" if kind == "sqlite" else f"{REDIS_URL}?key_prefix=bdash-{uuid.uuid4().hex[:6]}:"
+            app = fresh_app(url, url, queue)
+            page = None
+            if condition != "no dashboard":
+                page = OpenPage(url, url, queue)
+                if condition == "dashboard, no page":
+                    page.stop.set()             # the follower leaves at its next event: the process idles
+                    time.sleep(1.2)
+                    page.cpu_start = page.cpu()
+            try:
+                rate = run_process_worker(app, url, url, queue, N, 4)
+            finally:
+                if page is not None:
+                    page.close()
+            rates[condition].append(rate)
+            extra = ""
+            if condition == "one open page":
                 shares.append(page.cpu_used / (N / rate))
-        (with_page if page else without).append(rate)
-        extra = f"   (dashboard CPU {100 * shares[-1]:.1f}% of one core)" if page else ""
-        print(f"  round {r + 1}: {'with an open page ' if page else 'without dashboard'} {rate:8.0f} tasks/s{extra}", flush=True)
-        if kind == "redis":
-            import redis
+                events.append(page.events)
+                extra = f"   (dashboard CPU {100 * shares[-1]:.1f}% of one core, {page.events} live updates)"
+            print(f"  round {r + 1}: {condition:<20} {rate:8.0f} tasks/s{extra}", flush=True)
+            if kind == "redis":
+                import redis
 
-            client = redis.Redis.from_url(REDIS_URL)
-            prefix = url.split("key_prefix=")[1]
-            for key in client.scan_iter(match=prefix + "*", count=1000):
-                client.delete(key)
-        app.close()
-    a, b = statistics.median(without), statistics.median(with_page)
-    print(f"  best without {max(without):8.0f} tasks/s, with one open page {max(with_page):8.0f} tasks/s: "
-          f"overhead {100 * (1 - max(with_page) / max(without)):+.1f}% (noise only slows a run down)", flush=True)
-    print(f"  median without {a:8.0f} tasks/s, with one open page {b:8.0f} tasks/s: overhead {100 * (1 - b / a):+.1f}% "
-          f"(live updates received per run: {events}); the dashboard process used {100 * statistics.median(shares):.1f}% of one "
-          f"core while the page was open (median)", flush=True)
+                client = redis.Redis.from_url(REDIS_URL)
+                prefix = url.split("key_prefix=")[1]
+                for key in client.scan_iter(match=prefix + "*", count=1000):
+                    client.delete(key)
+            app.close()
+    base_median, base_best = statistics.median(rates["no dashboard"]), max(rates["no dashboard"])
+    for condition, values in rates.items():
+        median, best = statistics.median(values), max(values)
+        print(f"  {condition:<20} median {median:8.0f} tasks/s ({100 * (median / base_median - 1):+5.1f}%), "
+              f"best {best:8.0f} ({100 * (best / base_best - 1):+5.1f}%)", flush=True)
+    print(f"  the dashboard process used {100 * statistics.median(shares):.1f}% of one core while the page was open (median)", flush=True)
 
 
 def first_render(tmp: str) -> None:

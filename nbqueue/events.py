@@ -13,6 +13,7 @@ The run's trace span (nbqueue.tracing) is opened here too, around the function.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Callable
@@ -21,6 +22,7 @@ from . import states, tracing
 from .errors import Retry
 
 log = logging.getLogger(__name__)
+_NULL = contextlib.nullcontext()
 
 
 class WorkerEvents:
@@ -29,7 +31,10 @@ class WorkerEvents:
         self.on_finish: list[Callable] = []
 
     def run(self, message: dict, queue: str | None):
-        """A context manager around one run of a task's function."""
+        """A context manager around one run of a task's function (nothing at all while no
+        hook is registered and no trace is recorded)."""
+        if not self.on_start and not self.on_finish and not tracing.enabled():
+            return _NULL
         return _Run(self, message, queue)
 
 

@@ -17,6 +17,7 @@ configures exporters). ``use(provider)`` points nbqueue at a provider of its own
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Any
 
 try:
@@ -27,6 +28,8 @@ except ImportError:     # the extra is not installed: every function below does 
 
 _NULL = contextlib.nullcontext()
 _provider: Any = None           # set by use(); else the global tracer provider
+_global: Any = None             # the global provider once it records (OpenTelemetry sets it only once)
+_next_look = 0.0                # time.monotonic() of the next look for one while there is none
 _cache: tuple[Any, Any] = (None, None)
 
 
@@ -37,13 +40,25 @@ def use(provider: Any) -> None:
 
 
 def _tracer():
-    """nbqueue's tracer, or None while no tracer provider records spans (no SDK configured)."""
-    global _cache
+    """nbqueue's tracer, or None while no tracer provider records spans (no SDK configured).
+
+    Cheap on every send and run: while there is no global provider, one is looked for at
+    most once a second (a provider set after the first sends is used within a second)."""
+    global _cache, _global, _next_look
     if trace is None:
         return None
-    provider = _provider if _provider is not None else trace.get_tracer_provider()
-    if isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider)):
-        return None
+    provider = _provider
+    if provider is None:
+        if _global is None:
+            now = time.monotonic()
+            if now < _next_look:
+                return None
+            _next_look = now + 1.0
+            found = trace.get_tracer_provider()
+            if isinstance(found, (trace.ProxyTracerProvider, trace.NoOpTracerProvider)):
+                return None
+            _global = found
+        provider = _global
     if _cache[0] is not provider:
         from . import __version__
 

@@ -35,9 +35,9 @@ import uuid
 from typing import Any, Iterable
 
 from . import capture, serialization, states, workflow
-from .events import WorkerEvents
 from .brokers.base import Delivery, queue_list
 from .errors import DeliveryLimitExceeded, MessageError, NotRegistered, Retry, SerializationError
+from .events import WorkerEvents
 from .retry import next_delay
 from .signature import decode_body, encode_body
 

@@ -92,3 +92,38 @@ def test_no_provider_no_headers(tmp_path):
     app = nbqueue.App(f"sqlite:///{tmp_path}/t.db")
     message, _, _ = app.prepare(app.signature("add", (1, 2)))
     assert "headers" not in message and not tracing.enabled()
+
+
+def test_the_global_tracer_provider_is_used(tmp_path):
+    """As an application configures OpenTelemetry: ``trace.set_tracer_provider`` (in a process of its own: it can be set once)."""
+    import subprocess
+    import sys
+
+    script = f"""
+import nbqueue
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+exporter = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(exporter))
+trace.set_tracer_provider(provider)
+app = nbqueue.App("sqlite:///{tmp_path}/g.db")
+
+@app.task(name="add")
+def add(x, y):
+    return x + y
+
+worker = app.start_worker(1)
+with trace.get_tracer("test").start_as_current_span("notebook cell") as cell:
+    assert add.delay(1, 2).get(timeout=30) == 3
+worker.stop()
+spans = {{s.name: s for s in exporter.get_finished_spans()}}
+assert spans["send add"].parent.span_id == cell.get_span_context().span_id
+assert spans["run add"].parent.span_id == spans["send add"].context.span_id
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "ok", proc.stderr[-2000:]
