@@ -22,7 +22,6 @@ def spans():
     tracing.use(provider)
     yield exporter
     tracing.use(None)
-    provider.shutdown()
 
 
 def test_a_chain_is_one_trace_a_send_span_and_a_run_span_per_step(app_factory, spans):
