@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import base64
+import html
 import json
 import os
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -604,3 +606,27 @@ def test_nbqueue_dashboard_magic_shows_an_iframe_and_stops(tmp_path):
         for worker in list(app.workers):
             worker.stop()
         app.close()
+
+
+def test_nbqueue_dashboard_command_serves_the_app(tmp_path):
+    from conftest import free_port
+
+    (tmp_path / "ctasks.py").write_text("import nbqueue\napp = nbqueue.App('sqlite:///c.db', default_queue='cq')\n")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "nbqueue", "dashboard", "--app", "ctasks:app", "--port", str(port)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def overview():
+            try:
+                return json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/overview", timeout=5).read())
+            except OSError:
+                return None
+        assert wait_for(overview, timeout=60, message="nbqueue dashboard answering")["default_queue"] == "cq"
+        missing = urllib.request.Request(f"http://127.0.0.1:{port}/tasks/nope")
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(missing, timeout=5)
+        assert err.value.code == 404 and "no task with id 'nope'" in html.unescape(err.value.read().decode())
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    assert f"http://127.0.0.1:{port}/" in proc.stdout.read()

@@ -187,11 +187,10 @@ def create_app(app, *, password: str | None = None, token: str | None = None, in
         try:
             first = await run_in_threadpool(view_data, view, request.query_params, ident, False)
         except NotFound as exc:
-            return HTMLResponse(_error_page(404, str(exc)), status_code=404)
+            return HTMLResponse(_error_page(404, str(exc), request), status_code=404)
         except ValueError as exc:
-            return HTMLResponse(_error_page(400, str(exc)), status_code=400)
-        depth = request.url.path.count("/") - 1
-        body = (page_html.replace("__NBQ_BASE__", "./" if depth <= 0 else "../" * depth)
+            return HTMLResponse(_error_page(400, str(exc), request), status_code=400)
+        body = (page_html.replace("__NBQ_BASE__", _base(request))
                 .replace("__NBQ_INITIAL__", _json(first).replace("</", "<\\/")))
         return HTMLResponse(body, headers={"Cache-Control": "no-store"})
 
@@ -287,7 +286,7 @@ def create_app(app, *, password: str | None = None, token: str | None = None, in
     async def not_found(request: Request, exc: Exception) -> Response:
         if request.url.path.startswith("/api/"):
             return JSONResponse({"error": f"no such page: {request.url.path}"}, status_code=404)
-        return HTMLResponse(_error_page(404, f"no such page: {request.url.path}"), status_code=404)
+        return HTMLResponse(_error_page(404, f"no such page: {request.url.path}", request), status_code=404)
 
     async def server_error(request: Request, exc: Exception) -> Response:
         log.exception("dashboard: %s %s failed", request.method, request.url.path, exc_info=exc)
@@ -323,7 +322,14 @@ def _int(value: str | None, name: str, default: int = 1) -> int:
         raise ValueError(f"{name} must be a whole number, not {value!r}") from None
 
 
-def _error_page(status: int, message: str) -> str:
+def _base(request: Request) -> str:
+    """The relative URL of the dashboard's root from this page (it may be served under a
+    proxy's prefix, as jupyter-server-proxy does, so no URL in a page is absolute)."""
+    depth = request.url.path.count("/") - 1
+    return "./" if depth <= 0 else "../" * depth
+
+
+def _error_page(status: int, message: str, request: Request) -> str:
     return (f"<!doctype html><meta charset='utf-8'><title>nbqueue: {status}</title>"
             f"<body style='font-family:sans-serif;margin:2em'><h1>{status}</h1><p class='error'>{data.escape(message)}</p>"
-            f"<p><a href='/'>back to the dashboard</a></p></body>")
+            f"<p><a href='{_base(request)}'>back to the dashboard</a></p></body>")
