@@ -20,7 +20,7 @@ import time
 from typing import Any, Callable, Iterable, Mapping
 
 from . import config as _config
-from . import serialization, shipping, states
+from . import serialization, shipping, states, tracing
 from .backends import backend_from_url
 from .brokers import broker_from_url
 from .brokers.base import Outgoing
@@ -125,6 +125,7 @@ class App:
         shipping.attach(self, sig, message)   # made from a notebook's function: carries its code, to a code queue
         if group_id is not None:
             message["group_id"] = group_id
+        tracing.inject(message)
         record = {
             "id": message["id"], "name": message["name"], "state": states.PENDING,
             "args": serialization.dumps(message["args"]), "kwargs": serialization.dumps(message["kwargs"]),
@@ -151,9 +152,10 @@ class App:
         """Send one signature; returns its AsyncResult at once."""
         if not isinstance(sig, Signature):
             raise TypeError(f"send_task takes a Signature, not {type(sig).__name__}; use app.send() for workflows")
-        message, record, out = self.prepare(sig)
-        since = self.backend.wake_version()
-        self.publish([record], [out])
+        with tracing.sending(sig.name):
+            message, record, out = self.prepare(sig)
+            since = self.backend.wake_version()
+            self.publish([record], [out])
         result = AsyncResult(out.id, self, name=sig.name)
         result._sent_at_version = since
         result.callbacks = [AsyncResult(m["id"], self, name=m["name"], absent_ok=True)   # recorded when fired
@@ -163,8 +165,9 @@ class App:
     def send_many(self, signatures: Iterable[Signature]) -> list[AsyncResult]:
         """Send many independent tasks in one write (faster than a loop of send_task)."""
         sigs = list(signatures)
-        prepared = [self.prepare(s) for s in sigs]
-        self.publish([p[1] for p in prepared], [p[2] for p in prepared])
+        with tracing.sending(sigs[0].name if len({s.name for s in sigs}) == 1 else "many", len(sigs)):
+            prepared = [self.prepare(s) for s in sigs]
+            self.publish([p[1] for p in prepared], [p[2] for p in prepared])
         return [AsyncResult(p[2].id, self, name=s.name) for s, p in zip(sigs, prepared)]
 
     def send(self, item: Any):
@@ -173,22 +176,26 @@ class App:
 
         if isinstance(item, Signature):
             return self.send_task(item)
-        return workflow.send(self, item)
+        with tracing.sending(type(item).__name__):
+            return workflow.send(self, item)
 
     def send_group(self, group, concurrency: int = 0):
         from . import workflow
 
-        return workflow.send_group(self, group, concurrency=concurrency)
+        with tracing.sending("group"):
+            return workflow.send_group(self, group, concurrency=concurrency)
 
     def send_chain(self, chain):
         from . import workflow
 
-        return workflow.send(self, chain)
+        with tracing.sending("chain"):
+            return workflow.send(self, chain)
 
     def send_chord(self, chord, concurrency: int = 0):
         from . import workflow
 
-        return workflow.send_chord(self, chord, concurrency=concurrency)
+        with tracing.sending("chord"):
+            return workflow.send_chord(self, chord, concurrency=concurrency)
 
     # -- results ------------------------------------------------------------------------
     def result(self, task_id: str) -> AsyncResult:
@@ -202,6 +209,91 @@ class App:
         records = self.backend.list(state=state, name=name, limit=None if limit is None else limit + 64)
         records = [r for r in records if r.get("name") != "nbqueue.group" or name == "nbqueue.group"]
         return records_frame(self, records[:limit] if limit is not None else records)
+
+    # -- browsing and operating (what the dashboard uses; all public) ----------------------
+    def find_tasks(self, *, state=None, name=None, queue=None, since: float | None = None, until: float | None = None,
+                   text: str | None = None, offset: int = 0, limit: int = 50) -> list[dict]:
+        """A page of task records (dicts with the fields of ``nbqueue.backends.base.FIELDS``;
+        ``args``, ``kwargs`` and ``result`` as their JSON text), newest first, without loading
+        the others. Filters: ``state``, ``name``, ``queue`` (a value or a list of values),
+        ``since <= created_at < until`` (Unix seconds), ``text``: a case-insensitive
+        substring of the arguments (their JSON text) or of the error and traceback."""
+        return self.backend.search(state=state, name=name, queue=queue, since=since, until=until, text=text, offset=offset, limit=limit)
+
+    def count_tasks(self, *, state=None, name=None, queue=None, since: float | None = None, until: float | None = None,
+                    text: str | None = None) -> dict[tuple[str, str], int]:
+        """How many task records match the filters of ``find_tasks``, by ``(state, name)``."""
+        return self.backend.counts(state=state, name=name, queue=queue, since=since, until=until, text=text)
+
+    def workflow(self, task_id: str, members: int | None = 200) -> dict | None:
+        """The workflow a task belongs to, as a tree of nodes: ``{"kind": "task", "id", "name",
+        "state"}``, ``{"kind": "chain", "steps": [...]}``, ``{"kind": "group", "id", "state",
+        "members": [...], "more": n}`` (at most ``members`` members of a group listed, None:
+        all; ``more`` the rest). A chord is a chain of its group and its callback. None for a
+        task sent on its own (or before workflows recorded their shape). Raises KeyError for
+        an unknown id."""
+        record = self.backend.get(task_id)
+        if record is None:
+            raise KeyError(f"no task with id {task_id!r}")
+        seen = {task_id}
+        while record.get("parent_id"):      # chain steps point at the step before, members at their group
+            parent = self.backend.get(record["parent_id"])
+            if parent is None or parent["id"] in seen:
+                break
+            seen.add(parent["id"])
+            record = parent
+        shape = (serialization.loads(record["meta"]) if record.get("meta") else {}).get("workflow")
+        if shape is None:
+            return None
+        return _workflow_tree(self.backend, shape, members)
+
+    def retry_task(self, task_id: str) -> AsyncResult:
+        """Send a failed or revoked task again, as a new task with the same name, arguments
+        and queue (its record's ``meta`` says ``retry_of``); what followed the old one in a
+        workflow is not resumed. Raises KeyError for an unknown id, ValueError for a task in
+        another state or one whose arguments were never recorded."""
+        record = self.backend.get(task_id)
+        if record is None:
+            raise KeyError(f"no task with id {task_id!r}")
+        if record["state"] not in (states.FAILURE, states.REVOKED) or record.get("name") in (None, "nbqueue.group"):
+            raise ValueError(f"task {task_id} is {record['state']}: only a failed or revoked task can be retried")
+        if record.get("args") is None:
+            raise ValueError(f"task {task_id} has no recorded arguments (its message could not be read); it cannot be sent again")
+        args = [self.serializer.decode(a) for a in serialization.loads(record["args"])]
+        kwargs = {k: self.serializer.decode(v) for k, v in serialization.loads(record.get("kwargs") or "{}").items()}
+        sig = self.signature(record["name"], args=args, kwargs=kwargs, queue=record.get("queue"))
+        with tracing.sending(sig.name):
+            message, new, out = self.prepare(sig, meta={"retry_of": task_id})
+            self.publish([new], [out])
+        return AsyncResult(out.id, self, name=sig.name)
+
+    def redrive(self, queue: str | None = None, limit: int = 100) -> dict:
+        """Send dead letters of ``queue`` (None: every queue) again, at most ``limit`` of them,
+        as new tasks (same name, arguments and options; what followed them in a workflow is
+        not resumed), and remove them from the dead letters in the same transaction where
+        broker and backend share one. Returns ``{"sent": [AsyncResult], "kept": [{"id",
+        "queue", "reason"}]}``: a dead letter whose body cannot be read as a message is kept."""
+        from .signature import decode_body, signature_from_message
+        from .errors import MessageError
+
+        sent, kept, prepared = [], [], []
+        for letter in self.broker.dead_letters(queue, limit=limit):
+            try:
+                sig = signature_from_message(decode_body(letter["body"] or ""), self.serializer)
+            except (MessageError, serialization.SerializationError, ValueError, KeyError, TypeError) as exc:
+                kept.append({"id": letter["id"], "queue": letter["queue"], "reason": f"not a readable message: {exc}"})
+                continue
+            sig = sig.replace(id=None, workflow=None, group_id=None, queue=letter["queue"])
+            prepared.append((letter, *self.prepare(sig, meta={"redriven_from": letter["id"]})))
+        with tracing.sending("redrive", len(prepared)), self.transaction():
+            self.publish([p[2] for p in prepared], [p[3] for p in prepared])
+            by_queue: dict[str, list[str]] = {}
+            for letter, *_ in prepared:
+                by_queue.setdefault(letter["queue"], []).append(letter["id"])
+            for name, ids in by_queue.items():
+                self.broker.remove_dead_letters(name, ids)
+        sent = [AsyncResult(p[3].id, self, name=p[1]["name"]) for p in prepared]
+        return {"sent": sent, "kept": kept}
 
     def revoke(self, task_id: str, reason: str = "revoked") -> bool:
         """Cancel a task that has not finished: it will not run (or its result is discarded).
@@ -330,3 +422,40 @@ class App:
         from .brokers.base import redact
 
         return f"<nbqueue.App broker={redact(self.broker_url)} backend={redact(self.backend_url)} tasks={len(self.registry)}>"
+
+
+def _workflow_tree(backend, shape, limit: int | None) -> dict:
+    """``App.workflow``'s tree from a workflow's recorded shape (see ``workflow.graph``),
+    listing at most ``limit`` members of each group (None: all)."""
+    ids: list[str] = []
+
+    def collect(node) -> None:
+        if isinstance(node, str):
+            ids.append(node)
+        elif "chain" in node:
+            for step in node["chain"]:
+                collect(step)
+        else:
+            ids.append(node["group"])
+            if node.get("members") is None:
+                info = backend.group_info(node["group"]) or {"members": []}
+                node["members"] = info["members"]
+            for member in node["members"][:limit]:
+                collect(member)
+
+    collect(shape)
+    records = {r["id"]: r for r in backend.get_many(ids) if r is not None}
+
+    def build(node) -> dict:
+        if isinstance(node, str):
+            rec = records.get(node) or {}
+            return {"kind": "task", "id": node, "name": rec.get("name"), "state": rec.get("state")}
+        if "chain" in node:
+            return {"kind": "chain", "steps": [build(step) for step in node["chain"]]}
+        rec = records.get(node["group"]) or {}
+        members = node["members"]
+        shown = members[:limit]
+        return {"kind": "group", "id": node["group"], "state": rec.get("state"),
+                "members": [build(m) for m in shown], "more": len(members) - len(shown)}
+
+    return build(shape)

@@ -1,4 +1,4 @@
-"""The ``nbqueue`` command: worker | beat | status | purge | export. The only place with signal handlers."""
+"""The ``nbqueue`` command: worker | dashboard | beat | status | purge | export. The only place with signal handlers."""
 from __future__ import annotations
 
 import argparse
@@ -60,6 +60,11 @@ def cmd_worker(args) -> int:
     if args.beat:
         beat = app.scheduler()
         beat.start()
+    if args.metrics_port is not None:
+        from .metrics import serve_worker_metrics
+
+        serve_worker_metrics(worker, args.metrics_port, args.metrics_host)
+        print(f"nbqueue worker {worker.name}: metrics on http://{args.metrics_host}:{args.metrics_port}/metrics", flush=True)
     _install_stop_handlers(lambda: (beat.stop() if beat else None, worker.stop(wait=False)), lambda: os._exit(1))
     units = "child process(es)" if args.pool == "processes" else "thread(s)"
     print(f"nbqueue worker {worker.name}: {args.concurrency} {units}, queues {','.join(worker.queues)}, broker {app.broker!r}", flush=True)
@@ -68,6 +73,20 @@ def cmd_worker(args) -> int:
     if worker.crashed:
         print(f"nbqueue worker {worker.name}: its executor threads died (see the log above)", file=sys.stderr, flush=True)
         return 1
+    return 0
+
+
+def cmd_dashboard(args) -> int:
+    from . import dashboard
+
+    app = load_app(args.app)
+    password = args.password or os.environ.get("NBQUEUE_DASHBOARD_PASSWORD") or None
+    token = args.token or os.environ.get("NBQUEUE_DASHBOARD_TOKEN") or None
+    dashboard.check_binding(args.host, password, token)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"nbqueue dashboard: http://{host}:{args.port}/" + (f"?token={token}" if token else "")
+          + (" (password required)" if password else ""), flush=True)
+    dashboard.serve(app, args.host, args.port, password=password, token=token, interval=args.interval)
     return 0
 
 
@@ -135,7 +154,18 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--shutdown-grace", type=float, default=30.0,
                    help="--pool processes: seconds running tasks may finish after SIGTERM before their children are stopped")
     w.add_argument("--beat", action="store_true", help="also run the periodic-task scheduler")
+    w.add_argument("--metrics-port", type=int, default=None, help="serve this worker's Prometheus metrics on this port (/metrics)")
+    w.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port (default 127.0.0.1)")
     w.set_defaults(fn=cmd_worker)
+
+    d = sub.add_parser("dashboard", help="serve the web dashboard (queues, workers, tasks, actions) and /metrics")
+    d.add_argument("--app", help="module:attribute of the App (default: App.from_env())")
+    d.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other needs --password or --token)")
+    d.add_argument("--port", type=int, default=8765)
+    d.add_argument("--password", default=None, help="require this password (HTTP Basic; or NBQUEUE_DASHBOARD_PASSWORD)")
+    d.add_argument("--token", default=None, help="require this token (?token=...; or NBQUEUE_DASHBOARD_TOKEN)")
+    d.add_argument("--interval", type=float, default=1.0, help="seconds between live updates (default 1)")
+    d.set_defaults(fn=cmd_dashboard)
 
     b = sub.add_parser("beat", help="run the periodic-task scheduler")
     b.add_argument("--app")

@@ -37,6 +37,7 @@ from typing import Any, Iterable
 from . import builtin, capture, serialization, shipping, states, workflow
 from .brokers.base import Delivery, queue_list
 from .errors import DeliveryLimitExceeded, MessageError, NotRegistered, Retry, SerializationError, WorkerLostError
+from .events import WorkerEvents
 from .retry import next_delay
 from .signature import decode_body, encode_body
 
@@ -428,6 +429,7 @@ class Worker:
         self.unknown_grace = float(unknown_grace)
         self._born = app.clock.time()
         self._pid = os.getpid()
+        self.events = WorkerEvents()                   # hooks around each task run (metrics, tracing)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> "Worker":
@@ -1017,7 +1019,7 @@ class Worker:
             self._running[task_id] = run
         capture.begin(task_id)
         try:
-            with workflow.task_context(app, message, token, self):
+            with workflow.task_context(app, message, token, self), self.events.run(message, delivery.queue):
                 value = self._call(task, args, kwargs, message)
         except Retry as exc:
             output = capture.end()

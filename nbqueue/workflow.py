@@ -140,7 +140,9 @@ class _Build:
             steps = []
             for i, step in enumerate(item.steps):
                 last = i == len(item.steps) - 1
-                steps.append(self.node(step, group_id=group_id if last else None, parent_id=parent_id))
+                # a later step's parent is the step before it (as Celery records a chain)
+                parent = parent_id if i == 0 else terminal_id(steps[-1])
+                steps.append(self.node(step, group_id=group_id if last else None, parent_id=parent))
             return {"t": "chain", "steps": steps}
         if isinstance(item, chord):
             return self.node(chain(item.header, item.callback), group_id=group_id, parent_id=parent_id)
@@ -152,6 +154,42 @@ class _Build:
                                  "parent_id": parent_id, "created_at": self.app.clock.time(), "meta": serialization.dumps({"size": len(members)})})
             return {"t": "group", "id": gid, "members": members, "concurrency": concurrency}
         raise TypeError(type(item).__name__)
+
+
+def graph(node: dict, started: bool = True) -> Any:
+    """A node's shape by ids, as the workflow's first record keeps it (``meta["workflow"]``):
+    a task id, ``{"chain": [steps]}`` or ``{"group": id, "members": [...]}``. The members of
+    a group started at send time (``started``) are left out when each is a single task: the
+    group's bookkeeping lists them in order (a later chain step's group has none yet)."""
+    if node["t"] == "task":
+        return node["msg"]["id"]
+    if node["t"] == "chain":
+        return {"chain": [graph(step, started and i == 0) for i, step in enumerate(node["steps"])]}
+    members = node["members"]
+    if started and all(m["t"] == "task" for m in members):
+        return {"group": node["id"]}
+    held = bool(node.get("concurrency")) and node["concurrency"] < len(members)
+    return {"group": node["id"], "members": [graph(m, started and not held) for m in members]}
+
+
+def root_id(node: dict) -> str:
+    """The id of a node's first record: the one without a parent, which keeps its graph."""
+    if node["t"] == "task":
+        return node["msg"]["id"]
+    if node["t"] == "chain":
+        return root_id(node["steps"][0])
+    return node["id"]
+
+
+def _keep_graph(records: list[dict], node: dict) -> None:
+    """Write the workflow's graph into its first record's meta (see ``graph``)."""
+    root = root_id(node)
+    for record in records:
+        if record["id"] == root:
+            meta = serialization.loads(record["meta"]) if record.get("meta") else {}
+            meta["workflow"] = graph(node)
+            record["meta"] = serialization.dumps(meta)
+            return
 
 
 def terminal_id(node: dict) -> str:
@@ -531,6 +569,7 @@ def send(app, item: Any, *, concurrency: int = 0):
         raise TypeError(f"cannot send a {type(item).__name__}: expected a Signature, group, chain or chord")
     build = _Build(app, concurrency=concurrency)
     node = build.node(item)
+    _keep_graph(build.records, node)
     with app.transaction():
         app.backend.create(build.records)
         pub = _Publisher(app)

@@ -48,6 +48,38 @@ def counts_from_states(pairs: Iterable[tuple[str | None, int]], total: int) -> d
     return counts
 
 
+#: fields a text search looks in (their JSON text: arguments as sent, errors as recorded)
+SEARCHED = ("args", "kwargs", "error", "exc_type", "traceback")
+GROUP_TASK = "nbqueue.group"
+
+
+def _one_of(value, wanted) -> bool:
+    if wanted is None:
+        return True
+    if isinstance(wanted, (list, tuple, set, frozenset)):
+        return value in wanted
+    return value == wanted
+
+
+def matches(record: dict, *, state=None, name=None, queue=None, since: float | None = None, until: float | None = None,
+            text: str | None = None) -> bool:
+    """Whether a record passes the listing filters: ``state``, ``name`` and ``queue`` equal
+    (or one of, given a list), ``since <= created_at < until`` (Unix seconds), ``text`` a
+    case-insensitive substring of one of the ``SEARCHED`` fields. Group records only when
+    ``name`` names them."""
+    if record.get("name") == GROUP_TASK and not _one_of(GROUP_TASK, name if name is not None else ()):
+        return False
+    if not (_one_of(record.get("state"), state) and _one_of(record.get("name"), name) and _one_of(record.get("queue"), queue)):
+        return False
+    created = record.get("created_at") or 0.0
+    if since is not None and created < since or until is not None and created >= until:
+        return False
+    if text:
+        needle = text.lower()
+        return any(needle in (record.get(f) or "").lower() for f in SEARCHED)
+    return True
+
+
 class ResultBackend:
     scheme = ""
     #: records (and expired claim markers) one sweep of upkeep() removes at most
@@ -243,6 +275,37 @@ class ResultBackend:
     def list(self, *, state: str | None = None, name: str | None = None, limit: int | None = None, ids: Sequence[str] | None = None) -> list[dict]:
         """Records, newest first."""
         raise NotImplementedError
+
+    def search(self, *, state=None, name=None, queue=None, since: float | None = None, until: float | None = None,
+               text: str | None = None, offset: int = 0, limit: int = 50) -> list[dict]:
+        """A page of records, newest first, matching every filter given (see ``matches``):
+        the ``limit`` records after the first ``offset`` of them. Group bookkeeping records
+        (``nbqueue.group``) only when ``name`` asks for them, as ``App.tasks()``.
+
+        Written once here over ``list()`` (which sees what ``lists_tasks`` says: a bounded
+        index of recent records on key-value stores); the SQLite backend answers it with
+        one query that reads only the page's rows."""
+        offset, limit = max(0, int(offset)), max(0, int(limit))
+        simple = queue is None and since is None and until is None and not text and not isinstance(state, (list, tuple, set, frozenset)) \
+            and not isinstance(name, (list, tuple, set, frozenset))
+        if simple:      # the store's own filters, reading about as many records as the page needs
+            wanted = offset + limit
+            got = self.list(state=state, name=name, limit=2 * wanted + 64)
+            found = [r for r in got if matches(r, state=state, name=name)]
+            if len(found) >= wanted or len(got) < 2 * wanted + 64:
+                return found[offset:wanted]
+        found = [r for r in self.list() if matches(r, state=state, name=name, queue=queue, since=since, until=until, text=text)]
+        return found[offset:offset + limit]
+
+    def counts(self, *, state=None, name=None, queue=None, since: float | None = None, until: float | None = None,
+               text: str | None = None) -> dict[tuple[str, str], int]:
+        """How many records match the filters (as ``search``), by ``(state, name)``."""
+        out: dict[tuple[str, str], int] = {}
+        for r in self.list():
+            if matches(r, state=state, name=name, queue=queue, since=since, until=until, text=text):
+                key = (r.get("state") or "", r.get("name") or "")
+                out[key] = out.get(key, 0) + 1
+        return out
 
     def forget(self, ids: Sequence[str]) -> int:
         raise NotImplementedError

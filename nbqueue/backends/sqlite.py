@@ -10,7 +10,7 @@ from typing import Sequence
 
 from .. import serialization, states
 from ..sqlitedb import SQLiteStore, path_from_url, placeholders
-from .base import FIELDS, ResultBackend, counts_from_states
+from .base import FIELDS, GROUP_TASK, SEARCHED, ResultBackend, counts_from_states
 
 _FINAL = tuple(states.READY_STATES)
 _NOT_FINAL_SQL = f"state NOT IN ({','.join(repr(s) for s in _FINAL)})"
@@ -250,6 +250,42 @@ class SQLiteBackend(ResultBackend):
             sql += " LIMIT ?"
             params.append(int(limit))
         return [dict(zip(FIELDS, row)) for row in self.store.read(sql, params)]
+
+    def _filters(self, state, name, queue, since, until, text) -> tuple[str, list]:
+        """The WHERE clause (and its parameters) of ``search`` and ``counts``."""
+        where, params = ["(expires_at IS NULL OR expires_at > ?)"], [self.clock.time()]
+        for column, wanted in (("state", state), ("name", name), ("queue", queue)):
+            if wanted is None:
+                continue
+            values = list(wanted) if isinstance(wanted, (list, tuple, set, frozenset)) else [wanted]
+            where.append(f"{column} IN ({placeholders(len(values))})")
+            params += values
+        if name is None or GROUP_TASK not in (name if isinstance(name, (list, tuple, set, frozenset)) else [name]):
+            where.append("(name IS NULL OR name != ?)")
+            params.append(GROUP_TASK)
+        if since is not None:
+            where.append("created_at >= ?")
+            params.append(float(since))
+        if until is not None:
+            where.append("created_at < ?")
+            params.append(float(until))
+        if text:
+            pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            where.append("(" + " OR ".join(f"{f} LIKE ? ESCAPE '\\'" for f in SEARCHED) + ")")
+            params += [pattern] * len(SEARCHED)
+        return " AND ".join(where), params
+
+    def search(self, *, state=None, name=None, queue=None, since=None, until=None, text=None, offset=0, limit=50) -> list[dict]:
+        """One read-only query: the page's rows through the created_at index (a filter that
+        the index cannot answer is checked row by row as the index is walked)."""
+        where, params = self._filters(state, name, queue, since, until, text)
+        sql = f"SELECT {','.join(FIELDS)} FROM nbq_results WHERE {where} ORDER BY created_at DESC, rowid DESC LIMIT ? OFFSET ?"
+        return [dict(zip(FIELDS, row)) for row in self.store.read(sql, [*params, max(0, int(limit)), max(0, int(offset))])]
+
+    def counts(self, *, state=None, name=None, queue=None, since=None, until=None, text=None) -> dict[tuple[str, str], int]:
+        where, params = self._filters(state, name, queue, since, until, text)
+        rows = self.store.read(f"SELECT state, name, COUNT(*) FROM nbq_results WHERE {where} GROUP BY state, name", params)
+        return {(s or "", n or ""): c for s, n, c in rows}
 
     def forget(self, ids: Sequence[str]) -> int:
         ids = list(ids)

@@ -510,6 +510,28 @@ class _Publisher:
             _close_quietly(channel)      # closing the channel requeues what it got
         return got
 
+    def take(self, name: str, ids: set, limit: int) -> int:
+        """Acknowledge (remove) the messages of an existing queue whose message id is in
+        ``ids``, looking at most ``limit`` deep; the others go back (closing the channel)."""
+        channel = self.connection.channel()
+        removed = 0
+        try:
+            for _ in range(limit):
+                method, properties, _body = channel.basic_get(name, auto_ack=False)
+                if method is None:
+                    break
+                if properties.message_id in ids:
+                    channel.basic_ack(method.delivery_tag)
+                    removed += 1
+                    if removed == len(ids):
+                        break
+        except pex.ChannelClosedByBroker as exc:     # deleted meanwhile
+            if exc.reply_code != 404:
+                raise
+        finally:
+            _close_quietly(channel)
+        return removed
+
     # publishing with confirms, pipelined
     def _channel_for_publish(self) -> Any:
         if self._channel is not None and self._channel.is_open:
@@ -1156,6 +1178,18 @@ class AMQPBroker(Broker):
             return rows
 
         return self._with_publisher(work, "read dead letters")
+
+    def remove_dead_letters(self, queue: str, ids: Sequence[str]) -> int:
+        wanted = set(ids)
+        if not wanted:
+            return 0
+
+        def work(pub: _Publisher) -> int:
+            if self._probe(pub, dead_queue_name(queue)) is None:
+                return 0
+            return pub.take(dead_queue_name(queue), wanted, len(wanted) + 1000)
+
+        return self._with_publisher(work, "remove dead letters")
 
     def delete_queues(self, names: Iterable[str]) -> None:
         """Delete work queues with their delay and dead-letter queues (messages included)."""

@@ -194,6 +194,13 @@ class Broker:
         """Dead-lettered messages: id, queue, reason, body."""
         return []
 
+    def remove_dead_letters(self, queue: str, ids: Sequence[str]) -> int:
+        """Delete these dead letters of ``queue`` (once re-driven, see ``App.redrive``); how
+        many were removed. Raises UnsupportedOperation where the broker cannot."""
+        from ..errors import UnsupportedOperation
+
+        raise UnsupportedOperation(f"the {self.scheme or type(self).__name__} broker cannot remove single dead letters")
+
     def upkeep(self) -> None:
         """Housekeeping a worker's heartbeat thread runs now and then (SQLite: WAL checkpoints)."""
 

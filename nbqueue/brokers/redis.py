@@ -779,6 +779,19 @@ class RedisBroker(Broker):
                 break
         return out
 
+    @guarded
+    def remove_dead_letters(self, queue: str, ids: Sequence[str]) -> int:
+        ids = list(ids)
+        if not ids:
+            return 0
+        pipe = pipeline(self.client)
+        for mid in ids:
+            pipe.zrem(self._key(queue, "dead"), mid)
+        gone = [mid for mid, n in zip(ids, pipe.execute()) if n]
+        if gone:                                # only what this call took out of the dead set
+            self.client.delete(*[f"{self.prefix}msg:{mid}" for mid in gone])
+        return len(gone)
+
     def wake(self) -> None:
         """Make this broker's reserve() calls that are blocked now return at once."""
         with self._lock:

@@ -366,6 +366,15 @@ class SQLiteBroker(Broker):
         rows = self.store.read(sql + " ORDER BY seq LIMIT ?", (*params, limit))
         return [{"id": i, "queue": q, "reason": r, "body": shown(text_of(b or b"")[0])} for i, q, r, b in rows]
 
+    def remove_dead_letters(self, queue: str, ids: Sequence[str]) -> int:
+        ids = list(ids)
+        removed = 0
+        for start in range(0, len(ids), 900):
+            chunk = ids[start:start + 900]
+            removed += self.store.execute(f"DELETE FROM nbq_messages WHERE state = 2 AND queue = ? AND id IN ({placeholders(len(chunk))})",
+                                          (queue, *chunk)).rowcount
+        return removed
+
     def upkeep(self) -> None:
         self.store.checkpoint()
 

@@ -392,7 +392,7 @@ class NbqueueMagics(Magics):
     # -- %nbqueue ----------------------------------------------------------------------------------
     @line_magic
     def nbqueue(self, line: str):
-        """%nbqueue status | tasks [--state S] [--name N] [--limit L] | worker start [-c N] | worker stop | wait [NAME ...] [--timeout T] | use [NAME] | export [-o FILE]"""
+        """%nbqueue status | tasks [--state S] [--name N] [--limit L] | worker start [-c N] | worker stop | wait [NAME ...] [--timeout T] | use [NAME] | export [-o FILE] | dashboard [--port P] [--height H] [stop]"""
         import argparse
         import shlex
 
@@ -413,6 +413,10 @@ class NbqueueMagics(Magics):
         ex.add_argument("-o", "--output", default=None)
         u = sub.add_parser("use", add_help=False, exit_on_error=False)
         u.add_argument("name", nargs="?", default=None)
+        d = sub.add_parser("dashboard", add_help=False, exit_on_error=False)
+        d.add_argument("action", nargs="?", choices=["stop"], default=None)
+        d.add_argument("--port", type=int, default=None)
+        d.add_argument("--height", type=int, default=600)
         try:
             args = parser.parse_args(shlex.split(line))
         except (argparse.ArgumentError, SystemExit) as exc:
@@ -439,6 +443,8 @@ class NbqueueMagics(Magics):
             from .export import magic_export
 
             return magic_export(self.shell, args.output)
+        if args.command == "dashboard":
+            return self.dashboard(args.action, args.port, args.height)
         if args.command == "use":
             if args.name is None:
                 print(f"nbqueue: %%task, %nbqueue and this kernel's worker use {self.app!r}")
@@ -448,6 +454,28 @@ class NbqueueMagics(Magics):
             self.use(self.shell.user_ns[args.name], args.name)
             return None
         raise UsageError(self.nbqueue.__doc__)
+
+    def dashboard(self, action: str | None = None, port: int | None = None, height: int = 600):
+        """The web dashboard of this App, served on 127.0.0.1 by a daemon thread of this kernel
+        (started once, kept across calls), shown in an IFrame; ``stop`` stops it."""
+        from IPython.display import IFrame
+
+        from .. import dashboard
+
+        running = getattr(self, "_dashboard", None)
+        if action == "stop":
+            if running is not None:
+                running.stop()
+                self._dashboard = None
+            print("nbqueue: dashboard stopped" if running is not None else "nbqueue: no dashboard was running in this kernel")
+            return None
+        if running is not None and (running.server.should_exit or (port is not None and port != running.port)):
+            running.stop()
+            running = None
+        if running is None:
+            running = self._dashboard = dashboard.start(self.app, port=port or dashboard.DEFAULT_PORT)
+            print(f"nbqueue: dashboard on {running.url} (`%nbqueue dashboard stop` stops it)")
+        return IFrame(running.url, width="100%", height=height)
 
     def status(self):
         """Queue depths (with how many live workers serve each queue); live workers are displayed above."""
