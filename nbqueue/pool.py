@@ -376,10 +376,75 @@ def _context(method: str | None):
         with _context_lock:
             # children fork from a server that imported nbqueue once (added to whatever preload there is)
             if getattr(server, "_forkserver_pid", None) is None:
-                preload = list(getattr(server, "_preload_modules", None) or ["__main__"])
-                if __name__ not in preload:
-                    ctx.set_forkserver_preload(preload + [__name__])
+                # "__main__" only when the server can import it by path (a script), not a kernel's namespace
+                preload = [m for m in getattr(server, "_preload_modules", None) or ["__main__"]
+                           if m != "__main__" or _main_importable_by_path()]
+                ctx.set_forkserver_preload(preload + ([] if __name__ in preload else [__name__]))
     return ctx
+
+
+def _main_importable_by_path() -> bool:
+    """True when ``__main__`` is a script the fork server can import by its path (stdlib's
+    preload of ``"__main__"``); not for a notebook kernel (``__spec__`` None, no file), an
+    IPython shell after ``%reset`` (no ``__spec__`` at all), ``python -m`` (imported by name
+    instead) or an embedded interpreter without a ``__main__``."""
+    main = sys.modules.get("__main__")
+    if main is None or getattr(main, "__spec__", None) is not None:
+        return False
+    path = getattr(main, "__file__", None)
+    return isinstance(path, str) and path.endswith(".py") and os.path.isfile(path)
+
+
+_main_lock = threading.Lock()
+
+
+class _MainForStart:
+    """Around ``Process.start()``: ``__main__`` as multiprocessing's preparation step reads it.
+
+    ``multiprocessing.spawn.get_preparation_data`` (run for each forkserver/spawn child and
+    when the fork server starts) reads ``sys.modules['__main__'].__spec__``: it raises
+    ``KeyError`` without a ``__main__`` (an embedded interpreter) and ``AttributeError``
+    when the module has no ``__spec__`` (IPython's namespace after ``reset``, a stand-in
+    module). For the start only, a missing ``__main__`` is an empty module and a missing
+    ``__spec__`` is ``None`` (as on any module that was not imported); both are undone after.
+    """
+
+    def __enter__(self) -> None:
+        _main_lock.acquire()
+        self.added_main = self.added_spec = self.replaced_main = None
+        try:
+            main = sys.modules.get("__main__")
+            if main is None:
+                import types
+
+                self.added_main = sys.modules["__main__"] = types.ModuleType("__main__")
+            elif not hasattr(main, "__spec__"):
+                try:
+                    main.__spec__ = None
+                    self.added_spec = main
+                except Exception:     # cannot carry the attribute: an empty stand-in for the start
+                    self.replaced_main = main
+                    import types
+
+                    self.added_main = sys.modules["__main__"] = types.ModuleType("__main__")
+        except BaseException:
+            _main_lock.release()
+            raise
+
+    def __exit__(self, *exc_info) -> None:
+        try:
+            if self.added_main is not None and sys.modules.get("__main__") is self.added_main:
+                if self.replaced_main is not None:
+                    sys.modules["__main__"] = self.replaced_main
+                else:
+                    del sys.modules["__main__"]
+            if self.added_spec is not None and getattr(self.added_spec, "__spec__", 0) is None:
+                try:
+                    del self.added_spec.__spec__
+                except Exception:
+                    pass
+        finally:
+            _main_lock.release()
 
 
 class _Child:
@@ -428,7 +493,8 @@ class _Child:
         alive_r, alive_w = ctx.Pipe(duplex=False)
         proc = ctx.Process(target=_child_main, args=(child_conn, alive_r, self.pool._settings()), name=f"nbqueue-child-{self.index}", daemon=False)
         try:
-            proc.start()
+            with _MainForStart():
+                proc.start()
         finally:
             child_conn.close()
             alive_r.close()

@@ -58,6 +58,24 @@ def require_server(name: str, host: str, port: int) -> None:
     pytest.skip(message)
 
 
+def ipython_shell(monkeypatch):
+    """IPython's InteractiveShell (IPython keeps one per process) with its namespace as
+    ``__main__`` for this test only, as in a kernel. The shell installs its namespace as
+    ``sys.modules["__main__"]`` and never puts the real one back (after ``reset`` that
+    namespace has no ``__spec__``); ``monkeypatch`` restores the real one after the test."""
+    import sys
+
+    from IPython.core.interactiveshell import InteractiveShell
+    from traitlets.config import Config
+
+    monkeypatch.setitem(sys.modules, "__main__", sys.modules["__main__"])
+    config = Config()
+    config.HistoryManager.hist_file = ":memory:"
+    shell = InteractiveShell.instance(config=config)
+    monkeypatch.setitem(sys.modules, "__main__", shell.user_module)
+    return shell
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -576,17 +576,12 @@ def test_a_backend_that_cannot_list_still_serves_the_page_and_task_pages(tmp_pat
         app.close()
 
 
-def test_nbqueue_dashboard_magic_shows_an_iframe_and_stops(tmp_path):
+def test_nbqueue_dashboard_magic_shows_an_iframe_and_stops(tmp_path, monkeypatch):
     pytest.importorskip("IPython")
-    from IPython.core.interactiveshell import InteractiveShell
-    from traitlets.config import Config
-
-    from conftest import free_port
+    from conftest import free_port, ipython_shell
     from nbqueue.notebook import magics as nbmagics
 
-    config = Config()
-    config.HistoryManager.hist_file = ":memory:"
-    shell = InteractiveShell.instance(config=config)
+    shell = ipython_shell(monkeypatch)
     shell.reset(new_session=False)
     app = sqlite_app(tmp_path)
     shell.user_ns["app"] = app

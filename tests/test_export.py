@@ -429,15 +429,11 @@ def test_exported_tasks_run_on_a_cli_worker_without_allow_cells(notebook, tmp_pa
 # -- in a notebook -------------------------------------------------------------------------------------------
 
 @pytest.fixture
-def shell(tmp_path):
-    from IPython.core.interactiveshell import InteractiveShell
-    from traitlets.config import Config
-
+def shell(tmp_path, monkeypatch):
+    from conftest import ipython_shell
     from nbqueue.notebook import magics as nbmagics
 
-    config = Config()
-    config.HistoryManager.hist_file = ":memory:"
-    ipython = InteractiveShell.instance(config=config)
+    ipython = ipython_shell(monkeypatch)
     ipython.reset(new_session=False)
     app = nbqueue.App(f"sqlite:///{tmp_path}/nb.db")
     ipython.user_ns["app"] = app

@@ -211,17 +211,13 @@ def test_the_waiting_check_names_a_task_no_live_worker_knows(app):
 
 
 @pytest.fixture
-def kernel(app_factory):
+def kernel(app_factory, monkeypatch):
     """An IPython shell with ``%load_ext nbqueue`` done: its kernel worker has the notebook's
     grace period for task names it does not know yet."""
-    from IPython.core.interactiveshell import InteractiveShell
-    from traitlets.config import Config
-
+    from conftest import ipython_shell
     from nbqueue.notebook import magics as nbmagics
 
-    config = Config()
-    config.HistoryManager.hist_file = ":memory:"
-    shell = InteractiveShell.instance(config=config)
+    shell = ipython_shell(monkeypatch)
     shell.reset(new_session=False)
     app = app_factory()
     shell.user_ns["app"] = app

@@ -21,19 +21,14 @@ from nbqueue.notebook import cellvars, magics as nbmagics, widgets
 from nbqueue.signature import Signature
 from nbqueue.testing import wait_for
 
-from conftest import REDIS_URL, private_redis_url, require_server
+from conftest import REDIS_URL, ipython_shell, private_redis_url, require_server
 
 REDIS_CELLS_URL = os.environ.get("NBQUEUE_TEST_REDIS_CELLS", REDIS_URL)
 
 
-@pytest.fixture(scope="module")
-def ipython():
-    from IPython.core.interactiveshell import InteractiveShell
-    from traitlets.config import Config
-
-    config = Config()
-    config.HistoryManager.hist_file = ":memory:"
-    return InteractiveShell.instance(config=config)
+@pytest.fixture
+def ipython(monkeypatch):
+    return ipython_shell(monkeypatch)
 
 
 @pytest.fixture

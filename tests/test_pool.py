@@ -146,6 +146,80 @@ def test_notebook_function_runs_in_a_child_with_its_globals_output_and_logging(a
     assert record["queue"] == app.default_queue + ".code" and record["worker"] == worker.name
 
 
+def test_notebook_function_runs_in_a_child_when_main_has_no_spec(app_factory, monkeypatch):
+    """IPython's namespace after ``reset`` is a ``__main__`` without ``__spec__``, which
+    multiprocessing's preparation of each child reads: the task still runs, and ``__main__``
+    is left as it was."""
+    main = sys.modules["__main__"]
+    monkeypatch.delattr(main, "__spec__")
+    app = app_factory()
+    ns, tasks = register(app, where=1)
+    worker = app.start_worker(pool="processes", concurrency=1)
+    value, child = tasks["where"].delay(2).get(timeout=60)
+    assert value == 6 and child in worker.pool.pids()
+    assert sys.modules["__main__"] is main and not hasattr(main, "__spec__")
+
+
+class _StandInMain:
+    """A ``__main__`` that is no module (as IPython's ``DummyMod``): no ``__spec__``, no ``__file__``."""
+
+    __slots__ = ()
+
+
+@pytest.mark.parametrize("main", ["module without __spec__", "no module", "none at all"])
+def test_process_pool_starts_children_whatever_main_looks_like(monkeypatch, main):
+    ns = notebook_cell("""
+        import os
+        factor = 7
+
+        def times(x):
+            return [x * factor, os.getpid()]
+        """)
+    if main == "module without __spec__":
+        import types
+
+        stand_in = types.ModuleType("__main__")
+        del stand_in.__spec__
+        monkeypatch.setitem(sys.modules, "__main__", stand_in)
+    elif main == "no module":
+        stand_in = _StandInMain()
+        monkeypatch.setitem(sys.modules, "__main__", stand_in)
+    else:
+        stand_in = None
+        monkeypatch.delitem(sys.modules, "__main__")
+    pool = ProcessPool(1)
+    try:
+        value, child = pool.call(ns["times"], (6,), task_id=f"main-{main}")
+        assert value == 42 and child == pool.pids()[0] != os.getpid()
+    finally:
+        pool.close()
+    assert sys.modules.get("__main__") is stand_in
+    assert stand_in is None or not hasattr(stand_in, "__spec__")
+
+
+def test_a_fresh_fork_server_starts_when_main_has_no_spec(tmp_path):
+    """The fork server itself starts (its preparation reads ``__main__.__spec__`` too) in
+    an interpreter whose ``__main__`` lost its ``__spec__``, and children run notebook code."""
+    script = textwrap.dedent("""
+        import sys
+        del sys.modules["__main__"].__spec__
+        from nbqueue.pool import ProcessPool
+
+        def double(x):
+            return x * 2
+
+        if __name__ == "__main__":
+            pool = ProcessPool(1)
+            try:
+                print(pool.call(double, (21,), task_id="t"), hasattr(sys.modules["__main__"], "__spec__"))
+            finally:
+                pool.close()
+        """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
+    assert (done.returncode, done.stdout) == (0, "42 False\n"), done.stderr
+
+
 def test_redefining_a_function_or_rebinding_a_global_it_reads_ships_new_code(app_factory):
     app = app_factory()
     worker = app.start_worker(pool="processes", concurrency=1)
