@@ -391,7 +391,7 @@ def test_a_failing_event_hook_does_not_fail_the_task(tmp_path):
     worker.stop()
 
 
-def test_nbqueue_worker_metrics_port_serves_prometheus_text(tmp_path):
+def test_nbqueue_worker_metrics_port_serves_prometheus_text(tmp_path, monkeypatch):
     from conftest import free_port
 
     (tmp_path / "mtasks.py").write_text(
@@ -400,8 +400,8 @@ def test_nbqueue_worker_metrics_port_serves_prometheus_text(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "nbqueue", "worker", "--app", "mtasks:app", "-c", "1", "--metrics-port", str(port)],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        sys.path.insert(0, str(tmp_path))
-        os.chdir(tmp_path)
+        monkeypatch.syspath_prepend(str(tmp_path))
+        monkeypatch.chdir(tmp_path)
         import mtasks
 
         assert mtasks.app.send_task(mtasks.app.signature("add", (2, 3))).get(timeout=30) == 5
@@ -417,7 +417,6 @@ def test_nbqueue_worker_metrics_port_serves_prometheus_text(tmp_path):
     finally:
         proc.terminate()
         proc.wait(20)
-        sys.path.remove(str(tmp_path))
         sys.modules.pop("mtasks", None)
 
 
