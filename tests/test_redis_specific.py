@@ -7,6 +7,8 @@ that SCRIPT FLUSH a server do it on a redis-server of this session's own
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 import socket
 import threading
 import time
@@ -555,3 +557,60 @@ def test_no_test_flushes_or_restarts_a_shared_server():
             test = text[:match.start()].rsplit("\ndef ", 1)[-1]
             assert "flushable_app" in test.split("\n", 1)[0] or test.startswith("_flush_scripts_keeping"), \
                 f"{path.name}: SCRIPT FLUSH outside a test of a server of its own: def {test.split(chr(10), 1)[0]}"
+
+
+# -- a child forked while a thread of the parent holds a connection pool's lock -----------------
+
+def _child_of_a_held_pool(add, out) -> None:
+    try:
+        out.put(("ok", add.delay(3, 4).get(timeout=30)))
+    except Exception as exc:
+        out.put((type(exc).__name__, str(exc)))
+    finally:
+        add.app.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_child_forked_while_a_thread_holds_the_connection_pool_lock_sends_and_waits(redis_app):
+    """A thread of the parent is inside the broker's and the backend's connection pools (taking
+    or giving back a connection) at the moment of the fork: the child's copies of those locks
+    stay held, and its first command must not wait on them. It sends a task and gets the
+    parent's worker's result (memory://: fails at once saying to use spawn or forkserver), and exits."""
+    app = redis_app
+    add = app.task(name="add")(lambda x, y: x + y)
+    app.start_worker(concurrency=1)
+    assert add.delay(1, 1).get(timeout=30) == 2
+    pools = {id(c.connection_pool): c.connection_pool for c in (app.broker.client, app.backend.client)}.values()
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        for pool in pools:
+            pool._lock.acquire()
+        held.set()
+        release.wait(30)
+        for pool in pools:
+            pool._lock.release()
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    assert held.wait(10)
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    child = ctx.Process(target=_child_of_a_held_pool, args=(add, out))
+    try:
+        child.start()
+    finally:
+        release.set()
+        holder.join(10)
+    try:
+        kind, value = out.get(timeout=60)
+    finally:
+        child.join(30)
+        if child.is_alive():
+            child.kill()
+    if app.broker_url.startswith("memory://"):
+        assert kind == "ConfigurationError" and "'spawn'" in value and "'forkserver'" in value
+    else:
+        assert (kind, value) == ("ok", 7)
+    assert child.exitcode == 0
+    assert add.delay(2, 2).get(timeout=30) == 4                # the parent carries on

@@ -56,6 +56,7 @@ import os
 import threading
 import time
 import uuid
+import weakref
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -82,6 +83,7 @@ PUBLISH_CHUNK = 500
 
 _FAKE_SERVERS: dict[str, "fakeredis.FakeServer"] = {}
 _FAKE_LOCK = threading.Lock()
+_POOLS: "weakref.WeakSet[redis.ConnectionPool]" = weakref.WeakSet()   # the pools connect() made (see _after_fork_in_child)
 
 
 def fake_server(name: str) -> "fakeredis.FakeServer":
@@ -140,6 +142,7 @@ def connect(url: str, options: Mapping[str, Any], encoding_errors: str = "strict
         ExponentialBackoff(cap=float(options.get("retry_cap", 5.0)), base=float(options.get("retry_base", 0.05))),
         int(options.get("retries", 10)),
     ))
+    _POOLS.add(client.connection_pool)
     return client
 
 
@@ -163,10 +166,19 @@ def _bind_to_process(client: redis.Redis, url: str) -> None:
 
 
 def _after_fork_in_child() -> None:
-    """The parent's fakeredis servers (and a lock a thread of it held) stay with the parent."""
+    """The parent's fakeredis servers (and a lock a thread of it held) stay with the parent.
+
+    Each connection pool gets fresh locks: a pool's ``_lock`` that a thread of the parent held
+    at the fork (sending or reading at that moment) stays held in the child, whose first
+    command would wait on it for ever (redis-py's own after-fork reset takes that lock, and
+    keeps it; its ``_fork_lock`` only times out, with ChildDeadlockedError). The child then
+    drops the parent's connections and makes its own, as redis-py does after a fork."""
     global _FAKE_LOCK
     _FAKE_LOCK = threading.Lock()
     _FAKE_SERVERS.clear()
+    for pool in list(_POOLS):
+        pool._lock = threading.RLock()
+        pool._fork_lock = threading.RLock()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
