@@ -7,7 +7,8 @@ build group/chain/chord workflows. The default needs no server: an SQLite file.
 from . import states
 from .app import App
 from .errors import (BrokerError, ConfigurationError, ConnectionLost, MessageError, NbqueueError, NotRegistered,
-                     PublishRefused, Retry, SerializationError, SignatureError, TaskFailed, TaskRevoked, UnsupportedOperation)
+                     PayloadCorrupt, PayloadError, PayloadMissing, PayloadTooLarge, PublishRefused, Retry, SerializationError,
+                     SignatureError, TaskFailed, TaskRevoked, UnsupportedOperation)
 from .result import AsyncResult, ChainResult, ChordResult, GroupResult
 from .retry import Backoff
 from .signature import Signature
@@ -20,6 +21,7 @@ __all__ = [
     "AsyncResult", "GroupResult", "ChainResult", "ChordResult",
     "NbqueueError", "BrokerError", "ConnectionLost", "PublishRefused", "ConfigurationError", "SerializationError",
     "MessageError", "NotRegistered", "TaskFailed", "TaskRevoked", "SignatureError", "UnsupportedOperation", "progress",
+    "PayloadError", "PayloadMissing", "PayloadCorrupt", "PayloadTooLarge",
     "export_notebook",
 ]
 

@@ -19,7 +19,7 @@ import threading
 from typing import Any, Callable, Iterable, Mapping
 
 from . import config as _config
-from . import serialization, states
+from . import payloads, serialization, states
 from .backends import backend_from_url
 from .brokers import broker_from_url
 from .brokers.base import Outgoing
@@ -56,6 +56,7 @@ class App:
         store_options = {k: v for k, v in options.items() if k != "clock"}
         self.broker = broker_from_url(self.broker_url, clock=self.clock, options=store_options)
         self.backend = backend_from_url(self.backend_url, clock=self.clock, options=store_options)
+        payloads.attach(self)       # large values out of band: the payload store (nbqueue/payloads.py)
         self._workers: list = []
         self._schedules = None
         self._lock = threading.Lock()
@@ -110,6 +111,10 @@ class App:
     # -- sending ------------------------------------------------------------------------
     def prepare(self, sig: Signature, *, group_id: str | None = None, parent_id: str | None = None, meta: dict | None = None) -> tuple[dict, dict, Outgoing]:
         """Encode a signature: (message, PENDING record, Outgoing). Raises SerializationError."""
+        with payloads.sending(self):        # values out of band: packed once, held until linked to the task
+            return self._prepare(sig, group_id=group_id, parent_id=parent_id, meta=meta)
+
+    def _prepare(self, sig: Signature, *, group_id: str | None, parent_id: str | None, meta: dict | None) -> tuple[dict, dict, Outgoing]:
         task = self.registry.get(sig.name)
         now = self.clock.time()
         message = sig.to_message(self.serializer, default_queue=self.default_queue, fn=task.fn if task else None, now=now)
@@ -121,7 +126,9 @@ class App:
             "queue": message["queue"], "group_id": message.get("group_id"), "parent_id": parent_id, "created_at": now,
             "meta": serialization.dumps(meta) if meta else None,
         }
-        return message, record, self.outgoing(message)
+        out = self.outgoing(message)
+        payloads.track(self, message["id"], out.body)      # the payloads the message references live with its record
+        return message, record, out
 
     @staticmethod
     def outgoing(message: dict) -> Outgoing:
@@ -152,7 +159,8 @@ class App:
     def send_many(self, signatures: Iterable[Signature]) -> list[AsyncResult]:
         """Send many independent tasks in one write (faster than a loop of send_task)."""
         sigs = list(signatures)
-        prepared = [self.prepare(s) for s in sigs]
+        with payloads.sending(self):        # an object sent to many tasks is packed and stored once
+            prepared = [self.prepare(s) for s in sigs]
         self.publish([p[1] for p in prepared], [p[2] for p in prepared])
         return [AsyncResult(p[2].id, self, name=s.name) for s, p in zip(sigs, prepared)]
 
@@ -235,7 +243,13 @@ class App:
         return {"queues": self.broker.stats(queues=list(dict.fromkeys(known))), "workers": workers}
 
     def purge(self, queue: str | None = None) -> int:
-        return self.broker.purge(queue or self.default_queue)
+        since = self.clock.time()
+        purged = self.broker.purge(queue or self.default_queue)
+        try:        # the payloads only the purged messages needed
+            payloads.after_purge(self, queue or self.default_queue, since)
+        except Exception:
+            log.warning("purge: could not release the payloads of the purged tasks (the sweep keeps them with their records)", exc_info=True)
+        return purged
 
     def close(self) -> None:
         """Stop this App's workers and scheduler, and close its connections."""

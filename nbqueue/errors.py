@@ -77,3 +77,21 @@ class Retry(NbqueueError):
 
 class SignatureError(NbqueueError):
     """A cell message failed HMAC verification or lacks a required signature."""
+
+
+class PayloadError(NbqueueError):
+    """A value stored out of band (a payload, see nbqueue.payloads) cannot be written or read."""
+
+
+class PayloadMissing(PayloadError):
+    """A message or result refers to a payload its payload store does not hold (deleted by
+    hand, or removed with the records that referenced it); the message names the payload."""
+
+
+class PayloadCorrupt(PayloadError):
+    """A payload's bytes do not match its SHA-256 (truncated or corrupted); it is not decoded."""
+
+
+class PayloadTooLarge(SerializationError, PayloadError):
+    """A value is larger than this App's payload store can hold (or the App has none); refused
+    at send, naming the argument and saying how to configure a payload store."""
