@@ -12,12 +12,14 @@ from .errors import (BrokerError, CodeNotAllowed, ConfigurationError, Connection
 from .result import AsyncResult, ChainResult, ChordResult, GroupResult
 from .retry import Backoff
 from .signature import Signature
+from .control import check_cancelled
+from .taskprogress import report_progress
 from .workflow import chain, chord, current_task, group
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "App", "Signature", "group", "chain", "chord", "Retry", "Backoff", "states", "current_task",
+    "App", "Signature", "group", "chain", "chord", "Retry", "Backoff", "states", "current_task", "check_cancelled", "report_progress",
     "AsyncResult", "GroupResult", "ChainResult", "ChordResult",
     "NbqueueError", "BrokerError", "ConnectionLost", "PublishRefused", "ConfigurationError", "SerializationError",
     "MessageError", "NotRegistered", "TaskFailed", "TaskRevoked", "SignatureError", "UnsupportedOperation", "ResultNotFound",

@@ -295,20 +295,37 @@ class App:
         sent = [AsyncResult(p[3].id, self, name=p[1]["name"]) for p in prepared]
         return {"sent": sent, "kept": kept}
 
-    def revoke(self, task_id: str, reason: str = "revoked") -> bool:
-        """Cancel a task that has not finished: it will not run (or its result is discarded).
+    def revoke(self, task_id: str, reason: str = "revoked", *, terminate: bool = False) -> bool:
+        """Cancel a task that has not finished; True when this call did, False (nothing
+        changes) for an unknown id, a finished task, or one revoked already.
 
-        The workflow it belongs to ends as for a failure, with ``TaskRevoked``: a chord
-        whose member is revoked fails and fires its callback's error callbacks, the rest of
-        a chain is recorded REVOKED (not run). A worker holding the task (prefetched, or
-        already running it) notices within a heartbeat and ends the workflow then; one
-        that reaches the message later does not run it.
+        A task not started (PENDING, delayed, RETRY, reserved by a worker) never runs. A
+        running one is recorded REVOKED now; with ``terminate`` it is also stopped: in a
+        process pool its child is stopped (SIGTERM, SIGKILL after a short grace) and
+        replaced, in a thread it is asked to stop (``current_task().cancelled``,
+        ``nbqueue.check_cancelled()``); without it, it runs on and its result is
+        discarded. Workers in any process notice within about a second (see
+        nbqueue.control). The workflow it belongs to ends as for a failure, with
+        ``TaskRevoked``: a chord whose member is revoked fails and fires its callback's
+        error callbacks, the rest of a chain is recorded REVOKED (not run).
         """
-        revoked = self.backend.store_result(task_id, states.REVOKED, error=reason, exc_type="TaskRevoked")
+        from . import control
+
+        revoked = control.revoke(self, task_id, reason, terminate=terminate)
         if revoked:
             for worker in self.workers:
                 worker.note_revoked(task_id)
         return revoked
+
+    def cancel_all(self, reason: str = "cancelled", *, ids=None) -> int:
+        """Cancel (``revoke(terminate=True)``) every task not finished yet: those of ``ids``,
+        else every one the result backend lists (not on a backend that cannot list, such as
+        AMQP results: pass ``ids``); how many were cancelled."""
+        from . import control
+
+        if ids is None:
+            ids = [r["id"] for r in self.backend.list() if r.get("state") not in states.READY_STATES and r.get("name") != "nbqueue.group"]
+        return control.revoke_many(self, list(ids), reason, terminate=True)
 
     # -- workers --------------------------------------------------------------------------
     def worker(self, concurrency: int = 1, queues: str | Iterable[str] | None = None, **options: Any):

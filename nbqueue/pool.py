@@ -42,8 +42,9 @@ Children:
 
 The pipe protocol (pickled tuples): parent -> child ``("run", task_id, name, key, code or
 None, arguments)`` or ``("exit",)``; child -> parent ``("out", [(stream, text), ...])``
-while the task runs, then ``("done", reply, peak memory KiB)``. Further kinds (a task's
-progress, say) fit beside ``"out"``; stopping needs none: it is a signal to the child.
+and ``("progress", (done, total, note))`` while the task runs, then ``("done", reply, peak
+memory KiB)``. Stopping needs no message: it is a signal to the child (SIGTERM, then
+SIGKILL after a grace: a task that ignores SIGTERM is killed all the same).
 
 Supervision: a child that dies (a signal, ``os._exit``, the OOM killer) yields
 ``exit="died"`` with the signal or exit code, for that task only; the next task gets a
@@ -169,6 +170,8 @@ class _ChildState:
     pending: list = []           # [(stream, text)] not sent yet
     pending_size = 0
     wake = threading.Event()
+    progress: tuple | None = None  # the latest report_progress not sent yet
+    progress_at = 0.0
 
 
 class _ChildStream:
@@ -225,6 +228,27 @@ def _send_output_locked() -> None:
     _ChildState.conn.send_bytes(_message(("out", [tuple(m) for m in merged])))
 
 
+def _send_progress_locked() -> None:
+    if _ChildState.progress is None:
+        return
+    value, _ChildState.progress = _ChildState.progress, None
+    _ChildState.progress_at = time.monotonic()
+    _ChildState.conn.send_bytes(_message(("progress", value)))
+
+
+def _report_progress(done, total, note) -> None:
+    """``report_progress`` in a child: the latest report goes to the parent, at most every
+    ``taskprogress.SEND_EVERY`` seconds (a later one replaces one not sent yet)."""
+    from .taskprogress import SEND_EVERY
+
+    with _ChildState.send_lock:
+        _ChildState.progress = (done, total, note)
+        if time.monotonic() - _ChildState.progress_at >= SEND_EVERY:
+            _send_progress_locked()
+            return
+    _ChildState.wake.set()
+
+
 def _output_flusher() -> None:
     while True:
         _ChildState.wake.wait()
@@ -233,6 +257,7 @@ def _output_flusher() -> None:
         with _ChildState.send_lock:
             try:
                 _send_output_locked()
+                _send_progress_locked()
             except Exception:
                 pass
 
@@ -293,6 +318,7 @@ def _maxrss_kib() -> int:
 def _child_main(conn, alive, settings: dict) -> None:
     """The child's loop: ("run", ...) -> ("out", ...)* ("done", ...); ("exit",) or EOF ends it."""
     from . import workflow
+    from .control import TaskContext, TaskControl
 
     os.environ.clear()
     os.environ.update(settings.get("env") or {})
@@ -323,7 +349,9 @@ def _child_main(conn, alive, settings: dict) -> None:
         except BaseException as exc:
             reply = ("load_error", type(exc).__name__, f"cannot load task {name!r} in its child process: {exc}", _format_tb(exc))
         else:
-            reset = workflow._current.set({"id": task_id, "name": name, "app": None, "token": None, "worker": None})
+            control = TaskControl(task_id, name)
+            control.on_progress = _report_progress
+            reset = workflow._current.set(TaskContext(id=task_id, name=name, app=None, token=None, worker=None, control=control))
             try:
                 try:
                     _ChildState.running = True
@@ -349,6 +377,7 @@ def _child_main(conn, alive, settings: dict) -> None:
         with _ChildState.send_lock:
             try:
                 _send_output_locked()
+                _send_progress_locked()
                 conn.send_bytes(_message(("done", reply, _maxrss_kib())))
             except (OSError, ValueError):
                 break
@@ -560,7 +589,8 @@ class _Child:
         timer.start()
 
     def run(self, shipped: shipping.Shipped, payload: bytes, task_id: str, name: str, time_limit: float | None,
-            soft_time_limit: float | None, on_output: Callable[[str, str], None] | None) -> ChildOutcome:
+            soft_time_limit: float | None, on_output: Callable[[str, str], None] | None,
+            on_progress: Callable[..., None] | None = None) -> ChildOutcome:
         started = time.monotonic()
         for attempt in (1, 2):
             self.ensure_started()
@@ -604,6 +634,9 @@ class _Child:
                                 output.append(text)
                                 if on_output is not None:
                                     on_output(stream, text)
+                        elif msg[0] == "progress":
+                            if on_progress is not None:
+                                on_progress(*msg[1])
                         elif msg[0] == "done":
                             return self._done(msg, output, started, shipped.key)
                         ready = wait(0)
@@ -765,14 +798,17 @@ class ProcessPool:
 
     def run(self, target: Callable | shipping.Shipped, args=(), kwargs: dict | None = None, *, task_id: str, name: str | None = None,
             time_limit: float | None = None, soft_time_limit: float | None = None,
-            on_output: Callable[[str, str], None] | None = None) -> ChildOutcome:
+            on_output: Callable[[str, str], None] | None = None,
+            on_progress: Callable[..., None] | None = None) -> ChildOutcome:
         """Run ``target(*args, **kwargs)`` in a free child and wait for it (blocks this thread).
 
         ``target``: a function (shipped with ``shipping.pack``) or a ``Shipped`` already
         made; ``time_limit`` (s): stop the child then (``exit="time_limit"``);
         ``soft_time_limit`` (s): raise ``SoftTimeLimitExceeded`` in the task then;
         ``on_output(stream, text)``: each piece of output as it arrives (default: written
-        to this thread's ``sys.stdout``/``sys.stderr``, where nbqueue's capture takes it).
+        to this thread's ``sys.stdout``/``sys.stderr``, where nbqueue's capture takes it);
+        ``on_progress(done, total, note)``: each ``report_progress`` of the task (at most
+        every ``taskprogress.SEND_EVERY`` s).
         Raises ``SerializationError`` (arguments that cannot be pickled) or ``NbqueueError``
         (a closed pool); anything the task does is in the outcome.
         """
@@ -789,7 +825,8 @@ class ProcessPool:
         payload = _pack_arguments(name, args, kwargs or {})
         child = self._idle.get()
         try:
-            return child.run(shipped, payload, task_id, name, time_limit, soft_time_limit, _write_here if on_output is None else on_output)
+            return child.run(shipped, payload, task_id, name, time_limit, soft_time_limit, _write_here if on_output is None else on_output,
+                             on_progress)
         finally:
             self._idle.put(child)
             self._reap()

@@ -137,7 +137,7 @@ class AsyncResult:
         if self._final is not None:
             record = self._final
         else:
-            with _waiting(self.app, lambda: [self.app.backend.get(self.id)]) as between:
+            with _interrupted(self.id, "r"), _waiting(self.app, lambda: [self.app.backend.get(self.id)]) as between:
                 record = self._wait_record(timeout, between)
             if record is None:
                 state = self.state
@@ -163,8 +163,23 @@ class AsyncResult:
         its name). Views show it; ``get()`` says it after a few seconds of waiting."""
         return waiting_problem(self.app, self.info())
 
-    def revoke(self, reason: str = "revoked by user") -> bool:
-        return self.app.revoke(self.id, reason)
+    def revoke(self, reason: str = "revoked by user", *, terminate: bool = False) -> bool:
+        """``App.revoke(self.id, reason, terminate=terminate)``."""
+        return self.app.revoke(self.id, reason, terminate=terminate)
+
+    def cancel(self, reason: str = "cancelled by user") -> bool:
+        """Cancel the task: not started, it never runs; running in a process pool, its child
+        is stopped now; running in a thread, it is asked to stop (``current_task().cancelled``).
+        Recorded REVOKED; ``get()`` then raises ``TaskRevoked``. False (nothing changes) when
+        it had finished already, was cancelled before, or the id is unknown."""
+        return self.app.revoke(self.id, reason, terminate=True)
+
+    def reported_progress(self) -> dict | None:
+        """What the task last reported with ``nbqueue.report_progress``: ``{"done", "total",
+        "note", "at"}`` (``at``: Unix seconds), or None if it reported nothing (yet)."""
+        from .taskprogress import of
+
+        return of(self.app.backend.get(self.id))     # written after the final state too: not the cached record
 
     def forget(self) -> None:
         self.app.backend.forget([self.id])
@@ -335,6 +350,17 @@ def _waiting(app, records: Callable[[], list]) -> Iterator[_Between]:
         yield between
 
 
+@contextlib.contextmanager
+def _interrupted(task_id: str, var: str) -> Iterator[None]:
+    """Ctrl-C (a kernel interrupt) during a wait stops the wait only: the task goes on, and
+    the KeyboardInterrupt says how to cancel it."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"stopped waiting for {task_id}; it was NOT cancelled and goes on running. To cancel it: "
+                                f"{var}.cancel(), app.revoke({task_id!r}, terminate=True) or %nbqueue cancel {task_id}") from None
+
+
 def _leaves(result) -> list[AsyncResult]:
     """The task results inside a (possibly nested) result, in order."""
     if isinstance(result, AsyncResult):
@@ -408,10 +434,19 @@ class _WorkflowResult:
         terminal = self.app.backend.get(self.terminal_id)
         raise failure_from_record(terminal or {"id": self.terminal_id, "state": states.FAILURE, "error": "unknown failure"})
 
+    def cancel(self, reason: str = "cancelled by user") -> int:
+        """Cancel every task inside that has not finished (``AsyncResult.cancel``): a chain
+        stops and its later steps are recorded REVOKED; a group's or chord's unfinished
+        members are revoked, and a chord's callback never runs (its error callbacks fire,
+        once). Returns how many tasks this call cancelled (0: everything had finished)."""
+        from .control import revoke_many
+
+        return revoke_many(self.app, [r.id for r in self.leaves()], reason, terminate=True)
+
     def get(self, timeout: float | None = None, interval: float | None = None) -> Any:
         """The workflow's value (a group's member values in order, a chain's last step's, a
         chord's callback's); raises the first task failure, or TimeoutError."""
-        with _waiting(self.app, self._leaf_records) as between:
+        with _interrupted(self.terminal_id, "result"), _waiting(self.app, self._leaf_records) as between:
             record = _in_slices(lambda t: self.app.backend.wait_record(self.terminal_id, timeout=t, missing_ok=False), timeout, between)
         if record is None:
             problem = between.problem or self.diagnose()

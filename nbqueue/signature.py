@@ -70,6 +70,7 @@ class Signature:
     ignore_when_not_registered: bool = False
     retry_backoff: Any = None
     time_limit: float | None = None
+    soft_time_limit: float | None = None
     # filled in by workflows and by the worker; users rarely set these
     retries: int = 0
     group_id: str | None = None
@@ -182,6 +183,8 @@ class Signature:
             message["ignore_when_not_registered"] = True
         if self.time_limit is not None:
             message["time_limit"] = self.time_limit
+        if self.soft_time_limit is not None:
+            message["soft_time_limit"] = self.soft_time_limit
         if self.group_id is not None:
             message["group_id"] = self.group_id
         if self.group_task_count:
@@ -197,7 +200,7 @@ class Signature:
 def check_options(sig: Signature) -> None:
     """Refuse at send what a worker could not use: raises TypeError (a wrong type) or
     ValueError (a wrong value) naming the option and the task. Covers retry_count,
-    retry_timeout, retry_backoff, time_limit, priority, eta, countdown, queue, headers,
+    retry_timeout, retry_backoff, time_limit, soft_time_limit, priority, eta, countdown, queue, headers,
     id, immutable and ignore_when_not_registered, and the callbacks' types (each
     callback is checked when it is encoded)."""
     def refuse(option: str, problem: str, kind: type = ValueError):
@@ -226,6 +229,7 @@ def check_options(sig: Signature) -> None:
     integer("retry_count", sig.retry_count, 0)
     number("retry_timeout", sig.retry_timeout)
     number("time_limit", sig.time_limit, above=True, optional=True)
+    number("soft_time_limit", sig.soft_time_limit, above=True, optional=True)
     integer("priority", sig.priority, 0, 9)
     integer("retries", sig.retries, 0)
     flag("immutable", sig.immutable)
@@ -327,6 +331,7 @@ _FIELD_TYPES: dict[str, tuple] = {
     "queue": (str,), "eta": (int, float), "priority": (int,), "headers": (dict,), "retry_count": (int,),
     "retry_timeout": (int, float), "retry_backoff": (dict,), "retries": (int,), "immutable": (bool,),
     "on_success": (list,), "on_error": (list,), "ignore_when_not_registered": (bool,), "time_limit": (int, float),
+    "soft_time_limit": (int, float),
     "group_id": (str,), "group_task_count": (int,), "workflow": (dict,), "created_at": (int, float), "serializer": (str,),
     "code": (dict,),
 }
@@ -363,6 +368,7 @@ def signature_from_message(message: dict, serializer: serialization.Serializer) 
         on_error=[signature_from_message(m, serializer) for m in message.get("on_error") or []],
         ignore_when_not_registered=message.get("ignore_when_not_registered", False),
         time_limit=message.get("time_limit"),
+        soft_time_limit=message.get("soft_time_limit"),
         group_id=message.get("group_id"),
         group_task_count=message.get("group_task_count", 0),
         workflow=message.get("workflow"),

@@ -7,7 +7,8 @@ from typing import Any, Callable
 from . import shipping
 from .signature import Signature, check_options
 
-TASK_OPTIONS = ("retry_count", "retry_timeout", "retry_backoff", "queue", "priority", "time_limit", "ignore_when_not_registered")
+TASK_OPTIONS = ("retry_count", "retry_timeout", "retry_backoff", "queue", "priority", "time_limit", "soft_time_limit",
+                "ignore_when_not_registered")
 
 
 class Task:

@@ -34,7 +34,7 @@ import traceback as _tb
 import uuid
 from typing import Any, Iterable
 
-from . import builtin, capture, serialization, shipping, states, workflow
+from . import builtin, capture, control, serialization, shipping, states, workflow
 from .brokers.base import Delivery, queue_list
 from .errors import DeliveryLimitExceeded, MessageError, NotRegistered, Retry, SerializationError, WorkerLostError
 from .events import WorkerEvents
@@ -430,6 +430,7 @@ class Worker:
         self._born = app.clock.time()
         self._pid = os.getpid()
         self.events = WorkerEvents()                   # hooks around each task run (metrics, tracing)
+        self.control = control.Watch(self)             # cancels, soft limits in threads, progress (control.py)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> "Worker":
@@ -623,6 +624,7 @@ class Worker:
                         self._watch_running(task_id, run)
                     except Exception:
                         log.warning("worker %s: watching task %s failed", self.name, task_id, exc_info=True)
+                self.control.tick(running)
                 self._flush_stale()
                 if time.monotonic() >= next_beat:
                     next_beat = time.monotonic() + self.heartbeat_interval
@@ -634,7 +636,6 @@ class Worker:
                         log.error("worker %s: %d of %d executor thread(s) died", self.name, self.concurrency - alive, self.concurrency)
                     reported_alive = alive
                     self._beat(len(running))
-                    self._settle_revoked(running)
             except Exception:
                 log.warning("worker %s: heartbeat failed", self.name, exc_info=True)
             if time.monotonic() >= next_upkeep:
@@ -698,20 +699,6 @@ class Worker:
                 with self._held_lock:
                     self.waiting -= 1
 
-    def _settle_revoked(self, running: dict) -> None:
-        """End the workflows of running tasks revoked meanwhile (``App.revoke``), at once rather
-        than when the task returns (its late result is fenced out then): the chord fails, the
-        rest of a chain is recorded as not run."""
-        started = [task_id for task_id, run in running.items() if not run.get("revoked")]
-        if not started:
-            return
-        found = self.app.backend.states_of(started)
-        for task_id in started:
-            if found.get(task_id) == states.REVOKED:
-                run = running[task_id]
-                run["revoked"] = True
-                workflow.after_final(self.app, run["message"], self.app.backend.get(task_id) or {})
-
     def _flush_stale(self) -> None:
         """Commit finished tasks that wait in a batch whose executor is busy with a long task,
         so a result never waits for a slow batch-mate longer than a heartbeat tick."""
@@ -747,6 +734,7 @@ class Worker:
                                          error=f"task ran longer than its time limit of {limit:g}s", output=_safe_text(capture.peek(task_id))):
             self._count(failed=1)
             workflow.on_failure(self.app, run["message"], "TimeLimitExceeded", f"time limit of {limit:g}s exceeded")
+            self.control.stop(task_id, run, "time_limit")   # cooperative: current_task().cancelled
 
     # -- deliveries -------------------------------------------------------------------------------
     def process(self, delivery: Delivery) -> None:
@@ -844,7 +832,9 @@ class Worker:
         return out, copies
 
     def note_revoked(self, task_id: str) -> None:
-        """``App.revoke`` in this process: a batch holding the task skips it without asking the store."""
+        """``App.revoke`` in this process: a batch holding the task skips it without asking the store,
+        and a running one is looked at in the heartbeat's next tick (control.Watch)."""
+        self.control.poke()
         with self._held_lock:
             if len(self._revoked) > 10_000:
                 self._revoked.clear()
@@ -1014,13 +1004,13 @@ class Worker:
 
         started_at = app.clock.time()
         run = {"started": time.monotonic(), "started_at": started_at, "time_limit": message.get("time_limit"), "token": token, "message": message,
-               "batch": batch}
+               "batch": batch, "control": control.TaskControl(task_id, name)}
         with self._held_lock:
             self._running[task_id] = run
         capture.begin(task_id)
         try:
-            with workflow.task_context(app, message, token, self), self.events.run(message, delivery.queue):
-                value = self._call(task, args, kwargs, message)
+            with workflow.task_context(app, message, token, self, run["control"]), self.events.run(message, delivery.queue):
+                value = self._call(task, args, kwargs, message, run["control"])
         except Retry as exc:
             output = capture.end()
             self._retry(delivery, message, token, exc.countdown, "Retry", exc.reason or "retry requested", output, batch, counts=False)
@@ -1046,6 +1036,7 @@ class Worker:
         finally:
             with self._held_lock:
                 self._running.pop(task_id, None)
+            self.control.finished(task_id, run)
         output = capture.end()
         try:
             result_text = serialization.dumps(app.serializer.encode(value, f"result of task {name!r}"))
@@ -1167,13 +1158,13 @@ class Worker:
 
         batch.add(finish, delivery)
 
-    def _call(self, task, args: list, kwargs: dict, message: dict) -> Any:
+    def _call(self, task, args: list, kwargs: dict, message: dict, ctl: "control.TaskControl | None" = None) -> Any:
         """Run the task's function: in this thread, or with ``pool="processes"`` in a child
         process (pool.py; built-in tasks, which use this process's objects, stay here)."""
         if self.pool is None or task.name.startswith("nbqueue."):
-            return task.fn(*args, **kwargs)
+            return task.fn(*args, **kwargs) if ctl is None else ctl.call(task.fn, args, kwargs)
         return self.pool.call(task.fn, args, kwargs, task_id=message["id"], name=task.name, time_limit=message.get("time_limit"),
-                              soft_time_limit=message.get("soft_time_limit"))
+                              soft_time_limit=message.get("soft_time_limit"), on_progress=None if ctl is None else ctl.progress.set)
 
     def _child_lost(self, delivery: Delivery, message: dict, token: int, exc: WorkerLostError, output: str, batch: "_Batch",
                     started_at: float) -> None:
@@ -1189,7 +1180,8 @@ class Worker:
                 reason = f"{exc} running this task, on {deliveries} deliveries (max_deliveries={limit}); not delivered again"
                 self._dead_letter(delivery, reason, batch, message=message, exc_type=WorkerLostError.__name__)
                 return
-        log.warning("worker %s: %s running task %s (%s); delivering it again", self.name, exc, message["name"], message["id"])
+        if getattr(exc, "counts", True) or "(cancelled)" not in str(exc):
+            log.warning("worker %s: %s running task %s (%s); delivering it again", self.name, exc, message["name"], message["id"])
         self._requeue(delivery, message, token, batch, exc_type=type(exc).__name__, error=f"{exc}; delivered again", output=output or None)
 
     def _requeue(self, delivery: Delivery, message: dict, token: int, batch: "_Batch", *, delay: float = 0.0, **fields) -> None:

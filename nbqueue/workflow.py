@@ -546,8 +546,10 @@ def _mark_not_run(app, node: dict, origin_id: str, exc_type: str, error: str, pu
 
 
 @contextlib.contextmanager
-def task_context(app, message: dict, token: int, worker) -> Iterator[None]:
-    reset = _current.set({"id": message["id"], "name": message["name"], "app": app, "token": token, "worker": worker})
+def task_context(app, message: dict, token: int, worker, control=None) -> Iterator[None]:
+    from .control import TaskContext
+
+    reset = _current.set(TaskContext(id=message["id"], name=message["name"], app=app, token=token, worker=worker, control=control))
     try:
         yield
     finally:
@@ -555,7 +557,8 @@ def task_context(app, message: dict, token: int, worker) -> Iterator[None]:
 
 
 def current_task() -> dict | None:
-    """Inside a task: its id, name and App; None elsewhere."""
+    """Inside a task: its id, name and App (a dict, ``control.TaskContext``, also with
+    ``.cancelled``, ``.check_cancelled()`` and ``.report_progress(...)``); None elsewhere."""
     return _current.get()
 
 

@@ -242,7 +242,7 @@ def act_cancel(app, task_id: str) -> dict:
     record = app.result(task_id).info()
     if not record:
         raise NotFound(f"no task with id {task_id!r}")
-    revoked = app.revoke(task_id, "revoked from the dashboard")
+    revoked = app.revoke(task_id, "cancelled from the dashboard", terminate=True)
     state = app.result(task_id).info().get("state")
     if revoked:
         return {"ok": True, "state": state, "message": f"task {task_id} revoked"}
@@ -265,7 +265,7 @@ def act_cancel_workflow(app, task_id: str) -> dict:
         else:
             ids.append(node["id"])
             nodes += node.get("members") or []
-    revoked = sum(1 for i in ids if app.revoke(i, "workflow revoked from the dashboard"))
+    revoked = sum(1 for i in ids if app.revoke(i, "workflow cancelled from the dashboard", terminate=True))
     state = app.result(task_id).info().get("state")
     return {"ok": revoked > 0, "state": state, "revoked": revoked,
             "message": f"{revoked} of the workflow's {len(ids)} task(s) revoked; {len(ids) - revoked} had already finished"}

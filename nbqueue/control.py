@@ -1,0 +1,264 @@
+"""Control over running work: cancel, time limits inside a task, the task's own handle.
+
+The channel is the result backend, so a cancel reaches every worker whatever the broker
+(SQLite, memory, Redis, RabbitMQ, SQS) and wherever the worker runs:
+
+- ``revoke(app, id, terminate=...)`` stores REVOKED on the task's record, unfenced: it
+  is written only while the record is not final, so a task that finishes while its
+  cancel is in flight keeps exactly one of SUCCESS or REVOKED, and the workflow follows
+  that one. ``terminate=False`` on a running task also leaves a mark (``KEEP_KEY``) in the
+  backend's key-value store: the task runs on, its result is discarded.
+- every worker's heartbeat thread reads the states of the tasks it runs every
+  ``CANCEL_POLL`` seconds (one small read, none while idle; at once when the App of its
+  own process revokes). A running task found REVOKED has its workflow ended at once, and
+  is stopped: in a process pool its child gets SIGTERM, then SIGKILL after
+  ``CANCEL_GRACE`` (the pool replaces it); in a thread the task is asked to stop
+  (``current_task().cancelled``, ``check_cancelled()`` raising ``TaskRevoked``) and its
+  record says so (``meta["stopping"]``) until it returns, for the live views.
+- a worker that reserved a task and has not started it checks the store before it
+  starts it (``Worker._skip_revoked``); one that reaches the message later finds the
+  record final and does not run it.
+
+Time limits in a thread (in a child process the pool enforces them, see pool.py):
+``soft_time_limit`` raises ``SoftTimeLimitExceeded`` in the task's thread at its next
+Python instruction (``PyThreadState_SetAsyncExc``; a thread blocked in one long C call
+sees it when the call returns); ``time_limit`` fails the record with
+``TimeLimitExceeded`` and asks the task to stop, cooperatively: a thread cannot be
+killed. Progress a task reports (progress.py) is written by the same heartbeat.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+from . import taskprogress as _progress
+from . import states
+from .errors import SoftTimeLimitExceeded, TaskRevoked
+
+log = logging.getLogger(__name__)
+
+CANCEL_POLL = 0.25      # seconds between a worker's reads of the states of the tasks it runs
+CANCEL_GRACE = 1.0      # seconds from SIGTERM to SIGKILL when a cancel stops a child process
+KEEP_KEY = "nbq:revoke-keep:"   # + task id: revoke(terminate=False) of a running task; the worker removes it
+_ACTIVE = (states.RECEIVED, states.STARTED)
+
+
+# -- the sender's side -------------------------------------------------------------------------------
+
+def revoke(app, task_id: str, reason: str = "revoked", *, terminate: bool = False) -> bool:
+    """Store REVOKED for ``task_id`` unless its record is final; True when this call did.
+
+    False (nothing changes) for an unknown id, a finished task, or one revoked already.
+    ``terminate``: a running task is stopped (see the module docstring); without it a
+    running task runs on and its result is discarded.
+    """
+    if not isinstance(task_id, str) or not task_id:
+        raise TypeError(f"task_id must be a non-empty str, not {type(task_id).__name__} {task_id!r}")
+    keep = False
+    if not terminate:
+        state = app.backend.states_of([task_id]).get(task_id)
+        if state is None or state in states.READY_STATES:
+            return False
+        if state in _ACTIVE:
+            keep = True
+            app.backend.kv_set(KEEP_KEY + task_id, "1")
+    revoked = app.backend.store_result(task_id, states.REVOKED, error=reason, exc_type="TaskRevoked")
+    if keep and not revoked:
+        app.backend.kv_set(KEEP_KEY + task_id, None)
+    return revoked
+
+
+def revoke_many(app, task_ids: list[str], reason: str, *, terminate: bool = True) -> int:
+    """``App.revoke`` for each id that is not final yet (read in one query); how many were revoked."""
+    found = app.backend.states_of(list(task_ids))
+    todo = [i for i in dict.fromkeys(task_ids) if found.get(i) is not None and found[i] not in states.READY_STATES]
+    return sum(1 for i in todo if app.revoke(i, reason, terminate=terminate))
+
+
+# -- inside a task -----------------------------------------------------------------------------------
+
+class TaskControl:
+    """What a running task and its worker share: the cancel request, the progress the task
+    reports, and the thread running it (for a soft time limit). One per task run."""
+
+    def __init__(self, task_id: str, name: str):
+        self.task_id = task_id
+        self.name = name
+        self.cancelled = threading.Event()
+        self.reason: str | None = None          # "cancel" or "time_limit", once asked to stop
+        self.progress = _progress.Progress()
+        self._ident: int | None = None          # the thread running the function (threads only)
+        self._lock = threading.Lock()
+        self._done = False
+        self.on_progress: Callable[..., None] | None = None   # set in a child process: sends to the parent
+
+    def request_stop(self, reason: str) -> bool:
+        """Ask the task to stop (``cancelled`` becomes True); False if it was asked already."""
+        if self.cancelled.is_set():
+            return False
+        self.reason = reason
+        self.cancelled.set()
+        return True
+
+    def call(self, fn: Callable, args, kwargs: dict) -> Any:
+        """Run ``fn`` in this thread so that ``raise_in_thread`` can reach it, and never after it returns."""
+        self._ident = threading.get_ident()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            with self._lock:
+                self._done = True
+                _set_async_exc(self._ident, None)   # one set but not raised yet is dropped
+
+    def raise_in_thread(self, exc_type: type[BaseException]) -> bool:
+        """Raise ``exc_type`` in the task's thread at its next Python instruction; False when
+        the function is not running in a thread (anymore)."""
+        with self._lock:
+            if self._done or self._ident is None:
+                return False
+            return _set_async_exc(self._ident, exc_type)
+
+
+def _set_async_exc(ident: int, exc_type: type[BaseException] | None) -> bool:
+    """CPython's ``PyThreadState_SetAsyncExc`` (None clears a pending one)."""
+    target = ctypes.py_object(exc_type) if exc_type is not None else None
+    n = ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), target)
+    if n > 1:    # cannot happen for a live thread id; undo as the C API asks
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), None)
+        return False
+    return n == 1
+
+
+class TaskContext(dict):
+    """``nbqueue.current_task()`` inside a task: a dict (``id``, ``name``, ``app``, ...)
+    with the task's controls as attributes."""
+
+    @property
+    def id(self) -> str:
+        return self["id"]
+
+    @property
+    def name(self) -> str:
+        return self["name"]
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the task was cancelled (or passed its time limit in a thread): it
+        should stop. In a child process a cancel stops the process instead."""
+        control = self.get("control")
+        return bool(control is not None and control.cancelled.is_set())
+
+    def check_cancelled(self) -> None:
+        """Raise ``TaskRevoked`` if the task was asked to stop (see ``cancelled``)."""
+        if self.cancelled:
+            why = getattr(self.get("control"), "reason", None)
+            message = "the task passed its time limit" if why == "time_limit" else "the task was cancelled"
+            raise TaskRevoked(self["id"], "TaskRevoked", message, name=self.get("name"))
+
+    def report_progress(self, done: float, total: float | None = None, note: str | None = None) -> None:
+        """See ``nbqueue.report_progress``."""
+        control = self.get("control")
+        if control is None:
+            return
+        control.progress.set(done, total, note)
+        if control.on_progress is not None:
+            control.on_progress(done, total, note)
+
+
+def check_cancelled() -> None:
+    """Inside a task: raise ``TaskRevoked`` once it was cancelled; elsewhere nothing."""
+    from .workflow import current_task
+
+    ctx = current_task()
+    if isinstance(ctx, TaskContext):
+        ctx.check_cancelled()
+
+
+# -- the worker's side -----------------------------------------------------------------------------
+
+class Watch:
+    """A worker's heartbeat step for the tasks it runs: cancels, soft limits in threads, progress.
+
+    ``tick(running)`` is called by the heartbeat thread every 0.1 s with the worker's
+    ``{task id: run}``; each run holds its ``message`` and ``control`` (TaskControl).
+    """
+
+    def __init__(self, worker):
+        self.worker = worker
+        self._next_poll = 0.0
+
+    def poke(self) -> None:
+        """Read the states at the next tick (a revoke from this process's App)."""
+        self._next_poll = 0.0
+
+    def tick(self, running: dict) -> None:
+        now = time.monotonic()
+        for task_id, run in running.items():
+            control = run.get("control")
+            if control is None:
+                continue
+            self._soft_limit(task_id, run, control, now)
+            _progress.flush(self.worker.app.backend, task_id, control.progress, now)
+        if running and now >= self._next_poll:
+            self._next_poll = now + CANCEL_POLL
+            self.poll(running)
+
+    def _soft_limit(self, task_id: str, run: dict, control: TaskControl, now: float) -> None:
+        soft = run["message"].get("soft_time_limit")
+        if not soft or run.get("soft_fired") or now - run["started"] < soft or self._in_child(run):
+            return
+        run["soft_fired"] = True
+        if control.raise_in_thread(SoftTimeLimitExceeded):
+            log.info("task %s (%s) passed its soft time limit of %gs", run["message"]["name"], task_id, soft)
+
+    def _in_child(self, run: dict) -> bool:
+        return self.worker.pool is not None and not run["message"]["name"].startswith("nbqueue.")
+
+    def poll(self, running: dict) -> None:
+        """Read the states of the running tasks; stop and settle those revoked meanwhile."""
+        from . import workflow
+
+        todo = [task_id for task_id, run in running.items() if not run.get("revoked")]
+        if not todo:
+            return
+        app = self.worker.app
+        found = app.backend.states_of(todo)
+        for task_id in todo:
+            if found.get(task_id) != states.REVOKED:
+                continue
+            run = running[task_id]
+            run["revoked"] = True
+            # the workflow ends now, not when the task returns (its late result is fenced out then)
+            workflow.after_final(app, run["message"], app.backend.get(task_id) or {})
+            if app.backend.kv_get(KEEP_KEY + task_id) is not None:
+                app.backend.kv_set(KEEP_KEY + task_id, None)
+                continue
+            self.stop(task_id, run, "cancel")
+
+    def stop(self, task_id: str, run: dict, reason: str) -> None:
+        """Stop a running task: its child process (SIGTERM, SIGKILL after CANCEL_GRACE), or
+        ask its thread (``cancelled``) and note on the record that it has not stopped yet."""
+        if self._in_child(run):
+            if self.worker.pool.stop(task_id, "cancelled", grace=CANCEL_GRACE):
+                log.info("task %s (%s) cancelled: stopping its child process", run["message"]["name"], task_id)
+            return
+        control = run.get("control")
+        if control is not None and control.request_stop(reason):
+            _progress.note_stopping(self.worker.app.backend, task_id, control.progress, reason, "waiting")
+
+    def finished(self, task_id: str, run: dict) -> None:
+        """After the task's function returned or raised (its executor thread): write its last
+        progress, and that a stop it was asked for is done."""
+        control = run.get("control")
+        if control is None:
+            return
+        backend = self.worker.app.backend
+        try:
+            _progress.flush(backend, task_id, control.progress, None)
+            if control.reason is not None:
+                _progress.note_stopping(backend, task_id, control.progress, control.reason, "stopped")
+        except Exception:
+            log.warning("could not write the last progress of task %s", task_id, exc_info=True)
