@@ -57,14 +57,12 @@ def revoke(app, task_id: str, reason: str = "revoked", *, terminate: bool = Fals
     """
     if not isinstance(task_id, str) or not task_id:
         raise TypeError(f"task_id must be a non-empty str, not {type(task_id).__name__} {task_id!r}")
-    keep = False
-    if not terminate:
-        state = app.backend.states_of([task_id]).get(task_id)
-        if state is None or state in states.READY_STATES:
-            return False
-        if state in _ACTIVE:
-            keep = True
-            app.backend.kv_set(KEEP_KEY + task_id, "1")
+    state = app.backend.states_of([task_id]).get(task_id)    # (a store_result on an unknown id would create it)
+    if state is None or state in states.READY_STATES:
+        return False
+    keep = not terminate and state in _ACTIVE
+    if keep:
+        app.backend.kv_set(KEEP_KEY + task_id, "1")
     revoked = app.backend.store_result(task_id, states.REVOKED, error=reason, exc_type="TaskRevoked")
     if keep and not revoked:
         app.backend.kv_set(KEEP_KEY + task_id, None)

@@ -5,14 +5,19 @@ Column types do not depend on the rows (nor on the pandas version's string infer
 ``worker`` are ``object`` columns holding the values as they are (a result of 42 is the
 int 42 whatever the other rows hold) with ``None`` where there is none; ``retries`` is
 int64; ``created``, ``started`` and ``finished`` are datetime64[ns, UTC] (NaT when not
-yet); ``runtime`` is float64 seconds (NaN when not finished).
+yet); ``runtime`` is float64 seconds (NaN when not finished); ``progress_done`` and
+``progress_total`` (float64, NaN when the task reported none) and ``progress_note``
+(object) are what it last reported with ``nbqueue.report_progress``.
 """
 from __future__ import annotations
 
 from . import serialization
+from .taskprogress import of as _progress_of
 
-COLUMNS = ["id", "name", "state", "args", "kwargs", "result", "error", "retries", "queue", "created", "started", "finished", "runtime", "worker"]
-OBJECT_COLUMNS = ("id", "name", "state", "args", "kwargs", "result", "error", "queue", "worker")
+COLUMNS = ["id", "name", "state", "args", "kwargs", "result", "error", "retries", "queue", "created", "started", "finished", "runtime", "worker",
+           "progress_done", "progress_total", "progress_note"]
+OBJECT_COLUMNS = ("id", "name", "state", "args", "kwargs", "result", "error", "queue", "worker", "progress_note")
+FLOAT_COLUMNS = ("runtime", "progress_done", "progress_total")
 
 
 def _decode(app, text):
@@ -32,6 +37,7 @@ def records_frame(app, records: list[dict], extra: dict[str, list] | None = None
         if rec is None:
             continue
         started, finished = rec.get("started_at"), rec.get("finished_at")
+        progress = _progress_of(rec) or {}
         rows.append({
             "id": rec["id"],
             "name": rec.get("name"),
@@ -47,6 +53,9 @@ def records_frame(app, records: list[dict], extra: dict[str, list] | None = None
             "finished": finished,
             "runtime": (finished - started) if started is not None and finished is not None else None,
             "worker": rec.get("worker"),
+            "progress_done": progress.get("done"),
+            "progress_total": progress.get("total"),
+            "progress_note": progress.get("note"),
         })
     import numpy as np
 
@@ -60,8 +69,8 @@ def records_frame(app, records: list[dict], extra: dict[str, list] | None = None
             columns[col] = pd.Series(column, dtype=object)
         elif col == "retries":
             columns[col] = pd.Series(values, dtype="int64")
-        elif col == "runtime":
-            columns[col] = pd.Series([np.nan if v is None else v for v in values], dtype="float64")  # seconds
+        elif col in FLOAT_COLUMNS:
+            columns[col] = pd.Series([np.nan if v is None else v for v in values], dtype="float64")  # seconds, or as reported
         else:
             seconds = pd.Series([np.nan if v is None else v for v in values], dtype="float64")
             columns[col] = pd.to_datetime(seconds, unit="s", utc=True).astype("datetime64[ns, UTC]")

@@ -104,3 +104,17 @@ def hold_gil(n, key):
     """Note the attempt, then hold the GIL in one C call (``sum(range(n))``) for as long as that takes."""
     note_attempt(key)
     return sum(range(n))
+
+
+@app.task(name="spin")
+def spin(path, steps, pause=0.05):
+    """Append a line ``<pid> <i>`` to ``path`` per step and report progress; stop when
+    cancelled (cooperative in a thread; in a child process a cancel stops the process)."""
+    task = nbqueue.current_task()
+    for i in range(steps):
+        with open(path, "a") as fh:
+            fh.write(f"{os.getpid()} {i}\n")
+        nbqueue.report_progress(i + 1, steps, note=f"step {i + 1}")
+        task.check_cancelled()
+        time.sleep(pause)
+    return steps
