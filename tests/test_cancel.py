@@ -352,6 +352,7 @@ def test_cancel_running_in_a_child_stops_it_and_replaces_it(tmp_path, kind, monk
         app.close()
 
 
+@pytest.mark.parametrize("app_kind", ["sqlite", "redis"])
 def test_a_child_that_ignores_sigterm_is_killed_after_the_grace(app_factory, tmp_path):
     from test_pool import notebook_cell
 
