@@ -473,3 +473,110 @@ def test_cancel_reaches_a_worker_in_another_process(app_factory, remote, tmp_pat
     if pool == "processes":
         children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
         assert runner not in children
+
+
+# -- the notebook: %nbqueue cancel, the views' Cancel button and progress bars ---------------------------------
+
+@pytest.fixture
+def shell(monkeypatch, tmp_path):
+    from conftest import ipython_shell
+
+    from nbqueue.notebook import magics as nbmagics
+
+    ipython = ipython_shell(monkeypatch)
+    ipython.reset(new_session=False)
+    app = nbqueue.App(f"sqlite:///{tmp_path}/nb.db")
+    ipython.user_ns["app"] = app
+    nbmagics.load_ipython_extension(ipython, concurrency=2)
+    yield ipython
+    nbmagics.unload_ipython_extension(ipython)
+    for worker in list(app.workers):
+        worker.stop(wait=True, timeout=10)
+    app.close()
+
+
+def test_nbqueue_cancel_magic_cancels_ids_and_all(shell, tmp_path, capsys):
+    app = shell.user_ns["app"]
+    side = tmp_path / "side.txt"
+    spin, _, _ = define(app, side)
+    running = spin.delay("run", 2000)
+    started(app, running)
+    shell.run_line_magic("nbqueue", f"cancel {running.id} no-such-id")
+    out = capsys.readouterr().out
+    assert f"{running.id}: cancelled" in out and "no-such-id: no such task" in out
+    shell.run_line_magic("nbqueue", f"cancel {running.id}")
+    assert "already final (REVOKED); nothing changed" in capsys.readouterr().out
+    later = [app.send_task(Signature("spin", args=[f"l{i}", 5], countdown=60)) for i in range(3)]
+    assert shell.run_line_magic("nbqueue", "cancel --all") == 3
+    assert all(r.state == states.REVOKED for r in later)
+    from IPython.core.error import UsageError
+
+    with pytest.raises(UsageError):
+        shell.run_line_magic("nbqueue", "cancel")
+
+
+def test_views_cancel_button_stops_a_group_and_shows_progress_bars(tmp_path):
+    pytest.importorskip("ipywidgets")
+    from nbqueue.notebook import widgets
+
+    app = nbqueue.App(f"sqlite:///{tmp_path}/nbqueue.db")
+    side = tmp_path / "side.txt"
+    spin, _, _ = define(app, side)
+    worker = app.start_worker(2)
+    try:
+        g = app.send_group(nbqueue.group([spin.si(f"g{i}", 2000) for i in range(2)]))
+        started(app, g.results[0])
+        view = widgets.WorkflowView(g, "widget")
+        view.start()
+        wait_for(lambda: (view.refresh() or True) and "nbqueue-task-progress" in view._reported.value, 30, message="per-task bars")
+        assert "reported by" in view._reported.value                               # summed over the group
+        assert "[nbqueue] group of 2" in view.text(view._snap) and "reported" in view.text(view._snap)
+        view._cancel.click()
+        assert view._cancel.disabled and view.cancel_answer == "cancel sent to 2 task(s)"
+        wait_for(lambda: view.refresh(), 30, message="the view finished")
+        assert view._snap["state"] == states.REVOKED or view._snap["counts"]["revoked"] == 2
+        assert [r.state for r in g.results] == [states.REVOKED, states.REVOKED]
+
+        one = spin.delay("one", 2000)
+        started(app, one)
+        task_view = widgets.TaskView(one, "widget")
+        task_view.start()
+        assert "nbqueue-task-progress" in task_view._reported.value and "one step" in task_view._reported.value
+        task_view._cancel.click()
+        wait_for(lambda: task_view.refresh(), 30, message="the task view finished")
+        assert task_view._snap["state"] == states.REVOKED and task_view._cancel.layout.display == "none"
+        again = widgets.TaskView(one, "widget")
+        again.start()
+        assert again.cancel() == "already finished: nothing to cancel"
+    finally:
+        worker.stop(wait=True, timeout=10)
+        app.close()
+
+
+def test_task_view_says_a_cancelled_thread_task_has_not_noticed_yet(tmp_path):
+    from nbqueue.notebook import widgets
+
+    app = nbqueue.App(f"sqlite:///{tmp_path}/nbqueue.db")
+    release = threading.Event()
+
+    @app.task()
+    def deaf():
+        release.wait(60)            # never looks at current_task().cancelled
+        return "late"
+
+    worker = app.start_worker(1)
+    try:
+        r = deaf.delay()
+        wait_for(lambda: r.state == states.STARTED, 30, message="started")
+        view = widgets.TaskView(r, "text")
+        view.start()
+        assert r.cancel() is True
+        wait_for(lambda: not view.refresh() and "waiting for the task (in a thread) to notice" in view._snap["note"], 10,
+                 message="the note")
+        assert view._snap["state"] == states.REVOKED and not view.finished
+        release.set()
+        wait_for(lambda: view.refresh(), 10, message="the view finished once the thread returned")
+    finally:
+        release.set()
+        worker.stop(wait=True, timeout=10)
+        app.close()

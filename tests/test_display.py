@@ -18,6 +18,7 @@ FRAME_DTYPES = {
     "id": "object", "name": "object", "state": "object", "args": "object", "kwargs": "object", "result": "object",
     "error": "object", "retries": "int64", "queue": "object", "created": "datetime64[ns, UTC]",
     "started": "datetime64[ns, UTC]", "finished": "datetime64[ns, UTC]", "runtime": "float64", "worker": "object",
+    "progress_done": "float64", "progress_total": "float64", "progress_note": "object",
 }
 
 

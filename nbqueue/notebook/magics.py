@@ -392,7 +392,7 @@ class NbqueueMagics(Magics):
     # -- %nbqueue ----------------------------------------------------------------------------------
     @line_magic
     def nbqueue(self, line: str):
-        """%nbqueue status | tasks [--state S] [--name N] [--limit L] | worker start [-c N] | worker stop | wait [NAME ...] [--timeout T] | use [NAME] | export [-o FILE] | dashboard [--port P] [--height H] [stop]"""
+        """%nbqueue status | tasks [--state S] [--name N] [--limit L] | worker start [-c N] | worker stop | wait [NAME ...] [--timeout T] | cancel ID [ID ...] | cancel --all | use [NAME] | export [-o FILE] | dashboard [--port P] [--height H] [stop]"""
         import argparse
         import shlex
 
@@ -409,6 +409,9 @@ class NbqueueMagics(Magics):
         wt = sub.add_parser("wait", add_help=False, exit_on_error=False)
         wt.add_argument("names", nargs="*")
         wt.add_argument("--timeout", type=float, default=None)
+        c = sub.add_parser("cancel", add_help=False, exit_on_error=False)
+        c.add_argument("ids", nargs="*")
+        c.add_argument("--all", action="store_true")
         ex = sub.add_parser("export", add_help=False, exit_on_error=False)
         ex.add_argument("-o", "--output", default=None)
         u = sub.add_parser("use", add_help=False, exit_on_error=False)
@@ -439,6 +442,8 @@ class NbqueueMagics(Magics):
         if args.command == "wait":
             self.wait(args.names, timeout=args.timeout)
             return None
+        if args.command == "cancel":
+            return self.cancel(args.ids, everything=args.all)
         if args.command == "export":
             from .export import magic_export
 
@@ -454,6 +459,30 @@ class NbqueueMagics(Magics):
             self.use(self.shell.user_ns[args.name], args.name)
             return None
         raise UsageError(self.nbqueue.__doc__)
+
+    def cancel(self, ids: list[str], *, everything: bool = False) -> int:
+        """``%nbqueue cancel ID ...``: cancel those tasks (``AsyncResult.cancel``); ``--all``:
+        every task of the App's result backend that has not finished (with a backend that
+        cannot list tasks, those this kernel sent with %%task). Prints what happened per
+        id; returns how many were cancelled."""
+        if everything == bool(ids):
+            raise UsageError("%nbqueue cancel: give task ids, or --all (not both)")
+        if everything:
+            known = None if self.app.backend.lists_tasks != "none" else [r.task_id for r in self.runs.values()]
+            n = self.app.cancel_all("cancelled with %nbqueue cancel --all", ids=known)
+            print(f"nbqueue: cancelled {n} task(s) that had not finished")
+            return n
+        n = 0
+        for task_id in ids:
+            state = self.app.backend.states_of([task_id]).get(task_id)
+            if state is None:
+                print(f"nbqueue: {task_id}: no such task")
+            elif self.app.revoke(task_id, "cancelled with %nbqueue cancel", terminate=True):
+                n += 1
+                print(f"nbqueue: {task_id}: cancelled")
+            else:
+                print(f"nbqueue: {task_id}: already final ({self.app.backend.states_of([task_id]).get(task_id)}); nothing changed")
+        return n
 
     def dashboard(self, action: str | None = None, port: int | None = None, height: int = 600):
         """The web dashboard of this App, served on 127.0.0.1 by a daemon thread of this kernel

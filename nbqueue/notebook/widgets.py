@@ -11,9 +11,11 @@ thread only (ipywidgets is not safe across threads; ``Output`` is fed with
 
 Which view you get (``mode``):
 
-``widget``  an ipywidgets view: state, elapsed time, a progress bar for groups and
-            chords (succeeded, failed, total), one row per step for chains, the task's
-            output as it streams, then the value or the traceback;
+``widget``  an ipywidgets view: state, elapsed time, a **Cancel** button, a progress
+            bar for groups and chords (succeeded, failed, total), one row per step for
+            chains, the progress tasks report (``nbqueue.report_progress``: a bar and
+            its note per task, summed for groups and chords), the task's output as it
+            streams, then the value or the traceback;
 ``text``    a plain-text progress line, printed again when it changes (at most once a
             second) and once when done;
 ``both``    the widget, and the text lines.
@@ -57,6 +59,7 @@ import time
 from typing import Any, Callable
 
 from .. import capture, states
+from .. import taskprogress as _tp
 from ..backends.base import counts_from_states
 from ..result import NOTICE_AFTER, waiting_problem
 from . import display as _d
@@ -67,6 +70,10 @@ MODES = ("widget", "text", "both")
 INTERVAL = 0.1              # seconds between refreshes: about 10 per second
 TEXT_INTERVAL = 1.0         # a changed text line is printed at most this often
 SETTLE = 10.0               # seconds a finished workflow's view keeps counting stragglers
+NOTICE_WAIT = 300.0         # seconds a view keeps saying a cancelled thread task has not stopped yet
+NOTICE_GRACE = 1.0          # seconds a view of a task stopped while running waits to hear whether it is a thread
+MAX_ROWS = 8                # running tasks whose reported progress a workflow's view lists
+SUM_LIMIT = 1000            # a workflow's view sums reported progress over at most this many tasks
 
 
 # -- which frontend ------------------------------------------------------------------------------
@@ -307,6 +314,44 @@ class View:
         self._snap: dict | None = None
         self._displayed = False
         self.parent = current_parent()        # the cell that displays this view: where its text goes
+        self.cancel_answer = ""               # what the Cancel button's last click did
+
+    def cancel(self) -> str:
+        """The Cancel button: cancel the result (``cancel()``); returns what happened, in words."""
+        try:
+            answer = self.result.cancel()
+        except Exception as exc:                       # a button must not raise into the kernel
+            self.cancel_answer = f"cancel failed: {exc}"
+            return self.cancel_answer
+        if isinstance(answer, bool):
+            self.cancel_answer = "cancel sent" if answer else "already finished: nothing to cancel"
+        else:
+            self.cancel_answer = f"cancel sent to {answer} task(s)" if answer else "already finished: nothing to cancel"
+        return self.cancel_answer
+
+    def _cancel_button(self):
+        import ipywidgets as w
+
+        button = w.Button(description="Cancel", tooltip="cancel: stop the task(s) that have not finished",
+                          layout=w.Layout(width="auto"), button_style="warning")
+        button.add_class("nbqueue-cancel")
+
+        def clicked(_button) -> None:
+            _button.disabled = True
+            _button.description = "Cancelling…"
+            self.cancel()
+
+        button.on_click(clicked)
+        return button
+
+    def _render_cancel(self, final: bool) -> None:
+        button = getattr(self, "_cancel", None)
+        if button is None:
+            return
+        if final and not button.disabled:
+            button.disabled = True
+        if final and button.layout.display != "none":
+            button.layout.display = "none"
 
     # the three hooks of a view
     def snapshot(self) -> dict:
@@ -463,15 +508,28 @@ class TaskView(View):
             note = note_fn(state) or ""
         if not note and state == states.PENDING and _waited(self.app, record):
             note = waiting_problem(self.app, record) or ""      # e.g. "no live worker serves queue 'q'"
-        return {"record": record, "state": state, "final": final, "output": output, "output_delta": delta, "note": note}
+        if final and _stopped_while_running(record):
+            # its worker says within a tick whether a thread has still to notice (then the view waits for it)
+            if self._final_at is None:
+                self._final_at = time.monotonic()
+            stopping = _tp.stopping(record)
+            waiting = stopping is not None and stopping.get("state") == "waiting"
+            note = _stopping_note(stopping) if waiting else note
+            final = time.monotonic() - self._final_at > (NOTICE_WAIT if waiting else NOTICE_GRACE if stopping is None else 0)
+        if not note and self.cancel_answer and not final:
+            note = self.cancel_answer
+        return {"record": record, "state": state, "final": final, "output": output, "output_delta": delta, "note": note,
+                "progress": _tp.of(record)}
 
     def build(self, snap):
         import ipywidgets as w
 
         self._header = w.HTML()
+        self._cancel = self._cancel_button()
+        self._reported = w.HTML()
         self._output = w.Output(layout=w.Layout(max_height="16em", overflow="auto"))
         self._value = w.HTML()
-        box = w.VBox([self._header, self._output, self._value])
+        box = w.VBox([w.HBox([self._header, self._cancel]), self._reported, self._output, self._value])
         box.add_class("nbqueue-view")
         box.add_class("nbqueue-task-view")
         return box
@@ -481,6 +539,10 @@ class TaskView(View):
         header = _header("task", _d.label_of(self.result), self.result.id, state, self._elapsed(record, snap["final"]), snap["note"])
         if self._header.value != header:
             self._header.value = header
+        self._render_cancel(snap["final"] or state in states.READY_STATES)
+        reported = _progress_html(snap["progress"], self.result.id)
+        if self._reported.value != reported:
+            self._reported.value = reported
         output = snap["output"]
         if output != self._shown_output:
             if output.startswith(self._shown_output):
@@ -512,6 +574,8 @@ class TaskView(View):
     def text(self, snap) -> str:
         record, state = snap["record"], snap["state"]
         line = f"[nbqueue] {_d.label_of(self.result)} {self.result.id[:8]}: {state}"
+        if snap.get("progress") and not snap["final"]:
+            line += " " + _progress_text(snap["progress"])
         took = self._elapsed(record, snap["final"])
         if took:
             line += (" in " if snap["final"] else " ") + took
@@ -576,13 +640,28 @@ class WorkflowView(View):
             self._final_at = now
         final = terminal_final and (unsettled == 0 or now - (self._final_at or now) > SETTLE)
         start = self._created_at(terminal, steps)
-        note = ""
+        reported = self._reported_progress(result, steps)
+        note = self.cancel_answer if self.cancel_answer and not final else ""
         if state == states.PENDING and not final and _waited(self.app, {"created_at": start}):
             if now - self._noted_at >= 2.0:           # reads the tasks inside: not at every refresh
                 self._noted_at, self._note = now, self.result.diagnose() or ""
             note = self._note
         return {"terminal": terminal, "state": state, "counts": counts, "steps": steps, "final": final,
-                "bar": (bar_value, max(bar_max, 1)), "callback_state": callback_state, "started_at": start, "note": note}
+                "bar": (bar_value, max(bar_max, 1)), "callback_state": callback_state, "started_at": start, "note": note,
+                "reported": reported}
+
+    def _reported_progress(self, result, steps: list[dict]) -> dict:
+        """Progress the tasks inside reported: summed over them (at most SUM_LIMIT tasks read),
+        and the running ones that reported, with their bars (at most MAX_ROWS)."""
+        leaves = result.leaves()[:SUM_LIMIT]
+        records = [r for r in self.app.backend.get_many([x.id for x in leaves]) if r is not None] if leaves else []
+        rows = []
+        for rec in records:
+            value = _tp.of(rec)
+            if value is not None and rec.get("state") not in states.READY_STATES and len(rows) < MAX_ROWS:
+                rows.append({"id": rec["id"], "name": rec.get("name") or "task", "progress": value})
+        waiting = [rec for rec in records if (_tp.stopping(rec) or {}).get("state") == "waiting"]
+        return {"sum": _tp.summed(records), "rows": rows, "stopping": _stopping_note(_tp.stopping(waiting[0])) if waiting else ""}
 
     def _created_at(self, terminal: dict, steps: list[dict]) -> float | None:
         times = [t for t in [terminal.get("created_at")] + [s["record"].get("created_at") for s in steps] if t is not None]
@@ -600,12 +679,14 @@ class WorkflowView(View):
         import ipywidgets as w
 
         self._header = w.HTML()
+        self._cancel = self._cancel_button()
         self._bar = w.IntProgress(value=0, min=0, max=1, layout=w.Layout(width="60%"))
         self._bar.add_class("nbqueue-progress")
         self._counts = w.HTML()
         self._steps = w.HTML()
         self._value = w.HTML()
-        children = [self._header, w.HBox([self._bar, self._counts])]
+        self._reported = w.HTML()
+        children = [w.HBox([self._header, self._cancel]), w.HBox([self._bar, self._counts]), self._reported]
         if self.kind == "chain":
             children.append(self._steps)
         children.append(self._value)
@@ -620,6 +701,10 @@ class WorkflowView(View):
                          snap["state"], self._elapsed_of(snap), snap.get("note", ""))
         if self._header.value != header:
             self._header.value = header
+        self._render_cancel(snap["final"])
+        reported = _workflow_progress_html(snap["reported"]) if not snap["final"] or snap["reported"]["sum"] else ""
+        if self._reported.value != reported:
+            self._reported.value = reported
         value, maximum = snap["bar"]
         if self._bar.max != maximum:
             self._bar.max = maximum
@@ -673,11 +758,69 @@ class WorkflowView(View):
         took = self._elapsed_of(snap)
         if took:
             line += (" in " if snap["final"] else " ") + took
+        total = (snap.get("reported") or {}).get("sum")
+        if total and not snap["final"]:
+            line += f", reported {_number(total['done'])}/{_number(total['total'])}"
         if snap.get("note"):
             line += f" ({snap['note']})"
         if snap["final"] or snap["state"] == states.FAILURE:
             line += _value_text(self.app, snap["terminal"])
         return line
+
+
+def _number(x) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def _stopped_while_running(record: dict) -> bool:
+    """A task cancelled (or past its time limit) after it started: it may still be running in a thread."""
+    if record.get("started_at") is None:
+        return False
+    return record.get("state") == states.REVOKED or record.get("exc_type") == "TimeLimitExceeded"
+
+
+def _stopping_note(stopping: dict | None) -> str:
+    if not stopping or stopping.get("state") != "waiting":
+        return ""
+    if stopping.get("why") == "time_limit":
+        return ("past its time limit: a task in a thread cannot be stopped (time limits are soft in a thread pool; "
+                "use pool='processes' for hard ones); waiting for it to notice (current_task().cancelled)")
+    return "cancelled: waiting for the task (in a thread) to notice (current_task().cancelled / check_cancelled())"
+
+
+def _progress_text(value: dict) -> str:
+    total = value.get("total")
+    text = f"{_number(value['done'])}/{_number(total)}" if total else _number(value["done"])
+    return text + (f" {value['note']}" if value.get("note") else "")
+
+
+def _bar(done, total, label: str = "") -> str:
+    """An HTML progress bar (``<progress>``) with ``done/total`` and a label beside it."""
+    text = html.escape(f"{_number(done)}/{_number(total)}" if total else _number(done))
+    bar = (f'<progress class="nbqueue-task-progress" value="{float(done)}" max="{float(total)}" style="width:40%"></progress>'
+           if total else "")
+    return f'<div class="nbqueue-reported">{bar} <span>{text}</span> {html.escape(label)}</div>'
+
+
+def _progress_html(value: dict | None, task_id: str = "") -> str:
+    """One task's reported progress: a bar (with a total) and its note."""
+    if not value:
+        return ""
+    return _bar(value["done"], value.get("total"), value.get("note") or "")
+
+
+def _workflow_progress_html(reported: dict) -> str:
+    """Summed progress of a workflow's tasks, then a bar per running task that reports one."""
+    out = ""
+    total = reported.get("sum")
+    if total:
+        out += _bar(total["done"], total["total"], f"reported by {total['reporting']} task(s)")
+    for row in reported.get("rows") or []:
+        value = row["progress"]
+        out += _bar(value["done"], value.get("total"), f"{row['name']} {row['id'][:8]}" + (f": {value['note']}" if value.get("note") else ""))
+    if reported.get("stopping"):
+        out += f'<div class="nbqueue-stopping"><i>{html.escape(reported["stopping"])}</i></div>'
+    return out
 
 
 def _waited(app, record: dict) -> bool:
