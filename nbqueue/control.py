@@ -40,7 +40,7 @@ from .errors import SoftTimeLimitExceeded, TaskRevoked
 
 log = logging.getLogger(__name__)
 
-CANCEL_POLL = 0.25      # seconds between a worker's reads of the states of the tasks it runs
+CANCEL_POLL = 0.2       # seconds between a worker's reads of the states of the tasks it runs
 CANCEL_GRACE = 1.0      # seconds from SIGTERM to SIGKILL when a cancel stops a child process
 KEEP_KEY = "nbq:revoke-keep:"   # + task id: revoke(terminate=False) of a running task; the worker removes it
 _ACTIVE = (states.RECEIVED, states.STARTED)
