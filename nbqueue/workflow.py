@@ -520,8 +520,10 @@ def _fail(app, conts: list, origin_id: str, exc_type: str, error: str, pub: _Pub
                 # FAILURE is stored after that is published, so it marks it done
                 info = app.backend.group_info(gid)
                 _fail(app, info["meta"].get("then") or [], origin_id, exc_type, error, pub)
-                pub.after.append(lambda gid=gid: app.backend.store_result(
-                    gid, states.FAILURE, exc_type=exc_type, error=error, traceback=f"not complete: member {origin_id} failed"))
+                # a member cancelled: the group is recorded REVOKED (not run to its end), else FAILURE
+                end, why = (states.REVOKED, "was revoked") if exc_type == "TaskRevoked" else (states.FAILURE, "failed")
+                pub.after.append(lambda gid=gid, end=end, why=why: app.backend.store_result(
+                    gid, end, exc_type=exc_type, error=error, traceback=f"not complete: member {origin_id} {why}"))
             # the failed member still frees a slot in a concurrency-limited group
             done, total = app.backend.member_done(gid, cont["member"])
             if cont.get("limited", True):
