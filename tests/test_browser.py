@@ -1,4 +1,5 @@
-"""02-workflows.ipynb in JupyterLab, in headless Chromium: the progress bars render and reach 100%.
+"""02-workflows.ipynb in JupyterLab, in headless Chromium: the progress bars render and reach 100%;
+a running group's Cancel button ends it REVOKED, and its tasks' reported progress bars move.
 
 JupyterLab runs on 127.0.0.1 with its own settings, runtime and config directories; the
 browser is Debian's Chromium (``make test`` installs it). The screenshot is saved under
@@ -50,6 +51,9 @@ def _need(condition: bool, message: str) -> None:
     pytest.skip(message)
 
 
+_ROOTS: dict[str, str] = {}     # base URL -> the directory that server serves
+
+
 @pytest.fixture
 def jupyterlab(tmp_path):
     """A JupyterLab server on loopback serving a copy of the notebooks; yields its base URL and token."""
@@ -70,6 +74,8 @@ def jupyterlab(tmp_path):
     env = {**os.environ, "JUPYTERLAB_SETTINGS_DIR": str(settings), "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "workspaces"),
            "JUPYTER_CONFIG_DIR": str(tmp_path / "config"), "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime")}
     env.pop("NBQUEUE_PROGRESS", None)
+    # the kernel imports the nbqueue under test (a relative PYTHONPATH would not reach it from root)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     log = open(tmp_path / "jupyterlab.log", "w")
     server = subprocess.Popen(
         [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
@@ -88,7 +94,9 @@ def jupyterlab(tmp_path):
     else:
         server.terminate()
         pytest.fail("JupyterLab did not start: " + (tmp_path / "jupyterlab.log").read_text()[-2000:])
+    _ROOTS[base] = str(root)
     yield base, token
+    _ROOTS.pop(base, None)
     server.terminate()
     try:
         server.wait(timeout=20)
@@ -152,3 +160,73 @@ def test_workflow_progress_bars_render_and_reach_100_percent_in_jupyterlab(jupyt
     assert "20/20 done: 20 succeeded" in text and "→ 385" in text and "→ 169" in text
     # an interactive frontend gets the widgets only: no text progress lines
     assert "[nbqueue]" not in text
+
+
+CANCEL_NOTEBOOK_CELLS = [
+    """import time
+import nbqueue
+app = nbqueue.App("sqlite:///cancel.db")
+
+@app.task(name="train")
+def train(i, steps):
+    task = nbqueue.current_task()
+    for k in range(steps):
+        nbqueue.report_progress(k + 1, steps, note=f"member {i} step {k + 1}")
+        task.check_cancelled()
+        time.sleep(0.05)
+    return i
+
+worker = app.start_worker(2)""",
+    "g = app.send_group(nbqueue.group([train.si(i, 4000) for i in range(2)]))\ng",
+]
+
+TASK_BARS = """() => [...document.querySelectorAll('.nbqueue-group-view progress.nbqueue-task-progress')].map(b => Number(b.value))"""
+GROUP_HEADER = "() => (document.querySelector('.nbqueue-group-view .nbqueue-header') || {}).innerText || ''"
+
+
+def test_cancel_button_stops_a_running_group_and_task_progress_bars_move_in_jupyterlab(jupyterlab):
+    """Click Cancel on a running group's view: it ends REVOKED; before that, its per-task bars move."""
+    import nbformat
+    from playwright.sync_api import sync_playwright
+
+    base, token = jupyterlab
+    root = Path(_root_of(base, token))
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(src) for src in CANCEL_NOTEBOOK_CELLS])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, root / "cancel.ipynb")
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1300, "height": 1400})
+            page.goto(f"{base}/lab/tree/cancel.ipynb?token={token}")
+            _wait_for_kernel(page, base, token)
+            page.click('.lm-MenuBar-itemLabel:text-is("Run")')
+            page.click('li.lm-Menu-item[data-command="runmenu:run-all"]')
+            try:
+                page.wait_for_function("() => document.querySelectorAll('.nbqueue-group-view progress.nbqueue-task-progress').length >= 1",
+                                       timeout=120_000)
+            finally:
+                page.screenshot(path=str(ARTIFACTS / "cancel-started.png"), full_page=True)
+            first = page.evaluate(TASK_BARS)
+            page.wait_for_function(f"() => {{ const v = ({TASK_BARS})(); return v.length && Math.max(...v) > {max(first)}; }}",
+                                   timeout=30_000)
+            moved = page.evaluate(TASK_BARS)
+            page.screenshot(path=str(ARTIFACTS / "cancel-running.png"), full_page=True)
+            assert "STARTED" in page.evaluate(GROUP_HEADER)
+            page.click(".nbqueue-group-view .nbqueue-cancel")
+            page.wait_for_function(f"() => ({GROUP_HEADER})().includes('REVOKED')", timeout=30_000)
+            page.screenshot(path=str(ARTIFACTS / "cancel-revoked.png"), full_page=True)
+            header = page.evaluate(GROUP_HEADER)
+            text = page.inner_text(".nbqueue-group-view")
+        finally:
+            browser.close()
+    assert max(moved) > max(first) and "REVOKED" in header
+    assert "2 not run" in text
+
+
+def _root_of(base: str, token: str) -> str:
+    """The directory the JupyterLab server serves (its root_dir)."""
+    with urllib.request.urlopen(f"{base}/api/contents/02-workflows.ipynb?token={token}&content=0", timeout=5) as response:
+        json.loads(response.read())
+    return _ROOTS[base]
