@@ -219,6 +219,9 @@ class Watch:
         """Read the states of the running tasks; stop and settle those revoked meanwhile."""
         from . import workflow
 
+        for task_id, run in running.items():     # revoked as it started: its child was not there yet
+            if run.get("revoked") and not run.get("stopped"):
+                self.stop(task_id, run, "cancel")
         todo = [task_id for task_id, run in running.items() if not run.get("revoked")]
         if not todo:
             return
@@ -233,6 +236,7 @@ class Watch:
             workflow.after_final(app, run["message"], app.backend.get(task_id) or {})
             if app.backend.kv_get(KEEP_KEY + task_id) is not None:
                 app.backend.kv_set(KEEP_KEY + task_id, None)
+                run["stopped"] = True      # left running: its result is discarded
                 continue
             self.stop(task_id, run, "cancel")
 
@@ -241,8 +245,12 @@ class Watch:
         ask its thread (``cancelled``) and note on the record that it has not stopped yet."""
         if self._in_child(run):
             if self.worker.pool.stop(task_id, "cancelled", grace=CANCEL_GRACE):
+                run["stopped"] = True
                 log.info("task %s (%s) cancelled: stopping its child process", run["message"]["name"], task_id)
+            else:
+                log.info("task %s (%s) cancelled: no child runs it yet; stopping it at the next look", run["message"]["name"], task_id)
             return
+        run["stopped"] = True
         control = run.get("control")
         if control is not None and control.request_stop(reason):
             _progress.note_stopping(self.worker.app.backend, task_id, control.progress, reason, "waiting")
