@@ -99,25 +99,30 @@ def run(kind: str) -> None:
     queue = f"bench-cancel-{uuid.uuid4().hex[:8]}"
     sender = nbqueue.App(broker, backend, default_queue=queue)
     other = nbqueue.App(broker, backend, default_queue=queue)
-    env = dict(os.environ, NBQUEUE_BROKER=broker, NBQUEUE_BACKEND=backend, NBQUEUE_DEFAULT_QUEUE=queue, NBQUEUE_LOG_LEVEL=os.environ.get("BENCH_LOG", "WARNING"),
+    env = dict(os.environ, NBQUEUE_BROKER=broker, NBQUEUE_BACKEND=backend, NBQUEUE_DEFAULT_QUEUE=queue,
+               NBQUEUE_LOG_LEVEL=os.environ.get("BENCH_LOG", "WARNING"),
                PYTHONPATH=os.pathsep.join(filter(None, [HERE, ROOT, os.environ.get("PYTHONPATH")])))
     log = open(os.path.join(directory, "worker.log"), "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "nbqueue", "worker", "--app", "bench_cancel:app", "--pool", "processes",
+    proc = subprocess.Popen([sys.executable, "-m", "nbqueue", "worker", "--app", "bench_cancel:app",
+                             "--pool", "processes",
                              "--concurrency", "1"], env=env, cwd=directory, stdout=log, stderr=subprocess.STDOUT)
     visible, stopped, free, reads = [], [], [], []
     try:
-        wait_for(lambda: any(w.get("pid") == proc.pid for w in sender.backend.workers()), 60, message="the worker serving")
+        wait_for(lambda: any(w.get("pid") == proc.pid for w in sender.backend.workers()), 60,
+                 message="the worker serving")
         for i in range(CANCELS):
             path = os.path.join(directory, f"side{i}.txt")
             r = sender.send_task(nbqueue.Signature("bench.ticker", args=[path]))
-            wait_for(lambda: first_pid(path) is not None and r.reported_progress() is not None, 60, message="the task running")
+            wait_for(lambda: first_pid(path) is not None and r.reported_progress() is not None, 60,
+                     message="the task running")
             child = first_pid(path)
             t = time.perf_counter()
             other.backend.states_of([r.id])
             reads.append(time.perf_counter() - t)
             t0 = time.perf_counter()
             assert r.cancel()
-            wait_for(lambda: other.backend.states_of([r.id]).get(r.id) == nbqueue.states.REVOKED, 10, interval=0.001, message="REVOKED")
+            wait_for(lambda: other.backend.states_of([r.id]).get(r.id) == nbqueue.states.REVOKED, 10, interval=0.001,
+                     message="REVOKED")
             try:
                 r.get(timeout=10)
             except nbqueue.TaskRevoked:
@@ -143,8 +148,10 @@ def run(kind: str) -> None:
 
     floor = statistics.median(reads)
     print(f"{kind:7s} {CANCELS} cancels of a task running in a child process of a worker in another process")
-    print(f"  REVOKED visible to the sender  {pct(visible)}   ({statistics.median(visible) / floor:5.1f}x a store read)")
-    print(f"  child process stopped          {pct(stopped)}   ({statistics.median(stopped) / (floor + CANCEL_POLL / 2):5.1f}x "
+    seen = statistics.median(visible) / floor
+    print(f"  REVOKED visible to the sender  {pct(visible)}   ({seen:5.1f}x a store read)")
+    ratio = statistics.median(stopped) / (floor + CANCEL_POLL / 2)
+    print(f"  child process stopped          {pct(stopped)}   ({ratio:5.1f}x "
           f"read + half the poll interval)")
     print(f"  worker free for the next task  {pct(free)}")
     print(f"  floors: one store read p50 {floor * 1000:.2f} ms; poll interval {CANCEL_POLL * 1000:.0f} ms "

@@ -19,7 +19,8 @@ from .workflow import chain, chord, current_task, group
 __version__ = "0.1.0"
 
 __all__ = [
-    "App", "Signature", "group", "chain", "chord", "Retry", "Backoff", "states", "current_task", "check_cancelled", "report_progress",
+    "App", "Signature", "group", "chain", "chord", "Retry", "Backoff", "states", "current_task",
+    "check_cancelled", "report_progress",
     "AsyncResult", "GroupResult", "ChainResult", "ChordResult",
     "NbqueueError", "BrokerError", "ConnectionLost", "PublishRefused", "ConfigurationError", "SerializationError",
     "MessageError", "NotRegistered", "TaskFailed", "TaskRevoked", "SignatureError", "UnsupportedOperation", "ResultNotFound",

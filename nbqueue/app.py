@@ -324,7 +324,8 @@ class App:
         from . import control
 
         if ids is None:
-            ids = [r["id"] for r in self.backend.list() if r.get("state") not in states.READY_STATES and r.get("name") != "nbqueue.group"]
+            ids = [r["id"] for r in self.backend.list()
+                   if r.get("state") not in states.READY_STATES and r.get("name") != "nbqueue.group"]
         return control.revoke_many(self, list(ids), reason, terminate=True)
 
     # -- workers --------------------------------------------------------------------------

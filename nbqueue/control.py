@@ -248,7 +248,8 @@ class Watch:
                 run["stopped"] = True
                 log.info("task %s (%s) cancelled: stopping its child process", run["message"]["name"], task_id)
             else:
-                log.info("task %s (%s) cancelled: no child runs it yet; stopping it at the next look", run["message"]["name"], task_id)
+                log.info("task %s (%s) cancelled: no child runs it yet; stopping it at the next look",
+                         run["message"]["name"], task_id)
             return
         run["stopped"] = True
         control = run.get("control")

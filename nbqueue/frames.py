@@ -14,8 +14,8 @@ from __future__ import annotations
 from . import serialization
 from .taskprogress import of as _progress_of
 
-COLUMNS = ["id", "name", "state", "args", "kwargs", "result", "error", "retries", "queue", "created", "started", "finished", "runtime", "worker",
-           "progress_done", "progress_total", "progress_note"]
+COLUMNS = ["id", "name", "state", "args", "kwargs", "result", "error", "retries", "queue", "created", "started",
+           "finished", "runtime", "worker", "progress_done", "progress_total", "progress_note"]
 OBJECT_COLUMNS = ("id", "name", "state", "args", "kwargs", "result", "error", "queue", "worker", "progress_note")
 FLOAT_COLUMNS = ("runtime", "progress_done", "progress_total")
 
@@ -70,7 +70,8 @@ def records_frame(app, records: list[dict], extra: dict[str, list] | None = None
         elif col == "retries":
             columns[col] = pd.Series(values, dtype="int64")
         elif col in FLOAT_COLUMNS:
-            columns[col] = pd.Series([np.nan if v is None else v for v in values], dtype="float64")  # seconds, or as reported
+            # seconds (runtime), or as reported (progress)
+            columns[col] = pd.Series([np.nan if v is None else v for v in values], dtype="float64")
         else:
             seconds = pd.Series([np.nan if v is None else v for v in values], dtype="float64")
             columns[col] = pd.to_datetime(seconds, unit="s", utc=True).astype("datetime64[ns, UTC]")

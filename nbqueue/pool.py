@@ -351,7 +351,8 @@ def _child_main(conn, alive, settings: dict) -> None:
         else:
             control = TaskControl(task_id, name)
             control.on_progress = _report_progress
-            reset = workflow._current.set(TaskContext(id=task_id, name=name, app=None, token=None, worker=None, control=control))
+            context = TaskContext(id=task_id, name=name, app=None, token=None, worker=None, control=control)
+            reset = workflow._current.set(context)
             try:
                 try:
                     _ChildState.running = True
@@ -825,8 +826,8 @@ class ProcessPool:
         payload = _pack_arguments(name, args, kwargs or {})
         child = self._idle.get()
         try:
-            return child.run(shipped, payload, task_id, name, time_limit, soft_time_limit, _write_here if on_output is None else on_output,
-                             on_progress)
+            return child.run(shipped, payload, task_id, name, time_limit, soft_time_limit,
+                             _write_here if on_output is None else on_output, on_progress)
         finally:
             self._idle.put(child)
             self._reap()

@@ -357,8 +357,9 @@ def _interrupted(task_id: str, var: str) -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"stopped waiting for {task_id}; it was NOT cancelled and goes on running. To cancel it: "
-                                f"{var}.cancel(), app.revoke({task_id!r}, terminate=True) or %nbqueue cancel {task_id}") from None
+        raise KeyboardInterrupt(f"stopped waiting for {task_id}; it was NOT cancelled and goes on running. To cancel "
+                                f"it: {var}.cancel(), app.revoke({task_id!r}, terminate=True) or "
+                                f"%nbqueue cancel {task_id}") from None
 
 
 def _leaves(result) -> list[AsyncResult]:

@@ -1009,7 +1009,8 @@ class Worker:
             self._running[task_id] = run
         capture.begin(task_id)
         try:
-            with workflow.task_context(app, message, token, self, run["control"]), self.events.run(message, delivery.queue):
+            with workflow.task_context(app, message, token, self, run["control"]), \
+                    self.events.run(message, delivery.queue):
                 value = self._call(task, args, kwargs, message, run["control"])
         except Retry as exc:
             output = capture.end()
@@ -1164,7 +1165,8 @@ class Worker:
         if self.pool is None or task.name.startswith("nbqueue."):
             return task.fn(*args, **kwargs) if ctl is None else ctl.call(task.fn, args, kwargs)
         return self.pool.call(task.fn, args, kwargs, task_id=message["id"], name=task.name, time_limit=message.get("time_limit"),
-                              soft_time_limit=message.get("soft_time_limit"), on_progress=None if ctl is None else ctl.progress.set)
+                              soft_time_limit=message.get("soft_time_limit"),
+                              on_progress=None if ctl is None else ctl.progress.set)
 
     def _child_lost(self, delivery: Delivery, message: dict, token: int, exc: WorkerLostError, output: str, batch: "_Batch",
                     started_at: float) -> None:
@@ -1181,7 +1183,8 @@ class Worker:
                 self._dead_letter(delivery, reason, batch, message=message, exc_type=WorkerLostError.__name__)
                 return
         if getattr(exc, "counts", True) or "(cancelled)" not in str(exc):
-            log.warning("worker %s: %s running task %s (%s); delivering it again", self.name, exc, message["name"], message["id"])
+            log.warning("worker %s: %s running task %s (%s); delivering it again", self.name, exc, message["name"],
+                        message["id"])
         self._requeue(delivery, message, token, batch, exc_type=type(exc).__name__, error=f"{exc}; delivered again", output=output or None)
 
     def _requeue(self, delivery: Delivery, message: dict, token: int, batch: "_Batch", *, delay: float = 0.0, **fields) -> None:

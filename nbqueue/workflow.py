@@ -551,7 +551,8 @@ def _mark_not_run(app, node: dict, origin_id: str, exc_type: str, error: str, pu
 def task_context(app, message: dict, token: int, worker, control=None) -> Iterator[None]:
     from .control import TaskContext
 
-    reset = _current.set(TaskContext(id=message["id"], name=message["name"], app=app, token=token, worker=worker, control=control))
+    context = TaskContext(id=message["id"], name=message["name"], app=app, token=token, worker=worker, control=control)
+    reset = _current.set(context)
     try:
         yield
     finally:

@@ -143,7 +143,8 @@ def test_cancel_running_thread_task_is_cooperative_and_says_so_on_the_record(app
         r.get(timeout=10)
     from nbqueue.taskprogress import stopping
 
-    wait_for(lambda: (stopping(app.backend.get(r.id)) or {}).get("state") == "stopped", 30, message="the thread stopped")
+    wait_for(lambda: (stopping(app.backend.get(r.id)) or {}).get("state") == "stopped", 30,
+             message="the thread stopped")
     count = len(lines(side))
     time.sleep(0.5)
     assert len(lines(side)) == count < 2000                                           # the side effect stopped
@@ -232,7 +233,8 @@ def sqlite_app(tmp_path):
 
 
 @pytest.mark.parametrize("app_kind", ["sqlite"])
-def test_a_task_finishing_while_its_cancel_is_in_flight_keeps_one_final_state_and_the_chain_follows_it(app_factory, tmp_path):
+def test_a_task_finishing_while_its_cancel_is_in_flight_keeps_one_final_state_and_the_chain_follows_it(
+        app_factory, tmp_path):
     app = app_factory()
     side = tmp_path / "side.txt"
     spin, mark, _ = define(app, side)
@@ -424,14 +426,16 @@ def remote(tmp_path):
 
     def start(app, *args):
         env = dict(os.environ)
-        env.update({"NBQUEUE_BROKER": app.broker_url, "NBQUEUE_BACKEND": app.backend_url, "NBQUEUE_DEFAULT_QUEUE": app.default_queue,
-                    "NBQUEUE_LOG_LEVEL": "WARNING", "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS_DIR), NBQUEUE_ROOT, env.get("PYTHONPATH")]))})
+        env.update({"NBQUEUE_BROKER": app.broker_url, "NBQUEUE_BACKEND": app.backend_url,
+                    "NBQUEUE_DEFAULT_QUEUE": app.default_queue, "NBQUEUE_LOG_LEVEL": "WARNING",
+                    "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS_DIR), NBQUEUE_ROOT, env.get("PYTHONPATH")]))})
         log = tmp_path / f"worker{len(procs)}.log"
         with open(log, "wb") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "nbqueue", "worker", "--app", "proc_tasks:app", *args], cwd=tmp_path,
-                                    env=env, stdout=out, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen([sys.executable, "-m", "nbqueue", "worker", "--app", "proc_tasks:app", *args],
+                                    cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
         procs.append(proc)
-        wait_for(lambda: proc.poll() is None and any(w.get("pid") == proc.pid for w in app.backend.workers()), timeout=60,
+        wait_for(lambda: proc.poll() is None and any(w.get("pid") == proc.pid for w in app.backend.workers()),
+                 timeout=60,
                  message=f"worker {proc.pid} serving:\n{log.read_text() if log.exists() else ''}")
         return proc
 
@@ -528,7 +532,8 @@ def test_views_cancel_button_stops_a_group_and_shows_progress_bars(tmp_path):
         started(app, g.results[0])
         view = widgets.WorkflowView(g, "widget")
         view.start()
-        wait_for(lambda: (view.refresh() or True) and "nbqueue-task-progress" in view._reported.value, 30, message="per-task bars")
+        wait_for(lambda: (view.refresh() or True) and "nbqueue-task-progress" in view._reported.value, 30,
+                 message="per-task bars")
         assert "reported by" in view._reported.value                               # summed over the group
         assert "[nbqueue] group of 2" in view.text(view._snap) and "reported" in view.text(view._snap)
         view._cancel.click()
@@ -571,7 +576,8 @@ def test_task_view_says_a_cancelled_thread_task_has_not_noticed_yet(tmp_path):
         view = widgets.TaskView(r, "text")
         view.start()
         assert r.cancel() is True
-        wait_for(lambda: not view.refresh() and "waiting for the task (in a thread) to notice" in view._snap["note"], 10,
+        wait_for(lambda: not view.refresh() and "waiting for the task (in a thread) to notice" in view._snap["note"],
+                 10,
                  message="the note")
         assert view._snap["state"] == states.REVOKED and not view.finished
         release.set()

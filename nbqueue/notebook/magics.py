@@ -392,7 +392,9 @@ class NbqueueMagics(Magics):
     # -- %nbqueue ----------------------------------------------------------------------------------
     @line_magic
     def nbqueue(self, line: str):
-        """%nbqueue status | tasks [--state S] [--name N] [--limit L] | worker start [-c N] | worker stop | wait [NAME ...] [--timeout T] | cancel ID [ID ...] | cancel --all | use [NAME] | export [-o FILE] | dashboard [--port P] [--height H] [stop]"""
+        """%nbqueue status | tasks [--state S] [--name N] [--limit L] | worker start [-c N] | worker stop
+        | wait [NAME ...] [--timeout T] | cancel ID [ID ...] | cancel --all | use [NAME] | export [-o FILE]
+        | dashboard [--port P] [--height H] [stop]"""
         import argparse
         import shlex
 
@@ -481,7 +483,8 @@ class NbqueueMagics(Magics):
                 n += 1
                 print(f"nbqueue: {task_id}: cancelled")
             else:
-                print(f"nbqueue: {task_id}: already final ({self.app.backend.states_of([task_id]).get(task_id)}); nothing changed")
+                final = self.app.backend.states_of([task_id]).get(task_id)
+                print(f"nbqueue: {task_id}: already final ({final}); nothing changed")
         return n
 
     def dashboard(self, action: str | None = None, port: int | None = None, height: int = 600):

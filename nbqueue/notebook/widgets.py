@@ -515,7 +515,8 @@ class TaskView(View):
             stopping = _tp.stopping(record)
             waiting = stopping is not None and stopping.get("state") == "waiting"
             note = _stopping_note(stopping) if waiting else note
-            final = time.monotonic() - self._final_at > (NOTICE_WAIT if waiting else NOTICE_GRACE if stopping is None else 0)
+            wait = NOTICE_WAIT if waiting else NOTICE_GRACE if stopping is None else 0
+            final = time.monotonic() - self._final_at > wait
         if not note and self.cancel_answer and not final:
             note = self.cancel_answer
         return {"record": record, "state": state, "final": final, "output": output, "output_delta": delta, "note": note,
@@ -647,8 +648,8 @@ class WorkflowView(View):
                 self._noted_at, self._note = now, self.result.diagnose() or ""
             note = self._note
         return {"terminal": terminal, "state": state, "counts": counts, "steps": steps, "final": final,
-                "bar": (bar_value, max(bar_max, 1)), "callback_state": callback_state, "started_at": start, "note": note,
-                "reported": reported}
+                "bar": (bar_value, max(bar_max, 1)), "callback_state": callback_state, "started_at": start,
+                "note": note, "reported": reported}
 
     def _reported_progress(self, result, steps: list[dict]) -> dict:
         """Progress the tasks inside reported: summed over them (at most SUM_LIMIT tasks read),
@@ -661,7 +662,8 @@ class WorkflowView(View):
             if value is not None and rec.get("state") not in states.READY_STATES and len(rows) < MAX_ROWS:
                 rows.append({"id": rec["id"], "name": rec.get("name") or "task", "progress": value})
         waiting = [rec for rec in records if (_tp.stopping(rec) or {}).get("state") == "waiting"]
-        return {"sum": _tp.summed(records), "rows": rows, "stopping": _stopping_note(_tp.stopping(waiting[0])) if waiting else ""}
+        stopping = _stopping_note(_tp.stopping(waiting[0])) if waiting else ""
+        return {"sum": _tp.summed(records), "rows": rows, "stopping": stopping}
 
     def _created_at(self, terminal: dict, steps: list[dict]) -> float | None:
         times = [t for t in [terminal.get("created_at")] + [s["record"].get("created_at") for s in steps] if t is not None]
@@ -797,8 +799,8 @@ def _progress_text(value: dict) -> str:
 def _bar(done, total, label: str = "") -> str:
     """An HTML progress bar (``<progress>``) with ``done/total`` and a label beside it."""
     text = html.escape(f"{_number(done)}/{_number(total)}" if total else _number(done))
-    bar = (f'<progress class="nbqueue-task-progress" value="{float(done)}" max="{float(total)}" style="width:40%"></progress>'
-           if total else "")
+    bar = (f'<progress class="nbqueue-task-progress" value="{float(done)}" max="{float(total)}" '
+           'style="width:40%"></progress>' if total else "")
     return f'<div class="nbqueue-reported">{bar} <span>{text}</span> {html.escape(label)}</div>'
 
 
@@ -817,7 +819,8 @@ def _workflow_progress_html(reported: dict) -> str:
         out += _bar(total["done"], total["total"], f"reported by {total['reporting']} task(s)")
     for row in reported.get("rows") or []:
         value = row["progress"]
-        out += _bar(value["done"], value.get("total"), f"{row['name']} {row['id'][:8]}" + (f": {value['note']}" if value.get("note") else ""))
+        label = f"{row['name']} {row['id'][:8]}" + (f": {value['note']}" if value.get("note") else "")
+        out += _bar(value["done"], value.get("total"), label)
     if reported.get("stopping"):
         out += f'<div class="nbqueue-stopping"><i>{html.escape(reported["stopping"])}</i></div>'
     return out
