@@ -78,28 +78,43 @@ def revoke_many(app, task_ids: list[str], reason: str, *, terminate: bool = True
 
 # -- inside a task -----------------------------------------------------------------------------------
 
+_LOCK = threading.Lock()      # between a task's thread returning and a soft limit raised into it (held briefly)
+
+
 class TaskControl:
     """What a running task and its worker share: the cancel request, the progress the task
-    reports, and the thread running it (for a soft time limit). One per task run."""
+    reports, and the thread running it (for a soft time limit). One per task run, cheap to
+    make (nothing is allocated until a task reports progress or is asked to stop)."""
+
+    __slots__ = ("task_id", "name", "reason", "progress", "on_progress", "_ident", "_done", "_raised")
 
     def __init__(self, task_id: str, name: str):
         self.task_id = task_id
         self.name = name
-        self.cancelled = threading.Event()
         self.reason: str | None = None          # "cancel" or "time_limit", once asked to stop
-        self.progress = _progress.Progress()
-        self._ident: int | None = None          # the thread running the function (threads only)
-        self._lock = threading.Lock()
-        self._done = False
+        self.progress: _progress.Progress | None = None     # made by the first report
         self.on_progress: Callable[..., None] | None = None   # set in a child process: sends to the parent
+        self._ident: int | None = None          # the thread running the function (threads only)
+        self._done = False
+        self._raised = False
+
+    @property
+    def cancelled(self) -> bool:
+        return self.reason is not None
 
     def request_stop(self, reason: str) -> bool:
         """Ask the task to stop (``cancelled`` becomes True); False if it was asked already."""
-        if self.cancelled.is_set():
+        if self.reason is not None:
             return False
         self.reason = reason
-        self.cancelled.set()
         return True
+
+    def set_progress(self, done, total=None, note=None) -> None:
+        """Note the task's latest report (see taskprogress.py); no I/O."""
+        progress = self.progress
+        if progress is None:
+            progress = self.progress = _progress.Progress()
+        progress.set(done, total, note)
 
     def call(self, fn: Callable, args, kwargs: dict) -> Any:
         """Run ``fn`` in this thread so that ``raise_in_thread`` can reach it, and never after it returns."""
@@ -107,16 +122,18 @@ class TaskControl:
         try:
             return fn(*args, **kwargs)
         finally:
-            with self._lock:
+            with _LOCK:
                 self._done = True
-                _set_async_exc(self._ident, None)   # one set but not raised yet is dropped
+                if self._raised:
+                    _set_async_exc(self._ident, None)   # one set but not raised yet is dropped
 
     def raise_in_thread(self, exc_type: type[BaseException]) -> bool:
         """Raise ``exc_type`` in the task's thread at its next Python instruction; False when
         the function is not running in a thread (anymore)."""
-        with self._lock:
+        with _LOCK:
             if self._done or self._ident is None:
                 return False
+            self._raised = True
             return _set_async_exc(self._ident, exc_type)
 
 
@@ -147,7 +164,7 @@ class TaskContext(dict):
         """True once the task was cancelled (or passed its time limit in a thread): it
         should stop. In a child process a cancel stops the process instead."""
         control = self.get("control")
-        return bool(control is not None and control.cancelled.is_set())
+        return control is not None and control.reason is not None
 
     def check_cancelled(self) -> None:
         """Raise ``TaskRevoked`` if the task was asked to stop (see ``cancelled``)."""
@@ -161,7 +178,7 @@ class TaskContext(dict):
         control = self.get("control")
         if control is None:
             return
-        control.progress.set(done, total, note)
+        control.set_progress(done, total, note)
         if control.on_progress is not None:
             control.on_progress(done, total, note)
 
@@ -199,7 +216,8 @@ class Watch:
             if control is None:
                 continue
             self._soft_limit(task_id, run, control, now)
-            _progress.flush(self.worker.app.backend, task_id, control.progress, now)
+            if control.progress is not None:
+                _progress.flush(self.worker.app.backend, task_id, control.progress, now)
         if running and now >= self._next_poll:
             self._next_poll = now + CANCEL_POLL
             self.poll(running)
@@ -254,13 +272,15 @@ class Watch:
         run["stopped"] = True
         control = run.get("control")
         if control is not None and control.request_stop(reason):
+            if control.progress is None:
+                control.progress = _progress.Progress()
             _progress.note_stopping(self.worker.app.backend, task_id, control.progress, reason, "waiting")
 
     def finished(self, task_id: str, run: dict) -> None:
         """After the task's function returned or raised (its executor thread): write its last
         progress, and that a stop it was asked for is done."""
         control = run.get("control")
-        if control is None:
+        if control is None or control.progress is None:
             return
         backend = self.worker.app.backend
         try:

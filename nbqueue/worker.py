@@ -1166,7 +1166,7 @@ class Worker:
             return task.fn(*args, **kwargs) if ctl is None else ctl.call(task.fn, args, kwargs)
         return self.pool.call(task.fn, args, kwargs, task_id=message["id"], name=task.name, time_limit=message.get("time_limit"),
                               soft_time_limit=message.get("soft_time_limit"),
-                              on_progress=None if ctl is None else ctl.progress.set)
+                              on_progress=None if ctl is None else ctl.set_progress)
 
     def _child_lost(self, delivery: Delivery, message: dict, token: int, exc: WorkerLostError, output: str, batch: "_Batch",
                     started_at: float) -> None:
