@@ -204,14 +204,17 @@ class PayloadStore:
 
         return redact(self.url)
 
+    def limit_text(self) -> str:
+        """What ``max_size`` is, for messages."""
+        return f"the {human_size(self.max_size or 0)} the payload store {self.label} can hold"
+
     # -- the interface ---------------------------------------------------------------------
     def put(self, data: Any, owner: str) -> str:
         """Store bytes-like ``data`` (once: a stored key is only linked) linked to ``owner``; returns its key.
         Raises PayloadTooLarge over ``max_size``."""
         size = memoryview(data).nbytes
         if self.max_size is not None and size > self.max_size:
-            raise PayloadTooLarge(f"a payload of {human_size(size)} is more than the {human_size(self.max_size)} "
-                                  f"{self.label} can hold")
+            raise PayloadTooLarge(f"a payload of {human_size(size)} is more than {self.limit_text()}")
         key = key_of(data)
         if not self.link([key], owner):
             return key
@@ -558,6 +561,11 @@ class RedisPayloads(PayloadStore):
 
     def _k(self, key: str) -> str:
         return f"{self.prefix}pl:{key}"
+
+    def limit_text(self) -> str:
+        if self.max_size == REDIS_MAX:
+            return f"the 512 MB a Redis value can hold (the payload store is {self.label})"
+        return super().limit_text()
 
     @staticmethod
     def _text(values) -> list[str]:
@@ -932,21 +940,20 @@ class Plane:
         if type(obj) is np.ndarray and not obj.dtype.hasobject:
             store = self.store
             limit = store.max_size if store is not None else None
+            what = f"ndarray {obj.dtype} {'×'.join(f'{n:,}' for n in obj.shape)} of {human_size(obj.nbytes)}"
             if store is None and obj.nbytes > self.threshold:
-                raise PayloadTooLarge(self._no_store(obj.nbytes, f"ndarray {obj.dtype} {'×'.join(f'{n:,}' for n in obj.shape)}"))
+                raise PayloadTooLarge(self._no_store(what))
             if limit is not None and obj.nbytes > limit:
-                raise PayloadTooLarge(self._too_large(obj.nbytes, f"ndarray {obj.dtype} {'×'.join(f'{n:,}' for n in obj.shape)}", store))
+                raise PayloadTooLarge(self._too_large(what, store))
 
-    def _no_store(self, size: int, what: str) -> str:
-        return (f"is {what} of {human_size(size)} packed, over payload_threshold ({human_size(self.threshold)}), and this App "
-                f"has no payload store ({self.why_none}); keep large values in one that every worker reaches: "
-                "App(..., payloads='s3://bucket/prefix') or payloads='file:///shared/dir' (or raise payload_threshold to send "
-                "it inline)")
+    def _no_store(self, what: str) -> str:
+        return (f"is {what}, over payload_threshold ({human_size(self.threshold)}), and this App has no payload store "
+                f"({self.why_none}); keep large values in one that every worker reaches: App(..., payloads='s3://bucket/prefix') "
+                "or payloads='file:///shared/dir' (or raise payload_threshold to send it inline)")
 
     @staticmethod
-    def _too_large(size: int, what: str, store: PayloadStore) -> str:
-        return (f"is {what} of {human_size(size)} packed, more than the {human_size(store.max_size)} its payload store "
-                f"{store.label} can hold; keep large values in a payload store without that limit: "
+    def _too_large(what: str, store: PayloadStore) -> str:
+        return (f"is {what}, more than {store.limit_text()}; keep large values in a payload store without that limit: "
                 "App(..., payloads='s3://bucket/prefix') or payloads='file:///shared/dir' (or sqlite:///path.db)")
 
     def _reference(self, obj: Any, blob, owner: str | None, scope) -> dict:
@@ -959,10 +966,11 @@ class Plane:
             info["compression"] = self.compression
         text = summary(info, blob.size)
         store = self.store
+        what = f"{text.rsplit(', ', 1)[0]} of {human_size(blob.size)} packed"
         if store is None:
-            raise PayloadTooLarge(self._no_store(blob.size, text.rsplit(",", 1)[0]))
+            raise PayloadTooLarge(self._no_store(what))
         if store.max_size is not None and blob.size > store.max_size:
-            raise PayloadTooLarge(self._too_large(blob.size, text.rsplit(",", 1)[0], store))
+            raise PayloadTooLarge(self._too_large(what, store))
         if owner is None:
             if scope is not None:
                 if scope.pin is None:
