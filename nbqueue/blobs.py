@@ -293,15 +293,27 @@ def _ipc(table, meta: dict, extra: dict | None = None, compression: str | None =
     metadata[_META] = serialization.dumps(meta).encode()
     metadata.update(extra or {})
     table = table.replace_schema_metadata(metadata)
-    sink = pa.BufferOutputStream()
     options = pa.ipc.IpcWriteOptions(compression=compression) if compression else None
-    with pa.ipc.new_stream(sink, table.schema, options=options) as writer:
-        if table.num_rows or not table.num_columns:
-            writer.write_table(table)
-        else:   # an empty batch all the same: it carries the categories of an empty categorical
-            writer.write_batch(pa.record_batch([c.chunk(0) if c.num_chunks else pa.array([], c.type) for c in table.columns],
-                                               schema=table.schema))
-    return sink.getvalue().to_pybytes() if as_bytes else sink.getvalue()
+
+    def write(sink) -> None:
+        with pa.ipc.new_stream(sink, table.schema, options=options) as writer:
+            if table.num_rows or not table.num_columns:
+                writer.write_table(table)
+            else:   # an empty batch all the same: it carries the categories of an empty categorical
+                writer.write_batch(pa.record_batch([c.chunk(0) if c.num_chunks else pa.array([], c.type) for c in table.columns],
+                                                   schema=table.schema))
+
+    if as_bytes or compression:
+        sink = pa.BufferOutputStream()
+        write(sink)
+        return sink.getvalue().to_pybytes() if as_bytes else sink.getvalue()
+    # measured first, then written into a buffer of that size: a growing buffer would copy itself
+    # as it doubles, and hold twice the stream at its peak
+    mock = pa.MockOutputStream()
+    write(mock)
+    buffer = pa.allocate_buffer(mock.size())
+    write(pa.FixedSizeBufferWriter(buffer))
+    return buffer
 
 
 def _pack_labels(columns) -> bytes:

@@ -18,10 +18,10 @@ PayloadMissing naming it (a worker fails that task with it, nothing else).
 
 Stores (``App(payloads=...)``; by default beside the records):
 
-- ``sqlite://`` results (and an SQLite broker with results elsewhere): tables in the same
-  file, the bytes in 4 MiB chunks, each chunk its own short transaction, so a large
-  write never holds the file's write lock for long and never joins a message's
-  transaction; no size limit.
+- ``sqlite://`` results (and an SQLite broker with results elsewhere): files beside the
+  SQLite file (``nbqueue.db-payloads/``), their links in tables of the file. The bytes are
+  written outside any transaction (a large write never holds the file's write lock, nor
+  joins a message's transaction) and renamed into place in a short one; no size limit.
 - ``redis://``, ``rediss://``, ``memory://``: keys under the store's prefix
   (``P pl:<key>`` the bytes, ``P pl:<key>:refs`` a hash owner -> link time, ``P
   pl:owner:<owner>`` a set of keys, ``P pl:check`` a zset key -> next check); a value
@@ -59,7 +59,7 @@ import contextlib
 import contextvars
 import hashlib
 import logging
-import math
+import os
 import re
 import threading
 import time
@@ -316,21 +316,31 @@ def _chunks(seq: list, n: int):
 
 
 class SQLitePayloads(PayloadStore):
-    """Payloads in tables of an SQLite file (the records' file by default); see the module docstring."""
+    """Payloads as files beside an SQLite file (``<file>-payloads/ab/sha256-ab…``), their
+    links in tables of that file; see the module docstring.
 
-    CHUNK = 4 << 20
+    A file is written under a temporary name first and renamed into place inside the
+    transaction that records it, and a payload's file is removed inside the transaction
+    that deletes its row, so writers, releases and sweeps of any process on the machine
+    see a payload whole, and never lose one that another writer has just linked. Deleting
+    a payload frees its disk space at once (rows of a table would leave free pages).
+    """
 
     def __init__(self, url: str, *, clock=None):
         from .sqlitedb import SQLiteStore, path_from_url
 
         super().__init__(url, clock=clock)
         self.path = path_from_url(url)
+        self.dir = self.path + "-payloads"
         self.store = SQLiteStore.shared(self.path)
         self.store.ensure_schema("payloads", _sqlite_schema)
 
     @property
     def label(self) -> str:
-        return f"sqlite:///{self.path}"
+        return f"sqlite:///{self.path} (files in {self.dir})"
+
+    def _file(self, key: str) -> str:
+        return os.path.join(self.dir, key[len(KEY_PREFIX):len(KEY_PREFIX) + 2], key)
 
     def link(self, keys, owner):
         keys = sorted(set(keys))
@@ -350,44 +360,34 @@ class SQLitePayloads(PayloadStore):
         return missing
 
     def _write(self, key, data, owner):
+        final = self._file(key)
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        tmp = f"{final}.tmp-{uuid.uuid4().hex}"
         view = memoryview(data).cast("B")
-        size = view.nbytes
-        n = max(1, math.ceil(size / self.CHUNK))
-        for attempt in range(3):
+        try:
+            with open(tmp, "wb") as fh:     # outside any transaction: other writers go on meanwhile
+                fh.write(view)
             now = self._now()
-            for i in range(n):      # one short transaction per chunk: other writers go in between
-                with self.store.write() as conn:
-                    conn.execute("INSERT OR REPLACE INTO nbq_payload_chunks(key, n, data, written_at) VALUES (?, ?, ?, ?)",
-                                 (key, i, view[i * self.CHUNK:(i + 1) * self.CHUNK], now))
             with self.store.write() as conn:
                 if conn.execute("SELECT 1 FROM nbq_payloads WHERE key = ?", (key,)).fetchone() is None:
-                    (have,) = conn.execute("SELECT COUNT(*) FROM nbq_payload_chunks WHERE key = ?", (key,)).fetchone()
-                    if have != n:           # a release of the same bytes removed chunks meanwhile: write them again
-                        continue
-                    conn.execute("INSERT INTO nbq_payloads(key, size, chunks, created_at, check_at) VALUES (?, ?, ?, ?, ?)",
-                                 (key, size, n, now, now + self.grace))
+                    os.replace(tmp, final)
+                    conn.execute("INSERT INTO nbq_payloads(key, size, created_at, check_at) VALUES (?, ?, ?, ?)",
+                                 (key, view.nbytes, now, now + self.grace))
                 conn.execute(_SQLITE_LINK, (owner, key, now))
-                return
-        raise PayloadError(f"payload {key} could not be written to {self.label}: its chunks kept being removed")
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
 
     def _read(self, key, name):
-        row = self.store.read("SELECT size, chunks FROM nbq_payloads WHERE key = ?", (key,))
-        if not row:
-            raise self._missing(name)
-        size, chunks = row[0]
-        out = bytearray(size)
-        pos = 0
-        for i in range(chunks):         # a read per chunk: the file's lock is not held for the whole value
-            part = self.store.read("SELECT data FROM nbq_payload_chunks WHERE key = ? AND n = ?", (key, i))
-            if not part:
-                raise self._missing(name, f" (chunk {i} of {chunks} is gone)")
-            data = part[0][0]
-            if pos + len(data) > size:
-                raise PayloadCorrupt(f"{name} in {self.label} is longer than its recorded {size} bytes; it was not decoded")
-            out[pos:pos + len(data)] = data
-            pos += len(data)
-        if pos != size:
-            raise PayloadCorrupt(f"{name} in {self.label} has {pos} of its {size} bytes (truncated); it was not decoded")
+        try:
+            with open(self._file(key), "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                out = bytearray(size)
+                got = fh.readinto(out)
+        except FileNotFoundError:
+            raise self._missing(name) from None
+        if got != size:
+            raise PayloadCorrupt(f"{name} in {self.label}: {got} of {size} bytes could be read (truncated); it was not decoded")
         return out
 
     def release(self, owners):
@@ -403,17 +403,18 @@ class SQLitePayloads(PayloadStore):
                 deleted += self._delete_unlinked(conn, keys)
         return deleted
 
-    @staticmethod
-    def _delete_unlinked(conn, keys: list[str]) -> int:
+    def _delete_unlinked(self, conn, keys: list[str]) -> int:
+        """Delete (rows and files) the payloads among ``keys`` left without links, inside ``conn``'s transaction."""
         gone = [k for k in keys if conn.execute("SELECT 1 FROM nbq_payload_refs WHERE key = ? LIMIT 1", (k,)).fetchone() is None]
         for chunk in _chunks(gone, 500):
-            marks = ",".join("?" * len(chunk))
-            conn.execute(f"DELETE FROM nbq_payload_chunks WHERE key IN ({marks})", chunk)
-            conn.execute(f"DELETE FROM nbq_payloads WHERE key IN ({marks})", chunk)
+            conn.execute(f"DELETE FROM nbq_payloads WHERE key IN ({','.join('?' * len(chunk))})", chunk)
+        for key in gone:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self._file(key))
         return len(gone)
 
     def exists(self, key):
-        return bool(self.store.read("SELECT 1 FROM nbq_payloads WHERE key = ?", (key,)))
+        return bool(self.store.read("SELECT 1 FROM nbq_payloads WHERE key = ?", (key,))) and os.path.exists(self._file(key))
 
     def delete(self, keys):
         keys = list(keys)
@@ -422,8 +423,10 @@ class SQLitePayloads(PayloadStore):
             marks = ",".join("?" * len(chunk))
             with self.store.write() as conn:
                 conn.execute(f"DELETE FROM nbq_payload_refs WHERE key IN ({marks})", chunk)
-                conn.execute(f"DELETE FROM nbq_payload_chunks WHERE key IN ({marks})", chunk)
                 n += conn.execute(f"DELETE FROM nbq_payloads WHERE key IN ({marks})", chunk).rowcount
+                for key in chunk:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(self._file(key))
         return n
 
     def keys(self):
@@ -461,9 +464,26 @@ class SQLitePayloads(PayloadStore):
                 "SELECT key FROM nbq_payloads p WHERE created_at <= ? AND NOT EXISTS (SELECT 1 FROM nbq_payload_refs r WHERE r.key = p.key) "
                 "LIMIT ?", (before, limit))]
             deleted = self._delete_unlinked(conn, keys)
-            # chunks of a write that never finished (its process died)
-            conn.execute("DELETE FROM nbq_payload_chunks WHERE rowid IN (SELECT c.rowid FROM nbq_payload_chunks c WHERE written_at <= ? "
-                         "AND NOT EXISTS (SELECT 1 FROM nbq_payloads p WHERE p.key = c.key) LIMIT ?)", (before, limit))
+        # files no row records (a writer died between its file and its transaction), and temporary files
+        stale = []
+        with contextlib.suppress(FileNotFoundError):
+            for sub in os.scandir(self.dir):
+                if not sub.is_dir():
+                    continue
+                for entry in os.scandir(sub.path):
+                    with contextlib.suppress(FileNotFoundError):
+                        if entry.stat().st_mtime <= before:
+                            stale.append(entry)
+                if len(stale) >= limit:
+                    break
+        if stale:
+            with self.store.write() as conn:
+                for entry in stale[:limit]:
+                    key = entry.name.split(".tmp-", 1)[0]
+                    if ".tmp-" in entry.name or conn.execute("SELECT 1 FROM nbq_payloads WHERE key = ?", (key,)).fetchone() is None:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.remove(entry.path)
+                        deleted += ".tmp-" not in entry.name
         return deleted
 
 
@@ -472,13 +492,9 @@ _SQLITE_LINK = ("INSERT INTO nbq_payload_refs(owner, key, linked_at) VALUES (?, 
 
 
 def _sqlite_schema(db) -> None:
-    db.execute("CREATE TABLE IF NOT EXISTS nbq_payloads (key TEXT PRIMARY KEY, size INTEGER NOT NULL, chunks INTEGER NOT NULL, "
-               "created_at FLOAT NOT NULL, check_at FLOAT NOT NULL) WITHOUT ROWID")
+    db.execute("CREATE TABLE IF NOT EXISTS nbq_payloads (key TEXT PRIMARY KEY, size INTEGER NOT NULL, created_at FLOAT NOT NULL, "
+               "check_at FLOAT NOT NULL) WITHOUT ROWID")
     db.execute("CREATE INDEX IF NOT EXISTS nbq_payloads_check ON nbq_payloads(check_at)")
-    # large rows: a rowid table (the bytes live in overflow pages, not in an index's B-tree)
-    db.execute("CREATE TABLE IF NOT EXISTS nbq_payload_chunks (key TEXT NOT NULL, n INTEGER NOT NULL, data BLOB NOT NULL, "
-               "written_at FLOAT NOT NULL)")
-    db.execute("CREATE UNIQUE INDEX IF NOT EXISTS nbq_payload_chunks_key ON nbq_payload_chunks(key, n)")
     db.execute("CREATE TABLE IF NOT EXISTS nbq_payload_refs (owner TEXT NOT NULL, key TEXT NOT NULL, linked_at FLOAT NOT NULL, "
                "PRIMARY KEY (owner, key)) WITHOUT ROWID")
     db.execute("CREATE INDEX IF NOT EXISTS nbq_payload_refs_key ON nbq_payload_refs(key)")
@@ -927,6 +943,8 @@ class Plane:
             out = inline(blob)
         else:
             out = self._reference(obj, blob, owner, scope)
+            del blob
+            _release_unused()
         if scope is not None:
             scope.memo[id(obj)] = (obj, out)
         return out
@@ -974,7 +992,8 @@ class Plane:
         if owner is None:
             if scope is not None:
                 if scope.pin is None:
-                    scope.pin, scope.store = f"pin:{uuid.uuid4().hex}", store
+                    scope.pin = f"pin:{uuid.uuid4().hex}"
+                scope.store = store
                 owner = scope.pin
             else:
                 owner = f"pin:{uuid.uuid4().hex}"       # no send around it: the sweep drops the pin after the grace period
@@ -1009,6 +1028,16 @@ class Plane:
         except NotImplementedError:
             pass
         return store.sweep(lambda ids: app.backend.states_of(ids))
+
+
+def _release_unused() -> None:
+    """Hand the memory Arrow's allocator keeps after a large stream back to the system now."""
+    try:
+        import pyarrow as pa
+
+        pa.default_memory_pool().release_unused()
+    except Exception:  # an allocator without it
+        pass
 
 
 def _head(obj: Any) -> dict | None:
@@ -1054,33 +1083,44 @@ def plane_of(app) -> Plane | None:
 
 
 class _Scope:
-    __slots__ = ("memo", "pin", "store")
+    __slots__ = ("memo", "pin", "store", "owned")
 
-    def __init__(self) -> None:
+    def __init__(self, owner: str | None = None) -> None:
         self.memo: dict[int, tuple[Any, dict]] = {}
-        self.pin: str | None = None
+        self.pin: str | None = owner
         self.store: PayloadStore | None = None
+        self.owned = owner is not None
 
 
 _SCOPE: contextvars.ContextVar = contextvars.ContextVar("nbqueue_payload_scope", default=None)
 
 
-@contextlib.contextmanager
-def sending(app=None):
-    """Around one send (a task, a send_many, a whole workflow): each object is packed once,
-    and the payloads written meanwhile are held by one pin until the send's links are made
-    (then the pin is dropped: a payload no message references, as after a refused
-    argument, is deleted at once)."""
-    if _SCOPE.get() is not None:
-        yield _SCOPE.get()
-        return
-    scope = _Scope()
-    token = _SCOPE.set(scope)
-    try:
-        yield scope
-    finally:
-        _SCOPE.reset(token)
-        if scope.pin is not None:
+class sending:
+    """``with payloads.sending(app):`` around one send (a task, a send_many, a whole workflow):
+    each object is packed once, and the payloads written meanwhile are held by one pin until
+    the send's links are made (then the pin is dropped: a payload no message references, as
+    after a refused argument, is deleted at once). With ``owner`` (a task id known before its
+    message is sent, as a ``%%task`` cell's) the payloads are linked to it and stay linked.
+    Nested, it joins the outer one. (A class, not a generator: it runs on every send.)"""
+
+    __slots__ = ("scope", "token")
+
+    def __init__(self, app=None, owner: str | None = None):
+        self.scope = None if _SCOPE.get() is not None else _Scope(owner)
+        self.token = None
+
+    def __enter__(self) -> "_Scope":
+        if self.scope is None:
+            return _SCOPE.get()
+        self.token = _SCOPE.set(self.scope)
+        return self.scope
+
+    def __exit__(self, *exc) -> None:
+        scope = self.scope
+        if scope is None:
+            return
+        _SCOPE.reset(self.token)
+        if scope.pin is not None and not scope.owned and scope.store is not None:
             try:
                 scope.store.release([scope.pin])
             except Exception:  # the sweep drops the pin after the grace period

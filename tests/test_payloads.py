@@ -32,7 +32,7 @@ from conftest import BACKEND_KINDS, BROKER_KINDS, IN_CI, session_server_url, sto
 from test_frames_codec import assert_same_frame, assert_same_series, frames, scalar_dtypes, series
 
 TESTS_DIR = Path(__file__).resolve().parent
-EXAMPLES = int(os.environ.get("NBQUEUE_HYPOTHESIS_PAIR_EXAMPLES", "6"))
+EXAMPLES = int(os.environ.get("NBQUEUE_HYPOTHESIS_PAIR_EXAMPLES", "20"))
 PAIR_PROPERTY = settings(max_examples=EXAMPLES, deadline=None, database=None, print_blob=True,
                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
 
@@ -248,27 +248,26 @@ def test_a_crash_between_the_payload_and_the_record_leaves_nothing_for_ever(app_
     assert payloads.keys_in(serialization.dumps(orphan)).isdisjoint(store.keys())
 
 
-def test_half_written_sqlite_chunks_of_a_dead_writer_are_swept(tmp_path):
+def test_files_a_dead_writer_left_beside_the_sqlite_file_are_swept(tmp_path):
     store = payloads.store_from_url(f"sqlite:///{tmp_path}/p.db")
-    store.CHUNK = 1000
     data = os.urandom(5000)
     key = payloads.key_of(data)
-    with store.store.write() as conn:        # what a process killed after its first chunks leaves
-        conn.execute("INSERT INTO nbq_payload_chunks(key, n, data, written_at) VALUES (?, 0, ?, ?)", (key, data[:1000], store._now()))
+    os.makedirs(os.path.dirname(store._file(key)))
+    for name in (store._file(key), store._file(key) + ".tmp-dead"):     # renamed but not recorded; never renamed
+        with open(name, "wb") as fh:
+            fh.write(data)
     assert not store.exists(key)
     store.sweep(lambda ids: [], now=store._now() + store.grace + 1)
-    assert store.store.read("SELECT COUNT(*) FROM nbq_payload_chunks")[0][0] == 0
-    assert store.put(data, "task-1") == key and bytes(store.get(key)) == data     # a chunked write reads back whole
+    assert os.listdir(os.path.dirname(store._file(key))) == []
+    assert store.put(data, "task-1") == key and bytes(store.get(key)) == data and store.exists(key)
 
 
 # -- 4. missing and corrupted payloads --------------------------------------------------------------------
 def overwrite(store, key: str, data: bytes) -> None:
     """Replace a payload's stored bytes behind nbqueue's back (a disk fault, a hand edit)."""
     if isinstance(store, payloads.SQLitePayloads):
-        with store.store.write() as conn:
-            conn.execute("DELETE FROM nbq_payload_chunks WHERE key = ? AND n > 0", (key,))
-            conn.execute("UPDATE nbq_payload_chunks SET data = ? WHERE key = ?", (data, key))
-            conn.execute("UPDATE nbq_payloads SET size = ?, chunks = 1 WHERE key = ?", (len(data), key))
+        with open(store._file(key), "wb") as fh:
+            fh.write(data)
     elif isinstance(store, payloads.RedisPayloads):
         store.client.set(store._k(key), data)
     else:
@@ -277,9 +276,7 @@ def overwrite(store, key: str, data: bytes) -> None:
 
 def remove_by_hand(store, key: str) -> None:
     if isinstance(store, payloads.SQLitePayloads):
-        with store.store.write() as conn:
-            conn.execute("DELETE FROM nbq_payload_chunks WHERE key = ?", (key,))
-            conn.execute("DELETE FROM nbq_payloads WHERE key = ?", (key,))
+        os.remove(store._file(key))
     elif isinstance(store, payloads.RedisPayloads):
         store.client.delete(store._k(key))
     else:
@@ -576,3 +573,26 @@ def test_a_worker_process_reads_and_writes_payloads_in_the_shared_store(app_fact
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+# -- 10. a %%task cell's captured inputs -------------------------------------------------------------------
+from test_magics import gate, ipython, run, shell  # noqa: E402,F401  (the IPython shell fixtures)
+
+
+def test_a_cells_captured_frame_stays_stored_while_the_cell_waits_for_its_dependency(shell):
+    from nbqueue.notebook import widgets
+
+    g = gate(shell)
+    frame = big_frame(rows=50_000)                      # over the default 1 MiB threshold
+    shell.user_ns["frame"] = frame
+    run(shell, "%%task load\ngate.wait(30)\n1")
+    res = run(shell, "%%task size --after load\nframe.shape")
+    widgets.UPDATER.flush()
+    app = shell.user_ns["app"]
+    store = store_of(app)
+    [key] = store.keys()
+    assert set(store.links(key)) == {res.id}              # the captured input belongs to the cell's task
+    store.sweep(lambda ids: app.backend.states_of(ids), now=store._now() + store.grace + 60)
+    assert store.exists(key)                              # its waiting record keeps it, however long the wait
+    g.set()
+    assert res.get(timeout=30) == (50_000, 5)
