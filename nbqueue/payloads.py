@@ -46,7 +46,7 @@ links at once and deletes the payloads left without any; ``purge`` releases thos
 tasks of that queue still waiting (PENDING or RETRY, created before the purge); expired
 records (``results_expire_in``; Redis TTLs too) and anything a crash left behind (a pin,
 a link to a record never created, half-written chunks) are found by ``sweep``, which the
-workers run from their heartbeat (one worker of a deployment per ``SWEEP_EVERY``): a
+workers run from their heartbeat (each worker process every ``SWEEP_EVERY`` seconds): a
 link older than the store's ``grace`` (an hour) whose owner has no record is removed,
 and a payload left without links is deleted. The SQLite and Redis stores link and delete
 atomically; an fsspec store has no atomic operations, so a payload the sweep deletes at
@@ -73,6 +73,7 @@ log = logging.getLogger(__name__)
 
 KEY_PREFIX = "sha256-"
 _KEY_RE = re.compile(r"sha256-[0-9a-f]{64}")
+_KEY_ONLY = re.compile(r"sha256-[0-9a-f]{64}\Z")
 #: the default payload_threshold: values packed larger than this go to the payload store
 DEFAULT_THRESHOLD = 1 << 20
 #: how often (seconds) one worker of a deployment sweeps the payload store
@@ -95,6 +96,11 @@ def keys_in(text: str | None) -> set[str]:
     if not text or KEY_PREFIX not in text:
         return set()
     return set(_KEY_RE.findall(text))
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def human_size(n: int) -> str:
@@ -226,6 +232,8 @@ class PayloadStore:
         """The bytes of ``key`` (bytes-like), their SHA-256 checked. Raises PayloadMissing, or
         PayloadCorrupt for bytes that do not match their key (never handed on for decoding).
         ``what``: how errors describe the value (its summary)."""
+        if not isinstance(key, str) or not _KEY_ONLY.match(key):     # from a message: never a path or pattern
+            raise PayloadCorrupt(f"{_short(key)} is not a payload key (sha256-<64 hex digits>); nothing was read")
         name = f"payload {key}" + (f" ({what})" if what else "")
         data = self._read(key, name)
         self.reads += 1
@@ -272,7 +280,9 @@ class PayloadStore:
         live = set(alive(owners)) if owners else set()
         before = now - self.grace
         dead = [(key, owner) for key, refs in due for owner, at in refs.items() if owner not in live and at <= before]
-        deleted = self._unlink(dead) if dead else 0
+        # a payload is due a grace period after it was written at the earliest: one without links is an orphan
+        unlinked = [key for key, refs in due if not refs]
+        deleted = self._unlink(dead, unlinked) if dead or unlinked else 0
         self._checked([key for key, _ in due], now + self.check_every)
         return deleted + self._drop_orphans(before, limit)
 
@@ -295,7 +305,9 @@ class PayloadStore:
     def _due(self, now: float, limit: int) -> list[tuple[str, dict[str, float]]]:
         raise NotImplementedError
 
-    def _unlink(self, pairs: list[tuple[str, str]]) -> int:
+    def _unlink(self, pairs: list[tuple[str, str]], unlinked: list[str] = ()) -> int:
+        """Remove the links ``pairs`` (key, owner); delete the payloads of those keys, and of
+        ``unlinked``, that are left without links (atomically where the store can). How many."""
         raise NotImplementedError
 
     def _checked(self, keys: list[str], at: float) -> None:
@@ -308,6 +320,13 @@ class PayloadStore:
         return PayloadMissing(f"{name} is not in the payload store {self.label}{detail}: it was deleted (by hand, or with "
                               "the records that referenced it: forget, expiry, purge), or the sender used another payload "
                               "store (every App of a deployment needs the same payloads=)")
+
+
+def _valid(keys: Iterable[str]) -> tuple[list[str], list]:
+    """(the well-formed payload keys among ``keys``, sorted; the others, which are never looked up)."""
+    keys = set(keys)
+    good = sorted(k for k in keys if isinstance(k, str) and _KEY_ONLY.match(k))
+    return good, [k for k in keys if k not in good]
 
 
 def _chunks(seq: list, n: int):
@@ -343,11 +362,10 @@ class SQLitePayloads(PayloadStore):
         return os.path.join(self.dir, key[len(KEY_PREFIX):len(KEY_PREFIX) + 2], key)
 
     def link(self, keys, owner):
-        keys = sorted(set(keys))
+        keys, missing = _valid(keys)
         if not keys:
-            return []
+            return missing
         now = self._now()
-        missing = []
         with self.store.write() as conn:
             found = set()
             for chunk in _chunks(keys, 500):
@@ -448,10 +466,10 @@ class SQLitePayloads(PayloadStore):
                 due[key][owner] = at
         return list(due.items())
 
-    def _unlink(self, pairs):
+    def _unlink(self, pairs, unlinked=()):
         with self.store.write() as conn:
             conn.executemany("DELETE FROM nbq_payload_refs WHERE key = ? AND owner = ?", pairs)
-            return self._delete_unlinked(conn, sorted({k for k, _ in pairs}))
+            return self._delete_unlinked(conn, sorted({k for k, _ in pairs} | set(unlinked)))
 
     def _checked(self, keys, at):
         if keys:
@@ -459,13 +477,8 @@ class SQLitePayloads(PayloadStore):
                 conn.executemany("UPDATE nbq_payloads SET check_at = ? WHERE key = ?", [(at, k) for k in keys])
 
     def _drop_orphans(self, before, limit):
-        with self.store.write() as conn:
-            keys = [k for (k,) in conn.execute(
-                "SELECT key FROM nbq_payloads p WHERE created_at <= ? AND NOT EXISTS (SELECT 1 FROM nbq_payload_refs r WHERE r.key = p.key) "
-                "LIMIT ?", (before, limit))]
-            deleted = self._delete_unlinked(conn, keys)
-        # files no row records (a writer died between its file and its transaction), and temporary files
-        stale = []
+        """Files no row records (a writer died between its file and its transaction), and temporary files."""
+        deleted, stale = 0, []
         with contextlib.suppress(FileNotFoundError):
             for sub in os.scandir(self.dir):
                 if not sub.is_dir():
@@ -540,14 +553,17 @@ end
 return deleted
 """
 
-# ARGV: P, then key, owner pairs
+# ARGV: P, n, then n values (key, owner pairs), then keys that may have no links left
 _REDIS_UNLINK = _REDIS_COMMON + """
-local P, deleted = ARGV[1], 0
-for i = 2, #ARGV, 2 do
+local P, n, deleted = ARGV[1], tonumber(ARGV[2]), 0
+for i = 3, n + 2, 2 do
   local k, owner = ARGV[i], ARGV[i + 1]
   redis.call('HDEL', P .. 'pl:' .. k .. ':refs', owner)
   redis.call('SREM', P .. 'pl:owner:' .. owner, k)
   deleted = deleted + gone(P, k)
+end
+for i = n + 3, #ARGV do
+  deleted = deleted + gone(P, ARGV[i])
 end
 return deleted
 """
@@ -588,10 +604,10 @@ class RedisPayloads(PayloadStore):
         return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
 
     def link(self, keys, owner):
-        keys = sorted(set(keys))
+        keys, bad = _valid(keys)
         if not keys:
-            return []
-        return self._text(self._guard(lambda: self._link_script(args=[self.prefix, owner, repr(self._now()), *keys])))
+            return bad
+        return bad + self._text(self._guard(lambda: self._link_script(args=[self.prefix, owner, repr(self._now()), *keys])))
 
     def _write(self, key, data, owner):
         now = self._now()
@@ -667,16 +683,14 @@ class RedisPayloads(PayloadStore):
             self.delete(lost)
         return due
 
-    def _unlink(self, pairs):
+    def _unlink(self, pairs, unlinked=()):
         flat = [x for pair in pairs for x in pair]
-        return int(self._guard(lambda: self._unlink_script(args=[self.prefix, *flat])))
+        return int(self._guard(lambda: self._unlink_script(args=[self.prefix, len(flat), *flat, *unlinked])))
 
     def _checked(self, keys, at):
         if keys:
             self._guard(lambda: self.client.zadd(f"{self.prefix}pl:check", dict.fromkeys(keys, at), xx=True))
 
-    def _drop_orphans(self, before, limit):
-        return 0            # a write links its owner in the same transaction: no payload is ever without links
 
     def _guard(self, fn):
         import redis
@@ -742,6 +756,7 @@ class FsspecPayloads(PayloadStore):
         self.root = root.rstrip("/")
         self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,))
         self._cursor = 0
+        self._next_check: dict[str, float] = {}     # key -> when this process checks its links again
 
     def _data(self, key: str) -> str:
         return f"{self.root}/data/{key}"
@@ -781,8 +796,8 @@ class FsspecPayloads(PayloadStore):
         return self.fs.exists(path)
 
     def link(self, keys, owner):
-        missing = []
-        for key in sorted(set(keys)):
+        keys, missing = _valid(keys)
+        for key in keys:
             if self._exists(self._data(key)):
                 self._touch(owner, key)
             else:
@@ -849,7 +864,10 @@ class FsspecPayloads(PayloadStore):
         return {"payloads": len(infos), "bytes": int(sum(i.get("size") or 0 for i in infos))}
 
     def _due(self, now, limit):
-        keys = self.keys()
+        """Payloads written at least a grace period ago, ``limit`` at a time, in turn."""
+        keys = sorted(name for name, info in ((i["name"].rstrip("/").rsplit("/", 1)[-1], i) for i in self._ls(f"{self.root}/data", detail=True))
+                      if name.startswith(KEY_PREFIX) and ".tmp-" not in name and _mtime(info) <= now - self.grace
+                      and self._next_check.get(name, 0.0) <= now)
         if not keys:
             return []
         start = self._cursor % len(keys)
@@ -857,9 +875,14 @@ class FsspecPayloads(PayloadStore):
         self._cursor = start + len(window)
         return [(key, self.links(key)) for key in window]
 
-    def _unlink(self, pairs):
+    def _checked(self, keys, at):
+        if len(self._next_check) > 100_000:
+            self._next_check.clear()
+        self._next_check.update(dict.fromkeys(keys, at))
+
+    def _unlink(self, pairs, unlinked=()):
         self._rm([self._ref(k, o) for k, o in pairs] + [self._owned(o, k) for k, o in pairs])
-        return sum(self._delete_if_unlinked(k) for k in sorted({k for k, _ in pairs}))
+        return sum(self._delete_if_unlinked(k) for k in sorted({k for k, _ in pairs} | set(unlinked)))
 
     def _drop_orphans(self, before, limit):
         deleted = 0
@@ -1016,18 +1039,12 @@ class Plane:
         return blobs.unpack(v["codec"], data, v)
 
     def upkeep(self, app) -> int:
-        """One sweep, at most every SWEEP_EVERY seconds per process and per deployment."""
+        """One sweep, at most every SWEEP_EVERY seconds per process (a sweep with nothing due is one small query)."""
         now = time.monotonic()
         if now < self._next_sweep or self.url is None:
             return 0
         self._next_sweep = now + SWEEP_EVERY
-        store = self.store
-        try:
-            if not app.backend.claim_once("nbq:payloads:sweep", SWEEP_EVERY):
-                return 0        # another worker of the deployment swept a moment ago
-        except NotImplementedError:
-            pass
-        return store.sweep(lambda ids: app.backend.states_of(ids))
+        return self.store.sweep(lambda ids: app.backend.states_of(ids))
 
 
 def _release_unused() -> None:

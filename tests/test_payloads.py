@@ -596,3 +596,24 @@ def test_a_cells_captured_frame_stays_stored_while_the_cell_waits_for_its_depend
     assert store.exists(key)                              # its waiting record keeps it, however long the wait
     g.set()
     assert res.get(timeout=30) == (50_000, 5)
+
+
+# -- 11. keys from messages are only ever payload keys ----------------------------------------------------
+@pytest.mark.parametrize("kind", ["sqlite", "file"])
+def test_a_reference_whose_key_is_not_a_payload_key_reads_nothing(tmp_path, kind):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not yours")
+    url = f"sqlite:///{tmp_path}/p.db" if kind == "sqlite" else f"file://{tmp_path}/payloads"
+    store = payloads.store_from_url(url)
+    for key in ("sha256-../../secret.txt", f"sha256-{'0' * 64}/../../../secret.txt", "../secret.txt"):
+        with pytest.raises(PayloadCorrupt, match="is not a payload key"):
+            store.get(key)
+        assert store.link([key], "task-1") == [key]
+    assert store.reads == 0
+
+
+def test_checking_a_periodic_schedule_leaves_no_payload_behind(app_factory):
+    app = app_factory(payload_threshold=1024)
+    echo, collect, shape = register(app)
+    app.periodic("@every 1h", shape.s(big_frame()), name="big")
+    assert store_of(app).stats()["payloads"] == 0
