@@ -69,6 +69,7 @@ def reset_peak():
     """Start measuring the peak RSS afresh (Linux: clear_refs 5); returns the RSS now."""
     import gc
 
+    import pandas  # noqa: F401  (imported before the baseline, as the producer has it)
     import pyarrow
 
     gc.collect()

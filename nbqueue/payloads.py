@@ -25,7 +25,9 @@ Stores (``App(payloads=...)``; by default beside the records):
 - ``redis://``, ``rediss://``, ``memory://``: keys under the store's prefix
   (``P pl:<key>`` the bytes, ``P pl:<key>:refs`` a hash owner -> link time, ``P
   pl:owner:<owner>`` a set of keys, ``P pl:check`` a zset key -> next check); a value
-  may be at most 512 MB (Redis' limit), checked before anything is written.
+  may be at most 512 MB (Redis' limit), checked before anything is written. A payload is
+  scheduled for a sweep check, written, then linked (a Lua script), so a writer that dies
+  in between leaves nothing the sweep does not find.
 - any fsspec URL, for production: ``s3://bucket/prefix`` (``pip install 'nbqueue[s3]'``),
   ``file:///shared/dir``, ``gs://...``; ``payload_options={...}`` are the filesystem's
   options (``endpoint_url``, ``key``, ``secret``, ...). Layout under the root:
@@ -581,6 +583,7 @@ class RedisPayloads(PayloadStore):
         self.options = url_options(url, options)
         self.prefix = key_prefix(self.options)
         self.client = _redis_bytes_client(url, self.options)
+        self.fake = urlsplit(url).scheme == "memory"
         self._link_script = self.client.register_script(_REDIS_LINK)
         self._release_script = self.client.register_script(_REDIS_RELEASE)
         self._unlink_script = self.client.register_script(_REDIS_UNLINK)
@@ -610,19 +613,52 @@ class RedisPayloads(PayloadStore):
         return bad + self._text(self._guard(lambda: self._link_script(args=[self.prefix, owner, repr(self._now()), *keys])))
 
     def _write(self, key, data, owner):
+        # scheduled for a check first: a writer that dies after its SET leaves a payload the sweep finds
         now = self._now()
-        pipe = self.client.pipeline(transaction=True)     # bytes, link and schedule together, or none of them
-        pipe.set(self._k(key), data if isinstance(data, (bytes, bytearray)) else memoryview(data).cast("B"))
-        pipe.hset(self._k(key) + ":refs", owner, repr(now))
-        pipe.sadd(f"{self.prefix}pl:owner:{owner}", key)
-        pipe.zadd(f"{self.prefix}pl:check", {key: now + self.grace}, nx=True)
-        self._guard(pipe.execute)
+        self._guard(lambda: self.client.zadd(f"{self.prefix}pl:check", {key: now + self.grace}, nx=True))
+        self._set(self._k(key), data)
+        if self.link([key], owner):     # deleted in between by a release of the same bytes: once more
+            self._set(self._k(key), data)
+            self.link([key], owner)
+
+    def _set(self, name: str, data: Any) -> None:
+        """SET ``name`` to bytes-like ``data``, sent as they are: redis-py's packer would copy a large value
+        twice (to bytes, then into the command)."""
+        view = memoryview(data).cast("B")
+        if self.fake:
+            self._guard(lambda: self.client.set(name, view.tobytes()))
+            return
+        raw = name.encode()
+        head = b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (len(raw), raw, view.nbytes)
+        pool = self.client.connection_pool
+        conn = pool.get_connection()
+
+        def send() -> None:
+            conn.send_packed_command([head, view, b"\r\n"])
+            conn.read_response()
+
+        try:
+            self._guard(lambda: conn.retry.call_with_retry(send, lambda error: conn.disconnect()))
+        finally:
+            pool.release(conn)
+
+    #: a payload is read this many bytes at a time (GETRANGE): a client's reply buffer grows to a
+    #: chunk, not to the whole value, and keeps that size
+    READ_CHUNK = 8 << 20
 
     def _read(self, key, name):
-        data = self._guard(lambda: self.client.get(self._k(key)))
-        if data is None:
+        size = self._guard(lambda: self.client.strlen(self._k(key)))
+        if not size and not self._guard(lambda: self.client.exists(self._k(key))):
             raise self._missing(name)
-        return data
+        out = bytearray(size)
+        pos = 0
+        while pos < size:
+            part = self._guard(lambda: self.client.getrange(self._k(key), pos, min(size, pos + self.READ_CHUNK) - 1))
+            if not part:
+                raise self._missing(name, " (deleted while it was read)")
+            out[pos:pos + len(part)] = part
+            pos += len(part)
+        return out
 
     def release(self, owners):
         owners = list(dict.fromkeys(owners))
