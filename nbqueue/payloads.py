@@ -1071,6 +1071,7 @@ class Plane:
         if store is None:
             raise PayloadError(f"payload {v['key']} ({what}) cannot be read: this App has no payload store ({self.why_none}); "
                                f"it was written to {v.get('store', 'another store')}: create the App with the same payloads=")
+        _release_unused()           # what earlier values left in Arrow's allocator, before this one is read
         data = store.get(v["key"], what)
         return blobs.unpack(v["codec"], data, v)
 
