@@ -41,13 +41,14 @@ Every App of a deployment (producers and workers) must use the same payload stor
 Lifetime: a payload lives while a record references it. Each reference is a link
 (payload key, owner), where the owner is the id of a task (or group) record whose
 text holds the key: the sender links a message's payloads to its task id, a worker its
-result's to the task id, a group's values to the group id, and a callback's arguments
-to the callback's id. While a send encodes, its payloads are held by a *pin* (an owner
-with no record), dropped when the send's links are made. ``forget`` releases a task's
+result's to the task id, a group's values to the group id, a callback's arguments to the
+callback's id, and a ``%%task`` cell's captured inputs to the cell's task id. While a
+send encodes, its payloads are held by a *pin* (an owner with no record), dropped when
+the send's links are made. ``forget`` releases a task's
 links at once and deletes the payloads left without any; ``purge`` releases those of the
 tasks of that queue still waiting (PENDING or RETRY, created before the purge); expired
 records (``results_expire_in``; Redis TTLs too) and anything a crash left behind (a pin,
-a link to a record never created, half-written chunks) are found by ``sweep``, which the
+a link to a record never created, a half-written file) are found by ``sweep``, which the
 workers run from their heartbeat (each worker process every ``SWEEP_EVERY`` seconds): a
 link older than the store's ``grace`` (an hour) whose owner has no record is removed,
 and a payload left without links is deleted. The SQLite and Redis stores link and delete
@@ -921,17 +922,11 @@ class FsspecPayloads(PayloadStore):
         return sum(self._delete_if_unlinked(k) for k in sorted({k for k, _ in pairs} | set(unlinked)))
 
     def _drop_orphans(self, before, limit):
-        deleted = 0
-        for info in self._ls(f"{self.root}/data", detail=True)[:limit * 4]:
-            name = info["name"].rstrip("/").rsplit("/", 1)[-1]
-            if _mtime(info) > before:
-                continue
-            if ".tmp-" in name:             # a write whose process died before its rename
-                self._rm([info["name"]])
-            elif not self._ls(f"{self.root}/refs/{name}"):
-                self._rm([info["name"]])
-                deleted += 1
-        return deleted
+        """Temporary files of writes whose process died before the rename (payloads without links
+        are found through ``_due``)."""
+        stale = [i["name"] for i in self._ls(f"{self.root}/data", detail=True) if ".tmp-" in i["name"] and _mtime(i) <= before]
+        self._rm(stale[:limit])
+        return 0
 
 
 def _mtime(info: dict) -> float:

@@ -517,6 +517,29 @@ def test_an_fsspec_payload_store_round_trips_dedupes_and_releases(fsspec_store, 
     app.close()
 
 
+def test_an_fsspec_store_sweeps_what_a_crash_left_behind(fsspec_store, tmp_path, qname):
+    url, options = fsspec_store
+    app = nbqueue.App(f"sqlite:///{tmp_path}/q.db", payloads=url, payload_options=options, payload_threshold=1024,
+                      default_queue=qname("q"))
+    echo, collect, shape = register(app)
+    store = store_of(app)
+    with pytest.MonkeyPatch.context() as m:     # the record is never written
+        m.setattr(app.broker, "publish_recorded", lambda backend, records, outs: (_ for _ in ()).throw(ConnectionError("gone")))
+        with pytest.raises(ConnectionError):
+            echo.delay(big_frame(seed=41))
+    unlinked = b"y" * 3000                      # bytes written, the process died before linking them
+    store._put_data(payloads.key_of(unlinked), unlinked)
+    store.fs.pipe_file(store._data(payloads.key_of(unlinked)) + ".tmp-dead", unlinked)
+    kept = echo.delay(big_frame(seed=42))
+    assert len(store.keys()) == 3
+    alive = lambda ids: app.backend.states_of(ids)         # noqa: E731
+    assert store.sweep(alive) == 0
+    assert store.sweep(alive, now=store._now() + store.grace + 60) == 2
+    assert store.keys() == sorted(ref_keys(app.backend.get(kept.id)["args"]))
+    assert not [p for p in store.fs.ls(f"{store.root}/data") if ".tmp-" in p]
+    app.close()
+
+
 def test_the_s3_payload_store_writes_real_objects_that_boto3_sees(s3_server, tmp_path, qname):
     url, options = s3_location(s3_server)
     client = s3_server[2]
