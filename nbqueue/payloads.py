@@ -751,7 +751,7 @@ def _redis_bytes_client(url: str, options: dict):
     from redis.backoff import ExponentialBackoff
     from redis.retry import Retry
 
-    from .brokers.redis import URL_OPTIONS, fake_server
+    from .brokers.redis import _POOLS, URL_OPTIONS, fake_server
 
     parts = urlsplit(url)
     kwargs: dict[str, Any] = {"socket_timeout": float(options.get("socket_timeout", 60.0)),
@@ -767,6 +767,7 @@ def _redis_bytes_client(url: str, options: dict):
 
         query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k not in URL_OPTIONS])
         client = redis.Redis.from_url(urlunsplit(parts._replace(query=query)), **kwargs)
+        _POOLS.add(client.connection_pool)      # a forked child gets fresh locks for it, as for the broker's pools
     client.set_retry(Retry(ExponentialBackoff(cap=float(options.get("retry_cap", 5.0)), base=float(options.get("retry_base", 0.05))),
                            int(options.get("retries", 10))))
     return client

@@ -32,7 +32,7 @@ from conftest import BACKEND_KINDS, BROKER_KINDS, IN_CI, session_server_url, sto
 from test_frames_codec import assert_same_frame, assert_same_series, frames, scalar_dtypes, series
 
 TESTS_DIR = Path(__file__).resolve().parent
-EXAMPLES = int(os.environ.get("NBQUEUE_HYPOTHESIS_PAIR_EXAMPLES", "20"))
+EXAMPLES = int(os.environ.get("NBQUEUE_HYPOTHESIS_PAIR_EXAMPLES", "5"))      # per pair; raise it for a longer search
 PAIR_PROPERTY = settings(max_examples=EXAMPLES, deadline=None, database=None, print_blob=True,
                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
 
@@ -640,3 +640,152 @@ def test_checking_a_periodic_schedule_leaves_no_payload_behind(app_factory):
     echo, collect, shape = register(app)
     app.periodic("@every 1h", shape.s(big_frame()), name="big")
     assert store_of(app).stats()["payloads"] == 0
+
+
+# -- 12. other processes: the process pool, a forked child ---------------------------------------------------
+POOL_TASKS_MODULE = '''
+import os
+import nbqueue
+
+app = nbqueue.App(os.environ["NBQ_PAYLOAD_POOL_BROKER"], os.environ["NBQ_PAYLOAD_POOL_BACKEND"], payload_threshold=1024,
+                  default_queue=os.environ["NBQ_PAYLOAD_POOL_QUEUE"])
+
+@app.task(name="echo")
+def echo(value):
+    return value
+
+@app.task(name="in_child")
+def in_child(frame, earlier_id):
+    """Runs in a pool's child: reads an earlier result's payload and sends a frame out of band itself."""
+    earlier = app.result(earlier_id).get(timeout=30)
+    sent = echo.delay(frame.assign(x=frame["x"] + earlier["x"]))
+    return {"pid": os.getpid(), "sent": sent.id, "frame": frame.assign(n=frame["n"] * 2)}
+'''
+
+
+@pytest.mark.parametrize("app_kind", ["sqlite", "redis"], indirect=True)     # memory:// lives inside one process
+def test_process_pool_children_take_and_return_frames_out_of_band_and_use_the_payload_store_themselves(
+        app_factory, tmp_path, monkeypatch):
+    """A task in a child of ``pool="processes"``: its frame argument and result travel out of band
+    (the worker reads and writes them); code in the child reads a result's payload and sends a frame
+    out of band through its own App, on the same store."""
+    monkeypatch.setenv("NBQ_PAYLOAD_POOL_BROKER", app_factory.broker_url)
+    monkeypatch.setenv("NBQ_PAYLOAD_POOL_BACKEND", app_factory.backend_url)
+    monkeypatch.setenv("NBQ_PAYLOAD_POOL_QUEUE", app_factory().default_queue)
+    module = f"payload_pool_tasks_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{module}.py").write_text(POOL_TASKS_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    tasks = importlib.import_module(module)
+    app = tasks.app
+    try:
+        frame = big_frame()
+        earlier = tasks.echo.delay(big_frame(seed=5))
+        r = tasks.in_child.delay(frame, earlier.id)
+        store = store_of(app)
+        worker = app.start_worker(pool="processes", concurrency=2)
+        out = r.get(timeout=120)
+        assert out["pid"] in worker.pool.pids() and out["pid"] != os.getpid()
+        pd.testing.assert_frame_equal(out["frame"], frame.assign(n=frame["n"] * 2), check_exact=True)
+        sent = app.result(out["sent"])
+        expected = frame.assign(x=frame["x"] + big_frame(seed=5)["x"])
+        pd.testing.assert_frame_equal(sent.get(timeout=60), expected, check_exact=True)
+        for task_id in (r.id, out["sent"]):
+            record = app.backend.get(task_id)
+            keys = ref_keys(record["args"]) | ref_keys(record["result"])
+            assert keys and all(task_id in store.links(k) for k in keys)     # written and linked by whichever process
+        assert lazily(app, app.backend.get(out["sent"])["args"])[0].key in store.keys()
+    finally:
+        for worker in list(app.workers):
+            worker.stop(wait=True, timeout=30)
+        app.close()
+        sys.modules.pop(module, None)
+
+
+def _read_in_a_forked_child(app, task_id, out) -> None:
+    try:
+        value = app.result(task_id).get(timeout=30)
+        out.put(("ok", list(value.shape)))
+    except Exception as exc:
+        out.put((type(exc).__name__, str(exc)))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.parametrize("app_kind", ["redis"], indirect=True)
+def test_a_child_forked_while_a_thread_holds_the_payload_clients_pool_lock_reads_payloads(app_factory):
+    """A thread of the parent is inside the Redis payload store's connection pool at the fork: the
+    child's copy of that lock must not stay held (its first payload read would wait for ever)."""
+    import multiprocessing
+    import threading
+
+    app = app_factory(payload_threshold=1024)
+    echo, collect, shape = register(app)
+    app.start_worker()
+    r = echo.delay(big_frame())
+    r.get(timeout=30)
+    pool = store_of(app).client.connection_pool
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with pool._lock:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    assert held.wait(10)
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    child = ctx.Process(target=_read_in_a_forked_child, args=(app, r.id, out))
+    try:
+        child.start()
+    finally:
+        release.set()
+        holder.join(10)
+    try:
+        got = out.get(timeout=60)
+    finally:
+        child.join(30)
+        if child.is_alive():
+            child.kill()
+            child.join(10)
+    assert got == ("ok", [10_000, 5])
+
+
+# -- 13. the dashboard's task page -------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
+def test_the_dashboard_previews_values_out_of_band_from_their_references_without_reading_payloads(tmp_path, qname):
+    from starlette.testclient import TestClient
+
+    from nbqueue.dashboard import create_app
+
+    app = nbqueue.App(f"sqlite:///{tmp_path}/dash.db", payload_threshold=1024, default_queue=qname("q"))
+    echo, collect, shape = register(app)
+    frame, array = big_frame(), np.arange(50_000, dtype="float32")
+    r = echo.delay(frame, array)
+    app.start_worker()
+    r.get(timeout=30)
+    store = store_of(app)
+    store.reads = 0
+    client = TestClient(create_app(app, interval=0.05), client=("127.0.0.1", 50000))
+    detail = client.get(f"/api/tasks/{r.id}").json()
+    shown_frame, shown_array = detail["arguments"]["args"]
+    assert shown_frame["kind"] == "frame" and shown_frame["shape"] == [10_000, 5]
+    assert shown_frame["summary"].startswith("DataFrame 10,000×5, ")
+    assert "item-4" in shown_frame["html"] and "item-5" not in shown_frame["html"]      # the reference's first rows
+    assert shown_array == {"kind": "text", "text": "ndarray float32 50,000, 200 kB", "summary": "ndarray float32 50,000, 200 kB"}
+    assert detail["result"]["kind"] == "text" and "DataFrame 10,000×5, " in detail["result"]["text"]     # a list of two
+    [row] = client.get("/api/tasks").json()["tasks"]
+    assert row["call"].startswith("DataFrame 10,000×5, ") and "ndarray float32 50,000" in row["call"]
+    assert client.get(f"/tasks/{r.id}").status_code == 200
+    assert store.reads == 0                                                              # no payload was read
+    single = echo.delay(frame)
+    single.get(timeout=30)
+    reads = store.reads                                                                  # the worker's and get()'s
+    shown = client.get(f"/api/tasks/{single.id}").json()["result"]
+    assert shown["kind"] == "frame" and shown["shape"] == [10_000, 5] and "item-0" in shown["html"]
+    assert store.reads == reads
+    for worker in list(app.workers):
+        worker.stop(wait=True, timeout=10)
+    app.close()
