@@ -123,7 +123,8 @@ class App:
         with payloads.sending(self):        # values out of band: packed once, held until linked to the task
             return self._prepare(sig, group_id=group_id, parent_id=parent_id, meta=meta)
 
-    def _prepare(self, sig: Signature, *, group_id: str | None, parent_id: str | None, meta: dict | None) -> tuple[dict, dict, Outgoing]:
+    def _prepare(self, sig: Signature, *, group_id: str | None, parent_id: str | None,
+                 meta: dict | None) -> tuple[dict, dict, Outgoing]:
         task = self.registry.get(sig.name)
         now = self.clock.time()
         message = sig.to_message(self.serializer, default_queue=self.default_queue, fn=task.fn if task else None, now=now)
@@ -381,7 +382,8 @@ class App:
         try:        # the payloads only the purged messages needed
             payloads.after_purge(self, queue or self.default_queue, since)
         except Exception:
-            log.warning("purge: could not release the payloads of the purged tasks (the sweep keeps them with their records)", exc_info=True)
+            log.warning("purge: could not release the payloads of the purged tasks "
+                        "(the sweep keeps them with their records)", exc_info=True)
         return purged
 
     def close(self) -> None:

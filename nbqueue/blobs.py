@@ -300,8 +300,8 @@ def _ipc(table, meta: dict, extra: dict | None = None, compression: str | None =
             if table.num_rows or not table.num_columns:
                 writer.write_table(table)
             else:   # an empty batch all the same: it carries the categories of an empty categorical
-                writer.write_batch(pa.record_batch([c.chunk(0) if c.num_chunks else pa.array([], c.type) for c in table.columns],
-                                                   schema=table.schema))
+                columns = [c.chunk(0) if c.num_chunks else pa.array([], c.type) for c in table.columns]
+                writer.write_batch(pa.record_batch(columns, schema=table.schema))
 
     if as_bytes or compression:
         sink = pa.BufferOutputStream()

@@ -272,7 +272,8 @@ class PayloadStore:
         """``{"payloads": n, "bytes": total}``."""
         raise NotImplementedError
 
-    def sweep(self, alive: Callable[[list[str]], Iterable[str]], *, now: float | None = None, limit: int = SWEEP_LIMIT) -> int:
+    def sweep(self, alive: Callable[[list[str]], Iterable[str]], *, now: float | None = None,
+              limit: int = SWEEP_LIMIT) -> int:
         """Remove links older than ``grace`` whose owner ``alive`` does not report (it returns
         the owners that have a record), and payloads left without links; returns how many
         payloads were deleted. At most ``limit`` payloads' links are checked per call, the
@@ -320,8 +321,9 @@ class PayloadStore:
         return 0
 
     def _missing(self, name: str, detail: str = "") -> PayloadMissing:
-        return PayloadMissing(f"{name} is not in the payload store {self.label}{detail}: it was deleted (by hand, or with "
-                              "the records that referenced it: forget, expiry, purge), or the sender used another payload "
+        return PayloadMissing(f"{name} is not in the payload store {self.label}{detail}: it was deleted (by hand, "
+                              "or with the records that referenced it: forget, expiry, purge), or the sender used "
+                              "another payload "
                               "store (every App of a deployment needs the same payloads=)")
 
 
@@ -372,7 +374,8 @@ class SQLitePayloads(PayloadStore):
         with self.store.write() as conn:
             found = set()
             for chunk in _chunks(keys, 500):
-                found.update(k for (k,) in conn.execute(f"SELECT key FROM nbq_payloads WHERE key IN ({','.join('?' * len(chunk))})", chunk))
+                marks = ",".join("?" * len(chunk))
+                found.update(k for (k,) in conn.execute(f"SELECT key FROM nbq_payloads WHERE key IN ({marks})", chunk))
             for key in keys:
                 if key in found:
                     conn.execute(_SQLITE_LINK, (owner, key, now))
@@ -408,7 +411,8 @@ class SQLitePayloads(PayloadStore):
         except FileNotFoundError:
             raise self._missing(name) from None
         if got != size:
-            raise PayloadCorrupt(f"{name} in {self.label}: {got} of {size} bytes could be read (truncated); it was not decoded")
+            raise PayloadCorrupt(f"{name} in {self.label}: {got} of {size} bytes could be read (truncated); "
+                                 "it was not decoded")
         return out
 
     def release(self, owners):
@@ -417,7 +421,8 @@ class SQLitePayloads(PayloadStore):
         for chunk in _chunks(owners, 500):
             marks = ",".join("?" * len(chunk))
             with self.store.write() as conn:
-                keys = [k for (k,) in conn.execute(f"SELECT DISTINCT key FROM nbq_payload_refs WHERE owner IN ({marks})", chunk)]
+                rows = conn.execute(f"SELECT DISTINCT key FROM nbq_payload_refs WHERE owner IN ({marks})", chunk)
+                keys = [k for (k,) in rows]
                 if not keys:
                     continue
                 conn.execute(f"DELETE FROM nbq_payload_refs WHERE owner IN ({marks})", chunk)
@@ -426,7 +431,8 @@ class SQLitePayloads(PayloadStore):
 
     def _delete_unlinked(self, conn, keys: list[str]) -> int:
         """Delete (rows and files) the payloads among ``keys`` left without links, inside ``conn``'s transaction."""
-        gone = [k for k in keys if conn.execute("SELECT 1 FROM nbq_payload_refs WHERE key = ? LIMIT 1", (k,)).fetchone() is None]
+        linked = "SELECT 1 FROM nbq_payload_refs WHERE key = ? LIMIT 1"
+        gone = [k for k in keys if conn.execute(linked, (k,)).fetchone() is None]
         for chunk in _chunks(gone, 500):
             conn.execute(f"DELETE FROM nbq_payloads WHERE key IN ({','.join('?' * len(chunk))})", chunk)
         for key in gone:
@@ -435,7 +441,8 @@ class SQLitePayloads(PayloadStore):
         return len(gone)
 
     def exists(self, key):
-        return bool(self.store.read("SELECT 1 FROM nbq_payloads WHERE key = ?", (key,))) and os.path.exists(self._file(key))
+        recorded = bool(self.store.read("SELECT 1 FROM nbq_payloads WHERE key = ?", (key,)))
+        return recorded and os.path.exists(self._file(key))
 
     def delete(self, keys):
         keys = list(keys)
@@ -461,11 +468,14 @@ class SQLitePayloads(PayloadStore):
         return {"payloads": n, "bytes": total}
 
     def _due(self, now, limit):
-        keys = [k for (k,) in self.store.read("SELECT key FROM nbq_payloads WHERE check_at <= ? ORDER BY check_at LIMIT ?", (now, limit))]
+        rows = self.store.read("SELECT key FROM nbq_payloads WHERE check_at <= ? ORDER BY check_at LIMIT ?",
+                               (now, limit))
+        keys = [k for (k,) in rows]
         due: dict[str, dict[str, float]] = {k: {} for k in keys}
         for chunk in _chunks(keys, 500):
+            marks = ",".join("?" * len(chunk))
             for key, owner, at in self.store.read(
-                    f"SELECT key, owner, linked_at FROM nbq_payload_refs WHERE key IN ({','.join('?' * len(chunk))})", chunk):
+                    f"SELECT key, owner, linked_at FROM nbq_payload_refs WHERE key IN ({marks})", chunk):
                 due[key][owner] = at
         return list(due.items())
 
@@ -496,7 +506,8 @@ class SQLitePayloads(PayloadStore):
             with self.store.write() as conn:
                 for entry in stale[:limit]:
                     key = entry.name.split(".tmp-", 1)[0]
-                    if ".tmp-" in entry.name or conn.execute("SELECT 1 FROM nbq_payloads WHERE key = ?", (key,)).fetchone() is None:
+                    recorded = conn.execute("SELECT 1 FROM nbq_payloads WHERE key = ?", (key,)).fetchone()
+                    if ".tmp-" in entry.name or recorded is None:
                         with contextlib.suppress(FileNotFoundError):
                             os.remove(entry.path)
                         deleted += ".tmp-" not in entry.name
@@ -508,11 +519,11 @@ _SQLITE_LINK = ("INSERT INTO nbq_payload_refs(owner, key, linked_at) VALUES (?, 
 
 
 def _sqlite_schema(db) -> None:
-    db.execute("CREATE TABLE IF NOT EXISTS nbq_payloads (key TEXT PRIMARY KEY, size INTEGER NOT NULL, created_at FLOAT NOT NULL, "
-               "check_at FLOAT NOT NULL) WITHOUT ROWID")
+    db.execute("CREATE TABLE IF NOT EXISTS nbq_payloads (key TEXT PRIMARY KEY, size INTEGER NOT NULL, "
+               "created_at FLOAT NOT NULL, check_at FLOAT NOT NULL) WITHOUT ROWID")
     db.execute("CREATE INDEX IF NOT EXISTS nbq_payloads_check ON nbq_payloads(check_at)")
-    db.execute("CREATE TABLE IF NOT EXISTS nbq_payload_refs (owner TEXT NOT NULL, key TEXT NOT NULL, linked_at FLOAT NOT NULL, "
-               "PRIMARY KEY (owner, key)) WITHOUT ROWID")
+    db.execute("CREATE TABLE IF NOT EXISTS nbq_payload_refs (owner TEXT NOT NULL, key TEXT NOT NULL, "
+               "linked_at FLOAT NOT NULL, PRIMARY KEY (owner, key)) WITHOUT ROWID")
     db.execute("CREATE INDEX IF NOT EXISTS nbq_payload_refs_key ON nbq_payload_refs(key)")
 
 
@@ -611,7 +622,8 @@ class RedisPayloads(PayloadStore):
         keys, bad = _valid(keys)
         if not keys:
             return bad
-        return bad + self._text(self._guard(lambda: self._link_script(args=[self.prefix, owner, repr(self._now()), *keys])))
+        args = [self.prefix, owner, repr(self._now()), *keys]
+        return bad + self._text(self._guard(lambda: self._link_script(args=args)))
 
     def _write(self, key, data, owner):
         # scheduled for a check first: a writer that dies after its SET leaves a payload the sweep finds
@@ -663,7 +675,8 @@ class RedisPayloads(PayloadStore):
 
     def release(self, owners):
         owners = list(dict.fromkeys(owners))
-        return sum(int(self._guard(lambda c=c: self._release_script(args=[self.prefix, *c]))) for c in _chunks(owners, 500))
+        return sum(int(self._guard(lambda c=c: self._release_script(args=[self.prefix, *c])))
+                   for c in _chunks(owners, 500))
 
     def exists(self, key):
         return bool(self._guard(lambda: self.client.exists(self._k(key))))
@@ -701,7 +714,8 @@ class RedisPayloads(PayloadStore):
         return {"payloads": len(keys), "bytes": int(sum(self._guard(pipe.execute))) if keys else 0}
 
     def _due(self, now, limit):
-        keys = self._text(self._guard(lambda: self.client.zrangebyscore(f"{self.prefix}pl:check", "-inf", now, start=0, num=limit)))
+        keys = self._text(self._guard(
+            lambda: self.client.zrangebyscore(f"{self.prefix}pl:check", "-inf", now, start=0, num=limit)))
         if not keys:
             return []
         pipe = self.client.pipeline(transaction=False)
@@ -768,8 +782,8 @@ def _redis_bytes_client(url: str, options: dict):
         query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k not in URL_OPTIONS])
         client = redis.Redis.from_url(urlunsplit(parts._replace(query=query)), **kwargs)
         _POOLS.add(client.connection_pool)      # a forked child gets fresh locks for it, as for the broker's pools
-    client.set_retry(Retry(ExponentialBackoff(cap=float(options.get("retry_cap", 5.0)), base=float(options.get("retry_base", 0.05))),
-                           int(options.get("retries", 10))))
+    backoff = ExponentialBackoff(cap=float(options.get("retry_cap", 5.0)), base=float(options.get("retry_base", 0.05)))
+    client.set_retry(Retry(backoff, int(options.get("retries", 10))))
     return client
 
 
@@ -780,7 +794,8 @@ class FsspecPayloads(PayloadStore):
         try:
             import fsspec
         except ImportError as exc:
-            raise ConfigurationError(f"payloads={url!r} needs fsspec (and s3fs for s3://): pip install 'nbqueue[s3]'") from exc
+            raise ConfigurationError(f"payloads={url!r} needs fsspec (and s3fs for s3://): "
+                                     "pip install 'nbqueue[s3]'") from exc
         super().__init__(url, clock=clock)
         options = dict(options or {})
         scheme = urlsplit(url).scheme.lower()
@@ -789,10 +804,11 @@ class FsspecPayloads(PayloadStore):
         try:
             self.fs, root = fsspec.core.url_to_fs(url, **options)
         except ImportError as exc:
-            raise ConfigurationError(f"payloads={url!r} needs an fsspec implementation for {scheme}:// ({exc}); for S3: "
-                                     "pip install 'nbqueue[s3]'") from exc
+            raise ConfigurationError(f"payloads={url!r} needs an fsspec implementation for {scheme}:// ({exc}); "
+                                     "for S3: pip install 'nbqueue[s3]'") from exc
         self.root = root.rstrip("/")
-        self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,))
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
+        self.local = "file" in protocols
         self._cursor = 0
         self._next_check: dict[str, float] = {}     # key -> when this process checks its links again
 
@@ -895,7 +911,8 @@ class FsspecPayloads(PayloadStore):
                       if name.startswith(KEY_PREFIX) and ".tmp-" not in name)
 
     def links(self, key):
-        return {unquote(info["name"].rstrip("/").rsplit("/", 1)[-1]): _mtime(info) for info in self._ls(f"{self.root}/refs/{key}", detail=True)}
+        return {unquote(info["name"].rstrip("/").rsplit("/", 1)[-1]): _mtime(info)
+                for info in self._ls(f"{self.root}/refs/{key}", detail=True)}
 
     def stats(self):
         infos = [i for i in self._ls(f"{self.root}/data", detail=True) if ".tmp-" not in i["name"]]
@@ -903,7 +920,8 @@ class FsspecPayloads(PayloadStore):
 
     def _due(self, now, limit):
         """Payloads written at least a grace period ago, ``limit`` at a time, in turn."""
-        keys = sorted(name for name, info in ((i["name"].rstrip("/").rsplit("/", 1)[-1], i) for i in self._ls(f"{self.root}/data", detail=True))
+        named = ((i["name"].rstrip("/").rsplit("/", 1)[-1], i) for i in self._ls(f"{self.root}/data", detail=True))
+        keys = sorted(name for name, info in named
                       if name.startswith(KEY_PREFIX) and ".tmp-" not in name and _mtime(info) <= now - self.grace
                       and self._next_check.get(name, 0.0) <= now)
         if not keys:
@@ -925,7 +943,8 @@ class FsspecPayloads(PayloadStore):
     def _drop_orphans(self, before, limit):
         """Temporary files of writes whose process died before the rename (payloads without links
         are found through ``_due``)."""
-        stale = [i["name"] for i in self._ls(f"{self.root}/data", detail=True) if ".tmp-" in i["name"] and _mtime(i) <= before]
+        stale = [i["name"] for i in self._ls(f"{self.root}/data", detail=True)
+                 if ".tmp-" in i["name"] and _mtime(i) <= before]
         self._rm(stale[:limit])
         return 0
 
@@ -984,7 +1003,8 @@ class Plane:
                     self._store = store_from_url(self.url, clock=self.clock, options=self.options)
         return self._store
 
-    def encode(self, obj: Any, make: Callable[[str | None], Any], owner: str | None, inline: Callable[[Any], dict]) -> dict:
+    def encode(self, obj: Any, make: Callable[[str | None], Any], owner: str | None,
+               inline: Callable[[Any], dict]) -> dict:
         """The JSON of a binary value: inline, or (larger than the threshold) a reference to
         its payload, stored linked to ``owner`` (else to the send's pin). Raises PayloadTooLarge."""
         scope = _SCOPE.get()
@@ -1021,8 +1041,9 @@ class Plane:
 
     def _no_store(self, what: str) -> str:
         return (f"is {what}, over payload_threshold ({human_size(self.threshold)}), and this App has no payload store "
-                f"({self.why_none}); keep large values in one that every worker reaches: App(..., payloads='s3://bucket/prefix') "
-                "or payloads='file:///shared/dir' (or raise payload_threshold to send it inline)")
+                f"({self.why_none}); keep large values in one that every worker reaches: "
+                "App(..., payloads='s3://bucket/prefix') or payloads='file:///shared/dir' "
+                "(or raise payload_threshold to send it inline)")
 
     @staticmethod
     def _too_large(what: str, store: PayloadStore) -> str:
@@ -1051,7 +1072,8 @@ class Plane:
                 scope.store = store
                 owner = scope.pin
             else:
-                owner = f"pin:{uuid.uuid4().hex}"       # no send around it: the sweep drops the pin after the grace period
+                # no send around it: the sweep drops the pin after the grace period
+                owner = f"pin:{uuid.uuid4().hex}"
         key = store.put(blob.data, owner)
         v = {"key": key, "codec": blob.codec, "size": blob.size, "summary": text, **info, "store": store.label}
         head = _head(obj)
@@ -1065,8 +1087,9 @@ class Plane:
         store = self.store
         what = v.get("summary") or v["key"]
         if store is None:
-            raise PayloadError(f"payload {v['key']} ({what}) cannot be read: this App has no payload store ({self.why_none}); "
-                               f"it was written to {v.get('store', 'another store')}: create the App with the same payloads=")
+            raise PayloadError(f"payload {v['key']} ({what}) cannot be read: this App has no payload store "
+                               f"({self.why_none}); it was written to {v.get('store', 'another store')}: "
+                               "create the App with the same payloads=")
         _release_unused()           # what earlier values left in Arrow's allocator, before this one is read
         data = store.get(v["key"], what)
         return blobs.unpack(v["codec"], data, v)
@@ -1118,12 +1141,12 @@ def attach(app) -> Plane:
                 url = candidate
                 break
         else:
-            why = (f"its results ({urlsplit(app.backend_url).scheme}://) and broker ({urlsplit(app.broker_url).scheme}://) "
-                   "cannot hold large values")
+            why = (f"its results ({urlsplit(app.backend_url).scheme}://) and broker "
+                   f"({urlsplit(app.broker_url).scheme}://) cannot hold large values")
     threshold = option("payload_threshold")
     options = {k: v for k, v in app.config.options.items() if k not in ("clock",)}
-    plane = Plane(url=url, threshold=None if threshold is None else int(threshold), compression=option("payload_compression"),
-                  clock=app.clock, options=options, why_none=why)
+    plane = Plane(url=url, threshold=None if threshold is None else int(threshold),
+                  compression=option("payload_compression"), clock=app.clock, options=options, why_none=why)
     app.serializer.plane = plane
     return plane
 
@@ -1195,7 +1218,8 @@ def track(app, owner: str, *texts: str | None) -> None:
         return
     missing = store.link(keys, owner)
     if missing:
-        log.warning("task %s refers to payload(s) the payload store %s does not hold: %s", owner, store.label, ", ".join(missing))
+        log.warning("task %s refers to payload(s) the payload store %s does not hold: %s",
+                    owner, store.label, ", ".join(missing))
 
 
 def release(app, owners: Sequence[str]) -> int:
@@ -1233,5 +1257,5 @@ def upkeep(app) -> int:
 
 
 __all__ = ["PayloadStore", "SQLitePayloads", "RedisPayloads", "FsspecPayloads", "PayloadRef", "Plane", "store_from_url",
-           "attach", "sending", "track", "release", "after_purge", "upkeep", "key_of", "keys_in", "summary", "human_size",
-           "DEFAULT_THRESHOLD", "SWEEP_EVERY"]
+           "attach", "sending", "track", "release", "after_purge", "upkeep", "key_of", "keys_in", "summary",
+           "human_size", "DEFAULT_THRESHOLD", "SWEEP_EVERY"]

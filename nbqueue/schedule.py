@@ -299,7 +299,8 @@ def _check_target(app, target: Any) -> Any:
         # fail in the cell that registers, not later in the scheduler thread
         task = app.registry.get(sig.name)
         with payloads.sending(app):     # a check only: what it stored out of band goes again at once
-            sig.replace(id=None).to_message(app.serializer, default_queue=app.default_queue, fn=task.fn if task else None)
+            sig.replace(id=None).to_message(app.serializer, default_queue=app.default_queue,
+                                            fn=task.fn if task else None)
     return target
 
 

@@ -1011,7 +1011,8 @@ class Worker:
             args = [app.serializer.decode(a) for a in message["args"]]
             kwargs = {k: app.serializer.decode(v) for k, v in message["kwargs"].items()}
         except Exception as exc:
-            kind = type(exc) if isinstance(exc, PayloadError) else SerializationError    # a payload's error keeps its type
+            # a payload's error (missing, corrupt) keeps its type
+            kind = type(exc) if isinstance(exc, PayloadError) else SerializationError
             self._fail(delivery, message, token, kind(f"cannot decode arguments of task {name!r}: {exc}"), batch)
             return
 

@@ -396,7 +396,8 @@ def _publish_callbacks(app, messages: list[dict], parent_id: str, pub: _Publishe
         return
     now = app.clock.time()
     records = [{"id": m["id"], "name": m["name"], "state": states.PENDING, "args": serialization.dumps(m["args"]),
-                "kwargs": serialization.dumps(m["kwargs"]), "queue": m.get("queue"), "parent_id": parent_id, "created_at": now}
+                "kwargs": serialization.dumps(m["kwargs"]), "queue": m.get("queue"), "parent_id": parent_id,
+                "created_at": now}
                for m in messages]
     app.backend.create(records)
     for r in records:       # a callback's arguments (the parent's result among them) live with its record too

@@ -98,7 +98,8 @@ def _preview(value: Any) -> tuple[Any, str]:
     if not kind.__module__.startswith("pandas") or kind.__name__ not in ("DataFrame", "Series"):
         return None, ""
     if value.ndim == 1:
-        return value.iloc[:PREVIEW_ROWS].to_frame(), f"Series {len(value):,}" + (f" {value.name!r}" if value.name is not None else "")
+        name = f" {value.name!r}" if value.name is not None else ""
+        return value.iloc[:PREVIEW_ROWS].to_frame(), f"Series {len(value):,}{name}"
     rows, cols = value.shape
     return value.iloc[:PREVIEW_ROWS, :PREVIEW_COLUMNS], f"DataFrame {rows:,}×{cols:,}"
 
