@@ -11,8 +11,8 @@ from .errors import (BrokerError, CodeNotAllowed, ConfigurationError, Connection
                      TaskFailed, TaskRevoked, TimeLimitExceeded, UnsupportedOperation, WorkerLostError)
 from .result import AsyncResult, ChainResult, ChordResult, GroupResult
 from .retry import Backoff
-from .signature import Signature
-from .workflow import chain, chord, current_task, group
+from .canvas import Signature, chain, chord, group
+from .context import current_task
 
 __version__ = "0.1.0"
 

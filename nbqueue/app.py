@@ -26,7 +26,7 @@ from .brokers import broker_from_url
 from .brokers.base import Outgoing
 from .clock import SYSTEM
 from .result import AsyncResult
-from .signature import Signature, encode_body
+from .signature import Signature, encode_body, to_message
 from .task import Task, task_name
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ class App:
         """Encode a signature: (message, PENDING record, Outgoing). Raises SerializationError."""
         task = self.registry.get(sig.name)
         now = self.clock.time()
-        message = sig.to_message(self.serializer, default_queue=self.default_queue, fn=task.fn if task else None, now=now)
+        message = to_message(sig, self.serializer, default_queue=self.default_queue, fn=task.fn if task else None, now=now)
         shipping.attach(self, sig, message)   # made from a notebook's function: carries its code, to a code queue
         if group_id is not None:
             message["group_id"] = group_id

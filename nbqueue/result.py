@@ -252,7 +252,7 @@ def free_threads(app, queue: str | None, name: str | None) -> int:
     """Worker threads that could still run a task ``name`` of ``queue``: those of the live
     workers serving the queue (and knowing the name) that are not held waiting inside a
     task. Workers of this process are counted exactly, others from their heartbeats."""
-    from .workflow import current_task
+    from .context import current_task
 
     ctx = current_task() or {}
     local = {w.name: w for w in [*app.workers, ctx.get("worker")] if w is not None and w.running}
@@ -323,7 +323,7 @@ def _waiting(app, records: Callable[[], list]) -> Iterator[_Between]:
     (``Worker.waiting``, also sent in its heartbeat) and the wait is refused at once with
     DeadlockError when no free thread could run what it waits for.
     """
-    from .workflow import current_task
+    from .context import current_task
 
     ctx = current_task()
     worker = (ctx or {}).get("worker")

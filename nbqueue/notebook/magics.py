@@ -71,7 +71,8 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from .. import builtin, serialization, states
 from ..errors import SerializationError
 from ..result import AsyncResult
-from ..signature import Signature, new_id
+from ..canvas import Signature
+from ..signature import new_id
 from . import cellvars, widgets
 
 DEFAULT_CONCURRENCY = 4
