@@ -61,7 +61,7 @@ class App:
         self._schedules = None
         self._lock = threading.Lock()
         self._live_workers: tuple[float, list] | None = None     # (when read, heartbeats): see live_workers()
-        # -- built-in tasks (issue 5): "nbqueue.cell" runs %%task cells, only on allow_cells workers --
+        # -- built-in tasks: "nbqueue.cell" runs %%task cells, only on allow_cells workers ----------
         from . import builtin
 
         builtin.register(self)
@@ -201,6 +201,10 @@ class App:
     def result(self, task_id: str) -> AsyncResult:
         """The AsyncResult of any task id, also one sent before a kernel restart."""
         return AsyncResult(task_id, self)
+
+    def states(self, ids: Iterable[str]) -> dict[str, str]:
+        """The state of each of the task ids that has a record, from one query (ids without a record are left out)."""
+        return self.backend.states_of(list(ids))
 
     def tasks(self, state: str | None = None, name: str | None = None, limit: int | None = None):
         """Every recorded task as a pandas DataFrame, newest first (``runtime`` in seconds)."""
@@ -379,7 +383,7 @@ class App:
         self.broker.close()
         self.backend.close()
 
-    # -- periodic tasks (issue 7): registrations here, the logic in schedule.py -------------
+    # -- periodic tasks: registrations here, the logic in schedule.py ----------------------
     def periodic(self, spec: str, target: Any, name: str | None = None, *, catch_up: bool = False, timezone: Any = None):
         """Fire ``target`` (a signature, task, group, chain or chord; a fresh copy each time) on ``spec``.
 

@@ -24,7 +24,8 @@ def _decode(app, text):
         return text
 
 
-def records_frame(app, records: list[dict], extra: dict[str, list] | None = None):
+def records_frame(app, records: list[dict]):
+    """One row per record (None entries skipped), in the columns and types the module docstring gives."""
     import pandas as pd
 
     rows = []

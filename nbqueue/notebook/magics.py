@@ -107,12 +107,20 @@ class CellTask(AsyncResult):
         return self.run.label
 
     def view_note(self, state: str) -> str:
+        """What the view says beside the state: what the cell waits for, or where its value goes."""
         run = self.run
         if run.waiting and state == states.PENDING:
             return "waiting for " + ", ".join(run.dep_labels)
         if run.var and state == states.SUCCESS:
             return f"→ {run.var}"
         return ""
+
+    def snapshot(self, *, diagnose: bool = True) -> dict:
+        """``AsyncResult.snapshot`` labelled with the cell's name and noting what it waits for."""
+        snap = super().snapshot(diagnose=diagnose and not self.run.waiting)
+        snap["label"] = self.label
+        snap["note"] = self.view_note(snap["state"]) or snap["note"]
+        return snap
 
     def __repr__(self) -> str:
         return f"<CellTask {self.label} {self.id} {self.state}>"
