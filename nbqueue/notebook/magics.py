@@ -63,6 +63,7 @@ import os
 import threading
 import uuid
 import weakref
+from typing import Callable
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
@@ -235,6 +236,7 @@ class NbqueueMagics(Magics):
 
     def submit(self, cell: str, *, name: str | None = None, var: str | None = None, queue: str | None = None,
                retry_count: int = 0, after: list[str] | tuple = ()) -> CellTask:
+        """Send ``cell`` as a task (once the ``after`` tasks succeeded); see the module docstring."""
         if var is not None and not var.isidentifier():
             raise UsageError(f"-o {var!r}: not a valid variable name")
         source = self.shell.transform_cell(cell) if self.shell is not None else cell
@@ -242,51 +244,60 @@ class NbqueueMagics(Magics):
         key = name or var or self._cell_id() or "src:" + hashlib.sha1(source.encode()).hexdigest()[:12]
         label = name or var or "cell"
         deps, dep_labels, dep_runs = self._resolve_after(after)
-        deferred = {n: r.task_id for r in dep_runs if r.var for n in [r.var] if n in reads}
+        deferred = {r.var: r.task_id for r in dep_runs if r.var and r.var in reads}
         local_ok = queue is None and self.worker_running
         target_queue = queue or (self.kernel_queue if local_ok else self.app.default_queue)
-        # IPython puts its own versions of some builtins (open, exit, quit) in the namespace: the worker has the real ones
-        hidden = getattr(self.shell, "user_ns_hidden", {}) or {}
-        ipython_builtins = {n for n in reads if n in vars(builtins) and n in hidden and hidden[n] is self.shell.user_ns.get(n)}
-        try:
-            captured = cellvars.capture(reads, self.shell.user_ns, self.app.serializer, allow_local=local_ok,
-                                        skip=set(deferred) | ipython_builtins)
-        except SerializationError as exc:
-            where = f"queue {queue!r}" if queue else "the App's workers (this kernel's worker is stopped)"
-            raise UsageError(f"%%task {label}: {exc} [the cell goes to {where}]") from None
+        captured = self._capture(reads, label, queue, local_ok, skip=set(deferred))
         self._warn_stale_reads(reads, deps, deferred)
 
-        task_id = new_id()
-        run = CellRun(key=key, label=label, task_id=task_id, var=var, queue=target_queue, deps=deps,
+        run = CellRun(key=key, label=label, task_id=new_id(), var=var, queue=target_queue, deps=deps,
                       dep_labels=dep_labels, deferred=deferred)
-        result = CellTask(task_id, self.app, run)
-        run.result = result
+        run.result = CellTask(run.task_id, self.app, run)
         with builtin._live_lock:
-            builtin.LIVE[task_id] = captured.local      # also marks the cell as ours, for -o's live value
+            builtin.LIVE[run.task_id] = captured.local      # also marks the cell as ours, for -o's live value
         self._replace(key, run)
 
         def send(inputs: dict) -> None:
             kwargs = builtin.cell_kwargs(self.app, source=source, inputs=inputs, imports=captured.imports,
                                          local=list(captured.local), label=label)
-            sig = Signature(builtin.CELL_TASK, kwargs=kwargs, id=task_id, queue=target_queue, retry_count=retry_count,
-                            app=self.app)
-            self.app.send_task(sig)
+            self.app.send_task(Signature(builtin.CELL_TASK, kwargs=kwargs, id=run.task_id, queue=target_queue,
+                                         retry_count=retry_count, app=self.app))
 
         if deps:
-            run.waiting = True
-            # record it now (PENDING), so views and app.tasks() show it while it waits
-            placeholder = Signature(builtin.CELL_TASK, kwargs={"label": label, "source": source, "after": dep_labels},
-                                    id=task_id, queue=target_queue)
-            _, record, _ = self.app.prepare(placeholder)
-            self.app.backend.create([record])
-            run.watches.append(widgets.UPDATER.watch(self.app, deps, lambda found: self._dependencies_done(run, captured.inputs, send, found)))
+            self._send_after_dependencies(run, source, captured.inputs, send)
         else:
             send(dict(captured.inputs))
-        if var:
-            run.watches.append(widgets.UPDATER.watch(self.app, [task_id], lambda found: self._finished(run, found)))
-        else:
-            run.watches.append(widgets.UPDATER.watch(self.app, [task_id], lambda found: builtin.forget_live(task_id)))
-        return result
+        self._watch_finish(run)
+        return run.result
+
+    def _capture(self, reads: list[str], label: str, queue: str | None, local_ok: bool, skip: set[str]):
+        """The values of the names the cell reads (cellvars.capture); a value that cannot go where
+        the cell goes is a UsageError naming it."""
+        # IPython puts its own versions of some builtins (open, exit, quit) in the namespace: the worker has the real ones
+        hidden = getattr(self.shell, "user_ns_hidden", {}) or {}
+        namespace = self.shell.user_ns
+        ipython_builtins = {n for n in reads if n in vars(builtins) and n in hidden and hidden[n] is namespace.get(n)}
+        try:
+            return cellvars.capture(reads, namespace, self.app.serializer, allow_local=local_ok,
+                                    skip=skip | ipython_builtins)
+        except SerializationError as exc:
+            where = f"queue {queue!r}" if queue else "the App's workers (this kernel's worker is stopped)"
+            raise UsageError(f"%%task {label}: {exc} [the cell goes to {where}]") from None
+
+    def _send_after_dependencies(self, run: CellRun, source: str, inputs: dict, send: Callable[[dict], None]) -> None:
+        """Record the cell now (PENDING, so views and app.tasks() show it while it waits) and send it
+        from the updater thread once every dependency is final."""
+        run.waiting = True
+        placeholder = Signature(builtin.CELL_TASK, kwargs={"label": run.label, "source": source, "after": run.dep_labels},
+                                id=run.task_id, queue=run.queue)
+        _, record, _ = self.app.prepare(placeholder)
+        self.app.backend.create([record])
+        run.watches.append(widgets.UPDATER.watch(self.app, run.deps,
+                                                 lambda found: self._dependencies_done(run, inputs, send, found)))
+
+    def _watch_finish(self, run: CellRun) -> None:
+        """Once the run is final (updater thread): ``_finished``."""
+        run.watches.append(widgets.UPDATER.watch(self.app, [run.task_id], lambda found: self._finished(run, found)))
 
     def _cell_id(self) -> str | None:
         kernel = getattr(self.shell, "kernel", None)
@@ -363,8 +374,8 @@ class NbqueueMagics(Magics):
         run.waiting = False
 
     def _finished(self, run: CellRun, found: dict) -> None:
-        """Updater thread: the run is final; bind -o on success."""
-        if found.get(run.task_id) == states.SUCCESS:
+        """Updater thread: the run is final; bind -o on success, forget the run's live objects."""
+        if run.var and found.get(run.task_id) == states.SUCCESS:
             self._bind(run)
         builtin.forget_live(run.task_id)
 
