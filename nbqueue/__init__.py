@@ -67,8 +67,8 @@ def export_notebook(path, out=None) -> str:
 
 
 def _display_data(result, include=None, exclude=None) -> dict:
-    """IPython's display data of a result: the notebook layer's live view (see nbqueue.notebook.display)."""
-    from .notebook.display import mimebundle
+    """IPython's display data of a result: the notebook layer's live view (see nbqueue.notebook.widgets)."""
+    from .notebook.widgets import mimebundle
 
     return mimebundle(result, include, exclude)
 

@@ -13,7 +13,7 @@ import pytest
 
 import nbqueue
 from nbqueue import Signature, chain, chord, group
-from nbqueue.notebook import display
+from nbqueue.notebook import display, widgets
 
 #: the dtypes of app.tasks() and to_frame(), whatever the rows
 FRAME_DTYPES = {
@@ -149,13 +149,13 @@ def test_text_reprs_of_every_result_type(app):
     assert repr(c) == "<ChordResult 2 members SUCCESS>"
     assert repr(ch) == "<ChainResult 2 steps SUCCESS>"
     # outside a kernel the display data is a text line (the live view's text mode)
-    assert re.fullmatch(r"\[nbqueue\] add \w{8}: SUCCESS in \S+ → 42", display.mimebundle(one)["text/plain"])
+    assert re.fullmatch(r"\[nbqueue\] add \w{8}: SUCCESS in \S+ → 42", widgets.mimebundle(one)["text/plain"])
     assert re.fullmatch(r"\[nbqueue\] group of 2 SUCCESS 100% \(2/2 done: 2 succeeded\) in \S+ → \[2, 4\]",
-                        display.mimebundle(g)["text/plain"])
+                        widgets.mimebundle(g)["text/plain"])
     assert re.fullmatch(r"\[nbqueue\] chord of 2 SUCCESS 100% \(2/2 done: 2 succeeded\), callback SUCCESS in \S+ → 10",
-                        display.mimebundle(c)["text/plain"])
+                        widgets.mimebundle(c)["text/plain"])
     assert re.fullmatch(r"\[nbqueue\] chain of 2 steps SUCCESS 100% \(2/2 steps\) in \S+ → 13",
-                        display.mimebundle(ch)["text/plain"])
+                        widgets.mimebundle(ch)["text/plain"])
     [table] = tables(display.html(one))
     assert dict((row[0], row[1]) for row in table)["result"] == "42"
 

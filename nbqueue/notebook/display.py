@@ -2,9 +2,9 @@
 by the static display data and the live views.
 
 :func:`html` is the static rendering of any result (what nbconvert and GitHub show): a
-task's table, or a workflow's counts and the first rows of its tasks. :func:`mimebundle`
-is the display data IPython gets for a result (``nbqueue`` registers it with IPython's
-display formatters): the live view of widgets.py, with the static HTML and a text line.
+task's table, or a workflow's counts and the first rows of its tasks. The display data
+IPython gets for a result (``nbqueue`` registers it with IPython's display formatters) is
+``widgets.mimebundle``: the live view, with this static HTML and a text line.
 """
 from __future__ import annotations
 
@@ -140,10 +140,3 @@ def html(result) -> str:
     if isinstance(result, AsyncResult):
         return task_html(result.snapshot(diagnose=False))
     return workflow_html(result)
-
-
-def mimebundle(result, include=None, exclude=None) -> dict:
-    """The display data of a result: a live widget view where widgets render, text otherwise."""
-    from . import widgets
-
-    return widgets.mimebundle(result, include=include, exclude=exclude)

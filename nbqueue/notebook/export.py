@@ -517,12 +517,11 @@ class _Exporter:
 
     def _read_task_cell(self, number: int, header: str, line: str, body: str, skipped: int):
         from IPython.core.error import UsageError
-        from IPython.core.magic_arguments import parse_argstring
 
-        from .magics import NbqueueMagics
+        from . import taskargs
 
         try:
-            args = parse_argstring(NbqueueMagics.task, line)
+            args = taskargs.parse(line)
         except (UsageError, SystemExit, ValueError) as exc:
             self.notes.append((number, skipped + 1, f"cannot read the %%task options ({exc}); not exported"))
             return None

@@ -67,14 +67,13 @@ from typing import Callable
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from .. import builtin, serialization, states
 from ..errors import SerializationError
 from ..result import AsyncResult
 from ..canvas import Signature
 from ..signature import new_id
-from . import cellvars, widgets
+from . import cellvars, taskargs, widgets
 
 DEFAULT_CONCURRENCY = 4
 
@@ -222,17 +221,13 @@ class NbqueueMagics(Magics):
         self.stop_worker(wait=True)
 
     # -- %%task ----------------------------------------------------------------------------------------
-    @magic_arguments()
-    @argument("name", nargs="?", default=None, help="a name for the cell's task (re-running replaces it; --after refers to it)")
-    @argument("-o", "--output", dest="var", default=None, help="bind the cell's value to this variable when it succeeds")
-    @argument("--queue", default=None, help="send to this queue (a worker started with --allow-cells must serve it)")
-    @argument("--retry-count", type=int, default=0, help="retry a failing cell up to N times")
-    @argument("--after", nargs="+", default=[], metavar="NAME_OR_VAR", help="run only after these cell tasks (or results) succeed")
+    @taskargs.task_options
     @cell_magic
     def task(self, line: str, cell: str):
         """Run the cell as a task; returns at once with a live view of it."""
-        args = parse_argstring(self.task, line)
-        return self.submit(cell, name=args.name, var=args.var, queue=args.queue, retry_count=args.retry_count, after=args.after)
+        args = taskargs.parse(line)
+        return self.submit(cell, name=args.name, var=args.var, queue=args.queue, retry_count=args.retry_count,
+                           after=args.after)
 
     def submit(self, cell: str, *, name: str | None = None, var: str | None = None, queue: str | None = None,
                retry_count: int = 0, after: list[str] | tuple = ()) -> CellTask:

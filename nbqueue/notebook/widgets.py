@@ -641,7 +641,7 @@ def show(result, mode: str | None = None) -> View:
 
 
 def mimebundle(result, include=None, exclude=None, mode: str | None = None) -> dict:
-    """``_repr_mimebundle_`` of results: the live view's display data."""
+    """The display data of a result (what nbqueue registers with IPython): the live view's."""
     return show(result, mode).bundle()
 
 
