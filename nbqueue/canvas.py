@@ -71,10 +71,10 @@ class Signature:
         for key, value in changes.items():
             setattr(clone, key, value)
         clone.args = list(clone.args)
-        clone.kwargs = dict(clone.kwargs)
+        clone.kwargs = dict(clone.kwargs or {})
         clone.headers = dict(clone.headers) if clone.headers else None
-        clone.on_success = [s.replace() for s in clone.on_success]
-        clone.on_error = [s.replace() for s in clone.on_error]
+        clone.on_success = [s.replace() for s in clone.on_success or ()]
+        clone.on_error = [s.replace() for s in clone.on_error or ()]
         return clone
 
     def set(self, **options: Any) -> "Signature":
@@ -86,10 +86,16 @@ class Signature:
         return self
 
     def link(self, callback: "Signature") -> "Signature":
+        """Send ``callback`` with this task's value appended to its args when this task succeeds."""
+        if self.on_success is None:
+            self.on_success = []
         self.on_success.append(callback)
         return self
 
     def link_error(self, callback: "Signature") -> "Signature":
+        """Send ``callback`` with the error text before its args when this task fails for good."""
+        if self.on_error is None:
+            self.on_error = []
         self.on_error.append(callback)
         return self
 
@@ -145,6 +151,8 @@ class group:
 
 class chain:
     """Steps that run one after another; each result is appended to the next step's args."""
+
+    steps: list
 
     def __init__(self, *items: Any):
         items = _spread(items)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from . import serialization
 
-COLUMNS = ["id", "name", "state", "args", "kwargs", "result", "error", "retries", "queue", "created", "started", "finished", "runtime", "worker"]
+COLUMNS = ["id", "name", "state", "args", "kwargs", "result", "error", "retries", "queue", "created", "started",
+           "finished", "runtime", "worker"]
 OBJECT_COLUMNS = ("id", "name", "state", "args", "kwargs", "result", "error", "queue", "worker")
 
 

@@ -295,7 +295,8 @@ def _unsupported(obj: Any) -> str:
         if isinstance(obj, base):
             return (f"has type {name}, a subclass of {base.__name__} that would arrive as a plain {base.__name__}; "
                     f"pass {base.__name__}(...) of it, or create the App with serializer='pickle'")
-    return (f"has type {name}, which nbqueue cannot serialize as JSON; pass plain data (numbers, strings, lists, dicts, "
+    return (f"has type {name}, which nbqueue cannot serialize as JSON; "
+            "pass plain data (numbers, strings, lists, dicts, "
             "DataFrames, arrays) or create the App with serializer='pickle'")
 
 

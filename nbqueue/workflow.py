@@ -520,7 +520,7 @@ def _next_step(app, cont: NextStep, value: Any, pub: _Publisher) -> None:
     if text is None:
         return
     following = cont.step + 1
-    inner = [dataclasses.replace(cont, step=following)] if following < cont.steps else cont.then
+    inner: list[Continuation] = [dataclasses.replace(cont, step=following)] if following < cont.steps else cont.then
     start(app, node_from_json(serialization.loads(text)), inner, pub, input_json=value, has_input=True)
     pub.after.append(lambda: app.backend.kv_set(step_key, None))
 

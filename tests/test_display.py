@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 import nbqueue
-from nbqueue import Signature, chain, chord, group
+from nbqueue import Signature, chord, group
 from nbqueue.notebook import display, widgets
 
 #: the dtypes of app.tasks() and to_frame(), whatever the rows

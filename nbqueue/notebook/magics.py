@@ -69,9 +69,9 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
 from .. import builtin, serialization, states
+from ..canvas import Signature
 from ..errors import SerializationError
 from ..result import AsyncResult
-from ..canvas import Signature
 from ..signature import new_id
 from . import cellvars, taskargs, widgets
 
@@ -183,7 +183,8 @@ class NbqueueMagics(Magics):
             return
         chosen = next(((n, a) for n, a in new if n == "app"), new[0] if len({id(a) for _, a in new}) == 1 else None)
         if chosen is None:
-            print(f"nbqueue: new Apps {names}; %%task and %nbqueue keep using {self.app!r}: `%nbqueue use NAME` picks one")
+            print(f"nbqueue: new Apps {names}; %%task and %nbqueue keep using {self.app!r}: "
+                  "`%nbqueue use NAME` picks one")
             return
         self.use(chosen[1], chosen[0], pinned=False)
 
@@ -268,7 +269,8 @@ class NbqueueMagics(Magics):
     def _capture(self, reads: list[str], label: str, queue: str | None, local_ok: bool, skip: set[str]):
         """The values of the names the cell reads (cellvars.capture); a value that cannot go where
         the cell goes is a UsageError naming it."""
-        # IPython puts its own versions of some builtins (open, exit, quit) in the namespace: the worker has the real ones
+        # IPython puts its own versions of some builtins (open, exit, quit) in the namespace:
+        # the worker has the real ones
         hidden = getattr(self.shell, "user_ns_hidden", {}) or {}
         namespace = self.shell.user_ns
         ipython_builtins = {n for n in reads if n in vars(builtins) and n in hidden and hidden[n] is namespace.get(n)}
@@ -283,8 +285,8 @@ class NbqueueMagics(Magics):
         """Record the cell now (PENDING, so views and app.tasks() show it while it waits) and send it
         from the updater thread once every dependency is final."""
         run.waiting = True
-        placeholder = Signature(builtin.CELL_TASK, kwargs={"label": run.label, "source": source, "after": run.dep_labels},
-                                id=run.task_id, queue=run.queue)
+        placeholder = Signature(builtin.CELL_TASK, id=run.task_id, queue=run.queue,
+                                kwargs={"label": run.label, "source": source, "after": run.dep_labels})
         _, record, _ = self.app.prepare(placeholder)
         self.app.backend.create([record])
         run.watches.append(widgets.UPDATER.watch(self.app, run.deps,
@@ -304,11 +306,15 @@ class NbqueueMagics(Magics):
             return None
         return f"cell:{cell_id}" if cell_id else None
 
+    def _run_named(self, ref: str) -> CellRun | None:
+        """The run whose ``-o`` variable or label is ``ref`` (the caller holds the lock)."""
+        return next((r for r in self.runs.values() if r.var == ref or r.label == ref), None)
+
     def _resolve_after(self, after) -> tuple[list[str], list[str], list[CellRun]]:
         deps, labels, runs = [], [], []
         for ref in after:
             with self._lock:
-                run = self.runs.get(ref) or next((r for r in self.runs.values() if r.var == ref or r.label == ref), None)
+                run = self.runs.get(ref) or self._run_named(ref)
             if run is not None:
                 deps.append(run.task_id)
                 labels.append(run.label)
@@ -317,7 +323,8 @@ class NbqueueMagics(Magics):
             value = self.shell.user_ns.get(ref)
             terminal = getattr(value, "terminal_id", None) or (value.id if isinstance(value, AsyncResult) else None)
             if terminal is None:
-                raise UsageError(f"--after {ref}: no %%task named {ref!r} in this kernel, and no variable {ref!r} holding a result")
+                raise UsageError(f"--after {ref}: no %%task named {ref!r} in this kernel, "
+                                 f"and no variable {ref!r} holding a result")
             deps.append(terminal)
             labels.append(ref)
         return deps, labels, runs
@@ -328,8 +335,9 @@ class NbqueueMagics(Magics):
                        and not r.bound and r.task_id not in deps]
         for r in pending:
             if not r.result.ready():
-                print(f"nbqueue: this cell reads {r.var!r}, the output of cell task {r.label!r}, which has not finished; "
-                      f"it gets the current value of {r.var!r}. Add --after {r.label} to wait for it.")
+                print(f"nbqueue: this cell reads {r.var!r}, the output of cell task {r.label!r}, "
+                      f"which has not finished; it gets the current value of {r.var!r}. "
+                      f"Add --after {r.label} to wait for it.")
 
     def _replace(self, key: str, run: CellRun) -> None:
         with self._lock:
@@ -365,7 +373,8 @@ class NbqueueMagics(Magics):
         try:
             send(inputs)
         except Exception as exc:  # e.g. the store went away: record it where the user looks
-            self.app.backend.store_result(run.task_id, states.FAILURE, exc_type=type(exc).__name__, error=f"could not send the cell: {exc}")
+            self.app.backend.store_result(run.task_id, states.FAILURE, exc_type=type(exc).__name__,
+                                          error=f"could not send the cell: {exc}")
         run.waiting = False
 
     def _finished(self, run: CellRun, found: dict) -> None:
@@ -407,7 +416,8 @@ class NbqueueMagics(Magics):
     # -- %nbqueue ----------------------------------------------------------------------------------
     @line_magic
     def nbqueue(self, line: str):
-        """%nbqueue status | tasks [--state S] [--name N] [--limit L] | worker start [-c N] | worker stop | wait [NAME ...] [--timeout T] | use [NAME] | export [-o FILE] | dashboard [--port P] [--height H] [stop]"""
+        """%nbqueue status | tasks [--state S] [--name N] [--limit L] | worker start [-c N] | worker stop |
+        wait [NAME ...] [--timeout T] | use [NAME] | export [-o FILE] | dashboard [--port P] [--height H] [stop]"""
         import argparse
         import shlex
 
@@ -444,12 +454,14 @@ class NbqueueMagics(Magics):
         if args.command == "worker":
             if args.action == "start":
                 worker = self.start_worker(args.concurrency)
-                print(f"nbqueue: worker {worker.name} running in this kernel: {worker.concurrency} thread(s), queues {', '.join(worker.queues)}")
+                print(f"nbqueue: worker {worker.name} running in this kernel: {worker.concurrency} thread(s), "
+                      f"queues {', '.join(worker.queues)}")
             else:
                 running = self.worker_running
                 self.stop_worker(wait=False)
-                print("nbqueue: this kernel's worker is stopping (running tasks finish first); %%task cells now go to "
-                      f"queue {self.app.default_queue!r}" if running else "nbqueue: no worker was running in this kernel")
+                print("nbqueue: this kernel's worker is stopping (running tasks finish first); %%task cells now "
+                      f"go to queue {self.app.default_queue!r}" if running
+                      else "nbqueue: no worker was running in this kernel")
             return None
         if args.command == "wait":
             self.wait(args.names, timeout=args.timeout)
@@ -482,7 +494,8 @@ class NbqueueMagics(Magics):
             if running is not None:
                 running.stop()
                 self._dashboard = None
-            print("nbqueue: dashboard stopped" if running is not None else "nbqueue: no dashboard was running in this kernel")
+            print("nbqueue: dashboard stopped" if running is not None
+                  else "nbqueue: no dashboard was running in this kernel")
             return None
         if running is not None and (running.server.should_exit or (port is not None and port != running.port)):
             running.stop()
@@ -499,8 +512,9 @@ class NbqueueMagics(Magics):
 
         status = self.app.status()
         workers = pd.DataFrame(status["workers"])
-        cols = [c for c in ("worker_id", "host", "pid", "concurrency", "queues", "running", "processed", "last_seen") if c in workers.columns]
-        workers = workers[cols] if len(workers) else pd.DataFrame(columns=["worker_id", "host", "pid", "concurrency", "queues", "running", "processed"])
+        shown = ("worker_id", "host", "pid", "concurrency", "queues", "running", "processed", "last_seen")
+        cols = [c for c in shown if c in workers.columns]
+        workers = workers[cols] if len(workers) else pd.DataFrame(columns=list(shown[:-1]))
         if "last_seen" in workers.columns:
             workers["last_seen"] = pd.to_datetime(workers["last_seen"], unit="s", utc=True)
         queues = pd.DataFrame(status["queues"], columns=["queue", "ready", "delayed", "in_flight", "dead"])
@@ -510,10 +524,11 @@ class NbqueueMagics(Magics):
                 serving[q] = serving.get(q, 0) + 1
         extra = sorted(set(serving) - set(queues["queue"]))
         if extra:
-            queues = pd.concat([queues, pd.DataFrame({"queue": extra, "ready": 0, "delayed": 0, "in_flight": 0, "dead": 0})], ignore_index=True)
+            idle = pd.DataFrame({"queue": extra, "ready": 0, "delayed": 0, "in_flight": 0, "dead": 0})
+            queues = pd.concat([queues, idle], ignore_index=True)
         queues["workers"] = queues["queue"].map(lambda q: serving.get(q, 0))
-        queues = queues.astype({"queue": object, "ready": "int64", "delayed": "int64", "in_flight": "int64", "dead": "int64",
-                                "workers": "int64"})      # the same types with no queue or worker yet
+        queues = queues.astype({"queue": object, "ready": "int64", "delayed": "int64", "in_flight": "int64",
+                                "dead": "int64", "workers": "int64"})      # the same types with no queue or worker yet
         display(workers)
         return queues
 
@@ -521,10 +536,10 @@ class NbqueueMagics(Magics):
         """Block (Ctrl-C interrupts) until the named cell tasks, or all of this kernel's, are done; bind their -o."""
         with self._lock:
             if names:
-                missing = [n for n in names if n not in self.runs and not any(r.var == n or r.label == n for r in self.runs.values())]
+                missing = [n for n in names if n not in self.runs and self._run_named(n) is None]
                 if missing:
                     raise UsageError(f"%nbqueue wait: no %%task named {', '.join(missing)} in this kernel")
-                runs = [self.runs.get(n) or next(r for r in self.runs.values() if r.var == n or r.label == n) for n in names]
+                runs = [self.runs.get(n) or self._run_named(n) for n in names]
             else:
                 runs = [r for r in self.runs.values() if not r.cancelled]
         for run in runs:
@@ -571,7 +586,8 @@ def _app_for(shell):
 KERNEL_UNKNOWN_GRACE = 120.0
 
 
-def load_ipython_extension(shell, *, concurrency: int = DEFAULT_CONCURRENCY, start_worker: bool = True) -> NbqueueMagics:
+def load_ipython_extension(shell, *, concurrency: int = DEFAULT_CONCURRENCY,
+                           start_worker: bool = True) -> NbqueueMagics:
     """Register %%task and %nbqueue on ``shell``; uses (or creates) ``app`` and starts the kernel's worker."""
     previous = _loaded.pop(id(shell), None)
     if previous is not None:

@@ -568,7 +568,11 @@ class WorkflowView(View):
             self._bar.max = maximum
         if self._bar.value != value:
             self._bar.value = value
-        style = "danger" if counts["failed"] or snap["state"] == states.FAILURE else ("success" if snap["final"] and snap["state"] == states.SUCCESS else "info")
+        style = "info"
+        if counts["failed"] or snap["state"] == states.FAILURE:
+            style = "danger"
+        elif snap["final"] and snap["state"] == states.SUCCESS:
+            style = "success"
         if self._bar.bar_style != style:
             self._bar.bar_style = style
         line = html.escape(_d.counts_line(counts))
@@ -580,7 +584,8 @@ class WorkflowView(View):
         if self.kind == "chain":
             pad = 'style="padding:1px 12px 1px 0;text-align:left"'
             rows = "".join(
-                f"<tr><td {pad}>{s['index']}</td><td {pad}>{html.escape(s['name'])}</td><td {pad}>{_d.badge(s['state'])}</td>"
+                f"<tr><td {pad}>{s['index']}</td><td {pad}>{html.escape(s['name'])}</td>"
+                f"<td {pad}>{_d.badge(s['state'])}</td>"
                 f"<td {pad}>{html.escape(_d.seconds(s['runtime']))}</td>"
                 f"<td {pad}><code>{html.escape(_step_value(s))}</code></td></tr>"
                 for s in snap["steps"])
