@@ -202,7 +202,7 @@ class App:
         """The AsyncResult of any task id, also one sent before a kernel restart."""
         return AsyncResult(task_id, self)
 
-    def states(self, ids: Iterable[str]) -> dict[str, str]:
+    def states_of(self, ids: Iterable[str]) -> dict[str, str]:
         """The state of each of the task ids that has a record, from one query (ids without a record are left out)."""
         return self.backend.states_of(list(ids))
 

@@ -403,7 +403,7 @@ class NbqueueMagics(Magics):
         if not todo:
             return
         try:
-            found = self.app.states(r.task_id for r in todo)
+            found = self.app.states_of(r.task_id for r in todo)
         except Exception:
             return
         for run in todo:

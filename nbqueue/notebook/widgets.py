@@ -228,7 +228,7 @@ class Updater:
         for group in by_app.values():
             ids = sorted({i for w in group for i in w.ids})
             try:
-                found = group[0].app.states(ids)
+                found = group[0].app.states_of(ids)
             except Exception:
                 log.debug("watch query failed", exc_info=True)
                 continue
