@@ -26,7 +26,7 @@ from .brokers import broker_from_url
 from .brokers.base import Outgoing
 from .clock import SYSTEM
 from .result import AsyncResult
-from .signature import Signature, encode_body
+from .signature import Signature, encode_body, to_message
 from .task import Task, task_name
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class App:
         self._schedules = None
         self._lock = threading.Lock()
         self._live_workers: tuple[float, list] | None = None     # (when read, heartbeats): see live_workers()
-        # -- built-in tasks (issue 5): "nbqueue.cell" runs %%task cells, only on allow_cells workers --
+        # -- built-in tasks: "nbqueue.cell" runs %%task cells, only on allow_cells workers ----------
         from . import builtin
 
         builtin.register(self)
@@ -127,7 +127,7 @@ class App:
                  meta: dict | None) -> tuple[dict, dict, Outgoing]:
         task = self.registry.get(sig.name)
         now = self.clock.time()
-        message = sig.to_message(self.serializer, default_queue=self.default_queue, fn=task.fn if task else None, now=now)
+        message = to_message(sig, self.serializer, default_queue=self.default_queue, fn=task.fn if task else None, now=now)
         shipping.attach(self, sig, message)   # made from a notebook's function: carries its code, to a code queue
         if group_id is not None:
             message["group_id"] = group_id
@@ -210,6 +210,10 @@ class App:
     def result(self, task_id: str) -> AsyncResult:
         """The AsyncResult of any task id, also one sent before a kernel restart."""
         return AsyncResult(task_id, self)
+
+    def states_of(self, ids: Iterable[str]) -> dict[str, str]:
+        """The state of each of the task ids that has a record, from one query (ids without a record are left out)."""
+        return self.backend.states_of(list(ids))
 
     def tasks(self, state: str | None = None, name: str | None = None, limit: int | None = None):
         """Every recorded task as a pandas DataFrame, newest first (``runtime`` in seconds)."""
@@ -395,7 +399,7 @@ class App:
         self.broker.close()
         self.backend.close()
 
-    # -- periodic tasks (issue 7): registrations here, the logic in schedule.py -------------
+    # -- periodic tasks: registrations here, the logic in schedule.py ----------------------
     def periodic(self, spec: str, target: Any, name: str | None = None, *, catch_up: bool = False, timezone: Any = None):
         """Fire ``target`` (a signature, task, group, chain or chord; a fresh copy each time) on ``spec``.
 

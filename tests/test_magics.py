@@ -17,8 +17,9 @@ import pytest
 
 import nbqueue
 from nbqueue import builtin, capture, states
-from nbqueue.notebook import cellvars, magics as nbmagics, widgets
-from nbqueue.signature import Signature
+from nbqueue.canvas import Signature
+from nbqueue.notebook import cellvars, display, widgets
+from nbqueue.notebook import magics as nbmagics
 from nbqueue.testing import wait_for
 
 from conftest import REDIS_URL, ipython_shell, private_redis_url, require_server
@@ -467,8 +468,33 @@ def test_async_result_html_shows_state_value_and_output(app):
     res = shout.delay("hey")
     app.worker().start()
     res.get(timeout=30)
-    text = res._repr_html_()
+    text = display.html(res)
     assert "SUCCESS" in text and "&#x27;HEY&#x27;" in text and "shouting" in text and res.id in text
+
+
+def test_results_display_through_the_formatters_nbqueue_registers_on_the_shell(ipython, app):
+    """The core has no display code: nbqueue registers the notebook layer's rendering with the
+    shell's display formatters, so every result type (and a cell's, a subclass) shows its view."""
+    @app.task(name="add")
+    def add(x, y):
+        return x + y
+
+    @app.task(name="total")
+    def total(values):
+        return sum(values)
+
+    assert nbqueue.register_display(ipython)
+    one, g = add.delay(1, 2), app.send(nbqueue.group(add.s(1, 1), add.s(2, 2)))
+    c = app.send(nbqueue.chord(nbqueue.group(add.s(1, 1)), total.s()))
+    ch = app.send(add.s(1, 1) | add.s(5))
+    app.start_worker()
+    for r in (one, g, c, ch):
+        r.get(timeout=30)
+    for r in (one, g, c, ch):
+        data, _ = ipython.display_formatter.format(r)
+        assert data["text/plain"].startswith("[nbqueue] ") and "SUCCESS" in data["text/plain"], data["text/plain"]
+        assert data["text/html"] == display.html(r)
+    assert not hasattr(one, "_repr_html_") and not hasattr(g, "_repr_mimebundle_")     # the formatters show them
 
 
 # -- which App the magics use ----------------------------------------------------------------------

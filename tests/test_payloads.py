@@ -390,8 +390,8 @@ def test_app_tasks_shows_summaries_and_the_views_preview_frames_without_reading_
     assert all(isinstance(v[0], PayloadRef) and repr(v[0]).startswith("DataFrame 10,000×5, ") for v in tasks["args"])
     newest = tasks.set_index("id").loc[results[2].id, "result"]
     pd.testing.assert_frame_equal(newest.head(), frame.assign(x=frame["x"] + 2).head(), check_exact=True)
-    html_static = display.async_result_html(results[0])                 # the static HTML (nbconvert, GitHub)
-    live = widgets._value_html(app, app.backend.get(results[0].id))     # the live view's value
+    html_static = display.html(results[0])                              # the static HTML (nbconvert, GitHub)
+    live = widgets._value_html(results[0].snapshot())                  # the live view's value
     for page in (html_static, live):
         assert "DataFrame 10,000×5" in page and "<table" in page and "item-4" in page and "item-5" not in page
     assert store.reads == 0
@@ -407,7 +407,7 @@ def test_an_inline_frame_result_previews_as_its_first_rows_and_shape(app):
     r = echo.delay(pd.DataFrame({"a": range(8), "b": list("abcdefgh")}))
     app.start_worker()
     r.get(timeout=30)
-    page = display.async_result_html(r)
+    page = display.html(r)
     assert "DataFrame 8×2" in page and "<table" in page and "<td>e</td>" in page and "<td>f</td>" not in page
 
 
