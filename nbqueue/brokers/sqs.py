@@ -185,16 +185,16 @@ def sqs_name(queue: str) -> str:
     """The SQS queue that holds nbqueue's queue ``queue`` (see "Queue names with dots" in the
     module docstring); ConfigurationError naming ``queue`` when SQS can hold none."""
     stem, fifo = (queue[:-5], ".fifo") if queue.endswith(".fifo") else (queue, "")
-    name = stem.replace(".", DOT)
     if DOT in stem:
-        raise ConfigurationError(f"{queue!r} is not a usable SQS queue name: '{DOT}' is reserved (the SQS broker writes "
-                                 "nbqueue's '.' separators so)")
+        raise ConfigurationError(f"{queue!r} is not a usable SQS queue name: '{DOT}' is reserved (the SQS broker "
+                                 "writes nbqueue's '.' separators so)")
+    name = stem.replace(".", DOT)
     if "." in stem and len(name) > MAX_NAME:
         digest = hashlib.sha256(queue.encode("utf-8")).hexdigest()[:12]
         name = name[:MAX_NAME - len(DOT) - len(digest)] + DOT + digest
     if not QUEUE_NAME.match(name + fifo) or len(name) > MAX_NAME:
-        raise ConfigurationError(f"{queue!r} is not a usable SQS queue name: 1-{MAX_NAME} letters, digits, '-', '_' and '.', "
-                                 "optionally ending in '.fifo'")
+        raise ConfigurationError(f"{queue!r} is not a usable SQS queue name: 1-{MAX_NAME} letters, digits, '-', '_' "
+                                 "and '.', optionally ending in '.fifo'")
     return name + fifo
 
 
@@ -252,7 +252,7 @@ class SQSBroker(Broker):
         self._urls: dict[str, str] = {}           # SQS name -> URL
         self._urls_lock = threading.Lock()
         self._dead: dict[str, str] = {}            # SQS name of a queue -> that of its dead-letter queue
-        self._used: dict[str, None] = {}          # (nbqueue's) queues this broker published to or reserved from, in order
+        self._used: dict[str, None] = {}          # nbqueue's queues this broker published to or reserved from, in order
         #: SQS message id -> [the receipt its delivery holds, lease end (monotonic), the newest receipt]
         self._receipts: dict[str, list] = {}
         self._receipts_lock = threading.Lock()
@@ -658,7 +658,8 @@ class SQSBroker(Broker):
 
     def reject(self, delivery: Delivery, reason: str) -> bool:
         extra = {A_REASON: _attr(reason[:10_000] or "rejected"), A_QUEUE: _attr(delivery.queue)}
-        return self._replace(delivery, delivery.body, None, delivery.attempt, to_dead=self._dead_queue(delivery.queue), extra=extra)
+        dead = self._dead_queue(delivery.queue)
+        return self._replace(delivery, delivery.body, None, delivery.attempt, to_dead=dead, extra=extra)
 
     def _dead_queue(self, queue: str) -> str:
         """The SQS name of nbqueue's queue's dead-letter queue: its redrive policy's target where
