@@ -169,13 +169,15 @@ def check_options(sig: Signature) -> None:
                 raise refuse(option, f"must hold signatures (task.s(...)), not {type(callback).__name__}", TypeError)
 
 
-#: the longest queue name (RabbitMQ's limit, in UTF-8 bytes)
-MAX_QUEUE_NAME = 255
+#: the longest queue name, in UTF-8 bytes: RabbitMQ's 255 less what the names nbqueue derives
+#: from it add (a kernel's queue and its code queue, ``.kernel-<pid>-<hex>.code``: 27; RabbitMQ's
+#: delay queue of that, ``nbq.delay.<queue>.<ms>``: 21 more), so every derived name fits every broker
+MAX_QUEUE_NAME = 200
 
 
 def check_queue_name(queue: Any, label: str = "queue") -> None:
     """A queue name every broker and ``nbqueue worker -Q a,b`` can use: a non-empty string
-    without commas, control characters or surrounding spaces, at most 255 UTF-8 bytes, not
+    without commas, control characters or surrounding spaces, at most 200 UTF-8 bytes, not
     starting with ``amq.`` (RabbitMQ keeps those). Raises TypeError or ValueError naming it."""
     if not isinstance(queue, str):
         raise TypeError(f"{label} must be a string, not {type(queue).__name__} {queue!r}")

@@ -22,7 +22,7 @@ from nbqueue.notebook import cellvars, display, widgets
 from nbqueue.notebook import magics as nbmagics
 from nbqueue.testing import wait_for
 
-from conftest import REDIS_URL, ipython_shell, private_redis_url, require_server
+from conftest import REDIS_URL, ipython_shell, private_redis_url, require_server, session_server_url
 
 REDIS_CELLS_URL = os.environ.get("NBQUEUE_TEST_REDIS_CELLS", REDIS_URL)
 
@@ -328,6 +328,33 @@ def test_nbqueue_status_tasks_and_worker(shell):
     assert not shell.nbq.worker_running
     run(shell, "%nbqueue worker start -c 3")
     assert shell.nbq.worker_running and shell.nbq.kernel_worker.concurrency == 3
+
+
+def test_kernel_on_sqs_runs_cells_and_notebook_functions_on_its_own_queues(ipython, tmp_path, qname):
+    """Given a kernel whose App is on SQS, its worker reads the kernel's queue and the code
+    queues (names with dots, which SQS takes under the broker's mapping): a %%task cell and
+    a notebook function run, and %nbqueue status shows nbqueue's names."""
+    from nbqueue.shipping import code_queue
+
+    ipython.reset(new_session=False)
+    app = nbqueue.App(session_server_url("sqs"), f"sqlite:///{tmp_path}/results.db", default_queue=qname("default"))
+    ipython.user_ns["app"] = app
+    state = nbmagics.load_ipython_extension(ipython, concurrency=2)
+    try:
+        run(ipython, "def double(v):\n    return 2 * v")
+        assert run(ipython, "%%task on_sqs\ndouble(21)").get(timeout=60) == 42
+        run(ipython, "triple = app.task(lambda v: 3 * v, name='triple')")
+        shipped = run(ipython, "triple.delay(14)")
+        assert shipped.get(timeout=60) == 42 and shipped.info()["queue"] == code_queue(app.default_queue)
+        queues = run(ipython, "%nbqueue status").set_index("queue")
+        assert queues.loc[state.kernel_queue, "workers"] == 1 and code_queue(app.default_queue) in queues.index
+    finally:
+        nbmagics.unload_ipython_extension(ipython)
+        for worker in list(app.workers):
+            worker.stop(wait=True, timeout=10)
+        queues = [app.default_queue, state.kernel_queue]
+        app.broker.delete_queues(queues + [code_queue(q) for q in queues])
+        app.close()
 
 
 def test_load_ext_creates_an_app_when_the_namespace_has_none(ipython, tmp_path, monkeypatch):
