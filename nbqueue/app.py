@@ -149,13 +149,24 @@ class App:
         return self.broker.transaction_with(self.backend)
 
     def send_task(self, sig: Signature) -> AsyncResult:
-        """Send one signature; returns its AsyncResult at once."""
+        """Send one signature; returns its AsyncResult at once (for a task registered with
+        ``cache=``, a stored result of the same code and arguments: see cache.py)."""
         if not isinstance(sig, Signature):
             raise TypeError(f"send_task takes a Signature, not {type(sig).__name__}; use app.send() for workflows")
+        task = self.registry.get(sig.name)
+        if task is not None and task.cache is not False and not sig.on_success and not sig.on_error:
+            from . import cache
+
+            with tracing.sending(sig.name):
+                return cache.send(self, sig, task.cache)
         with tracing.sending(sig.name):
             message, record, out = self.prepare(sig)
-            since = self.backend.wake_version()
-            self.publish([record], [out])
+            return self._send_prepared(sig, message, record, out)
+
+    def _send_prepared(self, sig: Signature, message: dict, record: dict, out: Outgoing) -> AsyncResult:
+        """Publish what ``prepare`` made of ``sig``; its AsyncResult."""
+        since = self.backend.wake_version()
+        self.publish([record], [out])
         result = AsyncResult(out.id, self, name=sig.name)
         result._sent_at_version = since
         result.callbacks = [AsyncResult(m["id"], self, name=m["name"], absent_ok=True)   # recorded when fired
@@ -343,16 +354,36 @@ class App:
         return list(self._workers)
 
     def status(self) -> dict:
-        """Queue depths per queue and the live workers (from their heartbeats).
+        """Queue depths per queue, the live workers (from their heartbeats) and the result
+        cache (``{"size", "hits", "misses", "shared", "hit_rate"}``, see cache.py).
 
         A broker that cannot list its queues (RabbitMQ) is asked about this App's default
         queue, its tasks' queues and the queues live workers serve."""
+        from . import cache
+
         workers = self.backend.workers()
         if getattr(self.broker, "lists_queues", True):
-            return {"queues": self.broker.stats(), "workers": workers}
+            return {"queues": self.broker.stats(), "workers": workers, "cache": cache.stats(self)}
         known = [self.default_queue, *(t.options["queue"] for t in self.registry.values() if t.options.get("queue")),
                  *(q for w in workers for q in w.get("queues") or [])]
-        return {"queues": self.broker.stats(queues=list(dict.fromkeys(known))), "workers": workers}
+        return {"queues": self.broker.stats(queues=list(dict.fromkeys(known))), "workers": workers, "cache": cache.stats(self)}
+
+    # -- the result cache (cache.py) --------------------------------------------------------
+    def cache_clear(self, task: str | None = None) -> int:
+        """Forget the result cache (of one task name or ``%%task`` label); how many entries
+        went. The records stay; later sends run again."""
+        from . import cache
+
+        return cache.clear(self, task)
+
+    def cache_info(self, task_id: str) -> dict | None:
+        """How the cache answered the send of ``task_id``: ``{"hit": True, "from": id}`` (the
+        stored result of task ``id``), ``{"hit": False}`` (it ran), ``{"hit": False,
+        "waiting_for": id}`` (it shares a run going on); None without the cache."""
+        from . import cache
+
+        return cache.info(self, task_id)
+    # -- end of the result cache ---------------------------------------------------------------
 
     def live_workers(self, max_age: float = 1.0) -> list[dict]:
         """The live workers on this App's store, from their heartbeats (as in ``status()``:
