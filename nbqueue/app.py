@@ -44,17 +44,24 @@ def _default_backend(broker_url: str | None) -> str | None:
 
 
 class App:
+    """``inline=True``: every task runs in the caller at send time, through the store and
+    a worker's code path (inline.py), for unit tests without a worker."""
+
     def __init__(self, broker: str | None = None, backend: str | None = None, *, default_queue: str = "nbqueue", **options: Any):
         _config.check_options(options)
         self.config = _config.Config(broker=broker, backend=backend, default_queue=default_queue, options=options)
         self.default_queue = default_queue
         self.clock = options.get("clock") or SYSTEM
+        if options.get("inline"):     # inline.py: tasks run in the caller at send; its runner steps this clock
+            from .inline import InlineClock
+
+            self.clock = InlineClock(self.clock)
         self.serializer = serialization.Serializer(pickle=self.config.option("serializer") == "pickle")
         self.visibility_timeout = float(self.config.option("visibility_timeout"))
         self.registry: dict[str, Task] = {}
         self.broker_url = broker or "sqlite://"
         self.backend_url = backend or _default_backend(broker) or "sqlite://"
-        store_options = {k: v for k, v in options.items() if k != "clock"}
+        store_options = {k: v for k, v in options.items() if k not in ("clock", "inline")}
         self.broker = broker_from_url(self.broker_url, clock=self.clock, options=store_options)
         self.backend = backend_from_url(self.backend_url, clock=self.clock, options=store_options)
         self._workers: list = []
@@ -66,6 +73,11 @@ class App:
 
         builtin.register(self)
         # -- end of built-in tasks --------------------------------------------------------------------
+        self._inline = None
+        if options.get("inline"):
+            from .inline import Inline
+
+            self._inline = Inline(self)
 
     # -- construction from files and the environment ----------------------------------
     @classmethod
@@ -143,6 +155,8 @@ class App:
         """Record as PENDING first, then publish, so a fast worker's result is never overwritten
         (in one transaction where broker and backend share a store)."""
         self.broker.publish_recorded(self.backend, records, outs)
+        if self._inline is not None:    # inline mode: run them (and what they lead to) before the send returns
+            self._inline.after_publish(outs)
 
     def transaction(self):
         """One transaction over broker and backend where they share a store (the SQLite file)."""
@@ -168,7 +182,7 @@ class App:
         since = self.backend.wake_version()
         self.publish([record], [out])
         result = AsyncResult(out.id, self, name=sig.name)
-        result._sent_at_version = since
+        result._sent_at_version = since if self._inline is None else None    # inline: final already
         result.callbacks = [AsyncResult(m["id"], self, name=m["name"], absent_ok=True)   # recorded when fired
                             for m in message.get("on_success", []) + message.get("on_error", [])]
         return result
@@ -188,25 +202,31 @@ class App:
         if isinstance(item, Signature):
             return self.send_task(item)
         with tracing.sending(type(item).__name__):
-            return workflow.send(self, item)
+            return self._run_inline(workflow.send(self, item))
 
     def send_group(self, group, concurrency: int = 0):
         from . import workflow
 
         with tracing.sending("group"):
-            return workflow.send_group(self, group, concurrency=concurrency)
+            return self._run_inline(workflow.send_group(self, group, concurrency=concurrency))
 
     def send_chain(self, chain):
         from . import workflow
 
         with tracing.sending("chain"):
-            return workflow.send(self, chain)
+            return self._run_inline(workflow.send(self, chain))
 
     def send_chord(self, chord, concurrency: int = 0):
         from . import workflow
 
         with tracing.sending("chord"):
-            return workflow.send_chord(self, chord, concurrency=concurrency)
+            return self._run_inline(workflow.send_chord(self, chord, concurrency=concurrency))
+
+    def _run_inline(self, result):
+        """Inline mode: run what a workflow send published before returning its result."""
+        if self._inline is not None:
+            self._inline.after_publish([])
+        return result
 
     # -- results ------------------------------------------------------------------------
     def result(self, task_id: str) -> AsyncResult:

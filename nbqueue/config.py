@@ -22,6 +22,7 @@ DEFAULTS: dict[str, Any] = {
     "clock": None,
     "key_prefix": "nbq",
     "max_deliveries": 5,            # deliveries that may end without finishing (worker died) before a dead letter
+    "inline": False,                # run each task in the caller at send time (inline.py), for tests
 }
 
 #: options a broker or backend reads (redis.py, amqp.py); passed through as given
