@@ -20,7 +20,7 @@ import time
 from typing import Any, Callable, Iterable, Mapping
 
 from . import config as _config
-from . import serialization, shipping, states, tracing
+from . import provenance, serialization, shipping, states, tracing
 from .backends import backend_from_url
 from .brokers import broker_from_url
 from .brokers.base import Outgoing
@@ -144,6 +144,8 @@ class App:
             "queue": message["queue"], "group_id": message.get("group_id"), "parent_id": parent_id, "created_at": now,
             "meta": serialization.dumps(meta) if meta else None,
         }
+        if provenance._provider is not None:     # in a notebook: where it was sent from (provenance.py)
+            provenance.stamp(sig, task, record)
         return message, record, self.outgoing(message)
 
     @staticmethod
@@ -234,12 +236,20 @@ class App:
         return AsyncResult(task_id, self)
 
     def tasks(self, state: str | None = None, name: str | None = None, limit: int | None = None):
-        """Every recorded task as a pandas DataFrame, newest first (``runtime`` in seconds)."""
+        """Every recorded task as a pandas DataFrame, newest first (``runtime`` in seconds), with
+        where each came from: ``notebook``, ``cell``, ``code_hash``, ``cached_from`` (provenance.py)."""
         from .frames import records_frame
 
         records = self.backend.list(state=state, name=name, limit=None if limit is None else limit + 64)
         records = [r for r in records if r.get("name") != "nbqueue.group" or name == "nbqueue.group"]
-        return records_frame(self, records[:limit] if limit is not None else records)
+        records = records[:limit] if limit is not None else records
+        return provenance.add_columns(records_frame(self, records), records)
+
+    def reattach(self, notebook: str | None = None) -> list:
+        """After a kernel restart: the results of what this notebook (its file, or ``notebook``)
+        sent from earlier kernels that is still running or finished since it was last seen,
+        shown as live views when a notebook displays the list (provenance.py)."""
+        return provenance.reattach(self, notebook)
 
     # -- browsing and operating (what the dashboard uses; all public) ----------------------
     def find_tasks(self, *, state=None, name=None, queue=None, since: float | None = None, until: float | None = None,

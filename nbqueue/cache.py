@@ -292,7 +292,8 @@ def canonical_text(value: Any, serializer, where: str) -> str:
 def inputs_text(message: dict, labels: Callable[[int], str] | None = None) -> str:
     """The canonical JSON text of a message's encoded arguments (keyword arguments by name)."""
     args = [_canonical(a, labels(i) if labels else f"argument {i + 1}") for i, a in enumerate(message["args"])]
-    kwargs = {k: _canonical(v, f"keyword argument {k!r}") for k, v in sorted(message["kwargs"].items())}
+    kwargs = {k: _canonical(v, f"{'variable' if labels is None else 'keyword argument'} {k!r}")
+              for k, v in sorted(message["kwargs"].items())}
     return serialization.dumps([args, kwargs])
 
 
@@ -389,12 +390,14 @@ def info(app, task_id: str) -> dict | None:
     return cache_of(record.get("meta")) if record else None
 
 
-def send(app, sig, expires: float | None, *, code: str | None = None):
+def send(app, sig, expires: float | None, *, code: str | None = None, inputs: str | None = None):
     """Send ``sig`` through the cache (see the module docstring); returns its AsyncResult.
 
     ``expires``: seconds a stored result stays usable (None: always). ``code``: the code
-    hash (default: :func:`code_hash` of the registered task's function). Arguments or code
-    that cannot be hashed stably send it plainly, with a CacheWarning naming the value."""
+    hash (default: :func:`code_hash` of the registered task's function); ``inputs``: the
+    canonical text of what else the result depends on (default: the encoded arguments,
+    :func:`inputs_text`). Arguments or code that cannot be hashed stably send it plainly,
+    with a CacheWarning naming the value."""
     from .signature import _arg_label, _parameter_names
 
     task = app.registry.get(sig.name)
@@ -402,8 +405,10 @@ def send(app, sig, expires: float | None, *, code: str | None = None):
     try:
         if code is None:
             code = code_hash(task.fn, app.serializer, sig.name) if task is not None else ""
-        names = _parameter_names(task.fn if task else None)
-        key = key_of(sig.name, code, inputs_text(message, lambda i: _arg_label(sig.name, i, names)))
+        if inputs is None:
+            names = _parameter_names(task.fn if task else None)
+            inputs = inputs_text(message, lambda i: _arg_label(sig.name, i, names))
+        key = key_of(sig.name, code, inputs)
     except Unstable as exc:
         warnings.warn(f"the result cache is off for this call: {exc}", CacheWarning, stacklevel=4)
         return app._send_prepared(sig, message, record, out)
