@@ -20,7 +20,7 @@ import time
 from typing import Any, Callable, Iterable, Mapping
 
 from . import config as _config
-from . import provenance, serialization, shipping, states, tracing
+from . import cache, provenance, serialization, shipping, states, tracing
 from .backends import backend_from_url
 from .brokers import broker_from_url
 from .brokers.base import Outgoing
@@ -171,8 +171,6 @@ class App:
             raise TypeError(f"send_task takes a Signature, not {type(sig).__name__}; use app.send() for workflows")
         task = self.registry.get(sig.name)
         if task is not None and task.cache is not False and not sig.on_success and not sig.on_error:
-            from . import cache
-
             with tracing.sending(sig.name):
                 return cache.send(self, sig, task.cache)
         with tracing.sending(sig.name):
@@ -389,8 +387,6 @@ class App:
 
         A broker that cannot list its queues (RabbitMQ) is asked about this App's default
         queue, its tasks' queues and the queues live workers serve."""
-        from . import cache
-
         workers = self.backend.workers()
         if getattr(self.broker, "lists_queues", True):
             return {"queues": self.broker.stats(), "workers": workers, "cache": cache.stats(self)}
@@ -402,16 +398,12 @@ class App:
     def cache_clear(self, task: str | None = None) -> int:
         """Forget the result cache (of one task name or ``%%task`` label); how many entries
         went. The records stay; later sends run again."""
-        from . import cache
-
         return cache.clear(self, task)
 
     def cache_info(self, task_id: str) -> dict | None:
         """How the cache answered the send of ``task_id``: ``{"hit": True, "from": id}`` (the
         stored result of task ``id``), ``{"hit": False}`` (it ran), ``{"hit": False,
         "waiting_for": id}`` (it shares a run going on); None without the cache."""
-        from . import cache
-
         return cache.info(self, task_id)
     # -- end of the result cache ---------------------------------------------------------------
 

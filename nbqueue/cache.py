@@ -52,6 +52,7 @@ import warnings
 from typing import Any, Callable
 
 from . import serialization, states
+from .backends.base import FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -304,20 +305,41 @@ def key_of(name: str, code: str, inputs: str) -> str:
 # -- the stats of this process --------------------------------------------------------------------------
 
 class _Stats:
+    """This process's counters, written to the store at most once per ``FLUSH_EVERY`` seconds
+    (and by ``stats()``), so a hit costs no extra write."""
+
+    FLUSH_EVERY = 1.0
+
     def __init__(self) -> None:
-        self.counts: dict[tuple[int, str], dict[str, int]] = {}
+        self.counts: dict[int, tuple[Any, dict[str, int]]] = {}
         self.lock = threading.Lock()
+        self.flushed: dict[int, float] = {}
 
     def add(self, app, what: str) -> None:
+        with self.lock:
+            counts = self.counts.setdefault(id(app.backend), (app.backend, {"hits": 0, "misses": 0, "shared": 0}))[1]
+            counts[what] += 1
+            due = time.monotonic() - self.flushed.get(id(app.backend), 0.0) >= self.FLUSH_EVERY
+        if due:
+            self.flush(app.backend)
+
+    def flush(self, backend) -> None:
         from .builtin import PROCESS_TOKEN
 
         with self.lock:     # written in order: a later count never lands before an earlier one
-            counts = self.counts.setdefault((id(app.backend), app.backend.url), {"hits": 0, "misses": 0, "shared": 0})
-            counts[what] += 1
+            entry = self.counts.get(id(backend))
+            if entry is None or entry[0] is not backend:
+                return
+            self.flushed[id(backend)] = time.monotonic()
             try:
-                app.backend.kv_set(STATS + PROCESS_TOKEN, json.dumps(counts))
+                backend.kv_set(STATS + PROCESS_TOKEN, json.dumps(entry[1]))
             except Exception:
                 log.debug("could not write the cache counters", exc_info=True)
+
+    def forget(self) -> None:
+        with self.lock:
+            self.counts.clear()
+            self.flushed.clear()
 
 
 _STATS = _Stats()
@@ -327,6 +349,7 @@ def stats(app) -> dict:
     """``{"size": entries, "hits", "misses", "shared", "hit_rate"}`` over every process on the
     store (hit_rate: hits and shared runs over all cached sends; None before any)."""
     backend = app.backend
+    _STATS.flush(backend)
     total = {"hits": 0, "misses": 0, "shared": 0}
     for text in backend.kv_items(STATS).values():
         try:
@@ -359,8 +382,7 @@ def clear(app, task: str | None = None) -> int:
     if task is None:
         for k in backend.kv_items(STATS):
             backend.kv_set(k, None)
-        with _STATS.lock:
-            _STATS.counts.clear()
+        _STATS.forget()
     return len(gone)
 
 
@@ -486,13 +508,15 @@ class _Lookup:
 
         app, now = self.app, self.app.clock.time()
         record = dict(self.record, meta=self._meta({"hit": True, "from": leader["id"]}))
+        final = {"result": leader["result"], "output": None, "error": None, "exc_type": None, "traceback": None,
+                 "started_at": now, "finished_at": now}
         with app.transaction():
             app.backend.create([record])
-            app.backend.store_result(record["id"], states.SUCCESS, result=leader["result"], output=None, error=None,
-                                     exc_type=None,
-                                     traceback=None, started_at=now, finished_at=now)
+            stored = app.backend.store_result(record["id"], states.SUCCESS, **final)
         _STATS.add(app, "hits")
         result = AsyncResult(record["id"], app, name=self.sig.name)
+        if stored:      # final already: get() needs no read
+            result._final = {**dict.fromkeys(FIELDS), **record, **final, "state": states.SUCCESS, "retries": 0}
         result.cache = {"hit": True, "from": leader["id"], "key": self.key}
         return result
 
