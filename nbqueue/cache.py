@@ -314,11 +314,13 @@ class _Stats:
         self.counts: dict[int, tuple[Any, dict[str, int]]] = {}
         self.lock = threading.Lock()
         self.flushed: dict[int, float] = {}
+        self.dirty: set[int] = set()
 
     def add(self, app, what: str) -> None:
         with self.lock:
             counts = self.counts.setdefault(id(app.backend), (app.backend, {"hits": 0, "misses": 0, "shared": 0}))[1]
             counts[what] += 1
+            self.dirty.add(id(app.backend))
             due = time.monotonic() - self.flushed.get(id(app.backend), 0.0) >= self.FLUSH_EVERY
         if due:
             self.flush(app.backend)
@@ -328,8 +330,9 @@ class _Stats:
 
         with self.lock:     # written in order: a later count never lands before an earlier one
             entry = self.counts.get(id(backend))
-            if entry is None or entry[0] is not backend:
+            if entry is None or entry[0] is not backend or id(backend) not in self.dirty:
                 return
+            self.dirty.discard(id(backend))
             self.flushed[id(backend)] = time.monotonic()
             try:
                 backend.kv_set(STATS + PROCESS_TOKEN, json.dumps(entry[1]))
@@ -340,6 +343,7 @@ class _Stats:
         with self.lock:
             self.counts.clear()
             self.flushed.clear()
+            self.dirty.clear()
 
 
 _STATS = _Stats()

@@ -81,6 +81,8 @@ def test_reattach_returns_what_an_earlier_kernel_of_the_notebook_left_unseen(she
     worker.drain()
     assert list(app.reattach(str(tmp_path / "analysis.ipynb"))) == []
     assert list(app.reattach(str(tmp_path / "other.ipynb"))) == []
+    app.worker(queues=["elsewhere"]).drain()                      # its view (text mode here) ends
+    assert shell.user_ns["running"].get(timeout=10) == 6
 
 
 # -- a real kernel, restarted ----------------------------------------------------------------------------

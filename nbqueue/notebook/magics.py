@@ -45,8 +45,13 @@ finished always sees the new one. A failed or replaced run binds nothing. When t
 cell ran in this kernel, VAR is the very object the cell computed; from another
 process it is the decoded result.
 
+``%%task ... --cache [EXPIRY]`` reuses the stored result of the same source with the same
+values of the variables it reads (see nbqueue/cache.py), from any kernel on the store.
+
 ``%nbqueue status | tasks [--state S] [--name N] [--limit L] | worker start [-c N] |
-worker stop | wait [NAME ...] [--timeout T] | use [NAME] | export [-o FILE]`` (export: see export.py).
+worker stop | wait [NAME ...] [--timeout T] | use [NAME] | export [-o FILE] | reattach``
+(export: see export.py; reattach: provenance.py). While the extension is loaded, every
+send records its notebook, cell and code hash (provenance.py).
 
 After a kernel restart, earlier results are still in the store and a task that was
 running in the dead kernel is delivered again once its lease runs out; define (or
