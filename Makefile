@@ -34,6 +34,7 @@ test: $(STAMP) services browser memcached
 bench: $(STAMP) services memcached
 	$(PY) -m pip install --quiet -e '.[test,bench]'
 	$(PY) benchmarks/bench.py
+	$(PY) benchmarks/bench_loop.py
 
 clean:
 	rm -rf $(VENV) .nbqueue examples/.nbqueue
