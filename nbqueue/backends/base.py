@@ -165,6 +165,7 @@ class ResultBackend:
         the last one is noticed within milliseconds, not a whole ``poll_interval``.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        self._listen()
         pending = list(ids)
         left = len(pending)
         interval = 0.001
@@ -213,6 +214,7 @@ class ResultBackend:
         deadline = None if timeout is None else time.monotonic() + timeout
         interval = 0.001
         ceiling = float(self.options.get("poll_interval", 0.1))
+        self._listen()
         with WAKEUPS.watching(self._wake_key, task_id) as woken:
             record, read = None, False
             if since is None or WAKEUPS.version(self._wake_key) != since:
@@ -243,6 +245,10 @@ class ResultBackend:
     @property
     def _wake_key(self):
         return ("backend", self.url)
+
+    def _listen(self) -> None:
+        """Before a wait: make sure stores of other processes wake this one where a store can
+        (nothing here: waits poll)."""
 
     def _block(self, pending: Sequence[str], version: int, timeout: float) -> None:
         WAKEUPS.wait(self._wake_key, version, timeout)

@@ -1,0 +1,190 @@
+"""The per-call path: ``.delay()`` in a loop and ``.get()`` per handle.
+
+What a send promises (when ``.delay()`` returns the task is durably queued) is checked by
+killing the sending process with SIGKILL right after its sends returned; the wake-up
+channel beside a SQLite file and the read-first ``get()`` are checked on their own.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+
+import nbqueue
+from nbqueue import wakechannel
+from nbqueue.brokers.base import WAKEUPS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SENDER = r"""
+import json, os, time
+from proc_tasks import add                            # App.from_env(): NBQUEUE_BROKER, ...
+
+for i in range(int(os.environ["COUNT"])):
+    handle = add.delay(i, i)
+    print(json.dumps([handle.id, i]), flush=True)     # reported only once .delay() returned
+print("sent", flush=True)
+time.sleep(600)                                       # killed here, without a chance to clean up
+"""
+
+
+def _send_then_sigkill(broker: str, backend: str | None, queue: str, count: int) -> list[tuple[str, int]]:
+    """A child process sends ``count`` tasks, reporting each id as its send returns; it is
+    killed with SIGKILL as soon as it has reported them all."""
+    env = dict(os.environ, NBQUEUE_BROKER=broker, NBQUEUE_BACKEND=backend or "", NBQUEUE_DEFAULT_QUEUE=queue, COUNT=str(count),
+               PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "tests"), ROOT]))
+    proc = subprocess.Popen([sys.executable, "-c", SENDER], env=env, stdout=subprocess.PIPE, text=True)
+    sent = []
+    try:
+        for line in proc.stdout:
+            if line.strip() == "sent":
+                break
+            sent.append(tuple(json.loads(line)))
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL
+    return sent
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "amqp"])
+def test_a_send_that_returned_survives_sigkill_of_the_sender(kind, tmp_path, qname):
+    """Given a process that sends tasks one .delay() at a time and is SIGKILLed right after,
+    when a worker starts later, then every task whose .delay() had returned runs."""
+    from conftest import app_urls
+
+    broker, backend = app_urls(kind, tmp_path)
+    queue = qname("kill")
+    sent = _send_then_sigkill(broker, backend, queue, 200)
+    assert len(sent) == 200
+
+    app = nbqueue.App(broker, backend, default_queue=queue)
+    app.register_task("add", _add)
+    worker = app.start_worker(concurrency=2)
+    try:
+        values = {task_id: app.result(task_id).get(timeout=60) for task_id, _ in sent}
+    finally:
+        worker.stop()
+        if kind == "amqp":
+            app.broker.delete_queues([queue])
+        app.close()
+    assert values == {task_id: 2 * i for task_id, i in sent}
+
+
+def _add(x, y):
+    return x + y
+
+
+def test_get_of_a_final_task_reads_it_without_arming_a_wait(tmp_path, monkeypatch):
+    app = nbqueue.App(f"sqlite:///{tmp_path}/q.db", default_queue="q")
+
+    @app.task(name="add")
+    def add(x, y):
+        return x + y
+
+    handle = add.delay(2, 3)
+    assert app.worker().drain(timeout=5) == 1
+
+    def no_wait(*args, **kwargs):
+        raise AssertionError("a wait was armed for a final task")
+
+    monkeypatch.setattr(WAKEUPS, "watching", no_wait)
+    assert handle.get(timeout=5) == 5
+    app.close()
+
+
+def test_get_of_a_task_not_final_yet_still_waits(tmp_path):
+    app = nbqueue.App(f"sqlite:///{tmp_path}/q.db", default_queue="q")
+
+    @app.task(name="add")
+    def add(x, y):
+        return x + y
+
+    handle = add.delay(2, 3)
+    with pytest.raises(TimeoutError):
+        handle.get(timeout=0.2)
+    app.start_worker()
+    assert handle.get(timeout=30) == 5
+    app.close()
+
+
+def test_wake_channel_carries_a_datagram_to_another_listener(tmp_path):
+    """Two channels on one file stand for two processes: one listens, the other sends."""
+    path = str(tmp_path / "store.db")
+    listener, sender = wakechannel.WakeChannel(path), wakechannel.WakeChannel(path)
+    got: list[list[str] | None] = []
+    woken = threading.Event()
+
+    def handler(payload: bytes) -> None:
+        got.append(wakechannel.payload_ids(payload))
+        woken.set()
+
+    try:
+        assert listener.listen(wakechannel.RESULTS, handler)
+        sender.send(wakechannel.MESSAGES)                        # another kind: not for this listener
+        sender.send(wakechannel.RESULTS, wakechannel.ids_payload(["a", "b"]))
+        assert woken.wait(10)
+        assert got == [["a", "b"]]
+    finally:
+        listener.close()
+        sender.close()
+
+
+def test_wake_channel_works_beside_a_path_too_long_for_a_socket_address(tmp_path):
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    path = str(deep / "store.db")
+    listener, sender = wakechannel.WakeChannel(path), wakechannel.WakeChannel(path)
+    woken = threading.Event()
+    try:
+        if not listener.listen(wakechannel.MESSAGES, lambda payload: woken.set()):
+            pytest.skip("no /proc/self/fd on this platform: a long path has no channel (waits poll)")
+        sender.send(wakechannel.MESSAGES)
+        assert woken.wait(10)
+    finally:
+        listener.close()
+        sender.close()
+
+
+def test_wake_channel_removes_the_socket_of_a_process_gone(tmp_path):
+    import socket
+
+    path = str(tmp_path / "store.db")
+    directory = str(tmp_path / ".store.db.wake")
+    os.makedirs(directory)
+    stale = os.path.join(directory, "m-999999-dead")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(stale)
+    sock.close()                                               # the file stays, nobody reads it
+    sender = wakechannel.WakeChannel(path)
+    sender.send(wakechannel.MESSAGES)
+    assert not os.path.exists(stale)
+    sender.close()
+
+
+def test_a_worker_process_is_woken_by_a_send_from_another_process(tmp_path, qname):
+    """A worker process serves a task sent here, and its result wakes this process's
+    waiter, with the wake-up channel in place (polling would also get there: this checks
+    the channel's files appear and the round trip works through them)."""
+    url = f"sqlite:///{tmp_path}/q.db"
+    queue = qname("wake")
+    app = nbqueue.App(url, default_queue=queue)
+    env = dict(os.environ, NBQUEUE_BROKER=url, NBQUEUE_BACKEND=url, NBQUEUE_DEFAULT_QUEUE=queue,
+               PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "tests"), ROOT]))
+    proc = subprocess.Popen([sys.executable, "-m", "nbqueue", "--log-level", "WARNING", "worker", "--app", "proc_tasks:app", "-c", "1"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        first = app.send_task(app.signature("add", args=[1, 2]))
+        assert first.get(timeout=60) == 3
+        names = os.listdir(str(tmp_path / ".q.db.wake"))
+        assert any(n.startswith("m-") for n in names) and any(n.startswith("r-") for n in names)
+        assert [app.send_task(app.signature("add", args=[i, i])).get(timeout=30) for i in range(20)] == [2 * i for i in range(20)]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        app.close()
