@@ -125,14 +125,19 @@ class App:
         shipping.attach(self, sig, message)   # made from a notebook's function: carries its code, to a code queue
         if group_id is not None:
             message["group_id"] = group_id
+        record, out = self._recorded(message, parent_id, meta)
+        return message, record, out
+
+    def _recorded(self, message: dict, parent_id: str | None, meta: dict | None) -> tuple[dict, Outgoing]:
+        """The trace context injected, then the PENDING record and the Outgoing of ``message``."""
         tracing.inject(message)
         record = {
             "id": message["id"], "name": message["name"], "state": states.PENDING,
             "args": serialization.dumps(message["args"]), "kwargs": serialization.dumps(message["kwargs"]),
-            "queue": message["queue"], "group_id": message.get("group_id"), "parent_id": parent_id, "created_at": now,
-            "meta": serialization.dumps(meta) if meta else None,
+            "queue": message["queue"], "group_id": message.get("group_id"), "parent_id": parent_id,
+            "created_at": message["created_at"], "meta": serialization.dumps(meta) if meta else None,
         }
-        return message, record, self.outgoing(message)
+        return record, self.outgoing(message)
 
     @staticmethod
     def outgoing(message: dict) -> Outgoing:
@@ -160,6 +165,23 @@ class App:
         result._sent_at_version = since
         result.callbacks = [AsyncResult(m["id"], self, name=m["name"], absent_ok=True)   # recorded when fired
                             for m in message.get("on_success", []) + message.get("on_error", [])]
+        return result
+
+    def send_call(self, task: Task, args: tuple, kwargs: dict) -> AsyncResult:
+        """``task.delay(*args, **kwargs)``: as ``send_task(task.s(*args, **kwargs))``, with the
+        envelope built from the task's template (see nbqueue.callpath)."""
+        from . import callpath
+
+        with tracing.sending(task.name):
+            message = callpath.call_message(self, task, args, kwargs, self.clock.time())
+            if message is None:          # an argument JSON cannot carry: the Signature path names it
+                return self.send_task(task.s(*args, **kwargs))
+            shipping.attach(self, task, message)
+            record, out = self._recorded(message, None, None)
+            since = self.backend.wake_version()
+            self.publish([record], [out])
+        result = AsyncResult(out.id, self, name=task.name)
+        result._sent_at_version = since
         return result
 
     def send_many(self, signatures: Iterable[Signature]) -> list[AsyncResult]:

@@ -188,3 +188,37 @@ def test_a_worker_process_is_woken_by_a_send_from_another_process(tmp_path, qnam
         proc.terminate()
         proc.wait(30)
         app.close()
+
+
+@pytest.mark.parametrize("options", [{}, {"queue": "fast", "priority": 3, "retry_count": 2, "retry_timeout": 1.5, "time_limit": 9.0},
+                                     {"retry_backoff": {"kind": "exponential", "base": 2, "max": 30}, "ignore_when_not_registered": True}])
+def test_delay_sends_the_envelope_a_signature_would(tmp_path, options):
+    """``task.delay()`` builds its envelope from the task's template; it equals the one
+    ``task.s()`` makes, but for the id and the time."""
+    from nbqueue.signature import decode_body
+
+    app = nbqueue.App(f"sqlite:///{tmp_path}/q.db", default_queue="q")
+    if "retry_backoff" in options:
+        from nbqueue.retry import Backoff
+
+        options = dict(options, retry_backoff=Backoff(**options["retry_backoff"]))
+    task = app.task(name="add", **options)(_add)
+    sent = []
+    app.publish = lambda records, outs: sent.extend(zip(records, outs))
+    task.delay(1, y=[2, {"z": None}])
+    app.send_task(task.s(1, y=[2, {"z": None}]))
+    (fast_record, fast), (slow_record, slow) = sent
+    strip = ("id", "created_at")
+    fast_message, slow_message = decode_body(fast.body), decode_body(slow.body)
+    assert {k: v for k, v in fast_message.items() if k not in strip} == {k: v for k, v in slow_message.items() if k not in strip}
+    assert {k: v for k, v in fast_record.items() if k not in strip} == {k: v for k, v in slow_record.items() if k not in strip}
+    assert (fast.queue, fast.priority, fast.eta) == (slow.queue, slow.priority, slow.eta)
+    app.close()
+
+
+def test_delay_with_an_argument_json_cannot_carry_names_it(tmp_path):
+    app = nbqueue.App(f"sqlite:///{tmp_path}/q.db", default_queue="q")
+    task = app.task(name="add")(_add)
+    with pytest.raises(TypeError, match="argument"):
+        task.delay(object(), 1)
+    app.close()
