@@ -16,6 +16,7 @@ rate of the ``.delay()`` loop alone.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -45,10 +46,12 @@ def pct(values, q):
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
-def timed_loop(send, get, n: int) -> tuple[float, float]:
-    """(tasks/s end to end, sends/s) of ``send(i)`` n times then ``get(handle)`` on each in order."""
+def timed_loop(send, get, n: int, around=contextlib.nullcontext) -> tuple[float, float]:
+    """(tasks/s end to end, sends/s) of ``send(i)`` n times (inside ``around()``) then
+    ``get(handle)`` on each in order."""
     started = time.perf_counter()
-    handles = [send(i) for i in range(n)]
+    with around():
+        handles = [send(i) for i in range(n)]
     sent = time.perf_counter()
     for i, handle in enumerate(handles):
         value = get(handle)
@@ -212,8 +215,9 @@ def nbqueue_app(broker, backend, queue):
     return app
 
 
-def nbqueue_loop(broker, backend, process: bool) -> tuple[float, float, float]:
-    """The loop with a worker of 4 threads in this process, or an ``nbqueue worker`` process."""
+def nbqueue_loop(broker, backend, process: bool, batch: bool = False) -> tuple[float, float, float]:
+    """The loop with a worker of 4 threads in this process, or an ``nbqueue worker`` process;
+    ``batch``: the sends inside ``with app.batch():`` (written, and confirmed, when it ends)."""
     queue = f"loop-{uuid.uuid4().hex[:6]}"
     app = nbqueue_app(broker, backend, queue)
     add = app.registry["add"]
@@ -226,7 +230,7 @@ def nbqueue_loop(broker, backend, process: bool) -> tuple[float, float, float]:
         worker = app.start_worker(concurrency=4)
     try:
         add.delay(0, 0).get(timeout=60)          # the worker is up
-        tp, sending = timed_loop(lambda i: add.delay(i, i), lambda h: h.get(timeout=60), N)
+        tp, sending = timed_loop(lambda i: add.delay(i, i), lambda h: h.get(timeout=60), N, app.batch if batch else contextlib.nullcontext)
         p50 = round_trips(lambda i: add.delay(i, i), lambda h: h.get(timeout=60), LAT_N)
     finally:
         if worker is not None:
@@ -336,6 +340,7 @@ def measure(kinds: list[str], tmp: str) -> list[tuple]:
     if "amqp" in kinds:
         celery = celery_loop() if have_celery else None
         rows.append(("RabbitMQ, `nbqueue worker` process", nbqueue_loop(AMQP_URL, db(), True), None, None, celery))
+        rows.append(("RabbitMQ, the sends in `with app.batch():`", nbqueue_loop(AMQP_URL, db(), True, batch=True), None, None, celery))
     if "memory" in kinds:
         floor = fakeredis_floor()
         huey = huey_loop("memory", tmp) if have_huey else None

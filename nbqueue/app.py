@@ -19,6 +19,7 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Mapping
 
+from . import batching
 from . import config as _config
 from . import serialization, shipping, states, tracing
 from .backends import backend_from_url
@@ -160,7 +161,8 @@ class App:
         with tracing.sending(sig.name):
             message, record, out = self.prepare(sig)
             since = self.backend.wake_version()
-            self.publish([record], [out])
+            if not batching.hold(self, record, out):
+                self.publish([record], [out])
         result = AsyncResult(out.id, self, name=sig.name)
         result._sent_at_version = since
         result.callbacks = [AsyncResult(m["id"], self, name=m["name"], absent_ok=True)   # recorded when fired
@@ -179,10 +181,18 @@ class App:
             shipping.attach(self, task, message)
             record, out = self._recorded(message, None, None)
             since = self.backend.wake_version()
-            self.publish([record], [out])
+            if not batching.hold(self, record, out):
+                self.publish([record], [out])
         result = AsyncResult(out.id, self, name=task.name)
         result._sent_at_version = since
         return result
+
+    def batch(self) -> "batching.SendBatch":
+        """``with app.batch():`` the single sends of this thread inside the block
+        (``.delay()``, ``apply_async()``, ``send_task``) are written together when it ends,
+        in one transaction or round trip (on RabbitMQ, confirms pipelined): durably queued
+        once the block exits. If the block raises, none of them is sent. See nbqueue.batching."""
+        return batching.SendBatch(self)
 
     def send_many(self, signatures: Iterable[Signature]) -> list[AsyncResult]:
         """Send many independent tasks in one write (faster than a loop of send_task)."""

@@ -34,6 +34,7 @@ RESULTS = "r"           # stored results (waiters listen); the datagram carries 
 MAX_IDS_BYTES = 8192    # larger id lists are sent as "every waiter" (an empty list)
 _SUN_PATH = 104         # the smallest sun_path among the platforms (macOS); Linux allows 107
 RELIST = 1.0            # seconds after which the directory is listed again even if its mtime did not change
+RESTAT = 0.02           # seconds between looks at the directory (a new listener is found within this)
 
 
 class WakeChannel:
@@ -51,6 +52,7 @@ class WakeChannel:
         self._peers: dict[str, list[str]] = {}      # kind -> peer file names, as last listed
         self._listed: tuple | None = None           # (st_mtime_ns, st_ino) of the directory when listed
         self._listed_at = 0.0
+        self._statted = 0.0
         self.usable = hasattr(socket, "AF_UNIX")
 
     # -- addresses ------------------------------------------------------------------
@@ -118,11 +120,15 @@ class WakeChannel:
 
     # -- sending --------------------------------------------------------------------
     def _list_peers(self, kind: str) -> list[str]:
+        now = time.monotonic()
+        if now - self._statted < RESTAT:
+            return self._peers.get(kind, [])
+        self._statted = now
         try:
             st = os.stat(self.directory)
         except OSError:
+            self._peers = {}
             return []
-        now = time.monotonic()
         stamp = (st.st_mtime_ns, st.st_ino)
         if stamp != self._listed or now - self._listed_at > RELIST:
             own = {name for _, name in self._listeners.values()}
@@ -136,12 +142,10 @@ class WakeChannel:
 
     def send(self, kind: str, payload: bytes = b"") -> None:
         """One datagram to every other process listening for ``kind``; never raises, never blocks."""
-        if not self.usable:
+        if not self.usable or not self._list_peers(kind):
             return
         with self._lock:
             peers = self._list_peers(kind)
-            if not peers:
-                return
             if self._sender is None:
                 try:
                     self._sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -169,6 +173,7 @@ class WakeChannel:
         except OSError:
             pass
         self._listed = None
+        self._statted = 0.0
 
     # -- life -----------------------------------------------------------------------
     def close(self) -> None:
@@ -189,6 +194,7 @@ class WakeChannel:
         self._handlers = {}
         self._sender = None
         self._listed = None
+        self._statted = 0.0
 
 
 _CHANNELS: dict[str, WakeChannel] = {}

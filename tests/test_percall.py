@@ -222,3 +222,52 @@ def test_delay_with_an_argument_json_cannot_carry_names_it(tmp_path):
     with pytest.raises(TypeError, match="argument"):
         task.delay(object(), 1)
     app.close()
+
+
+def test_a_batch_writes_its_sends_when_it_ends(tmp_path):
+    app = nbqueue.App(f"sqlite:///{tmp_path}/q.db", default_queue="q")
+    task = app.task(name="add")(_add)
+    with app.batch() as batch:
+        handles = [task.delay(i, i) for i in range(5)]
+        handles.append(app.send_task(task.s(10, 10)))
+        with app.batch():
+            handles.append(task.apply_async((20, 20)))
+        assert len(batch) == 7
+        assert app.backend.get(handles[0].id) is None           # nothing written yet
+        with pytest.raises(nbqueue.ResultNotFound):
+            handles[0].get(timeout=1)
+    assert app.worker().drain(timeout=10) == 7
+    assert [h.get(timeout=5) for h in handles] == [0, 2, 4, 6, 8, 20, 40]
+    app.close()
+
+
+def test_a_batch_that_raises_sends_nothing(tmp_path):
+    app = nbqueue.App(f"sqlite:///{tmp_path}/q.db", default_queue="q")
+    task = app.task(name="add")(_add)
+    with pytest.raises(KeyError):
+        with app.batch():
+            handle = task.delay(1, 1)
+            raise KeyError("stop")
+    assert app.backend.get(handle.id) is None
+    assert app.worker().drain(timeout=1) == 0
+    task.delay(2, 2)                                           # outside a block: written at once
+    assert app.worker().drain(timeout=5) == 1
+    app.close()
+
+
+def test_a_batch_on_rabbitmq_is_queued_when_it_ends(tmp_path, qname):
+    from conftest import app_urls
+
+    broker, backend = app_urls("amqp", tmp_path)
+    app = nbqueue.App(broker, backend, default_queue=qname("batch"))
+    task = app.task(name="add")(_add)
+    try:
+        with app.batch():
+            handles = [task.delay(i, i) for i in range(300)]
+        app.start_worker(concurrency=2)
+        assert [h.get(timeout=60) for h in handles] == [2 * i for i in range(300)]
+    finally:
+        for worker in app.workers:
+            worker.stop()
+        app.broker.delete_queues(qname.made)
+        app.close()
