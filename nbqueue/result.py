@@ -134,7 +134,9 @@ class AsyncResult:
         can run it (none serves its queue, or none knows its name) is reported with a
         warning, and in the TimeoutError. Ctrl-C interrupts the wait: the task itself goes on.
         """
-        record = self._final if self._final is not None else self._read_final()
+        record = self._final
+        if record is None and not self.app.backend.reads_as_it_waits:
+            record = self._read_final()
         if record is None:
             with _waiting(self.app, lambda: [self.app.backend.get(self.id)]) as between:
                 record = self._wait_record(timeout, between)
@@ -149,7 +151,8 @@ class AsyncResult:
 
     def _read_final(self) -> dict | None:
         """The record when the task is final, read once without arming a wait (the common
-        case of a loop of ``get()`` over handles sent earlier); None otherwise. Whatever
+        case of a loop of ``get()`` over handles sent earlier; a backend that reads as it
+        waits needs no such read); None otherwise. Whatever
         the read found, the wait that follows skips its own first read unless something
         was stored since (``wait_record``'s ``since``)."""
         since = self.app.backend.wake_version()

@@ -89,6 +89,9 @@ class ResultBackend:
     #: what list() without ids sees: "all" live records, the "recent" ones (a bounded index),
     #: or "none" (it raises UnsupportedOperation; list(ids=...) still works)
     lists_tasks = "all"
+    #: a wait's first step also reads the record in the same round trip (``_block_then_get``
+    #: returns at once for a final task): a waiter need not read before it waits
+    reads_as_it_waits = False
 
     def __init__(self, url: str, *, clock=None, options: dict | None = None):
         from ..clock import SYSTEM
