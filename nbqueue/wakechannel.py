@@ -68,6 +68,22 @@ class WakeChannel:
         short = f"/proc/self/fd/{self._dir_fd}/{name}"
         return short if os.path.isdir(f"/proc/self/fd/{self._dir_fd}") else None
 
+    def _check_dir_fd(self) -> None:
+        """Drop the directory descriptor of long paths when the directory at the path is
+        another one now (removed and made again): the next address opens the new one."""
+        if self._dir_fd is None:
+            return
+        try:
+            same = os.stat(self.directory).st_ino == os.fstat(self._dir_fd).st_ino
+        except OSError:
+            same = False
+        if not same:
+            try:
+                os.close(self._dir_fd)
+            except OSError:
+                pass
+            self._dir_fd = None
+
     # -- listening ------------------------------------------------------------------
     def listen(self, kind: str, handler: Callable[[bytes], None]) -> bool:
         """Bind this process's socket for ``kind`` (once) and call ``handler(payload)`` from a
@@ -81,6 +97,7 @@ class WakeChannel:
                 self._listeners.pop(kind)[0].close()     # its thread ends; bind afresh
             try:
                 os.makedirs(self.directory, exist_ok=True)
+                self._check_dir_fd()
                 name = f"{kind}-{os.getpid()}-{secrets.token_hex(4)}"
                 address = self._address(name)
                 if address is None:
@@ -131,6 +148,7 @@ class WakeChannel:
             return []
         stamp = (st.st_mtime_ns, st.st_ino)
         if stamp != self._listed or now - self._listed_at > RELIST:
+            self._check_dir_fd()
             own = {name for _, name in self._listeners.values()}
             try:
                 names = [n for n in os.listdir(self.directory) if n not in own]

@@ -271,3 +271,30 @@ def test_a_batch_on_rabbitmq_is_queued_when_it_ends(tmp_path, qname):
             worker.stop()
         app.broker.delete_queues(qname.made)
         app.close()
+
+
+@pytest.mark.parametrize("depth", [0, 60])
+def test_wake_channel_listens_again_after_its_directory_was_removed(tmp_path, monkeypatch, depth):
+    """``rm -rf .nbqueue`` removes the sockets too: the next wait binds a new one, in the
+    directory now at the path (also through /proc/self/fd for a long path)."""
+    import shutil
+
+    monkeypatch.setattr(wakechannel, "RELIST", 0.0)
+    monkeypatch.setattr(wakechannel, "RESTAT", 0.0)
+    base = tmp_path / ("d" * depth) / ("e" * depth) if depth else tmp_path
+    base.mkdir(parents=True, exist_ok=True)
+    path = str(base / "store.db")
+    listener, sender = wakechannel.WakeChannel(path), wakechannel.WakeChannel(path)
+    woken = threading.Event()
+    try:
+        if not listener.listen(wakechannel.MESSAGES, lambda payload: woken.set()):
+            pytest.skip("no wake-up channel for this path on this platform (waits poll)")
+        shutil.rmtree(listener.directory)
+        sender.send(wakechannel.MESSAGES)                       # nobody to reach: the directory is gone
+        assert listener.listen(wakechannel.MESSAGES, lambda payload: woken.set())
+        assert os.listdir(listener.directory)
+        sender.send(wakechannel.MESSAGES)
+        assert woken.wait(10)
+    finally:
+        listener.close()
+        sender.close()
