@@ -224,13 +224,15 @@ def nbqueue_loop(broker, backend, process: bool, batch: bool = False) -> tuple[f
     proc = worker = None
     if process:
         env = dict(ENV, NBQUEUE_BROKER=broker, NBQUEUE_BACKEND=backend or "", NBQUEUE_DEFAULT_QUEUE=queue)
-        proc = subprocess.Popen([PY, "-m", "nbqueue", "--log-level", "WARNING", "worker", "--app", "bench_tasks:app", "-c", "4"],
+        proc = subprocess.Popen([PY, "-m", "nbqueue", "--log-level", "WARNING", "worker", "--app", "bench_tasks:app",
+                                 "-c", "4"],
                                 env=env, stdout=subprocess.DEVNULL)
     else:
         worker = app.start_worker(concurrency=4)
     try:
         add.delay(0, 0).get(timeout=60)          # the worker is up
-        tp, sending = timed_loop(lambda i: add.delay(i, i), lambda h: h.get(timeout=60), N, app.batch if batch else contextlib.nullcontext)
+        around = app.batch if batch else contextlib.nullcontext
+        tp, sending = timed_loop(lambda i: add.delay(i, i), lambda h: h.get(timeout=60), N, around)
         p50 = round_trips(lambda i: add.delay(i, i), lambda h: h.get(timeout=60), LAT_N)
     finally:
         if worker is not None:
@@ -252,7 +254,8 @@ def huey_get(result):
 def huey_loop(kind: str, tmp: str) -> tuple[float, float, float]:
     """Huey on SQLite or Redis with a consumer process, or MemoryHuey with its consumer's threads here."""
     name = f"loop{uuid.uuid4().hex[:6]}"
-    env = dict(ENV, BENCH_PEER=f"huey-{kind}", BENCH_NAME=name, BENCH_PATH=os.path.join(tmp, name + ".db"), BENCH_URL=REDIS_URL)
+    env = dict(ENV, BENCH_PEER=f"huey-{kind}", BENCH_NAME=name, BENCH_PATH=os.path.join(tmp, name + ".db"),
+               BENCH_URL=REDIS_URL)
     saved = {k: os.environ.get(k) for k in ("BENCH_PEER", "BENCH_NAME", "BENCH_PATH", "BENCH_URL")}
     os.environ.update({k: env[k] for k in saved})
     import importlib
@@ -296,7 +299,8 @@ def celery_loop() -> tuple[float, float, float]:
     import bench_loop_peers as peers
 
     peers = importlib.reload(peers)
-    proc = subprocess.Popen([PY, "-m", "celery", "-A", "bench_loop_peers:celery_app", "worker", "-c", "4", "--loglevel", "WARNING"],
+    proc = subprocess.Popen([PY, "-m", "celery", "-A", "bench_loop_peers:celery_app", "worker", "-c", "4",
+                             "--loglevel", "WARNING"],
                             env=env, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     add = peers.celery_app.tasks["add"]
     try:
@@ -331,7 +335,8 @@ def measure(kinds: list[str], tmp: str) -> list[tuple]:
         url = db()
         rows.append(("SQLite, `nbqueue worker` in another process", nbqueue_loop(url, None, True), floor, huey, None))
         url = db()
-        rows.append(("SQLite, worker threads in the sending process", nbqueue_loop(url, None, False), floor, None, None))
+        rows.append(("SQLite, worker threads in the sending process", nbqueue_loop(url, None, False), floor, None,
+                     None))
     if "redis" in kinds:
         floor = redis_floor()
         huey = huey_loop("redis", tmp) if have_huey else None
@@ -340,20 +345,24 @@ def measure(kinds: list[str], tmp: str) -> list[tuple]:
     if "amqp" in kinds:
         celery = celery_loop() if have_celery else None
         rows.append(("RabbitMQ, `nbqueue worker` process", nbqueue_loop(AMQP_URL, db(), True), None, None, celery))
-        rows.append(("RabbitMQ, the sends in `with app.batch():`", nbqueue_loop(AMQP_URL, db(), True, batch=True), None, None, celery))
+        batched = nbqueue_loop(AMQP_URL, db(), True, batch=True)
+        rows.append(("RabbitMQ, the sends in `with app.batch():`", batched, None, None, celery))
     if "memory" in kinds:
         floor = fakeredis_floor()
         huey = huey_loop("memory", tmp) if have_huey else None
-        rows.append(("`memory://` in process", nbqueue_loop(f"memory://loop{uuid.uuid4().hex[:6]}", None, False), floor, huey, None))
+        memory = nbqueue_loop(f"memory://loop{uuid.uuid4().hex[:6]}", None, False)
+        rows.append(("`memory://` in process", memory, floor, huey, None))
     return rows
 
 
 def table(rows) -> str:
-    lines = ["| store | nbqueue | floor | ratio | Huey (tuned) | Celery | p50 nbqueue / floor |", "|---|---|---|---|---|---|---|"]
+    lines = ["| store | nbqueue | floor | ratio | Huey (tuned) | Celery | p50 nbqueue / floor |",
+             "|---|---|---|---|---|---|---|"]
     for label, nbq, floor, huey, celery in rows:
         ratio = f"{nbq[0] / floor[0]:.2f}x" if floor else (f"{nbq[0] / celery[0]:.2f}x Celery" if celery else "")
         p50 = f"{nbq[2]:.2f} ms" + (f" / {floor[2]:.2f} ms" if floor else "")
-        lines.append(f"| {label} | {fmt(nbq)} (sending {nbq[1]:,.0f}/s) | {fmt(floor)} | {ratio} | {fmt(huey)} | {fmt(celery)} | {p50} |")
+        lines.append(f"| {label} | {fmt(nbq)} (sending {nbq[1]:,.0f}/s) | {fmt(floor)} | {ratio} | {fmt(huey)} "
+                     f"| {fmt(celery)} | {p50} |")
     return "\n".join(lines)
 
 

@@ -12,8 +12,9 @@ Polling stays the fallback: a datagram may be dropped (the receiver's buffer is 
 has wake-ups pending anyway), a directory may not allow sockets, and a platform without
 ``AF_UNIX`` has no channel at all; each costs latency only, never correctness. Sockets of
 processes that died are removed by the first sender that finds nobody behind them
-(``ECONNREFUSED``); a listener whose socket file was removed binds a new one. A path too long for ``sun_path`` is reached through
-``/proc/self/fd/<directory fd>/`` where Linux offers it; otherwise there is no channel.
+(``ECONNREFUSED``); a listener whose socket file was removed binds a new one. A path
+too long for ``sun_path`` is reached through ``/proc/self/fd/<directory fd>/`` where
+Linux offers it; otherwise there is no channel.
 """
 from __future__ import annotations
 

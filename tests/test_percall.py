@@ -36,7 +36,8 @@ time.sleep(600)                                       # killed here, without a c
 def _send_then_sigkill(broker: str, backend: str | None, queue: str, count: int) -> list[tuple[str, int]]:
     """A child process sends ``count`` tasks, reporting each id as its send returns; it is
     killed with SIGKILL as soon as it has reported them all."""
-    env = dict(os.environ, NBQUEUE_BROKER=broker, NBQUEUE_BACKEND=backend or "", NBQUEUE_DEFAULT_QUEUE=queue, COUNT=str(count),
+    env = dict(os.environ, NBQUEUE_BROKER=broker, NBQUEUE_BACKEND=backend or "", NBQUEUE_DEFAULT_QUEUE=queue,
+               COUNT=str(count),
                PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "tests"), ROOT]))
     proc = subprocess.Popen([sys.executable, "-c", SENDER], env=env, stdout=subprocess.PIPE, text=True)
     sent = []
@@ -176,22 +177,26 @@ def test_a_worker_process_is_woken_by_a_send_from_another_process(tmp_path, qnam
     app = nbqueue.App(url, default_queue=queue)
     env = dict(os.environ, NBQUEUE_BROKER=url, NBQUEUE_BACKEND=url, NBQUEUE_DEFAULT_QUEUE=queue,
                PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "tests"), ROOT]))
-    proc = subprocess.Popen([sys.executable, "-m", "nbqueue", "--log-level", "WARNING", "worker", "--app", "proc_tasks:app", "-c", "1"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = [sys.executable, "-m", "nbqueue", "--log-level", "WARNING", "worker", "--app", "proc_tasks:app", "-c", "1"]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         first = app.send_task(app.signature("add", args=[1, 2]))
         assert first.get(timeout=60) == 3
         names = os.listdir(str(tmp_path / ".q.db.wake"))
         assert any(n.startswith("m-") for n in names) and any(n.startswith("r-") for n in names)
-        assert [app.send_task(app.signature("add", args=[i, i])).get(timeout=30) for i in range(20)] == [2 * i for i in range(20)]
+        values = [app.send_task(app.signature("add", args=[i, i])).get(timeout=30) for i in range(20)]
+        assert values == [2 * i for i in range(20)]
     finally:
         proc.terminate()
         proc.wait(30)
         app.close()
 
 
-@pytest.mark.parametrize("options", [{}, {"queue": "fast", "priority": 3, "retry_count": 2, "retry_timeout": 1.5, "time_limit": 9.0},
-                                     {"retry_backoff": {"kind": "exponential", "base": 2, "max": 30}, "ignore_when_not_registered": True}])
+@pytest.mark.parametrize("options", [
+    {},
+    {"queue": "fast", "priority": 3, "retry_count": 2, "retry_timeout": 1.5, "time_limit": 9.0},
+    {"retry_backoff": {"kind": "exponential", "base": 2, "max": 30}, "ignore_when_not_registered": True},
+])
 def test_delay_sends_the_envelope_a_signature_would(tmp_path, options):
     """``task.delay()`` builds its envelope from the task's template; it equals the one
     ``task.s()`` makes, but for the id and the time."""
@@ -210,8 +215,11 @@ def test_delay_sends_the_envelope_a_signature_would(tmp_path, options):
     (fast_record, fast), (slow_record, slow) = sent
     strip = ("id", "created_at")
     fast_message, slow_message = decode_body(fast.body), decode_body(slow.body)
-    assert {k: v for k, v in fast_message.items() if k not in strip} == {k: v for k, v in slow_message.items() if k not in strip}
-    assert {k: v for k, v in fast_record.items() if k not in strip} == {k: v for k, v in slow_record.items() if k not in strip}
+    def same(fast: dict, slow: dict) -> bool:
+        return {k: v for k, v in fast.items() if k not in strip} == {k: v for k, v in slow.items() if k not in strip}
+
+    assert same(fast_message, slow_message)
+    assert same(fast_record, slow_record)
     assert (fast.queue, fast.priority, fast.eta) == (slow.queue, slow.priority, slow.eta)
     app.close()
 
