@@ -177,7 +177,8 @@ def test_a_worker_process_is_woken_by_a_send_from_another_process(tmp_path, qnam
     app = nbqueue.App(url, default_queue=queue)
     env = dict(os.environ, NBQUEUE_BROKER=url, NBQUEUE_BACKEND=url, NBQUEUE_DEFAULT_QUEUE=queue,
                PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "tests"), ROOT]))
-    command = [sys.executable, "-m", "nbqueue", "--log-level", "WARNING", "worker", "--app", "proc_tasks:app", "-c", "1"]
+    command = [sys.executable, "-m", "nbqueue", "--log-level", "WARNING", "worker", "--app", "proc_tasks:app",
+               "-c", "1"]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         first = app.send_task(app.signature("add", args=[1, 2]))
