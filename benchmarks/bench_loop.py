@@ -248,8 +248,20 @@ def nbqueue_loop(broker, backend, process: bool, batch: bool = False) -> tuple[f
 
 # -- Huey and Celery ---------------------------------------------------------------------------------
 
+PEER_TIMEOUT = 300      # seconds a peer's get() may wait (a slow peer still gets a figure)
+
+
 def huey_get(result):
-    return result.get(blocking=True, timeout=60, backoff=1.0, max_delay=0.001)
+    return result.get(blocking=True, timeout=PEER_TIMEOUT, backoff=1.0, max_delay=0.001)
+
+
+def peer(measure_peer, *args):
+    """A peer's figures, or None (said on stderr) when it could not finish the loop."""
+    try:
+        return measure_peer(*args)
+    except Exception as exc:
+        print(f"{measure_peer.__name__}{args[:1]} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        return None
 
 
 def huey_loop(kind: str, tmp: str) -> tuple[float, float, float]:
@@ -305,9 +317,9 @@ def celery_loop() -> tuple[float, float, float]:
                             env=env, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     add = peers.celery_app.tasks["add"]
     try:
-        add.delay(0, 0).get(timeout=60)
-        tp, sending = timed_loop(lambda i: add.delay(i, i), lambda h: h.get(timeout=60), N)
-        p50 = round_trips(lambda i: add.delay(i, i), lambda h: h.get(timeout=60), LAT_N)
+        add.delay(0, 0).get(timeout=PEER_TIMEOUT)
+        tp, sending = timed_loop(lambda i: add.delay(i, i), lambda h: h.get(timeout=PEER_TIMEOUT), N)
+        p50 = round_trips(lambda i: add.delay(i, i), lambda h: h.get(timeout=PEER_TIMEOUT), LAT_N)
     finally:
         stop(proc)
         with peers.celery_app.connection_for_write() as conn:
@@ -332,7 +344,7 @@ def measure(kinds: list[str], tmp: str) -> list[tuple]:
 
     if "sqlite" in kinds:
         floor = sqlite_floor(os.path.join(tmp, "floor.db"))
-        huey = huey_loop("sqlite", tmp) if have_huey else None
+        huey = peer(huey_loop, "sqlite", tmp) if have_huey else None
         url = db()
         rows.append(("SQLite, `nbqueue worker` in another process", nbqueue_loop(url, None, True), floor, huey, None))
         url = db()
@@ -340,17 +352,17 @@ def measure(kinds: list[str], tmp: str) -> list[tuple]:
                      None))
     if "redis" in kinds:
         floor = redis_floor()
-        huey = huey_loop("redis", tmp) if have_huey else None
+        huey = peer(huey_loop, "redis", tmp) if have_huey else None
         url = f"{REDIS_URL}?key_prefix=loop{uuid.uuid4().hex[:6]}"
         rows.append(("Redis, `nbqueue worker` process", nbqueue_loop(url, None, True), floor, huey, None))
     if "amqp" in kinds:
-        celery = celery_loop() if have_celery else None
+        celery = peer(celery_loop) if have_celery else None
         rows.append(("RabbitMQ, `nbqueue worker` process", nbqueue_loop(AMQP_URL, db(), True), None, None, celery))
         batched = nbqueue_loop(AMQP_URL, db(), True, batch=True)
         rows.append(("RabbitMQ, the sends in `with app.batch():`", batched, None, None, celery))
     if "memory" in kinds:
         floor = fakeredis_floor()
-        huey = huey_loop("memory", tmp) if have_huey else None
+        huey = peer(huey_loop, "memory", tmp) if have_huey else None
         memory = nbqueue_loop(f"memory://loop{uuid.uuid4().hex[:6]}", None, False)
         rows.append(("`memory://` in process", memory, floor, huey, None))
     return rows
