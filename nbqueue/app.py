@@ -19,14 +19,15 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Mapping
 
+from . import batching
 from . import config as _config
-from . import serialization, shipping, states, tracing
+from . import cache, payloads, provenance, serialization, shipping, states, tracing
 from .backends import backend_from_url
 from .brokers import broker_from_url
 from .brokers.base import Outgoing
 from .clock import SYSTEM
 from .result import AsyncResult
-from .signature import Signature, encode_body
+from .signature import Signature, encode_body, to_message
 from .task import Task, task_name
 
 log = logging.getLogger(__name__)
@@ -44,28 +45,41 @@ def _default_backend(broker_url: str | None) -> str | None:
 
 
 class App:
+    """``inline=True``: every task runs in the caller at send time, through the store and
+    a worker's code path (inline.py), for unit tests without a worker."""
+
     def __init__(self, broker: str | None = None, backend: str | None = None, *, default_queue: str = "nbqueue", **options: Any):
         _config.check_options(options)
         self.config = _config.Config(broker=broker, backend=backend, default_queue=default_queue, options=options)
         self.default_queue = default_queue
         self.clock = options.get("clock") or SYSTEM
+        if options.get("inline"):     # inline.py: tasks run in the caller at send; its runner steps this clock
+            from .inline import InlineClock
+
+            self.clock = InlineClock(self.clock)
         self.serializer = serialization.Serializer(pickle=self.config.option("serializer") == "pickle")
         self.visibility_timeout = float(self.config.option("visibility_timeout"))
         self.registry: dict[str, Task] = {}
         self.broker_url = broker or "sqlite://"
         self.backend_url = backend or _default_backend(broker) or "sqlite://"
-        store_options = {k: v for k, v in options.items() if k != "clock"}
+        store_options = {k: v for k, v in options.items() if k not in ("clock", "inline")}
         self.broker = broker_from_url(self.broker_url, clock=self.clock, options=store_options)
         self.backend = backend_from_url(self.backend_url, clock=self.clock, options=store_options)
+        payloads.attach(self)       # large values out of band: the payload store (nbqueue/payloads.py)
         self._workers: list = []
         self._schedules = None
         self._lock = threading.Lock()
         self._live_workers: tuple[float, list] | None = None     # (when read, heartbeats): see live_workers()
-        # -- built-in tasks (issue 5): "nbqueue.cell" runs %%task cells, only on allow_cells workers --
+        # -- built-in tasks: "nbqueue.cell" runs %%task cells, only on allow_cells workers ----------
         from . import builtin
 
         builtin.register(self)
         # -- end of built-in tasks --------------------------------------------------------------------
+        self._inline = None
+        if options.get("inline"):
+            from .inline import Inline
+
+            self._inline = Inline(self)
 
     # -- construction from files and the environment ----------------------------------
     @classmethod
@@ -119,20 +133,34 @@ class App:
     # -- sending ------------------------------------------------------------------------
     def prepare(self, sig: Signature, *, group_id: str | None = None, parent_id: str | None = None, meta: dict | None = None) -> tuple[dict, dict, Outgoing]:
         """Encode a signature: (message, PENDING record, Outgoing). Raises SerializationError."""
+        with payloads.sending(self):        # values out of band: packed once, held until linked to the task
+            return self._prepare(sig, group_id=group_id, parent_id=parent_id, meta=meta)
+
+    def _prepare(self, sig: Signature, *, group_id: str | None, parent_id: str | None,
+                 meta: dict | None) -> tuple[dict, dict, Outgoing]:
         task = self.registry.get(sig.name)
         now = self.clock.time()
-        message = sig.to_message(self.serializer, default_queue=self.default_queue, fn=task.fn if task else None, now=now)
+        message = to_message(sig, self.serializer, default_queue=self.default_queue, fn=task.fn if task else None, now=now)
         shipping.attach(self, sig, message)   # made from a notebook's function: carries its code, to a code queue
         if group_id is not None:
             message["group_id"] = group_id
+        record, out = self._recorded(message, parent_id, meta)
+        if provenance._provider is not None:     # in a notebook: where it was sent from (provenance.py)
+            provenance.stamp(sig, task, record)
+        return message, record, out
+
+    def _recorded(self, message: dict, parent_id: str | None, meta: dict | None) -> tuple[dict, Outgoing]:
+        """The trace context injected, then the PENDING record and the Outgoing of ``message``."""
         tracing.inject(message)
         record = {
             "id": message["id"], "name": message["name"], "state": states.PENDING,
             "args": serialization.dumps(message["args"]), "kwargs": serialization.dumps(message["kwargs"]),
-            "queue": message["queue"], "group_id": message.get("group_id"), "parent_id": parent_id, "created_at": now,
-            "meta": serialization.dumps(meta) if meta else None,
+            "queue": message["queue"], "group_id": message.get("group_id"), "parent_id": parent_id,
+            "created_at": message["created_at"], "meta": serialization.dumps(meta) if meta else None,
         }
-        return message, record, self.outgoing(message)
+        out = self.outgoing(message)
+        payloads.track(self, message["id"], out.body)      # the payloads the message references live with its record
+        return record, out
 
     @staticmethod
     def outgoing(message: dict) -> Outgoing:
@@ -143,30 +171,73 @@ class App:
         """Record as PENDING first, then publish, so a fast worker's result is never overwritten
         (in one transaction where broker and backend share a store)."""
         self.broker.publish_recorded(self.backend, records, outs)
+        if self._inline is not None:    # inline mode: run them (and what they lead to) before the send returns
+            self._inline.after_publish(outs)
 
     def transaction(self):
         """One transaction over broker and backend where they share a store (the SQLite file)."""
         return self.broker.transaction_with(self.backend)
 
     def send_task(self, sig: Signature) -> AsyncResult:
-        """Send one signature; returns its AsyncResult at once."""
+        """Send one signature; returns its AsyncResult at once (for a task registered with
+        ``cache=``, a stored result of the same code and arguments: see cache.py)."""
         if not isinstance(sig, Signature):
             raise TypeError(f"send_task takes a Signature, not {type(sig).__name__}; use app.send() for workflows")
+        task = self.registry.get(sig.name)
+        if task is not None and task.cache is not False and not sig.on_success and not sig.on_error:
+            with tracing.sending(sig.name):
+                return cache.send(self, sig, task.cache)
         with tracing.sending(sig.name):
             message, record, out = self.prepare(sig)
-            since = self.backend.wake_version()
+            return self._send_prepared(sig, message, record, out)
+
+    def _send_prepared(self, sig: Signature, message: dict, record: dict, out: Outgoing) -> AsyncResult:
+        """Publish what ``prepare`` made of ``sig`` (or hold it in an ``app.batch()`` block); its AsyncResult."""
+        since = self.backend.wake_version()
+        if not batching.hold(self, record, out):
             self.publish([record], [out])
         result = AsyncResult(out.id, self, name=sig.name)
-        result._sent_at_version = since
+        result._sent_at_version = since if self._inline is None else None    # inline: final already
         result.callbacks = [AsyncResult(m["id"], self, name=m["name"], absent_ok=True)   # recorded when fired
                             for m in message.get("on_success", []) + message.get("on_error", [])]
         return result
+
+    def send_call(self, task: Task, args: tuple, kwargs: dict) -> AsyncResult:
+        """``task.delay(*args, **kwargs)``: as ``send_task(task.s(*args, **kwargs))``, with the
+        envelope built from the task's template (see nbqueue.callpath)."""
+        from . import callpath
+
+        if task.cache is not False:     # a cached task: its key and the stored result (cache.py)
+            return self.send_task(task.s(*args, **kwargs))
+        with tracing.sending(task.name):
+            with payloads.sending(self):        # values out of band: packed once, held until linked to the task
+                message = callpath.call_message(self, task, args, kwargs, self.clock.time())
+                if message is None:          # an argument JSON cannot carry: the Signature path names it
+                    return self.send_task(task.s(*args, **kwargs))
+                shipping.attach(self, task, message)
+                record, out = self._recorded(message, None, None)
+            if provenance._provider is not None:     # in a notebook: where it was sent from (provenance.py)
+                provenance.stamp(task.s(), task, record)
+            since = self.backend.wake_version()
+            if not batching.hold(self, record, out):
+                self.publish([record], [out])
+        result = AsyncResult(out.id, self, name=task.name)
+        result._sent_at_version = since if self._inline is None else None    # inline: final already
+        return result
+
+    def batch(self) -> "batching.SendBatch":
+        """``with app.batch():`` the single sends of this thread inside the block
+        (``.delay()``, ``apply_async()``, ``send_task``) are written together when it ends,
+        in one transaction or round trip (on RabbitMQ, confirms pipelined): durably queued
+        once the block exits. If the block raises, none of them is sent. See nbqueue.batching."""
+        return batching.SendBatch(self)
 
     def send_many(self, signatures: Iterable[Signature]) -> list[AsyncResult]:
         """Send many independent tasks in one write (faster than a loop of send_task)."""
         sigs = list(signatures)
         with tracing.sending(sigs[0].name if len({s.name for s in sigs}) == 1 else "many", len(sigs)):
-            prepared = [self.prepare(s) for s in sigs]
+            with payloads.sending(self):        # an object sent to many tasks is packed and stored once
+                prepared = [self.prepare(s) for s in sigs]
             self.publish([p[1] for p in prepared], [p[2] for p in prepared])
         return [AsyncResult(p[2].id, self, name=s.name) for s, p in zip(sigs, prepared)]
 
@@ -177,38 +248,56 @@ class App:
         if isinstance(item, Signature):
             return self.send_task(item)
         with tracing.sending(type(item).__name__):
-            return workflow.send(self, item)
+            return self._run_inline(workflow.send(self, item))
 
     def send_group(self, group, concurrency: int = 0):
         from . import workflow
 
         with tracing.sending("group"):
-            return workflow.send_group(self, group, concurrency=concurrency)
+            return self._run_inline(workflow.send_group(self, group, concurrency=concurrency))
 
     def send_chain(self, chain):
         from . import workflow
 
         with tracing.sending("chain"):
-            return workflow.send(self, chain)
+            return self._run_inline(workflow.send(self, chain))
 
     def send_chord(self, chord, concurrency: int = 0):
         from . import workflow
 
         with tracing.sending("chord"):
-            return workflow.send_chord(self, chord, concurrency=concurrency)
+            return self._run_inline(workflow.send_chord(self, chord, concurrency=concurrency))
+
+    def _run_inline(self, result):
+        """Inline mode: run what a workflow send published before returning its result."""
+        if self._inline is not None:
+            self._inline.after_publish([])
+        return result
 
     # -- results ------------------------------------------------------------------------
     def result(self, task_id: str) -> AsyncResult:
         """The AsyncResult of any task id, also one sent before a kernel restart."""
         return AsyncResult(task_id, self)
 
+    def states_of(self, ids: Iterable[str]) -> dict[str, str]:
+        """The state of each of the task ids that has a record, from one query (ids without a record are left out)."""
+        return self.backend.states_of(list(ids))
+
     def tasks(self, state: str | None = None, name: str | None = None, limit: int | None = None):
-        """Every recorded task as a pandas DataFrame, newest first (``runtime`` in seconds)."""
+        """Every recorded task as a pandas DataFrame, newest first (``runtime`` in seconds), with
+        where each came from: ``notebook``, ``cell``, ``code_hash``, ``cached_from`` (provenance.py)."""
         from .frames import records_frame
 
         records = self.backend.list(state=state, name=name, limit=None if limit is None else limit + 64)
         records = [r for r in records if r.get("name") != "nbqueue.group" or name == "nbqueue.group"]
-        return records_frame(self, records[:limit] if limit is not None else records)
+        records = records[:limit] if limit is not None else records
+        return provenance.add_columns(records_frame(self, records), records)
+
+    def reattach(self, notebook: str | None = None) -> list:
+        """After a kernel restart: the results of what this notebook (its file, or ``notebook``)
+        sent from earlier kernels that is still running or finished since it was last seen,
+        shown as live views when a notebook displays the list (provenance.py)."""
+        return provenance.reattach(self, notebook)
 
     # -- browsing and operating (what the dashboard uses; all public) ----------------------
     def find_tasks(self, *, state=None, name=None, queue=None, since: float | None = None, until: float | None = None,
@@ -317,12 +406,14 @@ class App:
                 worker.note_revoked(task_id)
         return revoked
 
-    def cancel_all(self, reason: str = "cancelled", *, ids=None) -> int:
+    def cancel_all(self, reason: str = "cancelled", *, ids=None, unlisted=None) -> int:
         """Cancel (``revoke(terminate=True)``) every task not finished yet: those of ``ids``,
-        else every one the result backend lists (not on a backend that cannot list, such as
-        AMQP results: pass ``ids``); how many were cancelled."""
+        else every one the result backend lists; a backend that cannot list (such as AMQP
+        results) cancels those of ``unlisted`` instead (none when None). How many were cancelled."""
         from . import control
 
+        if ids is None and self.backend.lists_tasks == "none":
+            ids = unlisted or []
         if ids is None:
             ids = [r["id"] for r in self.backend.list()
                    if r.get("state") not in states.READY_STATES and r.get("name") != "nbqueue.group"]
@@ -361,16 +452,30 @@ class App:
         return list(self._workers)
 
     def status(self) -> dict:
-        """Queue depths per queue and the live workers (from their heartbeats).
+        """Queue depths per queue, the live workers (from their heartbeats) and the result
+        cache (``{"size", "hits", "misses", "shared", "hit_rate"}``, see cache.py).
 
         A broker that cannot list its queues (RabbitMQ) is asked about this App's default
         queue, its tasks' queues and the queues live workers serve."""
         workers = self.backend.workers()
         if getattr(self.broker, "lists_queues", True):
-            return {"queues": self.broker.stats(), "workers": workers}
+            return {"queues": self.broker.stats(), "workers": workers, "cache": cache.stats(self)}
         known = [self.default_queue, *(t.options["queue"] for t in self.registry.values() if t.options.get("queue")),
                  *(q for w in workers for q in w.get("queues") or [])]
-        return {"queues": self.broker.stats(queues=list(dict.fromkeys(known))), "workers": workers}
+        return {"queues": self.broker.stats(queues=list(dict.fromkeys(known))), "workers": workers, "cache": cache.stats(self)}
+
+    # -- the result cache (cache.py) --------------------------------------------------------
+    def cache_clear(self, task: str | None = None) -> int:
+        """Forget the result cache (of one task name or ``%%task`` label); how many entries
+        went. The records stay; later sends run again."""
+        return cache.clear(self, task)
+
+    def cache_info(self, task_id: str) -> dict | None:
+        """How the cache answered the send of ``task_id``: ``{"hit": True, "from": id}`` (the
+        stored result of task ``id``), ``{"hit": False}`` (it ran), ``{"hit": False,
+        "waiting_for": id}`` (it shares a run going on); None without the cache."""
+        return cache.info(self, task_id)
+    # -- end of the result cache ---------------------------------------------------------------
 
     def live_workers(self, max_age: float = 1.0) -> list[dict]:
         """The live workers on this App's store, from their heartbeats (as in ``status()``:
@@ -386,7 +491,14 @@ class App:
         return workers
 
     def purge(self, queue: str | None = None) -> int:
-        return self.broker.purge(queue or self.default_queue)
+        since = self.clock.time()
+        purged = self.broker.purge(queue or self.default_queue)
+        try:        # the payloads only the purged messages needed
+            payloads.after_purge(self, queue or self.default_queue, since)
+        except Exception:
+            log.warning("purge: could not release the payloads of the purged tasks "
+                        "(the sweep keeps them with their records)", exc_info=True)
+        return purged
 
     def close(self) -> None:
         """Stop this App's workers and scheduler, and close its connections."""
@@ -397,7 +509,7 @@ class App:
         self.broker.close()
         self.backend.close()
 
-    # -- periodic tasks (issue 7): registrations here, the logic in schedule.py -------------
+    # -- periodic tasks: registrations here, the logic in schedule.py ----------------------
     def periodic(self, spec: str, target: Any, name: str | None = None, *, catch_up: bool = False, timezone: Any = None):
         """Fire ``target`` (a signature, task, group, chain or chord; a fresh copy each time) on ``spec``.
 

@@ -34,9 +34,10 @@ import threading
 import time
 from typing import Any, Callable
 
-from . import taskprogress as _progress
 from . import states
-from .errors import SoftTimeLimitExceeded, TaskRevoked
+from . import taskprogress as _progress
+from .context import TaskContext, current_task
+from .errors import SoftTimeLimitExceeded
 
 log = logging.getLogger(__name__)
 
@@ -147,46 +148,8 @@ def _set_async_exc(ident: int, exc_type: type[BaseException] | None) -> bool:
     return n == 1
 
 
-class TaskContext(dict):
-    """``nbqueue.current_task()`` inside a task: a dict (``id``, ``name``, ``app``, ...)
-    with the task's controls as attributes."""
-
-    @property
-    def id(self) -> str:
-        return self["id"]
-
-    @property
-    def name(self) -> str:
-        return self["name"]
-
-    @property
-    def cancelled(self) -> bool:
-        """True once the task was cancelled (or passed its time limit in a thread): it
-        should stop. In a child process a cancel stops the process instead."""
-        control = self.get("control")
-        return control is not None and control.reason is not None
-
-    def check_cancelled(self) -> None:
-        """Raise ``TaskRevoked`` if the task was asked to stop (see ``cancelled``)."""
-        if self.cancelled:
-            why = getattr(self.get("control"), "reason", None)
-            message = "the task passed its time limit" if why == "time_limit" else "the task was cancelled"
-            raise TaskRevoked(self["id"], "TaskRevoked", message, name=self.get("name"))
-
-    def report_progress(self, done: float, total: float | None = None, note: str | None = None) -> None:
-        """See ``nbqueue.report_progress``."""
-        control = self.get("control")
-        if control is None:
-            return
-        control.set_progress(done, total, note)
-        if control.on_progress is not None:
-            control.on_progress(done, total, note)
-
-
 def check_cancelled() -> None:
     """Inside a task: raise ``TaskRevoked`` once it was cancelled; elsewhere nothing."""
-    from .workflow import current_task
-
     ctx = current_task()
     if isinstance(ctx, TaskContext):
         ctx.check_cancelled()

@@ -7,7 +7,8 @@ int 42 whatever the other rows hold) with ``None`` where there is none; ``retrie
 int64; ``created``, ``started`` and ``finished`` are datetime64[ns, UTC] (NaT when not
 yet); ``runtime`` is float64 seconds (NaN when not finished); ``progress_done`` and
 ``progress_total`` (float64, NaN when the task reported none) and ``progress_note``
-(object) are what it last reported with ``nbqueue.report_progress``.
+(object) are what it last reported with ``nbqueue.report_progress``. Values stored out of band
+(payloads.py) are not read: they show as their ``PayloadRef`` (``DataFrame 1,000,000×5, 44 MB``).
 """
 from __future__ import annotations
 
@@ -24,12 +25,13 @@ def _decode(app, text):
     if text is None:
         return None
     try:
-        return app.serializer.decode(serialization.loads(text))
+        return app.serializer.decode(serialization.loads(text), lazy=True)
     except Exception:  # a record written by a newer or pickle-enabled App: show the raw text
         return text
 
 
-def records_frame(app, records: list[dict], extra: dict[str, list] | None = None):
+def records_frame(app, records: list[dict]):
+    """One row per record (None entries skipped), in the columns and types the module docstring gives."""
     import pandas as pd
 
     rows = []

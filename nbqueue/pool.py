@@ -41,8 +41,10 @@ Children:
   1 and 2 directly (C extensions, subprocesses) goes to the worker's own stdout/stderr.
 
 The pipe protocol (pickled tuples): parent -> child ``("run", task_id, name, key, code or
-None, arguments)`` or ``("exit",)``; child -> parent ``("out", [(stream, text), ...])``
-and ``("progress", (done, total, note))`` while the task runs, then ``("done", reply, peak
+None, arguments)`` or ``("exit",)``; child -> parent ``("started",)`` once the task's
+function is about to run (its signal handlers installed: the parent sends no SIGUSR1
+before that, see ``_Child.soft_limit``), ``("out", [(stream, text), ...])`` and
+``("progress", (done, total, note))`` while the task runs, then ``("done", reply, peak
 memory KiB)``. Stopping needs no message: it is a signal to the child (SIGTERM, then
 SIGKILL after a grace: a task that ignores SIGTERM is killed all the same).
 
@@ -317,8 +319,8 @@ def _maxrss_kib() -> int:
 
 def _child_main(conn, alive, settings: dict) -> None:
     """The child's loop: ("run", ...) -> ("out", ...)* ("done", ...); ("exit",) or EOF ends it."""
-    from . import workflow
-    from .control import TaskContext, TaskControl
+    from .context import TaskContext, _current
+    from .control import TaskControl
 
     os.environ.clear()
     os.environ.update(settings.get("env") or {})
@@ -352,10 +354,12 @@ def _child_main(conn, alive, settings: dict) -> None:
             control = TaskControl(task_id, name)
             control.on_progress = _report_progress
             context = TaskContext(id=task_id, name=name, app=None, token=None, worker=None, control=control)
-            reset = workflow._current.set(context)
+            reset = _current.set(context)
             try:
                 try:
                     _ChildState.running = True
+                    with _ChildState.send_lock:
+                        conn.send_bytes(_message(("started",)))
                     value = fn(*args, **kwargs)
                 finally:
                     _ChildState.running = False
@@ -373,7 +377,7 @@ def _child_main(conn, alive, settings: dict) -> None:
                     text = repr(exc)
                 reply = ("error", type(exc).__name__, text, _format_tb(exc))
             finally:
-                workflow._current.reset(reset)
+                _current.reset(reset)
                 del fn
         with _ChildState.send_lock:
             try:
@@ -491,6 +495,9 @@ class _Child:
         self.task_id: str | None = None
         self.stop_reason: str | None = None
         self.lock = threading.Lock()
+        self.started = False        # the child said it runs the current task (its SIGUSR1 handler is set)
+        self.soft_due = False       # a soft limit passed before that: signalled once it says so
+        self._soft_lock = threading.Lock()
 
     @property
     def pid(self) -> int | None:
@@ -569,6 +576,23 @@ class _Child:
         except ProcessLookupError:
             return False
 
+    def soft_limit(self) -> bool:
+        """Raise ``SoftTimeLimitExceeded`` in the current task (SIGUSR1), or as soon as the child
+        says it runs it: a signal before its handler is installed would kill a fresh child."""
+        if not hasattr(signal, "SIGUSR1"):
+            return False
+        with self._soft_lock:
+            if not self.started:
+                self.soft_due = True
+                return True
+        return self.signal(signal.SIGUSR1)
+
+    def _on_started(self) -> None:
+        with self._soft_lock:
+            self.started, due, self.soft_due = True, self.soft_due, False
+        if due:
+            self.signal(signal.SIGUSR1)
+
     def terminate(self, reason: str, grace: float) -> None:
         """SIGTERM now, SIGKILL after ``grace`` seconds if it is still there."""
         proc = self.proc
@@ -593,6 +617,8 @@ class _Child:
             soft_time_limit: float | None, on_output: Callable[[str, str], None] | None,
             on_progress: Callable[..., None] | None = None) -> ChildOutcome:
         started = time.monotonic()
+        with self._soft_lock:
+            self.started = self.soft_due = False
         for attempt in (1, 2):
             self.ensure_started()
             try:
@@ -609,7 +635,7 @@ class _Child:
             self.known.popitem(last=False)
         self.task_id = task_id
         output: list[str] = []
-        soft_at = started + soft_time_limit if soft_time_limit else None
+        soft_at = None      # the soft limit counts from the child's "started" (not its start-up)
         hard_at = started + time_limit if time_limit else None
         conn, proc, wait = self.conn, self.proc, self.wait
         try:
@@ -621,8 +647,7 @@ class _Child:
                     now = time.monotonic()
                     if soft_at is not None and now >= soft_at:
                         soft_at = None
-                        if hasattr(signal, "SIGUSR1"):
-                            self.signal(signal.SIGUSR1)
+                        self.soft_limit()
                     if hard_at is not None and now >= hard_at:
                         hard_at = None
                         self.terminate("time_limit", self.pool.kill_grace)
@@ -635,6 +660,10 @@ class _Child:
                                 output.append(text)
                                 if on_output is not None:
                                     on_output(stream, text)
+                        elif msg[0] == "started":
+                            if soft_time_limit:
+                                soft_at = time.monotonic() + soft_time_limit
+                            self._on_started()
                         elif msg[0] == "progress":
                             if on_progress is not None:
                                 on_progress(*msg[1])
@@ -804,8 +833,9 @@ class ProcessPool:
         """Run ``target(*args, **kwargs)`` in a free child and wait for it (blocks this thread).
 
         ``target``: a function (shipped with ``shipping.pack``) or a ``Shipped`` already
-        made; ``time_limit`` (s): stop the child then (``exit="time_limit"``);
-        ``soft_time_limit`` (s): raise ``SoftTimeLimitExceeded`` in the task then;
+        made; ``time_limit`` (s, from this call): stop the child then (``exit="time_limit"``);
+        ``soft_time_limit`` (s, from when the function starts in its child, a fresh child's
+        start-up not counted): raise ``SoftTimeLimitExceeded`` in the task then;
         ``on_output(stream, text)``: each piece of output as it arrives (default: written
         to this thread's ``sys.stdout``/``sys.stderr``, where nbqueue's capture takes it);
         ``on_progress(done, total, note)``: each ``report_progress`` of the task (at most
@@ -862,7 +892,7 @@ class ProcessPool:
     def soft_limit(self, task_id: str) -> bool:
         """Raise ``SoftTimeLimitExceeded`` in the task now (SIGUSR1 to its child's main thread)."""
         child = self._running(task_id)
-        return bool(child is not None and hasattr(signal, "SIGUSR1") and child.signal(signal.SIGUSR1))
+        return bool(child is not None and child.soft_limit())
 
     def note_death(self, task_id: str) -> int:
         """Count a child death caused by ``task_id`` in this pool; returns the count so far."""

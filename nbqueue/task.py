@@ -5,16 +5,24 @@ import functools
 from typing import Any, Callable
 
 from . import shipping
-from .signature import Signature, check_options
+from .canvas import Signature
+from .signature import check_options
 
 TASK_OPTIONS = ("retry_count", "retry_timeout", "retry_backoff", "queue", "priority", "time_limit", "soft_time_limit",
                 "ignore_when_not_registered")
 
 
 class Task:
-    """Calling it runs the function here; ``.delay()``/``.s()`` send it to a worker."""
+    """Calling it runs the function here; ``.delay()``/``.s()`` send it to a worker.
 
-    def __init__(self, app, name: str, fn: Callable, **options: Any):
+    ``cache=True`` (or an expiry: ``cache="7d"``, seconds): a send whose code and arguments
+    ran before returns the stored result without running (cache.py)."""
+
+    def __init__(self, app, name: str, fn: Callable, *, cache: Any = False, **options: Any):
+        from .cache import policy
+
+        #: False (no result cache), None (cached, no expiry) or the expiry in seconds (see cache.py)
+        self.cache = policy(cache)
         unknown = set(options) - set(TASK_OPTIONS)
         if unknown:
             raise TypeError(f"unknown task option(s): {', '.join(sorted(unknown))} (known: {', '.join(TASK_OPTIONS)})")
@@ -26,6 +34,11 @@ class Task:
         # signatures made from a function defined in a notebook carry its code (shipping.py)
         self._ship = shipping.defined_in_notebook(fn)
         functools.update_wrapper(self, fn)
+
+    @property
+    def ship_code(self) -> bool:
+        """Its messages carry the function's code (defined in a notebook; see shipping.py)."""
+        return self._ship
 
     def __call__(self, *args, **kwargs):
         return self.fn(*args, **kwargs)
@@ -42,7 +55,7 @@ class Task:
         return Signature(self.name, args=args, kwargs=kwargs, app=self.app, ship_code=self._ship, **{**self.options, **options})
 
     def delay(self, *args, **kwargs):
-        return self.app.send_task(self.s(*args, **kwargs))
+        return self.app.send_call(self, args, kwargs)
 
     def apply_async(self, args=(), kwargs=None, **options):
         return self.app.send_task(self.signature(args, kwargs, **options))

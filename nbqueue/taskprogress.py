@@ -67,7 +67,7 @@ def report_progress(done, total=None, note=None) -> bool:
     in a tight loop: it is stored a few times a second at most. Returns False outside a
     task (nothing is stored). Raises TypeError/ValueError for a value that is not a finite
     number."""
-    from .workflow import current_task
+    from .context import current_task
 
     ctx = current_task()
     if ctx is None or not hasattr(ctx, "report_progress"):

@@ -34,9 +34,10 @@ import traceback as _tb
 import uuid
 from typing import Any, Iterable
 
-from . import builtin, capture, control, serialization, shipping, states, workflow
+from . import builtin, capture, context, control, payloads, serialization, shipping, states, workflow
 from .brokers.base import Delivery, queue_list
-from .errors import DeliveryLimitExceeded, MessageError, NotRegistered, Retry, SerializationError, WorkerLostError
+from .errors import (DeliveryLimitExceeded, MessageError, NotRegistered, PayloadError, Retry, SerializationError,
+                     WorkerLostError)
 from .events import WorkerEvents
 from .retry import next_delay
 from .signature import decode_body, encode_body
@@ -643,6 +644,7 @@ class Worker:
                 try:
                     self.app.broker.upkeep()
                     self.app.backend.upkeep()       # expired results go without a scheduler
+                    payloads.upkeep(self.app)       # payloads no record references any more
                 except Exception:
                     log.debug("worker %s: broker upkeep failed", self.name, exc_info=True)
             if self._stopping.is_set() and not any(t.is_alive() for t in self._threads if t is not threading.current_thread()):
@@ -999,7 +1001,9 @@ class Worker:
             args = [app.serializer.decode(a) for a in message["args"]]
             kwargs = {k: app.serializer.decode(v) for k, v in message["kwargs"].items()}
         except Exception as exc:
-            self._fail(delivery, message, token, SerializationError(f"cannot decode arguments of task {name!r}: {exc}"), batch)
+            # a payload's error (missing, corrupt) keeps its type
+            kind = type(exc) if isinstance(exc, PayloadError) else SerializationError
+            self._fail(delivery, message, token, kind(f"cannot decode arguments of task {name!r}: {exc}"), batch)
             return
 
         started_at = app.clock.time()
@@ -1009,7 +1013,7 @@ class Worker:
             self._running[task_id] = run
         capture.begin(task_id)
         try:
-            with workflow.task_context(app, message, token, self, run["control"]), \
+            with context.task_context(app, message, token, self, run["control"]), \
                     self.events.run(message, delivery.queue):
                 value = self._call(task, args, kwargs, message, run["control"])
         except Retry as exc:
@@ -1040,7 +1044,7 @@ class Worker:
             self.control.finished(task_id, run)
         output = capture.end()
         try:
-            result_text = serialization.dumps(app.serializer.encode(value, f"result of task {name!r}"))
+            result_text = serialization.dumps(app.serializer.encode(value, f"result of task {name!r}", owner=task_id))
         except Exception as exc:    # whatever the encoder raises (a value nested too deeply, say): the task fails
             if not isinstance(exc, SerializationError):
                 hint = " (a value that contains itself, or is nested too deeply?)" if isinstance(exc, RecursionError) else ""

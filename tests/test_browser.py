@@ -180,7 +180,8 @@ worker = app.start_worker(2)""",
     "g = app.send_group(nbqueue.group([train.si(i, 4000) for i in range(2)]))\ng",
 ]
 
-TASK_BARS = """() => [...document.querySelectorAll('.nbqueue-group-view progress.nbqueue-task-progress')].map(b => Number(b.value))"""
+TASK_BAR_SELECTOR = ".nbqueue-group-view progress.nbqueue-task-progress"
+TASK_BARS = f"() => [...document.querySelectorAll('{TASK_BAR_SELECTOR}')].map(b => Number(b.value))"
 GROUP_HEADER = "() => (document.querySelector('.nbqueue-group-view .nbqueue-header') || {}).innerText || ''"
 
 
@@ -204,13 +205,14 @@ def test_cancel_button_stops_a_running_group_and_task_progress_bars_move_in_jupy
             page.click('.lm-MenuBar-itemLabel:text-is("Run")')
             page.click('li.lm-Menu-item[data-command="runmenu:run-all"]')
             try:
-                page.wait_for_function("() => document.querySelectorAll('.nbqueue-group-view progress.nbqueue-task-progress').length >= 1",
+                page.wait_for_function(f"() => document.querySelectorAll('{TASK_BAR_SELECTOR}').length >= 1",
                                        timeout=120_000)
             finally:
                 page.screenshot(path=str(ARTIFACTS / "cancel-started.png"), full_page=True)
             first = page.evaluate(TASK_BARS)
-            page.wait_for_function(f"() => {{ const v = ({TASK_BARS})(); return v.length && Math.max(...v) > {max(first)}; }}",
-                                   timeout=30_000)
+            page.wait_for_function(
+                f"() => {{ const v = ({TASK_BARS})(); return v.length && Math.max(...v) > {max(first)}; }}",
+                timeout=30_000)
             moved = page.evaluate(TASK_BARS)
             page.screenshot(path=str(ARTIFACTS / "cancel-running.png"), full_page=True)
             assert "STARTED" in page.evaluate(GROUP_HEADER)
@@ -227,6 +229,7 @@ def test_cancel_button_stops_a_running_group_and_task_progress_bars_move_in_jupy
 
 def _root_of(base: str, token: str) -> str:
     """The directory the JupyterLab server serves (its root_dir)."""
-    with urllib.request.urlopen(f"{base}/api/contents/02-workflows.ipynb?token={token}&content=0", timeout=5) as response:
+    url = f"{base}/api/contents/02-workflows.ipynb?token={token}&content=0"
+    with urllib.request.urlopen(url, timeout=5) as response:
         json.loads(response.read())
     return _ROOTS[base]

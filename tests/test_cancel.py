@@ -264,6 +264,31 @@ def test_bad_ids_are_refused_or_answered_false(sqlite_app):
     assert nbqueue.report_progress(1, 2) is False          # outside a task: nothing stored
 
 
+def test_time_limits_of_a_task_reach_the_envelope_of_delay_and_of_its_signatures(sqlite_app):
+    """``delay()`` builds its envelope from the task's template (callpath.py): the limits are in
+    it, as in a signature's; a bad limit is refused at send naming the option."""
+    from nbqueue import callpath
+    from nbqueue.signature import to_message
+
+    app = sqlite_app
+
+    @app.task(soft_time_limit=1.5, time_limit=3)
+    def limited(x):
+        return x
+
+    message = callpath.call_message(app, limited, (1,), {}, now=0.0)
+    assert (message["soft_time_limit"], message["time_limit"]) == (1.5, 3)
+    sig = limited.s(1).set(soft_time_limit=0.25)
+    message = to_message(sig, app.serializer, default_queue=app.default_queue)
+    assert (message["soft_time_limit"], message["time_limit"]) == (0.25, 3)
+    r = limited.delay(2)
+    assert r.info()["state"] == states.PENDING
+    with pytest.raises(ValueError, match="soft_time_limit"):
+        app.send(limited.s(1).set(soft_time_limit=-1))
+    with pytest.raises(TypeError, match="soft_time_limit"):
+        app.send(limited.s(1).set(soft_time_limit="soon"))
+
+
 def test_soft_time_limit_raises_inside_a_thread_task_which_cleans_up(sqlite_app, tmp_path):
     app = sqlite_app
 
@@ -483,9 +508,9 @@ def test_cancel_reaches_a_worker_in_another_process(app_factory, remote, tmp_pat
 
 @pytest.fixture
 def shell(monkeypatch, tmp_path):
-    from conftest import ipython_shell
-
     from nbqueue.notebook import magics as nbmagics
+
+    from conftest import ipython_shell
 
     ipython = ipython_shell(monkeypatch)
     ipython.reset(new_session=False)

@@ -257,7 +257,8 @@ def test_revoking_a_running_chord_member_fails_the_chord_with_task_revoked_and_f
         assert err.value.task_id == res.results[1].id
         with pytest.raises(TaskRevoked):
             res.header.get(timeout=5)
-        assert res.header.state == states.REVOKED and res.callback.state == states.REVOKED     # a member cancelled: not run to its end
+        # a member cancelled: the header is not run to its end
+        assert res.header.state == states.REVOKED and res.callback.state == states.REVOKED
         wait_for(lambda: errors, message="the callback's error callback ran")
         assert errors[0][1] == "chord failed"
     finally:

@@ -160,6 +160,26 @@ def test_notebook_function_runs_in_a_child_when_main_has_no_spec(app_factory, mo
     assert sys.modules["__main__"] is main and not hasattr(main, "__spec__")
 
 
+@pytest.mark.parametrize("app_kind", ["sqs"])
+def test_a_kernel_worker_on_sqs_reads_the_code_queue_and_runs_a_shipped_task(app_factory, qname, monkeypatch):
+    """Given an App on SQS in a notebook kernel (``__main__`` has no file), its worker reads
+    the code queue ``<queue>.code`` from the start; a notebook function runs through the
+    process pool end to end, and the queue shows under nbqueue's name."""
+    monkeypatch.delattr(sys.modules["__main__"], "__file__", raising=False)
+    assert shipping.interactive()
+    app = app_factory()
+    code = shipping.code_queue(app.default_queue)
+    qname.made.append(code)                              # deleted after the test with the others
+    worker = app.start_worker(pool="processes", concurrency=1)
+    assert code in worker.queues
+    ns, tasks = register(app, where=1)
+    r = tasks["where"].delay(2)
+    value, child = r.get(timeout=60)
+    assert value == 6 and child in worker.pool.pids()
+    assert app.backend.get(r.id)["queue"] == code
+    assert code in [row["queue"] for row in app.broker.stats()]
+
+
 class _StandInMain:
     """A ``__main__`` that is no module (as IPython's ``DummyMod``): no ``__spec__``, no ``__file__``."""
 
@@ -416,10 +436,76 @@ def test_pool_interface_soft_limit_and_stop():
     assert pool.pids() == []
 
 
+def test_pool_soft_limit_due_before_a_fresh_child_is_ready_reaches_the_task():
+    """A soft limit that passes while a new child is still starting (before its SIGUSR1
+    handler is installed) is sent once the child says it runs the task: the task gets
+    SoftTimeLimitExceeded, the child is not killed by the signal's default action."""
+    ns = notebook_cell("""
+        import time
+        import nbqueue
+
+        def careful(seconds):
+            try:
+                time.sleep(seconds)
+            except nbqueue.SoftTimeLimitExceeded:
+                return "cleaned up"
+        """)
+    pool = ProcessPool(1, max_tasks_per_child=1)     # every task starts on a child started for it
+    try:
+        for i in range(3):
+            outcome = pool.run(ns["careful"], (30,), task_id=f"fresh-{i}", soft_time_limit=1e-6)
+            assert outcome.exit == "ok", (outcome.exit, outcome.signal, outcome.message)
+            # raised as the function starts or inside its sleep: either way the task got it
+            assert outcome.value == "cleaned up" or outcome.exc_type == "SoftTimeLimitExceeded", outcome
+    finally:
+        pool.close()
+
+
 def test_worker_rejects_an_unknown_pool():
     app = nbqueue.App("memory://pool-choice")
     with pytest.raises(ValueError, match="pool must be 'threads' or 'processes'"):
         app.worker(pool="fork")
+
+
+MODULE_TASKS = """
+import os
+import nbqueue
+
+app = nbqueue.App(os.environ["NBQ_POOL_MODULE_URL"], default_queue=os.environ["NBQ_POOL_MODULE_QUEUE"])
+
+@app.task(name="plus")
+def plus(x):
+    return x + 1
+
+@app.task(name="uses_its_app")
+def uses_its_app(x):
+    return [app.default_queue, plus.delay(x).id, os.getpid()]
+"""
+
+
+def test_a_module_task_that_uses_its_app_runs_in_a_child_which_imports_the_module(tmp_path, monkeypatch):
+    """``@app.task`` binds the module's name to the Task, so the function is not pickled by
+    reference by cloudpickle's own rule; by value it would take the App along (which cannot be
+    pickled). It is shipped by module and name, and the child gets the module's App."""
+    queue = f"mod-{uuid.uuid4().hex[:6]}"
+    monkeypatch.setenv("NBQ_POOL_MODULE_URL", f"sqlite:///{tmp_path}/q.db")
+    monkeypatch.setenv("NBQ_POOL_MODULE_QUEUE", queue)
+    module = f"pool_module_tasks_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{module}.py").write_text(MODULE_TASKS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    tasks = importlib.import_module(module)
+    shipped = shipping.pack(tasks.uses_its_app.fn)
+    assert not shipped.by_value and len(shipped.data) < 500
+    try:
+        worker = tasks.app.start_worker(pool="processes", concurrency=2)
+        used_queue, sent, child = tasks.uses_its_app.delay(1).get(timeout=60)
+        assert used_queue == queue and child in worker.pool.pids()
+        assert tasks.app.result(sent).get(timeout=60) == 2          # sent from the child through its own App
+    finally:
+        tasks.app.close()
+        sys.modules.pop(module, None)
 
 
 # -- shipped code in messages: routing, refusal, signatures ------------------------------------------------

@@ -21,7 +21,7 @@ from nbqueue.brokers.base import Outgoing
 from nbqueue.errors import ConfigurationError, PublishRefused, SerializationError, TaskFailed, UnsupportedOperation
 from nbqueue.testing import wait_for
 
-from conftest import AMQP_URL, require_server, session_server_url
+from conftest import AMQP_URL, app_maker, require_server, session_server_url
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -45,27 +45,7 @@ def combo(request):
 @pytest.fixture
 def store_app(combo, tmp_path, qname):
     """``store_app(**options)``: Apps on one broker/backend pair of this combo; tidied after the test."""
-    broker, backend = combo_urls(combo, tmp_path)
-    queue = qname("default")
-    made = []
-
-    def make(**options):
-        options.setdefault("default_queue", queue)
-        app = nbqueue.App(broker, backend, **options)
-        made.append(app)
-        return app
-
-    make.broker_url, make.backend_url, make.combo = broker, backend, combo
-    yield make
-    for app in made:
-        for worker in list(app.workers):
-            worker.stop(wait=True, timeout=10)
-    if made:
-        made[0].broker.delete_queues(qname.made)
-        if hasattr(made[0].backend, "delete_queues"):
-            made[0].backend.delete_queues()
-    for app in made:
-        app.close()
+    yield from app_maker(*combo_urls(combo, tmp_path), qname, combo)
 
 
 def register(app):
@@ -142,7 +122,9 @@ def test_worker_in_another_process_runs_tasks_and_results_read_back(store_app, t
     app = store_app()
     env = {**__import__("os").environ, "NBQUEUE_BROKER": app.broker_url, "NBQUEUE_BACKEND": app.backend_url,
            "NBQUEUE_DEFAULT_QUEUE": app.default_queue, "NBQUEUE_TEST_SIDE_DB": str(tmp_path / "side.db"),
-           "NBQUEUE_LOG_LEVEL": "WARNING", "PYTHONPATH": str(TESTS_DIR)}
+           "NBQUEUE_LOG_LEVEL": "WARNING",
+           # the worker imports the nbqueue under test, whatever the venv has installed
+           "PYTHONPATH": __import__("os").pathsep.join([str(TESTS_DIR), str(TESTS_DIR.parent)])}
     log = tmp_path / "worker.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "nbqueue", "worker", "--app", "proc_tasks:app", "--concurrency", "2"],
@@ -295,9 +277,10 @@ def test_sqs_queue_made_elsewhere_dead_letters_into_its_own_redrive_target(sqs, 
 def test_sqs_delay_beyond_the_native_maximum_hops_and_is_never_early(sqs, qname):
     broker, q = sqs(), qname("long")
     broker.max_delay = 1                        # SQS's 15 minutes, shortened: the same code path
-    eta = time.time() + 2.5
+    eta = time.time() + 6                       # far beyond the 1.8 s look below, even on a loaded machine
     broker.publish(Outgoing(id="later", body="{}", queue=q, eta=eta))
-    assert broker.reserve([q], timeout=1.8, lease=5) == []      # received after 1 s, sent on for the rest
+    got = broker.reserve([q], timeout=1.8, lease=5)             # received after 1 s, sent on for the rest
+    assert got == [], f"handed out {eta - time.time():.1f}s before its eta"
     [d] = _reserve(broker, q)
     assert time.time() >= eta and d.message_id == "later"
     assert d.attempt == 1                       # hops are not deliveries
@@ -366,6 +349,49 @@ def test_sqs_bad_queue_name_and_oversized_message_are_refused_with_reasons(sqs, 
         broker.publish(Outgoing(id="m", body="{}", queue="has spaces"))
     with pytest.raises(PublishRefused, match="at most 1,048,576"):
         broker.publish(Outgoing(id="big", body="x" * 1_100_000, queue=qname("big")))
+
+
+def test_sqs_names_of_queues_nbqueue_derives_map_one_to_one_onto_names_sqs_holds():
+    """Every name nbqueue derives (code queues, a kernel's queue and its code queue, of a
+    name as long as SQS takes) maps to its own SQS name; names SQS takes are kept."""
+    from nbqueue.brokers.sqs import QUEUE_NAME, sqs_name
+    from nbqueue.shipping import code_queue
+
+    longest = "q" * 75
+    bases = ["default", "a-b_c", "jobs.fifo", "x-", "x_", longest, longest[:-1] + "z"]
+    derived = [d for b in bases for k in (b, f"{b}.kernel-4194304-0a1b2c") for d in (k, code_queue(k))]
+    names = bases + derived + ["x-.code", "x.-code", "x.code.code", "a.b", "a-b"]
+    mapped = {n: sqs_name(n) for n in names}
+    assert len(set(mapped.values())) == len(set(names))                      # one SQS queue per name
+    for n, m in mapped.items():
+        assert QUEUE_NAME.match(m) and len(m.removesuffix(".fifo")) <= 75, (n, m)
+    assert [sqs_name(n) for n in ("default", "jobs.fifo", "default.code", "jobs.fifo.code")] == [
+        "default", "jobs.fifo", "default-_code", "jobs-_fifo-_code"]
+    assert mapped[code_queue(longest)] == sqs_name(code_queue(longest))     # deterministic
+    with pytest.raises(ConfigurationError, match=r"'a-_code' is not a usable SQS queue name: '-_' is reserved"):
+        sqs_name("a-_code")
+    with pytest.raises(ConfigurationError, match=r"'q{76}' is not a usable SQS queue name"):
+        sqs_name("q" * 76)
+
+
+def test_sqs_code_queue_works_under_nbqueue_name_beside_a_queue_whose_sqs_name_is_alike(sqs, qname):
+    """Given nbqueue's code queue ``<q>.code`` and a user's queue ``<q>-code`` on one broker,
+    each message stays on its own queue; stats, dead letters and purge speak nbqueue's names."""
+    broker, q = sqs(), qname("w")
+    code, plain = q + ".code", q + "-code"
+    qname.made.extend([code, plain])
+    broker.publish(Outgoing(id="shipped", body="{}", queue=code))
+    broker.publish(Outgoing(id="plain", body="{}", queue=plain))
+    [d] = _reserve(broker, code)
+    assert (d.message_id, d.queue) == ("shipped", code)
+    assert broker.reject(d, "no good")
+    [dead] = wait_for(lambda: broker.dead_letters(code))
+    assert (dead["id"], dead["queue"], dead["reason"]) == ("shipped", code, "no good")
+    rows = {s["queue"]: s for s in broker.stats()}
+    assert rows[code]["dead"] == 1 and rows[plain]["dead"] == 0
+    assert broker.purge(plain) == 1 and _reserve(broker, plain, timeout=1) == []
+    with pytest.raises(ConfigurationError, match=r"'t.*-w-_code' is not a usable SQS queue name"):
+        broker.publish(Outgoing(id="m", body="{}", queue=q + "-_code"))
 
 
 def test_sqs_missing_credentials_name_the_settings_to_fix(monkeypatch, sqs):
@@ -567,7 +593,7 @@ def test_amqp_result_queue_is_named_by_task_id_and_expires_by_disuse(tmp_path):
     require_server("RabbitMQ", "127.0.0.1", 5672)
     from nbqueue.backends.amqp import AMQPBackend
 
-    be = AMQPBackend(session_server_url("amqp-results"), options={"results_expire_in": 0.5})
+    be = AMQPBackend(session_server_url("amqp-results"), options={"results_expire_in": 2})
     try:
         task_id = str(uuid.uuid4())
         be.store_result(task_id, states.SUCCESS, token=be.begin(task_id), result="1")
@@ -575,8 +601,8 @@ def test_amqp_result_queue_is_named_by_task_id_and_expires_by_disuse(tmp_path):
         queue = be._queue(f"r:{task_id}")
         assert queue.endswith(task_id)
         gone = lambda: not be._exists(be._session(), queue)  # noqa: E731
-        # RabbitMQ deletes the queue once unused for 0.5 s (a look renews it: look seldom)
-        assert wait_for(gone, timeout=20, interval=1.5)
+        # RabbitMQ deletes the queue once unused for 2 s (a look renews it: look seldom)
+        assert wait_for(gone, timeout=30, interval=3)
     finally:
         be.delete_queues()
         be.close()
