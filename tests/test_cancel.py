@@ -379,7 +379,7 @@ def test_cancel_running_in_a_child_stops_it_and_replaces_it(tmp_path, kind, monk
         app.close()
 
 
-@pytest.mark.parametrize("app_kind", ["sqlite", "redis"])
+@pytest.mark.parametrize("app_kind", ["sqlite", "redis", "amqp", "sqs"])
 def test_a_child_that_ignores_sigterm_is_killed_after_the_grace(app_factory, tmp_path):
     from test_pool import notebook_cell
 
@@ -609,5 +609,34 @@ def test_task_view_says_a_cancelled_thread_task_has_not_noticed_yet(tmp_path):
         wait_for(lambda: view.refresh(), 10, message="the view finished once the thread returned")
     finally:
         release.set()
+        worker.stop(wait=True, timeout=10)
+        app.close()
+
+
+def test_snapshots_carry_reported_progress_and_the_stop_of_a_thread_task(tmp_path):
+    """The core's snapshots (no notebook code): a task's ``progress`` and ``stopping``, a group's
+    summed ``reported`` progress with a row per running task that reported."""
+    app = nbqueue.App(f"sqlite:///{tmp_path}/nbqueue.db")
+    side = tmp_path / "side.txt"
+    spin, _, _ = define(app, side)
+    worker = app.start_worker(3)
+    try:
+        g = app.send_group(nbqueue.group([spin.si(f"g{i}", 2000) for i in range(2)]))
+        for member in g.results:
+            started(app, member)
+        snap = g.snapshot()
+        assert snap["reported"]["sum"]["reporting"] == 2 and snap["reported"]["sum"]["total"] == 4000
+        assert sorted(row["id"] for row in snap["reported"]["rows"]) == sorted(r.id for r in g.results)
+        assert snap["reported"]["stopping"] == ""
+        task = g.results[0].snapshot()
+        assert task["progress"]["total"] == 2000 and task["progress"]["note"].startswith("g0 step")
+        assert task["stopping"] is None and task["stopped_while_running"] is False
+        assert g.cancel() == 2
+        wait_for(lambda: (g.results[0].snapshot()["stopping"] or {}).get("state") == "stopped", 30,
+                 message="the thread task noticed the cancel")
+        task = g.results[0].snapshot()
+        assert task["state"] == states.REVOKED and task["stopped_while_running"] is True
+        assert task["stopping"] == {"why": "cancel", "state": "stopped"} and task["stopping_note"] == ""
+    finally:
         worker.stop(wait=True, timeout=10)
         app.close()
