@@ -21,9 +21,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 from . import config as _config
 from . import serialization, shipping, states, tracing
-from .backends import backend_from_url
-from .brokers import broker_from_url
-from .brokers.base import Outgoing
+from .drivers import backend_from_url, broker_from_url, driver_for
+from .broker import Outgoing
 from .clock import SYSTEM
 from .result import AsyncResult
 from .signature import Signature, encode_body
@@ -36,9 +35,9 @@ def _default_backend(broker_url: str | None) -> str | None:
     """Results live beside the broker when it can hold them; AMQP falls back to the SQLite file."""
     if broker_url is None:
         return None
-    scheme = broker_url.split(":", 1)[0].lower()
-    if scheme in ("sqlite", "memory", "redis", "rediss"):
+    if driver_for(broker_url, "broker").results_beside:
         return broker_url
+    scheme = broker_url.split(":", 1)[0].lower()
     log.warning("broker %s keeps no results; recording them in the embedded SQLite file (pass backend= for shared results)", scheme)
     return None
 
@@ -213,7 +212,7 @@ class App:
     # -- browsing and operating (what the dashboard uses; all public) ----------------------
     def find_tasks(self, *, state=None, name=None, queue=None, since: float | None = None, until: float | None = None,
                    text: str | None = None, offset: int = 0, limit: int = 50) -> list[dict]:
-        """A page of task records (dicts with the fields of ``nbqueue.backends.base.FIELDS``;
+        """A page of task records (dicts with the fields of ``nbqueue.backend.FIELDS``;
         ``args``, ``kwargs`` and ``result`` as their JSON text), newest first, without loading
         the others. Filters: ``state``, ``name``, ``queue`` (a value or a list of values),
         ``since <= created_at < until`` (Unix seconds), ``text``: a case-insensitive
@@ -419,7 +418,7 @@ class App:
     # -- end of periodic tasks ------------------------------------------------------------------
 
     def __repr__(self) -> str:
-        from .brokers.base import redact
+        from .broker import redact
 
         return f"<nbqueue.App broker={redact(self.broker_url)} backend={redact(self.backend_url)} tasks={len(self.registry)}>"
 

@@ -11,7 +11,7 @@ redelivered message whose task is already final is not run again, only acknowled
 (after re-running the idempotent workflow step, in case the earlier attempt died
 before it).
 
-Redelivery is bounded (see nbqueue.brokers.base): a message whose lease lapsed comes
+Redelivery is bounded (see nbqueue.broker): a message whose lease lapsed comes
 alone, and before its task is begun again the worker checks whether the earlier attempt
 is still alive (``_attempt_alive``). A lease also lapses while a task holds the GIL in
 one long C call (a big sort, ``sum(range(n))``): the heartbeat thread cannot run to
@@ -35,7 +35,7 @@ import uuid
 from typing import Any, Iterable
 
 from . import builtin, capture, serialization, shipping, states, workflow
-from .brokers.base import Delivery, queue_list
+from .broker import Delivery, queue_list
 from .errors import DeliveryLimitExceeded, MessageError, NotRegistered, Retry, SerializationError, WorkerLostError
 from .events import WorkerEvents
 from .retry import next_delay

@@ -242,7 +242,7 @@ def backend_kind(request):
 
 @pytest.fixture
 def broker_factory(broker_kind, tmp_path, qname):
-    from nbqueue.brokers import broker_from_url
+    from nbqueue.drivers import broker_from_url
 
     url = store_url(broker_kind, tmp_path)
     made = []
@@ -266,7 +266,7 @@ def broker_factory(broker_kind, tmp_path, qname):
 
 @pytest.fixture
 def backend_factory(backend_kind, tmp_path):
-    from nbqueue.backends import backend_from_url
+    from nbqueue.drivers import backend_from_url
 
     url = store_url("amqp-results" if backend_kind == "amqp" else backend_kind, tmp_path)
     made = []

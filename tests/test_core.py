@@ -20,7 +20,7 @@ import pytest
 
 import nbqueue
 from nbqueue import Backoff, Signature, states
-from nbqueue.brokers.base import Outgoing, Broker
+from nbqueue.broker import Outgoing, Broker
 from nbqueue.clock import ManualClock
 from nbqueue.retry import fibonacci_next, next_delay
 from nbqueue.testing import dead_worker_name, wait_for

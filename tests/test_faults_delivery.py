@@ -23,7 +23,7 @@ import pytest
 
 import nbqueue
 from nbqueue import Signature, states
-from nbqueue.brokers.base import Outgoing
+from nbqueue.broker import Outgoing
 from nbqueue.errors import ConfigurationError, TaskFailed
 from nbqueue.testing import dead_worker_name, wait_for
 
@@ -191,7 +191,7 @@ def inject_raw(app, kind: str, message_id: str, raw: bytes) -> None:
     elif kind in ("memory", "redis"):
         import redis
 
-        from nbqueue.brokers.redis import _client_url, fake_server
+        from nbqueue.drivers.redis.client import _client_url, fake_server
 
         app.broker.publish(Outgoing(id=message_id, body="{}", queue=queue))
         if kind == "memory":

@@ -18,9 +18,10 @@ import pytest
 
 from nbqueue import Signature, states
 from nbqueue import chord as nbqueue_chord
-from nbqueue.backends.redis import RedisBackend
-from nbqueue.brokers.base import Outgoing
-from nbqueue.brokers.redis import RedisBroker, fake_server
+from nbqueue.drivers.redis.backend import RedisBackend
+from nbqueue.broker import Outgoing
+from nbqueue.drivers.redis.broker import RedisBroker
+from nbqueue.drivers.redis.client import fake_server
 from nbqueue.clock import ManualClock
 from nbqueue.errors import ConnectionLost
 
@@ -248,7 +249,7 @@ def test_begin_many_hands_out_tokens_in_one_call_and_skips_final_records():
 # -- connections ---------------------------------------------------------------------------
 
 def test_remote_redis_without_password_logs_a_warning(caplog):
-    caplog.set_level(logging.WARNING, logger="nbqueue.brokers.redis")
+    caplog.set_level(logging.WARNING, logger="nbqueue.drivers.redis.broker")
     RedisBroker("redis://10.11.12.13:6379/0")            # clients connect lazily: nothing is sent
     RedisBackend("redis://redis.example.com/2")
     assert len([r for r in caplog.records if "without a password" in r.getMessage()]) == 2

@@ -12,8 +12,8 @@ import pytest
 
 import nbqueue
 from nbqueue import Signature, states
-from nbqueue.brokers.base import Outgoing
-from nbqueue.brokers.sqlite import IDLE
+from nbqueue.broker import Outgoing
+from nbqueue.drivers.sqlite.broker import IDLE
 from nbqueue.clock import ManualClock
 from nbqueue.testing import wait_for
 

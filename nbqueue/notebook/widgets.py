@@ -57,7 +57,7 @@ import time
 from typing import Any, Callable
 
 from .. import capture, states
-from ..backends.base import counts_from_states
+from ..backend import counts_from_states
 from ..result import NOTICE_AFTER, waiting_problem
 from . import display as _d
 

@@ -20,7 +20,7 @@ import uuid
 import pytest
 
 from nbqueue import states
-from nbqueue.brokers.base import Outgoing
+from nbqueue.broker import Outgoing
 from . import wait_for
 
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .. import serialization, states
-from ..sqlitedb import SQLiteStore, path_from_url, placeholders
-from .base import FIELDS, GROUP_TASK, SEARCHED, ResultBackend, counts_from_states
+from ... import serialization, states
+from .db import SQLiteStore, path_from_url, placeholders
+from ...backend import FIELDS, GROUP_TASK, SEARCHED, ResultBackend, counts_from_states
 
 _FINAL = tuple(states.READY_STATES)
 _NOT_FINAL_SQL = f"state NOT IN ({','.join(repr(s) for s in _FINAL)})"

@@ -15,9 +15,9 @@ import threading
 import time
 from typing import Iterable, Sequence
 
-from .. import states
-from ..brokers.base import WAKEUPS
-from ..errors import ResultNotFound
+from . import states
+from .broker import WAKEUPS
+from .errors import ResultNotFound
 
 FIELDS = (
     "id", "name", "state", "args", "kwargs", "result", "error", "exc_type", "traceback",
@@ -91,7 +91,7 @@ class ResultBackend:
     lists_tasks = "all"
 
     def __init__(self, url: str, *, clock=None, options: dict | None = None):
-        from ..clock import SYSTEM
+        from .clock import SYSTEM
 
         self.url = url
         self.clock = clock or SYSTEM

@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 import sqlite_utils
 
-from .errors import ConfigurationError
+from ...errors import ConfigurationError
 
 log = logging.getLogger(__name__)
 

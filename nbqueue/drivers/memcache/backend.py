@@ -48,9 +48,9 @@ from pymemcache.client.base import PooledClient
 from pymemcache.client.hash import HashClient
 from pymemcache.exceptions import MemcacheError, MemcacheServerError
 
-from ..brokers.base import redact
-from ..errors import ConfigurationError, ConnectionLost
-from .keyvalue import KEEP, KeyValueBackend, ValueTooLarge
+from ...broker import redact
+from ...errors import ConfigurationError, ConnectionLost
+from ..keyvalue import KEEP, KeyValueBackend, ValueTooLarge
 
 OPTIONS = {"key_prefix": "nbq:", "index_size": 10_000, "max_item_size": 1_048_576, "socket_timeout": 5.0,
            "socket_connect_timeout": 5.0, "poll_interval": 0.1}

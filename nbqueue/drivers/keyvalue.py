@@ -38,7 +38,7 @@ import orjson
 
 from .. import serialization, states
 from ..errors import SerializationError
-from .base import FIELDS, ResultBackend, counts_from_states
+from ..backend import FIELDS, ResultBackend, counts_from_states
 
 #: ``_change`` callbacks return this to leave the key as it is
 KEEP = object()

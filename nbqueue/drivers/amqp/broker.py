@@ -108,8 +108,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import pika
 import pika.exceptions as pex
 
-from ..errors import BrokerError, ConfigurationError, ConnectionLost, PublishRefused
-from .base import Broker, Delivery, Outgoing, queue_list, redact, text_of
+from ...errors import BrokerError, ConfigurationError, ConnectionLost, PublishRefused
+from ...broker import Broker, Delivery, Outgoing, queue_list, redact, text_of
 
 log = logging.getLogger(__name__)
 

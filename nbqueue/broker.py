@@ -35,7 +35,7 @@ import os
 import threading
 from typing import Any, Iterable, Sequence
 
-from ..errors import ConfigurationError
+from .errors import ConfigurationError
 
 #: deliveries that may end without finishing before a message is dead-lettered (option ``max_deliveries``)
 DEFAULT_MAX_DELIVERIES = 5
@@ -104,7 +104,7 @@ class Broker:
     delivers_once = True
 
     def __init__(self, url: str, *, clock=None, options: dict | None = None):
-        from ..clock import SYSTEM
+        from .clock import SYSTEM
 
         self.url = url
         self.clock = clock or SYSTEM
@@ -197,7 +197,7 @@ class Broker:
     def remove_dead_letters(self, queue: str, ids: Sequence[str]) -> int:
         """Delete these dead letters of ``queue`` (once re-driven, see ``App.redrive``); how
         many were removed. Raises UnsupportedOperation where the broker cannot."""
-        from ..errors import UnsupportedOperation
+        from .errors import UnsupportedOperation
 
         raise UnsupportedOperation(f"the {self.scheme or type(self).__name__} broker cannot remove single dead letters")
 

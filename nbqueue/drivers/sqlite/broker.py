@@ -12,7 +12,7 @@ row reservable again with no reaper. ``attempt`` counts reservations and is the
 fencing token of a delivery. ``lapses`` counts reservations whose lease ran out: a claim
 that finds a row still reserved (``state = 1``) past its deadline adds one. Such a row
 is claimed alone, and after ``max_deliveries`` lapses it is handed out with
-``dead_reason`` set (see nbqueue.brokers.base). Bodies are read as bytes, so a row whose
+``dead_reason`` set (see nbqueue.broker). Bodies are read as bytes, so a row whose
 body is not UTF-8 is handed out for dead-lettering instead of failing every claim.
 """
 from __future__ import annotations
@@ -24,8 +24,8 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Sequence
 
-from ..sqlitedb import SQLiteStore, path_from_url, placeholders
-from .base import WAKEUPS, Broker, Delivery, Outgoing, shown, text_of
+from .db import SQLiteStore, path_from_url, placeholders
+from ...broker import WAKEUPS, Broker, Delivery, Outgoing, shown, text_of
 
 
 def _schema(db) -> None:

@@ -7,7 +7,7 @@ Redis TTL (``results_expire_in``), worker heartbeats with TTL, one-time claims
 (SET NX PX) and a small key-value store. ``wait()`` blocks on per-task notification
 lists (BLPOP), so waiters in any process wake when a result is stored.
 
-Options as for nbqueue.brokers.redis (``key_prefix``, retries, timeouts), plus
+Options as for nbqueue.drivers.redis.broker (``key_prefix``, retries, timeouts), plus
 ``results_expire_in`` (seconds) and ``poll_interval`` (longest single blocking wait
 in ``wait()``, default 1.0 s).
 
@@ -31,10 +31,10 @@ import math
 from typing import Any, Sequence
 
 
-from .. import serialization, states
-from ..brokers.base import redact
-from ..brokers.redis import LUA_FINAL, MIN_BLOCK, connect, guarded, key_prefix, pipeline, url_options
-from .base import FIELDS, ResultBackend, counts_from_states, matches
+from ... import serialization, states
+from ...broker import redact
+from .client import LUA_FINAL, MIN_BLOCK, connect, guarded, key_prefix, pipeline, url_options
+from ...backend import FIELDS, ResultBackend, counts_from_states, matches
 
 _INT_FIELDS = frozenset({"retries", "token"})
 _FLOAT_FIELDS = frozenset({"created_at", "started_at", "finished_at", "expires_at"})

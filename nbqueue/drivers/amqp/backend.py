@@ -59,9 +59,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import pika
 import pika.exceptions as pex
 
-from ..brokers.base import redact
-from ..errors import BrokerError, ConfigurationError, ConnectionLost
-from .keyvalue import KEEP, KeyValueBackend
+from ...broker import redact
+from ...errors import BrokerError, ConfigurationError, ConnectionLost
+from ..keyvalue import KEEP, KeyValueBackend
 
 log = logging.getLogger(__name__)
 

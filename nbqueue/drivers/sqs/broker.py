@@ -47,7 +47,7 @@ Capabilities:
   not count as deliveries. FIFO queues have no per-message delays: a FIFO message
   received early is hidden for the rest of its delay (ChangeMessageVisibility, up to 12
   hours); received early again, it is sent again (so a copy is hidden once at most).
-- Bounded redelivery (see nbqueue.brokers.base): a lapse is a receive whose visibility
+- Bounded redelivery (see nbqueue.broker): a lapse is a receive whose visibility
   timeout ran out. SQS's ``ApproximateReceiveCount`` counts every receive of a message,
   so nothing else may end a receive with the message left in place: every hand-back
   that is not a lapse (``release``, ``retry`` (with or without a new body or eta),
@@ -121,8 +121,8 @@ import boto3
 import botocore.config
 import botocore.exceptions as bex
 
-from ..errors import BrokerError, ConfigurationError, PublishRefused
-from .base import WAKEUPS, Broker, Delivery, Outgoing, redact
+from ...errors import BrokerError, ConfigurationError, PublishRefused
+from ...broker import WAKEUPS, Broker, Delivery, Outgoing, redact
 
 log = logging.getLogger(__name__)
 
