@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Mapping
 from . import config as _config
 from . import serialization, shipping, states, tracing
 from .drivers import backend_from_url, broker_from_url, driver_for
+from .engine import engine_for
 from .broker import Outgoing
 from .clock import SYSTEM
 from .result import AsyncResult
@@ -54,17 +55,27 @@ class App:
         self.broker_url = broker or "sqlite://"
         self.backend_url = backend or _default_backend(broker) or "sqlite://"
         store_options = {k: v for k, v in options.items() if k != "clock"}
-        self.broker = broker_from_url(self.broker_url, clock=self.clock, options=store_options)
-        self.backend = backend_from_url(self.backend_url, clock=self.clock, options=store_options)
+        #: the broker and result backend, and how they work together (see nbqueue.engine)
+        self.engine = engine_for(broker_from_url(self.broker_url, clock=self.clock, options=store_options),
+                                 backend_from_url(self.backend_url, clock=self.clock, options=store_options))
         self._workers: list = []
         self._schedules = None
         self._lock = threading.Lock()
         self._live_workers: tuple[float, list] | None = None     # (when read, heartbeats): see live_workers()
-        # -- built-in tasks (issue 5): "nbqueue.cell" runs %%task cells, only on allow_cells workers --
+        # built-in tasks: "nbqueue.cell" runs %%task cells, only on allow_cells workers
         from . import builtin
 
         builtin.register(self)
-        # -- end of built-in tasks --------------------------------------------------------------------
+
+    @property
+    def broker(self):
+        """The engine's broker."""
+        return self.engine.broker
+
+    @property
+    def backend(self):
+        """The engine's result backend."""
+        return self.engine.backend
 
     # -- construction from files and the environment ----------------------------------
     @classmethod
@@ -141,11 +152,11 @@ class App:
     def publish(self, records: list[dict], outs: list[Outgoing]) -> None:
         """Record as PENDING first, then publish, so a fast worker's result is never overwritten
         (in one transaction where broker and backend share a store)."""
-        self.broker.publish_recorded(self.backend, records, outs)
+        self.engine.send(records, outs)
 
     def transaction(self):
         """One transaction over broker and backend where they share a store (the SQLite file)."""
-        return self.broker.transaction_with(self.backend)
+        return self.engine.transaction()
 
     def send_task(self, sig: Signature) -> AsyncResult:
         """Send one signature; returns its AsyncResult at once."""
@@ -347,7 +358,7 @@ class App:
         A broker that cannot list its queues (RabbitMQ) is asked about this App's default
         queue, its tasks' queues and the queues live workers serve."""
         workers = self.backend.workers()
-        if getattr(self.broker, "lists_queues", True):
+        if self.broker.capabilities.lists_queues:
             return {"queues": self.broker.stats(), "workers": workers}
         known = [self.default_queue, *(t.options["queue"] for t in self.registry.values() if t.options.get("queue")),
                  *(q for w in workers for q in w.get("queues") or [])]

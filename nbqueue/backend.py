@@ -89,6 +89,8 @@ class ResultBackend:
     #: what list() without ids sees: "all" live records, the "recent" ones (a bounded index),
     #: or "none" (it raises UnsupportedOperation; list(ids=...) still works)
     lists_tasks = "all"
+    #: errors of the store itself (unreachable, locked) beside ConnectionError and TimeoutError
+    store_errors: tuple[type[BaseException], ...] = ()
 
     def __init__(self, url: str, *, clock=None, options: dict | None = None):
         from .clock import SYSTEM

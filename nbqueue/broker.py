@@ -90,18 +90,32 @@ class Delivery:
         return self.lapsed > 0 or self.maybe_lapsed
 
 
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    """What a broker can do. The engine, the workflow step and the contract suites read these,
+    never a broker's type."""
+
+    #: ``priority`` orders delivery (highest first)
+    priority: bool = True
+    #: a delivery not acked before its lease runs out is handed out again (AMQP: only when the
+    #: consumer's connection dies)
+    leases_expire: bool = True
+    #: publishing an id already waiting or in flight is a no-op (AMQP and SQS cannot tell)
+    dedupes_publish: bool = True
+    #: a message reserved by one consumer is never handed to another while its lease holds
+    #: (SQS standard queues are at-least-once: a rare second copy may go out)
+    delivers_once: bool = True
+    #: ``stats()`` finds every queue by itself (AMQP reports only the queues it is told about)
+    lists_queues: bool = True
+
+
 class Broker:
-    """Base class; subclasses implement the abstract methods and set the capability flags."""
+    """Base class; subclasses implement the abstract methods and declare ``capabilities``."""
 
     scheme: str = ""
-    supports_priority = True
-    #: True when reserve() accepts ``on_claim``, called inside the claim's transaction
-    claims_in_transaction = False
-    #: True when publishing an id already waiting or in flight is a no-op (AMQP cannot)
-    dedupes_publish = True
-    #: True when a message reserved by one consumer is never handed to another while its
-    #: lease holds (SQS standard queues are at-least-once: a rare second copy may go out)
-    delivers_once = True
+    capabilities = Capabilities()
+    #: errors of the store itself (unreachable, locked) beside ConnectionError and TimeoutError
+    store_errors: tuple[type[BaseException], ...] = ()
 
     def __init__(self, url: str, *, clock=None, options: dict | None = None):
         from .clock import SYSTEM
@@ -125,18 +139,6 @@ class Broker:
     def publish_many(self, outs: Sequence[Outgoing]) -> None:
         raise NotImplementedError
 
-    def begins_on_claim(self, backend) -> bool:
-        """True when ``reserve(..., begin_for=(backend, worker))`` also begins the tasks'
-        records in ``backend`` (one round trip instead of two)."""
-        return False
-
-    def publish_recorded(self, backend, records: Sequence[dict], outs: Sequence[Outgoing]) -> None:
-        """Record tasks as PENDING in ``backend``, then publish them (one round trip where the
-        store allows, one transaction where broker and backend share it)."""
-        with self.transaction_with(backend):
-            backend.create(records)
-            self.publish_many(outs)
-
     # consuming
     def reserve(self, queues: Sequence[str], *, timeout: float = 0.0, lease: float = 30.0, limit: int = 1) -> list[Delivery]:
         raise NotImplementedError
@@ -146,13 +148,6 @@ class Broker:
 
     def ack_many(self, deliveries: Sequence[Delivery]) -> list[bool]:
         return [self.ack(d) for d in deliveries]
-
-    def store_and_ack(self, backend, items: Sequence[tuple], deliveries: Sequence[Delivery]) -> list[bool]:
-        """Store final results in ``backend``, then acknowledge their deliveries (one round trip
-        where the store allows); returns which results were stored."""
-        stored = backend.store_results(items)
-        self.ack_many(deliveries)
-        return stored
 
     def retry(self, delivery: Delivery, *, body: str | None = None, eta: float | None = None) -> bool:
         """Put the message back (same id), with a new body and due time if given."""
@@ -206,10 +201,6 @@ class Broker:
 
     def wake(self) -> None:
         """Wake reservers of this process waiting in reserve() (used on shutdown)."""
-
-    def transaction_with(self, backend) -> "contextlib.AbstractContextManager":
-        """One transaction spanning this broker and ``backend`` when they share a store."""
-        return contextlib.nullcontext()
 
     def close(self) -> None:
         pass

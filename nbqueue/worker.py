@@ -27,7 +27,6 @@ import contextlib
 import logging
 import os
 import socket
-import sqlite3
 import threading
 import time
 import traceback as _tb
@@ -36,6 +35,7 @@ from typing import Any, Iterable
 
 from . import builtin, capture, serialization, shipping, states, workflow
 from .broker import Delivery, queue_list
+from .engine import Claim, Outcome, decode
 from .errors import DeliveryLimitExceeded, MessageError, NotRegistered, Retry, SerializationError, WorkerLostError
 from .events import WorkerEvents
 from .retry import next_delay
@@ -49,9 +49,6 @@ STARTED_AFTER = 0.1  # a task running this long is recorded as STARTED (shorter 
 GROUP_COMMIT = 0.01  # finished tasks of a batch are committed together once the oldest has waited this long
 STALE_FLUSH = 0.05   # ... or by the heartbeat thread, when the executor is busy with a long task
 STEAL_AFTER = 0.2    # an idle executor takes the unstarted batch-mates of a task running this long
-#: errors of the store itself (unreachable, locked): a message whose finish fails with one is
-#: left to its lease and delivered again; any other error fails that message alone
-STORE_ERRORS = (ConnectionError, TimeoutError, sqlite3.OperationalError)
 
 
 def _text(exc: BaseException) -> str:
@@ -96,6 +93,20 @@ class _Prepared:
         self.tokens: dict = {}
 
 
+def _prepared(claims: list[Claim]) -> _Prepared:
+    """A batch's claims as the worker runs them (a task not begun by the claim is begun, or
+    not, when its turn comes: see ``Worker._execute``)."""
+    prep = _Prepared()
+    for c in claims:
+        if c.message is None:
+            prep.malformed.append((c.delivery, c.reason or "malformed message"))
+        else:
+            prep.messages.append((c.delivery, c.message))
+            if c.begun:
+                prep.tokens[c.message["id"]] = c.token
+    return prep
+
+
 class _Batch:
     """Finish steps of one batch, committed together when broker and backend share a store.
 
@@ -124,7 +135,14 @@ class _Batch:
         # one flush at a time: the executor's last flush must see follow-ups a heartbeat
         # flush reserved (lock order: this, then the store's write lock)
         self.flushing = threading.Lock()
-        self.taker = (lambda outs: worker._take_local(outs, local)) if worker.local_follow_ups else None
+        self.store_errors = worker.store_errors
+
+    def send(self, outs: list) -> None:
+        """Publish follow-ups of this batch's tasks: the ones this worker runs next are taken
+        (``Engine.run_next``), the others published as usual."""
+        rest = self.worker._take_local(outs, self.local) if self.worker.local_follow_ups else outs
+        if rest:
+            self.app.engine.publish(rest)
 
     def add(self, op, delivery: Delivery) -> None:
         if not self.grouped:
@@ -227,30 +245,26 @@ class _Batch:
             members, self.members = self.members, []
         if not ops and not plain and not acks and not members:
             return
-        reset = workflow._local_taker.set(self.taker)
         try:
-            try:
-                claimed = None
-                with self.app.transaction():
-                    for op, _ in ops:
-                        op()
-                    if plain or acks or members:
-                        self._finish_plain(plain, acks, members)
-                    if claim_next and not self.local:
-                        claimed = self.worker._claim_now()
-                if claimed:
-                    self.worker._claimed.next = claimed
-                return
-            except Exception:
-                log.warning("worker %s: finishing %d task(s) together failed; finishing them one by one",
-                            self.worker.name, len(ops) + len(plain), exc_info=True)
-                self._forget_local()
-            for op, delivery in ops:
-                self._run_alone(op, delivery)
-            if plain or acks or members:
-                self._finish_plain_alone(plain, acks, members)
-        finally:
-            workflow._local_taker.reset(reset)
+            claimed = None
+            with self.app.transaction():
+                for op, _ in ops:
+                    op()
+                if plain or acks or members:
+                    self._finish_plain(plain, acks, members)
+                if claim_next and not self.local:
+                    claimed = self.worker._claim_now()
+            if claimed:
+                self.worker._claimed.next = claimed
+            return
+        except Exception:
+            log.warning("worker %s: finishing %d task(s) together failed; finishing them one by one",
+                        self.worker.name, len(ops) + len(plain), exc_info=True)
+            self._forget_local()
+        for op, delivery in ops:
+            self._run_alone(op, delivery)
+        if plain or acks or members:
+            self._finish_plain_alone(plain, acks, members)
 
     def _forget_local(self) -> None:
         """Follow-ups reserved in a transaction that rolled back were never stored. Where no
@@ -266,11 +280,10 @@ class _Batch:
         self.local.clear()
 
     def _run_alone(self, op, delivery: Delivery) -> None:
-        reset = workflow._local_taker.set(self.taker)
         try:
             with self.app.transaction():
                 op()
-        except STORE_ERRORS:  # the store, not the message: redeliver
+        except self.store_errors:  # the store, not the message: redeliver
             self._forget_local()
             log.exception("worker %s: finishing %s failed; its message will be redelivered", self.worker.name, delivery.message_id)
         except _ResultNotStored as exc:
@@ -279,8 +292,6 @@ class _Batch:
         except Exception as exc:
             self._forget_local()
             self.give_up(delivery, exc, "finishing")
-        finally:
-            workflow._local_taker.reset(reset)
 
     def _finish_plain_alone(self, plain: list, acks: list, members: list) -> None:
         """``_finish_plain`` one result at a time, after the batch's round trip failed: a
@@ -291,7 +302,7 @@ class _Batch:
             try:
                 with self.app.transaction():
                     self._finish_plain(one, ack, member)
-            except STORE_ERRORS:
+            except self.store_errors:
                 self._forget_local()
                 log.exception("worker %s: storing a result failed; its message will be redelivered", self.worker.name)
             except Exception as exc:
@@ -302,7 +313,7 @@ class _Batch:
                     self.give_up(delivery, exc, "storing the result of", dead_letter=False)
 
     def give_up(self, delivery: Delivery, exc: BaseException, what: str, *, dead_letter: bool = True) -> None:
-        """Settle a delivery whose own bookkeeping failed (not the store: see STORE_ERRORS),
+        """Settle a delivery whose own bookkeeping failed (not the store: see Engine.store_errors),
         so it is not run again at every lease. Its task is recorded FAILURE with the reason
         unless its record is final already (error callbacks and workflows follow, as for any
         failure), and the message is dead-lettered with the reason; with ``dead_letter``
@@ -321,11 +332,11 @@ class _Batch:
                         recorded = app.backend.store_result(message["id"], states.FAILURE, token=token, exc_type=exc_type, error=reason,
                                                             retries=message.get("retries", 0))
                         if recorded and follow:
-                            workflow.on_failure(app, message, exc_type, reason)
+                            workflow.on_failure(app, message, exc_type, reason, send=self.send)
                         if recorded and not dead_letter:
                             app.broker.ack(delivery)
                     break
-                except STORE_ERRORS:
+                except self.store_errors:
                     log.exception("worker %s: recording the failure of %s failed; its message will be redelivered", worker.name, name)
                     return
                 except Exception:
@@ -343,21 +354,18 @@ class _Batch:
 
     def _finish_plain(self, plain: list, acks: list = (), members: list = ()) -> None:
         """Store the results, then acknowledge them and ``acks`` (finished already): one
-        round trip for the lot where the store allows. ``members`` (see ``add_member``) are
+        round trip for the lot where the engine allows. ``members`` (see ``add_member``) are
         stored and counted in that round trip; their advance follows, then their acks."""
         app = self.app
-        items = [(task_id, states.SUCCESS, token, fields) for _, task_id, token, fields in plain]
-        deliveries = [d for d, _, _, _ in plain] + list(acks)
+        outcomes = [Outcome(d, task_id, states.SUCCESS, token, fields) for d, task_id, token, fields in plain]
+        outcomes += [Outcome(d, task_id, states.SUCCESS, token, fields, group=cont["group"]) for d, task_id, token, fields, _, cont in members]
+        finished = app.engine.finish(outcomes, [d for d, _, _, _ in plain] + list(acks))
+        self.worker._count(processed=sum(finished.stored))
         if not members:
-            self.worker._count(processed=sum(app.broker.store_and_ack(app.backend, items, deliveries)))
             return
-        items += [(task_id, states.SUCCESS, token, fields) for _, task_id, token, fields, _, _ in members]
-        stored, counts = app.broker.store_count_and_ack(app.backend, items, [(cont["group"], task_id) for _, task_id, _, _, _, cont in members],
-                                                        deliveries)
-        self.worker._count(processed=sum(stored))
-        for (_, task_id, _, _, message, cont), ok, count in zip(members, stored[len(plain):], counts):
+        for (_, task_id, _, _, message, cont), ok, count in zip(members, finished.stored[len(plain):], finished.counts):
             if not ok:   # revoked meanwhile (or stored by another attempt): end its workflow as the record says
-                workflow.after_final(app, message, app.backend.get(task_id) or {})
+                workflow.after_final(app, message, app.backend.get(task_id) or {}, send=self.send)
                 continue
             if count is None:
                 log.warning("task %s finished, but its group %s is gone; nothing follows it", task_id, cont["group"])
@@ -366,7 +374,7 @@ class _Batch:
                 # stored, yet not SUCCESS when counted: only if the server ran the count first
                 # (a script it had lost, run again after the rest of the pipeline)
                 count = app.backend.member_done(cont["group"], task_id)
-            workflow.member_counted(app, message, cont, *count)
+            workflow.member_counted(app, message, cont, *count, send=self.send)
         app.broker.ack_many([d for d, _, _, _, _, _ in members])
 
 
@@ -415,14 +423,17 @@ class Worker:
         self._wait_lock = threading.Lock()             # one such wait decided at a time (see holding_thread)
         self._revoked: set = set()                     # ids revoked by this process's App (see note_revoked)
         self._workers_seen: tuple[float, list] = (0.0, [])   # other workers' heartbeats, read for unknown task names
-        self.group_commit = not isinstance(app.broker.transaction_with(app.backend), contextlib.nullcontext)
-        # Redis with results on the same server: the claim script also begins the records
-        self.begins_on_claim = app.broker.begins_on_claim(app.backend)
-        # run our own follow-ups next (chain steps, chord callbacks) where the broker can
-        # publish a message already reserved by us (SQLite: in the finishing transaction;
-        # Redis with results on the same server: reserved and begun in one call, their
-        # lease covering a crash before they run)
-        self.local_follow_ups = local_follow_ups and (self.group_commit or self.begins_on_claim) and hasattr(app.broker, "publish_reserved")
+        engine = app.engine
+        #: errors of the stores themselves: a message whose finish fails with one is left to its
+        #: lease and delivered again; any other error fails that message alone
+        self.store_errors = engine.store_errors
+        # finished tasks of a batch are committed together where one transaction spans both stores
+        self.group_commit = engine.shares_transaction
+        # a finished group member nothing else follows is counted in the round trip storing it
+        self.counts_members = engine.counts_members
+        # run our own follow-ups next (chain steps, chord callbacks) where the engine can
+        # publish them already claimed by us (their lease covers a crash before they run)
+        self.local_follow_ups = local_follow_ups and engine.runs_next
         # a notebook kernel defines its tasks in cells that may run after the worker starts
         # (a restarted kernel): for this long, a message sent before it started whose task
         # it does not know yet is handed back (see _leave_unknown)
@@ -802,7 +813,7 @@ class Worker:
                     prep.tokens[message["id"]] = None
                 try:
                     self._execute(delivery, message, prep.tokens.get(message["id"], _MISSING), batch)
-                except STORE_ERRORS:
+                except self.store_errors:
                     log.exception("worker %s: processing %s failed; it will be redelivered", self.name, delivery.message_id)
                 except KeyboardInterrupt:       # Ctrl-C in a thread that steps the worker itself (drain())
                     raise
@@ -870,20 +881,18 @@ class Worker:
                 prep.tokens[task_id] = None
 
     def _take_local(self, outs: list, local: list) -> list:
-        """Publish to this worker the follow-ups it can run next; return the others."""
+        """Claim for this worker the follow-ups it can run next (``Engine.run_next``); return the others."""
         if local or not self.local_follow_ups or self._stopping.is_set():
             return outs
         now = self.app.clock.time()
         mine = [o for o in outs if o.queue in self.queues and (o.eta is None or o.eta <= now)][: self.prefetch]
         if not mine:
             return outs
-        if self.begins_on_claim:
-            deliveries = self.app.broker.publish_reserved(mine, lease=self.lease, begin_for=(self.app.backend, self.name))
-        else:
-            deliveries = self.app.broker.publish_reserved(mine, lease=self.lease)
-        if deliveries:
+        claims = self.app.engine.run_next(mine, lease=self.lease, worker=self.name, begins=self._begins)
+        if claims:
+            deliveries = [c.delivery for c in claims]
             self._hold(deliveries)
-            local.append((deliveries, self._prepare(deliveries, begun=self.begins_on_claim)))
+            local.append((deliveries, _prepared(claims)))
         taken = {o.id for o in mine}
         return [o for o in outs if o.id not in taken]
 
@@ -893,71 +902,25 @@ class Worker:
         return (deliveries, prep) if deliveries else None
 
     def reserve(self, timeout: float, limit: int) -> tuple[list[Delivery], "_Prepared | None"]:
-        """Reserve a batch and begin it: decoded messages and fencing tokens.
-
-        Where the broker allows (``claims_in_transaction``), the tokens are written in the
-        claim's own transaction: one write per batch. A batch this thread claimed while
-        committing its last one comes first.
-        """
+        """Claim a batch (``Engine.claim``): decoded messages and fencing tokens. A batch this
+        thread claimed while committing its last one comes first."""
         claimed = getattr(self._claimed, "next", None)
         if claimed is not None:
             self._claimed.next = None
             return claimed
-        prepared: list = []
-
-        def on_claim(deliveries: list[Delivery]) -> None:
-            prepared.append(self._prepare(deliveries))
-
-        broker = self.app.broker
-        if broker.claims_in_transaction:
-            deliveries = broker.reserve(self.queues, timeout=timeout, lease=self.lease, limit=limit, on_claim=on_claim,
-                                        handoff=self.group_commit and not self._stopping.is_set())
-        elif self.begins_on_claim:
-            deliveries = broker.reserve(self.queues, timeout=timeout, lease=self.lease, limit=limit, begin_for=(self.app.backend, self.name))
-            if deliveries:
-                prepared.append(self._prepare(deliveries, begun=True))
-        else:
-            deliveries = broker.reserve(self.queues, timeout=timeout, lease=self.lease, limit=limit)
-        if not deliveries:
+        claims = self.app.engine.claim(self.queues, limit=limit, timeout=timeout, lease=self.lease, worker=self.name,
+                                       begins=self._begins, handoff=self.group_commit and not self._stopping.is_set())
+        if not claims:
             return [], None
-        if len(prepared) > 1:   # claimed, and handed more by a publisher meanwhile
-            # only what was returned: a hand-over whose sending transaction rolled back was
-            # begun in it, and is gone with it (its message ids are not among the returned)
-            returned = {id(d) for d in deliveries}
-            merged = _Prepared()
-            for prep in prepared:
-                merged.messages += [(d, m) for d, m in prep.messages if id(d) in returned]
-                merged.malformed += [(d, r) for d, r in prep.malformed if id(d) in returned]
-                merged.tokens.update(prep.tokens)
-            return deliveries, merged
-        return deliveries, (prepared[0] if prepared else None)
+        return [c.delivery for c in claims], _prepared(claims)
 
-    def _prepare(self, deliveries: list[Delivery], begun: bool = False) -> "_Prepared":
-        """Decode a reserved batch and begin its tasks (``begun``: the claim did, tokens are on the deliveries)."""
-        prep = _Prepared()
-        for delivery in deliveries:
-            if delivery.dead_reason is not None:    # the broker says: dead-letter it (not UTF-8, too many deliveries)
-                prep.malformed.append((delivery, delivery.dead_reason))
-                continue
-            try:
-                # a message handed over in this process is at hand: no need to decode and check it
-                message = dict(delivery.message) if delivery.message is not None else decode_body(delivery.body)
-                prep.messages.append((delivery, message))
-            except MessageError as exc:
-                prep.malformed.append((delivery, str(exc)))
-        # a delivery after a lapse is begun by _execute, once no earlier attempt is found alive
-        if begun:
-            prep.tokens = {m["id"]: d.token for d, m in prep.messages if not d.after_lapse}
-        else:
-            prep.tokens = self._begin_many([(d, m) for d, m in prep.messages if not d.after_lapse])
-        return prep
+    def _prepare(self, deliveries: list[Delivery]) -> "_Prepared":
+        """Decode deliveries handed to ``process_batch`` unclaimed and begin their tasks."""
+        return _prepared(self.app.engine.begin(decode(deliveries), self.name, self._begins))
 
-    def _begin_many(self, prepared: list[tuple[Delivery, dict]]) -> dict:
-        wanted = [(d, m) for d, m in prepared if m["name"] in self.app.registry or not m.get("ignore_when_not_registered")]
-        if not wanted:
-            return {}
-        fields = {m["id"]: {"retries": m.get("retries", 0), "name": m["name"], "queue": d.queue} for d, m in wanted}
-        return self.app.backend.begin_many(list(fields), worker=self.name, fields=fields)
+    def _begins(self, message: dict) -> bool:
+        """Whether a claim begins this task: one this worker runs, or may fail as not registered."""
+        return message["name"] in self.app.registry or not message.get("ignore_when_not_registered")
 
     def _execute(self, delivery: Delivery, message: dict, token: Any, batch: "_Batch") -> None:
         app = self.app
@@ -975,7 +938,7 @@ class Worker:
         if token is None:
             # already final: an earlier attempt stored it (or it was revoked); repeat its follow-ups
             def settle() -> None:
-                workflow.after_final(app, message, app.backend.get(task_id) or {})
+                workflow.after_final(app, message, app.backend.get(task_id) or {}, send=batch.send)
                 batch.ack(delivery)
 
             batch.add(settle, delivery)
@@ -1060,7 +1023,7 @@ class Worker:
         if not message.get("on_success") and not message.get("workflow") and not message.get("on_error"):
             batch.add_plain(delivery, task_id, token, fields)      # nothing follows: finished with others in one go
             return
-        if self.begins_on_claim:   # Redis with results on its server: see RedisBroker.store_count_and_ack
+        if self.counts_members:    # counted in the round trip that stores the result (Engine.finish)
             member = workflow.lone_member(message)
             if member is not None:     # a group member: stored and counted with others in one go
                 batch.add_member(delivery, task_id, token, fields, message, member)
@@ -1069,15 +1032,15 @@ class Worker:
         def finish() -> None:
             try:
                 stored = app.backend.store_result(task_id, states.SUCCESS, token=token, **fields)
-            except STORE_ERRORS:
+            except self.store_errors:
                 raise
             except Exception as exc:
                 raise _ResultNotStored() from exc
             if stored:
-                workflow.on_success(app, message, result_text)
+                workflow.on_success(app, message, result_text, send=batch.send)
                 self._count(processed=1)
             else:   # revoked (or failed by its time limit) meanwhile: what follows it ends as for a failure
-                workflow.after_final(app, message, app.backend.get(task_id) or {})
+                workflow.after_final(app, message, app.backend.get(task_id) or {}, send=batch.send)
             batch.ack(delivery)
 
         batch.add(finish, delivery)
@@ -1162,7 +1125,7 @@ class Worker:
             if stored:
                 self._count(failed=1)
                 if message is not None:
-                    workflow.on_failure(app, message, exc_type, reason)
+                    workflow.on_failure(app, message, exc_type, reason, send=batch.send)
             app.broker.reject(delivery, reason)
 
         batch.add(finish, delivery)
@@ -1262,7 +1225,7 @@ class Worker:
                 app.broker.retry(delivery, body=encode_body(message), eta=eta)
                 log.info("task %s (%s) will retry in %.1fs: %s", message["name"], message["id"], delay, reason)
             else:  # revoked or taken over meanwhile
-                workflow.after_final(app, message, app.backend.get(message["id"]) or {})
+                workflow.after_final(app, message, app.backend.get(message["id"]) or {}, send=batch.send)
                 batch.ack(delivery)
 
         batch.add(finish, delivery)
@@ -1280,10 +1243,10 @@ class Worker:
         def finish() -> None:
             if app.backend.store_result(message["id"], states.FAILURE, token=token, exc_type=exc_type, error=error,
                                         traceback=tb, output=output or None, retries=message.get("retries", 0), **extra):
-                workflow.on_failure(app, message, exc_type, error)
+                workflow.on_failure(app, message, exc_type, error, send=batch.send)
                 self._count(failed=1)
             else:   # revoked meanwhile: what follows it ends as for a failure
-                workflow.after_final(app, message, app.backend.get(message["id"]) or {})
+                workflow.after_final(app, message, app.backend.get(message["id"]) or {}, send=batch.send)
             batch.ack(delivery)
 
         batch.add(finish, delivery)

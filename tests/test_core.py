@@ -21,6 +21,7 @@ import pytest
 import nbqueue
 from nbqueue import Backoff, Signature, states
 from nbqueue.broker import Outgoing, Broker
+from nbqueue.engine import SplitEngine
 from nbqueue.clock import ManualClock
 from nbqueue.retry import fibonacci_next, next_delay
 from nbqueue.testing import dead_worker_name, wait_for
@@ -52,7 +53,7 @@ def queue_is_empty(app, queue: str | None = None) -> bool:
 
 
 def leases_expire(app) -> bool:
-    return getattr(app.broker, "leases_expire", True)
+    return app.broker.capabilities.leases_expire
 
 
 def skip_unless_leases_expire(app) -> None:
@@ -196,7 +197,7 @@ def test_s_si_and_delay(sqlite_app):
 
 
 def test_higher_priority_runs_first(app):
-    if not app.broker.supports_priority:
+    if not app.broker.capabilities.priority:
         pytest.skip(f"{type(app.broker).__name__} declares no priority support")
     order = []
     app.register_task("mark", order.append)
@@ -743,8 +744,8 @@ def test_result_is_stored_before_the_ack_and_a_finished_task_delivered_again_is_
         state_at_ack.extend(app.backend.get(d.message_id)["state"] for d in deliveries)
         return real_ack_many(deliveries)
 
-    if type(app.broker).store_and_ack is not Broker.store_and_ack:
-        # a broker that queues results and acks in one pipeline, run in order by the server:
+    if type(app.engine).finish is not SplitEngine.finish:
+        # an engine that queues results and acks in one pipeline, run in order by the server:
         # what can be checked is that the results are queued before the acks
         queued = []
         real_store, real_ack_many_ = app.backend.store_results, app.broker.ack_many

@@ -321,7 +321,7 @@ def _stalled_delivery(app_factory, register):
     deliveries, prep = _reserve_some(stalled)
     if prep is None:
         prep = stalled._prepare(deliveries)
-    if getattr(stalled_app.broker, "leases_expire", True):
+    if stalled_app.broker.capabilities.leases_expire:
         wait_for(lambda: stalled_app.clock.time() > deliveries[0].lease_until + 0.05, message="lease lapsed")
     else:
         stalled_app.broker.close()

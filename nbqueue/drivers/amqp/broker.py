@@ -31,7 +31,7 @@ Capabilities:
   and reserve() sends it back into the delay queues for the rest instead of handing it
   out. An eta in the past publishes directly. The dead-letter queue is declared with
   the work queue.
-- Leases: no timer (``leases_expire = False``). RabbitMQ redelivers a message when the
+- Leases: no timer (``Capabilities.leases_expire`` False). RabbitMQ redelivers a message when the
   consumer's connection or channel dies, not when a lease runs out; ``extend()`` only
   confirms the delivery is still held. Note RabbitMQ's own ``consumer_timeout``
   (default 30 minutes in 3.8.15+): a delivery unacked for longer closes the channel and
@@ -60,7 +60,7 @@ Capabilities:
   so they count attempt 2). The first reserve() on a queue waits for its consumer to
   start (at most 2 s, even with ``timeout=0``), so it finds messages already waiting.
 - Dedupe (publishing an id already waiting is a no-op): **no**. AMQP has no lookup by
-  message id, so a repeat publish is a second message (``dedupes_publish = False``).
+  message id, so a repeat publish is a second message (``Capabilities.dedupes_publish`` False).
   Workers stay correct because the result backend refuses to run a task whose record is
   already final; fan-in relies on the backend's ``claim_chord``, not on the broker.
 - Dead letters: ``reject()`` publishes to ``nbq.dead.<queue>`` (durable) with the reason
@@ -109,7 +109,7 @@ import pika
 import pika.exceptions as pex
 
 from ...errors import BrokerError, ConfigurationError, ConnectionLost, PublishRefused
-from ...broker import Broker, Delivery, Outgoing, queue_list, redact, text_of
+from ...broker import Broker, Capabilities, Delivery, Outgoing, queue_list, redact, text_of
 
 log = logging.getLogger(__name__)
 
@@ -655,14 +655,10 @@ class AMQPBroker(Broker):
     """RabbitMQ broker; see the module docstring for what it supports."""
 
     scheme = "amqp"
-    supports_priority = True
-    #: a publish from anywhere (this process included) is pushed to a waiting reserve() at once
-    #: RabbitMQ redelivers on connection death, not on a lease timer
-    leases_expire = False
-    #: AMQP cannot look a message up by id, so a repeated publish is a second message
-    dedupes_publish = False
-    #: AMQP cannot list queues: stats() reports the queues it is told about (see stats)
-    lists_queues = False
+    #: RabbitMQ redelivers on connection death, not on a lease timer; it cannot look a message
+    #: up by id, so a repeated publish is a second message; it cannot list queues: stats()
+    #: reports the queues it is told about (see stats)
+    capabilities = Capabilities(leases_expire=False, dedupes_publish=False, lists_queues=False)
 
     def __init__(self, url: str, *, clock=None, options: dict | None = None):
         super().__init__(url, clock=clock, options=options)

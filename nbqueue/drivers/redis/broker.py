@@ -67,13 +67,11 @@ SIGNAL_TTL_MS = 5000        # a token older than this wakes nobody who would not
 PUBLISH_CHUNK = 500
 
 
-def _begin_args(begin_for: tuple | None) -> list[str]:
-    """The scripts' record arguments for ``begin_for=(backend, worker)``: record key prefix,
-    results index and worker, all '' when no record is to be begun."""
-    if begin_for is None:
-        return ["", "", ""]
-    backend, worker = begin_for
-    return [backend._rec(""), backend._index, worker]
+def _begin_args(records: tuple[str, str, str] | None) -> list[str]:
+    """The scripts' record arguments: ``records`` (record key prefix, results index, worker),
+    or all '' when no record is to be begun (a broker alone never writes records; the
+    driver's engine passes them, see nbqueue.drivers.redis.engine)."""
+    return list(records) if records is not None else ["", "", ""]
 
 
 def _token(reply: str) -> int | None:
@@ -298,8 +296,6 @@ return n
 
 class RedisBroker(Broker):
     scheme = "redis"
-    supports_priority = True
-    leases_expire = True
 
     def __init__(self, url: str = "memory://", *, clock=None, options: dict | None = None):
         super().__init__(url, clock=clock, options=url_options(url, options))
@@ -335,24 +331,13 @@ class RedisBroker(Broker):
             self._publish(args=args, client=client)
 
     @guarded
-    def publish_recorded(self, backend, records: Sequence[dict], outs: Sequence[Outgoing]) -> None:
-        """Records and messages in one round trip when the backend is on this Redis."""
-        if not self._shares_server(backend):
-            super().publish_recorded(backend, records, outs)
-            return
-        pipe = pipeline(self.client)
-        backend.create(records, client=pipe)      # records first: a fast worker's result is never overwritten
-        self.publish_many(outs, client=pipe)
-        pipe.execute()
-
-    @guarded
-    def publish_reserved(self, outs: Sequence[Outgoing], *, lease: float, begin_for: tuple | None = None) -> list[Delivery]:
+    def publish_reserved(self, outs: Sequence[Outgoing], *, lease: float, records: tuple[str, str, str] | None = None) -> list[Delivery]:
         """Publish messages already reserved by the caller (a worker's own follow-ups, such as
-        the next step of a chain), begun in ``begin_for``'s records in the same call. They
+        the next step of a chain), their ``records`` begun in the same call (see ``claim``). They
         are ordinary messages with a lease: if the caller dies they are delivered again.
         Ids already present are left alone and not returned."""
         now = self.clock.time()
-        args: list[Any] = [self.prefix, repr(now), repr(now + lease), *_begin_args(begin_for)]
+        args: list[Any] = [self.prefix, repr(now), repr(now + lease), *_begin_args(records)]
         for o in outs:
             args += [o.id, o.queue, min(9, max(0, int(o.priority))), o.body]
         tokens = self._publish_reserved(args=args)
@@ -364,54 +349,26 @@ class RedisBroker(Broker):
 
     @guarded
     def ack_many(self, deliveries: Sequence[Delivery], client=None, records: dict | None = None) -> list[bool]:
-        """``records``: message id -> result record key; those acks act only once the record
-        is final (see ``store_count_and_ack``)."""
+        """``client``: a pipeline to queue the acks on (nothing returned); ``records``: message
+        id -> result record key, whose acks act only once that record is final (see
+        nbqueue.drivers.redis.engine)."""
         pipe = client or pipeline(self.client)
         now = repr(self.clock.time())
         for d in deliveries:
             self._settle(args=[self.prefix, d.message_id, str(d.tag), "ack", now, (records or {}).get(d.message_id, "")], client=pipe)
         return [] if client is not None else [reply == 1 for reply in pipe.execute()]
 
-    def _shares_server(self, backend) -> bool:
-        from .backend import RedisBackend
-
-        return isinstance(backend, RedisBackend) and backend.url == self.url and backend.prefix == self.prefix
-
-    @guarded
-    def store_and_ack(self, backend, items: Sequence[tuple], deliveries: Sequence[Delivery]) -> list[bool]:
-        """One pipeline: the results first, then the acks (Redis runs them in that order)."""
-        if not self._shares_server(backend):
-            return super().store_and_ack(backend, items, deliveries)
-        return self.store_count_and_ack(backend, items, [], deliveries)[0]
-
-    @guarded
-    def store_count_and_ack(self, backend, items: Sequence[tuple], members: Sequence[tuple], deliveries: Sequence[Delivery]) -> tuple[list[bool], list]:
-        """``store_and_ack`` (``backend`` on this server) that also counts finished group
-        members, in the same pipeline behind the results: ``members`` holds (group id,
-        member id) pairs, each counted only if the member's record is SUCCESS by then.
-        Returns which results were stored and, per member, (done, total) (done is -1 where
-        nothing was counted) or None for an unknown group. The ack of a delivery whose
-        result is in ``items`` acts only if its record is final by then: a result that was
-        not stored (however the pipeline went) never loses its message."""
-        pipe = pipeline(self.client)
-        backend.store_results(items, client=pipe)
-        for group_id, member_id in members:
-            backend._count_member(group_id, member_id, client=pipe, if_succeeded=True)
-        self.ack_many(deliveries, client=pipe, records={item[0]: backend._rec(item[0]) for item in items})
-        replies = pipe.execute()
-        counts = replies[len(items):len(items) + len(members)]
-        return [reply == 1 for reply in replies[:len(items)]], [None if c is None else (int(c[0]), int(c[1])) for c in counts]
-
     # -- consuming ---------------------------------------------------------------
-    def begins_on_claim(self, backend) -> bool:
-        """True when reserve(begin_for=...) can begin the tasks' records in the claim itself."""
-        return self._shares_server(backend)
+    def reserve(self, queues: Sequence[str], *, timeout: float = 0.0, lease: float = 30.0, limit: int = 1) -> list[Delivery]:
+        return self.claim(queues, timeout=timeout, lease=lease, limit=limit)
 
     @guarded
-    def reserve(self, queues: Sequence[str], *, timeout: float = 0.0, lease: float = 30.0, limit: int = 1,
-                begin_for: tuple | None = None) -> list[Delivery]:
-        """``begin_for=(backend, worker)``: also begin the records (see ``begins_on_claim``);
-        each delivery's ``token`` is then its fencing token (None where the record is final)."""
+    def claim(self, queues: Sequence[str], *, timeout: float = 0.0, lease: float = 30.0, limit: int = 1,
+              records: tuple[str, str, str] | None = None) -> list[Delivery]:
+        """``reserve`` that, given ``records`` (record key prefix, results index, worker: the
+        result backend on this server, as the driver's engine passes them), also begins the
+        claimed tasks' records in the claim script; each delivery's ``token`` is then its
+        fencing token (None where the record is final)."""
         queues = queue_list(queues)
         key = tuple(queues)
         deadline = time.monotonic() + max(0.0, timeout)
@@ -427,7 +384,7 @@ class RedisBroker(Broker):
                 # a signal token, so block on the signal lists before claiming again
                 next_due = empty[1]
             else:
-                deliveries, next_due, more = self._claim(queues, now, lease, limit, begin_for)
+                deliveries, next_due, more = self._claim(queues, now, lease, limit, records)
                 if deliveries:
                     if not more:
                         self._drained.last = (key, next_due)
@@ -440,15 +397,15 @@ class RedisBroker(Broker):
             wait = min(remaining, self.max_block)
             if next_due is not None:
                 wait = min(wait, max(0.0, next_due - now) + 0.001)
-            woken, (deliveries, next_due, more) = self._sleep_then_claim(queues, wait, now, lease, limit, begin_for)
+            woken, (deliveries, next_due, more) = self._sleep_then_claim(queues, wait, now, lease, limit, records)
             if deliveries or woken:
                 if deliveries and not more:
                     self._drained.last = (key, next_due)
                 return deliveries
             empty = (key, next_due)
 
-    def _claim_args(self, queues: list[str], now: float, lease: float, limit: int, begin_for: tuple | None) -> list:
-        return [self.prefix, repr(now), repr(now + lease), max(1, int(limit)), self.batch, *_begin_args(begin_for), *queues]
+    def _claim_args(self, queues: list[str], now: float, lease: float, limit: int, records: tuple | None) -> list:
+        return [self.prefix, repr(now), repr(now + lease), max(1, int(limit)), self.batch, *_begin_args(records), *queues]
 
     def _parse_claim(self, reply: list, lease_until: float) -> tuple[list[Delivery], float | None, bool]:
         """The reserve script's reply: the deliveries claimed, the next due time when no
@@ -462,12 +419,12 @@ class RedisBroker(Broker):
                                        dead_reason=problem or self.limit_reason(int(lapses))))
         return deliveries, next_due, reply[1] == "1"
 
-    def _claim(self, queues: list[str], now: float, lease: float, limit: int, begin_for: tuple | None = None) -> tuple[list[Delivery], float | None, bool]:
+    def _claim(self, queues: list[str], now: float, lease: float, limit: int, records: tuple | None = None) -> tuple[list[Delivery], float | None, bool]:
         """Run the reserve script once (see ``_parse_claim``)."""
-        return self._parse_claim(self._reserve(args=self._claim_args(queues, now, lease, limit, begin_for), client=self._reader), now + lease)
+        return self._parse_claim(self._reserve(args=self._claim_args(queues, now, lease, limit, records), client=self._reader), now + lease)
 
     def _sleep_then_claim(self, queues: list[str], wait: float, now: float, lease: float, limit: int,
-                          begin_for: tuple | None) -> tuple[bool, tuple[list[Delivery], float | None, bool]]:
+                          records: tuple | None) -> tuple[bool, tuple[list[Delivery], float | None, bool]]:
         """Block until a publish signal, a wake() or ``wait`` seconds, then claim:
         one round trip, as Redis runs the pipelined reserve script the moment the blocking
         pop returns. The claim compares due times with the time from before the wait, so
@@ -479,7 +436,7 @@ class RedisBroker(Broker):
         lease += wait
         pipe = pipeline(self._reader)
         pipe.blpop(keys, timeout=wait)
-        self._reserve(args=self._claim_args(queues, now, lease, limit, begin_for), client=pipe)
+        self._reserve(args=self._claim_args(queues, now, lease, limit, records), client=pipe)
         with self._lock:
             self._waiting += 1
         try:

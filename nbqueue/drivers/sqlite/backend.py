@@ -6,6 +6,7 @@ UPDATE. Waiters in this process are woken at once; other processes poll with bac
 """
 from __future__ import annotations
 
+import sqlite3
 from typing import Sequence
 
 from ... import serialization, states
@@ -39,6 +40,7 @@ def _schema(db) -> None:
 
 
 class SQLiteBackend(ResultBackend):
+    store_errors = (sqlite3.OperationalError,)
     scheme = "sqlite"
 
     def __init__(self, url: str = "", *, clock=None, options: dict | None = None):

@@ -121,7 +121,7 @@ os.register_at_fork(after_in_child=IDLE._after_fork)
 
 class SQLiteBroker(Broker):
     scheme = "sqlite"
-    claims_in_transaction = True
+    store_errors = (sqlite3.OperationalError,)
 
     def __init__(self, url: str = "", *, clock=None, options: dict | None = None):
         super().__init__(url, clock=clock, options=options)
@@ -133,14 +133,6 @@ class SQLiteBroker(Broker):
         self._quiet = threading.local()     # .last: (wake-up version, next due, when) as this thread last found nothing
 
     # -- publishing --------------------------------------------------------------
-    def publish_recorded(self, backend, records: Sequence[dict], outs: Sequence[Outgoing]) -> None:
-        """Records and messages in one transaction; a send that is not inside a transaction of
-        the caller's may hand its messages to idle workers of this process (see ``_hand_over``)."""
-        outermost = not self.store.in_transaction()
-        with self.transaction_with(backend):
-            backend.create(records)
-            self.publish_many(outs, handoff=outermost)
-
     def publish_many(self, outs: Sequence[Outgoing], handoff: bool = False) -> None:
         """``handoff``: the caller's transaction is this send's own (short), so its messages may
         go to idle reservers of this process; a long transaction must not hold them."""
@@ -244,9 +236,13 @@ class SQLiteBroker(Broker):
         row = self.store.read(f"SELECT MIN(due) FROM nbq_messages WHERE queue IN ({placeholders(len(queues))}) AND state < 2", tuple(queues))
         return row[0][0] if row else None
 
-    def reserve(self, queues: Sequence[str], *, timeout: float = 0.0, lease: float = 30.0, limit: int = 1, on_claim=None,
-                handoff: bool = False) -> list[Delivery]:
-        """``handoff``: publishers of this process may hand messages over directly while
+    def reserve(self, queues: Sequence[str], *, timeout: float = 0.0, lease: float = 30.0, limit: int = 1) -> list[Delivery]:
+        return self.claim(queues, timeout=timeout, lease=lease, limit=limit)
+
+    def claim(self, queues: Sequence[str], *, timeout: float = 0.0, lease: float = 30.0, limit: int = 1, on_claim=None,
+              handoff: bool = False) -> list[Delivery]:
+        """``reserve`` for the driver's engine: ``on_claim(deliveries)`` runs inside the claim's
+        transaction (the engine begins the tasks there: one write per batch). ``handoff``: publishers of this process may hand messages over directly while
         this call runs (see ``_hand_over``); ``on_claim`` then runs in the publisher's
         transaction, and what was handed over is returned beside anything claimed."""
         slot = None
@@ -380,11 +376,6 @@ class SQLiteBroker(Broker):
 
     def wake(self) -> None:
         WAKEUPS.notify(self._wake_key)
-
-    def transaction_with(self, backend):
-        if getattr(backend, "store", None) is self.store:
-            return self.store.write()
-        return super().transaction_with(backend)
 
     def close(self) -> None:
         pass  # the store is shared by every broker and backend on this file in this process

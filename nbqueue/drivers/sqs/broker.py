@@ -71,15 +71,15 @@ Capabilities:
 - Attempts: ``Delivery.attempt`` is ``nbq-attempts`` (attempts of earlier copies:
   ``retry()`` counts its reservation, ``release()`` and a put-back batch-mate do not)
   + this copy's lapses + 1.
-- Priority: **not supported** (``supports_priority = False``): SQS has no priorities and
+- Priority: **not supported** (``Capabilities.priority`` False): SQS has no priorities and
   this broker does not emulate them; ``priority`` is accepted, carried on the delivery
   and otherwise ignored. Use a separate queue (and worker) for urgent work.
 - Dedupe (publishing an id already waiting is a no-op): **no** on standard queues
-  (``dedupes_publish = False``): the result backend refuses to run a task twice. FIFO
+  (``Capabilities.dedupes_publish`` False): the result backend refuses to run a task twice. FIFO
   queues use the task id as ``MessageDeduplicationId`` (SQS drops a repeat within 5
   minutes) and as ``MessageGroupId`` (so tasks do not wait for one another; FIFO order
   holds per task id only).
-- Delivery: at least once (``delivers_once = False``). SQS standard queues may, rarely,
+- Delivery: at least once (``Capabilities.delivers_once`` False). SQS standard queues may, rarely,
   hand one message to two consumers at the same time (AWS documents this; moto's server
   does it under concurrent receives); the result backend's fencing tokens record the task
   once and a final record is not run again. FIFO queues deliver exactly once.
@@ -122,7 +122,7 @@ import botocore.config
 import botocore.exceptions as bex
 
 from ...errors import BrokerError, ConfigurationError, PublishRefused
-from ...broker import WAKEUPS, Broker, Delivery, Outgoing, redact
+from ...broker import WAKEUPS, Broker, Capabilities, Delivery, Outgoing, redact
 
 log = logging.getLogger(__name__)
 
@@ -167,10 +167,7 @@ class SQSBroker(Broker):
     """Amazon SQS broker; see the module docstring for what it supports."""
 
     scheme = "sqs"
-    supports_priority = False
-    leases_expire = True
-    dedupes_publish = False
-    delivers_once = False
+    capabilities = Capabilities(priority=False, dedupes_publish=False, delivers_once=False)
     #: the longest native delay; longer ones hop (an attribute, so tests can shorten it)
     max_delay = MAX_DELAY_S
 
