@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from typing import Any, Callable, ContextManager, Protocol, Sequence, runtime_checkable
 
 from .backend import ResultBackend
 from .broker import Broker, Delivery, Outgoing
 from .errors import MessageError
+
+log = logging.getLogger(__name__)
 
 #: ``begins(message)``: whether a claimed task is begun (RECEIVED with a fencing token) by the claim
 Begins = Callable[[dict], bool]
@@ -155,6 +158,7 @@ class SplitEngine:
             assert c.message is not None
             if c.message["id"] in tokens:
                 c.begun, c.token = True, tokens[c.message["id"]]
+                c.delivery.token = c.token
         return claims
 
     def run_next(self, outgoing: Sequence[Outgoing], *, lease: float, worker: str, begins: Begins | None = None) -> list[Claim]:
@@ -177,13 +181,18 @@ class SplitEngine:
             self.broker.extend(d, lease)
 
     def hand_back(self, deliveries: Sequence[Delivery]) -> None:
-        """Put reserved, unstarted deliveries back at once (not a lapse); one that cannot be
-        handed back returns when its lease runs out."""
+        """Put claimed, unstarted deliveries back at once (not a lapse): a task the claim began
+        is PENDING again (fenced by its token), its message released. One that cannot be handed
+        back returns when its lease runs out."""
+        from . import states
+
         for d in deliveries:
             try:
+                if d.token:
+                    self.backend.set_state(d.message_id, states.PENDING, token=d.token)
                 self.broker.release(d)
             except Exception:
-                pass
+                log.warning("could not hand back %s; it returns when its lease runs out", d.message_id, exc_info=True)
 
     def close(self) -> None:
         self.broker.close()

@@ -609,11 +609,8 @@ class Worker:
             self._held.pop(id(d), None)
 
     def _hand_back(self, deliveries: list[Delivery]) -> None:
+        self.app.engine.hand_back(deliveries)
         for d in deliveries:
-            try:
-                self.app.broker.release(d)
-            except Exception:
-                log.warning("could not hand back %s; it returns when its lease runs out", d.message_id, exc_info=True)
             self._unhold(d)
 
     def _heartbeat_loop(self) -> None:
@@ -798,11 +795,7 @@ class Worker:
                 delivery, message = item
                 if self._stopping.is_set() and threading.current_thread() in self._threads:
                     unstarted = [item] + batch.give_away_all()
-                    for _, m in unstarted:   # not started: PENDING again, not "received"
-                        token = prep.tokens.get(m["id"])
-                        if token:
-                            self.app.backend.set_state(m["id"], states.PENDING, token=token)
-                    self._hand_back([d for d, _ in unstarted])
+                    self._hand_back([d for d, _ in unstarted])    # not started: PENDING again, not "received"
                     break
                 if batch.waiting() >= GROUP_COMMIT:
                     batch.flush()   # finished tasks wait at most GROUP_COMMIT (or the heartbeat's flush, see _flush_stale)
