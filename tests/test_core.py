@@ -683,6 +683,27 @@ def test_many_due_tasks_become_ready_together(app_factory):
     assert [r.get(timeout=5) for r in results] == list(range(200))
 
 
+@clocked
+def test_step_runs_its_pass_at_the_time_it_is_given(app_factory):
+    """Given a task due in 30 s, when the worker steps at 29.9 s nothing runs, and stepped at
+    30.1 s it runs with that time as its start (the stores read it from the App's clock)."""
+    clock = ManualClock()
+    app = app_factory(clock=clock)
+    add, _ = register_basics(app)
+    sent_at = clock.time()
+    r = add.apply_async((1, 1), countdown=30)
+    worker = app.worker()
+    assert worker.step(now=sent_at + 29.9) == 0
+    assert worker.step(now=sent_at + 30.1) == 1
+    assert r.get(timeout=5) == 2 and r.info()["started_at"] == pytest.approx(sent_at + 30.1)
+    assert worker.step(now=sent_at) == 0 and clock.time() == pytest.approx(sent_at + 30.1)   # time never goes back
+
+
+def test_step_at_a_given_time_needs_a_settable_clock(sqlite_app):
+    with pytest.raises(ValueError, match="ManualClock"):
+        sqlite_app.worker().step(now=0.0)
+
+
 @own_timer
 def test_many_due_tasks_become_ready_together_on_rabbitmq(app):
     add, _ = register_basics(app)
