@@ -1,12 +1,5 @@
-"""Signature (what to run) and the message envelope that carries it to a worker.
-
-The envelope is machinery's field set in Python spelling (fields at their default
-values are left out of the encoded message): ``id, name, args, kwargs,
-queue, eta, priority, headers, retry_count, retry_timeout, immutable, on_success,
-on_error, chord_callback, group_id, group_task_count, attempt, created_at`` plus
-``retries`` (retries used so far), ``retry_backoff`` and ``workflow`` (the data that
-lets workflow.py advance chains and chords). Callbacks are nested envelopes.
-"""
+"""Signature (what to run), and its encoding as the message envelope (nbqueue.message) that
+carries it to a worker."""
 from __future__ import annotations
 
 import copy
@@ -22,7 +15,7 @@ import time
 from typing import Any, Callable
 
 from . import serialization
-from .errors import MessageError
+from .message import Message, decode_object
 
 
 _ids = random.Random()             # a private generator: a notebook's random.seed() must not repeat ids
@@ -156,42 +149,20 @@ class Signature:
             args = [serializer.encode(value, _arg_label(self.name, i, names)) for i, value in enumerate(self.args)]
             kwargs = {_keyword(key, self.name): serializer.encode(value, f"keyword argument {key!r} of task {self.name!r}")
                       for key, value in self.kwargs.items()}
-        message = {"id": self.id or new_id(), "name": self.name, "args": args, "kwargs": kwargs, "queue": self.queue or default_queue}
-        eta = self.eta_timestamp(now)
-        if eta is not None:
-            message["eta"] = eta
-        if self.priority:
-            message["priority"] = int(self.priority)
-        if self.headers:
-            message["headers"] = serializer.encode(self.headers, f"headers of task {self.name!r}")
-        if self.retry_count:
-            message["retry_count"] = int(self.retry_count)
-        if self.retry_timeout:
-            message["retry_timeout"] = self.retry_timeout
-        if self.retry_backoff is not None:
-            message["retry_backoff"] = self.retry_backoff if isinstance(self.retry_backoff, dict) else self.retry_backoff.to_dict()
-        if self.retries:
-            message["retries"] = int(self.retries)
-        if self.immutable:
-            message["immutable"] = True
-        if self.on_success:
-            message["on_success"] = [s.to_message(serializer, default_queue=default_queue, fn=_task_fn(s), now=now) for s in self.on_success]
-        if self.on_error:
-            message["on_error"] = [s.to_message(serializer, default_queue=default_queue, fn=_task_fn(s), now=now) for s in self.on_error]
-        if self.ignore_when_not_registered:
-            message["ignore_when_not_registered"] = True
-        if self.time_limit is not None:
-            message["time_limit"] = self.time_limit
-        if self.group_id is not None:
-            message["group_id"] = self.group_id
-        if self.group_task_count:
-            message["group_task_count"] = self.group_task_count
-        if self.workflow is not None:
-            message["workflow"] = self.workflow
-        message["created_at"] = now
-        if serializer.pickle:
-            message["serializer"] = "pickle"
-        return message
+        backoff = self.retry_backoff
+        message = Message(
+            id=self.id or new_id(), name=self.name, args=args, kwargs=kwargs, queue=self.queue or default_queue,
+            eta=self.eta_timestamp(now), priority=int(self.priority), retry_count=int(self.retry_count),
+            headers=serializer.encode(self.headers, f"headers of task {self.name!r}") if self.headers else None,
+            retry_timeout=self.retry_timeout, retries=int(self.retries), immutable=bool(self.immutable),
+            retry_backoff=backoff if backoff is None or isinstance(backoff, dict) else backoff.to_dict(),
+            on_success=[s.to_message(serializer, default_queue=default_queue, fn=_task_fn(s), now=now) for s in self.on_success] or None,
+            on_error=[s.to_message(serializer, default_queue=default_queue, fn=_task_fn(s), now=now) for s in self.on_error] or None,
+            ignore_when_not_registered=bool(self.ignore_when_not_registered), time_limit=self.time_limit, group_id=self.group_id,
+            group_task_count=self.group_task_count, workflow=self.workflow, created_at=now,
+            serializer="pickle" if serializer.pickle else None,
+        )
+        return message.to_dict()
 
 
 def check_options(sig: Signature) -> None:
@@ -296,48 +267,14 @@ def check_queue_name(queue: Any, label: str = "queue") -> None:
         raise ValueError(f"{label} {problem}, not {queue!r}")
 
 
-REQUIRED_FIELDS = ("id", "name", "args", "kwargs")
-
 def validate_message(message: Any) -> dict:
-    """Check the envelope's shape; raises MessageError with the reason."""
-    if not isinstance(message, dict):
-        raise MessageError(f"message is a {type(message).__name__}, not a JSON object")
-    missing = [f for f in REQUIRED_FIELDS if f not in message]
-    if missing:
-        raise MessageError(f"message lacks required field(s): {', '.join(missing)}")
-    if not isinstance(message["id"], str) or not message["id"]:
-        raise MessageError("message id must be a non-empty string")
-    if not isinstance(message["name"], str) or not message["name"]:
-        raise MessageError("message name must be a non-empty string")
-    if not isinstance(message["args"], list):
-        raise MessageError("message args must be a list")
-    if not isinstance(message["kwargs"], dict):
-        raise MessageError("message kwargs must be an object")
-    for key, kinds in _FIELD_TYPES.items():
-        value = message.get(key)
-        if value is not None and (not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds):
-            raise MessageError(f"message field {key!r} has the wrong type ({type(value).__name__})")
-    for key in ("on_success", "on_error"):
-        for callback in message.get(key) or []:
-            validate_message(callback)
-    return message
-
-
-_FIELD_TYPES: dict[str, tuple] = {
-    "queue": (str,), "eta": (int, float), "priority": (int,), "headers": (dict,), "retry_count": (int,),
-    "retry_timeout": (int, float), "retry_backoff": (dict,), "retries": (int,), "immutable": (bool,),
-    "on_success": (list,), "on_error": (list,), "ignore_when_not_registered": (bool,), "time_limit": (int, float),
-    "group_id": (str,), "group_task_count": (int,), "workflow": (dict,), "created_at": (int, float), "serializer": (str,),
-    "code": (dict,),
-}
+    """Check the envelope's shape; raises MessageError with the reason (see Message.check)."""
+    return Message.check(message)
 
 
 def decode_body(body: str | bytes) -> dict:
-    try:
-        message = serialization.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise MessageError(f"message body is not valid JSON: {exc}") from None
-    return validate_message(message)
+    """The checked envelope a body encodes, as a dict; MessageError with the reason."""
+    return decode_object(body)
 
 
 def encode_body(message: dict) -> str:
