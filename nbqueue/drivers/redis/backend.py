@@ -33,7 +33,7 @@ from typing import Any, Sequence
 
 from ... import serialization, states
 from ...broker import redact
-from .client import LUA_FINAL, MIN_BLOCK, connect, guarded, key_prefix, pipeline, url_options
+from .client import LUA_FINAL, lua, MIN_BLOCK, connect, guarded, key_prefix, pipeline, url_options
 from ...backend import FIELDS, ResultBackend, counts_from_states, matches
 
 _INT_FIELDS = frozenset({"retries", "token"})
@@ -44,145 +44,16 @@ DONE_TTL_MS = 60_000        # a done token only bridges the gap between a waiter
 WAIT_KEYS = 64              # a waiter blocks on at most this many pending tasks at a time
 CHUNK = 500                 # records per script call
 
-# -- Lua ----------------------------------------------------------------------------------
+# -- Lua (scripts in lua/*.lua) -----------------------------------------------------------
 
-_LUA_COMMON = LUA_FINAL + """
--- fields from ARGV[start]: a count n, n name/value pairs to set, then names to delete
-local function apply(key, start)
-  local i = start + 1
-  for _ = 1, tonumber(ARGV[start]) do
-    redis.call('HSET', key, ARGV[i], ARGV[i + 1])
-    i = i + 2
-  end
-  for j = i, #ARGV do redis.call('HDEL', key, ARGV[j]) end
-end
-"""
-
-# KEYS: index, record...; ARGV: per record a count n, then n name/value pairs
-# (id and created_at among them). Existing records are left alone.
-_CREATE = _LUA_COMMON + """
-local i = 1
-for k = 2, #KEYS do
-  local n = tonumber(ARGV[i])
-  if redis.call('EXISTS', KEYS[k]) == 0 then
-    local id, created
-    for j = i + 1, i + 2 * n, 2 do
-      redis.call('HSET', KEYS[k], ARGV[j], ARGV[j + 1])
-      if ARGV[j] == 'id' then id = ARGV[j + 1] elseif ARGV[j] == 'created_at' then created = ARGV[j + 1] end
-    end
-    redis.call('ZADD', KEYS[1], created, id)
-  end
-  i = i + 1 + 2 * n
-end
-return 1
-"""
-
-# KEYS: index, record...; ARGV: now, worker, state (STARTED or RECEIVED), then per
-# record: id, retries or '', a count n and n name/value pairs for a new record.
-# Returns one token per record, 0 where the record is final.
-_BEGIN = _LUA_COMMON + """
-local now, worker, new_state = ARGV[1], ARGV[2], ARGV[3]
-local tokens = {}
-local i = 4
-for k = 2, #KEYS do
-  local rec, id, retries, n = KEYS[k], ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
-  local state = redis.call('HGET', rec, 'state')
-  if state and FINAL[state] then
-    tokens[#tokens + 1] = 0
-  elseif state then
-    tokens[#tokens + 1] = redis.call('HINCRBY', rec, 'token', 1)
-    redis.call('HSET', rec, 'state', new_state, 'worker', worker, 'started_at', now)
-    if retries ~= '' then redis.call('HSET', rec, 'retries', retries) end
-  else
-    for j = i + 3, i + 2 + 2 * n, 2 do redis.call('HSET', rec, ARGV[j], ARGV[j + 1]) end
-    redis.call('HSET', rec, 'id', id, 'state', new_state, 'token', 1, 'worker', worker, 'started_at', now, 'created_at', now)
-    if retries ~= '' then redis.call('HSET', rec, 'retries', retries) end
-    redis.call('ZADD', KEYS[1], now, id)
-    tokens[#tokens + 1] = 1
-  end
-  i = i + 3 + 2 * n
-end
-return tokens
-"""
-
-# KEYS: record, index, expiring; ARGV: id, state, token or '', created_at for a new
-# record, ttl ms or '', expires_at or '', then fields. 1 when written, else 0.
-_SET_STATE = _LUA_COMMON + f"local DONE_TTL_MS = {DONE_TTL_MS}\n" + """
-local current = redis.call('HMGET', KEYS[1], 'state', 'token')
-if current[1] then
-  if FINAL[current[1]] then return 0 end
-  if ARGV[3] ~= '' and (current[2] or '0') ~= ARGV[3] then return 0 end
-else
-  if ARGV[3] ~= '' then return 0 end
-  redis.call('HSET', KEYS[1], 'id', ARGV[1], 'created_at', ARGV[4])
-  redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
-end
-redis.call('HSET', KEYS[1], 'state', ARGV[2])
-apply(KEYS[1], 7)
-if ARGV[5] ~= '' then
-  redis.call('PEXPIRE', KEYS[1], ARGV[5])
-  redis.call('ZADD', KEYS[3], ARGV[6], ARGV[1])
-end
-if FINAL[ARGV[2]] then
-  -- wake the task's waiters (blocked in BLPOP on its done list) in the same call
-  redis.call('RPUSH', KEYS[4], '1')
-  redis.call('PEXPIRE', KEYS[4], DONE_TTL_MS)
-end
-return 1
-"""
-
-# KEYS: record; ARGV: fields. Changes an existing record only.
-_UPDATE = _LUA_COMMON + """
-if redis.call('EXISTS', KEYS[1]) == 1 then apply(KEYS[1], 1) end
-return 1
-"""
-
-# KEYS: group, members; ARGV: total, meta, created_at, member ids. Idempotent.
-_INIT_GROUP = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'total', ARGV[1], 'meta', ARGV[2], 'created_at', ARGV[3])
-for i = 4, #ARGV do redis.call('HSETNX', KEYS[2], ARGV[i], i - 4) end
-return 1
-"""
-
-# KEYS: group, members, done, and optionally the member's record; ARGV: member id, ttl ms
-# or ''. Returns {done, total}, {-1, total} when a record is given and not SUCCESS (nothing
-# counted: the attempt that stores it counts it), or nil for an unknown group. The
-# group's keys get the results' TTL once every member is done.
-_MEMBER_DONE = """
-local total = redis.call('HGET', KEYS[1], 'total')
-if not total then return false end
-if KEYS[4] and redis.call('HGET', KEYS[4], 'state') ~= 'SUCCESS' then return {-1, tonumber(total)} end
-if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then redis.call('SADD', KEYS[3], ARGV[1]) end
-local done = redis.call('SCARD', KEYS[3])
-if ARGV[2] ~= '' and done >= tonumber(total) then
-  for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, ARGV[2]) end
-end
-return {done, tonumber(total)}
-"""
-
-# KEYS: group. 1 for the first caller on an existing group, else 0.
-_CLAIM_CHORD = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-return redis.call('HSETNX', KEYS[1], 'chord', '1')
-"""
-
-# KEYS: group, members; ARGV: record key prefix. Returns {total, state, count, ...}.
-_GROUP_PROGRESS = """
-local total = redis.call('HGET', KEYS[1], 'total')
-local members = redis.call('HKEYS', KEYS[2])
-local counts = {}
-for _, id in ipairs(members) do
-  local state = redis.call('HGET', ARGV[1] .. id, 'state')
-  if state then counts[state] = (counts[state] or 0) + 1 end
-end
-local out = {tonumber(total) or #members}
-for state, n in pairs(counts) do
-  out[#out + 1] = state
-  out[#out + 1] = n
-end
-return out
-"""
+_CREATE = lua("records", "create", header=LUA_FINAL)
+_BEGIN = lua("begin", "begin_many", header=LUA_FINAL)
+_SET_STATE = lua("records", "set_state", header=LUA_FINAL + f"local DONE_TTL_MS = {DONE_TTL_MS}\n")
+_UPDATE = lua("records", "update", header=LUA_FINAL)
+_INIT_GROUP = lua("init_group")
+_MEMBER_DONE = lua("member_done")
+_CLAIM_CHORD = lua("claim_chord")
+_GROUP_PROGRESS = lua("group_progress")
 
 
 def _encode(value: Any) -> str:

@@ -5,6 +5,7 @@ sends scripts as EVALSHA, connection errors as ConnectionLost, and the key prefi
 from __future__ import annotations
 
 import functools
+import pathlib
 import ipaddress
 import logging
 import os
@@ -247,3 +248,17 @@ def guarded(method: F) -> F:
 
 # The final task states, as a Lua set (shared with nbqueue.drivers.redis.backend).
 LUA_FINAL = "local FINAL = {" + ", ".join(f"{s} = true" for s in sorted(states.READY_STATES)) + "}\n"
+
+#: the driver's Lua scripts, one file each (lua/*.lua)
+LUA_DIR = pathlib.Path(__file__).with_name("lua")
+
+
+@functools.lru_cache(maxsize=None)
+def _lua_file(name: str) -> str:
+    return (LUA_DIR / f"{name}.lua").read_text(encoding="utf-8")
+
+
+def lua(*names: str, header: str = "") -> str:
+    """A script: ``header`` (constants) and the files ``lua/<name>.lua`` joined in order (a
+    file of helpers before the script that uses them)."""
+    return header + "".join(_lua_file(name) for name in names)
