@@ -54,7 +54,6 @@ import threading
 import time
 import zlib
 from typing import Any, Sequence
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import pika
 import pika.exceptions as pex
@@ -62,6 +61,7 @@ import pika.exceptions as pex
 from ...broker import redact
 from ...errors import BrokerError, ConfigurationError, ConnectionLost
 from ..keyvalue import KEEP, KeyValueBackend
+from .client import check_url, connection_parameters
 
 log = logging.getLogger(__name__)
 
@@ -127,10 +127,7 @@ class AMQPBackend(KeyValueBackend):
     index_size = 0
 
     def __init__(self, url: str, *, clock=None, options: dict | None = None):
-        parts = urlsplit(url)
-        if parts.scheme.lower() not in ("amqp", "amqps"):
-            raise ConfigurationError(f"not an AMQP URL: {redact(url)!r} (use amqp://user:pass@host:5672/vhost)")
-        query = dict(parse_qsl(parts.query))
+        query = check_url(url)
         ours = {k: v for k, v in query.items() if k in OPTIONS or k == "results_expire_in"}
         super().__init__(url, clock=clock, options={**ours, **dict(options or {})})
         if self.results_expire_in is None:
@@ -138,13 +135,7 @@ class AMQPBackend(KeyValueBackend):
         self.prefix = str(self.options.get("key_prefix") or OPTIONS["key_prefix"]).rstrip(".:")
         self.lock_timeout = float(self.options.get("lock_timeout") or OPTIONS["lock_timeout"])
         self.options.setdefault("poll_interval", OPTIONS["poll_interval"])
-        pika_query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k not in ours])
-        try:
-            self._params = pika.URLParameters(urlunsplit(parts._replace(query=pika_query)))
-        except ValueError as exc:
-            raise ConfigurationError(f"bad AMQP URL {redact(url)!r}: {exc}") from exc
-        if self._params.ssl_options is not None and not self._params.ssl_options.server_hostname:
-            self._params.ssl_options = pika.SSLOptions(self._params.ssl_options.context, server_hostname=self._params.host)
+        self._params = connection_parameters(url, ours)
         self._server = (self._params.host, self._params.port, self._params.virtual_host)
         self._pid = os.getpid()
         self._fresh_state()

@@ -103,13 +103,13 @@ import os
 import threading
 import time
 from typing import Any, Callable, Iterable, Sequence
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import pika
 import pika.exceptions as pex
 
 from ...errors import BrokerError, ConfigurationError, ConnectionLost, PublishRefused
 from ...broker import Broker, Capabilities, Delivery, Outgoing, queue_list, redact, text_of
+from .client import check_url, connection_parameters
 
 log = logging.getLogger(__name__)
 
@@ -662,21 +662,12 @@ class AMQPBroker(Broker):
 
     def __init__(self, url: str, *, clock=None, options: dict | None = None):
         super().__init__(url, clock=clock, options=options)
-        parts = urlsplit(url)
-        if parts.scheme.lower() not in ("amqp", "amqps"):
-            raise ConfigurationError(f"not an AMQP URL: {redact(url)!r} (use amqp://user:pass@host:5672/vhost)")
-        query = dict(parse_qsl(parts.query))
+        query = check_url(url)
         self.reconnect_timeout = _option(self.options, query, "reconnect_timeout")
         self.confirm_timeout = _option(self.options, query, "confirm_timeout")
         self.publish_batch = max(1, _option(self.options, query, "publish_batch"))
         self.eta_tolerance = _option(self.options, query, "eta_tolerance")
-        pika_query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k not in OPTIONS])
-        try:
-            self._params = pika.URLParameters(urlunsplit(parts._replace(query=pika_query)))
-        except ValueError as exc:
-            raise ConfigurationError(f"bad AMQP URL {redact(url)!r}: {exc}") from exc
-        if self._params.ssl_options is not None and not self._params.ssl_options.server_hostname:
-            self._params.ssl_options = pika.SSLOptions(self._params.ssl_options.context, server_hostname=self._params.host)
+        self._params = connection_parameters(url, OPTIONS)
         if "blocked_connection_timeout" not in query:   # a resource alarm must not block a publisher forever
             self._params.blocked_connection_timeout = self.confirm_timeout
 
