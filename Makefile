@@ -29,6 +29,7 @@ memcached:
 	command -v memcached >/dev/null || test -x /usr/bin/memcached || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q memcached)
 
 test: $(STAMP) services browser memcached
+	$(PY) -m mypy
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 bench: $(STAMP) services memcached

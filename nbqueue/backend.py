@@ -11,6 +11,7 @@ attempt can never overwrite a newer one, and a final result is written exactly o
 """
 from __future__ import annotations
 
+import builtins
 import threading
 import time
 from typing import Iterable, Sequence
@@ -135,7 +136,7 @@ class ResultBackend:
     def _store_final(self, task_id: str, state: str, token: int | None, fields: dict) -> bool:
         raise NotImplementedError
 
-    def store_results(self, items: Sequence[tuple[str, str, int | None, dict]]) -> list[bool]:
+    def store_results(self, items: Sequence[tuple[str, str, int | None, dict]]) -> builtins.list[bool]:
         """``store_result`` for many ``(id, state, token, fields)``; stores may do it in one round trip."""
         return [self.store_result(task_id, state, token=token, **fields) for task_id, state, token, fields in items]
 
@@ -146,7 +147,7 @@ class ResultBackend:
     def get(self, task_id: str) -> dict | None:
         return self.get_many([task_id])[0]
 
-    def get_many(self, ids: Sequence[str]) -> list[dict | None]:
+    def get_many(self, ids: Sequence[str]) -> builtins.list[dict | None]:
         raise NotImplementedError
 
     def states_of(self, ids: Sequence[str]) -> dict[str, str]:
@@ -274,12 +275,12 @@ class ResultBackend:
         raise NotImplementedError
 
     # -- listing and upkeep --------------------------------------------------------
-    def list(self, *, state: str | None = None, name: str | None = None, limit: int | None = None, ids: Sequence[str] | None = None) -> list[dict]:
+    def list(self, *, state: str | None = None, name: str | None = None, limit: int | None = None, ids: Sequence[str] | None = None) -> builtins.list[dict]:
         """Records, newest first."""
         raise NotImplementedError
 
     def search(self, *, state=None, name=None, queue=None, since: float | None = None, until: float | None = None,
-               text: str | None = None, offset: int = 0, limit: int = 50) -> list[dict]:
+               text: str | None = None, offset: int = 0, limit: int = 50) -> builtins.list[dict]:
         """A page of records, newest first, matching every filter given (see ``matches``):
         the ``limit`` records after the first ``offset`` of them. Group bookkeeping records
         (``nbqueue.group``) only when ``name`` asks for them, as ``App.tasks()``.
@@ -335,7 +336,7 @@ class ResultBackend:
     def worker_gone(self, worker_id: str) -> None:
         raise NotImplementedError
 
-    def workers(self) -> list[dict]:
+    def workers(self) -> builtins.list[dict]:
         """Live workers: worker_id, last_seen and the info they sent."""
         raise NotImplementedError
 

@@ -169,8 +169,8 @@ class SplitEngine:
     def finish(self, outcomes: Sequence[Outcome], acks: Sequence[Delivery] = ()) -> Finished:
         """Store the outcomes' results (fenced), count those with a group, then ack ``acks``."""
         stored = self.backend.store_results([(o.task_id, o.state, o.token, o.fields) for o in outcomes]) if outcomes else []
-        counts = [self.backend.member_done(o.group, o.task_id) if ok else (-1, 0)
-                  for o, ok in zip(outcomes, stored) if o.group is not None]
+        counts: list[tuple[int, int] | None] = [self.backend.member_done(o.group, o.task_id) if ok else (-1, 0)
+                                                for o, ok in zip(outcomes, stored) if o.group is not None]
         if acks:
             self.broker.ack_many(list(acks))
         return Finished(stored=list(stored), counts=counts)
