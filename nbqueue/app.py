@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from . import config as _config
 from . import serialization, shipping, states, tracing
-from .drivers import backend_from_url, broker_from_url, driver_for
+from .drivers import DEFAULT_URL, backend_from_url, broker_from_url, driver_for
 from .engine import engine_for
 from .broker import Outgoing
 from .clock import SYSTEM
@@ -33,13 +33,14 @@ log = logging.getLogger(__name__)
 
 
 def _default_backend(broker_url: str | None) -> str | None:
-    """Results live beside the broker when it can hold them; AMQP falls back to the SQLite file."""
+    """Results live beside the broker when its driver can hold them; else in the default store."""
     if broker_url is None:
         return None
     if driver_for(broker_url, "broker").results_beside:
         return broker_url
     scheme = broker_url.split(":", 1)[0].lower()
-    log.warning("broker %s keeps no results; recording them in the embedded SQLite file (pass backend= for shared results)", scheme)
+    log.warning("broker %s keeps no results; recording them in the default store %s (pass backend= for shared results)", scheme,
+                DEFAULT_URL)
     return None
 
 
@@ -52,8 +53,8 @@ class App:
         self.serializer = serialization.Serializer(pickle=self.config.option("serializer") == "pickle")
         self.visibility_timeout = float(self.config.option("visibility_timeout"))
         self.registry: dict[str, Task] = {}
-        self.broker_url = broker or "sqlite://"
-        self.backend_url = backend or _default_backend(broker) or "sqlite://"
+        self.broker_url = broker or DEFAULT_URL
+        self.backend_url = backend or _default_backend(broker) or DEFAULT_URL
         store_options = {k: v for k, v in options.items() if k != "clock"}
         #: the broker and result backend, and how they work together (see nbqueue.engine)
         self.engine = engine_for(broker_from_url(self.broker_url, clock=self.clock, options=store_options),
@@ -155,7 +156,7 @@ class App:
         self.engine.send(records, outs)
 
     def transaction(self):
-        """One transaction over broker and backend where they share a store (the SQLite file)."""
+        """One transaction over broker and backend where the engine has one (see Engine.transaction)."""
         return self.engine.transaction()
 
     def send_task(self, sig: Signature) -> AsyncResult:
@@ -389,7 +390,7 @@ class App:
         self.broker.close()
         self.backend.close()
 
-    # -- periodic tasks (issue 7): registrations here, the logic in schedule.py -------------
+    # -- periodic tasks: registrations here, the logic in schedule.py -----------------------
     def periodic(self, spec: str, target: Any, name: str | None = None, *, catch_up: bool = False, timezone: Any = None):
         """Fire ``target`` (a signature, task, group, chain or chord; a fresh copy each time) on ``spec``.
 
@@ -426,7 +427,6 @@ class App:
         from . import schedule
 
         return schedule.scheduler(self)
-    # -- end of periodic tasks ------------------------------------------------------------------
 
     def __repr__(self) -> str:
         from .broker import redact

@@ -56,6 +56,9 @@ class Driver:
                                      f"pip install 'nbqueue[{self.extra}]'") from exc
 
 
+#: the store of an App given no URL: a file of this machine, nothing to start
+DEFAULT_URL = "sqlite://"
+
 _lock = threading.Lock()
 _drivers: dict[str, Driver] = {}
 
@@ -112,4 +115,4 @@ def backend_from_url(url: str, **kwargs: Any):
     return driver_for(url, "backend").load("backend")(url, **kwargs)
 
 
-__all__ = ["Driver", "drivers", "schemes", "driver_for", "store_options", "broker_from_url", "backend_from_url"]
+__all__ = ["DEFAULT_URL", "Driver", "drivers", "schemes", "driver_for", "store_options", "broker_from_url", "backend_from_url"]

@@ -241,7 +241,7 @@ class _Batch:
 
     def _forget_local(self) -> None:
         """Follow-ups reserved in a transaction that rolled back were never stored. Where no
-        transaction spans the finish (Redis) they were: hand them back to the queue at once."""
+        transaction spans the finish (an engine without ``shares_transaction``) they were: hand them back to the queue at once."""
         for deliveries, _ in self.local:
             for d in deliveries:
                 if not self.grouped:

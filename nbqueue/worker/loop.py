@@ -330,8 +330,8 @@ class Worker(Heartbeat, Execution):
     def process_batch(self, deliveries: list[Delivery], prep: "_Prepared | None" = None) -> None:
         """Run reserved deliveries in order in this thread; never raises.
 
-        One write marks the batch RECEIVED and hands out fencing tokens (on SQLite in the
-        claim's own transaction, on Redis in the claim script, see ``reserve``). Finished
+        The claim marks the batch RECEIVED and hands out fencing tokens (``Engine.claim``: one
+        write, or none beyond the claim where the engine is fused, see ``reserve``). Finished
         tasks (result, follow-ups, ack) are committed together once the oldest has waited
         ``GROUP_COMMIT``, and by the heartbeat thread when the executor is busy with a long
         task, so a result waits for a slow batch-mate at most a heartbeat tick.
