@@ -40,8 +40,7 @@ class Heartbeat:
                     next_beat = time.monotonic() + self.heartbeat_interval
                     with self._held_lock:
                         held = list(self._held.values())
-                    for d in held:
-                        self.app.broker.extend(d, self.lease)
+                    self.app.engine.extend(held, self.lease)
                     if alive < reported_alive and not self._stopping.is_set():
                         log.error("worker %s: %d of %d executor thread(s) died", self.name, self.concurrency - alive, self.concurrency)
                     reported_alive = alive
