@@ -123,7 +123,7 @@ class SplitEngine:
         self.broker = broker
         self.backend = backend
         self.store_errors: tuple[type[BaseException], ...] = tuple(dict.fromkeys(
-            (ConnectionError, TimeoutError, *getattr(broker, "store_errors", ()), *getattr(backend, "store_errors", ()))))
+            (ConnectionError, TimeoutError, *broker.store_errors, *backend.store_errors)))
 
     # -- sending ------------------------------------------------------------------------------
     def send(self, records: Sequence[dict], outgoing: Sequence[Outgoing]) -> None:
