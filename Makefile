@@ -1,6 +1,6 @@
 # make demo  - the machinery example on the embedded SQLite default (no server needed)
-# make test  - the whole test suite, against real Redis and RabbitMQ on 127.0.0.1; the test session
-#             starts moto's SQS server and memcached itself, each on a free 127.0.0.1 port
+# make test  - the whole test suite, against real Redis and RabbitMQ on 127.0.0.1, in TEST_WORKERS (4) pytest-xdist
+#             processes; each process starts moto's SQS server and memcached itself, each on a free 127.0.0.1 port
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -28,9 +28,13 @@ browser:
 memcached:
 	command -v memcached >/dev/null || test -x /usr/bin/memcached || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q memcached)
 
+# The suite mostly waits (servers, leases, child processes), so it runs in more worker processes
+# (pytest-xdist) than the machine has cores; tests that must not overlap share an xdist_group.
+TEST_WORKERS ?= 4
+
 test: $(STAMP) services browser memcached
 	$(PY) -m mypy
-	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 bench: $(STAMP) services memcached
 	$(PY) -m pip install --quiet -e '.[test,bench]'

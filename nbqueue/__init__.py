@@ -6,8 +6,9 @@ build group/chain/chord workflows. The default needs no server: an SQLite file.
 """
 from . import states
 from .app import App
-from .errors import (BrokerError, CodeNotAllowed, ConfigurationError, ConnectionLost, DeadlockError, MessageError, NbqueueError,
-                     NotRegistered, PublishRefused, ResultNotFound, Retry, SerializationError, SignatureError, SoftTimeLimitExceeded,
+from .errors import (BrokerError, CodeNotAllowed, ConfigurationError, ConnectionLost, DeadlockError, MessageError,
+                     NbqueueError, NotRegistered, PayloadCorrupt, PayloadError, PayloadMissing, PayloadTooLarge,
+                     PublishRefused, ResultNotFound, Retry, SerializationError, SignatureError, SoftTimeLimitExceeded,
                      TaskFailed, TaskRevoked, TimeLimitExceeded, UnsupportedOperation, WorkerLostError)
 from .result import AsyncResult, ChainResult, ChordResult, GroupResult
 from .retry import Backoff
@@ -23,6 +24,7 @@ __all__ = [
     "MessageError", "NotRegistered", "TaskFailed", "TaskRevoked", "SignatureError", "UnsupportedOperation", "ResultNotFound",
     "DeadlockError", "progress", "export_notebook",
     "CodeNotAllowed", "WorkerLostError", "TimeLimitExceeded", "SoftTimeLimitExceeded",
+    "PayloadError", "PayloadMissing", "PayloadCorrupt", "PayloadTooLarge",
 ]
 
 

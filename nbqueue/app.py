@@ -20,10 +20,10 @@ import time
 from typing import Any, Callable, Iterable, Mapping
 
 from . import config as _config
-from . import serialization, shipping, states, tracing
+from . import payloads, serialization, shipping, states, tracing
+from .broker import Outgoing
 from .drivers import DEFAULT_URL, backend_from_url, broker_from_url, driver_for
 from .engine import engine_for
-from .broker import Outgoing
 from .clock import SYSTEM
 from .result import AsyncResult
 from .signature import Signature, encode_body
@@ -59,6 +59,7 @@ class App:
         #: the broker and result backend, and how they work together (see nbqueue.engine)
         self.engine = engine_for(broker_from_url(self.broker_url, clock=self.clock, options=store_options),
                                  backend_from_url(self.backend_url, clock=self.clock, options=store_options))
+        payloads.attach(self)       # large values out of band: the payload store (nbqueue/payloads.py)
         self._workers: list = []
         self._schedules = None
         self._lock = threading.Lock()
@@ -130,6 +131,11 @@ class App:
     # -- sending ------------------------------------------------------------------------
     def prepare(self, sig: Signature, *, group_id: str | None = None, parent_id: str | None = None, meta: dict | None = None) -> tuple[dict, dict, Outgoing]:
         """Encode a signature: (message, PENDING record, Outgoing). Raises SerializationError."""
+        with payloads.sending(self):        # values out of band: packed once, held until linked to the task
+            return self._prepare(sig, group_id=group_id, parent_id=parent_id, meta=meta)
+
+    def _prepare(self, sig: Signature, *, group_id: str | None, parent_id: str | None,
+                 meta: dict | None) -> tuple[dict, dict, Outgoing]:
         task = self.registry.get(sig.name)
         now = self.clock.time()
         message = sig.to_message(self.serializer, default_queue=self.default_queue, fn=task.fn if task else None, now=now)
@@ -143,7 +149,9 @@ class App:
             "queue": message["queue"], "group_id": message.get("group_id"), "parent_id": parent_id, "created_at": now,
             "meta": serialization.dumps(meta) if meta else None,
         }
-        return message, record, self.outgoing(message)
+        out = self.outgoing(message)
+        payloads.track(self, message["id"], out.body)      # the payloads the message references live with its record
+        return message, record, out
 
     @staticmethod
     def outgoing(message: dict) -> Outgoing:
@@ -177,7 +185,8 @@ class App:
         """Send many independent tasks in one write (faster than a loop of send_task)."""
         sigs = list(signatures)
         with tracing.sending(sigs[0].name if len({s.name for s in sigs}) == 1 else "many", len(sigs)):
-            prepared = [self.prepare(s) for s in sigs]
+            with payloads.sending(self):        # an object sent to many tasks is packed and stored once
+                prepared = [self.prepare(s) for s in sigs]
             self.publish([p[1] for p in prepared], [p[2] for p in prepared])
         return [AsyncResult(p[2].id, self, name=s.name) for s, p in zip(sigs, prepared)]
 
@@ -379,7 +388,14 @@ class App:
         return workers
 
     def purge(self, queue: str | None = None) -> int:
-        return self.broker.purge(queue or self.default_queue)
+        since = self.clock.time()
+        purged = self.broker.purge(queue or self.default_queue)
+        try:        # the payloads only the purged messages needed
+            payloads.after_purge(self, queue or self.default_queue, since)
+        except Exception:
+            log.warning("purge: could not release the payloads of the purged tasks "
+                        "(the sweep keeps them with their records)", exc_info=True)
+        return purged
 
     def close(self) -> None:
         """Stop this App's workers and scheduler, and close its connections."""

@@ -21,6 +21,11 @@ Codecs:
   (serialization.py sends their items as JSON).
 - ``pickle``: protocol 5, only for an App created with ``serializer="pickle"``.
 
+Compression (``compression="zstd"`` or ``"lz4"``, the App's ``payload_compression``):
+``arrow`` blobs use Arrow IPC's own buffer compression (the reader decompresses by
+itself); ``npy`` and ``pickle`` bytes are compressed whole with pyarrow's codec, and
+their info says so (``compression``, ``raw_size``), which ``unpack`` needs.
+
 Decoding an ``arrow`` or ``npy`` blob runs no code of the sender's: Arrow's pandas
 metadata names dtypes, it does not import anything.
 """
@@ -38,19 +43,29 @@ _COLUMNS = b"nbqueue.columns"       # schema metadata: the column labels, an ind
 _INDEX_FIELD = "__index_level_{}__"  # pyarrow's name for an unnamed index level stored as a column
 
 
+#: codecs ``compression`` may name (both ship with pyarrow)
+COMPRESSIONS = ("zstd", "lz4")
+
+
 @dataclasses.dataclass(frozen=True)
 class Blob:
     codec: str              # "arrow", "npy" or "pickle"
-    data: bytes
-    info: dict = dataclasses.field(default_factory=dict)   # small and JSON-ready: type, shape (not needed to decode)
+    data: Any               # bytes-like: bytes, or a pyarrow Buffer (no copy of a large IPC stream)
+    info: dict = dataclasses.field(default_factory=dict)   # small and JSON-ready: type, shape; compression, raw_size
+
+    @property
+    def size(self) -> int:
+        """Length of ``data`` in bytes."""
+        return memoryview(self.data).nbytes
 
 
 class Unrepresentable(Exception):
     """The value cannot be carried exactly by its codec; the text says why (the caller names the value)."""
 
 
-def pack(obj: Any) -> Blob:
-    """A DataFrame, Series, Index, pandas extension array or numpy array as a Blob.
+def pack(obj: Any, compression: str | None = None) -> Blob:
+    """A DataFrame, Series, Index, pandas extension array or numpy array as a Blob,
+    compressed with ``compression`` (one of COMPRESSIONS) when given.
 
     Raises Unrepresentable (naming the column) when the value would not come back equal
     and of the same dtypes, TypeError for other types.
@@ -58,11 +73,12 @@ def pack(obj: Any) -> Blob:
     import numpy as np
 
     if type(obj) is np.ndarray:
-        return Blob("npy", _npy_pack(obj), {"type": "ndarray", "dtype": str(obj.dtype), "shape": list(obj.shape)})
-    return _arrow_pack(obj)
+        info = {"type": "ndarray", "dtype": str(obj.dtype), "shape": list(obj.shape)}
+        return _compressed(Blob("npy", _npy_pack(obj), info), compression)
+    return _arrow_pack(obj, compression)
 
 
-def pack_pickle(obj: Any, where: str = "value") -> Blob:
+def pack_pickle(obj: Any, where: str = "value", compression: str | None = None) -> Blob:
     """Pickle protocol 5 (the opt-in serializer); raises SerializationError naming ``where``."""
     import pickle
 
@@ -70,11 +86,14 @@ def pack_pickle(obj: Any, where: str = "value") -> Blob:
         data = pickle.dumps(obj, protocol=5)
     except Exception as exc:  # pickling errors come in many types
         raise SerializationError(f"{where} cannot be pickled: {exc}") from exc
-    return Blob("pickle", data, {"type": f"{type(obj).__module__}.{type(obj).__qualname__}"})
+    return _compressed(Blob("pickle", data, {"type": f"{type(obj).__module__}.{type(obj).__qualname__}"}), compression)
 
 
-def unpack(codec: str, data: bytes) -> Any:
-    """Inverse of pack and pack_pickle (callers check that pickle was opted in)."""
+def unpack(codec: str, data: Any, info: dict | None = None) -> Any:
+    """Inverse of pack and pack_pickle (callers check that pickle was opted in). ``data`` is
+    bytes-like; ``info`` is the blob's info when it may say ``compression``."""
+    if info and info.get("compression") and codec != "arrow":
+        data = _decompressed(data, info)
     if codec == "arrow":
         return _arrow_unpack(data)
     if codec == "npy":
@@ -84,6 +103,25 @@ def unpack(codec: str, data: bytes) -> Any:
 
         return pickle.loads(data)
     raise SerializationError(f"unknown binary codec {codec!r} (written by a newer nbqueue?)")
+
+
+def _compressed(blob: Blob, compression: str | None) -> Blob:
+    """``blob`` with its bytes compressed whole (npy, pickle); the info says how to undo it."""
+    if not compression:
+        return blob
+    import pyarrow as pa
+
+    data = pa.compress(blob.data, codec=compression, asbytes=False)
+    return Blob(blob.codec, data, {**blob.info, "compression": compression, "raw_size": blob.size})
+
+
+def _decompressed(data: Any, info: dict):
+    import pyarrow as pa
+
+    codec, size = info["compression"], info.get("raw_size")
+    if codec not in COMPRESSIONS or not isinstance(size, int) or size < 0:
+        raise SerializationError(f"a blob compressed with {codec!r} (raw size {size!r}) that nbqueue cannot read")
+    return pa.decompress(data, decompressed_size=size, codec=codec, asbytes=False)
 
 
 # -- numpy -------------------------------------------------------------------------------------------
@@ -244,7 +282,9 @@ def _table(frame, meta: dict, *, index_label: str = "index", series: bool = Fals
     return table
 
 
-def _ipc(table, meta: dict, extra: dict | None = None) -> bytes:
+def _ipc(table, meta: dict, extra: dict | None = None, compression: str | None = None, as_bytes: bool = True):
+    """The IPC stream of ``table`` with nbqueue's metadata: bytes, or (``as_bytes=False``) the
+    pyarrow Buffer it was written to, which spares a copy of a large stream."""
     import pyarrow as pa
 
     from . import serialization
@@ -253,14 +293,27 @@ def _ipc(table, meta: dict, extra: dict | None = None) -> bytes:
     metadata[_META] = serialization.dumps(meta).encode()
     metadata.update(extra or {})
     table = table.replace_schema_metadata(metadata)
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        if table.num_rows or not table.num_columns:
-            writer.write_table(table)
-        else:   # an empty batch all the same: it carries the categories of an empty categorical
-            writer.write_batch(pa.record_batch([c.chunk(0) if c.num_chunks else pa.array([], c.type) for c in table.columns],
-                                               schema=table.schema))
-    return sink.getvalue().to_pybytes()
+    options = pa.ipc.IpcWriteOptions(compression=compression) if compression else None
+
+    def write(sink) -> None:
+        with pa.ipc.new_stream(sink, table.schema, options=options) as writer:
+            if table.num_rows or not table.num_columns:
+                writer.write_table(table)
+            else:   # an empty batch all the same: it carries the categories of an empty categorical
+                columns = [c.chunk(0) if c.num_chunks else pa.array([], c.type) for c in table.columns]
+                writer.write_batch(pa.record_batch(columns, schema=table.schema))
+
+    if as_bytes or compression:
+        sink = pa.BufferOutputStream()
+        write(sink)
+        return sink.getvalue().to_pybytes() if as_bytes else sink.getvalue()
+    # measured first, then written into a buffer of that size: a growing buffer would copy itself
+    # as it doubles, and hold twice the stream at its peak
+    mock = pa.MockOutputStream()
+    write(mock)
+    buffer = pa.allocate_buffer(mock.size())
+    write(pa.FixedSizeBufferWriter(buffer))
+    return buffer
 
 
 def _pack_labels(columns) -> bytes:
@@ -272,7 +325,7 @@ def _pack_labels(columns) -> bytes:
     return _ipc(table, meta)
 
 
-def _arrow_pack(obj: Any) -> Blob:
+def _arrow_pack(obj: Any, compression: str | None = None) -> Blob:
     import pandas as pd
 
     meta: dict[str, Any] = {}
@@ -297,7 +350,7 @@ def _arrow_pack(obj: Any) -> Blob:
                    series=meta["kind"] in ("series", "array"))
     extra = {_COLUMNS: _pack_labels(frame.columns)} if meta["kind"] == "frame" else {}   # a Series' label is its name
     info = {"type": type(obj).__name__, "shape": list(getattr(obj, "shape", ()))}
-    return Blob("arrow", _ipc(table, meta, extra), info)
+    return Blob("arrow", _ipc(table, meta, extra, compression, as_bytes=False), info)
 
 
 def _read(data: bytes):
@@ -422,4 +475,4 @@ def _restored_index(index, meta: dict, table):
     return index.set_names(names if names is not None else [None] * index.nlevels)
 
 
-__all__ = ["Blob", "Unrepresentable", "pack", "pack_pickle", "unpack"]
+__all__ = ["Blob", "COMPRESSIONS", "Unrepresentable", "pack", "pack_pickle", "unpack"]

@@ -22,6 +22,12 @@ DEFAULTS: dict[str, Any] = {
     "clock": None,
     "key_prefix": "nbq",
     "max_deliveries": 5,            # deliveries that may end without finishing (worker died) before a dead letter
+    # large values out of band (nbqueue/payloads.py)
+    # payload store URL: None is beside the records; s3://bucket/prefix, file:///dir, ...
+    "payloads": None,
+    "payload_threshold": 1 << 20,   # bytes: binary values packed larger go to the payload store; None keeps all inline
+    "payload_compression": None,    # "zstd" or "lz4": frames through Arrow IPC's compression, arrays and pickles whole
+    "payload_options": None,        # dict: the fsspec filesystem's options (endpoint_url, key, secret, ...)
 }
 
 def store_options() -> frozenset:
@@ -56,6 +62,19 @@ def check_options(options: dict) -> None:
         raise ConfigurationError(f"unknown App option(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
     if options.get("serializer", "json") not in ("json", "pickle"):
         raise ConfigurationError(f"serializer must be 'json' or 'pickle', not {options['serializer']!r}")
+    threshold = options.get("payload_threshold", 0)
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0):
+        raise ConfigurationError("payload_threshold must be a number of bytes (an int, 0 or more) or None, "
+                                 f"not {threshold!r}")
+    if options.get("payload_compression") not in (None, "zstd", "lz4"):
+        raise ConfigurationError("payload_compression must be 'zstd', 'lz4' or None, "
+                                 f"not {options['payload_compression']!r}")
+    if options.get("payloads") is not None and not isinstance(options["payloads"], str):
+        raise ConfigurationError("payloads must be a URL (s3://bucket/prefix, file:///dir, sqlite:///file.db, redis://...), "
+                                 f"not {options['payloads']!r}")
+    if options.get("payload_options") is not None and not isinstance(options["payload_options"], dict):
+        raise ConfigurationError("payload_options must be a dict of the payload filesystem's options, "
+                                 f"not {options['payload_options']!r}")
 
 
 def from_yaml(path: str) -> Config:
@@ -97,7 +116,8 @@ def from_yaml(path: str) -> Config:
 
 def from_env(environ: dict | None = None) -> Config:
     """NBQUEUE_BROKER, NBQUEUE_BACKEND, NBQUEUE_DEFAULT_QUEUE, NBQUEUE_RESULTS_EXPIRE_IN, NBQUEUE_SECRET,
-    NBQUEUE_VISIBILITY_TIMEOUT, NBQUEUE_MAX_DELIVERIES."""
+    NBQUEUE_VISIBILITY_TIMEOUT, NBQUEUE_MAX_DELIVERIES, NBQUEUE_PAYLOADS, NBQUEUE_PAYLOAD_THRESHOLD (bytes, or
+    ``none``), NBQUEUE_PAYLOAD_COMPRESSION."""
     env = os.environ if environ is None else environ
     options: dict[str, Any] = {}
     if env.get("NBQUEUE_RESULTS_EXPIRE_IN"):
@@ -108,6 +128,17 @@ def from_env(environ: dict | None = None) -> Config:
         options["secret"] = env["NBQUEUE_SECRET"]
     if env.get("NBQUEUE_MAX_DELIVERIES"):
         options["max_deliveries"] = env["NBQUEUE_MAX_DELIVERIES"]
+    if env.get("NBQUEUE_PAYLOADS"):
+        options["payloads"] = env["NBQUEUE_PAYLOADS"]
+    if env.get("NBQUEUE_PAYLOAD_THRESHOLD"):
+        text = env["NBQUEUE_PAYLOAD_THRESHOLD"].strip()
+        try:
+            options["payload_threshold"] = None if text.lower() == "none" else int(text)
+        except ValueError:
+            raise ConfigurationError(f"NBQUEUE_PAYLOAD_THRESHOLD must be a number of bytes or 'none', "
+                                     f"not {text!r}") from None
+    if env.get("NBQUEUE_PAYLOAD_COMPRESSION"):
+        options["payload_compression"] = env["NBQUEUE_PAYLOAD_COMPRESSION"]
     return Config(
         broker=env.get("NBQUEUE_BROKER") or None,
         backend=env.get("NBQUEUE_BACKEND") or None,

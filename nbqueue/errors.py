@@ -122,3 +122,21 @@ class TimeLimitExceeded(NbqueueError):
 class SoftTimeLimitExceeded(NbqueueError):
     """Raised inside a task running in a child process when its ``soft_time_limit`` passes
     (delivered by a signal to the child's main thread), so the task can clean up."""
+
+
+class PayloadError(NbqueueError):
+    """A value stored out of band (a payload, see nbqueue.payloads) cannot be written or read."""
+
+
+class PayloadMissing(PayloadError):
+    """A message or result refers to a payload its payload store does not hold (deleted by
+    hand, or removed with the records that referenced it); the message names the payload."""
+
+
+class PayloadCorrupt(PayloadError):
+    """A payload's bytes do not match its SHA-256 (truncated or corrupted); it is not decoded."""
+
+
+class PayloadTooLarge(SerializationError, PayloadError):
+    """A value is larger than this App's payload store can hold (or the App has none); refused
+    at send, naming the argument and saying how to configure a payload store."""

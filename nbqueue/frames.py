@@ -5,7 +5,8 @@ Column types do not depend on the rows (nor on the pandas version's string infer
 ``worker`` are ``object`` columns holding the values as they are (a result of 42 is the
 int 42 whatever the other rows hold) with ``None`` where there is none; ``retries`` is
 int64; ``created``, ``started`` and ``finished`` are datetime64[ns, UTC] (NaT when not
-yet); ``runtime`` is float64 seconds (NaN when not finished).
+yet); ``runtime`` is float64 seconds (NaN when not finished). Values stored out of band
+(payloads.py) are not read: they show as their ``PayloadRef`` (``DataFrame 1,000,000×5, 44 MB``).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def _decode(app, text):
     if text is None:
         return None
     try:
-        return app.serializer.decode(serialization.loads(text))
+        return app.serializer.decode(serialization.loads(text), lazy=True)
     except Exception:  # a record written by a newer or pickle-enabled App: show the raw text
         return text
 

@@ -21,7 +21,7 @@ import logging
 import time
 from typing import Any, Callable, Iterator
 
-from . import serialization, states
+from . import payloads, serialization, states
 from .errors import DeadlockError, TaskFailed, TaskRevoked
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 NOTICE_AFTER = 3.0
 #: states of a task that still needs a worker thread to run it
 _NOT_STARTED = (states.PENDING, states.RETRY)
+
+
+_UNREAD = object()
 
 
 def failure_from_record(record: dict) -> TaskFailed:
@@ -57,6 +60,7 @@ class AsyncResult:
         self._sent_at_version: int | None = None
         #: results of the on_success/on_error callbacks sent with this task (the one that runs finishes)
         self.callbacks: list[AsyncResult] = []
+        self._value: Any = _UNREAD       # the decoded value, read once (a frame out of band is loaded once)
 
     # -- reading the record ---------------------------------------------------------------
     def info(self) -> dict:
@@ -91,7 +95,14 @@ class AsyncResult:
     def result(self) -> Any:
         """The value if it succeeded, else None (no waiting)."""
         record = self.info()
-        return value_from_record(self.app, record) if record.get("state") == states.SUCCESS else None
+        return self._value_of(record) if record.get("state") == states.SUCCESS else None
+
+    def _value_of(self, record: dict) -> Any:
+        if self._final is None:
+            return value_from_record(self.app, record)
+        if self._value is _UNREAD:
+            self._value = value_from_record(self.app, self._final)
+        return self._value
 
     @property
     def error(self) -> str | None:
@@ -145,7 +156,7 @@ class AsyncResult:
                 raise TimeoutError(f"task {self.name or ''} {self.id} not ready after {timeout}s (state {state})"
                                    + (f": {problem}" if problem else ""))
         if record["state"] == states.SUCCESS:
-            return value_from_record(self.app, record)
+            return self._value_of(record)
         raise failure_from_record(record)
 
     def _wait_record(self, timeout: float | None, between: Callable[[float], None] | None = None) -> dict | None:
@@ -168,7 +179,9 @@ class AsyncResult:
 
     def forget(self) -> None:
         self.app.backend.forget([self.id])
+        payloads.release(self.app, [self.id])      # the payloads only this record referenced go with it
         self._final = None
+        self._value = _UNREAD
 
     def progress(self) -> dict:
         return self.app.backend.progress([self.id])

@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterator
 
 from croniter import croniter
 
+from . import payloads
 from .errors import ConfigurationError
 from .signature import Signature
 from .task import Task, task_name
@@ -297,7 +298,9 @@ def _check_target(app, target: Any) -> Any:
     for sig in _signatures(target):
         # fail in the cell that registers, not later in the scheduler thread
         task = app.registry.get(sig.name)
-        sig.replace(id=None).to_message(app.serializer, default_queue=app.default_queue, fn=task.fn if task else None)
+        with payloads.sending(app):     # a check only: what it stored out of band goes again at once
+            sig.replace(id=None).to_message(app.serializer, default_queue=app.default_queue,
+                                            fn=task.fn if task else None)
     return target
 
 

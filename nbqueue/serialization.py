@@ -7,7 +7,11 @@ dict with non-string keys, bytes, bytearray, memoryview, datetime/date/time (wit
 ``zoneinfo.ZoneInfo`` or ``datetime.timezone`` and fold), timedelta, Decimal, UUID,
 Fraction, complex, numpy scalars and arrays, pandas Timestamp, Timedelta, NaT, NA, and
 DataFrame, Series, Index and extension arrays (Arrow IPC, see blobs.py). Binary values
-ride inside the JSON as base64 (``{"__nbq__": "blob", "v": {"codec", "b64", ...}}``).
+ride inside the JSON as base64 (``{"__nbq__": "blob", "v": {"codec", "b64", ...}}``), or,
+through an App's ``Serializer`` when their bytes are larger than its ``payload_threshold``,
+in its payload store, referenced by content hash (``{"__nbq__": "ref", "v": {"key", ...}}``,
+see payloads.py); ``Serializer.decode(..., lazy=True)`` gives a reference as a
+``payloads.PayloadRef`` (its summary) instead of reading it.
 
 Refused with a SerializationError naming where the value sits (``where`` plus the path
 inside it): any other type, a subclass of a supported type (it would arrive as its
@@ -18,6 +22,7 @@ every store reads that deep). Decoding runs no code but for an opted-in pickle.
 from __future__ import annotations
 
 import base64
+import contextvars
 import datetime as _dt
 import decimal
 import fractions
@@ -27,9 +32,14 @@ import uuid
 import zoneinfo
 from typing import Any
 
-from .errors import SerializationError
+from .errors import PayloadTooLarge, SerializationError
 
 TAG = "__nbq__"
+
+#: (Plane, owner) while an App's Serializer encodes: where large binary values go (payloads.py)
+_ENCODING: contextvars.ContextVar = contextvars.ContextVar("nbqueue_encoding", default=None)
+#: (Plane or None, lazy, {key: value}) while a Serializer decodes: how references are read
+_DECODING: contextvars.ContextVar = contextvars.ContextVar("nbqueue_decoding", default=None)
 
 #: Containers (list, dict, tuple, set, ...) may nest this many levels deep; deeper is refused
 #: at send. At this depth the JSON text of a message stays well within what the JSON
@@ -86,7 +96,7 @@ def to_jsonable(obj: Any, where: str = "value") -> Any:
     try:
         return _enc(obj, 0)
     except _Refusal as exc:
-        raise SerializationError(_describe(exc, where)) from None
+        raise (PayloadTooLarge if exc.kind == "too-large" else SerializationError)(_describe(exc, where)) from None
     except RecursionError:   # a caller already deep in its stack; the limits above make this rare
         raise SerializationError(f"{where} is nested too deeply to be encoded here") from None
 
@@ -302,16 +312,47 @@ def _blob_from_json(o: dict, allow_pickle: bool):
     v = o["v"]
     if v["codec"] == "pickle" and not allow_pickle:
         raise SerializationError(_PICKLE_REFUSED)
-    return blobs.unpack(v["codec"], base64.b64decode(v["b64"]))
+    return blobs.unpack(v["codec"], base64.b64decode(v["b64"]), v)
+
+
+def _binary(obj: Any, make) -> dict:
+    """The JSON of a binary value; ``make(compression)`` packs it (a blobs.Blob). Through an
+    App's Serializer, large ones go out of band (payloads.Plane.encode)."""
+    active = _ENCODING.get()
+    if active is None:
+        return _blob_to_json(make(None))
+    plane, owner = active
+    return plane.encode(obj, make, owner, _blob_to_json)
 
 
 def _pack(obj: Any, depth: int) -> dict:
     from . import blobs
 
     try:
-        return _blob_to_json(blobs.pack(obj))
+        return _binary(obj, lambda compression: blobs.pack(obj, compression))
     except blobs.Unrepresentable as exc:
         raise _Refusal(str(exc), obj) from None
+    except PayloadTooLarge as exc:
+        raise _Refusal(str(exc), obj, "too-large") from None
+
+
+def _dec_ref(o: dict, p: bool):
+    """A value stored out of band: read from the payload store once per decode (equal payloads
+    in one value decode to one object), or, decoding lazily, its PayloadRef."""
+    from .payloads import PayloadRef
+
+    plane, lazy, cache = _DECODING.get() or (None, False, None)
+    v = o["v"]
+    if lazy:
+        return PayloadRef(v, plane)
+    if v.get("codec") == "pickle" and not p:
+        raise SerializationError(_PICKLE_REFUSED)
+    if cache is not None and v["key"] in cache:
+        return cache[v["key"]]
+    value = PayloadRef(v, plane).load()
+    if cache is not None:
+        cache[v["key"]] = value
+    return value
 
 
 def _pandas_to_json(obj: Any, depth: int) -> Any:
@@ -509,6 +550,7 @@ _DECODERS = {
     "complex": lambda o, p: complex(from_jsonable(o["v"][0], p), from_jsonable(o["v"][1], p)),
     "fraction": lambda o, p: fractions.Fraction(from_jsonable(o["v"][0], p), from_jsonable(o["v"][1], p)),
     "blob": _blob_from_json,
+    "ref": _dec_ref,
     "ndarray-objects": _dec_ndarray_objects,
     "npscalar": _dec_npscalar,
     "timestamp": _dec_timestamp,
@@ -526,23 +568,54 @@ _DECODERS = {
 
 class Serializer:
     """Encodes task arguments and results. ``pickle=True`` is an explicit opt-in: a value
-    JSON cannot carry exactly is then pickled (protocol 5), and pickles are decoded."""
+    JSON cannot carry exactly is then pickled (protocol 5), and pickles are decoded.
+
+    ``plane`` (a payloads.Plane, set by the App): binary values larger than its threshold
+    are stored in its payload store and referenced (see payloads.py), compressed as it says.
+    """
 
     def __init__(self, pickle: bool = False):
         self.pickle = pickle
+        self.plane = None
 
-    def encode(self, obj: Any, where: str = "value") -> Any:
+    def encode(self, obj: Any, where: str = "value", owner: str | None = None) -> Any:
+        """JSON-ready form of ``obj``; ``owner``: the record id its payloads are linked to (a
+        task's result), else the surrounding send's pin (payloads.sending). Raises
+        SerializationError (PayloadTooLarge for a value too large for the payload store)."""
+        if self.plane is None:
+            return self._encode(obj, where)
+        token = _ENCODING.set((self.plane, owner))
+        try:
+            return self._encode(obj, where)
+        finally:
+            _ENCODING.reset(token)
+
+    def _encode(self, obj: Any, where: str) -> Any:
         try:
             return to_jsonable(obj, where)
+        except PayloadTooLarge:
+            raise
         except SerializationError:
             if not self.pickle:
                 raise
         from . import blobs
 
-        return _blob_to_json(blobs.pack_pickle(obj, where))
+        try:
+            return _binary(obj, lambda compression: blobs.pack_pickle(obj, where, compression))
+        except PayloadTooLarge as exc:
+            raise PayloadTooLarge(f"{where} {exc}") from None
 
-    def decode(self, obj: Any) -> Any:
-        return from_jsonable(obj, self.pickle)
+    def decode(self, obj: Any, lazy: bool = False) -> Any:
+        """Inverse of encode. Values stored out of band are read from the payload store (hash
+        checked; PayloadMissing, PayloadCorrupt), or with ``lazy=True`` left as
+        payloads.PayloadRef (a summary, and a DataFrame's first rows) without any read."""
+        if self.plane is None and not lazy:
+            return from_jsonable(obj, self.pickle)
+        token = _DECODING.set((self.plane, lazy, {}))
+        try:
+            return from_jsonable(obj, self.pickle)
+        finally:
+            _DECODING.reset(token)
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)

@@ -3,7 +3,9 @@
 A function defined in a notebook lives in the kernel's ``__main__``: no other process
 can import it by name. cloudpickle pickles such a function *by value* (its code, its
 closure, the globals it reads, other notebook functions and classes it calls) and any
-importable function *by reference* (module and name). Two users of this module:
+importable function *by reference* (module and name; also a module function whose name
+the module binds to its Task, as ``@app.task`` does: the child imports the module, and so
+has the module's App to read results or send tasks with). Two users of this module:
 
 - **The process pool** (``pool.py``) ships every task function to its children this way,
   keyed by the SHA-256 of the pickle: a child unpickles a key once and keeps it; a
@@ -104,6 +106,42 @@ def _by_reference(fn: Any) -> bool:
         return False
 
 
+class _ImportedAs:
+    """A module function that its module binds to a wrapper (``@app.task`` binds the name to
+    a Task): pickled as the module and name, so the process that loads it imports the module
+    (and the App it makes) rather than receiving the function's globals by value."""
+
+    def __init__(self, module: str, qualname: str):
+        self.module, self.qualname = module, qualname
+
+    def __reduce__(self):
+        return _imported_function, (self.module, self.qualname)
+
+
+def _imported_function(module: str, qualname: str) -> Callable:
+    """The function ``module.qualname`` wraps (a Task's ``fn``, a decorator's ``__wrapped__``), imported."""
+    import importlib
+
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    inner = getattr(obj, "fn", None)
+    return inner if callable(inner) else getattr(obj, "__wrapped__", obj)
+
+
+def _wrapped_in_module(fn: Any) -> _ImportedAs | None:
+    """An importable module's function whose name there is bound to a wrapper of it, else None."""
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+    if module in (None, "__main__") or "<locals>" in qualname or module not in sys.modules:
+        return None
+    obj: Any = sys.modules[module]
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+    if obj is None or obj is fn or not (getattr(obj, "fn", None) is fn or getattr(obj, "__wrapped__", None) is fn):
+        return None
+    return _ImportedAs(module, qualname)
+
+
 def _code_files(code: types.CodeType, files: dict) -> None:
     files[(code.co_name, code.co_firstlineno)] = code.co_filename
     for const in code.co_consts:
@@ -184,7 +222,7 @@ def pack(fn: Callable) -> Shipped:
     if cacheable:
         with _packed_lock:
             entry = _packed.get(fn)
-        by_value = entry[0].by_value if entry is not None else not _by_reference(fn)
+        by_value = entry[0].by_value if entry is not None else not (_by_reference(fn) or _wrapped_in_module(fn))
         if by_value:
             _walk(fn, parts, files, set())
         if entry is not None:
@@ -192,10 +230,11 @@ def pack(fn: Callable) -> Shipped:
             if not by_value or (len(old) == len(parts) and all(a is b for a, b in zip(old, parts))):
                 return shipped
     else:
-        by_value = not _by_reference(fn)
+        by_value = not (_by_reference(fn) or _wrapped_in_module(fn))
         if by_value and isinstance(getattr(fn, "__code__", None), types.CodeType):
             _code_files(fn.__code__, files)
-    data = cloudpickle.dumps((fn, _where(files) if by_value else {}), protocol=pickle.HIGHEST_PROTOCOL)
+    target = fn if by_value or _by_reference(fn) else _wrapped_in_module(fn)
+    data = cloudpickle.dumps((target, _where(files) if by_value else {}), protocol=pickle.HIGHEST_PROTOCOL)
     shipped = Shipped(hashlib.sha256(data).hexdigest(), data, by_value)
     if cacheable:
         with _packed_lock:

@@ -37,7 +37,7 @@ import contextvars
 import logging
 from typing import Any, Iterator
 
-from . import serialization, states
+from . import payloads, serialization, states
 from .signature import Signature, new_id
 
 log = logging.getLogger(__name__)
@@ -392,9 +392,13 @@ def _publish_callbacks(app, messages: list[dict], parent_id: str, pub: _Publishe
     if not messages:
         return
     now = app.clock.time()
-    app.backend.create([{"id": m["id"], "name": m["name"], "state": states.PENDING, "args": serialization.dumps(m["args"]),
-                         "kwargs": serialization.dumps(m["kwargs"]), "queue": m.get("queue"), "parent_id": parent_id, "created_at": now}
-                        for m in messages])
+    records = [{"id": m["id"], "name": m["name"], "state": states.PENDING, "args": serialization.dumps(m["args"]),
+                "kwargs": serialization.dumps(m["kwargs"]), "queue": m.get("queue"), "parent_id": parent_id,
+                "created_at": now}
+               for m in messages]
+    app.backend.create(records)
+    for r in records:       # a callback's arguments (the parent's result among them) live with its record too
+        payloads.track(app, r["id"], r["args"], r["kwargs"])
     for m in messages:
         pub.task(m)
 
@@ -501,6 +505,7 @@ def _group_complete(app, gid: str, pub: _Publisher) -> None:
     values = [serialization.loads(r["result"]) for r in records]
     _apply(app, info["meta"].get("then") or [], values, pub)
     text = serialization.dumps(values)
+    payloads.track(app, gid, text)      # the group's record holds its members' values, payloads too
     pub.after.append(lambda: app.backend.store_result(gid, states.SUCCESS, result=text))
 
 
@@ -565,7 +570,8 @@ def send(app, item: Any, *, concurrency: int = 0):
     if not isinstance(item, (group, chain, chord)):
         raise TypeError(f"cannot send a {type(item).__name__}: expected a Signature, group, chain or chord")
     build = _Build(app, concurrency=concurrency)
-    node = build.node(item)
+    with payloads.sending(app):         # an object sent to many tasks is packed and stored once
+        node = build.node(item)
     _keep_graph(build.records, node)
     with app.transaction():
         app.backend.create(build.records)

@@ -34,6 +34,26 @@ BROKER_KINDS = ["sqlite", "memory", "redis", "amqp", "sqs"]
 BACKEND_KINDS = ["sqlite", "memory", "redis", "memcache", "amqp"]
 
 
+def pytest_configure(config):
+    """In a pytest-xdist worker, ``__main__`` is execnet's bootstrap (``python -c``, no file):
+    nbqueue would take the process for an interactive one (``shipping.interactive``) and its
+    workers would read notebook code queues too. Tests expect a script's ``__main__``, as
+    ``python -m pytest`` gives them; tests of the interactive case install IPython's own."""
+    if hasattr(config, "workerinput"):
+        import sys
+
+        main = sys.modules["__main__"]
+        if not getattr(main, "__file__", None):
+            main.__file__ = os.path.join(os.path.dirname(pytest.__file__), "__main__.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Under pytest-xdist, tests marked ``slow`` first (a stable sort: the same order in every
+    worker), so the long ones start early and the run does not end on one of them."""
+    if hasattr(config, "workerinput"):
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Stop the servers this session started (moto, memcached); never one it did not start."""
     import servers
@@ -337,12 +357,13 @@ def app_kind(request):
     return request.param
 
 
-@pytest.fixture
-def app_factory(app_kind, tmp_path, qname):
-    """``app_factory(**options)``: Apps on one fresh store of this kind; workers stopped after the test."""
+def app_maker(broker: str, backend: str | None, qname, kind: str):
+    """A fixture body: yields ``make(**options)``, Apps on these URLs (``default_queue`` the
+    test's own unless given). After the test: their workers stopped, the test's queues
+    deleted where queues outlive the App (RabbitMQ, SQS; a RabbitMQ result backend's too),
+    the Apps closed. ``make.kind`` is ``kind``; ``make.broker_url``, ``make.backend_url``."""
     import nbqueue
 
-    broker, backend = app_urls(app_kind, tmp_path)
     queue = qname("default")
     made = []
 
@@ -352,19 +373,27 @@ def app_factory(app_kind, tmp_path, qname):
         made.append(app)
         return app
 
-    make.kind = app_kind
+    make.kind = kind
     make.broker_url, make.backend_url = broker, backend
     yield make
     for app in made:
         for worker in list(app.workers):
             worker.stop(wait=True, timeout=10)
-    if app_kind in ("amqp", "sqs") and made:
+    if made and urlsplit(broker).scheme in ("amqp", "sqs"):
         made[0].broker.delete_queues(qname.made)
+        if hasattr(made[0].backend, "delete_queues"):
+            made[0].backend.delete_queues()         # every queue of its key prefix
     for app in made:
         try:
             app.close()
         except Exception:
             pass
+
+
+@pytest.fixture
+def app_factory(app_kind, tmp_path, qname):
+    """``app_factory(**options)``: Apps on one fresh store of this kind; workers stopped after the test."""
+    yield from app_maker(*app_urls(app_kind, tmp_path), qname, app_kind)
 
 
 @pytest.fixture

@@ -65,27 +65,33 @@ class LocalServer:
             if not listening(*self.address):
                 self.error = f"{self.name} given by {self.env_var}={given} is not reachable"
             return
-        port = free_port()
-        argv = self.command(port)
-        if argv is None:
-            self.error = f"{self.name} is not installed (see the Makefile: make services)"
-            return
+        for _ in range(3):          # a free port may be taken by another process before the server binds it
+            port = free_port()
+            argv = self.command(port)
+            if argv is None:
+                self.error = f"{self.name} is not installed (see the Makefile: make services)"
+                return
+            if self._launch(argv, port):
+                self.address, self.error = ("127.0.0.1", port), None
+                return
+            self.stop()
+            with open(self.log_path, errors="replace") as fh:
+                tail = fh.read()[-2000:]
+            self.error = f"{self.name} did not start on 127.0.0.1:{port}: {tail}"
+
+    def _launch(self, argv: list[str], port: int) -> bool:
+        """Start ``argv``; True once it listens on ``port``, False if it exits or takes 60 s."""
         fd, self.log_path = tempfile.mkstemp(prefix=f"nbqueue-{self.name.split()[0].lower()}-", suffix=".log")
         self.proc = subprocess.Popen(argv, stdout=fd, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         os.close(fd)
         atexit.register(self.stop)
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if listening("127.0.0.1", port):
-                self.address = ("127.0.0.1", port)
-                return
-            if self.proc.poll() is not None:
-                break
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            # what listens is ours only while ours runs (another process may hold the port)
+            if listening("127.0.0.1", port) and self.proc.poll() is None:
+                return True
             time.sleep(0.1)
-        self.stop()
-        with open(self.log_path, errors="replace") as fh:
-            tail = fh.read()[-2000:]
-        self.error = f"{self.name} did not start on 127.0.0.1:{port}: {tail}"
+        return False
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None

@@ -64,6 +64,7 @@ def settled(app) -> bool:
 # -- a task that kills its worker: bounded redelivery -----------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("app_kind", ["sqlite", "redis", "amqp", "sqs"])
 def test_task_that_kills_its_worker_process_is_dead_lettered_after_five_deliveries_and_its_batch_mates_run(app_factory, workers):
     app = app_factory(visibility_timeout=1)

@@ -365,6 +365,7 @@ def test_a_batch_holding_one_task_id_twice_runs_it_once(app_factory):
 # -- 19: exact counters -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_worker_with_two_threads_counts_5000_tasks_exactly(app_factory):
     app = app_factory()
     app.register_task("noop", lambda i: i)
@@ -473,6 +474,7 @@ def start_cli_worker(app, tmp_path: Path, *args: str) -> tuple[subprocess.Popen,
     return proc, log
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("app_kind", ["sqlite", "redis"])
 def test_cli_worker_records_a_base_exception_and_counts_5000_tasks_exactly(app_factory, tmp_path):
     app = app_factory()

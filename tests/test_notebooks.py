@@ -355,8 +355,9 @@ def test_after_a_kernel_restart_results_remain_and_a_running_task_is_delivered_a
 
 # -- Binder ----------------------------------------------------------------------------------------------------
 
-def test_binder_requirements_install_into_a_fresh_venv_and_run_the_quickstart(tmp_path):
+def test_binder_requirements_install_into_a_fresh_venv_and_run_the_quickstart(tmp_path, monkeypatch):
     """binder/requirements.txt and postBuild, as repo2docker runs them, then 01 in a kernel of that venv."""
+    monkeypatch.delenv("PYTHONPATH", raising=False)     # the venv's processes import its own nbqueue only
     from jupyter_client.kernelspec import KernelSpecManager
     from jupyter_client.manager import KernelManager
 

@@ -422,6 +422,47 @@ def test_worker_rejects_an_unknown_pool():
         app.worker(pool="fork")
 
 
+MODULE_TASKS = """
+import os
+import nbqueue
+
+app = nbqueue.App(os.environ["NBQ_POOL_MODULE_URL"], default_queue=os.environ["NBQ_POOL_MODULE_QUEUE"])
+
+@app.task(name="plus")
+def plus(x):
+    return x + 1
+
+@app.task(name="uses_its_app")
+def uses_its_app(x):
+    return [app.default_queue, plus.delay(x).id, os.getpid()]
+"""
+
+
+def test_a_module_task_that_uses_its_app_runs_in_a_child_which_imports_the_module(tmp_path, monkeypatch):
+    """``@app.task`` binds the module's name to the Task, so the function is not pickled by
+    reference by cloudpickle's own rule; by value it would take the App along (which cannot be
+    pickled). It is shipped by module and name, and the child gets the module's App."""
+    queue = f"mod-{uuid.uuid4().hex[:6]}"
+    monkeypatch.setenv("NBQ_POOL_MODULE_URL", f"sqlite:///{tmp_path}/q.db")
+    monkeypatch.setenv("NBQ_POOL_MODULE_QUEUE", queue)
+    module = f"pool_module_tasks_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{module}.py").write_text(MODULE_TASKS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    tasks = importlib.import_module(module)
+    shipped = shipping.pack(tasks.uses_its_app.fn)
+    assert not shipped.by_value and len(shipped.data) < 500
+    try:
+        worker = tasks.app.start_worker(pool="processes", concurrency=2)
+        used_queue, sent, child = tasks.uses_its_app.delay(1).get(timeout=60)
+        assert used_queue == queue and child in worker.pool.pids()
+        assert tasks.app.result(sent).get(timeout=60) == 2          # sent from the child through its own App
+    finally:
+        tasks.app.close()
+        sys.modules.pop(module, None)
+
+
 # -- shipped code in messages: routing, refusal, signatures ------------------------------------------------
 
 class _Evil:

@@ -192,6 +192,7 @@ def test_sqlite_file_is_in_wal_mode_with_a_busy_timeout(tmp_path):
         app.close()
 
 
+@pytest.mark.slow
 def test_four_worker_processes_of_four_threads_run_5000_tasks_exactly_once(tmp_path, workers):
     app = sqlite_app(tmp_path)
     try:

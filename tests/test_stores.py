@@ -21,7 +21,7 @@ from nbqueue.broker import Outgoing
 from nbqueue.errors import ConfigurationError, PublishRefused, SerializationError, TaskFailed, UnsupportedOperation
 from nbqueue.testing import wait_for
 
-from conftest import AMQP_URL, require_server, session_server_url
+from conftest import AMQP_URL, app_maker, require_server, session_server_url
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -45,27 +45,7 @@ def combo(request):
 @pytest.fixture
 def store_app(combo, tmp_path, qname):
     """``store_app(**options)``: Apps on one broker/backend pair of this combo; tidied after the test."""
-    broker, backend = combo_urls(combo, tmp_path)
-    queue = qname("default")
-    made = []
-
-    def make(**options):
-        options.setdefault("default_queue", queue)
-        app = nbqueue.App(broker, backend, **options)
-        made.append(app)
-        return app
-
-    make.broker_url, make.backend_url, make.combo = broker, backend, combo
-    yield make
-    for app in made:
-        for worker in list(app.workers):
-            worker.stop(wait=True, timeout=10)
-    if made:
-        made[0].broker.delete_queues(qname.made)
-        if hasattr(made[0].backend, "delete_queues"):
-            made[0].backend.delete_queues()
-    for app in made:
-        app.close()
+    yield from app_maker(*combo_urls(combo, tmp_path), qname, combo)
 
 
 def register(app):
@@ -295,9 +275,10 @@ def test_sqs_queue_made_elsewhere_dead_letters_into_its_own_redrive_target(sqs, 
 def test_sqs_delay_beyond_the_native_maximum_hops_and_is_never_early(sqs, qname):
     broker, q = sqs(), qname("long")
     broker.max_delay = 1                        # SQS's 15 minutes, shortened: the same code path
-    eta = time.time() + 2.5
+    eta = time.time() + 6                       # far beyond the 1.8 s look below, even on a loaded machine
     broker.publish(Outgoing(id="later", body="{}", queue=q, eta=eta))
-    assert broker.reserve([q], timeout=1.8, lease=5) == []      # received after 1 s, sent on for the rest
+    got = broker.reserve([q], timeout=1.8, lease=5)             # received after 1 s, sent on for the rest
+    assert got == [], f"handed out {eta - time.time():.1f}s before its eta"
     [d] = _reserve(broker, q)
     assert time.time() >= eta and d.message_id == "later"
     assert d.attempt == 1                       # hops are not deliveries
@@ -567,7 +548,7 @@ def test_amqp_result_queue_is_named_by_task_id_and_expires_by_disuse(tmp_path):
     require_server("RabbitMQ", "127.0.0.1", 5672)
     from nbqueue.drivers.amqp.backend import AMQPBackend
 
-    be = AMQPBackend(session_server_url("amqp-results"), options={"results_expire_in": 0.5})
+    be = AMQPBackend(session_server_url("amqp-results"), options={"results_expire_in": 2})
     try:
         task_id = str(uuid.uuid4())
         be.store_result(task_id, states.SUCCESS, token=be.begin(task_id), result="1")
@@ -575,8 +556,8 @@ def test_amqp_result_queue_is_named_by_task_id_and_expires_by_disuse(tmp_path):
         queue = be._queue(f"r:{task_id}")
         assert queue.endswith(task_id)
         gone = lambda: not be._exists(be._session(), queue)  # noqa: E731
-        # RabbitMQ deletes the queue once unused for 0.5 s (a look renews it: look seldom)
-        assert wait_for(gone, timeout=20, interval=1.5)
+        # RabbitMQ deletes the queue once unused for 2 s (a look renews it: look seldom)
+        assert wait_for(gone, timeout=30, interval=3)
     finally:
         be.delete_queues()
         be.close()

@@ -1,9 +1,10 @@
 """What the dashboard shows, as JSON-ready dicts built from the public App API only.
 
 Values are decoded with a serializer that never unpickles (a pickled argument or result
-is shown as such, not run); previews are short text, DataFrames an HTML table of their
-first rows. Every function here only reads, except the ``act_*`` ones, which call one
-public App method each and report what really happened.
+is shown as such, not run) and never reads a payload (a value stored out of band is shown
+by the summary and first rows its reference carries); previews are short text, DataFrames
+an HTML table of their first rows. Every function here only reads, except the ``act_*``
+ones, which call one public App method each and report what really happened.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 
 from .. import serialization, states
 from ..errors import NbqueueError, UnsupportedOperation
+from ..payloads import PayloadRef
 
 TAG = serialization.TAG
 #: the safe decoder: JSON and Arrow, never pickle
@@ -40,7 +42,7 @@ def _json_preview(value: Any) -> Any:
             return _Label(f"<{v.get('codec', 'binary')} value, {size:,} bytes>")
         if TAG in value:
             try:
-                return SAFE.decode(value)
+                return SAFE.decode(value, lazy=True)        # out of band: its PayloadRef, repr the summary
             except Exception:
                 return _Label(f"<{value.get(TAG)}>")
         return {k: _json_preview(v) for k, v in value.items()}
@@ -68,12 +70,14 @@ def call_preview(args_text: str | None, kwargs_text: str | None, limit: int = RO
 
 def value_view(text: str | None) -> dict | None:
     """A stored value for the task page: ``{"kind": "frame", "html", "shape"}`` for a
-    DataFrame (its first 20 rows), else ``{"kind": "text", "text"}`` (a repr, cut at 20,000
-    characters); pickled values are named, not decoded."""
+    DataFrame or Series (its first 20 rows), else ``{"kind": "text", "text"}`` (a repr, cut at
+    20,000 characters); pickled values are named, not decoded. A value stored out of band is
+    not read: a DataFrame or Series shows the first rows its reference carries, with
+    ``"summary"`` (``DataFrame 1,000,000×5, 44 MB``); other values show that summary."""
     if text is None:
         return None
     try:
-        value = SAFE.decode(serialization.loads(text))
+        value = SAFE.decode(serialization.loads(text), lazy=True)
     except serialization.SerializationError as exc:
         return {"kind": "text", "text": f"<not shown: {exc}>"}
     except Exception as exc:
@@ -82,13 +86,22 @@ def value_view(text: str | None) -> dict | None:
         import pandas as pd
     except ImportError:     # pragma: no cover - pandas is a dependency
         pd = None
+    if isinstance(value, PayloadRef):
+        head = value.head() if pd is not None else None
+        if isinstance(head, (pd.DataFrame, pd.Series) if pd is not None else ()):
+            return {**_frame_view(pd, head, list(value.shape)), "summary": value.summary}
+        return {"kind": "text", "text": value.summary, "summary": value.summary}
     if pd is not None and isinstance(value, (pd.DataFrame, pd.Series)):
-        frame = value.to_frame() if isinstance(value, pd.Series) else value
-        with pd.option_context("display.max_colwidth", 60):
-            table = frame.head(20).iloc[:, :30].to_html(classes="frame", border=0)
-        return {"kind": "frame", "html": table, "shape": list(value.shape)}
+        return _frame_view(pd, value, list(value.shape))
     out = repr(value)
     return {"kind": "text", "text": out if len(out) <= 20000 else out[:20000] + "…"}
+
+
+def _frame_view(pd, value, shape: list) -> dict:
+    frame = value.to_frame() if isinstance(value, pd.Series) else value
+    with pd.option_context("display.max_colwidth", 60):
+        table = frame.head(20).iloc[:, :30].to_html(classes="frame", border=0)
+    return {"kind": "frame", "html": table, "shape": shape}
 
 
 def args_view(args_text: str | None, kwargs_text: str | None) -> dict:

@@ -7,6 +7,7 @@ Each driver package's ``__init__`` declares, without importing its client librar
     BROKER = "nbqueue.drivers.redis.broker:RedisBroker"     # or None
     BACKEND = "nbqueue.drivers.redis.backend:RedisBackend"  # or None
     ENGINE = "nbqueue.drivers.redis.engine:RedisEngine"     # fused engine for a pair on one store, or None
+    PAYLOADS = "nbqueue.drivers.redis.payloads:RedisPayloads"  # payload store for large values, or None
     OPTIONS = frozenset({...})           # App options its broker/backend read
     EXTRA = "redis"                      # pip extra that installs its client (None: standard library)
     RESULTS_BESIDE = True                # a broker URL of this driver is the default result backend too
@@ -36,6 +37,7 @@ class Driver:
     broker: str | None = None
     backend: str | None = None
     engine: str | None = None
+    payloads: str | None = None
     options: frozenset = frozenset()
     extra: str | None = None
     results_beside: bool = False
@@ -76,6 +78,7 @@ def drivers() -> dict[str, Driver]:
                     found[mod.NAME] = Driver(
                         name=mod.NAME, schemes=tuple(mod.SCHEMES), broker=getattr(mod, "BROKER", None),
                         backend=getattr(mod, "BACKEND", None), engine=getattr(mod, "ENGINE", None),
+                        payloads=getattr(mod, "PAYLOADS", None),
                         options=frozenset(getattr(mod, "OPTIONS", ())), extra=getattr(mod, "EXTRA", None),
                         results_beside=bool(getattr(mod, "RESULTS_BESIDE", False)))
                 _drivers.update(found)
@@ -83,7 +86,7 @@ def drivers() -> dict[str, Driver]:
 
 
 def schemes(kind: str | None = None) -> dict[str, Driver]:
-    """URL scheme -> driver, of the drivers that have a ``kind`` ("broker", "backend"; None: any)."""
+    """URL scheme -> driver, of the drivers that have a ``kind`` ("broker", "backend", "payloads"; None: any)."""
     return {s: d for d in drivers().values() if kind is None or getattr(d, kind) for s in d.schemes}
 
 

@@ -4,6 +4,10 @@
 :func:`async_result_html` and :func:`workflow_html` (a snapshot: what nbconvert and
 GitHub show); their ``_repr_mimebundle_`` calls :func:`mimebundle`, which adds the live
 view of widgets.py when a widget frontend is there.
+
+A DataFrame or Series result shows as its first rows and its shape (:func:`value_html`);
+one stored out of band (nbqueue.payloads) is not read for that: its reference carries
+the first rows and the summary.
 """
 from __future__ import annotations
 
@@ -72,9 +76,46 @@ def badge(state: str | None) -> str:
 
 
 def record_value(app, record: dict) -> Any:
-    from ..result import value_from_record
+    """A finished task's value for display; values stored out of band stay unread (a PayloadRef)."""
+    from .. import serialization
 
-    return value_from_record(app, record)
+    text = record.get("result")
+    return None if text is None else app.serializer.decode(serialization.loads(text), lazy=True)
+
+
+#: rows and columns of a DataFrame result a view shows
+PREVIEW_ROWS, PREVIEW_COLUMNS = 5, 20
+
+
+def _preview(value: Any) -> tuple[Any, str]:
+    """(first rows as a DataFrame, caption) for a DataFrame or Series result, else (None, "")."""
+    from ..payloads import PayloadRef
+
+    if isinstance(value, PayloadRef):
+        head = value.head() if value.type in ("DataFrame", "Series") else None
+        return (None, "") if head is None else (head.to_frame() if head.ndim == 1 else head, value.summary)
+    kind = type(value)
+    if not kind.__module__.startswith("pandas") or kind.__name__ not in ("DataFrame", "Series"):
+        return None, ""
+    if value.ndim == 1:
+        name = f" {value.name!r}" if value.name is not None else ""
+        return value.iloc[:PREVIEW_ROWS].to_frame(), f"Series {len(value):,}{name}"
+    rows, cols = value.shape
+    return value.iloc[:PREVIEW_ROWS, :PREVIEW_COLUMNS], f"DataFrame {rows:,}×{cols:,}"
+
+
+def value_html(value: Any, limit: int = 400) -> str:
+    """A result as HTML: a DataFrame or Series as a small table of its first rows under its
+    shape; anything else as a short repr (``limit`` characters)."""
+    head, caption = _preview(value)
+    if head is None:
+        return f"<code>{html.escape(short(value, limit))}</code>"
+    try:
+        table = head.to_html(max_rows=PREVIEW_ROWS, max_cols=PREVIEW_COLUMNS, border=0, classes="nbqueue-preview-table")
+    except Exception:  # a view must not raise
+        return f"<code>{html.escape(caption)}</code>"
+    return (f'<div class="nbqueue-preview"><div class="nbqueue-shape">{html.escape(caption)}</div>'
+            f'<div style="max-height:14em;overflow:auto">{table}</div></div>')
 
 
 def label_of(result) -> str:
@@ -100,7 +141,7 @@ def async_result_html(result) -> str:
         rows.append(("worker", html.escape(str(record["worker"]))))
     if state == states.SUCCESS:
         try:
-            rows.append(("result", f"<code>{html.escape(short(record_value(result.app, record), 400))}</code>"))
+            rows.append(("result", value_html(record_value(result.app, record), 400)))
         except Exception as exc:
             rows.append(("result", html.escape(f"(cannot decode: {exc})")))
     if record.get("error"):

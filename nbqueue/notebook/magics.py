@@ -68,7 +68,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from .. import builtin, serialization, states
+from .. import builtin, payloads, serialization, states
 from ..errors import SerializationError
 from ..result import AsyncResult
 from ..signature import Signature, new_id
@@ -239,15 +239,16 @@ class NbqueueMagics(Magics):
         # IPython puts its own versions of some builtins (open, exit, quit) in the namespace: the worker has the real ones
         hidden = getattr(self.shell, "user_ns_hidden", {}) or {}
         ipython_builtins = {n for n in reads if n in vars(builtins) and n in hidden and hidden[n] is self.shell.user_ns.get(n)}
+        task_id = new_id()
         try:
-            captured = cellvars.capture(reads, self.shell.user_ns, self.app.serializer, allow_local=local_ok,
-                                        skip=set(deferred) | ipython_builtins)
+            with payloads.sending(self.app, owner=task_id):     # inputs stored out of band belong to the cell's task
+                captured = cellvars.capture(reads, self.shell.user_ns, self.app.serializer, allow_local=local_ok,
+                                            skip=set(deferred) | ipython_builtins)
         except SerializationError as exc:
             where = f"queue {queue!r}" if queue else "the App's workers (this kernel's worker is stopped)"
             raise UsageError(f"%%task {label}: {exc} [the cell goes to {where}]") from None
         self._warn_stale_reads(reads, deps, deferred)
 
-        task_id = new_id()
         run = CellRun(key=key, label=label, task_id=task_id, var=var, queue=target_queue, deps=deps,
                       dep_labels=dep_labels, deferred=deferred)
         result = CellTask(task_id, self.app, run)

@@ -409,10 +409,10 @@ def _value_html(app, record: dict | None) -> str:
     state = record.get("state")
     if state == states.SUCCESS:
         try:
-            value = _d.short(_d.record_value(app, record), 400)
+            value = _d.value_html(_d.record_value(app, record), 400)     # a DataFrame: its first rows and shape
         except Exception as exc:
-            value = f"(cannot decode the result: {exc})"
-        return f'<div class="nbqueue-value">→ <code>{html.escape(value)}</code></div>'
+            value = f"<code>{html.escape(f'(cannot decode the result: {exc})')}</code>"
+        return f'<div class="nbqueue-value">→ {value}</div>'
     if state in (states.FAILURE, states.REVOKED) or (state == states.RETRY and record.get("error")):
         error = f"{record.get('exc_type') or 'Error'}: {record.get('error') or ''}"
         out = f'<div class="nbqueue-error" style="color:#dc3545">{html.escape(error)}</div>'

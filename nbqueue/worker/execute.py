@@ -16,6 +16,7 @@ from ..errors import (
     DeliveryLimitExceeded,
     MessageError,
     NotRegistered,
+    PayloadError,
     Retry,
     SerializationError,
     WorkerLostError,
@@ -80,7 +81,9 @@ class Execution:
             args = [app.serializer.decode(a) for a in message["args"]]
             kwargs = {k: app.serializer.decode(v) for k, v in message["kwargs"].items()}
         except Exception as exc:
-            self._fail(delivery, message, token, SerializationError(f"cannot decode arguments of task {name!r}: {exc}"), batch)
+            # a payload's error (missing, corrupt) keeps its type
+            kind = type(exc) if isinstance(exc, PayloadError) else SerializationError
+            self._fail(delivery, message, token, kind(f"cannot decode arguments of task {name!r}: {exc}"), batch)
             return
 
         started_at = app.clock.time()
@@ -119,7 +122,7 @@ class Execution:
                 self._running.pop(task_id, None)
         output = capture.end()
         try:
-            result_text = serialization.dumps(app.serializer.encode(value, f"result of task {name!r}"))
+            result_text = serialization.dumps(app.serializer.encode(value, f"result of task {name!r}", owner=task_id))
         except Exception as exc:    # whatever the encoder raises (a value nested too deeply, say): the task fails
             if not isinstance(exc, SerializationError):
                 hint = " (a value that contains itself, or is nested too deeply?)" if isinstance(exc, RecursionError) else ""

@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 
-from .. import builtin, capture, states, workflow
+from .. import builtin, capture, payloads, states, workflow
 from .batch import STALE_FLUSH, STARTED_AFTER, _safe_text
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class Heartbeat:
                 try:
                     self.app.broker.upkeep()
                     self.app.backend.upkeep()       # expired results go without a scheduler
+                    payloads.upkeep(self.app)       # payloads no record references any more
                 except Exception:
                     log.debug("worker %s: broker upkeep failed", self.name, exc_info=True)
             if self._stopping.is_set() and not any(t.is_alive() for t in self._threads if t is not threading.current_thread()):

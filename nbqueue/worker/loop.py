@@ -73,7 +73,7 @@ class Worker(Heartbeat, Execution):
         self.allow_code = allow_code                   # run functions shipped from notebooks (--allow-code)
         self.pool = None                               # pool="processes": each executor thread drives one child
         if pool == "processes":
-            from .pool import ProcessPool
+            from ..pool import ProcessPool
 
             self.pool = ProcessPool(self.concurrency, max_tasks_per_child=max_tasks_per_child, max_memory_per_child=max_memory_per_child)
         self.shutdown_grace = shutdown_grace           # seconds running children may finish once the worker stops

@@ -167,7 +167,10 @@ function graphNode(node, here) {
 
 function valueBlock(v) {
   if (!v) return `<span class="muted">—</span>`;
-  if (v.kind === "frame") return `<div class="muted">DataFrame ${v.shape.join(" × ")}</div>${v.html}`;
+  if (v.kind === "frame") {
+    const label = v.summary ? `${esc(v.summary)}, stored out of band: its first rows` : `DataFrame ${v.shape.join(" × ")}`;
+    return `<div class="muted">${label}</div>${v.html}`;
+  }
   return `<pre>${esc(v.text)}</pre>`;
 }
 

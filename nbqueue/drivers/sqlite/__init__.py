@@ -7,6 +7,7 @@ SCHEMES = ("sqlite",)
 BROKER = "nbqueue.drivers.sqlite.broker:SQLiteBroker"
 BACKEND = "nbqueue.drivers.sqlite.backend:SQLiteBackend"
 ENGINE = "nbqueue.drivers.sqlite.engine:SQLiteEngine"
+PAYLOADS = "nbqueue.drivers.sqlite.payloads:SQLitePayloads"
 OPTIONS: frozenset = frozenset()
 EXTRA = None
 RESULTS_BESIDE = True
