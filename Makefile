@@ -1,4 +1,5 @@
 # make demo  - the machinery example on the embedded SQLite default (no server needed)
+# make lint  - ruff (style, imports, complexity), lint-imports (DESIGN.md's layering) and mypy (typed modules)
 # make test  - the whole test suite, against real Redis and RabbitMQ on 127.0.0.1, in TEST_WORKERS (4) pytest-xdist
 #             processes; each process starts moto's SQS server and memcached itself, each on a free 127.0.0.1 port
 PYTHON ?= python3
@@ -6,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test services browser memcached bench clean
+.PHONY: demo test lint services browser memcached bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,8 +34,19 @@ memcached:
 TEST_WORKERS ?= 4
 
 test: $(STAMP) services browser memcached
-	$(PY) -m mypy
 	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+
+# the modules mypy checks: the canvas and workflow, and the protocol and engine modules where they exist
+MYPY_FILES = $(wildcard nbqueue/canvas.py nbqueue/context.py nbqueue/workflow.py nbqueue/message.py nbqueue/broker.py \
+                        nbqueue/backend.py nbqueue/engine.py nbqueue/drivers/__init__.py nbqueue/drivers/*/engine.py)
+
+# every check runs, and the target fails if one failed
+lint: $(STAMP)
+	status=0; \
+	$(VENV)/bin/ruff check nbqueue tests benchmarks examples || status=1; \
+	$(VENV)/bin/lint-imports || status=1; \
+	$(VENV)/bin/mypy $(MYPY_FILES) || status=1; \
+	exit $$status
 
 bench: $(STAMP) services memcached
 	$(PY) -m pip install --quiet -e '.[test,bench]'

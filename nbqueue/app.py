@@ -22,11 +22,18 @@ from typing import Any, Callable, Iterable, Mapping
 from . import config as _config
 from . import payloads, serialization, shipping, states, tracing
 from .broker import Outgoing
-from .drivers import DEFAULT_URL, backend_from_url, broker_from_url, driver_for
-from .engine import engine_for
 from .clock import SYSTEM
+from .drivers import (
+    DEFAULT_URL,
+    backend_from_url,
+    broker_from_url,
+    driver_for,
+    engine_for,
+    holds_payloads,
+    payload_store,
+)
 from .result import AsyncResult
-from .signature import Signature, encode_body
+from .signature import Signature, encode_body, to_message
 from .task import Task, task_name
 
 log = logging.getLogger(__name__)
@@ -59,12 +66,12 @@ class App:
         #: the broker and result backend, and how they work together (see nbqueue.engine)
         self.engine = engine_for(broker_from_url(self.broker_url, clock=self.clock, options=store_options),
                                  backend_from_url(self.backend_url, clock=self.clock, options=store_options))
-        payloads.attach(self)       # large values out of band: the payload store (nbqueue/payloads.py)
+        payloads.attach(self, resolve=payload_store, holds=holds_payloads)   # large values out of band (payloads.py)
         self._workers: list = []
         self._schedules = None
         self._lock = threading.Lock()
         self._live_workers: tuple[float, list] | None = None     # (when read, heartbeats): see live_workers()
-        # built-in tasks: "nbqueue.cell" runs %%task cells, only on allow_cells workers
+        # -- built-in tasks: "nbqueue.cell" runs %%task cells, only on allow_cells workers ----------
         from . import builtin
 
         builtin.register(self)
@@ -138,7 +145,7 @@ class App:
                  meta: dict | None) -> tuple[dict, dict, Outgoing]:
         task = self.registry.get(sig.name)
         now = self.clock.time()
-        message = sig.to_message(self.serializer, default_queue=self.default_queue, fn=task.fn if task else None, now=now)
+        message = to_message(sig, self.serializer, default_queue=self.default_queue, fn=task.fn if task else None, now=now)
         shipping.attach(self, sig, message)   # made from a notebook's function: carries its code, to a code queue
         if group_id is not None:
             message["group_id"] = group_id
@@ -222,6 +229,10 @@ class App:
         """The AsyncResult of any task id, also one sent before a kernel restart."""
         return AsyncResult(task_id, self)
 
+    def states_of(self, ids: Iterable[str]) -> dict[str, str]:
+        """The state of each of the task ids that has a record, from one query (ids without a record are left out)."""
+        return self.backend.states_of(list(ids))
+
     def tasks(self, state: str | None = None, name: str | None = None, limit: int | None = None):
         """Every recorded task as a pandas DataFrame, newest first (``runtime`` in seconds)."""
         from .frames import records_frame
@@ -293,8 +304,8 @@ class App:
         not resumed), and remove them from the dead letters in the same transaction where
         broker and backend share one. Returns ``{"sent": [AsyncResult], "kept": [{"id",
         "queue", "reason"}]}``: a dead letter whose body cannot be read as a message is kept."""
-        from .signature import decode_body, signature_from_message
         from .errors import MessageError
+        from .signature import decode_body, signature_from_message
 
         sent, kept, prepared = [], [], []
         for letter in self.broker.dead_letters(queue, limit=limit):
@@ -406,7 +417,7 @@ class App:
         self.broker.close()
         self.backend.close()
 
-    # -- periodic tasks: registrations here, the logic in schedule.py -----------------------
+    # -- periodic tasks: registrations here, the logic in schedule.py ----------------------
     def periodic(self, spec: str, target: Any, name: str | None = None, *, catch_up: bool = False, timezone: Any = None):
         """Fire ``target`` (a signature, task, group, chain or chord; a fresh copy each time) on ``spec``.
 

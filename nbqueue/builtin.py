@@ -155,7 +155,7 @@ def _import(name: str, spec: list) -> Any:
 def run_cell(source: str, inputs: str = "{}", imports: dict | None = None, local: list | None = None,
              origin: str | None = None, label: str | None = None, signature: str | None = None) -> Any:
     """Run a cell body in a fresh namespace holding its captured inputs; returns its last expression."""
-    from .workflow import current_task
+    from .context import current_task
 
     ctx = current_task() or {}
     app, task_id, worker = ctx.get("app"), ctx.get("id"), ctx.get("worker")

@@ -4,8 +4,8 @@
 mix of stores (RabbitMQ with SQLite results, an SQLite broker with Redis results, SQS with
 Memcache ...). A driver whose broker and backend can share one store (one SQLite file, one
 Redis server and prefix) offers a fused engine, a subclass that overrides whole methods with
-its fast paths (one transaction, one round trip). ``engine_for(broker, backend)`` is the only
-place that asks whether two stores are one.
+its fast paths (one transaction, one round trip). ``nbqueue.drivers.engine_for(broker, backend)``
+is the only place that asks whether two stores are one.
 
 What an engine does:
 
@@ -220,17 +220,4 @@ def decode(deliveries: Sequence[Delivery]) -> list[Claim]:
     return claims
 
 
-def engine_for(broker: Broker, backend: ResultBackend) -> Engine:
-    """The engine for a pair: the broker driver's fused engine where it serves this pair (the two
-    share one store), else a SplitEngine."""
-    from .drivers import driver_for
-
-    driver = driver_for(broker.url, "broker")
-    if driver.engine is not None:
-        fused = driver.load("engine")
-        if fused.serves(broker, backend):
-            return fused(broker, backend)
-    return SplitEngine(broker, backend)
-
-
-__all__ = ["Engine", "Claim", "Outcome", "Finished", "SplitEngine", "engine_for", "decode"]
+__all__ = ["Engine", "Claim", "Outcome", "Finished", "SplitEngine", "decode"]

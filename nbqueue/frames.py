@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from . import serialization
 
-COLUMNS = ["id", "name", "state", "args", "kwargs", "result", "error", "retries", "queue", "created", "started", "finished", "runtime", "worker"]
+COLUMNS = ["id", "name", "state", "args", "kwargs", "result", "error", "retries", "queue", "created", "started",
+           "finished", "runtime", "worker"]
 OBJECT_COLUMNS = ("id", "name", "state", "args", "kwargs", "result", "error", "queue", "worker")
 
 
@@ -25,7 +26,8 @@ def _decode(app, text):
         return text
 
 
-def records_frame(app, records: list[dict], extra: dict[str, list] | None = None):
+def records_frame(app, records: list[dict]):
+    """One row per record (None entries skipped), in the columns and types the module docstring gives."""
     import pandas as pd
 
     rows = []

@@ -517,29 +517,16 @@ def _mtime(info: dict) -> float:
     return 0.0
 
 
-def store_from_url(url: str, *, clock=None, options: dict | None = None) -> PayloadStore:
-    """The payload store a URL names: a driver's that holds payloads (sqlite://, redis://, rediss://,
-    memory://), or any fsspec URL."""
-    from .drivers import schemes
-
-    scheme = urlsplit(url).scheme.lower()
-    driver = schemes().get(scheme)
-    if driver is not None and driver.payloads:
-        return driver.load("payloads")(url, clock=clock, options=options)
-    if driver is not None or scheme in ("http", "https"):
-        raise ConfigurationError(f"payloads={url!r}: {scheme}:// cannot hold payloads; use an fsspec URL "
-                                 f"('s3://bucket/prefix', 'file:///shared/dir') or one of "
-                                 f"{', '.join(s + '://' for s in sorted(schemes('payloads')))}")
-    return FsspecPayloads(url, clock=clock, options=(options or {}).get("payload_options"))
-
-
 # -- the App's data plane: encoding out of band, loading, lifetime -------------------------------------
 
 class Plane:
     """An App's payload settings and (created on first use) its store."""
 
     def __init__(self, *, url: str | None, threshold: int | None, compression: str | None, clock=None,
-                 options: dict | None = None, why_none: str = ""):
+                 options: dict | None = None, why_none: str = "", resolve: Callable[..., PayloadStore] | None = None):
+        """``resolve(url, clock=, options=)``: the store a URL names (nbqueue.drivers.payload_store)."""
+        self.resolve = resolve or (lambda url, **kwargs: FsspecPayloads(url, clock=kwargs.get("clock"),
+                                                                          options=(kwargs.get("options") or {}).get("payload_options")))
         self.url, self.threshold, self.compression = url, threshold, compression
         self.clock, self.options, self.why_none = clock, dict(options or {}), why_none
         self._store: PayloadStore | None = None
@@ -551,7 +538,7 @@ class Plane:
         if self._store is None and self.url is not None:
             with self._lock:
                 if self._store is None:
-                    self._store = store_from_url(self.url, clock=self.clock, options=self.options)
+                    self._store = self.resolve(self.url, clock=self.clock, options=self.options)
         return self._store
 
     def encode(self, obj: Any, make: Callable[[str | None], Any], owner: str | None,
@@ -680,15 +667,17 @@ def _head(obj: Any) -> dict | None:
     return serialization._blob_to_json(blob) if blob.size <= HEAD_LIMIT else None
 
 
-def attach(app) -> Plane:
+def attach(app, *, resolve: Callable[..., PayloadStore], holds: Callable[[str], bool]) -> Plane:
     """Configure ``app.serializer`` with the App's payload options (``payloads``,
-    ``payload_threshold``, ``payload_compression``, ``payload_options``); returns the Plane."""
+    ``payload_threshold``, ``payload_compression``, ``payload_options``); returns the Plane.
+    ``resolve(url, clock=, options=)`` makes the store a URL names; ``holds(url)``: whether a
+    store URL (the App's results, then its broker) can hold payloads (nbqueue.drivers)."""
     option = app.config.option
     url = option("payloads")
     why = ""
     if url is None:
         for candidate in (app.backend_url, app.broker_url):
-            if urlsplit(candidate).scheme.lower() in _holds_payloads():
+            if holds(candidate):
                 url = candidate
                 break
         else:
@@ -697,16 +686,9 @@ def attach(app) -> Plane:
     threshold = option("payload_threshold")
     options = {k: v for k, v in app.config.options.items() if k not in ("clock",)}
     plane = Plane(url=url, threshold=None if threshold is None else int(threshold),
-                  compression=option("payload_compression"), clock=app.clock, options=options, why_none=why)
+                  compression=option("payload_compression"), clock=app.clock, options=options, why_none=why, resolve=resolve)
     app.serializer.plane = plane
     return plane
-
-
-def _holds_payloads() -> dict:
-    """URL schemes whose driver holds payloads."""
-    from .drivers import schemes
-
-    return schemes("payloads")
 
 
 def plane_of(app) -> Plane | None:
@@ -814,6 +796,6 @@ def upkeep(app) -> int:
     return plane.upkeep(app) if plane is not None else 0
 
 
-__all__ = ["PayloadStore", "FsspecPayloads", "PayloadRef", "Plane", "store_from_url",
+__all__ = ["PayloadStore", "FsspecPayloads", "PayloadRef", "Plane",
            "attach", "sending", "track", "release", "after_purge", "upkeep", "key_of", "keys_in", "summary",
            "human_size", "DEFAULT_THRESHOLD", "SWEEP_EVERY"]

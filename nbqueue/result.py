@@ -21,7 +21,9 @@ import logging
 import time
 from typing import Any, Callable, Iterator
 
-from . import payloads, serialization, states
+from . import capture, payloads, serialization, states
+from .backend import counts_from_states
+from .context import current_task
 from .errors import DeadlockError, TaskFailed, TaskRevoked
 
 log = logging.getLogger(__name__)
@@ -41,9 +43,89 @@ def failure_from_record(record: dict) -> TaskFailed:
     return cls(record["id"], record.get("exc_type"), record.get("error"), record.get("traceback"), name=record.get("name"))
 
 
-def value_from_record(app, record: dict) -> Any:
+def value_from_record(app, record: dict, lazy: bool = False) -> Any:
+    """A record's value; with ``lazy`` values stored out of band stay unread (``payloads.PayloadRef``)."""
     text = record.get("result")
-    return None if text is None else app.serializer.decode(serialization.loads(text))
+    return None if text is None else app.serializer.decode(serialization.loads(text), lazy=lazy)
+
+
+#: the longest value preview a snapshot holds (characters)
+PREVIEW_LIMIT = 400
+
+#: rows and columns of a DataFrame result a snapshot keeps for views
+PREVIEW_ROWS, PREVIEW_COLUMNS = 5, 20
+
+
+def table_preview(value: Any) -> tuple[Any, str] | None:
+    """(first rows as a DataFrame, caption such as ``DataFrame 1,000×5``) for a DataFrame or Series
+    value, or for a reference to one stored out of band (its first rows travel with the reference:
+    nothing is read); None for anything else. Never raises."""
+    try:
+        if isinstance(value, payloads.PayloadRef):
+            head = value.head() if value.type in ("DataFrame", "Series") else None
+            return None if head is None else (head.to_frame() if head.ndim == 1 else head, value.summary)
+        kind = type(value)
+        if not kind.__module__.startswith("pandas") or kind.__name__ not in ("DataFrame", "Series"):
+            return None
+        if value.ndim == 1:
+            name = f" {value.name!r}" if value.name is not None else ""
+            return value.iloc[:PREVIEW_ROWS].to_frame(), f"Series {len(value):,}{name}"
+        rows, cols = value.shape
+        return value.iloc[:PREVIEW_ROWS, :PREVIEW_COLUMNS], f"DataFrame {rows:,}×{cols:,}"
+    except Exception:  # a preview must not break a view
+        return None
+
+
+def preview(value: Any, limit: int = 160) -> str:
+    """A one-line repr, cut to ``limit`` characters (DataFrames by their shape); never raises."""
+    kind = type(value)
+    if kind.__module__.startswith("pandas") and hasattr(value, "shape"):
+        text = f"<{kind.__name__} {' x '.join(map(str, value.shape))}>"
+    else:
+        try:
+            text = repr(value)
+        except Exception as exc:  # a repr that fails must not break a view
+            text = f"<{kind.__name__}: repr failed: {exc}>"
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def outcome(app, record: dict | None) -> dict:
+    """What a finished (or retrying) record says: ``value`` (a one-line preview of a SUCCESS's
+    value, at most PREVIEW_LIMIT characters), ``value_error`` (why the value could not be
+    decoded), ``table`` (:func:`table_preview` of a DataFrame or Series value), ``error`` ("Type: message"), ``traceback``; None where there is none."""
+    record = record or {}
+    value = value_error = table = None
+    if record.get("state") == states.SUCCESS:
+        try:
+            decoded = value_from_record(app, record, lazy=True)     # views never read payloads
+        except Exception as exc:
+            value_error = str(exc)
+        else:
+            value, table = preview(decoded, PREVIEW_LIMIT), table_preview(decoded)
+    error = f"{record.get('exc_type') or 'Error'}: {record.get('error') or ''}" if record.get("error") else None
+    return {"value": value, "value_error": value_error, "table": table, "error": error,
+            "traceback": record.get("traceback")}
+
+
+def _runtime(record: dict) -> float | None:
+    """Seconds from start to finish; None until both are known."""
+    if record.get("started_at") is not None and record.get("finished_at") is not None:
+        return max(0.0, record["finished_at"] - record["started_at"])
+    return None
+
+
+def _elapsed(created: float | None, finished: float | None) -> float | None:
+    """Seconds from ``created`` to ``finished`` (to now while not finished); None without ``created``."""
+    if created is None:
+        return None
+    return max(0.0, (time.time() if finished is None else finished) - created)
+
+
+def _waited(app, created_at: float | None) -> bool:
+    """Whether something sent at ``created_at`` has waited long enough (NOTICE_AFTER) to check
+    that some live worker can run it."""
+    return created_at is not None and app.clock.time() - created_at >= NOTICE_AFTER
 
 
 class AsyncResult:
@@ -125,7 +207,7 @@ class AsyncResult:
         return self.info().get("output") or ""
 
     # -- waiting ------------------------------------------------------------------------------
-    def wait(self, timeout: float | None = None, interval: float | None = None) -> bool:
+    def wait(self, timeout: float | None = None) -> bool:
         """Block until the task is ready; False if the timeout passed first.
 
         Raises ResultNotFound for an id with no record, DeadlockError inside a task when
@@ -136,7 +218,7 @@ class AsyncResult:
         with _waiting(self.app, lambda: [self.app.backend.get(self.id)]) as between:
             return _wait_ids(self.app, [self.id], timeout, between, missing_ok=self._absent_ok)
 
-    def get(self, timeout: float | None = None, interval: float | None = None) -> Any:
+    def get(self, timeout: float | None = None) -> Any:
         """The task's value; raises TaskFailed (remote type, message, traceback) or TimeoutError.
 
         Also raises ResultNotFound at once when the id has no record (unknown, forgotten
@@ -186,20 +268,38 @@ class AsyncResult:
     def progress(self) -> dict:
         return self.app.backend.progress([self.id])
 
-    # -- display ------------------------------------------------------------------------------
+    def snapshot(self, *, diagnose: bool = True) -> dict:
+        """What views show of this task, from one read of its record: ``kind`` ("task"),
+        ``id``, ``label`` (the name to show), ``name``, ``state``, ``final`` (the state is
+        final), ``retries``, ``worker``, ``queue``, ``created_at``, ``started_at``,
+        ``finished_at`` (Unix seconds or None), ``elapsed`` (seconds from creation to the
+        finish, or to now), ``runtime`` (seconds from start to finish), ``output`` (what the
+        task printed so far; live while a worker thread of this process runs it), the
+        ``outcome`` keys (``value`` preview, ``value_error``, ``error``, ``traceback``) and
+        ``note``: why a task not started may never start (``diagnose=False`` skips that check,
+        which reads the workers' heartbeats once the task has waited NOTICE_AFTER seconds).
+        """
+        record = self.info()
+        state = record.get("state") or states.PENDING
+        final = state in states.READY_STATES
+        output = record.get("output") or ""
+        if not final:
+            live = capture.peek(self.id)
+            if live is not None and len(live) >= len(output):
+                output = live
+        note = ""
+        if diagnose and state == states.PENDING and _waited(self.app, record.get("created_at")):
+            note = waiting_problem(self.app, record) or ""
+        return {"kind": "task", "id": self.id, "label": self._name or record.get("name") or "task",
+                "name": record.get("name") or self._name, "state": state, "final": final,
+                "retries": record.get("retries") or 0, "worker": record.get("worker"), "queue": record.get("queue"),
+                "created_at": record.get("created_at"), "started_at": record.get("started_at"),
+                "finished_at": record.get("finished_at"),
+                "elapsed": _elapsed(record.get("created_at"), record.get("finished_at") if final else None),
+                "runtime": _runtime(record), "output": output, **outcome(self.app, record), "note": note}
+
     def __repr__(self) -> str:
         return f"<AsyncResult {self.name or ''} {self.id} {self.state}>"
-
-    def _repr_html_(self) -> str:
-        from .notebook.display import async_result_html
-
-        return async_result_html(self)
-
-    def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
-        """In a notebook: a live view (ipywidgets, or a text line without a widget frontend)."""
-        from .notebook.display import mimebundle
-
-        return mimebundle(self, include, exclude)
 
     def __eq__(self, other) -> bool:
         return isinstance(other, AsyncResult) and other.id == self.id
@@ -265,8 +365,6 @@ def free_threads(app, queue: str | None, name: str | None) -> int:
     """Worker threads that could still run a task ``name`` of ``queue``: those of the live
     workers serving the queue (and knowing the name) that are not held waiting inside a
     task. Workers of this process are counted exactly, others from their heartbeats."""
-    from .workflow import current_task
-
     ctx = current_task() or {}
     local = {w.name: w for w in [*app.workers, ctx.get("worker")] if w is not None and w.running}
     free = 0
@@ -336,8 +434,6 @@ def _waiting(app, records: Callable[[], list]) -> Iterator[_Between]:
     (``Worker.waiting``, also sent in its heartbeat) and the wait is refused at once with
     DeadlockError when no free thread could run what it waits for.
     """
-    from .workflow import current_task
-
     ctx = current_task()
     worker = (ctx or {}).get("worker")
     if worker is None:
@@ -360,6 +456,7 @@ class _WorkflowResult:
 
     app: Any
     children: list
+    results: list
 
     @property
     def terminal_id(self) -> str:
@@ -398,11 +495,11 @@ class _WorkflowResult:
         """Counts by state of every task inside, from one backend query."""
         return self.app.backend.progress([r.id for r in self.leaves()])
 
-    def to_frame(self):
-        """One row per task: args, state, result, error, runtime, retries."""
+    def to_frame(self, limit: int | None = None):
+        """One row per task (of the first ``limit`` tasks, when given): args, state, result, error, runtime, retries."""
         from .frames import records_frame
 
-        leaves = self.leaves()
+        leaves = self.leaves()[:limit]
         frame = records_frame(self.app, [r for r in self.app.backend.get_many([x.id for x in leaves]) if r is not None])
         order = {r.id: i for i, r in enumerate(leaves)}
         frame["position"] = frame["id"].map(order)
@@ -421,7 +518,7 @@ class _WorkflowResult:
         terminal = self.app.backend.get(self.terminal_id)
         raise failure_from_record(terminal or {"id": self.terminal_id, "state": states.FAILURE, "error": "unknown failure"})
 
-    def get(self, timeout: float | None = None, interval: float | None = None) -> Any:
+    def get(self, timeout: float | None = None) -> Any:
         """The workflow's value (a group's member values in order, a chain's last step's, a
         chord's callback's); raises the first task failure, or TimeoutError."""
         with _waiting(self.app, self._leaf_records) as between:
@@ -433,16 +530,47 @@ class _WorkflowResult:
             self._raise_failure()
         return self.app.serializer.decode(serialization.loads(record["result"]))
 
-    def _repr_html_(self) -> str:
-        from .notebook.display import workflow_html
+    # -- snapshots: what views show ----------------------------------------------------------------
+    def snapshot(self, *, diagnose: bool = True) -> dict:
+        """What views show of this workflow: ``kind`` ("group", "chord" or "chain"), ``id``,
+        ``terminal_id``, ``label``, ``state`` (STARTED once a task inside started: a workflow's
+        record is written when it finishes), ``terminal_state`` (as recorded), ``final`` (the
+        terminal record is final; members may still be running: see ``counts``), ``counts`` (by
+        state, of every task inside),
+        ``size`` (members or steps), ``steps`` (a chain's steps: ``index``, ``name``, ``state``,
+        ``runtime`` and the ``outcome`` keys; [] otherwise), ``callback_state`` (a chord's),
+        ``created_at`` (the earliest record's), ``finished_at``, the ``outcome`` keys of the
+        terminal record, and ``note``: why the first task inside that has not started may
+        never start (only computed with ``diagnose`` once the workflow waited NOTICE_AFTER seconds).
+        """
+        terminal = self.app.backend.get(self.terminal_id) or {}
+        counts, steps = self._counts_and_steps()
+        terminal_state = terminal.get("state") or states.PENDING
+        state = terminal_state
+        if state == states.PENDING and counts["done"] + counts["running"] + counts["retrying"] > 0:
+            state = states.STARTED
+        final = terminal_state in states.READY_STATES
+        times = [t for t in [terminal.get("created_at")] + [s["created_at"] for s in steps] if t is not None]
+        created = min(times) if times else None
+        note = ""
+        if diagnose and state == states.PENDING and not final and _waited(self.app, created):
+            note = self.diagnose() or ""
+        return {"kind": self.kind, "id": self.id, "terminal_id": self.terminal_id, "label": self._label(),
+                "state": state, "terminal_state": terminal_state, "final": final, "counts": counts,
+                "size": len(self.results), "steps": steps,
+                "callback_state": None, "created_at": created, "finished_at": terminal.get("finished_at"),
+                **outcome(self.app, terminal), "note": note}
 
-        return workflow_html(self)
+    @property
+    def kind(self) -> str:
+        return type(self).__name__.replace("Result", "").lower()
 
-    def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
-        """In a notebook: a live view (ipywidgets, or a text line without a widget frontend)."""
-        from .notebook.display import mimebundle
+    def _label(self) -> str:
+        label = getattr(self, "label", None)
+        return str(label) if label else f"{self.kind} of {len(self.results)}"
 
-        return mimebundle(self, include, exclude)
+    def _counts_and_steps(self) -> tuple[dict, list[dict]]:
+        return self.progress(), []
 
 
 class GroupResult(_WorkflowResult):
@@ -518,6 +646,27 @@ class ChainResult(_WorkflowResult):
         last = self.results[-1]
         return last.id if isinstance(last, AsyncResult) else last.terminal_id
 
+    def _label(self) -> str:
+        label = getattr(self, "label", None)
+        return str(label) if label else f"chain of {len(self.results)} steps"
+
+    def _counts_and_steps(self) -> tuple[dict, list[dict]]:
+        """Counts of every task inside and one entry per step, from one read of their records."""
+        leaves = self.leaves()
+        records = dict(zip([r.id for r in leaves], self.app.backend.get_many([r.id for r in leaves])))
+        counts = counts_from_states([((rec or {}).get("state"), 1) for rec in records.values()], len(leaves))
+        return counts, [self._step(i, step, records) for i, step in enumerate(self.results)]
+
+    def _step(self, index: int, step, records: dict) -> dict:
+        if isinstance(step, AsyncResult):
+            record = records.get(step.id) or {}
+            name = step._name or record.get("name") or "task"
+        else:
+            record = self.app.backend.get(step.terminal_id) or {}
+            name = f"{step.kind} of {len(step.leaves())}"
+        return {"index": index + 1, "name": name, "state": record.get("state") or states.PENDING,
+                "created_at": record.get("created_at"), "runtime": _runtime(record), **outcome(self.app, record)}
+
     def __repr__(self) -> str:
         return f"<ChainResult {len(self.results)} steps {self.state}>"
 
@@ -545,6 +694,18 @@ class ChordResult(_WorkflowResult):
     @property
     def terminal_id(self) -> str:
         return self.callback.id if isinstance(self.callback, AsyncResult) else self.callback.terminal_id
+
+    def snapshot(self, *, diagnose: bool = True) -> dict:
+        snap = super().snapshot(diagnose=diagnose)
+        snap["callback_state"] = snap["terminal_state"]
+        return snap
+
+    def _label(self) -> str:
+        label = getattr(self, "label", None)
+        return str(label) if label else f"chord of {len(self.header)}"
+
+    def _counts_and_steps(self) -> tuple[dict, list[dict]]:
+        return self.header.progress(), []
 
     def __repr__(self) -> str:
         return f"<ChordResult {len(self.header)} members {self.state}>"

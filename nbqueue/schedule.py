@@ -41,14 +41,15 @@ from croniter import croniter
 
 from . import payloads
 from .errors import ConfigurationError
-from .signature import Signature
+from .canvas import Signature, chain, chord, group
+from .signature import to_message
 from .task import Task, task_name
-from .workflow import chain, chord, group
 
 log = logging.getLogger(__name__)
 
 STATE_PREFIX = "nbq:sched:"
 TICK_PREFIX = "nbq:tick:"
+UPKEEP_PREFIX = "nbq:upkeep:"
 DEFAULT_GRACE = 60.0
 DEFAULT_INTERVAL = 1.0
 UPKEEP_EVERY = 3600
@@ -299,8 +300,8 @@ def _check_target(app, target: Any) -> Any:
         # fail in the cell that registers, not later in the scheduler thread
         task = app.registry.get(sig.name)
         with payloads.sending(app):     # a check only: what it stored out of band goes again at once
-            sig.replace(id=None).to_message(app.serializer, default_queue=app.default_queue,
-                                            fn=task.fn if task else None)
+            to_message(sig.replace(id=None), app.serializer, default_queue=app.default_queue,
+                       fn=task.fn if task else None)
     return target
 
 
@@ -469,7 +470,7 @@ class Scheduler:
             return
         self._upkeep_bucket = bucket
         try:
-            if self.app.backend.claim_once(f"nbq:upkeep:{bucket}", 2 * UPKEEP_EVERY):
+            if self.app.backend.claim_once(f"{UPKEEP_PREFIX}{bucket}", 2 * UPKEEP_EVERY):
                 removed = self.app.backend.expire()      # the backend's own clock, which its claim TTLs use
                 log.debug("upkeep: %d expired record(s) removed", removed)
         except Exception:

@@ -116,48 +116,59 @@ def _surrogate(text: str) -> _Refusal:
 
 
 def _enc(obj: Any, depth: int) -> Any:
+    """``obj`` as JSON types with tags; ``depth`` counts the containers around it. Raises _Refusal."""
     t = type(obj)
     if t is str:
         if obj.isascii() or _text_ok(obj):
             return obj
         raise _surrogate(obj)
     if t is int:
-        if _INT_MIN <= obj <= _INT_MAX:
-            return obj
-        return {TAG: "int", "v": hex(obj)}   # hex: no digit limit (sys.set_int_max_str_digits) either way
+        return obj if _INT_MIN <= obj <= _INT_MAX else {TAG: "int", "v": hex(obj)}   # hex: no digit limit either way
     if t is float:
-        if obj - obj == 0.0:   # finite
-            return obj
-        return {TAG: "float", "v": repr(obj)}
+        return obj if obj - obj == 0.0 else {TAG: "float", "v": repr(obj)}            # obj - obj is 0.0 when finite
     if obj is None or t is bool:
         return obj
     if t is list:
-        if depth >= MAX_DEPTH:
-            raise _Refusal("", obj, "depth")
-        try:
-            return [_enc(v, depth + 1) for v in obj]
-        except _Refusal as exc:
-            exc.step(obj, f"[{_position(obj, exc.child)}]")
-            raise
+        return _enc_list(obj, depth)
     if t is dict:
-        if depth >= MAX_DEPTH:
-            raise _Refusal("", obj, "depth")
-        try:
-            if TAG not in obj and all(type(k) is str for k in obj):
-                out = {}
-                for k, v in obj.items():
-                    if not (k.isascii() or _text_ok(k)):
-                        raise _surrogate(k)
-                    out[k] = _enc(v, depth + 1)
-                return out
-            return {TAG: "dict", "v": [[_enc(k, depth + 1), _enc(v, depth + 1)] for k, v in obj.items()]}
-        except _Refusal as exc:
-            exc.step(obj, _dict_label(obj, exc.child))
-            raise
+        return _enc_dict(obj, depth)
     encode = _ENCODERS.get(t)
     if encode is not None:
         return encode(obj, depth)
-    module = t.__module__
+    return _enc_other(obj, depth)
+
+
+def _enc_list(obj: list, depth: int) -> list:
+    if depth >= MAX_DEPTH:
+        raise _Refusal("", obj, "depth")
+    try:
+        return [_enc(v, depth + 1) for v in obj]
+    except _Refusal as exc:
+        exc.step(obj, f"[{_position(obj, exc.child)}]")
+        raise
+
+
+def _enc_dict(obj: dict, depth: int) -> dict:
+    """A dict with string keys stays a JSON object; any other is tagged as a list of pairs."""
+    if depth >= MAX_DEPTH:
+        raise _Refusal("", obj, "depth")
+    try:
+        if TAG in obj or not all(type(k) is str for k in obj):
+            return {TAG: "dict", "v": [[_enc(k, depth + 1), _enc(v, depth + 1)] for k, v in obj.items()]}
+        out = {}
+        for k, v in obj.items():
+            if not (k.isascii() or _text_ok(k)):
+                raise _surrogate(k)
+            out[k] = _enc(v, depth + 1)
+        return out
+    except _Refusal as exc:
+        exc.step(obj, _dict_label(obj, exc.child))
+        raise
+
+
+def _enc_other(obj: Any, depth: int) -> Any:
+    """pandas and numpy values, found by module (their many types are not in _ENCODERS); else a refusal."""
+    module = type(obj).__module__
     if module.startswith("pandas"):
         return _pandas_to_json(obj, depth)
     if module.startswith("numpy"):
@@ -294,7 +305,8 @@ def _unsupported(obj: Any) -> str:
         if isinstance(obj, base):
             return (f"has type {name}, a subclass of {base.__name__} that would arrive as a plain {base.__name__}; "
                     f"pass {base.__name__}(...) of it, or create the App with serializer='pickle'")
-    return (f"has type {name}, which nbqueue cannot serialize as JSON; pass plain data (numbers, strings, lists, dicts, "
+    return (f"has type {name}, which nbqueue cannot serialize as JSON; "
+            "pass plain data (numbers, strings, lists, dicts, "
             "DataFrames, arrays) or create the App with serializer='pickle'")
 
 

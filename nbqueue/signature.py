@@ -1,8 +1,7 @@
-"""Signature (what to run), and its encoding as the message envelope (nbqueue.message) that
-carries it to a worker."""
+"""The message envelope (nbqueue.message) that carries a Signature (canvas.py) to a worker: encoding,
+checking, decoding."""
 from __future__ import annotations
 
-import copy
 import dataclasses
 import datetime as _dt
 import inspect
@@ -15,8 +14,8 @@ import time
 from typing import Any, Callable
 
 from . import serialization
+from .canvas import Signature
 from .message import Message, decode_object
-
 
 _ids = random.Random()             # a private generator: a notebook's random.seed() must not repeat ids
 os.register_at_fork(after_in_child=_ids.seed)
@@ -32,137 +31,37 @@ _UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48)) & ((1 << 128) - 1)
 _UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
 
 
-def _to_timestamp(eta: Any) -> float | None:
-    if eta is None:
-        return None
-    if isinstance(eta, (int, float)):
-        return float(eta)
-    if isinstance(eta, _dt.datetime):
-        return eta.timestamp()  # naive datetimes are local time, as datetime.timestamp() says
-    raise TypeError(f"eta must be a datetime or a Unix timestamp, not {type(eta).__name__}")
+def to_message(sig: Signature, serializer: serialization.Serializer, *, default_queue: str, fn: Callable | None = None,
+               now: float | None = None) -> dict:
+    """The JSON-ready envelope (a new id unless the signature has one; the signature
+    itself is not changed); raises SerializationError naming the bad argument.
 
-
-@dataclasses.dataclass
-class Signature:
-    """A task name with its arguments and options: what a worker should run."""
-
-    name: str
-    args: Any = ()
-    kwargs: dict | None = None
-    id: str | None = None
-    queue: str | None = None
-    eta: Any = None
-    countdown: float | None = None
-    priority: int = 0
-    headers: dict | None = None
-    retry_count: int = 0
-    retry_timeout: float = 0
-    immutable: bool = False
-    on_success: list | None = None
-    on_error: list | None = None
-    ignore_when_not_registered: bool = False
-    retry_backoff: Any = None
-    time_limit: float | None = None
-    # filled in by workflows and by the worker; users rarely set these
-    retries: int = 0
-    group_id: str | None = None
-    group_task_count: int = 0
-    workflow: dict | None = None
-    app: Any = dataclasses.field(default=None, repr=False, compare=False)
-    #: made from a task's function defined in a notebook (``fit.s()``): sent with its code (shipping.py)
-    ship_code: bool = dataclasses.field(default=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name:
-            raise TypeError("a Signature needs a task name (a non-empty string)")
-        if isinstance(self.args, (str, bytes, bytearray, dict)):   # list() of these would split or drop the values
-            raise TypeError(f"the args of task {self.name!r} must be a list or tuple of arguments, not a {type(self.args).__name__}; "
-                            f"for one argument pass ({self.args!r:.40},)")
-        self.args = list(self.args) if self.args is not None else []
-        self.kwargs = dict(self.kwargs or {})
-        if not 0 <= int(self.priority) <= 9:
-            raise ValueError(f"priority must be between 0 and 9, not {self.priority}")
-        self.on_success = list(self.on_success or [])
-        self.on_error = list(self.on_error or [])
-
-    # -- building -------------------------------------------------------------
-    def replace(self, **changes: Any) -> "Signature":
-        """A copy with some fields changed (lists and dicts copied, not shared)."""
-        clone = copy.copy(self)
-        for key, value in changes.items():
-            setattr(clone, key, value)
-        clone.args = list(clone.args)
-        clone.kwargs = dict(clone.kwargs)
-        clone.headers = dict(clone.headers) if clone.headers else None
-        clone.on_success = [s.replace() for s in clone.on_success]
-        clone.on_error = [s.replace() for s in clone.on_error]
-        return clone
-
-    def set(self, **options: Any) -> "Signature":
-        """Change options in place and return self: ``add.s(1, 2).set(queue="fast")``."""
-        for key, value in options.items():
-            if not hasattr(self, key) or key == "app":
-                raise TypeError(f"unknown signature option {key!r}")
-            setattr(self, key, value)
-        return self
-
-    def link(self, callback: "Signature") -> "Signature":
-        self.on_success.append(callback)
-        return self
-
-    def link_error(self, callback: "Signature") -> "Signature":
-        self.on_error.append(callback)
-        return self
-
-    def eta_timestamp(self, now: float | None = None) -> float | None:
-        if self.countdown is not None:
-            return (time.time() if now is None else now) + float(self.countdown)
-        return _to_timestamp(self.eta)
-
-    def delay_send(self) -> Any:
-        """Send through the App this signature's task is registered on."""
-        if self.app is None:
-            raise RuntimeError(f"signature {self.name!r} is not bound to an App; use app.send_task(sig)")
-        return self.app.send(self)
-
-    apply_async = delay_send
-
-    def __or__(self, other: Any) -> Any:
-        from .workflow import chain
-
-        return chain(self, other)
-
-    # -- the envelope ---------------------------------------------------------
-    def to_message(self, serializer: serialization.Serializer, *, default_queue: str, fn: Callable | None = None, now: float | None = None) -> dict:
-        """The JSON-ready envelope (a new id unless the signature has one; the signature
-        itself is not changed); raises SerializationError naming the bad argument.
-
-        Fields at their defaults are left out: smaller bodies, less to encode (readers use .get).
-        """
-        now = time.time() if now is None else now
-        check_options(self)
-        try:
-            args = [serializer.encode(value) for value in self.args]
-            kwargs = {_keyword(key, self.name): serializer.encode(value) for key, value in self.kwargs.items()}
-        except serialization.SerializationError:   # again, naming the argument (only worth it on failure)
-            names = _parameter_names(fn)
-            args = [serializer.encode(value, _arg_label(self.name, i, names)) for i, value in enumerate(self.args)]
-            kwargs = {_keyword(key, self.name): serializer.encode(value, f"keyword argument {key!r} of task {self.name!r}")
-                      for key, value in self.kwargs.items()}
-        backoff = self.retry_backoff
-        message = Message(
-            id=self.id or new_id(), name=self.name, args=args, kwargs=kwargs, queue=self.queue or default_queue,
-            eta=self.eta_timestamp(now), priority=int(self.priority), retry_count=int(self.retry_count),
-            headers=serializer.encode(self.headers, f"headers of task {self.name!r}") if self.headers else None,
-            retry_timeout=self.retry_timeout, retries=int(self.retries), immutable=bool(self.immutable),
-            retry_backoff=backoff if backoff is None or isinstance(backoff, dict) else backoff.to_dict(),
-            on_success=[s.to_message(serializer, default_queue=default_queue, fn=_task_fn(s), now=now) for s in self.on_success] or None,
-            on_error=[s.to_message(serializer, default_queue=default_queue, fn=_task_fn(s), now=now) for s in self.on_error] or None,
-            ignore_when_not_registered=bool(self.ignore_when_not_registered), time_limit=self.time_limit, group_id=self.group_id,
-            group_task_count=self.group_task_count, workflow=self.workflow, created_at=now,
-            serializer="pickle" if serializer.pickle else None,
-        )
-        return message.to_dict()
+    Fields at their defaults are left out: smaller bodies, less to encode (readers use .get).
+    """
+    now = time.time() if now is None else now
+    check_options(sig)
+    try:
+        args = [serializer.encode(value) for value in sig.args]
+        kwargs = {_keyword(key, sig.name): serializer.encode(value) for key, value in sig.kwargs.items()}
+    except serialization.SerializationError:   # again, naming the argument (only worth it on failure)
+        names = _parameter_names(fn)
+        args = [serializer.encode(value, _arg_label(sig.name, i, names)) for i, value in enumerate(sig.args)]
+        kwargs = {_keyword(key, sig.name): serializer.encode(value, f"keyword argument {key!r} of task {sig.name!r}")
+                  for key, value in sig.kwargs.items()}
+    backoff = sig.retry_backoff
+    message = Message(
+        id=sig.id or new_id(), name=sig.name, args=args, kwargs=kwargs, queue=sig.queue or default_queue,
+        eta=sig.eta_timestamp(now), priority=int(sig.priority), retry_count=int(sig.retry_count),
+        headers=serializer.encode(sig.headers, f"headers of task {sig.name!r}") if sig.headers else None,
+        retry_timeout=sig.retry_timeout, retries=int(sig.retries), immutable=bool(sig.immutable),
+        retry_backoff=backoff if backoff is None or isinstance(backoff, dict) else backoff.to_dict(),
+        on_success=[to_message(s, serializer, default_queue=default_queue, fn=_task_fn(s), now=now) for s in sig.on_success] or None,
+        on_error=[to_message(s, serializer, default_queue=default_queue, fn=_task_fn(s), now=now) for s in sig.on_error] or None,
+        ignore_when_not_registered=bool(sig.ignore_when_not_registered), time_limit=sig.time_limit, group_id=sig.group_id,
+        group_task_count=sig.group_task_count, workflow=sig.workflow, created_at=now,
+        serializer="pickle" if serializer.pickle else None,
+    )
+    return message.to_dict()
 
 
 def check_options(sig: Signature) -> None:
@@ -238,13 +137,15 @@ def check_options(sig: Signature) -> None:
                 raise refuse(option, f"must hold signatures (task.s(...)), not {type(callback).__name__}", TypeError)
 
 
-#: the longest queue name (RabbitMQ's limit, in UTF-8 bytes)
-MAX_QUEUE_NAME = 255
+#: the longest queue name, in UTF-8 bytes: RabbitMQ's 255 less what the names nbqueue derives
+#: from it add (a kernel's queue and its code queue, ``.kernel-<pid>-<hex>.code``: 27; RabbitMQ's
+#: delay queue of that, ``nbq.delay.<queue>.<ms>``: 21 more), so every derived name fits every broker
+MAX_QUEUE_NAME = 200
 
 
 def check_queue_name(queue: Any, label: str = "queue") -> None:
     """A queue name every broker and ``nbqueue worker -Q a,b`` can use: a non-empty string
-    without commas, control characters or surrounding spaces, at most 255 UTF-8 bytes, not
+    without commas, control characters or surrounding spaces, at most 200 UTF-8 bytes, not
     starting with ``amq.`` (RabbitMQ keeps those). Raises TypeError or ValueError naming it."""
     if not isinstance(queue, str):
         raise TypeError(f"{label} must be a string, not {type(queue).__name__} {queue!r}")
@@ -352,4 +253,5 @@ def _arg_label(task: str, index: int, names: list[str]) -> str:
     return f"argument {index + 1} of task {task!r}"
 
 
-__all__ = ["Signature", "new_id", "validate_message", "decode_body", "encode_body", "signature_from_message"]
+__all__ = ["Signature", "new_id", "to_message", "check_options", "check_queue_name", "validate_message", "decode_body",
+           "encode_body", "signature_from_message"]

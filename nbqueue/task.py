@@ -5,7 +5,8 @@ import functools
 from typing import Any, Callable
 
 from . import shipping
-from .signature import Signature, check_options
+from .canvas import Signature
+from .signature import check_options
 
 TASK_OPTIONS = ("retry_count", "retry_timeout", "retry_backoff", "queue", "priority", "time_limit", "ignore_when_not_registered")
 

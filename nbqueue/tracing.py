@@ -60,10 +60,18 @@ def _tracer():
             _global = found
         provider = _global
     if _cache[0] is not provider:
-        from . import __version__
-
-        _cache = (provider, provider.get_tracer("nbqueue", __version__))
+        _cache = (provider, provider.get_tracer("nbqueue", _version()))
     return _cache[1]
+
+
+def _version() -> str | None:
+    """nbqueue's installed version (read from the package metadata: this module is below the package's __init__)."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("nbqueue")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def enabled() -> bool:

@@ -1,21 +1,20 @@
-"""Workflows as data: group, chain and chord, and the one step that advances them.
+"""Workflows as data: the nodes a sent group, chain or chord becomes, and the one step that advances them.
 
-At send time a workflow becomes a tree of *nodes* with every task id assigned:
+At send time a workflow (canvas.py) becomes a tree of nodes with every task id assigned:
+``TaskNode`` (one message), ``ChainNode`` (steps) and ``GroupNode`` (members, with an
+optional concurrency limit). A chord is a chain of a group and its callback. Starting a
+node publishes its first tasks and attaches *continuations* to the messages that finish it
+(in the message's ``workflow`` field, ``{"then": [continuation, ...]}``):
 
-- ``{"t": "task", "msg": envelope}``
-- ``{"t": "chain", "steps": [node, ...]}``
-- ``{"t": "group", "id": group_id, "members": [node, ...], "concurrency": n}``
+- ``NextStep``: start step ``step`` of a chain with this result (the later steps are
+  stored at send time under ``Keys.chain_step``, so a message carries one step, not the
+  rest of the chain);
+- ``MemberDone``: count a group member done (and, in a group with a concurrency limit,
+  release the next held member); the member that completes the group stores the group's
+  record (the list of member results, in order) and applies the continuations kept with
+  the group.
 
-A chord is a chain of a group and its callback. Starting a node publishes its first
-tasks and attaches *continuations* to the messages that finish it:
-
-- ``{"k": "chain", "key": k, "pos": i, "n": n, "then": [cont, ...]}``: start step
-  ``i`` (stored under ``k:i`` in the backend's key-value store at send time, so a
-  message carries one step, not the rest of the chain) with this result;
-- ``{"k": "member", "group": group_id, "index": i, "member": id, "limited": bool}``: count a
-  group member done (and, in a group with a concurrency limit, release the next); the
-  member that completes the group stores the group's record (the list of member
-  results, in order) and applies the continuations kept with the group.
+Every key this module keeps in the backend's key-value store is named by ``Keys``.
 
 Because every id is fixed up front, each of these steps may be repeated (a message
 redelivered after a crash) without effect: ``member_done`` counts a member once, so
@@ -32,90 +31,179 @@ member done" and "callback published".
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
+import dataclasses
 import logging
-from typing import Any, Iterator
+from typing import Any, Union
 
 from . import payloads, serialization, states
-from .signature import Signature, new_id
+from .canvas import Signature, chain, chord, group
+from .context import _current, current_task, task_context  # noqa: F401  (the worker and pool set the task context here)
+from .result import AsyncResult, ChainResult, ChordResult, GroupResult
+from .signature import new_id
 
 log = logging.getLogger(__name__)
 
-_current: contextvars.ContextVar = contextvars.ContextVar("nbqueue_current_task", default=None)
 
 
-# -- user-facing constructors ----------------------------------------------------------------
+# -- key names ------------------------------------------------------------------------------------
 
-def _spread(items: tuple) -> tuple:
-    """``f(a, b)``, ``f([a, b])`` and ``f(x for x in ...)`` all mean the items a, b."""
-    if len(items) == 1 and not isinstance(items[0], (Signature, group, chain, chord, str, bytes, dict)) and hasattr(items[0], "__iter__"):
-        return tuple(items[0])
-    return items
+class Keys:
+    """The keys workflow state is kept under in the backend's key-value store."""
 
+    CHAIN = "nbq:chain:"
+    HELD = "nbq:held:"
+    LIMIT = "nbq:limit:"
+    ADVANCED = "nbq:advanced:"
 
-class group:
-    """Tasks (or chains) that run in parallel: ``group(add.s(1, 1), add.s(2, 2))`` or ``group(add.s(i, i) for i in range(9))``."""
+    @staticmethod
+    def chain_step(chain_id: str, step: int) -> str:
+        """A chain's step not started yet (its node's JSON); ``chain_id`` is the chain's terminal id."""
+        return f"{Keys.CHAIN}{chain_id}:{step}"
 
-    def __init__(self, *items: Any):
-        items = _spread(items)
-        self.items = [_check_item(i) for i in items]
-        self.id: str | None = None
+    @staticmethod
+    def held(group_id: str, index: int | None = None) -> str:
+        """A group member held back by the group's concurrency limit (a ``HeldMember``'s JSON);
+        without ``index``, the prefix of all of a group's held members."""
+        return f"{Keys.HELD}{group_id}:" + ("" if index is None else str(index))
 
-    def __len__(self) -> int:
-        return len(self.items)
+    @staticmethod
+    def limit(group_id: str) -> str:
+        """A group's concurrency limit, while members are held back."""
+        return f"{Keys.LIMIT}{group_id}"
 
-    def __iter__(self):
-        return iter(self.items)
-
-    def __or__(self, other: Any) -> "chain":
-        return chain(self, other)
-
-    def __repr__(self) -> str:
-        return f"group({', '.join(map(_short, self.items))})"
-
-
-class chain:
-    """Steps that run one after another; each result is appended to the next step's args."""
-
-    def __init__(self, *items: Any):
-        items = _spread(items)
-        steps: list = []
-        for item in items:
-            item = _check_item(item)
-            steps.extend(item.steps if isinstance(item, chain) else [item])
-        if not steps:
-            raise ValueError("a chain needs at least one step")
-        self.steps = steps
-
-    def __or__(self, other: Any) -> "chain":
-        return chain(self, other)
-
-    def __repr__(self) -> str:
-        return " | ".join(map(_short, self.steps))
+    @staticmethod
+    def advanced(task_id: str) -> str:
+        """Marks that a task's advance was published (brokers that cannot drop a repeat publish)."""
+        return f"{Keys.ADVANCED}{task_id}"
 
 
-class chord:
-    """A group whose member results, in order, go to a callback: ``chord(group(...), total.s())``."""
+# -- nodes ------------------------------------------------------------------------------------------
 
-    def __init__(self, header: Any, callback: Any):
-        self.header = header if isinstance(header, group) else group(*header)
-        self.callback = _check_item(callback)
-        if isinstance(self.callback, group):
-            raise TypeError("a chord's callback must be a signature or a chain, not a group")
+@dataclasses.dataclass
+class TaskNode:
+    """One task: its message, ready to publish (the input of a chain step is added when it starts)."""
 
-    def __repr__(self) -> str:
-        return f"chord({self.header!r}, {_short(self.callback)})"
+    message: dict
 
+    @property
+    def id(self) -> str:
+        return self.message["id"]
 
-def _check_item(item: Any) -> Any:
-    if isinstance(item, (Signature, group, chain, chord)):
-        return item
-    raise TypeError(f"workflows are built from signatures, groups, chains and chords, not {type(item).__name__}")
+    def to_json(self) -> dict:
+        return {"task": self.message}
 
 
-def _short(item: Any) -> str:
-    return f"{item.name}(...)" if isinstance(item, Signature) else repr(item)
+@dataclasses.dataclass
+class ChainNode:
+    """Steps that run one after another."""
+
+    steps: list[Node]
+
+    def to_json(self) -> dict:
+        return {"chain": [step.to_json() for step in self.steps]}
+
+
+@dataclasses.dataclass
+class GroupNode:
+    """Members that run in parallel, at most ``concurrency`` at once (0: no limit)."""
+
+    id: str
+    members: list[Node]
+    concurrency: int = 0
+
+    @property
+    def limit(self) -> int:
+        """How many members start at once."""
+        return self.concurrency or len(self.members)
+
+    @property
+    def limited(self) -> bool:
+        return self.limit < len(self.members)
+
+    def to_json(self) -> dict:
+        return {"group": self.id, "members": [m.to_json() for m in self.members], "concurrency": self.concurrency}
+
+
+Node = Union[TaskNode, ChainNode, GroupNode]
+
+
+def node_from_json(data: dict) -> Node:
+    """The node ``to_json`` wrote."""
+    if "task" in data:
+        return TaskNode(data["task"])
+    if "chain" in data:
+        return ChainNode([node_from_json(step) for step in data["chain"]])
+    return GroupNode(data["group"], [node_from_json(m) for m in data["members"]], data.get("concurrency") or 0)
+
+
+# -- continuations ------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class NextStep:
+    """Start step ``step`` of the chain whose terminal id is ``chain`` (of ``steps`` in all) with the
+    finished task's value; after the last step, ``then`` runs."""
+
+    chain: str
+    step: int
+    steps: int
+    then: list[Continuation]
+
+    def to_json(self) -> dict:
+        return {"kind": "chain", "chain": self.chain, "step": self.step, "steps": self.steps,
+                "then": [c.to_json() for c in self.then]}
+
+
+@dataclasses.dataclass
+class MemberDone:
+    """Count member ``member`` (the id holding its result; position ``index``) of group ``group``
+    done; ``limited``: the group has a concurrency limit, so a finish releases a held member."""
+
+    group: str
+    index: int
+    member: str
+    limited: bool = True
+
+    def to_json(self) -> dict:
+        return {"kind": "member", "group": self.group, "index": self.index, "member": self.member,
+                "limited": self.limited}
+
+
+Continuation = Union[NextStep, MemberDone]
+
+
+def continuation_from_json(data: dict) -> Continuation:
+    if data["kind"] == "chain":
+        return NextStep(data["chain"], data["step"], data["steps"], continuations_from_json(data["then"]))
+    return MemberDone(data["group"], data["index"], data["member"], data.get("limited", True))
+
+
+def continuations_from_json(items: list | None) -> list[Continuation]:
+    return [continuation_from_json(c) for c in items or []]
+
+
+def _then(message: dict) -> list[Continuation]:
+    """The continuations a message carries."""
+    return continuations_from_json((message.get("workflow") or {}).get("then"))
+
+
+@dataclasses.dataclass
+class HeldMember:
+    """A group member to start later: the node, its position, and the input it starts with."""
+
+    node: Node
+    index: int
+    input: Any = None
+    has_input: bool = False
+    limited: bool = True
+
+    def to_json(self) -> dict:
+        return {"node": self.node.to_json(), "index": self.index, "input": self.input, "has_input": self.has_input,
+                "limited": self.limited}
+
+    @classmethod
+    def from_json(cls, data: dict) -> HeldMember:
+        return cls(node_from_json(data["node"]), data["index"], data.get("input"), data.get("has_input", False),
+                   data.get("limited", True))
 
 
 # -- building nodes at send time -------------------------------------------------------------
@@ -128,57 +216,57 @@ class _Build:
         self.concurrency = concurrency
         self.records: list[dict] = []
 
-    def node(self, item: Any, *, group_id: str | None = None, parent_id: str | None = None) -> dict:
+    def node(self, item: Any, *, group_id: str | None = None, parent_id: str | None = None) -> Node:
         if isinstance(item, Signature):
             message, record, _ = self.app.prepare(item, group_id=group_id, parent_id=parent_id)
             self.records.append(record)
-            return {"t": "task", "msg": message}
+            return TaskNode(message)
         if isinstance(item, chain):
-            steps = []
+            steps: list[Node] = []
             for i, step in enumerate(item.steps):
                 last = i == len(item.steps) - 1
                 # a later step's parent is the step before it (as Celery records a chain)
                 parent = parent_id if i == 0 else terminal_id(steps[-1])
                 steps.append(self.node(step, group_id=group_id if last else None, parent_id=parent))
-            return {"t": "chain", "steps": steps}
+            return ChainNode(steps)
         if isinstance(item, chord):
             return self.node(chain(item.header, item.callback), group_id=group_id, parent_id=parent_id)
         if isinstance(item, group):
-            gid = item.id or new_id()
-            concurrency, self.concurrency = int(self.concurrency), 0    # the limit applies to the outermost group only
-            members = [self.node(m, group_id=gid, parent_id=gid) for m in item.items]
-            self.records.append({"id": gid, "name": "nbqueue.group", "state": states.PENDING, "group_id": group_id,
-                                 "parent_id": parent_id, "created_at": self.app.clock.time(), "meta": serialization.dumps({"size": len(members)})})
-            return {"t": "group", "id": gid, "members": members, "concurrency": concurrency}
+            return self._group(item, group_id, parent_id)
         raise TypeError(type(item).__name__)
 
+    def _group(self, item: group, group_id: str | None, parent_id: str | None) -> GroupNode:
+        gid = item.id or new_id()
+        concurrency, self.concurrency = int(self.concurrency), 0    # the limit applies to the outermost group only
+        members = [self.node(m, group_id=gid, parent_id=gid) for m in item.items]
+        self.records.append({"id": gid, "name": "nbqueue.group", "state": states.PENDING, "group_id": group_id,
+                             "parent_id": parent_id, "created_at": self.app.clock.time(),
+                             "meta": serialization.dumps({"size": len(members)})})
+        return GroupNode(gid, members, concurrency)
 
-def graph(node: dict, started: bool = True) -> Any:
+
+def graph(node: Node, started: bool = True) -> Any:
     """A node's shape by ids, as the workflow's first record keeps it (``meta["workflow"]``):
     a task id, ``{"chain": [steps]}`` or ``{"group": id, "members": [...]}``. The members of
     a group started at send time (``started``) are left out when each is a single task: the
     group's bookkeeping lists them in order (a later chain step's group has none yet)."""
-    if node["t"] == "task":
-        return node["msg"]["id"]
-    if node["t"] == "chain":
-        return {"chain": [graph(step, started and i == 0) for i, step in enumerate(node["steps"])]}
-    members = node["members"]
-    if started and all(m["t"] == "task" for m in members):
-        return {"group": node["id"]}
-    held = bool(node.get("concurrency")) and node["concurrency"] < len(members)
-    return {"group": node["id"], "members": [graph(m, started and not held) for m in members]}
+    if isinstance(node, TaskNode):
+        return node.id
+    if isinstance(node, ChainNode):
+        return {"chain": [graph(step, started and i == 0) for i, step in enumerate(node.steps)]}
+    if started and all(isinstance(m, TaskNode) for m in node.members):
+        return {"group": node.id}
+    return {"group": node.id, "members": [graph(m, started and not node.limited) for m in node.members]}
 
 
-def root_id(node: dict) -> str:
+def root_id(node: Node) -> str:
     """The id of a node's first record: the one without a parent, which keeps its graph."""
-    if node["t"] == "task":
-        return node["msg"]["id"]
-    if node["t"] == "chain":
-        return root_id(node["steps"][0])
-    return node["id"]
+    if isinstance(node, ChainNode):
+        return root_id(node.steps[0])
+    return node.id
 
 
-def _keep_graph(records: list[dict], node: dict) -> None:
+def _keep_graph(records: list[dict], node: Node) -> None:
     """Write the workflow's graph into its first record's meta (see ``graph``)."""
     root = root_id(node)
     for record in records:
@@ -189,22 +277,20 @@ def _keep_graph(records: list[dict], node: dict) -> None:
             return
 
 
-def terminal_id(node: dict) -> str:
+def terminal_id(node: Node) -> str:
     """The id whose record holds the node's result."""
-    if node["t"] == "task":
-        return node["msg"]["id"]
-    if node["t"] == "chain":
-        return terminal_id(node["steps"][-1])
-    return node["id"]
+    if isinstance(node, ChainNode):
+        return terminal_id(node.steps[-1])
+    return node.id
 
 
-def task_ids(node: dict) -> list[str]:
+def task_ids(node: Node) -> list[str]:
     """Every task id inside a node (group ids included)."""
-    if node["t"] == "task":
-        return [node["msg"]["id"]]
-    if node["t"] == "chain":
-        return [i for step in node["steps"] for i in task_ids(step)]
-    return [node["id"]] + [i for m in node["members"] for i in task_ids(m)]
+    if isinstance(node, TaskNode):
+        return [node.id]
+    if isinstance(node, ChainNode):
+        return [i for step in node.steps for i in task_ids(step)]
+    return [node.id] + [i for m in node.members for i in task_ids(m)]
 
 
 # -- starting nodes -----------------------------------------------------------------------------
@@ -256,56 +342,54 @@ def _with_input(message: dict, input_json: Any, has_input: bool) -> dict:
     return message
 
 
-def start(app, node: dict, conts: list, pub: _Publisher, *, input_json: Any = None, has_input: bool = False) -> None:
+def start(app, node: Node, conts: list[Continuation], pub: _Publisher, *, input_json: Any = None,
+          has_input: bool = False) -> None:
     """Publish what starts ``node``; ``conts`` run with its result when it finishes."""
-    kind = node["t"]
-    if kind == "task":
-        message = _with_input(node["msg"], input_json, has_input)
-        message["workflow"] = {"then": conts} if conts else None
+    if isinstance(node, TaskNode):
+        message = _with_input(node.message, input_json, has_input)
+        message["workflow"] = {"then": [c.to_json() for c in conts]} if conts else None
         pub.task(message)
-    elif kind == "chain":
-        steps = node["steps"]
+    elif isinstance(node, ChainNode):
         inner = conts
-        if len(steps) > 1:
+        if len(node.steps) > 1:
             # the later steps are stored once, one key each, and the continuation refers to
             # them: a message carries one step, not the whole rest of the chain
-            key = f"nbq:chain:{terminal_id(node)}"
-            app.backend.kv_set_many({f"{key}:{i}": serialization.dumps(step) for i, step in enumerate(steps) if i > 0})
-            inner = [{"k": "chain", "key": key, "pos": 1, "n": len(steps), "then": conts}]
-        start(app, steps[0], inner, pub, input_json=input_json, has_input=has_input)
+            chain_id = terminal_id(node)
+            app.backend.kv_set_many({Keys.chain_step(chain_id, i): serialization.dumps(step.to_json())
+                                     for i, step in enumerate(node.steps) if i > 0})
+            inner = [NextStep(chain_id, 1, len(node.steps), conts)]
+        start(app, node.steps[0], inner, pub, input_json=input_json, has_input=has_input)
     else:
         _start_group(app, node, conts, pub, input_json, has_input)
 
 
-def _start_group(app, node: dict, conts: list, pub: _Publisher, input_json: Any, has_input: bool) -> None:
-    gid, members = node["id"], node["members"]
-    limit = node.get("concurrency") or len(members)
-    if limit < len(members) and not (pub.repeat and app.backend.group_info(gid) is not None):
+def _start_group(app, node: GroupNode, conts: list[Continuation], pub: _Publisher, input_json: Any,
+                 has_input: bool) -> None:
+    gid, members, limit = node.id, node.members, node.limit
+    if node.limited and not (pub.repeat and app.backend.group_info(gid) is not None):
         # held members and the limit are stored before the group exists, so a group that
         # exists has them all (a repeat start must not hold again members already released)
         for i in range(limit, len(members)):
-            spec = {"node": members[i], "index": i, "input": input_json, "has_input": has_input, "limited": True}
-            app.backend.kv_set(f"nbq:held:{gid}:{i}", serialization.dumps(spec))
-        app.backend.kv_set(f"nbq:limit:{gid}", str(limit))
-    app.backend.init_group(gid, [terminal_id(m) for m in members], meta={"then": conts})
+            held = HeldMember(members[i], i, input_json, has_input, limited=True)
+            app.backend.kv_set(Keys.held(gid, i), serialization.dumps(held.to_json()))
+        app.backend.kv_set(Keys.limit(gid), str(limit))
+    app.backend.init_group(gid, [terminal_id(m) for m in members], meta={"then": [c.to_json() for c in conts]})
     if not members:
         _group_complete(app, gid, pub)
         return
     for i, member in enumerate(members[:limit]):
-        spec = {"node": member, "index": i, "input": input_json, "has_input": has_input, "limited": limit < len(members)}
-        _start_member(app, gid, spec, pub)
+        _start_member(app, gid, HeldMember(member, i, input_json, has_input, limited=node.limited), pub)
 
 
-def _start_member(app, gid: str, spec: dict, pub: _Publisher) -> None:
-    cont = [{"k": "member", "group": gid, "index": spec["index"], "member": terminal_id(spec["node"]), "limited": spec.get("limited", True)}]
-    start(app, spec["node"], cont, pub, input_json=spec["input"], has_input=spec["has_input"])
+def _start_member(app, gid: str, member: HeldMember, pub: _Publisher) -> None:
+    done = MemberDone(gid, member.index, terminal_id(member.node), member.limited)
+    start(app, member.node, [done], pub, input_json=member.input, has_input=member.has_input)
 
 
 # -- advancing when a task finishes ---------------------------------------------------------------
 
 def on_success(app, message: dict, result_json_text: str, *, repeat: bool = False, send=None) -> None:
-    """After a task's SUCCESS is stored: callbacks, the next chain step, group fan-in
-    (``send``: see _Publisher)."""
+    """After a task's SUCCESS is stored: callbacks, the next chain step, group fan-in."""
     if not message.get("on_success") and not message.get("workflow"):
         return
     if repeat and _advanced(app, message["id"]):
@@ -314,7 +398,7 @@ def on_success(app, message: dict, result_json_text: str, *, repeat: bool = Fals
     value = serialization.loads(result_json_text)
     callbacks = [_with_input(cb, value, True) for cb in message.get("on_success") or []]
     _publish_callbacks(app, callbacks, message["id"], pub)
-    _apply(app, (message.get("workflow") or {}).get("then") or [], value, pub)
+    _apply(app, _then(message), value, pub)
     pub.flush()
     _mark_advanced(app, message["id"], pub)
 
@@ -329,7 +413,7 @@ def on_failure(app, message: dict, exc_type: str, error: str, *, repeat: bool = 
         return
     pub = _Publisher(app, repeat=repeat, careful=True, send=send)
     _fire_error_callbacks(app, message, error, pub)
-    _fail(app, (message.get("workflow") or {}).get("then") or [], message["id"], exc_type, error, pub)
+    _fail(app, _then(message), message["id"], exc_type, error, pub)
     pub.flush()
     _mark_advanced(app, message["id"], pub)
 
@@ -340,7 +424,7 @@ ADVANCED_TTL = 7 * 24 * 3600.0
 
 def _advanced(app, task_id: str) -> bool:
     """Whether an earlier attempt published this task's advance (only tracked for brokers that do not dedupe)."""
-    return not app.broker.capabilities.dedupes_publish and app.backend.kv_get(f"nbq:advanced:{task_id}") is not None
+    return not app.broker.capabilities.dedupes_publish and app.backend.kv_get(Keys.advanced(task_id)) is not None
 
 
 def _mark_advanced(app, task_id: str, pub: _Publisher) -> None:
@@ -353,17 +437,18 @@ def _mark_advanced(app, task_id: str, pub: _Publisher) -> None:
     leaves a window for a duplicate message (its execution is still fenced once final).
     """
     if pub.published and not app.broker.capabilities.dedupes_publish:
-        app.backend.claim_once(f"nbq:advanced:{task_id}", ADVANCED_TTL)
+        app.backend.claim_once(Keys.advanced(task_id), ADVANCED_TTL)
 
 
 def lone_member(message: dict) -> dict | None:
-    """The group-member continuation of a task when it is all that follows its success (no
-    callbacks, no concurrency limit to release): a worker may then count the member in the
-    round trip that stores the result and finish the advance with ``member_counted``."""
+    """The group-member continuation of a task, as the message carries it (``MemberDone.to_json``:
+    ``group`` and ``member`` ids), when it is all that follows its success (no callbacks, no
+    concurrency limit to release): a worker may then count the member in the round trip that
+    stores the result and finish the advance with ``member_counted``."""
     if message.get("on_success"):
         return None
     conts = (message.get("workflow") or {}).get("then") or []
-    if len(conts) == 1 and conts[0]["k"] == "member" and not conts[0].get("limited", True):
+    if len(conts) == 1 and conts[0]["kind"] == "member" and not conts[0].get("limited", True):
         return conts[0]
     return None
 
@@ -374,7 +459,9 @@ def member_counted(app, message: dict, cont: dict, done: int, total: int, *, sen
     if done < total:
         return
     pub = _Publisher(app, send=send)
-    _member_finished(app, cont, pub, counted=(done, total))
+    member = continuation_from_json(cont)
+    assert isinstance(member, MemberDone)
+    _member_finished(app, member, pub, counted=(done, total))
     pub.flush()
     _mark_advanced(app, message["id"], pub)
 
@@ -412,45 +499,44 @@ def _fire_error_callbacks(app, message: dict, error: str, pub: _Publisher) -> No
     _publish_callbacks(app, callbacks, message["id"], pub)
 
 
-def _apply(app, conts: list, value: Any, pub: _Publisher) -> None:
+def _apply(app, conts: list[Continuation], value: Any, pub: _Publisher) -> None:
     for cont in conts:
-        if cont["k"] == "chain":
+        if isinstance(cont, NextStep):
             _next_step(app, cont, value, pub)
-        elif cont["k"] == "member":
+        else:
             _member_finished(app, cont, pub)
 
 
-def _next_step(app, cont: dict, value: Any, pub: _Publisher) -> None:
-    """Start the chain's step ``pos`` with the previous step's value.
+def _next_step(app, cont: NextStep, value: Any, pub: _Publisher) -> None:
+    """Start the chain's step ``cont.step`` with the previous step's value.
 
     A step's stored node is deleted once the step is published; a repeat advance that
     finds it gone knows the step was started already.
     """
-    step_key = f"{cont['key']}:{cont['pos']}"
+    step_key = Keys.chain_step(cont.chain, cont.step)
     text = app.backend.kv_get(step_key)
     if text is None:
         return
-    pos, n = cont["pos"], cont["n"]
-    inner = [{**cont, "pos": pos + 1}] if pos + 1 < n else cont["then"]
-    start(app, serialization.loads(text), inner, pub, input_json=value, has_input=True)
+    following = cont.step + 1
+    inner: list[Continuation] = [dataclasses.replace(cont, step=following)] if following < cont.steps else cont.then
+    start(app, node_from_json(serialization.loads(text)), inner, pub, input_json=value, has_input=True)
     pub.after.append(lambda: app.backend.kv_set(step_key, None))
 
 
-def _chain_rest(app, cont: dict) -> list[dict]:
-    """The stored steps of a chain from ``pos`` on (those not started yet)."""
-    texts = [app.backend.kv_get(f"{cont['key']}:{i}") for i in range(cont["pos"], cont["n"])]
-    return [serialization.loads(t) for t in texts if t is not None]
+def _chain_rest(app, cont: NextStep) -> list[Node]:
+    """The stored steps of a chain from ``cont.step`` on (those not started yet)."""
+    texts = [app.backend.kv_get(Keys.chain_step(cont.chain, i)) for i in range(cont.step, cont.steps)]
+    return [node_from_json(serialization.loads(t)) for t in texts if t is not None]
 
 
-def _member_finished(app, cont: dict, pub: _Publisher, counted: tuple[int, int] | None = None) -> None:
+def _member_finished(app, cont: MemberDone, pub: _Publisher, counted: tuple[int, int] | None = None) -> None:
     """Count a member as done (unless the caller did: ``counted`` is its (done, total))
     and start what that frees: the next held member, or what follows the group."""
-    gid = cont["group"]
-    done, total = counted or app.backend.member_done(gid, cont["member"])
-    if cont.get("limited", True):
-        _release_next(app, gid, done, total, pub)
+    done, total = counted or app.backend.member_done(cont.group, cont.member)
+    if cont.limited:
+        _release_next(app, cont.group, done, total, pub)
     if done >= total:
-        _group_complete(app, gid, pub)
+        _group_complete(app, cont.group, pub)
 
 
 def _release_next(app, gid: str, done: int, total: int, pub: _Publisher) -> None:
@@ -463,22 +549,27 @@ def _release_next(app, gid: str, done: int, total: int, pub: _Publisher) -> None
     member's finish meanwhile released only *its* index). A held spec is deleted once
     its member is published.
     """
-    limit = app.backend.kv_get(f"nbq:limit:{gid}")
+    limit = app.backend.kv_get(Keys.limit(gid))
     if limit is None:
         return
     due = int(limit) + done          # members 0 .. due-1 may have started by now
     if pub.repeat:
-        prefix = f"nbq:held:{gid}:"
+        prefix = Keys.held(gid)
         held = {int(key[len(prefix):]): text for key, text in app.backend.kv_items(prefix).items()}
         release = sorted((i, text) for i, text in held.items() if i < due)
     else:
-        text = app.backend.kv_get(f"nbq:held:{gid}:{due - 1}") if due - 1 < total else None
+        text = app.backend.kv_get(Keys.held(gid, due - 1)) if due - 1 < total else None
         release = [] if text is None else [(due - 1, text)]
     for index, text in release:
-        _start_member(app, gid, serialization.loads(text), pub)
-        pub.after.append(lambda key=f"nbq:held:{gid}:{index}": app.backend.kv_set(key, None))
+        _start_member(app, gid, HeldMember.from_json(serialization.loads(text)), pub)
+        pub.after.append(lambda key=Keys.held(gid, index): app.backend.kv_set(key, None))
     if done >= total:
-        pub.after.append(lambda: app.backend.kv_set(f"nbq:limit:{gid}", None))
+        pub.after.append(lambda: app.backend.kv_set(Keys.limit(gid), None))
+
+
+def _group_then(info: dict) -> list[Continuation]:
+    """The continuations kept with a group (``init_group``'s meta)."""
+    return continuations_from_json(info["meta"].get("then"))
 
 
 def _group_complete(app, gid: str, pub: _Publisher) -> None:
@@ -496,69 +587,57 @@ def _group_complete(app, gid: str, pub: _Publisher) -> None:
     if missing:
         # a member's result expired (results_expire_in) before the group finished
         error = f"the result of member {missing[0]} expired before the group finished"
-        _fail(app, info["meta"].get("then") or [], missing[0], "ResultExpired", error, pub)
+        _fail(app, _group_then(info), missing[0], "ResultExpired", error, pub)
         pub.after.append(lambda: app.backend.store_result(gid, states.FAILURE, exc_type="ResultExpired", error=error))
         return
     if any(r["state"] != states.SUCCESS for r in records):
         # a member failed for good: the group failed when it did (see _fail); nothing to run
         return
     values = [serialization.loads(r["result"]) for r in records]
-    _apply(app, info["meta"].get("then") or [], values, pub)
+    _apply(app, _group_then(info), values, pub)
     text = serialization.dumps(values)
     payloads.track(app, gid, text)      # the group's record holds its members' values, payloads too
     pub.after.append(lambda: app.backend.store_result(gid, states.SUCCESS, result=text))
 
 
-def _fail(app, conts: list, origin_id: str, exc_type: str, error: str, pub: _Publisher) -> None:
+def _fail(app, conts: list[Continuation], origin_id: str, exc_type: str, error: str, pub: _Publisher) -> None:
     for cont in conts:
-        if cont["k"] == "chain":
+        if isinstance(cont, NextStep):
             for node in _chain_rest(app, cont):
                 _mark_not_run(app, node, origin_id, exc_type, error, pub)
-            _fail(app, cont["then"], origin_id, exc_type, error, pub)
-        elif cont["k"] == "member":
-            gid = cont["group"]
-            if app.backend.states_of([gid]).get(gid) not in states.READY_STATES:
-                # the first member to fail fails the group and what follows it; the group's
-                # FAILURE is stored after that is published, so it marks it done
-                info = app.backend.group_info(gid)
-                _fail(app, info["meta"].get("then") or [], origin_id, exc_type, error, pub)
-                pub.after.append(lambda gid=gid: app.backend.store_result(
-                    gid, states.FAILURE, exc_type=exc_type, error=error, traceback=f"not complete: member {origin_id} failed"))
-            # the failed member still frees a slot in a concurrency-limited group
-            done, total = app.backend.member_done(gid, cont["member"])
-            if cont.get("limited", True):
-                _release_next(app, gid, done, total, pub)
+            _fail(app, cont.then, origin_id, exc_type, error, pub)
+        else:
+            _member_failed(app, cont, origin_id, exc_type, error, pub)
 
 
-def _mark_not_run(app, node: dict, origin_id: str, exc_type: str, error: str, pub: _Publisher) -> None:
+def _member_failed(app, cont: MemberDone, origin_id: str, exc_type: str, error: str, pub: _Publisher) -> None:
+    """The first member to fail fails the group and what follows it; the group's FAILURE is
+    stored after that is published, so it marks it done."""
+    gid = cont.group
+    if app.backend.states_of([gid]).get(gid) not in states.READY_STATES:
+        _fail(app, _group_then(app.backend.group_info(gid)), origin_id, exc_type, error, pub)
+        pub.after.append(lambda: app.backend.store_result(
+            gid, states.FAILURE, exc_type=exc_type, error=error, traceback=f"not complete: member {origin_id} failed"))
+    # the failed member still frees a slot in a concurrency-limited group
+    done, total = app.backend.member_done(gid, cont.member)
+    if cont.limited:
+        _release_next(app, gid, done, total, pub)
+
+
+def _mark_not_run(app, node: Node, origin_id: str, exc_type: str, error: str, pub: _Publisher) -> None:
     """Record every task of a node that will never run (REVOKED, the traceback saying
     ``not run: <id> failed`` or ``was revoked``); fire their error callbacks."""
     why = f"not run: {origin_id} " + ("was revoked" if exc_type == "TaskRevoked" else "failed")
-    if node["t"] == "task":
-        message = node["msg"]
-        app.backend.store_result(message["id"], states.REVOKED, exc_type=exc_type, error=error, traceback=why)
-        _fire_error_callbacks(app, message, error, pub)
-    elif node["t"] == "chain":
-        for step in node["steps"]:
+    if isinstance(node, TaskNode):
+        app.backend.store_result(node.id, states.REVOKED, exc_type=exc_type, error=error, traceback=why)
+        _fire_error_callbacks(app, node.message, error, pub)
+    elif isinstance(node, ChainNode):
+        for step in node.steps:
             _mark_not_run(app, step, origin_id, exc_type, error, pub)
     else:
-        app.backend.store_result(node["id"], states.REVOKED, exc_type=exc_type, error=error, traceback=why)
-        for member in node["members"]:
+        app.backend.store_result(node.id, states.REVOKED, exc_type=exc_type, error=error, traceback=why)
+        for member in node.members:
             _mark_not_run(app, member, origin_id, exc_type, error, pub)
-
-
-@contextlib.contextmanager
-def task_context(app, message: dict, token: int, worker) -> Iterator[None]:
-    reset = _current.set({"id": message["id"], "name": message["name"], "app": app, "token": token, "worker": worker})
-    try:
-        yield
-    finally:
-        _current.reset(reset)
-
-
-def current_task() -> dict | None:
-    """Inside a task: its id, name and App; None elsewhere."""
-    return _current.get()
 
 
 # -- sending ----------------------------------------------------------------------------------------
@@ -593,20 +672,17 @@ def send_chord(app, c: Any, concurrency: int = 0):
     return send(app, c, concurrency=concurrency)
 
 
-def result_for(app, item: Any, node: dict):
-    from .result import AsyncResult, ChainResult, ChordResult, GroupResult
-
+def result_for(app, item: Any, node: Node):
+    """The result object of a sent canvas ``item`` whose node is ``node``."""
     if isinstance(item, Signature):
-        return AsyncResult(node["msg"]["id"], app, name=item.name)
+        return AsyncResult(terminal_id(node), app, name=item.name)
     if isinstance(item, group):
-        return GroupResult(node["id"], [result_for(app, m, n) for m, n in zip(item.items, node["members"])], app)
+        assert isinstance(node, GroupNode)
+        return GroupResult(node.id, [result_for(app, m, n) for m, n in zip(item.items, node.members)], app)
+    assert isinstance(node, ChainNode)
     if isinstance(item, chord):
-        header_node, callback_node = node["steps"][0], node["steps"][1:]
+        header_node, callback_nodes = node.steps[0], node.steps[1:]
         header = result_for(app, item.header, header_node)
-        callback = result_for(app, item.callback, callback_node[0] if len(callback_node) == 1 else {"t": "chain", "steps": callback_node})
-        return ChordResult(header, callback, app)
-    steps, i = [], 0
-    for step in item.steps:
-        steps.append(result_for(app, step, node["steps"][i]))
-        i += 1
-    return ChainResult(steps, app)
+        callback_node = callback_nodes[0] if len(callback_nodes) == 1 else ChainNode(callback_nodes)
+        return ChordResult(header, result_for(app, item.callback, callback_node), app)
+    return ChainResult([result_for(app, step, n) for step, n in zip(item.steps, node.steps)], app)

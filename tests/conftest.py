@@ -313,8 +313,7 @@ ENGINE_KINDS = ["sqlite", "memory", "redis", "amqp+sqlite", "sqlite+redis", "red
 @pytest.fixture(params=ENGINE_KINDS)
 def engine_factory(request, tmp_path, qname):
     """``engine_factory()``: a new engine (new broker and backend objects) on the same stores each call."""
-    from nbqueue.drivers import backend_from_url, broker_from_url
-    from nbqueue.engine import engine_for
+    from nbqueue.drivers import backend_from_url, broker_from_url, engine_for
 
     broker_kind, _, backend_kind = request.param.partition("+")
     broker_url = store_url(broker_kind, tmp_path)

@@ -296,6 +296,25 @@ def test_retry_with_eta_counts_attempts_and_release_counts_too(amqp, qname):
     assert broker.retry(d2) is False      # an old delivery cannot act
 
 
+def test_names_derived_from_the_longest_queue_name_send_accepts_fit_rabbitmq(amqp, qname):
+    """Given a queue name of MAX_QUEUE_NAME bytes, the longest nbqueue derives from it (a
+    kernel's code queue) takes delayed messages (its delay queue) and dead letters (its
+    dead-letter queue) on RabbitMQ."""
+    from nbqueue.shipping import code_queue
+    from nbqueue.signature import MAX_QUEUE_NAME
+
+    base = qname("long")
+    base += "x" * (MAX_QUEUE_NAME - len(base))
+    longest = code_queue(f"{base}.kernel-4194304-abcdef")
+    qname.made.append(longest)
+    broker = amqp()
+    broker.publish(out(longest, id="later", eta=time.time() + 0.5))
+    [d] = reserve_all(broker, [longest], 1)
+    assert d.message_id == "later" and broker.reject(d, "no good")
+    [dead] = wait_for(lambda: broker.dead_letters(longest))
+    assert (dead["id"], dead["queue"], dead["reason"]) == ("later", longest, "no good")
+
+
 # -- dead letters ---------------------------------------------------------------------------
 
 def test_poison_message_dead_letters_with_its_reason(amqp, qname, raw):

@@ -20,9 +20,9 @@ import pytest
 
 import nbqueue
 from nbqueue import Backoff, Signature, states
-from nbqueue.broker import Outgoing, Broker
-from nbqueue.engine import SplitEngine
+from nbqueue.broker import Broker, Outgoing
 from nbqueue.clock import ManualClock
+from nbqueue.engine import SplitEngine
 from nbqueue.retry import fibonacci_next, next_delay
 from nbqueue.testing import dead_worker_name, wait_for
 

@@ -1,6 +1,7 @@
 """What results look like without a live view: the static HTML and text of every result
-type (what GitHub, nbconvert and a terminal show) and the task frames, whose column
-types must not depend on the other rows. On every app kind.
+type (what GitHub, nbconvert and a terminal show), rendered by the notebook layer from the
+results' snapshots, and the task frames, whose column types must not depend on the other
+rows. On every app kind.
 """
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pandas as pd
 import pytest
 
 import nbqueue
-from nbqueue import Signature, chain, chord, group
+from nbqueue import Signature, chord, group
+from nbqueue.notebook import display, widgets
 
 #: the dtypes of app.tasks() and to_frame(), whatever the rows
 FRAME_DTYPES = {
@@ -96,14 +98,14 @@ def test_static_html_of_groups_chords_and_chains_shows_a_row_per_task(app):
         "failed group": (bad, [["add", "SUCCESS", "[5, 5]", "10", ""], ["fail", "FAILURE", "['way']", "", "ValueError: no way"]]),
     }
     for label, (result, rows) in expected.items():
-        text = result._repr_html_()
+        text = display.html(result)
         assert "no table" not in text, (label, text)
         [table] = tables(text)
         assert table[0] == header, label
         assert [row[:5] for row in table[1:]] == rows, label
         assert all(RUNTIME.match(row[5]) for row in table[1:]), (label, table)
-    assert "SUCCESS" in g._repr_html_() and "3/3 done: 3 succeeded" in g._repr_html_()
-    assert "1 failed" in bad._repr_html_()
+    assert "SUCCESS" in display.html(g) and "3/3 done: 3 succeeded" in display.html(g)
+    assert "1 failed" in display.html(bad)
 
 
 def test_static_html_of_a_large_group_shows_the_first_rows_and_says_how_many_more(app):
@@ -111,7 +113,7 @@ def test_static_html_of_a_large_group_shows_the_first_rows_and_says_how_many_mor
     g = app.send(group([add.s(i, 0) for i in range(25)]))
     app.start_worker(concurrency=2)
     g.get(timeout=60)
-    text = g._repr_html_()
+    text = display.html(g)
     [table] = tables(text)
     assert [row[3] for row in table[1:]] == [str(i) for i in range(20)]
     assert "… 5 more rows: .to_frame()" in text
@@ -125,11 +127,11 @@ def test_long_values_are_cut_in_the_static_table_and_html_is_escaped(app):
     g = app.send(group(echo.s("<b>" + "x" * 200), echo.s([1, 2])))
     app.start_worker()
     g.get(timeout=30)
-    [table] = tables(g._repr_html_())
+    [table] = tables(display.html(g))
     args, value = table[1][2], table[1][3]
     assert value.startswith("'<b>xxx") and value.endswith("…") and len(value) == 60
     assert args.startswith("['<b>xxx") and len(args) == 60
-    assert "<b>xxx" not in g._repr_html_()          # escaped, not markup
+    assert "<b>xxx" not in display.html(g)          # escaped, not markup
     assert table[2][3] == "[1, 2]"
 
 
@@ -147,14 +149,14 @@ def test_text_reprs_of_every_result_type(app):
     assert repr(c) == "<ChordResult 2 members SUCCESS>"
     assert repr(ch) == "<ChainResult 2 steps SUCCESS>"
     # outside a kernel the display data is a text line (the live view's text mode)
-    assert re.fullmatch(r"\[nbqueue\] add \w{8}: SUCCESS in \S+ → 42", one._repr_mimebundle_()["text/plain"])
+    assert re.fullmatch(r"\[nbqueue\] add \w{8}: SUCCESS in \S+ → 42", widgets.mimebundle(one)["text/plain"])
     assert re.fullmatch(r"\[nbqueue\] group of 2 SUCCESS 100% \(2/2 done: 2 succeeded\) in \S+ → \[2, 4\]",
-                        g._repr_mimebundle_()["text/plain"])
+                        widgets.mimebundle(g)["text/plain"])
     assert re.fullmatch(r"\[nbqueue\] chord of 2 SUCCESS 100% \(2/2 done: 2 succeeded\), callback SUCCESS in \S+ → 10",
-                        c._repr_mimebundle_()["text/plain"])
+                        widgets.mimebundle(c)["text/plain"])
     assert re.fullmatch(r"\[nbqueue\] chain of 2 steps SUCCESS 100% \(2/2 steps\) in \S+ → 13",
-                        ch._repr_mimebundle_()["text/plain"])
-    [table] = tables(one._repr_html_())
+                        widgets.mimebundle(ch)["text/plain"])
+    [table] = tables(display.html(one))
     assert dict((row[0], row[1]) for row in table)["result"] == "42"
 
 

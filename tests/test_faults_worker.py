@@ -88,6 +88,7 @@ BAD_OPTIONS = [
     ({"queue": ""}, ValueError, "queue .* non-empty"),
     ({"queue": 7}, TypeError, "queue .* string"),
     ({"queue": "amq.mine"}, ValueError, "queue .*amq\\."),
+    ({"queue": "q" * 201}, ValueError, "queue .* at most 200 bytes"),
     ({"headers": {1: "x"}}, TypeError, "headers .* string keys"),
     ({"headers": ["x"]}, TypeError, "headers .* dict"),
     ({"immutable": "no"}, TypeError, "immutable"),

@@ -17,11 +17,12 @@ import pytest
 
 import nbqueue
 from nbqueue import builtin, capture, states
-from nbqueue.notebook import cellvars, magics as nbmagics, widgets
-from nbqueue.signature import Signature
+from nbqueue.canvas import Signature
+from nbqueue.notebook import cellvars, display, widgets
+from nbqueue.notebook import magics as nbmagics
 from nbqueue.testing import wait_for
 
-from conftest import REDIS_URL, ipython_shell, private_redis_url, require_server
+from conftest import REDIS_URL, ipython_shell, private_redis_url, require_server, session_server_url
 
 REDIS_CELLS_URL = os.environ.get("NBQUEUE_TEST_REDIS_CELLS", REDIS_URL)
 
@@ -329,6 +330,33 @@ def test_nbqueue_status_tasks_and_worker(shell):
     assert shell.nbq.worker_running and shell.nbq.kernel_worker.concurrency == 3
 
 
+def test_kernel_on_sqs_runs_cells_and_notebook_functions_on_its_own_queues(ipython, tmp_path, qname):
+    """Given a kernel whose App is on SQS, its worker reads the kernel's queue and the code
+    queues (names with dots, which SQS takes under the broker's mapping): a %%task cell and
+    a notebook function run, and %nbqueue status shows nbqueue's names."""
+    from nbqueue.shipping import code_queue
+
+    ipython.reset(new_session=False)
+    app = nbqueue.App(session_server_url("sqs"), f"sqlite:///{tmp_path}/results.db", default_queue=qname("default"))
+    ipython.user_ns["app"] = app
+    state = nbmagics.load_ipython_extension(ipython, concurrency=2)
+    try:
+        run(ipython, "def double(v):\n    return 2 * v")
+        assert run(ipython, "%%task on_sqs\ndouble(21)").get(timeout=60) == 42
+        run(ipython, "triple = app.task(lambda v: 3 * v, name='triple')")
+        shipped = run(ipython, "triple.delay(14)")
+        assert shipped.get(timeout=60) == 42 and shipped.info()["queue"] == code_queue(app.default_queue)
+        queues = run(ipython, "%nbqueue status").set_index("queue")
+        assert queues.loc[state.kernel_queue, "workers"] == 1 and code_queue(app.default_queue) in queues.index
+    finally:
+        nbmagics.unload_ipython_extension(ipython)
+        for worker in list(app.workers):
+            worker.stop(wait=True, timeout=10)
+        queues = [app.default_queue, state.kernel_queue]
+        app.broker.delete_queues(queues + [code_queue(q) for q in queues])
+        app.close()
+
+
 def test_load_ext_creates_an_app_when_the_namespace_has_none(ipython, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     ipython.reset(new_session=False)
@@ -467,8 +495,33 @@ def test_async_result_html_shows_state_value_and_output(app):
     res = shout.delay("hey")
     app.worker().start()
     res.get(timeout=30)
-    text = res._repr_html_()
+    text = display.html(res)
     assert "SUCCESS" in text and "&#x27;HEY&#x27;" in text and "shouting" in text and res.id in text
+
+
+def test_results_display_through_the_formatters_nbqueue_registers_on_the_shell(ipython, app):
+    """The core has no display code: nbqueue registers the notebook layer's rendering with the
+    shell's display formatters, so every result type (and a cell's, a subclass) shows its view."""
+    @app.task(name="add")
+    def add(x, y):
+        return x + y
+
+    @app.task(name="total")
+    def total(values):
+        return sum(values)
+
+    assert nbqueue.register_display(ipython)
+    one, g = add.delay(1, 2), app.send(nbqueue.group(add.s(1, 1), add.s(2, 2)))
+    c = app.send(nbqueue.chord(nbqueue.group(add.s(1, 1)), total.s()))
+    ch = app.send(add.s(1, 1) | add.s(5))
+    app.start_worker()
+    for r in (one, g, c, ch):
+        r.get(timeout=30)
+    for r in (one, g, c, ch):
+        data, _ = ipython.display_formatter.format(r)
+        assert data["text/plain"].startswith("[nbqueue] ") and "SUCCESS" in data["text/plain"], data["text/plain"]
+        assert data["text/html"] == display.html(r)
+    assert not hasattr(one, "_repr_html_") and not hasattr(g, "_repr_mimebundle_")     # the formatters show them
 
 
 # -- which App the magics use ----------------------------------------------------------------------

@@ -21,17 +21,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from test_frames_codec import assert_same_frame, assert_same_series, frames, scalar_dtypes, series
 
 import nbqueue
+from nbqueue import blobs, chain, chord, group, payloads, serialization, states
+from nbqueue.drivers import payload_store
 from nbqueue.drivers.redis.payloads import RedisPayloads
 from nbqueue.drivers.sqlite.payloads import SQLitePayloads
-from nbqueue import blobs, chain, chord, group, payloads, serialization, states
 from nbqueue.errors import ConfigurationError, PayloadCorrupt, PayloadMissing, PayloadTooLarge
 from nbqueue.payloads import PayloadRef
 from nbqueue.testing import wait_for
 
 from conftest import BACKEND_KINDS, BROKER_KINDS, IN_CI, session_server_url, store_url
-from test_frames_codec import assert_same_frame, assert_same_series, frames, scalar_dtypes, series
 
 TESTS_DIR = Path(__file__).resolve().parent
 EXAMPLES = int(os.environ.get("NBQUEUE_HYPOTHESIS_PAIR_EXAMPLES", "5"))      # per pair; raise it for a longer search
@@ -251,7 +252,7 @@ def test_a_crash_between_the_payload_and_the_record_leaves_nothing_for_ever(app_
 
 
 def test_files_a_dead_writer_left_beside_the_sqlite_file_are_swept(tmp_path):
-    store = payloads.store_from_url(f"sqlite:///{tmp_path}/p.db")
+    store = payload_store(f"sqlite:///{tmp_path}/p.db")
     data = os.urandom(5000)
     key = payloads.key_of(data)
     os.makedirs(os.path.dirname(store._file(key)))
@@ -392,8 +393,8 @@ def test_app_tasks_shows_summaries_and_the_views_preview_frames_without_reading_
     assert all(isinstance(v[0], PayloadRef) and repr(v[0]).startswith("DataFrame 10,000×5, ") for v in tasks["args"])
     newest = tasks.set_index("id").loc[results[2].id, "result"]
     pd.testing.assert_frame_equal(newest.head(), frame.assign(x=frame["x"] + 2).head(), check_exact=True)
-    html_static = display.async_result_html(results[0])                 # the static HTML (nbconvert, GitHub)
-    live = widgets._value_html(app, app.backend.get(results[0].id))     # the live view's value
+    html_static = display.html(results[0])                              # the static HTML (nbconvert, GitHub)
+    live = widgets._value_html(results[0].snapshot())                  # the live view's value
     for page in (html_static, live):
         assert "DataFrame 10,000×5" in page and "<table" in page and "item-4" in page and "item-5" not in page
     assert store.reads == 0
@@ -409,7 +410,7 @@ def test_an_inline_frame_result_previews_as_its_first_rows_and_shape(app):
     r = echo.delay(pd.DataFrame({"a": range(8), "b": list("abcdefgh")}))
     app.start_worker()
     r.get(timeout=30)
-    page = display.async_result_html(r)
+    page = display.html(r)
     assert "DataFrame 8×2" in page and "<table" in page and "<td>e</td>" in page and "<td>f</td>" not in page
 
 
@@ -484,7 +485,7 @@ def test_payload_options_are_checked_and_the_default_store_sits_beside_the_recor
     assert isinstance(env.serializer.plane.store, payloads.FsspecPayloads)
     assert (env.serializer.plane.threshold, env.serializer.plane.compression) == (2048, "zstd")
     with pytest.raises(ConfigurationError, match="cannot hold payloads"):
-        payloads.store_from_url("memcache://127.0.0.1:11211")
+        payload_store("memcache://127.0.0.1:11211")
 
 
 # -- 8. fsspec stores: a directory and S3 (moto's server) ----------------------------------------------------
@@ -629,7 +630,7 @@ def test_a_reference_whose_key_is_not_a_payload_key_reads_nothing(tmp_path, kind
     secret = tmp_path / "secret.txt"
     secret.write_text("not yours")
     url = f"sqlite:///{tmp_path}/p.db" if kind == "sqlite" else f"file://{tmp_path}/payloads"
-    store = payloads.store_from_url(url)
+    store = payload_store(url)
     for key in ("sha256-../../secret.txt", f"sha256-{'0' * 64}/../../../secret.txt", "../secret.txt"):
         with pytest.raises(PayloadCorrupt, match="is not a payload key"):
             store.get(key)

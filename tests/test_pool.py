@@ -160,6 +160,26 @@ def test_notebook_function_runs_in_a_child_when_main_has_no_spec(app_factory, mo
     assert sys.modules["__main__"] is main and not hasattr(main, "__spec__")
 
 
+@pytest.mark.parametrize("app_kind", ["sqs"])
+def test_a_kernel_worker_on_sqs_reads_the_code_queue_and_runs_a_shipped_task(app_factory, qname, monkeypatch):
+    """Given an App on SQS in a notebook kernel (``__main__`` has no file), its worker reads
+    the code queue ``<queue>.code`` from the start; a notebook function runs through the
+    process pool end to end, and the queue shows under nbqueue's name."""
+    monkeypatch.delattr(sys.modules["__main__"], "__file__", raising=False)
+    assert shipping.interactive()
+    app = app_factory()
+    code = shipping.code_queue(app.default_queue)
+    qname.made.append(code)                              # deleted after the test with the others
+    worker = app.start_worker(pool="processes", concurrency=1)
+    assert code in worker.queues
+    ns, tasks = register(app, where=1)
+    r = tasks["where"].delay(2)
+    value, child = r.get(timeout=60)
+    assert value == 6 and child in worker.pool.pids()
+    assert app.backend.get(r.id)["queue"] == code
+    assert code in [row["queue"] for row in app.broker.stats()]
+
+
 class _StandInMain:
     """A ``__main__`` that is no module (as IPython's ``DummyMod``): no ``__spec__``, no ``__file__``."""
 

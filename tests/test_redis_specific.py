@@ -18,17 +18,17 @@ import pytest
 
 from nbqueue import Signature, states
 from nbqueue import chord as nbqueue_chord
-from nbqueue.drivers.redis.backend import RedisBackend
 from nbqueue.broker import Outgoing
+from nbqueue.clock import ManualClock
+from nbqueue.drivers.redis.backend import RedisBackend
 from nbqueue.drivers.redis.broker import RedisBroker
 from nbqueue.drivers.redis.client import fake_server
 from nbqueue.drivers.redis.engine import RedisEngine
 from nbqueue.engine import Outcome
-from nbqueue.clock import ManualClock
 from nbqueue.errors import ConnectionLost
+from nbqueue.testing import wait_for
 
 from conftest import REDIS_URL, RUN_ID, delete_prefix, require_server
-from nbqueue.testing import wait_for
 
 
 def _memory_url() -> str:

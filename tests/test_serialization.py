@@ -23,6 +23,7 @@ import pytest
 import nbqueue
 from nbqueue import Signature, serialization, states
 from nbqueue.serialization import Serializer
+from nbqueue.signature import to_message
 
 
 class Point:
@@ -337,10 +338,10 @@ def test_args_given_as_a_string_or_a_dict_are_refused_not_split(app):
 
 
 def test_keyword_names_are_plain_strings_in_the_message():
-    message = Signature("t", kwargs={np.str_("a"): 1, "b": 2}).to_message(Serializer(), default_queue="q")
+    message = to_message(Signature("t", kwargs={np.str_("a"): 1, "b": 2}), Serializer(), default_queue="q")
     assert message["kwargs"] == {"a": 1, "b": 2} and all(type(k) is str for k in message["kwargs"])
     for bad, shown in ((1, "1"), (None, "None"), ((1, 2), r"\(1, 2\)")):
         with pytest.raises(nbqueue.SerializationError, match=rf"^keyword argument {shown} of task 't' has a name of type"):
-            Signature("t", kwargs={bad: "x"}).to_message(Serializer(), default_queue="q")
+            to_message(Signature("t", kwargs={bad: "x"}), Serializer(), default_queue="q")
     with pytest.raises(nbqueue.SerializationError, match="the name of a keyword argument of task 't' is a string with a lone surrogate"):
-        Signature("t", kwargs={"\udc00": "x"}).to_message(Serializer(), default_queue="q")
+        to_message(Signature("t", kwargs={"\udc00": "x"}), Serializer(), default_queue="q")

@@ -349,6 +349,49 @@ def test_sqs_bad_queue_name_and_oversized_message_are_refused_with_reasons(sqs, 
         broker.publish(Outgoing(id="big", body="x" * 1_100_000, queue=qname("big")))
 
 
+def test_sqs_names_of_queues_nbqueue_derives_map_one_to_one_onto_names_sqs_holds():
+    """Every name nbqueue derives (code queues, a kernel's queue and its code queue, of a
+    name as long as SQS takes) maps to its own SQS name; names SQS takes are kept."""
+    from nbqueue.drivers.sqs.broker import QUEUE_NAME, sqs_name
+    from nbqueue.shipping import code_queue
+
+    longest = "q" * 75
+    bases = ["default", "a-b_c", "jobs.fifo", "x-", "x_", longest, longest[:-1] + "z"]
+    derived = [d for b in bases for k in (b, f"{b}.kernel-4194304-0a1b2c") for d in (k, code_queue(k))]
+    names = bases + derived + ["x-.code", "x.-code", "x.code.code", "a.b", "a-b"]
+    mapped = {n: sqs_name(n) for n in names}
+    assert len(set(mapped.values())) == len(set(names))                      # one SQS queue per name
+    for n, m in mapped.items():
+        assert QUEUE_NAME.match(m) and len(m.removesuffix(".fifo")) <= 75, (n, m)
+    assert [sqs_name(n) for n in ("default", "jobs.fifo", "default.code", "jobs.fifo.code")] == [
+        "default", "jobs.fifo", "default-_code", "jobs-_fifo-_code"]
+    assert mapped[code_queue(longest)] == sqs_name(code_queue(longest))     # deterministic
+    with pytest.raises(ConfigurationError, match=r"'a-_code' is not a usable SQS queue name: '-_' is reserved"):
+        sqs_name("a-_code")
+    with pytest.raises(ConfigurationError, match=r"'q{76}' is not a usable SQS queue name"):
+        sqs_name("q" * 76)
+
+
+def test_sqs_code_queue_works_under_nbqueue_name_beside_a_queue_whose_sqs_name_is_alike(sqs, qname):
+    """Given nbqueue's code queue ``<q>.code`` and a user's queue ``<q>-code`` on one broker,
+    each message stays on its own queue; stats, dead letters and purge speak nbqueue's names."""
+    broker, q = sqs(), qname("w")
+    code, plain = q + ".code", q + "-code"
+    qname.made.extend([code, plain])
+    broker.publish(Outgoing(id="shipped", body="{}", queue=code))
+    broker.publish(Outgoing(id="plain", body="{}", queue=plain))
+    [d] = _reserve(broker, code)
+    assert (d.message_id, d.queue) == ("shipped", code)
+    assert broker.reject(d, "no good")
+    [dead] = wait_for(lambda: broker.dead_letters(code))
+    assert (dead["id"], dead["queue"], dead["reason"]) == ("shipped", code, "no good")
+    rows = {s["queue"]: s for s in broker.stats()}
+    assert rows[code]["dead"] == 1 and rows[plain]["dead"] == 0
+    assert broker.purge(plain) == 1 and _reserve(broker, plain, timeout=1) == []
+    with pytest.raises(ConfigurationError, match=r"'t.*-w-_code' is not a usable SQS queue name"):
+        broker.publish(Outgoing(id="m", body="{}", queue=q + "-_code"))
+
+
 def test_sqs_missing_credentials_name_the_settings_to_fix(monkeypatch, sqs):
     from nbqueue.drivers.sqs.broker import SQSBroker
 

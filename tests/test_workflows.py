@@ -559,7 +559,7 @@ def test_group_concurrency_bounds_the_messages_in_the_broker_also_when_members_f
                          concurrency=limit)
     members = [r.id for r in res.results]
     worker = app.worker()
-    exact_stats = app_factory.kind != "amqp"             # RabbitMQ's counts lag its deliveries (see brokers/amqp.py)
+    exact_stats = app_factory.kind != "amqp"             # RabbitMQ's counts lag its deliveries (see drivers/amqp/broker.py)
     high = queued(app)
     while not res.ready():
         step_one(app, worker)                              # nothing is held between two steps

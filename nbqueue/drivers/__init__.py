@@ -108,6 +108,42 @@ def store_options() -> frozenset:
     return frozenset().union(*(d.options for d in drivers().values()))
 
 
+def holds_payloads(url: str) -> bool:
+    """Whether the store ``url`` names can hold payloads (its driver has a payload store)."""
+    driver = schemes().get(urlsplit(url).scheme.lower())
+    return driver is not None and driver.payloads is not None
+
+
+def payload_store(url: str, *, clock=None, options: dict | None = None):
+    """The payload store a URL names: a driver's that holds payloads (sqlite://, redis://,
+    rediss://, memory://), or any fsspec URL (``s3://bucket/prefix``, ``file:///dir``)."""
+    from ..payloads import FsspecPayloads
+
+    scheme = urlsplit(url).scheme.lower()
+    driver = schemes().get(scheme)
+    if driver is not None and driver.payloads:
+        return driver.load("payloads")(url, clock=clock, options=options)
+    if driver is not None or scheme in ("http", "https"):
+        raise ConfigurationError(f"payloads={url!r}: {scheme}:// cannot hold payloads; use an fsspec URL "
+                                 f"('s3://bucket/prefix', 'file:///shared/dir') or one of "
+                                 f"{', '.join(s + '://' for s in sorted(schemes('payloads')))}")
+    return FsspecPayloads(url, clock=clock, options=(options or {}).get("payload_options"))
+
+
+def engine_for(broker, backend):
+    """The engine for a pair: the broker driver's fused engine where it serves this pair (the
+    two share one store), else a SplitEngine over them. The only place that asks whether two
+    stores are one."""
+    from ..engine import SplitEngine
+
+    driver = driver_for(broker.url, "broker")
+    if driver.engine is not None:
+        fused = driver.load("engine")
+        if fused.serves(broker, backend):
+            return fused(broker, backend)
+    return SplitEngine(broker, backend)
+
+
 def broker_from_url(url: str, **kwargs: Any):
     """A Broker for ``url`` (``clock=``, ``options=`` passed on)."""
     return driver_for(url, "broker").load("broker")(url, **kwargs)
@@ -118,4 +154,4 @@ def backend_from_url(url: str, **kwargs: Any):
     return driver_for(url, "backend").load("backend")(url, **kwargs)
 
 
-__all__ = ["DEFAULT_URL", "Driver", "drivers", "schemes", "driver_for", "store_options", "broker_from_url", "backend_from_url"]
+__all__ = ["DEFAULT_URL", "Driver", "engine_for", "holds_payloads", "payload_store", "drivers", "schemes", "driver_for", "store_options", "broker_from_url", "backend_from_url"]

@@ -37,8 +37,8 @@ from typing import Any, Callable, Sequence
 import orjson
 
 from .. import serialization, states
-from ..errors import SerializationError
 from ..backend import FIELDS, ResultBackend, counts_from_states
+from ..errors import SerializationError
 
 #: ``_change`` callbacks return this to leave the key as it is
 KEEP = object()

@@ -29,7 +29,6 @@ from typing import Any, Iterable
 
 from ..errors import SerializationError
 
-
 # -- which names a cell reads ---------------------------------------------------------------------
 
 class _Reads(ast.NodeVisitor):
@@ -107,7 +106,9 @@ class _Reads(ast.NodeVisitor):
             for n in ast.walk(gen.target):
                 if isinstance(n, ast.Name):
                     local.add(n.id)
-        parts = [g for gen in node.generators for g in ([gen.target] + gen.ifs + ([gen.iter] if gen is not node.generators[0] else []))]
+        first = node.generators[0]     # its iterable is read outside the comprehension's scope
+        parts = [g for gen in node.generators
+                 for g in ([gen.target] + gen.ifs + ([gen.iter] if gen is not first else []))]
         self._function_reads(None, [ast.Expr(e) for e in parts + elts], extra_locals=local)
 
     def visit_ListComp(self, node):
@@ -287,7 +288,8 @@ def _describe(value: Any) -> str:
     return f"a {type(value).__module__}.{type(value).__qualname__}"
 
 
-def capture(names: Iterable[str], namespace: dict, serializer, *, allow_local: bool, skip: Iterable[str] = ()) -> Captured:
+def capture(names: Iterable[str], namespace: dict, serializer, *, allow_local: bool,
+            skip: Iterable[str] = ()) -> Captured:
     """Sort the namespace's values of ``names`` into inputs, imports and local objects.
 
     Raises SerializationError naming the first variable that cannot leave the kernel

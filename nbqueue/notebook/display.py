@@ -1,22 +1,22 @@
-"""HTML and text renderings of results, shared by the static reprs and the live views.
+"""HTML and text renderings of results from their snapshots (``result.snapshot()``), shared
+by the static display data and the live views.
 
-``AsyncResult._repr_html_`` and the workflow results' ``_repr_html_`` call
-:func:`async_result_html` and :func:`workflow_html` (a snapshot: what nbconvert and
-GitHub show); their ``_repr_mimebundle_`` calls :func:`mimebundle`, which adds the live
-view of widgets.py when a widget frontend is there.
+:func:`html` is the static rendering of any result (what nbconvert and GitHub show): a
+task's table, or a workflow's counts and the first rows of its tasks. The display data
+IPython gets for a result (``nbqueue`` registers it with IPython's display formatters) is
+``widgets.mimebundle``: the live view, with this static HTML and a text line.
 
-A DataFrame or Series result shows as its first rows and its shape (:func:`value_html`);
-one stored out of band (nbqueue.payloads) is not read for that: its reference carries
-the first rows and the summary.
+A DataFrame or Series result shows as its first rows and its shape (:func:`value_html`); one
+stored out of band (nbqueue.payloads) is not read for that: its reference carries the first rows.
 """
 from __future__ import annotations
 
-import html
+import html as _html
 import math
-import time
 from typing import Any
 
 from .. import states
+from ..result import PREVIEW_COLUMNS, PREVIEW_ROWS, AsyncResult, preview
 
 STATE_COLORS = {
     states.PENDING: "#6c757d", states.RECEIVED: "#0d6efd", states.STARTED: "#0d6efd", states.RETRY: "#fd7e14",
@@ -26,16 +26,7 @@ STATE_COLORS = {
 
 def short(value: Any, limit: int = 160) -> str:
     """A one-line repr, cut to ``limit`` characters (DataFrames by their shape)."""
-    kind = type(value)
-    if kind.__module__.startswith("pandas") and hasattr(value, "shape"):
-        text = f"<{kind.__name__} {' x '.join(map(str, value.shape))}>"
-    else:
-        try:
-            text = repr(value)
-        except Exception as exc:  # a repr that fails must not break a view
-            text = f"<{kind.__name__}: repr failed: {exc}>"
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return preview(value, limit)
 
 
 def clip(text: str, limit: int = 160) -> str:
@@ -57,101 +48,54 @@ def seconds(value: float | None) -> str:
     return f"{minutes}m{secs:02d}s"
 
 
-def elapsed(record: dict, now: float | None = None) -> float | None:
-    """Seconds from creation to finish (or to now while not finished)."""
-    start = record.get("created_at")
-    if start is None:
-        return None
-    end = record.get("finished_at")
-    if end is None:
-        end = time.time() if now is None else now
-    return max(0.0, end - start)
-
-
 def badge(state: str | None) -> str:
     state = state or states.PENDING
     color = STATE_COLORS.get(state, "#6c757d")
     return (f'<span class="nbqueue-state" style="background:{color};color:white;border-radius:3px;'
-            f'padding:0 5px;font-size:90%">{html.escape(state)}</span>')
+            f'padding:0 5px;font-size:90%">{_html.escape(state)}</span>')
 
 
-def record_value(app, record: dict) -> Any:
-    """A finished task's value for display; values stored out of band stay unread (a PayloadRef)."""
-    from .. import serialization
-
-    text = record.get("result")
-    return None if text is None else app.serializer.decode(serialization.loads(text), lazy=True)
-
-
-#: rows and columns of a DataFrame result a view shows
-PREVIEW_ROWS, PREVIEW_COLUMNS = 5, 20
-
-
-def _preview(value: Any) -> tuple[Any, str]:
-    """(first rows as a DataFrame, caption) for a DataFrame or Series result, else (None, "")."""
-    from ..payloads import PayloadRef
-
-    if isinstance(value, PayloadRef):
-        head = value.head() if value.type in ("DataFrame", "Series") else None
-        return (None, "") if head is None else (head.to_frame() if head.ndim == 1 else head, value.summary)
-    kind = type(value)
-    if not kind.__module__.startswith("pandas") or kind.__name__ not in ("DataFrame", "Series"):
-        return None, ""
-    if value.ndim == 1:
-        name = f" {value.name!r}" if value.name is not None else ""
-        return value.iloc[:PREVIEW_ROWS].to_frame(), f"Series {len(value):,}{name}"
-    rows, cols = value.shape
-    return value.iloc[:PREVIEW_ROWS, :PREVIEW_COLUMNS], f"DataFrame {rows:,}×{cols:,}"
-
-
-def value_html(value: Any, limit: int = 400) -> str:
-    """A result as HTML: a DataFrame or Series as a small table of its first rows under its
-    shape; anything else as a short repr (``limit`` characters)."""
-    head, caption = _preview(value)
-    if head is None:
-        return f"<code>{html.escape(short(value, limit))}</code>"
+def value_html(snap: dict) -> str:
+    """A snapshot's value as HTML: a DataFrame or Series as a small table of its first rows under
+    its shape; anything else as its one-line preview."""
+    if snap.get("value_error") is not None:
+        return f"<code>{_html.escape('(cannot decode the result: ' + str(snap['value_error']) + ')')}</code>"
+    table = snap.get("table")
+    if table is None:
+        return f"<code>{_html.escape(snap.get('value') or '')}</code>"
+    head, caption = table
     try:
-        table = head.to_html(max_rows=PREVIEW_ROWS, max_cols=PREVIEW_COLUMNS, border=0, classes="nbqueue-preview-table")
+        rendered = head.to_html(max_rows=PREVIEW_ROWS, max_cols=PREVIEW_COLUMNS, border=0,
+                                classes="nbqueue-preview-table")
     except Exception:  # a view must not raise
-        return f"<code>{html.escape(caption)}</code>"
-    return (f'<div class="nbqueue-preview"><div class="nbqueue-shape">{html.escape(caption)}</div>'
-            f'<div style="max-height:14em;overflow:auto">{table}</div></div>')
+        return f"<code>{_html.escape(caption)}</code>"
+    return (f'<div class="nbqueue-preview"><div class="nbqueue-shape">{_html.escape(caption)}</div>'
+            f'<div style="max-height:14em;overflow:auto">{rendered}</div></div>')
 
 
-def label_of(result) -> str:
-    label = getattr(result, "label", None)
-    if label:
-        return str(label)
-    return str(getattr(result, "_name", None) or result.info().get("name") or "task")
-
-
-def async_result_html(result) -> str:
-    """A small table: name, id, state, times, result or error, output."""
-    record = result.info()
-    state = record.get("state") or states.PENDING
+def task_html(snap: dict) -> str:
+    """A small table of a task's snapshot: name, id, state, times, result or error, output."""
+    state = snap["state"]
     rows = [
-        ("task", html.escape(label_of(result))),
-        ("id", f"<code>{html.escape(result.id)}</code>"),
-        ("state", badge(state) + (f" after {record.get('retries')} retries" if record.get("retries") else "")),
+        ("task", _html.escape(snap["label"])),
+        ("id", f"<code>{_html.escape(snap['id'])}</code>"),
+        ("state", badge(state) + (f" after {snap['retries']} retries" if snap["retries"] else "")),
     ]
-    took = elapsed(record) if state in states.READY_STATES else None
-    if took is not None:
-        rows.append(("time", seconds(took)))
-    if record.get("worker"):
-        rows.append(("worker", html.escape(str(record["worker"]))))
+    if snap["final"] and snap["elapsed"] is not None:
+        rows.append(("time", seconds(snap["elapsed"])))
+    if snap["worker"]:
+        rows.append(("worker", _html.escape(str(snap["worker"]))))
     if state == states.SUCCESS:
-        try:
-            rows.append(("result", value_html(record_value(result.app, record), 400)))
-        except Exception as exc:
-            rows.append(("result", html.escape(f"(cannot decode: {exc})")))
-    if record.get("error"):
-        rows.append(("error", html.escape(f"{record.get('exc_type') or 'Error'}: {record['error']}")))
-    body = "".join(f'<tr><th style="text-align:left;padding-right:1em">{k}</th><td style="text-align:left">{v}</td></tr>' for k, v in rows)
+        rows.append(("result", value_html(snap)))
+    if snap["error"]:
+        rows.append(("error", _html.escape(snap["error"])))
+    th, td = '<th style="text-align:left;padding-right:1em">', '<td style="text-align:left">'
+    body = "".join(f"<tr>{th}{k}</th>{td}{v}</td></tr>" for k, v in rows)
     out = f'<table class="nbqueue-result">{body}</table>'
-    if record.get("output"):
-        out += f'<pre class="nbqueue-output" style="max-height:12em;overflow:auto">{html.escape(record["output"])}</pre>'
-    if record.get("traceback") and state in (states.FAILURE, states.RETRY):
-        out += f'<details><summary>traceback</summary><pre>{html.escape(record["traceback"])}</pre></details>'
+    if snap["output"]:
+        out += f'<pre class="nbqueue-output" style="max-height:12em;overflow:auto">{_html.escape(snap["output"])}</pre>'
+    if snap["traceback"] and state in (states.FAILURE, states.RETRY):
+        out += f'<details><summary>traceback</summary><pre>{_html.escape(snap["traceback"])}</pre></details>'
     return out
 
 
@@ -168,10 +112,6 @@ def counts_line(counts: dict) -> str:
     if counts.get("pending"):
         parts.append(f"{counts['pending']} pending")
     return f"{counts['done']}/{counts['total']} done: " + ", ".join(parts)
-
-
-def kind_of(result) -> str:
-    return type(result).__name__.replace("Result", "").lower()
 
 
 #: columns of the static table of a workflow, and how wide a cell may be (characters)
@@ -203,26 +143,20 @@ def _cell(column: str, value: Any) -> str:
 
 def workflow_html(result, max_rows: int = 20) -> str:
     """Counts by state and the first ``max_rows`` rows of ``to_frame()`` (only those are read)."""
-    from ..frames import records_frame
-
-    counts = result.progress()
-    state = result.state
-    if state == states.PENDING and counts["done"] + counts["running"] + counts["retrying"] > 0:
-        state = states.STARTED                # a workflow's record is written when it finishes
-    head = f"<b>{kind_of(result)}</b> {badge(state)} {html.escape(counts_line(counts))}"
+    snap = result.snapshot(diagnose=False)
+    head = f"<b>{snap['kind']}</b> {badge(snap['state'])} {_html.escape(counts_line(snap['counts']))}"
     try:
-        leaves = result.leaves()
-        first = [r for r in result.app.backend.get_many([x.id for x in leaves[:max_rows]]) if r is not None]
-        table = frame_table(records_frame(result.app, first), max_rows)
-        if len(leaves) > max_rows:
-            table += f"<div>… {len(leaves) - max_rows} more rows: .to_frame()</div>"
+        table = frame_table(result.to_frame(limit=max_rows), max_rows)
+        total = len(result.leaves())
+        if total > max_rows:
+            table += f"<div>… {total - max_rows} more rows: .to_frame()</div>"
     except Exception as exc:  # a view must not raise
-        table = html.escape(f"(no table: {exc})")
+        table = _html.escape(f"(no table: {exc})")
     return f'<div class="nbqueue-workflow">{head}{table}</div>'
 
 
-def mimebundle(result, include=None, exclude=None) -> dict:
-    """The display data of a result: a live widget view where widgets render, text otherwise."""
-    from . import widgets
-
-    return widgets.mimebundle(result, include=include, exclude=exclude)
+def html(result) -> str:
+    """The static HTML of any result: a task's table, or a workflow's counts and first rows."""
+    if isinstance(result, AsyncResult):
+        return task_html(result.snapshot(diagnose=False))
+    return workflow_html(result)

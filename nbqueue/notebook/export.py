@@ -57,8 +57,8 @@ import keyword
 import os
 import re
 import subprocess
-import sys
 import symtable
+import sys
 import textwrap
 import tokenize
 import warnings
@@ -432,6 +432,33 @@ def _apply(text: str, base: int, edits: list[tuple[int, int, str]]) -> str:
 
 # -- the exporter -----------------------------------------------------------------------------------
 
+def _classify_registration(unit: Unit, app_name: str, method: str, call: ast.Call) -> None:
+    """A statement registering a task on an App (``app.register_task(...)``, ``app.periodic(...)``)."""
+    unit.kind, unit.root, unit.app_name = "registration", True, app_name
+    if method == "register_task" and call.args:
+        unit.task = _str_value(call.args[0])
+    elif method == "periodic":
+        unit.task = _str_value(getattr(_keyword(call, "name"), "value", None))
+
+
+def _changes_namespace(stmt: ast.Expr) -> bool:
+    """Whether an expression statement may set names no reading can see (``exec``, ``eval``, ``globals()[...]``)."""
+    return any(_namespace_call(n, ("exec", "eval")) or isinstance(n, ast.Attribute) and _namespace_call(n.value)
+               for n in ast.walk(stmt))
+
+
+def _classify_def(unit: Unit, stmt: ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) -> None:
+    """A definition; a function decorated as a task is a root (its task name from ``name=`` or its own)."""
+    unit.kind = "def"
+    decorators = [d for d in map(_task_decorator, getattr(stmt, "decorator_list", [])) if d]
+    if decorators and not isinstance(stmt, ast.ClassDef):
+        unit.root = True
+        unit.app_name = decorators[-1][0]
+        names = [_str_value(getattr(_keyword(call, "name"), "value", None)) for _, _, call in decorators]
+        explicit = [_keyword(call, "name") for _, _, call in decorators]
+        unit.task = next((n for n in reversed(names) if n), None) or (stmt.name if not any(explicit) else None)
+
+
 class _Exporter:
     def __init__(self, notebook_name: str, module: str):
         from IPython.core.inputtransformer2 import TransformerManager
@@ -517,12 +544,11 @@ class _Exporter:
 
     def _read_task_cell(self, number: int, header: str, line: str, body: str, skipped: int):
         from IPython.core.error import UsageError
-        from IPython.core.magic_arguments import parse_argstring
 
-        from .magics import NbqueueMagics
+        from . import taskargs
 
         try:
-            args = parse_argstring(NbqueueMagics.task, line)
+            args = taskargs.parse(line)
         except (UsageError, SystemExit, ValueError) as exc:
             self.notes.append((number, skipped + 1, f"cannot read the %%task options ({exc}); not exported"))
             return None
@@ -586,71 +612,61 @@ class _Exporter:
                 self._record_mutations(unit, stmt)
 
     def _classify(self, unit: Unit, stmt: ast.stmt) -> None:
+        """Set what kind of statement ``unit`` is (``unit.kind``), and why it is not exported when it is not."""
         text = _short(ast.get_source_segment(unit.code.source, stmt) or ast.unparse(stmt))
         magic = _magic_stmt(stmt)
         if magic is not None:
-            unit.kind = "magic"
-            unit.why = f"set by the IPython line `{magic}` ({unit.where})"
-            unit.magic = magic
-            self.magic_lines.append(unit)
-            name = magic[1:].split(" ", 1)[0] if magic.startswith("%") else ""
-            if name in DEFINING_MAGICS:
-                self.hints.append(f"`{magic}` ({unit.where})")
+            self._classify_magic(unit, magic)
             return
         registration = _registration(stmt)
         if registration is not None and registration[0] in self.app_names:
-            app_name, method, call = registration
-            unit.kind, unit.root, unit.app_name = "registration", True, app_name
-            if method == "register_task" and call.args:
-                unit.task = _str_value(call.args[0])
-            elif method == "periodic":
-                unit.task = _str_value(getattr(_keyword(call, "name"), "value", None))
+            _classify_registration(unit, *registration)
             return
-        if isinstance(stmt, ast.Import):
+        if isinstance(stmt, (ast.Import, ast.ImportFrom)):
             unit.kind = "import"
-        elif isinstance(stmt, ast.ImportFrom):
-            if any(a.name == "*" for a in stmt.names):
+            if isinstance(stmt, ast.ImportFrom) and any(a.name == "*" for a in stmt.names):
                 unit.kind = "star"
                 self.hints.append(f"`{text}` ({unit.where})")
-            else:
-                unit.kind = "import"
         elif isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            unit.kind = "def"
-            decorators = [d for d in map(_task_decorator, getattr(stmt, "decorator_list", [])) if d]
-            if decorators and not isinstance(stmt, ast.ClassDef):
-                unit.root = True
-                unit.app_name = decorators[-1][0]
-                names = [_str_value(getattr(_keyword(call, "name"), "value", None)) for _, _, call in decorators]
-                explicit = [_keyword(call, "name") for _, _, call in decorators]
-                unit.task = next((n for n in reversed(names) if n), None) or (stmt.name if not any(explicit) else None)
+            _classify_def(unit, stmt)
         elif isinstance(stmt, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
-            targets = _targets(stmt)
-            if isinstance(stmt, ast.AnnAssign) and stmt.value is None:
-                unit.kind, unit.why = "other", f"only annotated, never assigned ({unit.where})"
-            elif any(_namespace_call(n) for t in targets for n in ast.walk(t)):
-                unit.kind = "dynamic"
-                self.hints.append(f"`{text}` ({unit.where})")
-            elif all(_simple_target(t) for t in targets):
-                unit.kind = "assign"
-            elif all(_simple_target(t) or _root_name(t) for t in targets):
-                unit.kind = "partial"
-                unit.binds |= {_root_name(t) for t in targets if not _simple_target(t)}
-            if unit.kind in ("assign", "partial") and _has_call(stmt):
-                unit.flag = "computed by a call"
+            self._classify_assign(unit, stmt, text)
         elif isinstance(stmt, (ast.If, ast.Try, getattr(ast, "TryStar", ast.Try))) and _definitions_only([stmt]):
             unit.kind = "block"
             if _has_call(stmt):
                 unit.flag = "computed by a call"
         elif isinstance(stmt, ast.Expr):
-            unit.kind = "expr"
-            if any(_namespace_call(n, ("exec", "eval")) or isinstance(n, ast.Attribute) and _namespace_call(n.value)
-                   for n in ast.walk(stmt)):
-                unit.kind = "dynamic"
+            unit.kind = "dynamic" if _changes_namespace(stmt) else "expr"
+            if unit.kind == "dynamic":
                 self.hints.append(f"`{text}` ({unit.where})")
         if unit.kind not in EXPORTED_KINDS and not unit.why:
             word = type(stmt).__name__.lower().replace("async", "").replace("trystar", "try")
             what = {"expr": "an expression statement", "delete": "a `del` statement"}.get(word, f"a `{word}` statement")
             unit.why = f"set by {what} ({unit.where}), which is not exported"
+
+    def _classify_magic(self, unit: Unit, magic: str) -> None:
+        unit.kind = "magic"
+        unit.why = f"set by the IPython line `{magic}` ({unit.where})"
+        unit.magic = magic
+        self.magic_lines.append(unit)
+        name = magic[1:].split(" ", 1)[0] if magic.startswith("%") else ""
+        if name in DEFINING_MAGICS:
+            self.hints.append(f"`{magic}` ({unit.where})")
+
+    def _classify_assign(self, unit: Unit, stmt: ast.Assign | ast.AnnAssign | ast.AugAssign, text: str) -> None:
+        targets = _targets(stmt)
+        if isinstance(stmt, ast.AnnAssign) and stmt.value is None:
+            unit.kind, unit.why = "other", f"only annotated, never assigned ({unit.where})"
+        elif any(_namespace_call(n) for t in targets for n in ast.walk(t)):
+            unit.kind = "dynamic"
+            self.hints.append(f"`{text}` ({unit.where})")
+        elif all(_simple_target(t) for t in targets):
+            unit.kind = "assign"
+        elif all(_simple_target(t) or _root_name(t) for t in targets):
+            unit.kind = "partial"
+            unit.binds |= {_root_name(t) for t in targets if not _simple_target(t)}
+        if unit.kind in ("assign", "partial") and _has_call(stmt):
+            unit.flag = "computed by a call"
 
     def _record_mutations(self, unit: Unit, stmt: ast.stmt) -> None:
         """Note the names a statement that is not exported changes in place (``x.append(...)``, ``x[k] = v``)."""

@@ -63,16 +63,17 @@ import os
 import threading
 import uuid
 import weakref
+from typing import Callable
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from .. import builtin, payloads, serialization, states
+from ..canvas import Signature
 from ..errors import SerializationError
 from ..result import AsyncResult
-from ..signature import Signature, new_id
-from . import cellvars, widgets
+from ..signature import new_id
+from . import cellvars, taskargs, widgets
 
 DEFAULT_CONCURRENCY = 4
 
@@ -106,12 +107,20 @@ class CellTask(AsyncResult):
         return self.run.label
 
     def view_note(self, state: str) -> str:
+        """What the view says beside the state: what the cell waits for, or where its value goes."""
         run = self.run
         if run.waiting and state == states.PENDING:
             return "waiting for " + ", ".join(run.dep_labels)
         if run.var and state == states.SUCCESS:
             return f"→ {run.var}"
         return ""
+
+    def snapshot(self, *, diagnose: bool = True) -> dict:
+        """``AsyncResult.snapshot`` labelled with the cell's name and noting what it waits for."""
+        snap = super().snapshot(diagnose=diagnose and not self.run.waiting)
+        snap["label"] = self.label
+        snap["note"] = self.view_note(snap["state"]) or snap["note"]
+        return snap
 
     def __repr__(self) -> str:
         return f"<CellTask {self.label} {self.id} {self.state}>"
@@ -174,7 +183,8 @@ class NbqueueMagics(Magics):
             return
         chosen = next(((n, a) for n, a in new if n == "app"), new[0] if len({id(a) for _, a in new}) == 1 else None)
         if chosen is None:
-            print(f"nbqueue: new Apps {names}; %%task and %nbqueue keep using {self.app!r}: `%nbqueue use NAME` picks one")
+            print(f"nbqueue: new Apps {names}; %%task and %nbqueue keep using {self.app!r}: "
+                  "`%nbqueue use NAME` picks one")
             return
         self.use(chosen[1], chosen[0], pinned=False)
 
@@ -212,20 +222,17 @@ class NbqueueMagics(Magics):
         self.stop_worker(wait=True)
 
     # -- %%task ----------------------------------------------------------------------------------------
-    @magic_arguments()
-    @argument("name", nargs="?", default=None, help="a name for the cell's task (re-running replaces it; --after refers to it)")
-    @argument("-o", "--output", dest="var", default=None, help="bind the cell's value to this variable when it succeeds")
-    @argument("--queue", default=None, help="send to this queue (a worker started with --allow-cells must serve it)")
-    @argument("--retry-count", type=int, default=0, help="retry a failing cell up to N times")
-    @argument("--after", nargs="+", default=[], metavar="NAME_OR_VAR", help="run only after these cell tasks (or results) succeed")
+    @taskargs.task_options
     @cell_magic
     def task(self, line: str, cell: str):
         """Run the cell as a task; returns at once with a live view of it."""
-        args = parse_argstring(self.task, line)
-        return self.submit(cell, name=args.name, var=args.var, queue=args.queue, retry_count=args.retry_count, after=args.after)
+        args = taskargs.parse(line)
+        return self.submit(cell, name=args.name, var=args.var, queue=args.queue, retry_count=args.retry_count,
+                           after=args.after)
 
     def submit(self, cell: str, *, name: str | None = None, var: str | None = None, queue: str | None = None,
                retry_count: int = 0, after: list[str] | tuple = ()) -> CellTask:
+        """Send ``cell`` as a task (once the ``after`` tasks succeeded); see the module docstring."""
         if var is not None and not var.isidentifier():
             raise UsageError(f"-o {var!r}: not a valid variable name")
         source = self.shell.transform_cell(cell) if self.shell is not None else cell
@@ -233,52 +240,63 @@ class NbqueueMagics(Magics):
         key = name or var or self._cell_id() or "src:" + hashlib.sha1(source.encode()).hexdigest()[:12]
         label = name or var or "cell"
         deps, dep_labels, dep_runs = self._resolve_after(after)
-        deferred = {n: r.task_id for r in dep_runs if r.var for n in [r.var] if n in reads}
+        deferred = {r.var: r.task_id for r in dep_runs if r.var and r.var in reads}
         local_ok = queue is None and self.worker_running
         target_queue = queue or (self.kernel_queue if local_ok else self.app.default_queue)
-        # IPython puts its own versions of some builtins (open, exit, quit) in the namespace: the worker has the real ones
-        hidden = getattr(self.shell, "user_ns_hidden", {}) or {}
-        ipython_builtins = {n for n in reads if n in vars(builtins) and n in hidden and hidden[n] is self.shell.user_ns.get(n)}
         task_id = new_id()
-        try:
-            with payloads.sending(self.app, owner=task_id):     # inputs stored out of band belong to the cell's task
-                captured = cellvars.capture(reads, self.shell.user_ns, self.app.serializer, allow_local=local_ok,
-                                            skip=set(deferred) | ipython_builtins)
-        except SerializationError as exc:
-            where = f"queue {queue!r}" if queue else "the App's workers (this kernel's worker is stopped)"
-            raise UsageError(f"%%task {label}: {exc} [the cell goes to {where}]") from None
+        with payloads.sending(self.app, owner=task_id):     # inputs stored out of band belong to the cell's task
+            captured = self._capture(reads, label, queue, local_ok, skip=set(deferred))
         self._warn_stale_reads(reads, deps, deferred)
 
         run = CellRun(key=key, label=label, task_id=task_id, var=var, queue=target_queue, deps=deps,
                       dep_labels=dep_labels, deferred=deferred)
-        result = CellTask(task_id, self.app, run)
-        run.result = result
+        run.result = CellTask(run.task_id, self.app, run)
         with builtin._live_lock:
-            builtin.LIVE[task_id] = captured.local      # also marks the cell as ours, for -o's live value
+            builtin.LIVE[run.task_id] = captured.local      # also marks the cell as ours, for -o's live value
         self._replace(key, run)
 
         def send(inputs: dict) -> None:
             kwargs = builtin.cell_kwargs(self.app, source=source, inputs=inputs, imports=captured.imports,
                                          local=list(captured.local), label=label)
-            sig = Signature(builtin.CELL_TASK, kwargs=kwargs, id=task_id, queue=target_queue, retry_count=retry_count,
-                            app=self.app)
-            self.app.send_task(sig)
+            self.app.send_task(Signature(builtin.CELL_TASK, kwargs=kwargs, id=run.task_id, queue=target_queue,
+                                         retry_count=retry_count, app=self.app))
 
         if deps:
-            run.waiting = True
-            # record it now (PENDING), so views and app.tasks() show it while it waits
-            placeholder = Signature(builtin.CELL_TASK, kwargs={"label": label, "source": source, "after": dep_labels},
-                                    id=task_id, queue=target_queue)
-            _, record, _ = self.app.prepare(placeholder)
-            self.app.backend.create([record])
-            run.watches.append(widgets.UPDATER.watch(self.app, deps, lambda found: self._dependencies_done(run, captured.inputs, send, found)))
+            self._send_after_dependencies(run, source, captured.inputs, send)
         else:
             send(dict(captured.inputs))
-        if var:
-            run.watches.append(widgets.UPDATER.watch(self.app, [task_id], lambda found: self._finished(run, found)))
-        else:
-            run.watches.append(widgets.UPDATER.watch(self.app, [task_id], lambda found: builtin.forget_live(task_id)))
-        return result
+        self._watch_finish(run)
+        return run.result
+
+    def _capture(self, reads: list[str], label: str, queue: str | None, local_ok: bool, skip: set[str]):
+        """The values of the names the cell reads (cellvars.capture); a value that cannot go where
+        the cell goes is a UsageError naming it."""
+        # IPython puts its own versions of some builtins (open, exit, quit) in the namespace:
+        # the worker has the real ones
+        hidden = getattr(self.shell, "user_ns_hidden", {}) or {}
+        namespace = self.shell.user_ns
+        ipython_builtins = {n for n in reads if n in vars(builtins) and n in hidden and hidden[n] is namespace.get(n)}
+        try:
+            return cellvars.capture(reads, namespace, self.app.serializer, allow_local=local_ok,
+                                    skip=skip | ipython_builtins)
+        except SerializationError as exc:
+            where = f"queue {queue!r}" if queue else "the App's workers (this kernel's worker is stopped)"
+            raise UsageError(f"%%task {label}: {exc} [the cell goes to {where}]") from None
+
+    def _send_after_dependencies(self, run: CellRun, source: str, inputs: dict, send: Callable[[dict], None]) -> None:
+        """Record the cell now (PENDING, so views and app.tasks() show it while it waits) and send it
+        from the updater thread once every dependency is final."""
+        run.waiting = True
+        placeholder = Signature(builtin.CELL_TASK, id=run.task_id, queue=run.queue,
+                                kwargs={"label": run.label, "source": source, "after": run.dep_labels})
+        _, record, _ = self.app.prepare(placeholder)
+        self.app.backend.create([record])
+        run.watches.append(widgets.UPDATER.watch(self.app, run.deps,
+                                                 lambda found: self._dependencies_done(run, inputs, send, found)))
+
+    def _watch_finish(self, run: CellRun) -> None:
+        """Once the run is final (updater thread): ``_finished``."""
+        run.watches.append(widgets.UPDATER.watch(self.app, [run.task_id], lambda found: self._finished(run, found)))
 
     def _cell_id(self) -> str | None:
         kernel = getattr(self.shell, "kernel", None)
@@ -290,11 +308,15 @@ class NbqueueMagics(Magics):
             return None
         return f"cell:{cell_id}" if cell_id else None
 
+    def _run_named(self, ref: str) -> CellRun | None:
+        """The run whose ``-o`` variable or label is ``ref`` (the caller holds the lock)."""
+        return next((r for r in self.runs.values() if r.var == ref or r.label == ref), None)
+
     def _resolve_after(self, after) -> tuple[list[str], list[str], list[CellRun]]:
         deps, labels, runs = [], [], []
         for ref in after:
             with self._lock:
-                run = self.runs.get(ref) or next((r for r in self.runs.values() if r.var == ref or r.label == ref), None)
+                run = self.runs.get(ref) or self._run_named(ref)
             if run is not None:
                 deps.append(run.task_id)
                 labels.append(run.label)
@@ -303,7 +325,8 @@ class NbqueueMagics(Magics):
             value = self.shell.user_ns.get(ref)
             terminal = getattr(value, "terminal_id", None) or (value.id if isinstance(value, AsyncResult) else None)
             if terminal is None:
-                raise UsageError(f"--after {ref}: no %%task named {ref!r} in this kernel, and no variable {ref!r} holding a result")
+                raise UsageError(f"--after {ref}: no %%task named {ref!r} in this kernel, "
+                                 f"and no variable {ref!r} holding a result")
             deps.append(terminal)
             labels.append(ref)
         return deps, labels, runs
@@ -314,8 +337,9 @@ class NbqueueMagics(Magics):
                        and not r.bound and r.task_id not in deps]
         for r in pending:
             if not r.result.ready():
-                print(f"nbqueue: this cell reads {r.var!r}, the output of cell task {r.label!r}, which has not finished; "
-                      f"it gets the current value of {r.var!r}. Add --after {r.label} to wait for it.")
+                print(f"nbqueue: this cell reads {r.var!r}, the output of cell task {r.label!r}, "
+                      f"which has not finished; it gets the current value of {r.var!r}. "
+                      f"Add --after {r.label} to wait for it.")
 
     def _replace(self, key: str, run: CellRun) -> None:
         with self._lock:
@@ -351,12 +375,13 @@ class NbqueueMagics(Magics):
         try:
             send(inputs)
         except Exception as exc:  # e.g. the store went away: record it where the user looks
-            self.app.backend.store_result(run.task_id, states.FAILURE, exc_type=type(exc).__name__, error=f"could not send the cell: {exc}")
+            self.app.backend.store_result(run.task_id, states.FAILURE, exc_type=type(exc).__name__,
+                                          error=f"could not send the cell: {exc}")
         run.waiting = False
 
     def _finished(self, run: CellRun, found: dict) -> None:
-        """Updater thread: the run is final; bind -o on success."""
-        if found.get(run.task_id) == states.SUCCESS:
+        """Updater thread: the run is final; bind -o on success, forget the run's live objects."""
+        if run.var and found.get(run.task_id) == states.SUCCESS:
             self._bind(run)
         builtin.forget_live(run.task_id)
 
@@ -380,7 +405,7 @@ class NbqueueMagics(Magics):
         if not todo:
             return
         try:
-            found = self.app.backend.states_of([r.task_id for r in todo])
+            found = self.app.states_of(r.task_id for r in todo)
         except Exception:
             return
         for run in todo:
@@ -393,7 +418,8 @@ class NbqueueMagics(Magics):
     # -- %nbqueue ----------------------------------------------------------------------------------
     @line_magic
     def nbqueue(self, line: str):
-        """%nbqueue status | tasks [--state S] [--name N] [--limit L] | worker start [-c N] | worker stop | wait [NAME ...] [--timeout T] | use [NAME] | export [-o FILE] | dashboard [--port P] [--height H] [stop]"""
+        """%nbqueue status | tasks [--state S] [--name N] [--limit L] | worker start [-c N] | worker stop |
+        wait [NAME ...] [--timeout T] | use [NAME] | export [-o FILE] | dashboard [--port P] [--height H] [stop]"""
         import argparse
         import shlex
 
@@ -430,12 +456,14 @@ class NbqueueMagics(Magics):
         if args.command == "worker":
             if args.action == "start":
                 worker = self.start_worker(args.concurrency)
-                print(f"nbqueue: worker {worker.name} running in this kernel: {worker.concurrency} thread(s), queues {', '.join(worker.queues)}")
+                print(f"nbqueue: worker {worker.name} running in this kernel: {worker.concurrency} thread(s), "
+                      f"queues {', '.join(worker.queues)}")
             else:
                 running = self.worker_running
                 self.stop_worker(wait=False)
-                print("nbqueue: this kernel's worker is stopping (running tasks finish first); %%task cells now go to "
-                      f"queue {self.app.default_queue!r}" if running else "nbqueue: no worker was running in this kernel")
+                print("nbqueue: this kernel's worker is stopping (running tasks finish first); %%task cells now "
+                      f"go to queue {self.app.default_queue!r}" if running
+                      else "nbqueue: no worker was running in this kernel")
             return None
         if args.command == "wait":
             self.wait(args.names, timeout=args.timeout)
@@ -468,7 +496,8 @@ class NbqueueMagics(Magics):
             if running is not None:
                 running.stop()
                 self._dashboard = None
-            print("nbqueue: dashboard stopped" if running is not None else "nbqueue: no dashboard was running in this kernel")
+            print("nbqueue: dashboard stopped" if running is not None
+                  else "nbqueue: no dashboard was running in this kernel")
             return None
         if running is not None and (running.server.should_exit or (port is not None and port != running.port)):
             running.stop()
@@ -485,8 +514,9 @@ class NbqueueMagics(Magics):
 
         status = self.app.status()
         workers = pd.DataFrame(status["workers"])
-        cols = [c for c in ("worker_id", "host", "pid", "concurrency", "queues", "running", "processed", "last_seen") if c in workers.columns]
-        workers = workers[cols] if len(workers) else pd.DataFrame(columns=["worker_id", "host", "pid", "concurrency", "queues", "running", "processed"])
+        shown = ("worker_id", "host", "pid", "concurrency", "queues", "running", "processed", "last_seen")
+        cols = [c for c in shown if c in workers.columns]
+        workers = workers[cols] if len(workers) else pd.DataFrame(columns=list(shown[:-1]))
         if "last_seen" in workers.columns:
             workers["last_seen"] = pd.to_datetime(workers["last_seen"], unit="s", utc=True)
         queues = pd.DataFrame(status["queues"], columns=["queue", "ready", "delayed", "in_flight", "dead"])
@@ -496,10 +526,11 @@ class NbqueueMagics(Magics):
                 serving[q] = serving.get(q, 0) + 1
         extra = sorted(set(serving) - set(queues["queue"]))
         if extra:
-            queues = pd.concat([queues, pd.DataFrame({"queue": extra, "ready": 0, "delayed": 0, "in_flight": 0, "dead": 0})], ignore_index=True)
+            idle = pd.DataFrame({"queue": extra, "ready": 0, "delayed": 0, "in_flight": 0, "dead": 0})
+            queues = pd.concat([queues, idle], ignore_index=True)
         queues["workers"] = queues["queue"].map(lambda q: serving.get(q, 0))
-        queues = queues.astype({"queue": object, "ready": "int64", "delayed": "int64", "in_flight": "int64", "dead": "int64",
-                                "workers": "int64"})      # the same types with no queue or worker yet
+        queues = queues.astype({"queue": object, "ready": "int64", "delayed": "int64", "in_flight": "int64",
+                                "dead": "int64", "workers": "int64"})      # the same types with no queue or worker yet
         display(workers)
         return queues
 
@@ -507,10 +538,10 @@ class NbqueueMagics(Magics):
         """Block (Ctrl-C interrupts) until the named cell tasks, or all of this kernel's, are done; bind their -o."""
         with self._lock:
             if names:
-                missing = [n for n in names if n not in self.runs and not any(r.var == n or r.label == n for r in self.runs.values())]
+                missing = [n for n in names if n not in self.runs and self._run_named(n) is None]
                 if missing:
                     raise UsageError(f"%nbqueue wait: no %%task named {', '.join(missing)} in this kernel")
-                runs = [self.runs.get(n) or next(r for r in self.runs.values() if r.var == n or r.label == n) for n in names]
+                runs = [self.runs.get(n) or self._run_named(n) for n in names]
             else:
                 runs = [r for r in self.runs.values() if not r.cancelled]
         for run in runs:
@@ -557,7 +588,8 @@ def _app_for(shell):
 KERNEL_UNKNOWN_GRACE = 120.0
 
 
-def load_ipython_extension(shell, *, concurrency: int = DEFAULT_CONCURRENCY, start_worker: bool = True) -> NbqueueMagics:
+def load_ipython_extension(shell, *, concurrency: int = DEFAULT_CONCURRENCY,
+                           start_worker: bool = True) -> NbqueueMagics:
     """Register %%task and %nbqueue on ``shell``; uses (or creates) ``app`` and starts the kernel's worker."""
     previous = _loaded.pop(id(shell), None)
     if previous is not None:

@@ -2,9 +2,9 @@
 
 Displaying an AsyncResult, GroupResult, ChainResult or ChordResult (or calling
 ``nbqueue.progress(result)``) returns at once with a view; a single module-level
-*updater* thread refreshes every open view about ten times a second (one backend
-query or two per view: ``progress()`` counts and the terminal record), then drops
-the views that are finished. Task threads never touch widgets, and neither does the
+*updater* thread refreshes every open view about ten times a second from the result's
+``snapshot()`` (one store query or two per view: the counts and the terminal record),
+then drops the views that are finished. Task threads never touch widgets, and neither does the
 kernel's main thread once a view is shown, so widget state changes come from one
 thread only (ipywidgets is not safe across threads; ``Output`` is fed with
 ``append_stdout``, never used as a context manager).
@@ -57,8 +57,6 @@ import time
 from typing import Any, Callable
 
 from .. import capture, states
-from ..backend import counts_from_states
-from ..result import NOTICE_AFTER, waiting_problem
 from . import display as _d
 
 log = logging.getLogger(__name__)
@@ -230,7 +228,7 @@ class Updater:
         for group in by_app.values():
             ids = sorted({i for w in group for i in w.ids})
             try:
-                found = group[0].app.backend.states_of(ids)
+                found = group[0].app.states_of(ids)
             except Exception:
                 log.debug("watch query failed", exc_info=True)
                 continue
@@ -368,7 +366,7 @@ class View:
         if self.widget is not None:
             data.update(self.widget._repr_mimebundle_())
         try:
-            data["text/html"] = self.result._repr_html_()
+            data["text/html"] = _d.html(self.result)
         except Exception:  # a view must not raise
             log.debug("no static HTML for %r", self.result, exc_info=True)
         data["text/plain"] = self._last_text or repr(self.result)
@@ -381,14 +379,6 @@ class View:
 
             self._displayed = True
             display(self.bundle(), raw=True)
-
-    def _elapsed(self, record: dict | None, final: bool) -> str:
-        if not record:
-            return ""
-        took = _d.elapsed(record)
-        if took is None:
-            return ""
-        return _d.seconds(took) if final else f"{int(took)}s"
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.result!r} mode={self.mode}>"
@@ -403,35 +393,33 @@ def _header(kind: str, label: str, ident: str, state: str, elapsed: str, note: s
     return f'<div class="nbqueue-header nbqueue-{kind}">' + " · ".join(parts) + "</div>"
 
 
-def _value_html(app, record: dict | None) -> str:
-    if not record:
+def _elapsed_text(took: float | None, final: bool) -> str:
+    """Elapsed seconds as a view shows them: readable units once final, whole seconds before."""
+    if took is None:
         return ""
-    state = record.get("state")
-    if state == states.SUCCESS:
-        try:
-            value = _d.value_html(_d.record_value(app, record), 400)     # a DataFrame: its first rows and shape
-        except Exception as exc:
-            value = f"<code>{html.escape(f'(cannot decode the result: {exc})')}</code>"
-        return f'<div class="nbqueue-value">→ {value}</div>'
-    if state in (states.FAILURE, states.REVOKED) or (state == states.RETRY and record.get("error")):
-        error = f"{record.get('exc_type') or 'Error'}: {record.get('error') or ''}"
-        out = f'<div class="nbqueue-error" style="color:#dc3545">{html.escape(error)}</div>'
-        if record.get("traceback"):
-            out += f'<details><summary>traceback</summary><pre style="font-size:85%">{html.escape(record["traceback"])}</pre></details>'
+    return _d.seconds(took) if final else f"{int(took)}s"
+
+
+def _value_html(snap: dict) -> str:
+    """The value, or the error and its traceback, of a snapshot's outcome keys."""
+    if snap["value"] is not None or snap["value_error"] is not None:
+        return f'<div class="nbqueue-value">→ {_d.value_html(snap)}</div>'
+    if snap["error"]:
+        out = f'<div class="nbqueue-error" style="color:#dc3545">{html.escape(snap["error"])}</div>'
+        if snap["traceback"]:
+            out += ('<details><summary>traceback</summary>'
+                    f'<pre style="font-size:85%">{html.escape(snap["traceback"])}</pre></details>')
         return out
     return ""
 
 
-def _value_text(app, record: dict | None) -> str:
-    if not record:
-        return ""
-    if record.get("state") == states.SUCCESS:
-        try:
-            return " → " + _d.short(_d.record_value(app, record), 200)
-        except Exception as exc:
-            return f" → (cannot decode: {exc})"
-    if record.get("error"):
-        return f": {record.get('exc_type') or 'Error'}: {_d.clip(record['error'], 200)}"
+def _value_text(snap: dict, limit: int = 200) -> str:
+    if snap["value"] is not None:
+        return " → " + _d.clip(snap["value"], limit)
+    if snap["value_error"] is not None:
+        return f" → (cannot decode: {snap['value_error']})"
+    if snap["error"]:
+        return ": " + _d.clip(snap["error"], limit)
     return ""
 
 
@@ -446,24 +434,13 @@ class TaskView(View):
         self._printed_output = ""         # task output printed as text (text and both modes)
 
     def snapshot(self) -> dict:
-        record = self.app.backend.get(self.result.id) or {}
-        state = record.get("state") or states.PENDING
-        final = state in states.READY_STATES
-        output = record.get("output") or ""
-        if not final:
-            live = capture.peek(self.result.id)     # a worker thread of this process: output as it is written
-            if live is not None and len(live) >= len(output):
-                output = live
+        snap = self.result.snapshot()
+        output, printed = snap["output"], self._printed_output
         delta = None
-        if output != self._printed_output:
-            delta = output[len(self._printed_output):] if output.startswith(self._printed_output) else output
-        note = ""
-        note_fn = getattr(self.result, "view_note", None)
-        if callable(note_fn):
-            note = note_fn(state) or ""
-        if not note and state == states.PENDING and _waited(self.app, record):
-            note = waiting_problem(self.app, record) or ""      # e.g. "no live worker serves queue 'q'"
-        return {"record": record, "state": state, "final": final, "output": output, "output_delta": delta, "note": note}
+        if output != printed:
+            delta = output[len(printed):] if output.startswith(printed) else output
+        snap["output_delta"] = delta
+        return snap
 
     def build(self, snap):
         import ipywidgets as w
@@ -477,8 +454,9 @@ class TaskView(View):
         return box
 
     def render(self, snap):
-        record, state = snap["record"], snap["state"]
-        header = _header("task", _d.label_of(self.result), self.result.id, state, self._elapsed(record, snap["final"]), snap["note"])
+        state = snap["state"]
+        header = _header("task", snap["label"], snap["id"], state, _elapsed_text(snap["elapsed"], snap["final"]),
+                         snap["note"])
         if self._header.value != header:
             self._header.value = header
         output = snap["output"]
@@ -489,7 +467,7 @@ class TaskView(View):
                 self._output.outputs = ()
                 self._output.append_stdout(output)
             self._shown_output = output
-        value = _value_html(self.app, record) if state in states.READY_STATES or state == states.RETRY else ""
+        value = _value_html(snap) if state in states.READY_STATES or state == states.RETRY else ""
         if self._value.value != value:
             self._value.value = value
 
@@ -510,15 +488,15 @@ class TaskView(View):
         return snap
 
     def text(self, snap) -> str:
-        record, state = snap["record"], snap["state"]
-        line = f"[nbqueue] {_d.label_of(self.result)} {self.result.id[:8]}: {state}"
-        took = self._elapsed(record, snap["final"])
+        state = snap["state"]
+        line = f"[nbqueue] {snap['label']} {snap['id'][:8]}: {state}"
+        took = _elapsed_text(snap["elapsed"], snap["final"])
         if took:
             line += (" in " if snap["final"] else " ") + took
         if snap["note"] and not snap["final"]:
             line += f" ({snap['note']})"
         if snap["final"] or state == states.RETRY:
-            line += _value_text(self.app, record)
+            line += _value_text(snap)
         return line
 
 
@@ -527,74 +505,39 @@ class WorkflowView(View):
 
     def __init__(self, result, mode):
         super().__init__(result, mode)
-        self.kind = _d.kind_of(result)
+        self.kind = result.kind
         self._note, self._noted_at = "", float("-inf")
 
-    def _steps(self, records: dict) -> list[dict]:
-        return []
-
     def snapshot(self) -> dict:
-        from ..result import AsyncResult, ChainResult, ChordResult
-
-        result = self.result
-        backend = self.app.backend
-        terminal = backend.get(result.terminal_id) or {}
-        steps: list[dict] = []
-        callback_state = None
-        if isinstance(result, ChainResult):
-            leaves = result.leaves()
-            records = dict(zip([r.id for r in leaves], backend.get_many([r.id for r in leaves])))
-            counts = counts_from_states([((rec or {}).get("state"), 1) for rec in records.values()], len(leaves))
-            for i, step in enumerate(result.results):
-                step_leaves = [step] if isinstance(step, AsyncResult) else step.leaves()
-                recs = [records.get(r.id) or {} for r in step_leaves]
-                step_counts = counts_from_states([(r.get("state"), 1) for r in recs], len(recs))
-                if isinstance(step, AsyncResult):
-                    rec = recs[0]
-                    state = rec.get("state") or states.PENDING
-                    name = step._name or rec.get("name") or "task"
-                else:
-                    rec = backend.get(step.terminal_id) or {}
-                    state = rec.get("state") or states.PENDING
-                    name = f"{_d.kind_of(step)} of {step_counts['total']}"
-                steps.append({"index": i + 1, "name": name, "state": state, "record": rec, "counts": step_counts})
-            bar_value, bar_max = sum(1 for s in steps if s["state"] in states.READY_STATES), len(steps)
-        elif isinstance(result, ChordResult):
-            counts = result.header.progress()
-            callback_state = terminal.get("state") or states.PENDING
-            bar_value, bar_max = counts["done"], counts["total"]
-        else:  # GroupResult
-            counts = result.progress()
-            bar_value, bar_max = counts["done"], counts["total"]
-        state = terminal.get("state") or states.PENDING
-        if state == states.PENDING and counts["done"] + counts["running"] + counts["retrying"] > 0:
-            state = states.STARTED                # a workflow's record is written when it finishes
-        terminal_final = (terminal.get("state") or states.PENDING) in states.READY_STATES
-        unsettled = counts["pending"] + counts["running"] + counts["retrying"]
+        """The result's snapshot, with what the view adds: the waiting note checked at most every
+        2 s, ``final`` held back up to SETTLE seconds while tasks inside still run, and ``bar``."""
         now = time.monotonic()
-        if terminal_final and self._final_at is None:
+        due = now - self._noted_at >= 2.0            # the note reads the tasks inside: not at every refresh
+        snap = self.result.snapshot(diagnose=due)
+        if snap["state"] != states.PENDING or snap["final"]:
+            snap["note"] = ""
+        elif due:
+            self._noted_at, self._note = now, snap["note"]
+        else:
+            snap["note"] = self._note
+        counts = snap["counts"]
+        if snap["final"] and self._final_at is None:
             self._final_at = now
-        final = terminal_final and (unsettled == 0 or now - (self._final_at or now) > SETTLE)
-        start = self._created_at(terminal, steps)
-        note = ""
-        if state == states.PENDING and not final and _waited(self.app, {"created_at": start}):
-            if now - self._noted_at >= 2.0:           # reads the tasks inside: not at every refresh
-                self._noted_at, self._note = now, self.result.diagnose() or ""
-            note = self._note
-        return {"terminal": terminal, "state": state, "counts": counts, "steps": steps, "final": final,
-                "bar": (bar_value, max(bar_max, 1)), "callback_state": callback_state, "started_at": start, "note": note}
-
-    def _created_at(self, terminal: dict, steps: list[dict]) -> float | None:
-        times = [t for t in [terminal.get("created_at")] + [s["record"].get("created_at") for s in steps] if t is not None]
-        return min(times) if times else None
+        unsettled = counts["pending"] + counts["running"] + counts["retrying"]
+        snap["final"] = snap["final"] and (unsettled == 0 or now - (self._final_at or now) > SETTLE)
+        if self.kind == "chain":
+            steps = snap["steps"]
+            snap["bar"] = (sum(1 for s in steps if s["state"] in states.READY_STATES), max(len(steps), 1))
+        else:
+            snap["bar"] = (counts["done"], max(counts["total"], 1))
+        return snap
 
     def _elapsed_of(self, snap) -> str:
-        start = snap["started_at"]
+        start = snap["created_at"]
         if start is None:
             return ""
-        end = snap["terminal"].get("finished_at") if snap["final"] else None
-        took = max(0.0, (end if end is not None else time.time()) - start)
-        return _d.seconds(took) if snap["final"] else f"{int(took)}s"
+        end = snap["finished_at"] if snap["final"] else None
+        return _elapsed_text(max(0.0, (end if end is not None else time.time()) - start), snap["final"])
 
     def build(self, snap):
         import ipywidgets as w
@@ -616,8 +559,7 @@ class WorkflowView(View):
 
     def render(self, snap):
         counts = snap["counts"]
-        header = _header(self.kind, self._label(), self.result.terminal_id if self.kind != "group" else self.result.id,
-                         snap["state"], self._elapsed_of(snap), snap.get("note", ""))
+        header = _header(self.kind, snap["label"], snap["id"], snap["state"], self._elapsed_of(snap), snap["note"])
         if self._header.value != header:
             self._header.value = header
         value, maximum = snap["bar"]
@@ -625,7 +567,11 @@ class WorkflowView(View):
             self._bar.max = maximum
         if self._bar.value != value:
             self._bar.value = value
-        style = "danger" if counts["failed"] or snap["state"] == states.FAILURE else ("success" if snap["final"] and snap["state"] == states.SUCCESS else "info")
+        style = "info"
+        if counts["failed"] or snap["state"] == states.FAILURE:
+            style = "danger"
+        elif snap["final"] and snap["state"] == states.SUCCESS:
+            style = "success"
         if self._bar.bar_style != style:
             self._bar.bar_style = style
         line = html.escape(_d.counts_line(counts))
@@ -637,32 +583,23 @@ class WorkflowView(View):
         if self.kind == "chain":
             pad = 'style="padding:1px 12px 1px 0;text-align:left"'
             rows = "".join(
-                f"<tr><td {pad}>{s['index']}</td><td {pad}>{html.escape(s['name'])}</td><td {pad}>{_d.badge(s['state'])}</td>"
-                f"<td {pad}>{html.escape(_d.seconds(_runtime(s['record'])))}</td>"
-                f"<td {pad}><code>{html.escape(_step_value(self.app, s['record']))}</code></td></tr>"
+                f"<tr><td {pad}>{s['index']}</td><td {pad}>{html.escape(s['name'])}</td>"
+                f"<td {pad}>{_d.badge(s['state'])}</td>"
+                f"<td {pad}>{html.escape(_d.seconds(s['runtime']))}</td>"
+                f"<td {pad}><code>{html.escape(_step_value(s))}</code></td></tr>"
                 for s in snap["steps"])
             head = "".join(f"<th {pad}>{h}</th>" for h in ("#", "step", "state", "time", "result"))
             table = f'<table class="nbqueue-steps"><tr>{head}</tr>{rows}</table>'
             if self._steps.value != table:
                 self._steps.value = table
-        value_html = _value_html(self.app, snap["terminal"]) if snap["final"] or snap["state"] == states.FAILURE else ""
+        value_html = _value_html(snap) if snap["final"] or snap["state"] == states.FAILURE else ""
         if self._value.value != value_html:
             self._value.value = value_html
-
-    def _label(self) -> str:
-        label = getattr(self.result, "label", None)
-        if label:
-            return str(label)
-        if self.kind == "chain":
-            return f"chain of {len(self.result.results)} steps"
-        if self.kind == "chord":
-            return f"chord of {len(self.result.header)}"
-        return f"group of {len(self.result)}"
 
     def text(self, snap) -> str:
         counts = snap["counts"]
         pct = int(100 * snap["bar"][0] / snap["bar"][1])
-        line = f"[nbqueue] {self._label()} {snap['state']} {pct}%"
+        line = f"[nbqueue] {snap['label']} {snap['state']} {pct}%"
         if self.kind == "chain":
             done = snap["bar"][0]
             line += f" ({done}/{snap['bar'][1]} steps)"
@@ -676,32 +613,16 @@ class WorkflowView(View):
         if snap.get("note"):
             line += f" ({snap['note']})"
         if snap["final"] or snap["state"] == states.FAILURE:
-            line += _value_text(self.app, snap["terminal"])
+            line += _value_text(snap)
         return line
 
 
-def _waited(app, record: dict) -> bool:
-    """Whether a task (or workflow) sent at ``record["created_at"]`` has waited long enough
-    to check that some live worker can run it (``result.NOTICE_AFTER``)."""
-    created = record.get("created_at")
-    return created is not None and app.clock.time() - created >= NOTICE_AFTER
-
-
-def _runtime(record: dict) -> float | None:
-    if record.get("started_at") is not None and record.get("finished_at") is not None:
-        return max(0.0, record["finished_at"] - record["started_at"])
-    return None
-
-
-def _step_value(app, record: dict) -> str:
-    if record.get("state") == states.SUCCESS:
-        try:
-            return _d.short(_d.record_value(app, record), 80)
-        except Exception:
-            return "?"
-    if record.get("error"):
-        return _d.clip(f"{record.get('exc_type') or 'Error'}: {record['error']}", 80)
-    return ""
+def _step_value(step: dict) -> str:
+    if step["value"] is not None:
+        return _d.clip(step["value"], 80)
+    if step["value_error"] is not None:
+        return "?"
+    return _d.clip(step["error"], 80) if step["error"] else ""
 
 
 # -- entry points ----------------------------------------------------------------------------------
@@ -724,7 +645,7 @@ def show(result, mode: str | None = None) -> View:
 
 
 def mimebundle(result, include=None, exclude=None, mode: str | None = None) -> dict:
-    """``_repr_mimebundle_`` of results: the live view's display data."""
+    """The display data of a result (what nbqueue registers with IPython): the live view's."""
     return show(result, mode).bundle()
 
 

@@ -6,14 +6,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import Any
 
 from .. import states, workflow
 from ..broker import Delivery
 from ..engine import Claim, Outcome
-
-if TYPE_CHECKING:
-    from .loop import Worker
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +86,7 @@ class _Batch:
     lease brings it back), so one bad message never holds back the others.
     """
 
-    def __init__(self, worker: "Worker", local: list):
+    def __init__(self, worker: Any, local: list):
         self.app = worker.app
         self.worker = worker
         self.grouped = worker.group_commit

@@ -32,6 +32,7 @@ class Execution:
     """Running tasks, Worker's part (a mixin: Worker holds the state)."""
 
     def _execute(self, delivery: Delivery, message: dict, token: Any, batch: "_Batch") -> None:
+        """Run one claimed task and add the step that settles its outcome to ``batch``."""
         app = self.app
         task_id, name = message["id"], message["name"]
         task = app.registry.get(name)
@@ -39,10 +40,24 @@ class Execution:
             log.warning("dropping task %s (%s): not registered on this worker and ignore_when_not_registered is set", name, task_id)
             batch.add(lambda: batch.ack(delivery), delivery)
             return
+        token = self._begun(delivery, message, token, batch)
+        if token is _MISSING:
+            return
+        task = self._task_to_run(delivery, message, token, task, batch)
+        if task is None:
+            return
+        self._run(delivery, message, token, task, batch)
+
+    def _begun(self, delivery: Delivery, message: dict, token: Any, batch: "_Batch") -> Any:
+        """The task's fencing token, begun here where the claim did not; ``_MISSING`` when the
+        delivery was settled instead (an earlier attempt is alive, or the task is final)."""
+        app = self.app
+        task_id = message["id"]
         if token is _MISSING:
             if delivery.after_lapse and self._settled_after_lapse(delivery, message, batch):
-                return
-            token = app.backend.begin(task_id, worker=self.name, fields={"retries": message.get("retries", 0), "name": name, "queue": delivery.queue})
+                return _MISSING
+            token = app.backend.begin(task_id, worker=self.name,
+                                      fields={"retries": message.get("retries", 0), "name": message["name"], "queue": delivery.queue})
         batch.begun[id(delivery)] = (message, token)
         if token is None:
             # already final: an earlier attempt stored it (or it was revoked); repeat its follow-ups
@@ -51,12 +66,19 @@ class Execution:
                 batch.ack(delivery)
 
             batch.add(settle, delivery)
-            return
+            return _MISSING
+        return token
+
+    def _task_to_run(self, delivery: Delivery, message: dict, token: int, task: Any, batch: "_Batch") -> Any:
+        """The registered (or shipped) task to run, or None when the delivery was settled instead
+        (handed back to another worker or for later, failed as not registered)."""
+        app = self.app
+        task_id, name = message["id"], message["name"]
         if "code" in message:   # a function shipped from a notebook: run by name, or its code only with allow_code
             task = shipping.task_for(self, message, task, delivery.queue)
             if task is shipping.HAND_BACK:    # another live worker runs it
                 self._requeue(delivery, message, token, batch, delay=1.0)
-                return
+                return None
         if task is None:
             delay = self._leave_unknown(name, delivery.queue, message)
             if delay is not None:
@@ -67,12 +89,18 @@ class Execution:
                         batch.ack(delivery)
 
                 batch.add(hand_back, delivery)
-                return
+                return None
             known = ", ".join(sorted(n for n in app.registry if not n.startswith("nbqueue."))) or "none"
             self._fail(delivery, message, token, NotRegistered(
                 f"task {name!r} is not registered on this worker nor on any live worker of queue {delivery.queue!r} "
                 f"(registered here: {known})"), batch)
-            return
+            return None
+        return task
+
+    def _run(self, delivery: Delivery, message: dict, token: int, task: Any, batch: "_Batch") -> None:
+        """Decode the arguments, call the task, and decide its outcome (result, retry, failure)."""
+        app = self.app
+        task_id, name = message["id"], message["name"]
         refusal = self._refusal(task, message)
         if refusal is not None:
             self._fail(delivery, message, token, refusal, batch)

@@ -107,8 +107,8 @@ from typing import Any, Callable, Iterable, Sequence
 import pika
 import pika.exceptions as pex
 
-from ...errors import BrokerError, ConfigurationError, ConnectionLost, PublishRefused
 from ...broker import Broker, Capabilities, Delivery, Outgoing, queue_list, redact, text_of
+from ...errors import BrokerError, ConfigurationError, ConnectionLost, PublishRefused
 from .client import check_url, connection_parameters
 
 log = logging.getLogger(__name__)

@@ -30,11 +30,10 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-
 from ... import serialization, states
-from ...broker import redact
-from .client import LUA_FINAL, lua, MIN_BLOCK, connect, guarded, key_prefix, pipeline, url_options
 from ...backend import FIELDS, ResultBackend, counts_from_states, matches
+from ...broker import redact
+from .client import LUA_FINAL, MIN_BLOCK, connect, guarded, key_prefix, lua, pipeline, url_options
 
 _INT_FIELDS = frozenset({"retries", "token"})
 _FLOAT_FIELDS = frozenset({"created_at", "started_at", "finished_at", "expires_at"})

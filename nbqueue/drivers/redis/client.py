@@ -5,10 +5,10 @@ sends scripts as EVALSHA, connection errors as ConnectionLost, and the key prefi
 from __future__ import annotations
 
 import functools
-import pathlib
 import ipaddress
 import logging
 import os
+import pathlib
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Mapping, TypeVar

@@ -8,7 +8,6 @@ from urllib.parse import urlsplit
 from ...payloads import KEY_PREFIX, REDIS_MAX, PayloadStore, _chunks, _valid
 from .client import _POOLS, URL_OPTIONS, fake_server, key_prefix, lua, url_options
 
-
 # Lua for the Redis store (lua/payload_*.lua). ARGV[1] is the prefix P; payload keys are built from it.
 _REDIS_LINK = lua("payload_link")
 _REDIS_RELEASE = lua("payload_gone", "payload_release")

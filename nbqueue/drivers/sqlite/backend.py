@@ -10,8 +10,8 @@ import sqlite3
 from typing import Sequence
 
 from ... import serialization, states
-from .db import SQLiteStore, path_from_url, placeholders
 from ...backend import FIELDS, GROUP_TASK, SEARCHED, ResultBackend, counts_from_states
+from .db import SQLiteStore, path_from_url, placeholders
 
 _FINAL = tuple(states.READY_STATES)
 _NOT_FINAL_SQL = f"state NOT IN ({','.join(repr(s) for s in _FINAL)})"

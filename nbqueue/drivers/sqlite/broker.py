@@ -24,8 +24,8 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Sequence
 
-from .db import SQLiteStore, path_from_url, placeholders
 from ...broker import WAKEUPS, Broker, Delivery, Outgoing, shown, text_of
+from .db import SQLiteStore, path_from_url, placeholders
 
 
 def _schema(db) -> None:

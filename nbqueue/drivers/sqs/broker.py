@@ -26,6 +26,17 @@ Capabilities:
   ConfigurationError. A queue made elsewhere keeps its own redrive policy's
   dead-letter queue. Names are 1-75 letters, digits, ``-`` and ``_`` (SQS allows 80;
   the ``-dead`` suffix needs 5), plus ``.fifo``.
+- Queue names with dots: nbqueue separates the names it derives with ``.`` (a notebook's
+  code queue ``<queue>.code``, a kernel's queue ``<queue>.kernel-<pid>-<hex>``), which
+  SQS refuses. Each ``.`` but that of a final ``.fifo`` is written ``-_`` in the SQS name
+  (``jobs.code`` is the SQS queue ``jobs-_code``; ``jobs.fifo.code`` is the standard queue
+  ``jobs-_fifo-_code``), and a dotted name longer than 75 characters once written so is cut
+  to 61 and ends in ``-_`` and 12 hex digits of the SHA-256 of nbqueue's name. So ``-_``
+  marks nbqueue's mapping, and a name given to this broker may not contain it: every
+  name maps to its own SQS queue. Anything else SQS cannot hold (spaces, ``/``, a name
+  without dots over 75 characters) is a ConfigurationError naming it at send and in the
+  worker's log. Deliveries, ``stats()``, ``purge()``, ``dead_letters()`` and the
+  dashboard speak nbqueue's names.
 - Leases: the visibility timeout, in whole seconds (a lease is rounded up, at most 12
   hours from the receive: SQS's limit); ``extend()`` is ChangeMessageVisibility, which the
   worker's heartbeat calls. A delivery not acknowledged in time is received again.
@@ -106,6 +117,8 @@ Capabilities:
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import math
@@ -121,8 +134,8 @@ import boto3
 import botocore.config
 import botocore.exceptions as bex
 
-from ...errors import BrokerError, ConfigurationError, PublishRefused
 from ...broker import WAKEUPS, Broker, Capabilities, Delivery, Outgoing, redact
+from ...errors import BrokerError, ConfigurationError, PublishRefused
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +145,9 @@ MAX_DELAY_S = 900                   # DelaySeconds
 MAX_VISIBILITY_S = 43_200           # a message's visibility, counted from its receive
 MAX_BODY_BYTES = 1_048_576          # one message, and one batch request
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,80}(\.fifo)?$")
+MAX_NAME = 75                       # before .fifo: SQS's 80 less our "-dead" suffix
+#: nbqueue's "." (bar a final ".fifo") in SQS names; reserved, so the mapping stays one to one
+DOT = "-_"
 
 #: our message attributes
 A_ID, A_ETA, A_ATTEMPTS, A_REASON, A_QUEUE, A_PRIORITY = "nbq-id", "nbq-eta", "nbq-attempts", "nbq-reason", "nbq-queue", "nbq-priority"
@@ -160,7 +176,26 @@ def _attr(value: Any) -> dict:
 
 
 def dead_queue_name(queue: str) -> str:
+    """The dead-letter queue this broker makes for the SQS queue ``queue`` (an SQS name)."""
     return queue[:-5] + "-dead.fifo" if queue.endswith(".fifo") else queue + "-dead"
+
+
+@functools.lru_cache(maxsize=4096)
+def sqs_name(queue: str) -> str:
+    """The SQS queue that holds nbqueue's queue ``queue`` (see "Queue names with dots" in the
+    module docstring); ConfigurationError naming ``queue`` when SQS can hold none."""
+    stem, fifo = (queue[:-5], ".fifo") if queue.endswith(".fifo") else (queue, "")
+    if DOT in stem:
+        raise ConfigurationError(f"{queue!r} is not a usable SQS queue name: '{DOT}' is reserved (the SQS broker "
+                                 "writes nbqueue's '.' separators so)")
+    name = stem.replace(".", DOT)
+    if "." in stem and len(name) > MAX_NAME:
+        digest = hashlib.sha256(queue.encode("utf-8")).hexdigest()[:12]
+        name = name[:MAX_NAME - len(DOT) - len(digest)] + DOT + digest
+    if not QUEUE_NAME.match(name + fifo) or len(name) > MAX_NAME:
+        raise ConfigurationError(f"{queue!r} is not a usable SQS queue name: 1-{MAX_NAME} letters, digits, '-', '_' "
+                                 "and '.', optionally ending in '.fifo'")
+    return name + fifo
 
 
 class SQSBroker(Broker):
@@ -211,10 +246,10 @@ class SQSBroker(Broker):
         """Client and caches of this process (called again in a forked child)."""
         self._client_obj = None
         self._client_lock = threading.Lock()
-        self._urls: dict[str, str] = {}
+        self._urls: dict[str, str] = {}           # SQS name -> URL
         self._urls_lock = threading.Lock()
-        self._dead: dict[str, str] = {}            # queue -> its dead-letter queue
-        self._used: dict[str, None] = {}          # queues this broker published to or reserved from, in order
+        self._dead: dict[str, str] = {}            # SQS name of a queue -> that of its dead-letter queue
+        self._used: dict[str, None] = {}          # nbqueue's queues this broker published to or reserved from, in order
         #: SQS message id -> [the receipt its delivery holds, lease end (monotonic), the newest receipt]
         self._receipts: dict[str, list] = {}
         self._receipts_lock = threading.Lock()
@@ -262,24 +297,27 @@ class SQSBroker(Broker):
         return exc.response.get("Error", {}).get("Code", "")
 
     # -- queues ---------------------------------------------------------------------------
-    def _url(self, queue: str, *, dead: bool = False) -> str:
-        """The queue's URL; a missing queue is created (a dead-letter queue ``dead`` without one of its own)."""
-        url = self._urls.get(queue)
+    def _url(self, queue: str) -> str:
+        """The URL of nbqueue's queue ``queue``; a missing queue is created with its dead-letter queue."""
+        return self._sqs_url(sqs_name(queue), shown=queue)
+
+    def _sqs_url(self, name: str, *, dead: bool = False, shown: str | None = None) -> str:
+        """The URL of the SQS queue ``name`` (nbqueue's ``shown``, for errors); a missing queue
+        is created (a dead-letter queue ``dead`` without one of its own)."""
+        url = self._urls.get(name)
         if url is not None:
             return url
-        if not QUEUE_NAME.match(queue) or (not dead and len(queue.removesuffix(".fifo")) > 75):
-            raise ConfigurationError(f"{queue!r} is not a usable SQS queue name: 1-75 letters, digits, '-' and '_', "
-                                     "optionally ending in '.fifo'")
         with self._urls_lock:
-            url = self._urls.get(queue)
+            url = self._urls.get(name)
             if url is None:
-                url = self._lookup(queue)
+                url = self._lookup(name)
                 if url is None:
                     if not self.create_queues:
-                        raise ConfigurationError(f"SQS queue {queue!r} does not exist and create_queues is off: create it, "
-                                                 "or let the broker create it")
-                    url = self._create_dead(queue) if dead else self._create(queue)
-                self._urls[queue] = url
+                        called = f" (nbqueue's {shown!r})" if shown and shown != name else ""
+                        raise ConfigurationError(f"SQS queue {name!r}{called} does not exist and create_queues is off: "
+                                                 "create it, or let the broker create it")
+                    url = self._create_dead(name) if dead else self._create(name)
+                self._urls[name] = url
         return url
 
     def _lookup(self, queue: str) -> str | None:
@@ -599,49 +637,52 @@ class SQSBroker(Broker):
         """Hand back an unstarted message at once, without counting this reservation."""
         return self._replace(delivery, delivery.body, None, delivery.attempt - 1)
 
-    def _replace(self, delivery: Delivery, body: str, eta: float | None, attempts: int, *, to_queue: str | None = None,
+    def _replace(self, delivery: Delivery, body: str, eta: float | None, attempts: int, *, to_dead: str | None = None,
                  extra: dict | None = None) -> bool:
-        """Send a copy (to ``to_queue``, by default the same queue) carrying the delivery's lapses,
-        then delete the original."""
+        """Send a copy (to the dead-letter queue ``to_dead``, an SQS name, else to the same queue)
+        carrying the delivery's lapses, then delete the original."""
         receipt = self._receipt(delivery, forget=True)
         if receipt is None:
             return False
-        queue = to_queue or delivery.queue
+        queue = to_dead or delivery.queue
+        url = self._sqs_url(to_dead, dead=True) if to_dead else self._url(queue)
         entry = self._entry(delivery.message_id, queue, body, eta, delivery.priority, max(0, attempts), self.clock.time(),
                             lapses=delivery.lapsed, extra=extra)
-        self._send_batch(queue, self._url(queue), [entry])
+        self._send_batch(queue, url, [entry])
         self._delete(delivery.tag[0], receipt)
         WAKEUPS.notify(self._wake_key)
         return True
 
     def reject(self, delivery: Delivery, reason: str) -> bool:
         extra = {A_REASON: _attr(reason[:10_000] or "rejected"), A_QUEUE: _attr(delivery.queue)}
-        return self._replace(delivery, delivery.body, None, delivery.attempt, to_queue=self._dead_queue(delivery.queue), extra=extra)
+        dead = self._dead_queue(delivery.queue)
+        return self._replace(delivery, delivery.body, None, delivery.attempt, to_dead=dead, extra=extra)
 
     def _dead_queue(self, queue: str) -> str:
-        """The queue's dead-letter queue: its redrive policy's target where it has one (queues
-        made elsewhere), else ``<queue>-dead``; created when missing."""
-        name = self._dead.get(queue)
+        """The SQS name of nbqueue's queue's dead-letter queue: its redrive policy's target where
+        it has one (queues made elsewhere), else ``<SQS name>-dead``; created when missing."""
+        work = sqs_name(queue)
+        name = self._dead.get(work)
         if name is None:
             url = self._url(queue)             # creates the pair when missing
-            name = self._dead.get(queue)
+            name = self._dead.get(work)
             if name is None:
                 attrs = self._call("get_queue_attributes", QueueUrl=url, AttributeNames=["RedrivePolicy"]).get("Attributes") or {}
                 target = json.loads(attrs["RedrivePolicy"]).get("deadLetterTargetArn", "") if attrs.get("RedrivePolicy") else ""
-                name = self._dead[queue] = target.rpartition(":")[2] or dead_queue_name(queue)
-        self._url(name, dead=True)
+                name = self._dead[work] = target.rpartition(":")[2] or dead_queue_name(work)
+        self._sqs_url(name, dead=True)
         return name
 
     # -- inspection and upkeep ---------------------------------------------------------------
-    def _counts(self, queue: str) -> dict[str, int]:
+    def _counts(self, url: str) -> dict[str, int]:
         names = ["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesDelayed", "ApproximateNumberOfMessagesNotVisible"]
-        attrs = self._call("get_queue_attributes", QueueUrl=self._url(queue), AttributeNames=names)["Attributes"]
+        attrs = self._call("get_queue_attributes", QueueUrl=url, AttributeNames=names)["Attributes"]
         return {name: int(attrs.get(name, 0)) for name in names}
 
     def stats(self) -> list[dict]:
         rows = []
         for queue in sorted(self._used):
-            work, dead = self._counts(queue), self._counts(self._dead_queue(queue))
+            work, dead = self._counts(self._url(queue)), self._counts(self._sqs_url(self._dead_queue(queue), dead=True))
             rows.append({"queue": queue, "ready": work["ApproximateNumberOfMessages"], "delayed": work["ApproximateNumberOfMessagesDelayed"],
                          "in_flight": work["ApproximateNumberOfMessagesNotVisible"],
                          "dead": dead["ApproximateNumberOfMessages"] + dead["ApproximateNumberOfMessagesNotVisible"]})
@@ -649,8 +690,8 @@ class SQSBroker(Broker):
 
     def purge(self, queue: str) -> int:
         self._note(queue)
-        held = sum(self._counts(queue).values())
         url = self._url(queue)
+        held = sum(self._counts(url).values())
         try:
             self._call("purge_queue", QueueUrl=url)
         except bex.ClientError as exc:
@@ -671,7 +712,7 @@ class SQSBroker(Broker):
         queues = [queue] if queue is not None else sorted(self._used)
         out: list[dict] = []
         for q in queues:
-            url = self._url(self._dead_queue(q), dead=True)
+            url = self._sqs_url(self._dead_queue(q), dead=True)
             seen: set[str] = set()
             for _ in range(max(1, limit // MAX_BATCH) + 2):
                 reply = self._call("receive_message", QueueUrl=url, MaxNumberOfMessages=MAX_BATCH, WaitTimeSeconds=0, VisibilityTimeout=0,
@@ -692,9 +733,10 @@ class SQSBroker(Broker):
         WAKEUPS.notify(self._wake_key)
 
     def delete_queues(self, names) -> None:
-        """Delete queues and their dead-letter queues (tests and tidy-ups)."""
+        """Delete queues (nbqueue's names) and their dead-letter queues (tests and tidy-ups)."""
         for name in names:
-            for q in (name, self._dead.pop(name, None) or dead_queue_name(name)):
+            work = sqs_name(name)
+            for q in (work, self._dead.pop(work, None) or dead_queue_name(work)):
                 url = self._urls.pop(q, None) or self._lookup(q)
                 if url:
                     try:
