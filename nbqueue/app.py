@@ -20,7 +20,7 @@ import time
 from typing import Any, Callable, Iterable, Mapping
 
 from . import config as _config
-from . import payloads, serialization, shipping, states, tracing
+from . import cache, payloads, provenance, serialization, shipping, states, tracing
 from .broker import Outgoing
 from .clock import SYSTEM
 from .drivers import (
@@ -52,17 +52,24 @@ def _default_backend(broker_url: str | None) -> str | None:
 
 
 class App:
+    """``inline=True``: every task runs in the caller at send time, through the store and
+    a worker's code path (inline.py), for unit tests without a worker."""
+
     def __init__(self, broker: str | None = None, backend: str | None = None, *, default_queue: str = "nbqueue", **options: Any):
         _config.check_options(options)
         self.config = _config.Config(broker=broker, backend=backend, default_queue=default_queue, options=options)
         self.default_queue = default_queue
         self.clock = options.get("clock") or SYSTEM
+        if options.get("inline"):     # inline.py: tasks run in the caller at send; its runner steps this clock
+            from .inline import InlineClock
+
+            self.clock = InlineClock(self.clock)
         self.serializer = serialization.Serializer(pickle=self.config.option("serializer") == "pickle")
         self.visibility_timeout = float(self.config.option("visibility_timeout"))
         self.registry: dict[str, Task] = {}
         self.broker_url = broker or DEFAULT_URL
         self.backend_url = backend or _default_backend(broker) or DEFAULT_URL
-        store_options = {k: v for k, v in options.items() if k != "clock"}
+        store_options = {k: v for k, v in options.items() if k not in ("clock", "inline")}
         #: the broker and result backend, and how they work together (see nbqueue.engine)
         self.engine = engine_for(broker_from_url(self.broker_url, clock=self.clock, options=store_options),
                                  backend_from_url(self.backend_url, clock=self.clock, options=store_options))
@@ -75,6 +82,11 @@ class App:
         from . import builtin
 
         builtin.register(self)
+        self._inline = None
+        if options.get("inline"):
+            from .inline import Inline
+
+            self._inline = Inline(self)
 
     @property
     def broker(self):
@@ -156,6 +168,8 @@ class App:
             "queue": message["queue"], "group_id": message.get("group_id"), "parent_id": parent_id, "created_at": now,
             "meta": serialization.dumps(meta) if meta else None,
         }
+        if provenance._provider is not None:     # in a notebook: where it was sent from (provenance.py)
+            provenance.stamp(sig, task, record)
         out = self.outgoing(message)
         payloads.track(self, message["id"], out.body)      # the payloads the message references live with its record
         return message, record, out
@@ -169,21 +183,32 @@ class App:
         """Record as PENDING first, then publish, so a fast worker's result is never overwritten
         (in one transaction where broker and backend share a store)."""
         self.engine.send(records, outs)
+        if self._inline is not None:    # inline mode: run them (and what they lead to) before the send returns
+            self._inline.after_publish(outs)
 
     def transaction(self):
         """One transaction over broker and backend where the engine has one (see Engine.transaction)."""
         return self.engine.transaction()
 
     def send_task(self, sig: Signature) -> AsyncResult:
-        """Send one signature; returns its AsyncResult at once."""
+        """Send one signature; returns its AsyncResult at once (for a task registered with
+        ``cache=``, a stored result of the same code and arguments: see cache.py)."""
         if not isinstance(sig, Signature):
             raise TypeError(f"send_task takes a Signature, not {type(sig).__name__}; use app.send() for workflows")
+        task = self.registry.get(sig.name)
+        if task is not None and task.cache is not False and not sig.on_success and not sig.on_error:
+            with tracing.sending(sig.name):
+                return cache.send(self, sig, task.cache)
         with tracing.sending(sig.name):
             message, record, out = self.prepare(sig)
-            since = self.backend.wake_version()
-            self.publish([record], [out])
+            return self._send_prepared(sig, message, record, out)
+
+    def _send_prepared(self, sig: Signature, message: dict, record: dict, out: Outgoing) -> AsyncResult:
+        """Publish what ``prepare`` made of ``sig``; its AsyncResult."""
+        since = self.backend.wake_version()
+        self.publish([record], [out])
         result = AsyncResult(out.id, self, name=sig.name)
-        result._sent_at_version = since
+        result._sent_at_version = since if self._inline is None else None    # inline: final already
         result.callbacks = [AsyncResult(m["id"], self, name=m["name"], absent_ok=True)   # recorded when fired
                             for m in message.get("on_success", []) + message.get("on_error", [])]
         return result
@@ -204,25 +229,31 @@ class App:
         if isinstance(item, Signature):
             return self.send_task(item)
         with tracing.sending(type(item).__name__):
-            return workflow.send(self, item)
+            return self._run_inline(workflow.send(self, item))
 
     def send_group(self, group, concurrency: int = 0):
         from . import workflow
 
         with tracing.sending("group"):
-            return workflow.send_group(self, group, concurrency=concurrency)
+            return self._run_inline(workflow.send_group(self, group, concurrency=concurrency))
 
     def send_chain(self, chain):
         from . import workflow
 
         with tracing.sending("chain"):
-            return workflow.send(self, chain)
+            return self._run_inline(workflow.send(self, chain))
 
     def send_chord(self, chord, concurrency: int = 0):
         from . import workflow
 
         with tracing.sending("chord"):
-            return workflow.send_chord(self, chord, concurrency=concurrency)
+            return self._run_inline(workflow.send_chord(self, chord, concurrency=concurrency))
+
+    def _run_inline(self, result):
+        """Inline mode: run what a workflow send published before returning its result."""
+        if self._inline is not None:
+            self._inline.after_publish([])
+        return result
 
     # -- results ------------------------------------------------------------------------
     def result(self, task_id: str) -> AsyncResult:
@@ -234,12 +265,20 @@ class App:
         return self.backend.states_of(list(ids))
 
     def tasks(self, state: str | None = None, name: str | None = None, limit: int | None = None):
-        """Every recorded task as a pandas DataFrame, newest first (``runtime`` in seconds)."""
+        """Every recorded task as a pandas DataFrame, newest first (``runtime`` in seconds), with
+        where each came from: ``notebook``, ``cell``, ``code_hash``, ``cached_from`` (provenance.py)."""
         from .frames import records_frame
 
         records = self.backend.list(state=state, name=name, limit=None if limit is None else limit + 64)
         records = [r for r in records if r.get("name") != "nbqueue.group" or name == "nbqueue.group"]
-        return records_frame(self, records[:limit] if limit is not None else records)
+        records = records[:limit] if limit is not None else records
+        return provenance.add_columns(records_frame(self, records), records)
+
+    def reattach(self, notebook: str | None = None) -> list:
+        """After a kernel restart: the results of what this notebook (its file, or ``notebook``)
+        sent from earlier kernels that is still running or finished since it was last seen,
+        shown as live views when a notebook displays the list (provenance.py)."""
+        return provenance.reattach(self, notebook)
 
     # -- browsing and operating (what the dashboard uses; all public) ----------------------
     def find_tasks(self, *, state=None, name=None, queue=None, since: float | None = None, until: float | None = None,
@@ -374,16 +413,30 @@ class App:
         return list(self._workers)
 
     def status(self) -> dict:
-        """Queue depths per queue and the live workers (from their heartbeats).
+        """Queue depths per queue, the live workers (from their heartbeats) and the result
+        cache (``{"size", "hits", "misses", "shared", "hit_rate"}``, see cache.py).
 
         A broker that cannot list its queues (RabbitMQ) is asked about this App's default
         queue, its tasks' queues and the queues live workers serve."""
         workers = self.backend.workers()
         if self.broker.capabilities.lists_queues:
-            return {"queues": self.broker.stats(), "workers": workers}
+            return {"queues": self.broker.stats(), "workers": workers, "cache": cache.stats(self)}
         known = [self.default_queue, *(t.options["queue"] for t in self.registry.values() if t.options.get("queue")),
                  *(q for w in workers for q in w.get("queues") or [])]
-        return {"queues": self.broker.stats(queues=list(dict.fromkeys(known))), "workers": workers}
+        return {"queues": self.broker.stats(queues=list(dict.fromkeys(known))), "workers": workers, "cache": cache.stats(self)}
+
+    # -- the result cache (cache.py) --------------------------------------------------------
+    def cache_clear(self, task: str | None = None) -> int:
+        """Forget the result cache (of one task name or ``%%task`` label); how many entries
+        went. The records stay; later sends run again."""
+        return cache.clear(self, task)
+
+    def cache_info(self, task_id: str) -> dict | None:
+        """How the cache answered the send of ``task_id``: ``{"hit": True, "from": id}`` (the
+        stored result of task ``id``), ``{"hit": False}`` (it ran), ``{"hit": False,
+        "waiting_for": id}`` (it shares a run going on); None without the cache."""
+        return cache.info(self, task_id)
+    # -- end of the result cache ---------------------------------------------------------------
 
     def live_workers(self, max_age: float = 1.0) -> list[dict]:
         """The live workers on this App's store, from their heartbeats (as in ``status()``:

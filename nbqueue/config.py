@@ -28,6 +28,7 @@ DEFAULTS: dict[str, Any] = {
     "payload_threshold": 1 << 20,   # bytes: binary values packed larger go to the payload store; None keeps all inline
     "payload_compression": None,    # "zstd" or "lz4": frames through Arrow IPC's compression, arrays and pickles whole
     "payload_options": None,        # dict: the fsspec filesystem's options (endpoint_url, key, secret, ...)
+    "inline": False,                # run each task in the caller at send time (inline.py), for tests
 }
 
 def store_options() -> frozenset:

@@ -12,9 +12,16 @@ TASK_OPTIONS = ("retry_count", "retry_timeout", "retry_backoff", "queue", "prior
 
 
 class Task:
-    """Calling it runs the function here; ``.delay()``/``.s()`` send it to a worker."""
+    """Calling it runs the function here; ``.delay()``/``.s()`` send it to a worker.
 
-    def __init__(self, app, name: str, fn: Callable, **options: Any):
+    ``cache=True`` (or an expiry: ``cache="7d"``, seconds): a send whose code and arguments
+    ran before returns the stored result without running (cache.py)."""
+
+    def __init__(self, app, name: str, fn: Callable, *, cache: Any = False, **options: Any):
+        from .cache import policy
+
+        #: False (no result cache), None (cached, no expiry) or the expiry in seconds (see cache.py)
+        self.cache = policy(cache)
         unknown = set(options) - set(TASK_OPTIONS)
         if unknown:
             raise TypeError(f"unknown task option(s): {', '.join(sorted(unknown))} (known: {', '.join(TASK_OPTIONS)})")

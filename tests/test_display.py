@@ -21,6 +21,8 @@ FRAME_DTYPES = {
     "error": "object", "retries": "int64", "queue": "object", "created": "datetime64[ns, UTC]",
     "started": "datetime64[ns, UTC]", "finished": "datetime64[ns, UTC]", "runtime": "float64", "worker": "object",
 }
+#: app.tasks() adds where each task came from (provenance.py)
+TASKS_DTYPES = {**FRAME_DTYPES, "notebook": "object", "cell": "Int64", "code_hash": "object", "cached_from": "object"}
 
 
 class _Tables(html.parser.HTMLParser):
@@ -164,18 +166,18 @@ def test_text_reprs_of_every_result_type(app):
 
 def test_task_frame_column_types_do_not_depend_on_the_other_rows(app, qname):
     add, _, fail = maths(app)
-    assert dtypes(app.tasks()) == FRAME_DTYPES                    # no rows yet
+    assert dtypes(app.tasks()) == TASKS_DTYPES                    # no rows yet
     ok = add.delay(40, 2)
     app.start_worker()
     ok.get(timeout=30)
     alone = app.tasks()
-    assert dtypes(alone) == FRAME_DTYPES and alone.iloc[0]["result"] == 42 and type(alone.iloc[0]["result"]) is int
+    assert dtypes(alone) == TASKS_DTYPES and alone.iloc[0]["result"] == 42 and type(alone.iloc[0]["result"]) is int
     assert alone.iloc[0]["error"] is None
     pending = app.send_task(Signature("add", args=[1, 1], queue=qname("nobody")))   # no worker serves it: PENDING
     bad = fail.delay("luck")
     with pytest.raises(nbqueue.TaskFailed):
         bad.get(timeout=30)
-    assert dtypes(app.tasks()) == FRAME_DTYPES
+    assert dtypes(app.tasks()) == TASKS_DTYPES
     frame = app.tasks().set_index("id")
     assert type(frame.loc[ok.id, "result"]) is int and frame.loc[ok.id, "result"] == 42     # not 42.0
     assert frame.loc[ok.id, "error"] is None and frame.loc[pending.id, "error"] is None      # not NaN

@@ -106,7 +106,7 @@ def test_notebooks_are_stored_without_outputs():
         assert nb.metadata.kernelspec.name == "python3"
     assert [p.name for p in sorted(NOTEBOOKS.glob("*.ipynb"))] == [
         "01-quickstart.ipynb", "02-workflows.ipynb", "03-cell-tasks.ipynb", "04-production.ipynb", "05-export.ipynb",
-        "06-process-pool.ipynb"]
+        "06-process-pool.ipynb", "07-remember.ipynb"]
 
 
 def test_kernelspec_python3_runs_this_virtual_environment():
@@ -181,7 +181,8 @@ def test_cell_tasks_notebook(tmp_path):
     assert ["loading…\nkept 6 of 10\n"] in [["".join(o["text"] for o in outs)] for outs in outputs]   # the cell's prints
     assert "(waiting for load)" in cell_text(cell_starting(nb, "%%task stats"))
     tasks = cell_starting(nb, "%nbqueue tasks").outputs[0]["data"]["text/plain"]
-    assert tasks.count("nbqueue.cell") == 3
+    names = [line.split()[2] for line in tasks.splitlines()[1:4]]     # a cell task is listed by its label
+    assert sorted(names) == ["load", "oops", "stats"] and "nbqueue.cell" not in tasks
     assert leftovers(tmp_path, "03-cell-tasks.ipynb") == []
 
 
@@ -207,6 +208,33 @@ def test_production_notebook_runs_a_worker_process_on_redis(tmp_path, monkeypatc
     assert "worker exited with 0" in stopped and "stopped after 9 task(s)" in stopped
     assert leftovers(tmp_path, "04-production.ipynb") == []        # its scratch files were in a temporary directory ...
     assert list(scratch.iterdir()) == []                            # ... removed at the end
+
+
+def test_remember_notebook_shows_the_cache_reattach_and_export(tmp_path, monkeypatch):
+    scratch = tmp_path.parent / f"{tmp_path.name}-scratch"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))       # the notebook's temporary directory, removed at its end
+    nb = execute("07-remember.ipynb", tmp_path)
+    assert_no_errors(nb)
+    first = cell_text(cell_starting(nb, "t = time.perf_counter()\nfirst ="))
+    assert first.startswith("first: 499600 in ") and "{'hit': False" in first
+    again = cell_text(cell_starting(nb, "t = time.perf_counter()\nagain ="))
+    assert "again: 499600 in " in again and "from the cache: True | the first run's result: True" in again
+    assert cell_text(cell_starting(nb, "OFFSET = 200")) == "changed: 499700 | from the cache: False\n"
+    waits = [cell_text(c) for c in code_cells(nb) if c.source.startswith("%nbqueue wait table")]
+    assert waits == ["[0, 1, 4, 9, 16]\n", "[0, 1, 4, 9, 16] | the second run came from the cache: True\n"]
+    stats = cell_result(cell_starting(nb, 'app.status()["cache"]'))
+    assert stats == "{'size': 3, 'hits': 2, 'misses': 3, 'shared': 0, 'hit_rate': 0.4}"
+    frame = cell_starting(nb, "app.tasks()[").outputs[0]["data"]["text/plain"]
+    assert frame.count("table") == 2 and frame.count("fit") == 3 and "nbqueue.cell" not in frame
+    assert "its task is STARTED" in cell_text(cell_starting(nb, "from jupyter_client.manager import"))
+    reattached = cell_starting(nb, "@app.task\ndef wait_for")
+    assert "reattached 1 task(s) of this notebook" in cell_text(reattached) and has_widget_view(reattached)
+    assert cell_text(cell_starting(nb, "open(release")) == "reattached: ['wait_for'] -> released\n"
+    exported = cell_text(cell_starting(nb, "module = "))
+    assert '@app.task(cache="7d", name="fit")' in exported and '@app.task(name="table", cache=True)' in exported
+    assert "registered tasks: fit, table, wait_for" in cell_text(cell_starting(nb, "check = "))
+    assert leftovers(tmp_path, "07-remember.ipynb") == [] and list(scratch.iterdir()) == []
 
 
 # -- where text output goes under nbclient -----------------------------------------------------------------

@@ -153,6 +153,7 @@ class CellTaskSpec:
     reads: list[str]
     fn_name: str = ""
     params: list[str] = dataclasses.field(default_factory=list)
+    cache: "bool | str" = False  # --cache [EXPIRY]: the task's cache= option
 
 
 @dataclasses.dataclass(eq=False)
@@ -561,7 +562,7 @@ class _Exporter:
         label = args.name or args.var or f"cell{number}"
         spec = CellTaskSpec(header=header.strip(), label=label, var=args.var, queue=args.queue,
                             retry_count=args.retry_count, after=list(args.after), body=code,
-                            reads=cellvars.free_names(_without_magics(code.source)))
+                            reads=cellvars.free_names(_without_magics(code.source)), cache=args.cache)
 
         def record() -> None:
             self._unit(cell=number, pos=0, line=skipped + 1, kind="celltask", celltask=spec, task=label, root=True)
@@ -883,6 +884,8 @@ class _Exporter:
             options.append(f"queue={_lit(spec.queue)}")
         if spec.retry_count:
             options.append(f"retry_count={spec.retry_count}")
+        if spec.cache is not False:
+            options.append(f"cache={spec.cache!r}" if isinstance(spec.cache, bool) else f"cache={_lit(spec.cache)}")
         doc = [f"The notebook's ``{spec.header}`` cell (cell {unit.cell})."]
         if spec.params or spec.after:
             doc.append("")

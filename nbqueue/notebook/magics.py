@@ -45,8 +45,13 @@ finished always sees the new one. A failed or replaced run binds nothing. When t
 cell ran in this kernel, VAR is the very object the cell computed; from another
 process it is the decoded result.
 
+``%%task ... --cache [EXPIRY]`` reuses the stored result of the same source with the same
+values of the variables it reads (see nbqueue/cache.py), from any kernel on the store.
+
 ``%nbqueue status | tasks [--state S] [--name N] [--limit L] | worker start [-c N] |
-worker stop | wait [NAME ...] [--timeout T] | use [NAME] | export [-o FILE]`` (export: see export.py).
+worker stop | wait [NAME ...] [--timeout T] | use [NAME] | export [-o FILE] | reattach``
+(export: see export.py; reattach: provenance.py). While the extension is loaded, every
+send records its notebook, cell and code hash (provenance.py).
 
 After a kernel restart, earlier results are still in the store and a task that was
 running in the dead kernel is delivered again once its lease runs out; define (or
@@ -68,7 +73,8 @@ from typing import Callable
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
-from .. import builtin, payloads, serialization, states
+from .. import builtin, payloads, provenance, serialization, states
+from .. import cache as _cache
 from ..canvas import Signature
 from ..errors import SerializationError
 from ..result import AsyncResult
@@ -211,9 +217,24 @@ class NbqueueMagics(Magics):
         if not wait:  # joining removes its heartbeat record; do it off the kernel's thread
             threading.Thread(target=worker.join, name="nbqueue-worker-join", daemon=True).start()
 
+    # -- provenance (nbqueue/provenance.py) ------------------------------------------------------------
+    def provenance(self) -> dict:
+        """Where a send comes from: this notebook and the cell running now."""
+        return {"notebook": provenance.notebook_of(self.shell), "cell": getattr(self.shell, "execution_count", None)}
+
+    def mark_seen(self, *_args) -> None:
+        """post_run_cell: what this kernel sent has been in its views until now (throttled)."""
+        if self._closed:
+            return
+        try:
+            provenance.mark_seen(self.app, provenance.notebook_of(self.shell), every=provenance.MARK_EVERY)
+        except Exception:
+            pass
+
     def close(self) -> None:
         """Stop the kernel's worker and forget pending work (``%unload_ext``, tests)."""
         self._closed = True
+        provenance.disable(self.provenance)
         with self._lock:
             runs = list(self.runs.values())
         for run in runs:
@@ -228,13 +249,17 @@ class NbqueueMagics(Magics):
         """Run the cell as a task; returns at once with a live view of it."""
         args = taskargs.parse(line)
         return self.submit(cell, name=args.name, var=args.var, queue=args.queue, retry_count=args.retry_count,
-                           after=args.after)
+                           after=args.after, cache=args.cache)
 
     def submit(self, cell: str, *, name: str | None = None, var: str | None = None, queue: str | None = None,
-               retry_count: int = 0, after: list[str] | tuple = ()) -> CellTask:
+               retry_count: int = 0, after: list[str] | tuple = (), cache=False) -> CellTask:
         """Send ``cell`` as a task (once the ``after`` tasks succeeded); see the module docstring."""
         if var is not None and not var.isidentifier():
             raise UsageError(f"-o {var!r}: not a valid variable name")
+        try:
+            expires = _cache.policy(cache)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"%%task --cache: {exc}") from None
         source = self.shell.transform_cell(cell) if self.shell is not None else cell
         reads = cellvars.free_names(source)      # a SyntaxError shows as in any cell
         key = name or var or self._cell_id() or "src:" + hashlib.sha1(source.encode()).hexdigest()[:12]
@@ -258,8 +283,12 @@ class NbqueueMagics(Magics):
         def send(inputs: dict) -> None:
             kwargs = builtin.cell_kwargs(self.app, source=source, inputs=inputs, imports=captured.imports,
                                          local=list(captured.local), label=label)
-            self.app.send_task(Signature(builtin.CELL_TASK, kwargs=kwargs, id=run.task_id, queue=target_queue,
-                                         retry_count=retry_count, app=self.app))
+            sig = Signature(builtin.CELL_TASK, kwargs=kwargs, id=run.task_id, queue=target_queue, retry_count=retry_count,
+                            app=self.app)
+            if expires is False:
+                self.app.send_task(sig)
+            else:
+                _send_cached_cell(self.app, sig, expires, source, inputs, captured)
 
         if deps:
             self._send_after_dependencies(run, source, captured.inputs, send)
@@ -419,7 +448,8 @@ class NbqueueMagics(Magics):
     @line_magic
     def nbqueue(self, line: str):
         """%nbqueue status | tasks [--state S] [--name N] [--limit L] | worker start [-c N] | worker stop |
-        wait [NAME ...] [--timeout T] | use [NAME] | export [-o FILE] | dashboard [--port P] [--height H] [stop]"""
+        wait [NAME ...] [--timeout T] | use [NAME] | export [-o FILE] | dashboard [--port P] [--height H] [stop] |
+        reattach"""
         import argparse
         import shlex
 
@@ -438,6 +468,7 @@ class NbqueueMagics(Magics):
         wt.add_argument("--timeout", type=float, default=None)
         ex = sub.add_parser("export", add_help=False, exit_on_error=False)
         ex.add_argument("-o", "--output", default=None)
+        sub.add_parser("reattach", add_help=False, exit_on_error=False)
         u = sub.add_parser("use", add_help=False, exit_on_error=False)
         u.add_argument("name", nargs="?", default=None)
         d = sub.add_parser("dashboard", add_help=False, exit_on_error=False)
@@ -474,6 +505,8 @@ class NbqueueMagics(Magics):
             return magic_export(self.shell, args.output)
         if args.command == "dashboard":
             return self.dashboard(args.action, args.port, args.height)
+        if args.command == "reattach":
+            return self.app.reattach(provenance.notebook_of(self.shell))
         if args.command == "use":
             if args.name is None:
                 print(f"nbqueue: %%task, %nbqueue and this kernel's worker use {self.app!r}")
@@ -549,6 +582,21 @@ class NbqueueMagics(Magics):
             self._bind(run)
 
 
+def _send_cached_cell(app, sig: Signature, expires, source: str, inputs: dict, captured) -> None:
+    """``%%task --cache``: the key is the cell's source, imports and live objects (their code), and
+    the values of its inputs."""
+    import warnings
+
+    try:
+        code = _cache.source_hash(source, imports=captured.imports, local=captured.local, serializer=app.serializer)
+        values = _cache.inputs_text({"args": [], "kwargs": inputs}, None)
+    except _cache.Unstable as exc:
+        warnings.warn(f"the result cache is off for this cell: {exc}", _cache.CacheWarning, stacklevel=2)
+        app.send_task(sig)
+        return
+    _cache.send(app, sig, expires, code=code, inputs=values)
+
+
 # -- loading -----------------------------------------------------------------------------------------
 
 _loaded: dict[int, NbqueueMagics] = {}
@@ -598,6 +646,8 @@ def load_ipython_extension(shell, *, concurrency: int = DEFAULT_CONCURRENCY,
     shell.register_magics(magics)
     shell.events.register("pre_run_cell", magics.bind_finished)
     shell.events.register("post_run_cell", magics.follow_new_apps)
+    shell.events.register("post_run_cell", magics.mark_seen)
+    provenance.enable(magics.provenance)
     widgets.install_hooks(shell)
     _loaded[id(shell)] = magics
     where = (f"a worker runs in this kernel ({magics.kernel_worker.concurrency} threads)" if magics.worker_running
@@ -610,7 +660,8 @@ def unload_ipython_extension(shell, magics: NbqueueMagics | None = None) -> None
     magics = magics or _loaded.pop(id(shell), None)
     if magics is None:
         return
-    for event, hook in (("pre_run_cell", magics.bind_finished), ("post_run_cell", magics.follow_new_apps)):
+    for event, hook in (("pre_run_cell", magics.bind_finished), ("post_run_cell", magics.follow_new_apps),
+                        ("post_run_cell", magics.mark_seen)):
         try:
             shell.events.unregister(event, hook)
         except ValueError:

@@ -20,6 +20,8 @@ def task_options(fn: Callable) -> Callable:
         argument("--retry-count", type=int, default=0, help="retry a failing cell up to N times"),
         argument("--after", nargs="+", default=[], metavar="NAME_OR_VAR",
                  help="run only after these cell tasks (or results) succeed"),
+        argument("--cache", nargs="?", const=True, default=False, metavar="EXPIRY",
+                 help="reuse the stored result of this source with the same inputs (EXPIRY: e.g. 7d; see nbqueue.cache)"),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -28,11 +30,12 @@ def task_options(fn: Callable) -> Callable:
 
 @task_options
 def task(line: str, cell: str) -> None:
-    """%%task [NAME] [-o VAR] [--queue Q] [--retry-count N] [--after NAME_OR_VAR ...]: the parser's holder
+    """%%task [NAME] [-o VAR] [--queue Q] [--retry-count N] [--after NAME_OR_VAR ...] [--cache [EXPIRY]]: the parser's holder
     (its name is the one errors show)."""
 
 
 def parse(line: str) -> argparse.Namespace:
-    """The options of a ``%%task`` line (``name``, ``var``, ``queue``, ``retry_count``, ``after``);
+    """The options of a ``%%task`` line (``name``, ``var``, ``queue``, ``retry_count``, ``after``,
+    ``cache``);
     raises IPython's UsageError on a bad one."""
     return parse_argstring(task, line)
