@@ -51,6 +51,7 @@ lint: $(STAMP)
 bench: $(STAMP) services memcached
 	$(PY) -m pip install --quiet -e '.[test,bench]'
 	$(PY) benchmarks/bench.py
+	$(PY) benchmarks/bench_loop.py
 
 clean:
 	rm -rf $(VENV) .nbqueue examples/.nbqueue

@@ -19,6 +19,7 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Mapping
 
+from . import batching
 from . import config as _config
 from . import cache, payloads, provenance, serialization, shipping, states, tracing
 from .broker import Outgoing
@@ -161,18 +162,23 @@ class App:
         shipping.attach(self, sig, message)   # made from a notebook's function: carries its code, to a code queue
         if group_id is not None:
             message["group_id"] = group_id
+        record, out = self._recorded(message, parent_id, meta)
+        if provenance._provider is not None:     # in a notebook: where it was sent from (provenance.py)
+            provenance.stamp(sig, task, record)
+        return message, record, out
+
+    def _recorded(self, message: dict, parent_id: str | None, meta: dict | None) -> tuple[dict, Outgoing]:
+        """The trace context injected, then the PENDING record and the Outgoing of ``message``."""
         tracing.inject(message)
         record = {
             "id": message["id"], "name": message["name"], "state": states.PENDING,
             "args": serialization.dumps(message["args"]), "kwargs": serialization.dumps(message["kwargs"]),
-            "queue": message["queue"], "group_id": message.get("group_id"), "parent_id": parent_id, "created_at": now,
-            "meta": serialization.dumps(meta) if meta else None,
+            "queue": message["queue"], "group_id": message.get("group_id"), "parent_id": parent_id,
+            "created_at": message["created_at"], "meta": serialization.dumps(meta) if meta else None,
         }
-        if provenance._provider is not None:     # in a notebook: where it was sent from (provenance.py)
-            provenance.stamp(sig, task, record)
         out = self.outgoing(message)
         payloads.track(self, message["id"], out.body)      # the payloads the message references live with its record
-        return message, record, out
+        return record, out
 
     @staticmethod
     def outgoing(message: dict) -> Outgoing:
@@ -204,14 +210,45 @@ class App:
             return self._send_prepared(sig, message, record, out)
 
     def _send_prepared(self, sig: Signature, message: dict, record: dict, out: Outgoing) -> AsyncResult:
-        """Publish what ``prepare`` made of ``sig``; its AsyncResult."""
+        """Publish what ``prepare`` made of ``sig`` (or hold it in an ``app.batch()`` block); its AsyncResult."""
         since = self.backend.wake_version()
-        self.publish([record], [out])
+        if not batching.hold(self, record, out):
+            self.publish([record], [out])
         result = AsyncResult(out.id, self, name=sig.name)
         result._sent_at_version = since if self._inline is None else None    # inline: final already
         result.callbacks = [AsyncResult(m["id"], self, name=m["name"], absent_ok=True)   # recorded when fired
                             for m in message.get("on_success", []) + message.get("on_error", [])]
         return result
+
+    def send_call(self, task: Task, args: tuple, kwargs: dict) -> AsyncResult:
+        """``task.delay(*args, **kwargs)``: as ``send_task(task.s(*args, **kwargs))``, with the
+        envelope built from the task's template (see nbqueue.callpath)."""
+        from . import callpath
+
+        if task.cache is not False:     # a cached task: its key and the stored result (cache.py)
+            return self.send_task(task.s(*args, **kwargs))
+        with tracing.sending(task.name):
+            with payloads.sending(self):        # values out of band: packed once, held until linked to the task
+                message = callpath.call_message(self, task, args, kwargs, self.clock.time())
+                if message is None:          # an argument JSON cannot carry: the Signature path names it
+                    return self.send_task(task.s(*args, **kwargs))
+                shipping.attach(self, task, message)
+                record, out = self._recorded(message, None, None)
+            if provenance._provider is not None:     # in a notebook: where it was sent from (provenance.py)
+                provenance.stamp(task.s(), task, record)
+            since = self.backend.wake_version()
+            if not batching.hold(self, record, out):
+                self.publish([record], [out])
+        result = AsyncResult(out.id, self, name=task.name)
+        result._sent_at_version = since if self._inline is None else None    # inline: final already
+        return result
+
+    def batch(self) -> "batching.SendBatch":
+        """``with app.batch():`` the single sends of this thread inside the block
+        (``.delay()``, ``apply_async()``, ``send_task``) are written together when it ends,
+        in one transaction or round trip (on RabbitMQ, confirms pipelined): durably queued
+        once the block exits. If the block raises, none of them is sent. See nbqueue.batching."""
+        return batching.SendBatch(self)
 
     def send_many(self, signatures: Iterable[Signature]) -> list[AsyncResult]:
         """Send many independent tasks in one write (faster than a loop of send_task)."""

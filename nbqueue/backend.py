@@ -92,6 +92,9 @@ class ResultBackend:
     lists_tasks = "all"
     #: errors of the store itself (unreachable, locked) beside ConnectionError and TimeoutError
     store_errors: tuple[type[BaseException], ...] = ()
+    #: a wait's first step also reads the record in the same round trip (``_block_then_get``
+    #: returns at once for a final task): a waiter need not read before it waits
+    reads_as_it_waits = False
 
     def __init__(self, url: str, *, clock=None, options: dict | None = None):
         from .clock import SYSTEM
@@ -168,6 +171,7 @@ class ResultBackend:
         the last one is noticed within milliseconds, not a whole ``poll_interval``.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        self._listen()
         pending = list(ids)
         left = len(pending)
         interval = 0.001
@@ -216,6 +220,7 @@ class ResultBackend:
         deadline = None if timeout is None else time.monotonic() + timeout
         interval = 0.001
         ceiling = float(self.options.get("poll_interval", 0.1))
+        self._listen()
         with WAKEUPS.watching(self._wake_key, task_id) as woken:
             record, read = None, False
             if since is None or WAKEUPS.version(self._wake_key) != since:
@@ -246,6 +251,10 @@ class ResultBackend:
     @property
     def _wake_key(self):
         return ("backend", self.url)
+
+    def _listen(self) -> None:
+        """Before a wait: make sure stores of other processes wake this one where a store can
+        (nothing here: waits poll)."""
 
     def _block(self, pending: Sequence[str], version: int, timeout: float) -> None:
         WAKEUPS.wait(self._wake_key, version, timeout)

@@ -262,9 +262,10 @@ class LocalWakeups:
     """Per-process wake-ups keyed by a store's identity (a file path, a server).
 
     Lets a producer in the same process wake a sleeping reserver or waiter at once,
-    instead of the reserver polling. Other processes still poll with back-off. A waiter
-    for particular task ids ``watch``es them and is woken only by a notification that
-    names one of them (a chain's waiter sleeps through its hundred steps).
+    instead of the reserver polling. Other processes poll with back-off, unless a channel
+    between processes feeds these wake-ups too (nbqueue.wakechannel, beside a SQLite
+    file). A waiter for particular task ids ``watch``es them and is woken only by a
+    notification that names one of them (a chain's waiter sleeps through its hundred steps).
     """
 
     def __init__(self) -> None:

@@ -227,9 +227,10 @@ class AsyncResult:
         can run it (none serves its queue, or none knows its name) is reported with a
         warning, and in the TimeoutError. Ctrl-C interrupts the wait: the task itself goes on.
         """
-        if self._final is not None:
-            record = self._final
-        else:
+        record = self._final
+        if record is None and not self.app.backend.reads_as_it_waits:
+            record = self._read_final()
+        if record is None:
             with _waiting(self.app, lambda: [self.app.backend.get(self.id)]) as between:
                 record = self._wait_record(timeout, between)
             if record is None:
@@ -240,6 +241,21 @@ class AsyncResult:
         if record["state"] == states.SUCCESS:
             return self._value_of(record)
         raise failure_from_record(record)
+
+    def _read_final(self) -> dict | None:
+        """The record when the task is final, read once without arming a wait (the common
+        case of a loop of ``get()`` over handles sent earlier; a backend that reads as it
+        waits needs no such read); None otherwise. Whatever
+        the read found, the wait that follows skips its own first read unless something
+        was stored since (``wait_record``'s ``since``)."""
+        since = self.app.backend.wake_version()
+        record = self.app.backend.get(self.id)
+        if record is not None and record["state"] in states.READY_STATES:
+            self._final = record
+            return record
+        if record is not None or self._absent_ok:
+            self._sent_at_version = since
+        return None
 
     def _wait_record(self, timeout: float | None, between: Callable[[float], None] | None = None) -> dict | None:
         since, self._sent_at_version = self._sent_at_version, None

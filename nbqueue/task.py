@@ -34,6 +34,11 @@ class Task:
         self._ship = shipping.defined_in_notebook(fn)
         functools.update_wrapper(self, fn)
 
+    @property
+    def ship_code(self) -> bool:
+        """Its messages carry the function's code (defined in a notebook; see shipping.py)."""
+        return self._ship
+
     def __call__(self, *args, **kwargs):
         return self.fn(*args, **kwargs)
 
@@ -49,7 +54,7 @@ class Task:
         return Signature(self.name, args=args, kwargs=kwargs, app=self.app, ship_code=self._ship, **{**self.options, **options})
 
     def delay(self, *args, **kwargs):
-        return self.app.send_task(self.s(*args, **kwargs))
+        return self.app.send_call(self, args, kwargs)
 
     def apply_async(self, args=(), kwargs=None, **options):
         return self.app.send_task(self.signature(args, kwargs, **options))

@@ -87,6 +87,7 @@ def _record(raw: dict) -> dict | None:
 
 class RedisBackend(ResultBackend):
     scheme = "redis"
+    reads_as_it_waits = True
 
     def __init__(self, url: str = "memory://", *, clock=None, options: dict | None = None):
         super().__init__(url, clock=clock, options=url_options(url, options))

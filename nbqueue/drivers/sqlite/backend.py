@@ -2,15 +2,18 @@
 
 Records survive a kernel restart. Group counters are updated in one IMMEDIATE
 transaction and are idempotent per member; chord claims are a single conditional
-UPDATE. Waiters in this process are woken at once; other processes poll with back-off.
+UPDATE. Waiters in this process are woken at once; those of other processes through
+the wake-up channel beside the file (nbqueue.wakechannel), polling with back-off as the
+fallback.
 """
 from __future__ import annotations
 
 import sqlite3
 from typing import Sequence
 
-from ... import serialization, states
+from ... import serialization, states, wakechannel
 from ...backend import FIELDS, GROUP_TASK, SEARCHED, ResultBackend, counts_from_states
+from ...broker import WAKEUPS
 from .db import SQLiteStore, path_from_url, placeholders
 
 _FINAL = tuple(states.READY_STATES)
@@ -48,6 +51,7 @@ class SQLiteBackend(ResultBackend):
         self.path = path_from_url(url)
         self.store = SQLiteStore.shared(self.path)
         self.store.ensure_schema("backend", _schema)
+        self._channel = wakechannel.channel_for(self.path)
 
     @property
     def _wake_key(self):
@@ -357,7 +361,15 @@ class SQLiteBackend(ResultBackend):
         return dict(rows)
 
     def _notify(self, ids) -> None:
-        self.store.on_commit(lambda: super(SQLiteBackend, self)._notify(ids))
+        def notify() -> None:
+            super(SQLiteBackend, self)._notify(ids)
+            self._channel.send(wakechannel.RESULTS, wakechannel.ids_payload(ids))
+
+        self.store.on_commit(notify)
+
+    def _listen(self) -> None:
+        """Results stored by other processes wake this process's waiters (see nbqueue.wakechannel)."""
+        self._channel.listen(wakechannel.RESULTS, wakechannel.local_waker(WAKEUPS.notify, self._wake_key))
 
     def close(self) -> None:
         pass  # the store is shared by every broker and backend on this file in this process

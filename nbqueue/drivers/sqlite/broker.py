@@ -3,8 +3,9 @@
 Supports: priorities 0-9, delayed messages (eta), leases with redelivery, fenced
 acks, dead letters with a reason, idempotent publish by message id, batch reserve.
 Many threads and processes on one machine may share the file. A publish from the
-same process wakes a waiting reserve() at once; other processes poll with back-off
-(``poll_interval``, default 0.1 s at the idle end).
+same process wakes a waiting reserve() at once; one from another process through the
+wake-up channel beside the file (nbqueue.wakechannel), with polling as the fallback
+(back-off up to ``poll_interval``, default 0.1 s at the idle end).
 
 One table holds every message. ``due`` is when the row may be reserved: the eta for a
 waiting message, the lease deadline for a reserved one, so an expired lease makes the
@@ -24,6 +25,7 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Sequence
 
+from ... import wakechannel
 from ...broker import WAKEUPS, Broker, Delivery, Outgoing, shown, text_of
 from .db import SQLiteStore, path_from_url, placeholders
 
@@ -131,6 +133,7 @@ class SQLiteBroker(Broker):
         self.poll_interval = float(self.options.get("poll_interval", 0.1))
         self._wake_key = ("sqlite-broker", self.path)
         self._quiet = threading.local()     # .last: (wake-up version, next due, when) as this thread last found nothing
+        self._channel = wakechannel.channel_for(self.path)   # publishes of other processes wake our reservers
 
     # -- publishing --------------------------------------------------------------
     def publish_many(self, outs: Sequence[Outgoing], handoff: bool = False) -> None:
@@ -268,6 +271,8 @@ class SQLiteBroker(Broker):
 
     def _reserve_loop(self, queues: Sequence[str], timeout: float, lease: float, limit: int, on_claim, slot) -> list[Delivery]:
         deadline = time.monotonic() + max(0.0, timeout)
+        if timeout > 0:
+            self._channel.listen(wakechannel.MESSAGES, wakechannel.local_waker(WAKEUPS.notify, self._wake_key))
         interval = 0.001
         while True:
             version = WAKEUPS.version(self._wake_key)
@@ -376,6 +381,7 @@ class SQLiteBroker(Broker):
 
     def wake(self) -> None:
         WAKEUPS.notify(self._wake_key)
+        self._channel.send(wakechannel.MESSAGES)
 
     def close(self) -> None:
         pass  # the store is shared by every broker and backend on this file in this process

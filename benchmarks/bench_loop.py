@@ -1,0 +1,398 @@
+"""The loop users write: ``.delay()`` per task, then ``.get()`` per handle, in order.
+
+    handles = [add.delay(i, i) for i in range(N)]
+    values = [h.get(timeout=60) for h in handles]
+
+Measured for nbqueue on each store beside, in the same run: a floor (a plain script on the
+same store doing the same loop), Huey with its polling turned down to 1 ms, and Celery 5
+with its defaults on RabbitMQ (results over ``rpc://``). Then the round trip (send one,
+get it, repeat), p50.
+
+    .venv/bin/python benchmarks/bench_loop.py                     # every store
+    N=2000 .venv/bin/python benchmarks/bench_loop.py sqlite memory
+
+Figures are tasks per second end to end (first send to last value); "sending" is the
+rate of the ``.delay()`` loop alone.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+N = int(os.environ.get("N", "4000"))
+LAT_N = int(os.environ.get("LAT_N", "200"))
+# not bench.py's database 14, which that script flushes: every key here is under a prefix of this run
+REDIS_URL = os.environ.get("BENCH_LOOP_REDIS", "redis://127.0.0.1:6379/11")
+AMQP_URL = os.environ.get("BENCH_AMQP", "amqp://guest:guest@127.0.0.1:5672/%2F")
+PY = sys.executable
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, ROOT]))
+
+
+def pct(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def timed_loop(send, get, n: int, around=contextlib.nullcontext) -> tuple[float, float]:
+    """(tasks/s end to end, sends/s) of ``send(i)`` n times (inside ``around()``) then
+    ``get(handle)`` on each in order."""
+    started = time.perf_counter()
+    with around():
+        handles = [send(i) for i in range(n)]
+    sent = time.perf_counter()
+    for i, handle in enumerate(handles):
+        value = get(handle)
+        assert value == 2 * i, (i, value)
+    return n / (time.perf_counter() - started), n / (sent - started)
+
+
+def round_trips(send, get, n: int) -> float:
+    """p50 in ms of send one, get it, repeat."""
+    lat = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        get(send(i))
+        lat.append(time.perf_counter() - t0)
+    return pct(lat, 0.5) * 1e3
+
+
+def stop(proc) -> None:
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+# -- floors ----------------------------------------------------------------------------------------
+
+SQLITE_SCHEMA = ("CREATE TABLE IF NOT EXISTS q (id INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT, state INT DEFAULT 0)",
+                 "CREATE TABLE IF NOT EXISTS r (id INTEGER PRIMARY KEY, result TEXT)")
+
+
+def sqlite_connect(path: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA busy_timeout=10000")
+    for statement in SQLITE_SCHEMA:
+        conn.execute(statement)
+    return conn
+
+
+def sqlite_consume(path: str) -> None:
+    """The floor's consumer process: one UPDATE ... RETURNING claim per task, the result
+    written and the message deleted in one transaction; a 0.2 ms sleep when the queue is empty."""
+    c = sqlite_connect(path)
+    while True:
+        row = c.execute("UPDATE q SET state = 1 WHERE id = (SELECT id FROM q WHERE state = 0 ORDER BY id LIMIT 1) "
+                        "RETURNING id, body").fetchone()
+        if row is None:
+            time.sleep(0.0002)
+            continue
+        x, y = map(int, row[1].split(","))
+        c.execute("BEGIN IMMEDIATE")
+        c.execute("INSERT INTO r(id, result) VALUES (?, ?)", (row[0], str(x + y)))
+        c.execute("DELETE FROM q WHERE id = ?", (row[0],))
+        c.execute("COMMIT")
+
+
+def sqlite_floor(path: str) -> tuple[float, float, float]:
+    """One INSERT (its own commit) per send; the result read back by polling its row."""
+    conn = sqlite_connect(path)
+    proc = subprocess.Popen([PY, __file__, "--consume-sqlite", path], env=ENV)
+
+    def send(i):
+        return conn.execute("INSERT INTO q(body) VALUES (?) RETURNING id", (f"{i},{i}",)).fetchone()[0]
+
+    def get(rid):
+        while True:
+            row = conn.execute("SELECT result FROM r WHERE id = ?", (rid,)).fetchone()
+            if row is not None:
+                return int(row[0])
+            time.sleep(0.0002)
+
+    try:
+        get(send(0))
+        tp, sending = timed_loop(send, get, N)
+        p50 = round_trips(send, get, LAT_N)
+    finally:
+        stop(proc)
+        conn.close()
+    return tp, sending, p50
+
+
+def redis_consume(url: str, prefix: str) -> None:
+    """The floor's consumer process: BRPOP a message, LPUSH its result to the task's reply list."""
+    import redis
+
+    c = redis.Redis.from_url(url)
+    while True:
+        _, body = c.brpop(prefix + "q")
+        rid, x, y = body.split(b",")
+        c.lpush(prefix + "r:" + rid.decode(), int(x) + int(y))
+
+
+def redis_like_floor(client, start_consumer) -> tuple[float, float, float]:
+    prefix = f"floor{uuid.uuid4().hex[:8]}:"
+    stopper = start_consumer(prefix)
+
+    def send(i):
+        rid = uuid.uuid4().hex
+        client.lpush(prefix + "q", f"{rid},{i},{i}")
+        return rid
+
+    def get(rid):
+        return int(client.brpop(prefix + "r:" + rid, timeout=60)[1])
+
+    try:
+        get(send(0))
+        tp, sending = timed_loop(send, get, N)
+        p50 = round_trips(send, get, LAT_N)
+    finally:
+        stopper()
+        for key in client.scan_iter(prefix + "*"):
+            client.delete(key)
+    return tp, sending, p50
+
+
+def redis_floor() -> tuple[float, float, float]:
+    """redis-py LPUSH per send; a consumer process BRPOPs and answers on a reply list per task."""
+    import redis
+
+    def start(prefix):
+        proc = subprocess.Popen([PY, __file__, "--consume-redis", REDIS_URL, prefix], env=ENV)
+        return lambda: stop(proc)
+
+    return redis_like_floor(redis.Redis.from_url(REDIS_URL), start)
+
+
+def fakeredis_floor() -> tuple[float, float, float]:
+    """The same loop on raw fakeredis (one FakeServer, a consumer thread)."""
+    import fakeredis
+
+    server = fakeredis.FakeServer()
+
+    def start(prefix):
+        c = fakeredis.FakeRedis(server=server)
+        done = threading.Event()
+
+        def consume():
+            while not done.is_set():
+                got = c.brpop(prefix + "q", timeout=0.2)
+                if got:
+                    rid, x, y = got[1].split(b",")
+                    c.lpush(prefix + "r:" + rid.decode(), int(x) + int(y))
+
+        threading.Thread(target=consume, daemon=True).start()
+        return done.set
+
+    return redis_like_floor(fakeredis.FakeRedis(server=server), start)
+
+
+# -- nbqueue ------------------------------------------------------------------------------------------
+
+def nbqueue_app(broker, backend, queue):
+    import nbqueue
+    from bench_tasks import add
+
+    app = nbqueue.App(broker, backend, default_queue=queue)
+    app.register_tasks({"add": add.fn})
+    return app
+
+
+def nbqueue_loop(broker, backend, process: bool, batch: bool = False) -> tuple[float, float, float]:
+    """The loop with a worker of 4 threads in this process, or an ``nbqueue worker`` process;
+    ``batch``: the sends inside ``with app.batch():`` (written, and confirmed, when it ends)."""
+    queue = f"loop-{uuid.uuid4().hex[:6]}"
+    app = nbqueue_app(broker, backend, queue)
+    add = app.registry["add"]
+    proc = worker = None
+    if process:
+        env = dict(ENV, NBQUEUE_BROKER=broker, NBQUEUE_BACKEND=backend or "", NBQUEUE_DEFAULT_QUEUE=queue)
+        proc = subprocess.Popen([PY, "-m", "nbqueue", "--log-level", "WARNING", "worker", "--app", "bench_tasks:app",
+                                 "-c", "4"],
+                                env=env, stdout=subprocess.DEVNULL)
+    else:
+        worker = app.start_worker(concurrency=4)
+    try:
+        add.delay(0, 0).get(timeout=60)          # the worker is up
+        around = app.batch if batch else contextlib.nullcontext
+        tp, sending = timed_loop(lambda i: add.delay(i, i), lambda h: h.get(timeout=60), N, around)
+        p50 = round_trips(lambda i: add.delay(i, i), lambda h: h.get(timeout=60), LAT_N)
+    finally:
+        if worker is not None:
+            worker.stop()
+        if proc is not None:
+            stop(proc)
+        if broker.startswith("amqp"):
+            app.broker.delete_queues([queue])
+        app.close()
+    return tp, sending, p50
+
+
+# -- Huey and Celery ---------------------------------------------------------------------------------
+
+PEER_TIMEOUT = 300      # seconds a peer's get() may wait (a slow peer still gets a figure)
+
+
+def huey_get(result):
+    return result.get(blocking=True, timeout=PEER_TIMEOUT, backoff=1.0, max_delay=0.001)
+
+
+def peer(measure_peer, *args):
+    """A peer's figures, or None (said on stderr) when it could not finish the loop."""
+    try:
+        return measure_peer(*args)
+    except Exception as exc:
+        print(f"{measure_peer.__name__}{args[:1]} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        return None
+
+
+def huey_loop(kind: str, tmp: str) -> tuple[float, float, float]:
+    """Huey on SQLite or Redis with a consumer process, or MemoryHuey with its consumer's threads here."""
+    name = f"loop{uuid.uuid4().hex[:6]}"
+    env = dict(ENV, BENCH_PEER=f"huey-{kind}", BENCH_NAME=name, BENCH_PATH=os.path.join(tmp, name + ".db"),
+               BENCH_URL=REDIS_URL)
+    saved = {k: os.environ.get(k) for k in ("BENCH_PEER", "BENCH_NAME", "BENCH_PATH", "BENCH_URL")}
+    os.environ.update({k: env[k] for k in saved})
+    import importlib
+
+    import bench_loop_peers as peers
+
+    peers = importlib.reload(peers)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    proc = consumer = None
+    if kind == "memory":
+        consumer = peers.huey_consumer(peers.huey)
+        consumer.start()
+    else:
+        code = "import bench_loop_peers as p; p.huey_consumer(p.huey).run()"     # task names from the module's name
+        proc = subprocess.Popen([PY, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        huey_get(peers.add(0, 0))
+        tp, sending = timed_loop(lambda i: peers.add(i, i), huey_get, N)
+        p50 = round_trips(lambda i: peers.add(i, i), huey_get, LAT_N)
+    finally:
+        if consumer is not None:
+            consumer.stop(graceful=True)
+        if proc is not None:
+            stop(proc)
+        if kind == "redis":
+            peers.huey.storage.flush_all()
+    return tp, sending, p50
+
+
+def celery_loop() -> tuple[float, float, float]:
+    """Celery 5, defaults (prefork pool, concurrency 4), results over rpc:// on the same RabbitMQ."""
+    name = f"celery-loop-{uuid.uuid4().hex[:6]}"
+    env = dict(ENV, BENCH_PEER="celery", BENCH_URL=AMQP_URL, BENCH_NAME=name)
+    os.environ.update(BENCH_PEER="celery", BENCH_URL=AMQP_URL, BENCH_NAME=name)
+    import importlib
+
+    import bench_loop_peers as peers
+
+    peers = importlib.reload(peers)
+    proc = subprocess.Popen([PY, "-m", "celery", "-A", "bench_loop_peers:celery_app", "worker", "-c", "4",
+                             "--loglevel", "WARNING"],
+                            env=env, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    add = peers.celery_app.tasks["add"]
+    try:
+        add.delay(0, 0).get(timeout=PEER_TIMEOUT)
+        tp, sending = timed_loop(lambda i: add.delay(i, i), lambda h: h.get(timeout=PEER_TIMEOUT), N)
+        p50 = round_trips(lambda i: add.delay(i, i), lambda h: h.get(timeout=PEER_TIMEOUT), LAT_N)
+    finally:
+        stop(proc)
+        with peers.celery_app.connection_for_write() as conn:
+            conn.default_channel.queue_delete(name)
+    return tp, sending, p50
+
+
+# -- the table --------------------------------------------------------------------------------------
+
+def fmt(figure) -> str:
+    return "" if figure is None else f"{figure[0]:,.0f}/s"
+
+
+def measure(kinds: list[str], tmp: str) -> list[tuple]:
+    """Rows: (label, nbqueue, floor, floor label, Huey, Celery), each figure (tasks/s, sends/s, p50 ms) or None."""
+    have_huey = importlib.util.find_spec("huey") is not None
+    have_celery = importlib.util.find_spec("celery") is not None
+    rows = []
+
+    def db():
+        return f"sqlite:///{os.path.join(tmp, uuid.uuid4().hex[:8] + '.db')}"
+
+    if "sqlite" in kinds:
+        floor = sqlite_floor(os.path.join(tmp, "floor.db"))
+        huey = peer(huey_loop, "sqlite", tmp) if have_huey else None
+        url = db()
+        rows.append(("SQLite, `nbqueue worker` in another process", nbqueue_loop(url, None, True), floor, huey, None))
+        url = db()
+        rows.append(("SQLite, worker threads in the sending process", nbqueue_loop(url, None, False), floor, None,
+                     None))
+    if "redis" in kinds:
+        floor = redis_floor()
+        huey = peer(huey_loop, "redis", tmp) if have_huey else None
+        url = f"{REDIS_URL}?key_prefix=loop{uuid.uuid4().hex[:6]}"
+        rows.append(("Redis, `nbqueue worker` process", nbqueue_loop(url, None, True), floor, huey, None))
+    if "amqp" in kinds:
+        celery = peer(celery_loop) if have_celery else None
+        rows.append(("RabbitMQ, `nbqueue worker` process", nbqueue_loop(AMQP_URL, db(), True), None, None, celery))
+        batched = nbqueue_loop(AMQP_URL, db(), True, batch=True)
+        rows.append(("RabbitMQ, the sends in `with app.batch():`", batched, None, None, celery))
+    if "memory" in kinds:
+        floor = fakeredis_floor()
+        huey = peer(huey_loop, "memory", tmp) if have_huey else None
+        memory = nbqueue_loop(f"memory://loop{uuid.uuid4().hex[:6]}", None, False)
+        rows.append(("`memory://` in process", memory, floor, huey, None))
+    return rows
+
+
+def table(rows) -> str:
+    lines = ["| store | nbqueue | floor | ratio | Huey (tuned) | Celery | p50 nbqueue / floor |",
+             "|---|---|---|---|---|---|---|"]
+    for label, nbq, floor, huey, celery in rows:
+        ratio = f"{nbq[0] / floor[0]:.2f}x" if floor else (f"{nbq[0] / celery[0]:.2f}x Celery" if celery else "")
+        p50 = f"{nbq[2]:.2f} ms" + (f" / {floor[2]:.2f} ms" if floor else "")
+        lines.append(f"| {label} | {fmt(nbq)} (sending {nbq[1]:,.0f}/s) | {fmt(floor)} | {ratio} | {fmt(huey)} "
+                     f"| {fmt(celery)} | {p50} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["--consume-sqlite"]:
+        return sqlite_consume(argv[1])
+    if argv[:1] == ["--consume-redis"]:
+        return redis_consume(argv[1], argv[2])
+    kinds = argv or ["sqlite", "redis", "amqp", "memory"]
+    tmp = tempfile.mkdtemp(prefix="nbqueue-loop-")
+    print(f"nbqueue: .delay() then .get() per handle, N={N}, round trips {LAT_N}; {os.cpu_count()} cores, "
+          f"Python {sys.version.split()[0]}", flush=True)
+    try:
+        print(table(measure(kinds, tmp)))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

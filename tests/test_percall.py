@@ -1,0 +1,309 @@
+"""The per-call path: ``.delay()`` in a loop and ``.get()`` per handle.
+
+What a send promises (when ``.delay()`` returns the task is durably queued) is checked by
+killing the sending process with SIGKILL right after its sends returned; the wake-up
+channel beside a SQLite file and the read-first ``get()`` are checked on their own.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+
+import nbqueue
+from nbqueue import wakechannel
+from nbqueue.broker import WAKEUPS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SENDER = r"""
+import json, os, time
+from proc_tasks import add                            # App.from_env(): NBQUEUE_BROKER, ...
+
+for i in range(int(os.environ["COUNT"])):
+    handle = add.delay(i, i)
+    print(json.dumps([handle.id, i]), flush=True)     # reported only once .delay() returned
+print("sent", flush=True)
+time.sleep(600)                                       # killed here, without a chance to clean up
+"""
+
+
+def _send_then_sigkill(broker: str, backend: str | None, queue: str, count: int) -> list[tuple[str, int]]:
+    """A child process sends ``count`` tasks, reporting each id as its send returns; it is
+    killed with SIGKILL as soon as it has reported them all."""
+    env = dict(os.environ, NBQUEUE_BROKER=broker, NBQUEUE_BACKEND=backend or "", NBQUEUE_DEFAULT_QUEUE=queue,
+               COUNT=str(count),
+               PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "tests"), ROOT]))
+    proc = subprocess.Popen([sys.executable, "-c", SENDER], env=env, stdout=subprocess.PIPE, text=True)
+    sent = []
+    try:
+        for line in proc.stdout:
+            if line.strip() == "sent":
+                break
+            sent.append(tuple(json.loads(line)))
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL
+    return sent
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "amqp"])
+def test_a_send_that_returned_survives_sigkill_of_the_sender(kind, tmp_path, qname):
+    """Given a process that sends tasks one .delay() at a time and is SIGKILLed right after,
+    when a worker starts later, then every task whose .delay() had returned runs."""
+    from conftest import app_urls
+
+    broker, backend = app_urls(kind, tmp_path)
+    queue = qname("kill")
+    sent = _send_then_sigkill(broker, backend, queue, 200)
+    assert len(sent) == 200
+
+    app = nbqueue.App(broker, backend, default_queue=queue)
+    app.register_task("add", _add)
+    worker = app.start_worker(concurrency=2)
+    try:
+        values = {task_id: app.result(task_id).get(timeout=60) for task_id, _ in sent}
+    finally:
+        worker.stop()
+        if kind == "amqp":
+            app.broker.delete_queues([queue])
+        app.close()
+    assert values == {task_id: 2 * i for task_id, i in sent}
+
+
+def _add(x, y):
+    return x + y
+
+
+def test_get_of_a_final_task_reads_it_without_arming_a_wait(tmp_path, monkeypatch):
+    app = nbqueue.App(f"sqlite:///{tmp_path}/q.db", default_queue="q")
+
+    @app.task(name="add")
+    def add(x, y):
+        return x + y
+
+    handle = add.delay(2, 3)
+    assert app.worker().drain(timeout=5) == 1
+
+    def no_wait(*args, **kwargs):
+        raise AssertionError("a wait was armed for a final task")
+
+    monkeypatch.setattr(WAKEUPS, "watching", no_wait)
+    assert handle.get(timeout=5) == 5
+    app.close()
+
+
+def test_get_of_a_task_not_final_yet_still_waits(tmp_path):
+    app = nbqueue.App(f"sqlite:///{tmp_path}/q.db", default_queue="q")
+
+    @app.task(name="add")
+    def add(x, y):
+        return x + y
+
+    handle = add.delay(2, 3)
+    with pytest.raises(TimeoutError):
+        handle.get(timeout=0.2)
+    app.start_worker()
+    assert handle.get(timeout=30) == 5
+    app.close()
+
+
+def test_wake_channel_carries_a_datagram_to_another_listener(tmp_path):
+    """Two channels on one file stand for two processes: one listens, the other sends."""
+    path = str(tmp_path / "store.db")
+    listener, sender = wakechannel.WakeChannel(path), wakechannel.WakeChannel(path)
+    got: list[list[str] | None] = []
+    woken = threading.Event()
+
+    def handler(payload: bytes) -> None:
+        got.append(wakechannel.payload_ids(payload))
+        woken.set()
+
+    try:
+        assert listener.listen(wakechannel.RESULTS, handler)
+        sender.send(wakechannel.MESSAGES)                        # another kind: not for this listener
+        sender.send(wakechannel.RESULTS, wakechannel.ids_payload(["a", "b"]))
+        assert woken.wait(10)
+        assert got == [["a", "b"]]
+    finally:
+        listener.close()
+        sender.close()
+
+
+def test_wake_channel_works_beside_a_path_too_long_for_a_socket_address(tmp_path):
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    path = str(deep / "store.db")
+    listener, sender = wakechannel.WakeChannel(path), wakechannel.WakeChannel(path)
+    woken = threading.Event()
+    try:
+        if not listener.listen(wakechannel.MESSAGES, lambda payload: woken.set()):
+            pytest.skip("no /proc/self/fd on this platform: a long path has no channel (waits poll)")
+        sender.send(wakechannel.MESSAGES)
+        assert woken.wait(10)
+    finally:
+        listener.close()
+        sender.close()
+
+
+def test_wake_channel_removes_the_socket_of_a_process_gone(tmp_path):
+    import socket
+
+    path = str(tmp_path / "store.db")
+    directory = str(tmp_path / ".store.db.wake")
+    os.makedirs(directory)
+    stale = os.path.join(directory, "m-999999-dead")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(stale)
+    sock.close()                                               # the file stays, nobody reads it
+    sender = wakechannel.WakeChannel(path)
+    sender.send(wakechannel.MESSAGES)
+    assert not os.path.exists(stale)
+    sender.close()
+
+
+def test_a_worker_process_is_woken_by_a_send_from_another_process(tmp_path, qname):
+    """A worker process serves a task sent here, and its result wakes this process's
+    waiter, with the wake-up channel in place (polling would also get there: this checks
+    the channel's files appear and the round trip works through them)."""
+    url = f"sqlite:///{tmp_path}/q.db"
+    queue = qname("wake")
+    app = nbqueue.App(url, default_queue=queue)
+    env = dict(os.environ, NBQUEUE_BROKER=url, NBQUEUE_BACKEND=url, NBQUEUE_DEFAULT_QUEUE=queue,
+               PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "tests"), ROOT]))
+    command = [sys.executable, "-m", "nbqueue", "--log-level", "WARNING", "worker", "--app", "proc_tasks:app",
+               "-c", "1"]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        first = app.send_task(app.signature("add", args=[1, 2]))
+        assert first.get(timeout=60) == 3
+        names = os.listdir(str(tmp_path / ".q.db.wake"))
+        assert any(n.startswith("m-") for n in names)              # the worker process's reservers listen
+        values = [app.send_task(app.signature("add", args=[i, i])).get(timeout=30) for i in range(20)]
+        assert values == [2 * i for i in range(20)]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        app.close()
+
+
+@pytest.mark.parametrize("options", [
+    {},
+    {"queue": "fast", "priority": 3, "retry_count": 2, "retry_timeout": 1.5, "time_limit": 9.0},
+    {"retry_backoff": {"kind": "exponential", "base": 2, "max": 30}, "ignore_when_not_registered": True},
+])
+def test_delay_sends_the_envelope_a_signature_would(tmp_path, options):
+    """``task.delay()`` builds its envelope from the task's template; it equals the one
+    ``task.s()`` makes, but for the id and the time."""
+    from nbqueue.signature import decode_body
+
+    app = nbqueue.App(f"sqlite:///{tmp_path}/q.db", default_queue="q")
+    if "retry_backoff" in options:
+        from nbqueue.retry import Backoff
+
+        options = dict(options, retry_backoff=Backoff(**options["retry_backoff"]))
+    task = app.task(name="add", **options)(_add)
+    sent = []
+    app.publish = lambda records, outs: sent.extend(zip(records, outs))
+    task.delay(1, y=[2, {"z": None}])
+    app.send_task(task.s(1, y=[2, {"z": None}]))
+    (fast_record, fast), (slow_record, slow) = sent
+    strip = ("id", "created_at")
+    fast_message, slow_message = decode_body(fast.body), decode_body(slow.body)
+    def same(fast: dict, slow: dict) -> bool:
+        return {k: v for k, v in fast.items() if k not in strip} == {k: v for k, v in slow.items() if k not in strip}
+
+    assert same(fast_message, slow_message)
+    assert same(fast_record, slow_record)
+    assert (fast.queue, fast.priority, fast.eta) == (slow.queue, slow.priority, slow.eta)
+    app.close()
+
+
+def test_delay_with_an_argument_json_cannot_carry_names_it(tmp_path):
+    app = nbqueue.App(f"sqlite:///{tmp_path}/q.db", default_queue="q")
+    task = app.task(name="add")(_add)
+    with pytest.raises(TypeError, match="argument"):
+        task.delay(object(), 1)
+    app.close()
+
+
+def test_a_batch_writes_its_sends_when_it_ends(tmp_path):
+    app = nbqueue.App(f"sqlite:///{tmp_path}/q.db", default_queue="q")
+    task = app.task(name="add")(_add)
+    with app.batch() as batch:
+        handles = [task.delay(i, i) for i in range(5)]
+        handles.append(app.send_task(task.s(10, 10)))
+        with app.batch():
+            handles.append(task.apply_async((20, 20)))
+        assert len(batch) == 7
+        assert app.backend.get(handles[0].id) is None           # nothing written yet
+        with pytest.raises(nbqueue.ResultNotFound):
+            handles[0].get(timeout=1)
+    assert app.worker().drain(timeout=10) == 7
+    assert [h.get(timeout=5) for h in handles] == [0, 2, 4, 6, 8, 20, 40]
+    app.close()
+
+
+def test_a_batch_that_raises_sends_nothing(tmp_path):
+    app = nbqueue.App(f"sqlite:///{tmp_path}/q.db", default_queue="q")
+    task = app.task(name="add")(_add)
+    with pytest.raises(KeyError):
+        with app.batch():
+            handle = task.delay(1, 1)
+            raise KeyError("stop")
+    assert app.backend.get(handle.id) is None
+    assert app.worker().drain(timeout=1) == 0
+    task.delay(2, 2)                                           # outside a block: written at once
+    assert app.worker().drain(timeout=5) == 1
+    app.close()
+
+
+def test_a_batch_on_rabbitmq_is_queued_when_it_ends(tmp_path, qname):
+    from conftest import app_urls
+
+    broker, backend = app_urls("amqp", tmp_path)
+    app = nbqueue.App(broker, backend, default_queue=qname("batch"))
+    task = app.task(name="add")(_add)
+    try:
+        with app.batch():
+            handles = [task.delay(i, i) for i in range(300)]
+        app.start_worker(concurrency=2)
+        assert [h.get(timeout=60) for h in handles] == [2 * i for i in range(300)]
+    finally:
+        for worker in app.workers:
+            worker.stop()
+        app.broker.delete_queues(qname.made)
+        app.close()
+
+
+@pytest.mark.parametrize("depth", [0, 60])
+def test_wake_channel_listens_again_after_its_directory_was_removed(tmp_path, monkeypatch, depth):
+    """``rm -rf .nbqueue`` removes the sockets too: the next wait binds a new one, in the
+    directory now at the path (also through /proc/self/fd for a long path)."""
+    import shutil
+
+    monkeypatch.setattr(wakechannel, "RELIST", 0.0)
+    monkeypatch.setattr(wakechannel, "RESTAT", 0.0)
+    base = tmp_path / ("d" * depth) / ("e" * depth) if depth else tmp_path
+    base.mkdir(parents=True, exist_ok=True)
+    path = str(base / "store.db")
+    listener, sender = wakechannel.WakeChannel(path), wakechannel.WakeChannel(path)
+    woken = threading.Event()
+    try:
+        if not listener.listen(wakechannel.MESSAGES, lambda payload: woken.set()):
+            pytest.skip("no wake-up channel for this path on this platform (waits poll)")
+        shutil.rmtree(listener.directory)
+        sender.send(wakechannel.MESSAGES)                       # nobody to reach: the directory is gone
+        assert listener.listen(wakechannel.MESSAGES, lambda payload: woken.set())
+        assert os.listdir(listener.directory)
+        sender.send(wakechannel.MESSAGES)
+        assert woken.wait(10)
+    finally:
+        listener.close()
+        sender.close()
