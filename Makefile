@@ -15,7 +15,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+# the demo needs only nbqueue itself (no test tools, no servers)
+$(VENV)/.installed-base: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+demo: $(VENV)/.installed-base
 	cd examples && ../$(PY) sum.py
 
 services:
@@ -38,7 +45,7 @@ test: $(STAMP) services browser memcached
 
 # the modules mypy checks: the canvas and workflow, and the protocol and engine modules where they exist
 MYPY_FILES = $(wildcard nbqueue/canvas.py nbqueue/context.py nbqueue/workflow.py nbqueue/message.py nbqueue/broker.py \
-                        nbqueue/backend.py nbqueue/engine.py)
+                        nbqueue/backend.py nbqueue/engine.py nbqueue/drivers/__init__.py nbqueue/drivers/*/engine.py)
 
 # every check runs, and the target fails if one failed
 lint: $(STAMP)

@@ -105,7 +105,7 @@ def memcache_backend_life(url: str, n: int) -> tuple[float, list[float]]:
     """nbqueue's MemcacheBackend over a task's record life: create (PENDING), begin
     (fenced token), store_result, get. Returns (tasks/s, per-task times)."""
     from nbqueue import states
-    from nbqueue.backends.memcache import MemcacheBackend
+    from nbqueue.drivers.memcache.backend import MemcacheBackend
 
     be = MemcacheBackend(url, options={"key_prefix": f"bench-{uuid.uuid4().hex[:6]}"})
     lat = []

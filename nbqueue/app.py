@@ -22,10 +22,17 @@ from typing import Any, Callable, Iterable, Mapping
 from . import batching
 from . import config as _config
 from . import cache, payloads, provenance, serialization, shipping, states, tracing
-from .backends import backend_from_url
-from .brokers import broker_from_url
-from .brokers.base import Outgoing
+from .broker import Outgoing
 from .clock import SYSTEM
+from .drivers import (
+    DEFAULT_URL,
+    backend_from_url,
+    broker_from_url,
+    driver_for,
+    engine_for,
+    holds_payloads,
+    payload_store,
+)
 from .result import AsyncResult
 from .signature import Signature, encode_body, to_message
 from .task import Task, task_name
@@ -34,13 +41,14 @@ log = logging.getLogger(__name__)
 
 
 def _default_backend(broker_url: str | None) -> str | None:
-    """Results live beside the broker when it can hold them; AMQP falls back to the SQLite file."""
+    """Results live beside the broker when its driver can hold them; else in the default store."""
     if broker_url is None:
         return None
-    scheme = broker_url.split(":", 1)[0].lower()
-    if scheme in ("sqlite", "memory", "redis", "rediss"):
+    if driver_for(broker_url, "broker").results_beside:
         return broker_url
-    log.warning("broker %s keeps no results; recording them in the embedded SQLite file (pass backend= for shared results)", scheme)
+    scheme = broker_url.split(":", 1)[0].lower()
+    log.warning("broker %s keeps no results; recording them in the default store %s (pass backend= for shared results)", scheme,
+                DEFAULT_URL)
     return None
 
 
@@ -60,12 +68,13 @@ class App:
         self.serializer = serialization.Serializer(pickle=self.config.option("serializer") == "pickle")
         self.visibility_timeout = float(self.config.option("visibility_timeout"))
         self.registry: dict[str, Task] = {}
-        self.broker_url = broker or "sqlite://"
-        self.backend_url = backend or _default_backend(broker) or "sqlite://"
+        self.broker_url = broker or DEFAULT_URL
+        self.backend_url = backend or _default_backend(broker) or DEFAULT_URL
         store_options = {k: v for k, v in options.items() if k not in ("clock", "inline")}
-        self.broker = broker_from_url(self.broker_url, clock=self.clock, options=store_options)
-        self.backend = backend_from_url(self.backend_url, clock=self.clock, options=store_options)
-        payloads.attach(self)       # large values out of band: the payload store (nbqueue/payloads.py)
+        #: the broker and result backend, and how they work together (see nbqueue.engine)
+        self.engine = engine_for(broker_from_url(self.broker_url, clock=self.clock, options=store_options),
+                                 backend_from_url(self.backend_url, clock=self.clock, options=store_options))
+        payloads.attach(self, resolve=payload_store, holds=holds_payloads)   # large values out of band (payloads.py)
         self._workers: list = []
         self._schedules = None
         self._lock = threading.Lock()
@@ -74,12 +83,21 @@ class App:
         from . import builtin
 
         builtin.register(self)
-        # -- end of built-in tasks --------------------------------------------------------------------
         self._inline = None
         if options.get("inline"):
             from .inline import Inline
 
             self._inline = Inline(self)
+
+    @property
+    def broker(self):
+        """The engine's broker."""
+        return self.engine.broker
+
+    @property
+    def backend(self):
+        """The engine's result backend."""
+        return self.engine.backend
 
     # -- construction from files and the environment ----------------------------------
     @classmethod
@@ -170,13 +188,13 @@ class App:
     def publish(self, records: list[dict], outs: list[Outgoing]) -> None:
         """Record as PENDING first, then publish, so a fast worker's result is never overwritten
         (in one transaction where broker and backend share a store)."""
-        self.broker.publish_recorded(self.backend, records, outs)
+        self.engine.send(records, outs)
         if self._inline is not None:    # inline mode: run them (and what they lead to) before the send returns
             self._inline.after_publish(outs)
 
     def transaction(self):
-        """One transaction over broker and backend where they share a store (the SQLite file)."""
-        return self.broker.transaction_with(self.backend)
+        """One transaction over broker and backend where the engine has one (see Engine.transaction)."""
+        return self.engine.transaction()
 
     def send_task(self, sig: Signature) -> AsyncResult:
         """Send one signature; returns its AsyncResult at once (for a task registered with
@@ -302,7 +320,7 @@ class App:
     # -- browsing and operating (what the dashboard uses; all public) ----------------------
     def find_tasks(self, *, state=None, name=None, queue=None, since: float | None = None, until: float | None = None,
                    text: str | None = None, offset: int = 0, limit: int = 50) -> list[dict]:
-        """A page of task records (dicts with the fields of ``nbqueue.backends.base.FIELDS``;
+        """A page of task records (dicts with the fields of ``nbqueue.backend.FIELDS``;
         ``args``, ``kwargs`` and ``result`` as their JSON text), newest first, without loading
         the others. Filters: ``state``, ``name``, ``queue`` (a value or a list of values),
         ``since <= created_at < until`` (Unix seconds), ``text``: a case-insensitive
@@ -362,8 +380,8 @@ class App:
         not resumed), and remove them from the dead letters in the same transaction where
         broker and backend share one. Returns ``{"sent": [AsyncResult], "kept": [{"id",
         "queue", "reason"}]}``: a dead letter whose body cannot be read as a message is kept."""
-        from .signature import decode_body, signature_from_message
         from .errors import MessageError
+        from .signature import decode_body, signature_from_message
 
         sent, kept, prepared = [], [], []
         for letter in self.broker.dead_letters(queue, limit=limit):
@@ -458,7 +476,7 @@ class App:
         A broker that cannot list its queues (RabbitMQ) is asked about this App's default
         queue, its tasks' queues and the queues live workers serve."""
         workers = self.backend.workers()
-        if getattr(self.broker, "lists_queues", True):
+        if self.broker.capabilities.lists_queues:
             return {"queues": self.broker.stats(), "workers": workers, "cache": cache.stats(self)}
         known = [self.default_queue, *(t.options["queue"] for t in self.registry.values() if t.options.get("queue")),
                  *(q for w in workers for q in w.get("queues") or [])]
@@ -546,10 +564,9 @@ class App:
         from . import schedule
 
         return schedule.scheduler(self)
-    # -- end of periodic tasks ------------------------------------------------------------------
 
     def __repr__(self) -> str:
-        from .brokers.base import redact
+        from .broker import redact
 
         return f"<nbqueue.App broker={redact(self.broker_url)} backend={redact(self.backend_url)} tasks={len(self.registry)}>"
 

@@ -52,7 +52,7 @@ import warnings
 from typing import Any, Callable
 
 from . import serialization, states
-from .backends.base import FIELDS
+from .backend import FIELDS
 
 log = logging.getLogger(__name__)
 

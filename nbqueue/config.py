@@ -31,18 +31,18 @@ DEFAULTS: dict[str, Any] = {
     "inline": False,                # run each task in the caller at send time (inline.py), for tests
 }
 
-#: options a broker or backend reads (redis.py, amqp.py); passed through as given
-STORE_OPTIONS = {
-    # Redis
-    "max_block", "batch", "retries", "retry_base", "retry_cap", "socket_timeout", "socket_connect_timeout",
-    "health_check_interval", "client_name", "password",
-    # AMQP
-    "reconnect_timeout", "confirm_timeout", "publish_batch", "eta_tolerance",
-    # SQS (brokers/sqs.py)
-    "region", "endpoint_url", "max_deliveries", "wait_time_seconds", "idle_poll", "create_queues",
-    # Memcache and AMQP results (backends/memcache.py, backends/amqp.py)
-    "index_size", "max_item_size", "lock_timeout",
-}
+def store_options() -> frozenset:
+    """Options a broker or backend reads (each driver declares its own); passed through as given."""
+    from .drivers import store_options as declared
+
+    return declared()
+
+
+def store_sections() -> frozenset:
+    """Per-store sections of a YAML config: the drivers' names."""
+    from .drivers import drivers
+
+    return frozenset(drivers())
 
 
 @dataclasses.dataclass
@@ -57,9 +57,10 @@ class Config:
 
 
 def check_options(options: dict) -> None:
-    unknown = sorted(set(options) - set(DEFAULTS) - STORE_OPTIONS)
+    known = set(DEFAULTS) | store_options()
+    unknown = sorted(set(options) - known)
     if unknown:
-        raise ConfigurationError(f"unknown App option(s): {', '.join(unknown)} (known: {', '.join(sorted(set(DEFAULTS) | STORE_OPTIONS))})")
+        raise ConfigurationError(f"unknown App option(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
     if options.get("serializer", "json") not in ("json", "pickle"):
         raise ConfigurationError(f"serializer must be 'json' or 'pickle', not {options['serializer']!r}")
     threshold = options.get("payload_threshold", 0)
@@ -81,7 +82,7 @@ def from_yaml(path: str) -> Config:
     """Read a machinery-style config.yml.
 
     Keys: ``broker``, ``default_queue``, ``result_backend``, ``results_expire_in``, and
-    per-store sections (``redis:``, ``amqp:``, ``sqlite:``, ``sqs:``, ``memcache:``) whose keys become options.
+    per-store sections (named for a driver: ``redis:``, ``amqp:``, ...) whose keys become options.
     """
     import yaml
 
@@ -95,12 +96,13 @@ def from_yaml(path: str) -> Config:
     if not isinstance(data, dict):
         raise ConfigurationError(f"config file {path} must hold a mapping at the top level")
     options: dict[str, Any] = {}
-    known_top = {"broker", "default_queue", "result_backend", "results_expire_in", "redis", "amqp", "sqlite", "sqs", "memcache"}
+    sections = store_sections()
+    known_top = {"broker", "default_queue", "result_backend", "results_expire_in"} | sections
     for key, value in data.items():
-        if key in ("redis", "amqp", "sqlite", "sqs", "memcache"):
+        if key in sections:
             if not isinstance(value, dict):
                 raise ConfigurationError(f"section {key!r} in {path} must be a mapping")
-            ignored = sorted(set(value) - set(DEFAULTS) - STORE_OPTIONS)
+            ignored = sorted(set(value) - set(DEFAULTS) - store_options())
             if ignored:  # machinery's own settings (exchange, binding_key, max_idle, ...) mean nothing here
                 log.warning("ignoring key(s) %s in section %r of %s", ", ".join(ignored), key, path)
             options.update({k: v for k, v in value.items() if k not in ignored})

@@ -62,7 +62,6 @@ import contextlib
 import contextvars
 import hashlib
 import logging
-import os
 import re
 import threading
 import time
@@ -209,7 +208,7 @@ class PayloadStore:
 
     @property
     def label(self) -> str:
-        from .brokers.base import redact
+        from .broker import redact
 
         return redact(self.url)
 
@@ -337,454 +336,6 @@ def _valid(keys: Iterable[str]) -> tuple[list[str], list]:
 def _chunks(seq: list, n: int):
     for i in range(0, len(seq), n):
         yield seq[i:i + n]
-
-
-class SQLitePayloads(PayloadStore):
-    """Payloads as files beside an SQLite file (``<file>-payloads/ab/sha256-ab…``), their
-    links in tables of that file; see the module docstring.
-
-    A file is written under a temporary name first and renamed into place inside the
-    transaction that records it, and a payload's file is removed inside the transaction
-    that deletes its row, so writers, releases and sweeps of any process on the machine
-    see a payload whole, and never lose one that another writer has just linked. Deleting
-    a payload frees its disk space at once (rows of a table would leave free pages).
-    """
-
-    def __init__(self, url: str, *, clock=None):
-        from .sqlitedb import SQLiteStore, path_from_url
-
-        super().__init__(url, clock=clock)
-        self.path = path_from_url(url)
-        self.dir = self.path + "-payloads"
-        self.store = SQLiteStore.shared(self.path)
-        self.store.ensure_schema("payloads", _sqlite_schema)
-
-    @property
-    def label(self) -> str:
-        return f"sqlite:///{self.path} (files in {self.dir})"
-
-    def _file(self, key: str) -> str:
-        return os.path.join(self.dir, key[len(KEY_PREFIX):len(KEY_PREFIX) + 2], key)
-
-    def link(self, keys, owner):
-        keys, missing = _valid(keys)
-        if not keys:
-            return missing
-        now = self._now()
-        with self.store.write() as conn:
-            found = set()
-            for chunk in _chunks(keys, 500):
-                marks = ",".join("?" * len(chunk))
-                found.update(k for (k,) in conn.execute(f"SELECT key FROM nbq_payloads WHERE key IN ({marks})", chunk))
-            for key in keys:
-                if key in found:
-                    conn.execute(_SQLITE_LINK, (owner, key, now))
-                else:
-                    missing.append(key)
-        return missing
-
-    def _write(self, key, data, owner):
-        final = self._file(key)
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        tmp = f"{final}.tmp-{uuid.uuid4().hex}"
-        view = memoryview(data).cast("B")
-        try:
-            with open(tmp, "wb") as fh:     # outside any transaction: other writers go on meanwhile
-                fh.write(view)
-            now = self._now()
-            with self.store.write() as conn:
-                if conn.execute("SELECT 1 FROM nbq_payloads WHERE key = ?", (key,)).fetchone() is None:
-                    os.replace(tmp, final)
-                    conn.execute("INSERT INTO nbq_payloads(key, size, created_at, check_at) VALUES (?, ?, ?, ?)",
-                                 (key, view.nbytes, now, now + self.grace))
-                conn.execute(_SQLITE_LINK, (owner, key, now))
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(tmp)
-
-    def _read(self, key, name):
-        try:
-            with open(self._file(key), "rb") as fh:
-                size = os.fstat(fh.fileno()).st_size
-                out = bytearray(size)
-                got = fh.readinto(out)
-        except FileNotFoundError:
-            raise self._missing(name) from None
-        if got != size:
-            raise PayloadCorrupt(f"{name} in {self.label}: {got} of {size} bytes could be read (truncated); "
-                                 "it was not decoded")
-        return out
-
-    def release(self, owners):
-        owners = list(dict.fromkeys(owners))
-        deleted = 0
-        for chunk in _chunks(owners, 500):
-            marks = ",".join("?" * len(chunk))
-            with self.store.write() as conn:
-                rows = conn.execute(f"SELECT DISTINCT key FROM nbq_payload_refs WHERE owner IN ({marks})", chunk)
-                keys = [k for (k,) in rows]
-                if not keys:
-                    continue
-                conn.execute(f"DELETE FROM nbq_payload_refs WHERE owner IN ({marks})", chunk)
-                deleted += self._delete_unlinked(conn, keys)
-        return deleted
-
-    def _delete_unlinked(self, conn, keys: list[str]) -> int:
-        """Delete (rows and files) the payloads among ``keys`` left without links, inside ``conn``'s transaction."""
-        linked = "SELECT 1 FROM nbq_payload_refs WHERE key = ? LIMIT 1"
-        gone = [k for k in keys if conn.execute(linked, (k,)).fetchone() is None]
-        for chunk in _chunks(gone, 500):
-            conn.execute(f"DELETE FROM nbq_payloads WHERE key IN ({','.join('?' * len(chunk))})", chunk)
-        for key in gone:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(self._file(key))
-        return len(gone)
-
-    def exists(self, key):
-        recorded = bool(self.store.read("SELECT 1 FROM nbq_payloads WHERE key = ?", (key,)))
-        return recorded and os.path.exists(self._file(key))
-
-    def delete(self, keys):
-        keys = list(keys)
-        n = 0
-        for chunk in _chunks(keys, 500):
-            marks = ",".join("?" * len(chunk))
-            with self.store.write() as conn:
-                conn.execute(f"DELETE FROM nbq_payload_refs WHERE key IN ({marks})", chunk)
-                n += conn.execute(f"DELETE FROM nbq_payloads WHERE key IN ({marks})", chunk).rowcount
-                for key in chunk:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.remove(self._file(key))
-        return n
-
-    def keys(self):
-        return [k for (k,) in self.store.read("SELECT key FROM nbq_payloads ORDER BY key")]
-
-    def links(self, key):
-        return dict(self.store.read("SELECT owner, linked_at FROM nbq_payload_refs WHERE key = ?", (key,)))
-
-    def stats(self):
-        n, total = self.store.read("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM nbq_payloads")[0]
-        return {"payloads": n, "bytes": total}
-
-    def _due(self, now, limit):
-        rows = self.store.read("SELECT key FROM nbq_payloads WHERE check_at <= ? ORDER BY check_at LIMIT ?",
-                               (now, limit))
-        keys = [k for (k,) in rows]
-        due: dict[str, dict[str, float]] = {k: {} for k in keys}
-        for chunk in _chunks(keys, 500):
-            marks = ",".join("?" * len(chunk))
-            for key, owner, at in self.store.read(
-                    f"SELECT key, owner, linked_at FROM nbq_payload_refs WHERE key IN ({marks})", chunk):
-                due[key][owner] = at
-        return list(due.items())
-
-    def _unlink(self, pairs, unlinked=()):
-        with self.store.write() as conn:
-            conn.executemany("DELETE FROM nbq_payload_refs WHERE key = ? AND owner = ?", pairs)
-            return self._delete_unlinked(conn, sorted({k for k, _ in pairs} | set(unlinked)))
-
-    def _checked(self, keys, at):
-        if keys:
-            with self.store.write() as conn:
-                conn.executemany("UPDATE nbq_payloads SET check_at = ? WHERE key = ?", [(at, k) for k in keys])
-
-    def _drop_orphans(self, before, limit):
-        """Files no row records (a writer died between its file and its transaction), and temporary files."""
-        deleted, stale = 0, []
-        with contextlib.suppress(FileNotFoundError):
-            for sub in os.scandir(self.dir):
-                if not sub.is_dir():
-                    continue
-                for entry in os.scandir(sub.path):
-                    with contextlib.suppress(FileNotFoundError):
-                        if entry.stat().st_mtime <= before:
-                            stale.append(entry)
-                if len(stale) >= limit:
-                    break
-        if stale:
-            with self.store.write() as conn:
-                for entry in stale[:limit]:
-                    key = entry.name.split(".tmp-", 1)[0]
-                    recorded = conn.execute("SELECT 1 FROM nbq_payloads WHERE key = ?", (key,)).fetchone()
-                    if ".tmp-" in entry.name or recorded is None:
-                        with contextlib.suppress(FileNotFoundError):
-                            os.remove(entry.path)
-                        deleted += ".tmp-" not in entry.name
-        return deleted
-
-
-_SQLITE_LINK = ("INSERT INTO nbq_payload_refs(owner, key, linked_at) VALUES (?, ?, ?) "
-                "ON CONFLICT(owner, key) DO UPDATE SET linked_at = excluded.linked_at")
-
-
-def _sqlite_schema(db) -> None:
-    db.execute("CREATE TABLE IF NOT EXISTS nbq_payloads (key TEXT PRIMARY KEY, size INTEGER NOT NULL, "
-               "created_at FLOAT NOT NULL, check_at FLOAT NOT NULL) WITHOUT ROWID")
-    db.execute("CREATE INDEX IF NOT EXISTS nbq_payloads_check ON nbq_payloads(check_at)")
-    db.execute("CREATE TABLE IF NOT EXISTS nbq_payload_refs (owner TEXT NOT NULL, key TEXT NOT NULL, "
-               "linked_at FLOAT NOT NULL, PRIMARY KEY (owner, key)) WITHOUT ROWID")
-    db.execute("CREATE INDEX IF NOT EXISTS nbq_payload_refs_key ON nbq_payload_refs(key)")
-
-
-# Lua for the Redis store. ARGV[1] is the prefix P; payload keys are built from it.
-_REDIS_LINK = """
-local P, owner, now = ARGV[1], ARGV[2], ARGV[3]
-local missing = {}
-for i = 4, #ARGV do
-  local k = ARGV[i]
-  if redis.call('EXISTS', P .. 'pl:' .. k) == 1 then
-    redis.call('HSET', P .. 'pl:' .. k .. ':refs', owner, now)
-    redis.call('SADD', P .. 'pl:owner:' .. owner, k)
-  else
-    missing[#missing + 1] = k
-  end
-end
-return missing
-"""
-
-_REDIS_COMMON = """
-local function gone(P, k)
-  if redis.call('HLEN', P .. 'pl:' .. k .. ':refs') == 0 then
-    redis.call('ZREM', P .. 'pl:check', k)
-    return redis.call('DEL', P .. 'pl:' .. k)
-  end
-  return 0
-end
-"""
-
-# ARGV: P, owners...; drops every link of the owners
-_REDIS_RELEASE = _REDIS_COMMON + """
-local P, deleted = ARGV[1], 0
-for i = 2, #ARGV do
-  local owned = P .. 'pl:owner:' .. ARGV[i]
-  for _, k in ipairs(redis.call('SMEMBERS', owned)) do
-    redis.call('HDEL', P .. 'pl:' .. k .. ':refs', ARGV[i])
-    deleted = deleted + gone(P, k)
-  end
-  redis.call('DEL', owned)
-end
-return deleted
-"""
-
-# ARGV: P, n, then n values (key, owner pairs), then keys that may have no links left
-_REDIS_UNLINK = _REDIS_COMMON + """
-local P, n, deleted = ARGV[1], tonumber(ARGV[2]), 0
-for i = 3, n + 2, 2 do
-  local k, owner = ARGV[i], ARGV[i + 1]
-  redis.call('HDEL', P .. 'pl:' .. k .. ':refs', owner)
-  redis.call('SREM', P .. 'pl:owner:' .. owner, k)
-  deleted = deleted + gone(P, k)
-end
-for i = n + 3, #ARGV do
-  deleted = deleted + gone(P, ARGV[i])
-end
-return deleted
-"""
-
-
-class RedisPayloads(PayloadStore):
-    """Payloads as keys of a Redis server (``memory://``: fakeredis); see the module docstring."""
-
-    max_size = REDIS_MAX
-
-    def __init__(self, url: str, *, clock=None, options: dict | None = None):
-        from .brokers.redis import key_prefix, url_options
-
-        super().__init__(url, clock=clock)
-        self.options = url_options(url, options)
-        self.prefix = key_prefix(self.options)
-        self.client = _redis_bytes_client(url, self.options)
-        self.fake = urlsplit(url).scheme == "memory"
-        self._link_script = self.client.register_script(_REDIS_LINK)
-        self._release_script = self.client.register_script(_REDIS_RELEASE)
-        self._unlink_script = self.client.register_script(_REDIS_UNLINK)
-
-    @property
-    def label(self) -> str:
-        from .brokers.base import redact
-
-        return f"{redact(self.url.split('?', 1)[0])} (keys under {self.prefix}pl:)"
-
-    def _k(self, key: str) -> str:
-        return f"{self.prefix}pl:{key}"
-
-    def limit_text(self) -> str:
-        if self.max_size == REDIS_MAX:
-            return f"the 512 MB a Redis value can hold (the payload store is {self.label})"
-        return super().limit_text()
-
-    @staticmethod
-    def _text(values) -> list[str]:
-        return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
-
-    def link(self, keys, owner):
-        keys, bad = _valid(keys)
-        if not keys:
-            return bad
-        args = [self.prefix, owner, repr(self._now()), *keys]
-        return bad + self._text(self._guard(lambda: self._link_script(args=args)))
-
-    def _write(self, key, data, owner):
-        # scheduled for a check first: a writer that dies after its SET leaves a payload the sweep finds
-        now = self._now()
-        self._guard(lambda: self.client.zadd(f"{self.prefix}pl:check", {key: now + self.grace}, nx=True))
-        self._set(self._k(key), data)
-        if self.link([key], owner):     # deleted in between by a release of the same bytes: once more
-            self._set(self._k(key), data)
-            self.link([key], owner)
-
-    def _set(self, name: str, data: Any) -> None:
-        """SET ``name`` to bytes-like ``data``, sent as they are: redis-py's packer would copy a large value
-        twice (to bytes, then into the command)."""
-        view = memoryview(data).cast("B")
-        if self.fake:
-            self._guard(lambda: self.client.set(name, view.tobytes()))
-            return
-        raw = name.encode()
-        head = b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (len(raw), raw, view.nbytes)
-        pool = self.client.connection_pool
-        conn = pool.get_connection()
-
-        def send() -> None:
-            conn.send_packed_command([head, view, b"\r\n"])
-            conn.read_response()
-
-        try:
-            self._guard(lambda: conn.retry.call_with_retry(send, lambda error: conn.disconnect()))
-        finally:
-            pool.release(conn)
-
-    #: a payload is read this many bytes at a time (GETRANGE): a client's reply buffer grows to a
-    #: chunk, not to the whole value, and keeps that size
-    READ_CHUNK = 8 << 20
-
-    def _read(self, key, name):
-        size = self._guard(lambda: self.client.strlen(self._k(key)))
-        if not size and not self._guard(lambda: self.client.exists(self._k(key))):
-            raise self._missing(name)
-        out = bytearray(size)
-        pos = 0
-        while pos < size:
-            part = self._guard(lambda: self.client.getrange(self._k(key), pos, min(size, pos + self.READ_CHUNK) - 1))
-            if not part:
-                raise self._missing(name, " (deleted while it was read)")
-            out[pos:pos + len(part)] = part
-            pos += len(part)
-        return out
-
-    def release(self, owners):
-        owners = list(dict.fromkeys(owners))
-        return sum(int(self._guard(lambda c=c: self._release_script(args=[self.prefix, *c])))
-                   for c in _chunks(owners, 500))
-
-    def exists(self, key):
-        return bool(self._guard(lambda: self.client.exists(self._k(key))))
-
-    def delete(self, keys):
-        n = 0
-        for key in keys:
-            owners = self._text(self._guard(lambda key=key: self.client.hkeys(self._k(key) + ":refs")))
-            pipe = self.client.pipeline(transaction=True)
-            pipe.delete(self._k(key))
-            pipe.delete(self._k(key) + ":refs")
-            pipe.zrem(f"{self.prefix}pl:check", key)
-            for owner in owners:
-                pipe.srem(f"{self.prefix}pl:owner:{owner}", key)
-            n += self._guard(pipe.execute)[0]
-        return n
-
-    def keys(self):
-        found = set()
-        for raw in self.client.scan_iter(match=f"{self.prefix}pl:{KEY_PREFIX}*", count=1000):
-            name = raw.decode()[len(self.prefix) + 3:]
-            if not name.endswith(":refs"):
-                found.add(name)
-        return sorted(found)
-
-    def links(self, key):
-        raw = self._guard(lambda: self.client.hgetall(self._k(key) + ":refs"))
-        return {k.decode(): float(v) for k, v in raw.items()}
-
-    def stats(self):
-        keys = self.keys()
-        pipe = self.client.pipeline(transaction=False)
-        for key in keys:
-            pipe.strlen(self._k(key))
-        return {"payloads": len(keys), "bytes": int(sum(self._guard(pipe.execute))) if keys else 0}
-
-    def _due(self, now, limit):
-        keys = self._text(self._guard(
-            lambda: self.client.zrangebyscore(f"{self.prefix}pl:check", "-inf", now, start=0, num=limit)))
-        if not keys:
-            return []
-        pipe = self.client.pipeline(transaction=False)
-        for key in keys:
-            pipe.hgetall(self._k(key) + ":refs")
-            pipe.exists(self._k(key))
-        replies = self._guard(pipe.execute)
-        due, lost = [], []
-        for i, key in enumerate(keys):
-            refs, present = replies[2 * i], replies[2 * i + 1]
-            if not present:
-                lost.append(key)        # deleted by hand: the schedule and links go too
-                continue
-            due.append((key, {k.decode(): float(v) for k, v in refs.items()}))
-        if lost:
-            self.delete(lost)
-        return due
-
-    def _unlink(self, pairs, unlinked=()):
-        flat = [x for pair in pairs for x in pair]
-        return int(self._guard(lambda: self._unlink_script(args=[self.prefix, len(flat), *flat, *unlinked])))
-
-    def _checked(self, keys, at):
-        if keys:
-            self._guard(lambda: self.client.zadd(f"{self.prefix}pl:check", dict.fromkeys(keys, at), xx=True))
-
-
-    def _guard(self, fn):
-        import redis
-
-        from .errors import ConnectionLost
-
-        try:
-            return fn()
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise ConnectionLost(f"{self!r}: {exc}") from exc
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.client.close()
-
-
-def _redis_bytes_client(url: str, options: dict):
-    """A client of the server ``url`` names (memory://: the same fakeredis server as the
-    broker and backend) whose replies are bytes."""
-    import redis
-    from redis.backoff import ExponentialBackoff
-    from redis.retry import Retry
-
-    from .brokers.redis import _POOLS, URL_OPTIONS, fake_server
-
-    parts = urlsplit(url)
-    kwargs: dict[str, Any] = {"socket_timeout": float(options.get("socket_timeout", 60.0)),
-                              "socket_connect_timeout": float(options.get("socket_connect_timeout", 5.0)),
-                              "health_check_interval": float(options.get("health_check_interval", 15.0)),
-                              "client_name": str(options.get("client_name", "nbqueue-payloads"))}
-    if parts.scheme == "memory":
-        import fakeredis
-
-        client = fakeredis.FakeRedis(server=fake_server(parts.netloc or parts.path.strip("/") or "default"), **kwargs)
-    else:
-        from urllib.parse import parse_qsl, urlencode, urlunsplit
-
-        query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k not in URL_OPTIONS])
-        client = redis.Redis.from_url(urlunsplit(parts._replace(query=query)), **kwargs)
-        _POOLS.add(client.connection_pool)      # a forked child gets fresh locks for it, as for the broker's pools
-    backoff = ExponentialBackoff(cap=float(options.get("retry_cap", 5.0)), base=float(options.get("retry_base", 0.05)))
-    client.set_retry(Retry(backoff, int(options.get("retries", 10))))
-    return client
 
 
 class FsspecPayloads(PayloadStore):
@@ -966,29 +517,16 @@ def _mtime(info: dict) -> float:
     return 0.0
 
 
-def store_from_url(url: str, *, clock=None, options: dict | None = None) -> PayloadStore:
-    """The payload store a URL names: sqlite://, redis://, rediss://, memory://, or any fsspec URL."""
-    scheme = urlsplit(url).scheme.lower()
-    if scheme == "sqlite":
-        return SQLitePayloads(url, clock=clock)
-    if scheme in ("redis", "rediss", "memory"):
-        return RedisPayloads(url, clock=clock, options=options)
-    if scheme in ("amqp", "amqps", "memcache", "sqs", "https", "http"):
-        raise ConfigurationError(f"payloads={url!r}: {scheme}:// cannot hold payloads; use an fsspec URL "
-                                 "('s3://bucket/prefix', 'file:///shared/dir'), sqlite:// or redis://")
-    return FsspecPayloads(url, clock=clock, options=(options or {}).get("payload_options"))
-
-
 # -- the App's data plane: encoding out of band, loading, lifetime -------------------------------------
-
-_HOLDS_PAYLOADS = ("sqlite", "memory", "redis", "rediss")
-
 
 class Plane:
     """An App's payload settings and (created on first use) its store."""
 
     def __init__(self, *, url: str | None, threshold: int | None, compression: str | None, clock=None,
-                 options: dict | None = None, why_none: str = ""):
+                 options: dict | None = None, why_none: str = "", resolve: Callable[..., PayloadStore] | None = None):
+        """``resolve(url, clock=, options=)``: the store a URL names (nbqueue.drivers.payload_store)."""
+        self.resolve = resolve or (lambda url, **kwargs: FsspecPayloads(url, clock=kwargs.get("clock"),
+                                                                          options=(kwargs.get("options") or {}).get("payload_options")))
         self.url, self.threshold, self.compression = url, threshold, compression
         self.clock, self.options, self.why_none = clock, dict(options or {}), why_none
         self._store: PayloadStore | None = None
@@ -1000,7 +538,7 @@ class Plane:
         if self._store is None and self.url is not None:
             with self._lock:
                 if self._store is None:
-                    self._store = store_from_url(self.url, clock=self.clock, options=self.options)
+                    self._store = self.resolve(self.url, clock=self.clock, options=self.options)
         return self._store
 
     def encode(self, obj: Any, make: Callable[[str | None], Any], owner: str | None,
@@ -1129,15 +667,17 @@ def _head(obj: Any) -> dict | None:
     return serialization._blob_to_json(blob) if blob.size <= HEAD_LIMIT else None
 
 
-def attach(app) -> Plane:
+def attach(app, *, resolve: Callable[..., PayloadStore], holds: Callable[[str], bool]) -> Plane:
     """Configure ``app.serializer`` with the App's payload options (``payloads``,
-    ``payload_threshold``, ``payload_compression``, ``payload_options``); returns the Plane."""
+    ``payload_threshold``, ``payload_compression``, ``payload_options``); returns the Plane.
+    ``resolve(url, clock=, options=)`` makes the store a URL names; ``holds(url)``: whether a
+    store URL (the App's results, then its broker) can hold payloads (nbqueue.drivers)."""
     option = app.config.option
     url = option("payloads")
     why = ""
     if url is None:
         for candidate in (app.backend_url, app.broker_url):
-            if urlsplit(candidate).scheme.lower() in _HOLDS_PAYLOADS:
+            if holds(candidate):
                 url = candidate
                 break
         else:
@@ -1146,7 +686,7 @@ def attach(app) -> Plane:
     threshold = option("payload_threshold")
     options = {k: v for k, v in app.config.options.items() if k not in ("clock",)}
     plane = Plane(url=url, threshold=None if threshold is None else int(threshold),
-                  compression=option("payload_compression"), clock=app.clock, options=options, why_none=why)
+                  compression=option("payload_compression"), clock=app.clock, options=options, why_none=why, resolve=resolve)
     app.serializer.plane = plane
     return plane
 
@@ -1256,6 +796,6 @@ def upkeep(app) -> int:
     return plane.upkeep(app) if plane is not None else 0
 
 
-__all__ = ["PayloadStore", "SQLitePayloads", "RedisPayloads", "FsspecPayloads", "PayloadRef", "Plane", "store_from_url",
+__all__ = ["PayloadStore", "FsspecPayloads", "PayloadRef", "Plane",
            "attach", "sending", "track", "release", "after_purge", "upkeep", "key_of", "keys_in", "summary",
            "human_size", "DEFAULT_THRESHOLD", "SWEEP_EVERY"]

@@ -22,7 +22,7 @@ import time
 from typing import Any, Callable, Iterator
 
 from . import capture, payloads, serialization, states, taskprogress
-from .backends.base import counts_from_states
+from .backend import counts_from_states
 from .context import current_task
 from .errors import DeadlockError, TaskFailed, TaskRevoked
 

@@ -14,7 +14,7 @@ has the module's App to read results or send tasks with). Two users of this modu
 - **Messages**: a task defined in a notebook (:func:`defined_in_notebook`), sent from its
   function (``fit.delay()``, ``fit.s()``; a signature by name goes by name), is sent with
   a ``code`` field and routed to ``<queue>.code`` (:func:`code_queue`; the SQS broker
-  holds it in the SQS queue ``<queue>-_code``, see nbqueue.brokers.sqs), a queue that
+  holds it in the SQS queue ``<queue>-_code``, see nbqueue.drivers.sqs.broker), a queue that
   only workers able to run it read: workers of a process that registered a notebook
   function (the sending kernel's own; they run their registered function by name, as
   for any message, and unpickle nothing) and workers started with ``allow_code=True``

@@ -1,12 +1,5 @@
-"""The message envelope that carries a Signature (canvas.py) to a worker: encoding, checking, decoding.
-
-The envelope is machinery's field set in Python spelling (fields at their default
-values are left out of the encoded message): ``id, name, args, kwargs,
-queue, eta, priority, headers, retry_count, retry_timeout, immutable, on_success,
-on_error, chord_callback, group_id, group_task_count, attempt, created_at`` plus
-``retries`` (retries used so far), ``retry_backoff`` and ``workflow`` (the data that
-lets workflow.py advance chains and chords). Callbacks are nested envelopes.
-"""
+"""The message envelope (nbqueue.message) that carries a Signature (canvas.py) to a worker: encoding,
+checking, decoding."""
 from __future__ import annotations
 
 import dataclasses
@@ -22,8 +15,7 @@ from typing import Any, Callable
 
 from . import serialization
 from .canvas import Signature
-from .errors import MessageError
-
+from .message import Message, decode_object
 
 _ids = random.Random()             # a private generator: a notebook's random.seed() must not repeat ids
 os.register_at_fork(after_in_child=_ids.seed)
@@ -56,46 +48,21 @@ def to_message(sig: Signature, serializer: serialization.Serializer, *, default_
         args = [serializer.encode(value, _arg_label(sig.name, i, names)) for i, value in enumerate(sig.args)]
         kwargs = {_keyword(key, sig.name): serializer.encode(value, f"keyword argument {key!r} of task {sig.name!r}")
                   for key, value in sig.kwargs.items()}
-    message = {"id": sig.id or new_id(), "name": sig.name, "args": args, "kwargs": kwargs, "queue": sig.queue or default_queue}
-    eta = sig.eta_timestamp(now)
-    if eta is not None:
-        message["eta"] = eta
-    if sig.priority:
-        message["priority"] = int(sig.priority)
-    if sig.headers:
-        message["headers"] = serializer.encode(sig.headers, f"headers of task {sig.name!r}")
-    if sig.retry_count:
-        message["retry_count"] = int(sig.retry_count)
-    if sig.retry_timeout:
-        message["retry_timeout"] = sig.retry_timeout
-    if sig.retry_backoff is not None:
-        message["retry_backoff"] = sig.retry_backoff if isinstance(sig.retry_backoff, dict) else sig.retry_backoff.to_dict()
-    if sig.retries:
-        message["retries"] = int(sig.retries)
-    if sig.immutable:
-        message["immutable"] = True
-    if sig.on_success:
-        message["on_success"] = [to_message(s, serializer, default_queue=default_queue, fn=_task_fn(s), now=now)
-                                 for s in sig.on_success]
-    if sig.on_error:
-        message["on_error"] = [to_message(s, serializer, default_queue=default_queue, fn=_task_fn(s), now=now)
-                               for s in sig.on_error]
-    if sig.ignore_when_not_registered:
-        message["ignore_when_not_registered"] = True
-    if sig.time_limit is not None:
-        message["time_limit"] = sig.time_limit
-    if sig.soft_time_limit is not None:
-        message["soft_time_limit"] = sig.soft_time_limit
-    if sig.group_id is not None:
-        message["group_id"] = sig.group_id
-    if sig.group_task_count:
-        message["group_task_count"] = sig.group_task_count
-    if sig.workflow is not None:
-        message["workflow"] = sig.workflow
-    message["created_at"] = now
-    if serializer.pickle:
-        message["serializer"] = "pickle"
-    return message
+    backoff = sig.retry_backoff
+    message = Message(
+        id=sig.id or new_id(), name=sig.name, args=args, kwargs=kwargs, queue=sig.queue or default_queue,
+        eta=sig.eta_timestamp(now), priority=int(sig.priority), retry_count=int(sig.retry_count),
+        headers=serializer.encode(sig.headers, f"headers of task {sig.name!r}") if sig.headers else None,
+        retry_timeout=sig.retry_timeout, retries=int(sig.retries), immutable=bool(sig.immutable),
+        retry_backoff=backoff if backoff is None or isinstance(backoff, dict) else backoff.to_dict(),
+        on_success=[to_message(s, serializer, default_queue=default_queue, fn=_task_fn(s), now=now) for s in sig.on_success] or None,
+        on_error=[to_message(s, serializer, default_queue=default_queue, fn=_task_fn(s), now=now) for s in sig.on_error] or None,
+        ignore_when_not_registered=bool(sig.ignore_when_not_registered), time_limit=sig.time_limit,
+        soft_time_limit=sig.soft_time_limit, group_id=sig.group_id,
+        group_task_count=sig.group_task_count, workflow=sig.workflow, created_at=now,
+        serializer="pickle" if serializer.pickle else None,
+    )
+    return message.to_dict()
 
 
 def check_options(sig: Signature) -> None:
@@ -203,49 +170,14 @@ def check_queue_name(queue: Any, label: str = "queue") -> None:
         raise ValueError(f"{label} {problem}, not {queue!r}")
 
 
-REQUIRED_FIELDS = ("id", "name", "args", "kwargs")
-
 def validate_message(message: Any) -> dict:
-    """Check the envelope's shape; raises MessageError with the reason."""
-    if not isinstance(message, dict):
-        raise MessageError(f"message is a {type(message).__name__}, not a JSON object")
-    missing = [f for f in REQUIRED_FIELDS if f not in message]
-    if missing:
-        raise MessageError(f"message lacks required field(s): {', '.join(missing)}")
-    if not isinstance(message["id"], str) or not message["id"]:
-        raise MessageError("message id must be a non-empty string")
-    if not isinstance(message["name"], str) or not message["name"]:
-        raise MessageError("message name must be a non-empty string")
-    if not isinstance(message["args"], list):
-        raise MessageError("message args must be a list")
-    if not isinstance(message["kwargs"], dict):
-        raise MessageError("message kwargs must be an object")
-    for key, kinds in _FIELD_TYPES.items():
-        value = message.get(key)
-        if value is not None and (not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds):
-            raise MessageError(f"message field {key!r} has the wrong type ({type(value).__name__})")
-    for key in ("on_success", "on_error"):
-        for callback in message.get(key) or []:
-            validate_message(callback)
-    return message
-
-
-_FIELD_TYPES: dict[str, tuple] = {
-    "queue": (str,), "eta": (int, float), "priority": (int,), "headers": (dict,), "retry_count": (int,),
-    "retry_timeout": (int, float), "retry_backoff": (dict,), "retries": (int,), "immutable": (bool,),
-    "on_success": (list,), "on_error": (list,), "ignore_when_not_registered": (bool,), "time_limit": (int, float),
-    "soft_time_limit": (int, float),
-    "group_id": (str,), "group_task_count": (int,), "workflow": (dict,), "created_at": (int, float), "serializer": (str,),
-    "code": (dict,),
-}
+    """Check the envelope's shape; raises MessageError with the reason (see Message.check)."""
+    return Message.check(message)
 
 
 def decode_body(body: str | bytes) -> dict:
-    try:
-        message = serialization.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise MessageError(f"message body is not valid JSON: {exc}") from None
-    return validate_message(message)
+    """The checked envelope a body encodes, as a dict; MessageError with the reason."""
+    return decode_object(body)
 
 
 def encode_body(message: dict) -> str:

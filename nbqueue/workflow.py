@@ -31,7 +31,6 @@ member done" and "callback published".
 """
 from __future__ import annotations
 
-import contextvars
 import dataclasses
 import logging
 from typing import Any, Union
@@ -44,9 +43,6 @@ from .signature import new_id
 
 log = logging.getLogger(__name__)
 
-#: set by a worker while it finishes tasks: takes follow-up messages it will run next
-#: (published already reserved by it) and returns the ones to publish as usual
-_local_taker: contextvars.ContextVar = contextvars.ContextVar("nbqueue_local_taker", default=None)
 
 
 # -- key names ------------------------------------------------------------------------------------
@@ -309,11 +305,14 @@ class _Publisher:
     it has already acknowledged, and two copies of a waiting message could run at once
     on a broker that cannot drop a repeat publish, such as AMQP). Repeats and failure
     propagation (two members of a group may both fail) are careful. ``after`` actions
-    run once the publish succeeded; ``published`` counts the messages sent.
+    run once the publish succeeded; ``published`` counts the messages sent. ``send``:
+    publishes the messages (a worker's, which runs some of them next: ``Engine.run_next``);
+    ``app.engine.publish`` when None.
     """
 
-    def __init__(self, app, *, repeat: bool = False, careful: bool | None = None):
+    def __init__(self, app, *, repeat: bool = False, careful: bool | None = None, send=None):
         self.app = app
+        self.send = send or app.engine.publish
         self.repeat = repeat
         self.careful = repeat if careful is None else careful
         self.outs: list = []
@@ -329,11 +328,7 @@ class _Publisher:
             found = self.app.backend.states_of([o.id for o in outs])
             outs = [o for o in outs if found.get(o.id, states.PENDING) == states.PENDING]
         if outs:
-            taker = _local_taker.get()
-            if taker is not None:
-                outs = taker(outs)
-            if outs:
-                self.app.broker.publish_many(outs)
+            self.send(outs)
             self.published += len(outs)
         after, self.after = self.after, []
         for action in after:
@@ -393,13 +388,13 @@ def _start_member(app, gid: str, member: HeldMember, pub: _Publisher) -> None:
 
 # -- advancing when a task finishes ---------------------------------------------------------------
 
-def on_success(app, message: dict, result_json_text: str, *, repeat: bool = False) -> None:
+def on_success(app, message: dict, result_json_text: str, *, repeat: bool = False, send=None) -> None:
     """After a task's SUCCESS is stored: callbacks, the next chain step, group fan-in."""
     if not message.get("on_success") and not message.get("workflow"):
         return
     if repeat and _advanced(app, message["id"]):
         return
-    pub = _Publisher(app, repeat=repeat)
+    pub = _Publisher(app, repeat=repeat, send=send)
     value = serialization.loads(result_json_text)
     callbacks = [_with_input(cb, value, True) for cb in message.get("on_success") or []]
     _publish_callbacks(app, callbacks, message["id"], pub)
@@ -408,7 +403,7 @@ def on_success(app, message: dict, result_json_text: str, *, repeat: bool = Fals
     _mark_advanced(app, message["id"], pub)
 
 
-def on_failure(app, message: dict, exc_type: str, error: str, *, repeat: bool = False) -> None:
+def on_failure(app, message: dict, exc_type: str, error: str, *, repeat: bool = False, send=None) -> None:
     """After a task's final FAILURE is stored: error callbacks and failure propagation.
 
     Always careful: two members of one group may both fail and both propagate the
@@ -416,7 +411,7 @@ def on_failure(app, message: dict, exc_type: str, error: str, *, repeat: bool = 
     """
     if repeat and _advanced(app, message["id"]):
         return
-    pub = _Publisher(app, repeat=repeat, careful=True)
+    pub = _Publisher(app, repeat=repeat, careful=True, send=send)
     _fire_error_callbacks(app, message, error, pub)
     _fail(app, _then(message), message["id"], exc_type, error, pub)
     pub.flush()
@@ -429,7 +424,7 @@ ADVANCED_TTL = 7 * 24 * 3600.0
 
 def _advanced(app, task_id: str) -> bool:
     """Whether an earlier attempt published this task's advance (only tracked for brokers that do not dedupe)."""
-    return not app.broker.dedupes_publish and app.backend.kv_get(Keys.advanced(task_id)) is not None
+    return not app.broker.capabilities.dedupes_publish and app.backend.kv_get(Keys.advanced(task_id)) is not None
 
 
 def _mark_advanced(app, task_id: str, pub: _Publisher) -> None:
@@ -441,7 +436,7 @@ def _mark_advanced(app, task_id: str, pub: _Publisher) -> None:
     marked does not publish it again. Only a crash between the publish and this mark
     leaves a window for a duplicate message (its execution is still fenced once final).
     """
-    if pub.published and not app.broker.dedupes_publish:
+    if pub.published and not app.broker.capabilities.dedupes_publish:
         app.backend.claim_once(Keys.advanced(task_id), ADVANCED_TTL)
 
 
@@ -458,12 +453,12 @@ def lone_member(message: dict) -> dict | None:
     return None
 
 
-def member_counted(app, message: dict, cont: dict, done: int, total: int) -> None:
+def member_counted(app, message: dict, cont: dict, done: int, total: int, *, send=None) -> None:
     """The rest of ``on_success`` for a ``lone_member`` task, once its member was counted
     (``done`` of ``total``): the last one completes the group."""
     if done < total:
         return
-    pub = _Publisher(app)
+    pub = _Publisher(app, send=send)
     member = continuation_from_json(cont)
     assert isinstance(member, MemberDone)
     _member_finished(app, member, pub, counted=(done, total))
@@ -471,13 +466,13 @@ def member_counted(app, message: dict, cont: dict, done: int, total: int) -> Non
     _mark_advanced(app, message["id"], pub)
 
 
-def after_final(app, message: dict, record: dict) -> None:
+def after_final(app, message: dict, record: dict, *, send=None) -> None:
     """A redelivered message whose task is already final: repeat the (idempotent) advance."""
     state = record.get("state")
     if state == states.SUCCESS and record.get("result") is not None:
-        on_success(app, message, record["result"], repeat=True)
+        on_success(app, message, record["result"], repeat=True, send=send)
     elif state in (states.FAILURE, states.REVOKED):
-        on_failure(app, message, record.get("exc_type") or "Error", record.get("error") or "", repeat=True)
+        on_failure(app, message, record.get("exc_type") or "Error", record.get("error") or "", repeat=True, send=send)
 
 
 def _publish_callbacks(app, messages: list[dict], parent_id: str, pub: _Publisher) -> None:

@@ -262,7 +262,7 @@ def backend_kind(request):
 
 @pytest.fixture
 def broker_factory(broker_kind, tmp_path, qname):
-    from nbqueue.brokers import broker_from_url
+    from nbqueue.drivers import broker_from_url
 
     url = store_url(broker_kind, tmp_path)
     made = []
@@ -286,7 +286,7 @@ def broker_factory(broker_kind, tmp_path, qname):
 
 @pytest.fixture
 def backend_factory(backend_kind, tmp_path):
-    from nbqueue.backends import backend_from_url
+    from nbqueue.drivers import backend_from_url
 
     url = store_url("amqp-results" if backend_kind == "amqp" else backend_kind, tmp_path)
     made = []
@@ -302,6 +302,39 @@ def backend_factory(backend_kind, tmp_path):
     for backend in made:
         try:
             backend.close()
+        except Exception:
+            pass
+
+
+#: engines of the engine contract suite: the fused ones (one store) and split pairs (broker+backend)
+ENGINE_KINDS = ["sqlite", "memory", "redis", "amqp+sqlite", "sqlite+redis", "redis+sqlite", "sqs+memcache"]
+
+
+@pytest.fixture(params=ENGINE_KINDS)
+def engine_factory(request, tmp_path, qname):
+    """``engine_factory()``: a new engine (new broker and backend objects) on the same stores each call."""
+    from nbqueue.drivers import backend_from_url, broker_from_url, engine_for
+
+    broker_kind, _, backend_kind = request.param.partition("+")
+    broker_url = store_url(broker_kind, tmp_path)
+    backend_url = broker_url if not backend_kind else store_url("amqp-results" if backend_kind == "amqp" else backend_kind,
+                                                                 tmp_path / "results")
+    (tmp_path / "results").mkdir(exist_ok=True)
+    made = []
+
+    def make():
+        engine = engine_for(broker_from_url(broker_url), backend_from_url(backend_url))
+        made.append(engine)
+        return engine
+
+    yield make
+    if broker_kind in ("amqp", "sqs") and qname.made:
+        cleaner = broker_from_url(broker_url)
+        cleaner.delete_queues(qname.made)
+        cleaner.close()
+    for engine in made:
+        try:
+            engine.close()
         except Exception:
             pass
 

@@ -26,12 +26,12 @@ from urllib.parse import urlsplit
 import pika
 import pytest
 
-from nbqueue.brokers import broker_from_url
-from nbqueue.brokers.amqp import (
+from nbqueue.drivers import broker_from_url
+from nbqueue.drivers.amqp.broker import (
     H_ETA, MAX_BUCKET, MAX_HOP_MS, MAX_TTL_MS, AMQPBroker, dead_queue_name, delay_bucket, delay_queue_name,
     delay_queue_names,
 )
-from nbqueue.brokers.base import Outgoing
+from nbqueue.broker import Outgoing
 from nbqueue.errors import ConfigurationError, ConnectionLost, PublishRefused
 
 from conftest import AMQP_URL, IN_CI, free_port, require_server

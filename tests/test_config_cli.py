@@ -169,7 +169,7 @@ def test_status_from_another_process_lists_the_queues_with_their_dead_letters(ap
     import subprocess
     import sys
 
-    from nbqueue.brokers.base import Outgoing
+    from nbqueue.broker import Outgoing
     from nbqueue.testing import wait_for
 
     app = app_factory()

@@ -1,2 +1,3 @@
-"""The broker and result-backend contract suites, run on every implementation."""
+"""The broker, result-backend and engine contract suites, run on every implementation."""
 from nbqueue.testing.contracts import *  # noqa: F401,F403
+from nbqueue.testing.engine import *  # noqa: F401,F403

@@ -20,8 +20,9 @@ import pytest
 
 import nbqueue
 from nbqueue import Backoff, Signature, states
-from nbqueue.brokers.base import Outgoing, Broker
+from nbqueue.broker import Broker, Outgoing
 from nbqueue.clock import ManualClock
+from nbqueue.engine import SplitEngine
 from nbqueue.retry import fibonacci_next, next_delay
 from nbqueue.testing import dead_worker_name, wait_for
 
@@ -52,7 +53,7 @@ def queue_is_empty(app, queue: str | None = None) -> bool:
 
 
 def leases_expire(app) -> bool:
-    return getattr(app.broker, "leases_expire", True)
+    return app.broker.capabilities.leases_expire
 
 
 def skip_unless_leases_expire(app) -> None:
@@ -196,7 +197,7 @@ def test_s_si_and_delay(sqlite_app):
 
 
 def test_higher_priority_runs_first(app):
-    if not app.broker.supports_priority:
+    if not app.broker.capabilities.priority:
         pytest.skip(f"{type(app.broker).__name__} declares no priority support")
     order = []
     app.register_task("mark", order.append)
@@ -682,6 +683,27 @@ def test_many_due_tasks_become_ready_together(app_factory):
     assert [r.get(timeout=5) for r in results] == list(range(200))
 
 
+@clocked
+def test_step_runs_its_pass_at_the_time_it_is_given(app_factory):
+    """Given a task due in 30 s, when the worker steps at 29.9 s nothing runs, and stepped at
+    30.1 s it runs with that time as its start (the stores read it from the App's clock)."""
+    clock = ManualClock()
+    app = app_factory(clock=clock)
+    add, _ = register_basics(app)
+    sent_at = clock.time()
+    r = add.apply_async((1, 1), countdown=30)
+    worker = app.worker()
+    assert worker.step(now=sent_at + 29.9) == 0
+    assert worker.step(now=sent_at + 30.1) == 1
+    assert r.get(timeout=5) == 2 and r.info()["started_at"] == pytest.approx(sent_at + 30.1)
+    assert worker.step(now=sent_at) == 0 and clock.time() == pytest.approx(sent_at + 30.1)   # time never goes back
+
+
+def test_step_at_a_given_time_needs_a_settable_clock(sqlite_app):
+    with pytest.raises(ValueError, match="ManualClock"):
+        sqlite_app.worker().step(now=0.0)
+
+
 @own_timer
 def test_many_due_tasks_become_ready_together_on_rabbitmq(app):
     add, _ = register_basics(app)
@@ -743,8 +765,8 @@ def test_result_is_stored_before_the_ack_and_a_finished_task_delivered_again_is_
         state_at_ack.extend(app.backend.get(d.message_id)["state"] for d in deliveries)
         return real_ack_many(deliveries)
 
-    if type(app.broker).store_and_ack is not Broker.store_and_ack:
-        # a broker that queues results and acks in one pipeline, run in order by the server:
+    if type(app.engine).finish is not SplitEngine.finish:
+        # an engine that queues results and acks in one pipeline, run in order by the server:
         # what can be checked is that the results are queued before the acks
         queued = []
         real_store, real_ack_many_ = app.backend.store_results, app.broker.ack_many

@@ -17,7 +17,7 @@ import pytest
 
 import nbqueue
 from nbqueue import states
-from nbqueue.brokers.base import Outgoing
+from nbqueue.broker import Outgoing
 from nbqueue.testing import wait_for
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")

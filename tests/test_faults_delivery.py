@@ -23,7 +23,7 @@ import pytest
 
 import nbqueue
 from nbqueue import Signature, states
-from nbqueue.brokers.base import Outgoing
+from nbqueue.broker import Outgoing
 from nbqueue.errors import ConfigurationError, TaskFailed
 from nbqueue.testing import dead_worker_name, wait_for
 
@@ -192,7 +192,7 @@ def inject_raw(app, kind: str, message_id: str, raw: bytes) -> None:
     elif kind in ("memory", "redis"):
         import redis
 
-        from nbqueue.brokers.redis import _client_url, fake_server
+        from nbqueue.drivers.redis.client import _client_url, fake_server
 
         app.broker.publish(Outgoing(id=message_id, body="{}", queue=queue))
         if kind == "memory":
@@ -322,7 +322,7 @@ def _stalled_delivery(app_factory, register):
     deliveries, prep = _reserve_some(stalled)
     if prep is None:
         prep = stalled._prepare(deliveries)
-    if getattr(stalled_app.broker, "leases_expire", True):
+    if stalled_app.broker.capabilities.leases_expire:
         wait_for(lambda: stalled_app.clock.time() > deliveries[0].lease_until + 0.05, message="lease lapsed")
     else:
         stalled_app.broker.close()

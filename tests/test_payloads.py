@@ -21,15 +21,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from test_frames_codec import assert_same_frame, assert_same_series, frames, scalar_dtypes, series
 
 import nbqueue
 from nbqueue import blobs, chain, chord, group, payloads, serialization, states
+from nbqueue.drivers import payload_store
+from nbqueue.drivers.redis.payloads import RedisPayloads
+from nbqueue.drivers.sqlite.payloads import SQLitePayloads
 from nbqueue.errors import ConfigurationError, PayloadCorrupt, PayloadMissing, PayloadTooLarge
 from nbqueue.payloads import PayloadRef
 from nbqueue.testing import wait_for
 
 from conftest import BACKEND_KINDS, BROKER_KINDS, IN_CI, session_server_url, store_url
-from test_frames_codec import assert_same_frame, assert_same_series, frames, scalar_dtypes, series
 
 TESTS_DIR = Path(__file__).resolve().parent
 EXAMPLES = int(os.environ.get("NBQUEUE_HYPOTHESIS_PAIR_EXAMPLES", "5"))      # per pair; raise it for a longer search
@@ -234,7 +237,7 @@ def test_a_crash_between_the_payload_and_the_record_leaves_nothing_for_ever(app_
 
     with monkeypatch.context() as m:
         m.setattr(app.backend, "create", crash)
-        m.setattr(app.broker, "publish_recorded", lambda backend, records, outs: crash(records))
+        m.setattr(app.engine, "send", lambda records, outs: crash(records))
         with pytest.raises(ConnectionError):
             echo.delay(big_frame(seed=11))
     orphan = app.serializer.encode(big_frame(seed=12), "a captured value")     # put outside any send: a loose pin
@@ -249,7 +252,7 @@ def test_a_crash_between_the_payload_and_the_record_leaves_nothing_for_ever(app_
 
 
 def test_files_a_dead_writer_left_beside_the_sqlite_file_are_swept(tmp_path):
-    store = payloads.store_from_url(f"sqlite:///{tmp_path}/p.db")
+    store = payload_store(f"sqlite:///{tmp_path}/p.db")
     data = os.urandom(5000)
     key = payloads.key_of(data)
     os.makedirs(os.path.dirname(store._file(key)))
@@ -265,19 +268,19 @@ def test_files_a_dead_writer_left_beside_the_sqlite_file_are_swept(tmp_path):
 # -- 4. missing and corrupted payloads --------------------------------------------------------------------
 def overwrite(store, key: str, data: bytes) -> None:
     """Replace a payload's stored bytes behind nbqueue's back (a disk fault, a hand edit)."""
-    if isinstance(store, payloads.SQLitePayloads):
+    if isinstance(store, SQLitePayloads):
         with open(store._file(key), "wb") as fh:
             fh.write(data)
-    elif isinstance(store, payloads.RedisPayloads):
+    elif isinstance(store, RedisPayloads):
         store.client.set(store._k(key), data)
     else:
         store.fs.pipe_file(store._data(key), data)
 
 
 def remove_by_hand(store, key: str) -> None:
-    if isinstance(store, payloads.SQLitePayloads):
+    if isinstance(store, SQLitePayloads):
         os.remove(store._file(key))
-    elif isinstance(store, payloads.RedisPayloads):
+    elif isinstance(store, RedisPayloads):
         store.client.delete(store._k(key))
     else:
         store.fs.rm_file(store._data(key))
@@ -469,12 +472,12 @@ def test_payload_options_are_checked_and_the_default_store_sits_beside_the_recor
         with pytest.raises(ConfigurationError):
             nbqueue.App(f"sqlite:///{tmp_path}/a.db", **bad)
     sqlite = nbqueue.App(f"sqlite:///{tmp_path}/a.db")
-    assert isinstance(sqlite.serializer.plane.store, payloads.SQLitePayloads) and sqlite.serializer.plane.store.path == f"{tmp_path}/a.db"
+    assert isinstance(sqlite.serializer.plane.store, SQLitePayloads) and sqlite.serializer.plane.store.path == f"{tmp_path}/a.db"
     assert sqlite.serializer.plane.threshold == 1 << 20
     memory = nbqueue.App("memory://payload-default")
-    assert isinstance(memory.serializer.plane.store, payloads.RedisPayloads)
+    assert isinstance(memory.serializer.plane.store, RedisPayloads)
     split = nbqueue.App("memory://x", f"sqlite:///{tmp_path}/results.db")
-    assert isinstance(split.serializer.plane.store, payloads.SQLitePayloads)       # results' store first
+    assert isinstance(split.serializer.plane.store, SQLitePayloads)       # results' store first
     inline = nbqueue.App(f"sqlite:///{tmp_path}/a.db", payload_threshold=None)
     assert '"blob"' in serialization.dumps(inline.serializer.encode(big_frame()))
     env = nbqueue.App.from_env({"NBQUEUE_BROKER": f"sqlite:///{tmp_path}/a.db", "NBQUEUE_PAYLOADS": f"file://{tmp_path}/p",
@@ -482,7 +485,7 @@ def test_payload_options_are_checked_and_the_default_store_sits_beside_the_recor
     assert isinstance(env.serializer.plane.store, payloads.FsspecPayloads)
     assert (env.serializer.plane.threshold, env.serializer.plane.compression) == (2048, "zstd")
     with pytest.raises(ConfigurationError, match="cannot hold payloads"):
-        payloads.store_from_url("memcache://127.0.0.1:11211")
+        payload_store("memcache://127.0.0.1:11211")
 
 
 # -- 8. fsspec stores: a directory and S3 (moto's server) ----------------------------------------------------
@@ -524,7 +527,7 @@ def test_an_fsspec_store_sweeps_what_a_crash_left_behind(fsspec_store, tmp_path,
     echo, collect, shape = register(app)
     store = store_of(app)
     with pytest.MonkeyPatch.context() as m:     # the record is never written
-        m.setattr(app.broker, "publish_recorded", lambda backend, records, outs: (_ for _ in ()).throw(ConnectionError("gone")))
+        m.setattr(app.engine, "send", lambda records, outs: (_ for _ in ()).throw(ConnectionError("gone")))
         with pytest.raises(ConnectionError):
             echo.delay(big_frame(seed=41))
     unlinked = b"y" * 3000                      # bytes written, the process died before linking them
@@ -627,7 +630,7 @@ def test_a_reference_whose_key_is_not_a_payload_key_reads_nothing(tmp_path, kind
     secret = tmp_path / "secret.txt"
     secret.write_text("not yours")
     url = f"sqlite:///{tmp_path}/p.db" if kind == "sqlite" else f"file://{tmp_path}/payloads"
-    store = payloads.store_from_url(url)
+    store = payload_store(url)
     for key in ("sha256-../../secret.txt", f"sha256-{'0' * 64}/../../../secret.txt", "../secret.txt"):
         with pytest.raises(PayloadCorrupt, match="is not a payload key"):
             store.get(key)

@@ -18,14 +18,17 @@ import pytest
 
 from nbqueue import Signature, states
 from nbqueue import chord as nbqueue_chord
-from nbqueue.backends.redis import RedisBackend
-from nbqueue.brokers.base import Outgoing
-from nbqueue.brokers.redis import RedisBroker, fake_server
+from nbqueue.broker import Outgoing
 from nbqueue.clock import ManualClock
+from nbqueue.drivers.redis.backend import RedisBackend
+from nbqueue.drivers.redis.broker import RedisBroker
+from nbqueue.drivers.redis.client import fake_server
+from nbqueue.drivers.redis.engine import RedisEngine
+from nbqueue.engine import Outcome
 from nbqueue.errors import ConnectionLost
+from nbqueue.testing import wait_for
 
 from conftest import REDIS_URL, RUN_ID, delete_prefix, require_server
-from nbqueue.testing import wait_for
 
 
 def _memory_url() -> str:
@@ -248,7 +251,7 @@ def test_begin_many_hands_out_tokens_in_one_call_and_skips_final_records():
 # -- connections ---------------------------------------------------------------------------
 
 def test_remote_redis_without_password_logs_a_warning(caplog):
-    caplog.set_level(logging.WARNING, logger="nbqueue.brokers.redis")
+    caplog.set_level(logging.WARNING, logger="nbqueue.drivers.redis.broker")
     RedisBroker("redis://10.11.12.13:6379/0")            # clients connect lazily: nothing is sent
     RedisBackend("redis://redis.example.com/2")
     assert len([r for r in caplog.records if "without a password" in r.getMessage()]) == 2
@@ -428,7 +431,7 @@ def test_scripts_the_server_lost_are_loaded_again_and_no_task_runs_twice(flushab
 
 
 def test_a_member_counted_behind_its_result_counts_only_once_that_result_is_a_success(store):
-    """store_count_and_ack queues each member's count right behind its result: a result
+    """The Redis engine's finish queues each member's count right behind its result: a result
     refused as stale (a newer attempt holds the task) must leave the member uncounted."""
     url, options = store
     broker, backend = RedisBroker(url, options=options), RedisBackend(url, options=options)
@@ -436,14 +439,14 @@ def test_a_member_counted_behind_its_result_counts_only_once_that_result_is_a_su
     backend.init_group("g", ["a", "b"])
     stale, current = backend.begin("a"), backend.begin("a")     # a second attempt took "a" over
     token_b = backend.begin("b")
-    stored, counts = broker.store_count_and_ack(
-        backend, [("a", states.SUCCESS, stale, {"result": "1"}), ("b", states.SUCCESS, token_b, {"result": "2"})],
-        [("g", "a"), ("g", "b")], [])
-    assert stored == [False, True] and counts == [(-1, 2), (1, 2)]
+    engine = RedisEngine(broker, backend)
+    done = engine.finish([Outcome(None, "a", states.SUCCESS, stale, {"result": "1"}, group="g"),
+                          Outcome(None, "b", states.SUCCESS, token_b, {"result": "2"}, group="g")])
+    assert done.stored == [False, True] and done.counts == [(-1, 2), (1, 2)]
     assert backend.get("a")["state"] == states.STARTED
-    stored, counts = broker.store_count_and_ack(backend, [("a", states.SUCCESS, current, {"result": "1"})], [("g", "a")], [])
-    assert stored == [True] and counts == [(2, 2)]
-    assert broker.store_count_and_ack(backend, [], [("gone", "a")], [])[1] == [None]
+    done = engine.finish([Outcome(None, "a", states.SUCCESS, current, {"result": "1"}, group="g")])
+    assert done.stored == [True] and done.counts == [(2, 2)]
+    assert engine.finish([Outcome(None, "a", states.SUCCESS, current, {"result": "1"}, group="gone")]).counts == [None]
     broker.close()
     backend.close()
 
@@ -465,9 +468,9 @@ def test_a_new_connection_loads_its_scripts_before_the_commands_so_they_run_in_o
     app.register_task("total", lambda values: sum(values))
     res = app.send_chord(nbqueue_chord([Signature("add", args=[1, 1]), Signature("add", args=[2, 2])], Signature("total")))
     worker = app.worker(local_follow_ups=False)
-    [first] = app.broker.reserve([app.default_queue], timeout=5, lease=30, begin_for=(app.backend, worker.name))
+    [first] = [c.delivery for c in app.engine.claim([app.default_queue], limit=1, timeout=5, lease=30, worker=worker.name)]
     worker.process(first)
-    [last] = app.broker.reserve([app.default_queue], timeout=5, lease=30, begin_for=(app.backend, worker.name))
+    [last] = [c.delivery for c in app.engine.claim([app.default_queue], limit=1, timeout=5, lease=30, worker=worker.name)]
     _flush_scripts_keeping(app.broker.client, app.broker._settle, app.backend._member_done)
     app.broker.client.connection_pool.disconnect()        # the restart: every connection is new
     worker.process(last)
@@ -487,9 +490,9 @@ def test_a_script_lost_under_a_live_connection_never_acks_a_result_that_was_not_
     worker.drain(timeout=5)                                # the scripts are known on this connection now
     assert first.get(timeout=5) == 2
     r = app.send_task(Signature("add", args=[2, 2]))
-    [d] = app.broker.reserve([app.default_queue], timeout=5, lease=30, begin_for=(app.backend, worker.name))
+    [d] = [c.delivery for c in app.engine.claim([app.default_queue], limit=1, timeout=5, lease=30, worker=worker.name)]
     _flush_scripts_keeping(app.broker.client, app.broker._settle)
-    stored = app.broker.store_and_ack(app.backend, [(d.message_id, states.SUCCESS, d.token, {"result": "4"})], [d])
+    stored = app.engine.finish([Outcome(d, d.message_id, states.SUCCESS, d.token, {"result": "4"})], [d]).stored
     assert stored == [True] and r.get(timeout=5) == 4
     assert _stat(app.broker, app.default_queue)["in_flight"] == 1      # not acked: its result was not stored yet
     assert app.broker.ack(d)                                           # as its redelivery would

@@ -12,8 +12,8 @@ import pytest
 
 import nbqueue
 from nbqueue import Signature, states
-from nbqueue.brokers.base import Outgoing
-from nbqueue.brokers.sqlite import IDLE
+from nbqueue.broker import Outgoing
+from nbqueue.drivers.sqlite.broker import IDLE
 from nbqueue.clock import ManualClock
 from nbqueue.testing import wait_for
 
@@ -32,7 +32,7 @@ class Reserver(threading.Thread):
         self.got = None
 
     def run(self):
-        self.got = self.broker.reserve([self.queue], timeout=self.timeout, lease=self.lease, limit=4, handoff=True,
+        self.got = self.broker.claim([self.queue], timeout=self.timeout, lease=self.lease, limit=4, handoff=True,
                                        on_claim=lambda ds: self.claimed.extend(ds))
 
 
@@ -96,7 +96,7 @@ def test_a_rolled_back_send_hands_nothing_over(app):
         raise RuntimeError("the send fails after the hand-over")
 
     got = []
-    reserver = threading.Thread(target=lambda: got.extend(app.broker.reserve([q], timeout=1.0, handoff=True, on_claim=failing_begin)))
+    reserver = threading.Thread(target=lambda: got.extend(app.broker.claim([q], timeout=1.0, handoff=True, on_claim=failing_begin)))
     reserver.start()
     wait_for(lambda: idle_reservers(app) == 1)
     message, record, out = app.prepare(Signature("double", args=[1], queue=q))

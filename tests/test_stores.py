@@ -17,7 +17,7 @@ import pytest
 
 import nbqueue
 from nbqueue import Backoff, Signature, chord, states
-from nbqueue.brokers.base import Outgoing
+from nbqueue.broker import Outgoing
 from nbqueue.errors import ConfigurationError, PublishRefused, SerializationError, TaskFailed, UnsupportedOperation
 from nbqueue.testing import wait_for
 
@@ -150,7 +150,7 @@ def test_worker_in_another_process_runs_tasks_and_results_read_back(store_app, t
 @pytest.fixture
 def sqs(qname):
     """``sqs(**options)``: SQS brokers on the session's moto server; their queues deleted after."""
-    from nbqueue.brokers.sqs import SQSBroker
+    from nbqueue.drivers.sqs.broker import SQSBroker
 
     url = session_server_url("sqs")
     made = []
@@ -354,7 +354,7 @@ def test_sqs_bad_queue_name_and_oversized_message_are_refused_with_reasons(sqs, 
 def test_sqs_names_of_queues_nbqueue_derives_map_one_to_one_onto_names_sqs_holds():
     """Every name nbqueue derives (code queues, a kernel's queue and its code queue, of a
     name as long as SQS takes) maps to its own SQS name; names SQS takes are kept."""
-    from nbqueue.brokers.sqs import QUEUE_NAME, sqs_name
+    from nbqueue.drivers.sqs.broker import QUEUE_NAME, sqs_name
     from nbqueue.shipping import code_queue
 
     longest = "q" * 75
@@ -395,7 +395,7 @@ def test_sqs_code_queue_works_under_nbqueue_name_beside_a_queue_whose_sqs_name_i
 
 
 def test_sqs_missing_credentials_name_the_settings_to_fix(monkeypatch, sqs):
-    from nbqueue.brokers.sqs import SQSBroker
+    from nbqueue.drivers.sqs.broker import SQSBroker
 
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
         monkeypatch.delenv(name, raising=False)
@@ -428,7 +428,7 @@ def _sqs_error(request, status: int, code: str):
 
 
 def test_sqs_missing_region_names_the_settings_to_fix(monkeypatch):
-    from nbqueue.brokers.sqs import SQSBroker
+    from nbqueue.drivers.sqs.broker import SQSBroker
 
     for name in ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE"):
         monkeypatch.delenv(name, raising=False)
@@ -439,7 +439,7 @@ def test_sqs_missing_region_names_the_settings_to_fix(monkeypatch):
 
 
 def test_sqs_url_keys_are_unquoted():
-    from nbqueue.brokers.sqs import SQSBroker
+    from nbqueue.drivers.sqs.broker import SQSBroker
 
     broker = SQSBroker("sqs://AKIDEXAMPLE:wJal%2FrXUt%2BnFEMI@127.0.0.1:4566?region=us-east-1")
     assert broker._keys == ("AKIDEXAMPLE", "wJal/rXUt+nFEMI") and broker.endpoint_url == "http://127.0.0.1:4566"
@@ -480,7 +480,7 @@ def test_sqs_throttled_requests_are_retried_with_back_off(sqs, qname):
 
 
 def test_sqs_https_url_as_machinery_spells_it():
-    from nbqueue.brokers.sqs import SQSBroker
+    from nbqueue.drivers.sqs.broker import SQSBroker
 
     broker = SQSBroker("https://sqs.eu-west-1.amazonaws.com/123456789012")
     assert (broker.region, broker.account, broker.endpoint_url) == ("eu-west-1", "123456789012", "https://sqs.eu-west-1.amazonaws.com")
@@ -492,7 +492,7 @@ def test_sqs_https_url_as_machinery_spells_it():
 
 @pytest.fixture
 def memcache():
-    from nbqueue.backends.memcache import MemcacheBackend
+    from nbqueue.drivers.memcache.backend import MemcacheBackend
 
     url = session_server_url("memcache")
     made = []
@@ -591,7 +591,7 @@ def test_amqp_results_cannot_list_all_tasks_and_say_so(tmp_path):
 
 def test_amqp_result_queue_is_named_by_task_id_and_expires_by_disuse(tmp_path):
     require_server("RabbitMQ", "127.0.0.1", 5672)
-    from nbqueue.backends.amqp import AMQPBackend
+    from nbqueue.drivers.amqp.backend import AMQPBackend
 
     be = AMQPBackend(session_server_url("amqp-results"), options={"results_expire_in": 2})
     try:
@@ -615,11 +615,11 @@ def test_amqp_result_queue_is_named_by_task_id_and_expires_by_disuse(tmp_path):
     ("memcache://127.0.0.1:1", "pymemcache", "memcache"),
 ])
 def test_missing_client_library_names_the_extra_to_install(monkeypatch, url, module, extra):
-    from nbqueue.backends import backend_from_url
-    from nbqueue.brokers import broker_from_url
+    from nbqueue.drivers import backend_from_url
+    from nbqueue.drivers import broker_from_url
 
     for name in list(sys.modules):
-        if name == module or name.startswith(module + ".") or name in ("nbqueue.brokers.sqs", "nbqueue.backends.memcache"):
+        if name == module or name.startswith(module + ".") or name in ("nbqueue.drivers.sqs.broker", "nbqueue.drivers.memcache.backend"):
             monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, module, None)          # as if not installed
     make = broker_from_url if url.startswith("sqs") else backend_from_url

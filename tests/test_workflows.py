@@ -502,16 +502,16 @@ class LiveMembers:
             return real(outs)
 
         monkeypatch.setattr(app.broker, "publish_many", publish_many)
-        if hasattr(app.broker, "publish_reserved"):      # a worker's own follow-ups, reserved as published
-            reserved = app.broker.publish_reserved
+        if app.engine.runs_next:      # a worker's own follow-ups, claimed as published
+            run_next = app.engine.run_next
 
-            def publish_reserved(outs, **kwargs):
+            def claimed_run_next(outs, **kwargs):
                 with self.lock:
                     self.published |= {o.id for o in outs if decode_body(o.body)["name"] == name}
                     self.high = max(self.high, self.live())
-                return reserved(outs, **kwargs)
+                return run_next(outs, **kwargs)
 
-            monkeypatch.setattr(app.broker, "publish_reserved", publish_reserved)
+            monkeypatch.setattr(app.engine, "run_next", claimed_run_next)
 
     def live(self) -> int:
         return len(self.published - self.done)
@@ -559,7 +559,7 @@ def test_group_concurrency_bounds_the_messages_in_the_broker_also_when_members_f
                          concurrency=limit)
     members = [r.id for r in res.results]
     worker = app.worker()
-    exact_stats = app_factory.kind != "amqp"             # RabbitMQ's counts lag its deliveries (see brokers/amqp.py)
+    exact_stats = app_factory.kind != "amqp"             # RabbitMQ's counts lag its deliveries (see drivers/amqp/broker.py)
     high = queued(app)
     while not res.ready():
         step_one(app, worker)                              # nothing is held between two steps

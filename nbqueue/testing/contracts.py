@@ -7,8 +7,8 @@ Import the tests into a test module and provide fixtures:
 - ``qname(label)``: a queue name of the test's own (deleted afterwards where needed).
 
 Times are short real durations, since some brokers (RabbitMQ) keep their own time.
-Capability flags on the broker class (``supports_priority``, ``leases_expire``,
-``dedupes_publish``, ``delivers_once``) and the backend class (``lists_tasks``) select what a test
+A broker's ``Capabilities`` (``priority``, ``leases_expire``, ``dedupes_publish``,
+``delivers_once``) and the backend class (``lists_tasks``) select what a test
 checks: the behaviour, or the fallback the store declares instead (never a skip).
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import uuid
 import pytest
 
 from nbqueue import states
-from nbqueue.brokers.base import Outgoing
+from nbqueue.broker import Outgoing
 from . import wait_for
 
 
@@ -85,7 +85,7 @@ def test_broker_publishing_an_id_already_waiting_is_a_no_op(broker_factory, qnam
     broker, q = broker_factory(), qname("dup")
     broker.publish(_out(q, id="same"))
     broker.publish(_out(q, id="same"))
-    if not getattr(broker, "dedupes_publish", True):
+    if not broker.capabilities.dedupes_publish:
         # declared fallback (AMQP, SQS standard queues): a repeat is a second message with
         # the same id, so the result backend can refuse to run the task twice
         got = _reserve_all(broker, [q], 2, timeout=5.0)
@@ -118,7 +118,7 @@ def test_broker_many_due_messages_come_out_together(broker_factory, qname):
 def test_broker_higher_priority_first(broker_factory, qname):
     broker, q = broker_factory(), qname("prio")
     broker.publish_many([_out(q, id="low", priority=0), _out(q, id="high", priority=9), _out(q, id="mid", priority=5)])
-    if not broker.supports_priority:
+    if not broker.capabilities.priority:
         # declared fallback (SQS): the priority is accepted and carried, not acted on; nothing is lost
         got = _reserve_all(broker, [q], 3)
         assert sorted((d.message_id, d.priority) for d in got) == [("high", 9), ("low", 0), ("mid", 5)]
@@ -177,7 +177,7 @@ def test_broker_reject_dead_letters_with_reason(broker_factory, qname):
 def test_broker_expired_lease_redelivers_and_fences_stale_ack(broker_factory, qname):
     broker, q = broker_factory(), qname("lease")
     broker.publish(_out(q, id="slow"))
-    if not getattr(broker, "leases_expire", True):
+    if not broker.capabilities.leases_expire:
         # declared fallback (AMQP): no lease timer; a delivery stays held until it is acknowledged
         # or its connection dies (test_broker_dead_consumer_message_is_delivered_to_another)
         [d1] = _reserve_all(broker, [q], 1, lease=0.3)
@@ -240,7 +240,7 @@ def test_broker_concurrent_reservers_never_share_a_message(broker_factory, qname
         t.start()
     for t in threads:
         t.join(60)
-    if not getattr(producer, "delivers_once", True):
+    if not producer.capabilities.delivers_once:
         # declared fallback (SQS standard queues: at least once): none lost, none unknown;
         # a rare second copy is the result backend's to fence
         assert sorted(set(seen)) == sorted(f"c{i}" for i in range(200))
@@ -477,7 +477,7 @@ def _end_unfinished(broker_factory, broker, lease: float):
     """End the deliveries ``broker`` holds without settling them, as a worker that dies does:
     let their lease run out, or (a broker whose deliveries last as long as the consumer's
     connection) close it. Returns the broker to go on with."""
-    if getattr(broker, "leases_expire", True):
+    if broker.capabilities.leases_expire:
         time.sleep(lease + 0.1)
         return broker
     broker.close()

@@ -1,0 +1,10 @@
+"""AMQP 0-9-1 (RabbitMQ): broker, and a result backend over RPC-style queues
+(``amqp://``, ``amqps://``). Extra: ``nbqueue[amqp]``. Results default to the SQLite file.
+"""
+NAME = "amqp"
+SCHEMES = ("amqp", "amqps")
+BROKER = "nbqueue.drivers.amqp.broker:AMQPBroker"
+BACKEND = "nbqueue.drivers.amqp.backend:AMQPBackend"
+OPTIONS = frozenset({"reconnect_timeout", "confirm_timeout", "publish_batch", "eta_tolerance",
+                     "index_size", "max_item_size", "lock_timeout"})
+EXTRA = "amqp"

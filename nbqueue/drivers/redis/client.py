@@ -1,0 +1,264 @@
+"""Redis connections and what the driver's broker, backend and engine share: clients for
+``redis://``, ``rediss://`` and ``memory://`` URLs (fakeredis in this process), the pipeline that
+sends scripts as EVALSHA, connection errors as ConnectionLost, and the key prefix option.
+"""
+from __future__ import annotations
+
+import functools
+import ipaddress
+import logging
+import os
+import pathlib
+import threading
+import weakref
+from typing import TYPE_CHECKING, Any, Callable, Mapping, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from ... import states
+from ...broker import redact
+from ...errors import ConfigurationError, ConnectionLost
+
+if TYPE_CHECKING:
+    import fakeredis
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PREFIX = "nbq:"
+MIN_BLOCK = 0.01            # a blocking pop timeout of 0 would mean "forever"
+
+_FAKE_SERVERS: dict[str, "fakeredis.FakeServer"] = {}
+_FAKE_LOCK = threading.Lock()
+_POOLS: "weakref.WeakSet[redis.ConnectionPool]" = weakref.WeakSet()   # the pools connect() made (see _after_fork_in_child)
+
+
+def fake_server(name: str) -> "fakeredis.FakeServer":
+    """The in-process fakeredis server called ``name``, created on first use."""
+    import fakeredis
+
+    with _FAKE_LOCK:
+        server = _FAKE_SERVERS.get(name)
+        if server is None:
+            server = _FAKE_SERVERS[name] = fakeredis.FakeServer()
+        return server
+
+
+#: nbqueue's own options a Redis URL may carry in its query (taken out before redis-py reads it)
+URL_OPTIONS = frozenset({"key_prefix", "max_block", "batch", "retries", "retry_base", "retry_cap"})
+
+
+def url_options(url: str, options: Mapping[str, Any] | None) -> dict:
+    """``options`` over nbqueue's own options in ``url``'s query (explicit options win)."""
+    query = {k: v for k, v in parse_qsl(urlsplit(url).query) if k in URL_OPTIONS}
+    return {**query, **(options or {})}
+
+
+def _client_url(url: str) -> str:
+    """``url`` without nbqueue's own query options: what redis-py is given."""
+    parts = urlsplit(url)
+    if not parts.query:
+        return url
+    return urlunsplit(parts._replace(query=urlencode([(k, v) for k, v in parse_qsl(parts.query) if k not in URL_OPTIONS])))
+
+
+def connect(url: str, options: Mapping[str, Any], encoding_errors: str = "strict", warn: bool = True) -> redis.Redis:
+    """A client for a redis://, rediss:// or memory:// URL, retrying on connection errors.
+    ``encoding_errors``: how replies (and commands) are decoded (encoded), as for ``str.decode``;
+    ``warn``: log a warning for a remote server reached without a password (once per store)."""
+    parts = urlsplit(url)
+    kwargs: dict[str, Any] = {
+        "decode_responses": True,
+        "encoding_errors": encoding_errors,
+        "socket_timeout": float(options.get("socket_timeout", 30.0)),
+        "socket_connect_timeout": float(options.get("socket_connect_timeout", 5.0)),
+        "health_check_interval": float(options.get("health_check_interval", 15.0)),
+        "client_name": str(options.get("client_name", "nbqueue")),
+    }
+    if parts.scheme == "memory":
+        import fakeredis
+
+        client = fakeredis.FakeRedis(server=fake_server(parts.netloc or parts.path.strip("/") or "default"), **kwargs)
+        _bind_to_process(client, url)
+    else:
+        if warn:
+            warn_if_exposed(url, options)
+        client = redis.Redis.from_url(_client_url(url), **kwargs)
+    # set on the pool, so fakeredis (which drops a retry= argument) retries like redis does
+    client.set_retry(Retry(
+        ExponentialBackoff(cap=float(options.get("retry_cap", 5.0)), base=float(options.get("retry_base", 0.05))),
+        int(options.get("retries", 10)),
+    ))
+    _POOLS.add(client.connection_pool)
+    return client
+
+
+def _bind_to_process(client: redis.Redis, url: str) -> None:
+    """A fakeredis client works in the process that made it only: in a forked child every
+    command raises ConfigurationError at once (the child's copy of the server is private)."""
+    pool = client.connection_pool
+    get_connection = pool.get_connection
+    owner = os.getpid()
+
+    def checked(*args, **kwargs):
+        if os.getpid() != owner:
+            raise ConfigurationError(
+                f"{url} is a store inside process {owner}, and this process ({os.getpid()}) was forked from it: its copy "
+                "is private and no worker of the parent will ever read it. Share tasks between processes through "
+                "sqlite:// or redis:// (forked children then work), or start the child with multiprocessing's 'spawn' or "
+                "'forkserver' method and make its App and worker in the child")
+        return get_connection(*args, **kwargs)
+
+    pool.get_connection = checked
+
+
+def _after_fork_in_child() -> None:
+    """The parent's fakeredis servers (and a lock a thread of it held) stay with the parent.
+
+    Each connection pool gets fresh locks: a pool's ``_lock`` that a thread of the parent held
+    at the fork (sending or reading at that moment) stays held in the child, whose first
+    command would wait on it for ever (redis-py's own after-fork reset takes that lock, and
+    keeps it; its ``_fork_lock`` only times out, with ChildDeadlockedError). The child then
+    drops the parent's connections and makes its own, as redis-py does after a fork."""
+    global _FAKE_LOCK
+    _FAKE_LOCK = threading.Lock()
+    _FAKE_SERVERS.clear()
+    for pool in list(_POOLS):
+        pool._lock = threading.RLock()
+        pool._fork_lock = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def warn_if_exposed(url: str, options: Mapping[str, Any]) -> None:
+    """Log a warning for a non-loopback Redis reached without a password."""
+    parts = urlsplit(url)
+    if parts.password or options.get("password"):
+        return
+    host = parts.hostname or "localhost"
+    if _is_loopback(host):
+        return
+    log.warning("connecting to Redis at %s without a password: anyone who can reach it can read and "
+                "inject tasks; set one (redis://:PASSWORD@host/db) or use a private network", redact(url))
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def key_prefix(options: Mapping[str, Any]) -> str:
+    """The ``key_prefix`` option ending in ``:`` (``nbq`` and ``nbq:`` are the same prefix)."""
+    prefix = str(options.get("key_prefix") or DEFAULT_PREFIX)
+    return prefix if prefix.endswith(":") else prefix + ":"
+
+
+class ScriptPipeline(redis.client.Pipeline):
+    """A pipeline without a transaction whose scripts go out as EVALSHA.
+
+    redis-py's own pipeline asks SCRIPT EXISTS in a round trip of its own before every
+    execute that runs a script. This one remembers, per connection, which scripts it
+    has loaded; on a new connection (a first use, a reconnect after a restart) it puts
+    SCRIPT LOAD for them at the front of the same write, so the server knows every
+    script before the first command runs and the commands run in their order.
+    A script lost while the connection stayed up (SCRIPT FLUSH by hand) fails with
+    NOSCRIPT: such a command is run again on its own once its script is loaded, so it
+    then runs after the pipeline's later commands.
+    """
+
+    def load_scripts(self) -> None:
+        pass
+
+    def execute(self, raise_on_error: bool = True) -> list:
+        stack, scripts = self.command_stack, {s.sha: s for s in self.scripts}
+        self.command_stack, self.scripts = [], set()
+        if not stack:
+            return []
+        # the round trip itself, retried on connection errors as redis-py's pipeline does,
+        # without what this use has no need of (transactions, WATCH, client-side caching
+        # hooks, per-call metrics): about a third of the client's time per call (redis-py
+        # 5.3 and later take get_connection() without a command name)
+        pool = self.connection_pool
+        conn = pool.get_connection()
+        try:
+            replies = conn.retry.call_with_retry(lambda: self._round_trip(conn, stack, scripts), lambda error: conn.disconnect())
+            if any(isinstance(reply, redis.exceptions.NoScriptError) for reply in replies):
+                conn._nbq_scripts = None        # the server forgot them: load again next time
+        finally:
+            pool.release(conn)
+        for i, reply in enumerate(replies):
+            if isinstance(reply, redis.exceptions.NoScriptError) and stack[i][0][1] in scripts:
+                _, sha, nkeys, *rest = stack[i][0]
+                replies[i] = scripts[sha](keys=rest[:int(nkeys)], args=rest[int(nkeys):])
+        if raise_on_error:
+            self.raise_first_error(stack, replies)
+        return replies
+
+    def _round_trip(self, conn, stack: list, scripts: dict) -> list:
+        conn.check_health()                 # may reconnect: before the socket is looked at
+        if getattr(conn, "_sock", None) is None:
+            conn.connect()
+        sock = conn._sock
+        known = getattr(conn, "_nbq_scripts", None)
+        if known is None or known[0] is not sock:
+            known = conn._nbq_scripts = (sock, set())
+        loads = [script for sha, script in scripts.items() if sha not in known[1]]
+        commands = [("SCRIPT", "LOAD", script.script) for script in loads] + [args for args, _ in stack]
+        conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+        for _ in loads:
+            conn.read_response()
+        known[1].update(script.sha for script in loads)
+        replies = []
+        for args, options in stack:
+            try:
+                replies.append(redis.Redis.parse_response(self, conn, args[0], **options))
+            except redis.ResponseError as exc:
+                replies.append(exc)
+        return replies
+
+
+def pipeline(client: redis.Redis) -> ScriptPipeline:
+    """A ``ScriptPipeline`` on ``client`` (a Redis or FakeRedis)."""
+    return ScriptPipeline(client.connection_pool, client.response_callbacks, False, None)
+
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def guarded(method: F) -> F:
+    """Turn redis connection errors that survived the client's retries into ConnectionLost."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise ConnectionLost(f"{self!r}: {exc}") from exc
+
+    return wrapper  # type: ignore[return-value]
+
+
+# The final task states, as a Lua set (shared with nbqueue.drivers.redis.backend).
+LUA_FINAL = "local FINAL = {" + ", ".join(f"{s} = true" for s in sorted(states.READY_STATES)) + "}\n"
+
+#: the driver's Lua scripts, one file each (lua/*.lua)
+LUA_DIR = pathlib.Path(__file__).with_name("lua")
+
+
+@functools.lru_cache(maxsize=None)
+def _lua_file(name: str) -> str:
+    return (LUA_DIR / f"{name}.lua").read_text(encoding="utf-8")
+
+
+def lua(*names: str, header: str = "") -> str:
+    """A script: ``header`` (constants) and the files ``lua/<name>.lua`` joined in order (a
+    file of helpers before the script that uses them)."""
+    return header + "".join(_lua_file(name) for name in names)

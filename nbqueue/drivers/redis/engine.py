@@ -1,0 +1,79 @@
+"""The fused Redis engine: broker and result backend on one server under one key prefix.
+
+Its fast paths, each a whole-method override of SplitEngine:
+
+- ``send``: the PENDING records and the messages in one pipeline (records first).
+- ``claim`` / ``run_next``: the claim script (and the one that publishes a worker's own
+  follow-ups already reserved) also begins the tasks' records: one round trip per batch.
+- ``finish``: results, group member counts and acks in one pipeline, in that order; an ack
+  acts only once its record is final, and a member is counted only once its record is SUCCESS,
+  so a result that was not stored never loses its message nor counts its member.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from ...backend import ResultBackend
+from ...broker import Broker, Delivery, Outgoing
+from ...engine import Begins, Claim, Finished, Outcome, SplitEngine, decode
+from .backend import RedisBackend
+from .broker import RedisBroker
+from .client import guarded, pipeline
+
+
+class RedisEngine(SplitEngine):
+    runs_next = True
+    counts_members = True
+    broker: RedisBroker
+    backend: RedisBackend
+
+    @staticmethod
+    def serves(broker: Broker, backend: ResultBackend) -> bool:
+        """True when both are on one Redis (same URL) under one key prefix."""
+        return (isinstance(broker, RedisBroker) and isinstance(backend, RedisBackend) and backend.url == broker.url
+                and backend.prefix == broker.prefix)
+
+    def _records(self, worker: str) -> tuple[str, str, str]:
+        """The scripts' record arguments: record key prefix, results index, worker."""
+        return self.backend._rec(""), self.backend._index, worker
+
+    @guarded
+    def send(self, records: Sequence[dict], outgoing: Sequence[Outgoing]) -> None:
+        pipe = pipeline(self.broker.client)
+        self.backend.create(records, client=pipe)      # records first: a fast worker's result is never overwritten
+        self.broker.publish_many(outgoing, client=pipe)
+        pipe.execute()
+
+    def claim(self, queues: Sequence[str], *, limit: int, timeout: float, lease: float, worker: str,
+              begins: Begins | None = None, handoff: bool = False) -> list[Claim]:
+        deliveries = self.broker.claim(list(queues), timeout=timeout, lease=lease, limit=limit, records=self._records(worker))
+        return _begun(decode(deliveries))
+
+    def run_next(self, outgoing: Sequence[Outgoing], *, lease: float, worker: str, begins: Begins | None = None) -> list[Claim]:
+        deliveries = self.broker.publish_reserved(outgoing, lease=lease, records=self._records(worker))
+        return _begun(decode(deliveries))
+
+    @guarded
+    def finish(self, outcomes: Sequence[Outcome], acks: Sequence[Delivery] = ()) -> Finished:
+        """One pipeline: the results, then the member counts, then the acks (see the module docstring)."""
+        items = [(o.task_id, o.state, o.token, o.fields) for o in outcomes]
+        members = [o for o in outcomes if o.group is not None]
+        pipe = pipeline(self.broker.client)
+        self.backend.store_results(items, client=pipe)
+        for o in members:
+            assert o.group is not None
+            self.backend._count_member(o.group, o.task_id, client=pipe, if_succeeded=True)
+        self.broker.ack_many(list(acks), client=pipe, records={o.task_id: self.backend._rec(o.task_id) for o in outcomes})
+        replies = pipe.execute()
+        counts = replies[len(items):len(items) + len(members)]
+        return Finished(stored=[reply == 1 for reply in replies[:len(items)]],
+                        counts=[None if c is None else (int(c[0]), int(c[1])) for c in counts])
+
+
+def _begun(claims: list[Claim]) -> list[Claim]:
+    """Claims whose records the script began: their tokens came with the deliveries (a delivery
+    after a lapse is not begun by the script: the worker first looks for a live attempt)."""
+    for c in claims:
+        if c.message is not None and not c.delivery.after_lapse:
+            c.begun, c.token = True, c.delivery.token
+    return claims

@@ -1,0 +1,16 @@
+-- Helpers of the broker's scripts: key names under the prefix P (ARGV[1]), ready scores,
+-- wake-up signals. Needs the constants TOKENS and SIGNAL_TTL.
+local P = ARGV[1]
+local function qkey(q, kind) return P .. 'q:' .. q .. ':' .. kind end
+local function mkey(id) return P .. 'msg:' .. id end
+local function make_ready(q, id)
+  local prio = tonumber(redis.call('HGET', mkey(id), 'priority')) or 0
+  local seq = redis.call('INCR', P .. 'seq')
+  redis.call('ZADD', qkey(q, 'ready'), string.format('%d', (9 - prio) * 1e12 + seq), id)
+end
+local function signal(q, count)
+  local key = qkey(q, 'signal')
+  for _ = 1, math.min(count, TOKENS) do redis.call('LPUSH', key, '1') end
+  redis.call('LTRIM', key, 0, TOKENS - 1)
+  redis.call('PEXPIRE', key, SIGNAL_TTL)
+end

@@ -1,0 +1,74 @@
+-- ARGV: prefix, now, lease deadline, limit, batch, record key prefix or '', results index,
+-- worker, queues... Requeues expired leases and moves due delayed messages to ready (up
+-- to `batch` each per queue), then claims up to `limit` messages, best score across the
+-- queues first. With a record key prefix (the result backend on this server) each
+-- claimed task's record is also begun: marked RECEIVED with a new fencing token (0 when
+-- the record is final), as the backend's begin_many would, in the same call.
+-- A message whose lease ran out gets one more lapse as it is requeued; one with lapses is
+-- claimed alone and not begun. Returns {next due time (when no ready message is left) or '',
+-- '1' if ready messages are left else '0', then (id, queue, body, attempt, priority, token,
+-- lapses) per claim}.
+local now, deadline, limit, batch = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+local rec_prefix, index, worker = ARGV[6], ARGV[7], ARGV[8]
+-- begins a claimed task's record where a record key prefix was given (see begin.lua)
+local function begin(id, q)
+  if rec_prefix == '' then return '' end
+  return begin_record(rec_prefix .. id, index, id, 'RECEIVED', worker, now, {'queue', q})
+end
+local queues = {}
+for i = 9, #ARGV do queues[#queues + 1] = ARGV[i] end
+
+for _, q in ipairs(queues) do
+  for _, kind in ipairs({'inflight', 'delayed'}) do
+    local key = qkey(q, kind)
+    for _, id in ipairs(redis.call('ZRANGEBYSCORE', key, '-inf', now, 'LIMIT', 0, batch)) do
+      redis.call('ZREM', key, id)
+      if kind == 'inflight' and redis.call('EXISTS', mkey(id)) == 1 then
+        redis.call('HINCRBY', mkey(id), 'lapses', 1)    -- its lease ran out: a delivery that did not finish
+      end
+      make_ready(q, id)
+    end
+  end
+end
+
+local out = {'', '0'}
+local claimed = 0
+while claimed < limit do
+  local best_q, best_id, best_score
+  for _, q in ipairs(queues) do
+    local head = redis.call('ZRANGE', qkey(q, 'ready'), 0, 0, 'WITHSCORES')
+    if head[1] and (best_score == nil or tonumber(head[2]) < best_score) then
+      best_q, best_id, best_score = q, head[1], tonumber(head[2])
+    end
+  end
+  if best_q == nil then break end
+  local fields = redis.call('HMGET', mkey(best_id), 'body', 'priority', 'lapses')
+  local lapses = tonumber(fields[3]) or 0
+  -- a message with a lapsed delivery comes alone: left for the next claim if this one has some
+  if fields[1] and lapses > 0 and claimed > 0 then break end
+  redis.call('ZREM', qkey(best_q, 'ready'), best_id)
+  if fields[1] then
+    local attempt = redis.call('HINCRBY', mkey(best_id), 'attempt', 1)
+    redis.call('ZADD', qkey(best_q, 'inflight'), deadline, best_id)
+    local token = ''
+    if lapses == 0 then token = begin(best_id, best_q) end    -- else the worker checks for a live attempt first
+    for _, v in ipairs({best_id, best_q, fields[1], attempt, fields[2], token, lapses}) do out[#out + 1] = v end
+    claimed = claimed + 1
+    if lapses > 0 then break end
+  end
+end
+
+for _, q in ipairs(queues) do
+  if redis.call('ZCARD', qkey(q, 'ready')) > 0 then out[2] = '1' end
+end
+if out[2] == '0' then
+  local next_due
+  for _, q in ipairs(queues) do
+    for _, kind in ipairs({'inflight', 'delayed'}) do
+      local head = redis.call('ZRANGE', qkey(q, kind), 0, 0, 'WITHSCORES')
+      if head[2] and (next_due == nil or tonumber(head[2]) < tonumber(next_due)) then next_due = head[2] end
+    end
+  end
+  out[1] = next_due or ''
+end
+return out

@@ -1,0 +1,387 @@
+"""SQLite broker: the embedded default (``sqlite:///path.db``; no URL means ./.nbqueue/nbqueue.db).
+
+Supports: priorities 0-9, delayed messages (eta), leases with redelivery, fenced
+acks, dead letters with a reason, idempotent publish by message id, batch reserve.
+Many threads and processes on one machine may share the file. A publish from the
+same process wakes a waiting reserve() at once; one from another process through the
+wake-up channel beside the file (nbqueue.wakechannel), with polling as the fallback
+(back-off up to ``poll_interval``, default 0.1 s at the idle end).
+
+One table holds every message. ``due`` is when the row may be reserved: the eta for a
+waiting message, the lease deadline for a reserved one, so an expired lease makes the
+row reservable again with no reaper. ``attempt`` counts reservations and is the
+fencing token of a delivery. ``lapses`` counts reservations whose lease ran out: a claim
+that finds a row still reserved (``state = 1``) past its deadline adds one. Such a row
+is claimed alone, and after ``max_deliveries`` lapses it is handed out with
+``dead_reason`` set (see nbqueue.broker). Bodies are read as bytes, so a row whose
+body is not UTF-8 is handed out for dead-lettering instead of failing every claim.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import sqlite3
+import threading
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+from ... import wakechannel
+from ...broker import WAKEUPS, Broker, Delivery, Outgoing, shown, text_of
+from .db import SQLiteStore, path_from_url, placeholders
+
+
+def _schema(db) -> None:
+    db["nbq_messages"].create(
+        {"seq": int, "id": str, "queue": str, "priority": int, "due": float, "state": int, "attempt": int, "body": str, "reason": str, "created": float,
+         "lapses": int},
+        pk="seq", if_not_exists=True, not_null={"lapses"}, defaults={"lapses": 0},
+    )
+    if "lapses" not in db["nbq_messages"].columns_dict:     # a file from before lapses were counted
+        try:
+            db["nbq_messages"].add_column("lapses", int, not_null_default=0)
+        except sqlite3.OperationalError as exc:            # another process added it meanwhile
+            if "duplicate column" not in str(exc):
+                raise
+    db.execute("CREATE UNIQUE INDEX IF NOT EXISTS nbq_messages_id ON nbq_messages(id)")
+    db.execute("CREATE INDEX IF NOT EXISTS nbq_messages_claim ON nbq_messages(queue, priority DESC, due) WHERE state < 2")
+
+
+class Slot:
+    """An idle reserver of this process, waiting for work: a sender of this process may
+    hand it messages directly, already reserved by it (see ``IdleReservers``); its
+    ``on_claim`` begins them, in the sender's transaction."""
+
+    def __init__(self, queues: Iterable[str], limit: int, lease: float, on_claim=None) -> None:
+        self.on_claim = on_claim
+        self.queues = frozenset(queues)
+        self.limit = limit
+        self.lease = lease
+        self.taken = False                  # a sender holds it (its send has not finished)
+        self.deliveries: list = []          # what was handed over, once the send finished
+        self.settled = threading.Event()    # the send finished (or failed: then nothing was handed over)
+
+    def wait(self) -> list:
+        """What was handed over, waiting at most a lease for the send to finish (after that
+        the messages are delivered again anyway)."""
+        return self.deliveries if self.settled.wait(self.lease) else []
+
+
+class IdleReservers:
+    """Reservers of this process waiting for work, per database file, that a sender of
+    this process may hand messages to directly (``Slot``s)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._slots: dict[Any, list] = {}
+
+    def any(self, store: Any) -> bool:
+        return bool(self._slots.get(store))
+
+    def idle(self, store: Any) -> int:
+        """How many reservers of ``store`` wait untaken (for tests and status)."""
+        with self._lock:
+            return sum(not slot.taken for slot in self._slots.get(store, ()))
+
+    def add(self, store: Any, slot: Any) -> None:
+        with self._lock:
+            self._slots.setdefault(store, []).append(slot)
+
+    def take(self, store: Any, outs: Sequence[Outgoing], now: float, on_take=None) -> tuple[Any, list]:
+        """The first idle reserver that can run some of ``outs`` now (due, on its queues) and
+        those messages, up to its limit; it is marked taken and ``on_take(slot)`` runs under
+        the lock. ``(None, [])`` when there is none."""
+        with self._lock:
+            for slot in self._slots.get(store) or ():
+                mine = [o for o in outs if o.queue in slot.queues and (o.eta is None or o.eta <= now)][: slot.limit]
+                if mine:
+                    slot.taken = True
+                    self._slots[store].remove(slot)
+                    if on_take is not None:
+                        on_take(slot)
+                    return slot, mine
+        return None, []
+
+    def close(self, store: Any, slot: Slot | None) -> list:
+        """Withdraw a reserver that stops waiting; what a sender handed it meanwhile."""
+        if slot is None:
+            return []
+        with self._lock:
+            if not slot.taken:
+                self._slots[store].remove(slot)
+                return []
+        return slot.wait()
+
+    def _after_fork(self) -> None:
+        """A forked child has none of its parent's reserver threads."""
+        self._lock = threading.Lock()
+        self._slots = {}
+
+
+IDLE = IdleReservers()
+os.register_at_fork(after_in_child=IDLE._after_fork)
+
+
+class SQLiteBroker(Broker):
+    scheme = "sqlite"
+    store_errors = (sqlite3.OperationalError,)
+
+    def __init__(self, url: str = "", *, clock=None, options: dict | None = None):
+        super().__init__(url, clock=clock, options=options)
+        self.path = path_from_url(url)
+        self.store = SQLiteStore.shared(self.path)
+        self.store.ensure_schema("broker", _schema)
+        self.poll_interval = float(self.options.get("poll_interval", 0.1))
+        self._wake_key = ("sqlite-broker", self.path)
+        self._quiet = threading.local()     # .last: (wake-up version, next due, when) as this thread last found nothing
+        self._channel = wakechannel.channel_for(self.path)   # publishes of other processes wake our reservers
+
+    # -- publishing --------------------------------------------------------------
+    def publish_many(self, outs: Sequence[Outgoing], handoff: bool = False) -> None:
+        """``handoff``: the caller's transaction is this send's own (short), so its messages may
+        go to idle reservers of this process; a long transaction must not hold them."""
+        if not outs:
+            return
+        now = self.clock.time()
+        with self.store.write() as conn:
+            if handoff and IDLE.any(self.path):
+                outs = self._hand_over(outs, now)
+            rows = [(o.id, o.queue, int(o.priority), o.eta if o.eta is not None else now, o.body, now) for o in outs]
+            if rows:
+                conn.executemany(
+                    "INSERT OR IGNORE INTO nbq_messages(id, queue, priority, due, state, attempt, body, created) VALUES (?, ?, ?, ?, 0, 0, ?, ?)",
+                    rows,
+                )
+                self.store.on_commit(self.wake)
+            else:   # all handed over: wake their reservers only, nothing new to claim
+                self.store.on_commit(lambda: WAKEUPS.poke(self._wake_key))
+
+    def publish_reserved(self, outs: Sequence[Outgoing], *, lease: float) -> list[Delivery]:
+        """Publish messages already reserved by the caller (a worker's own follow-ups).
+
+        They are ordinary messages with a lease: if the caller dies they are delivered
+        again. Ids already present are left alone and not returned.
+        """
+        now = self.clock.time()
+        deliveries = []
+        with self.store.write() as conn:
+            for o in outs:
+                row = conn.execute(
+                    "INSERT OR IGNORE INTO nbq_messages(id, queue, priority, due, state, attempt, body, created) "
+                    "VALUES (?, ?, ?, ?, 1, 1, ?, ?) RETURNING seq",
+                    (o.id, o.queue, int(o.priority), now + lease, o.body, now),
+                ).fetchone()
+                if row is not None:
+                    deliveries.append(Delivery(message_id=o.id, queue=o.queue, body=o.body, attempt=1, lease_until=now + lease,
+                                               tag=(row[0], 1), priority=o.priority, message=o.message))
+        return deliveries
+
+    def _hand_over(self, outs: Sequence[Outgoing], now: float) -> Sequence[Outgoing]:
+        """Give due messages to idle reservers of this process; return the rest.
+
+        The messages are inserted already reserved (an ordinary lease: if that worker dies
+        they are delivered again) and begun by the reserver's ``on_claim``, all in the
+        publisher's transaction; the reserver returns them once it commits. This saves a
+        claim per message and a wake-up's worth of latency for a worker in the same kernel.
+        """
+        def settle_with_transaction(slot: Slot) -> None:   # whatever happens next: the reserver waits for it
+            self.store.on_commit(slot.settled.set)
+            self.store.on_rollback(lambda: (slot.deliveries.clear(), slot.settled.set()))
+
+        while outs:
+            slot, mine = IDLE.take(self.path, outs, now, on_take=settle_with_transaction)
+            if slot is None:
+                return outs
+            taken = {o.id for o in mine}
+            outs = [o for o in outs if o.id not in taken]
+            slot.deliveries = self.publish_reserved(mine, lease=slot.lease)
+            if slot.deliveries and slot.on_claim is not None:
+                slot.on_claim(slot.deliveries)
+        return outs
+
+    # -- consuming ---------------------------------------------------------------
+    def _claim(self, queues: Sequence[str], now: float, lease: float, limit: int, on_claim=None) -> list[Delivery]:
+        qs = placeholders(len(queues))
+        # a cheap read first, so idle pollers never take the write lock
+        if not self.store.read(f"SELECT 1 FROM nbq_messages WHERE queue IN ({qs}) AND state < 2 AND due <= ? LIMIT 1", (*queues, now)):
+            return []
+        with self.store.write() as conn:
+            # the best due rows; one whose lease ran out (state 1) or ran out before is claimed alone
+            candidates = conn.execute(
+                f"""SELECT seq, state = 1 OR lapses > 0 FROM nbq_messages WHERE queue IN ({qs}) AND state < 2 AND due <= ?
+                    ORDER BY priority DESC, due, seq LIMIT ?""",
+                (*queues, now, limit),
+            ).fetchall()
+            if not candidates:
+                return []
+            if candidates[0][1]:
+                seqs = [candidates[0][0]]
+            else:
+                seqs = [seq for seq, _ in itertools.takewhile(lambda c: not c[1], candidates)]
+            rows = conn.execute(
+                f"""UPDATE nbq_messages SET state = 1, due = ?, attempt = attempt + 1, lapses = lapses + (state = 1)
+                    WHERE seq IN ({placeholders(len(seqs))})
+                    RETURNING seq, id, queue, CAST(body AS BLOB), attempt, priority, lapses""",
+                (now + lease, *seqs),
+            ).fetchall()
+            rows.sort(key=lambda r: (-r[5], r[0]))
+            deliveries = [self._delivery(r, now + lease) for r in rows]
+            if deliveries and on_claim is not None:
+                on_claim(deliveries)
+        return deliveries
+
+    def _delivery(self, row: tuple, lease_until: float) -> Delivery:
+        seq, message_id, queue, raw, attempt, priority, lapses = row
+        body, problem = text_of(raw or b"")
+        return Delivery(message_id=message_id, queue=queue, body=body, attempt=attempt, lease_until=lease_until, tag=(seq, attempt),
+                        priority=priority, lapsed=lapses, dead_reason=problem or self.limit_reason(lapses))
+
+    def next_due(self, queues: Sequence[str]) -> float | None:
+        row = self.store.read(f"SELECT MIN(due) FROM nbq_messages WHERE queue IN ({placeholders(len(queues))}) AND state < 2", tuple(queues))
+        return row[0][0] if row else None
+
+    def reserve(self, queues: Sequence[str], *, timeout: float = 0.0, lease: float = 30.0, limit: int = 1) -> list[Delivery]:
+        return self.claim(queues, timeout=timeout, lease=lease, limit=limit)
+
+    def claim(self, queues: Sequence[str], *, timeout: float = 0.0, lease: float = 30.0, limit: int = 1, on_claim=None,
+              handoff: bool = False) -> list[Delivery]:
+        """``reserve`` for the driver's engine: ``on_claim(deliveries)`` runs inside the claim's
+        transaction (the engine begins the tasks there: one write per batch). ``handoff``: publishers of this process may hand messages over directly while
+        this call runs (see ``_hand_over``); ``on_claim`` then runs in the publisher's
+        transaction, and what was handed over is returned beside anything claimed."""
+        slot = None
+        if handoff and timeout > 0:
+            slot = Slot(queues, limit, lease, on_claim)
+            IDLE.add(self.path, slot)
+        return self._reserve_with_slot(slot, lambda: self._reserve_loop(queues, timeout, lease, limit, on_claim, slot))
+
+    def _reserve_with_slot(self, slot: Slot | None, claim: Callable[[], list]) -> list[Delivery]:
+        """Run ``claim()`` (the reserve loop) while ``slot``, if any, is open for a hand-over;
+        return what it claimed and what it was handed. If ``claim`` raises, what was handed
+        over meanwhile goes back to the queue at once."""
+        try:
+            got = claim()
+        except BaseException:
+            for d in IDLE.close(self.path, slot):
+                try:
+                    self.release(d)
+                except Exception:
+                    pass                    # its lease brings it back
+            raise
+        return got + IDLE.close(self.path, slot)
+
+    def _reserve_loop(self, queues: Sequence[str], timeout: float, lease: float, limit: int, on_claim, slot) -> list[Delivery]:
+        deadline = time.monotonic() + max(0.0, timeout)
+        if timeout > 0:
+            self._channel.listen(wakechannel.MESSAGES, wakechannel.local_waker(WAKEUPS.notify, self._wake_key))
+        interval = 0.001
+        while True:
+            version = WAKEUPS.version(self._wake_key)
+            now = self.clock.time()
+            quiet = getattr(self._quiet, "last", None)
+            if (slot is not None and quiet is not None and quiet[0] == version and (quiet[1] is None or quiet[1] > now)
+                    and time.monotonic() - quiet[2] < self.poll_interval):
+                # this thread found nothing, and nothing was published in this process
+                # since (a hand-over does not count): wait before reading again, so a
+                # worker fed by hand-overs does not query the file between tasks (other
+                # processes' messages are still looked for every poll_interval)
+                due = quiet[1]
+            else:
+                got = self._claim(queues, now, lease, limit, on_claim)
+                if got:
+                    self._quiet.last = None
+                    return got
+                due = self.next_due(queues)
+                if slot is not None:
+                    self._quiet.last = (version, due, time.monotonic())
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or slot is not None and slot.taken:
+                return []
+            wait = min(remaining, interval)
+            if due is not None:
+                wait = min(wait, max(0.0, due - now) + 0.0005)
+            started = time.monotonic()
+            if WAKEUPS.wait(self._wake_key, version, wait) == version and time.monotonic() - started < 0.9 * wait:
+                continue        # poked for a hand-over (ours, or another reserver's): nothing new to read
+            self._quiet.last = None
+            interval = min(interval * 2, self.poll_interval)
+
+    def _fenced(self, sql: str, params: tuple, delivery: Delivery) -> bool:
+        seq, attempt = delivery.tag
+        return self.store.execute(sql + " WHERE seq = ? AND attempt = ? AND state = 1", (*params, seq, attempt)).rowcount == 1
+
+    def ack(self, delivery: Delivery) -> bool:
+        return self._fenced("DELETE FROM nbq_messages", (), delivery)
+
+    def ack_many(self, deliveries: Sequence[Delivery]) -> list[bool]:
+        acked: set = set()
+        with self.store.write() as conn:
+            for start in range(0, len(deliveries), 400):
+                chunk = deliveries[start:start + 400]
+                pairs = ", ".join(["(?, ?)"] * len(chunk))
+                params = [d.tag[0] for d in chunk] + [x for d in chunk for x in d.tag]
+                # ``seq IN`` finds the rows by primary key; the row values alone would scan the table
+                acked.update(seq for (seq,) in conn.execute(
+                    f"DELETE FROM nbq_messages WHERE seq IN ({placeholders(len(chunk))}) AND state = 1 AND (seq, attempt) IN (VALUES {pairs}) RETURNING seq",
+                    params))
+        return [d.tag[0] in acked for d in deliveries]
+
+    def retry(self, delivery: Delivery, *, body: str | None = None, eta: float | None = None) -> bool:
+        due = eta if eta is not None else self.clock.time()
+        if body is None:
+            ok = self._fenced("UPDATE nbq_messages SET state = 0, due = ?", (due,), delivery)
+        else:
+            ok = self._fenced("UPDATE nbq_messages SET state = 0, due = ?, body = ?", (due, body), delivery)
+        self.store.on_commit(self.wake)
+        return ok
+
+    def extend(self, delivery: Delivery, lease: float) -> bool:
+        until = self.clock.time() + lease
+        ok = self._fenced("UPDATE nbq_messages SET due = ?", (until,), delivery)
+        if ok:
+            delivery.lease_until = until
+        return ok
+
+    def reject(self, delivery: Delivery, reason: str) -> bool:
+        return self._fenced("UPDATE nbq_messages SET state = 2, reason = ?", (reason,), delivery)
+
+    # -- inspection --------------------------------------------------------------
+    def purge(self, queue: str) -> int:
+        return self.store.execute("DELETE FROM nbq_messages WHERE queue = ?", (queue,)).rowcount
+
+    def stats(self) -> list[dict]:
+        now = self.clock.time()
+        rows = self.store.read(
+            """SELECT queue,
+                      SUM(state = 0 AND due <= ?), SUM(state = 0 AND due > ?), SUM(state = 1), SUM(state = 2)
+               FROM nbq_messages GROUP BY queue ORDER BY queue""",
+            (now, now),
+        )
+        return [{"queue": q, "ready": r or 0, "delayed": d or 0, "in_flight": f or 0, "dead": x or 0} for q, r, d, f, x in rows]
+
+    def dead_letters(self, queue: str | None = None, limit: int = 100) -> list[dict]:
+        sql = "SELECT id, queue, reason, CAST(body AS BLOB) FROM nbq_messages WHERE state = 2"
+        params: tuple = ()
+        if queue is not None:
+            sql += " AND queue = ?"
+            params = (queue,)
+        rows = self.store.read(sql + " ORDER BY seq LIMIT ?", (*params, limit))
+        return [{"id": i, "queue": q, "reason": r, "body": shown(text_of(b or b"")[0])} for i, q, r, b in rows]
+
+    def remove_dead_letters(self, queue: str, ids: Sequence[str]) -> int:
+        ids = list(ids)
+        removed = 0
+        for start in range(0, len(ids), 900):
+            chunk = ids[start:start + 900]
+            removed += self.store.execute(f"DELETE FROM nbq_messages WHERE state = 2 AND queue = ? AND id IN ({placeholders(len(chunk))})",
+                                          (queue, *chunk)).rowcount
+        return removed
+
+    def upkeep(self) -> None:
+        self.store.checkpoint()
+
+    def wake(self) -> None:
+        WAKEUPS.notify(self._wake_key)
+        self._channel.send(wakechannel.MESSAGES)
+
+    def close(self) -> None:
+        pass  # the store is shared by every broker and backend on this file in this process

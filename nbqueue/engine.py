@@ -1,0 +1,223 @@
+"""The engine: the one object the worker and App talk to for a broker and result backend pair.
+
+``SplitEngine`` implements it once over the plain Broker and ResultBackend protocols, for any
+mix of stores (RabbitMQ with SQLite results, an SQLite broker with Redis results, SQS with
+Memcache ...). A driver whose broker and backend can share one store (one SQLite file, one
+Redis server and prefix) offers a fused engine, a subclass that overrides whole methods with
+its fast paths (one transaction, one round trip). ``nbqueue.drivers.engine_for(broker, backend)``
+is the only place that asks whether two stores are one.
+
+What an engine does:
+
+- ``send(records, outgoing)``: record tasks PENDING, then publish their messages (a fast
+  worker's result is never overwritten by the PENDING record).
+- ``publish(outgoing)``: publish messages whose records exist (workflow follow-ups).
+- ``claim(queues, limit=, timeout=, lease=, worker=) -> list[Claim]``: reserve a batch, decode
+  it and begin its tasks (RECEIVED, with fencing tokens).
+- ``finish(outcomes, acks) -> Finished``: store final results, count group members, ack.
+- ``run_next(outgoing, lease=, worker=) -> list[Claim]``: publish follow-ups already claimed by
+  the caller, so a worker runs the next chain step without another claim (``runs_next``).
+- ``extend(deliveries, lease)``, ``hand_back(deliveries)``, ``transaction()``.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from typing import Any, Callable, ContextManager, Protocol, Sequence, runtime_checkable
+
+from .backend import ResultBackend
+from .broker import Broker, Delivery, Outgoing
+from .errors import MessageError
+
+log = logging.getLogger(__name__)
+
+#: ``begins(message)``: whether a claimed task is begun (RECEIVED with a fencing token) by the claim
+Begins = Callable[[dict], bool]
+
+
+@dataclasses.dataclass
+class Claim:
+    """One claimed delivery: its decoded message, or why it must be dead-lettered, and its token.
+
+    ``begun``: the claim began the task; ``token`` is then its fencing token (None: its
+    record is final already). A claim not begun (a delivery after a lapse, a task the
+    worker does not run) is begun, or not, by the worker."""
+
+    delivery: Delivery
+    message: dict | None = None
+    reason: str | None = None
+    begun: bool = False
+    token: int | None = None
+
+
+@dataclasses.dataclass
+class Outcome:
+    """A task's final state to store: ``fields`` as ``ResultBackend.store_results`` takes them,
+    fenced by ``token``. ``group``: count the task as a member of that group once stored.
+    ``delivery``: the delivery it came by (None where there is none to settle)."""
+
+    delivery: Delivery | None
+    task_id: str
+    state: str
+    token: int | None
+    fields: dict
+    group: str | None = None
+
+
+@dataclasses.dataclass
+class Finished:
+    """What ``finish`` did: per outcome, whether its result was stored, and for each outcome
+    with a group, ``(done, total)`` once counted (None: the group is gone; a negative ``done``:
+    counted before its result was stored, to be counted again)."""
+
+    stored: list[bool]
+    counts: list[tuple[int, int] | None]
+
+
+@runtime_checkable
+class Engine(Protocol):
+    broker: Broker
+    backend: ResultBackend
+    #: ``transaction()`` spans broker and backend: a worker commits a batch's finish steps together
+    shares_transaction: bool
+    #: ``run_next`` can take follow-ups for the caller
+    runs_next: bool
+    #: ``finish`` counts group members in the round trip that stores their results
+    counts_members: bool
+    #: errors of the stores themselves (unreachable, locked): a message is left to its lease
+    store_errors: tuple[type[BaseException], ...]
+
+    def send(self, records: Sequence[dict], outgoing: Sequence[Outgoing]) -> None: ...
+
+    def publish(self, outgoing: Sequence[Outgoing]) -> None: ...
+
+    def claim(self, queues: Sequence[str], *, limit: int, timeout: float, lease: float, worker: str,
+              begins: Begins | None = None, handoff: bool = False) -> list[Claim]: ...
+
+    def finish(self, outcomes: Sequence[Outcome], acks: Sequence[Delivery] = ()) -> Finished: ...
+
+    def run_next(self, outgoing: Sequence[Outgoing], *, lease: float, worker: str, begins: Begins | None = None) -> list[Claim]: ...
+
+    def extend(self, deliveries: Sequence[Delivery], lease: float) -> None: ...
+
+    def hand_back(self, deliveries: Sequence[Delivery]) -> None: ...
+
+    def transaction(self) -> ContextManager[Any]: ...
+
+    def close(self) -> None: ...
+
+
+def _always(message: dict) -> bool:
+    return True
+
+
+class SplitEngine:
+    """The engine over any Broker and ResultBackend: each step one call to each store."""
+
+    shares_transaction = False
+    runs_next = False
+    counts_members = False
+
+    def __init__(self, broker: Broker, backend: ResultBackend):
+        self.broker = broker
+        self.backend = backend
+        self.store_errors: tuple[type[BaseException], ...] = tuple(dict.fromkeys(
+            (ConnectionError, TimeoutError, *broker.store_errors, *backend.store_errors)))
+
+    # -- sending ------------------------------------------------------------------------------
+    def send(self, records: Sequence[dict], outgoing: Sequence[Outgoing]) -> None:
+        with self.transaction():
+            self.backend.create(records)
+            self.broker.publish_many(outgoing)
+
+    def publish(self, outgoing: Sequence[Outgoing]) -> None:
+        self.broker.publish_many(outgoing)
+
+    def transaction(self) -> ContextManager[Any]:
+        return contextlib.nullcontext()
+
+    # -- claiming -----------------------------------------------------------------------------
+    def claim(self, queues: Sequence[str], *, limit: int, timeout: float, lease: float, worker: str,
+              begins: Begins | None = None, handoff: bool = False) -> list[Claim]:
+        """Reserve up to ``limit`` deliveries (waiting up to ``timeout`` s), decode them and begin
+        the tasks ``begins`` accepts (all by default), except deliveries after a lapse."""
+        deliveries = self.broker.reserve(list(queues), timeout=timeout, lease=lease, limit=limit)
+        return self.begin(decode(deliveries), worker, begins) if deliveries else []
+
+    def begin(self, claims: list[Claim], worker: str, begins: Begins | None = None) -> list[Claim]:
+        """Begin the decoded claims ``begins`` accepts (one ``begin_many`` call): tokens set."""
+        begins = begins or _always
+        wanted = [c for c in claims if c.message is not None and not c.delivery.after_lapse and begins(c.message)]
+        if not wanted:
+            return claims
+        fields = {c.message["id"]: {"retries": c.message.get("retries", 0), "name": c.message["name"], "queue": c.delivery.queue}
+                  for c in wanted if c.message is not None}
+        tokens = self.backend.begin_many(list(fields), worker=worker, fields=fields)
+        for c in wanted:
+            assert c.message is not None
+            if c.message["id"] in tokens:
+                c.begun, c.token = True, tokens[c.message["id"]]
+                c.delivery.token = c.token
+        return claims
+
+    def run_next(self, outgoing: Sequence[Outgoing], *, lease: float, worker: str, begins: Begins | None = None) -> list[Claim]:
+        """Nothing taken: a split pair publishes follow-ups as usual (``runs_next`` is False)."""
+        return []
+
+    # -- finishing ----------------------------------------------------------------------------
+    def finish(self, outcomes: Sequence[Outcome], acks: Sequence[Delivery] = ()) -> Finished:
+        """Store the outcomes' results (fenced), count those with a group, then ack ``acks``."""
+        stored = self.backend.store_results([(o.task_id, o.state, o.token, o.fields) for o in outcomes]) if outcomes else []
+        counts: list[tuple[int, int] | None] = [self.backend.member_done(o.group, o.task_id) if ok else (-1, 0)
+                                                for o, ok in zip(outcomes, stored) if o.group is not None]
+        if acks:
+            self.broker.ack_many(list(acks))
+        return Finished(stored=list(stored), counts=counts)
+
+    # -- leases -------------------------------------------------------------------------------
+    def extend(self, deliveries: Sequence[Delivery], lease: float) -> None:
+        for d in deliveries:
+            self.broker.extend(d, lease)
+
+    def hand_back(self, deliveries: Sequence[Delivery]) -> None:
+        """Put claimed, unstarted deliveries back at once (not a lapse): a task the claim began
+        is PENDING again (fenced by its token), its message released. One that cannot be handed
+        back returns when its lease runs out."""
+        from . import states
+
+        for d in deliveries:
+            try:
+                if d.token:
+                    self.backend.set_state(d.message_id, states.PENDING, token=d.token)
+                self.broker.release(d)
+            except Exception:
+                log.warning("could not hand back %s; it returns when its lease runs out", d.message_id, exc_info=True)
+
+    def close(self) -> None:
+        self.broker.close()
+        self.backend.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.broker!r} {self.backend!r}>"
+
+
+def decode(deliveries: Sequence[Delivery]) -> list[Claim]:
+    """Claims of deliveries, decoded; a delivery the broker marked (``dead_reason``) or whose body
+    is not a valid message comes with the reason."""
+    from .signature import decode_body
+
+    claims = []
+    for d in deliveries:
+        if d.dead_reason is not None:
+            claims.append(Claim(d, reason=d.dead_reason))
+            continue
+        try:
+            # a message handed over in this process is at hand: no need to decode and check it
+            claims.append(Claim(d, message=dict(d.message) if d.message is not None else decode_body(d.body)))
+        except MessageError as exc:
+            claims.append(Claim(d, reason=str(exc)))
+    return claims
+
+
+__all__ = ["Engine", "Claim", "Outcome", "Finished", "SplitEngine", "decode"]

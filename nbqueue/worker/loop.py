@@ -1,0 +1,497 @@
+"""Worker: reserve -> execute -> record -> advance workflows -> ack.
+
+``step()`` runs one pass in the calling thread, so tests drive it without sleeping;
+``start()`` runs ``concurrency`` executor threads plus one heartbeat thread (daemon
+threads: fine inside a notebook kernel) and returns at once; ``run()`` blocks.
+A worker installs no signal handlers: the CLI owns those.
+
+Delivery is at least once and recording exactly once: the backend hands out a fencing
+token when a task begins and refuses a final result from a stale attempt, and a
+redelivered message whose task is already final is not run again, only acknowledged
+(after re-running the idempotent workflow step, in case the earlier attempt died
+before it).
+
+Redelivery is bounded (see nbqueue.broker): a message whose lease lapsed comes
+alone, and before its task is begun again the worker checks whether the earlier attempt
+is still alive (``_attempt_alive``). A lease also lapses while a task holds the GIL in
+one long C call (a big sort, ``sum(range(n))``): the heartbeat thread cannot run to
+extend it. Beginning the task again would fence out the running attempt, and with two
+workers each attempt would fence out the last forever; so the message is put back for a
+lease instead, the running attempt finishes and records its result, and the next
+delivery finds the task final. After ``max_deliveries`` lapses of attempts that did not
+survive, the task fails with DeliveryLimitExceeded and its message is dead-lettered.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Iterable
+
+from .. import capture, control, shipping, states
+from ..broker import Delivery, queue_list
+from ..engine import decode
+from ..events import WorkerEvents
+from .batch import (
+    _MISSING,
+    GROUP_COMMIT,
+    REVOKE_CHECK,
+    STEAL_AFTER,
+    _Batch,
+    _Prepared,
+    _prepared,
+)
+from .execute import Execution
+from .heartbeat import Heartbeat
+
+log = logging.getLogger(__name__)
+
+
+class Worker(Heartbeat, Execution):
+    def __init__(self, app, concurrency: int = 1, queues: str | Iterable[str] | None = None, *, name: str | None = None,
+                 prefetch: int | None = None, allow_cells: bool = False, echo_output: bool = False, heartbeat_interval: float | None = None,
+                 local_follow_ups: bool = True, unknown_grace: float = 0.0,
+                 beat: bool = False, pool: str = "threads", allow_code: bool = False, max_tasks_per_child: int | None = None,
+                 max_memory_per_child: int | None = None, shutdown_grace: float = 30.0):
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        if pool not in ("threads", "processes"):
+            raise ValueError(f"pool must be 'threads' or 'processes', not {pool!r}")
+        self.app = app
+        self.concurrency = int(concurrency)
+        self.queues = queue_list(queues) if queues else [app.default_queue]
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.prefetch = max(1, int(prefetch if prefetch is not None else app.config.option("prefetch")))
+        self.allow_cells = allow_cells
+        self.echo_output = echo_output
+        self.beat = beat                               # also run the App's periodic-task scheduler (schedule.py)
+        # -- the process pool (pool.py) and shipped notebook functions (shipping.py) --
+        self.allow_code = allow_code                   # run functions shipped from notebooks (--allow-code)
+        self.pool = None                               # pool="processes": each executor thread drives one child
+        if pool == "processes":
+            from ..pool import ProcessPool
+
+            self.pool = ProcessPool(self.concurrency, max_tasks_per_child=max_tasks_per_child, max_memory_per_child=max_memory_per_child)
+        self.shutdown_grace = shutdown_grace           # seconds running children may finish once the worker stops
+        if allow_code or shipping.interactive() or any(shipping.defined_in_notebook(t.fn) for t in list(app.registry.values())):
+            self.serve_code_queues()
+        self.lease = app.visibility_timeout
+        self.heartbeat_interval = heartbeat_interval or max(0.05, min(self.lease / 3.0, 5.0))
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._held: dict[int, Delivery] = {}          # reserved and not yet finished, for lease extension
+        self._running: dict[str, dict] = {}            # task id -> {"started": t, "time_limit": s, "token": n}
+        self._held_lock = threading.Lock()
+        self._batches: set = set()                     # batches being run, for the heartbeat's stale flush
+        self._claimed = threading.local()              # .next: a batch claimed in the last one's commit
+        self.processed = 0                             # tasks recorded SUCCESS (see _count)
+        self.failed = 0                                # ... and FAILURE
+        self._count_lock = threading.Lock()
+        self.crashed = False                           # every executor thread died (see _executors_died)
+        self.waiting = 0                               # executor threads held by a task waiting for a result (result.py)
+        self._wait_lock = threading.Lock()             # one such wait decided at a time (see holding_thread)
+        self._revoked: set = set()                     # ids revoked by this process's App (see note_revoked)
+        self._workers_seen: tuple[float, list] = (0.0, [])   # other workers' heartbeats, read for unknown task names
+        engine = app.engine
+        #: errors of the stores themselves: a message whose finish fails with one is left to its
+        #: lease and delivered again; any other error fails that message alone
+        self.store_errors = engine.store_errors
+        # finished tasks of a batch are committed together where one transaction spans both stores
+        self.group_commit = engine.shares_transaction
+        # a finished group member nothing else follows is counted in the round trip storing it
+        self.counts_members = engine.counts_members
+        # run our own follow-ups next (chain steps, chord callbacks) where the engine can
+        # publish them already claimed by us (their lease covers a crash before they run)
+        self.local_follow_ups = local_follow_ups and engine.runs_next
+        # a notebook kernel defines its tasks in cells that may run after the worker starts
+        # (a restarted kernel): for this long, a message sent before it started whose task
+        # it does not know yet is handed back (see _leave_unknown)
+        self.unknown_grace = float(unknown_grace)
+        self._born = app.clock.time()
+        self._pid = os.getpid()
+        self.events = WorkerEvents()                   # hooks around each task run (metrics, tracing)
+        self.control = control.Watch(self)             # cancels, soft limits in threads, progress (control.py)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> "Worker":
+        if self._threads:
+            return self
+        capture.install(echo=self.echo_output)
+        self._stopping.clear()
+        if self.pool is not None:
+            self.pool.start()
+        for i in range(self.concurrency):
+            t = threading.Thread(target=self._executor_loop, name=f"nbqueue-worker-{i}", daemon=True)
+            self._threads.append(t)
+        hb = threading.Thread(target=self._heartbeat_loop, name="nbqueue-heartbeat", daemon=True)
+        self._threads.append(hb)
+        for t in self._threads:
+            t.start()
+        self.app._worker_started(self)
+        self.announce()
+        if self.beat:
+            self.app.scheduler().start()
+        log.info("worker %s started: %d %s, queues %s", self.name, self.concurrency, "child process(es)" if self.pool else "thread(s)",
+                 ",".join(self.queues))
+        return self
+
+    def run(self) -> None:
+        """Start and block until stop() is called (from another thread or a signal handler)."""
+        self.start()
+        while not self._stopping.is_set():
+            self._stopping.wait(0.5)
+        if not self.join(self.shutdown_grace if self.pool is not None else None):
+            self.join()
+
+    def stop(self, wait: bool = True, timeout: float | None = None) -> None:
+        """Stop taking tasks; running ones finish; reserved but unstarted ones go back at once."""
+        if os.getpid() != self._pid:       # a forked child's copy of its parent's worker: it runs in the parent
+            self._threads = []
+            self.app._worker_stopped(self)
+            return
+        self._stopping.set()
+        if self.beat:
+            self.app.scheduler().stop(wait=wait, timeout=timeout)
+        self.app.broker.wake()
+        if wait:
+            self.join(timeout)
+
+    def join(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for t in self._threads:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            t.join(remaining)
+        alive = any(t.is_alive() for t in self._threads)
+        if alive and self.pool is not None and self._stopping.is_set() and timeout is not None:
+            # past the grace period: stop the running children; their tasks go back to the queue
+            if self.pool.stop_running("the worker stopped before the task finished"):
+                for t in self._threads:
+                    t.join(self.pool.kill_grace + 10)
+                alive = any(t.is_alive() for t in self._threads)
+        if not alive and self._threads:
+            self._threads = []
+            if self.pool is not None:
+                self.pool.close()
+            self.app._worker_stopped(self)
+            if os.getpid() == self._pid:   # in a forked child, the worker is the parent's: it goes on there
+                try:
+                    self.app.backend.worker_gone(self.name)
+                except Exception:
+                    log.debug("could not remove worker heartbeat", exc_info=True)
+        return not alive
+
+    @property
+    def running(self) -> bool:
+        return any(t.is_alive() for t in self._threads)
+
+    def _count(self, processed: int = 0, failed: int = 0) -> None:
+        """Add to the counters: executor and heartbeat threads finish tasks concurrently."""
+        with self._count_lock:
+            self.processed += processed
+            self.failed += failed
+
+    # -- the steppable core ---------------------------------------------------------------------
+    def step(self, now: float | None = None, limit: int | None = None) -> int:
+        """Claim what is due and process it in this thread; returns how many were processed.
+
+        ``now`` (seconds since the epoch): run this pass at that time. Every store and the
+        worker read time from the App's clock, so ``now`` is passed down by setting that
+        clock, which must then be settable (a ``ManualClock``; ValueError otherwise) and is
+        never moved back."""
+        if now is not None:
+            settable = getattr(self.app.clock, "set", None)
+            if settable is None:
+                raise ValueError(f"step(now=...) needs an App whose clock can be set (a ManualClock), not {self.app.clock!r}")
+            settable(max(float(now), self.app.clock.time()))
+        deliveries, prep = self.reserve(0, limit or self.concurrency)
+        if deliveries:
+            self.process_batch(deliveries, prep)
+        return len(deliveries)
+
+    def drain(self, timeout: float = 10.0) -> int:
+        """Process until the queues stay empty (for tests and scripts)."""
+        total, deadline = 0, time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            deliveries, prep = self.reserve(0.05, self.concurrency)
+            if not deliveries:
+                break
+            self.process_batch(deliveries, prep)
+            total += len(deliveries)
+        return total
+
+    def _executor_loop(self) -> None:
+        backoff = 0.1
+        while not self._stopping.is_set():
+            # (a batch claimed in the last commit comes first: it is not held, its lease not extended)
+            taken = self._steal() if getattr(self._claimed, "next", None) is None else None
+            if taken is not None:
+                deliveries, prep = taken
+            else:
+                try:
+                    deliveries, prep = self.reserve(0.25, self.prefetch)  # short, so stop() is prompt
+                    backoff = 0.1
+                except Exception as exc:
+                    log.warning("worker %s: reserve failed (%s); retrying in %.1fs", self.name, exc, backoff)
+                    self._stopping.wait(backoff)
+                    backoff = min(backoff * 2, 10.0)
+                    continue
+            if deliveries:
+                self._hold(deliveries)
+                try:
+                    self.process_batch(deliveries, prep)
+                except Exception:
+                    log.exception("worker %s: unexpected error in a batch of %d; its messages will be redelivered", self.name, len(deliveries))
+        claimed = getattr(self._claimed, "next", None)
+        if claimed is not None:   # claimed as the worker was told to stop: handed back, unstarted
+            self._claimed.next = None
+            self._hold(claimed[0])
+            self.process_batch(*claimed)
+
+    def _steal(self) -> "tuple[list[Delivery], _Prepared] | None":
+        """What another executor's batch has not started while its thread has been running
+        one task for ``STEAL_AFTER`` (see ``_Batch.give_away``), or None: a task reserved
+        with a long-running one does not wait for it while this thread is idle."""
+        now = time.monotonic()
+        with self._held_lock:
+            batches = [run["batch"] for run in self._running.values() if run.get("batch") is not None and now - run["started"] >= STEAL_AFTER]
+        for batch in batches:
+            taken = batch.give_away()
+            if taken is not None:
+                log.debug("worker %s: taking %d unstarted message(s) from a batch busy with a long task", self.name, len(taken[0]))
+                return taken
+        return None
+
+    def _executors_alive(self) -> int:
+        return sum(t.is_alive() for t in self._threads if t.name.startswith("nbqueue-worker-"))
+
+    def _executors_died(self) -> None:
+        """Every executor thread has died (a fault of the worker itself, logged where it
+        happened): stop reporting this worker alive, hand back what it held, and stop, so
+        ``run()`` (and ``nbqueue worker``) returns instead of holding its queues silently."""
+        log.error("worker %s: all %d executor thread(s) died; the worker stops", self.name, self.concurrency)
+        self.crashed = True
+        self._stopping.set()
+        with self._held_lock:
+            held = list(self._held.values())
+        self._hand_back(held)
+        try:
+            self.app.backend.worker_gone(self.name)
+        except Exception:
+            log.debug("could not remove worker heartbeat", exc_info=True)
+
+    def _hold(self, deliveries: list[Delivery]) -> None:
+        with self._held_lock:
+            for d in deliveries:
+                self._held[id(d)] = d
+
+    def _unhold(self, d: Delivery) -> None:
+        with self._held_lock:
+            self._held.pop(id(d), None)
+
+    def _hand_back(self, deliveries: list[Delivery]) -> None:
+        self.app.engine.hand_back(deliveries)
+        for d in deliveries:
+            self._unhold(d)
+
+    @contextlib.contextmanager
+    def holding_thread(self, check=None):
+        """Around a wait for another task's result inside a task of this worker (result.py):
+        an executor thread of this worker counts as held (``waiting``) while it waits.
+        ``check()`` (which may raise) runs once the thread counts, one thread at a time, so
+        of two threads starting to wait together the second sees the first as held."""
+        mine = threading.current_thread() in self._threads
+        with self._wait_lock:
+            if mine:
+                with self._held_lock:
+                    self.waiting += 1
+            try:
+                if check is not None:
+                    check()
+            except BaseException:
+                if mine:
+                    with self._held_lock:
+                        self.waiting -= 1
+                raise
+        try:
+            yield
+        finally:
+            if mine:
+                with self._held_lock:
+                    self.waiting -= 1
+
+    # -- deliveries -------------------------------------------------------------------------------
+    def process(self, delivery: Delivery) -> None:
+        """Run one delivery to completion; never raises (a bad message cannot stop a worker)."""
+        self.process_batch([delivery])
+
+    def process_batch(self, deliveries: list[Delivery], prep: "_Prepared | None" = None) -> None:
+        """Run reserved deliveries in order in this thread; never raises.
+
+        The claim marks the batch RECEIVED and hands out fencing tokens (``Engine.claim``: one
+        write, or none beyond the claim where the engine is fused, see ``reserve``). Finished
+        tasks (result, follow-ups, ack) are committed together once the oldest has waited
+        ``GROUP_COMMIT``, and by the heartbeat thread when the executor is busy with a long
+        task, so a result waits for a slow batch-mate at most a heartbeat tick.
+        """
+        queue = [(deliveries, prep)]
+        while queue:
+            deliveries, prep = queue.pop(0)
+            local: list = []
+            self._run_batch(deliveries, prep, local)
+            # follow-ups this worker published to itself (the next chain step, a chord's
+            # callback) run next, without another claim
+            queue.extend(local)
+
+    def _run_batch(self, deliveries: list[Delivery], prep: "_Prepared | None", local: list) -> None:
+        batch = _Batch(self, local)
+        with self._held_lock:
+            self._batches.add(batch)
+        try:
+            if prep is None:
+                prep = self._prepare(deliveries)
+            checked = time.monotonic()
+            for delivery, reason in prep.malformed:
+                self._dead_letter(delivery, reason, batch)
+            batch.tokens = prep.tokens
+            batch.todo, copies = self._distinct(prep.messages)
+            while (item := batch.take_next()) is not None:
+                delivery, message = item
+                if self._stopping.is_set() and threading.current_thread() in self._threads:
+                    unstarted = [item] + batch.give_away_all()
+                    self._hand_back([d for d, _ in unstarted])    # not started: PENDING again, not "received"
+                    break
+                if batch.waiting() >= GROUP_COMMIT:
+                    batch.flush()   # finished tasks wait at most GROUP_COMMIT (or the heartbeat's flush, see _flush_stale)
+                if time.monotonic() - checked >= REVOKE_CHECK:
+                    checked = time.monotonic()
+                    self._skip_revoked(prep, [item] + batch.pending())
+                if self._revoked and self._revoked_here(message["id"]):
+                    prep.tokens[message["id"]] = None
+                try:
+                    self._execute(delivery, message, prep.tokens.get(message["id"], _MISSING), batch)
+                except self.store_errors:
+                    log.exception("worker %s: processing %s failed; it will be redelivered", self.name, delivery.message_id)
+                except KeyboardInterrupt:       # Ctrl-C in a thread that steps the worker itself (drain())
+                    raise
+                except BaseException as exc:    # the worker's own bookkeeping: this message fails, not the thread
+                    batch.give_up(delivery, exc, "processing")
+            for copy in copies:     # once the first copy is settled: a no-op where a copy was the same message
+                batch.add(lambda d=copy: batch.ack(d), copy)
+        except Exception:
+            log.exception("worker %s: unexpected error in a batch of %d; its messages will be redelivered", self.name, len(deliveries))
+        finally:
+            batch.close()
+            try:
+                # an executor thread claims its next batch in this commit (where broker and
+                # backend share a transaction and nothing local runs next)
+                batch.flush(claim_next=self.group_commit and threading.current_thread() in self._threads and not self._stopping.is_set())
+            except Exception:
+                log.exception("worker %s: finishing a batch failed; its messages will be redelivered", self.name)
+                batch._forget_local()
+            with self._held_lock:
+                self._batches.discard(batch)
+            for d in deliveries:
+                if id(d) not in batch.given:    # those are held by the executor that took them
+                    self._unhold(d)
+
+    def _distinct(self, messages: list[tuple[Delivery, dict]]) -> tuple[list[tuple[Delivery, dict]], list[Delivery]]:
+        """``messages`` with one delivery per task id, and the deliveries of further copies:
+        a message published twice where the broker keeps both (RabbitMQ) runs once, and its
+        other copies are acknowledged after the batch (the first copy's delivery stands for
+        the task until it is finished)."""
+        seen: set = set()
+        out, copies = [], []
+        for delivery, message in messages:
+            if message["id"] in seen:
+                log.warning("worker %s: task %s (%s) is in this batch twice; running it once", self.name, message["name"], message["id"])
+                copies.append(delivery)
+                continue
+            seen.add(message["id"])
+            out.append((delivery, message))
+        return out, copies
+
+    def note_revoked(self, task_id: str) -> None:
+        """``App.revoke`` in this process: a batch holding the task skips it without asking the store,
+        and a running one is looked at in the heartbeat's next tick (control.Watch)."""
+        self.control.poke()
+        with self._held_lock:
+            if len(self._revoked) > 10_000:
+                self._revoked.clear()
+            self._revoked.add(task_id)
+
+    def _revoked_here(self, task_id: str) -> bool:
+        with self._held_lock:
+            if task_id in self._revoked:
+                self._revoked.discard(task_id)
+                return True
+        return False
+
+    def _skip_revoked(self, prep: "_Prepared", unstarted: list) -> None:
+        """Tasks of a batch not started yet (``unstarted``: (delivery, message) pairs) may have
+        been revoked (in another process) since they were reserved: forget their tokens, so
+        they are settled as final (ending their workflows), not run."""
+        waiting = [m["id"] for _, m in unstarted if prep.tokens.get(m["id"])]
+        if not waiting:
+            return
+        found = self.app.backend.states_of(waiting)
+        for task_id in waiting:
+            if found.get(task_id) in states.READY_STATES:
+                prep.tokens[task_id] = None
+
+    def _take_local(self, outs: list, local: list) -> list:
+        """Claim for this worker the follow-ups it can run next (``Engine.run_next``); return the others."""
+        if local or not self.local_follow_ups or self._stopping.is_set():
+            return outs
+        now = self.app.clock.time()
+        mine = [o for o in outs if o.queue in self.queues and (o.eta is None or o.eta <= now)][: self.prefetch]
+        if not mine:
+            return outs
+        claims = self.app.engine.run_next(mine, lease=self.lease, worker=self.name, begins=self._begins)
+        if claims:
+            deliveries = [c.delivery for c in claims]
+            self._hold(deliveries)
+            local.append((deliveries, _prepared(claims)))
+        taken = {o.id for o in mine}
+        return [o for o in outs if o.id not in taken]
+
+    def _claim_now(self) -> "tuple[list[Delivery], _Prepared] | None":
+        """Claim a batch inside the caller's transaction (see ``_Batch.flush``), without waiting."""
+        deliveries, prep = self.reserve(0, self.prefetch)
+        return (deliveries, prep) if deliveries else None
+
+    def reserve(self, timeout: float, limit: int) -> tuple[list[Delivery], "_Prepared | None"]:
+        """Claim a batch (``Engine.claim``): decoded messages and fencing tokens. A batch this
+        thread claimed while committing its last one comes first."""
+        claimed = getattr(self._claimed, "next", None)
+        if claimed is not None:
+            self._claimed.next = None
+            return claimed
+        claims = self.app.engine.claim(self.queues, limit=limit, timeout=timeout, lease=self.lease, worker=self.name,
+                                       begins=self._begins, handoff=self.group_commit and not self._stopping.is_set())
+        if not claims:
+            return [], None
+        return [c.delivery for c in claims], _prepared(claims)
+
+    def _prepare(self, deliveries: list[Delivery]) -> "_Prepared":
+        """Decode deliveries handed to ``process_batch`` unclaimed and begin their tasks."""
+        return _prepared(self.app.engine.begin(decode(deliveries), self.name, self._begins))
+
+    def _begins(self, message: dict) -> bool:
+        """Whether a claim begins this task: one this worker runs, or may fail as not registered."""
+        return message["name"] in self.app.registry or not message.get("ignore_when_not_registered")
+
+    def serve_code_queues(self) -> None:
+        """Also read the code queues of this worker's queues (``shipping.code_queue``), where
+        tasks defined in a notebook are sent: called when such a task is registered."""
+        queues = shipping.with_code_queues(self.queues)
+        if queues != self.queues:
+            self.queues = queues        # an executor's next reserve (within 0.25 s) reads them
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        pool = " pool=processes" if self.pool is not None else ""
+        return f"<Worker {self.name} {state} concurrency={self.concurrency}{pool} queues={','.join(self.queues)}>"
