@@ -39,11 +39,17 @@ def _install_stop_handlers(stop, abort) -> None:
     """First SIGINT/SIGTERM: graceful stop. Second: exit at once."""
     state = {"signals": 0}
 
+    def stop_then_say(name: str) -> None:
+        # said once the worker takes nothing more: a task sent after this line is not started here
+        try:
+            stop()
+        finally:
+            log.warning("received %s: finishing running tasks (send again to exit at once)", name)
+
     def handler(signum, frame):
         state["signals"] += 1
         if state["signals"] == 1:
-            log.warning("received %s: finishing running tasks (send again to exit at once)", signal.Signals(signum).name)
-            threading.Thread(target=stop, daemon=True).start()
+            threading.Thread(target=stop_then_say, args=(signal.Signals(signum).name,), daemon=True).start()
         else:
             abort()
 
