@@ -142,7 +142,6 @@ CELERY_NAMES = {
     "link": "use on_success, or sig.link(callback)",
     "link_error": "use on_error, or sig.link_error(callback)",
     "expires": "nbqueue has no expiry of unstarted tasks; revoke them (app.revoke) or use time_limit for running ones",
-    "soft_time_limit": "nbqueue has time_limit (seconds)",
     "bind": "a task reads its context from nbqueue.current_task()",
 }
 
