@@ -55,10 +55,15 @@ class Signature:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise TypeError("a Signature needs a task name (a non-empty string)")
-        if isinstance(self.args, (str, bytes, bytearray, dict)):   # list() of these would split or drop the values
+        # list() of str/bytes/dict would split or drop the values; of a number, fail without naming args
+        bad = isinstance(self.args, (str, bytes, bytearray, dict)) or not hasattr(self.args, "__iter__")
+        if bad and self.args is not None:
             raise TypeError(f"the args of task {self.name!r} must be a list or tuple of arguments, "
-                            f"not a {type(self.args).__name__}; for one argument pass ({self.args!r:.40},)")
+                            f"not {type(self.args).__name__}; for one argument pass ({self.args!r:.40},)")
         self.args = list(self.args) if self.args is not None else []
+        if not isinstance(self.kwargs, (dict, type(None))):
+            raise TypeError(f"the kwargs of task {self.name!r} must be a dict of keyword arguments, "
+                            f"not a {type(self.kwargs).__name__}")
         self.kwargs = dict(self.kwargs or {})
         if not 0 <= int(self.priority) <= 9:
             raise ValueError(f"priority must be between 0 and 9, not {self.priority}")
@@ -80,9 +85,8 @@ class Signature:
 
     def set(self, **options: Any) -> "Signature":
         """Change options in place and return self: ``add.s(1, 2).set(queue="fast")``."""
+        check_option_names(options, send_options(), "signature option")
         for key, value in options.items():
-            if not hasattr(self, key) or key == "app":
-                raise TypeError(f"unknown signature option {key!r}")
             setattr(self, key, value)
         return self
 
@@ -105,16 +109,116 @@ class Signature:
             return (time.time() if now is None else now) + float(self.countdown)
         return _to_timestamp(self.eta)
 
-    def delay_send(self) -> Any:
-        """Send through the App this signature's task is registered on."""
-        if self.app is None:
-            raise RuntimeError(f"signature {self.name!r} is not bound to an App; use app.send_task(sig)")
-        return self.app.send(self)
+    def apply_async(self, args: Any = (), kwargs: dict | None = None, **options: Any) -> Any:
+        """Send through the App this signature's task is registered on (its AsyncResult), as
+        Celery's ``sig.apply_async()``: ``args`` are appended to the signature's own (as a chain
+        appends a result), ``kwargs`` merged over its own, ``options`` (queue=, countdown=, eta=,
+        priority=, ...) set on a copy. RuntimeError without a bound App; TypeError naming an
+        unknown option."""
+        check_option_names(options, send_options(), "send option")
+        sig = self
+        if args or kwargs or options:
+            sig = self.replace(args=[*self.args, *_as_args(args, self.name)], kwargs={**self.kwargs, **(kwargs or {})},
+                               **options)
+        return _bound_app(self, f"signature {self.name!r}").send(sig)
 
-    apply_async = delay_send
+    def delay(self, *args: Any, **kwargs: Any) -> Any:
+        """``sig.delay(*args, **kwargs)``: ``sig.apply_async(args, kwargs)``."""
+        return self.apply_async(args, kwargs)
+
+    delay_send = apply_async
 
     def __or__(self, other: Any) -> "chain":
         return chain(self, other)
+
+
+# -- option names ----------------------------------------------------------------------------
+
+#: Celery's names for options nbqueue calls otherwise (or lacks), said when one is passed
+CELERY_NAMES = {
+    "max_retries": "use retry_count",
+    "default_retry_delay": "use retry_timeout (seconds between retries)",
+    "task_id": "use id",
+    "routing_key": "use queue",
+    "link": "use on_success, or sig.link(callback)",
+    "link_error": "use on_error, or sig.link_error(callback)",
+    "expires": "nbqueue has no expiry of unstarted tasks; revoke them (app.revoke) or use time_limit for running ones",
+    "bind": "a task reads its context from nbqueue.current_task()",
+}
+
+#: Signature fields workflows and workers fill in, not options to pass
+_INTERNAL = {"name", "args", "kwargs", "app", "ship_code", "retries", "group_id", "group_task_count", "workflow"}
+
+
+def send_options() -> list[str]:
+    """The options a signature takes at send (``apply_async(..., queue=..., countdown=...)``)."""
+    return [f.name for f in dataclasses.fields(Signature) if f.name not in _INTERNAL]
+
+
+def check_option_names(options: Any, known: Any, what: str = "option") -> None:
+    """TypeError naming each unknown option, the Celery equivalent where there is one, and the known ones."""
+    unknown = [k for k in options if k not in known]
+    if not unknown:
+        return
+    hints = "; ".join(f"{k}: {CELERY_NAMES[k]}" for k in unknown if k in CELERY_NAMES)
+    raise TypeError(f"unknown {what}(s): {', '.join(map(repr, unknown))}" + (f" ({hints})" if hints else "")
+                    + f"; known: {', '.join(known)}")
+
+
+def _as_args(args: Any, name: str) -> list:
+    if isinstance(args, (str, bytes, bytearray, dict)) or not hasattr(args, "__iter__"):
+        raise TypeError(f"the args of task {name!r} must be a list or tuple of arguments, not a {type(args).__name__}")
+    return list(args)
+
+
+def _bound_app(item: Any, what: str) -> Any:
+    """The App the first bound signature in ``item`` belongs to; RuntimeError naming how to send without one."""
+    for sig in _signatures(item):
+        if sig.app is not None:
+            return sig.app
+    raise RuntimeError(f"{what} is not bound to an App (its signatures were not made from a task's .s()/.si()); "
+                       "send it with app.send(...)")
+
+
+def _signatures(item: Any):
+    if isinstance(item, Signature):
+        yield item
+    elif isinstance(item, chord):
+        yield from _signatures(item.header)
+        if item.callback is not None:
+            yield from _signatures(item.callback)
+    else:
+        for member in (item.steps if isinstance(item, chain) else item.items):
+            yield from _signatures(member)
+
+
+class _Workflow:
+    """Celery's ways to send a workflow through the App its signatures are bound to:
+    ``wf.apply_async()``, ``wf.delay()``, ``wf()``. Options are set on the signatures, not here."""
+
+    def apply_async(self, args: Any = (), kwargs: dict | None = None, **options: Any) -> Any:
+        """Send through the bound App (``App.send``); its result object. ``args``/``kwargs`` go to
+        the first step of a chain, to every member of a group (appended, merged)."""
+        if options:
+            raise TypeError(f"a {type(self).__name__} takes no send options ({', '.join(map(repr, options))}); "
+                            "set them on its signatures: add.s(1).set(queue='fast')")
+        item = self._partial(_as_args(args, type(self).__name__), dict(kwargs or {})) if args or kwargs else self
+        return _bound_app(self, repr(self)).send(item)
+
+    def delay(self, *args: Any, **kwargs: Any) -> Any:
+        return self.apply_async(args, kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.apply_async(args, kwargs)
+
+    def _partial(self, args: list, kwargs: dict) -> Any:
+        raise TypeError(f"a {type(self).__name__} takes no arguments at send")
+
+
+def _with_partial(item: Any, args: list, kwargs: dict) -> Any:
+    if isinstance(item, Signature):
+        return item.replace(args=[*item.args, *args], kwargs={**item.kwargs, **kwargs})
+    return item._partial(args, kwargs)
 
 
 # -- workflows -------------------------------------------------------------------------------
@@ -128,7 +232,7 @@ def _spread(items: tuple) -> tuple:
     return items
 
 
-class group:
+class group(_Workflow):
     """Tasks (or chains) that run in parallel: ``group(add.s(1, 1), add.s(2, 2))`` or
     ``group(add.s(i, i) for i in range(9))``."""
 
@@ -149,8 +253,11 @@ class group:
     def __repr__(self) -> str:
         return f"group({', '.join(map(_short, self.items))})"
 
+    def _partial(self, args: list, kwargs: dict) -> "group":
+        return group([_with_partial(i, args, kwargs) for i in self.items])
 
-class chain:
+
+class chain(_Workflow):
     """Steps that run one after another; each result is appended to the next step's args."""
 
     steps: list
@@ -171,15 +278,30 @@ class chain:
     def __repr__(self) -> str:
         return " | ".join(map(_short, self.steps))
 
+    def _partial(self, args: list, kwargs: dict) -> "chain":
+        return chain(_with_partial(self.steps[0], args, kwargs), *self.steps[1:])
 
-class chord:
-    """A group whose member results, in order, go to a callback: ``chord(group(...), total.s())``."""
 
-    def __init__(self, header: Any, callback: Any):
+class chord(_Workflow):
+    """A group whose member results, in order, go to a callback: ``chord(group(...), total.s())``,
+    or, as in Celery, ``chord([...])(total.s())`` (sends it)."""
+
+    def __init__(self, header: Any, callback: Any = None):
         self.header = header if isinstance(header, group) else group(*header)
-        self.callback = _check_item(callback)
+        self.callback = None if callback is None else _check_item(callback)
         if isinstance(self.callback, group):
             raise TypeError("a chord's callback must be a signature or a chain, not a group")
+
+    def __call__(self, body: Any = None, **options: Any) -> Any:
+        """``chord(header)(callback)`` sends the chord with that callback; ``chord(header, callback)()`` sends it."""
+        if body is not None:
+            return chord(self.header, body).apply_async(**options)
+        return self.apply_async(**options)
+
+    def apply_async(self, args: Any = (), kwargs: dict | None = None, **options: Any) -> Any:
+        if self.callback is None:
+            raise TypeError(f"{self!r} has no callback: send chord(header, callback) or chord(header)(callback)")
+        return super().apply_async(args, kwargs, **options)
 
     def __repr__(self) -> str:
         return f"chord({self.header!r}, {_short(self.callback)})"
@@ -187,6 +309,8 @@ class chord:
 
 def _check_item(item: Any) -> Any:
     if isinstance(item, (Signature, group, chain, chord)):
+        if isinstance(item, chord) and item.callback is None:
+            raise TypeError(f"{item!r} has no callback: chord(header, callback)")
         return item
     raise TypeError(f"workflows are built from signatures, groups, chains and chords, not {type(item).__name__}")
 
@@ -195,4 +319,4 @@ def _short(item: Any) -> str:
     return f"{item.name}(...)" if isinstance(item, Signature) else repr(item)
 
 
-__all__ = ["Signature", "group", "chain", "chord"]
+__all__ = ["Signature", "group", "chain", "chord", "send_options", "check_option_names"]

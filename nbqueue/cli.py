@@ -57,8 +57,27 @@ def _install_stop_handlers(stop, abort) -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def check_stores(app) -> None:
+    """Reach the broker and the backend once (``app.status()``): a ConfigurationError (a refused
+    login or vhost) goes up, to end the command; a server not reachable yet is only logged, as
+    the worker retries it."""
+    try:
+        app.status()
+    except ConfigurationError:
+        raise
+    except Exception as exc:    # noqa: BLE001 - a worker outlives a server that is not up yet
+        log.warning("cannot reach the store yet (%s); the worker retries", exc)
+
+
+def _stores(app) -> str:
+    """The broker and, when it is another, the backend (a SQLite file with its absolute path)."""
+    broker = f"broker {app.broker!r}"
+    return broker if app.backend_url == app.broker_url else f"{broker}, backend {app.backend!r}"
+
+
 def cmd_worker(args) -> int:
     app = load_app(args.app)
+    check_stores(app)
     worker = app.worker(concurrency=args.concurrency, queues=args.queues, allow_cells=args.allow_cells, echo_output=True,
                         prefetch=args.prefetch, pool=args.pool, allow_code=args.allow_code, max_tasks_per_child=args.max_tasks_per_child,
                         max_memory_per_child=args.max_memory_per_child, shutdown_grace=args.shutdown_grace)
@@ -73,7 +92,8 @@ def cmd_worker(args) -> int:
         print(f"nbqueue worker {worker.name}: metrics on http://{args.metrics_host}:{args.metrics_port}/metrics", flush=True)
     _install_stop_handlers(lambda: (beat.stop() if beat else None, worker.stop(wait=False)), lambda: os._exit(1))
     units = "child process(es)" if args.pool == "processes" else "thread(s)"
-    print(f"nbqueue worker {worker.name}: {args.concurrency} {units}, queues {','.join(worker.queues)}, broker {app.broker!r}", flush=True)
+    queues = ",".join(worker.queues)
+    print(f"nbqueue worker {worker.name}: {args.concurrency} {units}, queues {queues}, {_stores(app)}", flush=True)
     worker.run()
     print(f"nbqueue worker {worker.name}: stopped after {worker.processed} task(s)", flush=True)
     if worker.crashed:
@@ -113,6 +133,7 @@ def cmd_status(args) -> int:
 
     app = load_app(args.app)
     status = app.status()
+    print(_stores(app))
     queues = pd.DataFrame(status["queues"], columns=["queue", "ready", "delayed", "in_flight", "dead"])
     workers = pd.DataFrame(status["workers"])
     print("queues:")
@@ -146,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
 
     w = sub.add_parser("worker", help="run a worker process in the foreground")
     w.add_argument("--app", help="module:attribute of the App (default: App.from_env())")
-    w.add_argument("-c", "--concurrency", type=int, default=os.cpu_count() or 1)
+    w.add_argument("-c", "--concurrency", type=int, default=os.cpu_count() or 1,
+                   help="tasks run at once: threads, or child processes with --pool processes "
+                        "(default: the CPU count, %(default)s)")
     w.add_argument("-Q", "--queues", default=None, help="comma-separated queue names (default: the App's default queue)")
     w.add_argument("--prefetch", type=int, default=None, help="messages each thread reserves at once")
     w.add_argument("--allow-cells", action="store_true", help="run %%%%task notebook cells shipped by producers (runs their code)")
@@ -194,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:   # pika's connection chatter only at --log-level DEBUG
+        logging.getLogger("pika").setLevel(max(logging.WARNING, logging.getLogger().getEffectiveLevel()))
     try:
         return args.fn(args)
     except ConfigurationError as exc:

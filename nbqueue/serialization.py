@@ -85,7 +85,9 @@ def _describe(exc: _Refusal, where: str) -> str:
                 "too deep to be decoded safely; flatten it, or create the App with serializer='pickle'")
     if len(path) > 12:
         path = path[:6] + ["..."] + path[-5:]
-    return f"{where}{''.join(path)} {exc.reason}"
+    if not path:
+        return f"{where} {exc.reason}"
+    return f"{where}, at {''.join(path).strip()}: {exc.reason}"   # the path apart from the names in ``where``
 
 
 def to_jsonable(obj: Any, where: str = "value") -> Any:

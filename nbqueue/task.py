@@ -5,7 +5,7 @@ import functools
 from typing import Any, Callable
 
 from . import shipping
-from .canvas import Signature
+from .canvas import Signature, check_option_names, send_options
 from .signature import check_options
 
 TASK_OPTIONS = ("retry_count", "retry_timeout", "retry_backoff", "queue", "priority", "time_limit", "soft_time_limit",
@@ -23,9 +23,7 @@ class Task:
 
         #: False (no result cache), None (cached, no expiry) or the expiry in seconds (see cache.py)
         self.cache = policy(cache)
-        unknown = set(options) - set(TASK_OPTIONS)
-        if unknown:
-            raise TypeError(f"unknown task option(s): {', '.join(sorted(unknown))} (known: {', '.join(TASK_OPTIONS)})")
+        check_option_names(options, TASK_OPTIONS + ("name", "cache"), "task option")
         check_options(Signature(name, **options))     # a bad default is refused here, not at each send
         self.app = app
         self.name = name
@@ -52,12 +50,14 @@ class Task:
         return Signature(self.name, args=args, kwargs=kwargs, immutable=True, app=self.app, ship_code=self._ship, **self.options)
 
     def signature(self, args=(), kwargs=None, **options) -> Signature:
+        check_option_names(options, send_options(), "send option")
         return Signature(self.name, args=args, kwargs=kwargs, app=self.app, ship_code=self._ship, **{**self.options, **options})
 
     def delay(self, *args, **kwargs):
         return self.app.send_call(self, args, kwargs)
 
     def apply_async(self, args=(), kwargs=None, **options):
+        """Send with send options (queue=, countdown=, eta=, priority=, ...); TypeError naming an unknown one."""
         return self.app.send_task(self.signature(args, kwargs, **options))
 
     def __repr__(self) -> str:

@@ -254,9 +254,9 @@ def test_a_result_that_cannot_be_encoded_ends_failure_naming_the_result_and_the_
 
 def test_a_string_with_a_lone_surrogate_is_refused_at_send_naming_the_argument(app):
     echo, describe, collect = echo_app(app)
-    with pytest.raises(nbqueue.SerializationError, match=r"argument 1 \('value'\) of task 'echo'\[1\] is a string with a lone surrogate"):
+    with pytest.raises(nbqueue.SerializationError, match=r"argument 1 \('value'\) of task 'echo', at \[1\]: is a string with a lone surrogate"):
         echo.delay(["ok", "bad \ud800"])
-    with pytest.raises(nbqueue.SerializationError, match=r"keyword argument 'k' of task 'describe' key '\\udc00' is a string with a lone surrogate"):
+    with pytest.raises(nbqueue.SerializationError, match=r"keyword argument 'k' of task 'describe', at key '\\udc00': is a string with a lone surrogate"):
         describe.apply_async(kwargs={"k": {"\udc00": 1}})
     assert nothing_enqueued(app)
 

@@ -346,7 +346,7 @@ def test_frames_arrow_cannot_carry_are_refused_naming_the_column_unless_pickle_i
 
 def test_a_frame_nested_in_arguments_is_named_with_its_path():
     frame = pd.DataFrame({"mixed": pd.Series([1, "one"], dtype=object)})
-    with pytest.raises(nbqueue.SerializationError, match=r"^argument 1 of task 't'\['data'\]\[0\] has column 'mixed'"):
+    with pytest.raises(nbqueue.SerializationError, match=r"^argument 1 of task 't', at \['data'\]\[0\]: has column 'mixed'"):
         Serializer().encode({"data": [frame]}, "argument 1 of task 't'")
 
 

@@ -152,7 +152,7 @@ REFUSED = [   # (label, value, reason, whether the pickle serializer carries it 
     ("OrderedDict", collections.OrderedDict(a=1), "has type collections.OrderedDict, a subclass of dict", True),
     ("namedtuple", Pair(1, 2), "a subclass of tuple that would arrive as a plain tuple", True),
     ("lone surrogate", "ab\ud800", "is a string with a lone surrogate ('\\ud800' at index 2), which cannot be stored as UTF-8", True),
-    ("surrogate key", {"\udc00": 1}, "key '\\udc00' is a string with a lone surrogate", True),
+    ("surrogate key", {"\udc00": 1}, "key '\\udc00': is a string with a lone surrogate", True),
     ("dateutil zone", dt.datetime(2024, 1, 1, tzinfo=dateutil.tz.gettz("Europe/Paris")), "has time zone dateutil.tz", True),
     ("masked array", np.ma.array([1, 2], mask=[False, True]), "has type numpy.ma.MaskedArray, a subclass of numpy.ndarray", True),
     ("memoryview of ints", memoryview(np.arange(3)), "is a memoryview of format 'l'", False),
@@ -165,7 +165,7 @@ def test_values_that_would_change_on_the_way_are_refused_naming_where_they_sit(l
     with pytest.raises(nbqueue.SerializationError) as caught:
         Serializer().encode({"outer": [0, value]}, "argument 1 ('x') of task 't'")
     message = str(caught.value)
-    assert message.startswith("argument 1 ('x') of task 't'['outer'][1] ") and reason in message, message
+    assert message.startswith("argument 1 ('x') of task 't', at ['outer'][1]") and reason in message, message
     message.encode("utf-8")                                  # the reason itself can always be stored
     if picklable:                                            # the pickle serializer carries it instead, type and all
         back = through_json({"outer": [0, value]}, Serializer(pickle=True))["outer"][1]
@@ -268,7 +268,7 @@ def test_unencodable_argument_fails_at_send_naming_it_and_nothing_is_enqueued(ap
 
     with pytest.raises(nbqueue.SerializationError) as caught:
         configure.apply_async(("db", {"lock": threading.Lock()}), id="never-sent")
-    assert "argument 2 ('settings') of task 'configure'['lock'] has type _thread.lock" in str(caught.value)
+    assert "argument 2 ('settings') of task 'configure', at ['lock']: has type _thread.lock" in str(caught.value)
     with pytest.raises(nbqueue.SerializationError, match=r"keyword argument 'settings'.*has type .*Point"):
         configure.apply_async(kwargs={"name": "db", "settings": Point(1, 2)}, id="never-sent-either")
     assert isinstance(caught.value, TypeError)  # a SerializationError is also a TypeError

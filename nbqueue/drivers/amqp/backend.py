@@ -59,9 +59,9 @@ import pika
 import pika.exceptions as pex
 
 from ...broker import redact
-from ...errors import BrokerError, ConfigurationError, ConnectionLost
+from ...errors import BrokerError, ConnectionLost
 from ..keyvalue import KEEP, KeyValueBackend
-from .client import check_url, connection_parameters
+from .client import check_url, connection_parameters, refused
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ class AMQPBackend(KeyValueBackend):
         try:
             s = _Session(self._params)
         except AUTH_ERRORS as exc:
-            raise ConfigurationError(f"RabbitMQ at {redact(self.url)} refused the login or vhost: {exc!r}") from exc
+            raise refused(self.url, self._params, exc) from exc
         except CONNECTION_ERRORS as exc:
             raise ConnectionLost(f"cannot reach RabbitMQ at {redact(self.url)} for results: {exc!r}") from exc
         self._ever_connected = True

@@ -109,7 +109,7 @@ import pika.exceptions as pex
 
 from ...broker import Broker, Capabilities, Delivery, Outgoing, queue_list, redact, text_of
 from ...errors import BrokerError, ConfigurationError, ConnectionLost, PublishRefused
-from .client import check_url, connection_parameters
+from .client import check_url, connection_parameters, refused
 
 log = logging.getLogger(__name__)
 
@@ -742,7 +742,7 @@ class AMQPBroker(Broker):
                     self._drop_publisher(pub)
                 waited = time.monotonic() - started
                 if isinstance(exc, AUTH_ERRORS) and not self._ever_connected:
-                    raise ConfigurationError(f"RabbitMQ at {redact(self.url)} refused the login or vhost: {exc!r}") from exc
+                    raise refused(self.url, self._params, exc) from exc
                 if waited >= self.reconnect_timeout:
                     raise ConnectionLost(f"cannot reach RabbitMQ at {redact(self.url)} to {what} (tried for {waited:.1f} s): {exc!r}") from exc
                 log.warning("RabbitMQ connection lost while trying to %s: %r; retrying in %.2f s", what, exc, backoff)

@@ -53,6 +53,9 @@ class SQLiteBackend(ResultBackend):
         self.store.ensure_schema("backend", _schema)
         self._channel = wakechannel.channel_for(self.path)
 
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.url or 'sqlite://'} (file {self.path})>"   # a relative URL's absolute path
+
     @property
     def _wake_key(self):
         return ("sqlite-backend", self.path)

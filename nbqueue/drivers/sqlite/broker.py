@@ -135,6 +135,9 @@ class SQLiteBroker(Broker):
         self._quiet = threading.local()     # .last: (wake-up version, next due, when) as this thread last found nothing
         self._channel = wakechannel.channel_for(self.path)   # publishes of other processes wake our reservers
 
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.url or 'sqlite://'} (file {self.path})>"   # a relative URL's absolute path
+
     # -- publishing --------------------------------------------------------------
     def publish_many(self, outs: Sequence[Outgoing], handoff: bool = False) -> None:
         """``handoff``: the caller's transaction is this send's own (short), so its messages may
