@@ -166,8 +166,10 @@ def _object_fix(values, label: str) -> dict:
     kinds = set(map(type, array))
     nulls = _null_types()
     if float in kinds and any(v == v for v in array if type(v) is float):
-        raise Unrepresentable(f"has {label} of object dtype holding float values, which Arrow would not give back "
-                              "as Python objects; convert it (.astype(float)) or create the App with serializer='pickle'")
+        raise Unrepresentable(
+            f"has {label} of object dtype holding float values, which Arrow would not give back "
+            "as Python objects; convert it (.astype(float)) or create the App with serializer='pickle'"
+        )
     missing = [t for t in kinds if t in nulls]
     present = [t for t in kinds if t not in nulls]
     if len(present) > 1:
@@ -175,8 +177,10 @@ def _object_fix(values, label: str) -> dict:
         raise Unrepresentable(f"has {label} of object dtype mixing {names} values, which Arrow cannot carry exactly; "
                               "convert it to one type or create the App with serializer='pickle'")
     if present and present[0] not in _OBJECT_TYPES:
-        raise Unrepresentable(f"has {label} of object dtype holding {present[0].__module__}.{present[0].__qualname__} "
-                              "values, which Arrow cannot carry exactly; convert it or create the App with serializer='pickle'")
+        raise Unrepresentable(
+            f"has {label} of object dtype holding {present[0].__module__}.{present[0].__qualname__} "
+            "values, which Arrow cannot carry exactly; convert it or create the App with serializer='pickle'"
+        )
     if len(missing) > 1:
         raise Unrepresentable(f"has {label} of object dtype with missing values of different kinds "
                               f"({', '.join(sorted(repr(nulls[t]) for t in missing))}), which Arrow cannot tell apart; "
@@ -191,7 +195,7 @@ def _dtype_fix(values, dtype, label: str) -> dict | None:
     import pandas as pd
 
     if isinstance(dtype, np.dtype):
-        if dtype == object:
+        if dtype.kind == "O":
             return {"object": _object_fix(values, label)}
         if dtype.kind in "biufmM":
             return None
@@ -261,7 +265,9 @@ def _table(frame, meta: dict, *, index_label: str = "index", series: bool = Fals
 
     fixes = {}
     for i, dtype in enumerate(frame.dtypes):
-        if isinstance(dtype, np.dtype) and dtype.kind in "biufmM":   # plain numbers and times: nothing to check or restore
+        if (
+            isinstance(dtype, np.dtype) and dtype.kind in "biufmM"
+        ):  # plain numbers and times: nothing to check or restore
             continue
         fix = _dtype_fix(frame.iloc[:, i], dtype, label(i))
         if fix:
@@ -442,7 +448,9 @@ def _fixed_categorical(categorical, fix: dict):
     import pandas as pd
 
     categories = _fixed_level(categorical.categories, fix)
-    return pd.Categorical.from_codes(categorical.codes, dtype=pd.CategoricalDtype(categories, ordered=categorical.ordered))
+    return pd.Categorical.from_codes(
+        categorical.codes, dtype=pd.CategoricalDtype(categories, ordered=categorical.ordered)
+    )
 
 
 def _fixed_values(values, fix: dict, column=None):

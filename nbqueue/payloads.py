@@ -525,8 +525,11 @@ class Plane:
     def __init__(self, *, url: str | None, threshold: int | None, compression: str | None, clock=None,
                  options: dict | None = None, why_none: str = "", resolve: Callable[..., PayloadStore] | None = None):
         """``resolve(url, clock=, options=)``: the store a URL names (nbqueue.drivers.payload_store)."""
-        self.resolve = resolve or (lambda url, **kwargs: FsspecPayloads(url, clock=kwargs.get("clock"),
-                                                                          options=(kwargs.get("options") or {}).get("payload_options")))
+        self.resolve = resolve or (
+            lambda url, **kwargs: FsspecPayloads(
+                url, clock=kwargs.get("clock"), options=(kwargs.get("options") or {}).get("payload_options")
+            )
+        )
         self.url, self.threshold, self.compression = url, threshold, compression
         self.clock, self.options, self.why_none = clock, dict(options or {}), why_none
         self._store: PayloadStore | None = None
@@ -685,8 +688,15 @@ def attach(app, *, resolve: Callable[..., PayloadStore], holds: Callable[[str], 
                    f"({urlsplit(app.broker_url).scheme}://) cannot hold large values")
     threshold = option("payload_threshold")
     options = {k: v for k, v in app.config.options.items() if k not in ("clock",)}
-    plane = Plane(url=url, threshold=None if threshold is None else int(threshold),
-                  compression=option("payload_compression"), clock=app.clock, options=options, why_none=why, resolve=resolve)
+    plane = Plane(
+        url=url,
+        threshold=None if threshold is None else int(threshold),
+        compression=option("payload_compression"),
+        clock=app.clock,
+        options=options,
+        why_none=why,
+        resolve=resolve,
+    )
     app.serializer.plane = plane
     return plane
 

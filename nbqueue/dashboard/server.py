@@ -119,15 +119,24 @@ class Access:
         if not (self.password or self.token):
             host = request.client.host if request.client else ""
             if host not in LOOPBACK:
-                return JSONResponse({"error": "this dashboard serves loopback clients only (start it with --password or --token)"},
-                                    status_code=403)
+                return JSONResponse(
+                    {"error": "this dashboard serves loopback clients only (start it with --password or --token)"},
+                    status_code=403,
+                )
         elif not self.allowed(request):
             headers = {"WWW-Authenticate": 'Basic realm="nbqueue dashboard"'} if self.password else {}
-            return JSONResponse({"error": "authentication required: "
-                                 + ("the dashboard's password" if self.password else "the dashboard's token (?token=...)")},
-                                status_code=401, headers=headers)
+            return JSONResponse(
+                {
+                    "error": "authentication required: "
+                    + ("the dashboard's password" if self.password else "the dashboard's token (?token=...)")
+                },
+                status_code=401,
+                headers=headers,
+            )
         if request.method == "POST" and request.headers.get(ACTION_HEADER) != "1":
-            return JSONResponse({"error": f"actions need the {ACTION_HEADER} header (sent by the dashboard's page)"}, status_code=403)
+            return JSONResponse(
+                {"error": f"actions need the {ACTION_HEADER} header (sent by the dashboard's page)"}, status_code=403
+            )
         return None
 
     def allowed(self, request: Request) -> bool:
@@ -145,7 +154,9 @@ class Access:
                 if value:
                     given.append(("token", value))
         secrets = {"password": self.password, "token": self.token}
-        return any(secrets[kind] and hmac.compare_digest(value.encode(), secrets[kind].encode()) for kind, value in given)
+        return any(
+            secrets[kind] and hmac.compare_digest(value.encode(), secrets[kind].encode()) for kind, value in given
+        )
 
 
 def create_app(app, *, password: str | None = None, token: str | None = None, interval: float = 1.0) -> Any:
@@ -178,7 +189,11 @@ def create_app(app, *, password: str | None = None, token: str | None = None, in
             filters["queue"] = ident
             return {"view": "queue", "queue": data.queue_view(app, ident), "overview": data.overview(app),
                     "tasks": data.task_page(app, filters, page, counts=counts)}
-        return {"view": "home", "overview": data.overview(app), "tasks": data.task_page(app, filters, page, counts=counts)}
+        return {
+            "view": "home",
+            "overview": data.overview(app),
+            "tasks": data.task_page(app, filters, page, counts=counts),
+        }
 
     def view_key(view: str, params: Any, ident: str | None) -> str:
         return _json([view, ident, sorted((k, v) for k, v in params.items() if k != "token")])
@@ -218,7 +233,13 @@ def create_app(app, *, password: str | None = None, token: str | None = None, in
         params = request.query_params
 
         def tasks():
-            return data.task_page(app, data.filters_from(params), _int(params.get("page"), "page"), _int(params.get("per_page"), "per_page", 50))
+            return data.task_page(
+                app,
+                data.filters_from(params),
+                _int(params.get("page"), "page"),
+                _int(params.get("per_page"), "per_page", 50),
+            )
+
         return await api(request, tasks)
 
     async def api_task(request: Request) -> Response:
@@ -228,7 +249,10 @@ def create_app(app, *, password: str | None = None, token: str | None = None, in
         return await api(request, data.queue_view, app, request.path_params["queue"])
 
     async def action(request: Request) -> Response:
-        kind, ident = request.path_params["action"], request.path_params.get("task_id") or request.path_params.get("queue")
+        kind, ident = (
+            request.path_params["action"],
+            request.path_params.get("task_id") or request.path_params.get("queue"),
+        )
         actions = {"cancel": data.act_cancel, "cancel-workflow": data.act_cancel_workflow, "retry": data.act_retry,
                    "redrive": data.act_redrive, "purge": data.act_purge}
         if kind not in actions:
@@ -270,7 +294,9 @@ def create_app(app, *, password: str | None = None, token: str | None = None, in
                 quiet += pause
                 await asyncio.sleep(pause)
 
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+        )
 
     async def metrics(request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -330,6 +356,8 @@ def _base(request: Request) -> str:
 
 
 def _error_page(status: int, message: str, request: Request) -> str:
-    return (f"<!doctype html><meta charset='utf-8'><title>nbqueue: {status}</title>"
-            f"<body style='font-family:sans-serif;margin:2em'><h1>{status}</h1><p class='error'>{data.escape(message)}</p>"
-            f"<p><a href='{_base(request)}'>back to the dashboard</a></p></body>")
+    return (
+        f"<!doctype html><meta charset='utf-8'><title>nbqueue: {status}</title>"
+        f"<body style='font-family:sans-serif;margin:2em'><h1>{status}</h1><p class='error'>{data.escape(message)}</p>"
+        f"<p><a href='{_base(request)}'>back to the dashboard</a></p></body>"
+    )
