@@ -38,6 +38,23 @@ from typing import Any
 
 from .errors import SerializationError
 
+#: the JSON form of the values inside an Arrow stream's metadata (labels, dtypes' fixes): serialization.py
+#: hands itself in when it is imported (use_json); it packs its binary values here
+_json_form: Any = None
+
+
+def use_json(form: Any) -> None:
+    """Hand in the JSON form of values: ``form`` has ``to_jsonable(value, where)``, ``from_jsonable(obj)``,
+    ``dumps(obj) -> str`` and ``loads(text)`` (the serialization module)."""
+    global _json_form
+    _json_form = form
+
+
+def _form() -> Any:
+    if _json_form is None:
+        raise RuntimeError("nbqueue.blobs has no JSON form yet: import nbqueue.serialization, which hands it in")
+    return _json_form
+
 _META = b"nbqueue"                  # schema metadata: what to restore beyond pyarrow's own pandas metadata
 _COLUMNS = b"nbqueue.columns"       # schema metadata: the column labels, an index-only Arrow IPC stream
 _INDEX_FIELD = "__index_level_{}__"  # pyarrow's name for an unnamed index level stored as a column
@@ -213,10 +230,8 @@ def _dtype_fix(values, dtype, label: str) -> dict | None:
 
 
 def _json(value: Any, label: str) -> Any:
-    from . import serialization
-
     try:
-        return serialization.to_jsonable(value, label)
+        return _form().to_jsonable(value, label)
     except SerializationError as exc:
         raise Unrepresentable(f"cannot carry its {exc}") from None
 
@@ -292,11 +307,8 @@ def _ipc(table, meta: dict, extra: dict | None = None, compression: str | None =
     """The IPC stream of ``table`` with nbqueue's metadata: bytes, or (``as_bytes=False``) the
     pyarrow Buffer it was written to, which spares a copy of a large stream."""
     import pyarrow as pa
-
-    from . import serialization
-
     metadata = dict(table.schema.metadata or {})
-    metadata[_META] = serialization.dumps(meta).encode()
+    metadata[_META] = _form().dumps(meta).encode()
     metadata.update(extra or {})
     table = table.replace_schema_metadata(metadata)
     options = pa.ipc.IpcWriteOptions(compression=compression) if compression else None
@@ -361,14 +373,11 @@ def _arrow_pack(obj: Any, compression: str | None = None) -> Blob:
 
 def _read(data: bytes):
     import pyarrow as pa
-
-    from . import serialization
-
     table = pa.ipc.open_stream(pa.py_buffer(data)).read_all()
     metadata = table.schema.metadata or {}
     if _META not in metadata:
         raise SerializationError("an Arrow payload without nbqueue's metadata")
-    return table, serialization.from_jsonable(serialization.loads(metadata[_META])), metadata
+    return table, _form().from_jsonable(_form().loads(metadata[_META])), metadata
 
 
 def _arrow_unpack(data: bytes):
