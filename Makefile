@@ -1,7 +1,8 @@
 # make demo  - the machinery example on the embedded SQLite default (no server needed)
 # make lint  - ruff (style, imports, complexity), lint-imports (DESIGN.md's layering) and mypy (typed modules)
-# make test  - the whole test suite, against real Redis and RabbitMQ on 127.0.0.1, in TEST_WORKERS (4) pytest-xdist
-#             processes; each process starts moto's SQS server and memcached itself, each on a free 127.0.0.1 port
+# make test  - `make lint` first, then the whole test suite, against real Redis and RabbitMQ on 127.0.0.1, in
+#             TEST_WORKERS (4) pytest-xdist processes; each process starts moto's SQS server and memcached itself,
+#             each on a free 127.0.0.1 port
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -40,7 +41,7 @@ memcached:
 # (pytest-xdist) than the machine has cores; tests that must not overlap share an xdist_group.
 TEST_WORKERS ?= 4
 
-test: $(STAMP) services browser memcached
+test: $(STAMP) lint services browser memcached
 	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 # the modules mypy checks: the canvas and workflow, and the protocol and engine modules where they exist

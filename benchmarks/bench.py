@@ -76,7 +76,10 @@ def sqlite_floor(path: str, n: int) -> tuple[float, list[float]]:
         c.execute("PRAGMA synchronous=NORMAL")
         done = 0
         while done < count:
-            row_ = c.execute("UPDATE q SET state = 1 WHERE id = (SELECT id FROM q WHERE state = 0 ORDER BY id LIMIT 1) RETURNING id, body").fetchone()
+            row_ = c.execute(
+                "UPDATE q SET state = 1 WHERE id = (SELECT id FROM q WHERE state = 0 ORDER BY id LIMIT 1) "
+                "RETURNING id, body"
+            ).fetchone()
             if row_ is None:
                 continue
             c.execute("BEGIN IMMEDIATE")
@@ -101,7 +104,10 @@ def sqlite_floor(path: str, n: int) -> tuple[float, list[float]]:
         c = sqlite3.connect(path, isolation_level=None)
         c.execute("PRAGMA synchronous=NORMAL")
         while not stop.is_set():
-            row_ = c.execute("UPDATE q SET state = 1 WHERE id = (SELECT id FROM q WHERE state = 0 ORDER BY id LIMIT 1) RETURNING id, body").fetchone()
+            row_ = c.execute(
+                "UPDATE q SET state = 1 WHERE id = (SELECT id FROM q WHERE state = 0 ORDER BY id LIMIT 1) "
+                "RETURNING id, body"
+            ).fetchone()
             if row_ is None:
                 time.sleep(0.0002)
                 continue
@@ -187,7 +193,10 @@ def sqlite_fanin_floors(path: str, members: int = 1000, steps: int = 100) -> tup
     conn.execute("CREATE TABLE g (id INTEGER PRIMARY KEY, done INT, total INT)")
 
     def claim():
-        return conn.execute("UPDATE q SET state = 1 WHERE id = (SELECT id FROM q WHERE state = 0 ORDER BY id LIMIT 1) RETURNING id, kind, arg").fetchone()
+        return conn.execute(
+            "UPDATE q SET state = 1 WHERE id = (SELECT id FROM q WHERE state = 0 ORDER BY id LIMIT 1) "
+            "RETURNING id, kind, arg"
+        ).fetchone()
 
     started = time.perf_counter()
     conn.execute("BEGIN")
@@ -290,8 +299,25 @@ def run_in_process(app, n: int, threads: int) -> float:
 def run_process_worker(app, broker, backend, queue, n: int, threads: int) -> float:
     env = dict(os.environ, NBQUEUE_BROKER=broker, NBQUEUE_BACKEND=backend or "", NBQUEUE_DEFAULT_QUEUE=queue,
                PYTHONPATH=os.pathsep.join([HERE, ROOT]))
-    proc = subprocess.Popen([sys.executable, "-m", "nbqueue", "--log-level", "WARNING", "worker", "--app", "bench_tasks:app",
-                             "-c", str(threads), "--prefetch", "16"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "nbqueue",
+            "--log-level",
+            "WARNING",
+            "worker",
+            "--app",
+            "bench_tasks:app",
+            "-c",
+            str(threads),
+            "--prefetch",
+            "16",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         # wait until the worker has registered its heartbeat
         deadline = time.time() + 30
@@ -330,7 +356,11 @@ def latency(app, n: int) -> list[float]:
 def chord_time(app, members: int = 1000) -> float:
     worker = ready_worker(app, concurrency=1, prefetch=64)
     started = time.perf_counter()
-    res = app.send_chord(nbqueue.chord(nbqueue.group(*[app.signature("add", args=[i, i]) for i in range(members)]), app.signature("total")))
+    res = app.send_chord(
+        nbqueue.chord(
+            nbqueue.group(*[app.signature("add", args=[i, i]) for i in range(members)]), app.signature("total")
+        )
+    )
     value = res.get(timeout=600)
     elapsed = time.perf_counter() - started
     worker.stop()
@@ -341,7 +371,9 @@ def chord_time(app, members: int = 1000) -> float:
 def chain_time(app, steps: int = 100) -> float:
     worker = ready_worker(app, concurrency=1, prefetch=1)
     started = time.perf_counter()
-    res = app.send_chain(nbqueue.chain(app.signature("add", args=[0, 1]), *[app.signature("add", args=[1]) for _ in range(steps - 1)]))
+    res = app.send_chain(
+        nbqueue.chain(app.signature("add", args=[0, 1]), *[app.signature("add", args=[1]) for _ in range(steps - 1)])
+    )
     value = res.get(timeout=600)
     elapsed = time.perf_counter() - started
     worker.stop()
@@ -399,7 +431,12 @@ def bench_store(kind: str, tmp: str) -> None:
     if kind != "memory":
         broker, backend = urls()
         app = fresh_app(broker, backend, queue)
-        row("nbqueue, worker process, 4 threads", run_process_worker(app, broker, backend, queue, N, 4), "tasks/s", floor_tp)
+        row(
+            "nbqueue, worker process, 4 threads",
+            run_process_worker(app, broker, backend, queue, N, 4),
+            "tasks/s",
+            floor_tp,
+        )
         if kind == "amqp":
             app.broker.delete_queues([queue])
         app.close()
@@ -409,8 +446,18 @@ def bench_store(kind: str, tmp: str) -> None:
     if floor_lat:
         row("floor round trip p50", pct(floor_lat, 0.5) * 1e3, "ms")
         row("floor round trip p99", pct(floor_lat, 0.99) * 1e3, "ms")
-    row("nbqueue round trip p50 (in-process worker)", pct(lat, 0.5) * 1e3, "ms", pct(floor_lat, 0.5) * 1e3 if floor_lat else None)
-    row("nbqueue round trip p99 (in-process worker)", pct(lat, 0.99) * 1e3, "ms", pct(floor_lat, 0.99) * 1e3 if floor_lat else None)
+    row(
+        "nbqueue round trip p50 (in-process worker)",
+        pct(lat, 0.5) * 1e3,
+        "ms",
+        pct(floor_lat, 0.5) * 1e3 if floor_lat else None,
+    )
+    row(
+        "nbqueue round trip p99 (in-process worker)",
+        pct(lat, 0.99) * 1e3,
+        "ms",
+        pct(floor_lat, 0.99) * 1e3 if floor_lat else None,
+    )
     fanin = None
     if kind == "sqlite":
         fanin = sqlite_fanin_floors(os.path.join(tmp, "fanin-floor.db"))
@@ -428,7 +475,12 @@ def bench_store(kind: str, tmp: str) -> None:
             print("  (Dramatiq not installed: `pip install -e '.[bench]'` to measure it beside nbqueue)")
         else:
             row("dramatiq, worker process, 4 threads, confirms", dramatiq_throughput(AMQP_URL, N), "tasks/s", floor_tp)
-            row("dramatiq, worker process, 4 threads, no confirms", dramatiq_throughput(AMQP_URL, N, confirm=False), "tasks/s", floor_tp)
+            row(
+                "dramatiq, worker process, 4 threads, no confirms",
+                dramatiq_throughput(AMQP_URL, N, confirm=False),
+                "tasks/s",
+                floor_tp,
+            )
     row("chord of 1,000 members + summing callback", chord_time(app) * 1e3, "ms", fanin[0] * 1e3 if fanin else None)
     row("chain of 100 steps", chain_time(app) * 1e3, "ms", fanin[1] * 1e3 if fanin else None)
     if kind == "amqp":
@@ -478,7 +530,11 @@ def bench_memcache(tmp: str) -> None:
     row("floor set + get p50", pct(floor_lat, 0.5) * 1e6, "us")
     row("nbqueue record life p50", pct(lat, 0.5) * 1e6, "us", pct(floor_lat, 0.5) * 1e6)
     queue = f"bench-{uuid.uuid4().hex[:6]}"
-    app = fresh_app(f"sqlite:///{os.path.join(tmp, uuid.uuid4().hex[:6] + '.db')}", f"{url}?key_prefix=bench-{uuid.uuid4().hex[:6]}", queue)
+    app = fresh_app(
+        f"sqlite:///{os.path.join(tmp, uuid.uuid4().hex[:6] + '.db')}",
+        f"{url}?key_prefix=bench-{uuid.uuid4().hex[:6]}",
+        queue,
+    )
     row("nbqueue (SQLite broker), worker in process, 4 threads", run_in_process(app, min(N, n), 4), "tasks/s")
     lat = latency(app, LAT_N)
     row("nbqueue round trip p50 (SQLite broker)", pct(lat, 0.5) * 1e3, "ms")

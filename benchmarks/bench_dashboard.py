@@ -29,8 +29,9 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
-import nbqueue  # noqa: E402
 from bench import listening, run_process_worker  # noqa: E402
+
+import nbqueue  # noqa: E402
 
 N = int(os.environ.get("N", "20000"))
 ROUNDS = int(os.environ.get("ROUNDS", "6"))
@@ -53,8 +54,23 @@ class OpenPage:
         self.port = free_port()
         env = dict(os.environ, NBQUEUE_BROKER=broker, NBQUEUE_BACKEND=backend or "", NBQUEUE_DEFAULT_QUEUE=queue,
                    PYTHONPATH=os.pathsep.join([HERE, ROOT]))
-        self.proc = subprocess.Popen([sys.executable, "-m", "nbqueue", "--log-level", "WARNING", "dashboard", "--app", "bench_tasks:app",
-                                      "--port", str(self.port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "nbqueue",
+                "--log-level",
+                "WARNING",
+                "dashboard",
+                "--app",
+                "bench_tasks:app",
+                "--port",
+                str(self.port),
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         self.events = 0
         self.stop = threading.Event()
         deadline = time.time() + 30
@@ -92,14 +108,21 @@ class OpenPage:
 def throughput(kind: str, tmp: str) -> None:
     from bench import fresh_app
 
-    print(f"\n{kind}: {N} no-op tasks through one worker process (4 threads), {ROUNDS} rounds of three conditions, interleaved",
-          flush=True)
+    print(
+        f"\n{kind}: {N} no-op tasks through one worker process (4 threads), {ROUNDS} rounds of three conditions, "
+        "interleaved",
+        flush=True,
+    )
     rates: dict[str, list[float]] = {"no dashboard": [], "dashboard, no page": [], "one open page": []}
     shares, events = [], []
     for r in range(ROUNDS):
         for condition in rates:
             queue = f"dash-{uuid.uuid4().hex[:6]}"
-            url = f"sqlite:///{tmp}/{queue}.db" if kind == "sqlite" else f"{REDIS_URL}?key_prefix=bdash-{uuid.uuid4().hex[:6]}:"
+            url = (
+                f"sqlite:///{tmp}/{queue}.db"
+                if kind == "sqlite"
+                else f"{REDIS_URL}?key_prefix=bdash-{uuid.uuid4().hex[:6]}:"
+            )
             app = fresh_app(url, url, queue)
             page = None
             if condition != "no dashboard":
@@ -133,7 +156,11 @@ def throughput(kind: str, tmp: str) -> None:
         median, best = statistics.median(values), max(values)
         print(f"  {condition:<20} median {median:8.0f} tasks/s ({100 * (median / base_median - 1):+5.1f}%), "
               f"best {best:8.0f} ({100 * (best / base_best - 1):+5.1f}%)", flush=True)
-    print(f"  the dashboard process used {100 * statistics.median(shares):.1f}% of one core while the page was open (median)", flush=True)
+    print(
+        f"  the dashboard process used {100 * statistics.median(shares):.1f}% of one core while the page was open "
+        "(median)",
+        flush=True,
+    )
 
 
 def first_render(tmp: str) -> None:
@@ -151,8 +178,12 @@ def first_render(tmp: str) -> None:
                 prepared = [app.prepare(s) for s in chunk]
                 app.backend.create([p[1] for p in prepared])
                 now = time.time()
-                app.backend.store_results([(p[1]["id"], "SUCCESS", None, {"result": "4", "started_at": now, "finished_at": now})
-                                           for p in prepared])
+                app.backend.store_results(
+                    [
+                        (p[1]["id"], "SUCCESS", None, {"result": "4", "started_at": now, "finished_at": now})
+                        for p in prepared
+                    ]
+                )
             else:
                 app.send_many(chunk)
         client = TestClient(create_app(app), client=("127.0.0.1", 50000))

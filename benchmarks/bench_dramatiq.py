@@ -90,5 +90,11 @@ if __name__ == "__main__":
         _worker(sys.argv[2], sys.argv[3], int(sys.argv[4]))
     else:
         n = int(os.environ.get("N", "5000"))
-        print(f"dramatiq, worker process, 4 threads, confirm_delivery=True: {dramatiq_throughput(AMQP_URL, n):.0f} tasks/s")
-        print(f"dramatiq, worker process, 4 threads, no confirms: {dramatiq_throughput(AMQP_URL, n, confirm=False):.0f} tasks/s")
+        print(
+            f"dramatiq, worker process, 4 threads, confirm_delivery=True: {dramatiq_throughput(AMQP_URL, n):.0f} "
+            "tasks/s"
+        )
+        print(
+            f"dramatiq, worker process, 4 threads, no confirms: {dramatiq_throughput(AMQP_URL, n, confirm=False):.0f} "
+            "tasks/s"
+        )

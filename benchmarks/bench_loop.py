@@ -208,8 +208,9 @@ def fakeredis_floor() -> tuple[float, float, float]:
 # -- nbqueue ------------------------------------------------------------------------------------------
 
 def nbqueue_app(broker, backend, queue):
-    import nbqueue
     from bench_tasks import add
+
+    import nbqueue
 
     app = nbqueue.App(broker, backend, default_queue=queue)
     app.register_tasks({"add": add.fn})

@@ -218,7 +218,7 @@ def producer(broker: str, backend: str, queue: str, compression: str | None) -> 
             del back
         del r
     peak = peak_rss()
-    pd.testing.assert_frame_equal(back, frame, check_exact=True)     # checked once the peak is read: it takes memory too
+    pd.testing.assert_frame_equal(back, frame, check_exact=True)  # checked once the peak is read: it takes memory too
     del back
     stats = store.stats()
     store.reads = 0
@@ -233,9 +233,20 @@ def producer(broker: str, backend: str, queue: str, compression: str | None) -> 
     for task_id in ids:
         app.result(task_id).forget()
     app.close()
-    return {"times": times, "payload_bytes": stats["bytes"], "payloads": stats["payloads"], "arrow_size": arrow_size,
-            "frame_size": frame_size, "peak": peak, "base": base, "before_rounds": producer_before,
-            "worker_peak": worker_peak, "worker_base": worker_base, "tasks_ms": [t * 1e3 for t in listings], "shown": shown}
+    return {
+        "times": times,
+        "payload_bytes": stats["bytes"],
+        "payloads": stats["payloads"],
+        "arrow_size": arrow_size,
+        "frame_size": frame_size,
+        "peak": peak,
+        "base": base,
+        "before_rounds": producer_before,
+        "worker_peak": worker_peak,
+        "worker_base": worker_base,
+        "tasks_ms": [t * 1e3 for t in listings],
+        "shown": shown,
+    }
 
 
 # -- orchestration ------------------------------------------------------------------------------------------
@@ -280,8 +291,24 @@ def bench(kind: str, tmp: str) -> None:
     if compression:
         env["NBQUEUE_PAYLOAD_COMPRESSION"] = compression
     log = open(os.path.join(tmp, f"{kind}-worker.log"), "wb")
-    worker = subprocess.Popen([sys.executable, "-m", "nbqueue", "--log-level", "WARNING", "worker", "--app", "bench_payload_tasks:app",
-                               "--concurrency", "1"], cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT)
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "nbqueue",
+            "--log-level",
+            "WARNING",
+            "worker",
+            "--app",
+            "bench_payload_tasks:app",
+            "--concurrency",
+            "1",
+        ],
+        cwd=tmp,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         nb = run_json(["--producer", broker, backend, queue, compression or ""], env=env)
     finally:
@@ -310,16 +337,26 @@ def bench(kind: str, tmp: str) -> None:
     print(f"  frame in memory {mb(frame)}; Arrow IPC {mb(nb['arrow_size'])}; pickle protocol 5 {mb(fl['size'])}")
     print(f"  {'round trip (median), nbqueue':<52} {rt * 1e3:>9.0f} ms   ({rt / floor_rt:.2f}x floor)")
     print(f"  {'  best / worst':<52} {min(nb['times']) * 1e3:>9.0f} / {max(nb['times']) * 1e3:.0f} ms")
-    print(f"  {'floor: pickle + ' + ('Redis SET/GET' if floor_args[1] == 'redis' else 'SQLite BLOB insert/select') + ' (median)':<52} "
-          f"{floor_rt * 1e3:>9.0f} ms")
-    print(f"  {'payload bytes written per round trip':<52} {mb(per_round):>12}   ({per_round / nb['arrow_size']:.2f}x Arrow IPC, "
-          f"{nb['payloads']} payloads for {ROUNDS} rounds)")
-    for label, peak, before in (("producer", nb["peak"], nb["before_rounds"]), ("worker process", nb["worker_peak"], nb["worker_base"]),
-                                ("floor script", fl["peak"], fl["before_rounds"])):
+    floor_store = "Redis SET/GET" if floor_args[1] == "redis" else "SQLite BLOB insert/select"
+    print(f"  {'floor: pickle + ' + floor_store + ' (median)':<52} {floor_rt * 1e3:>9.0f} ms")
+    print(
+        f"  {'payload bytes written per round trip':<52} {mb(per_round):>12}   ({per_round / nb['arrow_size']:.2f}x "
+        "Arrow IPC, "
+        f"{nb['payloads']} payloads for {ROUNDS} rounds)"
+    )
+    for label, peak, before in (
+        ("producer", nb["peak"], nb["before_rounds"]),
+        ("worker process", nb["worker_peak"], nb["worker_base"]),
+        ("floor script", fl["peak"], fl["before_rounds"]),
+    ):
         print(f"  {'peak RSS, ' + label + ', during the round trips':<52} {mb(peak):>12}   "
               f"(+{(peak - before) / frame:.2f}x the frame over its {mb(before)} before them)")
-    print(f"  {'app.tasks() with ' + str(ROUNDS) + ' such results (median of 5)':<52} {statistics.median(nb['tasks_ms']):>9.1f} ms"
-          f"   (result column: {nb['shown']!r})", flush=True)
+    print(
+        f"  {'app.tasks() with ' + str(ROUNDS) + ' such results (median of 5)':<52} "
+        f"{statistics.median(nb['tasks_ms']):>9.1f} ms"
+        f"   (result column: {nb['shown']!r})",
+        flush=True,
+    )
 
 
 def main(argv: list[str]) -> None:

@@ -77,7 +77,11 @@ def ready_worker(app, **options):
     worker = app.start_worker(**options)
     if worker.pool is not None:
         worker.pool.start(wait=True)
-    wait_for(lambda: any(w.get("worker_id") == worker.name for w in app.backend.workers()), timeout=30, message="worker registered")
+    wait_for(
+        lambda: any(w.get("worker_id") == worker.name for w in app.backend.workers()),
+        timeout=30,
+        message="worker registered",
+    )
     return worker
 
 
@@ -97,7 +101,10 @@ def fresh_app(url_factory):
 
 
 def cpu_bound(url_factory, n: int) -> None:
-    print(f"\n== CPU-bound: {CPU_TASKS} tasks of burn({n:,}) (~0.3 s each), 2 workers, best of {ROUNDS} rounds", flush=True)
+    print(
+        f"\n== CPU-bound: {CPU_TASKS} tasks of burn({n:,}) (~0.3 s each), 2 workers, best of {ROUNDS} rounds",
+        flush=True,
+    )
     times: dict[str, list[float]] = {"serial": [], "floor": [], "processes": [], "threads": []}
     with multiprocessing.Pool(2) as mp_pool:
         mp_pool.map(burn, [1000, 1000])                       # warm
@@ -175,7 +182,10 @@ def notebook_function(source: str, name: str):
 
 
 def shipping(url_factory, fresh: int = 10, later: int = 7) -> None:
-    print(f"\n== shipping: the first call of a freshly defined notebook function on 2 children ({fresh} functions)", flush=True)
+    print(
+        f"\n== shipping: the first call of a freshly defined notebook function on 2 children ({fresh} functions)",
+        flush=True,
+    )
     app = fresh_app(url_factory)
     worker = ready_worker(app, pool="processes", concurrency=2, prefetch=1)
     # a kernel's worker reads the code queues (where notebook functions go) from the start; one
@@ -205,7 +215,12 @@ def shipping(url_factory, fresh: int = 10, later: int = 7) -> None:
     worker.stop(timeout=60)
     app.close()
     row("later calls of the same function (median)", statistics.median(steadies) * 1e3, "ms")
-    row("first call of a fresh function (median)", statistics.median(firsts) * 1e3, "ms", statistics.median(steadies) * 1e3)
+    row(
+        "first call of a fresh function (median)",
+        statistics.median(firsts) * 1e3,
+        "ms",
+        statistics.median(steadies) * 1e3,
+    )
     print(f"  the first call adds {statistics.median(extra) * 1e3:.1f} ms (median), {max(extra) * 1e3:.1f} ms (max) "
           f"(target < 50 ms)", flush=True)
 

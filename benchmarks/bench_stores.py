@@ -44,8 +44,9 @@ def memcache_address() -> tuple[str, int] | None:
 
 
 def _boto3_client(url: str):
-    import boto3
     from urllib.parse import urlsplit
+
+    import boto3
 
     parts = urlsplit(url)
     return boto3.session.Session().client("sqs", region_name="us-east-1", endpoint_url=f"http://{parts.hostname}:{parts.port}",
@@ -60,12 +61,19 @@ def sqs_floor(url: str, n: int, lat_n: int) -> tuple[float, list[float]]:
     queue = client.create_queue(QueueName=f"floor-{uuid.uuid4().hex[:8]}")["QueueUrl"]
     started = time.perf_counter()
     for start in range(0, n, 10):
-        client.send_message_batch(QueueUrl=queue, Entries=[{"Id": str(i), "MessageBody": str(start + i)} for i in range(min(10, n - start))])
+        client.send_message_batch(
+            QueueUrl=queue, Entries=[{"Id": str(i), "MessageBody": str(start + i)} for i in range(min(10, n - start))]
+        )
     got = 0
     while got < n:
-        messages = client.receive_message(QueueUrl=queue, MaxNumberOfMessages=10, WaitTimeSeconds=1).get("Messages") or []
+        messages = (
+            client.receive_message(QueueUrl=queue, MaxNumberOfMessages=10, WaitTimeSeconds=1).get("Messages") or []
+        )
         if messages:
-            client.delete_message_batch(QueueUrl=queue, Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)])
+            client.delete_message_batch(
+                QueueUrl=queue,
+                Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)],
+            )
             got += len(messages)
     throughput = n / (time.perf_counter() - started)
     lat = []
@@ -74,7 +82,9 @@ def sqs_floor(url: str, n: int, lat_n: int) -> tuple[float, list[float]]:
         client.send_message(QueueUrl=queue, MessageBody=str(i))
         messages = []
         while not messages:
-            messages = client.receive_message(QueueUrl=queue, MaxNumberOfMessages=1, WaitTimeSeconds=1).get("Messages") or []
+            messages = (
+                client.receive_message(QueueUrl=queue, MaxNumberOfMessages=1, WaitTimeSeconds=1).get("Messages") or []
+            )
         client.delete_message(QueueUrl=queue, ReceiptHandle=messages[0]["ReceiptHandle"])
         lat.append(time.perf_counter() - t0)
     client.delete_queue(QueueUrl=queue)

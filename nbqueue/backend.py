@@ -70,7 +70,11 @@ def matches(record: dict, *, state=None, name=None, queue=None, since: float | N
     ``name`` names them."""
     if record.get("name") == GROUP_TASK and not _one_of(GROUP_TASK, name if name is not None else ()):
         return False
-    if not (_one_of(record.get("state"), state) and _one_of(record.get("name"), name) and _one_of(record.get("queue"), queue)):
+    if not (
+        _one_of(record.get("state"), state)
+        and _one_of(record.get("name"), name)
+        and _one_of(record.get("queue"), queue)
+    ):
         return False
     created = record.get("created_at") or 0.0
     if since is not None and created < since or until is not None and created >= until:
@@ -232,7 +236,9 @@ class ResultBackend:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return None
-                record = self._block_then_get(task_id, woken, interval if remaining is None else min(interval, remaining))
+                record = self._block_then_get(
+                    task_id, woken, interval if remaining is None else min(interval, remaining)
+                )
                 read = True
                 interval = min(interval * 2, ceiling)
             return record
@@ -284,7 +290,14 @@ class ResultBackend:
         raise NotImplementedError
 
     # -- listing and upkeep --------------------------------------------------------
-    def list(self, *, state: str | None = None, name: str | None = None, limit: int | None = None, ids: Sequence[str] | None = None) -> builtins.list[dict]:
+    def list(
+        self,
+        *,
+        state: str | None = None,
+        name: str | None = None,
+        limit: int | None = None,
+        ids: Sequence[str] | None = None,
+    ) -> builtins.list[dict]:
         """Records, newest first."""
         raise NotImplementedError
 
@@ -298,15 +311,25 @@ class ResultBackend:
         index of recent records on key-value stores); the SQLite backend answers it with
         one query that reads only the page's rows."""
         offset, limit = max(0, int(offset)), max(0, int(limit))
-        simple = queue is None and since is None and until is None and not text and not isinstance(state, (list, tuple, set, frozenset)) \
+        simple = (
+            queue is None
+            and since is None
+            and until is None
+            and not text
+            and not isinstance(state, (list, tuple, set, frozenset))
             and not isinstance(name, (list, tuple, set, frozenset))
+        )
         if simple:      # the store's own filters, reading about as many records as the page needs
             wanted = offset + limit
             got = self.list(state=state, name=name, limit=2 * wanted + 64)
             found = [r for r in got if matches(r, state=state, name=name)]
             if len(found) >= wanted or len(got) < 2 * wanted + 64:
                 return found[offset:wanted]
-        found = [r for r in self.list() if matches(r, state=state, name=name, queue=queue, since=since, until=until, text=text)]
+        found = [
+            r
+            for r in self.list()
+            if matches(r, state=state, name=name, queue=queue, since=since, until=until, text=text)
+        ]
         return found[offset:offset + limit]
 
     def counts(self, *, state=None, name=None, queue=None, since: float | None = None, until: float | None = None,

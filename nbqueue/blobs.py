@@ -38,6 +38,23 @@ from typing import Any
 
 from .errors import SerializationError
 
+#: the JSON form of the values inside an Arrow stream's metadata (labels, dtypes' fixes): serialization.py
+#: hands itself in when it is imported (use_json); it packs its binary values here
+_json_form: Any = None
+
+
+def use_json(form: Any) -> None:
+    """Hand in the JSON form of values: ``form`` has ``to_jsonable(value, where)``, ``from_jsonable(obj)``,
+    ``dumps(obj) -> str`` and ``loads(text)`` (the serialization module)."""
+    global _json_form
+    _json_form = form
+
+
+def _form() -> Any:
+    if _json_form is None:
+        raise RuntimeError("nbqueue.blobs has no JSON form yet: import nbqueue.serialization, which hands it in")
+    return _json_form
+
 _META = b"nbqueue"                  # schema metadata: what to restore beyond pyarrow's own pandas metadata
 _COLUMNS = b"nbqueue.columns"       # schema metadata: the column labels, an index-only Arrow IPC stream
 _INDEX_FIELD = "__index_level_{}__"  # pyarrow's name for an unnamed index level stored as a column
@@ -166,8 +183,10 @@ def _object_fix(values, label: str) -> dict:
     kinds = set(map(type, array))
     nulls = _null_types()
     if float in kinds and any(v == v for v in array if type(v) is float):
-        raise Unrepresentable(f"has {label} of object dtype holding float values, which Arrow would not give back "
-                              "as Python objects; convert it (.astype(float)) or create the App with serializer='pickle'")
+        raise Unrepresentable(
+            f"has {label} of object dtype holding float values, which Arrow would not give back "
+            "as Python objects; convert it (.astype(float)) or create the App with serializer='pickle'"
+        )
     missing = [t for t in kinds if t in nulls]
     present = [t for t in kinds if t not in nulls]
     if len(present) > 1:
@@ -175,8 +194,10 @@ def _object_fix(values, label: str) -> dict:
         raise Unrepresentable(f"has {label} of object dtype mixing {names} values, which Arrow cannot carry exactly; "
                               "convert it to one type or create the App with serializer='pickle'")
     if present and present[0] not in _OBJECT_TYPES:
-        raise Unrepresentable(f"has {label} of object dtype holding {present[0].__module__}.{present[0].__qualname__} "
-                              "values, which Arrow cannot carry exactly; convert it or create the App with serializer='pickle'")
+        raise Unrepresentable(
+            f"has {label} of object dtype holding {present[0].__module__}.{present[0].__qualname__} "
+            "values, which Arrow cannot carry exactly; convert it or create the App with serializer='pickle'"
+        )
     if len(missing) > 1:
         raise Unrepresentable(f"has {label} of object dtype with missing values of different kinds "
                               f"({', '.join(sorted(repr(nulls[t]) for t in missing))}), which Arrow cannot tell apart; "
@@ -191,7 +212,7 @@ def _dtype_fix(values, dtype, label: str) -> dict | None:
     import pandas as pd
 
     if isinstance(dtype, np.dtype):
-        if dtype == object:
+        if dtype.kind == "O":
             return {"object": _object_fix(values, label)}
         if dtype.kind in "biufmM":
             return None
@@ -209,10 +230,8 @@ def _dtype_fix(values, dtype, label: str) -> dict | None:
 
 
 def _json(value: Any, label: str) -> Any:
-    from . import serialization
-
     try:
-        return serialization.to_jsonable(value, label)
+        return _form().to_jsonable(value, label)
     except SerializationError as exc:
         raise Unrepresentable(f"cannot carry its {exc}") from None
 
@@ -261,7 +280,9 @@ def _table(frame, meta: dict, *, index_label: str = "index", series: bool = Fals
 
     fixes = {}
     for i, dtype in enumerate(frame.dtypes):
-        if isinstance(dtype, np.dtype) and dtype.kind in "biufmM":   # plain numbers and times: nothing to check or restore
+        if (
+            isinstance(dtype, np.dtype) and dtype.kind in "biufmM"
+        ):  # plain numbers and times: nothing to check or restore
             continue
         fix = _dtype_fix(frame.iloc[:, i], dtype, label(i))
         if fix:
@@ -286,11 +307,8 @@ def _ipc(table, meta: dict, extra: dict | None = None, compression: str | None =
     """The IPC stream of ``table`` with nbqueue's metadata: bytes, or (``as_bytes=False``) the
     pyarrow Buffer it was written to, which spares a copy of a large stream."""
     import pyarrow as pa
-
-    from . import serialization
-
     metadata = dict(table.schema.metadata or {})
-    metadata[_META] = serialization.dumps(meta).encode()
+    metadata[_META] = _form().dumps(meta).encode()
     metadata.update(extra or {})
     table = table.replace_schema_metadata(metadata)
     options = pa.ipc.IpcWriteOptions(compression=compression) if compression else None
@@ -355,14 +373,11 @@ def _arrow_pack(obj: Any, compression: str | None = None) -> Blob:
 
 def _read(data: bytes):
     import pyarrow as pa
-
-    from . import serialization
-
     table = pa.ipc.open_stream(pa.py_buffer(data)).read_all()
     metadata = table.schema.metadata or {}
     if _META not in metadata:
         raise SerializationError("an Arrow payload without nbqueue's metadata")
-    return table, serialization.from_jsonable(serialization.loads(metadata[_META])), metadata
+    return table, _form().from_jsonable(_form().loads(metadata[_META])), metadata
 
 
 def _arrow_unpack(data: bytes):
@@ -442,7 +457,9 @@ def _fixed_categorical(categorical, fix: dict):
     import pandas as pd
 
     categories = _fixed_level(categorical.categories, fix)
-    return pd.Categorical.from_codes(categorical.codes, dtype=pd.CategoricalDtype(categories, ordered=categorical.ordered))
+    return pd.Categorical.from_codes(
+        categorical.codes, dtype=pd.CategoricalDtype(categories, ordered=categorical.ordered)
+    )
 
 
 def _fixed_values(values, fix: dict, column=None):

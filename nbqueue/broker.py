@@ -140,7 +140,9 @@ class Broker:
         raise NotImplementedError
 
     # consuming
-    def reserve(self, queues: Sequence[str], *, timeout: float = 0.0, lease: float = 30.0, limit: int = 1) -> list[Delivery]:
+    def reserve(
+        self, queues: Sequence[str], *, timeout: float = 0.0, lease: float = 30.0, limit: int = 1
+    ) -> list[Delivery]:
         raise NotImplementedError
 
     def ack(self, delivery: Delivery) -> bool:
@@ -226,7 +228,9 @@ def text_of(raw: bytes) -> tuple[str, str | None]:
     try:
         return raw.decode("utf-8"), None
     except UnicodeDecodeError as exc:
-        return raw.decode("utf-8", "surrogateescape"), f"message body is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+        return raw.decode(
+            "utf-8", "surrogateescape"
+        ), f"message body is not valid UTF-8 ({exc.reason} at byte {exc.start})"
 
 
 def checked_text(text: str) -> tuple[str, str | None]:

@@ -122,8 +122,10 @@ def refusal(app, message: dict, allow_cells: bool) -> NbqueueError | None:
         return SignatureError(f"cannot read the cell message to verify its signature ({exc}); the cell was not run")
     signature = fields.get("signature")
     if not signature:
-        return SignatureError("unsigned cell refused: this worker has a secret (NBQUEUE_SECRET) and the cell carries no "
-                              "signature; set the same secret where the cell is sent from. The cell was not run")
+        return SignatureError(
+            "unsigned cell refused: this worker has a secret (NBQUEUE_SECRET) and the cell carries no "
+            "signature; set the same secret where the cell is sent from. The cell was not run"
+        )
     if not isinstance(signature, str) or not hmac.compare_digest(signature, sign(secret, fields)):
         return SignatureError("cell signature does not match its content (tampered, or signed with another secret); "
                               "the cell was not run")
@@ -146,7 +148,9 @@ def _import(name: str, spec: list) -> Any:
     try:
         obj = importlib.import_module(module_name)
     except ImportError as exc:
-        raise CellError(f"the cell reads {name!r} from module {module_name!r}, which this worker cannot import: {exc}") from exc
+        raise CellError(
+            f"the cell reads {name!r} from module {module_name!r}, which this worker cannot import: {exc}"
+        ) from exc
     for part in (attribute.split(".") if attribute else []):
         obj = getattr(obj, part)
     return obj

@@ -29,7 +29,9 @@ def load_app(spec: str | None):
     try:
         app = getattr(module, attr or "app")
     except AttributeError:
-        raise ConfigurationError(f"module {module_name!r} has no attribute {attr or 'app'!r} (--app {spec!r})") from None
+        raise ConfigurationError(
+            f"module {module_name!r} has no attribute {attr or 'app'!r} (--app {spec!r})"
+        ) from None
     if not isinstance(app, App):
         raise ConfigurationError(f"--app {spec!r} is a {type(app).__name__}, not an nbqueue.App")
     return app
@@ -78,9 +80,18 @@ def _stores(app) -> str:
 def cmd_worker(args) -> int:
     app = load_app(args.app)
     check_stores(app)
-    worker = app.worker(concurrency=args.concurrency, queues=args.queues, allow_cells=args.allow_cells, echo_output=True,
-                        prefetch=args.prefetch, pool=args.pool, allow_code=args.allow_code, max_tasks_per_child=args.max_tasks_per_child,
-                        max_memory_per_child=args.max_memory_per_child, shutdown_grace=args.shutdown_grace)
+    worker = app.worker(
+        concurrency=args.concurrency,
+        queues=args.queues,
+        allow_cells=args.allow_cells,
+        echo_output=True,
+        prefetch=args.prefetch,
+        pool=args.pool,
+        allow_code=args.allow_code,
+        max_tasks_per_child=args.max_tasks_per_child,
+        max_memory_per_child=args.max_memory_per_child,
+        shutdown_grace=args.shutdown_grace,
+    )
     beat = None
     if args.beat:
         beat = app.scheduler()
@@ -89,7 +100,10 @@ def cmd_worker(args) -> int:
         from .metrics import serve_worker_metrics
 
         serve_worker_metrics(worker, args.metrics_port, args.metrics_host)
-        print(f"nbqueue worker {worker.name}: metrics on http://{args.metrics_host}:{args.metrics_port}/metrics", flush=True)
+        print(
+            f"nbqueue worker {worker.name}: metrics on http://{args.metrics_host}:{args.metrics_port}/metrics",
+            flush=True,
+        )
     _install_stop_handlers(lambda: (beat.stop() if beat else None, worker.stop(wait=False)), lambda: os._exit(1))
     units = "child process(es)" if args.pool == "processes" else "thread(s)"
     queues = ",".join(worker.queues)
@@ -97,7 +111,9 @@ def cmd_worker(args) -> int:
     worker.run()
     print(f"nbqueue worker {worker.name}: stopped after {worker.processed} task(s)", flush=True)
     if worker.crashed:
-        print(f"nbqueue worker {worker.name}: its executor threads died (see the log above)", file=sys.stderr, flush=True)
+        print(
+            f"nbqueue worker {worker.name}: its executor threads died (see the log above)", file=sys.stderr, flush=True
+        )
         return 1
     return 0
 
@@ -170,26 +186,40 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("-c", "--concurrency", type=int, default=os.cpu_count() or 1,
                    help="tasks run at once: threads, or child processes with --pool processes "
                         "(default: the CPU count, %(default)s)")
-    w.add_argument("-Q", "--queues", default=None, help="comma-separated queue names (default: the App's default queue)")
+    w.add_argument(
+        "-Q", "--queues", default=None, help="comma-separated queue names (default: the App's default queue)"
+    )
     w.add_argument("--prefetch", type=int, default=None, help="messages each thread reserves at once")
-    w.add_argument("--allow-cells", action="store_true", help="run %%%%task notebook cells shipped by producers (runs their code)")
+    w.add_argument(
+        "--allow-cells", action="store_true", help="run %%%%task notebook cells shipped by producers (runs their code)"
+    )
     w.add_argument("--pool", choices=("threads", "processes"), default="threads",
                    help="run tasks in threads (default; I/O-bound work) or in child processes (CPU-bound work)")
     w.add_argument("--allow-code", action="store_true",
                    help="run functions shipped from notebooks (runs their code; checked with NBQUEUE_SECRET when set)")
-    w.add_argument("--max-tasks-per-child", type=int, default=None, help="--pool processes: replace a child after this many tasks")
+    w.add_argument(
+        "--max-tasks-per-child", type=int, default=None, help="--pool processes: replace a child after this many tasks"
+    )
     w.add_argument("--max-memory-per-child", type=int, default=None,
                    help="--pool processes: replace a child whose peak resident memory passed this many KiB")
-    w.add_argument("--shutdown-grace", type=float, default=30.0,
-                   help="--pool processes: seconds running tasks may finish after SIGTERM before their children are stopped")
+    w.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=30.0,
+        help="--pool processes: seconds running tasks may finish after SIGTERM before their children are stopped",
+    )
     w.add_argument("--beat", action="store_true", help="also run the periodic-task scheduler")
-    w.add_argument("--metrics-port", type=int, default=None, help="serve this worker's Prometheus metrics on this port (/metrics)")
+    w.add_argument(
+        "--metrics-port", type=int, default=None, help="serve this worker's Prometheus metrics on this port (/metrics)"
+    )
     w.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port (default 127.0.0.1)")
     w.set_defaults(fn=cmd_worker)
 
     d = sub.add_parser("dashboard", help="serve the web dashboard (queues, workers, tasks, actions) and /metrics")
     d.add_argument("--app", help="module:attribute of the App (default: App.from_env())")
-    d.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other needs --password or --token)")
+    d.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other needs --password or --token)"
+    )
     d.add_argument("--port", type=int, default=8765)
     d.add_argument("--password", default=None, help="require this password (HTTP Basic; or NBQUEUE_DASHBOARD_PASSWORD)")
     d.add_argument("--token", default=None, help="require this token (?token=...; or NBQUEUE_DASHBOARD_TOKEN)")

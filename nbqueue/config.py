@@ -71,8 +71,10 @@ def check_options(options: dict) -> None:
         raise ConfigurationError("payload_compression must be 'zstd', 'lz4' or None, "
                                  f"not {options['payload_compression']!r}")
     if options.get("payloads") is not None and not isinstance(options["payloads"], str):
-        raise ConfigurationError("payloads must be a URL (s3://bucket/prefix, file:///dir, sqlite:///file.db, redis://...), "
-                                 f"not {options['payloads']!r}")
+        raise ConfigurationError(
+            "payloads must be a URL (s3://bucket/prefix, file:///dir, sqlite:///file.db, redis://...), "
+            f"not {options['payloads']!r}"
+        )
     if options.get("payload_options") is not None and not isinstance(options["payload_options"], dict):
         raise ConfigurationError("payload_options must be a dict of the payload filesystem's options, "
                                  f"not {options['payload_options']!r}")
@@ -109,10 +111,17 @@ def from_yaml(path: str) -> Config:
         elif key in DEFAULTS:
             options[key] = value
         elif key not in known_top:
-            raise ConfigurationError(f"unknown key {key!r} in {path} (known: {', '.join(sorted(known_top | set(DEFAULTS)))})")
+            raise ConfigurationError(
+                f"unknown key {key!r} in {path} (known: {', '.join(sorted(known_top | set(DEFAULTS)))})"
+            )
     if data.get("results_expire_in") is not None:
         options["results_expire_in"] = float(data["results_expire_in"])
-    return Config(broker=data.get("broker"), backend=data.get("result_backend"), default_queue=data.get("default_queue") or "nbqueue", options=options)
+    return Config(
+        broker=data.get("broker"),
+        backend=data.get("result_backend"),
+        default_queue=data.get("default_queue") or "nbqueue",
+        options=options,
+    )
 
 
 def from_env(environ: dict | None = None) -> Config:

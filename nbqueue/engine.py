@@ -97,7 +97,9 @@ class Engine(Protocol):
 
     def finish(self, outcomes: Sequence[Outcome], acks: Sequence[Delivery] = ()) -> Finished: ...
 
-    def run_next(self, outgoing: Sequence[Outgoing], *, lease: float, worker: str, begins: Begins | None = None) -> list[Claim]: ...
+    def run_next(
+        self, outgoing: Sequence[Outgoing], *, lease: float, worker: str, begins: Begins | None = None
+    ) -> list[Claim]: ...
 
     def extend(self, deliveries: Sequence[Delivery], lease: float) -> None: ...
 
@@ -151,8 +153,15 @@ class SplitEngine:
         wanted = [c for c in claims if c.message is not None and not c.delivery.after_lapse and begins(c.message)]
         if not wanted:
             return claims
-        fields = {c.message["id"]: {"retries": c.message.get("retries", 0), "name": c.message["name"], "queue": c.delivery.queue}
-                  for c in wanted if c.message is not None}
+        fields = {
+            c.message["id"]: {
+                "retries": c.message.get("retries", 0),
+                "name": c.message["name"],
+                "queue": c.delivery.queue,
+            }
+            for c in wanted
+            if c.message is not None
+        }
         tokens = self.backend.begin_many(list(fields), worker=worker, fields=fields)
         for c in wanted:
             assert c.message is not None
@@ -161,14 +170,18 @@ class SplitEngine:
                 c.delivery.token = c.token
         return claims
 
-    def run_next(self, outgoing: Sequence[Outgoing], *, lease: float, worker: str, begins: Begins | None = None) -> list[Claim]:
+    def run_next(
+        self, outgoing: Sequence[Outgoing], *, lease: float, worker: str, begins: Begins | None = None
+    ) -> list[Claim]:
         """Nothing taken: a split pair publishes follow-ups as usual (``runs_next`` is False)."""
         return []
 
     # -- finishing ----------------------------------------------------------------------------
     def finish(self, outcomes: Sequence[Outcome], acks: Sequence[Delivery] = ()) -> Finished:
         """Store the outcomes' results (fenced), count those with a group, then ack ``acks``."""
-        stored = self.backend.store_results([(o.task_id, o.state, o.token, o.fields) for o in outcomes]) if outcomes else []
+        stored = (
+            self.backend.store_results([(o.task_id, o.state, o.token, o.fields) for o in outcomes]) if outcomes else []
+        )
         counts: list[tuple[int, int] | None] = [self.backend.member_done(o.group, o.task_id) if ok else (-1, 0)
                                                 for o, ok in zip(outcomes, stored) if o.group is not None]
         if acks:

@@ -49,7 +49,14 @@ class NotRegistered(NbqueueError, KeyError):
 class TaskFailed(NbqueueError):
     """A task failed for good; carries the remote exception's type, message and traceback text."""
 
-    def __init__(self, task_id: str, exc_type: str | None, message: str | None, traceback: str | None = None, name: str | None = None):
+    def __init__(
+        self,
+        task_id: str,
+        exc_type: str | None,
+        message: str | None,
+        traceback: str | None = None,
+        name: str | None = None,
+    ):
         self.task_id = task_id
         self.exc_type = exc_type or "Error"
         self.message = message or ""

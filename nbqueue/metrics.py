@@ -48,7 +48,9 @@ class StoreCollector:
 
     def collect(self):
         status = self.app.status()
-        messages = GaugeMetricFamily("nbqueue_queue_messages", "Messages in a queue, by state", labels=["queue", "state"])
+        messages = GaugeMetricFamily(
+            "nbqueue_queue_messages", "Messages in a queue, by state", labels=["queue", "state"]
+        )
         dead = GaugeMetricFamily("nbqueue_dead_letters", "Dead-lettered messages of a queue", labels=["queue"])
         for row in status["queues"]:
             for state in QUEUE_STATES:
@@ -66,11 +68,19 @@ class StoreCollector:
         yield tasks
         workers = status["workers"]
         yield GaugeMetricFamily("nbqueue_workers", "Live workers (heartbeat not expired)", value=len(workers))
-        seen = GaugeMetricFamily("nbqueue_worker_last_heartbeat_timestamp_seconds", "When a live worker last sent its heartbeat",
-                                 labels=["worker", "host"])
-        threads = GaugeMetricFamily("nbqueue_worker_concurrency", "Executor threads of a live worker", labels=["worker", "host"])
-        done = GaugeMetricFamily("nbqueue_worker_processed_tasks", "Tasks a live worker has finished successfully since it started",
-                                 labels=["worker", "host"])
+        seen = GaugeMetricFamily(
+            "nbqueue_worker_last_heartbeat_timestamp_seconds",
+            "When a live worker last sent its heartbeat",
+            labels=["worker", "host"],
+        )
+        threads = GaugeMetricFamily(
+            "nbqueue_worker_concurrency", "Executor threads of a live worker", labels=["worker", "host"]
+        )
+        done = GaugeMetricFamily(
+            "nbqueue_worker_processed_tasks",
+            "Tasks a live worker has finished successfully since it started",
+            labels=["worker", "host"],
+        )
         for w in workers:
             labels = [str(w.get("worker_id")), str(w.get("host") or "")]
             seen.add_metric(labels, float(w.get("last_seen") or 0))
@@ -87,11 +97,20 @@ class WorkerMetrics:
     def __init__(self, worker, registry: Any = None):
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.tasks = Counter("nbqueue_tasks", "Task runs by how they ended (SUCCESS, FAILURE, RETRY)", ["name", "state"], registry=r)
+        self.tasks = Counter(
+            "nbqueue_tasks", "Task runs by how they ended (SUCCESS, FAILURE, RETRY)", ["name", "state"], registry=r
+        )
         self.retries = Counter("nbqueue_task_retries", "Task runs that end in a retry", ["name"], registry=r)
-        self.run_seconds = Histogram("nbqueue_task_run_seconds", "Run time of a task's function", ["name"], buckets=BUCKETS, registry=r)
-        self.wait_seconds = Histogram("nbqueue_task_queue_wait_seconds", "From when a message was due to the start of its run",
-                                      ["name"], buckets=BUCKETS, registry=r)
+        self.run_seconds = Histogram(
+            "nbqueue_task_run_seconds", "Run time of a task's function", ["name"], buckets=BUCKETS, registry=r
+        )
+        self.wait_seconds = Histogram(
+            "nbqueue_task_queue_wait_seconds",
+            "From when a message was due to the start of its run",
+            ["name"],
+            buckets=BUCKETS,
+            registry=r,
+        )
         self.running = Gauge("nbqueue_tasks_running", "Tasks running in this worker now", registry=r)
         self.info = Gauge("nbqueue_worker_info", "This worker (always 1)", ["worker", "queues"], registry=r)
         self.info.labels(worker.name, ",".join(worker.queues)).set(1)

@@ -69,7 +69,9 @@ import uuid
 from typing import Any, Callable, Iterable, Sequence
 from urllib.parse import quote, unquote, urlsplit
 
+from . import serialization
 from .errors import ConfigurationError, PayloadCorrupt, PayloadError, PayloadMissing, PayloadTooLarge
+from .serialization import PayloadRef, human_size, summary  # noqa: F401  (part of this module's interface)
 
 log = logging.getLogger(__name__)
 
@@ -103,86 +105,6 @@ def keys_in(text: str | None) -> set[str]:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
-
-
-def human_size(n: int) -> str:
-    """``43891992`` -> ``"44 MB"`` (decimal units, as file managers show them)."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            value = n / scale
-            return f"{value:.1f} {unit}" if value < 9.95 else f"{value:,.0f} {unit}"
-    return f"{n} bytes"
-
-
-def summary(info: dict, size: int) -> str:
-    """One line for a payload: ``DataFrame 1,000,000×5, 44 MB``, ``ndarray float64 1,000×1,000, 8.0 MB``."""
-    kind, shape = str(info.get("type") or "value"), info.get("shape")
-    if kind == "ndarray":
-        dims = "×".join(f"{n:,}" for n in shape or []) or "scalar"
-        text = f"ndarray {info.get('dtype', '')} {dims}".replace("  ", " ")
-    elif kind == "DataFrame" and shape and len(shape) == 2:
-        text = f"DataFrame {shape[0]:,}×{shape[1]:,}"
-    elif shape:
-        text = f"{kind} {shape[0]:,}"
-    else:
-        text = f"pickled {kind}" if info.get("pickled") else kind
-    compression = info.get("compression")
-    return f"{text}, {human_size(size)}" + (f" ({compression})" if compression else "")
-
-
-class PayloadRef:
-    """A value stored out of band, not loaded: what ``app.tasks()`` and the views show.
-
-    ``repr()`` is the summary (``DataFrame 1,000,000×5, 44 MB``); ``head()`` the first rows
-    of a DataFrame or Series (carried in the reference, no payload read); ``load()`` reads
-    and decodes the value through the App's payload store.
-    """
-
-    __slots__ = ("key", "codec", "size", "summary", "info", "_v", "_plane")
-
-    def __init__(self, v: dict, plane: "Plane | None" = None):
-        self.key, self.codec, self.size = v["key"], v["codec"], int(v.get("size") or 0)
-        self.info = {k: x for k, x in v.items() if k not in ("key", "codec", "size", "summary", "head", "store")}
-        self.summary = v.get("summary") or summary(self.info, self.size)
-        self._v, self._plane = v, plane
-
-    @property
-    def type(self) -> str:
-        return str(self.info.get("type") or "")
-
-    @property
-    def shape(self) -> tuple:
-        return tuple(self.info.get("shape") or ())
-
-    def head(self):
-        """The first rows (at most 5) and columns (at most 20) of a DataFrame or Series, or None."""
-        if not self._v.get("head"):
-            return None
-        from . import serialization
-
-        try:
-            return serialization.from_jsonable(self._v["head"])
-        except Exception:  # a preview that cannot be read is no preview
-            log.debug("cannot read the preview of %s", self.key, exc_info=True)
-            return None
-
-    def load(self) -> Any:
-        """The value: read (hash checked) and decoded. Raises PayloadMissing or PayloadCorrupt."""
-        if self._plane is None:
-            raise PayloadError(f"payload {self.key} ({self.summary}) can only be read through an App's serializer "
-                               "(app.serializer.decode), which knows the payload store")
-        return self._plane.load(self._v)
-
-    def __repr__(self) -> str:
-        return self.summary
-
-    __str__ = __repr__
-
-    def __eq__(self, other: Any) -> bool:
-        return isinstance(other, PayloadRef) and other.key == self.key
-
-    def __hash__(self) -> int:
-        return hash(self.key)
 
 
 # -- stores --------------------------------------------------------------------------------------------
@@ -525,8 +447,11 @@ class Plane:
     def __init__(self, *, url: str | None, threshold: int | None, compression: str | None, clock=None,
                  options: dict | None = None, why_none: str = "", resolve: Callable[..., PayloadStore] | None = None):
         """``resolve(url, clock=, options=)``: the store a URL names (nbqueue.drivers.payload_store)."""
-        self.resolve = resolve or (lambda url, **kwargs: FsspecPayloads(url, clock=kwargs.get("clock"),
-                                                                          options=(kwargs.get("options") or {}).get("payload_options")))
+        self.resolve = resolve or (
+            lambda url, **kwargs: FsspecPayloads(
+                url, clock=kwargs.get("clock"), options=(kwargs.get("options") or {}).get("payload_options")
+            )
+        )
         self.url, self.threshold, self.compression = url, threshold, compression
         self.clock, self.options, self.why_none = clock, dict(options or {}), why_none
         self._store: PayloadStore | None = None
@@ -589,8 +514,6 @@ class Plane:
                 "App(..., payloads='s3://bucket/prefix') or payloads='file:///shared/dir' (or sqlite:///path.db)")
 
     def _reference(self, obj: Any, blob, owner: str | None, scope) -> dict:
-        from .serialization import TAG
-
         info = dict(blob.info)
         if blob.codec == "pickle":
             info["pickled"] = True
@@ -617,7 +540,7 @@ class Plane:
         head = _head(obj)
         if head is not None:
             v["head"] = head
-        return {TAG: "ref", "v": v}
+        return {serialization.TAG: "ref", "v": v}
 
     def load(self, v: dict) -> Any:
         from . import blobs
@@ -656,7 +579,7 @@ def _head(obj: Any) -> dict | None:
     kind = type(obj).__name__
     if kind not in ("DataFrame", "Series") or not type(obj).__module__.startswith("pandas"):
         return None
-    from . import blobs, serialization
+    from . import blobs
 
     try:
         head = obj.iloc[:HEAD_ROWS, :HEAD_COLUMNS] if kind == "DataFrame" else obj.iloc[:HEAD_ROWS]
@@ -685,8 +608,15 @@ def attach(app, *, resolve: Callable[..., PayloadStore], holds: Callable[[str], 
                    f"({urlsplit(app.broker_url).scheme}://) cannot hold large values")
     threshold = option("payload_threshold")
     options = {k: v for k, v in app.config.options.items() if k not in ("clock",)}
-    plane = Plane(url=url, threshold=None if threshold is None else int(threshold),
-                  compression=option("payload_compression"), clock=app.clock, options=options, why_none=why, resolve=resolve)
+    plane = Plane(
+        url=url,
+        threshold=None if threshold is None else int(threshold),
+        compression=option("payload_compression"),
+        clock=app.clock,
+        options=options,
+        why_none=why,
+        resolve=resolve,
+    )
     app.serializer.plane = plane
     return plane
 

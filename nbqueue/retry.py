@@ -55,7 +55,9 @@ class Backoff:
         return None if data is None else cls(**data)
 
 
-def next_delay(retries_done: int, retry_timeout: float, backoff: dict | Backoff | None, rng: random.Random | None = None) -> tuple[float, float]:
+def next_delay(
+    retries_done: int, retry_timeout: float, backoff: dict | Backoff | None, rng: random.Random | None = None
+) -> tuple[float, float]:
     """Delay before the next attempt, and the retry_timeout to carry forward.
 
     ``retries_done`` counts the retries already used (0 before the first retry).

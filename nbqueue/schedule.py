@@ -40,8 +40,8 @@ from typing import Any, Callable, Iterator
 from croniter import croniter
 
 from . import payloads
-from .errors import ConfigurationError
 from .canvas import Signature, chain, chord, group
+from .errors import ConfigurationError
 from .signature import to_message
 from .task import Task, task_name
 
@@ -151,7 +151,10 @@ def parse_every(text: str) -> int:
     compact = text.strip()
     parts = _EVERY_PART.findall(compact)
     if not parts or _EVERY_PART.sub("", compact).strip():
-        raise InvalidSchedule(f"cannot read interval {text!r}: use whole numbers with units s, m, h, d, as in '@every 30s' or '@every 1h30m'")
+        raise InvalidSchedule(
+            f"cannot read interval {text!r}: use whole numbers with units s, m, h, d, as in '@every 30s' or '@every "
+            "1h30m'"
+        )
     seconds = sum(int(n) * _UNITS[unit.lower()] for n, unit in parts)
     if seconds <= 0:
         raise InvalidSchedule(f"interval {text!r} must be longer than zero")
@@ -169,7 +172,9 @@ def parse_spec(spec: str, tz: zoneinfo.ZoneInfo) -> EveryTrigger | CronTrigger:
     if text.startswith("@"):
         expr = ALIASES.get(text.lower())
         if expr is None:
-            raise InvalidSchedule(f"unknown schedule alias {text!r} (known: {', '.join(sorted(ALIASES))}, '@every <interval>')")
+            raise InvalidSchedule(
+                f"unknown schedule alias {text!r} (known: {', '.join(sorted(ALIASES))}, '@every <interval>')"
+            )
         return CronTrigger(expr, tz)
     if len(text.split()) != 5:
         raise InvalidSchedule(f"cron spec {spec!r} must have 5 fields (minute hour day-of-month month day-of-week), "
@@ -294,8 +299,14 @@ def _check_target(app, target: Any) -> Any:
     if isinstance(target, Task):
         target = target.s()
     if not isinstance(target, (Signature, group, chain, chord)):
-        hint = " (decorate a function with @app.periodic_task(spec) to register and schedule it)" if callable(target) else ""
-        raise InvalidSchedule(f"a schedule fires a Signature, group, chain or chord, not a {type(target).__name__}{hint}")
+        hint = (
+            " (decorate a function with @app.periodic_task(spec) to register and schedule it)"
+            if callable(target)
+            else ""
+        )
+        raise InvalidSchedule(
+            f"a schedule fires a Signature, group, chain or chord, not a {type(target).__name__}{hint}"
+        )
     for sig in _signatures(target):
         # fail in the cell that registers, not later in the scheduler thread
         task = app.registry.get(sig.name)
@@ -305,7 +316,9 @@ def _check_target(app, target: Any) -> Any:
     return target
 
 
-def register(app, spec: str, target: Any, *, name: str | None = None, catch_up: bool = False, timezone: Any = None) -> Schedule:
+def register(
+    app, spec: str, target: Any, *, name: str | None = None, catch_up: bool = False, timezone: Any = None
+) -> Schedule:
     """``app.periodic``: add or replace a schedule (re-running a cell replaces it)."""
     target = _check_target(app, target)
     if name is None:
@@ -331,7 +344,11 @@ def periodic_task(app, spec: str, *, name: str | None = None, catch_up: bool = F
     """``@app.periodic_task(spec)``: register the function as a task (if it is not one) and schedule it."""
 
     def decorate(fn: Callable) -> Task:
-        task = fn if isinstance(fn, Task) and fn.app is app else app.register_task(name or task_name(fn), fn, **task_options)
+        task = (
+            fn
+            if isinstance(fn, Task) and fn.app is app
+            else app.register_task(name or task_name(fn), fn, **task_options)
+        )
         register(app, spec, task.signature(args, kwargs), name=name or task.name, catch_up=catch_up, timezone=timezone)
         return task
 
@@ -446,7 +463,13 @@ class Scheduler:
                 firing = Firing(entry.name, latest, now, result, catch_up=not on_time, missed=missed)
                 log.info("schedule %s: sent %s for %s%s", entry.name, result.id, _fmt(latest, entry.timezone),
                          " (catch-up)" if not on_time else "")
-        new_state = {**state, "cursor": latest, "missed": int(state.get("missed", 0)) + missed, "spec": entry.spec, "timezone": entry.timezone}
+        new_state = {
+            **state,
+            "cursor": latest,
+            "missed": int(state.get("missed", 0)) + missed,
+            "spec": entry.spec,
+            "timezone": entry.timezone,
+        }
         if firing is not None:
             new_state.update(last_run=now, last_due=latest, last_id=firing.id)
         current = _load_state(self.app, entry.name)
@@ -456,8 +479,15 @@ class Scheduler:
 
     def _baseline(self, entry: Schedule, now: float) -> dict:
         """First sight of a schedule with no saved state: due times count from its registration."""
-        state = {"cursor": min(entry.registered_at, now), "missed": 0, "last_run": None, "last_due": None, "last_id": None,
-                 "spec": entry.spec, "timezone": entry.timezone}
+        state = {
+            "cursor": min(entry.registered_at, now),
+            "missed": 0,
+            "last_run": None,
+            "last_due": None,
+            "last_id": None,
+            "spec": entry.spec,
+            "timezone": entry.timezone,
+        }
         existing = _load_state(self.app, entry.name)
         if existing is not None:
             return existing

@@ -11,7 +11,7 @@ ride inside the JSON as base64 (``{"__nbq__": "blob", "v": {"codec", "b64", ...}
 through an App's ``Serializer`` when their bytes are larger than its ``payload_threshold``,
 in its payload store, referenced by content hash (``{"__nbq__": "ref", "v": {"key", ...}}``,
 see payloads.py); ``Serializer.decode(..., lazy=True)`` gives a reference as a
-``payloads.PayloadRef`` (its summary) instead of reading it.
+``PayloadRef`` (its summary) instead of reading it.
 
 Refused with a SerializationError naming where the value sits (``where`` plus the path
 inside it): any other type, a subclass of a supported type (it would arrive as its
@@ -28,11 +28,14 @@ import decimal
 import fractions
 import io
 import json
+import logging
+import sys
 import uuid
 import zoneinfo
 from typing import Any
 
-from .errors import PayloadTooLarge, SerializationError
+from . import blobs
+from .errors import PayloadError, PayloadTooLarge, SerializationError
 
 TAG = "__nbq__"
 
@@ -321,8 +324,6 @@ def _blob_to_json(blob) -> dict:
 
 
 def _blob_from_json(o: dict, allow_pickle: bool):
-    from . import blobs
-
     v = o["v"]
     if v["codec"] == "pickle" and not allow_pickle:
         raise SerializationError(_PICKLE_REFUSED)
@@ -340,8 +341,6 @@ def _binary(obj: Any, make) -> dict:
 
 
 def _pack(obj: Any, depth: int) -> dict:
-    from . import blobs
-
     try:
         return _binary(obj, lambda compression: blobs.pack(obj, compression))
     except blobs.Unrepresentable as exc:
@@ -353,8 +352,6 @@ def _pack(obj: Any, depth: int) -> dict:
 def _dec_ref(o: dict, p: bool):
     """A value stored out of band: read from the payload store once per decode (equal payloads
     in one value decode to one object), or, decoding lazily, its PayloadRef."""
-    from .payloads import PayloadRef
-
     plane, lazy, cache = _DECODING.get() or (None, False, None)
     v = o["v"]
     if lazy:
@@ -367,6 +364,88 @@ def _dec_ref(o: dict, p: bool):
     if cache is not None:
         cache[v["key"]] = value
     return value
+
+
+# -- values stored out of band (payloads.py stores and reads them; a reference is part of the JSON form) --
+log = logging.getLogger("nbqueue.payloads")
+
+
+def human_size(n: int) -> str:
+    """``43891992`` -> ``"44 MB"`` (decimal units, as file managers show them)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            value = n / scale
+            return f"{value:.1f} {unit}" if value < 9.95 else f"{value:,.0f} {unit}"
+    return f"{n} bytes"
+
+
+def summary(info: dict, size: int) -> str:
+    """One line for a payload: ``DataFrame 1,000,000×5, 44 MB``, ``ndarray float64 1,000×1,000, 8.0 MB``."""
+    kind, shape = str(info.get("type") or "value"), info.get("shape")
+    if kind == "ndarray":
+        dims = "×".join(f"{n:,}" for n in shape or []) or "scalar"
+        text = f"ndarray {info.get('dtype', '')} {dims}".replace("  ", " ")
+    elif kind == "DataFrame" and shape and len(shape) == 2:
+        text = f"DataFrame {shape[0]:,}×{shape[1]:,}"
+    elif shape:
+        text = f"{kind} {shape[0]:,}"
+    else:
+        text = f"pickled {kind}" if info.get("pickled") else kind
+    compression = info.get("compression")
+    return f"{text}, {human_size(size)}" + (f" ({compression})" if compression else "")
+
+
+class PayloadRef:
+    """A value stored out of band, not loaded: what ``app.tasks()`` and the views show.
+
+    ``repr()`` is the summary (``DataFrame 1,000,000×5, 44 MB``); ``head()`` the first rows
+    of a DataFrame or Series (carried in the reference, no payload read); ``load()`` reads
+    and decodes the value through the App's payload store (``plane``, a payloads.Plane).
+    """
+
+    __slots__ = ("key", "codec", "size", "summary", "info", "_v", "_plane")
+
+    def __init__(self, v: dict, plane: Any = None):
+        self.key, self.codec, self.size = v["key"], v["codec"], int(v.get("size") or 0)
+        self.info = {k: x for k, x in v.items() if k not in ("key", "codec", "size", "summary", "head", "store")}
+        self.summary = v.get("summary") or summary(self.info, self.size)
+        self._v, self._plane = v, plane
+
+    @property
+    def type(self) -> str:
+        return str(self.info.get("type") or "")
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.info.get("shape") or ())
+
+    def head(self):
+        """The first rows (at most 5) and columns (at most 20) of a DataFrame or Series, or None."""
+        if not self._v.get("head"):
+            return None
+        try:
+            return from_jsonable(self._v["head"])
+        except Exception:  # a preview that cannot be read is no preview
+            log.debug("cannot read the preview of %s", self.key, exc_info=True)
+            return None
+
+    def load(self) -> Any:
+        """The value: read (hash checked) and decoded. Raises PayloadMissing or PayloadCorrupt."""
+        if self._plane is None:
+            raise PayloadError(f"payload {self.key} ({self.summary}) can only be read through an App's serializer "
+                               "(app.serializer.decode), which knows the payload store")
+        return self._plane.load(self._v)
+
+    def __repr__(self) -> str:
+        return self.summary
+
+    __str__ = __repr__
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, PayloadRef) and other.key == self.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
 
 
 def _pandas_to_json(obj: Any, depth: int) -> Any:
@@ -612,7 +691,6 @@ class Serializer:
         except SerializationError:
             if not self.pickle:
                 raise
-        from . import blobs
 
         try:
             return _binary(obj, lambda compression: blobs.pack_pickle(obj, where, compression))
@@ -668,3 +746,7 @@ def loads(text: str | bytes) -> Any:
         except _orjson.JSONDecodeError:
             pass  # let the standard library decide (and word the error)
     return json.loads(text)
+
+
+# blobs.py writes the JSON form of labels and metadata inside the Arrow streams it packs
+blobs.use_json(sys.modules[__name__])

@@ -311,7 +311,9 @@ def with_code_queues(queues: list[str]) -> list[str]:
 
 def sign(secret: str, name: str, key: str, origin: str | None) -> str:
     """HMAC-SHA256 (hex) over a shipped function's task name, code hash and sending process."""
-    body = json.dumps({"kind": "code", "name": name, "key": key, "origin": origin}, sort_keys=True, separators=(",", ":"))
+    body = json.dumps(
+        {"kind": "code", "name": name, "key": key, "origin": origin}, sort_keys=True, separators=(",", ":")
+    )
     return hmac.new(secret.encode("utf-8"), body.encode("ascii"), hashlib.sha256).hexdigest()
 
 
@@ -320,9 +322,9 @@ def attach(app, sig, message: dict) -> None:
     notebook (``fit.s()``, ``fit.delay()``: ``Signature.ship_code``) gets its ``code`` field
     (the function registered under its name now) and is routed to the code queue; the same
     for its callbacks. A function that cannot be pickled (it reads a lock, a connection)
-    is sent by name instead: it runs where it is registered. A signature by name (``Signature("fit")``, ``app.signature("fit")``)
-    goes by name, as ever: to whichever worker of its queue has that task (a module
-    exported from the notebook, say)."""
+    is sent by name instead: it runs where it is registered. A signature by name
+    (``Signature("fit")``, ``app.signature("fit")``) goes by name, as ever: to whichever
+    worker of its queue has that task (a module exported from the notebook, say)."""
     if getattr(sig, "ship_code", False):
         task = app.registry.get(message["name"])
         shipped = None
@@ -337,14 +339,21 @@ def attach(app, sig, message: dict) -> None:
         if shipped is not None:
             if len(shipped.data) <= INLINE_LIMIT:
                 secret = builtin.secret_of(app)
-                message["code"] = {"key": shipped.key, "data": shipped.b64, "origin": builtin.PROCESS_TOKEN,
-                                   "signature": sign(secret, message["name"], shipped.key, builtin.PROCESS_TOKEN) if secret else None}
+                message["code"] = {
+                    "key": shipped.key,
+                    "data": shipped.b64,
+                    "origin": builtin.PROCESS_TOKEN,
+                    "signature": sign(secret, message["name"], shipped.key, builtin.PROCESS_TOKEN) if secret else None,
+                }
                 message["queue"] = code_queue(message["queue"])
             elif shipped.key not in _warned:
                 _warned.add(shipped.key)
-                log.warning("task %r and the globals it reads pickle to %.1f MB: it is not shipped to other workers "
-                            "(only this kernel's workers run it); pass large data as arguments or load it inside the task",
-                            message["name"], len(shipped.data) / 1e6)
+                log.warning(
+                    "task %r and the globals it reads pickle to %.1f MB: it is not shipped to other workers "
+                    "(only this kernel's workers run it); pass large data as arguments or load it inside the task",
+                    message["name"],
+                    len(shipped.data) / 1e6,
+                )
     for key in ("on_success", "on_error"):
         for callback, nested in zip(getattr(sig, key, None) or [], message.get(key) or []):
             attach(app, callback, nested)
@@ -360,21 +369,29 @@ def refusal(app, message: dict, allow_code: bool) -> NbqueueError | None:
             "code (start it with --allow-code / allow_code=True); nothing was unpickled or run")
     code = message.get("code")
     if not isinstance(code, dict) or not isinstance(code.get("key"), str) or not isinstance(code.get("data"), str):
-        return MessageError("the message's shipped code is malformed (its 'code' field needs 'key' and 'data' strings); nothing was run")
+        return MessageError(
+            "the message's shipped code is malformed (its 'code' field needs 'key' and 'data' strings); nothing was run"
+        )
     try:
         data = base64.b64decode(code["data"], validate=True)
     except ValueError as exc:
         return MessageError(f"the message's shipped code is not valid base64 ({exc}); nothing was run")
     if not hmac.compare_digest(hashlib.sha256(data).hexdigest(), code["key"]):
-        return SignatureError("shipped code does not match its hash (corrupted or altered); nothing was unpickled or run")
+        return SignatureError(
+            "shipped code does not match its hash (corrupted or altered); nothing was unpickled or run"
+        )
     secret = builtin.secret_of(app)
     if not secret:
         return None
     signature = code.get("signature")
     if not signature:
-        return SignatureError("unsigned code refused: this worker has a secret (NBQUEUE_SECRET) and the shipped function carries "
-                              "no signature; set the same secret where it is sent from. Nothing was unpickled or run")
-    if not isinstance(signature, str) or not hmac.compare_digest(signature, sign(secret, message["name"], code["key"], code.get("origin"))):
+        return SignatureError(
+            "unsigned code refused: this worker has a secret (NBQUEUE_SECRET) and the shipped function carries "
+            "no signature; set the same secret where it is sent from. Nothing was unpickled or run"
+        )
+    if not isinstance(signature, str) or not hmac.compare_digest(
+        signature, sign(secret, message["name"], code["key"], code.get("origin"))
+    ):
         return SignatureError("shipped code signature does not match (altered, or signed with another secret); "
                               "nothing was unpickled or run")
     return None
@@ -462,5 +479,19 @@ def task_for(worker, message: dict, task, queue: str | None = None):
     return ShippedTask(message)
 
 
-__all__ = ["Shipped", "pack", "load", "defined_in_notebook", "interactive", "code_queue", "with_code_queues", "sign", "attach", "refusal",
-           "ShippedTask", "task_for", "HAND_BACK", "INLINE_LIMIT"]
+__all__ = [
+    "Shipped",
+    "pack",
+    "load",
+    "defined_in_notebook",
+    "interactive",
+    "code_queue",
+    "with_code_queues",
+    "sign",
+    "attach",
+    "refusal",
+    "ShippedTask",
+    "task_for",
+    "HAND_BACK",
+    "INLINE_LIMIT",
+]

@@ -84,8 +84,11 @@ def sending(name: str, count: int = 1):
     tracer = _tracer()
     if tracer is None:
         return _NULL
-    return tracer.start_as_current_span(f"send {name}", kind=SpanKind.PRODUCER,
-                                        attributes={"messaging.system": "nbqueue", "messaging.batch.message_count": count})
+    return tracer.start_as_current_span(
+        f"send {name}",
+        kind=SpanKind.PRODUCER,
+        attributes={"messaging.system": "nbqueue", "messaging.batch.message_count": count},
+    )
 
 
 def inject(message: dict) -> None:
@@ -106,6 +109,13 @@ def running(message: dict, queue: str | None = None):
         return _NULL
     headers = message.get("headers")
     parent = propagate.extract(headers) if isinstance(headers, dict) and "traceparent" in headers else None
-    attributes = {"messaging.system": "nbqueue", "messaging.message.id": message.get("id", ""), "nbqueue.task.name": message.get("name", ""),
-                  "messaging.destination.name": queue or message.get("queue") or "", "nbqueue.task.retries": int(message.get("retries") or 0)}
-    return tracer.start_as_current_span(f"run {message.get('name')}", context=parent, kind=SpanKind.CONSUMER, attributes=attributes)
+    attributes = {
+        "messaging.system": "nbqueue",
+        "messaging.message.id": message.get("id", ""),
+        "nbqueue.task.name": message.get("name", ""),
+        "messaging.destination.name": queue or message.get("queue") or "",
+        "nbqueue.task.retries": int(message.get("retries") or 0),
+    }
+    return tracer.start_as_current_span(
+        f"run {message.get('name')}", context=parent, kind=SpanKind.CONSUMER, attributes=attributes
+    )

@@ -317,8 +317,11 @@ def engine_factory(request, tmp_path, qname):
 
     broker_kind, _, backend_kind = request.param.partition("+")
     broker_url = store_url(broker_kind, tmp_path)
-    backend_url = broker_url if not backend_kind else store_url("amqp-results" if backend_kind == "amqp" else backend_kind,
-                                                                 tmp_path / "results")
+    backend_url = (
+        broker_url
+        if not backend_kind
+        else store_url("amqp-results" if backend_kind == "amqp" else backend_kind, tmp_path / "results")
+    )
     (tmp_path / "results").mkdir(exist_ok=True)
     made = []
 

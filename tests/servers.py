@@ -106,8 +106,8 @@ class LocalServer:
 
 def _moto_command(port: int):
     try:
-        import moto.server  # noqa: F401
         import flask  # noqa: F401
+        import moto.server  # noqa: F401
     except ImportError:
         return None
     return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]

@@ -26,16 +26,23 @@ from urllib.parse import urlsplit
 import pika
 import pytest
 
+from nbqueue.broker import Outgoing
 from nbqueue.drivers import broker_from_url
 from nbqueue.drivers.amqp.broker import (
-    H_ETA, MAX_BUCKET, MAX_HOP_MS, MAX_TTL_MS, AMQPBroker, dead_queue_name, delay_bucket, delay_queue_name,
+    H_ETA,
+    MAX_BUCKET,
+    MAX_HOP_MS,
+    MAX_TTL_MS,
+    AMQPBroker,
+    dead_queue_name,
+    delay_bucket,
+    delay_queue_name,
     delay_queue_names,
 )
-from nbqueue.broker import Outgoing
 from nbqueue.errors import ConfigurationError, ConnectionLost, PublishRefused
+from nbqueue.testing import wait_for
 
 from conftest import AMQP_URL, IN_CI, free_port, require_server
-from nbqueue.testing import wait_for
 
 
 @pytest.fixture
@@ -109,12 +116,18 @@ class RabbitMQNode:
 
     def start(self) -> None:
         with open(self.dir / "log" / "server.out", "ab") as log:
-            self.proc = subprocess.Popen(["rabbitmq-server"], env=self.env(), cwd=self.dir, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                ["rabbitmq-server"], env=self.env(), cwd=self.dir, stdout=log, stderr=subprocess.STDOUT
+            )
 
         def up() -> bool:
-            assert self.proc.poll() is None, "rabbitmq-server exited: " + (self.dir / "log" / "server.out").read_text()[-2000:]
+            assert self.proc.poll() is None, (
+                "rabbitmq-server exited: " + (self.dir / "log" / "server.out").read_text()[-2000:]
+            )
             try:
-                pika.BlockingConnection(pika.URLParameters(self.url + "?connection_attempts=1&socket_timeout=1")).close()
+                pika.BlockingConnection(
+                    pika.URLParameters(self.url + "?connection_attempts=1&socket_timeout=1")
+                ).close()
                 return True
             except pika.exceptions.AMQPError:
                 return False
@@ -160,7 +173,9 @@ def own_rabbitmq():
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def out(queue: str, body: str = "{}", *, id: str | None = None, eta: float | None = None, priority: int = 0) -> Outgoing:
+def out(
+    queue: str, body: str = "{}", *, id: str | None = None, eta: float | None = None, priority: int = 0
+) -> Outgoing:
     return Outgoing(id=id or str(uuid.uuid4()), body=body, queue=queue, eta=eta, priority=priority)
 
 
@@ -201,7 +216,9 @@ def test_publish_nacked_by_a_queue_length_limit_is_refused(amqp, qname):
     needs_rabbitmqctl()
     broker, q = amqp(), qname("full")
     policy = f"nbq-test-{q}"
-    rabbitmqctl("set_policy", "--apply-to", "queues", policy, f"^{q}$", '{"max-length": 1, "overflow": "reject-publish"}')
+    rabbitmqctl(
+        "set_policy", "--apply-to", "queues", policy, f"^{q}$", '{"max-length": 1, "overflow": "reject-publish"}'
+    )
     try:
         broker.publish(out(q, id="fits"))
         # the policy applies to the queue just declared; wait until the server says so

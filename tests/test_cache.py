@@ -17,7 +17,7 @@ from nbqueue import cache, states
 from nbqueue.clock import ManualClock
 from nbqueue.testing import wait_for
 
-from conftest import require_server, private_redis_url, session_server_url
+from conftest import private_redis_url, require_server, session_server_url
 
 KINDS = ["sqlite", "memory", "redis", "amqp-results"]
 

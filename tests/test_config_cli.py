@@ -34,7 +34,11 @@ def test_from_yaml_reads_a_machinery_style_config(tmp_path):
         """))
     app = nbqueue.App.from_yaml(str(config))
     try:
-        assert (app.default_queue, app.visibility_timeout, app.backend.results_expire_in) == ("machinery_tasks", 12.0, 3600.0)
+        assert (app.default_queue, app.visibility_timeout, app.backend.results_expire_in) == (
+            "machinery_tasks",
+            12.0,
+            3600.0,
+        )
         assert app.config.option("poll_interval") == 0.05
         assert app.broker.path == str(tmp_path / "broker.db") and app.backend.path == str(tmp_path / "results.db")
         app.register_task("add", lambda x, y: x + y)
@@ -77,7 +81,9 @@ def test_from_env_reads_broker_backend_and_default_queue(tmp_path, monkeypatch):
     monkeypatch.setenv("NBQUEUE_VISIBILITY_TIMEOUT", "7.5")
     app = nbqueue.App.from_env()
     try:
-        assert app.broker.path == str(tmp_path / "env-broker.db") and app.backend.path == str(tmp_path / "env-results.db")
+        assert app.broker.path == str(tmp_path / "env-broker.db") and app.backend.path == str(
+            tmp_path / "env-results.db"
+        )
         assert (app.default_queue, app.visibility_timeout, app.backend.results_expire_in) == ("from-env", 7.5, 60.0)
     finally:
         app.close()

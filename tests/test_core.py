@@ -35,7 +35,9 @@ def pump(worker, until, timeout: float = 15.0) -> None:
     while not until():
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s of processing")
-        for delivery in worker.app.broker.reserve(worker.queues, timeout=0.05, lease=worker.lease, limit=worker.concurrency):
+        for delivery in worker.app.broker.reserve(
+            worker.queues, timeout=0.05, lease=worker.lease, limit=worker.concurrency
+        ):
             worker.process(delivery)
 
 
@@ -156,9 +158,22 @@ def test_signature_fields_travel_in_the_message(sqlite_app, qname):
     app = sqlite_app
     other_queue = qname("other")
     eta = dt.datetime(2031, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
-    sig = Signature("t", args=[1, "a"], kwargs={"k": 2}, id="fixed-id", queue=other_queue, eta=eta, priority=7,
-                    headers={"trace": "abc"}, retry_count=2, retry_timeout=3, immutable=True,
-                    on_success=[Signature("ok_cb")], on_error=[Signature("err_cb", args=[9])], ignore_when_not_registered=True)
+    sig = Signature(
+        "t",
+        args=[1, "a"],
+        kwargs={"k": 2},
+        id="fixed-id",
+        queue=other_queue,
+        eta=eta,
+        priority=7,
+        headers={"trace": "abc"},
+        retry_count=2,
+        retry_timeout=3,
+        immutable=True,
+        on_success=[Signature("ok_cb")],
+        on_error=[Signature("err_cb", args=[9])],
+        ignore_when_not_registered=True,
+    )
     message, record, out = app.prepare(sig.replace())
     assert (message["id"], message["name"], message["args"], message["kwargs"]) == ("fixed-id", "t", [1, "a"], {"k": 2})
     assert (message["queue"], message["eta"], message["priority"]) == (other_queue, eta.timestamp(), 7)
@@ -264,7 +279,21 @@ def test_tasks_frame_lists_records_and_filters_by_state_name_and_limit(app):
     pump(app.worker(), lambda: all(r.ready() for r in (ok1, ok2, bad)))
 
     frame = app.tasks()
-    required = ["id", "name", "state", "args", "kwargs", "result", "error", "retries", "queue", "created", "started", "finished", "runtime"]
+    required = [
+        "id",
+        "name",
+        "state",
+        "args",
+        "kwargs",
+        "result",
+        "error",
+        "retries",
+        "queue",
+        "created",
+        "started",
+        "finished",
+        "runtime",
+    ]
     assert set(required) <= set(frame.columns)
     assert set(frame["id"]) == {ok1.id, ok2.id, bad.id}
     row = frame.set_index("id").loc[ok1.id]
@@ -635,7 +664,9 @@ def test_malformed_messages_are_dead_lettered_and_the_worker_keeps_going(app):
     app.broker.publish(Outgoing(id="no-name", body='{"id": "no-name", "args": [], "kwargs": {}}', queue=queue))
     app.broker.publish(Outgoing(id="not-object", body="[1, 2, 3]", queue=queue))
     assert add.delay(2, 2).get(timeout=15) == 4
-    dead = wait_for(lambda: (lambda d: d if len(d) == 3 else None)({x["id"]: x["reason"] for x in app.broker.dead_letters(queue)}))
+    dead = wait_for(
+        lambda: (lambda d: d if len(d) == 3 else None)({x["id"]: x["reason"] for x in app.broker.dead_letters(queue)})
+    )
     assert "not valid JSON" in dead["not-json"]
     assert "lacks required field" in dead["no-name"] and "name" in dead["no-name"]
     assert "not a JSON object" in dead["not-object"]
@@ -652,7 +683,9 @@ def test_countdown_and_eta_tasks_never_run_before_they_are_due(app_factory):
     app = app_factory(clock=clock)
     add, _ = register_basics(app)
     soon = add.apply_async((1, 1), countdown=30)
-    later = app.send_task(Signature("add", args=[2, 2], eta=dt.datetime.fromtimestamp(clock.time() + 60, tz=dt.timezone.utc)))
+    later = app.send_task(
+        Signature("add", args=[2, 2], eta=dt.datetime.fromtimestamp(clock.time() + 60, tz=dt.timezone.utc))
+    )
     worker = app.worker()
     assert worker.step() == 0
     assert queue_counts(app)["delayed"] == 2

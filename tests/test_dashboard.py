@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -108,7 +107,9 @@ def test_metrics_counts_match_app_tasks_after_a_run(app_factory):
 
     text = client_for(app).get("/metrics").text
     tasks = metric_values(text, "nbqueue_tasks")
-    assert {(dict(k)["state"], dict(k)["name"]): v for k, v in tasks.items()} == {k: float(v) for k, v in expected.items()}
+    assert {(dict(k)["state"], dict(k)["name"]): v for k, v in tasks.items()} == {
+        k: float(v) for k, v in expected.items()
+    }
     assert sum(tasks.values()) == len(frame) == 20
     assert "nbqueue_queue_messages" in text and "nbqueue_workers" in text
 
@@ -304,9 +305,14 @@ def test_binding_beyond_loopback_needs_a_password_or_token(tmp_path):
         dashboard.check_binding("0.0.0.0", None, None)
     dashboard.check_binding("0.0.0.0", "secret", None)
     dashboard.check_binding("127.0.0.1", None, None)
-    proc = subprocess.run([sys.executable, "-m", "nbqueue", "dashboard", "--host", "0.0.0.0", "--app", "nosuchmodule:app"],
-                          capture_output=True, text=True, timeout=60, cwd=tmp_path,
-                          env={**os.environ, "NBQUEUE_DASHBOARD_PASSWORD": "", "NBQUEUE_DASHBOARD_TOKEN": ""})
+    proc = subprocess.run(
+        [sys.executable, "-m", "nbqueue", "dashboard", "--host", "0.0.0.0", "--app", "nosuchmodule:app"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env={**os.environ, "NBQUEUE_DASHBOARD_PASSWORD": "", "NBQUEUE_DASHBOARD_TOKEN": ""},
+    )
     assert proc.returncode == 2 and ("--password or --token" in proc.stderr or "nosuchmodule" in proc.stderr)
 
 
@@ -395,10 +401,17 @@ def test_nbqueue_worker_metrics_port_serves_prometheus_text(tmp_path, monkeypatc
     from conftest import free_port
 
     (tmp_path / "mtasks.py").write_text(
-        "import nbqueue\napp = nbqueue.App('sqlite:///dash.db')\n\n@app.task(name='add')\ndef add(x, y):\n    return x + y\n")
+        "import nbqueue\napp = nbqueue.App('sqlite:///dash.db')\n\n@app.task(name='add')\ndef add(x, y):\n    return x "
+        "+ y\n"
+    )
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "nbqueue", "worker", "--app", "mtasks:app", "-c", "1", "--metrics-port", str(port)],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nbqueue", "worker", "--app", "mtasks:app", "-c", "1", "--metrics-port", str(port)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         monkeypatch.syspath_prepend(str(tmp_path))
         monkeypatch.chdir(tmp_path)
@@ -421,9 +434,9 @@ def test_nbqueue_worker_metrics_port_serves_prometheus_text(tmp_path, monkeypatc
 
 
 def test_dashboard_thread_starts_and_stops(tmp_path):
-    from conftest import free_port
-
     from nbqueue.dashboard import start
+
+    from conftest import free_port
 
     app = sqlite_app(tmp_path)
     dash = start(app, port=free_port())
@@ -450,7 +463,9 @@ def test_sqlite_dashboard_reads_only_while_four_worker_processes_drain(tmp_path)
     transaction), and every page and stream answers while 4 `nbqueue worker` processes
     drain 10,000 tasks."""
     (tmp_path / "ltasks.py").write_text(
-        "import nbqueue\napp = nbqueue.App('sqlite:///load.db')\n\n@app.task(name='inc')\ndef inc(x):\n    return x + 1\n")
+        "import nbqueue\napp = nbqueue.App('sqlite:///load.db')\n\n@app.task(name='inc')\ndef inc(x):\n    return x + "
+        "1\n"
+    )
     sys.path.insert(0, str(tmp_path))
     cwd = os.getcwd()
     os.chdir(tmp_path)
@@ -467,8 +482,15 @@ def test_sqlite_dashboard_reads_only_while_four_worker_processes_drain(tmp_path)
         with store._lock:
             store.conn.set_trace_callback(statements.append)
         client = client_for(app)
-        procs = [subprocess.Popen([sys.executable, "-m", "nbqueue", "worker", "--app", "ltasks:app", "-c", "2"], cwd=tmp_path,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(4)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "nbqueue", "worker", "--app", "ltasks:app", "-c", "2"],
+                cwd=tmp_path,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for _ in range(4)
+        ]
         codes: list[int] = []
         streamed: list[dict] = []
         stop = threading.Event()
@@ -505,7 +527,11 @@ def test_sqlite_dashboard_reads_only_while_four_worker_processes_drain(tmp_path)
         sys.modules.pop("ltasks", None)
     assert codes and set(codes) == {200}, set(codes)
     assert len(streamed) >= 2
-    writes = [s for s in statements if s.split(None, 1)[0].upper() in ("INSERT", "UPDATE", "DELETE", "REPLACE", "BEGIN", "CREATE")]
+    writes = [
+        s
+        for s in statements
+        if s.split(None, 1)[0].upper() in ("INSERT", "UPDATE", "DELETE", "REPLACE", "BEGIN", "CREATE")
+    ]
     assert statements and not writes, writes[:5]
 
 
@@ -529,7 +555,9 @@ def test_cancel_workflow_revokes_what_has_not_run(tmp_path):
     first = flow.results[0]
     wait_for(lambda: first.state == states.STARTED, timeout=20)
     out = client_for(app).post(f"/api/tasks/{first.id}/cancel-workflow", headers=ACTION).json()
-    assert out["ok"] and out["revoked"] == 5 and "5 of the workflow's 5" in out["message"]    # the step, the group, 3 members
+    assert (
+        out["ok"] and out["revoked"] == 5 and "5 of the workflow's 5" in out["message"]
+    )  # the step, the group, 3 members
     gate.set()
     wait_for(lambda: app.backend.get(first.id)["finished_at"] is not None, timeout=20)
     worker.stop()
@@ -546,7 +574,13 @@ def test_a_queue_is_known_from_tasks_and_workers_even_when_empty(tmp_path):
         return None
 
     client = client_for(app)
-    assert client.get("/api/queues/emails").json()["queue"] == {"queue": "emails", "ready": 0, "delayed": 0, "in_flight": 0, "dead": 0}
+    assert client.get("/api/queues/emails").json()["queue"] == {
+        "queue": "emails",
+        "ready": 0,
+        "delayed": 0,
+        "in_flight": 0,
+        "dead": 0,
+    }
     assert client.get(f"/api/queues/{app.default_queue}").status_code == 200
     worker = app.start_worker(1, queues=["reports"])
     wait_for(lambda: app.status()["workers"], timeout=20)
@@ -566,7 +600,11 @@ def test_a_backend_that_cannot_list_still_serves_the_page_and_task_pages(tmp_pat
         worker.stop()
         client = client_for(app)
         home = client.get("/api/tasks")
-        assert home.status_code == 200 and home.json()["tasks"] == [] and "a task's page is still found by its id" in home.json()["unsupported"]
+        assert (
+            home.status_code == 200
+            and home.json()["tasks"] == []
+            and "a task's page is still found by its id" in home.json()["unsupported"]
+        )
         assert client.get("/").status_code == 200
         assert client.get(f"/api/tasks/{r.id}").json()["result"] == {"kind": "text", "text": "9"}
         assert "nbqueue_queue_messages" in client.get("/metrics").text
@@ -577,8 +615,9 @@ def test_a_backend_that_cannot_list_still_serves_the_page_and_task_pages(tmp_pat
 
 def test_nbqueue_dashboard_magic_shows_an_iframe_and_stops(tmp_path, monkeypatch):
     pytest.importorskip("IPython")
-    from conftest import free_port, ipython_shell
     from nbqueue.notebook import magics as nbmagics
+
+    from conftest import free_port, ipython_shell
 
     shell = ipython_shell(monkeypatch)
     shell.reset(new_session=False)
@@ -607,8 +646,13 @@ def test_nbqueue_dashboard_command_serves_the_app(tmp_path):
 
     (tmp_path / "ctasks.py").write_text("import nbqueue\napp = nbqueue.App('sqlite:///c.db', default_queue='cq')\n")
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "nbqueue", "dashboard", "--app", "ctasks:app", "--port", str(port)], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nbqueue", "dashboard", "--app", "ctasks:app", "--port", str(port)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         def overview():
             try:

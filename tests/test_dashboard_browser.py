@@ -14,8 +14,16 @@ from nbqueue.testing import wait_for
 from conftest import IN_CI, free_port
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--no-first-run", "--disable-sync", "--disable-quic"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-quic",
+]
 #: the screenshot (docs/dashboard.png in the README is a copy of one)
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 
@@ -26,7 +34,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:Using `httpx`
 def browser():
     if not os.path.exists(CHROMIUM):
         if IN_CI:
-            pytest.fail(f"{CHROMIUM} is not installed (CI=true: a missing browser is a failure; make browser installs it)")
+            pytest.fail(
+                f"{CHROMIUM} is not installed (CI=true: a missing browser is a failure; make browser installs it)"
+            )
         pytest.skip(f"{CHROMIUM} is not installed (make browser installs it)")
     from playwright.sync_api import sync_playwright
 

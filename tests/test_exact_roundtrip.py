@@ -70,7 +70,9 @@ def depth_of(value) -> int:
 
 
 def nothing_enqueued(app) -> bool:
-    return app.tasks().empty and all(row["ready"] + row["delayed"] + row["in_flight"] == 0 for row in app.broker.stats())
+    return app.tasks().empty and all(
+        row["ready"] + row["delayed"] + row["in_flight"] == 0 for row in app.broker.stats()
+    )
 
 
 # -- 1. integers of any size -----------------------------------------------------------------------
@@ -166,7 +168,9 @@ def test_a_frame_arrow_cannot_carry_is_refused_at_send_naming_the_column_or_pick
     app = app_factory()
     echo, describe, collect = echo_app(app)
     frame = pd.DataFrame({"mixed": pd.Series([1, "one"], dtype=object)})
-    with pytest.raises(nbqueue.SerializationError, match=r"argument 1 \('value'\) of task 'echo' has column 'mixed' of object dtype"):
+    with pytest.raises(
+        nbqueue.SerializationError, match=r"argument 1 \('value'\) of task 'echo' has column 'mixed' of object dtype"
+    ):
         echo.delay(frame)
     assert nothing_enqueued(app)
     pickling = app_factory(serializer="pickle")
@@ -187,15 +191,20 @@ def test_non_string_keyword_names_are_refused_at_send_on_every_path(app):
         "group": lambda: app.send(group(describe.s(1), bad)),
         "chain": lambda: app.send(chain(describe.s(1), bad)),
         "chord header": lambda: app.send(chord([describe.s(1), bad], collect.s())),
-        "chord callback": lambda: app.send(chord([describe.s(1)], Signature("collect", kwargs={(1, 2): "pair"}, app=app))),
+        "chord callback": lambda: app.send(
+            chord([describe.s(1)], Signature("collect", kwargs={(1, 2): "pair"}, app=app))
+        ),
         "link": lambda: app.send_task(describe.s(1).link(bad)),
         "link_error": lambda: app.send_task(describe.s(1).link_error(bad)),
         "periodic": lambda: app.periodic("@every 1h", bad, name="bad-kwargs"),
         "periodic_task": lambda: app.periodic_task("@every 1h", kwargs={1: "one"})(lambda **kw: kw),
     }
     for path, send in sends.items():
-        with pytest.raises(nbqueue.SerializationError, match=r"keyword argument (1|\(1, 2\)) of task '[^']+' has a "
-                                                             r"name of type (int|tuple); keyword argument names must be strings"):
+        with pytest.raises(
+            nbqueue.SerializationError,
+            match=r"keyword argument (1|\(1, 2\)) of task '[^']+' has a "
+            r"name of type (int|tuple); keyword argument names must be strings",
+        ):
             send()
     assert nothing_enqueued(app)
 
@@ -205,11 +214,19 @@ def test_deep_and_self_containing_arguments_are_refused_at_send_naming_the_argum
     echo, describe, collect = echo_app(app)
     loop = [1, 2]
     loop.append(loop)
-    with pytest.raises(nbqueue.SerializationError, match=r"argument 1 \('value'\) of task 'echo' is nested more than 100 levels deep"):
+    with pytest.raises(
+        nbqueue.SerializationError, match=r"argument 1 \('value'\) of task 'echo' is nested more than 100 levels deep"
+    ):
         echo.delay(nested(1000))
-    with pytest.raises(nbqueue.SerializationError, match=r"argument 1 \('value'\) of task 'echo' contains itself \(the whole value holds itself at \[2\]\)"):
+    with pytest.raises(
+        nbqueue.SerializationError,
+        match=r"argument 1 \('value'\) of task 'echo' contains itself \(the whole value holds itself at \[2\]\)",
+    ):
         echo.delay(loop)
-    with pytest.raises(nbqueue.SerializationError, match=r"keyword argument 'x' of task 'describe' contains itself \(its item \['a'\] holds itself at \[2\]\)"):
+    with pytest.raises(
+        nbqueue.SerializationError,
+        match=r"keyword argument 'x' of task 'describe' contains itself \(its item \['a'\] holds itself at \[2\]\)",
+    ):
         describe.apply_async(kwargs={"x": {"a": loop}})
     with pytest.raises(nbqueue.SerializationError, match="nested more than"):
         echo.delay(nested(serialization.MAX_DEPTH + 1))
@@ -223,7 +240,9 @@ def test_the_deepest_value_send_accepts_round_trips_through_a_worker(app):
     r_list, r_tagged = echo.delay(deepest), echo.delay(tagged)
     r_chain = app.send(chain(echo.s(tagged), echo.s()))
     app.register_task("depths", lambda values: [depth_of(v) for v in values])
-    r_chord = app.send(chord([echo.s(deepest), echo.s(tagged)], Signature("depths", app=app)))   # one level more, as arguments
+    r_chord = app.send(
+        chord([echo.s(deepest), echo.s(tagged)], Signature("depths", app=app))
+    )  # one level more, as arguments
     app.start_worker()
     assert r_list.get(timeout=30) == deepest
     assert r_tagged.get(timeout=30) == tagged
@@ -238,7 +257,11 @@ def test_a_result_that_cannot_be_encoded_ends_failure_naming_the_result_and_the_
     results = {"surrogate": "\ud800", "self_list": loop, "deep_list": nested(1000)}
     for name, value in results.items():
         app.register_task(name, lambda value=value: value)
-    reasons = {"surrogate": "is a string with a lone surrogate", "self_list": "contains itself", "deep_list": "is nested more than 100 levels deep"}
+    reasons = {
+        "surrogate": "is a string with a lone surrogate",
+        "self_list": "contains itself",
+        "deep_list": "is nested more than 100 levels deep",
+    }
     sent = {name: app.send_task(Signature(name)) for name in results}
     after = app.send_task(Signature("echo_after", args=["fine"]))
     app.register_task("echo_after", lambda x: x)
@@ -254,9 +277,15 @@ def test_a_result_that_cannot_be_encoded_ends_failure_naming_the_result_and_the_
 
 def test_a_string_with_a_lone_surrogate_is_refused_at_send_naming_the_argument(app):
     echo, describe, collect = echo_app(app)
-    with pytest.raises(nbqueue.SerializationError, match=r"argument 1 \('value'\) of task 'echo', at \[1\]: is a string with a lone surrogate"):
+    with pytest.raises(
+        nbqueue.SerializationError,
+        match=r"argument 1 \('value'\) of task 'echo', at \[1\]: is a string with a lone surrogate",
+    ):
         echo.delay(["ok", "bad \ud800"])
-    with pytest.raises(nbqueue.SerializationError, match=r"keyword argument 'k' of task 'describe', at key '\\udc00': is a string with a lone surrogate"):
+    with pytest.raises(
+        nbqueue.SerializationError,
+        match=r"keyword argument 'k' of task 'describe', at key '\\udc00': is a string with a lone surrogate",
+    ):
         describe.apply_async(kwargs={"k": {"\udc00": 1}})
     assert nothing_enqueued(app)
 
@@ -280,17 +309,34 @@ def dtypes(frame):
 def test_a_worker_process_receives_and_returns_values_exactly(app, tmp_path):
     (tmp_path / "exact_tasks.py").write_text(TASKS_MODULE)
     frame = sample_frame()
-    sent = [2**64, [2**70, {"k": -(2**65)}], dt.datetime(2024, 7, 1, 12, 30, tzinfo=PARIS), bytearray(b"x"), np.float32(1.5),
-            nested_tagged(serialization.MAX_DEPTH)]
+    sent = [
+        2**64,
+        [2**70, {"k": -(2**65)}],
+        dt.datetime(2024, 7, 1, 12, 30, tzinfo=PARIS),
+        bytearray(b"x"),
+        np.float32(1.5),
+        nested_tagged(serialization.MAX_DEPTH),
+    ]
     results = [app.send_task(Signature("echo", args=[value])) for value in sent]
     r_frame = app.send_task(Signature("echo", args=[frame]))
     r_dtypes = app.send_task(Signature("dtypes", args=[frame]))
-    env = dict(os.environ, NBQUEUE_BROKER=app.broker_url, NBQUEUE_BACKEND=app.backend_url, NBQUEUE_DEFAULT_QUEUE=app.default_queue,
-               NBQUEUE_LOG_LEVEL="WARNING", PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    env = dict(
+        os.environ,
+        NBQUEUE_BROKER=app.broker_url,
+        NBQUEUE_BACKEND=app.backend_url,
+        NBQUEUE_DEFAULT_QUEUE=app.default_queue,
+        NBQUEUE_LOG_LEVEL="WARNING",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])),
+    )
     log = tmp_path / "worker.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "nbqueue", "worker", "--app", "exact_tasks:app"], cwd=tmp_path, env=env,
-                                stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nbqueue", "worker", "--app", "exact_tasks:app"],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         wait_for(lambda: r_dtypes.ready() or proc.poll() is not None, 60, message="the worker process ran the tasks")
         assert proc.poll() is None, Path(log).read_text(errors="replace")

@@ -53,8 +53,16 @@ def test_expired_results_are_removed_by_a_running_worker_without_a_scheduler(app
     assert app.result("old-0").state == states.PENDING                 # reads ignore expired records at once
     worker = app.start_worker()
     # Then its heartbeat removes the expired records from storage, batch by batch; the others stay
-    gone = {"records": 10, "groups": 0, "members": 0, "markers": 0} if "markers" in before else {"records": 10, "listed": 10, "expiring": 10}
-    wait_for(lambda: {k: v for k, v in stored(app).items() if k in gone} == gone, timeout=120, message="expired records removed")
+    gone = (
+        {"records": 10, "groups": 0, "members": 0, "markers": 0}
+        if "markers" in before
+        else {"records": 10, "listed": 10, "expiring": 10}
+    )
+    wait_for(
+        lambda: {k: v for k, v in stored(app).items() if k in gone} == gone,
+        timeout=120,
+        message="expired records removed",
+    )
     assert {r["id"] for r in app.backend.list()} == {f"kept-{i}" for i in range(10)}
     worker.stop(wait=True, timeout=10)
 

@@ -430,8 +430,9 @@ def test_exported_tasks_run_on_a_cli_worker_without_allow_cells(notebook, tmp_pa
 
 @pytest.fixture
 def shell(tmp_path, monkeypatch):
-    from conftest import ipython_shell
     from nbqueue.notebook import magics as nbmagics
+
+    from conftest import ipython_shell
 
     ipython = ipython_shell(monkeypatch)
     ipython.reset(new_session=False)

@@ -20,15 +20,13 @@ import threading
 import time
 
 import pytest
+from test_processes import Workers, side_rows
 
 import nbqueue
 from nbqueue import Signature, states
 from nbqueue.broker import Outgoing
 from nbqueue.errors import ConfigurationError, TaskFailed
 from nbqueue.testing import dead_worker_name, wait_for
-
-from test_processes import Workers, side_rows
-
 
 #: the App kinds of tests/conftest.py, and SQS (moto; results in SQLite)
 KINDS_AND_SQS = ["sqlite", "memory", "redis", "amqp", "sqs"]
@@ -66,14 +64,18 @@ def settled(app) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("app_kind", ["sqlite", "redis", "amqp", "sqs"])
-def test_task_that_kills_its_worker_process_is_dead_lettered_after_five_deliveries_and_its_batch_mates_run(app_factory, workers):
+def test_task_that_kills_its_worker_process_is_dead_lettered_after_five_deliveries_and_its_batch_mates_run(
+    app_factory, workers
+):
     app = app_factory(visibility_timeout=1)
     mates = [f"mate{i}" for i in range(3)]
-    publish_signatures(app, [Signature("die", args=["poison"], id="poison")] + [Signature("note", args=[m], id=m) for m in mates])
+    publish_signatures(
+        app, [Signature("die", args=["poison"], id="poison")] + [Signature("note", args=[m], id=m) for m in mates]
+    )
     started: list = []
 
     def done():
-        if not started or started[-1].poll() is not None:          # a worker died: start the next, as a supervisor would
+        if not started or started[-1].poll() is not None:  # a worker died: start the next, as a supervisor would
             assert len(started) < 8, f"{len(started)} workers died; the poison message was never dead-lettered"
             started.append(workers.start(app, "--concurrency", "1", "--prefetch", "4"))
         return (app.result("poison").state == states.FAILURE
@@ -102,7 +104,12 @@ def test_app_option_max_deliveries_reaches_the_broker_and_is_checked(tmp_path):
     assert nbqueue.App(f"sqlite:///{tmp_path}/a.db").broker.max_deliveries == 5
     with pytest.raises(ConfigurationError, match="max_deliveries"):
         nbqueue.App(f"sqlite:///{tmp_path}/a.db", max_deliveries=0)
-    assert nbqueue.App.from_env({"NBQUEUE_BROKER": f"sqlite:///{tmp_path}/a.db", "NBQUEUE_MAX_DELIVERIES": "3"}).broker.max_deliveries == 3
+    assert (
+        nbqueue.App.from_env(
+            {"NBQUEUE_BROKER": f"sqlite:///{tmp_path}/a.db", "NBQUEUE_MAX_DELIVERIES": "3"}
+        ).broker.max_deliveries
+        == 3
+    )
 
 
 # Not on SQS: a standard queue may hand one message to two consumers at once, and an abandoned
@@ -129,7 +136,9 @@ def test_message_delivered_max_deliveries_times_without_finishing_is_dead_letter
         return app
 
     app = with_tasks(app_factory(max_deliveries=3))
-    publish_signatures(app, [app.signature("poison", id="p")] + [app.signature("mate", args=[i], id=f"m{i}") for i in range(3)])
+    publish_signatures(
+        app, [app.signature("poison", id="p")] + [app.signature("mate", args=[i], id=f"m{i}") for i in range(3)]
+    )
     threads = []
     try:
         for death in range(3):
@@ -230,7 +239,12 @@ def test_undecodable_and_malformed_messages_are_dead_lettered_with_a_reason_and_
     worker = app.worker(prefetch=8)     # all eight in one batch
     wait_for(lambda: (worker.step(limit=8), settled(app))[1], timeout=20, message="queue settled")
     assert [r.get(timeout=10) for r in good] == [1, 2, 3, 4, 5]
-    dead = {d["id"]: d for d in wait_for(lambda: len(app.broker.dead_letters(app.default_queue)) == 3 and app.broker.dead_letters(app.default_queue))}
+    dead = {
+        d["id"]: d
+        for d in wait_for(
+            lambda: len(app.broker.dead_letters(app.default_queue)) == 3 and app.broker.dead_letters(app.default_queue)
+        )
+    }
     assert "not valid UTF-8" in dead["mangled"]["reason"]
     assert "not valid JSON" in dead["notjson"]["reason"]
     assert "lacks required field" in dead["nofields"]["reason"]
@@ -283,7 +297,9 @@ def test_task_holding_the_gil_longer_than_its_lease_completes_once_on_two_worker
     n = gil_loop_size(4.0)     # past a lease of 1 s plus a claim's wait (Redis: up to 0.25 s here)
     r = app.send_task(Signature("hold_gil", args=[n, "gil"]))
     assert r.get(timeout=60) == n * (n - 1) // 2
-    assert len(side_rows(workers.side_db, "SELECT pid FROM attempts WHERE key = 'gil'")) == 1   # begun once, never fenced out
+    assert (
+        len(side_rows(workers.side_db, "SELECT pid FROM attempts WHERE key = 'gil'")) == 1
+    )  # begun once, never fenced out
     wait_for(lambda: settled(app), timeout=20, message="message acknowledged")
     for proc in procs:
         assert proc.poll() is None
@@ -292,7 +308,9 @@ def test_task_holding_the_gil_longer_than_its_lease_completes_once_on_two_worker
 
 
 @pytest.mark.parametrize("app_kind", ["sqlite", "redis", "sqs"])
-def test_task_holding_the_gil_longer_than_its_lease_completes_once_between_a_kernel_worker_and_a_worker_process(app_factory, workers):
+def test_task_holding_the_gil_longer_than_its_lease_completes_once_between_a_kernel_worker_and_a_worker_process(
+    app_factory, workers
+):
     """A notebook's own (threaded) worker and an ``nbqueue worker`` process share the queue;
     whichever takes the task stalls every thread of its process for about 4 s."""
     app = app_factory(visibility_timeout=1)

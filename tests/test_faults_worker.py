@@ -44,8 +44,18 @@ def settled(app) -> bool:
 
 def publish_as_is(app, message: dict) -> None:
     """Publish an envelope as a producer other than this version's send would (no checks)."""
-    record = {"id": message["id"], "name": message["name"], "state": states.PENDING, "args": "[]", "kwargs": "{}",
-              "queue": message["queue"], "group_id": None, "parent_id": None, "created_at": app.clock.time(), "meta": None}
+    record = {
+        "id": message["id"],
+        "name": message["name"],
+        "state": states.PENDING,
+        "args": "[]",
+        "kwargs": "{}",
+        "queue": message["queue"],
+        "group_id": None,
+        "parent_id": None,
+        "created_at": app.clock.time(),
+        "meta": None,
+    }
     app.publish([record], [app.outgoing(message)])
 
 
@@ -113,10 +123,25 @@ def test_good_options_still_pass(tmp_path, qname):
     app = nbqueue.App(f"sqlite:///{tmp_path}/opts.db", default_queue=qname("opts"))
     try:
         app.register_task("t", lambda: None)
-        app.send(app.signature("t", retry_count=2, retry_timeout=1.5, time_limit=3, priority=9, countdown=-1, queue="q-1.x:y",
-                               retry_backoff=nbqueue.Backoff("exponential", base=0.5, max=10, jitter=True), headers={"k": [1]},
-                               eta=None))
-        app.send(app.signature("t", retry_backoff={"kind": "fixed", "base": 2}, eta=dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)))
+        app.send(
+            app.signature(
+                "t",
+                retry_count=2,
+                retry_timeout=1.5,
+                time_limit=3,
+                priority=9,
+                countdown=-1,
+                queue="q-1.x:y",
+                retry_backoff=nbqueue.Backoff("exponential", base=0.5, max=10, jitter=True),
+                headers={"k": [1]},
+                eta=None,
+            )
+        )
+        app.send(
+            app.signature(
+                "t", retry_backoff={"kind": "fixed", "base": 2}, eta=dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
+            )
+        )
         assert len(app.backend.list()) == 2
     finally:
         app.close()
@@ -142,7 +167,11 @@ def test_bogus_retry_backoff_that_arrives_anyway_fails_the_task_once_with_the_re
     with pytest.raises(nbqueue.TaskFailed) as failed:
         r.get(timeout=30)
     assert failed.value.exc_type == "ValueError"
-    assert "x" in failed.value.message and "retry options are invalid" in failed.value.message and "bogus" in failed.value.message
+    assert (
+        "x" in failed.value.message
+        and "retry options are invalid" in failed.value.message
+        and "bogus" in failed.value.message
+    )
     wait_for(lambda: settled(app), message="message acknowledged")
     assert runs == [1] and r.state == states.FAILURE
 
@@ -466,12 +495,22 @@ def noop(i):
 
 def start_cli_worker(app, tmp_path: Path, *args: str) -> tuple[subprocess.Popen, Path]:
     (tmp_path / "faulttasks.py").write_text(CLI_TASKS)
-    env = dict(os.environ, NBQUEUE_BROKER=app.broker_url, NBQUEUE_BACKEND=app.backend_url, NBQUEUE_DEFAULT_QUEUE=app.default_queue,
-               NBQUEUE_LOG_LEVEL="WARNING")
+    env = dict(
+        os.environ,
+        NBQUEUE_BROKER=app.broker_url,
+        NBQUEUE_BACKEND=app.backend_url,
+        NBQUEUE_DEFAULT_QUEUE=app.default_queue,
+        NBQUEUE_LOG_LEVEL="WARNING",
+    )
     log = tmp_path / "worker.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "nbqueue", "worker", "--app", "faulttasks:app", *args], cwd=tmp_path, env=env,
-                                stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nbqueue", "worker", "--app", "faulttasks:app", *args],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     return proc, log
 
 
@@ -487,11 +526,24 @@ def test_cli_worker_records_a_base_exception_and_counts_5000_tasks_exactly(app_f
             stopped.get(timeout=60)
         assert app.backend.wait([r.id for r in results], timeout=240)
         assert proc.poll() is None, log.read_text()
-        wait_for(lambda: any(w.get("pid") == proc.pid and w.get("processed") == 5000 for w in app.backend.workers()), timeout=30,
-                 message="heartbeat reports 5000")
-        status = subprocess.run([sys.executable, "-m", "nbqueue", "status"], cwd=tmp_path, capture_output=True, text=True, timeout=60,
-                                env=dict(os.environ, NBQUEUE_BROKER=app.broker_url, NBQUEUE_BACKEND=app.backend_url,
-                                         NBQUEUE_DEFAULT_QUEUE=app.default_queue))
+        wait_for(
+            lambda: any(w.get("pid") == proc.pid and w.get("processed") == 5000 for w in app.backend.workers()),
+            timeout=30,
+            message="heartbeat reports 5000",
+        )
+        status = subprocess.run(
+            [sys.executable, "-m", "nbqueue", "status"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=dict(
+                os.environ,
+                NBQUEUE_BROKER=app.broker_url,
+                NBQUEUE_BACKEND=app.backend_url,
+                NBQUEUE_DEFAULT_QUEUE=app.default_queue,
+            ),
+        )
         [row] = [line.split() for line in status.stdout.splitlines() if str(proc.pid) in line.split()]
         assert row[-1] == "5000", status.stdout                # the processed column
         proc.send_signal(signal.SIGTERM)

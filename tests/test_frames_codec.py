@@ -47,7 +47,9 @@ def assert_same_objects(left, right, what):
 
 def assert_same_index(left, right, what):
     pd.testing.assert_index_equal(left, right, exact=True, check_exact=True, check_names=True, check_categorical=True)
-    assert list(left.names) == list(right.names) and [type(n) for n in left.names] == [type(n) for n in right.names], what
+    assert list(left.names) == list(right.names) and [type(n) for n in left.names] == [type(n) for n in right.names], (
+        what
+    )
     for k in range(left.nlevels):
         a, b = left.get_level_values(k), right.get_level_values(k)
         assert a.dtype == b.dtype, f"{what} level {k}: {a.dtype} != {b.dtype}"
@@ -102,12 +104,22 @@ names = st.one_of(st.none(), text, st.integers(-5, 5), st.tuples(text, st.intege
 def _values(n: int):
     """Strategies for one column of length n: (values, dtype) pairs pandas builds a column from."""
     ints = lambda dtype: hnp.arrays(dtype, n)  # noqa: E731  every value of the dtype's range
-    floats = lambda width, dtype: st.lists(st.floats(width=width), min_size=n, max_size=n).map(lambda v: np.array(v, dtype=dtype))  # noqa: E731
+    floats = lambda width, dtype: st.lists(st.floats(width=width), min_size=n, max_size=n).map(  # noqa: E731
+        lambda v: np.array(v, dtype=dtype)
+    )
     maybe = lambda s: st.lists(st.one_of(st.none(), s), min_size=n, max_size=n)  # noqa: E731
     moments = st.integers(-(2**62), 2**62)
     return st.one_of(
-        floats(64, "float64"), floats(32, "float32"), floats(16, "float16"),
-        ints("int8"), ints("int16"), ints("int32"), ints("int64"), ints("uint8"), ints("uint64"), ints("bool"),
+        floats(64, "float64"),
+        floats(32, "float32"),
+        floats(16, "float16"),
+        ints("int8"),
+        ints("int16"),
+        ints("int32"),
+        ints("int64"),
+        ints("uint8"),
+        ints("uint64"),
+        ints("bool"),
         maybe(st.integers(-(2**63), 2**63 - 1)).map(lambda v: pd.array(v, dtype="Int64")),
         maybe(st.integers(0, 255)).map(lambda v: pd.array(v, dtype="UInt8")),
         maybe(st.floats(allow_nan=False)).map(lambda v: pd.array(v, dtype="Float64")),
@@ -121,17 +133,26 @@ def _values(n: int):
         maybe(st.integers(-(2**63), 2**63 - 1)).map(lambda v: _objects(v, None)),
         maybe(st.booleans()).map(lambda v: _objects(v, None)),
         maybe(st.dates()).map(lambda v: _objects(v, None)),
-        st.tuples(st.lists(st.sampled_from(["a", "b", "c"]), min_size=n, max_size=n),
-                  st.booleans(), st.permutations(["c", "b", "a", "z"]), st.booleans())
-          .map(lambda p: pd.Categorical(p[0], categories=pd.Index(p[2], dtype=object if p[3] else None), ordered=p[1])),
-        st.tuples(st.lists(st.integers(0, 3), min_size=n, max_size=n), st.booleans())
-          .map(lambda p: pd.Categorical(p[0], categories=[3, 2, 1, 0], ordered=p[1])),
-        st.tuples(st.lists(st.one_of(st.none(), moments), min_size=n, max_size=n), st.sampled_from(["s", "ms", "us", "ns"]))
-          .map(lambda p: _moments(p[0], p[1], None)),
-        st.tuples(st.lists(st.one_of(st.none(), st.integers(0, 2**50)), min_size=n, max_size=n), st.sampled_from(ZONES))
-          .map(lambda p: _moments(p[0], "us", p[1])),
-        st.tuples(st.lists(st.one_of(st.none(), moments), min_size=n, max_size=n), st.sampled_from(["s", "ms", "us", "ns"]))
-          .map(lambda p: pd.array(np.array([np.timedelta64("NaT") if v is None else v for v in p[0]], dtype=f"m8[{p[1]}]"))),
+        st.tuples(
+            st.lists(st.sampled_from(["a", "b", "c"]), min_size=n, max_size=n),
+            st.booleans(),
+            st.permutations(["c", "b", "a", "z"]),
+            st.booleans(),
+        ).map(lambda p: pd.Categorical(p[0], categories=pd.Index(p[2], dtype=object if p[3] else None), ordered=p[1])),
+        st.tuples(st.lists(st.integers(0, 3), min_size=n, max_size=n), st.booleans()).map(
+            lambda p: pd.Categorical(p[0], categories=[3, 2, 1, 0], ordered=p[1])
+        ),
+        st.tuples(
+            st.lists(st.one_of(st.none(), moments), min_size=n, max_size=n), st.sampled_from(["s", "ms", "us", "ns"])
+        ).map(lambda p: _moments(p[0], p[1], None)),
+        st.tuples(
+            st.lists(st.one_of(st.none(), st.integers(0, 2**50)), min_size=n, max_size=n), st.sampled_from(ZONES)
+        ).map(lambda p: _moments(p[0], "us", p[1])),
+        st.tuples(
+            st.lists(st.one_of(st.none(), moments), min_size=n, max_size=n), st.sampled_from(["s", "ms", "us", "ns"])
+        ).map(
+            lambda p: pd.array(np.array([np.timedelta64("NaT") if v is None else v for v in p[0]], dtype=f"m8[{p[1]}]"))
+        ),
     )
 
 
@@ -140,33 +161,60 @@ def _objects(values, missing):
 
 
 def _moments(values, unit, tz):
-    array = np.array([np.datetime64("NaT") if v is None else np.datetime64(v // {"s": 10**9, "ms": 10**6, "us": 10**3, "ns": 1}[unit], unit)
-                      for v in values], dtype=f"M8[{unit}]")
+    array = np.array(
+        [
+            np.datetime64("NaT")
+            if v is None
+            else np.datetime64(v // {"s": 10**9, "ms": 10**6, "us": 10**3, "ns": 1}[unit], unit)
+            for v in values
+        ],
+        dtype=f"M8[{unit}]",
+    )
     index = pd.DatetimeIndex(array)
     return (index.tz_localize("UTC").tz_convert(tz) if tz is not None else index).array
 
 
 def _index(n: int):
     return st.one_of(
-        st.tuples(st.integers(-10, 10), st.integers(1, 3), names).map(lambda p: pd.RangeIndex(p[0], p[0] + n * p[1], p[1], name=p[2])),
-        st.tuples(st.lists(st.integers(-(2**63), 2**63 - 1), min_size=n, max_size=n), names).map(lambda p: pd.Index(p[0], dtype="int64", name=p[1])),
+        st.tuples(st.integers(-10, 10), st.integers(1, 3), names).map(
+            lambda p: pd.RangeIndex(p[0], p[0] + n * p[1], p[1], name=p[2])
+        ),
+        st.tuples(st.lists(st.integers(-(2**63), 2**63 - 1), min_size=n, max_size=n), names).map(
+            lambda p: pd.Index(p[0], dtype="int64", name=p[1])
+        ),
         st.tuples(st.lists(text, min_size=n, max_size=n), names).map(lambda p: pd.Index(p[0], name=p[1])),
-        st.tuples(st.lists(st.one_of(st.none(), text), min_size=n, max_size=n), names).map(lambda p: pd.Index(p[0], dtype=object, name=p[1])),
-        st.tuples(st.sampled_from(["D", "h", "2min", "W-SUN"]), st.sampled_from([None] + ZONES[:2]), names)
-          .map(lambda p: pd.date_range("2024-03-30", periods=n, freq=p[0], tz=p[1], name=p[2])),
-        st.tuples(st.lists(text, min_size=n, max_size=n), st.lists(st.integers(0, 2), min_size=n, max_size=n), st.tuples(names, names))
-          .map(lambda p: pd.MultiIndex.from_arrays([p[0], p[1]], names=list(p[2]))),
+        st.tuples(st.lists(st.one_of(st.none(), text), min_size=n, max_size=n), names).map(
+            lambda p: pd.Index(p[0], dtype=object, name=p[1])
+        ),
+        st.tuples(st.sampled_from(["D", "h", "2min", "W-SUN"]), st.sampled_from([None] + ZONES[:2]), names).map(
+            lambda p: pd.date_range("2024-03-30", periods=n, freq=p[0], tz=p[1], name=p[2])
+        ),
+        st.tuples(
+            st.lists(text, min_size=n, max_size=n),
+            st.lists(st.integers(0, 2), min_size=n, max_size=n),
+            st.tuples(names, names),
+        ).map(lambda p: pd.MultiIndex.from_arrays([p[0], p[1]], names=list(p[2]))),
     )
 
 
 def _labels(width: int):
     return st.one_of(
-        st.lists(text, min_size=width, max_size=width).map(lambda v: pd.Index(v)),           # duplicates allowed
+        st.lists(text, min_size=width, max_size=width).map(lambda v: pd.Index(v)),  # duplicates allowed
         st.lists(st.integers(-3, 3), min_size=width, max_size=width).map(lambda v: pd.Index(v, dtype="int64")),
         st.integers(0, 5).map(lambda start: pd.RangeIndex(start, start + width)),
-        st.tuples(st.lists(st.tuples(st.sampled_from(["a", "b"]), st.integers(0, 2)), min_size=width, max_size=width), st.tuples(names, names))
-          .map(lambda p: pd.MultiIndex.from_tuples(p[0], names=list(p[1])) if p[0] else pd.MultiIndex.from_arrays([[], []], names=list(p[1]))),
-        st.tuples(st.lists(text, min_size=width, max_size=width), names).map(lambda p: pd.Index(p[0], dtype=object, name=p[1])),
+        st.tuples(
+            st.lists(st.tuples(st.sampled_from(["a", "b"]), st.integers(0, 2)), min_size=width, max_size=width),
+            st.tuples(names, names),
+        ).map(
+            lambda p: (
+                pd.MultiIndex.from_tuples(p[0], names=list(p[1]))
+                if p[0]
+                else pd.MultiIndex.from_arrays([[], []], names=list(p[1]))
+            )
+        ),
+        st.tuples(st.lists(text, min_size=width, max_size=width), names).map(
+            lambda p: pd.Index(p[0], dtype=object, name=p[1])
+        ),
     )
 
 
@@ -219,15 +267,28 @@ def test_indexes_come_back_exactly(index):
     assert_same_index(back, index, "index")
 
 
-scalar_dtypes = st.one_of(hnp.boolean_dtypes(), hnp.integer_dtypes(endianness="="), hnp.unsigned_integer_dtypes(endianness="="),
-                          hnp.floating_dtypes(endianness="="), hnp.complex_number_dtypes(endianness="="),
-                          hnp.datetime64_dtypes(endianness="="), hnp.timedelta64_dtypes(endianness="="),
-                          hnp.unicode_string_dtypes(endianness="="), hnp.byte_string_dtypes(), hnp.floating_dtypes(endianness=">"))
+scalar_dtypes = st.one_of(
+    hnp.boolean_dtypes(),
+    hnp.integer_dtypes(endianness="="),
+    hnp.unsigned_integer_dtypes(endianness="="),
+    hnp.floating_dtypes(endianness="="),
+    hnp.complex_number_dtypes(endianness="="),
+    hnp.datetime64_dtypes(endianness="="),
+    hnp.timedelta64_dtypes(endianness="="),
+    hnp.unicode_string_dtypes(endianness="="),
+    hnp.byte_string_dtypes(),
+    hnp.floating_dtypes(endianness=">"),
+)
 
 
 @PROPERTY
-@given(hnp.arrays(st.one_of(scalar_dtypes, hnp.array_dtypes(scalar_dtypes, max_size=3)), hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4)),
-       st.sampled_from(["C", "F", "strided"]))
+@given(
+    hnp.arrays(
+        st.one_of(scalar_dtypes, hnp.array_dtypes(scalar_dtypes, max_size=3)),
+        hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4),
+    ),
+    st.sampled_from(["C", "F", "strided"]),
+)
 def test_arrays_come_back_exactly(array, layout):
     if layout == "F":
         array = np.asfortranarray(array)
@@ -241,7 +302,10 @@ def test_arrays_come_back_exactly(array, layout):
 
 
 @PROPERTY
-@given(st.lists(st.one_of(st.none(), st.integers(), text, st.lists(st.integers(), max_size=2)), max_size=6), hnp.array_shapes(max_dims=1))
+@given(
+    st.lists(st.one_of(st.none(), st.integers(), text, st.lists(st.integers(), max_size=2)), max_size=6),
+    hnp.array_shapes(max_dims=1),
+)
 def test_object_arrays_keep_their_items(items, _shape):
     array = np.empty(len(items), dtype=object)
     for i, item in enumerate(items):
@@ -254,7 +318,9 @@ def test_object_arrays_keep_their_items(items, _shape):
 # -- the fault this replaces, and named cases --------------------------------------------------------
 def test_float64_bits_and_float32_come_back_exactly_with_json_and_pickle():
     rng = np.random.default_rng(7)
-    frame = pd.DataFrame({"x": rng.random(1000), "y": rng.random(1000).astype("float32"), "k": rng.integers(0, 10, 1000)})
+    frame = pd.DataFrame(
+        {"x": rng.random(1000), "y": rng.random(1000).astype("float32"), "k": rng.integers(0, 10, 1000)}
+    )
     for serializer in (Serializer(), Serializer(pickle=True)):
         back = through(frame, serializer)
         assert back.equals(frame)
@@ -286,10 +352,12 @@ def test_a_wide_catalogue_of_dtypes_comes_back_exactly():
 
 
 def test_series_keep_their_name_and_index():
-    for values in (pd.Series([1.5, 2.5, None], name="price", dtype="float32"),
-                   pd.Series([1, 2], name=("a", 1), index=pd.Index(["x", "y"], name=0)),
-                   pd.Series([], dtype="Int64"),
-                   pd.Series(pd.date_range("2024", periods=3, freq="D"), index=pd.date_range("2020", periods=3, freq="h"))):
+    for values in (
+        pd.Series([1.5, 2.5, None], name="price", dtype="float32"),
+        pd.Series([1, 2], name=("a", 1), index=pd.Index(["x", "y"], name=0)),
+        pd.Series([], dtype="Int64"),
+        pd.Series(pd.date_range("2024", periods=3, freq="D"), index=pd.date_range("2020", periods=3, freq="h")),
+    ):
         assert_same_series(through(values), values)
 
 
@@ -307,8 +375,12 @@ def test_pandas_arrays_and_indexes_keep_their_type():
 
 
 def test_empty_frames_and_frames_without_columns():
-    for frame in (pd.DataFrame(), pd.DataFrame(index=pd.Index(["a"], name="k")), pd.DataFrame({"a": pd.Series([], dtype="float32")}),
-                  pd.DataFrame(columns=pd.Index(["a", "b"]))):
+    for frame in (
+        pd.DataFrame(),
+        pd.DataFrame(index=pd.Index(["a"], name="k")),
+        pd.DataFrame({"a": pd.Series([], dtype="float32")}),
+        pd.DataFrame(columns=pd.Index(["a", "b"])),
+    ):
         assert_same_frame(through(frame), frame)
 
 
@@ -322,15 +394,35 @@ def test_duplicate_labels_flags_and_attrs_come_back():
 
 
 UNREPRESENTABLE = [
-    ("mixed objects", pd.DataFrame({"ok": [1, 2], "mixed": pd.Series([1, "one"], dtype=object)}), "column 'mixed' of object dtype mixing int and str"),
-    ("lists", pd.DataFrame({"tags": pd.Series([["a"], ["b"]], dtype=object)}), "column 'tags' of object dtype holding builtins.list"),
-    ("floats in objects", pd.DataFrame({"f": pd.Series([1.5, "x"], dtype=object)}), "column 'f' of object dtype holding float values"),
-    ("None and NaN", pd.DataFrame({"s": pd.Series(["a", None, np.nan], dtype=object)}), "column 's' of object dtype with missing values of different kinds"),
+    (
+        "mixed objects",
+        pd.DataFrame({"ok": [1, 2], "mixed": pd.Series([1, "one"], dtype=object)}),
+        "column 'mixed' of object dtype mixing int and str",
+    ),
+    (
+        "lists",
+        pd.DataFrame({"tags": pd.Series([["a"], ["b"]], dtype=object)}),
+        "column 'tags' of object dtype holding builtins.list",
+    ),
+    (
+        "floats in objects",
+        pd.DataFrame({"f": pd.Series([1.5, "x"], dtype=object)}),
+        "column 'f' of object dtype holding float values",
+    ),
+    (
+        "None and NaN",
+        pd.DataFrame({"s": pd.Series(["a", None, np.nan], dtype=object)}),
+        "column 's' of object dtype with missing values of different kinds",
+    ),
     ("complex", pd.DataFrame({"z": np.array([1j, 2], dtype=complex)}), "column 'z' of dtype complex128"),
     ("sparse", pd.DataFrame({"sp": pd.arrays.SparseArray([0, 1])}), "column 'sp' of dtype Sparse"),
     ("huge int objects", pd.DataFrame({"big": pd.Series([2**64, 1], dtype=object)}), "column 'big'"),
     ("mixed labels", pd.DataFrame({1: [1.0], "a": [2.0]}), "column labels of object dtype mixing int and str"),
-    ("mixed index", pd.DataFrame({"a": [1, 2]}, index=pd.Index([1, "x"], dtype=object)), "index of object dtype mixing int and str"),
+    (
+        "mixed index",
+        pd.DataFrame({"a": [1, 2]}, index=pd.Index([1, "x"], dtype=object)),
+        "index of object dtype mixing int and str",
+    ),
 ]
 
 
@@ -338,7 +430,9 @@ UNREPRESENTABLE = [
 def test_frames_arrow_cannot_carry_are_refused_naming_the_column_unless_pickle_is_opted_in(label, frame, reason):
     with pytest.raises(nbqueue.SerializationError) as caught:
         Serializer().encode(frame, "argument 1 ('df') of task 'clean'")
-    assert str(caught.value).startswith("argument 1 ('df') of task 'clean' has ") and reason in str(caught.value), str(caught.value)
+    assert str(caught.value).startswith("argument 1 ('df') of task 'clean' has ") and reason in str(caught.value), str(
+        caught.value
+    )
     back = through(frame, Serializer(pickle=True))       # the pickle serializer pickles it instead
     pd.testing.assert_frame_equal(back, frame, check_exact=True)
     assert serialization.to_jsonable is not None and Serializer(pickle=True).encode(frame)["v"]["codec"] == "pickle"
@@ -346,7 +440,9 @@ def test_frames_arrow_cannot_carry_are_refused_naming_the_column_unless_pickle_i
 
 def test_a_frame_nested_in_arguments_is_named_with_its_path():
     frame = pd.DataFrame({"mixed": pd.Series([1, "one"], dtype=object)})
-    with pytest.raises(nbqueue.SerializationError, match=r"^argument 1 of task 't', at \['data'\]\[0\]: has column 'mixed'"):
+    with pytest.raises(
+        nbqueue.SerializationError, match=r"^argument 1 of task 't', at \['data'\]\[0\]: has column 'mixed'"
+    ):
         Serializer().encode({"data": [frame]}, "argument 1 of task 't'")
 
 

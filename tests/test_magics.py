@@ -83,7 +83,19 @@ def test_free_names_are_reads_before_the_cell_binds_them():
         "    w = 1\n"
         "w\n"
     )
-    assert cellvars.free_names(src) == ["x", "factor", "total", "items", "print", "acc", "offset", "range", "n", "flag", "w"]
+    assert cellvars.free_names(src) == [
+        "x",
+        "factor",
+        "total",
+        "items",
+        "print",
+        "acc",
+        "offset",
+        "range",
+        "n",
+        "flag",
+        "w",
+    ]
 
 
 def test_capture_sorts_values_imports_and_kernel_only_objects():
@@ -270,7 +282,9 @@ def test_signed_cells_run_and_tampered_or_unsigned_ones_are_refused(tmp_path):
     tampered_sig.kwargs["source"] = f"open({str(marker)!r}, 'w').close()\nn * 21"
     tampered = sender.send_task(tampered_sig)
     unsigned = unsigned_sender.send_task(_cell(unsigned_sender, f"open({str(marker)!r}, 'w').close()"))
-    other_key = nbqueue.App(url, secret="another").send_task(_cell(nbqueue.App(url, secret="another"), f"open({str(marker)!r}, 'w').close()"))
+    other_key = nbqueue.App(url, secret="another").send_task(
+        _cell(nbqueue.App(url, secret="another"), f"open({str(marker)!r}, 'w').close()")
+    )
 
     worker_app.worker(queues="cells", allow_cells=True).drain(timeout=10)
     assert good.get(timeout=10) == 42
@@ -298,7 +312,11 @@ def test_cell_runs_on_an_allow_cells_worker_process_over_redis(ipython, tmp_path
     state = nbmagics.load_ipython_extension(ipython, start_worker=False)
     try:
         run(ipython, "import math\nfrom os.path import join\nbase = 4")
-        res = run(ipython, "%%task remote -o answer\nimport os\nprint('pid', os.getpid())\n(math.sqrt(base * 4), join('a', 'b'), os.getpid())")
+        res = run(
+            ipython,
+            "%%task remote -o answer\nimport os\nprint('pid', os.getpid())\n(math.sqrt(base * 4), join('a', 'b'), "
+            "os.getpid())",
+        )
         assert res.info()["queue"] == queue
         state.wait(["remote"], timeout=60)
         value = ipython.user_ns["answer"]

@@ -8,8 +8,15 @@ from nbqueue.message import Message
 
 
 def test_a_message_encodes_without_its_defaults_and_decodes_equal():
-    message = Message(id="t1", name="add", args=[1, 2], kwargs={}, queue="q", priority=3, on_success=[{"id": "c", "name": "cb",
-                                                                                                        "args": [], "kwargs": {}}])
+    message = Message(
+        id="t1",
+        name="add",
+        args=[1, 2],
+        kwargs={},
+        queue="q",
+        priority=3,
+        on_success=[{"id": "c", "name": "cb", "args": [], "kwargs": {}}],
+    )
     body = message.encode()
     assert '"retry_count"' not in body and '"priority":3' in body.replace(" ", "")
     assert Message.decode(body) == message

@@ -33,7 +33,9 @@ def execute(name: str, workdir: Path, km=None, source_dir: Path = NOTEBOOKS) -> 
     if source_dir != workdir:
         shutil.copy(source_dir / name, workdir / name)
     nb = nbformat.read(workdir / name, as_version=4)
-    client = NotebookClient(nb, timeout=180, kernel_name="python3", km=km, resources={"metadata": {"path": str(workdir)}})
+    client = NotebookClient(
+        nb, timeout=180, kernel_name="python3", km=km, resources={"metadata": {"path": str(workdir)}}
+    )
     try:
         client.execute()
     finally:
@@ -128,7 +130,10 @@ def test_quickstart_runs_the_machinery_example(tmp_path):
     assert "flaky(21) = 42 after 2 retries" in cell_text(cell_starting(nb, "attempts = []"))
     assert "callback: 10 / 4: 2.5" in cell_text(cell_starting(nb, '@app.task(name="divide")'))
     failed = cell_text(cell_starting(nb, "res = app.send_task(divide.s(1, 0)"))
-    assert "failed as expected: ZeroDivisionError division by zero" in failed and "error callback: division by zero" in failed
+    assert (
+        "failed as expected: ZeroDivisionError division by zero" in failed
+        and "error callback: division by zero" in failed
+    )
     frame = cell_starting(nb, "app.tasks(limit=8)").outputs[0]["data"]
     assert "<table" in frame["text/html"] and "ZeroDivisionError" in frame["text/html"]
     assert leftovers(tmp_path, "01-quickstart.ipynb") == []
@@ -172,13 +177,18 @@ def test_workflows_show_progress_bars_that_reach_completion(tmp_path):
 def test_cell_tasks_notebook(tmp_path):
     nb = execute("03-cell-tasks.ipynb", tmp_path)
     assert_no_errors(nb)
-    assert cell_result(cell_starting(nb, "%nbqueue wait stats")) == "([4, 5, 6, 7, 8, 9], {'n': 6, 'total': 39, 'mean': 6.5})"
+    assert (
+        cell_result(cell_starting(nb, "%nbqueue wait stats"))
+        == "([4, 5, 6, 7, 8, 9], {'n': 6, 'total': 39, 'mean': 6.5})"
+    )
     assert html_widgets_with(nb, "<b>load</b>", "SUCCESS", "→ rows")
     assert html_widgets_with(nb, "<b>stats</b>", "SUCCESS", "→ summary")
     assert html_widgets_with(nb, "<b>oops</b>", "FAILURE")
-    assert html_widgets_with(nb, "ZeroDivisionError: division by zero", "[10 / n for n in numbers]")  # error and traceback
+    assert html_widgets_with(
+        nb, "ZeroDivisionError: division by zero", "[10 / n for n in numbers]"
+    )  # error and traceback
     outputs = [m["outputs"] for m in widget_models(nb, "OutputModel")]
-    assert ["loading…\nkept 6 of 10\n"] in [["".join(o["text"] for o in outs)] for outs in outputs]   # the cell's prints
+    assert ["loading…\nkept 6 of 10\n"] in [["".join(o["text"] for o in outs)] for outs in outputs]  # the cell's prints
     assert "(waiting for load)" in cell_text(cell_starting(nb, "%%task stats"))
     tasks = cell_starting(nb, "%nbqueue tasks").outputs[0]["data"]["text/plain"]
     names = [line.split()[2] for line in tasks.splitlines()[1:4]]     # a cell task is listed by its label
@@ -203,7 +213,9 @@ def test_production_notebook_runs_a_worker_process_on_redis(tmp_path, monkeypatc
     kernel_pid = int(re.search(r"kernel pid (\d+)", answer).group(1))
     assert "answer = 285" in answer and f"worker pid {pid}" in answer and kernel_pid != pid
     assert html_widgets_with(nb, "<b>remote</b>", "SUCCESS", "→ answer")
-    assert [f"running in process {pid}\n"] in [["".join(o["text"] for o in m["outputs"])] for m in widget_models(nb, "OutputModel")]
+    assert [f"running in process {pid}\n"] in [
+        ["".join(o["text"] for o in m["outputs"])] for m in widget_models(nb, "OutputModel")
+    ]
     stopped = cell_text(cell_starting(nb, "worker.terminate()"))
     assert "worker exited with 0" in stopped and "stopped after 9 task(s)" in stopped
     assert leftovers(tmp_path, "04-production.ipynb") == []        # its scratch files were in a temporary directory ...
@@ -286,7 +298,9 @@ for _ in range(3):
 def test_text_output_of_a_task_goes_to_the_cell_that_sent_it_or_nowhere(tmp_path):
     """Under nbclient (views in ``both`` mode: widget and text lines), a pending task's
     progress lines and its prints never show up in the unrelated cells run meanwhile."""
-    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    nb = nbformat.v4.new_notebook(
+        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}
+    )
     nb.cells = [nbformat.v4.new_code_cell(source) for source in OUTPUT_ROUTING_CELLS]
     nbformat.write(nb, tmp_path / "routing.ipynb")
     nb = execute("routing.ipynb", tmp_path, source_dir=tmp_path)
@@ -350,7 +364,9 @@ def test_after_a_kernel_restart_results_remain_and_a_running_task_is_delivered_a
     km, kc = start_new_kernel(kernel_name="python3", cwd=str(tmp_path))
     try:
         run_code(kc, SETUP)
-        ids = run_code(kc, "quick = add.delay(2, 3)\nprint(quick.get(timeout=30))\nlong = slow.delay()\nprint(quick.id, long.id)")
+        ids = run_code(
+            kc, "quick = add.delay(2, 3)\nprint(quick.get(timeout=30))\nlong = slow.delay()\nprint(quick.id, long.id)"
+        )
         value, quick_id, long_id = ids.split()[-3:]
         assert value == "5"
         deadline = time.monotonic() + 60
@@ -394,17 +410,27 @@ def test_binder_requirements_install_into_a_fresh_venv_and_run_the_quickstart(tm
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source / name)
     for name in ("nbqueue", "binder", "notebooks"):
-        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__", ".nbqueue", ".ipynb_checkpoints"))
+        shutil.copytree(
+            REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__", ".nbqueue", ".ipynb_checkpoints")
+        )
     venv = tmp_path / "venv"
     base_python = getattr(sys, "_base_executable", None) or sys.executable
     subprocess.run([base_python, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"
     started = time.monotonic()
-    install = subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-compile", "-r", "binder/requirements.txt"],
-                             cwd=source, capture_output=True, text=True)
+    install = subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", "--no-compile", "-r", "binder/requirements.txt"],
+        cwd=source,
+        capture_output=True,
+        text=True,
+    )
     assert install.returncode == 0, install.stdout + install.stderr
-    env = {**os.environ, "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}", "JUPYTER_CONFIG_DIR": str(tmp_path / "jupyter-config"),
-           "VIRTUAL_ENV": str(venv)}
+    env = {
+        **os.environ,
+        "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}",
+        "JUPYTER_CONFIG_DIR": str(tmp_path / "jupyter-config"),
+        "VIRTUAL_ENV": str(venv),
+    }
     post = subprocess.run(["bash", "binder/postBuild"], cwd=source, env=env, capture_output=True, text=True)
     assert post.returncode == 0, post.stdout + post.stderr
     print(f"binder install + postBuild took {time.monotonic() - started:.1f}s")
@@ -420,7 +446,9 @@ def test_binder_requirements_install_into_a_fresh_venv_and_run_the_quickstart(tm
     (kernels / "kernel.json").write_text(json.dumps({
         "argv": [str(python), "-m", "ipykernel_launcher", "-f", "{connection_file}"],
         "display_name": "binder venv", "language": "python"}))
-    km = KernelManager(kernel_name="binder-venv", kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(tmp_path / "kernels")]))
+    km = KernelManager(
+        kernel_name="binder-venv", kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(tmp_path / "kernels")])
+    )
     workdir = source / "notebooks"
     nb = execute("01-quickstart.ipynb", workdir, km=km)
     assert_no_errors(nb)

@@ -36,8 +36,13 @@ from conftest import BACKEND_KINDS, BROKER_KINDS, IN_CI, session_server_url, sto
 
 TESTS_DIR = Path(__file__).resolve().parent
 EXAMPLES = int(os.environ.get("NBQUEUE_HYPOTHESIS_PAIR_EXAMPLES", "5"))      # per pair; raise it for a longer search
-PAIR_PROPERTY = settings(max_examples=EXAMPLES, deadline=None, database=None, print_blob=True,
-                         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
+PAIR_PROPERTY = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+)
 
 
 def big_frame(rows: int = 10_000, seed: int = 3) -> pd.DataFrame:
@@ -144,7 +149,9 @@ arrays = hnp.arrays(st.one_of(scalar_dtypes, hnp.array_dtypes(scalar_dtypes, max
 
 @PAIR_PROPERTY
 @given(frame=frames(), values=series(), array=arrays)
-def test_generated_frames_series_and_arrays_come_back_exactly_out_of_band_through_every_broker_and_backend(pair_app, frame, values, array):
+def test_generated_frames_series_and_arrays_come_back_exactly_out_of_band_through_every_broker_and_backend(
+    pair_app, frame, values, array
+):
     r = pair_app.send_task(nbqueue.Signature("echo", args=[frame, values, array]))
     sent = pair_app.backend.get(r.id)["args"]
     assert all(type(v) is PayloadRef for v in lazily(pair_app, sent))   # every binary value went out of band
@@ -178,7 +185,7 @@ def test_a_frame_sent_to_a_group_of_100_tasks_is_packed_and_stored_once(app_fact
     app.start_worker(concurrency=4)
     assert g.get(timeout=60) == [list(frame.shape)] * 100
     assert [r.get(timeout=30) for r in many] == [list(frame.shape)] * 10
-    again = echo.delay(frame)                                           # a later send of the same bytes: linked, not written
+    again = echo.delay(frame)  # a later send of the same bytes: linked, not written
     pd.testing.assert_frame_equal(again.get(timeout=30), frame, check_exact=True)
     assert store.stats()["payloads"] == 1 and store.writes == 1         # the result is the same bytes again
 
@@ -298,7 +305,10 @@ def test_a_missing_payload_fails_that_task_naming_the_payload_and_nothing_else(a
     with pytest.raises(nbqueue.TaskFailed) as caught:
         lost.get(timeout=30)
     assert caught.value.exc_type == "PayloadMissing"
-    assert f"payload {key} (DataFrame 10,000×5," in caught.value.message and "is not in the payload store" in caught.value.message
+    assert (
+        f"payload {key} (DataFrame 10,000×5," in caught.value.message
+        and "is not in the payload store" in caught.value.message
+    )
     assert fine.get(timeout=30) == [10_000, 5]                         # the worker carries on
     with pytest.raises(PayloadMissing, match=key):                       # and get() of a result says the same
         store.get(key, "DataFrame 10,000×5")
@@ -315,7 +325,9 @@ def test_a_corrupted_payload_is_detected_and_never_decoded(app_factory, monkeypa
     overwrite(store, key, data[:-1] + bytes([data[-1] ^ 1]) if damage == "corrupted" else data[: len(data) // 2])
     decoded = []
     real_unpack = blobs.unpack
-    monkeypatch.setattr(blobs, "unpack", lambda codec, raw, info=None: decoded.append(codec) or real_unpack(codec, raw, info))
+    monkeypatch.setattr(
+        blobs, "unpack", lambda codec, raw, info=None: decoded.append(codec) or real_unpack(codec, raw, info)
+    )
     app.start_worker()
     with pytest.raises(nbqueue.TaskFailed) as caught:
         bad.get(timeout=30)
@@ -335,8 +347,10 @@ def test_an_array_over_redis_512_mb_value_limit_is_refused_at_send_saying_how_to
     with pytest.raises(PayloadTooLarge) as caught:
         echo.delay(huge)
     message = str(caught.value)
-    assert message.startswith("argument 1 of task 'echo' is ndarray uint8 537,919,488 of 538 MB, more than the 512 MB a Redis "
-                              "value can hold (the payload store is ")
+    assert message.startswith(
+        "argument 1 of task 'echo' is ndarray uint8 537,919,488 of 538 MB, more than the 512 MB a Redis "
+        "value can hold (the payload store is "
+    )
     assert "payloads='s3://bucket/prefix'" in message and "payloads='file:///shared/dir'" in message
     assert isinstance(caught.value, nbqueue.SerializationError)
     assert app.tasks().empty and store_of(app).stats()["payloads"] == 0       # nothing enqueued, nothing stored
@@ -346,23 +360,31 @@ def test_a_frame_over_the_stores_limit_is_refused_at_send_before_anything_is_wri
     app = app_factory(payload_threshold=1024)
     echo, collect, shape = register(app)
     store = store_of(app)
-    store.max_size = 100_000                    # a store that holds less than the frame
-    with pytest.raises(PayloadTooLarge, match=r"keyword argument 'frame' of task 'shape' is DataFrame 10,000×5 of \d+ kB packed, "
-                                              r"more than the 100 kB the payload store .* can hold"):
+    store.max_size = 100_000  # a store that holds less than the frame
+    with pytest.raises(
+        PayloadTooLarge,
+        match=r"keyword argument 'frame' of task 'shape' is DataFrame 10,000×5 of \d+ kB packed, "
+        r"more than the 100 kB the payload store .* can hold",
+    ):
         shape.apply_async(kwargs={"frame": big_frame()})
     assert app.tasks().empty and store.stats()["payloads"] == 0
 
 
 def test_an_app_without_a_payload_store_refuses_large_values_at_send_and_says_how_to_add_one(tmp_path, qname):
     url = session_server_url("memcache")
-    app = nbqueue.App(f"sqlite:///{tmp_path}/b.db", url, payloads=None, payload_threshold=1024, default_queue=qname("q"))
+    app = nbqueue.App(
+        f"sqlite:///{tmp_path}/b.db", url, payloads=None, payload_threshold=1024, default_queue=qname("q")
+    )
     assert app.serializer.plane.store is not None            # the SQLite broker's file holds them
     sqs = nbqueue.App(session_server_url("sqs"), url, payload_threshold=1024, default_queue=qname("q"))
     try:
         assert sqs.serializer.plane.store is None
-        with pytest.raises(PayloadTooLarge, match=r"argument 1 of task 'echo' is DataFrame 10,000×5 of .* over payload_threshold "
-                                                  r"\(1.0 kB\), and this App has no payload store \(its results \(memcache://\) and "
-                                                  r"broker \(sqs://\) cannot hold large values\); .*payloads='s3://bucket/prefix'"):
+        with pytest.raises(
+            PayloadTooLarge,
+            match=r"argument 1 of task 'echo' is DataFrame 10,000×5 of .* over payload_threshold "
+            r"\(1.0 kB\), and this App has no payload store \(its results \(memcache://\) and "
+            r"broker \(sqs://\) cannot hold large values\); .*payloads='s3://bucket/prefix'",
+        ):
             sqs.send_task(nbqueue.Signature("echo", args=[big_frame()]))
         sqs.send_task(nbqueue.Signature("echo", args=[np.arange(10)]))    # small values still go inline
     finally:
@@ -444,8 +466,10 @@ def test_compression_shrinks_payloads_and_values_come_back_exactly(app_factory, 
         back_frame, back_array = r.get(timeout=30)
         pd.testing.assert_frame_equal(back_frame, frame, check_exact=True)
         assert back_array.dtype == array.dtype and np.array_equal(back_array, array)
-    sizes = {app: [ref.size for ref in app.serializer.decode(serialization.loads(app.backend.get(r.id)["args"]), lazy=True)]
-             for app, r in sent.items()}
+    sizes = {
+        app: [ref.size for ref in app.serializer.decode(serialization.loads(app.backend.get(r.id)["args"]), lazy=True)]
+        for app, r in sent.items()
+    }
     assert all(small < large / 2 for small, large in zip(sizes[packed], sizes[plain]))
     refs = packed.serializer.decode(serialization.loads(packed.backend.get(sent[packed].id)["args"]), lazy=True)
     assert all(f"({codec})" in repr(v) for v in refs)
@@ -454,7 +478,12 @@ def test_compression_shrinks_payloads_and_values_come_back_exactly(app_factory, 
 def test_a_pickled_value_out_of_band_is_read_only_by_an_app_that_opted_in(app_factory):
     app = app_factory(serializer="pickle", payload_threshold=1024)
     echo, collect, shape = register(app)
-    value = {"frame": big_frame(), "kind": complex(1, 2), "obj": {1, 2, 3}, "mixed": pd.Series([1, "a"] * 1000, dtype=object)}
+    value = {
+        "frame": big_frame(),
+        "kind": complex(1, 2),
+        "obj": {1, 2, 3},
+        "mixed": pd.Series([1, "a"] * 1000, dtype=object),
+    }
     r = echo.delay(value)
     app.start_worker()
     back = r.get(timeout=30)
@@ -467,12 +496,20 @@ def test_a_pickled_value_out_of_band_is_read_only_by_an_app_that_opted_in(app_fa
 
 
 def test_payload_options_are_checked_and_the_default_store_sits_beside_the_records(tmp_path):
-    for bad in ({"payload_threshold": -1}, {"payload_threshold": "1MB"}, {"payload_compression": "gzip"}, {"payloads": 3},
-                {"payload_options": "x"}):
+    for bad in (
+        {"payload_threshold": -1},
+        {"payload_threshold": "1MB"},
+        {"payload_compression": "gzip"},
+        {"payloads": 3},
+        {"payload_options": "x"},
+    ):
         with pytest.raises(ConfigurationError):
             nbqueue.App(f"sqlite:///{tmp_path}/a.db", **bad)
     sqlite = nbqueue.App(f"sqlite:///{tmp_path}/a.db")
-    assert isinstance(sqlite.serializer.plane.store, SQLitePayloads) and sqlite.serializer.plane.store.path == f"{tmp_path}/a.db"
+    assert (
+        isinstance(sqlite.serializer.plane.store, SQLitePayloads)
+        and sqlite.serializer.plane.store.path == f"{tmp_path}/a.db"
+    )
     assert sqlite.serializer.plane.threshold == 1 << 20
     memory = nbqueue.App("memory://payload-default")
     assert isinstance(memory.serializer.plane.store, RedisPayloads)
@@ -553,7 +590,9 @@ def test_the_s3_payload_store_writes_real_objects_that_boto3_sees(s3_server, tmp
     prefix = url.split("/", 3)[3]
     [key] = ref_keys(app.backend.get(r.id)["args"])
     listed = client.list_objects_v2(Bucket="nbq-payloads", Prefix=f"{prefix}/data/")["Contents"]
-    assert [o["Key"] for o in listed] == [f"{prefix}/data/{key}"] and listed[0]["Size"] == store_of(app).stats()["bytes"]
+    assert [o["Key"] for o in listed] == [f"{prefix}/data/{key}"] and listed[0]["Size"] == store_of(app).stats()[
+        "bytes"
+    ]
     body = client.get_object(Bucket="nbq-payloads", Key=f"{prefix}/data/{key}")["Body"].read()
     assert payloads.key_of(body) == key
     app.start_worker()
@@ -574,18 +613,29 @@ def echo(value):
 '''
 
 
-@pytest.mark.parametrize("app_kind", ["sqlite", "redis", "amqp"], indirect=True)     # memory:// lives inside one process
+@pytest.mark.parametrize("app_kind", ["sqlite", "redis", "amqp"], indirect=True)  # memory:// lives inside one process
 def test_a_worker_process_reads_and_writes_payloads_in_the_shared_store(app_factory, tmp_path):
     app = app_factory(payload_threshold=1024)
     (tmp_path / "payload_tasks.py").write_text(TASKS_MODULE)
     frame = big_frame(rows=50_000)
     r = app.send_task(nbqueue.Signature("echo", args=[frame]))
-    env = dict(os.environ, NBQUEUE_BROKER=app.broker_url, NBQUEUE_BACKEND=app.backend_url, NBQUEUE_DEFAULT_QUEUE=app.default_queue,
-               NBQUEUE_PAYLOAD_THRESHOLD="1024", PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    env = dict(
+        os.environ,
+        NBQUEUE_BROKER=app.broker_url,
+        NBQUEUE_BACKEND=app.backend_url,
+        NBQUEUE_DEFAULT_QUEUE=app.default_queue,
+        NBQUEUE_PAYLOAD_THRESHOLD="1024",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])),
+    )
     log = tmp_path / "worker.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "nbqueue", "worker", "--app", "payload_tasks:app"], cwd=tmp_path, env=env,
-                                stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nbqueue", "worker", "--app", "payload_tasks:app"],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         wait_for(lambda: r.ready() or proc.poll() is not None, 60, message="the worker process ran the task")
         assert proc.poll() is None, log.read_text(errors="replace")
@@ -602,7 +652,10 @@ def test_a_worker_process_reads_and_writes_payloads_in_the_shared_store(app_fact
 
 
 # -- 10. a %%task cell's captured inputs -------------------------------------------------------------------
-from test_magics import gate, ipython, run, shell  # noqa: E402,F401  (the IPython shell fixtures)
+import test_magics  # noqa: E402
+from test_magics import gate, run  # noqa: E402
+
+ipython, shell = test_magics.ipython, test_magics.shell     # the IPython shell fixtures, under their own names
 
 
 def test_a_cells_captured_frame_stays_stored_while_the_cell_waits_for_its_dependency(shell):
@@ -776,8 +829,12 @@ def test_the_dashboard_previews_values_out_of_band_from_their_references_without
     shown_frame, shown_array = detail["arguments"]["args"]
     assert shown_frame["kind"] == "frame" and shown_frame["shape"] == [10_000, 5]
     assert shown_frame["summary"].startswith("DataFrame 10,000×5, ")
-    assert "item-4" in shown_frame["html"] and "item-5" not in shown_frame["html"]      # the reference's first rows
-    assert shown_array == {"kind": "text", "text": "ndarray float32 50,000, 200 kB", "summary": "ndarray float32 50,000, 200 kB"}
+    assert "item-4" in shown_frame["html"] and "item-5" not in shown_frame["html"]  # the reference's first rows
+    assert shown_array == {
+        "kind": "text",
+        "text": "ndarray float32 50,000, 200 kB",
+        "summary": "ndarray float32 50,000, 200 kB",
+    }
     assert detail["result"]["kind"] == "text" and "DataFrame 10,000×5, " in detail["result"]["text"]     # a list of two
     [row] = client.get("/api/tasks").json()["tasks"]
     assert row["call"].startswith("DataFrame 10,000×5, ") and "ndarray float32 50,000" in row["call"]

@@ -51,7 +51,11 @@ def test_worker_survives_a_redis_restart_and_the_task_in_flight_completes_once(o
         assert runs == [21]
         after = long.delay(1)                       # and the worker goes on taking work
         assert after.get(timeout=30) == 2
-        assert wait_for(lambda: app.broker.stats() and app.broker.stats()[0]["in_flight"] == 0 and app.broker.stats()[0]["ready"] == 0)
+        assert wait_for(
+            lambda: (
+                app.broker.stats() and app.broker.stats()[0]["in_flight"] == 0 and app.broker.stats()[0]["ready"] == 0
+            )
+        )
     finally:
         release.set()
         worker.stop(timeout=10)

@@ -140,7 +140,9 @@ def test_reserve_requeues_an_expired_lease_without_a_reaper():
 
 def test_priority_order_holds_across_queues_and_dead_letters_keep_the_reason():
     broker = RedisBroker(_memory_url())
-    broker.publish_many([_out("a", "a-low", priority=1), _out("b", "b-high", priority=8), _out("a", "a-mid", priority=5)])
+    broker.publish_many(
+        [_out("a", "a-low", priority=1), _out("b", "b-high", priority=8), _out("a", "a-mid", priority=5)]
+    )
     got = broker.reserve(["a", "b"], timeout=0, limit=3)
     assert [d.message_id for d in got] == ["b-high", "a-mid", "a-low"]
     assert broker.reject(got[0], "cannot decode")
@@ -241,10 +243,18 @@ def test_begin_many_hands_out_tokens_in_one_call_and_skips_final_records():
     calls = []
     script = backend._begin
     backend._begin = lambda **kw: calls.append(kw) or script(**kw)
-    tokens = backend.begin_many(["old", "new", "done"], worker="w1", fields={"new": {"name": "add", "queue": "q", "retries": 2}})
+    tokens = backend.begin_many(
+        ["old", "new", "done"], worker="w1", fields={"new": {"name": "add", "queue": "q", "retries": 2}}
+    )
     assert tokens == {"old": 1, "new": 1, "done": None} and len(calls) == 1
     new = backend.get("new")
-    assert (new["state"], new["name"], new["queue"], new["retries"], new["worker"]) == (states.RECEIVED, "add", "q", 2, "w1")
+    assert (new["state"], new["name"], new["queue"], new["retries"], new["worker"]) == (
+        states.RECEIVED,
+        "add",
+        "q",
+        2,
+        "w1",
+    )
     assert backend.get("old")["state"] == states.RECEIVED and backend.begin("old") == 2
 
 
@@ -276,7 +286,9 @@ def test_connection_killed_mid_command_is_reopened_and_work_goes_on(real_redis):
     got = []
     reserver = threading.Thread(target=lambda: got.extend(consumer.reserve(["q"], timeout=5)))
     reserver.start()
-    blocked = wait_for(lambda: [c for c in admin.client_list() if c["name"] == real_redis["client_name"] and c["cmd"] == "blpop"])
+    blocked = wait_for(
+        lambda: [c for c in admin.client_list() if c["name"] == real_redis["client_name"] and c["cmd"] == "blpop"]
+    )
     assert blocked, "the reserver never blocked"
     # When Redis drops every connection of ours, including the one blocked in BLPOP
     for client in admin.client_list():
@@ -313,7 +325,9 @@ def test_redis_down_for_a_moment_is_survived_and_for_good_raises_connection_lost
 
 
 def test_unreachable_redis_raises_connection_lost():
-    broker = RedisBroker("redis://127.0.0.1:1/0", options={"retries": 1, "retry_base": 0.01, "socket_connect_timeout": 1})
+    broker = RedisBroker(
+        "redis://127.0.0.1:1/0", options={"retries": 1, "retry_base": 0.01, "socket_connect_timeout": 1}
+    )
     with pytest.raises(ConnectionLost):
         broker.publish(_out("q", "m"))
 
@@ -402,7 +416,9 @@ def test_a_waiter_reads_the_record_in_the_round_trip_that_wakes_it(store):
     get_many = waiter.get_many
     waiter.get_many = lambda ids: reads.append(ids) or get_many(ids)
     got = []
-    blocker = threading.Thread(target=lambda: got.append(waiter.wait_record("t", timeout=10, since=waiter.wake_version())))
+    blocker = threading.Thread(
+        target=lambda: got.append(waiter.wait_record("t", timeout=10, since=waiter.wake_version()))
+    )
     blocker.start()
     time.sleep(0.1)
     worker.store_result("t", states.SUCCESS, token=worker.begin("t"), result="1")
@@ -466,11 +482,17 @@ def test_a_new_connection_loads_its_scripts_before_the_commands_so_they_run_in_o
     app = flushable_app
     app.register_task("add", lambda x, y: x + y)
     app.register_task("total", lambda values: sum(values))
-    res = app.send_chord(nbqueue_chord([Signature("add", args=[1, 1]), Signature("add", args=[2, 2])], Signature("total")))
+    res = app.send_chord(
+        nbqueue_chord([Signature("add", args=[1, 1]), Signature("add", args=[2, 2])], Signature("total"))
+    )
     worker = app.worker(local_follow_ups=False)
-    [first] = [c.delivery for c in app.engine.claim([app.default_queue], limit=1, timeout=5, lease=30, worker=worker.name)]
+    [first] = [
+        c.delivery for c in app.engine.claim([app.default_queue], limit=1, timeout=5, lease=30, worker=worker.name)
+    ]
     worker.process(first)
-    [last] = [c.delivery for c in app.engine.claim([app.default_queue], limit=1, timeout=5, lease=30, worker=worker.name)]
+    [last] = [
+        c.delivery for c in app.engine.claim([app.default_queue], limit=1, timeout=5, lease=30, worker=worker.name)
+    ]
     _flush_scripts_keeping(app.broker.client, app.broker._settle, app.backend._member_done)
     app.broker.client.connection_pool.disconnect()        # the restart: every connection is new
     worker.process(last)
@@ -552,7 +574,9 @@ def test_no_test_flushes_or_restarts_a_shared_server():
     import pathlib
     import re
 
-    forbidden = re.compile(r"flush" + r"(db|all)|FLUSH" + r"(DB|ALL)|stop" + r"_app|rabbitmqctl\(\"stop|shutdown\(", re.I)
+    forbidden = re.compile(
+        r"flush" + r"(db|all)|FLUSH" + r"(DB|ALL)|stop" + r"_app|rabbitmqctl\(\"stop|shutdown\(", re.I
+    )
     for path in sorted(pathlib.Path(__file__).parent.glob("*.py")):
         text = path.read_text()
         assert not forbidden.search(text), f"{path.name}: {forbidden.search(text).group(0)}"

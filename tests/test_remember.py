@@ -6,13 +6,13 @@ import time
 
 import nbformat
 import pytest
+from test_magics import run
 
 import nbqueue
 from nbqueue import builtin
 from nbqueue.notebook import magics as nbmagics
 
 from conftest import ipython_shell
-from test_magics import run
 
 
 @pytest.fixture

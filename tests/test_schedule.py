@@ -184,9 +184,24 @@ def test_periodic_task_decorator_registers_the_task_and_its_schedule(make_app, c
     assert power(2, 3) == 8                              # still callable here
     assert app.registry[power.name] is power
     frame = app.schedules()
-    assert list(frame.columns[:8]) == ["name", "spec", "timezone", "next_run", "last_run", "last_state", "missed", "catch_up"]
+    assert list(frame.columns[:8]) == [
+        "name",
+        "spec",
+        "timezone",
+        "next_run",
+        "last_run",
+        "last_state",
+        "missed",
+        "catch_up",
+    ]
     row = frame.iloc[0]
-    assert (row["name"], row["spec"], row["timezone"], row["missed"], bool(row["catch_up"])) == (power.name, "@hourly", "UTC", 0, False)
+    assert (row["name"], row["spec"], row["timezone"], row["missed"], bool(row["catch_up"])) == (
+        power.name,
+        "@hourly",
+        "UTC",
+        0,
+        False,
+    )
     assert row["next_run"] == dt.datetime(2024, 1, 15, 9, 0, tzinfo=UTC)
     assert row["last_state"] is None and row["last_id"] is None and pd.isna(row["last_run"])
 
@@ -234,7 +249,9 @@ def test_tick_fires_at_each_cron_boundary_and_not_between(make_app, clock):
 
     assert beat.tick(ts(2024, 1, 15, 8, 59, 59)) == []
     first = beat.tick(ts(2024, 1, 15, 9, 0))
-    assert [(f.name, utc(f.due), f.catch_up, f.missed) for f in first] == [("hourly-sum", dt.datetime(2024, 1, 15, 9, 0, tzinfo=UTC), False, 0)]
+    assert [(f.name, utc(f.due), f.catch_up, f.missed) for f in first] == [
+        ("hourly-sum", dt.datetime(2024, 1, 15, 9, 0, tzinfo=UTC), False, 0)
+    ]
     assert beat.tick(ts(2024, 1, 15, 9, 0, 30)) == []      # same tick again: nothing new
     assert beat.tick(ts(2024, 1, 15, 9, 59)) == []
     second = beat.tick(ts(2024, 1, 15, 10, 0, 20))          # a little late, within the grace period

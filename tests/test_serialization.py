@@ -122,17 +122,23 @@ SCALARS = [
 def test_tagged_types_come_back_as_the_same_type(label, value):
     back = through_json(value)
     assert back == value and type(back) is type(value)
-    if type(value) in (float, complex, decimal.Decimal, dt.datetime, dt.time, pd.Timestamp, pd.Timedelta) or isinstance(value, np.generic):
+    if type(value) in (float, complex, decimal.Decimal, dt.datetime, dt.time, pd.Timestamp, pd.Timedelta) or isinstance(
+        value, np.generic
+    ):
         assert repr(back) == repr(value)    # -0.0, Decimal exponents, zones, folds, units, numpy scalar types
     for attr in ("tzinfo", "tz"):
         if getattr(value, attr, None) is not None:
-            assert type(getattr(back, attr)) is type(getattr(value, attr)) and getattr(back, attr) == getattr(value, attr)
+            assert type(getattr(back, attr)) is type(getattr(value, attr)) and getattr(back, attr) == getattr(
+                value, attr
+            )
 
 
 def test_big_ints_are_tagged_so_no_json_reader_turns_them_into_floats():
     assert serialization.to_jsonable(2**63 - 1) == 2**63 - 1 and serialization.to_jsonable(-(2**63)) == -(2**63)
     assert serialization.to_jsonable(2**63) == {"__nbq__": "int", "v": hex(2**63)}
-    assert serialization.loads(serialization.dumps(Serializer().encode([2**64]))) == [{"__nbq__": "int", "v": "0x10000000000000000"}]
+    assert serialization.loads(serialization.dumps(Serializer().encode([2**64]))) == [
+        {"__nbq__": "int", "v": "0x10000000000000000"}
+    ]
     assert through_json(2**64) == 2**64 and type(through_json(2**64)) is int
 
 
@@ -147,14 +153,34 @@ class Colour(enum.IntEnum):
 Pair = collections.namedtuple("Pair", "a b")
 
 
-REFUSED = [   # (label, value, reason, whether the pickle serializer carries it instead)
-    ("IntEnum", Colour.RED, "has type test_serialization.Colour, a subclass of int that would arrive as a plain int", True),
+REFUSED = [  # (label, value, reason, whether the pickle serializer carries it instead)
+    (
+        "IntEnum",
+        Colour.RED,
+        "has type test_serialization.Colour, a subclass of int that would arrive as a plain int",
+        True,
+    ),
     ("OrderedDict", collections.OrderedDict(a=1), "has type collections.OrderedDict, a subclass of dict", True),
     ("namedtuple", Pair(1, 2), "a subclass of tuple that would arrive as a plain tuple", True),
-    ("lone surrogate", "ab\ud800", "is a string with a lone surrogate ('\\ud800' at index 2), which cannot be stored as UTF-8", True),
+    (
+        "lone surrogate",
+        "ab\ud800",
+        "is a string with a lone surrogate ('\\ud800' at index 2), which cannot be stored as UTF-8",
+        True,
+    ),
     ("surrogate key", {"\udc00": 1}, "key '\\udc00': is a string with a lone surrogate", True),
-    ("dateutil zone", dt.datetime(2024, 1, 1, tzinfo=dateutil.tz.gettz("Europe/Paris")), "has time zone dateutil.tz", True),
-    ("masked array", np.ma.array([1, 2], mask=[False, True]), "has type numpy.ma.MaskedArray, a subclass of numpy.ndarray", True),
+    (
+        "dateutil zone",
+        dt.datetime(2024, 1, 1, tzinfo=dateutil.tz.gettz("Europe/Paris")),
+        "has time zone dateutil.tz",
+        True,
+    ),
+    (
+        "masked array",
+        np.ma.array([1, 2], mask=[False, True]),
+        "has type numpy.ma.MaskedArray, a subclass of numpy.ndarray",
+        True,
+    ),
     ("memoryview of ints", memoryview(np.arange(3)), "is a memoryview of format 'l'", False),
     ("a lock", threading.Lock(), "has type _thread.lock, which nbqueue cannot serialize as JSON", False),
 ]
@@ -187,7 +213,9 @@ def test_nesting_is_limited_and_cycles_are_named_not_a_recursion_error():
         Serializer().encode(deepest)
     loop = {"a": [1]}
     loop["a"].append(loop)
-    with pytest.raises(nbqueue.SerializationError, match=r"^x contains itself \(the whole value holds itself at \['a'\]\[1\]\)"):
+    with pytest.raises(
+        nbqueue.SerializationError, match=r"^x contains itself \(the whole value holds itself at \['a'\]\[1\]\)"
+    ):
         Serializer().encode(loop, "x")
     inner_loop = [0, []]
     inner_loop[1].append(inner_loop[1])
@@ -213,10 +241,16 @@ def nested_lists(depth):
 
 def test_values_written_by_earlier_versions_are_still_read():
     old = {
-        "datetime": ({"__nbq__": "datetime", "v": "2024-05-06T07:08:09+02:00"}, dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=dt.timezone(dt.timedelta(hours=2)))),
+        "datetime": (
+            {"__nbq__": "datetime", "v": "2024-05-06T07:08:09+02:00"},
+            dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=dt.timezone(dt.timedelta(hours=2))),
+        ),
         "timedelta": ({"__nbq__": "timedelta", "v": 90.5}, dt.timedelta(seconds=90.5)),
         "timestamp": ({"__nbq__": "timestamp", "v": "2024-01-01T00:00:00"}, pd.Timestamp("2024-01-01")),
-        "ndarray": ({"__nbq__": "ndarray", "v": {"dtype": "<i4", "shape": [2], "data": "AQAAAAIAAAA="}}, np.array([1, 2], dtype="<i4")),
+        "ndarray": (
+            {"__nbq__": "ndarray", "v": {"dtype": "<i4", "shape": [2], "data": "AQAAAAIAAAA="}},
+            np.array([1, 2], dtype="<i4"),
+        ),
     }
     for label, (tagged, expected) in old.items():
         back = Serializer().decode(tagged)
@@ -238,7 +272,11 @@ def test_dataframes_series_and_arrays_come_back_equal():
     pd.testing.assert_series_equal(through_json(series), series)
     unnamed = pd.Series([1, 2, 3])
     pd.testing.assert_series_equal(through_json(unnamed), unnamed)
-    for array in (np.arange(12, dtype=np.int32).reshape(3, 4), np.array([1.5, np.nan], dtype=np.float32), np.array(["a", "bc"])):
+    for array in (
+        np.arange(12, dtype=np.int32).reshape(3, 4),
+        np.array([1.5, np.nan], dtype=np.float32),
+        np.array(["a", "bc"]),
+    ):
         back = through_json(array)
         assert isinstance(back, np.ndarray) and back.dtype == array.dtype and back.shape == array.shape
         np.testing.assert_array_equal(back, array)
@@ -341,7 +379,11 @@ def test_keyword_names_are_plain_strings_in_the_message():
     message = to_message(Signature("t", kwargs={np.str_("a"): 1, "b": 2}), Serializer(), default_queue="q")
     assert message["kwargs"] == {"a": 1, "b": 2} and all(type(k) is str for k in message["kwargs"])
     for bad, shown in ((1, "1"), (None, "None"), ((1, 2), r"\(1, 2\)")):
-        with pytest.raises(nbqueue.SerializationError, match=rf"^keyword argument {shown} of task 't' has a name of type"):
+        with pytest.raises(
+            nbqueue.SerializationError, match=rf"^keyword argument {shown} of task 't' has a name of type"
+        ):
             to_message(Signature("t", kwargs={bad: "x"}), Serializer(), default_queue="q")
-    with pytest.raises(nbqueue.SerializationError, match="the name of a keyword argument of task 't' is a string with a lone surrogate"):
+    with pytest.raises(
+        nbqueue.SerializationError, match="the name of a keyword argument of task 't' is a string with a lone surrogate"
+    ):
         to_message(Signature("t", kwargs={"\udc00": "x"}), Serializer(), default_queue="q")

@@ -13,8 +13,8 @@ import pytest
 import nbqueue
 from nbqueue import Signature, states
 from nbqueue.broker import Outgoing
-from nbqueue.drivers.sqlite.broker import IDLE
 from nbqueue.clock import ManualClock
+from nbqueue.drivers.sqlite.broker import IDLE
 from nbqueue.testing import wait_for
 
 
@@ -96,7 +96,9 @@ def test_a_rolled_back_send_hands_nothing_over(app):
         raise RuntimeError("the send fails after the hand-over")
 
     got = []
-    reserver = threading.Thread(target=lambda: got.extend(app.broker.claim([q], timeout=1.0, handoff=True, on_claim=failing_begin)))
+    reserver = threading.Thread(
+        target=lambda: got.extend(app.broker.claim([q], timeout=1.0, handoff=True, on_claim=failing_begin))
+    )
     reserver.start()
     wait_for(lambda: idle_reservers(app) == 1)
     message, record, out = app.prepare(Signature("double", args=[1], queue=q))
@@ -142,7 +144,9 @@ def test_a_delayed_message_is_not_handed_over_before_it_is_due(tmp_path):
     clock = ManualClock()
     app = nbqueue.App(f"sqlite:///{tmp_path}/nbqueue.db", clock=clock)
     q = "handoff"
-    reserver = publish_to_idle_reserver(app, Outgoing(id="later", body="{}", queue=q, eta=clock.time() + 60), timeout=0.5)
+    reserver = publish_to_idle_reserver(
+        app, Outgoing(id="later", body="{}", queue=q, eta=clock.time() + 60), timeout=0.5
+    )
     assert reserver.got == []
     assert app.broker.stats()[0]["delayed"] == 1
     clock.advance(61)
@@ -165,10 +169,23 @@ def test_a_worker_fed_by_hand_overs_still_takes_messages_from_other_processes(ap
         other = nbqueue.App(f"sqlite:///{tmp_path}/nbqueue.db")
         message, record, out = other.prepare(Signature("double", args=[21]))
         conn = sqlite3.connect(app.broker.path, isolation_level=None)
-        conn.execute("INSERT INTO nbq_results(id, name, state, args, kwargs, queue, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                     (record["id"], record["name"], states.PENDING, record["args"], record["kwargs"], record["queue"], time.time()))
-        conn.execute("INSERT INTO nbq_messages(id, queue, priority, due, state, attempt, body, created) VALUES (?, ?, 0, ?, 0, 0, ?, ?)",
-                     (out.id, out.queue, time.time(), out.body, time.time()))
+        conn.execute(
+            "INSERT INTO nbq_results(id, name, state, args, kwargs, queue, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                record["id"],
+                record["name"],
+                states.PENDING,
+                record["args"],
+                record["kwargs"],
+                record["queue"],
+                time.time(),
+            ),
+        )
+        conn.execute(
+            "INSERT INTO nbq_messages(id, queue, priority, due, state, attempt, body, created) VALUES (?, ?, 0, ?, 0, "
+            "0, ?, ?)",
+            (out.id, out.queue, time.time(), out.body, time.time()),
+        )
         conn.close()
         assert app.result(out.id).get(timeout=10) == 42
     finally:
@@ -213,9 +230,14 @@ def test_no_statement_of_a_task_s_life_scans_a_whole_table(tmp_path):
     app.broker.store.conn.set_trace_callback(statements.append)
     worker = app.start_worker(concurrency=2)
     try:
-        assert [r.get(timeout=10) for r in app.send_many([Signature("add", args=[i, i]) for i in range(20)])] == [2 * i for i in range(20)]
+        assert [r.get(timeout=10) for r in app.send_many([Signature("add", args=[i, i]) for i in range(20)])] == [
+            2 * i for i in range(20)
+        ]
         assert app.send_task(Signature("flaky", retry_count=1)).get(timeout=30) == "ok"
-        assert app.send_chain(nbqueue.chain(Signature("add", args=[1, 1]), Signature("add", args=[2]))).get(timeout=10) == 4
+        assert (
+            app.send_chain(nbqueue.chain(Signature("add", args=[1, 1]), Signature("add", args=[2]))).get(timeout=10)
+            == 4
+        )
         chord = nbqueue.chord(nbqueue.group(*[Signature("add", args=[i, 0]) for i in range(10)]), Signature("total"))
         assert app.send_chord(chord).get(timeout=10) == 45
     finally:

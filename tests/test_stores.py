@@ -127,8 +127,13 @@ def test_worker_in_another_process_runs_tasks_and_results_read_back(store_app, t
            "PYTHONPATH": __import__("os").pathsep.join([str(TESTS_DIR), str(TESTS_DIR.parent)])}
     log = tmp_path / "worker.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "nbqueue", "worker", "--app", "proc_tasks:app", "--concurrency", "2"],
-                                cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nbqueue", "worker", "--app", "proc_tasks:app", "--concurrency", "2"],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         results = [app.send_task(Signature("add", args=[i, 100])) for i in range(5)]
         assert [r.get(timeout=60) for r in results] == [100, 101, 102, 103, 104]
@@ -176,7 +181,9 @@ def _reserve(broker, queue, timeout=10.0, lease=30.0):
     return got
 
 
-def test_sqs_message_delivered_max_deliveries_times_without_finishing_comes_flagged_then_dead_letters_with_the_reason(sqs, qname):
+def test_sqs_message_delivered_max_deliveries_times_without_finishing_comes_flagged_then_dead_letters_with_the_reason(
+    sqs, qname
+):
     broker, q = sqs(max_deliveries=2), qname("poison")
     broker.publish(Outgoing(id="poison", body="{}", queue=q))
     for attempt in (1, 2):                      # the worker dies each time: the lease (1 s) runs out
@@ -187,7 +194,9 @@ def test_sqs_message_delivered_max_deliveries_times_without_finishing_comes_flag
     assert d.dead_reason == "delivered 2 times without finishing (max_deliveries=2)"
     assert broker.reject(d, d.dead_reason)
     dead = wait_for(lambda: broker.dead_letters(q))
-    assert [(x["id"], x["reason"]) for x in dead] == [("poison", "delivered 2 times without finishing (max_deliveries=2)")]
+    assert [(x["id"], x["reason"]) for x in dead] == [
+        ("poison", "delivered 2 times without finishing (max_deliveries=2)")
+    ]
     assert wait_for(lambda: [s for s in broker.stats() if s["queue"] == q and s["dead"] == 1])
 
 
@@ -256,7 +265,9 @@ def test_sqs_created_queue_has_a_redrive_policy_to_its_dead_letter_queue(sqs, qn
     fifo = qname("redrive-f") + ".fifo"
     qname.made.append(fifo)
     broker.publish(Outgoing(id="f", body="{}", queue=fifo))
-    attrs = broker.client.get_queue_attributes(QueueUrl=broker._url(fifo), AttributeNames=["RedrivePolicy"])["Attributes"]
+    attrs = broker.client.get_queue_attributes(QueueUrl=broker._url(fifo), AttributeNames=["RedrivePolicy"])[
+        "Attributes"
+    ]
     assert int(json.loads(attrs["RedrivePolicy"])["maxReceiveCount"]) == 5      # and one early receive hiding a delay
 
 
@@ -265,13 +276,16 @@ def test_sqs_queue_made_elsewhere_dead_letters_into_its_own_redrive_target(sqs, 
     client = broker.client
     target_url = client.create_queue(QueueName=target)["QueueUrl"]
     arn = client.get_queue_attributes(QueueUrl=target_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    client.create_queue(QueueName=q, Attributes={"RedrivePolicy": json.dumps({"deadLetterTargetArn": arn, "maxReceiveCount": "9"})})
+    client.create_queue(
+        QueueName=q, Attributes={"RedrivePolicy": json.dumps({"deadLetterTargetArn": arn, "maxReceiveCount": "9"})}
+    )
     broker.publish(Outgoing(id="bad", body="{}", queue=q))
     [d] = _reserve(broker, q)
     assert broker.reject(d, "not a task")
     assert [(x["id"], x["reason"]) for x in wait_for(lambda: broker.dead_letters(q))] == [("bad", "not a task")]
-    assert client.get_queue_attributes(QueueUrl=target_url, AttributeNames=["ApproximateNumberOfMessages"])["Attributes"] == {
-        "ApproximateNumberOfMessages": "1"}
+    assert client.get_queue_attributes(QueueUrl=target_url, AttributeNames=["ApproximateNumberOfMessages"])[
+        "Attributes"
+    ] == {"ApproximateNumberOfMessages": "1"}
 
 
 def test_sqs_delay_beyond_the_native_maximum_hops_and_is_never_early(sqs, qname):
@@ -454,7 +468,9 @@ def test_sqs_refused_credentials_name_the_settings_to_fix(sqs, qname):
 
     broker.client.meta.events.register("before-send.sqs.GetQueueUrl", refuse)
     try:
-        with pytest.raises(ConfigurationError, match=r"SQS refused the credentials .*InvalidClientTokenId.*AWS_ACCESS_KEY_ID"):
+        with pytest.raises(
+            ConfigurationError, match=r"SQS refused the credentials .*InvalidClientTokenId.*AWS_ACCESS_KEY_ID"
+        ):
             broker.publish(Outgoing(id="m", body="{}", queue=qname("creds")))
     finally:
         broker.client.meta.events.unregister("before-send.sqs.GetQueueUrl", refuse)
@@ -547,7 +563,9 @@ def test_memcache_lists_the_newest_index_size_tasks_and_finds_older_ones_by_id(m
 
 
 def test_memcache_result_over_the_item_size_is_recorded_as_failure(tmp_path, qname):
-    app = nbqueue.App(f"sqlite:///{tmp_path}/q.db", session_server_url("memcache"), default_queue=qname("q"), max_item_size=8192)
+    app = nbqueue.App(
+        f"sqlite:///{tmp_path}/q.db", session_server_url("memcache"), default_queue=qname("q"), max_item_size=8192
+    )
     try:
         @app.task(name="big")
         def big():
@@ -615,11 +633,14 @@ def test_amqp_result_queue_is_named_by_task_id_and_expires_by_disuse(tmp_path):
     ("memcache://127.0.0.1:1", "pymemcache", "memcache"),
 ])
 def test_missing_client_library_names_the_extra_to_install(monkeypatch, url, module, extra):
-    from nbqueue.drivers import backend_from_url
-    from nbqueue.drivers import broker_from_url
+    from nbqueue.drivers import backend_from_url, broker_from_url
 
     for name in list(sys.modules):
-        if name == module or name.startswith(module + ".") or name in ("nbqueue.drivers.sqs.broker", "nbqueue.drivers.memcache.backend"):
+        if (
+            name == module
+            or name.startswith(module + ".")
+            or name in ("nbqueue.drivers.sqs.broker", "nbqueue.drivers.memcache.backend")
+        ):
             monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, module, None)          # as if not installed
     make = broker_from_url if url.startswith("sqs") else backend_from_url

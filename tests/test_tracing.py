@@ -94,7 +94,8 @@ def test_no_provider_no_headers(tmp_path):
 
 
 def test_the_global_tracer_provider_is_used(tmp_path):
-    """As an application configures OpenTelemetry: ``trace.set_tracer_provider`` (in a process of its own: it can be set once)."""
+    """As an application configures OpenTelemetry: ``trace.set_tracer_provider`` (in a process
+    of its own: it can be set once)."""
     import subprocess
     import sys
 

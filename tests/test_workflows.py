@@ -199,7 +199,13 @@ def test_group_results_and_values_are_in_group_order_not_finishing_order(app):
     t = make_tasks(app)
     worker = app.worker()
     # member 1 has the higher priority, so it is reserved and finishes before member 0 (a three-step chain)
-    res = app.send(group(chain(t.ident.si("a"), t.ident.si("b"), t.ident.si("first")), t.ident.si("second").set(priority=9), t.add.s(1, 2)))
+    res = app.send(
+        group(
+            chain(t.ident.si("a"), t.ident.si("b"), t.ident.si("first")),
+            t.ident.si("second").set(priority=9),
+            t.add.s(1, 2),
+        )
+    )
     assert [type(r) for r in res.results] == [ChainResult, AsyncResult, AsyncResult]
     assert not res.ready() and res.completed_count() == 0
     run_until(worker, res)
@@ -252,7 +258,13 @@ def test_group_progress_counts_each_state_in_one_backend_call(app, monkeypatch):
     for _ in range(4):                                    # one message at a time, in publishing order
         step_one(app, worker)
     during = seen["while_running"]
-    assert (during["succeeded"], during["failed"], during["retrying"], during["running"], during["pending"]) == (1, 1, 1, 1, 0)
+    assert (during["succeeded"], during["failed"], during["retrying"], during["running"], during["pending"]) == (
+        1,
+        1,
+        1,
+        1,
+        0,
+    )
     calls = backend_calls(app, monkeypatch)
     after = res.progress()
     assert len(calls) == 1, calls
@@ -341,7 +353,9 @@ def test_chain_step_delivered_twice_starts_the_next_step_once(app, monkeypatch):
     assert skipped == [first] and app.broker.release(first)
     delivered = []
     real_reserve = app.broker.reserve
-    monkeypatch.setattr(app.broker, "reserve", lambda *a, **k: [delivered.append(d.message_id) or d for d in real_reserve(*a, **k)])
+    monkeypatch.setattr(
+        app.broker, "reserve", lambda *a, **k: [delivered.append(d.message_id) or d for d in real_reserve(*a, **k)]
+    )
     second = sorted(reserve(app, 2), key=lambda d: d.message_id != first.message_id)
     for d in second:                                      # the repeat first, while the next step still waits
         worker.process(d)
@@ -356,7 +370,9 @@ def test_chain_step_delivered_twice_starts_the_next_step_once(app, monkeypatch):
 
 def test_chord_callback_receives_member_results_in_group_order(app):
     t = make_tasks(app)
-    res = app.send_chord(chord([chain(t.ident.si("x"), t.ident.si("slow")), t.ident.si("fast"), t.add.s(1, 2)], t.collect.s()))
+    res = app.send_chord(
+        chord([chain(t.ident.si("x"), t.ident.si("slow")), t.ident.si("fast"), t.add.s(1, 2)], t.collect.s())
+    )
     assert res.results[1] is res.header.results[1]
     run_until(app.worker(), res)
     assert res.get(timeout=10) == [["slow", "fast", 3]]
@@ -398,7 +414,9 @@ def test_chord_callback_runs_once_when_members_finish_at_the_same_moment(app):
     assert app.backend.get(res.callback.id)["token"] == 1     # begun once: one attempt
 
 
-@pytest.mark.parametrize("callback_first", [False, True], ids=["redelivered-before-callback", "redelivered-after-callback"])
+@pytest.mark.parametrize(
+    "callback_first", [False, True], ids=["redelivered-before-callback", "redelivered-after-callback"]
+)
 def test_chord_callback_runs_once_when_a_member_is_delivered_twice(app, monkeypatch, callback_first):
     t = make_tasks(app)
     res = app.send(chord([t.add.s(1, 1), t.add.s(2, 2), t.add.s(3, 3)], t.total.s()))
@@ -555,11 +573,13 @@ def test_group_concurrency_bounds_the_messages_in_the_broker_also_when_members_f
     limit = 2
     live = LiveMembers(app, monkeypatch, "add")
     live_boom = LiveMembers(app, monkeypatch, "boom")
-    res = app.send_group(group(t.add.s(0, 0), t.boom.s(1), t.boom.s(2), t.add.s(3, 3), t.boom.s(4), t.add.s(5, 5), t.add.s(6, 6)),
-                         concurrency=limit)
+    res = app.send_group(
+        group(t.add.s(0, 0), t.boom.s(1), t.boom.s(2), t.add.s(3, 3), t.boom.s(4), t.add.s(5, 5), t.add.s(6, 6)),
+        concurrency=limit,
+    )
     members = [r.id for r in res.results]
     worker = app.worker()
-    exact_stats = app_factory.kind != "amqp"             # RabbitMQ's counts lag its deliveries (see drivers/amqp/broker.py)
+    exact_stats = app_factory.kind != "amqp"  # RabbitMQ's counts lag its deliveries (see drivers/amqp/broker.py)
     high = queued(app)
     while not res.ready():
         step_one(app, worker)                              # nothing is held between two steps
@@ -658,7 +678,9 @@ def test_group_of_chains_gives_each_chains_last_value(app):
 
 def test_chord_whose_header_holds_chains_and_a_group(app):
     t = make_tasks(app)
-    res = app.send(chord([chain(t.add.s(1, 1), t.add.s(3)), group(t.add.s(5, 5), t.add.s(6, 6)), t.add.s(7, 7)], t.collect.s()))
+    res = app.send(
+        chord([chain(t.add.s(1, 1), t.add.s(3)), group(t.add.s(5, 5), t.add.s(6, 6)), t.add.s(7, 7)], t.collect.s())
+    )
     run_until(app.worker(), res)
     assert res.get(timeout=10) == [[5, [10, 12], 14]]
 

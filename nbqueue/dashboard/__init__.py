@@ -54,8 +54,14 @@ class Dashboard:
         import uvicorn
 
         self.host, self.port, self.token = host, port, token
-        config = uvicorn.Config(create_app(app, password=password, token=token, interval=interval), host=host, port=port,
-                                log_level="warning", timeout_graceful_shutdown=1, lifespan="off")
+        config = uvicorn.Config(
+            create_app(app, password=password, token=token, interval=interval),
+            host=host,
+            port=port,
+            log_level="warning",
+            timeout_graceful_shutdown=1,
+            lifespan="off",
+        )
         self.server = uvicorn.Server(config)
         self.thread: threading.Thread | None = None
 
@@ -72,7 +78,9 @@ class Dashboard:
         deadline = time.monotonic() + timeout
         while not self.server.started:
             if not self.thread.is_alive():
-                raise ConfigurationError(f"the dashboard could not start on {self.host}:{self.port} (is the port in use?)")
+                raise ConfigurationError(
+                    f"the dashboard could not start on {self.host}:{self.port} (is the port in use?)"
+                )
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the dashboard did not start within {timeout}s")
             time.sleep(0.02)
@@ -87,15 +95,28 @@ class Dashboard:
         return f"<nbqueue Dashboard {self.url}>"
 
 
-def serve(app, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *, password: str | None = None, token: str | None = None,
-          interval: float = 1.0) -> None:
+def serve(
+    app,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    *,
+    password: str | None = None,
+    token: str | None = None,
+    interval: float = 1.0,
+) -> None:
     """Serve the dashboard in the foreground until interrupted (uvicorn owns the signals)."""
     check_binding(host, password, token)
     _need_extra()
     import uvicorn
 
-    uvicorn.run(create_app(app, password=password, token=token, interval=interval), host=host, port=port, log_level="info",
-                timeout_graceful_shutdown=2, lifespan="off")
+    uvicorn.run(
+        create_app(app, password=password, token=token, interval=interval),
+        host=host,
+        port=port,
+        log_level="info",
+        timeout_graceful_shutdown=2,
+        lifespan="off",
+    )
 
 
 def server_proxy() -> dict:

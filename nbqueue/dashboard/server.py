@@ -119,15 +119,24 @@ class Access:
         if not (self.password or self.token):
             host = request.client.host if request.client else ""
             if host not in LOOPBACK:
-                return JSONResponse({"error": "this dashboard serves loopback clients only (start it with --password or --token)"},
-                                    status_code=403)
+                return JSONResponse(
+                    {"error": "this dashboard serves loopback clients only (start it with --password or --token)"},
+                    status_code=403,
+                )
         elif not self.allowed(request):
             headers = {"WWW-Authenticate": 'Basic realm="nbqueue dashboard"'} if self.password else {}
-            return JSONResponse({"error": "authentication required: "
-                                 + ("the dashboard's password" if self.password else "the dashboard's token (?token=...)")},
-                                status_code=401, headers=headers)
+            return JSONResponse(
+                {
+                    "error": "authentication required: "
+                    + ("the dashboard's password" if self.password else "the dashboard's token (?token=...)")
+                },
+                status_code=401,
+                headers=headers,
+            )
         if request.method == "POST" and request.headers.get(ACTION_HEADER) != "1":
-            return JSONResponse({"error": f"actions need the {ACTION_HEADER} header (sent by the dashboard's page)"}, status_code=403)
+            return JSONResponse(
+                {"error": f"actions need the {ACTION_HEADER} header (sent by the dashboard's page)"}, status_code=403
+            )
         return None
 
     def allowed(self, request: Request) -> bool:
@@ -145,31 +154,56 @@ class Access:
                 if value:
                     given.append(("token", value))
         secrets = {"password": self.password, "token": self.token}
-        return any(secrets[kind] and hmac.compare_digest(value.encode(), secrets[kind].encode()) for kind, value in given)
+        return any(
+            secrets[kind] and hmac.compare_digest(value.encode(), secrets[kind].encode()) for kind, value in given
+        )
 
 
-def create_app(app, *, password: str | None = None, token: str | None = None, interval: float = 1.0) -> Any:
-    """The dashboard of ``app`` (an nbqueue.App) as an ASGI application."""
-    snapshots = Snapshots(interval)
-    page_html = (STATIC / "index.html").read_text(encoding="utf-8")
+class Dashboard:
+    """The route handlers of one App's dashboard and what they share: the views' snapshots
+    (Snapshots), the page's HTML and the live task counts."""
 
-    counted: dict[str, tuple[float, float, dict]] = {}      # filters -> (when, cost, counts by state)
+    def __init__(self, app, interval: float = 1.0):
+        self.app = app
+        self.snapshots = Snapshots(interval)
+        self.page_html = (STATIC / "index.html").read_text(encoding="utf-8")
+        self.counted: dict[str, tuple[float, float, dict]] = {}      # filters -> (when, cost, counts by state)
 
-    def live_counts(filters: dict) -> dict:
-        """``data.state_counts`` for the live views, read again after COUNT_EVERY seconds (or COUNT_SLOWDOWN times its cost)."""
+    def routes(self) -> list:
+        return [
+            Route("/", self.home),
+            Route("/tasks/{task_id}", self.task_page),
+            Route("/queues/{queue:path}", self.queue_page),
+            Route("/api/overview", self.api_overview),
+            Route("/api/tasks", self.api_tasks),
+            Route("/api/tasks/{task_id}", self.api_task),
+            Route("/api/tasks/{task_id}/{action}", self.action, methods=["POST"]),
+            Route("/api/queues/{queue}/{action}", self.action, methods=["POST"]),
+            Route("/api/queues/{queue:path}", self.api_queue),
+            Route("/api/events", self.events),
+            Route("/metrics", self.metrics),
+            Route("/favicon.ico", lambda request: Response(status_code=204)),
+            Mount("/static", StaticFiles(directory=STATIC), name="static"),
+        ]
+
+    # -- the views' data ---------------------------------------------------------------------------
+    def live_counts(self, filters: dict) -> dict:
+        """``data.state_counts`` for the live views, read again after COUNT_EVERY seconds (or
+        COUNT_SLOWDOWN times its cost)."""
         key = _json(sorted(filters.items()))
-        hit = counted.get(key)
+        hit = self.counted.get(key)
         if hit is not None and time.monotonic() - hit[0] < max(COUNT_EVERY, COUNT_SLOWDOWN * hit[1]):
             return hit[2]
         started = time.monotonic()
-        by_state = data.state_counts(app, filters)
-        counted[key] = (time.monotonic(), time.monotonic() - started, by_state)
-        if len(counted) > 256:
-            counted.clear()
+        by_state = data.state_counts(self.app, filters)
+        self.counted[key] = (time.monotonic(), time.monotonic() - started, by_state)
+        if len(self.counted) > 256:
+            self.counted.clear()
         return by_state
 
-    def view_data(view: str, params: Any, ident: str | None, counts: Any = True) -> dict:
+    def view_data(self, view: str, params: Any, ident: str | None, counts: Any = True) -> dict:
         """A view's data; ``counts`` False (the first render): the task counts come with the first live update."""
+        app = self.app
         if view == "task":
             return {"view": "task", "task": data.task_detail(app, ident)}
         filters = data.filters_from(params)
@@ -178,139 +212,166 @@ def create_app(app, *, password: str | None = None, token: str | None = None, in
             filters["queue"] = ident
             return {"view": "queue", "queue": data.queue_view(app, ident), "overview": data.overview(app),
                     "tasks": data.task_page(app, filters, page, counts=counts)}
-        return {"view": "home", "overview": data.overview(app), "tasks": data.task_page(app, filters, page, counts=counts)}
+        return {
+            "view": "home",
+            "overview": data.overview(app),
+            "tasks": data.task_page(app, filters, page, counts=counts),
+        }
 
-    def view_key(view: str, params: Any, ident: str | None) -> str:
-        return _json([view, ident, sorted((k, v) for k, v in params.items() if k != "token")])
-
-    async def page(request: Request, view: str, ident: str | None = None) -> Response:
+    # -- pages -------------------------------------------------------------------------------------
+    async def page(self, request: Request, view: str, ident: str | None = None) -> Response:
         try:
-            first = await run_in_threadpool(view_data, view, request.query_params, ident, False)
+            first = await run_in_threadpool(self.view_data, view, request.query_params, ident, False)
         except NotFound as exc:
             return HTMLResponse(_error_page(404, str(exc), request), status_code=404)
         except ValueError as exc:
             return HTMLResponse(_error_page(400, str(exc), request), status_code=400)
-        body = (page_html.replace("__NBQ_BASE__", _base(request))
+        body = (self.page_html.replace("__NBQ_BASE__", _base(request))
                 .replace("__NBQ_INITIAL__", _json(first).replace("</", "<\\/")))
         return HTMLResponse(body, headers={"Cache-Control": "no-store"})
 
-    async def home(request: Request) -> Response:
-        return await page(request, "home")
+    async def home(self, request: Request) -> Response:
+        return await self.page(request, "home")
 
-    async def task_page(request: Request) -> Response:
-        return await page(request, "task", request.path_params["task_id"])
+    async def task_page(self, request: Request) -> Response:
+        return await self.page(request, "task", request.path_params["task_id"])
 
-    async def queue_page(request: Request) -> Response:
-        return await page(request, "queue", request.path_params["queue"])
+    async def queue_page(self, request: Request) -> Response:
+        return await self.page(request, "queue", request.path_params["queue"])
 
-    async def api(request: Request, fn: Callable, *args) -> Response:
-        try:
-            return JSONResponse(json.loads(_json(await run_in_threadpool(fn, *args))))
-        except NotFound as exc:
-            return JSONResponse({"error": str(exc)}, status_code=404)
-        except ValueError as exc:
-            return JSONResponse({"error": str(exc)}, status_code=400)
+    # -- JSON and actions --------------------------------------------------------------------------
+    async def api_overview(self, request: Request) -> Response:
+        return await _api(data.overview, self.app)
 
-    async def api_overview(request: Request) -> Response:
-        return await api(request, data.overview, app)
-
-    async def api_tasks(request: Request) -> Response:
+    async def api_tasks(self, request: Request) -> Response:
         params = request.query_params
 
         def tasks():
-            return data.task_page(app, data.filters_from(params), _int(params.get("page"), "page"), _int(params.get("per_page"), "per_page", 50))
-        return await api(request, tasks)
+            return data.task_page(
+                self.app,
+                data.filters_from(params),
+                _int(params.get("page"), "page"),
+                _int(params.get("per_page"), "per_page", 50),
+            )
 
-    async def api_task(request: Request) -> Response:
-        return await api(request, data.task_detail, app, request.path_params["task_id"])
+        return await _api(tasks)
 
-    async def api_queue(request: Request) -> Response:
-        return await api(request, data.queue_view, app, request.path_params["queue"])
+    async def api_task(self, request: Request) -> Response:
+        return await _api(data.task_detail, self.app, request.path_params["task_id"])
 
-    async def action(request: Request) -> Response:
-        kind, ident = request.path_params["action"], request.path_params.get("task_id") or request.path_params.get("queue")
-        actions = {"cancel": data.act_cancel, "cancel-workflow": data.act_cancel_workflow, "retry": data.act_retry,
-                   "redrive": data.act_redrive, "purge": data.act_purge}
-        if kind not in actions:
+    async def api_queue(self, request: Request) -> Response:
+        return await _api(data.queue_view, self.app, request.path_params["queue"])
+
+    async def action(self, request: Request) -> Response:
+        kind, ident = (
+            request.path_params["action"],
+            request.path_params.get("task_id") or request.path_params.get("queue"),
+        )
+        if kind not in ACTIONS:
             return JSONResponse({"error": f"no action {kind!r}"}, status_code=404)
         log.info("dashboard action %s on %s", kind, ident)
-        return await api(request, actions[kind], app, ident)
+        return await _api(ACTIONS[kind], self.app, ident)
 
-    async def events(request: Request) -> Response:
-        params = request.query_params
-        view, ident = params.get("view") or "home", params.get("id")
-        rest = {k: v for k, v in params.items() if k not in ("view", "id")}
-        key = view_key(view, rest, ident)
-        try:                                    # the first one here: an unknown id is a 404, not a stream of errors
-            await snapshots.get(key, lambda: view_data(view, rest, ident, live_counts))
-        except NotFound as exc:
-            return JSONResponse({"error": str(exc)}, status_code=404)
-        except ValueError as exc:
-            return JSONResponse({"error": str(exc)}, status_code=400)
-
-        async def stream():
-            last, quiet = None, 0.0
-            yield "retry: 2000\n\n"
-            while True:
-                try:
-                    text = await snapshots.get(key, lambda: view_data(view, rest, ident, live_counts))
-                except NotFound as exc:         # forgotten or expired meanwhile
-                    yield f"event: gone\ndata: {_json({'error': str(exc)})}\n\n"
-                    return
-                except Exception as exc:        # a store that went away: say so, keep trying
-                    log.warning("dashboard: reading the stores failed", exc_info=True)
-                    text = _json({"error": f"{type(exc).__name__}: {exc}"})
-                if text != last:
-                    yield f"data: {text}\n\n"
-                    last, quiet = text, 0.0
-                elif quiet > 15:
-                    yield ": keep-alive\n\n"
-                    quiet = 0.0
-                pause = snapshots.pause(key)
-                quiet += pause
-                await asyncio.sleep(pause)
-
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
-
-    async def metrics(request: Request) -> Response:
+    async def metrics(self, request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
         from ..metrics import StoreCollector
 
         def scrape() -> bytes:
             registry = CollectorRegistry()
-            registry.register(StoreCollector(app))
+            registry.register(StoreCollector(self.app))
             return generate_latest(registry)
         return Response(await run_in_threadpool(scrape), media_type=CONTENT_TYPE_LATEST)
 
-    async def not_found(request: Request, exc: Exception) -> Response:
-        if request.url.path.startswith("/api/"):
-            return JSONResponse({"error": f"no such page: {request.url.path}"}, status_code=404)
-        return HTMLResponse(_error_page(404, f"no such page: {request.url.path}", request), status_code=404)
+    # -- server-sent events ------------------------------------------------------------------------
+    async def events(self, request: Request) -> Response:
+        params = request.query_params
+        view, ident = params.get("view") or "home", params.get("id")
+        rest = {k: v for k, v in params.items() if k not in ("view", "id")}
+        key = _view_key(view, rest, ident)
 
-    async def server_error(request: Request, exc: Exception) -> Response:
-        log.exception("dashboard: %s %s failed", request.method, request.url.path, exc_info=exc)
-        return JSONResponse({"error": f"{type(exc).__name__}: {exc}"}, status_code=500)
+        def compute() -> dict:
+            return self.view_data(view, rest, ident, self.live_counts)
 
-    routes = [
-        Route("/", home),
-        Route("/tasks/{task_id}", task_page),
-        Route("/queues/{queue:path}", queue_page),
-        Route("/api/overview", api_overview),
-        Route("/api/tasks", api_tasks),
-        Route("/api/tasks/{task_id}", api_task),
-        Route("/api/tasks/{task_id}/{action}", action, methods=["POST"]),
-        Route("/api/queues/{queue}/{action}", action, methods=["POST"]),
-        Route("/api/queues/{queue:path}", api_queue),
-        Route("/api/events", events),
-        Route("/metrics", metrics),
-        Route("/favicon.ico", lambda request: Response(status_code=204)),
-        Mount("/static", StaticFiles(directory=STATIC), name="static"),
-    ]
-    web = Starlette(routes=routes, exception_handlers={404: not_found, 500: server_error})
+        try:                                    # the first one here: an unknown id is a 404, not a stream of errors
+            await self.snapshots.get(key, compute)
+        except NotFound as exc:
+            return JSONResponse({"error": str(exc)}, status_code=404)
+        except ValueError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        return StreamingResponse(
+            self.stream(key, compute),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        )
+
+    async def stream(self, key: str, compute: Callable[[], dict]):
+        """The events of one view: its data whenever it changed, a keep-alive comment after 15
+        quiet seconds, ``gone`` once its task is forgotten."""
+        last, quiet = None, 0.0
+        yield "retry: 2000\n\n"
+        while True:
+            try:
+                text = await self.snapshots.get(key, compute)
+            except NotFound as exc:         # forgotten or expired meanwhile
+                yield f"event: gone\ndata: {_json({'error': str(exc)})}\n\n"
+                return
+            except Exception as exc:        # a store that went away: say so, keep trying
+                log.warning("dashboard: reading the stores failed", exc_info=True)
+                text = _json({"error": f"{type(exc).__name__}: {exc}"})
+            if text != last:
+                yield f"data: {text}\n\n"
+                last, quiet = text, 0.0
+            elif quiet > 15:
+                yield ": keep-alive\n\n"
+                quiet = 0.0
+            pause = self.snapshots.pause(key)
+            quiet += pause
+            await asyncio.sleep(pause)
+
+
+#: the actions of ``POST /api/tasks/<id>/<action>`` and ``POST /api/queues/<name>/<action>``
+ACTIONS: dict[str, Callable[[Any, str], Any]] = {
+    "cancel": data.act_cancel,
+    "cancel-workflow": data.act_cancel_workflow,
+    "retry": data.act_retry,
+    "redrive": data.act_redrive,
+    "purge": data.act_purge,
+}
+
+
+def create_app(app, *, password: str | None = None, token: str | None = None, interval: float = 1.0) -> Any:
+    """The dashboard of ``app`` (an nbqueue.App) as an ASGI application."""
+    dashboard = Dashboard(app, interval)
+    web = Starlette(routes=dashboard.routes(), exception_handlers={404: _not_found, 500: _server_error})
     web.state.nbqueue_app = app
-    web.state.snapshots = snapshots
+    web.state.snapshots = dashboard.snapshots
     return Access(web, password, token)
+
+
+async def _api(fn: Callable, *args) -> Response:
+    """``fn(*args)`` in the thread pool, as JSON; NotFound answers 404, ValueError 400."""
+    try:
+        return JSONResponse(json.loads(_json(await run_in_threadpool(fn, *args))))
+    except NotFound as exc:
+        return JSONResponse({"error": str(exc)}, status_code=404)
+    except ValueError as exc:
+        return JSONResponse({"error": str(exc)}, status_code=400)
+
+
+def _view_key(view: str, params: Any, ident: str | None) -> str:
+    return _json([view, ident, sorted((k, v) for k, v in params.items() if k != "token")])
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    if request.url.path.startswith("/api/"):
+        return JSONResponse({"error": f"no such page: {request.url.path}"}, status_code=404)
+    return HTMLResponse(_error_page(404, f"no such page: {request.url.path}", request), status_code=404)
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    log.exception("dashboard: %s %s failed", request.method, request.url.path, exc_info=exc)
+    return JSONResponse({"error": f"{type(exc).__name__}: {exc}"}, status_code=500)
 
 
 def _int(value: str | None, name: str, default: int = 1) -> int:
@@ -330,6 +391,8 @@ def _base(request: Request) -> str:
 
 
 def _error_page(status: int, message: str, request: Request) -> str:
-    return (f"<!doctype html><meta charset='utf-8'><title>nbqueue: {status}</title>"
-            f"<body style='font-family:sans-serif;margin:2em'><h1>{status}</h1><p class='error'>{data.escape(message)}</p>"
-            f"<p><a href='{_base(request)}'>back to the dashboard</a></p></body>")
+    return (
+        f"<!doctype html><meta charset='utf-8'><title>nbqueue: {status}</title>"
+        f"<body style='font-family:sans-serif;margin:2em'><h1>{status}</h1><p class='error'>{data.escape(message)}</p>"
+        f"<p><a href='{_base(request)}'>back to the dashboard</a></p></body>"
+    )

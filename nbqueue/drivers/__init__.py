@@ -154,4 +154,16 @@ def backend_from_url(url: str, **kwargs: Any):
     return driver_for(url, "backend").load("backend")(url, **kwargs)
 
 
-__all__ = ["DEFAULT_URL", "Driver", "engine_for", "holds_payloads", "payload_store", "drivers", "schemes", "driver_for", "store_options", "broker_from_url", "backend_from_url"]
+__all__ = [
+    "DEFAULT_URL",
+    "Driver",
+    "engine_for",
+    "holds_payloads",
+    "payload_store",
+    "drivers",
+    "schemes",
+    "driver_for",
+    "store_options",
+    "broker_from_url",
+    "backend_from_url",
+]

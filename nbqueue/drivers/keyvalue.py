@@ -94,7 +94,12 @@ class KeyValueBackend(ResultBackend):
     def _add(self, key: str, text: str, ttl: float | None = None) -> bool:
         raise NotImplementedError
 
-    def _change(self, key: str, change: Callable[[str | None], tuple[Any, Any]], ttl_of: Callable[[str], float | None] = lambda text: None) -> Any:
+    def _change(
+        self,
+        key: str,
+        change: Callable[[str | None], tuple[Any, Any]],
+        ttl_of: Callable[[str], float | None] = lambda text: None,
+    ) -> Any:
         raise NotImplementedError
 
     def _write(self, items: dict[str, str], ttl: float | None = None) -> None:
@@ -147,9 +152,11 @@ class KeyValueBackend(ResultBackend):
                 if self._add(f"r:{r['id']}", self._encode_record(rec)):
                     added.append(r["id"])
             except ValueTooLarge as exc:
-                raise SerializationError(f"task {r.get('name') or ''} {r['id']}: its record ({exc.size:,} bytes with its arguments) "
-                                         f"is over the result store's item size ({exc.limit:,} bytes); pass large values "
-                                         "some other way (a file, a URL)") from None
+                raise SerializationError(
+                    f"task {r.get('name') or ''} {r['id']}: its record ({exc.size:,} bytes with its arguments) "
+                    f"is over the result store's item size ({exc.limit:,} bytes); pass large values "
+                    "some other way (a file, a URL)"
+                ) from None
         if added:
             self._created(added)
 
@@ -195,11 +202,23 @@ class KeyValueBackend(ResultBackend):
         try:
             return self._write_state(task_id, state, token, fields)
         except ValueTooLarge as exc:
-            error = (f"the task's record is {exc.size:,} bytes, over the result store's item size ({exc.limit:,} bytes); "
-                     "return a smaller value (or a path or URL to it)")
+            error = (
+                f"the task's record is {exc.size:,} bytes, over the result store's item size ({exc.limit:,} bytes); "
+                "return a smaller value (or a path or URL to it)"
+            )
             small = {k: v for k, v in fields.items() if k in ("finished_at", "expires_at", "started_at", "worker")}
-            return self._write_state(task_id, states.FAILURE, token, {**small, "exc_type": "ResultTooLarge", "error": error, "result": None,
-                                                                         "output": (fields.get("output") or "")[-4096:] or None})
+            return self._write_state(
+                task_id,
+                states.FAILURE,
+                token,
+                {
+                    **small,
+                    "exc_type": "ResultTooLarge",
+                    "error": error,
+                    "result": None,
+                    "output": (fields.get("output") or "")[-4096:] or None,
+                },
+            )
 
     def _write_state(self, task_id: str, state: str, token: int | None, fields: dict) -> bool:
         fields = {k: v for k, v in fields.items() if k in FIELDS and k not in ("id", "state", "token")}
@@ -214,7 +233,9 @@ class KeyValueBackend(ResultBackend):
                     return KEEP, False
                 rec = _new_record(task_id, fields.get("created_at", now))
                 created.append(task_id)
-            elif rec.get("state") in states.READY_STATES or (token is not None and int(rec.get("token") or 0) != int(token)):
+            elif rec.get("state") in states.READY_STATES or (
+                token is not None and int(rec.get("token") or 0) != int(token)
+            ):
                 return KEEP, False
             rec.update(fields)
             rec["state"] = state
@@ -246,7 +267,9 @@ class KeyValueBackend(ResultBackend):
             if not fields.get("output"):
                 raise
             keep = max(0, len(fields["output"]) - (exc.size - exc.limit) - 256)
-            fields["output"] = "[... output cut: over the result store's item size]\n" + fields["output"][-keep:] if keep else None
+            fields["output"] = (
+                "[... output cut: over the result store's item size]\n" + fields["output"][-keep:] if keep else None
+            )
             self._change(f"r:{task_id}", change, self._ttl_of_record)
 
     def get_many(self, ids: Sequence[str]) -> list[dict | None]:
@@ -277,7 +300,12 @@ class KeyValueBackend(ResultBackend):
     def init_group(self, group_id: str, member_ids: Sequence[str], meta: dict | None = None) -> None:
         member_ids = list(member_ids)
         chunks = [member_ids[i:i + CHUNK] for i in range(0, len(member_ids), CHUNK)]
-        header = {"total": len(member_ids), "meta": serialization.dumps(meta or {}), "created_at": self.clock.time(), "chunks": len(chunks)}
+        header = {
+            "total": len(member_ids),
+            "meta": serialization.dumps(meta or {}),
+            "created_at": self.clock.time(),
+            "chunks": len(chunks),
+        }
         if f"g:{group_id}" in self._read([f"g:{group_id}"]):
             return
         self._write({f"g:{group_id}:m:{k}": dumps(chunk) for k, chunk in enumerate(chunks)})
@@ -319,7 +347,9 @@ class KeyValueBackend(ResultBackend):
 
         done = self._change(f"g:{group_id}:done", change)
         if done >= total and self.results_expire_in:
-            keys = [f"g:{group_id}", f"g:{group_id}:done", f"g:{group_id}:chord"] + [f"g:{group_id}:m:{k}" for k in range(header["chunks"])]
+            keys = [f"g:{group_id}", f"g:{group_id}:done", f"g:{group_id}:chord"] + [
+                f"g:{group_id}:m:{k}" for k in range(header["chunks"])
+            ]
             self._touch(keys, self.results_expire_in)
         return done, total
 
@@ -335,7 +365,13 @@ class KeyValueBackend(ResultBackend):
         header, members = group
         bits = self._read([f"g:{group_id}:done"]).get(f"g:{group_id}:done")
         done = _popcount(bytearray.fromhex(bits)) if bits else 0
-        return {"group_id": group_id, "total": header["total"], "done": done, "members": members, "meta": serialization.loads(header["meta"] or "{}")}
+        return {
+            "group_id": group_id,
+            "total": header["total"],
+            "done": done,
+            "members": members,
+            "meta": serialization.loads(header["meta"] or "{}"),
+        }
 
     def progress(self, ids: Sequence[str] = (), *, group_id: str | None = None) -> dict:
         if group_id is not None:
@@ -365,8 +401,10 @@ class KeyValueBackend(ResultBackend):
         if not self.index_size:
             from ..errors import UnsupportedOperation
 
-            raise UnsupportedOperation(f"the {self.scheme}:// result backend cannot list tasks (it has no index of them): "
-                                       "pass ids, or keep results in SQLite, Redis or Memcache to list them")
+            raise UnsupportedOperation(
+                f"the {self.scheme}:// result backend cannot list tasks (it has no index of them): "
+                "pass ids, or keep results in SQLite, Redis or Memcache to list them"
+            )
         end = int(self._read(["seq"]).get("seq") or 0)
         positions = [p % self.index_size for p in range(end - 1, max(-1, end - 1 - self.index_size), -1)]
         slots = self._read([f"i:{p}" for p in positions])
@@ -410,7 +448,11 @@ class KeyValueBackend(ResultBackend):
     def workers(self) -> list[dict]:
         now = self.clock.time()
         table = loads(self._read(["workers"]).get("workers")) or {}
-        return [{"worker_id": w, "last_seen": e["last_seen"], **e["info"]} for w, e in sorted(table.items()) if e["expires"] > now]
+        return [
+            {"worker_id": w, "last_seen": e["last_seen"], **e["info"]}
+            for w, e in sorted(table.items())
+            if e["expires"] > now
+        ]
 
     def claim_once(self, key: str, ttl: float) -> bool:
         now = self.clock.time()
@@ -453,7 +495,9 @@ class KeyValueBackend(ResultBackend):
             self._change("kvns", lambda old: (dumps(sorted(set(loads(old) or []) | set(new_namespaces))), None))
 
     def kv_items(self, prefix: str) -> dict[str, str]:
-        namespaces = [n for n in loads(self._read(["kvns"]).get("kvns")) or [] if n.startswith(prefix) or prefix.startswith(n)]
+        namespaces = [
+            n for n in loads(self._read(["kvns"]).get("kvns")) or [] if n.startswith(prefix) or prefix.startswith(n)
+        ]
         indexes = self._read([f"kvn:{n}" for n in namespaces])
         keys = sorted({k for text in indexes.values() for k in loads(text) if k.startswith(prefix)})
         values = self._read([f"kv:{k}" for k in keys])

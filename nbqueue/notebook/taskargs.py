@@ -11,17 +11,34 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 def task_options(fn: Callable) -> Callable:
     """Decorate a cell magic function with the ``%%task`` options (its help shows them)."""
     options = [
-        argument("name", nargs="?", default=None,
-                 help="a name for the cell's task (re-running replaces it; --after refers to it)"),
-        argument("-o", "--output", dest="var", default=None,
-                 help="bind the cell's value to this variable when it succeeds"),
-        argument("--queue", default=None,
-                 help="send to this queue (a worker started with --allow-cells must serve it)"),
+        argument(
+            "name",
+            nargs="?",
+            default=None,
+            help="a name for the cell's task (re-running replaces it; --after refers to it)",
+        ),
+        argument(
+            "-o", "--output", dest="var", default=None, help="bind the cell's value to this variable when it succeeds"
+        ),
+        argument(
+            "--queue", default=None, help="send to this queue (a worker started with --allow-cells must serve it)"
+        ),
         argument("--retry-count", type=int, default=0, help="retry a failing cell up to N times"),
-        argument("--after", nargs="+", default=[], metavar="NAME_OR_VAR",
-                 help="run only after these cell tasks (or results) succeed"),
-        argument("--cache", nargs="?", const=True, default=False, metavar="EXPIRY",
-                 help="reuse the stored result of this source with the same inputs (EXPIRY: e.g. 7d; see nbqueue.cache)"),
+        argument(
+            "--after",
+            nargs="+",
+            default=[],
+            metavar="NAME_OR_VAR",
+            help="run only after these cell tasks (or results) succeed",
+        ),
+        argument(
+            "--cache",
+            nargs="?",
+            const=True,
+            default=False,
+            metavar="EXPIRY",
+            help="reuse the stored result of this source with the same inputs (EXPIRY: e.g. 7d; see nbqueue.cache)",
+        ),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -30,8 +47,8 @@ def task_options(fn: Callable) -> Callable:
 
 @task_options
 def task(line: str, cell: str) -> None:
-    """%%task [NAME] [-o VAR] [--queue Q] [--retry-count N] [--after NAME_OR_VAR ...] [--cache [EXPIRY]]: the parser's holder
-    (its name is the one errors show)."""
+    """%%task [NAME] [-o VAR] [--queue Q] [--retry-count N] [--after NAME_OR_VAR ...] [--cache [EXPIRY]]:
+    the parser's holder (its name is the one errors show)."""
 
 
 def parse(line: str) -> argparse.Namespace:

@@ -21,6 +21,7 @@ import pytest
 
 from nbqueue import states
 from nbqueue.broker import Outgoing
+
 from . import wait_for
 
 
@@ -315,7 +316,12 @@ def test_backend_failure_keeps_type_message_traceback(backend_factory):
     token = be.begin("f")
     be.store_result("f", states.FAILURE, token=token, error="boom", exc_type="ValueError", traceback="Traceback ...")
     rec = be.get("f")
-    assert (rec["state"], rec["exc_type"], rec["error"], rec["traceback"]) == (states.FAILURE, "ValueError", "boom", "Traceback ...")
+    assert (rec["state"], rec["exc_type"], rec["error"], rec["traceback"]) == (
+        states.FAILURE,
+        "ValueError",
+        "boom",
+        "Traceback ...",
+    )
 
 
 def test_backend_set_state_and_update(backend_factory):
@@ -389,7 +395,9 @@ def test_backend_claim_chord_is_true_exactly_once(backend_factory):
     be = backend_factory()
     be.init_group("chord", ["x"])
     results = []
-    threads = [threading.Thread(target=lambda: results.append(backend_factory().claim_chord("chord"))) for _ in range(6)]
+    threads = [
+        threading.Thread(target=lambda: results.append(backend_factory().claim_chord("chord"))) for _ in range(6)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -408,7 +416,13 @@ def test_backend_progress_counts_by_state_in_one_call(backend_factory):
     be.set_state("p3", states.RETRY)
     for counts in (be.progress(ids), be.progress(group_id="prog")):
         assert counts["total"] == 6
-        assert (counts["running"], counts["succeeded"], counts["failed"], counts["retrying"], counts["pending"]) == (1, 1, 1, 1, 2)
+        assert (counts["running"], counts["succeeded"], counts["failed"], counts["retrying"], counts["pending"]) == (
+            1,
+            1,
+            1,
+            1,
+            2,
+        )
 
 
 def test_backend_list_filters_and_forget(backend_factory):

@@ -39,7 +39,9 @@ def _send(engine, queue: str, n: int = 1) -> list[str]:
     return [o.id for _, o in pairs]
 
 
-def _claim_all(engine, queue: str, n: int, *, lease: float = 30.0, timeout: float = 5.0, worker: str = "w1") -> list[Claim]:
+def _claim_all(
+    engine, queue: str, n: int, *, lease: float = 30.0, timeout: float = 5.0, worker: str = "w1"
+) -> list[Claim]:
     got: list[Claim] = []
     deadline = time.monotonic() + timeout
     while len(got) < n and time.monotonic() < deadline:
@@ -165,7 +167,9 @@ def test_engine_fan_in_reaches_its_total_once_under_concurrent_finishes(engine_f
         engine = engine_factory()
         done = engine.finish([_success(claim, group=gid)], [claim.delivery])
         with lock:
-            completions.extend(count for ok, count in zip(done.stored, done.counts) if ok and count and count[0] == count[1])
+            completions.extend(
+                count for ok, count in zip(done.stored, done.counts) if ok and count and count[0] == count[1]
+            )
 
     threads = [threading.Thread(target=finish, args=(c,)) for c in claims]
     for t in threads:

@@ -69,7 +69,13 @@ OPTIONS = {"key_prefix": "nbq", "lock_timeout": 30.0, "poll_interval": 0.1}
 #: results expire by disuse after this long when results_expire_in is not set
 DEFAULT_EXPIRY_S = 86_400.0
 LOCK_PREFIX, LOCK_STRIPES, BOOT_QUEUE = "nbq.lock", 64, "nbq.lock-boot"
-CONNECTION_ERRORS = (pex.AMQPConnectionError, pex.ChannelWrongStateError, pex.StreamLostError, pex.ConnectionWrongStateError, OSError)
+CONNECTION_ERRORS = (
+    pex.AMQPConnectionError,
+    pex.ChannelWrongStateError,
+    pex.StreamLostError,
+    pex.ConnectionWrongStateError,
+    OSError,
+)
 AUTH_ERRORS = (pex.ProbableAuthenticationError, pex.AuthenticationError, pex.ProbableAccessDeniedError)
 PERSISTENT = pika.BasicProperties(delivery_mode=2)
 
@@ -231,7 +237,9 @@ class AMQPBackend(KeyValueBackend):
                 self._ensure_stripe(s, stripe, force=True)
                 recheck = now + 5.0
             if now - started > self.lock_timeout:
-                raise BrokerError(f"the results lock {name} on {redact(self.url)} has been busy for {self.lock_timeout:g} s")
+                raise BrokerError(
+                    f"the results lock {name} on {redact(self.url)} has been busy for {self.lock_timeout:g} s"
+                )
             time.sleep(pause)
             pause = min(pause * 2, 0.02)
 

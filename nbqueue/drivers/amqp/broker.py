@@ -298,7 +298,9 @@ class _Consumer(threading.Thread):
                 if down_since is None:
                     down_since = now
                     log.warning("lost the consuming connection to %s: %r; reconnecting", redact(broker.url), exc)
-                if now - down_since >= broker.reconnect_timeout or (isinstance(exc, AUTH_ERRORS) and not broker._ever_connected):
+                if now - down_since >= broker.reconnect_timeout or (
+                    isinstance(exc, AUTH_ERRORS) and not broker._ever_connected
+                ):
                     self.failed = exc
                     with broker._cond:
                         broker._cond.notify_all()
@@ -359,12 +361,16 @@ class _Consumer(threading.Thread):
                     del session.consumers[queue]
             broker._dirty = True
 
-    def _on_message(self, session: _Session, queue: str, _channel: Any, method: Any, properties: Any, body: bytes) -> None:
+    def _on_message(
+        self, session: _Session, queue: str, _channel: Any, method: Any, properties: Any, body: bytes
+    ) -> None:
         broker = self.broker
         with broker._cond:
             if not session.alive:
                 return
-            session.buffer.append(_Pending(next(broker._seq), queue, method.delivery_tag, bool(method.redelivered), properties, body))
+            session.buffer.append(
+                _Pending(next(broker._seq), queue, method.delivery_tag, bool(method.redelivered), properties, body)
+            )
             # one message wants one reserver: wake one when every waiting reserver can take
             # it (worker threads ask for the same queues), not the whole herd
             if all(queue in d.queues for d in broker._demands):
@@ -582,7 +588,9 @@ class _Publisher:
         self._closed_reason = reason
         _wake(self.connection)
 
-    def publish(self, items: Sequence[tuple[int, str, bytes, pika.BasicProperties]], timeout: float) -> tuple[set[int], dict[int, str]]:
+    def publish(
+        self, items: Sequence[tuple[int, str, bytes, pika.BasicProperties]], timeout: float
+    ) -> tuple[set[int], dict[int, str]]:
         """Publish and wait for confirms. Returns (confirmed indexes, refused index -> reason).
 
         Raises a connection error when the connection drops or confirms do not come;
@@ -744,7 +752,9 @@ class AMQPBroker(Broker):
                 if isinstance(exc, AUTH_ERRORS) and not self._ever_connected:
                     raise refused(self.url, self._params, exc) from exc
                 if waited >= self.reconnect_timeout:
-                    raise ConnectionLost(f"cannot reach RabbitMQ at {redact(self.url)} to {what} (tried for {waited:.1f} s): {exc!r}") from exc
+                    raise ConnectionLost(
+                        f"cannot reach RabbitMQ at {redact(self.url)} to {what} (tried for {waited:.1f} s): {exc!r}"
+                    ) from exc
                 log.warning("RabbitMQ connection lost while trying to %s: %r; retrying in %.2f s", what, exc, backoff)
                 time.sleep(min(backoff, max(0.0, self.reconnect_timeout - waited)))
                 backoff = min(backoff * 2, 2.0)
@@ -766,7 +776,9 @@ class AMQPBroker(Broker):
         plan = [self._route(o.id, o.queue, o.body, o.priority, o.eta, now, {}) for o in outs]
         self._publish_routed(plan, [o.id for o in outs])
 
-    def _route(self, message_id: str, queue: str, body: str, priority: int, eta: float | None, now: float, headers: dict) -> tuple:
+    def _route(
+        self, message_id: str, queue: str, body: str, priority: int, eta: float | None, now: float, headers: dict
+    ) -> tuple:
         """(work queue, routing key, delayed?, body bytes, properties)."""
         headers = dict(headers)
         expiration = None
@@ -798,7 +810,11 @@ class AMQPBroker(Broker):
                 pub.declare_work_queue(queue)
                 if delayed:
                     pub.declare_delay_queues(queue)
-            todo = [(i, rk, body, props) for i, (_q, rk, _a, body, props) in enumerate(plan) if i not in confirmed and i not in refused]
+            todo = [
+                (i, rk, body, props)
+                for i, (_q, rk, _a, body, props) in enumerate(plan)
+                if i not in confirmed and i not in refused
+            ]
             for start in range(0, len(todo), self.publish_batch):
                 ok, bad = pub.publish(todo[start:start + self.publish_batch], self.confirm_timeout)
                 confirmed.update(ok)
@@ -824,7 +840,9 @@ class AMQPBroker(Broker):
                 consumer.start()
             return consumer
 
-    def reserve(self, queues: Sequence[str], *, timeout: float = 0.0, lease: float = 30.0, limit: int = 1) -> list[Delivery]:
+    def reserve(
+        self, queues: Sequence[str], *, timeout: float = 0.0, lease: float = 30.0, limit: int = 1
+    ) -> list[Delivery]:
         names = queue_list(queues)
         if not names:
             return []
@@ -856,7 +874,9 @@ class AMQPBroker(Broker):
                             break
                         if consumer.failed is not None:
                             failure = consumer.failed
-                            raise ConnectionLost(f"cannot consume from RabbitMQ at {redact(self.url)}: {failure!r}") from failure
+                            raise ConnectionLost(
+                                f"cannot consume from RabbitMQ at {redact(self.url)}: {failure!r}"
+                            ) from failure
                         if setting_up and self._consuming(wanted):
                             setting_up = False
                             deadline = max(deadline, time.monotonic() + FIRST_PUSH_S)
@@ -1040,7 +1060,15 @@ class AMQPBroker(Broker):
         if session is None:
             return False
         now = self.clock.time()
-        routed = self._route(delivery.message_id, delivery.queue, body, delivery.priority, eta, now, {H_ATTEMPTS: delivery.attempt, **headers})
+        routed = self._route(
+            delivery.message_id,
+            delivery.queue,
+            body,
+            delivery.priority,
+            eta,
+            now,
+            {H_ATTEMPTS: delivery.attempt, **headers},
+        )
         try:
             self._publish_routed([routed], [delivery.message_id])
         except BaseException:
@@ -1058,16 +1086,23 @@ class AMQPBroker(Broker):
         dead = dead_queue_name(delivery.queue)
         properties = pika.BasicProperties(
             message_id=delivery.message_id,
-            delivery_mode=2,                       # persistent
+            delivery_mode=2,  # persistent
             content_type="application/json",
             content_encoding="utf-8",
             timestamp=int(now),
-            headers={H_REASON: str(reason), H_QUEUE: delivery.queue, H_ATTEMPTS: delivery.attempt, **_lapse_headers(delivery)},
+            headers={
+                H_REASON: str(reason),
+                H_QUEUE: delivery.queue,
+                H_ATTEMPTS: delivery.attempt,
+                **_lapse_headers(delivery),
+            },
         )
 
         def work(pub: _Publisher) -> None:
             pub.declare_work_queue(delivery.queue)
-            ok, bad = pub.publish([(0, dead, delivery.body.encode("utf-8", "surrogateescape"), properties)], self.confirm_timeout)
+            ok, bad = pub.publish(
+                [(0, dead, delivery.body.encode("utf-8", "surrogateescape"), properties)], self.confirm_timeout
+            )
             if bad:
                 pub.declared.pop(dead, None)
                 raise PublishRefused(f"RabbitMQ refused the dead letter of {delivery.message_id}: {bad[0]}")
@@ -1093,8 +1128,10 @@ class AMQPBroker(Broker):
                 ready, dead = self._probe(pub, queue), self._probe(pub, dead_queue_name(queue))
                 delayed, held = self._delayed(pub, queue), self._held(queue)
                 if ready is None and dead is None and not delayed and not held:
-                    continue                    # asked about, but nothing was ever sent there
-                rows.append({"queue": queue, "ready": ready or 0, "delayed": delayed, "in_flight": held, "dead": dead or 0})
+                    continue  # asked about, but nothing was ever sent there
+                rows.append(
+                    {"queue": queue, "ready": ready or 0, "delayed": delayed, "in_flight": held, "dead": dead or 0}
+                )
             return rows
 
         return self._with_publisher(work, "read queue stats")
@@ -1126,7 +1163,9 @@ class AMQPBroker(Broker):
             session = self._session
             if session is None:
                 return 0
-            return sum(1 for q in session.outstanding.values() if q == queue) + sum(1 for p in session.buffer if p.queue == queue)
+            return sum(1 for q in session.outstanding.values() if q == queue) + sum(
+                1 for p in session.buffer if p.queue == queue
+            )
 
     def purge(self, queue: str) -> int:
         """Remove the queue's ready, delayed and dead messages; returns how many."""

@@ -72,7 +72,9 @@ def _servers(url: str) -> list[tuple[str, int]]:
         try:
             servers.append((host or "127.0.0.1", int(port or 11211)))
         except ValueError:
-            raise ConfigurationError(f"bad memcache server {part!r} in {redact(url)!r} (use memcache://host:11211[,host2:11211])") from None
+            raise ConfigurationError(
+                f"bad memcache server {part!r} in {redact(url)!r} (use memcache://host:11211[,host2:11211])"
+            ) from None
     return servers or [("127.0.0.1", 11211)]
 
 
@@ -87,7 +89,10 @@ def _guarded(method: Callable) -> Callable:
         except (OSError, MemcacheError) as exc:
             if isinstance(exc, MemcacheServerError) and b"too large" in str(exc).encode().lower():
                 raise ValueTooLarge("?", self.max_item_size + 1, self.max_item_size) from None
-            raise ConnectionLost(f"memcached at {', '.join(f'{h}:{p}' for h, p in self.servers)}: {type(exc).__name__}: {exc}") from exc
+            raise ConnectionLost(
+                f"memcached at {', '.join(f'{h}:{p}' for h, p in self.servers)}: {type(exc).__name__}: {exc}"
+            ) from exc
+
     return call
 
 

@@ -158,8 +158,15 @@ class RedisBackend(ResultBackend):
             for task_id in chunk:
                 extra = dict(fields.get(task_id) or {})
                 retries = extra.pop("retries", None)
-                pairs = [(k, _encode(v)) for k, v in extra.items() if k in FIELDS and k not in _BEGIN_OWNS and v is not None]
-                args += [task_id, "" if retries is None else str(int(retries)), len(pairs), *(x for pair in pairs for x in pair)]
+                pairs = [
+                    (k, _encode(v)) for k, v in extra.items() if k in FIELDS and k not in _BEGIN_OWNS and v is not None
+                ]
+                args += [
+                    task_id,
+                    "" if retries is None else str(int(retries)),
+                    len(pairs),
+                    *(x for pair in pairs for x in pair),
+                ]
             tokens = self._begin(keys=[self._index, *map(self._rec, chunk)], args=args)
             out.update((task_id, int(token) or None) for task_id, token in zip(chunk, tokens))
         return out
@@ -183,7 +190,9 @@ class RedisBackend(ResultBackend):
         return [] if client is not None else [reply == 1 for reply in pipe.execute()]
 
     @guarded
-    def _write_state(self, task_id: str, state: str, token: int | None, fields: dict, ttl: float | None, client=None) -> bool:
+    def _write_state(
+        self, task_id: str, state: str, token: int | None, fields: dict, ttl: float | None, client=None
+    ) -> bool:
         fields = {k: v for k, v in fields.items() if k in FIELDS and k not in ("id", "state", "token")}
         now = self.clock.time()
         created = fields.get("created_at", now)
@@ -192,8 +201,18 @@ class RedisBackend(ResultBackend):
             ttl_ms = str(max(1, math.ceil(ttl * 1000)))
             fields["expires_at"] = fields.get("expires_at") or now + ttl    # in the record too: reads check it
             expires_at = _encode(fields["expires_at"])
-        args = [task_id, state, "" if token is None else str(int(token)), _encode(created), ttl_ms, expires_at, *_field_args(fields)]
-        reply = self._set_state(keys=[self._rec(task_id), self._index, self._expiring, self._done_key(task_id)], args=args, client=client)
+        args = [
+            task_id,
+            state,
+            "" if token is None else str(int(token)),
+            _encode(created),
+            ttl_ms,
+            expires_at,
+            *_field_args(fields),
+        ]
+        reply = self._set_state(
+            keys=[self._rec(task_id), self._index, self._expiring, self._done_key(task_id)], args=args, client=client
+        )
         return reply == 1
 
     @guarded
@@ -298,7 +317,13 @@ class RedisBackend(ResultBackend):
         if total is None:
             return None
         ordered = sorted(positions, key=lambda m: int(positions[m]))
-        return {"group_id": group_id, "total": int(total), "done": n_done, "members": ordered, "meta": serialization.loads(meta or "{}")}
+        return {
+            "group_id": group_id,
+            "total": int(total),
+            "done": n_done,
+            "members": ordered,
+            "meta": serialization.loads(meta or "{}"),
+        }
 
     @guarded
     def progress(self, ids: Sequence[str] = (), *, group_id: str | None = None) -> dict:
@@ -317,7 +342,9 @@ class RedisBackend(ResultBackend):
     _COUNTED = ("state", "name", "queue", "created_at", "expires_at")
 
     @guarded
-    def counts(self, *, state=None, name=None, queue=None, since=None, until=None, text=None) -> dict[tuple[str, str], int]:
+    def counts(
+        self, *, state=None, name=None, queue=None, since=None, until=None, text=None
+    ) -> dict[tuple[str, str], int]:
         """As the base, reading only the fields the filters need (HMGET), not whole records."""
         if text:
             return super().counts(state=state, name=name, queue=queue, since=since, until=until, text=text)
@@ -343,7 +370,9 @@ class RedisBackend(ResultBackend):
     @guarded
     def list(self, *, state=None, name=None, limit=None, ids=None) -> list[dict]:
         def wanted(rec: dict | None) -> bool:
-            return rec is not None and (state is None or rec["state"] == state) and (name is None or rec["name"] == name)
+            return (
+                rec is not None and (state is None or rec["state"] == state) and (name is None or rec["name"] == name)
+            )
 
         if ids is not None:
             rows = [r for r in self.get_many(list(ids)) if wanted(r)]
@@ -400,7 +429,11 @@ class RedisBackend(ResultBackend):
     def heartbeat(self, worker_id: str, info: dict, ttl: float) -> None:
         now = self.clock.time()
         pipe = pipeline(self.client)
-        pipe.set(f"{self.prefix}w:{worker_id}", serialization.dumps({**info, "last_seen": now}), px=max(1, math.ceil(ttl * 1000)))
+        pipe.set(
+            f"{self.prefix}w:{worker_id}",
+            serialization.dumps({**info, "last_seen": now}),
+            px=max(1, math.ceil(ttl * 1000)),
+        )
         pipe.zadd(f"{self.prefix}workers", {worker_id: now + ttl})
         pipe.execute()
 

@@ -96,7 +96,9 @@ class RedisBroker(Broker):
         super().__init__(url, clock=clock, options=url_options(url, options))
         self.prefix = key_prefix(self.options)
         # a blocking pop must return well before the socket timeout would break it
-        self.max_block = min(float(self.options.get("max_block", 1.0)), float(self.options.get("socket_timeout", 30.0)) / 2)
+        self.max_block = min(
+            float(self.options.get("max_block", 1.0)), float(self.options.get("socket_timeout", 30.0)) / 2
+        )
         self.batch = int(self.options.get("batch", 1000))
         self.client = connect(url, self.options)
         # claims and dead letters are read through this one: a body that is not UTF-8 comes back
@@ -126,7 +128,9 @@ class RedisBroker(Broker):
             self._publish(args=args, client=client)
 
     @guarded
-    def publish_reserved(self, outs: Sequence[Outgoing], *, lease: float, records: tuple[str, str, str] | None = None) -> list[Delivery]:
+    def publish_reserved(
+        self, outs: Sequence[Outgoing], *, lease: float, records: tuple[str, str, str] | None = None
+    ) -> list[Delivery]:
         """Publish messages already reserved by the caller (a worker's own follow-ups, such as
         the next step of a chain), their ``records`` begun in the same call (see ``claim``). They
         are ordinary messages with a lease: if the caller dies they are delivered again.
@@ -137,9 +141,19 @@ class RedisBroker(Broker):
             args += [o.id, o.queue, min(9, max(0, int(o.priority))), o.body]
         tokens = self._publish_reserved(args=args)
         return [
-            Delivery(message_id=o.id, queue=o.queue, body=o.body, attempt=1, lease_until=now + lease, tag=1, priority=o.priority,
-                     token=_token(token), message=o.message)
-            for o, token in zip(outs, tokens) if token != "-"
+            Delivery(
+                message_id=o.id,
+                queue=o.queue,
+                body=o.body,
+                attempt=1,
+                lease_until=now + lease,
+                tag=1,
+                priority=o.priority,
+                token=_token(token),
+                message=o.message,
+            )
+            for o, token in zip(outs, tokens)
+            if token != "-"
         ]
 
     @guarded
@@ -150,11 +164,16 @@ class RedisBroker(Broker):
         pipe = client or pipeline(self.client)
         now = repr(self.clock.time())
         for d in deliveries:
-            self._settle(args=[self.prefix, d.message_id, str(d.tag), "ack", now, (records or {}).get(d.message_id, "")], client=pipe)
+            self._settle(
+                args=[self.prefix, d.message_id, str(d.tag), "ack", now, (records or {}).get(d.message_id, "")],
+                client=pipe,
+            )
         return [] if client is not None else [reply == 1 for reply in pipe.execute()]
 
     # -- consuming ---------------------------------------------------------------
-    def reserve(self, queues: Sequence[str], *, timeout: float = 0.0, lease: float = 30.0, limit: int = 1) -> list[Delivery]:
+    def reserve(
+        self, queues: Sequence[str], *, timeout: float = 0.0, lease: float = 30.0, limit: int = 1
+    ) -> list[Delivery]:
         return self.claim(queues, timeout=timeout, lease=lease, limit=limit)
 
     @guarded
@@ -200,7 +219,15 @@ class RedisBroker(Broker):
             empty = (key, next_due)
 
     def _claim_args(self, queues: list[str], now: float, lease: float, limit: int, records: tuple | None) -> list:
-        return [self.prefix, repr(now), repr(now + lease), max(1, int(limit)), self.batch, *_begin_args(records), *queues]
+        return [
+            self.prefix,
+            repr(now),
+            repr(now + lease),
+            max(1, int(limit)),
+            self.batch,
+            *_begin_args(records),
+            *queues,
+        ]
 
     def _parse_claim(self, reply: list, lease_until: float) -> tuple[list[Delivery], float | None, bool]:
         """The reserve script's reply: the deliveries claimed, the next due time when no
@@ -209,14 +236,29 @@ class RedisBroker(Broker):
         deliveries = []
         for mid, q, body, attempt, prio, token, lapses in zip(*[iter(reply[2:])] * 7):
             body, problem = checked_text(body)
-            deliveries.append(Delivery(message_id=mid, queue=q, body=body, attempt=int(attempt), lease_until=lease_until, tag=int(attempt),
-                                       priority=int(prio or 0), token=_token(token), lapsed=int(lapses),
-                                       dead_reason=problem or self.limit_reason(int(lapses))))
+            deliveries.append(
+                Delivery(
+                    message_id=mid,
+                    queue=q,
+                    body=body,
+                    attempt=int(attempt),
+                    lease_until=lease_until,
+                    tag=int(attempt),
+                    priority=int(prio or 0),
+                    token=_token(token),
+                    lapsed=int(lapses),
+                    dead_reason=problem or self.limit_reason(int(lapses)),
+                )
+            )
         return deliveries, next_due, reply[1] == "1"
 
-    def _claim(self, queues: list[str], now: float, lease: float, limit: int, records: tuple | None = None) -> tuple[list[Delivery], float | None, bool]:
+    def _claim(
+        self, queues: list[str], now: float, lease: float, limit: int, records: tuple | None = None
+    ) -> tuple[list[Delivery], float | None, bool]:
         """Run the reserve script once (see ``_parse_claim``)."""
-        return self._parse_claim(self._reserve(args=self._claim_args(queues, now, lease, limit, records), client=self._reader), now + lease)
+        return self._parse_claim(
+            self._reserve(args=self._claim_args(queues, now, lease, limit, records), client=self._reader), now + lease
+        )
 
     def _sleep_then_claim(self, queues: list[str], wait: float, now: float, lease: float, limit: int,
                           records: tuple | None) -> tuple[bool, tuple[list[Delivery], float | None, bool]]:

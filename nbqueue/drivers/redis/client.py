@@ -32,7 +32,9 @@ MIN_BLOCK = 0.01            # a blocking pop timeout of 0 would mean "forever"
 
 _FAKE_SERVERS: dict[str, "fakeredis.FakeServer"] = {}
 _FAKE_LOCK = threading.Lock()
-_POOLS: "weakref.WeakSet[redis.ConnectionPool]" = weakref.WeakSet()   # the pools connect() made (see _after_fork_in_child)
+_POOLS: "weakref.WeakSet[redis.ConnectionPool]" = (
+    weakref.WeakSet()
+)  # the pools connect() made (see _after_fork_in_child)
 
 
 def fake_server(name: str) -> "fakeredis.FakeServer":
@@ -61,7 +63,9 @@ def _client_url(url: str) -> str:
     parts = urlsplit(url)
     if not parts.query:
         return url
-    return urlunsplit(parts._replace(query=urlencode([(k, v) for k, v in parse_qsl(parts.query) if k not in URL_OPTIONS])))
+    return urlunsplit(
+        parts._replace(query=urlencode([(k, v) for k, v in parse_qsl(parts.query) if k not in URL_OPTIONS]))
+    )
 
 
 def connect(url: str, options: Mapping[str, Any], encoding_errors: str = "strict", warn: bool = True) -> redis.Redis:
@@ -105,10 +109,13 @@ def _bind_to_process(client: redis.Redis, url: str) -> None:
     def checked(*args, **kwargs):
         if os.getpid() != owner:
             raise ConfigurationError(
-                f"{url} is a store inside process {owner}, and this process ({os.getpid()}) was forked from it: its copy "
+                f"{url} is a store inside process {owner}, and this process ({os.getpid()}) was forked from it: its "
+                "copy "
                 "is private and no worker of the parent will ever read it. Share tasks between processes through "
-                "sqlite:// or redis:// (forked children then work), or start the child with multiprocessing's 'spawn' or "
-                "'forkserver' method and make its App and worker in the child")
+                "sqlite:// or redis:// (forked children then work), or start the child with multiprocessing's 'spawn' "
+                "or "
+                "'forkserver' method and make its App and worker in the child"
+            )
         return get_connection(*args, **kwargs)
 
     pool.get_connection = checked
@@ -188,7 +195,9 @@ class ScriptPipeline(redis.client.Pipeline):
         pool = self.connection_pool
         conn = pool.get_connection()
         try:
-            replies = conn.retry.call_with_retry(lambda: self._round_trip(conn, stack, scripts), lambda error: conn.disconnect())
+            replies = conn.retry.call_with_retry(
+                lambda: self._round_trip(conn, stack, scripts), lambda error: conn.disconnect()
+            )
             if any(isinstance(reply, redis.exceptions.NoScriptError) for reply in replies):
                 conn._nbq_scripts = None        # the server forgot them: load again next time
         finally:

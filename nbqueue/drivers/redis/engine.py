@@ -46,10 +46,14 @@ class RedisEngine(SplitEngine):
 
     def claim(self, queues: Sequence[str], *, limit: int, timeout: float, lease: float, worker: str,
               begins: Begins | None = None, handoff: bool = False) -> list[Claim]:
-        deliveries = self.broker.claim(list(queues), timeout=timeout, lease=lease, limit=limit, records=self._records(worker))
+        deliveries = self.broker.claim(
+            list(queues), timeout=timeout, lease=lease, limit=limit, records=self._records(worker)
+        )
         return _begun(decode(deliveries))
 
-    def run_next(self, outgoing: Sequence[Outgoing], *, lease: float, worker: str, begins: Begins | None = None) -> list[Claim]:
+    def run_next(
+        self, outgoing: Sequence[Outgoing], *, lease: float, worker: str, begins: Begins | None = None
+    ) -> list[Claim]:
         deliveries = self.broker.publish_reserved(outgoing, lease=lease, records=self._records(worker))
         return _begun(decode(deliveries))
 
@@ -63,7 +67,9 @@ class RedisEngine(SplitEngine):
         for o in members:
             assert o.group is not None
             self.backend._count_member(o.group, o.task_id, client=pipe, if_succeeded=True)
-        self.broker.ack_many(list(acks), client=pipe, records={o.task_id: self.backend._rec(o.task_id) for o in outcomes})
+        self.broker.ack_many(
+            list(acks), client=pipe, records={o.task_id: self.backend._rec(o.task_id) for o in outcomes}
+        )
         replies = pipe.execute()
         counts = replies[len(items):len(items) + len(members)]
         return Finished(stored=[reply == 1 for reply in replies[:len(items)]],

@@ -22,10 +22,32 @@ _NOT_FINAL_SQL = f"state NOT IN ({','.join(repr(s) for s in _FINAL)})"
 
 def _schema(db) -> None:
     db["nbq_results"].create(
-        {"id": str, "name": str, "state": str, "args": str, "kwargs": str, "result": str, "error": str, "exc_type": str,
-         "traceback": str, "retries": int, "queue": str, "worker": str, "token": int, "group_id": str, "parent_id": str,
-         "created_at": float, "started_at": float, "finished_at": float, "expires_at": float, "output": str, "meta": str},
-        pk="id", if_not_exists=True, defaults={"retries": 0, "token": 0},
+        {
+            "id": str,
+            "name": str,
+            "state": str,
+            "args": str,
+            "kwargs": str,
+            "result": str,
+            "error": str,
+            "exc_type": str,
+            "traceback": str,
+            "retries": int,
+            "queue": str,
+            "worker": str,
+            "token": int,
+            "group_id": str,
+            "parent_id": str,
+            "created_at": float,
+            "started_at": float,
+            "finished_at": float,
+            "expires_at": float,
+            "output": str,
+            "meta": str,
+        },
+        pk="id",
+        if_not_exists=True,
+        defaults={"retries": 0, "token": 0},
     )
     db.execute("CREATE INDEX IF NOT EXISTS nbq_results_created ON nbq_results(created_at)")
     # partial: a plain task (no group) costs this index nothing
@@ -33,11 +55,18 @@ def _schema(db) -> None:
     db.execute("CREATE INDEX IF NOT EXISTS nbq_results_expires ON nbq_results(expires_at) WHERE expires_at IS NOT NULL")
     # tables keyed by text: WITHOUT ROWID, so a row lives in one B-tree instead of a table
     # and its primary-key index (fewer pages written per commit)
-    db.execute("CREATE TABLE IF NOT EXISTS nbq_groups (group_id TEXT PRIMARY KEY, total INTEGER, done INTEGER, chord_claimed INTEGER, "
-               "meta TEXT, created_at FLOAT) WITHOUT ROWID")
-    db.execute("CREATE TABLE IF NOT EXISTS nbq_group_members (group_id TEXT, member_id TEXT, idx INTEGER, done INTEGER, "
-               "PRIMARY KEY (group_id, member_id)) WITHOUT ROWID")
-    db["nbq_workers"].create({"worker_id": str, "info": str, "last_seen": float, "expires": float}, pk="worker_id", if_not_exists=True)
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS nbq_groups (group_id TEXT PRIMARY KEY, total INTEGER, done INTEGER, chord_claimed "
+        "INTEGER, "
+        "meta TEXT, created_at FLOAT) WITHOUT ROWID"
+    )
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS nbq_group_members (group_id TEXT, member_id TEXT, idx INTEGER, done INTEGER, "
+        "PRIMARY KEY (group_id, member_id)) WITHOUT ROWID"
+    )
+    db["nbq_workers"].create(
+        {"worker_id": str, "info": str, "last_seen": float, "expires": float}, pk="worker_id", if_not_exists=True
+    )
     db.execute("CREATE TABLE IF NOT EXISTS nbq_kv (key TEXT PRIMARY KEY, value TEXT, expires FLOAT) WITHOUT ROWID")
     db.execute("CREATE INDEX IF NOT EXISTS nbq_kv_expires ON nbq_kv(expires) WHERE expires IS NOT NULL")
 
@@ -54,7 +83,7 @@ class SQLiteBackend(ResultBackend):
         self._channel = wakechannel.channel_for(self.path)
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.url or 'sqlite://'} (file {self.path})>"   # a relative URL's absolute path
+        return f"<{type(self).__name__} {self.url or 'sqlite://'} (file {self.path})>"  # a relative URL's absolute path
 
     @property
     def _wake_key(self):
@@ -72,13 +101,16 @@ class SQLiteBackend(ResultBackend):
             for r in records
         ]
         with self.store.write() as conn:
-            conn.executemany(f"INSERT OR IGNORE INTO nbq_results({','.join(cols)}) VALUES ({placeholders(len(cols))})", rows)
+            conn.executemany(
+                f"INSERT OR IGNORE INTO nbq_results({','.join(cols)}) VALUES ({placeholders(len(cols))})", rows
+            )
 
     def begin(self, task_id: str, *, worker: str = "", fields: dict | None = None) -> int | None:
         now = self.clock.time()
         fields = dict(fields or {})
         row = self.store.execute(
-            f"UPDATE nbq_results SET state = ?, token = token + 1, worker = ?, started_at = ?, retries = COALESCE(?, retries) "
+            "UPDATE nbq_results SET state = ?, token = token + 1, worker = ?, started_at = ?, retries = COALESCE(?, "
+            "retries) "
             f"WHERE id = ? AND {_NOT_FINAL_SQL} RETURNING token",
             (states.STARTED, worker, now, fields.get("retries"), task_id),
         ).fetchone()
@@ -87,16 +119,26 @@ class SQLiteBackend(ResultBackend):
             return row[0]
         with self.store.write() as conn:
             row = conn.execute(
-                f"UPDATE nbq_results SET state = ?, token = token + 1, worker = ?, started_at = ? WHERE id = ? AND {_NOT_FINAL_SQL} RETURNING token",
+                "UPDATE nbq_results SET state = ?, token = token + 1, worker = ?, started_at = ? WHERE id = ? AND "
+                f"{_NOT_FINAL_SQL} RETURNING token",
                 (states.STARTED, worker, now, task_id),
             ).fetchone()
             if row is not None:
                 return row[0]
             if conn.execute("SELECT 1 FROM nbq_results WHERE id = ?", (task_id,)).fetchone():
                 return None
-            cols = {"id": task_id, "state": states.STARTED, "token": 1, "worker": worker, "started_at": now, "created_at": now}
+            cols = {
+                "id": task_id,
+                "state": states.STARTED,
+                "token": 1,
+                "worker": worker,
+                "started_at": now,
+                "created_at": now,
+            }
             cols.update({k: v for k, v in fields.items() if k in FIELDS and k not in cols})
-            conn.execute(f"INSERT INTO nbq_results({','.join(cols)}) VALUES ({placeholders(len(cols))})", tuple(cols.values()))
+            conn.execute(
+                f"INSERT INTO nbq_results({','.join(cols)}) VALUES ({placeholders(len(cols))})", tuple(cols.values())
+            )
             return 1
 
     def begin_many(self, ids: Sequence[str], *, worker: str = "", fields: dict | None = None) -> dict[str, int | None]:
@@ -114,15 +156,30 @@ class SQLiteBackend(ResultBackend):
                 ).fetchall())
             missing = [i for i in ids if i not in out]
             if missing:
-                existing = {i for (i,) in conn.execute(f"SELECT id FROM nbq_results WHERE id IN ({placeholders(len(missing))})", missing)}
+                existing = {
+                    i
+                    for (i,) in conn.execute(
+                        f"SELECT id FROM nbq_results WHERE id IN ({placeholders(len(missing))})", missing
+                    )
+                }
                 for task_id in missing:
                     if task_id in existing:
                         out[task_id] = None
                         continue
                     extra = fields.get(task_id) or {}
-                    cols = {"id": task_id, "state": states.RECEIVED, "token": 1, "worker": worker, "started_at": now, "created_at": now}
+                    cols = {
+                        "id": task_id,
+                        "state": states.RECEIVED,
+                        "token": 1,
+                        "worker": worker,
+                        "started_at": now,
+                        "created_at": now,
+                    }
                     cols.update({k: v for k, v in extra.items() if k in FIELDS and k not in cols})
-                    conn.execute(f"INSERT INTO nbq_results({','.join(cols)}) VALUES ({placeholders(len(cols))})", tuple(cols.values()))
+                    conn.execute(
+                        f"INSERT INTO nbq_results({','.join(cols)}) VALUES ({placeholders(len(cols))})",
+                        tuple(cols.values()),
+                    )
                     out[task_id] = 1
         return out
 
@@ -136,9 +193,16 @@ class SQLiteBackend(ResultBackend):
             params.append(token)
         with self.store.write() as conn:
             changed = conn.execute(sql, params).rowcount
-            if not changed and token is None and not conn.execute("SELECT 1 FROM nbq_results WHERE id = ?", (task_id,)).fetchone():
+            if (
+                not changed
+                and token is None
+                and not conn.execute("SELECT 1 FROM nbq_results WHERE id = ?", (task_id,)).fetchone()
+            ):
                 cols = {"id": task_id, "state": state, "created_at": self.clock.time(), **fields}
-                conn.execute(f"INSERT INTO nbq_results({','.join(cols)}) VALUES ({placeholders(len(cols))})", tuple(cols.values()))
+                conn.execute(
+                    f"INSERT INTO nbq_results({','.join(cols)}) VALUES ({placeholders(len(cols))})",
+                    tuple(cols.values()),
+                )
                 changed = 1
         if changed:
             self._notify([task_id])
@@ -173,7 +237,10 @@ class SQLiteBackend(ResultBackend):
         if not fields:
             return
         with self.store.write() as conn:
-            conn.execute(f"UPDATE nbq_results SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?", (*fields.values(), task_id))
+            conn.execute(
+                f"UPDATE nbq_results SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?",
+                (*fields.values(), task_id),
+            )
 
     def get_many(self, ids: Sequence[str]) -> list[dict | None]:
         found: dict[str, dict] = {}
@@ -181,7 +248,9 @@ class SQLiteBackend(ResultBackend):
         ids = list(ids)
         for start in range(0, len(ids), 900):
             chunk = ids[start:start + 900]
-            for row in self.store.read(f"SELECT {','.join(FIELDS)} FROM nbq_results WHERE id IN ({placeholders(len(chunk))})", chunk):
+            for row in self.store.read(
+                f"SELECT {','.join(FIELDS)} FROM nbq_results WHERE id IN ({placeholders(len(chunk))})", chunk
+            ):
                 rec = dict(zip(FIELDS, row))
                 if rec["expires_at"] is not None and rec["expires_at"] <= now:
                     continue
@@ -193,14 +262,17 @@ class SQLiteBackend(ResultBackend):
         ids = list(ids)
         for start in range(0, len(ids), 900):
             chunk = ids[start:start + 900]
-            out.update(self.store.read(f"SELECT id, state FROM nbq_results WHERE id IN ({placeholders(len(chunk))})", chunk))
+            out.update(
+                self.store.read(f"SELECT id, state FROM nbq_results WHERE id IN ({placeholders(len(chunk))})", chunk)
+            )
         return out
 
     # -- groups ------------------------------------------------------------------
     def init_group(self, group_id: str, member_ids: Sequence[str], meta: dict | None = None) -> None:
         with self.store.write() as conn:
             conn.execute(
-                "INSERT OR IGNORE INTO nbq_groups(group_id, total, done, chord_claimed, meta, created_at) VALUES (?, ?, 0, 0, ?, ?)",
+                "INSERT OR IGNORE INTO nbq_groups(group_id, total, done, chord_claimed, meta, created_at) "
+                "VALUES (?, ?, 0, 0, ?, ?)",
                 (group_id, len(member_ids), serialization.dumps(meta or {}), self.clock.time()),
             )
             conn.executemany(
@@ -210,7 +282,10 @@ class SQLiteBackend(ResultBackend):
 
     def member_done(self, group_id: str, member_id: str) -> tuple[int, int]:
         with self.store.write() as conn:
-            if conn.execute("UPDATE nbq_group_members SET done = 1 WHERE group_id = ? AND member_id = ? AND done = 0", (group_id, member_id)).rowcount:
+            if conn.execute(
+                "UPDATE nbq_group_members SET done = 1 WHERE group_id = ? AND member_id = ? AND done = 0",
+                (group_id, member_id),
+            ).rowcount:
                 conn.execute("UPDATE nbq_groups SET done = done + 1 WHERE group_id = ?", (group_id,))
             row = conn.execute("SELECT done, total FROM nbq_groups WHERE group_id = ?", (group_id,)).fetchone()
         if row is None:
@@ -219,26 +294,47 @@ class SQLiteBackend(ResultBackend):
 
     def claim_chord(self, group_id: str) -> bool:
         with self.store.write() as conn:
-            return conn.execute("UPDATE nbq_groups SET chord_claimed = 1 WHERE group_id = ? AND chord_claimed = 0", (group_id,)).rowcount == 1
+            return (
+                conn.execute(
+                    "UPDATE nbq_groups SET chord_claimed = 1 WHERE group_id = ? AND chord_claimed = 0", (group_id,)
+                ).rowcount
+                == 1
+            )
 
     def group_info(self, group_id: str) -> dict | None:
         row = self.store.read("SELECT total, done, meta FROM nbq_groups WHERE group_id = ?", (group_id,))
         if not row:
             return None
-        members = [m for (m,) in self.store.read("SELECT member_id FROM nbq_group_members WHERE group_id = ? ORDER BY idx", (group_id,))]
+        members = [
+            m
+            for (m,) in self.store.read(
+                "SELECT member_id FROM nbq_group_members WHERE group_id = ? ORDER BY idx", (group_id,)
+            )
+        ]
         total, done, meta = row[0]
-        return {"group_id": group_id, "total": total, "done": done, "members": members, "meta": serialization.loads(meta or "{}")}
+        return {
+            "group_id": group_id,
+            "total": total,
+            "done": done,
+            "members": members,
+            "meta": serialization.loads(meta or "{}"),
+        }
 
     def progress(self, ids: Sequence[str] = (), *, group_id: str | None = None) -> dict:
         if group_id is not None:
             total = self.store.read("SELECT total FROM nbq_groups WHERE group_id = ?", (group_id,))
-            pairs = self.store.read("SELECT state, COUNT(*) FROM nbq_results WHERE group_id = ? GROUP BY state", (group_id,))
+            pairs = self.store.read(
+                "SELECT state, COUNT(*) FROM nbq_results WHERE group_id = ? GROUP BY state", (group_id,)
+            )
             return counts_from_states(pairs, total[0][0] if total else sum(n for _, n in pairs))
         ids = list(ids)
         pairs: list = []
         for start in range(0, len(ids), 900):
             chunk = ids[start:start + 900]
-            pairs += self.store.read(f"SELECT state, COUNT(*) FROM nbq_results WHERE id IN ({placeholders(len(chunk))}) GROUP BY state", chunk)
+            pairs += self.store.read(
+                f"SELECT state, COUNT(*) FROM nbq_results WHERE id IN ({placeholders(len(chunk))}) GROUP BY state",
+                chunk,
+            )
         return counts_from_states(pairs, len(ids))
 
     # -- listing and upkeep --------------------------------------------------------
@@ -254,7 +350,10 @@ class SQLiteBackend(ResultBackend):
             ids = list(ids)
             where.append(f"id IN ({placeholders(len(ids))})")
             params += ids
-        sql = f"SELECT {','.join(FIELDS)} FROM nbq_results WHERE {' AND '.join(where)} ORDER BY created_at DESC, rowid DESC"
+        sql = (
+            f"SELECT {','.join(FIELDS)} FROM nbq_results WHERE {' AND '.join(where)} "
+            "ORDER BY created_at DESC, rowid DESC"
+        )
         if limit is not None:
             sql += " LIMIT ?"
             params.append(int(limit))
@@ -284,16 +383,27 @@ class SQLiteBackend(ResultBackend):
             params += [pattern] * len(SEARCHED)
         return " AND ".join(where), params
 
-    def search(self, *, state=None, name=None, queue=None, since=None, until=None, text=None, offset=0, limit=50) -> list[dict]:
+    def search(
+        self, *, state=None, name=None, queue=None, since=None, until=None, text=None, offset=0, limit=50
+    ) -> list[dict]:
         """One read-only query: the page's rows through the created_at index (a filter that
         the index cannot answer is checked row by row as the index is walked)."""
         where, params = self._filters(state, name, queue, since, until, text)
-        sql = f"SELECT {','.join(FIELDS)} FROM nbq_results WHERE {where} ORDER BY created_at DESC, rowid DESC LIMIT ? OFFSET ?"
-        return [dict(zip(FIELDS, row)) for row in self.store.read(sql, [*params, max(0, int(limit)), max(0, int(offset))])]
+        sql = (
+            f"SELECT {','.join(FIELDS)} FROM nbq_results WHERE {where} "
+            "ORDER BY created_at DESC, rowid DESC LIMIT ? OFFSET ?"
+        )
+        return [
+            dict(zip(FIELDS, row)) for row in self.store.read(sql, [*params, max(0, int(limit)), max(0, int(offset))])
+        ]
 
-    def counts(self, *, state=None, name=None, queue=None, since=None, until=None, text=None) -> dict[tuple[str, str], int]:
+    def counts(
+        self, *, state=None, name=None, queue=None, since=None, until=None, text=None
+    ) -> dict[tuple[str, str], int]:
         where, params = self._filters(state, name, queue, since, until, text)
-        rows = self.store.read(f"SELECT state, name, COUNT(*) FROM nbq_results WHERE {where} GROUP BY state, name", params)
+        rows = self.store.read(
+            f"SELECT state, name, COUNT(*) FROM nbq_results WHERE {where} GROUP BY state, name", params
+        )
         return {(s or "", n or ""): c for s, n, c in rows}
 
     def forget(self, ids: Sequence[str]) -> int:
@@ -307,16 +417,23 @@ class SQLiteBackend(ResultBackend):
         now = self.clock.time() if now is None else now
         cap = -1 if limit is None else int(limit)          # LIMIT -1: no limit
         with self.store.write() as conn:
-            ids = [i for (i,) in conn.execute("SELECT id FROM nbq_results WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT ?",
-                                              (now, cap))]
+            ids = [
+                i
+                for (i,) in conn.execute(
+                    "SELECT id FROM nbq_results WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT ?", (now, cap)
+                )
+            ]
             for start in range(0, len(ids), 500):
                 chunk = ids[start:start + 500]
                 marks = placeholders(len(chunk))
                 conn.execute(f"DELETE FROM nbq_results WHERE id IN ({marks})", chunk)
                 conn.execute(f"DELETE FROM nbq_groups WHERE group_id IN ({marks})", chunk)
                 conn.execute(f"DELETE FROM nbq_group_members WHERE group_id IN ({marks})", chunk)
-            markers = conn.execute("DELETE FROM nbq_kv WHERE key IN (SELECT key FROM nbq_kv WHERE expires IS NOT NULL AND expires <= ? "
-                                   "LIMIT ?)", (now, cap)).rowcount
+            markers = conn.execute(
+                "DELETE FROM nbq_kv WHERE key IN (SELECT key FROM nbq_kv WHERE expires IS NOT NULL AND expires <= ? "
+                "LIMIT ?)",
+                (now, cap),
+            ).rowcount
         return len(ids) + markers
 
     # -- workers and claims --------------------------------------------------------
@@ -325,7 +442,8 @@ class SQLiteBackend(ResultBackend):
         with self.store.write() as conn:
             conn.execute(
                 "INSERT INTO nbq_workers(worker_id, info, last_seen, expires) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT(worker_id) DO UPDATE SET info = excluded.info, last_seen = excluded.last_seen, expires = excluded.expires",
+                "ON CONFLICT(worker_id) DO UPDATE SET info = excluded.info, last_seen = excluded.last_seen, expires = "
+                "excluded.expires",
                 (worker_id, serialization.dumps(info), now, now + ttl),
             )
 
@@ -334,17 +452,27 @@ class SQLiteBackend(ResultBackend):
             conn.execute("DELETE FROM nbq_workers WHERE worker_id = ?", (worker_id,))
 
     def workers(self) -> list[dict]:
-        rows = self.store.read("SELECT worker_id, info, last_seen FROM nbq_workers WHERE expires > ? ORDER BY worker_id", (self.clock.time(),))
+        rows = self.store.read(
+            "SELECT worker_id, info, last_seen FROM nbq_workers WHERE expires > ? ORDER BY worker_id",
+            (self.clock.time(),),
+        )
         return [{"worker_id": w, "last_seen": s, **serialization.loads(i)} for w, i, s in rows]
 
     def claim_once(self, key: str, ttl: float) -> bool:
         now = self.clock.time()
         with self.store.write() as conn:
             conn.execute("DELETE FROM nbq_kv WHERE key = ? AND expires IS NOT NULL AND expires <= ?", (key, now))
-            return conn.execute("INSERT OR IGNORE INTO nbq_kv(key, value, expires) VALUES (?, '1', ?)", (key, now + ttl)).rowcount == 1
+            return (
+                conn.execute(
+                    "INSERT OR IGNORE INTO nbq_kv(key, value, expires) VALUES (?, '1', ?)", (key, now + ttl)
+                ).rowcount
+                == 1
+            )
 
     def kv_get(self, key: str) -> str | None:
-        row = self.store.read("SELECT value FROM nbq_kv WHERE key = ? AND (expires IS NULL OR expires > ?)", (key, self.clock.time()))
+        row = self.store.read(
+            "SELECT value FROM nbq_kv WHERE key = ? AND (expires IS NULL OR expires > ?)", (key, self.clock.time())
+        )
         return row[0][0] if row else None
 
     def kv_set(self, key: str, value: str | None) -> None:
@@ -352,15 +480,25 @@ class SQLiteBackend(ResultBackend):
             if value is None:
                 conn.execute("DELETE FROM nbq_kv WHERE key = ?", (key,))
             else:
-                conn.execute("INSERT INTO nbq_kv(key, value, expires) VALUES (?, ?, NULL) ON CONFLICT(key) DO UPDATE SET value = excluded.value, expires = NULL", (key, value))
+                conn.execute(
+                    "INSERT INTO nbq_kv(key, value, expires) VALUES (?, ?, NULL) ON CONFLICT(key) "
+                    "DO UPDATE SET value = excluded.value, expires = NULL",
+                    (key, value),
+                )
 
     def kv_set_many(self, items: dict[str, str]) -> None:
         with self.store.write() as conn:
-            conn.executemany("INSERT INTO nbq_kv(key, value, expires) VALUES (?, ?, NULL) "
-                             "ON CONFLICT(key) DO UPDATE SET value = excluded.value, expires = NULL", list(items.items()))
+            conn.executemany(
+                "INSERT INTO nbq_kv(key, value, expires) VALUES (?, ?, NULL) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value, expires = NULL",
+                list(items.items()),
+            )
 
     def kv_items(self, prefix: str) -> dict[str, str]:
-        rows = self.store.read("SELECT key, value FROM nbq_kv WHERE key >= ? AND key < ? AND (expires IS NULL OR expires > ?)", (prefix, prefix + "\uffff", self.clock.time()))
+        rows = self.store.read(
+            "SELECT key, value FROM nbq_kv WHERE key >= ? AND key < ? AND (expires IS NULL OR expires > ?)",
+            (prefix, prefix + "\uffff", self.clock.time()),
+        )
         return dict(rows)
 
     def _notify(self, ids) -> None:

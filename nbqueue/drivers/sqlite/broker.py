@@ -32,9 +32,23 @@ from .db import SQLiteStore, path_from_url, placeholders
 
 def _schema(db) -> None:
     db["nbq_messages"].create(
-        {"seq": int, "id": str, "queue": str, "priority": int, "due": float, "state": int, "attempt": int, "body": str, "reason": str, "created": float,
-         "lapses": int},
-        pk="seq", if_not_exists=True, not_null={"lapses"}, defaults={"lapses": 0},
+        {
+            "seq": int,
+            "id": str,
+            "queue": str,
+            "priority": int,
+            "due": float,
+            "state": int,
+            "attempt": int,
+            "body": str,
+            "reason": str,
+            "created": float,
+            "lapses": int,
+        },
+        pk="seq",
+        if_not_exists=True,
+        not_null={"lapses"},
+        defaults={"lapses": 0},
     )
     if "lapses" not in db["nbq_messages"].columns_dict:     # a file from before lapses were counted
         try:
@@ -43,7 +57,9 @@ def _schema(db) -> None:
             if "duplicate column" not in str(exc):
                 raise
     db.execute("CREATE UNIQUE INDEX IF NOT EXISTS nbq_messages_id ON nbq_messages(id)")
-    db.execute("CREATE INDEX IF NOT EXISTS nbq_messages_claim ON nbq_messages(queue, priority DESC, due) WHERE state < 2")
+    db.execute(
+        "CREATE INDEX IF NOT EXISTS nbq_messages_claim ON nbq_messages(queue, priority DESC, due) WHERE state < 2"
+    )
 
 
 class Slot:
@@ -136,7 +152,7 @@ class SQLiteBroker(Broker):
         self._channel = wakechannel.channel_for(self.path)   # publishes of other processes wake our reservers
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.url or 'sqlite://'} (file {self.path})>"   # a relative URL's absolute path
+        return f"<{type(self).__name__} {self.url or 'sqlite://'} (file {self.path})>"  # a relative URL's absolute path
 
     # -- publishing --------------------------------------------------------------
     def publish_many(self, outs: Sequence[Outgoing], handoff: bool = False) -> None:
@@ -151,7 +167,8 @@ class SQLiteBroker(Broker):
             rows = [(o.id, o.queue, int(o.priority), o.eta if o.eta is not None else now, o.body, now) for o in outs]
             if rows:
                 conn.executemany(
-                    "INSERT OR IGNORE INTO nbq_messages(id, queue, priority, due, state, attempt, body, created) VALUES (?, ?, ?, ?, 0, 0, ?, ?)",
+                    "INSERT OR IGNORE INTO nbq_messages(id, queue, priority, due, state, attempt, body, created) "
+                    "VALUES (?, ?, ?, ?, 0, 0, ?, ?)",
                     rows,
                 )
                 self.store.on_commit(self.wake)
@@ -174,8 +191,18 @@ class SQLiteBroker(Broker):
                     (o.id, o.queue, int(o.priority), now + lease, o.body, now),
                 ).fetchone()
                 if row is not None:
-                    deliveries.append(Delivery(message_id=o.id, queue=o.queue, body=o.body, attempt=1, lease_until=now + lease,
-                                               tag=(row[0], 1), priority=o.priority, message=o.message))
+                    deliveries.append(
+                        Delivery(
+                            message_id=o.id,
+                            queue=o.queue,
+                            body=o.body,
+                            attempt=1,
+                            lease_until=now + lease,
+                            tag=(row[0], 1),
+                            priority=o.priority,
+                            message=o.message,
+                        )
+                    )
         return deliveries
 
     def _hand_over(self, outs: Sequence[Outgoing], now: float) -> Sequence[Outgoing]:
@@ -205,13 +232,15 @@ class SQLiteBroker(Broker):
     def _claim(self, queues: Sequence[str], now: float, lease: float, limit: int, on_claim=None) -> list[Delivery]:
         qs = placeholders(len(queues))
         # a cheap read first, so idle pollers never take the write lock
-        if not self.store.read(f"SELECT 1 FROM nbq_messages WHERE queue IN ({qs}) AND state < 2 AND due <= ? LIMIT 1", (*queues, now)):
+        if not self.store.read(
+            f"SELECT 1 FROM nbq_messages WHERE queue IN ({qs}) AND state < 2 AND due <= ? LIMIT 1", (*queues, now)
+        ):
             return []
         with self.store.write() as conn:
             # the best due rows; one whose lease ran out (state 1) or ran out before is claimed alone
             candidates = conn.execute(
-                f"""SELECT seq, state = 1 OR lapses > 0 FROM nbq_messages WHERE queue IN ({qs}) AND state < 2 AND due <= ?
-                    ORDER BY priority DESC, due, seq LIMIT ?""",
+                f"""SELECT seq, state = 1 OR lapses > 0 FROM nbq_messages WHERE queue IN ({qs}) AND state < 2
+                    AND due <= ? ORDER BY priority DESC, due, seq LIMIT ?""",
                 (*queues, now, limit),
             ).fetchall()
             if not candidates:
@@ -235,22 +264,37 @@ class SQLiteBroker(Broker):
     def _delivery(self, row: tuple, lease_until: float) -> Delivery:
         seq, message_id, queue, raw, attempt, priority, lapses = row
         body, problem = text_of(raw or b"")
-        return Delivery(message_id=message_id, queue=queue, body=body, attempt=attempt, lease_until=lease_until, tag=(seq, attempt),
-                        priority=priority, lapsed=lapses, dead_reason=problem or self.limit_reason(lapses))
+        return Delivery(
+            message_id=message_id,
+            queue=queue,
+            body=body,
+            attempt=attempt,
+            lease_until=lease_until,
+            tag=(seq, attempt),
+            priority=priority,
+            lapsed=lapses,
+            dead_reason=problem or self.limit_reason(lapses),
+        )
 
     def next_due(self, queues: Sequence[str]) -> float | None:
-        row = self.store.read(f"SELECT MIN(due) FROM nbq_messages WHERE queue IN ({placeholders(len(queues))}) AND state < 2", tuple(queues))
+        row = self.store.read(
+            f"SELECT MIN(due) FROM nbq_messages WHERE queue IN ({placeholders(len(queues))}) AND state < 2",
+            tuple(queues),
+        )
         return row[0][0] if row else None
 
-    def reserve(self, queues: Sequence[str], *, timeout: float = 0.0, lease: float = 30.0, limit: int = 1) -> list[Delivery]:
+    def reserve(
+        self, queues: Sequence[str], *, timeout: float = 0.0, lease: float = 30.0, limit: int = 1
+    ) -> list[Delivery]:
         return self.claim(queues, timeout=timeout, lease=lease, limit=limit)
 
     def claim(self, queues: Sequence[str], *, timeout: float = 0.0, lease: float = 30.0, limit: int = 1, on_claim=None,
               handoff: bool = False) -> list[Delivery]:
         """``reserve`` for the driver's engine: ``on_claim(deliveries)`` runs inside the claim's
-        transaction (the engine begins the tasks there: one write per batch). ``handoff``: publishers of this process may hand messages over directly while
-        this call runs (see ``_hand_over``); ``on_claim`` then runs in the publisher's
-        transaction, and what was handed over is returned beside anything claimed."""
+        transaction (the engine begins the tasks there: one write per batch). ``handoff``:
+        publishers of this process may hand messages over directly while this call runs (see
+        ``_hand_over``); ``on_claim`` then runs in the publisher's transaction, and what was
+        handed over is returned beside anything claimed."""
         slot = None
         if handoff and timeout > 0:
             slot = Slot(queues, limit, lease, on_claim)
@@ -272,7 +316,9 @@ class SQLiteBroker(Broker):
             raise
         return got + IDLE.close(self.path, slot)
 
-    def _reserve_loop(self, queues: Sequence[str], timeout: float, lease: float, limit: int, on_claim, slot) -> list[Delivery]:
+    def _reserve_loop(
+        self, queues: Sequence[str], timeout: float, lease: float, limit: int, on_claim, slot
+    ) -> list[Delivery]:
         deadline = time.monotonic() + max(0.0, timeout)
         if timeout > 0:
             self._channel.listen(wakechannel.MESSAGES, wakechannel.local_waker(WAKEUPS.notify, self._wake_key))
@@ -310,7 +356,10 @@ class SQLiteBroker(Broker):
 
     def _fenced(self, sql: str, params: tuple, delivery: Delivery) -> bool:
         seq, attempt = delivery.tag
-        return self.store.execute(sql + " WHERE seq = ? AND attempt = ? AND state = 1", (*params, seq, attempt)).rowcount == 1
+        return (
+            self.store.execute(sql + " WHERE seq = ? AND attempt = ? AND state = 1", (*params, seq, attempt)).rowcount
+            == 1
+        )
 
     def ack(self, delivery: Delivery) -> bool:
         return self._fenced("DELETE FROM nbq_messages", (), delivery)
@@ -323,9 +372,14 @@ class SQLiteBroker(Broker):
                 pairs = ", ".join(["(?, ?)"] * len(chunk))
                 params = [d.tag[0] for d in chunk] + [x for d in chunk for x in d.tag]
                 # ``seq IN`` finds the rows by primary key; the row values alone would scan the table
-                acked.update(seq for (seq,) in conn.execute(
-                    f"DELETE FROM nbq_messages WHERE seq IN ({placeholders(len(chunk))}) AND state = 1 AND (seq, attempt) IN (VALUES {pairs}) RETURNING seq",
-                    params))
+                acked.update(
+                    seq
+                    for (seq,) in conn.execute(
+                        f"DELETE FROM nbq_messages WHERE seq IN ({placeholders(len(chunk))}) AND state = 1 AND (seq, "
+                        f"attempt) IN (VALUES {pairs}) RETURNING seq",
+                        params,
+                    )
+                )
         return [d.tag[0] in acked for d in deliveries]
 
     def retry(self, delivery: Delivery, *, body: str | None = None, eta: float | None = None) -> bool:
@@ -359,7 +413,10 @@ class SQLiteBroker(Broker):
                FROM nbq_messages GROUP BY queue ORDER BY queue""",
             (now, now),
         )
-        return [{"queue": q, "ready": r or 0, "delayed": d or 0, "in_flight": f or 0, "dead": x or 0} for q, r, d, f, x in rows]
+        return [
+            {"queue": q, "ready": r or 0, "delayed": d or 0, "in_flight": f or 0, "dead": x or 0}
+            for q, r, d, f, x in rows
+        ]
 
     def dead_letters(self, queue: str | None = None, limit: int = 100) -> list[dict]:
         sql = "SELECT id, queue, reason, CAST(body AS BLOB) FROM nbq_messages WHERE state = 2"
@@ -375,8 +432,10 @@ class SQLiteBroker(Broker):
         removed = 0
         for start in range(0, len(ids), 900):
             chunk = ids[start:start + 900]
-            removed += self.store.execute(f"DELETE FROM nbq_messages WHERE state = 2 AND queue = ? AND id IN ({placeholders(len(chunk))})",
-                                          (queue, *chunk)).rowcount
+            removed += self.store.execute(
+                f"DELETE FROM nbq_messages WHERE state = 2 AND queue = ? AND id IN ({placeholders(len(chunk))})",
+                (queue, *chunk),
+            ).rowcount
         return removed
 
     def upkeep(self) -> None:

@@ -48,12 +48,16 @@ def path_from_url(url: str | None) -> str:
     if parts.scheme != "sqlite":
         raise ConfigurationError(f"not an sqlite:// URL: {url!r}")
     if parts.netloc:
-        raise ConfigurationError(f"sqlite URLs have no host: write sqlite:///relative.db or sqlite:////absolute.db, not {url!r}")
+        raise ConfigurationError(
+            f"sqlite URLs have no host: write sqlite:///relative.db or sqlite:////absolute.db, not {url!r}"
+        )
     path = parts.path[1:] if parts.path.startswith("/") else parts.path
     if not path:
         return os.path.abspath(DEFAULT_PATH)
     if path == ":memory:":
-        raise ConfigurationError("sqlite:///:memory: cannot be shared between threads; use memory:// for an in-process store")
+        raise ConfigurationError(
+            "sqlite:///:memory: cannot be shared between threads; use memory:// for an in-process store"
+        )
     return os.path.abspath(path)
 
 
@@ -185,7 +189,8 @@ class SQLiteStore:
             self._unusable = (
                 f"this process was forked while another thread of its parent was using the SQLite file {self.path}, "
                 "so SQLite cannot be used safely here: start child processes with multiprocessing's 'spawn' or "
-                "'forkserver' method (multiprocessing.get_context('spawn')), or fork while no task is being sent or run")
+                "'forkserver' method (multiprocessing.get_context('spawn')), or fork while no task is being sent or run"
+            )
         self._lock = threading.RLock()
         self._checkpoint_lock = threading.Lock()
         self._depth = 0

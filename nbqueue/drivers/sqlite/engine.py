@@ -51,7 +51,9 @@ class SQLiteEngine(SplitEngine):
             for c in self.begin(decode(deliveries), worker, begins):
                 begun[id(c.delivery)] = c
 
-        deliveries = self.broker.claim(list(queues), timeout=timeout, lease=lease, limit=limit, on_claim=on_claim, handoff=handoff)
+        deliveries = self.broker.claim(
+            list(queues), timeout=timeout, lease=lease, limit=limit, on_claim=on_claim, handoff=handoff
+        )
         # only what was returned: a hand-over whose sending transaction rolled back was begun in
         # it, and is gone with it (its deliveries are not among those returned)
         missing = [d for d in deliveries if id(d) not in begun]
@@ -60,6 +62,8 @@ class SQLiteEngine(SplitEngine):
                 begun[id(c.delivery)] = c
         return [begun[id(d)] for d in deliveries]
 
-    def run_next(self, outgoing: Sequence[Outgoing], *, lease: float, worker: str, begins: Begins | None = None) -> list[Claim]:
+    def run_next(
+        self, outgoing: Sequence[Outgoing], *, lease: float, worker: str, begins: Begins | None = None
+    ) -> list[Claim]:
         deliveries = self.broker.publish_reserved(outgoing, lease=lease)
         return self.begin(decode(deliveries), worker, begins) if deliveries else []

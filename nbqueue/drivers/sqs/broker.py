@@ -150,7 +150,14 @@ MAX_NAME = 75                       # before .fifo: SQS's 80 less our "-dead" su
 DOT = "-_"
 
 #: our message attributes
-A_ID, A_ETA, A_ATTEMPTS, A_REASON, A_QUEUE, A_PRIORITY = "nbq-id", "nbq-eta", "nbq-attempts", "nbq-reason", "nbq-queue", "nbq-priority"
+A_ID, A_ETA, A_ATTEMPTS, A_REASON, A_QUEUE, A_PRIORITY = (
+    "nbq-id",
+    "nbq-eta",
+    "nbq-attempts",
+    "nbq-reason",
+    "nbq-queue",
+    "nbq-priority",
+)
 A_LAPSES = "nbq-lapses"             # lapses counted on earlier copies of the message
 
 #: a FIFO message hidden until its eta (local clock) is taken for received early when SQS's
@@ -158,7 +165,14 @@ A_LAPSES = "nbq-lapses"             # lapses counted on earlier copies of the me
 #: rather than counting one that did not happen
 CLOCK_SLACK_S = 5.0
 
-OPTIONS = {"region": "", "endpoint_url": "", "max_deliveries": 5, "wait_time_seconds": 20, "idle_poll": 1.0, "create_queues": True}
+OPTIONS = {
+    "region": "",
+    "endpoint_url": "",
+    "max_deliveries": 5,
+    "wait_time_seconds": 20,
+    "idle_poll": 1.0,
+    "create_queues": True,
+}
 
 #: error codes that mean the credentials are missing or wrong
 CREDENTIAL_CODES = {"InvalidClientTokenId", "SignatureDoesNotMatch", "UnrecognizedClientException", "AccessDenied",
@@ -172,7 +186,10 @@ def _flag(value: Any) -> bool:
 
 
 def _attr(value: Any) -> dict:
-    return {"DataType": "Number" if isinstance(value, (int, float)) else "String", "StringValue": repr(value) if isinstance(value, float) else str(value)}
+    return {
+        "DataType": "Number" if isinstance(value, (int, float)) else "String",
+        "StringValue": repr(value) if isinstance(value, float) else str(value),
+    }
 
 
 def dead_queue_name(queue: str) -> str:
@@ -223,8 +240,11 @@ class SQSBroker(Broker):
         if scheme == "https":
             found = re.match(r"^sqs[.-]([a-z0-9-]+)\.amazonaws\.com(\.cn)?$", (parts.hostname or "").lower())
             if not found:
-                raise ConfigurationError(f"an https:// broker URL must be an SQS endpoint such as https://sqs.<region>.amazonaws.com/<account>, "
-                                         f"not {redact(url)!r}")
+                raise ConfigurationError(
+                    "an https:// broker URL must be an SQS endpoint such as "
+                    "https://sqs.<region>.amazonaws.com/<account>, "
+                    f"not {redact(url)!r}"
+                )
             self.region = self.region or found.group(1)
             self.endpoint_url = self.endpoint_url or f"https://{parts.netloc.rpartition('@')[2]}"
         elif scheme == "sqs":
@@ -265,16 +285,26 @@ class SQSBroker(Broker):
         if self._client_obj is None:
             with self._client_lock:
                 if self._client_obj is None:
-                    config = botocore.config.Config(retries={"mode": "standard", "max_attempts": 10}, max_pool_connections=50,
-                                                    connect_timeout=10, read_timeout=self.wait_time_seconds + 20)
-                    kwargs: dict[str, Any] = {"region_name": self.region, "endpoint_url": self.endpoint_url, "config": config}
+                    config = botocore.config.Config(
+                        retries={"mode": "standard", "max_attempts": 10},
+                        max_pool_connections=50,
+                        connect_timeout=10,
+                        read_timeout=self.wait_time_seconds + 20,
+                    )
+                    kwargs: dict[str, Any] = {
+                        "region_name": self.region,
+                        "endpoint_url": self.endpoint_url,
+                        "config": config,
+                    }
                     if self._keys:
                         kwargs.update(aws_access_key_id=self._keys[0], aws_secret_access_key=self._keys[1])
                     try:
                         self._client_obj = boto3.session.Session().client("sqs", **kwargs)
                     except bex.NoRegionError:
-                        raise ConfigurationError(f"no AWS region for the SQS broker {redact(self.url)}: add ?region=... to the URL "
-                                                 "or set AWS_DEFAULT_REGION") from None
+                        raise ConfigurationError(
+                            f"no AWS region for the SQS broker {redact(self.url)}: add ?region=... to the URL "
+                            "or set AWS_DEFAULT_REGION"
+                        ) from None
         return self._client_obj
 
     def _call(self, operation: str, **params) -> dict:
@@ -282,12 +312,16 @@ class SQSBroker(Broker):
         try:
             return getattr(self.client, operation)(**params)
         except (bex.NoCredentialsError, bex.PartialCredentialsError) as exc:
-            raise ConfigurationError(f"no AWS credentials for the SQS broker {redact(self.url)} ({exc}): {CREDENTIALS_HINT}") from None
+            raise ConfigurationError(
+                f"no AWS credentials for the SQS broker {redact(self.url)} ({exc}): {CREDENTIALS_HINT}"
+            ) from None
         except bex.ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             if code in CREDENTIAL_CODES:
-                raise ConfigurationError(f"SQS refused the credentials for {redact(self.url)} ({code}: "
-                                         f"{exc.response['Error'].get('Message', '')}): {CREDENTIALS_HINT}") from None
+                raise ConfigurationError(
+                    f"SQS refused the credentials for {redact(self.url)} ({code}: "
+                    f"{exc.response['Error'].get('Message', '')}): {CREDENTIALS_HINT}"
+                ) from None
             raise
         except bex.EndpointConnectionError as exc:
             raise BrokerError(f"cannot reach SQS at {self.endpoint_url or 'its AWS endpoint'}: {exc}") from exc
@@ -342,7 +376,9 @@ class SQSBroker(Broker):
         fifo = queue.endswith(".fifo")
         dead = dead_queue_name(queue)
         dead_url = self._urls[dead] = self._create_dead(dead)
-        dead_arn = self._call("get_queue_attributes", QueueUrl=dead_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        dead_arn = self._call("get_queue_attributes", QueueUrl=dead_url, AttributeNames=["QueueArn"])["Attributes"][
+            "QueueArn"
+        ]
         # a copy's receives are its lapses, the delivery that comes with dead_reason and, on a FIFO
         # queue, one early receive hiding it until its eta: SQS moves it only if that delivery lapses too
         receives = self.max_deliveries + (2 if fifo else 1)
@@ -361,21 +397,37 @@ class SQSBroker(Broker):
         by_queue: dict[str, list[dict]] = {}
         now = self.clock.time()
         for o in outs:
-            by_queue.setdefault(o.queue, []).append(self._entry(o.id, o.queue, o.body, o.eta, o.priority, 0, now, first=True))
+            by_queue.setdefault(o.queue, []).append(
+                self._entry(o.id, o.queue, o.body, o.eta, o.priority, 0, now, first=True)
+            )
         for queue, entries in by_queue.items():
             self._note(queue)
             self._send(queue, entries)
         if outs:
             WAKEUPS.notify(self._wake_key)
 
-    def _entry(self, message_id: str, queue: str, body: str, eta: float | None, priority: int, attempts: int, now: float,
-               *, lapses: int = 0, first: bool = False, extra: dict | None = None) -> dict:
+    def _entry(
+        self,
+        message_id: str,
+        queue: str,
+        body: str,
+        eta: float | None,
+        priority: int,
+        attempts: int,
+        now: float,
+        *,
+        lapses: int = 0,
+        first: bool = False,
+        extra: dict | None = None,
+    ) -> dict:
         """A SendMessageBatch entry (without its batch Id); ``attempts`` and ``lapses`` are those of
         earlier copies (see _delivery)."""
         size = len(body.encode("utf-8"))
         if size > MAX_BODY_BYTES:
-            raise PublishRefused(f"message {message_id} is {size:,} bytes; an SQS message holds at most {MAX_BODY_BYTES:,} "
-                                 "(keep large values out of task arguments)")
+            raise PublishRefused(
+                f"message {message_id} is {size:,} bytes; an SQS message holds at most {MAX_BODY_BYTES:,} "
+                "(keep large values out of task arguments)"
+            )
         attributes = {A_ID: _attr(message_id), A_ATTEMPTS: _attr(int(attempts))}
         if lapses:
             attributes[A_LAPSES] = _attr(int(lapses))
@@ -422,7 +474,9 @@ class SQSBroker(Broker):
             if refused:
                 f = refused[0]
                 message_id = pending[f["Id"]]["MessageAttributes"][A_ID]["StringValue"]
-                raise PublishRefused(f"SQS refused message {message_id} for queue {queue!r}: {f.get('Code')}: {f.get('Message')}")
+                raise PublishRefused(
+                    f"SQS refused message {message_id} for queue {queue!r}: {f.get('Code')}: {f.get('Message')}"
+                )
             pending = {f["Id"]: pending[f["Id"]] for f in failed}
             time.sleep(0.1 * 2 ** attempt)
         raise PublishRefused(f"SQS did not take {len(pending)} message(s) for queue {queue!r} after 3 tries")
@@ -432,7 +486,9 @@ class SQSBroker(Broker):
     def _wake_key(self):
         return ("sqs", self.endpoint_url or self.region or "aws")
 
-    def reserve(self, queues: Sequence[str], *, timeout: float = 0.0, lease: float = 30.0, limit: int = 1) -> list[Delivery]:
+    def reserve(
+        self, queues: Sequence[str], *, timeout: float = 0.0, lease: float = 30.0, limit: int = 1
+    ) -> list[Delivery]:
         queues = list(queues)
         deadline = time.monotonic() + max(0.0, timeout)
         visibility = max(1, min(MAX_VISIBILITY_S, math.ceil(lease)))
@@ -477,9 +533,15 @@ class SQSBroker(Broker):
 
     def _receive(self, queue: str, limit: int, wait: int, visibility: int) -> list[Delivery]:
         url = self._url(queue)
-        reply = self._call("receive_message", QueueUrl=url, MaxNumberOfMessages=max(1, min(MAX_BATCH, limit)), WaitTimeSeconds=wait,
-                           VisibilityTimeout=visibility, MessageAttributeNames=["All"],
-                           MessageSystemAttributeNames=["ApproximateReceiveCount", "ApproximateFirstReceiveTimestamp"])
+        reply = self._call(
+            "receive_message",
+            QueueUrl=url,
+            MaxNumberOfMessages=max(1, min(MAX_BATCH, limit)),
+            WaitTimeSeconds=wait,
+            VisibilityTimeout=visibility,
+            MessageAttributeNames=["All"],
+            MessageSystemAttributeNames=["ApproximateReceiveCount", "ApproximateFirstReceiveTimestamp"],
+        )
         now = self.clock.time()
         out = []
         for m in reply.get("Messages") or []:
@@ -527,10 +589,21 @@ class SQSBroker(Broker):
                 held[2] = receipt
                 return None
             self._receipts[m["MessageId"]] = [receipt, time.monotonic() + visibility, receipt]
-        return Delivery(message_id=message_id, queue=queue, body=m["Body"], attempt=attempt, lease_until=now + visibility,
-                        tag=tag, priority=int(attrs.get(A_PRIORITY) or 0), lapsed=lapsed, dead_reason=self.limit_reason(lapsed))
+        return Delivery(
+            message_id=message_id,
+            queue=queue,
+            body=m["Body"],
+            attempt=attempt,
+            lease_until=now + visibility,
+            tag=tag,
+            priority=int(attrs.get(A_PRIORITY) or 0),
+            lapsed=lapsed,
+            dead_reason=self.limit_reason(lapsed),
+        )
 
-    def _delay_again(self, queue: str, url: str, m: dict, message_id: str, attrs: dict, eta: float, now: float, receives: int) -> None:
+    def _delay_again(
+        self, queue: str, url: str, m: dict, message_id: str, attrs: dict, eta: float, now: float, receives: int
+    ) -> None:
         """A message received before its due time: sent again for the rest of its delay (the
         original deleted), or, on a FIFO queue (no per-message delays), hidden until then. A FIFO
         copy is hidden once at most: received early again (its eta more than 12 hours away, or
@@ -542,8 +615,16 @@ class SQSBroker(Broker):
             except bex.ClientError as exc:
                 log.warning("could not hide early message %s on %s until its eta: %s", message_id, queue, exc)
             return
-        entry = self._entry(message_id, queue, m["Body"], eta, int(attrs.get(A_PRIORITY) or 0), int(attrs.get(A_ATTEMPTS) or 0), now,
-                            lapses=int(attrs.get(A_LAPSES) or 0))
+        entry = self._entry(
+            message_id,
+            queue,
+            m["Body"],
+            eta,
+            int(attrs.get(A_PRIORITY) or 0),
+            int(attrs.get(A_ATTEMPTS) or 0),
+            now,
+            lapses=int(attrs.get(A_LAPSES) or 0),
+        )
         self._send_batch(queue, url, [entry])
         self._delete(url, m["ReceiptHandle"])
 
@@ -555,13 +636,18 @@ class SQSBroker(Broker):
         for d in deliveries:
             receipt = self._receipt(d, forget=True)
             if receipt is not None:
-                entries.append(self._entry(d.message_id, queue, d.body, None, d.priority, d.attempt - 1, now, lapses=d.lapsed))
+                entries.append(
+                    self._entry(d.message_id, queue, d.body, None, d.priority, d.attempt - 1, now, lapses=d.lapsed)
+                )
                 receipts.append(receipt)
         if entries:
             self._send(queue, entries)
         for start in range(0, len(receipts), MAX_BATCH):
-            self._call("delete_message_batch", QueueUrl=url,
-                       Entries=[{"Id": str(i), "ReceiptHandle": r} for i, r in enumerate(receipts[start:start + MAX_BATCH])])
+            self._call(
+                "delete_message_batch",
+                QueueUrl=url,
+                Entries=[{"Id": str(i), "ReceiptHandle": r} for i, r in enumerate(receipts[start : start + MAX_BATCH])],
+            )
         if entries:
             WAKEUPS.notify(self._wake_key)
 
@@ -585,7 +671,11 @@ class SQSBroker(Broker):
             self._call("delete_message", QueueUrl=url, ReceiptHandle=receipt)
             return True
         except bex.ClientError as exc:
-            if self._code(exc) in ("ReceiptHandleIsInvalid", "InvalidParameterValue", "AWS.SimpleQueueService.NonExistentQueue"):
+            if self._code(exc) in (
+                "ReceiptHandleIsInvalid",
+                "InvalidParameterValue",
+                "AWS.SimpleQueueService.NonExistentQueue",
+            ):
                 return False
             raise
 
@@ -614,11 +704,17 @@ class SQSBroker(Broker):
             return False
         seconds = max(1, min(MAX_VISIBILITY_S, math.ceil(lease)))
         try:
-            self._call("change_message_visibility", QueueUrl=delivery.tag[0], ReceiptHandle=receipt, VisibilityTimeout=seconds)
+            self._call(
+                "change_message_visibility", QueueUrl=delivery.tag[0], ReceiptHandle=receipt, VisibilityTimeout=seconds
+            )
         except bex.ClientError as exc:
-            if self._code(exc) in ("ReceiptHandleIsInvalid", "InvalidParameterValue", "MessageNotInflight",
-                                   "AWS.SimpleQueueService.MessageNotInflight"):
-                return False       # gone, or past SQS's 12 hours from the receive
+            if self._code(exc) in (
+                "ReceiptHandleIsInvalid",
+                "InvalidParameterValue",
+                "MessageNotInflight",
+                "AWS.SimpleQueueService.MessageNotInflight",
+            ):
+                return False  # gone, or past SQS's 12 hours from the receive
             raise
         delivery.lease_until = self.clock.time() + seconds
         with self._receipts_lock:
@@ -646,8 +742,17 @@ class SQSBroker(Broker):
             return False
         queue = to_dead or delivery.queue
         url = self._sqs_url(to_dead, dead=True) if to_dead else self._url(queue)
-        entry = self._entry(delivery.message_id, queue, body, eta, delivery.priority, max(0, attempts), self.clock.time(),
-                            lapses=delivery.lapsed, extra=extra)
+        entry = self._entry(
+            delivery.message_id,
+            queue,
+            body,
+            eta,
+            delivery.priority,
+            max(0, attempts),
+            self.clock.time(),
+            lapses=delivery.lapsed,
+            extra=extra,
+        )
         self._send_batch(queue, url, [entry])
         self._delete(delivery.tag[0], receipt)
         WAKEUPS.notify(self._wake_key)
@@ -667,15 +772,26 @@ class SQSBroker(Broker):
             url = self._url(queue)             # creates the pair when missing
             name = self._dead.get(work)
             if name is None:
-                attrs = self._call("get_queue_attributes", QueueUrl=url, AttributeNames=["RedrivePolicy"]).get("Attributes") or {}
-                target = json.loads(attrs["RedrivePolicy"]).get("deadLetterTargetArn", "") if attrs.get("RedrivePolicy") else ""
+                attrs = (
+                    self._call("get_queue_attributes", QueueUrl=url, AttributeNames=["RedrivePolicy"]).get("Attributes")
+                    or {}
+                )
+                target = (
+                    json.loads(attrs["RedrivePolicy"]).get("deadLetterTargetArn", "")
+                    if attrs.get("RedrivePolicy")
+                    else ""
+                )
                 name = self._dead[work] = target.rpartition(":")[2] or dead_queue_name(work)
         self._sqs_url(name, dead=True)
         return name
 
     # -- inspection and upkeep ---------------------------------------------------------------
     def _counts(self, url: str) -> dict[str, int]:
-        names = ["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesDelayed", "ApproximateNumberOfMessagesNotVisible"]
+        names = [
+            "ApproximateNumberOfMessages",
+            "ApproximateNumberOfMessagesDelayed",
+            "ApproximateNumberOfMessagesNotVisible",
+        ]
         attrs = self._call("get_queue_attributes", QueueUrl=url, AttributeNames=names)["Attributes"]
         return {name: int(attrs.get(name, 0)) for name in names}
 
@@ -683,9 +799,15 @@ class SQSBroker(Broker):
         rows = []
         for queue in sorted(self._used):
             work, dead = self._counts(self._url(queue)), self._counts(self._sqs_url(self._dead_queue(queue), dead=True))
-            rows.append({"queue": queue, "ready": work["ApproximateNumberOfMessages"], "delayed": work["ApproximateNumberOfMessagesDelayed"],
-                         "in_flight": work["ApproximateNumberOfMessagesNotVisible"],
-                         "dead": dead["ApproximateNumberOfMessages"] + dead["ApproximateNumberOfMessagesNotVisible"]})
+            rows.append(
+                {
+                    "queue": queue,
+                    "ready": work["ApproximateNumberOfMessages"],
+                    "delayed": work["ApproximateNumberOfMessagesDelayed"],
+                    "in_flight": work["ApproximateNumberOfMessagesNotVisible"],
+                    "dead": dead["ApproximateNumberOfMessages"] + dead["ApproximateNumberOfMessagesNotVisible"],
+                }
+            )
         return rows
 
     def purge(self, queue: str) -> int:
@@ -702,11 +824,19 @@ class SQSBroker(Broker):
 
     def _drain(self, url: str) -> None:
         while True:
-            messages = self._call("receive_message", QueueUrl=url, MaxNumberOfMessages=MAX_BATCH, WaitTimeSeconds=0).get("Messages") or []
+            messages = (
+                self._call("receive_message", QueueUrl=url, MaxNumberOfMessages=MAX_BATCH, WaitTimeSeconds=0).get(
+                    "Messages"
+                )
+                or []
+            )
             if not messages:
                 return
-            self._call("delete_message_batch", QueueUrl=url, Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]}
-                                                                      for i, m in enumerate(messages)])
+            self._call(
+                "delete_message_batch",
+                QueueUrl=url,
+                Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)],
+            )
 
     def dead_letters(self, queue: str | None = None, limit: int = 100) -> list[dict]:
         queues = [queue] if queue is not None else sorted(self._used)
@@ -715,16 +845,33 @@ class SQSBroker(Broker):
             url = self._sqs_url(self._dead_queue(q), dead=True)
             seen: set[str] = set()
             for _ in range(max(1, limit // MAX_BATCH) + 2):
-                reply = self._call("receive_message", QueueUrl=url, MaxNumberOfMessages=MAX_BATCH, WaitTimeSeconds=0, VisibilityTimeout=0,
-                                   MessageAttributeNames=["All"], MessageSystemAttributeNames=["ApproximateReceiveCount"])
+                reply = self._call(
+                    "receive_message",
+                    QueueUrl=url,
+                    MaxNumberOfMessages=MAX_BATCH,
+                    WaitTimeSeconds=0,
+                    VisibilityTimeout=0,
+                    MessageAttributeNames=["All"],
+                    MessageSystemAttributeNames=["ApproximateReceiveCount"],
+                )
                 fresh = [m for m in reply.get("Messages") or [] if m["MessageId"] not in seen]
                 if not fresh:
                     break
                 for m in fresh:
                     seen.add(m["MessageId"])
                     attrs = {k: v.get("StringValue") for k, v in (m.get("MessageAttributes") or {}).items()}
-                    reason = attrs.get(A_REASON) or "moved by the queue's redrive policy (received more often than its maxReceiveCount)"
-                    out.append({"id": attrs.get(A_ID) or m["MessageId"], "queue": attrs.get(A_QUEUE) or q, "reason": reason, "body": m["Body"]})
+                    reason = (
+                        attrs.get(A_REASON)
+                        or "moved by the queue's redrive policy (received more often than its maxReceiveCount)"
+                    )
+                    out.append(
+                        {
+                            "id": attrs.get(A_ID) or m["MessageId"],
+                            "queue": attrs.get(A_QUEUE) or q,
+                            "reason": reason,
+                            "body": m["Body"],
+                        }
+                    )
                 if len(out) >= limit:
                     return out[:limit]
         return out[:limit]
