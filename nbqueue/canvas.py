@@ -118,7 +118,7 @@ class Signature:
         check_option_names(options, send_options(), "send option")
         sig = self
         if args or kwargs or options:
-            sig = self.replace(args=[*self.args, *_as_args(args, self.name)], kwargs={**self.kwargs, **(kwargs or {})},
+            sig = self.replace(args=[*self.args, *_as_args(args, self.name)], kwargs={**(self.kwargs or {}), **(kwargs or {})},
                                **options)
         return _bound_app(self, f"signature {self.name!r}").send(sig)
 
@@ -217,7 +217,7 @@ class _Workflow:
 
 def _with_partial(item: Any, args: list, kwargs: dict) -> Any:
     if isinstance(item, Signature):
-        return item.replace(args=[*item.args, *args], kwargs={**item.kwargs, **kwargs})
+        return item.replace(args=[*item.args, *args], kwargs={**(item.kwargs or {}), **kwargs})
     return item._partial(args, kwargs)
 
 
