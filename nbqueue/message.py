@@ -15,6 +15,7 @@ out: smaller bodies, less to encode. ``Message.check`` validates a decoded objec
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Any
 
 from . import serialization
@@ -62,11 +63,22 @@ class Message:
         """The JSON object, fields at their defaults left out (``id``, ``name``, ``args`` and
         ``kwargs`` always present)."""
         out: dict = {"id": self.id, "name": self.name, "args": list(self.args), "kwargs": dict(self.kwargs or {})}
-        for f in _OPTIONAL:
-            value = getattr(self, f.name)
-            if value != f.default:
-                out[f.name] = value
+        for (name, default), value in zip(_DEFAULTS.items(), _optional_values(self)):
+            if value != default:
+                out[name] = value
         out.update(self.extra)
+        return out
+
+    @staticmethod
+    def object_of(id: str, name: str, args: list, kwargs: dict, **optional: Any) -> dict:
+        """``Message(id=id, name=name, args=args, kwargs=kwargs, **optional).to_dict()`` without
+        building the Message (the send path makes one per task). Raises TypeError for a
+        keyword that is not a field."""
+        out: dict = {"id": id, "name": name, "args": list(args), "kwargs": dict(kwargs or {})}
+        try:
+            out.update({key: value for key, value in optional.items() if value != _DEFAULTS[key]})
+        except KeyError as exc:
+            raise TypeError(f"Message has no field {exc.args[0]!r}") from None
         return out
 
     @classmethod
@@ -122,6 +134,10 @@ _NAMES = frozenset(f.name for f in _FIELDS)
 _OPTIONAL = [f for f in _FIELDS if f.name not in REQUIRED]
 #: field -> the JSON types its value may have (None is always allowed for an optional field)
 _TYPES: dict[str, tuple] = {f.name: f.metadata["types"] for f in _OPTIONAL}
+#: optional field -> its default (a field left out of the JSON object holds its default)
+_DEFAULTS: dict[str, Any] = {f.name: f.default for f in _OPTIONAL}
+#: a Message's optional field values, in the order of _DEFAULTS
+_optional_values = operator.attrgetter(*_DEFAULTS)
 
 
 def decode_object(body: str | bytes) -> dict:

@@ -49,7 +49,7 @@ def to_message(sig: Signature, serializer: serialization.Serializer, *, default_
         kwargs = {_keyword(key, sig.name): serializer.encode(value, f"keyword argument {key!r} of task {sig.name!r}")
                   for key, value in sig.kwargs.items()}
     backoff = sig.retry_backoff
-    message = Message(
+    return Message.object_of(
         id=sig.id or new_id(), name=sig.name, args=args, kwargs=kwargs, queue=sig.queue or default_queue,
         eta=sig.eta_timestamp(now), priority=int(sig.priority), retry_count=int(sig.retry_count),
         headers=serializer.encode(sig.headers, f"headers of task {sig.name!r}") if sig.headers else None,
@@ -62,7 +62,6 @@ def to_message(sig: Signature, serializer: serialization.Serializer, *, default_
         group_task_count=sig.group_task_count, workflow=sig.workflow, created_at=now,
         serializer="pickle" if serializer.pickle else None,
     )
-    return message.to_dict()
 
 
 def check_options(sig: Signature) -> None:

@@ -29,6 +29,22 @@ def test_keys_this_version_does_not_know_travel_on_unchanged():
     assert Message.decode(message.encode()).to_dict()["trace"] == {"traceparent": "00-ab"}
 
 
+@pytest.mark.parametrize("fields", [
+    {},
+    {"queue": "q", "priority": 3, "retry_count": 2, "retry_timeout": 0.5, "eta": 12.5, "immutable": True},
+    {"queue": "q", "priority": 0, "retries": 0, "headers": None, "created_at": 1.0, "group_task_count": 4,
+     "on_success": [{"id": "c", "name": "cb", "args": [], "kwargs": {}}], "workflow": {"kind": "chain"}},
+])
+def test_object_of_is_the_json_object_of_the_message_with_those_fields(fields):
+    assert Message.object_of("t1", "add", (1, 2), None, **fields) == \
+        Message(id="t1", name="add", args=(1, 2), kwargs=None, **fields).to_dict()
+
+
+def test_object_of_refuses_a_keyword_that_is_not_a_field():
+    with pytest.raises(TypeError, match="'colour'"):
+        Message.object_of("t1", "add", [], {}, queue="q", colour="red")
+
+
 def test_copy_changes_fields_and_the_message_is_frozen():
     message = Message(id="t1", name="add", args=[], kwargs={})
     again = message.copy(retries=2, retry_count=1)
