@@ -14,6 +14,7 @@ a chord of 1,000 members with a summing callback, a chain of 100 steps.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import socket
@@ -34,6 +35,41 @@ import nbqueue  # noqa: E402
 N = int(os.environ.get("N", "5000"))
 LAT_N = int(os.environ.get("LAT_N", "300"))
 REDIS_URL = os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379/14")
+#: every Redis key this run writes starts with it (the floors' keys and nbqueue's key_prefix): the
+#: server may be shared, so the run deletes its own keys and never flushes a database
+RUN_PREFIX = f"bench-{os.getpid()}-{int(time.time())}"
+FLOOR = f"{RUN_PREFIX}:floor:"
+FLOOR_B = FLOOR.encode()
+
+
+def clear_run_keys(url: str) -> None:
+    """Delete this run's Redis keys (floors and nbqueue's, under RUN_PREFIX)."""
+    import redis
+
+    r = redis.Redis.from_url(url)
+    for keys in _batches(r.scan_iter(match=f"{RUN_PREFIX}*", count=1000), 500):
+        r.delete(*keys)
+
+
+def _clear_at_exit() -> None:
+    try:
+        clear_run_keys(REDIS_URL)
+    except Exception:  # no Redis here: nothing was written
+        pass
+
+
+atexit.register(_clear_at_exit)
+
+
+def _batches(items, n: int):
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 AMQP_URL = os.environ.get("BENCH_AMQP", "amqp://guest:guest@127.0.0.1:5672/%2F")
 
 
@@ -138,18 +174,18 @@ def redis_floor(url: str, n: int) -> tuple[float, list[float]]:
     import redis
 
     r = redis.Redis.from_url(url)
-    r.flushdb()
+    clear_run_keys(url)
 
     def consume(count):
         c = redis.Redis.from_url(url)
         for _ in range(count):
-            _, body = c.brpop("floor:q")
-            c.lpush(b"floor:r:" + body, body)
+            _, body = c.brpop(FLOOR + "q")
+            c.lpush(FLOOR_B + b"r:" + body, body)
 
     started = time.perf_counter()
     pipe = r.pipeline(transaction=False)
     for i in range(n):
-        pipe.lpush("floor:q", str(i))
+        pipe.lpush(FLOOR + "q", str(i))
     pipe.execute()
     consume(n)
     throughput = n / (time.perf_counter() - started)
@@ -159,9 +195,9 @@ def redis_floor(url: str, n: int) -> tuple[float, list[float]]:
     def server():
         c = redis.Redis.from_url(url)
         while not stop.is_set():
-            got = c.brpop("floor:q", timeout=0.2)
+            got = c.brpop(FLOOR + "q", timeout=0.2)
             if got:
-                c.lpush(b"floor:r:" + got[1], got[1])
+                c.lpush(FLOOR_B + b"r:" + got[1], got[1])
 
     t = threading.Thread(target=server, daemon=True)
     t.start()
@@ -169,12 +205,12 @@ def redis_floor(url: str, n: int) -> tuple[float, list[float]]:
     for i in range(LAT_N):
         key = f"lat{i}"
         t0 = time.perf_counter()
-        r.lpush("floor:q", key)
-        r.brpop(f"floor:r:{key}", timeout=5)
+        r.lpush(FLOOR + "q", key)
+        r.brpop(f"{FLOOR}r:{key}", timeout=5)
         lat.append(time.perf_counter() - t0)
     stop.set()
     t.join()
-    r.flushdb()
+    clear_run_keys(url)
     return throughput, lat
 
 
@@ -245,41 +281,41 @@ def redis_fanin_floors(url: str, members: int = 1000, steps: int = 100) -> tuple
     import redis
 
     r = redis.Redis.from_url(url)
-    r.flushdb()
+    clear_run_keys(url)
     started = time.perf_counter()
     pipe = r.pipeline(transaction=False)
     for i in range(members):
-        pipe.lpush("floor:q", f"member:{i}")
+        pipe.lpush(FLOOR + "q", f"member:{i}")
     pipe.execute()
     total = None
     while total is None:
-        _, body = r.brpop("floor:q")
+        _, body = r.brpop(FLOOR + "q")
         kind, arg = body.decode().split(":")
         if kind == "member":
             pipe = r.pipeline(transaction=False)
-            pipe.hset("floor:r", arg, int(arg) * 2)
-            pipe.incr("floor:done")
+            pipe.hset(FLOOR + "r", arg, int(arg) * 2)
+            pipe.incr(FLOOR + "done")
             done = pipe.execute()[1]
             if done == members:
-                r.lpush("floor:q", "callback:0")
+                r.lpush(FLOOR + "q", "callback:0")
         else:
-            total = sum(int(v) for v in r.hvals("floor:r"))
+            total = sum(int(v) for v in r.hvals(FLOOR + "r"))
     chord = time.perf_counter() - started
     assert total == sum(2 * i for i in range(members)), total
 
     started = time.perf_counter()
-    r.lpush("floor:q", "step:1")
+    r.lpush(FLOOR + "q", "step:1")
     value = 0
     for _ in range(steps):
-        _, body = r.brpop("floor:q")
+        _, body = r.brpop(FLOOR + "q")
         value = int(body.decode().split(":")[1])
         pipe = r.pipeline(transaction=False)
-        pipe.hset("floor:chain", value, value)
-        pipe.lpush("floor:q", f"step:{value + 1}")
+        pipe.hset(FLOOR + "chain", value, value)
+        pipe.lpush(FLOOR + "q", f"step:{value + 1}")
         pipe.execute()
     chain = time.perf_counter() - started
     assert value == steps, value
-    r.flushdb()
+    clear_run_keys(url)
     return chord, chain
 
 
@@ -404,10 +440,10 @@ def bench_store(kind: str, tmp: str) -> None:
         floor_name = None
     elif kind == "redis":
         def urls():
-            import redis
 
-            redis.Redis.from_url(REDIS_URL).flushdb()
-            return REDIS_URL, None
+            clear_run_keys(REDIS_URL)
+            sep = "&" if "?" in REDIS_URL else "?"
+            return f"{REDIS_URL}{sep}key_prefix={RUN_PREFIX}", None
         floor_tp, floor_lat = redis_floor(REDIS_URL, N)
         floor_name = "plain redis-py (LPUSH/BRPOP)"
     elif kind == "amqp":
