@@ -49,6 +49,8 @@ def _safe_text(text: str | None) -> str | None:
 
 class _ResultNotStored(Exception):
     """Storing a task's result failed for a reason of the result's own (its ``__cause__``)."""
+
+
 # a batch's unstarted tasks are checked in the store for revocations once earlier ones took this long
 REVOKE_CHECK = 0.02
 
