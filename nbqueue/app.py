@@ -19,9 +19,8 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Mapping
 
-from . import batching
+from . import batching, cache, payloads, provenance, serialization, shipping, states, tracing
 from . import config as _config
-from . import cache, payloads, provenance, serialization, shipping, states, tracing
 from .broker import Outgoing
 from .clock import SYSTEM
 from .drivers import (
@@ -47,8 +46,11 @@ def _default_backend(broker_url: str | None) -> str | None:
     if driver_for(broker_url, "broker").results_beside:
         return broker_url
     scheme = broker_url.split(":", 1)[0].lower()
-    log.warning("broker %s keeps no results; recording them in the default store %s (pass backend= for shared results)", scheme,
-                DEFAULT_URL)
+    log.warning(
+        "broker %s keeps no results; recording them in the default store %s (pass backend= for shared results)",
+        scheme,
+        DEFAULT_URL,
+    )
     return None
 
 
@@ -56,7 +58,9 @@ class App:
     """``inline=True``: every task runs in the caller at send time, through the store and
     a worker's code path (inline.py), for unit tests without a worker."""
 
-    def __init__(self, broker: str | None = None, backend: str | None = None, *, default_queue: str = "nbqueue", **options: Any):
+    def __init__(
+        self, broker: str | None = None, backend: str | None = None, *, default_queue: str = "nbqueue", **options: Any
+    ):
         _config.check_options(options)
         self.config = _config.Config(broker=broker, backend=backend, default_queue=default_queue, options=options)
         self.default_queue = default_queue
@@ -149,7 +153,9 @@ class App:
         return Signature(name, args=args, kwargs=kwargs, app=self, **merged)
 
     # -- sending ------------------------------------------------------------------------
-    def prepare(self, sig: Signature, *, group_id: str | None = None, parent_id: str | None = None, meta: dict | None = None) -> tuple[dict, dict, Outgoing]:
+    def prepare(
+        self, sig: Signature, *, group_id: str | None = None, parent_id: str | None = None, meta: dict | None = None
+    ) -> tuple[dict, dict, Outgoing]:
         """Encode a signature: (message, PENDING record, Outgoing). Raises SerializationError."""
         with payloads.sending(self):        # values out of band: packed once, held until linked to the task
             return self._prepare(sig, group_id=group_id, parent_id=parent_id, meta=meta)
@@ -158,7 +164,9 @@ class App:
                  meta: dict | None) -> tuple[dict, dict, Outgoing]:
         task = self.registry.get(sig.name)
         now = self.clock.time()
-        message = to_message(sig, self.serializer, default_queue=self.default_queue, fn=task.fn if task else None, now=now)
+        message = to_message(
+            sig, self.serializer, default_queue=self.default_queue, fn=task.fn if task else None, now=now
+        )
         shipping.attach(self, sig, message)   # made from a notebook's function: carries its code, to a code queue
         if group_id is not None:
             message["group_id"] = group_id
@@ -182,8 +190,14 @@ class App:
 
     @staticmethod
     def outgoing(message: dict) -> Outgoing:
-        return Outgoing(id=message["id"], body=encode_body(message), queue=message["queue"], eta=message.get("eta"), priority=message.get("priority", 0),
-                        message=message)
+        return Outgoing(
+            id=message["id"],
+            body=encode_body(message),
+            queue=message["queue"],
+            eta=message.get("eta"),
+            priority=message.get("priority", 0),
+            message=message,
+        )
 
     def publish(self, records: list[dict], outs: list[Outgoing]) -> None:
         """Record as PENDING first, then publish, so a fast worker's result is never overwritten
@@ -325,7 +339,9 @@ class App:
         the others. Filters: ``state``, ``name``, ``queue`` (a value or a list of values),
         ``since <= created_at < until`` (Unix seconds), ``text``: a case-insensitive
         substring of the arguments (their JSON text) or of the error and traceback."""
-        return self.backend.search(state=state, name=name, queue=queue, since=since, until=until, text=text, offset=offset, limit=limit)
+        return self.backend.search(
+            state=state, name=name, queue=queue, since=since, until=until, text=text, offset=offset, limit=limit
+        )
 
     def count_tasks(self, *, state=None, name=None, queue=None, since: float | None = None, until: float | None = None,
                     text: str | None = None) -> dict[tuple[str, str], int]:
@@ -365,7 +381,9 @@ class App:
         if record["state"] not in (states.FAILURE, states.REVOKED) or record.get("name") in (None, "nbqueue.group"):
             raise ValueError(f"task {task_id} is {record['state']}: only a failed or revoked task can be retried")
         if record.get("args") is None:
-            raise ValueError(f"task {task_id} has no recorded arguments (its message could not be read); it cannot be sent again")
+            raise ValueError(
+                f"task {task_id} has no recorded arguments (its message could not be read); it cannot be sent again"
+            )
         args = [self.serializer.decode(a) for a in serialization.loads(record["args"])]
         kwargs = {k: self.serializer.decode(v) for k, v in serialization.loads(record.get("kwargs") or "{}").items()}
         sig = self.signature(record["name"], args=args, kwargs=kwargs, queue=record.get("queue"))
@@ -480,7 +498,11 @@ class App:
             return {"queues": self.broker.stats(), "workers": workers, "cache": cache.stats(self)}
         known = [self.default_queue, *(t.options["queue"] for t in self.registry.values() if t.options.get("queue")),
                  *(q for w in workers for q in w.get("queues") or [])]
-        return {"queues": self.broker.stats(queues=list(dict.fromkeys(known))), "workers": workers, "cache": cache.stats(self)}
+        return {
+            "queues": self.broker.stats(queues=list(dict.fromkeys(known))),
+            "workers": workers,
+            "cache": cache.stats(self),
+        }
 
     # -- the result cache (cache.py) --------------------------------------------------------
     def cache_clear(self, task: str | None = None) -> int:
@@ -528,7 +550,9 @@ class App:
         self.backend.close()
 
     # -- periodic tasks: registrations here, the logic in schedule.py ----------------------
-    def periodic(self, spec: str, target: Any, name: str | None = None, *, catch_up: bool = False, timezone: Any = None):
+    def periodic(
+        self, spec: str, target: Any, name: str | None = None, *, catch_up: bool = False, timezone: Any = None
+    ):
         """Fire ``target`` (a signature, task, group, chain or chord; a fresh copy each time) on ``spec``.
 
         ``spec``: a 5-field cron expression, ``@hourly``/``@daily``/``@weekly``/``@monthly``/``@yearly``
@@ -545,7 +569,9 @@ class App:
         """``@app.periodic_task("0 9 * * *")``: register the function as a task and schedule it."""
         from . import schedule
 
-        return schedule.periodic_task(self, spec, name=name, catch_up=catch_up, timezone=timezone, args=args, kwargs=kwargs, **task_options)
+        return schedule.periodic_task(
+            self, spec, name=name, catch_up=catch_up, timezone=timezone, args=args, kwargs=kwargs, **task_options
+        )
 
     def unschedule(self, name: str) -> bool:
         """Remove a schedule (and its saved state); True if there was one."""
@@ -568,7 +594,10 @@ class App:
     def __repr__(self) -> str:
         from .broker import redact
 
-        return f"<nbqueue.App broker={redact(self.broker_url)} backend={redact(self.backend_url)} tasks={len(self.registry)}>"
+        return (
+            f"<nbqueue.App broker={redact(self.broker_url)} backend={redact(self.backend_url)} "
+            f"tasks={len(self.registry)}>"
+        )
 
 
 def _workflow_tree(backend, shape, limit: int | None) -> dict:

@@ -118,8 +118,11 @@ class Signature:
         check_option_names(options, send_options(), "send option")
         sig = self
         if args or kwargs or options:
-            sig = self.replace(args=[*self.args, *_as_args(args, self.name)], kwargs={**(self.kwargs or {}), **(kwargs or {})},
-                               **options)
+            sig = self.replace(
+                args=[*self.args, *_as_args(args, self.name)],
+                kwargs={**(self.kwargs or {}), **(kwargs or {})},
+                **options,
+            )
         return _bound_app(self, f"signature {self.name!r}").send(sig)
 
     def delay(self, *args: Any, **kwargs: Any) -> Any:

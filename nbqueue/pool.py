@@ -159,7 +159,12 @@ class ChildOutcome:
             raise exc
         how = f"signal {self.signal}" if self.signal else f"exit code {self.exitcode}"
         if self.exit == "stopped":
-            raise ChildLost(f"worker child process stopped ({self.reason or 'stopped'})", signal=self.signal, exitcode=self.exitcode, counts=False)
+            raise ChildLost(
+                f"worker child process stopped ({self.reason or 'stopped'})",
+                signal=self.signal,
+                exitcode=self.exitcode,
+                counts=False,
+            )
         raise ChildLost(f"worker child process died ({how})", signal=self.signal, exitcode=self.exitcode)
 
 
@@ -349,7 +354,12 @@ def _child_main(conn, alive, settings: dict) -> None:
             fn = shipping.load(key, data)
             args, kwargs = pickle.loads(payload)
         except BaseException as exc:
-            reply = ("load_error", type(exc).__name__, f"cannot load task {name!r} in its child process: {exc}", _format_tb(exc))
+            reply = (
+                "load_error",
+                type(exc).__name__,
+                f"cannot load task {name!r} in its child process: {exc}",
+                _format_tb(exc),
+            )
         else:
             control = TaskControl(task_id, name)
             control.on_progress = _report_progress
@@ -366,11 +376,16 @@ def _child_main(conn, alive, settings: dict) -> None:
                 try:
                     reply = ("ok", _dumps(value))
                 except Exception as exc:
-                    reply = ("error", "SerializationError",
-                             f"the result of task {name!r} ({type(value).__name__}) cannot be sent back from its child process: {exc}", None)
+                    reply = (
+                        "error",
+                        "SerializationError",
+                        f"the result of task {name!r} ({type(value).__name__}) cannot be sent back "
+                        f"from its child process: {exc}",
+                        None,
+                    )
             except Retry as exc:
                 reply = ("retry", exc.countdown, exc.reason)
-            except BaseException as exc:   # the task's own failure, SystemExit included: the child goes on
+            except BaseException as exc:  # the task's own failure, SystemExit included: the child goes on
                 try:
                     text = str(exc)
                 except Exception:
@@ -399,7 +414,9 @@ def _context(method: str | None):
     available = multiprocessing.get_all_start_methods()
     method = method or ("forkserver" if "forkserver" in available else "spawn")
     if method == "fork":
-        raise ValueError("start_method='fork' is not safe in a process with threads (a kernel); use 'forkserver' or 'spawn'")
+        raise ValueError(
+            "start_method='fork' is not safe in a process with threads (a kernel); use 'forkserver' or 'spawn'"
+        )
     if method not in available:
         raise ValueError(f"start method {method!r} is not available here (available: {', '.join(available)})")
     ctx = multiprocessing.get_context(method)
@@ -528,7 +545,12 @@ class _Child:
         ctx = self.pool.context
         parent_conn, child_conn = ctx.Pipe(duplex=True)
         alive_r, alive_w = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_child_main, args=(child_conn, alive_r, self.pool._settings()), name=f"nbqueue-child-{self.index}", daemon=False)
+        proc = ctx.Process(
+            target=_child_main,
+            args=(child_conn, alive_r, self.pool._settings()),
+            name=f"nbqueue-child-{self.index}",
+            daemon=False,
+        )
         try:
             with _MainForStart():
                 proc.start()
@@ -622,13 +644,16 @@ class _Child:
         for attempt in (1, 2):
             self.ensure_started()
             try:
-                self.conn.send_bytes(_message(("run", task_id, name, shipped.key, None if shipped.key in self.known else shipped.data, payload)))
+                code = None if shipped.key in self.known else shipped.data     # the child keeps what it loaded
+                self.conn.send_bytes(_message(("run", task_id, name, shipped.key, code, payload)))
                 break
-            except OSError as exc:     # it died while idle: the task never reached it; start another
+            except OSError as exc:  # it died while idle: the task never reached it; start another
                 with self.lock:
                     self._discard()
                 if attempt == 2:
-                    return ChildOutcome("died", message=f"cannot reach a new child process: {exc}", seconds=time.monotonic() - started)
+                    return ChildOutcome(
+                        "died", message=f"cannot reach a new child process: {exc}", seconds=time.monotonic() - started
+                    )
         self.known[shipped.key] = True
         self.known.move_to_end(shipped.key)
         while len(self.known) > _KNOWN_MAX:     # fewer than the child keeps (shipping._LOADED_MAX)
@@ -637,7 +662,7 @@ class _Child:
         output: list[str] = []
         soft_at = None      # the soft limit counts from the child's "started" (not its start-up)
         hard_at = started + time_limit if time_limit else None
-        conn, proc, wait = self.conn, self.proc, self.wait
+        conn, wait = self.conn, self.wait
         try:
             while True:
                 deadline = min((t for t in (soft_at, hard_at) if t is not None), default=None)
@@ -685,7 +710,10 @@ class _Child:
             try:
                 outcome.value = pickle.loads(reply[1])
             except Exception as exc:
-                outcome.exc_type, outcome.message = "SerializationError", f"cannot read the result sent back by the child process: {exc}"
+                outcome.exc_type, outcome.message = (
+                    "SerializationError",
+                    f"cannot read the result sent back by the child process: {exc}",
+                )
         elif reply[0] == "retry":
             outcome.retry = (reply[1], reply[2])
         else:
@@ -698,7 +726,13 @@ class _Child:
             self.retire()
         elif (pool.max_tasks_per_child and self.tasks >= pool.max_tasks_per_child) or \
                 (pool.max_memory_per_child and rss > pool.max_memory_per_child):
-            log.info("process pool: recycling child %d (pid %s) after %d task(s), peak memory %d KiB", self.index, self.pid, self.tasks, rss)
+            log.info(
+                "process pool: recycling child %d (pid %s) after %d task(s), peak memory %d KiB",
+                self.index,
+                self.pid,
+                self.tasks,
+                rss,
+            )
             pool.recycled += 1
             self.retire()
             self.replace_soon()
@@ -716,7 +750,10 @@ class _Child:
         outcome = ChildOutcome("died", output="".join(output), pid=proc.pid, seconds=time.monotonic() - started,
                                signal=-code if code is not None and code < 0 else None, exitcode=code)
         if reason == "time_limit":
-            outcome.exit, outcome.message = "time_limit", f"task ran longer than its time limit of {time_limit:g}s; its child process was stopped"
+            outcome.exit, outcome.message = (
+                "time_limit",
+                f"task ran longer than its time limit of {time_limit:g}s; its child process was stopped",
+            )
         elif reason is not None:
             outcome.exit, outcome.reason = "stopped", reason
         else:
@@ -826,10 +863,19 @@ class ProcessPool:
         """Process ids of the live children."""
         return [p for p in (c.pid for c in self.children if c.proc is not None and c.proc.exitcode is None) if p]
 
-    def run(self, target: Callable | shipping.Shipped, args=(), kwargs: dict | None = None, *, task_id: str, name: str | None = None,
-            time_limit: float | None = None, soft_time_limit: float | None = None,
-            on_output: Callable[[str, str], None] | None = None,
-            on_progress: Callable[..., None] | None = None) -> ChildOutcome:
+    def run(
+        self,
+        target: Callable | shipping.Shipped,
+        args=(),
+        kwargs: dict | None = None,
+        *,
+        task_id: str,
+        name: str | None = None,
+        time_limit: float | None = None,
+        soft_time_limit: float | None = None,
+        on_output: Callable[[str, str], None] | None = None,
+        on_progress: Callable[..., None] | None = None,
+    ) -> ChildOutcome:
         """Run ``target(*args, **kwargs)`` in a free child and wait for it (blocks this thread).
 
         ``target``: a function (shipped with ``shipping.pack``) or a ``Shipped`` already
@@ -847,12 +893,18 @@ class ProcessPool:
             raise NbqueueError("the process pool is closed")
         name = name or getattr(target, "__name__", "task")
         try:
-            shipped = target if isinstance(target, shipping.Shipped) else getattr(target, "nbqueue_shipped", None) or shipping.pack(target)
+            shipped = (
+                target
+                if isinstance(target, shipping.Shipped)
+                else getattr(target, "nbqueue_shipped", None) or shipping.pack(target)
+            )
         except Exception as exc:
             from .errors import SerializationError
 
-            raise SerializationError(f"task {name!r} cannot be sent to a child process: it, or something it reads, cannot be pickled "
-                                     f"({type(exc).__name__}: {exc}); run it on a thread pool") from exc
+            raise SerializationError(
+                f"task {name!r} cannot be sent to a child process: it, or something it reads, cannot be pickled "
+                f"({type(exc).__name__}: {exc}); run it on a thread pool"
+            ) from exc
         payload = _pack_arguments(name, args, kwargs or {})
         child = self._idle.get()
         try:
@@ -960,10 +1012,13 @@ def _pack_arguments(name: str, args, kwargs: dict) -> bytes:
         import cloudpickle
 
         from .errors import SerializationError
+
         try:
             return cloudpickle.dumps((tuple(args), kwargs), protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:
-            raise SerializationError(f"the arguments of task {name!r} cannot be sent to a child process: {exc}") from exc
+            raise SerializationError(
+                f"the arguments of task {name!r} cannot be sent to a child process: {exc}"
+            ) from exc
 
 
 @atexit.register

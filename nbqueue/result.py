@@ -40,7 +40,9 @@ _UNREAD = object()
 
 def failure_from_record(record: dict) -> TaskFailed:
     cls = TaskRevoked if record.get("state") == states.REVOKED else TaskFailed
-    return cls(record["id"], record.get("exc_type"), record.get("error"), record.get("traceback"), name=record.get("name"))
+    return cls(
+        record["id"], record.get("exc_type"), record.get("error"), record.get("traceback"), name=record.get("name")
+    )
 
 
 def value_from_record(app, record: dict, lazy: bool = False) -> Any:
@@ -93,7 +95,8 @@ def preview(value: Any, limit: int = 160) -> str:
 def outcome(app, record: dict | None) -> dict:
     """What a finished (or retrying) record says: ``value`` (a one-line preview of a SUCCESS's
     value, at most PREVIEW_LIMIT characters), ``value_error`` (why the value could not be
-    decoded), ``table`` (:func:`table_preview` of a DataFrame or Series value), ``error`` ("Type: message"), ``traceback``; None where there is none."""
+    decoded), ``table`` (:func:`table_preview` of a DataFrame or Series value), ``error``
+    ("Type: message"), ``traceback``; None where there is none."""
     record = record or {}
     value = value_error = table = None
     if record.get("state") == states.SUCCESS:
@@ -301,8 +304,11 @@ class AsyncResult:
     def _wait_record(self, timeout: float | None, between: Callable[[float], None] | None = None) -> dict | None:
         since, self._sent_at_version = self._sent_at_version, None
         missing_ok = self._absent_ok
-        record = _in_slices(lambda t: self.app.backend.wait_record(self.id, timeout=t, since=since, missing_ok=missing_ok),
-                            timeout, between)
+        record = _in_slices(
+            lambda t: self.app.backend.wait_record(self.id, timeout=t, since=since, missing_ok=missing_ok),
+            timeout,
+            between,
+        )
         if record is not None:
             self._final = record
         return record
@@ -433,8 +439,11 @@ def no_runner(workers: list[dict], queue: str | None, name: str | None) -> str |
     serving = [w for w in workers if queue in (w.get("queues") or ())]
     if not serving:
         served = sorted({q for w in workers for q in (w.get("queues") or ())})
-        return (f"no live worker serves queue {queue!r} (the {len(workers)} live worker(s) serve: {', '.join(served) or 'nothing'}); "
-                f"start one with --queues {queue}")
+        return (
+            f"no live worker serves queue {queue!r} "
+            f"(the {len(workers)} live worker(s) serve: {', '.join(served) or 'nothing'}); "
+            f"start one with --queues {queue}"
+        )
     # heartbeats list the task names each worker has registered (older workers' do not)
     if name and all("tasks" in w and name not in w["tasks"] for w in serving):
         known = sorted({t for w in serving for t in w["tasks"] if not t.startswith("nbqueue.")})
@@ -485,13 +494,17 @@ class _Between:
                 seen.add((queue, name))
                 continue
             ctx = self.ctx or {}
-            reason = (no_runner(self.app.backend.workers(), queue, name)
-                      or f"every thread of the live workers serving queue {queue!r} is held by a task waiting like this one")
+            reason = (
+                no_runner(self.app.backend.workers(), queue, name)
+                or f"every thread of the live workers serving queue {queue!r} is held by a task waiting like this one"
+            )
             raise DeadlockError(
-                f"task {ctx.get('name')!r} ({ctx.get('id')}) waits for task {name!r} ({record['id']}), which no free worker "
-                f"thread can run ({reason}), so the wait would hold this thread for good. Do not wait for a result inside a "
-                "task: send the follow-up as a chain (first.s(...) | then.s()), collect a group's results with "
-                "nbqueue.chord(group, callback.s()), or give the workers more threads (concurrency)")
+                f"task {ctx.get('name')!r} ({ctx.get('id')}) waits for task {name!r} ({record['id']}), "
+                f"which no free worker thread can run ({reason}), so the wait would hold this thread for good. "
+                "Do not wait for a result inside a task: send the follow-up as a chain (first.s(...) | then.s()), "
+                "collect a group's results with "
+                "nbqueue.chord(group, callback.s()), or give the workers more threads (concurrency)"
+            )
 
     def __call__(self, waited: float) -> None:
         if self.ctx is not None:
@@ -506,7 +519,13 @@ class _Between:
             log.debug("could not check the live workers", exc_info=True)
             return
         if self.problem:
-            log.warning("nbqueue: task %r (%s) has not started after %.0fs: %s", record.get("name"), record["id"], waited, self.problem)
+            log.warning(
+                "nbqueue: task %r (%s) has not started after %.0fs: %s",
+                record.get("name"),
+                record["id"],
+                waited,
+                self.problem,
+            )
 
 
 @contextlib.contextmanager
@@ -611,7 +630,9 @@ class _WorkflowResult:
             if rec["state"] == states.REVOKED and not (rec.get("traceback") or "").startswith("not run:"):
                 raise failure_from_record(rec)
         terminal = self.app.backend.get(self.terminal_id)
-        raise failure_from_record(terminal or {"id": self.terminal_id, "state": states.FAILURE, "error": "unknown failure"})
+        raise failure_from_record(
+            terminal or {"id": self.terminal_id, "state": states.FAILURE, "error": "unknown failure"}
+        )
 
     def cancel(self, reason: str = "cancelled by user") -> int:
         """Cancel every task inside that has not finished (``AsyncResult.cancel``): a chain
@@ -624,10 +645,15 @@ class _WorkflowResult:
         """The workflow's value (a group's member values in order, a chain's last step's, a
         chord's callback's); raises the first task failure, or TimeoutError."""
         with _interrupted(self.terminal_id, "result"), _waiting(self.app, self._leaf_records) as between:
-            record = _in_slices(lambda t: self.app.backend.wait_record(self.terminal_id, timeout=t, missing_ok=False), timeout, between)
+            record = _in_slices(
+                lambda t: self.app.backend.wait_record(self.terminal_id, timeout=t, missing_ok=False), timeout, between
+            )
         if record is None:
             problem = between.problem or self.diagnose()
-            raise TimeoutError(f"{type(self).__name__} {self.terminal_id} not ready after {timeout}s" + (f": {problem}" if problem else ""))
+            raise TimeoutError(
+                f"{type(self).__name__} {self.terminal_id} not ready after {timeout}s"
+                + (f": {problem}" if problem else "")
+            )
         if record["state"] != states.SUCCESS:
             self._raise_failure()
         return self.app.serializer.decode(serialization.loads(record["result"]))

@@ -53,15 +53,119 @@ def to_message(sig: Signature, serializer: serialization.Serializer, *, default_
         id=sig.id or new_id(), name=sig.name, args=args, kwargs=kwargs, queue=sig.queue or default_queue,
         eta=sig.eta_timestamp(now), priority=int(sig.priority), retry_count=int(sig.retry_count),
         headers=serializer.encode(sig.headers, f"headers of task {sig.name!r}") if sig.headers else None,
-        retry_timeout=sig.retry_timeout, retries=int(sig.retries), immutable=bool(sig.immutable),
+        retry_timeout=sig.retry_timeout,
+        retries=int(sig.retries),
+        immutable=bool(sig.immutable),
         retry_backoff=backoff if backoff is None or isinstance(backoff, dict) else backoff.to_dict(),
-        on_success=[to_message(s, serializer, default_queue=default_queue, fn=_task_fn(s), now=now) for s in sig.on_success] or None,
-        on_error=[to_message(s, serializer, default_queue=default_queue, fn=_task_fn(s), now=now) for s in sig.on_error] or None,
-        ignore_when_not_registered=bool(sig.ignore_when_not_registered), time_limit=sig.time_limit,
-        soft_time_limit=sig.soft_time_limit, group_id=sig.group_id,
-        group_task_count=sig.group_task_count, workflow=sig.workflow, created_at=now,
+        on_success=[
+            to_message(s, serializer, default_queue=default_queue, fn=_task_fn(s), now=now) for s in sig.on_success
+        ]
+        or None,
+        on_error=[to_message(s, serializer, default_queue=default_queue, fn=_task_fn(s), now=now) for s in sig.on_error]
+        or None,
+        ignore_when_not_registered=bool(sig.ignore_when_not_registered),
+        time_limit=sig.time_limit,
+        soft_time_limit=sig.soft_time_limit,
+        group_id=sig.group_id,
+        group_task_count=sig.group_task_count,
+        workflow=sig.workflow,
+        created_at=now,
         serializer="pickle" if serializer.pickle else None,
     )
+
+
+def _refuse(sig: Signature, option: str, problem: str, kind: type = ValueError) -> Exception:
+    """The error check_options raises: ``kind("<option> of task '<name>' <problem>")``."""
+    return kind(f"{option} of task {sig.name!r} {problem}")
+
+
+def _check_number(
+    sig: Signature, option: str, value: Any, *, minimum: float | None = 0, above: bool = False, optional: bool = False
+) -> None:
+    """A finite int or float (not a bool), at least ``minimum`` (more than it where ``above``;
+    any where ``minimum`` is None); None passes where ``optional``."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _refuse(sig, option, f"must be a number, not {type(value).__name__} {value!r}", TypeError)
+    if not math.isfinite(value):
+        raise _refuse(sig, option, f"must be a finite number, not {value!r}")
+    if minimum is not None and (value <= minimum if above else value < minimum):
+        raise _refuse(sig, option, f"must be {'more than' if above else 'at least'} {minimum:g}, not {value!r}")
+
+
+def _check_integer(sig: Signature, option: str, value: Any, low: int, high: int | None = None) -> None:
+    """An integral number (not a bool) from ``low`` to ``high`` (no upper bound where None)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise _refuse(sig, option, f"must be an int, not {type(value).__name__} {value!r}", TypeError)
+    if value < low or high is not None and value > high:
+        raise _refuse(
+            sig,
+            option,
+            f"must be {f'between {low} and {high}' if high is not None else f'at least {low}'}, not {value!r}",
+        )
+
+
+def _check_flag(sig: Signature, option: str, value: Any) -> None:
+    """True or False, nothing else."""
+    if not isinstance(value, bool):
+        raise _refuse(sig, option, f"must be True or False, not {type(value).__name__} {value!r}", TypeError)
+
+
+def _check_backoff(sig: Signature) -> None:
+    """retry_backoff: None, a nbqueue.Backoff, or a dict of its fields that Backoff.from_dict accepts."""
+    if sig.retry_backoff is None:
+        return
+    from .retry import Backoff
+
+    backoff = sig.retry_backoff
+    if isinstance(backoff, dict):
+        unknown = set(backoff) - {f.name for f in dataclasses.fields(Backoff)}
+        if unknown:
+            raise _refuse(sig, "retry_backoff", f"has unknown key(s) {', '.join(map(repr, sorted(map(str, unknown))))} "
+                                                "(known: kind, base, factor, max, jitter)")
+        try:
+            Backoff.from_dict(backoff)
+        except (TypeError, ValueError) as exc:
+            raise _refuse(sig, "retry_backoff", f"is invalid: {exc}") from None
+    elif not isinstance(backoff, Backoff):
+        raise _refuse(
+            sig, "retry_backoff", f"must be a nbqueue.Backoff or its dict, not {type(backoff).__name__}", TypeError
+        )
+
+
+def _check_schedule(sig: Signature) -> None:
+    """countdown (any finite number of seconds) and eta (a datetime or a finite Unix timestamp)."""
+    if sig.countdown is not None:
+        _check_number(sig, "countdown", sig.countdown, minimum=None)
+    if sig.eta is not None and not isinstance(sig.eta, _dt.datetime):
+        if isinstance(sig.eta, bool) or not isinstance(sig.eta, (int, float)):
+            raise _refuse(
+                sig, "eta", f"must be a datetime or a Unix timestamp, not {type(sig.eta).__name__} {sig.eta!r}",
+                TypeError,
+            )
+        _check_number(sig, "eta", sig.eta, minimum=None)
+
+
+def _check_headers(sig: Signature) -> None:
+    """headers: None or a dict with string keys."""
+    if sig.headers is None:
+        return
+    if not isinstance(sig.headers, dict):
+        raise _refuse(sig, "headers", f"must be a dict, not {type(sig.headers).__name__}", TypeError)
+    bad = [k for k in sig.headers if not isinstance(k, str)]
+    if bad:
+        raise _refuse(sig, "headers", f"must have string keys, not {bad[0]!r}", TypeError)
+
+
+def _check_callbacks(sig: Signature) -> None:
+    """on_success and on_error hold Signatures only (each is checked itself when it is encoded)."""
+    for option in ("on_success", "on_error"):
+        for callback in getattr(sig, option):
+            if not isinstance(callback, Signature):
+                raise _refuse(
+                    sig, option, f"must hold signatures (task.s(...)), not {type(callback).__name__}", TypeError
+                )
 
 
 def check_options(sig: Signature) -> None:
@@ -70,72 +174,22 @@ def check_options(sig: Signature) -> None:
     retry_timeout, retry_backoff, time_limit, soft_time_limit, priority, eta, countdown, queue, headers,
     id, immutable and ignore_when_not_registered, and the callbacks' types (each
     callback is checked when it is encoded)."""
-    def refuse(option: str, problem: str, kind: type = ValueError):
-        return kind(f"{option} of task {sig.name!r} {problem}")
-
-    def number(option: str, value: Any, *, minimum: float | None = 0, above: bool = False, optional: bool = False) -> None:
-        if value is None and optional:
-            return
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise refuse(option, f"must be a number, not {type(value).__name__} {value!r}", TypeError)
-        if not math.isfinite(value):
-            raise refuse(option, f"must be a finite number, not {value!r}")
-        if minimum is not None and (value <= minimum if above else value < minimum):
-            raise refuse(option, f"must be {'more than' if above else 'at least'} {minimum:g}, not {value!r}")
-
-    def integer(option: str, value: Any, low: int, high: int | None = None) -> None:
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise refuse(option, f"must be an int, not {type(value).__name__} {value!r}", TypeError)
-        if value < low or high is not None and value > high:
-            raise refuse(option, f"must be {f'between {low} and {high}' if high is not None else f'at least {low}'}, not {value!r}")
-
-    def flag(option: str, value: Any) -> None:
-        if not isinstance(value, bool):
-            raise refuse(option, f"must be True or False, not {type(value).__name__} {value!r}", TypeError)
-
-    integer("retry_count", sig.retry_count, 0)
-    number("retry_timeout", sig.retry_timeout)
-    number("time_limit", sig.time_limit, above=True, optional=True)
-    number("soft_time_limit", sig.soft_time_limit, above=True, optional=True)
-    integer("priority", sig.priority, 0, 9)
-    integer("retries", sig.retries, 0)
-    flag("immutable", sig.immutable)
-    flag("ignore_when_not_registered", sig.ignore_when_not_registered)
-    if sig.retry_backoff is not None:
-        from .retry import Backoff
-
-        backoff = sig.retry_backoff
-        if isinstance(backoff, dict):
-            unknown = set(backoff) - {f.name for f in dataclasses.fields(Backoff)}
-            if unknown:
-                raise refuse("retry_backoff", f"has unknown key(s) {', '.join(map(repr, sorted(map(str, unknown))))} "
-                                              "(known: kind, base, factor, max, jitter)")
-            try:
-                Backoff.from_dict(backoff)
-            except (TypeError, ValueError) as exc:
-                raise refuse("retry_backoff", f"is invalid: {exc}") from None
-        elif not isinstance(backoff, Backoff):
-            raise refuse("retry_backoff", f"must be a nbqueue.Backoff or its dict, not {type(backoff).__name__}", TypeError)
-    if sig.countdown is not None:
-        number("countdown", sig.countdown, minimum=None)
-    if sig.eta is not None and not isinstance(sig.eta, _dt.datetime):
-        if isinstance(sig.eta, bool) or not isinstance(sig.eta, (int, float)):
-            raise refuse("eta", f"must be a datetime or a Unix timestamp, not {type(sig.eta).__name__} {sig.eta!r}", TypeError)
-        number("eta", sig.eta, minimum=None)
+    _check_integer(sig, "retry_count", sig.retry_count, 0)
+    _check_number(sig, "retry_timeout", sig.retry_timeout)
+    _check_number(sig, "time_limit", sig.time_limit, above=True, optional=True)
+    _check_number(sig, "soft_time_limit", sig.soft_time_limit, above=True, optional=True)
+    _check_integer(sig, "priority", sig.priority, 0, 9)
+    _check_integer(sig, "retries", sig.retries, 0)
+    _check_flag(sig, "immutable", sig.immutable)
+    _check_flag(sig, "ignore_when_not_registered", sig.ignore_when_not_registered)
+    _check_backoff(sig)
+    _check_schedule(sig)
     if sig.queue is not None:
         check_queue_name(sig.queue, f"queue of task {sig.name!r}")
-    if sig.headers is not None:
-        if not isinstance(sig.headers, dict):
-            raise refuse("headers", f"must be a dict, not {type(sig.headers).__name__}", TypeError)
-        bad = [k for k in sig.headers if not isinstance(k, str)]
-        if bad:
-            raise refuse("headers", f"must have string keys, not {bad[0]!r}", TypeError)
+    _check_headers(sig)
     if sig.id is not None and (not isinstance(sig.id, str) or not sig.id):
-        raise refuse("id", f"must be a non-empty string, not {sig.id!r}", TypeError)
-    for option in ("on_success", "on_error"):
-        for callback in getattr(sig, option):
-            if not isinstance(callback, Signature):
-                raise refuse(option, f"must hold signatures (task.s(...)), not {type(callback).__name__}", TypeError)
+        raise _refuse(sig, "id", f"must be a non-empty string, not {sig.id!r}", TypeError)
+    _check_callbacks(sig)
 
 
 #: the longest queue name, in UTF-8 bytes: RabbitMQ's 255 less what the names nbqueue derives
@@ -215,8 +269,10 @@ def _keyword(key: Any, task: str) -> str:
         return key
     if not isinstance(key, str):
         raise serialization.SerializationError(
-            f"keyword argument {reprlib.repr(key)} of task {task!r} has a name of type {type(key).__name__}; keyword argument names "
-            "must be strings (pass it as a positional argument, or inside a dict argument)")
+            f"keyword argument {reprlib.repr(key)} of task {task!r} has a name of type {type(key).__name__}; "
+            "keyword argument names "
+            "must be strings (pass it as a positional argument, or inside a dict argument)"
+        )
     name = str.__str__(key)    # the plain string of a str subclass (an enum member, numpy.str_)
     return serialization.to_jsonable(name, f"the name of a keyword argument of task {task!r}")
 

@@ -47,11 +47,15 @@ class Task:
 
     def si(self, *args, **kwargs) -> Signature:
         """An immutable signature: workflows do not append results to its args."""
-        return Signature(self.name, args=args, kwargs=kwargs, immutable=True, app=self.app, ship_code=self._ship, **self.options)
+        return Signature(
+            self.name, args=args, kwargs=kwargs, immutable=True, app=self.app, ship_code=self._ship, **self.options
+        )
 
     def signature(self, args=(), kwargs=None, **options) -> Signature:
         check_option_names(options, send_options(), "send option")
-        return Signature(self.name, args=args, kwargs=kwargs, app=self.app, ship_code=self._ship, **{**self.options, **options})
+        return Signature(
+            self.name, args=args, kwargs=kwargs, app=self.app, ship_code=self._ship, **{**self.options, **options}
+        )
 
     def delay(self, *args, **kwargs):
         return self.app.send_call(self, args, kwargs)

@@ -25,8 +25,16 @@ from conftest import IN_CI
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--no-first-run", "--disable-sync", "--disable-quic"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-quic",
+]
 
 pytestmark = pytest.mark.slow
 
@@ -71,17 +79,36 @@ def jupyterlab(tmp_path):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(value))
     port, token = _free_port(), uuid.uuid4().hex
-    env = {**os.environ, "JUPYTERLAB_SETTINGS_DIR": str(settings), "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "workspaces"),
-           "JUPYTER_CONFIG_DIR": str(tmp_path / "config"), "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime")}
+    env = {
+        **os.environ,
+        "JUPYTERLAB_SETTINGS_DIR": str(settings),
+        "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "workspaces"),
+        "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
+        "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
+    }
     env.pop("NBQUEUE_PROGRESS", None)
     # the kernel imports the nbqueue under test (a relative PYTHONPATH would not reach it from root)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     log = open(tmp_path / "jupyterlab.log", "w")
     server = subprocess.Popen(
-        [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
-         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-         "--LabApp.extension_manager=readonly", "--ServerApp.allow_root=True"],
-        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-m",
+            "jupyterlab",
+            "--no-browser",
+            "--ServerApp.ip=127.0.0.1",
+            f"--ServerApp.port={port}",
+            f"--IdentityProvider.token={token}",
+            f"--ServerApp.root_dir={root}",
+            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+            "--LabApp.extension_manager=readonly",
+            "--ServerApp.allow_root=True",
+        ],
+        cwd=root,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and server.poll() is None:
@@ -144,13 +171,17 @@ def test_workflow_progress_bars_render_and_reach_100_percent_in_jupyterlab(jupyt
             page.click('.lm-MenuBar-itemLabel:text-is("Run")')
             page.click('li.lm-Menu-item[data-command="runmenu:run-all"]')
             deadline = time.monotonic() + 120
-            while time.monotonic() < deadline and not (page.evaluate(ALL_BARS_FULL) and page.evaluate(LAST_VALUE_SHOWN)):
+            while time.monotonic() < deadline and not (
+                page.evaluate(ALL_BARS_FULL) and page.evaluate(LAST_VALUE_SHOWN)
+            ):
                 time.sleep(0.25)
             page.screenshot(path=str(ARTIFACTS / "02-workflows.png"), full_page=True)
             text = page.inner_text(".jp-Notebook")
             assert page.evaluate(ALL_BARS_FULL) and page.evaluate(LAST_VALUE_SHOWN), text[-3000:]
             page.locator(".nbqueue-chain-view").screenshot(path=str(ARTIFACTS / "02-workflows-chain-view.png"))
-            widths = page.eval_on_selector_all(".nbqueue-progress .progress-bar", "bars => bars.map(b => b.style.width)")
+            widths = page.eval_on_selector_all(
+                ".nbqueue-progress .progress-bar", "bars => bars.map(b => b.style.width)"
+            )
             headers = page.eval_on_selector_all(".nbqueue-header", "els => els.map(e => e.innerText)")
         finally:
             browser.close()

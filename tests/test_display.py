@@ -95,10 +95,34 @@ def test_static_html_of_groups_chords_and_chains_shows_a_row_per_task(app):
 
     header = ["name", "state", "args", "result", "error", "runtime"]
     expected = {
-        "group": (g, [["add", "SUCCESS", "[1, 1]", "2", ""], ["add", "SUCCESS", "[2, 2]", "4", ""], ["add", "SUCCESS", "[3, 3]", "6", ""]]),
-        "chord": (c, [["add", "SUCCESS", "[1, 2]", "3", ""], ["add", "SUCCESS", "[3, 4]", "7", ""], ["total", "SUCCESS", "[]", "10", ""]]),
-        "chain": (ch, [["add", "SUCCESS", "[1, 2]", "3", ""], ["add", "SUCCESS", "[10]", "13", ""], ["add", "SUCCESS", "[100]", "113", ""]]),
-        "failed group": (bad, [["add", "SUCCESS", "[5, 5]", "10", ""], ["fail", "FAILURE", "['way']", "", "ValueError: no way"]]),
+        "group": (
+            g,
+            [
+                ["add", "SUCCESS", "[1, 1]", "2", ""],
+                ["add", "SUCCESS", "[2, 2]", "4", ""],
+                ["add", "SUCCESS", "[3, 3]", "6", ""],
+            ],
+        ),
+        "chord": (
+            c,
+            [
+                ["add", "SUCCESS", "[1, 2]", "3", ""],
+                ["add", "SUCCESS", "[3, 4]", "7", ""],
+                ["total", "SUCCESS", "[]", "10", ""],
+            ],
+        ),
+        "chain": (
+            ch,
+            [
+                ["add", "SUCCESS", "[1, 2]", "3", ""],
+                ["add", "SUCCESS", "[10]", "13", ""],
+                ["add", "SUCCESS", "[100]", "113", ""],
+            ],
+        ),
+        "failed group": (
+            bad,
+            [["add", "SUCCESS", "[5, 5]", "10", ""], ["fail", "FAILURE", "['way']", "", "ValueError: no way"]],
+        ),
     }
     for label, (result, rows) in expected.items():
         text = display.html(result)

@@ -70,7 +70,8 @@ def test_a_task_waiting_for_another_on_a_one_thread_worker_fails_at_once_saying_
         r.get(timeout=30)
     assert err.value.exc_type == "DeadlockError"
     assert "chain" in err.value.message and "chord" in err.value.message and "inner" in err.value.message
-    assert sent[0].get(timeout=30) == (42 if awaited == "task" else [42, 44])    # not lost: it runs once the thread is free
+    # not lost: it runs once the thread is free
+    assert sent[0].get(timeout=30) == (42 if awaited == "task" else [42, 44])
 
 
 def test_a_task_may_wait_for_another_while_a_free_worker_thread_can_run_it(app):
@@ -214,8 +215,9 @@ def test_the_waiting_check_names_a_task_no_live_worker_knows(app):
 def kernel(app_factory, monkeypatch):
     """An IPython shell with ``%load_ext nbqueue`` done: its kernel worker has the notebook's
     grace period for task names it does not know yet."""
-    from conftest import ipython_shell
     from nbqueue.notebook import magics as nbmagics
+
+    from conftest import ipython_shell
 
     shell = ipython_shell(monkeypatch)
     shell.reset(new_session=False)
@@ -290,7 +292,9 @@ def test_revoking_a_chord_callback_while_its_members_run_fails_the_chord_and_the
     runs, errors = [], []
     total = app.task(name="total")(lambda values: runs.append(values) or sum(values))
     app.task(name="on_err")(lambda error, label: errors.append(label) or label)
-    res = app.send(chord([slow.s(1), slow.s(2)], total.s().link_error(app.signature("on_err", args=["callback revoked"]))))
+    res = app.send(
+        chord([slow.s(1), slow.s(2)], total.s().link_error(app.signature("on_err", args=["callback revoked"])))
+    )
     app.start_worker(concurrency=2)
     try:
         assert slow.started.wait(30)
@@ -353,10 +357,22 @@ def test_an_app_made_again_after_rm_rf_of_its_sqlite_store_writes_a_new_file_oth
     app = nbqueue.App(url, default_queue="procs")               # the cell that makes the App, run again
     r = app.send_task(Signature("add", args=[2, 3]))
     assert (store / "nbqueue.db").exists() and result_rows(store / "nbqueue.db", r.id) == [("PENDING",)]
-    env = dict(os.environ, NBQUEUE_BROKER=url, NBQUEUE_BACKEND=url, NBQUEUE_DEFAULT_QUEUE="procs", NBQUEUE_LOG_LEVEL="WARNING",
-               NBQUEUE_TEST_SIDE_DB=str(tmp_path / "side.db"), PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.Popen([sys.executable, "-m", "nbqueue", "worker", "--app", "proc_tasks:app", "--concurrency", "1"],
-                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = dict(
+        os.environ,
+        NBQUEUE_BROKER=url,
+        NBQUEUE_BACKEND=url,
+        NBQUEUE_DEFAULT_QUEUE="procs",
+        NBQUEUE_LOG_LEVEL="WARNING",
+        NBQUEUE_TEST_SIDE_DB=str(tmp_path / "side.db"),
+        PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")])),
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nbqueue", "worker", "--app", "proc_tasks:app", "--concurrency", "1"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         assert r.get(timeout=60) == 5                           # another process ran it
     finally:
@@ -386,10 +402,16 @@ def test_an_app_whose_sqlite_file_was_deleted_keeps_recording_into_the_file_at_i
 
 
 def start_cli_worker(app, tmp_path: Path, *args: str) -> subprocess.Popen:
-    env = dict(os.environ, NBQUEUE_BROKER=app.broker_url, NBQUEUE_BACKEND=app.backend_url, NBQUEUE_DEFAULT_QUEUE=app.default_queue,
-               NBQUEUE_VISIBILITY_TIMEOUT=str(app.visibility_timeout), NBQUEUE_LOG_LEVEL="WARNING",
-               NBQUEUE_TEST_SIDE_DB=str(tmp_path / "side.db"),
-               PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")])))
+    env = dict(
+        os.environ,
+        NBQUEUE_BROKER=app.broker_url,
+        NBQUEUE_BACKEND=app.backend_url,
+        NBQUEUE_DEFAULT_QUEUE=app.default_queue,
+        NBQUEUE_VISIBILITY_TIMEOUT=str(app.visibility_timeout),
+        NBQUEUE_LOG_LEVEL="WARNING",
+        NBQUEUE_TEST_SIDE_DB=str(tmp_path / "side.db"),
+        PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")])),
+    )
     log = open(tmp_path / f"worker-{time.monotonic_ns()}.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "nbqueue", "worker", "--app", "proc_tasks:app", *args],
                             cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -409,7 +431,11 @@ def test_a_notebook_task_on_a_queue_an_external_worker_shares_never_fails_not_re
     app.start_worker(concurrency=1, unknown_grace=120, heartbeat_interval=0.5)   # the kernel's worker
     proc = start_cli_worker(app, tmp_path, "--concurrency", "2")
     try:
-        wait_for(lambda: any(w.get("pid") == proc.pid for w in app.backend.workers()), timeout=30, message="external worker serving")
+        wait_for(
+            lambda: any(w.get("pid") == proc.pid for w in app.backend.workers()),
+            timeout=30,
+            message="external worker serving",
+        )
         results = app.send_many([notebook_only.s(i) for i in range(20)])
         outcomes = []
         for r in results:

@@ -129,7 +129,11 @@ def nap(seconds):
 def register(app, **names):
     """Register the notebook cell's functions under their names (or the given ones)."""
     ns = notebook_cell(TASKS)
-    return ns, {name: app.task(ns[name], name=name) for name in names or ns if callable(ns.get(name)) and not isinstance(ns[name], type)}
+    return ns, {
+        name: app.task(ns[name], name=name)
+        for name in names or ns
+        if callable(ns.get(name)) and not isinstance(ns[name], type)
+    }
 
 
 # -- in-process workers ---------------------------------------------------------------------------------
@@ -235,8 +239,14 @@ def test_a_fresh_fork_server_starts_when_main_has_no_spec(tmp_path):
             finally:
                 pool.close()
         """)
-    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))},
+    )
     assert (done.returncode, done.stdout) == (0, "42 False\n"), done.stderr
 
 
@@ -298,11 +308,15 @@ def test_child_killed_mid_task_is_replaced_and_the_task_completes_once(app_facto
     assert not alive(first) and worker.pool.pids() == [attempts[1]]
 
 
-def test_a_task_that_kills_its_child_every_time_is_dead_lettered_with_the_reason_and_its_batch_mates_finish(app_factory, tmp_path):
+def test_a_task_that_kills_its_child_every_time_is_dead_lettered_with_the_reason_and_its_batch_mates_finish(
+    app_factory, tmp_path
+):
     app = app_factory()
     _, tasks = register(app, crash=1, pid=1)
     side = tmp_path / "crashes"
-    res = app.send_group(nbqueue.group([tasks["pid"].s(0), tasks["crash"].s(str(side)), tasks["pid"].s(1), tasks["pid"].s(2)]))
+    res = app.send_group(
+        nbqueue.group([tasks["pid"].s(0), tasks["crash"].s(str(side)), tasks["pid"].s(1), tasks["pid"].s(2)])
+    )
     worker = app.start_worker(pool="processes", concurrency=1, prefetch=4)
     crashed = res.results[1]
     with pytest.raises(nbqueue.TaskFailed) as failed:
@@ -310,8 +324,10 @@ def test_a_task_that_kills_its_child_every_time_is_dead_lettered_with_the_reason
     assert failed.value.exc_type == "WorkerLostError"
     assert failed.value.message.startswith("worker child process died (signal 11)")
     assert "on 5 deliveries (max_deliveries=5)" in failed.value.message
-    assert len(lines(side)) == 5 and len(set(lines(side))) == 5   # five children, each killed by it
-    [dead] = wait_for(lambda: [d for d in app.broker.dead_letters(app.default_queue + ".code") if d["id"] == crashed.id])
+    assert len(lines(side)) == 5 and len(set(lines(side))) == 5  # five children, each killed by it
+    [dead] = wait_for(
+        lambda: [d for d in app.broker.dead_letters(app.default_queue + ".code") if d["id"] == crashed.id]
+    )
     assert dead["reason"] == failed.value.message
     for i in (0, 2, 3):
         assert res.results[i].get(timeout=60) != os.getpid() and res.results[i].state == states.SUCCESS
@@ -414,8 +430,15 @@ def test_pool_interface_soft_limit_and_stop():
     pool = ProcessPool(1)
     try:
         seen = []
-        outcome = pool.run(ns["careful"], (60,), task_id="soft", soft_time_limit=0.5, on_output=lambda s, t: seen.append((s, t)))
-        assert (outcome.exit, outcome.value, outcome.output, seen) == ("ok", "cleaned up", "cleaning up\n", [("stdout", "cleaning up\n")])
+        outcome = pool.run(
+            ns["careful"], (60,), task_id="soft", soft_time_limit=0.5, on_output=lambda s, t: seen.append((s, t))
+        )
+        assert (outcome.exit, outcome.value, outcome.output, seen) == (
+            "ok",
+            "cleaned up",
+            "cleaning up\n",
+            [("stdout", "cleaning up\n")],
+        )
         import threading
 
         box = {}
@@ -532,8 +555,15 @@ def _evil_message(app, task, marker: Path, *, secret: str | None = None) -> tupl
 
 def _cli_env(app, **extra) -> dict:
     env = dict(os.environ)
-    env.update({"NBQUEUE_BROKER": app.broker_url, "NBQUEUE_BACKEND": app.backend_url, "NBQUEUE_DEFAULT_QUEUE": app.default_queue,
-                "NBQUEUE_LOG_LEVEL": "WARNING", "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS_DIR), env.get("PYTHONPATH")]))})
+    env.update(
+        {
+            "NBQUEUE_BROKER": app.broker_url,
+            "NBQUEUE_BACKEND": app.backend_url,
+            "NBQUEUE_DEFAULT_QUEUE": app.default_queue,
+            "NBQUEUE_LOG_LEVEL": "WARNING",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS_DIR), env.get("PYTHONPATH")])),
+        }
+    )
     env.pop("NBQUEUE_SECRET", None)
     env.update(extra)
     return env
@@ -546,12 +576,20 @@ def cli(tmp_path):
     def start(app, *args, **env):
         log = tmp_path / f"worker{len(procs)}.log"
         with open(log, "wb") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "nbqueue", "worker", "--app", "proc_tasks:app", *args], cwd=tmp_path,
-                                    env=_cli_env(app, **env), stdout=out, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "nbqueue", "worker", "--app", "proc_tasks:app", *args],
+                cwd=tmp_path,
+                env=_cli_env(app, **env),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         proc.log = log
         procs.append(proc)
-        wait_for(lambda: proc.poll() is None and any(w.get("pid") == proc.pid for w in app.backend.workers()), timeout=60,
-                 message=f"worker {proc.pid} serving")
+        wait_for(
+            lambda: proc.poll() is None and any(w.get("pid") == proc.pid for w in app.backend.workers()),
+            timeout=60,
+            message=f"worker {proc.pid} serving",
+        )
         return proc
 
     yield start
@@ -576,7 +614,9 @@ def test_signatures_from_a_notebook_function_carry_its_code_and_signatures_by_na
     assert out.queue == record["queue"] == message["queue"] == app.default_queue + ".code"
     code = message["code"]
     assert code["key"] == hashlib.sha256(base64.b64decode(code["data"])).hexdigest()
-    assert code["origin"] == builtin.PROCESS_TOKEN and code["signature"] == shipping.sign("s", "where", code["key"], code["origin"])
+    assert code["origin"] == builtin.PROCESS_TOKEN and code["signature"] == shipping.sign(
+        "s", "where", code["key"], code["origin"]
+    )
     assert message["on_success"][0]["code"]["key"] != code["key"]             # the callback carries its own
     by_name, _, _ = app.prepare(Signature("where", args=[1]))
     assert "code" not in by_name and by_name["queue"] == app.default_queue   # by name: whoever has "where" runs it
@@ -637,12 +677,22 @@ def test_a_worker_without_allow_code_hands_shipped_code_back_while_its_sender_se
     try:
         _, tasks = register(app, pid=1)
         # the sending kernel's worker, as its heartbeat shows it (it is started below)
-        app.backend.heartbeat("sender-kernel", {"pid": os.getpid(), "queues": ["ship", "ship.code"], "origin": builtin.PROCESS_TOKEN}, ttl=120)
+        app.backend.heartbeat(
+            "sender-kernel",
+            {"pid": os.getpid(), "queues": ["ship", "ship.code"], "origin": builtin.PROCESS_TOKEN},
+            ttl=120,
+        )
         other = cli(app, "-c", "1", "-Q", "ship.code")
         r = tasks["pid"].delay()
-        record = lambda: app.backend.get(r.id)
-        wait_for(lambda: record().get("worker") == other_name(app, other) and record()["state"] == states.PENDING, timeout=60,
-                 message="taken by the other worker and handed back")
+
+        def record():
+            return app.backend.get(r.id)
+
+        wait_for(
+            lambda: record().get("worker") == other_name(app, other) and record()["state"] == states.PENDING,
+            timeout=60,
+            message="taken by the other worker and handed back",
+        )
         worker = app.start_worker(pool="processes", concurrency=1)
         assert r.get(timeout=60) in worker.pool.pids()             # it was not failed: its sender's worker ran it
         other.send_signal(signal.SIGTERM)
@@ -767,7 +817,8 @@ except nbqueue.TaskFailed as exc:
     """
 pids = worker.pool.pids()
 worker.stop(timeout=30)
-print("children:", len(pids), "| left:", [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE])
+left = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+print("children:", len(pids), "| left:", left)
 """,
 ]
 
@@ -805,7 +856,6 @@ def test_no_child_outlives_its_kernel(tmp_path, how):
     """A kernel shut down (its children are stopped at exit) or killed with SIGKILL (each
     child, here one busy with a task, sees the pipe only its parent held close, and exits)."""
     from jupyter_client.manager import start_new_kernel
-
     from test_notebooks import run_code
 
     km, kc = start_new_kernel(kernel_name="python3", cwd=str(tmp_path))

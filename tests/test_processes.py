@@ -51,12 +51,18 @@ class Workers:
 
     def env(self, app, **extra) -> dict:
         env = dict(os.environ)
-        env.update({
-            "NBQUEUE_BROKER": app.broker_url, "NBQUEUE_BACKEND": app.backend_url, "NBQUEUE_DEFAULT_QUEUE": app.default_queue,
-            "NBQUEUE_VISIBILITY_TIMEOUT": str(app.visibility_timeout), "NBQUEUE_TEST_SIDE_DB": str(self.side_db),
-            "NBQUEUE_TEST_SIDE_DIR": str(self.tmp_path),
-            "NBQUEUE_LOG_LEVEL": "WARNING", "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS_DIR), env.get("PYTHONPATH")])),
-        })
+        env.update(
+            {
+                "NBQUEUE_BROKER": app.broker_url,
+                "NBQUEUE_BACKEND": app.backend_url,
+                "NBQUEUE_DEFAULT_QUEUE": app.default_queue,
+                "NBQUEUE_VISIBILITY_TIMEOUT": str(app.visibility_timeout),
+                "NBQUEUE_TEST_SIDE_DB": str(self.side_db),
+                "NBQUEUE_TEST_SIDE_DIR": str(self.tmp_path),
+                "NBQUEUE_LOG_LEVEL": "WARNING",
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS_DIR), env.get("PYTHONPATH")])),
+            }
+        )
         env.update(extra)
         return env
 
@@ -123,7 +129,9 @@ def test_sigterm_lets_the_running_task_finish_and_takes_no_more(tmp_path, worker
         proc = workers.start(app, "--concurrency", "2")
         workers.wait_serving(app, proc)
         running = app.send_task(Signature("nap", args=[1.5, "nap-1"]))
-        wait_for(lambda: side_rows(workers.side_db, "SELECT 1 FROM attempts WHERE key = 'nap-1'"), message="nap started")
+        wait_for(
+            lambda: side_rows(workers.side_db, "SELECT 1 FROM attempts WHERE key = 'nap-1'"), message="nap started"
+        )
         proc.send_signal(signal.SIGTERM)
         wait_for(lambda: "received SIGTERM" in workers.log(proc), message="SIGTERM noticed")
         late = app.send_task(Signature("add", args=[1, 1]))
@@ -142,7 +150,9 @@ def test_second_signal_exits_at_once(tmp_path, workers):
         proc = workers.start(app, "--concurrency", "1")
         workers.wait_serving(app, proc)
         stuck = app.send_task(Signature("hang_first_attempt", args=["stuck"]))
-        wait_for(lambda: side_rows(workers.side_db, "SELECT 1 FROM attempts WHERE key = 'stuck'"), message="task started")
+        wait_for(
+            lambda: side_rows(workers.side_db, "SELECT 1 FROM attempts WHERE key = 'stuck'"), message="task started"
+        )
         proc.send_signal(signal.SIGTERM)
         wait_for(lambda: "received SIGTERM" in workers.log(proc), message="SIGTERM noticed")
         assert proc.poll() is None                                # still finishing its (ten-minute) task
@@ -162,14 +172,20 @@ def test_task_of_a_sigkilled_worker_is_delivered_again_and_recorded_once(app_fac
     app = app_factory(visibility_timeout=2)
     r = app.send_task(Signature("hang_first_attempt", args=["victim"]))
     first = workers.start(app, "--concurrency", "1")
-    wait_for(lambda: side_rows(workers.side_db, "SELECT 1 FROM attempts WHERE key = 'victim'"), message="first attempt started")
+    wait_for(
+        lambda: side_rows(workers.side_db, "SELECT 1 FROM attempts WHERE key = 'victim'"),
+        message="first attempt started",
+    )
     first.kill()
     first.wait(10)
     assert r.state != states.SUCCESS
 
     second = workers.start(app, "--concurrency", "1")
-    assert r.get(timeout=60) == 2                                 # the second attempt completed
-    assert side_rows(workers.side_db, "SELECT pid FROM attempts WHERE key = 'victim' ORDER BY seq") == [(first.pid,), (second.pid,)]
+    assert r.get(timeout=60) == 2  # the second attempt completed
+    assert side_rows(workers.side_db, "SELECT pid FROM attempts WHERE key = 'victim' ORDER BY seq") == [
+        (first.pid,),
+        (second.pid,),
+    ]
     assert side_rows(workers.side_db, "SELECT pid FROM executed WHERE task_id = 'victim'") == [(second.pid,)]
     assert list(app.tasks()["id"]) == [r.id] and r.info()["state"] == states.SUCCESS
     second.send_signal(signal.SIGTERM)
@@ -255,7 +271,9 @@ def test_idle_worker_process_does_not_spin_the_cpu(app_factory, workers):
 
 
 def test_example_sum_runs_in_a_fresh_directory(tmp_path):
-    done = subprocess.run([sys.executable, str(REPO / "examples" / "sum.py")], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "sum.py")], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert "sum(1..10) = 55" in done.stdout
     assert (tmp_path / ".nbqueue" / "nbqueue.db").exists()

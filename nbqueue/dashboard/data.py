@@ -111,7 +111,10 @@ def args_view(args_text: str | None, kwargs_text: str | None) -> dict:
         kwargs = serialization.loads(kwargs_text) if kwargs_text else {}
     except Exception:
         return {"args": [{"kind": "text", "text": args_text or ""}], "kwargs": {}}
-    return {"args": [value_view(serialization.dumps(a)) for a in args], "kwargs": {k: value_view(serialization.dumps(v)) for k, v in kwargs.items()}}
+    return {
+        "args": [value_view(serialization.dumps(a)) for a in args],
+        "kwargs": {k: value_view(serialization.dumps(v)) for k, v in kwargs.items()},
+    }
 
 
 # -- rows, pages and the overview -----------------------------------------------------------------
@@ -210,11 +213,16 @@ def queue_view(app, queue: str) -> dict:
     for letter in app.broker.dead_letters(queue, limit=50):
         try:
             message = serialization.loads(letter.get("body") or "")
-            name, call = message.get("name"), call_preview(serialization.dumps(message.get("args", [])), serialization.dumps(message.get("kwargs", {})))
+            name = message.get("name")
+            call = call_preview(serialization.dumps(message.get("args", [])),
+                                serialization.dumps(message.get("kwargs", {})))
         except Exception:
             name, call = None, (letter.get("body") or "")[:ROW_PREVIEW]
         letters.append({"id": letter["id"], "reason": letter.get("reason"), "name": name, "call": call})
-    return {"queue": {k: row.get(k, 0) for k in ("queue", "ready", "delayed", "in_flight", "dead")}, "dead_letters": letters}
+    return {
+        "queue": {k: row.get(k, 0) for k in ("queue", "ready", "delayed", "in_flight", "dead")},
+        "dead_letters": letters,
+    }
 
 
 def task_detail(app, task_id: str) -> dict:
@@ -229,17 +237,25 @@ def task_detail(app, task_id: str) -> dict:
             meta = serialization.loads(record["meta"])
         except Exception:
             meta = {"raw": record["meta"]}
-    detail.update({
-        "arguments": args_view(record.get("args"), record.get("kwargs")),
-        "result": value_view(record.get("result")) if record.get("state") == states.SUCCESS else None,
-        "error": f"{record.get('exc_type') or 'Error'}: {record['error']}" if record.get("error") else None,
-        "exc_type": record.get("exc_type"), "traceback": record.get("traceback"), "output": record.get("output"),
-        "progress": meta.get("progress") if isinstance(meta, dict) else None,
-        "meta": {k: v for k, v in meta.items() if k != "workflow"} if isinstance(meta, dict) else meta,
-        "group_id": record.get("group_id"), "parent_id": record.get("parent_id"), "token": record.get("token"),
-        "queue_wait": (record["started_at"] - record["created_at"]) if record.get("started_at") and record.get("created_at") else None,
-        "final": record.get("state") in states.READY_STATES,
-    })
+    detail.update(
+        {
+            "arguments": args_view(record.get("args"), record.get("kwargs")),
+            "result": value_view(record.get("result")) if record.get("state") == states.SUCCESS else None,
+            "error": f"{record.get('exc_type') or 'Error'}: {record['error']}" if record.get("error") else None,
+            "exc_type": record.get("exc_type"),
+            "traceback": record.get("traceback"),
+            "output": record.get("output"),
+            "progress": meta.get("progress") if isinstance(meta, dict) else None,
+            "meta": {k: v for k, v in meta.items() if k != "workflow"} if isinstance(meta, dict) else meta,
+            "group_id": record.get("group_id"),
+            "parent_id": record.get("parent_id"),
+            "token": record.get("token"),
+            "queue_wait": (record["started_at"] - record["created_at"])
+            if record.get("started_at") and record.get("created_at")
+            else None,
+            "final": record.get("state") in states.READY_STATES,
+        }
+    )
     try:
         detail["workflow"] = app.workflow(task_id)
     except (KeyError, NbqueueError, NotImplementedError):
@@ -259,7 +275,11 @@ def act_cancel(app, task_id: str) -> dict:
     state = app.result(task_id).info().get("state")
     if revoked:
         return {"ok": True, "state": state, "message": f"task {task_id} revoked"}
-    return {"ok": False, "state": state, "message": f"task {task_id} had already finished ({state}); nothing was cancelled"}
+    return {
+        "ok": False,
+        "state": state,
+        "message": f"task {task_id} had already finished ({state}); nothing was cancelled",
+    }
 
 
 def act_cancel_workflow(app, task_id: str) -> dict:
@@ -280,8 +300,12 @@ def act_cancel_workflow(app, task_id: str) -> dict:
             nodes += node.get("members") or []
     revoked = sum(1 for i in ids if app.revoke(i, "workflow cancelled from the dashboard", terminate=True))
     state = app.result(task_id).info().get("state")
-    return {"ok": revoked > 0, "state": state, "revoked": revoked,
-            "message": f"{revoked} of the workflow's {len(ids)} task(s) revoked; {len(ids) - revoked} had already finished"}
+    return {
+        "ok": revoked > 0,
+        "state": state,
+        "revoked": revoked,
+        "message": f"{revoked} of the workflow's {len(ids)} task(s) revoked; {len(ids) - revoked} had already finished",
+    }
 
 
 def act_retry(app, task_id: str) -> dict:

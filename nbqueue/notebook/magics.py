@@ -283,8 +283,14 @@ class NbqueueMagics(Magics):
         def send(inputs: dict) -> None:
             kwargs = builtin.cell_kwargs(self.app, source=source, inputs=inputs, imports=captured.imports,
                                          local=list(captured.local), label=label)
-            sig = Signature(builtin.CELL_TASK, kwargs=kwargs, id=run.task_id, queue=target_queue, retry_count=retry_count,
-                            app=self.app)
+            sig = Signature(
+                builtin.CELL_TASK,
+                kwargs=kwargs,
+                id=run.task_id,
+                queue=target_queue,
+                retry_count=retry_count,
+                app=self.app,
+            )
             if expires is False:
                 self.app.send_task(sig)
             else:

@@ -49,7 +49,10 @@ def _safe_text(text: str | None) -> str | None:
 
 class _ResultNotStored(Exception):
     """Storing a task's result failed for a reason of the result's own (its ``__cause__``)."""
-REVOKE_CHECK = 0.02  # a batch's unstarted tasks are checked in the store for revocations once earlier ones took this long
+
+
+# a batch's unstarted tasks are checked in the store for revocations once earlier ones took this long
+REVOKE_CHECK = 0.02
 
 
 class _Prepared:
@@ -238,14 +241,17 @@ class _Batch:
 
     def _forget_local(self) -> None:
         """Follow-ups reserved in a transaction that rolled back were never stored. Where no
-        transaction spans the finish (an engine without ``shares_transaction``) they were: hand them back to the queue at once."""
+        transaction spans the finish (an engine without ``shares_transaction``) they were: hand
+        them back to the queue at once."""
         for deliveries, _ in self.local:
             for d in deliveries:
                 if not self.grouped:
                     try:
                         self.app.broker.release(d)
                     except Exception:
-                        log.warning("could not hand back %s; it returns when its lease runs out", d.message_id, exc_info=True)
+                        log.warning(
+                            "could not hand back %s; it returns when its lease runs out", d.message_id, exc_info=True
+                        )
                 self.worker._unhold(d)
         self.local.clear()
 
@@ -255,7 +261,9 @@ class _Batch:
                 op()
         except self.store_errors:  # the store, not the message: redeliver
             self._forget_local()
-            log.exception("worker %s: finishing %s failed; its message will be redelivered", self.worker.name, delivery.message_id)
+            log.exception(
+                "worker %s: finishing %s failed; its message will be redelivered", self.worker.name, delivery.message_id
+            )
         except _ResultNotStored as exc:
             self._forget_local()
             self.give_up(delivery, exc.__cause__ or exc, "storing the result of", dead_letter=False)
@@ -278,7 +286,11 @@ class _Batch:
             except Exception as exc:
                 self._forget_local()
                 if delivery is None:
-                    log.exception("worker %s: acknowledging %d finished message(s) failed; they will be redelivered", self.worker.name, len(ack))
+                    log.exception(
+                        "worker %s: acknowledging %d finished message(s) failed; they will be redelivered",
+                        self.worker.name,
+                        len(ack),
+                    )
                 else:
                     self.give_up(delivery, exc, "storing the result of", dead_letter=False)
 
@@ -291,7 +303,9 @@ class _Batch:
         ``what`` names the step that failed ("storing the result of"). Never raises."""
         app, worker = self.app, self.worker
         message, token = self.begun.get(id(delivery), (None, None))
-        name = f"task {message['name']!r} ({message['id']})" if message is not None else f"message {delivery.message_id}"
+        name = (
+            f"task {message['name']!r} ({message['id']})" if message is not None else f"message {delivery.message_id}"
+        )
         exc_type, reason = type(exc).__name__, f"{what} {name} failed: {_describe(exc)}"
         log.error("worker %s: %s", worker.name, reason, exc_info=exc)
         recorded = False
@@ -299,15 +313,25 @@ class _Batch:
             for follow in (True, False):       # with its error callbacks, else the record alone
                 try:
                     with app.transaction():
-                        recorded = app.backend.store_result(message["id"], states.FAILURE, token=token, exc_type=exc_type, error=reason,
-                                                            retries=message.get("retries", 0))
+                        recorded = app.backend.store_result(
+                            message["id"],
+                            states.FAILURE,
+                            token=token,
+                            exc_type=exc_type,
+                            error=reason,
+                            retries=message.get("retries", 0),
+                        )
                         if recorded and follow:
                             workflow.on_failure(app, message, exc_type, reason, send=self.send)
                         if recorded and not dead_letter:
                             app.broker.ack(delivery)
                     break
                 except self.store_errors:
-                    log.exception("worker %s: recording the failure of %s failed; its message will be redelivered", worker.name, name)
+                    log.exception(
+                        "worker %s: recording the failure of %s failed; its message will be redelivered",
+                        worker.name,
+                        name,
+                    )
                     return
                 except Exception:
                     recorded = False
@@ -320,7 +344,9 @@ class _Batch:
         try:
             app.broker.reject(delivery, reason)
         except Exception:
-            log.exception("worker %s: could not dead-letter %s; its lease will bring it back", worker.name, delivery.message_id)
+            log.exception(
+                "worker %s: could not dead-letter %s; its lease will bring it back", worker.name, delivery.message_id
+            )
 
     def _finish_plain(self, plain: list, acks: list = (), members: list = ()) -> None:
         """Store the results, then acknowledge them and ``acks`` (finished already): one
@@ -328,7 +354,10 @@ class _Batch:
         stored and counted in that round trip; their advance follows, then their acks."""
         app = self.app
         outcomes = [Outcome(d, task_id, states.SUCCESS, token, fields) for d, task_id, token, fields in plain]
-        outcomes += [Outcome(d, task_id, states.SUCCESS, token, fields, group=cont["group"]) for d, task_id, token, fields, _, cont in members]
+        outcomes += [
+            Outcome(d, task_id, states.SUCCESS, token, fields, group=cont["group"])
+            for d, task_id, token, fields, _, cont in members
+        ]
         finished = app.engine.finish(outcomes, [d for d, _, _, _ in plain] + list(acks))
         self.worker._count(processed=sum(finished.stored))
         if not members:

@@ -37,7 +37,11 @@ class Execution:
         task_id, name = message["id"], message["name"]
         task = app.registry.get(name)
         if task is None and message.get("ignore_when_not_registered"):
-            log.warning("dropping task %s (%s): not registered on this worker and ignore_when_not_registered is set", name, task_id)
+            log.warning(
+                "dropping task %s (%s): not registered on this worker and ignore_when_not_registered is set",
+                name,
+                task_id,
+            )
             batch.add(lambda: batch.ack(delivery), delivery)
             return
         token = self._begun(delivery, message, token, batch)
@@ -56,8 +60,11 @@ class Execution:
         if token is _MISSING:
             if delivery.after_lapse and self._settled_after_lapse(delivery, message, batch):
                 return _MISSING
-            token = app.backend.begin(task_id, worker=self.name,
-                                      fields={"retries": message.get("retries", 0), "name": message["name"], "queue": delivery.queue})
+            token = app.backend.begin(
+                task_id,
+                worker=self.name,
+                fields={"retries": message.get("retries", 0), "name": message["name"], "queue": delivery.queue},
+            )
         batch.begun[id(delivery)] = (message, token)
         if token is None:
             # already final: an earlier attempt stored it (or it was revoked); repeat its follow-ups
@@ -115,8 +122,15 @@ class Execution:
             return
 
         started_at = app.clock.time()
-        run = {"started": time.monotonic(), "started_at": started_at, "time_limit": message.get("time_limit"), "token": token, "message": message,
-               "batch": batch, "control": control.TaskControl(task_id, name)}
+        run = {
+            "started": time.monotonic(),
+            "started_at": started_at,
+            "time_limit": message.get("time_limit"),
+            "token": token,
+            "message": message,
+            "batch": batch,
+            "control": control.TaskControl(task_id, name),
+        }
         with self._held_lock:
             self._running[task_id] = run
         capture.begin(task_id)
@@ -126,23 +140,49 @@ class Execution:
                 value = self._call(task, args, kwargs, message, run["control"])
         except Retry as exc:
             output = capture.end()
-            self._retry(delivery, message, token, exc.countdown, "Retry", exc.reason or "retry requested", output, batch, counts=False)
+            self._retry(
+                delivery,
+                message,
+                token,
+                exc.countdown,
+                "Retry",
+                exc.reason or "retry requested",
+                output,
+                batch,
+                counts=False,
+            )
             return
-        except WorkerLostError as exc:   # its child process died or was stopped: not finished, not the task's failure
+        except WorkerLostError as exc:  # its child process died or was stopped: not finished, not the task's failure
             self._child_lost(delivery, message, token, exc, capture.end(), batch, started_at)
             return
-        except BaseException as exc:  # the task's own failure, whatever it raised (exit() too): recorded, the worker carries on
+        # the task's own failure, whatever it raised (exit() too): recorded, the worker carries on
+        except BaseException as exc:
             output = capture.end()
             tb = getattr(exc, "child_traceback", None) or _tb.format_exc()
             if int(message.get("retry_count") or 0) > 0:
                 try:
-                    delay, timeout = next_delay(int(message.get("retries") or 0), float(message.get("retry_timeout") or 0), message.get("retry_backoff"))
-                except Exception as err:   # options no producer of this version sends (see signature.check_options)
-                    self._fail(delivery, message, token, exc, batch, tb=tb, output=output, started_at=started_at,
-                               note=f"not retried: its retry options are invalid: {_describe(err)}")
+                    delay, timeout = next_delay(
+                        int(message.get("retries") or 0),
+                        float(message.get("retry_timeout") or 0),
+                        message.get("retry_backoff"),
+                    )
+                except Exception as err:  # options no producer of this version sends (see signature.check_options)
+                    self._fail(
+                        delivery,
+                        message,
+                        token,
+                        exc,
+                        batch,
+                        tb=tb,
+                        output=output,
+                        started_at=started_at,
+                        note=f"not retried: its retry options are invalid: {_describe(err)}",
+                    )
                     return
                 message["retry_timeout"] = timeout
-                self._retry(delivery, message, token, delay, type(exc).__name__, _text(exc), output, batch, counts=True, tb=tb)
+                self._retry(
+                    delivery, message, token, delay, type(exc).__name__, _text(exc), output, batch, counts=True, tb=tb
+                )
             else:
                 self._fail(delivery, message, token, exc, batch, tb=tb, output=output, started_at=started_at)
             return
@@ -155,12 +195,23 @@ class Execution:
             result_text = serialization.dumps(app.serializer.encode(value, f"result of task {name!r}", owner=task_id))
         except Exception as exc:    # whatever the encoder raises (a value nested too deeply, say): the task fails
             if not isinstance(exc, SerializationError):
-                hint = " (a value that contains itself, or is nested too deeply?)" if isinstance(exc, RecursionError) else ""
+                hint = (
+                    " (a value that contains itself, or is nested too deeply?)"
+                    if isinstance(exc, RecursionError)
+                    else ""
+                )
                 exc = SerializationError(f"the result of task {name!r} cannot be encoded: {_describe(exc)}{hint}")
             self._fail(delivery, message, token, exc, batch, output=output, started_at=started_at)
             return
 
-        fields = {"result": result_text, "output": _safe_text(output) or None, "error": None, "exc_type": None, "traceback": None, "started_at": started_at}
+        fields = {
+            "result": result_text,
+            "output": _safe_text(output) or None,
+            "error": None,
+            "exc_type": None,
+            "traceback": None,
+            "started_at": started_at,
+        }
         if not message.get("on_success") and not message.get("workflow") and not message.get("on_error"):
             batch.add_plain(delivery, task_id, token, fields)      # nothing follows: finished with others in one go
             return
@@ -203,7 +254,11 @@ class Execution:
             batch.add(lambda: app.broker.defer(delivery, eta=app.clock.time() + delay), delivery)
             return True
         token = int(record.get("token") or 0)
-        if delivery.maybe_lapsed and record.get("state") in (states.RECEIVED, states.STARTED) and token > delivery.lapse_token:
+        if (
+            delivery.maybe_lapsed
+            and record.get("state") in (states.RECEIVED, states.STARTED)
+            and token > delivery.lapse_token
+        ):
             reason = app.broker.limit_reason(delivery.lapsed + 1)
             if reason is not None:
                 self._dead_letter(delivery, reason, batch, message=message, exc_type=DeliveryLimitExceeded.__name__)
@@ -226,7 +281,9 @@ class Execution:
             return False
         if owner == self.name:
             with self._held_lock:
-                return task_id in self._running or any(d.message_id == task_id and d is not delivery for d in self._held.values())
+                return task_id in self._running or any(
+                    d.message_id == task_id and d is not delivery for d in self._held.values()
+                )
         beat = next((w for w in self.app.backend.workers() if w.get("worker_id") == owner), None)
         if beat is not None:
             every = float(beat.get("heartbeat_interval") or self.heartbeat_interval)
@@ -262,7 +319,13 @@ class Execution:
             if record is not None and record.get("state") not in states.READY_STATES:
                 token = app.backend.begin(task_id, worker=self.name)
                 stored = token is not None and app.backend.store_result(
-                    task_id, states.FAILURE, token=token, exc_type=exc_type, error=reason, retries=(message or {}).get("retries", 0))
+                    task_id,
+                    states.FAILURE,
+                    token=token,
+                    exc_type=exc_type,
+                    error=reason,
+                    retries=(message or {}).get("retries", 0),
+                )
             if stored:
                 self._count(failed=1)
                 if message is not None:
@@ -280,8 +343,16 @@ class Execution:
                               time_limit=message.get("time_limit"), soft_time_limit=message.get("soft_time_limit"),
                               on_progress=None if ctl is None else ctl.set_progress)
 
-    def _child_lost(self, delivery: Delivery, message: dict, token: int, exc: WorkerLostError, output: str, batch: "_Batch",
-                    started_at: float) -> None:
+    def _child_lost(
+        self,
+        delivery: Delivery,
+        message: dict,
+        token: int,
+        exc: WorkerLostError,
+        output: str,
+        batch: "_Batch",
+        started_at: float,
+    ) -> None:
         """The child process running the task died (or was stopped): the task goes back to the
         queue (a release: not a lapse), unless it has now ended ``max_deliveries`` deliveries
         without finishing (its child deaths in this worker, or its lapses and this one): then
@@ -291,15 +362,27 @@ class Execution:
             deliveries = max(self.pool.note_death(message["id"]), delivery.lapsed + 1)
             limit = self.app.broker.max_deliveries
             if deliveries >= limit:
-                reason = f"{exc} running this task, on {deliveries} deliveries (max_deliveries={limit}); not delivered again"
+                reason = (
+                    f"{exc} running this task, on {deliveries} deliveries (max_deliveries={limit}); not delivered again"
+                )
                 self._dead_letter(delivery, reason, batch, message=message, exc_type=WorkerLostError.__name__)
                 return
         if getattr(exc, "counts", True) or "(cancelled)" not in str(exc):
             log.warning("worker %s: %s running task %s (%s); delivering it again", self.name, exc, message["name"],
                         message["id"])
-        self._requeue(delivery, message, token, batch, exc_type=type(exc).__name__, error=f"{exc}; delivered again", output=output or None)
+        self._requeue(
+            delivery,
+            message,
+            token,
+            batch,
+            exc_type=type(exc).__name__,
+            error=f"{exc}; delivered again",
+            output=output or None,
+        )
 
-    def _requeue(self, delivery: Delivery, message: dict, token: int, batch: "_Batch", *, delay: float = 0.0, **fields) -> None:
+    def _requeue(
+        self, delivery: Delivery, message: dict, token: int, batch: "_Batch", *, delay: float = 0.0, **fields
+    ) -> None:
         """A begun task back to PENDING and its message back to its queue (due in ``delay`` s)."""
         app = self.app
 
@@ -335,7 +418,9 @@ class Execution:
             self._workers_seen = (time.monotonic(), others)
         owners = [w["worker_id"] for w in others if queue in (w.get("queues") or ()) and name in (w.get("tasks") or ())]
         if owners:
-            log.info("task %s (%s) is not registered here; leaving it to %s", name, message["id"], ", ".join(owners[:3]))
+            log.info(
+                "task %s (%s) is not registered here; leaving it to %s", name, message["id"], ", ".join(owners[:3])
+            )
             return 0.5
         if now - self._born < self.unknown_grace and (message.get("created_at") or 0.0) <= self._born:
             log.info("task %s (%s) is not registered yet; handing it back for %.0fs more", name, message["id"],
@@ -348,8 +433,20 @@ class Execution:
         check = getattr(task.fn, "nbqueue_check", None)
         return check(self, message) if check is not None else None
 
-    def _retry(self, delivery: Delivery, message: dict, token: int, delay: float, exc_type: str, reason: str, output: str,
-               batch: "_Batch", *, counts: bool, tb: str | None = None) -> None:
+    def _retry(
+        self,
+        delivery: Delivery,
+        message: dict,
+        token: int,
+        delay: float,
+        exc_type: str,
+        reason: str,
+        output: str,
+        batch: "_Batch",
+        *,
+        counts: bool,
+        tb: str | None = None,
+    ) -> None:
         app = self.app
         if counts:
             message["retry_count"] = int(message.get("retry_count") or 0) - 1
@@ -357,8 +454,16 @@ class Execution:
         eta = app.clock.time() + delay
 
         def finish() -> None:
-            if app.backend.set_state(message["id"], states.RETRY, token=token, retries=message.get("retries", 0), exc_type=exc_type,
-                                     error=reason, traceback=tb, output=output or None):
+            if app.backend.set_state(
+                message["id"],
+                states.RETRY,
+                token=token,
+                retries=message.get("retries", 0),
+                exc_type=exc_type,
+                error=reason,
+                traceback=tb,
+                output=output or None,
+            ):
                 app.broker.retry(delivery, body=encode_body(message), eta=eta)
                 log.info("task %s (%s) will retry in %.1fs: %s", message["name"], message["id"], delay, reason)
             else:  # revoked or taken over meanwhile
@@ -367,8 +472,19 @@ class Execution:
 
         batch.add(finish, delivery)
 
-    def _fail(self, delivery: Delivery, message: dict, token: int, exc: BaseException, batch: "_Batch", *, tb: str | None = None,
-              output: str | None = None, started_at: float | None = None, note: str | None = None) -> None:
+    def _fail(
+        self,
+        delivery: Delivery,
+        message: dict,
+        token: int,
+        exc: BaseException,
+        batch: "_Batch",
+        *,
+        tb: str | None = None,
+        output: str | None = None,
+        started_at: float | None = None,
+        note: str | None = None,
+    ) -> None:
         """Record the task FAILURE (``note``: said after the error) and acknowledge it."""
         app = self.app
         exc_type, error = type(exc).__name__, _text(exc)
@@ -378,8 +494,17 @@ class Execution:
         extra = {"started_at": started_at} if started_at is not None else {}
 
         def finish() -> None:
-            if app.backend.store_result(message["id"], states.FAILURE, token=token, exc_type=exc_type, error=error,
-                                        traceback=tb, output=output or None, retries=message.get("retries", 0), **extra):
+            if app.backend.store_result(
+                message["id"],
+                states.FAILURE,
+                token=token,
+                exc_type=exc_type,
+                error=error,
+                traceback=tb,
+                output=output or None,
+                retries=message.get("retries", 0),
+                **extra,
+            ):
                 workflow.on_failure(app, message, exc_type, error, send=batch.send)
                 self._count(failed=1)
             else:   # revoked meanwhile: what follows it ends as for a failure

@@ -44,7 +44,12 @@ class Heartbeat:
                         held = list(self._held.values())
                     self.app.engine.extend(held, self.lease)
                     if alive < reported_alive and not self._stopping.is_set():
-                        log.error("worker %s: %d of %d executor thread(s) died", self.name, self.concurrency - alive, self.concurrency)
+                        log.error(
+                            "worker %s: %d of %d executor thread(s) died",
+                            self.name,
+                            self.concurrency - alive,
+                            self.concurrency,
+                        )
                     reported_alive = alive
                     self._beat(len(running))
             except Exception:
@@ -57,9 +62,14 @@ class Heartbeat:
                     payloads.upkeep(self.app)       # payloads no record references any more
                 except Exception:
                     log.debug("worker %s: broker upkeep failed", self.name, exc_info=True)
-            if self._stopping.is_set() and not any(t.is_alive() for t in self._threads if t is not threading.current_thread()):
+            if self._stopping.is_set() and not any(
+                t.is_alive() for t in self._threads if t is not threading.current_thread()
+            ):
                 return
-            self._stopping.wait(min(STARTED_AFTER, self.heartbeat_interval)) if not self._stopping.is_set() else time.sleep(0.05)
+            if not self._stopping.is_set():
+                self._stopping.wait(min(STARTED_AFTER, self.heartbeat_interval))
+            else:
+                time.sleep(0.05)
 
     def _beat(self, running: int) -> None:
         """Write this worker's heartbeat: who it is, its queues and threads, the task names it
@@ -67,11 +77,21 @@ class Heartbeat:
         can tell when no live worker can run a task) and its threads held waiting in a task."""
         with self._held_lock:
             holding = sorted({d.message_id for d in self._held.values()})     # see _attempt_alive
-        info = {"host": socket.gethostname(), "pid": os.getpid(), "queues": self.queues,
-                "concurrency": self._executors_alive() if self._threads else self.concurrency,
-                "heartbeat_interval": self.heartbeat_interval, "holding": holding,
-                "running": running, "processed": self.processed, "waiting": self.waiting, "tasks": sorted(list(self.app.registry)),
-                "pool": "processes" if self.pool is not None else "threads", "allow_code": self.allow_code, "origin": builtin.PROCESS_TOKEN}
+        info = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "queues": self.queues,
+            "concurrency": self._executors_alive() if self._threads else self.concurrency,
+            "heartbeat_interval": self.heartbeat_interval,
+            "holding": holding,
+            "running": running,
+            "processed": self.processed,
+            "waiting": self.waiting,
+            "tasks": sorted(list(self.app.registry)),
+            "pool": "processes" if self.pool is not None else "threads",
+            "allow_code": self.allow_code,
+            "origin": builtin.PROCESS_TOKEN,
+        }
         self.app.backend.heartbeat(self.name, info, ttl=max(3 * self.heartbeat_interval, 2.0))
 
     def announce(self) -> None:
@@ -116,8 +136,14 @@ class Heartbeat:
         if self.pool is not None and not run["message"]["name"].startswith("nbqueue."):
             return   # in a child process: the pool stops it at its limit (a hard limit)
         # A thread cannot be killed: the task is failed now, its late result is fenced out.
-        if self.app.backend.store_result(task_id, states.FAILURE, token=run["token"], exc_type="TimeLimitExceeded",
-                                         error=f"task ran longer than its time limit of {limit:g}s", output=_safe_text(capture.peek(task_id))):
+        if self.app.backend.store_result(
+            task_id,
+            states.FAILURE,
+            token=run["token"],
+            exc_type="TimeLimitExceeded",
+            error=f"task ran longer than its time limit of {limit:g}s",
+            output=_safe_text(capture.peek(task_id)),
+        ):
             self._count(failed=1)
             workflow.on_failure(self.app, run["message"], "TimeLimitExceeded", f"time limit of {limit:g}s exceeded")
             self.control.stop(task_id, run, "time_limit")   # cooperative: current_task().cancelled

@@ -52,11 +52,26 @@ log = logging.getLogger(__name__)
 
 
 class Worker(Heartbeat, Execution):
-    def __init__(self, app, concurrency: int = 1, queues: str | Iterable[str] | None = None, *, name: str | None = None,
-                 prefetch: int | None = None, allow_cells: bool = False, echo_output: bool = False, heartbeat_interval: float | None = None,
-                 local_follow_ups: bool = True, unknown_grace: float = 0.0,
-                 beat: bool = False, pool: str = "threads", allow_code: bool = False, max_tasks_per_child: int | None = None,
-                 max_memory_per_child: int | None = None, shutdown_grace: float = 30.0):
+    def __init__(
+        self,
+        app,
+        concurrency: int = 1,
+        queues: str | Iterable[str] | None = None,
+        *,
+        name: str | None = None,
+        prefetch: int | None = None,
+        allow_cells: bool = False,
+        echo_output: bool = False,
+        heartbeat_interval: float | None = None,
+        local_follow_ups: bool = True,
+        unknown_grace: float = 0.0,
+        beat: bool = False,
+        pool: str = "threads",
+        allow_code: bool = False,
+        max_tasks_per_child: int | None = None,
+        max_memory_per_child: int | None = None,
+        shutdown_grace: float = 30.0,
+    ):
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         if pool not in ("threads", "processes"):
@@ -75,9 +90,15 @@ class Worker(Heartbeat, Execution):
         if pool == "processes":
             from ..pool import ProcessPool
 
-            self.pool = ProcessPool(self.concurrency, max_tasks_per_child=max_tasks_per_child, max_memory_per_child=max_memory_per_child)
-        self.shutdown_grace = shutdown_grace           # seconds running children may finish once the worker stops
-        if allow_code or shipping.interactive() or any(shipping.defined_in_notebook(t.fn) for t in list(app.registry.values())):
+            self.pool = ProcessPool(
+                self.concurrency, max_tasks_per_child=max_tasks_per_child, max_memory_per_child=max_memory_per_child
+            )
+        self.shutdown_grace = shutdown_grace  # seconds running children may finish once the worker stops
+        if (
+            allow_code
+            or shipping.interactive()
+            or any(shipping.defined_in_notebook(t.fn) for t in list(app.registry.values()))
+        ):
             self.serve_code_queues()
         self.lease = app.visibility_timeout
         self.heartbeat_interval = heartbeat_interval or max(0.05, min(self.lease / 3.0, 5.0))
@@ -91,8 +112,8 @@ class Worker(Heartbeat, Execution):
         self.processed = 0                             # tasks recorded SUCCESS (see _count)
         self.failed = 0                                # ... and FAILURE
         self._count_lock = threading.Lock()
-        self.crashed = False                           # every executor thread died (see _executors_died)
-        self.waiting = 0                               # executor threads held by a task waiting for a result (result.py)
+        self.crashed = False  # every executor thread died (see _executors_died)
+        self.waiting = 0  # executor threads held by a task waiting for a result (result.py)
         self._wait_lock = threading.Lock()             # one such wait decided at a time (see holding_thread)
         self._revoked: set = set()                     # ids revoked by this process's App (see note_revoked)
         self._workers_seen: tuple[float, list] = (0.0, [])   # other workers' heartbeats, read for unknown task names
@@ -135,8 +156,13 @@ class Worker(Heartbeat, Execution):
         self.announce()
         if self.beat:
             self.app.scheduler().start()
-        log.info("worker %s started: %d %s, queues %s", self.name, self.concurrency, "child process(es)" if self.pool else "thread(s)",
-                 ",".join(self.queues))
+        log.info(
+            "worker %s started: %d %s, queues %s",
+            self.name,
+            self.concurrency,
+            "child process(es)" if self.pool else "thread(s)",
+            ",".join(self.queues),
+        )
         return self
 
     def run(self) -> None:
@@ -205,7 +231,9 @@ class Worker(Heartbeat, Execution):
         if now is not None:
             settable = getattr(self.app.clock, "set", None)
             if settable is None:
-                raise ValueError(f"step(now=...) needs an App whose clock can be set (a ManualClock), not {self.app.clock!r}")
+                raise ValueError(
+                    f"step(now=...) needs an App whose clock can be set (a ManualClock), not {self.app.clock!r}"
+                )
             settable(max(float(now), self.app.clock.time()))
         deliveries, prep = self.reserve(0, limit or self.concurrency)
         if deliveries:
@@ -244,7 +272,11 @@ class Worker(Heartbeat, Execution):
                 try:
                     self.process_batch(deliveries, prep)
                 except Exception:
-                    log.exception("worker %s: unexpected error in a batch of %d; its messages will be redelivered", self.name, len(deliveries))
+                    log.exception(
+                        "worker %s: unexpected error in a batch of %d; its messages will be redelivered",
+                        self.name,
+                        len(deliveries),
+                    )
         claimed = getattr(self._claimed, "next", None)
         if claimed is not None:   # claimed as the worker was told to stop: handed back, unstarted
             self._claimed.next = None
@@ -257,11 +289,19 @@ class Worker(Heartbeat, Execution):
         with a long-running one does not wait for it while this thread is idle."""
         now = time.monotonic()
         with self._held_lock:
-            batches = [run["batch"] for run in self._running.values() if run.get("batch") is not None and now - run["started"] >= STEAL_AFTER]
+            batches = [
+                run["batch"]
+                for run in self._running.values()
+                if run.get("batch") is not None and now - run["started"] >= STEAL_AFTER
+            ]
         for batch in batches:
             taken = batch.give_away()
             if taken is not None:
-                log.debug("worker %s: taking %d unstarted message(s) from a batch busy with a long task", self.name, len(taken[0]))
+                log.debug(
+                    "worker %s: taking %d unstarted message(s) from a batch busy with a long task",
+                    self.name,
+                    len(taken[0]),
+                )
                 return taken
         return None
 
@@ -365,7 +405,8 @@ class Worker(Heartbeat, Execution):
                     self._hand_back([d for d, _ in unstarted])    # not started: PENDING again, not "received"
                     break
                 if batch.waiting() >= GROUP_COMMIT:
-                    batch.flush()   # finished tasks wait at most GROUP_COMMIT (or the heartbeat's flush, see _flush_stale)
+                    # finished tasks wait at most GROUP_COMMIT (or the heartbeat's flush, see _flush_stale)
+                    batch.flush()
                 if time.monotonic() - checked >= REVOKE_CHECK:
                     checked = time.monotonic()
                     self._skip_revoked(prep, [item] + batch.pending())
@@ -374,21 +415,31 @@ class Worker(Heartbeat, Execution):
                 try:
                     self._execute(delivery, message, prep.tokens.get(message["id"], _MISSING), batch)
                 except self.store_errors:
-                    log.exception("worker %s: processing %s failed; it will be redelivered", self.name, delivery.message_id)
-                except KeyboardInterrupt:       # Ctrl-C in a thread that steps the worker itself (drain())
+                    log.exception(
+                        "worker %s: processing %s failed; it will be redelivered", self.name, delivery.message_id
+                    )
+                except KeyboardInterrupt:  # Ctrl-C in a thread that steps the worker itself (drain())
                     raise
-                except BaseException as exc:    # the worker's own bookkeeping: this message fails, not the thread
+                except BaseException as exc:  # the worker's own bookkeeping: this message fails, not the thread
                     batch.give_up(delivery, exc, "processing")
             for copy in copies:     # once the first copy is settled: a no-op where a copy was the same message
                 batch.add(lambda d=copy: batch.ack(d), copy)
         except Exception:
-            log.exception("worker %s: unexpected error in a batch of %d; its messages will be redelivered", self.name, len(deliveries))
+            log.exception(
+                "worker %s: unexpected error in a batch of %d; its messages will be redelivered",
+                self.name,
+                len(deliveries),
+            )
         finally:
             batch.close()
             try:
                 # an executor thread claims its next batch in this commit (where broker and
                 # backend share a transaction and nothing local runs next)
-                batch.flush(claim_next=self.group_commit and threading.current_thread() in self._threads and not self._stopping.is_set())
+                batch.flush(
+                    claim_next=self.group_commit
+                    and threading.current_thread() in self._threads
+                    and not self._stopping.is_set()
+                )
             except Exception:
                 log.exception("worker %s: finishing a batch failed; its messages will be redelivered", self.name)
                 batch._forget_local()
@@ -407,7 +458,12 @@ class Worker(Heartbeat, Execution):
         out, copies = [], []
         for delivery, message in messages:
             if message["id"] in seen:
-                log.warning("worker %s: task %s (%s) is in this batch twice; running it once", self.name, message["name"], message["id"])
+                log.warning(
+                    "worker %s: task %s (%s) is in this batch twice; running it once",
+                    self.name,
+                    message["name"],
+                    message["id"],
+                )
                 copies.append(delivery)
                 continue
             seen.add(message["id"])
