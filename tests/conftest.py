@@ -25,6 +25,20 @@ import pytest
 REDIS_URL = os.environ.get("NBQUEUE_TEST_REDIS", "redis://127.0.0.1:6379/13")
 AMQP_URL = os.environ.get("NBQUEUE_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/%2F")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+#: Debian's Chromium and the flags the browser tests (JupyterLab, the dashboard) start it with
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-quic",
+]
+
 #: this pytest run's token: in every Redis key prefix and queue name the tests make
 RUN_ID = uuid.uuid4().hex[:8]
 # boto3 must never look for an EC2 instance role (a request to a link-local address)

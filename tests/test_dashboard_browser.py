@@ -11,19 +11,8 @@ import nbqueue
 from nbqueue import states
 from nbqueue.testing import wait_for
 
-from conftest import IN_CI, free_port
+from conftest import CHROMIUM, CHROMIUM_ARGS, IN_CI, free_port
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-    "--disable-sync",
-    "--disable-quic",
-]
 #: the screenshot (docs/dashboard.png in the README is a copy of one)
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 
