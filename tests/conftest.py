@@ -13,10 +13,12 @@ fakeredis inside this process: a product feature, tested as such.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import uuid
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -114,6 +116,36 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def cli_worker(app, tmp_path, module: str, **env: str):
+    """``nbqueue worker --app <module>:app`` in a child process on ``app``'s broker, backend and
+    default queue, with ``tmp_path`` (where the test wrote ``<module>.py``) importable and ``env``
+    added to its environment; yields (process, path of its combined output). Stopped (SIGTERM,
+    then SIGKILL after 30 s) when the block ends."""
+    environ = dict(
+        os.environ,
+        NBQUEUE_BROKER=app.broker_url,
+        NBQUEUE_BACKEND=app.backend_url,
+        NBQUEUE_DEFAULT_QUEUE=app.default_queue,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])),
+        **env,
+    )
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "nbqueue", "worker", "--app", f"{module}:app"], cwd=tmp_path,
+                                env=environ, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield proc, log
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
 
 
 class RedisServer:

@@ -11,9 +11,6 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import fractions
-import os
-import subprocess
-import sys
 import zoneinfo
 from pathlib import Path
 
@@ -24,6 +21,8 @@ import pytest
 import nbqueue
 from nbqueue import Signature, chain, chord, group, serialization, states
 from nbqueue.testing import wait_for
+
+from conftest import cli_worker
 
 PARIS = zoneinfo.ZoneInfo("Europe/Paris")
 
@@ -320,24 +319,7 @@ def test_a_worker_process_receives_and_returns_values_exactly(app, tmp_path):
     results = [app.send_task(Signature("echo", args=[value])) for value in sent]
     r_frame = app.send_task(Signature("echo", args=[frame]))
     r_dtypes = app.send_task(Signature("dtypes", args=[frame]))
-    env = dict(
-        os.environ,
-        NBQUEUE_BROKER=app.broker_url,
-        NBQUEUE_BACKEND=app.backend_url,
-        NBQUEUE_DEFAULT_QUEUE=app.default_queue,
-        NBQUEUE_LOG_LEVEL="WARNING",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])),
-    )
-    log = tmp_path / "worker.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "nbqueue", "worker", "--app", "exact_tasks:app"],
-            cwd=tmp_path,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
+    with cli_worker(app, tmp_path, "exact_tasks", NBQUEUE_LOG_LEVEL="WARNING") as (proc, log):
         wait_for(lambda: r_dtypes.ready() or proc.poll() is not None, 60, message="the worker process ran the tasks")
         assert proc.poll() is None, Path(log).read_text(errors="replace")
         for value, r in zip(sent, results):
@@ -345,10 +327,3 @@ def test_a_worker_process_receives_and_returns_values_exactly(app, tmp_path):
             assert type(back) is type(value) and back == value
         pd.testing.assert_frame_equal(r_frame.get(timeout=30), frame, check_exact=True)
         assert r_dtypes.get(timeout=30) == {str(k): str(v) for k, v in frame.dtypes.items()}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()

@@ -10,7 +10,6 @@ boto3 as real clients. A small ``payload_threshold`` sends small test values out
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -32,7 +31,7 @@ from nbqueue.errors import ConfigurationError, PayloadCorrupt, PayloadMissing, P
 from nbqueue.payloads import PayloadRef
 from nbqueue.testing import wait_for
 
-from conftest import BACKEND_KINDS, BROKER_KINDS, IN_CI, session_server_url, store_url
+from conftest import BACKEND_KINDS, BROKER_KINDS, IN_CI, cli_worker, session_server_url, store_url
 
 TESTS_DIR = Path(__file__).resolve().parent
 EXAMPLES = int(os.environ.get("NBQUEUE_HYPOTHESIS_PAIR_EXAMPLES", "5"))      # per pair; raise it for a longer search
@@ -619,36 +618,12 @@ def test_a_worker_process_reads_and_writes_payloads_in_the_shared_store(app_fact
     (tmp_path / "payload_tasks.py").write_text(TASKS_MODULE)
     frame = big_frame(rows=50_000)
     r = app.send_task(nbqueue.Signature("echo", args=[frame]))
-    env = dict(
-        os.environ,
-        NBQUEUE_BROKER=app.broker_url,
-        NBQUEUE_BACKEND=app.backend_url,
-        NBQUEUE_DEFAULT_QUEUE=app.default_queue,
-        NBQUEUE_PAYLOAD_THRESHOLD="1024",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])),
-    )
-    log = tmp_path / "worker.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "nbqueue", "worker", "--app", "payload_tasks:app"],
-            cwd=tmp_path,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
+    with cli_worker(app, tmp_path, "payload_tasks", NBQUEUE_PAYLOAD_THRESHOLD="1024") as (proc, log):
         wait_for(lambda: r.ready() or proc.poll() is not None, 60, message="the worker process ran the task")
         assert proc.poll() is None, log.read_text(errors="replace")
         pd.testing.assert_frame_equal(r.get(timeout=30), frame, check_exact=True)
         assert ref_keys(app.backend.get(r.id)["result"]) == ref_keys(app.backend.get(r.id)["args"])   # stored once
         assert store_of(app).stats()["payloads"] == 1
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 # -- 10. a %%task cell's captured inputs -------------------------------------------------------------------
