@@ -1,0 +1,79 @@
+"""``memory://``: fakeredis in this process, with the driver's scripts run as their Python twins.
+
+A ``memory://`` client (``connect`` in nbqueue.drivers.redis.client) gets a
+``MemoryConnection``, whose server socket runs an EVALSHA of a script that has a twin
+(nbqueue.drivers.redis.twins) as that function: where fakeredis would run the Lua, under
+the server's lock, with the script's ``redis.call``s made through fakeredis' own command
+table (``Call``), so keys, types, expiry and blocked clients behave as with the Lua. An
+EVALSHA of a script not loaded fails with NOSCRIPT as before; one without a twin runs as Lua.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from fakeredis import FakeRedisConnection
+from fakeredis._helpers import SimpleError
+from fakeredis._msgs import CONNECTION_ERROR_MSG, SCRIPT_ERROR_MSG
+from fakeredis._socket import FakeSocket
+
+from .twins import TWINS, ErrorReply
+
+
+def _arg(value: Any) -> bytes:
+    """A ``redis.call`` argument as Lua passes it: strings as they are, numbers as ``%.17g``."""
+    if type(value) is bytes:
+        return value
+    if type(value) in (int, float):
+        return f"{value:.17g}".encode()
+    return str(value).encode()
+
+
+class Call:
+    """``redis.call`` for a Python script: one command run through fakeredis' command
+    table on the socket running the script (its errors raised, as the Lua call raises)."""
+
+    __slots__ = ("sock",)
+
+    def __init__(self, sock: FakeSocket):
+        self.sock = sock
+
+    def __call__(self, name: str, *args: Any) -> Any:
+        sock = self.sock
+        func, sig = sock._name_to_func(name)
+        result = sock._run_command(func, sig, [_arg(a) for a in args], True)
+        if isinstance(result, SimpleError):
+            raise result
+        return result
+
+
+class MemorySocket(FakeSocket):
+    """fakeredis' server socket, running the scripts registered in nbqueue.drivers.redis.twins as Python."""
+
+    def evalsha(self, sha1: bytes, numkeys: int, *keys_and_args: bytes) -> Any:
+        fn = TWINS.get(sha1)
+        if fn is None or sha1 not in self._server.script_cache or not 0 <= numkeys <= len(keys_and_args):
+            return super().evalsha(sha1, numkeys, *keys_and_args)
+        # as fakeredis' EVAL: the script's calls reply in RESP2 and see no HIMPORT fieldsets of the caller
+        self._script_resp = 2
+        caller_fieldsets, self._fieldsets = self._fieldsets, {}
+        try:
+            return fn(Call(self), list(keys_and_args[:numkeys]), list(keys_and_args[numkeys:]))
+        except SimpleError:
+            raise
+        except ErrorReply as exc:
+            raise SimpleError(str(exc)) from exc
+        except Exception as exc:        # what a Lua runtime error would be
+            raise SimpleError(SCRIPT_ERROR_MSG.format(sha1.decode(), exc)) from exc
+        finally:
+            self._script_resp = None
+            self._fieldsets = caller_fieldsets
+
+
+class MemoryConnection(FakeRedisConnection):
+    """A fakeredis connection to a ``MemorySocket``."""
+
+    def _connect(self) -> FakeSocket:
+        if not self._server.connected:
+            raise self._connection_error_class(CONNECTION_ERROR_MSG)
+        return MemorySocket(self._server, client_class=self._client_class, db=self.db,
+                            lua_modules=self._lua_modules, client_info=self._client_info)
