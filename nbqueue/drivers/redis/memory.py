@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import hiredis
 from fakeredis import FakeRedisConnection
 from fakeredis._helpers import SimpleError
 from fakeredis._msgs import CONNECTION_ERROR_MSG, SCRIPT_ERROR_MSG
@@ -46,8 +47,48 @@ class Call:
         return result
 
 
+class Command(tuple):
+    """One command's arguments as the bytes RESP would carry, handed to the server socket as they
+    are: the client packs no RESP and the socket parses none (``MemoryConnection.pack_command``)."""
+
+
+def _command(args: tuple) -> Command | None:
+    """``args`` as the redis-py packer (hiredis) sends them: a command name with a space split
+    in two, text as UTF-8, an int in decimal, a float as ``repr``; None for another type (the
+    packer then reports it)."""
+    name = args[0]
+    if isinstance(name, str):
+        name = name.encode()
+    head = name.split() if b" " in name else [name]
+    fields = []
+    for arg in args[1:]:
+        kind = type(arg)
+        if kind is bytes:
+            fields.append(arg)
+        elif kind is str:
+            fields.append(arg.encode())
+        elif kind is int:
+            fields.append(b"%d" % arg)
+        elif kind is float:
+            fields.append(repr(arg).encode())
+        else:
+            return None
+    return Command(head + fields)
+
+
 class MemorySocket(FakeSocket):
-    """fakeredis' server socket, running the scripts registered in nbqueue.drivers.redis.twins as Python."""
+    """fakeredis' server socket, running the scripts registered in nbqueue.drivers.redis.twins as
+    Python, and taking a ``Command`` without RESP in between."""
+
+    def sendall(self, data: Any) -> None:
+        if type(data) is not Command:
+            return super().sendall(data)
+        if not self._server.connected or self._killed:
+            raise self._connection_error_class(CONNECTION_ERROR_MSG)
+        if self._paused:                    # commands wait in the parser's buffer: this one goes after them
+            return super().sendall(hiredis.pack_command(tuple(data)))
+        self._process_command(list(data))
+        return None
 
     def evalsha(self, sha1: bytes, numkeys: int, *keys_and_args: bytes) -> Any:
         fn = TWINS.get(sha1)
@@ -70,7 +111,14 @@ class MemorySocket(FakeSocket):
 
 
 class MemoryConnection(FakeRedisConnection):
-    """A fakeredis connection to a ``MemorySocket``."""
+    """A fakeredis connection to a ``MemorySocket``, sending it ``Command``s."""
+
+    def pack_command(self, *args: Any) -> list:
+        command = _command(args)
+        return [command] if command is not None else super().pack_command(*args)
+
+    def pack_commands(self, commands: Any) -> list:
+        return [chunk for args in commands for chunk in self.pack_command(*args)]
 
     def _connect(self) -> FakeSocket:
         if not self._server.connected:
