@@ -6,6 +6,10 @@ A ``memory://`` client (``connect`` in nbqueue.drivers.redis.client) gets a
 the server's lock, with the script's ``redis.call``s made through fakeredis' own command
 table (``Call``), so keys, types, expiry and blocked clients behave as with the Lua. An
 EVALSHA of a script not loaded fails with NOSCRIPT as before; one without a twin runs as Lua.
+The connection also hands each command to the socket as its arguments in bytes
+(``Command``): the same fields fakeredis would parse out of RESP, without packing and
+parsing it. Everything else is fakeredis' own (its command table, data types, blocking
+pops and server lock), reached through its socket class and its internal modules.
 """
 from __future__ import annotations
 
@@ -119,6 +123,9 @@ class MemoryConnection(FakeRedisConnection):
 
     def pack_commands(self, commands: Any) -> list:
         return [chunk for args in commands for chunk in self.pack_command(*args)]
+
+    def send_command(self, *args: Any, **kwargs: Any) -> None:
+        self.send_packed_command(self.pack_command(*args), check_health=kwargs.get("check_health", True))
 
     def _connect(self) -> FakeSocket:
         if not self._server.connected:

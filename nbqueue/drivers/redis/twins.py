@@ -13,9 +13,11 @@ returns what the script returns (a Lua number as an int, a string as bytes, a ta
 a list, false as None). Scripts without a twin run as Lua on memory:// as well.
 
 Each function is the twin of one Lua script (lua/<name>.lua, named in its docstring):
-Redis runs the Lua, memory:// the Python. The broker, result backend and engine contract
-suites (nbqueue.testing, run on redis:// and memory:// alike) are what keeps each pair
-equal: a change to a script changes its twin here, or the suites fail on one store.
+Redis runs the Lua, memory:// the Python, so a change to a script changes its twin here.
+Two tests keep each pair equal: the broker, result backend and engine contract suites
+(nbqueue.testing), run on redis:// and memory:// alike, and
+tests/test_redis_specific.py's twin test, which runs the scripts' paths on memory:// once
+with the twins and once with fakeredis' Lua and compares every reply and every key.
 """
 from __future__ import annotations
 
@@ -65,8 +67,9 @@ def _mkey(p: bytes, mid: bytes) -> bytes:
     return p + b"msg:" + mid
 
 
-def _make_ready(r: Redis, p: bytes, q: bytes, mid: bytes) -> None:
-    prio = _num(r("hget", _mkey(p, mid), b"priority")) or 0
+def _make_ready(r: Redis, p: bytes, q: bytes, mid: bytes, priority: bytes | None = None) -> None:
+    """queues.lua's ``make_ready``; ``priority``: the message's priority field, when the caller has just set it."""
+    prio = _num(r("hget", _mkey(p, mid), b"priority") if priority is None else priority) or 0
     seq = r("incr", p + b"seq")
     r("zadd", _qkey(p, q, b"ready"), b"%d" % int((9 - prio) * 1e12 + seq), mid)
 
@@ -109,7 +112,7 @@ def publish(r: Redis, keys: list[bytes], argv: list[bytes], *, tokens: int, sign
             if eta != b"" and _num(eta) > now:  # type: ignore[operator]
                 r("zadd", _qkey(p, q, b"delayed"), eta, mid)
             else:
-                _make_ready(r, p, q, mid)
+                _make_ready(r, p, q, mid, prio)
             added[q] = added.get(q, 0) + 1
             n += 1
     for q, count in added.items():
