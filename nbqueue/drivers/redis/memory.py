@@ -128,7 +128,8 @@ class MemoryConnection(FakeRedisConnection):
         self.send_packed_command(self.pack_command(*args), check_health=kwargs.get("check_health", True))
 
     def _connect(self) -> FakeSocket:
-        if not self._server.connected:
+        server = self._server
+        if server is None or not server.connected:
             raise self._connection_error_class(CONNECTION_ERROR_MSG)
-        return MemorySocket(self._server, client_class=self._client_class, db=self.db,
+        return MemorySocket(server, client_class=self._client_class, db=self.db,
                             lua_modules=self._lua_modules, client_info=self._client_info)
