@@ -1,4 +1,4 @@
-"""Periodic tasks and periodic workflows (issue 7).
+"""Periodic tasks and periodic workflows.
 
 Time is a ManualClock everywhere except the two subprocess tests of the CLI, which
 watch an ``@every 1s`` schedule fire in real time. Multi-store tests run on SQLite,
