@@ -11,6 +11,8 @@ Each driver package's ``__init__`` declares, without importing its client librar
     OPTIONS = frozenset({...})           # App options its broker/backend read
     EXTRA = "redis"                      # pip extra that installs its client (None: standard library)
     RESULTS_BESIDE = True                # a broker URL of this driver is the default result backend too
+    QUIET_LOGGERS = ("pika",)            # its client library's loggers, kept at WARNING by the CLI
+                                         # unless --log-level DEBUG (connection chatter at INFO)
 
 Adding a store is adding such a package: App, the config checks and ``engine_for`` read
 this registry (kombu's alias table, discovered instead of written out).
@@ -41,6 +43,7 @@ class Driver:
     options: frozenset = frozenset()
     extra: str | None = None
     results_beside: bool = False
+    quiet_loggers: tuple[str, ...] = ()
 
     def load(self, kind: str) -> Any:
         """The class named by ``kind`` ("broker", "backend", "engine"); ConfigurationError naming
@@ -80,7 +83,8 @@ def drivers() -> dict[str, Driver]:
                         backend=getattr(mod, "BACKEND", None), engine=getattr(mod, "ENGINE", None),
                         payloads=getattr(mod, "PAYLOADS", None),
                         options=frozenset(getattr(mod, "OPTIONS", ())), extra=getattr(mod, "EXTRA", None),
-                        results_beside=bool(getattr(mod, "RESULTS_BESIDE", False)))
+                        results_beside=bool(getattr(mod, "RESULTS_BESIDE", False)),
+                        quiet_loggers=tuple(getattr(mod, "QUIET_LOGGERS", ())))
                 _drivers.update(found)
     return _drivers
 
@@ -106,6 +110,11 @@ def driver_for(url: str, kind: str | None = None) -> Driver:
 def store_options() -> frozenset:
     """Every option some driver reads (App passes them through as given)."""
     return frozenset().union(*(d.options for d in drivers().values()))
+
+
+def quiet_loggers() -> tuple[str, ...]:
+    """The client libraries' loggers the drivers declare too talkative at INFO."""
+    return tuple(dict.fromkeys(name for d in drivers().values() for name in d.quiet_loggers))
 
 
 def holds_payloads(url: str) -> bool:
@@ -164,6 +173,7 @@ __all__ = [
     "schemes",
     "driver_for",
     "store_options",
+    "quiet_loggers",
     "broker_from_url",
     "backend_from_url",
 ]

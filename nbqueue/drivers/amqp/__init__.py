@@ -8,3 +8,4 @@ BACKEND = "nbqueue.drivers.amqp.backend:AMQPBackend"
 OPTIONS = frozenset({"reconnect_timeout", "confirm_timeout", "publish_batch", "eta_tolerance",
                      "index_size", "max_item_size", "lock_timeout"})
 EXTRA = "amqp"
+QUIET_LOGGERS = ("pika",)
