@@ -13,6 +13,12 @@ Each driver package's ``__init__`` declares, without importing its client librar
     RESULTS_BESIDE = True                # a broker URL of this driver is the default result backend too
     QUIET_LOGGERS = ("pika",)            # its client library's loggers, kept at WARNING by the CLI
                                          # unless --log-level DEBUG (connection chatter at INFO)
+    MAX_QUEUE_NAME = 200                 # the longest queue name (UTF-8 bytes) its broker takes, with
+                                         # the names nbqueue derives from it
+    RESERVED_QUEUE_PREFIXES = {"amq.": "reserved by RabbitMQ"}   # queue names it refuses, and why
+
+Queue names are checked against every driver's rules at send, so a name that one broker
+takes works on every broker.
 
 Adding a store is adding such a package: App, the config checks and ``engine_for`` read
 this registry (kombu's alias table, discovered instead of written out).
@@ -21,12 +27,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import importlib
 import pkgutil
 import threading
 from typing import Any
 from urllib.parse import urlsplit
 
+from .. import signature as _signature
 from ..errors import ConfigurationError
 
 
@@ -44,6 +52,8 @@ class Driver:
     extra: str | None = None
     results_beside: bool = False
     quiet_loggers: tuple[str, ...] = ()
+    max_queue_name: int | None = None
+    reserved_queue_prefixes: tuple[tuple[str, str], ...] = ()
 
     def load(self, kind: str) -> Any:
         """The class named by ``kind`` ("broker", "backend", "engine"); ConfigurationError naming
@@ -63,6 +73,8 @@ class Driver:
 
 #: the store of an App given no URL: a file of this machine, nothing to start
 DEFAULT_URL = "sqlite://"
+#: the longest queue name, in UTF-8 bytes, where no driver declares a shorter one
+MAX_QUEUE_NAME = 1000
 
 _lock = threading.Lock()
 _drivers: dict[str, Driver] = {}
@@ -84,7 +96,9 @@ def drivers() -> dict[str, Driver]:
                         payloads=getattr(mod, "PAYLOADS", None),
                         options=frozenset(getattr(mod, "OPTIONS", ())), extra=getattr(mod, "EXTRA", None),
                         results_beside=bool(getattr(mod, "RESULTS_BESIDE", False)),
-                        quiet_loggers=tuple(getattr(mod, "QUIET_LOGGERS", ())))
+                        quiet_loggers=tuple(getattr(mod, "QUIET_LOGGERS", ())),
+                        max_queue_name=getattr(mod, "MAX_QUEUE_NAME", None),
+                        reserved_queue_prefixes=tuple(getattr(mod, "RESERVED_QUEUE_PREFIXES", {}).items()))
                 _drivers.update(found)
     return _drivers
 
@@ -115,6 +129,18 @@ def store_options() -> frozenset:
 def quiet_loggers() -> tuple[str, ...]:
     """The client libraries' loggers the drivers declare too talkative at INFO."""
     return tuple(dict.fromkeys(name for d in drivers().values() for name in d.quiet_loggers))
+
+
+@functools.lru_cache(maxsize=1)
+def queue_name_rules() -> tuple[int, tuple[tuple[str, str], ...]]:
+    """(the longest queue name, in UTF-8 bytes, that every driver takes; the (prefix, why) pairs
+    some driver refuses), read once; nbqueue.signature checks every queue name by them."""
+    found = drivers().values()
+    longest = min((d.max_queue_name for d in found if d.max_queue_name), default=MAX_QUEUE_NAME)
+    return longest, tuple(pair for d in found for pair in d.reserved_queue_prefixes)
+
+
+_signature.use_queue_name_rules(queue_name_rules)
 
 
 def holds_payloads(url: str) -> bool:
@@ -174,6 +200,7 @@ __all__ = [
     "driver_for",
     "store_options",
     "quiet_loggers",
+    "queue_name_rules",
     "broker_from_url",
     "backend_from_url",
 ]
