@@ -353,7 +353,7 @@ def stats(app) -> dict:
     backend = app.backend
     _STATS.flush(backend)
     total = {"hits": 0, "misses": 0, "shared": 0}
-    for text in backend.kv_items(Keys.cache_stats("")).values():
+    for text in backend.kv_items(Keys.CACHE_STATS).values():
         try:
             counts = json.loads(text)
         except ValueError:
@@ -361,7 +361,7 @@ def stats(app) -> dict:
         for k in total:
             total[k] += int(counts.get(k) or 0)
     sends = sum(total.values())
-    size = len(backend.kv_items(Keys.cache("")))
+    size = len(backend.kv_items(Keys.CACHE))
     return {"size": size, **total, "hit_rate": (total["hits"] + total["shared"]) / sends if sends else None}
 
 
@@ -369,7 +369,7 @@ def clear(app, task: str | None = None) -> int:
     """Remove the cache entries (of task ``task`` only, a task name or a ``%%task`` label);
     returns how many. Later sends of those keys run again; the records stay."""
     backend = app.backend
-    entries = backend.kv_items(Keys.cache(""))
+    entries = backend.kv_items(Keys.CACHE)
     gone = {}
     for k, text in entries.items():
         try:
@@ -382,7 +382,7 @@ def clear(app, task: str | None = None) -> int:
         backend.kv_set(k, None)
     backend.kv_set(Keys.CACHE_EPOCH, _new_id())     # fresh claims for keys whose entry is gone
     if task is None:
-        for k in backend.kv_items(Keys.cache_stats("")):
+        for k in backend.kv_items(Keys.CACHE_STATS):
             backend.kv_set(k, None)
         _STATS.forget()
     return len(gone)

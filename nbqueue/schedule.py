@@ -416,7 +416,7 @@ class Scheduler:
         entries = list(book(self.app).entries.values())
         fired: list[Firing] = []
         if entries:
-            saved = self.app.backend.kv_items(Keys.schedule(""))
+            saved = self.app.backend.kv_items(Keys.SCHEDULE)
             for entry in entries:
                 try:
                     firing = self._tick_one(entry, _decode_state(entry.name, saved.get(Keys.schedule(entry.name))), now)
@@ -576,7 +576,7 @@ def schedules_frame(app):
     entries = list(schedules.entries.values())
     grace = schedules.scheduler.grace if schedules.scheduler is not None else DEFAULT_GRACE
     now = app.clock.time()
-    saved = app.backend.kv_items(Keys.schedule("")) if entries else {}
+    saved = app.backend.kv_items(Keys.SCHEDULE) if entries else {}
     states = {e.name: _decode_state(e.name, saved.get(Keys.schedule(e.name))) or {} for e in entries}
     ids = [s["last_id"] for s in states.values() if s.get("last_id")]
     task_states = app.backend.states_of(ids) if ids else {}

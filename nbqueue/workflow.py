@@ -94,7 +94,7 @@ class Keys:
 
     @staticmethod
     def schedule(name: str) -> str:
-        """A schedule's saved state (JSON with its cursor); the prefix of all with ``name=""``."""
+        """A schedule's saved state (JSON with its cursor); all of them are under ``SCHEDULE``."""
         return f"{Keys.SCHEDULE}{name}"
 
     @staticmethod
@@ -109,7 +109,7 @@ class Keys:
 
     @staticmethod
     def cache(key: str) -> str:
-        """A result cache entry (see nbqueue.cache); the prefix of all with ``key=""``."""
+        """A result cache entry (see nbqueue.cache); all of them are under ``CACHE``."""
         return f"{Keys.CACHE}{key}"
 
     @staticmethod
@@ -119,7 +119,7 @@ class Keys:
 
     @staticmethod
     def cache_stats(process: str) -> str:
-        """One process's cache counters; the prefix of all with ``process=""``."""
+        """One process's cache counters; all of them are under ``CACHE_STATS``."""
         return f"{Keys.CACHE_STATS}{process}"
 
     @staticmethod
