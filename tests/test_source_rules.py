@@ -67,7 +67,7 @@ def test_the_key_rule_sees_a_key_spelled_in_place(source, found):
 
 
 @pytest.mark.parametrize("source, found", [
-    ('hasattr(app.broker, "transaction_with")', True),
+    ('hasattr(self.app.broker, "publish_reserved")', True),
     ('getattr(self.app.backend, "lists_tasks", "all")', True),
     ("app.broker.capabilities.priority", False),
 ])
