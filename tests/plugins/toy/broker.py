@@ -1,7 +1,7 @@
 """An in-memory broker of the toy driver: one store per URL in this process.
 
 Supports: priorities, delayed messages (eta), leases that expire, publishes deduplicated by
-id, dead letters, lapse counting (bounded redelivery). Every Broker method in ~150 lines.
+id, dead letters, lapse counting (bounded redelivery): every method of the Broker interface.
 """
 from __future__ import annotations
 
