@@ -12,6 +12,9 @@ Capabilities:
 
 - Durability: durable queues, persistent messages, publisher confirms; a publish the
   broker nacks, or returns as unroutable (``mandatory``), raises ``PublishRefused``.
+  Work and delay queues are classic queues of version 2 (``x-queue-version=2``, RabbitMQ
+  3.10+; older servers ignore it), which confirm a persistent message several times sooner
+  than version 1; a queue that already exists without the argument is used as it is.
   ``publish_many`` pipelines up to ``publish_batch`` messages per confirm round trip.
 - Priority: yes, 0-9 (every work queue is declared with ``x-max-priority=9``). As with
   any AMQP consumer, messages already prefetched are not overtaken by a later,
@@ -120,6 +123,8 @@ from .topology import (  # noqa: F401  (the names of the topology, as the tests 
     MAX_PRIORITY,
     MAX_TTL_MS,
     MIN_BUCKET,
+    QUEUE_VERSION,
+    Shapes,
     dead_letter_properties,
     dead_queue_name,
     delay_bucket,
@@ -167,13 +172,14 @@ class AMQPBroker(Broker):
             self._params.blocked_connection_timeout = self.confirm_timeout
         self._link = Link(url, self._params, self.reconnect_timeout)
         self._known: set[str] = set()
+        self._shapes = Shapes()
         self._pid = os.getpid()
         self._fresh_state()
 
     def _fresh_state(self) -> None:
         """Connection state of this process (called again in a forked child)."""
-        self._consumption = Consumption(self._link)
-        self._publishers = Publishers(self._link, on_declare=lambda name: self._missing.pop(name, None))
+        self._consumption = Consumption(self._link, self._shapes)
+        self._publishers = Publishers(self._link, lambda name: self._missing.pop(name, None), self._shapes)
         self._known_lock = threading.Lock()
         self._missing: dict[str, float] = {}     # queue name -> when a probe found it missing
 

@@ -24,7 +24,16 @@ import pika.exceptions as pex
 from ...broker import Delivery, redact, text_of
 from ...errors import ConnectionLost
 from .client import AUTH_ERRORS, CONNECTION_ERRORS, Link, close_quietly, wake
-from .topology import H_ATTEMPTS, H_ETA, H_LAPSE_TOKEN, H_LAPSES, H_RECHECK, int_header, work_queue_arguments
+from .topology import (
+    H_ATTEMPTS,
+    H_ETA,
+    H_LAPSE_TOKEN,
+    H_LAPSES,
+    H_RECHECK,
+    Shapes,
+    int_header,
+    work_queue_arguments,
+)
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +104,9 @@ class Demand:
 class Consumption:
     """The consuming state of one broker in one process, and the I/O thread that serves it."""
 
-    def __init__(self, link: Link):
+    def __init__(self, link: Link, shapes: Shapes):
         self.link = link
+        self.shapes = shapes      # the publishers declare each queue first and learn its shape
         self.cond = threading.Condition()
         self.session: Session | None = None
         self.demands: list[Demand] = []
@@ -440,7 +450,7 @@ class ConsumerThread(threading.Thread):
             for pending in give_back:
                 channel.basic_nack(pending.delivery_tag, requeue=True)
         for queue in add:
-            channel.queue_declare(queue, durable=True, arguments=work_queue_arguments())
+            channel.queue_declare(queue, durable=True, arguments=state.shapes.arguments(queue, work_queue_arguments()))
             tag = channel.basic_consume(queue, functools.partial(self._on_message, session, queue))
             with state.cond:
                 session.consumers[queue] = tag

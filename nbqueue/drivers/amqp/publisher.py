@@ -21,7 +21,7 @@ import pika.exceptions as pex
 from ...broker import redact
 from ...errors import ConnectionLost, PublishRefused
 from .client import AUTH_ERRORS, CONNECTION_ERRORS, Link, close_quietly, refused, wake
-from .topology import QueueAdmin
+from .topology import QueueAdmin, Shapes
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,9 @@ class ConfirmTimeout(pex.AMQPConnectionError):
 class Publisher(QueueAdmin):
     """One thread's connection: a confirm-mode channel to publish on and a plain one for admin."""
 
-    def __init__(self, params: pika.ConnectionParameters, on_declare: Callable[[str], Any] = lambda name: None):
-        super().__init__(pika.BlockingConnection(params), on_declare)
+    def __init__(self, params: pika.ConnectionParameters, on_declare: Callable[[str], Any] = lambda name: None,
+                 shapes: Shapes | None = None):
+        super().__init__(pika.BlockingConnection(params), on_declare, shapes)
         self.thread = threading.current_thread()
         self._channel: Any = None
         self._pending: dict[int, tuple[int, str | None, str]] = {}   # confirm tag -> (index, id, routing key)
@@ -137,9 +138,10 @@ class Publisher(QueueAdmin):
 class Publishers:
     """The publishing connections of one broker in one process, one per calling thread."""
 
-    def __init__(self, link: Link, on_declare: Callable[[str], Any]):
+    def __init__(self, link: Link, on_declare: Callable[[str], Any], shapes: Shapes):
         self.link = link
         self.on_declare = on_declare
+        self.shapes = shapes
         self._local = threading.local()
         self._all: list[Publisher] = []
         self._lock = threading.Lock()
@@ -151,7 +153,7 @@ class Publishers:
             return pub
         if pub is not None:
             self.drop(pub)
-        pub = Publisher(self.link.params, on_declare=self.on_declare)
+        pub = Publisher(self.link.params, on_declare=self.on_declare, shapes=self.shapes)
         self.link.ever_connected = True
         self._local.publisher = pub
         with self._lock:

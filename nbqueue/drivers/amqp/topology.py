@@ -9,6 +9,7 @@ Per work queue ``<queue>`` (durable, ``x-max-priority=9``): the dead letters ``n
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from typing import Any, Callable
@@ -18,6 +19,8 @@ import pika.exceptions as pex
 
 from ...errors import BrokerError, ConfigurationError
 from .client import close_quietly
+
+log = logging.getLogger(__name__)
 
 #: work queues are priority queues with this maximum
 MAX_PRIORITY = 9
@@ -39,6 +42,11 @@ H_QUEUE = "x-nbq-queue"          # the work queue a dead letter came from
 H_LAPSES = "x-nbq-lapses"        # deliveries that ended without finishing, counted so far
 H_LAPSE_TOKEN = "x-nbq-lapse-token"  # the task record's fencing token when lapses were last counted
 H_RECHECK = "x-nbq-recheck"      # put back while an earlier attempt was alive: look again before beginning
+
+
+#: classic queues of version 2 (RabbitMQ 3.10+, the only version in 4.x; older servers ignore the
+#: argument): a persistent message is confirmed several times sooner than by version 1's queue index
+QUEUE_VERSION = {"x-queue-version": 2}
 
 
 def work_queue_arguments() -> dict:
@@ -111,13 +119,35 @@ def dead_letter_properties(message_id: str, queue: str, reason: str, now: float,
     )
 
 
+class Shapes:
+    """The arguments a work or delay queue is declared with: QUEUE_VERSION added for a new queue;
+    a queue that exists without it (declared by an earlier nbqueue) is declared as it is."""
+
+    def __init__(self) -> None:
+        self.unversioned: set[str] = set()
+
+    def arguments(self, name: str, arguments: dict) -> dict:
+        return arguments if name in self.unversioned else {**arguments, **QUEUE_VERSION}
+
+    def learn(self, name: str, exc: pex.ChannelClosedByBroker) -> bool:
+        """Was a declare of ``name`` refused for its queue version alone (the first time)? Then
+        the queue is declared without it from now on."""
+        if exc.reply_code != 406 or "x-queue-version" not in str(exc.reply_text) or name in self.unversioned:
+            return False
+        self.unversioned.add(name)
+        log.info("RabbitMQ queue %s exists without x-queue-version: declared as it is", name)
+        return True
+
+
 class QueueAdmin:
     """Declarations, counts, purges, deletes and peeks on one connection's admin channel;
     remembers what it declared so a publish declares each queue once."""
 
-    def __init__(self, connection: pika.BlockingConnection, on_declare: Callable[[str], Any] = lambda name: None):
+    def __init__(self, connection: pika.BlockingConnection, on_declare: Callable[[str], Any] = lambda name: None,
+                 shapes: Shapes | None = None):
         self.connection = connection
         self.on_declare = on_declare
+        self.shapes = shapes if shapes is not None else Shapes()
         self.declared: dict[str, float] = {}    # queue name -> monotonic time of the declare
         self._admin: Any = None
 
@@ -127,14 +157,22 @@ class QueueAdmin:
             self._admin = self.connection.channel()
         return self._admin
 
-    def declare(self, name: str, arguments: dict | None, *, refresh: float | None = None) -> None:
+    def declare(
+        self, name: str, arguments: dict | None, *, refresh: float | None = None, versioned: bool = False
+    ) -> None:
+        """Declare a durable queue (``versioned``: of QUEUE_VERSION, unless it exists without)."""
         last = self.declared.get(name)
         if last is not None and (refresh is None or time.monotonic() - last < refresh):
             return
+        if versioned and arguments is not None:
+            arguments = self.shapes.arguments(name, arguments)
         try:
             self.admin().queue_declare(name, durable=True, arguments=arguments)
         except pex.ChannelClosedByBroker as exc:
             self._admin = None
+            if versioned and self.shapes.learn(name, exc):
+                return self.declare(name, {k: v for k, v in (arguments or {}).items() if k not in QUEUE_VERSION},
+                                    refresh=refresh, versioned=True)
             if exc.reply_code == 406:
                 raise ConfigurationError(
                     f"RabbitMQ queue {name!r} exists with other settings than nbqueue needs "
@@ -145,14 +183,14 @@ class QueueAdmin:
         self.on_declare(name)
 
     def declare_work_queue(self, queue: str) -> None:
-        self.declare(queue, work_queue_arguments())
+        self.declare(queue, work_queue_arguments(), versioned=True)
         self.declare(dead_queue_name(queue), None)
 
     def declare_delay_queues(self, queue: str) -> None:
         """All buckets at once (hourly), so they exist and expire as a set."""
         arguments = delay_queue_arguments(queue)
         for name in delay_queue_names(queue):
-            self.declare(name, arguments, refresh=DELAY_REDECLARE_S)
+            self.declare(name, arguments, refresh=DELAY_REDECLARE_S, versioned=True)
 
     def count(self, name: str) -> int | None:
         """Ready messages in a queue; None when it does not exist."""
