@@ -28,13 +28,13 @@ import pytest
 
 from nbqueue.broker import Outgoing
 from nbqueue.drivers import broker_from_url
-from nbqueue.drivers.amqp.broker import (
+from nbqueue.drivers.amqp.broker import AMQPBroker
+from nbqueue.drivers.amqp.topology import (
     H_ETA,
     MAX_BUCKET,
     MAX_HOP_MS,
     MAX_TTL_MS,
     QUEUE_VERSION,
-    AMQPBroker,
     dead_queue_name,
     delay_bucket,
     delay_queue_arguments,

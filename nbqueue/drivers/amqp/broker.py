@@ -108,9 +108,7 @@ from ...errors import PublishRefused
 from .client import Link, check_url, connection_parameters
 from .consumer import Consumption, Pending, Session, deliveries, hop_headers, lapse_headers
 from .publisher import Publisher, Publishers
-from .topology import (  # noqa: F401  (the names of the topology, as the tests and tools know them)
-    DAY_MS,
-    DELAY_REDECLARE_S,
+from .topology import (
     H_ATTEMPTS,
     H_ETA,
     H_LAPSE_TOKEN,
@@ -118,21 +116,11 @@ from .topology import (  # noqa: F401  (the names of the topology, as the tests 
     H_QUEUE,
     H_REASON,
     H_RECHECK,
-    MAX_BUCKET,
-    MAX_HOP_MS,
-    MAX_PRIORITY,
-    MAX_TTL_MS,
-    MIN_BUCKET,
-    QUEUE_VERSION,
     Shapes,
     dead_letter_properties,
     dead_queue_name,
-    delay_bucket,
-    delay_queue_arguments,
-    delay_queue_name,
     delay_queue_names,
     route,
-    work_queue_arguments,
 )
 
 log = logging.getLogger(__name__)
