@@ -13,8 +13,8 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsp
 import pika
 import pika.exceptions as pex
 
-from ...broker import redact
 from ...errors import ConfigurationError
+from ...urls import redact
 
 
 def check_url(url: str) -> dict:

@@ -21,8 +21,9 @@ from typing import Any, Callable, Sequence
 import pika
 import pika.exceptions as pex
 
-from ...broker import Delivery, redact, text_of
+from ...broker import Delivery, text_of
 from ...errors import ConnectionLost
+from ...urls import redact
 from .client import AUTH_ERRORS, CONNECTION_ERRORS, Link, close_quietly, wake
 from .topology import (
     H_ATTEMPTS,

@@ -18,8 +18,8 @@ from typing import Any, Callable, Sequence
 import pika
 import pika.exceptions as pex
 
-from ...broker import redact
 from ...errors import ConnectionLost, PublishRefused
+from ...urls import redact
 from .client import AUTH_ERRORS, CONNECTION_ERRORS, Link, close_quietly, refused, wake
 from .topology import QueueAdmin, Shapes
 
