@@ -33,7 +33,7 @@ from .drivers import (
     payload_store,
 )
 from .result import AsyncResult
-from .signature import Signature, encode_body, to_message
+from .signature import Signature, check_queue_name, encode_body, to_message
 from .task import Task, task_name
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ class App:
         self, broker: str | None = None, backend: str | None = None, *, default_queue: str = "nbqueue", **options: Any
     ):
         _config.check_options(options)
+        check_queue_name(default_queue, "default_queue")
         self.config = _config.Config(broker=broker, backend=backend, default_queue=default_queue, options=options)
         self.default_queue = default_queue
         self.clock = options.get("clock") or SYSTEM

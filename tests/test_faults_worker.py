@@ -119,6 +119,15 @@ def test_every_option_is_checked_at_send_naming_it(tmp_path, qname, options, err
         app.close()
 
 
+BAD_QUEUES = [(o["queue"], e, p) for o, e, p in BAD_OPTIONS if "queue" in o]
+
+
+@pytest.mark.parametrize("queue, error, pattern", BAD_QUEUES, ids=[repr(q)[:12] for q, _, _ in BAD_QUEUES])
+def test_bad_default_queue_is_refused_at_app_construction_naming_the_argument(tmp_path, queue, error, pattern):
+    with pytest.raises(error, match=r"default_queue" + pattern.removeprefix("queue")):
+        nbqueue.App(f"sqlite:///{tmp_path}/dq.db", default_queue=queue)
+
+
 def test_good_options_still_pass(tmp_path, qname):
     app = nbqueue.App(f"sqlite:///{tmp_path}/opts.db", default_queue=qname("opts"))
     try:
