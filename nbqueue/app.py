@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, Iterable, Mapping
 
 from . import batching, cache, payloads, provenance, serialization, shipping, states, tracing
@@ -32,11 +34,25 @@ from .drivers import (
     holds_payloads,
     payload_store,
 )
+from .errors import ConfigurationError
 from .result import AsyncResult
 from .signature import Signature, check_queue_name, encode_body, to_message
 from .task import Task, task_name
 
 log = logging.getLogger(__name__)
+
+
+#: how long start_worker waits for the stores' first answer (a refused login comes at once)
+STORE_CHECK_WAIT_S = 5.0
+
+
+def _log_store_problem(found: Future) -> None:
+    """What a store check that outlived its wait found, in the log."""
+    exc = found.exception()
+    if isinstance(exc, ConfigurationError):
+        log.error("the worker cannot use its stores: %s", exc)
+    elif exc is not None:
+        log.warning("cannot reach the store yet (%s); the worker retries", exc)
 
 
 def _default_backend(broker_url: str | None) -> str | None:
@@ -470,9 +486,34 @@ class App:
         with ``max_tasks_per_child``, ``max_memory_per_child`` (KiB) and ``shutdown_grace``
         (s); ``allow_code=True``: also run functions shipped from other notebooks.
         """
+        self.check_stores(wait=STORE_CHECK_WAIT_S)
         worker = self.worker(concurrency=concurrency, queues=queues, **options)
         worker.start()
         return worker
+
+    def check_stores(self, wait: float | None = None) -> None:
+        """Reach the broker and the backend once (``status()``) before a worker starts: a
+        ConfigurationError (a refused login or vhost) goes up; a server not reachable yet is
+        only logged, as the worker retries it. With ``wait`` (seconds), a check still going
+        then (a server that does not answer) finishes in the background and logs its finding."""
+        found: Future = Future()
+
+        def check() -> None:
+            try:
+                found.set_result(self.status())
+            except BaseException as exc:    # noqa: BLE001 - handed to the caller or logged
+                found.set_exception(exc)
+
+        threading.Thread(target=check, name="nbqueue-check-stores", daemon=True).start()
+        try:
+            found.result(timeout=wait)
+        except FutureTimeout:
+            log.warning("no answer from the stores within %.0f s; the worker starts and retries", wait)
+            found.add_done_callback(_log_store_problem)
+        except ConfigurationError:
+            raise
+        except Exception as exc:    # noqa: BLE001 - a worker outlives a server that is not up yet
+            log.warning("cannot reach the store yet (%s); the worker retries", exc)
 
     def _worker_started(self, worker) -> None:
         with self._lock:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import uuid
 
 import pika
@@ -72,6 +73,24 @@ def test_cli_worker_with_a_refused_vhost_exits_with_the_message(monkeypatch, cap
     err = capsys.readouterr().err
     assert err.startswith("nbqueue: RabbitMQ at") and "vhost 'nbq-missing-" in err and "%2F" in err
     assert logging.getLogger("pika").getEffectiveLevel() == logging.WARNING    # no INFO chatter by default
+
+
+@pytest.mark.parametrize("login, vhost, named", [
+    ("guest:not-the-password", "%2F", "refused the login (user 'guest')"),
+    ("guest:guest", "nbq-missing-{}", "vhost 'nbq-missing-"),
+], ids=["password", "vhost"])
+def test_start_worker_with_a_refused_login_or_vhost_raises_naming_it(tmp_path, login, vhost, named):
+    """Given an App on RabbitMQ with a wrong password or a missing vhost, when a worker is
+    started in-process, then start_worker raises the error the CLI ends with and starts nothing."""
+    require_server("RabbitMQ", "127.0.0.1", 5672)
+    app = nbqueue.App(f"amqp://{login}@127.0.0.1:5672/{vhost.format(uuid.uuid4().hex[:8])}",
+                      f"sqlite:///{tmp_path}/r.db")
+    try:
+        with pytest.raises(ConfigurationError, match=r"^RabbitMQ at .*" + re.escape(named)):
+            app.start_worker(concurrency=1)
+        assert app.workers == []
+    finally:
+        app.close()
 
 
 def test_worker_concurrency_has_help_naming_its_default(capsys):
