@@ -362,6 +362,40 @@ def test_a_worker_whose_executor_threads_died_stops_reporting_itself_alive(app_f
     assert r.get(timeout=20) == 3
 
 
+def test_a_worker_announced_as_its_executor_threads_die_is_not_listed_after_it_stopped(app_factory, monkeypatch):
+    """The heartbeat thread removes the record of a worker whose executors died while start()
+    announces the worker (as a task's registration does too): the record does not outlive the
+    worker. The announcement's write is held until the removal is done, the order that left a
+    live record behind."""
+    app = app_factory(visibility_timeout=30)
+    app.register_task("add", lambda x, y: x + y)
+    worker = app.worker(concurrency=1, heartbeat_interval=0.1)
+    removed = threading.Event()
+    worker_gone, heartbeat = app.backend.worker_gone, app.backend.heartbeat
+
+    def removing(name):
+        worker_gone(name)
+        removed.set()
+
+    def announcing(name, info, ttl):
+        if threading.current_thread() is threading.main_thread():
+            assert removed.wait(30)
+        heartbeat(name, info, ttl)
+
+    def dying(deliveries, prep=None):
+        raise Stop("executor killed")
+
+    monkeypatch.setattr(app.backend, "worker_gone", removing)
+    monkeypatch.setattr(app.backend, "heartbeat", announcing)
+    monkeypatch.setattr(worker, "process_batch", dying)
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)
+    app.send_task(app.signature("add", args=[1, 2]))
+    worker.start()
+    wait_for(lambda: not worker.running, timeout=30, message="worker stopped")
+    assert worker.crashed
+    assert all(w["worker_id"] != worker.name for w in app.backend.workers())
+
+
 # -- 11: a task id runs once per batch -----------------------------------------------------------------------
 
 
