@@ -233,6 +233,8 @@ class App:
         if not isinstance(sig, Signature):
             raise TypeError(f"send_task takes a Signature, not {type(sig).__name__}; use app.send() for workflows")
         task = self.registry.get(sig.name)
+        if task is not None:
+            task.check_arguments(sig.args, sig.kwargs)
         if task is not None and task.cache is not False and not sig.on_success and not sig.on_error:
             with tracing.sending(sig.name):
                 return cache.send(self, sig, task.cache)
@@ -258,6 +260,7 @@ class App:
 
         if task.cache is not False:     # a cached task: its key and the stored result (cache.py)
             return self.send_task(task.s(*args, **kwargs))
+        task.check_arguments(args, kwargs)
         with tracing.sending(task.name):
             with payloads.sending(self):        # values out of band: packed once, held until linked to the task
                 message = callpath.call_message(self, task, args, kwargs, self.clock.time())
@@ -284,6 +287,10 @@ class App:
     def send_many(self, signatures: Iterable[Signature]) -> list[AsyncResult]:
         """Send many independent tasks in one write (faster than a loop of send_task)."""
         sigs = list(signatures)
+        for sig in sigs:
+            task = self.registry.get(sig.name)
+            if task is not None:
+                task.check_arguments(sig.args, sig.kwargs)
         with tracing.sending(sigs[0].name if len({s.name for s in sigs}) == 1 else "many", len(sigs)):
             with payloads.sending(self):        # an object sent to many tasks is packed and stored once
                 prepared = [self.prepare(s) for s in sigs]
