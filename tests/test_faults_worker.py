@@ -19,13 +19,14 @@ import signal
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import pytest
 
 import nbqueue
 from nbqueue import Signature, states
 from nbqueue.testing import wait_for
+
+from conftest import cli_worker
 
 
 def queue_counts(app, queue: str | None = None) -> dict:
@@ -536,35 +537,14 @@ def noop(i):
 '''
 
 
-def start_cli_worker(app, tmp_path: Path, *args: str) -> tuple[subprocess.Popen, Path]:
-    (tmp_path / "faulttasks.py").write_text(CLI_TASKS)
-    env = dict(
-        os.environ,
-        NBQUEUE_BROKER=app.broker_url,
-        NBQUEUE_BACKEND=app.backend_url,
-        NBQUEUE_DEFAULT_QUEUE=app.default_queue,
-        NBQUEUE_LOG_LEVEL="WARNING",
-    )
-    log = tmp_path / "worker.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "nbqueue", "worker", "--app", "faulttasks:app", *args],
-            cwd=tmp_path,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    return proc, log
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("app_kind", ["sqlite", "redis"])
 def test_cli_worker_records_a_base_exception_and_counts_5000_tasks_exactly(app_factory, tmp_path):
     app = app_factory()
     stopped = app.send_task(Signature("stopper"))
     results = app.send_many([Signature("noop", args=[i]) for i in range(5000)])
-    proc, log = start_cli_worker(app, tmp_path, "--concurrency", "2")
-    try:
+    (tmp_path / "faulttasks.py").write_text(CLI_TASKS)
+    with cli_worker(app, tmp_path, "faulttasks", "--concurrency", "2", NBQUEUE_LOG_LEVEL="WARNING") as (proc, log):
         with pytest.raises(nbqueue.TaskFailed, match="halt"):
             stopped.get(timeout=60)
         assert app.backend.wait([r.id for r in results], timeout=240)
@@ -592,7 +572,3 @@ def test_cli_worker_records_a_base_exception_and_counts_5000_tasks_exactly(app_f
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
         assert "stopped after 5000 task(s)" in log.read_text(), log.read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
