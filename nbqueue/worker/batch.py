@@ -7,7 +7,7 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from .. import states, workflow
 from ..broker import Delivery
@@ -97,9 +97,12 @@ class _Batch:
     def send(self, outs: list) -> None:
         """Publish follow-ups of this batch's tasks: the ones this worker runs next are taken
         (``Engine.run_next``), the others published as usual."""
-        rest = self.worker._take_local(outs, self.local) if self.worker.local_follow_ups else outs
-        if rest:
-            self.app.engine.publish(rest)
+        if not self.local and self.worker.local_follow_ups:
+            claims, outs = self.worker.claim_follow_ups(outs)
+            if claims:
+                self.local.append(claims)
+        if outs:
+            self.app.engine.publish(outs)
 
     # -- outcomes -------------------------------------------------------------------------------
     def settle(self, outcome: Outcome) -> None:
@@ -144,10 +147,10 @@ class _Batch:
             workflow.after_final(app, message, app.backend.get(outcome.task_id) or {}, send=self.send)
         elif outcome.state == states.SUCCESS:
             workflow.on_success(app, message, outcome.fields["result"], send=self.send)
-            self.worker._count(processed=1)
+            self.worker.count(processed=1)
         else:
             workflow.on_failure(app, message, outcome.fields["exc_type"], outcome.fields["error"], send=self.send)
-            self.worker._count(failed=1)
+            self.worker.count(failed=1)
         self.ack(outcome.delivery)
 
     def _put_back(self, outcome: Outcome) -> None:
@@ -194,7 +197,7 @@ class _Batch:
             token = app.backend.begin(outcome.task_id, worker=self.worker.name)
             stored = token is not None and app.engine.finish([dataclasses.replace(outcome, token=token)]).stored[0]
         if stored:
-            self.worker._count(failed=1)
+            self.worker.count(failed=1)
             if message is not None:
                 workflow.on_failure(app, message, outcome.fields["exc_type"], outcome.reason, send=self.send)
         app.broker.reject(delivery, outcome.reason)
@@ -236,6 +239,10 @@ class _Batch:
         since = self.since
         return 0.0 if since is None else time.monotonic() - since
 
+    def given_away(self, delivery: Delivery) -> bool:
+        """Whether ``delivery`` was given away to another executor (which holds it now)."""
+        return id(delivery) in self.given
+
     def pending(self) -> list[Claim]:
         """The unstarted claims left, without taking them."""
         with self.lock:
@@ -274,45 +281,44 @@ class _Batch:
         with self.lock:
             return time.monotonic() - self.first if self._pending() else 0.0
 
-    def flush(self, claim_next: bool = False) -> None:
+    def flush(self, claim_next: Callable[[], list[Claim]] | None = None) -> list[Claim]:
         """Settle what is pending; safe from the executor and the heartbeat thread alike.
 
-        ``claim_next`` (the executor's last flush of a batch): claim its next batch in the
-        same transaction, one commit fewer per batch; ``Worker.reserve`` returns it.
+        ``claim_next`` (the executor's last flush of a batch): called to claim its next batch
+        in the same transaction, one commit fewer per batch; that batch is returned.
         """
         with self.flushing:
-            self._flush(claim_next)
+            return self._flush(claim_next)
 
-    def _flush(self, claim_next: bool = False) -> None:
+    def _flush(self, claim_next: Callable[[], list[Claim]] | None = None) -> list[Claim]:
         with self.lock:
             ops, self.ops = self.ops, []
             plain, self.plain = self.plain, []
             acks, self.acks = self.acks, []
             members, self.members = self.members, []
         if not ops and not plain and not acks and not members:
-            return
+            return []
         try:
-            claimed = None
+            claimed: list[Claim] = []
             with self.app.transaction():
                 for outcome in ops:
                     self._settle(outcome)
                 if plain or acks or members:
                     self._finish_plain(plain, acks, members)
-                if claim_next and not self.local:
-                    claimed = self.worker._claim_now()
-            if claimed:
-                self.worker._claimed.next = claimed
-            return
+                if claim_next is not None and not self.local:
+                    claimed = claim_next()
+            return claimed
         except Exception:
             log.warning("worker %s: finishing %d task(s) together failed; finishing them one by one",
                         self.worker.name, len(ops) + len(plain), exc_info=True)
-            self._forget_local()
+            self.forget_local()
         for outcome in ops:
             self._run_alone(outcome)
         if plain or acks or members:
             self._finish_plain_alone(plain, acks, members)
+        return []
 
-    def _forget_local(self) -> None:
+    def forget_local(self) -> None:
         """Follow-ups reserved in a transaction that rolled back were never stored. Where no
         transaction spans the finish (an engine without ``shares_transaction``) they were: hand
         them back to the queue at once."""
@@ -326,7 +332,7 @@ class _Batch:
                         log.warning(
                             "could not hand back %s; it returns when its lease runs out", d.message_id, exc_info=True
                         )
-                self.worker._unhold(d)
+                self.worker.unhold(d)
         self.local.clear()
 
     def _run_alone(self, outcome: Outcome) -> None:
@@ -336,16 +342,16 @@ class _Batch:
             with self.app.transaction():
                 self._settle(outcome)
         except self.store_errors:  # the store, not the message: redeliver
-            self._forget_local()
+            self.forget_local()
             log.exception(
                 "worker %s: finishing %s failed; its message will be redelivered", self.worker.name, delivery.message_id
             )
         except _ResultNotStored as exc:
-            self._forget_local()
+            self.forget_local()
             self.give_up(delivery, exc.__cause__ or exc, "storing the result of", dead_letter=False,
                          message=outcome.message, token=outcome.token)
         except Exception as exc:
-            self._forget_local()
+            self.forget_local()
             self.give_up(delivery, exc, "finishing", message=outcome.message, token=outcome.token)
 
     def _finish_plain_alone(self, plain: list, acks: list, members: list) -> None:
@@ -358,10 +364,10 @@ class _Batch:
                 with self.app.transaction():
                     self._finish_plain(one, ack, member)
             except self.store_errors:
-                self._forget_local()
+                self.forget_local()
                 log.exception("worker %s: storing a result failed; its message will be redelivered", self.worker.name)
             except Exception as exc:
-                self._forget_local()
+                self.forget_local()
                 if outcome is None:
                     log.exception(
                         "worker %s: acknowledging %d finished message(s) failed; they will be redelivered",
@@ -414,10 +420,10 @@ class _Batch:
                     return
                 except Exception:
                     recorded = False
-                    self._forget_local()
+                    self.forget_local()
                     log.exception("worker %s: recording the failure of %s failed", worker.name, name)
             if recorded:
-                worker._count(failed=1)
+                worker.count(failed=1)
                 if not dead_letter:
                     return
         try:
@@ -433,7 +439,7 @@ class _Batch:
         stored and counted in that round trip; their advance follows, then their acks."""
         app = self.app
         finished = app.engine.finish(plain + members, [o.delivery for o in plain] + list(acks))
-        self.worker._count(processed=sum(finished.stored))
+        self.worker.count(processed=sum(finished.stored))
         if not members:
             return
         for outcome, ok, count in zip(members, finished.stored[len(plain):], finished.counts):

@@ -33,7 +33,7 @@ import uuid
 from typing import Iterable
 
 from .. import capture, control, shipping, states
-from ..broker import Delivery, queue_list
+from ..broker import Delivery, Outgoing, queue_list
 from ..engine import Claim, Outcome, decode
 from ..events import WorkerEvents
 from .batch import GROUP_COMMIT, REVOKE_CHECK, STEAL_AFTER, _Batch
@@ -206,7 +206,7 @@ class Worker(Heartbeat, Execution):
     def running(self) -> bool:
         return any(t.is_alive() for t in self._threads)
 
-    def _count(self, processed: int = 0, failed: int = 0) -> None:
+    def count(self, processed: int = 0, failed: int = 0) -> None:
         """Add to the counters: executor and heartbeat threads finish tasks concurrently."""
         with self._count_lock:
             self.processed += processed
@@ -258,7 +258,7 @@ class Worker(Heartbeat, Execution):
                     backoff = min(backoff * 2, 10.0)
                     continue
             if claims:
-                self._hold([c.delivery for c in claims])
+                self.hold([c.delivery for c in claims])
                 try:
                     self.run_claims(claims)
                 except Exception:
@@ -270,7 +270,7 @@ class Worker(Heartbeat, Execution):
         claimed = getattr(self._claimed, "next", None)
         if claimed is not None:   # claimed as the worker was told to stop: handed back, unstarted
             self._claimed.next = None
-            self._hold([c.delivery for c in claimed])
+            self.hold([c.delivery for c in claimed])
             self.run_claims(claimed)
 
     def _steal(self) -> list[Claim] | None:
@@ -308,19 +308,20 @@ class Worker(Heartbeat, Execution):
         except Exception:
             log.debug("could not remove worker heartbeat", exc_info=True)
 
-    def _hold(self, deliveries: list[Delivery]) -> None:
+    def hold(self, deliveries: list[Delivery]) -> None:
+        """Note deliveries this worker holds: their leases are extended until ``unhold``."""
         with self._held_lock:
             for d in deliveries:
                 self._held[id(d)] = d
 
-    def _unhold(self, d: Delivery) -> None:
+    def unhold(self, d: Delivery) -> None:
         with self._held_lock:
             self._held.pop(id(d), None)
 
     def _hand_back(self, deliveries: list[Delivery]) -> None:
         self.app.engine.hand_back(deliveries)
         for d in deliveries:
-            self._unhold(d)
+            self.unhold(d)
 
     @contextlib.contextmanager
     def holding_thread(self, check=None):
@@ -402,19 +403,20 @@ class Worker(Heartbeat, Execution):
             try:
                 # an executor thread claims its next batch in this commit (where broker and
                 # backend share a transaction and nothing local runs next)
-                batch.flush(
-                    claim_next=self.group_commit
-                    and threading.current_thread() in self._threads
-                    and not self._stopping.is_set()
+                mine = threading.current_thread() in self._threads
+                claimed = batch.flush(
+                    claim_next=self._claim_now if self.group_commit and mine and not self._stopping.is_set() else None
                 )
+                if claimed:
+                    self._claimed.next = claimed
             except Exception:
                 log.exception("worker %s: finishing a batch failed; its messages will be redelivered", self.name)
-                batch._forget_local()
+                batch.forget_local()
             with self._held_lock:
                 self._batches.discard(batch)
             for c in claims:
-                if id(c.delivery) not in batch.given:    # those are held by the executor that took them
-                    self._unhold(c.delivery)
+                if not batch.given_away(c.delivery):    # those are held by the executor that took them
+                    self.unhold(c.delivery)
 
     def _run_todo(self, batch: _Batch) -> None:
         """Run the batch's claims in order, each outcome settled by the batch; stopping, hand
@@ -499,24 +501,23 @@ class Worker(Heartbeat, Execution):
             if found.get(task_id) in states.READY_STATES:
                 claim.token = None
 
-    def _take_local(self, outs: list, local: list) -> list:
-        """Claim for this worker the follow-ups it can run next (``Engine.run_next``); return the others."""
-        if local or not self.local_follow_ups or self._stopping.is_set():
-            return outs
+    def claim_follow_ups(self, outs: list[Outgoing]) -> tuple[list[Claim], list[Outgoing]]:
+        """Of follow-ups about to be published, claim for this worker those it can run next
+        (``Engine.run_next``, held from now on): the claims, and the follow-ups left to publish."""
+        if not self.local_follow_ups or self._stopping.is_set():
+            return [], outs
         now = self.app.clock.time()
         mine = [o for o in outs if o.queue in self.queues and (o.eta is None or o.eta <= now)][: self.prefetch]
         if not mine:
-            return outs
+            return [], outs
         claims = self.app.engine.run_next(mine, lease=self.lease, worker=self.name, begins=self._begins)
-        if claims:
-            self._hold([c.delivery for c in claims])
-            local.append(claims)
+        self.hold([c.delivery for c in claims])
         taken = {o.id for o in mine}
-        return [o for o in outs if o.id not in taken]
+        return claims, [o for o in outs if o.id not in taken]
 
-    def _claim_now(self) -> list[Claim] | None:
+    def _claim_now(self) -> list[Claim]:
         """Claim a batch inside the caller's transaction (see ``_Batch.flush``), without waiting."""
-        return self.reserve(0, self.prefetch) or None
+        return self.reserve(0, self.prefetch)
 
     def reserve(self, timeout: float, limit: int) -> list[Claim]:
         """Claim a batch (``Engine.claim``): decoded messages and fencing tokens. A batch this
