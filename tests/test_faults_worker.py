@@ -347,10 +347,10 @@ def test_a_worker_whose_executor_threads_died_stops_reporting_itself_alive(app_f
     app.register_task("add", lambda x, y: x + y)
     worker = app.worker(concurrency=1, heartbeat_interval=0.1)
 
-    def dying(deliveries, prep=None):
+    def dying(claims):
         raise Stop("executor killed")
 
-    monkeypatch.setattr(worker, "process_batch", dying)
+    monkeypatch.setattr(worker, "run_claims", dying)
     monkeypatch.setattr(threading, "excepthook", lambda args: None)   # the thread's death is the point
     r = app.send_task(app.signature("add", args=[1, 2]))
     worker.start()
