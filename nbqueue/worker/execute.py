@@ -191,6 +191,7 @@ class Execution:
                 self._running.pop(task_id, None)
             self.control.finished(task_id, run)
         output = capture.end()
+        del args, kwargs        # a large argument is not held while the result is encoded
         try:
             result_text = serialization.dumps(app.serializer.encode(value, f"result of task {name!r}", owner=task_id))
         except Exception as exc:    # whatever the encoder raises (a value nested too deeply, say): the task fails
