@@ -329,7 +329,8 @@ def _ipc(table, meta: dict, extra: dict | None = None, compression: str | None =
     metadata[_META] = _form().dumps(meta).encode()
     metadata.update(extra or {})
     table = table.replace_schema_metadata(metadata)
-    options = pa.ipc.IpcWriteOptions(compression=compression) if compression else None
+    # compressed by one thread: threads compressing at once each hold a buffer (and the C allocator's arenas)
+    options = pa.ipc.IpcWriteOptions(compression=compression, use_threads=False) if compression else None
     # compressed, a table goes in batches of about BATCH_BYTES: the writer holds one batch's compressed
     # buffers at a time beside the stream, and the reader decompresses into one batch's buffers at a time
     rows = max(1, table.num_rows * BATCH_BYTES // max(1, table.nbytes)) if compression else None
@@ -413,7 +414,8 @@ def _read(data: Any):
     import pyarrow as pa
 
     source = pa.py_buffer(data.take() if isinstance(data, Handoff) else data)
-    table = pa.ipc.open_stream(source).read_all()
+    # one thread: threads decompressing at once each hold buffers (and the C allocator's arenas) of their own
+    table = pa.ipc.open_stream(source, options=pa.ipc.IpcReadOptions(use_threads=False)).read_all()
     table = _detached(table, source)
     del source
     metadata = table.schema.metadata or {}
