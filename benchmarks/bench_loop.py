@@ -385,7 +385,11 @@ def main(argv: list[str]) -> None:
         return sqlite_consume(argv[1])
     if argv[:1] == ["--consume-redis"]:
         return redis_consume(argv[1], argv[2])
-    kinds = argv or ["sqlite", "redis", "amqp", "memory"]
+    known = ["sqlite", "redis", "amqp", "memory"]
+    kinds = ["amqp" if kind == "rabbitmq" else kind for kind in argv] or known
+    unknown = sorted(set(kinds) - set(known))
+    if unknown:
+        sys.exit(f"bench_loop.py: unknown store {', '.join(unknown)}; choose from {', '.join(known)} (rabbitmq = amqp)")
     tmp = tempfile.mkdtemp(prefix="nbqueue-loop-")
     print(f"nbqueue: .delay() then .get() per handle, N={N}, round trips {LAT_N}; {os.cpu_count()} cores, "
           f"Python {sys.version.split()[0]}", flush=True)

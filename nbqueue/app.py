@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, Iterable, Mapping
 
 from . import batching, cache, payloads, provenance, serialization, shipping, states, tracing
@@ -32,11 +34,25 @@ from .drivers import (
     holds_payloads,
     payload_store,
 )
+from .errors import ConfigurationError
 from .result import AsyncResult
-from .signature import Signature, encode_body, to_message
+from .signature import Signature, check_queue_name, encode_body, to_message
 from .task import Task, task_name
 
 log = logging.getLogger(__name__)
+
+
+#: how long start_worker waits for the stores' first answer (a refused login comes at once)
+STORE_CHECK_WAIT_S = 5.0
+
+
+def _log_store_problem(found: Future) -> None:
+    """What a store check that outlived its wait found, in the log."""
+    exc = found.exception()
+    if isinstance(exc, ConfigurationError):
+        log.error("the worker cannot use its stores: %s", exc)
+    elif exc is not None:
+        log.warning("cannot reach the store yet (%s); the worker retries", exc)
 
 
 def _default_backend(broker_url: str | None) -> str | None:
@@ -62,6 +78,7 @@ class App:
         self, broker: str | None = None, backend: str | None = None, *, default_queue: str = "nbqueue", **options: Any
     ):
         _config.check_options(options)
+        check_queue_name(default_queue, "default_queue")
         self.config = _config.Config(broker=broker, backend=backend, default_queue=default_queue, options=options)
         self.default_queue = default_queue
         self.clock = options.get("clock") or SYSTEM
@@ -216,6 +233,8 @@ class App:
         if not isinstance(sig, Signature):
             raise TypeError(f"send_task takes a Signature, not {type(sig).__name__}; use app.send() for workflows")
         task = self.registry.get(sig.name)
+        if task is not None:
+            task.check_arguments(sig.args, sig.kwargs)
         if task is not None and task.cache is not False and not sig.on_success and not sig.on_error:
             with tracing.sending(sig.name):
                 return cache.send(self, sig, task.cache)
@@ -241,6 +260,7 @@ class App:
 
         if task.cache is not False:     # a cached task: its key and the stored result (cache.py)
             return self.send_task(task.s(*args, **kwargs))
+        task.check_arguments(args, kwargs)
         with tracing.sending(task.name):
             with payloads.sending(self):        # values out of band: packed once, held until linked to the task
                 message = callpath.call_message(self, task, args, kwargs, self.clock.time())
@@ -267,6 +287,10 @@ class App:
     def send_many(self, signatures: Iterable[Signature]) -> list[AsyncResult]:
         """Send many independent tasks in one write (faster than a loop of send_task)."""
         sigs = list(signatures)
+        for sig in sigs:
+            task = self.registry.get(sig.name)
+            if task is not None:
+                task.check_arguments(sig.args, sig.kwargs)
         with tracing.sending(sigs[0].name if len({s.name for s in sigs}) == 1 else "many", len(sigs)):
             with payloads.sending(self):        # an object sent to many tasks is packed and stored once
                 prepared = [self.prepare(s) for s in sigs]
@@ -469,9 +493,34 @@ class App:
         with ``max_tasks_per_child``, ``max_memory_per_child`` (KiB) and ``shutdown_grace``
         (s); ``allow_code=True``: also run functions shipped from other notebooks.
         """
+        self.check_stores(wait=STORE_CHECK_WAIT_S)
         worker = self.worker(concurrency=concurrency, queues=queues, **options)
         worker.start()
         return worker
+
+    def check_stores(self, wait: float | None = None) -> None:
+        """Reach the broker and the backend once (``status()``) before a worker starts: a
+        ConfigurationError (a refused login or vhost) goes up; a server not reachable yet is
+        only logged, as the worker retries it. With ``wait`` (seconds), a check still going
+        then (a server that does not answer) finishes in the background and logs its finding."""
+        found: Future = Future()
+
+        def check() -> None:
+            try:
+                found.set_result(self.status())
+            except BaseException as exc:    # noqa: BLE001 - handed to the caller or logged
+                found.set_exception(exc)
+
+        threading.Thread(target=check, name="nbqueue-check-stores", daemon=True).start()
+        try:
+            found.result(timeout=wait)
+        except FutureTimeout:
+            log.warning("no answer from the stores within %.0f s; the worker starts and retries", wait)
+            found.add_done_callback(_log_store_problem)
+        except ConfigurationError:
+            raise
+        except Exception as exc:    # noqa: BLE001 - a worker outlives a server that is not up yet
+            log.warning("cannot reach the store yet (%s); the worker retries", exc)
 
     def _worker_started(self, worker) -> None:
         with self._lock:
@@ -592,7 +641,7 @@ class App:
         return schedule.scheduler(self)
 
     def __repr__(self) -> str:
-        from .broker import redact
+        from .urls import redact
 
         return (
             f"<nbqueue.App broker={redact(self.broker_url)} backend={redact(self.backend_url)} "

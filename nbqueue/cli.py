@@ -59,18 +59,6 @@ def _install_stop_handlers(stop, abort) -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def check_stores(app) -> None:
-    """Reach the broker and the backend once (``app.status()``): a ConfigurationError (a refused
-    login or vhost) goes up, to end the command; a server not reachable yet is only logged, as
-    the worker retries it."""
-    try:
-        app.status()
-    except ConfigurationError:
-        raise
-    except Exception as exc:    # noqa: BLE001 - a worker outlives a server that is not up yet
-        log.warning("cannot reach the store yet (%s); the worker retries", exc)
-
-
 def _stores(app) -> str:
     """The broker and, when it is another, the backend (a SQLite file with its absolute path)."""
     broker = f"broker {app.broker!r}"
@@ -79,7 +67,7 @@ def _stores(app) -> str:
 
 def cmd_worker(args) -> int:
     app = load_app(args.app)
-    check_stores(app)
+    app.check_stores()
     worker = app.worker(
         concurrency=args.concurrency,
         queues=args.queues,
@@ -247,8 +235,12 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:   # pika's connection chatter only at --log-level DEBUG
-        logging.getLogger("pika").setLevel(max(logging.WARNING, logging.getLogger().getEffectiveLevel()))
+    level = logging.getLogger().getEffectiveLevel()
+    if level > logging.DEBUG:       # store clients' connection chatter only at --log-level DEBUG
+        from .drivers import quiet_loggers
+
+        for name in quiet_loggers():
+            logging.getLogger(name).setLevel(max(logging.WARNING, level))
     try:
         return args.fn(args)
     except ConfigurationError as exc:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import functools
+import inspect
+import math
 from typing import Any, Callable
 
 from . import shipping
@@ -18,12 +20,17 @@ class Task:
     ``cache=True`` (or an expiry: ``cache="7d"``, seconds): a send whose code and arguments
     ran before returns the stored result without running (cache.py)."""
 
-    def __init__(self, app, name: str, fn: Callable, *, cache: Any = False, **options: Any):
+    def __init__(self, app, name: str, fn: Callable, *, cache: Any = False, typing: bool = True, **options: Any):
         from .cache import policy
 
         #: False (no result cache), None (cached, no expiry) or the expiry in seconds (see cache.py)
         self.cache = policy(cache)
-        check_option_names(options, TASK_OPTIONS + ("name", "cache"), "task option")
+        check_option_names(options, TASK_OPTIONS + ("name", "cache", "typing"), "task option")
+        if not isinstance(typing, bool):
+            raise TypeError(f"typing of task {name!r} must be True or False, not {type(typing).__name__} {typing!r}")
+        #: sends are checked against the function's parameters (Celery's ``typing``)
+        self.typing = typing
+        self._parameters: Parameters | None = None
         check_options(Signature(name, **options))     # a bad default is refused here, not at each send
         self.app = app
         self.name = name
@@ -40,6 +47,16 @@ class Task:
 
     def __call__(self, *args, **kwargs):
         return self.fn(*args, **kwargs)
+
+    def check_arguments(self, args: Any, kwargs: dict | None) -> None:
+        """TypeError naming the task when its function cannot take ``args`` and ``kwargs``
+        (not checked with ``typing=False``, nor for a function without a readable signature)."""
+        if not self.typing:
+            return
+        parameters = self._parameters
+        if parameters is None:
+            parameters = self._parameters = Parameters.of(self.fn)
+        parameters.check(self.name, args, kwargs)
 
     def s(self, *args, **kwargs) -> Signature:
         """A signature; chains append the previous result to its args."""
@@ -66,6 +83,44 @@ class Task:
 
     def __repr__(self) -> str:
         return f"<Task {self.name}>"
+
+
+class Parameters:
+    """What a function takes: its inspect.Signature, read once, and the range of positional
+    argument counts that alone settle a call without keywords."""
+
+    __slots__ = ("signature", "fewest", "most")
+
+    def __init__(self, signature: inspect.Signature | None, fewest: int, most: float):
+        self.signature, self.fewest, self.most = signature, fewest, most
+
+    @classmethod
+    def of(cls, fn: Callable) -> "Parameters":
+        try:
+            signature = inspect.signature(fn)
+        except (TypeError, ValueError):        # a builtin or callable without one: anything goes
+            return cls(None, 0, math.inf)
+        params = list(signature.parameters.values())
+        kinds = [p.kind for p in params]
+        if set(kinds) <= {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD}:
+            return cls(None, 0, math.inf)
+        positional = [p for p in params if p.kind in _POSITIONAL]
+        if any(p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is p.empty for p in params):
+            return cls(signature, 1, 0)         # a required keyword: every call is bound
+        fewest = sum(p.default is p.empty for p in positional)
+        most = math.inf if inspect.Parameter.VAR_POSITIONAL in kinds else len(positional)
+        return cls(signature, fewest, most)
+
+    def check(self, name: str, args: Any, kwargs: dict | None) -> None:
+        if self.signature is None or not kwargs and self.fewest <= len(args) <= self.most:
+            return
+        try:
+            self.signature.bind(*args, **(kwargs or {}))
+        except TypeError as exc:
+            raise TypeError(f"task {name!r} cannot take these arguments: {exc}") from None
+
+
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
 def task_name(fn: Callable) -> str:

@@ -119,23 +119,27 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def cli_worker(app, tmp_path, module: str, **env: str):
-    """``nbqueue worker --app <module>:app`` in a child process on ``app``'s broker, backend and
-    default queue, with ``tmp_path`` (where the test wrote ``<module>.py``) importable and ``env``
-    added to its environment; yields (process, path of its combined output). Stopped (SIGTERM,
-    then SIGKILL after 30 s) when the block ends."""
+def cli_worker(app, tmp_path, module: str, *args: str, path: tuple = (), **env: str):
+    """``nbqueue worker --app <module>:app [args]`` in a child process on ``app``'s broker,
+    backend and default queue, with ``tmp_path`` (where the test wrote ``<module>.py``) and the
+    directories in ``path`` importable and ``env`` added to its environment; yields (process,
+    path of its combined output: ``worker.log`` in ``tmp_path``, numbered for a test's next
+    workers). Stopped (SIGTERM, then SIGKILL after 30 s) when the block ends."""
     environ = dict(
         os.environ,
         NBQUEUE_BROKER=app.broker_url,
         NBQUEUE_BACKEND=app.backend_url,
         NBQUEUE_DEFAULT_QUEUE=app.default_queue,
-        PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])),
         **env,
     )
-    log = tmp_path / "worker.log"
+    importable = [*map(str, path), str(tmp_path), os.environ.get("PYTHONPATH")]
+    environ["PYTHONPATH"] = os.pathsep.join(filter(None, importable))
+    log, n = tmp_path / "worker.log", 1
+    while log.exists():
+        log, n = tmp_path / f"worker-{n}.log", n + 1
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "nbqueue", "worker", "--app", f"{module}:app"], cwd=tmp_path,
-                                env=environ, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "-m", "nbqueue", "worker", "--app", f"{module}:app", *args],
+                                cwd=tmp_path, env=environ, stdout=out, stderr=subprocess.STDOUT)
     try:
         yield proc, log
     finally:

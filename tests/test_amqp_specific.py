@@ -28,16 +28,19 @@ import pytest
 
 from nbqueue.broker import Outgoing
 from nbqueue.drivers import broker_from_url
-from nbqueue.drivers.amqp.broker import (
+from nbqueue.drivers.amqp.broker import AMQPBroker
+from nbqueue.drivers.amqp.topology import (
     H_ETA,
     MAX_BUCKET,
     MAX_HOP_MS,
     MAX_TTL_MS,
-    AMQPBroker,
+    QUEUE_VERSION,
     dead_queue_name,
     delay_bucket,
+    delay_queue_arguments,
     delay_queue_name,
     delay_queue_names,
+    work_queue_arguments,
 )
 from nbqueue.errors import ConfigurationError, ConnectionLost, PublishRefused
 from nbqueue.testing import wait_for
@@ -212,6 +215,31 @@ def test_publish_to_a_queue_deleted_behind_our_back_is_refused_then_redeclared(a
     assert broker.ack(d)
 
 
+def test_new_queues_are_of_version_2_and_queues_declared_without_a_version_are_used_as_they_are(amqp, qname, raw):
+    broker = amqp()
+    fresh, older = qname("v2"), qname("v1")
+    # Given a work queue and its delay queues as an nbqueue without queue versions declared them
+    raw.queue_declare(older, durable=True, arguments=work_queue_arguments())
+    for name in delay_queue_names(older):
+        raw.queue_declare(name, durable=True, arguments=delay_queue_arguments(older))
+    # When the broker sends to it (at once and delayed), and to a queue it creates itself
+    broker.publish(out(older, id="now"))
+    broker.publish(out(older, id="soon", eta=time.time() + 0.3))
+    broker.publish(out(fresh, id="new"))
+    # Then the existing queues serve as they are: both messages arrive
+    got = reserve_all(broker, [older], 2, timeout=10)
+    assert sorted(d.message_id for d in got) == ["now", "soon"]
+    assert all(broker.ack(d) for d in got)
+    [d] = reserve_all(broker, [fresh], 1)
+    assert d.message_id == "new" and broker.ack(d)
+    # And the new queue is of version 2: declaring it without the version is refused
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker, match="x-queue-version") as refused:
+        raw.queue_declare(fresh, durable=True, arguments=work_queue_arguments())
+    assert refused.value.reply_code == 406
+    assert raw.connection.channel().queue_declare(fresh, durable=True,
+                                                  arguments={**work_queue_arguments(), **QUEUE_VERSION})
+
+
 def test_publish_nacked_by_a_queue_length_limit_is_refused(amqp, qname):
     needs_rabbitmqctl()
     broker, q = amqp(), qname("full")
@@ -317,8 +345,8 @@ def test_names_derived_from_the_longest_queue_name_send_accepts_fit_rabbitmq(amq
     """Given a queue name of MAX_QUEUE_NAME bytes, the longest nbqueue derives from it (a
     kernel's code queue) takes delayed messages (its delay queue) and dead letters (its
     dead-letter queue) on RabbitMQ."""
+    from nbqueue.drivers.amqp import MAX_QUEUE_NAME
     from nbqueue.shipping import code_queue
-    from nbqueue.signature import MAX_QUEUE_NAME
 
     base = qname("long")
     base += "x" * (MAX_QUEUE_NAME - len(base))

@@ -9,9 +9,8 @@ in SQLite); the remote-worker tests on every broker a second process can share.
 from __future__ import annotations
 
 import _thread
+import contextlib
 import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,6 +21,8 @@ import pytest
 import nbqueue
 from nbqueue import Signature, states
 from nbqueue.testing import wait_for
+
+from conftest import cli_worker
 
 TESTS_DIR = Path(__file__).resolve().parent
 NBQUEUE_ROOT = str(Path(nbqueue.__file__).resolve().parent.parent)    # workers run the nbqueue under test
@@ -449,32 +450,16 @@ def tidy():
 
 @pytest.fixture
 def remote(tmp_path):
-    procs = []
+    with contextlib.ExitStack() as workers:
+        def start(app, *args):
+            proc, log = workers.enter_context(cli_worker(app, tmp_path, "proc_tasks", *args,
+                                                         path=(TESTS_DIR, NBQUEUE_ROOT), NBQUEUE_LOG_LEVEL="WARNING"))
+            wait_for(lambda: proc.poll() is None and any(w.get("pid") == proc.pid for w in app.backend.workers()),
+                     timeout=60,
+                     message=f"worker {proc.pid} serving:\n{log.read_text() if log.exists() else ''}")
+            return proc
 
-    def start(app, *args):
-        env = dict(os.environ)
-        env.update({"NBQUEUE_BROKER": app.broker_url, "NBQUEUE_BACKEND": app.backend_url,
-                    "NBQUEUE_DEFAULT_QUEUE": app.default_queue, "NBQUEUE_LOG_LEVEL": "WARNING",
-                    "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS_DIR), NBQUEUE_ROOT, env.get("PYTHONPATH")]))})
-        log = tmp_path / f"worker{len(procs)}.log"
-        with open(log, "wb") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "nbqueue", "worker", "--app", "proc_tasks:app", *args],
-                                    cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
-        procs.append(proc)
-        wait_for(lambda: proc.poll() is None and any(w.get("pid") == proc.pid for w in app.backend.workers()),
-                 timeout=60,
-                 message=f"worker {proc.pid} serving:\n{log.read_text() if log.exists() else ''}")
-        return proc
-
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        yield start
 
 
 @pytest.mark.parametrize("app_kind", SHARED_BROKERS)

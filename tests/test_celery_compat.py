@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import uuid
 
 import pika
@@ -72,6 +73,24 @@ def test_cli_worker_with_a_refused_vhost_exits_with_the_message(monkeypatch, cap
     err = capsys.readouterr().err
     assert err.startswith("nbqueue: RabbitMQ at") and "vhost 'nbq-missing-" in err and "%2F" in err
     assert logging.getLogger("pika").getEffectiveLevel() == logging.WARNING    # no INFO chatter by default
+
+
+@pytest.mark.parametrize("login, vhost, named", [
+    ("guest:not-the-password", "%2F", "refused the login (user 'guest')"),
+    ("guest:guest", "nbq-missing-{}", "vhost 'nbq-missing-"),
+], ids=["password", "vhost"])
+def test_start_worker_with_a_refused_login_or_vhost_raises_naming_it(tmp_path, login, vhost, named):
+    """Given an App on RabbitMQ with a wrong password or a missing vhost, when a worker is
+    started in-process, then start_worker raises the error the CLI ends with and starts nothing."""
+    require_server("RabbitMQ", "127.0.0.1", 5672)
+    app = nbqueue.App(f"amqp://{login}@127.0.0.1:5672/{vhost.format(uuid.uuid4().hex[:8])}",
+                      f"sqlite:///{tmp_path}/r.db")
+    try:
+        with pytest.raises(ConfigurationError, match=r"^RabbitMQ at .*" + re.escape(named)):
+            app.start_worker(concurrency=1)
+        assert app.workers == []
+    finally:
+        app.close()
 
 
 def test_worker_concurrency_has_help_naming_its_default(capsys):
@@ -185,6 +204,46 @@ def test_an_unknown_broker_scheme_is_the_only_message(caplog):
     with pytest.raises(ConfigurationError, match=r"unknown broker URL scheme 'reddis'.*did you mean redis://"):
         nbqueue.App("reddis://x")
     assert [r.getMessage() for r in caplog.records if r.name.startswith("nbqueue")] == []
+
+
+def test_a_call_its_function_cannot_take_is_refused_at_send_naming_the_task_and_the_problem(tmp_path):
+    """Celery's ``typing=True``: ``add.delay(1)`` for ``def add(x, y)`` raises TypeError at send
+    (every way of sending one task), and nothing is sent; ``typing=False`` sends it as it is."""
+    app = nbqueue.App(f"sqlite:///{tmp_path}/args.db", default_queue=f"args-{uuid.uuid4().hex[:8]}")
+    try:
+        @app.task
+        def add(x, y):
+            return x + y
+
+        @app.task(typing=False)
+        def loose(x, y):
+            return x + y
+
+        @app.task
+        def spread(first, *args, scale=1, **kwargs):
+            return first
+
+        missing = r"^task 'test_celery_compat\..*add' cannot take these arguments: missing a required argument: 'y'$"
+        with pytest.raises(TypeError, match=missing):
+            add.delay(1)
+        cannot = "' cannot take these arguments: "
+        with pytest.raises(TypeError, match="add" + cannot + "too many positional arguments"):
+            add.apply_async((1, 2, 3))
+        with pytest.raises(TypeError, match="add" + cannot + "got an unexpected keyword argument 'z'"):
+            add.s(1, 2, z=3).delay()
+        with pytest.raises(TypeError, match=missing):
+            app.send_task(app.signature(add.name, args=[1]))
+        with pytest.raises(TypeError, match=missing):
+            app.send_many([add.s(1, 2), add.s(1)])
+        with pytest.raises(TypeError, match="spread" + cannot + "missing a required argument: 'first'"):
+            spread.delay(scale=2)
+        assert app.backend.list() == [] and app.broker.stats() == []
+        sent = [add.delay(1, 2), add.delay(1, y=2), add.s(1).delay(2), loose.delay(1), spread.delay(1, 2, 3, z=4),
+                spread.delay(first=1)]
+        assert len({r.id for r in sent}) == 6
+        assert add(1, 2) == 3                                              # a local call is Python's own
+    finally:
+        app.close()
 
 
 # -- SQLite paths ------------------------------------------------------------------------------

@@ -398,38 +398,30 @@ def test_a_failing_event_hook_does_not_fail_the_task(tmp_path):
 
 
 def test_nbqueue_worker_metrics_port_serves_prometheus_text(tmp_path, monkeypatch):
-    from conftest import free_port
+    from conftest import cli_worker, free_port
 
     (tmp_path / "mtasks.py").write_text(
         "import nbqueue\napp = nbqueue.App('sqlite:///dash.db')\n\n@app.task(name='add')\ndef add(x, y):\n    return x "
         "+ y\n"
     )
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nbqueue", "worker", "--app", "mtasks:app", "-c", "1", "--metrics-port", str(port)],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    import mtasks
+
     try:
-        monkeypatch.syspath_prepend(str(tmp_path))
-        monkeypatch.chdir(tmp_path)
-        import mtasks
+        with cli_worker(mtasks.app, tmp_path, "mtasks", "-c", "1", "--metrics-port", str(port)):
+            assert mtasks.app.send_task(mtasks.app.signature("add", (2, 3))).get(timeout=30) == 5
 
-        assert mtasks.app.send_task(mtasks.app.signature("add", (2, 3))).get(timeout=30) == 5
-
-        def scraped():
-            try:
-                text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-            except OSError:
-                return None
-            return text if 'nbqueue_tasks_total{name="add",state="SUCCESS"} 1.0' in text else None
-        text = wait_for(scraped, timeout=20, message="the worker's metrics")
-        assert "nbqueue_task_run_seconds_bucket" in text
+            def scraped():
+                try:
+                    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+                except OSError:
+                    return None
+                return text if 'nbqueue_tasks_total{name="add",state="SUCCESS"} 1.0' in text else None
+            text = wait_for(scraped, timeout=20, message="the worker's metrics")
+            assert "nbqueue_task_run_seconds_bucket" in text
     finally:
-        proc.terminate()
-        proc.wait(20)
         sys.modules.pop("mtasks", None)
 
 

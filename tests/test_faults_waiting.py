@@ -13,10 +13,7 @@ import logging
 import multiprocessing
 import os
 import shutil
-import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -27,6 +24,8 @@ import nbqueue
 from nbqueue import Signature, TaskFailed, TaskRevoked, chain, chord, group, states
 from nbqueue.clock import ManualClock
 from nbqueue.testing import wait_for
+
+from conftest import cli_worker
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -51,7 +50,7 @@ def slow_task(app, name: str = "slow"):
 @pytest.mark.parametrize("awaited", ["task", "group"])
 def test_a_task_waiting_for_another_on_a_one_thread_worker_fails_at_once_saying_what_to_do_instead(app, awaited):
     """``inner.delay(x).get()`` inside a task, with concurrency=1: the one thread that could run
-    inner is the one waiting, so the wait fails at once (it used to hang, outer STARTED forever)."""
+    inner is the one waiting, so the wait fails at once instead of hanging with outer STARTED forever."""
     sent = []
     inner = app.task(name="inner")(lambda x: x * 2)
 
@@ -357,27 +356,11 @@ def test_an_app_made_again_after_rm_rf_of_its_sqlite_store_writes_a_new_file_oth
     app = nbqueue.App(url, default_queue="procs")               # the cell that makes the App, run again
     r = app.send_task(Signature("add", args=[2, 3]))
     assert (store / "nbqueue.db").exists() and result_rows(store / "nbqueue.db", r.id) == [("PENDING",)]
-    env = dict(
-        os.environ,
-        NBQUEUE_BROKER=url,
-        NBQUEUE_BACKEND=url,
-        NBQUEUE_DEFAULT_QUEUE="procs",
-        NBQUEUE_LOG_LEVEL="WARNING",
-        NBQUEUE_TEST_SIDE_DB=str(tmp_path / "side.db"),
-        PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")])),
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nbqueue", "worker", "--app", "proc_tasks:app", "--concurrency", "1"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     try:
-        assert r.get(timeout=60) == 5                           # another process ran it
+        with cli_worker(app, tmp_path, "proc_tasks", "--concurrency", "1", path=(TESTS_DIR,),
+                        NBQUEUE_LOG_LEVEL="WARNING", NBQUEUE_TEST_SIDE_DB=str(tmp_path / "side.db")):
+            assert r.get(timeout=60) == 5                       # another process ran it
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
         app.close()
 
 
@@ -401,24 +384,6 @@ def test_an_app_whose_sqlite_file_was_deleted_keeps_recording_into_the_file_at_i
 # -- a notebook's task on a queue an external worker shares ------------------------------------------------
 
 
-def start_cli_worker(app, tmp_path: Path, *args: str) -> subprocess.Popen:
-    env = dict(
-        os.environ,
-        NBQUEUE_BROKER=app.broker_url,
-        NBQUEUE_BACKEND=app.backend_url,
-        NBQUEUE_DEFAULT_QUEUE=app.default_queue,
-        NBQUEUE_VISIBILITY_TIMEOUT=str(app.visibility_timeout),
-        NBQUEUE_LOG_LEVEL="WARNING",
-        NBQUEUE_TEST_SIDE_DB=str(tmp_path / "side.db"),
-        PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")])),
-    )
-    log = open(tmp_path / f"worker-{time.monotonic_ns()}.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "nbqueue", "worker", "--app", "proc_tasks:app", *args],
-                            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
-    log.close()
-    return proc
-
-
 @pytest.mark.parametrize("app_kind", ["sqlite", "redis", "amqp"])
 def test_a_notebook_task_on_a_queue_an_external_worker_shares_never_fails_not_registered(app_factory, tmp_path):
     app = app_factory()
@@ -429,8 +394,9 @@ def test_a_notebook_task_on_a_queue_an_external_worker_shares_never_fails_not_re
         return i
 
     app.start_worker(concurrency=1, unknown_grace=120, heartbeat_interval=0.5)   # the kernel's worker
-    proc = start_cli_worker(app, tmp_path, "--concurrency", "2")
-    try:
+    with cli_worker(app, tmp_path, "proc_tasks", "--concurrency", "2", path=(TESTS_DIR,),
+                    NBQUEUE_VISIBILITY_TIMEOUT=str(app.visibility_timeout), NBQUEUE_LOG_LEVEL="WARNING",
+                    NBQUEUE_TEST_SIDE_DB=str(tmp_path / "side.db")) as (proc, _):
         wait_for(
             lambda: any(w.get("pid") == proc.pid for w in app.backend.workers()),
             timeout=30,
@@ -448,9 +414,6 @@ def test_a_notebook_task_on_a_queue_an_external_worker_shares_never_fails_not_re
         with pytest.raises(TaskFailed) as err:
             app.send_task(Signature("nobody_knows_it")).get(timeout=60)
         assert err.value.exc_type == "NotRegistered"
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
 
 
 # -- children forked from a process with a running worker ---------------------------------------------------

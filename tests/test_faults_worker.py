@@ -19,13 +19,14 @@ import signal
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import pytest
 
 import nbqueue
 from nbqueue import Signature, states
 from nbqueue.testing import wait_for
+
+from conftest import cli_worker
 
 
 def queue_counts(app, queue: str | None = None) -> dict:
@@ -117,6 +118,15 @@ def test_every_option_is_checked_at_send_naming_it(tmp_path, qname, options, err
         assert app.backend.list() == [] and app.broker.stats() == []
     finally:
         app.close()
+
+
+BAD_QUEUES = [(o["queue"], e, p) for o, e, p in BAD_OPTIONS if "queue" in o]
+
+
+@pytest.mark.parametrize("queue, error, pattern", BAD_QUEUES, ids=[repr(q)[:12] for q, _, _ in BAD_QUEUES])
+def test_bad_default_queue_is_refused_at_app_construction_naming_the_argument(tmp_path, queue, error, pattern):
+    with pytest.raises(error, match=r"default_queue" + pattern.removeprefix("queue")):
+        nbqueue.App(f"sqlite:///{tmp_path}/dq.db", default_queue=queue)
 
 
 def test_good_options_still_pass(tmp_path, qname):
@@ -353,6 +363,40 @@ def test_a_worker_whose_executor_threads_died_stops_reporting_itself_alive(app_f
     assert r.get(timeout=20) == 3
 
 
+def test_a_worker_announced_as_its_executor_threads_die_is_not_listed_after_it_stopped(app_factory, monkeypatch):
+    """The heartbeat thread removes the record of a worker whose executors died while start()
+    announces the worker (as a task's registration does too): the record does not outlive the
+    worker. The announcement's write is held until the removal is done, the order that left a
+    live record behind."""
+    app = app_factory(visibility_timeout=30)
+    app.register_task("add", lambda x, y: x + y)
+    worker = app.worker(concurrency=1, heartbeat_interval=0.1)
+    removed = threading.Event()
+    worker_gone, heartbeat = app.backend.worker_gone, app.backend.heartbeat
+
+    def removing(name):
+        worker_gone(name)
+        removed.set()
+
+    def announcing(name, info, ttl):
+        if threading.current_thread() is threading.main_thread():
+            assert removed.wait(30)
+        heartbeat(name, info, ttl)
+
+    def dying(deliveries, prep=None):
+        raise Stop("executor killed")
+
+    monkeypatch.setattr(app.backend, "worker_gone", removing)
+    monkeypatch.setattr(app.backend, "heartbeat", announcing)
+    monkeypatch.setattr(worker, "process_batch", dying)
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)
+    app.send_task(app.signature("add", args=[1, 2]))
+    worker.start()
+    wait_for(lambda: not worker.running, timeout=30, message="worker stopped")
+    assert worker.crashed
+    assert all(w["worker_id"] != worker.name for w in app.backend.workers())
+
+
 # -- 11: a task id runs once per batch -----------------------------------------------------------------------
 
 
@@ -493,35 +537,14 @@ def noop(i):
 '''
 
 
-def start_cli_worker(app, tmp_path: Path, *args: str) -> tuple[subprocess.Popen, Path]:
-    (tmp_path / "faulttasks.py").write_text(CLI_TASKS)
-    env = dict(
-        os.environ,
-        NBQUEUE_BROKER=app.broker_url,
-        NBQUEUE_BACKEND=app.backend_url,
-        NBQUEUE_DEFAULT_QUEUE=app.default_queue,
-        NBQUEUE_LOG_LEVEL="WARNING",
-    )
-    log = tmp_path / "worker.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "nbqueue", "worker", "--app", "faulttasks:app", *args],
-            cwd=tmp_path,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    return proc, log
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("app_kind", ["sqlite", "redis"])
 def test_cli_worker_records_a_base_exception_and_counts_5000_tasks_exactly(app_factory, tmp_path):
     app = app_factory()
     stopped = app.send_task(Signature("stopper"))
     results = app.send_many([Signature("noop", args=[i]) for i in range(5000)])
-    proc, log = start_cli_worker(app, tmp_path, "--concurrency", "2")
-    try:
+    (tmp_path / "faulttasks.py").write_text(CLI_TASKS)
+    with cli_worker(app, tmp_path, "faulttasks", "--concurrency", "2", NBQUEUE_LOG_LEVEL="WARNING") as (proc, log):
         with pytest.raises(nbqueue.TaskFailed, match="halt"):
             stopped.get(timeout=60)
         assert app.backend.wait([r.id for r in results], timeout=240)
@@ -549,7 +572,3 @@ def test_cli_worker_records_a_base_exception_and_counts_5000_tasks_exactly(app_f
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
         assert "stopped after 5000 task(s)" in log.read_text(), log.read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)

@@ -258,6 +258,78 @@ def test_begin_many_hands_out_tokens_in_one_call_and_skips_final_records():
     assert backend.get("old")["state"] == states.RECEIVED and backend.begin("old") == 2
 
 
+def _twin_scenario(url: str) -> list:
+    """Every call of a broker, backend and engine on ``url`` whose scripts have Python twins,
+    through the paths that branch in them, with what each returned."""
+    clock = ManualClock()
+    broker = RedisBroker(url, clock=clock)
+    backend = RedisBackend(url, clock=clock, options={"results_expire_in": 600})
+    engine = RedisEngine(broker, backend)
+    seen: list = []
+
+    def claims(claimed):
+        seen.append([(c.delivery.message_id, c.delivery.queue, c.delivery.body, c.delivery.attempt,
+                      c.delivery.priority, c.delivery.lapsed, c.token, c.begun) for c in claimed])
+        return claimed
+
+    engine.send([{"id": f"t{i}", "name": "add"} for i in range(6)],
+                [_out("a", "t0"), _out("a", "t1", priority=7), _out("b", "t2", eta=clock.time() + 5),
+                 _out("b", "t3", body="\u00e9\u20ac"), _out("a", "t4"), _out("a", "t5")])
+    broker.publish_many([_out("a", "t0", body="again"), _out("c", "solo")])     # t0 is known: left alone
+    first = claims(engine.claim(["a", "b"], limit=2, timeout=0, lease=10, worker="w1"))
+    seen.append(engine.finish([Outcome(first[0].delivery, "t1", states.SUCCESS, first[0].token, {"result": "2"})],
+                              [first[0].delivery]))
+    seen.append(engine.finish([Outcome(None, "t0", states.SUCCESS, 99, {"result": "x"})], [first[1].delivery]))
+    seen.append(broker.extend(first[1].delivery, 30))
+    clock.advance(6)                            # t2 due
+    rest = claims(engine.claim(["a", "b"], limit=10, timeout=0, lease=10, worker="w1"))
+    seen.append([broker.retry(rest[0].delivery, body="retried"), broker.reject(rest[1].delivery, "bad"),
+                 broker.retry(rest[2].delivery, eta=clock.time() + 100), broker.ack(first[0].delivery)])
+    seen.append(broker.reserve(["c"], lease=1))
+    clock.advance(40)                           # leases of t0 and solo run out
+    claims(engine.claim(["a", "b", "c"], limit=10, timeout=0, lease=10, worker="w2"))
+    claims(engine.claim(["a", "b", "c"], limit=10, timeout=0, lease=10, worker="w2"))
+    claims(engine.run_next([_out("a", "next"), _out("a", "t4")], lease=10, worker="w2"))
+    seen.append(backend.begin_many(["t4", "t1", "new"], worker="w3", fields={"new": {"name": "x", "retries": 3}}))
+    seen.append([backend.set_state("t5", states.STARTED, token=1), backend.set_state("t5", states.FAILURE),
+                 backend.set_state("t5", states.SUCCESS), backend.set_state("fresh", states.STARTED, token=2)])
+    seen.append(broker.stats())
+    seen.append(broker.dead_letters())
+    client = broker.client
+    for key in sorted(client.keys("*")):
+        kind = client.type(key)
+        if kind == "hash":
+            value = client.hgetall(key)
+        elif kind == "zset":
+            value = client.zrange(key, 0, -1, withscores=True)
+        elif kind == "list":
+            value = client.lrange(key, 0, -1)
+        elif kind == "set":
+            value = sorted(client.smembers(key))
+        else:
+            value = client.get(key)
+        seen.append((key, kind, value, client.pttl(key) > 0))
+    return seen
+
+
+def test_memory_runs_the_scripts_as_their_python_twins_with_the_lua_scripts_results(monkeypatch):
+    """The Lua scripts fakeredis would run and their Python twins (nbqueue.drivers.redis.twins)
+    leave the same keys and return the same replies, and memory:// runs the twins."""
+    import fakeredis.commands_mixins.scripting_mixin as scripting
+
+    from nbqueue.drivers.redis import memory
+
+    ran = []
+    lua_eval = scripting.ScriptingCommandsMixin.eval
+    monkeypatch.setattr(scripting.ScriptingCommandsMixin, "eval", lambda *a: ran.append(1) or lua_eval(*a))
+    with_twins = _twin_scenario(_memory_url())
+    assert not ran                              # no script of the scenario ran as Lua
+    monkeypatch.setattr(memory, "TWINS", {})
+    with_lua = _twin_scenario(_memory_url())
+    assert ran
+    assert with_twins == with_lua
+
+
 # -- connections ---------------------------------------------------------------------------
 
 def test_remote_redis_without_password_logs_a_warning(caplog):

@@ -408,6 +408,32 @@ def test_sqs_code_queue_works_under_nbqueue_name_beside_a_queue_whose_sqs_name_i
         broker.publish(Outgoing(id="m", body="{}", queue=q + "-_code"))
 
 
+def test_sqs_queue_named_like_a_dead_letter_queue_is_a_queue_of_its_own(sqs, qname):
+    """Given nbqueue's queue ``<q>`` and a user's queue ``<q>-dead`` (the SQS name of ``<q>``'s
+    dead-letter queue) on one broker, a message rejected on ``<q>`` dead-letters apart from
+    the messages on ``<q>-dead``, which is an ordinary queue with its own dead-letter queue."""
+    from nbqueue.drivers.sqs.broker import dead_queue_name, sqs_name
+
+    broker, q = sqs(), qname("x")
+    user = q + "-dead"
+    qname.made.append(user)
+    broker.publish(Outgoing(id="plain", body="{}", queue=user))
+    broker.publish(Outgoing(id="bad", body="{}", queue=q))
+    [d] = _reserve(broker, q)
+    assert broker.reject(d, "not a task")
+    assert [(x["id"], x["queue"]) for x in wait_for(lambda: broker.dead_letters(q))] == [("bad", q)]
+    [p] = _reserve(broker, user)
+    assert p.message_id == "plain" and broker.ack(p)
+    assert broker.dead_letters(user) == []
+    assert _reserve(broker, user, timeout=1.5) == []
+    names = [b.replace("x", stem, 1) for b in ("x", "x.fifo", "x.code") for stem in ("x", "x-dead", "x.-dead")]
+    mapped = [sqs_name(n) for n in names]
+    assert not set(mapped) & {dead_queue_name(m) for m in mapped}           # no user queue is a dead-letter queue
+    assert len(set(mapped)) == len(names)
+    with pytest.raises(ConfigurationError, match=r"'x\.' is not a usable SQS queue name: .*end in '\.'"):
+        sqs_name("x.")
+
+
 def test_sqs_missing_credentials_name_the_settings_to_fix(monkeypatch, sqs):
     from nbqueue.drivers.sqs.broker import SQSBroker
 

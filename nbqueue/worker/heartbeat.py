@@ -92,7 +92,11 @@ class Heartbeat:
             "allow_code": self.allow_code,
             "origin": builtin.PROCESS_TOKEN,
         }
+        if self._record_gone:
+            return
         self.app.backend.heartbeat(self.name, info, ttl=max(3 * self.heartbeat_interval, 2.0))
+        if self._record_gone:           # removed while this was written: it may have landed after the removal
+            self.app.backend.worker_gone(self.name)
 
     def announce(self) -> None:
         """Write the heartbeat now (at start, and when the App registers a task), not at the next beat."""

@@ -113,6 +113,7 @@ class Worker(Heartbeat, Execution):
         self.failed = 0                                # ... and FAILURE
         self._count_lock = threading.Lock()
         self.crashed = False  # every executor thread died (see _executors_died)
+        self._record_gone = False                      # removed (see _remove_record): a heartbeat does not revive it
         self.waiting = 0  # executor threads held by a task waiting for a result (result.py)
         self._wait_lock = threading.Lock()             # one such wait decided at a time (see holding_thread)
         self._revoked: set = set()                     # ids revoked by this process's App (see note_revoked)
@@ -143,6 +144,7 @@ class Worker(Heartbeat, Execution):
             return self
         capture.install(echo=self.echo_output)
         self._stopping.clear()
+        self._record_gone = False
         if self.pool is not None:
             self.pool.start()
         for i in range(self.concurrency):
@@ -204,11 +206,18 @@ class Worker(Heartbeat, Execution):
                 self.pool.close()
             self.app._worker_stopped(self)
             if os.getpid() == self._pid:   # in a forked child, the worker is the parent's: it goes on there
-                try:
-                    self.app.backend.worker_gone(self.name)
-                except Exception:
-                    log.debug("could not remove worker heartbeat", exc_info=True)
+                self._remove_record()
         return not alive
+
+    def _remove_record(self) -> None:
+        """Remove this worker's heartbeat record for good: a heartbeat written concurrently
+        (an announcement from another thread) and landing after the removal sees the flag set
+        first and removes the record again (see _beat)."""
+        self._record_gone = True
+        try:
+            self.app.backend.worker_gone(self.name)
+        except Exception:
+            log.debug("could not remove worker heartbeat", exc_info=True)
 
     @property
     def running(self) -> bool:
@@ -318,10 +327,7 @@ class Worker(Heartbeat, Execution):
         with self._held_lock:
             held = list(self._held.values())
         self._hand_back(held)
-        try:
-            self.app.backend.worker_gone(self.name)
-        except Exception:
-            log.debug("could not remove worker heartbeat", exc_info=True)
+        self._remove_record()
 
     def _hold(self, deliveries: list[Delivery]) -> None:
         with self._held_lock:

@@ -1,18 +1,20 @@
 """What the AMQP driver's broker and result backend share: reading an amqp:// URL into pika's
-connection parameters (nbqueue's own query options taken out first).
+connection parameters (nbqueue's own query options taken out first), and the errors and helpers
+of a pika connection.
 
 The vhost is the URL's path without its first ``/``, percent-decoded: ``amqp://h:5672/`` and
 ``amqp://h:5672/%2F`` name the vhost ``/``, ``amqp://h/jobs`` the vhost ``jobs``; as in kombu
 (Celery), ``amqp://h:5672//`` names the vhost ``/`` too (pika alone would read an empty name)."""
 from __future__ import annotations
 
-from typing import Collection
+from typing import Any, Collection
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 import pika
+import pika.exceptions as pex
 
-from ...broker import redact
 from ...errors import ConfigurationError
+from ...urls import redact
 
 
 def check_url(url: str) -> dict:
@@ -47,3 +49,42 @@ def refused(url: str, params: pika.ConnectionParameters, exc: BaseException) -> 
         f"RabbitMQ at {redact(url)} refused the login (user {params.credentials.username!r}) or vhost "
         f"{params.virtual_host!r}: {exc!r}; the vhost is the URL's path after the port, percent-encoded: "
         "write %2F for the vhost '/' (amqp://user:pass@host:5672/%2F)")
+
+
+#: errors that mean "this connection is gone": reconnect
+CONNECTION_ERRORS = (pex.AMQPConnectionError, pex.ChannelWrongStateError, pex.StreamLostError, OSError)
+#: errors of a first connection that mean "wrong login or vhost": no point retrying
+AUTH_ERRORS = (pex.ProbableAuthenticationError, pex.AuthenticationError, pex.ProbableAccessDeniedError)
+
+
+def _noop() -> None:
+    pass
+
+
+def wake(connection: pika.BlockingConnection) -> None:
+    """Make a process_data_events() of this connection return (safe from pika callbacks)."""
+    try:
+        connection.add_callback_threadsafe(_noop)
+    except Exception:   # closing: process_data_events returns anyway
+        pass
+
+
+def close_quietly(thing: Any) -> None:
+    """Close a connection or channel that may already be closed or broken."""
+    try:
+        if thing is not None and thing.is_open:
+            thing.close()
+    except Exception:
+        pass
+
+
+class Link:
+    """What the consuming and publishing connections share: the server's parameters, how long
+    to keep reconnecting, and whether any connection ever succeeded (a refused login on the
+    first connection is a configuration error, not an outage)."""
+
+    def __init__(self, url: str, params: pika.ConnectionParameters, reconnect_timeout: float):
+        self.url = url
+        self.params = params
+        self.reconnect_timeout = reconnect_timeout
+        self.ever_connected = False

@@ -32,8 +32,10 @@ from typing import Any, Sequence
 
 from ... import serialization, states
 from ...backend import FIELDS, ResultBackend, counts_from_states, matches
-from ...broker import redact
+from ...urls import redact
+from . import twins
 from .client import LUA_FINAL, MIN_BLOCK, connect, guarded, key_prefix, lua, pipeline, url_options
+from .twins import twin
 
 _INT_FIELDS = frozenset({"retries", "token"})
 _FLOAT_FIELDS = frozenset({"created_at", "started_at", "finished_at", "expires_at"})
@@ -53,6 +55,11 @@ _INIT_GROUP = lua("init_group")
 _MEMBER_DONE = lua("member_done")
 _CLAIM_CHORD = lua("claim_chord")
 _GROUP_PROGRESS = lua("group_progress")
+
+# the scripts memory:// runs as Python (see nbqueue.drivers.redis.twins)
+twin(_CREATE, twins.create)
+twin(_BEGIN, twins.begin_many)
+twin(_SET_STATE, twins.set_state, done_ttl=DONE_TTL_MS)
 
 
 def _encode(value: Any) -> str:

@@ -58,7 +58,9 @@ from typing import Any, Sequence
 import redis
 
 from ...broker import Broker, Delivery, Outgoing, checked_text, queue_list, shown
+from . import twins
 from .client import LUA_FINAL, MIN_BLOCK, connect, guarded, key_prefix, lua, pipeline, url_options
+from .twins import twin
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,12 @@ _PUBLISH_RESERVED = lua("queues", "begin", "publish_reserved", header=_HEADER)
 _RESERVE = lua("queues", "begin", "reserve", header=_HEADER)
 _SETTLE = lua("queues", "settle", header=_HEADER)
 _PURGE = lua("queues", "purge", header=_HEADER)
+
+# the scripts memory:// runs as Python (see nbqueue.drivers.redis.twins)
+twin(_PUBLISH, twins.publish, tokens=SIGNAL_TOKENS, signal_ttl=SIGNAL_TTL_MS)
+twin(_PUBLISH_RESERVED, twins.publish_reserved)
+twin(_RESERVE, twins.reserve)
+twin(_SETTLE, twins.settle, tokens=SIGNAL_TOKENS, signal_ttl=SIGNAL_TTL_MS)
 
 
 class RedisBroker(Broker):

@@ -19,8 +19,8 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from ... import states
-from ...broker import redact
 from ...errors import ConfigurationError, ConnectionLost
+from ...urls import redact
 
 if TYPE_CHECKING:
     import fakeredis
@@ -84,7 +84,12 @@ def connect(url: str, options: Mapping[str, Any], encoding_errors: str = "strict
     if parts.scheme == "memory":
         import fakeredis
 
-        client = fakeredis.FakeRedis(server=fake_server(parts.netloc or parts.path.strip("/") or "default"), **kwargs)
+        from .memory import MemoryConnection
+
+        # an in-process server has no link to check: no health-check PING before each round trip
+        kwargs["health_check_interval"] = 0
+        client = fakeredis.FakeRedis(server=fake_server(parts.netloc or parts.path.strip("/") or "default"),
+                                     connection_class=MemoryConnection, **kwargs)
         _bind_to_process(client, url)
     else:
         if warn:

@@ -32,11 +32,14 @@ Capabilities:
   (``jobs.code`` is the SQS queue ``jobs-_code``; ``jobs.fifo.code`` is the standard queue
   ``jobs-_fifo-_code``), and a dotted name longer than 75 characters once written so is cut
   to 61 and ends in ``-_`` and 12 hex digits of the SHA-256 of nbqueue's name. So ``-_``
-  marks nbqueue's mapping, and a name given to this broker may not contain it: every
-  name maps to its own SQS queue. Anything else SQS cannot hold (spaces, ``/``, a name
-  without dots over 75 characters) is a ConfigurationError naming it at send and in the
-  worker's log. Deliveries, ``stats()``, ``purge()``, ``dead_letters()`` and the
-  dashboard speak nbqueue's names.
+  marks nbqueue's mapping, and a name given to this broker may not contain it (nor end in
+  ``.``): every name maps to its own SQS queue. The ending ``-dead`` marks the dead-letter
+  queues this broker makes: a name whose SQS name would end so gets ``-_`` appended
+  (``jobs-dead`` is the SQS queue ``jobs-dead-_``, with the dead-letter queue
+  ``jobs-dead-_-dead``), so no queue is another's dead-letter queue. Anything else SQS
+  cannot hold (spaces, ``/``, a name without dots over 75 characters) is a
+  ConfigurationError naming it at send and in the worker's log. Deliveries, ``stats()``,
+  ``purge()``, ``dead_letters()`` and the dashboard speak nbqueue's names.
 - Leases: the visibility timeout, in whole seconds (a lease is rounded up, at most 12
   hours from the receive: SQS's limit); ``extend()`` is ChangeMessageVisibility, which the
   worker's heartbeat calls. A delivery not acknowledged in time is received again.
@@ -134,8 +137,10 @@ import boto3
 import botocore.config
 import botocore.exceptions as bex
 
-from ...broker import WAKEUPS, Broker, Capabilities, Delivery, Outgoing, redact
+from ...broker import Broker, Capabilities, Delivery, Outgoing
 from ...errors import BrokerError, ConfigurationError, PublishRefused
+from ...urls import redact
+from ...wakeups import WAKEUPS
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +153,9 @@ QUEUE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,80}(\.fifo)?$")
 MAX_NAME = 75                       # before .fifo: SQS's 80 less our "-dead" suffix
 #: nbqueue's "." (bar a final ".fifo") in SQS names; reserved, so the mapping stays one to one
 DOT = "-_"
+#: the ending of the dead-letter queues this broker makes; an SQS name of nbqueue's queue ending so
+#: gets DOT appended (names ending in "." are refused), so no queue's name is another's dead-letter queue
+DEAD = "-dead"
 
 #: our message attributes
 A_ID, A_ETA, A_ATTEMPTS, A_REASON, A_QUEUE, A_PRIORITY = (
@@ -194,7 +202,7 @@ def _attr(value: Any) -> dict:
 
 def dead_queue_name(queue: str) -> str:
     """The dead-letter queue this broker makes for the SQS queue ``queue`` (an SQS name)."""
-    return queue[:-5] + "-dead.fifo" if queue.endswith(".fifo") else queue + "-dead"
+    return queue[:-5] + DEAD + ".fifo" if queue.endswith(".fifo") else queue + DEAD
 
 
 @functools.lru_cache(maxsize=4096)
@@ -205,13 +213,18 @@ def sqs_name(queue: str) -> str:
     if DOT in stem:
         raise ConfigurationError(f"{queue!r} is not a usable SQS queue name: '{DOT}' is reserved (the SQS broker "
                                  "writes nbqueue's '.' separators so)")
+    if stem.endswith("."):
+        raise ConfigurationError(f"{queue!r} is not a usable SQS queue name: a name may not end in '.' (nor in "
+                                 "'..fifo')")
     name = stem.replace(".", DOT)
+    if name.endswith(DEAD):
+        name += DOT                 # the "-dead" ending marks the dead-letter queues this broker makes
     if "." in stem and len(name) > MAX_NAME:
         digest = hashlib.sha256(queue.encode("utf-8")).hexdigest()[:12]
         name = name[:MAX_NAME - len(DOT) - len(digest)] + DOT + digest
     if not QUEUE_NAME.match(name + fifo) or len(name) > MAX_NAME:
         raise ConfigurationError(f"{queue!r} is not a usable SQS queue name: 1-{MAX_NAME} letters, digits, '-', '_' "
-                                 "and '.', optionally ending in '.fifo'")
+                                 "and '.', optionally ending in '.fifo' (one ending in '-dead' is written with 2 more)")
     return name + fifo
 
 

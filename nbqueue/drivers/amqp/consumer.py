@@ -1,0 +1,522 @@
+"""The consuming side of the RabbitMQ broker: one I/O thread per broker owns the consuming
+connection (pika's BlockingConnection is not thread-safe), pumps its heartbeats, follows the
+demand of the waiting reservers (consumers per queue, the ``basic.qos`` window) and carries out
+the acks and requeues other threads hand to it with ``add_callback_threadsafe``.
+
+``Consumption`` is what the broker holds: the current session (connection + channel; delivery
+tags mean something only within it), the messages pushed and not yet reserved, the deliveries
+handed out and not settled, and the reservers waiting. Reading the deliveries' headers (attempts,
+lapses, long-delay hops) is here too.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import logging
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+import pika
+import pika.exceptions as pex
+
+from ...broker import Delivery, text_of
+from ...errors import ConnectionLost
+from ...urls import redact
+from .client import AUTH_ERRORS, CONNECTION_ERRORS, Link, close_quietly, wake
+from .topology import (
+    H_ATTEMPTS,
+    H_ETA,
+    H_LAPSE_TOKEN,
+    H_LAPSES,
+    H_RECHECK,
+    Shapes,
+    int_header,
+    work_queue_arguments,
+)
+
+log = logging.getLogger(__name__)
+
+#: a reserve() on queues not consumed yet waits up to this long for the consumer to start,
+#: then FIRST_PUSH_S for the messages RabbitMQ pushes at once (so timeout=0 still finds them)
+SETUP_WAIT_S, FIRST_PUSH_S = 2.0, 0.05
+
+
+@dataclasses.dataclass
+class Pending:
+    """A message pushed to this process and not yet handed to a reserver."""
+
+    seq: int
+    queue: str
+    delivery_tag: int
+    redelivered: bool
+    properties: pika.BasicProperties
+    body: bytes
+
+
+class Session:
+    """One consuming connection + channel. Delivery tags are only meaningful within it."""
+
+    def __init__(self, connection: pika.BlockingConnection, channel: Any):
+        self.connection = connection
+        self.channel = channel
+        self.alive = True
+        self.prefetch: int | None = None
+        self.consumers: dict[str, str] = {}          # queue -> consumer tag
+        self.buffer: list[Pending] = []              # pushed, not yet reserved
+        self.outstanding: dict[int, str] = {}        # delivery tag -> queue, handed out, not settled
+
+    def settle(self, delivery_tag: int, action: str) -> None:
+        """Run on the I/O thread: ack or nack(requeue) one delivery of this session."""
+        if not (self.alive and self.channel.is_open):
+            return
+        try:
+            if action == "ack":
+                self.channel.basic_ack(delivery_tag)
+            else:
+                self.channel.basic_nack(delivery_tag, requeue=True)
+        except Exception:  # the channel died under us; the loop notices and reconnects
+            log.debug("could not %s delivery %s", action, delivery_tag, exc_info=True)
+
+    def ack_many(self, delivery_tags: list[int]) -> None:
+        """Run on the I/O thread: ack several deliveries, written out with one flush."""
+        if not (self.alive and self.channel.is_open):
+            return
+        try:
+            for tag in delivery_tags[:-1]:
+                self.channel._impl.basic_ack(tag)     # queued on the async channel, no flush yet
+            self.channel.basic_ack(delivery_tags[-1])  # ... and flushed with the last
+        except Exception:  # the channel died under us; the loop notices and reconnects
+            log.debug("could not ack %d deliveries", len(delivery_tags), exc_info=True)
+
+    def __repr__(self) -> str:
+        return f"<amqp session {id(self):#x}{'' if self.alive else ' closed'}>"
+
+
+@dataclasses.dataclass(eq=False)
+class Demand:
+    """A reserve() call waiting for messages: which queues and how many."""
+
+    queues: frozenset
+    limit: int
+
+
+class Consumption:
+    """The consuming state of one broker in one process, and the I/O thread that serves it."""
+
+    def __init__(self, link: Link, shapes: Shapes):
+        self.link = link
+        self.shapes = shapes      # the publishers declare each queue first and learn its shape
+        self.cond = threading.Condition()
+        self.session: Session | None = None
+        self.demands: list[Demand] = []
+        self.dirty = False
+        self.wakes = 0
+        self.seq = itertools.count()
+        self._thread: ConsumerThread | None = None
+        self._thread_lock = threading.Lock()
+
+    # -- reserving --------------------------------------------------------------------------
+    def ensure_thread(self) -> ConsumerThread:
+        with self._thread_lock:
+            thread = self._thread
+            if thread is None or thread.failed is not None or not thread.is_alive():
+                thread = self._thread = ConsumerThread(self)
+                thread.start()
+            return thread
+
+    def reserve(
+        self, names: list[str], limit: int, timeout: float, convert: Callable[[list], list[Delivery]]
+    ) -> list[Delivery]:
+        """Wait up to ``timeout`` for messages of ``names`` and hand up to ``limit`` of them to
+        ``convert`` (which may hold some back); [] at the timeout or on wake()."""
+        started = time.monotonic()
+        deadline = started + max(0.0, timeout)
+        wanted = frozenset(names)
+        demand = Demand(wanted, limit)
+        consumer = self.ensure_thread()
+        with self.cond:
+            wakes = self.wakes
+            setting_up = not self.consuming(wanted)
+            self.demands.append(demand)
+            session = self.session
+            # wake the I/O thread only if consumers or the prefetch window must change
+            change = (setting_up or session is None or session.prefetch != self.window(session)
+                      or not set(session.consumers) <= set().union(*(d.queues for d in self.demands)))
+            self.dirty = self.dirty or change
+        if change:
+            consumer.poke()
+        try:
+            while True:
+                with self.cond:
+                    while True:
+                        taken = self.take(wanted, demand.limit)
+                        if taken:
+                            break
+                        if consumer.failed is not None:
+                            failure = consumer.failed
+                            raise ConnectionLost(
+                                f"cannot consume from RabbitMQ at {redact(self.link.url)}: {failure!r}"
+                            ) from failure
+                        if setting_up and self.consuming(wanted):
+                            setting_up = False
+                            deadline = max(deadline, time.monotonic() + FIRST_PUSH_S)
+                        until = max(deadline, started + SETUP_WAIT_S) if setting_up else deadline
+                        remaining = until - time.monotonic()
+                        if remaining <= 0 or self.wakes != wakes:
+                            return []
+                        self.cond.wait(remaining)
+                deliveries = convert(taken)
+                if deliveries:
+                    return deliveries
+        finally:
+            with self.cond:
+                self.demands.remove(demand)
+                self.dirty = self.dirty or bool(self.demands)   # the others' window, at the next turn
+
+    def window(self, session: Session) -> int:
+        """Under the lock: the prefetch the waiting reservers need (held + asked for)."""
+        return max(1, len(session.outstanding) + sum(d.limit for d in self.demands))
+
+    def consuming(self, queues: frozenset) -> bool:
+        """Under the lock: is the current session consuming all of ``queues``?"""
+        session = self.session
+        return session is not None and all(q in session.consumers for q in queues)
+
+    def take(self, queues: frozenset, limit: int) -> list[tuple[Session, Pending]]:
+        """Under the lock: move up to ``limit`` buffered messages of ``queues`` to outstanding."""
+        session = self.session
+        if session is None or not session.buffer:
+            return []
+        mine = [p for p in session.buffer if p.queue in queues]
+        if not mine:
+            return []
+        mine.sort(key=lambda p: (-(p.properties.priority or 0), p.seq))
+        if after_lapse(mine[0]):
+            taken = mine[:1]            # alone: a message that may have killed its worker takes no batch-mates along
+        else:
+            taken = list(itertools.takewhile(lambda p: not after_lapse(p), mine))[:limit]
+        chosen = {id(p) for p in taken}
+        session.buffer = [p for p in session.buffer if id(p) not in chosen]
+        for p in taken:
+            session.outstanding[p.delivery_tag] = p.queue
+        return [(session, p) for p in taken]
+
+    def wake(self) -> None:
+        """Make every waiting reserve() return (empty)."""
+        with self.cond:
+            self.wakes += 1
+            self.cond.notify_all()
+
+    # -- settling -----------------------------------------------------------------------------
+    def claim(self, delivery: Delivery) -> Session | None:
+        """Take a current delivery out of outstanding (so no one else settles it); None if stale."""
+        tag = delivery.tag
+        if not (isinstance(tag, tuple) and len(tag) == 2 and isinstance(tag[0], Session)):
+            return None
+        session, delivery_tag = tag
+        with self.cond:
+            if session is not self.session or not session.alive or delivery_tag not in session.outstanding:
+                return None
+            del session.outstanding[delivery_tag]
+            return session
+
+    def unclaim(self, session: Session, delivery: Delivery) -> None:
+        with self.cond:
+            if session.alive:
+                session.outstanding[delivery.tag[1]] = delivery.queue
+
+    def handover(self, session: Session, delivery_tag: int, action: str) -> bool:
+        """Have the I/O thread ack or requeue (AMQP acks have no reply, so this does not wait)."""
+        try:
+            session.connection.add_callback_threadsafe(functools.partial(session.settle, delivery_tag, action))
+        except Exception:
+            return False
+        with self.cond:
+            self.dirty = self.dirty or bool(self.demands)   # the window follows what we hold
+        return True
+
+    def settle(self, delivery: Delivery, action: str) -> bool:
+        session = self.claim(delivery)
+        return session is not None and self.handover(session, delivery.tag[1], action)
+
+    def settle_pending(self, session: Session, p: Pending, action: str) -> None:
+        """Ack or requeue a message taken from the buffer that was not handed out as a delivery."""
+        self.settle(Delivery("", p.queue, "", 1, 0.0, tag=(session, p.delivery_tag)), action)
+
+    def ack_many(self, deliveries: Sequence[Delivery]) -> list[bool]:
+        """One hand-over to the I/O thread for the lot (a worker's batch), not one per delivery."""
+        sessions = [self.claim(d) for d in deliveries]
+        tags: dict[Session, list[int]] = {}
+        for session, delivery in zip(sessions, deliveries):
+            if session is not None:
+                tags.setdefault(session, []).append(delivery.tag[1])
+        failed: set = set()
+        for session, session_tags in tags.items():   # one session, unless it was replaced meanwhile
+            try:
+                session.connection.add_callback_threadsafe(functools.partial(session.ack_many, session_tags))
+            except Exception:
+                failed.add(session)
+        if tags:
+            with self.cond:
+                self.dirty = self.dirty or bool(self.demands)   # the window follows what we hold
+        return [s is not None and s not in failed for s in sessions]
+
+    def holds(self, delivery: Delivery) -> bool:
+        """Is this delivery current and still held (its session's channel open)?"""
+        tag = delivery.tag
+        if not (isinstance(tag, tuple) and len(tag) == 2 and isinstance(tag[0], Session)):
+            return False
+        session, delivery_tag = tag
+        with self.cond:
+            current = session is self.session and session.alive and delivery_tag in session.outstanding
+        return current and session.channel.is_open
+
+    def held(self, queue: str) -> int:
+        """Messages of ``queue`` this process holds: pushed or handed out, not settled."""
+        with self.cond:
+            session = self.session
+            if session is None:
+                return 0
+            return sum(1 for q in session.outstanding.values() if q == queue) + sum(
+                1 for p in session.buffer if p.queue == queue
+            )
+
+    def stop(self) -> None:
+        """Stop the I/O thread (unacked messages go back to their queues)."""
+        self.wake()
+        with self._thread_lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.stop()
+            if thread is not threading.current_thread():
+                thread.join(10)
+
+
+class ConsumerThread(threading.Thread):
+    """The I/O thread: owns the consuming connection, reconnects, applies demand and settles."""
+
+    def __init__(self, state: Consumption):
+        super().__init__(name="nbqueue-amqp-consumer", daemon=True)
+        self.state = state
+        self.stopping = False
+        self.failed: BaseException | None = None
+        self._sleep = threading.Event()
+
+    # called from other threads
+    def stop(self) -> None:
+        self.stopping = True
+        self._sleep.set()
+        self.poke()
+
+    def poke(self) -> None:
+        """Wake the I/O loop (to apply a changed demand, or to stop)."""
+        session = self.state.session
+        if session is not None:
+            wake(session.connection)
+
+    # the thread
+    def run(self) -> None:
+        state, link = self.state, self.state.link
+        down_since: float | None = None
+        backoff = 0.05
+        session: Session | None = None
+        while not self.stopping:
+            session = None
+            try:
+                session = self._open()
+                self._reconcile(session)      # back-off is reset only once a session is usable
+                if down_since is not None:
+                    log.info("consuming from %s again after %.1f s", redact(link.url), time.monotonic() - down_since)
+                down_since, backoff = None, 0.05
+                while not self.stopping:
+                    self._reconcile(session)
+                    session.connection.process_data_events(time_limit=1.0)
+                    if not session.channel.is_open:
+                        raise pex.ChannelWrongStateError("the consuming channel was closed by the broker")
+                session.connection.process_data_events(time_limit=0)   # settle what was handed over
+            except CONNECTION_ERRORS + (pex.AMQPChannelError,) as exc:
+                self._lost(session, exc)
+                if self.stopping:
+                    break
+                now = time.monotonic()
+                if down_since is None:
+                    down_since = now
+                    log.warning("lost the consuming connection to %s: %r; reconnecting", redact(link.url), exc)
+                if now - down_since >= link.reconnect_timeout or (
+                    isinstance(exc, AUTH_ERRORS) and not link.ever_connected
+                ):
+                    self.failed = exc
+                    with state.cond:
+                        state.cond.notify_all()
+                    log.error("giving up consuming from %s after %.1f s: %r", redact(link.url), now - down_since, exc)
+                    return
+                self._sleep.wait(min(backoff, max(0.0, down_since + link.reconnect_timeout - now)))
+                backoff = min(backoff * 2, 2.0)
+            except BaseException as exc:  # a bug: do not leave reservers waiting forever
+                self._lost(session, exc)
+                self.failed = exc
+                with state.cond:
+                    state.cond.notify_all()
+                log.exception("the AMQP consumer thread stopped")
+                return
+        self._lost(session, None)
+
+    def _open(self) -> Session:
+        state = self.state
+        connection = pika.BlockingConnection(state.link.params)
+        try:
+            channel = connection.channel()
+            channel.basic_qos(prefetch_count=1, global_qos=True)
+            channel.add_on_cancel_callback(functools.partial(self._on_broker_cancel, channel))
+        except BaseException:
+            close_quietly(connection)
+            raise
+        session = Session(connection, channel)
+        session.prefetch = 1
+        state.link.ever_connected = True
+        with state.cond:
+            state.session = session
+            state.dirty = True
+        return session
+
+    def _lost(self, session: Session | None, exc: BaseException | None) -> None:
+        state = self.state
+        if session is None:
+            return
+        with state.cond:
+            session.alive = False
+            session.buffer.clear()          # the broker requeues everything unacked
+            session.outstanding.clear()
+            if state.session is session:
+                state.session = None
+            state.cond.notify_all()
+        close_quietly(session.connection)
+
+    def _on_broker_cancel(self, channel: Any, method_frame: Any) -> None:
+        """RabbitMQ cancelled a consumer (its queue was deleted): forget it, requeue what it pushed."""
+        tag = method_frame.method.consumer_tag
+        state = self.state
+        with state.cond:
+            session = state.session
+            if session is None or session.channel is not channel:
+                return
+            for queue, ctag in list(session.consumers.items()):
+                if ctag == tag:
+                    del session.consumers[queue]
+            state.dirty = True
+
+    def _on_message(
+        self, session: Session, queue: str, _channel: Any, method: Any, properties: Any, body: bytes
+    ) -> None:
+        state = self.state
+        with state.cond:
+            if not session.alive:
+                return
+            session.buffer.append(
+                Pending(next(state.seq), queue, method.delivery_tag, bool(method.redelivered), properties, body)
+            )
+            # one message wants one reserver: wake one when every waiting reserver can take
+            # it (worker threads ask for the same queues), not the whole herd
+            if all(queue in d.queues for d in state.demands):
+                state.cond.notify()
+            else:
+                state.cond.notify_all()
+
+    def _reconcile(self, session: Session) -> None:
+        """Make consumers and prefetch match the reservers waiting now (on the I/O thread)."""
+        state = self.state
+        with state.cond:
+            if not state.dirty:
+                return
+            state.dirty = False
+            demands = list(state.demands)
+            if demands:
+                wanted: set[str] = set().union(*(d.queues for d in demands))
+                prefetch: int | None = state.window(session)
+            else:                        # nobody waiting: keep consuming what was asked for last
+                wanted, prefetch = set(session.consumers), None
+            cancel = [q for q in session.consumers if q not in wanted]
+            add = sorted(q for q in wanted if q not in session.consumers)
+        channel = session.channel
+        if prefetch is not None and prefetch != session.prefetch:
+            channel.basic_qos(prefetch_count=min(prefetch, 65535), global_qos=True)
+            session.prefetch = prefetch
+        for queue in cancel:
+            channel.basic_cancel(session.consumers.pop(queue))
+            with state.cond:
+                give_back = [p for p in session.buffer if p.queue == queue]
+                session.buffer = [p for p in session.buffer if p.queue != queue]
+            for pending in give_back:
+                channel.basic_nack(pending.delivery_tag, requeue=True)
+        for queue in add:
+            channel.queue_declare(queue, durable=True, arguments=state.shapes.arguments(queue, work_queue_arguments()))
+            tag = channel.basic_consume(queue, functools.partial(self._on_message, session, queue))
+            with state.cond:
+                session.consumers[queue] = tag
+                state.cond.notify_all()      # reservers waiting for the consumer to start
+            log.debug("consuming %s (%s)", queue, tag)
+
+
+# -- reading deliveries ---------------------------------------------------------------------------
+
+def maybe_lapsed(p: Pending) -> bool:
+    """The delivery before this one may have ended unfinished: it went back unacked, or was
+    put back while an earlier attempt was alive (``defer``)."""
+    return p.redelivered or int_header(p.properties.headers or {}, H_RECHECK) > 0
+
+
+def after_lapse(p: Pending) -> bool:
+    """A pushed message an earlier delivery of which may have ended without finishing."""
+    return maybe_lapsed(p) or int_header(p.properties.headers or {}, H_LAPSES) > 0
+
+
+def lapse_headers(delivery: Delivery) -> dict:
+    """The lapse count a message published again carries on."""
+    return {H_LAPSES: delivery.lapsed, H_LAPSE_TOKEN: delivery.lapse_token} if delivery.lapsed else {}
+
+
+def deliveries(
+    taken: list[tuple[Session, Pending]], lease: float, now: float, eta_tolerance: float,
+    limit_reason: Callable[[int], str | None],
+) -> tuple[list[Delivery], list[tuple[Session, Pending]]]:
+    """The deliveries of messages taken from the buffer, and apart the ones not due yet (a long
+    delay's intermediate hop, which go back to the delay queues)."""
+    out, early = [], []
+    for session, p in taken:
+        headers = p.properties.headers or {}
+        eta_ms = headers.get(H_ETA)
+        if isinstance(eta_ms, int) and eta_ms / 1000 - now > eta_tolerance:
+            early.append((session, p))      # a long delay's intermediate hop
+            continue
+        prior = headers.get(H_ATTEMPTS)
+        attempt = (prior if isinstance(prior, int) else 0) + 1 + (1 if p.redelivered else 0)
+        body, problem = text_of(p.body)
+        lapsed = int_header(headers, H_LAPSES)
+        out.append(Delivery(
+            message_id=p.properties.message_id or "",
+            queue=p.queue,
+            body=body,
+            attempt=attempt,
+            lease_until=now + lease,
+            tag=(session, p.delivery_tag),
+            priority=p.properties.priority or 0,
+            lapsed=lapsed,
+            maybe_lapsed=maybe_lapsed(p),
+            lapse_token=int_header(headers, H_LAPSE_TOKEN),
+            dead_reason=problem or limit_reason(lapsed),
+        ))
+    return out, early
+
+
+def hop_headers(p: Pending) -> dict:
+    """The headers of a long-delay message sent back to the delay queues: RabbitMQ's death
+    records dropped, an attempt counted if it came back unacked."""
+    headers = dict(p.properties.headers or {})
+    headers.pop("x-death", None)
+    for name in ("x-first-death-queue", "x-first-death-reason", "x-first-death-exchange"):
+        headers.pop(name, None)
+    if p.redelivered:
+        headers[H_ATTEMPTS] = int(headers.get(H_ATTEMPTS) or 0) + 1
+    return headers
