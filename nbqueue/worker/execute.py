@@ -143,7 +143,9 @@ class Execution:
             with self._held_lock:
                 self._running.pop(task_id, None)
             self.control.finished(task_id, run)
-        return self._succeeded(claim, value, capture.end(), started_at)
+        output = capture.end()
+        del args, kwargs        # a large argument is not held while the result is encoded
+        return self._succeeded(claim, value, output, started_at)
 
     def _raised(self, claim: Claim, exc: BaseException, tb: str, output: str, started_at: float) -> Outcome:
         """A task raised: retried while it has retries left, else failed."""
