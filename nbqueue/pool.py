@@ -82,6 +82,7 @@ log = logging.getLogger(__name__)
 
 KILL_GRACE = 3.0          # seconds between SIGTERM and SIGKILL when a child is stopped
 OUTPUT_INTERVAL = 0.05    # a child sends buffered output at least this often while a task prints
+START_ALLOWANCE = 30.0    # seconds a child may take to begin a task (start-up, loading its code) beyond time_limit
 _OUTPUT_CHUNK = 64 * 1024
 _KNOWN_MAX = shipping._LOADED_MAX // 2
 
@@ -660,8 +661,10 @@ class _Child:
             self.known.popitem(last=False)
         self.task_id = task_id
         output: list[str] = []
-        soft_at = None      # the soft limit counts from the child's "started" (not its start-up)
-        hard_at = started + time_limit if time_limit else None
+        # both limits count from the child's "started" (the function's start, as Celery's), not
+        # from a fresh child's start-up; a child that never begins is stopped START_ALLOWANCE later
+        soft_at = None
+        hard_at = started + time_limit + START_ALLOWANCE if time_limit else None
         conn, wait = self.conn, self.wait
         try:
             while True:
@@ -669,13 +672,7 @@ class _Child:
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
                 ready = wait(timeout)
                 if not ready:
-                    now = time.monotonic()
-                    if soft_at is not None and now >= soft_at:
-                        soft_at = None
-                        self.soft_limit()
-                    if hard_at is not None and now >= hard_at:
-                        hard_at = None
-                        self.terminate("time_limit", self.pool.kill_grace)
+                    soft_at, hard_at = self._enforce(soft_at, hard_at)
                     continue
                 try:
                     while "message" in ready:
@@ -688,6 +685,8 @@ class _Child:
                         elif msg[0] == "started":
                             if soft_time_limit:
                                 soft_at = time.monotonic() + soft_time_limit
+                            if time_limit and hard_at is not None:
+                                hard_at = time.monotonic() + time_limit
                             self._on_started()
                         elif msg[0] == "progress":
                             if on_progress is not None:
@@ -701,6 +700,18 @@ class _Child:
                     return self._died(task_id, output, started, time_limit)
         finally:
             self.task_id = None
+
+    def _enforce(self, soft_at: float | None, hard_at: float | None) -> tuple[float | None, float | None]:
+        """Act on the limits that are due (soft: SIGUSR1 to the task; hard: stop the child);
+        the ones still to come."""
+        now = time.monotonic()
+        if soft_at is not None and now >= soft_at:
+            soft_at = None
+            self.soft_limit()
+        if hard_at is not None and now >= hard_at:
+            hard_at = None
+            self.terminate("time_limit", self.pool.kill_grace)
+        return soft_at, hard_at
 
     def _done(self, msg: tuple, output: list, started: float, key: str) -> ChildOutcome:
         _, reply, rss = msg
@@ -879,9 +890,10 @@ class ProcessPool:
         """Run ``target(*args, **kwargs)`` in a free child and wait for it (blocks this thread).
 
         ``target``: a function (shipped with ``shipping.pack``) or a ``Shipped`` already
-        made; ``time_limit`` (s, from this call): stop the child then (``exit="time_limit"``);
-        ``soft_time_limit`` (s, from when the function starts in its child, a fresh child's
-        start-up not counted): raise ``SoftTimeLimitExceeded`` in the task then;
+        made; ``time_limit`` (s, from when the function starts in its child, a fresh child's start-up
+        not counted, as Celery's; a child that has not begun ``START_ALLOWANCE`` s after that
+        is stopped too): stop the child then (``exit="time_limit"``); ``soft_time_limit`` (s,
+        counted the same way): raise ``SoftTimeLimitExceeded`` in the task then;
         ``on_output(stream, text)``: each piece of output as it arrives (default: written
         to this thread's ``sys.stdout``/``sys.stderr``, where nbqueue's capture takes it);
         ``on_progress(done, total, note)``: each ``report_progress`` of the task (at most

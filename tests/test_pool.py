@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from pathlib import Path
 
@@ -480,6 +481,36 @@ def test_pool_soft_limit_due_before_a_fresh_child_is_ready_reaches_the_task():
             assert outcome.exit == "ok", (outcome.exit, outcome.signal, outcome.message)
             # raised as the function starts or inside its sleep: either way the task got it
             assert outcome.value == "cleaned up" or outcome.exc_type == "SoftTimeLimitExceeded", outcome
+    finally:
+        pool.close()
+
+
+class _SlowToLoad:
+    """Loading this in the child takes 1.5 s: a child slow to begin its task (its start-up)."""
+
+    def __reduce__(self):
+        return (time.sleep, (1.5,))
+
+
+def test_pool_time_limit_counts_from_the_function_start_not_the_child_s_start_up():
+    """A task given 1 s that returns at once is not stopped because its child took 1.5 s to
+    begin it (a fresh child under load; arguments slow to load): the hard limit, as the soft
+    one and Celery's, counts from the function's start. One that runs too long still stops."""
+    ns = notebook_cell("""
+import time
+
+def quick(_):
+    return "ran"
+
+def sleepy(_):
+    time.sleep(30)
+""")
+    pool = ProcessPool(1)
+    try:
+        outcome = pool.run(ns["quick"], (_SlowToLoad(),), task_id="slow-start", time_limit=1)
+        assert (outcome.exit, outcome.value) == ("ok", "ran"), outcome
+        outcome = pool.run(ns["sleepy"], (_SlowToLoad(),), task_id="too-long", time_limit=1)
+        assert outcome.exit == "time_limit", outcome
     finally:
         pool.close()
 
