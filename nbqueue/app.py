@@ -511,9 +511,11 @@ class App:
             except BaseException as exc:    # noqa: BLE001 - handed to the caller or logged
                 found.set_exception(exc)
 
-        threading.Thread(target=check, name="nbqueue-check-stores", daemon=True).start()
+        checker = threading.Thread(target=check, name="nbqueue-check-stores", daemon=True)
+        checker.start()
+        checker.join(wait)          # an answer in time comes with the end of its thread
         try:
-            found.result(timeout=wait)
+            found.result(timeout=0)
         except FutureTimeout:
             log.warning("no answer from the stores within %.0f s; the worker starts and retries", wait)
             found.add_done_callback(_log_store_problem)

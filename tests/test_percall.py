@@ -282,6 +282,54 @@ def test_a_batch_on_rabbitmq_is_queued_when_it_ends(tmp_path, qname):
         app.close()
 
 
+def new_threads(before: set, name: str) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t not in before and t.name == name]
+
+
+def test_wake_channel_listener_thread_ends_when_its_socket_is_replaced_or_closed(tmp_path, monkeypatch):
+    """A listener blocked on its socket ends when the channel binds a new socket (its file
+    was removed) and when the channel closes: no thread outlives its socket."""
+    monkeypatch.setattr(wakechannel, "RELIST", 0.0)
+    before = set(threading.enumerate())
+    channel = wakechannel.WakeChannel(str(tmp_path / "store.db"))
+    try:
+        if not channel.listen(wakechannel.MESSAGES, lambda payload: None):
+            pytest.skip("no wake-up channel on this platform (waits poll)")
+        [first] = new_threads(before, "nbqueue-wake-m")
+        for name in os.listdir(channel.directory):
+            os.unlink(os.path.join(channel.directory, name))
+        assert channel.listen(wakechannel.MESSAGES, lambda payload: None)
+        first.join(10)
+        assert not first.is_alive()
+        [second] = new_threads(before, "nbqueue-wake-m")
+    finally:
+        channel.close()
+    second.join(10)
+    assert not second.is_alive()
+    assert not os.listdir(channel.directory)
+
+
+def test_wake_listeners_of_a_store_file_end_with_the_last_app_on_it(tmp_path):
+    """Each SQLite App waits through the process's channel of its file (a reserver of one, a
+    result waiter of the other here); closing one App leaves the listeners, closing the last
+    one ends them."""
+    url = f"sqlite:///{tmp_path}/store.db"
+    before = set(threading.enumerate())
+    apps = [nbqueue.App(url), nbqueue.App(url)]
+    assert apps[0].broker.reserve(["nothing-here"], timeout=0.05) == []
+    pending = apps[1].send(apps[1].signature("add", args=(1, 2)))       # no worker runs it
+    with pytest.raises(TimeoutError):
+        pending.get(timeout=0.05)
+    listeners = new_threads(before, "nbqueue-wake-m") + new_threads(before, "nbqueue-wake-r")
+    assert sorted(t.name for t in listeners) == ["nbqueue-wake-m", "nbqueue-wake-r"]
+    apps[0].close()
+    assert all(t.is_alive() for t in listeners)
+    apps[1].close()
+    for t in listeners:
+        t.join(10)
+    assert not any(t.is_alive() for t in listeners)
+
+
 @pytest.mark.parametrize("depth", [0, 60])
 def test_wake_channel_listens_again_after_its_directory_was_removed(tmp_path, monkeypatch, depth):
     """``rm -rf .nbqueue`` removes the sockets too: the next wait binds a new one, in the

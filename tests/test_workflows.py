@@ -713,17 +713,26 @@ def test_failure_inside_a_nested_group_fails_the_outer_workflow_with_the_members
 
 # -- scale ----------------------------------------------------------------------------------------------
 
+def thread_kind(thread: threading.Thread) -> str:
+    """A thread's name without its number: ``nbqueue-worker-1`` is of kind ``nbqueue-worker``."""
+    return thread.name.rstrip("0123456789").rstrip("-") if thread.name.startswith("nbqueue-") else thread.name
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("app_kind", ["sqlite", "memory"])
 def test_chord_of_2000_members_calls_back_once_with_no_thread_per_member(app):
+    """The threads alive while the members run are the worker's (one per slot, its heartbeat)
+    and at most one wake-up listener per kind of event, whenever each of them starts: the
+    count depends on the concurrency, not on the members or the waiters."""
     n = 2_000
     runs = collections.Counter()
-    threads_seen = []
+    ran_in, seen = set(), []
 
     @app.task(name="square")
     def square(i):
+        ran_in.add(threading.current_thread().name)
         if i % 100 == 0:
-            threads_seen.append(threading.active_count())
+            seen.append(list(threading.enumerate()))
         return i * i
 
     @app.task(name="sum_all")
@@ -731,13 +740,19 @@ def test_chord_of_2000_members_calls_back_once_with_no_thread_per_member(app):
         runs["sum_all"] += 1
         return [len(values), sum(values)]
 
+    before = set(threading.enumerate())
     worker = app.start_worker(concurrency=2)
-    baseline = threading.active_count()
     res = app.send_chord(chord([square.s(i) for i in range(n)], sum_all.s()))
     assert res.get(timeout=600) == [n, sum(i * i for i in range(n))]
     worker.stop()
     assert runs["sum_all"] == 1
-    assert len(threads_seen) == n // 100 and max(threads_seen) <= baseline + 1   # no thread per member or per waiter
+    assert ran_in <= {"nbqueue-worker-0", "nbqueue-worker-1"}
+    assert len(seen) == n // 100
+    started = {t for threads in seen for t in threads} - before
+    kinds = collections.Counter(thread_kind(t) for t in started)
+    assert kinds["nbqueue-worker"] == 2 and kinds["nbqueue-heartbeat"] == 1, kinds
+    assert set(kinds) <= {"nbqueue-worker", "nbqueue-heartbeat", "nbqueue-wake-m", "nbqueue-wake-r"}, kinds
+    assert all(count == 1 for kind, count in kinds.items() if kind != "nbqueue-worker"), kinds
     assert res.header.completed_count() == n
 
 

@@ -81,7 +81,8 @@ class SQLiteBackend(ResultBackend):
         self.path = path_from_url(url)
         self.store = SQLiteStore.shared(self.path)
         self.store.ensure_schema("backend", _schema)
-        self._channel = wakechannel.channel_for(self.path)
+        self._channel = wakechannel.channel_for(self.path).hold()
+        self._channel_held = True
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.url or 'sqlite://'} (file {self.path})>"  # a relative URL's absolute path
@@ -514,4 +515,8 @@ class SQLiteBackend(ResultBackend):
         self._channel.listen(wakechannel.RESULTS, wakechannel.local_waker(WAKEUPS.notify, self._wake_key))
 
     def close(self) -> None:
-        pass  # the store is shared by every broker and backend on this file in this process
+        # the store is shared by every broker and backend on this file in this process; the
+        # wake-up channel's listeners end with the last of them
+        held, self._channel_held = self._channel_held, False
+        if held:
+            self._channel.release()

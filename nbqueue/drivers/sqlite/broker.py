@@ -150,7 +150,8 @@ class SQLiteBroker(Broker):
         self.poll_interval = float(self.options.get("poll_interval", 0.1))
         self._wake_key = ("sqlite-broker", self.path)
         self._quiet = threading.local()     # .last: (wake-up version, next due, when) as this thread last found nothing
-        self._channel = wakechannel.channel_for(self.path)   # publishes of other processes wake our reservers
+        self._channel = wakechannel.channel_for(self.path).hold()   # publishes of other processes wake our reservers
+        self._channel_held = True
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.url or 'sqlite://'} (file {self.path})>"  # a relative URL's absolute path
@@ -447,4 +448,8 @@ class SQLiteBroker(Broker):
         self._channel.send(wakechannel.MESSAGES)
 
     def close(self) -> None:
-        pass  # the store is shared by every broker and backend on this file in this process
+        # the store is shared by every broker and backend on this file in this process; the
+        # wake-up channel's listeners end with the last of them
+        held, self._channel_held = self._channel_held, False
+        if held:
+            self._channel.release()

@@ -12,7 +12,9 @@ Polling stays the fallback: a datagram may be dropped (the receiver's buffer is 
 has wake-ups pending anyway), a directory may not allow sockets, and a platform without
 ``AF_UNIX`` has no channel at all; each costs latency only, never correctness. Sockets of
 processes that died are removed by the first sender that finds nobody behind them
-(``ECONNREFUSED``); a listener whose socket file was removed binds a new one. A path
+(``ECONNREFUSED``); a listener whose socket file was removed binds a new one. The
+listener threads end with the last broker or backend of this process on the file
+(``hold``/``release``), or with the process. A path
 too long for ``sun_path`` is reached through ``/proc/self/fd/<directory fd>/`` where
 Linux offers it; otherwise there is no channel.
 """
@@ -55,6 +57,7 @@ class WakeChannel:
         self._listed_at = 0.0
         self._statted = 0.0
         self.usable = hasattr(socket, "AF_UNIX")
+        self._users = 0                             # brokers and backends holding it (hold/release)
 
     # -- addresses ------------------------------------------------------------------
     def _address(self, name: str) -> str | None:
@@ -95,7 +98,7 @@ class WakeChannel:
             if kind in self._listeners:
                 if not self._gone(kind):
                     return True
-                self._listeners.pop(kind)[0].close()     # its thread ends; bind afresh
+                _shut(self._listeners.pop(kind)[0])       # its thread ends; bind afresh
             try:
                 os.makedirs(self.directory, exist_ok=True)
                 self._check_dir_fd()
@@ -130,7 +133,9 @@ class WakeChannel:
             try:
                 payload = sock.recv(65536)
             except OSError:
-                return                                # closed (close(), or a fork's child)
+                return                                # closed (a fork's child)
+            if not payload:
+                return                                # shut down (close()); a sender's datagram is never empty
             try:
                 handler(payload)
             except Exception:
@@ -195,15 +200,33 @@ class WakeChannel:
         self._statted = 0.0
 
     # -- life -----------------------------------------------------------------------
+    def hold(self) -> "WakeChannel":
+        """Count a user (a broker or backend on this file); ``release()`` when it closes."""
+        with self._lock:
+            self._users += 1
+        return self
+
+    def release(self) -> None:
+        """One user fewer; with none left, close: the listener threads end, the socket files
+        go (a later ``listen`` binds afresh)."""
+        with self._lock:
+            self._users = max(0, self._users - 1)
+            if not self._users:
+                self._close()
+
     def close(self) -> None:
         with self._lock:
-            for sock, name in self._listeners.values():
-                self._remove(name)
-                sock.close()
-            self._listeners.clear()
-            if self._sender is not None:
-                self._sender.close()
-                self._sender = None
+            self._close()
+
+    def _close(self) -> None:
+        for sock, name in self._listeners.values():
+            self._remove(name)
+            _shut(sock)
+        self._listeners.clear()
+        self._handlers.clear()
+        if self._sender is not None:
+            self._sender.close()
+            self._sender = None
 
     def _after_fork(self) -> None:
         """In a forked child: the listener threads are the parent's; the sockets stay the
@@ -214,6 +237,16 @@ class WakeChannel:
         self._sender = None
         self._listed = None
         self._statted = 0.0
+
+
+def _shut(sock: socket.socket) -> None:
+    """Close a listener's socket and end its thread: a ``recv`` blocked in another thread
+    returns only when the socket is shut down (closing alone leaves it blocked on Linux)."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
 
 
 _CHANNELS: dict[str, WakeChannel] = {}
