@@ -33,7 +33,7 @@ from typing import Any, Sequence
 from ... import serialization, states
 from ...backend import FIELDS, ResultBackend, counts_from_states, matches
 from ...broker import redact
-from .client import LUA_FINAL, MIN_BLOCK, connect, guarded, key_prefix, lua, pipeline, url_options
+from .client import LUA_FINAL, MIN_BLOCK, connect, guarded, key_prefix, lua, pipeline, register, url_options
 
 _INT_FIELDS = frozenset({"retries", "token"})
 _FLOAT_FIELDS = frozenset({"created_at", "started_at", "finished_at", "expires_at"})
@@ -94,15 +94,14 @@ class RedisBackend(ResultBackend):
         self.options.setdefault("poll_interval", 1.0)
         self.prefix = key_prefix(self.options)
         self.client = connect(url, self.options)
-        register = self.client.register_script
-        self._create = register(_CREATE)
-        self._begin = register(_BEGIN)
-        self._set_state = register(_SET_STATE)
-        self._update = register(_UPDATE)
-        self._init_group = register(_INIT_GROUP)
-        self._member_done = register(_MEMBER_DONE)
-        self._claim_chord = register(_CLAIM_CHORD)
-        self._group_progress = register(_GROUP_PROGRESS)
+        self._create = register(self.client, _CREATE)
+        self._begin = register(self.client, _BEGIN)
+        self._set_state = register(self.client, _SET_STATE)
+        self._update = register(self.client, _UPDATE)
+        self._init_group = register(self.client, _INIT_GROUP)
+        self._member_done = register(self.client, _MEMBER_DONE)
+        self._claim_chord = register(self.client, _CLAIM_CHORD)
+        self._group_progress = register(self.client, _GROUP_PROGRESS)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {redact(self.url)}>"

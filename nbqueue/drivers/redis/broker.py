@@ -58,7 +58,7 @@ from typing import Any, Sequence
 import redis
 
 from ...broker import Broker, Delivery, Outgoing, checked_text, queue_list, shown
-from .client import LUA_FINAL, MIN_BLOCK, connect, guarded, key_prefix, lua, pipeline, url_options
+from .client import LUA_FINAL, MIN_BLOCK, connect, guarded, key_prefix, lua, pipeline, register, url_options
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +104,11 @@ class RedisBroker(Broker):
         # claims and dead letters are read through this one: a body that is not UTF-8 comes back
         # as surrogateescape text (see nbqueue.broker.checked_text) instead of failing the call
         self._reader = connect(url, self.options, encoding_errors="surrogateescape", warn=False)
-        self._publish = self.client.register_script(_PUBLISH)
-        self._publish_reserved = self.client.register_script(_PUBLISH_RESERVED)
-        self._reserve = self.client.register_script(_RESERVE)
-        self._settle = self.client.register_script(_SETTLE)
-        self._purge = self.client.register_script(_PURGE)
+        self._publish = register(self.client, _PUBLISH)
+        self._publish_reserved = register(self.client, _PUBLISH_RESERVED)
+        self._reserve = register(self.client, _RESERVE)
+        self._settle = register(self.client, _SETTLE)
+        self._purge = register(self.client, _PURGE)
         self._wake_key = f"{self.prefix}wake:{uuid.uuid4().hex}"
         self._waiting = 0
         self._lock = threading.Lock()

@@ -9,8 +9,7 @@ else
   redis.call('HSET', KEYS[1], 'id', ARGV[1], 'created_at', ARGV[4])
   redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
 end
-redis.call('HSET', KEYS[1], 'state', ARGV[2])
-apply(KEYS[1], 7)
+apply(KEYS[1], 7, {'state', ARGV[2]})
 if ARGV[5] ~= '' then
   redis.call('PEXPIRE', KEYS[1], ARGV[5])
   redis.call('ZADD', KEYS[3], ARGV[6], ARGV[1])
