@@ -53,7 +53,7 @@ import logging
 import threading
 import time
 import uuid
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import redis
 
@@ -217,6 +217,31 @@ class RedisBroker(Broker):
                     self._drained.last = (key, next_due)
                 return deliveries
             empty = (key, next_due)
+
+    def drained(self, queues: Sequence[str]) -> bool:
+        """Whether this thread's last claim on ``queues`` left nothing ready in them (its next
+        claim waits for a publish first)."""
+        last = getattr(self._drained, "last", None)
+        return last is not None and last[0] == tuple(queue_list(queues))
+
+    def queue_claim(self, pipe, queues: Sequence[str], *, lease: float, limit: int,
+                    records: tuple[str, str, str] | None = None) -> Callable[[list], list[Delivery]]:
+        """Queue a claim that does not wait (``claim`` with no timeout) on ``pipe``, a pipeline
+        of ``self._reader``; returns the function that reads its reply into deliveries, noting
+        for this thread's next claim, as ``claim`` does, whether it left the queues empty."""
+        queues = queue_list(queues)
+        now = self.clock.time()
+        self._reserve(args=self._claim_args(queues, now, lease, limit, records), client=pipe)
+
+        def parse(reply: list) -> list[Delivery]:
+            deliveries, next_due, more = self._parse_claim(reply, now + lease)
+            if deliveries and more:
+                self._drained.__dict__.pop("last", None)
+            else:
+                self._drained.last = (tuple(queues), next_due)
+            return deliveries
+
+        return parse
 
     def _claim_args(self, queues: list[str], now: float, lease: float, limit: int, records: tuple | None) -> list:
         return [
