@@ -83,8 +83,8 @@ def _token(reply: str) -> int | None:
 
 _HEADER = f"local TOKENS, SIGNAL_TTL = {SIGNAL_TOKENS}, {SIGNAL_TTL_MS}\n" + LUA_FINAL
 _PUBLISH = lua("queues", "publish", header=_HEADER)
-_PUBLISH_RESERVED = lua("queues", "begin", "publish_reserved", header=_HEADER)
-_RESERVE = lua("queues", "begin", "reserve", header=_HEADER)
+_PUBLISH_RESERVED = lua("queues", "begin", "lease", "publish_reserved", header=_HEADER)
+_RESERVE = lua("queues", "begin", "lease", "reserve", header=_HEADER)
 _SETTLE = lua("queues", "settle", header=_HEADER)
 _PURGE = lua("queues", "purge", header=_HEADER)
 
@@ -248,9 +248,9 @@ class RedisBroker(Broker):
             self.prefix,
             repr(now),
             repr(now + lease),
+            *_begin_args(records),
             max(1, int(limit)),
             self.batch,
-            *_begin_args(records),
             *queues,
         ]
 
