@@ -47,7 +47,7 @@ CHUNK = 500                 # records per script call
 
 _CREATE = lua("records", "create", header=LUA_FINAL)
 _BEGIN = lua("begin", "begin_many", header=LUA_FINAL)
-_SET_STATE = lua("records", "set_state", header=LUA_FINAL + f"local DONE_TTL_MS = {DONE_TTL_MS}\n")
+_SET_STATE = lua("state", "set_state", header=LUA_FINAL + f"local DONE_TTL_MS = {DONE_TTL_MS}\n")
 _UPDATE = lua("records", "update", header=LUA_FINAL)
 _INIT_GROUP = lua("init_group")
 _MEMBER_DONE = lua("member_done")
@@ -63,11 +63,13 @@ def _encode(value: Any) -> str:
     return str(value)
 
 
-def _field_args(fields: dict) -> list[str]:
-    """ARGV tail for the Lua ``apply``: count, name/value pairs, then names to delete."""
+def _field_args(fields: dict, counted: bool = False) -> list[str]:
+    """ARGV tail for the Lua ``apply``: count, name/value pairs, then names to delete (their
+    count first where ``counted``)."""
     sets = [(k, v) for k, v in fields.items() if v is not None]
     deletes = [k for k, v in fields.items() if v is None]
-    return [str(len(sets)), *(x for k, v in sets for x in (k, _encode(v))), *deletes]
+    return [str(len(sets)), *(x for k, v in sets for x in (k, _encode(v))),
+            *([str(len(deletes))] if counted else []), *deletes]
 
 
 def _record(raw: dict) -> dict | None:
@@ -192,6 +194,17 @@ class RedisBackend(ResultBackend):
     def _write_state(
         self, task_id: str, state: str, token: int | None, fields: dict, ttl: float | None, client=None
     ) -> bool:
+        reply = self._set_state(
+            keys=[self._rec(task_id), self._index, self._expiring, self._done_key(task_id)],
+            args=self._state_args(task_id, state, token, fields, ttl),
+            client=client,
+        )
+        return reply == 1
+
+    def _state_args(self, task_id: str, state: str, token: int | None, fields: dict, ttl: float | None,
+                    counted: bool = False) -> list:
+        """A state write's arguments (see lua/state.lua); ``counted``: with the count of the
+        names to delete (as the finish script reads them)."""
         fields = {k: v for k, v in fields.items() if k in FIELDS and k not in ("id", "state", "token")}
         now = self.clock.time()
         created = fields.get("created_at", now)
@@ -200,19 +213,15 @@ class RedisBackend(ResultBackend):
             ttl_ms = str(max(1, math.ceil(ttl * 1000)))
             fields["expires_at"] = fields.get("expires_at") or now + ttl    # in the record too: reads check it
             expires_at = _encode(fields["expires_at"])
-        args = [
+        return [
             task_id,
             state,
             "" if token is None else str(int(token)),
             _encode(created),
             ttl_ms,
             expires_at,
-            *_field_args(fields),
+            *_field_args(fields, counted),
         ]
-        reply = self._set_state(
-            keys=[self._rec(task_id), self._index, self._expiring, self._done_key(task_id)], args=args, client=client
-        )
-        return reply == 1
 
     @guarded
     def update(self, task_id: str, **fields) -> None:

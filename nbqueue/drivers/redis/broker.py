@@ -81,12 +81,12 @@ def _token(reply: str) -> int | None:
 
 # -- Lua (scripts in lua/*.lua) -----------------------------------------------------------
 
-_HEADER = f"local TOKENS, SIGNAL_TTL = {SIGNAL_TOKENS}, {SIGNAL_TTL_MS}\n" + LUA_FINAL
-_PUBLISH = lua("queues", "publish", header=_HEADER)
-_PUBLISH_RESERVED = lua("queues", "begin", "lease", "publish_reserved", header=_HEADER)
-_RESERVE = lua("queues", "begin", "lease", "reserve", header=_HEADER)
-_SETTLE = lua("queues", "settle", header=_HEADER)
-_PURGE = lua("queues", "purge", header=_HEADER)
+LUA_HEADER = f"local TOKENS, SIGNAL_TTL = {SIGNAL_TOKENS}, {SIGNAL_TTL_MS}\n" + LUA_FINAL
+_PUBLISH = lua("queues", "publish", header=LUA_HEADER)
+_PUBLISH_RESERVED = lua("queues", "begin", "lease", "publish_reserved", header=LUA_HEADER)
+_RESERVE = lua("queues", "begin", "lease", "reserve", header=LUA_HEADER)
+_SETTLE = lua("queues", "ack", "settle", header=LUA_HEADER)
+_PURGE = lua("queues", "purge", header=LUA_HEADER)
 
 
 class RedisBroker(Broker):
