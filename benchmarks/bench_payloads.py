@@ -19,7 +19,7 @@ worker is an ``nbqueue worker`` process; each round sends a frame with one value
 The floor, in the same run, is a plain script in a process of its own: pickle protocol 5
 of the same frame written to the same store and read back (an SQLite BLOB insert and
 select in a WAL file like nbqueue's; a Redis SET and GET), and unpickled. RabbitMQ keeps
-results and payloads in SQLite, so its floor is SQLite's. Targets (issue 13): round trip
+results and payloads in SQLite, so its floor is SQLite's. Targets: round trip
 within 2x the floor on SQLite and Redis; stored bytes within 1.2x Arrow IPC's size;
 peak RSS at most 3x the frame; ``app.tasks()`` under 50 ms with 10 such results.
 """

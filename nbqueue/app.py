@@ -592,7 +592,7 @@ class App:
         return schedule.scheduler(self)
 
     def __repr__(self) -> str:
-        from .broker import redact
+        from .urls import redact
 
         return (
             f"<nbqueue.App broker={redact(self.broker_url)} backend={redact(self.backend_url)} "

@@ -17,8 +17,8 @@ import time
 from typing import Iterable, Sequence
 
 from . import states
-from .broker import WAKEUPS
 from .errors import ResultNotFound
+from .wakeups import WAKEUPS
 
 FIELDS = (
     "id", "name", "state", "args", "kwargs", "result", "error", "exc_type", "traceback",

@@ -9,7 +9,8 @@ code, or rebinding a global it reads, gives another key.
 
 The index lives in the result backend's key-value store (``kv_get``/``kv_set``/
 ``kv_items``/``claim_once``), so every backend has it and every process on the store
-shares it: a notebook kernel, the kernel after a restart, a CLI worker's producer.
+shares it: a notebook kernel, the kernel after a restart, a CLI worker's producer. Its keys
+(built by ``workflow.Keys``):
 
 ==============================================  ==============================================
 ``nbqueue.cache:<key>``                         JSON ``{"task_id", "task", "at"}``: the run
@@ -53,13 +54,10 @@ from typing import Any, Callable
 
 from . import serialization, states
 from .backend import FIELDS
+from .workflow import Keys
 
 log = logging.getLogger(__name__)
 
-PREFIX = "nbqueue.cache:"
-LEAD = "nbqueue.cache.lead:"
-EPOCH = "nbqueue.cache.epoch"
-STATS = "nbqueue.cache.stats:"
 #: seconds a leader's claim holds (it writes the entry right after publishing, within milliseconds)
 LEAD_TTL = 30.0
 #: seconds a sender that lost the claim waits for the leader's entry before it runs the task uncached
@@ -335,7 +333,7 @@ class _Stats:
             self.dirty.discard(id(backend))
             self.flushed[id(backend)] = time.monotonic()
             try:
-                backend.kv_set(STATS + PROCESS_TOKEN, json.dumps(entry[1]))
+                backend.kv_set(Keys.cache_stats(PROCESS_TOKEN), json.dumps(entry[1]))
             except Exception:
                 log.debug("could not write the cache counters", exc_info=True)
 
@@ -355,7 +353,7 @@ def stats(app) -> dict:
     backend = app.backend
     _STATS.flush(backend)
     total = {"hits": 0, "misses": 0, "shared": 0}
-    for text in backend.kv_items(STATS).values():
+    for text in backend.kv_items(Keys.CACHE_STATS).values():
         try:
             counts = json.loads(text)
         except ValueError:
@@ -363,7 +361,7 @@ def stats(app) -> dict:
         for k in total:
             total[k] += int(counts.get(k) or 0)
     sends = sum(total.values())
-    size = len(backend.kv_items(PREFIX))
+    size = len(backend.kv_items(Keys.CACHE))
     return {"size": size, **total, "hit_rate": (total["hits"] + total["shared"]) / sends if sends else None}
 
 
@@ -371,7 +369,7 @@ def clear(app, task: str | None = None) -> int:
     """Remove the cache entries (of task ``task`` only, a task name or a ``%%task`` label);
     returns how many. Later sends of those keys run again; the records stay."""
     backend = app.backend
-    entries = backend.kv_items(PREFIX)
+    entries = backend.kv_items(Keys.CACHE)
     gone = {}
     for k, text in entries.items():
         try:
@@ -382,9 +380,9 @@ def clear(app, task: str | None = None) -> int:
             gone[k] = None
     for k in gone:
         backend.kv_set(k, None)
-    backend.kv_set(EPOCH, _new_id())     # fresh claims for keys whose entry is gone
+    backend.kv_set(Keys.CACHE_EPOCH, _new_id())     # fresh claims for keys whose entry is gone
     if task is None:
-        for k in backend.kv_items(STATS):
+        for k in backend.kv_items(Keys.CACHE_STATS):
             backend.kv_set(k, None)
         _STATS.forget()
     return len(gone)
@@ -453,13 +451,13 @@ class _Lookup:
         backend = self.app.backend
         deadline = time.monotonic() + LEAD_WAIT
         while True:
-            entry = _entry(backend.kv_get(PREFIX + self.key))
+            entry = _entry(backend.kv_get(Keys.cache(self.key)))
             leader = backend.get(entry["task_id"]) if entry else None
             answer = self._answer(leader)
             if answer is not None:
                 return answer
-            generation = entry["task_id"] if entry else (backend.kv_get(EPOCH) or "0")
-            if backend.claim_once(f"{LEAD}{self.key}:{generation}", LEAD_TTL):
+            generation = entry["task_id"] if entry else (backend.kv_get(Keys.CACHE_EPOCH) or "0")
+            if backend.claim_once(Keys.cache_lead(self.key, generation), LEAD_TTL):
                 return self._lead()
             if time.monotonic() >= deadline:    # the claim's holder never wrote its entry (it died): run it here
                 log.warning("task %s: no entry from the sender that claimed cache key %s; running it uncached",
@@ -541,7 +539,7 @@ class _Lookup:
         self.record["meta"] = self._meta({"hit": False})
         result = app._send_prepared(self.sig, self.message, self.record, self.out)
         entry = {"task_id": self.record["id"], "task": self.label or self.sig.name, "at": app.clock.time()}
-        app.backend.kv_set(PREFIX + self.key, json.dumps(entry))
+        app.backend.kv_set(Keys.cache(self.key), json.dumps(entry))
         _STATS.add(app, "misses")
         result.cache = {"hit": False, "key": self.key}
         return result

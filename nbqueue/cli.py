@@ -247,8 +247,12 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:   # pika's connection chatter only at --log-level DEBUG
-        logging.getLogger("pika").setLevel(max(logging.WARNING, logging.getLogger().getEffectiveLevel()))
+    level = logging.getLogger().getEffectiveLevel()
+    if level > logging.DEBUG:       # store clients' connection chatter only at --log-level DEBUG
+        from .drivers import quiet_loggers
+
+        for name in quiet_loggers():
+            logging.getLogger(name).setLevel(max(logging.WARNING, level))
     try:
         return args.fn(args)
     except ConfigurationError as exc:

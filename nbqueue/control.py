@@ -6,7 +6,7 @@ The channel is the result backend, so a cancel reaches every worker whatever the
 - ``revoke(app, id, terminate=...)`` stores REVOKED on the task's record, unfenced: it
   is written only while the record is not final, so a task that finishes while its
   cancel is in flight keeps exactly one of SUCCESS or REVOKED, and the workflow follows
-  that one. ``terminate=False`` on a running task also leaves a mark (``KEEP_KEY``) in the
+  that one. ``terminate=False`` on a running task also leaves a mark (``Keys.revoke_keep``) in the
   backend's key-value store: the task runs on, its result is discarded.
 - every worker's heartbeat thread reads the states of the tasks it runs every
   ``CANCEL_POLL`` seconds (one small read, none while idle; at once when the App of its
@@ -38,12 +38,12 @@ from . import states
 from . import taskprogress as _progress
 from .context import TaskContext, current_task
 from .errors import SoftTimeLimitExceeded
+from .workflow import Keys
 
 log = logging.getLogger(__name__)
 
 CANCEL_POLL = 0.2       # seconds between a worker's reads of the states of the tasks it runs
 CANCEL_GRACE = 1.0      # seconds from SIGTERM to SIGKILL when a cancel stops a child process
-KEEP_KEY = "nbq:revoke-keep:"   # + task id: revoke(terminate=False) of a running task; the worker removes it
 _ACTIVE = (states.RECEIVED, states.STARTED)
 
 
@@ -63,10 +63,10 @@ def revoke(app, task_id: str, reason: str = "revoked", *, terminate: bool = Fals
         return False
     keep = not terminate and state in _ACTIVE
     if keep:
-        app.backend.kv_set(KEEP_KEY + task_id, "1")
+        app.backend.kv_set(Keys.revoke_keep(task_id), "1")
     revoked = app.backend.store_result(task_id, states.REVOKED, error=reason, exc_type="TaskRevoked")
     if keep and not revoked:
-        app.backend.kv_set(KEEP_KEY + task_id, None)
+        app.backend.kv_set(Keys.revoke_keep(task_id), None)
     return revoked
 
 
@@ -215,8 +215,8 @@ class Watch:
             run["revoked"] = True
             # the workflow ends now, not when the task returns (its late result is fenced out then)
             workflow.after_final(app, run["message"], app.backend.get(task_id) or {})
-            if app.backend.kv_get(KEEP_KEY + task_id) is not None:
-                app.backend.kv_set(KEEP_KEY + task_id, None)
+            if app.backend.kv_get(Keys.revoke_keep(task_id)) is not None:
+                app.backend.kv_set(Keys.revoke_keep(task_id), None)
                 run["stopped"] = True      # left running: its result is discarded
                 continue
             self.stop(task_id, run, "cancel")

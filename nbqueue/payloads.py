@@ -130,7 +130,7 @@ class PayloadStore:
 
     @property
     def label(self) -> str:
-        from .broker import redact
+        from .urls import redact
 
         return redact(self.url)
 

@@ -30,8 +30,8 @@ import time
 from typing import Callable
 
 from . import serialization, states
+from .workflow import Keys
 
-SEEN = "nbqueue.seen:"
 #: seconds between two "seen" marks a kernel writes after its cells (0: after every cell, one small write)
 MARK_EVERY = 0.0
 
@@ -142,7 +142,7 @@ def mark_seen(app, notebook: str, kernel: str | None = None, *, every: float = 0
         if every and last is not None and now - last < every:
             return
         _marks[(id(app), kernel)] = now
-    app.backend.kv_set(f"{SEEN}{_notebook_key(notebook)}:{kernel}", repr(app.clock.time()))
+    app.backend.kv_set(Keys.seen(_notebook_key(notebook), kernel), repr(app.clock.time()))
 
 
 class Reattached(list):
@@ -169,7 +169,7 @@ def reattach(app, notebook: str | None = None, limit: int = 200) -> Reattached:
 
     if notebook is None:
         notebook = _current_notebook()
-    prefix = f"{SEEN}{_notebook_key(notebook)}:"
+    prefix = Keys.seen(_notebook_key(notebook))
     seen = {k[len(prefix):]: float(v) for k, v in app.backend.kv_items(prefix).items()}
     found = []
     for record in app.backend.list():

@@ -11,7 +11,7 @@ A :class:`Scheduler` fires what is due: ``tick(now)`` is one pass (tests step it
 a ManualClock); ``start()``/``stop()`` run it in a daemon thread, inside a notebook's
 worker (``app.start_worker(beat=True)``) or in ``nbqueue beat``. Rules:
 
-- Each due time is claimed with ``backend.claim_once("nbq:tick:<name>:<due>")``, so
+- Each due time is claimed with ``backend.claim_once(Keys.tick(name, due))``, so
   any number of schedulers on one backend fire it once.
 - Only the latest due time is a candidate. It fires if the scheduler sees it within
   ``grace`` seconds; older due times, and a latest one seen too late, were *missed*
@@ -20,7 +20,7 @@ worker (``app.start_worker(beat=True)``) or in ``nbqueue beat``. Rules:
   firing instead.
 - Each firing sends a fresh copy of the template (new ids for every task and group).
 - The runtime state (cursor, last run, last terminal id, missed count) lives in the
-  backend's key-value store under ``nbq:sched:<name>``, so a restarted kernel or
+  backend's key-value store under ``Keys.schedule(name)``, so a restarted kernel or
   scheduler knows the last run.
 - Once an hour one scheduler runs ``backend.expire()`` (results past their expiry and
   expired claim markers), as celery beat runs its backend cleanup.
@@ -44,12 +44,10 @@ from .canvas import Signature, chain, chord, group
 from .errors import ConfigurationError
 from .signature import to_message
 from .task import Task, task_name
+from .workflow import Keys
 
 log = logging.getLogger(__name__)
 
-STATE_PREFIX = "nbq:sched:"
-TICK_PREFIX = "nbq:tick:"
-UPKEEP_PREFIX = "nbq:upkeep:"
 DEFAULT_GRACE = 60.0
 DEFAULT_INTERVAL = 1.0
 UPKEEP_EVERY = 3600
@@ -360,7 +358,7 @@ def unschedule(app, name: str) -> bool:
     schedules = book(app)
     with schedules.lock:
         entry = schedules.entries.pop(name, None)
-    key = STATE_PREFIX + name
+    key = Keys.schedule(name)
     had_state = app.backend.kv_get(key) is not None
     app.backend.kv_set(key, None)
     if entry is not None or had_state:
@@ -382,11 +380,11 @@ def _decode_state(name: str, text: str | None) -> dict | None:
 
 
 def _load_state(app, name: str) -> dict | None:
-    return _decode_state(name, app.backend.kv_get(STATE_PREFIX + name))
+    return _decode_state(name, app.backend.kv_get(Keys.schedule(name)))
 
 
 def _save_state(app, name: str, state: dict) -> None:
-    app.backend.kv_set(STATE_PREFIX + name, json.dumps(state, sort_keys=True))
+    app.backend.kv_set(Keys.schedule(name), json.dumps(state, sort_keys=True))
 
 
 def _fmt(ts: float, tz: str = "UTC") -> str:
@@ -418,10 +416,10 @@ class Scheduler:
         entries = list(book(self.app).entries.values())
         fired: list[Firing] = []
         if entries:
-            saved = self.app.backend.kv_items(STATE_PREFIX)
+            saved = self.app.backend.kv_items(Keys.SCHEDULE)
             for entry in entries:
                 try:
-                    firing = self._tick_one(entry, _decode_state(entry.name, saved.get(STATE_PREFIX + entry.name)), now)
+                    firing = self._tick_one(entry, _decode_state(entry.name, saved.get(Keys.schedule(entry.name))), now)
                 except Exception:
                     log.exception("schedule %s: tick failed; trying again on the next tick", entry.name)
                     continue
@@ -437,7 +435,7 @@ class Scheduler:
         count, latest = entry.trigger.dues(state["cursor"], now)
         if not count:
             return None
-        if not self.app.backend.claim_once(f"{TICK_PREFIX}{entry.name}:{latest}", self.claim_ttl):
+        if not self.app.backend.claim_once(Keys.tick(entry.name, latest), self.claim_ttl):
             return None          # another scheduler has this due time
         fresh = _load_state(self.app, entry.name) or state
         if fresh["cursor"] >= latest:
@@ -500,7 +498,7 @@ class Scheduler:
             return
         self._upkeep_bucket = bucket
         try:
-            if self.app.backend.claim_once(f"{UPKEEP_PREFIX}{bucket}", 2 * UPKEEP_EVERY):
+            if self.app.backend.claim_once(Keys.upkeep(bucket), 2 * UPKEEP_EVERY):
                 removed = self.app.backend.expire()      # the backend's own clock, which its claim TTLs use
                 log.debug("upkeep: %d expired record(s) removed", removed)
         except Exception:
@@ -578,8 +576,8 @@ def schedules_frame(app):
     entries = list(schedules.entries.values())
     grace = schedules.scheduler.grace if schedules.scheduler is not None else DEFAULT_GRACE
     now = app.clock.time()
-    saved = app.backend.kv_items(STATE_PREFIX) if entries else {}
-    states = {e.name: _decode_state(e.name, saved.get(STATE_PREFIX + e.name)) or {} for e in entries}
+    saved = app.backend.kv_items(Keys.SCHEDULE) if entries else {}
+    states = {e.name: _decode_state(e.name, saved.get(Keys.schedule(e.name))) or {} for e in entries}
     ids = [s["last_id"] for s in states.values() if s.get("last_id")]
     task_states = app.backend.states_of(ids) if ids else {}
     rows = []

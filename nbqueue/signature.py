@@ -192,18 +192,29 @@ def check_options(sig: Signature) -> None:
     _check_callbacks(sig)
 
 
-#: the longest queue name, in UTF-8 bytes: RabbitMQ's 255 less what the names nbqueue derives
-#: from it add (a kernel's queue and its code queue, ``.kernel-<pid>-<hex>.code``: 27; RabbitMQ's
-#: delay queue of that, ``nbq.delay.<queue>.<ms>``: 21 more), so every derived name fits every broker
-MAX_QUEUE_NAME = 200
+def _no_queue_name_rules() -> tuple[int, tuple[tuple[str, str], ...]]:
+    return 1000, ()
+
+
+#: the drivers' rules for queue names (nbqueue.drivers.queue_name_rules), handed in by the
+#: registry (use_queue_name_rules), which this module is below
+_queue_name_rules: Callable[[], tuple[int, tuple[tuple[str, str], ...]]] = _no_queue_name_rules
+
+
+def use_queue_name_rules(rules: Callable[[], tuple[int, tuple[tuple[str, str], ...]]]) -> None:
+    """Check queue names by ``rules()``: (the longest name in UTF-8 bytes, (prefix, why) pairs refused)."""
+    global _queue_name_rules
+    _queue_name_rules = rules
 
 
 def check_queue_name(queue: Any, label: str = "queue") -> None:
     """A queue name every broker and ``nbqueue worker -Q a,b`` can use: a non-empty string
-    without commas, control characters or surrounding spaces, at most 200 UTF-8 bytes, not
-    starting with ``amq.`` (RabbitMQ keeps those). Raises TypeError or ValueError naming it."""
+    without commas, control characters or surrounding spaces, within the length every driver
+    takes and starting with no prefix a driver reserves (``drivers.queue_name_rules``), so every
+    name derived from it fits every broker. Raises TypeError or ValueError naming it."""
     if not isinstance(queue, str):
         raise TypeError(f"{label} must be a string, not {type(queue).__name__} {queue!r}")
+    longest, reserved = _queue_name_rules()
     problem = None
     if not queue or queue.strip() != queue:
         problem = "must be non-empty, without leading or trailing spaces"
@@ -211,12 +222,13 @@ def check_queue_name(queue: Any, label: str = "queue") -> None:
         problem = "must not contain a comma (workers take comma-separated queue lists)"
     elif any(ord(c) < 32 or ord(c) == 127 for c in queue):
         problem = "must not contain control characters"
-    elif queue.startswith("amq."):
-        problem = "must not start with 'amq.' (reserved by RabbitMQ)"
+    elif any(queue.startswith(prefix) for prefix, _ in reserved):
+        prefix, why = next((prefix, why) for prefix, why in reserved if queue.startswith(prefix))
+        problem = f"must not start with {prefix!r} ({why})"
     else:
         try:
-            if len(queue.encode("utf-8")) > MAX_QUEUE_NAME:
-                problem = f"must be at most {MAX_QUEUE_NAME} bytes long in UTF-8"
+            if len(queue.encode("utf-8")) > longest:
+                problem = f"must be at most {longest} bytes long in UTF-8"
         except UnicodeEncodeError:
             problem = "must be valid Unicode text (it holds a lone surrogate)"
     if problem:

@@ -48,12 +48,22 @@ log = logging.getLogger(__name__)
 # -- key names ------------------------------------------------------------------------------------
 
 class Keys:
-    """The keys workflow state is kept under in the backend's key-value store."""
+    """Every key nbqueue keeps in the backend's key-value store: workflow state, cancel marks,
+    schedules, the result cache and notebook provenance."""
 
     CHAIN = "nbq:chain:"
     HELD = "nbq:held:"
     LIMIT = "nbq:limit:"
     ADVANCED = "nbq:advanced:"
+    REVOKE_KEEP = "nbq:revoke-keep:"
+    SCHEDULE = "nbq:sched:"
+    TICK = "nbq:tick:"
+    UPKEEP = "nbq:upkeep:"
+    CACHE = "nbqueue.cache:"
+    CACHE_LEAD = "nbqueue.cache.lead:"
+    CACHE_EPOCH = "nbqueue.cache.epoch"
+    CACHE_STATS = "nbqueue.cache.stats:"
+    SEEN = "nbqueue.seen:"
 
     @staticmethod
     def chain_step(chain_id: str, step: int) -> str:
@@ -75,6 +85,48 @@ class Keys:
     def advanced(task_id: str) -> str:
         """Marks that a task's advance was published (brokers that cannot drop a repeat publish)."""
         return f"{Keys.ADVANCED}{task_id}"
+
+    @staticmethod
+    def revoke_keep(task_id: str) -> str:
+        """Marks a running task revoked without ``terminate``: it runs on, its result is
+        discarded (see nbqueue.control); the worker removes the mark."""
+        return f"{Keys.REVOKE_KEEP}{task_id}"
+
+    @staticmethod
+    def schedule(name: str) -> str:
+        """A schedule's saved state (JSON with its cursor); all of them are under ``SCHEDULE``."""
+        return f"{Keys.SCHEDULE}{name}"
+
+    @staticmethod
+    def tick(name: str, due: Any) -> str:
+        """``claim_once``: one beat fires schedule ``name`` at its due time ``due``."""
+        return f"{Keys.TICK}{name}:{due}"
+
+    @staticmethod
+    def upkeep(bucket: int) -> str:
+        """``claim_once``: one beat runs the store's upkeep in this time bucket."""
+        return f"{Keys.UPKEEP}{bucket}"
+
+    @staticmethod
+    def cache(key: str) -> str:
+        """A result cache entry (see nbqueue.cache); all of them are under ``CACHE``."""
+        return f"{Keys.CACHE}{key}"
+
+    @staticmethod
+    def cache_lead(key: str, generation: str) -> str:
+        """``claim_once``: one sender per generation of a cache key runs it."""
+        return f"{Keys.CACHE_LEAD}{key}:{generation}"
+
+    @staticmethod
+    def cache_stats(process: str) -> str:
+        """One process's cache counters; all of them are under ``CACHE_STATS``."""
+        return f"{Keys.CACHE_STATS}{process}"
+
+    @staticmethod
+    def seen(notebook_key: str, kernel: str | None = None) -> str:
+        """When ``kernel`` last saw its tasks of a notebook (see nbqueue.provenance); without
+        ``kernel``, the prefix of all of the notebook's kernels."""
+        return f"{Keys.SEEN}{notebook_key}:" + ("" if kernel is None else kernel)
 
 
 # -- nodes ------------------------------------------------------------------------------------------

@@ -317,8 +317,8 @@ def test_names_derived_from_the_longest_queue_name_send_accepts_fit_rabbitmq(amq
     """Given a queue name of MAX_QUEUE_NAME bytes, the longest nbqueue derives from it (a
     kernel's code queue) takes delayed messages (its delay queue) and dead letters (its
     dead-letter queue) on RabbitMQ."""
+    from nbqueue.drivers.amqp import MAX_QUEUE_NAME
     from nbqueue.shipping import code_queue
-    from nbqueue.signature import MAX_QUEUE_NAME
 
     base = qname("long")
     base += "x" * (MAX_QUEUE_NAME - len(base))

@@ -192,3 +192,31 @@ def test_status_from_another_process_lists_the_queues_with_their_dead_letters(ap
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert table_row(done.stdout, queue)[1:] == ["0", "0", "0", "10"], done.stdout    # ready delayed in_flight dead
+
+
+def test_the_cli_keeps_the_loggers_drivers_declare_quiet_at_warning_unless_debug(env_app, capsys):
+    """Given a driver declaring its client's chatty loggers (the AMQP driver: pika), when the CLI
+    runs at the default log level they are held at WARNING; at DEBUG they are left alone."""
+    import logging
+
+    from nbqueue.drivers import quiet_loggers
+
+    assert "pika" in quiet_loggers()
+    pika = logging.getLogger("pika")
+    before = pika.level
+    pika.setLevel(logging.NOTSET)
+    try:
+        assert cli.main(["purge", "nowhere"]) == 0
+        assert pika.level == logging.WARNING
+        pika.setLevel(logging.NOTSET)
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.DEBUG)          # as --log-level DEBUG leaves it (basicConfig)
+        try:
+            assert cli.main(["--log-level", "DEBUG", "purge", "nowhere"]) == 0
+        finally:
+            root.setLevel(level)
+        assert pika.level == logging.NOTSET
+    finally:
+        pika.setLevel(before)
+    capsys.readouterr()

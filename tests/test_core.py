@@ -1,4 +1,4 @@
-"""The core of issue 2: App, registration, signatures, results, workers, retries,
+"""The core: App, registration, signatures, results, workers, retries,
 callbacks, unknown and malformed messages, delays, leases and fencing.
 
 Behaviour that touches the broker or the result backend runs on every app kind

@@ -97,7 +97,7 @@ def test_integers_of_any_size_come_back_as_the_same_int(app):
     assert 2**64 in frame["result"].tolist()
 
 
-# -- 3. types that used to change on the way ---------------------------------------------------------
+# -- 3. types that come back as themselves --------------------------------------------------------------
 TYPED = [
     dt.datetime(2024, 7, 1, 12, 30, tzinfo=PARIS),
     dt.datetime(2024, 10, 27, 2, 30, fold=1, tzinfo=PARIS),          # the second 02:30 of the night clocks go back

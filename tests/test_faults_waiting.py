@@ -51,7 +51,7 @@ def slow_task(app, name: str = "slow"):
 @pytest.mark.parametrize("awaited", ["task", "group"])
 def test_a_task_waiting_for_another_on_a_one_thread_worker_fails_at_once_saying_what_to_do_instead(app, awaited):
     """``inner.delay(x).get()`` inside a task, with concurrency=1: the one thread that could run
-    inner is the one waiting, so the wait fails at once (it used to hang, outer STARTED forever)."""
+    inner is the one waiting, so the wait fails at once instead of hanging with outer STARTED forever."""
     sent = []
     inner = app.task(name="inner")(lambda x: x * 2)
 

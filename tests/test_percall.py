@@ -17,7 +17,7 @@ import pytest
 
 import nbqueue
 from nbqueue import wakechannel
-from nbqueue.broker import WAKEUPS
+from nbqueue.wakeups import WAKEUPS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,4 +1,4 @@
-"""Periodic tasks and periodic workflows (issue 7).
+"""Periodic tasks and periodic workflows.
 
 Time is a ManualClock everywhere except the two subprocess tests of the CLI, which
 watch an ``@every 1s`` schedule fire in real time. Multi-store tests run on SQLite,
@@ -23,8 +23,9 @@ import pytest
 import nbqueue
 from nbqueue import chain, chord, group, states
 from nbqueue.clock import ManualClock
-from nbqueue.schedule import STATE_PREFIX, InvalidSchedule, parse_spec, zone
+from nbqueue.schedule import InvalidSchedule, parse_spec, zone
 from nbqueue.testing import wait_for
+from nbqueue.workflow import Keys
 
 UTC = dt.timezone.utc
 PARIS = zone("Europe/Paris")
@@ -317,12 +318,12 @@ def test_unschedule_stops_firing_and_forgets_saved_state(make_app, clock):
     app.periodic("@hourly", add.s(2, 2), name="kept")
     beat = app.scheduler()
     assert len(beat.tick(ts(2024, 1, 15, 9, 0))) == 2
-    assert app.backend.kv_get(STATE_PREFIX + "gone") is not None
+    assert app.backend.kv_get(Keys.schedule("gone")) is not None
 
     assert app.unschedule("gone") is True
     assert [f.name for f in beat.tick(ts(2024, 1, 15, 10, 0))] == ["kept"]
     assert list(app.schedules()["name"]) == ["kept"]
-    assert app.backend.kv_get(STATE_PREFIX + "gone") is None
+    assert app.backend.kv_get(Keys.schedule("gone")) is None
     assert app.unschedule("gone") is False
 
 

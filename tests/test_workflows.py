@@ -1,4 +1,4 @@
-"""Workflows (issue 4): chain, group and chord, nested, with fan-in that fires exactly once.
+"""Workflows: chain, group and chord, nested, with fan-in that fires exactly once.
 
 Every test runs on each kind of App (SQLite, memory://, Redis, RabbitMQ with results in
 SQLite) unless it says otherwise. Most drive a worker in the test's own thread

@@ -195,7 +195,7 @@ def overview(app) -> dict:
         })
     queues = [{k: q.get(k, 0) for k in ("queue", "ready", "delayed", "in_flight", "dead")} for q in status["queues"]]
     return {"queues": queues, "workers": workers, "now": now, "default_queue": app.default_queue,
-            "lists": getattr(app.backend, "lists_tasks", "all")}
+            "lists": app.backend.lists_tasks}
 
 
 def queue_view(app, queue: str) -> dict:

@@ -11,6 +11,14 @@ Each driver package's ``__init__`` declares, without importing its client librar
     OPTIONS = frozenset({...})           # App options its broker/backend read
     EXTRA = "redis"                      # pip extra that installs its client (None: standard library)
     RESULTS_BESIDE = True                # a broker URL of this driver is the default result backend too
+    QUIET_LOGGERS = ("pika",)            # its client library's loggers, kept at WARNING by the CLI
+                                         # unless --log-level DEBUG (connection chatter at INFO)
+    MAX_QUEUE_NAME = 200                 # the longest queue name (UTF-8 bytes) its broker takes, with
+                                         # the names nbqueue derives from it
+    RESERVED_QUEUE_PREFIXES = {"amq.": "reserved by RabbitMQ"}   # queue names it refuses, and why
+
+Queue names are checked against every driver's rules at send, so a name that one broker
+takes works on every broker.
 
 Adding a store is adding such a package: App, the config checks and ``engine_for`` read
 this registry (kombu's alias table, discovered instead of written out).
@@ -19,12 +27,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import importlib
 import pkgutil
 import threading
 from typing import Any
 from urllib.parse import urlsplit
 
+from .. import signature as _signature
 from ..errors import ConfigurationError
 
 
@@ -41,6 +51,9 @@ class Driver:
     options: frozenset = frozenset()
     extra: str | None = None
     results_beside: bool = False
+    quiet_loggers: tuple[str, ...] = ()
+    max_queue_name: int | None = None
+    reserved_queue_prefixes: tuple[tuple[str, str], ...] = ()
 
     def load(self, kind: str) -> Any:
         """The class named by ``kind`` ("broker", "backend", "engine"); ConfigurationError naming
@@ -60,6 +73,8 @@ class Driver:
 
 #: the store of an App given no URL: a file of this machine, nothing to start
 DEFAULT_URL = "sqlite://"
+#: the longest queue name, in UTF-8 bytes, where no driver declares a shorter one
+MAX_QUEUE_NAME = 1000
 
 _lock = threading.Lock()
 _drivers: dict[str, Driver] = {}
@@ -80,7 +95,10 @@ def drivers() -> dict[str, Driver]:
                         backend=getattr(mod, "BACKEND", None), engine=getattr(mod, "ENGINE", None),
                         payloads=getattr(mod, "PAYLOADS", None),
                         options=frozenset(getattr(mod, "OPTIONS", ())), extra=getattr(mod, "EXTRA", None),
-                        results_beside=bool(getattr(mod, "RESULTS_BESIDE", False)))
+                        results_beside=bool(getattr(mod, "RESULTS_BESIDE", False)),
+                        quiet_loggers=tuple(getattr(mod, "QUIET_LOGGERS", ())),
+                        max_queue_name=getattr(mod, "MAX_QUEUE_NAME", None),
+                        reserved_queue_prefixes=tuple(getattr(mod, "RESERVED_QUEUE_PREFIXES", {}).items()))
                 _drivers.update(found)
     return _drivers
 
@@ -106,6 +124,23 @@ def driver_for(url: str, kind: str | None = None) -> Driver:
 def store_options() -> frozenset:
     """Every option some driver reads (App passes them through as given)."""
     return frozenset().union(*(d.options for d in drivers().values()))
+
+
+def quiet_loggers() -> tuple[str, ...]:
+    """The client libraries' loggers the drivers declare too talkative at INFO."""
+    return tuple(dict.fromkeys(name for d in drivers().values() for name in d.quiet_loggers))
+
+
+@functools.lru_cache(maxsize=1)
+def queue_name_rules() -> tuple[int, tuple[tuple[str, str], ...]]:
+    """(the longest queue name, in UTF-8 bytes, that every driver takes; the (prefix, why) pairs
+    some driver refuses), read once; nbqueue.signature checks every queue name by them."""
+    found = drivers().values()
+    longest = min((d.max_queue_name for d in found if d.max_queue_name), default=MAX_QUEUE_NAME)
+    return longest, tuple(pair for d in found for pair in d.reserved_queue_prefixes)
+
+
+_signature.use_queue_name_rules(queue_name_rules)
 
 
 def holds_payloads(url: str) -> bool:
@@ -164,6 +199,8 @@ __all__ = [
     "schemes",
     "driver_for",
     "store_options",
+    "quiet_loggers",
+    "queue_name_rules",
     "broker_from_url",
     "backend_from_url",
 ]

@@ -8,3 +8,9 @@ BACKEND = "nbqueue.drivers.amqp.backend:AMQPBackend"
 OPTIONS = frozenset({"reconnect_timeout", "confirm_timeout", "publish_batch", "eta_tolerance",
                      "index_size", "max_item_size", "lock_timeout"})
 EXTRA = "amqp"
+QUIET_LOGGERS = ("pika",)
+#: the longest queue name, in UTF-8 bytes: RabbitMQ's 255 less what the names nbqueue derives
+#: from it add (a kernel's queue and its code queue, ``.kernel-<pid>-<hex>.code``: 27; the delay
+#: queue of that, ``nbq.delay.<queue>.<ms>``: 21 more)
+MAX_QUEUE_NAME = 200
+RESERVED_QUEUE_PREFIXES = {"amq.": "reserved by RabbitMQ"}

@@ -58,8 +58,8 @@ from typing import Any, Sequence
 import pika
 import pika.exceptions as pex
 
-from ...broker import redact
 from ...errors import BrokerError, ConnectionLost
+from ...urls import redact
 from ..keyvalue import KEEP, KeyValueBackend
 from .client import check_url, connection_parameters, refused
 

@@ -107,8 +107,9 @@ from typing import Any, Callable, Iterable, Sequence
 import pika
 import pika.exceptions as pex
 
-from ...broker import Broker, Capabilities, Delivery, Outgoing, queue_list, redact, text_of
+from ...broker import Broker, Capabilities, Delivery, Outgoing, queue_list, text_of
 from ...errors import BrokerError, ConfigurationError, ConnectionLost, PublishRefused
+from ...urls import redact
 from .client import check_url, connection_parameters, refused
 
 log = logging.getLogger(__name__)

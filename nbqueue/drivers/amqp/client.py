@@ -11,8 +11,8 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsp
 
 import pika
 
-from ...broker import redact
 from ...errors import ConfigurationError
+from ...urls import redact
 
 
 def check_url(url: str) -> dict:

@@ -48,8 +48,8 @@ from pymemcache.client.base import PooledClient
 from pymemcache.client.hash import HashClient
 from pymemcache.exceptions import MemcacheError, MemcacheServerError
 
-from ...broker import redact
 from ...errors import ConfigurationError, ConnectionLost
+from ...urls import redact
 from ..keyvalue import KEEP, KeyValueBackend, ValueTooLarge
 
 OPTIONS = {"key_prefix": "nbq:", "index_size": 10_000, "max_item_size": 1_048_576, "socket_timeout": 5.0,

@@ -32,7 +32,7 @@ from typing import Any, Sequence
 
 from ... import serialization, states
 from ...backend import FIELDS, ResultBackend, counts_from_states, matches
-from ...broker import redact
+from ...urls import redact
 from .client import LUA_FINAL, MIN_BLOCK, connect, guarded, key_prefix, lua, pipeline, register, url_options
 
 _INT_FIELDS = frozenset({"retries", "token"})

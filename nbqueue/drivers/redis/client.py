@@ -19,8 +19,8 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from ... import states
-from ...broker import redact
 from ...errors import ConfigurationError, ConnectionLost
+from ...urls import redact
 
 if TYPE_CHECKING:
     import fakeredis

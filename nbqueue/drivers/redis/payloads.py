@@ -31,7 +31,7 @@ class RedisPayloads(PayloadStore):
 
     @property
     def label(self) -> str:
-        from ...broker import redact
+        from ...urls import redact
 
         return f"{redact(self.url.split('?', 1)[0])} (keys under {self.prefix}pl:)"
 

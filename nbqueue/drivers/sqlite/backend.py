@@ -13,7 +13,7 @@ from typing import Sequence
 
 from ... import serialization, states, wakechannel
 from ...backend import FIELDS, GROUP_TASK, SEARCHED, ResultBackend, counts_from_states
-from ...broker import WAKEUPS
+from ...wakeups import WAKEUPS
 from .db import SQLiteStore, path_from_url, placeholders
 
 _FINAL = tuple(states.READY_STATES)

@@ -26,7 +26,8 @@ import time
 from typing import Any, Callable, Iterable, Sequence
 
 from ... import wakechannel
-from ...broker import WAKEUPS, Broker, Delivery, Outgoing, shown, text_of
+from ...broker import Broker, Delivery, Outgoing, shown, text_of
+from ...wakeups import WAKEUPS
 from .db import SQLiteStore, path_from_url, placeholders
 
 

@@ -134,8 +134,10 @@ import boto3
 import botocore.config
 import botocore.exceptions as bex
 
-from ...broker import WAKEUPS, Broker, Capabilities, Delivery, Outgoing, redact
+from ...broker import Broker, Capabilities, Delivery, Outgoing
 from ...errors import BrokerError, ConfigurationError, PublishRefused
+from ...urls import redact
+from ...wakeups import WAKEUPS
 
 log = logging.getLogger(__name__)
 
