@@ -574,9 +574,9 @@ def test_a_new_connection_loads_its_scripts_before_the_commands_so_they_run_in_o
 
 
 def test_a_script_lost_under_a_live_connection_never_acks_a_result_that_was_not_stored(flushable_app):
-    """SCRIPT FLUSH by hand while the connection stays up: the store fails with NOSCRIPT
-    and runs again after the pipeline's ack. The ack checks that the result is final, so
-    it refuses; the message stays in flight (delivered again later), never acked unstored."""
+    """SCRIPT FLUSH by hand while the connection stays up: the engine's finish script (results
+    and acks in one call) fails with NOSCRIPT and runs again once loaded, whole: the result
+    is stored and its message acked together, never acked unstored."""
     app = flushable_app
     app.register_task("add", lambda x, y: x + y)
     worker = app.worker()
@@ -588,8 +588,8 @@ def test_a_script_lost_under_a_live_connection_never_acks_a_result_that_was_not_
     _flush_scripts_keeping(app.broker.client, app.broker._settle)
     stored = app.engine.finish([Outcome(d, d.message_id, states.SUCCESS, d.token, {"result": "4"})], [d]).stored
     assert stored == [True] and r.get(timeout=5) == 4
-    assert _stat(app.broker, app.default_queue)["in_flight"] == 1      # not acked: its result was not stored yet
-    assert app.broker.ack(d)                                           # as its redelivery would
+    assert _stat(app.broker, app.default_queue)["in_flight"] == 0      # acked in the call that stored it
+    assert not app.broker.ack(d)                                       # gone already
 
 
 def test_a_message_claimed_at_the_end_of_a_long_wait_gets_a_whole_lease(store):

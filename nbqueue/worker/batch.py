@@ -205,7 +205,9 @@ class _Batch:
         """Commit what is pending; safe from the executor and the heartbeat thread alike.
 
         ``claim_next`` (the executor's last flush of a batch): claim its next batch in the
-        same transaction, one commit fewer per batch; ``Worker.reserve`` returns it.
+        same transaction, one commit fewer per batch, or where no transaction spans the
+        stores, in the round trip of the finish (``Engine.claims_in_finish``);
+        ``Worker.reserve`` returns it.
         """
         with self.flushing:
             self._flush(claim_next)
@@ -224,8 +226,9 @@ class _Batch:
                 for op, _ in ops:
                     op()
                 if plain or acks or members:
-                    self._finish_plain(plain, acks, members)
-                if claim_next and not self.local:
+                    # where no transaction spans the stores, the finish itself may claim
+                    self._finish_plain(plain, acks, members, then_claim=claim_next and not self.grouped)
+                if claim_next and self.grouped and not self.local:
                     claimed = self.worker._claim_now()
             if claimed:
                 self.worker._claimed.next = claimed
@@ -348,17 +351,24 @@ class _Batch:
                 "worker %s: could not dead-letter %s; its lease will bring it back", worker.name, delivery.message_id
             )
 
-    def _finish_plain(self, plain: list, acks: list = (), members: list = ()) -> None:
+    def _finish_plain(self, plain: list, acks: list = (), members: list = (), then_claim: bool = False) -> None:
         """Store the results, then acknowledge them and ``acks`` (finished already): one
         round trip for the lot where the engine allows. ``members`` (see ``add_member``) are
-        stored and counted in that round trip; their advance follows, then their acks."""
+        stored and counted in that round trip; their advance follows, then their acks.
+        ``then_claim``: the executor's next batch is claimed in that round trip where the
+        engine does so (``claims_in_finish``) and nothing of this batch runs locally next."""
         app = self.app
         outcomes = [Outcome(d, task_id, states.SUCCESS, token, fields) for d, task_id, token, fields in plain]
         outcomes += [
             Outcome(d, task_id, states.SUCCESS, token, fields, group=cont["group"])
             for d, task_id, token, fields, _, cont in members
         ]
-        finished = app.engine.finish(outcomes, [d for d, _, _, _ in plain] + list(acks))
+        claim = None
+        if then_claim and app.engine.claims_in_finish and not self.local and not self.worker.has_claimed():
+            claim = self.worker._next_claim()
+        finished = app.engine.finish(outcomes, [d for d, _, _, _ in plain] + list(acks), then_claim=claim)
+        if finished.claimed:        # the executor runs it next, whatever follows here
+            self.worker._claimed.next = ([c.delivery for c in finished.claimed], _prepared(finished.claimed))
         self.worker._count(processed=sum(finished.stored))
         if not members:
             return

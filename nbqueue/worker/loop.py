@@ -34,7 +34,7 @@ from typing import Iterable
 
 from .. import capture, control, shipping, states
 from ..broker import Delivery, queue_list
-from ..engine import decode
+from ..engine import NextClaim, decode
 from ..events import WorkerEvents
 from .batch import (
     _MISSING,
@@ -440,9 +440,10 @@ class Worker(Heartbeat, Execution):
             batch.close()
             try:
                 # an executor thread claims its next batch in this commit (where broker and
-                # backend share a transaction and nothing local runs next)
+                # backend share a transaction, or else in the finish's round trip where the
+                # engine claims there) when nothing local runs next
                 batch.flush(
-                    claim_next=self.group_commit
+                    claim_next=(self.group_commit or self.app.engine.claims_in_finish)
                     and threading.current_thread() in self._threads
                     and not self._stopping.is_set()
                 )
@@ -519,6 +520,14 @@ class Worker(Heartbeat, Execution):
             local.append((deliveries, _prepared(claims)))
         taken = {o.id for o in mine}
         return [o for o in outs if o.id not in taken]
+
+    def has_claimed(self) -> bool:
+        """Whether this thread holds a batch claimed in its last commit, not run yet."""
+        return getattr(self._claimed, "next", None) is not None
+
+    def _next_claim(self) -> NextClaim:
+        """A claim of this worker's next batch, made by ``Engine.finish`` (``claims_in_finish``)."""
+        return NextClaim(self.queues, limit=self.prefetch, lease=self.lease, worker=self.name, begins=self._begins)
 
     def _claim_now(self) -> "tuple[list[Delivery], _Prepared] | None":
         """Claim a batch inside the caller's transaction (see ``_Batch.flush``), without waiting."""
