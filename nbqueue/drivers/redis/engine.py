@@ -20,13 +20,18 @@ from typing import Sequence
 from ...backend import ResultBackend
 from ...broker import Broker, Delivery, Outgoing
 from ...engine import Begins, Claim, Finished, NextClaim, Outcome, SplitEngine, decode
+from . import twins
 from .backend import DONE_TTL_MS, RedisBackend
 from .broker import LUA_HEADER, RedisBroker
 from .client import guarded, lua, pipeline, register
+from .twins import twin
 
 log = logging.getLogger(__name__)
 
 _FINISH = lua("queues", "state", "ack", "finish", header=LUA_HEADER + f"local DONE_TTL_MS = {DONE_TTL_MS}\n")
+
+# the script memory:// runs as Python (see nbqueue.drivers.redis.twins)
+twin(_FINISH, twins.finish, done_ttl=DONE_TTL_MS)
 
 
 class RedisEngine(SplitEngine):
