@@ -3,8 +3,8 @@
 fakeredis runs every EVALSHA by compiling the script's Lua source again, checking the
 interpreter's globals around each ``redis.call`` and collecting garbage after it: some
 milliseconds per call, under the server's lock, for scripts Redis runs in microseconds.
-A script registered here with ``twin`` (next to its definition, in the broker or the
-result backend) is run on ``memory://`` as its Python function instead (see
+A script registered here with ``twin`` (next to its definition, in the broker, the
+result backend or the engine) is run on ``memory://`` as its Python function instead (see
 nbqueue.drivers.redis.memory), inside the EVALSHA and under the server's lock, so as
 atomic as the script. A function takes ``r`` (``redis.call``: a command name and its
 arguments, the reply as RESP2 gives it to Lua, an error raised), the script's KEYS and
@@ -17,7 +17,9 @@ Redis runs the Lua, memory:// the Python, so a change to a script changes its tw
 Two tests keep each pair equal: the broker, result backend and engine contract suites
 (nbqueue.testing), run on redis:// and memory:// alike, and
 tests/test_redis_specific.py's twin test, which runs the scripts' paths on memory:// once
-with the twins and once with fakeredis' Lua and compares every reply and every key.
+with the twins and once with fakeredis' Lua and compares every reply and every key (and
+fails for a registered twin its scenario does not run). A helper named after a Lua
+function (``_lease``, ``_ack``, ``_write_state``...) is the twin of that function.
 """
 from __future__ import annotations
 
