@@ -328,8 +328,9 @@ def begin_many(r: Redis, keys: list[bytes], argv: list[bytes]) -> Any:
 
 def set_state(r: Redis, keys: list[bytes], argv: list[bytes], *, done_ttl: int) -> Any:
     """set_state.lua"""
+    rec, index, expiring, done = keys[:4]
     n = int(float(argv[6]))
-    return _write_state(r, *keys[:4], argv[:6], argv[7:7 + 2 * n], argv[7 + 2 * n:], done_ttl)
+    return _write_state(r, rec, index, expiring, done, argv[:6], argv[7:7 + 2 * n], argv[7 + 2 * n:], done_ttl)
 
 
 # -- the engine's scripts ----------------------------------------------------------------
