@@ -14,7 +14,9 @@ What an engine does:
 - ``publish(outgoing)``: publish messages whose records exist (workflow follow-ups).
 - ``claim(queues, limit=, timeout=, lease=, worker=) -> list[Claim]``: reserve a batch, decode
   it and begin its tasks (RECEIVED, with fencing tokens).
-- ``finish(outcomes, acks) -> Finished``: store final results, count group members, ack.
+- ``finish(outcomes, acks, then_claim=) -> Finished``: store final results, count group members,
+  ack; given ``then_claim``, also claim the caller's next batch (in the same round trip where
+  ``claims_in_finish``).
 - ``run_next(outgoing, lease=, worker=) -> list[Claim]``: publish follow-ups already claimed by
   the caller, so a worker runs the next chain step without another claim (``runs_next``).
 - ``extend(deliveries, lease)``, ``hand_back(deliveries)``, ``transaction()``.
@@ -92,6 +94,19 @@ class Finished:
 
     stored: list[bool]
     counts: list[tuple[int, int] | None]
+    #: what ``then_claim`` claimed (decoded and begun, as ``claim`` returns it)
+    claimed: list[Claim] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class NextClaim:
+    """``finish``'s ``then_claim``: the arguments of a ``claim`` that does not wait."""
+
+    queues: Sequence[str]
+    limit: int
+    lease: float
+    worker: str
+    begins: Begins | None = None
 
 
 @runtime_checkable
@@ -104,6 +119,8 @@ class Engine(Protocol):
     runs_next: bool
     #: ``finish`` counts group members in the round trip that stores their results
     counts_members: bool
+    #: ``finish``'s ``then_claim`` claims in the round trip that stores the results
+    claims_in_finish: bool
     #: errors of the stores themselves (unreachable, locked): a message is left to its lease
     store_errors: tuple[type[BaseException], ...]
 
@@ -114,7 +131,8 @@ class Engine(Protocol):
     def claim(self, queues: Sequence[str], *, limit: int, timeout: float, lease: float, worker: str,
               begins: Begins | None = None, handoff: bool = False) -> list[Claim]: ...
 
-    def finish(self, outcomes: Sequence[Outcome], acks: Sequence[Delivery] = ()) -> Finished: ...
+    def finish(self, outcomes: Sequence[Outcome], acks: Sequence[Delivery] = (),
+               then_claim: NextClaim | None = None) -> Finished: ...
 
     def run_next(
         self, outgoing: Sequence[Outgoing], *, lease: float, worker: str, begins: Begins | None = None
@@ -139,6 +157,7 @@ class SplitEngine:
     shares_transaction = False
     runs_next = False
     counts_members = False
+    claims_in_finish = False
 
     def __init__(self, broker: Broker, backend: ResultBackend):
         self.broker = broker
@@ -196,8 +215,10 @@ class SplitEngine:
         return []
 
     # -- finishing ----------------------------------------------------------------------------
-    def finish(self, outcomes: Sequence[Outcome], acks: Sequence[Delivery] = ()) -> Finished:
-        """Store the outcomes' results (fenced), count those with a group, then ack ``acks``."""
+    def finish(self, outcomes: Sequence[Outcome], acks: Sequence[Delivery] = (),
+               then_claim: NextClaim | None = None) -> Finished:
+        """Store the outcomes' results (fenced), count those with a group, then ack ``acks``;
+        then, given ``then_claim``, claim without waiting (``Finished.claimed``)."""
         stored = (
             self.backend.store_results([(o.task_id, o.state, o.token, o.fields) for o in outcomes]) if outcomes else []
         )
@@ -205,7 +226,10 @@ class SplitEngine:
                                                 for o, ok in zip(outcomes, stored) if o.group is not None]
         if acks:
             self.broker.ack_many(list(acks))
-        return Finished(stored=list(stored), counts=counts)
+        claimed = [] if then_claim is None else self.claim(
+            then_claim.queues, limit=then_claim.limit, timeout=0, lease=then_claim.lease, worker=then_claim.worker,
+            begins=then_claim.begins)
+        return Finished(stored=list(stored), counts=counts, claimed=claimed)
 
     # -- leases -------------------------------------------------------------------------------
     def extend(self, deliveries: Sequence[Delivery], lease: float) -> None:
@@ -252,5 +276,5 @@ def decode(deliveries: Sequence[Delivery]) -> list[Claim]:
     return claims
 
 
-__all__ = ["Engine", "Claim", "Outcome", "Finished", "SplitEngine", "decode",
+__all__ = ["Engine", "Claim", "Outcome", "Finished", "NextClaim", "SplitEngine", "decode",
            "ACK", "RETRY", "RELEASE", "DEFER", "REJECT", "COUNT_LAPSE"]

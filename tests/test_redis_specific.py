@@ -6,6 +6,7 @@ that SCRIPT FLUSH a server do it on a redis-server of this session's own
 (conftest.session_redis), never on the shared one."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import multiprocessing
 import os
@@ -15,16 +16,17 @@ import time
 import uuid
 
 import pytest
+import redis
 
 from nbqueue import Signature, states
 from nbqueue import chord as nbqueue_chord
 from nbqueue.broker import Outgoing
 from nbqueue.clock import ManualClock
 from nbqueue.drivers.redis.backend import RedisBackend
-from nbqueue.drivers.redis.broker import RedisBroker
+from nbqueue.drivers.redis.broker import SIGNAL_TOKENS, RedisBroker
 from nbqueue.drivers.redis.client import fake_server
 from nbqueue.drivers.redis.engine import RedisEngine
-from nbqueue.engine import Outcome
+from nbqueue.engine import NextClaim, Outcome
 from nbqueue.errors import ConnectionLost
 from nbqueue.testing import wait_for
 
@@ -265,34 +267,80 @@ def _twin_scenario(url: str) -> list:
     broker = RedisBroker(url, clock=clock)
     backend = RedisBackend(url, clock=clock, options={"results_expire_in": 600})
     engine = RedisEngine(broker, backend)
+    kept = RedisEngine(broker, RedisBackend(url, clock=clock))     # results that do not expire
     seen: list = []
 
     def claims(claimed):
         seen.append([(c.delivery.message_id, c.delivery.queue, c.delivery.body, c.delivery.attempt,
-                      c.delivery.priority, c.delivery.lapsed, c.token, c.begun) for c in claimed])
+                      c.delivery.priority, c.delivery.lapsed, c.delivery.token, c.token, c.begun) for c in claimed])
         return claimed
+
+    def finished(done):
+        seen.append((done.stored, done.counts))
+        return claims(done.claimed)
+
+    def refused(call, *args):
+        try:
+            call(*args)
+        except redis.ResponseError as exc:
+            seen.append(str(exc))
+        else:
+            seen.append("no error")
 
     engine.send([{"id": f"t{i}", "name": "add"} for i in range(6)],
                 [_out("a", "t0"), _out("a", "t1", priority=7), _out("b", "t2", eta=clock.time() + 5),
                  _out("b", "t3", body="\u00e9\u20ac"), _out("a", "t4"), _out("a", "t5")])
     broker.publish_many([_out("a", "t0", body="again"), _out("c", "solo")])     # t0 is known: left alone
+    # signals: as many tokens as the limit (no trim), then one more (trimmed back to the limit)
+    broker.publish_many([_out("d", f"d{i}", priority=i % 10) for i in range(SIGNAL_TOKENS + 6)])
+    broker.publish_many([_out("d", "late", eta=clock.time() + 1000)])
     first = claims(engine.claim(["a", "b"], limit=2, timeout=0, lease=10, worker="w1"))
-    seen.append(engine.finish([Outcome(first[0].delivery, "t1", states.SUCCESS, first[0].token, {"result": "2"})],
-                              [first[0].delivery]))
-    seen.append(engine.finish([Outcome(None, "t0", states.SUCCESS, 99, {"result": "x"})], [first[1].delivery]))
+    # stored with fields to delete, its ack acts once the record is final
+    finished(engine.finish([Outcome(first[0].delivery, "t1", states.SUCCESS, first[0].delivery.token,
+                                    {"result": "2", "traceback": None, "error": None})], [first[0].delivery]))
+    # not stored (wrong token): its ack, held to the record, does not act
+    finished(engine.finish([Outcome(None, "t0", states.SUCCESS, 99, {"result": "x"})], [first[1].delivery]))
     seen.append(broker.extend(first[1].delivery, 30))
     clock.advance(6)                            # t2 due
     rest = claims(engine.claim(["a", "b"], limit=10, timeout=0, lease=10, worker="w1"))
     seen.append([broker.retry(rest[0].delivery, body="retried"), broker.reject(rest[1].delivery, "bad"),
                  broker.retry(rest[2].delivery, eta=clock.time() + 100), broker.ack(first[0].delivery)])
+    refused(broker._settle_op, rest[3].delivery, "bogus")
+    seen.append(broker.ack_many([rest[3].delivery], records={rest[3].delivery.message_id:
+                                                             backend._rec(rest[3].delivery.message_id)}))
     seen.append(broker.reserve(["c"], lease=1))
     clock.advance(40)                           # leases of t0 and solo run out
-    claims(engine.claim(["a", "b", "c"], limit=10, timeout=0, lease=10, worker="w2"))
-    claims(engine.claim(["a", "b", "c"], limit=10, timeout=0, lease=10, worker="w2"))
-    claims(engine.run_next([_out("a", "next"), _out("a", "t4")], lease=10, worker="w2"))
+    again = claims(engine.claim(["a", "b", "c"], limit=10, timeout=0, lease=10, worker="w2"))
+    lapsed = claims(engine.claim(["a", "b", "c"], limit=10, timeout=0, lease=10, worker="w2"))
+    # a new id, one known, one whose message is gone and record final
+    claims(engine.run_next([_out("a", "next"), _out("a", "t4"), _out("a", "t1")], lease=10, worker="w2"))
     seen.append(backend.begin_many(["t4", "t1", "new"], worker="w3", fields={"new": {"name": "x", "retries": 3}}))
     seen.append([backend.set_state("t5", states.STARTED, token=1), backend.set_state("t5", states.FAILURE),
-                 backend.set_state("t5", states.SUCCESS), backend.set_state("fresh", states.STARTED, token=2)])
+                 backend.set_state("t5", states.SUCCESS), backend.set_state("fresh", states.STARTED, token=2),
+                 backend.set_state("t3", states.RETRY, worker=None, error="e")])
+    # the worker's finish: group members counted behind their results, the next batch claimed in it
+    backend.init_group("grp", ["m1", "m2", "m3"])
+    engine.send([{"id": m, "name": "add", "group_id": "grp"} for m in ("m1", "m2", "m3")],
+                [_out("e", m) for m in ("m1", "m2", "m3")])
+    nxt = NextClaim(queues=["e"], limit=1, lease=10, worker="w4")
+    got = finished(engine.finish([Outcome(rest[3].delivery, rest[3].delivery.message_id, states.SUCCESS,
+                                          rest[3].delivery.token, {"result": "3", "finished_at": 1.5}),
+                                  Outcome(again[0].delivery, "t3", states.SUCCESS, again[0].delivery.token,
+                                          {"result": "ok", "error": None})],
+                                 [rest[3].delivery, again[0].delivery, *(c.delivery for c in lapsed)],
+                                 then_claim=nxt))
+    got += finished(engine.finish([Outcome(got[0].delivery, "m1", states.SUCCESS, got[0].delivery.token,
+                                           {"result": "1"}, group="grp")], [got[0].delivery], then_claim=nxt))
+    got += claims(engine.claim(["e"], limit=5, timeout=0, lease=10, worker="w4"))
+    # results kept (no expiry), a failure not counted, a new record, a state that is not final,
+    # an ack whose attempt is stale and one of a message already gone
+    finished(kept.finish([Outcome(got[1].delivery, "m2", states.FAILURE, got[1].delivery.token, {"error": "boom"},
+                                  group="grp"),
+                          Outcome(got[2].delivery, "m3", states.SUCCESS, got[2].delivery.token + 1, {}, group="grp"),
+                          Outcome(None, "ghost", states.RETRY, None, {"error": "later"}),
+                          Outcome(None, "ghost2", states.REVOKED, None, {})],
+                         [got[1].delivery, got[2].delivery, first[1].delivery, first[0].delivery]))
+    finished(kept.finish([], [got[2].delivery]))
     seen.append(broker.stats())
     seen.append(broker.dead_letters())
     client = broker.client
@@ -314,19 +362,37 @@ def _twin_scenario(url: str) -> list:
 
 def test_memory_runs_the_scripts_as_their_python_twins_with_the_lua_scripts_results(monkeypatch):
     """The Lua scripts fakeredis would run and their Python twins (nbqueue.drivers.redis.twins)
-    leave the same keys and return the same replies, and memory:// runs the twins."""
+    leave the same keys and return the same replies, and memory:// runs the twins: each
+    one of them in the scenario, none of their scripts as Lua."""
     import fakeredis.commands_mixins.scripting_mixin as scripting
 
     from nbqueue.drivers.redis import memory
 
-    ran = []
+    as_lua: list[bytes] = []
     lua_eval = scripting.ScriptingCommandsMixin.eval
-    monkeypatch.setattr(scripting.ScriptingCommandsMixin, "eval", lambda *a: ran.append(1) or lua_eval(*a))
+
+    def spy_eval(sock, script, *args):
+        as_lua.append(hashlib.sha1(script).hexdigest().encode())
+        return lua_eval(sock, script, *args)
+
+    twins_ran: set[bytes] = set()
+
+    def spied(sha, fn):
+        def run(*args):
+            twins_ran.add(sha)
+            return fn(*args)
+        return run
+
+    monkeypatch.setattr(scripting.ScriptingCommandsMixin, "eval", spy_eval)
+    twins = dict(memory.TWINS)
+    monkeypatch.setattr(memory, "TWINS", {sha: spied(sha, fn) for sha, fn in twins.items()})
     with_twins = _twin_scenario(_memory_url())
-    assert not ran                              # no script of the scenario ran as Lua
+    assert not set(as_lua) & set(twins)         # no script with a twin ran as Lua
+    assert twins_ran == set(twins)              # and the scenario runs every twin
     monkeypatch.setattr(memory, "TWINS", {})
+    as_lua.clear()
     with_lua = _twin_scenario(_memory_url())
-    assert ran
+    assert set(twins) <= set(as_lua)           # the same scripts, as Lua
     assert with_twins == with_lua
 
 
@@ -574,9 +640,9 @@ def test_a_new_connection_loads_its_scripts_before_the_commands_so_they_run_in_o
 
 
 def test_a_script_lost_under_a_live_connection_never_acks_a_result_that_was_not_stored(flushable_app):
-    """SCRIPT FLUSH by hand while the connection stays up: the store fails with NOSCRIPT
-    and runs again after the pipeline's ack. The ack checks that the result is final, so
-    it refuses; the message stays in flight (delivered again later), never acked unstored."""
+    """SCRIPT FLUSH by hand while the connection stays up: the engine's finish script (results
+    and acks in one call) fails with NOSCRIPT and runs again once loaded, whole: the result
+    is stored and its message acked together, never acked unstored."""
     app = flushable_app
     app.register_task("add", lambda x, y: x + y)
     worker = app.worker()
@@ -588,8 +654,8 @@ def test_a_script_lost_under_a_live_connection_never_acks_a_result_that_was_not_
     _flush_scripts_keeping(app.broker.client, app.broker._settle)
     stored = app.engine.finish([Outcome(d, d.message_id, states.SUCCESS, d.token, {"result": "4"})], [d]).stored
     assert stored == [True] and r.get(timeout=5) == 4
-    assert _stat(app.broker, app.default_queue)["in_flight"] == 1      # not acked: its result was not stored yet
-    assert app.broker.ack(d)                                           # as its redelivery would
+    assert _stat(app.broker, app.default_queue)["in_flight"] == 0      # acked in the call that stored it
+    assert not app.broker.ack(d)                                       # gone already
 
 
 def test_a_message_claimed_at_the_end_of_a_long_wait_gets_a_whole_lease(store):

@@ -126,10 +126,10 @@ def step_one(app, worker) -> None:
 
 
 def lose_first_ack(app, monkeypatch) -> list:
-    """Drop the first acknowledgement the worker sends, alone or in a batch, as if its
-    worker died right before it; returns the deliveries whose ack was lost."""
+    """Drop the first acknowledgement the worker sends, alone, in a batch or in the engine's
+    finish, as if its worker died right before it; returns the deliveries whose ack was lost."""
     skipped: list = []
-    real_ack, real_ack_many = app.broker.ack, app.broker.ack_many
+    real_ack, real_ack_many, real_finish = app.broker.ack, app.broker.ack_many, app.engine.finish
 
     def ack(d):
         if not skipped:
@@ -143,8 +143,15 @@ def lose_first_ack(app, monkeypatch) -> list:
             skipped.append(deliveries.pop(0))
         return real_ack_many(deliveries, **kwargs)
 
+    def finish(outcomes, acks=(), **kwargs):
+        acks = list(acks)
+        if not skipped and acks:
+            skipped.append(acks.pop(0))
+        return real_finish(outcomes, acks, **kwargs)
+
     monkeypatch.setattr(app.broker, "ack", ack)
     monkeypatch.setattr(app.broker, "ack_many", ack_many)
+    monkeypatch.setattr(app.engine, "finish", finish)
     return skipped
 
 

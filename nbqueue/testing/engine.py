@@ -18,7 +18,7 @@ import uuid
 
 from nbqueue import states
 from nbqueue.broker import Outgoing
-from nbqueue.engine import Claim, Outcome
+from nbqueue.engine import Claim, NextClaim, Outcome
 
 from . import wait_for
 
@@ -195,6 +195,27 @@ def test_engine_fan_in_counts_a_member_only_once_its_result_is_stored(engine_fac
     done = engine.finish([_success(stale, group=gid)], [])
     assert done.stored == [False]
     assert engine.backend.group_info(gid)["done"] == 0
+
+
+def test_engine_finish_then_claims_the_next_batch_after_storing(engine_factory, qname):
+    engine, q = engine_factory(), qname("then")
+    ids = _send(engine, q, 3)
+    [first] = _claim_all(engine, q, 1)
+    assert first.message is not None
+    then = NextClaim([q], limit=5, lease=30, worker="w1")
+    done = engine.finish([_success(first, "7")], [first.delivery], then_claim=then)
+    assert done.stored == [True] and engine.backend.get(first.message["id"])["result"] == "7"
+    if engine.claims_in_finish:
+        assert len(done.claimed) == 2          # more were ready when it last claimed: claimed in the finish
+    for claim in done.claimed:
+        assert claim.message is not None and claim.begun and isinstance(claim.token, int)
+        assert engine.backend.get(claim.message["id"])["state"] == states.RECEIVED
+    rest = done.claimed + _claim_all(engine, q, 2 - len(done.claimed))
+    assert sorted(c.message["id"] for c in rest if c.message is not None) == sorted(ids[1:])   # each once
+    assert _nothing_left(engine, q)
+    done = engine.finish([_success(c) for c in rest], [c.delivery for c in rest], then_claim=then)
+    assert done.stored == [True, True] and done.claimed == []
+    assert all(engine.backend.get(i)["state"] == states.SUCCESS for i in ids)
 
 
 # -- run next ----------------------------------------------------------------------------------------

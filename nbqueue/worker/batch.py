@@ -285,7 +285,9 @@ class _Batch:
         """Settle what is pending; safe from the executor and the heartbeat thread alike.
 
         ``claim_next`` (the executor's last flush of a batch): called to claim its next batch
-        in the same transaction, one commit fewer per batch; that batch is returned.
+        in the same transaction, one commit fewer per batch, or where no transaction spans the
+        stores, claimed in the round trip of the finish (``Engine.claims_in_finish``, kept by
+        ``Worker.keep_claimed``); a batch claimed in the transaction is returned.
         """
         with self.flushing:
             return self._flush(claim_next)
@@ -304,8 +306,9 @@ class _Batch:
                 for outcome in ops:
                     self._settle(outcome)
                 if plain or acks or members:
-                    self._finish_plain(plain, acks, members)
-                if claim_next is not None and not self.local:
+                    # where no transaction spans the stores, the finish itself may claim
+                    self._finish_plain(plain, acks, members, then_claim=claim_next is not None and not self.grouped)
+                if claim_next is not None and self.grouped and not self.local:
                     claimed = claim_next()
             return claimed
         except Exception:
@@ -433,12 +436,19 @@ class _Batch:
                 "worker %s: could not dead-letter %s; its lease will bring it back", worker.name, delivery.message_id
             )
 
-    def _finish_plain(self, plain: list, acks: list = (), members: list = ()) -> None:
+    def _finish_plain(self, plain: list, acks: list = (), members: list = (), then_claim: bool = False) -> None:
         """Store the results, then acknowledge them and ``acks`` (finished already): one
         round trip for the lot where the engine allows. ``members`` (see ``settle``) are
-        stored and counted in that round trip; their advance follows, then their acks."""
+        stored and counted in that round trip; their advance follows, then their acks.
+        ``then_claim``: the executor's next batch is claimed in that round trip where the
+        engine does so (``claims_in_finish``) and nothing of this batch runs locally next."""
         app = self.app
-        finished = app.engine.finish(plain + members, [o.delivery for o in plain] + list(acks))
+        claim = None
+        if then_claim and app.engine.claims_in_finish and not self.local and not self.worker.has_claimed():
+            claim = self.worker.next_claim()
+        finished = app.engine.finish(plain + members, [o.delivery for o in plain] + list(acks), then_claim=claim)
+        if finished.claimed:        # the executor runs it next, whatever follows here
+            self.worker.keep_claimed(finished.claimed)
         self.worker.count(processed=sum(finished.stored))
         if not members:
             return

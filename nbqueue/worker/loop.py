@@ -34,7 +34,7 @@ from typing import Iterable
 
 from .. import capture, control, shipping, states
 from ..broker import Delivery, Outgoing, queue_list
-from ..engine import Claim, Outcome, decode
+from ..engine import Claim, NextClaim, Outcome, decode
 from ..events import WorkerEvents
 from .batch import GROUP_COMMIT, REVOKE_CHECK, STEAL_AFTER, _Batch
 from .execute import Execution
@@ -408,10 +408,13 @@ class Worker(Heartbeat, Execution):
             batch.close()
             try:
                 # an executor thread claims its next batch in this commit (where broker and
-                # backend share a transaction and nothing local runs next)
+                # backend share a transaction, or else in the finish's round trip where the
+                # engine claims there) when nothing local runs next
                 mine = threading.current_thread() in self._threads
                 claimed = batch.flush(
-                    claim_next=self._claim_now if self.group_commit and mine and not self._stopping.is_set() else None
+                    claim_next=self._claim_now
+                    if (self.group_commit or self.app.engine.claims_in_finish) and mine and not self._stopping.is_set()
+                    else None
                 )
                 if claimed:
                     self._claimed.next = claimed
@@ -520,6 +523,18 @@ class Worker(Heartbeat, Execution):
         self.hold([c.delivery for c in claims])
         taken = {o.id for o in mine}
         return claims, [o for o in outs if o.id not in taken]
+
+    def has_claimed(self) -> bool:
+        """Whether this thread holds a batch claimed in its last commit, not run yet."""
+        return getattr(self._claimed, "next", None) is not None
+
+    def next_claim(self) -> NextClaim:
+        """A claim of this worker's next batch, made by ``Engine.finish`` (``claims_in_finish``)."""
+        return NextClaim(self.queues, limit=self.prefetch, lease=self.lease, worker=self.name, begins=self._begins)
+
+    def keep_claimed(self, claims: list[Claim]) -> None:
+        """``claims``, claimed by this thread in a finish, are the batch its next ``reserve`` returns."""
+        self._claimed.next = claims
 
     def _claim_now(self) -> list[Claim]:
         """Claim a batch inside the caller's transaction (see ``_Batch.flush``), without waiting."""

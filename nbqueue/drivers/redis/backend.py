@@ -34,7 +34,7 @@ from ... import serialization, states
 from ...backend import FIELDS, ResultBackend, counts_from_states, matches
 from ...urls import redact
 from . import twins
-from .client import LUA_FINAL, MIN_BLOCK, connect, guarded, key_prefix, lua, pipeline, url_options
+from .client import LUA_FINAL, MIN_BLOCK, connect, guarded, key_prefix, lua, pipeline, register, url_options
 from .twins import twin
 
 _INT_FIELDS = frozenset({"retries", "token"})
@@ -49,7 +49,7 @@ CHUNK = 500                 # records per script call
 
 _CREATE = lua("records", "create", header=LUA_FINAL)
 _BEGIN = lua("begin", "begin_many", header=LUA_FINAL)
-_SET_STATE = lua("records", "set_state", header=LUA_FINAL + f"local DONE_TTL_MS = {DONE_TTL_MS}\n")
+_SET_STATE = lua("state", "set_state", header=LUA_FINAL + f"local DONE_TTL_MS = {DONE_TTL_MS}\n")
 _UPDATE = lua("records", "update", header=LUA_FINAL)
 _INIT_GROUP = lua("init_group")
 _MEMBER_DONE = lua("member_done")
@@ -70,11 +70,13 @@ def _encode(value: Any) -> str:
     return str(value)
 
 
-def _field_args(fields: dict) -> list[str]:
-    """ARGV tail for the Lua ``apply``: count, name/value pairs, then names to delete."""
+def _field_args(fields: dict, counted: bool = False) -> list[str]:
+    """ARGV tail for the Lua ``apply``: count, name/value pairs, then names to delete (their
+    count first where ``counted``)."""
     sets = [(k, v) for k, v in fields.items() if v is not None]
     deletes = [k for k, v in fields.items() if v is None]
-    return [str(len(sets)), *(x for k, v in sets for x in (k, _encode(v))), *deletes]
+    return [str(len(sets)), *(x for k, v in sets for x in (k, _encode(v))),
+            *([str(len(deletes))] if counted else []), *deletes]
 
 
 def _record(raw: dict) -> dict | None:
@@ -101,15 +103,14 @@ class RedisBackend(ResultBackend):
         self.options.setdefault("poll_interval", 1.0)
         self.prefix = key_prefix(self.options)
         self.client = connect(url, self.options)
-        register = self.client.register_script
-        self._create = register(_CREATE)
-        self._begin = register(_BEGIN)
-        self._set_state = register(_SET_STATE)
-        self._update = register(_UPDATE)
-        self._init_group = register(_INIT_GROUP)
-        self._member_done = register(_MEMBER_DONE)
-        self._claim_chord = register(_CLAIM_CHORD)
-        self._group_progress = register(_GROUP_PROGRESS)
+        self._create = register(self.client, _CREATE)
+        self._begin = register(self.client, _BEGIN)
+        self._set_state = register(self.client, _SET_STATE)
+        self._update = register(self.client, _UPDATE)
+        self._init_group = register(self.client, _INIT_GROUP)
+        self._member_done = register(self.client, _MEMBER_DONE)
+        self._claim_chord = register(self.client, _CLAIM_CHORD)
+        self._group_progress = register(self.client, _GROUP_PROGRESS)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {redact(self.url)}>"
@@ -200,6 +201,17 @@ class RedisBackend(ResultBackend):
     def _write_state(
         self, task_id: str, state: str, token: int | None, fields: dict, ttl: float | None, client=None
     ) -> bool:
+        reply = self._set_state(
+            keys=[self._rec(task_id), self._index, self._expiring, self._done_key(task_id)],
+            args=self._state_args(task_id, state, token, fields, ttl),
+            client=client,
+        )
+        return reply == 1
+
+    def _state_args(self, task_id: str, state: str, token: int | None, fields: dict, ttl: float | None,
+                    counted: bool = False) -> list:
+        """A state write's arguments (see lua/state.lua); ``counted``: with the count of the
+        names to delete (as the finish script reads them)."""
         fields = {k: v for k, v in fields.items() if k in FIELDS and k not in ("id", "state", "token")}
         now = self.clock.time()
         created = fields.get("created_at", now)
@@ -208,19 +220,15 @@ class RedisBackend(ResultBackend):
             ttl_ms = str(max(1, math.ceil(ttl * 1000)))
             fields["expires_at"] = fields.get("expires_at") or now + ttl    # in the record too: reads check it
             expires_at = _encode(fields["expires_at"])
-        args = [
+        return [
             task_id,
             state,
             "" if token is None else str(int(token)),
             _encode(created),
             ttl_ms,
             expires_at,
-            *_field_args(fields),
+            *_field_args(fields, counted),
         ]
-        reply = self._set_state(
-            keys=[self._rec(task_id), self._index, self._expiring, self._done_key(task_id)], args=args, client=client
-        )
-        return reply == 1
 
     @guarded
     def update(self, task_id: str, **fields) -> None:

@@ -53,13 +53,13 @@ import logging
 import threading
 import time
 import uuid
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import redis
 
 from ...broker import Broker, Delivery, Outgoing, checked_text, queue_list, shown
 from . import twins
-from .client import LUA_FINAL, MIN_BLOCK, connect, guarded, key_prefix, lua, pipeline, url_options
+from .client import LUA_FINAL, MIN_BLOCK, connect, guarded, key_prefix, lua, pipeline, register, url_options
 from .twins import twin
 
 log = logging.getLogger(__name__)
@@ -83,12 +83,12 @@ def _token(reply: str) -> int | None:
 
 # -- Lua (scripts in lua/*.lua) -----------------------------------------------------------
 
-_HEADER = f"local TOKENS, SIGNAL_TTL = {SIGNAL_TOKENS}, {SIGNAL_TTL_MS}\n" + LUA_FINAL
-_PUBLISH = lua("queues", "publish", header=_HEADER)
-_PUBLISH_RESERVED = lua("queues", "begin", "publish_reserved", header=_HEADER)
-_RESERVE = lua("queues", "begin", "reserve", header=_HEADER)
-_SETTLE = lua("queues", "settle", header=_HEADER)
-_PURGE = lua("queues", "purge", header=_HEADER)
+LUA_HEADER = f"local TOKENS, SIGNAL_TTL = {SIGNAL_TOKENS}, {SIGNAL_TTL_MS}\n" + LUA_FINAL
+_PUBLISH = lua("queues", "publish", header=LUA_HEADER)
+_PUBLISH_RESERVED = lua("queues", "begin", "lease", "publish_reserved", header=LUA_HEADER)
+_RESERVE = lua("queues", "begin", "lease", "reserve", header=LUA_HEADER)
+_SETTLE = lua("queues", "ack", "settle", header=LUA_HEADER)
+_PURGE = lua("queues", "purge", header=LUA_HEADER)
 
 # the scripts memory:// runs as Python (see nbqueue.drivers.redis.twins)
 twin(_PUBLISH, twins.publish, tokens=SIGNAL_TOKENS, signal_ttl=SIGNAL_TTL_MS)
@@ -112,11 +112,11 @@ class RedisBroker(Broker):
         # claims and dead letters are read through this one: a body that is not UTF-8 comes back
         # as surrogateescape text (see nbqueue.broker.checked_text) instead of failing the call
         self._reader = connect(url, self.options, encoding_errors="surrogateescape", warn=False)
-        self._publish = self.client.register_script(_PUBLISH)
-        self._publish_reserved = self.client.register_script(_PUBLISH_RESERVED)
-        self._reserve = self.client.register_script(_RESERVE)
-        self._settle = self.client.register_script(_SETTLE)
-        self._purge = self.client.register_script(_PURGE)
+        self._publish = register(self.client, _PUBLISH)
+        self._publish_reserved = register(self.client, _PUBLISH_RESERVED)
+        self._reserve = register(self.client, _RESERVE)
+        self._settle = register(self.client, _SETTLE)
+        self._purge = register(self.client, _PURGE)
         self._wake_key = f"{self.prefix}wake:{uuid.uuid4().hex}"
         self._waiting = 0
         self._lock = threading.Lock()
@@ -226,14 +226,39 @@ class RedisBroker(Broker):
                 return deliveries
             empty = (key, next_due)
 
+    def drained(self, queues: Sequence[str]) -> bool:
+        """Whether this thread's last claim on ``queues`` left nothing ready in them (its next
+        claim waits for a publish first)."""
+        last = getattr(self._drained, "last", None)
+        return last is not None and last[0] == tuple(queue_list(queues))
+
+    def queue_claim(self, pipe, queues: Sequence[str], *, lease: float, limit: int,
+                    records: tuple[str, str, str] | None = None) -> Callable[[list], list[Delivery]]:
+        """Queue a claim that does not wait (``claim`` with no timeout) on ``pipe``, a pipeline
+        of ``self._reader``; returns the function that reads its reply into deliveries, noting
+        for this thread's next claim, as ``claim`` does, whether it left the queues empty."""
+        queues = queue_list(queues)
+        now = self.clock.time()
+        self._reserve(args=self._claim_args(queues, now, lease, limit, records), client=pipe)
+
+        def parse(reply: list) -> list[Delivery]:
+            deliveries, next_due, more = self._parse_claim(reply, now + lease)
+            if deliveries and more:
+                self._drained.__dict__.pop("last", None)
+            else:
+                self._drained.last = (tuple(queues), next_due)
+            return deliveries
+
+        return parse
+
     def _claim_args(self, queues: list[str], now: float, lease: float, limit: int, records: tuple | None) -> list:
         return [
             self.prefix,
             repr(now),
             repr(now + lease),
+            *_begin_args(records),
             max(1, int(limit)),
             self.batch,
-            *_begin_args(records),
             *queues,
         ]
 

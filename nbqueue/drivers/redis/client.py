@@ -243,6 +243,31 @@ def pipeline(client: redis.Redis) -> ScriptPipeline:
     return ScriptPipeline(client.connection_pool, client.response_callbacks, False, None)
 
 
+class Script(redis.commands.core.Script):
+    """A registered script called as redis-py's are (``script(keys=, args=, client=)``), sent
+    as EVALSHA straight onto a ``ScriptPipeline``: queued on one given as ``client``, else
+    run in a pipeline of its own on ``client`` (or the client it was registered on), where
+    redis-py's own call would ask SCRIPT EXISTS or go through its per-command machinery."""
+
+    def __call__(self, keys=None, args=None, client=None):
+        keys = keys or ()
+        command = ("EVALSHA", self.sha, len(keys), *keys, *(args or ()))
+        pipe = client if isinstance(client, ScriptPipeline) else pipeline(client or self.registered_client)
+        pipe.scripts.add(self)
+        pipe.command_stack.append((command, {}))
+        if pipe is client:
+            return pipe
+        reply = pipe.execute(raise_on_error=False)[0]
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+
+def register(client: redis.Redis, text: str) -> Script:
+    """``text`` as a ``Script`` of ``client`` (see ``Script``)."""
+    return Script(client, text)
+
+
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -5,27 +5,45 @@ Its fast paths, each a whole-method override of SplitEngine:
 - ``send``: the PENDING records and the messages in one pipeline (records first).
 - ``claim`` / ``run_next``: the claim script (and the one that publishes a worker's own
   follow-ups already reserved) also begins the tasks' records: one round trip per batch.
-- ``finish``: results, group member counts and acks in one pipeline, in that order; an ack
-  acts only once its record is final, and a member is counted only once its record is SUCCESS,
-  so a result that was not stored never loses its message nor counts its member.
+- ``finish``: the results and acks in one script call (lua/finish.lua), then the group member
+  counts, in one pipeline; an ack acts only once its record is final, and a member is counted
+  only once its record is SUCCESS, so a result that was not stored never loses its message
+  nor counts its member. Its
+  ``then_claim`` (the worker's next batch) runs the claim script at the end of that pipeline,
+  unless this thread's last claim left the queues empty (the next claim waits on them first).
 """
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 from ...backend import ResultBackend
 from ...broker import Broker, Delivery, Outgoing
-from ...engine import Begins, Claim, Finished, Outcome, SplitEngine, decode
-from .backend import RedisBackend
-from .broker import RedisBroker
-from .client import guarded, pipeline
+from ...engine import Begins, Claim, Finished, NextClaim, Outcome, SplitEngine, decode
+from . import twins
+from .backend import DONE_TTL_MS, RedisBackend
+from .broker import LUA_HEADER, RedisBroker
+from .client import guarded, lua, pipeline, register
+from .twins import twin
+
+log = logging.getLogger(__name__)
+
+_FINISH = lua("queues", "state", "ack", "finish", header=LUA_HEADER + f"local DONE_TTL_MS = {DONE_TTL_MS}\n")
+
+# the script memory:// runs as Python (see nbqueue.drivers.redis.twins)
+twin(_FINISH, twins.finish, done_ttl=DONE_TTL_MS)
 
 
 class RedisEngine(SplitEngine):
     runs_next = True
     counts_members = True
+    claims_in_finish = True
     broker: RedisBroker
     backend: RedisBackend
+
+    def __init__(self, broker: RedisBroker, backend: RedisBackend):
+        super().__init__(broker, backend)
+        self._finish = register(broker.client, _FINISH)
 
     @staticmethod
     def serves(broker: Broker, backend: ResultBackend) -> bool:
@@ -58,22 +76,48 @@ class RedisEngine(SplitEngine):
         return _begun(decode(deliveries))
 
     @guarded
-    def finish(self, outcomes: Sequence[Outcome], acks: Sequence[Delivery] = ()) -> Finished:
-        """One pipeline: the results, then the member counts, then the acks (see the module docstring)."""
-        items = [(o.task_id, o.state, o.token, o.fields) for o in outcomes]
+    def finish(self, outcomes: Sequence[Outcome], acks: Sequence[Delivery] = (),
+               then_claim: NextClaim | None = None) -> Finished:
+        """One pipeline: the results and acks, then the member counts, then the claim (see the
+        module docstring)."""
         members = [o for o in outcomes if o.group is not None]
-        pipe = pipeline(self.broker.client)
-        self.backend.store_results(items, client=pipe)
+        backend = self.backend
+        now, ttl = backend.clock.time(), backend.results_expire_in
+        args: list = [self.broker.prefix, backend._rec(""), backend._index, backend._expiring, backend._done_key(""),
+                      len(outcomes)]
+        for o in outcomes:
+            fields = o.fields if "finished_at" in o.fields else {**o.fields, "finished_at": now}
+            args += backend._state_args(o.task_id, o.state, o.token, fields, ttl, counted=True)
+        ids = {o.task_id for o in outcomes}
+        for d in acks:
+            args += [d.message_id, str(d.tag), "1" if d.message_id in ids else ""]
+        claiming = then_claim is not None and not self.broker.drained(then_claim.queues)
+        # claims are read with the broker's reader (a body that is not UTF-8 comes back marked)
+        pipe = pipeline(self.broker._reader if claiming else self.broker.client)
+        self._finish(args=args, client=pipe)
         for o in members:
             assert o.group is not None
-            self.backend._count_member(o.group, o.task_id, client=pipe, if_succeeded=True)
-        self.broker.ack_many(
-            list(acks), client=pipe, records={o.task_id: self.backend._rec(o.task_id) for o in outcomes}
-        )
-        replies = pipe.execute()
-        counts = replies[len(items):len(items) + len(members)]
-        return Finished(stored=[reply == 1 for reply in replies[:len(items)]],
-                        counts=[None if c is None else (int(c[0]), int(c[1])) for c in counts])
+            backend._count_member(o.group, o.task_id, client=pipe, if_succeeded=True)
+        parse = None
+        if claiming:
+            assert then_claim is not None
+            parse = self.broker.queue_claim(pipe, then_claim.queues, lease=then_claim.lease, limit=then_claim.limit,
+                                            records=self._records(then_claim.worker))
+        replies = pipe.execute(raise_on_error=False)
+        claimed: list[Claim] = []
+        if parse is not None:
+            reply = replies.pop()
+            if isinstance(reply, Exception):
+                log.warning("claiming in a finish failed (%s); the next claim takes what is ready", reply)
+            else:
+                claimed = _begun(decode(parse(reply)))
+        errors = [reply for reply in replies if isinstance(reply, Exception)]
+        if errors:
+            self.hand_back([c.delivery for c in claimed])    # the caller goes on as if finish had not run
+            raise errors[0]
+        counts = replies[1:1 + len(members)]
+        return Finished(stored=[reply == 1 for reply in replies[0]],
+                        counts=[None if c is None else (int(c[0]), int(c[1])) for c in counts], claimed=claimed)
 
 
 def _begun(claims: list[Claim]) -> list[Claim]:

@@ -3,8 +3,8 @@
 fakeredis runs every EVALSHA by compiling the script's Lua source again, checking the
 interpreter's globals around each ``redis.call`` and collecting garbage after it: some
 milliseconds per call, under the server's lock, for scripts Redis runs in microseconds.
-A script registered here with ``twin`` (next to its definition, in the broker or the
-result backend) is run on ``memory://`` as its Python function instead (see
+A script registered here with ``twin`` (next to its definition, in the broker, the
+result backend or the engine) is run on ``memory://`` as its Python function instead (see
 nbqueue.drivers.redis.memory), inside the EVALSHA and under the server's lock, so as
 atomic as the script. A function takes ``r`` (``redis.call``: a command name and its
 arguments, the reply as RESP2 gives it to Lua, an error raised), the script's KEYS and
@@ -17,7 +17,9 @@ Redis runs the Lua, memory:// the Python, so a change to a script changes its tw
 Two tests keep each pair equal: the broker, result backend and engine contract suites
 (nbqueue.testing), run on redis:// and memory:// alike, and
 tests/test_redis_specific.py's twin test, which runs the scripts' paths on memory:// once
-with the twins and once with fakeredis' Lua and compares every reply and every key.
+with the twins and once with fakeredis' Lua and compares every reply and every key (and
+fails for a registered twin its scenario does not run). A helper named after a Lua
+function (``_lease``, ``_ack``, ``_write_state``...) is the twin of that function.
 """
 from __future__ import annotations
 
@@ -67,17 +69,18 @@ def _mkey(p: bytes, mid: bytes) -> bytes:
     return p + b"msg:" + mid
 
 
-def _make_ready(r: Redis, p: bytes, q: bytes, mid: bytes, priority: bytes | None = None) -> None:
-    """queues.lua's ``make_ready``; ``priority``: the message's priority field, when the caller has just set it."""
-    prio = _num(r("hget", _mkey(p, mid), b"priority") if priority is None else priority) or 0
+def _make_ready(r: Redis, p: bytes, q: bytes, mid: bytes, prio: bytes | None = None) -> None:
+    """queues.lua's ``make_ready``; ``prio``: the message's priority, read from it when not given."""
+    priority = _num(r("hget", _mkey(p, mid), b"priority") if prio is None else prio) or 0
     seq = r("incr", p + b"seq")
-    r("zadd", _qkey(p, q, b"ready"), b"%d" % int((9 - prio) * 1e12 + seq), mid)
+    r("zadd", _qkey(p, q, b"ready"), b"%d" % int((9 - priority) * 1e12 + seq), mid)
 
 
 def _signal(r: Redis, p: bytes, q: bytes, count: int, tokens: int, signal_ttl: int) -> None:
+    """queues.lua's ``signal``."""
     key = _qkey(p, q, b"signal")
-    r("lpush", key, *[b"1"] * min(count, tokens))
-    r("ltrim", key, 0, tokens - 1)
+    if r("lpush", key, *[b"1"] * min(count, tokens)) > tokens:
+        r("ltrim", key, 0, tokens - 1)
     r("pexpire", key, signal_ttl)
 
 
@@ -90,11 +93,34 @@ def _begin_record(r: Redis, rec: bytes, index: bytes, mid: bytes, state: bytes, 
     if current is not None:
         r("hset", rec, b"state", state, b"worker", worker, b"started_at", now)
         return r("hincrby", rec, b"token", 1)
-    if new:
-        r("hset", rec, *new)
-    r("hset", rec, b"id", mid, b"state", state, b"token", 1, b"worker", worker, b"started_at", now,
+    r("hset", rec, *new, b"id", mid, b"state", state, b"token", 1, b"worker", worker, b"started_at", now,
       b"created_at", now)
     r("zadd", index, now, mid)
+    return 1
+
+
+def _lease(r: Redis, argv: list[bytes], q: bytes, mid: bytes, begin: bool) -> Any:
+    """lease.lua's ``lease`` (its ARGV: prefix, now, deadline, record key prefix, index, worker)."""
+    p, now, deadline, rec_prefix, index, worker = argv[:6]
+    r("zadd", _qkey(p, q, b"inflight"), deadline, mid)
+    if rec_prefix == b"" or not begin:
+        return b""
+    return _begin_record(r, rec_prefix + mid, index, mid, RECEIVED, worker, now, [b"queue", q])
+
+
+def _ack(r: Redis, p: bytes, mid: bytes, attempt: bytes, rec: bytes | None) -> int:
+    """ack.lua's ``ack``."""
+    key = _mkey(p, mid)
+    current, q = r("hmget", key, b"attempt", b"queue")
+    if current != attempt:
+        return 0
+    if rec and (r("hget", rec, b"state") or b"") not in FINAL:
+        return 0
+    inflight = _qkey(p, q, b"inflight")
+    if r("zscore", inflight, mid) is None:
+        return 0
+    r("zrem", inflight, mid)
+    r("del", key)
     return 1
 
 
@@ -108,7 +134,6 @@ def publish(r: Redis, keys: list[bytes], argv: list[bytes], *, tokens: int, sign
         key = _mkey(p, mid)
         if r("exists", key) == 0:
             r("hset", key, b"queue", q, b"body", body, b"priority", prio, b"attempt", 0)
-            r("sadd", p + b"queues", q)
             if eta != b"" and _num(eta) > now:  # type: ignore[operator]
                 r("zadd", _qkey(p, q, b"delayed"), eta, mid)
             else:
@@ -116,13 +141,14 @@ def publish(r: Redis, keys: list[bytes], argv: list[bytes], *, tokens: int, sign
             added[q] = added.get(q, 0) + 1
             n += 1
     for q, count in added.items():
+        r("sadd", p + b"queues", q)
         _signal(r, p, q, count, tokens, signal_ttl)
     return n
 
 
 def publish_reserved(r: Redis, keys: list[bytes], argv: list[bytes]) -> Any:
     """publish_reserved.lua"""
-    p, now, deadline, rec_prefix, index, worker = argv[:6]
+    p = argv[0]
     out: list[Any] = []
     for i in range(6, len(argv) - 3, 4):
         mid, q, prio, body = argv[i:i + 4]
@@ -130,9 +156,7 @@ def publish_reserved(r: Redis, keys: list[bytes], argv: list[bytes]) -> Any:
         if r("exists", key) == 0:
             r("hset", key, b"queue", q, b"body", body, b"priority", prio, b"attempt", 1)
             r("sadd", p + b"queues", q)
-            r("zadd", _qkey(p, q, b"inflight"), deadline, mid)
-            out.append(b"" if rec_prefix == b"" else
-                       _begin_record(r, rec_prefix + mid, index, mid, RECEIVED, worker, now, [b"queue", q]))
+            out.append(_lease(r, argv, q, mid, True))
         else:
             out.append(b"-")
     return out
@@ -174,11 +198,10 @@ def _next_due(r: Redis, p: bytes, queues: list[bytes]) -> bytes:
 
 def reserve(r: Redis, keys: list[bytes], argv: list[bytes]) -> Any:
     """reserve.lua"""
-    p, now, deadline = argv[0], argv[1], argv[2]
-    limit = _num(argv[3])
-    rec_prefix, index, worker = argv[5], argv[6], argv[7]
+    p, now = argv[0], argv[1]
+    limit = _num(argv[6])
     queues = argv[8:]
-    _requeue_due(r, p, now, argv[4], queues)
+    _requeue_due(r, p, now, argv[7], queues)
     out: list[Any] = [b"", b"0"]
     claimed = 0
     while claimed < limit:  # type: ignore[operator]
@@ -194,10 +217,7 @@ def reserve(r: Redis, keys: list[bytes], argv: list[bytes]) -> Any:
         r("zrem", _qkey(p, q, b"ready"), mid)
         if body is not None:
             attempt = r("hincrby", key, b"attempt", 1)
-            r("zadd", _qkey(p, q, b"inflight"), deadline, mid)
-            token: Any = b""
-            if lapses == 0 and rec_prefix != b"":
-                token = _begin_record(r, rec_prefix + mid, index, mid, RECEIVED, worker, now, [b"queue", q])
+            token = _lease(r, argv, q, mid, lapses == 0)
             for v in (mid, q, body, attempt, prio, token, int(lapses)):
                 if v is None:       # Lua's ipairs stops at the first nil
                     break
@@ -215,19 +235,16 @@ def reserve(r: Redis, keys: list[bytes], argv: list[bytes]) -> Any:
 def settle(r: Redis, keys: list[bytes], argv: list[bytes], *, tokens: int, signal_ttl: int) -> Any:
     """settle.lua"""
     p, mid, attempt, op, now = argv[0], argv[1], argv[2], argv[3], _num(argv[4])
+    if op == b"ack":
+        return _ack(r, p, mid, attempt, argv[5] if len(argv) > 5 else None)
     key = _mkey(p, mid)
     current, q = r("hmget", key, b"attempt", b"queue")
     if current != attempt:
         return 0
-    if op == b"ack" and len(argv) > 5 and argv[5] != b"" and (r("hget", argv[5], b"state") or b"") not in FINAL:
-        return 0
     inflight = _qkey(p, q, b"inflight")
     if r("zscore", inflight, mid) is None:
         return 0
-    if op == b"ack":
-        r("zrem", inflight, mid)
-        r("del", key)
-    elif op == b"extend":
+    if op == b"extend":
         r("zadd", inflight, argv[5], mid)
     elif op == b"retry":
         r("zrem", inflight, mid)
@@ -249,15 +266,31 @@ def settle(r: Redis, keys: list[bytes], argv: list[bytes], *, tokens: int, signa
 
 # -- the result backend's scripts --------------------------------------------------------
 
-def _apply(r: Redis, key: bytes, argv: list[bytes], start: int, first: tuple[bytes, ...] = ()) -> None:
-    """records.lua's ``apply`` from ``argv[start]`` (``first``: pairs set just before)."""
-    n = int(float(argv[start]))
-    sets = [*first, *argv[start + 1:start + 1 + 2 * n]]
-    if sets:
-        r("hset", key, *sets)
-    deletes = argv[start + 1 + 2 * n:]
-    if deletes:
-        r("hdel", key, *deletes)
+def _write_state(r: Redis, rec: bytes, index: bytes, expiring: bytes, done: bytes, a: list[bytes],
+                 sets: list[bytes], dels: list[bytes], done_ttl: int) -> int:
+    """state.lua's ``write_state``."""
+    mid, state, token, created, ttl_ms, expires_at = a
+    current, current_token = r("hmget", rec, b"state", b"token")
+    if current is not None:
+        if current in FINAL:
+            return 0
+        if token != b"" and (current_token if current_token is not None else b"0") != token:
+            return 0
+    else:
+        if token != b"":
+            return 0
+        r("hset", rec, b"id", mid, b"created_at", created)
+        r("zadd", index, created, mid)
+    r("hset", rec, b"state", state, *sets)
+    if dels:
+        r("hdel", rec, *dels)
+    if ttl_ms != b"":
+        r("pexpire", rec, ttl_ms)
+        r("zadd", expiring, expires_at, mid)
+    if state in FINAL:
+        r("rpush", done, b"1")
+        r("pexpire", done, done_ttl)
+    return 1
 
 
 def create(r: Redis, keys: list[bytes], argv: list[bytes]) -> Any:
@@ -269,7 +302,10 @@ def create(r: Redis, keys: list[bytes], argv: list[bytes]) -> Any:
         if r("exists", rec) == 0:
             fields = dict(zip(pairs[::2], pairs[1::2]))
             r("hset", rec, *pairs)
-            r("zadd", keys[0], fields.get(b"created_at"), fields.get(b"id"))
+            created, mid = fields.get(b"created_at"), fields.get(b"id")
+            if created is None or mid is None:      # a nil argument of redis.call
+                raise ErrorReply("ERR Lua redis lib command arguments must be strings or integers")
+            r("zadd", keys[0], created, mid)
         i += 1 + 2 * n
     return 1
 
@@ -293,23 +329,25 @@ def begin_many(r: Redis, keys: list[bytes], argv: list[bytes]) -> Any:
 def set_state(r: Redis, keys: list[bytes], argv: list[bytes], *, done_ttl: int) -> Any:
     """set_state.lua"""
     rec, index, expiring, done = keys[:4]
-    mid, state, token, created, ttl_ms, expires_at = argv[:6]
-    current, current_token = r("hmget", rec, b"state", b"token")
-    if current is not None:
-        if current in FINAL:
-            return 0
-        if token != b"" and (current_token if current_token is not None else b"0") != token:
-            return 0
-    else:
-        if token != b"":
-            return 0
-        r("hset", rec, b"id", mid, b"created_at", created)
-        r("zadd", index, created, mid)
-    _apply(r, rec, argv, 6, first=(b"state", state))
-    if ttl_ms != b"":
-        r("pexpire", rec, ttl_ms)
-        r("zadd", expiring, expires_at, mid)
-    if state in FINAL:
-        r("rpush", done, b"1")
-        r("pexpire", done, done_ttl)
-    return 1
+    n = int(float(argv[6]))
+    return _write_state(r, rec, index, expiring, done, argv[:6], argv[7:7 + 2 * n], argv[7 + 2 * n:], done_ttl)
+
+
+# -- the engine's scripts ----------------------------------------------------------------
+
+def finish(r: Redis, keys: list[bytes], argv: list[bytes], *, done_ttl: int) -> Any:
+    """finish.lua"""
+    p, rec_prefix, index, expiring, done_prefix = argv[:5]
+    stored = []
+    i = 6
+    for _ in range(int(float(argv[5]))):
+        mid, n = argv[i], int(float(argv[i + 6]))
+        j = i + 7 + 2 * n
+        m = int(float(argv[j]))
+        stored.append(_write_state(r, rec_prefix + mid, index, expiring, done_prefix + mid, argv[i:i + 6],
+                                   argv[i + 7:j], argv[j + 1:j + 1 + m], done_ttl))
+        i = j + m + 1
+    for k in range(i, len(argv), 3):
+        mid, attempt, checked = argv[k:k + 3]
+        _ack(r, p, mid, attempt, rec_prefix + mid if checked == b"1" else b"")
+    return stored

@@ -9,8 +9,12 @@ local function begin_record(rec, index, id, state, worker, now, new)
     redis.call('HSET', rec, 'state', state, 'worker', worker, 'started_at', now)
     return redis.call('HINCRBY', rec, 'token', 1)
   end
-  for j = 1, #new, 2 do redis.call('HSET', rec, new[j], new[j + 1]) end
-  redis.call('HSET', rec, 'id', id, 'state', state, 'token', 1, 'worker', worker, 'started_at', now, 'created_at', now)
+  local fields = {}
+  for j = 1, #new do fields[j] = new[j] end
+  for _, v in ipairs({'id', id, 'state', state, 'token', 1, 'worker', worker, 'started_at', now, 'created_at', now}) do
+    fields[#fields + 1] = v
+  end
+  redis.call('HSET', rec, unpack(fields))
   redis.call('ZADD', index, now, id)
   return 1
 end

@@ -6,9 +6,9 @@ for k = 2, #KEYS do
   if redis.call('EXISTS', KEYS[k]) == 0 then
     local id, created
     for j = i + 1, i + 2 * n, 2 do
-      redis.call('HSET', KEYS[k], ARGV[j], ARGV[j + 1])
       if ARGV[j] == 'id' then id = ARGV[j + 1] elseif ARGV[j] == 'created_at' then created = ARGV[j + 1] end
     end
+    redis.call('HSET', KEYS[k], unpack(ARGV, i + 1, i + 2 * n))
     redis.call('ZADD', KEYS[1], created, id)
   end
   i = i + 1 + 2 * n

@@ -6,15 +6,17 @@ for i = 3, #ARGV, 5 do
   local id, q, prio, eta, body = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
   if redis.call('EXISTS', mkey(id)) == 0 then
     redis.call('HSET', mkey(id), 'queue', q, 'body', body, 'priority', prio, 'attempt', 0)
-    redis.call('SADD', P .. 'queues', q)
     if eta ~= '' and tonumber(eta) > now then
       redis.call('ZADD', qkey(q, 'delayed'), eta, id)
     else
-      make_ready(q, id)
+      make_ready(q, id, prio)
     end
     added[q] = (added[q] or 0) + 1
     n = n + 1
   end
 end
-for q, count in pairs(added) do signal(q, count) end
+for q, count in pairs(added) do
+  redis.call('SADD', P .. 'queues', q)
+  signal(q, count)
+end
 return n

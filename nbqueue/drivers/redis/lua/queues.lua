@@ -3,14 +3,16 @@
 local P = ARGV[1]
 local function qkey(q, kind) return P .. 'q:' .. q .. ':' .. kind end
 local function mkey(id) return P .. 'msg:' .. id end
-local function make_ready(q, id)
-  local prio = tonumber(redis.call('HGET', mkey(id), 'priority')) or 0
+-- prio: the message's priority, read from it when not given
+local function make_ready(q, id, prio)
+  prio = tonumber(prio or redis.call('HGET', mkey(id), 'priority')) or 0
   local seq = redis.call('INCR', P .. 'seq')
   redis.call('ZADD', qkey(q, 'ready'), string.format('%d', (9 - prio) * 1e12 + seq), id)
 end
 local function signal(q, count)
   local key = qkey(q, 'signal')
-  for _ = 1, math.min(count, TOKENS) do redis.call('LPUSH', key, '1') end
-  redis.call('LTRIM', key, 0, TOKENS - 1)
+  local tokens = {}
+  for i = 1, math.min(count, TOKENS) do tokens[i] = '1' end
+  if redis.call('LPUSH', key, unpack(tokens)) > TOKENS then redis.call('LTRIM', key, 0, TOKENS - 1) end
   redis.call('PEXPIRE', key, SIGNAL_TTL)
 end

@@ -1,20 +1,14 @@
--- ARGV: prefix, now, lease deadline, limit, batch, record key prefix or '', results index,
--- worker, queues... Requeues expired leases and moves due delayed messages to ready (up
--- to `batch` each per queue), then claims up to `limit` messages, best score across the
--- queues first. With a record key prefix (the result backend on this server) each
--- claimed task's record is also begun: marked RECEIVED with a new fencing token (0 when
--- the record is final), as the backend's begin_many would, in the same call.
--- A message whose lease ran out gets one more lapse as it is requeued; one with lapses is
--- claimed alone and not begun. Returns {next due time (when no ready message is left) or '',
--- '1' if ready messages are left else '0', then (id, queue, body, attempt, priority, token,
--- lapses) per claim}.
-local now, deadline, limit, batch = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
-local rec_prefix, index, worker = ARGV[6], ARGV[7], ARGV[8]
--- begins a claimed task's record where a record key prefix was given (see begin.lua)
-local function begin(id, q)
-  if rec_prefix == '' then return '' end
-  return begin_record(rec_prefix .. id, index, id, 'RECEIVED', worker, now, {'queue', q})
-end
+-- ARGV: prefix, now, lease deadline, record key prefix or '', results index, worker (see
+-- lease.lua), limit, batch, queues... Requeues expired leases and moves due delayed
+-- messages to ready (up to `batch` each per queue), then claims up to `limit` messages,
+-- best score across the queues first. With a record key prefix (the result backend on
+-- this server) each claimed task's record is also begun: marked RECEIVED with a new
+-- fencing token (0 when the record is final), as the backend's begin_many would, in the
+-- same call. A message whose lease ran out gets one more lapse as it is requeued; one
+-- with lapses is claimed alone and not begun. Returns {next due time (when no ready
+-- message is left) or '', '1' if ready messages are left else '0', then (id, queue, body,
+-- attempt, priority, token, lapses) per claim}.
+local limit, batch = tonumber(ARGV[7]), tonumber(ARGV[8])
 local queues = {}
 for i = 9, #ARGV do queues[#queues + 1] = ARGV[i] end
 
@@ -49,9 +43,8 @@ while claimed < limit do
   redis.call('ZREM', qkey(best_q, 'ready'), best_id)
   if fields[1] then
     local attempt = redis.call('HINCRBY', mkey(best_id), 'attempt', 1)
-    redis.call('ZADD', qkey(best_q, 'inflight'), deadline, best_id)
-    local token = ''
-    if lapses == 0 then token = begin(best_id, best_q) end    -- else the worker checks for a live attempt first
+    -- after a lapse, not begun: the worker first checks for a live attempt
+    local token = lease(best_q, best_id, lapses == 0)
     for _, v in ipairs({best_id, best_q, fields[1], attempt, fields[2], token, lapses}) do out[#out + 1] = v end
     claimed = claimed + 1
     if lapses > 0 then break end

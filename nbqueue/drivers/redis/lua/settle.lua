@@ -1,18 +1,14 @@
--- ARGV: prefix, id, attempt, op, now, then per op: ack (a result record key or ''),
--- extend (deadline), retry (eta or '', has_body, body), reject (reason). Acts only while
--- that attempt holds the lease; 1/0. An ack given a record key acts only once that
--- record is final (its result queued ahead of it in a pipeline was really stored).
+-- ARGV: prefix, id, attempt, op, now, then per op: ack (a result record key or '': see
+-- ack.lua), extend (deadline), retry (eta or '', has_body, body), reject (reason). Acts
+-- only while that attempt holds the lease; 1/0.
 local id, attempt, op, now = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+if op == 'ack' then return ack(id, attempt, ARGV[6]) end
 local current = redis.call('HMGET', mkey(id), 'attempt', 'queue')
 if current[1] ~= attempt then return 0 end
-if op == 'ack' and ARGV[6] and ARGV[6] ~= '' and not FINAL[redis.call('HGET', ARGV[6], 'state') or ''] then return 0 end
 local q = current[2]
 local inflight = qkey(q, 'inflight')
 if not redis.call('ZSCORE', inflight, id) then return 0 end
-if op == 'ack' then
-  redis.call('ZREM', inflight, id)
-  redis.call('DEL', mkey(id))
-elseif op == 'extend' then
+if op == 'extend' then
   redis.call('ZADD', inflight, ARGV[6], id)
 elseif op == 'retry' then
   redis.call('ZREM', inflight, id)

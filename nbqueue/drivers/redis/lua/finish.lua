@@ -1,0 +1,23 @@
+-- A worker's finish in one call: results, then acks. ARGV: prefix, record key prefix,
+-- results index, expiring index, done-list key prefix, the number of results, then per
+-- result: id, state, token or '', created_at, ttl ms or '', expires_at or '', a count n, n
+-- name/value pairs, a count m, m names to delete (see state.lua); then per ack: message
+-- id, attempt, and '1' where the ack acts only once the message's record is final (see
+-- ack.lua). Returns 1/0 per result (stored or not).
+local rec_prefix, index, expiring, done_prefix = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local stored = {}
+local i = 7
+for r = 1, tonumber(ARGV[6]) do
+  local id, n = ARGV[i], tonumber(ARGV[i + 6])
+  local j = i + 7 + 2 * n
+  local m = tonumber(ARGV[j])
+  stored[r] = write_state(rec_prefix .. id, index, expiring, done_prefix .. id, {unpack(ARGV, i, i + 5)},
+    {unpack(ARGV, i + 7, j - 1)}, {unpack(ARGV, j + 1, j + m)})
+  i = j + m + 1
+end
+for k = i, #ARGV, 3 do
+  local rec = ''
+  if ARGV[k + 2] == '1' then rec = rec_prefix .. ARGV[k] end
+  ack(ARGV[k], ARGV[k + 1], rec)
+end
+return stored
