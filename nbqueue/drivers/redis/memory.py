@@ -39,8 +39,9 @@ class Call:
     """``redis.call`` for a Python script: one command run through fakeredis' command
     table on the socket running the script (its errors raised, as the Lua call raises).
 
-    The reads the twins make most (``EXISTS`` of one key, ``HGET``, ``HMGET``, ``ZCARD``, ``ZRANGE key 0 0 WITHSCORES``
-    and a ``ZRANGEBYSCORE`` from ``-inf`` that finds nothing) are answered from the key's value as those commands answer
+    The reads the twins make most (``EXISTS`` of one key, ``HGET``, ``HMGET``, ``ZCARD``, ``ZSCORE``,
+    ``ZRANGE key 0 0 WITHSCORES``, a ``ZRANGEBYSCORE`` from ``-inf`` that finds nothing, and an ``HDEL``
+    of fields the hash lacks, which writes nothing) are answered from the key's value as those commands answer
     them (an expired key is missing, a key of another type is WRONGTYPE), without the command
     table's argument and write-back machinery; a hash with field expiries takes the command
     table, whose read reports the fields expired by it."""
@@ -111,6 +112,24 @@ def _hmget(db: Any, args: tuple) -> Any:
     return [None] * (len(args) - 1) if value is None else [value._values.get(f) for f in args[1:]]
 
 
+def _hdel(db: Any, args: tuple) -> Any:
+    """``HDEL`` of fields the hash lacks: 0, nothing written (else the command table)."""
+    value = _hash(db, args)
+    if value is None:
+        return 0
+    if value is _GENERIC or any(f in value._values for f in args[1:]):
+        return _GENERIC
+    return 0
+
+
+def _zscore(db: Any, args: tuple) -> Any:
+    if len(args) != 2 or type(args[0]) is not bytes or type(args[1]) is not bytes:
+        return _GENERIC
+    value = _value(db, args[0], ZSet)
+    score = None if value is None else value.get(args[1])
+    return None if score is None else Float.encode(score, humanfriendly=False)
+
+
 def _zcard(db: Any, args: tuple) -> Any:
     if len(args) != 1 or type(args[0]) is not bytes:
         return _GENERIC
@@ -149,7 +168,8 @@ def _zrangebyscore(db: Any, args: tuple) -> Any:
 
 
 _READS: dict[str, Callable[[Any, tuple], Any]] = {
-    "exists": _exists, "hget": _hget, "hmget": _hmget, "zcard": _zcard, "zrange": _zrange,
+    "exists": _exists, "hget": _hget, "hmget": _hmget, "hdel": _hdel, "zcard": _zcard, "zscore": _zscore,
+    "zrange": _zrange,
     "zrangebyscore": _zrangebyscore,
 }
 
