@@ -224,6 +224,10 @@ class MemorySocket(FakeSocket):
         # as fakeredis' EVAL: the script's calls reply in RESP2 and see no HIMPORT fieldsets of the caller
         self._script_resp = 2
         caller_fieldsets, self._fieldsets = self._fieldsets, {}
+        # the clients blocked on the database are woken once, as the script ends, not at each of its
+        # writes: they wait for the server's lock, which the script holds until then
+        db, writes = self._db, []
+        db.wake_all = lambda: writes.append(True)      # type: ignore[method-assign]
         try:
             return fn(Call(self), list(keys_and_args[:numkeys]), list(keys_and_args[numkeys:]))
         except SimpleError:
@@ -233,6 +237,9 @@ class MemorySocket(FakeSocket):
         except Exception as exc:        # what a Lua runtime error would be
             raise SimpleError(SCRIPT_ERROR_MSG.format(sha1.decode(), exc)) from exc
         finally:
+            del db.wake_all
+            if writes:
+                db.wake_all()
             self._script_resp = None
             self._fieldsets = caller_fieldsets
 
