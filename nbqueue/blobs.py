@@ -60,6 +60,9 @@ _COLUMNS = b"nbqueue.columns"       # schema metadata: the column labels, an ind
 _INDEX_FIELD = "__index_level_{}__"  # pyarrow's name for an unnamed index level stored as a column
 
 
+#: the uncompressed size (bytes) of a record batch of a compressed Arrow stream
+BATCH_BYTES = 16 << 20
+
 #: codecs ``compression`` may name (both ship with pyarrow)
 COMPRESSIONS = ("zstd", "lz4")
 
@@ -106,13 +109,28 @@ def pack_pickle(obj: Any, where: str = "value", compression: str | None = None) 
     return _compressed(Blob("pickle", data, {"type": f"{type(obj).__module__}.{type(obj).__qualname__}"}), compression)
 
 
+class Handoff:
+    """Bytes given to ``unpack`` to own alone: it drops them as soon as it has decoded what it needs
+    from them, so a large payload is not held by its caller while the value is built."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: Any):
+        self.data = data
+
+    def take(self) -> Any:
+        data, self.data = self.data, None
+        return data
+
+
 def unpack(codec: str, data: Any, info: dict | None = None) -> Any:
     """Inverse of pack and pack_pickle (callers check that pickle was opted in). ``data`` is
-    bytes-like; ``info`` is the blob's info when it may say ``compression``."""
-    if info and info.get("compression") and codec != "arrow":
-        data = _decompressed(data, info)
+    bytes-like, or a Handoff of them; ``info`` is the blob's info when it may say ``compression``."""
     if codec == "arrow":
         return _arrow_unpack(data)
+    data = data.take() if isinstance(data, Handoff) else data
+    if info and info.get("compression"):
+        data = _decompressed(data, info)
     if codec == "npy":
         return _npy_unpack(data)
     if codec == "pickle":
@@ -311,27 +329,45 @@ def _ipc(table, meta: dict, extra: dict | None = None, compression: str | None =
     metadata[_META] = _form().dumps(meta).encode()
     metadata.update(extra or {})
     table = table.replace_schema_metadata(metadata)
-    options = pa.ipc.IpcWriteOptions(compression=compression) if compression else None
+    # compressed by one thread: threads compressing at once each hold a buffer (and the C allocator's arenas)
+    options = pa.ipc.IpcWriteOptions(compression=compression, use_threads=False) if compression else None
+    # compressed, a table goes in batches of about BATCH_BYTES: the writer holds one batch's compressed
+    # buffers at a time beside the stream, and the reader decompresses into one batch's buffers at a time
+    rows = max(1, table.num_rows * BATCH_BYTES // max(1, table.nbytes)) if compression else None
 
-    def write(sink) -> None:
+    def write(sink, options=options) -> None:
         with pa.ipc.new_stream(sink, table.schema, options=options) as writer:
             if table.num_rows or not table.num_columns:
-                writer.write_table(table)
+                writer.write_table(table, max_chunksize=rows if options is not None else None)
             else:   # an empty batch all the same: it carries the categories of an empty categorical
                 columns = [c.chunk(0) if c.num_chunks else pa.array([], c.type) for c in table.columns]
                 writer.write_batch(pa.record_batch(columns, schema=table.schema))
 
-    if as_bytes or compression:
+    if as_bytes:
         sink = pa.BufferOutputStream()
         write(sink)
-        return sink.getvalue().to_pybytes() if as_bytes else sink.getvalue()
+        return sink.getvalue().to_pybytes()
     # measured first, then written into a buffer of that size: a growing buffer would copy itself
     # as it doubles, and hold twice the stream at its peak
     mock = pa.MockOutputStream()
-    write(mock)
-    buffer = pa.allocate_buffer(mock.size())
-    write(pa.FixedSizeBufferWriter(buffer))
-    return buffer
+    write(mock, None)
+    if not compression:
+        buffer = pa.allocate_buffer(mock.size())
+        write(pa.FixedSizeBufferWriter(buffer))
+        return buffer
+    # compressed: into a buffer of the uncompressed size plus the codecs' worst-case growth (under
+    # 1/128 and a few bytes a buffer); its pages past the compressed stream are never written and
+    # take no memory
+    buffer = pa.allocate_buffer(mock.size() + mock.size() // 128 + 1024 * (1 + table.num_columns) + 65536)
+    stream = pa.FixedSizeBufferWriter(buffer)
+    try:
+        write(stream)
+    except (pa.ArrowException, OSError):     # over that bound after all: a growing buffer
+        del stream, buffer
+        sink = pa.BufferOutputStream()
+        write(sink)
+        return sink.getvalue()
+    return buffer.slice(0, stream.tell())
 
 
 def _pack_labels(columns) -> bytes:
@@ -371,27 +407,93 @@ def _arrow_pack(obj: Any, compression: str | None = None) -> Blob:
     return Blob("arrow", _ipc(table, meta, extra, compression, as_bytes=False), info)
 
 
-def _read(data: bytes):
+def _read(data: Any):
+    """The table of an IPC stream (``data`` bytes-like or a Handoff), in memory of its own: the
+    buffers read in place from ``data`` are copied, so the value built from the table never
+    holds ``data`` (a whole payload) for one column's sake, and a Handoff's bytes are dropped here."""
     import pyarrow as pa
-    table = pa.ipc.open_stream(pa.py_buffer(data)).read_all()
+
+    source = pa.py_buffer(data.take() if isinstance(data, Handoff) else data)
+    # one thread: threads decompressing at once each hold buffers (and the C allocator's arenas) of their own
+    table = pa.ipc.open_stream(source, options=pa.ipc.IpcReadOptions(use_threads=False)).read_all()
+    table = _detached(table, source)
+    del source
     metadata = table.schema.metadata or {}
     if _META not in metadata:
         raise SerializationError("an Arrow payload without nbqueue's metadata")
     return table, _form().from_jsonable(_form().loads(metadata[_META])), metadata
 
 
-def _arrow_unpack(data: bytes):
+def _detached(table, source):
+    """``table`` with the chunks that point into ``source`` copied (an uncompressed stream is read
+    in place; a compressed one is decompressed into buffers of its own, which are kept)."""
+    import pyarrow as pa
+
+    low, high = source.address, source.address + source.size
+
+    def inside(chunk) -> bool:
+        if _has_dictionary(chunk.type):     # a dictionary's buffers are not among the chunk's: copied whatever
+            return True
+        return any(b is not None and b.size and low <= b.address < high for b in chunk.buffers())
+
+    columns, copied = [], False
+    manager = pa.default_cpu_memory_manager()
+    for column in table.columns:
+        chunks = []
+        for chunk in column.chunks:
+            if inside(chunk):
+                chunk, copied = chunk.copy_to(manager), True
+            chunks.append(chunk)
+        columns.append(pa.chunked_array(chunks, type=column.type))
+    if not copied:
+        return table
+    return pa.Table.from_arrays(columns, schema=table.schema)
+
+
+#: after a table this large (bytes) is converted, the memory Arrow's allocator kept is handed back at once
+_RELEASE_ABOVE = 1 << 20
+
+
+def _release_unused() -> None:
+    """Hand back to the system the memory Arrow's allocator keeps after large buffers are freed (mimalloc,
+    Arrow's default, keeps them for a while: the next value's buffers would come on top)."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
+
+
+def _fields(t) -> list:
+    """The child fields of a nested Arrow type (none for others)."""
+    return [t.field(i) for i in range(t.num_fields)] if hasattr(t, "num_fields") else []
+
+
+def _has_dictionary(t) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_dictionary(t) or any(_has_dictionary(f.type) for f in _fields(t))
+
+
+def _arrow_unpack(data: Any):
     import pandas as pd
 
     table, meta, metadata = _read(data)
-    frame = table.to_pandas()
-    for name, fix in (meta.get("fix") or {}).items():
+    fixes = meta.get("fix") or {}
+    # the Arrow columns the fixes read, taken before the conversion releases the table's own
+    index_field = _INDEX_FIELD.format(0)
+    kept = {name: table.column(name) for name in [*fixes, index_field] if name in table.column_names}
+    size = table.nbytes
+    frame = table.to_pandas(self_destruct=True)     # each column's memory released once it is converted
+    del table
+    if size >= _RELEASE_ABOVE:
+        _release_unused()
+    for name, fix in fixes.items():
         position = int(name)
-        values = _fixed_values(frame.iloc[:, position], fix, table.column(name))
+        values = _fixed_values(frame.iloc[:, position], fix, kept.get(name))
         if "object" in fix:     # as a Series of dtype object: pandas would infer str from an object ndarray
             values = pd.Series(values, dtype=object, index=frame.index)
         frame.isetitem(position, values)
-    frame.index = _restored_index(frame.index, meta["index"], table)
+    frame.index = _restored_index(frame.index, meta["index"], kept.get(index_field))
+    del kept
     kind = meta["kind"]
     if kind == "index":
         return frame.index
@@ -472,7 +574,8 @@ def _fixed_values(values, fix: dict, column=None):
     return _fixed_categorical(values.array, fix["categories"])
 
 
-def _restored_index(index, meta: dict, table):
+def _restored_index(index, meta: dict, column):
+    """``column``: the index's Arrow column, when the table had one."""
     import pandas as pd
 
     fixes = meta.get("fix") or {}
@@ -482,8 +585,6 @@ def _restored_index(index, meta: dict, table):
         for k, fix in fixes.items():
             index = index.set_levels(_fixed_level(index.levels[int(k)], fix), level=int(k), verify_integrity=False)
     elif fixes:
-        field = _INDEX_FIELD.format(0)
-        column = table.column(field) if field in table.column_names else None
         values = _fixed_values(index, fixes["0"], column)
         index = pd.Index(values, dtype=object) if "object" in fixes["0"] else pd.Index(values)
     if "freq" in meta:
@@ -492,4 +593,4 @@ def _restored_index(index, meta: dict, table):
     return index.set_names(names if names is not None else [None] * index.nlevels)
 
 
-__all__ = ["Blob", "COMPRESSIONS", "Unrepresentable", "pack", "pack_pickle", "unpack"]
+__all__ = ["Blob", "COMPRESSIONS", "Handoff", "Unrepresentable", "pack", "pack_pickle", "unpack"]

@@ -51,11 +51,26 @@ class Claim:
     token: int | None = None
 
 
+#: what becomes of an outcome's delivery once its record is written (``Outcome.then``)
+ACK = "ack"                    # acknowledged: the task is finished (or there is nothing to run)
+RETRY = "retry"                # back to its queue, due at ``eta`` (a RETRY state: with its changed message)
+RELEASE = "release"            # back to its queue at once (not a lapse)
+DEFER = "defer"                # back until ``eta``, nothing recorded: an earlier attempt is still alive
+REJECT = "reject"              # dead-lettered with ``reason``; a waiting record fails with it
+COUNT_LAPSE = "count_lapse"    # a lapse counted against the delivery limit (``Broker.count_lapse``)
+
+
 @dataclasses.dataclass
 class Outcome:
-    """A task's final state to store: ``fields`` as ``ResultBackend.store_results`` takes them,
-    fenced by ``token``. ``group``: count the task as a member of that group once stored.
-    ``delivery``: the delivery it came by (None where there is none to settle)."""
+    """What to record of one delivery, and what becomes of the delivery then.
+
+    ``state``: SUCCESS or FAILURE is final, stored with ``fields`` as
+    ``ResultBackend.store_results`` takes them, fenced by ``token``; RETRY or PENDING puts the
+    task back (``set_state``); ``""`` records nothing (the record is final already, or no
+    task was begun). ``group``: count the task as a member of that group once stored. ``message``:
+    the task's envelope, whose workflow advances once the outcome is recorded (None: nothing
+    follows). ``then``, ``eta``, ``reason``: what becomes of the delivery (None where there is
+    none to settle)."""
 
     delivery: Delivery | None
     task_id: str
@@ -63,6 +78,10 @@ class Outcome:
     token: int | None
     fields: dict
     group: str | None = None
+    message: dict | None = None
+    then: str = ACK
+    eta: float | None = None
+    reason: str | None = None
 
 
 @dataclasses.dataclass
@@ -233,4 +252,5 @@ def decode(deliveries: Sequence[Delivery]) -> list[Claim]:
     return claims
 
 
-__all__ = ["Engine", "Claim", "Outcome", "Finished", "SplitEngine", "decode"]
+__all__ = ["Engine", "Claim", "Outcome", "Finished", "SplitEngine", "decode",
+           "ACK", "RETRY", "RELEASE", "DEFER", "REJECT", "COUNT_LAPSE"]

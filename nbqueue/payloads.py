@@ -94,6 +94,21 @@ def key_of(data: Any) -> str:
     return KEY_PREFIX + hashlib.sha256(memoryview(data)).hexdigest()
 
 
+#: a payload read is put in an anonymous memory map from this size (bytes) up
+MAPPED_FROM = 1 << 20
+
+
+def read_buffer(size: int) -> Any:
+    """A writable buffer of ``size`` bytes for a payload being read: from MAPPED_FROM up an anonymous
+    memory map, which goes back to the system the moment the last view of it is dropped (the C
+    allocator would keep a freed block of some sizes, and the next payload would come on top)."""
+    if size < MAPPED_FROM:
+        return bytearray(size)
+    import mmap
+
+    return mmap.mmap(-1, size)
+
+
 def keys_in(text: str | None) -> set[str]:
     """Payload keys written anywhere in ``text`` (a message body or record field, also
     inside JSON strings nested in it, as a cell's captured inputs are)."""
@@ -552,8 +567,7 @@ class Plane:
                                f"({self.why_none}); it was written to {v.get('store', 'another store')}: "
                                "create the App with the same payloads=")
         _release_unused()           # what earlier values left in Arrow's allocator, before this one is read
-        data = store.get(v["key"], what)
-        return blobs.unpack(v["codec"], data, v)
+        return blobs.unpack(v["codec"], blobs.Handoff(store.get(v["key"], what)), v)   # dropped once decoded
 
     def upkeep(self, app) -> int:
         """One sweep, at most every SWEEP_EVERY seconds per process (a sweep with nothing due is one small query)."""

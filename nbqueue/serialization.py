@@ -327,7 +327,7 @@ def _blob_from_json(o: dict, allow_pickle: bool):
     v = o["v"]
     if v["codec"] == "pickle" and not allow_pickle:
         raise SerializationError(_PICKLE_REFUSED)
-    return blobs.unpack(v["codec"], base64.b64decode(v["b64"]), v)
+    return blobs.unpack(v["codec"], blobs.Handoff(base64.b64decode(v["b64"])), v)
 
 
 def _binary(obj: Any, make) -> dict:

@@ -180,7 +180,7 @@ def _reserve_some(worker):
 
     def reserve():
         got[:] = [worker.reserve(0.2, 4)]
-        return got[0][0]
+        return got[0]
 
     wait_for(reserve, timeout=15, message="a delivery")
     return got[0]
@@ -337,14 +337,13 @@ def _stalled_delivery(app_factory, register):
     stalled_app = app_factory(visibility_timeout=0.5)
     register(stalled_app)
     stalled = stalled_app.worker()
-    deliveries, prep = _reserve_some(stalled)
-    if prep is None:
-        prep = stalled._prepare(deliveries)
+    claims = _reserve_some(stalled)
+    deliveries = [c.delivery for c in claims]
     if stalled_app.broker.capabilities.leases_expire:
         wait_for(lambda: stalled_app.clock.time() > deliveries[0].lease_until + 0.05, message="lease lapsed")
     else:
         stalled_app.broker.close()
-    return stalled, deliveries, prep
+    return stalled, claims
 
 
 @pytest.mark.parametrize("app_kind", KINDS_AND_SQS)
@@ -357,12 +356,12 @@ def test_redelivered_task_whose_attempt_is_alive_is_put_back_and_the_attempt_is_
     app = app_factory(visibility_timeout=0.5)
     register(app)
     r = app.send_task(app.signature("count", args=[7]))
-    stalled, deliveries, prep = _stalled_delivery(app_factory, register)
+    stalled, claims = _stalled_delivery(app_factory, register)
     other = app.worker()
     wait_for(lambda: (other.step(), queue_stats(app)["delayed"] == 1)[1], timeout=10, message="put back for a lease")
     assert runs == []                                   # its attempt is alive: not begun again
     assert r.state in (states.RECEIVED, states.STARTED)
-    stalled.process_batch(deliveries, prep)             # the stalled attempt goes on and finishes
+    stalled.run_claims(claims)                          # the stalled attempt goes on and finishes
     assert runs == [7] and r.get(timeout=5) == 7
     wait_for(lambda: (other.step(), settled(app))[1], timeout=10, message="message acknowledged")
     assert runs == [7]
@@ -381,9 +380,7 @@ def test_redelivered_task_whose_worker_died_runs_at_once(app_factory):
     gone_app = app_factory(visibility_timeout=0.5)
     register(gone_app)
     gone = gone_app.worker(name=dead_worker_name())
-    deliveries, prep = _reserve_some(gone)
-    if prep is None:
-        gone._prepare(deliveries)                       # begun, as its worker would, before it died
+    _reserve_some(gone)                                 # begun by the claim, as its worker would, before it died
     gone_app.close()
     other = app.worker()
     wait_for(lambda: other.step() and runs, timeout=10, message="run again")
@@ -402,7 +399,7 @@ def test_redelivered_task_that_a_heartbeating_worker_no_longer_holds_runs_at_onc
     app = app_factory(visibility_timeout=0.5)
     register(app)
     r = app.send_task(app.signature("count", args=[9]))
-    stalled, _, _ = _stalled_delivery(app_factory, register)
+    stalled, _ = _stalled_delivery(app_factory, register)
     other = app.worker()
 
     def step():

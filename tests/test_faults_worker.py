@@ -347,10 +347,10 @@ def test_a_worker_whose_executor_threads_died_stops_reporting_itself_alive(app_f
     app.register_task("add", lambda x, y: x + y)
     worker = app.worker(concurrency=1, heartbeat_interval=0.1)
 
-    def dying(deliveries, prep=None):
+    def dying(claims):
         raise Stop("executor killed")
 
-    monkeypatch.setattr(worker, "process_batch", dying)
+    monkeypatch.setattr(worker, "run_claims", dying)
     monkeypatch.setattr(threading, "excepthook", lambda args: None)   # the thread's death is the point
     r = app.send_task(app.signature("add", args=[1, 2]))
     worker.start()
@@ -383,12 +383,12 @@ def test_a_worker_announced_as_its_executor_threads_die_is_not_listed_after_it_s
             assert removed.wait(30)
         heartbeat(name, info, ttl)
 
-    def dying(deliveries, prep=None):
+    def dying(claims):
         raise Stop("executor killed")
 
     monkeypatch.setattr(app.backend, "worker_gone", removing)
     monkeypatch.setattr(app.backend, "heartbeat", announcing)
-    monkeypatch.setattr(worker, "process_batch", dying)
+    monkeypatch.setattr(worker, "run_claims", dying)
     monkeypatch.setattr(threading, "excepthook", lambda args: None)
     app.send_task(app.signature("add", args=[1, 2]))
     worker.start()

@@ -824,3 +824,81 @@ def test_the_dashboard_previews_values_out_of_band_from_their_references_without
     for worker in list(app.workers):
         worker.stop(wait=True, timeout=10)
     app.close()
+
+
+# -- the copies a payload's bytes go through ------------------------------------------------------------
+def _buffer_addresses(value) -> list[tuple[int, int]]:
+    """(address, size) of the memory a frame's columns and index use, seen through Arrow (zero-copy)."""
+    import pyarrow as pa
+
+    table = pa.Table.from_pandas(value if isinstance(value, pd.DataFrame) else value.to_frame())
+    return [(b.address, b.size) for column in table.columns for chunk in column.chunks
+            for b in chunk.buffers() if b is not None and b.size]
+
+
+@pytest.mark.parametrize("compression", [None, "zstd", "lz4"])
+def test_a_decoded_frame_holds_none_of_the_payloads_bytes_and_can_be_changed(compression):
+    frame = big_frame(rows=50_000).set_index("s")
+    frame["t"] = [f"text-{i}" for i in range(len(frame))]
+    data = bytearray(memoryview(blobs.pack(frame, compression).data))
+    view = np.frombuffer(data, dtype=np.uint8)
+    low, high = view.ctypes.data, view.ctypes.data + len(data)
+    handed = blobs.Handoff(data)
+    back = blobs.unpack("arrow", handed)
+    assert handed.data is None                          # taken: unpack held the bytes alone
+    assert_same_frame(back, frame)
+    inside = [(a, n) for a, n in _buffer_addresses(back) if low <= a < high]
+    assert not inside, f"the decoded frame points into the payload's bytes: {inside[:3]}"
+    back.iloc[0, 0] = -1.0                              # writable arrays, not read-only views of Arrow memory
+    back["n"] += 1
+    assert back.iloc[0, 0] == -1.0 and (back["n"] == frame["n"] + 1).all()
+
+
+@pytest.mark.parametrize("codec", ["zstd", "lz4"])
+def test_incompressible_frames_come_back_exactly_compressed(codec):
+    rng = np.random.default_rng(5)
+    frame = pd.DataFrame({"b": rng.integers(0, 2**63, 200_000, dtype=np.int64),
+                          "s": [os.urandom(12).hex() for _ in range(200_000)]})
+    blob = blobs.pack(frame, codec)
+    assert_same_frame(blobs.unpack("arrow", bytes(memoryview(blob.data))), frame)
+    assert_same_frame(blobs.unpack("arrow", bytes(memoryview(blobs.pack(frame.iloc[:0], codec).data))), frame.iloc[:0])
+
+
+@pytest.mark.parametrize("reply, expected", [
+    (b"$5\r\nhello\r\n", b"hello"),
+    (b"$0\r\n\r\n", b""),
+    (b"$-1\r\n", None),
+    (b"_\r\n", None),                                   # RESP3's nil
+    (b"$3000000\r\n" + b"x" * 3_000_000 + b"\r\n", b"x" * 3_000_000),
+])
+def test_a_redis_payload_reply_is_read_into_a_buffer_of_its_size(reply, expected):
+    import socket
+    import threading
+
+    from nbqueue.drivers.redis.payloads import _bulk_into
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        parts = [reply[i:i + 7001] for i in range(0, len(reply), 7001)]     # the reply in pieces, as a socket gives it
+        sender = threading.Thread(target=lambda: [theirs.sendall(part) for part in parts])
+        sender.start()
+        got = _bulk_into(ours)
+        sender.join()
+        assert (None if got is None else bytes(got)) == expected
+        theirs.sendall(b"+PONG\r\n")                    # nothing of the reply is left unread
+        assert ours.recv(16) == b"+PONG\r\n"
+
+
+@pytest.mark.parametrize("reply", [b"-ERR wrong type\r\n", b"*1\r\n", b"$5\r\nhello!!"])
+def test_a_redis_payload_reply_that_is_no_bulk_string_raises(reply):
+    import socket
+
+    import redis
+
+    from nbqueue.drivers.redis.payloads import _bulk_into
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        theirs.sendall(reply)
+        with pytest.raises(redis.RedisError):
+            _bulk_into(ours)

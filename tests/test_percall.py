@@ -16,7 +16,7 @@ import threading
 import pytest
 
 import nbqueue
-from nbqueue import wakechannel
+from nbqueue.drivers.sqlite import wake as wakechannel
 from nbqueue.wakeups import WAKEUPS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -227,8 +227,10 @@ def test_no_statement_of_a_task_s_life_scans_a_whole_table(tmp_path):
         return "ok"
 
     statements: list[str] = []
-    app.broker.store.conn.set_trace_callback(statements.append)
+    # from the worker's start on: start_worker reads status() once (queue depths: a pass
+    # over the messages), a cost of starting a worker, not of each task
     worker = app.start_worker(concurrency=2)
+    app.broker.store.conn.set_trace_callback(statements.append)
     try:
         assert [r.get(timeout=10) for r in app.send_many([Signature("add", args=[i, i]) for i in range(20)])] == [
             2 * i for i in range(20)

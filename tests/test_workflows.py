@@ -776,10 +776,10 @@ def test_follow_up_reserved_by_a_worker_that_dies_runs_once_on_another(kind, tmp
     assert dying.local_follow_ups
     real_run_batch, calls = dying._run_batch, []
 
-    def run_first_batch_only(deliveries, prep, local):
-        calls.append([d.message_id for d in deliveries])
+    def run_first_batch_only(claims, local):
+        calls.append([c.delivery.message_id for c in claims])
         if len(calls) == 1:
-            real_run_batch(deliveries, prep, local)      # runs "a", reserves "b" for itself
+            real_run_batch(claims, local)                # runs "a", reserves "b" for itself
         # the second batch (its own follow-up "b") is lost with the worker
 
     dying._run_batch = run_first_batch_only

@@ -3,18 +3,19 @@ acknowledged together (one transaction or round trip where the engine allows), o
 when that fails, so one bad message never holds back the others."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from .. import states, workflow
 from ..broker import Delivery
-from ..engine import Claim, Outcome
+from ..engine import ACK, COUNT_LAPSE, DEFER, REJECT, RELEASE, Claim, Outcome
+from ..signature import encode_body
 
 log = logging.getLogger(__name__)
 
-_MISSING = object()
 STARTED_AFTER = 0.1  # a task running this long is recorded as STARTED (shorter ones go RECEIVED -> result)
 GROUP_COMMIT = 0.01  # finished tasks of a batch are committed together once the oldest has waited this long
 STALE_FLUSH = 0.05   # ... or by the heartbeat thread, when the executor is busy with a long task
@@ -55,55 +56,38 @@ class _ResultNotStored(Exception):
 REVOKE_CHECK = 0.02
 
 
-class _Prepared:
-    """A reserved batch, decoded and begun: (delivery, message) pairs, tokens, malformed ones."""
-
-    __slots__ = ("messages", "malformed", "tokens")
-
-    def __init__(self) -> None:
-        self.messages: list[tuple[Delivery, dict]] = []
-        self.malformed: list[tuple[Delivery, str]] = []
-        self.tokens: dict = {}
-
-
-def _prepared(claims: list[Claim]) -> _Prepared:
-    """A batch's claims as the worker runs them (a task not begun by the claim is begun, or
-    not, when its turn comes: see ``Worker._execute``)."""
-    prep = _Prepared()
-    for c in claims:
-        if c.message is None:
-            prep.malformed.append((c.delivery, c.reason or "malformed message"))
-        else:
-            prep.messages.append((c.delivery, c.message))
-            if c.begun:
-                prep.tokens[c.message["id"]] = c.token
-    return prep
+def _follows(message: dict | None) -> bool:
+    """Whether anything follows a task's outcome (callbacks, a workflow step)."""
+    return message is not None and bool(
+        message.get("on_success") or message.get("workflow") or message.get("on_error")
+    )
 
 
 class _Batch:
-    """Finish steps of one batch, committed together when broker and backend share a store.
+    """The claims of one batch being run, and their outcomes settled together (one
+    transaction where broker and backend share a store, one ``Engine.finish`` round trip for
+    plain results and counted group members).
 
-    A step that fails inside the shared transaction rolls it back; the steps are then
-    run again one transaction each, and a delivery whose own step still fails is
+    A settling step that fails inside the shared transaction rolls it back; the steps are
+    then run again one transaction each, and a delivery whose own step still fails is
     dead-lettered with the reason (unless the store itself is unreachable: then its
     lease brings it back), so one bad message never holds back the others.
     """
 
-    def __init__(self, worker: Any, local: list):
+    def __init__(self, worker: Any, local: list, claims: list[Claim] = ()):
         self.app = worker.app
         self.worker = worker
         self.grouped = worker.group_commit
-        self.local = local
-        self.ops: list = []         # (step, delivery)
-        self.plain: list = []       # successes nothing follows: (delivery, id, token, fields)
+        self.local = local          # follow-ups this worker claimed for itself: lists of Claims run next
+        self.ops: list = []         # outcomes settled one step each (see _settle)
+        self.plain: list = []       # successes nothing follows (outcomes)
         self.acks: list = []        # deliveries whose finish is done, acknowledged at the next flush (see ack)
-        self.members: list = []     # group members nothing else follows: (delivery, id, token, fields, message, cont)
-        self.first = 0.0            # when the oldest pending step was added
-        self.todo: list = []        # (delivery, message) not started yet; see give_away
-        self.tokens: dict = {}      # task id -> fencing token, for the messages of this batch
+        self.members: list = []     # group members nothing else follows (outcomes with a group)
+        self.first = 0.0            # when the oldest pending outcome was added
+        self.todo: list[Claim] = list(claims)   # not started yet; see give_away
         self.given: set = set()     # id() of the deliveries given away to another executor
-        self.begun: dict = {}       # id(delivery) -> (message, token) once begun; see give_up
         self.closed = False         # the batch is finishing: nothing more is given away
+        self.since: float | None = None   # when its executor began the task it runs (None: between tasks)
         self.lock = threading.Lock()
         # one flush at a time: the executor's last flush must see follow-ups a heartbeat
         # flush reserved (lock order: this, then the store's write lock)
@@ -113,54 +97,159 @@ class _Batch:
     def send(self, outs: list) -> None:
         """Publish follow-ups of this batch's tasks: the ones this worker runs next are taken
         (``Engine.run_next``), the others published as usual."""
-        rest = self.worker._take_local(outs, self.local) if self.worker.local_follow_ups else outs
-        if rest:
-            self.app.engine.publish(rest)
+        if not self.local and self.worker.local_follow_ups:
+            claims, outs = self.worker.claim_follow_ups(outs)
+            if claims:
+                self.local.append(claims)
+        if outs:
+            self.app.engine.publish(outs)
 
-    def add(self, op, delivery: Delivery) -> None:
+    # -- outcomes -------------------------------------------------------------------------------
+    def settle(self, outcome: Outcome) -> None:
+        """Add a task's outcome: settled at the batch's next flush. A success nothing follows
+        is stored (and a group member counted) with others in one ``Engine.finish``."""
+        if outcome.state == states.SUCCESS and outcome.then == ACK:
+            if not _follows(outcome.message):
+                self._queue(self.plain, outcome)
+                return
+            if outcome.group is not None:
+                self._queue(self.members, outcome)
+                return
         if not self.grouped:
-            self._run_alone(op, delivery)
+            self._run_alone(outcome)
             return
-        self._queue(self.ops, (op, delivery))
+        self._queue(self.ops, outcome)
+
+    def _settle(self, outcome: Outcome) -> None:
+        """Record one outcome, advance what follows its task, and settle its delivery."""
+        if outcome.then == REJECT:
+            self._dead_letter(outcome)
+        elif outcome.state in states.READY_STATES:
+            self._finish_one(outcome)
+        elif outcome.state:
+            self._put_back(outcome)
+        else:
+            self._settle_unrecorded(outcome)
+
+    def _finish_one(self, outcome: Outcome) -> None:
+        """A final state stored, then what follows it, then the ack."""
+        app, message = self.app, outcome.message
+        assert outcome.delivery is not None and message is not None
+        try:
+            [stored] = app.engine.finish([outcome]).stored
+        except self.store_errors:
+            raise
+        except Exception as exc:
+            if outcome.state != states.SUCCESS:
+                raise
+            raise _ResultNotStored() from exc
+        if not stored:   # revoked (or failed by its time limit) meanwhile: what follows it ends as for a failure
+            workflow.after_final(app, message, app.backend.get(outcome.task_id) or {}, send=self.send)
+        elif outcome.state == states.SUCCESS:
+            workflow.on_success(app, message, outcome.fields["result"], send=self.send)
+            self.worker.count(processed=1)
+        else:
+            workflow.on_failure(app, message, outcome.fields["exc_type"], outcome.fields["error"], send=self.send)
+            self.worker.count(failed=1)
+        self.ack(outcome.delivery)
+
+    def _put_back(self, outcome: Outcome) -> None:
+        """A begun task back to RETRY or PENDING and its message back to its queue (a RETRY with
+        its changed message); a task final meanwhile (revoked) is not run again."""
+        app, delivery = self.app, outcome.delivery
+        assert delivery is not None and outcome.state
+        if not app.backend.set_state(outcome.task_id, outcome.state, token=outcome.token, **outcome.fields):
+            if outcome.state == states.RETRY and outcome.message is not None:  # revoked or taken over meanwhile
+                workflow.after_final(app, outcome.message, app.backend.get(outcome.task_id) or {}, send=self.send)
+            self.ack(delivery)
+        elif outcome.then == RELEASE:
+            app.broker.release(delivery)
+        elif outcome.state == states.RETRY and outcome.message is not None:
+            app.broker.retry(delivery, body=encode_body(outcome.message), eta=outcome.eta)
+            log.info("task %s (%s) will retry in %.1fs: %s", outcome.message["name"], outcome.task_id,
+                     max(0.0, (outcome.eta or 0.0) - app.clock.time()), outcome.fields.get("error"))
+        else:
+            app.broker.retry(delivery, eta=outcome.eta)
+
+    def _settle_unrecorded(self, outcome: Outcome) -> None:
+        """Nothing to record: a task final already (its follow-ups repeated), a delivery put back
+        while an earlier attempt lives, a lapse counted, a message acknowledged."""
+        app, delivery = self.app, outcome.delivery
+        assert delivery is not None
+        if outcome.then == DEFER:
+            assert outcome.eta is not None
+            app.broker.defer(delivery, eta=outcome.eta)
+        elif outcome.then == COUNT_LAPSE:
+            assert outcome.token is not None
+            app.broker.count_lapse(delivery, outcome.token)
+        else:
+            if outcome.message is not None:
+                workflow.after_final(app, outcome.message, app.backend.get(outcome.task_id) or {}, send=self.send)
+            self.ack(delivery)
+
+    def _dead_letter(self, outcome: Outcome) -> None:
+        """Fail the task's record, if one is waiting, with the reason; dead-letter the message."""
+        app, delivery, message = self.app, outcome.delivery, outcome.message
+        assert delivery is not None and outcome.reason is not None
+        stored = False
+        record = app.backend.get(outcome.task_id) if outcome.task_id else None
+        if record is not None and record.get("state") not in states.READY_STATES:
+            token = app.backend.begin(outcome.task_id, worker=self.worker.name)
+            stored = token is not None and app.engine.finish([dataclasses.replace(outcome, token=token)]).stored[0]
+        if stored:
+            self.worker.count(failed=1)
+            if message is not None:
+                workflow.on_failure(app, message, outcome.fields["exc_type"], outcome.reason, send=self.send)
+        app.broker.reject(delivery, outcome.reason)
 
     def _pending(self) -> bool:
         return bool(self.ops or self.plain or self.acks or self.members)
 
-    def take_next(self) -> "tuple[Delivery, dict] | None":
-        """The next unstarted (delivery, message) of this batch, for its own executor."""
+    # -- claims not started yet -----------------------------------------------------------------
+    def take_next(self) -> Claim | None:
+        """The next unstarted claim of this batch, for its own executor."""
         with self.lock:
             return self.todo.pop(0) if self.todo else None
 
-    def give_away(self) -> "tuple[list[Delivery], _Prepared] | None":
+    def give_away(self) -> list[Claim] | None:
         """For an idle executor while this batch's thread is busy with a long task: the
-        batch's unstarted messages (with their fencing tokens), or else the first batch of
-        follow-ups this worker published to itself (unless a flush, which may still roll
+        batch's unstarted claims (with their fencing tokens), or else the first batch of
+        follow-ups this worker claimed for itself (unless a flush, which may still roll
         them back, is under way); None when there is nothing to give."""
         with self.lock:
             if self.closed:
                 return None
             taken, self.todo = self.todo, []
             if taken:
-                self.given.update(id(d) for d, _ in taken)
-            elif self.local and self.flushing.acquire(blocking=False):
+                self.given.update(id(c.delivery) for c in taken)
+                return taken
+            if self.local and self.flushing.acquire(blocking=False):
                 try:
                     return self.local.pop(0) if self.local else None
                 finally:
                     self.flushing.release()
-        if not taken:
-            return None
-        prep = _Prepared()
-        prep.messages = taken
-        prep.tokens = {m["id"]: self.tokens[m["id"]] for _, m in taken if m["id"] in self.tokens}
-        return [d for d, _ in taken], prep
+        return None
 
-    def pending(self) -> list:
-        """The unstarted (delivery, message) pairs left, without taking them."""
+    def running(self, busy: bool = True) -> None:
+        """Its executor begins (``busy``) or ends a task."""
+        self.since = time.monotonic() if busy else None
+
+    def busy_for(self) -> float:
+        """Seconds its executor has been running the current task (0 between tasks)."""
+        since = self.since
+        return 0.0 if since is None else time.monotonic() - since
+
+    def given_away(self, delivery: Delivery) -> bool:
+        """Whether ``delivery`` was given away to another executor (which holds it now)."""
+        return id(delivery) in self.given
+
+    def pending(self) -> list[Claim]:
+        """The unstarted claims left, without taking them."""
         with self.lock:
             return list(self.todo)
 
-    def give_away_all(self) -> list:
-        """Every unstarted (delivery, message) left, for the batch's own thread (stopping)."""
+    def give_away_all(self) -> list[Claim]:
+        """Every unstarted claim left, for the batch's own thread (stopping)."""
         with self.lock:
             taken, self.todo = self.todo, []
         return taken
@@ -177,15 +266,6 @@ class _Batch:
                 self.first = time.monotonic()
             pending.append(item)
 
-    def add_plain(self, delivery: Delivery, task_id: str, token: int, fields: dict) -> None:
-        self._queue(self.plain, (delivery, task_id, token, fields))
-
-    def add_member(self, delivery: Delivery, task_id: str, token: int, fields: dict, message: dict, cont: dict) -> None:
-        """A successful group member nothing else follows (``workflow.lone_member``): stored
-        and counted with the plain results in one round trip, acknowledged once its advance
-        (the group's completion, for the last one) is done."""
-        self._queue(self.members, (delivery, task_id, token, fields, message, cont))
-
     def ack(self, delivery: Delivery) -> None:
         """Acknowledge a delivery whose finish (result, follow-ups) is done. Inside a group
         commit at once; otherwise with the batch's next flush, in the round trip that stores
@@ -197,54 +277,54 @@ class _Batch:
             self._queue(self.acks, delivery)
 
     def waiting(self) -> float:
-        """Seconds the oldest pending step has waited (0 when none)."""
+        """Seconds the oldest pending outcome has waited (0 when none)."""
         with self.lock:
             return time.monotonic() - self.first if self._pending() else 0.0
 
-    def flush(self, claim_next: bool = False) -> None:
-        """Commit what is pending; safe from the executor and the heartbeat thread alike.
+    def flush(self, claim_next: Callable[[], list[Claim]] | None = None) -> list[Claim]:
+        """Settle what is pending; safe from the executor and the heartbeat thread alike.
 
-        ``claim_next`` (the executor's last flush of a batch): claim its next batch in the
-        same transaction, one commit fewer per batch; ``Worker.reserve`` returns it.
+        ``claim_next`` (the executor's last flush of a batch): called to claim its next batch
+        in the same transaction, one commit fewer per batch; that batch is returned.
         """
         with self.flushing:
-            self._flush(claim_next)
+            return self._flush(claim_next)
 
-    def _flush(self, claim_next: bool = False) -> None:
+    def _flush(self, claim_next: Callable[[], list[Claim]] | None = None) -> list[Claim]:
         with self.lock:
             ops, self.ops = self.ops, []
             plain, self.plain = self.plain, []
             acks, self.acks = self.acks, []
             members, self.members = self.members, []
         if not ops and not plain and not acks and not members:
-            return
+            return []
         try:
-            claimed = None
+            claimed: list[Claim] = []
             with self.app.transaction():
-                for op, _ in ops:
-                    op()
+                for outcome in ops:
+                    self._settle(outcome)
                 if plain or acks or members:
                     self._finish_plain(plain, acks, members)
-                if claim_next and not self.local:
-                    claimed = self.worker._claim_now()
-            if claimed:
-                self.worker._claimed.next = claimed
-            return
+                if claim_next is not None and not self.local:
+                    claimed = claim_next()
+            return claimed
         except Exception:
             log.warning("worker %s: finishing %d task(s) together failed; finishing them one by one",
                         self.worker.name, len(ops) + len(plain), exc_info=True)
-            self._forget_local()
-        for op, delivery in ops:
-            self._run_alone(op, delivery)
+            self.forget_local()
+        for outcome in ops:
+            self._run_alone(outcome)
         if plain or acks or members:
             self._finish_plain_alone(plain, acks, members)
+        return []
 
-    def _forget_local(self) -> None:
+    def forget_local(self) -> None:
         """Follow-ups reserved in a transaction that rolled back were never stored. Where no
         transaction spans the finish (an engine without ``shares_transaction``) they were: hand
         them back to the queue at once."""
-        for deliveries, _ in self.local:
-            for d in deliveries:
+        for claims in self.local:
+            for c in claims:
+                d = c.delivery
                 if not self.grouped:
                     try:
                         self.app.broker.release(d)
@@ -252,57 +332,62 @@ class _Batch:
                         log.warning(
                             "could not hand back %s; it returns when its lease runs out", d.message_id, exc_info=True
                         )
-                self.worker._unhold(d)
+                self.worker.unhold(d)
         self.local.clear()
 
-    def _run_alone(self, op, delivery: Delivery) -> None:
+    def _run_alone(self, outcome: Outcome) -> None:
+        delivery = outcome.delivery
+        assert delivery is not None
         try:
             with self.app.transaction():
-                op()
+                self._settle(outcome)
         except self.store_errors:  # the store, not the message: redeliver
-            self._forget_local()
+            self.forget_local()
             log.exception(
                 "worker %s: finishing %s failed; its message will be redelivered", self.worker.name, delivery.message_id
             )
         except _ResultNotStored as exc:
-            self._forget_local()
-            self.give_up(delivery, exc.__cause__ or exc, "storing the result of", dead_letter=False)
+            self.forget_local()
+            self.give_up(delivery, exc.__cause__ or exc, "storing the result of", dead_letter=False,
+                         message=outcome.message, token=outcome.token)
         except Exception as exc:
-            self._forget_local()
-            self.give_up(delivery, exc, "finishing")
+            self.forget_local()
+            self.give_up(delivery, exc, "finishing", message=outcome.message, token=outcome.token)
 
     def _finish_plain_alone(self, plain: list, acks: list, members: list) -> None:
         """``_finish_plain`` one result at a time, after the batch's round trip failed: a
         result that cannot be stored fails its own task (``give_up``), not its batch-mates."""
         parts = [([p], [], []) for p in plain] + [([], [], [m]) for m in members] + ([([], acks, [])] if acks else [])
         for one, ack, member in parts:
-            delivery = (one or member)[0][0] if one or member else None
+            outcome = (one or member)[0] if one or member else None
             try:
                 with self.app.transaction():
                     self._finish_plain(one, ack, member)
             except self.store_errors:
-                self._forget_local()
+                self.forget_local()
                 log.exception("worker %s: storing a result failed; its message will be redelivered", self.worker.name)
             except Exception as exc:
-                self._forget_local()
-                if delivery is None:
+                self.forget_local()
+                if outcome is None:
                     log.exception(
                         "worker %s: acknowledging %d finished message(s) failed; they will be redelivered",
                         self.worker.name,
                         len(ack),
                     )
                 else:
-                    self.give_up(delivery, exc, "storing the result of", dead_letter=False)
+                    self.give_up(outcome.delivery, exc, "storing the result of", dead_letter=False,
+                                 message=outcome.message, token=outcome.token)
 
-    def give_up(self, delivery: Delivery, exc: BaseException, what: str, *, dead_letter: bool = True) -> None:
+    def give_up(self, delivery: Delivery, exc: BaseException, what: str, *, dead_letter: bool = True,
+                message: dict | None = None, token: int | None = None) -> None:
         """Settle a delivery whose own bookkeeping failed (not the store: see Engine.store_errors),
-        so it is not run again at every lease. Its task is recorded FAILURE with the reason
-        unless its record is final already (error callbacks and workflows follow, as for any
-        failure), and the message is dead-lettered with the reason; with ``dead_letter``
-        False a recorded failure is acknowledged instead (the record tells the whole story).
-        ``what`` names the step that failed ("storing the result of"). Never raises."""
+        so it is not run again at every lease. Its task (``message``, begun with ``token``) is
+        recorded FAILURE with the reason unless its record is final already (error callbacks
+        and workflows follow, as for any failure), and the message is dead-lettered with the
+        reason; with ``dead_letter`` False a recorded failure is acknowledged instead (the
+        record tells the whole story). ``what`` names the step that failed ("storing the
+        result of"). Never raises."""
         app, worker = self.app, self.worker
-        message, token = self.begun.get(id(delivery), (None, None))
         name = (
             f"task {message['name']!r} ({message['id']})" if message is not None else f"message {delivery.message_id}"
         )
@@ -335,10 +420,10 @@ class _Batch:
                     return
                 except Exception:
                     recorded = False
-                    self._forget_local()
+                    self.forget_local()
                     log.exception("worker %s: recording the failure of %s failed", worker.name, name)
             if recorded:
-                worker._count(failed=1)
+                worker.count(failed=1)
                 if not dead_letter:
                     return
         try:
@@ -350,28 +435,24 @@ class _Batch:
 
     def _finish_plain(self, plain: list, acks: list = (), members: list = ()) -> None:
         """Store the results, then acknowledge them and ``acks`` (finished already): one
-        round trip for the lot where the engine allows. ``members`` (see ``add_member``) are
+        round trip for the lot where the engine allows. ``members`` (see ``settle``) are
         stored and counted in that round trip; their advance follows, then their acks."""
         app = self.app
-        outcomes = [Outcome(d, task_id, states.SUCCESS, token, fields) for d, task_id, token, fields in plain]
-        outcomes += [
-            Outcome(d, task_id, states.SUCCESS, token, fields, group=cont["group"])
-            for d, task_id, token, fields, _, cont in members
-        ]
-        finished = app.engine.finish(outcomes, [d for d, _, _, _ in plain] + list(acks))
-        self.worker._count(processed=sum(finished.stored))
+        finished = app.engine.finish(plain + members, [o.delivery for o in plain] + list(acks))
+        self.worker.count(processed=sum(finished.stored))
         if not members:
             return
-        for (_, task_id, _, _, message, cont), ok, count in zip(members, finished.stored[len(plain):], finished.counts):
+        for outcome, ok, count in zip(members, finished.stored[len(plain):], finished.counts):
+            task_id, message = outcome.task_id, outcome.message
             if not ok:   # revoked meanwhile (or stored by another attempt): end its workflow as the record says
                 workflow.after_final(app, message, app.backend.get(task_id) or {}, send=self.send)
                 continue
             if count is None:
-                log.warning("task %s finished, but its group %s is gone; nothing follows it", task_id, cont["group"])
+                log.warning("task %s finished, but its group %s is gone; nothing follows it", task_id, outcome.group)
                 continue
-            if ok and count[0] < 0:
+            if count[0] < 0:
                 # stored, yet not SUCCESS when counted: only if the server ran the count first
                 # (a script it had lost, run again after the rest of the pipeline)
-                count = app.backend.member_done(cont["group"], task_id)
-            workflow.member_counted(app, message, cont, *count, send=self.send)
-        app.broker.ack_many([d for d, _, _, _, _, _ in members])
+                count = app.backend.member_done(outcome.group, task_id)
+            workflow.member_counted(app, message, workflow.lone_member(message), *count, send=self.send)
+        app.broker.ack_many([o.delivery for o in members])

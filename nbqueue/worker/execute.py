@@ -1,6 +1,6 @@
 """Running one claimed task: decode its arguments, call it (in this thread or a child process),
-and decide what its outcome is (result, retry, failure, hand-back, dead letter), added to its
-batch as a finish step."""
+and decide its outcome (result, retry, failure, hand-back, dead letter) as an ``Outcome`` that
+its batch settles (worker/batch.py)."""
 from __future__ import annotations
 
 import logging
@@ -12,6 +12,7 @@ from typing import Any
 
 from .. import capture, context, control, serialization, shipping, states, workflow
 from ..broker import Delivery
+from ..engine import COUNT_LAPSE, DEFER, REJECT, RELEASE, RETRY, Claim, Outcome
 from ..errors import (
     DeliveryLimitExceeded,
     MessageError,
@@ -22,8 +23,8 @@ from ..errors import (
     WorkerLostError,
 )
 from ..retry import next_delay
-from ..signature import decode_body, encode_body
-from .batch import _MISSING, _Batch, _describe, _ResultNotStored, _safe_text, _text
+from ..signature import decode_body
+from .batch import _describe, _safe_text, _text
 
 log = logging.getLogger(__name__)
 
@@ -31,95 +32,86 @@ log = logging.getLogger(__name__)
 class Execution:
     """Running tasks, Worker's part (a mixin: Worker holds the state)."""
 
-    def _execute(self, delivery: Delivery, message: dict, token: Any, batch: "_Batch") -> None:
-        """Run one claimed task and add the step that settles its outcome to ``batch``."""
-        app = self.app
-        task_id, name = message["id"], message["name"]
-        task = app.registry.get(name)
+    def execute(self, claim: Claim) -> Outcome:
+        """Run one claimed task; the Outcome says what to record and what becomes of its delivery.
+
+        A claim the engine did not begin is begun here (``claim.begun`` and ``claim.token``
+        set), unless an earlier attempt after a lapse is dealt with instead."""
+        assert claim.message is not None
+        delivery, message = claim.delivery, claim.message
+        task = self.app.registry.get(message["name"])
         if task is None and message.get("ignore_when_not_registered"):
             log.warning(
                 "dropping task %s (%s): not registered on this worker and ignore_when_not_registered is set",
-                name,
-                task_id,
+                message["name"],
+                message["id"],
             )
-            batch.add(lambda: batch.ack(delivery), delivery)
-            return
-        token = self._begun(delivery, message, token, batch)
-        if token is _MISSING:
-            return
-        task = self._task_to_run(delivery, message, token, task, batch)
-        if task is None:
-            return
-        self._run(delivery, message, token, task, batch)
-
-    def _begun(self, delivery: Delivery, message: dict, token: Any, batch: "_Batch") -> Any:
-        """The task's fencing token, begun here where the claim did not; ``_MISSING`` when the
-        delivery was settled instead (an earlier attempt is alive, or the task is final)."""
-        app = self.app
-        task_id = message["id"]
-        if token is _MISSING:
-            if delivery.after_lapse and self._settled_after_lapse(delivery, message, batch):
-                return _MISSING
-            token = app.backend.begin(
-                task_id,
-                worker=self.name,
-                fields={"retries": message.get("retries", 0), "name": message["name"], "queue": delivery.queue},
-            )
-        batch.begun[id(delivery)] = (message, token)
-        if token is None:
+            return Outcome(delivery, message["id"], "", None, {})
+        if not claim.begun:
+            settled = self._begin(claim)
+            if settled is not None:
+                return settled
+        if claim.token is None:
             # already final: an earlier attempt stored it (or it was revoked); repeat its follow-ups
-            def settle() -> None:
-                workflow.after_final(app, message, app.backend.get(task_id) or {}, send=batch.send)
-                batch.ack(delivery)
+            return Outcome(delivery, message["id"], "", None, {}, message=message)
+        found = self._task_to_run(claim, task)
+        if isinstance(found, Outcome):
+            return found
+        return self._run(claim, found)
 
-            batch.add(settle, delivery)
-            return _MISSING
-        return token
+    def _begin(self, claim: Claim) -> Outcome | None:
+        """Begin the claim's task (its fencing token; None when its record is final), or the
+        outcome that settles a delivery after a lapse instead (see ``_after_lapse``)."""
+        delivery, message = claim.delivery, claim.message
+        assert message is not None
+        if delivery.after_lapse:
+            settled = self._after_lapse(delivery, message)
+            if settled is not None:
+                return settled
+        claim.token = self.app.backend.begin(
+            message["id"],
+            worker=self.name,
+            fields={"retries": message.get("retries", 0), "name": message["name"], "queue": delivery.queue},
+        )
+        claim.begun = True
+        return None
 
-    def _task_to_run(self, delivery: Delivery, message: dict, token: int, task: Any, batch: "_Batch") -> Any:
-        """The registered (or shipped) task to run, or None when the delivery was settled instead
-        (handed back to another worker or for later, failed as not registered)."""
-        app = self.app
-        task_id, name = message["id"], message["name"]
+    def _task_to_run(self, claim: Claim, task: Any) -> Any:
+        """The registered (or shipped) task to run, or the outcome that settles the delivery
+        instead (handed back to another worker or for later, failed as not registered)."""
+        delivery, message = claim.delivery, claim.message
+        assert message is not None
+        name = message["name"]
         if "code" in message:   # a function shipped from a notebook: run by name, or its code only with allow_code
             task = shipping.task_for(self, message, task, delivery.queue)
             if task is shipping.HAND_BACK:    # another live worker runs it
-                self._requeue(delivery, message, token, batch, delay=1.0)
-                return None
+                return _requeued(claim, self.app.clock.time() + 1.0)
         if task is None:
             delay = self._leave_unknown(name, delivery.queue, message)
             if delay is not None:
-                def hand_back() -> None:
-                    if app.backend.set_state(task_id, states.PENDING, token=token):
-                        app.broker.retry(delivery, eta=app.clock.time() + delay)
-                    else:
-                        batch.ack(delivery)
-
-                batch.add(hand_back, delivery)
-                return None
-            known = ", ".join(sorted(n for n in app.registry if not n.startswith("nbqueue."))) or "none"
-            self._fail(delivery, message, token, NotRegistered(
+                return _requeued(claim, self.app.clock.time() + delay)
+            known = ", ".join(sorted(n for n in self.app.registry if not n.startswith("nbqueue."))) or "none"
+            return _failed(claim, NotRegistered(
                 f"task {name!r} is not registered on this worker nor on any live worker of queue {delivery.queue!r} "
-                f"(registered here: {known})"), batch)
-            return None
+                f"(registered here: {known})"))
         return task
 
-    def _run(self, delivery: Delivery, message: dict, token: int, task: Any, batch: "_Batch") -> None:
+    def _run(self, claim: Claim, task: Any) -> Outcome:
         """Decode the arguments, call the task, and decide its outcome (result, retry, failure)."""
         app = self.app
+        delivery, message, token = claim.delivery, claim.message, claim.token
+        assert message is not None
         task_id, name = message["id"], message["name"]
         refusal = self._refusal(task, message)
         if refusal is not None:
-            self._fail(delivery, message, token, refusal, batch)
-            return
+            return _failed(claim, refusal)
         try:
             args = [app.serializer.decode(a) for a in message["args"]]
             kwargs = {k: app.serializer.decode(v) for k, v in message["kwargs"].items()}
         except Exception as exc:
             # a payload's error (missing, corrupt) keeps its type
             kind = type(exc) if isinstance(exc, PayloadError) else SerializationError
-            self._fail(delivery, message, token, kind(f"cannot decode arguments of task {name!r}: {exc}"), batch)
-            return
+            return _failed(claim, kind(f"cannot decode arguments of task {name!r}: {exc}"))
 
         started_at = app.clock.time()
         run = {
@@ -128,7 +120,6 @@ class Execution:
             "time_limit": message.get("time_limit"),
             "token": token,
             "message": message,
-            "batch": batch,
             "control": control.TaskControl(task_id, name),
         }
         with self._held_lock:
@@ -139,60 +130,57 @@ class Execution:
                     self.events.run(message, delivery.queue):
                 value = self._call(task, args, kwargs, message, run["control"])
         except Retry as exc:
-            output = capture.end()
-            self._retry(
-                delivery,
-                message,
-                token,
-                exc.countdown,
-                "Retry",
-                exc.reason or "retry requested",
-                output,
-                batch,
-                counts=False,
-            )
-            return
+            eta = app.clock.time() + exc.countdown
+            return _retried(claim, message, eta, "Retry", exc.reason or "retry requested", capture.end())
         except WorkerLostError as exc:  # its child process died or was stopped: not finished, not the task's failure
-            self._child_lost(delivery, message, token, exc, capture.end(), batch, started_at)
-            return
+            return self._child_lost(claim, exc, capture.end())
         # the task's own failure, whatever it raised (exit() too): recorded, the worker carries on
         except BaseException as exc:
             output = capture.end()
             tb = getattr(exc, "child_traceback", None) or _tb.format_exc()
-            if int(message.get("retry_count") or 0) > 0:
-                try:
-                    delay, timeout = next_delay(
-                        int(message.get("retries") or 0),
-                        float(message.get("retry_timeout") or 0),
-                        message.get("retry_backoff"),
-                    )
-                except Exception as err:  # options no producer of this version sends (see signature.check_options)
-                    self._fail(
-                        delivery,
-                        message,
-                        token,
-                        exc,
-                        batch,
-                        tb=tb,
-                        output=output,
-                        started_at=started_at,
-                        note=f"not retried: its retry options are invalid: {_describe(err)}",
-                    )
-                    return
-                message["retry_timeout"] = timeout
-                self._retry(
-                    delivery, message, token, delay, type(exc).__name__, _text(exc), output, batch, counts=True, tb=tb
-                )
-            else:
-                self._fail(delivery, message, token, exc, batch, tb=tb, output=output, started_at=started_at)
-            return
+            return self._raised(claim, exc, tb, output, started_at)
         finally:
             with self._held_lock:
                 self._running.pop(task_id, None)
             self.control.finished(task_id, run)
         output = capture.end()
+        del args, kwargs        # a large argument is not held while the result is encoded
+        return self._succeeded(claim, value, output, started_at)
+
+    def _raised(self, claim: Claim, exc: BaseException, tb: str, output: str, started_at: float) -> Outcome:
+        """A task raised: retried while it has retries left, else failed."""
+        message = claim.message
+        assert message is not None
+        if int(message.get("retry_count") or 0) <= 0:
+            return _failed(claim, exc, tb=tb, output=output, started_at=started_at)
         try:
-            result_text = serialization.dumps(app.serializer.encode(value, f"result of task {name!r}", owner=task_id))
+            delay, timeout = next_delay(
+                int(message.get("retries") or 0),
+                float(message.get("retry_timeout") or 0),
+                message.get("retry_backoff"),
+            )
+        except Exception as err:  # options no producer of this version sends (see signature.check_options)
+            return _failed(claim, exc, tb=tb, output=output, started_at=started_at,
+                           note=f"not retried: its retry options are invalid: {_describe(err)}")
+        retried = dict(
+            message,
+            retry_timeout=timeout,
+            retry_count=int(message.get("retry_count") or 0) - 1,
+            retries=int(message.get("retries") or 0) + 1,
+        )
+        eta = self.app.clock.time() + delay
+        return _retried(claim, retried, eta, type(exc).__name__, _text(exc), output, tb=tb)
+
+    def _succeeded(self, claim: Claim, value: Any, output: str, started_at: float) -> Outcome:
+        """The task returned ``value``: SUCCESS with its encoded result (a group member counted
+        with it where the engine counts members), or FAILURE when it cannot be encoded."""
+        message = claim.message
+        assert message is not None
+        name = message["name"]
+        try:
+            result_text = serialization.dumps(
+                self.app.serializer.encode(value, f"result of task {name!r}", owner=message["id"])
+            )
         except Exception as exc:    # whatever the encoder raises (a value nested too deeply, say): the task fails
             if not isinstance(exc, SerializationError):
                 hint = (
@@ -201,9 +189,7 @@ class Execution:
                     else ""
                 )
                 exc = SerializationError(f"the result of task {name!r} cannot be encoded: {_describe(exc)}{hint}")
-            self._fail(delivery, message, token, exc, batch, output=output, started_at=started_at)
-            return
-
+            return _failed(claim, exc, output=output, started_at=started_at)
         fields = {
             "result": result_text,
             "output": _safe_text(output) or None,
@@ -212,35 +198,14 @@ class Execution:
             "traceback": None,
             "started_at": started_at,
         }
-        if not message.get("on_success") and not message.get("workflow") and not message.get("on_error"):
-            batch.add_plain(delivery, task_id, token, fields)      # nothing follows: finished with others in one go
-            return
-        if self.counts_members:    # counted in the round trip that stores the result (Engine.finish)
-            member = workflow.lone_member(message)
-            if member is not None:     # a group member: stored and counted with others in one go
-                batch.add_member(delivery, task_id, token, fields, message, member)
-                return
+        member = workflow.lone_member(message) if self.counts_members else None
+        return Outcome(claim.delivery, message["id"], states.SUCCESS, claim.token, fields,
+                       group=member["group"] if member is not None else None, message=message)
 
-        def finish() -> None:
-            try:
-                stored = app.backend.store_result(task_id, states.SUCCESS, token=token, **fields)
-            except self.store_errors:
-                raise
-            except Exception as exc:
-                raise _ResultNotStored() from exc
-            if stored:
-                workflow.on_success(app, message, result_text, send=batch.send)
-                self._count(processed=1)
-            else:   # revoked (or failed by its time limit) meanwhile: what follows it ends as for a failure
-                workflow.after_final(app, message, app.backend.get(task_id) or {}, send=batch.send)
-            batch.ack(delivery)
-
-        batch.add(finish, delivery)
-
-    def _settled_after_lapse(self, delivery: Delivery, message: dict, batch: "_Batch") -> bool:
-        """Before a delivery after a lapse begins its task again: True when it was dealt with
-        instead. While an earlier attempt is alive (``_attempt_alive``) the message is put
-        back for a lease, so that attempt is not fenced out and records its own result. A
+    def _after_lapse(self, delivery: Delivery, message: dict) -> Outcome | None:
+        """Before a delivery after a lapse begins its task again: the outcome that deals with it
+        instead, or None. While an earlier attempt is alive (``_attempt_alive``) the message is
+        put back for a lease, so that attempt is not fenced out and records its own result. A
         ``maybe_lapsed`` delivery (a broker that cannot count lapses itself: AMQP) whose
         record shows an attempt begun since the last count that never finished is a lapse:
         counted (``Broker.count_lapse``), or dead-lettered at ``max_deliveries``."""
@@ -251,8 +216,7 @@ class Execution:
             delay = self.lease
             log.info("task %s (%s): its attempt on worker %s is still alive; looking again in %.1fs",
                      message["name"], task_id, record.get("worker"), delay)
-            batch.add(lambda: app.broker.defer(delivery, eta=app.clock.time() + delay), delivery)
-            return True
+            return Outcome(delivery, task_id, "", None, {}, then=DEFER, eta=app.clock.time() + delay)
         token = int(record.get("token") or 0)
         if (
             delivery.maybe_lapsed
@@ -261,11 +225,9 @@ class Execution:
         ):
             reason = app.broker.limit_reason(delivery.lapsed + 1)
             if reason is not None:
-                self._dead_letter(delivery, reason, batch, message=message, exc_type=DeliveryLimitExceeded.__name__)
-            else:
-                batch.add(lambda: app.broker.count_lapse(delivery, token), delivery)
-            return True
-        return False
+                return self.dead_letter(delivery, reason, message=message, exc_type=DeliveryLimitExceeded.__name__)
+            return Outcome(delivery, task_id, "", token, {}, then=COUNT_LAPSE)
+        return None
 
     def _attempt_alive(self, task_id: str, record: dict, delivery: Delivery) -> bool:
         """Is an earlier attempt of this task still alive? Its record is RECEIVED or STARTED
@@ -298,12 +260,13 @@ class Execution:
                 return alive
         return beat is not None
 
-    def _dead_letter(self, delivery: Delivery, reason: str, batch: "_Batch", *, message: dict | None = None,
-                     exc_type: str | None = None) -> None:
-        """Dead-letter a message with ``reason`` and fail its task's record, if one is waiting
-        (a sender's ``get()`` then raises with the reason instead of waiting forever)."""
-        app = self.app
-        limit = delivery.dead_reason is not None and delivery.dead_reason == app.broker.limit_reason(delivery.lapsed)
+    def dead_letter(self, delivery: Delivery, reason: str, *, message: dict | None = None,
+                    exc_type: str | None = None) -> Outcome:
+        """The outcome that dead-letters a message with ``reason`` and fails its task's record, if
+        one is waiting (a sender's ``get()`` then raises with the reason instead of waiting forever)."""
+        limit = delivery.dead_reason is not None and delivery.dead_reason == self.app.broker.limit_reason(
+            delivery.lapsed
+        )
         exc_type = exc_type or (DeliveryLimitExceeded if limit else MessageError).__name__
         if message is None and limit:
             try:
@@ -312,27 +275,8 @@ class Execution:
                 pass
         task_id = message["id"] if message is not None else delivery.message_id
         log.error("worker %s: dead-lettering message %s: %s", self.name, delivery.message_id, reason)
-
-        def finish() -> None:
-            stored = False
-            record = app.backend.get(task_id) if task_id else None
-            if record is not None and record.get("state") not in states.READY_STATES:
-                token = app.backend.begin(task_id, worker=self.name)
-                stored = token is not None and app.backend.store_result(
-                    task_id,
-                    states.FAILURE,
-                    token=token,
-                    exc_type=exc_type,
-                    error=reason,
-                    retries=(message or {}).get("retries", 0),
-                )
-            if stored:
-                self._count(failed=1)
-                if message is not None:
-                    workflow.on_failure(app, message, exc_type, reason, send=batch.send)
-            app.broker.reject(delivery, reason)
-
-        batch.add(finish, delivery)
+        fields = {"exc_type": exc_type, "error": reason, "retries": (message or {}).get("retries", 0)}
+        return Outcome(delivery, task_id, states.FAILURE, None, fields, message=message, then=REJECT, reason=reason)
 
     def _call(self, task, args: list, kwargs: dict, message: dict, ctl: "control.TaskControl | None" = None) -> Any:
         """Run the task's function: in this thread, or with ``pool="processes"`` in a child
@@ -343,21 +287,14 @@ class Execution:
                               time_limit=message.get("time_limit"), soft_time_limit=message.get("soft_time_limit"),
                               on_progress=None if ctl is None else ctl.set_progress)
 
-    def _child_lost(
-        self,
-        delivery: Delivery,
-        message: dict,
-        token: int,
-        exc: WorkerLostError,
-        output: str,
-        batch: "_Batch",
-        started_at: float,
-    ) -> None:
+    def _child_lost(self, claim: Claim, exc: WorkerLostError, output: str) -> Outcome:
         """The child process running the task died (or was stopped): the task goes back to the
         queue (a release: not a lapse), unless it has now ended ``max_deliveries`` deliveries
         without finishing (its child deaths in this worker, or its lapses and this one): then
         its record fails and its message is dead-lettered with the reason, so a task that
         kills its child every time cannot loop."""
+        delivery, message = claim.delivery, claim.message
+        assert message is not None
         if getattr(exc, "counts", True) and self.pool is not None:
             deliveries = max(self.pool.note_death(message["id"]), delivery.lapsed + 1)
             limit = self.app.broker.max_deliveries
@@ -365,37 +302,12 @@ class Execution:
                 reason = (
                     f"{exc} running this task, on {deliveries} deliveries (max_deliveries={limit}); not delivered again"
                 )
-                self._dead_letter(delivery, reason, batch, message=message, exc_type=WorkerLostError.__name__)
-                return
+                return self.dead_letter(delivery, reason, message=message, exc_type=WorkerLostError.__name__)
         if getattr(exc, "counts", True) or "(cancelled)" not in str(exc):
             log.warning("worker %s: %s running task %s (%s); delivering it again", self.name, exc, message["name"],
                         message["id"])
-        self._requeue(
-            delivery,
-            message,
-            token,
-            batch,
-            exc_type=type(exc).__name__,
-            error=f"{exc}; delivered again",
-            output=output or None,
-        )
-
-    def _requeue(
-        self, delivery: Delivery, message: dict, token: int, batch: "_Batch", *, delay: float = 0.0, **fields
-    ) -> None:
-        """A begun task back to PENDING and its message back to its queue (due in ``delay`` s)."""
-        app = self.app
-
-        def requeue() -> None:
-            if app.backend.set_state(message["id"], states.PENDING, token=token, **fields):
-                if delay:
-                    app.broker.retry(delivery, eta=app.clock.time() + delay)
-                else:
-                    app.broker.release(delivery)
-            else:   # final meanwhile (revoked): nothing to run
-                batch.ack(delivery)
-
-        batch.add(requeue, delivery)
+        return _requeued(claim, None, exc_type=type(exc).__name__, error=f"{exc}; delivered again",
+                         output=output or None)
 
     def _leave_unknown(self, name: str, queue: str, message: dict) -> float | None:
         """For a task name this worker has not registered: in how many seconds to hand the
@@ -433,85 +345,46 @@ class Execution:
         check = getattr(task.fn, "nbqueue_check", None)
         return check(self, message) if check is not None else None
 
-    def _retry(
-        self,
-        delivery: Delivery,
-        message: dict,
-        token: int,
-        delay: float,
-        exc_type: str,
-        reason: str,
-        output: str,
-        batch: "_Batch",
-        *,
-        counts: bool,
-        tb: str | None = None,
-    ) -> None:
-        app = self.app
-        if counts:
-            message["retry_count"] = int(message.get("retry_count") or 0) - 1
-            message["retries"] = int(message.get("retries") or 0) + 1
-        eta = app.clock.time() + delay
 
-        def finish() -> None:
-            if app.backend.set_state(
-                message["id"],
-                states.RETRY,
-                token=token,
-                retries=message.get("retries", 0),
-                exc_type=exc_type,
-                error=reason,
-                traceback=tb,
-                output=output or None,
-            ):
-                app.broker.retry(delivery, body=encode_body(message), eta=eta)
-                log.info("task %s (%s) will retry in %.1fs: %s", message["name"], message["id"], delay, reason)
-            else:  # revoked or taken over meanwhile
-                workflow.after_final(app, message, app.backend.get(message["id"]) or {}, send=batch.send)
-                batch.ack(delivery)
+def _requeued(claim: Claim, eta: float | None, **fields: Any) -> Outcome:
+    """A begun task back to PENDING and its message back to its queue: due at ``eta``, or at once."""
+    assert claim.message is not None
+    return Outcome(claim.delivery, claim.message["id"], states.PENDING, claim.token, fields,
+                   then=RELEASE if eta is None else RETRY, eta=eta)
 
-        batch.add(finish, delivery)
 
-    def _fail(
-        self,
-        delivery: Delivery,
-        message: dict,
-        token: int,
-        exc: BaseException,
-        batch: "_Batch",
-        *,
-        tb: str | None = None,
-        output: str | None = None,
-        started_at: float | None = None,
-        note: str | None = None,
-    ) -> None:
-        """Record the task FAILURE (``note``: said after the error) and acknowledge it."""
-        app = self.app
-        exc_type, error = type(exc).__name__, _text(exc)
-        if note:
-            error = f"{error} ({note})" if error else note
-        tb, output = _safe_text(tb), _safe_text(output)
-        extra = {"started_at": started_at} if started_at is not None else {}
+def _retried(claim: Claim, message: dict, eta: float, exc_type: str, reason: str, output: str, *,
+             tb: str | None = None) -> Outcome:
+    """A task to run again at ``eta``, with ``message`` (its retry counts as it goes back)."""
+    fields = {
+        "retries": message.get("retries", 0),
+        "exc_type": exc_type,
+        "error": reason,
+        "traceback": tb,
+        "output": output or None,
+    }
+    return Outcome(claim.delivery, message["id"], states.RETRY, claim.token, fields, message=message, then=RETRY,
+                   eta=eta)
 
-        def finish() -> None:
-            if app.backend.store_result(
-                message["id"],
-                states.FAILURE,
-                token=token,
-                exc_type=exc_type,
-                error=error,
-                traceback=tb,
-                output=output or None,
-                retries=message.get("retries", 0),
-                **extra,
-            ):
-                workflow.on_failure(app, message, exc_type, error, send=batch.send)
-                self._count(failed=1)
-            else:   # revoked meanwhile: what follows it ends as for a failure
-                workflow.after_final(app, message, app.backend.get(message["id"]) or {}, send=batch.send)
-            batch.ack(delivery)
 
-        batch.add(finish, delivery)
+def _failed(claim: Claim, exc: BaseException, *, tb: str | None = None, output: str | None = None,
+            started_at: float | None = None, note: str | None = None) -> Outcome:
+    """The task's FAILURE with ``exc`` (``note``: said after the error); its message acknowledged."""
+    message = claim.message
+    assert message is not None
+    exc_type, error = type(exc).__name__, _text(exc)
+    if note:
+        error = f"{error} ({note})" if error else note
+    fields = {
+        "exc_type": exc_type,
+        "error": error,
+        "traceback": _safe_text(tb),
+        "output": _safe_text(output) or None,
+        "retries": message.get("retries", 0),
+    }
+    if started_at is not None:
+        fields["started_at"] = started_at
+    return Outcome(claim.delivery, message["id"], states.FAILURE, claim.token, fields, message=message)
 
 
 def _host_and_pid(worker_name: str) -> tuple[str | None, int | None]:

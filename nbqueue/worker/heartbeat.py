@@ -148,6 +148,6 @@ class Heartbeat:
             error=f"task ran longer than its time limit of {limit:g}s",
             output=_safe_text(capture.peek(task_id)),
         ):
-            self._count(failed=1)
+            self.count(failed=1)
             workflow.on_failure(self.app, run["message"], "TimeLimitExceeded", f"time limit of {limit:g}s exceeded")
             self.control.stop(task_id, run, "time_limit")   # cooperative: current_task().cancelled

@@ -33,18 +33,10 @@ import uuid
 from typing import Iterable
 
 from .. import capture, control, shipping, states
-from ..broker import Delivery, queue_list
-from ..engine import decode
+from ..broker import Delivery, Outgoing, queue_list
+from ..engine import Claim, Outcome, decode
 from ..events import WorkerEvents
-from .batch import (
-    _MISSING,
-    GROUP_COMMIT,
-    REVOKE_CHECK,
-    STEAL_AFTER,
-    _Batch,
-    _Prepared,
-    _prepared,
-)
+from .batch import GROUP_COMMIT, REVOKE_CHECK, STEAL_AFTER, _Batch
 from .execute import Execution
 from .heartbeat import Heartbeat
 
@@ -223,7 +215,7 @@ class Worker(Heartbeat, Execution):
     def running(self) -> bool:
         return any(t.is_alive() for t in self._threads)
 
-    def _count(self, processed: int = 0, failed: int = 0) -> None:
+    def count(self, processed: int = 0, failed: int = 0) -> None:
         """Add to the counters: executor and heartbeat threads finish tasks concurrently."""
         with self._count_lock:
             self.processed += processed
@@ -244,72 +236,65 @@ class Worker(Heartbeat, Execution):
                     f"step(now=...) needs an App whose clock can be set (a ManualClock), not {self.app.clock!r}"
                 )
             settable(max(float(now), self.app.clock.time()))
-        deliveries, prep = self.reserve(0, limit or self.concurrency)
-        if deliveries:
-            self.process_batch(deliveries, prep)
-        return len(deliveries)
+        claims = self.reserve(0, limit or self.concurrency)
+        if claims:
+            self.run_claims(claims)
+        return len(claims)
 
     def drain(self, timeout: float = 10.0) -> int:
         """Process until the queues stay empty (for tests and scripts)."""
         total, deadline = 0, time.monotonic() + timeout
         while time.monotonic() < deadline:
-            deliveries, prep = self.reserve(0.05, self.concurrency)
-            if not deliveries:
+            claims = self.reserve(0.05, self.concurrency)
+            if not claims:
                 break
-            self.process_batch(deliveries, prep)
-            total += len(deliveries)
+            self.run_claims(claims)
+            total += len(claims)
         return total
 
     def _executor_loop(self) -> None:
         backoff = 0.1
         while not self._stopping.is_set():
             # (a batch claimed in the last commit comes first: it is not held, its lease not extended)
-            taken = self._steal() if getattr(self._claimed, "next", None) is None else None
-            if taken is not None:
-                deliveries, prep = taken
-            else:
+            claims = self._steal() if getattr(self._claimed, "next", None) is None else None
+            if claims is None:
                 try:
-                    deliveries, prep = self.reserve(0.25, self.prefetch)  # short, so stop() is prompt
+                    claims = self.reserve(0.25, self.prefetch)  # short, so stop() is prompt
                     backoff = 0.1
                 except Exception as exc:
                     log.warning("worker %s: reserve failed (%s); retrying in %.1fs", self.name, exc, backoff)
                     self._stopping.wait(backoff)
                     backoff = min(backoff * 2, 10.0)
                     continue
-            if deliveries:
-                self._hold(deliveries)
+            if claims:
+                self.hold([c.delivery for c in claims])
                 try:
-                    self.process_batch(deliveries, prep)
+                    self.run_claims(claims)
                 except Exception:
                     log.exception(
                         "worker %s: unexpected error in a batch of %d; its messages will be redelivered",
                         self.name,
-                        len(deliveries),
+                        len(claims),
                     )
         claimed = getattr(self._claimed, "next", None)
         if claimed is not None:   # claimed as the worker was told to stop: handed back, unstarted
             self._claimed.next = None
-            self._hold(claimed[0])
-            self.process_batch(*claimed)
+            self.hold([c.delivery for c in claimed])
+            self.run_claims(claimed)
 
-    def _steal(self) -> "tuple[list[Delivery], _Prepared] | None":
+    def _steal(self) -> list[Claim] | None:
         """What another executor's batch has not started while its thread has been running
         one task for ``STEAL_AFTER`` (see ``_Batch.give_away``), or None: a task reserved
         with a long-running one does not wait for it while this thread is idle."""
-        now = time.monotonic()
         with self._held_lock:
-            batches = [
-                run["batch"]
-                for run in self._running.values()
-                if run.get("batch") is not None and now - run["started"] >= STEAL_AFTER
-            ]
+            batches = [batch for batch in self._batches if batch.busy_for() >= STEAL_AFTER]
         for batch in batches:
             taken = batch.give_away()
             if taken is not None:
                 log.debug(
                     "worker %s: taking %d unstarted message(s) from a batch busy with a long task",
                     self.name,
-                    len(taken[0]),
+                    len(taken),
                 )
                 return taken
         return None
@@ -329,19 +314,20 @@ class Worker(Heartbeat, Execution):
         self._hand_back(held)
         self._remove_record()
 
-    def _hold(self, deliveries: list[Delivery]) -> None:
+    def hold(self, deliveries: list[Delivery]) -> None:
+        """Note deliveries this worker holds: their leases are extended until ``unhold``."""
         with self._held_lock:
             for d in deliveries:
                 self._held[id(d)] = d
 
-    def _unhold(self, d: Delivery) -> None:
+    def unhold(self, d: Delivery) -> None:
         with self._held_lock:
             self._held.pop(id(d), None)
 
     def _hand_back(self, deliveries: list[Delivery]) -> None:
         self.app.engine.hand_back(deliveries)
         for d in deliveries:
-            self._unhold(d)
+            self.unhold(d)
 
     @contextlib.contextmanager
     def holding_thread(self, check=None):
@@ -374,8 +360,18 @@ class Worker(Heartbeat, Execution):
         """Run one delivery to completion; never raises (a bad message cannot stop a worker)."""
         self.process_batch([delivery])
 
-    def process_batch(self, deliveries: list[Delivery], prep: "_Prepared | None" = None) -> None:
-        """Run reserved deliveries in order in this thread; never raises.
+    def process_batch(self, deliveries: list[Delivery]) -> None:
+        """Decode reserved deliveries, begin their tasks and run them (``run_claims``); never raises."""
+        try:
+            claims = self._prepare(deliveries)
+        except Exception:
+            log.exception("worker %s: beginning a batch of %d failed; its messages will be redelivered", self.name,
+                          len(deliveries))
+            return
+        self.run_claims(claims)
+
+    def run_claims(self, claims: list[Claim]) -> None:
+        """Run claimed deliveries (``reserve``) in order in this thread; never raises.
 
         The claim marks the batch RECEIVED and hands out fencing tokens (``Engine.claim``: one
         write, or none beyond the claim where the engine is fused, see ``reserve``). Finished
@@ -383,97 +379,104 @@ class Worker(Heartbeat, Execution):
         ``GROUP_COMMIT``, and by the heartbeat thread when the executor is busy with a long
         task, so a result waits for a slow batch-mate at most a heartbeat tick.
         """
-        queue = [(deliveries, prep)]
+        queue = [claims]
         while queue:
-            deliveries, prep = queue.pop(0)
+            claims = queue.pop(0)
             local: list = []
-            self._run_batch(deliveries, prep, local)
+            self._run_batch(claims, local)
             # follow-ups this worker published to itself (the next chain step, a chord's
             # callback) run next, without another claim
             queue.extend(local)
 
-    def _run_batch(self, deliveries: list[Delivery], prep: "_Prepared | None", local: list) -> None:
-        batch = _Batch(self, local)
+    def _run_batch(self, claims: list[Claim], local: list) -> None:
+        malformed = [c for c in claims if c.message is None]
+        todo, copies = self._distinct([c for c in claims if c.message is not None])
+        batch = _Batch(self, local, todo)
         with self._held_lock:
             self._batches.add(batch)
         try:
-            if prep is None:
-                prep = self._prepare(deliveries)
-            checked = time.monotonic()
-            for delivery, reason in prep.malformed:
-                self._dead_letter(delivery, reason, batch)
-            batch.tokens = prep.tokens
-            batch.todo, copies = self._distinct(prep.messages)
-            while (item := batch.take_next()) is not None:
-                delivery, message = item
-                if self._stopping.is_set() and threading.current_thread() in self._threads:
-                    unstarted = [item] + batch.give_away_all()
-                    self._hand_back([d for d, _ in unstarted])    # not started: PENDING again, not "received"
-                    break
-                if batch.waiting() >= GROUP_COMMIT:
-                    # finished tasks wait at most GROUP_COMMIT (or the heartbeat's flush, see _flush_stale)
-                    batch.flush()
-                if time.monotonic() - checked >= REVOKE_CHECK:
-                    checked = time.monotonic()
-                    self._skip_revoked(prep, [item] + batch.pending())
-                if self._revoked and self._revoked_here(message["id"]):
-                    prep.tokens[message["id"]] = None
-                try:
-                    self._execute(delivery, message, prep.tokens.get(message["id"], _MISSING), batch)
-                except self.store_errors:
-                    log.exception(
-                        "worker %s: processing %s failed; it will be redelivered", self.name, delivery.message_id
-                    )
-                except KeyboardInterrupt:  # Ctrl-C in a thread that steps the worker itself (drain())
-                    raise
-                except BaseException as exc:  # the worker's own bookkeeping: this message fails, not the thread
-                    batch.give_up(delivery, exc, "processing")
+            for c in malformed:
+                batch.settle(self.dead_letter(c.delivery, c.reason or "malformed message"))
+            self._run_todo(batch)
             for copy in copies:     # once the first copy is settled: a no-op where a copy was the same message
-                batch.add(lambda d=copy: batch.ack(d), copy)
+                batch.settle(Outcome(copy, copy.message_id, "", None, {}))
         except Exception:
             log.exception(
-                "worker %s: unexpected error in a batch of %d; its messages will be redelivered",
-                self.name,
-                len(deliveries),
+                "worker %s: unexpected error in a batch of %d; its messages will be redelivered", self.name, len(claims)
             )
         finally:
             batch.close()
             try:
                 # an executor thread claims its next batch in this commit (where broker and
                 # backend share a transaction and nothing local runs next)
-                batch.flush(
-                    claim_next=self.group_commit
-                    and threading.current_thread() in self._threads
-                    and not self._stopping.is_set()
+                mine = threading.current_thread() in self._threads
+                claimed = batch.flush(
+                    claim_next=self._claim_now if self.group_commit and mine and not self._stopping.is_set() else None
                 )
+                if claimed:
+                    self._claimed.next = claimed
             except Exception:
                 log.exception("worker %s: finishing a batch failed; its messages will be redelivered", self.name)
-                batch._forget_local()
+                batch.forget_local()
             with self._held_lock:
                 self._batches.discard(batch)
-            for d in deliveries:
-                if id(d) not in batch.given:    # those are held by the executor that took them
-                    self._unhold(d)
+            for c in claims:
+                if not batch.given_away(c.delivery):    # those are held by the executor that took them
+                    self.unhold(c.delivery)
 
-    def _distinct(self, messages: list[tuple[Delivery, dict]]) -> tuple[list[tuple[Delivery, dict]], list[Delivery]]:
-        """``messages`` with one delivery per task id, and the deliveries of further copies:
+    def _run_todo(self, batch: _Batch) -> None:
+        """Run the batch's claims in order, each outcome settled by the batch; stopping, hand
+        back the unstarted ones."""
+        checked = time.monotonic()
+        while (claim := batch.take_next()) is not None:
+            assert claim.message is not None
+            if self._stopping.is_set() and threading.current_thread() in self._threads:
+                unstarted = [claim] + batch.give_away_all()
+                self._hand_back([c.delivery for c in unstarted])    # not started: PENDING again, not "received"
+                break
+            if batch.waiting() >= GROUP_COMMIT:
+                # finished tasks wait at most GROUP_COMMIT (or the heartbeat's flush, see _flush_stale)
+                batch.flush()
+            if time.monotonic() - checked >= REVOKE_CHECK:
+                checked = time.monotonic()
+                self._skip_revoked([claim] + batch.pending())
+            if self._revoked and self._revoked_here(claim.message["id"]):
+                claim.begun, claim.token = True, None
+            batch.running()
+            try:
+                batch.settle(self.execute(claim))
+            except self.store_errors:
+                log.exception(
+                    "worker %s: processing %s failed; it will be redelivered", self.name, claim.delivery.message_id
+                )
+            except KeyboardInterrupt:  # Ctrl-C in a thread that steps the worker itself (drain())
+                raise
+            except BaseException as exc:  # the worker's own bookkeeping: this message fails, not the thread
+                batch.give_up(claim.delivery, exc, "processing", message=claim.message,
+                              token=claim.token if claim.begun else None)
+            finally:
+                batch.running(False)
+
+    def _distinct(self, claims: list[Claim]) -> tuple[list[Claim], list[Delivery]]:
+        """``claims`` with one delivery per task id, and the deliveries of further copies:
         a message published twice where the broker keeps both (RabbitMQ) runs once, and its
         other copies are acknowledged after the batch (the first copy's delivery stands for
         the task until it is finished)."""
         seen: set = set()
         out, copies = [], []
-        for delivery, message in messages:
-            if message["id"] in seen:
+        for claim in claims:
+            assert claim.message is not None
+            if claim.message["id"] in seen:
                 log.warning(
                     "worker %s: task %s (%s) is in this batch twice; running it once",
                     self.name,
-                    message["name"],
-                    message["id"],
+                    claim.message["name"],
+                    claim.message["id"],
                 )
-                copies.append(delivery)
+                copies.append(claim.delivery)
                 continue
-            seen.add(message["id"])
-            out.append((delivery, message))
+            seen.add(claim.message["id"])
+            out.append(claim)
         return out, copies
 
     def note_revoked(self, task_id: str) -> None:
@@ -492,55 +495,49 @@ class Worker(Heartbeat, Execution):
                 return True
         return False
 
-    def _skip_revoked(self, prep: "_Prepared", unstarted: list) -> None:
-        """Tasks of a batch not started yet (``unstarted``: (delivery, message) pairs) may have
-        been revoked (in another process) since they were reserved: forget their tokens, so
-        they are settled as final (ending their workflows), not run."""
-        waiting = [m["id"] for _, m in unstarted if prep.tokens.get(m["id"])]
+    def _skip_revoked(self, unstarted: list[Claim]) -> None:
+        """Tasks of a batch not started yet may have been revoked (in another process) since
+        they were reserved: forget their tokens, so they are settled as final (ending their
+        workflows), not run."""
+        waiting = {c.message["id"]: c for c in unstarted if c.message is not None and c.begun and c.token}
         if not waiting:
             return
-        found = self.app.backend.states_of(waiting)
-        for task_id in waiting:
+        found = self.app.backend.states_of(list(waiting))
+        for task_id, claim in waiting.items():
             if found.get(task_id) in states.READY_STATES:
-                prep.tokens[task_id] = None
+                claim.token = None
 
-    def _take_local(self, outs: list, local: list) -> list:
-        """Claim for this worker the follow-ups it can run next (``Engine.run_next``); return the others."""
-        if local or not self.local_follow_ups or self._stopping.is_set():
-            return outs
+    def claim_follow_ups(self, outs: list[Outgoing]) -> tuple[list[Claim], list[Outgoing]]:
+        """Of follow-ups about to be published, claim for this worker those it can run next
+        (``Engine.run_next``, held from now on): the claims, and the follow-ups left to publish."""
+        if not self.local_follow_ups or self._stopping.is_set():
+            return [], outs
         now = self.app.clock.time()
         mine = [o for o in outs if o.queue in self.queues and (o.eta is None or o.eta <= now)][: self.prefetch]
         if not mine:
-            return outs
+            return [], outs
         claims = self.app.engine.run_next(mine, lease=self.lease, worker=self.name, begins=self._begins)
-        if claims:
-            deliveries = [c.delivery for c in claims]
-            self._hold(deliveries)
-            local.append((deliveries, _prepared(claims)))
+        self.hold([c.delivery for c in claims])
         taken = {o.id for o in mine}
-        return [o for o in outs if o.id not in taken]
+        return claims, [o for o in outs if o.id not in taken]
 
-    def _claim_now(self) -> "tuple[list[Delivery], _Prepared] | None":
+    def _claim_now(self) -> list[Claim]:
         """Claim a batch inside the caller's transaction (see ``_Batch.flush``), without waiting."""
-        deliveries, prep = self.reserve(0, self.prefetch)
-        return (deliveries, prep) if deliveries else None
+        return self.reserve(0, self.prefetch)
 
-    def reserve(self, timeout: float, limit: int) -> tuple[list[Delivery], "_Prepared | None"]:
+    def reserve(self, timeout: float, limit: int) -> list[Claim]:
         """Claim a batch (``Engine.claim``): decoded messages and fencing tokens. A batch this
         thread claimed while committing its last one comes first."""
         claimed = getattr(self._claimed, "next", None)
         if claimed is not None:
             self._claimed.next = None
             return claimed
-        claims = self.app.engine.claim(self.queues, limit=limit, timeout=timeout, lease=self.lease, worker=self.name,
-                                       begins=self._begins, handoff=self.group_commit and not self._stopping.is_set())
-        if not claims:
-            return [], None
-        return [c.delivery for c in claims], _prepared(claims)
+        return self.app.engine.claim(self.queues, limit=limit, timeout=timeout, lease=self.lease, worker=self.name,
+                                     begins=self._begins, handoff=self.group_commit and not self._stopping.is_set())
 
-    def _prepare(self, deliveries: list[Delivery]) -> "_Prepared":
-        """Decode deliveries handed to ``process_batch`` unclaimed and begin their tasks."""
-        return _prepared(self.app.engine.begin(decode(deliveries), self.name, self._begins))
+    def _prepare(self, deliveries: list[Delivery]) -> list[Claim]:
+        """Decode deliveries handed to ``process`` unclaimed and begin their tasks."""
+        return self.app.engine.begin(decode(deliveries), self.name, self._begins)
 
     def _begins(self, message: dict) -> bool:
         """Whether a claim begins this task: one this worker runs, or may fail as not registered."""

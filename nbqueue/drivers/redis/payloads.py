@@ -5,7 +5,7 @@ import contextlib
 from typing import Any
 from urllib.parse import urlsplit
 
-from ...payloads import KEY_PREFIX, REDIS_MAX, PayloadStore, _chunks, _valid
+from ...payloads import KEY_PREFIX, REDIS_MAX, PayloadStore, _chunks, _valid, read_buffer
 from .client import _POOLS, URL_OPTIONS, fake_server, key_prefix, lua, url_options
 
 # Lua for the Redis store (lua/payload_*.lua). ARGV[1] is the prefix P; payload keys are built from it.
@@ -84,11 +84,37 @@ class RedisPayloads(PayloadStore):
         finally:
             pool.release(conn)
 
-    #: a payload is read this many bytes at a time (GETRANGE): a client's reply buffer grows to a
-    #: chunk, not to the whole value, and keeps that size
+    #: fakeredis: a payload is read this many bytes at a time (GETRANGE)
     READ_CHUNK = 8 << 20
 
     def _read(self, key, name):
+        if self.fake:
+            return self._read_ranges(key, name)
+        out = self._get_into(self._k(key))
+        if out is None:
+            raise self._missing(name)
+        return out
+
+    def _get_into(self, name: str) -> Any:
+        """GET ``name``, its value received straight into a buffer of its size (read_buffer), or None:
+        redis-py's reader would hold the value in its own buffer, then in a bytes object."""
+        pool = self.client.connection_pool
+        conn = pool.get_connection()
+
+        def receive() -> Any:
+            try:
+                conn.send_command("GET", name)
+                return _bulk_into(conn._sock)
+            except BaseException:
+                conn.disconnect()       # the reply may be half read: the connection is not reused as it is
+                raise
+
+        try:
+            return self._guard(lambda: conn.retry.call_with_retry(receive, lambda error: conn.disconnect()))
+        finally:
+            pool.release(conn)
+
+    def _read_ranges(self, key, name):
         size = self._guard(lambda: self.client.strlen(self._k(key)))
         if not size and not self._guard(lambda: self.client.exists(self._k(key))):
             raise self._missing(name)
@@ -185,6 +211,47 @@ class RedisPayloads(PayloadStore):
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.client.close()
+
+
+def _bulk_into(sock) -> Any:
+    """A bulk string reply read from ``sock`` into a read_buffer (None for a nil reply)."""
+    import redis
+
+    head = bytearray()
+    while b"\r\n" not in head:
+        part = sock.recv(64)
+        if not part:
+            raise redis.ConnectionError("the server closed the connection during a payload's reply")
+        head += part
+    line, rest = bytes(head).split(b"\r\n", 1)
+    if line[:1] == b"-":
+        raise redis.ResponseError(line[1:].decode(errors="replace"))
+    if line == b"_":        # RESP3's nil
+        return None
+    if line[:1] != b"$":
+        raise redis.ConnectionError(f"unexpected reply to GET: {line[:40]!r}")
+    size = int(line[1:])
+    if size < 0:
+        return None
+    out = read_buffer(size)
+    view = memoryview(out)
+    pos = min(size, len(rest))
+    view[:pos] = rest[:pos]
+    tail = rest[pos:]
+    while pos < size:
+        got = sock.recv_into(view[pos:])
+        if not got:
+            raise redis.ConnectionError("the server closed the connection during a payload's reply")
+        pos += got
+    view.release()
+    while len(tail) < 2:
+        part = sock.recv(2 - len(tail))
+        if not part:
+            raise redis.ConnectionError("the server closed the connection during a payload's reply")
+        tail += part
+    if tail != b"\r\n":
+        raise redis.ConnectionError("a payload's reply did not end where its length said")
+    return out
 
 
 def _redis_bytes_client(url: str, options: dict):

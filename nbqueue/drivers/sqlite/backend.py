@@ -3,7 +3,7 @@
 Records survive a kernel restart. Group counters are updated in one IMMEDIATE
 transaction and are idempotent per member; chord claims are a single conditional
 UPDATE. Waiters in this process are woken at once; those of other processes through
-the wake-up channel beside the file (nbqueue.wakechannel), polling with back-off as the
+the wake-up channel beside the file (nbqueue.drivers.sqlite.wake), polling with back-off as the
 fallback.
 """
 from __future__ import annotations
@@ -11,9 +11,10 @@ from __future__ import annotations
 import sqlite3
 from typing import Sequence
 
-from ... import serialization, states, wakechannel
+from ... import serialization, states
 from ...backend import FIELDS, GROUP_TASK, SEARCHED, ResultBackend, counts_from_states
 from ...wakeups import WAKEUPS
+from . import wake as wakechannel
 from .db import SQLiteStore, path_from_url, placeholders
 
 _FINAL = tuple(states.READY_STATES)
@@ -509,7 +510,7 @@ class SQLiteBackend(ResultBackend):
         self.store.on_commit(notify)
 
     def _listen(self) -> None:
-        """Results stored by other processes wake this process's waiters (see nbqueue.wakechannel)."""
+        """Results stored by other processes wake this process's waiters (see nbqueue.drivers.sqlite.wake)."""
         self._channel.listen(wakechannel.RESULTS, wakechannel.local_waker(WAKEUPS.notify, self._wake_key))
 
     def close(self) -> None:

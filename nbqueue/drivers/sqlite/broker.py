@@ -4,7 +4,7 @@ Supports: priorities 0-9, delayed messages (eta), leases with redelivery, fenced
 acks, dead letters with a reason, idempotent publish by message id, batch reserve.
 Many threads and processes on one machine may share the file. A publish from the
 same process wakes a waiting reserve() at once; one from another process through the
-wake-up channel beside the file (nbqueue.wakechannel), with polling as the fallback
+wake-up channel beside the file (nbqueue.drivers.sqlite.wake), with polling as the fallback
 (back-off up to ``poll_interval``, default 0.1 s at the idle end).
 
 One table holds every message. ``due`` is when the row may be reserved: the eta for a
@@ -25,9 +25,9 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Sequence
 
-from ... import wakechannel
 from ...broker import Broker, Delivery, Outgoing, shown, text_of
 from ...wakeups import WAKEUPS
+from . import wake as wakechannel
 from .db import SQLiteStore, path_from_url, placeholders
 
 

@@ -1,7 +1,8 @@
 """The embedded SQLite store shared by the SQLite broker and backend.
 
-WAL mode, ``synchronous=NORMAL``, a busy timeout, one connection per thread, and
-writes in ``BEGIN IMMEDIATE`` transactions retried while the file is busy, so that
+WAL mode, ``synchronous=NORMAL``, a busy timeout, one connection per process and
+file used by one thread at a time under the store's lock (a second one runs WAL
+checkpoints), and writes in ``BEGIN IMMEDIATE`` transactions retried while the file is busy, so that
 many threads and processes on one machine can share the file and no
 "database is locked" reaches a user. Schemas are created with sqlite-utils.
 
@@ -62,7 +63,8 @@ def path_from_url(url: str | None) -> str:
 
 
 class SQLiteStore:
-    """Per-thread connections to one database file, plus a write helper.
+    """One connection to one database file, shared by the process's threads one at a time
+    under a re-entrant lock held for a whole transaction, plus a write helper.
 
     One store per file and process (``SQLiteStore.shared(path)``), so the broker and
     the backend on the same file share connections and can write in one transaction:

@@ -6,7 +6,7 @@ import os
 import uuid
 
 from ...errors import PayloadCorrupt
-from ...payloads import KEY_PREFIX, PayloadStore, _chunks, _valid
+from ...payloads import KEY_PREFIX, PayloadStore, _chunks, _valid, read_buffer
 from .db import SQLiteStore, path_from_url
 
 
@@ -76,7 +76,7 @@ class SQLitePayloads(PayloadStore):
         try:
             with open(self._file(key), "rb") as fh:
                 size = os.fstat(fh.fileno()).st_size
-                out = bytearray(size)
+                out = read_buffer(size)
                 got = fh.readinto(out)
         except FileNotFoundError:
             raise self._missing(name) from None
