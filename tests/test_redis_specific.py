@@ -396,6 +396,53 @@ def test_memory_runs_the_scripts_as_their_python_twins_with_the_lua_scripts_resu
     assert with_twins == with_lua
 
 
+
+def test_memory_script_reads_answer_as_the_command_table_does():
+    """The reads a twin's ``redis.call`` answers itself (nbqueue.drivers.redis.memory.Call)
+    give what fakeredis' command table gives, for keys missing, expired, of the wrong type,
+    and a hash with a field expiry (an HDEL among them of fields no hash has: it writes nothing)."""
+    import fakeredis
+
+    from nbqueue.drivers.redis import memory
+
+    url = _memory_url()
+    client = fakeredis.FakeRedis(server=fake_server(url[len("memory://"):]))
+    client.hset("h", mapping={"a": "1", "b": "2"})
+    client.hset("hx", mapping={"a": "1", "b": "2"})
+    client.hpexpire("hx", 1, "a")
+    client.zadd("z", {"m1": 5.5, "m2": 1e20, "m3": 3})
+    client.zadd("far", {"m": 10})
+    client.set("s", "v")
+    client.hset("gone", "a", "1")
+    client.pexpire("gone", 1)
+    time.sleep(0.01)
+    sock = memory.MemorySocket(fake_server(url[len("memory://"):]), db=0, client_class=fakeredis.FakeRedis)
+    call = memory.Call(sock)
+    reads = []
+    for key in (b"h", b"hx", b"z", b"far", b"s", b"gone", b"missing"):
+        reads += [("exists", key), ("hget", key, b"a"), ("hget", key, b"x"), ("hmget", key, b"a", b"b", b"x"),
+                  ("hdel", key, b"x", b"y"), ("zcard", key), ("zscore", key, b"m1"), ("zscore", key, b"m3"),
+                  ("zscore", key, b"x"), ("zrange", key, 0, 0, b"WITHSCORES"),
+                  ("zrangebyscore", key, b"-inf", b"4", b"LIMIT", 0, 10),
+                  ("zrangebyscore", key, b"-inf", b"3", b"LIMIT", 0, 10),
+                  ("zrangebyscore", key, b"-inf", b"1e30", b"LIMIT", 0, 1)]
+
+    def answer(run, name, args):
+        with sock._server.lock:
+            sock._db.time = time.time()
+            try:
+                return run(name, args)
+            except fakeredis._helpers.SimpleError as exc:
+                return ("error", exc.value)
+
+    fast = [answer(lambda n, a: call(n, *a), r[0], r[1:]) for r in reads]
+    table = [answer(call.command, r[0], r[1:]) for r in reads]
+    assert fast == table
+    assert ("error", memory.WRONGTYPE_MSG) in fast and [b"m3", b"3"] in fast and b"5.5" in fast
+    assert answer(lambda n, a: call(n, *a), "hdel", (b"h", b"a", b"x")) == 1     # a field there: deleted
+    assert client.hgetall("h") == {b"b": b"2"}
+
+
 # -- connections ---------------------------------------------------------------------------
 
 def test_remote_redis_without_password_logs_a_warning(caplog):

@@ -13,13 +13,15 @@ pops and server lock), reached through its socket class and its internal modules
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import hiredis
 from fakeredis import FakeRedisConnection
+from fakeredis._command_args_parsing import Float
 from fakeredis._helpers import SimpleError
-from fakeredis._msgs import CONNECTION_ERROR_MSG, SCRIPT_ERROR_MSG
+from fakeredis._msgs import CONNECTION_ERROR_MSG, SCRIPT_ERROR_MSG, WRONGTYPE_MSG
 from fakeredis._socket import FakeSocket
+from fakeredis.model import Hash, ZSet
 
 from .twins import TWINS, ErrorReply
 
@@ -35,7 +37,14 @@ def _arg(value: Any) -> bytes:
 
 class Call:
     """``redis.call`` for a Python script: one command run through fakeredis' command
-    table on the socket running the script (its errors raised, as the Lua call raises)."""
+    table on the socket running the script (its errors raised, as the Lua call raises).
+
+    The reads the twins make most (``EXISTS`` of one key, ``HGET``, ``HMGET``, ``ZCARD``, ``ZSCORE``,
+    ``ZRANGE key 0 0 WITHSCORES``, a ``ZRANGEBYSCORE`` from ``-inf`` that finds nothing, and an ``HDEL``
+    of fields the hash lacks, which writes nothing) are answered from the key's value as those commands answer
+    them (an expired key is missing, a key of another type is WRONGTYPE), without the command
+    table's argument and write-back machinery; a hash with field expiries takes the command
+    table, whose read reports the fields expired by it."""
 
     __slots__ = ("sock",)
 
@@ -43,12 +52,126 @@ class Call:
         self.sock = sock
 
     def __call__(self, name: str, *args: Any) -> Any:
+        read = _READS.get(name)
+        if read is not None and self.sock.server_type == "redis":
+            result = read(self.sock._db, args)
+            if result is not _GENERIC:
+                return result
+        return self.command(name, args)
+
+    def command(self, name: str, args: tuple) -> Any:
         sock = self.sock
         func, sig = sock._name_to_func(name)
         result = sock._run_command(func, sig, [_arg(a) for a in args], True)
         if isinstance(result, SimpleError):
             raise result
         return result
+
+
+#: a fast read's answer: take the command table instead
+_GENERIC = object()
+
+
+def _value(db: Any, key: Any, kind: type) -> Any:
+    """The value at ``key`` (None if missing or expired), WRONGTYPE for a value not of ``kind``."""
+    try:
+        item = db[key]
+    except KeyError:
+        return None
+    if type(item.value) is not kind:
+        raise SimpleError(WRONGTYPE_MSG)
+    return item.value
+
+
+def _exists(db: Any, args: tuple) -> Any:
+    if len(args) != 1 or type(args[0]) is not bytes:
+        return _GENERIC
+    return 1 if db.get(args[0]) is not None else 0
+
+
+def _hash(db: Any, args: tuple) -> Any:
+    if len(args) < 2 or any(type(a) is not bytes for a in args):
+        return _GENERIC
+    value = _value(db, args[0], Hash)
+    if value is not None and value._expiry_heap:        # field expiries: reads report them
+        return _GENERIC
+    return value
+
+
+def _hget(db: Any, args: tuple) -> Any:
+    if len(args) != 2:
+        return _GENERIC
+    value = _hash(db, args)
+    return value if value is None or value is _GENERIC else value._values.get(args[1])
+
+
+def _hmget(db: Any, args: tuple) -> Any:
+    value = _hash(db, args)
+    if value is _GENERIC:
+        return value
+    return [None] * (len(args) - 1) if value is None else [value._values.get(f) for f in args[1:]]
+
+
+def _hdel(db: Any, args: tuple) -> Any:
+    """``HDEL`` of fields the hash lacks: 0, nothing written (else the command table)."""
+    value = _hash(db, args)
+    if value is None:
+        return 0
+    if value is _GENERIC or any(f in value._values for f in args[1:]):
+        return _GENERIC
+    return 0
+
+
+def _zscore(db: Any, args: tuple) -> Any:
+    if len(args) != 2 or type(args[0]) is not bytes or type(args[1]) is not bytes:
+        return _GENERIC
+    value = _value(db, args[0], ZSet)
+    score = None if value is None else value.get(args[1])
+    return None if score is None else Float.encode(score, humanfriendly=False)
+
+
+def _zcard(db: Any, args: tuple) -> Any:
+    if len(args) != 1 or type(args[0]) is not bytes:
+        return _GENERIC
+    value = _value(db, args[0], ZSet)
+    return 0 if value is None else len(value)
+
+
+def _zrange(db: Any, args: tuple) -> Any:
+    if args[1:] != (0, 0, b"WITHSCORES") or type(args[0]) is not bytes:
+        return _GENERIC
+    value = _value(db, args[0], ZSet)
+    if not value:
+        return []
+    for score, member in value.islice_score(0, 1):
+        return [member, Float.encode(score, humanfriendly=False)]
+    return []
+
+
+def _zrangebyscore(db: Any, args: tuple) -> Any:
+    """``ZRANGEBYSCORE key -inf max LIMIT 0 n`` where nothing is due: an empty reply (else the command table)."""
+    if len(args) != 6 or args[1] != b"-inf" or args[3:5] != (b"LIMIT", 0) or type(args[0]) is not bytes:
+        return _GENERIC
+    try:
+        top = float(args[2]) if b"_" not in args[2] and args[2].strip() == args[2] else None
+    except (TypeError, ValueError):
+        top = None
+    if top is None:
+        return _GENERIC
+    value = _value(db, args[0], ZSet)
+    if not value:
+        return []
+    for score, _ in value.islice_score(0, 1):
+        if score > top:
+            return []
+    return _GENERIC
+
+
+_READS: dict[str, Callable[[Any, tuple], Any]] = {
+    "exists": _exists, "hget": _hget, "hmget": _hmget, "hdel": _hdel, "zcard": _zcard, "zscore": _zscore,
+    "zrange": _zrange,
+    "zrangebyscore": _zrangebyscore,
+}
 
 
 class Command(tuple):
@@ -101,6 +224,10 @@ class MemorySocket(FakeSocket):
         # as fakeredis' EVAL: the script's calls reply in RESP2 and see no HIMPORT fieldsets of the caller
         self._script_resp = 2
         caller_fieldsets, self._fieldsets = self._fieldsets, {}
+        # the clients blocked on the database are woken once, as the script ends, not at each of its
+        # writes: they wait for the server's lock, which the script holds until then
+        db, writes = self._db, []
+        db.wake_all = lambda: writes.append(True)      # type: ignore[method-assign]
         try:
             return fn(Call(self), list(keys_and_args[:numkeys]), list(keys_and_args[numkeys:]))
         except SimpleError:
@@ -110,6 +237,9 @@ class MemorySocket(FakeSocket):
         except Exception as exc:        # what a Lua runtime error would be
             raise SimpleError(SCRIPT_ERROR_MSG.format(sha1.decode(), exc)) from exc
         finally:
+            del db.wake_all
+            if writes:
+                db.wake_all()
             self._script_resp = None
             self._fieldsets = caller_fieldsets
 

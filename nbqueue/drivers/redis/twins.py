@@ -204,9 +204,11 @@ def reserve(r: Redis, keys: list[bytes], argv: list[bytes]) -> Any:
     _requeue_due(r, p, now, argv[7], queues)
     out: list[Any] = [b"", b"0"]
     claimed = 0
+    drained = False         # every ready set found empty (and nothing made ready since)
     while claimed < limit:  # type: ignore[operator]
         best = _best(r, p, queues)
         if best is None:
+            drained = True
             break
         q, mid = best
         key = _mkey(p, mid)
@@ -225,7 +227,8 @@ def reserve(r: Redis, keys: list[bytes], argv: list[bytes]) -> Any:
             claimed += 1
             if lapses > 0:
                 break
-    if any(r("zcard", _qkey(p, q, b"ready")) > 0 for q in queues):
+    # (the script's ZCARDs, whose answer is known where the loop found the ready sets empty)
+    if not drained and any(r("zcard", _qkey(p, q, b"ready")) > 0 for q in queues):
         out[1] = b"1"
     else:
         out[0] = _next_due(r, p, queues)
