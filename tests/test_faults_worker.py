@@ -23,7 +23,7 @@ import threading
 import pytest
 
 import nbqueue
-from nbqueue import Signature, states
+from nbqueue import Signature, states, workflow
 from nbqueue.testing import wait_for
 
 from conftest import cli_worker
@@ -199,14 +199,14 @@ def test_an_error_in_the_failure_path_fails_that_message_once_with_the_reason(ap
         raise ValueError("task error")
 
     app.register_task("good", lambda: "good")
-    real_on_failure = nbqueue.workflow.on_failure
+    real_on_failure = workflow.on_failure
 
     def breaking_on_failure(app_, message, *args, **kwargs):
         if message["name"] == "bad":
             raise RuntimeError("error callback could not be published")
         return real_on_failure(app_, message, *args, **kwargs)
 
-    monkeypatch.setattr(nbqueue.workflow, "on_failure", breaking_on_failure)
+    monkeypatch.setattr(workflow, "on_failure", breaking_on_failure)
     r = bad.delay()
     good = app.send_task(app.signature("good"))
     app.start_worker(concurrency=1)
