@@ -65,7 +65,7 @@ def main() -> None:
     print("divide(10, 4) =", res.get(timeout=10), "| success callback:", res.callbacks[0].get(timeout=10))
 
     bad = app.signature("divide", args=[1, 0])
-    bad.on_error = [app.signature("report", kwargs={"label": "error callback"})]
+    bad.on_error = [app.signature("report", kwargs={"label": "1 / 0"})]
     res = app.send_task(bad)
     try:
         res.get(timeout=10)
