@@ -1,6 +1,6 @@
 """The data plane: a 1,000,000 × 5 DataFrame through nbqueue, beside a floor measured in the same run.
 
-    .venv/bin/python benchmarks/bench_payloads.py                     # sqlite redis amqp sqlite-zstd
+    .venv/bin/python benchmarks/bench_payloads.py                     # sqlite redis amqp, each also with zstd
     .venv/bin/python benchmarks/bench_payloads.py sqlite redis        # some stores only
     ROWS=200000 ROUNDS=5 .venv/bin/python benchmarks/bench_payloads.py sqlite
 
@@ -366,7 +366,7 @@ def main(argv: list[str]) -> None:
     if argv and argv[0] == "--producer":
         print(json.dumps(producer(argv[1], argv[2], argv[3], argv[4] or None)))
         return
-    kinds = argv or ["sqlite", "redis", "amqp", "sqlite-zstd"]
+    kinds = argv or ["sqlite", "redis", "amqp", "sqlite-zstd", "redis-zstd", "amqp-zstd"]
     tmp = tempfile.mkdtemp(prefix="nbqueue-bench-payloads-")
     try:
         for kind in kinds:
