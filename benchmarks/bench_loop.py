@@ -35,7 +35,7 @@ sys.path.insert(0, HERE)
 
 N = int(os.environ.get("N", "4000"))
 LAT_N = int(os.environ.get("LAT_N", "200"))
-# not bench.py's database 14, which that script flushes: every key here is under a prefix of this run
+# the server may be shared: every key here is under a prefix of this run
 REDIS_URL = os.environ.get("BENCH_LOOP_REDIS", "redis://127.0.0.1:6379/11")
 AMQP_URL = os.environ.get("BENCH_AMQP", "amqp://guest:guest@127.0.0.1:5672/%2F")
 PY = sys.executable

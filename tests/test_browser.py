@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -32,12 +31,6 @@ SETTINGS = {
     "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {"fetchNews": "false", "checkForUpdates": False},
     "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _need(condition: bool, message: str) -> None:
@@ -67,7 +60,7 @@ def jupyterlab(tmp_path):
         path = settings / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(value))
-    port, token = _free_port(), uuid.uuid4().hex
+    token = uuid.uuid4().hex
     env = {
         **os.environ,
         "JUPYTERLAB_SETTINGS_DIR": str(settings),
@@ -86,7 +79,7 @@ def jupyterlab(tmp_path):
             "jupyterlab",
             "--no-browser",
             "--ServerApp.ip=127.0.0.1",
-            f"--ServerApp.port={port}",
+            "--ServerApp.port=0",          # the server binds a free port and writes it to its runtime file
             f"--IdentityProvider.token={token}",
             f"--ServerApp.root_dir={root}",
             "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
@@ -98,14 +91,17 @@ def jupyterlab(tmp_path):
         stdout=log,
         stderr=subprocess.STDOUT,
     )
-    base = f"http://127.0.0.1:{port}"
+    runtime = tmp_path / "runtime" / f"jpserver-{server.pid}.json"
+    base = None
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and server.poll() is None:
         try:
+            if base is None:
+                base = f"http://127.0.0.1:{json.loads(runtime.read_text())['port']}"
             with urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2) as response:
                 if response.status == 200:
                     break
-        except OSError:
+        except (OSError, ValueError, KeyError):
             time.sleep(0.2)
     else:
         server.terminate()

@@ -428,10 +428,9 @@ def test_nbqueue_worker_metrics_port_serves_prometheus_text(tmp_path, monkeypatc
 def test_dashboard_thread_starts_and_stops(tmp_path):
     from nbqueue.dashboard import start
 
-    from conftest import free_port
-
     app = sqlite_app(tmp_path)
-    dash = start(app, port=free_port())
+    dash = start(app, port=0)
+    assert dash.port != 0 and f":{dash.port}/" in dash.url
     try:
         body = json.loads(urllib.request.urlopen(dash.url + "api/overview", timeout=10).read())
         assert body["default_queue"] == app.default_queue
@@ -609,7 +608,7 @@ def test_nbqueue_dashboard_magic_shows_an_iframe_and_stops(tmp_path, monkeypatch
     pytest.importorskip("IPython")
     from nbqueue.notebook import magics as nbmagics
 
-    from conftest import free_port, ipython_shell
+    from conftest import ipython_shell
 
     shell = ipython_shell(monkeypatch)
     shell.reset(new_session=False)
@@ -617,9 +616,10 @@ def test_nbqueue_dashboard_magic_shows_an_iframe_and_stops(tmp_path, monkeypatch
     shell.user_ns["app"] = app
     nbmagics.load_ipython_extension(shell, concurrency=1)
     try:
-        port = free_port()
-        frame = shell.run_line_magic("nbqueue", f"dashboard --port {port} --height 400")
+        frame = shell.run_line_magic("nbqueue", "dashboard --port 0 --height 400")
+        port = int(frame.src.rsplit(":", 1)[1].rstrip("/"))
         assert type(frame).__name__ == "IFrame" and frame.src == f"http://127.0.0.1:{port}/" and frame.height == 400
+        assert port != 0
         body = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/overview", timeout=10).read())
         assert body["default_queue"] == app.default_queue
         assert shell.run_line_magic("nbqueue", "dashboard").src == frame.src         # the same one again

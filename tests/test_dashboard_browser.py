@@ -11,7 +11,7 @@ import nbqueue
 from nbqueue import states
 from nbqueue.testing import wait_for
 
-from conftest import CHROMIUM, CHROMIUM_ARGS, IN_CI, free_port
+from conftest import CHROMIUM, CHROMIUM_ARGS, IN_CI
 
 #: the screenshot (docs/dashboard.png in the README is a copy of one)
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -58,7 +58,7 @@ def served(tmp_path):
         return pages
 
     worker = app.start_worker(2)
-    dash = start(app, port=free_port(), interval=0.2)
+    dash = start(app, port=0, interval=0.2)
     yield app, dash, gate
     gate.set()
     dash.stop()

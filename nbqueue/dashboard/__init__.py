@@ -45,7 +45,11 @@ def create_app(app, *, password: str | None = None, token: str | None = None, in
 
 
 class Dashboard:
-    """A dashboard served by uvicorn in a daemon thread of this process (notebooks, tests)."""
+    """A dashboard served by uvicorn in a daemon thread of this process (notebooks, tests).
+
+    ``port=0`` binds a free port chosen by the system; once :meth:`start` returns,
+    :attr:`port` and :attr:`url` name the port that was bound.
+    """
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *, password: str | None = None,
                  token: str | None = None, interval: float = 1.0):
@@ -84,6 +88,8 @@ class Dashboard:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the dashboard did not start within {timeout}s")
             time.sleep(0.02)
+        if self.port == 0:
+            self.port = self.server.servers[0].sockets[0].getsockname()[1]
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -130,5 +136,5 @@ def server_proxy() -> dict:
 
 
 def start(app, host: str = "127.0.0.1", port: int = DEFAULT_PORT, **options: Any) -> Dashboard:
-    """Start a dashboard in a daemon thread; returns it (``.url``, ``.stop()``)."""
+    """Start a dashboard in a daemon thread; returns it (``.url``, ``.port``, ``.stop()``); ``port=0`` picks a free port."""
     return Dashboard(app, host, port, **options).start()

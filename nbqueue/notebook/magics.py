@@ -555,7 +555,7 @@ class NbqueueMagics(Magics):
 
     def dashboard(self, action: str | None = None, port: int | None = None, height: int = 600):
         """The web dashboard of this App, served on 127.0.0.1 by a daemon thread of this kernel
-        (started once, kept across calls), shown in an IFrame; ``stop`` stops it."""
+        (started once, kept across calls), shown in an IFrame; ``stop`` stops it; ``--port 0`` binds a free port."""
         from IPython.display import IFrame
 
         from .. import dashboard
@@ -572,7 +572,7 @@ class NbqueueMagics(Magics):
             running.stop()
             running = None
         if running is None:
-            running = self._dashboard = dashboard.start(self.app, port=port or dashboard.DEFAULT_PORT)
+            running = self._dashboard = dashboard.start(self.app, port=dashboard.DEFAULT_PORT if port is None else port)
             print(f"nbqueue: dashboard on {running.url} (`%nbqueue dashboard stop` stops it)")
         return IFrame(running.url, width="100%", height=height)
 
