@@ -136,5 +136,6 @@ def server_proxy() -> dict:
 
 
 def start(app, host: str = "127.0.0.1", port: int = DEFAULT_PORT, **options: Any) -> Dashboard:
-    """Start a dashboard in a daemon thread; returns it (``.url``, ``.port``, ``.stop()``); ``port=0`` picks a free port."""
+    """Start a dashboard in a daemon thread; returns it (``.url``, ``.port``, ``.stop()``).
+    ``port=0`` binds a free port."""
     return Dashboard(app, host, port, **options).start()
