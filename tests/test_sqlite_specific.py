@@ -1,7 +1,8 @@
 """The SQLite default's hand-over: a task sent in a process where a worker thread waits
 for work is given to that worker in the sending transaction, reserved and begun, so
 the worker runs it without a claim. It must keep every guarantee of a claim: the
-lease, redelivery, fencing, delays, and nothing handed over from a rolled-back send.
+lease, redelivery, fencing, delays, the batch limit and the order of sending, and
+nothing handed over from a rolled-back send.
 """
 from __future__ import annotations
 
