@@ -68,11 +68,11 @@ def served(tmp_path):
 
 def test_group_moves_to_success_live_traceback_cancel_and_screenshot(browser, served):
     app, dash, gate = served
-    # failed before the resizes are sent: they hold both worker threads until the gate opens
+    # sent first: whichever worker thread claims it runs it before the resizes that hold both threads
     failed = app.send_task(app.signature("parse_invoice", ("2024-03.pdf",)))
-    wait_for(failed.ready, timeout=30)
     group = app.send(nbqueue.group(app.signature("resize", (w, 600)) for w in (640, 800, 1024, 1280)))
     app.send_task(app.signature("long_report", (40,)).set(countdown=3600))        # waits in the queue: delayed
+    wait_for(failed.ready, timeout=20)
     page = browser.new_page(viewport={"width": 1280, "height": 760})
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))

@@ -8,12 +8,15 @@
   carries on; a worker whose executor threads died stops reporting itself alive;
 - one task id is run once per batch, even when its message was published twice;
 - counters shared by executor threads are exact;
-- tasks reserved with a long-running one do not wait for it while a thread is idle.
+- tasks reserved with a long-running one do not wait for it while a thread is idle;
+- every kind of outcome is recorded while a batch-mate still runs; tasks prefetched behind
+  it on a busy thread show RECEIVED until it ends.
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import os
 import signal
 import subprocess
@@ -24,6 +27,7 @@ import pytest
 
 import nbqueue
 from nbqueue import Signature, states, workflow
+from nbqueue.broker import Outgoing
 from nbqueue.testing import wait_for
 
 from conftest import cli_worker
@@ -511,6 +515,130 @@ def test_follow_ups_published_beside_a_long_task_run_on_the_idle_thread(app_fact
     finally:
         release.set()
     assert slow.get(timeout=30) == "long"
+
+
+def blocking_batch(app, *, blocker_first: bool = False):
+    """Tasks sent before a worker starts, so that one thread reserves them all in one batch:
+    a blocker (running until ``gate`` is set) and one task of each outcome kind a worker
+    settles: FAILURE, SUCCESS, RETRY, a dead letter (a message without its fields, whose
+    record fails), a FAILURE with an error callback and a SUCCESS with a callback (settled
+    with what follows them). Returns (started, gate, blocker, outcomes by kind)."""
+    started, gate = threading.Event(), threading.Event()
+
+    @app.task(name="block")
+    def block():
+        started.set()
+        gate.wait(120)          # longer than any wait below: the test sets it
+        return "late"
+
+    @app.task(name="boom")
+    def boom(tag):
+        raise ValueError(f"boom {tag}")
+
+    @app.task(name="ok")
+    def ok(x):
+        return x
+
+    @app.task(name="later")
+    def later():
+        raise nbqueue.Retry(countdown=3600, reason="not now")
+
+    @app.task(name="note")
+    def note(*args):
+        return len(args)
+
+    blocker = block.delay() if blocker_first else None
+    outcomes = {"failure": boom.delay("plain"), "success": ok.delay(7), "retry": later.delay()}
+    outcomes["failure with errback"] = app.send_task(boom.s("errback").link_error(note.s()))
+    outcomes["success with callback"] = app.send_task(ok.s(8).link(note.s()))
+    _, record, _ = app.prepare(app.signature("ok", args=[9], id=f"dead-{app.default_queue}"))
+    app.backend.create([record])
+    app.broker.publish_many([Outgoing(id=record["id"], body=json.dumps({"id": record["id"]}),
+                                      queue=app.default_queue)])
+    outcomes["dead letter"] = app.result(record["id"])
+    if blocker is None:
+        blocker = block.delay()
+    return started, gate, blocker, outcomes
+
+
+def assert_recorded(outcomes: dict, blocker, gate) -> None:
+    """Every outcome of ``blocking_batch`` is recorded and readable while the blocker runs."""
+    expected = {
+        "failure": states.FAILURE,
+        "success": states.SUCCESS,
+        "retry": states.RETRY,
+        "failure with errback": states.FAILURE,
+        "success with callback": states.SUCCESS,
+        "dead letter": states.FAILURE,
+    }
+    for kind, state in expected.items():
+        wait_for(lambda: outcomes[kind].state == state, timeout=60, message=f"{kind} recorded {state}")
+    with pytest.raises(nbqueue.TaskFailed, match="boom plain"):
+        outcomes["failure"].get(timeout=5)
+    with pytest.raises(nbqueue.TaskFailed, match="boom errback"):
+        outcomes["failure with errback"].get(timeout=5)
+    with pytest.raises(nbqueue.TaskFailed, match="lacks required field"):
+        outcomes["dead letter"].get(timeout=5)
+    assert outcomes["success"].get(timeout=5) == 7 and outcomes["success with callback"].get(timeout=5) == 8
+    wait_for(lambda: blocker.state == states.STARTED, timeout=60, message="the blocker recorded STARTED")
+    assert not gate.is_set() and not blocker.ready()                   # all recorded while the blocker still runs
+
+
+@pytest.mark.parametrize("app_kind", ["sqlite", "memory", "redis"])
+@pytest.mark.parametrize("concurrency", [2, 1])
+def test_outcomes_are_recorded_while_a_batch_mate_still_runs(app_factory, concurrency):
+    """One thread reserves a blocker with one task of each outcome kind (prefetch 8, the
+    blocker last): each outcome is recorded, and visible to ``state`` and ``get()``, while the
+    blocker is still running, on one thread as on two."""
+    app = app_factory(visibility_timeout=60)
+    started, gate, blocker, outcomes = blocking_batch(app)
+    app.start_worker(concurrency=concurrency, prefetch=8)
+    try:
+        assert started.wait(60), "the blocker never started"
+        assert_recorded(outcomes, blocker, gate)
+    finally:
+        gate.set()
+    assert blocker.get(timeout=60) == "late"
+
+
+@pytest.mark.parametrize("app_kind", ["sqlite", "memory", "redis"])
+def test_outcomes_reserved_behind_a_blocker_are_recorded_on_the_idle_thread(app_factory):
+    """The blocker first in the batch: its batch-mates run on the other thread, and their
+    outcomes are recorded while it still runs."""
+    app = app_factory(visibility_timeout=60)
+    started, gate, blocker, outcomes = blocking_batch(app, blocker_first=True)
+    app.start_worker(concurrency=2, prefetch=8)
+    try:
+        assert started.wait(60), "the blocker never started"
+        assert_recorded(outcomes, blocker, gate)
+    finally:
+        gate.set()
+    assert blocker.get(timeout=60) == "late"
+
+
+@pytest.mark.parametrize("app_kind", ["sqlite", "memory", "redis"])
+def test_tasks_prefetched_behind_a_blocker_on_one_thread_show_received_until_it_ends(app_factory):
+    """One thread, prefetch 8, the blocker first in the batch: its batch-mates wait for it
+    (prefetch), and their state says so: RECEIVED by this worker, not started. The dead
+    letter needs no run: it is settled at once. Once the blocker ends, every outcome is
+    recorded."""
+    app = app_factory(visibility_timeout=60)
+    started, gate, blocker, outcomes = blocking_batch(app, blocker_first=True)
+    worker = app.start_worker(concurrency=1, prefetch=8)
+    try:
+        assert started.wait(60), "the blocker never started"
+        wait_for(lambda: outcomes["dead letter"].state == states.FAILURE, timeout=60, message="dead letter recorded")
+        wait_for(lambda: blocker.state == states.STARTED, timeout=60, message="the blocker recorded STARTED")
+        waiting = [r for kind, r in outcomes.items() if kind != "dead letter"]
+        assert [r.state for r in waiting] == [states.RECEIVED] * len(waiting)
+        assert {app.backend.get(r.id)["worker"] for r in waiting} == {worker.name}
+    finally:
+        gate.set()
+    assert blocker.get(timeout=60) == "late"
+    assert outcomes["success"].get(timeout=60) == 7
+    wait_for(lambda: outcomes["retry"].state == states.RETRY, timeout=60, message="retry recorded")
+    with pytest.raises(nbqueue.TaskFailed, match="boom plain"):
+        outcomes["failure"].get(timeout=60)
 
 
 # -- the command-line worker -------------------------------------------------------------------------------

@@ -294,6 +294,52 @@ def test_retry_raised_in_a_child_retries(app_factory, tmp_path):
     assert r.get(timeout=60) == "second time"
 
 
+GATED = """
+import os, time
+import nbqueue
+def gated(path):
+    open(path + ".started", "w").close()
+    for _ in range(12000):              # at most 120 s: longer than any wait of the test, which opens it
+        if os.path.exists(path + ".open"):
+            return "late"
+        time.sleep(0.01)
+    return "the gate never opened"
+def boom(tag):
+    raise ValueError(f"boom {tag}")
+def same(x):
+    return x
+def later():
+    raise nbqueue.Retry(countdown=3600, reason="not now")
+"""
+
+
+@pytest.mark.parametrize("app_kind", ["sqlite", "memory", "redis"])
+@pytest.mark.parametrize("concurrency", [2, 1])
+def test_outcomes_are_recorded_while_a_child_still_runs_a_batch_mate(app_factory, tmp_path, concurrency):
+    """One executor reserves a FAILURE, a SUCCESS, a RETRY and a blocker (last) in one batch
+    (prefetch 8): each outcome is recorded, and visible to ``state`` and ``get()``, while the
+    blocker still runs in its child."""
+    app = app_factory(visibility_timeout=60)
+    ns = notebook_cell(GATED)
+    tasks = {name: app.task(ns[name], name=name) for name in ("gated", "boom", "same", "later")}
+    gate = str(tmp_path / "gate")
+    failed, succeeded, retried = tasks["boom"].delay("x"), tasks["same"].delay(7), tasks["later"].delay()
+    blocker = tasks["gated"].delay(gate)
+    app.start_worker(pool="processes", concurrency=concurrency, prefetch=8)
+    try:
+        wait_for(lambda: os.path.exists(gate + ".started"), timeout=60, message="the blocker started")
+        wait_for(lambda: failed.state == states.FAILURE, timeout=60, message="FAILURE recorded")
+        with pytest.raises(nbqueue.TaskFailed, match="boom x"):
+            failed.get(timeout=5)
+        assert succeeded.get(timeout=60) == 7
+        wait_for(lambda: retried.state == states.RETRY, timeout=60, message="RETRY recorded")
+        wait_for(lambda: blocker.state == states.STARTED, timeout=60, message="the blocker recorded STARTED")
+        assert not os.path.exists(gate + ".open") and not blocker.ready()     # all while the blocker runs
+    finally:
+        Path(gate + ".open").touch()
+    assert blocker.get(timeout=60) == "late"
+
+
 def test_child_killed_mid_task_is_replaced_and_the_task_completes_once(app_factory, tmp_path):
     app = app_factory()
     _, tasks = register(app, hang_once=1)

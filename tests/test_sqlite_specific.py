@@ -1,7 +1,8 @@
 """The SQLite default's hand-over: a task sent in a process where a worker thread waits
 for work is given to that worker in the sending transaction, reserved and begun, so
 the worker runs it without a claim. It must keep every guarantee of a claim: the
-lease, redelivery, fencing, delays, and nothing handed over from a rolled-back send.
+lease, redelivery, fencing, delays, the batch limit and the order of sending, and
+nothing handed over from a rolled-back send.
 """
 from __future__ import annotations
 
@@ -125,6 +126,27 @@ def test_a_send_inside_a_transaction_of_the_caller_is_not_handed_over(app):
     assert d.message_id == out.id and reserver.claimed in ([], [d])
 
 
+def test_a_reserver_handed_a_message_claims_nothing_more(tmp_path):
+    """A reserve returns what was handed to it or what it claimed, never both: so it holds
+    at most its limit, and a message handed over is not put behind messages sent after it
+    (which it would run first, and which may run long). The clock stands still, so the
+    messages sent after the hand-over are due for the reserver however early it looks."""
+    app = nbqueue.App(f"sqlite:///{tmp_path}/nbqueue.db", clock=ManualClock())
+    q = "handoff"
+    reserver = Reserver(app.broker, q)
+    with app.broker.store.write():      # the reserver reads the queue only once this commits
+        reserver.start()
+        wait_for(lambda: idle_reservers(app) == 1)
+        app.broker.publish_many([Outgoing(id="first", body="{}", queue=q)], handoff=True)
+        assert idle_reservers(app) == 0                                    # handed over
+        app.broker.publish_many([Outgoing(id=f"then-{i}", body="{}", queue=q) for i in range(4)])
+    reserver.join(10)
+    assert [d.message_id for d in reserver.got] == ["first"]
+    assert app.broker.stats() == [{"queue": q, "ready": 4, "delayed": 0, "in_flight": 1, "dead": 0}]
+    assert [d.message_id for d in app.broker.reserve([q], limit=4)] == [f"then-{i}" for i in range(4)]
+    app.close()
+
+
 def test_a_handed_over_message_whose_worker_died_is_delivered_again_after_its_lease(tmp_path):
     clock = ManualClock()
     app = nbqueue.App(f"sqlite:///{tmp_path}/nbqueue.db", clock=clock)
@@ -206,6 +228,38 @@ def test_a_batch_claimed_in_the_last_commit_is_handed_back_when_the_worker_stops
     app.start_worker(concurrency=2)
     assert [r.get(timeout=20) for r in results] == list(range(40))
 
+
+
+def test_a_task_sent_before_long_ones_is_recorded_while_they_hold_both_threads(app):
+    """Two idle threads; a failing task is sent, then a group of long ones that holds both
+    threads: the failing task is handed to one thread, which does not also claim long ones
+    to run before it; its FAILURE is recorded while the long ones still run. Several
+    rounds, as the threads may wake between the two sends or not."""
+    gate = threading.Event()
+
+    @app.task(name="resize")
+    def resize(width):
+        gate.wait(120)              # longer than any wait below: the test sets it
+        return width
+
+    @app.task(name="parse")
+    def parse(path):
+        raise ValueError(f"{path} has no total line")
+
+    app.start_worker(concurrency=2, prefetch=4)
+    for n in range(6):
+        gate.clear()
+        wait_for(lambda: idle_reservers(app) == 2, timeout=30, message="both threads idle")
+        failed = app.send_task(Signature("parse", args=[f"{n}.pdf"]))
+        group = app.send(nbqueue.group(Signature("resize", args=[w]) for w in (640, 800, 1024, 1280)))
+        try:
+            wait_for(lambda: failed.state == states.FAILURE, timeout=60, message=f"round {n}: FAILURE recorded")
+            with pytest.raises(nbqueue.TaskFailed, match=f"{n}.pdf has no total line"):
+                failed.get(timeout=5)
+            assert not gate.is_set() and not group.ready()
+        finally:
+            gate.set()
+        assert group.get(timeout=60) == [640, 800, 1024, 1280]
 
 
 # -- query plans -----------------------------------------------------------------------------------

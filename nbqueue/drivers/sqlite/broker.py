@@ -118,15 +118,32 @@ class IdleReservers:
                     return slot, mine
         return None, []
 
+    def withdraw(self, store: Any, slot: Slot) -> bool:
+        """Close ``slot`` to senders before its reserver claims from the queue: True when
+        closed, False when a sender took it first (then what it hands over is the reserve's
+        whole batch). So a reserve returns what it was handed or what it claimed, never
+        both: at most its limit, and a message handed over is never put behind messages
+        sent after it."""
+        with self._lock:
+            if slot.taken:
+                return False
+            self._discard(store, slot)
+            return True
+
     def close(self, store: Any, slot: Slot | None) -> list:
         """Withdraw a reserver that stops waiting; what a sender handed it meanwhile."""
         if slot is None:
             return []
         with self._lock:
             if not slot.taken:
-                self._slots[store].remove(slot)
+                self._discard(store, slot)
                 return []
         return slot.wait()
+
+    def _discard(self, store: Any, slot: Slot) -> None:
+        slots = self._slots.get(store)
+        if slots and slot in slots:
+            slots.remove(slot)
 
     def _after_fork(self) -> None:
         """A forked child has none of its parent's reserver threads."""
@@ -231,7 +248,11 @@ class SQLiteBroker(Broker):
         return outs
 
     # -- consuming ---------------------------------------------------------------
-    def _claim(self, queues: Sequence[str], now: float, lease: float, limit: int, on_claim=None) -> list[Delivery]:
+    def _claim(self, queues: Sequence[str], now: float, lease: float, limit: int, on_claim=None,
+               slot: Slot | None = None) -> list[Delivery]:
+        """Claim up to ``limit`` due messages, best first. ``slot``: the caller's hand-over slot,
+        withdrawn in the claim's transaction (``IdleReservers.withdraw``); nothing is claimed
+        when a sender took it first."""
         qs = placeholders(len(queues))
         # a cheap read first, so idle pollers never take the write lock
         if not self.store.read(
@@ -245,7 +266,7 @@ class SQLiteBroker(Broker):
                     AND due <= ? ORDER BY priority DESC, due, seq LIMIT ?""",
                 (*queues, now, limit),
             ).fetchall()
-            if not candidates:
+            if not candidates or slot is not None and not IDLE.withdraw(self.path, slot):
                 return []
             if candidates[0][1]:
                 seqs = [candidates[0][0]]
@@ -305,8 +326,8 @@ class SQLiteBroker(Broker):
 
     def _reserve_with_slot(self, slot: Slot | None, claim: Callable[[], list]) -> list[Delivery]:
         """Run ``claim()`` (the reserve loop) while ``slot``, if any, is open for a hand-over;
-        return what it claimed and what it was handed. If ``claim`` raises, what was handed
-        over meanwhile goes back to the queue at once."""
+        return what it claimed or else what it was handed (see ``IdleReservers.withdraw``). If
+        ``claim`` raises, what was handed over meanwhile goes back to the queue at once."""
         try:
             got = claim()
         except BaseException:
@@ -337,7 +358,7 @@ class SQLiteBroker(Broker):
                 # processes' messages are still looked for every poll_interval)
                 due = quiet[1]
             else:
-                got = self._claim(queues, now, lease, limit, on_claim)
+                got = self._claim(queues, now, lease, limit, on_claim, slot)
                 if got:
                     self._quiet.last = None
                     return got
