@@ -443,6 +443,113 @@ def test_memory_script_reads_answer_as_the_command_table_does():
     assert client.hgetall("h") == {b"b": b"2"}
 
 
+def _dump(db) -> list:
+    """Every stored key of a fakeredis database: (key, type, value, expiry)."""
+    out = []
+    for key, item in sorted(db._dict.items()):
+        value = item.value
+        if hasattr(value, "_values"):
+            shown = dict(value._values)
+        elif hasattr(value, "_byscore"):
+            shown = list(value._byscore)
+        else:
+            shown = list(value) if isinstance(value, list) else value
+        out.append((key, type(value).__name__, shown, item.expireat))
+    return out
+
+
+def test_memory_script_writes_do_what_the_command_table_does():
+    """The writes a twin's ``redis.call`` makes itself (nbqueue.drivers.redis.memory.Call) give
+    the replies and errors of fakeredis' command table, leave the same keys, values and expiries,
+    and tell the database of the same keys (WATCH and blocked clients): for keys missing,
+    expired, with a TTL, of the wrong type, a hash with a field expiry, and arguments the
+    command refuses."""
+    import fakeredis
+
+    from nbqueue.drivers.redis import memory
+
+    def prepared():
+        url = _memory_url()
+        server = fake_server(url[len("memory://"):])
+        client = fakeredis.FakeRedis(server=server)
+        client.hset("h", mapping={"a": "1", "n": "x"})
+        client.hset("hx", mapping={"a": "1", "b": "2"})
+        client.hpexpire("hx", 100_000, "a")
+        client.zadd("z", {"m1": 5.5, "m2": 3})
+        client.zadd("z1", {"only": 1})
+        client.sadd("st", "a")
+        client.rpush("l", "x")
+        client.set("s", "41")
+        client.set("v", "text")
+        client.set("ttl", "1")
+        client.hset("gone", "a", "1")
+        client.set("old", "1")
+        sock = memory.MemorySocket(server, db=0, client_class=fakeredis.FakeRedis)
+        # the same expiries on both servers
+        for key, expireat in ((b"ttl", now + 100), (b"gone", now - 1), (b"old", now - 1)):
+            sock._db._dict[key].expireat = expireat
+        told: list = []
+        notify = sock._db.notify_watch
+        sock._db.notify_watch = lambda key: (told.append(key), notify(key))
+        return sock, memory.Call(sock), told
+
+    now = time.time()
+    writes = [
+        ("hset", b"h", b"a", b"2", b"b", b"3"), ("hset", b"new", b"f", 1), ("hset", b"h", b"a"),
+        ("hset", b"z", b"f", b"1"), ("hset", b"hx", b"b", b"9"), ("hset", b"gone", b"f", b"1"),
+        ("hset", b"ttl", b"f", b"1"),
+        ("hincrby", b"h", b"c", 1), ("hincrby", b"h", b"c", 5), ("hincrby", b"h", b"n", 1),
+        ("hincrby", b"h", b"c", b"x"), ("hincrby", b"h", b"c", 2 ** 63 - 1), ("hincrby", b"hnew", b"c", -3),
+        ("hincrby", b"st", b"c", 1), ("hincrby", b"hx", b"b", 1),
+        ("incr", b"s"), ("incr", b"cnt"), ("incr", b"v"), ("incr", b"h"), ("incr", b"ttl"), ("incr", b"gone"),
+        ("zadd", b"z", b"7", b"m3"), ("zadd", b"z", b"5.5", b"m1"), ("zadd", b"z", b"1e3", b"m1"),
+        ("zadd", b"zn", 12, b"a"), ("zadd", b"z", b"nan", b"m4"), ("zadd", b"z", b"inf", b"m4"),
+        ("zadd", b"z", b"abc", b"m4"), ("zadd", b"z", b"1", b"nx"), ("zadd", b"z", b"NX", b"1"),
+        ("zadd", b"z", b"-0", b"m5"), ("zadd", b"h", b"1", b"m"), ("zadd", b"z", b"1e400", b"m6"),
+        ("zrem", b"z", b"m3", b"missing"), ("zrem", b"z", b"missing"), ("zrem", b"z1", b"only"),
+        ("zrem", b"nokey", b"x"), ("zrem", b"h", b"x"),
+        ("sadd", b"st", b"a"), ("sadd", b"st", b"b", b"c", b"b"), ("sadd", b"stnew", b"q"), ("sadd", b"l", b"q"),
+        ("lpush", b"l", b"1", b"2"), ("rpush", b"l", b"3"), ("lpush", b"lnew", b"1"), ("rpush", b"rnew", b"1", b"2"),
+        ("lpush", b"h", b"1"), ("rpush", b"ttl", b"1"),
+        ("pexpire", b"l", 5000), ("pexpire", b"nokey", 5000), ("pexpire", b"h", b"x"), ("pexpire", b"st", 2 ** 62),
+        ("pexpire", b"s", b"-5"), ("pexpire", b"z", 5000, b"NX"), ("pexpire", b"old", 10),
+        ("del", b"l", b"l", b"nokey", b"stnew"), ("del", b"gone"), ("del", b"zn"), ("del", b"old", b"h"),
+    ]
+
+    def run(call, told, op):
+        told.clear()
+        with call.sock._server.lock:
+            call.sock._db.time = now
+            try:
+                reply = op(call)
+            except fakeredis._helpers.SimpleError as exc:
+                reply = ("error", exc.value)
+            return reply, list(told), _dump(call.sock._db)
+
+    generic, replies = [], []
+
+    class Counted(memory.Call):
+        __slots__ = ()
+
+        def command(self, name, args):
+            generic.append((name, *args))
+            return super().command(name, args)
+
+    fast_sock, _, fast_told = prepared()
+    fast = Counted(fast_sock)
+    _, table, table_told = prepared()
+    for write in writes:
+        name, args = write[0], write[1:]
+        got = run(fast, fast_told, lambda call: call(name, *args))
+        want = run(table, table_told, lambda call: call.command(name, args))
+        assert got == want, write
+        replies.append(got[0])
+    assert ("error", memory.WRONGTYPE_MSG) in replies and ("error", "ERR hash value is not an integer") in replies
+    # the command table answered only what the writes leave to it
+    assert generic == [("hset", b"h", b"a"), ("hset", b"hx", b"b", b"9"), ("hincrby", b"hx", b"b", 1),
+                       ("zadd", b"z", b"1", b"nx"), ("zadd", b"z", b"NX", b"1"), ("pexpire", b"z", 5000, b"NX")]
+
+
 # -- connections ---------------------------------------------------------------------------
 
 def test_remote_redis_without_password_logs_a_warning(caplog):

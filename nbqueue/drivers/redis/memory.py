@@ -4,7 +4,8 @@ A ``memory://`` client (``connect`` in nbqueue.drivers.redis.client) gets a
 ``MemoryConnection``, whose server socket runs an EVALSHA of a script that has a twin
 (nbqueue.drivers.redis.twins) as that function: where fakeredis would run the Lua, under
 the server's lock, with the script's ``redis.call``s made through fakeredis' own command
-table (``Call``), so keys, types, expiry and blocked clients behave as with the Lua. An
+table (``Call``; its most frequent reads and writes act on the key's value as those commands
+do), so keys, types, expiry and blocked clients behave as with the Lua. An
 EVALSHA of a script not loaded fails with NOSCRIPT as before; one without a twin runs as Lua.
 The connection also hands each command to the socket as its arguments in bytes
 (``Command``): the same fields fakeredis would parse out of RESP, without packing and
@@ -17,11 +18,12 @@ from typing import Any, Callable
 
 import hiredis
 from fakeredis import FakeRedisConnection
-from fakeredis._command_args_parsing import Float
-from fakeredis._helpers import SimpleError
-from fakeredis._msgs import CONNECTION_ERROR_MSG, SCRIPT_ERROR_MSG, WRONGTYPE_MSG
+from fakeredis._command_args_parsing import Float, Int
+from fakeredis._core._database import Item
+from fakeredis._helpers import SimpleError, null_terminate
+from fakeredis._msgs import CONNECTION_ERROR_MSG, INVALID_HASH_MSG, SCRIPT_ERROR_MSG, WRONGTYPE_MSG
 from fakeredis._socket import FakeSocket
-from fakeredis.model import Hash, ZSet
+from fakeredis.model import ExpiringMembersSet, Hash, ZSet
 
 from .twins import TWINS, ErrorReply
 
@@ -44,7 +46,10 @@ class Call:
     of fields the hash lacks, which writes nothing) are answered from the key's value as those commands answer
     them (an expired key is missing, a key of another type is WRONGTYPE), without the command
     table's argument and write-back machinery; a hash with field expiries takes the command
-    table, whose read reports the fields expired by it."""
+    table, whose read reports the fields expired by it. So are the writes they make (``HSET``,
+    ``HINCRBY``, ``INCR``, ``ZADD key score member``, ``ZREM``, ``SADD``, ``LPUSH``, ``RPUSH``,
+    ``PEXPIRE key ms``, ``DEL``: see ``_WRITES``) while nobody is subscribed to anything (a
+    subscriber could be listening for keyspace events, which the command table sends)."""
 
     __slots__ = ("sock",)
 
@@ -52,11 +57,21 @@ class Call:
         self.sock = sock
 
     def __call__(self, name: str, *args: Any) -> Any:
-        read = _READS.get(name)
-        if read is not None and self.sock.server_type == "redis":
-            result = read(self.sock._db, args)
-            if result is not _GENERIC:
-                return result
+        sock = self.sock
+        server = sock._server
+        if server.server_type == "redis":
+            read = _READS.get(name)
+            if read is not None:
+                result = read(sock._db, args)
+                if result is not _GENERIC:
+                    return result
+            else:
+                write = _WRITES.get(name)
+                # (a write that someone subscribed to keyspace events could hear takes the command table)
+                if write is not None and not server.subscribers and not server.psubscribers:
+                    result = write(sock, [_arg(a) for a in args])
+                    if result is not _GENERIC:
+                        return result
         return self.command(name, args)
 
     def command(self, name: str, args: tuple) -> Any:
@@ -171,6 +186,185 @@ _READS: dict[str, Callable[[Any, tuple], Any]] = {
     "exists": _exists, "hget": _hget, "hmget": _hmget, "hdel": _hdel, "zcard": _zcard, "zscore": _zscore,
     "zrange": _zrange,
     "zrangebyscore": _zrangebyscore,
+}
+
+
+# -- writes answered from the key's value -----------------------------------------------------
+#
+# Each makes the change fakeredis' command makes to the stored value, with the same reply, the
+# same errors (checked in the same order: the key's type, then the arguments) and the same
+# expiry (a write keeps the key's TTL; a value emptied is removed), and tells the database as
+# the command's write-back does (``notify_watch``: WATCHes and blocked clients). Arguments
+# arrive as bytes (``_arg``); an argument list of another shape returns ``_GENERIC``.
+
+def _item(db: Any, key: bytes, kind: type) -> Any:
+    """The stored item at ``key`` (None if missing or expired), WRONGTYPE for a value not of ``kind``."""
+    item = db.get(key)
+    if item is not None and type(item.value) is not kind:
+        raise SimpleError(WRONGTYPE_MSG)
+    return item
+
+
+def _stored(db: Any, key: bytes, item: Any, value: Any) -> None:
+    """``value`` written at ``key`` (in ``item``, or in a new item without expiry)."""
+    if item is None:
+        db[key] = Item(value)
+    else:
+        item.value = value
+    db.notify_watch(key)
+
+
+def _plain_hash(item: Any) -> Any:
+    """The hash of ``item`` (a new one when None), or ``_GENERIC`` for one with field expiries."""
+    if item is None:
+        return Hash()
+    value = item.value
+    return _GENERIC if value._expiry_heap or value._expirations else value
+
+
+def _hset_write(sock: Any, args: list) -> Any:
+    if len(args) < 3 or len(args) % 2 == 0:
+        return _GENERIC
+    db, key = sock._db, args[0]
+    item = _item(db, key, Hash)
+    value = _plain_hash(item)
+    if value is _GENERIC:
+        return value
+    before = len(value._values)
+    value._values.update(zip(args[1::2], args[2::2]))
+    _stored(db, key, item, value)
+    return len(value._values) - before
+
+
+def _hincrby_write(sock: Any, args: list) -> Any:
+    if len(args) != 3:
+        return _GENERIC
+    db, key = sock._db, args[0]
+    item = _item(db, key, Hash)
+    value = _plain_hash(item)
+    if value is _GENERIC:
+        return value
+    amount = Int.decode(args[2])
+    total = Int.decode(value._values.get(args[1], b"0"), decode_error=INVALID_HASH_MSG) + amount
+    value._values[args[1]] = sock._encodeint(total)
+    _stored(db, key, item, value)
+    return total
+
+
+def _incr_write(sock: Any, args: list) -> Any:
+    if len(args) != 1:
+        return _GENERIC
+    db, key = sock._db, args[0]
+    item = _item(db, key, bytes)
+    total = Int.decode(b"0" if item is None else item.value) + 1
+    _stored(db, key, item, sock._encodeint(total))
+    return total
+
+
+#: ZADD's options: an argument spelled as one of them is read as it (the command table decides)
+_ZADD_OPTIONS = frozenset((b"nx", b"xx", b"ch", b"incr", b"gt", b"lt"))
+
+
+def _zadd_write(sock: Any, args: list) -> Any:
+    """``ZADD key score member`` (no options)."""
+    if len(args) != 3:
+        return _GENERIC
+    db, key, member = sock._db, args[0], args[2]
+    item = _item(db, key, ZSet)
+    if null_terminate(args[1]) in _ZADD_OPTIONS or null_terminate(member) in _ZADD_OPTIONS:
+        return _GENERIC
+    score = Float.decode(args[1])
+    if sock.version >= (7,):
+        score = 0.0 + score
+    value = ZSet() if item is None else item.value
+    before = len(value)
+    if value.add(member, score):
+        _stored(db, key, item, value)
+    return len(value) - before
+
+
+def _zrem_write(sock: Any, args: list) -> Any:
+    if len(args) < 2:
+        return _GENERIC
+    db, key = sock._db, args[0]
+    item = _item(db, key, ZSet)
+    if item is None:
+        return 0
+    value = item.value
+    before = len(value)
+    for member in args[1:]:
+        value.discard(member)
+    removed = before - len(value)
+    if removed:
+        db.notify_watch(key)
+        if not value:
+            db.pop(key, None)
+    return removed
+
+
+def _sadd_write(sock: Any, args: list) -> Any:
+    if len(args) < 2:
+        return _GENERIC
+    db, key = sock._db, args[0]
+    item = _item(db, key, ExpiringMembersSet)
+    value = ExpiringMembersSet() if item is None else item.value
+    before = len(value)
+    value.update(args[1:])
+    _stored(db, key, item, value)          # written (and told) even when every member was there
+    return len(value) - before
+
+
+def _push_write(front: bool) -> Callable[[Any, list], Any]:
+    def push(sock: Any, args: list) -> Any:
+        if len(args) < 2:
+            return _GENERIC
+        db, key = sock._db, args[0]
+        item = _item(db, key, list)
+        value = [] if item is None else item.value
+        if front:
+            for element in args[1:]:
+                value.insert(0, element)
+        else:
+            value.extend(args[1:])
+        _stored(db, key, item, value)
+        return len(value)
+
+    return push
+
+
+def _pexpire_write(sock: Any, args: list) -> Any:
+    """``PEXPIRE key ms`` (no options)."""
+    if len(args) != 2:
+        return _GENERIC
+    db, key = sock._db, args[0]
+    ms = Int.decode(args[1])
+    if sock._invalid_expire_in("pexpire", ms, 1, relative=True) is not None:
+        return _GENERIC
+    item = db.get(key)
+    if item is None:
+        return 0
+    item.expireat = db.time + ms / 1000.0
+    db.schedule_expiry(key, item.expireat)
+    db.notify_watch(key)
+    return 1
+
+
+def _del_write(sock: Any, args: list) -> Any:
+    if not args:
+        return _GENERIC
+    db, deleted = sock._db, 0
+    for key in dict.fromkeys(args):
+        if db.get(key) is not None:
+            db.notify_watch(key)
+            db.pop(key, None)
+            deleted += 1
+    return deleted
+
+
+_WRITES: dict[str, Callable[[Any, list], Any]] = {
+    "hset": _hset_write, "hincrby": _hincrby_write, "incr": _incr_write, "zadd": _zadd_write,
+    "zrem": _zrem_write, "sadd": _sadd_write, "lpush": _push_write(True), "rpush": _push_write(False),
+    "pexpire": _pexpire_write, "del": _del_write,
 }
 
 
