@@ -550,6 +550,62 @@ def test_memory_script_writes_do_what_the_command_table_does():
                        ("zadd", b"z", b"1", b"nx"), ("zadd", b"z", b"NX", b"1"), ("pexpire", b"z", 5000, b"NX")]
 
 
+def test_memory_blocked_pops_wake_for_writes_to_their_keys_one_client_per_value(monkeypatch):
+    """A client blocked in BLPOP on memory:// sleeps through writes to other keys, and a push of
+    three values to its key wakes three blocked clients, each once, each taking one; a client
+    blocked through a plain fakeredis socket, and one unblocked by CLIENT UNBLOCK, still wake."""
+    import fakeredis
+
+    from nbqueue.drivers.redis import memory
+    from nbqueue.drivers.redis.client import connect
+
+    url = _memory_url()
+    server = fake_server(url[len("memory://"):])
+    woken = []
+    bpop_pass = memory.MemorySocket._bpop_pass
+
+    def counted(self, keys, op, first_pass):
+        if not first_pass:
+            woken.append(keys)
+        return bpop_pass(self, keys, op, first_pass)
+
+    monkeypatch.setattr(memory.MemorySocket, "_bpop_pass", counted)
+    got: list = []
+
+    def pop(client, key):
+        got.append(client.blpop([key], timeout=10))
+
+    def blocked(n):
+        return wait_for(lambda: sum(sock._blocked for sock in server.sockets) == n, message=f"{n} blocked")
+
+    poppers = [threading.Thread(target=pop, args=(connect(url, {}), "k")) for _ in range(3)]
+    plain = threading.Thread(target=pop, args=(fakeredis.FakeRedis(server=server), "k2"))
+    for thread in [*poppers, plain]:
+        thread.start()
+    blocked(4)
+    writer = connect(url, {})
+    for i in range(50):
+        writer.lpush("other", i)
+    writer.lpush("k", "a", "b", "c")
+    for thread in poppers:
+        thread.join(5)
+    assert sorted(map(tuple, got)) == [("k", "a"), ("k", "b"), ("k", "c")]
+    assert woken == [(b"k",)] * 3
+    writer.lpush("k2", "p")
+    plain.join(5)
+    assert tuple(got[-1]) == (b"k2", b"p")
+    # CLIENT UNBLOCK ends the wait of a client blocked on a key nobody writes
+    unblocked = fakeredis.FakeRedis(server=server, connection_class=memory.MemoryConnection,
+                                    single_connection_client=True)
+    client_id = unblocked.client_id()
+    popper = threading.Thread(target=pop, args=(unblocked, "never"))
+    popper.start()
+    blocked(1)
+    assert writer.client_unblock(client_id) == 1
+    popper.join(5)
+    assert got[-1] is None
+
+
 # -- connections ---------------------------------------------------------------------------
 
 def test_remote_redis_without_password_logs_a_warning(caplog):

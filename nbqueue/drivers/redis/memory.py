@@ -14,15 +14,19 @@ pops and server lock), reached through its socket class and its internal modules
 """
 from __future__ import annotations
 
+import threading
+import time
+from collections import defaultdict
 from typing import Any, Callable
 
 import hiredis
-from fakeredis import FakeRedisConnection
+from fakeredis import FakeRedisConnection, FakeServer
 from fakeredis._command_args_parsing import Float, Int
-from fakeredis._core._database import Item
+from fakeredis._core._database import Database, Item
 from fakeredis._helpers import SimpleError, null_terminate
 from fakeredis._msgs import CONNECTION_ERROR_MSG, INVALID_HASH_MSG, SCRIPT_ERROR_MSG, WRONGTYPE_MSG
 from fakeredis._socket import FakeSocket
+from fakeredis._socket._resp import convert_to_resp2
 from fakeredis.model import ExpiringMembersSet, Hash, ZSet
 
 from .twins import TWINS, ErrorReply
@@ -368,6 +372,57 @@ _WRITES: dict[str, Callable[[Any, list], Any]] = {
 }
 
 
+# -- blocked clients woken by a write to a key they wait on -------------------------------------
+
+class MemoryDatabase(Database):
+    """fakeredis' database, waking a ``MemorySocket`` blocked in BLPOP, BRPOP or BRPOPLPUSH only
+    for a write to a key it waits on (fakeredis' own wakes every blocked client at every write):
+    the first client blocked on that key not woken yet, unless the write leaves the key an
+    empty list (nothing to pop). A client that leaves its wait while a key of its still holds a
+    value wakes the next one blocked on that key, so every value finds a client, as with Redis.
+    Clients blocked in other commands (or through other sockets) wake at every write, as before."""
+
+    def __init__(self, lock: Any) -> None:
+        super().__init__(lock)
+        #: key -> the MemorySockets blocked on it, in the order they blocked
+        self.blocked: dict[bytes, list[MemorySocket]] = {}
+
+    def notify_watch(self, key: bytes) -> None:
+        for sock in self._watches.get(key, ()):
+            sock.notify_watch()
+        socks = self.blocked.get(key)
+        if socks:
+            # told before the write-back: a list emptied in place by this write is still stored
+            item = self._dict.get(key)
+            if item is None or type(item.value) is not list or item.value:
+                _wake_next(socks)
+        if self.condition._waiters:         # type: ignore[attr-defined]
+            self.condition.notify_all()
+        for callback in self._change_callbacks:
+            callback()
+
+    def wake_all(self) -> None:
+        super().wake_all()
+        for socks in self.blocked.values():
+            for sock in socks:
+                sock.wake()
+
+
+def _wake_next(socks: list) -> None:
+    """Wake the first of ``socks`` not woken yet."""
+    for sock in socks:
+        if not sock.woken:
+            sock.wake()
+            return
+
+
+def memory_server() -> FakeServer:
+    """A fakeredis server whose databases are ``MemoryDatabase``s."""
+    server = FakeServer()
+    server.dbs = defaultdict(lambda: MemoryDatabase(server.lock))
+    return server
+
+
 class Command(tuple):
     """One command's arguments as the bytes RESP would carry, handed to the server socket as they
     are: the client packs no RESP and the socket parses none (``MemoryConnection.pack_command``)."""
@@ -399,7 +454,78 @@ def _command(args: tuple) -> Command | None:
 
 class MemorySocket(FakeSocket):
     """fakeredis' server socket, running the scripts registered in nbqueue.drivers.redis.twins as
-    Python, and taking a ``Command`` without RESP in between."""
+    Python, taking a ``Command`` without RESP in between, and blocked in BLPOP, BRPOP or
+    BRPOPLPUSH on a ``MemoryDatabase`` until a write to one of its keys (see there)."""
+
+    #: the keys of the blocking pop running, its condition on the server's lock, whether it was woken
+    _pop_keys: tuple | None = None
+    _wakeup: threading.Condition | None = None
+    woken = False
+
+    def blpop(self, *args: bytes) -> Any:
+        return self._keyed(args[:-1], super().blpop, args)
+
+    def brpop(self, *args: bytes) -> Any:
+        return self._keyed(args[:-1], super().brpop, args)
+
+    def brpoplpush(self, source: bytes, destination: bytes, timeout: float) -> Any:
+        return self._keyed((source,), super().brpoplpush, (source, destination, timeout))
+
+    def _keyed(self, keys: tuple, pop: Callable[..., Any], args: tuple) -> Any:
+        self._pop_keys = keys
+        try:
+            return pop(*args)
+        finally:
+            self._pop_keys = None
+
+    def wake(self) -> None:
+        """End this socket's wait (under the server's lock)."""
+        self.woken = True
+        if self._wakeup is not None:
+            self._wakeup.notify()
+
+    def _blocking(self, timeout: float | None, func: Callable[[bool], Any],
+                  shape: Callable[[Any], Any] | None = None) -> Any:
+        """fakeredis' ``_blocking`` for a blocking pop on a ``MemoryDatabase``: the same passes,
+        replies and timeout, waiting on this socket's own condition, registered under its keys."""
+        keys, db = self._pop_keys, self._db
+        if keys is None or not isinstance(db, MemoryDatabase):
+            return super()._blocking(timeout, func, shape)
+        ret = func(True)
+        if ret is not None or self._in_transaction:
+            return ret if shape is None else shape(ret)
+        if self._wakeup is None:
+            self._wakeup = threading.Condition(self._server.lock)
+        deadline = time.time() + timeout if timeout else None
+        self._blocked = True
+        for key in keys:
+            db.blocked.setdefault(key, []).append(self)
+        try:
+            while True:
+                left = None if deadline is None else deadline - time.time()
+                if left is not None and left <= 0:
+                    return None if shape is None else shape(None)
+                self.woken = False
+                if self._wakeup.wait(timeout=left) is False:
+                    return None if shape is None else shape(None)
+                if self._unblock_reason is not None:
+                    self._take_unblock_reason()
+                    return None if shape is None else shape(None)
+                ret = func(False)
+                if ret is not None:
+                    return ret if shape is None else shape(ret)
+        finally:
+            self._blocked = False
+            self._unblock_reason = None
+            for key in keys:
+                socks = db.blocked[key]
+                socks.remove(self)
+                if not socks:
+                    del db.blocked[key]
+            for key in keys:
+                socks = db.blocked.get(key)
+                if socks and key in db:
+                    _wake_next(socks)
 
     def sendall(self, data: Any) -> None:
         if type(data) is not Command:
@@ -408,8 +534,43 @@ class MemorySocket(FakeSocket):
             raise self._connection_error_class(CONNECTION_ERROR_MSG)
         if self._paused:                    # commands wait in the parser's buffer: this one goes after them
             return super().sendall(hiredis.pack_command(tuple(data)))
-        self._process_command(list(data))
+        if not self._run_twin(data):
+            self._process_command(list(data))
         return None
+
+    def _run_twin(self, fields: Command) -> bool:
+        """An EVALSHA of a script with a twin run as ``_process_command`` runs it (the ACL check,
+        closed sockets cleaned out and the clock read under the server's lock, the reply or error
+        queued) without the command table's argument parsing and reply checks; False (nothing
+        done) for any other command, or for a client in a transaction, subscribed or with CLIENT
+        REPLY set, whose command the command table runs."""
+        if (len(fields) < 3 or fields[0] not in (b"EVALSHA", b"evalsha") or fields[1] not in TWINS
+                or self.server_type != "redis" or self._queueing or self._pubsub or self._reply_off
+                or self._reply_skip or self._reply_skip_next):
+            return False
+        server = self._server
+        try:
+            numkeys = Int.decode(fields[2])
+            server.acl.validate_command(self._client_info.user, self._client_info, list(fields))
+        except SimpleError:
+            return False
+        result: Any
+        with server.lock:
+            while server.closed_sockets:
+                sock = server.closed_sockets.pop()()
+                if sock:
+                    sock._cleanup(server)
+            now = time.time()
+            for db in server.dbs.values():
+                db.time = now
+            try:
+                result = self.evalsha(fields[1], numkeys, *fields[3:])
+                if self._client_info.protocol_version == 2:
+                    result = convert_to_resp2(result)
+            except SimpleError as exc:
+                result = exc
+        self.put_response(self._decode_result(result))
+        return True
 
     def evalsha(self, sha1: bytes, numkeys: int, *keys_and_args: bytes) -> Any:
         fn = TWINS.get(sha1)
@@ -418,10 +579,6 @@ class MemorySocket(FakeSocket):
         # as fakeredis' EVAL: the script's calls reply in RESP2 and see no HIMPORT fieldsets of the caller
         self._script_resp = 2
         caller_fieldsets, self._fieldsets = self._fieldsets, {}
-        # the clients blocked on the database are woken once, as the script ends, not at each of its
-        # writes: they wait for the server's lock, which the script holds until then
-        db, writes = self._db, []
-        db.wake_all = lambda: writes.append(True)      # type: ignore[method-assign]
         try:
             return fn(Call(self), list(keys_and_args[:numkeys]), list(keys_and_args[numkeys:]))
         except SimpleError:
@@ -431,9 +588,6 @@ class MemorySocket(FakeSocket):
         except Exception as exc:        # what a Lua runtime error would be
             raise SimpleError(SCRIPT_ERROR_MSG.format(sha1.decode(), exc)) from exc
         finally:
-            del db.wake_all
-            if writes:
-                db.wake_all()
             self._script_resp = None
             self._fieldsets = caller_fieldsets
 
