@@ -606,6 +606,40 @@ def test_memory_blocked_pops_wake_for_writes_to_their_keys_one_client_per_value(
     assert got[-1] is None
 
 
+def test_memory_waiter_reads_then_waits_in_process_for_the_done_list(monkeypatch):
+    """On memory:// a wait for one task reads its record, and a record not final waits in this
+    process for a write to the task's done list (no blocking command), next to a waiter blocked
+    on that list in BRPOPLPUSH: the result stored wakes both."""
+    from nbqueue.drivers.redis import memory
+
+    url = _memory_url()
+    waiter, rotator, worker = RedisBackend(url), RedisBackend(url), RedisBackend(url)
+    worker.create([{"id": "t", "name": "n"}])
+    db = fake_server(url[len("memory://"):]).dbs[0]
+    done = worker._done_key("t").encode()
+    sent: list = []
+    sendall = memory.MemorySocket.sendall
+
+    def counted(sock, data):
+        sent.append(data[0])
+        return sendall(sock, data)
+
+    monkeypatch.setattr(memory.MemorySocket, "sendall", counted)
+    records, rotated = [], []
+    reader = threading.Thread(target=lambda: records.append(waiter.wait_record("t", timeout=10)))
+    blocker = threading.Thread(target=lambda: (rotator._block(["t"], 0, 10.0), rotated.append(True)))
+    reader.start()
+    wait_for(lambda: len(db.blocked.get(done, ())) == 1, message="the reader waiting")
+    blocker.start()
+    wait_for(lambda: len(db.blocked.get(done, ())) == 2, message="both waiting")
+    worker.store_result("t", states.SUCCESS, token=worker.begin("t"), result="1")
+    reader.join(5)
+    blocker.join(5)
+    assert records[0]["state"] == states.SUCCESS and rotated == [True]
+    assert done not in db.blocked and sent.count(b"BRPOPLPUSH") == 1      # the rotator's only
+    assert waiter.wait_record("t", timeout=1)["result"] == "1"     # final at once: a read, no wait
+
+
 # -- connections ---------------------------------------------------------------------------
 
 def test_remote_redis_without_password_logs_a_warning(caplog):

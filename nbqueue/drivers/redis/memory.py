@@ -73,7 +73,7 @@ class Call:
                 write = _WRITES.get(name)
                 # (a write that someone subscribed to keyspace events could hear takes the command table)
                 if write is not None and not server.subscribers and not server.psubscribers:
-                    result = write(sock, [_arg(a) for a in args])
+                    result = write(sock, [a if type(a) is bytes else _arg(a) for a in args])
                     if result is not _GENERIC:
                         return result
         return self.command(name, args)
@@ -91,11 +91,19 @@ class Call:
 _GENERIC = object()
 
 
+def _live(db: Any, key: Any) -> Any:
+    """The stored item at ``key``, None if missing or expired (then removed), as ``db[key]`` finds it."""
+    item = db._dict.get(key)
+    if item is not None and item.expireat is not None and item.expireat < db.time:
+        del db._dict[key]
+        return None
+    return item
+
+
 def _value(db: Any, key: Any, kind: type) -> Any:
     """The value at ``key`` (None if missing or expired), WRONGTYPE for a value not of ``kind``."""
-    try:
-        item = db[key]
-    except KeyError:
+    item = _live(db, key)
+    if item is None:
         return None
     if type(item.value) is not kind:
         raise SimpleError(WRONGTYPE_MSG)
@@ -105,7 +113,7 @@ def _value(db: Any, key: Any, kind: type) -> Any:
 def _exists(db: Any, args: tuple) -> Any:
     if len(args) != 1 or type(args[0]) is not bytes:
         return _GENERIC
-    return 1 if db.get(args[0]) is not None else 0
+    return 1 if _live(db, args[0]) is not None else 0
 
 
 def _hash(db: Any, args: tuple) -> Any:
@@ -203,7 +211,7 @@ _READS: dict[str, Callable[[Any, tuple], Any]] = {
 
 def _item(db: Any, key: bytes, kind: type) -> Any:
     """The stored item at ``key`` (None if missing or expired), WRONGTYPE for a value not of ``kind``."""
-    item = db.get(key)
+    item = _live(db, key)
     if item is not None and type(item.value) is not kind:
         raise SimpleError(WRONGTYPE_MSG)
     return item
@@ -344,7 +352,7 @@ def _pexpire_write(sock: Any, args: list) -> Any:
     ms = Int.decode(args[1])
     if sock._invalid_expire_in("pexpire", ms, 1, relative=True) is not None:
         return _GENERIC
-    item = db.get(key)
+    item = _live(db, key)
     if item is None:
         return 0
     item.expireat = db.time + ms / 1000.0
@@ -358,7 +366,7 @@ def _del_write(sock: Any, args: list) -> Any:
         return _GENERIC
     db, deleted = sock._db, 0
     for key in dict.fromkeys(args):
-        if db.get(key) is not None:
+        if _live(db, key) is not None:
             db.notify_watch(key)
             db.pop(key, None)
             deleted += 1
@@ -384,8 +392,8 @@ class MemoryDatabase(Database):
 
     def __init__(self, lock: Any) -> None:
         super().__init__(lock)
-        #: key -> the MemorySockets blocked on it, in the order they blocked
-        self.blocked: dict[bytes, list[MemorySocket]] = {}
+        #: key -> the MemorySockets (and KeyWaits) blocked on it, in the order they blocked
+        self.blocked: dict[bytes, list[Any]] = {}
 
     def notify_watch(self, key: bytes) -> None:
         for sock in self._watches.get(key, ()):
@@ -414,6 +422,60 @@ def _wake_next(socks: list) -> None:
         if not sock.woken:
             sock.wake()
             return
+
+
+def _block(db: MemoryDatabase, waiter: Any, keys: Any) -> None:
+    """Register ``waiter`` (``woken``, ``wake()``) as blocked on ``keys`` (under the server's lock)."""
+    for key in keys:
+        db.blocked.setdefault(key, []).append(waiter)
+
+
+def _unblock(db: MemoryDatabase, waiter: Any, keys: Any) -> None:
+    """Take ``waiter`` off ``keys`` (under the server's lock); a key of them still holding a value
+    wakes the next waiter blocked on it (a write wakes one waiter only)."""
+    for key in keys:
+        waiters = db.blocked[key]
+        waiters.remove(waiter)
+        if not waiters:
+            del db.blocked[key]
+    for key in keys:
+        waiters = db.blocked.get(key)
+        if waiters and key in db:
+            _wake_next(waiters)
+
+
+class KeyWait:
+    """A wait in this process for a write to one of ``keys`` (bytes) of a memory:// client's
+    database, woken as a client blocked on them in BLPOP would be (see ``MemoryDatabase``), with
+    no command sent: ``with KeyWait(client, keys) as wait:`` (registered) ... ``wait.wait(seconds)``
+    (True once woken; it stays woken)."""
+
+    woken = False
+
+    def __init__(self, client: Any, keys: list[bytes]):
+        kwargs = client.connection_pool.connection_kwargs
+        self._server: FakeServer = kwargs["server"]
+        self._db = self._server.dbs[kwargs.get("db", 0)]
+        self._keys = keys
+        self._event = threading.Event()
+
+    def wake(self) -> None:
+        self.woken = True
+        self._event.set()
+
+    def wait(self, timeout: float) -> bool:
+        return self._event.wait(timeout)
+
+    def __enter__(self) -> KeyWait:
+        if isinstance(self._db, MemoryDatabase):
+            with self._server.lock:
+                _block(self._db, self, self._keys)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if isinstance(self._db, MemoryDatabase):
+            with self._server.lock:
+                _unblock(self._db, self, self._keys)
 
 
 def memory_server() -> FakeServer:
@@ -498,8 +560,7 @@ class MemorySocket(FakeSocket):
             self._wakeup = threading.Condition(self._server.lock)
         deadline = time.time() + timeout if timeout else None
         self._blocked = True
-        for key in keys:
-            db.blocked.setdefault(key, []).append(self)
+        _block(db, self, keys)
         try:
             while True:
                 left = None if deadline is None else deadline - time.time()
@@ -517,15 +578,7 @@ class MemorySocket(FakeSocket):
         finally:
             self._blocked = False
             self._unblock_reason = None
-            for key in keys:
-                socks = db.blocked[key]
-                socks.remove(self)
-                if not socks:
-                    del db.blocked[key]
-            for key in keys:
-                socks = db.blocked.get(key)
-                if socks and key in db:
-                    _wake_next(socks)
+            _unblock(db, self, keys)
 
     def sendall(self, data: Any) -> None:
         if type(data) is not Command:
