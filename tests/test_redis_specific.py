@@ -553,7 +553,8 @@ def test_memory_script_writes_do_what_the_command_table_does():
 def test_memory_blocked_pops_wake_for_writes_to_their_keys_one_client_per_value(monkeypatch):
     """A client blocked in BLPOP on memory:// sleeps through writes to other keys, and a push of
     three values to its key wakes three blocked clients, each once, each taking one; a client
-    blocked through a plain fakeredis socket, and one unblocked by CLIENT UNBLOCK, still wake."""
+    blocked through a plain fakeredis socket, and one unblocked by CLIENT UNBLOCK, still wake. A
+    write that adds no value (a PEXPIRE) wakes no second client."""
     import fakeredis
 
     from nbqueue.drivers.redis import memory
@@ -594,6 +595,22 @@ def test_memory_blocked_pops_wake_for_writes_to_their_keys_one_client_per_value(
     writer.lpush("k2", "p")
     plain.join(5)
     assert tuple(got[-1]) == (b"k2", b"p")
+    # a write that adds nothing to pop (the PEXPIRE after the push, in one transaction) wakes nobody more
+    poppers = [threading.Thread(target=pop, args=(connect(url, {}), "k3")) for _ in range(2)]
+    for thread in poppers:
+        thread.start()
+    blocked(2)
+    woken.clear()
+    pipe = writer.pipeline(transaction=True)
+    pipe.lpush("k3", "x")
+    pipe.pexpire("k3", 100_000)
+    pipe.execute()
+    wait_for(lambda: ("k3", "x") in map(tuple, got), message="x taken")
+    assert woken == [(b"k3",)] and blocked(1)
+    writer.lpush("k3", "y")
+    for thread in poppers:
+        thread.join(5)
+    assert ("k3", "y") in map(tuple, got) and woken == [(b"k3",)] * 2
     # CLIENT UNBLOCK ends the wait of a client blocked on a key nobody writes
     unblocked = fakeredis.FakeRedis(server=server, connection_class=memory.MemoryConnection,
                                     single_connection_client=True)

@@ -385,24 +385,29 @@ _WRITES: dict[str, Callable[[Any, list], Any]] = {
 class MemoryDatabase(Database):
     """fakeredis' database, waking a ``MemorySocket`` blocked in BLPOP, BRPOP or BRPOPLPUSH only
     for a write to a key it waits on (fakeredis' own wakes every blocked client at every write):
-    the first client blocked on that key not woken yet, unless the write leaves the key an
-    empty list (nothing to pop). A client that leaves its wait while a key of its still holds a
-    value wakes the next one blocked on that key, so every value finds a client, as with Redis.
-    Clients blocked in other commands (or through other sockets) wake at every write, as before."""
+    the first client blocked on that key not woken yet, while fewer clients are woken (and not
+    yet served) than the key's list holds values (one for a key of another type or not stored
+    yet), so a write that adds nothing to pop (a PEXPIRE, a pop) wakes nobody more. A client that
+    leaves its wait while a key of its still holds a value wakes the next one blocked on that
+    key, so every value finds a client, as with Redis. Clients blocked in other commands (or
+    through other sockets) wake at every write, as before."""
 
     def __init__(self, lock: Any) -> None:
         super().__init__(lock)
         #: key -> the MemorySockets (and KeyWaits) blocked on it, in the order they blocked
         self.blocked: dict[bytes, list[Any]] = {}
+        #: the blocked socket running its pass after a wake-up (its own writes tell the database)
+        self.serving: Any = None
 
     def notify_watch(self, key: bytes) -> None:
         for sock in self._watches.get(key, ()):
             sock.notify_watch()
         socks = self.blocked.get(key)
         if socks:
-            # told before the write-back: a list emptied in place by this write is still stored
+            # told before the write-back: a list changed in place by this write is stored as it ends
             item = self._dict.get(key)
-            if item is None or type(item.value) is not list or item.value:
+            values = len(item.value) if item is not None and type(item.value) is list else 1
+            if sum(1 for sock in socks if sock.woken and sock is not self.serving) < values:
                 _wake_next(socks)
         if self.condition._waiters:         # type: ignore[attr-defined]
             self.condition.notify_all()
@@ -572,7 +577,11 @@ class MemorySocket(FakeSocket):
                 if self._unblock_reason is not None:
                     self._take_unblock_reason()
                     return None if shape is None else shape(None)
-                ret = func(False)
+                db.serving = self
+                try:
+                    ret = func(False)
+                finally:
+                    db.serving = None
                 if ret is not None:
                     return ret if shape is None else shape(ret)
         finally:
