@@ -9,8 +9,13 @@ do), so keys, types, expiry and blocked clients behave as with the Lua. An
 EVALSHA of a script not loaded fails with NOSCRIPT as before; one without a twin runs as Lua.
 The connection also hands each command to the socket as its arguments in bytes
 (``Command``): the same fields fakeredis would parse out of RESP, without packing and
-parsing it. Everything else is fakeredis' own (its command table, data types, blocking
-pops and server lock), reached through its socket class and its internal modules.
+parsing it, and an EVALSHA of a twin skips the command table's argument parsing. A
+``memory://`` server's databases (``MemoryDatabase``) wake a client blocked in BLPOP, BRPOP
+or BRPOPLPUSH only for a write to a key it waits on, one client per value, and let a waiter
+in this process (``KeyWait``: the result backend's wait for one task) wait for such a write
+without a command. Everything else is fakeredis' own (its command table, data types, the
+passes of its blocking pops and server lock), reached through its socket class and its
+internal modules.
 """
 from __future__ import annotations
 
@@ -390,7 +395,7 @@ class MemoryDatabase(Database):
     yet), so a write that adds nothing to pop (a PEXPIRE, a pop) wakes nobody more. A client that
     leaves its wait while a key of its still holds a value wakes the next one blocked on that
     key, so every value finds a client, as with Redis. Clients blocked in other commands (or
-    through other sockets) wake at every write, as before."""
+    through other sockets) wake at every write, as fakeredis wakes them."""
 
     def __init__(self, lock: Any) -> None:
         super().__init__(lock)
