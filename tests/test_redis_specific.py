@@ -443,6 +443,220 @@ def test_memory_script_reads_answer_as_the_command_table_does():
     assert client.hgetall("h") == {b"b": b"2"}
 
 
+def _dump(db) -> list:
+    """Every stored key of a fakeredis database: (key, type, value, expiry)."""
+    out = []
+    for key, item in sorted(db._dict.items()):
+        value = item.value
+        if hasattr(value, "_values"):
+            shown = dict(value._values)
+        elif hasattr(value, "_byscore"):
+            shown = list(value._byscore)
+        else:
+            shown = list(value) if isinstance(value, list) else value
+        out.append((key, type(value).__name__, shown, item.expireat))
+    return out
+
+
+def test_memory_script_writes_do_what_the_command_table_does():
+    """The writes a twin's ``redis.call`` makes itself (nbqueue.drivers.redis.memory.Call) give
+    the replies and errors of fakeredis' command table, leave the same keys, values and expiries,
+    and tell the database of the same keys (WATCH and blocked clients): for keys missing,
+    expired, with a TTL, of the wrong type, a hash with a field expiry, and arguments the
+    command refuses."""
+    import fakeredis
+
+    from nbqueue.drivers.redis import memory
+
+    def prepared():
+        url = _memory_url()
+        server = fake_server(url[len("memory://"):])
+        client = fakeredis.FakeRedis(server=server)
+        client.hset("h", mapping={"a": "1", "n": "x"})
+        client.hset("hx", mapping={"a": "1", "b": "2"})
+        client.hpexpire("hx", 100_000, "a")
+        client.zadd("z", {"m1": 5.5, "m2": 3})
+        client.zadd("z1", {"only": 1})
+        client.sadd("st", "a")
+        client.rpush("l", "x")
+        client.set("s", "41")
+        client.set("v", "text")
+        client.set("ttl", "1")
+        client.hset("gone", "a", "1")
+        client.set("old", "1")
+        sock = memory.MemorySocket(server, db=0, client_class=fakeredis.FakeRedis)
+        # the same expiries on both servers
+        for key, expireat in ((b"ttl", now + 100), (b"gone", now - 1), (b"old", now - 1)):
+            sock._db._dict[key].expireat = expireat
+        told: list = []
+        notify = sock._db.notify_watch
+        sock._db.notify_watch = lambda key: (told.append(key), notify(key))
+        return sock, memory.Call(sock), told
+
+    now = time.time()
+    writes = [
+        ("hset", b"h", b"a", b"2", b"b", b"3"), ("hset", b"new", b"f", 1), ("hset", b"h", b"a"),
+        ("hset", b"z", b"f", b"1"), ("hset", b"hx", b"b", b"9"), ("hset", b"gone", b"f", b"1"),
+        ("hset", b"ttl", b"f", b"1"),
+        ("hincrby", b"h", b"c", 1), ("hincrby", b"h", b"c", 5), ("hincrby", b"h", b"n", 1),
+        ("hincrby", b"h", b"c", b"x"), ("hincrby", b"h", b"c", 2 ** 63 - 1), ("hincrby", b"hnew", b"c", -3),
+        ("hincrby", b"st", b"c", 1), ("hincrby", b"hx", b"b", 1),
+        ("incr", b"s"), ("incr", b"cnt"), ("incr", b"v"), ("incr", b"h"), ("incr", b"ttl"), ("incr", b"gone"),
+        ("zadd", b"z", b"7", b"m3"), ("zadd", b"z", b"5.5", b"m1"), ("zadd", b"z", b"1e3", b"m1"),
+        ("zadd", b"zn", 12, b"a"), ("zadd", b"z", b"nan", b"m4"), ("zadd", b"z", b"inf", b"m4"),
+        ("zadd", b"z", b"abc", b"m4"), ("zadd", b"z", b"1", b"nx"), ("zadd", b"z", b"NX", b"1"),
+        ("zadd", b"z", b"-0", b"m5"), ("zadd", b"h", b"1", b"m"), ("zadd", b"z", b"1e400", b"m6"),
+        ("zrem", b"z", b"m3", b"missing"), ("zrem", b"z", b"missing"), ("zrem", b"z1", b"only"),
+        ("zrem", b"nokey", b"x"), ("zrem", b"h", b"x"),
+        ("sadd", b"st", b"a"), ("sadd", b"st", b"b", b"c", b"b"), ("sadd", b"stnew", b"q"), ("sadd", b"l", b"q"),
+        ("lpush", b"l", b"1", b"2"), ("rpush", b"l", b"3"), ("lpush", b"lnew", b"1"), ("rpush", b"rnew", b"1", b"2"),
+        ("lpush", b"h", b"1"), ("rpush", b"ttl", b"1"),
+        ("pexpire", b"l", 5000), ("pexpire", b"nokey", 5000), ("pexpire", b"h", b"x"), ("pexpire", b"st", 2 ** 62),
+        ("pexpire", b"s", b"-5"), ("pexpire", b"z", 5000, b"NX"), ("pexpire", b"old", 10),
+        ("del", b"l", b"l", b"nokey", b"stnew"), ("del", b"gone"), ("del", b"zn"), ("del", b"old", b"h"),
+    ]
+
+    def run(call, told, op):
+        told.clear()
+        with call.sock._server.lock:
+            call.sock._db.time = now
+            try:
+                reply = op(call)
+            except fakeredis._helpers.SimpleError as exc:
+                reply = ("error", exc.value)
+            return reply, list(told), _dump(call.sock._db)
+
+    generic, replies = [], []
+
+    class Counted(memory.Call):
+        __slots__ = ()
+
+        def command(self, name, args):
+            generic.append((name, *args))
+            return super().command(name, args)
+
+    fast_sock, _, fast_told = prepared()
+    fast = Counted(fast_sock)
+    _, table, table_told = prepared()
+    for write in writes:
+        name, args = write[0], write[1:]
+        got = run(fast, fast_told, lambda call: call(name, *args))
+        want = run(table, table_told, lambda call: call.command(name, args))
+        assert got == want, write
+        replies.append(got[0])
+    assert ("error", memory.WRONGTYPE_MSG) in replies and ("error", "ERR hash value is not an integer") in replies
+    # the command table answered only what the writes leave to it
+    assert generic == [("hset", b"h", b"a"), ("hset", b"hx", b"b", b"9"), ("hincrby", b"hx", b"b", 1),
+                       ("zadd", b"z", b"1", b"nx"), ("zadd", b"z", b"NX", b"1"), ("pexpire", b"z", 5000, b"NX")]
+
+
+def test_memory_blocked_pops_wake_for_writes_to_their_keys_one_client_per_value(monkeypatch):
+    """A client blocked in BLPOP on memory:// sleeps through writes to other keys, and a push of
+    three values to its key wakes three blocked clients, each once, each taking one; a client
+    blocked through a plain fakeredis socket, and one unblocked by CLIENT UNBLOCK, still wake. A
+    write that adds no value (a PEXPIRE) wakes no second client."""
+    import fakeredis
+
+    from nbqueue.drivers.redis import memory
+    from nbqueue.drivers.redis.client import connect
+
+    url = _memory_url()
+    server = fake_server(url[len("memory://"):])
+    woken = []
+    bpop_pass = memory.MemorySocket._bpop_pass
+
+    def counted(self, keys, op, first_pass):
+        if not first_pass:
+            woken.append(keys)
+        return bpop_pass(self, keys, op, first_pass)
+
+    monkeypatch.setattr(memory.MemorySocket, "_bpop_pass", counted)
+    got: list = []
+
+    def pop(client, key):
+        got.append(client.blpop([key], timeout=10))
+
+    def blocked(n):
+        return wait_for(lambda: sum(sock._blocked for sock in server.sockets) == n, message=f"{n} blocked")
+
+    poppers = [threading.Thread(target=pop, args=(connect(url, {}), "k")) for _ in range(3)]
+    plain = threading.Thread(target=pop, args=(fakeredis.FakeRedis(server=server), "k2"))
+    for thread in [*poppers, plain]:
+        thread.start()
+    blocked(4)
+    writer = connect(url, {})
+    for i in range(50):
+        writer.lpush("other", i)
+    writer.lpush("k", "a", "b", "c")
+    for thread in poppers:
+        thread.join(5)
+    assert sorted(map(tuple, got)) == [("k", "a"), ("k", "b"), ("k", "c")]
+    assert woken == [(b"k",)] * 3
+    writer.lpush("k2", "p")
+    plain.join(5)
+    assert tuple(got[-1]) == (b"k2", b"p")
+    # a write that adds nothing to pop (the PEXPIRE after the push, in one transaction) wakes nobody more
+    poppers = [threading.Thread(target=pop, args=(connect(url, {}), "k3")) for _ in range(2)]
+    for thread in poppers:
+        thread.start()
+    blocked(2)
+    woken.clear()
+    pipe = writer.pipeline(transaction=True)
+    pipe.lpush("k3", "x")
+    pipe.pexpire("k3", 100_000)
+    pipe.execute()
+    wait_for(lambda: ("k3", "x") in map(tuple, got), message="x taken")
+    assert woken == [(b"k3",)] and blocked(1)
+    writer.lpush("k3", "y")
+    for thread in poppers:
+        thread.join(5)
+    assert ("k3", "y") in map(tuple, got) and woken == [(b"k3",)] * 2
+    # CLIENT UNBLOCK ends the wait of a client blocked on a key nobody writes
+    unblocked = fakeredis.FakeRedis(server=server, connection_class=memory.MemoryConnection,
+                                    single_connection_client=True)
+    client_id = unblocked.client_id()
+    popper = threading.Thread(target=pop, args=(unblocked, "never"))
+    popper.start()
+    blocked(1)
+    assert writer.client_unblock(client_id) == 1
+    popper.join(5)
+    assert got[-1] is None
+
+
+def test_memory_waiter_reads_then_waits_in_process_for_the_done_list(monkeypatch):
+    """On memory:// a wait for one task reads its record, and a record not final waits in this
+    process for a write to the task's done list (no blocking command), next to a waiter blocked
+    on that list in BRPOPLPUSH: the result stored wakes both."""
+    from nbqueue.drivers.redis import memory
+
+    url = _memory_url()
+    waiter, rotator, worker = RedisBackend(url), RedisBackend(url), RedisBackend(url)
+    worker.create([{"id": "t", "name": "n"}])
+    db = fake_server(url[len("memory://"):]).dbs[0]
+    done = worker._done_key("t").encode()
+    sent: list = []
+    sendall = memory.MemorySocket.sendall
+
+    def counted(sock, data):
+        sent.append(data[0])
+        return sendall(sock, data)
+
+    monkeypatch.setattr(memory.MemorySocket, "sendall", counted)
+    records, rotated = [], []
+    reader = threading.Thread(target=lambda: records.append(waiter.wait_record("t", timeout=10)))
+    blocker = threading.Thread(target=lambda: (rotator._block(["t"], 0, 10.0), rotated.append(True)))
+    reader.start()
+    wait_for(lambda: len(db.blocked.get(done, ())) == 1, message="the reader waiting")
+    blocker.start()
+    wait_for(lambda: len(db.blocked.get(done, ())) == 2, message="both waiting")
+    worker.store_result("t", states.SUCCESS, token=worker.begin("t"), result="1")
+    reader.join(5)
+    blocker.join(5)
+    assert records[0]["state"] == states.SUCCESS and rotated == [True]
+    assert done not in db.blocked and sent.count(b"BRPOPLPUSH") == 1      # the rotator's only
+    assert waiter.wait_record("t", timeout=1)["result"] == "1"     # final at once: a read, no wait
+
+
 # -- connections ---------------------------------------------------------------------------
 
 def test_remote_redis_without_password_logs_a_warning(caplog):

@@ -103,6 +103,11 @@ class RedisBackend(ResultBackend):
         self.options.setdefault("poll_interval", 1.0)
         self.prefix = key_prefix(self.options)
         self.client = connect(url, self.options)
+        self._key_wait = None
+        if url.startswith("memory:"):
+            from .memory import KeyWait
+
+            self._key_wait = KeyWait
         self._create = register(self.client, _CREATE)
         self._begin = register(self.client, _BEGIN)
         self._set_state = register(self.client, _SET_STATE)
@@ -266,8 +271,18 @@ class RedisBackend(ResultBackend):
     @guarded
     def _block_then_get(self, task_id: str, woken, timeout: float) -> dict | None:
         """Block on the task's done list and read its record in one round trip: Redis
-        runs the pipelined HGETALL as soon as the blocking pop returns."""
+        runs the pipelined HGETALL as soon as the blocking pop returns. On memory:// (in
+        this process) the record is read first, and only a record not final waits, without
+        a command, for a write to the done list (nbqueue.drivers.redis.memory.KeyWait)."""
         key = self._done_key(task_id)
+        if self._key_wait is not None:
+            with self._key_wait(self.client, [key.encode()]) as wait:
+                record = self._live(self.client.hgetall(self._rec(task_id)))
+                if record is not None and record["state"] in states.READY_STATES:
+                    return record
+                if not wait.wait(max(MIN_BLOCK, timeout)):
+                    return record
+            return self._live(self.client.hgetall(self._rec(task_id)))
         pipe = pipeline(self.client)
         pipe.brpoplpush(key, key, timeout=max(MIN_BLOCK, timeout))  # rotated in place: other waiters see it too
         pipe.hgetall(self._rec(task_id))

@@ -38,13 +38,14 @@ _POOLS: "weakref.WeakSet[redis.ConnectionPool]" = (
 
 
 def fake_server(name: str) -> "fakeredis.FakeServer":
-    """The in-process fakeredis server called ``name``, created on first use."""
-    import fakeredis
+    """The in-process fakeredis server called ``name``, created on first use (its databases
+    wake a blocked client only for a write to a key it waits on: nbqueue.drivers.redis.memory)."""
+    from .memory import memory_server
 
     with _FAKE_LOCK:
         server = _FAKE_SERVERS.get(name)
         if server is None:
-            server = _FAKE_SERVERS[name] = fakeredis.FakeServer()
+            server = _FAKE_SERVERS[name] = memory_server()
         return server
 
 

@@ -4,24 +4,35 @@ A ``memory://`` client (``connect`` in nbqueue.drivers.redis.client) gets a
 ``MemoryConnection``, whose server socket runs an EVALSHA of a script that has a twin
 (nbqueue.drivers.redis.twins) as that function: where fakeredis would run the Lua, under
 the server's lock, with the script's ``redis.call``s made through fakeredis' own command
-table (``Call``), so keys, types, expiry and blocked clients behave as with the Lua. An
+table (``Call``; its most frequent reads and writes act on the key's value as those commands
+do), so keys, types, expiry and blocked clients behave as with the Lua. An
 EVALSHA of a script not loaded fails with NOSCRIPT as before; one without a twin runs as Lua.
 The connection also hands each command to the socket as its arguments in bytes
 (``Command``): the same fields fakeredis would parse out of RESP, without packing and
-parsing it. Everything else is fakeredis' own (its command table, data types, blocking
-pops and server lock), reached through its socket class and its internal modules.
+parsing it, and an EVALSHA of a twin skips the command table's argument parsing. A
+``memory://`` server's databases (``MemoryDatabase``) wake a client blocked in BLPOP, BRPOP
+or BRPOPLPUSH only for a write to a key it waits on, one client per value, and let a waiter
+in this process (``KeyWait``: the result backend's wait for one task) wait for such a write
+without a command. Everything else is fakeredis' own (its command table, data types, the
+passes of its blocking pops and server lock), reached through its socket class and its
+internal modules.
 """
 from __future__ import annotations
 
+import threading
+import time
+from collections import defaultdict
 from typing import Any, Callable
 
 import hiredis
-from fakeredis import FakeRedisConnection
-from fakeredis._command_args_parsing import Float
-from fakeredis._helpers import SimpleError
-from fakeredis._msgs import CONNECTION_ERROR_MSG, SCRIPT_ERROR_MSG, WRONGTYPE_MSG
+from fakeredis import FakeRedisConnection, FakeServer
+from fakeredis._command_args_parsing import Float, Int
+from fakeredis._core._database import Database, Item
+from fakeredis._helpers import SimpleError, null_terminate
+from fakeredis._msgs import CONNECTION_ERROR_MSG, INVALID_HASH_MSG, SCRIPT_ERROR_MSG, WRONGTYPE_MSG
 from fakeredis._socket import FakeSocket
-from fakeredis.model import Hash, ZSet
+from fakeredis._socket._resp import convert_to_resp2
+from fakeredis.model import ExpiringMembersSet, Hash, ZSet
 
 from .twins import TWINS, ErrorReply
 
@@ -44,7 +55,10 @@ class Call:
     of fields the hash lacks, which writes nothing) are answered from the key's value as those commands answer
     them (an expired key is missing, a key of another type is WRONGTYPE), without the command
     table's argument and write-back machinery; a hash with field expiries takes the command
-    table, whose read reports the fields expired by it."""
+    table, whose read reports the fields expired by it. So are the writes they make (``HSET``,
+    ``HINCRBY``, ``INCR``, ``ZADD key score member``, ``ZREM``, ``SADD``, ``LPUSH``, ``RPUSH``,
+    ``PEXPIRE key ms``, ``DEL``: see ``_WRITES``) while nobody is subscribed to anything (a
+    subscriber could be listening for keyspace events, which the command table sends)."""
 
     __slots__ = ("sock",)
 
@@ -52,11 +66,21 @@ class Call:
         self.sock = sock
 
     def __call__(self, name: str, *args: Any) -> Any:
-        read = _READS.get(name)
-        if read is not None and self.sock.server_type == "redis":
-            result = read(self.sock._db, args)
-            if result is not _GENERIC:
-                return result
+        sock = self.sock
+        server = sock._server
+        if server.server_type == "redis":
+            read = _READS.get(name)
+            if read is not None:
+                result = read(sock._db, args)
+                if result is not _GENERIC:
+                    return result
+            else:
+                write = _WRITES.get(name)
+                # (a write that someone subscribed to keyspace events could hear takes the command table)
+                if write is not None and not server.subscribers and not server.psubscribers:
+                    result = write(sock, [a if type(a) is bytes else _arg(a) for a in args])
+                    if result is not _GENERIC:
+                        return result
         return self.command(name, args)
 
     def command(self, name: str, args: tuple) -> Any:
@@ -72,11 +96,19 @@ class Call:
 _GENERIC = object()
 
 
+def _live(db: Any, key: Any) -> Any:
+    """The stored item at ``key``, None if missing or expired (then removed), as ``db[key]`` finds it."""
+    item = db._dict.get(key)
+    if item is not None and item.expireat is not None and item.expireat < db.time:
+        del db._dict[key]
+        return None
+    return item
+
+
 def _value(db: Any, key: Any, kind: type) -> Any:
     """The value at ``key`` (None if missing or expired), WRONGTYPE for a value not of ``kind``."""
-    try:
-        item = db[key]
-    except KeyError:
+    item = _live(db, key)
+    if item is None:
         return None
     if type(item.value) is not kind:
         raise SimpleError(WRONGTYPE_MSG)
@@ -86,7 +118,7 @@ def _value(db: Any, key: Any, kind: type) -> Any:
 def _exists(db: Any, args: tuple) -> Any:
     if len(args) != 1 or type(args[0]) is not bytes:
         return _GENERIC
-    return 1 if db.get(args[0]) is not None else 0
+    return 1 if _live(db, args[0]) is not None else 0
 
 
 def _hash(db: Any, args: tuple) -> Any:
@@ -174,6 +206,295 @@ _READS: dict[str, Callable[[Any, tuple], Any]] = {
 }
 
 
+# -- writes answered from the key's value -----------------------------------------------------
+#
+# Each makes the change fakeredis' command makes to the stored value, with the same reply, the
+# same errors (checked in the same order: the key's type, then the arguments) and the same
+# expiry (a write keeps the key's TTL; a value emptied is removed), and tells the database as
+# the command's write-back does (``notify_watch``: WATCHes and blocked clients). Arguments
+# arrive as bytes (``_arg``); an argument list of another shape returns ``_GENERIC``.
+
+def _item(db: Any, key: bytes, kind: type) -> Any:
+    """The stored item at ``key`` (None if missing or expired), WRONGTYPE for a value not of ``kind``."""
+    item = _live(db, key)
+    if item is not None and type(item.value) is not kind:
+        raise SimpleError(WRONGTYPE_MSG)
+    return item
+
+
+def _stored(db: Any, key: bytes, item: Any, value: Any) -> None:
+    """``value`` written at ``key`` (in ``item``, or in a new item without expiry)."""
+    if item is None:
+        db[key] = Item(value)
+    else:
+        item.value = value
+    db.notify_watch(key)
+
+
+def _plain_hash(item: Any) -> Any:
+    """The hash of ``item`` (a new one when None), or ``_GENERIC`` for one with field expiries."""
+    if item is None:
+        return Hash()
+    value = item.value
+    return _GENERIC if value._expiry_heap or value._expirations else value
+
+
+def _hset_write(sock: Any, args: list) -> Any:
+    if len(args) < 3 or len(args) % 2 == 0:
+        return _GENERIC
+    db, key = sock._db, args[0]
+    item = _item(db, key, Hash)
+    value = _plain_hash(item)
+    if value is _GENERIC:
+        return value
+    before = len(value._values)
+    value._values.update(zip(args[1::2], args[2::2]))
+    _stored(db, key, item, value)
+    return len(value._values) - before
+
+
+def _hincrby_write(sock: Any, args: list) -> Any:
+    if len(args) != 3:
+        return _GENERIC
+    db, key = sock._db, args[0]
+    item = _item(db, key, Hash)
+    value = _plain_hash(item)
+    if value is _GENERIC:
+        return value
+    amount = Int.decode(args[2])
+    total = Int.decode(value._values.get(args[1], b"0"), decode_error=INVALID_HASH_MSG) + amount
+    value._values[args[1]] = sock._encodeint(total)
+    _stored(db, key, item, value)
+    return total
+
+
+def _incr_write(sock: Any, args: list) -> Any:
+    if len(args) != 1:
+        return _GENERIC
+    db, key = sock._db, args[0]
+    item = _item(db, key, bytes)
+    total = Int.decode(b"0" if item is None else item.value) + 1
+    _stored(db, key, item, sock._encodeint(total))
+    return total
+
+
+#: ZADD's options: an argument spelled as one of them is read as it (the command table decides)
+_ZADD_OPTIONS = frozenset((b"nx", b"xx", b"ch", b"incr", b"gt", b"lt"))
+
+
+def _zadd_write(sock: Any, args: list) -> Any:
+    """``ZADD key score member`` (no options)."""
+    if len(args) != 3:
+        return _GENERIC
+    db, key, member = sock._db, args[0], args[2]
+    item = _item(db, key, ZSet)
+    if null_terminate(args[1]) in _ZADD_OPTIONS or null_terminate(member) in _ZADD_OPTIONS:
+        return _GENERIC
+    score = Float.decode(args[1])
+    if sock.version >= (7,):
+        score = 0.0 + score
+    value = ZSet() if item is None else item.value
+    before = len(value)
+    if value.add(member, score):
+        _stored(db, key, item, value)
+    return len(value) - before
+
+
+def _zrem_write(sock: Any, args: list) -> Any:
+    if len(args) < 2:
+        return _GENERIC
+    db, key = sock._db, args[0]
+    item = _item(db, key, ZSet)
+    if item is None:
+        return 0
+    value = item.value
+    before = len(value)
+    for member in args[1:]:
+        value.discard(member)
+    removed = before - len(value)
+    if removed:
+        db.notify_watch(key)
+        if not value:
+            db.pop(key, None)
+    return removed
+
+
+def _sadd_write(sock: Any, args: list) -> Any:
+    if len(args) < 2:
+        return _GENERIC
+    db, key = sock._db, args[0]
+    item = _item(db, key, ExpiringMembersSet)
+    value = ExpiringMembersSet() if item is None else item.value
+    before = len(value)
+    value.update(args[1:])
+    _stored(db, key, item, value)          # written (and told) even when every member was there
+    return len(value) - before
+
+
+def _push_write(front: bool) -> Callable[[Any, list], Any]:
+    def push(sock: Any, args: list) -> Any:
+        if len(args) < 2:
+            return _GENERIC
+        db, key = sock._db, args[0]
+        item = _item(db, key, list)
+        value = [] if item is None else item.value
+        if front:
+            for element in args[1:]:
+                value.insert(0, element)
+        else:
+            value.extend(args[1:])
+        _stored(db, key, item, value)
+        return len(value)
+
+    return push
+
+
+def _pexpire_write(sock: Any, args: list) -> Any:
+    """``PEXPIRE key ms`` (no options)."""
+    if len(args) != 2:
+        return _GENERIC
+    db, key = sock._db, args[0]
+    ms = Int.decode(args[1])
+    if sock._invalid_expire_in("pexpire", ms, 1, relative=True) is not None:
+        return _GENERIC
+    item = _live(db, key)
+    if item is None:
+        return 0
+    item.expireat = db.time + ms / 1000.0
+    db.schedule_expiry(key, item.expireat)
+    db.notify_watch(key)
+    return 1
+
+
+def _del_write(sock: Any, args: list) -> Any:
+    if not args:
+        return _GENERIC
+    db, deleted = sock._db, 0
+    for key in dict.fromkeys(args):
+        if _live(db, key) is not None:
+            db.notify_watch(key)
+            db.pop(key, None)
+            deleted += 1
+    return deleted
+
+
+_WRITES: dict[str, Callable[[Any, list], Any]] = {
+    "hset": _hset_write, "hincrby": _hincrby_write, "incr": _incr_write, "zadd": _zadd_write,
+    "zrem": _zrem_write, "sadd": _sadd_write, "lpush": _push_write(True), "rpush": _push_write(False),
+    "pexpire": _pexpire_write, "del": _del_write,
+}
+
+
+# -- blocked clients woken by a write to a key they wait on -------------------------------------
+
+class MemoryDatabase(Database):
+    """fakeredis' database, waking a ``MemorySocket`` blocked in BLPOP, BRPOP or BRPOPLPUSH only
+    for a write to a key it waits on (fakeredis' own wakes every blocked client at every write):
+    the first client blocked on that key not woken yet, while fewer clients are woken (and not
+    yet served) than the key's list holds values (one for a key of another type or not stored
+    yet), so a write that adds nothing to pop (a PEXPIRE, a pop) wakes nobody more. A client that
+    leaves its wait while a key of its still holds a value wakes the next one blocked on that
+    key, so every value finds a client, as with Redis. Clients blocked in other commands (or
+    through other sockets) wake at every write, as fakeredis wakes them."""
+
+    def __init__(self, lock: Any) -> None:
+        super().__init__(lock)
+        #: key -> the MemorySockets (and KeyWaits) blocked on it, in the order they blocked
+        self.blocked: dict[bytes, list[Any]] = {}
+        #: the blocked socket running its pass after a wake-up (its own writes tell the database)
+        self.serving: Any = None
+
+    def notify_watch(self, key: bytes) -> None:
+        for sock in self._watches.get(key, ()):
+            sock.notify_watch()
+        socks = self.blocked.get(key)
+        if socks:
+            # told before the write-back: a list changed in place by this write is stored as it ends
+            item = self._dict.get(key)
+            values = len(item.value) if item is not None and type(item.value) is list else 1
+            if sum(1 for sock in socks if sock.woken and sock is not self.serving) < values:
+                _wake_next(socks)
+        if self.condition._waiters:         # type: ignore[attr-defined]
+            self.condition.notify_all()
+        for callback in self._change_callbacks:
+            callback()
+
+    def wake_all(self) -> None:
+        super().wake_all()
+        for socks in self.blocked.values():
+            for sock in socks:
+                sock.wake()
+
+
+def _wake_next(socks: list) -> None:
+    """Wake the first of ``socks`` not woken yet."""
+    for sock in socks:
+        if not sock.woken:
+            sock.wake()
+            return
+
+
+def _block(db: MemoryDatabase, waiter: Any, keys: Any) -> None:
+    """Register ``waiter`` (``woken``, ``wake()``) as blocked on ``keys`` (under the server's lock)."""
+    for key in keys:
+        db.blocked.setdefault(key, []).append(waiter)
+
+
+def _unblock(db: MemoryDatabase, waiter: Any, keys: Any) -> None:
+    """Take ``waiter`` off ``keys`` (under the server's lock); a key of them still holding a value
+    wakes the next waiter blocked on it (a write wakes one waiter only)."""
+    for key in keys:
+        waiters = db.blocked[key]
+        waiters.remove(waiter)
+        if not waiters:
+            del db.blocked[key]
+    for key in keys:
+        waiters = db.blocked.get(key)
+        if waiters and key in db:
+            _wake_next(waiters)
+
+
+class KeyWait:
+    """A wait in this process for a write to one of ``keys`` (bytes) of a memory:// client's
+    database, woken as a client blocked on them in BLPOP would be (see ``MemoryDatabase``), with
+    no command sent: ``with KeyWait(client, keys) as wait:`` (registered) ... ``wait.wait(seconds)``
+    (True once woken; it stays woken)."""
+
+    woken = False
+
+    def __init__(self, client: Any, keys: list[bytes]):
+        kwargs = client.connection_pool.connection_kwargs
+        self._server: FakeServer = kwargs["server"]
+        self._db = self._server.dbs[kwargs.get("db", 0)]
+        self._keys = keys
+        self._event = threading.Event()
+
+    def wake(self) -> None:
+        self.woken = True
+        self._event.set()
+
+    def wait(self, timeout: float) -> bool:
+        return self._event.wait(timeout)
+
+    def __enter__(self) -> KeyWait:
+        if isinstance(self._db, MemoryDatabase):
+            with self._server.lock:
+                _block(self._db, self, self._keys)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if isinstance(self._db, MemoryDatabase):
+            with self._server.lock:
+                _unblock(self._db, self, self._keys)
+
+
+def memory_server() -> FakeServer:
+    """A fakeredis server whose databases are ``MemoryDatabase``s."""
+    server = FakeServer()
+    server.dbs = defaultdict(lambda: MemoryDatabase(server.lock))
+    return server
+
+
 class Command(tuple):
     """One command's arguments as the bytes RESP would carry, handed to the server socket as they
     are: the client packs no RESP and the socket parses none (``MemoryConnection.pack_command``)."""
@@ -205,7 +526,73 @@ def _command(args: tuple) -> Command | None:
 
 class MemorySocket(FakeSocket):
     """fakeredis' server socket, running the scripts registered in nbqueue.drivers.redis.twins as
-    Python, and taking a ``Command`` without RESP in between."""
+    Python, taking a ``Command`` without RESP in between, and blocked in BLPOP, BRPOP or
+    BRPOPLPUSH on a ``MemoryDatabase`` until a write to one of its keys (see there)."""
+
+    #: the keys of the blocking pop running, its condition on the server's lock, whether it was woken
+    _pop_keys: tuple | None = None
+    _wakeup: threading.Condition | None = None
+    woken = False
+
+    def blpop(self, *args: bytes) -> Any:
+        return self._keyed(args[:-1], super().blpop, args)
+
+    def brpop(self, *args: bytes) -> Any:
+        return self._keyed(args[:-1], super().brpop, args)
+
+    def brpoplpush(self, source: bytes, destination: bytes, timeout: float) -> Any:
+        return self._keyed((source,), super().brpoplpush, (source, destination, timeout))
+
+    def _keyed(self, keys: tuple, pop: Callable[..., Any], args: tuple) -> Any:
+        self._pop_keys = keys
+        try:
+            return pop(*args)
+        finally:
+            self._pop_keys = None
+
+    def wake(self) -> None:
+        """End this socket's wait (under the server's lock)."""
+        self.woken = True
+        if self._wakeup is not None:
+            self._wakeup.notify()
+
+    def _blocking(self, timeout: float | None, func: Callable[[bool], Any],
+                  shape: Callable[[Any], Any] | None = None) -> Any:
+        """fakeredis' ``_blocking`` for a blocking pop on a ``MemoryDatabase``: the same passes,
+        replies and timeout, waiting on this socket's own condition, registered under its keys."""
+        keys, db = self._pop_keys, self._db
+        if keys is None or not isinstance(db, MemoryDatabase):
+            return super()._blocking(timeout, func, shape)
+        ret = func(True)
+        if ret is not None or self._in_transaction:
+            return ret if shape is None else shape(ret)
+        if self._wakeup is None:
+            self._wakeup = threading.Condition(self._server.lock)
+        deadline = time.time() + timeout if timeout else None
+        self._blocked = True
+        _block(db, self, keys)
+        try:
+            while True:
+                left = None if deadline is None else deadline - time.time()
+                if left is not None and left <= 0:
+                    return None if shape is None else shape(None)
+                self.woken = False
+                if self._wakeup.wait(timeout=left) is False:
+                    return None if shape is None else shape(None)
+                if self._unblock_reason is not None:
+                    self._take_unblock_reason()
+                    return None if shape is None else shape(None)
+                db.serving = self
+                try:
+                    ret = func(False)
+                finally:
+                    db.serving = None
+                if ret is not None:
+                    return ret if shape is None else shape(ret)
+        finally:
+            self._blocked = False
+            self._unblock_reason = None
+            _unblock(db, self, keys)
 
     def sendall(self, data: Any) -> None:
         if type(data) is not Command:
@@ -214,8 +601,43 @@ class MemorySocket(FakeSocket):
             raise self._connection_error_class(CONNECTION_ERROR_MSG)
         if self._paused:                    # commands wait in the parser's buffer: this one goes after them
             return super().sendall(hiredis.pack_command(tuple(data)))
-        self._process_command(list(data))
+        if not self._run_twin(data):
+            self._process_command(list(data))
         return None
+
+    def _run_twin(self, fields: Command) -> bool:
+        """An EVALSHA of a script with a twin run as ``_process_command`` runs it (the ACL check,
+        closed sockets cleaned out and the clock read under the server's lock, the reply or error
+        queued) without the command table's argument parsing and reply checks; False (nothing
+        done) for any other command, or for a client in a transaction, subscribed or with CLIENT
+        REPLY set, whose command the command table runs."""
+        if (len(fields) < 3 or fields[0] not in (b"EVALSHA", b"evalsha") or fields[1] not in TWINS
+                or self.server_type != "redis" or self._queueing or self._pubsub or self._reply_off
+                or self._reply_skip or self._reply_skip_next):
+            return False
+        server = self._server
+        try:
+            numkeys = Int.decode(fields[2])
+            server.acl.validate_command(self._client_info.user, self._client_info, list(fields))
+        except SimpleError:
+            return False
+        result: Any
+        with server.lock:
+            while server.closed_sockets:
+                sock = server.closed_sockets.pop()()
+                if sock:
+                    sock._cleanup(server)
+            now = time.time()
+            for db in server.dbs.values():
+                db.time = now
+            try:
+                result = self.evalsha(fields[1], numkeys, *fields[3:])
+                if self._client_info.protocol_version == 2:
+                    result = convert_to_resp2(result)
+            except SimpleError as exc:
+                result = exc
+        self.put_response(self._decode_result(result))
+        return True
 
     def evalsha(self, sha1: bytes, numkeys: int, *keys_and_args: bytes) -> Any:
         fn = TWINS.get(sha1)
@@ -224,10 +646,6 @@ class MemorySocket(FakeSocket):
         # as fakeredis' EVAL: the script's calls reply in RESP2 and see no HIMPORT fieldsets of the caller
         self._script_resp = 2
         caller_fieldsets, self._fieldsets = self._fieldsets, {}
-        # the clients blocked on the database are woken once, as the script ends, not at each of its
-        # writes: they wait for the server's lock, which the script holds until then
-        db, writes = self._db, []
-        db.wake_all = lambda: writes.append(True)      # type: ignore[method-assign]
         try:
             return fn(Call(self), list(keys_and_args[:numkeys]), list(keys_and_args[numkeys:]))
         except SimpleError:
@@ -237,9 +655,6 @@ class MemorySocket(FakeSocket):
         except Exception as exc:        # what a Lua runtime error would be
             raise SimpleError(SCRIPT_ERROR_MSG.format(sha1.decode(), exc)) from exc
         finally:
-            del db.wake_all
-            if writes:
-                db.wake_all()
             self._script_resp = None
             self._fieldsets = caller_fieldsets
 
