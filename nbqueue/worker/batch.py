@@ -12,7 +12,7 @@ from typing import Any, Callable
 from .. import states, workflow
 from ..broker import Delivery
 from ..engine import ACK, COUNT_LAPSE, DEFER, REJECT, RELEASE, Claim, Outcome
-from ..signature import encode_body
+from ..message import Message
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +56,10 @@ class _ResultNotStored(Exception):
 REVOKE_CHECK = 0.02
 
 
-def _follows(message: dict | None) -> bool:
+def _follows(message: Message | None) -> bool:
     """Whether anything follows a task's outcome (callbacks, a workflow step)."""
     return message is not None and bool(
-        message.get("on_success") or message.get("workflow") or message.get("on_error")
+        message.on_success or message.workflow or message.on_error
     )
 
 
@@ -165,8 +165,8 @@ class _Batch:
         elif outcome.then == RELEASE:
             app.broker.release(delivery)
         elif outcome.state == states.RETRY and outcome.message is not None:
-            app.broker.retry(delivery, body=encode_body(outcome.message), eta=outcome.eta)
-            log.info("task %s (%s) will retry in %.1fs: %s", outcome.message["name"], outcome.task_id,
+            app.broker.retry(delivery, body=outcome.message.encode(), eta=outcome.eta)
+            log.info("task %s (%s) will retry in %.1fs: %s", outcome.message.name, outcome.task_id,
                      max(0.0, (outcome.eta or 0.0) - app.clock.time()), outcome.fields.get("error"))
         else:
             app.broker.retry(delivery, eta=outcome.eta)
@@ -382,7 +382,7 @@ class _Batch:
                                  message=outcome.message, token=outcome.token)
 
     def give_up(self, delivery: Delivery, exc: BaseException, what: str, *, dead_letter: bool = True,
-                message: dict | None = None, token: int | None = None) -> None:
+                message: Message | None = None, token: int | None = None) -> None:
         """Settle a delivery whose own bookkeeping failed (not the store: see Engine.store_errors),
         so it is not run again at every lease. Its task (``message``, begun with ``token``) is
         recorded FAILURE with the reason unless its record is final already (error callbacks
@@ -392,7 +392,7 @@ class _Batch:
         result of"). Never raises."""
         app, worker = self.app, self.worker
         name = (
-            f"task {message['name']!r} ({message['id']})" if message is not None else f"message {delivery.message_id}"
+            f"task {message.name!r} ({message.id})" if message is not None else f"message {delivery.message_id}"
         )
         exc_type, reason = type(exc).__name__, f"{what} {name} failed: {_describe(exc)}"
         log.error("worker %s: %s", worker.name, reason, exc_info=exc)
@@ -402,12 +402,12 @@ class _Batch:
                 try:
                     with app.transaction():
                         recorded = app.backend.store_result(
-                            message["id"],
+                            message.id,
                             states.FAILURE,
                             token=token,
                             exc_type=exc_type,
                             error=reason,
-                            retries=message.get("retries", 0),
+                            retries=message.retries,
                         )
                         if recorded and follow:
                             workflow.on_failure(app, message, exc_type, reason, send=self.send)

@@ -137,7 +137,7 @@ class Heartbeat:
         limit = run.get("time_limit")
         if not limit or time.monotonic() - run["started"] <= limit:
             return
-        if self.pool is not None and not run["message"]["name"].startswith("nbqueue."):
+        if self.pool is not None and not run["message"].name.startswith("nbqueue."):
             return   # in a child process: the pool stops it at its limit (a hard limit)
         # A thread cannot be killed: the task is failed now, its late result is fenced out.
         if self.app.backend.store_result(

@@ -36,6 +36,7 @@ from .. import capture, control, shipping, states
 from ..broker import Delivery, Outgoing, queue_list
 from ..engine import Claim, NextClaim, Outcome, decode
 from ..events import WorkerEvents
+from ..message import Message
 from .batch import GROUP_COMMIT, REVOKE_CHECK, STEAL_AFTER, _Batch
 from .execute import Execution
 from .heartbeat import Heartbeat
@@ -443,7 +444,7 @@ class Worker(Heartbeat, Execution):
             if time.monotonic() - checked >= REVOKE_CHECK:
                 checked = time.monotonic()
                 self._skip_revoked([claim] + batch.pending())
-            if self._revoked and self._revoked_here(claim.message["id"]):
+            if self._revoked and self._revoked_here(claim.message.id):
                 claim.begun, claim.token = True, None
             batch.running()
             try:
@@ -469,16 +470,16 @@ class Worker(Heartbeat, Execution):
         out, copies = [], []
         for claim in claims:
             assert claim.message is not None
-            if claim.message["id"] in seen:
+            if claim.message.id in seen:
                 log.warning(
                     "worker %s: task %s (%s) is in this batch twice; running it once",
                     self.name,
-                    claim.message["name"],
-                    claim.message["id"],
+                    claim.message.name,
+                    claim.message.id,
                 )
                 copies.append(claim.delivery)
                 continue
-            seen.add(claim.message["id"])
+            seen.add(claim.message.id)
             out.append(claim)
         return out, copies
 
@@ -502,7 +503,7 @@ class Worker(Heartbeat, Execution):
         """Tasks of a batch not started yet may have been revoked (in another process) since
         they were reserved: forget their tokens, so they are settled as final (ending their
         workflows), not run."""
-        waiting = {c.message["id"]: c for c in unstarted if c.message is not None and c.begun and c.token}
+        waiting = {c.message.id: c for c in unstarted if c.message is not None and c.begun and c.token}
         if not waiting:
             return
         found = self.app.backend.states_of(list(waiting))
@@ -554,9 +555,9 @@ class Worker(Heartbeat, Execution):
         """Decode deliveries handed to ``process`` unclaimed and begin their tasks."""
         return self.app.engine.begin(decode(deliveries), self.name, self._begins)
 
-    def _begins(self, message: dict) -> bool:
+    def _begins(self, message: Message) -> bool:
         """Whether a claim begins this task: one this worker runs, or may fail as not registered."""
-        return message["name"] in self.app.registry or not message.get("ignore_when_not_registered")
+        return message.name in self.app.registry or not message.ignore_when_not_registered
 
     def serve_code_queues(self) -> None:
         """Also read the code queues of this worker's queues (``shipping.code_queue``), where
