@@ -378,6 +378,22 @@ def _failed(claim: Claim, exc: BaseException, *, tb: str | None = None, output: 
     return Outcome(claim.delivery, message.id, states.FAILURE, claim.token, fields, message=message)
 
 
+def timed_out(task_id: str, run: dict, limit: float, output: str | None) -> Outcome:
+    """The FAILURE (TimeLimitExceeded) of a task running in a thread past its hard time limit
+    (``run``: the worker's record of the running task). No delivery: the executor running the
+    task still holds it, and settles it once the task returns."""
+    message = run["message"]
+    fields: dict[str, Any] = {
+        "exc_type": "TimeLimitExceeded",
+        "error": f"task ran longer than its time limit of {limit:g}s",
+        "traceback": None,
+        "output": _safe_text(output) or None,
+        "retries": message.retries,
+        "started_at": run["started_at"],
+    }
+    return Outcome(None, task_id, states.FAILURE, run["token"], fields, message=message)
+
+
 def _host_and_pid(worker_name: str) -> tuple[str | None, int | None]:
     """(host, pid) from a worker name of the default form ``host:pid:suffix``, else (None, None)."""
     host, _, rest = worker_name.partition(":")
