@@ -44,6 +44,14 @@ from .heartbeat import Heartbeat
 log = logging.getLogger(__name__)
 
 
+def _check_options(concurrency: int, pool: str) -> None:
+    """ValueError for a concurrency below 1 or a pool that is neither threads nor processes."""
+    if concurrency < 1:
+        raise ValueError("concurrency must be at least 1")
+    if pool not in ("threads", "processes"):
+        raise ValueError(f"pool must be 'threads' or 'processes', not {pool!r}")
+
+
 class Worker(Heartbeat, Execution):
     def __init__(
         self,
@@ -65,10 +73,7 @@ class Worker(Heartbeat, Execution):
         max_memory_per_child: int | None = None,
         shutdown_grace: float = 30.0,
     ):
-        if concurrency < 1:
-            raise ValueError("concurrency must be at least 1")
-        if pool not in ("threads", "processes"):
-            raise ValueError(f"pool must be 'threads' or 'processes', not {pool!r}")
+        _check_options(concurrency, pool)
         self.app = app
         self.concurrency = int(concurrency)
         self.queues = queue_list(queues) if queues else [app.default_queue]
@@ -77,9 +82,27 @@ class Worker(Heartbeat, Execution):
         self.allow_cells = allow_cells
         self.echo_output = echo_output
         self.beat = beat                               # also run the App's periodic-task scheduler (schedule.py)
-        # -- the process pool (pool.py) and shipped notebook functions (shipping.py) --
+        self.lease = app.visibility_timeout
+        self.heartbeat_interval = heartbeat_interval or max(0.05, min(self.lease / 3.0, 5.0))
+        # a notebook kernel defines its tasks in cells that may run after the worker starts
+        # (a restarted kernel): for this long, a message sent before it started whose task
+        # it does not know yet is handed back (see _leave_unknown)
+        self.unknown_grace = float(unknown_grace)
+        self._born = app.clock.time()
+        self._pid = os.getpid()
+        self._init_pool(pool, allow_code, max_tasks_per_child, max_memory_per_child, shutdown_grace)
+        self._init_state()
+        self._init_engine_use(app.engine, local_follow_ups)
+        self.events = WorkerEvents()                   # hooks around each task run (metrics, tracing)
+        self.control = control.Watch(self)             # cancels, soft limits in threads, progress (control.py)
+
+    def _init_pool(self, pool: str, allow_code: bool, max_tasks_per_child: int | None,
+                   max_memory_per_child: int | None, shutdown_grace: float) -> None:
+        """The process pool (pool.py) and shipped notebook functions (shipping.py): with
+        ``pool="processes"`` each executor thread drives one child; code queues are read where
+        shipped functions may come (``allow_code``, an interactive kernel, notebook tasks)."""
         self.allow_code = allow_code                   # run functions shipped from notebooks (--allow-code)
-        self.pool = None                               # pool="processes": each executor thread drives one child
+        self.pool = None
         if pool == "processes":
             from ..pool import ProcessPool
 
@@ -90,11 +113,12 @@ class Worker(Heartbeat, Execution):
         if (
             allow_code
             or shipping.interactive()
-            or any(shipping.defined_in_notebook(t.fn) for t in list(app.registry.values()))
+            or any(shipping.defined_in_notebook(t.fn) for t in list(self.app.registry.values()))
         ):
             self.serve_code_queues()
-        self.lease = app.visibility_timeout
-        self.heartbeat_interval = heartbeat_interval or max(0.05, min(self.lease / 3.0, 5.0))
+
+    def _init_state(self) -> None:
+        """The threads, what they hold and run, and the counters, all empty."""
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._held: dict[int, Delivery] = {}          # reserved and not yet finished, for lease extension
@@ -111,7 +135,9 @@ class Worker(Heartbeat, Execution):
         self._wait_lock = threading.Lock()             # one such wait decided at a time (see holding_thread)
         self._revoked: set = set()                     # ids revoked by this process's App (see note_revoked)
         self._workers_seen: tuple[float, list] = (0.0, [])   # other workers' heartbeats, read for unknown task names
-        engine = app.engine
+
+    def _init_engine_use(self, engine, local_follow_ups: bool) -> None:
+        """What the worker takes from its engine's capabilities."""
         #: errors of the stores themselves: a message whose finish fails with one is left to its
         #: lease and delivered again; any other error fails that message alone
         self.store_errors = engine.store_errors
@@ -122,14 +148,6 @@ class Worker(Heartbeat, Execution):
         # run our own follow-ups next (chain steps, chord callbacks) where the engine can
         # publish them already claimed by us (their lease covers a crash before they run)
         self.local_follow_ups = local_follow_ups and engine.runs_next
-        # a notebook kernel defines its tasks in cells that may run after the worker starts
-        # (a restarted kernel): for this long, a message sent before it started whose task
-        # it does not know yet is handed back (see _leave_unknown)
-        self.unknown_grace = float(unknown_grace)
-        self._born = app.clock.time()
-        self._pid = os.getpid()
-        self.events = WorkerEvents()                   # hooks around each task run (metrics, tracing)
-        self.control = control.Watch(self)             # cancels, soft limits in threads, progress (control.py)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> "Worker":
