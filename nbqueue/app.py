@@ -423,12 +423,13 @@ class App:
         broker and backend share one. Returns ``{"sent": [AsyncResult], "kept": [{"id",
         "queue", "reason"}]}``: a dead letter whose body cannot be read as a message is kept."""
         from .errors import MessageError
-        from .signature import decode_body, signature_from_message
+        from .message import Message
+        from .signature import signature_from_message
 
         sent, kept, prepared = [], [], []
         for letter in self.broker.dead_letters(queue, limit=limit):
             try:
-                sig = signature_from_message(decode_body(letter["body"] or ""), self.serializer)
+                sig = signature_from_message(Message.decode(letter["body"] or ""), self.serializer)
             except (MessageError, serialization.SerializationError, ValueError, KeyError, TypeError) as exc:
                 kept.append({"id": letter["id"], "queue": letter["queue"], "reason": f"not a readable message: {exc}"})
                 continue

@@ -44,10 +44,13 @@ import os
 import socket
 import threading
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import serialization
 from .errors import NbqueueError, SignatureError
+
+if TYPE_CHECKING:
+    from .message import Message
 
 CELL_TASK = "nbqueue.cell"
 
@@ -107,7 +110,7 @@ def cell_kwargs(app, *, source: str, inputs: dict[str, Any], imports: dict[str, 
     return fields
 
 
-def refusal(app, message: dict, allow_cells: bool) -> NbqueueError | None:
+def refusal(app, message: Message, allow_cells: bool) -> NbqueueError | None:
     """Why this worker must not run a cell message, or None. Decodes nothing it does not check."""
     if not allow_cells:
         return CellsNotAllowed(
@@ -117,7 +120,7 @@ def refusal(app, message: dict, allow_cells: bool) -> NbqueueError | None:
     if not secret:
         return None
     try:
-        fields = {k: app.serializer.decode(v) for k, v in message["kwargs"].items()}
+        fields = {k: app.serializer.decode(v) for k, v in message.kwargs.items()}
     except Exception as exc:
         return SignatureError(f"cannot read the cell message to verify its signature ({exc}); the cell was not run")
     signature = fields.get("signature")
@@ -132,7 +135,7 @@ def refusal(app, message: dict, allow_cells: bool) -> NbqueueError | None:
     return None
 
 
-def _check(worker, message: dict) -> NbqueueError | None:
+def _check(worker, message: Message) -> NbqueueError | None:
     """The worker's refusal hook (``task.fn.nbqueue_check``): runs before anything is decoded or run."""
     return refusal(worker.app, message, getattr(worker, "allow_cells", False))
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from .errors import TaskRevoked
+
+if TYPE_CHECKING:
+    from .message import Message
 
 _current: contextvars.ContextVar = contextvars.ContextVar("nbqueue_current_task", default=None)
 
@@ -50,10 +53,10 @@ class TaskContext(dict):
 
 
 @contextlib.contextmanager
-def task_context(app: Any, message: dict, token: int, worker: Any, control: Any = None) -> Iterator[None]:
+def task_context(app: Any, message: Message, token: int, worker: Any, control: Any = None) -> Iterator[None]:
     """Within the block, ``current_task()`` describes the task of ``message``; ``control``
     is its ``control.TaskControl`` (cancel requests, reported progress)."""
-    context = TaskContext(id=message["id"], name=message["name"], app=app, token=token, worker=worker, control=control)
+    context = TaskContext(id=message.id, name=message.name, app=app, token=token, worker=worker, control=control)
     reset = _current.set(context)
     try:
         yield

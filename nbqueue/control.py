@@ -186,15 +186,15 @@ class Watch:
             self.poll(running)
 
     def _soft_limit(self, task_id: str, run: dict, control: TaskControl, now: float) -> None:
-        soft = run["message"].get("soft_time_limit")
+        soft = run["message"].soft_time_limit
         if not soft or run.get("soft_fired") or now - run["started"] < soft or self._in_child(run):
             return
         run["soft_fired"] = True
         if control.raise_in_thread(SoftTimeLimitExceeded):
-            log.info("task %s (%s) passed its soft time limit of %gs", run["message"]["name"], task_id, soft)
+            log.info("task %s (%s) passed its soft time limit of %gs", run["message"].name, task_id, soft)
 
     def _in_child(self, run: dict) -> bool:
-        return self.worker.pool is not None and not run["message"]["name"].startswith("nbqueue.")
+        return self.worker.pool is not None and not run["message"].name.startswith("nbqueue.")
 
     def poll(self, running: dict) -> None:
         """Read the states of the running tasks; stop and settle those revoked meanwhile."""
@@ -227,10 +227,10 @@ class Watch:
         if self._in_child(run):
             if self.worker.pool.stop(task_id, "cancelled", grace=CANCEL_GRACE):
                 run["stopped"] = True
-                log.info("task %s (%s) cancelled: stopping its child process", run["message"]["name"], task_id)
+                log.info("task %s (%s) cancelled: stopping its child process", run["message"].name, task_id)
             else:
                 log.info("task %s (%s) cancelled: no child runs it yet; stopping it at the next look",
-                         run["message"]["name"], task_id)
+                         run["message"].name, task_id)
             return
         run["stopped"] = True
         control = run.get("control")

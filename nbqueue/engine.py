@@ -31,11 +31,12 @@ from typing import Any, Callable, ContextManager, Protocol, Sequence, runtime_ch
 from .backend import ResultBackend
 from .broker import Broker, Delivery, Outgoing
 from .errors import MessageError
+from .message import Message
 
 log = logging.getLogger(__name__)
 
 #: ``begins(message)``: whether a claimed task is begun (RECEIVED with a fencing token) by the claim
-Begins = Callable[[dict], bool]
+Begins = Callable[[Message], bool]
 
 
 @dataclasses.dataclass
@@ -47,7 +48,7 @@ class Claim:
     worker does not run) is begun, or not, by the worker."""
 
     delivery: Delivery
-    message: dict | None = None
+    message: Message | None = None
     reason: str | None = None
     begun: bool = False
     token: int | None = None
@@ -80,7 +81,7 @@ class Outcome:
     token: int | None
     fields: dict
     group: str | None = None
-    message: dict | None = None
+    message: Message | None = None
     then: str = ACK
     eta: float | None = None
     reason: str | None = None
@@ -147,7 +148,7 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
-def _always(message: dict) -> bool:
+def _always(message: Message) -> bool:
     return True
 
 
@@ -192,19 +193,15 @@ class SplitEngine:
         if not wanted:
             return claims
         fields = {
-            c.message["id"]: {
-                "retries": c.message.get("retries", 0),
-                "name": c.message["name"],
-                "queue": c.delivery.queue,
-            }
+            c.message.id: {"retries": c.message.retries, "name": c.message.name, "queue": c.delivery.queue}
             for c in wanted
             if c.message is not None
         }
         tokens = self.backend.begin_many(list(fields), worker=worker, fields=fields)
         for c in wanted:
             assert c.message is not None
-            if c.message["id"] in tokens:
-                c.begun, c.token = True, tokens[c.message["id"]]
+            if c.message.id in tokens:
+                c.begun, c.token = True, tokens[c.message.id]
                 c.delivery.token = c.token
         return claims
 
@@ -259,10 +256,8 @@ class SplitEngine:
 
 
 def decode(deliveries: Sequence[Delivery]) -> list[Claim]:
-    """Claims of deliveries, decoded; a delivery the broker marked (``dead_reason``) or whose body
-    is not a valid message comes with the reason."""
-    from .signature import decode_body
-
+    """Claims of deliveries, each message decoded once into a ``Message``; a delivery the broker
+    marked (``dead_reason``) or whose body is not a valid message comes with the reason."""
     claims = []
     for d in deliveries:
         if d.dead_reason is not None:
@@ -270,7 +265,8 @@ def decode(deliveries: Sequence[Delivery]) -> list[Claim]:
             continue
         try:
             # a message handed over in this process is at hand: no need to decode and check it
-            claims.append(Claim(d, message=dict(d.message) if d.message is not None else decode_body(d.body)))
+            claims.append(Claim(d, message=Message.from_dict(d.message) if d.message is not None
+                                else Message.decode(d.body)))
         except MessageError as exc:
             claims.append(Claim(d, reason=str(exc)))
     return claims

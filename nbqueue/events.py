@@ -3,7 +3,7 @@
 ``worker.events.on_start`` and ``worker.events.on_finish`` are lists of callables, called
 in the thread that runs the task, right before and right after the task's function:
 
-- ``on_start(message, queue)``
+- ``on_start(message, queue)``: ``message`` is the task's ``nbqueue.message.Message``
 - ``on_finish(message, queue, outcome, seconds)``: ``outcome`` is ``"SUCCESS"``,
   ``"FAILURE"`` or ``"RETRY"`` (the task raised Retry, or raised with retries left);
   ``seconds`` the function's run time.
@@ -20,6 +20,7 @@ from typing import Callable
 
 from . import states, tracing
 from .errors import Retry
+from .message import Message
 
 log = logging.getLogger(__name__)
 _NULL = contextlib.nullcontext()
@@ -30,7 +31,7 @@ class WorkerEvents:
         self.on_start: list[Callable] = []
         self.on_finish: list[Callable] = []
 
-    def run(self, message: dict, queue: str | None):
+    def run(self, message: Message, queue: str | None):
         """A context manager around one run of a task's function (nothing at all while no
         hook is registered and no trace is recorded)."""
         if not self.on_start and not self.on_finish and not tracing.enabled():
@@ -41,7 +42,7 @@ class WorkerEvents:
 class _Run:
     __slots__ = ("events", "message", "queue", "span", "started")
 
-    def __init__(self, events: WorkerEvents, message: dict, queue: str | None):
+    def __init__(self, events: WorkerEvents, message: Message, queue: str | None):
         self.events, self.message, self.queue = events, message, queue
 
     def __enter__(self) -> None:
@@ -56,11 +57,11 @@ class _Run:
         try:
             self.span.__exit__(exc_type, exc, tb)
         except Exception:
-            log.warning("ending the trace span of task %s failed", self.message.get("id"), exc_info=True)
+            log.warning("ending the trace span of task %s failed", self.message.id, exc_info=True)
         if self.events.on_finish:
             if exc_type is None:
                 outcome = states.SUCCESS
-            elif issubclass(exc_type, Retry) or int(self.message.get("retry_count") or 0) > 0:
+            elif issubclass(exc_type, Retry) or self.message.retry_count > 0:
                 outcome = states.RETRY
             else:
                 outcome = states.FAILURE

@@ -22,7 +22,10 @@ Names follow Prometheus' conventions: seconds as the unit, ``_total`` only on co
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .message import Message
 
 try:
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -117,15 +120,15 @@ class WorkerMetrics:
         worker.events.on_start.append(self.started)
         worker.events.on_finish.append(self.finished)
 
-    def started(self, message: dict, queue: str | None) -> None:
+    def started(self, message: Message, queue: str | None) -> None:
         self.running.inc()
-        due = max(float(message.get("created_at") or 0), float(message.get("eta") or 0))
+        due = max(float(message.created_at or 0), float(message.eta or 0))
         if due:
-            self.wait_seconds.labels(message["name"]).observe(max(0.0, time.time() - due))
+            self.wait_seconds.labels(message.name).observe(max(0.0, time.time() - due))
 
-    def finished(self, message: dict, queue: str | None, outcome: str, seconds: float) -> None:
+    def finished(self, message: Message, queue: str | None, outcome: str, seconds: float) -> None:
         self.running.dec()
-        name = message["name"]
+        name = message.name
         self.tasks.labels(name, outcome).inc()
         self.run_seconds.labels(name).observe(seconds)
         if outcome == "RETRY":

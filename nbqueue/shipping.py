@@ -51,12 +51,15 @@ import sys
 import threading
 import types
 import weakref
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import cloudpickle
 
 from . import builtin
 from .errors import CodeNotAllowed, MessageError, NbqueueError, SignatureError
+
+if TYPE_CHECKING:
+    from .message import Message
 
 log = logging.getLogger(__name__)
 
@@ -361,13 +364,13 @@ def attach(app, sig, message: dict) -> None:
 
 # -- messages: receiving -----------------------------------------------------------------------------
 
-def refusal(app, message: dict, allow_code: bool) -> NbqueueError | None:
+def refusal(app, message: Message, allow_code: bool) -> NbqueueError | None:
     """Why this worker must not run the code a message carries, or None. Unpickles nothing."""
     if not allow_code:
         return CodeNotAllowed(
-            f"task {message.get('name')!r} is a function shipped from a notebook, and this worker does not run shipped "
+            f"task {message.name!r} is a function shipped from a notebook, and this worker does not run shipped "
             "code (start it with --allow-code / allow_code=True); nothing was unpickled or run")
-    code = message.get("code")
+    code = message.code
     if not isinstance(code, dict) or not isinstance(code.get("key"), str) or not isinstance(code.get("data"), str):
         return MessageError(
             "the message's shipped code is malformed (its 'code' field needs 'key' and 'data' strings); nothing was run"
@@ -390,7 +393,7 @@ def refusal(app, message: dict, allow_code: bool) -> NbqueueError | None:
             "no signature; set the same secret where it is sent from. Nothing was unpickled or run"
         )
     if not isinstance(signature, str) or not hmac.compare_digest(
-        signature, sign(secret, message["name"], code["key"], code.get("origin"))
+        signature, sign(secret, message.name, code["key"], code.get("origin"))
     ):
         return SignatureError("shipped code signature does not match (altered, or signed with another secret); "
                               "nothing was unpickled or run")
@@ -402,12 +405,12 @@ class _ShippedFunction:
     which the worker calls before anything is decoded or run), then unpickled and called
     here (thread pool) or handed to a child process as ``nbqueue_shipped`` (process pool)."""
 
-    def __init__(self, message: dict):
-        self.code = message["code"]
-        self.__name__ = self.__qualname__ = message["name"]
+    def __init__(self, message: Message):
+        self.code = message.code or {}
+        self.__name__ = self.__qualname__ = message.name
 
     @staticmethod
-    def nbqueue_check(worker, message: dict) -> NbqueueError | None:
+    def nbqueue_check(worker, message: Message) -> NbqueueError | None:
         return refusal(worker.app, message, getattr(worker, "allow_code", False))
 
     @property
@@ -422,8 +425,8 @@ class _ShippedFunction:
 class ShippedTask:
     """What a worker runs for a message whose function it takes from the message (Task-like)."""
 
-    def __init__(self, message: dict):
-        self.name = message["name"]
+    def __init__(self, message: Message):
+        self.name = message.name
         self.fn = _ShippedFunction(message)
         self.options: dict = {}
 
@@ -431,9 +434,9 @@ class ShippedTask:
         return f"<ShippedTask {self.name}>"
 
 
-def _capable_elsewhere(worker, message: dict, queue: str | None) -> bool:
+def _capable_elsewhere(worker, message: Message, queue: str | None) -> bool:
     """Does another live worker run this shipped function (its sender's own, or one with allow_code)?"""
-    origin = (message.get("code") or {}).get("origin")
+    origin = (message.code or {}).get("origin")
     try:
         workers = worker.app.backend.workers()
     except Exception:
@@ -450,7 +453,7 @@ def _capable_elsewhere(worker, message: dict, queue: str | None) -> bool:
 HAND_BACK = object()
 
 
-def task_for(worker, message: dict, task, queue: str | None = None):
+def task_for(worker, message: Message, task, queue: str | None = None):
     """Worker side: what runs a message that carries ``code``, ``task`` being the worker's
     registered task of that name (or None).
 
@@ -464,7 +467,7 @@ def task_for(worker, message: dict, task, queue: str | None = None):
       kernel's grace: ``Worker._leave_unknown``); else a task that refuses to run, with
       ``CodeNotAllowed``.
     """
-    code = message.get("code")
+    code = message.code
     own = isinstance(code, dict) and code.get("origin") == builtin.PROCESS_TOKEN
     allow = getattr(worker, "allow_code", False)
     if task is not None and (own or not allow):
@@ -474,7 +477,7 @@ def task_for(worker, message: dict, task, queue: str | None = None):
     if _capable_elsewhere(worker, message, queue):
         return HAND_BACK
     leave = getattr(worker, "_leave_unknown", None)
-    if leave is not None and queue is not None and leave(message["name"], queue, message) is not None:
+    if leave is not None and queue is not None and leave(message.name, queue, message) is not None:
         return None
     return ShippedTask(message)
 

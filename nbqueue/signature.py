@@ -249,29 +249,32 @@ def encode_body(message: dict) -> str:
     return serialization.dumps(message)
 
 
-def signature_from_message(message: dict, serializer: serialization.Serializer) -> Signature:
-    """Rebuild a Signature (arguments decoded) from an envelope."""
+def signature_from_message(message: Message | dict, serializer: serialization.Serializer) -> Signature:
+    """Rebuild a Signature (arguments decoded) from an envelope: a Message, or its checked JSON
+    object (a callback's, say)."""
+    if not isinstance(message, Message):
+        message = Message.from_dict(message)
     return Signature(
-        message["name"],
-        args=[serializer.decode(a) for a in message["args"]],
-        kwargs={k: serializer.decode(v) for k, v in message["kwargs"].items()},
-        id=message["id"],
-        queue=message.get("queue"),
-        priority=message.get("priority", 0),
-        headers=serializer.decode(message.get("headers") or {}),
-        retry_count=message.get("retry_count", 0),
-        retry_timeout=message.get("retry_timeout", 0),
-        retry_backoff=message.get("retry_backoff"),
-        retries=message.get("retries", 0),
-        immutable=message.get("immutable", False),
-        on_success=[signature_from_message(m, serializer) for m in message.get("on_success") or []],
-        on_error=[signature_from_message(m, serializer) for m in message.get("on_error") or []],
-        ignore_when_not_registered=message.get("ignore_when_not_registered", False),
-        time_limit=message.get("time_limit"),
-        soft_time_limit=message.get("soft_time_limit"),
-        group_id=message.get("group_id"),
-        group_task_count=message.get("group_task_count", 0),
-        workflow=message.get("workflow"),
+        message.name,
+        args=[serializer.decode(a) for a in message.args],
+        kwargs={k: serializer.decode(v) for k, v in message.kwargs.items()},
+        id=message.id,
+        queue=message.queue,
+        priority=message.priority,
+        headers=serializer.decode(message.headers or {}),
+        retry_count=message.retry_count,
+        retry_timeout=message.retry_timeout,
+        retry_backoff=message.retry_backoff,
+        retries=message.retries,
+        immutable=message.immutable,
+        on_success=[signature_from_message(m, serializer) for m in message.on_success or []],
+        on_error=[signature_from_message(m, serializer) for m in message.on_error or []],
+        ignore_when_not_registered=message.ignore_when_not_registered,
+        time_limit=message.time_limit,
+        soft_time_limit=message.soft_time_limit,
+        group_id=message.group_id,
+        group_task_count=message.group_task_count,
+        workflow=message.workflow,
     )
 
 

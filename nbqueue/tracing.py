@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .message import Message
 
 try:
     from opentelemetry import propagate, trace
@@ -101,21 +104,21 @@ def inject(message: dict) -> None:
         message["headers"] = {**(message.get("headers") or {}), **carrier}
 
 
-def running(message: dict, queue: str | None = None):
+def running(message: Message, queue: str | None = None):
     """The span of one task run (a context manager), a child of the context its message
     carries; current while the task runs. Records what the task raises."""
     tracer = _tracer()
     if tracer is None:
         return _NULL
-    headers = message.get("headers")
+    headers = message.headers
     parent = propagate.extract(headers) if isinstance(headers, dict) and "traceparent" in headers else None
     attributes = {
         "messaging.system": "nbqueue",
-        "messaging.message.id": message.get("id", ""),
-        "nbqueue.task.name": message.get("name", ""),
-        "messaging.destination.name": queue or message.get("queue") or "",
-        "nbqueue.task.retries": int(message.get("retries") or 0),
+        "messaging.message.id": message.id,
+        "nbqueue.task.name": message.name,
+        "messaging.destination.name": queue or message.queue or "",
+        "nbqueue.task.retries": message.retries,
     }
     return tracer.start_as_current_span(
-        f"run {message.get('name')}", context=parent, kind=SpanKind.CONSUMER, attributes=attributes
+        f"run {message.name}", context=parent, kind=SpanKind.CONSUMER, attributes=attributes
     )

@@ -38,6 +38,7 @@ from typing import Any, Union
 from . import payloads, serialization, states
 from .canvas import Signature, chain, chord, group
 from .context import _current, current_task, task_context  # noqa: F401  (the worker and pool set the task context here)
+from .message import Message
 from .result import AsyncResult, ChainResult, ChordResult, GroupResult
 from .signature import new_id
 
@@ -233,9 +234,9 @@ def continuations_from_json(items: list | None) -> list[Continuation]:
     return [continuation_from_json(c) for c in items or []]
 
 
-def _then(message: dict) -> list[Continuation]:
+def _then(message: Message) -> list[Continuation]:
     """The continuations a message carries."""
-    return continuations_from_json((message.get("workflow") or {}).get("then"))
+    return continuations_from_json((message.workflow or {}).get("then"))
 
 
 @dataclasses.dataclass
@@ -440,34 +441,34 @@ def _start_member(app, gid: str, member: HeldMember, pub: _Publisher) -> None:
 
 # -- advancing when a task finishes ---------------------------------------------------------------
 
-def on_success(app, message: dict, result_json_text: str, *, repeat: bool = False, send=None) -> None:
+def on_success(app, message: Message, result_json_text: str, *, repeat: bool = False, send=None) -> None:
     """After a task's SUCCESS is stored: callbacks, the next chain step, group fan-in."""
-    if not message.get("on_success") and not message.get("workflow"):
+    if not message.on_success and not message.workflow:
         return
-    if repeat and _advanced(app, message["id"]):
+    if repeat and _advanced(app, message.id):
         return
     pub = _Publisher(app, repeat=repeat, send=send)
     value = serialization.loads(result_json_text)
-    callbacks = [_with_input(cb, value, True) for cb in message.get("on_success") or []]
-    _publish_callbacks(app, callbacks, message["id"], pub)
+    callbacks = [_with_input(cb, value, True) for cb in message.on_success or []]
+    _publish_callbacks(app, callbacks, message.id, pub)
     _apply(app, _then(message), value, pub)
     pub.flush()
-    _mark_advanced(app, message["id"], pub)
+    _mark_advanced(app, message.id, pub)
 
 
-def on_failure(app, message: dict, exc_type: str, error: str, *, repeat: bool = False, send=None) -> None:
+def on_failure(app, message: Message, exc_type: str, error: str, *, repeat: bool = False, send=None) -> None:
     """After a task's final FAILURE is stored: error callbacks and failure propagation.
 
     Always careful: two members of one group may both fail and both propagate the
     group's failure to the same continuation.
     """
-    if repeat and _advanced(app, message["id"]):
+    if repeat and _advanced(app, message.id):
         return
     pub = _Publisher(app, repeat=repeat, careful=True, send=send)
-    _fire_error_callbacks(app, message, error, pub)
-    _fail(app, _then(message), message["id"], exc_type, error, pub)
+    _fire_error_callbacks(app, message.on_error, message.id, error, pub)
+    _fail(app, _then(message), message.id, exc_type, error, pub)
     pub.flush()
-    _mark_advanced(app, message["id"], pub)
+    _mark_advanced(app, message.id, pub)
 
 
 #: how long a "this task's advance was published" mark is kept (a redelivery comes sooner)
@@ -492,20 +493,20 @@ def _mark_advanced(app, task_id: str, pub: _Publisher) -> None:
         app.backend.claim_once(Keys.advanced(task_id), ADVANCED_TTL)
 
 
-def lone_member(message: dict) -> dict | None:
+def lone_member(message: Message) -> dict | None:
     """The group-member continuation of a task, as the message carries it (``MemberDone.to_json``:
     ``group`` and ``member`` ids), when it is all that follows its success (no callbacks, no
     concurrency limit to release): a worker may then count the member in the round trip that
     stores the result and finish the advance with ``member_counted``."""
-    if message.get("on_success"):
+    if message.on_success:
         return None
-    conts = (message.get("workflow") or {}).get("then") or []
+    conts = (message.workflow or {}).get("then") or []
     if len(conts) == 1 and conts[0]["kind"] == "member" and not conts[0].get("limited", True):
         return conts[0]
     return None
 
 
-def member_counted(app, message: dict, cont: dict, done: int, total: int, *, send=None) -> None:
+def member_counted(app, message: Message, cont: dict, done: int, total: int, *, send=None) -> None:
     """The rest of ``on_success`` for a ``lone_member`` task, once its member was counted
     (``done`` of ``total``): the last one completes the group."""
     if done < total:
@@ -515,10 +516,10 @@ def member_counted(app, message: dict, cont: dict, done: int, total: int, *, sen
     assert isinstance(member, MemberDone)
     _member_finished(app, member, pub, counted=(done, total))
     pub.flush()
-    _mark_advanced(app, message["id"], pub)
+    _mark_advanced(app, message.id, pub)
 
 
-def after_final(app, message: dict, record: dict, *, send=None) -> None:
+def after_final(app, message: Message, record: dict, *, send=None) -> None:
     """A redelivered message whose task is already final: repeat the (idempotent) advance."""
     state = record.get("state")
     if state == states.SUCCESS and record.get("result") is not None:
@@ -542,13 +543,10 @@ def _publish_callbacks(app, messages: list[dict], parent_id: str, pub: _Publishe
         pub.task(m)
 
 
-def _fire_error_callbacks(app, message: dict, error: str, pub: _Publisher) -> None:
-    callbacks = []
-    for cb in message.get("on_error") or []:
-        cb = dict(cb)
-        cb["args"] = [error] + list(cb["args"])
-        callbacks.append(cb)
-    _publish_callbacks(app, callbacks, message["id"], pub)
+def _fire_error_callbacks(app, on_error: list | None, parent_id: str, error: str, pub: _Publisher) -> None:
+    """Publish error callbacks (envelopes as JSON objects), the error prepended to their arguments."""
+    callbacks = [{**cb, "args": [error, *cb["args"]]} for cb in on_error or []]
+    _publish_callbacks(app, callbacks, parent_id, pub)
 
 
 def _apply(app, conts: list[Continuation], value: Any, pub: _Publisher) -> None:
@@ -684,7 +682,7 @@ def _mark_not_run(app, node: Node, origin_id: str, exc_type: str, error: str, pu
     why = f"not run: {origin_id} " + ("was revoked" if exc_type == "TaskRevoked" else "failed")
     if isinstance(node, TaskNode):
         app.backend.store_result(node.id, states.REVOKED, exc_type=exc_type, error=error, traceback=why)
-        _fire_error_callbacks(app, node.message, error, pub)
+        _fire_error_callbacks(app, node.message.get("on_error"), node.id, error, pub)
     elif isinstance(node, ChainNode):
         for step in node.steps:
             _mark_not_run(app, step, origin_id, exc_type, error, pub)

@@ -329,6 +329,38 @@ def test_time_limit_in_a_thread_fails_the_record_and_asks_the_task_to_stop(sqlit
     assert app.backend.get(r.id)["state"] == states.FAILURE
 
 
+@pytest.mark.parametrize("app_kind", ["sqlite", "memory"])
+def test_time_limit_in_a_thread_fails_the_step_once_and_its_workflow_follows_the_failure(app_factory):
+    """Given a chain whose first step passes its time limit in a thread and has an error
+    callback, when the limit passes, then the step fails with TimeLimitExceeded, its error
+    callback runs once with the reason, the next step is never run, and the worker counts
+    one failure, even after the late result of the step comes back."""
+    app = app_factory()
+    seen = []
+
+    @app.task(name="slow", time_limit=0.3)
+    def slow():
+        while not nbqueue.current_task().cancelled:
+            time.sleep(0.01)
+        return "late"
+
+    app.register_task("after", lambda value: seen.append(("after", value)))
+    app.register_task("on_err", lambda error: seen.append(("error", error)))
+    first = app.signature("slow")
+    first.on_error = [app.signature("on_err")]
+    result = app.send(nbqueue.chain(first, app.signature("after")))
+    worker = app.start_worker(1)
+    wait_for(lambda: seen, message="the error callback ran")
+    wait_for(lambda: not worker._running, message="the late step returned")
+    worker.stop(wait=True, timeout=10)
+    [step, rest] = result.results
+    assert step.state == states.FAILURE and app.backend.get(step.id)["exc_type"] == "TimeLimitExceeded"
+    assert rest.state == states.REVOKED
+    [(kind, error)] = seen
+    assert kind == "error" and "time limit of 0.3s" in error
+    assert (worker.processed, worker.failed) == (1, 1)      # the callback, then the step
+
+
 def test_ctrl_c_during_get_stops_the_wait_without_cancelling(sqlite_app):
     app = sqlite_app
     r = app.send_task(Signature("nobody.runs.this"))

@@ -933,7 +933,7 @@ def test_a_finish_that_fails_is_dead_lettered_and_its_batch_mates_are_recorded(a
     real_on_success = nbqueue.workflow.on_success
 
     def breaking_on_success(app_, message, result_text, **kwargs):
-        if message["name"] == "cursed":
+        if message.name == "cursed":
             raise RuntimeError("follow-up step broke")
         return real_on_success(app_, message, result_text, **kwargs)
 

@@ -206,7 +206,7 @@ def test_an_error_in_the_failure_path_fails_that_message_once_with_the_reason(ap
     real_on_failure = workflow.on_failure
 
     def breaking_on_failure(app_, message, *args, **kwargs):
-        if message["name"] == "bad":
+        if message.name == "bad":
             raise RuntimeError("error callback could not be published")
         return real_on_failure(app_, message, *args, **kwargs)
 
@@ -236,7 +236,7 @@ def test_an_error_before_the_task_runs_fails_that_message_once(app_factory, monk
     calls = []
 
     def breaking_refusal(self, task, message):
-        if message["name"] == "victim":
+        if message.name == "victim":
             calls.append(1)
             raise RuntimeError("bookkeeping broke")
         return real_refusal(self, task, message)

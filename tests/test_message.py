@@ -63,3 +63,74 @@ def test_copy_changes_fields_and_the_message_is_frozen():
 def test_a_body_that_is_not_an_envelope_is_refused_with_the_reason(body, reason):
     with pytest.raises(MessageError, match=reason.replace("(", r"\(").replace(")", r"\)")):
         Message.decode(body)
+
+
+#: a body as the worker's dict path wrote it: the sender's fields, a key this version does not
+#: know, defaults and nulls written out, and the retry counts of a retry re-encoded as a dict copy
+DICT_PATH_BODY = (
+    '{"id": "t1", "name": "flaky", "args": [1], "kwargs": {}, "queue": "q", "priority": 0, "headers": null, '
+    '"created_at": 1800000000.5, "trace": {"traceparent": "00-ab"}, "retry_timeout": 1, "retry_count": 2, '
+    '"retries": 1, "retry_backoff": null}'
+)
+
+
+def test_a_body_the_dict_path_wrote_decodes_to_its_fields_and_keeps_its_unknown_keys():
+    message = Message.decode(DICT_PATH_BODY)
+    assert (message.id, message.name, message.args, message.kwargs, message.queue) == ("t1", "flaky", [1], {}, "q")
+    assert (message.retries, message.retry_count, message.retry_timeout, message.priority) == (1, 2, 1, 0)
+    assert message.headers is None and message.created_at == 1800000000.5
+    assert message.extra == {"trace": {"traceparent": "00-ab"}}
+    again = Message.decode(message.copy(retries=2).encode())
+    assert again.to_dict()["trace"] == {"traceparent": "00-ab"} and again.retries == 2
+    assert again == message.copy(retries=2)
+
+
+def test_a_null_sent_for_a_counted_field_reads_as_its_default():
+    message = Message.decode('{"id": "t", "name": "n", "args": [], "kwargs": {}, "retries": null, '
+                             '"retry_count": null, "priority": null, "immutable": null}')
+    assert (message.retries, message.retry_count, message.priority, message.immutable) == (0, 0, 0, False)
+
+
+def test_a_stored_dict_path_message_runs_and_its_retry_keeps_its_unknown_keys(tmp_path):
+    """Given a message a worker of the dict path left in the queue (its retry, with a key this
+    version does not know), when this version's worker runs it and it fails again, then the
+    message goes back with its counts moved on and the unknown key kept, and its next attempt
+    succeeds."""
+    import nbqueue
+    from nbqueue import states
+    from nbqueue.broker import Outgoing
+    from nbqueue.clock import ManualClock
+
+    clock = ManualClock(1_800_000_000.0)
+    app = nbqueue.App(f"sqlite:///{tmp_path}/m.db", default_queue="q", clock=clock)
+    try:
+        attempts = []
+
+        @app.task(name="flaky")
+        def flaky(x):
+            attempts.append(x)
+            if len(attempts) < 2:
+                raise ValueError("not yet")
+            return x + 1
+
+        bodies = []
+        real_retry = app.broker.retry
+
+        def retry(delivery, *, body=None, eta=None):
+            bodies.append(body)
+            return real_retry(delivery, body=body, eta=eta)
+
+        app.broker.retry = retry
+        record = {"id": "t1", "name": "flaky", "state": states.PENDING, "queue": "q", "created_at": clock.time()}
+        app.engine.send([record], [Outgoing(id="t1", body=DICT_PATH_BODY, queue="q")])
+        worker = app.worker()
+        assert worker.step() == 1
+        [body] = bodies
+        retried = Message.decode(body)
+        assert (retried.retries, retried.retry_count) == (2, 1)
+        assert retried.extra == {"trace": {"traceparent": "00-ab"}}
+        assert app.backend.get("t1")["state"] == states.RETRY
+        assert worker.step(now=clock.time() + 60) == 1
+        assert app.backend.get("t1")["state"] == states.SUCCESS and attempts == [1, 1]
+    finally:
+        app.close()

@@ -51,7 +51,7 @@ def _claim_all(
 
 def _success(claim: Claim, value: str = "1", group: str | None = None) -> Outcome:
     assert claim.message is not None
-    return Outcome(claim.delivery, claim.message["id"], states.SUCCESS, claim.token,
+    return Outcome(claim.delivery, claim.message.id, states.SUCCESS, claim.token,
                    {"result": value, "error": None, "exc_type": None, "traceback": None}, group=group)
 
 
@@ -66,7 +66,7 @@ def test_engine_claim_decodes_and_begins_then_finish_stores_and_acks(engine_fact
     [task_id] = _send(engine, q)
     assert engine.backend.get(task_id)["state"] == states.PENDING
     [claim] = _claim_all(engine, q, 1)
-    assert claim.message is not None and claim.message["id"] == task_id and claim.reason is None
+    assert claim.message is not None and claim.message.id == task_id and claim.reason is None
     assert claim.begun and isinstance(claim.token, int)
     assert engine.backend.get(task_id)["state"] == states.RECEIVED
     done = engine.finish([_success(claim, "42")], [claim.delivery])
@@ -204,14 +204,14 @@ def test_engine_finish_then_claims_the_next_batch_after_storing(engine_factory, 
     assert first.message is not None
     then = NextClaim([q], limit=5, lease=30, worker="w1")
     done = engine.finish([_success(first, "7")], [first.delivery], then_claim=then)
-    assert done.stored == [True] and engine.backend.get(first.message["id"])["result"] == "7"
+    assert done.stored == [True] and engine.backend.get(first.message.id)["result"] == "7"
     if engine.claims_in_finish:
         assert len(done.claimed) == 2          # more were ready when it last claimed: claimed in the finish
     for claim in done.claimed:
         assert claim.message is not None and claim.begun and isinstance(claim.token, int)
-        assert engine.backend.get(claim.message["id"])["state"] == states.RECEIVED
+        assert engine.backend.get(claim.message.id)["state"] == states.RECEIVED
     rest = done.claimed + _claim_all(engine, q, 2 - len(done.claimed))
-    assert sorted(c.message["id"] for c in rest if c.message is not None) == sorted(ids[1:])   # each once
+    assert sorted(c.message.id for c in rest if c.message is not None) == sorted(ids[1:])   # each once
     assert _nothing_left(engine, q)
     done = engine.finish([_success(c) for c in rest], [c.delivery for c in rest], then_claim=then)
     assert done.stored == [True, True] and done.claimed == []

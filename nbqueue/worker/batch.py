@@ -12,7 +12,7 @@ from typing import Any, Callable
 from .. import states, workflow
 from ..broker import Delivery
 from ..engine import ACK, COUNT_LAPSE, DEFER, REJECT, RELEASE, Claim, Outcome
-from ..signature import encode_body
+from ..message import Message
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +56,10 @@ class _ResultNotStored(Exception):
 REVOKE_CHECK = 0.02
 
 
-def _follows(message: dict | None) -> bool:
+def _follows(message: Message | None) -> bool:
     """Whether anything follows a task's outcome (callbacks, a workflow step)."""
     return message is not None and bool(
-        message.get("on_success") or message.get("workflow") or message.get("on_error")
+        message.on_success or message.workflow or message.on_error
     )
 
 
@@ -74,11 +74,13 @@ class _Batch:
     lease brings it back), so one bad message never holds back the others.
     """
 
-    def __init__(self, worker: Any, local: list, claims: list[Claim] = ()):
+    def __init__(self, worker: Any, local: list, claims: list[Claim] = (), *, runs_next: bool = True):
         self.app = worker.app
         self.worker = worker
         self.grouped = worker.group_commit
         self.local = local          # follow-ups this worker claimed for itself: lists of Claims run next
+        # follow-ups may be claimed for this batch's executor to run next (False: a batch no executor runs)
+        self.runs_next = runs_next and worker.local_follow_ups
         self.ops: list = []         # outcomes settled one step each (see _settle)
         self.plain: list = []       # successes nothing follows (outcomes)
         self.acks: list = []        # deliveries whose finish is done, acknowledged at the next flush (see ack)
@@ -97,7 +99,7 @@ class _Batch:
     def send(self, outs: list) -> None:
         """Publish follow-ups of this batch's tasks: the ones this worker runs next are taken
         (``Engine.run_next``), the others published as usual."""
-        if not self.local and self.worker.local_follow_ups:
+        if not self.local and self.runs_next:
             claims, outs = self.worker.claim_follow_ups(outs)
             if claims:
                 self.local.append(claims)
@@ -132,9 +134,10 @@ class _Batch:
             self._settle_unrecorded(outcome)
 
     def _finish_one(self, outcome: Outcome) -> None:
-        """A final state stored, then what follows it, then the ack."""
+        """A final state stored, then what follows it, then the ack (where there is a delivery:
+        a task failed by its time limit has none, its executor still holds it)."""
         app, message = self.app, outcome.message
-        assert outcome.delivery is not None and message is not None
+        assert message is not None
         try:
             [stored] = app.engine.finish([outcome]).stored
         except self.store_errors:
@@ -151,7 +154,8 @@ class _Batch:
         else:
             workflow.on_failure(app, message, outcome.fields["exc_type"], outcome.fields["error"], send=self.send)
             self.worker.count(failed=1)
-        self.ack(outcome.delivery)
+        if outcome.delivery is not None:
+            self.ack(outcome.delivery)
 
     def _put_back(self, outcome: Outcome) -> None:
         """A begun task back to RETRY or PENDING and its message back to its queue (a RETRY with
@@ -165,8 +169,8 @@ class _Batch:
         elif outcome.then == RELEASE:
             app.broker.release(delivery)
         elif outcome.state == states.RETRY and outcome.message is not None:
-            app.broker.retry(delivery, body=encode_body(outcome.message), eta=outcome.eta)
-            log.info("task %s (%s) will retry in %.1fs: %s", outcome.message["name"], outcome.task_id,
+            app.broker.retry(delivery, body=outcome.message.encode(), eta=outcome.eta)
+            log.info("task %s (%s) will retry in %.1fs: %s", outcome.message.name, outcome.task_id,
                      max(0.0, (outcome.eta or 0.0) - app.clock.time()), outcome.fields.get("error"))
         else:
             app.broker.retry(delivery, eta=outcome.eta)
@@ -340,14 +344,13 @@ class _Batch:
 
     def _run_alone(self, outcome: Outcome) -> None:
         delivery = outcome.delivery
-        assert delivery is not None
         try:
             with self.app.transaction():
                 self._settle(outcome)
         except self.store_errors:  # the store, not the message: redeliver
             self.forget_local()
             log.exception(
-                "worker %s: finishing %s failed; its message will be redelivered", self.worker.name, delivery.message_id
+                "worker %s: finishing %s failed; its message will be redelivered", self.worker.name, outcome.task_id
             )
         except _ResultNotStored as exc:
             self.forget_local()
@@ -381,19 +384,19 @@ class _Batch:
                     self.give_up(outcome.delivery, exc, "storing the result of", dead_letter=False,
                                  message=outcome.message, token=outcome.token)
 
-    def give_up(self, delivery: Delivery, exc: BaseException, what: str, *, dead_letter: bool = True,
-                message: dict | None = None, token: int | None = None) -> None:
+    def give_up(self, delivery: Delivery | None, exc: BaseException, what: str, *, dead_letter: bool = True,
+                message: Message | None = None, token: int | None = None) -> None:
         """Settle a delivery whose own bookkeeping failed (not the store: see Engine.store_errors),
         so it is not run again at every lease. Its task (``message``, begun with ``token``) is
         recorded FAILURE with the reason unless its record is final already (error callbacks
         and workflows follow, as for any failure), and the message is dead-lettered with the
         reason; with ``dead_letter`` False a recorded failure is acknowledged instead (the
         record tells the whole story). ``what`` names the step that failed ("storing the
-        result of"). Never raises."""
+        result of"). Without a ``delivery`` (an outcome its executor settles later: a time limit)
+        only the record is failed. Never raises."""
         app, worker = self.app, self.worker
-        name = (
-            f"task {message['name']!r} ({message['id']})" if message is not None else f"message {delivery.message_id}"
-        )
+        assert message is not None or delivery is not None
+        name = f"task {message.name!r} ({message.id})" if message is not None else f"message {delivery.message_id}"
         exc_type, reason = type(exc).__name__, f"{what} {name} failed: {_describe(exc)}"
         log.error("worker %s: %s", worker.name, reason, exc_info=exc)
         recorded = False
@@ -402,16 +405,16 @@ class _Batch:
                 try:
                     with app.transaction():
                         recorded = app.backend.store_result(
-                            message["id"],
+                            message.id,
                             states.FAILURE,
                             token=token,
                             exc_type=exc_type,
                             error=reason,
-                            retries=message.get("retries", 0),
+                            retries=message.retries,
                         )
                         if recorded and follow:
                             workflow.on_failure(app, message, exc_type, reason, send=self.send)
-                        if recorded and not dead_letter:
+                        if recorded and not dead_letter and delivery is not None:
                             app.broker.ack(delivery)
                     break
                 except self.store_errors:
@@ -429,6 +432,8 @@ class _Batch:
                 worker.count(failed=1)
                 if not dead_letter:
                     return
+        if delivery is None:
+            return
         try:
             app.broker.reject(delivery, reason)
         except Exception:

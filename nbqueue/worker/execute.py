@@ -22,8 +22,8 @@ from ..errors import (
     SerializationError,
     WorkerLostError,
 )
+from ..message import Message
 from ..retry import next_delay
-from ..signature import decode_body
 from .batch import _describe, _safe_text, _text
 
 log = logging.getLogger(__name__)
@@ -39,21 +39,21 @@ class Execution:
         set), unless an earlier attempt after a lapse is dealt with instead."""
         assert claim.message is not None
         delivery, message = claim.delivery, claim.message
-        task = self.app.registry.get(message["name"])
-        if task is None and message.get("ignore_when_not_registered"):
+        task = self.app.registry.get(message.name)
+        if task is None and message.ignore_when_not_registered:
             log.warning(
                 "dropping task %s (%s): not registered on this worker and ignore_when_not_registered is set",
-                message["name"],
-                message["id"],
+                message.name,
+                message.id,
             )
-            return Outcome(delivery, message["id"], "", None, {})
+            return Outcome(delivery, message.id, "", None, {})
         if not claim.begun:
             settled = self._begin(claim)
             if settled is not None:
                 return settled
         if claim.token is None:
             # already final: an earlier attempt stored it (or it was revoked); repeat its follow-ups
-            return Outcome(delivery, message["id"], "", None, {}, message=message)
+            return Outcome(delivery, message.id, "", None, {}, message=message)
         found = self._task_to_run(claim, task)
         if isinstance(found, Outcome):
             return found
@@ -69,9 +69,9 @@ class Execution:
             if settled is not None:
                 return settled
         claim.token = self.app.backend.begin(
-            message["id"],
+            message.id,
             worker=self.name,
-            fields={"retries": message.get("retries", 0), "name": message["name"], "queue": delivery.queue},
+            fields={"retries": message.retries, "name": message.name, "queue": delivery.queue},
         )
         claim.begun = True
         return None
@@ -81,8 +81,8 @@ class Execution:
         instead (handed back to another worker or for later, failed as not registered)."""
         delivery, message = claim.delivery, claim.message
         assert message is not None
-        name = message["name"]
-        if "code" in message:   # a function shipped from a notebook: run by name, or its code only with allow_code
+        name = message.name
+        if message.code is not None:   # a function shipped from a notebook: run by name, or its code with allow_code
             task = shipping.task_for(self, message, task, delivery.queue)
             if task is shipping.HAND_BACK:    # another live worker runs it
                 return _requeued(claim, self.app.clock.time() + 1.0)
@@ -101,13 +101,13 @@ class Execution:
         app = self.app
         delivery, message, token = claim.delivery, claim.message, claim.token
         assert message is not None
-        task_id, name = message["id"], message["name"]
+        task_id, name = message.id, message.name
         refusal = self._refusal(task, message)
         if refusal is not None:
             return _failed(claim, refusal)
         try:
-            args = [app.serializer.decode(a) for a in message["args"]]
-            kwargs = {k: app.serializer.decode(v) for k, v in message["kwargs"].items()}
+            args = [app.serializer.decode(a) for a in message.args]
+            kwargs = {k: app.serializer.decode(v) for k, v in message.kwargs.items()}
         except Exception as exc:
             # a payload's error (missing, corrupt) keeps its type
             kind = type(exc) if isinstance(exc, PayloadError) else SerializationError
@@ -117,7 +117,7 @@ class Execution:
         run = {
             "started": time.monotonic(),
             "started_at": started_at,
-            "time_limit": message.get("time_limit"),
+            "time_limit": message.time_limit,
             "token": token,
             "message": message,
             "control": control.TaskControl(task_id, name),
@@ -151,23 +151,14 @@ class Execution:
         """A task raised: retried while it has retries left, else failed."""
         message = claim.message
         assert message is not None
-        if int(message.get("retry_count") or 0) <= 0:
+        if message.retry_count <= 0:
             return _failed(claim, exc, tb=tb, output=output, started_at=started_at)
         try:
-            delay, timeout = next_delay(
-                int(message.get("retries") or 0),
-                float(message.get("retry_timeout") or 0),
-                message.get("retry_backoff"),
-            )
+            delay, timeout = next_delay(message.retries, float(message.retry_timeout), message.retry_backoff)
         except Exception as err:  # options no producer of this version sends (see signature.check_options)
             return _failed(claim, exc, tb=tb, output=output, started_at=started_at,
                            note=f"not retried: its retry options are invalid: {_describe(err)}")
-        retried = dict(
-            message,
-            retry_timeout=timeout,
-            retry_count=int(message.get("retry_count") or 0) - 1,
-            retries=int(message.get("retries") or 0) + 1,
-        )
+        retried = message.copy(retry_timeout=timeout, retry_count=message.retry_count - 1, retries=message.retries + 1)
         eta = self.app.clock.time() + delay
         return _retried(claim, retried, eta, type(exc).__name__, _text(exc), output, tb=tb)
 
@@ -176,10 +167,10 @@ class Execution:
         with it where the engine counts members), or FAILURE when it cannot be encoded."""
         message = claim.message
         assert message is not None
-        name = message["name"]
+        name = message.name
         try:
             result_text = serialization.dumps(
-                self.app.serializer.encode(value, f"result of task {name!r}", owner=message["id"])
+                self.app.serializer.encode(value, f"result of task {name!r}", owner=message.id)
             )
         except Exception as exc:    # whatever the encoder raises (a value nested too deeply, say): the task fails
             if not isinstance(exc, SerializationError):
@@ -199,10 +190,10 @@ class Execution:
             "started_at": started_at,
         }
         member = workflow.lone_member(message) if self.counts_members else None
-        return Outcome(claim.delivery, message["id"], states.SUCCESS, claim.token, fields,
+        return Outcome(claim.delivery, message.id, states.SUCCESS, claim.token, fields,
                        group=member["group"] if member is not None else None, message=message)
 
-    def _after_lapse(self, delivery: Delivery, message: dict) -> Outcome | None:
+    def _after_lapse(self, delivery: Delivery, message: Message) -> Outcome | None:
         """Before a delivery after a lapse begins its task again: the outcome that deals with it
         instead, or None. While an earlier attempt is alive (``_attempt_alive``) the message is
         put back for a lease, so that attempt is not fenced out and records its own result. A
@@ -210,12 +201,12 @@ class Execution:
         record shows an attempt begun since the last count that never finished is a lapse:
         counted (``Broker.count_lapse``), or dead-lettered at ``max_deliveries``."""
         app = self.app
-        task_id = message["id"]
+        task_id = message.id
         record = app.backend.get(task_id) or {}
         if self._attempt_alive(task_id, record, delivery):
             delay = self.lease
             log.info("task %s (%s): its attempt on worker %s is still alive; looking again in %.1fs",
-                     message["name"], task_id, record.get("worker"), delay)
+                     message.name, task_id, record.get("worker"), delay)
             return Outcome(delivery, task_id, "", None, {}, then=DEFER, eta=app.clock.time() + delay)
         token = int(record.get("token") or 0)
         if (
@@ -260,7 +251,7 @@ class Execution:
                 return alive
         return beat is not None
 
-    def dead_letter(self, delivery: Delivery, reason: str, *, message: dict | None = None,
+    def dead_letter(self, delivery: Delivery, reason: str, *, message: Message | None = None,
                     exc_type: str | None = None) -> Outcome:
         """The outcome that dead-letters a message with ``reason`` and fails its task's record, if
         one is waiting (a sender's ``get()`` then raises with the reason instead of waiting forever)."""
@@ -270,21 +261,21 @@ class Execution:
         exc_type = exc_type or (DeliveryLimitExceeded if limit else MessageError).__name__
         if message is None and limit:
             try:
-                message = decode_body(delivery.body)
+                message = Message.decode(delivery.body)
             except MessageError:
                 pass
-        task_id = message["id"] if message is not None else delivery.message_id
+        task_id = message.id if message is not None else delivery.message_id
         log.error("worker %s: dead-lettering message %s: %s", self.name, delivery.message_id, reason)
-        fields = {"exc_type": exc_type, "error": reason, "retries": (message or {}).get("retries", 0)}
+        fields = {"exc_type": exc_type, "error": reason, "retries": message.retries if message is not None else 0}
         return Outcome(delivery, task_id, states.FAILURE, None, fields, message=message, then=REJECT, reason=reason)
 
-    def _call(self, task, args: list, kwargs: dict, message: dict, ctl: "control.TaskControl | None" = None) -> Any:
+    def _call(self, task, args: list, kwargs: dict, message: Message, ctl: "control.TaskControl | None" = None) -> Any:
         """Run the task's function: in this thread, or with ``pool="processes"`` in a child
         process (pool.py; built-in tasks, which use this process's objects, stay here)."""
         if self.pool is None or task.name.startswith("nbqueue."):
             return task.fn(*args, **kwargs) if ctl is None else ctl.call(task.fn, args, kwargs)
-        return self.pool.call(task.fn, args, kwargs, task_id=message["id"], name=task.name,
-                              time_limit=message.get("time_limit"), soft_time_limit=message.get("soft_time_limit"),
+        return self.pool.call(task.fn, args, kwargs, task_id=message.id, name=task.name,
+                              time_limit=message.time_limit, soft_time_limit=message.soft_time_limit,
                               on_progress=None if ctl is None else ctl.set_progress)
 
     def _child_lost(self, claim: Claim, exc: WorkerLostError, output: str) -> Outcome:
@@ -296,7 +287,7 @@ class Execution:
         delivery, message = claim.delivery, claim.message
         assert message is not None
         if getattr(exc, "counts", True) and self.pool is not None:
-            deliveries = max(self.pool.note_death(message["id"]), delivery.lapsed + 1)
+            deliveries = max(self.pool.note_death(message.id), delivery.lapsed + 1)
             limit = self.app.broker.max_deliveries
             if deliveries >= limit:
                 reason = (
@@ -304,12 +295,12 @@ class Execution:
                 )
                 return self.dead_letter(delivery, reason, message=message, exc_type=WorkerLostError.__name__)
         if getattr(exc, "counts", True) or "(cancelled)" not in str(exc):
-            log.warning("worker %s: %s running task %s (%s); delivering it again", self.name, exc, message["name"],
-                        message["id"])
+            log.warning("worker %s: %s running task %s (%s); delivering it again", self.name, exc, message.name,
+                        message.id)
         return _requeued(claim, None, exc_type=type(exc).__name__, error=f"{exc}; delivered again",
                          output=output or None)
 
-    def _leave_unknown(self, name: str, queue: str, message: dict) -> float | None:
+    def _leave_unknown(self, name: str, queue: str, message: Message) -> float | None:
         """For a task name this worker has not registered: in how many seconds to hand the
         message back instead of failing it, or None to fail it with NotRegistered.
 
@@ -331,16 +322,16 @@ class Execution:
         owners = [w["worker_id"] for w in others if queue in (w.get("queues") or ()) and name in (w.get("tasks") or ())]
         if owners:
             log.info(
-                "task %s (%s) is not registered here; leaving it to %s", name, message["id"], ", ".join(owners[:3])
+                "task %s (%s) is not registered here; leaving it to %s", name, message.id, ", ".join(owners[:3])
             )
             return 0.5
-        if now - self._born < self.unknown_grace and (message.get("created_at") or 0.0) <= self._born:
-            log.info("task %s (%s) is not registered yet; handing it back for %.0fs more", name, message["id"],
+        if now - self._born < self.unknown_grace and (message.created_at or 0.0) <= self._born:
+            log.info("task %s (%s) is not registered yet; handing it back for %.0fs more", name, message.id,
                      self.unknown_grace - (now - self._born))
             return 1.0
         return None
 
-    def _refusal(self, task, message: dict) -> BaseException | None:
+    def _refusal(self, task, message: Message) -> BaseException | None:
         """A reason not to run this task on this worker (cells need --allow-cells), or None."""
         check = getattr(task.fn, "nbqueue_check", None)
         return check(self, message) if check is not None else None
@@ -349,21 +340,21 @@ class Execution:
 def _requeued(claim: Claim, eta: float | None, **fields: Any) -> Outcome:
     """A begun task back to PENDING and its message back to its queue: due at ``eta``, or at once."""
     assert claim.message is not None
-    return Outcome(claim.delivery, claim.message["id"], states.PENDING, claim.token, fields,
+    return Outcome(claim.delivery, claim.message.id, states.PENDING, claim.token, fields,
                    then=RELEASE if eta is None else RETRY, eta=eta)
 
 
-def _retried(claim: Claim, message: dict, eta: float, exc_type: str, reason: str, output: str, *,
+def _retried(claim: Claim, message: Message, eta: float, exc_type: str, reason: str, output: str, *,
              tb: str | None = None) -> Outcome:
     """A task to run again at ``eta``, with ``message`` (its retry counts as it goes back)."""
     fields = {
-        "retries": message.get("retries", 0),
+        "retries": message.retries,
         "exc_type": exc_type,
         "error": reason,
         "traceback": tb,
         "output": output or None,
     }
-    return Outcome(claim.delivery, message["id"], states.RETRY, claim.token, fields, message=message, then=RETRY,
+    return Outcome(claim.delivery, message.id, states.RETRY, claim.token, fields, message=message, then=RETRY,
                    eta=eta)
 
 
@@ -380,11 +371,27 @@ def _failed(claim: Claim, exc: BaseException, *, tb: str | None = None, output: 
         "error": error,
         "traceback": _safe_text(tb),
         "output": _safe_text(output) or None,
-        "retries": message.get("retries", 0),
+        "retries": message.retries,
     }
     if started_at is not None:
         fields["started_at"] = started_at
-    return Outcome(claim.delivery, message["id"], states.FAILURE, claim.token, fields, message=message)
+    return Outcome(claim.delivery, message.id, states.FAILURE, claim.token, fields, message=message)
+
+
+def timed_out(task_id: str, run: dict, limit: float, output: str | None) -> Outcome:
+    """The FAILURE (TimeLimitExceeded) of a task running in a thread past its hard time limit
+    (``run``: the worker's record of the running task). No delivery: the executor running the
+    task still holds it, and settles it once the task returns."""
+    message = run["message"]
+    fields: dict[str, Any] = {
+        "exc_type": "TimeLimitExceeded",
+        "error": f"task ran longer than its time limit of {limit:g}s",
+        "traceback": None,
+        "output": _safe_text(output) or None,
+        "retries": message.retries,
+        "started_at": run["started_at"],
+    }
+    return Outcome(None, task_id, states.FAILURE, run["token"], fields, message=message)
 
 
 def _host_and_pid(worker_name: str) -> tuple[str | None, int | None]:

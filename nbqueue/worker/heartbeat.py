@@ -9,8 +9,9 @@ import socket
 import threading
 import time
 
-from .. import builtin, capture, payloads, states, workflow
-from .batch import STALE_FLUSH, STARTED_AFTER, _safe_text
+from .. import builtin, capture, payloads, states
+from .batch import STALE_FLUSH, STARTED_AFTER, _Batch, _safe_text
+from .execute import timed_out
 
 log = logging.getLogger(__name__)
 
@@ -134,20 +135,22 @@ class Heartbeat:
         self._enforce_time_limit(task_id, run)
 
     def _enforce_time_limit(self, task_id: str, run: dict) -> None:
+        """A task running in a thread past its hard time limit: a thread cannot be killed, so its
+        FAILURE (``execute.timed_out``) is settled now as any outcome is (recorded, its workflow
+        advanced; its executor still holds the delivery and acknowledges it once the task
+        returns, its late result fenced out), and the task is asked to stop. Looked at again
+        at the next tick until its record is final. In a child process the pool stops the task
+        at its limit instead."""
         limit = run.get("time_limit")
-        if not limit or time.monotonic() - run["started"] <= limit:
+        if not limit or run.get("timed_out") or time.monotonic() - run["started"] <= limit:
             return
-        if self.pool is not None and not run["message"]["name"].startswith("nbqueue."):
-            return   # in a child process: the pool stops it at its limit (a hard limit)
-        # A thread cannot be killed: the task is failed now, its late result is fenced out.
-        if self.app.backend.store_result(
-            task_id,
-            states.FAILURE,
-            token=run["token"],
-            exc_type="TimeLimitExceeded",
-            error=f"task ran longer than its time limit of {limit:g}s",
-            output=_safe_text(capture.peek(task_id)),
-        ):
-            self.count(failed=1)
-            workflow.on_failure(self.app, run["message"], "TimeLimitExceeded", f"time limit of {limit:g}s exceeded")
-            self.control.stop(task_id, run, "time_limit")   # cooperative: current_task().cancelled
+        if self.pool is not None and not run["message"].name.startswith("nbqueue."):
+            return
+        batch = _Batch(self, [], runs_next=False)      # its follow-ups are published: no executor runs this batch
+        batch.settle(timed_out(task_id, run, limit, capture.peek(task_id)))
+        batch.flush()
+        record = self.app.backend.get(task_id) or {}
+        if record.get("state") in states.READY_STATES:
+            run["timed_out"] = True
+            if not run.get("stopped"):
+                self.control.stop(task_id, run, "time_limit")   # cooperative: current_task().cancelled

@@ -36,11 +36,20 @@ from .. import capture, control, shipping, states
 from ..broker import Delivery, Outgoing, queue_list
 from ..engine import Claim, NextClaim, Outcome, decode
 from ..events import WorkerEvents
+from ..message import Message
 from .batch import GROUP_COMMIT, REVOKE_CHECK, STEAL_AFTER, _Batch
 from .execute import Execution
 from .heartbeat import Heartbeat
 
 log = logging.getLogger(__name__)
+
+
+def _check_options(concurrency: int, pool: str) -> None:
+    """ValueError for a concurrency below 1 or a pool that is neither threads nor processes."""
+    if concurrency < 1:
+        raise ValueError("concurrency must be at least 1")
+    if pool not in ("threads", "processes"):
+        raise ValueError(f"pool must be 'threads' or 'processes', not {pool!r}")
 
 
 class Worker(Heartbeat, Execution):
@@ -64,10 +73,7 @@ class Worker(Heartbeat, Execution):
         max_memory_per_child: int | None = None,
         shutdown_grace: float = 30.0,
     ):
-        if concurrency < 1:
-            raise ValueError("concurrency must be at least 1")
-        if pool not in ("threads", "processes"):
-            raise ValueError(f"pool must be 'threads' or 'processes', not {pool!r}")
+        _check_options(concurrency, pool)
         self.app = app
         self.concurrency = int(concurrency)
         self.queues = queue_list(queues) if queues else [app.default_queue]
@@ -76,9 +82,27 @@ class Worker(Heartbeat, Execution):
         self.allow_cells = allow_cells
         self.echo_output = echo_output
         self.beat = beat                               # also run the App's periodic-task scheduler (schedule.py)
-        # -- the process pool (pool.py) and shipped notebook functions (shipping.py) --
+        self.lease = app.visibility_timeout
+        self.heartbeat_interval = heartbeat_interval or max(0.05, min(self.lease / 3.0, 5.0))
+        # a notebook kernel defines its tasks in cells that may run after the worker starts
+        # (a restarted kernel): for this long, a message sent before it started whose task
+        # it does not know yet is handed back (see _leave_unknown)
+        self.unknown_grace = float(unknown_grace)
+        self._born = app.clock.time()
+        self._pid = os.getpid()
+        self._init_pool(pool, allow_code, max_tasks_per_child, max_memory_per_child, shutdown_grace)
+        self._init_state()
+        self._init_engine_use(app.engine, local_follow_ups)
+        self.events = WorkerEvents()                   # hooks around each task run (metrics, tracing)
+        self.control = control.Watch(self)             # cancels, soft limits in threads, progress (control.py)
+
+    def _init_pool(self, pool: str, allow_code: bool, max_tasks_per_child: int | None,
+                   max_memory_per_child: int | None, shutdown_grace: float) -> None:
+        """The process pool (pool.py) and shipped notebook functions (shipping.py): with
+        ``pool="processes"`` each executor thread drives one child; code queues are read where
+        shipped functions may come (``allow_code``, an interactive kernel, notebook tasks)."""
         self.allow_code = allow_code                   # run functions shipped from notebooks (--allow-code)
-        self.pool = None                               # pool="processes": each executor thread drives one child
+        self.pool = None
         if pool == "processes":
             from ..pool import ProcessPool
 
@@ -89,11 +113,12 @@ class Worker(Heartbeat, Execution):
         if (
             allow_code
             or shipping.interactive()
-            or any(shipping.defined_in_notebook(t.fn) for t in list(app.registry.values()))
+            or any(shipping.defined_in_notebook(t.fn) for t in list(self.app.registry.values()))
         ):
             self.serve_code_queues()
-        self.lease = app.visibility_timeout
-        self.heartbeat_interval = heartbeat_interval or max(0.05, min(self.lease / 3.0, 5.0))
+
+    def _init_state(self) -> None:
+        """The threads, what they hold and run, and the counters, all empty."""
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._held: dict[int, Delivery] = {}          # reserved and not yet finished, for lease extension
@@ -110,7 +135,9 @@ class Worker(Heartbeat, Execution):
         self._wait_lock = threading.Lock()             # one such wait decided at a time (see holding_thread)
         self._revoked: set = set()                     # ids revoked by this process's App (see note_revoked)
         self._workers_seen: tuple[float, list] = (0.0, [])   # other workers' heartbeats, read for unknown task names
-        engine = app.engine
+
+    def _init_engine_use(self, engine, local_follow_ups: bool) -> None:
+        """What the worker takes from its engine's capabilities."""
         #: errors of the stores themselves: a message whose finish fails with one is left to its
         #: lease and delivered again; any other error fails that message alone
         self.store_errors = engine.store_errors
@@ -121,14 +148,6 @@ class Worker(Heartbeat, Execution):
         # run our own follow-ups next (chain steps, chord callbacks) where the engine can
         # publish them already claimed by us (their lease covers a crash before they run)
         self.local_follow_ups = local_follow_ups and engine.runs_next
-        # a notebook kernel defines its tasks in cells that may run after the worker starts
-        # (a restarted kernel): for this long, a message sent before it started whose task
-        # it does not know yet is handed back (see _leave_unknown)
-        self.unknown_grace = float(unknown_grace)
-        self._born = app.clock.time()
-        self._pid = os.getpid()
-        self.events = WorkerEvents()                   # hooks around each task run (metrics, tracing)
-        self.control = control.Watch(self)             # cancels, soft limits in threads, progress (control.py)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> "Worker":
@@ -443,7 +462,7 @@ class Worker(Heartbeat, Execution):
             if time.monotonic() - checked >= REVOKE_CHECK:
                 checked = time.monotonic()
                 self._skip_revoked([claim] + batch.pending())
-            if self._revoked and self._revoked_here(claim.message["id"]):
+            if self._revoked and self._revoked_here(claim.message.id):
                 claim.begun, claim.token = True, None
             batch.running()
             try:
@@ -469,16 +488,16 @@ class Worker(Heartbeat, Execution):
         out, copies = [], []
         for claim in claims:
             assert claim.message is not None
-            if claim.message["id"] in seen:
+            if claim.message.id in seen:
                 log.warning(
                     "worker %s: task %s (%s) is in this batch twice; running it once",
                     self.name,
-                    claim.message["name"],
-                    claim.message["id"],
+                    claim.message.name,
+                    claim.message.id,
                 )
                 copies.append(claim.delivery)
                 continue
-            seen.add(claim.message["id"])
+            seen.add(claim.message.id)
             out.append(claim)
         return out, copies
 
@@ -502,7 +521,7 @@ class Worker(Heartbeat, Execution):
         """Tasks of a batch not started yet may have been revoked (in another process) since
         they were reserved: forget their tokens, so they are settled as final (ending their
         workflows), not run."""
-        waiting = {c.message["id"]: c for c in unstarted if c.message is not None and c.begun and c.token}
+        waiting = {c.message.id: c for c in unstarted if c.message is not None and c.begun and c.token}
         if not waiting:
             return
         found = self.app.backend.states_of(list(waiting))
@@ -554,9 +573,9 @@ class Worker(Heartbeat, Execution):
         """Decode deliveries handed to ``process`` unclaimed and begin their tasks."""
         return self.app.engine.begin(decode(deliveries), self.name, self._begins)
 
-    def _begins(self, message: dict) -> bool:
+    def _begins(self, message: Message) -> bool:
         """Whether a claim begins this task: one this worker runs, or may fail as not registered."""
-        return message["name"] in self.app.registry or not message.get("ignore_when_not_registered")
+        return message.name in self.app.registry or not message.ignore_when_not_registered
 
     def serve_code_queues(self) -> None:
         """Also read the code queues of this worker's queues (``shipping.code_queue``), where
