@@ -22,6 +22,13 @@ from ... import states
 from ...errors import ConfigurationError, ConnectionLost
 from ...urls import redact
 
+try:
+    import hiredis
+    from redis.connection import HiredisRespSerializer as _HIREDIS_PACKER
+except ImportError:                 # redis-py packs in Python without hiredis
+    hiredis = None
+    _HIREDIS_PACKER = None
+
 if TYPE_CHECKING:
     import fakeredis
 
@@ -195,18 +202,20 @@ class ScriptPipeline(redis.client.Pipeline):
             return []
         # the round trip itself, retried on connection errors as redis-py's pipeline does,
         # without what this use has no need of (transactions, WATCH, client-side caching
-        # hooks, per-call metrics): about a third of the client's time per call (redis-py
-        # 5.3 and later take get_connection() without a command name)
+        # hooks, per-call metrics, the pool's check for unread data: see _take)
         pool = self.connection_pool
-        conn = pool.get_connection()
+        conn, taken = _take(pool)
         try:
             replies = conn.retry.call_with_retry(
                 lambda: self._round_trip(conn, stack, scripts), lambda error: conn.disconnect()
             )
             if any(isinstance(reply, redis.exceptions.NoScriptError) for reply in replies):
                 conn._nbq_scripts = None        # the server forgot them: load again next time
+        except BaseException:
+            conn.disconnect()       # replies may be left unread (an interrupt): the next use reconnects
+            raise
         finally:
-            pool.release(conn)
+            _give_back(pool, conn, taken)
         for i, reply in enumerate(replies):
             if isinstance(reply, redis.exceptions.NoScriptError) and stack[i][0][1] in scripts:
                 _, sha, nkeys, *rest = stack[i][0]
@@ -225,17 +234,62 @@ class ScriptPipeline(redis.client.Pipeline):
             known = conn._nbq_scripts = (sock, set())
         loads = [script for sha, script in scripts.items() if sha not in known[1]]
         commands = [("SCRIPT", "LOAD", script.script) for script in loads] + [args for args, _ in stack]
-        conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+        conn.send_packed_command(_packed(conn, commands), check_health=False)
         for _ in loads:
             conn.read_response()
         known[1].update(script.sha for script in loads)
         replies = []
         for args, options in stack:
             try:
-                replies.append(redis.Redis.parse_response(self, conn, args[0], **options))
+                if options or args[0] != "EVALSHA":
+                    replies.append(redis.Redis.parse_response(self, conn, args[0], **options))
+                else:                       # a script's reply: no callback, nothing to unpack
+                    replies.append(conn.read_response())
             except redis.ResponseError as exc:
                 replies.append(exc)
         return replies
+
+
+def _packed(conn, commands: list) -> list:
+    """``commands`` in RESP, as ``conn.pack_commands`` makes them: packed by hiredis straight
+    away (as redis-py's hiredis packer does, without its pass over every argument) where the
+    connection packs with hiredis, no command name holds a space and every argument is text,
+    bytes or a number."""
+    if _HIREDIS_PACKER is not None and type(getattr(conn, "_command_packer", None)) is _HIREDIS_PACKER and not any(
+        " " in args[0] for args in commands
+    ):
+        try:
+            return [b"".join([hiredis.pack_command(args) for args in commands])]
+        except TypeError:           # a buffer (bytearray, memoryview): redis-py's packer copies it first
+            pass
+    return conn.pack_commands(commands)
+
+
+def _take(pool) -> tuple[Any, bool]:
+    """A connection of ``pool`` and whether it was taken here: an idle connection of a plain
+    redis-py pool in the process that made it is taken off the pool's list directly, without
+    redis-py's per-call metrics and the poll for unread data (a ``ScriptPipeline`` reads every
+    reply it asks for, and disconnects when it cannot); otherwise ``pool.get_connection()``."""
+    if type(pool) is redis.ConnectionPool and "get_connection" not in vars(pool) and pool.pid == os.getpid():
+        with pool._lock:
+            if pool._available_connections:
+                conn = pool._available_connections.pop()
+                pool._in_use_connections.add(conn)
+                return conn, True
+    return pool.get_connection(), False
+
+
+def _give_back(pool, conn, taken: bool) -> None:
+    """Return ``conn`` to ``pool`` as ``_take`` took it."""
+    if not taken:
+        pool.release(conn)
+        return
+    with pool._lock:
+        try:
+            pool._in_use_connections.remove(conn)
+        except KeyError:            # the pool was reset or disconnected meanwhile: not its connection any more
+            return
+        pool._available_connections.append(conn)
 
 
 def pipeline(client: redis.Redis) -> ScriptPipeline:
