@@ -291,6 +291,9 @@ def _twin_scenario(url: str) -> list:
                 [_out("a", "t0"), _out("a", "t1", priority=7), _out("b", "t2", eta=clock.time() + 5),
                  _out("b", "t3", body="\u00e9\u20ac"), _out("a", "t4"), _out("a", "t5")])
     broker.publish_many([_out("a", "t0", body="again"), _out("c", "solo")])     # t0 is known: left alone
+    # records alone: a new one, one known (left alone), one with a state and creation time of its own
+    backend.create([{"id": "rec", "name": "add"}, {"id": "t0", "name": "other"},
+                    {"id": "rec2", "name": "add", "state": states.STARTED, "created_at": 3.5}])
     # signals: as many tokens as the limit (no trim), then one more (trimmed back to the limit)
     broker.publish_many([_out("d", f"d{i}", priority=i % 10) for i in range(SIGNAL_TOKENS + 6)])
     broker.publish_many([_out("d", "late", eta=clock.time() + 1000)])

@@ -28,9 +28,11 @@ Keys (``P`` is the prefix)::
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Sequence
 
 from ... import serialization, states
+from ...errors import ResultNotFound
 from ...backend import FIELDS, ResultBackend, counts_from_states, matches
 from ...urls import redact
 from . import twins
@@ -47,7 +49,7 @@ CHUNK = 500                 # records per script call
 
 # -- Lua (scripts in lua/*.lua) -----------------------------------------------------------
 
-_CREATE = lua("records", "create", header=LUA_FINAL)
+_CREATE = lua("create_records", "create", header=LUA_FINAL)
 _BEGIN = lua("begin", "begin_many", header=LUA_FINAL)
 _SET_STATE = lua("state", "set_state", header=LUA_FINAL + f"local DONE_TTL_MS = {DONE_TTL_MS}\n")
 _UPDATE = lua("records", "update", header=LUA_FINAL)
@@ -139,15 +141,30 @@ class RedisBackend(ResultBackend):
     def create(self, records: Sequence[dict], client=None) -> None:
         now = self.clock.time()
         for start in range(0, len(records), CHUNK):
-            keys, args = [self._index], []
-            for r in records[start:start + CHUNK]:
-                fields = {k: r.get(k) for k in _CREATE_FIELDS}
-                fields["state"] = fields["state"] or states.PENDING
-                fields["created_at"] = fields["created_at"] if fields["created_at"] is not None else now
-                pairs = [(k, _encode(v)) for k, v in fields.items() if v is not None]
-                keys.append(self._rec(r["id"]))
-                args += [str(len(pairs)), *(x for pair in pairs for x in pair)]
+            keys: list[str] = [self._index]
+            args: list = []
+            self.create_args(records[start:start + CHUNK], now, keys, args)
             self._create(keys=keys, args=args, client=client)
+
+    def create_args(self, records: Sequence[dict], now: float, keys: list, args: list) -> None:
+        """Append the create script's KEYS (each record's key) and ARGV (a count, then
+        name/value pairs) for ``records`` to ``keys`` and ``args``: PENDING and created at
+        ``now`` unless a record says otherwise (see lua/create_records.lua)."""
+        for r in records:
+            pairs: list = []
+            for name in _CREATE_FIELDS:
+                value = r.get(name)
+                if name == "state" and not value:
+                    value = states.PENDING
+                elif value is None:
+                    if name == "created_at":
+                        value = now
+                    else:
+                        continue
+                pairs += (name, value if type(value) is str else _encode(value))
+            keys.append(self._rec(r["id"]))
+            args.append(str(len(pairs) // 2))
+            args += pairs
 
     @guarded
     def begin(self, task_id: str, *, worker: str = "", fields: dict | None = None) -> int | None:
@@ -263,14 +280,41 @@ class RedisBackend(ResultBackend):
         """Nothing to do: the set-state script pushes a token to a final task's done list,
         and waiters blocked on it wake at once."""
 
+    def wait_record(self, task_id: str, timeout: float | None = None, since: int | None = None, *,
+                    missing_ok: bool = True) -> dict | None:
+        """As the base's, in one round trip per pass and without in-process wake-ups (the
+        set-state script wakes waiters in every process): each pass blocks on the task's done
+        list and reads the record (``_block_then_get``); a task that finished in the last
+        DONE_TTL_MS has its token there, so it is read in one round trip. Without ``since`` (a
+        task that may have finished long ago), or with no time left to wait, the first pass
+        reads the record without blocking."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        interval, ceiling = 0.001, float(self.options["poll_interval"])
+        first = True
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if first and since is None or remaining is not None and remaining <= 0:
+                record = self.get(task_id)
+            else:
+                record = self._block_then_get(task_id, None, interval if remaining is None else min(interval, remaining))
+            if record is not None and record["state"] in states.READY_STATES:
+                return record
+            if record is None and not missing_ok:
+                raise ResultNotFound(task_id)
+            if remaining is not None and remaining <= 0:
+                return None
+            interval, first = min(interval * 2, ceiling), False
+
     @guarded
     def _block_then_get(self, task_id: str, woken, timeout: float) -> dict | None:
         """Block on the task's done list and read its record in one round trip: Redis
         runs the pipelined HGETALL as soon as the blocking pop returns."""
         key = self._done_key(task_id)
         pipe = pipeline(self.client)
-        pipe.brpoplpush(key, key, timeout=max(MIN_BLOCK, timeout))  # rotated in place: other waiters see it too
-        pipe.hgetall(self._rec(task_id))
+        pipe.command_stack += [
+            (("BRPOPLPUSH", key, key, max(MIN_BLOCK, timeout)), {}),  # rotated in place: other waiters see it too
+            (("HGETALL", self._rec(task_id)), {}),
+        ]
         return self._live(pipe.execute()[1])
 
     @guarded
