@@ -41,6 +41,7 @@ from .twins import twin
 
 _INT_FIELDS = frozenset({"retries", "token"})
 _FLOAT_FIELDS = frozenset({"created_at", "started_at", "finished_at", "expires_at"})
+_STATE_FIELDS = frozenset(FIELDS) - {"id", "state", "token"}     # the fields a state write may set
 _BEGIN_OWNS = frozenset({"id", "state", "token", "worker", "started_at", "created_at", "retries"})
 _CREATE_FIELDS = ("id", "name", "state", "args", "kwargs", "queue", "group_id", "parent_id", "created_at", "meta")
 DONE_TTL_MS = 60_000        # a done token only bridges the gap between a waiter's check and its block
@@ -227,16 +228,31 @@ class RedisBackend(ResultBackend):
 
     def _state_args(self, task_id: str, state: str, token: int | None, fields: dict, ttl: float | None,
                     counted: bool = False) -> list:
-        """A state write's arguments (see lua/state.lua); ``counted``: with the count of the
-        names to delete (as the finish script reads them)."""
-        fields = {k: v for k, v in fields.items() if k in FIELDS and k not in ("id", "state", "token")}
+        """A state write's arguments (see lua/state.lua), made in one pass over ``fields``
+        (record fields only; None deletes one); ``counted``: with the count of the names to
+        delete (as the finish script reads them)."""
         now = self.clock.time()
-        created = fields.get("created_at", now)
-        ttl_ms, expires_at = "", ""
+        sets: list = []
+        dels: list = []
+        created: Any = now
+        expires: Any = None
+        for name, value in fields.items():
+            if name not in _STATE_FIELDS:
+                continue
+            if name == "created_at":
+                created = value
+            elif name == "expires_at" and ttl:
+                expires = value
+                continue
+            if value is None:
+                dels.append(name)
+            else:
+                sets += (name, value if type(value) is str else _encode(value))
+        ttl_ms = expires_at = ""
         if ttl:
             ttl_ms = str(max(1, math.ceil(ttl * 1000)))
-            fields["expires_at"] = fields.get("expires_at") or now + ttl    # in the record too: reads check it
-            expires_at = _encode(fields["expires_at"])
+            expires_at = _encode(expires or now + ttl)      # in the record too: reads check it
+            sets += ("expires_at", expires_at)
         return [
             task_id,
             state,
@@ -244,7 +260,10 @@ class RedisBackend(ResultBackend):
             _encode(created),
             ttl_ms,
             expires_at,
-            *_field_args(fields, counted),
+            str(len(sets) // 2),
+            *sets,
+            *([str(len(dels))] if counted else []),
+            *dels,
         ]
 
     @guarded
