@@ -209,15 +209,16 @@ class ScriptPipeline(redis.client.Pipeline):
             replies = conn.retry.call_with_retry(
                 lambda: self._round_trip(conn, stack, scripts), lambda error: conn.disconnect()
             )
-            if any(isinstance(reply, redis.exceptions.NoScriptError) for reply in replies):
+            lost = [i for i, reply in enumerate(replies) if isinstance(reply, redis.exceptions.NoScriptError)]
+            if lost:
                 conn._nbq_scripts = None        # the server forgot them: load again next time
         except BaseException:
             conn.disconnect()       # replies may be left unread (an interrupt): the next use reconnects
             raise
         finally:
             _give_back(pool, conn, taken)
-        for i, reply in enumerate(replies):
-            if isinstance(reply, redis.exceptions.NoScriptError) and stack[i][0][1] in scripts:
+        for i in lost:
+            if stack[i][0][1] in scripts:
                 _, sha, nkeys, *rest = stack[i][0]
                 replies[i] = scripts[sha](keys=rest[:int(nkeys)], args=rest[int(nkeys):])
         if raise_on_error:
@@ -306,7 +307,8 @@ class Script(redis.commands.core.Script):
     def __call__(self, keys=None, args=None, client=None):
         keys = keys or ()
         command = ("EVALSHA", self.sha, len(keys), *keys, *(args or ()))
-        pipe = client if isinstance(client, ScriptPipeline) else pipeline(client or self.registered_client)
+        # (a type check: isinstance goes through a Protocol's slow check for redis-py's classes)
+        pipe = client if type(client) is ScriptPipeline else pipeline(client or self.registered_client)
         pipe.scripts.add(self)
         pipe.command_stack.append((command, {}))
         if pipe is client:
