@@ -32,8 +32,8 @@ import time
 from typing import Any, Sequence
 
 from ... import serialization, states
-from ...errors import ResultNotFound
 from ...backend import FIELDS, ResultBackend, counts_from_states, matches
+from ...errors import ResultNotFound
 from ...urls import redact
 from . import twins
 from .client import LUA_FINAL, MIN_BLOCK, connect, guarded, key_prefix, lua, pipeline, register, url_options
@@ -315,7 +315,8 @@ class RedisBackend(ResultBackend):
             if first and since is None or remaining is not None and remaining <= 0:
                 record = self.get(task_id)
             else:
-                record = self._block_then_get(task_id, None, interval if remaining is None else min(interval, remaining))
+                wait = interval if remaining is None else min(interval, remaining)
+                record = self._block_then_get(task_id, None, wait)
             if record is not None and record["state"] in states.READY_STATES:
                 return record
             if record is None and not missing_ok:
