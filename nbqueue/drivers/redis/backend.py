@@ -36,7 +36,7 @@ from ...backend import FIELDS, ResultBackend, counts_from_states, matches
 from ...errors import ResultNotFound
 from ...urls import redact
 from . import twins
-from .client import LUA_FINAL, MIN_BLOCK, connect, guarded, key_prefix, lua, pipeline, register, url_options
+from .client import LUA_FINAL, MIN_BLOCK, RAW, connect, guarded, key_prefix, lua, pipeline, register, url_options
 from .twins import twin
 
 _INT_FIELDS = frozenset({"retries", "token"})
@@ -332,10 +332,11 @@ class RedisBackend(ResultBackend):
         key = self._done_key(task_id)
         pipe = pipeline(self.client)
         pipe.command_stack += [
-            (("BRPOPLPUSH", key, key, max(MIN_BLOCK, timeout)), {}),  # rotated in place: other waiters see it too
-            (("HGETALL", self._rec(task_id)), {}),
+            (("BRPOPLPUSH", key, key, max(MIN_BLOCK, timeout)), RAW),  # rotated in place: other waiters see it too
+            (("HGETALL", self._rec(task_id)), RAW),
         ]
-        return self._live(pipe.execute()[1])
+        raw = pipe.execute()[1]
+        return self._live(raw if isinstance(raw, dict) else dict(zip(raw[::2], raw[1::2])))
 
     @guarded
     def _block(self, pending: Sequence[str], version: int, timeout: float) -> None:

@@ -195,6 +195,9 @@ class ScriptPipeline(redis.client.Pipeline):
     def load_scripts(self) -> None:
         pass
 
+    def __del__(self) -> None:
+        """Nothing to reset: a ScriptPipeline never holds a connection between calls nor WATCHes."""
+
     def execute(self, raise_on_error: bool = True) -> list:
         stack, scripts = self.command_stack, {s.sha: s for s in self.scripts}
         self.command_stack, self.scripts = [], set()
@@ -242,10 +245,10 @@ class ScriptPipeline(redis.client.Pipeline):
         replies = []
         for args, options in stack:
             try:
-                if options or args[0] != "EVALSHA":
+                if options is RAW or not options and args[0] == "EVALSHA":
+                    replies.append(conn.read_response())    # as the server sent it: no callback
+                else:
                     replies.append(redis.Redis.parse_response(self, conn, args[0], **options))
-                else:                       # a script's reply: no callback, nothing to unpack
-                    replies.append(conn.read_response())
             except redis.ResponseError as exc:
                 replies.append(exc)
         return replies
@@ -291,6 +294,11 @@ def _give_back(pool, conn, taken: bool) -> None:
         except KeyError:            # the pool was reset or disconnected meanwhile: not its connection any more
             return
         pool._available_connections.append(conn)
+
+
+#: the options of a command queued on a ScriptPipeline whose reply is returned as the server
+#: sent it, without redis-py's response callback (``pipe.command_stack.append((args, RAW))``)
+RAW: dict = {}
 
 
 def pipeline(client: redis.Redis) -> ScriptPipeline:
