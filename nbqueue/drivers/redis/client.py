@@ -291,7 +291,7 @@ def _give_back(pool, conn, taken: bool) -> None:
     with pool._lock:
         try:
             pool._in_use_connections.remove(conn)
-        except KeyError:            # the pool was reset or disconnected meanwhile: not its connection any more
+        except KeyError:            # the pool was reset meanwhile (a fork): not its connection any more
             return
         pool._available_connections.append(conn)
 

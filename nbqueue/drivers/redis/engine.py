@@ -2,7 +2,7 @@
 
 Its fast paths, each a whole-method override of SplitEngine:
 
-- ``send``: the PENDING records and the messages in one pipeline (records first).
+- ``send``: the PENDING records and the messages in one script call (records first; lua/send.lua).
 - ``claim`` / ``run_next``: the claim script (and the one that publishes a worker's own
   follow-ups already reserved) also begins the tasks' records: one round trip per batch.
 - ``finish``: the results and acks in one script call (lua/finish.lua), then the group member
@@ -69,9 +69,8 @@ class RedisEngine(SplitEngine):
             self.broker.publish_many(outgoing, client=pipe)
             pipe.execute()
             return
-        now = self.broker.clock.time()
         keys: list = [self.backend._index]
-        args: list = [self.broker.prefix, repr(now)]
+        args: list = [self.broker.prefix, repr(self.broker.clock.time())]
         self.backend.create_args(records, self.backend.clock.time(), keys, args)
         publish_args(outgoing, args)
         self._send(keys=keys, args=args)
