@@ -829,3 +829,32 @@ def test_a_child_forked_while_a_thread_holds_the_connection_pool_lock_sends_and_
         assert (kind, value) == ("ok", 7)
     assert child.exitcode == 0
     assert add.delay(2, 2).get(timeout=30) == 4                # the parent carries on
+
+
+@pytest.mark.parametrize("connected", [True, False], ids=["command", "handshake"])
+def test_a_round_trip_interrupted_before_its_replies_leaves_none_for_the_next_command(store, monkeypatch, connected):
+    """A read interrupted before it starts (Ctrl-C between a send and its reply), of a command
+    or of a new connection's handshake, leaves a reply on the connection nobody reads: the
+    next command on the store gets its own reply, not the one left over."""
+    url, options = store
+    backend = RedisBackend(url, options=options)
+    backend.create([{"id": "a", "name": "n"}])
+    if not connected:
+        backend.client.connection_pool.disconnect()
+        backend.client.connection_pool.reset()      # the next command makes a connection
+    connection_class = backend.client.connection_pool.connection_class
+    read = connection_class.read_response
+    interrupted = []
+
+    def interrupt_once(conn, *args, **kwargs):
+        if not interrupted:
+            interrupted.append(True)
+            raise KeyboardInterrupt
+        return read(conn, *args, **kwargs)
+
+    monkeypatch.setattr(connection_class, "read_response", interrupt_once)
+    with pytest.raises(KeyboardInterrupt):
+        backend.get("a")
+    assert backend.get("missing") is None
+    assert backend.get("a")["id"] == "a"
+    backend.close()

@@ -9,6 +9,8 @@ import ipaddress
 import logging
 import os
 import pathlib
+import select
+import socket
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Mapping, TypeVar
@@ -205,7 +207,7 @@ class ScriptPipeline(redis.client.Pipeline):
             return []
         # the round trip itself, retried on connection errors as redis-py's pipeline does,
         # without what this use has no need of (transactions, WATCH, client-side caching
-        # hooks, per-call metrics, the pool's check for unread data: see _take)
+        # hooks, per-call metrics: see _take)
         pool = self.connection_pool
         conn, taken = _take(pool)
         try:
@@ -272,15 +274,43 @@ def _packed(conn, commands: list) -> list:
 def _take(pool) -> tuple[Any, bool]:
     """A connection of ``pool`` and whether it was taken here: an idle connection of a plain
     redis-py pool in the process that made it is taken off the pool's list directly, without
-    redis-py's per-call metrics and the poll for unread data (a ``ScriptPipeline`` reads every
-    reply it asks for, and disconnects when it cannot); otherwise ``pool.get_connection()``."""
+    redis-py's per-call metrics; otherwise ``pool.get_connection()``. Either way a connection
+    with unread data (see ``_unread``) is disconnected first, to be connected afresh. A
+    ``ScriptPipeline`` reads every reply it asks for, and disconnects when it cannot."""
     if type(pool) is redis.ConnectionPool and "get_connection" not in vars(pool) and pool.pid == os.getpid():
         with pool._lock:
-            if pool._available_connections:
-                conn = pool._available_connections.pop()
+            conn = pool._available_connections.pop() if pool._available_connections else None
+            if conn is not None:
                 pool._in_use_connections.add(conn)
-                return conn, True
-    return pool.get_connection(), False
+        if conn is not None:
+            if _unread(conn):       # left with a reply unread elsewhere (an interrupted command): start afresh
+                conn.disconnect()
+            return conn, True
+    try:
+        conn = pool.get_connection()
+    except BaseException:
+        # redis-py hands a new connection whose handshake was cut short back to the pool
+        # connected, its replies unread: idle connections start afresh
+        pool.disconnect(inuse_connections=False)
+        raise
+    if _unread(conn):               # redis-py skips its own check where maintenance notifications are on
+        conn.disconnect()
+    return conn, False
+
+
+def _unread(conn) -> bool:
+    """Whether ``conn`` has something to read before it is asked anything (a reply nobody
+    read, or the server's end of a closed connection): one ``select`` without waiting on a
+    plain socket, redis-py's ``can_read()`` on others (TLS buffers data select cannot see)."""
+    sock = conn._sock
+    if sock is None:
+        return False
+    if type(sock) is not socket.socket:
+        return conn.can_read()
+    try:
+        return bool(select.select([sock], (), (), 0)[0])
+    except ValueError:          # a descriptor select cannot take
+        return conn.can_read()
 
 
 def _give_back(pool, conn, taken: bool) -> None:
