@@ -21,7 +21,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, Iterable, Mapping
 
-from . import batching, cache, payloads, provenance, serialization, shipping, states, tracing
+from . import batching, cache, callpath, payloads, provenance, serialization, shipping, states, tracing
 from . import config as _config
 from .broker import Outgoing
 from .clock import SYSTEM
@@ -256,8 +256,6 @@ class App:
     def send_call(self, task: Task, args: tuple, kwargs: dict) -> AsyncResult:
         """``task.delay(*args, **kwargs)``: as ``send_task(task.s(*args, **kwargs))``, with the
         envelope built from the task's template (see nbqueue.callpath)."""
-        from . import callpath
-
         if task.cache is not False:     # a cached task: its key and the stored result (cache.py)
             return self.send_task(task.s(*args, **kwargs))
         task.check_arguments(args, kwargs)

@@ -19,7 +19,7 @@ import contextlib
 import difflib
 import logging
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NoReturn
 
 from . import capture, payloads, serialization, states, taskprogress
 from .backend import counts_from_states
@@ -275,8 +275,11 @@ class AsyncResult:
         if record is None and not self.app.backend.reads_as_it_waits:
             record = self._read_final()
         if record is None:
-            with _interrupted(self.id, "r"), _waiting(self.app, lambda: [self.app.backend.get(self.id)]) as between:
-                record = self._wait_record(timeout, between)
+            try:
+                with _waiting(self.app, lambda: [self.app.backend.get(self.id)]) as between:
+                    record = self._wait_record(timeout, between)
+            except KeyboardInterrupt:
+                _stopped_waiting(self.id, "r")
             if record is None:
                 state = self.state
                 problem = between.problem or (waiting_problem(self.app, self.info()) if state in _NOT_STARTED else None)
@@ -546,16 +549,21 @@ def _waiting(app, records: Callable[[], list]) -> Iterator[_Between]:
         yield between
 
 
+def _stopped_waiting(task_id: str, var: str) -> NoReturn:
+    """Ctrl-C (a kernel interrupt) during a wait stops the wait only: the task goes on, and
+    the KeyboardInterrupt raised here says how to cancel it."""
+    raise KeyboardInterrupt(f"stopped waiting for {task_id}; it was NOT cancelled and goes on running. To cancel "
+                            f"it: {var}.cancel(), app.revoke({task_id!r}, terminate=True) or "
+                            f"%nbqueue cancel {task_id}") from None
+
+
 @contextlib.contextmanager
 def _interrupted(task_id: str, var: str) -> Iterator[None]:
-    """Ctrl-C (a kernel interrupt) during a wait stops the wait only: the task goes on, and
-    the KeyboardInterrupt says how to cancel it."""
+    """Around a wait: see ``_stopped_waiting``."""
     try:
         yield
     except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"stopped waiting for {task_id}; it was NOT cancelled and goes on running. To cancel "
-                                f"it: {var}.cancel(), app.revoke({task_id!r}, terminate=True) or "
-                                f"%nbqueue cancel {task_id}") from None
+        _stopped_waiting(task_id, var)
 
 
 def _leaves(result) -> list[AsyncResult]:

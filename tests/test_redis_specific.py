@@ -291,6 +291,9 @@ def _twin_scenario(url: str) -> list:
                 [_out("a", "t0"), _out("a", "t1", priority=7), _out("b", "t2", eta=clock.time() + 5),
                  _out("b", "t3", body="\u00e9\u20ac"), _out("a", "t4"), _out("a", "t5")])
     broker.publish_many([_out("a", "t0", body="again"), _out("c", "solo")])     # t0 is known: left alone
+    # records alone: a new one, one known (left alone), one with a state and creation time of its own
+    backend.create([{"id": "rec", "name": "add"}, {"id": "t0", "name": "other"},
+                    {"id": "rec2", "name": "add", "state": states.STARTED, "created_at": 3.5}])
     # signals: as many tokens as the limit (no trim), then one more (trimmed back to the limit)
     broker.publish_many([_out("d", f"d{i}", priority=i % 10) for i in range(SIGNAL_TOKENS + 6)])
     broker.publish_many([_out("d", "late", eta=clock.time() + 1000)])
@@ -1040,3 +1043,32 @@ def test_a_child_forked_while_a_thread_holds_the_connection_pool_lock_sends_and_
         assert (kind, value) == ("ok", 7)
     assert child.exitcode == 0
     assert add.delay(2, 2).get(timeout=30) == 4                # the parent carries on
+
+
+@pytest.mark.parametrize("connected", [True, False], ids=["command", "handshake"])
+def test_a_round_trip_interrupted_before_its_replies_leaves_none_for_the_next_command(store, monkeypatch, connected):
+    """A read interrupted before it starts (Ctrl-C between a send and its reply), of a command
+    or of a new connection's handshake, leaves a reply on the connection nobody reads: the
+    next command on the store gets its own reply, not the one left over."""
+    url, options = store
+    backend = RedisBackend(url, options=options)
+    backend.create([{"id": "a", "name": "n"}])
+    if not connected:
+        backend.client.connection_pool.disconnect()
+        backend.client.connection_pool.reset()      # the next command makes a connection
+    connection_class = backend.client.connection_pool.connection_class
+    read = connection_class.read_response
+    interrupted = []
+
+    def interrupt_once(conn, *args, **kwargs):
+        if not interrupted:
+            interrupted.append(True)
+            raise KeyboardInterrupt
+        return read(conn, *args, **kwargs)
+
+    monkeypatch.setattr(connection_class, "read_response", interrupt_once)
+    with pytest.raises(KeyboardInterrupt):
+        backend.get("a")
+    assert backend.get("missing") is None
+    assert backend.get("a")["id"] == "a"
+    backend.close()

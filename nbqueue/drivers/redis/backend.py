@@ -28,17 +28,20 @@ Keys (``P`` is the prefix)::
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Sequence
 
 from ... import serialization, states
 from ...backend import FIELDS, ResultBackend, counts_from_states, matches
+from ...errors import ResultNotFound
 from ...urls import redact
 from . import twins
-from .client import LUA_FINAL, MIN_BLOCK, connect, guarded, key_prefix, lua, pipeline, register, url_options
+from .client import LUA_FINAL, MIN_BLOCK, RAW, connect, guarded, key_prefix, lua, pipeline, register, url_options
 from .twins import twin
 
 _INT_FIELDS = frozenset({"retries", "token"})
 _FLOAT_FIELDS = frozenset({"created_at", "started_at", "finished_at", "expires_at"})
+_STATE_FIELDS = frozenset(FIELDS) - {"id", "state", "token"}     # the fields a state write may set
 _BEGIN_OWNS = frozenset({"id", "state", "token", "worker", "started_at", "created_at", "retries"})
 _CREATE_FIELDS = ("id", "name", "state", "args", "kwargs", "queue", "group_id", "parent_id", "created_at", "meta")
 DONE_TTL_MS = 60_000        # a done token only bridges the gap between a waiter's check and its block
@@ -47,7 +50,7 @@ CHUNK = 500                 # records per script call
 
 # -- Lua (scripts in lua/*.lua) -----------------------------------------------------------
 
-_CREATE = lua("records", "create", header=LUA_FINAL)
+_CREATE = lua("create_records", "create", header=LUA_FINAL)
 _BEGIN = lua("begin", "begin_many", header=LUA_FINAL)
 _SET_STATE = lua("state", "set_state", header=LUA_FINAL + f"local DONE_TTL_MS = {DONE_TTL_MS}\n")
 _UPDATE = lua("records", "update", header=LUA_FINAL)
@@ -144,15 +147,30 @@ class RedisBackend(ResultBackend):
     def create(self, records: Sequence[dict], client=None) -> None:
         now = self.clock.time()
         for start in range(0, len(records), CHUNK):
-            keys, args = [self._index], []
-            for r in records[start:start + CHUNK]:
-                fields = {k: r.get(k) for k in _CREATE_FIELDS}
-                fields["state"] = fields["state"] or states.PENDING
-                fields["created_at"] = fields["created_at"] if fields["created_at"] is not None else now
-                pairs = [(k, _encode(v)) for k, v in fields.items() if v is not None]
-                keys.append(self._rec(r["id"]))
-                args += [str(len(pairs)), *(x for pair in pairs for x in pair)]
+            keys: list[str] = [self._index]
+            args: list = []
+            self.create_args(records[start:start + CHUNK], now, keys, args)
             self._create(keys=keys, args=args, client=client)
+
+    def create_args(self, records: Sequence[dict], now: float, keys: list, args: list) -> None:
+        """Append the create script's KEYS (each record's key) and ARGV (a count, then
+        name/value pairs) for ``records`` to ``keys`` and ``args``: PENDING and created at
+        ``now`` unless a record says otherwise (see lua/create_records.lua)."""
+        for r in records:
+            pairs: list = []
+            for name in _CREATE_FIELDS:
+                value = r.get(name)
+                if name == "state" and not value:
+                    value = states.PENDING
+                elif value is None:
+                    if name == "created_at":
+                        value = now
+                    else:
+                        continue
+                pairs += (name, value if type(value) is str else _encode(value))
+            keys.append(self._rec(r["id"]))
+            args.append(str(len(pairs) // 2))
+            args += pairs
 
     @guarded
     def begin(self, task_id: str, *, worker: str = "", fields: dict | None = None) -> int | None:
@@ -215,16 +233,31 @@ class RedisBackend(ResultBackend):
 
     def _state_args(self, task_id: str, state: str, token: int | None, fields: dict, ttl: float | None,
                     counted: bool = False) -> list:
-        """A state write's arguments (see lua/state.lua); ``counted``: with the count of the
-        names to delete (as the finish script reads them)."""
-        fields = {k: v for k, v in fields.items() if k in FIELDS and k not in ("id", "state", "token")}
+        """A state write's arguments (see lua/state.lua), made in one pass over ``fields``
+        (record fields only; None deletes one); ``counted``: with the count of the names to
+        delete (as the finish script reads them)."""
         now = self.clock.time()
-        created = fields.get("created_at", now)
-        ttl_ms, expires_at = "", ""
+        sets: list = []
+        dels: list = []
+        created: Any = now
+        expires: Any = None
+        for name, value in fields.items():
+            if name not in _STATE_FIELDS:
+                continue
+            if name == "created_at":
+                created = value
+            elif name == "expires_at" and ttl:
+                expires = value
+                continue
+            if value is None:
+                dels.append(name)
+            else:
+                sets += (name, value if type(value) is str else _encode(value))
+        ttl_ms = expires_at = ""
         if ttl:
             ttl_ms = str(max(1, math.ceil(ttl * 1000)))
-            fields["expires_at"] = fields.get("expires_at") or now + ttl    # in the record too: reads check it
-            expires_at = _encode(fields["expires_at"])
+            expires_at = _encode(expires or now + ttl)      # in the record too: reads check it
+            sets += ("expires_at", expires_at)
         return [
             task_id,
             state,
@@ -232,7 +265,10 @@ class RedisBackend(ResultBackend):
             _encode(created),
             ttl_ms,
             expires_at,
-            *_field_args(fields, counted),
+            str(len(sets) // 2),
+            *sets,
+            *([str(len(dels))] if counted else []),
+            *dels,
         ]
 
     @guarded
@@ -268,6 +304,32 @@ class RedisBackend(ResultBackend):
         """Nothing to do: the set-state script pushes a token to a final task's done list,
         and waiters blocked on it wake at once."""
 
+    def wait_record(self, task_id: str, timeout: float | None = None, since: int | None = None, *,
+                    missing_ok: bool = True) -> dict | None:
+        """As the base's, in one round trip per pass and without in-process wake-ups (the
+        set-state script wakes waiters in every process): each pass blocks on the task's done
+        list and reads the record (``_block_then_get``); a task that finished in the last
+        DONE_TTL_MS has its token there, so it is read in one round trip. Without ``since`` (a
+        task that may have finished long ago), or with no time left to wait, the first pass
+        reads the record without blocking."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        interval, ceiling = 0.001, float(self.options["poll_interval"])
+        first = True
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if first and since is None or remaining is not None and remaining <= 0:
+                record = self.get(task_id)
+            else:
+                wait = interval if remaining is None else min(interval, remaining)
+                record = self._block_then_get(task_id, None, wait)
+            if record is not None and record["state"] in states.READY_STATES:
+                return record
+            if record is None and not missing_ok:
+                raise ResultNotFound(task_id)
+            if remaining is not None and remaining <= 0:
+                return None
+            interval, first = min(interval * 2, ceiling), False
+
     @guarded
     def _block_then_get(self, task_id: str, woken, timeout: float) -> dict | None:
         """Block on the task's done list and read its record in one round trip: Redis
@@ -284,9 +346,12 @@ class RedisBackend(ResultBackend):
                     return record
             return self._live(self.client.hgetall(self._rec(task_id)))
         pipe = pipeline(self.client)
-        pipe.brpoplpush(key, key, timeout=max(MIN_BLOCK, timeout))  # rotated in place: other waiters see it too
-        pipe.hgetall(self._rec(task_id))
-        return self._live(pipe.execute()[1])
+        pipe.command_stack += [
+            (("BRPOPLPUSH", key, key, max(MIN_BLOCK, timeout)), RAW),  # rotated in place: other waiters see it too
+            (("HGETALL", self._rec(task_id)), RAW),
+        ]
+        raw = pipe.execute()[1]
+        return self._live(raw if isinstance(raw, dict) else dict(zip(raw[::2], raw[1::2])))
 
     @guarded
     def _block(self, pending: Sequence[str], version: int, timeout: float) -> None:

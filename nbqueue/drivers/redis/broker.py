@@ -81,10 +81,20 @@ def _token(reply: str) -> int | None:
     return (int(reply) or None) if reply != "" else None
 
 
+def publish_args(outs: Sequence[Outgoing], args: list) -> None:
+    """Append the publish script's arguments for ``outs`` to ``args``: (id, queue, priority
+    0-9, eta or '', body) per message (see lua/publish_messages.lua)."""
+    for o in outs:
+        priority = o.priority
+        if type(priority) is not int or not 0 <= priority <= 9:
+            priority = min(9, max(0, int(priority)))
+        args += (o.id, o.queue, priority, "" if o.eta is None else repr(float(o.eta)), o.body)
+
+
 # -- Lua (scripts in lua/*.lua) -----------------------------------------------------------
 
 LUA_HEADER = f"local TOKENS, SIGNAL_TTL = {SIGNAL_TOKENS}, {SIGNAL_TTL_MS}\n" + LUA_FINAL
-_PUBLISH = lua("queues", "publish", header=LUA_HEADER)
+_PUBLISH = lua("queues", "publish_messages", "publish", header=LUA_HEADER)
 _PUBLISH_RESERVED = lua("queues", "begin", "lease", "publish_reserved", header=LUA_HEADER)
 _RESERVE = lua("queues", "begin", "lease", "reserve", header=LUA_HEADER)
 _SETTLE = lua("queues", "ack", "settle", header=LUA_HEADER)
@@ -130,9 +140,7 @@ class RedisBroker(Broker):
     def publish_many(self, outs: Sequence[Outgoing], client=None) -> None:
         for start in range(0, len(outs), PUBLISH_CHUNK):
             args: list[Any] = [self.prefix, repr(self.clock.time())]
-            for o in outs[start:start + PUBLISH_CHUNK]:
-                priority = min(9, max(0, int(o.priority)))
-                args += [o.id, o.queue, priority, "" if o.eta is None else repr(float(o.eta)), o.body]
+            publish_args(outs[start:start + PUBLISH_CHUNK], args)
             self._publish(args=args, client=client)
 
     @guarded

@@ -9,6 +9,8 @@ import ipaddress
 import logging
 import os
 import pathlib
+import select
+import socket
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Mapping, TypeVar
@@ -21,6 +23,13 @@ from redis.retry import Retry
 from ... import states
 from ...errors import ConfigurationError, ConnectionLost
 from ...urls import redact
+
+try:
+    import hiredis
+    from redis.connection import HiredisRespSerializer as _HIREDIS_PACKER
+except ImportError:                 # redis-py packs in Python without hiredis
+    hiredis = None
+    _HIREDIS_PACKER = None
 
 if TYPE_CHECKING:
     import fakeredis
@@ -189,6 +198,9 @@ class ScriptPipeline(redis.client.Pipeline):
     def load_scripts(self) -> None:
         pass
 
+    def __del__(self) -> None:
+        """Nothing to reset: a ScriptPipeline never holds a connection between calls nor WATCHes."""
+
     def execute(self, raise_on_error: bool = True) -> list:
         stack, scripts = self.command_stack, {s.sha: s for s in self.scripts}
         self.command_stack, self.scripts = [], set()
@@ -196,20 +208,23 @@ class ScriptPipeline(redis.client.Pipeline):
             return []
         # the round trip itself, retried on connection errors as redis-py's pipeline does,
         # without what this use has no need of (transactions, WATCH, client-side caching
-        # hooks, per-call metrics): about a third of the client's time per call (redis-py
-        # 5.3 and later take get_connection() without a command name)
+        # hooks, per-call metrics: see _take)
         pool = self.connection_pool
-        conn = pool.get_connection()
+        conn, taken = _take(pool)
         try:
             replies = conn.retry.call_with_retry(
                 lambda: self._round_trip(conn, stack, scripts), lambda error: conn.disconnect()
             )
-            if any(isinstance(reply, redis.exceptions.NoScriptError) for reply in replies):
+            lost = [i for i, reply in enumerate(replies) if isinstance(reply, redis.exceptions.NoScriptError)]
+            if lost:
                 conn._nbq_scripts = None        # the server forgot them: load again next time
+        except BaseException:
+            conn.disconnect()       # replies may be left unread (an interrupt): the next use reconnects
+            raise
         finally:
-            pool.release(conn)
-        for i, reply in enumerate(replies):
-            if isinstance(reply, redis.exceptions.NoScriptError) and stack[i][0][1] in scripts:
+            _give_back(pool, conn, taken)
+        for i in lost:
+            if stack[i][0][1] in scripts:
                 _, sha, nkeys, *rest = stack[i][0]
                 replies[i] = scripts[sha](keys=rest[:int(nkeys)], args=rest[int(nkeys):])
         if raise_on_error:
@@ -226,17 +241,95 @@ class ScriptPipeline(redis.client.Pipeline):
             known = conn._nbq_scripts = (sock, set())
         loads = [script for sha, script in scripts.items() if sha not in known[1]]
         commands = [("SCRIPT", "LOAD", script.script) for script in loads] + [args for args, _ in stack]
-        conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+        conn.send_packed_command(_packed(conn, commands), check_health=False)
         for _ in loads:
             conn.read_response()
         known[1].update(script.sha for script in loads)
         replies = []
         for args, options in stack:
             try:
-                replies.append(redis.Redis.parse_response(self, conn, args[0], **options))
+                if options is RAW or not options and args[0] == "EVALSHA":
+                    replies.append(conn.read_response())    # as the server sent it: no callback
+                else:
+                    replies.append(redis.Redis.parse_response(self, conn, args[0], **options))
             except redis.ResponseError as exc:
                 replies.append(exc)
         return replies
+
+
+def _packed(conn, commands: list) -> list:
+    """``commands`` in RESP, as ``conn.pack_commands`` makes them: packed by hiredis straight
+    away (as redis-py's hiredis packer does, without its pass over every argument) where the
+    connection packs with hiredis, no command name holds a space and every argument is text,
+    bytes or a number."""
+    if _HIREDIS_PACKER is not None and type(getattr(conn, "_command_packer", None)) is _HIREDIS_PACKER and not any(
+        " " in args[0] for args in commands
+    ):
+        try:
+            return [b"".join([hiredis.pack_command(args) for args in commands])]
+        except TypeError:           # a buffer (bytearray, memoryview): redis-py's packer copies it first
+            pass
+    return conn.pack_commands(commands)
+
+
+def _take(pool) -> tuple[Any, bool]:
+    """A connection of ``pool`` and whether it was taken here: an idle connection of a plain
+    redis-py pool in the process that made it is taken off the pool's list directly, without
+    redis-py's per-call metrics; otherwise ``pool.get_connection()``. Either way a connection
+    with unread data (see ``_unread``) is disconnected first, to be connected afresh. A
+    ``ScriptPipeline`` reads every reply it asks for, and disconnects when it cannot."""
+    if type(pool) is redis.ConnectionPool and "get_connection" not in vars(pool) and pool.pid == os.getpid():
+        with pool._lock:
+            conn = pool._available_connections.pop() if pool._available_connections else None
+            if conn is not None:
+                pool._in_use_connections.add(conn)
+        if conn is not None:
+            if _unread(conn):       # left with a reply unread elsewhere (an interrupted command): start afresh
+                conn.disconnect()
+            return conn, True
+    try:
+        conn = pool.get_connection()
+    except BaseException:
+        # redis-py hands a new connection whose handshake was cut short back to the pool
+        # connected, its replies unread: idle connections start afresh
+        pool.disconnect(inuse_connections=False)
+        raise
+    if _unread(conn):               # redis-py skips its own check where maintenance notifications are on
+        conn.disconnect()
+    return conn, False
+
+
+def _unread(conn) -> bool:
+    """Whether ``conn`` has something to read before it is asked anything (a reply nobody
+    read, or the server's end of a closed connection): one ``select`` without waiting on a
+    plain socket, redis-py's ``can_read()`` on others (TLS buffers data select cannot see)."""
+    sock = conn._sock
+    if sock is None:
+        return False
+    if type(sock) is not socket.socket:
+        return conn.can_read()
+    try:
+        return bool(select.select([sock], (), (), 0)[0])
+    except ValueError:          # a descriptor select cannot take
+        return conn.can_read()
+
+
+def _give_back(pool, conn, taken: bool) -> None:
+    """Return ``conn`` to ``pool`` as ``_take`` took it."""
+    if not taken:
+        pool.release(conn)
+        return
+    with pool._lock:
+        try:
+            pool._in_use_connections.remove(conn)
+        except KeyError:            # the pool was reset meanwhile (a fork): not its connection any more
+            return
+        pool._available_connections.append(conn)
+
+
+#: the options of a command queued on a ScriptPipeline whose reply is returned as the server
+#: sent it, without redis-py's response callback (``pipe.command_stack.append((args, RAW))``)
+RAW: dict = {}
 
 
 def pipeline(client: redis.Redis) -> ScriptPipeline:
@@ -253,7 +346,8 @@ class Script(redis.commands.core.Script):
     def __call__(self, keys=None, args=None, client=None):
         keys = keys or ()
         command = ("EVALSHA", self.sha, len(keys), *keys, *(args or ()))
-        pipe = client if isinstance(client, ScriptPipeline) else pipeline(client or self.registered_client)
+        # (a type check: isinstance goes through a Protocol's slow check for redis-py's classes)
+        pipe = client if type(client) is ScriptPipeline else pipeline(client or self.registered_client)
         pipe.scripts.add(self)
         pipe.command_stack.append((command, {}))
         if pipe is client:

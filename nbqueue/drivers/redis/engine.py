@@ -2,7 +2,7 @@
 
 Its fast paths, each a whole-method override of SplitEngine:
 
-- ``send``: the PENDING records and the messages in one pipeline (records first).
+- ``send``: the PENDING records and the messages in one script call (records first; lua/send.lua).
 - ``claim`` / ``run_next``: the claim script (and the one that publishes a worker's own
   follow-ups already reserved) also begins the tasks' records: one round trip per batch.
 - ``finish``: the results and acks in one script call (lua/finish.lua), then the group member
@@ -21,16 +21,18 @@ from ...backend import ResultBackend
 from ...broker import Broker, Delivery, Outgoing
 from ...engine import Begins, Claim, Finished, NextClaim, Outcome, SplitEngine, decode
 from . import twins
-from .backend import DONE_TTL_MS, RedisBackend
-from .broker import LUA_HEADER, RedisBroker
+from .backend import CHUNK, DONE_TTL_MS, RedisBackend
+from .broker import LUA_HEADER, PUBLISH_CHUNK, SIGNAL_TOKENS, SIGNAL_TTL_MS, RedisBroker, publish_args
 from .client import guarded, lua, pipeline, register
 from .twins import twin
 
 log = logging.getLogger(__name__)
 
+_SEND = lua("queues", "create_records", "publish_messages", "send", header=LUA_HEADER)
 _FINISH = lua("queues", "state", "ack", "finish", header=LUA_HEADER + f"local DONE_TTL_MS = {DONE_TTL_MS}\n")
 
 # the script memory:// runs as Python (see nbqueue.drivers.redis.twins)
+twin(_SEND, twins.send, tokens=SIGNAL_TOKENS, signal_ttl=SIGNAL_TTL_MS)
 twin(_FINISH, twins.finish, done_ttl=DONE_TTL_MS)
 
 
@@ -43,6 +45,7 @@ class RedisEngine(SplitEngine):
 
     def __init__(self, broker: RedisBroker, backend: RedisBackend):
         super().__init__(broker, backend)
+        self._send = register(broker.client, _SEND)
         self._finish = register(broker.client, _FINISH)
 
     @staticmethod
@@ -57,10 +60,20 @@ class RedisEngine(SplitEngine):
 
     @guarded
     def send(self, records: Sequence[dict], outgoing: Sequence[Outgoing]) -> None:
-        pipe = pipeline(self.broker.client)
-        self.backend.create(records, client=pipe)      # records first: a fast worker's result is never overwritten
-        self.broker.publish_many(outgoing, client=pipe)
-        pipe.execute()
+        """The records, then the messages (a fast worker's result is never overwritten): in one
+        script call (lua/send.lua), or for a send of many, in one pipeline of the create and
+        publish scripts."""
+        if len(records) > CHUNK or len(outgoing) > PUBLISH_CHUNK:
+            pipe = pipeline(self.broker.client)
+            self.backend.create(records, client=pipe)
+            self.broker.publish_many(outgoing, client=pipe)
+            pipe.execute()
+            return
+        keys: list = [self.backend._index]
+        args: list = [self.broker.prefix, repr(self.broker.clock.time())]
+        self.backend.create_args(records, self.backend.clock.time(), keys, args)
+        publish_args(outgoing, args)
+        self._send(keys=keys, args=args)
 
     def claim(self, queues: Sequence[str], *, limit: int, timeout: float, lease: float, worker: str,
               begins: Begins | None = None, handoff: bool = False) -> list[Claim]:

@@ -124,12 +124,12 @@ def _ack(r: Redis, p: bytes, mid: bytes, attempt: bytes, rec: bytes | None) -> i
     return 1
 
 
-def publish(r: Redis, keys: list[bytes], argv: list[bytes], *, tokens: int, signal_ttl: int) -> Any:
-    """publish.lua"""
+def _publish_messages(r: Redis, argv: list[bytes], first: int, tokens: int, signal_ttl: int) -> int:
+    """publish_messages.lua's ``publish_messages`` (``first``: an index from 0)."""
     p, now = argv[0], _num(argv[1])
     added: dict[bytes, int] = {}
     n = 0
-    for i in range(2, len(argv) - 4, 5):
+    for i in range(first, len(argv) - 4, 5):
         mid, q, prio, eta, body = argv[i:i + 5]
         key = _mkey(p, mid)
         if r("exists", key) == 0:
@@ -144,6 +144,11 @@ def publish(r: Redis, keys: list[bytes], argv: list[bytes], *, tokens: int, sign
         r("sadd", p + b"queues", q)
         _signal(r, p, q, count, tokens, signal_ttl)
     return n
+
+
+def publish(r: Redis, keys: list[bytes], argv: list[bytes], *, tokens: int, signal_ttl: int) -> Any:
+    """publish.lua"""
+    return _publish_messages(r, argv, 2, tokens, signal_ttl)
 
 
 def publish_reserved(r: Redis, keys: list[bytes], argv: list[bytes]) -> Any:
@@ -296,9 +301,8 @@ def _write_state(r: Redis, rec: bytes, index: bytes, expiring: bytes, done: byte
     return 1
 
 
-def create(r: Redis, keys: list[bytes], argv: list[bytes]) -> Any:
-    """create.lua"""
-    i = 0
+def _create_records(r: Redis, keys: list[bytes], argv: list[bytes], i: int) -> int:
+    """create_records.lua's ``create_records`` (``i``: an index from 0)."""
     for rec in keys[1:]:
         n = int(float(argv[i]))
         pairs = argv[i + 1:i + 1 + 2 * n]
@@ -310,7 +314,18 @@ def create(r: Redis, keys: list[bytes], argv: list[bytes]) -> Any:
                 raise ErrorReply("ERR Lua redis lib command arguments must be strings or integers")
             r("zadd", keys[0], created, mid)
         i += 1 + 2 * n
+    return i
+
+
+def create(r: Redis, keys: list[bytes], argv: list[bytes]) -> Any:
+    """create.lua"""
+    _create_records(r, keys, argv, 0)
     return 1
+
+
+def send(r: Redis, keys: list[bytes], argv: list[bytes], *, tokens: int, signal_ttl: int) -> Any:
+    """send.lua"""
+    return _publish_messages(r, argv, _create_records(r, keys, argv, 2), tokens, signal_ttl)
 
 
 def begin_many(r: Redis, keys: list[bytes], argv: list[bytes]) -> Any:
