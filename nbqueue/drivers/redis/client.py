@@ -272,13 +272,24 @@ def _packed(conn, commands: list) -> list:
     return conn.pack_commands(commands)
 
 
+def _pool_takes_directly() -> bool:
+    """Whether redis-py's ConnectionPool keeps the attributes ``_take`` reads (true of the
+    releases the tests cover); with another layout every call goes through ``get_connection()``."""
+    pool = redis.ConnectionPool()
+    return all(hasattr(pool, name) for name in ("_lock", "_available_connections", "_in_use_connections", "pid"))
+
+
+_DIRECT = _pool_takes_directly()
+
+
 def _take(pool) -> tuple[Any, bool]:
     """A connection of ``pool`` and whether it was taken here: an idle connection of a plain
     redis-py pool in the process that made it is taken off the pool's list directly, without
     redis-py's per-call metrics; otherwise ``pool.get_connection()``. Either way a connection
     with unread data (see ``_unread``) is disconnected first, to be connected afresh. A
     ``ScriptPipeline`` reads every reply it asks for, and disconnects when it cannot."""
-    if type(pool) is redis.ConnectionPool and "get_connection" not in vars(pool) and pool.pid == os.getpid():
+    plain = _DIRECT and type(pool) is redis.ConnectionPool and "get_connection" not in vars(pool)
+    if plain and pool.pid == os.getpid():
         with pool._lock:
             conn = pool._available_connections.pop() if pool._available_connections else None
             if conn is not None:
