@@ -369,13 +369,25 @@ def measure(kinds: list[str], tmp: str) -> list[tuple]:
     return rows
 
 
+#: the loop as first measured on this machine, before the per-call work (rate, ratio then): a
+#: figure of another run, shown beside today's for direction only (the ratios are the comparison)
+FIRST_MEASURED = {
+    "SQLite, `nbqueue worker` in another process": "776/s, 0.06x",
+    "SQLite, worker threads in the sending process": "3,263/s, 0.25x",
+    "Redis, `nbqueue worker` process": "2,113/s, 0.51x",
+    "RabbitMQ, `nbqueue worker` process": "708/s",
+    "`memory://` in process": "419/s, 0.11x",
+}
+
+
 def table(rows) -> str:
-    lines = ["| store | nbqueue | floor | ratio | Huey (tuned) | Celery | p50 nbqueue / floor |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| store | first measured | nbqueue | floor | ratio | Huey (tuned) | Celery | p50 nbqueue / floor |",
+             "|---|---|---|---|---|---|---|---|"]
     for label, nbq, floor, huey, celery in rows:
         ratio = f"{nbq[0] / floor[0]:.2f}x" if floor else (f"{nbq[0] / celery[0]:.2f}x Celery" if celery else "")
         p50 = f"{nbq[2]:.2f} ms" + (f" / {floor[2]:.2f} ms" if floor else "")
-        lines.append(f"| {label} | {fmt(nbq)} (sending {nbq[1]:,.0f}/s) | {fmt(floor)} | {ratio} | {fmt(huey)} "
+        lines.append(f"| {label} | {FIRST_MEASURED.get(label, '')} | {fmt(nbq)} (sending {nbq[1]:,.0f}/s) "
+                     f"| {fmt(floor)} | {ratio} | {fmt(huey)} "
                      f"| {fmt(celery)} | {p50} |")
     return "\n".join(lines)
 
