@@ -192,6 +192,31 @@ def test_a_worker_fed_by_hand_overs_still_takes_messages_from_other_processes(ap
         worker.stop()
 
 
+def test_idle_worker_threads_fed_by_hand_overs_do_not_read_the_queue_between_tasks(tmp_path):
+    """A hand-over wakes only the reserver it goes to, and a worker thread that found the
+    queue empty does not query it again (to claim its next batch as it commits, or while it
+    waits) until something is published or its poll interval passed: a loop of sends to an
+    idle in-process worker costs no reads of the messages table per task."""
+    app = nbqueue.App(f"sqlite:///{tmp_path}/nbqueue.db", poll_interval=60)
+    app.register_task("double", lambda x: 2 * x)
+    reads: list[str] = []
+    worker = app.start_worker(concurrency=4)
+    try:
+        wait_for(lambda: idle_reservers(app) == 4)
+        assert app.send_task(Signature("double", args=[0])).get(timeout=10) == 0
+        wait_for(lambda: idle_reservers(app) == 4)
+        with app.broker.store._lock:
+            app.broker.store.conn.set_trace_callback(
+                lambda sql: reads.append(sql) if sql.lstrip().startswith("SELECT") and "nbq_messages" in sql else None
+            )
+        for i in range(30):
+            assert app.send_task(Signature("double", args=[i])).get(timeout=10) == 2 * i
+    finally:
+        worker.stop()
+        app.close()
+    assert len(reads) < 10, reads
+
+
 def test_a_batch_claimed_in_the_last_commit_is_handed_back_when_the_worker_stops(app):
     """An executor claims its next batch in the commit of the last one; stopping then must
     hand that batch back unstarted (PENDING, ready at once), not leave it reserved."""

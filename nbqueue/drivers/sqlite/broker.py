@@ -76,6 +76,9 @@ class Slot:
         self.taken = False                  # a sender holds it (its send has not finished)
         self.deliveries: list = []          # what was handed over, once the send finished
         self.settled = threading.Event()    # the send finished (or failed: then nothing was handed over)
+        # what its reserver waits on: set by a hand-over to this slot once its send finished,
+        # and by every wake-up of the broker (new messages), never by a hand-over to another
+        self.woken = threading.Event()
 
     def wait(self) -> list:
         """What was handed over, waiting at most a lease for the send to finish (after that
@@ -174,8 +177,6 @@ class SQLiteBroker(Broker):
                     rows,
                 )
                 self.store.on_commit(self.wake)
-            else:   # all handed over: wake their reservers only, nothing new to claim
-                self.store.on_commit(lambda: WAKEUPS.poke(self._wake_key))
 
     def publish_reserved(self, outs: Sequence[Outgoing], *, lease: float) -> list[Delivery]:
         """Publish messages already reserved by the caller (a worker's own follow-ups).
@@ -216,8 +217,8 @@ class SQLiteBroker(Broker):
         claim per message and a wake-up's worth of latency for a worker in the same kernel.
         """
         def settle_with_transaction(slot: Slot) -> None:   # whatever happens next: the reserver waits for it
-            self.store.on_commit(slot.settled.set)
-            self.store.on_rollback(lambda: (slot.deliveries.clear(), slot.settled.set()))
+            self.store.on_commit(lambda: (slot.settled.set(), slot.woken.set()))
+            self.store.on_rollback(lambda: (slot.deliveries.clear(), slot.settled.set(), slot.woken.set()))
 
         while outs:
             slot, mine = IDLE.take(self.path, outs, now, on_take=settle_with_transaction)
@@ -233,8 +234,9 @@ class SQLiteBroker(Broker):
     # -- consuming ---------------------------------------------------------------
     def _claim(self, queues: Sequence[str], now: float, lease: float, limit: int, on_claim=None) -> list[Delivery]:
         qs = placeholders(len(queues))
-        # a cheap read first, so idle pollers never take the write lock
-        if not self.store.read(
+        # a cheap read first, so idle pollers never take the write lock (inside a write
+        # transaction already, the claim's own query answers it)
+        if not self.store.in_transaction() and not self.store.read(
             f"SELECT 1 FROM nbq_messages WHERE queue IN ({qs}) AND state < 2 AND due <= ? LIMIT 1", (*queues, now)
         ):
             return []
@@ -297,11 +299,14 @@ class SQLiteBroker(Broker):
         publishers of this process may hand messages over directly while this call runs (see
         ``_hand_over``); ``on_claim`` then runs in the publisher's transaction, and what was
         handed over is returned beside anything claimed."""
-        slot = None
-        if handoff and timeout > 0:
-            slot = Slot(queues, limit, lease, on_claim)
+        if not (handoff and timeout > 0):
+            return self._reserve_loop(queues, timeout, lease, limit, on_claim, None)
+        slot = Slot(queues, limit, lease, on_claim)
+        with WAKEUPS.watching(self._wake_key, "", slot.woken):    # every wake-up of the broker sets it
             IDLE.add(self.path, slot)
-        return self._reserve_with_slot(slot, lambda: self._reserve_loop(queues, timeout, lease, limit, on_claim, slot))
+            return self._reserve_with_slot(
+                slot, lambda: self._reserve_loop(queues, timeout, lease, limit, on_claim, slot)
+            )
 
     def _reserve_with_slot(self, slot: Slot | None, claim: Callable[[], list]) -> list[Delivery]:
         """Run ``claim()`` (the reserve loop) while ``slot``, if any, is open for a hand-over;
@@ -322,25 +327,36 @@ class SQLiteBroker(Broker):
         self, queues: Sequence[str], timeout: float, lease: float, limit: int, on_claim, slot
     ) -> list[Delivery]:
         deadline = time.monotonic() + max(0.0, timeout)
+        # publishes of other processes wake this process (else they are found by polling)
         if timeout > 0:
-            self._channel.listen(wakechannel.MESSAGES, wakechannel.local_waker(WAKEUPS.notify, self._wake_key))
+            pushed = self._channel.listen(wakechannel.MESSAGES, wakechannel.local_waker(WAKEUPS.notify, self._wake_key))
+        else:
+            pushed = self._channel.listening(wakechannel.MESSAGES)
         interval = 0.001
         while True:
+            if slot is not None:
+                slot.woken.clear()
             version = WAKEUPS.version(self._wake_key)
             now = self.clock.time()
             quiet = getattr(self._quiet, "last", None)
-            if (slot is not None and quiet is not None and quiet[0] == version and (quiet[1] is None or quiet[1] > now)
-                    and time.monotonic() - quiet[2] < self.poll_interval):
-                # this thread found nothing, and nothing was published in this process
-                # since (a hand-over does not count): wait before reading again, so a
-                # worker fed by hand-overs does not query the file between tasks (other
-                # processes' messages are still looked for every poll_interval)
+            if ((slot is not None or pushed) and quiet is not None and quiet[0] == version
+                    and (quiet[1] is None or quiet[1] > now) and time.monotonic() - quiet[2] < self.poll_interval):
+                # this thread, waiting for a hand-over, found nothing (and read when the next
+                # message is due), and nothing was published in this process since (a
+                # hand-over does not count) nor, where the wake-up channel says so, in another:
+                # do not read again yet, nor to claim a batch as it commits the one handed
+                # over, so a worker fed by hand-overs does not query the file between tasks
+                # (it still reads it every poll_interval)
+                if timeout <= 0:
+                    return []
                 due = quiet[1]
             else:
                 got = self._claim(queues, now, lease, limit, on_claim)
                 if got:
                     self._quiet.last = None
                     return got
+                if timeout <= 0:
+                    return []
                 due = self.next_due(queues)
                 if slot is not None:
                     self._quiet.last = (version, due, time.monotonic())
@@ -350,10 +366,15 @@ class SQLiteBroker(Broker):
             wait = min(remaining, interval)
             if due is not None:
                 wait = min(wait, max(0.0, due - now) + 0.0005)
-            started = time.monotonic()
-            if WAKEUPS.wait(self._wake_key, version, wait) == version and time.monotonic() - started < 0.9 * wait:
-                continue        # poked for a hand-over (ours, or another reserver's): nothing new to read
-            self._quiet.last = None
+            if slot is None:
+                WAKEUPS.wait(self._wake_key, version, wait)
+                self._quiet.last = None
+            elif slot.woken.wait(wait):
+                if WAKEUPS.version(self._wake_key) == version:
+                    continue    # woken for a hand-over to this slot: nothing new to read
+                self._quiet.last = None
+            elif not pushed:
+                self._quiet.last = None     # no wake-ups from other processes: poll with back-off
             interval = min(interval * 2, self.poll_interval)
 
     def _fenced(self, sql: str, params: tuple, delivery: Delivery) -> bool:

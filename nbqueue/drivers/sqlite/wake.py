@@ -118,6 +118,10 @@ class WakeChannel:
         threading.Thread(target=self._receive, args=(sock, handler), name=f"nbqueue-wake-{kind}", daemon=True).start()
         return True
 
+    def listening(self, kind: str) -> bool:
+        """Whether this process listens for ``kind`` (``listen`` succeeded and was not closed)."""
+        return kind in self._listeners
+
     def _gone(self, kind: str) -> bool:
         """True when the file of this process's ``kind`` socket was removed (``rm -rf`` of the
         store's directory), checked at most once per RELIST seconds."""
