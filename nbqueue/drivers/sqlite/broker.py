@@ -332,7 +332,9 @@ class SQLiteBroker(Broker):
             pushed = self._channel.listen(wakechannel.MESSAGES, wakechannel.local_waker(WAKEUPS.notify, self._wake_key))
         else:
             pushed = self._channel.listening(wakechannel.MESSAGES)
-        interval = 0.001
+        # a reserver with a slot is woken by every publish it cares about: no need to poll
+        # in short steps (without the channel, back off from a millisecond)
+        interval = self.poll_interval if slot is not None and pushed else 0.001
         while True:
             if slot is not None:
                 slot.woken.clear()
