@@ -71,10 +71,9 @@ class LocalWakeups:
             return self._versions.get(key, 0)
 
     @contextlib.contextmanager
-    def watching(self, key: Any, task_id: str, event: threading.Event | None = None):
-        """``with WAKEUPS.watching(key, id) as ev:`` an Event (``event`` if given) set by each
-        notification naming id, or naming no ids."""
-        ev = event if event is not None else threading.Event()
+    def watching(self, key: Any, task_id: str):
+        """``with WAKEUPS.watching(key, id) as ev:`` an Event set by each notification naming id."""
+        ev = threading.Event()
         with self._lock:
             self._watches.setdefault(key, {}).setdefault(task_id, set()).add(ev)
         try:

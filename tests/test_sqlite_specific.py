@@ -217,6 +217,31 @@ def test_idle_worker_threads_fed_by_hand_overs_do_not_read_the_queue_between_tas
     assert len(reads) < 10, reads
 
 
+def test_a_message_published_while_reservers_idle_wakes_one_of_them_per_set_of_queues(app):
+    """New messages wake one idle reserver per set of queues (it wakes the next if it claims a
+    full batch), not every one; ``wake()`` (a worker stopping) wakes them all."""
+    from nbqueue.drivers.sqlite.broker import Slot
+
+    slots = [Slot(["a"], 4, 10.0), Slot(["a"], 4, 10.0), Slot(["a"], 4, 10.0), Slot(["b"], 4, 10.0)]
+    for slot in slots:
+        IDLE.add(app.broker.path, slot)
+    try:
+        with app.transaction():                     # not handed over: a row to claim
+            app.broker.publish(Outgoing(id="m1", body="{}", queue="a"))
+            assert not any(slot.woken.is_set() for slot in slots)       # not before the commit
+        assert [slot.woken.is_set() for slot in slots] == [True, False, False, True]
+        for slot in slots:
+            slot.woken.clear()
+        # the first claimed a full batch: the next of its queues looks too
+        IDLE.wake(app.broker.path, slots[0].queues, besides=slots[0])
+        assert [slot.woken.is_set() for slot in slots] == [False, True, False, False]
+        app.broker.wake()
+        assert all(slot.woken.is_set() for slot in slots)
+    finally:
+        for slot in slots:
+            IDLE.close(app.broker.path, slot)
+
+
 def test_a_batch_claimed_in_the_last_commit_is_handed_back_when_the_worker_stops(app):
     """An executor claims its next batch in the commit of the last one; stopping then must
     hand that batch back unstarted (PENDING, ready at once), not leave it reserved."""

@@ -77,7 +77,7 @@ class Slot:
         self.deliveries: list = []          # what was handed over, once the send finished
         self.settled = threading.Event()    # the send finished (or failed: then nothing was handed over)
         # what its reserver waits on: set by a hand-over to this slot once its send finished,
-        # and by every wake-up of the broker (new messages), never by a hand-over to another
+        # and by new messages (``IdleReservers.wake``), never by a hand-over to another
         self.woken = threading.Event()
 
     def wait(self) -> list:
@@ -121,6 +121,20 @@ class IdleReservers:
                     return slot, mine
         return None, []
 
+    def wake(self, store: Any, queues: frozenset | None = None, every: bool = False, besides: Any = None) -> None:
+        """New messages: wake one idle reserver of each set of queues (of ``queues`` only, if
+        given; not ``besides``), or ``every`` one. One is enough: a reserver that claims a full
+        batch wakes the next (see ``SQLiteBroker._reserve_loop``), and each finds the broker's
+        wake-up version changed, so it reads the file before it waits again."""
+        with self._lock:
+            seen: set = set()
+            for slot in self._slots.get(store) or ():
+                if slot is besides:
+                    continue
+                if every or slot.queues not in seen and (queues is None or slot.queues == queues):
+                    seen.add(slot.queues)
+                    slot.woken.set()
+
     def close(self, store: Any, slot: Slot | None) -> list:
         """Withdraw a reserver that stops waiting; what a sender handed it meanwhile."""
         if slot is None:
@@ -138,6 +152,18 @@ class IdleReservers:
 
 
 IDLE = IdleReservers()
+
+
+def _published_waker(key: Any, path: str) -> Callable[[bytes], None]:
+    """What wakes this process's reservers of the file ``path`` when messages were committed
+    (the wake-up channel's handler, for commits of other processes): a new wake-up version
+    (reservers without a slot wake; none reads its file again before it changed) and one
+    idle reserver with a slot per set of queues (``IdleReservers.wake``)."""
+    def published(payload: bytes) -> None:
+        WAKEUPS.notify(key, ())
+        IDLE.wake(path)
+
+    return published
 os.register_at_fork(after_in_child=IDLE._after_fork)
 
 
@@ -154,6 +180,7 @@ class SQLiteBroker(Broker):
         self._wake_key = ("sqlite-broker", self.path)
         self._quiet = threading.local()     # .last: (wake-up version, next due, when) as this thread last found nothing
         self._channel = wakechannel.channel_for(self.path).hold()   # publishes of other processes wake our reservers
+        self._published_elsewhere = _published_waker(self._wake_key, self.path)
         self._channel_held = True
 
     def __repr__(self) -> str:
@@ -176,7 +203,7 @@ class SQLiteBroker(Broker):
                     "VALUES (?, ?, ?, ?, 0, 0, ?, ?)",
                     rows,
                 )
-                self.store.on_commit(self.wake)
+                self.store.on_commit(self._published)
 
     def publish_reserved(self, outs: Sequence[Outgoing], *, lease: float) -> list[Delivery]:
         """Publish messages already reserved by the caller (a worker's own follow-ups).
@@ -302,11 +329,8 @@ class SQLiteBroker(Broker):
         if not (handoff and timeout > 0):
             return self._reserve_loop(queues, timeout, lease, limit, on_claim, None)
         slot = Slot(queues, limit, lease, on_claim)
-        with WAKEUPS.watching(self._wake_key, "", slot.woken):    # every wake-up of the broker sets it
-            IDLE.add(self.path, slot)
-            return self._reserve_with_slot(
-                slot, lambda: self._reserve_loop(queues, timeout, lease, limit, on_claim, slot)
-            )
+        IDLE.add(self.path, slot)
+        return self._reserve_with_slot(slot, lambda: self._reserve_loop(queues, timeout, lease, limit, on_claim, slot))
 
     def _reserve_with_slot(self, slot: Slot | None, claim: Callable[[], list]) -> list[Delivery]:
         """Run ``claim()`` (the reserve loop) while ``slot``, if any, is open for a hand-over;
@@ -329,7 +353,7 @@ class SQLiteBroker(Broker):
         deadline = time.monotonic() + max(0.0, timeout)
         # publishes of other processes wake this process (else they are found by polling)
         if timeout > 0:
-            pushed = self._channel.listen(wakechannel.MESSAGES, wakechannel.local_waker(WAKEUPS.notify, self._wake_key))
+            pushed = self._channel.listen(wakechannel.MESSAGES, self._published_elsewhere)
         else:
             pushed = self._channel.listening(wakechannel.MESSAGES)
         # a reserver with a slot is woken by every publish it cares about: no need to poll
@@ -356,6 +380,8 @@ class SQLiteBroker(Broker):
                 got = self._claim(queues, now, lease, limit, on_claim)
                 if got:
                     self._quiet.last = None
+                    if slot is not None and len(got) >= limit:
+                        IDLE.wake(self.path, slot.queues, besides=slot)     # there may be more: another looks
                     return got
                 if timeout <= 0:
                     return []
@@ -413,7 +439,7 @@ class SQLiteBroker(Broker):
             ok = self._fenced("UPDATE nbq_messages SET state = 0, due = ?", (due,), delivery)
         else:
             ok = self._fenced("UPDATE nbq_messages SET state = 0, due = ?, body = ?", (due, body), delivery)
-        self.store.on_commit(self.wake)
+        self.store.on_commit(self._published)
         return ok
 
     def extend(self, delivery: Delivery, lease: float) -> bool:
@@ -467,7 +493,15 @@ class SQLiteBroker(Broker):
         self.store.checkpoint()
 
     def wake(self) -> None:
+        """Wake every reserver of this file, in this process and (through the wake-up channel) others."""
         WAKEUPS.notify(self._wake_key)
+        IDLE.wake(self.path, every=True)
+        self._channel.send(wakechannel.MESSAGES)
+
+    def _published(self) -> None:
+        """After a commit of new or returned messages: one idle reserver per set of queues here
+        (see ``IdleReservers.wake``), the reservers without a slot, and other processes."""
+        self._published_elsewhere(b"")
         self._channel.send(wakechannel.MESSAGES)
 
     def close(self) -> None:
