@@ -230,6 +230,8 @@ def test_a_message_published_while_reservers_idle_wakes_one_of_them_per_set_of_q
             app.broker.publish(Outgoing(id="m1", body="{}", queue="a"))
             assert not any(slot.woken.is_set() for slot in slots)       # not before the commit
         assert [slot.woken.is_set() for slot in slots] == [True, False, False, True]
+        app.broker.publish(Outgoing(id="m2", body="{}", queue="a"))       # the first is awake already
+        assert [slot.woken.is_set() for slot in slots] == [True, True, False, True]
         for slot in slots:
             slot.woken.clear()
         # the first claimed a full batch: the next of its queues looks too

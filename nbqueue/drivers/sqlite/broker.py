@@ -123,13 +123,16 @@ class IdleReservers:
 
     def wake(self, store: Any, queues: frozenset | None = None, every: bool = False, besides: Any = None) -> None:
         """New messages: wake one idle reserver of each set of queues (of ``queues`` only, if
-        given; not ``besides``), or ``every`` one. One is enough: a reserver that claims a full
-        batch wakes the next (see ``SQLiteBroker._reserve_loop``), and each finds the broker's
-        wake-up version changed, so it reads the file before it waits again."""
+        given; not ``besides``) that is not awake already, or ``every`` one. One is enough: a
+        reserver that claims a full batch wakes the next (see ``SQLiteBroker._reserve_loop``),
+        and each finds the broker's wake-up version changed, so it reads the file before it
+        waits again."""
+        if not self._slots.get(store):
+            return
         with self._lock:
             seen: set = set()
             for slot in self._slots.get(store) or ():
-                if slot is besides:
+                if slot is besides or not every and slot.woken.is_set():
                     continue
                 if every or slot.queues not in seen and (queues is None or slot.queues == queues):
                     seen.add(slot.queues)
