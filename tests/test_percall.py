@@ -136,6 +136,38 @@ def test_wake_channel_carries_a_datagram_to_another_listener(tmp_path):
         sender.close()
 
 
+def test_wake_channel_datagrams_that_arrived_together_make_one_wake_up(tmp_path):
+    """Datagrams waiting while the listener handled an earlier one are handled in one call,
+    their ids merged: a burst of sends costs the listening process one wake-up."""
+    path = str(tmp_path / "store.db")
+    listener, sender = wakechannel.WakeChannel(path), wakechannel.WakeChannel(path)
+    got: list[list[str] | None] = []
+    first, release, done = threading.Event(), threading.Event(), threading.Event()
+
+    def handler(payload: bytes) -> None:
+        got.append(wakechannel.payload_ids(payload))
+        if len(got) == 1:
+            first.set()
+            release.wait(10)
+        else:
+            done.set()
+
+    try:
+        assert listener.listen(wakechannel.RESULTS, handler)
+        sender.send(wakechannel.RESULTS, wakechannel.ids_payload(["a"]))
+        assert first.wait(10)                    # the listener is busy with the first datagram
+        for ids in (["b"], ["c", "d"], ["e"]):
+            sender.send(wakechannel.RESULTS, wakechannel.ids_payload(ids))
+        release.set()
+        assert done.wait(10)
+    finally:
+        listener.close()
+        sender.close()
+    assert got == [["a"], ["b", "c", "d", "e"]]
+    # one of them saying "every waiter" (no ids) makes the merged one say so
+    assert wakechannel.payload_ids(wakechannel._merged([b"x", wakechannel.ids_payload(None) or b"-", b"y"])) is None
+
+
 def test_wake_channel_works_beside_a_path_too_long_for_a_socket_address(tmp_path):
     deep = tmp_path / ("d" * 60) / ("e" * 60)
     deep.mkdir(parents=True)

@@ -232,6 +232,8 @@ def test_four_worker_processes_of_four_threads_run_5000_tasks_exactly_once(tmp_p
         executed = {int(f.stem.split("-")[1]): f.read_text().split() for f in tmp_path.glob("executed-*.txt")}
         assert set(executed) <= {p.pid for p in procs}
         assert sorted(t for lines in executed.values() for t in lines) == ids      # each exactly once
+        for proc in procs:      # a process still starting (a loaded machine) has no SIGTERM handler yet
+            workers.wait_serving(app, proc)
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
         assert [proc.wait(30) for proc in procs] == [0, 0, 0, 0]

@@ -214,6 +214,58 @@ def test_a_worker_fed_by_hand_overs_still_takes_messages_from_other_processes(ap
         worker.stop()
 
 
+def test_idle_worker_threads_fed_by_hand_overs_do_not_read_the_queue_between_tasks(tmp_path):
+    """A hand-over wakes only the reserver it goes to, and a worker thread that found the
+    queue empty does not query it again (to claim its next batch as it commits, or while it
+    waits) until something is published or its poll interval passed: a loop of sends to an
+    idle in-process worker costs no reads of the messages table per task."""
+    app = nbqueue.App(f"sqlite:///{tmp_path}/nbqueue.db", poll_interval=60)
+    app.register_task("double", lambda x: 2 * x)
+    reads: list[str] = []
+    worker = app.start_worker(concurrency=4)
+    try:
+        wait_for(lambda: idle_reservers(app) == 4)
+        assert app.send_task(Signature("double", args=[0])).get(timeout=10) == 0
+        wait_for(lambda: idle_reservers(app) == 4)
+        with app.broker.store._lock:
+            app.broker.store.conn.set_trace_callback(
+                lambda sql: reads.append(sql) if sql.lstrip().startswith("SELECT") and "nbq_messages" in sql else None
+            )
+        for i in range(30):
+            assert app.send_task(Signature("double", args=[i])).get(timeout=10) == 2 * i
+    finally:
+        worker.stop()
+        app.close()
+    assert len(reads) < 10, reads
+
+
+def test_a_message_published_while_reservers_idle_wakes_one_of_them_per_set_of_queues(app):
+    """New messages wake one idle reserver per set of queues (it wakes the next if it claims a
+    full batch), not every one; ``wake()`` (a worker stopping) wakes them all."""
+    from nbqueue.drivers.sqlite.broker import Slot
+
+    slots = [Slot(["a"], 4, 10.0), Slot(["a"], 4, 10.0), Slot(["a"], 4, 10.0), Slot(["b"], 4, 10.0)]
+    for slot in slots:
+        IDLE.add(app.broker.path, slot)
+    try:
+        with app.transaction():                     # not handed over: a row to claim
+            app.broker.publish(Outgoing(id="m1", body="{}", queue="a"))
+            assert not any(slot.woken.is_set() for slot in slots)       # not before the commit
+        assert [slot.woken.is_set() for slot in slots] == [True, False, False, True]
+        app.broker.publish(Outgoing(id="m2", body="{}", queue="a"))       # the first is awake already
+        assert [slot.woken.is_set() for slot in slots] == [True, True, False, True]
+        for slot in slots:
+            slot.woken.clear()
+        # the first claimed a full batch: the next of its queues looks too
+        IDLE.wake(app.broker.path, slots[0].queues, besides=slots[0])
+        assert [slot.woken.is_set() for slot in slots] == [False, True, False, False]
+        app.broker.wake()
+        assert all(slot.woken.is_set() for slot in slots)
+    finally:
+        for slot in slots:
+            IDLE.close(app.broker.path, slot)
+
+
 def test_a_batch_claimed_in_the_last_commit_is_handed_back_when_the_worker_stops(app):
     """An executor claims its next batch in the commit of the last one; stopping then must
     hand that batch back unstarted (PENDING, ready at once), not leave it reserved."""

@@ -76,6 +76,9 @@ class Slot:
         self.taken = False                  # a sender holds it (its send has not finished)
         self.deliveries: list = []          # what was handed over, once the send finished
         self.settled = threading.Event()    # the send finished (or failed: then nothing was handed over)
+        # what its reserver waits on: set by a hand-over to this slot once its send finished,
+        # and by new messages (``IdleReservers.wake``), never by a hand-over to another
+        self.woken = threading.Event()
 
     def wait(self) -> list:
         """What was handed over, waiting at most a lease for the send to finish (after that
@@ -130,6 +133,23 @@ class IdleReservers:
             self._discard(store, slot)
             return True
 
+    def wake(self, store: Any, queues: frozenset | None = None, every: bool = False, besides: Any = None) -> None:
+        """New messages: wake one idle reserver of each set of queues (of ``queues`` only, if
+        given; not ``besides``) that is not awake already, or ``every`` one. One is enough: a
+        reserver that claims a full batch wakes the next (see ``SQLiteBroker._reserve_loop``),
+        and each finds the broker's wake-up version changed, so it reads the file before it
+        waits again."""
+        if not self._slots.get(store):
+            return
+        with self._lock:
+            seen: set = set()
+            for slot in self._slots.get(store) or ():
+                if slot is besides or not every and slot.woken.is_set():
+                    continue
+                if every or slot.queues not in seen and (queues is None or slot.queues == queues):
+                    seen.add(slot.queues)
+                    slot.woken.set()
+
     def close(self, store: Any, slot: Slot | None) -> list:
         """Withdraw a reserver that stops waiting; what a sender handed it meanwhile."""
         if slot is None:
@@ -152,6 +172,18 @@ class IdleReservers:
 
 
 IDLE = IdleReservers()
+
+
+def _published_waker(key: Any, path: str) -> Callable[[bytes], None]:
+    """What wakes this process's reservers of the file ``path`` when messages were committed
+    (the wake-up channel's handler, for commits of other processes): a new wake-up version
+    (reservers without a slot wake; none reads its file again before it changed) and one
+    idle reserver with a slot per set of queues (``IdleReservers.wake``)."""
+    def published(payload: bytes) -> None:
+        WAKEUPS.notify(key, ())
+        IDLE.wake(path)
+
+    return published
 os.register_at_fork(after_in_child=IDLE._after_fork)
 
 
@@ -168,6 +200,7 @@ class SQLiteBroker(Broker):
         self._wake_key = ("sqlite-broker", self.path)
         self._quiet = threading.local()     # .last: (wake-up version, next due, when) as this thread last found nothing
         self._channel = wakechannel.channel_for(self.path).hold()   # publishes of other processes wake our reservers
+        self._published_elsewhere = _published_waker(self._wake_key, self.path)
         self._channel_held = True
 
     def __repr__(self) -> str:
@@ -190,9 +223,7 @@ class SQLiteBroker(Broker):
                     "VALUES (?, ?, ?, ?, 0, 0, ?, ?)",
                     rows,
                 )
-                self.store.on_commit(self.wake)
-            else:   # all handed over: wake their reservers only, nothing new to claim
-                self.store.on_commit(lambda: WAKEUPS.poke(self._wake_key))
+                self.store.on_commit(self._published)
 
     def publish_reserved(self, outs: Sequence[Outgoing], *, lease: float) -> list[Delivery]:
         """Publish messages already reserved by the caller (a worker's own follow-ups).
@@ -233,8 +264,8 @@ class SQLiteBroker(Broker):
         claim per message and a wake-up's worth of latency for a worker in the same kernel.
         """
         def settle_with_transaction(slot: Slot) -> None:   # whatever happens next: the reserver waits for it
-            self.store.on_commit(slot.settled.set)
-            self.store.on_rollback(lambda: (slot.deliveries.clear(), slot.settled.set()))
+            self.store.on_commit(lambda: (slot.settled.set(), slot.woken.set()))
+            self.store.on_rollback(lambda: (slot.deliveries.clear(), slot.settled.set(), slot.woken.set()))
 
         while outs:
             slot, mine = IDLE.take(self.path, outs, now, on_take=settle_with_transaction)
@@ -254,8 +285,9 @@ class SQLiteBroker(Broker):
         withdrawn in the claim's transaction (``IdleReservers.withdraw``); nothing is claimed
         when a sender took it first."""
         qs = placeholders(len(queues))
-        # a cheap read first, so idle pollers never take the write lock
-        if not self.store.read(
+        # a cheap read first, so idle pollers never take the write lock (inside a write
+        # transaction already, the claim's own query answers it)
+        if not self.store.in_transaction() and not self.store.read(
             f"SELECT 1 FROM nbq_messages WHERE queue IN ({qs}) AND state < 2 AND due <= ? LIMIT 1", (*queues, now)
         ):
             return []
@@ -317,11 +349,11 @@ class SQLiteBroker(Broker):
         transaction (the engine begins the tasks there: one write per batch). ``handoff``:
         publishers of this process may hand messages over directly while this call runs (see
         ``_hand_over``); ``on_claim`` then runs in the publisher's transaction, and what was
-        handed over is returned beside anything claimed."""
-        slot = None
-        if handoff and timeout > 0:
-            slot = Slot(queues, limit, lease, on_claim)
-            IDLE.add(self.path, slot)
+        handed over is returned instead of a claim (never both: ``IdleReservers.withdraw``)."""
+        if not (handoff and timeout > 0):
+            return self._reserve_loop(queues, timeout, lease, limit, on_claim, None)
+        slot = Slot(queues, limit, lease, on_claim)
+        IDLE.add(self.path, slot)
         return self._reserve_with_slot(slot, lambda: self._reserve_loop(queues, timeout, lease, limit, on_claim, slot))
 
     def _reserve_with_slot(self, slot: Slot | None, claim: Callable[[], list]) -> list[Delivery]:
@@ -343,25 +375,40 @@ class SQLiteBroker(Broker):
         self, queues: Sequence[str], timeout: float, lease: float, limit: int, on_claim, slot
     ) -> list[Delivery]:
         deadline = time.monotonic() + max(0.0, timeout)
+        # publishes of other processes wake this process (else they are found by polling)
         if timeout > 0:
-            self._channel.listen(wakechannel.MESSAGES, wakechannel.local_waker(WAKEUPS.notify, self._wake_key))
-        interval = 0.001
+            pushed = self._channel.listen(wakechannel.MESSAGES, self._published_elsewhere)
+        else:
+            pushed = self._channel.listening(wakechannel.MESSAGES)
+        # a reserver with a slot is woken by every publish it cares about: no need to poll
+        # in short steps (without the channel, back off from a millisecond)
+        interval = self.poll_interval if slot is not None and pushed else 0.001
         while True:
+            if slot is not None:
+                slot.woken.clear()
             version = WAKEUPS.version(self._wake_key)
             now = self.clock.time()
             quiet = getattr(self._quiet, "last", None)
-            if (slot is not None and quiet is not None and quiet[0] == version and (quiet[1] is None or quiet[1] > now)
-                    and time.monotonic() - quiet[2] < self.poll_interval):
-                # this thread found nothing, and nothing was published in this process
-                # since (a hand-over does not count): wait before reading again, so a
-                # worker fed by hand-overs does not query the file between tasks (other
-                # processes' messages are still looked for every poll_interval)
+            if ((slot is not None or pushed) and quiet is not None and quiet[0] == version
+                    and (quiet[1] is None or quiet[1] > now) and time.monotonic() - quiet[2] < self.poll_interval):
+                # this thread, waiting for a hand-over, found nothing (and read when the next
+                # message is due), and nothing was published in this process since (a
+                # hand-over does not count) nor, where the wake-up channel says so, in another:
+                # do not read again yet, nor to claim a batch as it commits the one handed
+                # over, so a worker fed by hand-overs does not query the file between tasks
+                # (it still reads it every poll_interval)
+                if timeout <= 0:
+                    return []
                 due = quiet[1]
             else:
                 got = self._claim(queues, now, lease, limit, on_claim, slot)
                 if got:
                     self._quiet.last = None
+                    if slot is not None and len(got) >= limit:
+                        IDLE.wake(self.path, slot.queues, besides=slot)     # there may be more: another looks
                     return got
+                if timeout <= 0:
+                    return []
                 due = self.next_due(queues)
                 if slot is not None:
                     self._quiet.last = (version, due, time.monotonic())
@@ -371,10 +418,15 @@ class SQLiteBroker(Broker):
             wait = min(remaining, interval)
             if due is not None:
                 wait = min(wait, max(0.0, due - now) + 0.0005)
-            started = time.monotonic()
-            if WAKEUPS.wait(self._wake_key, version, wait) == version and time.monotonic() - started < 0.9 * wait:
-                continue        # poked for a hand-over (ours, or another reserver's): nothing new to read
-            self._quiet.last = None
+            if slot is None:
+                WAKEUPS.wait(self._wake_key, version, wait)
+                self._quiet.last = None
+            elif slot.woken.wait(wait):
+                if WAKEUPS.version(self._wake_key) == version:
+                    continue    # woken for a hand-over to this slot: nothing new to read
+                self._quiet.last = None
+            elif not pushed:
+                self._quiet.last = None     # no wake-ups from other processes: poll with back-off
             interval = min(interval * 2, self.poll_interval)
 
     def _fenced(self, sql: str, params: tuple, delivery: Delivery) -> bool:
@@ -411,7 +463,7 @@ class SQLiteBroker(Broker):
             ok = self._fenced("UPDATE nbq_messages SET state = 0, due = ?", (due,), delivery)
         else:
             ok = self._fenced("UPDATE nbq_messages SET state = 0, due = ?, body = ?", (due, body), delivery)
-        self.store.on_commit(self.wake)
+        self.store.on_commit(self._published)
         return ok
 
     def extend(self, delivery: Delivery, lease: float) -> bool:
@@ -465,7 +517,15 @@ class SQLiteBroker(Broker):
         self.store.checkpoint()
 
     def wake(self) -> None:
+        """Wake every reserver of this file, in this process and (through the wake-up channel) others."""
         WAKEUPS.notify(self._wake_key)
+        IDLE.wake(self.path, every=True)
+        self._channel.send(wakechannel.MESSAGES)
+
+    def _published(self) -> None:
+        """After a commit of new or returned messages: one idle reserver per set of queues here
+        (see ``IdleReservers.wake``), the reservers without a slot, and other processes."""
+        self._published_elsewhere(b"")
         self._channel.send(wakechannel.MESSAGES)
 
     def close(self) -> None:

@@ -38,6 +38,7 @@ MAX_IDS_BYTES = 8192    # larger id lists are sent as "every waiter" (an empty l
 _SUN_PATH = 104         # the smallest sun_path among the platforms (macOS); Linux allows 107
 RELIST = 1.0            # seconds after which the directory is listed again even if its mtime did not change
 RESTAT = 0.02           # seconds between looks at the directory (a new listener is found within this)
+_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)     # without it, each datagram is handled alone
 
 
 class WakeChannel:
@@ -118,6 +119,10 @@ class WakeChannel:
         threading.Thread(target=self._receive, args=(sock, handler), name=f"nbqueue-wake-{kind}", daemon=True).start()
         return True
 
+    def listening(self, kind: str) -> bool:
+        """Whether this process listens for ``kind`` (``listen`` succeeded and was not closed)."""
+        return kind in self._listeners
+
     def _gone(self, kind: str) -> bool:
         """True when the file of this process's ``kind`` socket was removed (``rm -rf`` of the
         store's directory), checked at most once per RELIST seconds."""
@@ -129,6 +134,8 @@ class WakeChannel:
 
     @staticmethod
     def _receive(sock: socket.socket, handler: Callable[[bytes], None]) -> None:
+        """Call ``handler`` once per batch of datagrams that arrived together (``_merged``), so
+        a burst of commits in another process costs this process one wake-up, not one each."""
         while True:
             try:
                 payload = sock.recv(65536)
@@ -136,8 +143,17 @@ class WakeChannel:
                 return                                # closed (a fork's child)
             if not payload:
                 return                                # shut down (close()); a sender's datagram is never empty
+            payloads = [payload]
             try:
-                handler(payload)
+                while _DONTWAIT and len(payloads) < 256:
+                    more = sock.recv(65536, _DONTWAIT)
+                    if not more:
+                        break
+                    payloads.append(more)
+            except OSError:                           # none pending (or closed: the next recv says so)
+                pass
+            try:
+                handler(_merged(payloads))
             except Exception:
                 log.exception("a wake-up handler failed")
 
@@ -271,6 +287,16 @@ def ids_payload(ids: Iterable[str] | None) -> bytes:
         return b""
     payload = "\n".join(ids).encode()
     return payload if len(payload) <= MAX_IDS_BYTES else b""
+
+
+def _merged(payloads: list[bytes]) -> bytes:
+    """One payload for datagrams received together: their ids, or "every waiter" (``-``)
+    when one of them said so."""
+    if len(payloads) == 1:
+        return payloads[0]
+    if any(p == b"-" for p in payloads):
+        return b"-"
+    return b"\n".join(payloads)
 
 
 def payload_ids(payload: bytes) -> list[str] | None:
