@@ -3,7 +3,8 @@
 ``worker.events.on_start`` and ``worker.events.on_finish`` are lists of callables, called
 in the thread that runs the task, right before and right after the task's function:
 
-- ``on_start(message, queue)``: ``message`` is the task's ``nbqueue.message.Message``
+- ``on_start(message, queue)``: ``message`` is the task's ``nbqueue.message.Message`` (fields
+  as attributes, ``message.name``; ``message.to_dict()`` for the envelope as a dict)
 - ``on_finish(message, queue, outcome, seconds)``: ``outcome`` is ``"SUCCESS"``,
   ``"FAILURE"`` or ``"RETRY"`` (the task raised Retry, or raised with retries left);
   ``seconds`` the function's run time.
