@@ -152,5 +152,7 @@ class Heartbeat:
         record = self.app.backend.get(task_id) or {}
         if record.get("state") in states.READY_STATES:
             run["timed_out"] = True
-            if not run.get("stopped"):
+            with self._held_lock:
+                running = self._running.get(task_id) is run       # not returned meanwhile
+            if running and not run.get("stopped"):
                 self.control.stop(task_id, run, "time_limit")   # cooperative: current_task().cancelled
