@@ -239,12 +239,18 @@ def _plain_hash(item: Any) -> Any:
     return _GENERIC if value._expiry_heap or value._expirations else value
 
 
+def _hash_to_write(sock: Any, key: bytes) -> tuple[Any, Any, Any]:
+    """(database, item, hash) of ``key`` for a write (see ``_plain_hash``)."""
+    db = sock._db
+    item = _item(db, key, Hash)
+    return db, item, _plain_hash(item)
+
+
 def _hset_write(sock: Any, args: list) -> Any:
     if len(args) < 3 or len(args) % 2 == 0:
         return _GENERIC
-    db, key = sock._db, args[0]
-    item = _item(db, key, Hash)
-    value = _plain_hash(item)
+    key = args[0]
+    db, item, value = _hash_to_write(sock, key)
     if value is _GENERIC:
         return value
     before = len(value._values)
@@ -256,9 +262,8 @@ def _hset_write(sock: Any, args: list) -> Any:
 def _hincrby_write(sock: Any, args: list) -> Any:
     if len(args) != 3:
         return _GENERIC
-    db, key = sock._db, args[0]
-    item = _item(db, key, Hash)
-    value = _plain_hash(item)
+    key = args[0]
+    db, item, value = _hash_to_write(sock, key)
     if value is _GENERIC:
         return value
     amount = Int.decode(args[2])
