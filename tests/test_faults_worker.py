@@ -584,14 +584,10 @@ def assert_recorded(outcomes: dict, blocker, gate) -> None:
     assert not gate.is_set() and not blocker.ready()                   # all recorded while the blocker still runs
 
 
-@pytest.mark.parametrize("app_kind", ["sqlite", "memory", "redis"])
-@pytest.mark.parametrize("concurrency", [2, 1])
-def test_outcomes_are_recorded_while_a_batch_mate_still_runs(app_factory, concurrency):
-    """One thread reserves a blocker with one task of each outcome kind (prefetch 8, the
-    blocker last): each outcome is recorded, and visible to ``state`` and ``get()``, while the
-    blocker is still running, on one thread as on two."""
-    app = app_factory(visibility_timeout=60)
-    started, gate, blocker, outcomes = blocking_batch(app)
+def recorded_while_blocked(app, concurrency: int, blocker_first: bool) -> None:
+    """A worker (``concurrency`` threads, prefetch 8) on ``blocking_batch``: every outcome is
+    recorded while the blocker runs (``assert_recorded``), and the blocker ends once released."""
+    started, gate, blocker, outcomes = blocking_batch(app, blocker_first=blocker_first)
     app.start_worker(concurrency=concurrency, prefetch=8)
     try:
         assert started.wait(60), "the blocker never started"
@@ -602,18 +598,19 @@ def test_outcomes_are_recorded_while_a_batch_mate_still_runs(app_factory, concur
 
 
 @pytest.mark.parametrize("app_kind", ["sqlite", "memory", "redis"])
+@pytest.mark.parametrize("concurrency", [2, 1])
+def test_outcomes_are_recorded_while_a_batch_mate_still_runs(app_factory, concurrency):
+    """One thread reserves a blocker with one task of each outcome kind (prefetch 8, the
+    blocker last): each outcome is recorded, and visible to ``state`` and ``get()``, while the
+    blocker is still running, on one thread as on two."""
+    recorded_while_blocked(app_factory(visibility_timeout=60), concurrency, blocker_first=False)
+
+
+@pytest.mark.parametrize("app_kind", ["sqlite", "memory", "redis"])
 def test_outcomes_reserved_behind_a_blocker_are_recorded_on_the_idle_thread(app_factory):
     """The blocker first in the batch: its batch-mates run on the other thread, and their
     outcomes are recorded while it still runs."""
-    app = app_factory(visibility_timeout=60)
-    started, gate, blocker, outcomes = blocking_batch(app, blocker_first=True)
-    app.start_worker(concurrency=2, prefetch=8)
-    try:
-        assert started.wait(60), "the blocker never started"
-        assert_recorded(outcomes, blocker, gate)
-    finally:
-        gate.set()
-    assert blocker.get(timeout=60) == "late"
+    recorded_while_blocked(app_factory(visibility_timeout=60), 2, blocker_first=True)
 
 
 @pytest.mark.parametrize("app_kind", ["sqlite", "memory", "redis"])
