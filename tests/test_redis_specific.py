@@ -660,6 +660,36 @@ def test_memory_waiter_reads_then_waits_in_process_for_the_done_list(monkeypatch
     assert waiter.wait_record("t", timeout=1)["result"] == "1"     # final at once: a read, no wait
 
 
+def test_memory_sends_every_command_as_its_arguments_pipelines_and_scripts_too(monkeypatch):
+    """A memory:// client hands the socket each command as its arguments (``Command``), the
+    driver's pipelines (their SCRIPT LOADs and EVALSHAs) included: nothing is packed as RESP for
+    the server to parse, and each script with a twin runs without the command table."""
+    from nbqueue.drivers.redis import memory
+
+    url = _memory_url()
+    engine = RedisEngine(RedisBroker(url), RedisBackend(url))
+    sent: list = []
+    sendall = memory.MemorySocket.sendall
+
+    def spied(sock, data):
+        sent.append(data)
+        return sendall(sock, data)
+
+    monkeypatch.setattr(memory.MemorySocket, "sendall", spied)
+    twins = []
+    run_twin = memory.MemorySocket._run_twin
+    monkeypatch.setattr(memory.MemorySocket, "_run_twin", lambda sock, fields: twins.append(run_twin(sock, fields))
+                        or twins[-1])
+    engine.send([{"id": "m1", "name": "n"}], [_out("q", "m1")])
+    claims = engine.claim(["q"], limit=1, timeout=1.0, lease=30.0, worker="w")
+    engine.finish([Outcome(claims[0].delivery, "m1", states.SUCCESS, claims[0].token, {"result": "2"})],
+                  [claims[0].delivery])
+    assert engine.backend.get("m1")["state"] == states.SUCCESS
+    assert sent and all(type(data) is memory.Command for data in sent), [type(d) for d in sent]
+    evalshas = [data for data in sent if data[0] == b"EVALSHA"]
+    assert len(evalshas) == 3 and twins.count(True) == 3
+
+
 # -- connections ---------------------------------------------------------------------------
 
 def test_remote_redis_without_password_logs_a_warning(caplog):

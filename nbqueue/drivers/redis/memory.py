@@ -33,6 +33,7 @@ from fakeredis._msgs import CONNECTION_ERROR_MSG, INVALID_HASH_MSG, SCRIPT_ERROR
 from fakeredis._socket import FakeSocket
 from fakeredis._socket._resp import convert_to_resp2
 from fakeredis.model import ExpiringMembersSet, Hash, ZSet
+from redis.connection import HiredisRespSerializer
 
 from .twins import TWINS, ErrorReply
 
@@ -664,8 +665,17 @@ class MemorySocket(FakeSocket):
             self._fieldsets = caller_fieldsets
 
 
+class _Packer(HiredisRespSerializer):
+    """redis-py's hiredis packer, as a type of its own: the driver's pipeline packs with hiredis
+    itself only for a connection whose packer is redis-py's (nbqueue.drivers.redis.client._packed),
+    so a ``MemoryConnection``'s pipelines go through its ``pack_commands`` (``Command``s)."""
+
+
 class MemoryConnection(FakeRedisConnection):
-    """A fakeredis connection to a ``MemorySocket``, sending it ``Command``s."""
+    """A fakeredis connection to a ``MemorySocket``, sending it ``Command``s (its pipelines too)."""
+
+    def _construct_command_packer(self, packer: Any) -> Any:
+        return packer if packer is not None else _Packer()
 
     def pack_command(self, *args: Any) -> list:
         command = _command(args)
