@@ -660,6 +660,30 @@ def test_memory_waiter_reads_then_waits_in_process_for_the_done_list(monkeypatch
     assert waiter.wait_record("t", timeout=1)["result"] == "1"     # final at once: a read, no wait
 
 
+def test_memory_key_wait_reads_a_hash_as_hgetall_does():
+    """``KeyWait.hgetall`` (a waiter's read without a command) gives what the client's HGETALL
+    gives: a hash, a key missing or expired, a hash with a field expiry, text that is not ASCII,
+    and the command's error for a key of another type."""
+    from nbqueue.drivers.redis import memory
+    from nbqueue.drivers.redis.client import connect
+
+    url = _memory_url()
+    client = connect(url, {})
+    client.hset("h", mapping={"a": "1", "é": "ü"})
+    client.hset("hx", mapping={"a": "1", "b": "2"})
+    client.hpexpire("hx", 1, "a")
+    client.hset("gone", "a", "1")
+    client.pexpire("gone", 1)
+    client.set("s", "v")
+    time.sleep(0.01)
+    wait = memory.KeyWait(client, [b"done"])
+    for key in ("h", "hx", "gone", "missing"):
+        assert wait.hgetall(key) == client.hgetall(key), key
+    assert wait.hgetall("h") == {"a": "1", "é": "ü"} and wait.hgetall("hx") == {"b": "2"}
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        wait.hgetall("s")
+
+
 def test_memory_sends_every_command_as_its_arguments_pipelines_and_scripts_too(monkeypatch):
     """A memory:// client hands the socket each command as its arguments (``Command``), the
     driver's pipelines (their SCRIPT LOADs and EVALSHAs) included: nothing is packed as RESP for

@@ -335,16 +335,17 @@ class RedisBackend(ResultBackend):
         """Block on the task's done list and read its record in one round trip: Redis
         runs the pipelined HGETALL as soon as the blocking pop returns. On memory:// (in
         this process) the record is read first, and only a record not final waits, without
-        a command, for a write to the done list (nbqueue.drivers.redis.memory.KeyWait)."""
+        a command, for a write to the done list, and the record is read without one as well
+        (nbqueue.drivers.redis.memory.KeyWait)."""
         key = self._done_key(task_id)
         if self._key_wait is not None:
             with self._key_wait(self.client, [key.encode()]) as wait:
-                record = self._live(self.client.hgetall(self._rec(task_id)))
+                record = self._live(wait.hgetall(self._rec(task_id)))
                 if record is not None and record["state"] in states.READY_STATES:
                     return record
                 if not wait.wait(max(MIN_BLOCK, timeout)):
                     return record
-            return self._live(self.client.hgetall(self._rec(task_id)))
+            return self._live(wait.hgetall(self._rec(task_id)))
         pipe = pipeline(self.client)
         pipe.command_stack += [
             (("BRPOPLPUSH", key, key, max(MIN_BLOCK, timeout)), RAW),  # rotated in place: other waiters see it too

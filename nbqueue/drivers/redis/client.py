@@ -21,7 +21,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from ... import states
-from ...errors import ConfigurationError, ConnectionLost
+from ...errors import ConnectionLost
 from ...urls import redact
 
 try:
@@ -54,7 +54,7 @@ def fake_server(name: str) -> "fakeredis.FakeServer":
     with _FAKE_LOCK:
         server = _FAKE_SERVERS.get(name)
         if server is None:
-            server = _FAKE_SERVERS[name] = memory_server()
+            server = _FAKE_SERVERS[name] = memory_server(name)
         return server
 
 
@@ -100,7 +100,6 @@ def connect(url: str, options: Mapping[str, Any], encoding_errors: str = "strict
         kwargs["health_check_interval"] = 0
         client = fakeredis.FakeRedis(server=fake_server(parts.netloc or parts.path.strip("/") or "default"),
                                      connection_class=MemoryConnection, **kwargs)
-        _bind_to_process(client, url)
     else:
         if warn:
             warn_if_exposed(url, options)
@@ -112,28 +111,6 @@ def connect(url: str, options: Mapping[str, Any], encoding_errors: str = "strict
     ))
     _POOLS.add(client.connection_pool)
     return client
-
-
-def _bind_to_process(client: redis.Redis, url: str) -> None:
-    """A fakeredis client works in the process that made it only: in a forked child every
-    command raises ConfigurationError at once (the child's copy of the server is private)."""
-    pool = client.connection_pool
-    get_connection = pool.get_connection
-    owner = os.getpid()
-
-    def checked(*args, **kwargs):
-        if os.getpid() != owner:
-            raise ConfigurationError(
-                f"{url} is a store inside process {owner}, and this process ({os.getpid()}) was forked from it: its "
-                "copy "
-                "is private and no worker of the parent will ever read it. Share tasks between processes through "
-                "sqlite:// or redis:// (forked children then work), or start the child with multiprocessing's 'spawn' "
-                "or "
-                "'forkserver' method and make its App and worker in the child"
-            )
-        return get_connection(*args, **kwargs)
-
-    pool.get_connection = checked
 
 
 def _after_fork_in_child() -> None:

@@ -19,6 +19,7 @@ internal modules.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import defaultdict
@@ -35,6 +36,7 @@ from fakeredis._socket._resp import convert_to_resp2
 from fakeredis.model import ExpiringMembersSet, Hash, ZSet
 from redis.connection import HiredisRespSerializer
 
+from ...errors import ConfigurationError
 from .twins import TWINS, ErrorReply
 
 
@@ -464,16 +466,42 @@ class KeyWait:
     """A wait in this process for a write to one of ``keys`` (bytes) of a memory:// client's
     database, woken as a client blocked on them in BLPOP would be (see ``MemoryDatabase``), with
     no command sent: ``with KeyWait(client, keys) as wait:`` (registered) ... ``wait.wait(seconds)``
-    (True once woken; it stays woken)."""
+    (True once woken; it stays woken). ``wait.hgetall(key)`` reads a hash of that database, also
+    without a command."""
 
     woken = False
 
     def __init__(self, client: Any, keys: list[bytes]):
+        self._client = client
         kwargs = client.connection_pool.connection_kwargs
         self._server: FakeServer = kwargs["server"]
         self._db = self._server.dbs[kwargs.get("db", 0)]
         self._keys = keys
         self._event = threading.Event()
+
+    def hgetall(self, key: str) -> dict:
+        """``client.hgetall(key)``: the hash's fields and values decoded as the client decodes
+        replies (``{}`` for a key missing or expired), read under the server's lock as HGETALL
+        reads them. A key of another type, a hash with field expiries, a database of another kind
+        and a server of another process (a forked child's private copy) take the command instead,
+        which answers (or fails) as it does."""
+        server, db = self._server, self._db
+        if type(db) is not MemoryDatabase or forked_store(server) is not None:
+            return self._client.hgetall(key)
+        with server.lock:
+            db.time = time.time()
+            item = _live(db, key.encode())
+            if item is None:
+                return {}
+            value = item.value
+            if type(value) is not Hash or value._expiry_heap or value._expirations:
+                pairs = None
+            else:
+                pairs = list(value._values.items())
+        if pairs is None:
+            return self._client.hgetall(key)
+        decode = self._client.connection_pool.get_encoder().decode
+        return {decode(field): decode(v) for field, v in pairs}
 
     def wake(self) -> None:
         self.woken = True
@@ -494,11 +522,29 @@ class KeyWait:
                 _unblock(self._db, self, self._keys)
 
 
-def memory_server() -> FakeServer:
-    """A fakeredis server whose databases are ``MemoryDatabase``s."""
+def memory_server(name: str = "default") -> FakeServer:
+    """The fakeredis server of ``memory://NAME``, whose databases are ``MemoryDatabase``s, noting
+    its name and the process it is of (``owner_pid``): a ``MemoryConnection`` made in a child
+    forked from that process fails (see ``forked_store``)."""
     server = FakeServer()
     server.dbs = defaultdict(lambda: MemoryDatabase(server.lock))
+    server.owner_pid = os.getpid()  # type: ignore[attr-defined]
+    server.store_name = name  # type: ignore[attr-defined]
     return server
+
+
+def forked_store(server: FakeServer) -> ConfigurationError | None:
+    """The error of a use of ``server`` in a process other than its own (a forked child's private copy
+    of it, which no worker of the parent will ever read), or None in its own process."""
+    owner = getattr(server, "owner_pid", None)
+    if owner is None or owner == os.getpid():
+        return None
+    return ConfigurationError(
+        f"memory://{getattr(server, 'store_name', '')} is a store inside process {owner}, and this process "
+        f"({os.getpid()}) was forked from it: its copy is private and no worker of the parent will ever read it. "
+        "Share tasks between processes through sqlite:// or redis:// (forked children then work), or start the "
+        "child with multiprocessing's 'spawn' or 'forkserver' method and make its App and worker in the child"
+    )
 
 
 class Command(tuple):
@@ -688,7 +734,12 @@ class MemoryConnection(FakeRedisConnection):
         self.send_packed_command(self.pack_command(*args), check_health=kwargs.get("check_health", True))
 
     def _connect(self) -> FakeSocket:
+        """A ``MemorySocket`` on the server; ConfigurationError in a child forked from the server's
+        process (every command there fails so: redis-py connects afresh after a fork)."""
         server = self._server
+        forked = forked_store(server) if server is not None else None
+        if forked is not None:
+            raise forked
         if server is None or not server.connected:
             raise self._connection_error_class(CONNECTION_ERROR_MSG)
         return MemorySocket(server, client_class=self._client_class, db=self.db,
