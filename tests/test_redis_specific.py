@@ -553,6 +553,49 @@ def test_memory_script_writes_do_what_the_command_table_does():
                        ("zadd", b"z", b"1", b"nx"), ("zadd", b"z", b"NX", b"1"), ("pexpire", b"z", 5000, b"NX")]
 
 
+def _pop_scenario(url: str, protocol: int) -> list:
+    """BLPOP and BRPOP on memory:// (keys with values, missing, emptied, of another type, with a
+    TTL; bad timeouts; a timeout), then what is stored."""
+    import fakeredis
+
+    from nbqueue.drivers.redis import memory
+
+    server = fake_server(url[len("memory://"):])
+    client = fakeredis.FakeRedis(server=server, connection_class=memory.MemoryConnection, protocol=protocol)
+    client.rpush("a", "1", "2", "3")
+    client.rpush("ttl", "x", "y")
+    client.pexpire("ttl", 100_000)
+    client.set("s", "v")
+    replies = []
+    for args in (("blpop", "missing", "a", 1), ("brpop", "a", 1), ("blpop", "a", "ttl", 0), ("blpop", "a", 1),
+                 ("brpop", "ttl", "a", 1), ("blpop", "s", "a", 1), ("blpop", "ttl", "s", 1),
+                 ("blpop", "a", "-1"), ("blpop", "a", "x"), ("blpop", "a"), ("brpop", "missing", 0.01)):
+        try:
+            replies.append(client.execute_command(*args))
+        except redis.ResponseError as exc:
+            replies.append(("error", str(exc)))
+    stored = [(key, list(item.value) if isinstance(item.value, list) else item.value, item.expireat is not None)
+              for key, item in sorted(server.dbs[0]._dict.items())]
+    return [replies, stored]
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_memory_blocking_pops_answer_as_the_command_table_does(monkeypatch, protocol):
+    """A BLPOP or BRPOP memory:// runs itself (``MemorySocket._run_pop``) gives the replies and
+    errors of fakeredis' command table and leaves the same keys, values and expiries."""
+    from nbqueue.drivers.redis import memory
+
+    ran = []
+    run_pop = memory.MemorySocket._run_pop
+    monkeypatch.setattr(memory.MemorySocket, "_run_pop", lambda sock, fields: ran.append(run_pop(sock, fields))
+                        or ran[-1])
+    fast = _pop_scenario(_memory_url(), protocol)
+    assert ran.count(True) == 8         # all but the three the command refuses
+    monkeypatch.setattr(memory.MemorySocket, "_run_pop", lambda sock, fields: False)
+    assert fast == _pop_scenario(_memory_url(), protocol)
+    assert any("WRONGTYPE" in str(reply) for reply in fast[0]) and fast[0][-1] is None
+
+
 def test_memory_blocked_pops_wake_for_writes_to_their_keys_one_client_per_value(monkeypatch):
     """A client blocked in BLPOP on memory:// sleeps through writes to other keys, and a push of
     three values to its key wakes three blocked clients, each once, each taking one; a client
@@ -566,14 +609,14 @@ def test_memory_blocked_pops_wake_for_writes_to_their_keys_one_client_per_value(
     url = _memory_url()
     server = fake_server(url[len("memory://"):])
     woken = []
-    bpop_pass = memory.MemorySocket._bpop_pass
+    pop_pass = memory.MemorySocket._pop_pass
 
-    def counted(self, keys, op, first_pass):
+    def counted(self, keys, left, first_pass):
         if not first_pass:
             woken.append(keys)
-        return bpop_pass(self, keys, op, first_pass)
+        return pop_pass(self, keys, left, first_pass)
 
-    monkeypatch.setattr(memory.MemorySocket, "_bpop_pass", counted)
+    monkeypatch.setattr(memory.MemorySocket, "_pop_pass", counted)
     got: list = []
 
     def pop(client, key):

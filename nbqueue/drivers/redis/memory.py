@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import hiredis
 from fakeredis import FakeRedisConnection, FakeServer
-from fakeredis._command_args_parsing import Float, Int
+from fakeredis._command_args_parsing import Float, Int, Timeout
 from fakeredis._core._database import Database, Item
 from fakeredis._helpers import SimpleError, null_terminate
 from fakeredis._msgs import CONNECTION_ERROR_MSG, INVALID_HASH_MSG, SCRIPT_ERROR_MSG, WRONGTYPE_MSG
@@ -653,23 +653,23 @@ class MemorySocket(FakeSocket):
             raise self._connection_error_class(CONNECTION_ERROR_MSG)
         if self._paused:                    # commands wait in the parser's buffer: this one goes after them
             return super().sendall(hiredis.pack_command(tuple(data)))
-        if not self._run_twin(data):
+        if not self._run_twin(data) and not self._run_pop(data):
             self._process_command(list(data))
         return None
 
-    def _run_twin(self, fields: Command) -> bool:
-        """An EVALSHA of a script with a twin run as ``_process_command`` runs it (the ACL check,
-        closed sockets cleaned out and the clock read under the server's lock, the reply or error
-        queued) without the command table's argument parsing and reply checks; False (nothing
-        done) for any other command, or for a client in a transaction, subscribed or with CLIENT
-        REPLY set, whose command the command table runs."""
-        if (len(fields) < 3 or fields[0] not in (b"EVALSHA", b"evalsha") or fields[1] not in TWINS
-                or self.server_type != "redis" or self._queueing or self._pubsub or self._reply_off
-                or self._reply_skip or self._reply_skip_next):
-            return False
+    def _plain(self) -> bool:
+        """Whether this client's next command may skip the command table: a Redis server, the
+        client not in a transaction, not subscribed and without CLIENT REPLY set."""
+        return not (self.server_type != "redis" or self._queueing or self._pubsub or self._reply_off
+                    or self._reply_skip or self._reply_skip_next)
+
+    def _run_locked(self, fields: Command, run: Callable[[], Any]) -> bool:
+        """``run()`` as ``_process_command`` runs a command: the ACL check, then under the server's
+        lock closed sockets cleaned out, the clock read and the command run, its reply (in the
+        client's protocol) or error queued. False (nothing done) where the ACL refuses the command:
+        the command table then answers."""
         server = self._server
         try:
-            numkeys = Int.decode(fields[2])
             server.acl.validate_command(self._client_info.user, self._client_info, list(fields))
         except SimpleError:
             return False
@@ -683,13 +683,80 @@ class MemorySocket(FakeSocket):
             for db in server.dbs.values():
                 db.time = now
             try:
-                result = self.evalsha(fields[1], numkeys, *fields[3:])
+                result = run()
                 if self._client_info.protocol_version == 2:
                     result = convert_to_resp2(result)
             except SimpleError as exc:
                 result = exc
         self.put_response(self._decode_result(result))
         return True
+
+    def _run_twin(self, fields: Command) -> bool:
+        """An EVALSHA of a script with a twin run as ``_process_command`` runs it (``_run_locked``)
+        without the command table's argument parsing and reply checks; False (nothing done) for
+        any other command, or for a client the command table serves (see ``_plain``)."""
+        if len(fields) < 3 or fields[0] not in (b"EVALSHA", b"evalsha") or fields[1] not in TWINS or not self._plain():
+            return False
+        try:
+            numkeys = Int.decode(fields[2])
+        except SimpleError:
+            return False
+        return self._run_locked(fields, lambda: self.evalsha(fields[1], numkeys, *fields[3:]))
+
+    def _run_pop(self, fields: Command) -> bool:
+        """A BLPOP or BRPOP on a ``MemoryDatabase`` run as ``_process_command`` runs it
+        (``_run_locked``), its passes (``_pop_pass``) taking the value off the stored list as
+        fakeredis' do, without the command table's argument parsing and write-back; False
+        (nothing done) for any other command, a timeout the command refuses, a client the command
+        table serves (see ``_plain``) or a server with subscribers (who may hear keyspace events)."""
+        name = fields[0]
+        if name in (b"BLPOP", b"blpop"):
+            left = True
+        elif name in (b"BRPOP", b"brpop"):
+            left = False
+        else:
+            return False
+        server = self._server
+        if (len(fields) < 3 or type(self._db) is not MemoryDatabase or not self._plain() or server.subscribers
+                or server.psubscribers):
+            return False
+        try:
+            timeout = Timeout.decode(fields[-1])
+        except SimpleError:
+            return False
+        keys = tuple(fields[1:-1])
+
+        def run() -> Any:
+            self._pop_keys = keys
+            try:
+                return self._blocking(timeout, lambda first: self._pop_pass(keys, left, first),
+                                      self._empty_blocking_reply)
+            finally:
+                self._pop_keys = None
+
+        return self._run_locked(fields, run)
+
+    def _pop_pass(self, keys: tuple, left: bool, first_pass: bool) -> list | None:
+        """fakeredis' ``_bpop_pass``: [key, value] popped from the head (``left``) or tail of the
+        first of ``keys`` holding a list with values (a key left empty removed), None when none
+        does; a key of another type is WRONGTYPE on the first pass and passed over after."""
+        db = self._db
+        for key in keys:
+            item = _live(db, key)
+            if item is None:
+                continue
+            value = item.value
+            if type(value) is not list:
+                if first_pass:
+                    raise SimpleError(WRONGTYPE_MSG)
+                continue
+            if value:
+                popped = value.pop(0) if left else value.pop()
+                db.notify_watch(key)
+                if not value:
+                    db.pop(key, None)
+                return [key, popped]
+        return None
 
     def evalsha(self, sha1: bytes, numkeys: int, *keys_and_args: bytes) -> Any:
         fn = TWINS.get(sha1)
