@@ -500,8 +500,11 @@ class KeyWait:
                 pairs = list(value._values.items())
         if pairs is None:
             return self._client.hgetall(key)
-        decode = self._client.connection_pool.get_encoder().decode
-        return {decode(field): decode(v) for field, v in pairs}
+        encoder = self._client.connection_pool.get_encoder()
+        if not encoder.decode_responses:
+            return dict(pairs)
+        encoding, errors = encoder.encoding, encoder.encoding_errors
+        return {field.decode(encoding, errors): v.decode(encoding, errors) for field, v in pairs}
 
     def wake(self) -> None:
         self.woken = True
@@ -560,20 +563,16 @@ def _command(args: tuple) -> Command | None:
     if isinstance(name, str):
         name = name.encode()
     head = name.split() if b" " in name else [name]
-    fields = []
-    for arg in args[1:]:
-        kind = type(arg)
-        if kind is bytes:
-            fields.append(arg)
-        elif kind is str:
-            fields.append(arg.encode())
-        elif kind is int:
-            fields.append(b"%d" % arg)
-        elif kind is float:
-            fields.append(repr(arg).encode())
-        else:
-            return None
+    try:
+        fields = [arg.encode() if type(arg) is str else arg if type(arg) is bytes else _FIELD[type(arg)](arg)
+                  for arg in args[1:]]
+    except KeyError:
+        return None
     return Command(head + fields)
+
+
+#: a command's argument of another type than text or bytes as the packer sends it
+_FIELD: dict[type, Callable[[Any], bytes]] = {int: b"%d".__mod__, float: lambda arg: repr(arg).encode()}
 
 
 class MemorySocket(FakeSocket):
