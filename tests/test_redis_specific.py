@@ -727,6 +727,25 @@ def test_memory_key_wait_reads_a_hash_as_hgetall_does():
         wait.hgetall("s")
 
 
+@pytest.mark.parametrize("errors", ["strict", "surrogateescape"])
+def test_memory_connection_decodes_replies_as_fakeredis_does(errors):
+    """A memory:// connection decodes a reply (bytes, nested in lists and dicts, beside sets,
+    numbers and None) as fakeredis' connection decodes it."""
+    from fakeredis import FakeRedisConnection
+
+    from nbqueue.drivers.redis.client import connect
+
+    client = connect(_memory_url(), {}, encoding_errors=errors)
+    conn = client.connection_pool.get_connection()
+    try:
+        reply = [b"a", [b"\xc3\xa9", 1, None, 2.5, {b"k": [b"v", {b"x"}]}], {b"f": b"1"}, b"\xff" if errors != "strict"
+                 else b"b", 7, True]
+        assert conn._decode(reply) == FakeRedisConnection._decode(conn, reply)
+        assert conn._decode(reply)[1][0] == "é"
+    finally:
+        client.connection_pool.release(conn)
+
+
 def test_memory_sends_every_command_as_its_arguments_pipelines_and_scripts_too(monkeypatch):
     """A memory:// client hands the socket each command as its arguments (``Command``), the
     driver's pipelines (their SCRIPT LOADs and EVALSHAs) included: nothing is packed as RESP for

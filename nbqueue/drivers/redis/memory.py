@@ -34,7 +34,7 @@ from fakeredis._msgs import CONNECTION_ERROR_MSG, INVALID_HASH_MSG, SCRIPT_ERROR
 from fakeredis._socket import FakeSocket
 from fakeredis._socket._resp import convert_to_resp2
 from fakeredis.model import ExpiringMembersSet, Hash, ZSet
-from redis.connection import HiredisRespSerializer
+from redis.connection import Encoder, HiredisRespSerializer
 
 from ...errors import ConfigurationError
 from .twins import TWINS, ErrorReply
@@ -125,8 +125,11 @@ def _exists(db: Any, args: tuple) -> Any:
 
 
 def _hash(db: Any, args: tuple) -> Any:
-    if len(args) < 2 or any(type(a) is not bytes for a in args):
+    if len(args) < 2:
         return _GENERIC
+    for a in args:
+        if type(a) is not bytes:
+            return _GENERIC
     value = _value(db, args[0], Hash)
     if value is not None and value._expiry_heap:        # field expiries: reads report them
         return _GENERIC
@@ -783,6 +786,22 @@ class _Packer(HiredisRespSerializer):
     so a ``MemoryConnection``'s pipelines go through its ``pack_commands`` (``Command``s)."""
 
 
+def _decoded(value: Any, encoding: str, errors: str, other: Callable[[Any], Any]) -> Any:
+    """``value`` with its bytes decoded (in lists and dicts too); a value of another type as
+    ``other`` decodes it."""
+    kind = type(value)
+    if kind is bytes:
+        return value.decode(encoding, errors)
+    if kind is list:
+        return [item.decode(encoding, errors) if type(item) is bytes else _decoded(item, encoding, errors, other)
+                for item in value]
+    if kind is dict:
+        return {_decoded(k, encoding, errors, other): _decoded(v, encoding, errors, other) for k, v in value.items()}
+    if kind is int or value is None:
+        return value
+    return other(value)
+
+
 class MemoryConnection(FakeRedisConnection):
     """A fakeredis connection to a ``MemorySocket``, sending it ``Command``s (its pipelines too)."""
 
@@ -798,6 +817,14 @@ class MemoryConnection(FakeRedisConnection):
 
     def send_command(self, *args: Any, **kwargs: Any) -> None:
         self.send_packed_command(self.pack_command(*args), check_health=kwargs.get("check_health", True))
+
+    def _decode(self, response: Any) -> Any:
+        """fakeredis' decoding of a reply for a client that decodes replies: bytes, in lists and
+        dicts too, decoded with the client's encoding directly (other values as fakeredis decodes them)."""
+        encoder = self.encoder  # type: ignore[attr-defined]
+        if type(encoder) is not Encoder or not encoder.decode_responses:
+            return super()._decode(response)
+        return _decoded(response, encoder.encoding, encoder.encoding_errors, super()._decode)
 
     def _connect(self) -> FakeSocket:
         """A ``MemorySocket`` on the server; ConfigurationError in a child forked from the server's
