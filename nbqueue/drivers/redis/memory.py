@@ -7,15 +7,18 @@ the server's lock, with the script's ``redis.call``s made through fakeredis' own
 table (``Call``; its most frequent reads and writes act on the key's value as those commands
 do), so keys, types, expiry and blocked clients behave as with the Lua. An
 EVALSHA of a script not loaded fails with NOSCRIPT as before; one without a twin runs as Lua.
-The connection also hands each command to the socket as its arguments in bytes
-(``Command``): the same fields fakeredis would parse out of RESP, without packing and
-parsing it, and an EVALSHA of a twin skips the command table's argument parsing. A
-``memory://`` server's databases (``MemoryDatabase``) wake a client blocked in BLPOP, BRPOP
-or BRPOPLPUSH only for a write to a key it waits on, one client per value, and let a waiter
-in this process (``KeyWait``: the result backend's wait for one task) wait for such a write
-without a command. Everything else is fakeredis' own (its command table, data types, the
-passes of its blocking pops and server lock), reached through its socket class and its
-internal modules.
+The connection hands each command to the socket as its arguments in bytes (``Command``),
+the driver's pipelines included: the same fields fakeredis would parse out of RESP, without
+packing and parsing it; an EVALSHA of a twin skips the command table's argument parsing,
+and so does a BLPOP or BRPOP, whose passes pop from the stored list as fakeredis' do. The
+connection decodes replies with the client's encoding directly. A ``memory://`` server's
+databases (``MemoryDatabase``) wake a client blocked in BLPOP, BRPOP or BRPOPLPUSH only for
+a write to a key it waits on, one client per value, and let a waiter in this process
+(``KeyWait``: the result backend's wait for one task) wait for such a write, and read the
+task's record, without a command. A server notes the process it is of: a connection made in
+a child forked from it fails with ConfigurationError. Everything else is fakeredis' own (its
+command table, data types, blocking waits of other commands and server lock), reached
+through its socket class and its internal modules.
 """
 from __future__ import annotations
 
