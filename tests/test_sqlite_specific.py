@@ -361,3 +361,72 @@ def test_no_statement_of_a_task_s_life_scans_a_whole_table(tmp_path):
     # expiry sweeps of the small key-value table are the only full passes on the way
     scans = {sql: plan for sql, plan in scans.items() if "FROM nbq_kv WHERE expires" not in sql}
     assert scans == {}
+
+
+#: the schema of a file written before records were listed by rowid (it had a created_at index)
+_EARLIER_SCHEMA = """
+CREATE TABLE "nbq_results" ("id" TEXT PRIMARY KEY, "name" TEXT, "state" TEXT, "args" TEXT, "kwargs" TEXT,
+    "result" TEXT, "error" TEXT, "exc_type" TEXT, "traceback" TEXT, "retries" INTEGER DEFAULT 0, "queue" TEXT,
+    "worker" TEXT, "token" INTEGER DEFAULT 0, "group_id" TEXT, "parent_id" TEXT, "created_at" REAL,
+    "started_at" REAL, "finished_at" REAL, "expires_at" REAL, "output" TEXT, "meta" TEXT);
+CREATE INDEX nbq_results_created ON nbq_results(created_at);
+CREATE INDEX nbq_results_group ON nbq_results(group_id) WHERE group_id IS NOT NULL;
+CREATE INDEX nbq_results_expires ON nbq_results(expires_at) WHERE expires_at IS NOT NULL;
+CREATE TABLE nbq_groups (group_id TEXT PRIMARY KEY, total INTEGER, done INTEGER, chord_claimed INTEGER, meta TEXT,
+    created_at FLOAT) WITHOUT ROWID;
+CREATE TABLE nbq_group_members (group_id TEXT, member_id TEXT, idx INTEGER, done INTEGER,
+    PRIMARY KEY (group_id, member_id)) WITHOUT ROWID;
+CREATE TABLE "nbq_workers" ("worker_id" TEXT PRIMARY KEY, "info" TEXT, "last_seen" REAL, "expires" REAL);
+CREATE TABLE nbq_kv (key TEXT PRIMARY KEY, value TEXT, expires FLOAT) WITHOUT ROWID;
+CREATE INDEX nbq_kv_expires ON nbq_kv(expires) WHERE expires IS NOT NULL;
+CREATE TABLE "nbq_messages" ("seq" INTEGER PRIMARY KEY, "id" TEXT, "queue" TEXT, "priority" INTEGER, "due" REAL,
+    "state" INTEGER, "attempt" INTEGER, "body" TEXT, "reason" TEXT, "created" REAL,
+    "lapses" INTEGER NOT NULL DEFAULT 0);
+CREATE UNIQUE INDEX nbq_messages_id ON nbq_messages(id);
+CREATE INDEX nbq_messages_claim ON nbq_messages(queue, priority DESC, due) WHERE state < 2;
+"""
+
+
+def test_a_file_with_the_earlier_schema_opens_drops_its_created_at_index_and_keeps_working(tmp_path):
+    """A file written with the created_at index: opened, the index is gone (a send writes
+    one page less), what it held is listed and run, and new tasks are listed newest first."""
+    import sqlite3
+
+    path = tmp_path / "earlier.db"
+    maker = nbqueue.App(f"sqlite:///{tmp_path / 'maker.db'}", default_queue="q")
+    old = [maker.prepare(Signature("double", args=[i])) for i in range(3)]
+    maker.close()
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.executescript(_EARLIER_SCHEMA)
+    for _, record, out in old:
+        conn.execute(
+            "INSERT INTO nbq_results(id, name, state, args, kwargs, queue, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (record["id"], record["name"], states.PENDING, record["args"], record["kwargs"], record["queue"],
+             record["created_at"]),
+        )
+        conn.execute(
+            "INSERT INTO nbq_messages(id, queue, priority, due, state, attempt, body, created) "
+            "VALUES (?, ?, 0, ?, 0, 0, ?, ?)",
+            (out.id, out.queue, time.time(), out.body, time.time()),
+        )
+    conn.close()
+
+    app = nbqueue.App(f"sqlite:///{path}", default_queue="q")
+    try:
+        app.register_task("double", lambda x: 2 * x)
+        indexes = {name for (name,) in app.broker.store.read("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert "nbq_results_created" not in indexes
+        assert {"nbq_messages_id", "nbq_messages_claim", "nbq_results_expires"} <= indexes
+        assert [r["id"] for r in app.backend.list()] == [o.id for _, _, o in reversed(old)]
+        new = [app.send_task(Signature("double", args=[10 + i])) for i in range(3)]
+        newest = [r["id"] for r in app.find_tasks(limit=4)]
+        assert newest == [r.id for r in reversed(new)] + [old[-1][2].id]
+        worker = app.start_worker(concurrency=2)
+        try:
+            assert [app.result(o.id).get(timeout=10) for _, _, o in old] == [0, 2, 4]
+            assert [r.get(timeout=10) for r in new] == [20, 22, 24]
+        finally:
+            worker.stop()
+        assert app.count_tasks() == {(states.SUCCESS, "double"): 6}
+    finally:
+        app.close()

@@ -19,6 +19,9 @@ from .db import SQLiteStore, path_from_url, placeholders
 
 _FINAL = tuple(states.READY_STATES)
 _NOT_FINAL_SQL = f"state NOT IN ({','.join(repr(s) for s in _FINAL)})"
+_CREATED = ("id", "name", "state", "args", "kwargs", "queue", "group_id", "parent_id", "created_at", "meta")
+#: a PENDING record per row of ``SQLiteBackend.record_rows``; one already there is left alone
+CREATE_SQL = f"INSERT OR IGNORE INTO nbq_results({','.join(_CREATED)}) VALUES ({placeholders(len(_CREATED))})"
 
 
 def _schema(db) -> None:
@@ -50,7 +53,9 @@ def _schema(db) -> None:
         if_not_exists=True,
         defaults={"retries": 0, "token": 0},
     )
-    db.execute("CREATE INDEX IF NOT EXISTS nbq_results_created ON nbq_results(created_at)")
+    # listings walk the table newest first by rowid (the order records were written), so a
+    # send writes no created_at index: a file from before drops its index
+    db.execute("DROP INDEX IF EXISTS nbq_results_created")
     # partial: a plain task (no group) costs this index nothing
     db.execute("CREATE INDEX IF NOT EXISTS nbq_results_group ON nbq_results(group_id) WHERE group_id IS NOT NULL")
     db.execute("CREATE INDEX IF NOT EXISTS nbq_results_expires ON nbq_results(expires_at) WHERE expires_at IS NOT NULL")
@@ -95,17 +100,19 @@ class SQLiteBackend(ResultBackend):
     def create(self, records: Sequence[dict]) -> None:
         if not records:
             return
+        rows = self.record_rows(records)
+        with self.store.write() as conn:
+            conn.executemany(CREATE_SQL, rows)
+
+    def record_rows(self, records: Sequence[dict]) -> list[tuple]:
+        """The parameters of ``CREATE_SQL`` for ``records`` (built before a transaction begins)."""
         now = self.clock.time()
-        cols = ("id", "name", "state", "args", "kwargs", "queue", "group_id", "parent_id", "created_at", "meta")
-        rows = [
-            (r["id"], r.get("name"), r.get("state", states.PENDING), r.get("args"), r.get("kwargs"), r.get("queue"),
+        pending = states.PENDING
+        return [
+            (r["id"], r.get("name"), r.get("state", pending), r.get("args"), r.get("kwargs"), r.get("queue"),
              r.get("group_id"), r.get("parent_id"), r.get("created_at", now), r.get("meta"))
             for r in records
         ]
-        with self.store.write() as conn:
-            conn.executemany(
-                f"INSERT OR IGNORE INTO nbq_results({','.join(cols)}) VALUES ({placeholders(len(cols))})", rows
-            )
 
     def begin(self, task_id: str, *, worker: str = "", fields: dict | None = None) -> int | None:
         now = self.clock.time()
@@ -354,7 +361,7 @@ class SQLiteBackend(ResultBackend):
             params += ids
         sql = (
             f"SELECT {','.join(FIELDS)} FROM nbq_results WHERE {' AND '.join(where)} "
-            "ORDER BY created_at DESC, rowid DESC"
+            "ORDER BY rowid DESC"
         )
         if limit is not None:
             sql += " LIMIT ?"
@@ -388,12 +395,12 @@ class SQLiteBackend(ResultBackend):
     def search(
         self, *, state=None, name=None, queue=None, since=None, until=None, text=None, offset=0, limit=50
     ) -> list[dict]:
-        """One read-only query: the page's rows through the created_at index (a filter that
-        the index cannot answer is checked row by row as the index is walked)."""
+        """One read-only query: the table walked newest first by rowid (the order records were
+        written), each filter checked row by row, until the page is full."""
         where, params = self._filters(state, name, queue, since, until, text)
         sql = (
             f"SELECT {','.join(FIELDS)} FROM nbq_results WHERE {where} "
-            "ORDER BY created_at DESC, rowid DESC LIMIT ? OFFSET ?"
+            "ORDER BY rowid DESC LIMIT ? OFFSET ?"
         )
         return [
             dict(zip(FIELDS, row)) for row in self.store.read(sql, [*params, max(0, int(limit)), max(0, int(offset))])

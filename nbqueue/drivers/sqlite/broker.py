@@ -63,6 +63,13 @@ def _schema(db) -> None:
     )
 
 
+#: a waiting message per row of ``SQLiteBroker.message_rows``; an id already there is left alone
+PUBLISH_SQL = (
+    "INSERT OR IGNORE INTO nbq_messages(id, queue, priority, due, state, attempt, body, created) "
+    "VALUES (?, ?, ?, ?, 0, 0, ?, ?)"
+)
+
+
 class Slot:
     """An idle reserver of this process, waiting for work: a sender of this process may
     hand it messages directly, already reserved by it (see ``IdleReservers``); its
@@ -213,17 +220,29 @@ class SQLiteBroker(Broker):
         if not outs:
             return
         now = self.clock.time()
+        rows = self.message_rows(outs, now)
         with self.store.write() as conn:
-            if handoff and IDLE.any(self.path):
-                outs = self._hand_over(outs, now)
-            rows = [(o.id, o.queue, int(o.priority), o.eta if o.eta is not None else now, o.body, now) for o in outs]
-            if rows:
-                conn.executemany(
-                    "INSERT OR IGNORE INTO nbq_messages(id, queue, priority, due, state, attempt, body, created) "
-                    "VALUES (?, ?, ?, ?, 0, 0, ?, ?)",
-                    rows,
-                )
-                self.store.on_commit(self._published)
+            self.insert_messages(conn, outs, rows, now, handoff=handoff)
+
+    @staticmethod
+    def message_rows(outs: Sequence[Outgoing], now: float) -> list[tuple]:
+        """The parameters of ``PUBLISH_SQL`` for ``outs`` published at ``now`` (built before a
+        transaction begins)."""
+        return [(o.id, o.queue, int(o.priority), now if o.eta is None else o.eta, o.body, now) for o in outs]
+
+    def insert_messages(self, conn: sqlite3.Connection, outs: Sequence[Outgoing], rows: list[tuple], now: float, *,
+                        handoff: bool = False) -> None:
+        """Inside the caller's write transaction: publish ``outs``, whose ``message_rows`` are
+        ``rows``; with ``handoff``, idle reservers of this process may take some first (see
+        ``publish_many``)."""
+        if handoff and IDLE.any(self.path):
+            rest = self._hand_over(outs, now)
+            if len(rest) != len(outs):
+                kept = {o.id for o in rest}
+                rows = [r for r in rows if r[0] in kept]
+        if rows:
+            conn.executemany(PUBLISH_SQL, rows)
+            self.store.on_commit(self._published)
 
     def publish_reserved(self, outs: Sequence[Outgoing], *, lease: float) -> list[Delivery]:
         """Publish messages already reserved by the caller (a worker's own follow-ups).

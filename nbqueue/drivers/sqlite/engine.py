@@ -17,7 +17,7 @@ from typing import Any, ContextManager, Sequence
 from ...backend import ResultBackend
 from ...broker import Broker, Outgoing
 from ...engine import Begins, Claim, SplitEngine, decode
-from .backend import SQLiteBackend
+from .backend import CREATE_SQL, SQLiteBackend
 from .broker import SQLiteBroker
 
 
@@ -36,10 +36,17 @@ class SQLiteEngine(SplitEngine):
         return self.broker.store.write()
 
     def send(self, records: Sequence[dict], outgoing: Sequence[Outgoing]) -> None:
-        outermost = not self.broker.store.in_transaction()
-        with self.transaction():
-            self.backend.create(records)
-            self.broker.publish_many(outgoing, handoff=outermost)
+        """The rows are built first; the write transaction only runs the two inserts."""
+        store = self.broker.store
+        outermost = not store.in_transaction()
+        record_rows = self.backend.record_rows(records) if records else None
+        now = self.broker.clock.time()
+        message_rows = self.broker.message_rows(outgoing, now)
+        with store.write() as conn:
+            if record_rows:
+                conn.executemany(CREATE_SQL, record_rows)
+            if message_rows:
+                self.broker.insert_messages(conn, outgoing, message_rows, now, handoff=outermost)
 
     def claim(self, queues: Sequence[str], *, limit: int, timeout: float, lease: float, worker: str,
               begins: Begins | None = None, handoff: bool = False) -> list[Claim]:
