@@ -5,10 +5,10 @@ arguments into a copy of the task's envelope template (every option field as
 ``Signature.to_message`` writes it, computed once per task: a ``Plan``). Arguments that
 cannot be encoded fall back to the Signature path, whose error names the argument.
 
-``send`` is the common case in full: plain arguments (ints of 64 bits, finite floats,
-ASCII strings, bools, None), no tracing span: the arguments are their own JSON form,
-the envelope is encoded in one JSON call and the record's arguments are read out of
-that text. Anything else goes the general way (``App.send_call``).
+``send`` is a call without a tracing span, in full: the envelope is encoded in one JSON
+call; plain arguments (ints of 64 bits, finite floats, ASCII strings, bools, None) are
+their own JSON form, and the record's arguments are read out of that text. Tracing,
+inline mode and arguments the serializer refuses go the general way (``App.send_call``).
 """
 from __future__ import annotations
 
@@ -97,9 +97,11 @@ def _plain(value: Any) -> bool:
 
 
 def send(app, task, args: tuple, kwargs: dict) -> AsyncResult | None:
-    """Send ``task(*args, **kwargs)`` (arguments checked already) when every argument is
-    plain and no tracing span is recorded: the AsyncResult, as ``App.send_call`` returns
-    it; None otherwise (nothing was sent: the caller takes the general path)."""
+    """Send ``task(*args, **kwargs)`` (arguments checked already) when no tracing span is
+    recorded: the AsyncResult, as ``App.send_call`` returns it; None when an argument
+    cannot be encoded or spans are recorded (nothing was sent: the caller takes the
+    general path, whose error names the argument)."""
+    plain = True
     for value in args:          # _plain, inline: this loop runs for every argument of every send
         kind = value.__class__
         if kind is int:
@@ -113,21 +115,53 @@ def send(app, task, args: tuple, kwargs: dict) -> AsyncResult | None:
                 continue
         elif value is None or kind is bool:
             continue
-        return None
-    if kwargs:
+        plain = False
+        break
+    if kwargs and plain:
         for key, value in kwargs.items():
             if key.__class__ is not str or not key.isascii() or not _plain(value):
-                return None
+                plain = False
+                break
     if tracing.tracer() is not None or _orjson_dumps is None:
         return None
+    if plain:       # each argument is its own JSON form
+        made = _envelope(app, task, list(args), dict(kwargs), True)
+    else:
+        with payloads.sending(app):        # values out of band: packed once, held until linked to the task
+            encode = app.serializer.encode
+            try:
+                encoded_args = [encode(value) for value in args]
+                encoded_kwargs = {_keyword(k, task.name): encode(v) for k, v in kwargs.items()} if kwargs else {}
+            except serialization.SerializationError:
+                return None
+            made = _envelope(app, task, encoded_args, encoded_kwargs, False)
+    if made is None:
+        return None
+    record, out = made
+    if provenance._provider is not None:     # in a notebook: where it was sent from (provenance.py)
+        provenance.stamp(task.s(), task, record)
+    backend = app.engine.backend
+    # the wake-up version before the send: a store whose wait reads as it waits skips a
+    # useless first read with it (the others read once before they wait: see AsyncResult.get)
+    since = backend.wake_version() if backend.reads_as_it_waits else None
+    if not batching.hold(app, record, out):
+        app.publish([record], [out])
+    result = AsyncResult(out.id, app, name=task.name)
+    result._sent_at_version = since
+    return result
+
+
+def _envelope(app, task, args: list, kwargs: dict, plain: bool) -> tuple[dict, Outgoing] | None:
+    """The PENDING record and the Outgoing of one call with encoded ``args`` and ``kwargs``
+    (``plain``: scalars only, so the args' JSON is read out of the envelope's); the payloads
+    the body references linked to it. None when orjson cannot write the envelope."""
     cached = task._plan
     if cached is None or cached.key != (app.default_queue, app.serializer.pickle):
         cached = plan(app, task)
     clock = app.clock
     now = time.time() if clock is SYSTEM else clock.time()
     task_id = new_id()
-    name = task.name
-    message = {"id": task_id, "name": name, "args": list(args), "kwargs": dict(kwargs)}
+    message = {"id": task_id, "name": task.name, "args": args, "kwargs": kwargs}
     message.update(cached.fields)
     message["created_at"] = now
     queue = cached.queue
@@ -136,26 +170,19 @@ def send(app, task, args: tuple, kwargs: dict) -> AsyncResult | None:
         queue = message["queue"]
     try:
         body = _orjson_dumps(message).decode()
-    except TypeError:           # (orjson.JSONEncodeError) a value of the options orjson does not write
+        if plain:
+            at = cached.args_at
+            args_text = body[at:body.index(_KWARGS_KEY, at)]
+        else:
+            args_text = _orjson_dumps(args).decode()
+    except TypeError:           # (orjson.JSONEncodeError) deeper than orjson writes, say
         return None
-    at = cached.args_at
     record = {
-        "id": task_id, "name": name, "state": states.PENDING,
-        "args": body[at:body.index(_KWARGS_KEY, at)],
-        "kwargs": serialization.dumps(message["kwargs"]) if kwargs else "{}",
+        "id": task_id, "name": task.name, "state": states.PENDING, "args": args_text,
+        "kwargs": serialization.dumps(kwargs) if kwargs else "{}",
         "queue": queue, "group_id": None, "parent_id": None, "created_at": now, "meta": None,
     }
     out = Outgoing(task_id, body, queue, cached.eta, cached.priority, message)
-    if payloads.KEY_PREFIX in body:         # a string argument that looks like a payload key (payloads.track)
+    if payloads.KEY_PREFIX in body:         # what it references (payloads.track: the body is searched for keys)
         payloads.track(app, task_id, body)
-    if provenance._provider is not None:     # in a notebook: where it was sent from (provenance.py)
-        provenance.stamp(task.s(), task, record)
-    backend = app.backend
-    # the wake-up version before the send: a store whose wait reads as it waits skips a
-    # useless first read with it (the others read once before they wait: see AsyncResult.get)
-    since = backend.wake_version() if backend.reads_as_it_waits else None
-    if not batching.hold(app, record, out):
-        app.publish([record], [out])
-    result = AsyncResult(task_id, app, name=name)
-    result._sent_at_version = since
-    return result
+    return record, out

@@ -184,18 +184,24 @@ def _waited(app, created_at: float | None) -> bool:
 class AsyncResult:
     """The state and, once ready, the value or error of one task."""
 
+    # fields at their defaults until set (a handle is made per send: its construction stays small)
+    #: the record once it is final (read once)
+    _final: dict | None = None
+    #: a callback's record is written only when it is fired: waiting for it is not an error
+    _absent_ok = False
+    #: the backend's wake-up version read before this task was sent (see wait_record)
+    _sent_at_version: int | None = None
+    #: the decoded value, read once (a frame out of band is loaded once)
+    _value: Any = _UNREAD
+
     def __init__(self, task_id: str, app, *, name: str | None = None, absent_ok: bool = False):
         self.id = task_id
         self.app = app
         self._name = name
-        self._final: dict | None = None
-        # a callback's record is written only when it is fired: waiting for it is not an error
-        self._absent_ok = absent_ok
-        # the backend's wake-up version read before this task was sent (see wait_record)
-        self._sent_at_version: int | None = None
+        if absent_ok:
+            self._absent_ok = True
         #: results of the on_success/on_error callbacks sent with this task (the one that runs finishes)
         self.callbacks: list[AsyncResult] = []
-        self._value: Any = _UNREAD       # the decoded value, read once (a frame out of band is loaded once)
 
     # -- reading the record ---------------------------------------------------------------
     def info(self) -> dict:
