@@ -31,9 +31,9 @@ class Task:
         #: sends are checked against the function's parameters (Celery's ``typing``)
         self.typing = typing
         self._parameters: Parameters | None = None
-        #: (fewest, most) positional arguments a call without keywords may have unchecked;
-        #: (1, 0), none, until check_arguments read the function's signature
-        self._arity: tuple[int, float] = (1, 0) if typing else (0, math.inf)
+        #: (fewest, most) positional arguments a call without keywords may have unchecked
+        #: (send_call); (1, 0), none, until check_arguments has read the function's signature
+        self._arity: tuple[int, float] = (1, 0)
         #: what every message of this task shares (nbqueue.callpath.Plan), made at its first send
         self._plan = None
         check_options(Signature(name, **options))     # a bad default is refused here, not at each send
