@@ -258,7 +258,13 @@ class App:
         envelope built from the task's template (see nbqueue.callpath)."""
         if task.cache is not False:     # a cached task: its key and the stored result (cache.py)
             return self.send_task(task.s(*args, **kwargs))
-        task.check_arguments(args, kwargs)
+        fewest, most = task._arity
+        if kwargs or not fewest <= len(args) <= most:
+            task.check_arguments(args, kwargs)
+        if self._inline is None:
+            result = callpath.send(self, task, args, kwargs)    # plain arguments, no tracing: the common case
+            if result is not None:
+                return result
         with tracing.sending(task.name):
             with payloads.sending(self):        # values out of band: packed once, held until linked to the task
                 message = callpath.call_message(self, task, args, kwargs, self.clock.time())

@@ -48,7 +48,16 @@ def failure_from_record(record: dict) -> TaskFailed:
 def value_from_record(app, record: dict, lazy: bool = False) -> Any:
     """A record's value; with ``lazy`` values stored out of band stay unread (``payloads.PayloadRef``)."""
     text = record.get("result")
-    return None if text is None else app.serializer.decode(serialization.loads(text), lazy=lazy)
+    if text is None:
+        return None
+    value = serialization.loads(text)
+    if value.__class__ in _SCALARS:         # its own form: nothing to decode, nothing out of band
+        return value
+    return app.serializer.decode(value, lazy=lazy)
+
+
+#: JSON values that decode to themselves (every tagged value is an object)
+_SCALARS = frozenset({int, float, str, bool, type(None)})
 
 
 #: the longest value preview a snapshot holds (characters)
@@ -175,18 +184,24 @@ def _waited(app, created_at: float | None) -> bool:
 class AsyncResult:
     """The state and, once ready, the value or error of one task."""
 
+    # fields at their defaults until set (a handle is made per send: its construction stays small)
+    #: the record once it is final (read once)
+    _final: dict | None = None
+    #: a callback's record is written only when it is fired: waiting for it is not an error
+    _absent_ok = False
+    #: the backend's wake-up version read before this task was sent (see wait_record)
+    _sent_at_version: int | None = None
+    #: the decoded value, read once (a frame out of band is loaded once)
+    _value: Any = _UNREAD
+
     def __init__(self, task_id: str, app, *, name: str | None = None, absent_ok: bool = False):
         self.id = task_id
         self.app = app
         self._name = name
-        self._final: dict | None = None
-        # a callback's record is written only when it is fired: waiting for it is not an error
-        self._absent_ok = absent_ok
-        # the backend's wake-up version read before this task was sent (see wait_record)
-        self._sent_at_version: int | None = None
+        if absent_ok:
+            self._absent_ok = True
         #: results of the on_success/on_error callbacks sent with this task (the one that runs finishes)
         self.callbacks: list[AsyncResult] = []
-        self._value: Any = _UNREAD       # the decoded value, read once (a frame out of band is loaded once)
 
     # -- reading the record ---------------------------------------------------------------
     def info(self) -> dict:
@@ -272,8 +287,10 @@ class AsyncResult:
         warning, and in the TimeoutError. Ctrl-C interrupts the wait: the task itself goes on.
         """
         record = self._final
-        if record is None and not self.app.backend.reads_as_it_waits:
-            record = self._read_final()
+        if record is None:
+            backend = self.app.backend
+            if not backend.reads_as_it_waits:
+                record = self._read_final(backend)
         if record is None:
             try:
                 with _waiting(self.app, lambda: [self.app.backend.get(self.id)]) as between:
@@ -289,14 +306,14 @@ class AsyncResult:
             return self._value_of(record)
         raise failure_from_record(record)
 
-    def _read_final(self) -> dict | None:
+    def _read_final(self, backend) -> dict | None:
         """The record when the task is final, read once without arming a wait (the common
         case of a loop of ``get()`` over handles sent earlier; a backend that reads as it
         waits needs no such read); None otherwise. Whatever
         the read found, the wait that follows skips its own first read unless something
         was stored since (``wait_record``'s ``since``)."""
-        since = self.app.backend.wake_version()
-        record = self.app.backend.get(self.id)
+        since = backend.wake_version()
+        record = backend.get(self.id)
         if record is not None and record["state"] in states.READY_STATES:
             self._final = record
             return record
@@ -531,22 +548,36 @@ class _Between:
             )
 
 
-@contextlib.contextmanager
-def _waiting(app, records: Callable[[], list]) -> Iterator[_Between]:
-    """Around a wait: ``records()`` reads the tasks waited for (the leaves of a workflow).
+class _waiting:
+    """Around a wait (``with _waiting(app, records) as between``): ``records()`` reads the
+    tasks waited for (the leaves of a workflow); ``between`` is the wait's ``_Between``.
 
     Inside a task run by a worker of this process, the waiting thread counts as held
     (``Worker.waiting``, also sent in its heartbeat) and the wait is refused at once with
-    DeadlockError when no free thread could run what it waits for.
+    DeadlockError when no free thread could run what it waits for. (A class, not a
+    generator: it runs around every wait.)
     """
-    ctx = current_task()
-    worker = (ctx or {}).get("worker")
-    if worker is None:
-        yield _Between(app, records, None)
-        return
-    between = _Between(app, records, ctx)
-    with worker.holding_thread(between.check_deadlock):
-        yield between
+
+    __slots__ = ("between", "held")
+
+    def __init__(self, app, records: Callable[[], list]):
+        ctx = current_task()
+        worker = ctx.get("worker") if ctx else None
+        if worker is None:
+            self.between, self.held = _Between(app, records, None), None
+        else:
+            self.between = _Between(app, records, ctx)
+            self.held = worker.holding_thread(self.between.check_deadlock)
+
+    def __enter__(self) -> _Between:
+        if self.held is not None:
+            self.held.__enter__()
+        return self.between
+
+    def __exit__(self, *exc) -> Any:
+        if self.held is not None:
+            return self.held.__exit__(*exc)
+        return None
 
 
 def _stopped_waiting(task_id: str, var: str) -> NoReturn:

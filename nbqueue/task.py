@@ -31,6 +31,11 @@ class Task:
         #: sends are checked against the function's parameters (Celery's ``typing``)
         self.typing = typing
         self._parameters: Parameters | None = None
+        #: (fewest, most) positional arguments a call without keywords may have unchecked
+        #: (send_call); (1, 0), none, until check_arguments has read the function's signature
+        self._arity: tuple[int, float] = (1, 0)
+        #: what every message of this task shares (nbqueue.callpath.Plan), made at its first send
+        self._plan = None
         check_options(Signature(name, **options))     # a bad default is refused here, not at each send
         self.app = app
         self.name = name
@@ -56,6 +61,7 @@ class Task:
         parameters = self._parameters
         if parameters is None:
             parameters = self._parameters = Parameters.of(self.fn)
+            self._arity = (0, math.inf) if parameters.signature is None else (parameters.fewest, parameters.most)
         parameters.check(self.name, args, kwargs)
 
     def s(self, *args, **kwargs) -> Signature:

@@ -77,6 +77,11 @@ def _version() -> str | None:
         return None
 
 
+#: nbqueue's tracer, or None while no tracer provider records spans (one call: the send
+#: path's check that tracing is off)
+tracer = _tracer
+
+
 def enabled() -> bool:
     """True when spans are being recorded (opentelemetry installed and a provider set)."""
     return _tracer() is not None

@@ -265,6 +265,99 @@ def test_delay_with_an_argument_json_cannot_carry_names_it(tmp_path):
     app.close()
 
 
+def _anything(*args, **kwargs):
+    return [args, kwargs]
+
+
+@pytest.mark.parametrize("shipped", [False, True])
+@pytest.mark.parametrize("args, kwargs", [
+    ((1, 2), {}),
+    ((), {}),
+    ((1.5, "text", None, True, False, -(2**63), 2**63 - 1), {"y": -3, "z": "w"}),
+    (("ünïcode", 1), {}),                       # not plain: the general path
+    ((2**64, 1), {}),                           # beyond 64 bits: tagged
+    ((float("nan"), float("inf")), {}),         # not finite: tagged
+    ((b"bytes", [1, 2]), {"y": {"k": (1,)}}),
+    ((1,), {"y": "sha256-" + "0" * 64}),
+])
+def test_delay_with_any_arguments_sends_what_a_signature_would(tmp_path, args, kwargs, shipped):
+    """``task.delay()`` (plain arguments encoded in one go, the others through the
+    serializer) writes the envelope, record and routing ``send_task(task.s())`` writes,
+    but for the id and the time; a notebook's function carries its code either way."""
+    from nbqueue.signature import decode_body
+
+    app = nbqueue.App(f"sqlite:///{tmp_path}/q.db", default_queue="q")
+    fn = _anything
+    if shipped:
+        namespace = {"__name__": "__main__"}
+        exec("def anything(*args, **kwargs):\n    return [args, kwargs]", namespace)   # as a notebook cell would
+        fn = namespace["anything"]
+    task = app.task(name="anything", retry_count=1, priority=2)(fn)
+    assert task.ship_code is shipped
+    sent = []
+    app.publish = lambda records, outs: sent.extend(zip(records, outs))
+    handle = task.delay(*args, **kwargs)
+    app.send_task(task.s(*args, **kwargs))
+    (fast_record, fast), (slow_record, slow) = sent
+    strip = ("id", "created_at")
+
+    def same(fast: dict, slow: dict) -> bool:
+        return {k: v for k, v in fast.items() if k not in strip} == {k: v for k, v in slow.items() if k not in strip}
+
+    fast_message = decode_body(fast.body)
+    assert same(fast_message, decode_body(slow.body)) and same(fast_record, slow_record)
+    assert fast.message == fast_message and fast.id == fast_message["id"] == fast_record["id"] == handle.id
+    assert fast_record["created_at"] == fast_message["created_at"]
+    assert fast_record["args"] == json.dumps(fast_message["args"], separators=(",", ":"), ensure_ascii=False)
+    assert json.loads(fast_record["kwargs"]) == fast_message["kwargs"]
+    assert (fast.queue, fast.priority, fast.eta) == (slow.queue, slow.priority, slow.eta)
+    assert ("code" in fast_message) is shipped and fast.queue == ("q.code" if shipped else "q") == fast_record["queue"]
+    app.close()
+
+
+def test_delay_checks_the_arguments_of_every_call(tmp_path):
+    """The count of positional arguments a task takes is read once; every call is checked."""
+    app = nbqueue.App(f"sqlite:///{tmp_path}/q.db", default_queue="q")
+    task = app.task(name="add")(_add)
+    task.delay(1, 2)
+    for args, kwargs in [((1, 2, 3), {}), ((1,), {}), ((1,), {"z": 2}), ((), {})]:
+        with pytest.raises(TypeError, match="task 'add' cannot take these arguments"):
+            task.delay(*args, **kwargs)
+    task.delay(1, y=2)
+    loose = app.task(name="loose", typing=False)(_add)
+    loose.delay(1, 2, 3)                        # typing=False: not checked
+    assert app.worker().drain(timeout=10) == 3
+    app.close()
+
+
+def test_delay_links_a_payload_key_written_in_a_plain_argument(tmp_path, monkeypatch):
+    """A plain string argument that reads like a payload key is handed to ``payloads.track``,
+    as every other send's body is; other sends skip it."""
+    from nbqueue import payloads
+
+    app = nbqueue.App(f"sqlite:///{tmp_path}/q.db", default_queue="q")
+    task = app.task(name="add")(_add)
+    tracked = []
+    monkeypatch.setattr(payloads, "track", lambda app, owner, *texts: tracked.append(owner))
+    task.delay("plain", 1)
+    assert tracked == []
+    handle = task.delay(payloads.KEY_PREFIX + "0" * 64, 1)
+    assert tracked == [handle.id]
+    app.close()
+
+
+@pytest.mark.parametrize("value", [5, -1.5, "text", None, True, 2**70, {"a": (1, 2)}, [1, "x"], float("nan")])
+def test_get_returns_every_kind_of_value_as_it_was(tmp_path, value):
+    app = nbqueue.App(f"sqlite:///{tmp_path}/q.db", default_queue="q")
+    task = app.task(name="echo")(lambda v: v)
+    handle = task.delay(value)
+    assert app.worker().drain(timeout=10) == 1
+    got = handle.get(timeout=5)
+    assert got == value or got != got and value != value
+    assert type(got) is type(value) and handle.get(timeout=5) is got     # read once, kept
+    app.close()
+
+
 def test_a_batch_writes_its_sends_when_it_ends(tmp_path):
     app = nbqueue.App(f"sqlite:///{tmp_path}/q.db", default_queue="q")
     task = app.task(name="add")(_add)
