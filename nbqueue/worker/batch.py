@@ -3,6 +3,7 @@ acknowledged together (one transaction or round trip where the engine allows), o
 when that fails, so one bad message never holds back the others."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -304,15 +305,19 @@ class _Batch:
             members, self.members = self.members, []
         if not ops and not plain and not acks and not members:
             return []
+        # the finish claims the next batch where no transaction spans the stores, or where the
+        # finish is one transaction itself and nothing else is settled in it (then it is not
+        # wrapped in another, so the finish builds its statements before it takes the store)
+        alone = self.grouped and self.app.engine.claims_in_finish and not ops and not members
         try:
             claimed: list[Claim] = []
-            with self.app.transaction():
+            with self.app.transaction() if not alone else contextlib.nullcontext():
                 for outcome in ops:
                     self._settle(outcome)
                 if plain or acks or members:
-                    # where no transaction spans the stores, the finish itself may claim
-                    self._finish_plain(plain, acks, members, then_claim=claim_next is not None and not self.grouped)
-                if claim_next is not None and self.grouped and not self.local:
+                    self._finish_plain(plain, acks, members,
+                                       then_claim=claim_next is not None and (alone or not self.grouped))
+                if claim_next is not None and self.grouped and not alone and not self.local:
                     claimed = claim_next()
             return claimed
         except Exception:

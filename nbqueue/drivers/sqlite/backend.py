@@ -9,7 +9,7 @@ fallback.
 from __future__ import annotations
 
 import sqlite3
-from typing import Sequence
+from typing import Callable, Sequence
 
 from ... import serialization, states
 from ...backend import FIELDS, GROUP_TASK, SEARCHED, ResultBackend, counts_from_states
@@ -151,8 +151,13 @@ class SQLiteBackend(ResultBackend):
             return 1
 
     def begin_many(self, ids: Sequence[str], *, worker: str = "", fields: dict | None = None) -> dict[str, int | None]:
+        return self.begin_each(ids, worker, (fields or {}).get)
+
+    def begin_each(self, ids: Sequence[str], worker: str,
+                   fields_of: Callable[[str], dict | None]) -> dict[str, int | None]:
+        """``begin_many`` with ``fields_of(id)`` (None: no fields), asked only for an id that has
+        no record yet (a record is then made with them), as RECEIVED."""
         ids = list(ids)
-        fields = fields or {}
         now = self.clock.time()
         out: dict[str, int | None] = {}
         with self.store.write() as conn:
@@ -175,7 +180,7 @@ class SQLiteBackend(ResultBackend):
                     if task_id in existing:
                         out[task_id] = None
                         continue
-                    extra = fields.get(task_id) or {}
+                    extra = fields_of(task_id) or {}
                     cols = {
                         "id": task_id,
                         "state": states.RECEIVED,
@@ -220,9 +225,17 @@ class SQLiteBackend(ResultBackend):
     def store_results(self, items) -> list[bool]:
         """Many final results with one statement where they share their fields (a worker's batch)."""
         items = list(items)
+        prepared = self.results_rows(items)
+        if prepared is None:
+            return super().store_results(items)
+        return self.store_rows(items, *prepared)
+
+    def results_rows(self, items: Sequence[tuple]) -> tuple[str, list] | None:
+        """The statement that stores final results ``(id, state, token, fields)`` and its rows,
+        where they share one: the same fields, each with a token; else None."""
         keys = {tuple(sorted(f)) for _, _, _, f in items}
         if len(keys) != 1 or any(token is None for _, _, token, _ in items):
-            return super().store_results(items)
+            return None
         now = self.clock.time()
         names = [k for k in keys.pop() if k in FIELDS and k not in ("id", "state", "token")] + ["finished_at"]
         expires = now + self.results_expire_in if self.results_expire_in else None
@@ -230,6 +243,11 @@ class SQLiteBackend(ResultBackend):
                f"WHERE id = ? AND {_NOT_FINAL_SQL} AND token = ?")
         rows = [(state, *[f.get(k, now) if k == "finished_at" else f.get(k) for k in names], expires, task_id, token)
                 for task_id, state, token, f in items]
+        return sql, rows
+
+    def store_rows(self, items: Sequence[tuple], sql: str, rows: list) -> list[bool]:
+        """Store ``items`` with the statement and rows ``results_rows`` made of them: whether each
+        was stored (not fenced out)."""
         with self.store.write() as conn:
             changed = conn.executemany(sql, rows).rowcount
         self._notify([i[0] for i in items])

@@ -311,32 +311,35 @@ class SQLiteBroker(Broker):
         ):
             return []
         with self.store.write() as conn:
-            # the best due rows; one whose lease ran out (state 1) or ran out before is claimed alone
+            # the best due rows, read whole (the write lock is held: the update below changes
+            # them as read); one whose lease ran out (state 1) or ran out before is claimed alone
             candidates = conn.execute(
-                f"""SELECT seq, state = 1 OR lapses > 0 FROM nbq_messages WHERE queue IN ({qs}) AND state < 2
-                    AND due <= ? ORDER BY priority DESC, due, seq LIMIT ?""",
+                f"""SELECT seq, id, queue, CAST(body AS BLOB), attempt, priority, lapses, state FROM nbq_messages
+                    WHERE queue IN ({qs}) AND state < 2 AND due <= ? ORDER BY priority DESC, due, seq LIMIT ?""",
                 (*queues, now, limit),
             ).fetchall()
             if not candidates or slot is not None and not IDLE.withdraw(self.path, slot):
                 return []
-            if candidates[0][1]:
-                seqs = [candidates[0][0]]
+            if candidates[0][7] == 1 or candidates[0][6]:
+                rows = candidates[:1]
             else:
-                seqs = [seq for seq, _ in itertools.takewhile(lambda c: not c[1], candidates)]
-            rows = conn.execute(
-                f"""UPDATE nbq_messages SET state = 1, due = ?, attempt = attempt + 1, lapses = lapses + (state = 1)
-                    WHERE seq IN ({placeholders(len(seqs))})
-                    RETURNING seq, id, queue, CAST(body AS BLOB), attempt, priority, lapses""",
-                (now + lease, *seqs),
-            ).fetchall()
+                rows = list(itertools.takewhile(lambda r: r[7] != 1 and not r[6], candidates))
+            # no RETURNING: SQLite runs it as a trigger per row, dearer than this computing the values
+            conn.execute(
+                f"UPDATE nbq_messages SET state = 1, due = ?, attempt = attempt + 1, lapses = lapses + (state = 1) "
+                f"WHERE seq IN ({placeholders(len(rows))})",
+                (now + lease, *[r[0] for r in rows]),
+            )
             rows.sort(key=lambda r: (-r[5], r[0]))
             deliveries = [self._delivery(r, now + lease) for r in rows]
-            if deliveries and on_claim is not None:
+            if on_claim is not None:
                 on_claim(deliveries)
         return deliveries
 
     def _delivery(self, row: tuple, lease_until: float) -> Delivery:
-        seq, message_id, queue, raw, attempt, priority, lapses = row
+        """The delivery of a claimed row as ``_claim`` read it (before its update)."""
+        seq, message_id, queue, raw, attempt, priority, lapses, state = row
+        attempt, lapses = attempt + 1, lapses + (state == 1)
         body, problem = text_of(raw or b"")
         return Delivery(
             message_id=message_id,
@@ -459,22 +462,11 @@ class SQLiteBroker(Broker):
         return self._fenced("DELETE FROM nbq_messages", (), delivery)
 
     def ack_many(self, deliveries: Sequence[Delivery]) -> list[bool]:
-        acked: set = set()
+        # a statement per delivery by primary key: cheaper than one matching row values (a
+        # temporary table) and RETURNING which were deleted (a trigger per row)
+        sql = "DELETE FROM nbq_messages WHERE seq = ? AND attempt = ? AND state = 1"
         with self.store.write() as conn:
-            for start in range(0, len(deliveries), 400):
-                chunk = deliveries[start:start + 400]
-                pairs = ", ".join(["(?, ?)"] * len(chunk))
-                params = [d.tag[0] for d in chunk] + [x for d in chunk for x in d.tag]
-                # ``seq IN`` finds the rows by primary key; the row values alone would scan the table
-                acked.update(
-                    seq
-                    for (seq,) in conn.execute(
-                        f"DELETE FROM nbq_messages WHERE seq IN ({placeholders(len(chunk))}) AND state = 1 AND (seq, "
-                        f"attempt) IN (VALUES {pairs}) RETURNING seq",
-                        params,
-                    )
-                )
-        return [d.tag[0] in acked for d in deliveries]
+            return [conn.execute(sql, d.tag).rowcount == 1 for d in deliveries]
 
     def retry(self, delivery: Delivery, *, body: str | None = None, eta: float | None = None) -> bool:
         due = eta if eta is not None else self.clock.time()
