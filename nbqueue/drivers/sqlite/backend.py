@@ -19,6 +19,12 @@ from .db import SQLiteStore, path_from_url, placeholders
 
 _FINAL = tuple(states.READY_STATES)
 _NOT_FINAL_SQL = f"state NOT IN ({','.join(repr(s) for s in _FINAL)})"
+#: the columns ``create`` writes; ``fill`` completes a record a worker made first
+_CREATED = ("id", "name", "state", "args", "kwargs", "queue", "group_id", "parent_id", "created_at", "meta")
+_FILL_SQL = (" ON CONFLICT(id) DO UPDATE SET "
+             + ", ".join(f"{c} = COALESCE({c}, excluded.{c})"
+                         for c in ("name", "args", "kwargs", "queue", "group_id", "parent_id", "meta"))
+             + ", created_at = MIN(COALESCE(created_at, excluded.created_at), excluded.created_at)")
 
 
 def _schema(db) -> None:
@@ -93,10 +99,18 @@ class SQLiteBackend(ResultBackend):
 
     # -- records -----------------------------------------------------------------
     def create(self, records: Sequence[dict]) -> None:
+        self._create(records, "OR IGNORE", "")
+
+    def fill(self, records: Sequence[dict]) -> None:
+        """``create`` for tasks whose messages are published already: a record a worker made
+        meanwhile (``begin`` of an absent record) keeps its state, token and results and gains
+        the fields it lacks (args, kwargs, group, parent, meta; the earlier ``created_at``)."""
+        self._create(records, "", _FILL_SQL)
+
+    def _create(self, records: Sequence[dict], verb: str, conflict: str) -> None:
         if not records:
             return
         now = self.clock.time()
-        cols = ("id", "name", "state", "args", "kwargs", "queue", "group_id", "parent_id", "created_at", "meta")
         rows = [
             (r["id"], r.get("name"), r.get("state", states.PENDING), r.get("args"), r.get("kwargs"), r.get("queue"),
              r.get("group_id"), r.get("parent_id"), r.get("created_at", now), r.get("meta"))
@@ -104,7 +118,8 @@ class SQLiteBackend(ResultBackend):
         ]
         with self.store.write() as conn:
             conn.executemany(
-                f"INSERT OR IGNORE INTO nbq_results({','.join(cols)}) VALUES ({placeholders(len(cols))})", rows
+                f"INSERT {verb} INTO nbq_results({','.join(_CREATED)}) VALUES ({placeholders(len(_CREATED))}){conflict}",
+                rows,
             )
 
     def begin(self, task_id: str, *, worker: str = "", fields: dict | None = None) -> int | None:
