@@ -28,9 +28,9 @@ import dataclasses
 import logging
 from typing import Any, Callable, ContextManager, Protocol, Sequence, runtime_checkable
 
+from . import states
 from .backend import ResultBackend
 from .broker import Broker, Delivery, Outgoing
-from . import states
 from .errors import MessageError, PublishRefused
 from .message import Message
 

@@ -116,11 +116,9 @@ class SQLiteBackend(ResultBackend):
              r.get("group_id"), r.get("parent_id"), r.get("created_at", now), r.get("meta"))
             for r in records
         ]
+        sql = f"INSERT {verb} INTO nbq_results({','.join(_CREATED)}) VALUES ({placeholders(len(_CREATED))}){conflict}"
         with self.store.write() as conn:
-            conn.executemany(
-                f"INSERT {verb} INTO nbq_results({','.join(_CREATED)}) VALUES ({placeholders(len(_CREATED))}){conflict}",
-                rows,
-            )
+            conn.executemany(sql, rows)
 
     def begin(self, task_id: str, *, worker: str = "", fields: dict | None = None) -> int | None:
         now = self.clock.time()
