@@ -274,6 +274,18 @@ def test_a_record_written_after_its_message_keeps_what_a_fast_worker_recorded(am
     assert serialization.loads(record["args"]) == [2, 2] and record["created_at"] <= record["started_at"]
 
 
+def test_a_publish_whose_confirms_were_never_waited_for_does_not_confuse_the_next(amqp, qname):
+    # Given a split publish whose waiting half is never called (its caller failed in between)
+    broker, q = amqp(), qname("split")
+    broker.start_publish([out(q, id="first")])
+    # When the same thread publishes again
+    broker.publish_many([out(q, id="second"), out(q, id="third")])
+    # Then that publish is confirmed on its own, and all three messages are queued
+    got = reserve_all(broker, [q], 3)
+    assert sorted(d.message_id for d in got) == ["first", "second", "third"]
+    assert all(broker.ack(d) for d in got)
+
+
 def test_new_queues_are_of_version_2_and_queues_declared_without_a_version_are_used_as_they_are(amqp, qname, raw):
     broker = amqp()
     fresh, older = qname("v2"), qname("v1")

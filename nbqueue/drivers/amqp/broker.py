@@ -16,6 +16,8 @@ Capabilities:
   3.10+; older servers ignore it), which confirm a persistent message several times sooner
   than version 1; a queue that already exists without the argument is used as it is.
   ``publish_many`` pipelines up to ``publish_batch`` messages per confirm round trip.
+  ``start_publish`` writes the messages out and returns the function that waits for their
+  confirms: the engine records the tasks (in SQLite) meanwhile.
 - Priority: yes, 0-9 (every work queue is declared with ``x-max-priority=9``). As with
   any AMQP consumer, messages already prefetched are not overtaken by a later,
   higher-priority one.

@@ -4,9 +4,11 @@ channel for declarations and counts (``topology.QueueAdmin``).
 
 Publisher confirms are pipelined through the channel's underlying async channel
 (``BlockingChannel._impl``), since BlockingChannel itself waits for each confirm (about 10x
-slower for bulk publishing). A publish the broker nacks, or returns as unroutable
-(``mandatory``), is refused; a publish cut off before its confirm is published again after a
-reconnect (at least once: it may arrive twice).
+slower for bulk publishing). A publish is written out at once (its frames joined into one
+send() call) and its confirms are waited for apart (``Publisher.send``, ``Publisher.wait``), so a
+caller can do other work while they are on their way (``Publishers.start_routed``). A publish
+the broker nacks, or returns as unroutable (``mandatory``), is refused; a publish cut off before
+its confirm is published again after a reconnect (at least once: it may arrive twice).
 """
 from __future__ import annotations
 
