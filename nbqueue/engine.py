@@ -173,9 +173,11 @@ class SplitEngine:
 
         Where the broker can publish without waiting for its confirms (``start_publish``) and the
         backend can complete a record a worker made first (``fill``), the messages go out first
-        and the records are written while the confirms are on their way; otherwise the records
-        are written first. Messages the broker refuses (``PublishRefused`` with ``message_ids``)
-        have their records failed with the reason, then the error is raised."""
+        and the records are written while the confirms are on their way (a record that cannot be
+        written raises once the confirms are in; its task, queued already, still runs: the
+        worker's ``begin`` makes its record). Otherwise the records are written first. Messages
+        the broker refuses (``PublishRefused`` with ``message_ids``) have their records failed
+        with the reason, then the error is raised."""
         start = getattr(self.broker, "start_publish", None)
         fill = getattr(self.backend, "fill", None)
         try:
