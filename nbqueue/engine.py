@@ -172,23 +172,21 @@ class SplitEngine:
         """Record the tasks PENDING and publish their messages; both are done when it returns.
 
         Where the broker can publish without waiting for its confirms (``start_publish``) and the
-        backend can complete a record a worker made first (``fill``), the messages go out first
+        backend can complete a record a worker made first (``fills_records``), the messages go out first
         and the records are written while the confirms are on their way (a record that cannot be
         written raises once the confirms are in; its task, queued already, still runs: the
         worker's ``begin`` makes its record). Otherwise the records are written first. Messages
         the broker refuses (``PublishRefused`` with ``message_ids``) have their records failed
         with the reason, then the error is raised."""
-        start = getattr(self.broker, "start_publish", None)
-        fill = getattr(self.backend, "fill", None)
         try:
-            if start is None or fill is None:
+            confirmed = self.broker.start_publish(outgoing) if self.backend.fills_records else None
+            if confirmed is None:
                 with self.transaction():
                     self.backend.create(records)
                     self.broker.publish_many(outgoing)
                 return
-            confirmed = start(outgoing)
             try:
-                fill(records)
+                self.backend.fill(records)
             except BaseException:
                 confirmed()     # the messages are out: their confirms are still waited for, then the error raised
                 raise

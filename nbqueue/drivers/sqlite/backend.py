@@ -101,10 +101,9 @@ class SQLiteBackend(ResultBackend):
     def create(self, records: Sequence[dict]) -> None:
         self._create(records, "OR IGNORE", "")
 
+    fills_records = True
+
     def fill(self, records: Sequence[dict]) -> None:
-        """``create`` for tasks whose messages are published already: a record a worker made
-        meanwhile (``begin`` of an absent record) keeps its state, token and results and gains
-        the fields it lacks (args, kwargs, group, parent, meta; the earlier ``created_at``)."""
         self._create(records, "", _FILL_SQL)
 
     def _create(self, records: Sequence[dict], verb: str, conflict: str) -> None:
