@@ -115,6 +115,15 @@ class ResultBackend:
         """Record sent tasks as PENDING; an existing record is left as it is."""
         raise NotImplementedError
 
+    #: ``fill`` is implemented: records can be written after their messages were published
+    fills_records = False
+
+    def fill(self, records: Sequence[dict]) -> None:
+        """``create`` for tasks whose messages are published already: a record a worker made
+        meanwhile (``begin`` of an absent record) keeps its state, token and results and gains
+        the fields it lacks (args, kwargs, group, parent, meta; the earlier ``created_at``)."""
+        raise NotImplementedError
+
     def begin(self, task_id: str, *, worker: str = "", fields: dict | None = None) -> int | None:
         """Mark STARTED and return the new fencing token, or None if the record is final."""
         raise NotImplementedError

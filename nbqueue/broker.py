@@ -30,7 +30,7 @@ for every implementation by nbqueue.testing.contracts):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from .errors import ConfigurationError
 from .urls import redact
@@ -136,6 +136,13 @@ class Broker:
 
     def publish_many(self, outs: Sequence[Outgoing]) -> None:
         raise NotImplementedError
+
+    def start_publish(self, outs: Sequence[Outgoing]) -> Callable[[], None] | None:
+        """``publish_many`` in two steps, where the store confirms apart: the messages are sent
+        now and the returned function waits until they are durably queued (raising what
+        ``publish_many`` raises; call it on this thread before its next publish). None: nothing
+        was sent, this broker publishes only whole (``publish_many``)."""
+        return None
 
     # consuming
     def reserve(

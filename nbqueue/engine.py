@@ -28,9 +28,10 @@ import dataclasses
 import logging
 from typing import Any, Callable, ContextManager, Protocol, Sequence, runtime_checkable
 
+from . import states
 from .backend import ResultBackend
 from .broker import Broker, Delivery, Outgoing
-from .errors import MessageError
+from .errors import MessageError, PublishRefused
 from .message import Message
 
 log = logging.getLogger(__name__)
@@ -168,9 +169,42 @@ class SplitEngine:
 
     # -- sending ------------------------------------------------------------------------------
     def send(self, records: Sequence[dict], outgoing: Sequence[Outgoing]) -> None:
-        with self.transaction():
-            self.backend.create(records)
-            self.broker.publish_many(outgoing)
+        """Record the tasks PENDING and publish their messages; both are done when it returns.
+
+        Where the broker can publish without waiting for its confirms (``start_publish``) and the
+        backend can complete a record a worker made first (``fills_records``), the messages go out first
+        and the records are written while the confirms are on their way (a record that cannot be
+        written raises once the confirms are in; its task, queued already, still runs: the
+        worker's ``begin`` makes its record). Otherwise the records are written first. Messages
+        the broker refuses (``PublishRefused`` with ``message_ids``) have their records failed
+        with the reason, then the error is raised."""
+        try:
+            confirmed = self.broker.start_publish(outgoing) if self.backend.fills_records else None
+            if confirmed is None:
+                with self.transaction():
+                    self.backend.create(records)
+                    self.broker.publish_many(outgoing)
+                return
+            try:
+                self.backend.fill(records)
+            except BaseException:
+                confirmed()     # the messages are out: their confirms are still waited for, then the error raised
+                raise
+            confirmed()
+        except PublishRefused as exc:
+            self._fail_refused(exc)
+            raise
+
+    def _fail_refused(self, exc: PublishRefused) -> None:
+        """Fail the records of refused messages (never delivered: nothing else would end them)."""
+        ids = getattr(exc, "message_ids", None) or []
+        if not ids:
+            return
+        fields = {"exc_type": "PublishRefused", "error": str(exc)}
+        try:
+            self.backend.store_results([(i, states.FAILURE, None, dict(fields)) for i in ids])
+        except Exception:
+            log.warning("could not record %d refused message(s) as failed", len(ids), exc_info=True)
 
     def publish(self, outgoing: Sequence[Outgoing]) -> None:
         self.broker.publish_many(outgoing)

@@ -26,6 +26,8 @@ from urllib.parse import urlsplit
 import pika
 import pytest
 
+import nbqueue
+from nbqueue import serialization, states
 from nbqueue.broker import Outgoing
 from nbqueue.drivers import broker_from_url
 from nbqueue.drivers.amqp.broker import AMQPBroker
@@ -42,7 +44,7 @@ from nbqueue.drivers.amqp.topology import (
     delay_queue_names,
     work_queue_arguments,
 )
-from nbqueue.errors import ConfigurationError, ConnectionLost, PublishRefused
+from nbqueue.errors import ConfigurationError, ConnectionLost, PublishRefused, TaskFailed
 from nbqueue.testing import wait_for
 
 from conftest import AMQP_URL, IN_CI, free_port, require_server
@@ -213,6 +215,75 @@ def test_publish_to_a_queue_deleted_behind_our_back_is_refused_then_redeclared(a
     [d] = reserve_all(broker, [q], 1)
     assert d.message_id == "next"
     assert broker.ack(d)
+
+
+@pytest.fixture
+def amqp_app(tmp_path, qname):
+    """An App on the test RabbitMQ with its results in SQLite, and an ``add`` task."""
+    require_server("RabbitMQ", "127.0.0.1", 5672)
+    app = nbqueue.App(AMQP_URL, f"sqlite:///{tmp_path}/results.db", default_queue=qname("app"))
+    app.task(name="add")(_add)
+    yield app
+    app.broker.delete_queues(qname.made)
+    app.close()
+
+
+def _add(x, y):
+    return x + y
+
+
+def test_a_delay_rabbitmq_refuses_fails_its_record_instead_of_leaving_it_pending(amqp_app, raw):
+    # Given an App whose queue is deleted behind its back after a first send
+    add = amqp_app.registry["add"]
+    add.delay(1, 1)
+    raw.queue_delete(amqp_app.default_queue)
+    # When a .delay() is returned as unroutable
+    with pytest.raises(PublishRefused, match="unroutable") as refused:
+        add.delay(2, 2)
+    # Then its record is final, failed with the reason: nothing waits on it forever
+    [task_id] = refused.value.message_ids
+    record = amqp_app.backend.get(task_id)
+    assert record["state"] == states.FAILURE and record["exc_type"] == "PublishRefused"
+    assert "unroutable" in record["error"]
+    with pytest.raises(TaskFailed, match="unroutable"):
+        amqp_app.result(task_id).get(timeout=5)
+
+
+def test_a_record_written_after_its_message_keeps_what_a_fast_worker_recorded(amqp_app, monkeypatch):
+    # Given a worker that begins and finishes the task while its confirm is on its way,
+    # before the sender writes the task's record
+    backend, start = amqp_app.backend, amqp_app.broker.start_publish
+    ran = []
+
+    def start_then_run(outs):
+        confirmed = start(outs)
+        for o in outs:
+            tokens = backend.begin_many([o.id], worker="fast", fields={o.id: {"name": "add", "queue": o.queue}})
+            assert backend.store_results([(o.id, states.SUCCESS, tokens[o.id], {"result": "4"})]) == [True]
+            ran.append(o.id)
+        return confirmed
+
+    monkeypatch.setattr(amqp_app.broker, "start_publish", start_then_run)
+    # When .delay() returns
+    handle = amqp_app.registry["add"].delay(2, 2)
+    # Then the worker's outcome stands (state, token, result) and the record has the sent fields
+    assert ran == [handle.id]
+    record = backend.get(handle.id)
+    assert (record["state"], record["token"], record["worker"]) == (states.SUCCESS, 1, "fast")
+    assert handle.get(timeout=5) == 4
+    assert serialization.loads(record["args"]) == [2, 2] and record["created_at"] <= record["started_at"]
+
+
+def test_a_publish_whose_confirms_were_never_waited_for_does_not_confuse_the_next(amqp, qname):
+    # Given a split publish whose waiting half is never called (its caller failed in between)
+    broker, q = amqp(), qname("split")
+    broker.start_publish([out(q, id="first")])
+    # When the same thread publishes again
+    broker.publish_many([out(q, id="second"), out(q, id="third")])
+    # Then that publish is confirmed on its own, and all three messages are queued
+    got = reserve_all(broker, [q], 3)
+    assert sorted(d.message_id for d in got) == ["first", "second", "third"]
+    assert all(broker.ack(d) for d in got)
 
 
 def test_new_queues_are_of_version_2_and_queues_declared_without_a_version_are_used_as_they_are(amqp, qname, raw):

@@ -16,6 +16,8 @@ Capabilities:
   3.10+; older servers ignore it), which confirm a persistent message several times sooner
   than version 1; a queue that already exists without the argument is used as it is.
   ``publish_many`` pipelines up to ``publish_batch`` messages per confirm round trip.
+  ``start_publish`` writes the messages out and returns the function that waits for their
+  confirms: the engine records the tasks (in SQLite) meanwhile.
 - Priority: yes, 0-9 (every work queue is declared with ``x-max-priority=9``). As with
   any AMQP consumer, messages already prefetched are not overtaken by a later,
   higher-priority one.
@@ -133,6 +135,10 @@ MISSING_RECHECK_S = 5.0
 OPTIONS = {"reconnect_timeout": 60.0, "confirm_timeout": 30.0, "publish_batch": 500, "eta_tolerance": 1.0}
 
 
+def _nothing() -> None:
+    pass
+
+
 def _option(options: dict, query: dict, name: str) -> Any:
     default = OPTIONS[name]
     value = options.get(name, query.get(name, default))
@@ -200,6 +206,20 @@ class AMQPBroker(Broker):
         self._note(o.queue for o in outs)
         plan = [route(o.id, o.queue, o.body, o.priority, o.eta, now, {}) for o in outs]
         self._publish_routed(plan, [o.id for o in outs])
+
+    def start_publish(self, outs: Sequence[Outgoing]) -> Callable[[], None]:
+        """``publish_many`` in two steps: the messages are written out to RabbitMQ now (the first
+        ``publish_batch`` of them), and the returned function waits for their confirms (publishing
+        the rest), raising what ``publish_many`` raises. Call it on this thread before the next
+        publish; until it returns nothing is confirmed. The split engine writes the task records
+        in between, while the confirms are on their way."""
+        if not outs:
+            return _nothing
+        now = self.clock.time()
+        self._note(o.queue for o in outs)
+        plan = [route(o.id, o.queue, o.body, o.priority, o.eta, now, {}) for o in outs]
+        self._check_fork()
+        return self._publishers.start_routed(plan, [o.id for o in outs], self.publish_batch, self.confirm_timeout)
 
     def _publish_routed(self, plan: list[tuple], ids: list[str]) -> None:
         self._check_fork()

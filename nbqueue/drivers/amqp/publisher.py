@@ -4,9 +4,11 @@ channel for declarations and counts (``topology.QueueAdmin``).
 
 Publisher confirms are pipelined through the channel's underlying async channel
 (``BlockingChannel._impl``), since BlockingChannel itself waits for each confirm (about 10x
-slower for bulk publishing). A publish the broker nacks, or returns as unroutable
-(``mandatory``), is refused; a publish cut off before its confirm is published again after a
-reconnect (at least once: it may arrive twice).
+slower for bulk publishing). A publish is written out at once (its frames joined into one
+send() call) and its confirms are waited for apart (``Publisher.send``, ``Publisher.wait``), so a
+caller can do other work while they are on their way (``Publishers.start_routed``). A publish
+the broker nacks, or returns as unroutable (``mandatory``), is refused; a publish cut off before
+its confirm is published again after a reconnect (at least once: it may arrive twice).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 import pika
 import pika.exceptions as pex
+from pika.adapters.blocking_connection import _IoloopTimerContext
 
 from ...errors import ConnectionLost, PublishRefused
 from ...urls import redact
@@ -89,8 +92,6 @@ class Publisher(QueueAdmin):
                 self._refused[index] = "nacked by RabbitMQ (e.g. a queue length limit with overflow=reject-publish)"
             elif returned is not None:
                 self._refused[index] = returned
-        if not self._pending:
-            wake(self.connection)
 
     def _on_return(self, _channel: Any, method: Any, properties: Any, _body: bytes) -> None:
         self._returned[(properties.message_id, method.routing_key)] = (
@@ -101,14 +102,12 @@ class Publisher(QueueAdmin):
         self._closed_reason = reason
         wake(self.connection)
 
-    def publish(
-        self, items: Sequence[tuple[int, str, bytes, pika.BasicProperties]], timeout: float
-    ) -> tuple[set[int], dict[int, str]]:
-        """Publish and wait for confirms. Returns (confirmed indexes, refused index -> reason).
-
-        Raises a connection error when the connection drops or confirms do not come;
-        the caller republishes what was not confirmed.
-        """
+    def send(self, items: Sequence[tuple[int, str, bytes, pika.BasicProperties]]) -> None:
+        """Publish ``(index, routing key, body, properties)`` items and write them out to the socket
+        without waiting for their confirms (``wait``). Confirms still outstanding from an earlier
+        ``send`` that was never waited for are waited for first (and their outcome dropped)."""
+        if self._pending:
+            self.wait(30.0)
         channel = self._channel_for_publish()
         impl = channel._impl
         self._refused, self._returned = {}, {}
@@ -116,10 +115,24 @@ class Publisher(QueueAdmin):
             self._pending[self._next_tag] = (index, properties.message_id, routing_key)
             self._next_tag += 1
             impl.basic_publish("", routing_key, body, properties, mandatory=True)
+        _coalesce(self.connection)
+        self.connection._flush_output()      # the frames go out now, not at the next wait
+
+    def wait(self, timeout: float) -> dict[int, str]:
+        """Wait for the confirms of what ``send`` published; returns the refused indexes with why.
+
+        Raises a connection error when the connection drops or confirms do not come in ``timeout``
+        s; the caller publishes again what was not confirmed.
+        """
+        connection = self.connection
         deadline = time.monotonic() + timeout
+
+        def answered() -> bool:
+            return not self._pending or self._closed_reason is not None
+
         while self._pending:
             if self._closed_reason is not None:
-                if not self.connection.is_open:
+                if not connection.is_open:
                     raise pex.StreamLostError(f"connection closed while publishing: {self._closed_reason!r}")
                 # a channel error (not a dropped connection): what was not confirmed is refused
                 reason, self._channel = self._closed_reason, None
@@ -130,9 +143,34 @@ class Publisher(QueueAdmin):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ConfirmTimeout(f"no publisher confirm within {timeout:g} s")
-            self.connection.process_data_events(time_limit=min(remaining, 1.0))
-        refused = self._refused
+            # process I/O until the confirms are in (the waiter is checked after every event), the
+            # channel closes or the deadline passes (a timer wakes the loop then)
+            with _IoloopTimerContext(remaining, connection._impl) as timer:
+                connection._flush_output(answered, timer.is_ready)
+        return self._refused
+
+    def publish(
+        self, items: Sequence[tuple[int, str, bytes, pika.BasicProperties]], timeout: float
+    ) -> tuple[set[int], dict[int, str]]:
+        """Publish and wait for confirms. Returns (confirmed indexes, refused index -> reason).
+
+        Raises a connection error when the connection drops or confirms do not come;
+        the caller republishes what was not confirmed.
+        """
+        self.send(items)
+        refused = self.wait(timeout)
         return {i for i, *_ in items if i not in refused}, refused
+
+
+def _coalesce(connection: pika.BlockingConnection) -> None:
+    """Join the frames waiting in the connection's send buffer (a publish is three: method,
+    header, body) into one, so they go out in one send() call rather than one each."""
+    transport = getattr(connection._impl, "_transport", None)
+    buffers = getattr(transport, "_tx_buffers", None)
+    if buffers is not None and len(buffers) > 1:
+        joined = b"".join(buffers)
+        buffers.clear()
+        buffers.append(joined)
 
 
 class Publishers:
@@ -200,10 +238,29 @@ class Publishers:
     def publish_routed(self, plan: list[tuple], ids: list[str], batch: int, confirm_timeout: float) -> None:
         """Declare what the plan (``topology.route`` tuples) needs, publish it in confirmed batches
         of ``batch``, raise PublishRefused for refusals."""
+        self.start_routed(plan, ids, batch, confirm_timeout)()
+
+    def start_routed(self, plan: list[tuple], ids: list[str], batch: int,
+                     confirm_timeout: float) -> Callable[[], None]:
+        """``publish_routed`` in two steps: declare what the plan needs and publish its first batch
+        (written out, confirms outstanding), then return the function that waits for those
+        confirms, publishes the other batches (confirmed) and raises PublishRefused for refusals.
+        Call that function on this thread, before the next publish on it."""
         confirmed: set[int] = set()
         refusals: dict[int, str] = {}
+        in_flight: list[tuple[Publisher, list]] = []      # the batch sent and not yet waited for
 
-        def work(pub: Publisher) -> None:
+        def settle(pub: Publisher, items: list, bad: dict[int, str]) -> None:
+            confirmed.update(i for i, *_ in items if i not in bad)
+            refusals.update(bad)
+            for index in bad:   # a vanished queue: declare it again next time
+                pub.declared.pop(plan[index][1], None)
+
+        def work(pub: Publisher, first_only: bool) -> None:
+            if in_flight:
+                sent_on, items = in_flight.pop()
+                if sent_on is pub:      # on another connection (a reconnect): published again below
+                    settle(pub, items, pub.wait(confirm_timeout))
             for queue, _routing_key, delayed, _body, _props in plan:
                 pub.declare_work_queue(queue)
                 if delayed:
@@ -214,19 +271,24 @@ class Publishers:
                 if i not in confirmed and i not in refusals
             ]
             for start in range(0, len(todo), batch):
-                ok, bad = pub.publish(todo[start:start + batch], confirm_timeout)
-                confirmed.update(ok)
-                refusals.update(bad)
-                for index in bad:   # a vanished queue: declare it again next time
-                    pub.declared.pop(plan[index][1], None)
+                items = todo[start:start + batch]
+                pub.send(items)
+                if first_only:
+                    in_flight.append((pub, items))
+                    return
+                settle(pub, items, pub.wait(confirm_timeout))
 
-        self.run(work, "publish")
-        if refusals:
-            detail = "; ".join(f"{ids[i]}: {reason}" for i, reason in sorted(refusals.items())[:5])
-            more = f" (and {len(refusals) - 5} more)" if len(refusals) > 5 else ""
-            exc = PublishRefused(f"RabbitMQ refused {len(refusals)} of {len(plan)} messages: {detail}{more}")
-            exc.message_ids = [ids[i] for i in sorted(refusals)]
-            raise exc
+        def finish() -> None:
+            self.run(lambda pub: work(pub, False), "publish")
+            if refusals:
+                detail = "; ".join(f"{ids[i]}: {reason}" for i, reason in sorted(refusals.items())[:5])
+                more = f" (and {len(refusals) - 5} more)" if len(refusals) > 5 else ""
+                exc = PublishRefused(f"RabbitMQ refused {len(refusals)} of {len(plan)} messages: {detail}{more}")
+                exc.message_ids = [ids[i] for i in sorted(refusals)]
+                raise exc
+
+        self.run(lambda pub: work(pub, True), "publish")
+        return finish
 
     def close(self) -> None:
         """Close every thread's connection."""

@@ -19,9 +19,16 @@ from .db import SQLiteStore, path_from_url, placeholders
 
 _FINAL = tuple(states.READY_STATES)
 _NOT_FINAL_SQL = f"state NOT IN ({','.join(repr(s) for s in _FINAL)})"
+#: the columns ``create`` writes; ``fill`` completes a record a worker made first
 _CREATED = ("id", "name", "state", "args", "kwargs", "queue", "group_id", "parent_id", "created_at", "meta")
+_INSERT = f"INTO nbq_results({','.join(_CREATED)}) VALUES ({placeholders(len(_CREATED))})"
 #: a PENDING record per row of ``SQLiteBackend.record_rows``; one already there is left alone
-CREATE_SQL = f"INSERT OR IGNORE INTO nbq_results({','.join(_CREATED)}) VALUES ({placeholders(len(_CREATED))})"
+CREATE_SQL = f"INSERT OR IGNORE {_INSERT}"
+#: the same rows completing a record already there: what it lacks, and the earlier creation time
+FILL_SQL = (f"INSERT {_INSERT} ON CONFLICT(id) DO UPDATE SET "
+            + ", ".join(f"{c} = COALESCE({c}, excluded.{c})"
+                        for c in ("name", "args", "kwargs", "queue", "group_id", "parent_id", "meta"))
+            + ", created_at = MIN(COALESCE(created_at, excluded.created_at), excluded.created_at)")
 
 
 def _schema(db) -> None:
@@ -98,11 +105,19 @@ class SQLiteBackend(ResultBackend):
 
     # -- records -----------------------------------------------------------------
     def create(self, records: Sequence[dict]) -> None:
+        self._create(records, CREATE_SQL)
+
+    fills_records = True
+
+    def fill(self, records: Sequence[dict]) -> None:
+        self._create(records, FILL_SQL)
+
+    def _create(self, records: Sequence[dict], sql: str) -> None:
         if not records:
             return
         rows = self.record_rows(records)
         with self.store.write() as conn:
-            conn.executemany(CREATE_SQL, rows)
+            conn.executemany(sql, rows)
 
     def record_rows(self, records: Sequence[dict]) -> list[tuple]:
         """The parameters of ``CREATE_SQL`` for ``records`` (built before a transaction begins)."""
