@@ -49,11 +49,12 @@ Keys (``P`` is the prefix)::
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 import uuid
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import redis
 
@@ -241,12 +242,26 @@ class RedisBroker(Broker):
         return last is not None and last[0] == tuple(queue_list(queues))
 
     def queue_claim(self, pipe, queues: Sequence[str], *, lease: float, limit: int,
-                    records: tuple[str, str, str] | None = None) -> Callable[[list], list[Delivery]]:
-        """Queue a claim that does not wait (``claim`` with no timeout) on ``pipe``, a pipeline
-        of ``self._reader``; returns the function that reads its reply into deliveries, noting
-        for this thread's next claim, as ``claim`` does, whether it left the queues empty."""
+                    records: tuple[str, str, str] | None = None,
+                    wait: float = 0.0) -> tuple[Callable[[list], list[Delivery]], int]:
+        """Queue a claim on ``pipe``, a pipeline of ``self._reader``: one that does not wait
+        (``claim`` with no timeout), or given ``wait`` (seconds) and queues this thread's last
+        claim left empty (``drained``), one that first waits up to ``wait`` for a publish or a
+        ``wake()``, as ``claim`` does (run ``pipe`` inside ``waiting()`` then). Returns the
+        function that reads the claim's reply (the last of the replies it queued) into
+        deliveries, noting for this thread's next claim whether it left the queues empty,
+        and how many replies it queued (1, or 2 with a wait)."""
         queues = queue_list(queues)
         now = self.clock.time()
+        replies = 1
+        last = getattr(self._drained, "last", None)
+        if wait > 0 and last is not None and last[0] == tuple(queues) and (last[1] is None or last[1] > now):
+            if last[1] is not None:
+                wait = min(wait, last[1] - now + 0.001)
+            wait = max(MIN_BLOCK, wait)
+            pipe.blpop([self._wake_key] + [self._key(q, "signal") for q in queues], timeout=wait)
+            lease += wait       # a lease from the end of the wait: never shorter than asked
+            replies = 2
         self._reserve(args=self._claim_args(queues, now, lease, limit, records), client=pipe)
 
         def parse(reply: list) -> list[Delivery]:
@@ -257,7 +272,18 @@ class RedisBroker(Broker):
                 self._drained.last = (tuple(queues), next_due)
             return deliveries
 
-        return parse
+        return parse, replies
+
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        """Around a round trip that blocks on this broker's wake-up key: ``wake()`` ends it."""
+        with self._lock:
+            self._waiting += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._waiting -= 1
 
     def _claim_args(self, queues: list[str], now: float, lease: float, limit: int, records: tuple | None) -> list:
         return [
@@ -315,13 +341,8 @@ class RedisBroker(Broker):
         pipe = pipeline(self._reader)
         pipe.blpop(keys, timeout=wait)
         self._reserve(args=self._claim_args(queues, now, lease, limit, records), client=pipe)
-        with self._lock:
-            self._waiting += 1
-        try:
+        with self.waiting():
             popped, reply = pipe.execute()
-        finally:
-            with self._lock:
-                self._waiting -= 1
         return bool(popped) and popped[0] == self._wake_key, self._parse_claim(reply, now + lease)
 
     def _settle_op(self, delivery: Delivery, op: str, *extra: Any) -> bool:
