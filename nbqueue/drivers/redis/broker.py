@@ -49,18 +49,17 @@ Keys (``P`` is the prefix)::
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
 import uuid
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import redis
 
 from ...broker import Broker, Delivery, Outgoing, checked_text, queue_list, shown
 from . import twins
-from .client import LUA_FINAL, MIN_BLOCK, connect, guarded, key_prefix, lua, pipeline, register, url_options
+from .client import LUA_FINAL, MIN_BLOCK, RAW, connect, guarded, key_prefix, lua, pipeline, register, url_options
 from .twins import twin
 
 log = logging.getLogger(__name__)
@@ -106,6 +105,23 @@ twin(_PUBLISH, twins.publish, tokens=SIGNAL_TOKENS, signal_ttl=SIGNAL_TTL_MS)
 twin(_PUBLISH_RESERVED, twins.publish_reserved)
 twin(_RESERVE, twins.reserve)
 twin(_SETTLE, twins.settle, tokens=SIGNAL_TOKENS, signal_ttl=SIGNAL_TTL_MS)
+
+
+class _Waiting:
+    """Counts a blocking round trip among the broker's waiters (see ``RedisBroker.wake``)."""
+
+    __slots__ = ("broker",)
+
+    def __init__(self, broker: "RedisBroker"):
+        self.broker = broker
+
+    def __enter__(self) -> None:
+        with self.broker._lock:
+            self.broker._waiting += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self.broker._lock:
+            self.broker._waiting -= 1
 
 
 class RedisBroker(Broker):
@@ -259,7 +275,7 @@ class RedisBroker(Broker):
             if last[1] is not None:
                 wait = min(wait, last[1] - now + 0.001)
             wait = max(MIN_BLOCK, wait)
-            pipe.blpop([self._wake_key] + [self._key(q, "signal") for q in queues], timeout=wait)
+            self._queue_wait(pipe, queues, wait)
             lease += wait       # a lease from the end of the wait: never shorter than asked
             replies = 2
         self._reserve(args=self._claim_args(queues, now, lease, limit, records), client=pipe)
@@ -274,16 +290,16 @@ class RedisBroker(Broker):
 
         return parse, replies
 
-    @contextlib.contextmanager
-    def waiting(self) -> Iterator[None]:
-        """Around a round trip that blocks on this broker's wake-up key: ``wake()`` ends it."""
-        with self._lock:
-            self._waiting += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._waiting -= 1
+    def _queue_wait(self, pipe, queues: list[str], wait: float) -> None:
+        """Queue on ``pipe`` a wait of up to ``wait`` seconds (at least MIN_BLOCK) for a publish
+        signal of ``queues`` or a ``wake()``: a BLPOP whose reply, the key and token popped or
+        None, is read as the server sent it."""
+        keys = [self._wake_key] + [self._key(q, "signal") for q in queues]
+        pipe.command_stack.append((("BLPOP", *keys, wait), RAW))
+
+    def waiting(self) -> "_Waiting":
+        """A context for a round trip that blocks on this broker's wake-up key: ``wake()`` ends it."""
+        return _Waiting(self)
 
     def _claim_args(self, queues: list[str], now: float, lease: float, limit: int, records: tuple | None) -> list:
         return [
@@ -335,11 +351,10 @@ class RedisBroker(Broker):
         nothing delayed is moved early, and its lease runs from the end of the longest
         wait, so it is never shorter than asked (at most ``wait`` longer). Returns (woken by
         wake(), claim)."""
-        keys = [self._wake_key] + [self._key(q, "signal") for q in queues]
         wait = max(MIN_BLOCK, wait)
         lease += wait
         pipe = pipeline(self._reader)
-        pipe.blpop(keys, timeout=wait)
+        self._queue_wait(pipe, queues, wait)
         self._reserve(args=self._claim_args(queues, now, lease, limit, records), client=pipe)
         with self.waiting():
             popped, reply = pipe.execute()

@@ -18,7 +18,6 @@ Its fast paths, each a whole-method override of SplitEngine:
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Sequence
 
@@ -129,7 +128,10 @@ class RedisEngine(SplitEngine):
             parse, queued = self.broker.queue_claim(pipe, then_claim.queues, lease=then_claim.lease,
                                                     limit=then_claim.limit, records=self._records(then_claim.worker),
                                                     wait=wait)
-        with self.broker.waiting() if queued > 1 else contextlib.nullcontext():
+        if queued > 1:
+            with self.broker.waiting():
+                replies = pipe.execute(raise_on_error=False)
+        else:
             replies = pipe.execute(raise_on_error=False)
         claimed: list[Claim] = []
         if parse is not None:
