@@ -252,7 +252,8 @@ class RedisBackend(ResultBackend):
             if value is None:
                 dels.append(name)
             else:
-                sets += (name, value if type(value) is str else _encode(value))
+                kind = type(value)
+                sets += (name, value if kind is str else repr(value) if kind is float else _encode(value))
         ttl_ms = expires_at = ""
         if ttl:
             ttl_ms = str(max(1, math.ceil(ttl * 1000)))

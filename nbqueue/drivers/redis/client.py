@@ -12,6 +12,7 @@ import pathlib
 import select
 import socket
 import threading
+import time
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Mapping, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -26,10 +27,12 @@ from ...urls import redact
 
 try:
     import hiredis
+    from redis._parsers import _HiredisParser as _HIREDIS_PARSER
+    from redis._parsers.hiredis import NOT_ENOUGH_DATA as _NOT_ENOUGH_DATA
     from redis.connection import HiredisRespSerializer as _HIREDIS_PACKER
-except ImportError:                 # redis-py packs in Python without hiredis
+except ImportError:                 # redis-py packs and parses in Python without hiredis
     hiredis = None
-    _HIREDIS_PACKER = None
+    _HIREDIS_PACKER = _HIREDIS_PARSER = _NOT_ENOUGH_DATA = None
 
 if TYPE_CHECKING:
     import fakeredis
@@ -222,16 +225,63 @@ class ScriptPipeline(redis.client.Pipeline):
         for _ in loads:
             conn.read_response()
         known[1].update(script.sha for script in loads)
+        reader = _reader(conn)
         replies = []
         for args, options in stack:
             try:
-                if options is RAW or not options and args[0] == "EVALSHA":
-                    replies.append(conn.read_response())    # as the server sent it: no callback
-                else:
+                if options is not RAW and (options or args[0] != "EVALSHA"):
                     replies.append(redis.Redis.parse_response(self, conn, args[0], **options))
+                elif reader is not None:
+                    replies.append(_read(conn, reader))     # as the server sent it: no callback
+                else:
+                    replies.append(conn.read_response())
             except redis.ResponseError as exc:
                 replies.append(exc)
+        if reader is not None and conn.health_check_interval:
+            conn.next_health_check = time.monotonic() + conn.health_check_interval
         return replies
+
+
+def _reader(conn) -> Any:
+    """The hiredis reader of ``conn`` where its replies may be read from it straight (``_read``):
+    a redis-py connection that reads replies as redis-py's own do, with hiredis; else None
+    (a fakeredis connection reads its own way)."""
+    parser = getattr(conn, "_parser", None)
+    if _HIREDIS_PARSER is None or type(parser) is not _HIREDIS_PARSER or type(conn).read_response is not _READ_RESPONSE:
+        return None
+    return parser._reader
+
+
+_READ_RESPONSE = redis.connection.AbstractConnection.read_response
+
+
+def _read(conn, reader) -> Any:
+    """One reply of ``conn`` from its hiredis ``reader``, as ``conn.read_response()`` returns it
+    (an error reply raised, a RESP3 push handed to the parser's handlers and skipped, connection
+    errors as redis-py's), without its per-reply steps."""
+    parser = conn._parser
+    try:
+        while True:
+            reply = reader.gets()
+            while reply is _NOT_ENOUGH_DATA:
+                parser.read_from_socket()
+                reply = reader.gets()
+            push = parser._hiredis_PushNotificationType
+            if push is None or type(reply) is list or not isinstance(reply, push):
+                break
+            parser.handle_push_response(reply)
+    except (redis.ConnectionError, redis.TimeoutError):
+        raise
+    except OSError as exc:
+        raise redis.ConnectionError(f"Error while reading from {conn._host_error()} : {exc.args}") from exc
+    kind = type(reply)
+    if kind is str or kind is int or reply is None:
+        return reply
+    if isinstance(reply, Exception):
+        raise reply
+    if kind is list and reply and isinstance(reply[0], redis.ConnectionError):
+        raise reply[0]
+    return reply
 
 
 def _packed(conn, commands: list) -> list:
@@ -239,9 +289,8 @@ def _packed(conn, commands: list) -> list:
     away (as redis-py's hiredis packer does, without its pass over every argument) where the
     connection packs with hiredis, no command name holds a space and every argument is text,
     bytes or a number."""
-    if _HIREDIS_PACKER is not None and type(getattr(conn, "_command_packer", None)) is _HIREDIS_PACKER and not any(
-        " " in args[0] for args in commands
-    ):
+    if (_HIREDIS_PACKER is not None and type(getattr(conn, "_command_packer", None)) is _HIREDIS_PACKER
+            and " " not in "".join([args[0] for args in commands])):
         try:
             return [b"".join([hiredis.pack_command(args) for args in commands])]
         except TypeError:           # a buffer (bytearray, memoryview): redis-py's packer copies it first
