@@ -72,16 +72,23 @@ def template(app, task) -> dict:
 def call_message(app, task, args: tuple, kwargs: dict, now: float) -> dict | None:
     """The envelope of one call, as ``to_message(task.s(*args, **kwargs), ...)`` would make it;
     None when an argument cannot be encoded (the caller takes the Signature path)."""
-    encode = app.serializer.encode
-    try:
-        encoded_args = [encode(value) for value in args]
-        encoded_kwargs = {_keyword(k, task.name): encode(v) for k, v in kwargs.items()} if kwargs else {}
-    except serialization.SerializationError:
+    encoded = _encoded(app, task, args, kwargs)
+    if encoded is None:
         return None
-    message: dict[str, Any] = {"id": new_id(), "name": task.name, "args": encoded_args, "kwargs": encoded_kwargs}
+    message: dict[str, Any] = {"id": new_id(), "name": task.name, "args": encoded[0], "kwargs": encoded[1]}
     message.update(plan(app, task).fields)
     message["created_at"] = now
     return message
+
+
+def _encoded(app, task, args: tuple, kwargs: dict) -> tuple[list, dict] | None:
+    """``args`` and ``kwargs`` through the app's serializer; None when one cannot be encoded."""
+    encode = app.serializer.encode
+    try:
+        return [encode(value) for value in args], (
+            {_keyword(k, task.name): encode(v) for k, v in kwargs.items()} if kwargs else {})
+    except serialization.SerializationError:
+        return None
 
 
 def _plain(value: Any) -> bool:
@@ -128,13 +135,10 @@ def send(app, task, args: tuple, kwargs: dict) -> AsyncResult | None:
         made = _envelope(app, task, list(args), dict(kwargs), True)
     else:
         with payloads.sending(app):        # values out of band: packed once, held until linked to the task
-            encode = app.serializer.encode
-            try:
-                encoded_args = [encode(value) for value in args]
-                encoded_kwargs = {_keyword(k, task.name): encode(v) for k, v in kwargs.items()} if kwargs else {}
-            except serialization.SerializationError:
+            encoded = _encoded(app, task, args, kwargs)
+            if encoded is None:
                 return None
-            made = _envelope(app, task, encoded_args, encoded_kwargs, False)
+            made = _envelope(app, task, encoded[0], encoded[1], False)
     if made is None:
         return None
     record, out = made
