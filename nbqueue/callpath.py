@@ -12,13 +12,11 @@ inline mode and arguments the serializer refuses go the general way (``App.send_
 """
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from . import batching, payloads, provenance, serialization, shipping, states, tracing
 from .broker import Outgoing
 from .canvas import Signature
-from .clock import SYSTEM
 from .result import AsyncResult
 from .signature import _keyword, new_id, to_message
 
@@ -108,29 +106,18 @@ def send(app, task, args: tuple, kwargs: dict) -> AsyncResult | None:
     recorded: the AsyncResult, as ``App.send_call`` returns it; None when an argument
     cannot be encoded or spans are recorded (nothing was sent: the caller takes the
     general path, whose error names the argument)."""
+    if tracing.tracer() is not None or _orjson_dumps is None:
+        return None
     plain = True
-    for value in args:          # _plain, inline: this loop runs for every argument of every send
-        kind = value.__class__
-        if kind is int:
-            if _INT_MIN <= value <= _INT_MAX:
-                continue
-        elif kind is str:
-            if value.isascii():
-                continue
-        elif kind is float:
-            if value - value == 0.0:
-                continue
-        elif value is None or kind is bool:
-            continue
-        plain = False
-        break
+    for value in args:
+        if not _plain(value):
+            plain = False
+            break
     if kwargs and plain:
         for key, value in kwargs.items():
             if key.__class__ is not str or not key.isascii() or not _plain(value):
                 plain = False
                 break
-    if tracing.tracer() is not None or _orjson_dumps is None:
-        return None
     if plain:       # each argument is its own JSON form
         made = _envelope(app, task, list(args), dict(kwargs), True)
     else:
@@ -159,11 +146,8 @@ def _envelope(app, task, args: list, kwargs: dict, plain: bool) -> tuple[dict, O
     """The PENDING record and the Outgoing of one call with encoded ``args`` and ``kwargs``
     (``plain``: scalars only, so the args' JSON is read out of the envelope's); the payloads
     the body references linked to it. None when orjson cannot write the envelope."""
-    cached = task._plan
-    if cached is None or cached.key != (app.default_queue, app.serializer.pickle):
-        cached = plan(app, task)
-    clock = app.clock
-    now = time.time() if clock is SYSTEM else clock.time()
+    cached = plan(app, task)
+    now = app.clock.time()
     task_id = new_id()
     message = {"id": task_id, "name": task.name, "args": args, "kwargs": kwargs}
     message.update(cached.fields)

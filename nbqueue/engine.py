@@ -197,7 +197,7 @@ class SplitEngine:
 
     def _fail_refused(self, exc: PublishRefused) -> None:
         """Fail the records of refused messages (never delivered: nothing else would end them)."""
-        ids = getattr(exc, "message_ids", None) or []
+        ids = exc.message_ids
         if not ids:
             return
         fields = {"exc_type": "PublishRefused", "error": str(exc)}

@@ -1,6 +1,8 @@
 """One exception tree for nbqueue: everything a user catches derives from NbqueueError."""
 from __future__ import annotations
 
+from typing import Sequence
+
 
 class NbqueueError(Exception):
     """Base of every error nbqueue raises on purpose."""
@@ -28,6 +30,9 @@ class ConnectionLost(BrokerError, ConnectionError):
 
 class PublishRefused(BrokerError):
     """The broker did not confirm a publish (AMQP publisher confirms)."""
+
+    #: the ids of the refused messages, where the broker says which (their records are failed)
+    message_ids: Sequence[str] = ()
 
 
 class MessageError(NbqueueError):
