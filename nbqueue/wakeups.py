@@ -5,9 +5,12 @@ Below the protocol modules: brokers and result backends of every driver use ``WA
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
+
+log = logging.getLogger(__name__)
 
 
 class LocalWakeups:
@@ -18,6 +21,10 @@ class LocalWakeups:
     feeds these wake-ups from a channel between processes too (the SQLite driver's, beside
     its file). A waiter for particular task ids ``watch``es them and is woken only by a
     notification that names one of them (a chain's waiter sleeps through its hundred steps).
+
+    Work may also be left for the next waiter of a key (``before_wait``): a worker that keeps
+    finished tasks of this process uncommitted a moment, to commit them with the next ones,
+    has them committed by the first thread of this process that waits for a result.
     """
 
     def __init__(self) -> None:
@@ -25,6 +32,8 @@ class LocalWakeups:
         self._conds: dict[Any, threading.Condition] = {}
         self._versions: dict[Any, int] = {}
         self._watches: dict[Any, dict[str, set]] = {}
+        self._waiters: dict[Any, int] = {}                  # key -> threads in wait() or watching()
+        self._before: dict[Any, list] = {}                  # key -> callables for its next waiter
 
     def condition(self, key: Any) -> threading.Condition:
         cond = self._conds.get(key)
@@ -64,11 +73,15 @@ class LocalWakeups:
 
     def wait(self, key: Any, seen_version: int, timeout: float) -> int:
         """Wait until notified after ``seen_version`` or timeout; returns the version now."""
-        cond = self.condition(key)
-        with cond:
-            if self._versions.get(key, 0) == seen_version and timeout > 0:
-                cond.wait(timeout)
-            return self._versions.get(key, 0)
+        self._arrive(key)
+        try:
+            cond = self.condition(key)
+            with cond:
+                if self._versions.get(key, 0) == seen_version and timeout > 0:
+                    cond.wait(timeout)
+                return self._versions.get(key, 0)
+        finally:
+            self._leave(key)
 
     @contextlib.contextmanager
     def watching(self, key: Any, task_id: str):
@@ -76,14 +89,48 @@ class LocalWakeups:
         ev = threading.Event()
         with self._lock:
             self._watches.setdefault(key, {}).setdefault(task_id, set()).add(ev)
+        self._arrive(key)
         try:
             yield ev
         finally:
+            self._leave(key)
             with self._lock:
                 evs = self._watches[key][task_id]
                 evs.discard(ev)
                 if not evs:
                     del self._watches[key][task_id]
+
+    def before_wait(self, key: Any, fn: Callable[[], Any]) -> bool:
+        """Have the next thread that waits on ``key`` in this process (``wait``, ``watching``)
+        call ``fn()`` before it waits (once; an exception is logged). False, and nothing
+        registered, when a thread waits on ``key`` now: the caller does the work itself."""
+        with self._lock:
+            if self._waiters.get(key):
+                return False
+            self._before.setdefault(key, []).append(fn)
+            return True
+
+    def cancel_before_wait(self, key: Any, fn: Callable[[], Any]) -> None:
+        """Withdraw ``fn`` (``before_wait``) if no waiter has taken it yet."""
+        with self._lock:
+            fns = self._before.get(key)
+            if fns:
+                self._before[key] = [f for f in fns if f is not fn]
+
+    def _arrive(self, key: Any) -> None:
+        """A thread begins to wait on ``key``: count it, then run what was left for a waiter."""
+        with self._lock:
+            self._waiters[key] = self._waiters.get(key, 0) + 1
+            fns = self._before.pop(key, None) if key in self._before else None
+        for fn in fns or ():
+            try:
+                fn()
+            except Exception:
+                log.exception("work left for a waiter failed")
+
+    def _leave(self, key: Any) -> None:
+        with self._lock:
+            self._waiters[key] -= 1
 
 
     def _after_fork(self) -> None:
@@ -92,6 +139,8 @@ class LocalWakeups:
         self._lock = threading.Lock()
         self._conds = {}
         self._watches = {}
+        self._waiters = {}
+        self._before = {}
 
 
 WAKEUPS = LocalWakeups()

@@ -15,8 +15,10 @@ import nbqueue
 from nbqueue import Signature, states
 from nbqueue.broker import Outgoing
 from nbqueue.clock import ManualClock
+from nbqueue.drivers.sqlite import broker as sqlite_broker
 from nbqueue.drivers.sqlite.broker import IDLE
 from nbqueue.testing import wait_for
+from nbqueue.wakeups import WAKEUPS
 
 
 def idle_reservers(app) -> int:
@@ -145,6 +147,67 @@ def test_a_reserver_handed_a_message_claims_nothing_more(tmp_path):
     assert app.broker.stats() == [{"queue": q, "ready": 4, "delayed": 0, "in_flight": 1, "dead": 0}]
     assert [d.message_id for d in app.broker.reserve([q], limit=4)] == [f"then-{i}" for i in range(4)]
     app.close()
+
+
+def test_a_reserver_handed_a_message_while_no_thread_waits_lingers_and_later_sends_go_to_the_queue(app, monkeypatch):
+    """Handed a message while no thread of this process waits for a result, a reserver waits
+    a moment before it returns it: the sender's next messages go to the queue meanwhile (its
+    worker claims them as one batch as it commits the first), not to another idle reserver,
+    which they do not wake either. A thread beginning to wait for a result ends the wait;
+    then the other reserver is woken for what was queued meanwhile."""
+    monkeypatch.setattr(sqlite_broker, "HANDOVER_LINGER", 600.0)
+    q = "handoff"
+    app.broker.poll_interval = 600.0            # found only when woken, not by polling
+    looked, next_due = [], app.broker.next_due
+
+    def looking(queues):                        # a reserver found nothing and is about to wait
+        looked.append(threading.current_thread())
+        return next_due(queues)
+
+    monkeypatch.setattr(app.broker, "next_due", looking)
+    first, second = Reserver(app.broker, q, timeout=60), Reserver(app.broker, q, timeout=60)
+    first.start()
+    wait_for(lambda: first in looked)
+    second.start()
+    wait_for(lambda: second in looked)
+    app.broker.publish_many([Outgoing(id="m1", body="{}", queue=q)], handoff=True)     # to the one idle last
+    for i in (2, 3):
+        app.broker.publish_many([Outgoing(id=f"m{i}", body="{}", queue=q)], handoff=True)
+    assert app.broker.stats() == [{"queue": q, "ready": 2, "delayed": 0, "in_flight": 1, "dead": 0}]
+    time.sleep(0.2)
+    assert first.is_alive() and second.is_alive() and idle_reservers(app) == 1
+    assert app.backend.wait(["not-sent"], timeout=1) is False     # a wait for a result
+    second.join(10)
+    first.join(10)
+    assert [d.message_id for d in second.got] == ["m1"]
+    assert [d.message_id for d in first.got] == ["m2", "m3"]
+
+
+def test_a_reserver_handed_a_message_while_a_thread_waits_for_a_result_returns_it_at_once(app, monkeypatch):
+    monkeypatch.setattr(sqlite_broker, "HANDOVER_LINGER", 600.0)
+    q = "handoff"
+    waiting = threading.Thread(target=lambda: app.backend.wait(["not-sent"], timeout=30), daemon=True)
+    waiting.start()
+    wait_for(lambda: WAKEUPS._waiters.get(app.backend._wake_key))
+    reserver = publish_to_idle_reserver(app, Outgoing(id="m1", body="{}", queue=q), timeout=60)
+    assert not reserver.is_alive() and [d.message_id for d in reserver.got] == ["m1"]
+
+
+def test_a_loop_of_round_trips_and_a_group_s_wait_do_not_wait_for_a_lingering_worker(app, monkeypatch):
+    """Each send of a round trip (send, then wait for its result) is handed to the idle worker
+    thread, which returns it at once as the sender begins to wait (or waits already)."""
+    monkeypatch.setattr(sqlite_broker, "HANDOVER_LINGER", 600.0)
+    app.register_task("double", lambda x: 2 * x)
+    worker = app.start_worker(concurrency=2)
+    try:
+        for i in range(10):
+            wait_for(lambda: idle_reservers(app) == 2)
+            assert app.send_task(Signature("double", args=[i])).get(timeout=30) == 2 * i
+        wait_for(lambda: idle_reservers(app) == 2)
+        group = app.send(nbqueue.group(Signature("double", args=[i]) for i in range(6)))
+        assert group.get(timeout=30) == [0, 2, 4, 6, 8, 10]
+    finally:
+        worker.stop()
 
 
 def test_a_handed_over_message_whose_worker_died_is_delivered_again_after_its_lease(tmp_path):

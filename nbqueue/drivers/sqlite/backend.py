@@ -101,7 +101,7 @@ class SQLiteBackend(ResultBackend):
 
     @property
     def _wake_key(self):
-        return ("sqlite-backend", self.path)
+        return wakechannel.results_key(self.path)
 
     # -- records -----------------------------------------------------------------
     def create(self, records: Sequence[dict]) -> None:

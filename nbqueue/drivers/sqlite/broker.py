@@ -63,6 +63,11 @@ def _schema(db) -> None:
     )
 
 
+#: seconds a reserver handed a message by a sender of this process waits before it returns it, while
+#: no thread of this process waits for a result: the sender's next messages go to the queue meanwhile,
+#: and the reserver's worker claims them as one batch when it commits this one (see ``SQLiteBroker._linger``)
+HANDOVER_LINGER = 0.005
+
 #: a waiting message per row of ``SQLiteBroker.message_rows``; an id already there is left alone
 PUBLISH_SQL = (
     "INSERT OR IGNORE INTO nbq_messages(id, queue, priority, due, state, attempt, body, created) "
@@ -80,12 +85,22 @@ class Slot:
         self.queues = frozenset(queues)
         self.limit = limit
         self.lease = lease
-        self.taken = False                  # a sender holds it (its send has not finished)
+        self.taken = False                  # a sender handed it messages (its send may not have finished)
+        self.taken_at = 0.0                 # when (time.monotonic())
+        self.version = 0                    # the broker's wake-up version then (see SQLiteBroker._linger)
         self.deliveries: list = []          # what was handed over, once the send finished
         self.settled = threading.Event()    # the send finished (or failed: then nothing was handed over)
         # what its reserver waits on: set by a hand-over to this slot once its send finished,
-        # and by new messages (``IdleReservers.wake``), never by a hand-over to another
+        # by new messages (``IdleReservers.wake``), never by a hand-over to another, and by
+        # ``hurry``
         self.woken = threading.Event()
+        self.hurried = False
+
+    def hurry(self) -> None:
+        """A thread of this process waits for a result: its reserver returns what it was
+        handed at once (see ``SQLiteBroker._linger``)."""
+        self.hurried = True
+        self.woken.set()
 
     def wait(self) -> list:
         """What was handed over, waiting at most a lease for the send to finish (after that
@@ -95,7 +110,11 @@ class Slot:
 
 class IdleReservers:
     """Reservers of this process waiting for work, per database file, that a sender of
-    this process may hand messages to directly (``Slot``s)."""
+    this process may hand messages to directly (``Slot``s), the one that came last first:
+    the thread that has just finished its tasks is handed the next, the others sleep on.
+    A slot stays listed, taken, until its reserver returns: while it lingers (see
+    ``SQLiteBroker._linger``) messages for its queues go to the queue, not to another
+    reserver, and wake none (it claims them as it commits what it was handed)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -114,15 +133,18 @@ class IdleReservers:
             self._slots.setdefault(store, []).append(slot)
 
     def take(self, store: Any, outs: Sequence[Outgoing], now: float, on_take=None) -> tuple[Any, list]:
-        """The first idle reserver that can run some of ``outs`` now (due, on its queues) and
-        those messages, up to its limit; it is marked taken and ``on_take(slot)`` runs under
-        the lock. ``(None, [])`` when there is none."""
+        """The idle reserver listed last that can run some of ``outs`` now (due, on its
+        queues) and those messages, up to its limit; it is marked taken and ``on_take(slot)``
+        runs under the lock. ``(None, [])`` when there is none, or when a reserver of one
+        of their queues was handed messages and has not returned yet."""
         with self._lock:
-            for slot in self._slots.get(store) or ():
+            slots = self._slots.get(store) or ()
+            if any(slot.taken and any(o.queue in slot.queues for o in outs) for slot in slots):
+                return None, []
+            for slot in reversed(slots):
                 mine = [o for o in outs if o.queue in slot.queues and (o.eta is None or o.eta <= now)][: slot.limit]
                 if mine:
-                    slot.taken = True
-                    self._slots[store].remove(slot)
+                    slot.taken, slot.taken_at = True, time.monotonic()
                     if on_take is not None:
                         on_take(slot)
                     return slot, mine
@@ -142,14 +164,15 @@ class IdleReservers:
 
     def wake(self, store: Any, queues: frozenset | None = None, every: bool = False, besides: Any = None) -> None:
         """New messages: wake one idle reserver of each set of queues (of ``queues`` only, if
-        given; not ``besides``) that is not awake already, or ``every`` one. One is enough: a
-        reserver that claims a full batch wakes the next (see ``SQLiteBroker._reserve_loop``),
-        and each finds the broker's wake-up version changed, so it reads the file before it
-        waits again."""
+        given; not ``besides``) that is not awake already, nor handed messages (it claims
+        them next), or ``every`` one. One is enough: a reserver that claims a full batch
+        wakes the next (see ``SQLiteBroker._reserve_loop``), and each finds the broker's
+        wake-up version changed, so it reads the file before it waits again."""
         if not self._slots.get(store):
             return
         with self._lock:
-            seen: set = set()
+            seen: set = set() if every else {
+                slot.queues for slot in self._slots.get(store) or () if slot.taken and slot is not besides}
             for slot in self._slots.get(store) or ():
                 if slot is besides or not every and slot.woken.is_set():
                     continue
@@ -162,8 +185,8 @@ class IdleReservers:
         if slot is None:
             return []
         with self._lock:
+            self._discard(store, slot)
             if not slot.taken:
-                self._discard(store, slot)
                 return []
         return slot.wait()
 
@@ -283,6 +306,7 @@ class SQLiteBroker(Broker):
         claim per message and a wake-up's worth of latency for a worker in the same kernel.
         """
         def settle_with_transaction(slot: Slot) -> None:   # whatever happens next: the reserver waits for it
+            slot.version = WAKEUPS.version(self._wake_key)
             self.store.on_commit(lambda: (slot.settled.set(), slot.woken.set()))
             self.store.on_rollback(lambda: (slot.deliveries.clear(), slot.settled.set(), slot.woken.set()))
 
@@ -408,6 +432,9 @@ class SQLiteBroker(Broker):
         while True:
             if slot is not None:
                 slot.woken.clear()
+                if slot.taken:
+                    self._linger(slot)
+                    return []
             version = WAKEUPS.version(self._wake_key)
             now = self.clock.time()
             quiet = getattr(self._quiet, "last", None)
@@ -435,7 +462,10 @@ class SQLiteBroker(Broker):
                 if slot is not None:
                     self._quiet.last = (version, due, time.monotonic())
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or slot is not None and slot.taken:
+            if slot is not None and slot.taken:
+                self._linger(slot)
+                return []
+            if remaining <= 0:
                 return []
             wait = min(remaining, interval)
             if due is not None:
@@ -450,6 +480,33 @@ class SQLiteBroker(Broker):
             elif not pushed:
                 self._quiet.last = None     # no wake-ups from other processes: poll with back-off
             interval = min(interval * 2, self.poll_interval)
+
+    def _linger(self, slot: Slot) -> None:
+        """A sender of this process handed ``slot`` messages: wait until ``HANDOVER_LINGER``
+        after that, so that the worker runs them with the messages its sender sends next (as
+        one batch, claimed as it commits these), unless a thread of this process waits for
+        a result, or begins to (it hurries the slot: ``LocalWakeups.before_wait``). Messages
+        published since the hand-over woke no other reserver (``IdleReservers.wake``): then
+        one is woken now, and it wakes the next if it claims a full batch."""
+        key = wakechannel.results_key(self.path)
+        hurry = slot.hurry
+        try:
+            if slot.hurried or not WAKEUPS.before_wait(key, hurry):
+                return
+            try:
+                while not slot.hurried:
+                    left = slot.taken_at + HANDOVER_LINGER - time.monotonic()
+                    if left <= 0:
+                        return
+                    slot.woken.clear()
+                    if slot.hurried:
+                        return
+                    slot.woken.wait(left)
+            finally:
+                WAKEUPS.cancel_before_wait(key, hurry)
+        finally:
+            if WAKEUPS.version(self._wake_key) != slot.version:
+                IDLE.wake(self.path, slot.queues, besides=slot)
 
     def _fenced(self, sql: str, params: tuple, delivery: Delivery) -> bool:
         seq, attempt = delivery.tag

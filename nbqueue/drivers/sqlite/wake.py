@@ -323,6 +323,11 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def results_key(path: str) -> tuple:
+    """The key under which this process's waiters for results stored in ``path`` wait (``WAKEUPS``)."""
+    return ("sqlite-backend", path)
+
+
 def local_waker(notify: Callable[..., Any], key: Any) -> Callable[[bytes], None]:
     """A handler for ``listen`` that wakes this process's waiters of ``key`` (``WAKEUPS.notify``)."""
     return lambda payload: notify(key, payload_ids(payload))
