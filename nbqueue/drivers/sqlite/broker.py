@@ -119,9 +119,13 @@ class IdleReservers:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._slots: dict[Any, list] = {}
+        self._taken: dict[Any, int] = {}        # store -> how many of its listed slots are taken
+        self._uniform: dict[Any, bool] = {}     # store -> its listed slots all serve the same queues
 
     def any(self, store: Any) -> bool:
-        return bool(self._slots.get(store))
+        """Whether a sender may find an idle reserver of ``store`` (none is taken: a send
+        while one is goes to the queue, see ``take``)."""
+        return bool(self._slots.get(store)) and not self._taken.get(store)
 
     def idle(self, store: Any) -> int:
         """How many reservers of ``store`` wait untaken (for tests and status)."""
@@ -130,7 +134,9 @@ class IdleReservers:
 
     def add(self, store: Any, slot: Any) -> None:
         with self._lock:
-            self._slots.setdefault(store, []).append(slot)
+            slots = self._slots.setdefault(store, [])
+            slots.append(slot)
+            self._uniform[store] = all(other.queues == slot.queues for other in slots)
 
     def take(self, store: Any, outs: Sequence[Outgoing], now: float, on_take=None) -> tuple[Any, list]:
         """The idle reserver listed last that can run some of ``outs`` now (due, on its
@@ -145,6 +151,7 @@ class IdleReservers:
                 mine = [o for o in outs if o.queue in slot.queues and (o.eta is None or o.eta <= now)][: slot.limit]
                 if mine:
                     slot.taken, slot.taken_at = True, time.monotonic()
+                    self._taken[store] = self._taken.get(store, 0) + 1
                     if on_take is not None:
                         on_take(slot)
                     return slot, mine
@@ -170,6 +177,8 @@ class IdleReservers:
         wake-up version changed, so it reads the file before it waits again."""
         if not self._slots.get(store):
             return
+        if self._taken.get(store) and self._uniform.get(store) and not every and besides is None:
+            return                  # the one taken claims them
         with self._lock:
             seen: set = set() if every else {
                 slot.queues for slot in self._slots.get(store) or () if slot.taken and slot is not besides}
@@ -194,11 +203,14 @@ class IdleReservers:
         slots = self._slots.get(store)
         if slots and slot in slots:
             slots.remove(slot)
+            if slot.taken:
+                self._taken[store] -= 1
+            self._uniform[store] = all(other.queues == slots[0].queues for other in slots)
 
     def _after_fork(self) -> None:
         """A forked child has none of its parent's reserver threads."""
         self._lock = threading.Lock()
-        self._slots = {}
+        self._slots, self._taken, self._uniform = {}, {}, {}
 
 
 IDLE = IdleReservers()
