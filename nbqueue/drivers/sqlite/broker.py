@@ -66,7 +66,7 @@ def _schema(db) -> None:
 #: seconds a reserver handed a message by a sender of this process waits before it returns it, while
 #: no thread of this process waits for a result: the sender's next messages go to the queue meanwhile,
 #: and the reserver's worker claims them as one batch when it commits this one (see ``SQLiteBroker._linger``)
-HANDOVER_LINGER = 0.005
+HANDOVER_LINGER = 0.002
 
 #: a waiting message per row of ``SQLiteBroker.message_rows``; an id already there is left alone
 PUBLISH_SQL = (
