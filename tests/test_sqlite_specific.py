@@ -210,6 +210,23 @@ def test_a_loop_of_round_trips_and_a_group_s_wait_do_not_wait_for_a_lingering_wo
         worker.stop()
 
 
+def test_work_left_for_a_waiter_runs_once_in_the_next_thread_that_waits_and_is_refused_while_one_waits():
+    key = ("before-wait-test", time.monotonic())
+    ran: list = []
+    assert WAKEUPS.before_wait(key, lambda: ran.append("first"))
+    withdrawn = lambda: ran.append("withdrawn")     # noqa: E731
+    assert WAKEUPS.before_wait(key, withdrawn)
+    WAKEUPS.cancel_before_wait(key, withdrawn)
+    WAKEUPS.wait(key, WAKEUPS.version(key), 0)
+    WAKEUPS.wait(key, WAKEUPS.version(key), 0)
+    assert ran == ["first"]
+    with WAKEUPS.watching(key, "some-id"):
+        assert not WAKEUPS.before_wait(key, lambda: ran.append("refused"))
+    assert WAKEUPS.before_wait(key, lambda: ran.append("later"))
+    with WAKEUPS.watching(key, "some-id"):
+        assert ran == ["first", "later"]
+
+
 def test_a_handed_over_message_whose_worker_died_is_delivered_again_after_its_lease(tmp_path):
     clock = ManualClock()
     app = nbqueue.App(f"sqlite:///{tmp_path}/nbqueue.db", clock=clock)
