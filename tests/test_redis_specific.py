@@ -400,6 +400,38 @@ def test_memory_runs_the_scripts_as_their_python_twins_with_the_lua_scripts_resu
 
 
 
+def test_memory_runs_the_hot_scripts_on_the_stored_values_with_the_lua_scripts_results(monkeypatch):
+    """The scripts memory:// runs in place of their twins (nbqueue.drivers.redis.memory.NATIVE)
+    leave the same keys and return the same replies as the Lua scripts, each of them run; with
+    a subscriber on the server (who may hear keyspace events) the twins run instead."""
+    import fakeredis
+
+    from nbqueue.drivers.redis import memory
+
+    ran: list = []
+
+    def spied(fn):
+        def run(*args, **kwargs):
+            ran.append(fn)
+            return fn(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(memory, "NATIVE", {twin: spied(fn) for twin, fn in memory.NATIVE.items()})
+    natively = _twin_scenario(_memory_url())
+    assert {fn.__name__ for fn in ran} == {"_native_send", "_native_finish", "_native_reserve"}
+    monkeypatch.setattr(memory, "TWINS", {})
+    assert natively == _twin_scenario(_memory_url())
+    monkeypatch.setattr(memory, "TWINS", dict(memory.twins.TWINS))
+    ran.clear()
+    url = _memory_url()
+    listener = fakeredis.FakeRedis(server=fake_server(url[len("memory://"):])).pubsub()
+    listener.psubscribe("__keyspace*")
+    try:
+        assert _twin_scenario(url) == natively and not ran
+    finally:
+        listener.close()
+
+
 def test_memory_script_reads_answer_as_the_command_table_does():
     """The reads a twin's ``redis.call`` answers itself (nbqueue.drivers.redis.memory.Call)
     give what fakeredis' command table gives, for keys missing, expired, of the wrong type,
