@@ -1067,13 +1067,16 @@ def _n_requeue_due(call: Call, p: bytes, now: bytes, batch: bytes, queues: list)
                 _n_make_ready(call, p, q, mid)
 
 
-def _n_head(call: Call, key: bytes) -> Any:
-    """``ZRANGE key 0 0 WITHSCORES``"""
-    return _read(call, _zrange, "zrange", (key, 0, 0, b"WITHSCORES"))
+def _n_first(db: Any, key: bytes) -> Any:
+    """(score, member) of the lowest member of the sorted set at ``key``, None where it has none:
+    what ``ZRANGE key 0 0 WITHSCORES`` tells (its score as text ``float`` reads back exactly)."""
+    value = _value(db, key, ZSet)
+    return value._byscore[0] if value else None
 
 
 def _native_reserve(call: Call, keys: list, argv: list) -> Any:
     """twins.reserve"""
+    db = call.sock._db
     p, now = argv[0], argv[1]
     limit = _num(argv[6])
     queues = argv[8:]
@@ -1085,9 +1088,9 @@ def _native_reserve(call: Call, keys: list, argv: list) -> Any:
         best = None
         best_score = 0.0
         for q in queues:
-            head = _n_head(call, p + b"q:" + q + b":ready")
-            if head and (best is None or float(head[1]) < best_score):
-                best, best_score = (q, head[0]), float(head[1])
+            head = _n_first(db, p + b"q:" + q + b":ready")
+            if head is not None and (best is None or head[0] < best_score):
+                best, best_score = (q, head[1]), head[0]
         if best is None:
             drained = True
             break
@@ -1114,10 +1117,10 @@ def _native_reserve(call: Call, keys: list, argv: list) -> Any:
         next_due = None
         for q in queues:
             for kind in (b"inflight", b"delayed"):
-                head = _n_head(call, p + b"q:" + q + b":" + kind)
-                if len(head) > 1 and (next_due is None or float(head[1]) < float(next_due)):
-                    next_due = head[1]
-        out[0] = next_due if next_due is not None else b""
+                head = _n_first(db, p + b"q:" + q + b":" + kind)
+                if head is not None and (next_due is None or head[0] < next_due):
+                    next_due = head[0]
+        out[0] = b"" if next_due is None else Float.encode(next_due, humanfriendly=False)
     return out
 
 
