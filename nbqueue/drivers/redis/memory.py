@@ -191,14 +191,19 @@ def _zrange(db: Any, args: tuple) -> Any:
     return []
 
 
+def _score_bound(text: Any) -> float | None:
+    """``text`` as a plain score bound (``float`` of it), None for anything else (the command table reads it)."""
+    try:
+        return float(text) if b"_" not in text and text.strip() == text else None
+    except (TypeError, ValueError):
+        return None
+
+
 def _zrangebyscore(db: Any, args: tuple) -> Any:
     """``ZRANGEBYSCORE key -inf max LIMIT 0 n`` where nothing is due: an empty reply (else the command table)."""
     if len(args) != 6 or args[1] != b"-inf" or args[3:5] != (b"LIMIT", 0) or type(args[0]) is not bytes:
         return _GENERIC
-    try:
-        top = float(args[2]) if b"_" not in args[2] and args[2].strip() == args[2] else None
-    except (TypeError, ValueError):
-        top = None
+    top = _score_bound(args[2])
     if top is None:
         return _GENERIC
     value = _value(db, args[0], ZSet)
@@ -907,14 +912,56 @@ def _new_hash(db: Any, key: bytes, pairs: Any) -> None:
     db.notify_watch(key)
 
 
+def _plain_hash_at(db: Any, key: bytes) -> Any:
+    """The hash at ``key`` for a read or a write (None if missing or expired, then removed),
+    WRONGTYPE for a value of another type, ``_GENERIC`` for a hash with field expiries."""
+    item = _live(db, key)
+    if item is None:
+        return None
+    value = item.value
+    if type(value) is not Hash:
+        raise SimpleError(WRONGTYPE_MSG)
+    return _GENERIC if value._expiry_heap or value._expirations else value
+
+
+def _hmget_of(call: Call, key: bytes, *fields: bytes) -> list:
+    """``HMGET key *fields`` (as ``_hmget``)."""
+    value = _plain_hash_at(call.sock._db, key)
+    if value is None:
+        return [None] * len(fields)
+    if value is _GENERIC:
+        return call("hmget", key, *fields)
+    get = value._values.get
+    return [get(field) for field in fields]
+
+
+def _hget_of(call: Call, key: bytes, field: bytes) -> Any:
+    """``HGET key field`` (as ``_hget``)."""
+    value = _plain_hash_at(call.sock._db, key)
+    if value is None:
+        return None
+    if value is _GENERIC:
+        return call("hget", key, field)
+    return value._values.get(field)
+
+
 def _hset(call: Call, db: Any, key: bytes, flat: list) -> None:
-    """``HSET key *flat`` (the reply unused)."""
-    _write(call, _hset_write, "hset", [key, *flat])
+    """``HSET key *flat`` (as ``_hset_write``; the reply unused)."""
+    value = _plain_hash_at(db, key) if flat and not len(flat) % 2 else _GENERIC
+    if value is _GENERIC:
+        call("hset", key, *flat)
+        return
+    pairs = zip(flat[::2], flat[1::2])
+    if value is None:
+        _new_hash(db, key, pairs)
+    else:
+        value._values.update(pairs)
+        db.notify_watch(key)
 
 
 def _n_make_ready(call: Call, p: bytes, q: bytes, mid: bytes, prio: bytes | None = None) -> None:
     if prio is None:
-        prio = _read(call, _hget, "hget", (p + b"msg:" + mid, b"priority"))
+        prio = _hget_of(call, p + b"msg:" + mid, b"priority")
     priority = _num(prio) or 0
     seq = _write(call, _incr_write, "incr", [p + b"seq"])
     _write(call, _zadd_write, "zadd", [p + b"q:" + q + b":ready", b"%d" % int((9 - priority) * 1e12 + seq), mid])
@@ -976,7 +1023,7 @@ def _native_send(call: Call, keys: list, argv: list, *, tokens: int, signal_ttl:
 def _n_begin_record(call: Call, rec: bytes, index: bytes, mid: bytes, state: bytes, worker: bytes, now: bytes,
                     new: list) -> int:
     db = call.sock._db
-    current = _read(call, _hget, "hget", (rec, b"state"))
+    current = _hget_of(call, rec, b"state")
     if current is not None and current in FINAL:
         return 0
     if current is not None:
@@ -998,10 +1045,10 @@ def _n_lease(call: Call, argv: list, q: bytes, mid: bytes, begin: bool) -> Any:
 
 def _n_ack(call: Call, p: bytes, mid: bytes, attempt: bytes, rec: bytes | None) -> int:
     key = p + b"msg:" + mid
-    current, q = _read(call, _hmget, "hmget", (key, b"attempt", b"queue"))
+    current, q = _hmget_of(call, key, b"attempt", b"queue")
     if current != attempt:
         return 0
-    if rec and (_read(call, _hget, "hget", (rec, b"state")) or b"") not in FINAL:
+    if rec and (_hget_of(call, rec, b"state") or b"") not in FINAL:
         return 0
     inflight = p + b"q:" + q + b":inflight"
     if _read(call, _zscore, "zscore", (inflight, mid)) is None:
@@ -1015,7 +1062,7 @@ def _n_write_state(call: Call, rec: bytes, index: bytes, expiring: bytes, done: 
                    dels: list, done_ttl: int) -> int:
     db = call.sock._db
     mid, state, token, created, ttl_ms, expires_at = a
-    current, current_token = _read(call, _hmget, "hmget", (rec, b"state", b"token"))
+    current, current_token = _hmget_of(call, rec, b"state", b"token")
     if current is not None:
         if current in FINAL:
             return 0
@@ -1057,9 +1104,14 @@ def _native_finish(call: Call, keys: list, argv: list, *, done_ttl: int) -> Any:
 
 
 def _n_requeue_due(call: Call, p: bytes, now: bytes, batch: bytes, queues: list) -> None:
+    db = call.sock._db
+    top = _score_bound(now)
     for q in queues:
         for kind in (b"inflight", b"delayed"):
             key = p + b"q:" + q + b":" + kind
+            head = _n_first(db, key)
+            if head is None or (top is not None and head[0] > top):
+                continue            # nothing due (as ``_zrangebyscore`` finds)
             for mid in _read(call, _zrangebyscore, "zrangebyscore", (key, b"-inf", now, b"LIMIT", 0, batch)):
                 _write(call, _zrem_write, "zrem", [key, mid])
                 if kind == b"inflight" and _read(call, _exists, "exists", (p + b"msg:" + mid,)) == 1:
@@ -1096,7 +1148,7 @@ def _native_reserve(call: Call, keys: list, argv: list) -> Any:
             break
         q, mid = best
         key = p + b"msg:" + mid
-        body, prio, lapses_field = _read(call, _hmget, "hmget", (key, b"body", b"priority", b"lapses"))
+        body, prio, lapses_field = _hmget_of(call, key, b"body", b"priority", b"lapses")
         lapses = _num(lapses_field) or 0
         if body is not None and lapses > 0 and claimed > 0:
             break
