@@ -7,6 +7,9 @@ the server's lock, with the script's ``redis.call``s made through fakeredis' own
 table (``Call``; its most frequent reads and writes act on the key's value as those commands
 do), so keys, types, expiry and blocked clients behave as with the Lua. An
 EVALSHA of a script not loaded fails with NOSCRIPT as before; one without a twin runs as Lua.
+The scripts of every task's path (``send``, ``reserve``, ``finish``) run as versions of their
+twins that make each ``redis.call`` through the function ``Call`` would pick for it, called
+straight, and read hashes and the heads of sorted sets from the stored values (``NATIVE``).
 The connection hands each command to the socket as its arguments in bytes (``Command``),
 the driver's pipelines included: the same fields fakeredis would parse out of RESP, without
 packing and parsing it; an EVALSHA of a twin skips the command table's argument parsing,
@@ -796,6 +799,7 @@ class MemorySocket(FakeSocket):
         # as fakeredis' EVAL: the script's calls reply in RESP2 and see no HIMPORT fieldsets of the caller
         self._script_resp = 2
         caller_fieldsets, self._fieldsets = self._fieldsets, {}
+        # a twin of NATIVE runs as its version there while no subscriber may hear keyspace events
         native = NATIVE.get(getattr(fn, "func", None))   # type: ignore[arg-type]
         server = self._server
         if native is not None and (server.subscribers or server.psubscribers or server.server_type != "redis"):
@@ -849,14 +853,7 @@ class MemoryConnection(FakeRedisConnection):
         return [command] if command is not None else super().pack_command(*args)
 
     def pack_commands(self, commands: Any) -> list:
-        packed = []
-        for args in commands:
-            command = _command(args)
-            if command is None:
-                packed += super().pack_command(*args)
-            else:
-                packed.append(command)
-        return packed
+        return [chunk for args in commands for chunk in self.pack_command(*args)]
 
     def send_command(self, *args: Any, **kwargs: Any) -> None:
         self.send_packed_command(self.pack_command(*args), check_health=kwargs.get("check_health", True))
@@ -880,7 +877,6 @@ class MemoryConnection(FakeRedisConnection):
             raise self._connection_error_class(CONNECTION_ERROR_MSG)
         return MemorySocket(server, client_class=self._client_class, db=self.db,
                             lua_modules=self._lua_modules, client_info=self._client_info)
-
 
 
 # -- the hot scripts on the stored values ------------------------------------------------------
@@ -1176,7 +1172,8 @@ def _native_reserve(call: Call, keys: list, argv: list) -> Any:
     return out
 
 
-#: the twins run as their versions above
+#: the twins (functions of nbqueue.drivers.redis.twins) run as their versions above, while
+#: nobody is subscribed to anything on the server
 NATIVE: dict[Callable[..., Any], Callable[..., Any]] = {
     twins.send: _native_send, twins.finish: _native_finish, twins.reserve: _native_reserve,
 }
