@@ -400,6 +400,91 @@ def test_memory_runs_the_scripts_as_their_python_twins_with_the_lua_scripts_resu
 
 
 
+def test_memory_runs_the_hot_scripts_on_the_stored_values_with_the_lua_scripts_results(monkeypatch):
+    """The scripts memory:// runs in place of their twins (nbqueue.drivers.redis.memory.NATIVE)
+    leave the same keys and return the same replies as the Lua scripts, each of them run; with
+    a subscriber on the server (who may hear keyspace events) the twins run instead."""
+    import fakeredis
+
+    from nbqueue.drivers.redis import memory
+
+    ran: list = []
+
+    def spied(fn):
+        def run(*args, **kwargs):
+            ran.append(fn)
+            return fn(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(memory, "NATIVE", {twin: spied(fn) for twin, fn in memory.NATIVE.items()})
+    natively = _twin_scenario(_memory_url())
+    assert {fn.__name__ for fn in ran} == {"_native_send", "_native_finish", "_native_reserve"}
+    monkeypatch.setattr(memory, "TWINS", {})
+    assert natively == _twin_scenario(_memory_url())
+    monkeypatch.setattr(memory, "TWINS", dict(memory.twins.TWINS))
+    ran.clear()
+    url = _memory_url()
+    listener = fakeredis.FakeRedis(server=fake_server(url[len("memory://"):])).pubsub()
+    listener.psubscribe("__keyspace*")
+    try:
+        assert _twin_scenario(url) == natively and not ran
+    finally:
+        listener.close()
+
+
+def _spoiled_scenario(url: str, spoil) -> list:
+    """send, claim and finish on ``url`` with ``spoil(client)`` run first (keys of another type,
+    a hash with a field expiry): what each returned or raised, then every stored key."""
+    import fakeredis
+
+    clock = ManualClock()
+    broker = RedisBroker(url, clock=clock)
+    backend = RedisBackend(url, clock=clock, options={"results_expire_in": 600})
+    engine = RedisEngine(broker, backend)
+    client = fakeredis.FakeRedis(server=fake_server(url[len("memory://"):]))
+    spoil(client)
+    seen: list = []
+
+    def attempt(call, *args, **kwargs):
+        try:
+            seen.append(call(*args, **kwargs))
+        except redis.ResponseError as exc:
+            seen.append(("error", str(exc)))
+
+    attempt(engine.send, [{"id": f"t{i}", "name": "add"} for i in range(3)], [_out("a", f"t{i}") for i in range(3)])
+    claimed: list = []
+    attempt(lambda: claimed.extend(engine.claim(["a"], limit=3, timeout=0, lease=10, worker="w")))
+    attempt(lambda: [(c.delivery.message_id, c.token) for c in claimed])
+    attempt(lambda: engine.finish([Outcome(c.delivery, c.delivery.message_id, states.SUCCESS, c.token,
+                                           {"result": "1", "error": None}) for c in claimed],
+                                  [c.delivery for c in claimed]).stored)
+    seen += [(key, kind, value, expiry is not None)
+             for key, kind, value, expiry in _dump(client.connection_pool.connection_kwargs["server"].dbs[0])]
+    return seen
+
+
+@pytest.mark.parametrize("spoil", [
+    lambda c: c.set("nbq:r:t1", "x"),                           # a record key of another type
+    lambda c: c.set("nbq:q:a:signal", "x"),                     # the signal list: fails after the writes
+    lambda c: c.set("nbq:seq", "x"),                            # INCR of text
+    lambda c: c.rpush("nbq:results", "x"),                      # the results index
+    lambda c: (c.hset("nbq:r:t0", mapping={"id": "t0", "state": "PENDING", "token": "0", "x": "1"}),
+               c.hpexpire("nbq:r:t0", 100_000, "x")),           # a record with a field expiry
+    lambda c: c.set("nbq:expiring", "x"),                       # the index of expiring results
+    lambda c: c.set("nbq:done:t2", "x"),                        # a done list
+    lambda c: c.set("nbq:q:a:inflight", "x"),                   # the leases
+], ids=["record", "signal", "seq", "index", "field-expiry", "expiring", "done", "inflight"])
+def test_memory_hot_scripts_fail_and_write_as_their_twins_on_keys_they_do_not_expect(monkeypatch, spoil):
+    """The scripts memory:// runs on the stored values (nbqueue.drivers.redis.memory.NATIVE) give
+    the replies and errors of their twins and leave the same keys where keys are not what the
+    scripts write (another type, a hash with a field expiry)."""
+    from nbqueue.drivers.redis import memory
+
+    natively = _spoiled_scenario(_memory_url(), spoil)
+    monkeypatch.setattr(memory, "NATIVE", {})
+    assert natively == _spoiled_scenario(_memory_url(), spoil)
+
+
 def test_memory_script_reads_answer_as_the_command_table_does():
     """The reads a twin's ``redis.call`` answers itself (nbqueue.drivers.redis.memory.Call)
     give what fakeredis' command table gives, for keys missing, expired, of the wrong type,

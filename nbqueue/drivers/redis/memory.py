@@ -7,6 +7,9 @@ the server's lock, with the script's ``redis.call``s made through fakeredis' own
 table (``Call``; its most frequent reads and writes act on the key's value as those commands
 do), so keys, types, expiry and blocked clients behave as with the Lua. An
 EVALSHA of a script not loaded fails with NOSCRIPT as before; one without a twin runs as Lua.
+The scripts of every task's path (``send``, ``reserve``, ``finish``) run as versions of their
+twins that make each ``redis.call`` through the function ``Call`` would pick for it, called
+straight, and read hashes and the heads of sorted sets from the stored values (``NATIVE``).
 The connection hands each command to the socket as its arguments in bytes (``Command``),
 the driver's pipelines included: the same fields fakeredis would parse out of RESP, without
 packing and parsing it; an EVALSHA of a twin skips the command table's argument parsing,
@@ -23,6 +26,7 @@ through its socket class and its internal modules.
 from __future__ import annotations
 
 import os
+import queue
 import threading
 import time
 from collections import defaultdict
@@ -40,7 +44,8 @@ from fakeredis.model import ExpiringMembersSet, Hash, ZSet
 from redis.connection import Encoder, HiredisRespSerializer
 
 from ...errors import ConfigurationError
-from .twins import TWINS, ErrorReply
+from . import twins
+from .twins import FINAL, RECEIVED, TWINS, ErrorReply, _num
 
 
 def _arg(value: Any) -> bytes:
@@ -189,14 +194,19 @@ def _zrange(db: Any, args: tuple) -> Any:
     return []
 
 
+def _score_bound(text: Any) -> float | None:
+    """``text`` as a plain score bound (``float`` of it), None for anything else (the command table reads it)."""
+    try:
+        return float(text) if b"_" not in text and text.strip() == text else None
+    except (TypeError, ValueError):
+        return None
+
+
 def _zrangebyscore(db: Any, args: tuple) -> Any:
     """``ZRANGEBYSCORE key -inf max LIMIT 0 n`` where nothing is due: an empty reply (else the command table)."""
     if len(args) != 6 or args[1] != b"-inf" or args[3:5] != (b"LIMIT", 0) or type(args[0]) is not bytes:
         return _GENERIC
-    try:
-        top = float(args[2]) if b"_" not in args[2] and args[2].strip() == args[2] else None
-    except (TypeError, ValueError):
-        top = None
+    top = _score_bound(args[2])
     if top is None:
         return _GENERIC
     value = _value(db, args[0], ZSet)
@@ -419,8 +429,9 @@ class MemoryDatabase(Database):
         self.serving: Any = None
 
     def notify_watch(self, key: bytes) -> None:
-        for sock in self._watches.get(key, ()):
-            sock.notify_watch()
+        if self._watches:
+            for sock in self._watches.get(key, ()):
+                sock.notify_watch()
         socks = self.blocked.get(key)
         if socks:
             # told before the write-back: a list changed in place by this write is stored as it ends
@@ -430,8 +441,9 @@ class MemoryDatabase(Database):
                 _wake_next(socks)
         if self.condition._waiters:         # type: ignore[attr-defined]
             self.condition.notify_all()
-        for callback in self._change_callbacks:
-            callback()
+        if self._change_callbacks:
+            for callback in self._change_callbacks:
+                callback()
 
     def wake_all(self) -> None:
         super().wake_all()
@@ -590,6 +602,23 @@ class MemorySocket(FakeSocket):
     _pop_keys: tuple | None = None
     _wakeup: threading.Condition | None = None
     woken = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # the replies waiting to be read: FakeSocket's queue.Queue takes a lock and a condition
+        # per put and get; this one takes neither (what readers use of it: put, get,
+        # get_nowait, qsize, empty)
+        self.responses = queue.SimpleQueue()  # type: ignore[assignment]
+
+    def put_response(self, msg: Any) -> None:
+        """FakeSocket's ``put_response``: the reply queued and ``response_ready`` set, which
+        only a FakeSelector clears (setting it again when set wakes nobody)."""
+        responses = self.responses
+        if responses is not None:
+            responses.put(msg)
+            ready = self.response_ready
+            if not ready.is_set():
+                ready.set()
 
     def blpop(self, *args: bytes) -> Any:
         return self._keyed(args[:-1], super().blpop, args)
@@ -770,7 +799,15 @@ class MemorySocket(FakeSocket):
         # as fakeredis' EVAL: the script's calls reply in RESP2 and see no HIMPORT fieldsets of the caller
         self._script_resp = 2
         caller_fieldsets, self._fieldsets = self._fieldsets, {}
+        # a twin of NATIVE runs as its version there while no subscriber may hear keyspace events
+        native = NATIVE.get(getattr(fn, "func", None))   # type: ignore[arg-type]
+        server = self._server
+        if native is not None and (server.subscribers or server.psubscribers or server.server_type != "redis"):
+            native = None
         try:
+            if native is not None:
+                return native(Call(self), list(keys_and_args[:numkeys]), list(keys_and_args[numkeys:]),
+                              **fn.keywords)  # type: ignore[attr-defined]
             return fn(Call(self), list(keys_and_args[:numkeys]), list(keys_and_args[numkeys:]))
         except SimpleError:
             raise
@@ -840,3 +877,305 @@ class MemoryConnection(FakeRedisConnection):
             raise self._connection_error_class(CONNECTION_ERROR_MSG)
         return MemorySocket(server, client_class=self._client_class, db=self.db,
                             lua_modules=self._lua_modules, client_info=self._client_info)
+
+
+# -- the hot scripts on the stored values ------------------------------------------------------
+#
+# ``send``, ``reserve`` and ``finish`` (the scripts of every task's path) as their twins, each
+# ``redis.call`` made by the function ``Call`` would pick for it (``_READS``, ``_WRITES``: the
+# same checks, errors and writes), called straight with the arguments as bytes, and a key just
+# found missing written without looking it up again. Run in place of the twin by ``evalsha``
+# while nobody is subscribed (as ``Call`` takes ``_WRITES``); a call those functions leave to
+# the command table goes to it (``Call.command``), as it does from ``Call``.
+
+def _write(call: Call, fn: Callable[[Any, list], Any], name: str, args: list) -> Any:
+    """``redis.call(name, *args)`` of a write through its ``_WRITES`` function."""
+    result = fn(call.sock, args)
+    return call.command(name, tuple(args)) if result is _GENERIC else result
+
+
+def _read(call: Call, fn: Callable[[Any, tuple], Any], name: str, args: tuple) -> Any:
+    """``redis.call(name, *args)`` of a read through its ``_READS`` function."""
+    result = fn(call.sock._db, args)
+    return call.command(name, args) if result is _GENERIC else result
+
+
+def _new_hash(db: Any, key: bytes, pairs: Any) -> None:
+    """``HSET key *pairs`` of a key found missing (pairs: a non-empty sequence of field-value pairs)."""
+    value = Hash()
+    value._values.update(pairs)
+    db[key] = Item(value)
+    db.notify_watch(key)
+
+
+def _plain_hash_at(db: Any, key: bytes) -> Any:
+    """The hash at ``key`` for a read or a write (None if missing or expired, then removed),
+    WRONGTYPE for a value of another type, ``_GENERIC`` for a hash with field expiries."""
+    item = _live(db, key)
+    if item is None:
+        return None
+    value = item.value
+    if type(value) is not Hash:
+        raise SimpleError(WRONGTYPE_MSG)
+    return _GENERIC if value._expiry_heap or value._expirations else value
+
+
+def _hmget_of(call: Call, key: bytes, *fields: bytes) -> list:
+    """``HMGET key *fields`` (as ``_hmget``)."""
+    value = _plain_hash_at(call.sock._db, key)
+    if value is None:
+        return [None] * len(fields)
+    if value is _GENERIC:
+        return call("hmget", key, *fields)
+    get = value._values.get
+    return [get(field) for field in fields]
+
+
+def _hget_of(call: Call, key: bytes, field: bytes) -> Any:
+    """``HGET key field`` (as ``_hget``)."""
+    value = _plain_hash_at(call.sock._db, key)
+    if value is None:
+        return None
+    if value is _GENERIC:
+        return call("hget", key, field)
+    return value._values.get(field)
+
+
+def _hset(call: Call, db: Any, key: bytes, flat: list) -> None:
+    """``HSET key *flat`` (as ``_hset_write``; the reply unused)."""
+    value = _plain_hash_at(db, key) if flat and not len(flat) % 2 else _GENERIC
+    if value is _GENERIC:
+        call("hset", key, *flat)
+        return
+    pairs = zip(flat[::2], flat[1::2])
+    if value is None:
+        _new_hash(db, key, pairs)
+    else:
+        value._values.update(pairs)
+        db.notify_watch(key)
+
+
+def _n_make_ready(call: Call, p: bytes, q: bytes, mid: bytes, prio: bytes | None = None) -> None:
+    if prio is None:
+        prio = _hget_of(call, p + b"msg:" + mid, b"priority")
+    priority = _num(prio) or 0
+    seq = _write(call, _incr_write, "incr", [p + b"seq"])
+    _write(call, _zadd_write, "zadd", [p + b"q:" + q + b":ready", b"%d" % int((9 - priority) * 1e12 + seq), mid])
+
+
+def _n_signal(call: Call, p: bytes, q: bytes, count: int, tokens: int, signal_ttl: int) -> None:
+    key = p + b"q:" + q + b":signal"
+    if _write(call, _LPUSH, "lpush", [key, *[b"1"] * min(count, tokens)]) > tokens:
+        call("ltrim", key, 0, tokens - 1)
+    _write(call, _pexpire_write, "pexpire", [key, _arg(signal_ttl)])
+
+
+def _n_create_records(call: Call, keys: list, argv: list, i: int) -> int:
+    db = call.sock._db
+    for rec in keys[1:]:
+        n = int(float(argv[i]))
+        pairs = argv[i + 1:i + 1 + 2 * n]
+        if _live(db, rec) is None:
+            fields = dict(zip(pairs[::2], pairs[1::2]))
+            if pairs and not len(pairs) % 2:
+                _new_hash(db, rec, fields)
+            else:
+                call("hset", rec, *pairs)
+            created, mid = fields.get(b"created_at"), fields.get(b"id")
+            if created is None or mid is None:      # a nil argument of redis.call
+                raise ErrorReply("ERR Lua redis lib command arguments must be strings or integers")
+            _write(call, _zadd_write, "zadd", [keys[0], created, mid])
+        i += 1 + 2 * n
+    return i
+
+
+def _n_publish_messages(call: Call, argv: list, first: int, tokens: int, signal_ttl: int) -> int:
+    db = call.sock._db
+    p, now = argv[0], _num(argv[1])
+    added: dict[bytes, int] = {}
+    n = 0
+    for i in range(first, len(argv) - 4, 5):
+        mid, q, prio, eta, body = argv[i:i + 5]
+        key = p + b"msg:" + mid
+        if _live(db, key) is None:
+            _new_hash(db, key, ((b"queue", q), (b"body", body), (b"priority", prio), (b"attempt", b"0")))
+            if eta != b"" and _num(eta) > now:  # type: ignore[operator]
+                _write(call, _zadd_write, "zadd", [p + b"q:" + q + b":delayed", eta, mid])
+            else:
+                _n_make_ready(call, p, q, mid, prio)
+            added[q] = added.get(q, 0) + 1
+            n += 1
+    for q, count in added.items():
+        _write(call, _sadd_write, "sadd", [p + b"queues", q])
+        _n_signal(call, p, q, count, tokens, signal_ttl)
+    return n
+
+
+def _native_send(call: Call, keys: list, argv: list, *, tokens: int, signal_ttl: int) -> Any:
+    """twins.send"""
+    return _n_publish_messages(call, argv, _n_create_records(call, keys, argv, 2), tokens, signal_ttl)
+
+
+def _n_begin_record(call: Call, rec: bytes, index: bytes, mid: bytes, state: bytes, worker: bytes, now: bytes,
+                    new: list) -> int:
+    db = call.sock._db
+    current = _hget_of(call, rec, b"state")
+    if current is not None and current in FINAL:
+        return 0
+    if current is not None:
+        _hset(call, db, rec, [b"state", state, b"worker", worker, b"started_at", now])
+        return _write(call, _hincrby_write, "hincrby", [rec, b"token", b"1"])
+    _hset(call, db, rec, [*new, b"id", mid, b"state", state, b"token", b"1", b"worker", worker, b"started_at", now,
+                          b"created_at", now])
+    _write(call, _zadd_write, "zadd", [index, now, mid])
+    return 1
+
+
+def _n_lease(call: Call, argv: list, q: bytes, mid: bytes, begin: bool) -> Any:
+    p, now, deadline, rec_prefix, index, worker = argv[:6]
+    _write(call, _zadd_write, "zadd", [p + b"q:" + q + b":inflight", deadline, mid])
+    if rec_prefix == b"" or not begin:
+        return b""
+    return _n_begin_record(call, rec_prefix + mid, index, mid, RECEIVED, worker, now, [b"queue", q])
+
+
+def _n_ack(call: Call, p: bytes, mid: bytes, attempt: bytes, rec: bytes | None) -> int:
+    key = p + b"msg:" + mid
+    current, q = _hmget_of(call, key, b"attempt", b"queue")
+    if current != attempt:
+        return 0
+    if rec and (_hget_of(call, rec, b"state") or b"") not in FINAL:
+        return 0
+    inflight = p + b"q:" + q + b":inflight"
+    if _read(call, _zscore, "zscore", (inflight, mid)) is None:
+        return 0
+    _write(call, _zrem_write, "zrem", [inflight, mid])
+    _write(call, _del_write, "del", [key])
+    return 1
+
+
+def _n_write_state(call: Call, rec: bytes, index: bytes, expiring: bytes, done: bytes, a: list, sets: list,
+                   dels: list, done_ttl: int) -> int:
+    db = call.sock._db
+    mid, state, token, created, ttl_ms, expires_at = a
+    current, current_token = _hmget_of(call, rec, b"state", b"token")
+    if current is not None:
+        if current in FINAL:
+            return 0
+        if token != b"" and (current_token if current_token is not None else b"0") != token:
+            return 0
+    else:
+        if token != b"":
+            return 0
+        _hset(call, db, rec, [b"id", mid, b"created_at", created])
+        _write(call, _zadd_write, "zadd", [index, created, mid])
+    _hset(call, db, rec, [b"state", state, *sets])
+    if dels:
+        _read(call, _hdel, "hdel", (rec, *dels))
+    if ttl_ms != b"":
+        _write(call, _pexpire_write, "pexpire", [rec, ttl_ms])
+        _write(call, _zadd_write, "zadd", [expiring, expires_at, mid])
+    if state in FINAL:
+        _write(call, _RPUSH, "rpush", [done, b"1"])
+        _write(call, _pexpire_write, "pexpire", [done, _arg(done_ttl)])
+    return 1
+
+
+def _native_finish(call: Call, keys: list, argv: list, *, done_ttl: int) -> Any:
+    """twins.finish"""
+    p, rec_prefix, index, expiring, done_prefix = argv[:5]
+    stored = []
+    i = 6
+    for _ in range(int(float(argv[5]))):
+        mid, n = argv[i], int(float(argv[i + 6]))
+        j = i + 7 + 2 * n
+        m = int(float(argv[j]))
+        stored.append(_n_write_state(call, rec_prefix + mid, index, expiring, done_prefix + mid, argv[i:i + 6],
+                                     argv[i + 7:j], argv[j + 1:j + 1 + m], done_ttl))
+        i = j + m + 1
+    for k in range(i, len(argv), 3):
+        mid, attempt, checked = argv[k:k + 3]
+        _n_ack(call, p, mid, attempt, rec_prefix + mid if checked == b"1" else b"")
+    return stored
+
+
+def _n_requeue_due(call: Call, p: bytes, now: bytes, batch: bytes, queues: list) -> None:
+    db = call.sock._db
+    top = _score_bound(now)
+    for q in queues:
+        for kind in (b"inflight", b"delayed"):
+            key = p + b"q:" + q + b":" + kind
+            head = _n_first(db, key)
+            if head is None or (top is not None and head[0] > top):
+                continue            # nothing due (as ``_zrangebyscore`` finds)
+            for mid in _read(call, _zrangebyscore, "zrangebyscore", (key, b"-inf", now, b"LIMIT", 0, batch)):
+                _write(call, _zrem_write, "zrem", [key, mid])
+                if kind == b"inflight" and _read(call, _exists, "exists", (p + b"msg:" + mid,)) == 1:
+                    _write(call, _hincrby_write, "hincrby", [p + b"msg:" + mid, b"lapses", b"1"])
+                _n_make_ready(call, p, q, mid)
+
+
+def _n_first(db: Any, key: bytes) -> Any:
+    """(score, member) of the lowest member of the sorted set at ``key``, None where it has none:
+    what ``ZRANGE key 0 0 WITHSCORES`` tells (its score as text ``float`` reads back exactly)."""
+    value = _value(db, key, ZSet)
+    return value._byscore[0] if value else None
+
+
+def _native_reserve(call: Call, keys: list, argv: list) -> Any:
+    """twins.reserve"""
+    db = call.sock._db
+    p, now = argv[0], argv[1]
+    limit = _num(argv[6])
+    queues = argv[8:]
+    _n_requeue_due(call, p, now, argv[7], queues)
+    out: list[Any] = [b"", b"0"]
+    claimed = 0
+    drained = False
+    while claimed < limit:  # type: ignore[operator]
+        best = None
+        best_score = 0.0
+        for q in queues:
+            head = _n_first(db, p + b"q:" + q + b":ready")
+            if head is not None and (best is None or head[0] < best_score):
+                best, best_score = (q, head[1]), head[0]
+        if best is None:
+            drained = True
+            break
+        q, mid = best
+        key = p + b"msg:" + mid
+        body, prio, lapses_field = _hmget_of(call, key, b"body", b"priority", b"lapses")
+        lapses = _num(lapses_field) or 0
+        if body is not None and lapses > 0 and claimed > 0:
+            break
+        _write(call, _zrem_write, "zrem", [p + b"q:" + q + b":ready", mid])
+        if body is not None:
+            attempt = _write(call, _hincrby_write, "hincrby", [key, b"attempt", b"1"])
+            token = _n_lease(call, argv, q, mid, lapses == 0)
+            for v in (mid, q, body, attempt, prio, token, int(lapses)):
+                if v is None:
+                    break
+                out.append(v)
+            claimed += 1
+            if lapses > 0:
+                break
+    if not drained and any(_read(call, _zcard, "zcard", (p + b"q:" + q + b":ready",)) > 0 for q in queues):
+        out[1] = b"1"
+    else:
+        next_due = None
+        for q in queues:
+            for kind in (b"inflight", b"delayed"):
+                head = _n_first(db, p + b"q:" + q + b":" + kind)
+                if head is not None and (next_due is None or head[0] < next_due):
+                    next_due = head[0]
+        out[0] = b"" if next_due is None else Float.encode(next_due, humanfriendly=False)
+    return out
+
+
+#: the twins (functions of nbqueue.drivers.redis.twins) run as their versions above, while
+#: nobody is subscribed to anything on the server
+NATIVE: dict[Callable[..., Any], Callable[..., Any]] = {
+    twins.send: _native_send, twins.finish: _native_finish, twins.reserve: _native_reserve,
+}
+_LPUSH = _WRITES["lpush"]
+_RPUSH = _WRITES["rpush"]
