@@ -212,6 +212,25 @@ def test_a_reserver_that_emptied_its_queues_still_wakes_for_new_delayed_and_expi
     producer.close()
 
 
+def test_a_claim_that_leaves_a_queue_with_nothing_ready_drops_its_wake_up_tokens(store):
+    """Given messages published while nobody waited (a wake-up token each), when claims take
+    them without waiting, then the queue's tokens stay while messages are ready and are gone
+    once a claim leaves nothing ready, so a later wait is not ended by a token whose message
+    was claimed already."""
+    url, options = store
+    broker = RedisBroker(url, options=options)
+    signal = broker._key("q", "signal")
+    broker.publish_many([_out("q", "m1"), _out("q", "m2"), _out("other", "o1")])
+    assert broker.client.llen(signal) == 2
+    assert [d.message_id for d in broker.reserve(["q"], limit=1)] == ["m1"]
+    assert broker.client.llen(signal) == 2                 # m2 is still ready
+    assert [d.message_id for d in broker.reserve(["q", "other"], limit=1)] == ["m2"]
+    assert broker.client.exists(signal) == 0 and broker.client.llen(broker._key("other", "signal")) == 1
+    assert [d.message_id for d in broker.reserve(["other"], limit=5)] == ["o1"]
+    assert broker.client.exists(broker._key("other", "signal")) == 0
+    broker.close()
+
+
 def test_wake_makes_a_blocked_reserve_return_at_once():
     broker = RedisBroker(_memory_url(), options={"max_block": 10})
     got = []

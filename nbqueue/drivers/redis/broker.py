@@ -44,7 +44,8 @@ Keys (``P`` is the prefix)::
     P q:<queue>:delayed      zset   id -> eta
     P q:<queue>:inflight     zset   id -> lease deadline
     P q:<queue>:dead         zset   id -> seq
-    P q:<queue>:signal       list   wake-up tokens pushed by publish/retry (BLPOP)
+    P q:<queue>:signal       list   wake-up tokens pushed by publish/retry (BLPOP); deleted by a
+                                    claim that leaves the queue with nothing ready
     P wake:<broker instance> list   wake-up tokens for this instance's reservers
 """
 from __future__ import annotations
