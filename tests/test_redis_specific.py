@@ -10,6 +10,7 @@ import hashlib
 import logging
 import multiprocessing
 import os
+import queue
 import socket
 import threading
 import time
@@ -211,6 +212,25 @@ def test_a_reserver_that_emptied_its_queues_still_wakes_for_new_delayed_and_expi
     producer.close()
 
 
+def test_a_claim_that_leaves_a_queue_with_nothing_ready_drops_its_wake_up_tokens(store):
+    """Given messages published while nobody waited (a wake-up token each), when claims take
+    them without waiting, then the queue's tokens stay while messages are ready and are gone
+    once a claim leaves nothing ready, so a later wait is not ended by a token whose message
+    was claimed already."""
+    url, options = store
+    broker = RedisBroker(url, options=options)
+    signal = broker._key("q", "signal")
+    broker.publish_many([_out("q", "m1"), _out("q", "m2"), _out("other", "o1")])
+    assert broker.client.llen(signal) == 2
+    assert [d.message_id for d in broker.reserve(["q"], limit=1)] == ["m1"]
+    assert broker.client.llen(signal) == 2                 # m2 is still ready
+    assert [d.message_id for d in broker.reserve(["q", "other"], limit=1)] == ["m2"]
+    assert broker.client.exists(signal) == 0 and broker.client.llen(broker._key("other", "signal")) == 1
+    assert [d.message_id for d in broker.reserve(["other"], limit=5)] == ["o1"]
+    assert broker.client.exists(broker._key("other", "signal")) == 0
+    broker.close()
+
+
 def test_wake_makes_a_blocked_reserve_return_at_once():
     broker = RedisBroker(_memory_url(), options={"max_block": 10})
     got = []
@@ -236,6 +256,75 @@ def test_waiter_blocks_on_the_done_notification(store):
     blocker.join(5)
     assert returned and returned[0] - stored < 1.0
     assert waiter.wait(["t"], timeout=1)
+
+
+def test_a_finish_that_finds_its_queues_empty_stores_first_then_waits_in_its_round_trip_for_the_next_task(
+        store, monkeypatch):
+    """Given a worker thread whose last claim emptied its queue, when its finish claims the
+    next batch, then the result is stored and the message acked before the claim waits for a
+    publish, in the same round trip; a publish ends the wait with the new task claimed and
+    begun, and ``wake()`` ends it with nothing; a finish counting group members does not wait."""
+    from nbqueue.drivers.redis import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "FINISH_WAIT", 30.0)
+    url, options = store
+    engine = RedisEngine(RedisBroker(url, options={**options, "max_block": 30}), RedisBackend(url, options=options))
+    sender = RedisEngine(RedisBroker(url, options=options), RedisBackend(url, options=options))
+    nxt = NextClaim(queues=["q"], limit=5, lease=10, worker="w")
+    steps: queue.Queue = queue.Queue()
+    done: list = []
+
+    def worker_thread():        # claims and finishes in one thread, as an executor does
+        while (step := steps.get()) is not None:
+            done.append(step())
+
+    def finish(claim, group=None):
+        return engine.finish([Outcome(claim.delivery, claim.delivery.message_id, states.SUCCESS, claim.delivery.token,
+                                      {"result": "1"}, group=group)], [claim.delivery], then_claim=nxt)
+
+    def run(step):
+        steps.put(step)
+        wait_for(lambda: len(done) == ran + 1 or engine.broker._waiting == 1, timeout=10, message="a step")
+
+    executor = threading.Thread(target=worker_thread)
+    executor.start()
+    ran = 0
+    # a claim that waits for t1 (so its publish signal is taken) and empties the queue
+    run(lambda: engine.claim(["q"], limit=5, timeout=10, lease=10, worker="w"))
+    sender.send([{"id": "t1", "name": "add"}], [_out("q", "t1")])
+    wait_for(lambda: len(done) == 1, timeout=10, message="t1 claimed")
+    ran, [c1] = 1, done[0]
+    run(lambda: finish(c1))
+    assert engine.broker._waiting == 1 and len(done) == 1                  # the finish waits
+    assert sender.backend.get("t1")["state"] == states.SUCCESS          # stored before the wait
+    assert sender.broker.stats()[0]["in_flight"] == 0                     # and acked
+    sender.send([{"id": "t2", "name": "add"}], [_out("q", "t2")])
+    wait_for(lambda: len(done) == 2, timeout=10, message="the finish returns")
+    first = done[1]
+    assert first.stored == [True] and [c.delivery.message_id for c in first.claimed] == ["t2"]
+    assert first.claimed[0].delivery.token == 1                          # begun in the claim
+
+    ran = 2
+    run(lambda: finish(first.claimed[0]))
+    assert engine.broker._waiting == 1 and len(done) == 2
+    engine.broker.wake()
+    wait_for(lambda: len(done) == 3, timeout=10, message="the finish returns")
+    assert done[2].stored == [True] and done[2].claimed == []
+
+    engine.backend.init_group("g", ["t3"])
+    sender.send([{"id": "t3", "name": "add", "group_id": "g"}], [_out("q", "t3")])
+    ran = 3
+    run(lambda: engine.claim(["q"], limit=5, timeout=1, lease=10, worker="w"))     # empties the queue
+    [c3] = done[3]
+    ran = 4
+    run(lambda: finish(c3, "g"))
+    assert len(done) == 5 and done[4].counts == [(1, 1)] and done[4].claimed == []   # returned without a wait
+    steps.put(None)
+    executor.join(10)
+    engine.broker.close()
+    engine.backend.close()
+    sender.broker.close()
+    sender.backend.close()
 
 
 def test_begin_many_hands_out_tokens_in_one_call_and_skips_final_records():

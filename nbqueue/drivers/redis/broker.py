@@ -44,7 +44,8 @@ Keys (``P`` is the prefix)::
     P q:<queue>:delayed      zset   id -> eta
     P q:<queue>:inflight     zset   id -> lease deadline
     P q:<queue>:dead         zset   id -> seq
-    P q:<queue>:signal       list   wake-up tokens pushed by publish/retry (BLPOP)
+    P q:<queue>:signal       list   wake-up tokens pushed by publish/retry (BLPOP); deleted by a
+                                    claim that leaves the queue with nothing ready
     P wake:<broker instance> list   wake-up tokens for this instance's reservers
 """
 from __future__ import annotations
@@ -59,7 +60,7 @@ import redis
 
 from ...broker import Broker, Delivery, Outgoing, checked_text, queue_list, shown
 from . import twins
-from .client import LUA_FINAL, MIN_BLOCK, connect, guarded, key_prefix, lua, pipeline, register, url_options
+from .client import LUA_FINAL, MIN_BLOCK, RAW, connect, guarded, key_prefix, lua, pipeline, register, url_options
 from .twins import twin
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,23 @@ twin(_PUBLISH, twins.publish, tokens=SIGNAL_TOKENS, signal_ttl=SIGNAL_TTL_MS)
 twin(_PUBLISH_RESERVED, twins.publish_reserved)
 twin(_RESERVE, twins.reserve)
 twin(_SETTLE, twins.settle, tokens=SIGNAL_TOKENS, signal_ttl=SIGNAL_TTL_MS)
+
+
+class _Waiting:
+    """Counts a blocking round trip among the broker's waiters (see ``RedisBroker.wake``)."""
+
+    __slots__ = ("broker",)
+
+    def __init__(self, broker: "RedisBroker"):
+        self.broker = broker
+
+    def __enter__(self) -> None:
+        with self.broker._lock:
+            self.broker._waiting += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self.broker._lock:
+            self.broker._waiting -= 1
 
 
 class RedisBroker(Broker):
@@ -241,12 +259,26 @@ class RedisBroker(Broker):
         return last is not None and last[0] == tuple(queue_list(queues))
 
     def queue_claim(self, pipe, queues: Sequence[str], *, lease: float, limit: int,
-                    records: tuple[str, str, str] | None = None) -> Callable[[list], list[Delivery]]:
-        """Queue a claim that does not wait (``claim`` with no timeout) on ``pipe``, a pipeline
-        of ``self._reader``; returns the function that reads its reply into deliveries, noting
-        for this thread's next claim, as ``claim`` does, whether it left the queues empty."""
+                    records: tuple[str, str, str] | None = None,
+                    wait: float = 0.0) -> tuple[Callable[[list], list[Delivery]], int]:
+        """Queue a claim on ``pipe``, a pipeline of ``self._reader``: one that does not wait
+        (``claim`` with no timeout), or given ``wait`` (seconds) and queues this thread's last
+        claim left empty (``drained``), one that first waits up to ``wait`` for a publish or a
+        ``wake()``, as ``claim`` does (run ``pipe`` inside ``waiting()`` then). Returns the
+        function that reads the claim's reply (the last of the replies it queued) into
+        deliveries, noting for this thread's next claim whether it left the queues empty,
+        and how many replies it queued (1, or 2 with a wait)."""
         queues = queue_list(queues)
         now = self.clock.time()
+        replies = 1
+        last = getattr(self._drained, "last", None)
+        if wait > 0 and last is not None and last[0] == tuple(queues) and (last[1] is None or last[1] > now):
+            if last[1] is not None:
+                wait = min(wait, last[1] - now + 0.001)
+            wait = max(MIN_BLOCK, wait)
+            self._queue_wait(pipe, queues, wait)
+            lease += wait       # a lease from the end of the wait: never shorter than asked
+            replies = 2
         self._reserve(args=self._claim_args(queues, now, lease, limit, records), client=pipe)
 
         def parse(reply: list) -> list[Delivery]:
@@ -257,7 +289,18 @@ class RedisBroker(Broker):
                 self._drained.last = (tuple(queues), next_due)
             return deliveries
 
-        return parse
+        return parse, replies
+
+    def _queue_wait(self, pipe, queues: list[str], wait: float) -> None:
+        """Queue on ``pipe`` a wait of up to ``wait`` seconds (at least MIN_BLOCK) for a publish
+        signal of ``queues`` or a ``wake()``: a BLPOP whose reply, the key and token popped or
+        None, is read as the server sent it."""
+        keys = [self._wake_key] + [self._key(q, "signal") for q in queues]
+        pipe.command_stack.append((("BLPOP", *keys, wait), RAW))
+
+    def waiting(self) -> "_Waiting":
+        """A context for a round trip that blocks on this broker's wake-up key: ``wake()`` ends it."""
+        return _Waiting(self)
 
     def _claim_args(self, queues: list[str], now: float, lease: float, limit: int, records: tuple | None) -> list:
         return [
@@ -309,19 +352,13 @@ class RedisBroker(Broker):
         nothing delayed is moved early, and its lease runs from the end of the longest
         wait, so it is never shorter than asked (at most ``wait`` longer). Returns (woken by
         wake(), claim)."""
-        keys = [self._wake_key] + [self._key(q, "signal") for q in queues]
         wait = max(MIN_BLOCK, wait)
         lease += wait
         pipe = pipeline(self._reader)
-        pipe.blpop(keys, timeout=wait)
+        self._queue_wait(pipe, queues, wait)
         self._reserve(args=self._claim_args(queues, now, lease, limit, records), client=pipe)
-        with self._lock:
-            self._waiting += 1
-        try:
+        with self.waiting():
             popped, reply = pipe.execute()
-        finally:
-            with self._lock:
-                self._waiting -= 1
         return bool(popped) and popped[0] == self._wake_key, self._parse_claim(reply, now + lease)
 
     def _settle_op(self, delivery: Delivery, op: str, *extra: Any) -> bool:

@@ -9,8 +9,12 @@ Its fast paths, each a whole-method override of SplitEngine:
   counts, in one pipeline; an ack acts only once its record is final, and a member is counted
   only once its record is SUCCESS, so a result that was not stored never loses its message
   nor counts its member. Its
-  ``then_claim`` (the worker's next batch) runs the claim script at the end of that pipeline,
-  unless this thread's last claim left the queues empty (the next claim waits on them first).
+  ``then_claim`` (the worker's next batch) runs the claim script at the end of that pipeline;
+  where this thread's last claim left the queues empty, the claim first waits (up to
+  ``FINISH_WAIT``) for a publish or a ``wake()`` in that round trip, as a claim would: the
+  results and acks are stored before the wait. A finish that counts group members does not
+  wait (their workflows advance when it returns): it claims only when the queues were not
+  left empty.
 """
 from __future__ import annotations
 
@@ -27,6 +31,8 @@ from .client import guarded, lua, pipeline, register
 from .twins import twin
 
 log = logging.getLogger(__name__)
+
+FINISH_WAIT = 0.25      # at most this long (s) a finish waits for the next batch when the queues are empty
 
 _SEND = lua("queues", "create_records", "publish_messages", "send", header=LUA_HEADER)
 _FINISH = lua("queues", "state", "ack", "finish", header=LUA_HEADER + f"local DONE_TTL_MS = {DONE_TTL_MS}\n")
@@ -104,22 +110,33 @@ class RedisEngine(SplitEngine):
         ids = {o.task_id for o in outcomes}
         for d in acks:
             args += [d.message_id, str(d.tag), "1" if d.message_id in ids else ""]
-        claiming = then_claim is not None and not self.broker.drained(then_claim.queues)
+        # where this thread's last claim left the queues empty, the claim waits for a publish
+        # first, in this round trip (Redis stores the results before the wait), unless group
+        # members are counted here: their workflows advance as soon as this returns
+        drained = then_claim is not None and self.broker.drained(then_claim.queues)
+        claiming = then_claim is not None and not (drained and members)
         # claims are read with the broker's reader (a body that is not UTF-8 comes back marked)
         pipe = pipeline(self.broker._reader if claiming else self.broker.client)
         self._finish(args=args, client=pipe)
         for o in members:
             assert o.group is not None
             backend._count_member(o.group, o.task_id, client=pipe, if_succeeded=True)
-        parse = None
+        parse, queued = None, 0
         if claiming:
             assert then_claim is not None
-            parse = self.broker.queue_claim(pipe, then_claim.queues, lease=then_claim.lease, limit=then_claim.limit,
-                                            records=self._records(then_claim.worker))
-        replies = pipe.execute(raise_on_error=False)
+            wait = 0.0 if members else min(FINISH_WAIT, self.broker.max_block)
+            parse, queued = self.broker.queue_claim(pipe, then_claim.queues, lease=then_claim.lease,
+                                                    limit=then_claim.limit, records=self._records(then_claim.worker),
+                                                    wait=wait)
+        if queued > 1:
+            with self.broker.waiting():
+                replies = pipe.execute(raise_on_error=False)
+        else:
+            replies = pipe.execute(raise_on_error=False)
         claimed: list[Claim] = []
         if parse is not None:
-            reply = replies.pop()
+            reply = replies[-1]
+            del replies[-queued:]       # the claim's replies (a wait's pop, then the claim)
             if isinstance(reply, Exception):
                 log.warning("claiming in a finish failed (%s); the next claim takes what is ready", reply)
             else:

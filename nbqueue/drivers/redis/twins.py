@@ -232,10 +232,14 @@ def reserve(r: Redis, keys: list[bytes], argv: list[bytes]) -> Any:
             claimed += 1
             if lapses > 0:
                 break
-    # (the script's ZCARDs, whose answer is known where the loop found the ready sets empty)
-    if not drained and any(r("zcard", _qkey(p, q, b"ready")) > 0 for q in queues):
-        out[1] = b"1"
-    else:
+    # (the script's ZCARDs, whose answer is known where the loop found the ready sets empty);
+    # a queue left with nothing ready drops its wake-up tokens
+    for q in queues:
+        if not drained and r("zcard", _qkey(p, q, b"ready")) > 0:
+            out[1] = b"1"
+        else:
+            r("del", _qkey(p, q, b"signal"))
+    if out[1] == b"0":
         out[0] = _next_due(r, p, queues)
     return out
 

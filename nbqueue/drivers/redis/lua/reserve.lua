@@ -7,7 +7,8 @@
 -- same call. A message whose lease ran out gets one more lapse as it is requeued; one
 -- with lapses is claimed alone and not begun. Returns {next due time (when no ready
 -- message is left) or '', '1' if ready messages are left else '0', then (id, queue, body,
--- attempt, priority, token, lapses) per claim}.
+-- attempt, priority, token, lapses) per claim}. The signal list of a queue left with nothing
+-- ready is deleted.
 local limit, batch = tonumber(ARGV[7]), tonumber(ARGV[8])
 local queues = {}
 for i = 9, #ARGV do queues[#queues + 1] = ARGV[i] end
@@ -51,8 +52,10 @@ while claimed < limit do
   end
 end
 
+-- a queue left with nothing ready drops its wake-up tokens: each stood for a message
+-- published while nobody waited, claimed by now, and would only end a later wait early
 for _, q in ipairs(queues) do
-  if redis.call('ZCARD', qkey(q, 'ready')) > 0 then out[2] = '1' end
+  if redis.call('ZCARD', qkey(q, 'ready')) > 0 then out[2] = '1' else redis.call('DEL', qkey(q, 'signal')) end
 end
 if out[2] == '0' then
   local next_due
