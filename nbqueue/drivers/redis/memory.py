@@ -1159,9 +1159,12 @@ def _native_reserve(call: Call, keys: list, argv: list) -> Any:
             claimed += 1
             if lapses > 0:
                 break
-    if not drained and any(_read(call, _zcard, "zcard", (p + b"q:" + q + b":ready",)) > 0 for q in queues):
-        out[1] = b"1"
-    else:
+    for q in queues:
+        if not drained and _read(call, _zcard, "zcard", (p + b"q:" + q + b":ready",)) > 0:
+            out[1] = b"1"
+        else:
+            _write(call, _del_write, "del", [p + b"q:" + q + b":signal"])
+    if out[1] == b"0":
         next_due = None
         for q in queues:
             for kind in (b"inflight", b"delayed"):
