@@ -28,6 +28,7 @@ import random
 import sqlite3
 import threading
 import time
+from typing import Callable, TypeVar
 from urllib.parse import urlsplit
 
 import sqlite_utils
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PATH = os.path.join(".nbqueue", "nbqueue.db")
 RECHECK = 0.5        # seconds between checks, on reads, that the file at the path is still the one open
+T = TypeVar("T")
 FORK_WAIT = 10.0     # seconds a fork waits for this process's threads to finish their statements
 
 
@@ -103,6 +105,8 @@ class SQLiteStore:
         self._checked = 0.0                  # when a read last checked that identity
         self._unusable: str | None = None    # why this forked child cannot use the store (see _after_fork)
         self._fork_held = (False, False)     # the locks a fork in progress holds (see _before_fork)
+        self._jobs: list[_Job] = []          # work of threads waiting for the lock (see combine)
+        self._jobs_lock = threading.Lock()
 
     def _connect(self) -> sqlite3.Connection:
         if self._unusable:
@@ -195,6 +199,7 @@ class SQLiteStore:
             )
         self._lock = threading.RLock()
         self._checkpoint_lock = threading.Lock()
+        self._jobs, self._jobs_lock = [], threading.Lock()
         self._depth = 0
         self._after_commit, self._after_rollback = [], []
         self._conn = self._checkpointer = None
@@ -230,6 +235,75 @@ class SQLiteStore:
         Nested calls in the same thread join the outer transaction.
         """
         return _Transaction(self)
+
+    def combine(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """``work(conn)`` in a write transaction, as ``with write() as conn: return work(conn)``,
+        but committed together with the work of other threads of this process that wait for the
+        store meanwhile: the thread that gets the lock runs every waiting ``work`` in its
+        transaction (each in a savepoint of its own, so one that raises is undone alone and its
+        exception raised in its own thread), and one commit covers them all. A thread inside a
+        transaction already runs ``work`` in it. ``work`` must not depend on the thread it runs
+        in; its ``on_commit``/``on_rollback`` callbacks run in the thread that commits."""
+        if self._depth and self._lock._is_owned():
+            return work(self.conn)
+        job = _Job(work)
+        with self._jobs_lock:
+            self._jobs.append(job)
+        with self._lock:
+            if not job.done:
+                self._run_jobs()
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def _run_jobs(self) -> None:
+        """Holding the lock, outside a transaction: every waiting job (``combine``) in one
+        transaction, taking those that come while it runs, until none is left before the commit."""
+        taken: list[_Job] = []
+        try:
+            with self.write() as conn:
+                while True:
+                    with self._jobs_lock:
+                        jobs, self._jobs = self._jobs, []
+                    if not jobs:
+                        break
+                    taken += jobs
+                    for job in jobs:
+                        self._run_job(conn, job)
+        except BaseException as exc:     # the commit failed, or a job raised past its savepoint
+            for job in taken:
+                if job.error is None:
+                    job.error = exc
+            raise
+        finally:
+            for job in taken:
+                job.done = True
+
+    def _run_job(self, conn: sqlite3.Connection, job: "_Job") -> None:
+        """One job of ``_run_jobs`` in a savepoint: undone alone (its rollback callbacks run at
+        once) when it raises an Exception, which its own thread then raises."""
+        commits, rollbacks = self._after_commit, self._after_rollback
+        self._after_commit, self._after_rollback = [], []
+        conn.execute("SAVEPOINT nbq_job")
+        try:
+            job.result = job.work(conn)
+        except Exception as exc:
+            job.error = exc
+            undo = self._after_rollback
+            self._after_commit, self._after_rollback = commits, rollbacks
+            conn.execute("ROLLBACK TO nbq_job")
+            conn.execute("RELEASE nbq_job")
+            _run_all(undo)
+            return
+        except BaseException:
+            commits.extend(self._after_commit)
+            rollbacks.extend(self._after_rollback)
+            self._after_commit, self._after_rollback = commits, rollbacks
+            raise
+        conn.execute("RELEASE nbq_job")
+        commits.extend(self._after_commit)
+        rollbacks.extend(self._after_rollback)
+        self._after_commit, self._after_rollback = commits, rollbacks
 
     def execute(self, sql: str, params=()) -> "Done":
         """One writing statement; atomic on its own (autocommit) unless inside write()."""
@@ -376,6 +450,18 @@ def _run_all(callbacks: list) -> None:
             fn()
         except Exception:
             log.exception("a transaction callback failed")
+
+
+class _Job:
+    """A thread's work for ``SQLiteStore.combine`` and what became of it."""
+
+    __slots__ = ("work", "done", "result", "error")
+
+    def __init__(self, work) -> None:
+        self.work = work
+        self.done = False
+        self.result = None
+        self.error: BaseException | None = None
 
 
 class Done:

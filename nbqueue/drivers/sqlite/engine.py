@@ -79,8 +79,8 @@ class SQLiteEngine(SplitEngine):
         items = [(o.task_id, o.state, o.token, o.fields) for o in outcomes]
         prepared = self.backend.results_rows(items) if items else None
         begun: dict[int, tuple] = {}
-        deliveries: list[Delivery] = []
-        with self.transaction():
+
+        def work(conn) -> tuple[list, list, list[Delivery]]:
             if prepared is not None:
                 stored = self.backend.store_rows(items, *prepared)
             else:
@@ -91,12 +91,17 @@ class SQLiteEngine(SplitEngine):
             ]
             if acks:
                 self.broker.ack_many(acks)
+            deliveries: list[Delivery] = []
             if then_claim is not None:
                 deliveries = self.broker.claim(
                     list(then_claim.queues), timeout=0, lease=then_claim.lease, limit=then_claim.limit,
                     on_claim=lambda got: begun.update(self._begin_claimed(got, then_claim.worker, then_claim.begins)))
+            return list(stored), counts, deliveries
+
+        # the finishes of this process's threads that wait meanwhile are committed with this one
+        stored, counts, deliveries = self.broker.store.combine(work)
         claimed = self._claims(deliveries, begun, then_claim.worker, then_claim.begins) if then_claim else []
-        return Finished(stored=list(stored), counts=counts, claimed=claimed)
+        return Finished(stored=stored, counts=counts, claimed=claimed)
 
     def run_next(
         self, outgoing: Sequence[Outgoing], *, lease: float, worker: str, begins: Begins | None = None
