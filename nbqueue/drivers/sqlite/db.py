@@ -41,6 +41,7 @@ DEFAULT_PATH = os.path.join(".nbqueue", "nbqueue.db")
 RECHECK = 0.5        # seconds between checks, on reads, that the file at the path is still the one open
 T = TypeVar("T")
 FORK_WAIT = 10.0     # seconds a fork waits for this process's threads to finish their statements
+COMBINE_ROUNDS = 2   # times a combined transaction takes the work waiting (see SQLiteStore.combine)
 
 
 def path_from_url(url: str | None) -> str:
@@ -257,20 +258,28 @@ class SQLiteStore:
         return job.result
 
     def _run_jobs(self) -> None:
-        """Holding the lock, outside a transaction: every waiting job (``combine``) in one
-        transaction, taking those that come while it runs, until none is left before the commit."""
+        """Holding the lock, outside a transaction: the waiting jobs (``combine``) in one
+        transaction; those that came while they ran too, ``COMBINE_ROUNDS`` times at most (the
+        file stays locked for other processes meanwhile). A job alone runs without a savepoint."""
         taken: list[_Job] = []
         try:
             with self.write() as conn:
-                while True:
+                for _ in range(COMBINE_ROUNDS):
                     with self._jobs_lock:
                         jobs, self._jobs = self._jobs, []
                     if not jobs:
                         break
                     taken += jobs
+                    if len(taken) == 1:         # alone so far: it needs no savepoint (it fails the transaction)
+                        taken[0].result = taken[0].work(conn)
+                        continue
                     for job in jobs:
                         self._run_job(conn, job)
-        except BaseException as exc:     # the commit failed, or a job raised past its savepoint
+        except Exception as exc:         # the commit failed, or a job alone in the transaction raised
+            for job in taken:
+                if job.error is None:
+                    job.error = exc
+        except BaseException as exc:
             for job in taken:
                 if job.error is None:
                     job.error = exc

@@ -90,7 +90,7 @@ class SQLiteEngine(SplitEngine):
                 for o, ok in zip(outcomes, stored) if o.group is not None
             ]
             if acks:
-                self.broker.ack_many(acks)
+                self.broker.ack_all(acks)
             deliveries: list[Delivery] = []
             if then_claim is not None:
                 deliveries = self.broker.claim(
