@@ -300,9 +300,11 @@ class SQLiteStore:
             job.error = exc
             undo = self._after_rollback
             self._after_commit, self._after_rollback = commits, rollbacks
-            conn.execute("ROLLBACK TO nbq_job")
-            conn.execute("RELEASE nbq_job")
-            _run_all(undo)
+            try:
+                conn.execute("ROLLBACK TO nbq_job")
+                conn.execute("RELEASE nbq_job")
+            finally:        # (an error that rolled the whole transaction back fails every job: see _run_jobs)
+                _run_all(undo)
             return
         except BaseException:
             commits.extend(self._after_commit)
