@@ -444,7 +444,7 @@ def combined_while_held(store, works: list) -> tuple[list, list[str]]:
 
     def run(i: int) -> None:
         try:
-            outcomes[i] = store.combine(works[i])
+            outcomes[i] = store.combine(works[i])[0]
         except Exception as exc:
             outcomes[i] = exc
 
@@ -508,5 +508,5 @@ def test_a_combined_work_alone_that_fails_rolls_back_and_raises(app):
     with pytest.raises(ValueError):
         store.combine(work)
     assert undone == ["a"] and store.read("SELECT k FROM t") == []
-    assert store.combine(lambda conn: conn.execute("INSERT INTO t VALUES ('b')").rowcount) == 1
+    assert store.combine(lambda conn: conn.execute("INSERT INTO t VALUES ('b')").rowcount) == (1, None)
     assert store.read("SELECT k FROM t") == [("b",)]

@@ -28,7 +28,7 @@ import random
 import sqlite3
 import threading
 import time
-from typing import Callable, TypeVar
+from typing import Any, Callable, Hashable, Tuple, TypeVar
 from urllib.parse import urlsplit
 
 import sqlite_utils
@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 DEFAULT_PATH = os.path.join(".nbqueue", "nbqueue.db")
 RECHECK = 0.5        # seconds between checks, on reads, that the file at the path is still the one open
 T = TypeVar("T")
+#: what runs after the works of a combined transaction (see SQLiteStore.combine): (key, arg, run)
+Then = Tuple[Hashable, Any, Callable[[sqlite3.Connection, list], list]]
 FORK_WAIT = 10.0     # seconds a fork waits for this process's threads to finish their statements
 COMBINE_ROUNDS = 2   # times a combined transaction takes the work waiting (see SQLiteStore.combine)
 
@@ -237,17 +239,24 @@ class SQLiteStore:
         """
         return _Transaction(self)
 
-    def combine(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """``work(conn)`` in a write transaction, as ``with write() as conn: return work(conn)``,
-        but committed together with the work of other threads of this process that wait for the
+    def combine(self, work: Callable[[sqlite3.Connection], T], then: "Then | None" = None) -> tuple[T, Any]:
+        """``(work(conn), None)`` in a write transaction, as ``with write() as conn:``, but
+        committed together with the work of other threads of this process that wait for the
         store meanwhile: the thread that gets the lock runs every waiting ``work`` in its
         transaction (each in a savepoint of its own, so one that raises is undone alone and its
         exception raised in its own thread), and one commit covers them all. A thread inside a
         transaction already runs ``work`` in it. ``work`` must not depend on the thread it runs
-        in; its ``on_commit``/``on_rollback`` callbacks run in the thread that commits."""
+        in; its ``on_commit``/``on_rollback`` callbacks run in the thread that commits.
+
+        ``then``: ``(key, arg, run)``; once every ``work`` of the transaction has run, the
+        ``then`` of those that did not raise run together, one call per key:
+        ``run(conn, [arg, ...])`` returns a list as long, whose item for this call is the second
+        of the pair returned (an exception it raises fails every work of the transaction)."""
         if self._depth and self._lock._is_owned():
-            return work(self.conn)
-        job = _Job(work)
+            conn = self.conn
+            result = work(conn)
+            return result, (then[2](conn, [then[1]])[0] if then is not None else None)
+        job = _Job(work, then)
         with self._jobs_lock:
             self._jobs.append(job)
         with self._lock:
@@ -255,7 +264,19 @@ class SQLiteStore:
                 self._run_jobs()
         if job.error is not None:
             raise job.error
-        return job.result
+        return job.result, job.then_result
+
+    @staticmethod
+    def _run_thens(conn: sqlite3.Connection, jobs: "list[_Job]") -> None:
+        """The ``then`` of ``jobs`` whose work succeeded, one ``run`` per key (see ``combine``)."""
+        groups: dict = {}
+        for job in jobs:
+            if job.then is not None and job.error is None:
+                groups.setdefault(job.then[0], []).append(job)
+        for group in groups.values():
+            results = group[0].then[2](conn, [job.then[1] for job in group])
+            for job, result in zip(group, results):
+                job.then_result = result
 
     def _run_jobs(self) -> None:
         """Holding the lock, outside a transaction: the waiting jobs (``combine``) in one
@@ -275,6 +296,7 @@ class SQLiteStore:
                         continue
                     for job in jobs:
                         self._run_job(conn, job)
+                self._run_thens(conn, taken)
         except Exception as exc:         # the commit failed, or a job alone in the transaction raised
             for job in taken:
                 if job.error is None:
@@ -466,12 +488,14 @@ def _run_all(callbacks: list) -> None:
 class _Job:
     """A thread's work for ``SQLiteStore.combine`` and what became of it."""
 
-    __slots__ = ("work", "done", "result", "error")
+    __slots__ = ("work", "then", "done", "result", "then_result", "error")
 
-    def __init__(self, work) -> None:
+    def __init__(self, work, then: "Then | None" = None) -> None:
         self.work = work
+        self.then = then
         self.done = False
         self.result = None
+        self.then_result = None
         self.error: BaseException | None = None
 
 

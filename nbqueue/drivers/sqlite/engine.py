@@ -78,9 +78,8 @@ class SQLiteEngine(SplitEngine):
         """SplitEngine.finish in one transaction, its statements' rows built before it begins."""
         items = [(o.task_id, o.state, o.token, o.fields) for o in outcomes]
         prepared = self.backend.results_rows(items) if items else None
-        begun: dict[int, tuple] = {}
 
-        def work(conn) -> tuple[list, list, list[Delivery]]:
+        def work(conn) -> tuple[list, list]:
             if prepared is not None:
                 stored = self.backend.store_rows(items, *prepared)
             else:
@@ -91,17 +90,37 @@ class SQLiteEngine(SplitEngine):
             ]
             if acks:
                 self.broker.ack_all(acks)
-            deliveries: list[Delivery] = []
-            if then_claim is not None:
-                deliveries = self.broker.claim(
-                    list(then_claim.queues), timeout=0, lease=then_claim.lease, limit=then_claim.limit,
-                    on_claim=lambda got: begun.update(self._begin_claimed(got, then_claim.worker, then_claim.begins)))
-            return list(stored), counts, deliveries
+            return list(stored), counts
 
-        # the finishes of this process's threads that wait meanwhile are committed with this one
-        stored, counts, deliveries = self.broker.store.combine(work)
-        claimed = self._claims(deliveries, begun, then_claim.worker, then_claim.begins) if then_claim else []
-        return Finished(stored=stored, counts=counts, claimed=claimed)
+        # the finishes of this process's threads that wait meanwhile are committed with this one,
+        # and the next batches of those of the same worker claimed together
+        then = None
+        if then_claim is not None:
+            then = ((tuple(then_claim.queues), then_claim.lease, then_claim.worker, then_claim.begins),
+                    then_claim.limit, self._claim_for(then_claim))
+        (stored, counts), claimed = self.broker.store.combine(work, then)
+        if then_claim is not None:
+            deliveries, begun = claimed
+            claimed = self._claims(deliveries, begun, then_claim.worker, then_claim.begins)
+        return Finished(stored=stored, counts=counts, claimed=claimed or [])
+
+    def _claim_for(self, then_claim: NextClaim):
+        """What claims, inside a finish's transaction, the next batches of finishes of one
+        worker (``SQLiteStore.combine``'s ``then``): ``run(conn, limits)`` claims ``sum(limits)``
+        messages at once and gives each finish ``(deliveries, begun)`` of at most its limit,
+        in order (the best messages to the first)."""
+        def run(conn, limits: list[int]) -> list[tuple[list[Delivery], dict[int, tuple]]]:
+            begun: dict[int, tuple] = {}
+            deliveries = self.broker.claim(
+                list(then_claim.queues), timeout=0, lease=then_claim.lease, limit=sum(limits),
+                on_claim=lambda got: begun.update(self._begin_claimed(got, then_claim.worker, then_claim.begins)))
+            shares = []
+            for limit in limits:
+                mine, deliveries = deliveries[:limit], deliveries[limit:]
+                shares.append((mine, {id(d): begun[id(d)] for d in mine if id(d) in begun}))
+            return shares
+
+        return run
 
     def run_next(
         self, outgoing: Sequence[Outgoing], *, lease: float, worker: str, begins: Begins | None = None
