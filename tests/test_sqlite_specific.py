@@ -510,3 +510,36 @@ def test_a_combined_work_alone_that_fails_rolls_back_and_raises(app):
     assert undone == ["a"] and store.read("SELECT k FROM t") == []
     assert store.combine(lambda conn: conn.execute("INSERT INTO t VALUES ('b')").rowcount) == (1, None)
     assert store.read("SELECT k FROM t") == [("b",)]
+
+
+def test_the_next_batches_of_finishes_committed_together_are_claimed_at_once_each_within_its_limit(app):
+    from nbqueue.engine import NextClaim
+
+    app.register_task("double", lambda x: 2 * x)
+    sent = [app.send_task(Signature("double", args=[i])) for i in range(10)]
+    store = app.broker.store
+    finished: list = [None, None]
+
+    def finish(i: int) -> None:
+        finished[i] = app.engine.finish([], then_claim=NextClaim([app.default_queue], limit=3, lease=30.0,
+                                                                 worker="w"))
+
+    claims: list[str] = []
+    threads = [threading.Thread(target=finish, args=(i,)) for i in range(2)]
+    with store.write():
+        for t in threads:
+            t.start()
+        wait_for(lambda: len(store._jobs) == 2)
+        store.conn.set_trace_callback(lambda sql: claims.append(sql) if "SET state = 1" in sql else None)
+    for t in threads:
+        t.join(10)
+    store.conn.set_trace_callback(None)
+    assert len(claims) == 1                                           # one claim for both
+    got = [[c.message.id for c in f.claimed] for f in finished]
+    assert [len(ids) for ids in got] == [3, 3] and not set(got[0]) & set(got[1])
+    for f in finished:
+        for c in f.claimed:
+            assert c.begun and c.token == 1
+            assert app.backend.get(c.message.id)["state"] == states.RECEIVED
+    assert app.broker.stats()[0]["ready"] == 4
+    assert sorted(got[0] + got[1]) == sorted(r.id for r in sent[:6])
