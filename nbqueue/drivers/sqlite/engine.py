@@ -8,7 +8,8 @@ Its fast paths, each a whole-method override of SplitEngine:
   may hand its messages straight to idle workers of this process, begun in that transaction.
 - ``claim``: the tasks are begun inside the claim's own transaction (one write per batch).
 - ``finish``: results stored, acks and the claim of the next batch (``claims_in_finish``) in
-  one transaction.
+  one transaction, shared with the finishes of the process's threads that wait for the file
+  meanwhile (``SQLiteStore.combine``); the next batches of one worker's are claimed at once.
 - ``run_next``: a worker's own follow-ups are inserted already reserved by it and begun in
   the finishing transaction, so it runs the next chain step without another claim.
 
