@@ -253,18 +253,32 @@ class SQLiteStore:
         ``run(conn, [arg, ...])`` returns a list as long, whose item for this call is the second
         of the pair returned (an exception it raises fails every work of the transaction)."""
         if self._depth and self._lock._is_owned():
-            conn = self.conn
-            result = work(conn)
-            return result, (then[2](conn, [then[1]])[0] if then is not None else None)
+            return self._alone(work, then)
         job = _Job(work, then)
-        with self._jobs_lock:
-            self._jobs.append(job)
-        with self._lock:
-            if not job.done:
+        if self._lock.acquire(blocking=False):
+            try:
+                if not self._jobs:          # nobody waits: a transaction of its own
+                    return self._alone(work, then)
+                with self._jobs_lock:
+                    self._jobs.append(job)
                 self._run_jobs()
+            finally:
+                self._lock.release()
+        else:
+            with self._jobs_lock:
+                self._jobs.append(job)
+            with self._lock:
+                if not job.done:
+                    self._run_jobs()
         if job.error is not None:
             raise job.error
         return job.result, job.then_result
+
+    def _alone(self, work: Callable[[sqlite3.Connection], T], then: "Then | None") -> tuple[T, Any]:
+        """``combine`` of one work in a transaction of its own, or in the caller's."""
+        with self.write() as conn:
+            result = work(conn)
+            return result, (then[2](conn, [then[1]])[0] if then is not None else None)
 
     @staticmethod
     def _run_thens(conn: sqlite3.Connection, jobs: "list[_Job]") -> None:
