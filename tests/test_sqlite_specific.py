@@ -510,3 +510,116 @@ def test_a_file_with_the_earlier_schema_opens_drops_its_created_at_index_and_kee
         assert app.count_tasks() == {(states.SUCCESS, "double"): 6}
     finally:
         app.close()
+
+
+# -- write work of several threads in one transaction (SQLiteStore.combine) ------------------------------------------
+
+def combined_while_held(store, works: list) -> tuple[list, list[str]]:
+    """Run each of ``works`` through ``store.combine`` in a thread of its own while this thread
+    holds the store in a transaction, so that all of them wait and are run together once it
+    commits: the outcome per work (its result or the exception raised), and the statements
+    after the holder's."""
+    outcomes: list = [None] * len(works)
+    statements: list[str] = []
+
+    def run(i: int) -> None:
+        try:
+            outcomes[i] = store.combine(works[i])[0]
+        except Exception as exc:
+            outcomes[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(works))]
+    with store.write():
+        for t in threads:
+            t.start()
+        wait_for(lambda: len(store._jobs) == len(works))
+        store.conn.set_trace_callback(statements.append)
+    for t in threads:
+        t.join(10)
+    store.conn.set_trace_callback(None)
+    return outcomes, statements
+
+
+def test_finishes_of_threads_waiting_for_the_store_are_committed_in_one_transaction(app):
+    store = app.broker.store
+    store.execute("CREATE TABLE t (k TEXT PRIMARY KEY)")
+
+    def insert(key):
+        return lambda conn: conn.execute("INSERT INTO t VALUES (?)", (key,)).rowcount
+
+    outcomes, statements = combined_while_held(store, [insert("a"), insert("b"), insert("c")])
+    assert outcomes == [1, 1, 1]
+    assert [s for s in statements if s in ("BEGIN IMMEDIATE", "COMMIT")] == ["COMMIT", "BEGIN IMMEDIATE", "COMMIT"]
+    assert sorted(k for (k,) in store.read("SELECT k FROM t")) == ["a", "b", "c"]
+
+
+def test_a_combined_work_that_fails_is_undone_alone_and_raises_in_its_own_thread(app):
+    store = app.broker.store
+    store.execute("CREATE TABLE t (k TEXT PRIMARY KEY)")
+    seen: list = []
+
+    def insert(key, fail=False):
+        def work(conn):
+            conn.execute("INSERT INTO t VALUES (?)", (key,))
+            store.on_commit(lambda: seen.append(("committed", key)))
+            store.on_rollback(lambda: seen.append(("undone", key)))
+            if fail:
+                raise ValueError(key)
+            return key
+        return work
+
+    outcomes, _ = combined_while_held(store, [insert("a"), insert("b", fail=True), insert("c")])
+    assert outcomes[0] == "a" and outcomes[2] == "c"
+    assert isinstance(outcomes[1], ValueError) and outcomes[1].args == ("b",)
+    assert sorted(k for (k,) in store.read("SELECT k FROM t")) == ["a", "c"]
+    assert sorted(seen) == [("committed", "a"), ("committed", "c"), ("undone", "b")]
+
+
+def test_a_combined_work_alone_that_fails_rolls_back_and_raises(app):
+    store = app.broker.store
+    store.execute("CREATE TABLE t (k TEXT PRIMARY KEY)")
+    undone: list = []
+
+    def work(conn):
+        conn.execute("INSERT INTO t VALUES ('a')")
+        store.on_rollback(lambda: undone.append("a"))
+        raise ValueError("a")
+
+    with pytest.raises(ValueError):
+        store.combine(work)
+    assert undone == ["a"] and store.read("SELECT k FROM t") == []
+    assert store.combine(lambda conn: conn.execute("INSERT INTO t VALUES ('b')").rowcount) == (1, None)
+    assert store.read("SELECT k FROM t") == [("b",)]
+
+
+def test_the_next_batches_of_finishes_committed_together_are_claimed_at_once_each_within_its_limit(app):
+    from nbqueue.engine import NextClaim
+
+    app.register_task("double", lambda x: 2 * x)
+    sent = [app.send_task(Signature("double", args=[i])) for i in range(10)]
+    store = app.broker.store
+    finished: list = [None, None]
+
+    def finish(i: int) -> None:
+        finished[i] = app.engine.finish([], then_claim=NextClaim([app.default_queue], limit=3, lease=30.0,
+                                                                 worker="w"))
+
+    claims: list[str] = []
+    threads = [threading.Thread(target=finish, args=(i,)) for i in range(2)]
+    with store.write():
+        for t in threads:
+            t.start()
+        wait_for(lambda: len(store._jobs) == 2)
+        store.conn.set_trace_callback(lambda sql: claims.append(sql) if "SET state = 1" in sql else None)
+    for t in threads:
+        t.join(10)
+    store.conn.set_trace_callback(None)
+    assert len(claims) == 1                                           # one claim for both
+    got = [[c.message.id for c in f.claimed] for f in finished]
+    assert [len(ids) for ids in got] == [3, 3] and not set(got[0]) & set(got[1])
+    for f in finished:
+        for c in f.claimed:
+            assert c.begun and c.token == 1
+            assert app.backend.get(c.message.id)["state"] == states.RECEIVED
+    assert app.broker.stats()[0]["ready"] == 4
+    assert sorted(got[0] + got[1]) == sorted(r.id for r in sent[:6])

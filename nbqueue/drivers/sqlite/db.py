@@ -28,6 +28,7 @@ import random
 import sqlite3
 import threading
 import time
+from typing import Any, Callable, Hashable, Tuple, TypeVar
 from urllib.parse import urlsplit
 
 import sqlite_utils
@@ -38,7 +39,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PATH = os.path.join(".nbqueue", "nbqueue.db")
 RECHECK = 0.5        # seconds between checks, on reads, that the file at the path is still the one open
+T = TypeVar("T")
+#: what runs after the works of a combined transaction (see SQLiteStore.combine): (key, arg, run)
+Then = Tuple[Hashable, Any, Callable[[sqlite3.Connection, list], list]]
 FORK_WAIT = 10.0     # seconds a fork waits for this process's threads to finish their statements
+COMBINE_ROUNDS = 2   # times a combined transaction takes the work waiting (see SQLiteStore.combine)
 
 
 def path_from_url(url: str | None) -> str:
@@ -103,6 +108,8 @@ class SQLiteStore:
         self._checked = 0.0                  # when a read last checked that identity
         self._unusable: str | None = None    # why this forked child cannot use the store (see _after_fork)
         self._fork_held = (False, False)     # the locks a fork in progress holds (see _before_fork)
+        self._jobs: list[_Job] = []          # work of threads waiting for the lock (see combine)
+        self._jobs_lock = threading.Lock()
 
     def _connect(self) -> sqlite3.Connection:
         if self._unusable:
@@ -195,6 +202,7 @@ class SQLiteStore:
             )
         self._lock = threading.RLock()
         self._checkpoint_lock = threading.Lock()
+        self._jobs, self._jobs_lock = [], threading.Lock()
         self._depth = 0
         self._after_commit, self._after_rollback = [], []
         self._conn = self._checkpointer = None
@@ -230,6 +238,119 @@ class SQLiteStore:
         Nested calls in the same thread join the outer transaction.
         """
         return _Transaction(self)
+
+    def combine(self, work: Callable[[sqlite3.Connection], T], then: "Then | None" = None) -> tuple[T, Any]:
+        """``(work(conn), None)`` in a write transaction, as ``with write() as conn:``, but
+        committed together with the work of other threads of this process that wait for the
+        store meanwhile: the thread that gets the lock runs every waiting ``work`` in its
+        transaction (each in a savepoint of its own, so one that raises is undone alone and its
+        exception raised in its own thread), and one commit covers them all. A thread inside a
+        transaction already runs ``work`` in it. ``work`` must not depend on the thread it runs
+        in; its ``on_commit``/``on_rollback`` callbacks run in the thread that commits.
+
+        ``then``: ``(key, arg, run)``; once every ``work`` of the transaction has run, the
+        ``then`` of those that did not raise run together, one call per key:
+        ``run(conn, [arg, ...])`` returns a list as long, whose item for this call is the second
+        of the pair returned (an exception it raises fails every work of the transaction)."""
+        if self._depth and self._lock._is_owned():
+            return self._alone(work, then)
+        job = _Job(work, then)
+        if self._lock.acquire(blocking=False):
+            try:
+                if not self._jobs:          # nobody waits: a transaction of its own
+                    return self._alone(work, then)
+                with self._jobs_lock:
+                    self._jobs.append(job)
+                self._run_jobs()
+            finally:
+                self._lock.release()
+        else:
+            with self._jobs_lock:
+                self._jobs.append(job)
+            with self._lock:
+                if not job.done:
+                    self._run_jobs()
+        if job.error is not None:
+            raise job.error
+        return job.result, job.then_result
+
+    def _alone(self, work: Callable[[sqlite3.Connection], T], then: "Then | None") -> tuple[T, Any]:
+        """``combine`` of one work in a transaction of its own, or in the caller's."""
+        with self.write() as conn:
+            result = work(conn)
+            return result, (then[2](conn, [then[1]])[0] if then is not None else None)
+
+    @staticmethod
+    def _run_thens(conn: sqlite3.Connection, jobs: "list[_Job]") -> None:
+        """The ``then`` of ``jobs`` whose work succeeded, one ``run`` per key (see ``combine``)."""
+        groups: dict = {}
+        for job in jobs:
+            if job.then is not None and job.error is None:
+                groups.setdefault(job.then[0], []).append(job)
+        for group in groups.values():
+            results = group[0].then[2](conn, [job.then[1] for job in group])
+            for job, result in zip(group, results):
+                job.then_result = result
+
+    def _run_jobs(self) -> None:
+        """Holding the lock, outside a transaction: the waiting jobs (``combine``) in one
+        transaction; those that came while they ran too, ``COMBINE_ROUNDS`` times at most (the
+        file stays locked for other processes meanwhile). A job alone runs without a savepoint."""
+        taken: list[_Job] = []
+        try:
+            with self.write() as conn:
+                for _ in range(COMBINE_ROUNDS):
+                    with self._jobs_lock:
+                        jobs, self._jobs = self._jobs, []
+                    if not jobs:
+                        break
+                    taken += jobs
+                    if len(taken) == 1:         # alone so far: it needs no savepoint (it fails the transaction)
+                        taken[0].result = taken[0].work(conn)
+                        continue
+                    for job in jobs:
+                        self._run_job(conn, job)
+                self._run_thens(conn, taken)
+        except Exception as exc:         # the commit failed, or a job alone in the transaction raised
+            for job in taken:
+                if job.error is None:
+                    job.error = exc
+        except BaseException as exc:
+            for job in taken:
+                if job.error is None:
+                    job.error = exc
+            raise
+        finally:
+            for job in taken:
+                job.done = True
+
+    def _run_job(self, conn: sqlite3.Connection, job: "_Job") -> None:
+        """One job of ``_run_jobs`` in a savepoint: undone alone (its rollback callbacks run at
+        once) when it raises an Exception, which its own thread then raises."""
+        commits, rollbacks = self._after_commit, self._after_rollback
+        self._after_commit, self._after_rollback = [], []
+        conn.execute("SAVEPOINT nbq_job")
+        try:
+            job.result = job.work(conn)
+        except Exception as exc:
+            job.error = exc
+            undo = self._after_rollback
+            self._after_commit, self._after_rollback = commits, rollbacks
+            try:
+                conn.execute("ROLLBACK TO nbq_job")
+                conn.execute("RELEASE nbq_job")
+            finally:        # (an error that rolled the whole transaction back fails every job: see _run_jobs)
+                _run_all(undo)
+            return
+        except BaseException:
+            commits.extend(self._after_commit)
+            rollbacks.extend(self._after_rollback)
+            self._after_commit, self._after_rollback = commits, rollbacks
+            raise
+        conn.execute("RELEASE nbq_job")
+        commits.extend(self._after_commit)
+        rollbacks.extend(self._after_rollback)
+        self._after_commit, self._after_rollback = commits, rollbacks
 
     def execute(self, sql: str, params=()) -> "Done":
         """One writing statement; atomic on its own (autocommit) unless inside write()."""
@@ -376,6 +497,20 @@ def _run_all(callbacks: list) -> None:
             fn()
         except Exception:
             log.exception("a transaction callback failed")
+
+
+class _Job:
+    """A thread's work for ``SQLiteStore.combine`` and what became of it."""
+
+    __slots__ = ("work", "then", "done", "result", "then_result", "error")
+
+    def __init__(self, work, then: "Then | None" = None) -> None:
+        self.work = work
+        self.then = then
+        self.done = False
+        self.result = None
+        self.then_result = None
+        self.error: BaseException | None = None
 
 
 class Done:

@@ -8,7 +8,8 @@ Its fast paths, each a whole-method override of SplitEngine:
   may hand its messages straight to idle workers of this process, begun in that transaction.
 - ``claim``: the tasks are begun inside the claim's own transaction (one write per batch).
 - ``finish``: results stored, acks and the claim of the next batch (``claims_in_finish``) in
-  one transaction.
+  one transaction, shared with the finishes of the process's threads that wait for the file
+  meanwhile (``SQLiteStore.combine``); the next batches of one worker's are claimed at once.
 - ``run_next``: a worker's own follow-ups are inserted already reserved by it and begun in
   the finishing transaction, so it runs the next chain step without another claim.
 
@@ -78,9 +79,8 @@ class SQLiteEngine(SplitEngine):
         """SplitEngine.finish in one transaction, its statements' rows built before it begins."""
         items = [(o.task_id, o.state, o.token, o.fields) for o in outcomes]
         prepared = self.backend.results_rows(items) if items else None
-        begun: dict[int, tuple] = {}
-        deliveries: list[Delivery] = []
-        with self.transaction():
+
+        def work(conn) -> tuple[list, list]:
             if prepared is not None:
                 stored = self.backend.store_rows(items, *prepared)
             else:
@@ -90,13 +90,38 @@ class SQLiteEngine(SplitEngine):
                 for o, ok in zip(outcomes, stored) if o.group is not None
             ]
             if acks:
-                self.broker.ack_many(acks)
-            if then_claim is not None:
-                deliveries = self.broker.claim(
-                    list(then_claim.queues), timeout=0, lease=then_claim.lease, limit=then_claim.limit,
-                    on_claim=lambda got: begun.update(self._begin_claimed(got, then_claim.worker, then_claim.begins)))
-        claimed = self._claims(deliveries, begun, then_claim.worker, then_claim.begins) if then_claim else []
-        return Finished(stored=list(stored), counts=counts, claimed=claimed)
+                self.broker.ack_all(acks)
+            return list(stored), counts
+
+        # the finishes of this process's threads that wait meanwhile are committed with this one,
+        # and the next batches of those of the same worker claimed together
+        then = None
+        if then_claim is not None:
+            then = ((tuple(then_claim.queues), then_claim.lease, then_claim.worker, then_claim.begins),
+                    then_claim.limit, self._claim_for(then_claim))
+        (stored, counts), claimed = self.broker.store.combine(work, then)
+        if then_claim is not None:
+            deliveries, begun = claimed
+            claimed = self._claims(deliveries, begun, then_claim.worker, then_claim.begins)
+        return Finished(stored=stored, counts=counts, claimed=claimed or [])
+
+    def _claim_for(self, then_claim: NextClaim):
+        """What claims, inside a finish's transaction, the next batches of finishes of one
+        worker (``SQLiteStore.combine``'s ``then``): ``run(conn, limits)`` claims ``sum(limits)``
+        messages at once and gives each finish ``(deliveries, begun)`` of at most its limit,
+        in order (the best messages to the first)."""
+        def run(conn, limits: list[int]) -> list[tuple[list[Delivery], dict[int, tuple]]]:
+            begun: dict[int, tuple] = {}
+            deliveries = self.broker.claim(
+                list(then_claim.queues), timeout=0, lease=then_claim.lease, limit=sum(limits),
+                on_claim=lambda got: begun.update(self._begin_claimed(got, then_claim.worker, then_claim.begins)))
+            shares = []
+            for limit in limits:
+                mine, deliveries = deliveries[:limit], deliveries[limit:]
+                shares.append((mine, {id(d): begun[id(d)] for d in mine if id(d) in begun}))
+            return shares
+
+        return run
 
     def run_next(
         self, outgoing: Sequence[Outgoing], *, lease: float, worker: str, begins: Begins | None = None
