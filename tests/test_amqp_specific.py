@@ -524,6 +524,31 @@ def test_ack_many_reaches_rabbitmq_and_only_the_unacked_message_comes_back(amqp,
     assert again.reserve([q], timeout=0.5, lease=5) == []
 
 
+def test_an_ack_held_back_while_a_reserver_waits_still_reaches_rabbitmq(amqp, qname):
+    """With a reserver waiting for more, an ack may be held back until the next delivery (see
+    consumer.Session): the waiting reserver still gets the next message, and neither acked
+    message comes back once the broker closes; the one left unacked does."""
+    broker, q = amqp(), qname("held")
+    broker.publish_many([out(q, id="m1")])
+    [first] = reserve_all(broker, [q], 1, limit=1)
+    got: list = []
+    waiting = threading.Thread(target=lambda: got.extend(broker.reserve([q], timeout=10, lease=30, limit=2)))
+    waiting.start()
+    wait_for(lambda: broker._consumption.demands, timeout=5)
+    assert broker.ack(first)
+    broker.publish_many([out(q, id="m2")])
+    waiting.join(15)
+    assert [d.message_id for d in got] == ["m2"]
+    broker.publish_many([out(q, id="m3")])
+    [third] = reserve_all(broker, [q], 1, limit=1)
+    assert broker.ack_many([got[0]]) == [True]
+    broker.close()
+    again = amqp()
+    [back] = again.reserve([q], timeout=5, lease=5)
+    assert back.message_id == "m3" and back.redelivered
+    assert again.reserve([q], timeout=0.5, lease=5) == []
+
+
 # -- connections ----------------------------------------------------------------------------
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")

@@ -13,8 +13,12 @@ Capabilities:
 - Durability: durable queues, persistent messages, publisher confirms; a publish the
   broker nacks, or returns as unroutable (``mandatory``), raises ``PublishRefused``.
   Work and delay queues are classic queues of version 2 (``x-queue-version=2``, RabbitMQ
-  3.10+; older servers ignore it), which confirm a persistent message several times sooner
-  than version 1; a queue that already exists without the argument is used as it is.
+  3.10+; older servers ignore it), which confirm a persistent message sooner than version 1
+  (RabbitMQ 3.10 here, one publish at a time to a priority queue: 0.35 ms against 0.6 ms;
+  see consumer.Session for what a consumer's acks do to it); a queue that already exists
+  without the argument is used as it is (declaring it with other arguments would fail); a
+  policy converts it in place, messages kept:
+  ``rabbitmqctl set_policy --apply-to queues cqv2 '^myqueue$' '{"queue-version":2}'``.
   ``publish_many`` pipelines up to ``publish_batch`` messages per confirm round trip.
   ``start_publish`` writes the messages out and returns the function that waits for their
   confirms: the engine records the tasks (in SQLite) meanwhile.

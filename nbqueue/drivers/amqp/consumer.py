@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 #: a reserve() on queues not consumed yet waits up to this long for the consumer to start,
 #: then FIRST_PUSH_S for the messages RabbitMQ pushes at once (so timeout=0 still finds them)
 SETUP_WAIT_S, FIRST_PUSH_S = 2.0, 0.05
+#: the longest an ack is held back (see Session) when no further delivery comes
+HOLD_ACK_S = 0.02
 
 
 @dataclasses.dataclass
@@ -56,7 +58,19 @@ class Pending:
 
 
 class Session:
-    """One consuming connection + channel. Delivery tags are only meaningful within it."""
+    """One consuming connection + channel. Delivery tags are only meaningful within it.
+
+    Holding an ack: a classic queue of version 2 deletes an index segment file when its last
+    unacked message is acked, and makes it again for the next message, which delays that
+    message's publisher confirm (measured on RabbitMQ 3.10: about 0.35 ms for a persistent
+    message to a queue nobody consumes, 0.9-1.1 ms when a consumer acks each at once, 0.5 ms
+    when it acks each at the next delivery). So while reservers wait and the prefetch window
+    has room to spare, the newest ack of a batch is held back until the next delivery on the
+    session, HOLD_ACK_S at most, or until a waiting reserver would need its slot; the task's
+    result is already stored when its ack is handed over, so a held ack only widens the
+    window in which a worker's death makes RabbitMQ redeliver a finished task (its record
+    says it is finished; it is not run again).
+    """
 
     def __init__(self, connection: pika.BlockingConnection, channel: Any):
         self.connection = connection
@@ -66,29 +80,51 @@ class Session:
         self.consumers: dict[str, str] = {}          # queue -> consumer tag
         self.buffer: list[Pending] = []              # pushed, not yet reserved
         self.outstanding: dict[int, str] = {}        # delivery tag -> queue, handed out, not settled
+        self.held: int | None = None                 # settled, its basic.ack held back (see above)
+        self._timer: Any = None
 
-    def settle(self, delivery_tag: int, action: str) -> None:
-        """Run on the I/O thread: ack or nack(requeue) one delivery of this session."""
+    def requeue(self, delivery_tag: int) -> None:
+        """Run on the I/O thread: nack (requeue) one delivery of this session."""
         if not (self.alive and self.channel.is_open):
             return
         try:
-            if action == "ack":
-                self.channel.basic_ack(delivery_tag)
-            else:
-                self.channel.basic_nack(delivery_tag, requeue=True)
+            self.channel.basic_nack(delivery_tag, requeue=True)
         except Exception:  # the channel died under us; the loop notices and reconnects
-            log.debug("could not %s delivery %s", action, delivery_tag, exc_info=True)
+            log.debug("could not requeue delivery %s", delivery_tag, exc_info=True)
 
-    def ack_many(self, delivery_tags: list[int]) -> None:
-        """Run on the I/O thread: ack several deliveries, written out with one flush."""
+    def ack_many(self, delivery_tags: list[int], hold: bool = False) -> None:
+        """Run on the I/O thread: ack deliveries (and an ack held before), written out with one
+        flush; ``hold``: the newest one's ack is held back instead (see the class)."""
         if not (self.alive and self.channel.is_open):
             return
+        tags = sorted(delivery_tags) if self.held is None else sorted([*delivery_tags, self.held])
+        self.held = tags.pop() if hold else None
+        if self.held is not None and self._timer is None:
+            self._timer = self.connection.call_later(HOLD_ACK_S, self._held_too_long)
         try:
-            for tag in delivery_tags[:-1]:
+            for tag in tags[:-1]:
                 self.channel._impl.basic_ack(tag)     # queued on the async channel, no flush yet
-            self.channel.basic_ack(delivery_tags[-1])  # ... and flushed with the last
+            if tags:
+                self.channel.basic_ack(tags[-1])      # ... and flushed with the last
         except Exception:  # the channel died under us; the loop notices and reconnects
-            log.debug("could not ack %d deliveries", len(delivery_tags), exc_info=True)
+            log.debug("could not ack %d deliveries", len(tags), exc_info=True)
+
+    def release(self, flush: bool = True) -> None:
+        """Run on the I/O thread: send the held ack, if any (``flush``: write it out now)."""
+        tag, self.held = self.held, None
+        if tag is None or not (self.alive and self.channel.is_open):
+            return
+        try:
+            if flush:
+                self.channel.basic_ack(tag)
+            else:
+                self.channel._impl.basic_ack(tag)
+        except Exception:  # the channel died under us; the loop notices and reconnects
+            log.debug("could not ack delivery %s", tag, exc_info=True)
+
+    def _held_too_long(self) -> None:
+        self._timer = None
+        self.release()
 
     def __repr__(self) -> str:
         return f"<amqp session {id(self):#x}{'' if self.alive else ' closed'}>"
@@ -143,7 +179,8 @@ class Consumption:
             session = self.session
             # wake the I/O thread only if consumers or the prefetch window must change
             change = (setting_up or session is None or session.prefetch != self.window(session)
-                      or not set(session.consumers) <= set().union(*(d.queues for d in self.demands)))
+                      or not set(session.consumers) <= set().union(*(d.queues for d in self.demands))
+                      or (session.held is not None and not self.may_hold(session)))
             self.dirty = self.dirty or change
         if change:
             consumer.poke()
@@ -178,6 +215,18 @@ class Consumption:
     def window(self, session: Session) -> int:
         """Under the lock: the prefetch the waiting reservers need (held + asked for)."""
         return max(1, len(session.outstanding) + sum(d.limit for d in self.demands))
+
+    def may_hold(self, session: Session) -> bool:
+        """Under the lock: may one ack be held back? Only while reservers wait and the
+        prefetch leaves a delivery's room besides it and what is pushed or handed out."""
+        room = min(session.prefetch or 1, self.window(session))
+        return bool(self.demands) and len(session.outstanding) + len(session.buffer) + 1 < room
+
+    def _ack_on_io(self, session: Session, delivery_tags: list[int]) -> None:
+        """Run on the I/O thread: ack, holding the newest ack back when ``may_hold``."""
+        with self.cond:
+            hold = self.may_hold(session)
+        session.ack_many(delivery_tags, hold)
 
     def consuming(self, queues: frozenset) -> bool:
         """Under the lock: is the current session consuming all of ``queues``?"""
@@ -229,8 +278,10 @@ class Consumption:
 
     def handover(self, session: Session, delivery_tag: int, action: str) -> bool:
         """Have the I/O thread ack or requeue (AMQP acks have no reply, so this does not wait)."""
+        settle = (functools.partial(self._ack_on_io, session, [delivery_tag]) if action == "ack"
+                  else functools.partial(session.requeue, delivery_tag))
         try:
-            session.connection.add_callback_threadsafe(functools.partial(session.settle, delivery_tag, action))
+            session.connection.add_callback_threadsafe(settle)
         except Exception:
             return False
         with self.cond:
@@ -255,7 +306,7 @@ class Consumption:
         failed: set = set()
         for session, session_tags in tags.items():   # one session, unless it was replaced meanwhile
             try:
-                session.connection.add_callback_threadsafe(functools.partial(session.ack_many, session_tags))
+                session.connection.add_callback_threadsafe(functools.partial(self._ack_on_io, session, session_tags))
             except Exception:
                 failed.add(session)
         if tags:
@@ -336,6 +387,7 @@ class ConsumerThread(threading.Thread):
                     if not session.channel.is_open:
                         raise pex.ChannelWrongStateError("the consuming channel was closed by the broker")
                 session.connection.process_data_events(time_limit=0)   # settle what was handed over
+                session.release()
             except CONNECTION_ERRORS + (pex.AMQPChannelError,) as exc:
                 self._lost(session, exc)
                 if self.stopping:
@@ -411,6 +463,7 @@ class ConsumerThread(threading.Thread):
         self, session: Session, queue: str, _channel: Any, method: Any, properties: Any, body: bytes
     ) -> None:
         state = self.state
+        session.release(flush=False)      # this delivery is in the queue's index: the segment stays
         with state.cond:
             if not session.alive:
                 return
@@ -439,6 +492,9 @@ class ConsumerThread(threading.Thread):
                 wanted, prefetch = set(session.consumers), None
             cancel = [q for q in session.consumers if q not in wanted]
             add = sorted(q for q in wanted if q not in session.consumers)
+            release = session.held is not None and (bool(cancel) or not self.state.may_hold(session))
+        if release:
+            session.release()
         channel = session.channel
         if prefetch is not None and prefetch != session.prefetch:
             channel.basic_qos(prefetch_count=min(prefetch, 65535), global_qos=True)

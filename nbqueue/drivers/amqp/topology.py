@@ -45,7 +45,7 @@ H_RECHECK = "x-nbq-recheck"      # put back while an earlier attempt was alive: 
 
 
 #: classic queues of version 2 (RabbitMQ 3.10+, the only version in 4.x; older servers ignore the
-#: argument): a persistent message is confirmed several times sooner than by version 1's queue index
+#: argument): a persistent message is confirmed sooner than by version 1's queue index (see broker.py)
 QUEUE_VERSION = {"x-queue-version": 2}
 
 
@@ -135,7 +135,8 @@ class Shapes:
         if exc.reply_code != 406 or "x-queue-version" not in str(exc.reply_text) or name in self.unversioned:
             return False
         self.unversioned.add(name)
-        log.info("RabbitMQ queue %s exists without x-queue-version: declared as it is", name)
+        log.info("RabbitMQ queue %s exists without x-queue-version: declared as it is (a policy with "
+                 "queue-version 2 converts it in place, its messages kept)", name)
         return True
 
 
