@@ -38,10 +38,6 @@ from ...errors import ConfigurationError
 log = logging.getLogger(__name__)
 
 DEFAULT_PATH = os.path.join(".nbqueue", "nbqueue.db")
-#: pauses (s) between attempts of BEGIN IMMEDIATE while another process holds the write lock,
-#: before SQLite's own busy handler takes over (it sleeps 1 ms first, then longer, while a
-#: write transaction here holds the lock about 0.1 ms)
-BEGIN_PAUSES = (0.00005, 0.0001, 0.0001, 0.0002, 0.0002, 0.0005, 0.0005, 0.001, 0.001, 0.002)
 RECHECK = 0.5        # seconds between checks, on reads, that the file at the path is still the one open
 T = TypeVar("T")
 #: what runs after the works of a combined transaction (see SQLiteStore.combine): (key, arg, run)
@@ -235,23 +231,6 @@ class SQLiteStore:
                     raise
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 0.2)
-
-    def _begin(self, conn: sqlite3.Connection) -> None:
-        """BEGIN IMMEDIATE. While another process holds the write lock it is tried again after
-        each of BEGIN_PAUSES, with the busy timeout off meanwhile, then under the busy timeout."""
-        conn.execute("PRAGMA busy_timeout=0")
-        try:
-            for pause in BEGIN_PAUSES:
-                try:
-                    conn.execute("BEGIN IMMEDIATE")
-                    return
-                except sqlite3.OperationalError as exc:
-                    if "locked" not in str(exc) and "busy" not in str(exc):
-                        raise
-                time.sleep(pause)
-        finally:
-            conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
-        self._retry_locked(lambda: conn.execute("BEGIN IMMEDIATE"))
 
     def write(self) -> "_Transaction":
         """``with store.write() as conn:`` — one BEGIN IMMEDIATE transaction, retried while busy.
@@ -470,7 +449,7 @@ class _Transaction:
                 return store.conn
             store._check_file()
             conn = store.conn
-            store._begin(conn)
+            store._retry_locked(lambda: conn.execute("BEGIN IMMEDIATE"))
         except BaseException:
             store._lock.release()
             raise
