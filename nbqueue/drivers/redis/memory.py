@@ -1084,17 +1084,11 @@ def _n_write_state(call: Call, rec: bytes, index: bytes, expiring: bytes, done: 
 def _native_finish(call: Call, keys: list, argv: list, *, done_ttl: int) -> Any:
     """twins.finish"""
     p, rec_prefix, index, expiring, done_prefix = argv[:5]
-    stored = []
-    i = 6
-    for _ in range(int(float(argv[5]))):
-        mid, n = argv[i], int(float(argv[i + 6]))
-        j = i + 7 + 2 * n
-        m = int(float(argv[j]))
-        stored.append(_n_write_state(call, rec_prefix + mid, index, expiring, done_prefix + mid, argv[i:i + 6],
-                                     argv[i + 7:j], argv[j + 1:j + 1 + m], done_ttl))
-        i = j + m + 1
-    for k in range(i, len(argv), 3):
-        mid, attempt, checked = argv[k:k + 3]
+    states, acks = twins.finish_args(argv)
+    stored = [_n_write_state(call, rec_prefix + mid, index, expiring, done_prefix + mid, head, fields, extra,
+                             done_ttl)
+              for mid, head, fields, extra in states]
+    for mid, attempt, checked in acks:
         _n_ack(call, p, mid, attempt, rec_prefix + mid if checked == b"1" else b"")
     return stored
 

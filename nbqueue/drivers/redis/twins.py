@@ -357,19 +357,25 @@ def set_state(r: Redis, keys: list[bytes], argv: list[bytes], *, done_ttl: int) 
 
 # -- the engine's scripts ----------------------------------------------------------------
 
-def finish(r: Redis, keys: list[bytes], argv: list[bytes], *, done_ttl: int) -> Any:
-    """finish.lua"""
-    p, rec_prefix, index, expiring, done_prefix = argv[:5]
-    stored = []
-    i = 6
+def finish_args(argv: list[bytes]) -> tuple[list[tuple], list[tuple]]:
+    """finish.lua's arguments after its first five, split: ``(states, acks)``, each state
+    ``(id, head (6 values), fields, extra)`` and each ack ``(id, attempt, checked)``."""
+    states, i = [], 6
     for _ in range(int(float(argv[5]))):
         mid, n = argv[i], int(float(argv[i + 6]))
         j = i + 7 + 2 * n
         m = int(float(argv[j]))
-        stored.append(_write_state(r, rec_prefix + mid, index, expiring, done_prefix + mid, argv[i:i + 6],
-                                   argv[i + 7:j], argv[j + 1:j + 1 + m], done_ttl))
+        states.append((mid, argv[i:i + 6], argv[i + 7:j], argv[j + 1:j + 1 + m]))
         i = j + m + 1
-    for k in range(i, len(argv), 3):
-        mid, attempt, checked = argv[k:k + 3]
+    return states, [tuple(argv[k:k + 3]) for k in range(i, len(argv), 3)]
+
+
+def finish(r: Redis, keys: list[bytes], argv: list[bytes], *, done_ttl: int) -> Any:
+    """finish.lua"""
+    p, rec_prefix, index, expiring, done_prefix = argv[:5]
+    states, acks = finish_args(argv)
+    stored = [_write_state(r, rec_prefix + mid, index, expiring, done_prefix + mid, head, fields, extra, done_ttl)
+              for mid, head, fields, extra in states]
+    for mid, attempt, checked in acks:
         _ack(r, p, mid, attempt, rec_prefix + mid if checked == b"1" else b"")
     return stored
