@@ -83,10 +83,12 @@ def test_a_task_may_wait_for_another_while_a_free_worker_thread_can_run_it(app):
 def test_two_tasks_waiting_on_a_two_thread_worker_the_second_fails_at_once(app):
     """Both threads held by waits: the second wait would never end, the first one does."""
     gate = threading.Event()
+    both_running = threading.Barrier(2)
     inner = app.task(name="inner")(lambda x: x)
 
     @app.task(name="outer")
     def outer(x):
+        both_running.wait(30)         # each outer task holds a thread before either sends
         if x == 2:
             gate.wait(30)             # waits only once outer(1) holds its thread in its wait
         else:
