@@ -22,9 +22,9 @@ class LocalWakeups:
     its file). A waiter for particular task ids ``watch``es them and is woken only by a
     notification that names one of them (a chain's waiter sleeps through its hundred steps).
 
-    Work may also be left for the next waiter of a key (``before_wait``): a worker that keeps
-    finished tasks of this process uncommitted a moment, to commit them with the next ones,
-    has them committed by the first thread of this process that waits for a result.
+    Work may also be left for the next waiter of a key (``before_wait``): a reserver of this
+    process that lingers over messages handed to it (the SQLite broker's hand-over) is hurried
+    by the first thread of this process that begins to wait for a result.
     """
 
     def __init__(self) -> None:

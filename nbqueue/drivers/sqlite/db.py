@@ -311,15 +311,12 @@ class SQLiteStore:
                     for job in jobs:
                         self._run_job(conn, job)
                 self._run_thens(conn, taken)
-        except Exception as exc:         # the commit failed, or a job alone in the transaction raised
+        except BaseException as exc:     # the commit failed, or a job alone in the transaction raised
             for job in taken:
                 if job.error is None:
                     job.error = exc
-        except BaseException as exc:
-            for job in taken:
-                if job.error is None:
-                    job.error = exc
-            raise
+            if not isinstance(exc, Exception):
+                raise
         finally:
             for job in taken:
                 job.done = True
