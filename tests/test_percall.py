@@ -225,6 +225,94 @@ def test_a_worker_process_is_woken_by_a_send_from_another_process(tmp_path, qnam
         app.close()
 
 
+RESERVER = r"""
+import sys
+from nbqueue.drivers.sqlite.broker import SQLiteBroker
+
+broker = SQLiteBroker(sys.argv[1], options={"poll_interval": 120})    # only a wake-up ends a wait in time
+def say(*words):
+    print(*words, flush=True)
+
+say("got", *[d.message_id for d in broker.reserve(["q"], timeout=120, limit=1)])
+sys.stdin.readline()
+say("drained", *[d.message_id for d in broker.reserve(["q"], timeout=0, limit=2)])
+for line in sys.stdin:
+    say("got", *[d.message_id for d in broker.reserve(["q"], timeout=120, limit=10)])
+"""
+
+
+def _reservers_rows(broker) -> list:
+    return broker.store.read("SELECT name FROM nbq_reservers")
+
+
+def test_sends_wake_another_process_only_while_one_of_its_reservers_may_wait(tmp_path, monkeypatch):
+    """Given a reserver in another process (polling every 120 s, so only a wake-up brings
+    it a message in time), a send wakes it while it waits; once that process claimed a
+    full batch with no reserver of its own waiting (a worker with a backlog), sends go
+    without a wake-up datagram; when it waits again, a send wakes it again."""
+    from nbqueue.broker import Outgoing
+    from nbqueue.drivers.sqlite.broker import SQLiteBroker
+
+    from nbqueue.testing import wait_for
+
+    url = f"sqlite:///{tmp_path}/q.db"
+    broker = SQLiteBroker(url)
+    datagrams = []
+    real_send = wakechannel.WakeChannel.send
+    monkeypatch.setattr(wakechannel.WakeChannel, "send",
+                        lambda self, kind, payload=b"": (datagrams.append(kind), real_send(self, kind, payload)))
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.Popen([sys.executable, "-c", RESERVER, url], env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+
+    def publish(*ids):
+        broker.publish_many([Outgoing(id=i, queue="q", body="{}") for i in ids])
+
+    def messages_sent():
+        return datagrams.count(wakechannel.MESSAGES)
+
+    try:
+        wait_for(lambda: _reservers_rows(broker), timeout=60, message="the reserver's row")
+        publish("m1")
+        assert proc.stdout.readline().split() == ["got", "m1"]
+        assert messages_sent() == 1
+        publish("m2", "m3")                         # its row is still there: it may wait again
+        assert messages_sent() == 2
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().split() == ["drained", "m2", "m3"]
+        assert _reservers_rows(broker) == []        # a full batch with none of its reservers waiting
+        publish("m4")
+        assert messages_sent() == 2                 # nobody waits there: no wake-up
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().split() == ["got", "m4"]     # found by its claim, which came first
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        wait_for(lambda: _reservers_rows(broker), timeout=60, message="the reserver's row again")
+        publish("m5")
+        assert messages_sent() == 3
+        assert proc.stdout.readline().split() == ["got", "m5"]
+    finally:
+        proc.kill()
+        proc.wait(30)
+        broker.close()
+
+
+def test_the_reservers_row_of_a_process_gone_is_removed_by_upkeep(tmp_path):
+    from nbqueue.drivers.sqlite.broker import WAITERS, SQLiteBroker
+
+    broker = SQLiteBroker(f"sqlite:///{tmp_path}/q.db")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait(30)
+    broker.store.execute("INSERT INTO nbq_reservers(name, pid, since) VALUES (?, ?, 0)", ("gone", gone.pid))
+    broker.store.execute("INSERT INTO nbq_reservers(name, pid, since) VALUES (?, ?, 0)", ("alive", os.getppid()))
+    broker.store.execute("INSERT INTO nbq_reservers(name, pid, since) VALUES (?, ?, 0)", (WAITERS.name, os.getpid()))
+    broker.upkeep()
+    assert sorted(name for (name,) in _reservers_rows(broker)) == sorted(["alive", WAITERS.name])
+    broker.close()
+
+
 @pytest.mark.parametrize("options", [
     {},
     {"queue": "fast", "priority": 3, "retry_count": 2, "retry_timeout": 1.5, "time_limit": 9.0},

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import secrets
 import sqlite3
 import threading
 import time
@@ -60,6 +61,10 @@ def _schema(db) -> None:
     db.execute("CREATE UNIQUE INDEX IF NOT EXISTS nbq_messages_id ON nbq_messages(id)")
     db.execute(
         "CREATE INDEX IF NOT EXISTS nbq_messages_claim ON nbq_messages(queue, priority DESC, due) WHERE state < 2"
+    )
+    # a row per process whose reservers may wait for the wake-up channel (see ChannelWaiters)
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS nbq_reservers (name TEXT PRIMARY KEY, pid INTEGER, since FLOAT) WITHOUT ROWID"
     )
 
 
@@ -216,6 +221,65 @@ class IdleReservers:
 IDLE = IdleReservers()
 
 
+class ChannelWaiters:
+    """Per database file, this process's reservers that may wait for a wake-up from another
+    process, and whether the file says so to those processes.
+
+    A sender of another process sends its wake-up datagrams (see ``nbqueue.drivers.sqlite.wake``)
+    only while the file's ``nbq_reservers`` table has a row of some other process, read in
+    the send's own transaction: a datagram costs the sender a system call and the receiver
+    a thread switch, which a worker busy with a backlog does not need. The row is written
+    in the transaction of a claim that found nothing for a reserver about to wait (so a
+    message committed after it sees the row, and one committed before is found by that
+    claim), and deleted in the transaction of a claim that filled its batch while no
+    reserver of this process was in its reserve loop (the worker has a backlog). A
+    reserver counts itself (``enter``/``leave``) before its first claim, so a row is never
+    deleted under a reserver that has not claimed yet. Rows of processes gone are removed
+    by ``SQLiteBroker.upkeep``; a process whose reservers do not write rows (without the
+    channel) polls instead, as before."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._inside: dict[str, int] = {}      # path -> reservers of this process in their reserve loop
+        self._marked: dict[str, bool] = {}     # path -> this process's row is there (or being written)
+        self.name = f"{os.getpid()}-{secrets.token_hex(4)}"
+
+    def enter(self, path: str) -> None:
+        with self._lock:
+            self._inside[path] = self._inside.get(path, 0) + 1
+
+    def leave(self, path: str) -> None:
+        with self._lock:
+            self._inside[path] -= 1
+
+    def marked(self, path: str) -> bool:
+        return self._marked.get(path, False)
+
+    def set_marked(self, path: str, marked: bool) -> None:
+        """Inside the write transaction that writes (True) or deletes (False) the row."""
+        with self._lock:
+            self._marked[path] = marked
+
+    def unmark_if_idle(self, path: str) -> bool:
+        """True (and the row counts as gone) when the row is there and no reserver of this
+        process is in its reserve loop: the caller deletes it in its transaction."""
+        with self._lock:
+            if self._marked.get(path) and not self._inside.get(path):
+                self._marked[path] = False
+                return True
+            return False
+
+    def _after_fork(self) -> None:
+        """A forked child has no reservers yet and is another process (another row)."""
+        self._lock = threading.Lock()
+        self._inside, self._marked = {}, {}
+        self.name = f"{os.getpid()}-{secrets.token_hex(4)}"
+
+
+WAITERS = ChannelWaiters()
+os.register_at_fork(after_in_child=WAITERS._after_fork)
+
+
 def _published_waker(key: Any, path: str) -> Callable[[bytes], None]:
     """What wakes this process's reservers of the file ``path`` when messages were committed
     (the wake-up channel's handler, for commits of other processes): a new wake-up version
@@ -277,7 +341,11 @@ class SQLiteBroker(Broker):
                 rows = [r for r in rows if r[0] in kept]
         if rows:
             conn.executemany(PUBLISH_SQL, rows)
-            self.store.on_commit(self._published)
+            if self._channel.has_peers(wakechannel.MESSAGES) and conn.execute(
+                    "SELECT 1 FROM nbq_reservers WHERE name != ? LIMIT 1", (WAITERS.name,)).fetchone():
+                self.store.on_commit(self._published)
+            else:
+                self.store.on_commit(self._published_here)
 
     def publish_reserved(self, outs: Sequence[Outgoing], *, lease: float) -> list[Delivery]:
         """Publish messages already reserved by the caller (a worker's own follow-ups).
@@ -335,16 +403,20 @@ class SQLiteBroker(Broker):
 
     # -- consuming ---------------------------------------------------------------
     def _claim(self, queues: Sequence[str], now: float, lease: float, limit: int, on_claim=None,
-               slot: Slot | None = None) -> list[Delivery]:
+               slot: Slot | None = None, mark: bool = False) -> list[Delivery]:
         """Claim up to ``limit`` due messages, best first. ``slot``: the caller's hand-over slot,
         withdrawn in the claim's transaction (``IdleReservers.withdraw``); nothing is claimed
-        when a sender took it first."""
+        when a sender took it first. ``mark``: the caller waits for the wake-up channel if
+        nothing is claimed; its process's row of ``nbq_reservers`` is written then (see
+        ``ChannelWaiters``). A full batch claimed while no reserver of this process is in
+        its reserve loop deletes that row."""
         qs = placeholders(len(queues))
         # a cheap read first, so idle pollers never take the write lock (inside a write
-        # transaction already, the claim's own query answers it)
-        if not self.store.in_transaction() and not self.store.read(
+        # transaction already, the claim's own query answers it); a reserver whose process
+        # has no row yet claims in a write transaction, which writes the row if it finds nothing
+        if (not self.store.in_transaction() and (not mark or WAITERS.marked(self.path)) and not self.store.read(
             f"SELECT 1 FROM nbq_messages WHERE queue IN ({qs}) AND state < 2 AND due <= ? LIMIT 1", (*queues, now)
-        ):
+        )):
             return []
         with self.store.write() as conn:
             # the best due rows, read whole (the write lock is held: the update below changes
@@ -355,6 +427,8 @@ class SQLiteBroker(Broker):
                 (*queues, now, limit),
             ).fetchall()
             if not candidates or slot is not None and not IDLE.withdraw(self.path, slot):
+                if mark and not candidates and not WAITERS.marked(self.path):
+                    self._mark(conn, now, True)
                 return []
             if candidates[0][7] == 1 or candidates[0][6]:
                 rows = candidates[:1]
@@ -366,11 +440,24 @@ class SQLiteBroker(Broker):
                 f"WHERE seq IN ({placeholders(len(rows))})",
                 (now + lease, *[r[0] for r in rows]),
             )
+            if len(rows) >= limit and not mark and WAITERS.unmark_if_idle(self.path):
+                self._mark(conn, now, False)
             rows.sort(key=lambda r: (-r[5], r[0]))
             deliveries = [self._delivery(r, now + lease) for r in rows]
             if on_claim is not None:
                 on_claim(deliveries)
         return deliveries
+
+    def _mark(self, conn: sqlite3.Connection, now: float, marked: bool) -> None:
+        """Inside a write transaction: write (``marked``) or delete this process's row of
+        ``nbq_reservers``; ``WAITERS`` says so at once, and again otherwise on a rollback."""
+        if marked:
+            conn.execute("INSERT OR REPLACE INTO nbq_reservers(name, pid, since) VALUES (?, ?, ?)",
+                         (WAITERS.name, os.getpid(), now))
+        else:
+            conn.execute("DELETE FROM nbq_reservers WHERE name = ?", (WAITERS.name,))
+        WAITERS.set_marked(self.path, marked)
+        self.store.on_rollback(lambda: WAITERS.set_marked(self.path, not marked))
 
     def _delivery(self, row: tuple, lease_until: float) -> Delivery:
         """The delivery of a claimed row as ``_claim`` read it (before its update)."""
@@ -432,12 +519,26 @@ class SQLiteBroker(Broker):
     def _reserve_loop(
         self, queues: Sequence[str], timeout: float, lease: float, limit: int, on_claim, slot
     ) -> list[Delivery]:
-        deadline = time.monotonic() + max(0.0, timeout)
         # publishes of other processes wake this process (else they are found by polling)
         if timeout > 0:
             pushed = self._channel.listen(wakechannel.MESSAGES, self._published_elsewhere)
         else:
             pushed = self._channel.listening(wakechannel.MESSAGES)
+        if not (pushed and timeout > 0):
+            return self._reserve_waiting(queues, timeout, lease, limit, on_claim, slot, pushed, False)
+        # this reserver may wait for another process's publish: counted before its first
+        # claim, so the file's row that makes senders wake this process stays meanwhile
+        WAITERS.enter(self.path)
+        try:
+            return self._reserve_waiting(queues, timeout, lease, limit, on_claim, slot, pushed, True)
+        finally:
+            WAITERS.leave(self.path)
+
+    def _reserve_waiting(self, queues: Sequence[str], timeout: float, lease: float, limit: int, on_claim,
+                         slot: Slot | None, pushed: bool, mark: bool) -> list[Delivery]:
+        """``_reserve_loop``'s loop; ``mark``: a claim that finds nothing writes this process's
+        row of ``nbq_reservers`` (see ``ChannelWaiters``) before the reserver waits."""
+        deadline = time.monotonic() + max(0.0, timeout)
         # a reserver with a slot is woken by every publish it cares about: no need to poll
         # in short steps (without the channel, back off from a millisecond)
         interval = self.poll_interval if slot is not None and pushed else 0.001
@@ -451,7 +552,8 @@ class SQLiteBroker(Broker):
             now = self.clock.time()
             quiet = getattr(self._quiet, "last", None)
             if ((slot is not None or pushed) and quiet is not None and quiet[0] == version
-                    and (quiet[1] is None or quiet[1] > now) and time.monotonic() - quiet[2] < self.poll_interval):
+                    and (quiet[1] is None or quiet[1] > now) and time.monotonic() - quiet[2] < self.poll_interval
+                    and (not mark or WAITERS.marked(self.path))):
                 # this thread, waiting for a hand-over, found nothing (and read when the next
                 # message is due), and nothing was published in this process since (a
                 # hand-over does not count) nor, where the wake-up channel says so, in another:
@@ -462,7 +564,7 @@ class SQLiteBroker(Broker):
                     return []
                 due = quiet[1]
             else:
-                got = self._claim(queues, now, lease, limit, on_claim, slot)
+                got = self._claim(queues, now, lease, limit, on_claim, slot, mark=mark)
                 if got:
                     self._quiet.last = None
                     if slot is not None and len(got) >= limit:
@@ -609,6 +711,23 @@ class SQLiteBroker(Broker):
 
     def upkeep(self) -> None:
         self.store.checkpoint()
+        self._forget_reservers_gone()
+
+    def _forget_reservers_gone(self) -> None:
+        """Delete the ``nbq_reservers`` rows of processes that no longer exist (their senders
+        would otherwise keep sending wake-ups for them)."""
+        gone = []
+        for name, pid in self.store.read("SELECT name, pid FROM nbq_reservers"):
+            if pid == os.getpid():
+                continue
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                gone.append(name)
+            except OSError:
+                pass                            # it exists (another user's)
+        for name in gone:
+            self.store.execute("DELETE FROM nbq_reservers WHERE name = ?", (name,))
 
     def wake(self) -> None:
         """Wake every reserver of this file, in this process and (through the wake-up channel) others."""
@@ -621,6 +740,10 @@ class SQLiteBroker(Broker):
         (see ``IdleReservers.wake``), the reservers without a slot, and other processes."""
         self._published_elsewhere(b"")
         self._channel.send(wakechannel.MESSAGES)
+
+    def _published_here(self) -> None:
+        """``_published`` when no reserver of another process waits (see ``ChannelWaiters``)."""
+        self._published_elsewhere(b"")
 
     def close(self) -> None:
         # the store is shared by every broker and backend on this file in this process; the

@@ -180,6 +180,11 @@ class WakeChannel:
             self._listed, self._listed_at = stamp, now
         return self._peers.get(kind, [])
 
+    def has_peers(self, kind: str) -> bool:
+        """Whether another process listens for ``kind`` (as last listed: at most ``RESTAT``
+        seconds old, see ``send``)."""
+        return self.usable and bool(self._list_peers(kind))
+
     def send(self, kind: str, payload: bytes = b"") -> None:
         """One datagram to every other process listening for ``kind``; never raises, never blocks."""
         if not self.usable or not self._list_peers(kind):
