@@ -299,6 +299,25 @@ def test_sends_wake_another_process_only_while_one_of_its_reservers_may_wait(tmp
         broker.close()
 
 
+def test_a_file_opened_afresh_gets_the_reservers_row_again(tmp_path):
+    """The row that makes other processes wake this one's reservers is written again into a
+    file that replaced the one it was in (this process knew it was there)."""
+    from nbqueue.drivers.sqlite.broker import WAITERS, SQLiteBroker
+
+    path = tmp_path / "q.db"
+    broker = SQLiteBroker(f"sqlite:///{path}")
+    assert broker.reserve(["q"], timeout=0.05) == []
+    assert _reservers_rows(broker) == [(WAITERS.name,)] and WAITERS.marked(broker.path)
+    for name in ("q.db", "q.db-wal", "q.db-shm"):
+        if (tmp_path / name).exists():
+            (tmp_path / name).unlink()
+    broker.purge("q")                                   # a write: the store opens the new file
+    assert not WAITERS.marked(broker.path)
+    assert broker.reserve(["q"], timeout=0.05) == []
+    assert _reservers_rows(broker) == [(WAITERS.name,)]
+    broker.close()
+
+
 def test_the_reservers_row_of_a_process_gone_is_removed_by_upkeep(tmp_path):
     from nbqueue.drivers.sqlite.broker import WAITERS, SQLiteBroker
 

@@ -18,6 +18,7 @@ body is not UTF-8 is handed out for dead-lettering instead of failing every clai
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import secrets
@@ -221,6 +222,13 @@ class IdleReservers:
 IDLE = IdleReservers()
 
 
+def _schema_of(path: str, db) -> None:
+    """The broker's schema, run when the process opens the file at ``path`` (again when the
+    file there was replaced: this process's row of ``nbq_reservers`` went with the old one)."""
+    _schema(db)
+    WAITERS.forget(path)
+
+
 class ChannelWaiters:
     """Per database file, this process's reservers that may wait for a wake-up from another
     process, and whether the file says so to those processes.
@@ -259,6 +267,10 @@ class ChannelWaiters:
         """Inside the write transaction that writes (True) or deletes (False) the row."""
         with self._lock:
             self._marked[path] = marked
+
+    def forget(self, path: str) -> None:
+        """The file at ``path`` was opened afresh: it holds no row of this process."""
+        self.set_marked(path, False)
 
     def unmark_if_idle(self, path: str) -> bool:
         """True (and the row counts as gone) when the row is there and no reserver of this
@@ -301,7 +313,7 @@ class SQLiteBroker(Broker):
         super().__init__(url, clock=clock, options=options)
         self.path = path_from_url(url)
         self.store = SQLiteStore.shared(self.path)
-        self.store.ensure_schema("broker", _schema)
+        self.store.ensure_schema("broker", functools.partial(_schema_of, self.path))
         self.poll_interval = float(self.options.get("poll_interval", 0.1))
         self._wake_key = ("sqlite-broker", self.path)
         self._quiet = threading.local()     # .last: (wake-up version, next due, when) as this thread last found nothing
