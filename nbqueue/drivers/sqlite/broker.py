@@ -4,8 +4,9 @@ Supports: priorities 0-9, delayed messages (eta), leases with redelivery, fenced
 acks, dead letters with a reason, idempotent publish by message id, batch reserve.
 Many threads and processes on one machine may share the file. A publish from the
 same process wakes a waiting reserve() at once; one from another process through the
-wake-up channel beside the file (nbqueue.drivers.sqlite.wake), with polling as the fallback
-(back-off up to ``poll_interval``, default 0.1 s at the idle end).
+wake-up channel beside the file (nbqueue.drivers.sqlite.wake), sent only while a reserver
+of another process may wait (``ChannelWaiters``: the ``nbq_reservers`` table), with polling
+as the fallback (back-off up to ``poll_interval``, default 0.1 s at the idle end).
 
 One table holds every message. ``due`` is when the row may be reserved: the eta for a
 waiting message, the lease deadline for a reserved one, so an expired lease makes the
