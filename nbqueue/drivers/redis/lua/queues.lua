@@ -1,5 +1,6 @@
 -- Helpers of the broker's scripts: key names under the prefix P (ARGV[1]), ready scores,
--- wake-up signals. Needs the constants TOKENS and SIGNAL_TTL.
+-- wake-up signals. Needs the constants TOKENS and SIGNAL_TTL (text). The scripts give
+-- redis.call numbers as text ('0', '1'): Redis formats a Lua number with snprintf per call.
 local P = ARGV[1]
 local function qkey(q, kind) return P .. 'q:' .. q .. ':' .. kind end
 local function mkey(id) return P .. 'msg:' .. id end
