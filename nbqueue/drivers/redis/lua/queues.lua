@@ -12,8 +12,14 @@ local function make_ready(q, id, prio)
 end
 local function signal(q, count)
   local key = qkey(q, 'signal')
-  local tokens = {}
-  for i = 1, math.min(count, TOKENS) do tokens[i] = '1' end
-  if redis.call('LPUSH', key, unpack(tokens)) > TOKENS then redis.call('LTRIM', key, 0, TOKENS - 1) end
+  local pushed
+  if count == 1 then
+    pushed = redis.call('LPUSH', key, '1')
+  else
+    local tokens = {}
+    for i = 1, math.min(count, TOKENS) do tokens[i] = '1' end
+    pushed = redis.call('LPUSH', key, unpack(tokens))
+  end
+  if pushed > TOKENS then redis.call('LTRIM', key, 0, TOKENS - 1) end
   redis.call('PEXPIRE', key, SIGNAL_TTL)
 end

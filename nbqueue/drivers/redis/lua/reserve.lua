@@ -10,6 +10,7 @@
 -- attempt, priority, token, lapses) per claim}. The signal list of a queue left with nothing
 -- ready is deleted.
 local limit = tonumber(ARGV[7])
+local KINDS = {'inflight', 'delayed'}
 local queues = {}
 for i = 9, #ARGV do queues[#queues + 1] = ARGV[i] end
 
@@ -18,7 +19,7 @@ for i = 9, #ARGV do queues[#queues + 1] = ARGV[i] end
 local heads = {}
 local due = tonumber(now)
 for _, q in ipairs(queues) do
-  for _, kind in ipairs({'inflight', 'delayed'}) do
+  for _, kind in ipairs(KINDS) do
     local key = qkey(q, kind)
     local head = redis.call('ZRANGE', key, '0', '0', 'WITHSCORES')
     heads[key] = head[1] and head or false
@@ -54,7 +55,8 @@ while claimed < limit do
     end
   end
   if best_q == nil then drained = true break end
-  local fields = redis.call('HMGET', mkey(best_id), 'body', 'priority', 'lapses')
+  local msg = mkey(best_id)
+  local fields = redis.call('HMGET', msg, 'body', 'priority', 'lapses')
   local lapses = tonumber(fields[3]) or 0
   -- a message with a lapsed delivery comes alone: left for the next claim if this one has some
   if fields[1] and lapses > 0 and claimed > 0 then
@@ -63,11 +65,13 @@ while claimed < limit do
   end
   if not single then redis.call('ZREM', qkey(best_q, 'ready'), best_id) end
   if fields[1] then
-    local attempt = redis.call('HINCRBY', mkey(best_id), 'attempt', '1')
+    local attempt = redis.call('HINCRBY', msg, 'attempt', '1')
     -- after a lapse, not begun: the worker first checks for a live attempt
     local token = lease(best_q, best_id, lapses == 0)
     heads[qkey(best_q, 'inflight')] = nil
-    for _, v in ipairs({best_id, best_q, fields[1], attempt, fields[2], token, lapses}) do out[#out + 1] = v end
+    local n = #out
+    out[n + 1], out[n + 2], out[n + 3], out[n + 4] = best_id, best_q, fields[1], attempt
+    out[n + 5], out[n + 6], out[n + 7] = fields[2], token, lapses
     claimed = claimed + 1
     if lapses > 0 then break end
   end
@@ -81,7 +85,7 @@ end
 if out[2] == '0' then
   local next_due
   for _, q in ipairs(queues) do
-    for _, kind in ipairs({'inflight', 'delayed'}) do
+    for _, kind in ipairs(KINDS) do
       local key = qkey(q, kind)
       local head = heads[key]
       if head == nil then head = redis.call('ZRANGE', key, '0', '0', 'WITHSCORES') end
