@@ -52,7 +52,7 @@ CHUNK = 500                 # records per script call
 
 _CREATE = lua("create_records", "create", header=LUA_FINAL)
 _BEGIN = lua("begin", "begin_many", header=LUA_FINAL)
-_SET_STATE = lua("state", "set_state", header=LUA_FINAL + f"local DONE_TTL_MS = {DONE_TTL_MS}\n")
+_SET_STATE = lua("state", "set_state", header=LUA_FINAL + f"local DONE_TTL_MS = '{DONE_TTL_MS}'\n")
 _UPDATE = lua("records", "update", header=LUA_FINAL)
 _INIT_GROUP = lua("init_group")
 _MEMBER_DONE = lua("member_done")

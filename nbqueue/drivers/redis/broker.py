@@ -94,7 +94,7 @@ def publish_args(outs: Sequence[Outgoing], args: list) -> None:
 
 # -- Lua (scripts in lua/*.lua) -----------------------------------------------------------
 
-LUA_HEADER = f"local TOKENS, SIGNAL_TTL = {SIGNAL_TOKENS}, {SIGNAL_TTL_MS}\n" + LUA_FINAL
+LUA_HEADER = f"local TOKENS, SIGNAL_TTL = {SIGNAL_TOKENS}, '{SIGNAL_TTL_MS}'\n" + LUA_FINAL
 _PUBLISH = lua("queues", "publish_messages", "publish", header=LUA_HEADER)
 _PUBLISH_RESERVED = lua("queues", "begin", "lease", "publish_reserved", header=LUA_HEADER)
 _RESERVE = lua("queues", "begin", "lease", "reserve", header=LUA_HEADER)

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 FINISH_WAIT = 0.25      # at most this long (s) a finish waits for the next batch when the queues are empty
 
 _SEND = lua("queues", "create_records", "publish_messages", "send", header=LUA_HEADER)
-_FINISH = lua("queues", "state", "ack", "finish", header=LUA_HEADER + f"local DONE_TTL_MS = {DONE_TTL_MS}\n")
+_FINISH = lua("queues", "state", "ack", "finish", header=LUA_HEADER + f"local DONE_TTL_MS = '{DONE_TTL_MS}'\n")
 
 # the script memory:// runs as Python (see nbqueue.drivers.redis.twins)
 twin(_SEND, twins.send, tokens=SIGNAL_TOKENS, signal_ttl=SIGNAL_TTL_MS)

@@ -1039,17 +1039,15 @@ def _n_lease(call: Call, argv: list, q: bytes, mid: bytes, begin: bool) -> Any:
     return _n_begin_record(call, rec_prefix + mid, index, mid, RECEIVED, worker, now, [b"queue", q])
 
 
-def _n_ack(call: Call, p: bytes, mid: bytes, attempt: bytes, rec: bytes | None) -> int:
+def _n_ack(call: Call, p: bytes, mid: bytes, attempt: bytes, rec: bytes | None, final: bool = False) -> int:
     key = p + b"msg:" + mid
     current, q = _hmget_of(call, key, b"attempt", b"queue")
     if current != attempt:
         return 0
-    if rec and (_hget_of(call, rec, b"state") or b"") not in FINAL:
+    if rec and not final and (_hget_of(call, rec, b"state") or b"") not in FINAL:
         return 0
-    inflight = p + b"q:" + q + b":inflight"
-    if _read(call, _zscore, "zscore", (inflight, mid)) is None:
+    if _write(call, _zrem_write, "zrem", [p + b"q:" + q + b":inflight", mid]) == 0:
         return 0
-    _write(call, _zrem_write, "zrem", [inflight, mid])
     _write(call, _del_write, "del", [key])
     return 1
 
@@ -1088,8 +1086,9 @@ def _native_finish(call: Call, keys: list, argv: list, *, done_ttl: int) -> Any:
     stored = [_n_write_state(call, rec_prefix + mid, index, expiring, done_prefix + mid, head, fields, extra,
                              done_ttl)
               for mid, head, fields, extra in states]
+    final = twins._written_final(states, stored)
     for mid, attempt, checked in acks:
-        _n_ack(call, p, mid, attempt, rec_prefix + mid if checked == b"1" else b"")
+        _n_ack(call, p, mid, attempt, rec_prefix + mid if checked == b"1" else b"", mid in final)
     return stored
 
 

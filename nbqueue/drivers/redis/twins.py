@@ -108,18 +108,16 @@ def _lease(r: Redis, argv: list[bytes], q: bytes, mid: bytes, begin: bool) -> An
     return _begin_record(r, rec_prefix + mid, index, mid, RECEIVED, worker, now, [b"queue", q])
 
 
-def _ack(r: Redis, p: bytes, mid: bytes, attempt: bytes, rec: bytes | None) -> int:
+def _ack(r: Redis, p: bytes, mid: bytes, attempt: bytes, rec: bytes | None, final: bool = False) -> int:
     """ack.lua's ``ack``."""
     key = _mkey(p, mid)
     current, q = r("hmget", key, b"attempt", b"queue")
     if current != attempt:
         return 0
-    if rec and (r("hget", rec, b"state") or b"") not in FINAL:
+    if rec and not final and (r("hget", rec, b"state") or b"") not in FINAL:
         return 0
-    inflight = _qkey(p, q, b"inflight")
-    if r("zscore", inflight, mid) is None:
+    if r("zrem", _qkey(p, q, b"inflight"), mid) == 0:
         return 0
-    r("zrem", inflight, mid)
     r("del", key)
     return 1
 
@@ -376,6 +374,14 @@ def finish(r: Redis, keys: list[bytes], argv: list[bytes], *, done_ttl: int) -> 
     states, acks = finish_args(argv)
     stored = [_write_state(r, rec_prefix + mid, index, expiring, done_prefix + mid, head, fields, extra, done_ttl)
               for mid, head, fields, extra in states]
+    final = _written_final(states, stored)
     for mid, attempt, checked in acks:
-        _ack(r, p, mid, attempt, rec_prefix + mid if checked == b"1" else b"")
+        _ack(r, p, mid, attempt, rec_prefix + mid if checked == b"1" else b"", mid in final)
     return stored
+
+
+def _written_final(states: list[tuple], stored: list[int]) -> set[bytes]:
+    """finish.lua's ``final``: the ids whose records the finish wrote in a final state (and
+    did not expire at once with a ttl of 0 or less), which their acks need not read again."""
+    return {mid for (mid, head, _, _), ok in zip(states, stored)
+            if ok == 1 and head[1] in FINAL and (head[4] == b"" or (_num(head[4]) or 0) > 0)}

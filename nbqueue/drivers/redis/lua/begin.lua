@@ -7,11 +7,11 @@ local function begin_record(rec, index, id, state, worker, now, new)
   if current and FINAL[current] then return 0 end
   if current then
     redis.call('HSET', rec, 'state', state, 'worker', worker, 'started_at', now)
-    return redis.call('HINCRBY', rec, 'token', 1)
+    return redis.call('HINCRBY', rec, 'token', '1')
   end
   local fields = {}
   for j = 1, #new do fields[j] = new[j] end
-  for _, v in ipairs({'id', id, 'state', state, 'token', 1, 'worker', worker, 'started_at', now, 'created_at', now}) do
+  for _, v in ipairs({'id', id, 'state', state, 'token', '1', 'worker', worker, 'started_at', now, 'created_at', now}) do
     fields[#fields + 1] = v
   end
   redis.call('HSET', rec, unpack(fields))

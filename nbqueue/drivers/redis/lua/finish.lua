@@ -5,19 +5,22 @@
 -- id, attempt, and '1' where the ack acts only once the message's record is final (see
 -- ack.lua). Returns 1/0 per result (stored or not).
 local rec_prefix, index, expiring, done_prefix = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local stored = {}
+local stored, final = {}, {}
 local i = 7
 for r = 1, tonumber(ARGV[6]) do
   local id, n = ARGV[i], tonumber(ARGV[i + 6])
   local j = i + 7 + 2 * n
   local m = tonumber(ARGV[j])
-  stored[r] = write_state(rec_prefix .. id, index, expiring, done_prefix .. id, {unpack(ARGV, i, i + 5)},
-    {unpack(ARGV, i + 7, j - 1)}, {unpack(ARGV, j + 1, j + m)})
+  stored[r] = write_state(rec_prefix .. id, index, expiring, done_prefix .. id, i, i + 7, n, j + 1, m)
+  -- written final here (and not expired at once by a ttl of 0): its ack need not read it again
+  if stored[r] == 1 and FINAL[ARGV[i + 1]] and (ARGV[i + 4] == '' or tonumber(ARGV[i + 4]) > 0) then
+    final[id] = true
+  end
   i = j + m + 1
 end
 for k = i, #ARGV, 3 do
   local rec = ''
   if ARGV[k + 2] == '1' then rec = rec_prefix .. ARGV[k] end
-  ack(ARGV[k], ARGV[k + 1], rec)
+  ack(ARGV[k], ARGV[k + 1], rec, final[ARGV[k]])
 end
 return stored

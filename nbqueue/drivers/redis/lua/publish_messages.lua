@@ -7,7 +7,7 @@ local function publish_messages(first)
   for i = first, #ARGV, 5 do
     local id, q, prio, eta, body = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
     if redis.call('EXISTS', mkey(id)) == 0 then
-      redis.call('HSET', mkey(id), 'queue', q, 'body', body, 'priority', prio, 'attempt', 0)
+      redis.call('HSET', mkey(id), 'queue', q, 'body', body, 'priority', prio, 'attempt', '0')
       if eta ~= '' and tonumber(eta) > now then
         redis.call('ZADD', qkey(q, 'delayed'), eta, id)
       else

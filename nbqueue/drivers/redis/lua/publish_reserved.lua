@@ -7,7 +7,7 @@ local out = {}
 for i = 7, #ARGV, 4 do
   local id, q, prio, body = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   if redis.call('EXISTS', mkey(id)) == 0 then
-    redis.call('HSET', mkey(id), 'queue', q, 'body', body, 'priority', prio, 'attempt', 1)
+    redis.call('HSET', mkey(id), 'queue', q, 'body', body, 'priority', prio, 'attempt', '1')
     redis.call('SADD', P .. 'queues', q)
     out[#out + 1] = lease(q, id, true)
   else

@@ -9,44 +9,69 @@
 -- message is left) or '', '1' if ready messages are left else '0', then (id, queue, body,
 -- attempt, priority, token, lapses) per claim}. The signal list of a queue left with nothing
 -- ready is deleted.
-local limit, batch = tonumber(ARGV[7]), tonumber(ARGV[8])
+local limit = tonumber(ARGV[7])
+local KINDS = {'inflight', 'delayed'}
 local queues = {}
 for i = 9, #ARGV do queues[#queues + 1] = ARGV[i] end
 
+-- heads[key]: the lowest {member, score} of an inflight or delayed set still as read here, or
+-- false for an empty one (nil once this call changed the set)
+local heads = {}
+local due = tonumber(now)
 for _, q in ipairs(queues) do
-  for _, kind in ipairs({'inflight', 'delayed'}) do
+  for _, kind in ipairs(KINDS) do
     local key = qkey(q, kind)
-    for _, id in ipairs(redis.call('ZRANGEBYSCORE', key, '-inf', now, 'LIMIT', 0, batch)) do
-      redis.call('ZREM', key, id)
-      if kind == 'inflight' and redis.call('EXISTS', mkey(id)) == 1 then
-        redis.call('HINCRBY', mkey(id), 'lapses', 1)    -- its lease ran out: a delivery that did not finish
+    local head = redis.call('ZRANGE', key, '0', '0', 'WITHSCORES')
+    heads[key] = head[1] and head or false
+    if head[1] and tonumber(head[2]) <= due then
+      heads[key] = nil
+      for _, id in ipairs(redis.call('ZRANGEBYSCORE', key, '-inf', now, 'LIMIT', '0', ARGV[8])) do
+        redis.call('ZREM', key, id)
+        if kind == 'inflight' and redis.call('EXISTS', mkey(id)) == 1 then
+          redis.call('HINCRBY', mkey(id), 'lapses', '1')    -- its lease ran out: a delivery that did not finish
+        end
+        make_ready(q, id)
       end
-      make_ready(q, id)
     end
   end
 end
 
 local out = {'', '0'}
 local claimed = 0
+local drained = false       -- every ready set found empty (and nothing made ready since)
+local single = #queues == 1
 while claimed < limit do
   local best_q, best_id, best_score
-  for _, q in ipairs(queues) do
-    local head = redis.call('ZRANGE', qkey(q, 'ready'), 0, 0, 'WITHSCORES')
-    if head[1] and (best_score == nil or tonumber(head[2]) < best_score) then
-      best_q, best_id, best_score = q, head[1], tonumber(head[2])
+  if single then
+    -- one queue: its head taken off at once (put back, with its score, when it is left)
+    local head = redis.call('ZPOPMIN', qkey(queues[1], 'ready'))
+    if head[1] then best_q, best_id, best_score = queues[1], head[1], head[2] end
+  else
+    for _, q in ipairs(queues) do
+      local head = redis.call('ZRANGE', qkey(q, 'ready'), '0', '0', 'WITHSCORES')
+      if head[1] and (best_score == nil or tonumber(head[2]) < best_score) then
+        best_q, best_id, best_score = q, head[1], tonumber(head[2])
+      end
     end
   end
-  if best_q == nil then break end
-  local fields = redis.call('HMGET', mkey(best_id), 'body', 'priority', 'lapses')
+  if best_q == nil then drained = true break end
+  local msg = mkey(best_id)
+  local fields = redis.call('HMGET', msg, 'body', 'priority', 'lapses')
   local lapses = tonumber(fields[3]) or 0
   -- a message with a lapsed delivery comes alone: left for the next claim if this one has some
-  if fields[1] and lapses > 0 and claimed > 0 then break end
-  redis.call('ZREM', qkey(best_q, 'ready'), best_id)
+  if fields[1] and lapses > 0 and claimed > 0 then
+    if single then redis.call('ZADD', qkey(best_q, 'ready'), best_score, best_id) end
+    break
+  end
+  if not single then redis.call('ZREM', qkey(best_q, 'ready'), best_id) end
   if fields[1] then
-    local attempt = redis.call('HINCRBY', mkey(best_id), 'attempt', 1)
+    local attempt = redis.call('HINCRBY', msg, 'attempt', '1')
     -- after a lapse, not begun: the worker first checks for a live attempt
     local token = lease(best_q, best_id, lapses == 0)
-    for _, v in ipairs({best_id, best_q, fields[1], attempt, fields[2], token, lapses}) do out[#out + 1] = v end
+    heads[qkey(best_q, 'inflight')] = nil
+    local n = #out
+    out[n + 1], out[n + 2], out[n + 3], out[n + 4] = best_id, best_q, fields[1], attempt
+    out[n + 5], out[n + 6], out[n + 7] = fields[2], token, lapses
     claimed = claimed + 1
     if lapses > 0 then break end
   end
@@ -55,14 +80,16 @@ end
 -- a queue left with nothing ready drops its wake-up tokens: each stood for a message
 -- published while nobody waited, claimed by now, and would only end a later wait early
 for _, q in ipairs(queues) do
-  if redis.call('ZCARD', qkey(q, 'ready')) > 0 then out[2] = '1' else redis.call('DEL', qkey(q, 'signal')) end
+  if not drained and redis.call('ZCARD', qkey(q, 'ready')) > 0 then out[2] = '1' else redis.call('DEL', qkey(q, 'signal')) end
 end
 if out[2] == '0' then
   local next_due
   for _, q in ipairs(queues) do
-    for _, kind in ipairs({'inflight', 'delayed'}) do
-      local head = redis.call('ZRANGE', qkey(q, kind), 0, 0, 'WITHSCORES')
-      if head[2] and (next_due == nil or tonumber(head[2]) < tonumber(next_due)) then next_due = head[2] end
+    for _, kind in ipairs(KINDS) do
+      local key = qkey(q, kind)
+      local head = heads[key]
+      if head == nil then head = redis.call('ZRANGE', key, '0', '0', 'WITHSCORES') end
+      if head and head[2] and (next_due == nil or tonumber(head[2]) < tonumber(next_due)) then next_due = head[2] end
     end
   end
   out[1] = next_due or ''
