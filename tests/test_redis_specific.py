@@ -1371,3 +1371,36 @@ def test_a_round_trip_interrupted_before_its_replies_leaves_none_for_the_next_co
     assert backend.get("missing") is None
     assert backend.get("a")["id"] == "a"
     backend.close()
+
+
+@pytest.mark.parametrize("path", ["poll", "can_read"])
+def test_a_connection_the_server_closed_is_taken_afresh_whatever_its_descriptor(monkeypatch, path):
+    """An idle connection whose server end closed (a restart) counts as unread, so it is
+    connected afresh instead of failing its next command; also where ``select`` cannot take
+    the descriptor (at or above FD_SETSIZE in a process with many files open)."""
+    import select
+    import socket
+
+    import redis
+
+    from nbqueue.drivers.redis import client
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    conn = redis.Connection(host="127.0.0.1", port=listener.getsockname()[1])
+    conn._sock = socket.create_connection(listener.getsockname())     # connected, without a handshake
+    conn._parser.on_connect(conn)
+    accepted, _ = listener.accept()
+    accepted.close()
+    if path == "can_read":
+        def out_of_range(*args):
+            raise ValueError("filedescriptor out of range in select()")
+
+        monkeypatch.setattr(client, "_POLL", None)
+        monkeypatch.setattr(select, "select", out_of_range)
+    try:
+        assert client._unread(conn) is True
+    finally:
+        conn.disconnect()
+        listener.close()

@@ -338,17 +338,28 @@ def _take(pool) -> tuple[Any, bool]:
 
 def _unread(conn) -> bool:
     """Whether ``conn`` has something to read before it is asked anything (a reply nobody
-    read, or the server's end of a closed connection): one ``select`` without waiting on a
-    plain socket, redis-py's ``can_read()`` on others (TLS buffers data select cannot see)."""
+    read, or the server's end of a closed connection): one ``poll`` (``select`` where there
+    is none) without waiting on a plain socket, redis-py's ``can_read()`` on others (TLS
+    buffers data select cannot see), where a connection the server closed counts as unread."""
     sock = conn._sock
     if sock is None:
         return False
-    if type(sock) is not socket.socket:
-        return conn.can_read()
+    if type(sock) is socket.socket:
+        try:
+            if _POLL is not None:
+                poller = _POLL()
+                poller.register(sock, select.POLLIN)
+                return bool(poller.poll(0))
+            return bool(select.select([sock], (), (), 0)[0])
+        except ValueError:      # a descriptor select cannot take (at or above FD_SETSIZE)
+            pass
     try:
-        return bool(select.select([sock], (), (), 0)[0])
-    except ValueError:          # a descriptor select cannot take
         return conn.can_read()
+    except redis.ConnectionError:
+        return True             # closed by the server: disconnected and connected afresh
+
+
+_POLL = getattr(select, "poll", None)
 
 
 def _give_back(pool, conn, taken: bool) -> None:
