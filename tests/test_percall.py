@@ -252,7 +252,6 @@ def test_sends_wake_another_process_only_while_one_of_its_reservers_may_wait(tmp
     without a wake-up datagram; when it waits again, a send wakes it again."""
     from nbqueue.broker import Outgoing
     from nbqueue.drivers.sqlite.broker import SQLiteBroker
-
     from nbqueue.testing import wait_for
 
     url = f"sqlite:///{tmp_path}/q.db"

@@ -4,7 +4,6 @@ its batch settles (worker/batch.py)."""
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import time
 import traceback as _tb
@@ -23,6 +22,7 @@ from ..errors import (
     WorkerLostError,
 )
 from ..message import Message
+from ..procs import process_alive
 from ..retry import next_delay
 from .batch import _describe, _safe_text, _text
 
@@ -246,7 +246,7 @@ class Execution:
         else:
             host, pid = _host_and_pid(owner)
         if host == socket.gethostname() and isinstance(pid, int):
-            alive = _process_alive(pid)
+            alive = process_alive(pid)
             if alive is not None:
                 return alive
         return beat is not None
@@ -399,23 +399,3 @@ def _host_and_pid(worker_name: str) -> tuple[str | None, int | None]:
     host, _, rest = worker_name.partition(":")
     pid = rest.partition(":")[0]
     return (host, int(pid)) if host and pid.isdigit() else (None, None)
-
-
-def _process_alive(pid: int) -> bool | None:
-    """Whether process ``pid`` of this host is running (a zombie has ended); None where this
-    cannot be asked (not POSIX)."""
-    if pid == os.getpid():
-        return True
-    if os.name != "posix":
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True

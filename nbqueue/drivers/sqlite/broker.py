@@ -29,6 +29,7 @@ import time
 from typing import Any, Callable, Iterable, Sequence
 
 from ...broker import Broker, Delivery, Outgoing, shown, text_of
+from ...procs import process_alive
 from ...wakeups import WAKEUPS
 from . import wake as wakechannel
 from .db import SQLiteStore, path_from_url, placeholders
@@ -729,16 +730,8 @@ class SQLiteBroker(Broker):
     def _forget_reservers_gone(self) -> None:
         """Delete the ``nbq_reservers`` rows of processes that no longer exist (their senders
         would otherwise keep sending wake-ups for them)."""
-        gone = []
-        for name, pid in self.store.read("SELECT name, pid FROM nbq_reservers"):
-            if pid == os.getpid():
-                continue
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                gone.append(name)
-            except OSError:
-                pass                            # it exists (another user's)
+        gone = [name for name, pid in self.store.read("SELECT name, pid FROM nbq_reservers")
+                if process_alive(pid) is False]
         for name in gone:
             self.store.execute("DELETE FROM nbq_reservers WHERE name = ?", (name,))
 
