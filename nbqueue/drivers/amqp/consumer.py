@@ -178,7 +178,7 @@ class Consumption:
             self.demands.append(demand)
             session = self.session
             # wake the I/O thread only if consumers or the prefetch window must change
-            change = (setting_up or session is None or session.prefetch != self.window(session)
+            change = (setting_up or session is None or self.prefetch_for(session) is not None
                       or not set(session.consumers) <= set().union(*(d.queues for d in self.demands))
                       or (session.held is not None and not self.may_hold(session)))
             self.dirty = self.dirty or change
@@ -215,6 +215,23 @@ class Consumption:
     def window(self, session: Session) -> int:
         """Under the lock: the prefetch the waiting reservers need (held + asked for)."""
         return max(1, len(session.outstanding) + sum(d.limit for d in self.demands))
+
+    def prefetch_for(self, session: Session) -> int | None:
+        """Under the lock: the prefetch to set now (the window), or None to keep the current one.
+
+        The prefetch is kept between the window and the window plus the ``limit`` of the
+        largest waiting reserver: raised at once to a wider window, lowered to it once more
+        than that ``limit`` above it. A worker thread that takes one message of the several
+        it asked for narrows the window until it asks again (and another thread between its
+        ack and its next reserve() does the same), and each change is a ``basic.qos`` round
+        trip; this band absorbs such swings. None as well while nobody waits (the prefetch is
+        then left as it is)."""
+        if not self.demands:
+            return None
+        window, current = self.window(session), session.prefetch or 0
+        if window > current or current - window > max(d.limit for d in self.demands):
+            return window
+        return None
 
     def may_hold(self, session: Session) -> bool:
         """Under the lock: may one ack be held back? Only while reservers wait and the
@@ -487,7 +504,7 @@ class ConsumerThread(threading.Thread):
             demands = list(state.demands)
             if demands:
                 wanted: set[str] = set().union(*(d.queues for d in demands))
-                prefetch: int | None = state.window(session)
+                prefetch = state.prefetch_for(session)
             else:                        # nobody waiting: keep consuming what was asked for last
                 wanted, prefetch = set(session.consumers), None
             cancel = [q for q in session.consumers if q not in wanted]
@@ -496,7 +513,7 @@ class ConsumerThread(threading.Thread):
         if release:
             session.release()
         channel = session.channel
-        if prefetch is not None and prefetch != session.prefetch:
+        if prefetch is not None:
             channel.basic_qos(prefetch_count=min(prefetch, 65535), global_qos=True)
             session.prefetch = prefetch
         for queue in cancel:
