@@ -567,6 +567,51 @@ def test_deliveries_may_be_acked_from_other_threads(amqp, qname):
     assert closer.reserve([q], timeout=0.5, lease=5) == []
 
 
+class _StingySocket:
+    """A socket whose first ``send`` takes only ``first`` bytes (or, given an error, raises it);
+    later sends take what they are given, as much as the socket does."""
+
+    def __init__(self, sock, first: int = 0, error: BaseException | None = None):
+        self.sock, self.first, self.error, self.sends = sock, first, error, []
+
+    def send(self, data) -> int:
+        self.sends.append(len(data))
+        if len(self.sends) == 1:
+            if self.error is not None:
+                raise self.error
+            data = data[:self.first]
+        return self.sock.send(data)
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+
+@pytest.mark.parametrize("stingy", [dict(first=5), dict(error=BlockingIOError())], ids=["part", "would block"])
+def test_frames_the_socket_does_not_take_at_once_are_written_by_the_loop_whole(amqp, qname, stingy):
+    # Given a publishing and a consuming connection whose sockets take part of a first write
+    # only, or none of it
+    broker, q = amqp(), qname("stingy")
+    broker.publish(out(q, id="warm-up"))
+    [warm] = reserve_all(broker, [q], 1)
+    transports = [broker._publishers.current().connection._impl._transport,
+                  broker._consumption.session.connection._impl._transport]
+    sockets = [_StingySocket(t._sock, **stingy) for t in transports]
+    for transport, sock in zip(transports, sockets):
+        transport._sock = sock
+    # When a message of 100 kB is published and confirmed, and the deliveries acked
+    body = serialization.dumps({"blob": "x" * 100_000})
+    broker.publish(out(q, body, id="big"))
+    assert broker.ack(warm)
+    [big] = reserve_all(broker, [q], 1)
+    assert broker.ack(big)
+    # Then the frames went out whole: the message arrived as published, once, and both
+    # acks reached RabbitMQ (nothing comes back to another consumer once this one closes)
+    assert big.body == body and big.message_id == "big"
+    assert all(len(sock.sends) >= 2 for sock in sockets)      # the rest was written by pika's loop
+    broker.close()
+    assert amqp().reserve([q], timeout=0.5, lease=5) == []
+
+
 def test_ack_many_reaches_rabbitmq_and_only_the_unacked_message_comes_back(amqp, qname, raw):
     """ack_many writes its acks with one flush: they must all reach the server (closing the
     broker then returns only what was not acknowledged)."""

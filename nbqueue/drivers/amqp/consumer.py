@@ -24,7 +24,7 @@ import pika.exceptions as pex
 from ...broker import Delivery, text_of
 from ...errors import ConnectionLost
 from ...urls import redact
-from .client import AUTH_ERRORS, CONNECTION_ERRORS, Link, close_quietly, wake
+from .client import AUTH_ERRORS, CONNECTION_ERRORS, Link, close_quietly, send_now, wake
 from .topology import (
     H_ATTEMPTS,
     H_ETA,
@@ -101,11 +101,11 @@ class Session:
         self.held = tags.pop() if hold else None
         if self.held is not None and self._timer is None:
             self._timer = self.connection.call_later(HOLD_ACK_S, self._held_too_long)
+        if not tags:
+            return
+        impl = self.channel._impl
         try:
-            for tag in tags[:-1]:
-                self.channel._impl.basic_ack(tag)     # queued on the async channel, no flush yet
-            if tags:
-                self.channel.basic_ack(tags[-1])      # ... and flushed with the last
+            send_now(self.connection, lambda: [impl.basic_ack(tag) for tag in tags])    # one write for all
         except Exception:  # the channel died under us; the loop notices and reconnects
             log.debug("could not ack %d deliveries", len(tags), exc_info=True)
 
@@ -116,7 +116,7 @@ class Session:
             return
         try:
             if flush:
-                self.channel.basic_ack(tag)
+                send_now(self.connection, lambda: self.channel._impl.basic_ack(tag))
             else:
                 self.channel._impl.basic_ack(tag)
         except Exception:  # the channel died under us; the loop notices and reconnects
