@@ -109,16 +109,13 @@ class Session:
         except Exception:  # the channel died under us; the loop notices and reconnects
             log.debug("could not ack %d deliveries", len(tags), exc_info=True)
 
-    def release(self, flush: bool = True) -> None:
-        """Run on the I/O thread: send the held ack, if any (``flush``: write it out now)."""
+    def release(self) -> None:
+        """Run on the I/O thread: send the held ack, if any (written out at once)."""
         tag, self.held = self.held, None
         if tag is None or not (self.alive and self.channel.is_open):
             return
         try:
-            if flush:
-                send_now(self.connection, lambda: self.channel._impl.basic_ack(tag))
-            else:
-                self.channel._impl.basic_ack(tag)
+            send_now(self.connection, lambda: self.channel._impl.basic_ack(tag))
         except Exception:  # the channel died under us; the loop notices and reconnects
             log.debug("could not ack delivery %s", tag, exc_info=True)
 
@@ -480,7 +477,7 @@ class ConsumerThread(threading.Thread):
         self, session: Session, queue: str, _channel: Any, method: Any, properties: Any, body: bytes
     ) -> None:
         state = self.state
-        session.release(flush=False)      # this delivery is in the queue's index: the segment stays
+        session.release()      # this delivery is in the queue's index: the segment stays
         with state.cond:
             if not session.alive:
                 return
