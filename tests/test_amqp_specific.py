@@ -31,6 +31,7 @@ from nbqueue import serialization, states
 from nbqueue.broker import Outgoing
 from nbqueue.drivers import broker_from_url
 from nbqueue.drivers.amqp.broker import AMQPBroker
+from nbqueue.drivers.amqp.consumer import Consumption, Demand, Session
 from nbqueue.drivers.amqp.topology import (
     H_ETA,
     MAX_BUCKET,
@@ -467,6 +468,62 @@ def test_prefetch_is_bounded_by_the_limit_asked_for(amqp, qname, raw):
         assert other.ack(d)
 
 
+def test_a_reserver_taking_one_message_at_a_time_beside_a_waiting_one_does_not_reset_the_prefetch(
+        amqp, qname, monkeypatch):
+    # Given a broker with one reserver waiting on a quiet queue (limit 4) and another on a
+    # second queue, each asking for 4 and getting the one message published each time
+    broker, quiet, busy = amqp(), qname("quiet"), qname("busy")
+    waiting = concurrent.futures.ThreadPoolExecutor(1)
+    parked = waiting.submit(broker.reserve, [quiet], timeout=60, lease=30, limit=4)
+    wait_for(lambda: len(broker._consumption.demands) == 1, message="the reserver waits")
+    broker.publish(out(busy, id="warm-up"))
+    [d] = reserve_all(broker, [busy], 1, limit=4)
+    assert broker.ack(d)
+    qos: list[int] = []
+    set_qos = pika.adapters.blocking_connection.BlockingChannel.basic_qos
+
+    def counted(channel, *args, **kwargs):
+        qos.append(kwargs.get("prefetch_count", 0))
+        return set_qos(channel, *args, **kwargs)
+
+    monkeypatch.setattr(pika.adapters.blocking_connection.BlockingChannel, "basic_qos", counted)
+    # When the second takes one message, acks it and comes back, twenty times
+    for i in range(20):
+        broker.publish(out(busy, id=f"m{i}"))
+        [d] = reserve_all(broker, [busy], 1, limit=4)
+        assert d.message_id == f"m{i}" and broker.ack(d)
+    # Then the prefetch was not changed meanwhile: the window swings by less than a limit
+    # (each change would be a basic.qos round trip on the consuming connection)
+    assert qos == []
+    broker.publish(out(quiet, id="last"))
+    [last] = parked.result(timeout=30)
+    assert last.message_id == "last" and broker.ack(last)
+    waiting.shutdown()
+
+
+def test_the_prefetch_follows_the_window_within_one_limit():
+    # the window: deliveries held plus the limits of the waiting reservers
+    state = Consumption(None, None)
+    session = Session(None, None)
+    state.session, session.prefetch = session, 8
+    state.demands = [Demand(frozenset({"q"}), 4), Demand(frozenset({"q"}), 4)]
+    assert state.prefetch_for(session) is None                  # the window is 8
+    state.demands.pop()
+    session.outstanding = {1: "q"}
+    assert state.prefetch_for(session) is None                  # 5: within a limit (4) below
+    session.outstanding = {}
+    assert state.prefetch_for(session) is None                  # 4: a limit below
+    session.prefetch = 9
+    assert state.prefetch_for(session) == 4                     # more than a limit below: lowered
+    session.prefetch = 50                                       # (left by a reserver of 50)
+    state.demands = [Demand(frozenset({"q"}), 4)] * 3
+    assert state.prefetch_for(session) == 12
+    session.prefetch = 8
+    assert state.prefetch_for(session) == 12                    # a wider window: raised at once
+    state.demands = []
+    assert state.prefetch_for(session) is None                  # nobody waits: left as it is
+
+
 def test_threads_sharing_one_broker_get_each_message_exactly_once(amqp, qname):
     broker, q = amqp(), qname("threads")
     broker.publish_many([out(q, id=f"t{i}") for i in range(200)])
@@ -508,6 +565,51 @@ def test_deliveries_may_be_acked_from_other_threads(amqp, qname):
         assert not any(pool.map(broker.ack, got))
     closer = amqp()
     assert closer.reserve([q], timeout=0.5, lease=5) == []
+
+
+class _StingySocket:
+    """A socket whose first ``send`` takes only ``first`` bytes (or, given an error, raises it);
+    later sends take what they are given, as much as the socket does."""
+
+    def __init__(self, sock, first: int = 0, error: BaseException | None = None):
+        self.sock, self.first, self.error, self.sends = sock, first, error, []
+
+    def send(self, data) -> int:
+        self.sends.append(len(data))
+        if len(self.sends) == 1:
+            if self.error is not None:
+                raise self.error
+            data = data[:self.first]
+        return self.sock.send(data)
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+
+@pytest.mark.parametrize("stingy", [dict(first=5), dict(error=BlockingIOError())], ids=["part", "would block"])
+def test_frames_the_socket_does_not_take_at_once_are_written_by_the_loop_whole(amqp, qname, stingy):
+    # Given a publishing and a consuming connection whose sockets take part of a first write
+    # only, or none of it
+    broker, q = amqp(), qname("stingy")
+    broker.publish(out(q, id="warm-up"))
+    [warm] = reserve_all(broker, [q], 1)
+    transports = [broker._publishers.current().connection._impl._transport,
+                  broker._consumption.session.connection._impl._transport]
+    sockets = [_StingySocket(t._sock, **stingy) for t in transports]
+    for transport, sock in zip(transports, sockets):
+        transport._sock = sock
+    # When a message of 100 kB is published and confirmed, and the deliveries acked
+    body = serialization.dumps({"blob": "x" * 100_000})
+    broker.publish(out(q, body, id="big"))
+    assert broker.ack(warm)
+    [big] = reserve_all(broker, [q], 1)
+    assert broker.ack(big)
+    # Then the frames went out whole: the message arrived as published, once, and both
+    # acks reached RabbitMQ (nothing comes back to another consumer once this one closes)
+    assert big.body == body and big.message_id == "big"
+    assert all(len(sock.sends) >= 2 for sock in sockets)      # the rest was written by pika's loop
+    broker.close()
+    assert amqp().reserve([q], timeout=0.5, lease=5) == []
 
 
 def test_ack_many_reaches_rabbitmq_and_only_the_unacked_message_comes_back(amqp, qname, raw):

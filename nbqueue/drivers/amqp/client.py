@@ -7,11 +7,12 @@ The vhost is the URL's path without its first ``/``, percent-decoded: ``amqp://h
 (Celery), ``amqp://h:5672//`` names the vhost ``/`` too (pika alone would read an empty name)."""
 from __future__ import annotations
 
-from typing import Any, Collection
+from typing import Any, Callable, Collection
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 import pika
 import pika.exceptions as pex
+from pika.adapters.utils.io_services_utils import _AsyncPlaintextTransport
 
 from ...errors import ConfigurationError
 from ...urls import redact
@@ -67,6 +68,51 @@ def wake(connection: pika.BlockingConnection) -> None:
         connection.add_callback_threadsafe(_noop)
     except Exception:   # closing: process_data_events returns anyway
         pass
+
+
+def send_now(connection: pika.BlockingConnection, emit: Callable[[], Any]) -> None:
+    """Run ``emit`` (calls that write frames on ``connection``'s channels, such as ``basic_publish``
+    or ``basic_ack`` of the async channel) and write its frames out before returning.
+
+    On a plain TCP connection whose send buffer is empty, the frames are joined and handed to the
+    socket in one ``send()``, without a turn of pika's I/O loop (which would watch the socket for
+    writability, poll, write, and stop watching it: two ``epoll_ctl``, an ``epoll_wait`` and the
+    loop's timers, per flush). What the socket does not take, or a failed send, goes through pika's
+    buffer as usual, whose flush then writes it or meets the error and closes the connection (raising
+    as ``BlockingConnection`` does). TLS connections, and output already waiting, take pika's way."""
+    transport = connection._impl._transport
+    if (type(transport) is not _AsyncPlaintextTransport or transport._state != transport._STATE_ACTIVE
+            or transport.get_write_buffer_size()):
+        emit()
+        _coalesce(transport)
+        connection._flush_output()
+        return
+    frames: list[bytes] = []
+    transport.write = frames.append     # an attribute of this transport, in place of its method, while emit runs
+    try:
+        emit()
+    finally:
+        del transport.write
+        data = b"".join(frames)         # pika counts these bytes as sent: they are written whatever emit raised
+        sent = 0
+        if data:
+            try:
+                sent = transport._sock.send(data)
+            except OSError:             # would block, or the connection is broken: pika's write and flush tell
+                sent = 0
+            if sent < len(data):
+                transport.write(data[sent:])
+    connection._flush_output()
+
+
+def _coalesce(transport: Any) -> None:
+    """Join the frames waiting in a transport's send buffer (a publish is three: method, header,
+    body) into one, so they go out in one send() call rather than one each."""
+    buffers = getattr(transport, "_tx_buffers", None)
+    if buffers is not None and len(buffers) > 1:
+        joined = b"".join(buffers)
+        buffers.clear()
+        buffers.append(joined)
 
 
 def close_quietly(thing: Any) -> None:

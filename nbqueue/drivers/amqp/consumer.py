@@ -24,7 +24,7 @@ import pika.exceptions as pex
 from ...broker import Delivery, text_of
 from ...errors import ConnectionLost
 from ...urls import redact
-from .client import AUTH_ERRORS, CONNECTION_ERRORS, Link, close_quietly, wake
+from .client import AUTH_ERRORS, CONNECTION_ERRORS, Link, close_quietly, send_now, wake
 from .topology import (
     H_ATTEMPTS,
     H_ETA,
@@ -101,24 +101,21 @@ class Session:
         self.held = tags.pop() if hold else None
         if self.held is not None and self._timer is None:
             self._timer = self.connection.call_later(HOLD_ACK_S, self._held_too_long)
+        if not tags:
+            return
+        impl = self.channel._impl
         try:
-            for tag in tags[:-1]:
-                self.channel._impl.basic_ack(tag)     # queued on the async channel, no flush yet
-            if tags:
-                self.channel.basic_ack(tags[-1])      # ... and flushed with the last
+            send_now(self.connection, lambda: [impl.basic_ack(tag) for tag in tags])    # one write for all
         except Exception:  # the channel died under us; the loop notices and reconnects
             log.debug("could not ack %d deliveries", len(tags), exc_info=True)
 
-    def release(self, flush: bool = True) -> None:
-        """Run on the I/O thread: send the held ack, if any (``flush``: write it out now)."""
+    def release(self) -> None:
+        """Run on the I/O thread: send the held ack, if any (written out at once)."""
         tag, self.held = self.held, None
         if tag is None or not (self.alive and self.channel.is_open):
             return
         try:
-            if flush:
-                self.channel.basic_ack(tag)
-            else:
-                self.channel._impl.basic_ack(tag)
+            send_now(self.connection, lambda: self.channel._impl.basic_ack(tag))
         except Exception:  # the channel died under us; the loop notices and reconnects
             log.debug("could not ack delivery %s", tag, exc_info=True)
 
@@ -178,7 +175,7 @@ class Consumption:
             self.demands.append(demand)
             session = self.session
             # wake the I/O thread only if consumers or the prefetch window must change
-            change = (setting_up or session is None or session.prefetch != self.window(session)
+            change = (setting_up or session is None or self.prefetch_for(session) is not None
                       or not set(session.consumers) <= set().union(*(d.queues for d in self.demands))
                       or (session.held is not None and not self.may_hold(session)))
             self.dirty = self.dirty or change
@@ -215,6 +212,23 @@ class Consumption:
     def window(self, session: Session) -> int:
         """Under the lock: the prefetch the waiting reservers need (held + asked for)."""
         return max(1, len(session.outstanding) + sum(d.limit for d in self.demands))
+
+    def prefetch_for(self, session: Session) -> int | None:
+        """Under the lock: the prefetch to set now (the window), or None to keep the current one.
+
+        The prefetch is kept between the window and the window plus the ``limit`` of the
+        largest waiting reserver: raised at once to a wider window, lowered to it once more
+        than that ``limit`` above it. A worker thread that takes one message of the several
+        it asked for narrows the window until it asks again (and another thread between its
+        ack and its next reserve() does the same), and each change is a ``basic.qos`` round
+        trip; this band absorbs such swings. None as well while nobody waits (the prefetch is
+        then left as it is)."""
+        if not self.demands:
+            return None
+        window, current = self.window(session), session.prefetch or 0
+        if window > current or current - window > max(d.limit for d in self.demands):
+            return window
+        return None
 
     def may_hold(self, session: Session) -> bool:
         """Under the lock: may one ack be held back? Only while reservers wait and the
@@ -463,7 +477,7 @@ class ConsumerThread(threading.Thread):
         self, session: Session, queue: str, _channel: Any, method: Any, properties: Any, body: bytes
     ) -> None:
         state = self.state
-        session.release(flush=False)      # this delivery is in the queue's index: the segment stays
+        session.release()      # this delivery is in the queue's index: the segment stays
         with state.cond:
             if not session.alive:
                 return
@@ -487,7 +501,7 @@ class ConsumerThread(threading.Thread):
             demands = list(state.demands)
             if demands:
                 wanted: set[str] = set().union(*(d.queues for d in demands))
-                prefetch: int | None = state.window(session)
+                prefetch = state.prefetch_for(session)
             else:                        # nobody waiting: keep consuming what was asked for last
                 wanted, prefetch = set(session.consumers), None
             cancel = [q for q in session.consumers if q not in wanted]
@@ -496,7 +510,7 @@ class ConsumerThread(threading.Thread):
         if release:
             session.release()
         channel = session.channel
-        if prefetch is not None and prefetch != session.prefetch:
+        if prefetch is not None:
             channel.basic_qos(prefetch_count=min(prefetch, 65535), global_qos=True)
             session.prefetch = prefetch
         for queue in cancel:

@@ -5,10 +5,11 @@ channel for declarations and counts (``topology.QueueAdmin``).
 Publisher confirms are pipelined through the channel's underlying async channel
 (``BlockingChannel._impl``), since BlockingChannel itself waits for each confirm (about 10x
 slower for bulk publishing). A publish is written out at once (its frames joined into one
-send() call) and its confirms are waited for apart (``Publisher.send``, ``Publisher.wait``), so a
-caller can do other work while they are on their way (``Publishers.start_routed``). A publish
-the broker nacks, or returns as unroutable (``mandatory``), is refused; a publish cut off before
-its confirm is published again after a reconnect (at least once: it may arrive twice).
+send() call, ``client.send_now``) and its confirms are waited for apart (``Publisher.send``,
+``Publisher.wait``), so a caller can do other work while they are on their way
+(``Publishers.start_routed``). A publish the broker nacks, or returns as unroutable
+(``mandatory``), is refused; a publish cut off before its confirm is published again after a
+reconnect (at least once: it may arrive twice).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from pika.adapters.blocking_connection import _IoloopTimerContext
 
 from ...errors import ConnectionLost, PublishRefused
 from ...urls import redact
-from .client import AUTH_ERRORS, CONNECTION_ERRORS, Link, close_quietly, refused, wake
+from .client import AUTH_ERRORS, CONNECTION_ERRORS, Link, close_quietly, refused, send_now, wake
 from .topology import QueueAdmin, Shapes
 
 log = logging.getLogger(__name__)
@@ -111,12 +112,14 @@ class Publisher(QueueAdmin):
         channel = self._channel_for_publish()
         impl = channel._impl
         self._refused, self._returned = {}, {}
-        for index, routing_key, body, properties in items:
-            self._pending[self._next_tag] = (index, properties.message_id, routing_key)
-            self._next_tag += 1
-            impl.basic_publish("", routing_key, body, properties, mandatory=True)
-        _coalesce(self.connection)
-        self.connection._flush_output()      # the frames go out now, not at the next wait
+
+        def emit() -> None:
+            for index, routing_key, body, properties in items:
+                self._pending[self._next_tag] = (index, properties.message_id, routing_key)
+                self._next_tag += 1
+                impl.basic_publish("", routing_key, body, properties, mandatory=True)
+
+        send_now(self.connection, emit)      # the frames go out now, not at the next wait
 
     def wait(self, timeout: float) -> dict[int, str]:
         """Wait for the confirms of what ``send`` published; returns the refused indexes with why.
@@ -160,17 +163,6 @@ class Publisher(QueueAdmin):
         self.send(items)
         refused = self.wait(timeout)
         return {i for i, *_ in items if i not in refused}, refused
-
-
-def _coalesce(connection: pika.BlockingConnection) -> None:
-    """Join the frames waiting in the connection's send buffer (a publish is three: method,
-    header, body) into one, so they go out in one send() call rather than one each."""
-    transport = getattr(connection._impl, "_transport", None)
-    buffers = getattr(transport, "_tx_buffers", None)
-    if buffers is not None and len(buffers) > 1:
-        joined = b"".join(buffers)
-        buffers.clear()
-        buffers.append(joined)
 
 
 class Publishers:
