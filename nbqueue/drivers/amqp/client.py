@@ -12,7 +12,11 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsp
 
 import pika
 import pika.exceptions as pex
-from pika.adapters.utils.io_services_utils import _AsyncPlaintextTransport
+
+try:        # pika's plain-TCP transport (private; see send_now): without it, frames take pika's own way
+    from pika.adapters.utils.io_services_utils import _AsyncPlaintextTransport
+except ImportError:                                       # pragma: no cover - another pika layout
+    _AsyncPlaintextTransport = None
 
 from ...errors import ConfigurationError
 from ...urls import redact
@@ -80,8 +84,9 @@ def send_now(connection: pika.BlockingConnection, emit: Callable[[], Any]) -> No
     loop's timers, per flush). What the socket does not take, or a failed send, goes through pika's
     buffer as usual, whose flush then writes it or meets the error and closes the connection (raising
     as ``BlockingConnection`` does). TLS connections, and output already waiting, take pika's way."""
-    transport = connection._impl._transport
-    if (type(transport) is not _AsyncPlaintextTransport or transport._state != transport._STATE_ACTIVE
+    transport = getattr(connection._impl, "_transport", None)
+    if (_AsyncPlaintextTransport is None or type(transport) is not _AsyncPlaintextTransport
+            or transport._state != transport._STATE_ACTIVE
             or transport.get_write_buffer_size()):
         emit()
         _coalesce(transport)
