@@ -317,6 +317,19 @@ def test_a_file_opened_afresh_gets_the_reservers_row_again(tmp_path):
     broker.close()
 
 
+def test_closing_the_broker_deletes_the_reservers_row_of_its_process(tmp_path):
+    from nbqueue.drivers.sqlite.broker import SQLiteBroker
+
+    url = f"sqlite:///{tmp_path}/q.db"
+    broker = SQLiteBroker(url)
+    assert broker.reserve(["q"], timeout=0.05) == []
+    assert _reservers_rows(broker)
+    broker.close()
+    other = SQLiteBroker(url)
+    assert _reservers_rows(other) == []
+    other.close()
+
+
 def test_the_reservers_row_of_a_process_gone_is_removed_by_upkeep(tmp_path):
     from nbqueue.drivers.sqlite.broker import WAITERS, SQLiteBroker
 

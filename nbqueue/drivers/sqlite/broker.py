@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import logging
 import os
 import secrets
 import sqlite3
@@ -33,6 +34,8 @@ from ...procs import process_alive
 from ...wakeups import WAKEUPS
 from . import wake as wakechannel
 from .db import SQLiteStore, path_from_url, placeholders
+
+log = logging.getLogger(__name__)
 
 
 def _schema(db) -> None:
@@ -757,3 +760,16 @@ class SQLiteBroker(Broker):
         held, self._channel_held = self._channel_held, False
         if held:
             self._channel.release()
+            self._unmark_on_close()
+
+    def _unmark_on_close(self) -> None:
+        """Delete this process's row of ``nbq_reservers`` when none of its reservers of the file
+        waits any more (best effort: rows of processes gone are also removed by ``upkeep``)."""
+        if not WAITERS.marked(self.path):
+            return
+        try:
+            with self.store.write() as conn:
+                if WAITERS.unmark_if_idle(self.path):
+                    self._mark(conn, self.clock.time(), False)
+        except Exception as exc:                 # a store that cannot be written: upkeep elsewhere removes it
+            log.debug("could not delete the reservers' row of %s: %s", self.path, exc)
