@@ -473,32 +473,31 @@ def test_a_reserver_taking_one_message_at_a_time_beside_a_waiting_one_does_not_r
     # Given a broker with one reserver waiting on a quiet queue (limit 4) and another on a
     # second queue, each asking for 4 and getting the one message published each time
     broker, quiet, busy = amqp(), qname("quiet"), qname("busy")
-    waiting = concurrent.futures.ThreadPoolExecutor(1)
-    parked = waiting.submit(broker.reserve, [quiet], timeout=60, lease=30, limit=4)
-    wait_for(lambda: len(broker._consumption.demands) == 1, message="the reserver waits")
-    broker.publish(out(busy, id="warm-up"))
-    [d] = reserve_all(broker, [busy], 1, limit=4)
-    assert broker.ack(d)
-    qos: list[int] = []
-    set_qos = pika.adapters.blocking_connection.BlockingChannel.basic_qos
-
-    def counted(channel, *args, **kwargs):
-        qos.append(kwargs.get("prefetch_count", 0))
-        return set_qos(channel, *args, **kwargs)
-
-    monkeypatch.setattr(pika.adapters.blocking_connection.BlockingChannel, "basic_qos", counted)
-    # When the second takes one message, acks it and comes back, twenty times
-    for i in range(20):
-        broker.publish(out(busy, id=f"m{i}"))
+    with concurrent.futures.ThreadPoolExecutor(1) as waiting:
+        parked = waiting.submit(broker.reserve, [quiet], timeout=60, lease=30, limit=4)
+        wait_for(lambda: len(broker._consumption.demands) == 1, message="the reserver waits")
+        broker.publish(out(busy, id="warm-up"))
         [d] = reserve_all(broker, [busy], 1, limit=4)
-        assert d.message_id == f"m{i}" and broker.ack(d)
-    # Then the prefetch was not changed meanwhile: the window swings by less than a limit
-    # (each change would be a basic.qos round trip on the consuming connection)
-    assert qos == []
-    broker.publish(out(quiet, id="last"))
-    [last] = parked.result(timeout=30)
-    assert last.message_id == "last" and broker.ack(last)
-    waiting.shutdown()
+        assert broker.ack(d)
+        qos: list[int] = []
+        set_qos = pika.adapters.blocking_connection.BlockingChannel.basic_qos
+
+        def counted(channel, *args, **kwargs):
+            qos.append(kwargs.get("prefetch_count", 0))
+            return set_qos(channel, *args, **kwargs)
+
+        monkeypatch.setattr(pika.adapters.blocking_connection.BlockingChannel, "basic_qos", counted)
+        # When the second takes one message, acks it and comes back, twenty times
+        for i in range(20):
+            broker.publish(out(busy, id=f"m{i}"))
+            [d] = reserve_all(broker, [busy], 1, limit=4)
+            assert d.message_id == f"m{i}" and broker.ack(d)
+        # Then the prefetch was not changed meanwhile: the window swings by less than a limit
+        # (each change would be a basic.qos round trip on the consuming connection)
+        assert qos == []
+        broker.publish(out(quiet, id="last"))
+        [last] = parked.result(timeout=30)
+        assert last.message_id == "last" and broker.ack(last)
 
 
 def test_the_prefetch_follows_the_window_within_one_limit():
