@@ -747,7 +747,7 @@ class SQLiteBroker(Broker):
     def _published(self) -> None:
         """After a commit of new or returned messages: one idle reserver per set of queues here
         (see ``IdleReservers.wake``), the reservers without a slot, and other processes."""
-        self._published_elsewhere(b"")
+        self._published_here()
         self._channel.send(wakechannel.MESSAGES)
 
     def _published_here(self) -> None:
