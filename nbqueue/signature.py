@@ -22,13 +22,19 @@ os.register_at_fork(after_in_child=_ids.seed)
 
 
 def new_id() -> str:
-    """A random (version 4) UUID string, as ``str(uuid.uuid4())`` gives, at a fifth of its cost."""
-    h = "%032x" % ((_ids.getrandbits(128) & _UUID4_CLEAR) | _UUID4_SET)
+    """A time-ordered (version 7, RFC 9562) UUID string: 48 bits of Unix time in milliseconds,
+    then 74 random bits. Ids made later sort later (to the millisecond), so the indexes keyed
+    by task id (the records' and the SQLite broker's messages') grow at one end and a batch
+    of tasks touches a few index pages instead of one page per task."""
+    rand = _ids.getrandbits(74)
+    h = "%032x" % ((time.time_ns() // 1_000_000 & _MS_MASK) << 80 | _VERSION_VARIANT | (rand >> 62) << 64
+                   | rand & _RAND_B_MASK)
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-_UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48)) & ((1 << 128) - 1)
-_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
+_MS_MASK = (1 << 48) - 1
+_RAND_B_MASK = (1 << 62) - 1
+_VERSION_VARIANT = 0x7 << 76 | 0b10 << 62
 
 
 def to_message(sig: Signature, serializer: serialization.Serializer, *, default_queue: str, fn: Callable | None = None,

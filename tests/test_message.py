@@ -134,3 +134,22 @@ def test_a_stored_dict_path_message_runs_and_its_retry_keeps_its_unknown_keys(tm
         assert app.backend.get("t1")["state"] == states.SUCCESS and attempts == [1, 1]
     finally:
         app.close()
+
+
+def test_task_ids_are_version_7_uuids_ordered_by_the_millisecond_they_were_made(monkeypatch):
+    """Ids keep to RFC 9562's layout, carry their time, and sort in the order they were made:
+    the indexes keyed by task id then grow at one end."""
+    import uuid
+
+    from nbqueue import signature
+
+    clock = iter([1_700_000_000_000_000_000 + ms * 1_000_000 for ms in (0, 0, 1, 2, 2, 5)])
+    monkeypatch.setattr(signature.time, "time_ns", lambda: next(clock))
+    ids = [signature.new_id() for _ in range(6)]
+    parsed = [uuid.UUID(i) for i in ids]
+    assert [str(u) for u in parsed] == ids
+    assert {u.version for u in parsed} == {7} and {u.variant for u in parsed} == {uuid.RFC_4122}
+    assert [u.int >> 80 for u in parsed] == [1_700_000_000_000 + ms for ms in (0, 0, 1, 2, 2, 5)]
+    assert max(ids[0:2]) < ids[2] < min(ids[3:5]) and max(ids[3:5]) < ids[5]      # by millisecond
+    monkeypatch.undo()
+    assert len({signature.new_id() for _ in range(10_000)}) == 10_000
