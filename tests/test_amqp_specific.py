@@ -31,7 +31,7 @@ from nbqueue import serialization, states
 from nbqueue.broker import Outgoing
 from nbqueue.drivers import broker_from_url
 from nbqueue.drivers.amqp.broker import AMQPBroker
-from nbqueue.drivers.amqp.consumer import Consumption, Demand, Session
+from nbqueue.drivers.amqp.consumer import Consumption, Demand, Pending, Session
 from nbqueue.drivers.amqp.topology import (
     H_ETA,
     MAX_BUCKET,
@@ -521,6 +521,22 @@ def test_the_prefetch_follows_the_window_within_one_limit():
     assert state.prefetch_for(session) == 12                    # a wider window: raised at once
     state.demands = []
     assert state.prefetch_for(session) is None                  # nobody waits: left as it is
+
+
+def test_held_acks_are_written_as_one_multiple_ack_below_the_first_unsettled_delivery():
+    # Given acks held for deliveries 1, 2, 3 and 6, with 4 handed out, 5 claimed and 7 pushed
+    session = Session(None, None)
+    session.held, session.outstanding, session.claimed = {1, 2, 3, 6}, {4: "q"}, {5}
+    session.buffer = [Pending(0, "q", 7, False, None, b"")]
+    # When the acks that may go are taken: one frame acks 1-3 (multiple), 6 stays held
+    assert session.due_acks(False) == [(3, True)]
+    assert session.held == {6}
+    # When all must go: the one above an unsettled delivery is acked alone
+    session.held.update({1, 2})
+    assert session.due_acks(True) == [(2, True), (6, False)]
+    assert session.held == set()
+    session.held, session.outstanding, session.claimed, session.buffer = {8}, {}, set(), []
+    assert session.due_acks(False) == [(8, False)]
 
 
 def test_threads_sharing_one_broker_get_each_message_exactly_once(amqp, qname):
