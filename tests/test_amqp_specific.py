@@ -31,7 +31,7 @@ from nbqueue import serialization, states
 from nbqueue.broker import Outgoing
 from nbqueue.drivers import broker_from_url
 from nbqueue.drivers.amqp.broker import AMQPBroker
-from nbqueue.drivers.amqp.consumer import Consumption, Demand, Pending, Session
+from nbqueue.drivers.amqp.consumer import LOWER_AFTER_S, Consumption, Demand, Pending, Session
 from nbqueue.drivers.amqp.topology import (
     H_ETA,
     MAX_BUCKET,
@@ -506,21 +506,38 @@ def test_the_prefetch_follows_the_window_within_one_limit():
     session = Session(None, None)
     state.session, session.prefetch = session, 8
     state.demands = [Demand(frozenset({"q"}), 4), Demand(frozenset({"q"}), 4)]
-    assert state.prefetch_for(session) is None                  # the window is 8
+    assert state.prefetch_for(session, 0.0) is None             # the window is 8
     state.demands.pop()
     session.outstanding = {1: "q"}
-    assert state.prefetch_for(session) is None                  # 5: within a limit (4) below
+    assert state.prefetch_for(session, 0.0) is None             # 5: within a limit (4) below
     session.outstanding = {}
-    assert state.prefetch_for(session) is None                  # 4: a limit below
+    assert state.prefetch_for(session, 0.0) is None             # 4: a limit below
     session.prefetch = 9
-    assert state.prefetch_for(session) == 4                     # more than a limit below: lowered
+    assert state.prefetch_for(session, 1.0) is None             # more than a limit below: not yet
+    assert state.prefetch_for(session, 1.0 + LOWER_AFTER_S / 2) is None
     session.prefetch = 50                                       # (left by a reserver of 50)
     state.demands = [Demand(frozenset({"q"}), 4)] * 3
-    assert state.prefetch_for(session) == 12
+    assert state.prefetch_for(session, 2.0) == 12
     session.prefetch = 8
-    assert state.prefetch_for(session) == 12                    # a wider window: raised at once
+    assert state.prefetch_for(session, 2.0) == 12               # a wider window: raised at once
     state.demands = []
-    assert state.prefetch_for(session) is None                  # nobody waits: left as it is
+    assert state.prefetch_for(session, 2.0) is None             # nobody waits: left as it is
+
+
+def test_the_prefetch_is_lowered_once_it_stayed_too_wide_for_a_while():
+    state = Consumption(None, None)
+    session = Session(None, None)
+    state.session, session.prefetch = session, 16
+    state.demands = [Demand(frozenset({"q"}), 4)]
+    # Given a window (4) more than a limit below the prefetch (16), first seen at t=10
+    assert state.prefetch_for(session, 10.0) is None
+    # When the window widens again meanwhile, the wait starts over
+    state.demands = [Demand(frozenset({"q"}), 4)] * 4
+    assert state.prefetch_for(session, 10.0 + LOWER_AFTER_S / 2) is None
+    state.demands = [Demand(frozenset({"q"}), 4)]
+    assert state.prefetch_for(session, 10.0 + LOWER_AFTER_S) is None
+    # Then it is lowered once it has stayed too wide for LOWER_AFTER_S
+    assert state.prefetch_for(session, 10.0 + 2 * LOWER_AFTER_S) == 4
 
 
 def test_held_acks_are_written_as_one_multiple_ack_below_the_first_unsettled_delivery():

@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 SETUP_WAIT_S, FIRST_PUSH_S = 2.0, 0.05
 #: the longest an ack is held back (see Session) when no further delivery comes
 HOLD_ACK_S = 0.02
+#: the prefetch is lowered once it has been wider than the window needs for this long (prefetch_for)
+LOWER_AFTER_S = 0.5
 #: held acks written with the next delivery once this many are held; all written at HOLD_MAX
 HOLD_ACKS, HOLD_MAX = 4, 8
 
@@ -95,6 +97,7 @@ class Session:
         self.held: set[int] = set()                  # acked, the basic.ack not written yet (see above)
         self.held_since = 0.0                        # monotonic time the oldest held ack was handed over
         self.timer = False                           # a HOLD_ACK_S timer is armed on the I/O thread
+        self.wide_since: float | None = None         # when the prefetch was last seen too wide (prefetch_for)
         self.asked = False                           # the I/O thread was asked to look at the held acks
 
     def unacked(self) -> int:
@@ -190,7 +193,7 @@ class Consumption:
             self.demands.append(demand)
             session = self.session
             # wake the I/O thread only if consumers or the prefetch window must change
-            change = (setting_up or session is None or self.prefetch_for(session) is not None
+            change = (setting_up or session is None or self.prefetch_for(session, time.monotonic()) is not None
                       or not set(session.consumers) <= set().union(*(d.queues for d in self.demands))
                       or (bool(session.held) and not self.may_hold(session)))
             self.dirty = self.dirty or change
@@ -228,22 +231,32 @@ class Consumption:
         """Under the lock: the prefetch the waiting reservers need (held + asked for)."""
         return max(1, len(session.outstanding) + sum(d.limit for d in self.demands))
 
-    def prefetch_for(self, session: Session) -> int | None:
+    def prefetch_for(self, session: Session, now: float) -> int | None:
         """Under the lock: the prefetch to set now (the window), or None to keep the current one.
 
         The prefetch is kept between the window and the window plus the ``limit`` of the
-        largest waiting reserver: raised at once to a wider window, lowered to it once more
-        than that ``limit`` above it. A worker thread that takes one message of the several
-        it asked for narrows the window until it asks again (and another thread between its
-        ack and its next reserve() does the same), and each change is a ``basic.qos`` round
-        trip; this band absorbs such swings. None as well while nobody waits (the prefetch is
-        then left as it is)."""
+        largest waiting reserver: raised at once to a wider window, lowered to it once it has
+        been more than that ``limit`` above it for LOWER_AFTER_S (whenever looked at since,
+        monotonic ``now``). A worker thread that takes one message of the several it asked for
+        narrows the window until it asks again (and another thread between its ack and its
+        next reserve() does the same), and each change is a ``basic.qos`` round trip; this
+        band absorbs such swings. None as well while nobody waits (the prefetch is then left
+        as it is)."""
         if not self.demands:
             return None
         window, current = self.window(session), session.prefetch or 0
-        if window > current or current - window > max(d.limit for d in self.demands):
+        if window > current:
+            session.wide_since = None
             return window
-        return None
+        if current - window <= max(d.limit for d in self.demands):
+            session.wide_since = None
+            return None
+        if session.wide_since is None:
+            session.wide_since = now
+        if now - session.wide_since < LOWER_AFTER_S:
+            return None
+        session.wide_since = None
+        return window
 
     def may_hold(self, session: Session) -> bool:
         """Under the lock: may the held acks stay held? Only while reservers wait and the
@@ -575,7 +588,7 @@ class ConsumerThread(threading.Thread):
             demands = list(state.demands)
             if demands:
                 wanted: set[str] = set().union(*(d.queues for d in demands))
-                prefetch = state.prefetch_for(session)
+                prefetch = state.prefetch_for(session, time.monotonic())
             else:                        # nobody waiting: keep consuming what was asked for last
                 wanted, prefetch = set(session.consumers), None
             cancel = [q for q in session.consumers if q not in wanted]
