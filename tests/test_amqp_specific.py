@@ -683,6 +683,33 @@ def test_an_ack_held_back_while_a_reserver_waits_still_reaches_rabbitmq(amqp, qn
     assert again.reserve([q], timeout=0.5, lease=5) == []
 
 
+def test_held_acks_written_together_never_ack_a_delivery_still_held(amqp, qname):
+    """Acks held and written as one multiple ack (see consumer.Session) cover only settled
+    deliveries: the one still handed out when they are written comes back, the acked ones not."""
+    broker, q, other = amqp(), qname("multi"), qname("multi-idle")
+    broker.publish_many([out(q, id=f"m{i}") for i in range(1, 6)])
+    waiting = concurrent.futures.ThreadPoolExecutor(1)
+    with waiting:
+        # Given a reserver waiting on another queue (so acks may be held) and five deliveries
+        parked = waiting.submit(broker.reserve, [other], timeout=30, lease=30, limit=8)
+        wait_for(lambda: broker._consumption.demands, timeout=5)
+        got = [reserve_all(broker, [q], 1, limit=1)[0] for _ in range(5)]
+        assert [d.message_id for d in got] == ["m1", "m2", "m3", "m4", "m5"]
+        # When all but m3 are acked, and a sixth delivery makes the held acks go out
+        assert broker.ack_many([got[0], got[1], got[3]]) == [True] * 3
+        assert broker.ack(got[4])
+        broker.publish_many([out(q, id="m6")])
+        [sixth] = reserve_all(broker, [q], 1, limit=1)
+        assert sixth.message_id == "m6"
+        broker.wake()
+        assert parked.result(timeout=30) == []
+    broker.close()
+    # Then only the two never acked come back
+    again = amqp()
+    back = reserve_all(again, [q], 3, timeout=3, limit=3)
+    assert sorted(d.message_id for d in back) == ["m3", "m6"]
+
+
 # -- connections ----------------------------------------------------------------------------
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
