@@ -95,8 +95,9 @@ Capabilities:
 
 Threads: pika's BlockingConnection is not thread-safe. Consuming is confined to one
 I/O thread per broker, which owns the consuming connection, pumps its heartbeats (so a
-long task does not lose its connection) and carries out acks handed to it with
-``add_callback_threadsafe``; reserve() and ack() may be called from any thread.
+long task does not lose its connection) and writes the acks other threads hold for it and
+the requeues they hand to it with ``add_callback_threadsafe``; reserve() and ack() may be
+called from any thread.
 Publishing, declares and counts use one connection per calling thread. close() stops
 the I/O thread (unacked messages return to their queues) and closes every connection;
 call it when no other thread still uses the broker.

@@ -1,7 +1,8 @@
 """The consuming side of the RabbitMQ broker: one I/O thread per broker owns the consuming
 connection (pika's BlockingConnection is not thread-safe), pumps its heartbeats, follows the
-demand of the waiting reservers (consumers per queue, the ``basic.qos`` window) and carries out
-the acks and requeues other threads hand to it with ``add_callback_threadsafe``.
+demand of the waiting reservers (consumers per queue, the ``basic.qos`` window) and writes the
+acks other threads hold for it (see Session) and the requeues they hand to it with
+``add_callback_threadsafe``.
 
 ``Consumption`` is what the broker holds: the current session (connection + channel; delivery
 tags mean something only within it), the messages pushed and not yet reserved, the deliveries
