@@ -31,7 +31,7 @@ from nbqueue import serialization, states
 from nbqueue.broker import Outgoing
 from nbqueue.drivers import broker_from_url
 from nbqueue.drivers.amqp.broker import AMQPBroker
-from nbqueue.drivers.amqp.consumer import Consumption, Demand, Session
+from nbqueue.drivers.amqp.consumer import LOWER_AFTER_S, Consumption, Demand, Pending, Session
 from nbqueue.drivers.amqp.topology import (
     H_ETA,
     MAX_BUCKET,
@@ -506,21 +506,54 @@ def test_the_prefetch_follows_the_window_within_one_limit():
     session = Session(None, None)
     state.session, session.prefetch = session, 8
     state.demands = [Demand(frozenset({"q"}), 4), Demand(frozenset({"q"}), 4)]
-    assert state.prefetch_for(session) is None                  # the window is 8
+    assert state.prefetch_for(session, 0.0) is None             # the window is 8
     state.demands.pop()
     session.outstanding = {1: "q"}
-    assert state.prefetch_for(session) is None                  # 5: within a limit (4) below
+    assert state.prefetch_for(session, 0.0) is None             # 5: within a limit (4) below
     session.outstanding = {}
-    assert state.prefetch_for(session) is None                  # 4: a limit below
+    assert state.prefetch_for(session, 0.0) is None             # 4: a limit below
     session.prefetch = 9
-    assert state.prefetch_for(session) == 4                     # more than a limit below: lowered
+    assert state.prefetch_for(session, 1.0) is None             # more than a limit below: not yet
+    assert state.prefetch_for(session, 1.0 + LOWER_AFTER_S / 2) is None
     session.prefetch = 50                                       # (left by a reserver of 50)
     state.demands = [Demand(frozenset({"q"}), 4)] * 3
-    assert state.prefetch_for(session) == 12
+    assert state.prefetch_for(session, 2.0) == 12
     session.prefetch = 8
-    assert state.prefetch_for(session) == 12                    # a wider window: raised at once
+    assert state.prefetch_for(session, 2.0) == 12               # a wider window: raised at once
     state.demands = []
-    assert state.prefetch_for(session) is None                  # nobody waits: left as it is
+    assert state.prefetch_for(session, 2.0) is None             # nobody waits: left as it is
+
+
+def test_the_prefetch_is_lowered_once_it_stayed_too_wide_for_a_while():
+    state = Consumption(None, None)
+    session = Session(None, None)
+    state.session, session.prefetch = session, 16
+    state.demands = [Demand(frozenset({"q"}), 4)]
+    # Given a window (4) more than a limit below the prefetch (16), first seen at t=10
+    assert state.prefetch_for(session, 10.0) is None
+    # When the window widens again meanwhile, the wait starts over
+    state.demands = [Demand(frozenset({"q"}), 4)] * 4
+    assert state.prefetch_for(session, 10.0 + LOWER_AFTER_S / 2) is None
+    state.demands = [Demand(frozenset({"q"}), 4)]
+    assert state.prefetch_for(session, 10.0 + LOWER_AFTER_S) is None
+    # Then it is lowered once it has stayed too wide for LOWER_AFTER_S
+    assert state.prefetch_for(session, 10.0 + 2 * LOWER_AFTER_S) == 4
+
+
+def test_held_acks_are_written_as_one_multiple_ack_below_the_first_unsettled_delivery():
+    # Given acks held for deliveries 1, 2, 3 and 6, with 4 handed out, 5 claimed and 7 pushed
+    session = Session(None, None)
+    session.held, session.outstanding, session.claimed = {1, 2, 3, 6}, {4: "q"}, {5}
+    session.buffer = [Pending(0, "q", 7, False, None, b"")]
+    # When the acks that may go are taken: one frame acks 1-3 (multiple), 6 stays held
+    assert session.due_acks(False) == [(3, True)]
+    assert session.held == {6}
+    # When all must go: the one above an unsettled delivery is acked alone
+    session.held.update({1, 2})
+    assert session.due_acks(True) == [(2, True), (6, False)]
+    assert session.held == set()
+    session.held, session.outstanding, session.claimed, session.buffer = {8}, {}, set(), []
+    assert session.due_acks(False) == [(8, False)]
 
 
 def test_threads_sharing_one_broker_get_each_message_exactly_once(amqp, qname):
@@ -648,6 +681,33 @@ def test_an_ack_held_back_while_a_reserver_waits_still_reaches_rabbitmq(amqp, qn
     [back] = again.reserve([q], timeout=5, lease=5)
     assert back.message_id == "m3" and back.redelivered
     assert again.reserve([q], timeout=0.5, lease=5) == []
+
+
+def test_held_acks_written_together_never_ack_a_delivery_still_held(amqp, qname):
+    """Acks held and written as one multiple ack (see consumer.Session) cover only settled
+    deliveries: the one still handed out when they are written comes back, the acked ones not."""
+    broker, q, other = amqp(), qname("multi"), qname("multi-idle")
+    broker.publish_many([out(q, id=f"m{i}") for i in range(1, 6)])
+    waiting = concurrent.futures.ThreadPoolExecutor(1)
+    with waiting:
+        # Given a reserver waiting on another queue (so acks may be held) and five deliveries
+        parked = waiting.submit(broker.reserve, [other], timeout=30, lease=30, limit=8)
+        wait_for(lambda: broker._consumption.demands, timeout=5)
+        got = [reserve_all(broker, [q], 1, limit=1)[0] for _ in range(5)]
+        assert [d.message_id for d in got] == ["m1", "m2", "m3", "m4", "m5"]
+        # When all but m3 are acked, and a sixth delivery makes the held acks go out
+        assert broker.ack_many([got[0], got[1], got[3]]) == [True] * 3
+        assert broker.ack(got[4])
+        broker.publish_many([out(q, id="m6")])
+        [sixth] = reserve_all(broker, [q], 1, limit=1)
+        assert sixth.message_id == "m6"
+        broker.wake()
+        assert parked.result(timeout=30) == []
+    broker.close()
+    # Then only the two never acked come back
+    again = amqp()
+    back = reserve_all(again, [q], 3, timeout=3, limit=3)
+    assert sorted(d.message_id for d in back) == ["m3", "m6"]
 
 
 # -- connections ----------------------------------------------------------------------------

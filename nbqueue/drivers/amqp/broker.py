@@ -63,10 +63,11 @@ Capabilities:
   bytes as ``surrogateescape``; dead letters keep the original bytes).
 - Prefetch: ``basic.qos`` (channel-wide, ``global``) follows the deliveries this process
   holds plus the ``limit`` its waiting reservers ask for (the window): raised at once to a
-  wider window, lowered only once it is more than the largest waiting reserver's ``limit``
-  above it, so a worker holds at most that ``limit`` beyond what it asked for (between
-  reserve() calls up to that many wait prefetched), and worker threads that each take one
-  message and come back for more do not re-set it per message (each change is a round trip).
+  wider window, lowered only once it has been more than the largest waiting reserver's
+  ``limit`` above it for half a second, so worker threads that each take one message and
+  come back for more do not re-set it per message (each change is a round trip); meanwhile
+  RabbitMQ may push up to the wider prefetch (between reserve() calls they wait prefetched).
+  Acks are held back a little and written together (see consumer.Session).
   Consumers follow the queues reserve() asks for; a queue no reserver wants any more is
   cancelled and its prefetched messages requeued (RabbitMQ then marks them redelivered,
   so they count attempt 2). The first reserve() on a queue waits for its consumer to
@@ -94,8 +95,9 @@ Capabilities:
 
 Threads: pika's BlockingConnection is not thread-safe. Consuming is confined to one
 I/O thread per broker, which owns the consuming connection, pumps its heartbeats (so a
-long task does not lose its connection) and carries out acks handed to it with
-``add_callback_threadsafe``; reserve() and ack() may be called from any thread.
+long task does not lose its connection) and writes the acks other threads hold for it and
+the requeues they hand to it with ``add_callback_threadsafe``; reserve() and ack() may be
+called from any thread.
 Publishing, declares and counts use one connection per calling thread. close() stops
 the I/O thread (unacked messages return to their queues) and closes every connection;
 call it when no other thread still uses the broker.

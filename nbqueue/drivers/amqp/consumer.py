@@ -1,7 +1,8 @@
 """The consuming side of the RabbitMQ broker: one I/O thread per broker owns the consuming
 connection (pika's BlockingConnection is not thread-safe), pumps its heartbeats, follows the
-demand of the waiting reservers (consumers per queue, the ``basic.qos`` window) and carries out
-the acks and requeues other threads hand to it with ``add_callback_threadsafe``.
+demand of the waiting reservers (consumers per queue, the ``basic.qos`` window) and writes the
+acks other threads hold for it (see Session) and the requeues they hand to it with
+``add_callback_threadsafe``.
 
 ``Consumption`` is what the broker holds: the current session (connection + channel; delivery
 tags mean something only within it), the messages pushed and not yet reserved, the deliveries
@@ -43,6 +44,10 @@ log = logging.getLogger(__name__)
 SETUP_WAIT_S, FIRST_PUSH_S = 2.0, 0.05
 #: the longest an ack is held back (see Session) when no further delivery comes
 HOLD_ACK_S = 0.02
+#: the prefetch is lowered once it has been wider than the window needs for this long (prefetch_for)
+LOWER_AFTER_S = 0.5
+#: held acks written with the next delivery once this many are held; all written at HOLD_MAX
+HOLD_ACKS, HOLD_MAX = 4, 8
 
 
 @dataclasses.dataclass
@@ -60,16 +65,25 @@ class Pending:
 class Session:
     """One consuming connection + channel. Delivery tags are only meaningful within it.
 
-    Holding an ack: a classic queue of version 2 deletes an index segment file when its last
+    Every delivery RabbitMQ pushed and this process has not settled on the wire is in one of
+    ``buffer`` (pushed, not yet reserved), ``outstanding`` (handed out), ``claimed`` (taken out
+    of outstanding by a settle on its way: a publish before its ack, a requeue handed to the I/O
+    thread) or ``held`` (settled, its ack not written yet).
+
+    Holding acks: a classic queue of version 2 deletes an index segment file when its last
     unacked message is acked, and makes it again for the next message, which delays that
     message's publisher confirm (measured on RabbitMQ 3.10: about 0.35 ms for a persistent
     message to a queue nobody consumes, 0.9-1.1 ms when a consumer acks each at once, 0.5 ms
-    when it acks each at the next delivery). So while reservers wait and the prefetch window
-    has room to spare, the newest ack of a batch is held back until the next delivery on the
-    session, HOLD_ACK_S at most, or until a waiting reserver would need its slot; the task's
-    result is already stored when its ack is handed over, so a held ack only widens the
-    window in which a worker's death makes RabbitMQ redeliver a finished task (its record
-    says it is finished; it is not run again).
+    when it acks each at the next delivery), and each ack is a frame RabbitMQ's channel and
+    queue processes handle one by one. So while reservers wait and the prefetch window has room
+    to spare, acks are held (their deliveries' threads hand them over without waking the I/O
+    thread) and written when a delivery arrives once HOLD_ACKS are held, as one
+    ``basic.ack(multiple=True)`` up to the lowest delivery not settled yet (the others each
+    with their own frame when all must go), or all of them when HOLD_MAX are held, after
+    HOLD_ACK_S, or as soon as a waiting reserver would need their slots. A task's result is
+    stored before its ack is handed over, so a held ack only widens the window in which a
+    worker's death makes RabbitMQ redeliver a finished task (its record says it is finished;
+    it is not run again).
     """
 
     def __init__(self, connection: pika.BlockingConnection, channel: Any):
@@ -80,8 +94,44 @@ class Session:
         self.consumers: dict[str, str] = {}          # queue -> consumer tag
         self.buffer: list[Pending] = []              # pushed, not yet reserved
         self.outstanding: dict[int, str] = {}        # delivery tag -> queue, handed out, not settled
-        self.held: int | None = None                 # settled, its basic.ack held back (see above)
-        self._timer: Any = None
+        self.claimed: set[int] = set()               # taken out of outstanding, settled but not written
+        self.held: set[int] = set()                  # acked, the basic.ack not written yet (see above)
+        self.held_since = 0.0                        # monotonic time the oldest held ack was handed over
+        self.timer = False                           # a HOLD_ACK_S timer is armed on the I/O thread
+        self.wide_since: float | None = None         # when the prefetch was last seen too wide (prefetch_for)
+        self.asked = False                           # the I/O thread was asked to look at the held acks
+
+    def unacked(self) -> int:
+        """Deliveries RabbitMQ counts against the prefetch."""
+        return len(self.buffer) + len(self.outstanding) + len(self.claimed) + len(self.held)
+
+    def due_acks(self, everything: bool) -> list[tuple[int, bool]]:
+        """Under the lock: take the held acks to write now as (delivery tag, multiple) frames: the
+        ones below the lowest delivery not settled as one ``multiple`` ack, and with
+        ``everything`` the others one by one."""
+        if not self.held:
+            return []
+        unsettled = [*self.outstanding, *self.claimed, *(p.delivery_tag for p in self.buffer)]
+        low = min(unsettled) if unsettled else None
+        tags = sorted(self.held)
+        below = tags if low is None else [t for t in tags if t < low]
+        frames = [(below[-1], len(below) > 1)] if below else []
+        if everything:
+            frames += [(t, False) for t in tags[len(below):]]
+            self.held.clear()
+        else:
+            self.held.difference_update(below)
+        return frames
+
+    def write_acks(self, frames: list[tuple[int, bool]]) -> None:
+        """Run on the I/O thread: write ack frames out at once (one send)."""
+        if not frames or not (self.alive and self.channel.is_open):
+            return
+        impl = self.channel._impl
+        try:
+            send_now(self.connection, lambda: [impl.basic_ack(tag, multiple) for tag, multiple in frames])
+        except Exception:  # the channel died under us; the loop notices and reconnects
+            log.debug("could not write %d acks", len(frames), exc_info=True)
 
     def requeue(self, delivery_tag: int) -> None:
         """Run on the I/O thread: nack (requeue) one delivery of this session."""
@@ -91,37 +141,6 @@ class Session:
             self.channel.basic_nack(delivery_tag, requeue=True)
         except Exception:  # the channel died under us; the loop notices and reconnects
             log.debug("could not requeue delivery %s", delivery_tag, exc_info=True)
-
-    def ack_many(self, delivery_tags: list[int], hold: bool = False) -> None:
-        """Run on the I/O thread: ack deliveries (and an ack held before), written out with one
-        flush; ``hold``: the newest one's ack is held back instead (see the class)."""
-        if not (self.alive and self.channel.is_open):
-            return
-        tags = sorted(delivery_tags) if self.held is None else sorted([*delivery_tags, self.held])
-        self.held = tags.pop() if hold else None
-        if self.held is not None and self._timer is None:
-            self._timer = self.connection.call_later(HOLD_ACK_S, self._held_too_long)
-        if not tags:
-            return
-        impl = self.channel._impl
-        try:
-            send_now(self.connection, lambda: [impl.basic_ack(tag) for tag in tags])    # one write for all
-        except Exception:  # the channel died under us; the loop notices and reconnects
-            log.debug("could not ack %d deliveries", len(tags), exc_info=True)
-
-    def release(self) -> None:
-        """Run on the I/O thread: send the held ack, if any (written out at once)."""
-        tag, self.held = self.held, None
-        if tag is None or not (self.alive and self.channel.is_open):
-            return
-        try:
-            send_now(self.connection, lambda: self.channel._impl.basic_ack(tag))
-        except Exception:  # the channel died under us; the loop notices and reconnects
-            log.debug("could not ack delivery %s", tag, exc_info=True)
-
-    def _held_too_long(self) -> None:
-        self._timer = None
-        self.release()
 
     def __repr__(self) -> str:
         return f"<amqp session {id(self):#x}{'' if self.alive else ' closed'}>"
@@ -175,9 +194,9 @@ class Consumption:
             self.demands.append(demand)
             session = self.session
             # wake the I/O thread only if consumers or the prefetch window must change
-            change = (setting_up or session is None or self.prefetch_for(session) is not None
+            change = (setting_up or session is None or self.prefetch_for(session, time.monotonic()) is not None
                       or not set(session.consumers) <= set().union(*(d.queues for d in self.demands))
-                      or (session.held is not None and not self.may_hold(session)))
+                      or (bool(session.held) and not self.may_hold(session)))
             self.dirty = self.dirty or change
         if change:
             consumer.poke()
@@ -213,34 +232,94 @@ class Consumption:
         """Under the lock: the prefetch the waiting reservers need (held + asked for)."""
         return max(1, len(session.outstanding) + sum(d.limit for d in self.demands))
 
-    def prefetch_for(self, session: Session) -> int | None:
+    def prefetch_for(self, session: Session, now: float) -> int | None:
         """Under the lock: the prefetch to set now (the window), or None to keep the current one.
 
         The prefetch is kept between the window and the window plus the ``limit`` of the
-        largest waiting reserver: raised at once to a wider window, lowered to it once more
-        than that ``limit`` above it. A worker thread that takes one message of the several
-        it asked for narrows the window until it asks again (and another thread between its
-        ack and its next reserve() does the same), and each change is a ``basic.qos`` round
-        trip; this band absorbs such swings. None as well while nobody waits (the prefetch is
-        then left as it is)."""
+        largest waiting reserver: raised at once to a wider window, lowered to it once it has
+        been more than that ``limit`` above it for LOWER_AFTER_S (whenever looked at since,
+        monotonic ``now``). A worker thread that takes one message of the several it asked for
+        narrows the window until it asks again (and another thread between its ack and its
+        next reserve() does the same), and each change is a ``basic.qos`` round trip; this
+        band absorbs such swings. None as well while nobody waits (the prefetch is then left
+        as it is)."""
         if not self.demands:
             return None
         window, current = self.window(session), session.prefetch or 0
-        if window > current or current - window > max(d.limit for d in self.demands):
+        if window > current:
+            session.wide_since = None
             return window
-        return None
+        if current - window <= max(d.limit for d in self.demands):
+            session.wide_since = None
+            return None
+        if session.wide_since is None:
+            session.wide_since = now
+        if now - session.wide_since < LOWER_AFTER_S:
+            return None
+        session.wide_since = None
+        return window
 
     def may_hold(self, session: Session) -> bool:
-        """Under the lock: may one ack be held back? Only while reservers wait and the
-        prefetch leaves a delivery's room besides it and what is pushed or handed out."""
+        """Under the lock: may the held acks stay held? Only while reservers wait and the
+        prefetch leaves a delivery's room besides them and what is pushed, handed out or claimed."""
         room = min(session.prefetch or 1, self.window(session))
-        return bool(self.demands) and len(session.outstanding) + len(session.buffer) + 1 < room
+        return bool(self.demands) and session.unacked() < room
 
-    def _ack_on_io(self, session: Session, delivery_tags: list[int]) -> None:
-        """Run on the I/O thread: ack, holding the newest ack back when ``may_hold``."""
+    def acked(self, session: Session, delivery_tags: list[int]) -> bool:
+        """Hold the acks of claimed deliveries (any thread); the I/O thread is woken only to arm
+        the HOLD_ACK_S timer or to write them (HOLD_MAX held, or their slots needed)."""
         with self.cond:
-            hold = self.may_hold(session)
-        session.ack_many(delivery_tags, hold)
+            if not session.alive:
+                return False
+            if not session.held:
+                session.held_since = time.monotonic()
+            session.claimed.difference_update(delivery_tags)
+            session.held.update(delivery_tags)
+            ask = not session.asked and (not session.timer or len(session.held) >= HOLD_MAX
+                                         or not self.may_hold(session))
+            session.asked = session.asked or ask
+        if ask:
+            try:
+                session.connection.add_callback_threadsafe(functools.partial(self.look_at_acks, session))
+            except Exception:   # closed: RabbitMQ requeues what was not acked
+                return False
+        return True
+
+    def look_at_acks(self, session: Session) -> None:
+        """Run on the I/O thread: write the held acks if they must go, and arm the timer."""
+        with self.cond:
+            session.asked = False
+            frames = session.due_acks(True) if len(session.held) >= HOLD_MAX or not self.may_hold(session) else []
+        session.write_acks(frames)
+        self.arm(session)
+
+    def arm(self, session: Session) -> None:
+        """Run on the I/O thread: a timer to write held acks once the oldest is HOLD_ACK_S old."""
+        with self.cond:
+            if session.timer or not session.held or not session.alive:
+                return
+            session.timer = True
+            delay = max(0.0, session.held_since + HOLD_ACK_S - time.monotonic())
+        session.connection.call_later(delay, functools.partial(self._timer_fired, session))
+
+    def _timer_fired(self, session: Session) -> None:
+        with self.cond:
+            session.timer = False
+            overdue = bool(session.held) and time.monotonic() - session.held_since >= HOLD_ACK_S * 0.9
+            frames = session.due_acks(True) if overdue else []
+        session.write_acks(frames)
+        self.arm(session)
+
+    def write_all_acks(self, session: Session) -> None:
+        """Run on the I/O thread: write every held ack."""
+        with self.cond:
+            frames = session.due_acks(True)
+        session.write_acks(frames)
+
+    def _requeue_on_io(self, session: Session, delivery_tag: int) -> None:
+        session.requeue(delivery_tag)
+        with self.cond:
+            session.claimed.discard(delivery_tag)
 
     def consuming(self, queues: frozenset) -> bool:
         """Under the lock: is the current session consuming all of ``queues``?"""
@@ -283,24 +362,30 @@ class Consumption:
             if session is not self.session or not session.alive or delivery_tag not in session.outstanding:
                 return None
             del session.outstanding[delivery_tag]
+            session.claimed.add(delivery_tag)
             return session
 
     def unclaim(self, session: Session, delivery: Delivery) -> None:
         with self.cond:
-            if session.alive:
+            if session.alive and delivery.tag[1] in session.claimed:
+                session.claimed.discard(delivery.tag[1])
                 session.outstanding[delivery.tag[1]] = delivery.queue
 
     def handover(self, session: Session, delivery_tag: int, action: str) -> bool:
-        """Have the I/O thread ack or requeue (AMQP acks have no reply, so this does not wait)."""
-        settle = (functools.partial(self._ack_on_io, session, [delivery_tag]) if action == "ack"
-                  else functools.partial(session.requeue, delivery_tag))
-        try:
-            session.connection.add_callback_threadsafe(settle)
-        except Exception:
-            return False
+        """Ack (held, see Session) or have the I/O thread requeue a claimed delivery; neither waits
+        (AMQP acks have no reply)."""
+        if action == "ack":
+            done = self.acked(session, [delivery_tag])
+        else:
+            try:
+                requeue = functools.partial(self._requeue_on_io, session, delivery_tag)
+                session.connection.add_callback_threadsafe(requeue)
+                done = True
+            except Exception:
+                done = False
         with self.cond:
             self.dirty = self.dirty or bool(self.demands)   # the window follows what we hold
-        return True
+        return done
 
     def settle(self, delivery: Delivery, action: str) -> bool:
         session = self.claim(delivery)
@@ -311,7 +396,7 @@ class Consumption:
         self.settle(Delivery("", p.queue, "", 1, 0.0, tag=(session, p.delivery_tag)), action)
 
     def ack_many(self, deliveries: Sequence[Delivery]) -> list[bool]:
-        """One hand-over to the I/O thread for the lot (a worker's batch), not one per delivery."""
+        """The acks of a worker's batch held together (see Session)."""
         sessions = [self.claim(d) for d in deliveries]
         tags: dict[Session, list[int]] = {}
         for session, delivery in zip(sessions, deliveries):
@@ -319,9 +404,7 @@ class Consumption:
                 tags.setdefault(session, []).append(delivery.tag[1])
         failed: set = set()
         for session, session_tags in tags.items():   # one session, unless it was replaced meanwhile
-            try:
-                session.connection.add_callback_threadsafe(functools.partial(self._ack_on_io, session, session_tags))
-            except Exception:
+            if not self.acked(session, session_tags):
                 failed.add(session)
         if tags:
             with self.cond:
@@ -401,7 +484,7 @@ class ConsumerThread(threading.Thread):
                     if not session.channel.is_open:
                         raise pex.ChannelWrongStateError("the consuming channel was closed by the broker")
                 session.connection.process_data_events(time_limit=0)   # settle what was handed over
-                session.release()
+                self.state.write_all_acks(session)
             except CONNECTION_ERRORS + (pex.AMQPChannelError,) as exc:
                 self._lost(session, exc)
                 if self.stopping:
@@ -455,6 +538,8 @@ class ConsumerThread(threading.Thread):
             session.alive = False
             session.buffer.clear()          # the broker requeues everything unacked
             session.outstanding.clear()
+            session.claimed.clear()
+            session.held.clear()
             if state.session is session:
                 state.session = None
             state.cond.notify_all()
@@ -477,19 +562,22 @@ class ConsumerThread(threading.Thread):
         self, session: Session, queue: str, _channel: Any, method: Any, properties: Any, body: bytes
     ) -> None:
         state = self.state
-        session.release()      # this delivery is in the queue's index: the segment stays
         with state.cond:
             if not session.alive:
                 return
             session.buffer.append(
                 Pending(next(state.seq), queue, method.delivery_tag, bool(method.redelivered), properties, body)
             )
+            # this delivery is in the queue's index (the segment stays): a good time to write acks
+            every = bool(session.held) and not state.may_hold(session)
+            frames = session.due_acks(every) if every or len(session.held) >= HOLD_ACKS else []
             # one message wants one reserver: wake one when every waiting reserver can take
             # it (worker threads ask for the same queues), not the whole herd
             if all(queue in d.queues for d in state.demands):
                 state.cond.notify()
             else:
                 state.cond.notify_all()
+        session.write_acks(frames)
 
     def _reconcile(self, session: Session) -> None:
         """Make consumers and prefetch match the reservers waiting now (on the I/O thread)."""
@@ -501,14 +589,14 @@ class ConsumerThread(threading.Thread):
             demands = list(state.demands)
             if demands:
                 wanted: set[str] = set().union(*(d.queues for d in demands))
-                prefetch = state.prefetch_for(session)
+                prefetch = state.prefetch_for(session, time.monotonic())
             else:                        # nobody waiting: keep consuming what was asked for last
                 wanted, prefetch = set(session.consumers), None
             cancel = [q for q in session.consumers if q not in wanted]
             add = sorted(q for q in wanted if q not in session.consumers)
-            release = session.held is not None and (bool(cancel) or not self.state.may_hold(session))
+            release = bool(session.held) and (bool(cancel) or not self.state.may_hold(session))
         if release:
-            session.release()
+            self.state.write_all_acks(session)
         channel = session.channel
         if prefetch is not None:
             channel.basic_qos(prefetch_count=min(prefetch, 65535), global_qos=True)

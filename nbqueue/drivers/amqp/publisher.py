@@ -253,6 +253,8 @@ class Publishers:
                 sent_on, items = in_flight.pop()
                 if sent_on is pub:      # on another connection (a reconnect): published again below
                     settle(pub, items, pub.wait(confirm_timeout))
+                    if len(confirmed) + len(refusals) == len(plan):
+                        return          # all answered (the usual case): nothing to declare or publish
             for queue, _routing_key, delayed, _body, _props in plan:
                 pub.declare_work_queue(queue)
                 if delayed:
