@@ -25,10 +25,10 @@ from nbqueue.broker import Outgoing
 from nbqueue.clock import ManualClock
 from nbqueue.drivers.redis.backend import RedisBackend
 from nbqueue.drivers.redis.broker import SIGNAL_TOKENS, RedisBroker
-from nbqueue.drivers.redis.client import fake_server
+from nbqueue.drivers.redis.client import ScriptPipeline, fake_server
 from nbqueue.drivers.redis.engine import RedisEngine
 from nbqueue.engine import NextClaim, Outcome
-from nbqueue.errors import ConnectionLost
+from nbqueue.errors import ConnectionLost, ResultNotFound
 from nbqueue.testing import wait_for
 
 from conftest import REDIS_URL, RUN_ID, delete_prefix, require_server
@@ -1126,6 +1126,62 @@ def test_a_waiter_reads_the_record_in_the_round_trip_that_wakes_it(store):
     blocker.join(5)
     assert got[0]["state"] == states.SUCCESS and got[0]["result"] == "1" and reads == []
     assert waiter.wait_record("t", timeout=0)["result"] == "1"     # an old result: read at once
+
+
+def _finished(backend, ids, value="1"):
+    for task_id in ids:
+        backend.store_result(task_id, states.SUCCESS, token=backend.begin(task_id), result=value)
+
+
+def _counting_round_trips(monkeypatch) -> list:
+    trips: list = []
+    execute = ScriptPipeline.execute
+    monkeypatch.setattr(ScriptPipeline, "execute", lambda pipe, *a, **k: trips.append(1) or execute(pipe, *a, **k))
+    return trips
+
+
+def test_waits_in_creation_order_read_the_records_of_the_next_tasks_ahead(real_redis, monkeypatch):
+    """A loop of waits over tasks created here, all final already, reads many records per
+    round trip (the first wait reads one ahead, then twice as many each time all were final)."""
+    waiter, worker = RedisBackend(REDIS_URL, options=real_redis), RedisBackend(REDIS_URL, options=real_redis)
+    ids = [f"t{i}" for i in range(40)]
+    waiter.create([{"id": i, "name": "n"} for i in ids])
+    for i in ids:
+        worker.store_result(i, states.SUCCESS, token=worker.begin(i), result=i)
+    trips = _counting_round_trips(monkeypatch)
+    got = [waiter.wait_record(i, timeout=5, since=waiter.wake_version())["result"] for i in ids]
+    assert got == ids
+    assert len(trips) == 6          # 1 + 1, 2, 4, 8, 16 then 8 more read ahead
+
+
+def test_a_record_read_ahead_is_kept_only_when_final_and_not_after_a_forget(real_redis):
+    waiter, worker = RedisBackend(REDIS_URL, options=real_redis), RedisBackend(REDIS_URL, options=real_redis)
+    waiter.create([{"id": i, "name": "n"} for i in ("a", "b", "c")])
+    _finished(worker, ["a", "c"])
+    assert waiter.wait_record("a", timeout=1)["state"] == states.SUCCESS
+    assert "b" not in waiter._ahead                   # read ahead but not final: not kept
+    _finished(worker, ["b"], value="2")
+    assert waiter.wait_record("b", timeout=1)["result"] == "2"
+    assert "c" in waiter._ahead
+    assert waiter.forget(["c"]) == 1
+    assert "c" not in waiter._ahead
+    with pytest.raises(ResultNotFound):
+        waiter.wait_record("c", timeout=1, missing_ok=False)
+
+
+def test_a_record_read_ahead_is_read_again_once_it_is_old(real_redis, monkeypatch):
+    """A record read ahead answers a wait only for AHEAD_FOR seconds: later the wait reads it
+    again (and so sees what changed meanwhile)."""
+    from nbqueue.drivers.redis import backend as redis_backend
+
+    waiter, worker = RedisBackend(REDIS_URL, options=real_redis), RedisBackend(REDIS_URL, options=real_redis)
+    waiter.create([{"id": i, "name": "n"} for i in ("a", "b")])
+    _finished(worker, ["a", "b"])
+    waiter.wait_record("a", timeout=1)
+    assert "b" in waiter._ahead
+    worker.update("b", output="printed")
+    monkeypatch.setattr(redis_backend, "AHEAD_FOR", 0.0)
+    assert waiter.wait_record("b", timeout=1)["output"] == "printed"
 
 
 def test_scripts_the_server_lost_are_loaded_again_and_no_task_runs_twice(flushable_app):

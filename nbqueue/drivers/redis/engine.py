@@ -75,6 +75,7 @@ class RedisEngine(SplitEngine):
             self.broker.publish_many(outgoing, client=pipe)
             pipe.execute()
             return
+        self.backend.created(records)
         keys: list = [self.backend._index]
         args: list = [self.broker.prefix, repr(self.broker.clock.time())]
         self.backend.create_args(records, self.backend.clock.time(), keys, args)
