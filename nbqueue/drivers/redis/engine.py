@@ -103,8 +103,7 @@ class RedisEngine(SplitEngine):
         members = [o for o in outcomes if o.group is not None]
         backend = self.backend
         now, ttl = backend.clock.time(), backend.results_expire_in
-        args: list = [self.broker.prefix, backend._rec(""), backend._index, backend._expiring, backend._done_key(""),
-                      len(outcomes)]
+        args: list = [self.broker.prefix, len(outcomes)]     # the record keys follow from the prefix
         for o in outcomes:
             fields = o.fields if "finished_at" in o.fields else {**o.fields, "finished_at": now}
             args += backend._state_args(o.task_id, o.state, o.token, fields, ttl, counted=True)
