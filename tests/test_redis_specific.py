@@ -141,6 +141,25 @@ def test_reserve_requeues_an_expired_lease_without_a_reaper():
     assert broker.stats() == [{"queue": "q", "ready": 0, "delayed": 0, "in_flight": 0, "dead": 0}]
 
 
+def test_a_claim_of_many_from_one_queue_leaves_what_it_does_not_take_ready_with_its_place(store):
+    """A message after a lapse is claimed alone: the messages behind it, taken off the ready
+    set with it, stay ready with their scores (the next claim takes them, in order)."""
+    url, options = store
+    clock = ManualClock(1_000.0)
+    broker = RedisBroker(url, clock=clock, options=options)
+    broker.publish(_out("q", "lapsed", priority=9))
+    assert [d.message_id for d in broker.reserve(["q"], timeout=0, lease=10)] == ["lapsed"]
+    broker.publish_many([_out("q", "p1"), _out("q", "p2", priority=1), _out("q", "p3")])
+    scores = broker.client.zrange(broker._key("q", "ready"), 0, -1, withscores=True)
+    clock.advance(11)
+    [alone] = broker.reserve(["q"], timeout=0, limit=5, lease=10)
+    assert (alone.message_id, alone.lapsed) == ("lapsed", 1)
+    assert broker.client.zrange(broker._key("q", "ready"), 0, -1, withscores=True) == scores
+    assert [d.message_id for d in broker.reserve(["q"], timeout=0, limit=2, lease=10)] == ["p2", "p1"]
+    assert [d.message_id for d in broker.reserve(["q"], timeout=0, limit=2, lease=10)] == ["p3"]
+    broker.close()
+
+
 def test_priority_order_holds_across_queues_and_dead_letters_keep_the_reason():
     broker = RedisBroker(_memory_url())
     broker.publish_many(
