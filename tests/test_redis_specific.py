@@ -160,6 +160,24 @@ def test_a_claim_of_many_from_one_queue_leaves_what_it_does_not_take_ready_with_
     broker.close()
 
 
+def test_a_claim_that_empties_its_queue_gives_the_earliest_lease_deadline_as_next_due(store):
+    """The next due time of a claim that leaves nothing ready counts the leases it has just
+    handed out, earlier or later than those already in flight."""
+    url, options = store
+    clock = ManualClock(1_000.0)
+    broker = RedisBroker(url, clock=clock, options=options)
+    broker.publish_many([_out("q", "a"), _out("q", "b"), _out("q", "c")])
+    assert broker._claim(["q"], clock.time(), 100.0, 1)[1:] == (None, True)
+    _, next_due, more = broker._claim(["q"], clock.time(), 10.0, 1)     # b: earlier than a's lease
+    assert next_due is None and more
+    _, next_due, more = broker._claim(["q"], clock.time(), 200.0, 5)    # c: later than b's
+    assert (next_due, more) == (1_010.0, False)
+    broker.publish(_out("q", "d"))
+    _, next_due, _ = broker._claim(["q"], clock.time(), 5.0, 5)         # d: the earliest of all
+    assert next_due == 1_005.0
+    broker.close()
+
+
 def test_priority_order_holds_across_queues_and_dead_letters_keep_the_reason():
     broker = RedisBroker(_memory_url())
     broker.publish_many(

@@ -189,7 +189,8 @@ def _best(r: Redis, p: bytes, queues: list[bytes]) -> tuple[bytes, bytes] | None
 
 
 def _next_due(r: Redis, p: bytes, queues: list[bytes]) -> bytes:
-    """The earliest lease deadline or eta across the queues, as its score text, or ''."""
+    """The earliest lease deadline or eta across the queues, as its score text, or '' (the
+    script may give a deadline of its own leases as it was passed: the same time)."""
     next_due = None
     for q in queues:
         for kind in (b"inflight", b"delayed"):
