@@ -25,10 +25,10 @@ from nbqueue.broker import Outgoing
 from nbqueue.clock import ManualClock
 from nbqueue.drivers.redis.backend import RedisBackend
 from nbqueue.drivers.redis.broker import SIGNAL_TOKENS, RedisBroker
-from nbqueue.drivers.redis.client import fake_server
+from nbqueue.drivers.redis.client import ScriptPipeline, fake_server
 from nbqueue.drivers.redis.engine import RedisEngine
 from nbqueue.engine import NextClaim, Outcome
-from nbqueue.errors import ConnectionLost
+from nbqueue.errors import ConnectionLost, ResultNotFound
 from nbqueue.testing import wait_for
 
 from conftest import REDIS_URL, RUN_ID, delete_prefix, require_server
@@ -139,6 +139,43 @@ def test_reserve_requeues_an_expired_lease_without_a_reaper():
     assert not broker.retry(first) and not broker.reject(first, "stale")
     assert broker.ack(second)
     assert broker.stats() == [{"queue": "q", "ready": 0, "delayed": 0, "in_flight": 0, "dead": 0}]
+
+
+def test_a_claim_of_many_from_one_queue_leaves_what_it_does_not_take_ready_with_its_place(store):
+    """A message after a lapse is claimed alone: the messages behind it, taken off the ready
+    set with it, stay ready with their scores (the next claim takes them, in order)."""
+    url, options = store
+    clock = ManualClock(1_000.0)
+    broker = RedisBroker(url, clock=clock, options=options)
+    broker.publish(_out("q", "lapsed", priority=9))
+    assert [d.message_id for d in broker.reserve(["q"], timeout=0, lease=10)] == ["lapsed"]
+    broker.publish_many([_out("q", "p1"), _out("q", "p2", priority=1), _out("q", "p3")])
+    scores = broker.client.zrange(broker._key("q", "ready"), 0, -1, withscores=True)
+    clock.advance(11)
+    [alone] = broker.reserve(["q"], timeout=0, limit=5, lease=10)
+    assert (alone.message_id, alone.lapsed) == ("lapsed", 1)
+    assert broker.client.zrange(broker._key("q", "ready"), 0, -1, withscores=True) == scores
+    assert [d.message_id for d in broker.reserve(["q"], timeout=0, limit=2, lease=10)] == ["p2", "p1"]
+    assert [d.message_id for d in broker.reserve(["q"], timeout=0, limit=2, lease=10)] == ["p3"]
+    broker.close()
+
+
+def test_a_claim_that_empties_its_queue_gives_the_earliest_lease_deadline_as_next_due(store):
+    """The next due time of a claim that leaves nothing ready counts the leases it has just
+    handed out, earlier or later than those already in flight."""
+    url, options = store
+    clock = ManualClock(1_000.0)
+    broker = RedisBroker(url, clock=clock, options=options)
+    broker.publish_many([_out("q", "a"), _out("q", "b"), _out("q", "c")])
+    assert broker._claim(["q"], clock.time(), 100.0, 1)[1:] == (None, True)
+    _, next_due, more = broker._claim(["q"], clock.time(), 10.0, 1)     # b: earlier than a's lease
+    assert next_due is None and more
+    _, next_due, more = broker._claim(["q"], clock.time(), 200.0, 5)    # c: later than b's
+    assert (next_due, more) == (1_010.0, False)
+    broker.publish(_out("q", "d"))
+    _, next_due, _ = broker._claim(["q"], clock.time(), 5.0, 5)         # d: the earliest of all
+    assert next_due == 1_005.0
+    broker.close()
 
 
 def test_priority_order_holds_across_queues_and_dead_letters_keep_the_reason():
@@ -1126,6 +1163,62 @@ def test_a_waiter_reads_the_record_in_the_round_trip_that_wakes_it(store):
     blocker.join(5)
     assert got[0]["state"] == states.SUCCESS and got[0]["result"] == "1" and reads == []
     assert waiter.wait_record("t", timeout=0)["result"] == "1"     # an old result: read at once
+
+
+def _finished(backend, ids, value="1"):
+    for task_id in ids:
+        backend.store_result(task_id, states.SUCCESS, token=backend.begin(task_id), result=value)
+
+
+def _counting_round_trips(monkeypatch) -> list:
+    trips: list = []
+    execute = ScriptPipeline.execute
+    monkeypatch.setattr(ScriptPipeline, "execute", lambda pipe, *a, **k: trips.append(1) or execute(pipe, *a, **k))
+    return trips
+
+
+def test_waits_in_creation_order_read_the_records_of_the_next_tasks_ahead(real_redis, monkeypatch):
+    """A loop of waits over tasks created here, all final already, reads many records per
+    round trip (the first wait reads one ahead, then twice as many each time all were final)."""
+    waiter, worker = RedisBackend(REDIS_URL, options=real_redis), RedisBackend(REDIS_URL, options=real_redis)
+    ids = [f"t{i}" for i in range(40)]
+    waiter.create([{"id": i, "name": "n"} for i in ids])
+    for i in ids:
+        worker.store_result(i, states.SUCCESS, token=worker.begin(i), result=i)
+    trips = _counting_round_trips(monkeypatch)
+    got = [waiter.wait_record(i, timeout=5, since=waiter.wake_version())["result"] for i in ids]
+    assert got == ids
+    assert len(trips) == 6          # 1 + 1, 2, 4, 8, 16 then 8 more read ahead
+
+
+def test_a_record_read_ahead_is_kept_only_when_final_and_not_after_a_forget(real_redis):
+    waiter, worker = RedisBackend(REDIS_URL, options=real_redis), RedisBackend(REDIS_URL, options=real_redis)
+    waiter.create([{"id": i, "name": "n"} for i in ("a", "b", "c")])
+    _finished(worker, ["a", "c"])
+    assert waiter.wait_record("a", timeout=1)["state"] == states.SUCCESS
+    assert "b" not in waiter._ahead                   # read ahead but not final: not kept
+    _finished(worker, ["b"], value="2")
+    assert waiter.wait_record("b", timeout=1)["result"] == "2"
+    assert "c" in waiter._ahead
+    assert waiter.forget(["c"]) == 1
+    assert "c" not in waiter._ahead
+    with pytest.raises(ResultNotFound):
+        waiter.wait_record("c", timeout=1, missing_ok=False)
+
+
+def test_a_record_read_ahead_is_read_again_once_it_is_old(real_redis, monkeypatch):
+    """A record read ahead answers a wait only for AHEAD_FOR seconds: later the wait reads it
+    again (and so sees what changed meanwhile)."""
+    from nbqueue.drivers.redis import backend as redis_backend
+
+    waiter, worker = RedisBackend(REDIS_URL, options=real_redis), RedisBackend(REDIS_URL, options=real_redis)
+    waiter.create([{"id": i, "name": "n"} for i in ("a", "b")])
+    _finished(worker, ["a", "b"])
+    waiter.wait_record("a", timeout=1)
+    assert "b" in waiter._ahead
+    worker.update("b", output="printed")
+    monkeypatch.setattr(redis_backend, "AHEAD_FOR", 0.0)
+    assert waiter.wait_record("b", timeout=1)["output"] == "printed"
 
 
 def test_scripts_the_server_lost_are_loaded_again_and_no_task_runs_twice(flushable_app):

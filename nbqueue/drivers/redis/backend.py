@@ -11,6 +11,16 @@ Options as for nbqueue.drivers.redis.broker (``key_prefix``, retries, timeouts),
 ``results_expire_in`` (seconds) and ``poll_interval`` (longest single blocking wait
 in ``wait()``, default 1.0 s).
 
+Reading ahead: a backend on a Redis server remembers the tasks this process created, in
+order (the last ``SENT_KEPT``). A wait for one of them (``wait_record``, as ``get()`` makes)
+also reads the records of the tasks created right after it, in the same round trip, and keeps
+those already final for the waits that follow (the loop ``[h.get() for h in handles]`` then
+reads many records per round trip). A record kept so is given out once, within
+``AHEAD_FOR`` seconds of its read, unless this backend forgot it meanwhile: a final record
+changes only by ``forget``, expiry (checked when it is given out) and ``update`` of its
+output or meta. How many are read ahead follows what the last reads found: doubling up to
+``READ_AHEAD`` while all of them were final, down to how many were otherwise.
+
 Keys (``P`` is the prefix)::
 
     P r:<task id>            hash    the record (FIELDS; an absent field is None)
@@ -27,7 +37,10 @@ Keys (``P`` is the prefix)::
 """
 from __future__ import annotations
 
+import collections
+import itertools
 import math
+import threading
 import time
 from typing import Any, Sequence
 
@@ -47,6 +60,10 @@ _CREATE_FIELDS = ("id", "name", "state", "args", "kwargs", "queue", "group_id", 
 DONE_TTL_MS = 60_000        # a done token only bridges the gap between a waiter's check and its block
 WAIT_KEYS = 64              # a waiter blocks on at most this many pending tasks at a time
 CHUNK = 500                 # records per script call
+READ_AHEAD = 64             # records a wait reads ahead at most (see the module docstring)
+AHEAD_FOR = 0.5             # seconds a record read ahead may answer a wait
+SENT_KEPT = 4096            # ids of tasks created here kept for reading ahead
+AHEAD_SCAN = 64             # how far into those ids a wait looks for its own
 
 # -- Lua (scripts in lua/*.lua) -----------------------------------------------------------
 
@@ -111,6 +128,11 @@ class RedisBackend(ResultBackend):
             from .memory import KeyWait
 
             self._key_wait = KeyWait
+        # reading ahead (see the module docstring; memory:// reads without a round trip)
+        self._sent: collections.deque[str] | None = None if self._key_wait else collections.deque(maxlen=SENT_KEPT)
+        self._ahead: dict[str, tuple[dict, float]] = {}     # id -> (final record, monotonic time read)
+        self._ahead_n = 1
+        self._ahead_lock = threading.Lock()
         self._create = register(self.client, _CREATE)
         self._begin = register(self.client, _BEGIN)
         self._set_state = register(self.client, _SET_STATE)
@@ -145,12 +167,19 @@ class RedisBackend(ResultBackend):
     # -- records -----------------------------------------------------------------
     @guarded
     def create(self, records: Sequence[dict], client=None) -> None:
+        self.created(records)
         now = self.clock.time()
         for start in range(0, len(records), CHUNK):
             keys: list[str] = [self._index]
             args: list = []
             self.create_args(records[start:start + CHUNK], now, keys, args)
             self._create(keys=keys, args=args, client=client)
+
+    def created(self, records: Sequence[dict]) -> None:
+        """Note the tasks of ``records``, created by this process, for reading ahead."""
+        if self._sent is not None:
+            with self._ahead_lock:
+                self._sent.extend([r["id"] for r in records])
 
     def create_args(self, records: Sequence[dict], now: float, keys: list, args: list) -> None:
         """Append the create script's KEYS (each record's key) and ARGV (a count, then
@@ -312,17 +341,23 @@ class RedisBackend(ResultBackend):
         list and reads the record (``_block_then_get``); a task that finished in the last
         DONE_TTL_MS has its token there, so it is read in one round trip. Without ``since`` (a
         task that may have finished long ago), or with no time left to wait, the first pass
-        reads the record without blocking."""
+        reads the record without blocking. A record read ahead (see the module docstring)
+        answers without a round trip; the first pass reads ahead."""
+        record = self._kept(task_id)
+        if record is not None:
+            return record
+        ahead = self._ahead_of(task_id)
         deadline = None if timeout is None else time.monotonic() + timeout
         interval, ceiling = 0.001, float(self.options["poll_interval"])
         first = True
         while True:
             remaining = None if deadline is None else deadline - time.monotonic()
             if first and since is None or remaining is not None and remaining <= 0:
-                record = self.get(task_id)
+                record = self._read(task_id, ahead) if ahead else self.get(task_id)
             else:
                 wait = interval if remaining is None else min(interval, remaining)
-                record = self._block_then_get(task_id, None, wait)
+                record = self._block_then_get(task_id, None, wait, ahead)
+            ahead = []
             if record is not None and record["state"] in states.READY_STATES:
                 return record
             if record is None and not missing_ok:
@@ -331,10 +366,78 @@ class RedisBackend(ResultBackend):
                 return None
             interval, first = min(interval * 2, ceiling), False
 
+    def _ahead_of(self, task_id: str) -> list[str]:
+        """The tasks created here right after ``task_id`` whose records a wait for it reads
+        ahead (none unless ``task_id`` is among the first AHEAD_SCAN noted; it and those
+        before it are dropped from the notes)."""
+        sent = self._sent
+        if not sent:
+            return []
+        with self._ahead_lock:
+            try:
+                at = sent.index(task_id, 0, min(len(sent), AHEAD_SCAN))
+            except ValueError:
+                return []
+            for _ in range(at + 1):
+                sent.popleft()
+            kept = self._ahead
+            return [i for i in itertools.islice(sent, 0, self._ahead_n) if i not in kept]
+
+    def _kept(self, task_id: str) -> dict | None:
+        """The final record of ``task_id`` read ahead, given out once: None when there is
+        none, or it was read more than AHEAD_FOR seconds ago, or it has expired since."""
+        if not self._ahead:
+            return None
+        with self._ahead_lock:
+            kept = self._ahead.pop(task_id, None)
+            sent = self._sent
+            if kept is not None and sent and sent[0] == task_id:
+                sent.popleft()
+        if kept is None or time.monotonic() - kept[1] > AHEAD_FOR:
+            return None
+        record = kept[0]
+        if record["expires_at"] is not None and record["expires_at"] <= self.clock.time():
+            return None
+        return record
+
+    def _keep(self, ids: list[str], raws: list) -> None:
+        """Keep the final records among ``raws`` (HGETALL replies for ``ids``) for the waits
+        to come, and size the next read ahead by how many were final."""
+        now = time.monotonic()
+        final = []
+        for task_id, raw in zip(ids, raws):
+            record = self._live(raw if isinstance(raw, dict) else dict(zip(raw[::2], raw[1::2])))
+            if record is not None and record["state"] in states.READY_STATES:
+                final.append((task_id, (record, now)))
+        with self._ahead_lock:
+            kept = self._ahead
+            if len(kept) + len(final) > 4 * READ_AHEAD:      # records nobody waited for: dropped
+                for task_id in [i for i, (_, at) in kept.items() if now - at > AHEAD_FOR]:
+                    del kept[task_id]
+                if len(kept) + len(final) > 4 * READ_AHEAD:
+                    kept.clear()
+            kept.update(final)
+            if len(final) == len(ids):
+                if len(ids) >= self._ahead_n:
+                    self._ahead_n = min(2 * self._ahead_n, READ_AHEAD)
+            else:
+                self._ahead_n = max(1, len(final))
+
     @guarded
-    def _block_then_get(self, task_id: str, woken, timeout: float) -> dict | None:
+    def _read(self, task_id: str, ahead: list[str]) -> dict | None:
+        """``get(task_id)``, reading the records of ``ahead`` in the same round trip."""
+        pipe = pipeline(self.client)
+        pipe.command_stack += [(("HGETALL", self._rec(i)), RAW) for i in (task_id, *ahead)]
+        raws = pipe.execute()
+        self._keep(ahead, raws[1:])
+        raw = raws[0]
+        return self._live(raw if isinstance(raw, dict) else dict(zip(raw[::2], raw[1::2])))
+
+    @guarded
+    def _block_then_get(self, task_id: str, woken, timeout: float, ahead: Sequence[str] = ()) -> dict | None:
         """Block on the task's done list and read its record in one round trip: Redis
-        runs the pipelined HGETALL as soon as the blocking pop returns. On memory:// (in
+        runs the pipelined HGETALL as soon as the blocking pop returns; the records of
+        ``ahead`` are read after it. On memory:// (in
         this process) the record is read first, and only a record not final waits, without
         a command, for a write to the done list, and the record is read without one as well
         (nbqueue.drivers.redis.memory.KeyWait)."""
@@ -352,7 +455,12 @@ class RedisBackend(ResultBackend):
             (("BRPOPLPUSH", key, key, max(MIN_BLOCK, timeout)), RAW),  # rotated in place: other waiters see it too
             (("HGETALL", self._rec(task_id)), RAW),
         ]
-        raw = pipe.execute()[1]
+        if ahead:
+            pipe.command_stack += [(("HGETALL", self._rec(i)), RAW) for i in ahead]
+        replies = pipe.execute()
+        if ahead:
+            self._keep(list(ahead), replies[2:])
+        raw = replies[1]
         return self._live(raw if isinstance(raw, dict) else dict(zip(raw[::2], raw[1::2])))
 
     @guarded
@@ -496,6 +604,10 @@ class RedisBackend(ResultBackend):
         ids = list(ids)
         if not ids:
             return 0
+        if self._ahead:
+            with self._ahead_lock:
+                for task_id in ids:
+                    self._ahead.pop(task_id, None)
         pipe = pipeline(self.client)
         pipe.delete(*[self._rec(i) for i in ids])
         pipe.zrem(self._index, *ids)

@@ -75,6 +75,7 @@ class RedisEngine(SplitEngine):
             self.broker.publish_many(outgoing, client=pipe)
             pipe.execute()
             return
+        self.backend.created(records)
         keys: list = [self.backend._index]
         args: list = [self.broker.prefix, repr(self.broker.clock.time())]
         self.backend.create_args(records, self.backend.clock.time(), keys, args)
@@ -102,8 +103,7 @@ class RedisEngine(SplitEngine):
         members = [o for o in outcomes if o.group is not None]
         backend = self.backend
         now, ttl = backend.clock.time(), backend.results_expire_in
-        args: list = [self.broker.prefix, backend._rec(""), backend._index, backend._expiring, backend._done_key(""),
-                      len(outcomes)]
+        args: list = [self.broker.prefix, len(outcomes)]     # the record keys follow from the prefix
         for o in outcomes:
             fields = o.fields if "finished_at" in o.fields else {**o.fields, "finished_at": now}
             args += backend._state_args(o.task_id, o.state, o.token, fields, ttl, counted=True)

@@ -1081,7 +1081,8 @@ def _n_write_state(call: Call, rec: bytes, index: bytes, expiring: bytes, done: 
 
 def _native_finish(call: Call, keys: list, argv: list, *, done_ttl: int) -> Any:
     """twins.finish"""
-    p, rec_prefix, index, expiring, done_prefix = argv[:5]
+    p = argv[0]
+    rec_prefix, index, expiring, done_prefix = twins.finish_keys(p)
     states, acks = twins.finish_args(argv)
     stored = [_n_write_state(call, rec_prefix + mid, index, expiring, done_prefix + mid, head, fields, extra,
                              done_ttl)

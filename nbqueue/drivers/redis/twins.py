@@ -189,7 +189,8 @@ def _best(r: Redis, p: bytes, queues: list[bytes]) -> tuple[bytes, bytes] | None
 
 
 def _next_due(r: Redis, p: bytes, queues: list[bytes]) -> bytes:
-    """The earliest lease deadline or eta across the queues, as its score text, or ''."""
+    """The earliest lease deadline or eta across the queues, as its score text, or '' (the
+    script may give a deadline of its own leases as it was passed: the same time)."""
     next_due = None
     for q in queues:
         for kind in (b"inflight", b"delayed"):
@@ -356,10 +357,10 @@ def set_state(r: Redis, keys: list[bytes], argv: list[bytes], *, done_ttl: int) 
 # -- the engine's scripts ----------------------------------------------------------------
 
 def finish_args(argv: list[bytes]) -> tuple[list[tuple], list[tuple]]:
-    """finish.lua's arguments after its first five, split: ``(states, acks)``, each state
+    """finish.lua's arguments after its first two, split: ``(states, acks)``, each state
     ``(id, head (6 values), fields, extra)`` and each ack ``(id, attempt, checked)``."""
-    states, i = [], 6
-    for _ in range(int(float(argv[5]))):
+    states, i = [], 2
+    for _ in range(int(float(argv[1]))):
         mid, n = argv[i], int(float(argv[i + 6]))
         j = i + 7 + 2 * n
         m = int(float(argv[j]))
@@ -370,7 +371,8 @@ def finish_args(argv: list[bytes]) -> tuple[list[tuple], list[tuple]]:
 
 def finish(r: Redis, keys: list[bytes], argv: list[bytes], *, done_ttl: int) -> Any:
     """finish.lua"""
-    p, rec_prefix, index, expiring, done_prefix = argv[:5]
+    p = argv[0]
+    rec_prefix, index, expiring, done_prefix = finish_keys(p)
     states, acks = finish_args(argv)
     stored = [_write_state(r, rec_prefix + mid, index, expiring, done_prefix + mid, head, fields, extra, done_ttl)
               for mid, head, fields, extra in states]
@@ -378,6 +380,12 @@ def finish(r: Redis, keys: list[bytes], argv: list[bytes], *, done_ttl: int) -> 
     for mid, attempt, checked in acks:
         _ack(r, p, mid, attempt, rec_prefix + mid if checked == b"1" else b"", mid in final)
     return stored
+
+
+def finish_keys(p: bytes) -> tuple[bytes, bytes, bytes, bytes]:
+    """finish.lua's key names under prefix ``p``: record key prefix, results index, expiring
+    index, done-list key prefix (as nbqueue.drivers.redis.backend names them)."""
+    return p + b"r:", p + b"results", p + b"expiring", p + b"done:"
 
 
 def _written_final(states: list[tuple], stored: list[int]) -> set[bytes]:

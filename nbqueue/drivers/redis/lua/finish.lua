@@ -1,13 +1,13 @@
--- A worker's finish in one call: results, then acks. ARGV: prefix, record key prefix,
--- results index, expiring index, done-list key prefix, the number of results, then per
--- result: id, state, token or '', created_at, ttl ms or '', expires_at or '', a count n, n
--- name/value pairs, a count m, m names to delete (see state.lua); then per ack: message
--- id, attempt, and '1' where the ack acts only once the message's record is final (see
--- ack.lua). Returns 1/0 per result (stored or not).
-local rec_prefix, index, expiring, done_prefix = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+-- A worker's finish in one call: results, then acks. ARGV: prefix (of the broker and the
+-- result backend, whose key names follow from it: see nbqueue.drivers.redis.backend), the
+-- number of results, then per result: id, state, token or '', created_at, ttl ms or '',
+-- expires_at or '', a count n, n name/value pairs, a count m, m names to delete (see
+-- state.lua); then per ack: message id, attempt, and '1' where the ack acts only once the
+-- message's record is final (see ack.lua). Returns 1/0 per result (stored or not).
+local rec_prefix, index, expiring, done_prefix = P .. 'r:', P .. 'results', P .. 'expiring', P .. 'done:'
 local stored, final = {}, {}
-local i = 7
-for r = 1, tonumber(ARGV[6]) do
+local i = 3
+for r = 1, tonumber(ARGV[2]) do
   local id, n = ARGV[i], tonumber(ARGV[i + 6])
   local j = i + 7 + 2 * n
   local m = tonumber(ARGV[j])

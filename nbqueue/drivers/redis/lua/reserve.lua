@@ -6,16 +6,16 @@
 -- fencing token (0 when the record is final), as the backend's begin_many would, in the
 -- same call. A message whose lease ran out gets one more lapse as it is requeued; one
 -- with lapses is claimed alone and not begun. Returns {next due time (when no ready
--- message is left) or '', '1' if ready messages are left else '0', then (id, queue, body,
--- attempt, priority, token, lapses) per claim}. The signal list of a queue left with nothing
--- ready is deleted.
+-- message is left: a score as Redis gives it, or the lease deadline as given) or '', '1'
+-- if ready messages are left else '0', then (id, queue, body, attempt, priority, token,
+-- lapses) per claim}. The signal list of a queue left with nothing ready is deleted.
 local limit = tonumber(ARGV[7])
 local KINDS = {'inflight', 'delayed'}
 local queues = {}
 for i = 9, #ARGV do queues[#queues + 1] = ARGV[i] end
 
--- heads[key]: the lowest {member, score} of an inflight or delayed set still as read here, or
--- false for an empty one (nil once this call changed the set)
+-- heads[key]: the lowest {member, score} of an inflight or delayed set as read here (or, for
+-- an inflight set, as this call's leases made it), false for an empty one, nil where not known
 local heads = {}
 local due = tonumber(now)
 for _, q in ipairs(queues) do
@@ -68,7 +68,14 @@ while claimed < limit do
     local attempt = redis.call('HINCRBY', msg, 'attempt', '1')
     -- after a lapse, not begun: the worker first checks for a live attempt
     local token = lease(best_q, best_id, lapses == 0)
-    heads[qkey(best_q, 'inflight')] = nil
+    -- the in-flight set's lowest deadline follows without reading the set again
+    local inflight = qkey(best_q, 'inflight')
+    local head = heads[inflight]
+    if head and head[1] == best_id then
+      heads[inflight] = nil
+    elseif head == false or head and tonumber(deadline) < tonumber(head[2]) then
+      heads[inflight] = {best_id, deadline}
+    end
     local n = #out
     out[n + 1], out[n + 2], out[n + 3], out[n + 4] = best_id, best_q, fields[1], attempt
     out[n + 5], out[n + 6], out[n + 7] = fields[2], token, lapses
