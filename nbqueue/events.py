@@ -30,7 +30,7 @@ class WorkerEvents:
         self.on_start: list[Callable] = []
         self.on_finish: list[Callable] = []
 
-    def run(self, message: Message, queue: str | None) -> "_Run | None":
+    def run(self, message: Message, queue: str | None) -> _Run | None:
         """A context manager around one run of a task's function, or None while no hook is
         registered and no trace is recorded (the function is then called without one)."""
         if not self.on_start and not self.on_finish and tracing.tracer() is None:

@@ -420,5 +420,6 @@ def test_decoded_arguments_are_json_scalars_as_they_are_and_tagged_values_decode
     assert serializer.decode_arguments(args, kwargs) == (args, kwargs)
     when = dt.datetime(2024, 5, 1, 12, 30, tzinfo=dt.timezone.utc)
     encoded = [serializer.encode(when), 3, serializer.encode([2**64])]
-    decoded_args, decoded_kwargs = serializer.decode_arguments(encoded, {"x": serializer.encode(decimal.Decimal("1.5"))})
+    keywords = {"x": serializer.encode(decimal.Decimal("1.5"))}
+    decoded_args, decoded_kwargs = serializer.decode_arguments(encoded, keywords)
     assert decoded_args == [when, 3, [2**64]] and decoded_kwargs == {"x": decimal.Decimal("1.5")}
