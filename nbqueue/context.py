@@ -1,6 +1,6 @@
 """The task this thread runs: ``current_task()`` inside a task (its id, name, App, fencing
 token and worker, and its controls: cancel and progress), None elsewhere. The worker sets
-it around each run (``task_context``)."""
+it around each run (``enter`` and ``leave``, or ``task_context``)."""
 from __future__ import annotations
 
 import contextlib
@@ -52,16 +52,29 @@ class TaskContext(dict):
             control.on_progress(done, total, note)
 
 
+def enter(app: Any, message: Message, token: int, worker: Any, control: Any = None) -> contextvars.Token:
+    """From now on in this thread ``current_task()`` describes the task of ``message``
+    (``control``: its ``control.TaskControl``); ``leave`` with what this returns ends it.
+    The worker's executor calls the two around each run (no context manager per task)."""
+    return _current.set(
+        TaskContext(id=message.id, name=message.name, app=app, token=token, worker=worker, control=control)
+    )
+
+
+def leave(entered: contextvars.Token) -> None:
+    """End the task context ``enter`` began (the one before it is current again)."""
+    _current.reset(entered)
+
+
 @contextlib.contextmanager
 def task_context(app: Any, message: Message, token: int, worker: Any, control: Any = None) -> Iterator[None]:
     """Within the block, ``current_task()`` describes the task of ``message``; ``control``
     is its ``control.TaskControl`` (cancel requests, reported progress)."""
-    context = TaskContext(id=message.id, name=message.name, app=app, token=token, worker=worker, control=control)
-    reset = _current.set(context)
+    entered = enter(app, message, token, worker, control)
     try:
         yield
     finally:
-        _current.reset(reset)
+        leave(entered)
 
 
 def current_task() -> TaskContext | None:

@@ -14,7 +14,6 @@ The run's trace span (nbqueue.tracing) is opened here too, around the function.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from typing import Callable
@@ -24,7 +23,6 @@ from .errors import Retry
 from .message import Message
 
 log = logging.getLogger(__name__)
-_NULL = contextlib.nullcontext()
 
 
 class WorkerEvents:
@@ -32,11 +30,11 @@ class WorkerEvents:
         self.on_start: list[Callable] = []
         self.on_finish: list[Callable] = []
 
-    def run(self, message: Message, queue: str | None):
-        """A context manager around one run of a task's function (nothing at all while no
-        hook is registered and no trace is recorded)."""
-        if not self.on_start and not self.on_finish and not tracing.enabled():
-            return _NULL
+    def run(self, message: Message, queue: str | None) -> _Run | None:
+        """A context manager around one run of a task's function, or None while no hook is
+        registered and no trace is recorded (the function is then called without one)."""
+        if not self.on_start and not self.on_finish and tracing.tracer() is None:
+            return None
         return _Run(self, message, queue)
 
 

@@ -117,29 +117,47 @@ class Message:
     @staticmethod
     def check(data: Any) -> dict:
         """``data`` when it has the shape of an envelope (callbacks included); MessageError otherwise."""
-        if not isinstance(data, dict):
-            raise MessageError(f"message is a {type(data).__name__}, not a JSON object")
-        missing = [f for f in REQUIRED if f not in data]
-        if missing:
-            raise MessageError(f"message lacks required field(s): {', '.join(missing)}")
-        if not isinstance(data["id"], str) or not data["id"]:
-            raise MessageError("message id must be a non-empty string")
-        if not isinstance(data["name"], str) or not data["name"]:
-            raise MessageError("message name must be a non-empty string")
-        if not isinstance(data["args"], list):
-            raise MessageError("message args must be a list")
-        if not isinstance(data["kwargs"], dict):
-            raise MessageError("message kwargs must be an object")
-        for key, value in data.items():     # the fields sent (fewer than the fields there are)
-            kinds = _TYPES.get(key)
-            if kinds is None or value is None:
-                continue
-            if not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds:
-                raise MessageError(f"message field {key!r} has the wrong type ({type(value).__name__})")
+        if not _exactly_typed(data):
+            _check_types(data)
         for key in ("on_success", "on_error"):
             for callback in data.get(key) or []:
                 Message.check(callback)
         return data
+
+
+def _exactly_typed(data: Any) -> bool:
+    """Whether ``data`` is an envelope whose fields have exactly the types JSON decodes to
+    (what every producer sends): the quick part of ``Message.check``."""
+    if type(data) is not dict or not data.keys() >= _REQUIRED_KEYS or not data["id"] or not data["name"]:
+        return False
+    for key, value in data.items():     # the fields sent (fewer than the fields there are)
+        exact = _EXACT_TYPES.get(key)
+        if exact is not None and type(value) not in exact:
+            return False
+    return True
+
+
+def _check_types(data: Any) -> None:
+    """MessageError with the reason when ``data`` (not ``_exactly_typed``) is not an envelope."""
+    if not isinstance(data, dict):
+        raise MessageError(f"message is a {type(data).__name__}, not a JSON object")
+    missing = [f for f in REQUIRED if f not in data]
+    if missing:
+        raise MessageError(f"message lacks required field(s): {', '.join(missing)}")
+    if not isinstance(data["id"], str) or not data["id"]:
+        raise MessageError("message id must be a non-empty string")
+    if not isinstance(data["name"], str) or not data["name"]:
+        raise MessageError("message name must be a non-empty string")
+    if not isinstance(data["args"], list):
+        raise MessageError("message args must be a list")
+    if not isinstance(data["kwargs"], dict):
+        raise MessageError("message kwargs must be an object")
+    for key, value in data.items():
+        kinds = _TYPES.get(key)
+        if kinds is None or value is None:
+            continue
+        if not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds:
+            raise MessageError(f"message field {key!r} has the wrong type ({type(value).__name__})")
 
 
 #: fields every envelope carries
@@ -149,6 +167,12 @@ _NAMES = frozenset(f.name for f in _FIELDS)
 _OPTIONAL = [f for f in _FIELDS if f.name not in REQUIRED]
 #: field -> the JSON types its value may have (None is always allowed for an optional field)
 _TYPES: dict[str, tuple] = {f.name: f.metadata["types"] for f in _OPTIONAL}
+#: field -> the exact types its value may have as JSON decodes it (None: optional fields only)
+_EXACT_TYPES: dict[str, frozenset] = {
+    **{name: frozenset({kind}) for name, kind in zip(REQUIRED, (str, str, list, dict))},
+    **{name: frozenset({*kinds, type(None)}) for name, kinds in _TYPES.items()},
+}
+_REQUIRED_KEYS = frozenset(REQUIRED)
 #: optional field -> its default (a field left out of the JSON object holds its default)
 _DEFAULTS: dict[str, Any] = {f.name: f.default for f in _OPTIONAL}
 #: fields whose default is not None: a ``null`` sent for one reads as its default

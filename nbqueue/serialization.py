@@ -50,6 +50,8 @@ _DECODING: contextvars.ContextVar = contextvars.ContextVar("nbqueue_decoding", d
 MAX_DEPTH = 100
 
 _INT_MIN, _INT_MAX = -(2**63), 2**63 - 1   # JSON decoders (orjson, other languages) keep 64-bit ints exact
+#: the types of JSON's scalars: a decoded value of one of these is itself (``from_jsonable``)
+_SCALARS = frozenset({str, int, float, bool, type(None)})
 
 
 class _Refusal(Exception):
@@ -675,6 +677,9 @@ class Serializer:
         """JSON-ready form of ``obj``; ``owner``: the record id its payloads are linked to (a
         task's result), else the surrounding send's pin (payloads.sending). Raises
         SerializationError (PayloadTooLarge for a value too large for the payload store)."""
+        t = type(obj)
+        if obj is None or t is bool or (t is int and _INT_MIN <= obj <= _INT_MAX) or (t is str and obj.isascii()):
+            return obj      # JSON as it is (the result of most tasks): no payload, no tag
         if self.plane is None:
             return self._encode(obj, where)
         token = _ENCODING.set((self.plane, owner))
@@ -696,6 +701,12 @@ class Serializer:
             return _binary(obj, lambda compression: blobs.pack_pickle(obj, where, compression))
         except PayloadTooLarge as exc:
             raise PayloadTooLarge(f"{where} {exc}") from None
+
+    def decode_arguments(self, args: list, kwargs: dict) -> tuple[list, dict]:
+        """A task's positional and keyword arguments, each decoded (see ``decode``)."""
+        if _SCALARS.issuperset(map(type, args)) and _SCALARS.issuperset(map(type, kwargs.values())):
+            return args, kwargs     # JSON scalars (the arguments of most tasks) decode to themselves
+        return [self.decode(a) for a in args], {k: self.decode(v) for k, v in kwargs.items()}
 
     def decode(self, obj: Any, lazy: bool = False) -> Any:
         """Inverse of encode. Values stored out of band are read from the payload store (hash

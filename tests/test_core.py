@@ -966,3 +966,36 @@ def test_a_finished_task_result_does_not_wait_for_a_slow_batch_mate(app):
         release.set()
     assert slow.get(timeout=15) == "slow"
     worker.stop()
+
+
+def test_event_hooks_run_inside_the_task_context_and_see_each_outcome(app):
+    @app.task(name="add")
+    def add(x, y):
+        return x + y
+
+    @app.task(name="boom")
+    def boom():
+        raise ValueError("boom")
+
+    worker = app.worker(1)
+    seen = []
+    worker.events.on_start.append(lambda message, queue: seen.append(("start", nbqueue.current_task()["id"])))
+    worker.events.on_finish.append(
+        lambda message, queue, outcome, seconds: seen.append((outcome, nbqueue.current_task()["id"]))
+    )
+    ok, failed = add.delay(1, 2), boom.delay()
+    worker.drain()
+    assert ok.get(timeout=10) == 3 and failed.state == states.FAILURE
+    assert seen == [("start", ok.id), ("SUCCESS", ok.id), ("start", failed.id), ("FAILURE", failed.id)]
+    assert nbqueue.current_task() is None
+
+
+def test_without_hooks_a_task_still_sees_its_context_and_the_worker_thread_leaves_it(app):
+    @app.task(name="whoami")
+    def whoami():
+        return nbqueue.current_task()["id"]
+
+    worker = app.worker(1)
+    handle = whoami.delay()
+    worker.drain()
+    assert handle.get(timeout=10) == handle.id and nbqueue.current_task() is None

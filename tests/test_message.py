@@ -59,6 +59,14 @@ def test_copy_changes_fields_and_the_message_is_frozen():
     ('{"id": "t", "name": "n", "args": [], "kwargs": {}, "priority": "high"}', "'priority' has the wrong type"),
     ('{"id": "t", "name": "n", "args": [], "kwargs": {}, "on_success": [{"id": "c"}]}', "lacks required field(s)"),
     ("{not json", "not valid JSON"),
+    ('{"id": "", "name": "n", "args": [], "kwargs": {}}', "id must be a non-empty string"),
+    ('{"id": "t", "name": 5, "args": [], "kwargs": {}}', "name must be a non-empty string"),
+    ('{"id": "t", "name": "n", "args": {}, "kwargs": {}}', "args must be a list"),
+    ('{"id": "t", "name": "n", "args": [], "kwargs": []}', "kwargs must be an object"),
+    ('{"id": "t", "name": "n", "args": [], "kwargs": {}, "priority": true}', "'priority' has the wrong type (bool)"),
+    ('{"id": "t", "name": "n", "args": [], "kwargs": {}, "immutable": 1}', "'immutable' has the wrong type (int)"),
+    ('{"id": "t", "name": "n", "args": [], "kwargs": {}, "on_error": [{"id": "c", "name": "e", "args": [], '
+     '"kwargs": {}, "eta": "soon"}]}', "'eta' has the wrong type (str)"),
 ])
 def test_a_body_that_is_not_an_envelope_is_refused_with_the_reason(body, reason):
     with pytest.raises(MessageError, match=reason.replace("(", r"\(").replace(")", r"\)")):
@@ -139,12 +147,13 @@ def test_a_stored_dict_path_message_runs_and_its_retry_keeps_its_unknown_keys(tm
 def test_task_ids_are_version_7_uuids_ordered_by_the_millisecond_they_were_made(monkeypatch):
     """Ids keep to RFC 9562's layout, carry their time, and sort in the order they were made:
     the indexes keyed by task id then grow at one end."""
+    import types
     import uuid
 
     from nbqueue import signature
 
     clock = iter([1_700_000_000_000_000_000 + ms * 1_000_000 for ms in (0, 0, 1, 2, 2, 5)])
-    monkeypatch.setattr(signature.time, "time_ns", lambda: next(clock))
+    monkeypatch.setattr(signature, "time", types.SimpleNamespace(time_ns=lambda: next(clock)))
     ids = [signature.new_id() for _ in range(6)]
     parsed = [uuid.UUID(i) for i in ids]
     assert [str(u) for u in parsed] == ids
@@ -153,3 +162,13 @@ def test_task_ids_are_version_7_uuids_ordered_by_the_millisecond_they_were_made(
     assert max(ids[0:2]) < ids[2] < min(ids[3:5]) and max(ids[3:5]) < ids[5]      # by millisecond
     monkeypatch.undo()
     assert len({signature.new_id() for _ in range(10_000)}) == 10_000
+
+
+def test_an_envelope_checks_with_nulls_unknown_keys_and_in_process_subclasses_of_json_types():
+    class Name(str):
+        pass
+
+    sent = {"id": "t", "name": "n", "args": [], "kwargs": {}, "eta": None, "priority": 3, "later": {"a": 1}}
+    assert Message.check(sent) is sent
+    built = {"id": Name("t"), "name": Name("n"), "args": [], "kwargs": {}, "queue": Name("q"), "immutable": True}
+    assert Message.check(built) is built

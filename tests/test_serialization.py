@@ -387,3 +387,39 @@ def test_keyword_names_are_plain_strings_in_the_message():
         nbqueue.SerializationError, match="the name of a keyword argument of task 't' is a string with a lone surrogate"
     ):
         to_message(Signature("t", kwargs={"\udc00": "x"}), Serializer(), default_queue="q")
+
+
+@pytest.mark.parametrize("value", [None, True, False, 0, -7, 2**63 - 1, "plain", ""])
+def test_a_json_scalar_result_encodes_to_itself(value):
+    encoded = Serializer().encode(value)
+    assert encoded == value and type(encoded) is type(value)
+
+
+@pytest.mark.parametrize("value, tagged", [
+    (2**63, {"__nbq__": "int", "v": hex(2**63)}),
+    (-(2**63) - 1, {"__nbq__": "int", "v": hex(-(2**63) - 1)}),
+])
+def test_a_scalar_json_cannot_carry_exactly_is_still_tagged(value, tagged):
+    assert Serializer().encode(value) == tagged
+
+
+def test_a_subclass_of_a_json_scalar_is_not_taken_for_the_scalar():
+    with pytest.raises(serialization.SerializationError, match="a subclass of int"):
+        Serializer().encode(Colour.RED)
+
+
+def test_text_beyond_ascii_encodes_to_itself_and_a_lone_surrogate_is_refused():
+    assert Serializer().encode("naïve ✓") == "naïve ✓"
+    with pytest.raises(serialization.SerializationError, match="lone surrogate"):
+        Serializer().encode("bad \udc80", "result of task 't'")
+
+
+def test_decoded_arguments_are_json_scalars_as_they_are_and_tagged_values_decoded():
+    serializer = Serializer()
+    args, kwargs = [1, "a", None, 2.5, True], {"k": "v"}
+    assert serializer.decode_arguments(args, kwargs) == (args, kwargs)
+    when = dt.datetime(2024, 5, 1, 12, 30, tzinfo=dt.timezone.utc)
+    encoded = [serializer.encode(when), 3, serializer.encode([2**64])]
+    keywords = {"x": serializer.encode(decimal.Decimal("1.5"))}
+    decoded_args, decoded_kwargs = serializer.decode_arguments(encoded, keywords)
+    assert decoded_args == [when, 3, [2**64]] and decoded_kwargs == {"x": decimal.Decimal("1.5")}

@@ -244,9 +244,10 @@ class _Batch:
         since = self.since
         return 0.0 if since is None else time.monotonic() - since
 
-    def given_away(self, delivery: Delivery) -> bool:
-        """Whether ``delivery`` was given away to another executor (which holds it now)."""
-        return id(delivery) in self.given
+    def kept(self, claims: list[Claim]) -> list[Delivery]:
+        """The deliveries of ``claims`` not given away to another executor (which holds those now)."""
+        given = self.given
+        return [c.delivery for c in claims if id(c.delivery) not in given]
 
     def pending(self) -> list[Claim]:
         """The unstarted claims left, without taking them."""
@@ -281,10 +282,13 @@ class _Batch:
         else:
             self._queue(self.acks, delivery)
 
-    def waiting(self) -> float:
-        """Seconds the oldest pending outcome has waited (0 when none)."""
+    def waiting(self, now: float | None = None) -> float:
+        """Seconds the oldest pending outcome has waited (0 when none) at ``now`` (``time.monotonic()``)."""
         with self.lock:
-            return time.monotonic() - self.first if self._pending() else 0.0
+            if not self._pending():
+                return 0.0
+            first = self.first
+        return (time.monotonic() if now is None else now) - first
 
     def flush(self, claim_next: Callable[[], list[Claim]] | None = None) -> list[Claim]:
         """Settle what is pending; safe from the executor and the heartbeat thread alike.

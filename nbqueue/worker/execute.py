@@ -106,29 +106,27 @@ class Execution:
         if refusal is not None:
             return _failed(claim, refusal)
         try:
-            args = [app.serializer.decode(a) for a in message.args]
-            kwargs = {k: app.serializer.decode(v) for k, v in message.kwargs.items()}
+            args, kwargs = app.serializer.decode_arguments(message.args, message.kwargs)
         except Exception as exc:
             # a payload's error (missing, corrupt) keeps its type
             kind = type(exc) if isinstance(exc, PayloadError) else SerializationError
             return _failed(claim, kind(f"cannot decode arguments of task {name!r}: {exc}"))
 
         started_at = app.clock.time()
+        ctl = control.TaskControl(task_id, name)
         run = {
             "started": time.monotonic(),
             "started_at": started_at,
             "time_limit": message.time_limit,
             "token": token,
             "message": message,
-            "control": control.TaskControl(task_id, name),
+            "control": ctl,
         }
         with self._held_lock:
             self._running[task_id] = run
         capture.begin(task_id)
         try:
-            with context.task_context(app, message, token, self, run["control"]), \
-                    self.events.run(message, delivery.queue):
-                value = self._call(task, args, kwargs, message, run["control"])
+            value = self._call_in_context(task, args, kwargs, message, delivery.queue, ctl, token)
         except Retry as exc:
             eta = app.clock.time() + exc.countdown
             return _retried(claim, message, eta, "Retry", exc.reason or "retry requested", capture.end())
@@ -142,10 +140,25 @@ class Execution:
         finally:
             with self._held_lock:
                 self._running.pop(task_id, None)
-            self.control.finished(task_id, run)
+            if ctl.progress is not None:     # reported progress, or was asked to stop
+                self.control.finished(task_id, run)
         output = capture.end()
         del args, kwargs        # a large argument is not held while the result is encoded
         return self._succeeded(claim, value, output, started_at)
+
+    def _call_in_context(self, task, args: list, kwargs: dict, message: Message, queue: str,
+                         ctl: control.TaskControl, token: int | None) -> Any:
+        """``_call`` with ``current_task()`` describing the task, inside the worker's events
+        (hooks, trace span) where any are listening."""
+        entered = context.enter(self.app, message, token, self, ctl)
+        try:
+            events = self.events.run(message, queue)
+            if events is None:
+                return self._call(task, args, kwargs, message, ctl)
+            with events:
+                return self._call(task, args, kwargs, message, ctl)
+        finally:
+            context.leave(entered)
 
     def _raised(self, claim: Claim, exc: BaseException, tb: str, output: str, started_at: float) -> Outcome:
         """A task raised: retried while it has retries left, else failed."""
@@ -273,7 +286,9 @@ class Execution:
         """Run the task's function: in this thread, or with ``pool="processes"`` in a child
         process (pool.py; built-in tasks, which use this process's objects, stay here)."""
         if self.pool is None or task.name.startswith("nbqueue."):
-            return task.fn(*args, **kwargs) if ctl is None else ctl.call(task.fn, args, kwargs)
+            if ctl is None or not message.soft_time_limit:    # only a soft time limit is raised into the thread
+                return task.fn(*args, **kwargs)
+            return ctl.call(task.fn, args, kwargs)
         return self.pool.call(task.fn, args, kwargs, task_id=message.id, name=task.name,
                               time_limit=message.time_limit, soft_time_limit=message.soft_time_limit,
                               on_progress=None if ctl is None else ctl.set_progress)

@@ -340,13 +340,17 @@ class Worker(Heartbeat, Execution):
                 self._held[id(d)] = d
 
     def unhold(self, d: Delivery) -> None:
+        self.unhold_many([d])
+
+    def unhold_many(self, deliveries: list[Delivery]) -> None:
+        """Their leases are no longer extended (see ``hold``)."""
         with self._held_lock:
-            self._held.pop(id(d), None)
+            for d in deliveries:
+                self._held.pop(id(d), None)
 
     def _hand_back(self, deliveries: list[Delivery]) -> None:
         self.app.engine.hand_back(deliveries)
-        for d in deliveries:
-            self.unhold(d)
+        self.unhold_many(deliveries)
 
     @contextlib.contextmanager
     def holding_thread(self, check=None):
@@ -442,9 +446,7 @@ class Worker(Heartbeat, Execution):
                 batch.forget_local()
             with self._held_lock:
                 self._batches.discard(batch)
-            for c in claims:
-                if not batch.given_away(c.delivery):    # those are held by the executor that took them
-                    self.unhold(c.delivery)
+            self.unhold_many(batch.kept(claims))    # those given away are held by the executor that took them
 
     def _run_todo(self, batch: _Batch) -> None:
         """Run the batch's claims in order, each outcome settled by the batch; stopping, hand
@@ -456,11 +458,12 @@ class Worker(Heartbeat, Execution):
                 unstarted = [claim] + batch.give_away_all()
                 self._hand_back([c.delivery for c in unstarted])    # not started: PENDING again, not "received"
                 break
-            if batch.waiting() >= GROUP_COMMIT:
+            now = time.monotonic()
+            if batch.waiting(now) >= GROUP_COMMIT:
                 # finished tasks wait at most GROUP_COMMIT (or the heartbeat's flush, see _flush_stale)
                 batch.flush()
-            if time.monotonic() - checked >= REVOKE_CHECK:
-                checked = time.monotonic()
+            if now - checked >= REVOKE_CHECK:
+                checked = now
                 self._skip_revoked([claim] + batch.pending())
             if self._revoked and self._revoked_here(claim.message.id):
                 claim.begun, claim.token = True, None
