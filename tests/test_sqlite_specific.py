@@ -312,6 +312,7 @@ def test_idle_worker_threads_fed_by_hand_overs_do_not_read_the_queue_between_tas
                 lambda sql: reads.append(sql) if sql.lstrip().startswith("SELECT") and "nbq_messages" in sql else None
             )
         for i in range(30):
+            wait_for(lambda: idle_reservers(app) == 4)      # every thread back to waiting, however slow the machine
             assert app.send_task(Signature("double", args=[i])).get(timeout=10) == 2 * i
     finally:
         worker.stop()
