@@ -44,11 +44,12 @@ TEST_WORKERS ?= 4
 test: $(STAMP) lint services browser memcached
 	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
-# the modules mypy checks: the canvas and workflow, the protocol and engine modules where they exist, and
-# what the protocols share below them (urls, wakeups)
-MYPY_FILES = $(wildcard nbqueue/canvas.py nbqueue/context.py nbqueue/workflow.py nbqueue/message.py nbqueue/broker.py \
+# the modules mypy checks: the canvas and workflow, the protocol and engine modules where they exist,
+# what the protocols share below them (urls, wakeups), and the embedded default's driver (SQLite)
+MYPY_FILES = $(sort $(wildcard nbqueue/canvas.py nbqueue/context.py nbqueue/workflow.py nbqueue/message.py nbqueue/broker.py \
                         nbqueue/urls.py nbqueue/wakeups.py \
-                        nbqueue/backend.py nbqueue/engine.py nbqueue/drivers/__init__.py nbqueue/drivers/*/engine.py)
+                        nbqueue/backend.py nbqueue/engine.py nbqueue/drivers/__init__.py nbqueue/drivers/*/engine.py \
+                        nbqueue/drivers/sqlite/*.py))
 
 # every check runs, and the target fails if one failed
 lint: $(STAMP)

@@ -8,6 +8,7 @@ fallback.
 """
 from __future__ import annotations
 
+import builtins
 import sqlite3
 from typing import Callable, Sequence
 
@@ -365,10 +366,10 @@ class SQLiteBackend(ResultBackend):
     def progress(self, ids: Sequence[str] = (), *, group_id: str | None = None) -> dict:
         if group_id is not None:
             total = self.store.read("SELECT total FROM nbq_groups WHERE group_id = ?", (group_id,))
-            pairs = self.store.read(
+            in_group = self.store.read(
                 "SELECT state, COUNT(*) FROM nbq_results WHERE group_id = ? GROUP BY state", (group_id,)
             )
-            return counts_from_states(pairs, total[0][0] if total else sum(n for _, n in pairs))
+            return counts_from_states(in_group, total[0][0] if total else sum(n for _, n in in_group))
         ids = list(ids)
         pairs: list = []
         for start in range(0, len(ids), 900):
@@ -401,7 +402,8 @@ class SQLiteBackend(ResultBackend):
             params.append(int(limit))
         return [dict(zip(FIELDS, row)) for row in self.store.read(sql, params)]
 
-    def _filters(self, state, name, queue, since, until, text) -> tuple[str, list]:
+    # (annotations below name ``builtins.list``: in this class, ``list`` is the method above)
+    def _filters(self, state, name, queue, since, until, text) -> tuple[str, builtins.list]:
         """The WHERE clause (and its parameters) of ``search`` and ``counts``."""
         where, params = ["(expires_at IS NULL OR expires_at > ?)"], [self.clock.time()]
         for column, wanted in (("state", state), ("name", name), ("queue", queue)):
@@ -427,7 +429,7 @@ class SQLiteBackend(ResultBackend):
 
     def search(
         self, *, state=None, name=None, queue=None, since=None, until=None, text=None, offset=0, limit=50
-    ) -> list[dict]:
+    ) -> builtins.list[dict]:
         """One read-only query: the table walked newest first by rowid (the order records were
         written), each filter checked row by row, until the page is full."""
         where, params = self._filters(state, name, queue, since, until, text)
@@ -493,7 +495,7 @@ class SQLiteBackend(ResultBackend):
         with self.store.write() as conn:
             conn.execute("DELETE FROM nbq_workers WHERE worker_id = ?", (worker_id,))
 
-    def workers(self) -> list[dict]:
+    def workers(self) -> builtins.list[dict]:
         rows = self.store.read(
             "SELECT worker_id, info, last_seen FROM nbq_workers WHERE expires > ? ORDER BY worker_id",
             (self.clock.time(),),

@@ -403,9 +403,17 @@ class SQLiteBroker(Broker):
         claim per message and a wake-up's worth of latency for a worker in the same kernel.
         """
         def settle_with_transaction(slot: Slot) -> None:   # whatever happens next: the reserver waits for it
+            def settled() -> None:
+                slot.settled.set()
+                slot.woken.set()
+
+            def undone() -> None:
+                slot.deliveries.clear()
+                settled()
+
             slot.version = WAKEUPS.version(self._wake_key)
-            self.store.on_commit(lambda: (slot.settled.set(), slot.woken.set()))
-            self.store.on_rollback(lambda: (slot.deliveries.clear(), slot.settled.set(), slot.woken.set()))
+            self.store.on_commit(settled)
+            self.store.on_rollback(undone)
 
         while outs:
             slot, mine = IDLE.take(self.path, outs, now, on_take=settle_with_transaction)

@@ -28,7 +28,7 @@ import random
 import sqlite3
 import threading
 import time
-from typing import Any, Callable, Hashable, Tuple, TypeVar
+from typing import Any, Callable, Hashable, Literal, Tuple, TypeVar, cast
 from urllib.parse import urlsplit
 
 import sqlite_utils
@@ -252,7 +252,7 @@ class SQLiteStore:
         ``then`` of those that did not raise run together, one call per key:
         ``run(conn, [arg, ...])`` returns a list as long, whose item for this call is the second
         of the pair returned (an exception it raises fails every work of the transaction)."""
-        if self._depth and self._lock._is_owned():
+        if self._depth and self._lock._is_owned():  # type: ignore[attr-defined]
             return self._alone(work, then)
         job = _Job(work, then)
         if self._lock.acquire(blocking=False):
@@ -360,18 +360,18 @@ class SQLiteStore:
 
     def in_transaction(self) -> bool:
         """True when this thread is inside ``write()``."""
-        return bool(self._depth) and self._lock._is_owned()
+        return bool(self._depth) and self._lock._is_owned()  # type: ignore[attr-defined]
 
     def on_commit(self, fn) -> None:
         """Run fn after the current transaction commits (at once outside one)."""
-        if self._depth and self._lock._is_owned():
+        if self._depth and self._lock._is_owned():  # type: ignore[attr-defined]
             self._after_commit.append(fn)
         else:
             fn()
 
     def on_rollback(self, fn) -> None:
         """Run fn if the current transaction rolls back (never outside one)."""
-        if self._depth and self._lock._is_owned():
+        if self._depth and self._lock._is_owned():  # type: ignore[attr-defined]
             self._after_rollback.append(fn)
 
     def checkpoint(self) -> None:
@@ -454,14 +454,14 @@ class _Transaction:
         store._after_commit, store._after_rollback = [], []
         return conn
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> Literal[False]:
         store = self.store
         callbacks: list = []
         try:
             store._depth -= 1
             if store._depth:
                 return False
-            conn = store._conn
+            conn = cast(sqlite3.Connection, store._conn)     # opened by __enter__
             if exc_type is not None:
                 self._roll_back(conn)
                 return False
@@ -505,8 +505,8 @@ class _Job:
         self.work = work
         self.then = then
         self.done = False
-        self.result = None
-        self.then_result = None
+        self.result: Any = None
+        self.then_result: Any = None
         self.error: BaseException | None = None
 
 

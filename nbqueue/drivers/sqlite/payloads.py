@@ -42,7 +42,7 @@ class SQLitePayloads(PayloadStore):
             return missing
         now = self._now()
         with self.store.write() as conn:
-            found = set()
+            found: set[str] = set()
             for chunk in _chunks(keys, 500):
                 marks = ",".join("?" * len(chunk))
                 found.update(k for (k,) in conn.execute(f"SELECT key FROM nbq_payloads WHERE key IN ({marks})", chunk))
