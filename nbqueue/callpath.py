@@ -26,7 +26,6 @@ except ImportError:     # pragma: no cover - orjson is a dependency
     _orjson_dumps = None
 
 _DYNAMIC = ("id", "args", "kwargs", "created_at")
-_INT_MIN, _INT_MAX = serialization._INT_MIN, serialization._INT_MAX
 #: the text that ends an envelope's args (a key: plain arguments hold no object)
 _KWARGS_KEY = ',"kwargs":'
 
@@ -89,18 +88,6 @@ def _encoded(app, task, args: tuple, kwargs: dict) -> tuple[list, dict] | None:
         return None
 
 
-def _plain(value: Any) -> bool:
-    """``value`` is its own JSON form, as ``Serializer.encode`` would give it (see ``send``)."""
-    kind = value.__class__
-    if kind is int:
-        return _INT_MIN <= value <= _INT_MAX
-    if kind is str:
-        return value.isascii()
-    if kind is float:
-        return value - value == 0.0
-    return value is None or kind is bool
-
-
 def send(app, task, args: tuple, kwargs: dict) -> AsyncResult | None:
     """Send ``task(*args, **kwargs)`` (arguments checked already) when no tracing span is
     recorded: the AsyncResult, as ``App.send_call`` returns it; None when an argument
@@ -110,12 +97,12 @@ def send(app, task, args: tuple, kwargs: dict) -> AsyncResult | None:
         return None
     plain = True
     for value in args:
-        if not _plain(value):
+        if not serialization.plain(value):
             plain = False
             break
     if kwargs and plain:
         for key, value in kwargs.items():
-            if key.__class__ is not str or not key.isascii() or not _plain(value):
+            if key.__class__ is not str or not key.isascii() or not serialization.plain(value):
                 plain = False
                 break
     if plain:       # each argument is its own JSON form

@@ -54,6 +54,19 @@ _INT_MIN, _INT_MAX = -(2**63), 2**63 - 1   # JSON decoders (orjson, other langua
 _SCALARS = frozenset({str, int, float, bool, type(None)})
 
 
+def plain(value: Any) -> bool:
+    """``value`` is its own JSON form, as ``Serializer.encode`` gives it: None, a bool, an int
+    of 64 bits, a finite float, an ASCII str (exactly these types, not subclasses)."""
+    kind = value.__class__
+    if kind is int:
+        return _INT_MIN <= value <= _INT_MAX
+    if kind is str:
+        return value.isascii()
+    if kind is float:
+        return value - value == 0.0     # finite
+    return value is None or kind is bool
+
+
 class _Refusal(Exception):
     """Raised inside the encoder; to_jsonable turns it into a SerializationError with the path."""
 
@@ -677,8 +690,7 @@ class Serializer:
         """JSON-ready form of ``obj``; ``owner``: the record id its payloads are linked to (a
         task's result), else the surrounding send's pin (payloads.sending). Raises
         SerializationError (PayloadTooLarge for a value too large for the payload store)."""
-        t = type(obj)
-        if obj is None or t is bool or (t is int and _INT_MIN <= obj <= _INT_MAX) or (t is str and obj.isascii()):
+        if plain(obj):
             return obj      # JSON as it is (the result of most tasks): no payload, no tag
         if self.plane is None:
             return self._encode(obj, where)

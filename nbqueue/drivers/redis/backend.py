@@ -314,9 +314,10 @@ class RedisBackend(ResultBackend):
             pipe.hgetall(self._rec(task_id))
         return [self._live(raw) for raw in pipe.execute()]
 
-    def _live(self, raw: dict) -> dict | None:
-        """The record read as ``raw``, or None when there is none or it has expired."""
-        rec = _record(raw)
+    def _live(self, raw: dict | list) -> dict | None:
+        """The record read as ``raw`` (an HGETALL reply: a dict, or the flat list of names and
+        values a raw pipeline reply is), or None when there is none or it has expired."""
+        rec = _record(raw if isinstance(raw, dict) else dict(zip(raw[::2], raw[1::2])))
         if rec is not None and rec["expires_at"] is not None and rec["expires_at"] <= self.clock.time():
             return None
         return rec
@@ -406,7 +407,7 @@ class RedisBackend(ResultBackend):
         now = time.monotonic()
         final = []
         for task_id, raw in zip(ids, raws):
-            record = self._live(raw if isinstance(raw, dict) else dict(zip(raw[::2], raw[1::2])))
+            record = self._live(raw)
             if record is not None and record["state"] in states.READY_STATES:
                 final.append((task_id, (record, now)))
         with self._ahead_lock:
@@ -431,7 +432,7 @@ class RedisBackend(ResultBackend):
         raws = pipe.execute()
         self._keep(ahead, raws[1:])
         raw = raws[0]
-        return self._live(raw if isinstance(raw, dict) else dict(zip(raw[::2], raw[1::2])))
+        return self._live(raw)
 
     @guarded
     def _block_then_get(self, task_id: str, woken, timeout: float, ahead: Sequence[str] = ()) -> dict | None:
@@ -461,7 +462,7 @@ class RedisBackend(ResultBackend):
         if ahead:
             self._keep(list(ahead), replies[2:])
         raw = replies[1]
-        return self._live(raw if isinstance(raw, dict) else dict(zip(raw[::2], raw[1::2])))
+        return self._live(raw)
 
     @guarded
     def _block(self, pending: Sequence[str], version: int, timeout: float) -> None:
