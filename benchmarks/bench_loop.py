@@ -12,7 +12,13 @@ get it, repeat), p50.
     N=2000 .venv/bin/python benchmarks/bench_loop.py sqlite memory
 
 Figures are tasks per second end to end (first send to last value); "sending" is the
-rate of the ``.delay()`` loop alone.
+rate of the ``.delay()`` loop alone. CPU per task (microseconds, over the timed loop) is the
+sending process's, all its threads (with worker threads in process, theirs too), then ``+``
+the worker's or the floor's consumer's process.
+
+The RabbitMQ floor keeps the promise nbqueue's ``.delay()`` keeps: each send a persistent
+message that the broker has confirmed before the call returns; its "sending" figure is the
+rate of confirmed publishes alone on this broker.
 """
 from __future__ import annotations
 
@@ -42,14 +48,33 @@ PY = sys.executable
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, ROOT]))
 
 
+#: a loop's figures: tasks/s end to end, sends/s, round trip p50 (ms), CPU per task (see ``timed_loop``)
+Figure = tuple[float, float, float, str]
+
+
 def pct(values, q):
     values = sorted(values)
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
-def timed_loop(send, get, n: int, around=contextlib.nullcontext) -> tuple[float, float]:
-    """(tasks/s end to end, sends/s) of ``send(i)`` n times (inside ``around()``) then
-    ``get(handle)`` on each in order."""
+def cpu_seconds(pid: int | None = None) -> float | None:
+    """CPU time (user + system, s) of this process (every thread) or of process ``pid`` (read
+    from /proc: None where there is none)."""
+    if pid is None:
+        return time.process_time()
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed_loop(send, get, n: int, around=contextlib.nullcontext, pid: int | None = None) -> tuple[float, float, str]:
+    """(tasks/s end to end, sends/s, CPU per task) of ``send(i)`` n times (inside ``around()``)
+    then ``get(handle)`` on each in order. CPU per task is in microseconds: this process's
+    (all its threads), then ``+`` that of the worker or consumer process ``pid``."""
+    mine, theirs = cpu_seconds(), cpu_seconds(pid) if pid is not None else None
     started = time.perf_counter()
     with around():
         handles = [send(i) for i in range(n)]
@@ -57,7 +82,12 @@ def timed_loop(send, get, n: int, around=contextlib.nullcontext) -> tuple[float,
     for i, handle in enumerate(handles):
         value = get(handle)
         assert value == 2 * i, (i, value)
-    return n / (time.perf_counter() - started), n / (sent - started)
+    ended = time.perf_counter()
+    cpu = f"{(cpu_seconds() - mine) / n * 1e6:.0f}"
+    after = cpu_seconds(pid) if theirs is not None else None
+    if theirs is not None and after is not None:
+        cpu += f" + {(after - theirs) / n * 1e6:.0f}"
+    return n / (ended - started), n / (sent - started), cpu
 
 
 def round_trips(send, get, n: int) -> float:
@@ -112,7 +142,7 @@ def sqlite_consume(path: str) -> None:
         c.execute("COMMIT")
 
 
-def sqlite_floor(path: str) -> tuple[float, float, float]:
+def sqlite_floor(path: str) -> Figure:
     """One INSERT (its own commit) per send; the result read back by polling its row."""
     conn = sqlite_connect(path)
     proc = subprocess.Popen([PY, __file__, "--consume-sqlite", path], env=ENV)
@@ -129,12 +159,12 @@ def sqlite_floor(path: str) -> tuple[float, float, float]:
 
     try:
         get(send(0))
-        tp, sending = timed_loop(send, get, N)
+        tp, sending, cpu = timed_loop(send, get, N, pid=proc.pid)
         p50 = round_trips(send, get, LAT_N)
     finally:
         stop(proc)
         conn.close()
-    return tp, sending, p50
+    return tp, sending, p50, cpu
 
 
 def redis_consume(url: str, prefix: str) -> None:
@@ -148,9 +178,9 @@ def redis_consume(url: str, prefix: str) -> None:
         c.lpush(prefix + "r:" + rid.decode(), int(x) + int(y))
 
 
-def redis_like_floor(client, start_consumer) -> tuple[float, float, float]:
+def redis_like_floor(client, start_consumer) -> Figure:
     prefix = f"floor{uuid.uuid4().hex[:8]}:"
-    stopper = start_consumer(prefix)
+    stopper, pid = start_consumer(prefix)
 
     def send(i):
         rid = uuid.uuid4().hex
@@ -162,27 +192,27 @@ def redis_like_floor(client, start_consumer) -> tuple[float, float, float]:
 
     try:
         get(send(0))
-        tp, sending = timed_loop(send, get, N)
+        tp, sending, cpu = timed_loop(send, get, N, pid=pid)
         p50 = round_trips(send, get, LAT_N)
     finally:
         stopper()
         for key in client.scan_iter(prefix + "*"):
             client.delete(key)
-    return tp, sending, p50
+    return tp, sending, p50, cpu
 
 
-def redis_floor() -> tuple[float, float, float]:
+def redis_floor() -> Figure:
     """redis-py LPUSH per send; a consumer process BRPOPs and answers on a reply list per task."""
     import redis
 
     def start(prefix):
         proc = subprocess.Popen([PY, __file__, "--consume-redis", REDIS_URL, prefix], env=ENV)
-        return lambda: stop(proc)
+        return (lambda: stop(proc)), proc.pid
 
     return redis_like_floor(redis.Redis.from_url(REDIS_URL), start)
 
 
-def fakeredis_floor() -> tuple[float, float, float]:
+def fakeredis_floor() -> Figure:
     """The same loop on raw fakeredis (one FakeServer, a consumer thread)."""
     import fakeredis
 
@@ -200,9 +230,70 @@ def fakeredis_floor() -> tuple[float, float, float]:
                     c.lpush(prefix + "r:" + rid.decode(), int(x) + int(y))
 
         threading.Thread(target=consume, daemon=True).start()
-        return done.set
+        return done.set, None
 
     return redis_like_floor(fakeredis.FakeRedis(server=server), start)
+
+
+def amqp_consume(url: str, queue: str, replies: str) -> None:
+    """The RabbitMQ floor's consumer process: a message at a time (prefetch 16), its result
+    published (transient, unconfirmed) to the sender's reply queue, then the message acked."""
+    import pika
+
+    channel = pika.BlockingConnection(pika.URLParameters(url)).channel()
+    channel.basic_qos(prefetch_count=16)
+
+    def on_message(ch, method, _properties, body):
+        rid, x, y = body.split(b",")
+        ch.basic_publish("", replies, rid + b"," + str(int(x) + int(y)).encode())
+        ch.basic_ack(method.delivery_tag)
+
+    channel.basic_consume(queue, on_message)
+    channel.start_consuming()
+
+
+def amqp_floor() -> Figure:
+    """pika, the promise nbqueue's ``.delay()`` keeps: each send a persistent message to a
+    durable queue (``x-max-priority`` 9, as nbqueue's work queues), returning once the broker
+    confirmed it; a consumer process answers on a reply queue the sender reads."""
+    import pika
+
+    name = f"floor-{uuid.uuid4().hex[:8]}"
+    conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    channel = conn.channel()
+    channel.confirm_delivery()
+    channel.queue_declare(name, durable=True, arguments={"x-max-priority": 9})
+    channel.queue_declare(name + ".replies", exclusive=True)
+    answers: dict[bytes, int] = {}
+
+    def on_reply(_ch, _method, _properties, body):
+        rid, value = body.split(b",")
+        answers[rid] = int(value)
+
+    replies = conn.channel()
+    replies.basic_consume(name + ".replies", on_reply, auto_ack=True)
+    proc = subprocess.Popen([PY, __file__, "--consume-amqp", AMQP_URL, name, name + ".replies"], env=ENV)
+    persistent = pika.BasicProperties(delivery_mode=2)
+
+    def send(i):
+        rid = uuid.uuid4().hex.encode()
+        channel.basic_publish("", name, rid + f",{i},{i}".encode(), persistent)      # returns once confirmed
+        return rid
+
+    def get(rid):
+        while rid not in answers:
+            conn.process_data_events(time_limit=0.05)
+        return answers.pop(rid)
+
+    try:
+        get(send(0))
+        tp, sending, cpu = timed_loop(send, get, N, pid=proc.pid)
+        p50 = round_trips(send, get, LAT_N)
+    finally:
+        stop(proc)
+        channel.queue_delete(name)
+        conn.close()
+    return tp, sending, p50, cpu
 
 
 # -- nbqueue ------------------------------------------------------------------------------------------
@@ -217,7 +308,7 @@ def nbqueue_app(broker, backend, queue):
     return app
 
 
-def nbqueue_loop(broker, backend, process: bool, batch: bool = False) -> tuple[float, float, float]:
+def nbqueue_loop(broker, backend, process: bool, batch: bool = False) -> Figure:
     """The loop with a worker of 4 threads in this process, or an ``nbqueue worker`` process;
     ``batch``: the sends inside ``with app.batch():`` (written, and confirmed, when it ends)."""
     queue = f"loop-{uuid.uuid4().hex[:6]}"
@@ -234,7 +325,8 @@ def nbqueue_loop(broker, backend, process: bool, batch: bool = False) -> tuple[f
     try:
         add.delay(0, 0).get(timeout=60)          # the worker is up
         around = app.batch if batch else contextlib.nullcontext
-        tp, sending = timed_loop(lambda i: add.delay(i, i), lambda h: h.get(timeout=60), N, around)
+        tp, sending, cpu = timed_loop(lambda i: add.delay(i, i), lambda h: h.get(timeout=60), N, around,
+                                      pid=proc.pid if proc is not None else None)
         p50 = round_trips(lambda i: add.delay(i, i), lambda h: h.get(timeout=60), LAT_N)
     finally:
         if worker is not None:
@@ -244,7 +336,7 @@ def nbqueue_loop(broker, backend, process: bool, batch: bool = False) -> tuple[f
         if broker.startswith("amqp"):
             app.broker.delete_queues([queue])
         app.close()
-    return tp, sending, p50
+    return tp, sending, p50, cpu
 
 
 # -- Huey and Celery ---------------------------------------------------------------------------------
@@ -265,7 +357,7 @@ def peer(measure_peer, *args):
         return None
 
 
-def huey_loop(kind: str, tmp: str) -> tuple[float, float, float]:
+def huey_loop(kind: str, tmp: str) -> Figure:
     """Huey on SQLite or Redis with a consumer process, or MemoryHuey with its consumer's threads here."""
     name = f"loop{uuid.uuid4().hex[:6]}"
     env = dict(ENV, BENCH_PEER=f"huey-{kind}", BENCH_NAME=name, BENCH_PATH=os.path.join(tmp, name + ".db"),
@@ -291,7 +383,8 @@ def huey_loop(kind: str, tmp: str) -> tuple[float, float, float]:
         proc = subprocess.Popen([PY, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         huey_get(peers.add(0, 0))
-        tp, sending = timed_loop(lambda i: peers.add(i, i), huey_get, N)
+        tp, sending, cpu = timed_loop(lambda i: peers.add(i, i), huey_get, N,
+                                      pid=proc.pid if proc is not None else None)
         p50 = round_trips(lambda i: peers.add(i, i), huey_get, LAT_N)
     finally:
         if consumer is not None:
@@ -300,10 +393,10 @@ def huey_loop(kind: str, tmp: str) -> tuple[float, float, float]:
             stop(proc)
         if kind == "redis":
             peers.huey.storage.flush_all()
-    return tp, sending, p50
+    return tp, sending, p50, cpu
 
 
-def celery_loop() -> tuple[float, float, float]:
+def celery_loop() -> Figure:
     """Celery 5, defaults (prefork pool, concurrency 4), results over rpc:// on the same RabbitMQ."""
     name = f"celery-loop-{uuid.uuid4().hex[:6]}"
     env = dict(ENV, BENCH_PEER="celery", BENCH_URL=AMQP_URL, BENCH_NAME=name)
@@ -319,13 +412,13 @@ def celery_loop() -> tuple[float, float, float]:
     add = peers.celery_app.tasks["add"]
     try:
         add.delay(0, 0).get(timeout=PEER_TIMEOUT)
-        tp, sending = timed_loop(lambda i: add.delay(i, i), lambda h: h.get(timeout=PEER_TIMEOUT), N)
+        tp, sending, cpu = timed_loop(lambda i: add.delay(i, i), lambda h: h.get(timeout=PEER_TIMEOUT), N)
         p50 = round_trips(lambda i: add.delay(i, i), lambda h: h.get(timeout=PEER_TIMEOUT), LAT_N)
     finally:
         stop(proc)
         with peers.celery_app.connection_for_write() as conn:
             conn.default_channel.queue_delete(name)
-    return tp, sending, p50
+    return tp, sending, p50, cpu
 
 
 # -- the table --------------------------------------------------------------------------------------
@@ -357,10 +450,11 @@ def measure(kinds: list[str], tmp: str) -> list[tuple]:
         url = f"{REDIS_URL}?key_prefix=loop{uuid.uuid4().hex[:6]}"
         rows.append(("Redis, `nbqueue worker` process", nbqueue_loop(url, None, True), floor, huey, None))
     if "amqp" in kinds:
+        floor = amqp_floor()
         celery = peer(celery_loop) if have_celery else None
-        rows.append(("RabbitMQ, `nbqueue worker` process", nbqueue_loop(AMQP_URL, db(), True), None, None, celery))
+        rows.append(("RabbitMQ, `nbqueue worker` process", nbqueue_loop(AMQP_URL, db(), True), floor, None, celery))
         batched = nbqueue_loop(AMQP_URL, db(), True, batch=True)
-        rows.append(("RabbitMQ, the sends in `with app.batch():`", batched, None, None, celery))
+        rows.append(("RabbitMQ, the sends in `with app.batch():`", batched, floor, None, celery))
     if "memory" in kinds:
         floor = fakeredis_floor()
         huey = peer(huey_loop, "memory", tmp) if have_huey else None
@@ -381,14 +475,17 @@ FIRST_MEASURED = {
 
 
 def table(rows) -> str:
-    lines = ["| store | first measured | nbqueue | floor | ratio | Huey (tuned) | Celery | p50 nbqueue / floor |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| store | first measured | nbqueue | floor | ratio | Huey (tuned) | Celery | p50 nbqueue / floor "
+             "| CPU µs per task, nbqueue / floor |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for label, nbq, floor, huey, celery in rows:
-        ratio = f"{nbq[0] / floor[0]:.2f}x" if floor else (f"{nbq[0] / celery[0]:.2f}x Celery" if celery else "")
+        ratios = [f"{nbq[0] / floor[0]:.2f}x"] if floor else []
+        ratios += [f"{nbq[0] / celery[0]:.2f}x Celery"] if celery else []
+        ratio = ", ".join(ratios)
         p50 = f"{nbq[2]:.2f} ms" + (f" / {floor[2]:.2f} ms" if floor else "")
         lines.append(f"| {label} | {FIRST_MEASURED.get(label, '')} | {fmt(nbq)} (sending {nbq[1]:,.0f}/s) "
-                     f"| {fmt(floor)} | {ratio} | {fmt(huey)} "
-                     f"| {fmt(celery)} | {p50} |")
+                     f"| {fmt(floor)}{f' (sending {floor[1]:,.0f}/s)' if floor else ''} | {ratio} | {fmt(huey)} "
+                     f"| {fmt(celery)} | {p50} | {nbq[3]}{f' / {floor[3]}' if floor else ''} |")
     return "\n".join(lines)
 
 
@@ -397,6 +494,8 @@ def main(argv: list[str]) -> None:
         return sqlite_consume(argv[1])
     if argv[:1] == ["--consume-redis"]:
         return redis_consume(argv[1], argv[2])
+    if argv[:1] == ["--consume-amqp"]:
+        return amqp_consume(*argv[1:4])
     known = ["sqlite", "redis", "amqp", "memory"]
     kinds = ["amqp" if kind == "rabbitmq" else kind for kind in argv] or known
     unknown = sorted(set(kinds) - set(known))
