@@ -29,7 +29,7 @@ import pytest
 import nbqueue
 from nbqueue import serialization, states
 from nbqueue.broker import Outgoing
-from nbqueue.drivers import broker_from_url
+from nbqueue.drivers import backend_from_url, broker_from_url
 from nbqueue.drivers.amqp.broker import AMQPBroker
 from nbqueue.drivers.amqp.consumer import LOWER_AFTER_S, Consumption, Demand, Pending, Session
 from nbqueue.drivers.amqp.topology import (
@@ -45,7 +45,7 @@ from nbqueue.drivers.amqp.topology import (
     delay_queue_names,
     work_queue_arguments,
 )
-from nbqueue.errors import ConfigurationError, ConnectionLost, PublishRefused, TaskFailed
+from nbqueue.errors import BrokerError, ConfigurationError, ConnectionLost, PublishRefused, TaskFailed
 from nbqueue.testing import wait_for
 
 from conftest import AMQP_URL, IN_CI, free_port, require_server
@@ -808,3 +808,36 @@ def test_broker_reconnects_after_rabbitmq_restart_and_tasks_published_before_com
     finally:
         for x in made:
             x.close()
+
+
+@pytest.mark.parametrize("url_query, options", [
+    ("?lock_timeout=soon", None),
+    ("?lock_timeout=nan", None),
+    ("", {"lock_timeout": "soon"}),
+    ("", {"lock_timeout": -1}),
+    ("", {"lock_timeout": True}),
+    ("", {"lock_timeout": [30]}),
+])
+def test_a_lock_timeout_that_is_not_seconds_is_a_configuration_error(url_query, options):
+    with pytest.raises(ConfigurationError, match="lock_timeout must be a number of seconds"):
+        backend_from_url(AMQP_URL + url_query, options=options)
+
+
+def test_lock_timeout_is_read_from_the_url_or_the_options():
+    assert backend_from_url(AMQP_URL).lock_timeout == 30.0
+    assert backend_from_url(AMQP_URL + "?lock_timeout=2.5").lock_timeout == 2.5
+    assert backend_from_url(AMQP_URL + "?lock_timeout=").lock_timeout == 30.0
+    assert backend_from_url(AMQP_URL, options={"lock_timeout": 0}).lock_timeout == 0.0
+
+
+def test_a_lock_timeout_of_zero_fails_at_once_on_a_busy_lock():
+    require_server("RabbitMQ", "127.0.0.1", 5672)
+    holder = backend_from_url(AMQP_URL)
+    impatient = backend_from_url(AMQP_URL, options={"lock_timeout": 0})
+    key = f"lock-{uuid.uuid4().hex}"
+    try:
+        with pytest.raises(BrokerError, match="has been busy for 0 s"):
+            holder._locked(key, lambda *_: impatient._locked(key, lambda *_: None))
+    finally:
+        holder.close()
+        impatient.close()

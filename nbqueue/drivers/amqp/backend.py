@@ -3,7 +3,7 @@
 URL: ``amqp://user:pass@host:5672/vhost`` (``amqps://`` for TLS), as for the AMQP broker,
 passed as ``backend=``. Options (App keyword arguments or URL query): ``key_prefix``
 (default ``nbq``), ``results_expire_in`` (default here: one day, see below),
-``lock_timeout`` (seconds to wait for a busy lock before BrokerError, default 30),
+``lock_timeout`` (seconds, 0 or more, to wait for a busy lock before BrokerError, default 30),
 ``poll_interval`` (longest wait between two reads in ``wait()``, default 0.1 s).
 
 Design (machinery's): each task's state is a message in a queue named by the task id,
@@ -58,14 +58,16 @@ from typing import Any, Sequence
 import pika
 import pika.exceptions as pex
 
-from ...errors import BrokerError, ConnectionLost
+from ...errors import BrokerError, ConfigurationError, ConnectionLost
 from ...urls import redact
 from ..keyvalue import KEEP, KeyValueBackend
 from .client import check_url, connection_parameters, refused
 
 log = logging.getLogger(__name__)
 
-OPTIONS = {"key_prefix": "nbq", "lock_timeout": 30.0, "poll_interval": 0.1}
+#: seconds to wait for a busy lock when lock_timeout is not set
+DEFAULT_LOCK_TIMEOUT_S = 30.0
+OPTIONS = {"key_prefix": "nbq", "lock_timeout": DEFAULT_LOCK_TIMEOUT_S, "poll_interval": 0.1}
 #: results expire by disuse after this long when results_expire_in is not set
 DEFAULT_EXPIRY_S = 86_400.0
 LOCK_PREFIX, LOCK_STRIPES, BOOT_QUEUE = "nbq.lock", 64, "nbq.lock-boot"
@@ -84,6 +86,22 @@ _BOOTED: set = set()
 #: queues declared by this process, per server, vhost and prefix (for delete_queues)
 _DECLARED: dict[tuple, set[str]] = {}
 _DECLARED_LOCK = threading.Lock()
+
+
+def _lock_timeout(value: object) -> float:
+    """The ``lock_timeout`` option in seconds, 0 or more (a URL gives it as text); the default
+    when it is not given, ConfigurationError when it is not such a number."""
+    if value is None or value == "":
+        return DEFAULT_LOCK_TIMEOUT_S
+    seconds = math.nan
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            seconds = float(value)
+        except ValueError:
+            pass
+    if not seconds >= 0:                  # NaN too: what did not convert
+        raise ConfigurationError(f"lock_timeout must be a number of seconds, 0 or more, not {value!r}")
+    return seconds
 
 
 class _Missing:
@@ -139,7 +157,7 @@ class AMQPBackend(KeyValueBackend):
         if self.results_expire_in is None:
             self.results_expire_in = DEFAULT_EXPIRY_S
         self.prefix = str(self.options.get("key_prefix") or OPTIONS["key_prefix"]).rstrip(".:")
-        self.lock_timeout = float(self.options.get("lock_timeout") or OPTIONS["lock_timeout"])
+        self.lock_timeout = _lock_timeout(self.options.get("lock_timeout"))
         self.options.setdefault("poll_interval", OPTIONS["poll_interval"])
         self._params = connection_parameters(url, ours)
         self._server = (self._params.host, self._params.port, self._params.virtual_host)

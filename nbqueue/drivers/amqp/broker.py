@@ -243,7 +243,12 @@ class AMQPBroker(Broker):
             return []
         limit = max(1, int(limit))
         self._note(names)
-        self._with_publisher(lambda pub: [pub.declare_work_queue(q) for q in names], "declare queues")
+
+        def work(pub: Publisher) -> None:
+            for name in names:
+                pub.declare_work_queue(name)
+
+        self._with_publisher(work, "declare queues")
         return self._consumption.reserve(names, limit, timeout, lambda taken: self._deliveries(taken, lease))
 
     def _deliveries(self, taken: list[tuple[Session, Pending]], lease: float) -> list[Delivery]:

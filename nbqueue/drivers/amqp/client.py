@@ -84,8 +84,8 @@ def send_now(connection: pika.BlockingConnection, emit: Callable[[], Any]) -> No
     loop's timers, per flush). What the socket does not take, or a failed send, goes through pika's
     buffer as usual, whose flush then writes it or meets the error and closes the connection (raising
     as ``BlockingConnection`` does). TLS connections, and output already waiting, take pika's way."""
-    transport = getattr(connection._impl, "_transport", None)
-    if (_AsyncPlaintextTransport is None or type(transport) is not _AsyncPlaintextTransport
+    transport = getattr(connection._impl, "_transport", None)     # None while pika holds no socket (closed)
+    if (transport is None or _AsyncPlaintextTransport is None or type(transport) is not _AsyncPlaintextTransport
             or transport._state != transport._STATE_ACTIVE
             or transport.get_write_buffer_size()):
         emit()

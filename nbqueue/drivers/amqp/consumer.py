@@ -146,6 +146,14 @@ class Session:
         return f"<amqp session {id(self):#x}{'' if self.alive else ' closed'}>"
 
 
+def session_tag(delivery: Delivery) -> tuple[Session, int] | None:
+    """The session and delivery tag of a delivery made by ``deliveries``; None for another tag."""
+    tag = delivery.tag
+    if isinstance(tag, tuple) and len(tag) == 2 and isinstance(tag[0], Session):
+        return tag[0], tag[1]
+    return None
+
+
 @dataclasses.dataclass(eq=False)
 class Demand:
     """A reserve() call waiting for messages: which queues and how many."""
@@ -354,10 +362,10 @@ class Consumption:
     # -- settling -----------------------------------------------------------------------------
     def claim(self, delivery: Delivery) -> Session | None:
         """Take a current delivery out of outstanding (so no one else settles it); None if stale."""
-        tag = delivery.tag
-        if not (isinstance(tag, tuple) and len(tag) == 2 and isinstance(tag[0], Session)):
+        mine = session_tag(delivery)
+        if mine is None:
             return None
-        session, delivery_tag = tag
+        session, delivery_tag = mine
         with self.cond:
             if session is not self.session or not session.alive or delivery_tag not in session.outstanding:
                 return None
@@ -413,10 +421,10 @@ class Consumption:
 
     def holds(self, delivery: Delivery) -> bool:
         """Is this delivery current and still held (its session's channel open)?"""
-        tag = delivery.tag
-        if not (isinstance(tag, tuple) and len(tag) == 2 and isinstance(tag[0], Session)):
+        mine = session_tag(delivery)
+        if mine is None:
             return False
-        session, delivery_tag = tag
+        session, delivery_tag = mine
         with self.cond:
             current = session is self.session and session.alive and delivery_tag in session.outstanding
         return current and session.channel.is_open
