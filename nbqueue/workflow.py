@@ -614,7 +614,16 @@ def _release_next(app, gid: str, done: int, total: int, pub: _Publisher) -> None
         _start_member(app, gid, HeldMember.from_json(serialization.loads(text)), pub)
         pub.after.append(lambda key=Keys.held(gid, index): app.backend.kv_set(key, None))
     if done >= total:
-        pub.after.append(lambda: app.backend.kv_set(Keys.limit(gid), None))
+        pub.after.append(lambda: _forget_limit(app, gid))
+
+
+def _forget_limit(app, gid: str) -> None:
+    """Every member of a limited group is done: its limit and any held spec still there go
+    (a spec's releaser deletes it after publishing its member, which may by now have run,
+    so the group's record, stored after this, is never final while specs remain)."""
+    app.backend.kv_set(Keys.limit(gid), None)
+    for key in app.backend.kv_items(Keys.held(gid)):
+        app.backend.kv_set(key, None)
 
 
 def _group_then(info: dict) -> list[Continuation]:

@@ -603,6 +603,29 @@ def test_group_concurrency_bounds_the_messages_in_the_broker_also_when_members_f
     assert res.state == states.FAILURE and res.completed_count() == 4
 
 
+def test_a_limited_group_is_final_only_once_no_held_member_remains(app, monkeypatch):
+    """A member's releaser deletes its held spec after publishing it, and the member may
+    run and finish first (another worker thread): the group's completion deletes what is
+    left before its record is stored, so no held spec outlives a final group."""
+    t = make_tasks(app)
+    deferred = []
+    kv_set = app.backend.kv_set
+
+    def releaser_late(key, value):
+        # the releaser's own deletion (a lambda in the publisher's after actions) comes too late
+        if value is None and key.startswith("nbq:held:") and sys._getframe(1).f_code.co_name == "<lambda>":
+            deferred.append(key)
+            return
+        kv_set(key, value)
+
+    monkeypatch.setattr(app.backend, "kv_set", releaser_late)
+    res = app.send_group(group(t.add.s(i, 1) for i in range(7)), concurrency=2)
+    run_until(app.worker(), res)
+    assert res.get(timeout=10) == [1, 2, 3, 4, 5, 6, 7]
+    assert len(deferred) == 5                                # members 2-6 were held, then released
+    assert app.backend.kv_items("nbq:held:") == {}
+
+
 def test_group_concurrency_limits_the_outermost_group_when_its_first_member_is_a_group(app):
     t = make_tasks(app)
     res = app.send_group(group(group(t.add.s(1, 1), t.add.s(2, 2)), t.add.s(3, 3), t.add.s(4, 4)), concurrency=1)
