@@ -45,9 +45,9 @@ test: $(STAMP) lint services browser memcached
 	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 # the modules mypy checks: the canvas and workflow, the protocol and engine modules where they exist,
-# what the protocols share below them (urls, wakeups), the embedded default's driver (SQLite) and RabbitMQ's
+# what the protocols share below them (urls, wakeups, options), the embedded default's driver (SQLite) and RabbitMQ's
 MYPY_FILES = $(sort $(wildcard nbqueue/canvas.py nbqueue/context.py nbqueue/workflow.py nbqueue/message.py nbqueue/broker.py \
-                        nbqueue/urls.py nbqueue/wakeups.py \
+                        nbqueue/urls.py nbqueue/wakeups.py nbqueue/options.py \
                         nbqueue/backend.py nbqueue/engine.py nbqueue/drivers/__init__.py nbqueue/drivers/*/engine.py \
                         nbqueue/drivers/sqlite/*.py nbqueue/drivers/amqp/*.py))
 

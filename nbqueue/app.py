@@ -496,10 +496,11 @@ class App:
         ``pool="processes"``: run tasks in ``concurrency`` child processes (CPU-bound work
         on every core; functions defined in the notebook are shipped to them by value),
         with ``max_tasks_per_child``, ``max_memory_per_child`` (KiB) and ``shutdown_grace``
-        (s); ``allow_code=True``: also run functions shipped from other notebooks.
+        (s); ``allow_code=True``: also run functions shipped from other notebooks. An argument
+        out of range is a ConfigurationError naming it, raised here before the stores are asked.
         """
-        self.check_stores(wait=STORE_CHECK_WAIT_S)
         worker = self.worker(concurrency=concurrency, queues=queues, **options)
+        self.check_stores(wait=STORE_CHECK_WAIT_S)
         worker.start()
         return worker
 

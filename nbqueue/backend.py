@@ -18,6 +18,7 @@ from typing import Iterable, Sequence
 
 from . import states
 from .errors import ResultNotFound
+from .options import seconds
 from .wakeups import WAKEUPS
 
 FIELDS = (
@@ -106,8 +107,14 @@ class ResultBackend:
         self.url = url
         self.clock = clock or SYSTEM
         self.options = dict(options or {})
-        expire = self.options.get("results_expire_in")
-        self.results_expire_in: float | None = float(expire) if expire else None
+        # seconds to keep a finished result; None (not given, or 0, as in machinery) keeps it
+        self.results_expire_in: float | None = seconds("results_expire_in", self.options.get("results_expire_in"),
+                                                       None) or None
+        # the longest wait between two reads of a wait(): seconds, more than 0 (where not given, each
+        # store sets its default)
+        interval = seconds("poll_interval", self.options.pop("poll_interval", None), None, positive=True)
+        if interval is not None:
+            self.options["poll_interval"] = interval
         self._next_sweep = 0.0          # time.monotonic() of the next upkeep() sweep
 
     # -- records -----------------------------------------------------------------

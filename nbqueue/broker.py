@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Iterable, Sequence
 
-from .errors import ConfigurationError
+from .options import count
 from .urls import redact
 
 #: deliveries that may end without finishing before a message is dead-lettered (option ``max_deliveries``)
@@ -218,13 +218,8 @@ class Broker:
 
 def max_deliveries_option(options: dict) -> int:
     """The ``max_deliveries`` option: a whole number of at least 1 (ConfigurationError otherwise;
-    a string of digits, as from an environment variable, is read as its number)."""
-    value = options.get("max_deliveries", DEFAULT_MAX_DELIVERIES)
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigurationError(f"max_deliveries must be a whole number of at least 1, not {value!r}")
-    return value
+    text of digits, as from an environment variable or a URL, is read as its number)."""
+    return count("max_deliveries", options.get("max_deliveries"), DEFAULT_MAX_DELIVERIES)
 
 
 def text_of(raw: bytes) -> tuple[str, str | None]:

@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 
+from . import options
 from .errors import ConfigurationError
 
 log = logging.getLogger("nbqueue.cli")
@@ -65,9 +66,35 @@ def _stores(app) -> str:
     return broker if app.backend_url == app.broker_url else f"{broker}, backend {app.backend!r}"
 
 
+def _checked(read, **bounds):
+    """An argparse ``type`` reading an option's text with ``read`` (nbqueue.options: seconds, count)
+    within ``bounds``; argparse's error, naming the option and the value, when it is out of range."""
+    def parse(text: str):
+        try:
+            value = read("value", text, None, **bounds)
+        except ConfigurationError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix("value ")) from None
+        if value is None:
+            raise argparse.ArgumentTypeError(f"needs a value, not {text!r}")
+        return value
+
+    parse.__name__ = read.__name__
+    return parse
+
+
+#: the level names logging knows
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "WARN", "FATAL", "NOTSET")
+
+
+def _log_level(text: str) -> str:
+    """An argparse ``type``: a logging level's name, in any case."""
+    if text.strip().upper() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(LOG_LEVELS)}, not {text!r}")
+    return text.strip().upper()
+
+
 def cmd_worker(args) -> int:
     app = load_app(args.app)
-    app.check_stores()
     worker = app.worker(
         concurrency=args.concurrency,
         queues=args.queues,
@@ -80,6 +107,7 @@ def cmd_worker(args) -> int:
         max_memory_per_child=args.max_memory_per_child,
         shutdown_grace=args.shutdown_grace,
     )
+    app.check_stores()
     beat = None
     if args.beat:
         beat = app.scheduler()
@@ -166,18 +194,20 @@ def cmd_export(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nbqueue", description="nbqueue: a job runner for notebooks")
-    parser.add_argument("--log-level", default=os.environ.get("NBQUEUE_LOG_LEVEL", "INFO"))
+    parser.add_argument("--log-level", type=_log_level, default=os.environ.get("NBQUEUE_LOG_LEVEL", "INFO"),
+                        help=f"{', '.join(LOG_LEVELS)} (default: NBQUEUE_LOG_LEVEL, else INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     w = sub.add_parser("worker", help="run a worker process in the foreground")
     w.add_argument("--app", help="module:attribute of the App (default: App.from_env())")
-    w.add_argument("-c", "--concurrency", type=int, default=os.cpu_count() or 1,
+    w.add_argument("-c", "--concurrency", type=_checked(options.count), default=os.cpu_count() or 1,
                    help="tasks run at once: threads, or child processes with --pool processes "
                         "(default: the CPU count, %(default)s)")
     w.add_argument(
         "-Q", "--queues", default=None, help="comma-separated queue names (default: the App's default queue)"
     )
-    w.add_argument("--prefetch", type=int, default=None, help="messages each thread reserves at once")
+    w.add_argument("--prefetch", type=_checked(options.count), default=None,
+                   help="messages each thread reserves at once (1 or more)")
     w.add_argument(
         "--allow-cells", action="store_true", help="run %%%%task notebook cells shipped by producers (runs their code)"
     )
@@ -186,19 +216,21 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--allow-code", action="store_true",
                    help="run functions shipped from notebooks (runs their code; checked with NBQUEUE_SECRET when set)")
     w.add_argument(
-        "--max-tasks-per-child", type=int, default=None, help="--pool processes: replace a child after this many tasks"
+        "--max-tasks-per-child", type=_checked(options.count, minimum=0), default=None,
+        help="--pool processes: replace a child after this many tasks (0: never)"
     )
-    w.add_argument("--max-memory-per-child", type=int, default=None,
-                   help="--pool processes: replace a child whose peak resident memory passed this many KiB")
+    w.add_argument("--max-memory-per-child", type=_checked(options.count, minimum=0), default=None,
+                   help="--pool processes: replace a child whose peak resident memory passed this many KiB (0: never)")
     w.add_argument(
         "--shutdown-grace",
-        type=float,
+        type=_checked(options.seconds),
         default=30.0,
         help="--pool processes: seconds running tasks may finish after SIGTERM before their children are stopped",
     )
     w.add_argument("--beat", action="store_true", help="also run the periodic-task scheduler")
     w.add_argument(
-        "--metrics-port", type=int, default=None, help="serve this worker's Prometheus metrics on this port (/metrics)"
+        "--metrics-port", type=_checked(options.count, maximum=65535), default=None,
+        help="serve this worker's Prometheus metrics on this port (/metrics)"
     )
     w.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port (default 127.0.0.1)")
     w.set_defaults(fn=cmd_worker)
@@ -208,10 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other needs --password or --token)"
     )
-    d.add_argument("--port", type=int, default=8765)
+    d.add_argument("--port", type=_checked(options.count, maximum=65535), default=8765)
     d.add_argument("--password", default=None, help="require this password (HTTP Basic; or NBQUEUE_DASHBOARD_PASSWORD)")
     d.add_argument("--token", default=None, help="require this token (?token=...; or NBQUEUE_DASHBOARD_TOKEN)")
-    d.add_argument("--interval", type=float, default=1.0, help="seconds between live updates (default 1)")
+    d.add_argument("--interval", type=_checked(options.seconds, positive=True), default=1.0,
+                   help="seconds between live updates (more than 0, default 1)")
     d.set_defaults(fn=cmd_dashboard)
 
     b = sub.add_parser("beat", help="run the periodic-task scheduler")

@@ -4,8 +4,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import zoneinfo
 from typing import Any
 
+from . import options as _options
 from .errors import ConfigurationError
 
 log = logging.getLogger(__name__)
@@ -13,7 +15,7 @@ log = logging.getLogger(__name__)
 #: options App accepts besides broker/backend/default_queue, with their defaults
 DEFAULTS: dict[str, Any] = {
     "visibility_timeout": 30.0,     # seconds a reservation lasts before redelivery, extended by heartbeats
-    "results_expire_in": None,      # seconds to keep finished results; None keeps them
+    "results_expire_in": None,      # seconds to keep finished results; None (or 0) keeps them
     "serializer": "json",           # or "pickle", an explicit opt-in
     "timezone": "UTC",              # for periodic schedules
     "poll_interval": 0.1,           # idle poll ceiling for stores without a push channel
@@ -63,6 +65,16 @@ def check_options(options: dict) -> None:
         raise ConfigurationError(f"unknown App option(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
     if options.get("serializer", "json") not in ("json", "pickle"):
         raise ConfigurationError(f"serializer must be 'json' or 'pickle', not {options['serializer']!r}")
+    _options.seconds("visibility_timeout", options.get("visibility_timeout"), None, positive=True)
+    _options.seconds("results_expire_in", options.get("results_expire_in"), None)
+    _options.seconds("poll_interval", options.get("poll_interval"), None, positive=True)
+    _options.count("prefetch", options.get("prefetch"), None)
+    _options.count("max_deliveries", options.get("max_deliveries"), None)
+    for name in ("key_prefix", "secret"):
+        _options.string(name, options.get(name), None)
+    if options.get("inline") is not None:
+        _options.boolean("inline", options["inline"])
+    _check_timezone(options.get("timezone"))
     threshold = options.get("payload_threshold", 0)
     if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0):
         raise ConfigurationError("payload_threshold must be a number of bytes (an int, 0 or more) or None, "
@@ -78,6 +90,19 @@ def check_options(options: dict) -> None:
     if options.get("payload_options") is not None and not isinstance(options["payload_options"], dict):
         raise ConfigurationError("payload_options must be a dict of the payload filesystem's options, "
                                  f"not {options['payload_options']!r}")
+
+
+def _check_timezone(name: Any) -> None:
+    """ConfigurationError unless ``name`` is None, a ZoneInfo or an IANA time zone name."""
+    if name is None or isinstance(name, zoneinfo.ZoneInfo):
+        return
+    try:
+        if isinstance(name, str) and name:
+            zoneinfo.ZoneInfo(name)
+            return
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        pass
+    raise ConfigurationError(f"timezone must be an IANA time zone name such as 'UTC' or 'Europe/Paris', not {name!r}")
 
 
 def from_yaml(path: str) -> Config:
@@ -115,7 +140,7 @@ def from_yaml(path: str) -> Config:
                 f"unknown key {key!r} in {path} (known: {', '.join(sorted(known_top | set(DEFAULTS)))})"
             )
     if data.get("results_expire_in") is not None:
-        options["results_expire_in"] = float(data["results_expire_in"])
+        options["results_expire_in"] = _options.seconds(f"results_expire_in in {path}", data["results_expire_in"], None)
     return Config(
         broker=data.get("broker"),
         backend=data.get("result_backend"),
@@ -131,13 +156,16 @@ def from_env(environ: dict | None = None) -> Config:
     env = os.environ if environ is None else environ
     options: dict[str, Any] = {}
     if env.get("NBQUEUE_RESULTS_EXPIRE_IN"):
-        options["results_expire_in"] = float(env["NBQUEUE_RESULTS_EXPIRE_IN"])
+        options["results_expire_in"] = _options.seconds(
+            "NBQUEUE_RESULTS_EXPIRE_IN", env["NBQUEUE_RESULTS_EXPIRE_IN"].strip(), None)
     if env.get("NBQUEUE_VISIBILITY_TIMEOUT"):
-        options["visibility_timeout"] = float(env["NBQUEUE_VISIBILITY_TIMEOUT"])
+        options["visibility_timeout"] = _options.seconds(
+            "NBQUEUE_VISIBILITY_TIMEOUT", env["NBQUEUE_VISIBILITY_TIMEOUT"].strip(), None, positive=True)
     if env.get("NBQUEUE_SECRET"):
         options["secret"] = env["NBQUEUE_SECRET"]
     if env.get("NBQUEUE_MAX_DELIVERIES"):
-        options["max_deliveries"] = env["NBQUEUE_MAX_DELIVERIES"]
+        options["max_deliveries"] = _options.count("NBQUEUE_MAX_DELIVERIES", env["NBQUEUE_MAX_DELIVERIES"].strip(),
+                                                   None)
     if env.get("NBQUEUE_PAYLOADS"):
         options["payloads"] = env["NBQUEUE_PAYLOADS"]
     if env.get("NBQUEUE_PAYLOAD_THRESHOLD"):

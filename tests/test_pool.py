@@ -563,7 +563,7 @@ def sleepy(_):
 
 def test_worker_rejects_an_unknown_pool():
     app = nbqueue.App("memory://pool-choice")
-    with pytest.raises(ValueError, match="pool must be 'threads' or 'processes'"):
+    with pytest.raises(nbqueue.ConfigurationError, match="pool must be one of .threads., .processes., not .fork."):
         app.worker(pool="fork")
 
 

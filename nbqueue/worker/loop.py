@@ -37,6 +37,7 @@ from ..broker import Delivery, Outgoing, queue_list
 from ..engine import Claim, NextClaim, Outcome, decode
 from ..events import WorkerEvents
 from ..message import Message
+from ..options import boolean, choice, count, seconds, string
 from .batch import GROUP_COMMIT, REVOKE_CHECK, STEAL_AFTER, _Batch
 from .execute import Execution
 from .heartbeat import Heartbeat
@@ -44,12 +45,15 @@ from .heartbeat import Heartbeat
 log = logging.getLogger(__name__)
 
 
-def _check_options(concurrency: int, pool: str) -> None:
-    """ValueError for a concurrency below 1 or a pool that is neither threads nor processes."""
-    if concurrency < 1:
-        raise ValueError("concurrency must be at least 1")
-    if pool not in ("threads", "processes"):
-        raise ValueError(f"pool must be 'threads' or 'processes', not {pool!r}")
+def _pool_options(pool: str, max_tasks_per_child: int | None, max_memory_per_child: int | None,
+                  shutdown_grace: float | None) -> tuple[int | None, int | None, float | None]:
+    """The process pool's options checked: a pool that is threads or processes; children's task and
+    memory (KiB) limits, whole numbers (0 or None: no limit); ``shutdown_grace`` in seconds, 0 or
+    more (None: running tasks may take as long as they need). ConfigurationError naming a bad one."""
+    choice("pool", pool, ("threads", "processes"))
+    return (count("max_tasks_per_child", max_tasks_per_child, None, minimum=0) or None,
+            count("max_memory_per_child", max_memory_per_child, None, minimum=0) or None,
+            None if shutdown_grace is None else seconds("shutdown_grace", shutdown_grace, None))
 
 
 class Worker(Heartbeat, Execution):
@@ -71,33 +75,38 @@ class Worker(Heartbeat, Execution):
         allow_code: bool = False,
         max_tasks_per_child: int | None = None,
         max_memory_per_child: int | None = None,
-        shutdown_grace: float = 30.0,
+        shutdown_grace: float | None = 30.0,
     ):
-        _check_options(concurrency, pool)
+        # every argument is checked before anything is made: ConfigurationError naming a bad one
+        self.concurrency: int = count("concurrency", concurrency, 1)
+        children = _pool_options(pool, max_tasks_per_child, max_memory_per_child, shutdown_grace)
+        for flag_name, value in (("allow_cells", allow_cells), ("echo_output", echo_output), ("beat", beat),
+                                 ("allow_code", allow_code), ("local_follow_ups", local_follow_ups)):
+            boolean(flag_name, value)
         self.app = app
-        self.concurrency = int(concurrency)
         self.queues = queue_list(queues) if queues else [app.default_queue]
-        self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-        self.prefetch = max(1, int(prefetch if prefetch is not None else app.config.option("prefetch")))
+        self.name = string("name", name, None) or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.prefetch: int = count("prefetch", prefetch, None) or count("prefetch", app.config.option("prefetch"), 4)
         self.allow_cells = allow_cells
         self.echo_output = echo_output
         self.beat = beat                               # also run the App's periodic-task scheduler (schedule.py)
         self.lease = app.visibility_timeout
-        self.heartbeat_interval = heartbeat_interval or max(0.05, min(self.lease / 3.0, 5.0))
+        self.heartbeat_interval = seconds("heartbeat_interval", heartbeat_interval, None, positive=True) or max(
+            0.05, min(self.lease / 3.0, 5.0))
         # a notebook kernel defines its tasks in cells that may run after the worker starts
         # (a restarted kernel): for this long, a message sent before it started whose task
         # it does not know yet is handed back (see _leave_unknown)
-        self.unknown_grace = float(unknown_grace)
+        self.unknown_grace = seconds("unknown_grace", unknown_grace, 0.0)
         self._born = app.clock.time()
         self._pid = os.getpid()
-        self._init_pool(pool, allow_code, max_tasks_per_child, max_memory_per_child, shutdown_grace)
+        self._init_pool(pool, allow_code, *children)
         self._init_state()
         self._init_engine_use(app.engine, local_follow_ups)
         self.events = WorkerEvents()                   # hooks around each task run (metrics, tracing)
         self.control = control.Watch(self)             # cancels, soft limits in threads, progress (control.py)
 
     def _init_pool(self, pool: str, allow_code: bool, max_tasks_per_child: int | None,
-                   max_memory_per_child: int | None, shutdown_grace: float) -> None:
+                   max_memory_per_child: int | None, shutdown_grace: float | None) -> None:
         """The process pool (pool.py) and shipped notebook functions (shipping.py): with
         ``pool="processes"`` each executor thread drives one child; code queues are read where
         shipped functions may come (``allow_code``, an interactive kernel, notebook tasks)."""

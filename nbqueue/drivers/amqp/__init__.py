@@ -5,8 +5,7 @@ NAME = "amqp"
 SCHEMES = ("amqp", "amqps")
 BROKER = "nbqueue.drivers.amqp.broker:AMQPBroker"
 BACKEND = "nbqueue.drivers.amqp.backend:AMQPBackend"
-OPTIONS = frozenset({"reconnect_timeout", "confirm_timeout", "publish_batch", "eta_tolerance",
-                     "index_size", "max_item_size", "lock_timeout"})
+OPTIONS = frozenset({"reconnect_timeout", "confirm_timeout", "publish_batch", "eta_tolerance", "lock_timeout"})
 EXTRA = "amqp"
 QUIET_LOGGERS = ("pika",)
 #: the longest queue name, in UTF-8 bytes: RabbitMQ's 255 less what the names nbqueue derives

@@ -58,7 +58,8 @@ from typing import Any, Sequence
 import pika
 import pika.exceptions as pex
 
-from ...errors import BrokerError, ConfigurationError, ConnectionLost
+from ...errors import BrokerError, ConnectionLost
+from ...options import seconds, string
 from ...urls import redact
 from ..keyvalue import KEEP, KeyValueBackend
 from .client import check_url, connection_parameters, refused
@@ -67,7 +68,7 @@ log = logging.getLogger(__name__)
 
 #: seconds to wait for a busy lock when lock_timeout is not set
 DEFAULT_LOCK_TIMEOUT_S = 30.0
-OPTIONS = {"key_prefix": "nbq", "lock_timeout": DEFAULT_LOCK_TIMEOUT_S, "poll_interval": 0.1}
+OPTIONS: dict[str, Any] = {"key_prefix": "nbq", "lock_timeout": DEFAULT_LOCK_TIMEOUT_S, "poll_interval": 0.1}
 #: results expire by disuse after this long when results_expire_in is not set
 DEFAULT_EXPIRY_S = 86_400.0
 LOCK_PREFIX, LOCK_STRIPES, BOOT_QUEUE = "nbq.lock", 64, "nbq.lock-boot"
@@ -89,19 +90,9 @@ _DECLARED_LOCK = threading.Lock()
 
 
 def _lock_timeout(value: object) -> float:
-    """The ``lock_timeout`` option in seconds, 0 or more (a URL gives it as text); the default
-    when it is not given, ConfigurationError when it is not such a number."""
-    if value is None or value == "":
-        return DEFAULT_LOCK_TIMEOUT_S
-    seconds = math.nan
-    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
-        try:
-            seconds = float(value)
-        except ValueError:
-            pass
-    if not seconds >= 0:                  # NaN too: what did not convert
-        raise ConfigurationError(f"lock_timeout must be a number of seconds, 0 or more, not {value!r}")
-    return seconds
+    """The ``lock_timeout`` option in seconds, 0 or more (``inf``: wait for ever; a URL gives it
+    as text); the default when it is not given, ConfigurationError when it is not such a number."""
+    return seconds("lock_timeout", value, DEFAULT_LOCK_TIMEOUT_S, infinite=True)
 
 
 class _Missing:
@@ -156,7 +147,7 @@ class AMQPBackend(KeyValueBackend):
         super().__init__(url, clock=clock, options={**ours, **dict(options or {})})
         if self.results_expire_in is None:
             self.results_expire_in = DEFAULT_EXPIRY_S
-        self.prefix = str(self.options.get("key_prefix") or OPTIONS["key_prefix"]).rstrip(".:")
+        self.prefix = string("key_prefix", self.options.get("key_prefix"), OPTIONS["key_prefix"]).rstrip(".:")
         self.lock_timeout = _lock_timeout(self.options.get("lock_timeout"))
         self.options.setdefault("poll_interval", OPTIONS["poll_interval"])
         self._params = connection_parameters(url, ours)

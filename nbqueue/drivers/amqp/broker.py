@@ -3,10 +3,12 @@
 URL: ``amqp://user:pass@host:5672/vhost`` or ``amqps://...`` (TLS, host name checked);
 the vhost is URL-quoted (``%2F`` is ``/``). pika's own query options work
 (``?heartbeat=30&socket_timeout=5``), and so do ours: ``reconnect_timeout`` (seconds
-to keep reconnecting before ConnectionLost, default 60), ``confirm_timeout`` (seconds
-to wait for publisher confirms, default 30), ``publish_batch`` (messages per confirm
-round trip, default 500), ``eta_tolerance`` (seconds, default 1.0). The same keys
-may be passed as ``options``.
+to keep reconnecting before ConnectionLost, 0 or more, ``inf`` for ever; default 60),
+``confirm_timeout`` (seconds to wait for publisher confirms, more than 0, default 30),
+``publish_batch`` (messages per confirm round trip, 1 or more, default 500),
+``eta_tolerance`` (seconds, 0 or more, default 1.0). The same keys may be passed as
+``options`` (which win over the URL's); a value out of range is a ConfigurationError
+naming it when the broker is made.
 
 Capabilities:
 
@@ -116,6 +118,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from ...broker import Broker, Capabilities, Delivery, Outgoing, queue_list
 from ...errors import PublishRefused
+from ...options import count, given, seconds
 from .client import Link, check_url, connection_parameters
 from .consumer import Consumption, Pending, Session, deliveries, hop_headers, lapse_headers
 from .publisher import Publisher, Publishers
@@ -141,7 +144,8 @@ log = logging.getLogger(__name__)
 MISSING_RECHECK_S = 5.0
 
 #: our own URL query options (removed before pika parses the URL) and their defaults
-OPTIONS = {"reconnect_timeout": 60.0, "confirm_timeout": 30.0, "publish_batch": 500, "eta_tolerance": 1.0}
+OPTIONS: dict[str, Any] = {"reconnect_timeout": 60.0, "confirm_timeout": 30.0, "publish_batch": 500,
+                          "eta_tolerance": 1.0}
 
 
 def _nothing() -> None:
@@ -149,9 +153,9 @@ def _nothing() -> None:
 
 
 def _option(options: dict, query: dict, name: str) -> Any:
-    default = OPTIONS[name]
-    value = options.get(name, query.get(name, default))
-    return type(default)(value)
+    """The value of our option ``name`` as given: in ``options``, else in the URL's query."""
+    value = options.get(name)
+    return value if given(value) else query.get(name)
 
 
 class AMQPBroker(Broker):
@@ -166,10 +170,15 @@ class AMQPBroker(Broker):
     def __init__(self, url: str, *, clock=None, options: dict | None = None):
         super().__init__(url, clock=clock, options=options)
         query = check_url(url)
-        self.reconnect_timeout = _option(self.options, query, "reconnect_timeout")
-        self.confirm_timeout = _option(self.options, query, "confirm_timeout")
-        self.publish_batch = max(1, _option(self.options, query, "publish_batch"))
-        self.eta_tolerance = _option(self.options, query, "eta_tolerance")
+        # reconnect_timeout: inf keeps reconnecting; a confirm_timeout of 0 would refuse every publish
+        self.reconnect_timeout: float = seconds("reconnect_timeout", _option(self.options, query, "reconnect_timeout"),
+                                                OPTIONS["reconnect_timeout"], infinite=True)
+        self.confirm_timeout: float = seconds("confirm_timeout", _option(self.options, query, "confirm_timeout"),
+                                              OPTIONS["confirm_timeout"], positive=True)
+        self.publish_batch: int = count("publish_batch", _option(self.options, query, "publish_batch"),
+                                        OPTIONS["publish_batch"])
+        self.eta_tolerance: float = seconds("eta_tolerance", _option(self.options, query, "eta_tolerance"),
+                                            OPTIONS["eta_tolerance"])
         self._params = connection_parameters(url, OPTIONS)
         if "blocked_connection_timeout" not in query:   # a resource alarm must not block a publisher forever
             self._params.blocked_connection_timeout = self.confirm_timeout

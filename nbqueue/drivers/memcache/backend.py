@@ -4,9 +4,10 @@ URL: ``memcache://host:11211``, or several servers as machinery spells them,
 ``memcache://10.0.0.1:11211,10.0.0.2:11211`` (keys spread by hashing; pymemcache's
 HashClient). Options (App keyword arguments or URL query): ``key_prefix`` (default
 ``nbq:``), ``index_size`` (tasks ``app.tasks()`` can list, default 10,000),
-``max_item_size`` (bytes, default 1 MiB: memcached's ``-I``), ``socket_timeout`` and
-``socket_connect_timeout`` (seconds, default 5), ``results_expire_in``,
-``poll_interval`` (longest wait between two reads in ``wait()``, default 0.1 s).
+``max_item_size`` (bytes, 1024 or more, default 1 MiB: memcached's ``-I``), ``socket_timeout``
+and ``socket_connect_timeout`` (seconds, more than 0, default 5), ``results_expire_in``,
+``poll_interval`` (longest wait between two reads in ``wait()``, default 0.1 s). A value out
+of range is a ConfigurationError naming it when the backend is made.
 
 Capabilities:
 
@@ -49,6 +50,7 @@ from pymemcache.client.hash import HashClient
 from pymemcache.exceptions import MemcacheError, MemcacheServerError
 
 from ...errors import ConfigurationError, ConnectionLost
+from ...options import count, seconds, string
 from ...urls import redact
 from ..keyvalue import KEEP, KeyValueBackend, ValueTooLarge
 
@@ -58,6 +60,8 @@ OPTIONS = {"key_prefix": "nbq:", "index_size": 10_000, "max_item_size": 1_048_57
 RELATIVE_LIMIT_S = 30 * 86_400
 #: room for memcached's own item header within max_item_size
 ITEM_OVERHEAD = 512
+#: the smallest max_item_size: memcached's smallest ``-I`` (1 KiB)
+MIN_ITEM_SIZE = 1024
 
 
 def _servers(url: str) -> list[tuple[str, int]]:
@@ -108,18 +112,18 @@ class MemcacheBackend(KeyValueBackend):
         merged = {**query, **dict(options or {})}
         super().__init__(url, clock=clock, options=merged)
 
-        def option(name: str) -> Any:
-            value = self.options.get(name)
-            return type(OPTIONS[name])(OPTIONS[name] if value is None or value == "" else value)
+        def timeout(name: str) -> float:
+            return seconds(name, self.options.get(name), OPTIONS[name], positive=True)
 
-        prefix = str(self.options.get("key_prefix") or OPTIONS["key_prefix"])
+        prefix = string("key_prefix", self.options.get("key_prefix"), OPTIONS["key_prefix"])
         self.prefix = prefix if prefix.endswith(":") else prefix + ":"
         self.options.setdefault("poll_interval", OPTIONS["poll_interval"])
-        self.index_size = max(0, option("index_size"))
-        self.max_item_size = option("max_item_size")
+        self.index_size = count("index_size", self.options.get("index_size"), OPTIONS["index_size"], minimum=0)
+        self.max_item_size = count("max_item_size", self.options.get("max_item_size"), OPTIONS["max_item_size"],
+                                   minimum=MIN_ITEM_SIZE)
         self.servers = _servers(url)
-        common = dict(connect_timeout=option("socket_connect_timeout"), timeout=option("socket_timeout"), no_delay=True,
-                      default_noreply=False)
+        common = dict(connect_timeout=timeout("socket_connect_timeout"), timeout=timeout("socket_timeout"),
+                      no_delay=True, default_noreply=False)
         if len(self.servers) == 1:
             self.client = PooledClient(self.servers[0], **common)
         else:

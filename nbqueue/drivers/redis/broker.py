@@ -30,10 +30,14 @@ messages moved per queue and call, default 1000), ``retries`` / ``retry_base`` /
 waits of 0.1 s doubling up to 5 s, so a worker rides out a Redis restart of about
 25 s), ``socket_timeout`` (default 30 s), ``socket_connect_timeout`` (default 5 s),
 ``health_check_interval`` (default 15 s), ``client_name`` (shown by CLIENT LIST,
-default ``nbqueue``). ``key_prefix``, ``max_block``, ``batch`` and ``retries`` /
-``retry_base`` / ``retry_cap`` may also be given in the URL's query, as amqp:// URLs
-take theirs (``redis://host:6379/0?key_prefix=myapp``), so a URL alone (NBQUEUE_BROKER,
-a YAML file) can say it; an option passed explicitly wins over the URL's.
+default ``nbqueue``), ``password`` (sent to a server whose URL carries none). Seconds
+are finite numbers more than 0 (``retry_base``, ``retry_cap`` and ``health_check_interval``:
+0 or more), ``batch`` a whole number of at least 1, ``retries`` of at least 0; any other
+value is a ConfigurationError naming the option when the store is made. ``key_prefix``,
+``max_block``, ``batch`` and ``retries`` / ``retry_base`` / ``retry_cap`` may also be given
+in the URL's query, as amqp:// URLs take theirs (``redis://host:6379/0?key_prefix=myapp``),
+so a URL alone (NBQUEUE_BROKER, a YAML file) can say it; an option passed explicitly wins
+over the URL's.
 
 Keys (``P`` is the prefix)::
 
@@ -59,6 +63,7 @@ from typing import Any, Callable, Sequence
 import redis
 
 from ...broker import Broker, Delivery, Outgoing, checked_text, queue_list, shown
+from ...options import count, seconds
 from . import twins
 from .client import LUA_FINAL, MIN_BLOCK, RAW, connect, guarded, key_prefix, lua, pipeline, register, url_options
 from .twins import twin
@@ -132,10 +137,9 @@ class RedisBroker(Broker):
         super().__init__(url, clock=clock, options=url_options(url, options))
         self.prefix = key_prefix(self.options)
         # a blocking pop must return well before the socket timeout would break it
-        self.max_block = min(
-            float(self.options.get("max_block", 1.0)), float(self.options.get("socket_timeout", 30.0)) / 2
-        )
-        self.batch = int(self.options.get("batch", 1000))
+        self.max_block = min(seconds("max_block", self.options.get("max_block"), 1.0, positive=True),
+                             seconds("socket_timeout", self.options.get("socket_timeout"), 30.0, positive=True) / 2)
+        self.batch = count("batch", self.options.get("batch"), 1000)
         self.client = connect(url, self.options)
         # claims and dead letters are read through this one: a body that is not UTF-8 comes back
         # as surrogateescape text (see nbqueue.broker.checked_text) instead of failing the call

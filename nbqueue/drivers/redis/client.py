@@ -23,6 +23,7 @@ from redis.retry import Retry
 
 from ... import states
 from ...errors import ConnectionLost
+from ...options import count, seconds, string
 from ...urls import redact
 
 try:
@@ -86,14 +87,9 @@ def connect(url: str, options: Mapping[str, Any], encoding_errors: str = "strict
     ``encoding_errors``: how replies (and commands) are decoded (encoded), as for ``str.decode``;
     ``warn``: log a warning for a remote server reached without a password (once per store)."""
     parts = urlsplit(url)
-    kwargs: dict[str, Any] = {
-        "decode_responses": True,
-        "encoding_errors": encoding_errors,
-        "socket_timeout": float(options.get("socket_timeout", 30.0)),
-        "socket_connect_timeout": float(options.get("socket_connect_timeout", 5.0)),
-        "health_check_interval": float(options.get("health_check_interval", 15.0)),
-        "client_name": str(options.get("client_name", "nbqueue")),
-    }
+    kwargs: dict[str, Any] = {"decode_responses": True, "encoding_errors": encoding_errors,
+                              **client_settings(url, options)}
+    retry = retry_policy(options)
     if parts.scheme == "memory":
         import fakeredis
 
@@ -108,12 +104,36 @@ def connect(url: str, options: Mapping[str, Any], encoding_errors: str = "strict
             warn_if_exposed(url, options)
         client = redis.Redis.from_url(_client_url(url), **kwargs)
     # set on the pool, so fakeredis (which drops a retry= argument) retries like redis does
-    client.set_retry(Retry(
-        ExponentialBackoff(cap=float(options.get("retry_cap", 5.0)), base=float(options.get("retry_base", 0.05))),
-        int(options.get("retries", 10)),
-    ))
+    client.set_retry(retry)
     _POOLS.add(client.connection_pool)
     return client
+
+
+def client_settings(url: str, options: Mapping[str, Any], *, socket_timeout: float = 30.0,
+                    client_name: str = "nbqueue") -> dict[str, Any]:
+    """redis-py's connection arguments from the options (``socket_timeout``, ``socket_connect_timeout``,
+    ``health_check_interval``, ``client_name``, and ``password`` where the URL has none), each
+    checked: ConfigurationError naming an option whose value is out of range."""
+    settings: dict[str, Any] = {
+        "socket_timeout": seconds("socket_timeout", options.get("socket_timeout"), socket_timeout, positive=True),
+        "socket_connect_timeout": seconds("socket_connect_timeout", options.get("socket_connect_timeout"), 5.0,
+                                          positive=True),
+        "health_check_interval": seconds("health_check_interval", options.get("health_check_interval"), 15.0),
+        "client_name": string("client_name", options.get("client_name"), client_name),
+    }
+    password = string("password", options.get("password"), None)
+    parts = urlsplit(url)
+    if password is not None and parts.scheme != "memory" and not parts.password:
+        settings["password"] = password
+    return settings
+
+
+def retry_policy(options: Mapping[str, Any]) -> Retry:
+    """How a client retries on connection errors: ``retries`` times (0 or more), waits from
+    ``retry_base`` seconds doubling up to ``retry_cap``; ConfigurationError for a value out of range."""
+    return Retry(ExponentialBackoff(cap=seconds("retry_cap", options.get("retry_cap"), 5.0),
+                                    base=seconds("retry_base", options.get("retry_base"), 0.05)),
+                 count("retries", options.get("retries"), 10, minimum=0))
 
 
 def _after_fork_in_child() -> None:
@@ -158,7 +178,7 @@ def _is_loopback(host: str) -> bool:
 
 def key_prefix(options: Mapping[str, Any]) -> str:
     """The ``key_prefix`` option ending in ``:`` (``nbq`` and ``nbq:`` are the same prefix)."""
-    prefix = str(options.get("key_prefix") or DEFAULT_PREFIX)
+    prefix = string("key_prefix", options.get("key_prefix"), DEFAULT_PREFIX)
     return prefix if prefix.endswith(":") else prefix + ":"
 
 

@@ -6,7 +6,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ...payloads import KEY_PREFIX, REDIS_MAX, PayloadStore, _chunks, _valid, read_buffer
-from .client import _POOLS, URL_OPTIONS, fake_server, key_prefix, lua, url_options
+from .client import _POOLS, URL_OPTIONS, client_settings, fake_server, key_prefix, lua, retry_policy, url_options
 
 # Lua for the Redis store (lua/payload_*.lua). ARGV[1] is the prefix P; payload keys are built from it.
 _REDIS_LINK = lua("payload_link")
@@ -258,14 +258,10 @@ def _redis_bytes_client(url: str, options: dict):
     """A client of the server ``url`` names (memory://: the same fakeredis server as the
     broker and backend) whose replies are bytes."""
     import redis
-    from redis.backoff import ExponentialBackoff
-    from redis.retry import Retry
 
     parts = urlsplit(url)
-    kwargs: dict[str, Any] = {"socket_timeout": float(options.get("socket_timeout", 60.0)),
-                              "socket_connect_timeout": float(options.get("socket_connect_timeout", 5.0)),
-                              "health_check_interval": float(options.get("health_check_interval", 15.0)),
-                              "client_name": str(options.get("client_name", "nbqueue-payloads"))}
+    kwargs = client_settings(url, options, socket_timeout=60.0, client_name="nbqueue-payloads")
+    retry = retry_policy(options)
     if parts.scheme == "memory":
         import fakeredis
 
@@ -276,6 +272,5 @@ def _redis_bytes_client(url: str, options: dict):
         query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k not in URL_OPTIONS])
         client = redis.Redis.from_url(urlunsplit(parts._replace(query=query)), **kwargs)
         _POOLS.add(client.connection_pool)      # a forked child gets fresh locks for it, as for the broker's pools
-    backoff = ExponentialBackoff(cap=float(options.get("retry_cap", 5.0)), base=float(options.get("retry_base", 0.05)))
-    client.set_retry(Retry(backoff, int(options.get("retries", 10))))
+    client.set_retry(retry)
     return client

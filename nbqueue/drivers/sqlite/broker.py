@@ -30,6 +30,7 @@ import time
 from typing import Any, Callable, Iterable, Sequence
 
 from ...broker import Broker, Delivery, Outgoing, shown, text_of
+from ...options import seconds
 from ...procs import process_alive
 from ...wakeups import WAKEUPS
 from . import wake as wakechannel
@@ -316,10 +317,10 @@ class SQLiteBroker(Broker):
 
     def __init__(self, url: str = "", *, clock=None, options: dict | None = None):
         super().__init__(url, clock=clock, options=options)
+        self.poll_interval = seconds("poll_interval", self.options.get("poll_interval"), 0.1, positive=True)
         self.path = path_from_url(url)
         self.store = SQLiteStore.shared(self.path)
         self.store.ensure_schema("broker", functools.partial(_schema_of, self.path))
-        self.poll_interval = float(self.options.get("poll_interval", 0.1))
         self._wake_key = ("sqlite-broker", self.path)
         self._quiet = threading.local()     # .last: (wake-up version, next due, when) as this thread last found nothing
         self._channel = wakechannel.channel_for(self.path).hold()   # publishes of other processes wake our reservers

@@ -13,10 +13,13 @@ URLs:
   (URL-quoted: ``/`` as ``%2F``, ``+`` as ``%2B``; the secret is redacted wherever the
   URL is shown).
 
-Options (App keyword arguments or URL query): ``region``, ``endpoint_url``,
-``max_deliveries`` (default 5), ``wait_time_seconds`` (longest long poll, default 20),
-``idle_poll`` (seconds after an empty poll during which a short reserve long-polls for a
-second instead, default 1.0; see Receiving), ``create_queues`` (default true).
+Options (App keyword arguments or URL query; an option given wins over the URL's):
+``region``, ``endpoint_url``, ``max_deliveries`` (1 or more, default 5),
+``wait_time_seconds`` (longest long poll, whole seconds from 0 to 20, default 20),
+``idle_poll`` (seconds, 0 or more, after an empty poll during which a short reserve
+long-polls for a second instead, default 1.0; see Receiving), ``create_queues`` (default
+true; in a URL ``true``/``false``, ``yes``/``no``, ``on``/``off`` or ``1``/``0``). Any
+other value is a ConfigurationError naming the option when the broker is made.
 
 Capabilities:
 
@@ -139,6 +142,7 @@ import botocore.exceptions as bex
 
 from ...broker import Broker, Capabilities, Delivery, Outgoing
 from ...errors import BrokerError, ConfigurationError, PublishRefused
+from ...options import count, flag, given, seconds, string
 from ...urls import redact
 from ...wakeups import WAKEUPS
 
@@ -173,6 +177,9 @@ A_LAPSES = "nbq-lapses"             # lapses counted on earlier copies of the me
 #: rather than counting one that did not happen
 CLOCK_SLACK_S = 5.0
 
+#: SQS's longest long poll (ReceiveMessage's WaitTimeSeconds)
+MAX_WAIT_TIME_S = 20
+
 OPTIONS = {
     "region": "",
     "endpoint_url": "",
@@ -187,10 +194,6 @@ CREDENTIAL_CODES = {"InvalidClientTokenId", "SignatureDoesNotMatch", "Unrecogniz
                     "AccessDeniedException", "ExpiredToken", "InvalidSecurity", "MissingAuthenticationToken"}
 CREDENTIALS_HINT = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or put them in the broker URL "
                     "as sqs://KEY:SECRET@...")
-
-
-def _flag(value: Any) -> bool:
-    return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
 
 
 def _attr(value: Any) -> dict:
@@ -242,12 +245,16 @@ class SQSBroker(Broker):
         query = dict(parse_qsl(parts.query))
 
         def option(name: str) -> Any:
-            default = OPTIONS[name]
-            value = self.options.get(name, query.get(name, default))
-            return _flag(value) if isinstance(default, bool) else type(default)(value)
+            value = self.options.get(name)         # an option given wins over the URL's
+            return value if given(value) else query.get(name)
 
-        self.region = option("region") or None
-        self.endpoint_url = option("endpoint_url") or None
+        self.region = string("region", option("region"), None)
+        self.endpoint_url = string("endpoint_url", option("endpoint_url"), None)
+        self.max_deliveries = count("max_deliveries", option("max_deliveries"), OPTIONS["max_deliveries"])
+        self.wait_time_seconds = count("wait_time_seconds", option("wait_time_seconds"), OPTIONS["wait_time_seconds"],
+                                       minimum=0, maximum=MAX_WAIT_TIME_S)
+        self.idle_poll = seconds("idle_poll", option("idle_poll"), OPTIONS["idle_poll"])
+        self.create_queues = flag("create_queues", option("create_queues"), OPTIONS["create_queues"])
         self.account: str | None = None
         scheme = parts.scheme.lower()
         if scheme == "https":
@@ -268,10 +275,6 @@ class SQSBroker(Broker):
         account = parts.path.strip("/")
         self.account = account or None
         self._keys = (unquote(parts.username), unquote(parts.password or "")) if parts.username else None
-        self.max_deliveries = max(1, option("max_deliveries"))
-        self.wait_time_seconds = max(0, min(20, option("wait_time_seconds")))
-        self.idle_poll = max(0.0, option("idle_poll"))
-        self.create_queues = option("create_queues")
         self._pid = os.getpid()
         self._fresh_state()
 
