@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as _dt
+import numbers
 import time
 from typing import Any
 
@@ -65,7 +66,9 @@ class Signature:
             raise TypeError(f"the kwargs of task {self.name!r} must be a dict of keyword arguments, "
                             f"not a {type(self.kwargs).__name__}")
         self.kwargs = dict(self.kwargs or {})
-        if not 0 <= int(self.priority) <= 9:
+        # a priority that is no int is refused at send, naming its task (signature.check_options)
+        integral = isinstance(self.priority, numbers.Integral) and not isinstance(self.priority, bool)
+        if integral and not 0 <= self.priority <= 9:
             raise ValueError(f"priority must be between 0 and 9, not {self.priority}")
         self.on_success = list(self.on_success or [])
         self.on_error = list(self.on_error or [])
