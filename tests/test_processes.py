@@ -279,3 +279,32 @@ def test_example_sum_runs_in_a_fresh_directory(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "sum(1..10) = 55" in done.stdout
     assert (tmp_path / ".nbqueue" / "nbqueue.db").exists()
+
+
+def test_a_worker_whose_store_does_not_answer_stops_on_sigterm(tmp_path):
+    """Nothing runs, and every store call fails only after the client's retries: SIGTERM
+    still ends the worker, rather than waiting for the calls its threads are caught in."""
+    from conftest import free_port
+
+    url = f"redis://127.0.0.1:{free_port()}/0"      # nothing listens there
+    env = dict(os.environ, NBQUEUE_BROKER=url, NBQUEUE_BACKEND=url, NBQUEUE_LOG_LEVEL="INFO",
+               NBQUEUE_TEST_SIDE_DB=str(tmp_path / "side.db"),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")])))
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "nbqueue", "worker", "--app", "proc_tasks:app"],
+                                cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: "started" in log.read_text(errors="replace"), 60, message="the worker started")
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=90)       # before: still running minutes later, in its store calls
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the worker did not stop:\n{log.read_text(errors='replace')[-3000:]}") from None
+        text = log.read_text(errors="replace")
+        assert proc.returncode == 0, text[-3000:]
+        assert "stopped after 0 task(s)" in text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -21,10 +21,17 @@ class Heartbeat:
 
     def _heartbeat_loop(self) -> None:
         """Every 0.1 s while tasks run: STARTED states, live output, time limits.
-        Every ``heartbeat_interval``: lease extensions and the worker's heartbeat record."""
+        Every ``heartbeat_interval``: lease extensions and the worker's heartbeat record.
+        Once the worker stops, only what its running and held tasks need (their leases, limits,
+        output, and the heartbeat record that says they are alive): no upkeep, and with none
+        left no store call, so a stop is not held up by a store that does not answer; the
+        thread ends with the last executor."""
         next_beat, next_upkeep = 0.0, time.monotonic() + 0.5   # no checkpoint at start: work comes first
         reported_alive = self.concurrency
         while True:
+            stopping = self._stopping.is_set()
+            if stopping and not any(t.is_alive() for t in self._threads if t is not threading.current_thread()):
+                return
             alive = self._executors_alive()
             if not alive and not self._stopping.is_set():
                 self._executors_died()
@@ -43,8 +50,9 @@ class Heartbeat:
                     next_beat = time.monotonic() + self.heartbeat_interval
                     with self._held_lock:
                         held = list(self._held.values())
-                    self.app.engine.extend(held, self.lease)
-                    if alive < reported_alive and not self._stopping.is_set():
+                    if held or not stopping:
+                        self.app.engine.extend(held, self.lease)
+                    if alive < reported_alive and not stopping:
                         log.error(
                             "worker %s: %d of %d executor thread(s) died",
                             self.name,
@@ -52,10 +60,11 @@ class Heartbeat:
                             self.concurrency,
                         )
                     reported_alive = alive
-                    self._beat(len(running))
+                    if running or held or not stopping:
+                        self._beat(len(running))
             except Exception:
                 log.warning("worker %s: heartbeat failed", self.name, exc_info=True)
-            if time.monotonic() >= next_upkeep:
+            if not stopping and time.monotonic() >= next_upkeep:
                 next_upkeep = time.monotonic() + 0.5
                 try:
                     self.app.broker.upkeep()
@@ -63,10 +72,6 @@ class Heartbeat:
                     payloads.upkeep(self.app)       # payloads no record references any more
                 except Exception:
                     log.debug("worker %s: broker upkeep failed", self.name, exc_info=True)
-            if self._stopping.is_set() and not any(
-                t.is_alive() for t in self._threads if t is not threading.current_thread()
-            ):
-                return
             if not self._stopping.is_set():
                 self._stopping.wait(min(STARTED_AFTER, self.heartbeat_interval))
             else:

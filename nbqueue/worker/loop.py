@@ -44,6 +44,10 @@ from .heartbeat import Heartbeat
 
 log = logging.getLogger(__name__)
 
+#: seconds a stopping worker with nothing running waits for its threads and the removal of its
+#: record (see Worker.join), and a start for the first heartbeat (see Worker.start)
+STOP_WAIT = 2.0
+
 
 def _pool_options(pool: str, max_tasks_per_child: int | None, max_memory_per_child: int | None,
                   shutdown_grace: float | None) -> tuple[int | None, int | None, float | None]:
@@ -175,7 +179,11 @@ class Worker(Heartbeat, Execution):
         for t in self._threads:
             t.start()
         self.app._worker_started(self)
-        self.announce()
+        # the first heartbeat, written before start returns unless the store does not answer
+        # in time (the heartbeat thread writes it then)
+        announcer = threading.Thread(target=self.announce, name="nbqueue-announce", daemon=True)
+        announcer.start()
+        announcer.join(STOP_WAIT)
         if self.beat:
             self.app.scheduler().start()
         log.info(
@@ -209,11 +217,21 @@ class Worker(Heartbeat, Execution):
             self.join(timeout)
 
     def join(self, timeout: float | None = None) -> bool:
+        """Wait for the worker's threads, at most ``timeout`` seconds. Once the worker stops with
+        no task running or held, its threads and the removal of its record get ``STOP_WAIT``
+        seconds at most: a thread caught in a call to a store that does not answer does not
+        hold the stop up (the record then expires with its TTL; a message such a call claims
+        after all comes back when its lease runs out)."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        idle_until = None
         for t in self._threads:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if self._idle():
+                idle_until = idle_until or time.monotonic() + STOP_WAIT
+                left = max(0.0, idle_until - time.monotonic())
+                remaining = left if remaining is None else min(remaining, left)
             t.join(remaining)
-        alive = any(t.is_alive() for t in self._threads)
+        alive = not self._idle() and any(t.is_alive() for t in self._threads)
         if alive and self.pool is not None and self._stopping.is_set() and timeout is not None:
             # past the grace period: stop the running children; their tasks go back to the queue
             if self.pool.stop_running("the worker stopped before the task finished"):
@@ -226,8 +244,17 @@ class Worker(Heartbeat, Execution):
                 self.pool.close()
             self.app._worker_stopped(self)
             if os.getpid() == self._pid:   # in a forked child, the worker is the parent's: it goes on there
-                self._remove_record()
+                remover = threading.Thread(target=self._remove_record, name="nbqueue-worker-gone", daemon=True)
+                remover.start()
+                remover.join(STOP_WAIT)
         return not alive
+
+    def _idle(self) -> bool:
+        """Whether the worker stops with nothing left to finish: no task running or held."""
+        if not self._stopping.is_set():
+            return False
+        with self._held_lock:
+            return not (self._running or self._held)
 
     def _remove_record(self) -> None:
         """Remove this worker's heartbeat record for good: a heartbeat written concurrently
