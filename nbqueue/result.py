@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator, NoReturn
 
 from . import capture, payloads, serialization, states, taskprogress
 from .backend import counts_from_states
+from .builtin import CELL_TASK
 from .context import current_task
 from .errors import DeadlockError, TaskFailed, TaskRevoked
 
@@ -39,10 +40,23 @@ _UNREAD = object()
 
 
 def failure_from_record(record: dict) -> TaskFailed:
+    """The error a failed (or revoked) record raises, naming its task: a ``%%task`` cell by its
+    label (``%%task broken``), not by the built-in task that runs cells."""
     cls = TaskRevoked if record.get("state") == states.REVOKED else TaskFailed
     return cls(
-        record["id"], record.get("exc_type"), record.get("error"), record.get("traceback"), name=record.get("name")
+        record["id"], record.get("exc_type"), record.get("error"), record.get("traceback"), name=_task_label(record)
     )
+
+
+def _task_label(record: dict) -> str | None:
+    name = record.get("name")
+    if name != CELL_TASK:
+        return name
+    try:
+        label = serialization.loads(record.get("kwargs") or "{}").get("label")
+    except (ValueError, AttributeError):
+        label = None
+    return f"%%task {label}" if isinstance(label, str) and label else name
 
 
 def value_from_record(app, record: dict, lazy: bool = False) -> Any:

@@ -176,10 +176,11 @@ def test_retry_count_runs_a_failing_cell_again(shell, tmp_path):
     assert res.retries == 1
 
 
-def test_nbqueue_wait_raises_the_failure_of_a_cell(shell):
+def test_nbqueue_wait_raises_the_failure_of_a_cell_naming_the_cell(shell):
     run(shell, "%%task bad\nraise KeyError('missing')")
-    with pytest.raises(nbqueue.TaskFailed, match="KeyError"):
+    with pytest.raises(nbqueue.TaskFailed, match="KeyError") as info:
         run(shell, "%nbqueue wait bad --timeout 30")
+    assert str(info.value).startswith("task '%%task bad' (") and "nbqueue.cell" not in str(info.value)
 
 
 def test_after_waits_for_the_dependency_and_reads_its_output(shell):
