@@ -200,17 +200,18 @@ def _object_fix(values, label: str) -> dict:
     array = np.asarray(values, dtype=object)
     kinds = set(map(type, array))
     nulls = _null_types()
-    if float in kinds and any(v == v for v in array if type(v) is float):
+    missing = [t for t in kinds if t in nulls]
+    present = [t for t in kinds if t not in nulls]
+    floats = float in kinds and any(v == v for v in array if type(v) is float)    # NaN is a missing value
+    if len(present) + floats > 1:
+        names = " and ".join(sorted({t.__name__ for t in present} | ({"float"} if floats else set())))
+        raise Unrepresentable(f"has {label} of object dtype mixing {names} values, which Arrow cannot carry exactly; "
+                              "convert it to one type or create the App with serializer='pickle'")
+    if floats:
         raise Unrepresentable(
             f"has {label} of object dtype holding float values, which Arrow would not give back "
             "as Python objects; convert it (.astype(float)) or create the App with serializer='pickle'"
         )
-    missing = [t for t in kinds if t in nulls]
-    present = [t for t in kinds if t not in nulls]
-    if len(present) > 1:
-        names = " and ".join(sorted(t.__name__ for t in present))
-        raise Unrepresentable(f"has {label} of object dtype mixing {names} values, which Arrow cannot carry exactly; "
-                              "convert it to one type or create the App with serializer='pickle'")
     if present and present[0] not in _OBJECT_TYPES:
         raise Unrepresentable(
             f"has {label} of object dtype holding {present[0].__module__}.{present[0].__qualname__} "

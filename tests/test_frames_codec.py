@@ -406,8 +406,13 @@ UNREPRESENTABLE = [
     ),
     (
         "floats in objects",
-        pd.DataFrame({"f": pd.Series([1.5, "x"], dtype=object)}),
+        pd.DataFrame({"f": pd.Series([1.5, None], dtype=object)}),
         "column 'f' of object dtype holding float values",
+    ),
+    (
+        "floats among other objects",          # the hint is to pick one type, not .astype(float)
+        pd.DataFrame({"c": [1, "two", 3.0]}),
+        "column 'c' of object dtype mixing float and int and str values",
     ),
     (
         "None and NaN",
