@@ -70,8 +70,8 @@ def check_options(options: dict) -> None:
     _options.seconds("poll_interval", options.get("poll_interval"), None, positive=True)
     _options.count("prefetch", options.get("prefetch"), None)
     _options.count("max_deliveries", options.get("max_deliveries"), None)
-    for name in ("key_prefix", "secret"):
-        _options.string(name, options.get(name), None)
+    _options.string("key_prefix", options.get("key_prefix"), None, empty=False)
+    _options.string("secret", options.get("secret"), None)
     if options.get("inline") is not None:
         _options.boolean("inline", options["inline"])
     _check_timezone(options.get("timezone"))

@@ -1,16 +1,20 @@
 """Reading one option's value, whether an App keyword argument, a YAML value, a URL query's text
 or an environment variable's: seconds, counts, flags and text, each checked once here and
-refused with a ConfigurationError naming the option and the value. Below the protocol modules
-and the drivers (imports nothing of nbqueue but its errors).
+refused with a ConfigurationError naming the option and the value; and the query of a store's
+URL, whose keys each driver checks against the options it knows. Below the protocol modules
+and the drivers (imports nothing of nbqueue but its errors and nbqueue.urls).
 
 A value that is not given (None, or the empty text of ``?name=``) reads as the default."""
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
-from typing import Any, TypeVar
+from typing import Any, Iterable, TypeVar
+from urllib.parse import parse_qsl, urlsplit
 
 from .errors import ConfigurationError
+from .urls import redact
 
 T = TypeVar("T")
 
@@ -89,8 +93,12 @@ def boolean(name: str, value: object) -> bool:
     return value
 
 
-def string(name: str, value: object, default: T) -> str | T:
-    """``value`` as text (a str); ``default`` when not given."""
+def string(name: str, value: object, default: T, *, empty: bool = True) -> str | T:
+    """``value`` as text (a str); ``default`` when not given (None), or given as ``""`` while
+    ``empty`` (otherwise the empty text is refused: an empty key prefix is a mistake, not a wish
+    for the default one)."""
+    if not empty and value == "":
+        raise ConfigurationError(f"{name} must not be empty (leave it out for the default)")
     if not given(value):
         return default
     if not isinstance(value, str):
@@ -103,3 +111,29 @@ def choice(name: str, value: Any, allowed: tuple) -> Any:
     if value not in allowed or isinstance(value, bool) and not any(a is value for a in allowed):
         raise ConfigurationError(f"{name} must be one of {', '.join(map(repr, allowed))}, not {value!r}")
     return value
+
+
+def url_query(url: str, own: Iterable[str], passed_on: Iterable[str] = (), *, library: str = "",
+              hint: str = "") -> dict[str, str]:
+    """The options in ``url``'s query by name (``?name=`` reads as ``""``). ConfigurationError
+    naming the URL (without its password), each key given twice, and each key that is neither
+    one of ``own`` (the options the driver reads from its URL) nor of ``passed_on`` (the URL
+    parameters of its client library, called ``library``), with the known keys and ``hint``."""
+    pairs = parse_qsl(urlsplit(url).query, keep_blank_values=True)
+    found = dict(pairs)
+    own, passed_on = frozenset(own), frozenset(passed_on) - frozenset(own)
+    unknown = sorted(set(found) - own - passed_on)
+    twice = sorted({name for name, _ in pairs if [n for n, _ in pairs].count(name) > 1})
+    if not unknown and not twice:
+        return found
+    problems = []
+    if unknown:
+        close = {name: difflib.get_close_matches(name, own | passed_on, n=1) for name in unknown}
+        problems.append("unknown query option(s) " + ", ".join(
+            name + (f" (did you mean {close[name][0]}?)" if close[name] else "") for name in unknown))
+    if twice:
+        problems.append(f"query option(s) given twice: {', '.join(twice)}")
+    known = f"known: {', '.join(sorted(own)) or 'none'}"
+    if passed_on:
+        known += f"; passed on to {library or 'the client library'}: {', '.join(sorted(passed_on))}"
+    raise ConfigurationError(f"{'; '.join(problems)} in {redact(url)!r} ({known}){hint}")

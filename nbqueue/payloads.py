@@ -71,6 +71,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 from . import serialization
 from .errors import ConfigurationError, PayloadCorrupt, PayloadError, PayloadMissing, PayloadTooLarge
+from .options import url_query
 from .serialization import PayloadRef, human_size, summary  # noqa: F401  (part of this module's interface)
 
 log = logging.getLogger(__name__)
@@ -275,6 +276,12 @@ def _chunks(seq: list, n: int):
         yield seq[i:i + n]
 
 
+def check_fsspec_url(url: str) -> None:
+    """ConfigurationError for an fsspec URL with a query (fsspec would read it as part of the
+    path; the filesystem's options are the ``payload_options``)."""
+    url_query(url, (), hint="; give the filesystem's options as payload_options")
+
+
 class FsspecPayloads(PayloadStore):
     """Payloads as objects or files under an fsspec URL (s3://, file://, gs://, ...)."""
 
@@ -285,6 +292,7 @@ class FsspecPayloads(PayloadStore):
             raise ConfigurationError(f"payloads={url!r} needs fsspec (and s3fs for s3://): "
                                      "pip install 'nbqueue[s3]'") from exc
         super().__init__(url, clock=clock)
+        check_fsspec_url(url)
         options = dict(options or {})
         scheme = urlsplit(url).scheme.lower()
         if scheme in ("file", "local", ""):
@@ -612,6 +620,8 @@ def attach(app, *, resolve: Callable[..., PayloadStore], holds: Callable[[str], 
     option = app.config.option
     url = option("payloads")
     why = ""
+    if url is not None and not holds(url):
+        check_fsspec_url(url)         # when the App is made (the store itself is made on first use)
     if url is None:
         for candidate in (app.backend_url, app.broker_url):
             if holds(candidate):

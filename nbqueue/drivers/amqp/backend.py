@@ -69,6 +69,8 @@ log = logging.getLogger(__name__)
 #: seconds to wait for a busy lock when lock_timeout is not set
 DEFAULT_LOCK_TIMEOUT_S = 30.0
 OPTIONS: dict[str, Any] = {"key_prefix": "nbq", "lock_timeout": DEFAULT_LOCK_TIMEOUT_S, "poll_interval": 0.1}
+#: the options the backend reads from its URL's query (removed before pika parses the URL)
+URL_OPTIONS = frozenset(OPTIONS) | {"results_expire_in"}
 #: results expire by disuse after this long when results_expire_in is not set
 DEFAULT_EXPIRY_S = 86_400.0
 LOCK_PREFIX, LOCK_STRIPES, BOOT_QUEUE = "nbq.lock", 64, "nbq.lock-boot"
@@ -142,12 +144,13 @@ class AMQPBackend(KeyValueBackend):
     index_size = 0
 
     def __init__(self, url: str, *, clock=None, options: dict | None = None):
-        query = check_url(url)
-        ours = {k: v for k, v in query.items() if k in OPTIONS or k == "results_expire_in"}
+        query = check_url(url, URL_OPTIONS)
+        ours = {k: v for k, v in query.items() if k in URL_OPTIONS}
         super().__init__(url, clock=clock, options={**ours, **dict(options or {})})
         if self.results_expire_in is None:
             self.results_expire_in = DEFAULT_EXPIRY_S
-        self.prefix = string("key_prefix", self.options.get("key_prefix"), OPTIONS["key_prefix"]).rstrip(".:")
+        prefix = string("key_prefix", self.options.get("key_prefix"), OPTIONS["key_prefix"], empty=False)
+        self.prefix = prefix.rstrip(".:")
         self.lock_timeout = _lock_timeout(self.options.get("lock_timeout"))
         self.options.setdefault("poll_interval", OPTIONS["poll_interval"])
         self._params = connection_parameters(url, ours)

@@ -169,7 +169,7 @@ class AMQPBroker(Broker):
 
     def __init__(self, url: str, *, clock=None, options: dict | None = None):
         super().__init__(url, clock=clock, options=options)
-        query = check_url(url)
+        query = check_url(url, OPTIONS)
         # reconnect_timeout: inf keeps reconnecting; a confirm_timeout of 0 would refuse every publish
         self.reconnect_timeout: float = seconds("reconnect_timeout", _option(self.options, query, "reconnect_timeout"),
                                                 OPTIONS["reconnect_timeout"], infinite=True)

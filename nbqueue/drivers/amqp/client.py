@@ -19,15 +19,21 @@ except ImportError:                                       # pragma: no cover - a
     _AsyncPlaintextTransport = None
 
 from ...errors import ConfigurationError
+from ...options import url_query
 from ...urls import redact
 
+#: the query keys pika reads from a URL: its ``URLParameters`` has a ``_set_url_<key>`` for each
+PIKA_URL_PARAMETERS = frozenset(name[len("_set_url_"):] for name in dir(pika.URLParameters)
+                                if name.startswith("_set_url_"))
 
-def check_url(url: str) -> dict:
-    """The query options of an amqp:// or amqps:// URL; ConfigurationError for any other URL."""
+
+def check_url(url: str, ours: Collection[str]) -> dict:
+    """The query options of an amqp:// or amqps:// URL; ConfigurationError for any other URL, or
+    for a query key that is neither one of ``ours`` (nbqueue's options read from the URL) nor pika's."""
     parts = urlsplit(url)
     if parts.scheme.lower() not in ("amqp", "amqps"):
         raise ConfigurationError(f"not an AMQP URL: {redact(url)!r} (use amqp://user:pass@host:5672/vhost)")
-    return dict(parse_qsl(parts.query))
+    return url_query(url, ours, PIKA_URL_PARAMETERS, library="pika")
 
 
 def connection_parameters(url: str, ours: Collection[str]) -> pika.URLParameters:

@@ -43,19 +43,21 @@ import hashlib
 import math
 import time
 from typing import Any, Callable, Sequence
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
 from pymemcache.client.base import PooledClient
 from pymemcache.client.hash import HashClient
 from pymemcache.exceptions import MemcacheError, MemcacheServerError
 
 from ...errors import ConfigurationError, ConnectionLost
-from ...options import count, seconds, string
+from ...options import count, seconds, string, url_query
 from ...urls import redact
 from ..keyvalue import KEEP, KeyValueBackend, ValueTooLarge
 
 OPTIONS = {"key_prefix": "nbq:", "index_size": 10_000, "max_item_size": 1_048_576, "socket_timeout": 5.0,
            "socket_connect_timeout": 5.0, "poll_interval": 0.1}
+#: the options the backend reads from its URL's query
+URL_OPTIONS = frozenset(OPTIONS) | {"results_expire_in"}
 #: memcached reads an expiry over 30 days as a Unix time
 RELATIVE_LIMIT_S = 30 * 86_400
 #: room for memcached's own item header within max_item_size
@@ -108,14 +110,14 @@ class MemcacheBackend(KeyValueBackend):
     lists_tasks = "recent"
 
     def __init__(self, url: str = "memcache://127.0.0.1:11211", *, clock=None, options: dict | None = None):
-        query = dict(parse_qsl(urlsplit(url).query))
+        query = url_query(url, URL_OPTIONS)
         merged = {**query, **dict(options or {})}
         super().__init__(url, clock=clock, options=merged)
 
         def timeout(name: str) -> float:
             return seconds(name, self.options.get(name), OPTIONS[name], positive=True)
 
-        prefix = string("key_prefix", self.options.get("key_prefix"), OPTIONS["key_prefix"])
+        prefix = string("key_prefix", self.options.get("key_prefix"), OPTIONS["key_prefix"], empty=False)
         self.prefix = prefix if prefix.endswith(":") else prefix + ":"
         self.options.setdefault("poll_interval", OPTIONS["poll_interval"])
         self.index_size = count("index_size", self.options.get("index_size"), OPTIONS["index_size"], minimum=0)

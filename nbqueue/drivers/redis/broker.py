@@ -37,7 +37,11 @@ value is a ConfigurationError naming the option when the store is made. ``key_pr
 ``max_block``, ``batch`` and ``retries`` / ``retry_base`` / ``retry_cap`` may also be given
 in the URL's query, as amqp:// URLs take theirs (``redis://host:6379/0?key_prefix=myapp``),
 so a URL alone (NBQUEUE_BROKER, a YAML file) can say it; an option passed explicitly wins
-over the URL's.
+over the URL's. The query may also hold redis-py's own URL parameters (``socket_timeout``,
+``db``, ``ssl_cert_reqs`` over rediss://, ...: nbqueue.drivers.redis.client.client_url_parameters),
+which reach redis-py as given; any other key, an empty ``key_prefix``, or a URL without
+``//host`` is a ConfigurationError when the store is made, and a database number the server
+lacks one at the first command.
 
 Keys (``P`` is the prefix)::
 

@@ -22,8 +22,8 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from ... import states
-from ...errors import ConnectionLost
-from ...options import count, seconds, string
+from ...errors import ConfigurationError, ConnectionLost
+from ...options import count, seconds, string, url_query
 from ...urls import redact
 
 try:
@@ -64,11 +64,59 @@ def fake_server(name: str) -> "fakeredis.FakeServer":
 
 #: nbqueue's own options a Redis URL may carry in its query (taken out before redis-py reads it)
 URL_OPTIONS = frozenset({"key_prefix", "max_block", "batch", "retries", "retry_base", "retry_cap"})
+#: text arguments of redis-py's connection that its URLs pass on as given (no parser of its own)
+_TEXT_PARAMETERS = frozenset({"client_name", "username", "password"})
+
+
+@functools.lru_cache(maxsize=None)
+def client_url_parameters(scheme: str) -> frozenset:
+    """The query keys redis-py reads from a ``scheme``:// URL: those it converts
+    (``URL_QUERY_ARGUMENT_PARSERS``) and the text ones its connection takes as given; over
+    TLS (rediss://), its SSL connection's own arguments (``ssl_cert_reqs``, ``ssl_ca_certs``, ...)."""
+    import inspect
+
+    known = frozenset(redis.connection.URL_QUERY_ARGUMENT_PARSERS) | _TEXT_PARAMETERS
+    if scheme == "rediss":
+        ssl = redis.connection.SSLConnection
+        known |= {name for name in inspect.signature(ssl.__init__).parameters if name.startswith("ssl_")}
+    else:       # the TLS settings redis-py's parsers know mean nothing without TLS (redis-py refuses them)
+        known = frozenset(name for name in known if not name.startswith("ssl_"))
+    return known
+
+
+def check_url(url: str) -> dict[str, str]:
+    """The query of a redis://, rediss:// or memory:// URL, checked: ConfigurationError naming
+    the URL for a key neither nbqueue (``URL_OPTIONS``) nor redis-py reads (memory://: nbqueue's
+    only), and for a redis:// URL without ``//host`` or whose path is not a database number."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme == "memory":
+        return url_query(url, URL_OPTIONS, hint="; memory:// takes nbqueue's options only")
+    query = url_query(url, URL_OPTIONS, client_url_parameters(scheme), library="redis-py")
+    example = f"{scheme}://[:password@]host[:port][/db]"
+    if not url.lower().startswith(f"{scheme}://") or not parts.hostname:
+        raise ConfigurationError(f"a Redis URL names its host after two slashes ({example}), not {redact(url)!r}")
+    try:
+        parts.port
+    except ValueError:
+        raise ConfigurationError(f"bad port in Redis URL {redact(url)!r} ({example})") from None
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        raise ConfigurationError(f"the path of a Redis URL is a database number ({example}), "
+                                 f"not {parts.path!r} in {redact(url)!r}")
+    return query
+
+
+def database(url: str) -> str:
+    """The database number a redis:// URL names (``?db=`` or its path; 0 where it names none)."""
+    parts = urlsplit(url)
+    return dict(parse_qsl(parts.query)).get("db") or parts.path.strip("/") or "0"
 
 
 def url_options(url: str, options: Mapping[str, Any] | None) -> dict:
-    """``options`` over nbqueue's own options in ``url``'s query (explicit options win)."""
-    query = {k: v for k, v in parse_qsl(urlsplit(url).query) if k in URL_OPTIONS}
+    """``options`` over nbqueue's own options in ``url``'s query (explicit options win); the URL
+    checked first (``check_url``)."""
+    query = {k: v for k, v in check_url(url).items() if k in URL_OPTIONS}
     return {**query, **(options or {})}
 
 
@@ -177,8 +225,9 @@ def _is_loopback(host: str) -> bool:
 
 
 def key_prefix(options: Mapping[str, Any]) -> str:
-    """The ``key_prefix`` option ending in ``:`` (``nbq`` and ``nbq:`` are the same prefix)."""
-    prefix = string("key_prefix", options.get("key_prefix"), DEFAULT_PREFIX)
+    """The ``key_prefix`` option ending in ``:`` (``nbq`` and ``nbq:`` are the same prefix); an
+    empty one is refused (on a shared server it would silently be the default's)."""
+    prefix = string("key_prefix", options.get("key_prefix"), DEFAULT_PREFIX, empty=False)
     return prefix if prefix.endswith(":") else prefix + ":"
 
 
@@ -436,7 +485,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def guarded(method: F) -> F:
-    """Turn redis connection errors that survived the client's retries into ConnectionLost."""
+    """Turn redis connection errors that survived the client's retries into ConnectionLost,
+    and a database the server does not have into a ConfigurationError naming the URL."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
@@ -444,8 +494,22 @@ def guarded(method: F) -> F:
             return method(self, *args, **kwargs)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise ConnectionLost(f"{self!r}: {exc}") from exc
+        except redis.ResponseError as exc:
+            url = getattr(self, "url", None) or self.broker.url     # (an engine: its broker's store)
+            raise no_database(url, exc) or exc
 
     return wrapper  # type: ignore[return-value]
+
+
+def no_database(url: str, exc: redis.ResponseError) -> ConfigurationError | None:
+    """The error to raise for ``exc`` when it says the server has no database of the number
+    ``url`` names (SELECT when connecting), else None."""
+    if "DB index is out of range" not in str(exc):
+        return None
+    error = ConfigurationError(f"the Redis server of {redact(url)} has no database {database(url)} ({exc}); "
+                               "a server has 16 (0 to 15) unless its configuration sets `databases`")
+    error.__cause__ = exc
+    return error
 
 
 # The final task states, as a Lua set (shared with nbqueue.drivers.redis.backend).

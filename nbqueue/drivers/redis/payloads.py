@@ -6,7 +6,17 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ...payloads import KEY_PREFIX, REDIS_MAX, PayloadStore, _chunks, _valid, read_buffer
-from .client import _POOLS, URL_OPTIONS, client_settings, fake_server, key_prefix, lua, retry_policy, url_options
+from .client import (
+    _POOLS,
+    URL_OPTIONS,
+    client_settings,
+    fake_server,
+    key_prefix,
+    lua,
+    no_database,
+    retry_policy,
+    url_options,
+)
 
 # Lua for the Redis store (lua/payload_*.lua). ARGV[1] is the prefix P; payload keys are built from it.
 _REDIS_LINK = lua("payload_link")
@@ -207,6 +217,8 @@ class RedisPayloads(PayloadStore):
             return fn()
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise ConnectionLost(f"{self!r}: {exc}") from exc
+        except redis.ResponseError as exc:
+            raise no_database(self.url, exc) or exc
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 import sqlite_utils
 
 from ...errors import ConfigurationError
+from ...options import url_query
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ def path_from_url(url: str | None) -> str:
     parts = urlsplit(url)
     if parts.scheme != "sqlite":
         raise ConfigurationError(f"not an sqlite:// URL: {url!r}")
+    url_query(url, (), hint="; an sqlite:// URL is the file's path alone")
     if parts.netloc:
         raise ConfigurationError(
             f"sqlite URLs have no host: write sqlite:///relative.db or sqlite:////absolute.db, not {url!r}"

@@ -134,7 +134,7 @@ import threading
 import time
 import uuid
 from typing import Any, Sequence
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 import boto3
 import botocore.config
@@ -142,7 +142,7 @@ import botocore.exceptions as bex
 
 from ...broker import Broker, Capabilities, Delivery, Outgoing
 from ...errors import BrokerError, ConfigurationError, PublishRefused
-from ...options import count, flag, given, seconds, string
+from ...options import count, flag, given, seconds, string, url_query
 from ...urls import redact
 from ...wakeups import WAKEUPS
 
@@ -242,7 +242,7 @@ class SQSBroker(Broker):
     def __init__(self, url: str = "sqs://", *, clock=None, options: dict | None = None):
         super().__init__(url, clock=clock, options=options)
         parts = urlsplit(url)
-        query = dict(parse_qsl(parts.query))
+        query = url_query(url, OPTIONS)
 
         def option(name: str) -> Any:
             value = self.options.get(name)         # an option given wins over the URL's
