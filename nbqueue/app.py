@@ -14,7 +14,10 @@ The only object a user must hold::
 """
 from __future__ import annotations
 
+import functools
 import logging
+import os
+import pickle
 import threading
 import time
 from concurrent.futures import Future
@@ -32,12 +35,14 @@ from .drivers import (
     driver_for,
     engine_for,
     holds_payloads,
+    local_to_process,
     payload_store,
 )
 from .errors import ConfigurationError
 from .result import AsyncResult
 from .signature import Signature, check_queue_name, encode_body, to_message
 from .task import Task, task_name
+from .urls import redact
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +75,20 @@ def _default_backend(broker_url: str | None) -> str | None:
     return None
 
 
+def _open_app(spec: dict) -> "App":
+    """An App made from ``App.process_opener``'s spec; relative SQLite paths read from the
+    directory the original App was made in."""
+    cwd = spec.get("cwd")
+    here = os.getcwd() if cwd else None
+    try:
+        if cwd:
+            os.chdir(cwd)
+        return App(spec["broker"], spec["backend"], default_queue=spec["default_queue"], **spec["options"])
+    finally:
+        if here:
+            os.chdir(here)
+
+
 class App:
     """``inline=True``: every task runs in the caller at send time, through the store and
     a worker's code path (inline.py), for unit tests without a worker."""
@@ -89,6 +108,10 @@ class App:
         self.serializer = serialization.Serializer(pickle=self.config.option("serializer") == "pickle")
         self.visibility_timeout = float(self.config.option("visibility_timeout"))
         self.registry: dict[str, Task] = {}
+        try:
+            self._cwd: str | None = os.getcwd()      # where relative SQLite paths were read (process_opener)
+        except OSError:
+            self._cwd = None
         self.broker_url = broker or DEFAULT_URL
         self.backend_url = backend or _default_backend(broker) or DEFAULT_URL
         store_options = {k: v for k, v in options.items() if k not in ("clock", "inline")}
@@ -134,6 +157,24 @@ class App:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "App":
         """NBQUEUE_BROKER, NBQUEUE_BACKEND, NBQUEUE_DEFAULT_QUEUE (and NBQUEUE_RESULTS_EXPIRE_IN, NBQUEUE_SECRET)."""
         return cls.from_config(_config.from_env(environ))
+
+    def process_opener(self) -> tuple[Callable[[], "App"] | None, str | None]:
+        """How another process of this machine opens an App on the same stores (a child of a
+        process pool, for the tasks it sends: ``context.process_app``): ``(opener, None)``,
+        ``opener`` a picklable callable; ``(None, why not)`` for a store that lives in this
+        process alone (``memory://``) or options that cannot be pickled."""
+        payloads_url = self.config.option("payloads")
+        for url in (self.broker_url, self.backend_url, payloads_url if isinstance(payloads_url, str) else None):
+            if url is not None and local_to_process(url):
+                return None, f"the worker's App is on {redact(url)}, a store that lives in the worker's process alone"
+        options = {k: v for k, v in self.config.options.items() if k not in ("clock", "inline")}
+        spec = {"broker": self.broker_url, "backend": self.backend_url, "default_queue": self.default_queue,
+                "options": options, "cwd": self._cwd}
+        try:
+            pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:
+            return None, f"the options of the worker's App cannot be sent to another process ({exc})"
+        return functools.partial(_open_app, spec), None
 
     # -- registration -------------------------------------------------------------------
     def task(self, fn: Callable | None = None, *, name: str | None = None, **options: Any):

@@ -104,6 +104,8 @@ def policy(value: Any) -> float | None | bool:
 # -- hashing code -------------------------------------------------------------------------------------
 
 _code_digests: dict[int, tuple[types.CodeType, bytes]] = {}
+#: the Task classes (nbqueue.task; a SentTask is a Task unpickled in another process), by name
+_TASK_TYPES = ("Task", "SentTask")
 
 
 def _code_digest(code: types.CodeType) -> bytes:
@@ -158,7 +160,7 @@ class _Hasher:
             self.h.update(b"\0")
 
     def function(self, fn: Any, where: str) -> None:
-        fn = getattr(fn, "fn", fn) if type(fn).__name__ == "Task" else fn
+        fn = getattr(fn, "fn", fn) if type(fn).__name__ in _TASK_TYPES else fn
         if id(fn) in self.seen:
             self.feed("again", getattr(fn, "__qualname__", ""))
             return
@@ -195,7 +197,7 @@ class _Hasher:
         if isinstance(value, types.ModuleType):
             self.feed("module", value.__name__, getattr(value, "__version__", ""))
             return
-        if type(value).__name__ == "Task" and hasattr(value, "fn"):
+        if type(value).__name__ in _TASK_TYPES and hasattr(value, "fn"):
             self.function(value.fn, f"task {value.name!r}")
             return
         if isinstance(value, (types.FunctionType, types.MethodType)):

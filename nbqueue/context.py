@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import TYPE_CHECKING, Any, Iterator
+import threading
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from .errors import TaskRevoked
+from .errors import ConfigurationError, TaskRevoked
 
 if TYPE_CHECKING:
     from .message import Message
@@ -82,3 +83,45 @@ def current_task() -> TaskContext | None:
     and ``worker``, also with ``.cancelled``, ``.check_cancelled()`` and
     ``.report_progress(...)``); None elsewhere."""
     return _current.get()
+
+
+class _ProcessApp:
+    """In a child process of a worker's process pool: how to open an App on the worker's
+    stores (``opener``, made into an App once, at the first need) or why there is none."""
+
+    opener: Callable[[], Any] | None = None
+    why_not: str | None = None
+    app: Any = None
+    lock = threading.Lock()
+
+
+def use_process_app(opener: Callable[[], Any] | None, why_not: str | None) -> None:
+    """Called once by a child process of a worker's pool (pool.py): ``opener()`` makes an
+    App on the worker's stores; None, with ``why_not``, when the worker's App cannot be
+    opened in another process."""
+    _ProcessApp.opener, _ProcessApp.why_not = opener, why_not or "its App cannot be opened in another process"
+
+
+def opened_process_app() -> Any:
+    """The App ``process_app`` made so far in this process, or None."""
+    return _ProcessApp.app
+
+
+def process_app(doing: str) -> Any:
+    """In a child process of a worker's pool: the App on the worker's stores (made at the
+    first call); None in any other process. ``doing``: what needs it, for the
+    ConfigurationError raised when the worker's App cannot be opened here."""
+    if _ProcessApp.app is not None:
+        return _ProcessApp.app
+    if _ProcessApp.why_not is None:
+        return None
+    with _ProcessApp.lock:
+        if _ProcessApp.app is None:
+            if _ProcessApp.opener is None:
+                raise ConfigurationError(f"{doing}: {_ProcessApp.why_not}; run the task on a thread pool")
+            try:
+                _ProcessApp.app = _ProcessApp.opener()
+            except Exception as exc:
+                raise ConfigurationError(f"{doing}: the worker's App could not be opened here "
+                                         f"({type(exc).__name__}: {exc})") from exc
+    return _ProcessApp.app

@@ -325,7 +325,7 @@ def _maxrss_kib() -> int:
 
 def _child_main(conn, alive, settings: dict) -> None:
     """The child's loop: ("run", ...) -> ("out", ...)* ("done", ...); ("exit",) or EOF ends it."""
-    from .context import TaskContext, _current
+    from .context import TaskContext, _current, opened_process_app, use_process_app
     from .control import TaskControl
 
     os.environ.clear()
@@ -334,6 +334,7 @@ def _child_main(conn, alive, settings: dict) -> None:
     if hasattr(signal, "SIGUSR1"):
         signal.signal(signal.SIGUSR1, _on_soft_limit)
     _ChildState.conn = conn
+    use_process_app(*(settings.get("app") or (None, "the process pool was started without an App")))
     threading.Thread(target=_watch_parent, args=(alive,), name="nbqueue-child-watch", daemon=True).start()
     threading.Thread(target=_output_flusher, name="nbqueue-child-output", daemon=True).start()
     sys.stdout = _ChildStream("stdout", sys.stdout)
@@ -364,7 +365,8 @@ def _child_main(conn, alive, settings: dict) -> None:
         else:
             control = TaskControl(task_id, name)
             control.on_progress = _report_progress
-            context = TaskContext(id=task_id, name=name, app=None, token=None, worker=None, control=control)
+            context = TaskContext(id=task_id, name=name, app=opened_process_app(), token=None, worker=None,
+                                  control=control)
             reset = _current.set(context)
             try:
                 try:
@@ -826,13 +828,15 @@ class ProcessPool:
     """
 
     def __init__(self, size: int, *, max_tasks_per_child: int | None = None, max_memory_per_child: int | None = None,
-                 start_method: str | None = None, kill_grace: float = KILL_GRACE):
+                 start_method: str | None = None, kill_grace: float = KILL_GRACE, app: Any = None):
         if size < 1:
             raise ValueError("a process pool needs at least one child")
         self.size = int(size)
         self.max_tasks_per_child = int(max_tasks_per_child) if max_tasks_per_child else None
         self.max_memory_per_child = int(max_memory_per_child) if max_memory_per_child else None
         self.kill_grace = float(kill_grace)
+        #: (opener, why not) of the App its children send tasks with (``App.process_opener``)
+        self.app_opener = app.process_opener() if app is not None else None
         self.context = _context(start_method)
         self.children = [_Child(self, i) for i in range(self.size)]
         self._idle: _queue.SimpleQueue = _queue.SimpleQueue()
@@ -849,7 +853,8 @@ class ProcessPool:
     def _settings(self) -> dict:
         root = logging.getLogger()
         fmt = next((h.formatter._fmt for h in root.handlers if getattr(h, "formatter", None) is not None), None)
-        return {"env": dict(os.environ), "log_level": root.getEffectiveLevel(), "log_format": fmt}
+        return {"env": dict(os.environ), "log_level": root.getEffectiveLevel(), "log_format": fmt,
+                "app": self.app_opener}
 
     def start(self, wait: bool = False) -> "ProcessPool":
         """Start every child (in a background thread unless ``wait``), so the first tasks need
@@ -913,8 +918,10 @@ class ProcessPool:
         except Exception as exc:
             from .errors import SerializationError
 
+            culprit = shipping.unpicklable(target)
+            what = f"it {culprit}, which" if culprit else "it, or something it reads,"
             raise SerializationError(
-                f"task {name!r} cannot be sent to a child process: it, or something it reads, cannot be pickled "
+                f"task {name!r} cannot be sent to a child process: {what} cannot be pickled "
                 f"({type(exc).__name__}: {exc}); run it on a thread pool"
             ) from exc
         payload = _pack_arguments(name, args, kwargs or {})

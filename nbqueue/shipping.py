@@ -163,19 +163,80 @@ def _walk(fn: types.FunctionType, parts: list, files: dict, seen: set) -> None:
     _code_files(code, files)
     for value in _reads(fn):
         parts.append(value)
-        if isinstance(value, types.FunctionType) and id(value) not in seen and not _by_reference(value):
-            _walk(value, parts, files, seen)
+        inner = _by_value_function(value)
+        if inner is not None and id(inner) not in seen:
+            _walk(inner, parts, files, seen)
+
+
+def _by_value_function(value: Any) -> types.FunctionType | None:
+    """The function a by-value pickle of ``value`` carries by value: ``value`` itself (a
+    function no other process imports), or the one a wrapper of it holds (a Task: see
+    ``Task.__reduce__``); else None."""
+    if not isinstance(value, types.FunctionType):
+        try:
+            attributes = object.__getattribute__(value, "__dict__")
+        except AttributeError:
+            return None
+        value = attributes.get("__wrapped__") if isinstance(attributes, dict) else None
+    if isinstance(value, types.FunctionType) and not _by_reference(value):
+        return value
+    return None
 
 
 def _reads(fn: types.FunctionType) -> list:
     """The values of the globals and closure cells ``fn`` reads."""
-    values = [fn.__globals__.get(name, _ABSENT) for name in _extract_code_globals(fn.__code__)]
-    for cell in fn.__closure__ or ():
+    return [value for _, value in _named_reads(fn)]
+
+
+def _named_reads(fn: types.FunctionType) -> list[tuple[str, Any]]:
+    """The globals and closure cells ``fn`` reads, as (name, value)."""
+    names = _extract_code_globals(fn.__code__)
+    reads = [(name, fn.__globals__.get(name, _ABSENT)) for name in names]
+    for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ()):
         try:
-            values.append(cell.cell_contents)
+            reads.append((name, cell.cell_contents))
         except ValueError:   # an empty cell
-            values.append(_ABSENT)
-    return values
+            reads.append((name, _ABSENT))
+    return reads
+
+
+def unpicklable(fn: Any) -> str | None:
+    """What makes ``fn`` impossible to pickle by value, named: "reads 'lock' (a
+    _thread.lock)", "reads 'helper', which reads 'lock' (...)"; None when no global or
+    closure cell it reads (recursively through the notebook functions and tasks it calls)
+    is the cause. Only for an error message: it pickles each value it reads."""
+    if _extract_code_globals is None or not isinstance(fn, types.FunctionType):
+        return None
+    path = _culprit(fn, {id(fn)})
+    if not path:
+        return None
+    *through, (name, value) = path
+    kind = type(value)
+    what = f"reads {name!r} ({'the' if kind.__name__ == 'App' else 'a'} {kind.__module__}.{kind.__qualname__})"
+    for outer, _ in reversed(through):
+        what = f"reads {outer!r}, which {what}"
+    return what
+
+
+def _culprit(fn: types.FunctionType, seen: set) -> list[tuple[str, Any]] | None:
+    for name, value in _named_reads(fn):
+        if value is _ABSENT:
+            continue
+        inner = _by_value_function(value)
+        if inner is not None:
+            if id(inner) in seen:
+                continue
+            seen.add(id(inner))
+            deeper = _culprit(inner, seen)
+            if deeper:
+                return [(name, value)] + deeper
+            if inner is value:
+                continue
+        try:
+            cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:
+            return [(name, value)]
+    return None
 
 
 def _where(files: dict) -> dict:
@@ -337,8 +398,9 @@ def attach(app, sig, message: dict) -> None:
             except Exception as exc:   # it reads a lock, a connection...: it runs where it is registered only
                 if message["name"] not in _warned:
                     _warned.add(message["name"])
-                    log.info("task %r is not shipped to other workers: it cannot be pickled (%s: %s); it goes by name",
-                             message["name"], type(exc).__name__, exc)
+                    why = unpicklable(task.fn)
+                    log.info("task %r is not shipped to other workers: it cannot be pickled (%s%s: %s); "
+                             "it goes by name", message["name"], f"it {why}: " if why else "", type(exc).__name__, exc)
         if shipped is not None:
             if len(shipped.data) <= INLINE_LIMIT:
                 secret = builtin.secret_of(app)
@@ -485,6 +547,7 @@ def task_for(worker, message: Message, task, queue: str | None = None):
 __all__ = [
     "Shipped",
     "pack",
+    "unpicklable",
     "load",
     "defined_in_notebook",
     "interactive",

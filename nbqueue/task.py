@@ -4,10 +4,12 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import sys
 from typing import Any, Callable
 
 from . import shipping
 from .canvas import Signature, check_option_names, send_options
+from .errors import NbqueueError
 from .signature import check_options
 
 TASK_OPTIONS = ("retry_count", "retry_timeout", "retry_backoff", "queue", "priority", "time_limit", "soft_time_limit",
@@ -53,6 +55,27 @@ class Task:
     def __call__(self, *args, **kwargs):
         return self.fn(*args, **kwargs)
 
+    def __reduce__(self):
+        """A task that a function shipped to another process reads (``quad`` calling
+        ``double(x)`` or ``double.delay(x)`` in a child of a process pool) travels without
+        its App (locks, connections): by module and name when its module binds that name
+        to it (the other process imports the module, and so has its App); else as a
+        :class:`SentTask` with its name, options and function (by value from a notebook)."""
+        where = _bound_in_module(self)
+        if where is not None:
+            return _imported_task, where
+        return _sent_task, ({k: v for k, v in vars(self).items() if k not in _LOCAL},)
+
+    def __copy__(self) -> "Task":
+        """A copy in this process keeps its class and App (``__reduce__`` is for other processes)."""
+        clone = type(self).__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        return clone
+
+    def __deepcopy__(self, memo: dict) -> "Task":
+        """The task itself: a registration in its App, shared, as the App is."""
+        return self
+
     def check_arguments(self, args: Any, kwargs: dict | None) -> None:
         """TypeError naming the task when its function cannot take ``args`` and ``kwargs``
         (not checked with ``typing=False``, nor for a function without a readable signature)."""
@@ -89,6 +112,64 @@ class Task:
 
     def __repr__(self) -> str:
         return f"<Task {self.name}>"
+
+
+#: what a Task holds for this process only: its App, and what its sends made of it
+_LOCAL = frozenset({"app", "_plan", "_parameters", "_arity"})
+
+
+class SentTask(Task):
+    """A Task unpickled in another process (see ``Task.__reduce__``). Calling it runs its
+    function, as any Task; ``.delay()``, ``.s()`` and the rest send with the App of that
+    process: in a child of a worker's process pool an App on the worker's stores, made at
+    the first send (``context.process_app``); elsewhere the App of the task running there
+    (``current_task().app``)."""
+
+    @property
+    def app(self):
+        from .context import current_task, process_app
+
+        app = process_app(f"task {self.name!r} cannot be sent from this child process")
+        if app is not None:
+            app.registry.setdefault(self.name, self)
+            return app
+        running = current_task()
+        app = running.get("app") if running is not None else None
+        if app is None:
+            raise NbqueueError(f"task {self.name!r} was sent to this process without its App, and no task with an "
+                               "App runs here: it can be called, not sent")
+        return app
+
+    def __repr__(self) -> str:
+        return f"<SentTask {self.name}>"
+
+
+def _sent_task(state: dict) -> SentTask:
+    task = SentTask.__new__(SentTask)
+    task.__dict__.update(state)
+    task._plan = task._parameters = None
+    task._arity = (1, 0)
+    return task
+
+
+def _bound_in_module(task: Task) -> tuple[str, str] | None:
+    """(module, qualified name) when an imported module binds that name to ``task``."""
+    module, qualname = getattr(task.fn, "__module__", None), getattr(task.fn, "__qualname__", "")
+    if module in (None, "__main__") or "<locals>" in qualname or module not in sys.modules:
+        return None
+    obj: Any = sys.modules[module]
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+    return (module, qualname) if obj is task else None
+
+
+def _imported_task(module: str, qualname: str) -> Task:
+    import importlib
+
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 class Parameters:

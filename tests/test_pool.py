@@ -722,6 +722,70 @@ def test_a_notebook_function_that_cannot_be_pickled_goes_by_name_and_fails_clear
     assert "cannot be sent to a child process" in failed.value.message and "_thread.lock" in failed.value.message
 
 
+CALLING_TASKS = """
+@app.task
+def double(x): return 2*x
+
+@app.task
+def quad(x): return double(double(x))
+
+@app.task
+def fib(n): return n if n < 2 else fib(n - 1) + fib(n - 2)
+
+@app.task
+def double_sent(x): return double.delay(x).get(timeout=30)
+"""
+
+
+@pytest.mark.parametrize("app_kind", ["sqlite", "redis"])
+def test_a_task_calling_other_tasks_or_itself_in_a_child_works_as_on_threads(app_factory):
+    """Given notebook tasks that call another task, themselves, or send another task and
+    wait for it, when they run in child processes, then each returns what it returns on
+    threads: a Task travels without its App, and a child sends through the worker's stores."""
+    app = app_factory()
+    ns = notebook_cell(CALLING_TASKS, app=app)
+    app.start_worker(pool="processes", concurrency=2)
+    assert ns["quad"].delay(4).get(timeout=60) == 16
+    assert ns["fib"].delay(10).get(timeout=60) == 55
+    assert ns["double_sent"].delay(5).get(timeout=60) == 10
+
+
+@pytest.mark.parametrize("app_kind", ["memory"])
+def test_a_task_sending_from_a_child_on_a_store_of_one_process_fails_saying_so(app_factory):
+    app = app_factory()
+    ns = notebook_cell(CALLING_TASKS, app=app)
+    app.start_worker(pool="processes", concurrency=1)
+    assert ns["quad"].delay(4).get(timeout=60) == 16
+    with pytest.raises(nbqueue.TaskFailed) as failed:
+        ns["double_sent"].delay(5).get(timeout=60)
+    assert failed.value.exc_type == "ConfigurationError"
+    assert "task 'double' cannot be sent from this child process" in failed.value.message
+    assert "a store that lives in the worker's process alone" in failed.value.message
+
+
+@pytest.mark.parametrize("app_kind", ["sqlite"])
+def test_a_task_reading_something_that_cannot_be_pickled_fails_in_a_child_naming_it(app_factory):
+    app = app_factory()
+    ns = notebook_cell("""
+        import threading
+        lock = threading.Lock()
+
+        def helper():
+            with lock:
+                return 1
+
+        @app.task
+        def locked(x):
+            return helper() + x
+        """, app=app)
+    app.start_worker(pool="processes", concurrency=1)
+    with pytest.raises(nbqueue.TaskFailed) as failed:
+        ns["locked"].delay(1).get(timeout=60)
+    assert failed.value.exc_type == "SerializationError"
+    assert ("task 'locked' cannot be sent to a child process: it reads 'helper', which reads 'lock' "
+            "(a _thread.lock), which cannot be pickled") in failed.value.message
+
+
 def test_a_worker_without_allow_code_never_takes_or_unpickles_shipped_code(tmp_path, cli):
     app = sqlite_app(tmp_path)
     try:
@@ -925,6 +989,7 @@ def test_process_pool_notebook_shows_the_speed_up(tmp_path):
     import re
 
     assert re.search(r"threads: \d+\.\d+ s, processes: \d+\.\d+ s: \d+\.\d+x as fast on \d+ cores", text), text
+    assert "twin primes below 100: [3, 5, 11, 17, 29, 41, 59, 71]" in text, text
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ Each driver package's ``__init__`` declares, without importing its client librar
     MAX_QUEUE_NAME = 200                 # the longest queue name (UTF-8 bytes) its broker takes, with
                                          # the names nbqueue derives from it
     RESERVED_QUEUE_PREFIXES = {"amq.": "reserved by RabbitMQ"}   # queue names it refuses, and why
+    LOCAL_SCHEMES = ("memory",)          # schemes whose store lives inside the process that opens it
 
 Queue names are checked against every driver's rules at send, so a name that one broker
 takes works on every broker.
@@ -54,6 +55,7 @@ class Driver:
     quiet_loggers: tuple[str, ...] = ()
     max_queue_name: int | None = None
     reserved_queue_prefixes: tuple[tuple[str, str], ...] = ()
+    local_schemes: tuple[str, ...] = ()
 
     def load(self, kind: str) -> Any:
         """The class named by ``kind`` ("broker", "backend", "engine"); ConfigurationError naming
@@ -98,7 +100,8 @@ def drivers() -> dict[str, Driver]:
                         results_beside=bool(getattr(mod, "RESULTS_BESIDE", False)),
                         quiet_loggers=tuple(getattr(mod, "QUIET_LOGGERS", ())),
                         max_queue_name=getattr(mod, "MAX_QUEUE_NAME", None),
-                        reserved_queue_prefixes=tuple(getattr(mod, "RESERVED_QUEUE_PREFIXES", {}).items()))
+                        reserved_queue_prefixes=tuple(getattr(mod, "RESERVED_QUEUE_PREFIXES", {}).items()),
+                        local_schemes=tuple(getattr(mod, "LOCAL_SCHEMES", ())))
                 _drivers.update(found)
     return _drivers
 
@@ -149,6 +152,14 @@ def holds_payloads(url: str) -> bool:
     return driver is not None and driver.payloads is not None
 
 
+def local_to_process(url: str) -> bool:
+    """Whether the store ``url`` names lives inside the process that opens it (another
+    process opening the same URL gets a store of its own)."""
+    scheme = urlsplit(url).scheme.lower()
+    driver = schemes().get(scheme)
+    return driver is not None and scheme in driver.local_schemes
+
+
 def payload_store(url: str, *, clock=None, options: dict | None = None):
     """The payload store a URL names: a driver's that holds payloads (sqlite://, redis://,
     rediss://, memory://), or any fsspec URL (``s3://bucket/prefix``, ``file:///dir``)."""
@@ -194,6 +205,7 @@ __all__ = [
     "Driver",
     "engine_for",
     "holds_payloads",
+    "local_to_process",
     "payload_store",
     "drivers",
     "schemes",

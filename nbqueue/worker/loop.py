@@ -119,9 +119,8 @@ class Worker(Heartbeat, Execution):
         if pool == "processes":
             from ..pool import ProcessPool
 
-            self.pool = ProcessPool(
-                self.concurrency, max_tasks_per_child=max_tasks_per_child, max_memory_per_child=max_memory_per_child
-            )
+            self.pool = ProcessPool(self.concurrency, max_tasks_per_child=max_tasks_per_child,
+                                    max_memory_per_child=max_memory_per_child, app=self.app)
         self.shutdown_grace = shutdown_grace  # seconds running children may finish once the worker stops
         if (
             allow_code

@@ -11,3 +11,4 @@ OPTIONS = frozenset({"max_block", "batch", "retries", "retry_base", "retry_cap",
                      "socket_connect_timeout", "health_check_interval", "client_name", "password"})
 EXTRA = "redis"
 RESULTS_BESIDE = True
+LOCAL_SCHEMES = ("memory",)
