@@ -629,14 +629,26 @@ class App:
         return workers
 
     def purge(self, queue: str | None = None) -> int:
+        """Remove every waiting message of ``queue`` (default: this App's default queue),
+        ready and delayed (ETA, countdown, retries waiting); how many messages went.
+
+        Each purged task is final afterwards: recorded REVOKED with the reason "purged from
+        queue ..." (``get()`` raises ``TaskRevoked`` saying so), and the workflow it belongs
+        to ends as on a revoke (see ``control.revoke_purged``, also for the brokers that
+        cannot name every message they purge). Their payloads are released.
+        """
+        from . import control
+
+        queue = queue or self.default_queue
         since = self.clock.time()
-        purged = self.broker.purge(queue or self.default_queue)
+        purged = self.broker.purge_messages(queue)
+        revoked = control.revoke_purged(self, queue, purged, since)
         try:        # the payloads only the purged messages needed
-            payloads.after_purge(self, queue or self.default_queue, since)
+            payloads.release(self, revoked)
         except Exception:
             log.warning("purge: could not release the payloads of the purged tasks "
                         "(the sweep keeps them with their records)", exc_info=True)
-        return purged
+        return purged.count
 
     def close(self) -> None:
         """Stop this App's workers and scheduler, and close its connections."""

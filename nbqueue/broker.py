@@ -13,6 +13,12 @@ for every implementation by nbqueue.testing.contracts):
   below) act on a delivery. They return False when the delivery is stale (its lease ran
   out and the message was reserved again), so a stale worker cannot act for a newer attempt.
 - ``stats()`` gives ready / delayed / in_flight / dead per queue.
+- ``purge_messages(queue)`` removes the queue's waiting messages (ready and delayed; a broker
+  may also remove its dead letters and, where its store's purge does, messages in flight)
+  and returns a ``Purged``: how many, and the bodies of those it can name, so that the App
+  records their tasks REVOKED and ends their workflows (``App.purge``). ``complete`` is False
+  where the store removed some without showing them (SQS's PurgeQueue); the App then looks
+  for their tasks among the records. ``purge(queue)`` is its count.
 - Bounded redelivery: a delivery that ends without being settled (its lease lapsed: the
   worker died or stalled) is a *lapse*. ``Delivery.lapsed`` counts the message's lapses so
   far; a message with a lapse behind it is delivered alone (never in a batch, so a message
@@ -50,6 +56,17 @@ class Outgoing:
     priority: int = 0
     #: the envelope ``body`` encodes, where it is at hand (a worker handed its own message need not decode it)
     message: dict | None = dataclasses.field(default=None, repr=False, compare=False)
+
+
+@dataclasses.dataclass
+class Purged:
+    """What a purge removed: how many messages, and the bodies of those the broker can name."""
+
+    count: int
+    bodies: list[str] = dataclasses.field(default_factory=list)
+    #: every removed message is in ``bodies``; False where the store removed some without
+    #: showing them (then ``count`` may be approximate)
+    complete: bool = True
 
 
 @dataclasses.dataclass
@@ -186,7 +203,15 @@ class Broker:
 
     # inspection and upkeep
     def purge(self, queue: str) -> int:
-        raise NotImplementedError
+        """Remove the queue's waiting messages (see ``purge_messages``); how many."""
+        return self.purge_messages(queue).count
+
+    def purge_messages(self, queue: str) -> Purged:
+        """Remove the queue's waiting messages, ready and delayed, returning them (see the
+        module docstring). A broker that implements only ``purge`` names none of them."""
+        if type(self).purge is Broker.purge:
+            raise NotImplementedError
+        return Purged(self.purge(queue), [], complete=False)
 
     def stats(self) -> list[dict]:
         """One dict per queue: queue, ready, delayed, in_flight, dead."""

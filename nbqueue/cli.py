@@ -179,10 +179,33 @@ def cmd_status(args) -> int:
     return 0
 
 
+def confirm(question: str) -> bool | None:
+    """Ask ``question`` on the terminal: True for yes; None when stdin is not a terminal
+    (nobody to ask)."""
+    if sys.stdin is None or not sys.stdin.isatty():
+        return None
+    try:
+        answer = input(f"{question} [y/N] ")
+    except EOFError:
+        return False
+    return answer.strip().lower() in ("y", "yes")
+
+
 def cmd_purge(args) -> int:
     app = load_app(args.app)
-    n = app.purge(args.queue)
-    print(f"purged {n} message(s) from {args.queue or app.default_queue}")
+    queue = args.queue or app.default_queue
+    what = f"queue {queue!r}" + ("" if args.queue else " (the App's default queue)")
+    if not args.force:
+        answer = confirm(f"Delete every waiting message of {what}? Their tasks will be recorded REVOKED.")
+        if answer is None:
+            print(f"nbqueue purge: not purging {what} without confirmation: run it on a terminal to be asked, "
+                  "or pass --force", file=sys.stderr)
+            return 2
+        if not answer:
+            print("nothing purged")
+            return 1
+    n = app.purge(queue)
+    print(f"purged {n} message(s) from {queue}")
     return 0
 
 
@@ -255,9 +278,17 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--app")
     s.set_defaults(fn=cmd_status)
 
-    p = sub.add_parser("purge", help="delete every waiting message of a queue")
-    p.add_argument("queue", nargs="?")
-    p.add_argument("--app")
+    p = sub.add_parser(
+        "purge", help="delete every waiting message of a queue; their tasks are recorded REVOKED",
+        description="Delete every waiting message of a queue, ready and delayed (ETA, countdown, retries waiting). "
+                    "Each purged task is recorded REVOKED (\"purged from queue ...\"), so waiting on its result "
+                    "raises TaskRevoked, and the chain, group or chord it belongs to ends as on a revoke. "
+                    "Asks for confirmation first, naming the queue, unless --force is given.",
+    )
+    p.add_argument("queue", nargs="?", help="the queue to purge (default: the App's default queue, named in the "
+                                            "confirmation)")
+    p.add_argument("-f", "--force", "-y", "--yes", action="store_true", help="purge without asking for confirmation")
+    p.add_argument("--app", help="module:attribute of the App (default: App.from_env())")
     p.set_defaults(fn=cmd_purge)
 
     e = sub.add_parser("export", help="write a notebook's tasks and the code they need to an importable module")

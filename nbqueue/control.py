@@ -15,6 +15,8 @@ The channel is the result backend, so a cancel reaches every worker whatever the
   ``CANCEL_GRACE`` (the pool replaces it); in a thread the task is asked to stop
   (``current_task().cancelled``, ``check_cancelled()`` raising ``TaskRevoked``) and its
   record says so (``meta["stopping"]``) until it returns, for the live views.
+- ``revoke_purged`` revokes the tasks whose messages a purge removed, and ends their workflows
+  (no worker will reach those messages to do it).
 - a worker that reserved a task and has not started it checks the store before it
   starts it (``Worker._skip_revoked``); one that reaches the message later finds the
   record final and does not run it.
@@ -36,8 +38,10 @@ from typing import Any, Callable
 
 from . import states
 from . import taskprogress as _progress
+from .broker import Purged
 from .context import TaskContext, current_task
 from .errors import SoftTimeLimitExceeded
+from .message import Message
 from .workflow import Keys
 
 log = logging.getLogger(__name__)
@@ -75,6 +79,66 @@ def revoke_many(app, task_ids: list[str], reason: str, *, terminate: bool = True
     found = app.backend.states_of(list(task_ids))
     todo = [i for i in dict.fromkeys(task_ids) if found.get(i) is not None and found[i] not in states.READY_STATES]
     return sum(1 for i in todo if app.revoke(i, reason, terminate=terminate))
+
+
+#: the states of a task whose message waits in its queue (not begun by a worker)
+_WAITING = (states.PENDING, states.RETRY)
+
+
+def revoke_purged(app, queue: str, purged: Purged, since: float) -> list[str]:
+    """After ``purge(queue)`` removed ``purged``: record each of its tasks still waiting
+    (PENDING or RETRY) REVOKED ("purged from queue ..."), and end the workflow it belongs
+    to as a revoke does (``workflow.after_final`` with the purged message: the rest of a
+    chain recorded REVOKED, a chord or group failed with its error callbacks fired).
+    Returns the ids revoked.
+
+    The broker names the purged messages by their bodies (SQLite and Redis in the same
+    statement or script as the delete; RabbitMQ and SQS drain them, see their
+    ``purge_messages``). Where it could not name every one (``purged.complete`` False: SQS's
+    PurgeQueue removed delayed or in-flight messages unseen, RabbitMQ purged messages
+    published during its drain), the records tell: PENDING or RETRY records of ``queue``
+    created before ``since`` (when the purge began) are revoked too. That is a guess with a
+    race: a task sent before the purge whose message a worker had reserved but not begun is
+    revoked as well (its worker then skips it and ends its workflow), and a task purged this
+    way has no message at hand, so its workflow is not advanced (its record is final, so no
+    waiter waits for it). A result backend that cannot list its records (AMQP results) cannot
+    make that guess: those tasks stay PENDING, and a warning says so.
+    """
+    from . import workflow
+
+    messages: dict[str, Message] = {}
+    for body in purged.bodies:
+        try:
+            message = Message.decode(body)
+        except Exception:       # a body that is not an envelope (it could not have run either)
+            continue
+        messages.setdefault(message.id, message)
+    ids = list(messages)
+    if not purged.complete:
+        ids += [i for i in _waiting_records(app, queue, since) if i not in messages]
+    if not ids:
+        return []
+    found = app.backend.states_of(ids)
+    reason = f"purged from queue {queue!r}"
+    revoked = []
+    for task_id in ids:
+        if found.get(task_id) not in _WAITING or not app.revoke(task_id, reason):
+            continue
+        revoked.append(task_id)
+        message = messages.get(task_id)
+        if message is not None:
+            workflow.after_final(app, message, app.backend.get(task_id) or {})
+    return revoked
+
+
+def _waiting_records(app, queue: str, since: float) -> list[str]:
+    """The ids of PENDING or RETRY records of ``queue`` created before ``since``."""
+    if app.backend.lists_tasks == "none":
+        log.warning("purge: the %s broker removed messages of %r it could not name, and the result backend "
+                    "cannot list its records: their tasks stay PENDING", app.broker.scheme, queue)
+        return []
+    return [r["id"] for state in _WAITING for r in app.backend.list(state=state)
+            if r.get("queue") == queue and (r.get("created_at") or 0) <= since]
 
 
 # -- inside a task -----------------------------------------------------------------------------------

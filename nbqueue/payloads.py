@@ -46,7 +46,7 @@ callback's id, and a ``%%task`` cell's captured inputs to the cell's task id. Wh
 send encodes, its payloads are held by a *pin* (an owner with no record), dropped when
 the send's links are made. ``forget`` releases a task's
 links at once and deletes the payloads left without any; ``purge`` releases those of the
-tasks of that queue still waiting (PENDING or RETRY, created before the purge); expired
+tasks it revoked (see ``control.revoke_purged``); expired
 records (``results_expire_in``; Redis TTLs too) and anything a crash left behind (a pin,
 a link to a record never created, a half-written file) are found by ``sweep``, which the
 workers run from their heartbeat (each worker process every ``SWEEP_EVERY`` seconds): a
@@ -724,26 +724,6 @@ def release(app, owners: Sequence[str]) -> int:
     return plane.store.release(list(owners))
 
 
-def after_purge(app, queue: str, since: float) -> int:
-    """After ``purge(queue)``: release the payloads of that queue's tasks still waiting
-    (PENDING or RETRY records created before ``since``). A backend that cannot list its
-    tasks (AMQP results) leaves them to their records' expiry or forget."""
-    from . import states
-
-    plane = plane_of(app)
-    if plane is None or plane.url is None:
-        return 0
-    owners = []
-    try:
-        for state in (states.PENDING, states.RETRY):
-            owners += [r["id"] for r in app.backend.list(state=state)
-                       if r.get("queue") == queue and (r.get("created_at") or 0) <= since]
-    except NotImplementedError:
-        log.info("the result backend cannot list tasks: payloads of purged tasks go when their records are forgotten")
-        return 0
-    return plane.store.release(owners) if owners else 0
-
-
 def upkeep(app) -> int:
     """From a worker's heartbeat: sweep the App's payload store now and then (see Plane.upkeep)."""
     plane = plane_of(app)
@@ -751,5 +731,5 @@ def upkeep(app) -> int:
 
 
 __all__ = ["PayloadStore", "FsspecPayloads", "PayloadRef", "Plane",
-           "attach", "sending", "track", "release", "after_purge", "upkeep", "key_of", "keys_in", "summary",
+           "attach", "sending", "track", "release", "upkeep", "key_of", "keys_in", "summary",
            "human_size", "DEFAULT_THRESHOLD", "SWEEP_EVERY"]

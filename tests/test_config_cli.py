@@ -141,10 +141,10 @@ def test_status_prints_queue_depths_and_live_workers(env_app, capsys):
 
 
 def test_purge_empties_the_default_queue_or_the_named_one(env_app, capsys):
-    assert cli.main(["purge"]) == 0
+    assert cli.main(["purge", "--force"]) == 0
     assert "purged 4 message(s) from work" in capsys.readouterr().out
     assert queue_row(env_app, "work") is None and queue_row(env_app, "elsewhere")["ready"] == 1
-    assert cli.main(["purge", "elsewhere"]) == 0
+    assert cli.main(["purge", "elsewhere", "-f"]) == 0
     assert "purged 1 message(s) from elsewhere" in capsys.readouterr().out
     assert queue_row(env_app, "elsewhere") is None
 
@@ -206,14 +206,14 @@ def test_the_cli_keeps_the_loggers_drivers_declare_quiet_at_warning_unless_debug
     before = pika.level
     pika.setLevel(logging.NOTSET)
     try:
-        assert cli.main(["purge", "nowhere"]) == 0
+        assert cli.main(["purge", "nowhere", "-f"]) == 0
         assert pika.level == logging.WARNING
         pika.setLevel(logging.NOTSET)
         root = logging.getLogger()
         level = root.level
         root.setLevel(logging.DEBUG)          # as --log-level DEBUG leaves it (basicConfig)
         try:
-            assert cli.main(["--log-level", "DEBUG", "purge", "nowhere"]) == 0
+            assert cli.main(["--log-level", "DEBUG", "purge", "nowhere", "-f"]) == 0
         finally:
             root.setLevel(level)
         assert pika.level == logging.NOTSET

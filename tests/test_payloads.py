@@ -229,7 +229,8 @@ def test_purge_releases_the_payloads_of_the_tasks_it_removed(app_factory, qname)
     assert store.stats()["payloads"] == 3
     assert app.purge() == 2
     assert store.keys() == sorted(ref_keys(app.backend.get(elsewhere.id)["args"]))
-    assert all(app.backend.get(r.id)["state"] == states.PENDING for r in purged)     # the records are as before
+    assert all(app.backend.get(r.id)["state"] == states.REVOKED for r in purged)     # purged tasks end revoked
+    assert app.backend.get(elsewhere.id)["state"] == states.PENDING
 
 
 @pytest.mark.parametrize("app_kind", ["sqlite", "memory", "redis"], indirect=True)

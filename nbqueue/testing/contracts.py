@@ -266,6 +266,22 @@ def test_broker_purge_empties_a_queue(broker_factory, qname):
     assert broker.reserve([q], timeout=0.2, lease=5) == []
 
 
+def test_broker_purge_messages_returns_the_bodies_it_removed_delayed_ones_too(broker_factory, qname):
+    broker, q = broker_factory(), qname("purgebodies")
+    outs = [_out(q, body=f'{{"n": {i}}}') for i in range(4)]
+    outs.append(_out(q, body='{"n": "later"}', eta=time.time() + 600))
+    broker.publish_many(outs)
+    time.sleep(0.2)
+    purged = broker.purge_messages(q)
+    assert purged.count == 5
+    if purged.complete:         # every removed message named
+        assert sorted(purged.bodies) == sorted(o.body for o in outs)
+    else:                       # the store removed some unseen (SQS's PurgeQueue names only the ready ones)
+        assert set(purged.bodies) <= {o.body for o in outs}
+    assert broker.reserve([q], timeout=0.2, lease=5) == []
+    assert broker.purge_messages(q).bodies == []
+
+
 def _stat(broker, q):
     for row in broker.stats():
         if row["queue"] == q:

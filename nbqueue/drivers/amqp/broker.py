@@ -93,7 +93,8 @@ Capabilities:
   delay queues), in_flight (deliveries held by *this process* only; AMQP does not report
   other consumers' unacked messages), dead.
 - purge(queue) empties the queue, its delay queues and its dead letters (messages held
-  unacked by consumers cannot be purged). ``delete_queues(names)`` deletes all three.
+  unacked by consumers cannot be purged), draining them by ``basic.get`` so that the
+  purged messages' tasks can be revoked (see ``purge_messages``). ``delete_queues(names)`` deletes all three.
 
 Threads: pika's BlockingConnection is not thread-safe. Consuming is confined to one
 I/O thread per broker, which owns the consuming connection, pumps its heartbeats (so a
@@ -116,7 +117,7 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Sequence
 
-from ...broker import Broker, Capabilities, Delivery, Outgoing, queue_list
+from ...broker import Broker, Capabilities, Delivery, Outgoing, Purged, queue_list, text_of
 from ...errors import PublishRefused
 from ...options import count, given, seconds
 from .client import Link, check_url, connection_parameters
@@ -404,16 +405,27 @@ class AMQPBroker(Broker):
             return 0
         return count + sum(pub.count(name) or 0 for name in rest)
 
-    def purge(self, queue: str) -> int:
-        """Remove the queue's ready, delayed and dead messages; returns how many."""
+    def purge_messages(self, queue: str) -> Purged:
+        """Remove the queue's ready, delayed and dead messages. RabbitMQ's ``queue.purge``
+        returns only a count, so each queue is drained instead: the messages it holds when
+        asked are taken by ``basic.get`` (their bodies returned), then ``queue.purge`` removes
+        any published during the drain, unseen (``complete`` False when there were any).
+        Messages held unacknowledged by consumers are not purged (RabbitMQ cannot), and a
+        drain pays one round trip per message."""
         self._note([queue])
 
-        def work(pub: Publisher) -> int:
+        def work(pub: Publisher) -> Purged:
             delays = delay_queue_names(queue)
             names = [queue, *(delays if self._probe(pub, delays[0]) is not None else [])]
             if self._probe(pub, dead_queue_name(queue)) is not None:
                 names.append(dead_queue_name(queue))
-            return sum(pub.purge(name) for name in names)
+            bodies: list[str] = []
+            unseen = 0
+            for name in names:
+                got, late = pub.drain(name)
+                bodies += [text_of(b)[0] for b in got]
+                unseen += late
+            return Purged(len(bodies) + unseen, bodies, complete=not unseen)
 
         return self._with_publisher(work, "purge")
 

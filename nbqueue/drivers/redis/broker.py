@@ -66,7 +66,7 @@ from typing import Any, Callable, Sequence
 
 import redis
 
-from ...broker import Broker, Delivery, Outgoing, checked_text, queue_list, shown
+from ...broker import Broker, Delivery, Outgoing, Purged, checked_text, queue_list, shown
 from ...options import count, seconds
 from . import twins
 from .client import LUA_FINAL, MIN_BLOCK, RAW, connect, guarded, key_prefix, lua, pipeline, register, url_options
@@ -399,13 +399,15 @@ class RedisBroker(Broker):
         return sorted(self.client.smembers(f"{self.prefix}queues"))
 
     @guarded
-    def purge(self, queue: str) -> int:
-        total = 0
+    def purge_messages(self, queue: str) -> Purged:
+        """Every message of the queue (waiting, delayed, in flight, dead) goes, ``batch`` per
+        script call; each call returns the bodies it deleted."""
+        bodies: list[str] = []
         while True:
-            n = self._purge(args=[self.prefix, queue, self.batch])
-            total += n
-            if n < self.batch:
-                return total
+            got = self._purge(args=[self.prefix, queue, self.batch], client=self._reader)
+            bodies += [checked_text(b)[0] for b in got]
+            if len(got) < self.batch:
+                return Purged(len(bodies), bodies)
 
     @guarded
     def stats(self) -> list[dict]:

@@ -29,7 +29,7 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Sequence
 
-from ...broker import Broker, Delivery, Outgoing, shown, text_of
+from ...broker import Broker, Delivery, Outgoing, Purged, shown, text_of
 from ...options import seconds
 from ...procs import process_alive
 from ...wakeups import WAKEUPS
@@ -699,8 +699,13 @@ class SQLiteBroker(Broker):
         return self._fenced("UPDATE nbq_messages SET state = 2, reason = ?", (reason,), delivery)
 
     # -- inspection --------------------------------------------------------------
-    def purge(self, queue: str) -> int:
-        return self.store.execute("DELETE FROM nbq_messages WHERE queue = ?", (queue,)).rowcount
+    def purge_messages(self, queue: str) -> Purged:
+        """Every message of the queue (waiting, delayed, in flight, dead) goes; the bodies come
+        back from the same statement."""
+        rows = self.store.execute(
+            "DELETE FROM nbq_messages WHERE queue = ? RETURNING CAST(body AS BLOB)", (queue,)
+        ).rows
+        return Purged(len(rows), [text_of(b or b"")[0] for (b,) in rows])
 
     def stats(self) -> list[dict]:
         now = self.clock.time()

@@ -111,9 +111,10 @@ Capabilities:
   (receives with a zero visibility timeout).
 - stats(): per queue this broker used, from SQS's approximate counts: ready
   (ApproximateNumberOfMessages), delayed (...Delayed), in_flight (...NotVisible), dead
-  (the dead-letter queue's messages). purge(queue) empties the queue (PurgeQueue;
-  draining by receive and delete when SQS refuses a second purge within 60 s) and
-  returns the approximate count it held.
+  (the dead-letter queue's messages). purge(queue) empties the queue: the visible
+  messages are received and deleted (so that their tasks can be revoked), then PurgeQueue
+  removes the delayed and in-flight ones (draining again when SQS refuses a second purge
+  within 60 s); it returns the approximate count the queue held.
 - Size: a message body is at most 1 MiB (SQS's limit; less if the queue's
   MaximumMessageSize says so); a larger one is refused with PublishRefused naming it.
 - Errors: missing or wrong credentials and a missing region are ConfigurationErrors
@@ -140,7 +141,7 @@ import boto3
 import botocore.config
 import botocore.exceptions as bex
 
-from ...broker import Broker, Capabilities, Delivery, Outgoing
+from ...broker import Broker, Capabilities, Delivery, Outgoing, Purged
 from ...errors import BrokerError, ConfigurationError, PublishRefused
 from ...options import count, flag, given, seconds, string, url_query
 from ...urls import redact
@@ -826,20 +827,30 @@ class SQSBroker(Broker):
             )
         return rows
 
-    def purge(self, queue: str) -> int:
+    def purge_messages(self, queue: str) -> Purged:
+        """Empty the queue. PurgeQueue returns nothing, so the visible messages are first
+        received and deleted (their bodies returned); PurgeQueue then removes what receiving
+        cannot reach: delayed messages and those in flight, unseen (``complete`` False when
+        SQS counted any). SQS takes one PurgeQueue per queue a minute: a refused one leaves
+        the delayed and in-flight messages in place. The count is SQS's approximate one."""
         self._note(queue)
         url = self._url(queue)
-        held = sum(self._counts(url).values())
+        counts = self._counts(url)
+        bodies = self._drain(url, max(1, counts["ApproximateNumberOfMessages"]))
+        hidden = counts["ApproximateNumberOfMessagesDelayed"] + counts["ApproximateNumberOfMessagesNotVisible"]
         try:
             self._call("purge_queue", QueueUrl=url)
         except bex.ClientError as exc:
             if self._code(exc) not in ("AWS.SimpleQueueService.PurgeQueueInProgress", "PurgeQueueInProgress"):
                 raise
-            self._drain(url)             # SQS takes one purge per queue a minute
-        return held
+            bodies += self._drain(url, None)     # SQS takes one purge per queue a minute
+            hidden = 0
+        return Purged(max(len(bodies), sum(counts.values())), bodies, complete=not hidden)
 
-    def _drain(self, url: str) -> None:
-        while True:
+    def _drain(self, url: str, limit: int | None) -> list[str]:
+        """Receive and delete visible messages (about ``limit``, or until none is left); their bodies."""
+        bodies: list[str] = []
+        while limit is None or len(bodies) < limit:
             messages = (
                 self._call("receive_message", QueueUrl=url, MaxNumberOfMessages=MAX_BATCH, WaitTimeSeconds=0).get(
                     "Messages"
@@ -847,12 +858,14 @@ class SQSBroker(Broker):
                 or []
             )
             if not messages:
-                return
+                break
             self._call(
                 "delete_message_batch",
                 QueueUrl=url,
                 Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)],
             )
+            bodies += [m["Body"] for m in messages]
+        return bodies
 
     def dead_letters(self, queue: str | None = None, limit: int = 100) -> list[dict]:
         queues = [queue] if queue is not None else sorted(self._used)

@@ -11,7 +11,7 @@ import threading
 import time
 from typing import Sequence
 
-from nbqueue.broker import Broker, Capabilities, Delivery, Outgoing
+from nbqueue.broker import Broker, Capabilities, Delivery, Outgoing, Purged
 
 
 @dataclasses.dataclass
@@ -141,12 +141,10 @@ class ToyBroker(Broker):
                 {"id": e.message_id, "queue": e.queue, "reason": reason, "body": e.body})
             return True
 
-    def purge(self, queue: str) -> int:
+    def purge_messages(self, queue: str) -> Purged:
         with self.store.cond:
             gone = [k for k, e in self.store.entries.items() if e.queue == queue and e.lease_until is None]
-            for k in gone:
-                del self.store.entries[k]
-            return len(gone)
+            return Purged(len(gone), [self.store.entries.pop(k).body for k in gone])
 
     def stats(self) -> list[dict]:
         now = time.time()
