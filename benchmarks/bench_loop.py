@@ -100,6 +100,13 @@ def round_trips(send, get, n: int) -> float:
     return pct(lat, 0.5) * 1e3
 
 
+def measured(send, get, pid: int | None = None) -> Figure:
+    """A floor's figures: one warm-up round trip, the timed loop, then the round trips."""
+    get(send(0))
+    tp, sending, cpu = timed_loop(send, get, N, pid=pid)
+    return tp, sending, round_trips(send, get, LAT_N), cpu
+
+
 def stop(proc) -> None:
     proc.terminate()
     try:
@@ -158,13 +165,10 @@ def sqlite_floor(path: str) -> Figure:
             time.sleep(0.0002)
 
     try:
-        get(send(0))
-        tp, sending, cpu = timed_loop(send, get, N, pid=proc.pid)
-        p50 = round_trips(send, get, LAT_N)
+        return measured(send, get, proc.pid)
     finally:
         stop(proc)
         conn.close()
-    return tp, sending, p50, cpu
 
 
 def redis_consume(url: str, prefix: str) -> None:
@@ -191,14 +195,11 @@ def redis_like_floor(client, start_consumer) -> Figure:
         return int(client.brpop(prefix + "r:" + rid, timeout=60)[1])
 
     try:
-        get(send(0))
-        tp, sending, cpu = timed_loop(send, get, N, pid=pid)
-        p50 = round_trips(send, get, LAT_N)
+        return measured(send, get, pid)
     finally:
         stopper()
         for key in client.scan_iter(prefix + "*"):
             client.delete(key)
-    return tp, sending, p50, cpu
 
 
 def redis_floor() -> Figure:
@@ -286,14 +287,11 @@ def amqp_floor() -> Figure:
         return answers.pop(rid)
 
     try:
-        get(send(0))
-        tp, sending, cpu = timed_loop(send, get, N, pid=proc.pid)
-        p50 = round_trips(send, get, LAT_N)
+        return measured(send, get, proc.pid)
     finally:
         stop(proc)
         channel.queue_delete(name)
         conn.close()
-    return tp, sending, p50, cpu
 
 
 # -- nbqueue ------------------------------------------------------------------------------------------
