@@ -244,7 +244,7 @@ def test_sqs_message_after_a_lapse_comes_alone_and_its_batch_mates_are_not_count
     # the suspect's lease runs out while the others wait: all five visible, received together
     wait_for(lambda: [s for s in broker.stats() if s["queue"] == q and s["ready"] == 5])
     got: list = []
-    deadline = time.monotonic() + 60     # a bound for a hang; a loaded machine may need long
+    deadline = time.monotonic() + 60     # a bound for a hang, generous for a loaded machine
     while sum(map(len, got)) < 5 and time.monotonic() < deadline:
         batch = broker.reserve([q], timeout=0.5, lease=30, limit=10)
         if batch:
