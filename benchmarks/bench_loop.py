@@ -100,10 +100,11 @@ def round_trips(send, get, n: int) -> float:
     return pct(lat, 0.5) * 1e3
 
 
-def measured(send, get, pid: int | None = None) -> Figure:
-    """A floor's figures: one warm-up round trip, the timed loop, then the round trips."""
+def measured(send, get, pid: int | None = None, around=contextlib.nullcontext) -> Figure:
+    """A loop's figures: one warm-up round trip (the worker is up), the timed loop (its sends
+    inside ``around()``), then the round trips."""
     get(send(0))
-    tp, sending, cpu = timed_loop(send, get, N, pid=pid)
+    tp, sending, cpu = timed_loop(send, get, N, around, pid=pid)
     return tp, sending, round_trips(send, get, LAT_N), cpu
 
 
@@ -321,11 +322,8 @@ def nbqueue_loop(broker, backend, process: bool, batch: bool = False) -> Figure:
     else:
         worker = app.start_worker(concurrency=4)
     try:
-        add.delay(0, 0).get(timeout=60)          # the worker is up
-        around = app.batch if batch else contextlib.nullcontext
-        tp, sending, cpu = timed_loop(lambda i: add.delay(i, i), lambda h: h.get(timeout=60), N, around,
-                                      pid=proc.pid if proc is not None else None)
-        p50 = round_trips(lambda i: add.delay(i, i), lambda h: h.get(timeout=60), LAT_N)
+        return measured(lambda i: add.delay(i, i), lambda h: h.get(timeout=60),
+                        proc.pid if proc is not None else None, app.batch if batch else contextlib.nullcontext)
     finally:
         if worker is not None:
             worker.stop()
@@ -334,7 +332,6 @@ def nbqueue_loop(broker, backend, process: bool, batch: bool = False) -> Figure:
         if broker.startswith("amqp"):
             app.broker.delete_queues([queue])
         app.close()
-    return tp, sending, p50, cpu
 
 
 # -- Huey and Celery ---------------------------------------------------------------------------------

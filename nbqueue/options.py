@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
-from typing import Any, Iterable, TypeVar
+from typing import Any, Iterable, Mapping, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 from .errors import ConfigurationError
@@ -26,6 +26,12 @@ FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 def given(value: object) -> bool:
     """Whether an option has a value (None and ``""`` leave it to its default)."""
     return value is not None and not (isinstance(value, str) and value == "")
+
+
+def over_query(query: Mapping[str, Any], options: Mapping[str, Any] | None) -> dict:
+    """A store's options: those given (``options``) over the URL's (``query``); an option
+    given as None or ``""`` (see ``given``) leaves the URL's value of that name."""
+    return {**query, **{k: v for k, v in (options or {}).items() if given(v) or k not in query}}
 
 
 def seconds(name: str, value: object, default: T, *, positive: bool = False, infinite: bool = False,

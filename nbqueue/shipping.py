@@ -122,25 +122,41 @@ class _ImportedAs:
         return _imported_function, (self.module, self.qualname)
 
 
-def _imported_function(module: str, qualname: str) -> Callable:
-    """The function ``module.qualname`` wraps (a Task's ``fn``, a decorator's ``__wrapped__``), imported."""
+def imported(module: str, qualname: str) -> Any:
+    """What the module ``module`` binds ``qualname`` to, importing the module."""
     import importlib
 
     obj: Any = importlib.import_module(module)
     for part in qualname.split("."):
         obj = getattr(obj, part)
-    inner = getattr(obj, "fn", None)
-    return inner if callable(inner) else getattr(obj, "__wrapped__", obj)
+    return obj
 
 
-def _wrapped_in_module(fn: Any) -> _ImportedAs | None:
-    """An importable module's function whose name there is bound to a wrapper of it, else None."""
+def module_binding(fn: Any) -> tuple[str, str, Any] | None:
+    """``(module, qualname, what that module binds the name to now)`` for a function of an
+    imported module (not ``__main__``, not a local function), else None."""
     module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
     if module in (None, "__main__") or "<locals>" in qualname or module not in sys.modules:
         return None
     obj: Any = sys.modules[module]
     for part in qualname.split("."):
         obj = getattr(obj, part, None)
+    return module, qualname, obj
+
+
+def _imported_function(module: str, qualname: str) -> Callable:
+    """The function ``module.qualname`` wraps (a Task's ``fn``, a decorator's ``__wrapped__``), imported."""
+    obj = imported(module, qualname)
+    inner = getattr(obj, "fn", None)
+    return inner if callable(inner) else getattr(obj, "__wrapped__", obj)
+
+
+def _wrapped_in_module(fn: Any) -> _ImportedAs | None:
+    """An importable module's function whose name there is bound to a wrapper of it, else None."""
+    binding = module_binding(fn)
+    if binding is None:
+        return None
+    module, qualname, obj = binding
     if obj is None or obj is fn or not (getattr(obj, "fn", None) is fn or getattr(obj, "__wrapped__", None) is fn):
         return None
     return _ImportedAs(module, qualname)

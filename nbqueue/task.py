@@ -4,7 +4,6 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-import sys
 from typing import Any, Callable
 
 from . import shipping
@@ -32,12 +31,7 @@ class Task:
             raise TypeError(f"typing of task {name!r} must be True or False, not {type(typing).__name__} {typing!r}")
         #: sends are checked against the function's parameters (Celery's ``typing``)
         self.typing = typing
-        self._parameters: Parameters | None = None
-        #: (fewest, most) positional arguments a call without keywords may have unchecked
-        #: (send_call); (1, 0), none, until check_arguments has read the function's signature
-        self._arity: tuple[int, float] = (1, 0)
-        #: what every message of this task shares (nbqueue.callpath.Plan), made at its first send
-        self._plan = None
+        self._forget_reads()
         check_options(Signature(name, **options))     # a bad default is refused here, not at each send
         self.app = app
         self.name = name
@@ -55,6 +49,15 @@ class Task:
     def __call__(self, *args, **kwargs):
         return self.fn(*args, **kwargs)
 
+    def _forget_reads(self) -> None:
+        """What this task reads of its function and App at its first sends, read afresh."""
+        self._parameters: Parameters | None = None
+        #: (fewest, most) positional arguments a call without keywords may have unchecked
+        #: (send_call); (1, 0), none, until check_arguments has read the function's signature
+        self._arity: tuple[int, float] = (1, 0)
+        #: what every message of this task shares (nbqueue.callpath.Plan), made at its first send
+        self._plan = None
+
     def __reduce__(self):
         """A task that a function shipped to another process reads (``quad`` calling
         ``double(x)`` or ``double.delay(x)`` in a child of a process pool) travels without
@@ -63,7 +66,7 @@ class Task:
         :class:`SentTask` with its name, options and function (by value from a notebook)."""
         where = _bound_in_module(self)
         if where is not None:
-            return _imported_task, where
+            return shipping.imported, where
         return _sent_task, ({k: v for k, v in vars(self).items() if k not in _LOCAL},)
 
     def __copy__(self) -> "Task":
@@ -147,29 +150,14 @@ class SentTask(Task):
 def _sent_task(state: dict) -> SentTask:
     task = SentTask.__new__(SentTask)
     task.__dict__.update(state)
-    task._plan = task._parameters = None
-    task._arity = (1, 0)
+    task._forget_reads()
     return task
 
 
 def _bound_in_module(task: Task) -> tuple[str, str] | None:
     """(module, qualified name) when an imported module binds that name to ``task``."""
-    module, qualname = getattr(task.fn, "__module__", None), getattr(task.fn, "__qualname__", "")
-    if module in (None, "__main__") or "<locals>" in qualname or module not in sys.modules:
-        return None
-    obj: Any = sys.modules[module]
-    for part in qualname.split("."):
-        obj = getattr(obj, part, None)
-    return (module, qualname) if obj is task else None
-
-
-def _imported_task(module: str, qualname: str) -> Task:
-    import importlib
-
-    obj: Any = importlib.import_module(module)
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    return obj
+    binding = shipping.module_binding(task.fn)
+    return binding[:2] if binding is not None and binding[2] is task else None
 
 
 class Parameters:

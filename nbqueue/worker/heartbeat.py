@@ -33,7 +33,7 @@ class Heartbeat:
             if stopping and not any(t.is_alive() for t in self._threads if t is not threading.current_thread()):
                 return
             alive = self._executors_alive()
-            if not alive and not self._stopping.is_set():
+            if not alive and not self._stopping.is_set():       # read again: a stop since ends them too
                 self._executors_died()
                 return
             try:

@@ -45,8 +45,10 @@ from .heartbeat import Heartbeat
 log = logging.getLogger(__name__)
 
 #: seconds a stopping worker with nothing running waits for its threads and the removal of its
-#: record (see Worker.join), and a start for the first heartbeat (see Worker.start)
+#: record (see Worker.join)
 STOP_WAIT = 2.0
+#: seconds a start waits for the worker's first heartbeat to be written (see Worker.start)
+FIRST_HEARTBEAT_WAIT = 2.0
 
 
 def _pool_options(pool: str, max_tasks_per_child: int | None, max_memory_per_child: int | None,
@@ -182,7 +184,7 @@ class Worker(Heartbeat, Execution):
         # in time (the heartbeat thread writes it then)
         announcer = threading.Thread(target=self.announce, name="nbqueue-announce", daemon=True)
         announcer.start()
-        announcer.join(STOP_WAIT)
+        announcer.join(FIRST_HEARTBEAT_WAIT)
         if self.beat:
             self.app.scheduler().start()
         log.info(

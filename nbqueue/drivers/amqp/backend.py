@@ -59,7 +59,7 @@ import pika
 import pika.exceptions as pex
 
 from ...errors import BrokerError, ConnectionLost
-from ...options import seconds, string
+from ...options import over_query, seconds, string
 from ...urls import redact
 from ..keyvalue import KEEP, KeyValueBackend
 from .client import check_url, connection_parameters, refused
@@ -146,7 +146,7 @@ class AMQPBackend(KeyValueBackend):
     def __init__(self, url: str, *, clock=None, options: dict | None = None):
         query = check_url(url, URL_OPTIONS)
         ours = {k: v for k, v in query.items() if k in URL_OPTIONS}
-        super().__init__(url, clock=clock, options={**ours, **dict(options or {})})
+        super().__init__(url, clock=clock, options=over_query(ours, options))
         if self.results_expire_in is None:
             self.results_expire_in = DEFAULT_EXPIRY_S
         prefix = string("key_prefix", self.options.get("key_prefix"), OPTIONS["key_prefix"], empty=False)

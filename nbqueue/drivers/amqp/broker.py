@@ -119,7 +119,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from ...broker import Broker, Capabilities, Delivery, Outgoing, Purged, queue_list, text_of
 from ...errors import PublishRefused
-from ...options import count, given, seconds
+from ...options import count, over_query, seconds
 from .client import Link, check_url, connection_parameters
 from .consumer import Consumption, Pending, Session, deliveries, hop_headers, lapse_headers
 from .publisher import Publisher, Publishers
@@ -153,12 +153,6 @@ def _nothing() -> None:
     pass
 
 
-def _option(options: dict, query: dict, name: str) -> Any:
-    """The value of our option ``name`` as given: in ``options``, else in the URL's query."""
-    value = options.get(name)
-    return value if given(value) else query.get(name)
-
-
 class AMQPBroker(Broker):
     """RabbitMQ broker; see the module docstring for what it supports."""
 
@@ -171,14 +165,15 @@ class AMQPBroker(Broker):
     def __init__(self, url: str, *, clock=None, options: dict | None = None):
         super().__init__(url, clock=clock, options=options)
         query = check_url(url, OPTIONS)
+        option = over_query(query, self.options).get
         # reconnect_timeout: inf keeps reconnecting; a confirm_timeout of 0 would refuse every publish
-        self.reconnect_timeout: float = seconds("reconnect_timeout", _option(self.options, query, "reconnect_timeout"),
+        self.reconnect_timeout: float = seconds("reconnect_timeout", option("reconnect_timeout"),
                                                 OPTIONS["reconnect_timeout"], infinite=True)
-        self.confirm_timeout: float = seconds("confirm_timeout", _option(self.options, query, "confirm_timeout"),
+        self.confirm_timeout: float = seconds("confirm_timeout", option("confirm_timeout"),
                                               OPTIONS["confirm_timeout"], positive=True)
-        self.publish_batch: int = count("publish_batch", _option(self.options, query, "publish_batch"),
+        self.publish_batch: int = count("publish_batch", option("publish_batch"),
                                         OPTIONS["publish_batch"])
-        self.eta_tolerance: float = seconds("eta_tolerance", _option(self.options, query, "eta_tolerance"),
+        self.eta_tolerance: float = seconds("eta_tolerance", option("eta_tolerance"),
                                             OPTIONS["eta_tolerance"])
         self._params = connection_parameters(url, OPTIONS)
         if "blocked_connection_timeout" not in query:   # a resource alarm must not block a publisher forever

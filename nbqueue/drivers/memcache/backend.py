@@ -50,7 +50,7 @@ from pymemcache.client.hash import HashClient
 from pymemcache.exceptions import MemcacheError, MemcacheServerError
 
 from ...errors import ConfigurationError, ConnectionLost
-from ...options import count, seconds, string, url_query
+from ...options import count, over_query, seconds, string, url_query
 from ...urls import redact
 from ..keyvalue import KEEP, KeyValueBackend, ValueTooLarge
 
@@ -111,8 +111,7 @@ class MemcacheBackend(KeyValueBackend):
 
     def __init__(self, url: str = "memcache://127.0.0.1:11211", *, clock=None, options: dict | None = None):
         query = url_query(url, URL_OPTIONS)
-        merged = {**query, **dict(options or {})}
-        super().__init__(url, clock=clock, options=merged)
+        super().__init__(url, clock=clock, options=over_query(query, options))
 
         def timeout(name: str) -> float:
             return seconds(name, self.options.get(name), OPTIONS[name], positive=True)

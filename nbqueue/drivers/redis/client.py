@@ -23,7 +23,7 @@ from redis.retry import Retry
 
 from ... import states
 from ...errors import ConfigurationError, ConnectionLost
-from ...options import count, seconds, string, url_query
+from ...options import count, over_query, seconds, string, url_query
 from ...urls import redact
 
 try:
@@ -117,7 +117,7 @@ def url_options(url: str, options: Mapping[str, Any] | None) -> dict:
     """``options`` over nbqueue's own options in ``url``'s query (explicit options win); the URL
     checked first (``check_url``)."""
     query = {k: v for k, v in check_url(url).items() if k in URL_OPTIONS}
-    return {**query, **(options or {})}
+    return over_query(query, options)
 
 
 def _client_url(url: str) -> str:

@@ -143,7 +143,7 @@ import botocore.exceptions as bex
 
 from ...broker import Broker, Capabilities, Delivery, Outgoing, Purged
 from ...errors import BrokerError, ConfigurationError, PublishRefused
-from ...options import count, flag, given, seconds, string, url_query
+from ...options import count, flag, over_query, seconds, string, url_query
 from ...urls import redact
 from ...wakeups import WAKEUPS
 
@@ -244,11 +244,7 @@ class SQSBroker(Broker):
         super().__init__(url, clock=clock, options=options)
         parts = urlsplit(url)
         query = url_query(url, OPTIONS)
-
-        def option(name: str) -> Any:
-            value = self.options.get(name)         # an option given wins over the URL's
-            return value if given(value) else query.get(name)
-
+        option = over_query(query, self.options).get     # an option given wins over the URL's
         self.region = string("region", option("region"), None)
         self.endpoint_url = string("endpoint_url", option("endpoint_url"), None)
         self.max_deliveries = count("max_deliveries", option("max_deliveries"), OPTIONS["max_deliveries"])
